@@ -1,0 +1,1 @@
+"""The inference engine: our own torch models, batched KV cache, hand-off."""

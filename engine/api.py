@@ -1,0 +1,142 @@
+"""The engine's contract with the rest of the system.
+
+Every worker (encoder, decoder, the embedded server, benchmarks) talks to an engine through these
+types only. The engine keeps a *running batch*: requests join it with ``prefill`` (or by importing a
+hand-off) at any iteration and leave it as soon as they finish (early termination; their KV slots
+are compacted away), so a policy can interleave ``prefill`` and ``decode_step`` as it likes.
+
+Lifecycle of one request inside one engine::
+
+    prefill([req]) ──► running ──decode_step()*──► finished (removed, event.finished=True)
+                          │
+                          └─ export_request(id) ──► KVHandoff ──► other_engine.import_request(h)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. ``temperature == 0`` means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0
+    seed: int | None = None  # per-request generator seed; None: derived from the request id
+    stop: tuple[str, ...] = ()  # stop strings; the matched string is not part of the output
+    ignore_eos: bool = False  # forced-length mode: decode exactly max_tokens, EOS ignored
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one request, as produced by ``prefill`` or ``decode_step``."""
+
+    request_id: str
+    token_id: int
+    index: int  # 0 for the token produced by prefill, then 1, 2, ...
+    text: str  # text this token adds after stop-string handling ("" while a stop string may be forming)
+    finished: bool
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class KVHandoff:
+    """A running request moved between engines: its KV cache as bytes plus what decoding needs.
+
+    ``kv`` holds the request's cache laid out as ``shape`` in ``dtype`` (for an encoder-decoder
+    model, self- and cross-attention caches; ``layout`` says how to read it). Importing it into an
+    engine of the same model continues to exactly the tokens the exporting engine would produce.
+    """
+
+    request_id: str
+    model: str
+    params: SamplingParams
+    prompt_ids: tuple[int, ...]
+    generated_ids: tuple[int, ...]
+    emitted_text: str  # text already returned to the client (for stop-string handling)
+    rng_state: bytes  # sampler state, so sampled continuations match too
+    dtype: str  # e.g. "float32", "bfloat16"
+    shape: tuple[int, ...]
+    layout: str  # e.g. "llama:L,2,Hkv,T,D" or "t5:self+cross"
+    kv: bytes
+
+    def to_bytes(self) -> bytes:  # msgpack, versioned; implemented in engine.handoff
+        from engine.handoff import encode_handoff
+
+        return encode_handoff(self)
+
+    @staticmethod
+    def from_bytes(data: bytes) -> "KVHandoff":
+        from engine.handoff import decode_handoff
+
+        return decode_handoff(data)
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        """OpenAI-style ``[{"role": ..., "content": ...}]`` to the model's prompt text."""
+        ...
+
+
+class Engine(Protocol):
+    model_name: str
+    tokenizer: Tokenizer
+    max_context: int  # prompt + generated tokens one request may hold
+    device: str  # "cpu" or "cuda"
+
+    def prefill(self, requests: Sequence[GenerationRequest]) -> list[TokenEvent]:
+        """Encode the prompts in one batch, add them to the running batch, return each first token.
+
+        A request whose first token already finishes it (max_tokens == 1, EOS, stop) is not kept.
+        Raises ValueError for a prompt that is empty or longer than ``max_context`` allows.
+        """
+        ...
+
+    def decode_step(self) -> list[TokenEvent]:
+        """One decode iteration over every running request; finished requests leave the batch."""
+        ...
+
+    def running(self) -> list[str]:
+        """Request ids in the running batch, in slot order."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Drop a running request now (client went away); unknown ids are ignored."""
+        ...
+
+    def export_request(self, request_id: str) -> KVHandoff:
+        """Remove a running request from this engine and return it as a hand-off."""
+        ...
+
+    def import_request(self, handoff: KVHandoff) -> None:
+        """Add a handed-off request to the running batch; the next decode_step continues it."""
+        ...

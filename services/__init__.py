@@ -1,0 +1,1 @@
+"""ExeGPT mesh services: gateway, encoder, decoder, scheduler, and the command line."""

@@ -1,0 +1,59 @@
+"""The `exegpt` command line.
+
+Each command lives in its own module that exposes ``register(subparsers)``; the module adds its
+parser and sets ``func`` to a callable taking the parsed namespace and returning an exit code.
+Modules import heavy dependencies (torch, fastapi) inside their run functions, so that
+``exegpt --help`` and argument errors stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that register commands; a module missing from a checkout is skipped.
+COMMAND_MODULES: tuple[str, ...] = (
+    "services.cli.generate",   # exegpt generate
+    "services.cli.bench",      # exegpt bench engine|...
+    "services.cli.profile",    # exegpt profile
+    "services.cli.plan",       # exegpt plan
+    "services.cli.serve",      # exegpt serve | gateway | encoder | decoder | scheduler | up
+    "services.cli.batch",      # exegpt batch submit|status|...
+    "loadgen.cli",             # exegpt loadgen
+)
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exegpt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # command not built yet in this checkout
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"exegpt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
