@@ -1,0 +1,224 @@
+"""Steady-state (saturated) predictions: the fast path the search evaluates.
+
+Mean-field model: every step is costed at the workload's mean shapes (mean prompt, effective
+attention length sqrt(E[in^2]), token-weighted mean decode context), batches in steady state
+follow Little's law. Every function takes numpy arrays of control variables (broadcast
+together) and returns one ``Predictions`` of arrays, so a search evaluates thousands of
+schedules per call. ``optimizer.simulator`` checks these figures by running the policies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from optimizer.cluster import Cluster, p2p_s
+from optimizer.layout import PipelineLayout, build_layout
+from optimizer.lengths import Workload
+from optimizer.model import ModelShape
+from optimizer.profile import ProfileSet, StepShape
+from optimizer.timing import PipelineTimer, max_slots, memory_per_device
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What a plan is for: a model on ``devices`` devices of a cluster, under a workload."""
+
+    model: ModelShape
+    profile: ProfileSet
+    cluster: Cluster
+    workload: Workload
+    devices: int
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ValueError(f"need at least one device, got {self.devices}")
+        self.profile.layer_times(self.model.name, 1)  # raises when the model is not profiled
+
+    def tp_degrees(self) -> list[int]:
+        return [k for k in self.profile.tp_degrees(self.model.name)
+                if k <= self.devices and (k == 1 or self.cluster.devices_per_node % k == 0)]
+
+    def layout(self, devices: int, tp: int, tp_stages: int, first_device: int = 0) -> PipelineLayout:
+        return build_layout(devices, tp, tp_stages, self.model.layers, self.model.prefill_layers,
+                            self.cluster, first_device)
+
+    def timer(self, layout: PipelineLayout) -> PipelineTimer:
+        times = {s.tp: self.profile.layer_times(self.model.name, s.tp) for s in layout.stages}
+        return PipelineTimer(layout, times, self.model)
+
+
+@dataclass(frozen=True)
+class WorkloadStats:
+    workload: Workload
+
+    @cached_property
+    def mean_in(self) -> float:
+        return self.workload.input.mean
+
+    @cached_property
+    def eff_in(self) -> float:
+        return math.sqrt(self.workload.input.expect(lambda x: x * x))
+
+    @cached_property
+    def q99_in(self) -> int:
+        return self.workload.input.quantile(0.99)
+
+    @cached_property
+    def mean_out(self) -> float:
+        return self.workload.output.mean
+
+    @property
+    def mean_decode_iters(self) -> float:
+        """E[o - 1]: prefill yields the first token."""
+        return self.mean_out - 1.0
+
+    @cached_property
+    def o99(self) -> int:
+        return self.workload.output.quantile(0.99)
+
+    @cached_property
+    def slot_tokens(self) -> float:
+        """KV positions reserved per running request (99th-percentile input + output)."""
+        return float(self.q99_in + self.o99)
+
+    @cached_property
+    def static_slot_tokens(self) -> float:
+        return float(self.workload.input.maximum + self.workload.output.maximum)
+
+    @cached_property
+    def mean_ctx(self) -> float:
+        """Token-weighted mean KV length over decode iterations: E[in] + E[o(o-1)/2] / E[o-1]."""
+        tri = self.workload.output.expect(lambda o: o * (o - 1) / 2)
+        return self.mean_in + tri / max(self.mean_decode_iters, 1e-9)
+
+    def cycles(self, iters_per_cycle) -> np.ndarray:
+        """E[ceil((o-1) / N_D)]: RRA cycles a request spends in the decode batch."""
+        n = np.asarray(iters_per_cycle, dtype=float)
+        return np.vectorize(lambda k: self.workload.output.expect(lambda o: np.ceil((o - 1) / k)))(n)
+
+    def prefill(self, n) -> StepShape:
+        return StepShape(prefill_seqs=n, prefill_tokens=n * self.mean_in, prefill_seq=self.eff_in)
+
+    def decode(self, b, ctx=None, model: ModelShape | None = None) -> StepShape:
+        enc = self.mean_in if model is not None and model.encoder_layers else 0.0
+        return StepShape(decode_seqs=b, decode_ctx=self.mean_ctx if ctx is None else ctx, enc_seq=enc)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Predicted figures; each field an array over the evaluated schedules."""
+
+    throughput_seq_s: np.ndarray
+    throughput_tok_s: np.ndarray
+    latency_p99_s: np.ndarray  # generating a 99th-percentile-length output, from its encode
+    ttft_s: np.ndarray
+    tpot_s: np.ndarray
+    decode_batch: np.ndarray  # mean running decode batch
+    decode_batch_peak: np.ndarray
+    memory_per_device_bytes: np.ndarray
+    feasible: np.ndarray  # fits in memory and makes progress
+
+    def meets(self, latency_bound_s: float) -> np.ndarray:
+        return self.feasible & (self.latency_p99_s <= latency_bound_s)
+
+    def at(self, i) -> "Predictions":
+        return Predictions(**{k: np.asarray(v)[i] for k, v in self.__dict__.items()})
+
+
+def _predictions(stats: WorkloadStats, thr, lat, ttft, tpot, batch, peak, mem, capacity) -> Predictions:
+    arrays = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (thr, lat, ttft, tpot, batch, peak, mem)))
+    thr, lat, ttft, tpot, batch, peak, mem = arrays
+    ok = (mem <= capacity) & (thr > 0) & np.isfinite(lat)
+    return Predictions(thr, thr * stats.mean_out, lat, ttft, tpot, batch, peak, mem, ok)
+
+
+def rra(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, encode_batch, iters_per_encode,
+        microbatches) -> Predictions:
+    """Encode B_E, then N_D decode iterations over the running batch, on one pipeline."""
+    timer = sc.timer(layout)
+    be = np.asarray(encode_batch, dtype=float)
+    nd = np.minimum(np.asarray(iters_per_encode, dtype=float), max(sc.workload.output.maximum - 1, 1))
+    batch = be * stats.mean_decode_iters / nd
+    t_enc = timer.path_s(stats.prefill(be))
+    t_dec = timer.iteration_s(stats.decode(batch, model=sc.model), microbatches)
+    cycle = t_enc + nd * t_dec
+    d99 = stats.o99 - 1
+    full = np.maximum(np.ceil(d99 / nd) - 1, 0)
+    lat = t_enc + full * cycle + (d99 - full * nd) * t_dec
+    peak = be * stats.cycles(nd)
+    mem = memory_per_device(layout, sc.model, peak, stats.slot_tokens)
+    return _predictions(stats, be / cycle, lat, t_enc, cycle / nd, batch, peak, mem,
+                        sc.cluster.usable_memory_bytes)
+
+
+def _solve_batch(rate, lam_d, lo, hi, rounds: int = 40):
+    """Smallest b in [lo, hi] with lam_d(b) >= rate (lam_d increasing), by bisection."""
+    lo, hi = np.broadcast_arrays(np.asarray(lo, dtype=float), np.asarray(hi, dtype=float))
+    lo, hi = lo.copy(), hi.copy()
+    for _ in range(rounds):
+        mid = (lo + hi) / 2
+        enough = lam_d(mid) >= rate
+        hi = np.where(enough, mid, hi)
+        lo = np.where(enough, lo, mid)
+    return hi
+
+
+def waa(sc: Scenario, stats: WorkloadStats, enc: PipelineLayout, dec: PipelineLayout, encode_batch,
+        decode_cap, microbatches) -> Predictions:
+    """Encoder and decoder pipelines run apart; encoded KV caches are handed to the decoders."""
+    et, dt = sc.timer(enc), sc.timer(dec)
+    be = np.asarray(encode_batch, dtype=float)
+    d = stats.mean_decode_iters
+    kv_req = sc.model.kv_bytes_per_request_layer(stats.mean_in, 0) * sc.model.layers
+    link = sc.cluster.link_between(enc.stages[-1].first_device + enc.stages[-1].tp - 1, dec.stages[0].first_device)
+    slots = max_slots(dec, sc.model, stats.slot_tokens, sc.cluster.usable_memory_bytes)
+    cap = np.minimum(np.asarray(decode_cap, dtype=float), slots - be)
+
+    def lam_d(b):
+        return b / (d * dt.iteration_s(stats.decode(b, model=sc.model), microbatches))
+
+    lam_e = be / et.bottleneck_s(stats.prefill(be))
+    rate = np.minimum(np.minimum(lam_e, link.bandwidth_Bps / kv_req), np.where(cap > 0, lam_d(np.maximum(cap, 1e-9)), 0))
+    batch = _solve_batch(rate, lam_d, 0.0, np.maximum(cap, 1e-9))
+    t_it = dt.iteration_s(stats.decode(batch, model=sc.model), microbatches)
+    t_enc = et.path_s(stats.prefill(be)) + p2p_s(link, be * kv_req)
+    lat = t_enc + t_it + (stats.o99 - 1) * t_it
+    enc_mem = memory_per_device(enc, sc.model, be * enc.depth, float(stats.q99_in))
+    dec_mem = memory_per_device(dec, sc.model, batch + be, stats.slot_tokens)
+    mem = np.maximum(np.where(cap > 0, dec_mem, np.inf), enc_mem)
+    return _predictions(stats, rate, lat, t_enc, t_it, batch, batch + be, mem, sc.cluster.usable_memory_bytes)
+
+
+def static(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch, microbatches) -> Predictions:
+    """FasterTransformer-like: a fixed batch runs until its longest request ends; no early exit.
+
+    Throughput counts the expected longest output of the batch; the latency figure is the batch
+    run to the distribution's maximum output (what the bound is applied to)."""
+    timer = sc.timer(layout)
+    b = np.asarray(batch, dtype=float)
+    longest = sc.workload.output.expected_max(b)
+    t_enc = timer.path_s(stats.prefill(b))
+    ctx = stats.mean_in + longest / 2
+    t_it = timer.iteration_s(stats.decode(b, ctx, model=sc.model), microbatches)
+    thr = b / (t_enc + (longest - 1) * t_it)
+    lat = t_enc + (sc.workload.output.maximum - 1) * t_it
+    mem = memory_per_device(layout, sc.model, b, stats.static_slot_tokens)
+    return _predictions(stats, thr, lat, t_enc, t_it, b, b, mem, sc.cluster.usable_memory_bytes)
+
+
+def continuous(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch, microbatches) -> Predictions:
+    """Orca/vLLM-like iteration-level batching: each iteration decodes the running requests and
+    prefills the new ones that replaced finished ones (B / E[o] per iteration on average)."""
+    timer = sc.timer(layout)
+    b = np.asarray(batch, dtype=float)
+    new = b / stats.mean_out
+    shape = StepShape(new, new * stats.mean_in, stats.eff_in, b - new, stats.mean_ctx,
+                      stats.mean_in if sc.model.encoder_layers else 0.0)
+    t_it = timer.iteration_s(shape, microbatches)
+    mem = memory_per_device(layout, sc.model, b, stats.slot_tokens)
+    return _predictions(stats, b / (stats.mean_out * t_it), stats.o99 * t_it, t_it, t_it, b - new, b, mem,
+                        sc.cluster.usable_memory_bytes)

@@ -1,0 +1,96 @@
+"""Step times of a pipeline: per-layer profile times, TP all-reduce and pipeline messages.
+
+Model of time (docs/optimizer.md): a stage runs its layers back to back; each layer costs its
+profiled time at the stage's TP degree plus two ring all-reduces of the step's activations
+(after attention and after the MLP); a stage hands its activations to the next over the link
+between them. One batch crosses the pipeline in ``path_s``; a stream of batches leaves it every
+``bottleneck_s``. A decode iteration split into m micro-batches takes
+max(path(b/m), m * bottleneck(b/m)): each micro-batch needs its previous token before its next
+one, and the slowest stage serves all m in turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from optimizer.cluster import allreduce_s, p2p_s
+from optimizer.layout import PipelineLayout
+from optimizer.model import ModelShape
+from optimizer.profile import LayerTimes, StepShape
+
+
+@dataclass(frozen=True)
+class PipelineTimer:
+    layout: PipelineLayout
+    layer_times: dict[int, LayerTimes]  # by TP degree
+    model: ModelShape
+
+    def _layer_s(self, tp: int, shape: StepShape):
+        ar = allreduce_s(self.layout.tp_link, self.model.activation_bytes(shape.tokens), tp)
+        return self.layer_times[tp].step_s(shape) + 2 * ar
+
+    def _stage_parts(self, shape: StepShape):
+        """Seconds per stage, in pipeline order."""
+        if self.model.encoder_layers:
+            pre = StepShape(shape.prefill_seqs, shape.prefill_tokens, shape.prefill_seq)
+            dec = StepShape(decode_seqs=shape.decode_seqs, decode_ctx=shape.decode_ctx,
+                            enc_seq=shape.enc_seq)
+            per_tp = {tp: (self._layer_s(tp, pre), self._layer_s(tp, dec)) for tp in self._tps()}
+            return [s.encode_layers * per_tp[s.tp][0] + s.decode_layers * per_tp[s.tp][1]
+                    for s in self.layout.stages]
+        per_tp = {tp: self._layer_s(tp, shape) for tp in self._tps()}
+        return [s.decode_layers * per_tp[s.tp] for s in self.layout.stages]
+
+    def _tps(self) -> set[int]:
+        return {s.tp for s in self.layout.stages}
+
+    def _messages(self, shape: StepShape):
+        nbytes = self.model.activation_bytes(shape.tokens)
+        return [p2p_s(link, nbytes) for link in self.layout.links]
+
+    def path_s(self, shape: StepShape):
+        """One batch through every stage."""
+        return sum(self._stage_parts(shape)) + sum(self._messages(shape), 0.0)
+
+    def bottleneck_s(self, shape: StepShape):
+        """Interval between batches leaving a full pipeline."""
+        msgs = self._messages(shape) + [0.0]
+        return np.maximum.reduce([np.asarray(t + m) for t, m in zip(self._stage_parts(shape), msgs)])
+
+    def iteration_s(self, shape: StepShape, microbatches):
+        """A step over ``shape`` split into ``microbatches`` micro-batches."""
+        part = shape.split(microbatches)
+        return np.maximum(self.path_s(part), microbatches * self.bottleneck_s(part))
+
+
+def stage_weight_bytes(layout: PipelineLayout, model: ModelShape) -> np.ndarray:
+    """Weights per device of each stage (embeddings on the first and last stage)."""
+    out = []
+    for i, s in enumerate(layout.stages):
+        enc = s.encode_layers * model.encoder_layer_weight_bytes() if model.encoder_layers else 0
+        emb = model.embedding_bytes() * ((i == 0) + (i == layout.depth - 1))
+        out.append((s.decode_layers * model.decoder_layer_weight_bytes() + enc + emb) / s.tp)
+    return np.array(out, dtype=float)
+
+
+def stage_kv_bytes_per_slot(layout: PipelineLayout, model: ModelShape, slot_tokens: float) -> np.ndarray:
+    """KV bytes per device of each stage for one request slot of ``slot_tokens`` positions."""
+    return np.array([s.decode_layers * model.kv_bytes_per_token_layer * slot_tokens / s.tp
+                     for s in layout.stages], dtype=float)
+
+
+def memory_per_device(layout: PipelineLayout, model: ModelShape, slots, slot_tokens: float):
+    """Largest per-device memory over the stages with ``slots`` request slots resident."""
+    w = stage_weight_bytes(layout, model)
+    kv = stage_kv_bytes_per_slot(layout, model, slot_tokens)
+    s = np.asarray(slots, dtype=float)[..., None]
+    return np.max(w + s * kv, axis=-1)
+
+
+def max_slots(layout: PipelineLayout, model: ModelShape, slot_tokens: float, capacity_bytes: float) -> float:
+    """Most request slots every stage can hold (may be < 0 when the weights alone do not fit)."""
+    w = stage_weight_bytes(layout, model)
+    kv = stage_kv_bytes_per_slot(layout, model, slot_tokens)
+    return float(np.min((capacity_bytes - w) / kv))
