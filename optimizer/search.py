@@ -1,0 +1,315 @@
+"""XScheduler: branch-and-bound over the control variables, and the exhaustive reference.
+
+The space is split into *families* (a policy at one TP layout, and for WAA one worker split).
+Inside a family, each *line* fixes the other variables and leaves one batch variable free:
+RRA fixes micro-batches and N_D and frees B_E; WAA fixes micro-batches and B_E and frees the
+decode cap B_D (an index into ``SearchSpace.decode_caps``); the baselines free their batch.
+Along a line, latency, memory and throughput all grow with the batch (within tolerance), so the
+best point of a line is its largest batch that meets the latency bound and fits memory.
+
+Branch and bound:
+1. Bound: a line's best throughput over a geometric sample of its batches (1, 2, 4, ..., max),
+   ignoring latency and memory, bounds the line (throughput grows with the batch, within
+   tolerance); a family's bound is the best of its lines.
+2. Families are visited best bound first; a family or line whose bound is at most
+   (1 + eps_t) x the incumbent is pruned, and so is a line infeasible at batch 1.
+3. Surviving lines are bisected in lockstep (one vectorised evaluation per round) for the largest
+   batch with latency <= bound x (1 + eps_l) that fits memory; eps_l absorbs small
+   non-monotonicity. The last ``window`` batches below that point are then evaluated and the best
+   that strictly meets the bound is the line's answer.
+The exhaustive search evaluates every batch of every line of every family.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from optimizer import analytic
+from optimizer.analytic import Predictions, Scenario, WorkloadStats
+from optimizer.layout import PipelineLayout
+from optimizer.schedule import Schedule
+
+SEARCH_POLICIES = ("rra", "waa-c", "waa-m")
+BASELINES = ("static", "continuous")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The discrete space both searches cover."""
+
+    max_encode_batch: int = 256  # RRA's B_E
+    waa_max_encode_batch: int = 128
+    static_max_batch: int = 512
+    continuous_max_batch: int = 1024
+    iters_per_encode: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48,
+                                         64, 80, 96, 128)
+    decode_caps: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
+                                    1024, 1536, 2048, 3072, 4096)
+    microbatches: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+    def __post_init__(self) -> None:
+        sizes = (self.max_encode_batch, self.waa_max_encode_batch, self.static_max_batch,
+                 self.continuous_max_batch)
+        if min(sizes) < 1 or not self.iters_per_encode or not self.decode_caps or not self.microbatches:
+            raise ValueError("search space needs positive batch limits and non-empty value lists")
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    eps_t: float = 0.005  # prune bounds within this fraction of the incumbent's throughput
+    eps_l: float = 0.02  # latency slack while bisecting (answers always meet the bound itself)
+    window: int = 6  # batches evaluated below the bisection's end
+
+    def __post_init__(self) -> None:
+        if self.eps_t < 0 or self.eps_l < 0 or self.window < 1:
+            raise ValueError("tolerances must be >= 0 and window >= 1")
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Predicted figures of one schedule."""
+
+    throughput_seq_s: float
+    throughput_tok_s: float
+    latency_p99_s: float
+    ttft_s: float
+    tpot_s: float
+    decode_batch: float
+    decode_batch_peak: float
+    memory_per_device_bytes: float
+
+    @staticmethod
+    def of(p: Predictions) -> "Figures":
+        return Figures(*(float(getattr(p, f)) for f in Figures.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    schedule: Schedule
+    figures: Figures
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    best: Candidate | None  # None: nothing meets the bound
+    evaluations: int  # schedules evaluated
+    families: int
+    families_pruned: int
+
+
+@dataclass(frozen=True)
+class Family:
+    """One policy at one layout: lines of fixed variables, a free batch variable 1..max_batch."""
+
+    policy: str
+    max_batch: int
+    lines: dict[str, np.ndarray]  # name -> one value per line
+    evaluate: Callable[..., Predictions]  # (batch array, **lines broadcast) -> Predictions
+    schedule: Callable[..., Schedule]  # (batch, figures, **line values) -> Schedule
+
+    @property
+    def size(self) -> int:
+        return len(next(iter(self.lines.values())))
+
+    def run(self, batch: np.ndarray, rows: np.ndarray) -> Predictions:
+        """Evaluate lines ``rows`` at ``batch`` (shape (len(rows),) or (len(rows), k))."""
+        extra = (slice(None),) + (None,) * (batch.ndim - 1)
+        return self.evaluate(batch, **{k: v[rows][extra] for k, v in self.lines.items()})
+
+    def candidate(self, row: int, batch: int, p: Predictions) -> Candidate:
+        fig = Figures.of(p)
+        values = {k: int(v[row]) for k, v in self.lines.items()}
+        return Candidate(self.schedule(batch, fig, **values), fig)
+
+
+def _grid(**axes) -> dict[str, np.ndarray]:
+    names = list(axes)
+    combos = list(itertools.product(*axes.values()))
+    return {n: np.array([c[i] for c in combos]) for i, n in enumerate(names)}
+
+
+def _micro(space: SearchSpace, depth: int) -> list[int]:
+    return [m for m in space.microbatches if m == 1 or m <= depth]
+
+
+def tp_configs(sc: Scenario) -> list[tuple[int, int]]:
+    """(TP degree, stages using it), partial TP included; (1, 0) is plain pipelining."""
+    out = [(1, 0)]
+    for k in sc.tp_degrees():
+        if k > 1:
+            out += [(k, s) for s in range(1, sc.devices // k + 1)
+                    if sc.devices - s * (k - 1) <= min(sc.model.layers, sc.model.prefill_layers)]
+    return [c for c in out if sc.devices <= min(sc.model.layers, sc.model.prefill_layers) or c[1] > 0
+            or sc.devices <= sc.model.layers]
+
+
+def _single_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str) -> list[Family]:
+    fams = []
+    for k, s in tp_configs(sc):
+        layout = sc.layout(sc.devices, k, s)
+        common = dict(tp_degree=k, tp_stages=s, num_devices=sc.devices, decoder_devices=sc.devices)
+        fams.append(_single_family(sc, stats, space, policy, layout, common))
+    return fams
+
+
+def _single_family(sc, stats, space, policy, layout: PipelineLayout, common) -> Family:
+    micro = _micro(space, layout.depth)
+    if policy == "rra":
+        nds = [n for n in space.iters_per_encode if n <= max(sc.workload.output.maximum - 1, 1)]
+        return Family(
+            "rra", space.max_encode_batch, _grid(m=micro, nd=nds),
+            lambda b, m, nd: analytic.rra(sc, stats, layout, b, nd, m),
+            lambda b, f, m, nd: Schedule("rra", b, max(math.ceil(f.decode_batch_peak), 1), m, nd, **common))
+    if policy == "static":
+        return Family(
+            "static", space.static_max_batch, _grid(m=micro),
+            lambda b, m: analytic.static(sc, stats, layout, b, m),
+            lambda b, f, m: Schedule("static", b, b, m, 1, **common))
+    return Family(
+        "continuous", space.continuous_max_batch, _grid(m=micro),
+        lambda b, m: analytic.continuous(sc, stats, layout, b, m),
+        lambda b, f, m: Schedule("continuous", b, b, m, 1, **common))
+
+
+def waa_split(sc: Scenario, stats: WorkloadStats, policy: str, tp: int) -> int:
+    """Encoder devices for WAA-C (compute-proportional) or WAA-M (memory-proportional).
+
+    Shares are taken at a reference operating point: 16 requests encoded per decode iteration
+    (so a decode batch of 16 x E[o-1]), per-request work on one device."""
+    ref_e, ref_d = 16.0, 16.0 * max(stats.mean_decode_iters, 1.0)
+    one = sc.timer(sc.layout(1, 1, 0)) if sc.model.layers else None
+    if policy == "waa-c":
+        enc = float(one.path_s(stats.prefill(ref_e))) / ref_e
+        dec = stats.mean_decode_iters * float(one.path_s(stats.decode(ref_d, model=sc.model))) / ref_d
+    else:
+        layers = sc.model.layers
+        weights = layers * sc.model.decoder_layer_weight_bytes()
+        kv = sc.model.kv_bytes_per_token_layer * layers
+        enc = weights + ref_e * stats.q99_in * kv
+        dec = weights + ref_d * stats.slot_tokens * kv
+    share = enc / (enc + dec)
+    return int(min(max(round(sc.devices * share / tp), 1), sc.devices // tp - 1) * tp)
+
+
+def _waa_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str) -> list[Family]:
+    fams = []
+    for k in sc.tp_degrees():
+        if sc.devices < 2 * k:
+            continue
+        e = waa_split(sc, stats, policy, k)
+        d = sc.devices - e
+        if max(e, d) // k > sc.model.layers:
+            continue
+        enc, dec = sc.layout(e, k, e // k), sc.layout(d, k, d // k, e)
+        common = dict(tp_degree=k, tp_stages=sc.devices // k, num_devices=sc.devices,
+                      encoder_devices=e, decoder_devices=d)
+        caps = np.asarray(space.decode_caps)
+        fams.append(Family(
+            policy, len(caps), _grid(m=_micro(space, dec.depth), be=range(1, space.waa_max_encode_batch + 1)),
+            lambda i, m, be, enc=enc, dec=dec: analytic.waa(sc, stats, enc, dec, be, caps[i - 1], m),
+            lambda i, f, m, be, common=common: Schedule(policy, be, max(math.ceil(f.decode_batch_peak), 1),
+                                                        m, 1, **common)))
+    return fams
+
+
+def families(sc: Scenario, policies: Sequence[str], space: SearchSpace = SearchSpace()) -> list[Family]:
+    stats = WorkloadStats(sc.workload)
+    out: list[Family] = []
+    for p in policies:
+        if p in ("waa-c", "waa-m"):
+            out += _waa_families(sc, stats, space, p)
+        elif p in ("rra", "static", "continuous"):
+            out += _single_families(sc, stats, space, p)
+        else:
+            raise ValueError(f"unknown policy {p!r}")
+    return out
+
+
+def _ok(p: Predictions, bound: float) -> np.ndarray:
+    return p.feasible & (p.latency_p99_s <= bound)
+
+
+def _best_in(fam: Family, rows: np.ndarray, batch: np.ndarray, p: Predictions, bound: float):
+    """Best (throughput, row, batch, flat index) among evaluated points meeting the bound."""
+    score = np.where(_ok(p, bound), p.throughput_seq_s, -np.inf)
+    flat = int(np.argmax(score))
+    if not np.isfinite(score.flat[flat]):
+        return None
+    idx = np.unravel_index(flat, score.shape)
+    return float(score.flat[flat]), int(rows[idx[0]]), int(batch[idx]), idx
+
+
+class _Incumbent:
+    def __init__(self) -> None:
+        self.thr, self.candidate = -math.inf, None
+
+    def offer(self, fam: Family, found, p: Predictions) -> None:
+        if found and found[0] > self.thr:
+            thr, row, batch, idx = found
+            self.thr, self.candidate = thr, fam.candidate(row, batch, p.at(idx))
+
+
+def _bisect(fam: Family, rows: np.ndarray, bound: float, tol: Tolerances) -> tuple[np.ndarray, int]:
+    """Largest batch per line with latency <= bound x (1 + eps_l) and fitting memory."""
+    lo, hi = np.zeros(len(rows), dtype=int), np.full(len(rows), fam.max_batch + 1)
+    evals = 0
+    while np.any(hi - lo > 1):
+        mid = (lo + hi) // 2
+        p = fam.run(np.maximum(mid, 1), rows)
+        evals += len(rows)
+        good = p.feasible & (p.latency_p99_s <= bound * (1 + tol.eps_l))
+        lo, hi = np.where(good, mid, lo), np.where(good, hi, mid)
+    return lo, evals
+
+
+def _upper_bounds(fam: Family, bound: float, tol: Tolerances) -> tuple[np.ndarray, int]:
+    """Per line: best throughput over a geometric batch sample; -inf when batch 1 already fails."""
+    rows = np.arange(fam.size)
+    sample = np.unique(np.minimum(2 ** np.arange(int(math.log2(fam.max_batch)) + 2), fam.max_batch))
+    p = fam.run(np.broadcast_to(sample, (fam.size, len(sample))), rows)
+    alive = p.feasible[:, 0] & (p.latency_p99_s[:, 0] <= bound * (1 + tol.eps_l))
+    return np.where(alive, np.max(p.throughput_seq_s, axis=1), -np.inf), p.throughput_seq_s.size
+
+
+def branch_and_bound(sc: Scenario, latency_bound_s: float, policies: Sequence[str] = SEARCH_POLICIES,
+                     space: SearchSpace = SearchSpace(), tol: Tolerances = Tolerances()) -> SearchResult:
+    fams = families(sc, policies, space)
+    bounds, evals = [], 0
+    for fam in fams:
+        ub, n = _upper_bounds(fam, latency_bound_s, tol)
+        evals += n
+        bounds.append((ub, fam))
+    inc, pruned = _Incumbent(), 0
+    for ub, fam in sorted(bounds, key=lambda x: -float(np.max(x[0]))):
+        rows = np.flatnonzero(ub > inc.thr * (1 + tol.eps_t))
+        if len(rows) == 0:
+            pruned += 1
+            continue
+        end, n = _bisect(fam, rows, latency_bound_s, tol)
+        keep = end >= 1
+        rows, end = rows[keep], end[keep]
+        batch = np.clip(end[:, None] - np.arange(tol.window)[None, :], 1, None)
+        p = fam.run(batch, rows)
+        evals += n + batch.size
+        inc.offer(fam, _best_in(fam, rows, batch, p, latency_bound_s), p)
+    return SearchResult(inc.candidate, evals, len(fams), pruned)
+
+
+def exhaustive(sc: Scenario, latency_bound_s: float, policies: Sequence[str] = SEARCH_POLICIES,
+               space: SearchSpace = SearchSpace(), chunk: int = 200_000) -> SearchResult:
+    fams = families(sc, policies, space)
+    inc, evals = _Incumbent(), 0
+    for fam in fams:
+        per = max(chunk // fam.max_batch, 1)
+        for start in range(0, fam.size, per):
+            rows = np.arange(start, min(start + per, fam.size))
+            batch = np.broadcast_to(np.arange(1, fam.max_batch + 1), (len(rows), fam.max_batch))
+            p = fam.run(batch, rows)
+            evals += batch.size
+            inc.offer(fam, _best_in(fam, rows, batch, p, latency_bound_s), p)
+    return SearchResult(inc.candidate, evals, len(fams), 0)
