@@ -1,0 +1,65 @@
+import math
+
+import pytest
+
+from optimizer.analytic import Scenario
+from optimizer.cluster import H200_CLUSTER
+from optimizer.lengths import TASKS
+from optimizer.model import MODELS
+from optimizer.search import SearchSpace, Tolerances, branch_and_bound, exhaustive, tp_configs
+
+SMALL = SearchSpace(max_encode_batch=48, waa_max_encode_batch=24, static_max_batch=64, continuous_max_batch=96,
+                    iters_per_encode=(1, 2, 4, 7, 16), decode_caps=(8, 32, 128, 512, 2048),
+                    microbatches=(1, 2))
+
+
+@pytest.mark.parametrize("model, devices, task", [("opt-13b", 4, "S"), ("opt-13b", 2, "T"), ("opt-1.3b", 2, "C2")])
+@pytest.mark.parametrize("bound_s", [0.4, 1.5, 6.0, math.inf])
+@pytest.mark.parametrize("policies", [("rra", "waa-c", "waa-m"), ("static",), ("continuous",)])
+def test_branch_and_bound_finds_the_exhaustive_optimum(profile, model, devices, task, bound_s, policies):
+    sc = Scenario(MODELS[model], profile, H200_CLUSTER, TASKS[task], devices)
+    tol = Tolerances()
+    bb = branch_and_bound(sc, bound_s, policies, SMALL, tol)
+    ex = exhaustive(sc, bound_s, policies, SMALL)
+    assert (bb.best is None) == (ex.best is None)
+    if ex.best:
+        assert bb.best.figures.throughput_seq_s == pytest.approx(ex.best.figures.throughput_seq_s, rel=tol.eps_t)
+        assert bb.best.figures.latency_p99_s <= bound_s
+        assert bb.evaluations < ex.evaluations
+
+
+def test_tighter_bound_never_gives_more_throughput(opt13b_s):
+    figures = [branch_and_bound(opt13b_s, b, space=SMALL).best.figures for b in (0.5, 1.0, 2.0, math.inf)]
+    thr = [f.throughput_seq_s for f in figures]
+    assert thr == sorted(thr)
+    assert all(f.latency_p99_s <= b for f, b in zip(figures, (0.5, 1.0, 2.0)))
+
+
+def test_impossible_bound_gives_no_schedule(opt13b_s):
+    result = branch_and_bound(opt13b_s, 1e-3, space=SMALL)
+    assert result.best is None and result.families_pruned == result.families
+
+
+def test_chosen_schedule_describes_its_layout(opt13b_s):
+    s = branch_and_bound(opt13b_s, math.inf, space=SMALL).best.schedule
+    assert s.num_devices == 4
+    if s.policy.startswith("waa"):
+        assert s.encoder_devices + s.decoder_devices == 4 and s.encoder_devices % s.tp_degree == 0
+    else:
+        assert s.tp_degree * s.tp_stages <= 4
+
+
+def test_tp_configurations_include_partial_tp(opt13b_s):
+    configs = tp_configs(opt13b_s)
+    assert (1, 0) in configs and (2, 1) in configs and (2, 2) in configs and (4, 1) in configs
+    assert all(k * s <= 4 for k, s in configs)
+
+
+@pytest.mark.parametrize("build", [
+    lambda sc: branch_and_bound(sc, 1.0, ("fcfs",)),
+    lambda sc: SearchSpace(max_encode_batch=0),
+    lambda sc: Tolerances(eps_t=-1),
+])
+def test_bad_search_inputs_rejected(opt13b_s, build):
+    with pytest.raises(ValueError):
+        build(opt13b_s)

@@ -1,0 +1,125 @@
+"""The event-driven simulation drives the policies; the analytic fast path must agree with it."""
+
+import math
+
+import numpy as np
+import pytest
+
+from optimizer import analytic
+from optimizer.analytic import Scenario, WorkloadStats
+from optimizer.cluster import H200_CLUSTER
+from optimizer.lengths import TASKS
+from optimizer.model import MODELS
+from optimizer.schedule import Schedule
+from optimizer.simulator import requests_from_workload, simulate
+
+THROUGHPUT_TOL = 0.10  # analytic vs simulated, saturated
+LATENCY_TOL = 0.20  # latency of a 99th-percentile-length output
+
+
+def _reqs(sc, n=600, seed=0, rate=0.0):
+    return requests_from_workload(sc, np.random.default_rng(seed), n, rate)
+
+
+CASES = {
+    "rra": (Schedule("rra", encode_batch=16, decode_batch=10_000, decode_iters_per_encode=4,
+                     tp_degree=4, tp_stages=1, num_devices=4, decoder_devices=4),
+            lambda sc, st: analytic.rra(sc, st, sc.layout(4, 4, 1), 16, 4, 1)),
+    "rra-pipelined": (Schedule("rra", encode_batch=8, decode_batch=10_000, decode_microbatches=2,
+                               decode_iters_per_encode=3, tp_degree=2, tp_stages=1, num_devices=4,
+                               decoder_devices=4),
+                      lambda sc, st: analytic.rra(sc, st, sc.layout(4, 2, 1), 8, 3, 2)),
+    "waa": (Schedule("waa-c", encode_batch=4, decode_batch=10_000, tp_degree=2, tp_stages=2, num_devices=4,
+                     encoder_devices=2, decoder_devices=2),
+            lambda sc, st: analytic.waa(sc, st, sc.layout(2, 2, 1), sc.layout(2, 2, 1, 2), 4, 10_000, 1)),
+    "continuous": (Schedule("continuous", encode_batch=48, decode_batch=48, tp_degree=4, tp_stages=1,
+                            num_devices=4, decoder_devices=4),
+                   lambda sc, st: analytic.continuous(sc, st, sc.layout(4, 4, 1), 48, 1)),
+    "static": (Schedule("static", encode_batch=16, decode_batch=16, tp_degree=4, tp_stages=1, num_devices=4,
+                        decoder_devices=4),
+               lambda sc, st: analytic.static(sc, st, sc.layout(4, 4, 1), 16, 1)),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(opt13b_s):
+    reqs = _reqs(opt13b_s)
+    stats = WorkloadStats(opt13b_s.workload)
+    return {k: (simulate(opt13b_s, s, reqs), f(opt13b_s, stats)) for k, (s, f) in CASES.items()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_analytic_throughput_agrees_with_the_simulation(runs, case):
+    sim, pred = runs[case]
+    assert sim.throughput_seq_s == pytest.approx(float(pred.throughput_seq_s), rel=THROUGHPUT_TOL)
+
+
+@pytest.mark.parametrize("case", ["rra", "rra-pipelined", "waa", "continuous"])
+def test_analytic_p99_length_latency_agrees_with_the_simulation(runs, case):
+    sim, pred = runs[case]
+    assert sim.latency_p99_len_s == pytest.approx(float(pred.latency_p99_s), rel=LATENCY_TOL)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_request_gets_exactly_its_tokens_once(runs, case):
+    sim, _ = runs[case]
+    assert len(sim.records) == 600 and len({r.request_id for r in sim.records}) == 600
+    assert all(r.tokens == r.output_len for r in sim.records)
+    decoded = sum(s.batch for s in sim.decode_steps)
+    assert decoded + len(sim.records) == sum(r.output_len for r in sim.records)  # prefill makes one each
+    assert all(r.arrival_s <= r.encode_start_s < r.first_token_s <= r.finish_s for r in sim.records)
+
+
+def test_waa_keeps_littles_law_between_encode_rate_decode_batch_and_output_length(runs, opt13b_s):
+    sim, pred = runs["waa"]
+    steps = sim.decode_steps[len(sim.decode_steps) // 5: 4 * len(sim.decode_steps) // 5]
+    encoded_per_iteration = (steps[-1].encoded_before - steps[0].encoded_before) / len(steps)
+    mean_iters = WorkloadStats(opt13b_s.workload).mean_decode_iters
+    mean_batch = np.mean([s.batch for s in steps])
+    assert mean_batch == pytest.approx(encoded_per_iteration * mean_iters, rel=0.1)
+    # the analytic model is built on the same law: B_D = rate x E[o-1] x iteration time
+    assert float(pred.decode_batch) == pytest.approx(
+        float(pred.throughput_seq_s) * mean_iters * float(pred.tpot_s), rel=1e-3)
+
+
+def test_simulation_is_deterministic_given_the_generator(opt13b_s):
+    sched = CASES["rra"][0]
+    a = simulate(opt13b_s, sched, _reqs(opt13b_s, 200, seed=3))
+    b = simulate(opt13b_s, sched, _reqs(opt13b_s, 200, seed=3))
+    assert a.records == b.records
+
+
+def test_below_capacity_throughput_follows_arrivals_and_latency_drops(opt13b_s):
+    sched = CASES["continuous"][0]
+    saturated = simulate(opt13b_s, sched, _reqs(opt13b_s, 400))
+    light = simulate(opt13b_s, sched, _reqs(opt13b_s, 400, rate=0.3 * saturated.throughput_seq_s))
+    assert light.throughput_seq_s == pytest.approx(0.3 * saturated.throughput_seq_s, rel=0.2)
+    assert light.e2e_s["p99"] < saturated.e2e_s["p99"]
+    assert light.ttft_s["p50"] < light.e2e_s["p50"] and light.tpot_s["p50"] > 0
+
+
+def test_overload_queues_requests(opt13b_s):
+    sched = CASES["rra"][0]
+    sat = simulate(opt13b_s, sched, _reqs(opt13b_s, 300))
+    over = simulate(opt13b_s, sched, _reqs(opt13b_s, 300, rate=3 * sat.throughput_seq_s))
+    waits = [r.encode_start_s - r.arrival_s for r in over.records]
+    assert max(waits) > 10 * min(waits) and max(waits) > 0.1
+
+
+def test_a_schedule_that_overflows_memory_is_reported_infeasible(profile):
+    sc = Scenario(MODELS["opt-66b"], profile, H200_CLUSTER, TASKS["C2"], 1)
+    sched = Schedule("continuous", encode_batch=512, decode_batch=512, num_devices=1)
+    sim = simulate(sc, sched, _reqs(sc, 80))
+    assert not sim.fits_memory
+    pred = analytic.continuous(sc, WorkloadStats(sc.workload), sc.layout(1, 1, 0), 512, 1)
+    assert not bool(pred.feasible)
+
+
+def test_empty_request_list_rejected(opt13b_s):
+    with pytest.raises(ValueError):
+        simulate(opt13b_s, CASES["rra"][0], ())
+
+
+def test_no_nan_in_a_normal_run(runs):
+    sim, _ = runs["rra"]
+    assert not any(math.isnan(v) for v in (sim.throughput_seq_s, sim.mean_decode_batch, sim.latency_p99_len_s))
