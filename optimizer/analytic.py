@@ -155,36 +155,67 @@ def rra(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, encode_batch
                         sc.cluster.usable_memory_bytes)
 
 
-def _solve_batch(rate, lam_d, lo, hi, rounds: int = 40):
-    """Smallest b in [lo, hi] with lam_d(b) >= rate (lam_d increasing), by bisection."""
-    lo, hi = np.broadcast_arrays(np.asarray(lo, dtype=float), np.asarray(hi, dtype=float))
-    lo, hi = lo.copy(), hi.copy()
-    for _ in range(rounds):
-        mid = (lo + hi) / 2
-        enough = lam_d(mid) >= rate
-        hi = np.where(enough, mid, hi)
-        lo = np.where(enough, lo, mid)
-    return hi
+@dataclass(frozen=True)
+class DecodeCurve:
+    """A decoder pipeline's iteration time tabulated over integer batches 0..max (one micro-batch
+    count), so WAA's steady state is solved by table look-ups instead of re-costing each probe."""
+
+    batches: np.ndarray
+    seconds: np.ndarray
+    rate: np.ndarray  # sequences/s the decoder sustains at each batch (made non-decreasing)
+
+    @staticmethod
+    def build(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, microbatches: int,
+              max_batch: float) -> "DecodeCurve":
+        b = np.arange(0, int(min(max(max_batch, 1), 1 << 16)) + 2, dtype=float)
+        t = sc.timer(layout).iteration_s(stats.decode(np.maximum(b, 1e-9), model=sc.model), microbatches)
+        rate = np.maximum.accumulate(b / (max(stats.mean_decode_iters, 1e-9) * t))
+        return DecodeCurve(b, t, rate)
+
+    def time_s(self, batch):
+        return np.interp(batch, self.batches, self.seconds)
+
+    def rate_at(self, batch):
+        return np.interp(batch, self.batches, self.rate)
+
+    def batch_for(self, rate):
+        """Smallest batch sustaining ``rate`` (the steady-state decode batch, by Little's law)."""
+        return np.interp(rate, self.rate, self.batches)
+
+
+def decode_curves(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, microbatches) -> dict:
+    slots = max_slots(layout, sc.model, stats.slot_tokens, sc.cluster.usable_memory_bytes)
+    return {int(m): DecodeCurve.build(sc, stats, layout, int(m), slots) for m in np.unique(microbatches)}
+
+
+def _per_micro(curves: dict, microbatches, fn):
+    m = np.asarray(microbatches)
+    out = None
+    for key, curve in curves.items():
+        value = fn(curve)
+        out = value if out is None else np.where(m == key, value, out)
+    return out
 
 
 def waa(sc: Scenario, stats: WorkloadStats, enc: PipelineLayout, dec: PipelineLayout, encode_batch,
-        decode_cap, microbatches) -> Predictions:
-    """Encoder and decoder pipelines run apart; encoded KV caches are handed to the decoders."""
-    et, dt = sc.timer(enc), sc.timer(dec)
+        decode_cap, microbatches, curves: dict | None = None) -> Predictions:
+    """Encoder and decoder pipelines run apart; encoded KV caches are handed to the decoders.
+
+    Steady state: the rate is the least of the encoder pipeline's, the KV link's and the
+    decoder's at its cap; the decode batch then follows Little's law, B_D = rate x E[o-1] x
+    T_iter(B_D). ``curves`` (from ``decode_curves``) may be passed to reuse the decoder tables."""
+    curves = curves or decode_curves(sc, stats, dec, microbatches)
+    et = sc.timer(enc)
     be = np.asarray(encode_batch, dtype=float)
-    d = stats.mean_decode_iters
     kv_req = sc.model.kv_bytes_per_request_layer(stats.mean_in, 0) * sc.model.layers
     link = sc.cluster.link_between(enc.stages[-1].first_device + enc.stages[-1].tp - 1, dec.stages[0].first_device)
     slots = max_slots(dec, sc.model, stats.slot_tokens, sc.cluster.usable_memory_bytes)
     cap = np.minimum(np.asarray(decode_cap, dtype=float), slots - be)
-
-    def lam_d(b):
-        return b / (d * dt.iteration_s(stats.decode(b, model=sc.model), microbatches))
-
     lam_e = be / et.bottleneck_s(stats.prefill(be))
-    rate = np.minimum(np.minimum(lam_e, link.bandwidth_Bps / kv_req), np.where(cap > 0, lam_d(np.maximum(cap, 1e-9)), 0))
-    batch = _solve_batch(rate, lam_d, 0.0, np.maximum(cap, 1e-9))
-    t_it = dt.iteration_s(stats.decode(batch, model=sc.model), microbatches)
+    lam_d = np.where(cap > 0, _per_micro(curves, microbatches, lambda c: c.rate_at(np.maximum(cap, 0))), 0.0)
+    rate = np.minimum(np.minimum(lam_e, link.bandwidth_Bps / kv_req), lam_d)
+    batch = np.minimum(_per_micro(curves, microbatches, lambda c: c.batch_for(rate)), np.maximum(cap, 0))
+    t_it = _per_micro(curves, microbatches, lambda c: c.time_s(np.maximum(batch, 1e-9)))
     t_enc = et.path_s(stats.prefill(be)) + p2p_s(link, be * kv_req)
     lat = t_enc + t_it + (stats.o99 - 1) * t_it
     enc_mem = memory_per_device(enc, sc.model, be * enc.depth, float(stats.q99_in))

@@ -12,11 +12,12 @@ Branch and bound:
    ignoring latency and memory, bounds the line (throughput grows with the batch, within
    tolerance); a family's bound is the best of its lines.
 2. Families are visited best bound first; a family or line whose bound is at most
-   (1 + eps_t) x the incumbent is pruned, and so is a line infeasible at batch 1.
+   (1 + eps_t) x the incumbent is pruned, and so is a line whose latency at batch 1, less eps_l
+   (the slack allowed in latency's monotonicity), already exceeds the bound.
 3. Surviving lines are bisected in lockstep (one vectorised evaluation per round) for the largest
-   batch with latency <= bound x (1 + eps_l) that fits memory; eps_l absorbs small
-   non-monotonicity. The last ``window`` batches below that point are then evaluated and the best
-   that strictly meets the bound is the line's answer.
+   batch that meets the bound and fits memory. The ``window`` batches on either side of that
+   point are then evaluated (throughput and latency are monotone only within tolerance) and the
+   best that meets the bound is the line's answer.
 The exhaustive search evaluates every batch of every line of every family.
 """
 
@@ -62,8 +63,8 @@ class SearchSpace:
 @dataclass(frozen=True)
 class Tolerances:
     eps_t: float = 0.005  # prune bounds within this fraction of the incumbent's throughput
-    eps_l: float = 0.02  # latency slack while bisecting (answers always meet the bound itself)
-    window: int = 6  # batches evaluated below the bisection's end
+    eps_l: float = 0.03  # latency may fall by this fraction as a batch grows (answers meet the bound)
+    window: int = 6  # batches evaluated on each side of the bisection's end
 
     def __post_init__(self) -> None:
         if self.eps_t < 0 or self.eps_l < 0 or self.window < 1:
@@ -209,9 +210,12 @@ def _waa_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy
         common = dict(tp_degree=k, tp_stages=sc.devices // k, num_devices=sc.devices,
                       encoder_devices=e, decoder_devices=d)
         caps = np.asarray(space.decode_caps)
+        micro = _micro(space, dec.depth)
+        curves = analytic.decode_curves(sc, stats, dec, micro)
         fams.append(Family(
-            policy, len(caps), _grid(m=_micro(space, dec.depth), be=range(1, space.waa_max_encode_batch + 1)),
-            lambda i, m, be, enc=enc, dec=dec: analytic.waa(sc, stats, enc, dec, be, caps[i - 1], m),
+            policy, len(caps), _grid(m=micro, be=range(1, space.waa_max_encode_batch + 1)),
+            lambda i, m, be, enc=enc, dec=dec, curves=curves: analytic.waa(sc, stats, enc, dec, be, caps[i - 1],
+                                                                           m, curves),
             lambda i, f, m, be, common=common: Schedule(policy, be, max(math.ceil(f.decode_batch_peak), 1),
                                                         m, 1, **common)))
     return fams
@@ -254,15 +258,15 @@ class _Incumbent:
             self.thr, self.candidate = thr, fam.candidate(row, batch, p.at(idx))
 
 
-def _bisect(fam: Family, rows: np.ndarray, bound: float, tol: Tolerances) -> tuple[np.ndarray, int]:
-    """Largest batch per line with latency <= bound x (1 + eps_l) and fitting memory."""
+def _bisect(fam: Family, rows: np.ndarray, bound: float) -> tuple[np.ndarray, int]:
+    """Largest batch per line meeting the bound and fitting memory (0: none), assuming monotony."""
     lo, hi = np.zeros(len(rows), dtype=int), np.full(len(rows), fam.max_batch + 1)
     evals = 0
     while np.any(hi - lo > 1):
         mid = (lo + hi) // 2
         p = fam.run(np.maximum(mid, 1), rows)
         evals += len(rows)
-        good = p.feasible & (p.latency_p99_s <= bound * (1 + tol.eps_l))
+        good = _ok(p, bound)
         lo, hi = np.where(good, mid, lo), np.where(good, hi, mid)
     return lo, evals
 
@@ -272,7 +276,7 @@ def _upper_bounds(fam: Family, bound: float, tol: Tolerances) -> tuple[np.ndarra
     rows = np.arange(fam.size)
     sample = np.unique(np.minimum(2 ** np.arange(int(math.log2(fam.max_batch)) + 2), fam.max_batch))
     p = fam.run(np.broadcast_to(sample, (fam.size, len(sample))), rows)
-    alive = p.feasible[:, 0] & (p.latency_p99_s[:, 0] <= bound * (1 + tol.eps_l))
+    alive = p.feasible[:, 0] & (p.latency_p99_s[:, 0] * (1 - tol.eps_l) <= bound)
     return np.where(alive, np.max(p.throughput_seq_s, axis=1), -np.inf), p.throughput_seq_s.size
 
 
@@ -290,10 +294,8 @@ def branch_and_bound(sc: Scenario, latency_bound_s: float, policies: Sequence[st
         if len(rows) == 0:
             pruned += 1
             continue
-        end, n = _bisect(fam, rows, latency_bound_s, tol)
-        keep = end >= 1
-        rows, end = rows[keep], end[keep]
-        batch = np.clip(end[:, None] - np.arange(tol.window)[None, :], 1, None)
+        end, n = _bisect(fam, rows, latency_bound_s)
+        batch = np.clip(end[:, None] + np.arange(-tol.window + 1, tol.window + 1)[None, :], 1, fam.max_batch)
         p = fam.run(batch, rows)
         evals += n + batch.size
         inc.offer(fam, _best_in(fam, rows, batch, p, latency_bound_s), p)

@@ -1,12 +1,13 @@
 import math
 
+import numpy as np
 import pytest
 
 from optimizer.analytic import Scenario
 from optimizer.cluster import H200_CLUSTER
 from optimizer.lengths import TASKS
 from optimizer.model import MODELS
-from optimizer.search import SearchSpace, Tolerances, branch_and_bound, exhaustive, tp_configs
+from optimizer.search import SearchSpace, Tolerances, branch_and_bound, exhaustive, families, tp_configs
 
 SMALL = SearchSpace(max_encode_batch=48, waa_max_encode_batch=24, static_max_batch=64, continuous_max_batch=96,
                     iters_per_encode=(1, 2, 4, 7, 16), decode_caps=(8, 32, 128, 512, 2048),
@@ -25,7 +26,13 @@ def test_branch_and_bound_finds_the_exhaustive_optimum(profile, model, devices, 
     if ex.best:
         assert bb.best.figures.throughput_seq_s == pytest.approx(ex.best.figures.throughput_seq_s, rel=tol.eps_t)
         assert bb.best.figures.latency_p99_s <= bound_s
-        assert bb.evaluations < ex.evaluations
+
+
+@pytest.mark.parametrize("bound_s", [1.0, math.inf])
+def test_branch_and_bound_evaluates_a_fraction_of_the_full_space(opt13b_s, bound_s):
+    bb, ex = branch_and_bound(opt13b_s, bound_s), exhaustive(opt13b_s, bound_s)
+    assert bb.best.figures.throughput_seq_s == pytest.approx(ex.best.figures.throughput_seq_s, rel=0.01)
+    assert bb.evaluations < ex.evaluations / 3 and bb.families_pruned > 0
 
 
 def test_tighter_bound_never_gives_more_throughput(opt13b_s):
@@ -63,3 +70,15 @@ def test_tp_configurations_include_partial_tp(opt13b_s):
 def test_bad_search_inputs_rejected(opt13b_s, build):
     with pytest.raises(ValueError):
         build(opt13b_s)
+
+
+@pytest.mark.parametrize("policy", ["static", "rra", "continuous"])
+def test_bound_just_above_the_fastest_schedule_is_found(opt13b_s, policy):
+    """Where latency is nearly flat in the batch, the answer sits right above batch 1."""
+    floor = min(float(f.run(np.ones(f.size, dtype=int), np.arange(f.size)).latency_p99_s.min())
+                for f in families(opt13b_s, (policy,), SMALL))
+    bound = floor * 1.0005
+    bb = branch_and_bound(opt13b_s, bound, (policy,), SMALL)
+    ex = exhaustive(opt13b_s, bound, (policy,), SMALL)
+    assert ex.best is not None and bb.best is not None
+    assert bb.best.figures.throughput_seq_s == pytest.approx(ex.best.figures.throughput_seq_s, rel=0.005)

@@ -1,0 +1,38 @@
+"""Thin file loaders at the edge of the optimizer (the only module here that reads files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from optimizer.lengths import Workload, parse_length_csv, workload_from_trace
+from optimizer.profile import ProfileError, ProfileSet, parse_profile
+
+
+def load_profile(*paths: str | Path) -> ProfileSet:
+    """Parse profile JSONL files; errors name the file."""
+    texts = []
+    for path in paths:
+        texts.append(_read(path))
+    try:
+        return parse_profile(*texts)
+    except ProfileError as exc:
+        names = ", ".join(str(p) for p in paths)
+        raise ProfileError(f"{names}: {exc}") from None
+
+
+def load_workload(path: str | Path, max_input: int = 0, max_output: int = 0) -> Workload:
+    """An empirical workload from a ``timestamp,input,output`` or ``input,output`` CSV."""
+    try:
+        rows = parse_length_csv(_read(path))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return workload_from_trace(Path(path).name, rows, max_input, max_output)
+
+
+def _read(path: str | Path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file") from None
