@@ -1,0 +1,85 @@
+"""`exegpt plan`: the schedule printed, one-line errors for bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from services.cli import main
+
+SHARED = Path(__file__).resolve().parents[2] / "../shared"  # beside the repository
+PROFILES, TRACES = SHARED / "profiles", SHARED / "traces"
+
+SPLIT = str(PROFILES / "h200-reference-split.jsonl")
+
+
+@pytest.fixture(autouse=True)
+def _needs_shared():
+    if not PROFILES.exists():
+        pytest.skip("shared profiles not present")
+
+
+def _plan(*extra):
+    return main(["plan", "--profile", SPLIT, "--model", "opt-13b", "--devices", "4", *extra])
+
+
+def test_plan_prints_schedule_figures_and_search_time(capsys):
+    assert _plan("--task", "S", "--latency-bound", "3.1") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("schedule:") and "seq/s" in out and "branch-and-bound" in out
+
+
+def test_plan_json_meets_the_bound_and_names_the_schedule(capsys):
+    assert _plan("--task", "C1", "--latency-bound", "1.0", "--policy", "rra", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schedule"]["policy"] == "rra"
+    assert doc["predicted"]["latency_p99_s"] <= 1.0
+    assert doc["search"]["seconds"] >= 0 and doc["latency_bound_s"] == 1.0
+
+
+def test_exhaustive_and_unbounded_plans(capsys):
+    assert _plan("--task", "T", "--latency-bound", "inf", "--policy", "waa", "--exhaustive", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schedule"]["policy"] in ("waa-c", "waa-m") and doc["search"]["method"] == "exhaustive"
+    assert doc["latency_bound_s"] is None
+
+
+def test_plan_from_a_trace_file(capsys):
+    assert _plan("--lengths", str(TRACES / "azure-llm-2023-conv.csv"), "--latency-bound", "30") == 0
+    assert "seq/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "/no/such/file", "--model", "opt-13b", "--devices", "4", "--task", "S",
+      "--latency-bound", "3"], "cannot read /no/such/file"),
+    (["--profile", SPLIT, "--model", "llama", "--devices", "4", "--task", "S", "--latency-bound", "3"],
+     "unknown model 'llama'"),
+    (["--profile", SPLIT, "--model", "gpt3-39b", "--devices", "4", "--task", "S", "--latency-bound", "3"],
+     "no rows for model 'gpt3-39b'"),
+    (["--profile", SPLIT, "--model", "opt-13b", "--devices", "0", "--task", "S", "--latency-bound", "3"],
+     "--devices must be >= 1"),
+    (["--profile", SPLIT, "--model", "opt-13b", "--devices", "4", "--task", "S", "--latency-bound", "0.001"],
+     "meets the 0.001 s latency bound"),
+    (["--profile", str(TRACES / "azure-llm-2023-conv.csv"), "--model", "opt-13b", "--devices", "4", "--task", "S",
+      "--latency-bound", "3"], "not JSON"),
+    (["--profile", SPLIT, "--model", "opt-13b", "--devices", "4", "--lengths", SPLIT, "--latency-bound", "3"],
+     "expected 'timestamp,input,output'"),
+])
+def test_bad_inputs_give_one_line_errors(capsys, args, message):
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("bound", ["-1", "0", "nan", "soon"])
+def test_bad_latency_bounds_rejected_by_the_parser(capsys, bound):
+    with pytest.raises(SystemExit) as exc:
+        _plan("--task", "S", "--latency-bound", bound)
+    assert exc.value.code == 2 and "latency" in capsys.readouterr().err
+
+
+def test_task_and_lengths_are_exclusive_and_one_is_required(capsys):
+    with pytest.raises(SystemExit):
+        _plan("--latency-bound", "3")
+    with pytest.raises(SystemExit):
+        _plan("--task", "S", "--lengths", "x.csv", "--latency-bound", "3")
