@@ -136,19 +136,32 @@ def _predictions(stats: WorkloadStats, thr, lat, ttft, tpot, batch, peak, mem, c
     return Predictions(thr, thr * stats.mean_out, lat, ttft, tpot, batch, peak, mem, ok)
 
 
+def _longest_decode(sc: Scenario, batch: np.ndarray) -> np.ndarray:
+    """E[max of o-1] over ``batch`` requests: when N_D exceeds it, the running batch empties
+    first and RRA encodes again early."""
+    top = int(np.max(batch)) if np.size(batch) else 1
+    table = sc.workload.output.expected_max(np.arange(1, top + 1)) - 1
+    return np.interp(batch, np.arange(1, top + 1), table)
+
+
 def rra(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, encode_batch, iters_per_encode,
         microbatches) -> Predictions:
-    """Encode B_E, then N_D decode iterations over the running batch, on one pipeline."""
+    """Encode B_E, then N_D decode iterations over the running batch, on one pipeline.
+
+    Steady state: each cycle adds B_E requests and each stays E[o-1] iterations, so the mean
+    decode batch is B_E x E[o-1] / N_D (Little's law); N_D counts at most the expected longest
+    decode of a batch, since an empty batch triggers the next encode."""
     timer = sc.timer(layout)
     be = np.asarray(encode_batch, dtype=float)
-    nd = np.minimum(np.asarray(iters_per_encode, dtype=float), max(sc.workload.output.maximum - 1, 1))
+    nd_set = np.asarray(iters_per_encode, dtype=float)
+    nd = np.minimum(nd_set, np.maximum(_longest_decode(sc, be), 1.0))
     batch = be * stats.mean_decode_iters / nd
     t_enc = timer.path_s(stats.prefill(be))
     t_dec = timer.iteration_s(stats.decode(batch, model=sc.model), microbatches)
     cycle = t_enc + nd * t_dec
     d99 = stats.o99 - 1
-    full = np.maximum(np.ceil(d99 / nd) - 1, 0)
-    lat = t_enc + full * cycle + (d99 - full * nd) * t_dec
+    full = np.maximum(np.ceil(d99 / nd_set) - 1, 0)  # encodes that interrupt a p99-length request
+    lat = t_enc + full * (cycle - nd * t_dec) + d99 * t_dec
     peak = be * stats.cycles(nd)
     mem = memory_per_device(layout, sc.model, peak, stats.slot_tokens)
     return _predictions(stats, be / cycle, lat, t_enc, cycle / nd, batch, peak, mem,

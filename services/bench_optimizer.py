@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="MODEL:DEVICES")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_IDS), choices=TASK_IDS)
     parser.add_argument("--no-exhaustive", action="store_true", help="skip the exhaustive reference")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip re-running each chosen schedule in the event-driven simulator")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
 
 
@@ -47,6 +49,7 @@ class Row:
     search_s: float
     exhaustive_s: float
     gap: float  # (exhaustive - branch and bound) / exhaustive
+    sim_ratio: float  # event-driven simulation's throughput / the analytic prediction
 
     @property
     def vs_static(self) -> float:
@@ -85,7 +88,17 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool) -> Row:
+def simulated_ratio(sc, candidate) -> float:
+    """Throughput of the schedule run through the policies in the event-driven simulator, over
+    the analytic prediction (saturated, enough requests for several batch turnovers)."""
+    from optimizer.simulator import requests_from_workload, simulate
+
+    n = int(min(max(600, 6 * candidate.figures.decode_batch_peak), 6000))
+    reqs = requests_from_workload(sc, np.random.default_rng(0), n)
+    return simulate(sc, candidate.schedule, reqs).throughput_seq_s / candidate.figures.throughput_seq_s
+
+
+def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, verify: bool) -> Row:
     from optimizer.search import SEARCH_POLICIES, branch_and_bound, exhaustive
     from services.cli.plan import describe
 
@@ -95,7 +108,8 @@ def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool) ->
     cont = branch_and_bound(sc, bound, ("continuous",))
     gap = (_best(ex) - _best(bb)) / _best(ex) if ex and _best(ex) > 0 else (0.0 if ex else math.nan)
     return Row(sc.model.name, sc.devices, task, label, bound, describe(bb.best.schedule) if bb.best else "-",
-               _best(bb), _best(static), _best(cont), t_bb, t_ex, gap)
+               _best(bb), _best(static), _best(cont), t_bb, t_ex, gap,
+               simulated_ratio(sc, bb.best) if (verify and bb.best) else math.nan)
 
 
 def _fmt_ratio(x: float) -> str:
@@ -104,14 +118,14 @@ def _fmt_ratio(x: float) -> str:
 
 def print_table(rows: list[Row]) -> None:
     head = (f"{'model':<10} {'N':>2} {'task':<4} {'bound':<5} {'bound s':>8} {'ExeGPT seq/s':>12} "
-            f"{'xstatic':>7} {'xcont':>6} {'search s':>8} {'exh s':>6} {'gap %':>6}  schedule")
+            f"{'xstatic':>7} {'xcont':>6} {'search s':>8} {'exh s':>6} {'gap %':>6} {'sim/model':>9}  schedule")
     print(head)
     print("-" * len(head))
     for r in rows:
         bound = "inf" if math.isinf(r.bound_s) else f"{r.bound_s:8.2f}"
         print(f"{r.model:<10} {r.devices:>2} {r.task:<4} {r.bound_label:<5} {bound:>8} {r.exegpt_seq_s:12.2f} "
               f"{_fmt_ratio(r.vs_static):>7} {_fmt_ratio(r.vs_continuous):>6} {r.search_s:8.3f} "
-              f"{r.exhaustive_s:6.2f} {r.gap * 100:6.2f}  {r.schedule}")
+              f"{r.exhaustive_s:6.2f} {r.gap * 100:6.2f} {r.sim_ratio:9.3f}  {r.schedule}")
 
 
 def _finite(values) -> list[float]:
@@ -123,6 +137,10 @@ def print_summary(rows: list[Row]) -> None:
     print(f"median search {statistics.median(r.search_s for r in rows):.3f} s, "
           f"max {max(r.search_s for r in rows):.3f} s; max gap to exhaustive "
           f"{max(_finite([r.gap for r in rows]) or [math.nan]) * 100:.2f} %")
+    sims = _finite([r.sim_ratio for r in rows])
+    if sims:
+        print(f"event-driven simulation / analytic throughput: {min(sims):.3f} .. {max(sims):.3f} "
+              f"(median {statistics.median(sims):.3f})")
     for label in ("p10", "p30", "p70", "inf"):
         sel = [r for r in rows if r.bound_label == label]
         vs_s, vs_c = _finite([r.vs_static for r in sel]), _finite([r.vs_continuous for r in sel])
@@ -175,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         for task in args.tasks:
             sc = _scenario(profile, spec, task)
             for label, bound in static_bounds(sc):
-                rows.append(bench_row(sc, task, label, bound, not args.no_exhaustive))
+                rows.append(bench_row(sc, task, label, bound, not args.no_exhaustive, not args.no_verify))
     print_table(rows)
     print_summary(rows)
     print_case_study(profile)
