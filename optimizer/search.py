@@ -139,14 +139,11 @@ def _micro(space: SearchSpace, depth: int) -> list[int]:
 
 
 def tp_configs(sc: Scenario) -> list[tuple[int, int]]:
-    """(TP degree, stages using it), partial TP included; (1, 0) is plain pipelining."""
-    out = [(1, 0)]
-    for k in sc.tp_degrees():
-        if k > 1:
-            out += [(k, s) for s in range(1, sc.devices // k + 1)
-                    if sc.devices - s * (k - 1) <= min(sc.model.layers, sc.model.prefill_layers)]
-    return [c for c in out if sc.devices <= min(sc.model.layers, sc.model.prefill_layers) or c[1] > 0
-            or sc.devices <= sc.model.layers]
+    """(TP degree, stages using it), partial TP included; (1, 0) is plain pipelining. A layout
+    needs no more stages than the model has layers."""
+    configs = [(1, 0)] + [(k, s) for k in sc.tp_degrees() if k > 1 for s in range(1, sc.devices // k + 1)]
+    depth_limit = min(sc.model.layers, sc.model.prefill_layers)
+    return [(k, s) for k, s in configs if sc.devices - s * (k - 1) <= depth_limit]
 
 
 def _single_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str) -> list[Family]:
@@ -183,8 +180,8 @@ def waa_split(sc: Scenario, stats: WorkloadStats, policy: str, tp: int) -> int:
     Shares are taken at a reference operating point: 16 requests encoded per decode iteration
     (so a decode batch of 16 x E[o-1]), per-request work on one device."""
     ref_e, ref_d = 16.0, 16.0 * max(stats.mean_decode_iters, 1.0)
-    one = sc.timer(sc.layout(1, 1, 0)) if sc.model.layers else None
     if policy == "waa-c":
+        one = sc.timer(sc.layout(1, 1, 0))
         enc = float(one.path_s(stats.prefill(ref_e))) / ref_e
         dec = stats.mean_decode_iters * float(one.path_s(stats.decode(ref_d, model=sc.model))) / ref_d
     else:
