@@ -261,6 +261,19 @@ def _summary(book: _Book, stats: WorkloadStats, memory: float, capacity: float) 
         _pcts(tpot), batch, book.peak, memory, memory <= capacity)
 
 
+def within_bound(result: SimulationResult, latency_bound_s: float) -> float:
+    """Fraction of requests whose end-to-end latency (from arrival) meets the bound."""
+    return sum(r.finish_s - r.arrival_s <= latency_bound_s for r in result.records) / len(result.records)
+
+
+def goodput_seq_s(result: SimulationResult, ttft_slo_s: float, tpot_slo_s: float) -> float:
+    """Completions per second, over the measurement window, of requests meeting both SLOs."""
+    lo, hi, mid = _window(result.records)
+    good = [r for r in mid if r.first_token_s - r.arrival_s <= ttft_slo_s
+            and (r.output_len == 1 or (r.finish_s - r.first_token_s) / (r.output_len - 1) <= tpot_slo_s)]
+    return len(good) / (hi - lo) if hi > lo else math.nan
+
+
 def simulate(sc: Scenario, schedule: Schedule, requests) -> SimulationResult:
     """Run ``requests`` (see ``requests_from_workload``) under ``schedule``; deterministic."""
     if not requests:

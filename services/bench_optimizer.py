@@ -50,6 +50,7 @@ class Row:
     exhaustive_s: float
     gap: float  # (exhaustive - branch and bound) / exhaustive
     sim_ratio: float  # event-driven simulation's throughput / the analytic prediction
+    sim_latency_s: float  # simulated latency of >= p99-length outputs (service time)
 
     @property
     def vs_static(self) -> float:
@@ -88,14 +89,16 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def simulated_ratio(sc, candidate) -> float:
-    """Throughput of the schedule run through the policies in the event-driven simulator, over
-    the analytic prediction (saturated, enough requests for several batch turnovers)."""
+def simulated(sc, candidate) -> tuple[float, float]:
+    """The schedule run through the policies in the event-driven simulator (saturated, enough
+    requests for several batch turnovers): its throughput over the analytic prediction, and its
+    p99-length latency."""
     from optimizer.simulator import requests_from_workload, simulate
 
     n = int(min(max(600, 6 * candidate.figures.decode_batch_peak), 6000))
     reqs = requests_from_workload(sc, np.random.default_rng(0), n)
-    return simulate(sc, candidate.schedule, reqs).throughput_seq_s / candidate.figures.throughput_seq_s
+    sim = simulate(sc, candidate.schedule, reqs)
+    return sim.throughput_seq_s / candidate.figures.throughput_seq_s, sim.latency_p99_len_s
 
 
 def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, verify: bool) -> Row:
@@ -109,23 +112,27 @@ def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, ve
     gap = (_best(ex) - _best(bb)) / _best(ex) if ex and _best(ex) > 0 else (0.0 if ex else math.nan)
     return Row(sc.model.name, sc.devices, task, label, bound, describe(bb.best.schedule) if bb.best else "-",
                _best(bb), _best(static), _best(cont), t_bb, t_ex, gap,
-               simulated_ratio(sc, bb.best) if (verify and bb.best) else math.nan)
+               *(simulated(sc, bb.best) if (verify and bb.best) else (math.nan, math.nan)))
 
 
 def _fmt_ratio(x: float) -> str:
     return "  -  " if math.isnan(x) else ("  inf" if math.isinf(x) else f"{x:5.2f}")
 
 
+def _fmt_pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x * 100:.2f}"
+
+
 def print_table(rows: list[Row]) -> None:
     head = (f"{'model':<10} {'N':>2} {'task':<4} {'bound':<5} {'bound s':>8} {'ExeGPT seq/s':>12} "
-            f"{'xstatic':>7} {'xcont':>6} {'search s':>8} {'exh s':>6} {'gap %':>6} {'sim/model':>9}  schedule")
+            f"{'xstatic':>7} {'xcont':>6} {'search s':>8} {'exh s':>6} {'gap %':>6} {'sim/model':>9} {'sim lat s':>9}  schedule")
     print(head)
     print("-" * len(head))
     for r in rows:
         bound = "inf" if math.isinf(r.bound_s) else f"{r.bound_s:8.2f}"
         print(f"{r.model:<10} {r.devices:>2} {r.task:<4} {r.bound_label:<5} {bound:>8} {r.exegpt_seq_s:12.2f} "
               f"{_fmt_ratio(r.vs_static):>7} {_fmt_ratio(r.vs_continuous):>6} {r.search_s:8.3f} "
-              f"{r.exhaustive_s:6.2f} {r.gap * 100:6.2f} {r.sim_ratio:9.3f}  {r.schedule}")
+              f"{r.exhaustive_s:6.2f} {_fmt_pct(r.gap):>6} {r.sim_ratio:9.3f} {r.sim_latency_s:9.2f}  {r.schedule}")
 
 
 def _finite(values) -> list[float]:
@@ -158,6 +165,8 @@ def _scenario(profile, spec: str, task: str):
     from services.cli import CliError
 
     name, _, devices = spec.partition(":")
+    if not devices.isdigit():
+        raise CliError(f"scenario {spec!r}: expected MODEL:DEVICES, e.g. opt-13b:4")
     try:
         return Scenario(model_by_name(name), profile, H200_CLUSTER, TASKS[task], int(devices))
     except ValueError as exc:

@@ -123,3 +123,15 @@ def test_empty_request_list_rejected(opt13b_s):
 def test_no_nan_in_a_normal_run(runs):
     sim, _ = runs["rra"]
     assert not any(math.isnan(v) for v in (sim.throughput_seq_s, sim.mean_decode_batch, sim.latency_p99_len_s))
+
+
+def test_goodput_and_fraction_within_bound_follow_their_slos(runs):
+    from optimizer.simulator import goodput_seq_s, within_bound
+
+    sim, _ = runs["continuous"]
+    assert goodput_seq_s(sim, math.inf, math.inf) == pytest.approx(sim.throughput_seq_s)
+    assert goodput_seq_s(sim, 0.0, 0.0) == 0.0
+    strict = goodput_seq_s(sim, sim.ttft_s["p50"], sim.tpot_s["p50"])
+    assert 0 < strict < sim.throughput_seq_s
+    assert within_bound(sim, sim.e2e_s["p90"]) == pytest.approx(0.9, abs=0.02)
+    assert within_bound(sim, math.inf) == 1.0
