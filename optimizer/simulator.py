@@ -179,57 +179,85 @@ def _run_single(book: _Book, policy: BatchingPolicy, costs: _Costs, window: int)
         policy.on_step_done(plan, finished)
 
 
-def _run_waa(book: _Book, schedule: Schedule, enc: _Costs, dec: _Costs, kv_link, kv_bytes_token: float,
-             window: int) -> None:
-    encoder, decoder = make_policy(schedule, "encoder"), make_policy(schedule, "decoder")
-    t_enc, t_dec = 0.0, 0.0
-    inflight: list[tuple[float, int, tuple[str, ...]]] = []  # (ready time, seq, ids)
-    ready: list[str] = []
-    running: list[str] = []
-    seq = 0
-    while book.pending or book.queue or running or ready or inflight:
-        while inflight and inflight[0][0] <= t_dec:
-            ready.extend(heapq.heappop(inflight)[2])
-        if t_enc < t_dec and (book.queue or book.pending):
-            book.arrive(t_enc)
-            free = schedule.decode_batch - len(running) - len(ready) - sum(len(x[2]) for x in inflight)
-            plan = encoder.next_step(WorkerState(book.head(window), downstream_free=free))
-            if plan.idle:
-                t_enc = min(max(book.next_arrival(), t_enc), t_dec) if book.queue == deque() else t_dec
-                continue
-            lens = [book.by_id[i].input_len for i in plan.encode]
-            shape = enc.shape(lens, [], 0, [])
-            book.take(plan.encode, t_enc)
-            path = enc.encode_path_s(shape)
-            done_at = t_enc + path
-            finished = [i for i in plan.encode if book.emit(i, done_at)]
-            moving = tuple(i for i in plan.encode if i not in set(finished))
-            transfer = p2p_s(kv_link, kv_bytes_token * sum(lens)) if moving else 0.0
-            if moving:
-                heapq.heappush(inflight, (done_at + transfer, seq, moving))
-                seq += 1
-            t_enc += enc.encode_interval_s(shape)
-            encoder.on_step_done(plan, finished)
-            continue
-        plan = decoder.next_step(WorkerState(running=book.running_view(running), incoming=book.running_view(ready)))
-        if plan.idle:
-            nxt = inflight[0][0] if inflight else (t_enc if (book.queue or book.pending) else math.inf)
-            if nxt == math.inf:
-                break
-            t_dec = max(t_dec, nxt) if inflight else max(t_dec, t_enc) + 1e-9
-            continue
+class _WaaDriver:
+    """An encoder pipeline and a decoder pipeline, each acting at its own next free time."""
+
+    def __init__(self, book: _Book, schedule: Schedule, enc: _Costs, dec: _Costs, kv_link,
+                 kv_bytes_token: float, window: int) -> None:
+        self.book, self.schedule, self.enc, self.dec = book, schedule, enc, dec
+        self.kv_link, self.kv_bytes_token, self.window = kv_link, kv_bytes_token, window
+        self.encoder, self.decoder = make_policy(schedule, "encoder"), make_policy(schedule, "decoder")
+        self.t_enc = self.t_dec = 0.0
+        self.inflight: list[tuple[float, int, tuple[str, ...]]] = []  # (ready time, batch no, ids)
+        self.batches = 0
+        self.ready: list[str] = []
+        self.running: list[str] = []
+
+    def run(self) -> None:
+        while True:
+            enc_at, dec_at = self._encoder_next(), self._decoder_next()
+            if math.isinf(enc_at) and math.isinf(dec_at):
+                return
+            if dec_at <= enc_at:
+                self._decode(dec_at)
+            else:
+                self._encode(enc_at)
+
+    def _free_slots(self) -> int:
+        pending = len(self.ready) + sum(len(ids) for _, _, ids in self.inflight)
+        return self.schedule.decode_batch - len(self.running) - pending
+
+    def _encoder_next(self) -> float:
+        if not (self.book.queue or self.book.pending):
+            return math.inf
+        at = self.t_enc if self.book.queue else max(self.t_enc, self.book.next_arrival())
+        return at if self._free_slots() > 0 else max(at, self._decoder_next())
+
+    def _decoder_next(self) -> float:
+        if self.running or self.ready:
+            return self.t_dec
+        return max(self.t_dec, self.inflight[0][0]) if self.inflight else math.inf
+
+    def _encode(self, now: float) -> None:
+        self.book.arrive(now)
+        state = WorkerState(self.book.head(self.window), downstream_free=self._free_slots())
+        plan = self.encoder.next_step(state)
+        self.t_enc = now
+        if plan.idle:  # no room downstream: _encoder_next now waits for the decoder's next step
+            return
+        lens = [self.book.by_id[i].input_len for i in plan.encode]
+        shape = self.enc.shape(lens, [], 0, [])
+        self.book.take(plan.encode, now)
+        done_at = now + self.enc.encode_path_s(shape)
+        finished = [i for i in plan.encode if self.book.emit(i, done_at)]
+        moving = tuple(i for i in plan.encode if i not in set(finished))
+        if moving:
+            transfer = p2p_s(self.kv_link, self.kv_bytes_token * sum(lens))
+            heapq.heappush(self.inflight, (done_at + transfer, self.batches, moving))
+            self.batches += 1
+        self.t_enc = now + self.enc.encode_interval_s(shape)
+        self.encoder.on_step_done(plan, finished)
+
+    def _decode(self, now: float) -> None:
+        self.t_dec = now
+        while self.inflight and self.inflight[0][0] <= now:
+            self.ready.extend(heapq.heappop(self.inflight)[2])
+        book = self.book
+        plan = self.decoder.next_step(WorkerState(running=book.running_view(self.running),
+                                                  incoming=book.running_view(self.ready)))
         admitted = set(plan.admit)
-        ready = [i for i in ready if i not in admitted]
-        running += list(plan.admit)
-        shape = dec.shape([], [book.context(i) for i in plan.decode], 0, [book.by_id[i].input_len for i in plan.decode])
-        dt = dec.iteration_s(shape)
-        book.steps.append(DecodeStep(t_dec, dt, len(plan.decode), len(book.start)))
-        t_dec += dt
-        finished = [i for i in plan.decode if book.emit(i, t_dec)]
+        self.ready = [i for i in self.ready if i not in admitted]
+        self.running += list(plan.admit)
+        shape = self.dec.shape([], [book.context(i) for i in plan.decode], 0,
+                               [book.by_id[i].input_len for i in plan.decode])
+        dt = self.dec.iteration_s(shape)
+        book.steps.append(DecodeStep(now, dt, len(plan.decode), len(book.start)))
+        self.t_dec = now + dt
+        finished = [i for i in plan.decode if book.emit(i, self.t_dec)]
         done = set(finished)
-        running = [i for i in running if i not in done]
-        book.peak = max(book.peak, len(running))
-        decoder.on_step_done(plan, finished)
+        self.running = [i for i in self.running if i not in done]
+        book.peak = max(book.peak, len(self.running))
+        self.decoder.on_step_done(plan, finished)
 
 
 def _pcts(values) -> dict[str, float]:
@@ -287,8 +315,8 @@ def simulate(sc: Scenario, schedule: Schedule, requests) -> SimulationResult:
         dec_l = sc.layout(schedule.decoder_devices, k, schedule.decoder_devices // k, schedule.encoder_devices)
         link = sc.cluster.link_between(schedule.encoder_devices - 1, schedule.encoder_devices)
         kv_tok = sc.model.kv_bytes_per_token_layer * sc.model.layers
-        _run_waa(book, schedule, _Costs(sc.timer(enc_l), 1), _Costs(sc.timer(dec_l), schedule.decode_microbatches),
-                 link, kv_tok, window)
+        _WaaDriver(book, schedule, _Costs(sc.timer(enc_l), 1), _Costs(sc.timer(dec_l), schedule.decode_microbatches),
+                   link, kv_tok, window).run()
         memory = float(memory_per_device(dec_l, sc.model, book.peak, stats.slot_tokens))
     else:
         layout = sc.layout(schedule.num_devices, k, schedule.tp_stages)
