@@ -146,6 +146,11 @@ def tp_configs(sc: Scenario) -> list[tuple[int, int]]:
     return [(k, s) for k, s in configs if sc.devices - s * (k - 1) <= depth_limit]
 
 
+def _slots(f: "Figures") -> int:
+    """The decode batch a worker enforces: the predicted peak, rounded up."""
+    return max(math.ceil(f.decode_batch_peak - 1e-9), 1)
+
+
 def _single_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str) -> list[Family]:
     fams = []
     for k, s in tp_configs(sc):
@@ -162,16 +167,17 @@ def _single_family(sc, stats, space, policy, layout: PipelineLayout, common) -> 
         return Family(
             "rra", space.max_encode_batch, _grid(m=micro, nd=nds),
             lambda b, m, nd: analytic.rra(sc, stats, layout, b, nd, m),
-            lambda b, f, m, nd: Schedule("rra", b, max(math.ceil(f.decode_batch_peak), 1), m, nd, **common))
+            lambda b, f, m, nd: Schedule("rra", encode_batch=b, decode_batch=_slots(f), decode_microbatches=m,
+                                         decode_iters_per_encode=nd, **common))
     if policy == "static":
         return Family(
             "static", space.static_max_batch, _grid(m=micro),
             lambda b, m: analytic.static(sc, stats, layout, b, m),
-            lambda b, f, m: Schedule("static", b, b, m, 1, **common))
+            lambda b, f, m: Schedule("static", encode_batch=b, decode_batch=b, decode_microbatches=m, **common))
     return Family(
         "continuous", space.continuous_max_batch, _grid(m=micro),
         lambda b, m: analytic.continuous(sc, stats, layout, b, m),
-        lambda b, f, m: Schedule("continuous", b, b, m, 1, **common))
+        lambda b, f, m: Schedule("continuous", encode_batch=b, decode_batch=b, decode_microbatches=m, **common))
 
 
 def waa_split(sc: Scenario, stats: WorkloadStats, policy: str, tp: int) -> int:
@@ -213,8 +219,8 @@ def _waa_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy
             policy, len(caps), _grid(m=micro, be=range(1, space.waa_max_encode_batch + 1)),
             lambda i, m, be, enc=enc, dec=dec, curves=curves: analytic.waa(sc, stats, enc, dec, be, caps[i - 1],
                                                                            m, curves),
-            lambda i, f, m, be, common=common: Schedule(policy, be, max(math.ceil(f.decode_batch_peak), 1),
-                                                        m, 1, **common)))
+            lambda i, f, m, be, common=common: Schedule(policy, encode_batch=be, decode_batch=_slots(f),
+                                                        decode_microbatches=m, **common)))
     return fams
 
 
