@@ -187,11 +187,12 @@ class _WaaDriver:
         self.book, self.schedule, self.enc, self.dec = book, schedule, enc, dec
         self.kv_link, self.kv_bytes_token, self.window = kv_link, kv_bytes_token, window
         self.encoder, self.decoder = make_policy(schedule, "encoder"), make_policy(schedule, "decoder")
-        self.t_enc = self.t_dec = 0.0
+        self.t_enc = self.t_dec = self.clock = 0.0
         self.inflight: list[tuple[float, int, tuple[str, ...]]] = []  # (ready time, batch no, ids)
         self.batches = 0
         self.ready: list[str] = []
         self.running: list[str] = []
+        self.step: StepPlan | None = None  # the decode step in flight, applied when it ends
 
     def run(self) -> None:
         while True:
@@ -199,8 +200,10 @@ class _WaaDriver:
             if math.isinf(enc_at) and math.isinf(dec_at):
                 return
             if dec_at <= enc_at:
+                self.clock = dec_at
                 self._decode(dec_at)
             else:
+                self.clock = enc_at
                 self._encode(enc_at)
 
     def _free_slots(self) -> int:
@@ -211,10 +214,11 @@ class _WaaDriver:
         if not (self.book.queue or self.book.pending):
             return math.inf
         at = self.t_enc if self.book.queue else max(self.t_enc, self.book.next_arrival())
+        at = max(at, self.clock)  # a blocked encoder resumes when room appears, not before
         return at if self._free_slots() > 0 else max(at, self._decoder_next())
 
     def _decoder_next(self) -> float:
-        if self.running or self.ready:
+        if self.step is not None or self.running or self.ready:
             return self.t_dec
         return max(self.t_dec, self.inflight[0][0]) if self.inflight else math.inf
 
@@ -222,8 +226,8 @@ class _WaaDriver:
         self.book.arrive(now)
         state = WorkerState(self.book.head(self.window), downstream_free=self._free_slots())
         plan = self.encoder.next_step(state)
-        self.t_enc = now
-        if plan.idle:  # no room downstream: _encoder_next now waits for the decoder's next step
+        if plan.idle:  # no room downstream before the decoder's current step ends
+            self.t_enc = max(now, self._decoder_next())
             return
         lens = [self.book.by_id[i].input_len for i in plan.encode]
         shape = self.enc.shape(lens, [], 0, [])
@@ -238,26 +242,35 @@ class _WaaDriver:
         self.t_enc = now + self.enc.encode_interval_s(shape)
         self.encoder.on_step_done(plan, finished)
 
+    def _finish_step(self) -> None:
+        """Apply the decode step that ends now: its tokens, finished requests, freed slots."""
+        if self.step is None:
+            return
+        plan, self.step = self.step, None
+        finished = [i for i in plan.decode if self.book.emit(i, self.t_dec)]
+        done = set(finished)
+        self.running = [i for i in self.running if i not in done]
+        self.decoder.on_step_done(plan, finished)
+
     def _decode(self, now: float) -> None:
         self.t_dec = now
+        self._finish_step()
         while self.inflight and self.inflight[0][0] <= now:
             self.ready.extend(heapq.heappop(self.inflight)[2])
         book = self.book
         plan = self.decoder.next_step(WorkerState(running=book.running_view(self.running),
                                                   incoming=book.running_view(self.ready)))
+        if plan.idle:
+            return
         admitted = set(plan.admit)
         self.ready = [i for i in self.ready if i not in admitted]
         self.running += list(plan.admit)
+        book.peak = max(book.peak, len(self.running))
         shape = self.dec.shape([], [book.context(i) for i in plan.decode], 0,
                                [book.by_id[i].input_len for i in plan.decode])
         dt = self.dec.iteration_s(shape)
         book.steps.append(DecodeStep(now, dt, len(plan.decode), len(book.start)))
-        self.t_dec = now + dt
-        finished = [i for i in plan.decode if book.emit(i, self.t_dec)]
-        done = set(finished)
-        self.running = [i for i in self.running if i not in done]
-        book.peak = max(book.peak, len(self.running))
-        self.decoder.on_step_done(plan, finished)
+        self.step, self.t_dec = plan, now + dt
 
 
 def _pcts(values) -> dict[str, float]:
