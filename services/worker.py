@@ -140,6 +140,7 @@ class WorkerBase:
         self.inbox = Inbox()
         self.aborted: dict[str, None] = {}
         self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._work: Subscription | None = None
 
@@ -155,6 +156,7 @@ class WorkerBase:
         self._work = await self.bus.consume(queue, prefetch=prefetch)
         self._tasks.append(asyncio.create_task(self._pump_work(self._work)))
         await self.report("ready")
+        self.ready.set()
 
     async def _load_current_schedule(self) -> None:
         data = await self.store.get(self.names.schedule)
