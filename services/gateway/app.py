@@ -7,6 +7,7 @@ longer than the context with a 400 before any work is queued, and count prompt t
 from __future__ import annotations
 
 import json
+import uuid
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -45,8 +46,13 @@ WorkersFactory = Callable[[], AbstractAsyncContextManager[Any]]
 
 def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None = None,
                workers: WorkersFactory | None = None,
-               routers: tuple[APIRouter, ...] = ()) -> FastAPI:
-    """The gateway app; ``workers`` starts in-process services first (embedded mode)."""
+               routers: tuple[APIRouter, ...] = (),
+               on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The gateway app; ``workers`` starts in-process services first (embedded mode).
+
+    ``routers`` are mounted next to the OpenAI routes (their handlers find the ``Gateway`` at
+    ``request.app.state.gateway``); ``on_ready`` is called once the gateway can take requests.
+    """
     hub = hub or LocalHub()
     metrics = Metrics()
 
@@ -60,6 +66,8 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
             await gateway.start()
             stack.push_async_callback(gateway.close)
             app.state.gateway = gateway
+            if on_ready is not None:
+                on_ready()
             yield
 
     app = FastAPI(title="ExeGPT mesh gateway", lifespan=lifespan)
@@ -183,7 +191,8 @@ def openai_router() -> APIRouter:
 async def respond(request: Request, endpoint: str, body: oa._Common, prompt_ids: list[int],
                   sampling: Sampling) -> Response:
     gateway: Gateway = request.app.state.gateway
-    pending = await gateway.submit(prompt_ids, sampling)
+    prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
+    pending = await gateway.submit(prompt_ids, sampling, request_id=f"{prefix}-{uuid.uuid4().hex}")
     try:
         if body.stream:
             response = await stream_response(gateway, pending, endpoint, body)
