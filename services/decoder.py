@@ -12,6 +12,7 @@ submitter drops indices it already has). Finished requests leave the batch at on
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ class DecoderService(WorkerBase):
         self.steps = 0
         self.max_batch_seen = 0
         self._abort_pending: list[str] = []
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.start_common(self.names.handoff_queue, prefetch=self.config.max_decode_batch)
@@ -69,6 +71,7 @@ class DecoderService(WorkerBase):
             await self.emit(events)
             if self.stopping.is_set():
                 await self.stop_consuming()
+        await asyncio.gather(*self._settling, return_exceptions=True)
         await self.report("stopping")
         await self.close()
 
@@ -94,10 +97,10 @@ class DecoderService(WorkerBase):
             await delivery.reject(requeue=False)
             return
         rid = ready.request_id
-        if rid in self.running or rid in self.aborted or await self._already_done(rid):
+        done, handoff = await asyncio.gather(self._already_done(rid), self.kv.get(ready.kv_ref))
+        if rid in self.running or rid in self.aborted or done:
             await delivery.ack()  # a duplicate hand-off, or nothing left to do
             return
-        handoff = await self.kv.get(ready.kv_ref)
         if handoff is None:
             outbox.failure(ready.reply_to, Failure(rid, 500, "KV cache expired before decoding"))
             await delivery.ack()
@@ -106,8 +109,8 @@ class DecoderService(WorkerBase):
         outbox.stamp(ready.reply_to, rid, Stage.DECODE_START)
 
     async def _import(self, delivery: Delivery, ready: KvReady, handoff: KVHandoff) -> None:
-        await self.runner.call(self.runner.engine.import_request, handoff)
-        await self.kv.claim(ready.kv_ref, decoder=self.worker_id)
+        await asyncio.gather(self.runner.call(self.runner.engine.import_request, handoff),
+                             self.kv.claim(ready.kv_ref, decoder=self.worker_id))
         self.running[ready.request_id] = Running(delivery, ready, len(handoff.generated_ids))
 
     async def _already_done(self, request_id: str) -> bool:
@@ -121,7 +124,11 @@ class DecoderService(WorkerBase):
         return await self.runner.call(self.runner.engine.decode_step)
 
     async def emit(self, events: list[TokenEvent]) -> None:
-        """Tokens to their submitters first; then settle the requests that finished."""
+        """Tokens to their submitters; finished requests settle once their last tokens are out.
+
+        Publishing overlaps the next decode step; only the settling (done marker, KV drop, ack)
+        waits for the publisher confirms.
+        """
         outbox = Outbox()
         batch_size = len(self.running)
         finished: list[tuple[Running, str]] = []
@@ -133,11 +140,15 @@ class DecoderService(WorkerBase):
             outbox.token(run.ready.reply_to, token_of(event))
             if event.finished:
                 finished.append((self.running.pop(event.request_id), event.finish_reason or "stop"))
-        await self.send(outbox, batch_size=batch_size)
+        published = self.send_soon(outbox, batch_size=batch_size)
         for run, reason in finished:
-            await self._settle(run, reason)
+            task = asyncio.create_task(self._settle(run, reason, published))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
-    async def _settle(self, run: Running, reason: str) -> None:
+    async def _settle(self, run: Running, reason: str, published: list[asyncio.Task[None]]) -> None:
+        """After its tokens are confirmed: mark done once, record lengths, drop the KV, ack."""
+        await asyncio.gather(*published)
         rid = run.ready.request_id
         if await self.store.set_if_absent(self.names.done(rid), b"1", ttl_s=DONE_TTL_S):
             sample = LengthSample(rid, run.ready.prompt_len, run.output_len, reason, time.time())
@@ -156,4 +167,4 @@ class DecoderService(WorkerBase):
             run = self.running.pop(self._abort_pending.pop(), None)
             if run is not None:
                 await self.runner.call(self.runner.engine.abort, run.ready.request_id)
-                await self._settle(run, "abort")
+                await self._settle(run, "abort", [])

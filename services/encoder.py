@@ -11,6 +11,7 @@ so an encoder that dies mid-batch has its batch redelivered to another.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -93,15 +94,14 @@ class EncoderService(WorkerBase):
         jobs = []
         for delivery in deliveries:
             try:
-                work = codec.decode(delivery.body, WorkMessage)
+                jobs.append(Job(delivery, codec.decode(delivery.body, WorkMessage)))
             except codec.DecodeError:
                 await delivery.reject(requeue=False)
-                continue
-            if work.request_id in self.aborted or await self._already_done(work.request_id):
-                await delivery.ack()
-                continue
-            jobs.append(Job(delivery, work))
-        return jobs
+        done = await asyncio.gather(*(self._already_done(j.work.request_id) for j in jobs))
+        for job, skip in zip(jobs, done):
+            if skip or job.work.request_id in self.aborted:
+                await job.delivery.ack()
+        return [j for j, skip in zip(jobs, done) if not skip and j.work.request_id not in self.aborted]
 
     async def _already_done(self, request_id: str) -> bool:
         return await self.store.get(self.names.done(request_id)) is not None
@@ -134,10 +134,9 @@ class EncoderService(WorkerBase):
         outbox = Outbox()
         for job in jobs:
             self._record(outbox, job)
-        await self.send(outbox, batch_size=len(jobs))
-        for job in jobs:
-            await self._hand_off_or_finish(job)
-            await job.delivery.ack()
+        published = self.send_soon(outbox, batch_size=len(jobs))
+        await asyncio.gather(*published, *(self._hand_off_or_finish(job) for job in jobs))
+        await asyncio.gather(*(job.delivery.ack() for job in jobs))
 
     def _record(self, outbox: Outbox, job: Job) -> None:
         reply_to, rid = job.work.reply_to, job.work.request_id

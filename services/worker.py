@@ -218,13 +218,19 @@ class WorkerBase:
 
     # --- outbound ---------------------------------------------------------------------------
     async def send(self, outbox: Outbox, batch_size: int) -> None:
-        """Publish one EventBatch per submitter; a submitter that vanished is skipped."""
-        for queue, batch in outbox.batches(self.worker_id, self.role, self.follower.version,
-                                           batch_size).items():
-            try:
-                await self.bus.publish(queue, codec.encode(batch))
-            except Unroutable:
-                pass  # its client is gone with it
+        """Publish one EventBatch per submitter, concurrently; a submitter that vanished is skipped."""
+        await asyncio.gather(*self.send_soon(outbox, batch_size))
+
+    def send_soon(self, outbox: Outbox, batch_size: int) -> list[asyncio.Task[None]]:
+        """Start publishing; the caller awaits the tasks before acking anything that depends on them."""
+        batches = outbox.batches(self.worker_id, self.role, self.follower.version, batch_size)
+        return [asyncio.create_task(self._publish_event(q, codec.encode(b))) for q, b in batches.items()]
+
+    async def _publish_event(self, queue: str, body: bytes) -> None:
+        try:
+            await self.bus.publish(queue, body)
+        except Unroutable:
+            pass  # its client is gone with it
 
     async def report(self, state: str, running: int = 0) -> None:
         status = WorkerStatus(self.worker_id, self.role, self.follower.version, running, state,
