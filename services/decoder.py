@@ -51,6 +51,7 @@ class DecoderService(WorkerBase):
         self.max_batch_seen = 0
         self._abort_pending: list[str] = []
         self._settling: set[asyncio.Task[None]] = set()
+        self._drain_deadline: float | None = None
 
     async def start(self) -> None:
         await self.start_common(self.names.handoff_queue, prefetch=self.config.max_decode_batch)
@@ -62,27 +63,42 @@ class DecoderService(WorkerBase):
     async def run(self) -> None:
         """Decode until stopped; then finish the running batch (bounded) and close."""
         await self.start()
-        while not self.stopping.is_set() or self.running:
+        while self.should_continue():
             deliveries = await self.receive()
             await self.apply_schedule()
             await self.drop_aborted()
             await self.admit(deliveries)
             events = await self.execute()
             await self.emit(events)
-            if self.stopping.is_set():
-                await self.stop_consuming()
         await asyncio.gather(*self._settling, return_exceptions=True)
         await self.report("stopping")
         await self.close()
 
+    def should_continue(self) -> bool:
+        """Run until stopped; then until the batch is empty or the drain time is up (whatever
+        still runs then is redelivered to another decoder when the connection closes)."""
+        if not self.stopping.is_set():
+            return True
+        if self._drain_deadline is None:
+            return True
+        return bool(self.running) and time.monotonic() < self._drain_deadline
+
     async def receive(self) -> list[Delivery]:
         """Wait for work when idle; otherwise take only what is ready, never beyond B_D."""
+        if self.stopping.is_set():
+            await self.begin_drain()
+            return []
         room = self.batch_limit - len(self.running)
-        if self.stopping.is_set() or room <= 0:
+        if room <= 0:
             return []
         if not self.running:
             return await self.inbox.wait(room)
         return self.inbox.take(room)
+
+    async def begin_drain(self) -> None:
+        if self._drain_deadline is None:
+            await self.stop_consuming()
+            self._drain_deadline = time.monotonic() + self.config.drain_timeout_s
 
     async def admit(self, deliveries: list[Delivery]) -> None:
         outbox = Outbox()
