@@ -3,8 +3,9 @@
 1. On the main model (SmolLM2): single-request latency (median of sequential requests) and the
    output tokens/s of N concurrent requests, through the embedded server (`exegpt serve`, one
    process) and through the mesh (`exegpt up`: separate processes over RabbitMQ and Redis).
-2. On a tiny model: per-request latency of the engine called in-process (prefill + decode steps),
-   and through the mesh; the difference at p50 and p99 is the mesh's overhead per request.
+2. On a tiny model: the same request on the engine called in-process (prefill + decode steps),
+   through the embedded server and through the mesh, back to back in each round; the per-round
+   difference (server minus engine) at p50 and p99 is the overhead per request.
 Every request is forced to the same length (``ignore_eos``), so runs compare like for like.
 """
 
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-requests", type=int, default=5, help="sequential requests for latency")
     parser.add_argument("--overhead-requests", type=int, default=100, help="sequential tiny requests")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per engine")
+    parser.add_argument("--only", choices=("all", "main", "overhead"), default="all",
+                        help="main: the main-model rows; overhead: the tiny-model rows")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
 
@@ -117,23 +120,49 @@ def measure(server_of, model: str, a: argparse.Namespace) -> tuple[float, float]
     return statistics.median(lat), tps
 
 
-def engine_latencies(model: str, a: argparse.Namespace) -> list[float]:
-    """The same requests on the engine in this process, no mesh: prefill then decode to the end."""
-    from engine import load_engine
-    from engine.api import GenerationRequest, SamplingParams
+class EngineCaller:
+    """The same request on the engine in this process, no mesh: prefill, then decode to the end."""
 
-    engine = load_engine(model, device="cpu", num_threads=a.threads)
-    ids = tuple(engine.tokenizer.encode(PROMPT))
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
-    out = []
-    for i in range(a.overhead_requests + 1):
+    def __init__(self, model: str, a: argparse.Namespace) -> None:
+        from engine import load_engine
+        from engine.api import SamplingParams
+
+        self.engine = load_engine(model, device="cpu", num_threads=a.threads)
+        self.params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
+        self.count = 0
+
+    def __call__(self) -> float:
+        from engine.api import GenerationRequest
+
+        self.count += 1
         t0 = time.perf_counter()
-        engine.tokenizer.encode(PROMPT)
-        engine.prefill([GenerationRequest(f"r{i}", ids, params)])
-        while engine.running():
-            engine.decode_step()
-        out.append(time.perf_counter() - t0)
-    return out[1:]
+        ids = tuple(self.engine.tokenizer.encode(PROMPT))
+        self.engine.prefill([GenerationRequest(f"r{self.count}", ids, self.params)])
+        while self.engine.running():
+            self.engine.decode_step()
+        return time.perf_counter() - t0
+
+
+async def interleaved(call_engine: EngineCaller, urls: dict[str, str], model: str,
+                      a: argparse.Namespace) -> dict[str, list[float]]:
+    """Per round: the engine, then each server, back to back, so that load hits all alike.
+    Returns each server's added latency per round (server minus engine of the same round)."""
+    import httpx
+
+    clients = {label: httpx.AsyncClient(base_url=url, timeout=600) for label, url in urls.items()}
+    added: dict[str, list[float]] = {label: [] for label in urls}
+    try:
+        for label, client in clients.items():
+            await one(client, model, a.max_tokens)  # warm-up
+        call_engine()
+        for _ in range(a.overhead_requests):
+            base = call_engine()
+            for label, client in clients.items():
+                added[label].append(await one(client, model, a.max_tokens) - base)
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return added
 
 
 def pct(values: list[float], q: float) -> float:
@@ -143,9 +172,18 @@ def pct(values: list[float], q: float) -> float:
 
 def run(a: argparse.Namespace) -> int:
     rows: list[tuple[str, str]] = []
+    if a.only in ("all", "main"):
+        rows += main_rows(a)
+    if a.only in ("all", "overhead"):
+        rows += overhead_rows(a)
+    print_table(rows, a)
+    return 0
+
+
+def main_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
     emb_lat, emb_tps = measure(lambda: embedded(a.model, a.threads), a.model, a)
     mesh_lat, mesh_tps = measure(lambda: mesh(a.model, a), a.model, a)
-    rows += [
+    return [
         (f"{a.model}: single request latency, embedded", f"{emb_lat * 1000:.0f} ms"),
         (f"{a.model}: single request latency, mesh", f"{mesh_lat * 1000:.0f} ms"),
         (f"{a.model}: {a.concurrency} concurrent, embedded", f"{emb_tps:.1f} tok/s"),
@@ -153,20 +191,20 @@ def run(a: argparse.Namespace) -> int:
         (f"{a.model}: throughput mesh/embedded", f"{mesh_tps / emb_tps:.3f}"),
         (f"{a.model}: latency mesh/embedded", f"{mesh_lat / emb_lat:.3f}"),
     ]
-    base = engine_latencies(a.tiny_model, a)
-    for label, server_of in (("embedded", lambda: embedded(a.tiny_model, a.threads)),
-                             ("mesh", lambda: mesh(a.tiny_model, a))):
-        server = server_of()
-        try:
-            lat = asyncio.run(latencies(server.url, a.tiny_model, a.max_tokens, a.overhead_requests))
-        finally:
+
+
+def overhead_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
+    servers = {"embedded": embedded(a.tiny_model, a.threads), "mesh": mesh(a.tiny_model, a)}
+    try:
+        caller = EngineCaller(a.tiny_model, a)
+        urls = {label: server.url for label, server in servers.items()}
+        added = asyncio.run(interleaved(caller, urls, a.tiny_model, a))
+    finally:
+        for server in servers.values():
             server.stop()
-        for q in (0.5, 0.99):
-            added = (pct(lat, q) - pct(base, q)) * 1000
-            rows.append((f"{a.tiny_model}: added latency vs engine, {label}, p{int(q * 100)}",
-                         f"{added:.2f} ms (engine {pct(base, q) * 1000:.2f} ms)"))
-    print_table(rows, a)
-    return 0
+    return [(f"{a.tiny_model}: added latency per request vs engine, {label}, p{int(q * 100)}",
+             f"{pct(values, q) * 1000:.2f} ms")
+            for label, values in added.items() for q in (0.5, 0.99)]
 
 
 def print_table(rows: list[tuple[str, str]], a: argparse.Namespace) -> None:

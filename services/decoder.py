@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.config import MeshConfig
 from common.lifecycle import Stage
 from common.messages import codec
-from common.messages.events import Failure
+from common.messages.events import Failure, Token
 from common.messages.handoff import HandoffMessage, KvReady
 from common.messages.status import LengthSample
 from common.names import DONE_TTL_S, OUTPUT_LENGTHS_MAX
@@ -31,6 +31,9 @@ from services.engines import EngineRunner
 from services.worker import Outbox, WorkerBase
 
 
+CHUNK_TOKENS = 64  # a non-streaming request's tokens go out at least this often
+
+
 @dataclass
 class Running:
     """A request in this decoder's batch, with the hand-off delivery that is acked when it ends."""
@@ -38,6 +41,15 @@ class Running:
     delivery: Delivery
     ready: KvReady
     output_len: int
+    unsent: list[Token] = field(default_factory=list)
+
+    def hold(self, token: Token) -> list[Token]:
+        """Tokens due to go out now: all of them when streaming, else in chunks and at the end."""
+        self.unsent.append(token)
+        if self.ready.stream or token.finished or len(self.unsent) >= CHUNK_TOKENS:
+            due, self.unsent = self.unsent, []
+            return due
+        return []
 
 
 class DecoderService(WorkerBase):
@@ -153,7 +165,8 @@ class DecoderService(WorkerBase):
             if run is None:
                 continue  # aborted during the step
             run.output_len += 1
-            outbox.token(run.ready.reply_to, token_of(event))
+            for token in run.hold(token_of(event)):
+                outbox.token(run.ready.reply_to, token)
             if event.finished:
                 finished.append((self.running.pop(event.request_id), event.finish_reason or "stop"))
         published = self.send_soon(outbox, batch_size=batch_size)

@@ -80,7 +80,11 @@ class EncoderService(WorkerBase):
             await self.apply_schedule()
             jobs = await self.admit(deliveries)
             if jobs:
-                await self.execute(jobs)
+                try:
+                    await self.execute(jobs)
+                except Exception as exc:  # an engine fault: retry elsewhere once, then give up
+                    await self.give_back(jobs, exc)
+                    continue
                 await self.emit(jobs)
         await self.report("stopping")
         await self.stop_consuming()
@@ -97,14 +101,17 @@ class EncoderService(WorkerBase):
                 jobs.append(Job(delivery, codec.decode(delivery.body, WorkMessage)))
             except codec.DecodeError:
                 await delivery.reject(requeue=False)
-        done = await asyncio.gather(*(self._already_done(j.work.request_id) for j in jobs))
+        done = await asyncio.gather(*(self._already_done(j) for j in jobs))
         for job, skip in zip(jobs, done):
             if skip or job.work.request_id in self.aborted:
                 await job.delivery.ack()
         return [j for j, skip in zip(jobs, done) if not skip and j.work.request_id not in self.aborted]
 
-    async def _already_done(self, request_id: str) -> bool:
-        return await self.store.get(self.names.done(request_id)) is not None
+    async def _already_done(self, job: Job) -> bool:
+        """Only a redelivered message can be work already done (decoders dedupe the rest)."""
+        if not job.delivery.redelivered:
+            return False
+        return await self.store.get(self.names.done(job.work.request_id)) is not None
 
     async def execute(self, jobs: list[Job]) -> None:
         """Prefill the batch (one by one if the batch fails) and export the unfinished ones."""
@@ -121,6 +128,17 @@ class EncoderService(WorkerBase):
                 job.handoff = await self.runner.call(self.runner.engine.export_request,
                                                      job.work.request_id)
         self.batches += 1
+
+    async def give_back(self, jobs: list[Job], exc: Exception) -> None:
+        """Requeue a failed batch once; a batch that fails again is dead-lettered and reported."""
+        outbox = Outbox()
+        for job in jobs:
+            await self.runner.call(self.runner.engine.abort, job.work.request_id)
+            if job.delivery.redelivered:
+                outbox.failure(job.work.reply_to, Failure(job.work.request_id, 500, f"encode failed: {exc}"))
+        await self.send(outbox, batch_size=len(jobs))
+        for job in jobs:
+            await job.delivery.reject(requeue=not job.delivery.redelivered)
 
     async def _prefill_alone(self, job: Job) -> TokenEvent | None:
         try:
@@ -153,7 +171,8 @@ class EncoderService(WorkerBase):
         if job.handoff is not None:
             ref = await self.kv.put(job.handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
             ready = KvReady(job.work.request_id, self.worker_id, job.work.reply_to, ref,
-                            len(job.work.prompt_ids), self.follower.version, job.work.submitted_at)
+                            len(job.work.prompt_ids), self.follower.version, job.work.submitted_at,
+                            job.work.stream)
             await self.bus.publish(self.names.handoff_queue, codec.encode(ready))
         elif job.first is not None:
             await self._finish(job)

@@ -221,3 +221,26 @@ async def test_a_decoder_dying_mid_batch_loses_nothing(config, hub):
             assert m.mesh.decoders[1].steps > 0
     finally:
         release.set()
+
+
+class BrokenEngine(FakeEngine):
+    def prefill(self, requests):
+        raise RuntimeError("device lost")
+
+
+async def test_an_engine_fault_in_the_encoder_becomes_a_500_not_a_hang(config, hub):
+    engines = iter([BrokenEngine(), FakeEngine()])
+    async with running_mesh(config, hub, lambda: next(engines)) as m:
+        response = await m.client.post("/v1/completions", json=completion("boom", 3))
+        assert response.status_code == 500
+        assert "device lost" in response.json()["error"]["message"]
+        assert m.mesh.tasks[1].done() is False  # the encoder keeps serving
+
+
+async def test_a_long_non_streaming_answer_arrives_whole_in_chunks(config, hub):
+    async with running_mesh(config, hub, load) as m:
+        response = await m.client.post("/v1/completions", json=completion("long", 150))
+        assert response.json()["choices"][0]["text"] == expected_text("long", 150)
+        streamed = await m.client.post("/v1/completions", json=completion("long", 150, stream=True))
+        chunks = [ln for ln in streamed.text.splitlines() if ln.startswith("data: {")]
+        assert len(chunks) == 150  # streaming still gets every token on its own
