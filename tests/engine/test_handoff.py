@@ -14,10 +14,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_export_import_continues_identically(make_engine, case):
+def test_export_import_continues_identically(make_engine, name, case):
     prompt = list(b"Hand me over, please: ")
-    source, target = make_engine(), make_engine()
+    source, target = make_engine(name), make_engine(name)
     expected = run_to_end(source, [req("r", prompt, **CASES[case])]).tokens["r"]
 
     got = Collector()

@@ -54,7 +54,7 @@ def check_against(engine, hf_model, prompt: list[int], tol: float) -> float:
     return diff
 
 
-@pytest.mark.parametrize("name, hf_class", [("tiny-llama", "LlamaForCausalLM")])
+@pytest.mark.parametrize("name, hf_class", [("tiny-llama", "LlamaForCausalLM"), ("tiny-opt", "OPTForCausalLM")])
 def test_tiny_decoder_matches_transformers(make_engine, models_dir, name, hf_class):
     engine = make_engine(name)
     hf = getattr(transformers, hf_class).from_pretrained(str(models_dir / name), dtype=torch.float32).eval()
@@ -103,3 +103,22 @@ def test_smollm2_answers_and_tokenizes(smollm2):
     out = run_to_end(smollm2, [req("q", ids, max_tokens=16)])
     assert "Paris" in out.text["q"]
     assert out.reason["q"] == "stop"  # ends with <|im_end|>
+
+
+def test_gpt2_folder_matches_transformers(make_engine, models_dir, tmp_path):
+    """A GPT-2 checkpoint (fused c_attn, Conv1D weights) loads into our GPT module."""
+    import shutil
+
+    make_engine("tiny-opt")  # borrow its byte tokenizer files
+    config = transformers.GPT2Config(vocab_size=259, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+                                     bos_token_id=256, eos_token_id=256)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(0, 0.02)
+    hf.save_pretrained(str(tmp_path))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(models_dir / "tiny-opt" / f, tmp_path / f)
+    engine = make_engine(str(tmp_path))
+    check_against(engine, hf, list(b"GPT-2 says: "), TINY_LOGIT_TOL)
