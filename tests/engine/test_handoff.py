@@ -14,7 +14,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-t5"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_export_import_continues_identically(make_engine, name, case):
     prompt = list(b"Hand me over, please: ")
@@ -66,3 +66,13 @@ def test_import_rejects_foreign_or_duplicate(make_engine):
         KVHandoff.from_bytes(b"\x93garbage")
     with pytest.raises(KeyError):
         engine.export_request("unknown")
+
+
+def test_t5_handoff_holds_self_and_cross_cache(make_engine):
+    engine = make_engine("tiny-t5")
+    engine.prefill([req("r", b"encode me", max_tokens=10, ignore_eos=True)])
+    engine.decode_step()
+    h = engine.export_request("r")
+    layers, heads, head_dim = engine.runner.self_cache.geometry
+    assert h.layout.startswith("t5:self+cross")
+    assert h.shape == (layers, 2, heads, len(h.generated_ids) + len(b"encode me"), head_dim)

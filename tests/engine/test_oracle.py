@@ -122,3 +122,21 @@ def test_gpt2_folder_matches_transformers(make_engine, models_dir, tmp_path):
         shutil.copy(models_dir / "tiny-opt" / f, tmp_path / f)
     engine = make_engine(str(tmp_path))
     check_against(engine, hf, list(b"GPT-2 says: "), TINY_LOGIT_TOL)
+
+
+def test_tiny_t5_matches_transformers(make_engine, models_dir):
+    engine = make_engine("tiny-t5")
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(str(models_dir / "tiny-t5"), dtype=torch.float32).eval()
+    prompt = list(b"translate: the oracle speaks")
+    tokens, ours = our_logits(engine, prompt, GREEDY_TOKENS)
+    start = hf.config.decoder_start_token_id
+    with torch.inference_mode():
+        ref = hf(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([[start] + tokens[:-1]])).logits[0]
+    diff = (ours - ref).abs().max().item()
+    print(f"max abs logit diff {diff:.2e} (tolerance {TINY_LOGIT_TOL:.0e}, max |logit| {ref.abs().max().item():.1f})")
+    assert diff < TINY_LOGIT_TOL
+    hf.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=GREEDY_TOKENS, do_sample=False)
+    assert out[0, 1:].tolist() == tokens
+    assert run_to_end(engine, [req("r", prompt, max_tokens=GREEDY_TOKENS, ignore_eos=True)]).tokens["r"] == tokens
