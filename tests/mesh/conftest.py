@@ -88,6 +88,7 @@ class MeshUnderTest:
     config: MeshConfig
     hub: LocalHub
     model: str
+    app: object = None
 
 
 @contextlib.asynccontextmanager
@@ -109,6 +110,6 @@ async def running_mesh(config: MeshConfig, hub: LocalHub, make_engine: Callable[
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield MeshUnderTest(client, holder["mesh"], config, hub, config.model)
+            yield MeshUnderTest(client, holder["mesh"], config, hub, config.model, app)
     for runner in enc + dec:
         runner.close()

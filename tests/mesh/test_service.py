@@ -244,3 +244,31 @@ async def test_a_long_non_streaming_answer_arrives_whole_in_chunks(config, hub):
         streamed = await m.client.post("/v1/completions", json=completion("long", 150, stream=True))
         chunks = [ln for ln in streamed.text.splitlines() if ln.startswith("data: {")]
         assert len(chunks) == 150  # streaming still gets every token on its own
+
+
+async def test_an_aborted_request_leaves_the_decoder_batch(config, hub):
+    import threading
+
+    from common.messages.work import Sampling
+
+    entered, release = threading.Event(), threading.Event()
+    engines = iter([FakeEngine(), StuckEngine(entered, release)])
+    try:
+        async with running_mesh(config, hub, lambda: next(engines)) as m:
+            decoder, gateway = m.mesh.decoders[0], m.app.state.gateway
+            aborted = asyncio.Event()
+            on_abort = decoder.on_abort
+            decoder.on_abort = lambda rid: (on_abort(rid), aborted.set())
+            pending = await gateway.submit([104, 105], Sampling(max_tokens=200))
+            assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, TIMEOUT_S)
+            await gateway.abort(pending)  # what a client hanging up mid-stream does
+            await asyncio.wait_for(aborted.wait(), TIMEOUT_S)
+            release.set()
+            after = await m.client.post("/v1/completions", json=completion("next", 3))
+            assert after.status_code == 200  # the loop went round: the abort was applied first
+            assert pending.request_id not in decoder.running
+            assert decoder.runner.engine.running() == []
+            store = (await open_transports(config, Names(config.namespace), hub)).store
+            assert await store.get(Names(config.namespace).done(pending.request_id)) == b"1"
+    finally:
+        release.set()
