@@ -61,8 +61,9 @@ async def test_concurrent_requests_each_complete_once(config, hub):
         for r, p, n in zip(responses, prompts, lengths):
             assert r.json()["choices"][0]["text"] == expected_text(p, n)
             assert r.json()["usage"]["completion_tokens"] == n
-        store = (await open_transports(config, Names(config.namespace), hub)).store
-        samples = await recent_lengths(store, Names(config.namespace), 100)
+        t = await open_transports(config, Names(config.namespace), hub)
+        samples = await recent_lengths(t.store, Names(config.namespace), 100)
+        await t.close()
         assert sorted(s.output_len for s in samples) == sorted(lengths)
         assert all(not w.running for w in m.mesh.decoders)
 
@@ -268,7 +269,8 @@ async def test_an_aborted_request_leaves_the_decoder_batch(config, hub):
             assert after.status_code == 200  # the loop went round: the abort was applied first
             assert pending.request_id not in decoder.running
             assert decoder.runner.engine.running() == []
-            store = (await open_transports(config, Names(config.namespace), hub)).store
-            assert await store.get(Names(config.namespace).done(pending.request_id)) == b"1"
+            t = await open_transports(config, Names(config.namespace), hub)
+            assert await t.store.get(Names(config.namespace).done(pending.request_id)) == b"1"
+            await t.close()
     finally:
         release.set()
