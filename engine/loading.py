@@ -53,7 +53,8 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dt
     model.load_state_dict(state, assign=True, strict=True)
     for name, source in tied.items():  # assign=True broke the sharing; restore it
         _set_param(model, name, model.get_parameter(source))
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    return model.fuse_() if hasattr(model, "fuse_") else model
 
 
 def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
