@@ -17,10 +17,12 @@ from torch import nn
 from engine.kv_cache import KVCache
 
 PACKED_MIN_ROWS = 4  # below this a plain GEMV is faster than oneDNN's packed path
+PACKED_MIN_WEIGHT = 1 << 16  # smaller matrices (tiny models) lose more to oneDNN's call overhead
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= PACKED_MIN_WEIGHT
+            and torch.backends.mkldnn.is_available())
 
 
 class PackedWeight:
@@ -42,9 +44,14 @@ class PackedWeight:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can switch to ``PackedWeight`` once its weights are final (``pack_``)."""
+    """``nn.Linear`` that can switch to ``PackedWeight`` once its weights are final (``pack_``).
+
+    Weights always come from a checkpoint, so construction leaves them uninitialised."""
 
     _packed: PackedWeight | None = None
+
+    def reset_parameters(self) -> None:
+        pass
 
     def pack_(self) -> None:
         self._packed = PackedWeight(self.weight, self.bias)
@@ -53,6 +60,13 @@ class Linear(nn.Linear):
         if self._packed is not None:
             return self._packed(x)
         return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` left uninitialised at construction (weights come from a checkpoint)."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 def pack_linears_(model: nn.Module) -> nn.Module:

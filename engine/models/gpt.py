@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.common import Batch, Linear, attend_decode, attend_prefill, pack_linears_
+from engine.models.common import Batch, Embedding, Linear, attend_decode, attend_prefill, pack_linears_
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -107,8 +107,8 @@ class Decoder(nn.Module):
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
         width = a.word_embed_proj_dim or a.hidden_size
-        self.embed_tokens = nn.Embedding(a.vocab_size, width)
-        self.embed_positions = nn.Embedding(a.max_position_embeddings + a.position_offset, a.hidden_size)
+        self.embed_tokens = Embedding(a.vocab_size, width)
+        self.embed_positions = Embedding(a.max_position_embeddings + a.position_offset, a.hidden_size)
         if a.word_embed_proj_dim:
             self.project_in = Linear(width, a.hidden_size, bias=False)
             self.project_out = Linear(a.hidden_size, width, bias=False)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.common import Batch, Linear, PackedWeight, attend_decode, attend_prefill, pack_linears_
+from engine.models.common import Batch, Embedding, Linear, PackedWeight, attend_decode, attend_prefill, pack_linears_
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _view_params(fused: torch.Tensor, linears: list[nn.Linear]) -> None:
+def _view_params(fused: torch.Tensor, linears: list[Linear]) -> None:
     """Make each linear's weight a row slice of ``fused`` (shared storage, names unchanged)."""
     start = 0
     for lin in linears:
@@ -201,7 +201,7 @@ class Block(nn.Module):
 class LlamaBody(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
