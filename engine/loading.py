@@ -94,9 +94,10 @@ def hf_tokenizer(folder: Path, config: dict[str, Any]) -> TextTokenizer:
     if eos is None:
         eos_text = tcfg.get("eos_token")
         eos_text = eos_text.get("content") if isinstance(eos_text, dict) else eos_text
-        eos = tok._tok.token_to_id(eos_text) if eos_text else None
+        eos = tok.token_id(eos_text) if eos_text else None
     if eos is None:
         raise ValueError(f"{folder}: no eos_token_id in config.json nor eos_token in tokenizer_config.json")
     tok.eos_token_id = int(eos)
     tok.bos_token_id = config.get("bos_token_id")
+    tok.add_bos = bool(tcfg.get("add_bos_token", False)) and tok.bos_token_id is not None
     return tok
