@@ -63,6 +63,9 @@ class ScheduleFollower:
         self._pending = (update.version, schedule_of(update.plan))
         return True
 
+    def has_pending(self) -> bool:
+        return self._pending is not None
+
     def apply(self) -> bool:
         """Switch to the pending version, if any (call between iterations); True if switched."""
         if self._pending is None:
@@ -79,6 +82,10 @@ class Inbox:
 
     def put(self, delivery: Delivery) -> None:
         self._items.put_nowait(delivery)
+
+    def waiting(self) -> bool:
+        """Anything queued (also a wake-up); an approximate read, fine from another thread."""
+        return self._items.qsize() > 0
 
     def wake(self) -> None:
         self._items.put_nowait(None)
