@@ -86,9 +86,9 @@ class Launcher:
         """Copy the child's output with its label; hand 'ready' lines to whoever waits."""
         assert child.popen.stdout is not None
         for line in child.popen.stdout:
+            print(f"[{child.label}] {line}", end="", flush=True)  # before anyone acts on it
             if line.startswith("ready "):
                 child.lines.put(line.strip())
-            print(f"[{child.label}] {line}", end="", flush=True)
         child.lines.put(None)
 
     def wait_ready(self, child: Child) -> str:

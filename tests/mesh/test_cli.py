@@ -33,9 +33,30 @@ async def test_serve_runs_everything_in_one_process():
         async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S) as client:
             body = (await client.post("/v1/completions", json=completion(5))).json()
         assert body["usage"]["completion_tokens"] == 5
+        await the_openai_client_works(url)
         assert mesh.stop(proc) == 0  # SIGTERM: drained and closed cleanly
     finally:
         mesh.close()
+
+
+async def the_openai_client_works(url: str) -> None:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S)
+    try:
+        out = await client.completions.create(model="tiny-llama", prompt="hi", max_tokens=6,
+                                              temperature=0, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 6 and out.choices[0].finish_reason == "length"
+        stream = await client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks = [chunk async for chunk in stream]
+        assert chunks[-1].usage.completion_tokens == 4
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        models = await client.models.list()
+        assert [m.id for m in models.data] == ["tiny-llama"]
+    finally:
+        await client.close()
 
 
 @pytest.mark.broker
