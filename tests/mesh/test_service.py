@@ -274,3 +274,19 @@ async def test_an_aborted_request_leaves_the_decoder_batch(config, hub):
             await t.close()
     finally:
         release.set()
+
+
+async def test_every_lifecycle_stage_is_stamped_in_order(config, hub):
+    from common.lifecycle import Stage
+    from common.messages.work import Sampling
+
+    async with running_mesh(config, hub, load) as m:
+        pending = await m.app.state.gateway.submit([104, 105], Sampling(max_tokens=6), stream=False)
+        tokens = [t async for t in pending.tokens(TIMEOUT_S)]
+        stamps = pending.timeline.stamps
+        assert set(stamps) == set(Stage) and len(tokens) == 6
+        path = [Stage.ARRIVED, Stage.ENCODE_START, Stage.ENCODE_END, Stage.HANDED_OFF,
+                Stage.DECODE_START, Stage.FINISHED]
+        assert [stamps[s] for s in path] == sorted(stamps[s] for s in path)
+        assert stamps[Stage.FIRST_TOKEN] <= stamps[Stage.FINISHED]
+        assert pending.timeline.ttft_s > 0 and pending.timeline.tpot_s >= 0
