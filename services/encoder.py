@@ -101,11 +101,27 @@ class EncoderService(WorkerBase):
                 jobs.append(Job(delivery, codec.decode(delivery.body, WorkMessage)))
             except codec.DecodeError:
                 await delivery.reject(requeue=False)
+        jobs = await self._refuse_other_models(jobs)
         done = await asyncio.gather(*(self._already_done(j) for j in jobs))
         for job, skip in zip(jobs, done):
             if skip or job.work.request_id in self.aborted:
                 await job.delivery.ack()
         return [j for j, skip in zip(jobs, done) if not skip and j.work.request_id not in self.aborted]
+
+    async def _refuse_other_models(self, jobs: list[Job]) -> list[Job]:
+        """Work for a model this encoder does not run fails with a 400 (a misconfigured mesh)."""
+        outbox, kept = Outbox(), []
+        for job in jobs:
+            if job.work.model == self.config.model:
+                kept.append(job)
+            else:
+                message = f"this mesh serves {self.config.model!r}, not {job.work.model!r}"
+                outbox.failure(job.work.reply_to, Failure(job.work.request_id, 400, message))
+        await self.send(outbox, batch_size=len(jobs))
+        for job in jobs:
+            if job not in kept:
+                await job.delivery.ack()
+        return kept
 
     async def _already_done(self, job: Job) -> bool:
         """Only a redelivered message can be work already done (decoders dedupe the rest)."""

@@ -290,3 +290,22 @@ async def test_every_lifecycle_stage_is_stamped_in_order(config, hub):
         assert [stamps[s] for s in path] == sorted(stamps[s] for s in path)
         assert stamps[Stage.FIRST_TOKEN] <= stamps[Stage.FINISHED]
         assert pending.timeline.ttft_s > 0 and pending.timeline.tpot_s >= 0
+
+
+async def test_work_for_another_model_fails_instead_of_running(config, hub):
+    from common.messages.events import EventBatch
+    from common.messages.work import EncodeWork, Sampling
+
+    names = Names(config.namespace)
+    async with running_mesh(config, hub, load):
+        t = await open_transports(config, names, hub)
+        queue = names.events_queue("other")
+        await t.bus.declare_queue(queue, exclusive=True)
+        events = await t.bus.consume(queue, prefetch=10)
+        work = EncodeWork("r-other", "some-other-model", (104,), Sampling(4), queue, 0.0)
+        await t.bus.publish(names.encode_queue, codec.encode(work))
+        delivery = await asyncio.wait_for(anext(aiter(events)), TIMEOUT_S)
+        batch = codec.decode(delivery.body, EventBatch)
+        assert [(f.request_id, f.status) for f in batch.failures] == [("r-other", 400)]
+        assert batch.tokens == ()
+        await t.close()
