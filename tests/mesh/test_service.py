@@ -132,6 +132,8 @@ async def test_models_health_and_metrics(config, hub):
         assert "exegpt_e2e_seconds_count 1.0" in text
         assert 'exegpt_batch_size_count{role="decoder"}' in text
         assert "exegpt_queue_depth" in text
+        for phase in ("queue", "encode", "handoff", "decode"):
+            assert f'exegpt_phase_seconds_count{{phase="{phase}"}} 1.0' in text
 
 
 async def wait_for_statuses(subscription, worker_ids: set[str], version: int) -> set[str]:
@@ -309,3 +311,11 @@ async def test_work_for_another_model_fails_instead_of_running(config, hub):
         assert [(f.request_id, f.status) for f in batch.failures] == [("r-other", 400)]
         assert batch.tokens == ()
         await t.close()
+
+
+async def test_a_prompt_may_be_token_ids(config, hub):
+    async with running_mesh(config, hub, load) as m:
+        by_text = (await m.client.post("/v1/completions", json=completion("hi", 4))).json()
+        by_ids = (await m.client.post("/v1/completions", json=completion([104, 105], 4))).json()
+        assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"] == expected_text("hi", 4)
+        assert by_ids["usage"]["prompt_tokens"] == 2
