@@ -319,3 +319,23 @@ async def test_a_prompt_may_be_token_ids(config, hub):
         by_ids = (await m.client.post("/v1/completions", json=completion([104, 105], 4))).json()
         assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"] == expected_text("hi", 4)
         assert by_ids["usage"]["prompt_tokens"] == 2
+
+
+async def test_two_gateways_share_the_workers_and_get_only_their_own_events(config, hub):
+    import httpx
+
+    from services.gateway import ServedModel, create_app
+
+    async with running_mesh(config, hub, load) as m:
+        engine = m.mesh.encoders[0].runner.engine
+        second = create_app(config, ServedModel(FAKE, engine.tokenizer, engine.max_context), hub=hub)
+        async with second.router.lifespan_context(second):
+            transport = httpx.ASGITransport(app=second)
+            async with httpx.AsyncClient(transport=transport, base_url="http://second") as other:
+                both = await asyncio.gather(
+                    *(m.client.post("/v1/completions", json=completion(f"a{i}", 5)) for i in range(10)),
+                    *(other.post("/v1/completions", json=completion(f"b{i}", 7)) for i in range(10)))
+        a, b = both[:10], both[10:]
+        assert [r.json()["choices"][0]["text"] for r in a] == [expected_text(f"a{i}", 5) for i in range(10)]
+        assert [r.json()["choices"][0]["text"] for r in b] == [expected_text(f"b{i}", 7) for i in range(10)]
+        assert second.state.gateway.events_queue != m.app.state.gateway.events_queue
