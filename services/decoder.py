@@ -134,7 +134,12 @@ class DecoderService(WorkerBase):
             outbox.failure(ready.reply_to, Failure(rid, 500, "KV cache expired before decoding"))
             await delivery.ack()
             return
-        await self._import(delivery, ready, handoff)
+        try:
+            await self._import(delivery, ready, handoff)
+        except Exception as exc:  # a hand-off this engine cannot take (another model, bad bytes)
+            outbox.failure(ready.reply_to, Failure(rid, 500, f"hand-off refused: {exc}"))
+            await delivery.reject(requeue=False)
+            return
         outbox.stamp(ready.reply_to, rid, Stage.DECODE_START)
 
     async def _import(self, delivery: Delivery, ready: KvReady, handoff: KVHandoff) -> None:

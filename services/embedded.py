@@ -7,6 +7,8 @@ the config has no URLs) and its own engine, so the code path is the one separate
 from __future__ import annotations
 
 import asyncio
+import sys
+import traceback
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -49,11 +51,19 @@ async def local_workers(config: MeshConfig, hub: LocalHub, *, encoders: list[Eng
     for runner in decoders:
         mesh.decoders.append(DecoderService(config, await open_transports(config, names, hub), runner))
     mesh.tasks += [asyncio.create_task(worker.run()) for worker in mesh.workers]
+    for task in mesh.tasks:
+        task.add_done_callback(_report_crash)
     try:
         await until_ready([w.ready for w in mesh.workers], mesh.tasks)
         yield mesh
     finally:
         await stop_all(mesh, config.drain_timeout_s)
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
 async def until_ready(events: list[asyncio.Event], tasks: list[asyncio.Task[None]]) -> None:

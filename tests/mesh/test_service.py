@@ -339,3 +339,18 @@ async def test_two_gateways_share_the_workers_and_get_only_their_own_events(conf
         assert [r.json()["choices"][0]["text"] for r in a] == [expected_text(f"a{i}", 5) for i in range(10)]
         assert [r.json()["choices"][0]["text"] for r in b] == [expected_text(f"b{i}", 7) for i in range(10)]
         assert second.state.gateway.events_queue != m.app.state.gateway.events_queue
+
+
+class RefusingEngine(FakeEngine):
+    def import_request(self, handoff):
+        raise ValueError("hand-off from another model")
+
+
+async def test_a_refused_hand_off_becomes_a_500_and_the_decoder_keeps_serving(config, hub):
+    engines = iter([FakeEngine(), RefusingEngine()])
+    async with running_mesh(config, hub, lambda: next(engines)) as m:
+        response = await m.client.post("/v1/completions", json=completion("x", 3))
+        assert response.status_code == 500
+        assert "another model" in response.json()["error"]["message"]
+        single = await m.client.post("/v1/completions", json=completion("y", 1))  # no hand-off
+        assert single.status_code == 200 and not m.mesh.tasks[2].done()
