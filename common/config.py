@@ -35,7 +35,9 @@ class MeshConfig(BaseSettings):
     device: str = Field("auto", description="Engine device: auto, cpu or cuda.")
     threads: int | None = Field(None, ge=1, description="Torch intra-op threads per engine; None: torch default.")
     prefetch_count: int = Field(
-        64, ge=1, le=65535, description="Unacked messages one consumer may hold (AMQP basic.qos)."
+        16, ge=1, le=65535,
+        description="Encode work one encoder may hold unacked (AMQP basic.qos): how far it reads "
+        "ahead of its batches. Decoders hold up to max_decode_batch hand-offs instead.",
     )
     max_encode_batch: int = Field(
         16, ge=1, description="Upper bound on B_E, whatever the schedule says (memory guard)."

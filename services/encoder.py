@@ -66,7 +66,7 @@ class EncoderService(WorkerBase):
 
     async def start(self) -> None:
         await self.bus.declare_queue(self.names.handoff_queue)
-        await self.start_common(self.names.encode_queue, prefetch=self.config.max_encode_batch)
+        await self.start_common(self.names.encode_queue, prefetch=self.config.prefetch_count)
 
     @property
     def batch_limit(self) -> int:

@@ -30,7 +30,7 @@ FLAGS = {
     "--namespace": ("namespace", str, "prefix of every queue, exchange and key (default exegpt)"),
     "--device": ("device", str, "engine device: auto, cpu, cuda"),
     "--threads": ("threads", int, "torch threads per engine"),
-    "--prefetch": ("prefetch_count", int, "unacked messages per consumer"),
+    "--prefetch": ("prefetch_count", int, "encode work an encoder reads ahead (basic.qos)"),
     "--max-encode-batch": ("max_encode_batch", int, "upper bound on B_E"),
     "--max-decode-batch": ("max_decode_batch", int, "upper bound on B_D"),
     "--worker-id": ("worker_id", str, "name of this process in events and metadata"),

@@ -107,7 +107,7 @@ class Gateway:
         await self.bus.declare_queue(self.names.encode_queue)
         await self.bus.declare_fanout(self.names.control_exchange)
         await self.bus.declare_queue(self.events_queue, exclusive=True)
-        subscription = await self.bus.consume(self.events_queue, prefetch=self.config.prefetch_count,
+        subscription = await self.bus.consume(self.events_queue, prefetch=1000,
                                               auto_ack=True)  # events die with this process anyway
         self._pump = asyncio.create_task(self._receive_events(subscription))
 
