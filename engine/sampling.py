@@ -52,7 +52,7 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], gens: list[
     if all(p.top_k == 0 and p.top_p >= 1.0 for p in params):
         probs = torch.softmax(logits, dim=-1)
         cdf = probs.cumsum(-1)
-        idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
+        idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
         return idx.clamp_(max=v - 1)
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (b, V)
     rank = torch.arange(v)[None, :]
@@ -63,5 +63,5 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], gens: list[
     mass_before = probs.cumsum(-1) - probs
     probs = probs.masked_fill((mass_before >= top_p) & (rank > 0), 0.0)
     cdf = probs.cumsum(-1)
-    pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=v - 1)  # (b, 1)
+    pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=v - 1)  # (b, 1)
     return order.gather(1, pos).squeeze(1)

@@ -140,3 +140,14 @@ def test_tiny_t5_matches_transformers(make_engine, models_dir):
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=GREEDY_TOKENS, do_sample=False)
     assert out[0, 1:].tolist() == tokens
     assert run_to_end(engine, [req("r", prompt, max_tokens=GREEDY_TOKENS, ignore_eos=True)]).tokens["r"] == tokens
+
+
+@pytest.mark.smollm2
+def test_smollm2_batch_matches_solo(smollm2):
+    tok = smollm2.tokenizer
+    questions = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea, please."]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
+    solo = [run_to_end(smollm2, [req(f"s{i}", p, max_tokens=12, ignore_eos=True)]).tokens[f"s{i}"]
+            for i, p in enumerate(prompts)]
+    out = run_to_end(smollm2, [req(f"b{i}", p, max_tokens=12 - 3 * i, ignore_eos=True) for i, p in enumerate(prompts)])
+    assert [out.tokens[f"b{i}"] for i in range(3)] == [s[: 12 - 3 * i] for i, s in enumerate(solo)]

@@ -83,3 +83,24 @@ def test_context_limit_ends_request(make_engine):
     engine = make_engine(max_context=16)
     out = run_to_end(engine, [req("r", b"0123456789", max_tokens=100, ignore_eos=True)])
     assert len(out.tokens["r"]) == 6 and out.reason["r"] == "length"
+
+
+def test_sampling_respects_top_k_and_top_p():
+    import torch
+
+    from engine.api import SamplingParams
+    from engine.sampling import make_generator, sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
+    params = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_p=0.6),
+              SamplingParams(temperature=1.0)]
+    seen: list[set[int]] = [set(), set(), set()]
+    gens = [make_generator(f"r{i}", p) for i, p in enumerate(params)]
+    for _ in range(300):
+        for i, token in enumerate(sample(logits, params, gens)):
+            seen[i].add(token)
+    assert seen[0] == {0, 1}  # top-2
+    assert seen[1] == {0, 1}  # 0.5 < 0.6, so the second token is still needed
+    assert seen[2] == {0, 1, 2, 3}
+    greedy = sample(logits, [SamplingParams()] * 3, gens)
+    assert greedy == [0, 0, 0]
