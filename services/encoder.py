@@ -79,12 +79,7 @@ class EncoderService(WorkerBase):
             deliveries = await self.receive()
             await self.apply_schedule()
             jobs = await self.admit(deliveries)
-            if jobs:
-                try:
-                    await self.execute(jobs)
-                except Exception as exc:  # an engine fault: retry elsewhere once, then give up
-                    await self.give_back(jobs, exc)
-                    continue
+            if jobs and await self.execute(jobs):
                 await self.emit(jobs)
         await self.report("stopping")
         await self.stop_consuming()
@@ -129,8 +124,17 @@ class EncoderService(WorkerBase):
             return False
         return await self.store.get(self.names.done(job.work.request_id)) is not None
 
-    async def execute(self, jobs: list[Job]) -> None:
-        """Prefill the batch (one by one if the batch fails) and export the unfinished ones."""
+    async def execute(self, jobs: list[Job]) -> bool:
+        """Prefill and export the batch; False when the engine failed and the work was given back."""
+        try:
+            await self._prefill_and_export(jobs)
+        except Exception as exc:  # an engine fault: retry elsewhere once, then give up
+            await self.give_back(jobs, exc)
+            return False
+        return True
+
+    async def _prefill_and_export(self, jobs: list[Job]) -> None:
+        """Prefill the batch (one by one if a prompt is refused) and export the unfinished ones."""
         for job in jobs:
             job.started_at = time.time()
         try:
