@@ -2,7 +2,8 @@
 
 1. On the main model (SmolLM2): single-request latency (median of sequential requests) and the
    output tokens/s of N concurrent requests, through the embedded server (`exegpt serve`, one
-   process) and through the mesh (`exegpt up`: separate processes over RabbitMQ and Redis).
+   process) and through the mesh (`exegpt up`: separate processes over RabbitMQ and Redis), both
+   running at once and measured in alternating rounds.
 2. On a tiny model: the same request on the engine called in-process (prefill + decode steps),
    through the embedded server and through the mesh, back to back in each round; the per-round
    difference (server minus engine) at p50 and p99 is the overhead per request.
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-requests", type=int, default=5, help="sequential requests for latency")
     parser.add_argument("--overhead-requests", type=int, default=100, help="sequential tiny requests")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per engine")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds on the main model")
     parser.add_argument("--only", choices=("all", "main", "overhead"), default="all",
                         help="main: the main-model rows; overhead: the tiny-model rows")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
@@ -126,16 +128,6 @@ async def throughput(url: str, model: str, max_tokens: int, concurrency: int) ->
         return concurrency * max_tokens / (time.perf_counter() - t0)
 
 
-def measure(server_of, model: str, a: argparse.Namespace) -> tuple[float, float]:
-    server = server_of()
-    try:
-        lat = asyncio.run(latencies(server.url, model, a.max_tokens, a.latency_requests))
-        tps = asyncio.run(throughput(server.url, model, a.max_tokens, a.concurrency))
-    finally:
-        server.stop()
-    return statistics.median(lat), tps
-
-
 class EngineCaller:
     """The same request on the engine in this process, no mesh: prefill, then decode to the end."""
 
@@ -197,15 +189,26 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
-    emb_lat, emb_tps = measure(lambda: embedded(a.model, a.threads), a.model, a)
-    mesh_lat, mesh_tps = measure(lambda: mesh(a.model, a), a.model, a)
+    """Both servers up at once, measured in alternating rounds so that load drifts hit both."""
+    servers = {"embedded": embedded(a.model, a.threads), "mesh": mesh(a.model, a)}
+    lat: dict[str, list[float]] = {label: [] for label in servers}
+    tps: dict[str, list[float]] = {label: [] for label in servers}
+    try:
+        for _ in range(a.rounds):
+            for label, server in servers.items():
+                lat[label] += asyncio.run(latencies(server.url, a.model, a.max_tokens, a.latency_requests))
+                tps[label].append(asyncio.run(throughput(server.url, a.model, a.max_tokens, a.concurrency)))
+    finally:
+        for server in servers.values():
+            server.stop()
+    ratios = [m / e for m, e in zip(tps["mesh"], tps["embedded"])]
+    med = statistics.median
     return [
-        (f"{a.model}: single request latency, embedded", f"{emb_lat * 1000:.0f} ms"),
-        (f"{a.model}: single request latency, mesh", f"{mesh_lat * 1000:.0f} ms"),
-        (f"{a.model}: {a.concurrency} concurrent, embedded", f"{emb_tps:.1f} tok/s"),
-        (f"{a.model}: {a.concurrency} concurrent, mesh", f"{mesh_tps:.1f} tok/s"),
-        (f"{a.model}: throughput mesh/embedded", f"{mesh_tps / emb_tps:.3f}"),
-        (f"{a.model}: latency mesh/embedded", f"{mesh_lat / emb_lat:.3f}"),
+        *((f"{a.model}: single request latency, {label}", f"{med(v) * 1000:.0f} ms") for label, v in lat.items()),
+        *((f"{a.model}: {a.concurrency} concurrent, {label}", f"{med(v):.1f} tok/s") for label, v in tps.items()),
+        (f"{a.model}: throughput mesh/embedded (median of rounds)", f"{med(ratios):.3f} "
+         f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})"),
+        (f"{a.model}: latency mesh/embedded", f"{med(lat['mesh']) / med(lat['embedded']):.3f}"),
     ]
 
 
