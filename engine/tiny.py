@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from engine.tokenizer import CHATML, byte_tokenizer
 
+TINY_VERSION = 1  # bump when configs or weights change: stale folders are then rewritten
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 256, 257, 258
 EOS_ID, BOS_ID = 256, 256
 VOCAB = 256 + len(SPECIAL)
@@ -100,14 +101,16 @@ def write_tiny(name: str, folder: Path) -> Path:
     if name not in CONFIGS:
         raise ValueError(f"unknown tiny model {name!r} ({', '.join(CONFIGS)})")
     folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
+    if _is_current(folder):
         return folder
-    config = CONFIGS[name]()
+    config = {**CONFIGS[name](), "exegpt_tiny_version": TINY_VERSION}
     model = build_model(config["model_type"], config)
     state = random_state(model, seed=sum(map(ord, name)))
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    stale = tmp.with_name(tmp.name + "-stale")
     try:
+        os.chmod(tmp, 0o755)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         byte_tokenizer(SPECIAL).save(str(tmp / "tokenizer.json"))
@@ -117,11 +120,25 @@ def write_tiny(name: str, folder: Path) -> Path:
         }, indent=2))
         keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
         (tmp / "generation_config.json").write_text(json.dumps({k: config[k] for k in keys if k in config}))
+        if folder.exists() and not _is_current(folder):
+            try:
+                os.rename(folder, stale)  # an older version: move it aside, ours replaces it
+            except OSError:
+                pass  # another process moved it first
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished first
-            if not (folder / "model.safetensors").is_file():
+            if not _is_current(folder):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     return folder
+
+
+def _is_current(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("exegpt_tiny_version") == TINY_VERSION and (folder / "model.safetensors").is_file()

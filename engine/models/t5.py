@@ -39,6 +39,7 @@ class ModelArgs:
     gated: bool = False  # T5 v1.1 "gated-gelu"
     activation: str = "relu"
     tie_word_embeddings: bool = True
+    scale_decoder_outputs: bool = True  # multiply by d_model**-0.5 before the LM head (original T5)
     decoder_start_token_id: int = 0
     eos_token_id: int = 1
     max_positions: int = 512
@@ -47,13 +48,17 @@ class ModelArgs:
     def from_hf_config(cls, c: dict[str, Any]) -> "ModelArgs":
         proj = c.get("feed_forward_proj", "relu")
         gated = proj.startswith("gated-")
-        act = proj.removeprefix("gated-")
+        act = c.get("dense_act_fn") or proj.removeprefix("gated-")
+        if proj == "gated-gelu":
+            act = "gelu_new"  # T5 v1.1 checkpoints mean the tanh approximation here
         if act not in ("relu", "gelu", "gelu_new"):
             raise ValueError(f"unsupported T5 feed_forward_proj {proj!r}")
         return cls(c["vocab_size"], c["d_model"], c["d_kv"], c["d_ff"], c["num_layers"],
                    c.get("num_decoder_layers") or c["num_layers"], c["num_heads"],
                    c.get("relative_attention_num_buckets", 32), c.get("relative_attention_max_distance", 128),
                    c.get("layer_norm_epsilon", 1e-6), gated, act, c.get("tie_word_embeddings", True),
+                   # older configs imply the rescale by tying; newer ones say so explicitly
+                   c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True)),
                    c.get("decoder_start_token_id", 0) or 0, c.get("eos_token_id", 1),
                    c.get("n_positions", 512))
 
@@ -256,6 +261,6 @@ class T5(nn.Module):
             x = x + cross.o(y.reshape(b, -1))
             x = x + ff.DenseReluDense(ff.layer_norm(x))
         x = stack.final_layer_norm(x)
-        if a.tie_word_embeddings:
+        if a.scale_decoder_outputs:
             x = x * a.d_model ** -0.5
         return self.lm_head(x).float()  # (B, V)

@@ -151,3 +151,55 @@ def test_smollm2_batch_matches_solo(smollm2):
             for i, p in enumerate(prompts)]
     out = run_to_end(smollm2, [req(f"b{i}", p, max_tokens=12 - 3 * i, ignore_eos=True) for i, p in enumerate(prompts)])
     assert [out.tokens[f"b{i}"] for i in range(3)] == [s[: 12 - 3 * i] for i, s in enumerate(solo)]
+
+
+def _hf_folder(tmp_path, models_dir, make_engine, hf_model):
+    """Save a transformers model with the tiny byte tokenizer next to it; return our engine on it."""
+    import shutil
+
+    make_engine("tiny-llama")  # its tokenizer files
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.3 if p.dim() > 1 else 0.05)
+    hf_model.eval().save_pretrained(str(tmp_path))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(models_dir / "tiny-llama" / f, tmp_path / f)
+    return make_engine(str(tmp_path))
+
+
+def test_untied_gqa_llama_folder(tmp_path, models_dir, make_engine):
+    config = transformers.LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                                      rope_theta=500000.0, rms_norm_eps=1e-6, bos_token_id=256, eos_token_id=256)
+    hf = transformers.LlamaForCausalLM(config)
+    engine = _hf_folder(tmp_path, models_dir, make_engine, hf)
+    assert not engine.runner.model.args.tie_word_embeddings
+    check_against(engine, hf, list(b"untied head, 4 queries per kv head"), TINY_LOGIT_TOL)
+
+
+def test_post_layernorm_projected_opt_folder(tmp_path, models_dir, make_engine):
+    """OPT-350m's shape: post-LN blocks and embeddings projected in and out."""
+    config = transformers.OPTConfig(vocab_size=259, hidden_size=64, word_embed_proj_dim=32, ffn_dim=128,
+                                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                                    do_layer_norm_before=False, bos_token_id=256, eos_token_id=256, pad_token_id=258)
+    hf = transformers.OPTForCausalLM(config)
+    engine = _hf_folder(tmp_path, models_dir, make_engine, hf)
+    check_against(engine, hf, list(b"post-LN OPT"), TINY_LOGIT_TOL)
+
+
+def test_gated_gelu_t5_folder_without_output_rescale(tmp_path, models_dir, make_engine):
+    """T5 v1.1's shape: gated-GELU (tanh) feed-forward, no d_model**-0.5 rescale before the LM head."""
+    config = transformers.T5Config(vocab_size=259, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3,
+                                   num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                   decoder_start_token_id=258, pad_token_id=258, eos_token_id=256)
+    hf = transformers.T5ForConditionalGeneration(config)
+    engine = _hf_folder(tmp_path, models_dir, make_engine, hf)
+    prompt = list(b"gated gelu")
+    tokens, ours = our_logits(engine, prompt, 16)
+    with torch.inference_mode():
+        ref = hf(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([[258] + tokens[:-1]])).logits[0]
+    assert (ours - ref).abs().max().item() < TINY_LOGIT_TOL

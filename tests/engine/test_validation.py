@@ -62,3 +62,21 @@ def test_tiny_tokenizer_round_trips(llama):
     ids = llama.tokenizer.encode(text)
     assert llama.tokenizer.decode(ids) == text
     assert "<|im_start|>assistant\n" in llama.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_tiny_models_are_written_once_and_stale_ones_replaced(tmp_path):
+    import json
+
+    from engine.tiny import write_tiny
+
+    folder = write_tiny("tiny-llama", tmp_path / "tiny-llama")
+    weights = (folder / "model.safetensors").read_bytes()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert write_tiny("tiny-llama", folder) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "exegpt_tiny_version": 0}))
+    (folder / "model.safetensors").write_bytes(b"old")
+    write_tiny("tiny-llama", folder)
+    assert (folder / "model.safetensors").read_bytes() == weights  # deterministic rewrite
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]  # no temporary folders left
