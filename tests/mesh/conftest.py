@@ -1,0 +1,107 @@
+"""Fixtures shared by the mesh tests: unique namespaces, both transports, cleanup."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+from common.config import MeshConfig
+from common.names import Names
+from common.transport.connect import LocalHub, purge
+
+AMQP_URL = os.environ.get("EXEGPT_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("EXEGPT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def broker_available() -> bool:
+    return _port_open(5672) and _port_open(6379)
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=["memory", pytest.param("broker", marks=pytest.mark.broker)])
+def transport_kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "broker" and not broker_available():
+        pytest.skip("RabbitMQ/Redis not answering on 127.0.0.1 (run deploy/ensure-services.sh)")
+    return request.param
+
+
+@pytest.fixture
+def mesh_config(transport_kind: str, namespace: str) -> MeshConfig:
+    urls = {"amqp_url": AMQP_URL, "redis_url": REDIS_URL} if transport_kind == "broker" else {}
+    return MeshConfig(namespace=namespace, threads=1, **urls)
+
+
+@pytest.fixture
+async def hub() -> LocalHub:
+    return LocalHub()
+
+
+@pytest.fixture
+async def cleanup(mesh_config: MeshConfig, hub: LocalHub):
+    """Delete every queue, exchange and key of the test's namespace afterwards."""
+    yield
+    await purge_namespace(mesh_config, hub)
+
+
+async def purge_namespace(config: MeshConfig, hub: LocalHub) -> None:
+    await purge(config, Names(config.namespace), hub)
+
+
+# --- an in-process mesh behind the gateway app -------------------------------------------------
+
+import contextlib
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import httpx
+
+from services.embedded import LocalMesh, local_workers
+from services.engines import EngineRunner
+from services.gateway import ServedModel, create_app
+
+
+@dataclass
+class MeshUnderTest:
+    client: httpx.AsyncClient
+    mesh: LocalMesh
+    config: MeshConfig
+    hub: LocalHub
+    model: str
+    app: object = None
+
+
+@contextlib.asynccontextmanager
+async def running_mesh(config: MeshConfig, hub: LocalHub, make_engine: Callable[[], object], *,
+                       encoders: int = 1, decoders: int = 1) -> AsyncIterator[MeshUnderTest]:
+    enc = [EngineRunner(make_engine()) for _ in range(encoders)]
+    dec = [EngineRunner(make_engine()) for _ in range(decoders)]
+    engine = enc[0].engine
+    model = ServedModel(config.model, engine.tokenizer, engine.max_context)
+    holder: dict[str, LocalMesh] = {}
+
+    @contextlib.asynccontextmanager
+    async def workers():
+        async with local_workers(config, hub, encoders=enc, decoders=dec) as mesh:
+            holder["mesh"] = mesh
+            yield mesh
+
+    app = create_app(config, model, hub=hub, workers=workers)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield MeshUnderTest(client, holder["mesh"], config, hub, config.model, app)
+    for runner in enc + dec:
+        runner.close()
