@@ -1,0 +1,74 @@
+"""Typed configuration of the mesh, read from flags and ``EXEGPT_*`` environment variables.
+
+Built once at an entry point (the CLI, a test fixture) and passed down; nothing below the entry
+points reads the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["gateway", "encoder", "decoder", "scheduler"]
+
+
+class MeshConfig(BaseSettings):
+    """Everything a mesh process needs to join the others."""
+
+    model_config = SettingsConfigDict(env_prefix="EXEGPT_", frozen=True, extra="forbid")
+
+    namespace: str = Field(
+        "exegpt",
+        description="Prefix of every queue, exchange and Redis key; meshes sharing one broker "
+        "(and parallel test runs) use different namespaces.",
+    )
+    amqp_url: str | None = Field(
+        None, description="RabbitMQ URL (amqp://user:pass@host:5672/); None: in-memory bus, one process."
+    )
+    redis_url: str | None = Field(
+        None, description="Redis URL (redis://host:6379/0); None: in-memory store, one process."
+    )
+    model: str = Field("smollm2", description="Model name or folder given to engine.load_engine.")
+    device: str = Field("auto", description="Engine device: auto, cpu or cuda.")
+    threads: int | None = Field(None, ge=1, description="Torch intra-op threads per engine; None: torch default.")
+    prefetch_count: int = Field(
+        64, ge=1, le=65535, description="Unacked messages one consumer may hold (AMQP basic.qos)."
+    )
+    max_encode_batch: int = Field(
+        16, ge=1, description="Upper bound on B_E, whatever the schedule says (memory guard)."
+    )
+    max_decode_batch: int = Field(
+        64, ge=1, description="Upper bound on B_D, the requests one decoder runs at once."
+    )
+    kv_ttl_s: float = Field(
+        600.0, gt=0, description="Lifetime of a hand-off's KV payload and metadata in the store."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Gateway gives up on a request (HTTP 504) after this long."
+    )
+    max_tokens_limit: int = Field(
+        4096, ge=1, description="Largest max_tokens the gateway accepts (also bounded by the context)."
+    )
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long a worker may finish running requests."
+    )
+    host: str = Field("127.0.0.1", description="Gateway bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="Gateway port (0: pick a free one).")
+    worker_id: str | None = Field(
+        None, description="Name of this process in events and metadata; None: role-host-pid."
+    )
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_a_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+            raise ValueError(f"namespace must be 1-64 of [A-Za-z0-9_.-], got {value!r}")
+        return value
+
+    @property
+    def distributed(self) -> bool:
+        """True when services talk through a real broker and store (one process per service)."""
+        return self.amqp_url is not None and self.redis_url is not None

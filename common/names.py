@@ -1,0 +1,97 @@
+"""Every queue, exchange, routing key and store key of the mesh, derived from one namespace.
+
+AMQP names use ``{ns}.``, store keys use ``{ns}:``. Work queues are durable and their messages
+persistent; per-process queues (events, control) are exclusive and vanish with their process.
+Unroutable or undecodable work goes to the dead-letter exchange, which feeds the dead queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- TTLs (seconds) of store keys -------------------------------------------------------------
+KV_TTL_S = 600.0  # default; the config's kv_ttl_s overrides it for hand-off payload and metadata
+DONE_TTL_S = 3600.0  # a finished request's marker: long enough to dedupe any redelivery
+OUTPUT_LENGTHS_MAX = 10_000  # finished requests' (input, output) lengths kept for the scheduler
+
+
+@dataclass(frozen=True)
+class Names:
+    namespace: str
+
+    # --- AMQP queues ----------------------------------------------------------------------
+    @property
+    def encode_queue(self) -> str:
+        """Durable; EncodeWork from gateways and batch producers, consumed by encoders."""
+        return f"{self.namespace}.encode"
+
+    @property
+    def handoff_queue(self) -> str:
+        """Durable; KvReady from encoders, consumed by decoders (prefetch bounds B_D)."""
+        return f"{self.namespace}.handoff"
+
+    @property
+    def dead_queue(self) -> str:
+        """Durable; messages that could not be decoded or were rejected without requeue."""
+        return f"{self.namespace}.dead"
+
+    def events_queue(self, process_id: str) -> str:
+        """Exclusive; EventBatch for the requests one gateway (or batch runner) submitted."""
+        return f"{self.namespace}.events.{process_id}"
+
+    def control_queue(self, process_id: str) -> str:
+        """Exclusive, bound to the control exchange: one per worker."""
+        return f"{self.namespace}.control.{process_id}"
+
+    def status_queue(self, process_id: str) -> str:
+        """Exclusive, bound to the status exchange: one per listener (scheduler, tests)."""
+        return f"{self.namespace}.status.{process_id}"
+
+    # --- AMQP exchanges (fanout; routing key unused) --------------------------------------
+    @property
+    def control_exchange(self) -> str:
+        """Scheduler -> every worker: ScheduleUpdate."""
+        return f"{self.namespace}.control"
+
+    @property
+    def status_exchange(self) -> str:
+        """Every worker -> scheduler and observers: WorkerStatus."""
+        return f"{self.namespace}.status"
+
+    @property
+    def dead_exchange(self) -> str:
+        """Dead-letter exchange of the work queues; bound to the dead queue."""
+        return f"{self.namespace}.dead"
+
+    # --- store keys -----------------------------------------------------------------------
+    def kv_payload(self, request_id: str) -> str:
+        """Bytes of one hand-off (KVHandoff.to_bytes). TTL kv_ttl_s; deleted when the request ends."""
+        return f"{self.namespace}:kv:{request_id}"
+
+    def kv_meta(self, request_id: str) -> str:
+        """Hash: request_id, producer, decoder, dtype, shape, length, expires_at. TTL kv_ttl_s."""
+        return f"{self.namespace}:kvmeta:{request_id}"
+
+    def done(self, request_id: str) -> str:
+        """Set once when a request finishes (set-if-absent); TTL DONE_TTL_S. Dedupes redelivery."""
+        return f"{self.namespace}:done:{request_id}"
+
+    @property
+    def schedule(self) -> str:
+        """The current ScheduleUpdate (encoded), for workers that join late. No TTL."""
+        return f"{self.namespace}:schedule"
+
+    @property
+    def output_lengths(self) -> str:
+        """List of encoded LengthSample, newest first, capped at OUTPUT_LENGTHS_MAX. No TTL."""
+        return f"{self.namespace}:stats:lengths"
+
+    @property
+    def key_prefix(self) -> str:
+        """Every store key of this namespace starts with this (for cleanup)."""
+        return f"{self.namespace}:"
+
+    @property
+    def queue_prefix(self) -> str:
+        """Every queue and exchange of this namespace starts with this (for cleanup)."""
+        return f"{self.namespace}."

@@ -1,0 +1,95 @@
+"""The KV transport: where an encoder leaves a request's KV cache for a decoder.
+
+Both adapters write the hand-off's metadata to the store (request id, producer, decoder, dtype,
+shape, length, expiry) under ``names.kv_meta``. ``StoreKv`` puts the payload bytes in the store too
+(Redis across hosts); ``LocalKv`` keeps the KVHandoff object in process memory (embedded mode, no
+copy). The payload stays until the decoder finished the request (``drop``), so a redelivered
+hand-off can be imported again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from common.names import Names
+from common.transport.port import Store
+from engine.api import KVHandoff
+
+
+class KvTransport(Protocol):
+    async def put(self, handoff: KVHandoff, *, producer: str, ttl_s: float) -> str:
+        """Keep the hand-off; return the reference a decoder passes to ``get``."""
+        ...
+
+    async def get(self, ref: str) -> KVHandoff | None:
+        """The hand-off, or None when it expired or was dropped."""
+        ...
+
+    async def claim(self, ref: str, *, decoder: str) -> None:
+        """Record which decoder runs the request."""
+        ...
+
+    async def drop(self, ref: str) -> None: ...
+
+
+def _metadata(handoff: KVHandoff, producer: str, ttl_s: float) -> dict[str, str]:
+    return {
+        "request_id": handoff.request_id,
+        "producer": producer,
+        "decoder": "",
+        "dtype": handoff.dtype,
+        "shape": ",".join(str(d) for d in handoff.shape),
+        "length": str(len(handoff.prompt_ids) + len(handoff.generated_ids)),
+        "nbytes": str(len(handoff.kv)),
+        "expires_at": f"{time.time() + ttl_s:.3f}",
+    }
+
+
+class StoreKv:
+    """Payload bytes in the store under ``names.kv_payload(request_id)``."""
+
+    def __init__(self, store: Store, names: Names) -> None:
+        self._store, self._names = store, names
+
+    async def put(self, handoff: KVHandoff, *, producer: str, ttl_s: float) -> str:
+        ref = self._names.kv_payload(handoff.request_id)
+        await self._store.set(ref, handoff.to_bytes(), ttl_s=ttl_s)
+        await self._store.hset(self._names.kv_meta(handoff.request_id),
+                               _metadata(handoff, producer, ttl_s), ttl_s=ttl_s)
+        return ref
+
+    async def get(self, ref: str) -> KVHandoff | None:
+        data = await self._store.get(ref)
+        return None if data is None else KVHandoff.from_bytes(data)
+
+    async def claim(self, ref: str, *, decoder: str) -> None:
+        await self._store.hset(self._meta_key(ref), {"decoder": decoder})
+
+    async def drop(self, ref: str) -> None:
+        await self._store.delete(ref, self._meta_key(ref))
+
+    def _meta_key(self, ref: str) -> str:
+        return self._names.kv_meta(ref.rsplit(":", 1)[-1])
+
+
+class LocalKv(StoreKv):
+    """Same metadata, but the payload is the KVHandoff object itself, shared in one process."""
+
+    def __init__(self, store: Store, names: Names) -> None:
+        super().__init__(store, names)
+        self._objects: dict[str, KVHandoff] = {}
+
+    async def put(self, handoff: KVHandoff, *, producer: str, ttl_s: float) -> str:
+        ref = self._names.kv_payload(handoff.request_id)
+        self._objects[ref] = handoff
+        await self._store.hset(self._names.kv_meta(handoff.request_id),
+                               _metadata(handoff, producer, ttl_s), ttl_s=ttl_s)
+        return ref
+
+    async def get(self, ref: str) -> KVHandoff | None:
+        return self._objects.get(ref)
+
+    async def drop(self, ref: str) -> None:
+        self._objects.pop(ref, None)
+        await super().drop(ref)

@@ -1,0 +1,294 @@
+"""In-memory twins of the bus and the store, with the same delivery semantics as the real ones.
+
+One ``MemoryBroker`` stands for the RabbitMQ server; each service opens its own ``MemoryBus`` on it
+(a connection). Closing a bus redelivers whatever its consumers held unacked, as RabbitMQ does when
+a connection drops. Everything runs on one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from common.transport.port import Unroutable
+
+_consumer_ids = itertools.count()
+
+
+@dataclass
+class _Message:
+    body: bytes
+    redelivered: bool = False
+
+
+@dataclass
+class _Queue:
+    name: str
+    dead_letter: str | None  # queue that rejected messages go to
+    owner: "MemoryBus | None"  # exclusive queues die with their bus
+    ready: deque[_Message] = field(default_factory=deque)
+    consumers: list["MemorySubscription"] = field(default_factory=list)
+    turn: int = 0
+
+
+class MemoryBroker:
+    """The shared state: queues and fanout bindings."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, _Queue] = {}
+        self.fanouts: dict[str, set[str]] = {}
+
+    def dispatch(self, queue: _Queue) -> None:
+        """Hand ready messages to consumers with free credit, round robin."""
+        while queue.ready:
+            consumer = self._next_consumer(queue)
+            if consumer is None:
+                return
+            consumer.deliver(queue.ready.popleft())
+
+    def _next_consumer(self, queue: _Queue) -> "MemorySubscription | None":
+        n = len(queue.consumers)
+        for i in range(n):
+            consumer = queue.consumers[(queue.turn + i) % n]
+            if consumer.has_credit():
+                queue.turn = (queue.turn + i + 1) % n
+                return consumer
+        return None
+
+    def requeue(self, queue_name: str, message: _Message) -> None:
+        queue = self.queues.get(queue_name)
+        if queue is not None:
+            queue.ready.appendleft(_Message(message.body, redelivered=True))
+            self.dispatch(queue)
+
+    def dead_letter(self, queue_name: str, message: _Message) -> None:
+        queue = self.queues.get(queue_name)
+        if queue is not None and queue.dead_letter in self.queues:
+            target = self.queues[queue.dead_letter]
+            target.ready.append(_Message(message.body))
+            self.dispatch(target)
+
+
+class MemoryDelivery:
+    def __init__(self, subscription: "MemorySubscription", message: _Message) -> None:
+        self.body = message.body
+        self.redelivered = message.redelivered
+        self._message = message
+        self._subscription = subscription
+        self.settled = False
+
+    async def ack(self) -> None:
+        self._subscription.settle(self)
+
+    async def reject(self, *, requeue: bool) -> None:
+        if self._subscription.settle(self):
+            broker, queue = self._subscription.broker, self._subscription.queue.name
+            if requeue:
+                broker.requeue(queue, self._message)
+            else:
+                broker.dead_letter(queue, self._message)
+
+    def return_to_queue(self) -> None:
+        if not self.settled:
+            self.settled = True
+            self._subscription.unacked.discard(self)
+            self._subscription.broker.requeue(self._subscription.queue.name, self._message)
+
+
+class MemorySubscription:
+    def __init__(self, broker: MemoryBroker, queue: _Queue, prefetch: int) -> None:
+        self.broker, self.queue, self.prefetch = broker, queue, prefetch
+        self.unacked: set[MemoryDelivery] = set()
+        self.buffer: asyncio.Queue[MemoryDelivery | None] = asyncio.Queue()
+        self.active = True
+        self.id = next(_consumer_ids)
+
+    def has_credit(self) -> bool:
+        return self.active and len(self.unacked) < self.prefetch
+
+    def deliver(self, message: _Message) -> None:
+        delivery = MemoryDelivery(self, message)
+        self.unacked.add(delivery)
+        self.buffer.put_nowait(delivery)
+
+    def settle(self, delivery: MemoryDelivery) -> bool:
+        """Mark settled; False if it already was (acks are idempotent)."""
+        if delivery.settled:
+            return False
+        delivery.settled = True
+        self.unacked.discard(delivery)
+        self.broker.dispatch(self.queue)
+        return True
+
+    def __aiter__(self) -> "MemorySubscription":
+        return self
+
+    async def __anext__(self) -> MemoryDelivery:
+        delivery = await self.buffer.get()
+        if delivery is None:
+            raise StopAsyncIteration
+        return delivery
+
+    async def cancel(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        if self in self.queue.consumers:
+            self.queue.consumers.remove(self)
+        while not self.buffer.empty():
+            pending = self.buffer.get_nowait()
+            if pending is not None:
+                pending.return_to_queue()
+        self.buffer.put_nowait(None)
+
+    def drop_connection(self) -> None:
+        """The connection died: everything unacked goes back."""
+        self.active = False
+        for delivery in list(self.unacked):
+            delivery.return_to_queue()
+        self.unacked.clear()
+        self.buffer.put_nowait(None)
+
+
+class MemoryBus:
+    """One connection to a MemoryBroker."""
+
+    def __init__(self, broker: MemoryBroker, *, dead_queue: str | None = None) -> None:
+        self.broker = broker
+        self.dead_queue = dead_queue
+        self.subscriptions: list[MemorySubscription] = []
+        self.closed = False
+        if dead_queue is not None and dead_queue not in broker.queues:
+            broker.queues[dead_queue] = _Queue(dead_queue, None, None)
+
+    async def declare_queue(self, name: str, *, exclusive: bool = False) -> None:
+        if name not in self.broker.queues:
+            dead = None if exclusive else self.dead_queue
+            self.broker.queues[name] = _Queue(name, dead, self if exclusive else None)
+
+    async def declare_fanout(self, exchange: str) -> None:
+        self.broker.fanouts.setdefault(exchange, set())
+
+    async def publish(self, queue: str, body: bytes) -> None:
+        target = self.broker.queues.get(queue)
+        if target is None:
+            raise Unroutable(queue)
+        target.ready.append(_Message(body))
+        self.broker.dispatch(target)
+
+    async def broadcast(self, exchange: str, body: bytes) -> None:
+        for name in list(self.broker.fanouts.get(exchange, ())):
+            if name in self.broker.queues:
+                await self.publish(name, body)
+
+    async def consume(self, queue: str, *, prefetch: int) -> MemorySubscription:
+        target = self.broker.queues.get(queue)
+        if target is None:
+            raise Unroutable(queue)
+        subscription = MemorySubscription(self.broker, target, prefetch)
+        target.consumers.append(subscription)
+        self.subscriptions.append(subscription)
+        self.broker.dispatch(target)
+        return subscription
+
+    async def subscribe(self, exchange: str, queue: str) -> MemorySubscription:
+        await self.declare_fanout(exchange)
+        await self.declare_queue(queue, exclusive=True)
+        self.broker.fanouts[exchange].add(queue)
+        return await self.consume(queue, prefetch=1000)
+
+    async def queue_depth(self, queue: str) -> int:
+        target = self.broker.queues.get(queue)
+        return 0 if target is None else len(target.ready)
+
+    async def delete(self, *, queues: list[str], exchanges: list[str]) -> None:
+        for name in queues:
+            self.broker.queues.pop(name, None)
+        for name in exchanges:
+            self.broker.fanouts.pop(name, None)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for subscription in self.subscriptions:
+            if subscription in subscription.queue.consumers:
+                subscription.queue.consumers.remove(subscription)
+            subscription.drop_connection()
+        owned = [q.name for q in self.broker.queues.values() if q.owner is self]
+        for name in owned:
+            del self.broker.queues[name]
+
+
+class MemoryStore:
+    """Key/value, hashes and lists with TTLs, in a dict; expiry is checked on read."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, object] = {}
+        self._expires: dict[str, float] = {}
+
+    def _live(self, key: str) -> object | None:
+        deadline = self._expires.get(key)
+        if deadline is not None and time.monotonic() >= deadline:
+            self._data.pop(key, None)
+            self._expires.pop(key, None)
+        return self._data.get(key)
+
+    def _put(self, key: str, value: object, ttl_s: float | None) -> None:
+        self._data[key] = value
+        if ttl_s is None:
+            self._expires.pop(key, None)
+        else:
+            self._expires[key] = time.monotonic() + ttl_s
+
+    async def get(self, key: str) -> bytes | None:
+        value = self._live(key)
+        return value if isinstance(value, bytes) else None
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
+        self._put(key, value, ttl_s)
+
+    async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
+        if self._live(key) is not None:
+            return False
+        self._put(key, value, ttl_s)
+        return True
+
+    async def delete(self, *keys: str) -> None:
+        for key in keys:
+            self._data.pop(key, None)
+            self._expires.pop(key, None)
+
+    async def hset(self, key: str, mapping: dict[str, str], *, ttl_s: float | None = None) -> None:
+        current = self._live(key)
+        merged = dict(current) if isinstance(current, dict) else {}
+        merged.update(mapping)
+        self._put(key, merged, ttl_s if ttl_s is not None else self._ttl_left(key))
+
+    def _ttl_left(self, key: str) -> float | None:
+        deadline = self._expires.get(key)
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        value = self._live(key)
+        return dict(value) if isinstance(value, dict) else {}
+
+    async def push_capped(self, key: str, value: bytes, *, max_len: int) -> None:
+        current = self._live(key)
+        items = list(current) if isinstance(current, list) else []
+        self._put(key, [value, *items][:max_len], None)
+
+    async def list_range(self, key: str, count: int) -> list[bytes]:
+        value = self._live(key)
+        return list(value)[:count] if isinstance(value, list) else []
+
+    async def delete_prefix(self, prefix: str) -> int:
+        doomed = [key for key in self._data if key.startswith(prefix)]
+        await self.delete(*doomed)
+        return len(doomed)
+
+    async def close(self) -> None:
+        return None

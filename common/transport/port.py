@@ -1,0 +1,101 @@
+"""The ports: what services may ask of a bus and a store.
+
+Bus semantics, identical in both adapters:
+- ``publish`` to a queue is confirmed and persistent; publishing to a queue nobody declared raises
+  ``Unroutable`` (so a vanished gateway's events are noticed, not silently dropped).
+- A consumed message stays unacked until ``ack``; the unacked messages of a consumer that goes
+  away (``Subscription.cancel`` for those not yet handed out, the bus closing for all) are
+  delivered again, with ``redelivered`` set.
+- ``reject(requeue=False)`` sends a message to the dead queue.
+- ``broadcast`` on a fanout exchange reaches every subscribed queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import AsyncIterator, Protocol
+
+
+class Unroutable(Exception):
+    """A message was published to a queue that does not exist (any more)."""
+
+
+class Delivery(Protocol):
+    body: bytes
+    redelivered: bool
+
+    async def ack(self) -> None: ...
+
+    async def reject(self, *, requeue: bool) -> None: ...
+
+
+class Subscription(Protocol):
+    def __aiter__(self) -> AsyncIterator[Delivery]: ...
+
+    async def cancel(self) -> None:
+        """Stop receiving; messages received but not yet handed out go back to the queue."""
+        ...
+
+
+class Bus(Protocol):
+    async def declare_queue(self, name: str, *, exclusive: bool = False) -> None:
+        """Durable work queue with dead-lettering, or (exclusive) one that dies with this bus."""
+        ...
+
+    async def declare_fanout(self, exchange: str) -> None: ...
+
+    async def publish(self, queue: str, body: bytes) -> None: ...
+
+    async def broadcast(self, exchange: str, body: bytes) -> None: ...
+
+    async def consume(self, queue: str, *, prefetch: int) -> Subscription: ...
+
+    async def subscribe(self, exchange: str, queue: str) -> Subscription:
+        """Declare an exclusive ``queue`` bound to the fanout ``exchange`` and consume it."""
+        ...
+
+    async def queue_depth(self, queue: str) -> int: ...
+
+    async def delete(self, *, queues: list[str], exchanges: list[str]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Store(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None: ...
+
+    async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
+        """Atomically set ``key`` unless it exists; True when this call set it."""
+        ...
+
+    async def delete(self, *keys: str) -> None: ...
+
+    async def hset(self, key: str, mapping: dict[str, str], *, ttl_s: float | None = None) -> None: ...
+
+    async def hgetall(self, key: str) -> dict[str, str]: ...
+
+    async def push_capped(self, key: str, value: bytes, *, max_len: int) -> None:
+        """Prepend to a list, keeping its newest ``max_len`` items."""
+        ...
+
+    async def list_range(self, key: str, count: int) -> list[bytes]:
+        """The newest ``count`` items of a list."""
+        ...
+
+    async def delete_prefix(self, prefix: str) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def processing(delivery: Delivery) -> AsyncIterator[Delivery]:
+    """Ack after the block succeeds; on an error requeue once, then dead-letter."""
+    try:
+        yield delivery
+    except BaseException:
+        await delivery.reject(requeue=not delivery.redelivered)
+        raise
+    else:
+        await delivery.ack()

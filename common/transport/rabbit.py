@@ -1,0 +1,164 @@
+"""The bus over RabbitMQ (aio-pika): robust connection, publisher confirms, per-consumer prefetch.
+
+Work queues are durable, messages persistent, and a message rejected without requeue is routed by
+the queue's dead-letter exchange to the dead queue. Each consumer has its own channel so that its
+prefetch (``basic.qos``) bounds only its own unacked messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import ChannelClosed, DeliveryError
+
+from common.transport.port import Unroutable
+
+
+class RabbitDelivery:
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self.body = message.body
+        self.redelivered = bool(message.redelivered)
+        self._message = message
+        self._settled = False
+
+    async def ack(self) -> None:
+        if not self._settled:
+            self._settled = True
+            await self._message.ack()
+
+    async def reject(self, *, requeue: bool) -> None:
+        if not self._settled:
+            self._settled = True
+            await self._message.reject(requeue=requeue)
+
+
+class RabbitSubscription:
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
+        self._channel, self._queue = channel, queue
+        self._buffer: asyncio.Queue[RabbitDelivery | None] = asyncio.Queue()
+        self._tag: str | None = None
+
+    async def start(self) -> None:
+        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        await self._buffer.put(RabbitDelivery(message))
+
+    def __aiter__(self) -> "RabbitSubscription":
+        return self
+
+    async def __anext__(self) -> RabbitDelivery:
+        delivery = await self._buffer.get()
+        if delivery is None:
+            raise StopAsyncIteration
+        return delivery
+
+    async def cancel(self) -> None:
+        if self._tag is None:
+            return
+        tag, self._tag = self._tag, None
+        await self._queue.cancel(tag)
+        while not self._buffer.empty():
+            pending = self._buffer.get_nowait()
+            if pending is not None:
+                await pending.reject(requeue=True)
+        self._buffer.put_nowait(None)
+
+
+class RabbitBus:
+    """One robust connection; a publishing channel with confirms, one channel per consumer."""
+
+    def __init__(self, connection: AbstractRobustConnection, publisher: AbstractChannel,
+                 dead_exchange: str) -> None:
+        self._connection = connection
+        self._publisher = publisher
+        self._dead_exchange = dead_exchange
+        self._exchanges: dict[str, AbstractExchange] = {}
+
+    @classmethod
+    async def connect(cls, url: str, *, dead_exchange: str, dead_queue: str) -> "RabbitBus":
+        connection = await aio_pika.connect_robust(url)
+        publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        bus = cls(connection, publisher, dead_exchange)
+        await bus._declare_dead_letters(dead_exchange, dead_queue)
+        return bus
+
+    async def _declare_dead_letters(self, exchange: str, queue: str) -> None:
+        dlx = await self._publisher.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        dead = await self._publisher.declare_queue(queue, durable=True)
+        await dead.bind(dlx)
+
+    async def declare_queue(self, name: str, *, exclusive: bool = False) -> None:
+        await self._declare(self._publisher, name, exclusive)
+
+    async def _declare(self, channel: AbstractChannel, name: str, exclusive: bool) -> AbstractQueue:
+        if exclusive:
+            return await channel.declare_queue(name, exclusive=True, auto_delete=True)
+        arguments = {"x-dead-letter-exchange": self._dead_exchange}
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+
+    async def declare_fanout(self, exchange: str) -> None:
+        if exchange not in self._exchanges:
+            self._exchanges[exchange] = await self._publisher.declare_exchange(
+                exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+
+    async def publish(self, queue: str, body: bytes) -> None:
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        try:
+            await self._publisher.default_exchange.publish(message, routing_key=queue, mandatory=True)
+        except DeliveryError:
+            raise Unroutable(queue) from None
+
+    async def broadcast(self, exchange: str, body: bytes) -> None:
+        await self.declare_fanout(exchange)
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await self._exchanges[exchange].publish(message, routing_key="")
+
+    async def consume(self, queue: str, *, prefetch: int) -> RabbitSubscription:
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        declared = await channel.get_queue(queue, ensure=True)
+        return await self._start(channel, declared)
+
+    async def _start(self, channel: AbstractChannel, queue: AbstractQueue) -> RabbitSubscription:
+        subscription = RabbitSubscription(channel, queue)
+        await subscription.start()
+        return subscription
+
+    async def subscribe(self, exchange: str, queue: str) -> RabbitSubscription:
+        await self.declare_fanout(exchange)
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=1000)
+        declared = await self._declare(channel, queue, exclusive=True)
+        await declared.bind(exchange)
+        return await self._start(channel, declared)
+
+    async def queue_depth(self, queue: str) -> int:
+        channel = await self._connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            return int(declared.declaration_result.message_count or 0)
+        except ChannelClosed:
+            return 0
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def delete(self, *, queues: list[str], exchanges: list[str]) -> None:
+        channel = await self._connection.channel()
+        for name in queues:
+            await channel.queue_delete(name)
+        for name in exchanges:
+            await channel.exchange_delete(name)
+        await channel.close()
+
+    async def close(self) -> None:
+        await self._connection.close()

@@ -1,0 +1,62 @@
+"""The store over Redis (redis-py asyncio)."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+
+def _ms(ttl_s: float | None) -> int | None:
+    return None if ttl_s is None else max(int(ttl_s * 1000), 1)
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+
+    @classmethod
+    async def connect(cls, url: str) -> "RedisStore":
+        client = aioredis.Redis.from_url(url, decode_responses=False)
+        await client.ping()
+        return cls(client)
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._redis.get(key)
+
+    async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
+        await self._redis.set(key, value, px=_ms(ttl_s))
+
+    async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
+        return bool(await self._redis.set(key, value, px=_ms(ttl_s), nx=True))
+
+    async def delete(self, *keys: str) -> None:
+        if keys:
+            await self._redis.delete(*keys)
+
+    async def hset(self, key: str, mapping: dict[str, str], *, ttl_s: float | None = None) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=mapping)
+            if ttl_s is not None:
+                pipe.pexpire(key, _ms(ttl_s))
+            await pipe.execute()
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        raw = await self._redis.hgetall(key)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def push_capped(self, key: str, value: bytes, *, max_len: int) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, value)
+            pipe.ltrim(key, 0, max_len - 1)
+            await pipe.execute()
+
+    async def list_range(self, key: str, count: int) -> list[bytes]:
+        return await self._redis.lrange(key, 0, count - 1)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        doomed = [key async for key in self._redis.scan_iter(match=prefix + "*", count=500)]
+        if doomed:
+            await self._redis.delete(*doomed)
+        return len(doomed)
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,68 @@
+"""Fixtures shared by the mesh tests: unique namespaces, both transports, cleanup."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+from common.config import MeshConfig
+from common.names import Names
+from common.transport.connect import LocalHub, open_bus, open_store
+from common.transport.memory import MemoryStore
+
+AMQP_URL = os.environ.get("EXEGPT_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("EXEGPT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def broker_available() -> bool:
+    return _port_open(5672) and _port_open(6379)
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=["memory", pytest.param("broker", marks=pytest.mark.broker)])
+def transport_kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "broker" and not broker_available():
+        pytest.skip("RabbitMQ/Redis not answering on 127.0.0.1 (run deploy/ensure-services.sh)")
+    return request.param
+
+
+@pytest.fixture
+def mesh_config(transport_kind: str, namespace: str) -> MeshConfig:
+    urls = {"amqp_url": AMQP_URL, "redis_url": REDIS_URL} if transport_kind == "broker" else {}
+    return MeshConfig(namespace=namespace, threads=1, **urls)
+
+
+@pytest.fixture
+async def hub() -> LocalHub:
+    return LocalHub()
+
+
+@pytest.fixture
+async def cleanup(mesh_config: MeshConfig, hub: LocalHub):
+    """Delete every queue, exchange and key of the test's namespace afterwards."""
+    yield
+    await purge_namespace(mesh_config, hub)
+
+
+async def purge_namespace(config: MeshConfig, hub: LocalHub) -> None:
+    names = Names(config.namespace)
+    bus = await open_bus(config, names, hub)
+    await bus.delete(queues=[names.encode_queue, names.handoff_queue, names.dead_queue],
+                     exchanges=[names.control_exchange, names.status_exchange, names.dead_exchange])
+    await bus.close()
+    store = await open_store(config) or MemoryStore()
+    await store.delete_prefix(names.key_prefix)
+    await store.close()

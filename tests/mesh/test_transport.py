@@ -1,0 +1,118 @@
+"""The bus and store ports behave the same over RabbitMQ/Redis and in memory."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common.names import Names
+from common.transport.connect import open_bus, open_store
+from common.transport.port import Unroutable, processing
+
+pytestmark = pytest.mark.usefixtures("cleanup")
+TIMEOUT_S = 10
+
+
+async def next_delivery(subscription):
+    return await asyncio.wait_for(anext(aiter(subscription)), TIMEOUT_S)
+
+
+async def test_publish_consume_ack(mesh_config, hub):
+    names = Names(mesh_config.namespace)
+    bus = await open_bus(mesh_config, names, hub)
+    await bus.declare_queue(names.encode_queue)
+    await bus.publish(names.encode_queue, b"one")
+    sub = await bus.consume(names.encode_queue, prefetch=4)
+    delivery = await next_delivery(sub)
+    assert (delivery.body, delivery.redelivered) == (b"one", False)
+    await delivery.ack()
+    assert await bus.queue_depth(names.encode_queue) == 0
+    await bus.close()
+
+
+async def test_unacked_messages_come_back_when_a_consumer_dies(mesh_config, hub):
+    names = Names(mesh_config.namespace)
+    dying = await open_bus(mesh_config, names, hub)
+    await dying.declare_queue(names.encode_queue)
+    for body in (b"a", b"b"):
+        await dying.publish(names.encode_queue, body)
+    sub = await dying.consume(names.encode_queue, prefetch=10)
+    got = {(await next_delivery(sub)).body for _ in range(2)}
+    assert got == {b"a", b"b"}
+    await dying.close()  # never acked
+
+    survivor = await open_bus(mesh_config, names, hub)
+    sub2 = await survivor.consume(names.encode_queue, prefetch=10)
+    again = [await next_delivery(sub2) for _ in range(2)]
+    assert {d.body for d in again} == {b"a", b"b"}
+    assert all(d.redelivered for d in again)
+    for d in again:
+        await d.ack()
+    await survivor.close()
+
+
+async def test_prefetch_bounds_unacked_messages(mesh_config, hub):
+    names = Names(mesh_config.namespace)
+    bus = await open_bus(mesh_config, names, hub)
+    await bus.declare_queue(names.handoff_queue)
+    for i in range(3):
+        await bus.publish(names.handoff_queue, bytes([i]))
+    sub = await bus.consume(names.handoff_queue, prefetch=2)
+    first = [await next_delivery(sub) for _ in range(2)]
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(anext(aiter(sub)), 0.3)  # the third waits for credit
+    await first[0].ack()
+    third = await next_delivery(sub)
+    assert third.body == bytes([2])
+    await bus.close()
+
+
+async def test_rejected_twice_goes_to_the_dead_queue(mesh_config, hub):
+    names = Names(mesh_config.namespace)
+    bus = await open_bus(mesh_config, names, hub)
+    await bus.declare_queue(names.encode_queue)
+    await bus.publish(names.encode_queue, b"poison")
+    sub = await bus.consume(names.encode_queue, prefetch=1)
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            async with processing(await next_delivery(sub)):
+                raise RuntimeError("handler failed")
+    dead = await bus.consume(names.dead_queue, prefetch=1)
+    assert (await next_delivery(dead)).body == b"poison"
+    await bus.close()
+
+
+async def test_publish_to_a_missing_queue_raises(mesh_config, hub):
+    names = Names(mesh_config.namespace)
+    bus = await open_bus(mesh_config, names, hub)
+    with pytest.raises(Unroutable):
+        await bus.publish(names.events_queue("nobody"), b"x")
+    await bus.close()
+
+
+async def test_broadcast_reaches_every_subscriber(mesh_config, hub):
+    names = Names(mesh_config.namespace)
+    buses = [await open_bus(mesh_config, names, hub) for _ in range(3)]
+    subs = [await b.subscribe(names.control_exchange, names.control_queue(f"w{i}"))
+            for i, b in enumerate(buses)]
+    await buses[0].broadcast(names.control_exchange, b"v2")
+    for sub in subs:
+        assert (await next_delivery(sub)).body == b"v2"
+    for b in buses:
+        await b.close()
+
+
+async def test_store_ttl_and_set_if_absent(mesh_config, hub):
+    store = await open_store(mesh_config) or hub.store
+    key = Names(mesh_config.namespace).done("r1")
+    assert await store.set_if_absent(key, b"1", ttl_s=30)
+    assert not await store.set_if_absent(key, b"2", ttl_s=30)
+    assert await store.get(key) == b"1"
+    await store.hset(key + "h", {"a": "1"}, ttl_s=30)
+    await store.hset(key + "h", {"b": "2"})
+    assert await store.hgetall(key + "h") == {"a": "1", "b": "2"}
+    for i in range(5):
+        await store.push_capped(key + "l", bytes([i]), max_len=3)
+    assert await store.list_range(key + "l", 10) == [b"\x04", b"\x03", b"\x02"]
+    await store.close()
