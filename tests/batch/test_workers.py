@@ -1,0 +1,85 @@
+"""Job consumers as separate processes on the real RabbitMQ and Redis; one is killed halfway."""
+
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.messages.work import Sampling
+from services.batch.messages import BatchJob
+from services.batch.producer import JobProducer, collect_replies, job_id, new_batch_id
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def transport_kind() -> str:
+    """Only the real broker: worker processes cannot share an in-memory queue."""
+    for port in (5672, 6379):
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                pytest.skip("RabbitMQ/Redis not answering on 127.0.0.1")
+    return "broker"
+
+
+async def start_worker(env, name, *extra):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "batch", "worker", "--worker-id", name,
+        "--amqp-url", env.config.amqp_url, "--redis-url", env.config.redis_url,
+        "--namespace", env.config.namespace, *extra,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)  # "...: consuming <queue>"
+    assert b"consuming" in line, line
+    return proc
+
+
+async def stop_worker(proc, sig=signal.SIGTERM):
+    if proc.returncode is None:
+        proc.send_signal(sig)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+    return out.decode()
+
+
+def jobs_for(batch, count, reply, max_tokens=2):
+    return [BatchJob(job_id(batch, i), "tiny-llama", "completion", f"one two three four {i}", (),
+                     Sampling(max_tokens, ignore_eos=True), reply, batch, 0.0) for i in range(count)]
+
+
+async def run_with_a_kill(env, worker_args, count, timeout_s):
+    producer = JobProducer(await env.bus(), env.store, env.names)
+    batch = new_batch_id()
+    reply = env.names.reply_queue("test")
+    jobs = jobs_for(batch, count, reply)
+    workers = [await start_worker(env, f"w{i}", *worker_args) for i in range(2)]
+    try:
+        await producer.submit(batch, jobs, reply_to=reply)
+        expected = {j.job_id for j in jobs}
+        first, _ = await collect_replies(producer.bus, reply, expected, timeout_s, stop_after=count // 2)
+        assert len(first) >= count // 2
+        workers[0].kill()  # SIGKILL: no drain, its unacked jobs return to the queue
+        await workers[0].wait()
+        rest, duplicates = await collect_replies(producer.bus, reply, expected - first.keys(), timeout_s)
+    finally:
+        logs = [await stop_worker(w) for w in workers]
+    results = await producer.results(batch)
+    return first, rest, duplicates, results, logs
+
+
+async def test_500_jobs_with_a_worker_killed_halfway(env):
+    first, rest, duplicates, results, logs = await run_with_a_kill(
+        env, ["--executor", "echo", "--echo-delay-ms", "20", "--max-inflight", "8"], 500, 60)
+    assert len(first) + len(rest) == 500, logs
+    assert duplicates == 0
+    assert all(r is not None and r.status == "completed" for r in results)
+    assert len({r.job_id for r in results}) == 500
+    assert any(r.redelivered and r.worker == "w1" for r in results), "no job moved to the survivor"
+    assert "stopped" in logs[1]  # the survivor drained and stopped on SIGTERM
