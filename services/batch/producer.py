@@ -10,7 +10,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from common.transport.port import Bus, Store
 from services.batch import codec
@@ -103,35 +103,63 @@ class JobProducer:
         await self.store.hset(self.names.job_batch(batch_id), {"cancelled": "1"}, ttl_s=RESULT_TTL_S)
 
 
-async def collect_replies(bus: Bus, queue: str, expected: set[str], timeout_s: float,
-                          prefetch: int = 256, stop_after: int | None = None,
-                          ) -> tuple[dict[str, JobResult], int]:
-    """Read JobResults from a reply queue until every expected job id arrived (or
-    ``stop_after`` distinct ones did), or time runs out.
+class ReplyCollector:
+    """Reads JobResults off a reply queue in the background, keeping the first per job id.
 
-    Returns the first result seen per job id and the number of duplicate replies dropped.
+    Replies are at least once (a consumer that dies between replying and recording it replies
+    again after redelivery): duplicates are counted and dropped here.
     """
-    seen: dict[str, JobResult] = {}
-    duplicates = 0
-    subscription = await bus.consume(queue, prefetch=prefetch)
 
-    async def read() -> None:
-        nonlocal duplicates
+    def __init__(self, bus: Bus, queue: str, prefetch: int = 256) -> None:
+        self.bus, self.queue, self.prefetch = bus, queue, prefetch
+        self.seen: dict[str, JobResult] = {}
+        self.duplicates = 0
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> "ReplyCollector":
+        subscription = await self.bus.consume(self.queue, prefetch=self.prefetch)
+        self._task = asyncio.create_task(self._read(subscription))
+        self._subscription = subscription
+        return self
+
+    async def _read(self, subscription: Any) -> None:
         async for delivery in subscription:
             result = codec.decode(delivery.body, JobResult)
-            if result.job_id in seen:
-                duplicates += 1
+            if result.job_id in self.seen:
+                self.duplicates += 1
             else:
-                seen[result.job_id] = result
+                self.seen[result.job_id] = result
             await delivery.ack()
-            if expected <= seen.keys() or (stop_after is not None and len(seen) >= stop_after):
-                return
+            self._changed.set()
 
+    async def wait_for(self, done: Callable[[dict[str, JobResult]], bool], timeout_s: float) -> bool:
+        """Wait until ``done(seen)`` holds; False if the time ran out first."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not done(self.seen):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
+
+    async def stop(self) -> None:
+        await self._subscription.cancel()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def collect_replies(bus: Bus, queue: str, expected: set[str], timeout_s: float,
+                          prefetch: int = 256) -> tuple[dict[str, JobResult], int]:
+    """Read replies until every expected job id arrived or time runs out: (first result per
+    job id, duplicate replies dropped)."""
+    collector = await ReplyCollector(bus, queue, prefetch).start()
     try:
-        if expected:
-            await asyncio.wait_for(read(), timeout=timeout_s)
-    except TimeoutError:
-        pass
+        await collector.wait_for(lambda seen: expected <= seen.keys(), timeout_s)
     finally:
-        await subscription.cancel()
-    return seen, duplicates
+        await collector.stop()
+    return collector.seen, collector.duplicates

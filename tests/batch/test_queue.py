@@ -9,7 +9,7 @@ from services.batch import codec
 from services.batch.consumer import ConsumerConfig, JobConsumer, QueueDepthAdmission
 from services.batch.executor import EchoExecutor, JobFailed, JobOutput
 from services.batch.messages import BatchJob, JobResult
-from services.batch.producer import JobProducer, collect_replies, job_id, new_batch_id
+from services.batch.producer import JobProducer, ReplyCollector, collect_replies, job_id, new_batch_id
 
 
 def make_jobs(batch_id, count, reply_to, prompt="alpha beta gamma delta", max_tokens=2):
@@ -71,19 +71,20 @@ async def test_a_consumer_killed_halfway_loses_no_job_and_duplicates_none(env):
     doomed, doomed_bus, _, doomed_task = await start_consumer(env, doomed_exec, "doomed")
     survivor, _, stop, task = await start_consumer(env, EchoExecutor(), "survivor")
     await producer.submit(batch, jobs, reply_to=reply)
-    first, _ = await collect_replies(producer.bus, reply, {j.job_id for j in jobs}, 30, stop_after=250)
-    assert len(first) >= 250 and doomed_exec.started > 100  # it holds unacked jobs now
+    collector = await ReplyCollector(producer.bus, reply).start()
+    assert await collector.wait_for(lambda seen: len(seen) >= 250, 30)
+    assert doomed_exec.started > 100  # it holds unacked jobs now
     # kill: the process vanishes (its task dies, its connection drops, unacked jobs go back)
     doomed_task.cancel()
     await asyncio.gather(doomed_task, return_exceptions=True)
     await doomed_bus.close()
     env.buses.remove(doomed_bus)
-    rest, dup_replies = await collect_replies(producer.bus, reply,
-                                              {j.job_id for j in jobs} - first.keys(), 60)
+    await collector.wait_for(lambda seen: len(seen) == 500, 60)
+    await collector.stop()
     stop.set()
     await asyncio.wait_for(task, 10)
-    replied = first.keys() | rest.keys()
-    assert replied == {j.job_id for j in jobs} and dup_replies == 0
+    # the gated jobs never replied before the kill, so no reply is duplicated
+    assert collector.seen.keys() == {j.job_id for j in jobs} and collector.duplicates == 0
     results = await producer.results(batch)
     assert all(r is not None and r.status == "completed" for r in results)
     assert len({r.job_id for r in results}) == 500
