@@ -1,1 +1,90 @@
-"""The inference engine: our own torch models, batched KV cache, hand-off."""
+"""The inference engine: our own torch models, batched KV cache, hand-off.
+
+``load_engine(model)`` is the entry point; the contract is in ``engine.api``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_MODELS = ("tiny-llama", "tiny-opt", "tiny-t5")
+MODELS = ("smollm2", *TINY_MODELS)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r} (auto, cpu, cuda)")
+    return device
+
+
+def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, num_threads: int | None = None,
+                max_context: int | None = None, models_dir: str | Path | None = None):
+    """An ``engine.api.Engine`` for ``model``: ``smollm2``, ``tiny-llama|tiny-opt|tiny-t5`` or a folder
+    (Hugging Face layout) or a ``.gguf`` file. Raises ValueError naming the problem.
+
+    dtype: ``float32`` (CPU default), ``bfloat16`` (CUDA default) or ``float16``.
+    max_context: cap on prompt + generated tokens per request (default: the model's own limit).
+    models_dir: where tiny models are written (default ``~/.cache/exegpt/models`` or $EXEGPT_MODELS_DIR).
+    """
+    import torch
+
+    from engine.engine import LocalEngine
+    from engine.loading import build_model, hf_tokenizer, load_state, read_hf_folder
+    from engine.runners import DecoderOnlyRunner
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    dev = resolve_device(device)
+    torch_dtype = _dtype(dtype, dev)
+    if model == "smollm2" or model.endswith(".gguf"):
+        from engine.gguf_loader import read_gguf, smollm2_path
+
+        config, state, tokenizer = read_gguf(smollm2_path() if model == "smollm2" else Path(model))
+        model_type = "llama"
+    else:
+        folder = _folder(model, models_dir)
+        model_type, config, state = read_hf_folder(folder)
+        tokenizer = hf_tokenizer(folder, config)
+    module = load_state(build_model(model_type, config), state, torch_dtype, torch.device(dev))
+    limit = module.max_positions()
+    context = min(limit, max_context) if max_context else limit
+    if model_type == "t5":
+        from engine.runners_t5 import EncoderDecoderRunner
+
+        runner = EncoderDecoderRunner(module, device=torch.device(dev), dtype=torch_dtype, max_context=context)
+    else:
+        runner = DecoderOnlyRunner(module, device=torch.device(dev), dtype=torch_dtype, max_context=context)
+    vocab = min(config["vocab_size"], tokenizer.vocab_size)
+    return LocalEngine(runner, tokenizer, model_name=model, device=dev, vocab_size=vocab)
+
+
+def _folder(model: str, models_dir: str | Path | None) -> Path:
+    from engine.tiny import default_dir, write_tiny
+
+    if model in TINY_MODELS:
+        folder = Path(models_dir) / model if models_dir else default_dir(model)
+        return write_tiny(model, folder)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(f"unknown model {model!r}: not one of {', '.join(MODELS)} and no such folder")
+    if not path.is_dir():
+        raise ValueError(f"model {model!r} is a file, expected a folder or a .gguf file")
+    return path
+
+
+def _dtype(name: str | None, device: str):
+    import torch
+
+    if name is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r} (float32, bfloat16, float16)")
+    return table[name]

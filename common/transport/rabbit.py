@@ -120,7 +120,7 @@ class RabbitBus:
     async def broadcast(self, exchange: str, body: bytes) -> None:
         await self.declare_fanout(exchange)
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-        await self._exchanges[exchange].publish(message, routing_key="")
+        await self._exchanges[exchange].publish(message, routing_key="", mandatory=False)
 
     async def consume(self, queue: str, *, prefetch: int) -> RabbitSubscription:
         channel = await self._connection.channel()

@@ -66,3 +66,49 @@ async def purge_namespace(config: MeshConfig, hub: LocalHub) -> None:
     store = await open_store(config) or MemoryStore()
     await store.delete_prefix(names.key_prefix)
     await store.close()
+
+
+# --- an in-process mesh behind the gateway app -------------------------------------------------
+
+import contextlib
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import httpx
+
+from services.embedded import LocalMesh, local_workers
+from services.engines import EngineRunner
+from services.gateway import ServedModel, create_app
+
+
+@dataclass
+class MeshUnderTest:
+    client: httpx.AsyncClient
+    mesh: LocalMesh
+    config: MeshConfig
+    hub: LocalHub
+    model: str
+
+
+@contextlib.asynccontextmanager
+async def running_mesh(config: MeshConfig, hub: LocalHub, make_engine: Callable[[], object], *,
+                       encoders: int = 1, decoders: int = 1) -> AsyncIterator[MeshUnderTest]:
+    enc = [EngineRunner(make_engine()) for _ in range(encoders)]
+    dec = [EngineRunner(make_engine()) for _ in range(decoders)]
+    engine = enc[0].engine
+    model = ServedModel(config.model, engine.tokenizer, engine.max_context)
+    holder: dict[str, LocalMesh] = {}
+
+    @contextlib.asynccontextmanager
+    async def workers():
+        async with local_workers(config, hub, encoders=enc, decoders=dec) as mesh:
+            holder["mesh"] = mesh
+            yield mesh
+
+    app = create_app(config, model, hub=hub, workers=workers)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield MeshUnderTest(client, holder["mesh"], config, hub, config.model)
+    for runner in enc + dec:
+        runner.close()

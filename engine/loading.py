@@ -1,0 +1,103 @@
+"""Building models from files: Hugging Face folders (config.json + *.safetensors + tokenizer.json).
+
+Modules are built on the ``meta`` device and receive the loaded tensors directly, so loading costs
+one read of the weights and no random initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from engine.tokenizer import TextTokenizer
+
+
+def build_model(model_type: str, config: dict[str, Any]) -> nn.Module:
+    if model_type == "llama":
+        from engine.models.llama import Llama, ModelArgs
+
+        with torch.device("meta"):
+            return Llama(ModelArgs.from_hf_config(config))
+    if model_type in ("opt", "gpt2"):
+        from engine.models import gpt
+
+        with torch.device("meta"):
+            return gpt.model_from_hf_config(model_type, config)
+    if model_type == "t5":
+        from engine.models.t5 import T5, ModelArgs as T5Args
+
+        with torch.device("meta"):
+            return T5(T5Args.from_hf_config(config))
+    raise ValueError(f"unsupported model_type {model_type!r} (llama, opt, gpt2, t5)")
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Load ``state`` into a meta-device model (names as Hugging Face saves them)."""
+    state = {k: v for k, v in state.items() if not k.endswith(".rotary_emb.inv_freq")}
+    state = model.adapt_state_dict(state) if hasattr(model, "adapt_state_dict") else state
+    expected = set(model.state_dict())
+    tied = getattr(model, "tied_weights", {})
+    for name, source in tied.items():
+        if name not in state and source in state:
+            state[name] = state[source]
+    missing = sorted(expected - state.keys())
+    if missing:
+        raise ValueError(f"weights missing from the checkpoint: {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in expected}
+    model.load_state_dict(state, assign=True, strict=True)
+    for name, source in tied.items():  # assign=True broke the sharing; restore it
+        _set_param(model, name, model.get_parameter(source))
+    return model.eval().requires_grad_(False)
+
+
+def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner_name), attr, param)
+
+
+def read_hf_folder(folder: Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """(model_type, config, state dict) of a Hugging Face folder; ValueError names what is wrong."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder}: no config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path}: not JSON ({exc})") from exc
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder}: no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"{f}: unreadable safetensors file ({exc})") from exc
+    return config.get("model_type", ""), config, state
+
+
+def hf_tokenizer(folder: Path, config: dict[str, Any]) -> TextTokenizer:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no tokenizer.json")
+    tcfg_path = folder / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
+    tok = TextTokenizer.from_file(path, eos_token_id=0, chat_template=tcfg.get("chat_template"))
+    eos = config.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0]
+    if eos is None:
+        eos_text = tcfg.get("eos_token")
+        eos_text = eos_text.get("content") if isinstance(eos_text, dict) else eos_text
+        eos = tok._tok.token_to_id(eos_text) if eos_text else None
+    if eos is None:
+        raise ValueError(f"{folder}: no eos_token_id in config.json nor eos_token in tokenizer_config.json")
+    tok.eos_token_id = int(eos)
+    tok.bos_token_id = config.get("bos_token_id")
+    return tok

@@ -1,0 +1,1 @@
+"""Our torch implementations, one file per architecture."""

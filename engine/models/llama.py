@@ -1,0 +1,212 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2): RoPE, RMSNorm, SwiGLU, grouped-query attention.
+
+Parameter names follow the Hugging Face layout (``model.layers.0.self_attn.q_proj.weight``...), so a
+safetensors state dict loads as is; loading itself lives in ``engine.loading``.
+
+Shapes: N packed prompt tokens, B sequences, C hidden, H query heads, Hkv key/value heads,
+D head dim, T cached positions, V vocabulary. The KV cache (``engine.kv_cache.KVCache``) holds
+``(L, 2, Bcap, Hkv, Tcap, D)``; this module reads and writes it in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.common import Batch, attend_decode, attend_prefill
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        rope = cfg.get("rope_parameters") or {}
+        scaling = cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        if rope_type != "default":
+            raise ValueError(f"unsupported RoPE type {rope_type!r} (only 'default')")
+        eos = cfg.get("eos_token_id")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        }
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (length, D) in the rotate-half layout (frequencies repeated twice)."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (N, heads, D); cos/sin: (N, 1, D) float32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        c, h, hkv, d = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.n_head, self.n_kv, self.head_dim = h, hkv, d
+        self.q_proj = nn.Linear(c, h * d, bias=False)
+        self.k_proj = nn.Linear(c, hkv * d, bias=False)
+        self.v_proj = nn.Linear(c, hkv * d, bias=False)
+        self.o_proj = nn.Linear(h * d, c, bias=False)
+
+    def forward(self, x: torch.Tensor, layer: int, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]  # x: (N, C) packed tokens (prefill) or (B, C) one token per sequence (decode)
+        q = apply_rope(self.q_proj(x).view(n, self.n_head, self.head_dim), cos, sin)  # (N, H, D)
+        k = apply_rope(self.k_proj(x).view(n, self.n_kv, self.head_dim), cos, sin)  # (N, Hkv, D)
+        v = self.v_proj(x).view(n, self.n_kv, self.head_dim)  # (N, Hkv, D)
+        if batch.is_prefill:
+            y = attend_prefill(q, k, v, layer, batch, causal=True)
+        else:
+            y = attend_decode(q, k, v, layer, batch)
+        return self.o_proj(y.reshape(n, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, layer: int, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), layer, batch, cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """Decoder-only Llama. ``forward(batch)`` returns the logits of each sequence's last token (B, V)."""
+
+    kind = "llama"
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = LlamaBody(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """Parameters that share storage with another: name -> source name."""
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.args.tie_word_embeddings else {}
+
+    def max_positions(self) -> int:
+        return self.args.max_position_embeddings
+
+    def cache_geometry(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim) of the KV cache this model writes."""
+        a = self.args
+        return a.num_hidden_layers, a.num_key_value_heads, a.head_dim
+
+    def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].device != positions.device:
+            self._rope = rope_tables(self.args, self.args.max_position_embeddings, positions.device)
+        cos, sin = self._rope
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (N, 1, D)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        x = self.model.embed_tokens(batch.input_ids)  # (N, C)
+        cos, sin = self._rope_at(batch.positions)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, i, batch, cos, sin)
+        x = x[batch.last_index] if batch.is_prefill else x  # (B, C)
+        return self.lm_head(self.model.norm(x)).float()  # (B, V)

@@ -1,0 +1,89 @@
+"""`exegpt serve | gateway | encoder | decoder | scheduler | up`: run the mesh.
+
+``serve`` runs every service in one process (in-memory bus and store unless URLs are given);
+the others run one service each and need ``--amqp-url`` and ``--redis-url`` (or ``EXEGPT_*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from services.cli import CliError
+
+ROLES = {
+    "serve": "all services in one process (embedded default; OpenAI-compatible API)",
+    "gateway": "the REST gateway alone (needs a broker and Redis)",
+    "encoder": "one encoder worker (needs a broker and Redis)",
+    "decoder": "one decoder worker (needs a broker and Redis)",
+    "scheduler": "the scheduler service (needs a broker and Redis)",
+    "up": "a local mesh of separate processes: scheduler, encoders, decoders, gateway",
+}
+
+# flag -> MeshConfig field; a flag left out falls back to EXEGPT_<FIELD> and then the default.
+FLAGS = {
+    "--model": ("model", str, "model name or folder (default smollm2)"),
+    "--host": ("host", str, "gateway bind address (default 127.0.0.1)"),
+    "--port": ("port", int, "gateway port (default 8000)"),
+    "--amqp-url": ("amqp_url", str, "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/"),
+    "--redis-url": ("redis_url", str, "Redis URL, e.g. redis://127.0.0.1:6379/0"),
+    "--namespace": ("namespace", str, "prefix of every queue, exchange and key (default exegpt)"),
+    "--device": ("device", str, "engine device: auto, cpu, cuda"),
+    "--threads": ("threads", int, "torch threads per engine"),
+    "--prefetch": ("prefetch_count", int, "unacked messages per consumer"),
+    "--max-encode-batch": ("max_encode_batch", int, "upper bound on B_E"),
+    "--max-decode-batch": ("max_decode_batch", int, "upper bound on B_D"),
+    "--worker-id": ("worker_id", str, "name of this process in events and metadata"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for role, help_text in ROLES.items():
+        parser = sub.add_parser(role, help=help_text, description=help_text)
+        for flag, (field, kind, text) in FLAGS.items():
+            parser.add_argument(flag, dest=field, type=kind, default=None, help=text)
+        if role == "up":
+            parser.add_argument("--encoders", type=int, default=1, help="encoder processes")
+            parser.add_argument("--decoders", type=int, default=1, help="decoder processes")
+            parser.add_argument("--spec", type=Path, default=None, help="process spec (deploy/processes.toml)")
+        parser.set_defaults(func=run, role=role)
+
+
+def build_config(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from common.config import MeshConfig
+
+    overrides = {field: getattr(args, field) for field, _, _ in FLAGS.values()
+                 if getattr(args, field, None) is not None}
+    try:
+        return MeshConfig(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CliError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    if args.role not in ("serve",) and not config.distributed:
+        raise CliError(f"`{args.role}` needs --amqp-url and --redis-url (or EXEGPT_AMQP_URL and "
+                       "EXEGPT_REDIS_URL); `exegpt serve` runs everything in one process")
+    if args.role == "up":
+        return _up(config, args)
+    from services.runner import main_for
+
+    try:
+        return main_for(args.role, config)
+    except ValueError as exc:  # the engine names a bad model or device this way
+        raise CliError(str(exc)) from None
+
+
+def _up(config, args: argparse.Namespace) -> int:
+    from services.launcher import DEFAULT_SPEC, run_up
+
+    spec = args.spec or DEFAULT_SPEC
+    if not spec.is_file():
+        raise CliError(f"no process spec at {spec}")
+    if args.encoders < 1 or args.decoders < 1:
+        raise CliError("--encoders and --decoders must be >= 1")
+    return run_up(config, spec, args.encoders, args.decoders)

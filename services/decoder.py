@@ -1,0 +1,159 @@
+"""The decoder service: merge handed-off requests into the running batch (up to B_D) and decode.
+
+Main loop, one iteration per decode step::
+
+    receive (hand-offs, while the batch has room) → schedule (apply a new version)
+      → admit (import KV caches) → execute (decode_step) → emit (tokens; finished: done, ack)
+
+A hand-off stays unacked while its request runs, so a decoder that dies loses nothing: its
+hand-offs go to another decoder, which imports the KV again and replays the same tokens (the
+submitter drops indices it already has). Finished requests leave the batch at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from common.config import MeshConfig
+from common.lifecycle import Stage
+from common.messages import codec
+from common.messages.events import Failure
+from common.messages.handoff import HandoffMessage, KvReady
+from common.messages.status import LengthSample
+from common.names import DONE_TTL_S, OUTPUT_LENGTHS_MAX
+from common.transport.connect import Transports
+from common.transport.port import Delivery
+from engine.api import KVHandoff, TokenEvent
+from services.encoder import token_of
+from services.engines import EngineRunner
+from services.worker import Outbox, WorkerBase
+
+
+@dataclass
+class Running:
+    """A request in this decoder's batch, with the hand-off delivery that is acked when it ends."""
+
+    delivery: Delivery
+    ready: KvReady
+    output_len: int
+
+
+class DecoderService(WorkerBase):
+    role = "decoder"
+
+    def __init__(self, config: MeshConfig, transports: Transports, runner: EngineRunner) -> None:
+        super().__init__(config, transports)
+        self.runner = runner
+        self.running: dict[str, Running] = {}
+        self.steps = 0
+        self.max_batch_seen = 0
+        self._abort_pending: list[str] = []
+
+    async def start(self) -> None:
+        await self.start_common(self.names.handoff_queue, prefetch=self.config.max_decode_batch)
+
+    @property
+    def batch_limit(self) -> int:
+        return min(self.follower.schedule.decode_batch, self.config.max_decode_batch)
+
+    async def run(self) -> None:
+        """Decode until stopped; then finish the running batch (bounded) and close."""
+        await self.start()
+        while not self.stopping.is_set() or self.running:
+            deliveries = await self.receive()
+            await self.apply_schedule()
+            await self.drop_aborted()
+            await self.admit(deliveries)
+            events = await self.execute()
+            await self.emit(events)
+            if self.stopping.is_set():
+                await self.stop_consuming()
+        await self.report("stopping")
+        await self.close()
+
+    async def receive(self) -> list[Delivery]:
+        """Wait for work when idle; otherwise take only what is ready, never beyond B_D."""
+        room = self.batch_limit - len(self.running)
+        if self.stopping.is_set() or room <= 0:
+            return []
+        if not self.running:
+            return await self.inbox.wait(room)
+        return self.inbox.take(room)
+
+    async def admit(self, deliveries: list[Delivery]) -> None:
+        outbox = Outbox()
+        for delivery in deliveries:
+            await self._admit_one(delivery, outbox)
+        await self.send(outbox, batch_size=len(self.running))
+
+    async def _admit_one(self, delivery: Delivery, outbox: Outbox) -> None:
+        try:
+            ready = codec.decode(delivery.body, HandoffMessage)
+        except codec.DecodeError:
+            await delivery.reject(requeue=False)
+            return
+        rid = ready.request_id
+        if rid in self.running or rid in self.aborted or await self._already_done(rid):
+            await delivery.ack()  # a duplicate hand-off, or nothing left to do
+            return
+        handoff = await self.kv.get(ready.kv_ref)
+        if handoff is None:
+            outbox.failure(ready.reply_to, Failure(rid, 500, "KV cache expired before decoding"))
+            await delivery.ack()
+            return
+        await self._import(delivery, ready, handoff)
+        outbox.stamp(ready.reply_to, rid, Stage.DECODE_START)
+
+    async def _import(self, delivery: Delivery, ready: KvReady, handoff: KVHandoff) -> None:
+        await self.runner.call(self.runner.engine.import_request, handoff)
+        await self.kv.claim(ready.kv_ref, decoder=self.worker_id)
+        self.running[ready.request_id] = Running(delivery, ready, len(handoff.generated_ids))
+
+    async def _already_done(self, request_id: str) -> bool:
+        return await self.store.get(self.names.done(request_id)) is not None
+
+    async def execute(self) -> list[TokenEvent]:
+        if not self.running:
+            return []
+        self.max_batch_seen = max(self.max_batch_seen, len(self.running))
+        self.steps += 1
+        return await self.runner.call(self.runner.engine.decode_step)
+
+    async def emit(self, events: list[TokenEvent]) -> None:
+        """Tokens to their submitters first; then settle the requests that finished."""
+        outbox = Outbox()
+        batch_size = len(self.running)
+        finished: list[tuple[Running, str]] = []
+        for event in events:
+            run = self.running.get(event.request_id)
+            if run is None:
+                continue  # aborted during the step
+            run.output_len += 1
+            outbox.token(run.ready.reply_to, token_of(event))
+            if event.finished:
+                finished.append((self.running.pop(event.request_id), event.finish_reason or "stop"))
+        await self.send(outbox, batch_size=batch_size)
+        for run, reason in finished:
+            await self._settle(run, reason)
+
+    async def _settle(self, run: Running, reason: str) -> None:
+        rid = run.ready.request_id
+        if await self.store.set_if_absent(self.names.done(rid), b"1", ttl_s=DONE_TTL_S):
+            sample = LengthSample(rid, run.ready.prompt_len, run.output_len, reason, time.time())
+            await self.store.push_capped(self.names.output_lengths, codec.encode(sample),
+                                         max_len=OUTPUT_LENGTHS_MAX)
+        await self.kv.drop(run.ready.kv_ref)
+        await run.delivery.ack()
+
+    def on_abort(self, request_id: str) -> None:
+        if request_id in self.running:
+            self._abort_pending.append(request_id)
+
+    async def drop_aborted(self) -> None:
+        """Between steps: remove aborted requests from the engine and settle their hand-offs."""
+        while self._abort_pending:
+            run = self.running.pop(self._abort_pending.pop(), None)
+            if run is not None:
+                await self.runner.call(self.runner.engine.abort, run.ready.request_id)
+                await self._settle(run, "abort")

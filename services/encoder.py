@@ -1,0 +1,170 @@
+"""The encoder service: prefill batches of up to B_E requests and hand each one to the decoders.
+
+Main loop, one iteration per encode batch::
+
+    receive (up to B_E work messages) → schedule (apply a new version) → execute (prefill, export)
+      → emit (store KV, publish hand-offs and first tokens) → ack
+
+A work message is acked only after its hand-off is stored and published (or its request finished),
+so an encoder that dies mid-batch has its batch redelivered to another.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from common.config import MeshConfig
+from common.lifecycle import Stage
+from common.messages import codec
+from common.messages.events import Failure, Token
+from common.messages.handoff import KvReady
+from common.messages.status import LengthSample
+from common.messages.work import EncodeWork, Sampling, WorkMessage
+from common.names import DONE_TTL_S, OUTPUT_LENGTHS_MAX
+from common.transport.connect import Transports
+from common.transport.port import Delivery
+from engine.api import GenerationRequest, KVHandoff, SamplingParams, TokenEvent
+from services.engines import EngineRunner
+from services.worker import Outbox, WorkerBase
+
+
+@dataclass
+class Job:
+    """One work message being encoded."""
+
+    delivery: Delivery
+    work: EncodeWork
+    first: TokenEvent | None = None
+    handoff: KVHandoff | None = None
+    error: str | None = None
+    started_at: float = 0.0
+
+
+def params_of(sampling: Sampling) -> SamplingParams:
+    return SamplingParams(sampling.max_tokens, sampling.temperature, sampling.top_k,
+                          sampling.top_p, sampling.seed, sampling.stop, sampling.ignore_eos)
+
+
+def request_of(work: EncodeWork) -> GenerationRequest:
+    return GenerationRequest(work.request_id, work.prompt_ids, params_of(work.sampling))
+
+
+def token_of(event: TokenEvent) -> Token:
+    return Token(event.request_id, event.index, event.token_id, event.text, event.finished,
+                 event.finish_reason)
+
+
+class EncoderService(WorkerBase):
+    role = "encoder"
+
+    def __init__(self, config: MeshConfig, transports: Transports, runner: EngineRunner) -> None:
+        super().__init__(config, transports)
+        self.runner = runner
+        self.batches = 0
+
+    async def start(self) -> None:
+        await self.bus.declare_queue(self.names.handoff_queue)
+        await self.start_common(self.names.encode_queue, prefetch=self.config.max_encode_batch)
+
+    @property
+    def batch_limit(self) -> int:
+        return min(self.follower.schedule.encode_batch, self.config.max_encode_batch)
+
+    async def run(self) -> None:
+        """Encode until stopped, then give back what was received but not started."""
+        await self.start()
+        while not self.stopping.is_set():
+            deliveries = await self.receive()
+            await self.apply_schedule()
+            jobs = await self.admit(deliveries)
+            if jobs:
+                await self.execute(jobs)
+                await self.emit(jobs)
+        await self.report("stopping")
+        await self.stop_consuming()
+        await self.close()
+
+    async def receive(self) -> list[Delivery]:
+        return await self.inbox.wait(self.batch_limit)
+
+    async def admit(self, deliveries: list[Delivery]) -> list[Job]:
+        """Decode work; dead-letter what cannot be read, skip what was aborted or already done."""
+        jobs = []
+        for delivery in deliveries:
+            try:
+                work = codec.decode(delivery.body, WorkMessage)
+            except codec.DecodeError:
+                await delivery.reject(requeue=False)
+                continue
+            if work.request_id in self.aborted or await self._already_done(work.request_id):
+                await delivery.ack()
+                continue
+            jobs.append(Job(delivery, work))
+        return jobs
+
+    async def _already_done(self, request_id: str) -> bool:
+        return await self.store.get(self.names.done(request_id)) is not None
+
+    async def execute(self, jobs: list[Job]) -> None:
+        """Prefill the batch (one by one if the batch fails) and export the unfinished ones."""
+        for job in jobs:
+            job.started_at = time.time()
+        try:
+            firsts = await self.runner.call(self.runner.engine.prefill, [request_of(j.work) for j in jobs])
+        except ValueError:
+            firsts = [await self._prefill_alone(job) for job in jobs]
+        for job, first in zip(jobs, firsts):
+            job.first = first
+        for job in jobs:
+            if job.first is not None and not job.first.finished:
+                job.handoff = await self.runner.call(self.runner.engine.export_request,
+                                                     job.work.request_id)
+        self.batches += 1
+
+    async def _prefill_alone(self, job: Job) -> TokenEvent | None:
+        try:
+            return (await self.runner.call(self.runner.engine.prefill, [request_of(job.work)]))[0]
+        except ValueError as exc:
+            job.error = str(exc)
+            return None
+
+    async def emit(self, jobs: list[Job]) -> None:
+        """First tokens and stamps to the submitters, then hand-offs to the decoders, then acks."""
+        outbox = Outbox()
+        for job in jobs:
+            self._record(outbox, job)
+        await self.send(outbox, batch_size=len(jobs))
+        for job in jobs:
+            await self._hand_off_or_finish(job)
+            await job.delivery.ack()
+
+    def _record(self, outbox: Outbox, job: Job) -> None:
+        reply_to, rid = job.work.reply_to, job.work.request_id
+        outbox.stamp(reply_to, rid, Stage.ENCODE_START, job.started_at)
+        outbox.stamp(reply_to, rid, Stage.ENCODE_END)
+        if job.error is not None:
+            outbox.failure(reply_to, Failure(rid, 400, job.error))
+        elif job.first is not None:
+            outbox.token(reply_to, token_of(job.first))
+            if job.handoff is not None:
+                outbox.stamp(reply_to, rid, Stage.HANDED_OFF)
+
+    async def _hand_off_or_finish(self, job: Job) -> None:
+        if job.handoff is not None:
+            ref = await self.kv.put(job.handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
+            ready = KvReady(job.work.request_id, self.worker_id, job.work.reply_to, ref,
+                            len(job.work.prompt_ids), self.follower.version, job.work.submitted_at)
+            await self.bus.publish(self.names.handoff_queue, codec.encode(ready))
+        elif job.first is not None:
+            await self._finish(job)
+
+    async def _finish(self, job: Job) -> None:
+        """Finished at prefill (one token, EOS or stop): mark done, record its lengths."""
+        rid = job.work.request_id
+        if await self.store.set_if_absent(self.names.done(rid), b"1", ttl_s=DONE_TTL_S):
+            sample = LengthSample(rid, len(job.work.prompt_ids), 1,
+                                  job.first.finish_reason or "stop", time.time())
+            await self.store.push_capped(self.names.output_lengths, codec.encode(sample),
+                                         max_len=OUTPUT_LENGTHS_MAX)
+

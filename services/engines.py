@@ -1,0 +1,52 @@
+"""Loading an engine for a service, and calling it off the event loop.
+
+A model spec is a name or folder for ``engine.load_engine`` (smollm2, tiny-llama, ...), or
+``package.module:factory`` for another implementation of the engine protocol (test doubles, custom
+engines); the factory is called with ``device`` and ``num_threads``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+from common.config import MeshConfig
+from engine.api import Engine
+
+T = TypeVar("T")
+
+
+def is_factory_spec(model: str) -> bool:
+    return ":" in model and not os.path.exists(model) and "/" not in model.split(":", 1)[0]
+
+
+def load_engine(config: MeshConfig) -> Engine:
+    if is_factory_spec(config.model):
+        module_name, attr = config.model.split(":", 1)
+        factory = getattr(importlib.import_module(module_name), attr)
+        return factory(device=config.device, num_threads=config.threads)
+    from engine import load_engine as load  # the engine package's loader
+
+    return load(config.model, device=config.device, num_threads=config.threads)
+
+
+def served_model_name(config: MeshConfig) -> str:
+    """The model id clients name in requests: the spec as given."""
+    return config.model
+
+
+class EngineRunner:
+    """Runs engine calls one at a time on a dedicated thread, so the event loop keeps serving."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)

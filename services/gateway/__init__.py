@@ -1,0 +1,6 @@
+"""The gateway: OpenAI-compatible REST in front of the mesh."""
+
+from services.gateway.app import ApiError, ServedModel, create_app
+from services.gateway.core import Gateway, Pending, RequestFailed
+
+__all__ = ["ApiError", "Gateway", "Pending", "RequestFailed", "ServedModel", "create_app"]

@@ -1,0 +1,251 @@
+"""The gateway's HTTP face: an OpenAI-compatible API built by ``create_app`` (no module-level app).
+
+Tokenization happens here: the gateway loads the model's tokenizer, so that it can reject a prompt
+longer than the context with a 400 before any work is queued, and count prompt tokens for usage.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from common.config import MeshConfig
+from common.messages.work import Sampling
+from common.names import Names
+from common.transport.connect import LocalHub, open_transports
+from engine.api import Tokenizer
+from services.gateway import openai_api as oa
+from services.gateway.core import Gateway, Pending, RequestFailed
+from services.gateway.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    tokenizer: Tokenizer
+    max_context: int
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+WorkersFactory = Callable[[], AbstractAsyncContextManager[Any]]
+
+
+def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None = None,
+               workers: WorkersFactory | None = None,
+               routers: tuple[APIRouter, ...] = (),
+               on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The gateway app; ``workers`` starts in-process services first (embedded mode).
+
+    ``routers`` are mounted next to the OpenAI routes (their handlers find the ``Gateway`` at
+    ``request.app.state.gateway``); ``on_ready`` is called once the gateway can take requests.
+    """
+    hub = hub or LocalHub()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            if workers is not None:
+                await stack.enter_async_context(workers())
+            transports = await open_transports(config, Names(config.namespace), hub)
+            gateway = Gateway(config, transports, model.name, metrics)
+            await gateway.start()
+            stack.push_async_callback(gateway.close)
+            app.state.gateway = gateway
+            if on_ready is not None:
+                on_ready()
+            yield
+
+    app = FastAPI(title="ExeGPT mesh gateway", lifespan=lifespan)
+    app.state.model, app.state.config, app.state.metrics = model, config, metrics
+    install_error_handlers(app)
+    app.include_router(openai_router())
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(oa.error_body(str(exc), param=exc.param, code=exc.code), exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return JSONResponse(oa.error_body(f"{first['msg']} ({param or 'body'})", param=param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(oa.error_body(str(exc.detail), code=str(exc.status_code)), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(oa.error_body(f"internal error: {type(exc).__name__}",
+                                          kind="server_error"), 500)
+
+
+# --- request validation ---------------------------------------------------------------------
+
+def check_model(body: oa._Common, model: ServedModel) -> None:
+    if body.model != model.name:
+        raise ApiError(404, f"The model '{body.model}' does not exist; this server serves "
+                       f"'{model.name}'", param="model", code="model_not_found")
+    if body.n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+
+
+def completion_prompt(body: oa.CompletionBody, model: ServedModel) -> list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        return list(prompt)  # type: ignore[arg-type]
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ApiError(400, "exactly one prompt per request is supported", param="prompt")
+        prompt = prompt[0]
+    return model.tokenizer.encode(str(prompt))
+
+
+def chat_prompt(body: oa.ChatBody, model: ServedModel) -> list[int]:
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    return model.tokenizer.encode(model.tokenizer.apply_chat_template(messages))
+
+
+def sampling_of(body: oa._Common, max_tokens: int | None, prompt_ids: list[int],
+                model: ServedModel, config: MeshConfig) -> Sampling:
+    if not prompt_ids:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    room = model.max_context - len(prompt_ids)
+    limit = min(config.max_tokens_limit, room)
+    wanted = min(limit, 16) if max_tokens is None else max_tokens
+    if room < 1 or not 1 <= wanted <= limit:
+        raise ApiError(400, f"This model's maximum context length is {model.max_context} tokens "
+                       f"and max_tokens may be at most {config.max_tokens_limit}; you requested "
+                       f"{len(prompt_ids)} prompt tokens and max_tokens={wanted}",
+                       param="max_tokens", code="context_length_exceeded")
+    if body.min_tokens not in (0, wanted):
+        raise ApiError(400, "min_tokens must be 0 or equal to max_tokens (forced length)",
+                       param="min_tokens")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return Sampling(wanted, body.temperature, body.top_k, body.top_p, body.seed, stop,
+                    body.ignore_eos or body.min_tokens > 0)
+
+
+# --- routes -----------------------------------------------------------------------------------
+
+def openai_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health(request: Request) -> dict[str, str]:
+        return {"status": "ok", "model": request.app.state.model.name}
+
+    @router.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        name = request.app.state.model.name
+        return {"object": "list",
+                "data": [{"id": name, "object": "model", "created": 0, "owned_by": "exegpt"}]}
+
+    @router.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        gateway: Gateway = request.app.state.gateway
+        for queue in (gateway.names.encode_queue, gateway.names.handoff_queue):
+            gateway.metrics.queue_depth.labels(queue).set(await gateway.bus.queue_depth(queue))
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @router.post("/v1/completions")
+    async def completions(body: oa.CompletionBody, request: Request) -> Response:
+        model: ServedModel = request.app.state.model
+        check_model(body, model)
+        prompt_ids = completion_prompt(body, model)
+        sampling = sampling_of(body, body.max_tokens, prompt_ids, model, request.app.state.config)
+        return await respond(request, "completions", body, prompt_ids, sampling)
+
+    @router.post("/v1/chat/completions")
+    async def chat(body: oa.ChatBody, request: Request) -> Response:
+        model: ServedModel = request.app.state.model
+        check_model(body, model)
+        prompt_ids = chat_prompt(body, model)
+        sampling = sampling_of(body, body.max_completion_tokens or body.max_tokens, prompt_ids,
+                               model, request.app.state.config)
+        return await respond(request, "chat", body, prompt_ids, sampling)
+
+    return router
+
+
+async def respond(request: Request, endpoint: str, body: oa._Common, prompt_ids: list[int],
+                  sampling: Sampling) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
+    pending = await gateway.submit(prompt_ids, sampling, request_id=f"{prefix}-{uuid.uuid4().hex}")
+    try:
+        if body.stream:
+            response = await stream_response(gateway, pending, endpoint, body)
+        else:
+            response = await whole_response(gateway, pending, endpoint)
+    except RequestFailed as exc:
+        gateway.metrics.requests.labels(endpoint, str(exc.status)).inc()
+        await gateway.abort(pending)
+        raise ApiError(exc.status, str(exc), code="generation_failed") from None
+    gateway.metrics.requests.labels(endpoint, "200").inc()
+    return response
+
+
+async def whole_response(gateway: Gateway, pending: Pending, endpoint: str) -> JSONResponse:
+    texts, reason = [], None
+    async for token in pending.tokens(gateway.config.request_timeout_s):
+        texts.append(token.text)
+        reason = token.finish_reason
+    use = oa.usage(pending.prompt_len, pending.next_index)
+    shape = oa.chat_completion if endpoint == "chat" else oa.completion
+    return JSONResponse(shape(pending.request_id, gateway.model, "".join(texts), reason, use))
+
+
+async def stream_response(gateway: Gateway, pending: Pending, endpoint: str,
+                          body: oa._Common) -> StreamingResponse:
+    """Wait for the first token (so early failures get a status code), then stream SSE."""
+    tokens = pending.tokens(gateway.config.request_timeout_s)
+    first = await anext(tokens)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    events = sse_events(gateway, pending, endpoint, first, tokens, include_usage)
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def sse_events(gateway: Gateway, pending: Pending, endpoint: str, first: Any,
+                     rest: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[str]:
+    chunk = oa.chat_chunk if endpoint == "chat" else oa.completion_chunk
+    rid, model = pending.request_id, gateway.model
+    try:
+        if endpoint == "chat":
+            yield _sse(oa.chat_chunk(rid, model, "", None, first=True))
+        yield _sse(chunk(rid, model, first.text, first.finish_reason))
+        async for token in rest:
+            yield _sse(chunk(rid, model, token.text, token.finish_reason))
+        if include_usage:
+            yield _sse(chunk(rid, model, "", None, oa.usage(pending.prompt_len, pending.next_index)))
+    except RequestFailed as exc:
+        yield _sse(oa.error_body(str(exc), kind="server_error", code=str(exc.status)))
+    finally:
+        if not pending.done:
+            await gateway.abort(pending)  # the client went away mid-stream
+    yield "data: [DONE]\n\n"
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

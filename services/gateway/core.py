@@ -1,0 +1,171 @@
+"""The gateway's side of the mesh: submit encode work, gather each request's events exactly once.
+
+Any front end (the REST routes, batch jobs) submits through ``Gateway.submit`` and reads tokens
+from the returned ``Pending``. Workers may repeat events after a redelivery; ``Pending`` keeps
+each token index once and in order, and ends at the first finish or failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, assert_never
+
+from common.config import MeshConfig
+from common.lifecycle import Stage, Timeline
+from common.messages import codec
+from common.messages.control import Abort
+from common.messages.events import EventBatch, EventMessage, Failure, Token
+from common.messages.work import EncodeWork, Sampling
+from common.names import Names
+from common.transport.connect import Transports
+from common.transport.port import Subscription
+from services.gateway.metrics import Metrics
+from services.worker import new_worker_id
+
+
+class RequestFailed(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Pending:
+    """One submitted request as its submitter sees it."""
+
+    request_id: str
+    prompt_len: int
+    timeline: Timeline = field(default_factory=Timeline)
+    next_index: int = 0
+    held: dict[int, Token] = field(default_factory=dict)
+    done: bool = False
+    failed: Failure | None = None
+    _out: asyncio.Queue[Token | Failure] = field(default_factory=asyncio.Queue)
+
+    def on_token(self, token: Token) -> bool:
+        """Keep a token once; release tokens in index order. True when the request just finished."""
+        if self.done or token.index < self.next_index:
+            return False
+        self.held.setdefault(token.index, token)
+        while self.next_index in self.held and not self.done:
+            released = self.held.pop(self.next_index)
+            self._release(released)
+        return self.done
+
+    def _release(self, token: Token) -> None:
+        if self.next_index == 0:
+            self.timeline.mark(Stage.FIRST_TOKEN)
+        self.next_index += 1
+        self.timeline.output_tokens = self.next_index
+        self.done = token.finished
+        if self.done:
+            self.timeline.mark(Stage.FINISHED)
+        self._out.put_nowait(token)
+
+    def on_failure(self, failure: Failure) -> bool:
+        if self.done:
+            return False
+        self.done, self.failed = True, failure
+        self._out.put_nowait(failure)
+        return True
+
+    async def tokens(self, timeout_s: float) -> AsyncIterator[Token]:
+        """Tokens in order until the last; RequestFailed on a failure or the deadline."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                item = await asyncio.wait_for(self._out.get(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                raise RequestFailed(504, f"no result within {timeout_s:g} s") from None
+            if isinstance(item, Failure):
+                raise RequestFailed(item.status, item.message)
+            yield item
+            if item.finished:
+                return
+
+
+class Gateway:
+    """Owns the events queue of this process and the table of pending requests."""
+
+    def __init__(self, config: MeshConfig, transports: Transports, model: str,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.names = Names(config.namespace)
+        self.transports = transports
+        self.bus = transports.bus
+        self.model = model
+        self.metrics = metrics or Metrics()
+        self.gateway_id = new_worker_id(config, "gateway")
+        self.events_queue = self.names.events_queue(self.gateway_id)
+        self.pending: dict[str, Pending] = {}
+        self._pump: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.bus.declare_queue(self.names.encode_queue)
+        await self.bus.declare_fanout(self.names.control_exchange)
+        await self.bus.declare_queue(self.events_queue, exclusive=True)
+        subscription = await self.bus.consume(self.events_queue, prefetch=self.config.prefetch_count)
+        self._pump = asyncio.create_task(self._receive_events(subscription))
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+        await self.transports.close()
+
+    async def submit(self, prompt_ids: list[int], sampling: Sampling,
+                     request_id: str | None = None) -> Pending:
+        """Queue one tokenized prompt for encoding; its events arrive on ``Pending``."""
+        rid = request_id or f"cmpl-{uuid.uuid4().hex}"
+        pending = Pending(rid, len(prompt_ids))
+        pending.timeline.mark(Stage.ARRIVED)
+        self.pending[rid] = pending
+        work = EncodeWork(rid, self.model, tuple(prompt_ids), sampling, self.events_queue, time.time())
+        await self.bus.publish(self.names.encode_queue, codec.encode(work))
+        pending.timeline.mark(Stage.QUEUED)
+        self.metrics.in_flight.inc()
+        return pending
+
+    async def abort(self, pending: Pending) -> None:
+        """The client went away: forget the request and tell the workers to drop it."""
+        if self.pending.pop(pending.request_id, None) is not None:
+            self.metrics.in_flight.dec()
+            body = codec.encode(Abort(pending.request_id))
+            await self.bus.broadcast(self.names.control_exchange, body)
+
+    def forget(self, pending: Pending) -> None:
+        if self.pending.pop(pending.request_id, None) is not None:
+            self.metrics.in_flight.dec()
+
+    async def _receive_events(self, subscription: Subscription) -> None:
+        async for delivery in subscription:
+            try:
+                self.on_event(codec.decode(delivery.body, EventMessage))
+            except codec.DecodeError:
+                pass  # not ours to redeliver: events queues have no dead letters
+            await delivery.ack()
+
+    def on_event(self, message: EventMessage) -> None:
+        if isinstance(message, EventBatch):
+            self.on_event_batch(message)
+        else:
+            assert_never(message)
+
+    def on_event_batch(self, batch: EventBatch) -> None:
+        self.metrics.batch_size.labels(batch.role).observe(batch.batch_size)
+        for stamp in batch.stamps:
+            if (pending := self.pending.get(stamp.request_id)) is not None:
+                pending.timeline.mark(stamp.stage, stamp.at)
+        for token in batch.tokens:
+            if (pending := self.pending.get(token.request_id)) is not None and pending.on_token(token):
+                self._finished(pending)
+        for failure in batch.failures:
+            if (pending := self.pending.get(failure.request_id)) is not None and pending.on_failure(failure):
+                self.forget(pending)
+
+    def _finished(self, pending: Pending) -> None:
+        self.metrics.finished(pending.timeline)
+        self.forget(pending)

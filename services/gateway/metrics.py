@@ -1,0 +1,37 @@
+"""Prometheus metrics of one gateway, in its own registry (several apps may share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from common.lifecycle import Timeline
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("exegpt_requests", "HTTP generation requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.in_flight = Gauge("exegpt_requests_in_flight", "Requests submitted, not finished", registry=r)
+        self.queue_depth = Gauge("exegpt_queue_depth", "Messages waiting in a work queue", ["queue"], registry=r)
+        self.ttft = Histogram("exegpt_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS_S, registry=r)
+        self.tpot = Histogram("exegpt_tpot_seconds", "Time per output token after the first",
+                              buckets=TOKEN_BUCKETS_S, registry=r)
+        self.e2e = Histogram("exegpt_e2e_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS_S, registry=r)
+        self.batch_size = Histogram("exegpt_batch_size", "Requests per worker iteration", ["role"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.output_tokens = Counter("exegpt_output_tokens", "Tokens returned to clients", registry=r)
+
+    def finished(self, timeline: Timeline) -> None:
+        for histogram, value in ((self.ttft, timeline.ttft_s), (self.tpot, timeline.tpot_s),
+                                 (self.e2e, timeline.e2e_s)):
+            if value is not None:
+                histogram.observe(value)
+        self.output_tokens.inc(timeline.output_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

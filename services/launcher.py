@@ -1,0 +1,167 @@
+"""``exegpt up``: a local mesh of separate processes, supervised, stopped cleanly together.
+
+The process list comes from ``deploy/processes.toml``. Each child is ``python -m services.cli
+ROLE`` with the mesh settings in its environment; the launcher waits for each group's ``ready``
+lines, restarts a child that dies (a bounded number of times), and on SIGINT/SIGTERM sends SIGTERM
+to every child, waits for them to drain, and kills what is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Empty, Queue
+
+from common.config import MeshConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SPEC = REPO_ROOT / "deploy" / "processes.toml"
+READY_TIMEOUT_S = 300.0
+MAX_RESTARTS = 3
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    args: tuple[str, ...]
+    replicas: int
+
+
+@dataclass
+class Child:
+    spec: ProcessSpec
+    index: int
+    popen: subprocess.Popen[str]
+    restarts: int = 0
+    ready_line: str | None = None
+    lines: "Queue[str | None]" = field(default_factory=Queue)
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.name}-{self.index}"
+
+
+def read_spec(path: Path, counts: dict[str, int]) -> list[ProcessSpec]:
+    data = tomllib.loads(path.read_text())
+    specs = []
+    for entry in data.get("process", []):
+        replicas = int(str(entry.get("replicas", "1")).format(**counts))
+        specs.append(ProcessSpec(entry["name"], tuple(entry["args"]), replicas))
+    return specs
+
+
+def child_env(config: MeshConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in config.model_dump(exclude={"worker_id"}).items():
+        if value is not None:
+            env[f"EXEGPT_{name.upper()}"] = str(value)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Launcher:
+    def __init__(self, config: MeshConfig, specs: list[ProcessSpec]) -> None:
+        self.config, self.specs = config, specs
+        self.env = child_env(config)
+        self.children: list[Child] = []
+        self.stopping = threading.Event()
+
+    def spawn(self, spec: ProcessSpec, index: int) -> Child:
+        popen = subprocess.Popen([sys.executable, "-m", "services.cli", *spec.args], cwd=REPO_ROOT,
+                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, bufsize=1)
+        child = Child(spec, index, popen)
+        threading.Thread(target=self._forward, args=(child,), daemon=True).start()
+        return child
+
+    def _forward(self, child: Child) -> None:
+        """Copy the child's output with its label; hand 'ready' lines to whoever waits."""
+        assert child.popen.stdout is not None
+        for line in child.popen.stdout:
+            if line.startswith("ready "):
+                child.lines.put(line.strip())
+            print(f"[{child.label}] {line}", end="", flush=True)
+        child.lines.put(None)
+
+    def wait_ready(self, child: Child) -> str:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        line: str | None = None
+        while line is None and time.monotonic() < deadline and not self.stopping.is_set():
+            try:
+                line = child.lines.get(timeout=0.5)
+            except Empty:
+                continue
+            if line is None:
+                break
+        if line is None:
+            raise RuntimeError(f"{child.label} did not start (exit status {child.popen.poll()})")
+        child.ready_line = line
+        return line
+
+    def start(self) -> str:
+        """Start every group in order; return the gateway's URL (or '' if there is none)."""
+        url = ""
+        for spec in self.specs:
+            group = [self.spawn(spec, i) for i in range(spec.replicas)]
+            self.children += group
+            for child in group:
+                line = self.wait_ready(child)
+                if line.startswith("ready gateway "):
+                    url = line.split()[-1]
+        return url
+
+    def supervise(self) -> None:
+        """Restart children that die, until asked to stop."""
+        while not self.stopping.wait(0.5):
+            for child in self.children:
+                if child.popen.poll() is not None and not self.stopping.is_set():
+                    self._restart(child)
+
+    def _restart(self, child: Child) -> None:
+        if child.restarts >= MAX_RESTARTS:
+            print(f"exegpt up: {child.label} keeps dying; stopping the mesh", file=sys.stderr)
+            self.stopping.set()
+            return
+        print(f"exegpt up: {child.label} exited ({child.popen.returncode}); restarting", file=sys.stderr)
+        fresh = self.spawn(child.spec, child.index)
+        child.popen, child.lines, child.restarts = fresh.popen, fresh.lines, child.restarts + 1
+
+    def stop(self, timeout_s: float) -> None:
+        """SIGTERM in reverse start order (gateway first), wait, then kill stragglers."""
+        self.stopping.set()
+        for child in reversed(self.children):
+            if child.popen.poll() is None:
+                child.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in reversed(self.children):
+            try:
+                child.popen.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.popen.kill()
+                child.popen.wait()
+
+
+def run_up(config: MeshConfig, spec_path: Path, encoders: int, decoders: int) -> int:
+    launcher = Launcher(config, read_spec(spec_path, {"encoders": encoders, "decoders": decoders}))
+    previous = {sig: signal.signal(sig, lambda *_: launcher.stopping.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        url = launcher.start()
+        print(f"ready mesh {url}", flush=True)
+        launcher.supervise()
+    except RuntimeError as exc:
+        print(f"exegpt up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        launcher.stop(config.drain_timeout_s)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

@@ -1,0 +1,97 @@
+"""Entry points that run one service in this process until SIGTERM/SIGINT, then drain and close."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from typing import Protocol
+
+from common.config import MeshConfig
+from common.names import Names
+from common.transport.connect import LocalHub, open_transports
+from services.decoder import DecoderService
+from services.embedded import local_workers
+from services.encoder import EncoderService
+from services.engines import EngineRunner, load_engine, served_model_name
+from services.gateway import ServedModel, create_app
+from services.scheduler import SchedulerService
+
+
+class Stoppable(Protocol):
+    ready: asyncio.Event
+
+    def stop(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+def announce(line: str) -> None:
+    """One line on stdout that supervisors and tests wait for (``ready ...``)."""
+    print(line, flush=True)
+
+
+async def run_until_signalled(service: Stoppable, name: str) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.stop)
+    task = asyncio.create_task(service.run())
+    ready = asyncio.create_task(service.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done():
+        announce(f"ready {name}")
+    else:
+        ready.cancel()
+    await task
+
+
+async def run_worker(role: str, config: MeshConfig) -> None:
+    transports = await open_transports(config, Names(config.namespace), LocalHub())
+    service: Stoppable
+    if role == "scheduler":
+        service = SchedulerService(config, transports)
+    else:
+        runner = EngineRunner(load_engine(config))
+        cls = EncoderService if role == "encoder" else DecoderService
+        service = cls(config, transports, runner)
+    await run_until_signalled(service, f"{role} {getattr(service, 'worker_id', '')}".strip())
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
+    """The gateway (and, embedded, every other service) behind uvicorn."""
+    import uvicorn
+
+    hub = LocalHub()
+    encoder_engine = load_engine(config)
+    model = ServedModel(served_model_name(config), encoder_engine.tokenizer, encoder_engine.max_context)
+    workers = None
+    if embedded:
+        runners = ([EngineRunner(encoder_engine)], [EngineRunner(load_engine(config))])
+
+        def workers():
+            return local_workers(config, hub, encoders=runners[0], decoders=runners[1])
+
+    sock = bind_socket(config.host, config.port)
+    url = f"http://{config.host}:{sock.getsockname()[1]}"
+    app = create_app(config, model, hub=hub, workers=workers,
+                     on_ready=lambda: announce(f"ready gateway {url}"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    await server.serve(sockets=[sock])
+
+
+def main_for(role: str, config: MeshConfig) -> int:
+    if role in ("gateway", "serve"):
+        asyncio.run(serve_http(config, embedded=role == "serve"))
+    else:
+        asyncio.run(run_worker(role, config))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,67 @@
+"""Export -> bytes -> import continues a request to exactly the tokens it would have produced."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.api import KVHandoff
+from tests.engine.conftest import Collector, req, run_to_end
+
+CASES = {
+    "greedy": dict(max_tokens=24, ignore_eos=True),
+    "sampled": dict(max_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=7, ignore_eos=True),
+    "unseeded": dict(max_tokens=24, temperature=0.8, ignore_eos=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_export_import_continues_identically(make_engine, case):
+    prompt = list(b"Hand me over, please: ")
+    source, target = make_engine(), make_engine()
+    expected = run_to_end(source, [req("r", prompt, **CASES[case])]).tokens["r"]
+
+    got = Collector()
+    got.add(source.prefill([req("other", b"a neighbour", max_tokens=40, ignore_eos=True),
+                            req("r", prompt, **CASES[case])]))
+    for _ in range(6):
+        got.add(source.decode_step())
+    wire = source.export_request("r").to_bytes()
+    assert source.running() == ["other"]
+
+    target.prefill([req("resident", b"already decoding here", max_tokens=40, ignore_eos=True)])
+    target.decode_step()
+    target.import_request(KVHandoff.from_bytes(wire))
+    assert target.running() == ["resident", "r"]
+    while "r" in target.running():
+        got.add([e for e in target.decode_step() if e.request_id == "r"])
+    assert got.tokens["r"] == expected
+    assert got.reason["r"] == "length"
+
+
+def test_handoff_carries_metadata(make_engine):
+    engine = make_engine()
+    engine.prefill([req("r", b"metadata", max_tokens=10, ignore_eos=True)])
+    engine.decode_step()
+    h = KVHandoff.from_bytes(engine.export_request("r").to_bytes())
+    layers, kv_heads, head_dim = engine.runner.cache.geometry
+    assert h.layout == "llama:L,2,Hkv,T,D"
+    assert h.shape == (layers, 2, kv_heads, len(b"metadata") + 1, head_dim)
+    assert h.dtype == "float32"
+    assert len(h.kv) == 4 * layers * 2 * kv_heads * (len(b"metadata") + 1) * head_dim
+    assert h.prompt_ids == tuple(b"metadata") and len(h.generated_ids) == 2
+
+
+def test_import_rejects_foreign_or_duplicate(make_engine):
+    engine = make_engine()
+    engine.prefill([req("r", b"dup", max_tokens=10, ignore_eos=True)])
+    h = engine.export_request("r")
+    engine.import_request(h)
+    with pytest.raises(ValueError, match="already running"):
+        engine.import_request(h)
+    foreign = KVHandoff(**{**h.__dict__, "model": "tiny-opt", "layout": "gpt:L,2,Hkv,T,D"})
+    with pytest.raises(ValueError):
+        make_engine().import_request(foreign)
+    with pytest.raises(ValueError):
+        KVHandoff.from_bytes(b"\x93garbage")
+    with pytest.raises(KeyError):
+        engine.export_request("unknown")

@@ -1,0 +1,126 @@
+"""A deterministic stand-in for the engine (a test double of engine.api.Engine).
+
+Tokens are bytes: the tokenizer maps characters to ids 1..255 and back; generation is a pure
+function of the previous token and the position, so a request continued on another engine after a
+hand-off produces the same tokens. Used by unit and service tests, and by subprocess tests through
+the model spec ``tests.mesh.fake_engine:load``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import msgpack
+
+from engine.api import GenerationRequest, KVHandoff, SamplingParams, TokenEvent
+
+EOS = 0
+MAX_CONTEXT = 256
+
+
+class ByteTokenizer:
+    eos_token_id = EOS
+
+    def encode(self, text: str) -> list[int]:
+        return [max(1, b) for b in text.encode("latin-1", "replace")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(chr(i) for i in ids if i != EOS)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def next_token(previous: int, index: int) -> int:
+    return 97 + (previous * 7 + index) % 26  # 'a'..'z'
+
+
+@dataclass
+class _Running:
+    request: GenerationRequest
+    generated: list[int] = field(default_factory=list)
+
+
+class FakeEngine:
+    model_name = "fake"
+    max_context = MAX_CONTEXT
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.tokenizer = ByteTokenizer()
+        self.batch: dict[str, _Running] = {}
+        self.prefill_sizes: list[int] = []
+
+    def prefill(self, requests: Sequence[GenerationRequest]) -> list[TokenEvent]:
+        for r in requests:
+            if not r.prompt_ids or len(r.prompt_ids) + r.params.max_tokens > MAX_CONTEXT:
+                raise ValueError(f"prompt of {len(r.prompt_ids)} tokens does not fit")
+        self.prefill_sizes.append(len(requests))
+        events = []
+        for r in requests:
+            self.batch[r.request_id] = _Running(r)
+            events.append(self._advance(r.request_id, r.prompt_ids[-1]))
+        return events
+
+    def decode_step(self) -> list[TokenEvent]:
+        return [self._advance(rid, run.generated[-1]) for rid, run in list(self.batch.items())]
+
+    def _advance(self, rid: str, previous: int) -> TokenEvent:
+        run = self.batch[rid]
+        index = len(run.generated)
+        token = next_token(previous, index)
+        run.generated.append(token)
+        finished = len(run.generated) >= run.request.params.max_tokens
+        if finished:
+            del self.batch[rid]
+        return TokenEvent(rid, token, index, chr(token), finished, "length" if finished else None)
+
+    def running(self) -> list[str]:
+        return list(self.batch)
+
+    def abort(self, request_id: str) -> None:
+        self.batch.pop(request_id, None)
+
+    def export_request(self, request_id: str) -> KVHandoff:
+        run = self.batch.pop(request_id)
+        r = run.request
+        return KVHandoff(r.request_id, self.model_name, r.params, r.prompt_ids, tuple(run.generated),
+                         "", b"", "uint8", (len(r.prompt_ids),), "fake:T", bytes(len(r.prompt_ids)))
+
+    def import_request(self, handoff: KVHandoff) -> None:
+        request = GenerationRequest(handoff.request_id, handoff.prompt_ids, handoff.params)
+        self.batch[handoff.request_id] = _Running(request, list(handoff.generated_ids))
+
+
+def _encode_handoff(h: KVHandoff) -> bytes:
+    p = h.params
+    params = [p.max_tokens, p.temperature, p.top_k, p.top_p, p.seed, list(p.stop), p.ignore_eos]
+    return msgpack.packb([h.request_id, h.model, params, list(h.prompt_ids), list(h.generated_ids),
+                          h.emitted_text, h.rng_state, h.dtype, list(h.shape), h.layout, h.kv])
+
+
+def _decode_handoff(data: bytes) -> KVHandoff:
+    rid, model, p, prompt, gen, text, rng, dtype, shape, layout, kv = msgpack.unpackb(data)
+    params = SamplingParams(p[0], p[1], p[2], p[3], p[4], tuple(p[5]), p[6])
+    return KVHandoff(rid, model, params, tuple(prompt), tuple(gen), text, rng, dtype, tuple(shape),
+                     layout, kv)
+
+
+def _install_handoff_codec() -> None:
+    """Until engine.handoff exists in this checkout, give KVHandoff.to_bytes a codec."""
+    if "engine.handoff" in sys.modules or importlib.util.find_spec("engine.handoff") is not None:
+        return
+    shim = types.ModuleType("engine.handoff")
+    shim.encode_handoff, shim.decode_handoff = _encode_handoff, _decode_handoff
+    sys.modules["engine.handoff"] = shim
+
+
+def load(*, device: str = "auto", num_threads: int | None = None) -> FakeEngine:
+    _install_handoff_codec()
+    return FakeEngine()
+
+

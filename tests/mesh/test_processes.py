@@ -1,0 +1,169 @@
+"""The mesh as separate processes over the real RabbitMQ and Redis, on tiny-llama.
+
+One mesh (scheduler, 2 encoders, 2 decoders, gateway) serves the whole module; the test that kills
+a decoder runs last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+
+import httpx
+import pytest
+
+from common.config import MeshConfig
+from common.messages import codec
+from common.messages.status import WorkerStatus
+from common.names import Names
+from common.transport.connect import LocalHub, open_transports
+from optimizer.schedule import Schedule
+from services.scheduler import publish_schedule, recent_lengths
+from tests.mesh.conftest import AMQP_URL, REDIS_URL, broker_available, purge_namespace
+from tests.mesh.processes import ProcessMesh
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+MODEL = "tiny-llama"
+TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if not broker_available():
+        pytest.skip("RabbitMQ/Redis not answering on 127.0.0.1")
+    config = MeshConfig(namespace=f"p{uuid.uuid4().hex[:10]}", amqp_url=AMQP_URL, redis_url=REDIS_URL,
+                        model=MODEL, threads=1, port=free_port(), device="cpu", drain_timeout_s=10)
+    mesh = ProcessMesh({f"EXEGPT_{k.upper()}": str(v) for k, v in config.model_dump().items()
+                        if v is not None})
+    try:
+        mesh.start("scheduler").wait_line("ready")
+        workers = [mesh.start(role) for role in ("encoder", "encoder", "decoder", "decoder")]
+        gateway = mesh.start("gateway")
+        ids = [w.wait_line("ready").split()[-1] for w in workers]
+        url = gateway.wait_line("ready gateway").split()[-1]
+        yield {"config": config, "mesh": mesh, "url": url, "worker_ids": ids, "workers": workers}
+    finally:
+        mesh.close()
+        asyncio.run(purge_namespace(config, LocalHub()))
+
+
+def completion(prompt: str, n: int, **extra) -> dict:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0,
+            "ignore_eos": True, **extra}
+
+
+async def test_200_concurrent_requests_each_complete_once(cluster):
+    lengths = [1 + i % 16 for i in range(200)]
+    limits = httpx.Limits(max_connections=200)
+    async with httpx.AsyncClient(base_url=cluster["url"], timeout=TIMEOUT_S, limits=limits) as client:
+        responses = await asyncio.gather(*(
+            client.post("/v1/completions", json=completion(f"request number {i}", n))
+            for i, n in enumerate(lengths)))
+    assert [r.status_code for r in responses] == [200] * 200
+    bodies = [r.json() for r in responses]
+    assert [b["usage"]["completion_tokens"] for b in bodies] == lengths
+    assert len({b["id"] for b in bodies}) == 200
+    config = cluster["config"]
+    names = Names(config.namespace)
+    t = await open_transports(config, names, LocalHub())
+    samples = await recent_lengths(t.store, names, 1000)
+    mine = [s for s in samples if s.request_id in {b["id"] for b in bodies}]
+    assert len(mine) == 200 and len({s.request_id for s in mine}) == 200  # one finish each
+    await t.close()
+
+
+async def test_streaming_through_the_processes(cluster):
+    async with httpx.AsyncClient(base_url=cluster["url"], timeout=TIMEOUT_S) as client:
+        whole = (await client.post("/v1/completions", json=completion("stream", 12))).json()
+        async with client.stream("POST", "/v1/completions",
+                                 json=completion("stream", 12, stream=True)) as response:
+            assert response.status_code == 200
+            lines = [ln[6:] async for ln in response.aiter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(ln) for ln in lines[:-1]]
+    assert len(chunks) == 12
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+
+
+async def test_bad_input_through_the_processes(cluster):
+    async with httpx.AsyncClient(base_url=cluster["url"], timeout=TIMEOUT_S) as client:
+        bad = await client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
+        unknown = await client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+        negative = await client.post("/v1/completions", json=completion("x", -5))
+        too_long = await client.post("/v1/completions", json=completion("word " * 5000, 4))
+    assert [r.status_code for r in (bad, unknown, negative, too_long)] == [400, 404, 400, 400]
+    assert all("error" in r.json() for r in (bad, unknown, negative, too_long))
+
+
+async def test_schedule_update_reaches_every_worker_process(cluster):
+    config = cluster["config"]
+    names = Names(config.namespace)
+    t = await open_transports(config, names, LocalHub())
+    statuses = await t.bus.subscribe(names.status_exchange, names.status_queue(f"test-{uuid.uuid4().hex[:6]}"))
+    update = await publish_schedule(t.bus, t.store, names, Schedule(encode_batch=4, decode_batch=16))
+    applied: set[str] = set()
+    async with asyncio.timeout(TIMEOUT_S):
+        async for delivery in statuses:
+            status = codec.decode(delivery.body, WorkerStatus)
+            await delivery.ack()
+            if status.state == "applied" and status.schedule_version == update.version:
+                applied.add(status.worker_id)
+            if applied >= set(cluster["worker_ids"]):
+                break
+    assert applied == set(cluster["worker_ids"])
+    await t.close()
+
+
+async def test_a_decoder_killed_mid_batch_loses_nothing(cluster):
+    """SIGKILL one decoder while requests run: every request still completes, each once."""
+    n_requests, n_tokens = 24, 48
+    victim = cluster["workers"][2]
+    async with httpx.AsyncClient(base_url=cluster["url"], timeout=TIMEOUT_S,
+                                 limits=httpx.Limits(max_connections=64)) as client:
+        started = asyncio.Event()
+        seen = [0]
+        ids: set[str] = set()
+
+        async def one(i: int) -> tuple[int, str, str | None]:
+            text, reason = [], None
+            body = completion(f"survive {i}", n_tokens, stream=True)
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    ids.add(chunk["id"])
+                    choice = chunk["choices"][0]
+                    text.append(choice["text"])
+                    reason = choice["finish_reason"] or reason
+                    seen[0] += 1
+                    if seen[0] >= n_requests * 4:
+                        started.set()
+            return len(text), "".join(text), reason
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n_requests)]
+        await asyncio.wait_for(started.wait(), TIMEOUT_S)
+        held = await held_by(cluster, ids, cluster["worker_ids"][2])
+        cluster["mesh"].kill(victim)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT_S)
+    assert [r[0] for r in results] == [n_tokens] * n_requests
+    assert all(r[2] == "length" for r in results)
+    assert held > 0  # the victim really was decoding some of them
+
+
+async def held_by(cluster, request_ids: set[str], decoder: str) -> int:
+    """How many of ``request_ids`` the KV metadata in Redis shows running on ``decoder``."""
+    config = cluster["config"]
+    names = Names(config.namespace)
+    t = await open_transports(config, names, LocalHub())
+    metas = [await t.store.hgetall(names.kv_meta(rid)) for rid in request_ids]
+    await t.close()
+    return sum(meta.get("decoder") == decoder for meta in metas)

@@ -1,0 +1,186 @@
+"""The services together, in one process, on each transport (memory; RabbitMQ + Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from common.messages import codec
+from common.messages.status import WorkerStatus
+from common.names import Names
+from common.transport.connect import open_transports
+from optimizer.schedule import Schedule
+from services.scheduler import publish_schedule, recent_lengths
+from tests.mesh.conftest import running_mesh
+from tests.mesh.fake_engine import FakeEngine, load, next_token
+
+pytestmark = pytest.mark.usefixtures("cleanup")
+FAKE = "tests.mesh.fake_engine:load"
+TIMEOUT_S = 30
+
+
+@pytest.fixture
+def config(mesh_config):
+    return mesh_config.model_copy(update={"model": FAKE})
+
+
+def expected_text(prompt: str, n: int) -> str:
+    previous, out = ord(prompt[-1]), []
+    for i in range(n):
+        previous = next_token(previous, i)
+        out.append(chr(previous))
+    return "".join(out)
+
+
+def completion(prompt: str, n: int, **extra) -> dict:
+    return {"model": FAKE, "prompt": prompt, "max_tokens": n, "temperature": 0, **extra}
+
+
+async def test_completion_runs_through_encoder_and_decoder(config, hub):
+    async with running_mesh(config, hub, load) as m:
+        response = await m.client.post("/v1/completions", json=completion("hello", 7))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["choices"][0]["text"] == expected_text("hello", 7)
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+        assert m.mesh.decoders[0].steps >= 6  # tokens 1..6 came from the decoder
+
+
+async def test_concurrent_requests_each_complete_once(config, hub):
+    async with running_mesh(config, hub, load, encoders=2, decoders=2) as m:
+        prompts = [f"p{i:03d}" for i in range(60)]
+        lengths = [1 + i % 9 for i in range(60)]
+        responses = await asyncio.gather(*(
+            m.client.post("/v1/completions", json=completion(p, n)) for p, n in zip(prompts, lengths)))
+        assert [r.status_code for r in responses] == [200] * 60
+        ids = {r.json()["id"] for r in responses}
+        assert len(ids) == 60
+        for r, p, n in zip(responses, prompts, lengths):
+            assert r.json()["choices"][0]["text"] == expected_text(p, n)
+            assert r.json()["usage"]["completion_tokens"] == n
+        store = (await open_transports(config, Names(config.namespace), hub)).store
+        samples = await recent_lengths(store, Names(config.namespace), 100)
+        assert sorted(s.output_len for s in samples) == sorted(lengths)
+        assert all(not w.running for w in m.mesh.decoders)
+
+
+async def test_streaming_matches_the_whole_response(config, hub):
+    async with running_mesh(config, hub, load) as m:
+        body = completion("stream me", 6, stream=True, stream_options={"include_usage": True})
+        response = await m.client.post("/v1/completions", json=body)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [ln[len("data: "):] for ln in response.text.splitlines() if ln.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        chunks = [json.loads(ln) for ln in lines[:-1]]
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        assert text == expected_text("stream me", 6)
+        assert chunks[-1]["usage"]["completion_tokens"] == 6
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+
+
+async def test_chat_streaming_sends_role_then_content(config, hub):
+    async with running_mesh(config, hub, load) as m:
+        body = {"model": FAKE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                "stream": True}
+        response = await m.client.post("/v1/chat/completions", json=body)
+        lines = [ln[6:] for ln in response.text.splitlines() if ln.startswith("data: ")]
+        chunks = [json.loads(ln) for ln in lines[:-1]]
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert len(content) == 4 and lines[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "model"),
+    (json.dumps(completion("x", -1)).encode(), 400, "max_tokens"),
+    (json.dumps(completion("x", 10**9)).encode(), 400, "max_tokens"),
+    (json.dumps(completion("x" * 300, 4)).encode(), 400, "max_tokens"),
+    (json.dumps(completion("", 4)).encode(), 400, "prompt"),
+    (json.dumps({"model": FAKE}).encode(), 400, "prompt"),
+    (json.dumps(completion("x", 4, temperature=-1)).encode(), 400, "temperature"),
+    (json.dumps(completion("x", 4, min_tokens=2)).encode(), 400, "min_tokens"),
+    (json.dumps([1, 2]).encode(), 400, None),
+])
+async def test_bad_input_gets_an_openai_error(config, hub, body, status, param):
+    async with running_mesh(config, hub, load) as m:
+        response = await m.client.post("/v1/completions", content=body,
+                                       headers={"content-type": "application/json"})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error"
+        if param is not None:
+            assert error["param"] == param
+        healthy = await m.client.post("/v1/completions", json=completion("ok", 2))
+        assert healthy.status_code == 200
+
+
+async def test_models_health_and_metrics(config, hub):
+    async with running_mesh(config, hub, load) as m:
+        assert (await m.client.get("/health")).json()["status"] == "ok"
+        models = (await m.client.get("/v1/models")).json()
+        assert [d["id"] for d in models["data"]] == [FAKE]
+        await m.client.post("/v1/completions", json=completion("abc", 5))
+        text = (await m.client.get("/metrics")).text
+        assert 'exegpt_requests_total{endpoint="completions",status="200"} 1.0' in text
+        assert "exegpt_ttft_seconds_count 1.0" in text
+        assert "exegpt_e2e_seconds_count 1.0" in text
+        assert 'exegpt_batch_size_count{role="decoder"}' in text
+        assert "exegpt_queue_depth" in text
+
+
+async def wait_for_statuses(subscription, worker_ids: set[str], version: int) -> set[str]:
+    seen: set[str] = set()
+    async with asyncio.timeout(TIMEOUT_S):
+        async for delivery in subscription:
+            status = codec.decode(delivery.body, WorkerStatus)
+            await delivery.ack()
+            if status.schedule_version == version and status.state == "applied":
+                seen.add(status.worker_id)
+            if seen >= worker_ids:
+                return seen
+    return seen
+
+
+async def test_schedule_update_reaches_every_worker_and_changes_batching(config, hub):
+    names = Names(config.namespace)
+    async with running_mesh(config, hub, load, encoders=2, decoders=2) as m:
+        t = await open_transports(config, names, hub)
+        statuses = await t.bus.subscribe(names.status_exchange, names.status_queue("test"))
+        update = await publish_schedule(t.bus, t.store, names, Schedule(encode_batch=1, decode_batch=3))
+        ids = {w.worker_id for w in m.mesh.workers}
+        assert await wait_for_statuses(statuses, ids, update.version) == ids
+        assert all(w.follower.version == update.version for w in m.mesh.workers)
+        before = [len(w.runner.engine.prefill_sizes) for w in m.mesh.encoders]
+        responses = await asyncio.gather(*(m.client.post("/v1/completions", json=completion(f"q{i}", 20))
+                                           for i in range(12)))
+        assert all(r.status_code == 200 for r in responses)
+        for worker, n in zip(m.mesh.encoders, before):
+            assert set(worker.runner.engine.prefill_sizes[n:]) <= {1}
+        assert max(d.max_batch_seen for d in m.mesh.decoders) <= 3
+        await t.close()
+
+
+async def test_late_worker_reads_the_current_schedule(config, hub):
+    names = Names(config.namespace)
+    async with running_mesh(config, hub, load) as m:
+        version = m.mesh.workers[0].follower.version
+        assert version >= 1  # the scheduler published its first schedule before workers started
+        assert all(w.follower.version == version for w in m.mesh.workers)
+
+
+async def test_undecodable_work_goes_to_the_dead_queue(config, hub):
+    names = Names(config.namespace)
+    async with running_mesh(config, hub, load) as m:
+        t = await open_transports(config, names, hub)
+        await t.bus.publish(names.encode_queue, b"\x93garbage")
+        dead = await t.bus.consume(names.dead_queue, prefetch=1)
+        delivery = await asyncio.wait_for(anext(aiter(dead)), TIMEOUT_S)
+        assert delivery.body == b"\x93garbage"
+        await delivery.ack()
+        assert (await m.client.post("/v1/completions", json=completion("still", 3))).status_code == 200
+        await t.close()
