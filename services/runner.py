@@ -82,7 +82,9 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
 
     sock = bind_socket(config.host, config.port)
     url = f"http://{config.host}:{sock.getsockname()[1]}"
-    app = create_app(config, model, hub=hub, workers=workers,
+    from services.batch.api import batch_router  # the Batch API and its job consumer
+
+    app = create_app(config, model, hub=hub, workers=workers, routers=(batch_router(),),
                      on_ready=lambda: announce(f"ready gateway {url}"))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     await server.serve(sockets=[sock])

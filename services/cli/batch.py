@@ -69,14 +69,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser("worker", help="consume jobs until SIGINT/SIGTERM")
     _common(p)
-    p.add_argument("--executor", choices=("engine", "echo"), default="engine",
-                   help="engine: run jobs on a model in this process; echo: no model (queue tests)")
+    p.add_argument("--executor", choices=("mesh", "engine", "echo"), default="mesh",
+                   help="mesh: through the mesh's encoders and decoders (default); engine: on a "
+                        "model in this process; echo: no model (queue tests)")
     p.add_argument("--model", help="model for --executor engine (default: the mesh's model)")
     p.add_argument("--device", help="engine device: auto, cpu or cuda")
     p.add_argument("--max-inflight", type=int, default=16, help="jobs held at once (prefetch)")
     p.add_argument("--max-batch", type=int, default=32, help="engine running batch size")
-    p.add_argument("--yield-depth", type=int, default=-1,
-                   help="wait while the interactive encode queue holds more than this; -1: never")
+    p.add_argument("--yield-depth", type=int, default=0,
+                   help="with --executor mesh: start a job only while the encode queue holds at "
+                        "most this many interactive requests; -1: never wait")
     p.add_argument("--echo-delay-ms", type=float, default=0.0, help="simulated model time per job")
     p.add_argument("--worker-id", help="name in results (default: batch-HOST-PID)")
     p.set_defaults(func=_run(_worker))
@@ -241,41 +243,59 @@ async def _results(args: argparse.Namespace, config: Any) -> int:
     return 0
 
 
-def _executor(args: argparse.Namespace, config: Any) -> Any:
-    from services.batch.executor import EchoExecutor, EngineExecutor
+def _load_engine(args: argparse.Namespace, config: Any) -> Any:
+    from services.engines import load_engine
 
-    if args.executor == "echo":
-        return EchoExecutor(args.echo_delay_ms / 1000.0)
+    model_config = config.model_copy(update={"model": args.model or config.model})
     try:
-        from engine import load_engine  # type: ignore[attr-defined]
-    except ImportError:
-        raise CliError("this checkout has no engine loader; use --executor echo") from None
-    try:
-        engine = load_engine(args.model or config.model, device=config.device)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CliError(f"cannot load model {args.model or config.model!r}: {exc}") from None
-    return EngineExecutor(engine, max_batch=args.max_batch)
+        return load_engine(model_config)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise CliError(f"cannot load model {model_config.model!r}: {exc}") from None
 
 
 async def _worker(args: argparse.Namespace, config: Any) -> int:
+    from common.transport.connect import LocalHub, open_transports
     from services.batch.consumer import Admission, ConsumerConfig, JobConsumer, QueueDepthAdmission
+    from services.batch.executor import EchoExecutor, EngineExecutor
+    from services.batch.names import BatchNames
 
     worker_id = args.worker_id or f"batch-{socket.gethostname()}-{os.getpid()}"
-    executor = _executor(args, config)
+    names = BatchNames(config.namespace)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with _Conn(config) as conn:
-        admission: Admission = Admission()
-        if args.yield_depth >= 0:
-            admission = QueueDepthAdmission(conn.bus, conn.names.encode_queue, args.yield_depth)
-        consumer = JobConsumer(conn.bus, conn.store, conn.names, executor,
+    transports = await open_transports(config, names, LocalHub())
+    gateway = None
+    admission: Admission = Admission()
+    try:
+        if args.executor == "echo":
+            executor: Any = EchoExecutor(args.echo_delay_ms / 1000.0)
+        elif args.executor == "engine":
+            executor = EngineExecutor(_load_engine(args, config), max_batch=args.max_batch)
+        else:
+            from services.batch.mesh_executor import MeshExecutor
+            from services.gateway import ServedModel
+            from services.gateway.core import Gateway
+
+            engine = _load_engine(args, config)  # for its tokenizer and context length
+            model = ServedModel(args.model or config.model, engine.tokenizer, engine.max_context)
+            gateway = Gateway(config, await open_transports(config, names, LocalHub()), model.name)
+            await gateway.start()
+            executor = MeshExecutor(gateway, model, config.request_timeout_s)
+            if args.yield_depth >= 0:
+                admission = QueueDepthAdmission(transports.bus, names.encode_queue,
+                                                args.yield_depth, own_waiting=executor.waiting)
+        consumer = JobConsumer(transports.bus, transports.store, names, executor,
                                ConsumerConfig(worker_id, args.max_inflight, config.drain_timeout_s),
                                admission)
-        print(f"{worker_id}: consuming {conn.names.jobs_queue}", flush=True)
+        print(f"{worker_id}: consuming {names.jobs_queue}", flush=True)
         await consumer.run(stop)
         if hasattr(executor, "close"):
             await executor.close()
+    finally:
+        if gateway is not None:
+            await gateway.close()
+        await transports.close()
     print(f"{worker_id}: stopped; {asdict(consumer.stats)}", flush=True)
     return 0
