@@ -97,3 +97,36 @@ async def test_500_jobs_with_a_worker_killed_halfway(env):
     moved = sum(1 for r in results if r.redelivered and r.worker == "w1") + survivor["duplicates"]
     assert moved > 0, "no job moved to the survivor"
     assert survivor["stored"] + sum(1 for r in results if r.worker == "w0") == 500
+
+
+@pytest.mark.slow
+async def test_500_jobs_through_the_mesh_processes_with_a_worker_killed(env):
+    """Scheduler, encoder and decoder processes on tiny-llama; two batch workers submit through
+    the mesh; one is killed halfway."""
+    from tests.mesh.processes import ProcessMesh
+
+    config = env.config.model_copy(update={"model": "tiny-llama", "threads": 1, "device": "cpu",
+                                           "drain_timeout_s": 10})
+    mesh = ProcessMesh({f"EXEGPT_{k.upper()}": str(v) for k, v in config.model_dump().items()
+                        if v is not None})
+    try:
+        mesh.start("scheduler").wait_line("ready")
+        workers = [mesh.start(role) for role in ("encoder", "decoder")]
+        for w in workers:
+            w.wait_line("ready")
+        collector, results, logs = await run_with_a_kill(
+            env, ["--executor", "mesh", "--model", "tiny-llama", "--max-inflight", "32"], 500, 120)
+    finally:
+        mesh.close()
+        names = env.names
+        bus = await env.bus()
+        await bus.delete(queues=[names.encode_queue, names.handoff_queue],
+                         exchanges=[names.control_exchange, names.status_exchange])
+    assert len(collector.seen) == 500, logs
+    assert collector.duplicates <= 32
+    assert all(r is not None and r.status == "completed" for r in results), \
+        {r.error for r in results if r is not None and r.status != "completed"}
+    assert all(r.completion_tokens == 2 for r in results)  # forced length, ignore_eos
+    assert len({r.job_id for r in results}) == 500
+    survivor = survivor_stats(logs[1])
+    assert sum(1 for r in results if r.redelivered and r.worker == "w1") + survivor["duplicates"] > 0
