@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +37,13 @@ def _rates(text: str) -> list[float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     tgt = p.add_argument_group("target")
+    tgt.add_argument("--target", choices=("rest", "batch"), default="rest",
+                     help="rest: an OpenAI-compatible server; batch: the mesh's batch-job queue "
+                          "(every request submitted at once as one batch, timed to the last result)")
     tgt.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    tgt.add_argument("--amqp-url", help="batch target: RabbitMQ URL (default EXEGPT_AMQP_URL)")
+    tgt.add_argument("--redis-url", help="batch target: Redis URL (default EXEGPT_REDIS_URL)")
+    tgt.add_argument("--namespace", help="batch target: mesh namespace (default exegpt)")
     tgt.add_argument("--model", help="model name to request (default: the server's first model)")
     tgt.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     tgt.add_argument("--api-key", help="sent as a Bearer token")
@@ -136,6 +143,8 @@ def _workload_spec(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from loadgen.safety import is_loopback_url
 
+    if args.target == "batch":
+        return _run_batch(args)
     if not args.allow_remote and not is_loopback_url(args.url):
         raise CliError(f"{args.url} is not a loopback address; pass --allow-remote to load it")
     if args.max_duration_s <= 0 or args.num_requests < 1:
@@ -269,3 +278,71 @@ def _report(console: Any, args: argparse.Namespace, model: str, spec: Any, slo: 
             report.plot_rates(rates_png, [(r, s) for r, s, _, _ in runs if r is not None])
             written.append(rates_png)
     console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    """Submit the workload's requests as one batch on the job queue and time it."""
+    from pydantic import ValidationError
+
+    from common.config import MeshConfig
+    from loadgen.safety import is_loopback_url
+
+    overrides = {k: v for k, v in (("amqp_url", args.amqp_url), ("redis_url", args.redis_url),
+                                   ("namespace", args.namespace)) if v}
+    try:
+        config = MeshConfig(**overrides)
+    except ValidationError as exc:
+        raise CliError(str(exc).splitlines()[-1]) from None
+    if not config.distributed:
+        raise CliError("--target batch needs --amqp-url and --redis-url (or EXEGPT_* variables)")
+    for url in (config.amqp_url, config.redis_url):
+        if not args.allow_remote and not is_loopback_url(url):
+            raise CliError(f"{url} is not a loopback address; pass --allow-remote to load it")
+    if args.rate is None and not args.concurrency and not args.trace:
+        args.rate = 1.0  # arrivals do not matter: the whole batch is submitted at once
+    spec = _workload_spec(args)
+    return asyncio.run(_batch_main(args, config, spec))
+
+
+async def _batch_main(args: argparse.Namespace, config: Any, spec: Any) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from common.transport.connect import LocalHub, open_bus, open_store
+    from loadgen import report
+    from loadgen.batch_target import run_batch
+    from loadgen.workload import build_workload
+    from services.batch.names import BatchNames
+
+    names = BatchNames(config.namespace)
+    encode, decode = _tokenizer_fns(args.tokenizer)
+    workload = build_workload(spec, encode, decode)
+    try:
+        bus = await open_bus(config, names, LocalHub())
+        store = await open_store(config)
+    except (OSError, ConnectionError) as exc:
+        raise CliError(f"cannot reach the broker or the store: {exc}") from None
+    try:
+        summary = await run_batch(bus, store, names, workload.specs, args.model or config.model,
+                                  args.max_duration_s)
+    finally:
+        await bus.close()
+        await store.close()
+    table = Table(title=f"batch {summary.batch_id} on {names.jobs_queue}", title_justify="left")
+    for col in ("jobs", "completed", "failed", "missing", "submit s", "wall s", "jobs/s",
+                "out tok/s", "latency p50 ms", "latency p99 ms"):
+        table.add_column(col, justify="right")
+    lat = summary.job_latency
+    table.add_row(str(summary.jobs), str(summary.completed), str(summary.failed),
+                  str(summary.missing), f"{summary.submit_s:.2f}", f"{summary.wall_s:.2f}",
+                  f"{summary.jobs_per_s:.1f}", f"{summary.output_tokens_per_s:.1f}",
+                  f"{lat.p50_ms or 0:.0f}", f"{lat.p99_ms or 0:.0f}")
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    console.print(table)
+    out = args.out or Path("results") / f"loadgen-batch-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    report.write_json(out, {"config": {"target": "batch", "namespace": config.namespace,
+                                       "workload": {k: (str(v) if isinstance(v, Path) else v)
+                                                    for k, v in dataclasses.asdict(spec).items()}},
+                            "batch": dataclasses.asdict(summary)})
+    console.print(f"wrote {out}")
+    return 0 if summary.missing == 0 else 1

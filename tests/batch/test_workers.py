@@ -130,3 +130,23 @@ async def test_500_jobs_through_the_mesh_processes_with_a_worker_killed(env):
     assert len({r.job_id for r in results}) == 500
     survivor = survivor_stats(logs[1])
     assert sum(1 for r in results if r.redelivered and r.worker == "w1") + survivor["duplicates"] > 0
+
+
+async def test_loadgen_batch_target_times_a_batch(env, tmp_path):
+    import json
+
+    worker = await start_worker(env, "w", "--executor", "echo", "--max-inflight", "32")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", "loadgen", "--target", "batch",
+            "--amqp-url", env.config.amqp_url, "--redis-url", env.config.redis_url,
+            "--namespace", env.config.namespace, "--task", "S", "--num-requests", "200",
+            "--model", "tiny-llama", "--max-duration-s", "60", "--out", str(tmp_path / "b.json"),
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 90)
+    finally:
+        await stop_worker(worker)
+    assert proc.returncode == 0, out.decode()
+    batch = json.loads((tmp_path / "b.json").read_text())["batch"]
+    assert batch["jobs"] == batch["completed"] == 200 and batch["missing"] == 0
+    assert batch["jobs_per_s"] > 0 and batch["wall_s"] > 0
