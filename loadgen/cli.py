@@ -250,7 +250,8 @@ def _report(console: Any, args: argparse.Namespace, model: str, spec: Any, slo: 
     if len(runs) > 1:
         points = [RatePoint(r, s) for r, s, _, _ in runs if r is not None]
         console.print(report.rates_table(sorted(points, key=lambda p: p.rate_per_s),
-                                         f"{args.url} {model} · {spec.arrival} rate sweep"))
+                                         f"{args.url} {model} · {spec.arrival} "
+                                         + ("rate search" if bisection is not None else "rate sweep")))
     if bisection is not None:
         best = bisection.max_rate_per_s
         console.print(f"highest rate with SLO attainment >= {bisection.target_attainment:.0%}: "

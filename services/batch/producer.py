@@ -18,6 +18,9 @@ from services.batch.messages import BatchJob, JobResult
 from services.batch.names import RESULT_TTL_S, BatchNames
 
 
+PUBLISH_WINDOW = 64  # publishes awaiting their broker confirm at once
+
+
 def job_id(batch_id: str, index: int) -> str:
     return f"{batch_id}-{index:06d}"
 
@@ -68,8 +71,9 @@ class JobProducer:
             "count": str(len(jobs)), "model": jobs[0].model if jobs else "",
             "created_at": str(time.time()), "reply_to": reply_to or "",
         }, ttl_s=RESULT_TTL_S)
-        for job in jobs:
-            await self.bus.publish(self.names.jobs_queue, codec.encode(job))
+        for start in range(0, len(jobs), PUBLISH_WINDOW):  # confirms overlap within a window
+            await asyncio.gather(*(self.bus.publish(self.names.jobs_queue, codec.encode(job))
+                                   for job in jobs[start:start + PUBLISH_WINDOW]))
 
     async def count(self, batch_id: str) -> int:
         meta = await self.store.hgetall(self.names.job_batch(batch_id))
