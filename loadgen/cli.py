@@ -185,7 +185,6 @@ async def _main(args: argparse.Namespace, spec: Any) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from loadgen import report
     from loadgen.client import Target, send_request
     from loadgen.metrics import Slo, summarize
     from loadgen.runner import relative_clock, run_workload

@@ -7,7 +7,7 @@ import pytest
 from common.messages.work import Sampling
 from services.batch import codec
 from services.batch.consumer import ConsumerConfig, JobConsumer, QueueDepthAdmission
-from services.batch.executor import EchoExecutor, JobFailed, JobOutput
+from services.batch.executor import EchoExecutor
 from services.batch.messages import BatchJob, JobResult
 from services.batch.producer import JobProducer, ReplyCollector, collect_replies, job_id, new_batch_id
 
