@@ -65,8 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     wl.add_argument("--time-scale", type=float, default=1.0, help="trace speed-up factor")
     wl.add_argument("--length-scale", type=float, default=1.0, help="multiply every length")
     wl.add_argument("--max-input-tokens", type=int, help="cap prompt lengths")
-    wl.add_argument("--tokenizer", type=Path,
-                    help="tokenizer.json: build prompts of exactly the requested token count")
+    wl.add_argument("--tokenizer", metavar="FILE|MODEL",
+                    help="tokenizer.json or a model name (smollm2, ...): prompts of exactly the "
+                         "requested token count")
 
     ar = p.add_argument_group("arrivals")
     ar.add_argument("--arrival", choices=("poisson", "gamma", "constant", "closed", "trace"),
@@ -168,16 +169,27 @@ async def _first_model(client: Any, url: str) -> str:
         raise CliError(f"could not list models at {root}/models ({exc}); pass --model") from None
 
 
-def _tokenizer_fns(path: Path | None) -> tuple[Any, Any]:
-    if path is None:
+def _tokenizer_fns(spec: str | None) -> tuple[Any, Any]:
+    """encode/decode of a tokenizer.json file, or of a model the engine loads (smollm2, ...)."""
+    if spec is None:
         return None, None
-    from tokenizers import Tokenizer
+    if Path(spec).is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_file(spec)
+        except Exception as exc:  # the library raises a bare Exception for unreadable files
+            raise CliError(f"cannot read tokenizer {spec}: {exc}") from None
+        return ((lambda text: tok.encode(text, add_special_tokens=False).ids),
+                (lambda ids: tok.decode(list(ids))))
+    from common.config import MeshConfig
+    from services.engines import load_engine
 
     try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as exc:  # the library raises a bare Exception for unreadable files
-        raise CliError(f"cannot read tokenizer {path}: {exc}") from None
-    return (lambda text: tok.encode(text, add_special_tokens=False).ids), (lambda ids: tok.decode(list(ids)))
+        model_tok = load_engine(MeshConfig(model=spec, device="cpu")).tokenizer
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise CliError(f"--tokenizer {spec}: neither a tokenizer.json nor a loadable model ({exc})") from None
+    return model_tok.encode, model_tok.decode
 
 
 async def _main(args: argparse.Namespace, spec: Any) -> int:

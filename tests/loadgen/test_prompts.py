@@ -47,3 +47,19 @@ def test_exact_prompt_hits_the_token_count():
 def test_exact_prompt_refuses_zero():
     with pytest.raises(ValueError):
         exact_prompt(0, np.random.default_rng(0), lambda t: [], lambda i: "")
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_word_prompts_are_one_token_per_word_for_smollm2():
+    try:
+        from engine.gguf_loader import read_gguf, smollm2_path
+
+        path = smollm2_path()
+    except (ImportError, ValueError) as exc:  # smollm2_path raises ValueError when missing
+        pytest.skip(f"SmolLM2 GGUF not available: {exc}")
+    tok = read_gguf(path)[2]
+    rng = np.random.default_rng(3)
+    for n in (1, 50, 400):
+        assert len(tok.encode(approx_prompt(n, rng))) == n
+    assert len(tok.encode(exact_prompt(123, rng, tok.encode, tok.decode))) == 123
