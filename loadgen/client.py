@@ -108,6 +108,8 @@ async def send_request(
                     chunk = json.loads(data)
                 except json.JSONDecodeError:
                     raise _StreamError("bad_chunk") from None
+                if not isinstance(chunk, dict):
+                    raise _StreamError("bad_chunk")
                 if "error" in chunk:
                     raise _StreamError("stream_error")
                 if _chunk_text(chunk, target.endpoint):

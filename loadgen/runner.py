@@ -52,8 +52,13 @@ class _Run:
         self.inflight: dict[int, tuple[RequestSpec, float]] = {}
 
     async def one(self, spec: RequestSpec) -> None:
-        self.inflight[spec.index] = (spec, self.clock())
-        record = await self.send(spec)
+        sent = self.clock()
+        self.inflight[spec.index] = (spec, sent)
+        try:
+            record = await self.send(spec)
+        except Exception as exc:  # a client bug must not take the whole run down
+            record = RequestRecord(spec.index, sent, self.clock(), spec.input_tokens, 0, (),
+                                   f"client_{type(exc).__name__}")
         del self.inflight[spec.index]
         self.records.append(record)
         self.on_record(record)

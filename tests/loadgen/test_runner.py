@@ -69,3 +69,15 @@ def test_workload_is_open_or_closed():
         Workload(specs(1), offsets_s=np.zeros(1), concurrency=1)
     with pytest.raises(ValueError):
         Workload(specs(2), offsets_s=np.zeros(1))
+
+
+async def test_a_failing_send_is_recorded_not_fatal():
+    clock = relative_clock()
+
+    async def send(spec):
+        if spec.index == 1:
+            raise KeyError("bug")
+        return RequestRecord(spec.index, 0, 0, 1, 1, (0,))
+
+    outcome = await run_workload(Workload(specs(3), concurrency=2), send, clock, 10)
+    assert [r.error for r in outcome.records] == [None, "client_KeyError", None]
