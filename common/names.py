@@ -61,7 +61,7 @@ class Names:
     @property
     def dead_exchange(self) -> str:
         """Dead-letter exchange of the work queues; bound to the dead queue."""
-        return f"{self.namespace}.dead"
+        return f"{self.namespace}.dead-letter"
 
     # --- store keys -----------------------------------------------------------------------
     def kv_payload(self, request_id: str) -> str:

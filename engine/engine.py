@@ -94,8 +94,11 @@ class LocalEngine:
         dtype = getattr(torch, handoff.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown KV dtype {handoff.dtype!r}")
-        kv = torch.frombuffer(bytearray(handoff.kv), dtype=torch.uint8).view(dtype).reshape(handoff.shape)
-        self.runner.import_(kv)
+        try:
+            kv = torch.frombuffer(bytearray(handoff.kv), dtype=torch.uint8).view(dtype).reshape(handoff.shape)
+        except RuntimeError as exc:
+            raise ValueError(f"hand-off KV bytes do not match shape {handoff.shape} {handoff.dtype}: {exc}") from exc
+        self.runner.import_(kv, len(handoff.generated_ids))
         request = GenerationRequest(handoff.request_id, handoff.prompt_ids, handoff.params)
         self._slots.append(_Running(request, list(handoff.generated_ids), restore_generator(handoff.rng_state),
                                     self._tracker(handoff.params, handoff.emitted_text)))

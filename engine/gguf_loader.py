@@ -80,7 +80,7 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Text
             w = _unpermute(w, heads)
         elif t.name.endswith("attn_k.weight"):
             w = _unpermute(w, kv_heads)
-        state[_hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+        state[_hf_name(t.name)] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # owned copy
     vocab = state["model.embed_tokens.weight"].shape[0]
     config = {
         "model_type": "llama", "vocab_size": vocab,

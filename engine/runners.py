@@ -24,7 +24,7 @@ class Runner(Protocol):
     def decode(self, last_tokens: list[int]) -> torch.Tensor: ...  # (B, V) for all live slots
     def remove(self, slot: int) -> None: ...  # last slot moves into ``slot``
     def export(self, slot: int) -> torch.Tensor: ...
-    def import_(self, kv: torch.Tensor) -> None: ...  # appended as the last slot
+    def import_(self, kv: torch.Tensor, generated: int) -> None: ...  # appended as the last slot
 
 
 class DecoderOnlyRunner:
@@ -53,5 +53,5 @@ class DecoderOnlyRunner:
     def export(self, slot: int) -> torch.Tensor:
         return self.cache.read(slot)
 
-    def import_(self, kv: torch.Tensor) -> None:
-        self.cache.append(kv)
+    def import_(self, kv: torch.Tensor, generated: int) -> None:
+        self.cache.append(kv)  # the last generated token is not in the cache yet

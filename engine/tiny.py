@@ -115,7 +115,8 @@ def write_tiny(name: str, folder: Path) -> Path:
             "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SPECIAL[0], "bos_token": SPECIAL[0],
             "pad_token": SPECIAL[2], "chat_template": CHATML, "model_max_length": 2048,
         }, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": EOS_ID, "bos_token_id": BOS_ID}))
+        keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+        (tmp / "generation_config.json").write_text(json.dumps({k: config[k] for k in keys if k in config}))
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished first

@@ -12,13 +12,14 @@ submitter drops indices it already has). Finished requests leave the batch at on
 
 from __future__ import annotations
 
+import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.config import MeshConfig
 from common.lifecycle import Stage
 from common.messages import codec
-from common.messages.events import Failure
+from common.messages.events import Failure, Token
 from common.messages.handoff import HandoffMessage, KvReady
 from common.messages.status import LengthSample
 from common.names import DONE_TTL_S, OUTPUT_LENGTHS_MAX
@@ -30,6 +31,9 @@ from services.engines import EngineRunner
 from services.worker import Outbox, WorkerBase
 
 
+CHUNK_TOKENS = 64  # a non-streaming request's tokens go out at least this often
+
+
 @dataclass
 class Running:
     """A request in this decoder's batch, with the hand-off delivery that is acked when it ends."""
@@ -37,6 +41,15 @@ class Running:
     delivery: Delivery
     ready: KvReady
     output_len: int
+    unsent: list[Token] = field(default_factory=list)
+
+    def hold(self, token: Token) -> list[Token]:
+        """Tokens due to go out now: all of them when streaming, else in chunks and at the end."""
+        self.unsent.append(token)
+        if self.ready.stream or token.finished or len(self.unsent) >= CHUNK_TOKENS:
+            due, self.unsent = self.unsent, []
+            return due
+        return []
 
 
 class DecoderService(WorkerBase):
@@ -49,6 +62,8 @@ class DecoderService(WorkerBase):
         self.steps = 0
         self.max_batch_seen = 0
         self._abort_pending: list[str] = []
+        self._settling: set[asyncio.Task[None]] = set()
+        self._drain_deadline: float | None = None
 
     async def start(self) -> None:
         await self.start_common(self.names.handoff_queue, prefetch=self.config.max_decode_batch)
@@ -60,26 +75,42 @@ class DecoderService(WorkerBase):
     async def run(self) -> None:
         """Decode until stopped; then finish the running batch (bounded) and close."""
         await self.start()
-        while not self.stopping.is_set() or self.running:
+        while self.should_continue():
             deliveries = await self.receive()
             await self.apply_schedule()
             await self.drop_aborted()
             await self.admit(deliveries)
             events = await self.execute()
             await self.emit(events)
-            if self.stopping.is_set():
-                await self.stop_consuming()
+        await asyncio.gather(*self._settling, return_exceptions=True)
         await self.report("stopping")
         await self.close()
 
+    def should_continue(self) -> bool:
+        """Run until stopped; then until the batch is empty or the drain time is up (whatever
+        still runs then is redelivered to another decoder when the connection closes)."""
+        if not self.stopping.is_set():
+            return True
+        if self._drain_deadline is None:
+            return True
+        return bool(self.running) and time.monotonic() < self._drain_deadline
+
     async def receive(self) -> list[Delivery]:
         """Wait for work when idle; otherwise take only what is ready, never beyond B_D."""
+        if self.stopping.is_set():
+            await self.begin_drain()
+            return []
         room = self.batch_limit - len(self.running)
-        if self.stopping.is_set() or room <= 0:
+        if room <= 0:
             return []
         if not self.running:
             return await self.inbox.wait(room)
         return self.inbox.take(room)
+
+    async def begin_drain(self) -> None:
+        if self._drain_deadline is None:
+            await self.stop_consuming()
+            self._drain_deadline = time.monotonic() + self.config.drain_timeout_s
 
     async def admit(self, deliveries: list[Delivery]) -> None:
         outbox = Outbox()
@@ -94,10 +125,10 @@ class DecoderService(WorkerBase):
             await delivery.reject(requeue=False)
             return
         rid = ready.request_id
-        if rid in self.running or rid in self.aborted or await self._already_done(rid):
+        done, handoff = await asyncio.gather(self._already_done(rid), self.kv.get(ready.kv_ref))
+        if rid in self.running or rid in self.aborted or done:
             await delivery.ack()  # a duplicate hand-off, or nothing left to do
             return
-        handoff = await self.kv.get(ready.kv_ref)
         if handoff is None:
             outbox.failure(ready.reply_to, Failure(rid, 500, "KV cache expired before decoding"))
             await delivery.ack()
@@ -106,8 +137,8 @@ class DecoderService(WorkerBase):
         outbox.stamp(ready.reply_to, rid, Stage.DECODE_START)
 
     async def _import(self, delivery: Delivery, ready: KvReady, handoff: KVHandoff) -> None:
-        await self.runner.call(self.runner.engine.import_request, handoff)
-        await self.kv.claim(ready.kv_ref, decoder=self.worker_id)
+        await asyncio.gather(self.runner.call(self.runner.engine.import_request, handoff),
+                             self.kv.claim(ready.kv_ref, decoder=self.worker_id))
         self.running[ready.request_id] = Running(delivery, ready, len(handoff.generated_ids))
 
     async def _already_done(self, request_id: str) -> bool:
@@ -121,7 +152,11 @@ class DecoderService(WorkerBase):
         return await self.runner.call(self.runner.engine.decode_step)
 
     async def emit(self, events: list[TokenEvent]) -> None:
-        """Tokens to their submitters first; then settle the requests that finished."""
+        """Tokens to their submitters; finished requests settle once their last tokens are out.
+
+        Publishing overlaps the next decode step; only the settling (done marker, KV drop, ack)
+        waits for the publisher confirms.
+        """
         outbox = Outbox()
         batch_size = len(self.running)
         finished: list[tuple[Running, str]] = []
@@ -130,14 +165,19 @@ class DecoderService(WorkerBase):
             if run is None:
                 continue  # aborted during the step
             run.output_len += 1
-            outbox.token(run.ready.reply_to, token_of(event))
+            for token in run.hold(token_of(event)):
+                outbox.token(run.ready.reply_to, token)
             if event.finished:
                 finished.append((self.running.pop(event.request_id), event.finish_reason or "stop"))
-        await self.send(outbox, batch_size=batch_size)
+        published = self.send_soon(outbox, batch_size=batch_size)
         for run, reason in finished:
-            await self._settle(run, reason)
+            task = asyncio.create_task(self._settle(run, reason, published))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
-    async def _settle(self, run: Running, reason: str) -> None:
+    async def _settle(self, run: Running, reason: str, published: list[asyncio.Task[None]]) -> None:
+        """After its tokens are confirmed: mark done once, record lengths, drop the KV, ack."""
+        await asyncio.gather(*published)
         rid = run.ready.request_id
         if await self.store.set_if_absent(self.names.done(rid), b"1", ttl_s=DONE_TTL_S):
             sample = LengthSample(rid, run.ready.prompt_len, run.output_len, reason, time.time())
@@ -156,4 +196,4 @@ class DecoderService(WorkerBase):
             run = self.running.pop(self._abort_pending.pop(), None)
             if run is not None:
                 await self.runner.call(self.runner.engine.abort, run.ready.request_id)
-                await self._settle(run, "abort")
+                await self._settle(run, "abort", [])

@@ -11,6 +11,7 @@ so an encoder that dies mid-batch has its batch redelivered to another.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -79,7 +80,11 @@ class EncoderService(WorkerBase):
             await self.apply_schedule()
             jobs = await self.admit(deliveries)
             if jobs:
-                await self.execute(jobs)
+                try:
+                    await self.execute(jobs)
+                except Exception as exc:  # an engine fault: retry elsewhere once, then give up
+                    await self.give_back(jobs, exc)
+                    continue
                 await self.emit(jobs)
         await self.report("stopping")
         await self.stop_consuming()
@@ -93,18 +98,20 @@ class EncoderService(WorkerBase):
         jobs = []
         for delivery in deliveries:
             try:
-                work = codec.decode(delivery.body, WorkMessage)
+                jobs.append(Job(delivery, codec.decode(delivery.body, WorkMessage)))
             except codec.DecodeError:
                 await delivery.reject(requeue=False)
-                continue
-            if work.request_id in self.aborted or await self._already_done(work.request_id):
-                await delivery.ack()
-                continue
-            jobs.append(Job(delivery, work))
-        return jobs
+        done = await asyncio.gather(*(self._already_done(j) for j in jobs))
+        for job, skip in zip(jobs, done):
+            if skip or job.work.request_id in self.aborted:
+                await job.delivery.ack()
+        return [j for j, skip in zip(jobs, done) if not skip and j.work.request_id not in self.aborted]
 
-    async def _already_done(self, request_id: str) -> bool:
-        return await self.store.get(self.names.done(request_id)) is not None
+    async def _already_done(self, job: Job) -> bool:
+        """Only a redelivered message can be work already done (decoders dedupe the rest)."""
+        if not job.delivery.redelivered:
+            return False
+        return await self.store.get(self.names.done(job.work.request_id)) is not None
 
     async def execute(self, jobs: list[Job]) -> None:
         """Prefill the batch (one by one if the batch fails) and export the unfinished ones."""
@@ -122,6 +129,17 @@ class EncoderService(WorkerBase):
                                                      job.work.request_id)
         self.batches += 1
 
+    async def give_back(self, jobs: list[Job], exc: Exception) -> None:
+        """Requeue a failed batch once; a batch that fails again is dead-lettered and reported."""
+        outbox = Outbox()
+        for job in jobs:
+            await self.runner.call(self.runner.engine.abort, job.work.request_id)
+            if job.delivery.redelivered:
+                outbox.failure(job.work.reply_to, Failure(job.work.request_id, 500, f"encode failed: {exc}"))
+        await self.send(outbox, batch_size=len(jobs))
+        for job in jobs:
+            await job.delivery.reject(requeue=not job.delivery.redelivered)
+
     async def _prefill_alone(self, job: Job) -> TokenEvent | None:
         try:
             return (await self.runner.call(self.runner.engine.prefill, [request_of(job.work)]))[0]
@@ -134,10 +152,9 @@ class EncoderService(WorkerBase):
         outbox = Outbox()
         for job in jobs:
             self._record(outbox, job)
-        await self.send(outbox, batch_size=len(jobs))
-        for job in jobs:
-            await self._hand_off_or_finish(job)
-            await job.delivery.ack()
+        published = self.send_soon(outbox, batch_size=len(jobs))
+        await asyncio.gather(*published, *(self._hand_off_or_finish(job) for job in jobs))
+        await asyncio.gather(*(job.delivery.ack() for job in jobs))
 
     def _record(self, outbox: Outbox, job: Job) -> None:
         reply_to, rid = job.work.reply_to, job.work.request_id
@@ -154,7 +171,8 @@ class EncoderService(WorkerBase):
         if job.handoff is not None:
             ref = await self.kv.put(job.handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
             ready = KvReady(job.work.request_id, self.worker_id, job.work.reply_to, ref,
-                            len(job.work.prompt_ids), self.follower.version, job.work.submitted_at)
+                            len(job.work.prompt_ids), self.follower.version, job.work.submitted_at,
+                            job.work.stream)
             await self.bus.publish(self.names.handoff_queue, codec.encode(ready))
         elif job.first is not None:
             await self._finish(job)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import sys
@@ -59,7 +60,8 @@ async def run_worker(role: str, config: MeshConfig) -> None:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
@@ -86,8 +88,26 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
 
     app = create_app(config, model, hub=hub, workers=workers, routers=(batch_router(),),
                      on_ready=lambda: announce(f"ready gateway {url}"))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = _uvicorn_server()(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
     await server.serve(sockets=[sock])
+
+
+def _uvicorn_server():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn, but SIGTERM/SIGINT are ours: finish in-flight requests, then exit 0."""
+
+        def capture_signals(self):  # type: ignore[override]
+            return contextlib.nullcontext()
+
+        def stop(self) -> None:
+            self.should_exit = True
+
+    return Server
 
 
 def main_for(role: str, config: MeshConfig) -> int:

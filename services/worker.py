@@ -50,22 +50,24 @@ class ScheduleFollower:
     def __init__(self) -> None:
         self.version = 0
         self.schedule = Schedule()
-        self._pending: ScheduleUpdate | None = None
+        self._pending: tuple[int, Schedule] | None = None
 
     def offer(self, update: ScheduleUpdate) -> bool:
-        """Remember ``update`` if it is newer than anything seen; True if so."""
-        newest = self._pending.version if self._pending else self.version
+        """Remember ``update`` if it is newer than anything seen; True if so.
+
+        Raises ValueError for a plan that is not a valid Schedule (it is then ignored).
+        """
+        newest = self._pending[0] if self._pending else self.version
         if update.version <= newest:
             return False
-        self._pending = update
+        self._pending = (update.version, schedule_of(update.plan))
         return True
 
     def apply(self) -> bool:
         """Switch to the pending version, if any (call between iterations); True if switched."""
         if self._pending is None:
             return False
-        self.version, self.schedule = self._pending.version, schedule_of(self._pending.plan)
-        self._pending = None
+        (self.version, self.schedule), self._pending = self._pending, None
         return True
 
 
@@ -190,8 +192,8 @@ class WorkerBase:
         async for delivery in subscription:
             try:
                 self.on_control(codec.decode(delivery.body, ControlMessage))
-            except codec.DecodeError:
-                pass  # a stranger on the control exchange; nothing to redeliver
+            except (codec.DecodeError, ValueError):
+                pass  # unreadable or invalid control: ignored, nothing to redeliver
             await delivery.ack()
 
     def on_control(self, message: ControlMessage) -> None:
@@ -216,13 +218,19 @@ class WorkerBase:
 
     # --- outbound ---------------------------------------------------------------------------
     async def send(self, outbox: Outbox, batch_size: int) -> None:
-        """Publish one EventBatch per submitter; a submitter that vanished is skipped."""
-        for queue, batch in outbox.batches(self.worker_id, self.role, self.follower.version,
-                                           batch_size).items():
-            try:
-                await self.bus.publish(queue, codec.encode(batch))
-            except Unroutable:
-                pass  # its client is gone with it
+        """Publish one EventBatch per submitter, concurrently; a submitter that vanished is skipped."""
+        await asyncio.gather(*self.send_soon(outbox, batch_size))
+
+    def send_soon(self, outbox: Outbox, batch_size: int) -> list[asyncio.Task[None]]:
+        """Start publishing; the caller awaits the tasks before acking anything that depends on them."""
+        batches = outbox.batches(self.worker_id, self.role, self.follower.version, batch_size)
+        return [asyncio.create_task(self._publish_event(q, codec.encode(b))) for q, b in batches.items()]
+
+    async def _publish_event(self, queue: str, body: bytes) -> None:
+        try:
+            await self.bus.publish(queue, body)
+        except Unroutable:
+            pass  # its client is gone with it
 
     async def report(self, state: str, running: int = 0) -> None:
         status = WorkerStatus(self.worker_id, self.role, self.follower.version, running, state,

@@ -16,6 +16,7 @@ class KvReady:
     prompt_len: int
     schedule_version: int  # version that produced the encode batch
     submitted_at: float
+    stream: bool = True  # copied from EncodeWork
 
 
 HandoffMessage = KvReady

@@ -28,6 +28,7 @@ class EncodeWork:
     sampling: Sampling
     reply_to: str  # the submitter's events queue
     submitted_at: float  # unix seconds
+    stream: bool = True  # every token as it comes; False: decoders may send tokens in chunks
 
 
 WorkMessage = EncodeWork

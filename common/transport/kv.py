@@ -9,6 +9,7 @@ hand-off can be imported again.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Protocol
 
@@ -54,9 +55,9 @@ class StoreKv:
 
     async def put(self, handoff: KVHandoff, *, producer: str, ttl_s: float) -> str:
         ref = self._names.kv_payload(handoff.request_id)
-        await self._store.set(ref, handoff.to_bytes(), ttl_s=ttl_s)
-        await self._store.hset(self._names.kv_meta(handoff.request_id),
-                               _metadata(handoff, producer, ttl_s), ttl_s=ttl_s)
+        meta = self._names.kv_meta(handoff.request_id)
+        await asyncio.gather(self._store.set(ref, handoff.to_bytes(), ttl_s=ttl_s),
+                             self._store.hset(meta, _metadata(handoff, producer, ttl_s), ttl_s=ttl_s))
         return ref
 
     async def get(self, ref: str) -> KVHandoff | None:

@@ -99,8 +99,8 @@ class MemoryDelivery:
 
 
 class MemorySubscription:
-    def __init__(self, broker: MemoryBroker, queue: _Queue, prefetch: int) -> None:
-        self.broker, self.queue, self.prefetch = broker, queue, prefetch
+    def __init__(self, broker: MemoryBroker, queue: _Queue, prefetch: int, auto_ack: bool = False) -> None:
+        self.broker, self.queue, self.prefetch, self.auto_ack = broker, queue, prefetch, auto_ack
         self.unacked: set[MemoryDelivery] = set()
         self.buffer: asyncio.Queue[MemoryDelivery | None] = asyncio.Queue()
         self.active = True
@@ -111,7 +111,10 @@ class MemorySubscription:
 
     def deliver(self, message: _Message) -> None:
         delivery = MemoryDelivery(self, message)
-        self.unacked.add(delivery)
+        if self.auto_ack:
+            delivery.settled = True
+        else:
+            self.unacked.add(delivery)
         self.buffer.put_nowait(delivery)
 
     def settle(self, delivery: MemoryDelivery) -> bool:
@@ -184,11 +187,11 @@ class MemoryBus:
             if name in self.broker.queues:
                 await self.publish(name, body)
 
-    async def consume(self, queue: str, *, prefetch: int) -> MemorySubscription:
+    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False) -> MemorySubscription:
         target = self.broker.queues.get(queue)
         if target is None:
             raise Unroutable(queue)
-        subscription = MemorySubscription(self.broker, target, prefetch)
+        subscription = MemorySubscription(self.broker, target, prefetch, auto_ack)
         target.consumers.append(subscription)
         self.subscriptions.append(subscription)
         self.broker.dispatch(target)

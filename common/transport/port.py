@@ -48,7 +48,10 @@ class Bus(Protocol):
 
     async def broadcast(self, exchange: str, body: bytes) -> None: ...
 
-    async def consume(self, queue: str, *, prefetch: int) -> Subscription: ...
+    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False) -> Subscription:
+        """Receive from ``queue``. ``auto_ack``: settled on delivery (for exclusive queues, whose
+        messages are worthless once their consumer is gone); ``ack`` is then a no-op."""
+        ...
 
     async def subscribe(self, exchange: str, queue: str) -> Subscription:
         """Declare an exclusive ``queue`` bound to the fanout ``exchange`` and consume it."""

@@ -23,11 +23,11 @@ from common.transport.port import Unroutable
 
 
 class RabbitDelivery:
-    def __init__(self, message: AbstractIncomingMessage) -> None:
+    def __init__(self, message: AbstractIncomingMessage, settled: bool = False) -> None:
         self.body = message.body
         self.redelivered = bool(message.redelivered)
         self._message = message
-        self._settled = False
+        self._settled = settled
 
     async def ack(self) -> None:
         if not self._settled:
@@ -41,16 +41,16 @@ class RabbitDelivery:
 
 
 class RabbitSubscription:
-    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
-        self._channel, self._queue = channel, queue
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, auto_ack: bool = False) -> None:
+        self._channel, self._queue, self._auto_ack = channel, queue, auto_ack
         self._buffer: asyncio.Queue[RabbitDelivery | None] = asyncio.Queue()
         self._tag: str | None = None
 
     async def start(self) -> None:
-        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+        self._tag = await self._queue.consume(self._on_message, no_ack=self._auto_ack)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        await self._buffer.put(RabbitDelivery(message))
+        await self._buffer.put(RabbitDelivery(message, settled=self._auto_ack))
 
     def __aiter__(self) -> "RabbitSubscription":
         return self
@@ -122,14 +122,15 @@ class RabbitBus:
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         await self._exchanges[exchange].publish(message, routing_key="", mandatory=False)
 
-    async def consume(self, queue: str, *, prefetch: int) -> RabbitSubscription:
+    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False) -> RabbitSubscription:
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         declared = await channel.get_queue(queue, ensure=True)
-        return await self._start(channel, declared)
+        return await self._start(channel, declared, auto_ack)
 
-    async def _start(self, channel: AbstractChannel, queue: AbstractQueue) -> RabbitSubscription:
-        subscription = RabbitSubscription(channel, queue)
+    async def _start(self, channel: AbstractChannel, queue: AbstractQueue,
+                     auto_ack: bool = False) -> RabbitSubscription:
+        subscription = RabbitSubscription(channel, queue, auto_ack)
         await subscription.start()
         return subscription
 

@@ -106,7 +106,11 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
     cache[layer, 1][batch.slots, :, batch.positions] = v
     keys = cache[layer, 0, :b, :, : batch.t_max]  # (B, Hkv, T, D)
     values = cache[layer, 1, :b, :, : batch.t_max]
-    # query heads sharing one kv head become that head's query rows: no copy of the cache for GQA
+    # query heads sharing one kv head become that head's query rows: no copy of the cache for GQA.
+    # One query row per head is too small for SDPA's kernels to pay off; two matmuls are faster.
     qg = q.view(b, hkv, h // hkv, d)  # (B, Hkv, G, D)
-    y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=batch.mask, scale=scale)
-    return y.reshape(b, h, d)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)  # (B, Hkv, G, T)
+    if batch.mask is not None:
+        scores = scores.masked_fill(~batch.mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).reshape(b, h, d)  # (B, Hkv, G, D) -> (B, H, D)

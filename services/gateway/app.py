@@ -82,7 +82,9 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(oa.error_body(str(exc), param=exc.param, code=exc.code), exc.status)
+        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+        return JSONResponse(oa.error_body(str(exc), kind=kind, param=exc.param, code=exc.code),
+                            exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -192,7 +194,8 @@ async def respond(request: Request, endpoint: str, body: oa._Common, prompt_ids:
                   sampling: Sampling) -> Response:
     gateway: Gateway = request.app.state.gateway
     prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
-    pending = await gateway.submit(prompt_ids, sampling, request_id=f"{prefix}-{uuid.uuid4().hex}")
+    pending = await gateway.submit(prompt_ids, sampling, request_id=f"{prefix}-{uuid.uuid4().hex}",
+                                   stream=body.stream)
     try:
         if body.stream:
             response = await stream_response(gateway, pending, endpoint, body)

@@ -107,7 +107,8 @@ class Gateway:
         await self.bus.declare_queue(self.names.encode_queue)
         await self.bus.declare_fanout(self.names.control_exchange)
         await self.bus.declare_queue(self.events_queue, exclusive=True)
-        subscription = await self.bus.consume(self.events_queue, prefetch=self.config.prefetch_count)
+        subscription = await self.bus.consume(self.events_queue, prefetch=self.config.prefetch_count,
+                                              auto_ack=True)  # events die with this process anyway
         self._pump = asyncio.create_task(self._receive_events(subscription))
 
     async def close(self) -> None:
@@ -117,13 +118,17 @@ class Gateway:
         await self.transports.close()
 
     async def submit(self, prompt_ids: list[int], sampling: Sampling,
-                     request_id: str | None = None) -> Pending:
-        """Queue one tokenized prompt for encoding; its events arrive on ``Pending``."""
+                     request_id: str | None = None, *, stream: bool = True) -> Pending:
+        """Queue one tokenized prompt for encoding; its events arrive on ``Pending``.
+
+        ``stream=False`` lets decoders send the tokens in chunks (fewer messages, same result).
+        """
         rid = request_id or f"cmpl-{uuid.uuid4().hex}"
         pending = Pending(rid, len(prompt_ids))
         pending.timeline.mark(Stage.ARRIVED)
         self.pending[rid] = pending
-        work = EncodeWork(rid, self.model, tuple(prompt_ids), sampling, self.events_queue, time.time())
+        work = EncodeWork(rid, self.model, tuple(prompt_ids), sampling, self.events_queue,
+                          time.time(), stream)
         await self.bus.publish(self.names.encode_queue, codec.encode(work))
         pending.timeline.mark(Stage.QUEUED)
         self.metrics.in_flight.inc()
@@ -146,7 +151,6 @@ class Gateway:
                 self.on_event(codec.decode(delivery.body, EventMessage))
             except codec.DecodeError:
                 pass  # not ours to redeliver: events queues have no dead letters
-            await delivery.ack()
 
     def on_event(self, message: EventMessage) -> None:
         if isinstance(message, EventBatch):

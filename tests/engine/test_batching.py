@@ -26,7 +26,7 @@ def alone(engine, rid: str) -> list[int]:
     return run_to_end(engine, [req(rid, PROMPTS[rid], **PARAMS[rid])]).tokens[rid]
 
 
-@pytest.mark.parametrize("name", ["tiny-llama"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-t5"])
 def test_join_and_leave_match_solo_runs(make_engine, name):
     engine = make_engine(name)
     solo = {rid: alone(engine, rid) for rid in PROMPTS}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine.api import KVHandoff
 from tests.engine.conftest import Collector, req, run_to_end
@@ -14,10 +15,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-t5"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_export_import_continues_identically(make_engine, case):
+def test_export_import_continues_identically(make_engine, name, case):
     prompt = list(b"Hand me over, please: ")
-    source, target = make_engine(), make_engine()
+    source, target = make_engine(name), make_engine(name)
     expected = run_to_end(source, [req("r", prompt, **CASES[case])]).tokens["r"]
 
     got = Collector()
@@ -65,3 +67,28 @@ def test_import_rejects_foreign_or_duplicate(make_engine):
         KVHandoff.from_bytes(b"\x93garbage")
     with pytest.raises(KeyError):
         engine.export_request("unknown")
+
+
+def test_t5_handoff_holds_self_and_cross_cache(make_engine):
+    engine = make_engine("tiny-t5")
+    engine.prefill([req("r", b"encode me", max_tokens=10, ignore_eos=True)])
+    engine.decode_step()
+    h = engine.export_request("r")
+    layers, heads, head_dim = engine.runner.self_cache.geometry
+    assert h.layout.startswith("t5:self+cross")
+    assert h.shape == (layers, 2, heads, len(h.generated_ids) + len(b"encode me"), head_dim)
+
+
+def test_bfloat16_handoff_between_engines(make_engine):
+    source, target = make_engine(dtype="bfloat16"), make_engine(dtype="bfloat16")
+    params = dict(max_tokens=12, temperature=0.7, seed=3, ignore_eos=True)
+    expected = run_to_end(source, [req("r", b"bf16 cache", **params)]).tokens["r"]
+    got = Collector()
+    got.add(source.prefill([req("r", b"bf16 cache", **params)]))
+    got.add(source.decode_step())
+    h = KVHandoff.from_bytes(source.export_request("r").to_bytes())
+    assert h.dtype == "bfloat16" and len(h.kv) == 2 * torch.Size(h.shape).numel()
+    target.import_request(h)
+    while target.running():
+        got.add(target.decode_step())
+    assert got.tokens["r"] == expected

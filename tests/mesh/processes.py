@@ -63,6 +63,7 @@ class ProcessMesh:
         for line in proc.popen.stdout:
             proc.output.append(line)
             proc.lines.put(line)
+        proc.popen.stdout.close()
         proc.lines.put(None)
 
     def stop(self, proc: Proc, timeout_s: float = 30.0) -> int:

@@ -125,7 +125,6 @@ async def test_schedule_update_reaches_every_worker_process(cluster):
 async def test_a_decoder_killed_mid_batch_loses_nothing(cluster):
     """SIGKILL one decoder while requests run: every request still completes, each once."""
     n_requests, n_tokens = 24, 48
-    victim = cluster["workers"][2]
     async with httpx.AsyncClient(base_url=cluster["url"], timeout=TIMEOUT_S,
                                  limits=httpx.Limits(max_connections=64)) as client:
         started = asyncio.Event()
@@ -151,7 +150,9 @@ async def test_a_decoder_killed_mid_batch_loses_nothing(cluster):
 
         tasks = [asyncio.create_task(one(i)) for i in range(n_requests)]
         await asyncio.wait_for(started.wait(), TIMEOUT_S)
-        held = await held_by(cluster, ids, cluster["worker_ids"][2])
+        decoders = list(zip(cluster["worker_ids"][2:], cluster["workers"][2:]))
+        counts = [await held_by(cluster, ids, worker_id) for worker_id, _ in decoders]
+        held, (_, victim) = max(zip(counts, decoders), key=lambda pair: pair[0])
         cluster["mesh"].kill(victim)
         results = await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT_S)
     assert [r[0] for r in results] == [n_tokens] * n_requests

@@ -184,3 +184,63 @@ async def test_undecodable_work_goes_to_the_dead_queue(config, hub):
         await delivery.ack()
         assert (await m.client.post("/v1/completions", json=completion("still", 3))).status_code == 200
         await t.close()
+
+
+class StuckEngine(FakeEngine):
+    """Hangs in its first decode step until released: a decoder that dies mid-batch."""
+
+    def __init__(self, entered, release) -> None:
+        super().__init__()
+        self.entered, self.release = entered, release
+
+    def decode_step(self):
+        self.entered.set()
+        self.release.wait(TIMEOUT_S)
+        return super().decode_step()
+
+
+async def test_a_decoder_dying_mid_batch_loses_nothing(config, hub):
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    engines = iter([FakeEngine(), StuckEngine(entered, release), FakeEngine()])
+    try:
+        async with running_mesh(config, hub, lambda: next(engines), decoders=2) as m:
+            victim, task = m.mesh.decoders[0], m.mesh.tasks[2]
+            requests = [asyncio.create_task(m.client.post("/v1/completions", json=completion(f"k{i}", 12)))
+                        for i in range(8)]
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, entered.wait, TIMEOUT_S)
+            held = len(victim.running)
+            task.cancel()  # the process dies: its connection drops with the hand-offs unacked
+            await victim.transports.bus.close()
+            responses = await asyncio.wait_for(asyncio.gather(*requests), TIMEOUT_S)
+            assert held > 0
+            for i, r in enumerate(responses):
+                assert r.json()["choices"][0]["text"] == expected_text(f"k{i}", 12)
+            assert m.mesh.decoders[1].steps > 0
+    finally:
+        release.set()
+
+
+class BrokenEngine(FakeEngine):
+    def prefill(self, requests):
+        raise RuntimeError("device lost")
+
+
+async def test_an_engine_fault_in_the_encoder_becomes_a_500_not_a_hang(config, hub):
+    engines = iter([BrokenEngine(), FakeEngine()])
+    async with running_mesh(config, hub, lambda: next(engines)) as m:
+        response = await m.client.post("/v1/completions", json=completion("boom", 3))
+        assert response.status_code == 500
+        assert "device lost" in response.json()["error"]["message"]
+        assert m.mesh.tasks[1].done() is False  # the encoder keeps serving
+
+
+async def test_a_long_non_streaming_answer_arrives_whole_in_chunks(config, hub):
+    async with running_mesh(config, hub, load) as m:
+        response = await m.client.post("/v1/completions", json=completion("long", 150))
+        assert response.json()["choices"][0]["text"] == expected_text("long", 150)
+        streamed = await m.client.post("/v1/completions", json=completion("long", 150, stream=True))
+        chunks = [ln for ln in streamed.text.splitlines() if ln.startswith("data: {")]
+        assert len(chunks) == 150  # streaming still gets every token on its own

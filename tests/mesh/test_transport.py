@@ -116,3 +116,16 @@ async def test_store_ttl_and_set_if_absent(mesh_config, hub):
         await store.push_capped(key + "l", bytes([i]), max_len=3)
     assert await store.list_range(key + "l", 10) == [b"\x04", b"\x03", b"\x02"]
     await store.close()
+
+
+async def test_auto_ack_settles_on_delivery(mesh_config, hub):
+    names = Names(mesh_config.namespace)
+    bus = await open_bus(mesh_config, names, hub)
+    queue = names.events_queue("auto")
+    await bus.declare_queue(queue, exclusive=True)
+    sub = await bus.consume(queue, prefetch=1, auto_ack=True)
+    for body in (b"1", b"2", b"3"):
+        await bus.publish(queue, body)
+    got = [(await next_delivery(sub)).body for _ in range(3)]  # prefetch 1, yet never acked
+    assert got == [b"1", b"2", b"3"]
+    await bus.close()

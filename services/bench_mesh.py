@@ -1,0 +1,217 @@
+"""`exegpt bench mesh`: what the mesh costs, measured against the embedded server and the engine.
+
+1. On the main model (SmolLM2): single-request latency (median of sequential requests) and the
+   output tokens/s of N concurrent requests, through the embedded server (`exegpt serve`, one
+   process) and through the mesh (`exegpt up`: separate processes over RabbitMQ and Redis).
+2. On a tiny model: the same request on the engine called in-process (prefill + decode steps),
+   through the embedded server and through the mesh, back to back in each round; the per-round
+   difference (server minus engine) at p50 and p99 is the overhead per request.
+Every request is forced to the same length (``ignore_eos``), so runs compare like for like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "The quick brown fox jumps over the lazy dog while the mesh measures itself. " * 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="main model (default smollm2)")
+    parser.add_argument("--tiny-model", default="tiny-llama", help="model for the overhead rows")
+    parser.add_argument("--max-tokens", type=int, default=32, help="forced output tokens per request")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent requests for throughput")
+    parser.add_argument("--latency-requests", type=int, default=5, help="sequential requests for latency")
+    parser.add_argument("--overhead-requests", type=int, default=100, help="sequential tiny requests")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per engine")
+    parser.add_argument("--only", choices=("all", "main", "overhead"), default="all",
+                        help="main: the main-model rows; overhead: the tiny-model rows")
+    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+
+
+@dataclass
+class Server:
+    popen: subprocess.Popen[str]
+    url: str
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(60)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+def start(args: list[str], ready_prefix: str, threads: int) -> Server:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXEGPT_")}
+    env.update(EXEGPT_THREADS=str(threads), EXEGPT_DEVICE="cpu", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    popen = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--port", "0"], cwd=REPO_ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert popen.stdout is not None
+    for line in popen.stdout:
+        if line.startswith(ready_prefix):
+            return Server(popen, line.split()[-1])
+    raise RuntimeError(f"`exegpt {' '.join(args)}` exited ({popen.wait()}) before it was ready")
+
+
+def embedded(model: str, threads: int) -> Server:
+    return start(["serve", "--model", model], "ready gateway", threads)
+
+
+def mesh(model: str, a: argparse.Namespace) -> Server:
+    return start(["up", "--model", model, "--amqp-url", a.amqp_url, "--redis-url", a.redis_url,
+                  "--namespace", f"bench{uuid.uuid4().hex[:8]}", "--encoders", "1", "--decoders", "1"],
+                 "ready mesh", a.threads)
+
+
+async def one(client, model: str, max_tokens: int) -> float:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}
+    t0 = time.perf_counter()
+    response = await client.post("/v1/completions", json=body)
+    response.raise_for_status()
+    assert response.json()["usage"]["completion_tokens"] == max_tokens
+    return time.perf_counter() - t0
+
+
+async def latencies(url: str, model: str, max_tokens: int, n: int) -> list[float]:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await one(client, model, max_tokens)  # warm-up
+        return [await one(client, model, max_tokens) for _ in range(n)]
+
+
+async def throughput(url: str, model: str, max_tokens: int, concurrency: int) -> float:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await one(client, model, 2)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(client, model, max_tokens) for _ in range(concurrency)))
+        return concurrency * max_tokens / (time.perf_counter() - t0)
+
+
+def measure(server_of, model: str, a: argparse.Namespace) -> tuple[float, float]:
+    server = server_of()
+    try:
+        lat = asyncio.run(latencies(server.url, model, a.max_tokens, a.latency_requests))
+        tps = asyncio.run(throughput(server.url, model, a.max_tokens, a.concurrency))
+    finally:
+        server.stop()
+    return statistics.median(lat), tps
+
+
+class EngineCaller:
+    """The same request on the engine in this process, no mesh: prefill, then decode to the end."""
+
+    def __init__(self, model: str, a: argparse.Namespace) -> None:
+        from engine import load_engine
+        from engine.api import SamplingParams
+
+        self.engine = load_engine(model, device="cpu", num_threads=a.threads)
+        self.params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
+        self.count = 0
+
+    def __call__(self) -> float:
+        from engine.api import GenerationRequest
+
+        self.count += 1
+        t0 = time.perf_counter()
+        ids = tuple(self.engine.tokenizer.encode(PROMPT))
+        self.engine.prefill([GenerationRequest(f"r{self.count}", ids, self.params)])
+        while self.engine.running():
+            self.engine.decode_step()
+        return time.perf_counter() - t0
+
+
+async def interleaved(call_engine: EngineCaller, urls: dict[str, str], model: str,
+                      a: argparse.Namespace) -> dict[str, list[float]]:
+    """Per round: the engine, then each server, back to back, so that load hits all alike.
+    Returns each server's added latency per round (server minus engine of the same round)."""
+    import httpx
+
+    clients = {label: httpx.AsyncClient(base_url=url, timeout=600) for label, url in urls.items()}
+    added: dict[str, list[float]] = {label: [] for label in urls}
+    try:
+        for label, client in clients.items():
+            await one(client, model, a.max_tokens)  # warm-up
+        call_engine()
+        for _ in range(a.overhead_requests):
+            base = call_engine()
+            for label, client in clients.items():
+                added[label].append(await one(client, model, a.max_tokens) - base)
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return added
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run(a: argparse.Namespace) -> int:
+    rows: list[tuple[str, str]] = []
+    if a.only in ("all", "main"):
+        rows += main_rows(a)
+    if a.only in ("all", "overhead"):
+        rows += overhead_rows(a)
+    print_table(rows, a)
+    return 0
+
+
+def main_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
+    emb_lat, emb_tps = measure(lambda: embedded(a.model, a.threads), a.model, a)
+    mesh_lat, mesh_tps = measure(lambda: mesh(a.model, a), a.model, a)
+    return [
+        (f"{a.model}: single request latency, embedded", f"{emb_lat * 1000:.0f} ms"),
+        (f"{a.model}: single request latency, mesh", f"{mesh_lat * 1000:.0f} ms"),
+        (f"{a.model}: {a.concurrency} concurrent, embedded", f"{emb_tps:.1f} tok/s"),
+        (f"{a.model}: {a.concurrency} concurrent, mesh", f"{mesh_tps:.1f} tok/s"),
+        (f"{a.model}: throughput mesh/embedded", f"{mesh_tps / emb_tps:.3f}"),
+        (f"{a.model}: latency mesh/embedded", f"{mesh_lat / emb_lat:.3f}"),
+    ]
+
+
+def overhead_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
+    servers = {"embedded": embedded(a.tiny_model, a.threads), "mesh": mesh(a.tiny_model, a)}
+    try:
+        caller = EngineCaller(a.tiny_model, a)
+        urls = {label: server.url for label, server in servers.items()}
+        added = asyncio.run(interleaved(caller, urls, a.tiny_model, a))
+    finally:
+        for server in servers.values():
+            server.stop()
+    return [(f"{a.tiny_model}: added latency per request vs engine, {label}, p{int(q * 100)}",
+             f"{pct(values, q) * 1000:.2f} ms")
+            for label, values in added.items() for q in (0.5, 0.99)]
+
+
+def print_table(rows: list[tuple[str, str]], a: argparse.Namespace) -> None:
+    width = max(len(r[0]) for r in rows)
+    print(f"\nexegpt bench mesh  (max_tokens={a.max_tokens}, threads/engine={a.threads}, "
+          f"mesh = 1 encoder + 1 decoder process, RabbitMQ + Redis)")
+    print(f"{'measure':<{width}}  value")
+    print(f"{'-' * width}  {'-' * 30}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")

@@ -1,0 +1,142 @@
+"""Our models against Hugging Face ``transformers`` on the same weights (the reference oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine.conftest import req, run_to_end
+
+transformers = pytest.importorskip("transformers")
+
+TINY_LOGIT_TOL = 1e-3  # float32, tiny models (logits of magnitude ~30): only summation order differs
+SMOLLM2_LOGIT_TOL = 5e-4  # float32, 30 layers, logits of magnitude ~40 (measured ~6e-5)
+GREEDY_TOKENS = 32
+
+
+def our_logits(engine, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the logits that chose them, through the engine's prefill/decode path."""
+    runner = engine.runner
+    with torch.inference_mode():
+        rows = [runner.prefill([prompt])[0]]
+        tokens = [int(rows[-1].argmax())]
+        for _ in range(steps - 1):
+            rows.append(runner.decode([tokens[-1]])[0])
+            tokens.append(int(rows[-1].argmax()))
+        runner.remove(0)
+    return tokens, torch.stack(rows)
+
+
+def hf_logits(hf_model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + tokens[:-1]])
+    with torch.inference_mode():
+        out = hf_model(input_ids=ids).logits[0].float()
+    return out[len(prompt) - 1:]
+
+
+def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+    hf_model.generation_config.eos_token_id = None  # forced length, like ignore_eos (EOS not suppressed)
+    hf_model.generation_config.pad_token_id = 0
+    with torch.inference_mode():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def check_against(engine, hf_model, prompt: list[int], tol: float) -> float:
+    tokens, ours = our_logits(engine, prompt, GREEDY_TOKENS)
+    ref = hf_logits(hf_model, prompt, tokens)
+    diff = (ours - ref).abs().max().item()
+    print(f"max abs logit diff {diff:.2e} (tolerance {tol:.0e}, max |logit| {ref.abs().max().item():.1f})")
+    assert diff < tol, f"max abs logit diff {diff:.2e} >= {tol:.0e}"
+    assert tokens == hf_greedy(hf_model, prompt, GREEDY_TOKENS)
+    events = run_to_end(engine, [req("r", prompt, max_tokens=GREEDY_TOKENS, ignore_eos=True)])
+    assert events.tokens["r"] == tokens  # the engine's own loop agrees with the runner
+    return diff
+
+
+@pytest.mark.parametrize("name, hf_class", [("tiny-llama", "LlamaForCausalLM"), ("tiny-opt", "OPTForCausalLM")])
+def test_tiny_decoder_matches_transformers(make_engine, models_dir, name, hf_class):
+    engine = make_engine(name)
+    hf = getattr(transformers, hf_class).from_pretrained(str(models_dir / name), dtype=torch.float32).eval()
+    check_against(engine, hf, list(b"The oracle says: "), TINY_LOGIT_TOL)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    pytest.importorskip("gguf")
+    from engine import load_engine
+    from engine.gguf_loader import smollm2_path
+
+    try:
+        smollm2_path()
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    return load_engine("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2):
+    args = smollm2.runner.model.args
+    config = transformers.LlamaConfig(**{k: v for k, v in args.to_hf_config().items()
+                                         if k not in ("architectures", "model_type", "torch_dtype")})
+    hf = transformers.LlamaForCausalLM(config)
+    missing, unexpected = hf.load_state_dict(dict(smollm2.runner.model.state_dict()), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    hf.tie_weights()
+    return hf.eval()
+
+
+@pytest.mark.smollm2
+def test_smollm2_matches_transformers(smollm2, smollm2_hf):
+    prompt = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    check_against(smollm2, smollm2_hf, smollm2.tokenizer.encode(prompt), SMOLLM2_LOGIT_TOL)
+
+
+@pytest.mark.smollm2
+def test_smollm2_answers_and_tokenizes(smollm2):
+    tok = smollm2.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    ids = tok.encode(prompt)
+    assert ids[0] == 1 and ids.count(1) == 3  # <|im_start|> is one special token
+    assert tok.decode(tok.encode("Paris, 2024: naïve café")) == "Paris, 2024: naïve café"
+    out = run_to_end(smollm2, [req("q", ids, max_tokens=16)])
+    assert "Paris" in out.text["q"]
+    assert out.reason["q"] == "stop"  # ends with <|im_end|>
+
+
+def test_gpt2_folder_matches_transformers(make_engine, models_dir, tmp_path):
+    """A GPT-2 checkpoint (fused c_attn, Conv1D weights) loads into our GPT module."""
+    import shutil
+
+    make_engine("tiny-opt")  # borrow its byte tokenizer files
+    config = transformers.GPT2Config(vocab_size=259, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+                                     bos_token_id=256, eos_token_id=256)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(0, 0.02)
+    hf.save_pretrained(str(tmp_path))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(models_dir / "tiny-opt" / f, tmp_path / f)
+    engine = make_engine(str(tmp_path))
+    check_against(engine, hf, list(b"GPT-2 says: "), TINY_LOGIT_TOL)
+
+
+def test_tiny_t5_matches_transformers(make_engine, models_dir):
+    engine = make_engine("tiny-t5")
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(str(models_dir / "tiny-t5"), dtype=torch.float32).eval()
+    prompt = list(b"translate: the oracle speaks")
+    tokens, ours = our_logits(engine, prompt, GREEDY_TOKENS)
+    start = hf.config.decoder_start_token_id
+    with torch.inference_mode():
+        ref = hf(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([[start] + tokens[:-1]])).logits[0]
+    diff = (ours - ref).abs().max().item()
+    print(f"max abs logit diff {diff:.2e} (tolerance {TINY_LOGIT_TOL:.0e}, max |logit| {ref.abs().max().item():.1f})")
+    assert diff < TINY_LOGIT_TOL
+    hf.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=GREEDY_TOKENS, do_sample=False)
+    assert out[0, 1:].tolist() == tokens
+    assert run_to_end(engine, [req("r", prompt, max_tokens=GREEDY_TOKENS, ignore_eos=True)]).tokens["r"] == tokens

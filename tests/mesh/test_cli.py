@@ -1,0 +1,77 @@
+"""The commands as a user runs them: `serve` (embedded) and `up` (separate processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import httpx
+import pytest
+
+from common.config import MeshConfig
+from common.transport.connect import LocalHub
+from services.cli import main
+from tests.mesh.conftest import AMQP_URL, REDIS_URL, broker_available, purge_namespace
+from tests.mesh.processes import ProcessMesh
+
+TIMEOUT_S = 60
+
+
+def completion(n: int) -> dict:
+    return {"model": "tiny-llama", "prompt": "hi there", "max_tokens": n, "temperature": 0,
+            "ignore_eos": True}
+
+
+@pytest.mark.slow
+async def test_serve_runs_everything_in_one_process():
+    mesh = ProcessMesh({"EXEGPT_THREADS": "1", "EXEGPT_DEVICE": "cpu"})
+    try:
+        proc = mesh.start("serve", "--model", "tiny-llama", "--port", "0")
+        url = proc.wait_line("ready gateway").split()[-1]
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S) as client:
+            body = (await client.post("/v1/completions", json=completion(5))).json()
+        assert body["usage"]["completion_tokens"] == 5
+        assert mesh.stop(proc) == 0  # SIGTERM: drained and closed cleanly
+    finally:
+        mesh.close()
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_up_supervises_a_mesh_and_stops_it_on_sigterm():
+    if not broker_available():
+        pytest.skip("RabbitMQ/Redis not answering on 127.0.0.1")
+    namespace = f"u{uuid.uuid4().hex[:10]}"
+    mesh = ProcessMesh({"EXEGPT_THREADS": "1", "EXEGPT_DEVICE": "cpu"})
+    try:
+        up = mesh.start("up", "--model", "tiny-llama", "--port", "0", "--namespace", namespace,
+                        "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL,
+                        "--encoders", "1", "--decoders", "2")
+        url = up.wait_line("ready mesh").split()[-1]
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S) as client:
+            responses = await asyncio.gather(*(client.post("/v1/completions", json=completion(4))
+                                               for _ in range(8)))
+        assert [r.json()["usage"]["completion_tokens"] for r in responses] == [4] * 8
+        assert mesh.stop(up) == 0
+        children = [ln for ln in up.output if ln.startswith("[") and "ready" in ln]
+        assert len(children) == 5  # scheduler, 1 encoder, 2 decoders, gateway
+    finally:
+        mesh.close()
+        config = MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL)
+        await purge_namespace(config, LocalHub())
+
+
+def test_worker_roles_refuse_to_run_without_a_broker(capsys, monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("EXEGPT_"):
+            monkeypatch.delenv(name)
+    assert main(["decoder", "--model", "tiny-llama"]) == 2
+    assert "--amqp-url" in capsys.readouterr().err
+
+
+def test_a_bad_setting_is_one_line_error(capsys):
+    assert main(["serve", "--namespace", "bad name!"]) == 2
+    assert "namespace" in capsys.readouterr().err
+
+
