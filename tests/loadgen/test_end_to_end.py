@@ -20,7 +20,10 @@ async def test_stream_is_timed_per_chunk_and_forced_length_is_requested(fake_ser
                                  RequestSpec(0, "a b c", 3, 5), clock)
     assert rec.ok and rec.output_tokens == 5 and len(rec.chunk_times_s) == 5
     assert rec.input_tokens == 3  # from the usage chunk
-    assert rec.ttft_s >= 0.05 and all(g >= 0.009 for g in rec.itls_s)
+    # the server waits 50 ms before the first token and 10 ms between tokens: the client cannot
+    # see them earlier (chunks may arrive together under load, so single gaps are not bounded)
+    assert rec.ttft_s >= 0.05 and sum(rec.itls_s) >= 4 * 0.01
+    assert len(rec.itls_s) == 4
     body = fake_server.behaviour.bodies[0]
     assert body["max_tokens"] == 5 and body["min_tokens"] == 5 and body["ignore_eos"] is True
     assert body["stream"] is True and body["prompt"] == "a b c"
