@@ -66,15 +66,25 @@ class QueueDepthAdmission(Admission):
     max_wait_s: float = 30.0
     own_waiting: Callable[[], int] = lambda: 0
     waited_s: float = field(default=0.0, init=False)  # total time jobs spent yielding
+    _depth: tuple[float, int] = field(default=(float("-inf"), 0), init=False)  # (read at, depth)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     async def wait_turn(self) -> None:
         start = time.monotonic()
         while time.monotonic() - start < self.max_wait_s:
-            depth = await self.bus.queue_depth(self.queue)
-            if depth - self.own_waiting() <= self.max_depth:
+            if await self._queue_depth() - self.own_waiting() <= self.max_depth:
                 break
             await asyncio.sleep(self.poll_s)  # a control loop polling the broker, bounded above
         self.waited_s += time.monotonic() - start
+
+    async def _queue_depth(self) -> int:
+        """The queue's depth, asked of the broker at most once per ``poll_s`` for all waiters."""
+        async with self._lock:
+            read_at, depth = self._depth
+            if time.monotonic() - read_at >= self.poll_s:
+                depth = await self.bus.queue_depth(self.queue)
+                self._depth = (time.monotonic(), depth)
+            return depth
 
 
 @dataclass(frozen=True)
