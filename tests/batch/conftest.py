@@ -71,9 +71,10 @@ async def env(batch_config: MeshConfig):
         yield e
     finally:
         cleanup = await e.bus()
-        await cleanup.delete(queues=[names.jobs_queue, names.dead_queue,
-                                     *[names.reply_queue(o) for o in ("test", "a", "b")]],
-                             exchanges=[names.dead_exchange])
+        await cleanup.delete(queues=[names.jobs_queue, names.dead_queue, names.encode_queue,
+                                     names.handoff_queue, names.reply_queue("test")],
+                             exchanges=[names.dead_exchange, names.control_exchange,
+                                        names.status_exchange])
         for bus in e.buses:
             await bus.close()
         await store.delete_prefix(names.key_prefix)
