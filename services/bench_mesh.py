@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Server:
     popen: subprocess.Popen[str]
     url: str
+    namespace: str | None = None  # a mesh's: its queues and keys are deleted when it stops
+    amqp_url: str | None = None
+    redis_url: str | None = None
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -56,6 +59,16 @@ class Server:
             self.popen.wait()
         if self.popen.stdout is not None:
             self.popen.stdout.close()
+        if self.namespace is not None:
+            asyncio.run(self._purge())
+
+    async def _purge(self) -> None:
+        from common.config import MeshConfig
+        from common.names import Names
+        from common.transport.connect import LocalHub, purge
+
+        config = MeshConfig(namespace=self.namespace, amqp_url=self.amqp_url, redis_url=self.redis_url)
+        await purge(config, Names(config.namespace), LocalHub())
 
 
 def start(args: list[str], ready_prefix: str, threads: int) -> Server:
@@ -76,9 +89,12 @@ def embedded(model: str, threads: int) -> Server:
 
 
 def mesh(model: str, a: argparse.Namespace) -> Server:
-    return start(["up", "--model", model, "--amqp-url", a.amqp_url, "--redis-url", a.redis_url,
-                  "--namespace", f"bench{uuid.uuid4().hex[:8]}", "--encoders", "1", "--decoders", "1"],
-                 "ready mesh", a.threads)
+    namespace = f"bench{uuid.uuid4().hex[:8]}"
+    server = start(["up", "--model", model, "--amqp-url", a.amqp_url, "--redis-url", a.redis_url,
+                    "--namespace", namespace, "--encoders", "1", "--decoders", "1"],
+                   "ready mesh", a.threads)
+    server.namespace, server.amqp_url, server.redis_url = namespace, a.amqp_url, a.redis_url
+    return server
 
 
 async def one(client, model: str, max_tokens: int) -> float:

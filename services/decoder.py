@@ -179,7 +179,8 @@ class DecoderService(WorkerBase):
         """After its tokens are confirmed: mark done once, record lengths, drop the KV, ack."""
         await asyncio.gather(*published)
         rid = run.ready.request_id
-        if await self.store.set_if_absent(self.names.done(rid), b"1", ttl_s=DONE_TTL_S):
+        first = await self.store.set_if_absent(self.names.done(rid), b"1", ttl_s=DONE_TTL_S)
+        if first and reason != "abort":  # aborted lengths would skew the scheduler's statistics
             sample = LengthSample(rid, run.ready.prompt_len, run.output_len, reason, time.time())
             await self.store.push_capped(self.names.output_lengths, codec.encode(sample),
                                          max_len=OUTPUT_LENGTHS_MAX)

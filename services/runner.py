@@ -17,6 +17,7 @@ from services.embedded import local_workers
 from services.encoder import EncoderService
 from services.engines import EngineRunner, load_engine, served_model_name
 from services.gateway import ServedModel, create_app
+from services.gateway.plugins import load_plugins
 from services.scheduler import SchedulerService
 
 
@@ -84,10 +85,9 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
 
     sock = bind_socket(config.host, config.port)
     url = f"http://{config.host}:{sock.getsockname()[1]}"
-    from services.batch.api import batch_router  # the Batch API and its job consumer
-
-    app = create_app(config, model, hub=hub, workers=workers, routers=(batch_router(),),
-                     on_ready=lambda: announce(f"ready gateway {url}"))
+    routers, lifespans = load_plugins()
+    app = create_app(config, model, hub=hub, workers=workers, routers=tuple(routers),
+                     lifespans=tuple(lifespans), on_ready=lambda: announce(f"ready gateway {url}"))
     server = _uvicorn_server()(uvicorn.Config(app, log_level="warning", lifespan="on"))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

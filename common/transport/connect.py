@@ -58,3 +58,17 @@ async def open_transports(config: MeshConfig, names: Names, hub: LocalHub) -> Tr
         return Transports(bus, store, StoreKv(store, names), owns_store=True)
     kv = hub.kv.setdefault(names.namespace, LocalKv(hub.store, names))
     return Transports(bus, hub.store, kv, owns_store=False)
+
+
+async def purge(config: MeshConfig, names: Names, hub: LocalHub) -> None:
+    """Delete every shared queue, exchange and store key of the namespace (tests, benchmarks)."""
+    bus = await open_bus(config, names, hub)
+    await bus.delete(queues=[names.encode_queue, names.handoff_queue, names.dead_queue],
+                     exchanges=[names.control_exchange, names.status_exchange, names.dead_exchange])
+    await bus.close()
+    store = await open_store(config)
+    if store is None:
+        await hub.store.delete_prefix(names.key_prefix)
+    else:
+        await store.delete_prefix(names.key_prefix)
+        await store.close()

@@ -1,16 +1,17 @@
 """The Batch API routes, and the job consumer that runs batches inside the gateway process.
 
-Mount with ``create_app(..., routers=(batch_router(),))``. The router's lifespan runs after the
-gateway's, finds the ``Gateway`` at ``app.state.gateway``, and starts a job consumer that runs
-jobs through it (so an embedded server runs its own batches; more consumers can join from other
-processes with ``exegpt batch worker --executor mesh``).
+Mount with ``create_app(..., routers=(batch_router(),), lifespans=(batch_lifespan(),))`` (the
+gateway plugin ``services.batch.plugin`` does so for every gateway the CLI starts). The lifespan
+runs after the gateway started, finds the ``Gateway`` at ``app.state.gateway``, and starts a job
+consumer that runs jobs through it (so an embedded server runs its own batches; more consumers
+can join from other processes with ``exegpt batch worker --executor mesh``).
 """
 
 from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
@@ -32,9 +33,11 @@ class CreateBatch(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-def batch_router(*, run_consumer: bool = True, max_inflight: int = 16, yield_depth: int = 0,
-                 limits: Limits | None = None) -> APIRouter:
-    """``yield_depth``: batch jobs start only while the encode queue holds at most this many
+def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_depth: int = 0,
+                   limits: Limits | None = None) -> Callable[[FastAPI], Any]:
+    """The Batch API's state, and (``run_consumer``) a job consumer in this process.
+
+    ``yield_depth``: batch jobs start only while the encode queue holds at most this many
     interactive requests (-1: never wait)."""
 
     @asynccontextmanager
@@ -68,7 +71,12 @@ def batch_router(*, run_consumer: bool = True, max_inflight: int = 16, yield_dep
                 task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    router = APIRouter(lifespan=lifespan)
+    return lifespan
+
+
+def batch_router() -> APIRouter:
+    """Routes of the Batch API; they need ``batch_lifespan`` entered on the same app."""
+    router = APIRouter()
 
     def batches(request: Request) -> BatchStore:
         return request.app.state.batches

@@ -30,7 +30,7 @@ class MeshExecutor:
             raise JobFailed(f"model {job.model!r} is not served here ({self.model.name!r})")
         ids = prompt_ids(job, self.model.tokenizer, self.model.max_context)
         rid = f"batch-{job.job_id}-{uuid.uuid4().hex[:8]}"
-        pending = await self.gateway.submit(list(ids), job.sampling, request_id=rid)
+        pending = await self.gateway.submit(list(ids), job.sampling, request_id=rid, stream=False)
         self._mine[rid] = pending
         texts: list[str] = []
         reason = None

@@ -25,6 +25,7 @@ from engine.api import Tokenizer
 from services.gateway import openai_api as oa
 from services.gateway.core import Gateway, Pending, RequestFailed
 from services.gateway.metrics import Metrics
+from services.gateway.plugins import Lifespan
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,13 @@ WorkersFactory = Callable[[], AbstractAsyncContextManager[Any]]
 
 def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None = None,
                workers: WorkersFactory | None = None,
-               routers: tuple[APIRouter, ...] = (),
+               routers: tuple[APIRouter, ...] = (), lifespans: tuple[Lifespan, ...] = (),
                on_ready: Callable[[], None] | None = None) -> FastAPI:
     """The gateway app; ``workers`` starts in-process services first (embedded mode).
 
     ``routers`` are mounted next to the OpenAI routes (their handlers find the ``Gateway`` at
-    ``request.app.state.gateway``); ``on_ready`` is called once the gateway can take requests.
+    ``request.app.state.gateway``); ``lifespans`` are entered after the gateway started (and left
+    before it closes); ``on_ready`` is called once the gateway can take requests.
     """
     hub = hub or LocalHub()
     metrics = Metrics()
@@ -66,6 +68,8 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
             await gateway.start()
             stack.push_async_callback(gateway.close)
             app.state.gateway = gateway
+            for extra in lifespans:
+                await stack.enter_async_context(extra(app))
             if on_ready is not None:
                 on_ready()
             yield

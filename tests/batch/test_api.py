@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from common.transport.connect import LocalHub, open_bus, open_store
-from services.batch.api import batch_router
+from services.batch.api import batch_lifespan, batch_router
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
 from services.batch.names import BatchNames
@@ -40,7 +40,8 @@ async def gateway(config, engines, **router_args):
     hub = LocalHub()
     enc, dec = EngineRunner(engines[0]), EngineRunner(engines[1])
     model = ServedModel(MODEL, engines[0].tokenizer, engines[0].max_context)
-    app = create_app(config, model, hub=hub, routers=(batch_router(**router_args),),
+    app = create_app(config, model, hub=hub, routers=(batch_router(),),
+                     lifespans=(batch_lifespan(**router_args),),
                      workers=lambda: local_workers(config, hub, encoders=[enc], decoders=[dec]))
     try:
         async with app.router.lifespan_context(app):
@@ -183,3 +184,13 @@ async def test_bad_calls_get_openai_errors(config, engines, call, status):
         resp = await getattr(client, method)(path, **kwargs)
     assert resp.status_code == status
     assert "message" in resp.json()["error"]
+
+
+def test_every_gateway_the_cli_starts_gets_the_batch_api():
+    from services.gateway.plugins import load_plugins
+
+    routers, lifespans = load_plugins()
+    paths = {route.path for router in routers for route in router.routes}
+    assert {"/v1/files", "/v1/files/{file_id}/content", "/v1/batches",
+            "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"} <= paths
+    assert lifespans

@@ -10,8 +10,7 @@ import pytest
 
 from common.config import MeshConfig
 from common.names import Names
-from common.transport.connect import LocalHub, open_bus, open_store
-from common.transport.memory import MemoryStore
+from common.transport.connect import LocalHub, purge
 
 AMQP_URL = os.environ.get("EXEGPT_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("EXEGPT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -58,14 +57,7 @@ async def cleanup(mesh_config: MeshConfig, hub: LocalHub):
 
 
 async def purge_namespace(config: MeshConfig, hub: LocalHub) -> None:
-    names = Names(config.namespace)
-    bus = await open_bus(config, names, hub)
-    await bus.delete(queues=[names.encode_queue, names.handoff_queue, names.dead_queue],
-                     exchanges=[names.control_exchange, names.status_exchange, names.dead_exchange])
-    await bus.close()
-    store = await open_store(config) or MemoryStore()
-    await store.delete_prefix(names.key_prefix)
-    await store.close()
+    await purge(config, Names(config.namespace), hub)
 
 
 # --- an in-process mesh behind the gateway app -------------------------------------------------
@@ -88,6 +80,7 @@ class MeshUnderTest:
     config: MeshConfig
     hub: LocalHub
     model: str
+    app: object = None
 
 
 @contextlib.asynccontextmanager
@@ -109,6 +102,6 @@ async def running_mesh(config: MeshConfig, hub: LocalHub, make_engine: Callable[
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield MeshUnderTest(client, holder["mesh"], config, hub, config.model)
+            yield MeshUnderTest(client, holder["mesh"], config, hub, config.model, app)
     for runner in enc + dec:
         runner.close()

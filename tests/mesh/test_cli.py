@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import uuid
 
 import httpx
@@ -39,7 +40,7 @@ async def test_serve_runs_everything_in_one_process():
 
 @pytest.mark.broker
 @pytest.mark.slow
-async def test_up_supervises_a_mesh_and_stops_it_on_sigterm():
+async def test_up_restarts_a_dead_child_and_stops_the_mesh_on_sigterm():
     if not broker_available():
         pytest.skip("RabbitMQ/Redis not answering on 127.0.0.1")
     namespace = f"u{uuid.uuid4().hex[:10]}"
@@ -49,13 +50,16 @@ async def test_up_supervises_a_mesh_and_stops_it_on_sigterm():
                         "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL,
                         "--encoders", "1", "--decoders", "2")
         url = up.wait_line("ready mesh").split()[-1]
+        children = [ln for ln in up.output if ln.startswith("[") and "] ready " in ln]
+        assert len(children) == 5  # scheduler, 1 encoder, 2 decoders, gateway
+        decoder_pid = int(next(ln for ln in children if ln.startswith("[decoder-1]")).split("-")[-2])
+        os.kill(decoder_pid, signal.SIGKILL)
+        up.wait_line("[decoder-1] ready decoder")  # supervised: started again
         async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S) as client:
             responses = await asyncio.gather(*(client.post("/v1/completions", json=completion(4))
                                                for _ in range(8)))
         assert [r.json()["usage"]["completion_tokens"] for r in responses] == [4] * 8
         assert mesh.stop(up) == 0
-        children = [ln for ln in up.output if ln.startswith("[") and "ready" in ln]
-        assert len(children) == 5  # scheduler, 1 encoder, 2 decoders, gateway
     finally:
         mesh.close()
         config = MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL)

@@ -49,7 +49,8 @@ def cluster():
         gateway = mesh.start("gateway")
         ids = [w.wait_line("ready").split()[-1] for w in workers]
         url = gateway.wait_line("ready gateway").split()[-1]
-        yield {"config": config, "mesh": mesh, "url": url, "worker_ids": ids, "workers": workers}
+        yield {"config": config, "mesh": mesh, "url": url, "worker_ids": ids, "workers": workers,
+               "decoders": list(zip(ids[2:], workers[2:]))}
     finally:
         mesh.close()
         asyncio.run(purge_namespace(config, LocalHub()))
@@ -122,41 +123,54 @@ async def test_schedule_update_reaches_every_worker_process(cluster):
     await t.close()
 
 
-async def test_a_decoder_killed_mid_batch_loses_nothing(cluster):
-    """SIGKILL one decoder while requests run: every request still completes, each once."""
-    n_requests, n_tokens = 24, 48
+async def stream_until_running(cluster, n_requests: int, n_tokens: int, stop_one):
+    """Stream requests; once tokens flow, ``stop_one(proc)`` the decoder holding the most.
+
+    Returns each request's (token count, finish reason) and how many the stopped one held."""
     async with httpx.AsyncClient(base_url=cluster["url"], timeout=TIMEOUT_S,
                                  limits=httpx.Limits(max_connections=64)) as client:
-        started = asyncio.Event()
-        seen = [0]
-        ids: set[str] = set()
+        flowing, seen, ids = asyncio.Event(), [0], set()
 
-        async def one(i: int) -> tuple[int, str, str | None]:
-            text, reason = [], None
+        async def one(i: int) -> tuple[int, str | None]:
+            count, reason = 0, None
             body = completion(f"survive {i}", n_tokens, stream=True)
             async with client.stream("POST", "/v1/completions", json=body) as response:
                 async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    ids.add(chunk["id"])
-                    choice = chunk["choices"][0]
-                    text.append(choice["text"])
-                    reason = choice["finish_reason"] or reason
-                    seen[0] += 1
-                    if seen[0] >= n_requests * 4:
-                        started.set()
-            return len(text), "".join(text), reason
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        ids.add(chunk["id"])
+                        count += 1
+                        reason = chunk["choices"][0]["finish_reason"] or reason
+                        seen[0] += 1
+                        if seen[0] >= n_requests * 4:
+                            flowing.set()
+            return count, reason
 
         tasks = [asyncio.create_task(one(i)) for i in range(n_requests)]
-        await asyncio.wait_for(started.wait(), TIMEOUT_S)
-        decoders = list(zip(cluster["worker_ids"][2:], cluster["workers"][2:]))
-        counts = [await held_by(cluster, ids, worker_id) for worker_id, _ in decoders]
-        held, (_, victim) = max(zip(counts, decoders), key=lambda pair: pair[0])
-        cluster["mesh"].kill(victim)
+        await asyncio.wait_for(flowing.wait(), TIMEOUT_S)
+        counts = [await held_by(cluster, ids, worker_id) for worker_id, _ in cluster["decoders"]]
+        held, (worker_id, proc) = max(zip(counts, cluster["decoders"]), key=lambda pair: pair[0])
+        cluster["decoders"].remove((worker_id, proc))
+        await asyncio.get_running_loop().run_in_executor(None, stop_one, proc)
         results = await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT_S)
-    assert [r[0] for r in results] == [n_tokens] * n_requests
-    assert all(r[2] == "length" for r in results)
+    return results, held
+
+
+async def test_a_decoder_stopped_with_sigterm_drains_its_batch(cluster):
+    """SIGTERM: the decoder stops taking hand-offs, finishes what it runs, exits 0."""
+    extra = cluster["mesh"].start("decoder")
+    cluster["decoders"].append((extra.wait_line("ready").split()[-1], extra))
+    exit_codes = []
+    results, held = await stream_until_running(
+        cluster, 24, 48, lambda proc: exit_codes.append(cluster["mesh"].stop(proc)))
+    assert results == [(48, "length")] * 24
+    assert held > 0 and exit_codes == [0]
+
+
+async def test_a_decoder_killed_mid_batch_loses_nothing(cluster):
+    """SIGKILL one decoder while requests run: every request still completes, each once."""
+    results, held = await stream_until_running(cluster, 24, 48, cluster["mesh"].kill)
+    assert results == [(48, "length")] * 24
     assert held > 0  # the victim really was decoding some of them
 
 

@@ -61,8 +61,9 @@ async def test_concurrent_requests_each_complete_once(config, hub):
         for r, p, n in zip(responses, prompts, lengths):
             assert r.json()["choices"][0]["text"] == expected_text(p, n)
             assert r.json()["usage"]["completion_tokens"] == n
-        store = (await open_transports(config, Names(config.namespace), hub)).store
-        samples = await recent_lengths(store, Names(config.namespace), 100)
+        t = await open_transports(config, Names(config.namespace), hub)
+        samples = await recent_lengths(t.store, Names(config.namespace), 100)
+        await t.close()
         assert sorted(s.output_len for s in samples) == sorted(lengths)
         assert all(not w.running for w in m.mesh.decoders)
 
@@ -244,3 +245,32 @@ async def test_a_long_non_streaming_answer_arrives_whole_in_chunks(config, hub):
         streamed = await m.client.post("/v1/completions", json=completion("long", 150, stream=True))
         chunks = [ln for ln in streamed.text.splitlines() if ln.startswith("data: {")]
         assert len(chunks) == 150  # streaming still gets every token on its own
+
+
+async def test_an_aborted_request_leaves_the_decoder_batch(config, hub):
+    import threading
+
+    from common.messages.work import Sampling
+
+    entered, release = threading.Event(), threading.Event()
+    engines = iter([FakeEngine(), StuckEngine(entered, release)])
+    try:
+        async with running_mesh(config, hub, lambda: next(engines)) as m:
+            decoder, gateway = m.mesh.decoders[0], m.app.state.gateway
+            aborted = asyncio.Event()
+            on_abort = decoder.on_abort
+            decoder.on_abort = lambda rid: (on_abort(rid), aborted.set())
+            pending = await gateway.submit([104, 105], Sampling(max_tokens=200))
+            assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, TIMEOUT_S)
+            await gateway.abort(pending)  # what a client hanging up mid-stream does
+            await asyncio.wait_for(aborted.wait(), TIMEOUT_S)
+            release.set()
+            after = await m.client.post("/v1/completions", json=completion("next", 3))
+            assert after.status_code == 200  # the loop went round: the abort was applied first
+            assert pending.request_id not in decoder.running
+            assert decoder.runner.engine.running() == []
+            t = await open_transports(config, Names(config.namespace), hub)
+            assert await t.store.get(Names(config.namespace).done(pending.request_id)) == b"1"
+            await t.close()
+    finally:
+        release.set()
