@@ -1,8 +1,12 @@
 """`exegpt bench engine`: our engine vs Hugging Face ``generate`` on the same weights, same run.
 
-Prompts have different lengths (uniform in [len/2, 3len/2]), so Hugging Face must pad a batch while
-our engine packs it. Prefill tokens/s counts real prompt tokens; decode tokens/s counts generated
-tokens after the first. Both sides run forced-length (EOS ignored), greedy, under inference_mode.
+Prompts have different lengths (uniform in [L(1-s), L(1+s)], ``--prompt-spread s``), so Hugging
+Face must pad a batch while our engine packs it. Output lengths differ too (``--output-spread``):
+each request decodes exactly its own number of tokens (EOS ignored); ``generate`` must run the
+whole batch to the longest one (static batching), our engine drops each request when it is done
+(early termination). ``--output-spread 0`` gives every request the same length.
+Prefill tokens/s counts real prompt tokens; decode tokens/s counts each request's generated tokens
+after its first. Both sides greedy, same weights, dtype and threads, under inference_mode.
 """
 
 from __future__ import annotations
@@ -14,13 +18,19 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_BATCHES = "1,8,32"
+CLOCK = time.perf_counter  # --clock process: this process's CPU time (steadier on a shared machine)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2, tiny-llama, tiny-opt or a decoder-only folder")
     p.add_argument("--batch-sizes", default=DEFAULT_BATCHES, help="comma-separated (default %(default)s)")
     p.add_argument("--prompt-len", type=int, default=64, help="mean prompt length in tokens (default %(default)s)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request (default %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32, help="mean tokens generated per request (default %(default)s)")
+    p.add_argument("--prompt-spread", type=float, default=0.5, help="prompt lengths in L*(1 +- s) (default %(default)s)")
+    p.add_argument("--output-spread", type=float, default=0.5,
+                   help="output lengths in N*(1 +- s); 0: all equal (default %(default)s)")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="process: this process's CPU time, steadier on a shared machine with --threads 1")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the best counts (default %(default)s)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
@@ -47,16 +57,25 @@ def run(args: argparse.Namespace) -> int:
         batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError as exc:
         raise CliError(f"--batch-sizes must be integers, got {args.batch_sizes!r}") from exc
-    if not batches or min(batches) < 1 or args.prompt_len < 2 or args.new_tokens < 2:
-        raise CliError("need batch sizes >= 1, --prompt-len >= 2 and --new-tokens >= 2")
+    if not batches or min(batches) < 1 or args.prompt_len < 2 or args.new_tokens < 4:
+        raise CliError("need batch sizes >= 1, --prompt-len >= 2 and --new-tokens >= 4")
+    if not (0 <= args.prompt_spread < 1 and 0 <= args.output_spread < 1):
+        raise CliError("spreads must be in [0, 1)")
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     try:
         cells, device = benchmark(args.model, batches, args.prompt_len, args.new_tokens, repeats=args.repeats,
-                                  device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed)
+                                  device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed,
+                                  prompt_spread=args.prompt_spread, output_spread=args.output_spread)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    print(f"engine vs transformers generate: model {args.model}, {device}, prompts ~{args.prompt_len} tokens "
-          f"(varied), {args.new_tokens} new tokens")
+    import torch
+
+    print(f"engine vs transformers generate: model {args.model}, {device}, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock, prompts {args.prompt_len}*(1+-{args.prompt_spread}) tokens, "
+          f"outputs {args.new_tokens}*(1+-{args.output_spread}) tokens, best of {args.repeats}")
     print(format_table(cells))
+    print(summary(cells))
     return 0
 
 
@@ -68,8 +87,8 @@ def format_table(cells: list[Cell]) -> str:
 
 
 def benchmark(model: str, batches: list[int], prompt_len: int, new_tokens: int, *, repeats: int = 2,
-              device: str = "auto", dtype: str | None = None, threads: int | None = None,
-              seed: int = 0) -> tuple[list[Cell], str]:
+              device: str = "auto", dtype: str | None = None, threads: int | None = None, seed: int = 0,
+              prompt_spread: float = 0.5, output_spread: float = 0.5) -> tuple[list[Cell], str]:
     import torch
 
     from engine import load_engine
@@ -80,27 +99,34 @@ def benchmark(model: str, batches: list[int], prompt_len: int, new_tokens: int, 
     hf = reference_model(engine, model)
     gen = torch.Generator().manual_seed(seed)
     cells: list[Cell] = []
-    warm = make_prompts(gen, 2, prompt_len, engine.vocab_size)
-    _ours(engine, warm, 3)
-    _hf(hf, warm, 3, engine.device)
+    warm = make_prompts(gen, 2, prompt_len, engine.vocab_size, prompt_spread)
+    _ours(engine, warm, [3, 3])
+    _hf(hf, warm, [3, 3], engine.device)
     for b in batches:
-        prompts = make_prompts(gen, b, prompt_len, engine.vocab_size)
+        prompts = make_prompts(gen, b, prompt_len, engine.vocab_size, prompt_spread)
+        outputs = spread_lengths(gen, b, new_tokens, output_spread, low=2)
         ours, theirs = [], []
         for _ in range(repeats):  # interleaved, best of each: load from other processes hits both sides
-            ours.append(_ours(engine, prompts, new_tokens))
-            theirs.append(_hf(hf, prompts, new_tokens, engine.device))
-        n_prompt, n_decode = sum(map(len, prompts)), b * (new_tokens - 1)
+            ours.append(_ours(engine, prompts, outputs))
+            theirs.append(_hf(hf, prompts, outputs, engine.device))
+        n_prompt, n_decode = sum(map(len, prompts)), sum(n - 1 for n in outputs)
         cells.append(Cell(b, "prefill", n_prompt / min(o[0] for o in ours), n_prompt / min(t[0] for t in theirs)))
         cells.append(Cell(b, "decode", n_decode / min(o[1] for o in ours), n_decode / min(t[1] for t in theirs)))
     return cells, engine.device
 
 
-def make_prompts(gen, batch: int, mean_len: int, vocab: int) -> list[list[int]]:
+def spread_lengths(gen, batch: int, mean: int, spread: float, *, low: int = 1) -> list[int]:
+    """``batch`` lengths uniform in [mean(1-spread), mean(1+spread)], at least ``low``."""
     import torch
 
-    lo, hi = max(1, mean_len // 2), max(2, mean_len * 3 // 2)
-    lengths = torch.randint(lo, hi + 1, (batch,), generator=gen).tolist()
-    return [torch.randint(32, vocab, (n,), generator=gen).tolist() for n in lengths]
+    lo, hi = max(low, round(mean * (1 - spread))), max(low, round(mean * (1 + spread)))
+    return torch.randint(lo, hi + 1, (batch,), generator=gen).tolist()
+
+
+def make_prompts(gen, batch: int, mean_len: int, vocab: int, spread: float = 0.5) -> list[list[int]]:
+    import torch
+
+    return [torch.randint(32, vocab, (n,), generator=gen).tolist() for n in spread_lengths(gen, batch, mean_len, spread)]
 
 
 def _sync(device: str) -> None:
@@ -110,26 +136,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _ours(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) for the whole batch."""
+def _ours(engine, prompts: list[list[int]], outputs: list[int]) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) for the whole batch; prefill includes the first token's sampling."""
     from engine.api import GenerationRequest, SamplingParams
 
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    reqs = [GenerationRequest(f"bench-{i}", tuple(p), params) for i, p in enumerate(prompts)]
+    reqs = [GenerationRequest(f"bench-{i}", tuple(p), SamplingParams(max_tokens=n, ignore_eos=True))
+            for i, (p, n) in enumerate(zip(prompts, outputs))]
     _sync(engine.device)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     engine.prefill(reqs)
     _sync(engine.device)
-    t1 = time.perf_counter()
+    t1 = CLOCK()
     while engine.running():
         engine.decode_step()
     _sync(engine.device)
-    return t1 - t0, time.perf_counter() - t1
+    return t1 - t0, CLOCK() - t1
 
 
-def _hf(hf, prompts: list[list[int]], new_tokens: int, device: str) -> tuple[float, float]:
-    """(prefill seconds, decode seconds): generate 1 token, then generate all; decode is the rest."""
+def _hf(hf, prompts: list[list[int]], outputs: list[int], device: str) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one ``generate`` call to the longest output, split where
+    the first logits reach the logits processors (the end of the prefill forward)."""
     import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FirstLogits(LogitsProcessor):
+        at: float | None = None
+
+        def __call__(self, input_ids, scores):
+            if self.at is None:
+                _sync(device)
+                self.at = CLOCK()
+            return scores
 
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.int64)
@@ -138,17 +175,16 @@ def _hf(hf, prompts: list[list[int]], new_tokens: int, device: str) -> tuple[flo
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
-
-    def timed(n: int) -> float:
-        _sync(device)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
-        _sync(device)
-        return time.perf_counter() - t
-
-    prefill = timed(1)
-    return prefill, max(timed(new_tokens) - prefill, 1e-9)
+    mark = FirstLogits()
+    _sync(device)
+    t0 = CLOCK()
+    with torch.inference_mode():
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(outputs), min_new_tokens=max(outputs),
+                    do_sample=False, logits_processor=LogitsProcessorList([mark]))
+    _sync(device)
+    end = CLOCK()
+    assert mark.at is not None
+    return mark.at - t0, end - mark.at
 
 
 def reference_model(engine, model: str) -> Any:

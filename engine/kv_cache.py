@@ -53,6 +53,10 @@ class KVCache:
         self.lengths_t[first:first + len(lengths)] = torch.tensor(lengths, dtype=torch.int64)
         return first
 
+    def truncate(self, size: int) -> None:
+        """Forget slots ``size..`` (a prefill that failed half-way)."""
+        del self.lengths[size:]
+
     def advance(self) -> None:
         """Every live slot gained one position (after a decode step wrote it)."""
         self.lengths = [n + 1 for n in self.lengths]

@@ -1,7 +1,8 @@
 """Building models from files: Hugging Face folders (config.json + *.safetensors + tokenizer.json).
 
-Modules are built on the ``meta`` device and receive the loaded tensors directly, so loading costs
-one read of the weights and no random initialisation.
+Modules are built with uninitialised weights (``engine.models.common.Linear``/``Embedding``) and
+receive the loaded tensors directly, so loading costs one read of the weights and no random
+initialisation.
 """
 
 from __future__ import annotations
@@ -21,23 +22,20 @@ def build_model(model_type: str, config: dict[str, Any]) -> nn.Module:
     if model_type == "llama":
         from engine.models.llama import Llama, ModelArgs
 
-        with torch.device("meta"):
-            return Llama(ModelArgs.from_hf_config(config))
+        return Llama(ModelArgs.from_hf_config(config))
     if model_type in ("opt", "gpt2"):
         from engine.models import gpt
 
-        with torch.device("meta"):
-            return gpt.model_from_hf_config(model_type, config)
+        return gpt.model_from_hf_config(model_type, config)
     if model_type == "t5":
         from engine.models.t5 import T5, ModelArgs as T5Args
 
-        with torch.device("meta"):
-            return T5(T5Args.from_hf_config(config))
+        return T5(T5Args.from_hf_config(config))
     raise ValueError(f"unsupported model_type {model_type!r} (llama, opt, gpt2, t5)")
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Load ``state`` into a meta-device model (names as Hugging Face saves them)."""
+    """Load ``state`` into a freshly built model (names as Hugging Face saves them)."""
     state = {k: v for k, v in state.items() if not k.endswith(".rotary_emb.inv_freq")}
     state = model.adapt_state_dict(state) if hasattr(model, "adapt_state_dict") else state
     expected = set(model.state_dict())
@@ -53,7 +51,8 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dt
     model.load_state_dict(state, assign=True, strict=True)
     for name, source in tied.items():  # assign=True broke the sharing; restore it
         _set_param(model, name, model.get_parameter(source))
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    return model.fuse_() if hasattr(model, "fuse_") else model
 
 
 def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
@@ -95,9 +94,10 @@ def hf_tokenizer(folder: Path, config: dict[str, Any]) -> TextTokenizer:
     if eos is None:
         eos_text = tcfg.get("eos_token")
         eos_text = eos_text.get("content") if isinstance(eos_text, dict) else eos_text
-        eos = tok._tok.token_to_id(eos_text) if eos_text else None
+        eos = tok.token_id(eos_text) if eos_text else None
     if eos is None:
         raise ValueError(f"{folder}: no eos_token_id in config.json nor eos_token in tokenizer_config.json")
     tok.eos_token_id = int(eos)
     tok.bos_token_id = config.get("bos_token_id")
+    tok.add_bos = bool(tcfg.get("add_bos_token", False)) and tok.bos_token_id is not None
     return tok

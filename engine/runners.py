@@ -39,7 +39,12 @@ class DecoderOnlyRunner:
         self.layout = f"{model.kind}:L,2,Hkv,T,D"
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        return self.model(Batch.prefill(self.cache, prompts, self.device))
+        size = self.cache.size
+        try:
+            return self.model(Batch.prefill(self.cache, prompts, self.device))
+        except BaseException:
+            self.cache.truncate(size)  # the running batch stays as it was
+            raise
 
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
         ids = torch.tensor(last_tokens, dtype=torch.int64).to(self.device, non_blocking=True)

@@ -24,12 +24,18 @@ class EncoderDecoderRunner:
         self.self_cache, self.cross_cache = make(), make()
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        batch = Batch.prefill(self.cross_cache, prompts, self.device, causal=False)
-        self.self_cache.add_slots([0] * len(prompts))
-        self.self_cache.reserve(self.self_cache.size, 1)
-        self.model.encode(batch)
-        start = torch.full((len(prompts),), self.model.args.decoder_start_token_id, dtype=torch.int64)
-        return self._step(start.to(self.device), batch.first_slot)
+        size = self.self_cache.size
+        try:
+            batch = Batch.prefill(self.cross_cache, prompts, self.device, causal=False)
+            self.self_cache.add_slots([0] * len(prompts))
+            self.self_cache.reserve(self.self_cache.size, 1)
+            self.model.encode(batch)
+            start = torch.full((len(prompts),), self.model.args.decoder_start_token_id, dtype=torch.int64)
+            return self._step(start.to(self.device), batch.first_slot)
+        except BaseException:
+            self.self_cache.truncate(size)  # the running batch stays as it was
+            self.cross_cache.truncate(size)
+            raise
 
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
         return self._step(torch.tensor(last_tokens, dtype=torch.int64).to(self.device), 0)

@@ -38,6 +38,9 @@ class TextTokenizer:
             ids = [self.bos_token_id, *ids]
         return ids
 
+    def token_id(self, text: str) -> int | None:
+        return self._tok.token_to_id(text)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 

@@ -12,8 +12,68 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from engine.kv_cache import KVCache
+
+PACKED_MIN_WEIGHT = 1 << 16  # smaller matrices (tiny models) lose more to oneDNN's call overhead
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= PACKED_MIN_WEIGHT
+            and torch.backends.mkldnn.is_available())
+
+
+class PackedWeight:
+    """``y = x W^T + b``, with W also held in oneDNN's blocked layout on CPU float32.
+
+    On the CPUs we run on, oneDNN's packed GEMM is about twice as fast as the default sgemm for
+    several rows, and for one row (a GEMV streaming the weight from memory) still about 1.3x; a
+    row's result does not depend on how many rows come with it. Elsewhere (CUDA, bf16, small
+    matrices) it is ``F.linear``. The dense weight stays the model's parameter.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight, self.bias = weight, bias
+        self.packed = weight.detach().to_mkldnn() if _can_pack(weight) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.packed, self.bias).to_dense()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can switch to ``PackedWeight`` once its weights are final (``pack_``).
+
+    Weights always come from a checkpoint, so construction leaves them uninitialised."""
+
+    _packed: PackedWeight | None = None
+
+    def reset_parameters(self) -> None:
+        pass
+
+    def pack_(self) -> None:
+        self._packed = PackedWeight(self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return self._packed(x)
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` left uninitialised at construction (weights come from a checkpoint)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+def pack_linears_(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.pack_()
+    return model
 
 
 @dataclass

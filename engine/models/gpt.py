@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.common import Batch, attend_decode, attend_prefill
+from engine.models.common import Batch, Embedding, Linear, attend_decode, attend_prefill, pack_linears_
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -70,7 +70,7 @@ class Attention(nn.Module):
         super().__init__()
         c = a.hidden_size
         self.n_head, self.head_dim = a.num_attention_heads, a.head_dim
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c, c) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(c, c) for _ in range(4))
 
     def forward(self, x: torch.Tensor, layer: int, batch: Batch) -> torch.Tensor:
         n = x.shape[0]  # x: (N, C)
@@ -91,8 +91,8 @@ class Block(nn.Module):
         self.act = ACTIVATIONS[a.activation]
         self.self_attn = Attention(a)
         self.self_attn_layer_norm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
-        self.fc1 = nn.Linear(a.hidden_size, a.ffn_dim)
-        self.fc2 = nn.Linear(a.ffn_dim, a.hidden_size)
+        self.fc1 = Linear(a.hidden_size, a.ffn_dim)
+        self.fc2 = Linear(a.ffn_dim, a.hidden_size)
         self.final_layer_norm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, layer: int, batch: Batch) -> torch.Tensor:
@@ -107,11 +107,11 @@ class Decoder(nn.Module):
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
         width = a.word_embed_proj_dim or a.hidden_size
-        self.embed_tokens = nn.Embedding(a.vocab_size, width)
-        self.embed_positions = nn.Embedding(a.max_position_embeddings + a.position_offset, a.hidden_size)
+        self.embed_tokens = Embedding(a.vocab_size, width)
+        self.embed_positions = Embedding(a.max_position_embeddings + a.position_offset, a.hidden_size)
         if a.word_embed_proj_dim:
-            self.project_in = nn.Linear(width, a.hidden_size, bias=False)
-            self.project_out = nn.Linear(a.hidden_size, width, bias=False)
+            self.project_in = Linear(width, a.hidden_size, bias=False)
+            self.project_out = Linear(a.hidden_size, width, bias=False)
         if a.final_layer_norm:
             self.final_layer_norm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
         self.layers = nn.ModuleList(Block(a) for _ in range(a.num_hidden_layers))
@@ -131,12 +131,16 @@ class GPT(nn.Module):
         self.args = args
         self.kind = args.flavour
         self.model = _Body(args)
-        self.lm_head = nn.Linear(args.word_embed_proj_dim or args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.word_embed_proj_dim or args.hidden_size, args.vocab_size, bias=False)
         self.lm_head.weight = self.model.decoder.embed_tokens.weight
         self.tied_weights = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
 
     def max_positions(self) -> int:
         return self.args.max_position_embeddings
+
+    def fuse_(self) -> "GPT":
+        """After loading: pack the projections for the CPU where that helps."""
+        return pack_linears_(self)
 
     def cache_geometry(self) -> tuple[int, int, int]:
         a = self.args

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.common import Batch, attend_decode, attend_prefill
+from engine.models.common import Batch, Embedding, Linear, PackedWeight, attend_decode, attend_prefill, pack_linears_
 
 
 @dataclass(frozen=True)
@@ -94,26 +94,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C)
+        if x.dtype == torch.float32:  # one fused call; same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
 def rope_tables(args: ModelArgs, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (length, D) in the rotate-half layout (frequencies repeated twice)."""
+    """cos and signed sin of shape (length, D) in the rotate-half layout (frequencies repeated twice).
+
+    Rotate-half is ``x * cos + cat(-x2, x1) * sin``; with the sign folded into the table's first half
+    it becomes ``x * cos + roll(x, D/2) * signed_sin``.
+    """
     d = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
-    return emb.cos().to(device), emb.sin().to(device)
+    sign = torch.cat([-torch.ones(d // 2), torch.ones(d // 2)])
+    return emb.cos().to(device), (emb.sin() * sign).to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (N, heads, D); cos/sin: (N, 1, D) float32."""
-    half = x.shape[-1] // 2
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: (N, heads, D); cos/signed_sin: (N, 1, D) float32."""
     xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -121,16 +126,29 @@ class Attention(nn.Module):
         super().__init__()
         c, h, hkv, d = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.n_head, self.n_kv, self.head_dim = h, hkv, d
-        self.q_proj = nn.Linear(c, h * d, bias=False)
-        self.k_proj = nn.Linear(c, hkv * d, bias=False)
-        self.v_proj = nn.Linear(c, hkv * d, bias=False)
-        self.o_proj = nn.Linear(h * d, c, bias=False)
+        self.q_proj = Linear(c, h * d, bias=False)
+        self.k_proj = Linear(c, hkv * d, bias=False)
+        self.v_proj = Linear(c, hkv * d, bias=False)
+        self.o_proj = Linear(h * d, c, bias=False)
+        self._qkv: PackedWeight | None = None
+
+    def fuse_(self) -> None:
+        """One (H + 2Hkv)D x C weight for q, k, v; the three projections become views of it."""
+        fused = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        _view_params(fused, [self.q_proj, self.k_proj, self.v_proj])
+        self._qkv = PackedWeight(fused)
 
     def forward(self, x: torch.Tensor, layer: int, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]  # x: (N, C) packed tokens (prefill) or (B, C) one token per sequence (decode)
-        q = apply_rope(self.q_proj(x).view(n, self.n_head, self.head_dim), cos, sin)  # (N, H, D)
-        k = apply_rope(self.k_proj(x).view(n, self.n_kv, self.head_dim), cos, sin)  # (N, Hkv, D)
-        v = self.v_proj(x).view(n, self.n_kv, self.head_dim)  # (N, Hkv, D)
+        h, hkv = self.n_head, self.n_kv
+        if self._qkv is not None:
+            qkv = self._qkv(x).view(n, h + 2 * hkv, self.head_dim)  # (N, H + 2Hkv, D)
+            qk = apply_rope(qkv[:, : h + hkv], cos, sin)  # q and k rotated together
+            q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv:]  # (N, H, D), (N, Hkv, D), (N, Hkv, D)
+        else:
+            q = apply_rope(self.q_proj(x).view(n, h, self.head_dim), cos, sin)  # (N, H, D)
+            k = apply_rope(self.k_proj(x).view(n, hkv, self.head_dim), cos, sin)  # (N, Hkv, D)
+            v = self.v_proj(x).view(n, hkv, self.head_dim)  # (N, Hkv, D)
         if batch.is_prefill:
             y = attend_prefill(q, k, v, layer, batch, causal=True)
         else:
@@ -141,12 +159,30 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self._gate_up: PackedWeight | None = None
+
+    def fuse_(self) -> None:
+        fused = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        _view_params(fused, [self.gate_proj, self.up_proj])
+        self._gate_up = PackedWeight(fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gate_up is not None:
+            gate, up = self._gate_up(x).chunk(2, dim=-1)  # (N, F) each
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _view_params(fused: torch.Tensor, linears: list[Linear]) -> None:
+    """Make each linear's weight a row slice of ``fused`` (shared storage, names unchanged)."""
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+        start += rows
 
 
 class Block(nn.Module):
@@ -165,7 +201,7 @@ class Block(nn.Module):
 class LlamaBody(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -179,7 +215,7 @@ class Llama(nn.Module):
         super().__init__()
         self.args = args
         self.model = LlamaBody(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -191,6 +227,14 @@ class Llama(nn.Module):
 
     def max_positions(self) -> int:
         return self.args.max_position_embeddings
+
+    def fuse_(self) -> "Llama":
+        """After loading: fuse q/k/v and gate/up into single matmuls (fewer, larger GEMMs), and pack
+        every projection for the CPU where that helps (``PackedWeight``)."""
+        for block in self.model.layers:
+            block.self_attn.fuse_()
+            block.mlp.fuse_()
+        return pack_linears_(self)
 
     def cache_geometry(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the KV cache this model writes."""

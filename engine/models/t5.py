@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kv_cache import KVCache
-from engine.models.common import Batch, to_packed, to_padded
+from engine.models.common import Batch, Embedding, Linear, to_packed, to_padded
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,12 @@ class Attention(nn.Module):
         super().__init__()
         inner = a.num_heads * a.d_kv
         self.n_head, self.head_dim = a.num_heads, a.d_kv
-        self.q = nn.Linear(a.d_model, inner, bias=False)
-        self.k = nn.Linear(a.d_model, inner, bias=False)
-        self.v = nn.Linear(a.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, a.d_model, bias=False)
+        self.q = Linear(a.d_model, inner, bias=False)
+        self.k = Linear(a.d_model, inner, bias=False)
+        self.v = Linear(a.d_model, inner, bias=False)
+        self.o = Linear(inner, a.d_model, bias=False)
         if relative_bias:
-            self.relative_attention_bias = nn.Embedding(a.relative_attention_num_buckets, a.num_heads)
+            self.relative_attention_bias = Embedding(a.relative_attention_num_buckets, a.num_heads)
 
     def heads(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return proj(x).view(x.shape[0], self.n_head, self.head_dim)  # (N, H, D)
@@ -108,11 +108,11 @@ class FeedForward(nn.Module):
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
         if a.gated:
-            self.wi_0 = nn.Linear(a.d_model, a.d_ff, bias=False)
-            self.wi_1 = nn.Linear(a.d_model, a.d_ff, bias=False)
+            self.wi_0 = Linear(a.d_model, a.d_ff, bias=False)
+            self.wi_1 = Linear(a.d_model, a.d_ff, bias=False)
         else:
-            self.wi = nn.Linear(a.d_model, a.d_ff, bias=False)
-        self.wo = nn.Linear(a.d_ff, a.d_model, bias=False)
+            self.wi = Linear(a.d_model, a.d_ff, bias=False)
+        self.wo = Linear(a.d_ff, a.d_model, bias=False)
         self.gated = a.gated
         self.act = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}[a.activation]
 
@@ -173,10 +173,10 @@ class T5(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.shared = nn.Embedding(args.vocab_size, args.d_model)
+        self.shared = Embedding(args.vocab_size, args.d_model)
         self.encoder = Stack(args, decoder=False)
         self.decoder = Stack(args, decoder=True)
-        self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.d_model, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
         self.tied_weights = {"lm_head.weight": "shared.weight"} if args.tie_word_embeddings else {}

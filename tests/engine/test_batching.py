@@ -73,3 +73,24 @@ def test_batched_prefill_matches_single_prefill(llama):
     together = [e.token_id for e in llama.prefill([req(f"t{i}", p, max_tokens=1) for i, p in enumerate(prompts)])]
     single = [llama.prefill([req(f"s{i}", p, max_tokens=1)])[0].token_id for i, p in enumerate(prompts)]
     assert together == single
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+def test_failed_prefill_leaves_running_batch_intact(make_engine, monkeypatch, name):
+    engine = make_engine(name)
+    solo = alone(engine, "a")
+    out = Collector()
+    out.add(engine.prefill([req("a", PROMPTS["a"], **PARAMS["a"])]))
+    model = engine.runner.model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "encode" if name == "tiny-t5" else "forward", broken)
+    with pytest.raises(RuntimeError):
+        engine.prefill([req("b", PROMPTS["b"], **PARAMS["b"])])
+    monkeypatch.undo()
+    assert engine.running() == ["a"]
+    while engine.running():
+        out.add(engine.decode_step())
+    assert out.tokens["a"] == solo
