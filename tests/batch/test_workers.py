@@ -150,3 +150,40 @@ async def test_loadgen_batch_target_times_a_batch(env, tmp_path):
     batch = json.loads((tmp_path / "b.json").read_text())["batch"]
     assert batch["jobs"] == batch["completed"] == 200 and batch["missing"] == 0
     assert batch["jobs_per_s"] > 0 and batch["wall_s"] > 0
+
+
+async def run_cli(env, *args, timeout_s=60):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "batch", *args,
+        "--amqp-url", env.config.amqp_url, "--redis-url", env.config.redis_url,
+        "--namespace", env.config.namespace,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_batch_cli_submit_status_results_cancel(env, tmp_path):
+    import json
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"prompt": "one two three", "max_tokens": 2}\n'
+                        '{"messages": [{"role": "user", "content": "four five"}], "max_tokens": 1}\n')
+    worker = await start_worker(env, "w", "--executor", "echo")
+    try:
+        rc, out, err = await run_cli(env, "submit", str(requests), "--model", "m", "--wait")
+        assert rc == 0, err
+        batch_id, status_line = out.splitlines()[:2]
+        assert json.loads(status_line)["completed"] == 2
+        rc, out, _ = await run_cli(env, "status", batch_id)
+        assert rc == 0 and json.loads(out)["done"] is True
+        rc, out, _ = await run_cli(env, "results", batch_id)
+        texts = [json.loads(line)["text"] for line in out.splitlines()]
+        assert rc == 0 and texts == [" one two", " four"]
+    finally:
+        await stop_worker(worker)
+    rc, _, err = await run_cli(env, "cancel", "b-no-such-batch")
+    assert rc == 2 and "no batch" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "max_tokens": -1}\n')
+    rc, _, err = await run_cli(env, "submit", str(bad), "--model", "m")
+    assert rc == 2 and "bad.jsonl:1" in err and "max_tokens" in err
