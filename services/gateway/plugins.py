@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 from fastapi import APIRouter, FastAPI
 
-PLUGIN_MODULES: tuple[str, ...] = ()
+PLUGIN_MODULES: tuple[str, ...] = (
+    "services.batch.plugin",  # OpenAI Batch API and a batch-job consumer
+)
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
 

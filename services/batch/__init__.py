@@ -1,0 +1,1 @@
+"""Batch NLP jobs: a durable job queue with idempotent results, and the OpenAI Batch API on top."""

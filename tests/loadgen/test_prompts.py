@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from loadgen.prompts import WORDS, approx_prompt, exact_prompt, make_prompts
+
+
+def test_approx_prompt_has_one_word_per_token():
+    text = approx_prompt(50, np.random.default_rng(0))
+    assert len(text.split()) == 50 and all(w in WORDS for w in text.split())
+
+
+def test_prompts_differ_between_requests():
+    prompts = make_prompts(np.array([30, 30, 30]), np.random.default_rng(1))
+    assert len(set(prompts)) == 3
+
+
+class CharPairTokenizer:
+    """A toy reversible tokenizer whose tokens are pairs of characters: words != tokens."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+        self.pieces: list[str] = []
+
+    def encode(self, text):
+        ids = []
+        for i in range(0, len(text), 2):
+            piece = text[i:i + 2]
+            if piece not in self.vocab:
+                self.vocab[piece] = len(self.pieces)
+                self.pieces.append(piece)
+            ids.append(self.vocab[piece])
+        return ids
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_exact_prompt_hits_the_token_count():
+    rng = np.random.default_rng(2)
+    tok = CharPairTokenizer()
+    for n in (1, 7, 64, 300):
+        text = exact_prompt(n, rng, tok.encode, tok.decode)
+        assert len(tok.encode(text)) == n
+        assert len(text.split()) != n or n == 1  # the word count alone would have missed
+
+
+def test_exact_prompt_refuses_zero():
+    with pytest.raises(ValueError):
+        exact_prompt(0, np.random.default_rng(0), lambda t: [], lambda i: "")
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_word_prompts_are_one_token_per_word_for_smollm2():
+    try:
+        from engine.gguf_loader import read_gguf, smollm2_path
+
+        path = smollm2_path()
+    except (ImportError, ValueError) as exc:  # smollm2_path raises ValueError when missing
+        pytest.skip(f"SmolLM2 GGUF not available: {exc}")
+    tok = read_gguf(path)[2]
+    rng = np.random.default_rng(3)
+    for n in (1, 50, 400):
+        assert len(tok.encode(approx_prompt(n, rng))) == n
+    assert len(tok.encode(exact_prompt(123, rng, tok.encode, tok.decode))) == 123
