@@ -37,6 +37,12 @@ class LocalEngine:
         self.stop_token_ids = frozenset({tokenizer.eos_token_id, *stop_token_ids})
         self._slots: list[_Running] = []  # slot order == runner slot order
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of one request holds (T5: per decoder or per prompt token)."""
+        cache = getattr(self.runner, "cache", None) or self.runner.self_cache
+        return cache.bytes_per_position
+
     # ---- the contract -------------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -50,6 +50,7 @@ def test_handoff_carries_metadata(make_engine):
     assert h.shape == (layers, 2, kv_heads, len(b"metadata") + 1, head_dim)
     assert h.dtype == "float32"
     assert len(h.kv) == 4 * layers * 2 * kv_heads * (len(b"metadata") + 1) * head_dim
+    assert len(h.kv) == engine.kv_bytes_per_token * (len(b"metadata") + 1)
     assert h.prompt_ids == tuple(b"metadata") and len(h.generated_ids) == 2
 
 
