@@ -66,6 +66,12 @@ def test_import_rejects_foreign_or_duplicate(make_engine):
         make_engine().import_request(foreign)
     with pytest.raises(ValueError):
         KVHandoff.from_bytes(b"\x93garbage")
+    engine.abort("r")
+    for bad in ({"kv": h.kv[:-4]}, {"rng_state": b"\x00" * 7}, {"generated_ids": h.generated_ids * 2},
+                {"dtype": "complex32x"}):
+        with pytest.raises(ValueError):
+            engine.import_request(KVHandoff(**{**h.__dict__, **bad}))
+        assert engine.running() == [] and engine.runner.cache.size == 0
     with pytest.raises(KeyError):
         engine.export_request("unknown")
 
