@@ -96,7 +96,7 @@ def test_failed_prefill_leaves_running_batch_intact(make_engine, monkeypatch, na
     assert out.tokens["a"] == solo
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-t5"])
 def test_random_schedule_of_joins_aborts_and_handoffs(make_engine, name):
     """Many requests moved around two engines in a seeded random order each decode exactly as alone."""
     import random
