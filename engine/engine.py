@@ -37,6 +37,12 @@ class LocalEngine:
         self.stop_token_ids = frozenset({tokenizer.eos_token_id, *stop_token_ids})
         self._slots: list[_Running] = []  # slot order == runner slot order
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of one request holds (T5: per decoder or per prompt token)."""
+        cache = getattr(self.runner, "cache", None) or self.runner.self_cache
+        return cache.bytes_per_position
+
     # ---- the contract -------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -94,13 +100,18 @@ class LocalEngine:
         dtype = getattr(torch, handoff.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown KV dtype {handoff.dtype!r}")
+        positions = self.runner.positions(len(handoff.prompt_ids), len(handoff.generated_ids))
+        if len(handoff.shape) != 5 or handoff.shape[3] != positions:
+            raise ValueError(f"hand-off KV shape {handoff.shape} does not hold the {positions} positions "
+                             f"its {len(handoff.prompt_ids)} prompt and {len(handoff.generated_ids)} generated tokens need")
         try:
             kv = torch.frombuffer(bytearray(handoff.kv), dtype=torch.uint8).view(dtype).reshape(handoff.shape)
+            gen = restore_generator(handoff.rng_state)
         except RuntimeError as exc:
-            raise ValueError(f"hand-off KV bytes do not match shape {handoff.shape} {handoff.dtype}: {exc}") from exc
+            raise ValueError(f"malformed hand-off for {handoff.request_id!r}: {exc}") from exc
         self.runner.import_(kv, len(handoff.generated_ids))
         request = GenerationRequest(handoff.request_id, handoff.prompt_ids, handoff.params)
-        self._slots.append(_Running(request, list(handoff.generated_ids), restore_generator(handoff.rng_state),
+        self._slots.append(_Running(request, list(handoff.generated_ids), gen,
                                     self._tracker(handoff.params, handoff.emitted_text)))
 
     # ---- steps ------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ class KVCache:
         self.lengths_t = torch.zeros(0, dtype=torch.int64, device=device)  # same, on the device
 
     @property
+    def bytes_per_position(self) -> int:
+        layers, kv_heads, head_dim = self.geometry
+        return layers * 2 * kv_heads * head_dim * self.kv.element_size()
+
+    @property
     def size(self) -> int:
         return len(self.lengths)
 

@@ -25,6 +25,7 @@ class Runner(Protocol):
     def remove(self, slot: int) -> None: ...  # last slot moves into ``slot``
     def export(self, slot: int) -> torch.Tensor: ...
     def import_(self, kv: torch.Tensor, generated: int) -> None: ...  # appended as the last slot
+    def positions(self, prompt: int, generated: int) -> int: ...  # cached positions of such a request
 
 
 class DecoderOnlyRunner:
@@ -59,4 +60,7 @@ class DecoderOnlyRunner:
         return self.cache.read(slot)
 
     def import_(self, kv: torch.Tensor, generated: int) -> None:
-        self.cache.append(kv)  # the last generated token is not in the cache yet
+        self.cache.append(kv)
+
+    def positions(self, prompt: int, generated: int) -> int:
+        return prompt + generated - 1  # the last generated token is not in the cache yet

@@ -56,6 +56,9 @@ class EncoderDecoderRunner:
     def export(self, slot: int) -> torch.Tensor:
         return torch.cat([self.self_cache.read(slot), self.cross_cache.read(slot)], dim=3)
 
+    def positions(self, prompt: int, generated: int) -> int:
+        return generated + prompt  # decoder start token + generated[:-1], then the encoder positions
+
     def import_(self, kv: torch.Tensor, generated: int) -> None:
         if kv.shape[3] <= generated:
             raise ValueError(f"T5 hand-off of {kv.shape[3]} positions cannot hold {generated} decoder positions")

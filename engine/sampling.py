@@ -34,26 +34,34 @@ def restore_generator(state: bytes) -> torch.Generator:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> list[int]:
-    """logits (B, V) float32 -> one token id per row."""
+    """logits (B, V) float32 -> one token id per row.
+
+    Each row's method depends only on its own params (greedy, plain sampling, or filtered
+    sampling), never on which other rows share the batch.
+    """
     tokens: list[int] = logits.argmax(dim=-1).tolist()
-    rows = [i for i, p in enumerate(params) if p.temperature > 0]
-    if rows:
-        picked = _sample_rows(logits[rows].cpu(), [params[i] for i in rows], [gens[i] for i in rows])
-        for i, token in zip(rows, picked.tolist()):
-            tokens[i] = token
+    plain = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_k == 0 and p.top_p >= 1.0]
+    filtered = [i for i, p in enumerate(params) if p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0)]
+    for rows, method in ((plain, _sample_plain), (filtered, _sample_filtered)):
+        if rows:
+            rows_logits = logits[rows].cpu() / torch.tensor([params[i].temperature for i in rows])[:, None]
+            u = torch.cat([torch.rand(1, generator=gens[i]) for i in rows])  # (b,) one draw per request
+            picked = method(rows_logits, [params[i] for i in rows], u)
+            for i, token in zip(rows, picked.tolist()):
+                tokens[i] = token
     return tokens
 
 
-def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> torch.Tensor:
-    b, v = logits.shape
-    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-    u = torch.cat([torch.rand(1, generator=g) for g in gens])  # (b,) one draw per request
-    logits = logits / temps[:, None]
-    if all(p.top_k == 0 and p.top_p >= 1.0 for p in params):
-        probs = torch.softmax(logits, dim=-1)
-        cdf = probs.cumsum(-1)
-        idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-        return idx.clamp_(max=v - 1)
+def _sample_plain(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF over the whole vocabulary: (b, V) -> (b,)."""
+    cdf = torch.softmax(logits, dim=-1).cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return idx.clamp_(max=logits.shape[1] - 1)
+
+
+def _sample_filtered(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Top-k then top-p on the sorted distribution, then inverse CDF: (b, V) -> (b,)."""
+    v = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (b, V)
     rank = torch.arange(v)[None, :]
     top_k = torch.tensor([p.top_k or v for p in params])[:, None]

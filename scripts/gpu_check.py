@@ -57,11 +57,13 @@ def main() -> int:
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only to try this script's logic")
     args = parser.parse_args()
 
     import torch
 
-    if not torch.cuda.is_available():
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check (the test suite runs on CPU).")
         return 0
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -70,8 +72,9 @@ def main() -> int:
     from engine.bench import benchmark, format_table, reference_model, summary
 
     started = time.perf_counter()
-    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    fp32 = load_engine(args.model, device="cuda", dtype="float32")
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}")
+    fp32 = load_engine(args.model, device=device, dtype="float32")
     hf = reference_model(fp32, args.model)
     text = "What is the capital of France?"
     if fp32.tokenizer.chat_template:
@@ -79,25 +82,26 @@ def main() -> int:
     prompt = fp32.tokenizer.encode(text)
 
     tokens, ours = greedy_with_logits(fp32, prompt, 32)
-    ref = reference_logits(hf, prompt, tokens, "cuda")
+    ref = reference_logits(hf, prompt, tokens, device)
     diff32 = (ours - ref).abs().max().item()
-    same32 = tokens == reference_greedy(hf, prompt, 32, "cuda")
+    same32 = tokens == reference_greedy(hf, prompt, 32, device)
 
-    bf16 = load_engine(args.model, device="cuda", dtype="bfloat16")
+    bf16 = load_engine(args.model, device=device, dtype="bfloat16")
     tokens16, ours16 = greedy_with_logits(bf16, prompt, 32)
     prefix = next((i for i, (a, b) in enumerate(zip(tokens16, tokens)) if a != b), len(tokens))
     diff16 = (ours16[:prefix + 1] - ref[:prefix + 1]).abs().max().item()
-    del fp32, hf
-    torch.cuda.empty_cache()
+    del fp32, hf, bf16
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
-    print("\noracle (SmolLM2 vs transformers, same weights, CUDA)")
+    print(f"\noracle ({args.model} vs transformers, same weights, {device})")
     print(f"{'check':<34} {'max |dlogit|':>12} {'greedy 32':>10}")
     print(f"{'float32 engine vs float32 HF':<34} {diff32:>12.2e} {'same' if same32 else 'DIFFERENT':>10}")
     print(f"{'bfloat16 engine vs float32 HF':<34} {diff16:>12.2e} {f'{prefix}/32 same':>10}")
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    cells, device = benchmark(args.model, batches, args.prompt_len, args.new_tokens, repeats=3,
-                              device="cuda", dtype="bfloat16")
+    cells, _ = benchmark(args.model, batches, args.prompt_len, args.new_tokens, repeats=3,
+                         device=device, dtype="bfloat16")
     print(f"\nbenchmark (bfloat16, prompts ~{args.prompt_len} tokens varied, {args.new_tokens} new tokens)")
     print(format_table(cells))
     print(summary(cells))

@@ -8,7 +8,7 @@ import torch
 from engine import load_engine
 from engine.api import GenerationRequest, SamplingParams, TokenEvent
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # one thread: on a shared 2-core machine more threads oversubscribe badly
 
 
 @pytest.fixture(scope="session")

@@ -94,3 +94,56 @@ def test_failed_prefill_leaves_running_batch_intact(make_engine, monkeypatch, na
     while engine.running():
         out.add(engine.decode_step())
     assert out.tokens["a"] == solo
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-t5"])
+def test_random_schedule_of_joins_aborts_and_handoffs(make_engine, name):
+    """Many requests moved around two engines in a seeded random order each decode exactly as alone."""
+    import random
+
+    from engine.api import KVHandoff
+
+    rnd = random.Random(42)
+    engines = [make_engine(name), make_engine(name)]
+    requests = []
+    for i in range(16):
+        params = dict(max_tokens=rnd.randint(1, 14), ignore_eos=i % 4 != 1)
+        if i % 3 == 0:
+            params.update(temperature=0.9, top_k=rnd.choice([0, 30]), seed=i)
+        prompt = [rnd.randrange(256) for _ in range(rnd.randint(1, 30))]
+        if i % 4 == 1:  # a stop string taken from the middle of what this request would say
+            text = run_to_end(engines[0], [req("probe", prompt, **{**params, "max_tokens": 40, "ignore_eos": True})]).text["probe"]
+            chars = [c for c in text[len(text) // 2:] if c != "\ufffd"]
+            params.update(stop=tuple(chars[:1]) + ("never said",), max_tokens=40)
+        requests.append(req(f"q{i}", prompt, **params))
+    solo = {r.request_id: run_to_end(engines[0], [r]) for r in requests}
+
+    out, pending, aborted = Collector(), list(requests), set()
+    while pending or any(e.running() for e in engines):
+        move = rnd.random()
+        if pending and move < 0.3:
+            take = pending[: rnd.randint(1, 4)]
+            pending = pending[len(take):]
+            out.add(rnd.choice(engines).prefill(take))
+        elif move < 0.4:
+            source, target = rnd.sample(engines, 2)
+            if source.running():
+                target.import_request(KVHandoff.from_bytes(source.export_request(rnd.choice(source.running())).to_bytes()))
+        elif move < 0.43:
+            engine = rnd.choice(engines)
+            if engine.running():
+                victim = rnd.choice(engine.running())
+                engine.abort(victim)
+                aborted.add(victim)
+        else:
+            for engine in engines:
+                out.add(engine.decode_step())
+    for rid, alone_out in solo.items():
+        tokens = alone_out.tokens[rid]
+        if rid in aborted:
+            assert out.tokens[rid] == tokens[: len(out.tokens[rid])]
+        else:
+            assert (out.tokens[rid], out.text[rid], out.reason[rid]) == (tokens, alone_out.text[rid],
+                                                                         alone_out.reason[rid]), rid
+    assert len(aborted) < len(solo)
+    assert "stop" in {o.reason[rid] for rid, o in solo.items()}  # some stop string did fire

@@ -12,7 +12,7 @@ def test_bench_cells_and_table(models_dir, monkeypatch, capsys):
 
     monkeypatch.setenv("EXEGPT_MODELS_DIR", str(models_dir))
     assert main(["bench", "engine", "--model", "tiny-llama", "--batch-sizes", "1,3", "--prompt-len", "6",
-                 "--new-tokens", "4", "--repeats", "1", "--device", "cpu", "--threads", "2"]) == 0
+                 "--new-tokens", "4", "--repeats", "1", "--device", "cpu", "--threads", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in out if line.strip()[:1].isdigit()]
     assert [(r[0], r[1]) for r in rows] == [("1", "prefill"), ("1", "decode"), ("3", "prefill"), ("3", "decode")]

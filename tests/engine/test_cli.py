@@ -15,7 +15,7 @@ def test_generate_prints_the_completion(models_env, capsys, llama):
     prompt = llama.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     expected = run_to_end(llama, [req("x", llama.tokenizer.encode(prompt), max_tokens=8, ignore_eos=True)]).text["x"]
     assert main(["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-tokens", "8", "--ignore-eos",
-                 "--device", "cpu", "--threads", "2"]) == 0
+                 "--device", "cpu", "--threads", "1"]) == 0
     assert capsys.readouterr().out == expected + "\n"
 
 

@@ -50,6 +50,7 @@ def test_handoff_carries_metadata(make_engine):
     assert h.shape == (layers, 2, kv_heads, len(b"metadata") + 1, head_dim)
     assert h.dtype == "float32"
     assert len(h.kv) == 4 * layers * 2 * kv_heads * (len(b"metadata") + 1) * head_dim
+    assert len(h.kv) == engine.kv_bytes_per_token * (len(b"metadata") + 1)
     assert h.prompt_ids == tuple(b"metadata") and len(h.generated_ids) == 2
 
 
@@ -65,6 +66,12 @@ def test_import_rejects_foreign_or_duplicate(make_engine):
         make_engine().import_request(foreign)
     with pytest.raises(ValueError):
         KVHandoff.from_bytes(b"\x93garbage")
+    engine.abort("r")
+    for bad in ({"kv": h.kv[:-4]}, {"rng_state": b"\x00" * 7}, {"generated_ids": h.generated_ids * 2},
+                {"dtype": "complex32x"}):
+        with pytest.raises(ValueError):
+            engine.import_request(KVHandoff(**{**h.__dict__, **bad}))
+        assert engine.running() == [] and engine.runner.cache.size == 0
     with pytest.raises(KeyError):
         engine.export_request("unknown")
 

@@ -104,3 +104,25 @@ def test_sampling_respects_top_k_and_top_p():
     assert seen[2] == {0, 1, 2, 3}
     greedy = sample(logits, [SamplingParams()] * 3, gens)
     assert greedy == [0, 0, 0]
+
+
+def test_multibyte_characters_are_never_split(llama):
+    text = "héllo ✓ 🎉 done"
+    ids = list(text.encode())
+    tracker = TextTracker(llama.tokenizer, ("🎉 d",))
+    chunks = [tracker.push(ids[: i + 1]) for i in range(len(ids))]
+    released = [c for c, _ in chunks]
+    assert not any("\ufffd" in c for c in released)
+    stopped_at = next(i for i, (_, stopped) in enumerate(chunks) if stopped)
+    assert "".join(released[: stopped_at + 1]) == "héllo ✓ "
+    assert stopped_at == len("héllo ✓ 🎉 d".encode()) - 1
+
+
+def test_resumed_tracker_continues_after_emitted_text(llama):
+    ids = list("abc✓def".encode())
+    first = TextTracker(llama.tokenizer, ())
+    out = "".join(first.push(ids[: i + 1])[0] for i in range(5))  # "abc" + 2 of the 3 bytes of ✓
+    assert out == "abc"
+    resumed = TextTracker(llama.tokenizer, (), emitted=first.emitted)
+    rest = "".join(resumed.push(ids[: i + 1])[0] for i in range(5, len(ids)))
+    assert out + rest + resumed.finish(ids) == "abc✓def"
