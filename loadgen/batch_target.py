@@ -10,8 +10,8 @@ from common.messages.work import Sampling
 from common.transport.port import Bus, Store
 from loadgen.client import RequestSpec
 from loadgen.metrics import Stat
-from services.batch.messages import BatchJob
-from services.batch.names import BatchNames
+from common.messages.jobs import BatchJob
+from common.names import Names
 from services.batch.producer import JobProducer, collect_replies, job_id, new_batch_id
 
 
@@ -38,7 +38,7 @@ def jobs_from_specs(batch_id: str, specs: Sequence[RequestSpec], model: str,
             for i, s in enumerate(specs)]
 
 
-async def run_batch(bus: Bus, store: Store, names: BatchNames, specs: Sequence[RequestSpec],
+async def run_batch(bus: Bus, store: Store, names: Names, specs: Sequence[RequestSpec],
                     model: str, timeout_s: float, batch_id: str | None = None) -> BatchRunSummary:
     """Submit the specs as one batch with a reply queue, wait for every result (bounded)."""
     batch_id = batch_id or new_batch_id()

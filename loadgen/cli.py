@@ -324,9 +324,9 @@ async def _batch_main(args: argparse.Namespace, config: Any, spec: Any) -> int:
     from loadgen import report
     from loadgen.batch_target import run_batch
     from loadgen.workload import build_workload
-    from services.batch.names import BatchNames
+    from common.names import Names
 
-    names = BatchNames(config.namespace)
+    names = Names(config.namespace)
     encode, decode = _tokenizer_fns(args.tokenizer)
     workload = build_workload(spec, encode, decode)
     try:

@@ -19,6 +19,7 @@ import msgpack
 from common.messages.control import Abort, SchedulePlan, ScheduleUpdate
 from common.messages.events import EventBatch, Failure, Stamp, Token
 from common.messages.handoff import KvReady
+from common.messages.jobs import BatchJob, ChatTurn, JobResult
 from common.messages.status import LengthSample, WorkerStatus
 from common.messages.work import EncodeWork, Sampling
 
@@ -39,6 +40,10 @@ TAGS: dict[type, int] = {
     Stamp: 103,
     Failure: 104,
     SchedulePlan: 105,
+    ChatTurn: 106,
+    # batch jobs (producers -> job consumers -> reply queues)
+    BatchJob: 201,
+    JobResult: 202,
 }
 BY_TAG: dict[int, type] = {tag: cls for cls, tag in TAGS.items()}
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from services.batch.consumer import ConsumerConfig, JobConsumer, QueueDepthAdmission
 from services.batch.mesh_executor import MeshExecutor
-from services.batch.names import BatchNames
+from common.names import Names
 from services.batch.openai_batch import BatchApiError, BatchStore, Limits
 from services.gateway import openai_api as oa
 
@@ -44,7 +44,7 @@ def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_d
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = app.state.gateway
         config = app.state.config
-        names = BatchNames(config.namespace)
+        names = Names(config.namespace)
         store = BatchStore(gateway.bus, gateway.transports.store, names, app.state.model.name,
                            limits or Limits(max_tokens_limit=config.max_tokens_limit))
         app.state.batches = store

@@ -35,10 +35,10 @@ from typing import Callable
 
 from common.messages.codec import DecodeError
 from common.transport.port import Bus, Delivery, Store, Unroutable
-from services.batch import codec
+from common.messages import codec
 from services.batch.executor import Executor, JobFailed, JobOutput
-from services.batch.messages import BatchJob, JobResult
-from services.batch.names import RESULT_TTL_S, BatchNames
+from common.messages.jobs import BatchJob, JobResult
+from common.names import RESULT_TTL_S, Names
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ConsumerStats:
 
 
 class JobConsumer:
-    def __init__(self, bus: Bus, store: Store, names: BatchNames, executor: Executor,
+    def __init__(self, bus: Bus, store: Store, names: Names, executor: Executor,
                  config: ConsumerConfig, admission: Admission | None = None,
                  on_handled: Callable[[JobResult, bool], None] | None = None) -> None:
         self.bus, self.store, self.names = bus, store, names

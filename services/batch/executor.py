@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.api import Engine, GenerationRequest, SamplingParams, TokenEvent, Tokenizer
-from services.batch.messages import BatchJob
+from common.messages.jobs import BatchJob
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 
 from services.batch.executor import JobFailed, JobOutput, prompt_ids
-from services.batch.messages import BatchJob
+from common.messages.jobs import BatchJob
 from services.gateway.app import ServedModel
 from services.gateway.core import Gateway, Pending, RequestFailed
 

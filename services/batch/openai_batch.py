@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.transport.port import Bus, Store
-from services.batch.messages import JobResult
-from services.batch.names import BATCHES_MAX, RESULT_TTL_S, BatchNames
+from common.messages.jobs import JobResult
+from common.names import BATCHES_MAX, RESULT_TTL_S, Names
 from services.batch.producer import JobProducer, job_id
 from services.batch.requests import ENDPOINTS, InvalidRequest, parse_batch_line
 from services.gateway import openai_api as oa
@@ -41,7 +41,7 @@ def _error_line(line_no: int, custom_id: str | None, code: str, message: str) ->
 
 
 class BatchStore:
-    def __init__(self, bus: Bus, store: Store, names: BatchNames, model: str, limits: Limits) -> None:
+    def __init__(self, bus: Bus, store: Store, names: Names, model: str, limits: Limits) -> None:
         self.bus, self.store, self.names, self.model, self.limits = bus, store, names, model, limits
         self.producer = JobProducer(bus, store, names)
 

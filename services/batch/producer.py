@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from common.transport.port import Bus, Store
-from services.batch import codec
-from services.batch.messages import BatchJob, JobResult
-from services.batch.names import RESULT_TTL_S, BatchNames
+from common.messages import codec
+from common.messages.jobs import BatchJob, JobResult
+from common.names import RESULT_TTL_S, Names
 
 
 PUBLISH_WINDOW = 64  # publishes awaiting their broker confirm at once
@@ -52,7 +52,7 @@ class UnknownBatch(KeyError):
 
 
 class JobProducer:
-    def __init__(self, bus: Bus, store: Store, names: BatchNames) -> None:
+    def __init__(self, bus: Bus, store: Store, names: Names) -> None:
         self.bus, self.store, self.names = bus, store, names
 
     async def submit(self, batch_id: str, jobs: Sequence[BatchJob], *, reply_to: str | None) -> None:

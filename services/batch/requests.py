@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.messages.work import Sampling
-from services.batch.messages import BatchJob, ChatTurn
+from common.messages.jobs import BatchJob, ChatTurn
 
 ENDPOINTS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 MAX_TOKENS_DEFAULT = 16

@@ -116,9 +116,9 @@ class _Conn:
 
     async def __aenter__(self) -> "_Conn":
         from common.transport.connect import LocalHub, open_bus, open_store
-        from services.batch.names import BatchNames
+        from common.names import Names
 
-        self.names = BatchNames(self.config.namespace)
+        self.names = Names(self.config.namespace)
         try:
             self.bus = await open_bus(self.config, self.names, LocalHub())
             self.store = await open_store(self.config)
@@ -257,10 +257,10 @@ async def _worker(args: argparse.Namespace, config: Any) -> int:
     from common.transport.connect import LocalHub, open_transports
     from services.batch.consumer import Admission, ConsumerConfig, JobConsumer, QueueDepthAdmission
     from services.batch.executor import EchoExecutor, EngineExecutor
-    from services.batch.names import BatchNames
+    from common.names import Names
 
     worker_id = args.worker_id or f"batch-{socket.gethostname()}-{os.getpid()}"
-    names = BatchNames(config.namespace)
+    names = Names(config.namespace)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from dataclasses import dataclass
 
 import pytest
 
+from tests.brokers import AMQP_URL, REDIS_URL, require_broker
+
 from common.config import MeshConfig
 from common.transport.connect import LocalHub, open_bus, open_store
 from common.transport.port import Bus, Store
-from services.batch.names import BatchNames
+from common.names import Names
 
-AMQP_URL = os.environ.get("EXEGPT_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-REDIS_URL = os.environ.get("EXEGPT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def broker_available() -> bool:
-    return _port_open(5672) and _port_open(6379)
 
 
 @pytest.fixture
@@ -35,8 +23,8 @@ def namespace() -> str:
 
 @pytest.fixture(params=["memory", pytest.param("broker", marks=pytest.mark.broker)])
 def transport_kind(request: pytest.FixtureRequest) -> str:
-    if request.param == "broker" and not broker_available():
-        pytest.skip("RabbitMQ/Redis not answering on 127.0.0.1 (run deploy/ensure-services.sh)")
+    if request.param == "broker":
+        require_broker()
     return request.param
 
 
@@ -49,7 +37,7 @@ def batch_config(transport_kind: str, namespace: str) -> MeshConfig:
 @dataclass
 class Env:
     config: MeshConfig
-    names: BatchNames
+    names: Names
     hub: LocalHub
     store: Store
     buses: list[Bus]
@@ -63,7 +51,7 @@ class Env:
 
 @pytest.fixture
 async def env(batch_config: MeshConfig):
-    names = BatchNames(batch_config.namespace)
+    names = Names(batch_config.namespace)
     hub = LocalHub()
     store = await open_store(batch_config) or hub.store
     e = Env(batch_config, names, hub, store, [])

@@ -11,7 +11,7 @@ from common.transport.connect import LocalHub, open_bus, open_store
 from services.batch.api import batch_lifespan, batch_router
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
-from services.batch.names import BatchNames
+from common.names import Names
 from services.embedded import local_workers
 from services.engines import EngineRunner
 from services.gateway import ServedModel, create_app
@@ -53,7 +53,7 @@ async def gateway(config, engines, **router_args):
 
 
 async def purge(config, hub):
-    names = BatchNames(config.namespace)
+    names = Names(config.namespace)
     bus = await open_bus(config, names, hub)
     await bus.delete(queues=[names.encode_queue, names.handoff_queue, names.dead_queue, names.jobs_queue],
                      exchanges=[names.control_exchange, names.status_exchange, names.dead_exchange])
@@ -156,7 +156,7 @@ async def test_cancelled_batch(config, engines):
         assert cancelling["status"] == "cancelling"
         # a consumer that starts after the cancel finds every job cancelled
         gw = app.state.gateway
-        consumer = JobConsumer(gw.bus, gw.transports.store, BatchNames(config.namespace),
+        consumer = JobConsumer(gw.bus, gw.transports.store, Names(config.namespace),
                                EchoExecutor(), ConsumerConfig("late"))
         done, stop = handled_event(consumer, 10), asyncio.Event()
         task = asyncio.create_task(consumer.run(stop))

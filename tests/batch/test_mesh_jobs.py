@@ -10,7 +10,7 @@ from common.messages.work import Sampling
 from common.transport.connect import open_transports
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.mesh_executor import MeshExecutor
-from services.batch.messages import BatchJob
+from common.messages.jobs import BatchJob
 from services.batch.producer import JobProducer, ReplyCollector, job_id, new_batch_id
 from services.embedded import local_workers
 from services.engines import EngineRunner, load_engine

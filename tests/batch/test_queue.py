@@ -5,10 +5,10 @@ import asyncio
 import pytest
 
 from common.messages.work import Sampling
-from services.batch import codec
+from common.messages import codec
 from services.batch.consumer import ConsumerConfig, JobConsumer, QueueDepthAdmission
 from services.batch.executor import EchoExecutor
-from services.batch.messages import BatchJob, JobResult
+from common.messages.jobs import BatchJob, JobResult
 from services.batch.producer import JobProducer, ReplyCollector, collect_replies, job_id, new_batch_id
 
 

@@ -3,15 +3,15 @@
 import ast
 import asyncio
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 from common.messages.work import Sampling
-from services.batch.messages import BatchJob
+from common.messages.jobs import BatchJob
 from services.batch.producer import JobProducer, ReplyCollector, job_id, new_batch_id
+from tests.brokers import require_broker
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.broker
@@ -20,11 +20,7 @@ pytestmark = pytest.mark.broker
 @pytest.fixture
 def transport_kind() -> str:
     """Only the real broker: worker processes cannot share an in-memory queue."""
-    for port in (5672, 6379):
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) != 0:
-                pytest.skip("RabbitMQ/Redis not answering on 127.0.0.1")
+    require_broker()
     return "broker"
 
 

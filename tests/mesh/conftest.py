@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 
 import pytest
+
+from tests.brokers import AMQP_URL, REDIS_URL, require_broker
 
 from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub, purge
 
-AMQP_URL = os.environ.get("EXEGPT_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-REDIS_URL = os.environ.get("EXEGPT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def broker_available() -> bool:
-    return _port_open(5672) and _port_open(6379)
 
 
 @pytest.fixture
@@ -33,8 +21,8 @@ def namespace() -> str:
 
 @pytest.fixture(params=["memory", pytest.param("broker", marks=pytest.mark.broker)])
 def transport_kind(request: pytest.FixtureRequest) -> str:
-    if request.param == "broker" and not broker_available():
-        pytest.skip("RabbitMQ/Redis not answering on 127.0.0.1 (run deploy/ensure-services.sh)")
+    if request.param == "broker":
+        require_broker()
     return request.param
 
 

@@ -13,7 +13,8 @@ import pytest
 from common.config import MeshConfig
 from common.transport.connect import LocalHub
 from services.cli import main
-from tests.mesh.conftest import AMQP_URL, REDIS_URL, broker_available, purge_namespace
+from tests.brokers import AMQP_URL, REDIS_URL, require_broker
+from tests.mesh.conftest import purge_namespace
 from tests.mesh.processes import ProcessMesh
 
 TIMEOUT_S = 60
@@ -62,8 +63,7 @@ async def the_openai_client_works(url: str) -> None:
 @pytest.mark.broker
 @pytest.mark.slow
 async def test_up_restarts_a_dead_child_and_stops_the_mesh_on_sigterm():
-    if not broker_available():
-        pytest.skip("RabbitMQ/Redis not answering on 127.0.0.1")
+    require_broker()
     namespace = f"u{uuid.uuid4().hex[:10]}"
     mesh = ProcessMesh({"EXEGPT_THREADS": "1", "EXEGPT_DEVICE": "cpu"})
     try:

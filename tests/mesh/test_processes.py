@@ -21,7 +21,8 @@ from common.names import Names
 from common.transport.connect import LocalHub, open_transports
 from optimizer.schedule import Schedule
 from services.scheduler import publish_schedule, recent_lengths
-from tests.mesh.conftest import AMQP_URL, REDIS_URL, broker_available, purge_namespace
+from tests.brokers import AMQP_URL, REDIS_URL, require_broker
+from tests.mesh.conftest import purge_namespace
 from tests.mesh.processes import ProcessMesh
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -37,8 +38,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    if not broker_available():
-        pytest.skip("RabbitMQ/Redis not answering on 127.0.0.1")
+    require_broker()
     config = MeshConfig(namespace=f"p{uuid.uuid4().hex[:10]}", amqp_url=AMQP_URL, redis_url=REDIS_URL,
                         model=MODEL, threads=1, port=free_port(), device="cpu", drain_timeout_s=10)
     mesh = ProcessMesh({f"EXEGPT_{k.upper()}": str(v) for k, v in config.model_dump().items()

@@ -169,7 +169,6 @@ async def test_schedule_update_reaches_every_worker_and_changes_batching(config,
 
 
 async def test_late_worker_reads_the_current_schedule(config, hub):
-    names = Names(config.namespace)
     async with running_mesh(config, hub, load) as m:
         version = m.mesh.workers[0].follower.version
         assert version >= 1  # the scheduler published its first schedule before workers started

@@ -1,7 +1,7 @@
 """Batch job messages: producers -> job consumers on the jobs queue, consumers -> reply queues.
 
-Same wire shape as the mesh's messages (``[schema version, type tag, fields...]`` in msgpack,
-fields positional, see ``common.messages.codec``); batch tags live in their own range (200+).
+Encoded by ``common.messages.codec`` like every other message; batch tags live in their own
+range (200+).
 A ``BatchJob`` is idempotent by ``job_id``: however often it is delivered, one ``JobResult`` is
 stored under that id, and the first one stored is the one every reader sees.
 """
