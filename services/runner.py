@@ -64,7 +64,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -73,6 +77,7 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
     """The gateway (and, embedded, every other service) behind uvicorn."""
     import uvicorn
 
+    sock = bind_socket(config.host, config.port)  # before loading models: a taken port fails fast
     hub = LocalHub()
     encoder_engine = load_engine(config)
     model = ServedModel(served_model_name(config), encoder_engine.tokenizer, encoder_engine.max_context)
@@ -83,7 +88,6 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
         def workers():
             return local_workers(config, hub, encoders=runners[0], decoders=runners[1])
 
-    sock = bind_socket(config.host, config.port)
     url = f"http://{config.host}:{sock.getsockname()[1]}"
     routers, lifespans = load_plugins()
     app = create_app(config, model, hub=hub, workers=workers, routers=tuple(routers),

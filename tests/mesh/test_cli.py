@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import uuid
 
 import httpx
@@ -38,6 +39,17 @@ async def test_serve_runs_everything_in_one_process():
         assert mesh.stop(proc) == 0  # SIGTERM: drained and closed cleanly
     finally:
         mesh.close()
+
+
+def test_serve_on_a_taken_port_says_so_in_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status = main(["serve", "--model", "tiny-llama", "--port", str(port)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert err == f"exegpt serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
 async def the_openai_client_works(url: str) -> None:
