@@ -76,14 +76,31 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2):
-    args = smollm2.runner.model.args
-    config = transformers.LlamaConfig(**{k: v for k, v in args.to_hf_config().items()
-                                         if k not in ("architectures", "model_type", "torch_dtype")})
-    hf = transformers.LlamaForCausalLM(config)
-    missing, unexpected = hf.load_state_dict(dict(smollm2.runner.model.state_dict()), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    hf.tie_weights()
+    """transformers' own GGUF reader: dequantizes and un-permutes Q/K independently of ours."""
+    pytest.importorskip("accelerate")  # transformers needs it to read GGUF
+    from engine.gguf_loader import smollm2_path
+
+    path = smollm2_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32)
     return hf.eval()
+
+
+@pytest.mark.smollm2
+def test_smollm2_weights_and_tokens_match_transformers_gguf_reader(smollm2, smollm2_hf):
+    ours = dict(smollm2.runner.model.state_dict())
+    theirs = smollm2_hf.state_dict()
+    assert set(theirs) - {"lm_head.weight"} <= set(ours)
+    for name, ref in theirs.items():
+        if name in ours:
+            assert torch.equal(ours[name].float(), ref.float()), name
+    from engine.gguf_loader import smollm2_path
+
+    path = smollm2_path()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    messages = [{"role": "user", "content": "What is the capital of France? Answer: naïve café, 2024."}]
+    expected = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert smollm2.tokenizer.encode(smollm2.tokenizer.apply_chat_template(messages)) == list(expected)
 
 
 @pytest.mark.smollm2
