@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 
 import pytest
 
-from tests.brokers import AMQP_URL, REDIS_URL, require_broker
+from tests.brokers import AMQP_URL, REDIS_URL
 
 from common.config import MeshConfig
 from common.transport.connect import LocalHub, open_bus, open_store
 from common.transport.port import Bus, Store
 from common.names import Names
-
-
-
-@pytest.fixture
-def namespace() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture(params=["memory", pytest.param("broker", marks=pytest.mark.broker)])
-def transport_kind(request: pytest.FixtureRequest) -> str:
-    if request.param == "broker":
-        require_broker()
-    return request.param
 
 
 @pytest.fixture

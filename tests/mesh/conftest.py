@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
 
 import pytest
 
-from tests.brokers import AMQP_URL, REDIS_URL, require_broker
+from tests.brokers import AMQP_URL, REDIS_URL
 
 from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub, purge
-
-
-
-@pytest.fixture
-def namespace() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture(params=["memory", pytest.param("broker", marks=pytest.mark.broker)])
-def transport_kind(request: pytest.FixtureRequest) -> str:
-    if request.param == "broker":
-        require_broker()
-    return request.param
 
 
 @pytest.fixture

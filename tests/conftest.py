@@ -1,0 +1,23 @@
+"""Fixtures every service test shares: a unique namespace, and both transports."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.brokers import require_broker
+
+
+@pytest.fixture
+def namespace() -> str:
+    """Every queue, exchange and key of one test lives under this; parallel runs never collide."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=["memory", pytest.param("broker", marks=pytest.mark.broker)])
+def transport_kind(request: pytest.FixtureRequest) -> str:
+    """The same case runs on the in-memory twins and on the real RabbitMQ and Redis."""
+    if request.param == "broker":
+        require_broker()
+    return request.param
