@@ -180,6 +180,6 @@ async def held_by(cluster, request_ids: set[str], decoder: str) -> int:
     config = cluster["config"]
     names = Names(config.namespace)
     t = await open_transports(config, names, LocalHub())
-    metas = [await t.store.hgetall(names.kv_meta(rid)) for rid in request_ids]
+    metas = [await t.store.hgetall(names.kv_meta(rid)) for rid in list(request_ids)]  # still growing
     await t.close()
     return sum(meta.get("decoder") == decoder for meta in metas)
