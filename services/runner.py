@@ -16,7 +16,7 @@ from services.decoder import DecoderService
 from services.embedded import local_workers
 from services.encoder import EncoderService
 from services.engines import EngineRunner, load_engine, served_model_name
-from services.gateway import ServedModel, create_app
+from services.gateway import ServedModel, create_app, load_served_model
 from services.gateway.plugins import load_plugins
 from services.scheduler import SchedulerService
 
@@ -74,14 +74,16 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
     import uvicorn
 
     hub = LocalHub()
-    encoder_engine = load_engine(config)
-    model = ServedModel(served_model_name(config), encoder_engine.tokenizer, encoder_engine.max_context)
     workers = None
-    if embedded:
+    if embedded:  # the engines are loaded anyway: the gateway takes the encoder's tokenizer
+        encoder_engine = load_engine(config)
+        model = ServedModel(served_model_name(config), encoder_engine.tokenizer, encoder_engine.max_context)
         runners = ([EngineRunner(encoder_engine)], [EngineRunner(load_engine(config))])
 
         def workers():
             return local_workers(config, hub, encoders=runners[0], decoders=runners[1])
+    else:  # a gateway only tokenizes: no weights
+        model = load_served_model(config)
 
     sock = bind_socket(config.host, config.port)
     url = f"http://{config.host}:{sock.getsockname()[1]}"
