@@ -28,6 +28,7 @@ from tests.mesh.processes import ProcessMesh
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 MODEL = "tiny-llama"
 TIMEOUT_S = 120
+LONG_TOKENS = 192  # long enough that requests still run when a decoder is stopped mid-batch
 
 
 def free_port() -> int:
@@ -175,15 +176,15 @@ async def test_a_decoder_stopped_with_sigterm_drains_its_batch(cluster):
     cluster["decoders"].append((extra.wait_line("ready").split()[-1], extra))
     exit_codes = []
     results, held = await stream_until_running(
-        cluster, 24, 48, lambda proc: exit_codes.append(cluster["mesh"].stop(proc)))
-    assert results == [(48, "length")] * 24
+        cluster, 24, LONG_TOKENS, lambda proc: exit_codes.append(cluster["mesh"].stop(proc)))
+    assert results == [(LONG_TOKENS, "length")] * 24
     assert held > 0 and exit_codes == [0]
 
 
 async def test_a_decoder_killed_mid_batch_loses_nothing(cluster):
     """SIGKILL one decoder while requests run: every request still completes, each once."""
-    results, held = await stream_until_running(cluster, 24, 48, cluster["mesh"].kill)
-    assert results == [(48, "length")] * 24
+    results, held = await stream_until_running(cluster, 24, LONG_TOKENS, cluster["mesh"].kill)
+    assert results == [(LONG_TOKENS, "length")] * 24
     assert held > 0  # the victim really was decoding some of them
 
 
@@ -192,6 +193,6 @@ async def held_by(cluster, request_ids: set[str], decoder: str) -> int:
     config = cluster["config"]
     names = Names(config.namespace)
     t = await open_transports(config, names, LocalHub())
-    metas = [await t.store.hgetall(names.kv_meta(rid)) for rid in request_ids]
+    metas = [await t.store.hgetall(names.kv_meta(rid)) for rid in list(request_ids)]  # still growing
     await t.close()
     return sum(meta.get("decoder") == decoder for meta in metas)
