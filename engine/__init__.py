@@ -11,6 +11,7 @@ from pathlib import Path
 TINY_MODELS = ("tiny-llama", "tiny-opt", "tiny-t5")
 MODELS = ("smollm2", *TINY_MODELS)
 
+
 def load_tokenizer(model: str, *, max_context: int | None = None, models_dir: str | Path | None = None):
     """``engine.model_info.ModelInfo`` of ``model`` (tokenizer, max_context, prompt_in_context): read
     without the weights and without torch. Same names and errors as ``load_engine``."""
