@@ -1,6 +1,7 @@
 """The inference engine: our own torch models, batched KV cache, hand-off.
 
-``load_engine(model)`` is the entry point; the contract is in ``engine.api``.
+``load_engine(model)`` is the entry point; the contract is in ``engine.api``. ``load_tokenizer(model)``
+reads only the tokenizer and the context length (for front ends that never run the model).
 """
 
 from __future__ import annotations
@@ -9,6 +10,14 @@ from pathlib import Path
 
 TINY_MODELS = ("tiny-llama", "tiny-opt", "tiny-t5")
 MODELS = ("smollm2", *TINY_MODELS)
+
+
+def load_tokenizer(model: str, *, max_context: int | None = None, models_dir: str | Path | None = None):
+    """``engine.model_info.ModelInfo`` of ``model`` (tokenizer, max_context, prompt_in_context): read
+    without the weights and without torch. Same names and errors as ``load_engine``."""
+    from engine.model_info import load_tokenizer as load
+
+    return load(model, max_context=max_context, models_dir=models_dir)
 
 
 def resolve_device(device: str) -> str:

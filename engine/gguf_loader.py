@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from engine.tokenizer import CHATML, TextTokenizer, byte_level_bpe
+
+if TYPE_CHECKING:
+    import torch
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -58,20 +60,10 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], TextTokenizer]:
     """(Hugging Face style config, float32 state dict, tokenizer) of a Llama GGUF."""
-    import gguf
+    import torch
     from gguf.quants import dequantize
 
-    if not path.is_file():
-        raise ValueError(f"GGUF file not found: {path}")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError/struct errors on garbage
-        raise ValueError(f"{path}: not a readable GGUF file ({exc})") from exc
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
-            or k.endswith("_id") or k.endswith(("model", "pre", "add_bos_token"))}
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
+    reader, meta = _open_llama(path)
     heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
@@ -93,6 +85,30 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Text
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
     return config, state, _tokenizer(reader, meta)
+
+
+def read_gguf_tokenizer(path: Path) -> tuple[dict[str, Any], TextTokenizer]:
+    """(metadata, tokenizer) of a Llama GGUF, without touching its tensors (no torch, no dequantizing)."""
+    reader, meta = _open_llama(path)
+    return meta, _tokenizer(reader, meta)
+
+
+def _open_llama(path: Path) -> tuple[Any, dict[str, Any]]:
+    """The file's reader and its metadata (tokenizer vocabulary left out); ValueError unless Llama."""
+    import gguf
+
+    if not path.is_file():
+        raise ValueError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError/struct errors on garbage
+        raise ValueError(f"{path}: not a readable GGUF file ({exc})") from exc
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
+            or k.endswith("_id") or k.endswith(("model", "pre", "add_bos_token"))}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
+    return reader, meta
 
 
 def _tokenizer(reader: Any, meta: dict[str, Any]) -> TextTokenizer:

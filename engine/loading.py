@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from engine.tokenizer import TextTokenizer
+from engine.tokenizer import hf_tokenizer  # noqa: F401  (re-exported: the loader's tokenizer)
 
 
 def build_model(model_type: str, config: dict[str, Any]) -> nn.Module:
@@ -79,25 +79,3 @@ def read_hf_folder(folder: Path) -> tuple[str, dict[str, Any], dict[str, torch.T
         except Exception as exc:  # safetensors raises its own error types
             raise ValueError(f"{f}: unreadable safetensors file ({exc})") from exc
     return config.get("model_type", ""), config, state
-
-
-def hf_tokenizer(folder: Path, config: dict[str, Any]) -> TextTokenizer:
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise ValueError(f"{folder}: no tokenizer.json")
-    tcfg_path = folder / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
-    tok = TextTokenizer.from_file(path, eos_token_id=0, chat_template=tcfg.get("chat_template"))
-    eos = config.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0]
-    if eos is None:
-        eos_text = tcfg.get("eos_token")
-        eos_text = eos_text.get("content") if isinstance(eos_text, dict) else eos_text
-        eos = tok.token_id(eos_text) if eos_text else None
-    if eos is None:
-        raise ValueError(f"{folder}: no eos_token_id in config.json nor eos_token in tokenizer_config.json")
-    tok.eos_token_id = int(eos)
-    tok.bos_token_id = config.get("bos_token_id")
-    tok.add_bos = bool(tcfg.get("add_bos_token", False)) and tok.bos_token_id is not None
-    return tok

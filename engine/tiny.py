@@ -11,12 +11,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any, Callable
 
 from engine.tokenizer import CHATML, byte_tokenizer
+
+if TYPE_CHECKING:  # torch is imported only to write a model, so reading a written one's tokenizer needs none
+    import torch
 
 TINY_VERSION = 1  # bump when configs or weights change: stale folders are then rewritten
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 256, 257, 258
@@ -73,6 +73,8 @@ def random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     Matrices are deliberately large: with tied N(0, 1) embeddings and a weak residual branch, a
     random model just repeats its last input token, which would make batching tests vacuous.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     tied = set(getattr(model, "tied_weights", {}))
@@ -96,13 +98,15 @@ def random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 def write_tiny(name: str, folder: Path) -> Path:
     """Write the tiny model ``name`` to ``folder`` (if not already there) and return the folder."""
-    from engine.loading import build_model
-
     if name not in CONFIGS:
         raise ValueError(f"unknown tiny model {name!r} ({', '.join(CONFIGS)})")
     folder = Path(folder)
     if _is_current(folder):
         return folder
+    from safetensors.torch import save_file
+
+    from engine.loading import build_model
+
     config = {**CONFIGS[name](), "exegpt_tiny_version": TINY_VERSION}
     model = build_model(config["model_type"], config)
     state = random_state(model, seed=sum(map(ord, name)))

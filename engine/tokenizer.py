@@ -6,8 +6,9 @@ vocabulary, merges and chat template that llama.cpp files carry).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from tokenizers import Tokenizer as HfTokenizer
 from tokenizers import decoders, models, pre_tokenizers
@@ -85,3 +86,26 @@ def _gpt2_byte_of(ch: str) -> int:
         return code
     others = [b for b in range(256) if b not in printable]
     return others[code - 256]
+
+
+def hf_tokenizer(folder: Path, config: dict[str, Any]) -> TextTokenizer:
+    """The tokenizer of a Hugging Face folder (tokenizer.json, tokenizer_config.json; ids from config.json)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no tokenizer.json")
+    tcfg_path = folder / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
+    tok = TextTokenizer.from_file(path, eos_token_id=0, chat_template=tcfg.get("chat_template"))
+    eos = config.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0]
+    if eos is None:
+        eos_text = tcfg.get("eos_token")
+        eos_text = eos_text.get("content") if isinstance(eos_text, dict) else eos_text
+        eos = tok.token_id(eos_text) if eos_text else None
+    if eos is None:
+        raise ValueError(f"{folder}: no eos_token_id in config.json nor eos_token in tokenizer_config.json")
+    tok.eos_token_id = int(eos)
+    tok.bos_token_id = config.get("bos_token_id")
+    tok.add_bos = bool(tcfg.get("add_bos_token", False)) and tok.bos_token_id is not None
+    return tok

@@ -43,6 +43,7 @@ class Running:
     ready: KvReady
     output_len: int
     unsent: list[Token] = field(default_factory=list)
+    sent: list[asyncio.Task[None]] = field(default_factory=list)  # publishes the ack waits for
 
     def hold(self, token: Token) -> list[Token]:
         """Tokens due to go out now: all of them when streaming, else in chunks and at the end."""
@@ -114,10 +115,16 @@ class DecoderService(WorkerBase):
             self._drain_deadline = time.monotonic() + self.config.drain_timeout_s
 
     async def admit(self, deliveries: list[Delivery]) -> None:
-        outbox = Outbox()
+        """Import the hand-offs; their stamps go out while the next step runs (the ack waits for them)."""
+        if not deliveries:
+            return
+        outbox, before = Outbox(), set(self.running)
         for delivery in deliveries:
             await self._admit_one(delivery, outbox)
-        await self.send(outbox, batch_size=len(self.running))
+        published = self.send_soon(outbox, batch_size=len(self.running))
+        self._keep(published)
+        for rid in self.running.keys() - before:
+            self.running[rid].sent = published
 
     async def _admit_one(self, delivery: Delivery, outbox: Outbox) -> None:
         try:
@@ -192,14 +199,18 @@ class DecoderService(WorkerBase):
             if event.finished:
                 finished.append((self.running.pop(event.request_id), event.finish_reason or "stop"))
         published = self.send_soon(outbox, batch_size=batch_size)
-        for run, reason in finished:
-            task = asyncio.create_task(self._settle(run, reason, published))
+        self._keep(published)
+        self._keep([asyncio.create_task(self._settle(run, reason, published)) for run, reason in finished])
+
+    def _keep(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Hold background publishes and settlements until done (the loop awaits them at the end)."""
+        for task in tasks:
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
 
     async def _settle(self, run: Running, reason: str, published: list[asyncio.Task[None]]) -> None:
-        """After its tokens are confirmed: mark done once, record lengths, drop the KV, ack."""
-        await asyncio.gather(*published)
+        """After its events are confirmed: mark done once, record lengths, drop the KV, ack."""
+        await asyncio.gather(*run.sent, *published)
         rid = run.ready.request_id
         first = await self.store.set_if_absent(self.names.done(rid), b"1", ttl_s=DONE_TTL_S)
         if first and reason != "abort":  # aborted lengths would skew the scheduler's statistics

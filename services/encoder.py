@@ -138,16 +138,25 @@ class EncoderService(WorkerBase):
         for job in jobs:
             job.started_at = time.time()
         try:
-            firsts = await self.runner.call(self.runner.engine.prefill, [request_of(j.work) for j in jobs])
+            results = await self.runner.call(self._encode, [request_of(j.work) for j in jobs])
         except ValueError:
-            firsts = [await self._prefill_alone(job) for job in jobs]
-        for job, first in zip(jobs, firsts):
-            job.first = first
-        for job in jobs:
-            if job.first is not None and not job.first.finished:
-                job.handoff = await self.runner.call(self.runner.engine.export_request,
-                                                     job.work.request_id)
+            results = [await self._prefill_alone(job) for job in jobs]
+        for job, (first, handoff) in zip(jobs, results):
+            job.first, job.handoff = first, handoff
         self.batches += 1
+
+    def _encode(self, requests: list[GenerationRequest]) -> list[tuple[TokenEvent, KVHandoff | None]]:
+        """On the engine thread, in one call: prefill, then export every request still running.
+
+        ValueError only when the engine refused a prompt (then nothing was admitted).
+        """
+        engine = self.runner.engine
+        firsts = engine.prefill(requests)
+        try:
+            return [(first, None if first.finished else engine.export_request(first.request_id))
+                    for first in firsts]
+        except ValueError as exc:  # not a refused prompt: an engine fault, given back as such
+            raise RuntimeError(f"export failed: {exc}") from exc
 
     async def give_back(self, jobs: list[Job], exc: Exception) -> None:
         """Requeue a failed batch once; a batch that fails again is dead-lettered and reported."""
@@ -160,12 +169,12 @@ class EncoderService(WorkerBase):
         for job in jobs:
             await job.delivery.reject(requeue=not job.delivery.redelivered)
 
-    async def _prefill_alone(self, job: Job) -> TokenEvent | None:
+    async def _prefill_alone(self, job: Job) -> tuple[TokenEvent | None, KVHandoff | None]:
         try:
-            return (await self.runner.call(self.runner.engine.prefill, [request_of(job.work)]))[0]
+            return (await self.runner.call(self._encode, [request_of(job.work)]))[0]
         except ValueError as exc:
             job.error = str(exc)
-            return None
+            return None, None
 
     async def emit(self, jobs: list[Job]) -> None:
         """First tokens and stamps to the submitters, then hand-offs to the decoders, then acks."""

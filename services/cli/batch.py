@@ -253,6 +253,17 @@ def _load_engine(args: argparse.Namespace, config: Any) -> Any:
         raise CliError(f"cannot load model {model_config.model!r}: {exc}") from None
 
 
+def _load_served_model(args: argparse.Namespace, config: Any) -> Any:
+    """Tokenizer and context of the model, for a front end that never runs it (no weights loaded)."""
+    from services.gateway import load_served_model
+
+    model_config = config.model_copy(update={"model": args.model or config.model})
+    try:
+        return load_served_model(model_config)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise CliError(f"cannot load model {model_config.model!r}: {exc}") from None
+
+
 async def _worker(args: argparse.Namespace, config: Any) -> int:
     from common.transport.connect import LocalHub, open_transports
     from services.batch.consumer import Admission, ConsumerConfig, JobConsumer, QueueDepthAdmission
@@ -275,11 +286,9 @@ async def _worker(args: argparse.Namespace, config: Any) -> int:
             executor = EngineExecutor(_load_engine(args, config), max_batch=args.max_batch)
         else:
             from services.batch.mesh_executor import MeshExecutor
-            from services.gateway import ServedModel
             from services.gateway.core import Gateway
 
-            engine = _load_engine(args, config)  # for its tokenizer and context length
-            model = ServedModel(args.model or config.model, engine.tokenizer, engine.max_context)
+            model = _load_served_model(args, config)
             gateway = Gateway(config, await open_transports(config, names, LocalHub()), model.name)
             await gateway.start()
             executor = MeshExecutor(gateway, model, config.request_timeout_s)

@@ -22,6 +22,7 @@ from common.messages.work import Sampling
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
 from engine.api import Tokenizer
+from services.engines import is_factory_spec, load_engine, served_model_name
 from services.gateway import openai_api as oa
 from services.gateway.core import Gateway, Pending, RequestFailed
 from services.gateway.metrics import Metrics
@@ -33,6 +34,21 @@ class ServedModel:
     name: str
     tokenizer: Tokenizer
     max_context: int
+
+
+def load_served_model(config: MeshConfig) -> ServedModel:
+    """The served model's tokenizer and context, read without its weights (``engine.load_tokenizer``).
+
+    A ``package.module:factory`` spec is another engine implementation: only the engine it builds
+    knows its tokenizer, so that one is built.
+    """
+    if is_factory_spec(config.model):
+        engine = load_engine(config)
+        return ServedModel(served_model_name(config), engine.tokenizer, engine.max_context)
+    from engine import load_tokenizer
+
+    info = load_tokenizer(config.model)
+    return ServedModel(served_model_name(config), info.tokenizer, info.max_context)
 
 
 class ApiError(Exception):

@@ -127,11 +127,17 @@ class Gateway:
         pending = Pending(rid, len(prompt_ids))
         pending.timeline.mark(Stage.ARRIVED)
         self.pending[rid] = pending
+        self.metrics.in_flight.inc()
         work = EncodeWork(rid, self.model, tuple(prompt_ids), sampling, self.events_queue,
                           time.time(), stream)
-        await self.bus.publish(self.names.encode_queue, codec.encode(work))
+        try:
+            await self.bus.publish(self.names.encode_queue, codec.encode(work))
+        except BaseException:
+            self.forget(pending)
+            raise
         pending.timeline.mark(Stage.QUEUED)
-        self.metrics.in_flight.inc()
+        if pending.done and pending.failed is None:  # it finished before the broker's confirm came
+            self.metrics.finished(pending.timeline)
         return pending
 
     async def abort(self, pending: Pending) -> None:
@@ -171,5 +177,6 @@ class Gateway:
                 self.forget(pending)
 
     def _finished(self, pending: Pending) -> None:
-        self.metrics.finished(pending.timeline)
+        if Stage.QUEUED in pending.timeline.stamps:  # else submit records it once queued
+            self.metrics.finished(pending.timeline)
         self.forget(pending)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import uuid
 
@@ -51,7 +52,7 @@ def cluster():
         ids = [w.wait_line("ready").split()[-1] for w in workers]
         url = gateway.wait_line("ready gateway").split()[-1]
         yield {"config": config, "mesh": mesh, "url": url, "worker_ids": ids, "workers": workers,
-               "decoders": list(zip(ids[2:], workers[2:]))}
+               "gateway": gateway, "decoders": list(zip(ids[2:], workers[2:]))}
     finally:
         mesh.close()
         asyncio.run(purge_namespace(config, LocalHub()))
@@ -80,6 +81,18 @@ async def test_200_concurrent_requests_each_complete_once(cluster):
     mine = [s for s in samples if s.request_id in {b["id"] for b in bodies}]
     assert len(mine) == 200 and len({s.request_id for s in mine}) == 200  # one finish each
     await t.close()
+
+
+def test_the_gateway_process_loads_no_model(cluster):
+    """Workers map torch's library (they run the engine); the gateway only tokenizes, without it."""
+    def maps_torch(proc) -> bool:
+        with open(f"/proc/{proc.popen.pid}/maps") as maps:
+            return "libtorch" in maps.read()
+
+    if not os.path.exists(f"/proc/{cluster['gateway'].popen.pid}/maps"):
+        pytest.skip("no /proc on this system")
+    assert all(maps_torch(w) for w in cluster["workers"])
+    assert not maps_torch(cluster["gateway"])
 
 
 async def test_streaming_through_the_processes(cluster):
