@@ -64,3 +64,18 @@ class DecoderOnlyRunner:
 
     def positions(self, prompt: int, generated: int) -> int:
         return prompt + generated - 1  # the last generated token is not in the cache yet
+
+
+def greedy_logits(runner: Runner, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the logits that chose them, through prefill/decode on an empty runner.
+
+    For oracle checks against a reference implementation; the runner is left empty again.
+    """
+    with torch.inference_mode():
+        rows = [runner.prefill([prompt])[0]]
+        tokens = [int(rows[-1].argmax())]
+        for _ in range(steps - 1):
+            rows.append(runner.decode([tokens[-1]])[0])
+            tokens.append(int(rows[-1].argmax()))
+        runner.remove(0)
+    return tokens, torch.stack(rows)

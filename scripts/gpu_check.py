@@ -22,17 +22,10 @@ FP32_LOGIT_TOL = 5e-3
 
 
 def greedy_with_logits(engine, prompt: list[int], steps: int):
-    import torch
+    from engine.runners import greedy_logits
 
-    runner = engine.runner
-    with torch.inference_mode():
-        rows = [runner.prefill([prompt])[0]]
-        tokens = [int(rows[-1].argmax())]
-        for _ in range(steps - 1):
-            rows.append(runner.decode([tokens[-1]])[0])
-            tokens.append(int(rows[-1].argmax()))
-        runner.remove(0)
-    return tokens, torch.stack(rows).float()
+    tokens, logits = greedy_logits(engine.runner, prompt, steps)
+    return tokens, logits.float()
 
 
 def reference_logits(hf, prompt: list[int], tokens: list[int], device: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.runners import greedy_logits
 from tests.engine.conftest import req, run_to_end
 
 transformers = pytest.importorskip("transformers")
@@ -16,15 +17,7 @@ GREEDY_TOKENS = 32
 
 def our_logits(engine, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and the logits that chose them, through the engine's prefill/decode path."""
-    runner = engine.runner
-    with torch.inference_mode():
-        rows = [runner.prefill([prompt])[0]]
-        tokens = [int(rows[-1].argmax())]
-        for _ in range(steps - 1):
-            rows.append(runner.decode([tokens[-1]])[0])
-            tokens.append(int(rows[-1].argmax()))
-        runner.remove(0)
-    return tokens, torch.stack(rows)
+    return greedy_logits(engine.runner, prompt, steps)
 
 
 def hf_logits(hf_model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
