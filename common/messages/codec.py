@@ -12,7 +12,7 @@ import enum
 import functools
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import msgpack
 
@@ -57,7 +57,7 @@ class DecodeError(ValueError):
 def encode(message: object) -> bytes:
     if type(message) not in TAGS:
         raise TypeError(f"not a wire message: {type(message).__name__}")
-    return msgpack.packb([SCHEMA_VERSION, TAGS[type(message)], *_fields_to_wire(message)])
+    return msgpack.packb([SCHEMA_VERSION, TAGS[type(message)], *_encoder(type(message))(message)])
 
 
 def decode(data: bytes, expected: type[T] | Any = object) -> T:
@@ -71,7 +71,7 @@ def decode(data: bytes, expected: type[T] | Any = object) -> T:
     cls = BY_TAG.get(tag) if isinstance(tag, int) else None
     if cls is None:
         raise DecodeError(f"unknown tag {tag!r}")
-    message = _from_wire(cls, values)
+    message = _decoder(cls)(values)
     if expected is not object and not isinstance(message, _classes(expected)):
         raise DecodeError(f"unexpected {cls.__name__} here")
     return message
@@ -82,18 +82,11 @@ def _classes(expected: Any) -> tuple[type, ...]:
     return args if args else (expected,)
 
 
-def _fields_to_wire(message: object) -> list[Any]:
-    return [_to_wire(getattr(message, f.name)) for f in dataclasses.fields(message)]
+# Encoders and decoders are built once per type hint from the structs' annotations, so a message
+# costs a few calls per field, not a walk over its type hints.
 
-
-def _to_wire(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return _fields_to_wire(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return [_to_wire(v) for v in value]
-    return value
+Convert = Callable[[Any], Any]
+SCALARS = (str, int, float, bool, bytes)
 
 
 @functools.cache
@@ -102,50 +95,115 @@ def _hints(cls: type) -> list[tuple[str, Any]]:
     return [(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
-def _from_wire(hint: Any, value: Any) -> Any:
+def _parts(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    origin = typing.get_origin(hint)
+    if origin is types.UnionType:
+        origin = typing.Union
+    return origin, typing.get_args(hint)
+
+
+@functools.cache
+def _encoder(hint: Any) -> Convert | None:
+    """What turns a value of ``hint`` into msgpack-ready data; None where it already is."""
     if dataclasses.is_dataclass(hint):
-        return _struct(hint, value)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return _union(hint, args, value)
+        fields = [(name, _encoder(h)) for name, h in _hints(hint)]
+
+        def struct(value: Any) -> list[Any]:
+            return [getattr(value, name) if conv is None else conv(getattr(value, name))
+                    for name, conv in fields]
+
+        return struct
+    origin, args = _parts(hint)
+    if origin is typing.Union:
+        inner = _encoder(next(a for a in args if a is not type(None)))
+        return None if inner is None else (lambda value: None if value is None else inner(value))
     if origin is tuple:
-        return _tuple(args, value)
+        item = _encoder(args[0])
+        return list if item is None else (lambda value: [item(v) for v in value])
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return lambda value: value.value
+    return None
+
+
+@functools.cache
+def _decoder(hint: Any) -> Convert:
+    """What turns msgpack data back into a value of ``hint``, raising DecodeError on a mismatch."""
+    if dataclasses.is_dataclass(hint):
+        return _struct_decoder(hint)
+    origin, args = _parts(hint)
+    if origin is typing.Union:
+        return _optional_decoder(hint, args)
+    if origin is tuple:
+        return _tuple_decoder(args[0])
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return _enum_decoder(hint)
+    if hint in SCALARS:
+        return _scalar_decoder(hint)
+    raise TypeError(f"no wire form for {hint!r}")
+
+
+def _struct_decoder(cls: type) -> Convert:
+    convs = [_decoder(h) for _, h in _hints(cls)]
+    count = len(convs)
+
+    def struct(value: Any) -> Any:
+        if type(value) is not list or len(value) != count:
+            raise DecodeError(f"{cls.__name__}: expected {count} fields")
         try:
-            return hint(value)
+            return cls(*[conv(v) for conv, v in zip(convs, value)])
+        except (TypeError, ValueError) as exc:  # DecodeError of a field, or a __post_init__ check
+            raise DecodeError(f"{cls.__name__}: {exc}") from None
+
+    return struct
+
+
+def _optional_decoder(hint: Any, args: tuple[Any, ...]) -> Convert:
+    others = [a for a in args if a is not type(None)]
+    if len(others) != 1:
+        raise TypeError(f"no wire form for {hint!r}")
+    inner, optional = _decoder(others[0]), type(None) in args
+
+    def union(value: Any) -> Any:
+        if value is None and optional:
+            return None
+        return inner(value)
+
+    return union
+
+
+def _tuple_decoder(item_hint: Any) -> Convert:
+    item = _decoder(item_hint)
+    plain = item_hint in (str, int, bytes)
+
+    def sequence(value: Any) -> tuple[Any, ...]:
+        if type(value) is not list:
+            raise DecodeError(f"expected a sequence, got {type(value).__name__}")
+        if plain and all(type(v) is item_hint for v in value):
+            return tuple(value)  # the common case, checked without a call per item
+        return tuple([item(v) for v in value])
+
+    return sequence
+
+
+def _enum_decoder(cls: type[enum.Enum]) -> Convert:
+    def member(value: Any) -> Any:
+        try:
+            return cls(value)
         except ValueError:
-            raise DecodeError(f"{value!r} is not a {hint.__name__}") from None
-    return _scalar(hint, value)
+            raise DecodeError(f"{value!r} is not a {cls.__name__}") from None
+
+    return member
 
 
-def _struct(cls: type, value: Any) -> Any:
-    fields = _hints(cls)
-    if not isinstance(value, list) or len(value) != len(fields):
-        raise DecodeError(f"{cls.__name__}: expected {len(fields)} fields")
-    try:
-        return cls(**{name: _from_wire(hint, v) for (name, hint), v in zip(fields, value)})
-    except (TypeError, ValueError) as exc:
-        raise DecodeError(f"{cls.__name__}: {exc}") from None
+def _scalar_decoder(hint: type) -> Convert:
+    name = hint.__name__
 
+    def scalar(value: Any) -> Any:
+        kind = type(value)
+        if kind is hint:
+            return value
+        if hint is float and kind is int:
+            return float(value)
+        raise DecodeError(f"expected {name}, got {kind.__name__}")
 
-def _union(hint: Any, args: tuple[Any, ...], value: Any) -> Any:
-    if value is None and type(None) in args:
-        return None
-    for arg in args:
-        if arg is not type(None):
-            return _from_wire(arg, value)
-    raise DecodeError(f"{value!r} does not fit {hint}")
-
-
-def _tuple(args: tuple[Any, ...], value: Any) -> tuple[Any, ...]:
-    if not isinstance(value, list):
-        raise DecodeError(f"expected a sequence, got {type(value).__name__}")
-    return tuple(_from_wire(args[0], v) for v in value)
-
-
-def _scalar(hint: Any, value: Any) -> Any:
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
-        raise DecodeError(f"expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
-    return value
+    return scalar
