@@ -2,14 +2,13 @@
 
 Both adapters write the hand-off's metadata to the store (request id, producer, decoder, dtype,
 shape, length, expiry) under ``names.kv_meta``. ``StoreKv`` puts the payload bytes in the store too
-(Redis across hosts); ``LocalKv`` keeps the KVHandoff object in process memory (embedded mode, no
-copy). The payload stays until the decoder finished the request (``drop``), so a redelivered
-hand-off can be imported again.
+(Redis across hosts), together with the metadata in one round trip; ``LocalKv`` keeps the
+KVHandoff object in process memory (embedded mode, no copy). The payload stays until the decoder
+finished the request (``drop``), so a redelivered hand-off can be imported again.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Protocol
 
@@ -56,8 +55,8 @@ class StoreKv:
     async def put(self, handoff: KVHandoff, *, producer: str, ttl_s: float) -> str:
         ref = self._names.kv_payload(handoff.request_id)
         meta = self._names.kv_meta(handoff.request_id)
-        await asyncio.gather(self._store.set(ref, handoff.to_bytes(), ttl_s=ttl_s),
-                             self._store.hset(meta, _metadata(handoff, producer, ttl_s), ttl_s=ttl_s))
+        await self._store.set_with_hash(ref, handoff.to_bytes(), meta, _metadata(handoff, producer, ttl_s),
+                                        ttl_s=ttl_s)
         return ref
 
     async def get(self, ref: str) -> KVHandoff | None:

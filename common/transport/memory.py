@@ -251,6 +251,9 @@ class MemoryStore:
         value = self._live(key)
         return value if isinstance(value, bytes) else None
 
+    async def get_many(self, *keys: str) -> list[bytes | None]:
+        return [await self.get(key) for key in keys]
+
     async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
         self._put(key, value, ttl_s)
 
@@ -270,6 +273,11 @@ class MemoryStore:
         merged = dict(current) if isinstance(current, dict) else {}
         merged.update(mapping)
         self._put(key, merged, ttl_s if ttl_s is not None else self._ttl_left(key))
+
+    async def set_with_hash(self, key: str, value: bytes, hash_key: str, mapping: dict[str, str], *,
+                            ttl_s: float) -> None:
+        self._put(key, value, ttl_s)
+        await self.hset(hash_key, mapping, ttl_s=ttl_s)
 
     def _ttl_left(self, key: str) -> float | None:
         deadline = self._expires.get(key)

@@ -67,6 +67,10 @@ class Bus(Protocol):
 class Store(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 
+    async def get_many(self, *keys: str) -> list[bytes | None]:
+        """The values of ``keys``, in order (None where absent), in one round trip."""
+        ...
+
     async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None: ...
 
     async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
@@ -76,6 +80,12 @@ class Store(Protocol):
     async def delete(self, *keys: str) -> None: ...
 
     async def hset(self, key: str, mapping: dict[str, str], *, ttl_s: float | None = None) -> None: ...
+
+    async def set_with_hash(self, key: str, value: bytes, hash_key: str, mapping: dict[str, str], *,
+                            ttl_s: float) -> None:
+        """``set(key, value)`` and ``hset(hash_key, mapping)`` with one TTL, atomically, in one
+        round trip (a payload and its metadata appear together)."""
+        ...
 
     async def hgetall(self, key: str) -> dict[str, str]: ...
 

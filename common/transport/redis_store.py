@@ -22,6 +22,9 @@ class RedisStore:
     async def get(self, key: str) -> bytes | None:
         return await self._redis.get(key)
 
+    async def get_many(self, *keys: str) -> list[bytes | None]:
+        return list(await self._redis.mget(keys)) if keys else []
+
     async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
         await self._redis.set(key, value, px=_ms(ttl_s))
 
@@ -37,6 +40,14 @@ class RedisStore:
             pipe.hset(key, mapping=mapping)
             if ttl_s is not None:
                 pipe.pexpire(key, _ms(ttl_s))
+            await pipe.execute()
+
+    async def set_with_hash(self, key: str, value: bytes, hash_key: str, mapping: dict[str, str], *,
+                            ttl_s: float) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, value, px=_ms(ttl_s))
+            pipe.hset(hash_key, mapping=mapping)
+            pipe.pexpire(hash_key, _ms(ttl_s))
             await pipe.execute()
 
     async def hgetall(self, key: str) -> dict[str, str]:

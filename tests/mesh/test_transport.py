@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -112,6 +113,13 @@ async def test_store_ttl_and_set_if_absent(mesh_config, hub):
     await store.hset(key + "h", {"a": "1"}, ttl_s=30)
     await store.hset(key + "h", {"b": "2"})
     assert await store.hgetall(key + "h") == {"a": "1", "b": "2"}
+    await store.set_with_hash(key + "p", b"payload", key + "m", {"n": "7"}, ttl_s=0.2)
+    assert await store.get_many(key + "p", key + "missing", key) == [b"payload", None, b"1"]
+    assert await store.hgetall(key + "m") == {"n": "7"}
+    deadline = time.monotonic() + 10
+    while await store.get_many(key + "p") != [None] and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # polling the store's own expiry, bounded
+    assert await store.get_many(key + "p") == [None] and await store.hgetall(key + "m") == {}
     for i in range(5):
         await store.push_capped(key + "l", bytes([i]), max_len=3)
     assert await store.list_range(key + "l", 10) == [b"\x04", b"\x03", b"\x02"]
