@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, assert_never
 
@@ -43,7 +44,8 @@ class Pending:
     held: dict[int, Token] = field(default_factory=dict)
     done: bool = False
     failed: Failure | None = None
-    _out: asyncio.Queue[Token | Failure] = field(default_factory=asyncio.Queue)
+    _out: deque[Token | Failure] = field(default_factory=deque)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on_token(self, token: Token) -> bool:
         """Keep a token once; release tokens in index order. True when the request just finished."""
@@ -63,23 +65,30 @@ class Pending:
         self.done = token.finished
         if self.done:
             self.timeline.mark(Stage.FINISHED)
-        self._out.put_nowait(token)
+        self._push(token)
+
+    def _push(self, item: Token | Failure) -> None:
+        self._out.append(item)
+        self._arrived.set()
 
     def on_failure(self, failure: Failure) -> bool:
         if self.done:
             return False
         self.done, self.failed = True, failure
-        self._out.put_nowait(failure)
+        self._push(failure)
         return True
 
     async def tokens(self, timeout_s: float) -> AsyncIterator[Token]:
         """Tokens in order until the last; RequestFailed on a failure or the deadline."""
         deadline = time.monotonic() + timeout_s
         while True:
-            try:
-                item = await asyncio.wait_for(self._out.get(), max(deadline - time.monotonic(), 0))
-            except asyncio.TimeoutError:
-                raise RequestFailed(504, f"no result within {timeout_s:g} s") from None
+            if not self._out:  # wait only when nothing is queued (a chunk arrives all at once)
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), max(deadline - time.monotonic(), 0))
+                except asyncio.TimeoutError:
+                    raise RequestFailed(504, f"no result within {timeout_s:g} s") from None
+            item = self._out.popleft()
             if isinstance(item, Failure):
                 raise RequestFailed(item.status, item.message)
             yield item
