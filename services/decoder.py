@@ -32,7 +32,7 @@ from services.worker import Outbox, WorkerBase
 
 
 CHUNK_TOKENS = 64  # a non-streaming request's tokens go out at least this often
-MAX_BURST_STEPS = 16  # decode steps per engine call while nothing needs the loop in between
+MAX_BURST_STEPS = CHUNK_TOKENS  # decode steps per engine call while nothing needs the loop in between
 
 
 @dataclass
@@ -44,6 +44,8 @@ class Running:
     output_len: int
     unsent: list[Token] = field(default_factory=list)
     sent: list[asyncio.Task[None]] = field(default_factory=list)  # publishes the ack waits for
+    stamp_unsent: bool = True  # its DECODE_START stamp waits for the next step's tokens
+    claimed: asyncio.Task[None] | None = None  # the KV metadata's decoder field, written meanwhile
 
     def hold(self, token: Token) -> list[Token]:
         """Tokens due to go out now: all of them when streaming, else in chunks and at the end."""
@@ -64,6 +66,7 @@ class DecoderService(WorkerBase):
         self.steps = 0
         self.max_batch_seen = 0
         self._abort_pending: list[str] = []
+        self._held = Outbox()  # stamps that go out with the next step's tokens
         self._settling: set[asyncio.Task[None]] = set()
         self._drain_deadline: float | None = None
 
@@ -115,16 +118,14 @@ class DecoderService(WorkerBase):
             self._drain_deadline = time.monotonic() + self.config.drain_timeout_s
 
     async def admit(self, deliveries: list[Delivery]) -> None:
-        """Import the hand-offs; their stamps go out while the next step runs (the ack waits for them)."""
+        """Import the hand-offs. Failures go out now; DECODE_START stamps wait in ``_held`` for
+        the tokens of the next step (one message instead of two; the ack waits for it)."""
         if not deliveries:
             return
-        outbox, before = Outbox(), set(self.running)
+        outbox = Outbox()
         for delivery in deliveries:
             await self._admit_one(delivery, outbox)
-        published = self.send_soon(outbox, batch_size=len(self.running))
-        self._keep(published)
-        for rid in self.running.keys() - before:
-            self.running[rid].sent = published
+        self._keep(self.send_soon(outbox, batch_size=len(self.running)))
 
     async def _admit_one(self, delivery: Delivery, outbox: Outbox) -> None:
         try:
@@ -133,7 +134,7 @@ class DecoderService(WorkerBase):
             await delivery.reject(requeue=False)
             return
         rid = ready.request_id
-        done, handoff = await asyncio.gather(self._already_done(rid), self.kv.get(ready.kv_ref))
+        done, handoff = await self._done_and_kv(delivery, ready)
         if rid in self.running or rid in self.aborted or done:
             await delivery.ack()  # a duplicate hand-off, or nothing left to do
             return
@@ -147,15 +148,25 @@ class DecoderService(WorkerBase):
             outbox.failure(ready.reply_to, Failure(rid, 500, f"hand-off refused: {exc}"))
             await delivery.reject(requeue=False)
             return
-        outbox.stamp(ready.reply_to, rid, Stage.DECODE_START)
+        self._held.stamp(ready.reply_to, rid, Stage.DECODE_START)
+
+    async def _done_and_kv(self, delivery: Delivery, ready: KvReady) -> tuple[bool, KVHandoff | None]:
+        """Only a redelivered hand-off can belong to a request that already finished; a fresh one
+        that repeats a running request (its encoder died before acking) is caught at settling,
+        where the done marker is set once."""
+        if not delivery.redelivered:
+            return False, await self.kv.get(ready.kv_ref)
+        done, handoff = await asyncio.gather(self.store.get(self.names.done(ready.request_id)),
+                                             self.kv.get(ready.kv_ref))
+        return done is not None, handoff
 
     async def _import(self, delivery: Delivery, ready: KvReady, handoff: KVHandoff) -> None:
-        await asyncio.gather(self.runner.call(self.runner.engine.import_request, handoff),
-                             self.kv.claim(ready.kv_ref, decoder=self.worker_id))
-        self.running[ready.request_id] = Running(delivery, ready, len(handoff.generated_ids))
-
-    async def _already_done(self, request_id: str) -> bool:
-        return await self.store.get(self.names.done(request_id)) is not None
+        """Import on the engine thread; recording the claim overlaps decoding (the ack waits for it)."""
+        await self.runner.call(self.runner.engine.import_request, handoff)
+        claimed = asyncio.create_task(self.kv.claim(ready.kv_ref, decoder=self.worker_id))
+        self._keep([claimed])
+        self.running[ready.request_id] = Running(delivery, ready, len(handoff.generated_ids),
+                                                 claimed=claimed)
 
     async def execute(self) -> list[TokenEvent]:
         """One decode step; several in one engine call when no request streams (fewer hops)."""
@@ -186,8 +197,9 @@ class DecoderService(WorkerBase):
         Publishing overlaps the next decode step; only the settling (done marker, KV drop, ack)
         waits for the publisher confirms.
         """
-        outbox = Outbox()
+        outbox, self._held = self._held, Outbox()
         batch_size = len(self.running)
+        stamped = [run for run in self.running.values() if run.stamp_unsent]
         finished: list[tuple[Running, str]] = []
         for event in events:
             run = self.running.get(event.request_id)
@@ -200,6 +212,8 @@ class DecoderService(WorkerBase):
                 finished.append((self.running.pop(event.request_id), event.finish_reason or "stop"))
         published = self.send_soon(outbox, batch_size=batch_size)
         self._keep(published)
+        for run in stamped:
+            run.sent, run.stamp_unsent = published, False
         self._keep([asyncio.create_task(self._settle(run, reason, published)) for run, reason in finished])
 
     def _keep(self, tasks: list[asyncio.Task[None]]) -> None:
@@ -210,7 +224,7 @@ class DecoderService(WorkerBase):
 
     async def _settle(self, run: Running, reason: str, published: list[asyncio.Task[None]]) -> None:
         """After its events are confirmed: mark done once, record lengths, drop the KV, ack."""
-        await asyncio.gather(*run.sent, *published)
+        await asyncio.gather(*run.sent, *published, *filter(None, [run.claimed]))
         rid = run.ready.request_id
         first = await self.store.set_if_absent(self.names.done(rid), b"1", ttl_s=DONE_TTL_S)
         if first and reason != "abort":  # aborted lengths would skew the scheduler's statistics

@@ -97,7 +97,9 @@ class EncoderService(WorkerBase):
             except codec.DecodeError:
                 await delivery.reject(requeue=False)
         jobs = await self._refuse_other_models(jobs)
-        done = await asyncio.gather(*(self._already_done(j) for j in jobs))
+        done = [False] * len(jobs)
+        if any(j.delivery.redelivered for j in jobs):
+            done = await asyncio.gather(*(self._already_done(j) for j in jobs))
         for job, skip in zip(jobs, done):
             if skip or job.work.request_id in self.aborted:
                 await job.delivery.ack()
@@ -177,12 +179,14 @@ class EncoderService(WorkerBase):
             return None, None
 
     async def emit(self, jobs: list[Job]) -> None:
-        """First tokens and stamps to the submitters, then hand-offs to the decoders, then acks."""
+        """Hand-offs to the decoders and first tokens and stamps to the submitters, at once (the
+        hand-offs start first: decoding waits on them), then acks."""
+        handed = [asyncio.create_task(self._hand_off_or_finish(job)) for job in jobs]
         outbox = Outbox()
         for job in jobs:
             self._record(outbox, job)
         published = self.send_soon(outbox, batch_size=len(jobs))
-        await asyncio.gather(*published, *(self._hand_off_or_finish(job) for job in jobs))
+        await asyncio.gather(*handed, *published)
         await asyncio.gather(*(job.delivery.ack() for job in jobs))
 
     def _record(self, outbox: Outbox, job: Job) -> None:
