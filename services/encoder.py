@@ -97,9 +97,7 @@ class EncoderService(WorkerBase):
             except codec.DecodeError:
                 await delivery.reject(requeue=False)
         jobs = await self._refuse_other_models(jobs)
-        done = [False] * len(jobs)
-        if any(j.delivery.redelivered for j in jobs):
-            done = await asyncio.gather(*(self._already_done(j) for j in jobs))
+        done = await self._already_done(jobs)
         for job, skip in zip(jobs, done):
             if skip or job.work.request_id in self.aborted:
                 await job.delivery.ack()
@@ -120,11 +118,13 @@ class EncoderService(WorkerBase):
                 await job.delivery.ack()
         return kept
 
-    async def _already_done(self, job: Job) -> bool:
-        """Only a redelivered message can be work already done (decoders dedupe the rest)."""
-        if not job.delivery.redelivered:
-            return False
-        return await self.store.get(self.names.done(job.work.request_id)) is not None
+    async def _already_done(self, jobs: list[Job]) -> list[bool]:
+        """Per job, whether its request finished already. Only a redelivered message can be work
+        already done (decoders dedupe the rest), so only those are looked up, in one round trip."""
+        again = [j for j in jobs if j.delivery.redelivered]
+        markers = await self.store.get_many(*(self.names.done(j.work.request_id) for j in again))
+        finished = {j.work.request_id for j, m in zip(again, markers) if m is not None}
+        return [j.work.request_id in finished for j in jobs]
 
     async def execute(self, jobs: list[Job]) -> bool:
         """Prefill and export the batch; False when the engine failed and the work was given back."""

@@ -8,9 +8,12 @@ import json
 import pytest
 
 from common.messages import codec
+from common.messages.handoff import KvReady
 from common.messages.status import WorkerStatus
+from common.messages.work import EncodeWork, Sampling
 from common.names import Names
-from common.transport.connect import open_transports
+from common.transport.connect import open_bus, open_transports
+from engine.api import GenerationRequest, SamplingParams
 from optimizer.schedule import Schedule
 from services.scheduler import publish_schedule, recent_lengths
 from tests.mesh.conftest import running_mesh
@@ -251,7 +254,6 @@ async def test_a_long_non_streaming_answer_arrives_whole_in_chunks(config, hub):
 async def test_an_aborted_request_leaves_the_decoder_batch(config, hub):
     import threading
 
-    from common.messages.work import Sampling
 
     entered, release = threading.Event(), threading.Event()
     engines = iter([FakeEngine(), StuckEngine(entered, release)])
@@ -279,7 +281,6 @@ async def test_an_aborted_request_leaves_the_decoder_batch(config, hub):
 
 async def test_every_lifecycle_stage_is_stamped_in_order(config, hub):
     from common.lifecycle import Stage
-    from common.messages.work import Sampling
 
     async with running_mesh(config, hub, load) as m:
         pending = await m.app.state.gateway.submit([104, 105], Sampling(max_tokens=6), stream=False)
@@ -295,7 +296,6 @@ async def test_every_lifecycle_stage_is_stamped_in_order(config, hub):
 
 async def test_work_for_another_model_fails_instead_of_running(config, hub):
     from common.messages.events import EventBatch
-    from common.messages.work import EncodeWork, Sampling
 
     names = Names(config.namespace)
     async with running_mesh(config, hub, load):
@@ -353,3 +353,31 @@ async def test_a_refused_hand_off_becomes_a_500_and_the_decoder_keeps_serving(co
         assert "another model" in response.json()["error"]["message"]
         single = await m.client.post("/v1/completions", json=completion("y", 1))  # no hand-off
         assert single.status_code == 200 and not m.mesh.tasks[2].done()
+
+
+async def test_work_redelivered_after_its_request_finished_is_not_run_again(config, hub):
+    """An encoder and a decoder died after the request finished but before acking: their messages
+    come back redelivered, and are acked without encoding or decoding anything."""
+    names = Names(config.namespace)
+    t = await open_transports(config, names, hub)
+    engine = FakeEngine()
+    engine.prefill([GenerationRequest("r-old", (104, 105), SamplingParams(max_tokens=5))])
+    ref = await t.kv.put(engine.export_request("r-old"), producer="enc-gone", ttl_s=60)
+    await t.store.set(names.done("r-old"), b"1", ttl_s=60)
+    work = EncodeWork("r-old", FAKE, (104, 105), Sampling(max_tokens=5), "nobody", 0.0, False)
+    ready = KvReady("r-old", "enc-gone", "nobody", ref, 2, 0, 0.0, False)
+    for queue, message in ((names.encode_queue, work), (names.handoff_queue, ready)):
+        await t.bus.declare_queue(queue)
+        await t.bus.publish(queue, codec.encode(message))
+    dying = await open_bus(config, names, hub)
+    for queue in (names.encode_queue, names.handoff_queue):
+        await asyncio.wait_for(anext(aiter(await dying.consume(queue, prefetch=1))), TIMEOUT_S)
+    await dying.close()  # unacked: both come back with ``redelivered`` set
+    async with running_mesh(config, hub, load) as m:
+        response = await m.client.post("/v1/completions", json=completion("hello", 4))
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+        assert m.mesh.encoders[0].runner.engine.prefill_sizes == [1]  # only the new request
+        assert m.mesh.decoders[0].steps == 3  # tokens 1..3 of the new request, nothing else
+    samples = await recent_lengths(t.store, names, 10)
+    await t.close()
+    assert [s.output_len for s in samples] == [4]
