@@ -6,7 +6,8 @@
    running at once and measured in alternating rounds.
 2. On a tiny model: the same request on the engine called in-process (prefill + decode steps),
    through the embedded server and through the mesh, back to back in each round; the per-round
-   difference (server minus engine) at p50 and p99 is the overhead per request.
+   difference (server minus engine) at p50 and p99 is the overhead per request. A ``GET /health``
+   round trip per server and round shows how much of it is the HTTP exchange alone.
 Every request is forced to the same length (``ignore_eos``), so runs compare like for like.
 """
 
@@ -151,14 +152,22 @@ class EngineCaller:
         return time.perf_counter() - t0
 
 
+async def health(client) -> float:
+    t0 = time.perf_counter()
+    (await client.get("/health")).raise_for_status()
+    return time.perf_counter() - t0
+
+
 async def interleaved(call_engine: EngineCaller, urls: dict[str, str], model: str,
-                      a: argparse.Namespace) -> dict[str, list[float]]:
+                      a: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per round: the engine, then each server, back to back, so that load hits all alike.
-    Returns each server's added latency per round (server minus engine of the same round)."""
+    Returns each server's added latency per round (server minus engine of the same round), and
+    its HTTP round trip alone (``GET /health``: the floor that any request through it pays)."""
     import httpx
 
     clients = {label: httpx.AsyncClient(base_url=url, timeout=600) for label, url in urls.items()}
     added: dict[str, list[float]] = {label: [] for label in urls}
+    http: dict[str, list[float]] = {label: [] for label in urls}
     try:
         for label, client in clients.items():
             await one(client, model, a.max_tokens)  # warm-up
@@ -167,10 +176,11 @@ async def interleaved(call_engine: EngineCaller, urls: dict[str, str], model: st
             base = call_engine()
             for label, client in clients.items():
                 added[label].append(await one(client, model, a.max_tokens) - base)
+                http[label].append(await health(client))
     finally:
         for client in clients.values():
             await client.aclose()
-    return added
+    return added, http
 
 
 def pct(values: list[float], q: float) -> float:
@@ -217,13 +227,15 @@ def overhead_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
     try:
         caller = EngineCaller(a.tiny_model, a)
         urls = {label: server.url for label, server in servers.items()}
-        added = asyncio.run(interleaved(caller, urls, a.tiny_model, a))
+        added, http = asyncio.run(interleaved(caller, urls, a.tiny_model, a))
     finally:
         for server in servers.values():
             server.stop()
-    return [(f"{a.tiny_model}: added latency per request vs engine, {label}, p{int(q * 100)}",
-             f"{pct(values, q) * 1000:.2f} ms")
-            for label, values in added.items() for q in (0.5, 0.99)]
+    return [*((f"{a.tiny_model}: added latency per request vs engine, {label}, p{int(q * 100)}",
+               f"{pct(values, q) * 1000:.2f} ms")
+              for label, values in added.items() for q in (0.5, 0.99)),
+            *((f"of which HTTP alone (GET /health round trip), {label}, p50",
+               f"{pct(values, 0.5) * 1000:.2f} ms") for label, values in http.items())]
 
 
 def print_table(rows: list[tuple[str, str]], a: argparse.Namespace) -> None:

@@ -226,12 +226,15 @@ class DecoderService(WorkerBase):
         """After its events are confirmed: mark done once, record lengths, drop the KV, ack."""
         await asyncio.gather(*run.sent, *published, *filter(None, [run.claimed]))
         rid = run.ready.request_id
-        first = await self.store.set_if_absent(self.names.done(rid), b"1", ttl_s=DONE_TTL_S)
-        if first and reason != "abort":  # aborted lengths would skew the scheduler's statistics
-            sample = LengthSample(rid, run.ready.prompt_len, run.output_len, reason, time.time())
-            await self.store.push_capped(self.names.output_lengths, codec.encode(sample),
-                                         max_len=OUTPUT_LENGTHS_MAX)
-        await self.kv.drop(run.ready.kv_ref)
+        sample = None  # aborted lengths would skew the scheduler's statistics
+        if reason != "abort":
+            sample = codec.encode(LengthSample(rid, run.ready.prompt_len, run.output_len, reason,
+                                               time.time()))
+        await asyncio.gather(
+            self.store.set_once_and_record(self.names.done(rid), b"1", ttl_s=DONE_TTL_S,
+                                           list_key=self.names.output_lengths, item=sample,
+                                           max_len=OUTPUT_LENGTHS_MAX),
+            self.kv.drop(run.ready.kv_ref))
         await run.delivery.ack()
 
     def on_abort(self, request_id: str) -> None:

@@ -213,9 +213,9 @@ class EncoderService(WorkerBase):
     async def _finish(self, job: Job) -> None:
         """Finished at prefill (one token, EOS or stop): mark done, record its lengths."""
         rid = job.work.request_id
-        if await self.store.set_if_absent(self.names.done(rid), b"1", ttl_s=DONE_TTL_S):
-            sample = LengthSample(rid, len(job.work.prompt_ids), 1,
-                                  job.first.finish_reason or "stop", time.time())
-            await self.store.push_capped(self.names.output_lengths, codec.encode(sample),
-                                         max_len=OUTPUT_LENGTHS_MAX)
+        sample = LengthSample(rid, len(job.work.prompt_ids), 1, job.first.finish_reason or "stop",
+                              time.time())
+        await self.store.set_once_and_record(self.names.done(rid), b"1", ttl_s=DONE_TTL_S,
+                                             list_key=self.names.output_lengths,
+                                             item=codec.encode(sample), max_len=OUTPUT_LENGTHS_MAX)
 

@@ -263,6 +263,14 @@ class MemoryStore:
         self._put(key, value, ttl_s)
         return True
 
+    async def set_once_and_record(self, key: str, value: bytes, *, ttl_s: float, list_key: str,
+                                  item: bytes | None, max_len: int) -> bool:
+        if not await self.set_if_absent(key, value, ttl_s=ttl_s):
+            return False
+        if item is not None:
+            await self.push_capped(list_key, item, max_len=max_len)
+        return True
+
     async def delete(self, *keys: str) -> None:
         for key in keys:
             self._data.pop(key, None)

@@ -9,9 +9,21 @@ def _ms(ttl_s: float | None) -> int | None:
     return None if ttl_s is None else max(int(ttl_s * 1000), 1)
 
 
+# KEYS: key, list_key. ARGV: value, ttl ms, item ("" for none), max_len.
+_SET_ONCE_AND_RECORD = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+if ARGV[3] ~= '' then
+  redis.call('LPUSH', KEYS[2], ARGV[3])
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
+end
+return 1
+"""
+
+
 class RedisStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
+        self._set_once_and_record = client.register_script(_SET_ONCE_AND_RECORD)
 
     @classmethod
     async def connect(cls, url: str) -> "RedisStore":
@@ -30,6 +42,11 @@ class RedisStore:
 
     async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
         return bool(await self._redis.set(key, value, px=_ms(ttl_s), nx=True))
+
+    async def set_once_and_record(self, key: str, value: bytes, *, ttl_s: float, list_key: str,
+                                  item: bytes | None, max_len: int) -> bool:
+        args = [value, _ms(ttl_s), b"" if item is None else item, max_len]
+        return bool(await self._set_once_and_record(keys=[key, list_key], args=args))
 
     async def delete(self, *keys: str) -> None:
         if keys:
