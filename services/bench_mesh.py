@@ -6,8 +6,9 @@
    running at once and measured in alternating rounds.
 2. On a tiny model: the same request on the engine called in-process (prefill + decode steps),
    through the embedded server and through the mesh, back to back in each round; the per-round
-   difference (server minus engine) at p50 and p99 is the overhead per request. A ``GET /health``
-   round trip per server and round shows how much of it is the HTTP exchange alone.
+   difference (server minus engine) at p50 and p99 is the overhead per request. Requests go
+   through a lean HTTP/1.1 client (so the client library's own cost is not counted) and, beside
+   it, through httpx; a ``GET /health`` round trip shows how much is the HTTP exchange alone.
 Every request is forced to the same length (``ignore_eos``), so runs compare like for like.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -24,6 +26,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox jumps over the lazy dog while the mesh measures itself. " * 2
@@ -152,6 +156,60 @@ class EngineCaller:
         return time.perf_counter() - t0
 
 
+class LeanResponse:
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status_code, self.content = status, body
+
+    def raise_for_status(self) -> None:
+        if self.status_code >= 400:
+            raise RuntimeError(f"HTTP {self.status_code}: {self.content[:200]!r}")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class LeanClient:
+    """A minimal HTTP/1.1 keep-alive client: one connection, bodies with Content-Length.
+
+    The overhead rows measure the servers, so the client should cost next to nothing; a full
+    client library costs ~1–2 ms a request on a small machine (shown beside it, through httpx)."""
+
+    def __init__(self, base_url: str) -> None:
+        address = urlsplit(base_url)
+        self.host, self.port = address.hostname or "127.0.0.1", address.port or 80
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, json: Any) -> LeanResponse:
+        return await self._request("POST", path, _json_bytes(json))
+
+    async def get(self, path: str) -> LeanResponse:
+        return await self._request("GET", path, b"")
+
+    async def _request(self, method: str, path: str, body: bytes) -> LeanResponse:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        self._writer.write(f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                           f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                           .encode() + body)
+        head = (await self._reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+        content = await self._reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection", "").lower() == "close":
+            await self.aclose()
+        return LeanResponse(int(head[0].split()[1]), content)
+
+    async def aclose(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._reader = self._writer = None
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 async def health(client) -> float:
     t0 = time.perf_counter()
     (await client.get("/health")).raise_for_status()
@@ -159,28 +217,33 @@ async def health(client) -> float:
 
 
 async def interleaved(call_engine: EngineCaller, urls: dict[str, str], model: str,
-                      a: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                      a: argparse.Namespace) -> dict[str, list[float]]:
     """Per round: the engine, then each server, back to back, so that load hits all alike.
-    Returns each server's added latency per round (server minus engine of the same round), and
-    its HTTP round trip alone (``GET /health``: the floor that any request through it pays)."""
+
+    Returns, per ``server/measure``: the added latency of each round (server minus the engine of
+    the same round) through the lean client (``lean``) and through httpx (``httpx``), and the
+    bare HTTP round trip (``http``: ``GET /health``, the floor any request through it pays)."""
     import httpx
 
-    clients = {label: httpx.AsyncClient(base_url=url, timeout=600) for label, url in urls.items()}
-    added: dict[str, list[float]] = {label: [] for label in urls}
-    http: dict[str, list[float]] = {label: [] for label in urls}
+    lean = {label: LeanClient(url) for label, url in urls.items()}
+    full = {label: httpx.AsyncClient(base_url=url, timeout=600) for label, url in urls.items()}
+    out: dict[str, list[float]] = {f"{label}/{m}": [] for label in urls for m in ("lean", "httpx", "http")}
     try:
-        for label, client in clients.items():
-            await one(client, model, a.max_tokens)  # warm-up
+        for label in urls:
+            await one(lean[label], model, a.max_tokens)  # warm-up
+            await one(full[label], model, a.max_tokens)
         call_engine()
         for _ in range(a.overhead_requests):
             base = call_engine()
-            for label, client in clients.items():
-                added[label].append(await one(client, model, a.max_tokens) - base)
-                http[label].append(await health(client))
+            for label in urls:
+                out[f"{label}/lean"].append(await one(lean[label], model, a.max_tokens) - base)
+                out[f"{label}/httpx"].append(await one(full[label], model, a.max_tokens) - base)
+                out[f"{label}/http"].append(await health(lean[label]))
     finally:
-        for client in clients.values():
-            await client.aclose()
-    return added, http
+        for label in urls:
+            await lean[label].aclose()
+            await full[label].aclose()
+    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -227,15 +290,17 @@ def overhead_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
     try:
         caller = EngineCaller(a.tiny_model, a)
         urls = {label: server.url for label, server in servers.items()}
-        added, http = asyncio.run(interleaved(caller, urls, a.tiny_model, a))
+        out = asyncio.run(interleaved(caller, urls, a.tiny_model, a))
     finally:
         for server in servers.values():
             server.stop()
+    ms = lambda key, q: f"{pct(out[key], q) * 1000:.2f} ms"  # noqa: E731
     return [*((f"{a.tiny_model}: added latency per request vs engine, {label}, p{int(q * 100)}",
-               f"{pct(values, q) * 1000:.2f} ms")
-              for label, values in added.items() for q in (0.5, 0.99)),
-            *((f"of which HTTP alone (GET /health round trip), {label}, p50",
-               f"{pct(values, 0.5) * 1000:.2f} ms") for label, values in http.items())]
+               ms(f"{label}/lean", q)) for label in servers for q in (0.5, 0.99)),
+            *((f"  same through httpx, {label}, p50 / p99",
+               f"{ms(f'{label}/httpx', 0.5)} / {ms(f'{label}/httpx', 0.99)}") for label in servers),
+            *((f"  HTTP alone (GET /health round trip), {label}, p50", ms(f"{label}/http", 0.5))
+              for label in servers)]
 
 
 def print_table(rows: list[tuple[str, str]], a: argparse.Namespace) -> None:
