@@ -179,14 +179,18 @@ class EncoderService(WorkerBase):
             return None, None
 
     async def emit(self, jobs: list[Job]) -> None:
-        """Hand-offs to the decoders and first tokens and stamps to the submitters, at once (the
-        hand-offs start first: decoding waits on them), then acks."""
+        """Hand-offs to the decoders, first tokens and stamps to the submitters, then acks.
+
+        Streaming requests' first tokens go out at once (their time to first token is the
+        client's); the others' wait until the hand-offs are published, so that the submitter's
+        handling of them does not compete with the hand-off for the CPU."""
         handed = [asyncio.create_task(self._hand_off_or_finish(job)) for job in jobs]
-        outbox = Outbox()
+        now, later = Outbox(), Outbox()
         for job in jobs:
-            self._record(outbox, job)
-        published = self.send_soon(outbox, batch_size=len(jobs))
-        await asyncio.gather(*handed, *published)
+            self._record(now if job.work.stream else later, job)
+        published = self.send_soon(now, batch_size=len(jobs))
+        await asyncio.gather(*handed)
+        await asyncio.gather(*published, *self.send_soon(later, batch_size=len(jobs)))
         await asyncio.gather(*(job.delivery.ack() for job in jobs))
 
     def _record(self, outbox: Outbox, job: Job) -> None:
