@@ -49,6 +49,10 @@ class Names:
         """Exclusive, bound to the status exchange: one per listener (scheduler, tests)."""
         return f"{self.namespace}.status.{process_id}"
 
+    def probe_queue(self, side: str) -> str:
+        """Exclusive; the benchmark's ping-pong between two processes, which times a bare hop."""
+        return f"{self.namespace}.probe.{side}"
+
     # --- AMQP exchanges (fanout; routing key unused) --------------------------------------
     @property
     def control_exchange(self) -> str:

@@ -246,6 +246,60 @@ async def interleaved(call_engine: EngineCaller, urls: dict[str, str], model: st
     return out
 
 
+PROBE_ROUNDS = 200
+PROBE_GAP_S = 0.02  # idle between probes, as between sequential requests (pacing, not waiting)
+
+
+async def broker_hop(a: argparse.Namespace) -> list[float]:
+    """One bare RabbitMQ hop between two processes, through the mesh's own bus adapter
+    (persistent, confirmed): half of each ping-pong round trip with another process."""
+    from common.names import Names
+    from common.transport.rabbit import RabbitBus
+
+    names = Names(f"probe{uuid.uuid4().hex[:8]}")
+    bus = await RabbitBus.connect(a.amqp_url, dead_exchange=names.dead_exchange,
+                                  dead_queue=names.dead_queue)
+    pong = subprocess.Popen([sys.executable, "-m", "services.bench_mesh", "pong", a.amqp_url,
+                             names.namespace], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        await bus.declare_queue(names.probe_queue("ping"), exclusive=True)
+        replies = aiter(await bus.consume(names.probe_queue("ping"), prefetch=10, auto_ack=True))
+        assert pong.stdout is not None and pong.stdout.readline().strip() == "ready"
+        hops = []
+        for _ in range(PROBE_ROUNDS):
+            t0 = time.perf_counter()
+            await bus.publish(names.probe_queue("pong"), b"x" * 200)
+            await asyncio.wait_for(anext(replies), 30)
+            hops.append((time.perf_counter() - t0) / 2)
+            await asyncio.sleep(PROBE_GAP_S)
+        await bus.publish(names.probe_queue("pong"), b"stop")
+        pong.wait(30)
+    finally:
+        if pong.poll() is None:
+            pong.kill()
+        await bus.delete(queues=[names.dead_queue], exchanges=[names.dead_exchange])
+        await bus.close()
+    return hops
+
+
+async def pong_main(amqp_url: str, namespace: str) -> None:
+    """The other side of ``broker_hop``: send every ping straight back."""
+    from common.names import Names
+    from common.transport.rabbit import RabbitBus
+
+    names = Names(namespace)
+    bus = await RabbitBus.connect(amqp_url, dead_exchange=names.dead_exchange, dead_queue=names.dead_queue)
+    await bus.declare_queue(names.probe_queue("pong"), exclusive=True)
+    pings = await bus.consume(names.probe_queue("pong"), prefetch=10, auto_ack=True)
+    print("ready", flush=True)
+    async for delivery in pings:
+        if delivery.body == b"stop":
+            break
+        await bus.publish(names.probe_queue("ping"), delivery.body)
+    await bus.close()
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -294,13 +348,16 @@ def overhead_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
     finally:
         for server in servers.values():
             server.stop()
+    out["broker/hop"] = asyncio.run(broker_hop(a))
     ms = lambda key, q: f"{pct(out[key], q) * 1000:.2f} ms"  # noqa: E731
     return [*((f"{a.tiny_model}: added latency per request vs engine, {label}, p{int(q * 100)}",
                ms(f"{label}/lean", q)) for label in servers for q in (0.5, 0.99)),
             *((f"  same through httpx, {label}, p50 / p99",
                f"{ms(f'{label}/httpx', 0.5)} / {ms(f'{label}/httpx', 0.99)}") for label in servers),
             *((f"  HTTP alone (GET /health round trip), {label}, p50", ms(f"{label}/http", 0.5))
-              for label in servers)]
+              for label in servers),
+            ("  one RabbitMQ hop alone, process to process, p50 (a request makes 3)",
+             ms("broker/hop", 0.5))]
 
 
 def print_table(rows: list[tuple[str, str]], a: argparse.Namespace) -> None:
@@ -311,3 +368,9 @@ def print_table(rows: list[tuple[str, str]], a: argparse.Namespace) -> None:
     print(f"{'-' * width}  {'-' * 30}")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["pong"]:
+    from services.runner import run_loop
+
+    run_loop(pong_main(sys.argv[2], sys.argv[3]))  # the loop the services run on
