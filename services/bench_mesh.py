@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from common.names import Names
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox jumps over the lazy dog while the mesh measures itself. " * 2
 
@@ -250,22 +252,30 @@ PROBE_ROUNDS = 200
 PROBE_GAP_S = 0.02  # idle between probes, as between sequential requests (pacing, not waiting)
 
 
-async def broker_hop(a: argparse.Namespace) -> list[float]:
+def broker_hop(a: argparse.Namespace) -> list[float]:
     """One bare RabbitMQ hop between two processes, through the mesh's own bus adapter
     (persistent, confirmed): half of each ping-pong round trip with another process."""
-    from common.names import Names
-    from common.transport.rabbit import RabbitBus
-
     names = Names(f"probe{uuid.uuid4().hex[:8]}")
-    bus = await RabbitBus.connect(a.amqp_url, dead_exchange=names.dead_exchange,
-                                  dead_queue=names.dead_queue)
     pong = subprocess.Popen([sys.executable, "-m", "services.bench_mesh", "pong", a.amqp_url,
                              names.namespace], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     try:
+        assert pong.stdout is not None and pong.stdout.readline().strip() == "ready"
+        return asyncio.run(ping(a.amqp_url, names))
+    finally:
+        if pong.poll() is None:
+            pong.kill()
+        pong.wait()
+
+
+async def ping(amqp_url: str, names: Names) -> list[float]:
+    from common.transport.rabbit import RabbitBus
+
+    bus = await RabbitBus.connect(amqp_url, dead_exchange=names.dead_exchange,
+                                  dead_queue=names.dead_queue)
+    try:
         await bus.declare_queue(names.probe_queue("ping"), exclusive=True)
         replies = aiter(await bus.consume(names.probe_queue("ping"), prefetch=10, auto_ack=True))
-        assert pong.stdout is not None and pong.stdout.readline().strip() == "ready"
         hops = []
         for _ in range(PROBE_ROUNDS):
             t0 = time.perf_counter()
@@ -274,10 +284,7 @@ async def broker_hop(a: argparse.Namespace) -> list[float]:
             hops.append((time.perf_counter() - t0) / 2)
             await asyncio.sleep(PROBE_GAP_S)
         await bus.publish(names.probe_queue("pong"), b"stop")
-        pong.wait(30)
     finally:
-        if pong.poll() is None:
-            pong.kill()
         await bus.delete(queues=[names.dead_queue], exchanges=[names.dead_exchange])
         await bus.close()
     return hops
@@ -285,7 +292,6 @@ async def broker_hop(a: argparse.Namespace) -> list[float]:
 
 async def pong_main(amqp_url: str, namespace: str) -> None:
     """The other side of ``broker_hop``: send every ping straight back."""
-    from common.names import Names
     from common.transport.rabbit import RabbitBus
 
     names = Names(namespace)
@@ -348,8 +354,11 @@ def overhead_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
     finally:
         for server in servers.values():
             server.stop()
-    out["broker/hop"] = asyncio.run(broker_hop(a))
-    ms = lambda key, q: f"{pct(out[key], q) * 1000:.2f} ms"  # noqa: E731
+    out["broker/hop"] = broker_hop(a)
+
+    def ms(key: str, q: float) -> str:
+        return f"{pct(out[key], q) * 1000:.2f} ms"
+
     return [*((f"{a.tiny_model}: added latency per request vs engine, {label}, p{int(q * 100)}",
                ms(f"{label}/lean", q)) for label in servers for q in (0.5, 0.99)),
             *((f"  same through httpx, {label}, p50 / p99",

@@ -123,7 +123,7 @@ async def test_store_ttl_and_set_if_absent(mesh_config, hub):
     for i in range(5):
         await store.push_capped(key + "l", bytes([i]), max_len=3)
     assert await store.list_range(key + "l", 10) == [b"\x04", b"\x03", b"\x02"]
-    record = dict(ttl_s=30, list_key=key + "l", max_len=3)
+    record = {"ttl_s": 30, "list_key": key + "l", "max_len": 3}
     assert await store.set_once_and_record(key + "once", b"1", item=b"\x05", **record)
     assert not await store.set_once_and_record(key + "once", b"2", item=b"\x06", **record)
     assert await store.set_once_and_record(key + "twice", b"1", item=None, **record)
