@@ -1,15 +1,17 @@
 """The engine's contract with the rest of the system.
 
 Every worker (encoder, decoder, the embedded server, benchmarks) talks to an engine through these
-types only. The engine keeps a *running batch*: requests join it with ``prefill`` (or by importing a
-hand-off) at any iteration and leave it as soon as they finish (early termination; their KV slots
-are compacted away), so a policy can interleave ``prefill`` and ``decode_step`` as it likes.
+types only. The engine keeps a *running batch*: requests join it with ``step(prefill=...)`` (or by
+importing a hand-off) at any iteration and leave it as soon as they finish (early termination;
+their KV slots are compacted away). One ``step`` is one scheduling step of a batching policy
+(``optimizer.policies.StepPlan``): new requests prefilled, some running ones decoded by one token,
+padding rows paid for, in one forward pass; ``prefill`` and ``decode_step`` are its two plain cases.
 
 Lifecycle of one request inside one engine::
 
-    prefill([req]) ──► running ──decode_step()*──► finished (removed, event.finished=True)
-                          │
-                          └─ export_request(id) ──► KVHandoff ──► other_engine.import_request(h)
+    step(prefill=[req]) ──► running ──step(decode=[id, ...])*──► finished (removed, event.finished=True)
+                               │
+                               └─ export_request(id) ──► KVHandoff ──► other_engine.import_request(h)
 """
 
 from __future__ import annotations
@@ -45,18 +47,27 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """A request to prefill. ``resume_ids``: tokens it already generated and delivered (a worker gave
+    it back, e.g. when changing role); the engine runs prompt + resume_ids through the model and
+    continues from there: the first new event has ``index == len(resume_ids)``, and ``max_tokens`` and
+    the context limit count the resumed tokens. ``resume_text``: the text those tokens released to
+    the client (for stop-string handling). A greedy request continues exactly as an uninterrupted
+    run would; a sampled one restarts its generator (its seed), so its continuation differs."""
+
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
+    resume_ids: tuple[int, ...] = ()
+    resume_text: str = ""
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token of one request, as produced by ``prefill`` or ``decode_step``."""
+    """One generated token of one request, as produced by ``step`` (or ``prefill``, ``decode_step``)."""
 
     request_id: str
     token_id: int
-    index: int  # 0 for the token produced by prefill, then 1, 2, ...
+    index: int  # 0 for the token produced by prefill (len(resume_ids) for a resumed request), then +1
     text: str  # text this token adds after stop-string handling ("" while a stop string may be forming)
     finished: bool
     finish_reason: FinishReason | None = None
@@ -113,16 +124,41 @@ class Engine(Protocol):
     max_context: int  # prompt + generated tokens one request may hold
     device: str  # "cpu" or "cuda"
 
+    def step(self, prefill: Sequence[GenerationRequest] = (), decode: Sequence[str] = (),
+             padding: int = 0) -> list[TokenEvent]:
+        """One scheduling step in one forward pass (T5: the encoder's over the new prompts, then one
+        decoder pass); returns the events of the new and decoded requests (in any order: map them
+        by ``request_id``).
+
+        - ``prefill``: new requests join the running batch, each producing its first token (a
+          resumed request: its next one). Decoder-only models run their packed prompt tokens
+          through the same projections and MLPs as the decode rows; T5 encodes them, then takes
+          one decoder pass with the decode rows.
+        - ``decode``: running requests advanced by one token. Running requests not named are
+          untouched (cache, tokens, sampler), so micro-batches and "encode while the batch waits"
+          are steps that name some of them, or none.
+        - ``padding``: extra decode rows computed and thrown away (static batching's finished
+          slots): they cost what a decode row at the batch's longest context costs and change no
+          request.
+
+        A greedy request's tokens do not depend on what shares its step. Requests that finish
+        (max_tokens, EOS, stop, context) leave the batch at once. Raises ValueError, changing
+        nothing, for a prompt that is empty, too long for ``max_context`` (prompt + resumed tokens
+        for decoder-only models), holds a token outside the vocabulary or resumes from
+        ``max_tokens`` tokens or more; an id already running or repeated; a ``decode`` id that is
+        not running, is repeated or is also in ``prefill``; ``padding < 0``.
+        """
+        ...
+
     def prefill(self, requests: Sequence[GenerationRequest]) -> list[TokenEvent]:
-        """Encode the prompts in one batch, add them to the running batch, return each first token.
+        """``step(prefill=requests)``: add the requests to the running batch, return each first token.
 
         A request whose first token already finishes it (max_tokens == 1, EOS, stop) is not kept.
-        Raises ValueError for a prompt that is empty or longer than ``max_context`` allows.
         """
         ...
 
     def decode_step(self) -> list[TokenEvent]:
-        """One decode iteration over every running request; finished requests leave the batch."""
+        """``step(decode=running())``: one decode iteration over every running request."""
         ...
 
     def running(self) -> list[str]:
@@ -138,5 +174,5 @@ class Engine(Protocol):
         ...
 
     def import_request(self, handoff: KVHandoff) -> None:
-        """Add a handed-off request to the running batch; the next decode_step continues it."""
+        """Add a handed-off request to the running batch; the next step that decodes it continues it."""
         ...

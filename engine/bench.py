@@ -7,6 +7,11 @@ whole batch to the longest one (static batching), our engine drops each request 
 (early termination). ``--output-spread 0`` gives every request the same length.
 Prefill tokens/s counts real prompt tokens; decode tokens/s counts each request's generated tokens
 after its first. Both sides greedy, same weights, dtype and threads, under inference_mode.
+
+``--step`` times our engine alone instead: one mixed ``step`` (``--step-prompts`` new prompts of
+``--prompt-len`` tokens prefilled while ``--step-decodes`` running requests decode, one forward
+pass) against the same work as two calls (``decode_step()`` then ``prefill``), alternating, median
+of ``--rounds``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", action="store_true",
+                   help="time a mixed step against decode_step() + prefill() instead (no transformers needed)")
+    p.add_argument("--step-prompts", type=int, default=8, help="--step: new prompts per step (default %(default)s)")
+    p.add_argument("--step-decodes", type=int, default=16,
+                   help="--step: running requests decoded (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=9,
+                   help="--step: timed rounds, the median counts (default %(default)s)")
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("spreads must be in [0, 1)")
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+    if args.step:
+        return run_step(args)
     try:
         cells, device = benchmark(args.model, batches, args.prompt_len, args.new_tokens, repeats=args.repeats,
                                   device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed,
@@ -220,3 +234,102 @@ def reference_model(engine, model: str) -> Any:
 def summary(cells: list[Cell]) -> str:
     return ", ".join(f"b{c.batch} {c.phase} {c.ratio:.2f}x" for c in cells) + \
         f" (geomean {statistics.geometric_mean([c.ratio for c in cells]):.2f}x)"
+
+
+# ---- one mixed step vs two calls ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Medians over the rounds, in seconds: the mixed step, the two calls together, and each call."""
+
+    mixed_s: float
+    separate_s: float
+    decode_s: float
+    prefill_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.separate_s / self.mixed_s
+
+
+def run_step(args: argparse.Namespace) -> int:
+    from services.cli import CliError
+
+    if min(args.step_prompts, args.step_decodes, args.rounds) < 1 or args.prompt_len < 1:
+        raise CliError("--step needs --step-prompts, --step-decodes, --rounds and --prompt-len >= 1")
+    from engine import load_engine
+
+    try:
+        engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    import torch
+
+    timing = time_mixed_step(engine, args.step_prompts, args.step_decodes, args.prompt_len, args.rounds, args.seed)
+    print(f"mixed step vs separate calls: model {args.model}, {engine.device}, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock, {args.step_prompts} prompts x {args.prompt_len} tokens + {args.step_decodes} "
+          f"decodes, median of {args.rounds} rounds")
+    print(format_step(timing))
+    return 0
+
+
+def format_step(t: StepTiming) -> str:
+    return "\n".join([
+        f"  {'mixed step (one pass)':<32} {t.mixed_s * 1e3:9.2f} ms",
+        f"  {'decode_step() then prefill()':<32} {t.separate_s * 1e3:9.2f} ms"
+        f"  (decode {t.decode_s * 1e3:.2f} ms, prefill {t.prefill_s * 1e3:.2f} ms)",
+        f"  {'separate / mixed':<32} {t.ratio:9.2f}x",
+    ])
+
+
+def time_mixed_step(engine, n_prompts: int, n_decodes: int, prompt_len: int, rounds: int,
+                    seed: int = 0) -> StepTiming:
+    """``n_decodes`` requests keep running (forced length); each round times ``step`` prefilling
+    ``n_prompts`` new prompts while decoding them, and the same work as ``decode_step()`` then
+    ``prefill``, in alternating order after one untimed warm-up round. The new requests are
+    aborted after each, so every call sees the same running batch (one token longer per call)."""
+    import torch
+
+    from engine.api import GenerationRequest, SamplingParams
+
+    gen = torch.Generator().manual_seed(seed)
+    keep = SamplingParams(max_tokens=2 * rounds + 4, ignore_eos=True)
+    running = [GenerationRequest(f"run-{i}", tuple(p), keep)
+               for i, p in enumerate(make_prompts(gen, n_decodes, prompt_len, engine.vocab_size, 0.0))]
+    prompts = make_prompts(gen, n_prompts, prompt_len, engine.vocab_size, 0.0)
+    new = [GenerationRequest(f"new-{i}", tuple(p), SamplingParams(max_tokens=2, ignore_eos=True))
+           for i, p in enumerate(prompts)]
+    ids = [r.request_id for r in running]
+    engine.prefill(running)
+
+    def mixed() -> tuple[float, ...]:
+        t0 = CLOCK()
+        engine.step(prefill=new, decode=ids)
+        _sync(engine.device)
+        return (CLOCK() - t0,)
+
+    def separate() -> tuple[float, ...]:
+        t0 = CLOCK()
+        engine.decode_step()
+        _sync(engine.device)
+        t1 = CLOCK()
+        engine.prefill(new)
+        _sync(engine.device)
+        return CLOCK() - t0, t1 - t0, CLOCK() - t1
+
+    times: dict[str, list[tuple[float, ...]]] = {"mixed": [], "separate": []}
+    for r in range(rounds + 1):
+        for name, fn in ((("mixed", mixed), ("separate", separate)) if r % 2 else
+                         (("separate", separate), ("mixed", mixed))):
+            _sync(engine.device)
+            took = fn()
+            for request in new:
+                engine.abort(request.request_id)
+            if r:
+                times[name].append(took)
+    for request_id in ids:
+        engine.abort(request_id)
+    med = lambda rows, i: statistics.median(row[i] for row in rows)  # noqa: E731
+    return StepTiming(med(times["mixed"], 0), med(times["separate"], 0), med(times["separate"], 1),
+                      med(times["separate"], 2))

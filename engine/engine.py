@@ -1,7 +1,8 @@
 """The engine: a running batch of requests over one model (see ``engine.api`` for the contract).
 
-    prefill(reqs):  validate -> runner.prefill -> sample -> events -> drop finished
-    decode_step():  runner.decode -> sample -> events -> drop finished
+    step(prefill, decode, padding):  validate -> decoded slots to the front -> runner.step (one
+                                     forward pass) -> sample -> events -> drop finished
+    prefill(reqs) = step(prefill=reqs);  decode_step() = step(decode=<every running request>)
 """
 
 from __future__ import annotations
@@ -46,22 +47,19 @@ class LocalEngine:
     # ---- the contract -------------------------------------------------------------------------
 
     @torch.inference_mode()
+    def step(self, prefill: Sequence[GenerationRequest] = (), decode: Sequence[str] = (),
+             padding: int = 0) -> list[TokenEvent]:
+        self._validate(prefill)
+        slots = self._validate_decode(decode, prefill, padding)
+        self._to_front(slots)
+        return self._execute(prefill, len(slots), padding)
+
     def prefill(self, requests: Sequence[GenerationRequest]) -> list[TokenEvent]:
-        if not requests:
-            return []
-        self._validate(requests)
-        logits = self.runner.prefill([list(r.prompt_ids) for r in requests])
-        states = [_Running(r, [], make_generator(r.request_id, r.params), self._tracker(r.params))
-                  for r in requests]
-        self._slots.extend(states)
-        return self._emit(logits, first=len(self._slots) - len(states))
+        return self.step(prefill=requests)
 
     @torch.inference_mode()
     def decode_step(self) -> list[TokenEvent]:
-        if not self._slots:
-            return []
-        logits = self.runner.decode([s.generated[-1] for s in self._slots])
-        return self._emit(logits, first=0)
+        return self._execute((), len(self._slots), 0)  # every slot is already in place
 
     def running(self) -> list[str]:
         return [s.request.request_id for s in self._slots]
@@ -116,6 +114,30 @@ class LocalEngine:
 
     # ---- steps ------------------------------------------------------------------------------
 
+    def _execute(self, requests: Sequence[GenerationRequest], live: int, padding: int) -> list[TokenEvent]:
+        """One forward pass: slots ``0..live-1`` advance, ``padding`` rows are paid for, ``requests``
+        join at the end; then sample, emit, and drop the requests that finished."""
+        if not (requests or live or padding):
+            return []
+        logits = self.runner.step([list(r.prompt_ids) for r in requests], [list(r.resume_ids) for r in requests],
+                                  [s.generated[-1] for s in self._slots[:live]], padding)
+        first_new = len(self._slots)
+        self._slots.extend(self._new_state(r) for r in requests)
+        states = self._slots[:live] + self._slots[first_new:]
+        tokens = sample(logits, [s.request.params for s in states], [s.gen for s in states])
+        events = [self._advance(s, t) for s, t in zip(states, tokens)]
+        slots = [*range(live), *range(first_new, len(self._slots))]  # of the states, ascending
+        for slot, event in reversed(list(zip(slots, events))):
+            if event.finished:
+                self._remove(slot)  # highest first: the slot moved into it has been handled
+        return events
+
+    def _new_state(self, r: GenerationRequest) -> _Running:
+        # a resumed request's sampler restarts from its seed: its text continues, but a sampled
+        # continuation need not be the one an uninterrupted run would have drawn
+        return _Running(r, list(r.resume_ids), make_generator(r.request_id, r.params),
+                        self._tracker(r.params, r.resume_text))
+
     def _validate(self, requests: Sequence[GenerationRequest]) -> None:
         seen = set(self.running())
         for r in requests:
@@ -124,25 +146,48 @@ class LocalEngine:
             seen.add(r.request_id)
             if not r.prompt_ids:
                 raise ValueError(f"request {r.request_id!r}: empty prompt")
-            if self.runner.prompt_in_context and len(r.prompt_ids) >= self.max_context:
-                raise ValueError(f"request {r.request_id!r}: prompt of {len(r.prompt_ids)} tokens leaves no "
-                                 f"room in max_context {self.max_context}")
+            used = len(r.resume_ids) + (len(r.prompt_ids) if self.runner.prompt_in_context else 0)
+            if used >= self.max_context:
+                resumed = f" and {len(r.resume_ids)} resumed tokens" if r.resume_ids else ""
+                raise ValueError(f"request {r.request_id!r}: prompt of {len(r.prompt_ids)} tokens{resumed} "
+                                 f"leaves no room in max_context {self.max_context}")
             if len(r.prompt_ids) > self.max_context:
                 raise ValueError(f"request {r.request_id!r}: prompt of {len(r.prompt_ids)} tokens exceeds "
                                  f"max_context {self.max_context}")
-            bad = [t for t in r.prompt_ids if not 0 <= t < self.vocab_size]
+            if len(r.resume_ids) >= r.params.max_tokens:
+                raise ValueError(f"request {r.request_id!r}: resumes from {len(r.resume_ids)} tokens, "
+                                 f"max_tokens is {r.params.max_tokens}")
+            bad = [t for t in (*r.prompt_ids, *r.resume_ids) if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"request {r.request_id!r}: token id {bad[0]} outside vocabulary of {self.vocab_size}")
 
-    def _emit(self, logits: torch.Tensor, first: int) -> list[TokenEvent]:
-        """Sample for slots ``first..``, record the tokens, and drop the requests that finished."""
-        states = self._slots[first:]
-        tokens = sample(logits, [s.request.params for s in states], [s.gen for s in states])
-        events = [self._advance(s, t) for s, t in zip(states, tokens)]
-        for slot in reversed(range(first, len(self._slots))):
-            if events[slot - first].finished:
-                self._remove(slot)
-        return events
+    def _validate_decode(self, decode: Sequence[str], prefill: Sequence[GenerationRequest], padding: int) -> list[int]:
+        """The slots of the requests to decode, after checking the step's decode list and padding."""
+        if not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
+        where = {s.request.request_id: i for i, s in enumerate(self._slots)}
+        new = {r.request_id for r in prefill}
+        slots: dict[str, int] = {}
+        for rid in decode:
+            if rid in new:
+                raise ValueError(f"request {rid!r} cannot be prefilled and decoded in one step")
+            if rid in slots:
+                raise ValueError(f"request {rid!r} is repeated in decode")
+            if rid not in where:
+                raise ValueError(f"request {rid!r} is not running")
+            slots[rid] = where[rid]
+        return list(slots.values())
+
+    def _to_front(self, slots: list[int]) -> None:
+        """Move the requests in ``slots`` to slots ``0..k-1`` (those already there stay), in the runner
+        and here; none move when the step decodes every running request."""
+        k, wanted = len(slots), set(slots)
+        holes = [i for i in range(k) if i not in wanted]
+        pairs = list(zip(holes, [i for i in slots if i >= k]))
+        if pairs:
+            self.runner.swap(pairs)
+            for i, j in pairs:
+                self._slots[i], self._slots[j] = self._slots[j], self._slots[i]
 
     def _advance(self, state: _Running, token: int) -> TokenEvent:
         state.generated.append(token)

@@ -20,8 +20,17 @@ class Runner(Protocol):
     max_context: int
     prompt_in_context: bool  # whether the prompt counts towards max_context (decoder-only: yes)
 
+    def step(self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int],
+             padding: int) -> torch.Tensor:
+        """One forward pass: slots ``0..k-1`` advance by their ``last_tokens`` (k,), ``padding`` rows are
+        computed and dropped, and each prompt (with the tokens it resumes from) becomes a new slot at
+        the end. Returns (k + len(prompts), V) logits: the decoded slots, then the new ones. On error
+        the running slots are as they were."""
+        ...
+
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor: ...  # (B, V), adds B slots
     def decode(self, last_tokens: list[int]) -> torch.Tensor: ...  # (B, V) for all live slots
+    def swap(self, pairs: list[tuple[int, int]]) -> None: ...  # exchange slots (i, j) of each pair
     def remove(self, slot: int) -> None: ...  # last slot moves into ``slot``
     def export(self, slot: int) -> torch.Tensor: ...
     def import_(self, kv: torch.Tensor, generated: int) -> None: ...  # appended as the last slot
@@ -39,19 +48,27 @@ class DecoderOnlyRunner:
         self.cache = KVCache(layers, kv_heads, head_dim, dtype=dtype, device=device, max_context=max_context)
         self.layout = f"{model.kind}:L,2,Hkv,T,D"
 
-    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        size = self.cache.size
+    def step(self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int],
+             padding: int) -> torch.Tensor:
+        size, live = self.cache.size, len(last_tokens)
+        ids = torch.tensor(last_tokens, dtype=torch.int64).to(self.device, non_blocking=True)
+        seqs = [p + r for p, r in zip(prompts, resumed)]  # a resumed request re-reads what it said
         try:
-            return self.model(Batch.prefill(self.cache, prompts, self.device))
+            logits = self.model(Batch.step(self.cache, ids, padding, seqs, self.device))
         except BaseException:
             self.cache.truncate(size)  # the running batch stays as it was
             raise
+        self.cache.advance(live)
+        return drop_padding(logits, live, padding)
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        return self.step(prompts, [[] for _ in prompts], [], 0)
 
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
-        ids = torch.tensor(last_tokens, dtype=torch.int64).to(self.device, non_blocking=True)
-        logits = self.model(Batch.decode(self.cache, ids))
-        self.cache.advance()
-        return logits
+        return self.step([], [], last_tokens, 0)
+
+    def swap(self, pairs: list[tuple[int, int]]) -> None:
+        self.cache.swap(pairs)
 
     def remove(self, slot: int) -> None:
         self.cache.remove(slot)
@@ -64,6 +81,13 @@ class DecoderOnlyRunner:
 
     def positions(self, prompt: int, generated: int) -> int:
         return prompt + generated - 1  # the last generated token is not in the cache yet
+
+
+def drop_padding(logits: torch.Tensor, live: int, padding: int) -> torch.Tensor:
+    """(live + padding + B, V) -> (live + B, V): padding rows were computed only to be paid for."""
+    if not padding:
+        return logits
+    return torch.cat([logits[:live], logits[live + padding:]])
 
 
 def greedy_logits(runner: Runner, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:

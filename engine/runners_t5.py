@@ -1,4 +1,6 @@
-"""Runner for encoder-decoder models: prefill encodes the prompts and takes the first decoder step.
+"""Runner for encoder-decoder models: a step encodes the new prompts, then takes one decoder pass over
+the decoded slots and the new ones (their first decoder step, or a teacher-forced run through the
+tokens a resumed request already produced).
 
 Slot ``i`` owns row ``i`` of both caches. A hand-off carries both, concatenated along positions:
 ``(L, 2, H, T + S, D)`` with the decoder's ``T = len(generated_ids)`` positions first.
@@ -11,6 +13,7 @@ import torch
 from engine.kv_cache import KVCache
 from engine.models.common import Batch
 from engine.models.t5 import T5
+from engine.runners import drop_padding
 
 
 class EncoderDecoderRunner:
@@ -23,31 +26,37 @@ class EncoderDecoderRunner:
         make = lambda: KVCache(layers, heads, head_dim, dtype=dtype, device=device, max_context=max_context)  # noqa: E731
         self.self_cache, self.cross_cache = make(), make()
 
-    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        size = self.self_cache.size
+    def step(self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int],
+             padding: int) -> torch.Tensor:
+        """The encoder runs over the new prompts (filling their cross slots), then one decoder pass:
+        slots ``0..k-1`` advance by one token, padding rows are paid for, and each new slot is
+        teacher-forced through the decoder start token and the tokens it resumes from."""
+        size, live = self.self_cache.size, len(last_tokens)
+        ids = torch.tensor(last_tokens, dtype=torch.int64).to(self.device)
+        start = self.model.args.decoder_start_token_id
         try:
-            batch = Batch.prefill(self.cross_cache, prompts, self.device, causal=False)
-            self.self_cache.add_slots([0] * len(prompts))
-            self.self_cache.reserve(self.self_cache.size, 1)
-            self.model.encode(batch)
-            start = torch.full((len(prompts),), self.model.args.decoder_start_token_id, dtype=torch.int64)
-            return self._step(start.to(self.device), batch.first_slot)
+            if prompts:
+                self.model.encode(Batch.prefill(self.cross_cache, prompts, self.device, causal=False))
+            cross = self.cross_cache
+            cross.reserve(max(cross.size, live + padding), max(cross.lengths, default=1))  # padding rows read it
+            batch = Batch.step(self.self_cache, ids, padding, [[start, *r] for r in resumed], self.device)
+            logits = self.model.decode(batch, cross)
         except BaseException:
             self.self_cache.truncate(size)  # the running batch stays as it was
             self.cross_cache.truncate(size)
             raise
+        self.self_cache.advance(live)
+        return drop_padding(logits, live, padding)
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        return self.step(prompts, [[] for _ in prompts], [], 0)
 
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
-        return self._step(torch.tensor(last_tokens, dtype=torch.int64).to(self.device), 0)
+        return self.step([], [], last_tokens, 0)
 
-    def _step(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        cache = self.self_cache
-        cache.reserve(cache.size, max(cache.lengths[start:]) + 1)
-        logits = self.model.decode(tokens, cache, self.cross_cache, start)
-        for i in range(start, cache.size):
-            cache.lengths[i] += 1
-        cache.lengths_t[start:cache.size] += 1
-        return logits
+    def swap(self, pairs: list[tuple[int, int]]) -> None:
+        self.self_cache.swap(pairs)
+        self.cross_cache.swap(pairs)
 
     def remove(self, slot: int) -> None:
         self.self_cache.remove(slot)

@@ -1,9 +1,16 @@
-"""What every decoder-only model needs from one forward call: the batch description and attention
+"""What every model needs from one forward call: the step's description (``Batch``) and attention
 over the shared KV cache (``engine.kv_cache.KVCache``).
 
-Prefill packs the new prompts' tokens into one (N, ...) tensor, so projections and MLPs see no
-padding; attention scatters them into (B, Tmax) only for the kernel, with a causal + length mask.
-Decode has one token per running slot; attention reads each slot's cache up to its own length.
+A step has up to two parts, in this row order:
+
+- decode rows (``Decodes``): one token for each of the running slots ``0..k-1``, then padding rows
+  that cost what a decode row costs and change nothing;
+- new sequences (``Prompts``): their tokens packed into one (N, ...) run of rows, written to new
+  slots at the end of the cache.
+
+Projections and MLPs see all rows together (no padding between sequences); attention is done per
+part: prompt rows scatter into (B, Tmax) only for the kernel, with a causal + length mask; decode
+rows read each slot's cache up to its own length.
 """
 
 from __future__ import annotations
@@ -77,29 +84,25 @@ def pack_linears_(model: nn.Module) -> nn.Module:
 
 
 @dataclass
-class Batch:
-    cache: KVCache
-    input_ids: torch.Tensor  # (N,) prefill: packed prompt tokens; decode: (B,) last tokens
-    positions: torch.Tensor  # (N,) position of each token in its sequence
-    first_slot: int  # prefill: the slot of the first new sequence; decode: 0
-    size: int  # B
-    t_max: int  # prefill: longest prompt; decode: longest cached length after this step
-    mask: torch.Tensor | None  # prefill (B, 1, T, T) / decode (B, 1, 1, T) bool, None when not needed
-    pad_b: torch.Tensor | None = None  # prefill: (N,) sequence of each packed token
-    pad_t: torch.Tensor | None = None  # prefill: (N,) position of each packed token
-    last_index: torch.Tensor | None = None  # prefill: (B,) packed index of each last token
-    slots: torch.Tensor | None = None  # decode: arange(B)
+class Prompts:
+    """A step's new sequences: tokens packed, sequence ``i`` written to slot ``first_slot + i``."""
 
-    @property
-    def is_prefill(self) -> bool:
-        return self.last_index is not None
+    first_slot: int
+    size: int  # B
+    t_max: int  # longest sequence
+    mask: torch.Tensor | None  # (B, 1, T, T) causal + length / (B, 1, 1, T) length; None when lengths are equal
+    pad_b: torch.Tensor  # (N,) sequence of each packed token
+    pad_t: torch.Tensor  # (N,) position of each packed token
+    last_index: torch.Tensor  # (B,) packed index of each sequence's last token
+    input_ids: torch.Tensor  # (N,)
 
     @staticmethod
-    def prefill(cache: KVCache, prompts: list[list[int]], device: torch.device, *, causal: bool = True) -> "Batch":
-        lens = [len(p) for p in prompts]
+    def add(cache: KVCache, seqs: list[list[int]], device: torch.device, *, causal: bool) -> "Prompts":
+        """New slots in ``cache`` holding ``len(seq)`` positions each (the model writes them)."""
+        lens = [len(s) for s in seqs]
         first = cache.add_slots(lens)
-        b, t_max = len(prompts), max(lens)
-        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
+        b, t_max = len(seqs), max(lens)
+        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
         pad_b = torch.repeat_interleave(torch.arange(b), torch.tensor(lens))
         pad_t = torch.cat([torch.arange(n) for n in lens])
         last = torch.cumsum(torch.tensor(lens), 0) - 1
@@ -110,67 +113,168 @@ class Batch:
             if causal:
                 mask = mask & torch.ones(t_max, t_max, dtype=torch.bool).tril()[None, None]
             mask = mask.to(device)
-        return Batch(cache, ids.to(device), pad_t.to(device), first, b, t_max, mask,
-                     pad_b.to(device), pad_t.to(device), last.to(device))
+        return Prompts(first, b, t_max, mask, pad_b.to(device), pad_t.to(device), last.to(device), ids.to(device))
+
+
+@dataclass
+class Decodes:
+    """A step's decode rows: one token for each of slots ``0..live-1``, written at the slot's own
+    position, then ``size - live`` padding rows. Padding row ``i`` attends over all ``t_max``
+    positions of slot ``i`` (whatever they hold: its result is thrown away) and writes nothing, so
+    it costs what a decode row at the longest context costs and changes no request."""
+
+    size: int  # rows, padding included
+    live: int  # k
+    t_max: int  # longest context a row attends over, its own token included
+    mask: torch.Tensor | None  # (size, 1, 1, T) keys each row sees; None: all of them
+    slots: torch.Tensor  # (k,) 0..k-1
+    positions: torch.Tensor  # (size,) position of each row's token (padding rows: t_max - 1)
+    live_positions: torch.Tensor  # (k,) where the live rows' k/v go
+
+    @staticmethod
+    def make(cache: KVCache, live: int, padding: int) -> "Decodes":
+        """Rows for slots ``0..live-1`` plus ``padding``; makes room for them in ``cache``."""
+        size = live + padding
+        lengths = cache.lengths[:live] or cache.lengths or [0]  # padding alone: the batch's longest
+        t_max = max(lengths) + 1
+        cache.reserve(max(cache.size, size), t_max)
+        live_positions = cache.lengths_t[:live]
+        positions = live_positions
+        if padding:
+            positions = torch.cat([live_positions, torch.full((padding,), t_max - 1, device=cache.device)])
+        mask = None
+        if live and min(cache.lengths[:live]) + 1 != t_max:
+            keys = torch.arange(t_max, device=cache.device)
+            mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (size, 1, 1, T)
+        slots = torch.arange(live, device=cache.device)
+        return Decodes(size, live, t_max, mask, slots, positions, live_positions)
+
+
+@dataclass
+class Batch:
+    """One forward pass over ``cache``: the decode rows first, then the new sequences' packed tokens."""
+
+    cache: KVCache
+    input_ids: torch.Tensor  # (R,) R = decode rows + packed prompt tokens
+    positions: torch.Tensor  # (R,) position of each token in its sequence
+    decodes: Decodes | None
+    prompts: Prompts | None
+    logit_rows: torch.Tensor | None  # rows the LM head reads: decode rows, then each new last token; None: all
+
+    @staticmethod
+    def prefill(cache: KVCache, prompts: list[list[int]], device: torch.device, *, causal: bool = True) -> "Batch":
+        """New sequences only."""
+        part = Prompts.add(cache, prompts, device, causal=causal)
+        return Batch(cache, part.input_ids, part.pad_t, None, part, part.last_index)
 
     @staticmethod
     def decode(cache: KVCache, last_tokens: torch.Tensor) -> "Batch":
-        b = cache.size
-        t_max = max(cache.lengths) + 1
-        cache.reserve(b, t_max)
-        positions = cache.lengths_t[:b]
-        mask = None
-        if min(cache.lengths) + 1 != t_max:
-            keys = torch.arange(t_max, device=cache.device)
-            mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, T)
-        slots = torch.arange(b, device=cache.device)
-        return Batch(cache, last_tokens, positions, 0, b, t_max, mask, slots=slots)
+        """One token for every live slot: last_tokens (B,)."""
+        part = Decodes.make(cache, cache.size, 0)
+        return Batch(cache, last_tokens, part.positions, part, None, None)
+
+    @staticmethod
+    def step(cache: KVCache, last_tokens: torch.Tensor, padding: int, prompts: list[list[int]],
+             device: torch.device, *, causal: bool = True) -> "Batch":
+        """Decode rows for slots ``0..k-1`` (last_tokens (k,)) plus ``padding``, and new sequences."""
+        live = last_tokens.shape[0]
+        if not prompts:
+            if live == cache.size and not padding:
+                return Batch.decode(cache, last_tokens)
+            part = Decodes.make(cache, live, padding)
+            return Batch(cache, _pad_ids(last_tokens, padding), part.positions, part, None, None)
+        if not live and not padding:
+            return Batch.prefill(cache, prompts, device, causal=causal)
+        dec = Decodes.make(cache, live, padding)
+        new = Prompts.add(cache, prompts, device, causal=causal)
+        ids = torch.cat([_pad_ids(last_tokens, padding), new.input_ids])
+        rows = torch.cat([torch.arange(dec.size, device=device), dec.size + new.last_index])
+        return Batch(cache, ids, torch.cat([dec.positions, new.pad_t]), dec, new, rows)
 
 
-def to_padded(x: torch.Tensor, batch: Batch) -> torch.Tensor:
+def _pad_ids(last_tokens: torch.Tensor, padding: int) -> torch.Tensor:
+    """(k,) -> (k + padding,): padding rows read token 0."""
+    if not padding:
+        return last_tokens
+    return torch.cat([last_tokens, last_tokens.new_zeros(padding)])
+
+
+def to_padded(x: torch.Tensor, part: Prompts) -> torch.Tensor:
     """(N, heads, D) packed -> (B, heads, T, D)."""
-    if batch.size == 1:
+    if part.size == 1:
         return x.transpose(0, 1).unsqueeze(0)
-    out = x.new_zeros(batch.size, batch.t_max, x.shape[1], x.shape[2])
-    out[batch.pad_b, batch.pad_t] = x
+    out = x.new_zeros(part.size, part.t_max, x.shape[1], x.shape[2])
+    out[part.pad_b, part.pad_t] = x
     return out.transpose(1, 2)
 
 
-def to_packed(y: torch.Tensor, batch: Batch) -> torch.Tensor:
+def to_packed(y: torch.Tensor, part: Prompts) -> torch.Tensor:
     """(B, heads, T, D) -> (N, heads, D)."""
-    if batch.size == 1:
+    if part.size == 1:
         return y[0].transpose(0, 1)
-    return y.transpose(1, 2)[batch.pad_b, batch.pad_t]
+    return y.transpose(1, 2)[part.pad_b, part.pad_t]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, *,
+           scale: float | None = None, decode_bias: torch.Tensor | None = None,
+           prompt_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention for every row of ``batch``: q (R, H, D), k/v (R, Hkv, D) -> (R, H, D).
+
+    Decode rows attend over their slots' caches, prompt rows over their own sequence; each part
+    writes its k/v into the cache. The optional additive biases (T5's relative positions) replace
+    the parts' masks, so they must hold them (see ``attend_prefill``, ``attend_decode``)."""
+    if batch.prompts is None:
+        return attend_decode(q, k, v, layer, batch, scale=scale, bias=decode_bias)
+    if batch.decodes is None:
+        return attend_prefill(q, k, v, layer, batch, causal=True, scale=scale, bias=prompt_bias)
+    n = batch.decodes.size
+    return torch.cat([attend_decode(q[:n], k[:n], v[:n], layer, batch, scale=scale, bias=decode_bias),
+                      attend_prefill(q[n:], k[n:], v[n:], layer, batch, causal=True, scale=scale, bias=prompt_bias)])
 
 
 def attend_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, *,
-                   causal: bool, scale: float | None = None) -> torch.Tensor:
-    """q (N, H, D), k/v (N, Hkv, D) -> (N, H, D); writes k/v into the new slots of the cache."""
-    qp, kp, vp = to_padded(q, batch), to_padded(k, batch), to_padded(v, batch)  # (B, h, T, D)
-    s0 = batch.first_slot
-    batch.cache.kv[layer, 0, s0:s0 + batch.size, :, : batch.t_max] = kp
-    batch.cache.kv[layer, 1, s0:s0 + batch.size, :, : batch.t_max] = vp
-    y = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=batch.mask,
-                                       is_causal=causal and batch.mask is None,
+                   causal: bool, scale: float | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Prompt rows: q (N, H, D), k/v (N, Hkv, D) -> (N, H, D); writes k/v into the new slots.
+
+    ``bias``: an additive (B or 1, H, T, T) float term that replaces the part's causal and length
+    masks (fold them in: -inf where a key is hidden)."""
+    part = batch.prompts
+    qp, kp, vp = to_padded(q, part), to_padded(k, part), to_padded(v, part)  # (B, h, T, D)
+    s0, t = part.first_slot, part.t_max
+    batch.cache.kv[layer, 0, s0:s0 + part.size, :, :t] = kp
+    batch.cache.kv[layer, 1, s0:s0 + part.size, :, :t] = vp
+    mask, is_causal = part.mask, causal and part.mask is None
+    if bias is not None:
+        mask, is_causal = bias, False
+    y = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=is_causal,
                                        enable_gqa=q.shape[1] != k.shape[1], scale=scale)
-    return to_packed(y, batch)
+    return to_packed(y, part)
 
 
 def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, *,
-                  scale: float | None = None) -> torch.Tensor:
-    """q (B, H, D), k/v (B, Hkv, D) -> (B, H, D); appends k/v at each slot's own position."""
+                  scale: float | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode rows: q (B, H, D), k/v (B, Hkv, D) -> (B, H, D); live rows append k/v at their slot's
+    own position, padding rows write nothing. ``bias``: an additive (B, H, 1, T) float term that
+    replaces the part's length mask (fold it in)."""
+    part = batch.decodes
     b, h, d = q.shape
     hkv = k.shape[1]
     cache = batch.cache.kv
-    cache[layer, 0][batch.slots, :, batch.positions] = k
-    cache[layer, 1][batch.slots, :, batch.positions] = v
-    keys = cache[layer, 0, :b, :, : batch.t_max]  # (B, Hkv, T, D)
-    values = cache[layer, 1, :b, :, : batch.t_max]
+    if part.live < b:
+        k, v = k[: part.live], v[: part.live]
+    cache[layer, 0][part.slots, :, part.live_positions] = k
+    cache[layer, 1][part.slots, :, part.live_positions] = v
+    keys = cache[layer, 0, :b, :, : part.t_max]  # (B, Hkv, T, D)
+    values = cache[layer, 1, :b, :, : part.t_max]
+    if bias is not None:  # T5: SDPA takes the additive bias in its kernel
+        y = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=bias, scale=scale,
+                                           enable_gqa=h != hkv)  # (B, H, 1, D)
+        return y[:, :, 0]
     # query heads sharing one kv head become that head's query rows: no copy of the cache for GQA.
     # One query row per head is too small for SDPA's kernels to pay off; two matmuls are faster.
     qg = q.view(b, hkv, h // hkv, d)  # (B, Hkv, G, D)
     scores = torch.matmul(qg, keys.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)  # (B, Hkv, G, T)
-    if batch.mask is not None:
-        scores = scores.masked_fill(~batch.mask, float("-inf"))
+    if part.mask is not None:
+        scores = scores.masked_fill(~part.mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
     return torch.matmul(probs, values).reshape(b, h, d)  # (B, Hkv, G, D) -> (B, H, D)

@@ -5,7 +5,8 @@ GPT-2 checkpoints are renamed on load (``adapt_state_dict``: fused ``c_attn`` sp
 weights transposed). OPT looks positions up at ``position + 2`` (its learned table has two extra
 leading rows); GPT-2 at ``position``.
 
-Shapes: N packed tokens, B sequences, C hidden, H heads, D head dim, V vocabulary.
+Shapes: N rows of a step (decode rows, then packed prompt tokens), B sequences, C hidden, H heads,
+D head dim, V vocabulary.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.common import Batch, Embedding, Linear, attend_decode, attend_prefill, pack_linears_
+from engine.models.common import Batch, Embedding, Linear, attend, pack_linears_
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -77,10 +78,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(n, self.n_head, self.head_dim)  # (N, H, D)
         k = self.k_proj(x).view(n, self.n_head, self.head_dim)
         v = self.v_proj(x).view(n, self.n_head, self.head_dim)
-        if batch.is_prefill:
-            y = attend_prefill(q, k, v, layer, batch, causal=True)
-        else:
-            y = attend_decode(q, k, v, layer, batch)
+        y = attend(q, k, v, layer, batch)  # decode rows over their caches, prompt rows causally
         return self.out_proj(y.reshape(n, -1))
 
 
@@ -124,7 +122,8 @@ class _Body(nn.Module):
 
 
 class GPT(nn.Module):
-    """``forward(batch)`` returns the logits of each sequence's last token (B, V)."""
+    """``forward(batch)`` returns the logits of ``batch.logit_rows`` (B, V): each decode row, then each
+    new sequence's last token."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -154,7 +153,7 @@ class GPT(nn.Module):
         x = x + d.embed_positions(batch.positions + self.args.position_offset)  # (N, C)
         for i, block in enumerate(d.layers):
             x = block(x, i, batch)
-        x = x[batch.last_index] if batch.is_prefill else x  # (B, C)
+        x = x if batch.logit_rows is None else x[batch.logit_rows]  # (B, C): decode rows, new last tokens
         if self.args.final_layer_norm:
             x = d.final_layer_norm(x)
         if self.args.word_embed_proj_dim:

