@@ -1,11 +1,23 @@
 """Time one layer of our engine on the local device, in the reference profiles' JSONL format.
 
 Split rows (like ``profiles/h200-reference-split.jsonl``): ``part: rest`` by ``tokens`` (norms,
-projections, MLP), ``attn_prefill`` by ``batch`` x ``seq`` (causal attention kernel incl. the KV
-write), ``attn_decode`` by ``batch`` x ``ctx``. Layer rows (like ``h200-reference-layers.jsonl``):
-``phase: prefill`` by batch x seq and ``phase: decode`` by batch x ctx, the whole layer.
+projections, MLP), ``attn_prefill`` (T5: ``attn_encode``) by ``batch`` x ``seq`` (the attention
+kernel incl. the KV write), ``attn_decode`` by ``batch`` x ``ctx``. Layer rows (like
+``h200-reference-layers.jsonl``): ``phase: prefill`` (T5: ``encode``) by batch x seq and ``phase:
+decode`` by batch x ctx (T5: also ``enc_seq``, the cross-attention length), the whole layer.
 ``rest(tokens)`` is measured as a decode step of ``tokens`` sequences over one cached key minus
-that step's attention, so the split adds up by construction. Decoder-only models only.
+that step's attention (T5: self- and cross-attention), so the split adds up by construction.
+
+T5: the encoder layer is timed with one decoder layer's cross-attention K/V projection (the
+encoder writes it once per decoder layer); the decoder layer with self-attention over ``ctx``
+decoder positions and cross-attention over ``enc_seq`` encoder positions. Cross-attention alone
+is costed by the optimizer as ``attn_decode`` at the encoder length, as in the reference files.
+
+The grid (``build_grid``) is geometric: batches 1, 2, 4, ... up to ``max_batch``, lengths 16, 32,
+... up to ``max_len``; rest-of-layer and whole-layer prefill cells stop at ``max_tokens`` tokens
+(they are close to linear in tokens, so the optimizer extrapolates them safely), attention cells
+at ``ATTENTION_TOKENS x max_tokens`` (attention alone is cheaper, and grows faster than linearly
+in the length, so it is measured further). Whole-layer cells use every other point (x4 steps).
 """
 
 from __future__ import annotations
@@ -18,33 +30,91 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
-from engine.models.common import Batch, attend_decode, attend_prefill
+from engine.models.common import Batch, Prompts, attend_decode, attend_prefill, to_packed, to_padded
+
+MIN_LEN = 16  # shortest prompt / context profiled; shorter ones cost the same to within noise
+ATTENTION_TOKENS = 16  # attention cells reach this many times max_tokens tokens
+CELL_BUDGET_S = 0.5  # timed calls of one cell stop after this much time once MIN_SAMPLES are in
+MIN_SAMPLES = 3
+
+
+def geometric(lo: int, hi: int, step: int = 2) -> tuple[int, ...]:
+    """lo, lo*step, lo*step^2, ... below hi, then hi itself."""
+    out = []
+    x = lo
+    while x < hi:
+        out.append(x)
+        x *= step
+    return tuple(out + [hi])
 
 
 @dataclass(frozen=True)
 class Grid:
-    tokens: tuple[int, ...] = (1, 4, 16, 64, 256)
-    prefill: tuple[tuple[int, int], ...] = ((1, 32), (1, 128), (4, 32), (4, 128))  # (batch, seq)
+    tokens: tuple[int, ...] = (1, 4, 16, 64, 256)  # rest of the layer, by tokens in a step
+    prefill: tuple[tuple[int, int], ...] = ((1, 32), (1, 128), (4, 32), (4, 128))  # attention (batch, seq)
     decode: tuple[tuple[int, int], ...] = ((1, 128), (8, 128), (8, 512), (32, 128), (32, 512))  # (batch, ctx)
+    layer_prefill: tuple[tuple[int, int], ...] | None = None  # whole-layer cells; None: as ``prefill``
+    layer_decode: tuple[tuple[int, int], ...] | None = None  # None: as ``decode``
+    enc_seqs: tuple[int, ...] = ()  # T5 decode layers: encoder lengths; () -> the longest prefill seq
 
 
-QUICK_GRID = Grid(tokens=(1,), prefill=((1, 8),), decode=((1, 8),))
+def _rows(batches: tuple[int, ...], lengths: tuple[int, ...], budget: int) -> tuple[tuple[int, int], ...]:
+    """(batch, length) cells within ``budget`` tokens; a batch with fewer than two lengths is left
+    out (a row needs two points to be interpolated)."""
+    out: list[tuple[int, int]] = []
+    for b in batches:
+        row = [(b, n) for n in lengths if b * n <= budget]
+        out += row if len(row) >= 2 else []
+    return tuple(out)
+
+
+def build_grid(max_batch: int = 64, max_len: int = 1024, max_tokens: int = 4096) -> Grid:
+    """The profile grid that spans batches up to ``max_batch`` and prompts and contexts up to
+    ``max_len`` (see the module docstring)."""
+    if max_batch < 2 or max_len < 2 * MIN_LEN or max_tokens < 4 * MIN_LEN:
+        raise ValueError(f"a profile grid needs max_batch >= 2, max_len >= {2 * MIN_LEN} and max_tokens >= "
+                         f"{4 * MIN_LEN}, got {max_batch}, {max_len} and {max_tokens}")
+    batches, lengths = geometric(1, max_batch), geometric(MIN_LEN, max_len)
+    attention = ATTENTION_TOKENS * max_tokens
+    layer_batches, layer_lengths = geometric(1, max_batch, 4), geometric(MIN_LEN, max_len, 4)
+    return Grid(tokens=geometric(1, max_tokens),
+                prefill=_rows(batches, lengths, attention), decode=_rows(batches, lengths, attention),
+                layer_prefill=_rows(layer_batches, layer_lengths, max_tokens),
+                layer_decode=_rows(layer_batches, layer_lengths, attention),
+                enc_seqs=layer_lengths)
+
+
+def quick_grid(max_len: int = 1024) -> Grid:
+    """Two points per axis (the least the optimizer accepts), spanning lengths up to ``max_len``."""
+    cells = ((1, MIN_LEN), (1, max_len), (2, MIN_LEN), (2, max_len))
+    return Grid(tokens=(1, 16), prefill=cells, decode=cells, enc_seqs=(max_len,))
+
+
+def _random(*shape: int, like: "LayerProbe") -> torch.Tensor:
+    return torch.randn(*shape, device=like.device, dtype=like.dtype)
 
 
 class LayerProbe:
-    """Layer 0 of a loaded decoder-only model, on a one-layer cache."""
+    """Layer 0 of a loaded decoder-only model (llama, opt, gpt2), on a one-layer cache."""
+
+    prefill_phase, prefill_part = "prefill", "attn_prefill"
 
     def __init__(self, engine) -> None:
         self.model = engine.runner.model
-        if self.model.kind == "t5":
-            raise ValueError("the profiler times decoder-only models (llama, opt, gpt2)")
         self.device = torch.device(engine.device)
         self.dtype = next(self.model.parameters()).dtype
         _, self.kv_heads, self.head_dim = self.model.cache_geometry()
-        self.heads = self.model.args.num_attention_heads
-        self.hidden = self.model.args.hidden_size
+        self.hidden = self._hidden()
+        self.heads = self._heads()
+
+    def _hidden(self) -> int:
+        return self.model.args.hidden_size
+
+    def _heads(self) -> int:
+        return self.model.args.num_attention_heads
 
     def _cache(self, batch: int, ctx: int) -> KVCache:
         cache = KVCache(1, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device, max_context=ctx + 1)
@@ -52,80 +122,201 @@ class LayerProbe:
         cache.reserve(batch, ctx + 1)
         return cache
 
+    def _decode_batch(self, b: int, ctx: int) -> Batch:
+        return Batch.decode(self._cache(b, ctx), torch.zeros(b, dtype=torch.int64, device=self.device))
+
+    def _prefill_batch(self, b: int, seq: int) -> Batch:
+        cache = KVCache(1, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device, max_context=seq)
+        return Batch.prefill(cache, [[0] * seq] * b, self.device)
+
     def _block(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        block = self.model.model.layers[0] if self.model.kind == "llama" else self.model.model.decoder.layers[0]
         if self.model.kind == "llama":
             cos, sin = self.model._rope_at(batch.positions)
-            return block(x, 0, batch, cos, sin)
-        return block(x, 0, batch)
+            return self.model.model.layers[0](x, 0, batch, cos, sin)
+        return self.model.model.decoder.layers[0](x, 0, batch)
+
+    def _qkv(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (_random(n, self.heads, self.head_dim, like=self), _random(n, self.kv_heads, self.head_dim, like=self),
+                _random(n, self.kv_heads, self.head_dim, like=self))
 
     def prefill_layer(self, b: int, seq: int) -> Callable[[], object]:
-        cache = KVCache(1, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device, max_context=seq)
-        batch = Batch.prefill(cache, [[0] * seq] * b, self.device)
-        x = torch.randn(b * seq, self.hidden, device=self.device, dtype=self.dtype)
+        batch = self._prefill_batch(b, seq)
+        x = _random(b * seq, self.hidden, like=self)
         return lambda: self._block(x, batch)
 
-    def decode_layer(self, b: int, ctx: int) -> Callable[[], object]:
-        batch = Batch.decode(self._cache(b, ctx), torch.zeros(b, dtype=torch.int64, device=self.device))
-        x = torch.randn(b, self.hidden, device=self.device, dtype=self.dtype)
+    def decode_layer(self, b: int, ctx: int, enc_seq: int = 0) -> Callable[[], object]:
+        batch = self._decode_batch(b, ctx)
+        x = _random(b, self.hidden, like=self)
         return lambda: self._block(x, batch)
 
     def attn_prefill(self, b: int, seq: int) -> Callable[[], object]:
-        cache = KVCache(1, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device, max_context=seq)
-        batch = Batch.prefill(cache, [[0] * seq] * b, self.device)
+        batch = self._prefill_batch(b, seq)
         q, k, v = self._qkv(b * seq)
         return lambda: attend_prefill(q, k, v, 0, batch, causal=True)
 
     def attn_decode(self, b: int, ctx: int) -> Callable[[], object]:
-        batch = Batch.decode(self._cache(b, ctx), torch.zeros(b, dtype=torch.int64, device=self.device))
+        batch = self._decode_batch(b, ctx)
         q, k, v = self._qkv(b)
         return lambda: attend_decode(q, k, v, 0, batch)
 
-    def _qkv(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        make = lambda h: torch.randn(n, h, self.head_dim, device=self.device, dtype=self.dtype)  # noqa: E731
-        return make(self.heads), make(self.kv_heads), make(self.kv_heads)
+    def attention_in_decode(self, b: int) -> list[Callable[[], object]]:
+        """The attention calls inside ``decode_layer(b, 1)`` (what ``rest`` leaves out)."""
+        return [self.attn_decode(b, 1)]
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds, after two warm-up calls."""
+class T5Probe(LayerProbe):
+    """Encoder block 0 and decoder block 0 of a loaded T5. The block bodies mirror ``T5.encode``
+    and ``T5.decode`` (a block there is a loop body, not a module call)."""
+
+    prefill_phase, prefill_part = "encode", "attn_encode"
+
+    def _hidden(self) -> int:
+        return self.model.args.d_model
+
+    def _heads(self) -> int:
+        return self.model.args.num_heads
+
+    def _encoder_bias(self, seq: int) -> torch.Tensor:
+        pos = torch.arange(seq, device=self.device)
+        bias = self.model.encoder.position_bias(pos[None, :] - pos[:, None], self.model.args, bidirectional=True)
+        return bias[None].to(self.dtype)  # (1, H, S, S)
+
+    def _encoder_block(self, x: torch.Tensor, part: Prompts, bias: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        sa, ff = self.model.encoder.block[0].layer
+        att = sa.SelfAttention
+        h = sa.layer_norm(x)
+        q, k, v = (to_padded(att.heads(p, h), part) for p in (att.q, att.k, att.v))  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        x = x + att.o(to_packed(y, part).reshape(x.shape[0], -1))
+        x = x + ff.DenseReluDense(ff.layer_norm(x))
+        cross = self.model.decoder.block[0].layer[1].EncDecAttention  # this layer's share of the cross K/V
+        cache.kv[0, 0, : part.size, :, : part.t_max] = to_padded(cross.heads(cross.k, x), part)
+        cache.kv[0, 1, : part.size, :, : part.t_max] = to_padded(cross.heads(cross.v, x), part)
+        return x
+
+    def _encode_setup(self, b: int, seq: int) -> tuple[Prompts, torch.Tensor, KVCache]:
+        cache = KVCache(1, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device, max_context=seq)
+        part = Prompts.add(cache, [[0] * seq] * b, self.device, causal=False)
+        return part, self._encoder_bias(seq), cache
+
+    def prefill_layer(self, b: int, seq: int) -> Callable[[], object]:
+        part, bias, cache = self._encode_setup(b, seq)
+        x = _random(b * seq, self.hidden, like=self)
+        return lambda: self._encoder_block(x, part, bias, cache)
+
+    def attn_prefill(self, b: int, seq: int) -> Callable[[], object]:
+        part, bias, _ = self._encode_setup(b, seq)
+        q, k, v = self._qkv(b * seq)
+
+        def run() -> torch.Tensor:
+            qp, kp, vp = to_padded(q, part), to_padded(k, part), to_padded(v, part)
+            return to_packed(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias, scale=1.0), part)
+
+        return run
+
+    def _cross(self, b: int, enc_seq: int, batch: Batch):
+        from engine.models.t5 import _cross_parts
+
+        cache = KVCache(1, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device, max_context=enc_seq)
+        cache.add_slots([enc_seq] * b)
+        return cache, _cross_parts(batch, cache)
+
+    def _decoder_block(self, x: torch.Tensor, batch: Batch, bias: torch.Tensor, cross: KVCache, parts) -> torch.Tensor:
+        from engine.models.t5 import _attend_cross
+
+        sa, ca, ff = self.model.decoder.block[0].layer
+        att, xa = sa.SelfAttention, ca.EncDecAttention
+        h = sa.layer_norm(x)
+        q, k, v = (att.heads(p, h) for p in (att.q, att.k, att.v))  # (B, H, D)
+        x = x + att.o(attend_decode(q, k, v, 0, batch, scale=1.0, bias=bias).reshape(x.shape[0], -1))
+        q = xa.heads(xa.q, ca.layer_norm(x))
+        x = x + xa.o(_attend_cross(q, cross.kv[0], parts).reshape(x.shape[0], -1))
+        return x + ff.DenseReluDense(ff.layer_norm(x))
+
+    def decode_layer(self, b: int, ctx: int, enc_seq: int = 0) -> Callable[[], object]:
+        batch = self._decode_batch(b, ctx)
+        bias, _ = self.model._self_biases(batch)
+        cross, parts = self._cross(b, max(enc_seq, 1), batch)
+        x = _random(b, self.hidden, like=self)
+        return lambda: self._decoder_block(x, batch, bias, cross, parts)
+
+    def attn_decode(self, b: int, ctx: int) -> Callable[[], object]:
+        batch = self._decode_batch(b, ctx)
+        bias, _ = self.model._self_biases(batch)
+        q, k, v = self._qkv(b)
+        return lambda: attend_decode(q, k, v, 0, batch, scale=1.0, bias=bias)
+
+    def attn_cross(self, b: int, enc_seq: int) -> Callable[[], object]:
+        from engine.models.t5 import _attend_cross
+
+        cross, parts = self._cross(b, enc_seq, self._decode_batch(b, 1))
+        q = _random(b, self.heads, self.head_dim, like=self)
+        return lambda: _attend_cross(q, cross.kv[0], parts)
+
+    def attention_in_decode(self, b: int) -> list[Callable[[], object]]:
+        return [self.attn_decode(b, 1), self.attn_cross(b, 1)]
+
+
+def probe_for(engine) -> LayerProbe:
+    return T5Probe(engine) if engine.runner.model.kind == "t5" else LayerProbe(engine)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float = CELL_BUDGET_S) -> float:
+    """Median wall time of ``fn`` in milliseconds: one warm-up call (two when it is quick), then up
+    to ``repeats`` timed calls, ending early once ``MIN_SAMPLES`` are in and ``budget_s`` is spent."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def once() -> float:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
     with torch.inference_mode():
-        for _ in range(2):
-            fn()
-        samples = []
-        for _ in range(repeats):
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            samples.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(samples)
+        if once() < budget_s / 10:
+            once()
+        samples: list[float] = []
+        while len(samples) < repeats and (len(samples) < min(MIN_SAMPLES, repeats) or sum(samples) < budget_s):
+            samples.append(once())
+    return statistics.median(samples) * 1e3
 
 
-def profile_rows(engine, model: str, grid: Grid = Grid(), repeats: int = 5) -> tuple[list[dict], list[dict]]:
-    """(split rows, layer rows) for ``engine``'s model, labelled ``model``, tp 1."""
-    probe = LayerProbe(engine)
+def profile_rows(engine, model: str, grid: Grid | None = None, repeats: int = 5) -> tuple[list[dict], list[dict]]:
+    """(split rows, layer rows) for ``engine``'s model over ``grid`` (default ``build_grid()``),
+    labelled ``model``, tp 1, as measured (the caller applies the noise rule,
+    ``optimizer.profile.smooth_rows``, before writing)."""
+    grid = grid or build_grid()
+    probe = probe_for(engine)
     t = lambda fn: time_ms(fn, probe.device, repeats)  # noqa: E731
     base = {"model": model, "tp": 1}
     split: list[dict] = []
     for n in grid.tokens:
-        rest = t(probe.decode_layer(n, 1)) - t(probe.attn_decode(n, 1))
+        rest = t(probe.decode_layer(n, 1, 1)) - sum(t(fn) for fn in probe.attention_in_decode(n))
         split.append({**base, "part": "rest", "tokens": n, "ms": max(rest, 0.0)})
     for b, seq in grid.prefill:
-        split.append({**base, "part": "attn_prefill", "batch": b, "seq": seq, "ms": t(probe.attn_prefill(b, seq))})
+        split.append({**base, "part": probe.prefill_part, "batch": b, "seq": seq, "ms": t(probe.attn_prefill(b, seq))})
     for b, ctx in grid.decode:
         split.append({**base, "part": "attn_decode", "batch": b, "ctx": ctx, "ms": t(probe.attn_decode(b, ctx))})
-    layers = [{**base, "phase": "prefill", "batch": b, "seq": seq, "ms": t(probe.prefill_layer(b, seq))}
-              for b, seq in grid.prefill]
-    layers += [{**base, "phase": "decode", "batch": b, "ctx": ctx, "ms": t(probe.decode_layer(b, ctx))}
-               for b, ctx in grid.decode]
+    layers = [{**base, "phase": probe.prefill_phase, "batch": b, "seq": seq, "ms": t(probe.prefill_layer(b, seq))}
+              for b, seq in grid.layer_prefill or grid.prefill]
+    decode_cells = grid.layer_decode or grid.decode
+    if isinstance(probe, T5Probe):
+        enc_seqs = grid.enc_seqs or (max(s for _, s in grid.layer_prefill or grid.prefill),)
+        layers += [{**base, "phase": "decode", "batch": b, "ctx": ctx, "enc_seq": e,
+                    "ms": t(probe.decode_layer(b, ctx, e))} for e in enc_seqs for b, ctx in decode_cells]
+    else:
+        layers += [{**base, "phase": "decode", "batch": b, "ctx": ctx, "ms": t(probe.decode_layer(b, ctx))}
+                   for b, ctx in decode_cells]
     return split, layers
 
 
 def header(engine) -> dict:
-    device = torch.cuda.get_device_name(0) if engine.device.startswith("cuda") else f"cpu x{torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    device = torch.cuda.get_device_name(0) if engine.device.startswith("cuda") else f"cpu x{threads} threads"
     dtype = str(next(engine.runner.model.parameters()).dtype)
-    return {"device": device, "torch": torch.__version__, "dtype": dtype, "kind": "exegpt engine, one layer"}
+    return {"device": device, "torch": torch.__version__, "dtype": dtype, "threads": threads,
+            "kind": "exegpt engine, one layer"}
 
 
 def write_jsonl(path: Path, head: dict, rows: list[dict]) -> None:

@@ -1,21 +1,54 @@
-"""Cluster description and collective costs (alpha-beta model per link kind)."""
+"""Cluster description and collective costs (alpha-beta model per link kind).
+
+A *device* is what runs one pipeline stage or TP rank: a GPU, or on a CPU machine one worker
+process with its torch threads (``device_threads``) and its share of the memory. Link kinds:
+
+- ``intra_node`` / ``inter_node``: activations between stages and TP all-reduces;
+- ``handoff`` (optional): moving one request's KV cache from an encoder worker to a decoder
+  worker. On the mesh that is a Redis payload write + read and one RabbitMQ message, measured by
+  ``exegpt profile --amqp-url --redis-url``; without it the hand-off uses ``link_between``.
+
+``parse_cluster`` reads the JSON form (``cluster_to_dict`` writes it; ``optimizer.io.load_cluster``
+reads the file):
+
+```
+{"format": "exegpt-cluster/1", "name": "...", "devices": 2, "devices_per_node": 2,
+ "device": {"memory_bytes": 12.6e9, "threads": 1, "usable_memory_fraction": 0.9},
+ "links": {"intra_node": {"name": "...", "bandwidth_Bps": 1e9, "latency_s": 1e-4, "source": "..."},
+           "inter_node": {...}, "handoff": {...}},
+ "notes": "..."}
+```
+``devices`` (0 or absent: any number), ``threads``, ``usable_memory_fraction``, ``inter_node``
+(default: ``intra_node``), ``handoff``, ``source`` and ``notes`` are optional.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+
+CLUSTER_FORMAT = "exegpt-cluster/1"
+
+
+class ClusterError(ValueError):
+    """A cluster description that cannot be used; the message quotes the bad value."""
 
 
 @dataclass(frozen=True)
 class Link:
-    """A link kind: bandwidth per direction and per-message latency."""
+    """A link kind: bandwidth per direction and per-message latency (seconds = latency + bytes / bandwidth)."""
 
     name: str
     bandwidth_Bps: float
     latency_s: float
+    source: str = ""  # how the figures were obtained (measured, or why a default)
 
     def __post_init__(self) -> None:
         if self.bandwidth_Bps <= 0 or self.latency_s < 0:
             raise ValueError(f"link {self.name!r}: bandwidth must be > 0 and latency >= 0")
+
+    def seconds(self, nbytes):
+        return self.latency_s + nbytes / self.bandwidth_Bps
 
 
 NVLINK4 = Link("nvlink4", 450e9, 2e-6)
@@ -35,12 +68,18 @@ class Cluster:
     intra_node: Link
     inter_node: Link
     usable_memory_fraction: float = 0.9  # the rest: workspace, activations, fragmentation
+    handoff: Link | None = None  # encoder -> decoder KV hand-off, when it has its own path
+    device_threads: int = 0  # torch threads per device (CPU worker processes); 0: not a CPU worker
+    device_count: int = 0  # devices described (worker processes here); 0: as many as asked for
+    notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.device_memory_bytes <= 0 or self.devices_per_node < 1:
             raise ValueError(f"cluster {self.name!r}: memory and devices_per_node must be positive")
         if not 0 < self.usable_memory_fraction <= 1:
             raise ValueError(f"cluster {self.name!r}: usable_memory_fraction must be in (0, 1]")
+        if self.device_threads < 0 or self.device_count < 0:
+            raise ValueError(f"cluster {self.name!r}: device_threads and device_count must be >= 0")
 
     @property
     def usable_memory_bytes(self) -> float:
@@ -49,6 +88,10 @@ class Cluster:
     def link_between(self, device_a: int, device_b: int) -> Link:
         same = device_a // self.devices_per_node == device_b // self.devices_per_node
         return self.intra_node if same else self.inter_node
+
+    def handoff_link(self, device_a: int, device_b: int) -> Link:
+        """The path a request's KV cache takes from encoder device ``a`` to decoder device ``b``."""
+        return self.handoff if self.handoff is not None else self.link_between(device_a, device_b)
 
 
 def allreduce_s(link: Link, nbytes, group: int):
@@ -68,3 +111,103 @@ H200_CLUSTER = Cluster("h200-nvlink-ib", 141e9, 8, NVLINK4, INFINIBAND_NDR)
 A100_CLUSTER = Cluster("a100-80g-nvlink-ib", 80e9, 8, NVLINK3, INFINIBAND_HDR)
 A40_CLUSTER = Cluster("a40-pcie", 48e9, 8, PCIE4, INFINIBAND_HDR)
 CLUSTERS = {c.name: c for c in (H200_CLUSTER, A100_CLUSTER, A40_CLUSTER)}
+
+
+# --- the JSON form ---------------------------------------------------------------------------
+
+def _require(doc: dict, key: str, where: str) -> object:
+    if key not in doc:
+        raise ClusterError(f"{where}: missing {key!r}")
+    return doc[key]
+
+
+def _number(value: object, where: str, *, positive: bool = False, integer: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok:
+        ok = value > 0 if positive else value >= 0
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise ClusterError(f"{where} must be {kind} {'> 0' if positive else '>= 0'}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _object(value: object, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ClusterError(f"{where} must be a JSON object, got {value!r}")
+    return value
+
+
+def _unknown(doc: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(doc) - allowed)
+    if extra:
+        raise ClusterError(f"{where}: unknown field {extra[0]!r} (known: {', '.join(sorted(allowed))})")
+
+
+def _text(doc: dict, key: str, where: str, default: str = "") -> str:
+    value = doc.get(key, default)
+    if not isinstance(value, str):
+        raise ClusterError(f"{where}.{key} must be a string, got {value!r}")
+    return value
+
+
+def parse_link(doc: object, where: str) -> Link:
+    d = _object(doc, where)
+    _unknown(d, {"name", "bandwidth_Bps", "latency_s", "source"}, where)
+    return Link(_text(d, "name", where, where.rsplit(".", 1)[-1]),
+                _number(_require(d, "bandwidth_Bps", where), f"{where}.bandwidth_Bps", positive=True),
+                _number(_require(d, "latency_s", where), f"{where}.latency_s"),
+                _text(d, "source", where))
+
+
+def parse_cluster(doc: object) -> Cluster:
+    """A ``Cluster`` from its JSON form (see the module docstring); ClusterError quotes what is wrong."""
+    d = _object(doc, "cluster")
+    _unknown(d, {"format", "name", "devices", "devices_per_node", "device", "links", "notes"}, "cluster")
+    fmt = d.get("format", CLUSTER_FORMAT)
+    if fmt != CLUSTER_FORMAT:
+        raise ClusterError(f"cluster.format must be {CLUSTER_FORMAT!r}, got {fmt!r}")
+    name = _text(d, "name", "cluster")
+    if not name:
+        raise ClusterError("cluster: missing 'name'")
+    device = _object(_require(d, "device", "cluster"), "cluster.device")
+    _unknown(device, {"memory_bytes", "threads", "usable_memory_fraction"}, "cluster.device")
+    fraction = _number(device.get("usable_memory_fraction", 0.9), "cluster.device.usable_memory_fraction",
+                       positive=True)
+    if fraction > 1:
+        raise ClusterError(f"cluster.device.usable_memory_fraction must be <= 1, got {fraction!r}")
+    links = _object(_require(d, "links", "cluster"), "cluster.links")
+    _unknown(links, {"intra_node", "inter_node", "handoff"}, "cluster.links")
+    intra = parse_link(_require(links, "intra_node", "cluster.links"), "cluster.links.intra_node")
+    inter = parse_link(links["inter_node"], "cluster.links.inter_node") if "inter_node" in links else intra
+    handoff = parse_link(links["handoff"], "cluster.links.handoff") if links.get("handoff") is not None else None
+    return Cluster(
+        name,
+        _number(_require(device, "memory_bytes", "cluster.device"), "cluster.device.memory_bytes", positive=True),
+        _number(_require(d, "devices_per_node", "cluster"), "cluster.devices_per_node", positive=True, integer=True),
+        intra, inter, fraction, handoff,
+        _number(device.get("threads", 0), "cluster.device.threads", integer=True),
+        _number(d.get("devices", 0), "cluster.devices", integer=True),
+        _text(d, "notes", "cluster"))
+
+
+def link_to_dict(link: Link) -> dict:
+    out = {"name": link.name, "bandwidth_Bps": link.bandwidth_Bps, "latency_s": link.latency_s}
+    return {**out, "source": link.source} if link.source else out
+
+
+def cluster_to_dict(cluster: Cluster) -> dict:
+    """The JSON form ``parse_cluster`` reads back to an equal ``Cluster``."""
+    c = cluster
+    links = {"intra_node": link_to_dict(c.intra_node), "inter_node": link_to_dict(c.inter_node)}
+    if c.handoff is not None:
+        links["handoff"] = link_to_dict(c.handoff)
+    device: dict = {"memory_bytes": c.device_memory_bytes, "usable_memory_fraction": c.usable_memory_fraction}
+    if c.device_threads:
+        device["threads"] = c.device_threads
+    out: dict = {"format": CLUSTER_FORMAT, "name": c.name}
+    if c.device_count:
+        out["devices"] = c.device_count
+    out.update({"devices_per_node": c.devices_per_node, "device": device, "links": links})
+    return {**out, "notes": c.notes} if c.notes else out

@@ -1,12 +1,21 @@
-"""Monotone interpolation of measured step times.
+"""Monotone interpolation of measured step times, and the noise rule every profile goes through.
 
-Layer times are close to affine in tokens, batch and context, so we interpolate piecewise-linearly
-in the raw coordinates (exact for affine data), after forcing the measured values to be
-non-decreasing (cumulative maximum: more work never takes less time). Below the first grid point
-the first value holds (a step never gets cheaper than the smallest one measured); beyond the last
-point the last segment's slope continues the line (linear extrapolation, slope >= 0).
+**Noise rule** (``smooth_points``; the profiler applies it before writing and ``parse_profile``
+when loading, so both see the same tables): more work never takes less time, so measured values
+are made non-decreasing along every axis with a running maximum (a point below an earlier one is
+raised to it: conservative, since no step is assumed cheaper than a measured step with less
+work; a slow outlier is carried forward until the measurements pass it, which is why large drops
+are reported). In two dimensions each row (along the inner variable) and each
+column (along the outer one, where rows share a value) is raised in turn until nothing moves. A
+point that lies below an earlier point of its row or column by more than ``tolerance``
+(relative) and ``floor`` (absolute) is reported as a ``Drop``, for a warning; smaller dips are
+timing noise and are smoothed silently.
 
-Both classes evaluate numpy arrays and Python scalars alike.
+**Interpolation**: piecewise-linear in the raw coordinates (layer times are close to affine in
+tokens, batch and context, and linear interpolation is exact for affine data). Below the first
+grid point the first value holds (a step never gets cheaper than the smallest one measured);
+beyond the last point the last segment's slope continues the line (linear extrapolation,
+slope >= 0). Both classes evaluate numpy arrays and Python scalars alike.
 """
 
 from __future__ import annotations
@@ -15,9 +24,87 @@ from dataclasses import dataclass
 
 import numpy as np
 
+NOISE_TOLERANCE = 0.10  # a drop of more than 10 % below an earlier point is reported
+MAX_ROUNDS = 50  # row/column passes of the 2-D smoothing (it settles in a few)
 
-def _monotone(values: np.ndarray, axis: int = 0) -> np.ndarray:
-    return np.maximum.accumulate(values, axis=axis)
+
+def running_max(values) -> np.ndarray:
+    """``values`` made non-decreasing: each one raised to the largest before it."""
+    return np.maximum.accumulate(np.asarray(values, dtype=float))
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A measured point below an earlier point on the same axis by more than the tolerance."""
+
+    at: object  # the lower point's key (x, or (row, col))
+    above: object  # the earlier point it falls below
+    value: float
+    earlier: float
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 - self.value / self.earlier if self.earlier > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Smoothed:
+    points: dict  # key -> smoothed value, non-decreasing along every axis
+    drops: tuple[Drop, ...]  # raw points that broke monotonicity beyond the tolerance (one per point)
+
+
+def _drops(keys: list, values: list[float], tolerance: float, floor: float) -> list[Drop]:
+    """Points (in axis order) more than the tolerance below the highest point before them."""
+    out, top = [], 0
+    for i in range(1, len(values)):
+        gap = values[top] - values[i]
+        if gap > floor and gap > tolerance * values[top]:
+            out.append(Drop(keys[i], keys[top], values[i], values[top]))
+        if values[i] > values[top]:
+            top = i
+    return out
+
+
+def _lines(points: dict, by_row: bool) -> list[list]:
+    """Keys of a 2-D table grouped into rows (same row, ordered by col) or columns."""
+    groups: dict[float, list] = {}
+    for key in points:
+        groups.setdefault(key[0] if by_row else key[1], []).append(key)
+    return [sorted(keys, key=lambda k: (k[1], k[0]) if by_row else (k[0], k[1])) for _, keys in sorted(groups.items())]
+
+
+def _pass(values: dict, lines: list[list]) -> float:
+    """Smooth each line in place; return the largest change."""
+    moved = 0.0
+    for keys in lines:
+        fitted = running_max([values[k] for k in keys])
+        for k, v in zip(keys, fitted):
+            moved = max(moved, abs(v - values[k]))
+            values[k] = float(v)
+    return moved
+
+
+def smooth_points(points: dict, tolerance: float = NOISE_TOLERANCE, floor: float = 0.0) -> Smoothed:
+    """The noise rule: ``points`` maps x (a curve) or (row, col) (a table) to a measured value."""
+    if not points:
+        return Smoothed({}, ())
+    if not isinstance(next(iter(points)), tuple):
+        keys = sorted(points)
+        raw = [float(points[k]) for k in keys]
+        smooth = dict(zip(keys, (float(v) for v in running_max(raw))))
+        return Smoothed(smooth, tuple(_drops(keys, raw, tolerance, floor)))
+    rows, cols = _lines(points, by_row=True), _lines(points, by_row=False)
+    worst: dict = {}  # one drop per point: the deepest, along its row or its column
+    for line in rows + cols:
+        for d in _drops(line, [float(points[k]) for k in line], tolerance, floor):
+            if d.at not in worst or d.fraction > worst[d.at].fraction:
+                worst[d.at] = d
+    values = {k: float(v) for k, v in points.items()}
+    for _ in range(MAX_ROUNDS):
+        scale = max(max(abs(v) for v in values.values()), 1e-300)
+        if max(_pass(values, rows), _pass(values, cols)) <= 1e-12 * scale:
+            break
+    return Smoothed(values, tuple(sorted(worst.values(), key=lambda d: d.at)))
 
 
 def _interp_extrap(xs: np.ndarray, ys: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -47,8 +134,9 @@ class MonotoneCurve:
 
     @staticmethod
     def from_points(points: dict[float, float]) -> "MonotoneCurve":
-        xs = sorted(points)
-        ys = _monotone(np.array([points[x] for x in xs], dtype=float))
+        smooth = smooth_points(points).points
+        xs = sorted(smooth)
+        ys = np.maximum.accumulate(np.array([smooth[x] for x in xs], dtype=float))
         return MonotoneCurve(tuple(float(x) for x in xs), tuple(float(y) for y in ys))
 
     def __call__(self, x):
@@ -65,8 +153,12 @@ class MonotoneCurve:
 class MonotoneGrid:
     """z(row, col) over a possibly ragged grid: one curve per measured row value.
 
-    Each row's curve is evaluated at ``col``; the row values are then made non-decreasing and
-    interpolated (and extrapolated) along ``row`` the same way as a curve.
+    At a query, the rows whose measured cols reach ``col`` are evaluated there (interpolation
+    only), made non-decreasing and interpolated (or extrapolated) along ``row`` like a curve.
+    Rows that stop short of ``col`` are left out, since a profile skips the biggest cells: their
+    time is then extrapolated along the batch (close to linear) rather than along the length
+    (attention grows faster than linearly). Beyond every row's reach, the rows that reach
+    furthest are extrapolated along ``col``.
     """
 
     rows: tuple[float, ...]
@@ -81,7 +173,7 @@ class MonotoneGrid:
     @staticmethod
     def from_points(points: dict[tuple[float, float], float]) -> "MonotoneGrid":
         by_row: dict[float, dict[float, float]] = {}
-        for (row, col), value in points.items():
+        for (row, col), value in smooth_points(points).points.items():
             by_row.setdefault(row, {})[col] = value
         rows = sorted(by_row)
         return MonotoneGrid(tuple(float(r) for r in rows),
@@ -91,6 +183,15 @@ class MonotoneGrid:
         ra, ca = np.broadcast_arrays(np.asarray(row, dtype=float), np.asarray(col, dtype=float))
         shape = ra.shape
         ra, ca = ra.reshape(-1), ca.reshape(-1)
-        per_row = _monotone(np.stack([curve(ca) for curve in self.curves]), axis=0)
-        out = _interp_extrap(np.asarray(self.rows, dtype=float), per_row, ra).reshape(shape)
+        rows = np.asarray(self.rows, dtype=float)
+        reach = np.array([curve.xs[-1] for curve in self.curves])
+        levels = np.unique(reach)
+        level = np.searchsorted(levels, np.minimum(ca, levels[-1]))  # rows reaching col: reach >= levels[level]
+        per_row = np.stack([curve(ca) for curve in self.curves])  # (rows, n)
+        out = np.empty(len(ca))
+        for lv in np.unique(level):
+            at, use = level == lv, reach >= levels[lv]
+            values = np.maximum.accumulate(per_row[use][:, at], axis=0)
+            out[at] = _interp_extrap(rows[use], values, ra[at])
+        out = out.reshape(shape)
         return out if shape else float(out)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from optimizer.cluster import Cluster, ClusterError, parse_cluster
 from optimizer.lengths import Workload, parse_length_csv, workload_from_trace
 from optimizer.profile import ProfileError, ProfileSet, parse_profile
 
@@ -27,6 +29,18 @@ def load_workload(path: str | Path, max_input: int = 0, max_output: int = 0) -> 
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     return workload_from_trace(Path(path).name, rows, max_input, max_output)
+
+
+def load_cluster(path: str | Path) -> Cluster:
+    """A cluster description (JSON, as ``exegpt profile --cluster-out`` writes it); errors name the file."""
+    try:
+        doc = json.loads(_read(path))
+    except json.JSONDecodeError as exc:
+        raise ClusterError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    try:
+        return parse_cluster(doc)
+    except ValueError as exc:
+        raise ClusterError(f"{path}: {exc}") from None
 
 
 def _read(path: str | Path) -> str:

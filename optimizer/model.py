@@ -1,4 +1,9 @@
-"""Models described by shape: enough to count KV-cache and weight bytes and message sizes."""
+"""Models described by shape: enough to count KV-cache and weight bytes and message sizes.
+
+``MODELS`` holds the paper's models (fp16). Our own models' shapes are read from the models
+themselves (``services.cli.plan.model_shape`` over ``engine.model_info.model_dimensions``), since
+this package reads no files.
+"""
 
 from __future__ import annotations
 
@@ -18,17 +23,27 @@ class ModelShape:
     head_dim: int = 0  # 0: hidden // heads
     encoder_layers: int = 0
     dtype_bytes: int = 2
+    kv_heads: int = 0  # key/value heads (grouped-query attention); 0: = heads
+    gated_ffn: bool = False  # three FFN matrices (gate, up, down: Llama, T5 v1.1) instead of two
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "ffn", "vocab", "dtype_bytes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model {self.name!r}: {name} must be >= 1")
+                raise ValueError(f"model {self.name!r}: {name} must be >= 1, got {getattr(self, name)!r}")
         if self.head_dim < 0 or self.encoder_layers < 0:
             raise ValueError(f"model {self.name!r}: head_dim and encoder_layers must be >= 0")
+        if self.kv_heads < 0 or (self.kv_heads and self.heads % self.kv_heads):
+            raise ValueError(f"model {self.name!r}: kv_heads must divide heads ({self.heads}), got {self.kv_heads}")
 
     @property
     def attn_dim(self) -> int:
+        """Width of the queries (heads x head dim)."""
         return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the keys and of the values (KV heads x head dim)."""
+        return (self.kv_heads or self.heads) * (self.head_dim or self.hidden // self.heads)
 
     @property
     def prefill_layers(self) -> int:
@@ -37,19 +52,25 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token_layer(self) -> int:
-        return 2 * self.attn_dim * self.dtype_bytes
+        return 2 * self.kv_dim * self.dtype_bytes
 
     def kv_bytes_per_request_layer(self, input_len: float, output_len: float) -> float:
         """Decoder-layer KV of one request: self-attention over input+output positions, or, for
         T5, self-attention over the output plus cross-attention over the encoder's input."""
         return self.kv_bytes_per_token_layer * (input_len + output_len)
 
+    def _attention_weights(self) -> int:
+        return 2 * self.hidden * (self.attn_dim + self.kv_dim)  # q and o; k and v
+
+    def _ffn_weights(self) -> int:
+        return (3 if self.gated_ffn else 2) * self.hidden * self.ffn
+
     def decoder_layer_weight_bytes(self) -> int:
-        attn = 4 * self.hidden * self.attn_dim * (2 if self.encoder_layers else 1)
-        return (attn + 2 * self.hidden * self.ffn) * self.dtype_bytes
+        attn = self._attention_weights() * (2 if self.encoder_layers else 1)  # T5: + cross-attention
+        return (attn + self._ffn_weights()) * self.dtype_bytes
 
     def encoder_layer_weight_bytes(self) -> int:
-        return (4 * self.hidden * self.attn_dim + 2 * self.hidden * self.ffn) * self.dtype_bytes
+        return (self._attention_weights() + self._ffn_weights()) * self.dtype_bytes
 
     def embedding_bytes(self) -> int:
         return self.vocab * self.hidden * self.dtype_bytes

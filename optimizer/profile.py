@@ -12,19 +12,26 @@ A step's layer time from the split table is rest(all tokens in the step) + atten
 (prefill attention at the batch's effective length, decode attention at its mean context; for
 T5 decode, cross-attention is costed as decode attention over the encoder length). Rows without a
 model (device header, ``probe`` rows) are kept as metadata.
+
+Every table goes through the noise rule (``optimizer.interp.smooth_points``) when it is loaded;
+``smooth_rows`` applies the same rule to rows before the profiler writes them. A table too
+sparse to interpolate (fewer than two token counts, batch sizes, or lengths in a batch's row) is
+rejected with what is missing.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from optimizer.interp import MonotoneCurve, MonotoneGrid
+from optimizer.interp import NOISE_TOLERANCE, Drop, MonotoneCurve, MonotoneGrid, smooth_points
 
 MS = 1e-3
+NOISE_FLOOR_MS = 0.01  # dips smaller than 10 us are below what a timed Python call resolves
+FAR_EXTRAPOLATION = 1.25  # a plan needing lengths beyond 1.25x the profiled ones is refused
 
 
 @dataclass(frozen=True)
@@ -52,14 +59,31 @@ class StepShape:
         return self.prefill_tokens + self.decode_seqs
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """The largest shapes a table measured: beyond them, times are extrapolated."""
+
+    batch: float  # the smaller of the largest prefill and decode batch
+    prompt_len: float  # prefill (encode) sequence length
+    context: float  # decode KV length
+    tokens: float  # tokens in one step (split: the rest-of-layer curve; whole: prefill batch x seq)
+
+
 class LayerTimes(Protocol):
     def step_s(self, shape: StepShape):
         """Seconds one layer (one TP shard, collectives excluded) takes for ``shape``."""
         ...
 
+    @property
+    def coverage(self) -> Coverage: ...
+
 
 def _where_positive(count, value):
     return np.where(np.asarray(count) > 0, value, 0.0)
+
+
+def _reach(grid: MonotoneGrid) -> float:
+    return max(curve.xs[-1] for curve in grid.curves)
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,11 @@ class SplitLayerTimes:
         cross = _where_positive(s.enc_seq, self.attn_decode(np.maximum(s.decode_seqs, 1e-9),
                                                             np.maximum(s.enc_seq, 1.0)))
         return (rest + pre + _where_positive(s.decode_seqs, dec + cross)) * MS
+
+    @property
+    def coverage(self) -> Coverage:
+        return Coverage(min(self.attn_prefill.rows[-1], self.attn_decode.rows[-1]), _reach(self.attn_prefill),
+                        _reach(self.attn_decode), self.rest.xs[-1])
 
 
 @dataclass(frozen=True)
@@ -107,6 +136,14 @@ class WholeLayerTimes:
         dec = self._decode(np.maximum(s.decode_seqs, 1e-9), s.decode_ctx, s.enc_seq)
         return (_where_positive(s.prefill_seqs, pre) + _where_positive(s.decode_seqs, dec)) * MS
 
+    @property
+    def coverage(self) -> Coverage:
+        p = self.prefill
+        tokens = max(r * c.xs[-1] for r, c in zip(p.rows, p.curves))
+        decode_rows = min(g.rows[-1] for _, g in self.decode_by_enc_seq)
+        context = min(_reach(g) for _, g in self.decode_by_enc_seq)
+        return Coverage(min(p.rows[-1], decode_rows), _reach(p), context, tokens)
+
 
 @dataclass(frozen=True)
 class ProfileSet:
@@ -115,6 +152,7 @@ class ProfileSet:
     split: dict[tuple[str, int], SplitLayerTimes] = field(default_factory=dict)
     whole: dict[tuple[str, int], WholeLayerTimes] = field(default_factory=dict)
     metadata: tuple[dict, ...] = ()
+    warnings: tuple[str, ...] = ()  # rows the noise rule had to raise by more than its tolerance
 
     def models(self) -> list[str]:
         return sorted({m for m, _ in self.split} | {m for m, _ in self.whole})
@@ -132,12 +170,75 @@ class ProfileSet:
         raise ValueError(f"profile has no rows for model {model!r} at tp={tp}; "
                          f"models: {', '.join(self.models()) or 'none'}")
 
+    def coverage(self, model: str, tp: int = 1) -> Coverage:
+        return self.layer_times(model, tp).coverage
+
     def probe(self, name: str) -> dict | None:
         return next((row for row in self.metadata if row.get("probe") == name), None)
 
 
+@dataclass(frozen=True)
+class RangeGap:
+    """A length a plan needs beyond the largest one profiled."""
+
+    axis: str  # "prompt length" or "context"
+    needed: float
+    profiled: float
+
+    @property
+    def far(self) -> bool:
+        """Too far to extrapolate: the plan should be refused."""
+        return self.needed > FAR_EXTRAPOLATION * self.profiled
+
+
+def range_gaps(coverage: Coverage, prompt_len: float, context: float) -> tuple[RangeGap, ...]:
+    """The lengths (a workload's 99th-percentile prompt and prompt + output) that the profile's
+    tables do not reach; each is extrapolated, and a ``far`` one should not be."""
+    gaps = (RangeGap("prompt length", prompt_len, coverage.prompt_len),
+            RangeGap("context", context, coverage.context))
+    return tuple(g for g in gaps if g.needed > g.profiled)
+
+
 class ProfileError(ValueError):
     """A profile row that cannot be used; the message names the line."""
+
+
+# --- rows -> cells ------------------------------------------------------------------------------
+
+_PART_KEYS = {"rest": ("tokens",), "attn_prefill": ("batch", "seq"), "attn_encode": ("batch", "seq"),
+              "attn_decode": ("batch", "ctx")}
+_PHASE_KEYS = {"prefill": ("batch", "seq"), "encode": ("batch", "seq"), "decode": ("batch", "ctx")}
+_TABLE_OF = {"attn_encode": "attn_prefill", "encode": "prefill"}  # one table for both names
+
+
+@dataclass(frozen=True)
+class _Table:
+    """One interpolation table: a split part, or a whole-layer phase (decode: per encoder length)."""
+
+    model: str
+    tp: int
+    name: str  # rest | attn_prefill | attn_decode | prefill | decode
+    enc_seq: float = 0.0
+    axes: tuple[str, ...] = ()
+
+    def describe(self, coords: tuple[float, ...] = ()) -> str:
+        enc = f" enc_seq={self.enc_seq:g}" if self.enc_seq else ""
+        where = " ".join(f"{a}={c:g}" for a, c in zip(self.axes, coords))
+        return f"{self.model} tp={self.tp} {self.name}{enc}" + (f" {where}" if where else "")
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One measured row."""
+
+    index: int  # position in the row list
+    table: _Table
+    coords: tuple[float, ...]
+    ms: float
+
+    @property
+    def key(self):
+        return self.coords if len(self.coords) > 1 else self.coords[0]
 
 
 def _parse_lines(text: str) -> list[tuple[int, dict]]:
@@ -155,10 +256,6 @@ def _parse_lines(text: str) -> list[tuple[int, dict]]:
     return rows
 
 
-_PART_KEYS = {"rest": ("tokens",), "attn_prefill": ("batch", "seq"), "attn_encode": ("batch", "seq"),
-              "attn_decode": ("batch", "ctx")}
-
-
 def _number(row: dict, key: str, number: int) -> float:
     value = row.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
@@ -173,57 +270,149 @@ def _row_key(row: dict, number: int) -> tuple[str, int]:
     return str(row["model"]), tp
 
 
-def _collect(rows: list[tuple[int, dict]]):
-    parts: dict = {}
-    phases: dict = {}
-    meta = []
-    for number, row in rows:
-        if "model" not in row:
-            meta.append(row)
-            continue
-        key = _row_key(row, number)
-        ms = _number(row, "ms", number)
-        if "part" in row:
-            part = row["part"]
-            if part not in _PART_KEYS:
-                raise ProfileError(f"line {number}: unknown part {part!r}")
-            coords = tuple(_number(row, k, number) for k in _PART_KEYS[part])
-            part = "attn_prefill" if part == "attn_encode" else part
-            parts.setdefault(key, {}).setdefault(part, {})[coords if len(coords) > 1 else coords[0]] = ms
-        elif row.get("phase") in ("prefill", "encode"):
-            coords = (_number(row, "batch", number), _number(row, "seq", number))
-            phases.setdefault(key, {}).setdefault(("prefill", 0.0), {})[coords] = ms
-        elif row.get("phase") == "decode":
-            coords = (_number(row, "batch", number), _number(row, "ctx", number))
-            enc = _number(row, "enc_seq", number) if "enc_seq" in row else 0.0
-            phases.setdefault(key, {}).setdefault(("decode", enc), {})[coords] = ms
+def _cell(index: int, number: int, row: dict) -> _Cell:
+    model, tp = _row_key(row, number)
+    ms = _number(row, "ms", number)
+    if "part" in row:
+        kind, axes = row["part"], _PART_KEYS.get(row["part"])
+        if axes is None:
+            raise ProfileError(f"line {number}: unknown part {kind!r}")
+        enc = 0.0
+    elif row.get("phase") in _PHASE_KEYS:
+        kind, axes = row["phase"], _PHASE_KEYS[row["phase"]]
+        enc = _number(row, "enc_seq", number) if kind == "decode" and "enc_seq" in row else 0.0
+    else:
+        raise ProfileError(f"line {number}: a model row needs 'part' or a phase "
+                           f"prefill|encode|decode, got {row.get('phase')!r}")
+    table = _Table(model, tp, _TABLE_OF.get(kind, kind), enc, axes)
+    return _Cell(index, table, tuple(_number(row, k, number) for k in axes), ms)
+
+
+def _cells(rows: Sequence[tuple[int, dict]]) -> tuple[list[_Cell], tuple[dict, ...]]:
+    """Measured rows as cells (validated), and the rows without a model (metadata)."""
+    cells, meta = [], []
+    for index, (number, row) in enumerate(rows):
+        if "model" in row:
+            cells.append(_cell(index, number, row))
         else:
-            raise ProfileError(f"line {number}: a model row needs 'part' or a phase "
-                               f"prefill|encode|decode, got {row.get('phase')!r}")
-    return parts, phases, tuple(meta)
+            meta.append(row)
+    return cells, tuple(meta)
 
 
-def _split_times(key, tables: dict) -> SplitLayerTimes:
+# --- the noise rule over cells ------------------------------------------------------------------
+
+def _warning(table: _Table, drop: Drop) -> str:
+    at = drop.at if isinstance(drop.at, tuple) else (drop.at,)
+    above = drop.above if isinstance(drop.above, tuple) else (drop.above,)
+    return (f"{table.describe(at)}: {drop.value:.4g} ms is {drop.fraction:.0%} below {drop.earlier:.4g} ms "
+            f"at {' '.join(f'{a}={c:g}' for a, c in zip(table.axes, above))}; raised to it")
+
+
+def _tables(cells: Iterable[_Cell]) -> dict[_Table, dict]:
+    """Each table's points (coords -> ms); a repeated cell keeps its last value."""
+    tables: dict[_Table, dict] = {}
+    for c in cells:
+        tables.setdefault(c.table, {})[c.key] = c.ms
+    return tables
+
+
+def smooth_cells(cells: Sequence[_Cell], tolerance: float = NOISE_TOLERANCE,
+                 floor_ms: float = NOISE_FLOOR_MS) -> tuple[list[_Cell], tuple[str, ...]]:
+    """The noise rule over every table of ``cells``: (cells with smoothed ms, warnings)."""
+    smoothed: dict[_Table, dict] = {}
+    warnings: list[str] = []
+    for table, points in _tables(cells).items():
+        result = smooth_points(points, tolerance, floor_ms)
+        smoothed[table] = result.points
+        warnings += [_warning(table, d) for d in result.drops]
+    return [replace(c, ms=smoothed[c.table][c.key]) for c in cells], tuple(warnings)
+
+
+@dataclass(frozen=True)
+class SmoothedRows:
+    rows: list[dict]  # the input rows, ``ms`` smoothed (``ms_raw`` keeps a changed measurement)
+    warnings: tuple[str, ...]
+
+
+def smooth_rows(rows: Sequence[dict], tolerance: float = NOISE_TOLERANCE) -> SmoothedRows:
+    """The noise rule ``parse_profile`` applies, on rows before they are written (the profiler)."""
+    cells, _ = _cells(list(enumerate(rows, start=1)))
+    fixed, warnings = smooth_cells(cells, tolerance)
+    out = [dict(r) for r in rows]
+    for cell in fixed:
+        row = out[cell.index]
+        if cell.ms != row["ms"]:
+            row["ms_raw"], row["ms"] = row["ms"], cell.ms
+    return SmoothedRows(out, warnings)
+
+
+# --- cells -> tables ----------------------------------------------------------------------------
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _check_dense(table: _Table, points: dict) -> None:
+    """Reject a table that cannot be interpolated: fewer than two points on an axis."""
+    what = f"profile for {table.model} tp={table.tp}: {table.name}" + (
+        f" enc_seq={table.enc_seq:g}" if table.enc_seq else "")
+    if len(table.axes) == 1:
+        if len(points) < 2:
+            raise ProfileError(f"{what} has {_plural(len(points), table.axes[0] + ' value')} "
+                               f"({', '.join(f'{x:g}' for x in sorted(points))}); need at least 2 to interpolate")
+        return
+    rows: dict[float, list[float]] = {}
+    for batch, length in points:
+        rows.setdefault(batch, []).append(length)
+    if len(rows) < 2:
+        raise ProfileError(f"{what} has {_plural(len(rows), 'batch size')} "
+                           f"({', '.join(f'{b:g}' for b in sorted(rows))}); need at least 2 to interpolate")
+    for batch, lengths in sorted(rows.items()):
+        if len(lengths) < 2:
+            raise ProfileError(f"{what} at batch={batch:g} has {_plural(len(lengths), table.axes[1] + ' value')} "
+                               f"({', '.join(f'{x:g}' for x in lengths)}); need at least 2 to interpolate")
+
+
+def _split_times(key: tuple[str, int], tables: dict[str, tuple[_Table, dict]]) -> SplitLayerTimes:
     missing = {"rest", "attn_prefill", "attn_decode"} - set(tables)
     if missing:
         raise ProfileError(f"split profile for {key[0]} tp={key[1]} lacks {sorted(missing)}")
-    return SplitLayerTimes(MonotoneCurve.from_points(tables["rest"]),
-                           MonotoneGrid.from_points(tables["attn_prefill"]),
-                           MonotoneGrid.from_points(tables["attn_decode"]))
+    for table, points in tables.values():
+        _check_dense(table, points)
+    return SplitLayerTimes(MonotoneCurve.from_points(tables["rest"][1]),
+                           MonotoneGrid.from_points(tables["attn_prefill"][1]),
+                           MonotoneGrid.from_points(tables["attn_decode"][1]))
 
 
-def _whole_times(key, tables: dict) -> WholeLayerTimes:
-    decode = sorted((enc, MonotoneGrid.from_points(t)) for (ph, enc), t in tables.items() if ph == "decode")
-    if ("prefill", 0.0) not in tables or not decode:
+def _whole_times(key: tuple[str, int], tables: dict[tuple[str, float], tuple[_Table, dict]]) -> WholeLayerTimes:
+    if ("prefill", 0.0) not in tables or not any(name == "decode" for name, _ in tables):
         raise ProfileError(f"layer profile for {key[0]} tp={key[1]} needs prefill and decode rows")
-    return WholeLayerTimes(MonotoneGrid.from_points(tables[("prefill", 0.0)]), tuple(decode))
+    for table, points in tables.values():
+        _check_dense(table, points)
+    decode = sorted((enc, MonotoneGrid.from_points(points)) for (name, enc), (_, points) in tables.items()
+                    if name == "decode")
+    return WholeLayerTimes(MonotoneGrid.from_points(tables[("prefill", 0.0)][1]), tuple(decode))
+
+
+def _layer_times(cells: Sequence[_Cell]):
+    split: dict[tuple[str, int], dict] = {}
+    whole: dict[tuple[str, int], dict] = {}
+    for table, points in _tables(cells).items():
+        key = (table.model, table.tp)
+        if table.name in ("rest", "attn_prefill", "attn_decode"):
+            split.setdefault(key, {})[table.name] = (table, points)
+        else:
+            whole.setdefault(key, {})[(table.name, table.enc_seq)] = (table, points)
+    return ({k: _split_times(k, v) for k, v in split.items()}, {k: _whole_times(k, v) for k, v in whole.items()})
 
 
 def parse_profile(*texts: str) -> ProfileSet:
-    """Parse one or more JSONL profile texts (split and/or whole-layer rows) into tables."""
+    """Parse one or more JSONL profile texts (split and/or whole-layer rows) into tables; the noise
+    rule smooths them and its warnings are kept in ``ProfileSet.warnings``."""
     rows = [r for text in texts for r in _parse_lines(text)]
-    parts, phases, meta = _collect(rows)
-    if not parts and not phases:
+    cells, meta = _cells(rows)
+    if not cells:
         raise ProfileError("profile has no model rows")
-    return ProfileSet({k: _split_times(k, v) for k, v in parts.items()},
-                      {k: _whole_times(k, v) for k, v in phases.items()}, meta)
+    cells, warnings = smooth_cells(cells)
+    split, whole = _layer_times(cells)
+    return ProfileSet(split, whole, meta, warnings)

@@ -5,21 +5,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from services.cli import CliError
 
 POLICY_SETS = {"rra": ("rra",), "waa": ("waa-c", "waa-m"), "all": ("rra", "waa-c", "waa-m"),
                "static": ("static",), "continuous": ("continuous",)}
+DTYPE_BYTES = {"torch.float32": 4, "float32": 4, "torch.bfloat16": 2, "bfloat16": 2, "torch.float16": 2,
+               "float16": 2}  # a profile header's dtype -> bytes per KV and weight element
+MAX_WARNINGS = 10  # noise and range warnings printed; the rest are counted
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="pick the execution schedule for a model, devices, workload and bound")
     p.add_argument("--profile", required=True, nargs="+", metavar="FILE",
                    help="layer profile JSONL (split and/or whole-layer rows; several files merge)")
-    p.add_argument("--model", required=True, help="model name, e.g. opt-13b (must be in the profile)")
-    p.add_argument("--devices", required=True, type=int, help="number of devices")
+    p.add_argument("--model", required=True,
+                   help="a paper model (opt-13b, gpt3-175b, t5-11b, ...) or one of ours (smollm2, tiny-llama, "
+                        "tiny-opt, tiny-t5, a folder or .gguf: shape read from the model); the profile needs its rows")
+    p.add_argument("--devices", required=True, type=int, help="number of devices (worker processes on a CPU machine)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", choices=("S", "T", "G", "C1", "C2"), help="the paper's synthetic task")
     src.add_argument("--lengths", metavar="FILE", help="CSV of timestamp,input,output or input,output")
@@ -29,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bound on generating a 99th-percentile-length output; 'inf' for none")
     p.add_argument("--policy", choices=sorted(POLICY_SETS), default="all")
     p.add_argument("--cluster", default="h200-nvlink-ib", help="cluster preset (h200-nvlink-ib, "
-                   "a100-80g-nvlink-ib, a40-pcie)")
+                   "a100-80g-nvlink-ib, a40-pcie) or a cluster JSON file (`exegpt profile --cluster-out`)")
     p.add_argument("--exhaustive", action="store_true", help="search every schedule (the reference)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
@@ -45,24 +52,88 @@ def _bound(text: str) -> float:
     return value
 
 
+def _cluster(name: str):
+    from optimizer.cluster import CLUSTERS
+    from optimizer.io import load_cluster
+
+    if name in CLUSTERS:
+        return CLUSTERS[name]
+    if not Path(name).exists():
+        raise CliError(f"unknown cluster {name!r}: not a preset ({', '.join(sorted(CLUSTERS))}) nor a file")
+    return load_cluster(name)
+
+
+def _profiled_dtype_bytes(profile) -> int:
+    """Bytes per element of the dtype the profile headers name (the engine ran that), else float32
+    (the engine's CPU default)."""
+    names = {row["dtype"] for row in profile.metadata if isinstance(row.get("dtype"), str)}
+    return DTYPE_BYTES.get(names.pop(), 4) if len(names) == 1 else 4
+
+
+def model_shape(name: str, dtype_bytes: int = 4):
+    """The optimizer's shape of ``name``: a paper model from the table, else one of our models with
+    its shape read from the model's configuration (GGUF metadata or config.json, no weights)."""
+    from engine import MODELS as OUR_MODELS
+    from engine.model_info import model_dimensions
+    from optimizer.model import MODELS, ModelShape
+
+    if name in MODELS:
+        return MODELS[name]
+    if name not in OUR_MODELS and not Path(name).expanduser().exists():
+        raise CliError(f"unknown model {name!r}: not a paper model ({', '.join(sorted(MODELS))}) nor one of "
+                       f"ours ({', '.join(OUR_MODELS)}, a model folder or .gguf file)")
+    d = model_dimensions(name)
+    return ModelShape(name, layers=d.layers, hidden=d.hidden, heads=d.heads, ffn=d.ffn, vocab=d.vocab,
+                      head_dim=d.head_dim, encoder_layers=d.encoder_layers, dtype_bytes=dtype_bytes,
+                      kv_heads=d.kv_heads, gated_ffn=d.gated_ffn)
+
+
 def _scenario(args):
     from optimizer.analytic import Scenario
-    from optimizer.cluster import CLUSTERS
     from optimizer.io import load_profile, load_workload
     from optimizer.lengths import TASKS
-    from optimizer.model import model_by_name
 
     if args.devices < 1:
         raise CliError(f"--devices must be >= 1, got {args.devices}")
-    if args.cluster not in CLUSTERS:
-        raise CliError(f"unknown cluster {args.cluster!r}; known: {', '.join(sorted(CLUSTERS))}")
     try:
-        model = model_by_name(args.model)
+        cluster = _cluster(args.cluster)
+        if cluster.device_count and args.devices > cluster.device_count:
+            raise CliError(f"cluster {cluster.name!r} ({args.cluster}) has {cluster.device_count} devices, "
+                           f"--devices asks for {args.devices}")
         profile = load_profile(*args.profile)
+        model = model_shape(args.model, _profiled_dtype_bytes(profile))
         workload = TASKS[args.task] if args.task else load_workload(args.lengths, args.max_input, args.max_output)
-        return Scenario(model, profile, CLUSTERS[args.cluster], workload, args.devices)
+        sc = Scenario(model, profile, cluster, workload, args.devices)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    _warn(profile.warnings)
+    _check_range(args, sc)
+    return sc
+
+
+def _warn(lines) -> None:
+    for line in lines[:MAX_WARNINGS]:
+        print(f"exegpt plan: warning: {line}", file=sys.stderr)
+    if len(lines) > MAX_WARNINGS:
+        print(f"exegpt plan: warning: ... and {len(lines) - MAX_WARNINGS} more", file=sys.stderr)
+
+
+def _check_range(args, sc) -> None:
+    """Refuse a workload whose 99th-percentile prompt or context (prompt + output) lies far beyond
+    the longest one profiled; warn when it lies a little beyond."""
+    from optimizer.profile import FAR_EXTRAPOLATION, range_gaps
+
+    q_in, q_out = sc.workload.input.quantile(0.99), sc.workload.output.quantile(0.99)
+    gaps = range_gaps(sc.profile.coverage(sc.model.name, 1), q_in, q_in + q_out)
+    workload = f"task {args.task}" if args.task else str(args.lengths)
+    for gap in gaps:
+        what = (f"{workload}'s 99th-percentile {gap.axis} is {gap.needed:g} tokens, the profile of {sc.model.name} "
+                f"reaches {gap.profiled:g}")
+        if gap.far:
+            clip = "" if args.task else " (or clip the workload with --max-input/--max-output)"
+            raise CliError(f"{what} (more than {FAR_EXTRAPOLATION:g}x is not extrapolated): profile longer "
+                           f"lengths with `exegpt profile --max-len {math.ceil(gap.needed)}`{clip}")
+        _warn([f"{what}; extrapolating"])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,3 +41,41 @@ def test_grid_evaluates_arrays_of_any_shape():
 def test_bad_curves_rejected(xs):
     with pytest.raises(ValueError):
         MonotoneCurve(tuple(xs), tuple(1.0 for _ in xs))
+
+
+def test_noise_rule_raises_a_dip_to_the_point_before_and_reports_only_big_ones():
+    from optimizer.interp import smooth_points
+
+    out = smooth_points({1: 1.0, 2: 0.95, 4: 2.0, 8: 1.0, 16: 3.0}, tolerance=0.1)
+    assert out.points == {1: 1.0, 2: 1.0, 4: 2.0, 8: 2.0, 16: 3.0}
+    assert [(d.at, d.above) for d in out.drops] == [(8, 4)]  # 2 -> 0.95 is within the 10 % tolerance
+    assert out.drops[0].fraction == pytest.approx(0.5)
+
+
+def test_noise_rule_floor_ignores_tiny_absolute_dips():
+    from optimizer.interp import smooth_points
+
+    assert smooth_points({1: 0.010, 2: 0.005}, tolerance=0.1, floor=0.01).drops == ()
+    assert len(smooth_points({1: 0.010, 2: 0.005}, tolerance=0.1).drops) == 1
+
+
+def test_noise_rule_smooths_tables_along_rows_and_columns():
+    from optimizer.interp import smooth_points
+
+    raw = {(1, 10): 1.0, (1, 20): 0.5, (2, 10): 0.8, (2, 20): 3.0, (4, 20): 2.0}
+    out = smooth_points(raw, tolerance=0.1)
+    p = out.points
+    assert p[(1, 20)] == 1.0 and p[(2, 10)] == 1.0 and p[(4, 20)] == 3.0
+    for rows in ([(1, 10), (1, 20)], [(2, 10), (2, 20)], [(1, 10), (2, 10)], [(1, 20), (2, 20), (4, 20)]):
+        assert all(p[a] <= p[b] for a, b in zip(rows, rows[1:]))
+    assert {(d.at, d.above) for d in out.drops} == {((1, 20), (1, 10)), ((2, 10), (1, 10)), ((4, 20), (2, 20))}
+    assert smooth_points(p, tolerance=0.1).drops == ()  # idempotent: smoothed tables raise no warning
+
+
+def test_grid_extrapolates_along_the_batch_where_a_row_stops_short():
+    # attention-like: linear in batch, quadratic in length; the batch-4 row skips its big cell
+    pts = {(b, s): b * s * s / 1e4 for b in (1, 2) for s in (100, 200, 400)}
+    pts.update({(4, 100): 4.0, (4, 200): 16.0})
+    grid = MonotoneGrid.from_points(pts)
+    assert grid(4, 400) == pytest.approx(4 * 16.0)  # from rows 1 and 2 at s=400, linear in the batch
+    assert grid(4, 200) == pytest.approx(16.0)  # within its reach the row's own measurement counts

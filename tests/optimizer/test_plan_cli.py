@@ -45,8 +45,23 @@ def test_exhaustive_and_unbounded_plans(capsys):
 
 
 def test_plan_from_a_trace_file(capsys):
-    assert _plan("--lengths", str(TRACES / "azure-llm-2023-conv.csv"), "--latency-bound", "30") == 0
+    assert _plan("--lengths", str(TRACES / "azure-llm-2023-conv.csv"), "--max-input", "2048",
+                 "--latency-bound", "30") == 0
     assert "seq/s" in capsys.readouterr().out
+
+
+def test_lengths_far_beyond_the_profile_are_refused_naming_the_flag(capsys):
+    # the trace's 99th-percentile prompt (4142 tokens) is twice the longest profiled one (2048)
+    assert _plan("--lengths", str(TRACES / "azure-llm-2023-conv.csv"), "--latency-bound", "30") == 2
+    err = capsys.readouterr().err.strip()
+    assert "exegpt profile --max-len 4142" in err and "--max-input" in err and len(err.splitlines()) == 1
+
+
+def test_lengths_a_little_beyond_the_profile_warn(capsys):
+    assert _plan("--lengths", str(TRACES / "azure-llm-2023-conv.csv"), "--max-input", "2400",
+                 "--latency-bound", "30") == 0
+    captured = capsys.readouterr()
+    assert "seq/s" in captured.out and "warning:" in captured.err and "extrapolating" in captured.err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -66,3 +67,69 @@ def test_bad_profiles_rejected_with_a_reason(text, message):
 def test_unknown_model_is_named_in_the_error(profile):
     with pytest.raises(ValueError, match="no rows for model 'llama'"):
         profile.layer_times("llama", 1)
+
+
+def _rows(model="m", noisy=False):
+    """A small but complete split profile; ``noisy`` puts one decode cell 40 % below its neighbour."""
+    rows = [{"model": model, "tp": 1, "part": "rest", "tokens": n, "ms": 0.1 * n} for n in (1, 4, 16)]
+    rows += [{"model": model, "tp": 1, "part": "attn_prefill", "batch": b, "seq": s, "ms": 0.01 * b * s}
+             for b in (1, 4) for s in (16, 64)]
+    rows += [{"model": model, "tp": 1, "part": "attn_decode", "batch": b, "ctx": c, "ms": 0.001 * b * c}
+             for b in (1, 4) for c in (16, 64)]
+    if noisy:
+        rows[-1]["ms"] = 0.6 * rows[-2]["ms"]  # batch 4: ctx 64 below ctx 16
+    return rows
+
+
+def _text(rows):
+    return "\n".join(json.dumps(r) for r in rows)
+
+
+def test_noisy_rows_are_smoothed_and_named_in_a_warning():
+    prof = parse_profile(_text(_rows(noisy=True)))
+    assert prof.warnings == ("m tp=1 attn_decode batch=4 ctx=64: 0.0384 ms is 40% below 0.064 ms at batch=4 "
+                             "ctx=16; raised to it",)
+    times = prof.layer_times("m", 1)
+    assert times.attn_decode(4, 64) == pytest.approx(0.064)
+    assert parse_profile(_text(_rows())).warnings == ()
+
+
+def test_profiler_and_loader_apply_the_same_noise_rule():
+    from optimizer.profile import smooth_rows
+
+    smoothed = smooth_rows(_rows(noisy=True))
+    assert smoothed.warnings == parse_profile(_text(_rows(noisy=True))).warnings
+    assert smoothed.rows[-1]["ms"] == pytest.approx(0.064) and smoothed.rows[-1]["ms_raw"] == pytest.approx(0.0384)
+    assert "ms_raw" not in smoothed.rows[0]
+    reloaded = parse_profile(_text(smoothed.rows))
+    assert reloaded.warnings == ()  # written rows are already smooth: loading them changes nothing
+    assert reloaded.split == parse_profile(_text(_rows(noisy=True))).split
+
+
+@pytest.mark.parametrize("drop, message", [
+    (lambda r: r["part"] == "rest" and r["tokens"] > 1, "rest has 1 tokens value (1); need at least 2"),
+    (lambda r: r.get("batch") == 4 and r["part"] == "attn_decode", "attn_decode has 1 batch size (1); need at least 2"),
+    (lambda r: r.get("batch") == 4 and r.get("seq") == 64, "attn_prefill at batch=4 has 1 seq value (16)"),
+])
+def test_too_sparse_profiles_are_rejected_saying_what_is_missing(drop, message):
+    with pytest.raises(ProfileError, match=re.escape(message)):
+        parse_profile(_text([r for r in _rows() if not drop(r)]))
+
+
+def test_a_single_row_whole_layer_profile_is_rejected():
+    rows = [{"model": "m", "tp": 1, "phase": "prefill", "batch": 1, "seq": 16, "ms": 1.0},
+            {"model": "m", "tp": 1, "phase": "decode", "batch": 1, "ctx": 16, "ms": 1.0}]
+    with pytest.raises(ProfileError, match="prefill has 1 batch size"):
+        parse_profile(_text(rows))
+
+
+def test_coverage_and_range_gaps():
+    from optimizer.profile import Coverage, range_gaps
+
+    cov = parse_profile(_text(_rows())).coverage("m")
+    assert cov == Coverage(batch=4, prompt_len=64, context=64, tokens=16)
+    assert range_gaps(cov, 64, 64) == ()
+    (near,) = range_gaps(cov, 70, 10)
+    assert near.axis == "prompt length" and not near.far
+    gaps = range_gaps(cov, 10, 81)
+    assert [(g.axis, g.needed, g.profiled, g.far) for g in gaps] == [("context", 81, 64, True)]
