@@ -10,7 +10,7 @@ schedules per call. ``optimizer.simulator`` checks these figures by running the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -38,9 +38,20 @@ class Scenario:
             raise ValueError(f"need at least one device, got {self.devices}")
         self.profile.layer_times(self.model.name, 1)  # raises when the model is not profiled
 
+    @property
+    def worker_devices(self) -> int:
+        """Devices one worker spans (``Schedule.worker_devices``); 0: pipelines over all devices."""
+        return self.cluster.worker_devices
+
+    @property
+    def worker_count(self) -> int:
+        """Workers the devices form (1: one pipeline over all of them)."""
+        return self.devices // self.worker_devices if self.worker_devices else 1
+
     def tp_degrees(self) -> list[int]:
+        span = self.worker_devices or self.devices
         return [k for k in self.profile.tp_degrees(self.model.name)
-                if k <= self.devices and (k == 1 or self.cluster.devices_per_node % k == 0)]
+                if k <= span and (k == 1 or self.cluster.devices_per_node % k == 0)]
 
     def layout(self, devices: int, tp: int, tp_stages: int, first_device: int = 0) -> PipelineLayout:
         return build_layout(devices, tp, tp_stages, self.model.layers, self.model.prefill_layers,
@@ -129,6 +140,12 @@ class Predictions:
         return Predictions(**{k: np.asarray(v)[i] for k, v in self.__dict__.items()})
 
 
+def replicated(p: Predictions, workers: int) -> Predictions:
+    """``workers`` data-parallel copies of a one-worker prediction sharing one queue: throughput
+    adds up; latency, batches and memory are each worker's."""
+    return replace(p, throughput_seq_s=p.throughput_seq_s * workers, throughput_tok_s=p.throughput_tok_s * workers)
+
+
 def _predictions(stats: WorkloadStats, thr, lat, ttft, tpot, batch, peak, mem, capacity) -> Predictions:
     arrays = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (thr, lat, ttft, tpot, batch, peak, mem)))
     thr, lat, ttft, tpot, batch, peak, mem = arrays
@@ -211,23 +228,24 @@ def _per_micro(curves: dict, microbatches, fn):
 
 
 def waa(sc: Scenario, stats: WorkloadStats, enc: PipelineLayout, dec: PipelineLayout, encode_batch,
-        decode_cap, microbatches, curves: dict | None = None) -> Predictions:
+        decode_cap, microbatches, curves: dict | None = None, encoders: int = 1, decoders: int = 1) -> Predictions:
     """Encoder and decoder pipelines run apart; encoded KV caches are handed to the decoders.
 
-    Steady state: the rate is the least of the encoder pipeline's, the KV link's and the
-    decoder's at its cap; the decode batch then follows Little's law, B_D = rate x E[o-1] x
-    T_iter(B_D). ``curves`` (from ``decode_curves``) may be passed to reuse the decoder tables."""
+    Steady state: the rate is the least of the encoders' (``encoders`` pipelines ``enc``), the
+    hand-off link's and the decoders' at their cap (``decoders`` pipelines ``dec``, each with
+    its own batch); a decoder's batch then follows Little's law, B_D = rate / decoders x E[o-1]
+    x T_iter(B_D). ``curves`` (from ``decode_curves``) may be passed to reuse the decoder tables."""
     curves = curves or decode_curves(sc, stats, dec, microbatches)
     et = sc.timer(enc)
     be = np.asarray(encode_batch, dtype=float)
     kv_req = sc.model.kv_bytes_per_request_layer(stats.mean_in, 0) * sc.model.layers
-    link = sc.cluster.link_between(enc.stages[-1].first_device + enc.stages[-1].tp - 1, dec.stages[0].first_device)
+    link = sc.cluster.handoff_link(enc.stages[-1].first_device + enc.stages[-1].tp - 1, dec.stages[0].first_device)
     slots = max_slots(dec, sc.model, stats.slot_tokens, sc.cluster.usable_memory_bytes)
     cap = np.minimum(np.asarray(decode_cap, dtype=float), slots - be)
-    lam_e = be / et.bottleneck_s(stats.prefill(be))
+    lam_e = encoders * be / et.bottleneck_s(stats.prefill(be))
     lam_d = np.where(cap > 0, _per_micro(curves, microbatches, lambda c: c.rate_at(np.maximum(cap, 0))), 0.0)
-    rate = np.minimum(np.minimum(lam_e, link.bandwidth_Bps / kv_req), lam_d)
-    batch = np.minimum(_per_micro(curves, microbatches, lambda c: c.batch_for(rate)), np.maximum(cap, 0))
+    rate = np.minimum(np.minimum(lam_e, link.bandwidth_Bps / kv_req), decoders * lam_d)
+    batch = np.minimum(_per_micro(curves, microbatches, lambda c: c.batch_for(rate / decoders)), np.maximum(cap, 0))
     t_it = _per_micro(curves, microbatches, lambda c: c.time_s(np.maximum(batch, 1e-9)))
     t_enc = et.path_s(stats.prefill(be)) + p2p_s(link, be * kv_req)
     lat = t_enc + t_it + (stats.o99 - 1) * t_it

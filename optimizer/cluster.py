@@ -89,6 +89,12 @@ class Cluster:
         same = device_a // self.devices_per_node == device_b // self.devices_per_node
         return self.intra_node if same else self.inter_node
 
+    @property
+    def worker_devices(self) -> int:
+        """Devices one worker spans: a CPU worker process is one device and forms no pipeline
+        or tensor-parallel group with others (0: accelerators, which plans pipeline over)."""
+        return 1 if self.device_threads else 0
+
     def handoff_link(self, device_a: int, device_b: int) -> Link:
         """The path a request's KV cache takes from encoder device ``a`` to decoder device ``b``."""
         return self.handoff if self.handoff is not None else self.link_between(device_a, device_b)

@@ -1,15 +1,22 @@
 """Batching policies as plain objects: state in, plan out.
 
-The same objects decide batches in the mesh's workers and in the simulator. A driver (worker
-loop or simulator) repeats::
+The same objects decide batches in the mesh's workers and in the simulator: both run them through
+``optimizer.driver.Driver``, which repeats::
 
     plan = policy.next_step(state)        # WorkerState -> StepPlan, no I/O, no clock
-    ... run plan.encode / plan.admit / plan.decode on the engine (or cost it) ...
+    ... an executor runs plan.encode / plan.admit / plan.decode (the engine, or a cost model) ...
     policy.on_step_done(plan, finished)   # ids that finished during the step
 
 ``state.running`` holds the requests in this worker's decode batch that have not finished (the
 engine drops finished requests at once: early termination). A policy keeps only the counters it
 needs between steps (RRA: decode iterations since the last encode; static: its current batch).
+
+Run-time adjustment (RRA and the WAA encoder, when the schedule carries its expectations): an
+encode batch takes queued requests oldest first while their prompt tokens stay nearest to
+``B_E x mean_input_len`` (short prompts: more requests, long ones: fewer; at least one, at most
+2 x B_E and the free slots); and RRA moves its effective B_E by one, between 1 and 2 x B_E, at
+each encode when its running decode batch (a moving average over decode steps) has drifted more
+than 10 % from the ``mean_decode_batch`` the plan expects.
 """
 
 from __future__ import annotations
@@ -40,8 +47,8 @@ class WorkerState:
 
     ``queued``: the head of the waiting queue, oldest first (at least as many as the policy may
     take). ``incoming``: encoded requests handed off to this decoder, ready to merge (WAA).
-    ``downstream_free``: free decode slots the decoders report to an encoder (WAA; None when the
-    worker decodes itself).
+    ``downstream_free``: decode slots reserved for this encoder's next batch (WAA credits; None
+    when the worker decodes itself).
     """
 
     queued: tuple[QueuedRequest, ...] = ()
@@ -53,8 +60,8 @@ class WorkerState:
 @dataclass(frozen=True)
 class StepPlan:
     """One step: prefill ``encode``, merge ``admit`` (hand-offs), then advance ``decode`` by one
-    token. ``padding`` counts slots computed without use (static batching keeps finished
-    requests' slots until its batch ends)."""
+    token (``decode`` includes the admitted requests). ``padding`` counts slots computed without
+    use (static batching keeps finished requests' slots until its batch ends)."""
 
     encode: tuple[str, ...] = ()
     decode: tuple[str, ...] = ()
@@ -81,23 +88,75 @@ def _ids(requests) -> tuple[str, ...]:
     return tuple(r.request_id for r in requests)
 
 
+DRIFT = 0.10  # relative drift of the decode batch that nudges B_E
+AVERAGE_WEIGHT = 0.1  # weight of the newest decode step in the decode batch's moving average
+
+
+class EncodeFill:
+    """Chooses encode batches: B_E requests, or the run-time adjustment described above."""
+
+    def __init__(self, schedule: Schedule, *, nudge: bool) -> None:
+        self.schedule = schedule
+        self.batch = float(schedule.encode_batch)  # effective B_E
+        self.average: float | None = None  # moving average of the decode batch
+        self._nudge = nudge and schedule.mean_decode_batch > 0
+
+    def take(self, queued: Sequence[QueuedRequest], room: int) -> tuple[str, ...]:
+        """Queued requests to encode now, oldest first, at most ``room``."""
+        if self._nudge and self.average is not None:
+            self._steer()
+        target = self.schedule.mean_input_len * self.batch
+        if target <= 0:
+            return _ids(queued[: min(self.schedule.encode_batch, room)])
+        limit = min(room, 2 * self.schedule.encode_batch)
+        tokens, taken = 0, []
+        for request in queued[:limit]:
+            if taken and tokens + request.input_len / 2 > target:
+                break
+            tokens += request.input_len
+            taken.append(request.request_id)
+        return tuple(taken)
+
+    def observe_decode(self, batch: int) -> None:
+        a = self.average
+        self.average = float(batch) if a is None else a + AVERAGE_WEIGHT * (batch - a)
+
+    def _steer(self) -> None:
+        expected, seen = self.schedule.mean_decode_batch, self.average
+        top = 2 * self.schedule.encode_batch
+        if seen < expected * (1 - DRIFT):
+            self.batch = min(self.batch + 1, top)
+        elif seen > expected * (1 + DRIFT):
+            self.batch = max(self.batch - 1, 1)
+
 class RraPolicy:
     """Round-robin allocation: encode up to B_E new requests (as many as slots freed), then
-    N_D decode iterations over the whole running batch."""
+    N_D decode iterations over the whole running batch. Requests handed to this worker (left
+    over from a WAA schedule) join the decode batch where slots are free."""
 
     def __init__(self, schedule: Schedule) -> None:
         self.schedule = schedule
+        self.fill = EncodeFill(schedule, nudge=True)
         self._since_encode = schedule.decode_iters_per_encode  # encode first
 
     def next_step(self, state: WorkerState) -> StepPlan:
         free = self.schedule.decode_batch - len(state.running)
         due = self._since_encode >= self.schedule.decode_iters_per_encode or not state.running
         if due and state.queued and free > 0:
-            return StepPlan(encode=_ids(state.queued[: min(self.schedule.encode_batch, free)]))
-        return StepPlan(decode=_ids(state.running)) if state.running else IDLE
+            return StepPlan(encode=self.fill.take(state.queued, free))
+        return _decode_admitting(state, free)
 
     def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
+        if plan.decode:
+            self.fill.observe_decode(len(plan.decode))
         self._since_encode = 0 if plan.encode else self._since_encode + bool(plan.decode)
+
+
+def _decode_admitting(state: WorkerState, free: int) -> StepPlan:
+    """Decode the running batch, merging handed-off requests into free slots."""
+    admit = _ids(state.incoming[: max(free, 0)])
+    batch = _ids(state.running) + admit
+    return StepPlan(decode=batch, admit=admit) if batch else IDLE
 
 
 class WaaEncoderPolicy:
@@ -105,11 +164,13 @@ class WaaEncoderPolicy:
 
     def __init__(self, schedule: Schedule) -> None:
         self.schedule = schedule
+        self.fill = EncodeFill(schedule, nudge=False)  # the decode batch is the decoders'
 
     def next_step(self, state: WorkerState) -> StepPlan:
-        room = self.schedule.encode_batch if state.downstream_free is None else state.downstream_free
-        take = min(self.schedule.encode_batch, room)
-        return StepPlan(encode=_ids(state.queued[:take])) if take > 0 and state.queued else IDLE
+        room = 2 * self.schedule.encode_batch if state.downstream_free is None else state.downstream_free
+        if room <= 0 or not state.queued:
+            return IDLE
+        return StepPlan(encode=self.fill.take(state.queued, room))
 
     def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
         pass
@@ -122,9 +183,7 @@ class WaaDecoderPolicy:
         self.schedule = schedule
 
     def next_step(self, state: WorkerState) -> StepPlan:
-        admit = state.incoming[: max(self.schedule.decode_batch - len(state.running), 0)]
-        batch = _ids(state.running) + _ids(admit)
-        return StepPlan(decode=batch, admit=_ids(admit)) if batch else IDLE
+        return _decode_admitting(state, self.schedule.decode_batch - len(state.running))
 
     def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
         pass
@@ -140,6 +199,11 @@ class StaticPolicy:
         self._live: set[str] = set()
 
     def next_step(self, state: WorkerState) -> StepPlan:
+        if not self._live and state.running:  # a batch this policy did not start (a new schedule)
+            self._size, self._live = len(state.running), set(_ids(state.running))
+        if not self._live and state.incoming:  # handed-off requests form a batch of their own
+            admit = _ids(state.incoming[: self.schedule.encode_batch])
+            return StepPlan(decode=admit, admit=admit)
         if not self._live:
             take = state.queued[: self.schedule.encode_batch]
             return StepPlan(encode=_ids(take)) if take else IDLE
@@ -147,34 +211,71 @@ class StaticPolicy:
         return StepPlan(decode=decode, padding=self._size - len(decode))
 
     def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
-        if plan.encode:
-            self._size, self._live = len(plan.encode), set(plan.encode)
+        if plan.encode or plan.admit:
+            started = plan.encode or plan.admit
+            self._size, self._live = len(started), set(started)
         self._live.difference_update(finished)
 
 
 class ContinuousPolicy:
     """Orca/vLLM-like iteration-level batching: every iteration admits queued requests into
-    free slots (at most B_E prefills per iteration) and decodes the rest in the same step."""
+    free slots (at most B_E prefills per iteration) and decodes the rest in the same step
+    (handed-off requests, left over from a WAA schedule, take free slots first)."""
 
     def __init__(self, schedule: Schedule) -> None:
         self.schedule = schedule
 
     def next_step(self, state: WorkerState) -> StepPlan:
         free = max(self.schedule.decode_batch - len(state.running), 0)
-        take = state.queued[: min(free, self.schedule.encode_batch)]
-        plan = StepPlan(encode=_ids(take), decode=_ids(state.running))
+        admit = _ids(state.incoming[:free])
+        take = state.queued[: min(free - len(admit), self.schedule.encode_batch)]
+        plan = StepPlan(encode=_ids(take), decode=_ids(state.running) + admit, admit=admit)
         return IDLE if plan.idle else plan
 
     def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
         pass
 
 
-Role = Literal["worker", "encoder", "decoder"]
+class DrainPolicy:
+    """A worker leaving its role: decode what runs until it has finished; take nothing new."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+
+    def next_step(self, state: WorkerState) -> StepPlan:
+        return StepPlan(decode=_ids(state.running)) if state.running else IDLE
+
+    def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
+        pass
+
+
+class IdlePolicy:
+    """A worker without a role (WAA, not yet allocated): nothing to run."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+
+    def next_step(self, state: WorkerState) -> StepPlan:
+        return IDLE
+
+    def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
+        pass
+
+
+Role = Literal["worker", "encoder", "decoder", "idle"]
+ROLES: tuple[Role, ...] = ("worker", "encoder", "decoder", "idle")
+
+
+def roles_of(schedule: Schedule) -> tuple[Role, ...]:
+    """The roles workers take under ``schedule`` (besides idle)."""
+    return ("encoder", "decoder") if schedule.split else ("worker",)
 
 
 def make_policy(schedule: Schedule, role: Role = "worker") -> BatchingPolicy:
     """The policy object a worker of ``role`` runs under ``schedule`` (WAA has two roles)."""
-    if schedule.policy in ("waa-c", "waa-m"):
+    if role == "idle":
+        return IdlePolicy(schedule)
+    if schedule.split:
         if role == "encoder":
             return WaaEncoderPolicy(schedule)
         if role == "decoder":

@@ -1,7 +1,8 @@
 """The execution schedule: what the scheduler publishes and what workers run.
 
-Pure data. The optimizer returns one of these; the mesh wraps it with a version number when it
-publishes it, and workers apply it between iterations.
+Pure data, defined once: the optimizer returns one of these, the mesh's ``ScheduleUpdate`` message
+carries it as it is (the codec encodes this dataclass; there is no second copy of its fields), and
+workers build their policy objects from it.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from typing import Literal
 
 Policy = Literal["rra", "waa-c", "waa-m", "static", "continuous"]
 POLICIES: tuple[Policy, ...] = ("rra", "waa-c", "waa-m", "static", "continuous")
+SPLIT_POLICIES: tuple[Policy, ...] = ("waa-c", "waa-m")
 
 
 @dataclass(frozen=True)
 class Schedule:
     """Control variables of ExeGPT (DESIGN.md §1).
 
-    - ``encode_batch`` (B_E): new requests encoded together in one prefill batch.
+    - ``encode_batch`` (B_E): new requests encoded together in one prefill batch (static
+      batching: its fixed batch).
     - ``decode_batch`` (B_D): the most requests in the running decode batch of one worker.
     - ``decode_microbatches`` (B_m count): decode batch split into this many pipeline micro-batches.
     - ``decode_iters_per_encode`` (N_D): RRA's decode iterations between two encode phases
@@ -26,6 +29,14 @@ class Schedule:
       pipeline stages (partial TP); ``tp_degree == 1`` means none.
     - ``encoder_devices`` / ``decoder_devices``: WAA's split of devices between roles
       (RRA: every device does both, ``encoder_devices == 0``).
+    - ``worker_devices``: devices one worker (a process, or a group of processes acting as one)
+      runs on. 0: each role is one pipeline over all of its devices (the paper's layout). n > 0:
+      the devices form workers of n devices each, data-parallel replicas under RRA, static and
+      continuous, or ``encoder_devices / n`` encoders and ``decoder_devices / n`` decoders under
+      WAA. Batch sizes are per worker.
+    - ``mean_input_len`` / ``mean_decode_batch``: what the plan expects (the workload's mean
+      prompt length; one worker's mean running decode batch). The run-time adjustment steers
+      encode batches towards them (``optimizer.policies``); 0 turns that adjustment off.
     """
 
     policy: Policy = "continuous"
@@ -38,6 +49,9 @@ class Schedule:
     num_devices: int = 1
     encoder_devices: int = 0
     decoder_devices: int = 1
+    worker_devices: int = 0
+    mean_input_len: float = 0.0
+    mean_decode_batch: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -47,5 +61,44 @@ class Schedule:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.tp_stages < 0 or self.encoder_devices < 0 or self.decoder_devices < 0:
-            raise ValueError("tp_stages, encoder_devices and decoder_devices must be >= 0")
+        for name in ("tp_stages", "encoder_devices", "decoder_devices", "worker_devices",
+                     "mean_input_len", "mean_decode_batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.worker_devices:
+            self._check_workers()
+
+    def _check_workers(self) -> None:
+        n = self.worker_devices
+        groups = (self.encoder_devices, self.decoder_devices) if self.split else (self.num_devices,)
+        if any(g % n for g in groups):
+            raise ValueError(f"worker_devices {n} must divide the devices of each role {groups}")
+        if self.split and not (self.encoder_devices and self.decoder_devices):
+            raise ValueError(f"{self.policy} needs encoder and decoder devices, got "
+                             f"{self.encoder_devices}/{self.decoder_devices}")
+
+    @property
+    def split(self) -> bool:
+        """Whether workers have separate encoder and decoder roles (WAA)."""
+        return self.policy in SPLIT_POLICIES
+
+    @property
+    def encoder_workers(self) -> int:
+        """Encoder workers (WAA); 0 for the other policies."""
+        if not self.split:
+            return 0
+        return self.encoder_devices // self.worker_devices if self.worker_devices else 1
+
+    @property
+    def decoder_workers(self) -> int:
+        """Decoder workers (WAA); 0 for the other policies."""
+        if not self.split:
+            return 0
+        return self.decoder_devices // self.worker_devices if self.worker_devices else 1
+
+    @property
+    def workers(self) -> int:
+        """Workers this schedule is planned for (every role)."""
+        if self.split:
+            return self.encoder_workers + self.decoder_workers
+        return self.num_devices // self.worker_devices if self.worker_devices else 1

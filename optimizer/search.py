@@ -138,12 +138,13 @@ def _micro(space: SearchSpace, depth: int) -> list[int]:
     return [m for m in space.microbatches if m == 1 or m <= depth]
 
 
-def tp_configs(sc: Scenario) -> list[tuple[int, int]]:
-    """(TP degree, stages using it), partial TP included; (1, 0) is plain pipelining. A layout
-    needs no more stages than the model has layers."""
-    configs = [(1, 0)] + [(k, s) for k in sc.tp_degrees() if k > 1 for s in range(1, sc.devices // k + 1)]
+def tp_configs(sc: Scenario, devices: int | None = None) -> list[tuple[int, int]]:
+    """(TP degree, stages using it) for a pipeline of ``devices`` (default: all), partial TP
+    included; (1, 0) is plain pipelining. A layout needs no more stages than the model has layers."""
+    n = devices or sc.devices
+    configs = [(1, 0)] + [(k, s) for k in sc.tp_degrees() if k > 1 for s in range(1, n // k + 1)]
     depth_limit = min(sc.model.layers, sc.model.prefill_layers)
-    return [(k, s) for k, s in configs if sc.devices - s * (k - 1) <= depth_limit]
+    return [(k, s) for k, s in configs if n - s * (k - 1) <= depth_limit]
 
 
 def _slots(f: "Figures") -> int:
@@ -152,36 +153,43 @@ def _slots(f: "Figures") -> int:
 
 
 def _single_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str) -> list[Family]:
+    """One pipeline over all devices, or (``sc.worker_devices``) data-parallel workers."""
     fams = []
-    for k, s in tp_configs(sc):
-        layout = sc.layout(sc.devices, k, s)
-        common = dict(tp_degree=k, tp_stages=s, num_devices=sc.devices, decoder_devices=sc.devices)
+    span = sc.worker_devices or sc.devices
+    for k, s in tp_configs(sc, span):
+        layout = sc.layout(span, k, s)
+        common = dict(tp_degree=k, tp_stages=s, num_devices=sc.devices, decoder_devices=sc.devices,
+                      worker_devices=sc.worker_devices)
         fams.append(_single_family(sc, stats, space, policy, layout, common))
     return fams
 
 
 def _single_family(sc, stats, space, policy, layout: PipelineLayout, common) -> Family:
     micro = _micro(space, layout.depth)
+    n = sc.worker_count
+    expect = dict(mean_input_len=stats.mean_in)
     if policy == "rra":
         nds = [n for n in space.iters_per_encode if n <= max(sc.workload.output.maximum - 1, 1)]
         return Family(
             "rra", space.max_encode_batch, _grid(m=micro, nd=nds),
-            lambda b, m, nd: analytic.rra(sc, stats, layout, b, nd, m),
+            lambda b, m, nd: analytic.replicated(analytic.rra(sc, stats, layout, b, nd, m), n),
             lambda b, f, m, nd: Schedule("rra", encode_batch=b, decode_batch=_slots(f), decode_microbatches=m,
-                                         decode_iters_per_encode=nd, **common))
+                                         decode_iters_per_encode=nd, mean_decode_batch=f.decode_batch,
+                                         **expect, **common))
     if policy == "static":
         return Family(
             "static", space.static_max_batch, _grid(m=micro),
-            lambda b, m: analytic.static(sc, stats, layout, b, m),
+            lambda b, m: analytic.replicated(analytic.static(sc, stats, layout, b, m), n),
             lambda b, f, m: Schedule("static", encode_batch=b, decode_batch=b, decode_microbatches=m, **common))
     return Family(
         "continuous", space.continuous_max_batch, _grid(m=micro),
-        lambda b, m: analytic.continuous(sc, stats, layout, b, m),
+        lambda b, m: analytic.replicated(analytic.continuous(sc, stats, layout, b, m), n),
         lambda b, f, m: Schedule("continuous", encode_batch=b, decode_batch=b, decode_microbatches=m, **common))
 
 
 def waa_split(sc: Scenario, stats: WorkloadStats, policy: str, tp: int) -> int:
-    """Encoder devices for WAA-C (compute-proportional) or WAA-M (memory-proportional).
+    """Encoder devices for WAA-C (compute-proportional) or WAA-M (memory-proportional), a
+    multiple of ``tp`` (the TP degree, or the devices of one worker).
 
     Shares are taken at a reference operating point: 16 requests encoded per decode iteration
     (so a decode batch of 16 x E[o-1]), per-request work on one device."""
@@ -201,24 +209,30 @@ def waa_split(sc: Scenario, stats: WorkloadStats, policy: str, tp: int) -> int:
 
 
 def _waa_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str) -> list[Family]:
+    """One encoder and one decoder pipeline, or (``sc.worker_devices``) encoder and decoder
+    workers of that many devices each."""
     fams = []
+    w = sc.worker_devices
     for k in sc.tp_degrees():
-        if sc.devices < 2 * k:
+        unit = w or k  # devices are split between roles in whole workers (or TP groups)
+        if sc.devices < 2 * unit:
             continue
-        e = waa_split(sc, stats, policy, k)
+        e = waa_split(sc, stats, policy, unit)
         d = sc.devices - e
-        if max(e, d) // k > sc.model.layers:
+        enc_span, dec_span = w or e, w or d
+        if max(enc_span, dec_span) // k > sc.model.layers:
             continue
-        enc, dec = sc.layout(e, k, e // k), sc.layout(d, k, d // k, e)
-        common = dict(tp_degree=k, tp_stages=sc.devices // k, num_devices=sc.devices,
-                      encoder_devices=e, decoder_devices=d)
+        enc, dec = sc.layout(enc_span, k, enc_span // k), sc.layout(dec_span, k, dec_span // k, e)
+        roles = dict(encoders=e // enc_span, decoders=d // dec_span)
+        common = dict(tp_degree=k, tp_stages=sc.devices // k, num_devices=sc.devices, encoder_devices=e,
+                      decoder_devices=d, worker_devices=w, mean_input_len=stats.mean_in)
         caps = np.asarray(space.decode_caps)
         micro = _micro(space, dec.depth)
         curves = analytic.decode_curves(sc, stats, dec, micro)
         fams.append(Family(
             policy, len(caps), _grid(m=micro, be=range(1, space.waa_max_encode_batch + 1)),
-            lambda i, m, be, enc=enc, dec=dec, curves=curves: analytic.waa(sc, stats, enc, dec, be, caps[i - 1],
-                                                                           m, curves),
+            lambda i, m, be, enc=enc, dec=dec, curves=curves, roles=roles: analytic.waa(
+                sc, stats, enc, dec, be, caps[i - 1], m, curves, **roles),
             lambda i, f, m, be, common=common: Schedule(policy, encode_batch=be, decode_batch=_slots(f),
                                                         decode_microbatches=m, **common)))
     return fams

@@ -1,9 +1,12 @@
 """Event-driven simulation: drive the policy objects with a virtual clock and profiled step times.
 
-Single-pipeline policies (RRA, static, continuous) run as one worker over all devices. WAA runs
-an encoder pipeline and a decoder pipeline side by side: the encoder starts a batch every
-bottleneck interval, the batch's KV caches reach the decoder after the pipeline path plus the
-hand-off transfer, and the decoder merges them at its next iteration boundary.
+Each simulated worker runs ``optimizer.driver.Driver`` with the policy object a real worker runs
+(only the executor differs: here a cost model on a virtual clock). Single-pipeline policies (RRA,
+static, continuous) run one worker over all devices, or ``Schedule.workers`` replicas sharing one
+queue. WAA runs encoders and decoders side by side: an encoder starts a batch every bottleneck
+interval, once it holds credits (free decode slots, as the mesh's credit counter grants them); the
+batch's KV caches reach the decoders after the pipeline path plus the hand-off transfer, and a
+decoder merges them at its next iteration boundary.
 
 Step costs use each step's real requests (prompt lengths, current contexts), unlike the mean-field
 ``optimizer.analytic`` model, which this simulation checks.
@@ -14,15 +17,17 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass
+from itertools import islice
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
 from optimizer.analytic import Scenario, WorkloadStats
 from optimizer.cluster import p2p_s
+from optimizer.driver import Driver, StepOutcome
 from optimizer.layout import PipelineLayout
-from optimizer.policies import (BatchingPolicy, QueuedRequest, RunningRequest, StepPlan, WorkerState,
-                                make_policy)
+from optimizer.policies import QueuedRequest, Role, RunningRequest, StepPlan, make_policy
 from optimizer.profile import StepShape
 from optimizer.schedule import Schedule
 from optimizer.timing import PipelineTimer, memory_per_device
@@ -109,13 +114,25 @@ class _Costs:
         return float(self.timer.iteration_s(shape, self.m))
 
 
-class _Book:
-    """Request bookkeeping shared by the drivers: queue, running batch, records."""
+ARRIVAL_SLACK_S = 1e-9  # an arrival this close to a step boundary counts as arrived at it
 
-    def __init__(self, requests) -> None:
-        self.pending = deque(sorted(requests, key=lambda r: r.arrival_s))
-        self.queue: deque[SimRequest] = deque()
+
+class _Book:
+    """Request bookkeeping shared by the simulated workers: arrivals, the shared queue, records.
+
+    ``closed_loop`` > 0: that many requests are released at the start and each completion
+    releases the next one at its finish time (a saturated closed-loop client)."""
+
+    def __init__(self, requests, closed_loop: int = 0) -> None:
         self.by_id = {r.request_id: r for r in requests}
+        self.closed_loop = closed_loop
+        ordered = sorted(requests, key=lambda r: r.arrival_s)
+        if closed_loop:
+            self.held = deque(ordered[closed_loop:])
+            ordered = [replace(r, arrival_s=0.0) for r in ordered[:closed_loop]]
+            self.by_id.update((r.request_id, r) for r in ordered)
+        self.pending = deque(ordered)
+        self.queue: dict[str, QueuedRequest] = {}  # arrived, not taken by a worker
         self.generated: dict[str, int] = {}
         self.start: dict[str, float] = {}
         self.first: dict[str, float] = {}
@@ -124,23 +141,20 @@ class _Book:
         self.peak = 0
 
     def arrive(self, now: float) -> None:
-        while self.pending and self.pending[0].arrival_s <= now:
-            self.queue.append(self.pending.popleft())
+        while self.pending and self.pending[0].arrival_s <= now + ARRIVAL_SLACK_S:
+            r = self.pending.popleft()
+            self.queue[r.request_id] = QueuedRequest(r.request_id, r.input_len, r.arrival_s)
 
     def next_arrival(self) -> float:
         return self.pending[0].arrival_s if self.pending else math.inf
 
-    def head(self, n: int) -> tuple[QueuedRequest, ...]:
-        return tuple(QueuedRequest(r.request_id, r.input_len, r.arrival_s) for _, r in zip(range(n), self.queue))
+    def head(self, n: int) -> dict[str, QueuedRequest]:
+        return dict(islice(self.queue.items(), n))
 
     def take(self, ids, now: float) -> None:
-        wanted = set(ids)
-        self.queue = deque(r for r in self.queue if r.request_id not in wanted)
         for i in ids:
+            del self.queue[i]
             self.start[i] = now
-
-    def running_view(self, ids) -> tuple[RunningRequest, ...]:
-        return tuple(RunningRequest(i, self.by_id[i].input_len, self.generated[i]) for i in ids)
 
     def emit(self, rid: str, now: float) -> bool:
         """One token for ``rid`` at ``now``; True when it finishes the request."""
@@ -151,127 +165,158 @@ class _Book:
             return False
         self.records.append(RequestRecord(rid, req.input_len, req.output_len, req.arrival_s,
                                           self.start[rid], self.first[rid], now, self.generated[rid]))
+        if self.closed_loop and self.held:
+            nxt = replace(self.held.popleft(), arrival_s=now)
+            self.by_id[nxt.request_id] = nxt
+            self.pending.append(nxt)  # completions come in time order, so arrivals stay sorted
         return True
 
     def context(self, rid: str) -> int:
         return self.by_id[rid].input_len + self.generated[rid]
 
+    @property
+    def done(self) -> bool:
+        return not (self.pending or self.queue) and len(self.records) == len(self.by_id)
 
-def _run_single(book: _Book, policy: BatchingPolicy, costs: _Costs, window: int) -> None:
-    now, running = 0.0, []
-    while book.pending or book.queue or running:
+
+class _Fleet:
+    """What the simulated workers share: the book, WAA's credits and hand-offs in flight."""
+
+    def __init__(self, book: _Book, kv_link=None, kv_bytes_token: float = 0.0) -> None:
+        self.book = book
+        self.kv_link, self.kv_bytes_token = kv_link, kv_bytes_token
+        self.credits = 0  # free decode slots not yet promised (the mesh's credit counter)
+        self.handoffs: list[tuple[float, int, str]] = []  # (ready at, order, request id)
+        self.order = 0
+        self.workers: list[_SimWorker] = []
+
+    def hand_off(self, rid: str, at: float, prompt_len: int) -> None:
+        ready = at + p2p_s(self.kv_link, self.kv_bytes_token * prompt_len)
+        heapq.heappush(self.handoffs, (ready, self.order, rid))
+        self.order += 1
+
+    def next_handoff(self) -> float:
+        return self.handoffs[0][0] if self.handoffs else math.inf
+
+    def next_step_end(self, role: str) -> float:
+        ends = [w.busy_until for w in self.workers if w.role == role and w.step is not None]
+        return min(ends, default=math.inf)
+
+
+class _SimWorker:
+    """One simulated worker: a driver running the policy, its step costs, its time line.
+
+    A step is planned at a boundary, takes its profiled time, and its tokens come at its end.
+    An encoder pipeline starts a batch every bottleneck interval; a batch's first tokens come
+    after the pipeline's path and its KV caches reach the decoders after the hand-off link."""
+
+    def __init__(self, fleet: _Fleet, role: Role, schedule: Schedule, costs: _Costs | None,
+                 step_s: Callable[[StepPlan, StepShape | None], float] | None = None) -> None:
+        self.fleet, self.role, self.costs = fleet, role, costs
+        self.driver = Driver(make_policy(schedule, role))
+        self.capacity = schedule.decode_batch
+        self.step_s = step_s  # replaces the cost model (replaying a recorded run)
+        self.busy_until = 0.0
+        self.step: StepPlan | None = None
+        self.plans: list[StepPlan] = []
+        self.waiting = False  # planned idle; wait for something outside to change
+        if role == "decoder":
+            fleet.credits += self.capacity
+
+    # --- when this worker acts next --------------------------------------------------------------
+    def next_at(self, clock: float) -> float:
+        if self.step is not None:
+            return self.busy_until
+        book = self.fleet.book
+        if self.role == "decoder":
+            ready = self.driver.running or self.driver.incoming
+            at = self.busy_until if ready and not self.waiting else self.fleet.next_handoff()
+            return max(at, self.busy_until, clock)
+        if self.role == "encoder" and self.fleet.credits <= 0:
+            return max(self.busy_until, self.fleet.next_step_end("decoder"), clock)
+        work = (book.queue or self.driver.running) and not self.waiting
+        at = self.busy_until if work else book.next_arrival()
+        if self.waiting and self.driver.running:
+            at = min(at, self.fleet.next_step_end("worker"))
+        return max(at, self.busy_until, clock)
+
+    # --- one boundary ----------------------------------------------------------------------------
+    def act(self, now: float) -> None:
+        book = self.fleet.book
+        self._finish_step(now)
         book.arrive(now)
-        plan = policy.next_step(WorkerState(book.head(window), book.running_view(running)))
+        self._intake(now)
+        plan = self.driver.plan()
+        self.waiting = plan.idle
         if plan.idle:
-            now = book.next_arrival()
-            continue
-        shape = costs.shape([book.by_id[i].input_len for i in plan.encode],
-                            [book.context(i) for i in plan.decode], plan.padding, [])
-        dt = costs.iteration_s(shape)
+            return
+        self.plans.append(plan)
         book.take(plan.encode, now)
+        shape = self._shape(plan)
+        if self.role == "encoder":
+            self._encode(plan, shape, now)
+            return
+        dt = self.step_s(plan, shape) if self.step_s else self.costs.iteration_s(shape)
         if plan.decode:
             book.steps.append(DecodeStep(now, dt, len(plan.decode), len(book.start)))
-        now += dt
-        finished = [i for i in plan.decode + plan.encode if book.emit(i, now)]
-        done = set(finished)
-        running = [i for i in running + list(plan.encode) if i not in done]
-        book.peak = max(book.peak, len(running))
-        policy.on_step_done(plan, finished)
+        self.step, self.busy_until = plan, now + dt
 
+    def _intake(self, now: float) -> None:
+        d, book = self.driver, self.fleet.book
+        if self.role in ("worker", "encoder"):
+            d.queued = book.head(d.window)
+        if self.role == "encoder":
+            d.downstream_free = max(self.fleet.credits, 0)
+        if self.role == "decoder":
+            room = self.capacity - len(d.running) - len(d.incoming)
+            while room > 0 and self.fleet.handoffs and self.fleet.handoffs[0][0] <= now + ARRIVAL_SLACK_S:
+                rid = heapq.heappop(self.fleet.handoffs)[2]
+                d.offer(RunningRequest(rid, book.by_id[rid].input_len, book.generated[rid]))
+                room -= 1
 
-class _WaaDriver:
-    """An encoder pipeline and a decoder pipeline, each acting at its own next free time."""
+    def _shape(self, plan: StepPlan) -> StepShape | None:
+        book = self.fleet.book
+        decode = list(plan.decode)
+        if self.costs is None:  # replaying recorded step times
+            return None
+        return self.costs.shape([book.by_id[i].input_len for i in plan.encode],
+                                [book.context(i) for i in decode], plan.padding,
+                                [book.by_id[i].input_len for i in decode])
 
-    def __init__(self, book: _Book, schedule: Schedule, enc: _Costs, dec: _Costs, kv_link,
-                 kv_bytes_token: float, window: int) -> None:
-        self.book, self.schedule, self.enc, self.dec = book, schedule, enc, dec
-        self.kv_link, self.kv_bytes_token, self.window = kv_link, kv_bytes_token, window
-        self.encoder, self.decoder = make_policy(schedule, "encoder"), make_policy(schedule, "decoder")
-        self.t_enc = self.t_dec = self.clock = 0.0
-        self.inflight: list[tuple[float, int, tuple[str, ...]]] = []  # (ready time, batch no, ids)
-        self.batches = 0
-        self.ready: list[str] = []
-        self.running: list[str] = []
-        self.step: StepPlan | None = None  # the decode step in flight, applied when it ends
-
-    def run(self) -> None:
-        while True:
-            enc_at, dec_at = self._encoder_next(), self._decoder_next()
-            if math.isinf(enc_at) and math.isinf(dec_at):
-                return
-            if dec_at <= enc_at:
-                self.clock = dec_at
-                self._decode(dec_at)
-            else:
-                self.clock = enc_at
-                self._encode(enc_at)
-
-    def _free_slots(self) -> int:
-        pending = len(self.ready) + sum(len(ids) for _, _, ids in self.inflight)
-        return self.schedule.decode_batch - len(self.running) - pending
-
-    def _encoder_next(self) -> float:
-        if not (self.book.queue or self.book.pending):
-            return math.inf
-        at = self.t_enc if self.book.queue else max(self.t_enc, self.book.next_arrival())
-        at = max(at, self.clock)  # a blocked encoder resumes when room appears, not before
-        return at if self._free_slots() > 0 else max(at, self._decoder_next())
-
-    def _decoder_next(self) -> float:
-        if self.step is not None or self.running or self.ready:
-            return self.t_dec
-        return max(self.t_dec, self.inflight[0][0]) if self.inflight else math.inf
-
-    def _encode(self, now: float) -> None:
-        self.book.arrive(now)
-        state = WorkerState(self.book.head(self.window), downstream_free=self._free_slots())
-        plan = self.encoder.next_step(state)
-        if plan.idle:  # no room downstream before the decoder's current step ends
-            self.t_enc = max(now, self._decoder_next())
-            return
-        lens = [self.book.by_id[i].input_len for i in plan.encode]
-        shape = self.enc.shape(lens, [], 0, [])
-        self.book.take(plan.encode, now)
-        done_at = now + self.enc.encode_path_s(shape)
-        finished = [i for i in plan.encode if self.book.emit(i, done_at)]
-        moving = tuple(i for i in plan.encode if i not in set(finished))
-        if moving:
-            transfer = p2p_s(self.kv_link, self.kv_bytes_token * sum(lens))
-            heapq.heappush(self.inflight, (done_at + transfer, self.batches, moving))
-            self.batches += 1
-        self.t_enc = now + self.enc.encode_interval_s(shape)
-        self.encoder.on_step_done(plan, finished)
-
-    def _finish_step(self) -> None:
-        """Apply the decode step that ends now: its tokens, finished requests, freed slots."""
+    def _finish_step(self, now: float) -> None:
         if self.step is None:
             return
         plan, self.step = self.step, None
-        finished = [i for i in plan.decode if self.book.emit(i, self.t_dec)]
-        done = set(finished)
-        self.running = [i for i in self.running if i not in done]
-        self.decoder.on_step_done(plan, finished)
+        book = self.fleet.book
+        finished = tuple(i for i in (*plan.encode, *plan.decode) if book.emit(i, now))
+        self.driver.complete(plan, StepOutcome(finished))
+        if self.role == "decoder":
+            self.fleet.credits += len(finished)
+        book.peak = max(book.peak, len(self.driver.running))
 
-    def _decode(self, now: float) -> None:
-        self.t_dec = now
-        self._finish_step()
-        while self.inflight and self.inflight[0][0] <= now:
-            self.ready.extend(heapq.heappop(self.inflight)[2])
-        book = self.book
-        plan = self.decoder.next_step(WorkerState(running=book.running_view(self.running),
-                                                  incoming=book.running_view(self.ready)))
-        if plan.idle:
-            return
-        admitted = set(plan.admit)
-        self.ready = [i for i in self.ready if i not in admitted]
-        self.running += list(plan.admit)
-        book.peak = max(book.peak, len(self.running))
-        shape = self.dec.shape([], [book.context(i) for i in plan.decode], 0,
-                               [book.by_id[i].input_len for i in plan.decode])
-        dt = self.dec.iteration_s(shape)
-        book.steps.append(DecodeStep(now, dt, len(plan.decode), len(book.start)))
-        self.step, self.t_dec = plan, now + dt
+    def _encode(self, plan: StepPlan, shape: StepShape, now: float) -> None:
+        book, fleet = self.fleet.book, self.fleet
+        fleet.credits -= len(plan.encode)
+        done_at = now + (self.step_s(plan, shape) if self.step_s else self.costs.encode_path_s(shape))
+        finished = tuple(i for i in plan.encode if book.emit(i, done_at))
+        fleet.credits += len(finished)  # finished at prefill: nothing to hand off
+        moving = tuple(i for i in plan.encode if i not in set(finished))
+        for rid in moving:
+            fleet.hand_off(rid, done_at, book.by_id[rid].input_len)
+        self.driver.complete(plan, StepOutcome(finished, moving))
+        self.busy_until = done_at if self.step_s else now + self.costs.encode_interval_s(shape)
 
+
+def _run(fleet: _Fleet) -> None:
+    """Let the worker that can act first act, until every request finished. At equal times,
+    steps that end go first (a worker waiting for them must see their effect)."""
+    clock = 0.0
+    while not fleet.book.done:
+        at, _, worker = min((w.next_at(clock), w.step is None, i) for i, w in enumerate(fleet.workers))
+        if math.isinf(at):
+            raise RuntimeError("simulation stalled: requests remain but no worker can act")
+        clock = at
+        fleet.workers[worker].act(clock)
 
 def _pcts(values) -> dict[str, float]:
     if len(values) == 0:
@@ -315,31 +360,53 @@ def goodput_seq_s(result: SimulationResult, ttft_slo_s: float, tpot_slo_s: float
     return len(good) / (hi - lo) if hi > lo else math.nan
 
 
-def simulate(sc: Scenario, schedule: Schedule, requests) -> SimulationResult:
-    """Run ``requests`` (see ``requests_from_workload``) under ``schedule``; deterministic."""
+def simulate(sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0) -> SimulationResult:
+    """Run ``requests`` (see ``requests_from_workload``) under ``schedule``; deterministic.
+
+    ``closed_loop`` > 0 ignores the requests' arrival times: that many are outstanding at any
+    time, each completion releasing the next (a saturated closed-loop client)."""
     if not requests:
         raise ValueError("simulate needs at least one request")
     stats = WorkloadStats(sc.workload)
-    book = _Book(requests)
-    window = max(schedule.encode_batch, schedule.decode_batch)
-    k = schedule.tp_degree
-    if schedule.policy in ("waa-c", "waa-m"):
-        enc_l = sc.layout(schedule.encoder_devices, k, schedule.encoder_devices // k)
-        dec_l = sc.layout(schedule.decoder_devices, k, schedule.decoder_devices // k, schedule.encoder_devices)
-        link = sc.cluster.link_between(schedule.encoder_devices - 1, schedule.encoder_devices)
-        kv_tok = sc.model.kv_bytes_per_token_layer * sc.model.layers
-        _WaaDriver(book, schedule, _Costs(sc.timer(enc_l), 1), _Costs(sc.timer(dec_l), schedule.decode_microbatches),
-                   link, kv_tok, window).run()
-        memory = float(memory_per_device(dec_l, sc.model, book.peak, stats.slot_tokens))
+    fleet = _Fleet(_Book(requests, closed_loop))
+    if schedule.split:
+        enc_l, dec_l = worker_layouts(sc, schedule)
+        fleet.kv_link = sc.cluster.handoff_link(enc_l.stages[-1].first_device, dec_l.stages[0].first_device)
+        fleet.kv_bytes_token = sc.model.kv_bytes_per_token_layer * sc.model.layers
+        enc, dec = _Costs(sc.timer(enc_l), 1), _Costs(sc.timer(dec_l), schedule.decode_microbatches)
+        fleet.workers = ([_SimWorker(fleet, "encoder", schedule, enc) for _ in range(schedule.encoder_workers)]
+                         + [_SimWorker(fleet, "decoder", schedule, dec) for _ in range(schedule.decoder_workers)])
+        layout, slot = dec_l, stats.slot_tokens
     else:
-        layout = sc.layout(schedule.num_devices, k, schedule.tp_stages)
-        _run_single(book, make_policy(schedule), _Costs(sc.timer(layout), schedule.decode_microbatches), window)
+        layout = worker_layouts(sc, schedule)[0]
+        costs = _Costs(sc.timer(layout), schedule.decode_microbatches)
+        fleet.workers = [_SimWorker(fleet, "worker", schedule, costs) for _ in range(schedule.workers)]
         slot = stats.static_slot_tokens if schedule.policy == "static" else stats.slot_tokens
-        memory = float(memory_per_device(layout, sc.model, book.peak, slot))
-    return _summary(book, stats, memory, sc.cluster.usable_memory_bytes)
+    _run(fleet)
+    memory = float(memory_per_device(layout, sc.model, fleet.book.peak, slot))
+    return _summary(fleet.book, stats, memory, sc.cluster.usable_memory_bytes)
 
 
-def waa_layouts(sc: Scenario, schedule: Schedule) -> tuple[PipelineLayout, PipelineLayout]:
+def replay(schedule: Schedule, requests, durations_s, *, role: Role = "worker") -> list[StepPlan]:
+    """The StepPlans one worker takes when ``requests`` reach it at their ``arrival_s`` and its
+    steps last ``durations_s`` (a real worker's recorded boundaries), in order: the simulator's
+    driver and policy over a recorded time line instead of a cost model."""
+    fleet = _Fleet(_Book(requests))
+    times = iter(durations_s)
+    worker = _SimWorker(fleet, role, schedule, None, step_s=lambda plan, shape: next(times))
+    fleet.workers = [worker]
+    _run(fleet)
+    return worker.plans
+
+
+def worker_layouts(sc: Scenario, schedule: Schedule) -> tuple[PipelineLayout, ...]:
+    """The pipeline one worker runs on: (encoder, decoder) under WAA, (worker,) otherwise.
+
+    Replicas of a worker have the same layout (their devices differ, their times do not)."""
     k = schedule.tp_degree
-    return (sc.layout(schedule.encoder_devices, k, schedule.encoder_devices // k),
-            sc.layout(schedule.decoder_devices, k, schedule.decoder_devices // k, schedule.encoder_devices))
+    wd = schedule.worker_devices
+    if schedule.split:
+        e = wd or schedule.encoder_devices
+        d = wd or schedule.decoder_devices
+        return (sc.layout(e, k, e // k), sc.layout(d, k, d // k, schedule.encoder_devices))
+    return (sc.layout(wd or schedule.num_devices, k, schedule.tp_stages),)

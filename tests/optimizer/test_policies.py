@@ -1,6 +1,6 @@
 import pytest
 
-from optimizer.policies import (ContinuousPolicy, QueuedRequest, RraPolicy, RunningRequest, StaticPolicy,
+from optimizer.policies import (ContinuousPolicy, QueuedRequest, RraPolicy, RunningRequest, StaticPolicy, StepPlan,
                                 WaaDecoderPolicy, WaaEncoderPolicy, WorkerState, make_policy)
 from optimizer.schedule import Schedule
 
@@ -81,3 +81,43 @@ def test_make_policy_gives_each_role_its_object():
 def test_bad_schedules_rejected(kwargs):
     with pytest.raises(ValueError):
         Schedule(**kwargs)
+
+
+def _lens(*lengths):
+    return tuple(QueuedRequest(f"q{i}", n) for i, n in enumerate(lengths))
+
+
+def test_encode_batches_fill_to_the_expected_prompt_tokens():
+    s = Schedule("rra", encode_batch=4, decode_batch=64, mean_input_len=10.0)
+    policy = RraPolicy(s)
+    assert policy.next_step(WorkerState(_lens(30, 5, 5, 5, 20))).encode == ("q0", "q1", "q2")  # ~40 tokens
+    assert len(RraPolicy(s).next_step(WorkerState(_lens(*[2] * 20))).encode) == 8  # short: up to 2 x B_E
+    assert RraPolicy(s).next_step(WorkerState(_lens(90, 1))).encode == ("q0",)  # long: at least one
+    off = RraPolicy(Schedule("rra", encode_batch=4, decode_batch=64))
+    assert len(off.next_step(WorkerState(_lens(*[2] * 20))).encode) == 4  # no expectation: plain B_E
+
+
+def test_rra_nudges_its_encode_batch_when_the_decode_batch_drifts():
+    s = Schedule("rra", encode_batch=2, decode_batch=64, decode_iters_per_encode=1, mean_input_len=4.0,
+                 mean_decode_batch=10.0)
+    small, large = RraPolicy(s), RraPolicy(s)
+    queue = _lens(*[4] * 30)
+    for policy, batch in ((small, 3), (large, 30)):
+        for _ in range(5):  # decode steps far from the expected batch, each followed by an encode
+            running = tuple(RunningRequest(f"r{i}", 4, 2) for i in range(batch))
+            policy.on_step_done(StepPlan(decode=tuple(r.request_id for r in running)), [])
+            policy.on_step_done(policy.next_step(WorkerState(queue, running)), [])
+    assert small.fill.batch == 4 and large.fill.batch == 1  # 2 -> up to 2 x B_E, or down to 1
+
+
+def test_a_worker_merges_left_over_hand_offs_into_free_slots():
+    incoming = _running("h1", "h2", "h3")
+    cont = ContinuousPolicy(Schedule("continuous", encode_batch=4, decode_batch=4))
+    plan = cont.next_step(WorkerState(_queue(3), _running("a", "b"), incoming))
+    assert plan.admit == ("h1", "h2") and plan.encode == () and plan.decode == ("a", "b", "h1", "h2")
+    rra = RraPolicy(Schedule("rra", encode_batch=2, decode_batch=3, decode_iters_per_encode=5))
+    rra.on_step_done(StepPlan(encode=("a",)), [])
+    assert rra.next_step(WorkerState((), _running("a"), incoming)).admit == ("h1", "h2")
+    static = StaticPolicy(Schedule("static", encode_batch=2, decode_batch=2))
+    plan = static.next_step(WorkerState(_queue(3), (), incoming))
+    assert plan.admit == ("h1", "h2") and plan.decode == ("h1", "h2") and not plan.encode

@@ -148,3 +148,47 @@ def test_searched_schedules_run_as_predicted(opt13b_s, policies, bound_s):
     assert sim.throughput_seq_s == pytest.approx(best.figures.throughput_seq_s, rel=THROUGHPUT_TOL)
     assert sim.latency_p99_len_s == pytest.approx(best.figures.latency_p99_s, rel=LATENCY_TOL)
     assert sim.fits_memory and sim.peak_running <= best.schedule.decode_batch
+
+
+@pytest.fixture(scope="module")
+def two_workers(profile):
+    """OPT-1.3B on two single-device workers (a cluster of worker processes, as on a CPU host)."""
+    from dataclasses import replace
+
+    cluster = replace(H200_CLUSTER, device_threads=1, devices_per_node=2)
+    return Scenario(MODELS["opt-1.3b"], profile, cluster, TASKS["S"], 2)
+
+
+@pytest.mark.parametrize("schedule", [
+    Schedule("rra", encode_batch=8, decode_batch=400, decode_iters_per_encode=4, num_devices=2, decoder_devices=2,
+             worker_devices=1),
+    Schedule("continuous", encode_batch=32, decode_batch=32, num_devices=2, decoder_devices=2, worker_devices=1),
+    Schedule("waa-c", encode_batch=4, decode_batch=400, num_devices=2, encoder_devices=1, decoder_devices=1,
+             worker_devices=1),
+], ids=lambda s: s.policy)
+def test_workers_as_replicas_or_a_split_run_as_the_analytic_model_says(two_workers, schedule):
+    from optimizer.search import families
+
+    sc = two_workers
+    stats = WorkloadStats(sc.workload)
+    sim = simulate(sc, schedule, _reqs(sc, 800))
+    layout = sc.layout(1, 1, 0)
+    if schedule.policy == "waa-c":
+        pred = analytic.waa(sc, stats, layout, sc.layout(1, 1, 0, 1), 4, 400, 1)
+    elif schedule.policy == "rra":
+        pred = analytic.replicated(analytic.rra(sc, stats, layout, 8, 4, 1), 2)
+    else:
+        pred = analytic.replicated(analytic.continuous(sc, stats, layout, 32, 1), 2)
+    assert sim.throughput_seq_s == pytest.approx(float(pred.throughput_seq_s), rel=THROUGHPUT_TOL)
+    assert schedule.workers == 2
+    fams = families(sc, ("rra", "waa-c", "continuous"))
+    assert {f.policy for f in fams} == {"rra", "waa-c", "continuous"}
+
+
+def test_a_plan_for_worker_processes_names_its_workers(two_workers):
+    from optimizer.search import branch_and_bound
+
+    for policies in (("rra",), ("waa-c", "waa-m"), ("static",), ("continuous",)):
+        best = branch_and_bound(two_workers, math.inf, policies).best.schedule
+        assert best.worker_devices == 1 and best.workers == 2 and best.tp_degree == 1
+        assert (best.encoder_workers, best.decoder_workers) == ((1, 1) if best.split else (0, 0))

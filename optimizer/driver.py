@@ -1,0 +1,101 @@
+"""One driver for the simulator and the workers: the policy decides every step in both.
+
+::
+
+    plan = driver.plan()                  # policy.next_step(state of this worker)
+    outcome = executor.run(plan)          # an engine (services) or a cost model (simulator)
+    driver.complete(plan, outcome)        # bookkeeping, then policy.on_step_done
+
+The driver holds what a worker knows between steps (its queue, its running batch, hand-offs
+waiting to merge) and nothing else: no clock, no I/O. Only the executor differs between the
+simulator (``optimizer.simulator``: profiled step times on a virtual clock) and a worker
+(``services``: the real engine), so what is simulated is what runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from itertools import islice
+from typing import Protocol
+
+from optimizer.policies import BatchingPolicy, QueuedRequest, RunningRequest, StepPlan, WorkerState
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What a step did to its requests: ``finished`` ended (their last token came, or they were
+    refused), ``departed`` left this worker unfinished (handed off to a decoder)."""
+
+    finished: tuple[str, ...] = ()
+    departed: tuple[str, ...] = ()
+
+
+class StepExecutor(Protocol):
+    def run(self, plan: StepPlan) -> StepOutcome: ...
+
+
+class Driver:
+    """The state of one worker at its batch boundaries, and the policy deciding its steps."""
+
+    def __init__(self, policy: BatchingPolicy) -> None:
+        self.policy = policy
+        self.queued: dict[str, QueuedRequest] = {}  # arrival order
+        self.running: dict[str, RunningRequest] = {}
+        self.incoming: dict[str, RunningRequest] = {}  # handed off to this worker, not merged yet
+        self.downstream_free: int | None = None
+
+    # --- what arrives and leaves between steps ------------------------------------------------
+    def enqueue(self, request: QueuedRequest) -> None:
+        self.queued[request.request_id] = request
+
+    def offer(self, request: RunningRequest) -> None:
+        """A request encoded elsewhere, ready to merge into this worker's batch."""
+        self.incoming[request.request_id] = request
+
+    def remove(self, request_id: str) -> bool:
+        """Forget a request wherever it waits or runs (aborted, given back); True if it was here."""
+        found = [table.pop(request_id, None) for table in (self.queued, self.running, self.incoming)]
+        return any(r is not None for r in found)
+
+    def switch(self, policy: BatchingPolicy) -> None:
+        """A new schedule (or role) takes effect from the next step."""
+        self.policy = policy
+
+    @property
+    def window(self) -> int:
+        """Queued requests a policy may look at: an encode batch takes at most 2 x B_E."""
+        return 2 * self.policy.schedule.encode_batch
+
+    @property
+    def empty(self) -> bool:
+        return not (self.queued or self.running or self.incoming)
+
+    # --- one step ---------------------------------------------------------------------------
+    def state(self) -> WorkerState:
+        head = tuple(islice(self.queued.values(), self.window))
+        return WorkerState(head, tuple(self.running.values()), tuple(self.incoming.values()),
+                           self.downstream_free)
+
+    def plan(self) -> StepPlan:
+        return self.policy.next_step(self.state())
+
+    def complete(self, plan: StepPlan, outcome: StepOutcome) -> None:
+        """Apply a step that ran: encoded requests run, admitted ones merge, every decoded or
+        encoded request has one more token; finished and departed requests leave."""
+        for rid in plan.encode:
+            queued = self.queued.pop(rid)
+            self.running[rid] = RunningRequest(rid, queued.input_len, 1)
+        for rid in plan.admit:
+            self.running[rid] = self.incoming.pop(rid)
+        for rid in plan.decode:
+            self.running[rid] = replace(self.running[rid], generated=self.running[rid].generated + 1)
+        for rid in (*outcome.finished, *outcome.departed):
+            self.running.pop(rid, None)
+        self.policy.on_step_done(plan, outcome.finished)
+
+    def step(self, executor: StepExecutor) -> StepPlan:
+        """Plan and run one step through ``executor`` (idle plans are not run)."""
+        plan = self.plan()
+        if not plan.idle:
+            self.complete(plan, executor.run(plan))
+        return plan
