@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Role = Literal["gateway", "encoder", "decoder", "scheduler"]
+Role = Literal["gateway", "worker", "scheduler"]
 
 
 class MeshConfig(BaseSettings):
@@ -34,16 +34,26 @@ class MeshConfig(BaseSettings):
     model: str = Field("smollm2", description="Model name or folder given to engine.load_engine.")
     device: str = Field("auto", description="Engine device: auto, cpu or cuda.")
     threads: int | None = Field(None, ge=1, description="Torch intra-op threads per engine; None: torch default.")
-    prefetch_count: int = Field(
-        16, ge=1, le=65535,
-        description="Encode work one encoder may hold unacked (AMQP basic.qos): how far it reads "
-        "ahead of its batches. Decoders hold up to max_decode_batch hand-offs instead.",
-    )
     max_encode_batch: int = Field(
-        16, ge=1, description="Upper bound on B_E, whatever the schedule says (memory guard)."
+        64, ge=1, description="Upper bound on B_E, whatever the schedule says (memory guard)."
     )
     max_decode_batch: int = Field(
-        64, ge=1, description="Upper bound on B_D, the requests one decoder runs at once."
+        256, ge=1, description="Upper bound on B_D, the requests one worker runs at once."
+    )
+    schedule: str | None = Field(
+        None,
+        description="The scheduler pins this schedule (JSON object of optimizer.schedule.Schedule "
+        "fields, or a path to such a file); None: a continuous-batching schedule one worker can "
+        "run, until a schedule is pinned.",
+    )
+    heartbeat_s: float = Field(2.0, gt=0, description="A worker's status report interval.")
+    heartbeat_timeout_s: float = Field(
+        6.0, gt=0, description="A worker silent this long is gone: its roles are given to others."
+    )
+    switch_drain_s: float = Field(
+        5.0, ge=0,
+        description="A worker whose new role stops it decoding keeps decoding its running requests "
+        "this long, then hands the rest to decoders or re-queues them.",
     )
     kv_ttl_s: float = Field(
         600.0, gt=0, description="Lifetime of a hand-off's KV payload and metadata in the store."

@@ -2,9 +2,13 @@
 
 ::
 
-    ARRIVED ─► QUEUED ─► ENCODE_START ─► ENCODE_END ─► HANDED_OFF ─► DECODE_START ─► FINISHED
-    (gateway)  (gateway)  (encoder)       (encoder)     (encoder)     (decoder)     (gateway)
+    ARRIVED ─► QUEUED ─► ENCODE_START ─► ENCODE_END ─► [HANDED_OFF] ─► DECODE_START ─► FINISHED
+    (gateway)  (gateway)  (worker or       (worker or     (WAA encoder)   (worker or      (gateway)
+                           encoder)         encoder)                       decoder)
                                     FIRST_TOKEN: when the gateway receives token 0
+
+HANDED_OFF only under WAA, where the KV cache moves from an encoder to a decoder; a worker that
+decodes what it encodes stamps DECODE_START at its prefill's end.
 
 Stamps are wall-clock seconds (``time.time()``), so stamps taken on different hosts compare as
 well as their clocks do.

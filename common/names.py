@@ -13,6 +13,7 @@ from dataclasses import dataclass
 KV_TTL_S = 600.0  # default; the config's kv_ttl_s overrides it for hand-off payload and metadata
 DONE_TTL_S = 3600.0  # a finished request's marker: long enough to dedupe any redelivery
 OUTPUT_LENGTHS_MAX = 10_000  # finished requests' (input, output) lengths kept for the scheduler
+CREDITS_TTL_S = 24 * 3600.0  # a schedule version's decode credits; refreshed on every change
 RESULT_TTL_S = 7 * 24 * 3600.0  # a batch job's result, its reply marker, a batch's records and files
 BATCHES_MAX = 1000  # Batch API batch ids kept in the listing (newest first)
 
@@ -24,13 +25,18 @@ class Names:
     # --- AMQP queues ----------------------------------------------------------------------
     @property
     def encode_queue(self) -> str:
-        """Durable; EncodeWork from gateways and batch producers, consumed by encoders."""
+        """Durable; EncodeWork from gateways and batch producers, consumed by workers that encode."""
         return f"{self.namespace}.encode"
 
     @property
     def handoff_queue(self) -> str:
-        """Durable; KvReady from encoders, consumed by decoders (prefetch bounds B_D)."""
+        """Durable; KvReady from encoders, consumed by decoders (credits bound what is in it)."""
         return f"{self.namespace}.handoff"
+
+    @property
+    def scheduler_queue(self) -> str:
+        """Durable; requests to the scheduler (PinSchedule)."""
+        return f"{self.namespace}.scheduler"
 
     @property
     def dead_queue(self) -> str:
@@ -56,12 +62,12 @@ class Names:
     # --- AMQP exchanges (fanout; routing key unused) --------------------------------------
     @property
     def control_exchange(self) -> str:
-        """Scheduler -> every worker: ScheduleUpdate."""
+        """Scheduler -> every worker: ScheduleUpdate; gateways -> every worker: Abort."""
         return f"{self.namespace}.control"
 
     @property
     def status_exchange(self) -> str:
-        """Every worker -> scheduler and observers: WorkerStatus."""
+        """Every worker -> scheduler and observers: WorkerStatus (heartbeats)."""
         return f"{self.namespace}.status"
 
     @property
@@ -70,6 +76,11 @@ class Names:
         return f"{self.namespace}.dead-letter"
 
     # --- store keys -----------------------------------------------------------------------
+    @property
+    def kv_meta_prefix(self) -> str:
+        """Every hand-off's metadata key starts with this: one per KV cache in the store."""
+        return f"{self.namespace}:kvmeta:"
+
     def kv_payload(self, request_id: str) -> str:
         """Bytes of one hand-off (KVHandoff.to_bytes). TTL kv_ttl_s; deleted when the request ends."""
         return f"{self.namespace}:kv:{request_id}"
@@ -86,6 +97,16 @@ class Names:
     def schedule(self) -> str:
         """The current ScheduleUpdate (encoded), for workers that join late. No TTL."""
         return f"{self.namespace}:schedule"
+
+    @property
+    def pinned_schedule(self) -> str:
+        """The schedule pinned at the scheduler (encoded PinSchedule), for a restarted scheduler. No TTL."""
+        return f"{self.namespace}:schedule:pinned"
+
+    def credits(self, version: int) -> str:
+        """Integer: decode slots free for hand-offs under schedule ``version`` (WAA). Decoders add
+        their free slots, encoders take them before encoding. TTL CREDITS_TTL_S."""
+        return f"{self.namespace}:credits:{version}"
 
     @property
     def output_lengths(self) -> str:

@@ -100,7 +100,7 @@ def embedded(model: str, threads: int) -> Server:
 def mesh(model: str, a: argparse.Namespace) -> Server:
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     server = start(["up", "--model", model, "--amqp-url", a.amqp_url, "--redis-url", a.redis_url,
-                    "--namespace", namespace, "--encoders", "1", "--decoders", "1"],
+                    "--namespace", namespace, "--workers", "1"],
                    "ready mesh", a.threads)
     server.namespace, server.amqp_url, server.redis_url = namespace, a.amqp_url, a.redis_url
     return server
@@ -372,7 +372,7 @@ def overhead_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
 def print_table(rows: list[tuple[str, str]], a: argparse.Namespace) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"\nexegpt bench mesh  (max_tokens={a.max_tokens}, threads/engine={a.threads}, "
-          f"mesh = 1 encoder + 1 decoder process, RabbitMQ + Redis)")
+          f"mesh = one worker process, RabbitMQ + Redis)")
     print(f"{'measure':<{width}}  value")
     print(f"{'-' * width}  {'-' * 30}")
     for name, value in rows:

@@ -1,7 +1,8 @@
 """Workers started inside the current process: the embedded server, tests and benchmarks.
 
 Each service gets its own transports from the config (in-memory on the shared ``LocalHub`` when
-the config has no URLs) and its own engine, so the code path is the one separate processes run.
+the config has no URLs) and each worker its own engine runner, so the code path is the one
+separate processes run.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import traceback
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -16,10 +18,9 @@ from typing import AsyncIterator
 from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
-from services.decoder import DecoderService
-from services.encoder import EncoderService
 from services.engines import EngineRunner
 from services.scheduler import SchedulerService
+from services.worker import Worker
 
 START_TIMEOUT_S = 60.0
 
@@ -27,30 +28,30 @@ START_TIMEOUT_S = 60.0
 @dataclass
 class LocalMesh:
     scheduler: SchedulerService | None
-    encoders: list[EncoderService] = field(default_factory=list)
-    decoders: list[DecoderService] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    @property
-    def workers(self) -> list[EncoderService | DecoderService]:
-        return [*self.encoders, *self.decoders]
+    def by_role(self, role: str) -> list[Worker]:
+        return [w for w in self.workers if w.role == role]
 
 
 @asynccontextmanager
-async def local_workers(config: MeshConfig, hub: LocalHub, *, encoders: list[EngineRunner],
-                        decoders: list[EngineRunner], scheduler: bool = True) -> AsyncIterator[LocalMesh]:
-    """Run a scheduler and one encoder/decoder per engine runner until the block exits."""
+async def local_workers(config: MeshConfig, hub: LocalHub, *, runners: list[EngineRunner],
+                        scheduler: bool = True, trace: bool = False) -> AsyncIterator[LocalMesh]:
+    """Run a scheduler and one worker per engine runner until the block exits."""
     names = Names(config.namespace)
     mesh = LocalMesh(None)
     if scheduler:
         mesh.scheduler = SchedulerService(config, await open_transports(config, names, hub))
         mesh.tasks.append(asyncio.create_task(mesh.scheduler.run()))
         await until_ready([mesh.scheduler.ready], mesh.tasks)
-    for runner in encoders:
-        mesh.encoders.append(EncoderService(config, await open_transports(config, names, hub), runner))
-    for runner in decoders:
-        mesh.decoders.append(DecoderService(config, await open_transports(config, names, hub), runner))
-    mesh.tasks += [asyncio.create_task(worker.run()) for worker in mesh.workers]
+    run = uuid.uuid4().hex[:6]
+    for i, runner in enumerate(runners):  # ids sort in start order: allocations are predictable
+        worker_config = config.model_copy(update={"worker_id": f"{config.worker_id or 'w'}{i:03d}-{run}"})
+        mesh.workers.append(Worker(worker_config, await open_transports(config, names, hub), runner,
+                                   trace=trace))
+    started = [asyncio.create_task(worker.run()) for worker in mesh.workers]
+    mesh.tasks += started
     for task in mesh.tasks:
         task.add_done_callback(_report_crash)
     try:

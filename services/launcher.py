@@ -149,8 +149,8 @@ class Launcher:
                 child.popen.wait()
 
 
-def run_up(config: MeshConfig, spec_path: Path, encoders: int, decoders: int) -> int:
-    launcher = Launcher(config, read_spec(spec_path, {"encoders": encoders, "decoders": decoders}))
+def run_up(config: MeshConfig, spec_path: Path, workers: int) -> int:
+    launcher = Launcher(config, read_spec(spec_path, {"workers": workers}))
     previous = {sig: signal.signal(sig, lambda *_: launcher.stopping.set())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -12,13 +12,12 @@ from typing import Any, Coroutine, Protocol
 from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
-from services.decoder import DecoderService
 from services.embedded import local_workers
-from services.encoder import EncoderService
 from services.engines import EngineRunner, load_engine, served_model_name
 from services.gateway import ServedModel, create_app, load_served_model
 from services.gateway.plugins import load_plugins
 from services.scheduler import SchedulerService
+from services.worker import Worker
 
 
 class Stoppable(Protocol):
@@ -54,9 +53,7 @@ async def run_worker(role: str, config: MeshConfig) -> None:
     if role == "scheduler":
         service = SchedulerService(config, transports)
     else:
-        runner = EngineRunner(load_engine(config))
-        cls = EncoderService if role == "encoder" else DecoderService
-        service = cls(config, transports, runner)
+        service = Worker(config, transports, EngineRunner(load_engine(config)))
     await run_until_signalled(service, f"{role} {getattr(service, 'worker_id', '')}".strip())
 
 
@@ -80,13 +77,13 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
     sock = bind_socket(config.host, config.port)  # before loading models: a taken port fails fast
     hub = LocalHub()
     workers = None
-    if embedded:  # the engines are loaded anyway: the gateway takes the encoder's tokenizer
-        encoder_engine = load_engine(config)
-        model = ServedModel(served_model_name(config), encoder_engine.tokenizer, encoder_engine.max_context)
-        runners = ([EngineRunner(encoder_engine)], [EngineRunner(load_engine(config))])
+    if embedded:  # one worker, one engine; the gateway takes the engine's tokenizer
+        engine = load_engine(config)
+        model = ServedModel(served_model_name(config), engine.tokenizer, engine.max_context)
+        runner = EngineRunner(engine)
 
         def workers():
-            return local_workers(config, hub, encoders=runners[0], decoders=runners[1])
+            return local_workers(config, hub, runners=[runner])
     else:  # a gateway only tokenizes: no weights
         model = load_served_model(config)
 

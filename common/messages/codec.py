@@ -17,14 +17,15 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from common.messages.control import Abort, SchedulePlan, ScheduleUpdate
+from common.messages.control import Abort, PinSchedule, RoleAssignment, ScheduleUpdate
 from common.messages.events import EventBatch, Failure, Stamp, Token
 from common.messages.handoff import KvReady
 from common.messages.jobs import BatchJob, ChatTurn, JobResult
 from common.messages.status import LengthSample, WorkerStatus
 from common.messages.work import EncodeWork, Sampling
+from optimizer.schedule import Schedule
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ScheduleUpdate carries the Schedule itself and the role allocation
 
 # Tags are part of the wire format: never reuse or renumber one.
 TAGS: dict[type, int] = {
@@ -35,13 +36,16 @@ TAGS: dict[type, int] = {
     Abort: 5,
     WorkerStatus: 6,
     LengthSample: 7,
+    PinSchedule: 8,
     # nested only
     Sampling: 101,
     Token: 102,
     Stamp: 103,
     Failure: 104,
-    SchedulePlan: 105,
+    # 105 was SchedulePlan (schema 1); never reuse it
     ChatTurn: 106,
+    Schedule: 107,
+    RoleAssignment: 108,
     # batch jobs (producers -> job consumers -> reply queues)
     BatchJob: 201,
     JobResult: 202,
@@ -138,6 +142,8 @@ def _decoder(hint: Any) -> Convert:
         return _tuple_decoder(args[0])
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return _enum_decoder(hint)
+    if origin is typing.Literal:
+        return _literal_decoder(args)
     if hint in SCALARS:
         return _scalar_decoder(hint)
     raise TypeError(f"no wire form for {hint!r}")
@@ -194,6 +200,15 @@ def _enum_decoder(cls: type[enum.Enum]) -> Convert:
             raise DecodeError(f"{value!r} is not a {cls.__name__}") from None
 
     return member
+
+
+def _literal_decoder(allowed: tuple[Any, ...]) -> Convert:
+    def literal(value: Any) -> Any:
+        if value not in allowed or type(value) is not type(allowed[0]):
+            raise DecodeError(f"{value!r} is not one of {allowed}")
+        return value
+
+    return literal
 
 
 def _scalar_decoder(hint: type) -> Convert:

@@ -1,33 +1,39 @@
-"""Scheduler and gateways -> every worker, on the control fanout exchange."""
+"""Scheduler and gateways -> every worker, on the control fanout exchange; and requests to the
+scheduler, on its own queue."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from optimizer.schedule import Schedule
+
 
 @dataclass(frozen=True)
-class SchedulePlan:
-    """The control variables (mirrors optimizer.schedule.Schedule field for field)."""
+class RoleAssignment:
+    """One live worker's role under a schedule: "worker" (RRA, static, continuous: it encodes
+    and decodes its own requests), "encoder" or "decoder" (WAA)."""
 
-    policy: str
-    encode_batch: int
-    decode_batch: int
-    decode_microbatches: int
-    decode_iters_per_encode: int
-    tp_degree: int
-    tp_stages: int
-    num_devices: int
-    encoder_devices: int
-    decoder_devices: int
+    worker_id: str
+    role: str
 
 
 @dataclass(frozen=True)
 class ScheduleUpdate:
-    """Schedule ``version`` replaces every older one at the workers' next iteration boundary."""
+    """Schedule ``version`` replaces every older one at the workers' next iteration boundary.
+
+    ``allocation`` gives each live worker its role. A worker missing from it takes the role
+    "worker" under RRA, static and continuous, and waits without a role under WAA."""
 
     version: int
-    plan: SchedulePlan
+    schedule: Schedule
+    allocation: tuple[RoleAssignment, ...]
     published_at: float
+
+    def role_of(self, worker_id: str) -> str:
+        for assignment in self.allocation:
+            if assignment.worker_id == worker_id:
+                return assignment.role
+        return "idle" if self.schedule.split else "worker"
 
 
 @dataclass(frozen=True)
@@ -38,3 +44,15 @@ class Abort:
 
 
 ControlMessage = ScheduleUpdate | Abort
+
+
+@dataclass(frozen=True)
+class PinSchedule:
+    """To the scheduler: run ``schedule`` from now on (its allocation still follows the live
+    workers); None: unpin, let the scheduler choose again."""
+
+    schedule: Schedule | None
+    requested_at: float
+
+
+SchedulerRequest = PinSchedule

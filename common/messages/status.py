@@ -7,25 +7,34 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class WorkerStatus:
-    """Sent when a worker starts, applies a schedule version, and stops."""
+    """A worker's heartbeat: sent when it starts, applies a schedule version, every
+    ``heartbeat_s`` while it runs, and when it stops. A worker silent for
+    ``heartbeat_timeout_s`` is gone."""
 
     worker_id: str
-    role: str
+    role: str  # "worker" | "encoder" | "decoder" | "idle"
     schedule_version: int
     running: int  # requests in its batch right now
-    state: str  # "ready" | "applied" | "stopping"
+    free_slots: int  # decode slots it could still fill (B_D - running)
+    state: str  # "ready" | "alive" | "applied" | "draining" | "stopping"
     at: float
 
 
 @dataclass(frozen=True)
 class LengthSample:
-    """One finished request's lengths, pushed to the output-lengths list for the scheduler."""
+    """One finished request: its lengths, lifecycle stamps and the schedule that ran it, pushed
+    to the output-lengths list for the scheduler (and benchmarks)."""
 
     request_id: str
     input_len: int
     output_len: int
     finish_reason: str
-    finished_at: float
+    finished_at: float  # unix seconds, like every stamp here
+    submitted_at: float = 0.0  # arrival at the encode queue
+    encode_start_at: float = 0.0
+    first_token_at: float = 0.0
+    schedule_version: int = 0
+    worker: str = ""  # the worker that produced its last token
 
 
 StatusMessage = WorkerStatus

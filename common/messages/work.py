@@ -1,4 +1,4 @@
-"""Gateway and batch producers -> encoders, on the encode queue."""
+"""Gateway and batch producers -> workers, on the encode queue."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ class EncodeWork:
     prompt_ids: tuple[int, ...]
     sampling: Sampling
     reply_to: str  # the submitter's events queue
-    submitted_at: float  # unix seconds
+    submitted_at: float  # unix seconds: arrival at the encode queue (kept when re-queued)
     stream: bool = True  # every token as it comes; False: decoders may send tokens in chunks
+    resume_ids: tuple[int, ...] = ()  # tokens already delivered (a worker gave the request back)
+    resume_text: str = ""  # the text those tokens released
 
 
 WorkMessage = EncodeWork

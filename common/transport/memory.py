@@ -109,6 +109,10 @@ class MemorySubscription:
     def has_credit(self) -> bool:
         return self.active and len(self.unacked) < self.prefetch
 
+    async def set_prefetch(self, count: int) -> None:
+        self.prefetch = count
+        self.broker.dispatch(self.queue)
+
     def deliver(self, message: _Message) -> None:
         delivery = MemoryDelivery(self, message)
         if self.auto_ack:
@@ -295,6 +299,20 @@ class MemoryStore:
         value = self._live(key)
         return dict(value) if isinstance(value, dict) else {}
 
+    async def add(self, key: str, amount: int, *, ttl_s: float | None = None) -> int:
+        value = self._live(key)
+        total = (int(value) if isinstance(value, bytes) else 0) + amount
+        self._put(key, str(total).encode(), ttl_s if ttl_s is not None else self._ttl_left(key))
+        return total
+
+    async def take(self, key: str, up_to: int) -> int:
+        value = self._live(key)
+        have = int(value) if isinstance(value, bytes) else 0
+        taken = max(min(up_to, have), 0)
+        if taken:
+            self._put(key, str(have - taken).encode(), self._ttl_left(key))
+        return taken
+
     async def push_capped(self, key: str, value: bytes, *, max_len: int) -> None:
         current = self._live(key)
         items = list(current) if isinstance(current, list) else []
@@ -303,6 +321,9 @@ class MemoryStore:
     async def list_range(self, key: str, count: int) -> list[bytes]:
         value = self._live(key)
         return list(value)[:count] if isinstance(value, list) else []
+
+    async def count_prefix(self, prefix: str) -> int:
+        return sum(1 for key in list(self._data) if key.startswith(prefix) and self._live(key) is not None)
 
     async def delete_prefix(self, prefix: str) -> int:
         doomed = [key for key in self._data if key.startswith(prefix)]

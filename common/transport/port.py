@@ -36,6 +36,10 @@ class Subscription(Protocol):
         """Stop receiving; messages received but not yet handed out go back to the queue."""
         ...
 
+    async def set_prefetch(self, count: int) -> None:
+        """Hold at most ``count`` unacked messages from now on (``basic.qos``)."""
+        ...
+
 
 class Bus(Protocol):
     async def declare_queue(self, name: str, *, exclusive: bool = False) -> None:
@@ -95,6 +99,16 @@ class Store(Protocol):
 
     async def hgetall(self, key: str) -> dict[str, str]: ...
 
+    async def add(self, key: str, amount: int, *, ttl_s: float | None = None) -> int:
+        """Atomically add ``amount`` (may be negative) to the integer at ``key`` (absent: 0);
+        return the new value. ``ttl_s`` (re)sets its lifetime."""
+        ...
+
+    async def take(self, key: str, up_to: int) -> int:
+        """Atomically subtract min(``up_to``, the value if positive) from the integer at ``key``;
+        return what was taken (0 when the key is absent, zero or negative)."""
+        ...
+
     async def push_capped(self, key: str, value: bytes, *, max_len: int) -> None:
         """Prepend to a list, keeping its newest ``max_len`` items."""
         ...
@@ -104,6 +118,10 @@ class Store(Protocol):
         ...
 
     async def delete_prefix(self, prefix: str) -> int: ...
+
+    async def count_prefix(self, prefix: str) -> int:
+        """How many keys start with ``prefix`` (a scan: for gauges and tests, not hot paths)."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -2,7 +2,8 @@
 
 Work queues are durable, messages persistent, and a message rejected without requeue is routed by
 the queue's dead-letter exchange to the dead queue. Each consumer has its own channel so that its
-prefetch (``basic.qos``) bounds only its own unacked messages.
+prefetch (``basic.qos``, set on the channel, so that it can change while consuming) bounds only
+its own unacked messages.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class RabbitSubscription:
 
     async def start(self) -> None:
         self._tag = await self._queue.consume(self._on_message, no_ack=self._auto_ack)
+
+    async def set_prefetch(self, count: int) -> None:
+        await self._channel.set_qos(prefetch_count=count, global_=True)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         await self._buffer.put(RabbitDelivery(message, settled=self._auto_ack))
@@ -124,7 +128,8 @@ class RabbitBus:
 
     async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False) -> RabbitSubscription:
         channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
+        # the channel's own limit (one consumer per channel): unlike a consumer's, it can change later
+        await channel.set_qos(prefetch_count=prefetch, global_=True)
         declared = await channel.get_queue(queue, ensure=True)
         return await self._start(channel, declared, auto_ack)
 

@@ -20,10 +20,21 @@ return 1
 """
 
 
+# KEYS: counter. ARGV: most to take. Takes what is there, up to ARGV[1]; never below zero.
+_TAKE = """
+local have = tonumber(redis.call('GET', KEYS[1]) or '0')
+local taken = math.min(tonumber(ARGV[1]), have)
+if taken <= 0 then return 0 end
+redis.call('DECRBY', KEYS[1], taken)
+return taken
+"""
+
+
 class RedisStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._set_once_and_record = client.register_script(_SET_ONCE_AND_RECORD)
+        self._take = client.register_script(_TAKE)
 
     @classmethod
     async def connect(cls, url: str) -> "RedisStore":
@@ -71,6 +82,17 @@ class RedisStore:
         raw = await self._redis.hgetall(key)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
+    async def add(self, key: str, amount: int, *, ttl_s: float | None = None) -> int:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, amount)
+            if ttl_s is not None:
+                pipe.pexpire(key, _ms(ttl_s))
+            total, *_ = await pipe.execute()
+        return int(total)
+
+    async def take(self, key: str, up_to: int) -> int:
+        return int(await self._take(keys=[key], args=[up_to]))
+
     async def push_capped(self, key: str, value: bytes, *, max_len: int) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.lpush(key, value)
@@ -79,6 +101,9 @@ class RedisStore:
 
     async def list_range(self, key: str, count: int) -> list[bytes]:
         return await self._redis.lrange(key, 0, count - 1)
+
+    async def count_prefix(self, prefix: str) -> int:
+        return sum([1 async for _ in self._redis.scan_iter(match=prefix + "*", count=500)])
 
     async def delete_prefix(self, prefix: str) -> int:
         doomed = [key async for key in self._redis.scan_iter(match=prefix + "*", count=500)]

@@ -5,7 +5,7 @@
     exegpt batch status BATCH_ID
     exegpt batch results BATCH_ID --out results.jsonl
     exegpt batch cancel BATCH_ID
-    exegpt batch worker --executor engine --model tiny-llama
+    exegpt batch worker --executor local --model tiny-llama
 
 Every subcommand needs the broker and the store: --amqp-url/--redis-url or EXEGPT_AMQP_URL and
 EXEGPT_REDIS_URL (an in-memory queue would not outlive the command).
@@ -69,13 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser("worker", help="consume jobs until SIGINT/SIGTERM")
     _common(p)
-    p.add_argument("--executor", choices=("mesh", "engine", "echo"), default="mesh",
-                   help="mesh: through the mesh's encoders and decoders (default); engine: on a "
-                        "model in this process; echo: no model (queue tests)")
-    p.add_argument("--model", help="model for --executor engine (default: the mesh's model)")
+    p.add_argument("--executor", choices=("mesh", "local", "echo"), default="mesh",
+                   help="mesh: through the mesh's workers (default); local: through a worker of "
+                        "this process (one engine, the same worker code); echo: no model (queue tests)")
+    p.add_argument("--model", help="model for --executor local (default: the mesh's model)")
     p.add_argument("--device", help="engine device: auto, cpu or cuda")
     p.add_argument("--max-inflight", type=int, default=16, help="jobs held at once (prefetch)")
-    p.add_argument("--max-batch", type=int, default=32, help="engine running batch size")
+    p.add_argument("--max-batch", type=int, default=32, help="--executor local: the worker's decode batch")
     p.add_argument("--yield-depth", type=int, default=0,
                    help="with --executor mesh: start a job only while the encode queue holds at "
                         "most this many interactive requests; -1: never wait")
@@ -253,6 +253,35 @@ def _load_engine(args: argparse.Namespace, config: Any) -> Any:
         raise CliError(f"cannot load model {model_config.model!r}: {exc}") from None
 
 
+async def _mesh_executor(args: argparse.Namespace, config: Any, stack: Any) -> Any:
+    """Jobs submitted like REST requests: to the mesh's workers, or (``local``) to a worker and
+    scheduler of this process over the in-memory bus, running the schedule of one worker."""
+    from common.names import Names
+    from common.transport.connect import LocalHub, open_transports
+    from optimizer.schedule import Schedule
+    from services.batch.mesh_executor import MeshExecutor
+    from services.embedded import local_workers
+    from services.engines import EngineRunner
+    from services.gateway import ServedModel
+    from services.gateway.core import Gateway
+
+    hub = LocalHub()
+    if args.executor == "local":
+        schedule = Schedule("continuous", encode_batch=min(8, args.max_batch), decode_batch=args.max_batch,
+                            worker_devices=1)
+        config = config.model_copy(update={"amqp_url": None, "redis_url": None, "model": args.model or config.model,
+                                           "schedule": json.dumps(asdict(schedule))})
+        engine = _load_engine(args, config)
+        model = ServedModel(config.model, engine.tokenizer, engine.max_context)
+        await stack.enter_async_context(local_workers(config, hub, runners=[EngineRunner(engine)]))
+    else:
+        model = _load_served_model(args, config)
+    gateway = Gateway(config, await open_transports(config, Names(config.namespace), hub), model.name)
+    await gateway.start()
+    stack.push_async_callback(gateway.close)
+    return MeshExecutor(gateway, model, config.request_timeout_s)
+
+
 def _load_served_model(args: argparse.Namespace, config: Any) -> Any:
     """Tokenizer and context of the model, for a front end that never runs it (no weights loaded)."""
     from services.gateway import load_served_model
@@ -267,8 +296,10 @@ def _load_served_model(args: argparse.Namespace, config: Any) -> Any:
 async def _worker(args: argparse.Namespace, config: Any) -> int:
     from common.transport.connect import LocalHub, open_transports
     from services.batch.consumer import Admission, ConsumerConfig, JobConsumer, QueueDepthAdmission
-    from services.batch.executor import EchoExecutor, EngineExecutor
+    from contextlib import AsyncExitStack
+
     from common.names import Names
+    from services.batch.executor import EchoExecutor
 
     worker_id = args.worker_id or f"batch-{socket.gethostname()}-{os.getpid()}"
     names = Names(config.namespace)
@@ -277,22 +308,14 @@ async def _worker(args: argparse.Namespace, config: Any) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     transports = await open_transports(config, names, LocalHub())
-    gateway = None
     admission: Admission = Admission()
-    try:
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(transports.close)
         if args.executor == "echo":
             executor: Any = EchoExecutor(args.echo_delay_ms / 1000.0)
-        elif args.executor == "engine":
-            executor = EngineExecutor(_load_engine(args, config), max_batch=args.max_batch)
         else:
-            from services.batch.mesh_executor import MeshExecutor
-            from services.gateway.core import Gateway
-
-            model = _load_served_model(args, config)
-            gateway = Gateway(config, await open_transports(config, names, LocalHub()), model.name)
-            await gateway.start()
-            executor = MeshExecutor(gateway, model, config.request_timeout_s)
-            if args.yield_depth >= 0:
+            executor = await _mesh_executor(args, config, stack)
+            if args.executor == "mesh" and args.yield_depth >= 0:
                 admission = QueueDepthAdmission(transports.bus, names.encode_queue,
                                                 args.yield_depth, own_waiting=executor.waiting)
         consumer = JobConsumer(transports.bus, transports.store, names, executor,
@@ -300,11 +323,5 @@ async def _worker(args: argparse.Namespace, config: Any) -> int:
                                admission)
         print(f"{worker_id}: consuming {names.jobs_queue}", flush=True)
         await consumer.run(stop)
-        if hasattr(executor, "close"):
-            await executor.close()
-    finally:
-        if gateway is not None:
-            await gateway.close()
-        await transports.close()
     print(f"{worker_id}: stopped; {asdict(consumer.stats)}", flush=True)
     return 0

@@ -1,4 +1,4 @@
-"""`exegpt serve | gateway | encoder | decoder | scheduler | up`: run the mesh.
+"""`exegpt serve | gateway | worker | scheduler | up`: run the mesh.
 
 ``serve`` runs every service in one process (in-memory bus and store unless URLs are given);
 the others run one service each and need ``--amqp-url`` and ``--redis-url`` (or ``EXEGPT_*``).
@@ -14,10 +14,9 @@ from services.cli import CliError
 ROLES = {
     "serve": "all services in one process (embedded default; OpenAI-compatible API)",
     "gateway": "the REST gateway alone (needs a broker and Redis)",
-    "encoder": "one encoder worker (needs a broker and Redis)",
-    "decoder": "one decoder worker (needs a broker and Redis)",
+    "worker": "one worker; the schedule gives it its role (needs a broker and Redis)",
     "scheduler": "the scheduler service (needs a broker and Redis)",
-    "up": "a local mesh of separate processes: scheduler, encoders, decoders, gateway",
+    "up": "a local mesh of separate processes: scheduler, workers, gateway",
 }
 
 # flag -> MeshConfig field; a flag left out falls back to EXEGPT_<FIELD> and then the default.
@@ -30,9 +29,9 @@ FLAGS = {
     "--namespace": ("namespace", str, "prefix of every queue, exchange and key (default exegpt)"),
     "--device": ("device", str, "engine device: auto, cpu, cuda"),
     "--threads": ("threads", int, "torch threads per engine"),
-    "--prefetch": ("prefetch_count", int, "encode work an encoder reads ahead (basic.qos)"),
     "--max-encode-batch": ("max_encode_batch", int, "upper bound on B_E"),
     "--max-decode-batch": ("max_decode_batch", int, "upper bound on B_D"),
+    "--schedule": ("schedule", str, "schedule the scheduler pins: JSON of Schedule fields, or a file"),
     "--worker-id": ("worker_id", str, "name of this process in events and metadata"),
 }
 
@@ -43,8 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         for flag, (field, kind, text) in FLAGS.items():
             parser.add_argument(flag, dest=field, type=kind, default=None, help=text)
         if role == "up":
-            parser.add_argument("--encoders", type=int, default=1, help="encoder processes")
-            parser.add_argument("--decoders", type=int, default=1, help="decoder processes")
+            parser.add_argument("--workers", type=int, default=2, help="worker processes")
             parser.add_argument("--spec", type=Path, default=None, help="process spec (deploy/processes.toml)")
         parser.set_defaults(func=run, role=role)
 
@@ -65,6 +63,13 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
+    if config.schedule:
+        from services.scheduler import parse_schedule
+
+        try:
+            parse_schedule(config.schedule)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--schedule: {exc}") from None
     if args.role not in ("serve",) and not config.distributed:
         raise CliError(f"`{args.role}` needs --amqp-url and --redis-url (or EXEGPT_AMQP_URL and "
                        "EXEGPT_REDIS_URL); `exegpt serve` runs everything in one process")
@@ -84,6 +89,6 @@ def _up(config, args: argparse.Namespace) -> int:
     spec = args.spec or DEFAULT_SPEC
     if not spec.is_file():
         raise CliError(f"no process spec at {spec}")
-    if args.encoders < 1 or args.decoders < 1:
-        raise CliError("--encoders and --decoders must be >= 1")
-    return run_up(config, spec, args.encoders, args.decoders)
+    if args.workers < 1:
+        raise CliError("--workers must be >= 1")
+    return run_up(config, spec, args.workers)

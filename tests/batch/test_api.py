@@ -27,7 +27,7 @@ def config(batch_config):
 
 @pytest.fixture(scope="module")
 def engines():
-    """Loading costs seconds: one encoder and one decoder engine for the whole module."""
+    """Loading costs seconds: two workers' engines for the whole module."""
     from services.engines import load_engine as load
     from common.config import MeshConfig
 
@@ -38,11 +38,11 @@ def engines():
 @contextlib.asynccontextmanager
 async def gateway(config, engines, **router_args):
     hub = LocalHub()
-    enc, dec = EngineRunner(engines[0]), EngineRunner(engines[1])
+    runners = [EngineRunner(e) for e in engines]
     model = ServedModel(MODEL, engines[0].tokenizer, engines[0].max_context)
     app = create_app(config, model, hub=hub, routers=(batch_router(),),
                      lifespans=(batch_lifespan(**router_args),),
-                     workers=lambda: local_workers(config, hub, encoders=[enc], decoders=[dec]))
+                     workers=lambda: local_workers(config, hub, runners=runners))
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

@@ -1,4 +1,4 @@
-"""500 jobs through an in-process mesh on tiny-llama (scheduler, encoder, decoder services), on the
+"""500 jobs through an in-process mesh on tiny-llama (a scheduler and two workers), on the
 in-memory transport and on RabbitMQ/Redis; one of two job consumers is killed halfway."""
 
 import asyncio
@@ -41,8 +41,8 @@ async def start_consumer(env, config, model, name):
 async def test_500_jobs_through_the_mesh_with_a_consumer_killed(env, engines):
     config = env.config.model_copy(update={"model": MODEL, "threads": 1, "device": "cpu"})
     model = ServedModel(MODEL, engines[0].tokenizer, engines[0].max_context)
-    enc, dec = EngineRunner(engines[0]), EngineRunner(engines[1])
-    async with local_workers(config, env.hub, encoders=[enc], decoders=[dec]):
+    runners = [EngineRunner(e) for e in engines]
+    async with local_workers(config, env.hub, runners=runners):
         producer = JobProducer(await env.bus(), env.store, env.names)
         batch, reply = new_batch_id(), env.names.reply_queue("test")
         jobs = [BatchJob(job_id(batch, i), MODEL, "completion", f"job number {i}", (),
@@ -61,8 +61,8 @@ async def test_500_jobs_through_the_mesh_with_a_consumer_killed(env, engines):
         await asyncio.wait_for(task, TIMEOUT_S)
         await survivor_gw.close()
         results = await producer.results(batch)
-    enc.close()
-    dec.close()
+    for runner in runners:
+        runner.close()
     assert finished and len(collector.seen) == 500
     assert collector.duplicates <= 16  # replies are at least once; only the dead one's jobs
     assert all(r is not None and r.status == "completed" and r.completion_tokens == 3 for r in results)
@@ -78,8 +78,8 @@ async def test_an_interactive_request_does_not_wait_for_the_batch(env, engines):
 
     config = env.config.model_copy(update={"model": MODEL, "threads": 1, "device": "cpu"})
     model = ServedModel(MODEL, engines[0].tokenizer, engines[0].max_context)
-    enc, dec = EngineRunner(engines[0]), EngineRunner(engines[1])
-    async with local_workers(config, env.hub, encoders=[enc], decoders=[dec]):
+    runners = [EngineRunner(e) for e in engines]
+    async with local_workers(config, env.hub, runners=runners):
         producer = JobProducer(await env.bus(), env.store, env.names)
         batch, reply = new_batch_id(), env.names.reply_queue("test")
         jobs = [BatchJob(job_id(batch, i), MODEL, "completion", f"batch job {i}", (),
@@ -108,7 +108,7 @@ async def test_an_interactive_request_does_not_wait_for_the_batch(env, engines):
         await asyncio.wait_for(task, TIMEOUT_S)
         await interactive.close()
         await gateway.close()
-    enc.close()
-    dec.close()
+    for runner in runners:
+        runner.close()
     assert len(tokens) == 8
     assert batch_done_then < 150, f"the interactive request waited for {batch_done_then} batch jobs"

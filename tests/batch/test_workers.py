@@ -97,8 +97,8 @@ async def test_500_jobs_with_a_worker_killed_halfway(env):
 
 @pytest.mark.slow
 async def test_500_jobs_through_the_mesh_processes_with_a_worker_killed(env):
-    """Scheduler, encoder and decoder processes on tiny-llama; two batch workers submit through
-    the mesh; one is killed halfway."""
+    """Scheduler and two worker processes on tiny-llama; two batch consumers submit through the
+    mesh; one is killed halfway."""
     from tests.mesh.processes import ProcessMesh
 
     config = env.config.model_copy(update={"model": "tiny-llama", "threads": 1, "device": "cpu",
@@ -107,7 +107,7 @@ async def test_500_jobs_through_the_mesh_processes_with_a_worker_killed(env):
                         if v is not None})
     try:
         mesh.start("scheduler").wait_line("ready")
-        workers = [mesh.start(role) for role in ("encoder", "decoder")]
+        workers = [mesh.start("worker") for _ in range(2)]
         for w in workers:
             w.wait_line("ready")
         collector, results, logs = await run_with_a_kill(
@@ -183,3 +183,31 @@ async def test_batch_cli_submit_status_results_cancel(env, tmp_path):
     bad.write_text('{"prompt": "x", "max_tokens": -1}\n')
     rc, _, err = await run_cli(env, "submit", str(bad), "--model", "m")
     assert rc == 2 and "bad.jsonl:1" in err and "max_tokens" in err
+
+
+@pytest.mark.slow
+async def test_a_local_consumer_runs_jobs_through_its_own_worker(env):
+    """--executor local: the consumer process starts a worker and a scheduler of its own (the
+    mesh's worker code over the in-memory bus) and its jobs run there, with the model's text."""
+    from engine import load_engine
+    from engine.api import GenerationRequest, SamplingParams
+
+    producer = JobProducer(await env.bus(), env.store, env.names)
+    batch, reply = new_batch_id(), env.names.reply_queue("local")
+    jobs = jobs_for(batch, 12, reply, max_tokens=5)
+    worker = await start_worker(env, "local", "--executor", "local", "--model", "tiny-llama", "--max-batch", "4")
+    try:
+        await producer.submit(batch, jobs, reply_to=reply)
+        collector = await ReplyCollector(producer.bus, reply).start()
+        assert await collector.wait_for(lambda seen: len(seen) >= 12, 120)
+        await collector.stop()
+    finally:
+        log = await stop_worker(worker)
+    results = await producer.results(batch)
+    engine = load_engine("tiny-llama", device="cpu")
+    for job, result in zip(jobs, results):
+        ids = tuple(engine.tokenizer.encode(job.prompt))
+        events = engine.prefill([GenerationRequest("solo", ids, SamplingParams(5, ignore_eos=True))])
+        while engine.running():
+            events += engine.decode_step()
+        assert result.status == "completed" and result.text == "".join(e.text for e in events), log

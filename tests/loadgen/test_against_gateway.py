@@ -22,10 +22,9 @@ MODEL = "tiny-llama"
 def gateway_url():
     config = MeshConfig(model=MODEL, threads=1, device="cpu", namespace="loadgen-gw")
     hub = LocalHub()
-    enc, dec = EngineRunner(load_engine(config)), EngineRunner(load_engine(config))
-    model = ServedModel(MODEL, enc.engine.tokenizer, enc.engine.max_context)
-    app = create_app(config, model, hub=hub,
-                     workers=lambda: local_workers(config, hub, encoders=[enc], decoders=[dec]))
+    runner = EngineRunner(load_engine(config))
+    model = ServedModel(MODEL, runner.engine.tokenizer, runner.engine.max_context)
+    app = create_app(config, model, hub=hub, workers=lambda: local_workers(config, hub, runners=[runner]))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)  # requests queue in the backlog until the app has started
@@ -39,8 +38,7 @@ def gateway_url():
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
-        enc.close()
-        dec.close()
+        runner.close()
         assert not thread.is_alive(), "gateway did not stop"
 
 

@@ -54,20 +54,34 @@ class FakeEngine:
         self.tokenizer = ByteTokenizer()
         self.batch: dict[str, _Running] = {}
         self.prefill_sizes: list[int] = []
+        self.steps: list[tuple[int, int, int]] = []  # (prefilled, decoded, padding) per step
 
-    def prefill(self, requests: Sequence[GenerationRequest]) -> list[TokenEvent]:
-        for r in requests:
-            if not r.prompt_ids or len(r.prompt_ids) + r.params.max_tokens > MAX_CONTEXT:
-                raise ValueError(f"prompt of {len(r.prompt_ids)} tokens does not fit")
-        self.prefill_sizes.append(len(requests))
-        events = []
-        for r in requests:
-            self.batch[r.request_id] = _Running(r)
-            events.append(self._advance(r.request_id, r.prompt_ids[-1]))
+    def step(self, prefill: Sequence[GenerationRequest] = (), decode: Sequence[str] = (),
+             padding: int = 0) -> list[TokenEvent]:
+        self._validate(prefill, decode, padding)
+        if prefill:
+            self.prefill_sizes.append(len(prefill))
+        self.steps.append((len(prefill), len(decode), padding))
+        events = [self._advance(rid, self.batch[rid].generated[-1]) for rid in decode]
+        for r in prefill:
+            self.batch[r.request_id] = _Running(r, list(r.resume_ids))
+            events.append(self._advance(r.request_id, (r.prompt_ids + r.resume_ids)[-1]))
         return events
 
+    def _validate(self, prefill: Sequence[GenerationRequest], decode: Sequence[str], padding: int) -> None:
+        for r in prefill:
+            if not r.prompt_ids or len(r.prompt_ids) + r.params.max_tokens > MAX_CONTEXT:
+                raise ValueError(f"prompt of {len(r.prompt_ids)} tokens does not fit")
+            if r.request_id in self.batch or len(r.resume_ids) >= r.params.max_tokens:
+                raise ValueError(f"request {r.request_id!r} cannot be prefilled")
+        if len(set(decode)) != len(decode) or any(rid not in self.batch for rid in decode) or padding < 0:
+            raise ValueError("decode names a request that is not running, or twice")
+
+    def prefill(self, requests: Sequence[GenerationRequest]) -> list[TokenEvent]:
+        return self.step(prefill=requests)
+
     def decode_step(self) -> list[TokenEvent]:
-        return [self._advance(rid, run.generated[-1]) for rid, run in list(self.batch.items())]
+        return self.step(decode=list(self.batch))
 
     def _advance(self, rid: str, previous: int) -> TokenEvent:
         run = self.batch[rid]

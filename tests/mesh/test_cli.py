@@ -81,13 +81,13 @@ async def test_up_restarts_a_dead_child_and_stops_the_mesh_on_sigterm():
     try:
         up = mesh.start("up", "--model", "tiny-llama", "--port", "0", "--namespace", namespace,
                         "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL,
-                        "--encoders", "1", "--decoders", "2")
+                        "--workers", "2")
         url = up.wait_line("ready mesh").split()[-1]
         children = [ln for ln in up.output if ln.startswith("[") and "] ready " in ln]
-        assert len(children) == 5  # scheduler, 1 encoder, 2 decoders, gateway
-        decoder_pid = int(next(ln for ln in children if ln.startswith("[decoder-1]")).split("-")[-2])
-        os.kill(decoder_pid, signal.SIGKILL)
-        up.wait_line("[decoder-1] ready decoder")  # supervised: started again
+        assert len(children) == 4  # scheduler, 2 workers, gateway
+        worker_pid = int(next(ln for ln in children if ln.startswith("[worker-1]")).split("-")[-2])
+        os.kill(worker_pid, signal.SIGKILL)
+        up.wait_line("[worker-1] ready worker")  # supervised: started again
         async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S) as client:
             responses = await asyncio.gather(*(client.post("/v1/completions", json=completion(4))
                                                for _ in range(8)))
@@ -103,7 +103,7 @@ def test_worker_roles_refuse_to_run_without_a_broker(capsys, monkeypatch):
     for name in list(os.environ):
         if name.startswith("EXEGPT_"):
             monkeypatch.delenv(name)
-    assert main(["decoder", "--model", "tiny-llama"]) == 2
+    assert main(["worker", "--model", "tiny-llama"]) == 2
     assert "--amqp-url" in capsys.readouterr().err
 
 

@@ -20,11 +20,11 @@ async def test_a_plugin_route_submits_through_the_gateway(namespace):
     routers, lifespans = load_plugins(("tests.mesh.plugin_example", "tests.mesh.not_there"))
     assert len(routers) == 1 and len(lifespans) == 1
     config, hub = MeshConfig(namespace=namespace, model="fake"), LocalHub()
-    enc, dec = EngineRunner(load()), EngineRunner(load())
-    model = ServedModel("fake", enc.engine.tokenizer, enc.engine.max_context)
+    runner = EngineRunner(load())
+    model = ServedModel("fake", runner.engine.tokenizer, runner.engine.max_context)
 
     def workers() -> contextlib.AbstractAsyncContextManager:
-        return local_workers(config, hub, encoders=[enc], decoders=[dec])
+        return local_workers(config, hub, runners=[runner])
 
     app = create_app(config, model, hub=hub, workers=workers, routers=tuple(routers),
                      lifespans=tuple(lifespans))

@@ -1,7 +1,7 @@
 """The mesh as separate processes over the real RabbitMQ and Redis, on tiny-llama.
 
-One mesh (scheduler, 2 encoders, 2 decoders, gateway) serves the whole module; the test that kills
-a decoder runs last.
+One mesh (scheduler, 2 workers, gateway) serves the whole module; the tests that stop and kill a
+worker run last.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from common.messages.status import WorkerStatus
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
 from optimizer.schedule import Schedule
-from services.scheduler import publish_schedule, recent_lengths
+from services.scheduler import current_schedule, recent_lengths, request_schedule
 from tests.brokers import AMQP_URL, REDIS_URL, require_broker
 from tests.mesh.conftest import purge_namespace
 from tests.mesh.processes import ProcessMesh
@@ -29,7 +29,7 @@ from tests.mesh.processes import ProcessMesh
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 MODEL = "tiny-llama"
 TIMEOUT_S = 120
-LONG_TOKENS = 400  # long enough that requests still run when the test stops a decoder, even on a loaded machine
+LONG_TOKENS = 400  # long enough that requests still run when the test stops a worker, even on a loaded machine
 
 
 def free_port() -> int:
@@ -42,17 +42,18 @@ def free_port() -> int:
 def cluster():
     require_broker()
     config = MeshConfig(namespace=f"p{uuid.uuid4().hex[:10]}", amqp_url=AMQP_URL, redis_url=REDIS_URL,
-                        model=MODEL, threads=1, port=free_port(), device="cpu", drain_timeout_s=10)
+                        model=MODEL, threads=1, port=free_port(), device="cpu", drain_timeout_s=10,
+                        heartbeat_s=0.5, heartbeat_timeout_s=3.0)
     mesh = ProcessMesh({f"EXEGPT_{k.upper()}": str(v) for k, v in config.model_dump().items()
                         if v is not None})
     try:
         mesh.start("scheduler").wait_line("ready")
-        workers = [mesh.start(role) for role in ("encoder", "encoder", "decoder", "decoder")]
+        workers = [mesh.start("worker") for _ in range(2)]
         gateway = mesh.start("gateway")
         ids = [w.wait_line("ready").split()[-1] for w in workers]
         url = gateway.wait_line("ready gateway").split()[-1]
         yield {"config": config, "mesh": mesh, "url": url, "worker_ids": ids, "workers": workers,
-               "gateway": gateway, "decoders": list(zip(ids[2:], workers[2:]))}
+               "gateway": gateway, "running": list(zip(ids, workers))}
     finally:
         mesh.close()
         asyncio.run(purge_namespace(config, LocalHub()))
@@ -118,18 +119,21 @@ async def test_bad_input_through_the_processes(cluster):
     assert all("error" in r.json() for r in (bad, unknown, negative, too_long))
 
 
-async def test_schedule_update_reaches_every_worker_process(cluster):
+async def test_a_pinned_schedule_reaches_every_worker_process(cluster):
     config = cluster["config"]
     names = Names(config.namespace)
     t = await open_transports(config, names, LocalHub())
     statuses = await t.bus.subscribe(names.status_exchange, names.status_queue(f"test-{uuid.uuid4().hex[:6]}"))
-    update = await publish_schedule(t.bus, t.store, names, Schedule(encode_batch=4, decode_batch=16))
+    schedule = Schedule("rra", encode_batch=4, decode_batch=16, decode_iters_per_encode=2, num_devices=2,
+                        worker_devices=1)
+    await request_schedule(t.bus, names, schedule)
     applied: set[str] = set()
     async with asyncio.timeout(TIMEOUT_S):
         async for delivery in statuses:
             status = codec.decode(delivery.body, WorkerStatus)
             await delivery.ack()
-            if status.state == "applied" and status.schedule_version == update.version:
+            update = await current_schedule(t.store, names)
+            if status.state == "applied" and update.schedule == schedule and status.schedule_version >= update.version:
                 applied.add(status.worker_id)
             if applied >= set(cluster["worker_ids"]):
                 break
@@ -137,62 +141,91 @@ async def test_schedule_update_reaches_every_worker_process(cluster):
     await t.close()
 
 
-async def stream_until_running(cluster, n_requests: int, n_tokens: int, stop_one):
-    """Stream requests; once tokens flow, ``stop_one(proc)`` the decoder holding the most.
+def solo_texts(prompts: list[str], n_tokens: int) -> list[str]:
+    """Each prompt's greedy text from the engine in this process, alone (the uninterrupted run)."""
+    from engine import load_engine
+    from engine.api import GenerationRequest, SamplingParams
 
-    Returns each request's (token count, finish reason) and how many the stopped one held."""
+    engine = load_engine(MODEL, device="cpu")
+    texts = []
+    for i, prompt in enumerate(prompts):
+        ids = tuple(engine.tokenizer.encode(prompt))
+        params = SamplingParams(max_tokens=n_tokens, ignore_eos=True)
+        events = engine.prefill([GenerationRequest(f"solo{i}", ids, params)])
+        while engine.running():
+            events += engine.decode_step()
+        texts.append("".join(e.text for e in events))
+    return texts
+
+
+async def running_counts(cluster) -> dict[str, int]:
+    """Requests each worker runs, from one heartbeat of every worker process still up."""
+    config = cluster["config"]
+    names = Names(config.namespace)
+    t = await open_transports(config, names, LocalHub())
+    statuses = await t.bus.subscribe(names.status_exchange, names.status_queue(f"count-{uuid.uuid4().hex[:6]}"))
+    wanted = {worker_id for worker_id, _ in cluster["running"]}
+    counts: dict[str, int] = {}
+    async with asyncio.timeout(TIMEOUT_S):
+        async for delivery in statuses:
+            status = codec.decode(delivery.body, WorkerStatus)
+            await delivery.ack()
+            if status.worker_id in wanted:
+                counts[status.worker_id] = status.running
+            if set(counts) >= wanted:
+                break
+    await t.close()
+    return counts
+
+
+async def stream_until_running(cluster, n_requests: int, n_tokens: int, stop_one):
+    """Stream requests; once tokens flow, ``stop_one(proc)`` the worker running the most.
+
+    Returns each request's (text, token count, finish reason) and how many the stopped one ran."""
     async with httpx.AsyncClient(base_url=cluster["url"], timeout=TIMEOUT_S,
                                  limits=httpx.Limits(max_connections=64)) as client:
-        flowing, seen, ids = asyncio.Event(), [0], set()
+        flowing, seen = asyncio.Event(), [0]
 
-        async def one(i: int) -> tuple[int, str | None]:
-            count, reason = 0, None
+        async def one(i: int) -> tuple[str, int, str | None]:
+            text, count, reason = "", 0, None
             body = completion(f"survive {i}", n_tokens, stream=True)
             async with client.stream("POST", "/v1/completions", json=body) as response:
                 async for line in response.aiter_lines():
                     if line.startswith("data: {"):
                         chunk = json.loads(line[6:])
-                        ids.add(chunk["id"])
+                        text += chunk["choices"][0]["text"]
                         count += 1
                         reason = chunk["choices"][0]["finish_reason"] or reason
                         seen[0] += 1
                         if seen[0] >= n_requests * 2:
                             flowing.set()
-            return count, reason
+            return text, count, reason
 
         tasks = [asyncio.create_task(one(i)) for i in range(n_requests)]
         await asyncio.wait_for(flowing.wait(), TIMEOUT_S)
-        counts = [await held_by(cluster, ids, worker_id) for worker_id, _ in cluster["decoders"]]
-        held, (worker_id, proc) = max(zip(counts, cluster["decoders"]), key=lambda pair: pair[0])
-        cluster["decoders"].remove((worker_id, proc))
+        counts = await running_counts(cluster)
+        held, (worker_id, proc) = max((counts[w], (w, p)) for w, p in cluster["running"])
+        cluster["running"].remove((worker_id, proc))
         await asyncio.get_running_loop().run_in_executor(None, stop_one, proc)
         results = await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT_S)
     return results, held
 
 
-async def test_a_decoder_stopped_with_sigterm_drains_its_batch(cluster):
-    """SIGTERM: the decoder stops taking hand-offs, finishes what it runs, exits 0."""
-    extra = cluster["mesh"].start("decoder")
-    cluster["decoders"].append((extra.wait_line("ready").split()[-1], extra))
+async def test_a_worker_stopped_with_sigterm_drains_its_batch(cluster):
+    """SIGTERM: the worker stops taking work, finishes what it runs, exits 0."""
+    extra = cluster["mesh"].start("worker")
+    cluster["running"].append((extra.wait_line("ready").split()[-1], extra))
     exit_codes = []
     results, held = await stream_until_running(
         cluster, 24, LONG_TOKENS, lambda proc: exit_codes.append(cluster["mesh"].stop(proc)))
-    assert results == [(LONG_TOKENS, "length")] * 24
+    assert [(count, reason) for _, count, reason in results] == [(LONG_TOKENS, "length")] * 24
     assert held > 0 and exit_codes == [0]
 
 
-async def test_a_decoder_killed_mid_batch_loses_nothing(cluster):
-    """SIGKILL one decoder while requests run: every request still completes, each once."""
+async def test_a_worker_killed_mid_batch_loses_nothing(cluster):
+    """SIGKILL one worker while requests run: every request still completes, once, with the text
+    an uninterrupted run gives."""
     results, held = await stream_until_running(cluster, 24, LONG_TOKENS, cluster["mesh"].kill)
-    assert results == [(LONG_TOKENS, "length")] * 24
-    assert held > 0  # the victim really was decoding some of them
-
-
-async def held_by(cluster, request_ids: set[str], decoder: str) -> int:
-    """How many of ``request_ids`` the KV metadata in Redis shows running on ``decoder``."""
-    config = cluster["config"]
-    names = Names(config.namespace)
-    t = await open_transports(config, names, LocalHub())
-    metas = [await t.store.hgetall(names.kv_meta(rid)) for rid in list(request_ids)]  # still growing
-    await t.close()
-    return sum(meta.get("decoder") == decoder for meta in metas)
+    assert [(count, reason) for _, count, reason in results] == [(LONG_TOKENS, "length")] * 24
+    assert [text for text, _, _ in results] == solo_texts([f"survive {i}" for i in range(24)], LONG_TOKENS)
+    assert held > 0  # the victim really was running some of them

@@ -15,13 +15,15 @@ from common.names import Names
 from common.transport.connect import open_bus, open_transports
 from engine.api import GenerationRequest, SamplingParams
 from optimizer.schedule import Schedule
-from services.scheduler import publish_schedule, recent_lengths
+from services.scheduler import recent_lengths
 from tests.mesh.conftest import running_mesh
 from tests.mesh.fake_engine import FakeEngine, load, next_token
 
 pytestmark = pytest.mark.usefixtures("cleanup")
 FAKE = "tests.mesh.fake_engine:load"
 TIMEOUT_S = 30
+WAA = Schedule("waa-c", encode_batch=4, decode_batch=8, num_devices=2, encoder_devices=1, decoder_devices=1,
+               worker_devices=1)
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def completion(prompt: str, n: int, **extra) -> dict:
     return {"model": FAKE, "prompt": prompt, "max_tokens": n, "temperature": 0, **extra}
 
 
-async def test_completion_runs_through_encoder_and_decoder(config, hub):
+async def test_completion_runs_through_one_worker(config, hub):
     async with running_mesh(config, hub, load) as m:
         response = await m.client.post("/v1/completions", json=completion("hello", 7))
         assert response.status_code == 200, response.text
@@ -49,11 +51,12 @@ async def test_completion_runs_through_encoder_and_decoder(config, hub):
         assert body["choices"][0]["text"] == expected_text("hello", 7)
         assert body["choices"][0]["finish_reason"] == "length"
         assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
-        assert m.mesh.decoders[0].steps >= 6  # tokens 1..6 came from the decoder
+        worker = m.mesh.workers[0]
+        assert worker.role == "worker" and worker.steps == 7  # one prefill, six decode steps
 
 
 async def test_concurrent_requests_each_complete_once(config, hub):
-    async with running_mesh(config, hub, load, encoders=2, decoders=2) as m:
+    async with running_mesh(config, hub, load, workers=2) as m:
         prompts = [f"p{i:03d}" for i in range(60)]
         lengths = [1 + i % 9 for i in range(60)]
         responses = await asyncio.gather(*(
@@ -68,7 +71,7 @@ async def test_concurrent_requests_each_complete_once(config, hub):
         samples = await recent_lengths(t.store, Names(config.namespace), 100)
         await t.close()
         assert sorted(s.output_len for s in samples) == sorted(lengths)
-        assert all(not w.running for w in m.mesh.decoders)
+        assert all(not w.driver.running and not w.held for w in m.mesh.workers)
 
 
 async def test_streaming_matches_the_whole_response(config, hub):
@@ -133,9 +136,9 @@ async def test_models_health_and_metrics(config, hub):
         assert 'exegpt_requests_total{endpoint="completions",status="200"} 1.0' in text
         assert "exegpt_ttft_seconds_count 1.0" in text
         assert "exegpt_e2e_seconds_count 1.0" in text
-        assert 'exegpt_batch_size_count{role="decoder"}' in text
+        assert 'exegpt_batch_size_count{role="worker"}' in text
         assert "exegpt_queue_depth" in text
-        for phase in ("queue", "encode", "handoff", "decode"):
+        for phase in ("queue", "encode", "decode"):  # no hand-off: the worker decodes what it encodes
             assert f'exegpt_phase_seconds_count{{phase="{phase}"}} 1.0' in text
 
 
@@ -154,28 +157,31 @@ async def wait_for_statuses(subscription, worker_ids: set[str], version: int) ->
 
 async def test_schedule_update_reaches_every_worker_and_changes_batching(config, hub):
     names = Names(config.namespace)
-    async with running_mesh(config, hub, load, encoders=2, decoders=2) as m:
+    async with running_mesh(config, hub, load, workers=2) as m:
         t = await open_transports(config, names, hub)
         statuses = await t.bus.subscribe(names.status_exchange, names.status_queue("test"))
-        update = await publish_schedule(t.bus, t.store, names, Schedule(encode_batch=1, decode_batch=3))
+        update = await m.mesh.scheduler.pin(Schedule("continuous", encode_batch=1, decode_batch=3,
+                                                     num_devices=2, worker_devices=1))
         ids = {w.worker_id for w in m.mesh.workers}
         assert await wait_for_statuses(statuses, ids, update.version) == ids
         assert all(w.follower.version == update.version for w in m.mesh.workers)
-        before = [len(w.runner.engine.prefill_sizes) for w in m.mesh.encoders]
+        before = [len(w.runner.engine.prefill_sizes) for w in m.mesh.workers]
         responses = await asyncio.gather(*(m.client.post("/v1/completions", json=completion(f"q{i}", 20))
                                            for i in range(12)))
         assert all(r.status_code == 200 for r in responses)
-        for worker, n in zip(m.mesh.encoders, before):
+        for worker, n in zip(m.mesh.workers, before):
             assert set(worker.runner.engine.prefill_sizes[n:]) <= {1}
-        assert max(d.max_batch_seen for d in m.mesh.decoders) <= 3
+        assert max(w.max_batch_seen for w in m.mesh.workers) <= 3
         await t.close()
 
 
-async def test_late_worker_reads_the_current_schedule(config, hub):
-    async with running_mesh(config, hub, load) as m:
-        version = m.mesh.workers[0].follower.version
-        assert version >= 1  # the scheduler published its first schedule before workers started
-        assert all(w.follower.version == version for w in m.mesh.workers)
+async def test_every_worker_is_allocated_and_follows_one_version(config, hub):
+    async with running_mesh(config, hub, load, workers=2) as m:
+        current = m.mesh.scheduler.current
+        assert {a.worker_id for a in current.allocation} == {w.worker_id for w in m.mesh.workers}
+        await m.pin(WAA)
+        assert sorted(w.role for w in m.mesh.workers) == ["decoder", "encoder"]
+        assert len({w.follower.version for w in m.mesh.workers}) == 1
 
 
 async def test_undecodable_work_goes_to_the_dead_queue(config, hub):
@@ -192,54 +198,64 @@ async def test_undecodable_work_goes_to_the_dead_queue(config, hub):
 
 
 class StuckEngine(FakeEngine):
-    """Hangs in its first decode step until released: a decoder that dies mid-batch."""
+    """Hangs in its first step that decodes until released: a worker that dies mid-batch."""
 
     def __init__(self, entered, release) -> None:
         super().__init__()
         self.entered, self.release = entered, release
 
-    def decode_step(self):
-        self.entered.set()
-        self.release.wait(TIMEOUT_S)
-        return super().decode_step()
+    def step(self, prefill=(), decode=(), padding=0):
+        if decode:
+            self.entered.set()
+            self.release.wait(TIMEOUT_S)
+        return super().step(prefill, decode, padding)
 
 
-async def test_a_decoder_dying_mid_batch_loses_nothing(config, hub):
+@pytest.mark.parametrize("schedule", [None, WAA], ids=["worker", "waa-decoder"])
+async def test_a_worker_dying_mid_batch_loses_nothing(config, hub, schedule):
     import threading
 
     entered, release = threading.Event(), threading.Event()
-    engines = iter([FakeEngine(), StuckEngine(entered, release), FakeEngine()])
+    stuck = StuckEngine(entered, release)
+    engines = iter([FakeEngine(), stuck])
     try:
-        async with running_mesh(config, hub, lambda: next(engines), decoders=2) as m:
-            victim, task = m.mesh.decoders[0], m.mesh.tasks[2]
+        async with running_mesh(config, hub, lambda: next(engines), workers=2, schedule=schedule) as m:
+            victim = next(w for w in m.mesh.workers if w.runner.engine is stuck)
+            assert victim.role == ("decoder" if schedule else "worker")  # ids sort in start order
             requests = [asyncio.create_task(m.client.post("/v1/completions", json=completion(f"k{i}", 12)))
                         for i in range(8)]
             loop = asyncio.get_running_loop()
             assert await loop.run_in_executor(None, entered.wait, TIMEOUT_S)
-            held = len(victim.running)
-            task.cancel()  # the process dies: its connection drops with the hand-offs unacked
-            await victim.transports.bus.close()
+            held = len(victim.held)  # requests it holds unacked (queued, merging or running)
+            await crash(victim, m.mesh.tasks[1 + m.mesh.workers.index(victim)])
             responses = await asyncio.wait_for(asyncio.gather(*requests), TIMEOUT_S)
             assert held > 0
             for i, r in enumerate(responses):
                 assert r.json()["choices"][0]["text"] == expected_text(f"k{i}", 12)
-            assert m.mesh.decoders[1].steps > 0
     finally:
         release.set()
 
 
+async def crash(worker, task) -> None:
+    """What a process dying does: everything it ran stops, its connection drops (unacked
+    messages go back), its heartbeats stop."""
+    for t in (task, *worker._tasks):
+        t.cancel()
+    await asyncio.gather(task, *worker._tasks, return_exceptions=True)
+    await worker.transports.bus.close()
+
+
 class BrokenEngine(FakeEngine):
-    def prefill(self, requests):
+    def step(self, prefill=(), decode=(), padding=0):
         raise RuntimeError("device lost")
 
 
-async def test_an_engine_fault_in_the_encoder_becomes_a_500_not_a_hang(config, hub):
-    engines = iter([BrokenEngine(), FakeEngine()])
-    async with running_mesh(config, hub, lambda: next(engines)) as m:
+async def test_an_engine_fault_becomes_a_500_not_a_hang(config, hub):
+    async with running_mesh(config, hub, BrokenEngine) as m:
         response = await m.client.post("/v1/completions", json=completion("boom", 3))
         assert response.status_code == 500
         assert "device lost" in response.json()["error"]["message"]
-        assert m.mesh.tasks[1].done() is False  # the encoder keeps serving
+        assert m.mesh.tasks[1].done() is False  # the worker keeps serving
 
 
 async def test_a_long_non_streaming_answer_arrives_whole_in_chunks(config, hub):
@@ -251,18 +267,16 @@ async def test_a_long_non_streaming_answer_arrives_whole_in_chunks(config, hub):
         assert len(chunks) == 150  # streaming still gets every token on its own
 
 
-async def test_an_aborted_request_leaves_the_decoder_batch(config, hub):
+async def test_an_aborted_request_leaves_the_batch(config, hub):
     import threading
 
-
     entered, release = threading.Event(), threading.Event()
-    engines = iter([FakeEngine(), StuckEngine(entered, release)])
-    try:
-        async with running_mesh(config, hub, lambda: next(engines)) as m:
-            decoder, gateway = m.mesh.decoders[0], m.app.state.gateway
+    async with running_mesh(config, hub, lambda: StuckEngine(entered, release)) as m:
+        try:
+            worker, gateway = m.mesh.workers[0], m.app.state.gateway
             aborted = asyncio.Event()
-            on_abort = decoder.on_abort
-            decoder.on_abort = lambda rid: (on_abort(rid), aborted.set())
+            on_control = worker.on_control
+            worker.on_control = lambda message: (on_control(message), aborted.set())
             pending = await gateway.submit([104, 105], Sampling(max_tokens=200))
             assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, TIMEOUT_S)
             await gateway.abort(pending)  # what a client hanging up mid-stream does
@@ -270,25 +284,26 @@ async def test_an_aborted_request_leaves_the_decoder_batch(config, hub):
             release.set()
             after = await m.client.post("/v1/completions", json=completion("next", 3))
             assert after.status_code == 200  # the loop went round: the abort was applied first
-            assert pending.request_id not in decoder.running
-            assert decoder.runner.engine.running() == []
+            assert pending.request_id not in worker.driver.running
+            assert worker.runner.engine.running() == []
             t = await open_transports(config, Names(config.namespace), hub)
             assert await t.store.get(Names(config.namespace).done(pending.request_id)) == b"1"
             await t.close()
-    finally:
-        release.set()
+        finally:
+            release.set()
 
 
-async def test_every_lifecycle_stage_is_stamped_in_order(config, hub):
+@pytest.mark.parametrize("schedule", [None, WAA], ids=["worker", "waa"])
+async def test_every_lifecycle_stage_is_stamped_in_order(config, hub, schedule):
     from common.lifecycle import Stage
 
-    async with running_mesh(config, hub, load) as m:
+    async with running_mesh(config, hub, load, workers=2, schedule=schedule) as m:
         pending = await m.app.state.gateway.submit([104, 105], Sampling(max_tokens=6), stream=False)
         tokens = [t async for t in pending.tokens(TIMEOUT_S)]
         stamps = pending.timeline.stamps
-        assert set(stamps) == set(Stage) and len(tokens) == 6
-        path = [Stage.ARRIVED, Stage.ENCODE_START, Stage.ENCODE_END, Stage.HANDED_OFF,
-                Stage.DECODE_START, Stage.FINISHED]
+        handed = [Stage.HANDED_OFF] if schedule is not None else []  # only WAA moves the KV cache
+        assert set(stamps) == set(Stage) - ({Stage.HANDED_OFF} - set(handed)) and len(tokens) == 6
+        path = [Stage.ARRIVED, Stage.ENCODE_START, Stage.ENCODE_END, *handed, Stage.DECODE_START, Stage.FINISHED]
         assert [stamps[s] for s in path] == sorted(stamps[s] for s in path)
         assert stamps[Stage.FIRST_TOKEN] <= stamps[Stage.FINISHED]
         assert pending.timeline.ttft_s > 0 and pending.timeline.tpot_s >= 0
@@ -326,7 +341,7 @@ async def test_two_gateways_share_the_workers_and_get_only_their_own_events(conf
     from services.gateway import ServedModel, create_app
 
     async with running_mesh(config, hub, load) as m:
-        engine = m.mesh.encoders[0].runner.engine
+        engine = m.mesh.workers[0].runner.engine
         second = create_app(config, ServedModel(FAKE, engine.tokenizer, engine.max_context), hub=hub)
         async with second.router.lifespan_context(second):
             transport = httpx.ASGITransport(app=second)
@@ -346,13 +361,12 @@ class RefusingEngine(FakeEngine):
 
 
 async def test_a_refused_hand_off_becomes_a_500_and_the_decoder_keeps_serving(config, hub):
-    engines = iter([FakeEngine(), RefusingEngine()])
-    async with running_mesh(config, hub, lambda: next(engines)) as m:
+    async with running_mesh(config, hub, RefusingEngine, workers=2, schedule=WAA) as m:
         response = await m.client.post("/v1/completions", json=completion("x", 3))
         assert response.status_code == 500
         assert "another model" in response.json()["error"]["message"]
         single = await m.client.post("/v1/completions", json=completion("y", 1))  # no hand-off
-        assert single.status_code == 200 and not m.mesh.tasks[2].done()
+        assert single.status_code == 200 and not any(t.done() for t in m.mesh.tasks)
 
 
 async def test_work_redelivered_after_its_request_finished_is_not_run_again(config, hub):
@@ -373,11 +387,12 @@ async def test_work_redelivered_after_its_request_finished_is_not_run_again(conf
     for queue in (names.encode_queue, names.handoff_queue):
         await asyncio.wait_for(anext(aiter(await dying.consume(queue, prefetch=1))), TIMEOUT_S)
     await dying.close()  # unacked: both come back with ``redelivered`` set
-    async with running_mesh(config, hub, load) as m:
+    async with running_mesh(config, hub, load, workers=2, schedule=WAA) as m:
         response = await m.client.post("/v1/completions", json=completion("hello", 4))
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
-        assert m.mesh.encoders[0].runner.engine.prefill_sizes == [1]  # only the new request
-        assert m.mesh.decoders[0].steps == 3  # tokens 1..3 of the new request, nothing else
+        encoder, decoder = m.mesh.by_role("encoder")[0], m.mesh.by_role("decoder")[0]
+        assert encoder.runner.engine.prefill_sizes == [1]  # only the new request
+        assert decoder.steps == 3  # tokens 1..3 of the new request, nothing else
     samples = await recent_lengths(t.store, names, 10)
     await t.close()
     assert [s.output_len for s in samples] == [4]

@@ -143,3 +143,39 @@ async def test_auto_ack_settles_on_delivery(mesh_config, hub):
     got = [(await next_delivery(sub)).body for _ in range(3)]  # prefetch 1, yet never acked
     assert got == [b"1", b"2", b"3"]
     await bus.close()
+
+
+async def test_a_consumers_prefetch_can_change_while_it_consumes(mesh_config, hub):
+    """Workers resize their intake when a new schedule changes B_D: more prefetch lets more
+    messages in at once, less holds back new ones until acks bring the count under it."""
+    names = Names(mesh_config.namespace)
+    bus = await open_bus(mesh_config, names, hub)
+    queue = names.encode_queue
+    await bus.declare_queue(queue)
+    for i in range(10):
+        await bus.publish(queue, b"%d" % i)
+    sub = await bus.consume(queue, prefetch=2)
+    got = [await asyncio.wait_for(anext(aiter(sub)), 5) for _ in range(2)]
+    await sub.set_prefetch(5)
+    got += [await asyncio.wait_for(anext(aiter(sub)), 5) for _ in range(3)]
+    await sub.set_prefetch(3)
+    for delivery in got[:3]:
+        await delivery.ack()
+    got.append(await asyncio.wait_for(anext(aiter(sub)), 5))  # 2 unacked, room for 1 more
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(anext(aiter(sub)), 0.3)  # the limit holds: nothing more is sent
+    assert len(got) == 6
+    await bus.close()
+
+
+async def test_counters_add_and_take_atomically(mesh_config, hub):
+    """The WAA credit count: decoders add free slots, encoders take at most what is there."""
+    store = await open_store(mesh_config) or hub.store
+    key = Names(mesh_config.namespace).credits(7)
+    assert await store.take(key, 3) == 0  # absent: nothing to take
+    assert await store.add(key, 5, ttl_s=30) == 5
+    results = await asyncio.gather(*(store.take(key, 2) for _ in range(4)))
+    assert sorted(results) == [0, 1, 2, 2]  # never more than was granted, whoever asks
+    assert await store.add(key, -3) == -3 and await store.take(key, 1) == 0  # a debt is not taken
+    assert await store.count_prefix(Names(mesh_config.namespace).credits(7)) == 1
+    await store.close()

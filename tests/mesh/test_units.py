@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from common.config import MeshConfig
 from common.lifecycle import Stage, Timeline
 from common.messages import codec
-from common.messages.control import Abort, ScheduleUpdate
+from common.messages.control import Abort, PinSchedule, RoleAssignment, ScheduleUpdate
 from common.messages.events import EventBatch, Failure, Stamp, Token
 from common.messages.handoff import KvReady
 from common.messages.status import LengthSample, WorkerStatus
@@ -19,17 +19,24 @@ from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from optimizer.schedule import Schedule
 from services.gateway.core import Pending
-from services.worker import Outbox, ScheduleFollower, plan_of, schedule_of
+from services.worker.follower import ScheduleFollower
+from services.worker.mailbox import Outbox
 
 EXAMPLES = [
     EncodeWork("r1", "m", (1, 2, 3), Sampling(4, 0.5, 3, 0.9, 7, ("\n", "END"), True), "q", 1.5),
     KvReady("r1", "enc-1", "q", "ns:kv:r1", 3, 2, 1.5),
     EventBatch("dec-1", "decoder", 3, 2, (Token("r1", 0, 5, "x", False), Token("r1", 1, 6, "", True, "stop")),
                (Stamp("r1", Stage.DECODE_START, 2.0),), (Failure("r2", 400, "too long"),)),
-    ScheduleUpdate(4, plan_of(Schedule(policy="rra", encode_batch=3)), 9.0),
+    ScheduleUpdate(4, Schedule(policy="waa-m", encode_batch=3, num_devices=2, encoder_devices=1,
+                               decoder_devices=1, worker_devices=1, mean_input_len=12.5),
+                   (RoleAssignment("w1", "encoder"), RoleAssignment("w2", "decoder")), 9.0),
     Abort("r9"),
-    WorkerStatus("enc-1", "encoder", 4, 0, "applied", 3.0),
+    PinSchedule(Schedule(policy="rra"), 1.0),
+    PinSchedule(None, 1.0),
+    WorkerStatus("w1", "encoder", 4, 0, 0, "applied", 3.0),
     LengthSample("r1", 3, 7, "length", 4.0),
+    LengthSample("r1", 3, 7, "length", 4.0, 1.0, 2.0, 2.5, 4, "w2"),
+    EncodeWork("r1", "m", (1, 2), Sampling(9), "q", 1.5, False, (5, 6), "ab"),
 ]
 
 
@@ -43,6 +50,7 @@ def test_every_message_round_trips(message):
     msgpack.packb([1, 5, 3]),  # Abort with an int id
     msgpack.packb([1, 5]),  # Abort without fields
     msgpack.packb([1, 101, 1, 0.0, 0, 1.0, None, [], False]),  # a nested-only struct at top level
+    msgpack.packb([1, 5, "r"]),  # schema 1: older than this mesh
 ])
 def test_garbage_raises_decode_error(data):
     with pytest.raises(codec.DecodeError):
@@ -55,12 +63,13 @@ def test_decode_refuses_a_message_of_another_direction():
 
 
 def test_values_out_of_range_are_rejected_at_the_boundary():
-    bad = msgpack.packb([1, 4, 1, ["nope", 1, 1, 1, 1, 1, 0, 1, 0, 1], 0.0])
-    follower = ScheduleFollower()
-    with pytest.raises(ValueError, match="policy"):
-        follower.offer(codec.decode(bad, ScheduleUpdate))  # unknown policy: never applied
-    assert not follower.apply()
-    assert codec.decode(msgpack.packb([1, 7, "r", 1, 2, "stop", 3])).finished_at == 3.0  # int -> float
+    fields = [1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0.0, 0.0]
+    for policy, batch in (("nope", 1), ("rra", 0), ("rra", "1")):  # unknown, out of range, wrong type
+        bad = msgpack.packb([codec.SCHEMA_VERSION, 4, 1, [policy, batch, *fields[1:]], [], 0.0])
+        with pytest.raises(codec.DecodeError):
+            codec.decode(bad, ScheduleUpdate)  # never reaches a worker's follower
+    sample = codec.decode(msgpack.packb([codec.SCHEMA_VERSION, 7, "r", 1, 2, "stop", 3, 0, 0, 0, 0, ""]))
+    assert sample.finished_at == 3.0  # int -> float
 
 
 def test_names_are_namespaced_and_distinct():
@@ -81,7 +90,7 @@ def test_config_validates_and_reads_the_environment(monkeypatch):
     with pytest.raises(ValidationError, match="namespace"):
         MeshConfig(namespace="has space")
     with pytest.raises(ValidationError):
-        MeshConfig(prefetch_count=0)
+        MeshConfig(max_encode_batch=0)
 
 
 def test_timeline_derives_latencies():
@@ -94,13 +103,26 @@ def test_timeline_derives_latencies():
 
 
 def test_schedule_follower_applies_only_newer_versions_at_the_boundary():
-    follower = ScheduleFollower()
-    v2 = ScheduleUpdate(2, plan_of(Schedule(encode_batch=2)), 0.0)
+    follower = ScheduleFollower("w1", max_encode_batch=64, max_decode_batch=16)
+    v2 = ScheduleUpdate(2, Schedule(encode_batch=2, decode_batch=100), (), 0.0)
     assert follower.offer(v2) and follower.version == 0  # not before the boundary
-    assert not follower.offer(ScheduleUpdate(1, plan_of(Schedule()), 0.0))
-    assert follower.apply() and (follower.version, follower.schedule.encode_batch) == (2, 2)
-    assert not follower.apply()
-    assert schedule_of(plan_of(Schedule(policy="rra", tp_degree=2))) == Schedule(policy="rra", tp_degree=2)
+    assert not follower.offer(ScheduleUpdate(1, Schedule(), (), 0.0))
+    assert follower.take() is v2 and (follower.version, follower.schedule.encode_batch) == (2, 2)
+    assert follower.schedule.decode_batch == 16  # the worker's memory guard caps B_D
+    assert follower.take() is None
+
+
+@pytest.mark.parametrize("schedule, allocation, role", [
+    (Schedule("rra"), (), "worker"),  # any worker runs a single-pipeline schedule
+    (Schedule("waa-c", encoder_devices=1, decoder_devices=1, num_devices=2), (), "idle"),  # waits for a role
+    (Schedule("waa-c", encoder_devices=1, decoder_devices=1, num_devices=2), (RoleAssignment("w1", "decoder"),),
+     "decoder"),
+])
+def test_a_worker_takes_its_role_from_the_allocation(schedule, allocation, role):
+    follower = ScheduleFollower("w1", 64, 256)
+    follower.offer(ScheduleUpdate(1, schedule, allocation, 0.0))
+    follower.take()
+    assert follower.role == role
 
 
 def tok(i: int, finished: bool = False) -> Token:

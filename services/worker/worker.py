@@ -1,0 +1,597 @@
+"""The worker: one kind of process whose role the schedule gives it.
+
+Main loop, one iteration per step (the same ``Driver`` and policy objects the simulator runs)::
+
+    receive (work or hand-offs → the driver) → schedule (a new version or role, at the boundary)
+      → aborts → credits (WAA encoders) → plan = driver.plan() → execute (engine.step)
+      → driver.complete → emit (tokens; hand-offs; finished requests settle)
+
+Roles (``ScheduleUpdate.role_of``): under RRA, static and continuous a worker takes requests from
+the encode queue and decodes them itself (the KV cache never leaves it); under WAA it is an
+encoder (prefill, export, hand off) or a decoder (import, decode). A worker whose new role stops
+it decoding keeps decoding for ``switch_drain_s``, then hands what still runs to decoders (WAA)
+or re-queues it with the tokens already sent, so the text continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import assert_never
+
+from common.config import MeshConfig
+from common.lifecycle import Stage
+from common.messages import codec
+from common.messages.control import Abort, ControlMessage, ScheduleUpdate
+from common.messages.events import Failure
+from common.messages.handoff import HandoffMessage, KvReady
+from common.messages.status import LengthSample, WorkerStatus
+from common.messages.work import WorkMessage
+from common.names import DONE_TTL_S, OUTPUT_LENGTHS_MAX, Names
+from common.transport.connect import Transports
+from common.transport.port import Delivery, Subscription, Unroutable
+from engine.api import KVHandoff
+from optimizer.driver import Driver, StepOutcome
+from optimizer.policies import (DrainPolicy, IdlePolicy, QueuedRequest, Role, RunningRequest, StepPlan,
+                                make_policy)
+from optimizer.schedule import Schedule
+from services.worker.credits import Credits
+from services.engines import EngineRunner
+from services.worker.executor import StepResult, run_step
+from services.worker.follower import ScheduleFollower
+from services.worker.mailbox import Inbox, Outbox
+from services.worker.requests import Held
+from services.worker.trace import StepTrace
+
+ABORTED_REMEMBERED = 10_000
+CREDIT_POLL_S = (0.002, 0.05)  # an encoder without credits looks again after this, doubling
+
+
+def new_worker_id(config: MeshConfig, role: str) -> str:
+    if config.worker_id:
+        return config.worker_id
+    return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+def intake_for(role: Role, schedule: Schedule, names: Names) -> dict[str, int]:
+    """The queues a worker of ``role`` consumes, each with the unacked messages it may hold: its
+    running batch and the next encode batch. A "worker" also takes hand-offs left over from a WAA
+    schedule (or from a decoder that died) into free slots, so none is stranded."""
+    if role == "worker":
+        return {names.encode_queue: schedule.decode_batch + 2 * schedule.encode_batch,
+                names.handoff_queue: schedule.encode_batch}
+    if role == "encoder":
+        return {names.encode_queue: 2 * schedule.encode_batch}
+    if role == "decoder":
+        return {names.handoff_queue: schedule.decode_batch}
+    return {}
+
+
+@dataclass
+class Drain:
+    """Leaving a decoding role: decode until ``deadline`` (time.monotonic), then give back."""
+
+    role: Role
+    deadline: float
+
+
+class Worker:
+    def __init__(self, config: MeshConfig, transports: Transports, runner: EngineRunner, *,
+                 trace: bool = False) -> None:
+        self.config = config
+        self.names = Names(config.namespace)
+        self.transports = transports
+        self.bus, self.store, self.kv = transports.bus, transports.store, transports.kv
+        self.worker_id = new_worker_id(config, "worker")
+        self.runner = runner
+        self.follower = ScheduleFollower(self.worker_id, config.max_encode_batch, config.max_decode_batch)
+        self.role: Role = "idle"
+        self.driver = Driver(IdlePolicy(self.follower.schedule))
+        self.held: dict[str, Held] = {}
+        self.inbox = Inbox()
+        self.credits = Credits(self.store, self.names)
+        self.trace = StepTrace() if trace else None
+        self.aborted: dict[str, None] = {}
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.changed = asyncio.Event()  # set whenever a schedule version or a role takes effect
+        self.steps = 0
+        self.max_batch_seen = 0
+        self.moved = {"handed_off": 0, "requeued": 0}  # running requests given back on a role change
+        self._abort_pending: list[str] = []
+        self._next_stamps = Outbox()  # stamps that go out with the next step's tokens
+        self._intake: dict[str, Subscription] = {}  # queue -> subscription
+        self._drain: Drain | None = None
+        self._stop_deadline: float | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._credit_wait = CREDIT_POLL_S[0]
+        self._arrived: list[tuple[str, int]] = []  # queued since the last boundary (for the trace)
+
+    # ==== the loop ==============================================================================
+    async def run(self) -> None:
+        await self.start()
+        while self.should_continue():
+            await self.receive()
+            await self.apply_schedule()
+            await self.drop_aborted()
+            await self.reserve_credits()
+            plan = self.plan()
+            if plan.idle:
+                await self.wait_for_work()
+                continue
+            result = await self.execute(plan)
+            self.driver.complete(plan, self.outcome(result))
+            await self.emit(plan, result)
+        await self.close()
+
+    def plan(self) -> StepPlan:
+        plan = self.driver.plan()
+        if self.trace is not None:  # requests received since the last boundary arrive at this one
+            now = time.monotonic()
+            for rid, input_len in self._arrived:
+                self.trace.arrived(rid, input_len, now)
+            self.trace.planned(plan, now)
+        self._arrived.clear()
+        return plan
+
+    def should_continue(self) -> bool:
+        """Run until stopped; then until the running batch is done or the drain time is up
+        (what still runs then is redelivered to another worker when the connection closes)."""
+        if not self.stopping.is_set():
+            return True
+        if self._stop_deadline is None:
+            return True  # the next receive() begins the drain
+        return bool(self.driver.running) and time.monotonic() < self._stop_deadline
+
+    # ==== start and stop =========================================================================
+    async def start(self) -> None:
+        await self.bus.declare_fanout(self.names.control_exchange)
+        await self.bus.declare_fanout(self.names.status_exchange)
+        for queue in (self.names.encode_queue, self.names.handoff_queue):
+            await self.bus.declare_queue(queue)
+        control = await self.bus.subscribe(self.names.control_exchange, self.names.control_queue(self.worker_id))
+        self._tasks.append(asyncio.create_task(self._pump_control(control)))
+        stored = await self.store.get(self.names.schedule)
+        if stored is not None:
+            self.follower.offer(codec.decode(stored, ScheduleUpdate))
+        self.follower.take()
+        await self._enter(self.follower.role)
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
+        await self.report("ready")
+        self.ready.set()
+
+    def stop(self) -> None:
+        """Ask the loop to stop taking work and drain (safe from a signal handler)."""
+        self.stopping.set()
+        self.inbox.wake()
+
+    async def _begin_stop(self) -> None:
+        self._stop_deadline = time.monotonic() + self.config.drain_timeout_s
+        await self._set_intake({})
+        self.driver.switch(DrainPolicy(self.follower.schedule))
+        await self.report("draining")
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.report("stopping")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.transports.close()
+
+    # ==== receive ================================================================================
+    async def _pump(self, queue: str, subscription: Subscription) -> None:
+        async for delivery in subscription:
+            self.inbox.put((queue, delivery))
+
+    async def receive(self) -> None:
+        """Deliveries since the last boundary become the driver's queued or incoming requests."""
+        if self.stopping.is_set() and self._stop_deadline is None:
+            await self._begin_stop()
+        items = self.inbox.take()
+        if not items:
+            return
+        now = time.monotonic()
+        works = [d for q, d in items if q == self.names.encode_queue]
+        handoffs = [d for q, d in items if q == self.names.handoff_queue]
+        outbox = Outbox()
+        for held in await self._admit_work(works, outbox) + await self._admit_handoffs(handoffs, outbox):
+            self.held[held.request_id] = held
+            if held.handoff is None:
+                self.driver.enqueue(QueuedRequest(held.request_id, held.input_len, now))
+                self._arrived.append((held.request_id, held.input_len))
+            else:
+                self.driver.offer(RunningRequest(held.request_id, len(held.prompt_ids), len(held.generated)))
+        await self.send(outbox)
+
+    async def _admit_work(self, deliveries: list[Delivery], outbox: Outbox) -> list[Held]:
+        """Work that can run here; bad bytes are dead-lettered, other models' work fails (400),
+        aborted or already finished work is acked."""
+        kept: list[Held] = []
+        for delivery in deliveries:
+            try:
+                work = codec.decode(delivery.body, WorkMessage)
+            except codec.DecodeError:
+                await delivery.reject(requeue=False)
+                continue
+            if work.model != self.config.model:
+                message = f"this mesh serves {self.config.model!r}, not {work.model!r}"
+                outbox.failure(work.reply_to, Failure(work.request_id, 400, message))
+                await self._ack_after(delivery, outbox)
+            elif work.request_id in self.held or work.request_id in self.aborted:
+                await delivery.ack()
+            else:
+                kept.append(Held.from_work(delivery, work))
+        return await self._skip_done(kept)
+
+    async def _admit_handoffs(self, deliveries: list[Delivery], outbox: Outbox) -> list[Held]:
+        ready: list[tuple[Delivery, KvReady]] = []
+        for delivery in deliveries:
+            try:
+                message = codec.decode(delivery.body, HandoffMessage)
+            except codec.DecodeError:
+                await delivery.reject(requeue=False)
+                continue
+            if message.request_id in self.held or message.request_id in self.aborted:
+                await delivery.ack()
+            else:
+                ready.append((delivery, message))
+        payloads = await asyncio.gather(*(self.kv.get(m.kv_ref) for _, m in ready))
+        kept = []
+        for (delivery, message), handoff in zip(ready, payloads):
+            if handoff is None:
+                outbox.failure(message.reply_to, Failure(message.request_id, 500, "KV cache expired before decoding"))
+                await self._ack_after(delivery, outbox)
+            else:
+                kept.append(Held.from_handoff(delivery, message, handoff))
+        return await self._skip_done(kept)
+
+    async def _skip_done(self, candidates: list[Held]) -> list[Held]:
+        """Only a redelivered message can belong to a request that already finished: look those
+        up, in one round trip, and ack them."""
+        again = [h for h in candidates if h.delivery.redelivered]
+        markers = await self.store.get_many(*(self.names.done(h.request_id) for h in again))
+        finished = {h.request_id for h, m in zip(again, markers) if m is not None}
+        for h in candidates:
+            if h.request_id in finished:
+                await h.delivery.ack()
+        return [h for h in candidates if h.request_id not in finished]
+
+    async def _ack_after(self, delivery: Delivery, outbox: Outbox) -> None:
+        await self.send(outbox)
+        await delivery.ack()
+
+    # ==== schedule and roles =====================================================================
+    async def _pump_control(self, subscription: Subscription) -> None:
+        async for delivery in subscription:
+            try:
+                self.on_control(codec.decode(delivery.body, ControlMessage))
+            except (codec.DecodeError, ValueError):
+                pass  # unreadable or invalid control: ignored, nothing to redeliver
+            await delivery.ack()
+
+    def on_control(self, message: ControlMessage) -> None:
+        match message:
+            case ScheduleUpdate():
+                if self.follower.offer(message):
+                    self.inbox.wake()
+            case Abort(request_id=request_id):
+                self.aborted[request_id] = None
+                while len(self.aborted) > ABORTED_REMEMBERED:
+                    self.aborted.pop(next(iter(self.aborted)))
+                if request_id in self.held:
+                    self._abort_pending.append(request_id)
+                    self.inbox.wake()
+            case _:
+                assert_never(message)
+
+    async def apply_schedule(self) -> None:
+        """At the boundary: a newer version takes effect; a drain in progress may end."""
+        if not self.stopping.is_set() and self.follower.take() is not None:
+            await self._enter(self.follower.role)
+            await self.report("applied")
+            self.changed.set()
+        if self._drain is not None and (not self.driver.running or time.monotonic() >= self._drain.deadline):
+            role, self._drain = self._drain.role, None
+            await self._give_back_running()
+            await self._become(role)
+
+    async def _enter(self, role: Role) -> None:
+        """Take ``role`` under the schedule in force; drain first if it stops us decoding what runs."""
+        self._drain = None
+        if self.driver.running and role not in ("worker", "decoder"):
+            self._drain = Drain(role, time.monotonic() + self.config.switch_drain_s)
+            await self._set_intake({})
+            self.driver.switch(DrainPolicy(self.follower.schedule))
+            return
+        await self._become(role)
+
+    async def _become(self, role: Role) -> None:
+        schedule = self.follower.schedule
+        await self._set_intake(intake_for(role, schedule, self.names))
+        unchanged = role == self.role and schedule == self.driver.policy.schedule and not isinstance(
+            self.driver.policy, (DrainPolicy, IdlePolicy))
+        self.role = role
+        if not unchanged:  # a version that only moved other workers keeps this policy's counters
+            self.driver.switch(make_policy(schedule, role))
+        self.changed.set()
+        if role == "decoder":  # this version's count starts from what it can take now
+            free = schedule.decode_batch - len(self.driver.running) - len(self.driver.incoming)
+            await self.credits.grant(self.follower.version, max(free, 0))
+
+    async def _set_intake(self, queues: dict[str, int]) -> None:
+        """Consume ``queues`` (queue -> prefetch); work taken from a queue no longer consumed and
+        not started goes back."""
+        dropped = [q for q in self._intake if q not in queues]
+        for queue in dropped:
+            await self._intake.pop(queue).cancel()
+        if dropped:
+            await self._give_back_waiting(set(dropped))
+        for queue, prefetch in queues.items():
+            if queue in self._intake:
+                await self._intake[queue].set_prefetch(prefetch)
+            else:
+                self._intake[queue] = await self.bus.consume(queue, prefetch=prefetch)
+                self._tasks.append(asyncio.create_task(self._pump(queue, self._intake[queue])))
+
+    async def _give_back_waiting(self, queues: set[str]) -> None:
+        """Requeue what came from ``queues`` and has not started: received deliveries, queued
+        work, unmerged hand-offs."""
+        for queue, delivery in self.inbox.take():
+            if queue in queues:
+                await delivery.reject(requeue=True)
+            else:
+                self.inbox.put((queue, delivery))
+        waiting = []
+        if self.names.encode_queue in queues:
+            waiting += list(self.driver.queued)
+        if self.names.handoff_queue in queues:
+            waiting += list(self.driver.incoming)
+        for rid in waiting:
+            self.driver.remove(rid)
+            await self.held.pop(rid).delivery.reject(requeue=True)
+
+    async def _give_back_running(self) -> None:
+        """Requests still running when a drain ends: to the decoders if the schedule has them and
+        they have room (the KV cache moves), else back to the encode queue with the tokens sent."""
+        running = list(self.driver.running)
+        if not running:
+            return
+        room = 0
+        if self.follower.schedule.split:
+            room = await self.credits.take(self.follower.version, len(running))
+        outbox = Outbox()
+        for rid in running:
+            for token in self.held[rid].flush():
+                outbox.token(self.held[rid].reply_to, token)
+        published = self.send_soon(outbox)
+        moves = []
+        for i, rid in enumerate(running):
+            held = self.held.pop(rid)
+            self.driver.remove(rid)
+            if i < room:
+                handoff = await self.runner.call(self.runner.engine.export_request, rid)
+                moves.append(self._hand_off(held, handoff, published))
+                self.moved["handed_off"] += 1
+            else:
+                await self.runner.call(self.runner.engine.abort, rid)
+                moves.append(self._requeue(held, published))
+                self.moved["requeued"] += 1
+        await asyncio.gather(*moves)
+
+    async def _requeue(self, held: Held, published: list[asyncio.Task[None]]) -> None:
+        await asyncio.gather(*held.sent, *published)
+        await self.bus.publish(self.names.encode_queue, codec.encode(held.continuation(self.config.model)))
+        await held.delivery.ack()
+
+    # ==== aborts and credits =====================================================================
+    async def drop_aborted(self) -> None:
+        """Between steps: aborted requests leave the engine and this worker; their messages are acked."""
+        while self._abort_pending:
+            rid = self._abort_pending.pop()
+            held = self.held.pop(rid, None)
+            if held is None:
+                continue
+            if rid in self.driver.running:
+                await self.runner.call(self.runner.engine.abort, rid)
+            self.driver.remove(rid)
+            await self._settle(held, "abort", [])
+
+    async def reserve_credits(self) -> None:
+        """An encoder holds, for this step, the decode slots its encode batch may fill."""
+        if self.role != "encoder":
+            self.driver.downstream_free = None
+            return
+        want = 2 * self.follower.schedule.encode_batch if self.driver.queued else 0
+        self.driver.downstream_free = await self.credits.take(self.follower.version, want)
+
+    async def _return_credits(self, plan: StepPlan) -> None:
+        unused = (self.driver.downstream_free or 0) - len(plan.encode)
+        if self.role == "encoder" and unused > 0:
+            await self.credits.grant(self.follower.version, unused)
+        self.driver.downstream_free = None
+
+    async def wait_for_work(self) -> None:
+        """Idle: until something arrives (an encoder waiting for credits also looks again soon)."""
+        await self._return_credits(StepPlan())
+        if self.stopping.is_set():
+            return  # the loop decides whether anything is left to drain
+        starved = self.role == "encoder" and bool(self.driver.queued)
+        if starved:
+            await self.inbox.wait(self._credit_wait)
+            self._credit_wait = min(2 * self._credit_wait, CREDIT_POLL_S[1])
+            return
+        self._credit_wait = CREDIT_POLL_S[0]
+        self._arrived: list[tuple[str, int]] = []  # queued since the last boundary (for the trace)
+        await self.inbox.wait(None if not self._drain else max(self._drain.deadline - time.monotonic(), 0))
+
+    # ==== execute ================================================================================
+    async def execute(self, plan: StepPlan) -> StepResult:
+        await self._return_credits(plan)
+        self._credit_wait = CREDIT_POLL_S[0]
+        self._arrived: list[tuple[str, int]] = []  # queued since the last boundary (for the trace)
+        prompts = {rid: self.held[rid].generation_request() for rid in plan.encode}
+        handoffs = {rid: self.held[rid].handoff for rid in plan.admit}
+        started = time.time()
+        for rid in plan.encode:
+            self.held[rid].encode_start_at = started
+        try:
+            result = await self.runner.call(run_step, self.runner.engine, plan, prompts, handoffs,
+                                            self.role == "encoder")
+        except Exception as exc:  # an engine fault: these requests run elsewhere once, then fail
+            result = await self._step_failed(plan, exc)
+        result.started_at, result.ended_at = started, time.time()
+        self.steps += 1
+        self.max_batch_seen = max(self.max_batch_seen, len(plan.decode))
+        return result
+
+    async def _step_failed(self, plan: StepPlan, exc: Exception) -> StepResult:
+        """The engine failed a step: its requests leave the engine; each message goes back to the
+        queue once (another worker may run it), a message that already came back fails (500)."""
+        result = StepResult()
+        for rid in dict.fromkeys((*plan.encode, *plan.admit, *plan.decode)):
+            await self.runner.call(self.runner.engine.abort, rid)
+            held = self.held[rid]
+            if held.delivery.redelivered:
+                result.failed[rid] = f"engine fault: {exc}"
+            else:
+                result.given_back.append(rid)
+        return result
+
+    @staticmethod
+    def outcome(result: StepResult) -> StepOutcome:
+        gone = set(result.refused) | set(result.failed) | set(result.given_back)
+        finished = {e.request_id for e in result.events if e.finished} | gone
+        return StepOutcome(tuple(finished), tuple(result.exported))
+
+    # ==== emit ===================================================================================
+    async def emit(self, plan: StepPlan, result: StepResult) -> None:
+        """Tokens and stamps to the submitters; finished requests settle and hand-offs go out once
+        their events are confirmed (in the background: the next step does not wait for them)."""
+        outbox, self._next_stamps = self._next_stamps, Outbox()
+        for rid in plan.encode:
+            held = self.held[rid]
+            outbox.stamp(held.reply_to, rid, Stage.ENCODE_START, held.encode_start_at)
+            outbox.stamp(held.reply_to, rid, Stage.ENCODE_END, result.ended_at)
+        starts = plan.admit if self.role == "decoder" else plan.encode  # a worker decodes what it encodes
+        for rid in starts:
+            if rid in self.held and rid not in result.refused and rid not in result.exported:
+                outbox.stamp(self.held[rid].reply_to, rid, Stage.DECODE_START, result.ended_at)
+        finished = self._record_events(result, outbox)
+        for rid in result.exported:
+            held = self.held[rid]
+            for token in held.flush():
+                outbox.token(held.reply_to, token)
+            outbox.stamp(held.reply_to, rid, Stage.HANDED_OFF, result.ended_at)
+        for rid, why in result.refused.items():
+            held = self.held[rid]
+            outbox.failure(held.reply_to, Failure(rid, 400 if held.handoff is None else 500, why))
+        for rid, why in result.failed.items():
+            outbox.failure(self.held[rid].reply_to, Failure(rid, 500, why))
+        published = self.send_soon(outbox)
+        for rid in {e.request_id for e in result.events}:
+            held = self.held[rid]
+            held.sent = [t for t in held.sent if not t.done()] + published
+        for rid, reason in finished:
+            self._keep(self._settle(self.held.pop(rid), reason, published))
+        for rid in (*result.refused, *result.failed):
+            self._keep(self._refuse(self.held.pop(rid), published))
+        for rid in result.given_back:
+            self._keep(self._give_back(self.held.pop(rid)))
+        for rid, handoff in result.exported.items():
+            self._keep(self._hand_off(self.held.pop(rid), handoff, published))
+
+    def _record_events(self, result: StepResult, outbox: Outbox) -> list[tuple[str, str]]:
+        finished = []
+        now = time.time()
+        for event in result.events:
+            held = self.held[event.request_id]
+            if not held.first_token_at:
+                held.first_token_at = now
+            for token in held.record(event):
+                outbox.token(held.reply_to, token)
+            if event.finished:
+                finished.append((event.request_id, event.finish_reason or "stop"))
+        return finished
+
+    async def _settle(self, held: Held, reason: str, published: list[asyncio.Task[None]]) -> None:
+        """After its events are confirmed: mark done once, record the request, drop its KV, ack."""
+        await asyncio.gather(*held.sent, *published)
+        rid = held.request_id
+        sample = None  # aborted lengths would skew the scheduler's statistics
+        if reason != "abort":
+            sample = codec.encode(LengthSample(
+                rid, len(held.prompt_ids), len(held.generated), reason, time.time(), held.submitted_at,
+                held.encode_start_at, held.first_token_at, self.follower.version, self.worker_id))
+        done = self.store.set_once_and_record(self.names.done(rid), b"1", ttl_s=DONE_TTL_S,
+                                              list_key=self.names.output_lengths, item=sample,
+                                              max_len=OUTPUT_LENGTHS_MAX)
+        drops = [self.kv.drop(held.ready.kv_ref)] if held.ready is not None else []
+        await asyncio.gather(done, *drops)
+        await held.delivery.ack()
+        await self._free_slot(held)
+
+    async def _free_slot(self, held: Held) -> None:
+        """A request that held a decode credit is gone: an encoder's (finished at prefill or
+        refused) or a decoder's (finished, aborted, refused)."""
+        if self.role == "encoder" or (held.ready is not None and self.role == "decoder"):
+            await self.credits.grant(self.follower.version, 1)
+
+    async def _refuse(self, held: Held, published: list[asyncio.Task[None]]) -> None:
+        """A request this worker cannot run: its failure went out; its message is settled (a
+        hand-off or a message that failed twice goes to the dead queue)."""
+        await asyncio.gather(*published)
+        if held.handoff is None and not held.delivery.redelivered:
+            await held.delivery.ack()
+        else:
+            await held.delivery.reject(requeue=False)
+        await self._free_slot(held)
+
+    async def _give_back(self, held: Held) -> None:
+        await held.delivery.reject(requeue=True)
+        await self._free_slot(held)
+
+    async def _hand_off(self, held: Held, handoff: KVHandoff, published: list[asyncio.Task[None]]) -> None:
+        """Store the KV cache, tell the decoders, then ack what brought the request here."""
+        ref = await self.kv.put(handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
+        ready = KvReady(held.request_id, self.worker_id, held.reply_to, ref, len(held.prompt_ids),
+                        self.follower.version, held.submitted_at, held.stream)
+        await self.bus.publish(self.names.handoff_queue, codec.encode(ready))
+        await asyncio.gather(*held.sent, *published)
+        await held.delivery.ack()
+
+    def _keep(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ==== outbound ===============================================================================
+    async def send(self, outbox: Outbox) -> None:
+        await asyncio.gather(*self.send_soon(outbox))
+
+    def send_soon(self, outbox: Outbox) -> list[asyncio.Task[None]]:
+        """Start publishing one EventBatch per submitter; a submitter that vanished is skipped."""
+        batches = outbox.batches(self.worker_id, self.role, self.follower.version, len(self.driver.running))
+        return [asyncio.create_task(self._publish_event(q, codec.encode(b))) for q, b in batches.items()]
+
+    async def _publish_event(self, queue: str, body: bytes) -> None:
+        try:
+            await self.bus.publish(queue, body)
+        except Unroutable:
+            pass  # its client is gone with it
+
+    async def report(self, state: str) -> None:
+        running = len(self.driver.running)
+        free = max(self.follower.schedule.decode_batch - running, 0) if self.role in ("worker", "decoder") else 0
+        status = WorkerStatus(self.worker_id, self.role, self.follower.version, running, free, state, time.time())
+        await self.bus.broadcast(self.names.status_exchange, codec.encode(status))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)  # a periodic report, not a synchronisation
+            await self.report("alive")
