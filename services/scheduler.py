@@ -32,10 +32,13 @@ DEFAULT_SCHEDULE = Schedule("continuous", encode_batch=8, decode_batch=32, worke
 
 
 def parse_schedule(text: str) -> Schedule:
-    """A schedule from JSON (an object of ``Schedule`` fields) or from a file holding it."""
+    """A schedule from JSON (an object of ``Schedule`` fields, or ``exegpt plan --json``'s output,
+    whose "schedule" it takes) or from a file holding it."""
     source = Path(text).read_text() if not text.lstrip().startswith("{") else text
     try:
         fields = json.loads(source)
+        if isinstance(fields, dict) and isinstance(fields.get("schedule"), dict):
+            fields = fields["schedule"]
         return Schedule(**fields)
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise ValueError(f"not a schedule: {exc}") from None

@@ -158,3 +158,18 @@ def test_outbox_groups_events_per_submitter():
     assert set(batches) == {"q1", "q2"}
     assert batches["q1"].stamps == (Stamp("r", Stage.ENCODE_END, 1.0),)
     assert dataclasses.replace(batches["q2"], tokens=()) == EventBatch("enc", "encoder", 3, 2)
+
+
+def test_a_schedule_to_pin_reads_from_json_a_file_or_plan_output(tmp_path):
+    import json
+
+    from services.scheduler import parse_schedule
+
+    fields = {"policy": "rra", "encode_batch": 5, "decode_iters_per_encode": 3, "worker_devices": 1}
+    assert parse_schedule(json.dumps(fields)) == Schedule(**fields)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"schedule": fields, "predicted": {"throughput_seq_s": 1.0}}))
+    assert parse_schedule(str(plan)) == Schedule(**fields)  # exegpt plan --json > plan.json
+    for bad in ('{"policy": "fcfs"}', '{"encode_batch": 0}', '{"nope": 1}', "{not json"):
+        with pytest.raises(ValueError, match="not a schedule"):
+            parse_schedule(bad)
