@@ -7,6 +7,9 @@ kernel incl. the KV write), ``attn_decode`` by ``batch`` x ``ctx``. Layer rows (
 decode`` by batch x ctx (T5: also ``enc_seq``, the cross-attention length), the whole layer.
 ``rest(tokens)`` is measured as a decode step of ``tokens`` sequences over one cached key minus
 that step's attention (T5: self- and cross-attention), so the split adds up by construction.
+Both files also get ``part: step`` rows by ``rows`` (decoder-only models): a real engine decode
+step over that many requests minus its layers, i.e. the LM head, sampling and the engine's own
+work per step, which the optimizer charges to the last pipeline stage.
 
 T5: the encoder layer is timed with one decoder layer's cross-attention K/V projection (the
 encoder writes it once per decoder layer); the decoder layer with self-attention over ``ctx``
@@ -59,6 +62,7 @@ class Grid:
     layer_prefill: tuple[tuple[int, int], ...] | None = None  # whole-layer cells; None: as ``prefill``
     layer_decode: tuple[tuple[int, int], ...] | None = None  # None: as ``decode``
     enc_seqs: tuple[int, ...] = ()  # T5 decode layers: encoder lengths; () -> the longest prefill seq
+    step_rows: tuple[int, ...] = ()  # per-step work besides the layers, by rows that get logits
 
 
 def _rows(batches: tuple[int, ...], lengths: tuple[int, ...], budget: int) -> tuple[tuple[int, int], ...]:
@@ -84,13 +88,13 @@ def build_grid(max_batch: int = 64, max_len: int = 1024, max_tokens: int = 4096)
                 prefill=_rows(batches, lengths, attention), decode=_rows(batches, lengths, attention),
                 layer_prefill=_rows(layer_batches, layer_lengths, max_tokens),
                 layer_decode=_rows(layer_batches, layer_lengths, attention),
-                enc_seqs=layer_lengths)
+                enc_seqs=layer_lengths, step_rows=batches)
 
 
 def quick_grid(max_len: int = 1024) -> Grid:
     """Two points per axis (the least the optimizer accepts), spanning lengths up to ``max_len``."""
     cells = ((1, MIN_LEN), (1, max_len), (2, MIN_LEN), (2, max_len))
-    return Grid(tokens=(1, 16), prefill=cells, decode=cells, enc_seqs=(max_len,))
+    return Grid(tokens=(1, 16), prefill=cells, decode=cells, enc_seqs=(max_len,), step_rows=(1, 2))
 
 
 def _random(*shape: int, like: "LayerProbe") -> torch.Tensor:
@@ -130,10 +134,15 @@ class LayerProbe:
         return Batch.prefill(cache, [[0] * seq] * b, self.device)
 
     def _block(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """One layer's forward; successive calls take the model's layers in turn (their weights on
+        a one-layer cache), so weights come from memory as they do in a real step, not from a
+        cache that one layer timed over and over would keep warm."""
+        layers = self.model.model.layers if self.model.kind == "llama" else self.model.model.decoder.layers
+        self._turn = (getattr(self, "_turn", -1) + 1) % len(layers)
         if self.model.kind == "llama":
             cos, sin = self.model._rope_at(batch.positions)
-            return self.model.model.layers[0](x, 0, batch, cos, sin)
-        return self.model.model.decoder.layers[0](x, 0, batch)
+            return layers[self._turn](x, 0, batch, cos, sin)
+        return layers[self._turn](x, 0, batch)
 
     def _qkv(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (_random(n, self.heads, self.head_dim, like=self), _random(n, self.kv_heads, self.head_dim, like=self),
@@ -308,7 +317,28 @@ def profile_rows(engine, model: str, grid: Grid | None = None, repeats: int = 5)
     else:
         layers += [{**base, "phase": "decode", "batch": b, "ctx": ctx, "ms": t(probe.decode_layer(b, ctx))}
                    for b, ctx in decode_cells]
+        steps = [{**base, "part": "step", "rows": n, "ms": step_ms(engine, probe, n, t)} for n in grid.step_rows]
+        split, layers = split + steps, layers + steps
     return split, layers
+
+
+def step_ms(engine, probe: LayerProbe, rows: int, t: Callable[[Callable[[], object]], float]) -> float:
+    """What an engine step costs besides its layers (the LM head, sampling, the engine's own
+    work), for ``rows`` sequences: a real ``decode_step`` over ``rows`` running requests with short
+    contexts, minus that many layers' decode time at the same shape."""
+    from engine.api import GenerationRequest, SamplingParams
+
+    layers = engine.runner.model.cache_geometry()[0]
+    params = SamplingParams(max_tokens=max(engine.max_context - MIN_LEN - 1, 1), ignore_eos=True)
+    requests = [GenerationRequest(f"profile-step-{i}", tuple(range(1, MIN_LEN + 1)), params) for i in range(rows)]
+    with torch.inference_mode():
+        engine.prefill(requests)
+    try:
+        whole = t(engine.decode_step)
+    finally:
+        for request in requests:
+            engine.abort(request.request_id)
+    return max(whole - layers * t(probe.decode_layer(rows, MIN_LEN)), 0.0)
 
 
 def header(engine) -> dict:

@@ -59,7 +59,8 @@ class Scenario:
 
     def timer(self, layout: PipelineLayout) -> PipelineTimer:
         times = {s.tp: self.profile.layer_times(self.model.name, s.tp) for s in layout.stages}
-        return PipelineTimer(layout, times, self.model)
+        last = layout.stages[-1].tp
+        return PipelineTimer(layout, times, self.model, self.profile.step_s(self.model.name, last))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ Two row formats (JSON lines, times in ``ms``; see ../shared/profiles/README.md):
 - split, as the ExeGPT profiler measures: ``{"model", "tp", "part": "rest", "tokens", "ms"}`` and
   ``{"part": "attn_prefill" | "attn_encode", "batch", "seq"}`` / ``{"part": "attn_decode",
   "batch", "ctx"}``.
+- in either file, what an engine step costs besides its layers: ``{"model", "tp", "part": "step",
+  "rows", "ms"}`` by the rows that get logits (the LM head, sampling and the engine's own work per
+  step; our profiler measures it, the reference files have none and it then counts as zero).
 
 A step's layer time from the split table is rest(all tokens in the step) + attention per shape
 (prefill attention at the batch's effective length, decode attention at its mean context; for
@@ -153,6 +156,16 @@ class ProfileSet:
     whole: dict[tuple[str, int], WholeLayerTimes] = field(default_factory=dict)
     metadata: tuple[dict, ...] = ()
     warnings: tuple[str, ...] = ()  # rows the noise rule had to raise by more than its tolerance
+    step: dict[tuple[str, int], MonotoneCurve] = field(default_factory=dict)  # per-step work, by rows
+
+    def step_s(self, model: str, tp: int = 1):
+        """What one engine step costs besides its layers (the LM head over the rows that get
+        logits, sampling, the engine's own work per step), as a function of those rows, in
+        seconds; None when the profile did not measure it (the reference files do not)."""
+        curve = self.step.get((model, tp))
+        if curve is None:
+            return None
+        return lambda rows: _where_positive(rows, curve(np.maximum(rows, 1.0))) * MS
 
     def models(self) -> list[str]:
         return sorted({m for m, _ in self.split} | {m for m, _ in self.whole})
@@ -206,7 +219,7 @@ class ProfileError(ValueError):
 # --- rows -> cells ------------------------------------------------------------------------------
 
 _PART_KEYS = {"rest": ("tokens",), "attn_prefill": ("batch", "seq"), "attn_encode": ("batch", "seq"),
-              "attn_decode": ("batch", "ctx")}
+              "attn_decode": ("batch", "ctx"), "step": ("rows",)}
 _PHASE_KEYS = {"prefill": ("batch", "seq"), "encode": ("batch", "seq"), "decode": ("batch", "ctx")}
 _TABLE_OF = {"attn_encode": "attn_prefill", "encode": "prefill"}  # one table for both names
 
@@ -394,11 +407,22 @@ def _whole_times(key: tuple[str, int], tables: dict[tuple[str, float], tuple[_Ta
     return WholeLayerTimes(MonotoneGrid.from_points(tables[("prefill", 0.0)][1]), tuple(decode))
 
 
+def _step_times(cells: Sequence[_Cell]) -> dict[tuple[str, int], MonotoneCurve]:
+    out = {}
+    for table, points in _tables(cells).items():
+        if table.name == "step":
+            _check_dense(table, points)
+            out[(table.model, table.tp)] = MonotoneCurve.from_points(points)
+    return out
+
+
 def _layer_times(cells: Sequence[_Cell]):
     split: dict[tuple[str, int], dict] = {}
     whole: dict[tuple[str, int], dict] = {}
     for table, points in _tables(cells).items():
         key = (table.model, table.tp)
+        if table.name == "step":
+            continue
         if table.name in ("rest", "attn_prefill", "attn_decode"):
             split.setdefault(key, {})[table.name] = (table, points)
         else:
@@ -415,4 +439,4 @@ def parse_profile(*texts: str) -> ProfileSet:
         raise ProfileError("profile has no model rows")
     cells, warnings = smooth_cells(cells)
     split, whole = _layer_times(cells)
-    return ProfileSet(split, whole, meta, warnings)
+    return ProfileSet(split, whole, meta, warnings, _step_times(cells))

@@ -6,12 +6,15 @@ profiled time at the stage's TP degree plus two ring all-reduces of the step's a
 between them. One batch crosses the pipeline in ``path_s``; a stream of batches leaves it every
 ``bottleneck_s``. A decode iteration split into m micro-batches takes
 max(path(b/m), m * bottleneck(b/m)): each micro-batch needs its previous token before its next
-one, and the slowest stage serves all m in turn.
+one, and the slowest stage serves all m in turn. When the profile measured it, the last stage also
+pays each step's own work besides the layers (LM head, sampling, the engine's bookkeeping) for the
+sequences that get logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -26,6 +29,7 @@ class PipelineTimer:
     layout: PipelineLayout
     layer_times: dict[int, LayerTimes]  # by TP degree
     model: ModelShape
+    step_s: Callable | None = None  # rows -> seconds the last stage spends per step besides its layers
 
     def _layer_s(self, tp: int, shape: StepShape):
         ar = allreduce_s(self.layout.tp_link, self.model.activation_bytes(shape.tokens), tp)
@@ -38,10 +42,17 @@ class PipelineTimer:
             dec = StepShape(decode_seqs=shape.decode_seqs, decode_ctx=shape.decode_ctx,
                             enc_seq=shape.enc_seq)
             per_tp = {tp: (self._layer_s(tp, pre), self._layer_s(tp, dec)) for tp in self._tps()}
-            return [s.encode_layers * per_tp[s.tp][0] + s.decode_layers * per_tp[s.tp][1]
-                    for s in self.layout.stages]
+            return self._with_head([s.encode_layers * per_tp[s.tp][0] + s.decode_layers * per_tp[s.tp][1]
+                                    for s in self.layout.stages], shape)
         per_tp = {tp: self._layer_s(tp, shape) for tp in self._tps()}
-        return [s.decode_layers * per_tp[s.tp] for s in self.layout.stages]
+        return self._with_head([s.decode_layers * per_tp[s.tp] for s in self.layout.stages], shape)
+
+    def _with_head(self, parts: list, shape: StepShape) -> list:
+        """The last stage also runs the LM head, sampling and the engine's work per step, for
+        every sequence that gets logits (prefilled or decoded, padding included)."""
+        if self.step_s is not None:
+            parts[-1] = parts[-1] + self.step_s(shape.prefill_seqs + shape.decode_seqs)
+        return parts
 
     def _tps(self) -> set[int]:
         return {s.tp for s in self.layout.stages}

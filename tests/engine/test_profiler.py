@@ -70,11 +70,12 @@ def test_profile_cli_writes_profile_layers_and_cluster(tmp_path, monkeypatch, mo
     split = list(read_jsonl(out))
     layers = list(read_jsonl(tmp_path / "p-layers.jsonl"))
     assert "device" in split[0] and "device" in layers[0] and split[0]["dtype"] == "torch.float32"
-    assert {r["part"] for r in split[1:]} == {"rest", "attn_prefill", "attn_decode"}
-    assert {r["phase"] for r in layers[1:]} == {"prefill", "decode"}
+    assert {r["part"] for r in split[1:]} == {"rest", "attn_prefill", "attn_decode", "step"}
+    assert {r.get("phase", r.get("part")) for r in layers[1:]} == {"prefill", "decode", "step"}
     assert calls == [len(split) - 1, len(layers) - 1]  # the optimizer's noise rule smoothed both before writing
     profile = load_profile(out, tmp_path / "p-layers.jsonl")
     assert profile.warnings == () and profile.coverage("tiny-llama").context == 256
+    assert profile.step_s("tiny-llama")(1.0) >= 0  # the engine's per-step work, charged per step
     cluster = load_cluster(tmp_path / "p-cluster.json")
     assert (cluster.device_count, cluster.devices_per_node, cluster.device_memory_bytes) == (2, 2, 4e9)
     assert cluster.device_threads >= 1 and cluster.handoff.source.startswith("default, not measured")

@@ -133,3 +133,28 @@ def test_coverage_and_range_gaps():
     assert near.axis == "prompt length" and not near.far
     gaps = range_gaps(cov, 10, 81)
     assert [(g.axis, g.needed, g.profiled, g.far) for g in gaps] == [("context", 81, 64, True)]
+
+
+def test_step_rows_add_the_engines_own_work_to_every_step_of_the_last_stage():
+    """``part: step`` rows (the LM head, sampling, the engine's bookkeeping) cost each step by the
+    rows that get logits, once per step, on the pipeline's last stage; a profile without them
+    (the reference files) charges nothing."""
+    from optimizer.analytic import Scenario
+    from optimizer.cluster import H200_CLUSTER
+    from optimizer.lengths import TASKS
+    from optimizer.model import MODELS
+
+    rows = [{"model": "opt-1.3b", "tp": 1, "part": "rest", "tokens": t, "ms": 0.01 * t} for t in (1, 1024)]
+    rows += [{"model": "opt-1.3b", "tp": 1, "part": p, "batch": b, axis: n, "ms": 0.001 * b * n}
+             for p, axis in (("attn_prefill", "seq"), ("attn_decode", "ctx")) for b in (1, 64) for n in (16, 2048)]
+    steps = [{"model": "opt-1.3b", "tp": 1, "part": "step", "rows": r, "ms": ms} for r, ms in ((1, 5.0), (64, 12.0))]
+    text = lambda rs: "\n".join(json.dumps(r) for r in rs)  # noqa: E731
+    without, with_steps = parse_profile(text(rows)), parse_profile(text(rows + steps))
+    assert without.step_s("opt-1.3b") is None and with_steps.step_s("opt-1.3b")(1.0) == pytest.approx(0.005)
+    shape = StepShape(decode_seqs=32.0, decode_ctx=100.0)
+    for devices in (1, 4):
+        base = Scenario(MODELS["opt-1.3b"], without, H200_CLUSTER, TASKS["S"], devices)
+        more = Scenario(MODELS["opt-1.3b"], with_steps, H200_CLUSTER, TASKS["S"], devices)
+        layout = base.layout(devices, 1, 0)
+        added = float(more.timer(layout).path_s(shape) - base.timer(layout).path_s(shape))
+        assert added == pytest.approx(with_steps.step_s("opt-1.3b")(32.0))  # once, whatever the depth
