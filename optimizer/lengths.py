@@ -117,13 +117,28 @@ def _task(name: str, inp: tuple[float, float, int], out: tuple[float, float, int
 
 
 # The paper's tasks (DESIGN.md §2): (mean, std, max) of input and output lengths.
-TASKS: dict[str, Workload] = {
-    "S": _task("S", (256, 252, 512), (32, 13, 80)),
-    "T": _task("T", (128, 81, 256), (128, 68, 320)),
-    "G": _task("G", (64, 23, 128), (192, 93, 480)),
-    "C1": _task("C1", (256, 115, 512), (64, 30, 160)),
-    "C2": _task("C2", (512, 252, 1024), (256, 134, 640)),
+TASK_LENGTHS: dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]] = {
+    "S": ((256, 252, 512), (32, 13, 80)),
+    "T": ((128, 81, 256), (128, 68, 320)),
+    "G": ((64, 23, 128), (192, 93, 480)),
+    "C1": ((256, 115, 512), (64, 30, 160)),
+    "C2": ((512, 252, 1024), (256, 134, 640)),
 }
+TASKS: dict[str, Workload] = {name: _task(name, *lengths) for name, lengths in TASK_LENGTHS.items()}
+
+
+def scaled_task(name: str, scale: float) -> Workload:
+    """A paper task with every length (mean, std, maximum) multiplied by ``scale``, for machines
+    that cannot run the original lengths in reasonable time (maximum at least 2)."""
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if name not in TASK_LENGTHS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_LENGTHS)}")
+    if scale == 1:
+        return TASKS[name]
+    shrink = lambda m, s, top: (m * scale, s * scale, max(round(top * scale), 2))  # noqa: E731
+    inp, out = TASK_LENGTHS[name]
+    return _task(f"{name}x{scale:g}", shrink(*inp), shrink(*out))
 
 
 @dataclass(frozen=True)

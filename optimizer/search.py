@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -52,12 +52,24 @@ class SearchSpace:
     decode_caps: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
                                     1024, 1536, 2048, 3072, 4096)
     microbatches: tuple[int, ...] = (1, 2, 4, 8, 16)
+    max_decode_batch: float = math.inf  # a worker's running batch (RRA's peak included) at most this
 
     def __post_init__(self) -> None:
         sizes = (self.max_encode_batch, self.waa_max_encode_batch, self.static_max_batch,
                  self.continuous_max_batch)
         if min(sizes) < 1 or not self.iters_per_encode or not self.decode_caps or not self.microbatches:
             raise ValueError("search space needs positive batch limits and non-empty value lists")
+
+    def capped(self, max_batch: int) -> "SearchSpace":
+        """The same space with every batch (B_E, B_D, static and continuous batches) at most
+        ``max_batch``: what a profile measured, or what a worker may hold."""
+        top = max(int(max_batch), 1)
+        caps = tuple(c for c in self.decode_caps if c < top) + (top,)
+        return replace(self, max_encode_batch=min(self.max_encode_batch, top),
+                       waa_max_encode_batch=min(self.waa_max_encode_batch, top),
+                       static_max_batch=min(self.static_max_batch, top),
+                       continuous_max_batch=min(self.continuous_max_batch, top), decode_caps=caps,
+                       max_decode_batch=min(self.max_decode_batch, top))
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,7 @@ class Family:
     lines: dict[str, np.ndarray]  # name -> one value per line
     evaluate: Callable[..., Predictions]  # (batch array, **lines broadcast) -> Predictions
     schedule: Callable[..., Schedule]  # (batch, figures, **line values) -> Schedule
+    max_decode_batch: float = math.inf  # schedules whose running batch would exceed it are infeasible
 
     @property
     def size(self) -> int:
@@ -120,7 +133,10 @@ class Family:
     def run(self, batch: np.ndarray, rows: np.ndarray) -> Predictions:
         """Evaluate lines ``rows`` at ``batch`` (shape (len(rows),) or (len(rows), k))."""
         extra = (slice(None),) + (None,) * (batch.ndim - 1)
-        return self.evaluate(batch, **{k: v[rows][extra] for k, v in self.lines.items()})
+        p = self.evaluate(batch, **{k: v[rows][extra] for k, v in self.lines.items()})
+        if math.isinf(self.max_decode_batch):
+            return p
+        return replace(p, feasible=p.feasible & (p.decode_batch_peak <= self.max_decode_batch + 1e-9))
 
     def candidate(self, row: int, batch: int, p: Predictions) -> Candidate:
         fig = Figures.of(p)
@@ -248,7 +264,7 @@ def families(sc: Scenario, policies: Sequence[str], space: SearchSpace = SearchS
             out += _single_families(sc, stats, space, p)
         else:
             raise ValueError(f"unknown policy {p!r}")
-    return out
+    return [replace(f, max_decode_batch=space.max_decode_batch) for f in out]
 
 
 def _ok(p: Predictions, bound: float) -> np.ndarray:

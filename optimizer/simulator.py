@@ -330,6 +330,12 @@ def _window(records) -> tuple[float, float, list[RequestRecord]]:
     return lo, hi, [r for r in records if lo < r.finish_s <= hi]
 
 
+def _saturated(records, outstanding: int):
+    finish = sorted(r.finish_s for r in records)
+    lo, hi = finish[outstanding - 1], finish[len(finish) - outstanding - 1]
+    return lo, hi, [r for r in records if lo < r.finish_s <= hi]
+
+
 def _summary(book: _Book, stats: WorkloadStats, memory: float, capacity: float) -> SimulationResult:
     recs = tuple(sorted(book.records, key=lambda r: r.request_id))
     lo, hi, mid = _window(recs)
@@ -345,6 +351,41 @@ def _summary(book: _Book, stats: WorkloadStats, memory: float, capacity: float) 
         float(np.median(long)) if long else math.nan,
         _pcts([r.finish_s - r.arrival_s for r in recs]), _pcts([r.first_token_s - r.arrival_s for r in recs]),
         _pcts(tpot), batch, book.peak, memory, memory <= capacity)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished request on a time line, real or simulated (any common origin of seconds)."""
+
+    request_id: str
+    arrival_s: float  # when it reached the encode queue
+    finish_s: float  # its last token
+
+
+@dataclass(frozen=True)
+class LoadFigures:
+    throughput_seq_s: float  # completions per second while the load was saturated
+    p99_length_latency_s: float  # median finish - arrival of the probes finishing in that window
+    probes: int  # probes the latency is taken over
+
+
+def load_figures(completions, probes, outstanding: int = 0) -> LoadFigures:
+    """Throughput and p99-length latency of a run: the one definition applied to a measured run
+    and to its simulation. ``probes`` are the ids of requests made at the workload's 99th
+    percentile input and output length; their latency (arrival at the encode queue to last
+    token) is the run's p99-length latency. Both figures come from the saturated part of the run:
+    with a closed loop of ``outstanding`` requests, the completions after the first
+    ``outstanding`` (the first wave) and before the last ``outstanding`` (the drain); otherwise,
+    or when that leaves too few, the middle 60 % (when no probe finishes in the window, every
+    probe counts)."""
+    done = list(completions)
+    if not done:
+        raise ValueError("no completions")
+    lo, hi, mid = _saturated(done, outstanding) if len(done) >= 4 * outstanding > 0 else _window(done)
+    wanted = set(probes)
+    inside = [c for c in mid if c.request_id in wanted] or [c for c in done if c.request_id in wanted]
+    latency = float(np.median([c.finish_s - c.arrival_s for c in inside])) if inside else math.nan
+    return LoadFigures(len(mid) / (hi - lo) if hi > lo else math.nan, latency, len(inside))
 
 
 def within_bound(result: SimulationResult, latency_bound_s: float) -> float:

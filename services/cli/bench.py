@@ -12,6 +12,8 @@ TARGETS: dict[str, tuple[str, str]] = {
     "engine": ("engine.bench", "our engine vs Hugging Face generate, prefill and decode tokens/s"),
     "optimizer": ("services.bench_optimizer", "search vs exhaustive, ExeGPT vs static/continuous"),
     "mesh": ("services.bench_mesh", "mesh vs embedded server vs in-process engine"),
+    "schedules": ("services.bench_schedules",
+                  "ExeGPT's planned schedule vs static and continuous batching, measured on two workers"),
 }
 
 

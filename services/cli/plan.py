@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", choices=("S", "T", "G", "C1", "C2"), help="the paper's synthetic task")
     src.add_argument("--lengths", metavar="FILE", help="CSV of timestamp,input,output or input,output")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="--task lengths (mean, std, maximum) times this, e.g. 0.25 on a CPU (default 1)")
     p.add_argument("--max-input", type=int, default=0, help="clip --lengths inputs to this (0: no clip)")
     p.add_argument("--max-output", type=int, default=0, help="clip --lengths outputs to this (0: no clip)")
     p.add_argument("--latency-bound", required=True, type=_bound, metavar="SECONDS",
@@ -37,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", choices=sorted(POLICY_SETS), default="all")
     p.add_argument("--cluster", default="h200-nvlink-ib", help="cluster preset (h200-nvlink-ib, "
                    "a100-80g-nvlink-ib, a40-pcie) or a cluster JSON file (`exegpt profile --cluster-out`)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="largest batch (B_E, B_D) a worker may run, e.g. what the profile measured "
+                        "(default: the search space's own limits)")
     p.add_argument("--exhaustive", action="store_true", help="search every schedule (the reference)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
@@ -91,7 +96,7 @@ def model_shape(name: str, dtype_bytes: int = 4):
 def _scenario(args):
     from optimizer.analytic import Scenario
     from optimizer.io import load_profile, load_workload
-    from optimizer.lengths import TASKS
+    from optimizer.lengths import scaled_task
 
     if args.devices < 1:
         raise CliError(f"--devices must be >= 1, got {args.devices}")
@@ -102,7 +107,8 @@ def _scenario(args):
                            f"--devices asks for {args.devices}")
         profile = load_profile(*args.profile)
         model = model_shape(args.model, _profiled_dtype_bytes(profile))
-        workload = TASKS[args.task] if args.task else load_workload(args.lengths, args.max_input, args.max_output)
+        workload = (scaled_task(args.task, args.scale) if args.task
+                    else load_workload(args.lengths, args.max_input, args.max_output))
         sc = Scenario(model, profile, cluster, workload, args.devices)
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -137,12 +143,15 @@ def _check_range(args, sc) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from optimizer.search import branch_and_bound, exhaustive
+    from optimizer.search import SearchSpace, branch_and_bound, exhaustive
 
     sc = _scenario(args)
+    if args.max_batch is not None and args.max_batch < 1:
+        raise CliError(f"--max-batch must be >= 1, got {args.max_batch}")
+    space = SearchSpace() if args.max_batch is None else SearchSpace().capped(args.max_batch)
     search = exhaustive if args.exhaustive else branch_and_bound
     start = time.perf_counter()
-    result = search(sc, args.latency_bound, POLICY_SETS[args.policy])
+    result = search(sc, args.latency_bound, POLICY_SETS[args.policy], space)
     elapsed = time.perf_counter() - start
     if result.best is None:
         raise CliError(f"no schedule (policy {args.policy}) of {args.model} on {args.devices} devices "
@@ -167,6 +176,8 @@ def describe(schedule) -> str:
         parts.append(f"N_D={s.decode_iters_per_encode}")
     if s.policy.startswith("waa"):
         parts.append(f"TP={s.tp_degree} encoders/decoders={s.encoder_devices}/{s.decoder_devices}")
+    elif s.worker_devices:
+        parts.append(f"TP={s.tp_degree} x{s.workers} workers")
     elif s.tp_degree > 1:
         parts.append(f"TP={s.tp_degree} on {s.tp_stages} stage(s)")
     else:

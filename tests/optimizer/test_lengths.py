@@ -63,3 +63,16 @@ def test_bad_length_files_rejected(text):
 def test_bad_distributions_rejected(build):
     with pytest.raises(ValueError):
         build()
+
+
+def test_a_scaled_task_shrinks_every_length_by_the_factor():
+    from optimizer.lengths import TASKS, scaled_task
+
+    quarter = scaled_task("S", 0.25)
+    assert quarter.input.maximum == 128 and quarter.output.maximum == 20
+    assert quarter.input.mean == pytest.approx(TASKS["S"].input.mean / 4, rel=0.02)
+    assert quarter.output.mean == pytest.approx(TASKS["S"].output.mean / 4, rel=0.05)
+    assert scaled_task("G", 1) is TASKS["G"]
+    for name, scale in (("X", 0.5), ("S", 0)):
+        with pytest.raises(ValueError):
+            scaled_task(name, scale)

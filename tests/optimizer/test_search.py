@@ -82,3 +82,19 @@ def test_bound_just_above_the_fastest_schedule_is_found(opt13b_s, policy):
     ex = exhaustive(opt13b_s, bound, (policy,), SMALL)
     assert ex.best is not None and bb.best is not None
     assert bb.best.figures.throughput_seq_s == pytest.approx(ex.best.figures.throughput_seq_s, rel=0.005)
+
+
+def test_a_capped_space_keeps_every_batch_a_worker_runs_within_the_cap(profile):
+    import math as _math
+
+    from optimizer.search import SEARCH_POLICIES, SearchSpace, branch_and_bound
+
+    sc = Scenario(MODELS["opt-13b"], profile, H200_CLUSTER, TASKS["S"], 4)
+    space = SearchSpace().capped(24)
+    assert max(space.decode_caps) == 24 and space.max_encode_batch == 24
+    for policies in (SEARCH_POLICIES, ("static",), ("continuous",)):
+        best = branch_and_bound(sc, _math.inf, policies, space).best
+        s = best.schedule
+        assert s.encode_batch <= 24 and s.decode_batch <= 24 and best.figures.decode_batch_peak <= 24 + 1e-9
+    uncapped = branch_and_bound(sc, _math.inf, ("rra",)).best
+    assert uncapped.schedule.decode_batch > 24  # the cap binds here

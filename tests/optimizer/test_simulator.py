@@ -192,3 +192,27 @@ def test_a_plan_for_worker_processes_names_its_workers(two_workers):
         best = branch_and_bound(two_workers, math.inf, policies).best.schedule
         assert best.worker_devices == 1 and best.workers == 2 and best.tp_degree == 1
         assert (best.encoder_workers, best.decoder_workers) == ((1, 1) if best.split else (0, 0))
+
+
+def test_a_closed_loop_keeps_its_requests_outstanding_and_load_figures_read_its_saturated_part(opt13b_s):
+    from optimizer.simulator import Completion, load_figures
+
+    sched = CASES["continuous"][0]
+    reqs = _reqs(opt13b_s, 400)
+    sim = simulate(opt13b_s, sched, reqs, closed_loop=40)
+    events = sorted([(r.arrival_s, 1) for r in sim.records] + [(r.finish_s, -1) for r in sim.records])
+    outstanding, most = 0, 0
+    for _, change in events:
+        outstanding += change
+        most = max(most, outstanding)
+    assert most == 40 and len(sim.records) == 400
+    assert sum(r.arrival_s == 0 for r in sim.records) == 40  # the rest arrive as others finish
+    done = [Completion(r.request_id, r.arrival_s, r.finish_s) for r in sim.records]
+    probes = {r.request_id for r in sim.records[::10]}
+    figures = load_figures(done, probes, outstanding=40)
+    finish = sorted(r.finish_s for r in sim.records)
+    inside = sum(finish[39] < f <= finish[359] for f in finish)  # after the first wave, before the drain
+    assert figures.throughput_seq_s == pytest.approx(inside / (finish[359] - finish[39]))
+    expected = np.median([r.finish_s - r.arrival_s for r in sim.records
+                          if r.request_id in probes and finish[39] < r.finish_s <= finish[359]])
+    assert figures.p99_length_latency_s == pytest.approx(expected)
