@@ -324,13 +324,15 @@ def profile_rows(engine, model: str, grid: Grid | None = None, repeats: int = 5)
 
 def step_ms(engine, probe: LayerProbe, rows: int, t: Callable[[Callable[[], object]], float]) -> float:
     """What an engine step costs besides its layers (the LM head, sampling, the engine's own
-    work), for ``rows`` sequences: a real ``decode_step`` over ``rows`` running requests with short
-    contexts, minus that many layers' decode time at the same shape."""
+    work, the masks of a batch whose requests differ in length), for ``rows`` sequences: a real
+    ``decode_step`` over ``rows`` running requests with contexts spread over MIN_LEN..4 x MIN_LEN,
+    minus that many layers' decode time at their mean context."""
     from engine.api import GenerationRequest, SamplingParams
 
     layers = engine.runner.model.cache_geometry()[0]
-    params = SamplingParams(max_tokens=max(engine.max_context - MIN_LEN - 1, 1), ignore_eos=True)
-    requests = [GenerationRequest(f"profile-step-{i}", tuple(range(1, MIN_LEN + 1)), params) for i in range(rows)]
+    lengths = [MIN_LEN + (3 * MIN_LEN * i) // max(rows - 1, 1) for i in range(rows)]
+    params = SamplingParams(max_tokens=max(engine.max_context - 4 * MIN_LEN - 1, 1), ignore_eos=True)
+    requests = [GenerationRequest(f"profile-step-{i}", tuple(range(1, n + 1)), params) for i, n in enumerate(lengths)]
     with torch.inference_mode():
         engine.prefill(requests)
     try:
@@ -338,7 +340,8 @@ def step_ms(engine, probe: LayerProbe, rows: int, t: Callable[[Callable[[], obje
     finally:
         for request in requests:
             engine.abort(request.request_id)
-    return max(whole - layers * t(probe.decode_layer(rows, MIN_LEN)), 0.0)
+    mean = round(sum(lengths) / rows)
+    return max(whole - layers * t(probe.decode_layer(rows, mean)), 0.0)
 
 
 def header(engine) -> dict:

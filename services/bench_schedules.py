@@ -15,7 +15,8 @@ One run:
    the schedule has decode slots), every length forced (``ignore_eos``), one request in ten a probe
    at the task's 99th-percentile input and output length. The bounds are the 10th, 30th and 70th
    percentiles of the static sweep's measured p99-length latencies, and none. For each bound
-   the optimizer plans (RRA, WAA-C, WAA-M) from the profile; that schedule is measured too.
+   the optimizer plans from the profile as ``exegpt plan --policy any`` does (RRA, WAA-C, WAA-M,
+   and the two baselines as candidates); that schedule is measured too.
 4. Per bound: ExeGPT's schedule, and the best static and continuous settings of the sweeps that
    meet the bound (measured). Throughput is completions per second over the middle 60 % of the
    completions; the p99-length latency is the median of the probes' (arrival at the encode queue
@@ -279,6 +280,7 @@ class Measured:
     latencies: list[float] = field(default_factory=list)
     predicted: tuple[float, float] = (math.nan, math.nan)
     per_worker: list[int] = field(default_factory=list)  # requests each worker finished, last run
+    busy: list[float] = field(default_factory=list)  # each worker's engine time / wall time, last run
 
     @property
     def throughput(self) -> float:
@@ -296,6 +298,7 @@ class Bench:
     def __init__(self, config, stack: AsyncExitStack) -> None:
         self.config, self.stack = config, stack
         self.versions: dict[str, int] = {}  # worker id -> the schedule version it last reported
+        self.engine: dict[str, tuple[float, float]] = {}  # worker id -> (report time, engine seconds)
         self.heard = asyncio.Event()
         self.runs = 0
         self.requests = 0  # at least this many per setting
@@ -323,7 +326,13 @@ class Bench:
             status = codec.decode(delivery.body, WorkerStatus)
             await delivery.ack()
             self.versions[status.worker_id] = status.schedule_version
+            self.engine[status.worker_id] = (status.at, status.engine_s)
             self.heard.set()
+
+    def busy(self, before: dict) -> list[float]:
+        """Each worker's engine time over wall time since ``before`` (a copy of ``engine``)."""
+        return sorted((e1 - before[w][1]) / (at1 - before[w][0]) for w, (at1, e1) in self.engine.items()
+                      if w in before and at1 > before[w][0])
 
     async def pin(self, schedule) -> None:
         """Run ``schedule`` and wait until both workers applied it (their status reports say so)."""
@@ -368,7 +377,9 @@ async def measure(bench: Bench, schedule, load: Load, into: Measured) -> None:
     await bench.pin(schedule)
     bench.runs += 1
     load = load.first(requests_for(schedule, bench.requests)).renamed(bench.runs)
+    before = dict(bench.engine)
     records = await bench.closed_loop(load, concurrency(schedule))
+    into.busy = bench.busy(before)
     figures = load_figures([Completion(r.request_id, r.submitted_at, r.finished_at) for r in records], load.probes,
                            concurrency(schedule))
     into.throughputs.append(figures.throughput_seq_s)
@@ -436,9 +447,12 @@ def bounds_from(static: dict, labels: tuple[str, ...]) -> list[tuple[str, float]
 
 
 def exegpt_plan(sc, bound: float, max_batch: int):
-    from optimizer.search import SEARCH_POLICIES, SearchSpace, branch_and_bound
+    """What ``exegpt plan --policy any --max-batch N`` picks: ExeGPT's policies and the two
+    baselines, so that the plan is never one the model rates below them."""
+    from optimizer.search import SearchSpace, branch_and_bound
+    from services.cli.plan import POLICY_SETS
 
-    best = branch_and_bound(sc, bound, SEARCH_POLICIES, SearchSpace().capped(max_batch)).best
+    best = branch_and_bound(sc, bound, POLICY_SETS["any"], SearchSpace().capped(max_batch)).best
     return None if best is None else best.schedule
 
 
@@ -477,7 +491,8 @@ async def run_settings(bench, settings: dict, results: dict, load: Load, sc, tas
         m = results[key]
         print(f"  {task} rep {rep + 1} {key[0]:<10} {describe(schedule):<58} {m.throughputs[-1]:6.2f} seq/s "
               f"latency {m.latencies[-1]:6.2f} s  predicted {m.predicted[0]:6.2f} / {m.predicted[1]:6.2f}  "
-              f"per worker {m.per_worker}  ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+              f"per worker {m.per_worker} busy {' '.join(f'{b:.2f}' for b in m.busy)}  "
+              f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
 
 
 def rows_for(task: str, bounds, chosen: dict, settings: dict, results: dict) -> list[Row]:

@@ -18,6 +18,8 @@ class WorkerStatus:
     free_slots: int  # decode slots it could still fill (B_D - running)
     state: str  # "ready" | "alive" | "applied" | "draining" | "stopping"
     at: float
+    engine_s: float = 0.0  # seconds its engine has spent in steps since it started (utilisation)
+    steps: int = 0  # steps it has run since it started
 
 
 @dataclass(frozen=True)

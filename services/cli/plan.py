@@ -13,7 +13,8 @@ from pathlib import Path
 from services.cli import CliError
 
 POLICY_SETS = {"rra": ("rra",), "waa": ("waa-c", "waa-m"), "all": ("rra", "waa-c", "waa-m"),
-               "static": ("static",), "continuous": ("continuous",)}
+               "static": ("static",), "continuous": ("continuous",),
+               "any": ("rra", "waa-c", "waa-m", "static", "continuous")}
 DTYPE_BYTES = {"torch.float32": 4, "float32": 4, "torch.bfloat16": 2, "bfloat16": 2, "torch.float16": 2,
                "float16": 2}  # a profile header's dtype -> bytes per KV and weight element
 MAX_WARNINGS = 10  # noise and range warnings printed; the rest are counted
@@ -36,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-output", type=int, default=0, help="clip --lengths outputs to this (0: no clip)")
     p.add_argument("--latency-bound", required=True, type=_bound, metavar="SECONDS",
                    help="bound on generating a 99th-percentile-length output; 'inf' for none")
-    p.add_argument("--policy", choices=sorted(POLICY_SETS), default="all")
+    p.add_argument("--policy", choices=sorted(POLICY_SETS), default="all",
+                   help="all: ExeGPT's (RRA, WAA-C, WAA-M); any: those and the two baselines, so the plan "
+                        "is never one the model rates below static or continuous batching")
     p.add_argument("--cluster", default="h200-nvlink-ib", help="cluster preset (h200-nvlink-ib, "
                    "a100-80g-nvlink-ib, a40-pcie) or a cluster JSON file (`exegpt profile --cluster-out`)")
     p.add_argument("--max-batch", type=int, default=None, metavar="N",

@@ -100,6 +100,7 @@ class Worker:
         self.ready = asyncio.Event()
         self.changed = asyncio.Event()  # set whenever a schedule version or a role takes effect
         self.steps = 0
+        self.engine_s = 0.0
         self.max_batch_seen = 0
         self.moved = {"handed_off": 0, "requeued": 0}  # running requests given back on a role change
         self._abort_pending: list[str] = []
@@ -447,6 +448,7 @@ class Worker:
             result = await self._step_failed(plan, exc)
         result.started_at, result.ended_at = started, time.time()
         self.steps += 1
+        self.engine_s += result.ended_at - started
         self.max_batch_seen = max(self.max_batch_seen, len(plan.decode))
         return result
 
@@ -588,7 +590,8 @@ class Worker:
     async def report(self, state: str) -> None:
         running = len(self.driver.running)
         free = max(self.follower.schedule.decode_batch - running, 0) if self.role in ("worker", "decoder") else 0
-        status = WorkerStatus(self.worker_id, self.role, self.follower.version, running, free, state, time.time())
+        status = WorkerStatus(self.worker_id, self.role, self.follower.version, running, free, state, time.time(),
+                              self.engine_s, self.steps)
         await self.bus.broadcast(self.names.status_exchange, codec.encode(status))
 
     async def _heartbeat(self) -> None:
