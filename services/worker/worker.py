@@ -386,8 +386,12 @@ class Worker:
         await asyncio.gather(*moves)
 
     async def _requeue(self, held: Held, published: list[asyncio.Task[None]]) -> None:
+        """Back to the encode queue with the tokens already delivered; a KV cache it came with
+        is dropped (the next worker prefills prompt + tokens)."""
         await asyncio.gather(*held.sent, *published)
         await self.bus.publish(self.names.encode_queue, codec.encode(held.continuation(self.config.model)))
+        if held.ready is not None:
+            await self.kv.drop(held.ready.kv_ref)
         await held.delivery.ack()
 
     # ==== aborts and credits =====================================================================
