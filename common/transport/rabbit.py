@@ -9,6 +9,7 @@ its own unacked messages.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import aio_pika
 from aio_pika.abc import (
@@ -24,28 +25,42 @@ from common.transport.port import Unroutable
 
 
 class RabbitDelivery:
-    def __init__(self, message: AbstractIncomingMessage, settled: bool = False) -> None:
+    def __init__(self, message: AbstractIncomingMessage, settled: bool = False,
+                 on_settled: Callable[[], Awaitable[None]] | None = None) -> None:
         self.body = message.body
         self.redelivered = bool(message.redelivered)
         self._message = message
         self._settled = settled
+        self._on_settled = on_settled
 
     async def ack(self) -> None:
         if not self._settled:
             self._settled = True
             await self._message.ack()
+            await self._done()
 
     async def reject(self, *, requeue: bool) -> None:
         if not self._settled:
             self._settled = True
             await self._message.reject(requeue=requeue)
+            await self._done()
+
+    async def _done(self) -> None:
+        if self._on_settled is not None:
+            await self._on_settled()
 
 
 class RabbitSubscription:
+    """One consumer on its own channel. Cancelled, it closes the channel once every delivery it
+    handed out is settled (closing earlier would give the broker back messages still being
+    worked on), so consumers that come and go (a worker changing role) leave no channel behind."""
+
     def __init__(self, channel: AbstractChannel, queue: AbstractQueue, auto_ack: bool = False) -> None:
         self._channel, self._queue, self._auto_ack = channel, queue, auto_ack
         self._buffer: asyncio.Queue[RabbitDelivery | None] = asyncio.Queue()
         self._tag: str | None = None
+        self._unsettled = 0
+        self._cancelled = False
 
     async def start(self) -> None:
         self._tag = await self._queue.consume(self._on_message, no_ack=self._auto_ack)
@@ -54,7 +69,27 @@ class RabbitSubscription:
         await self._channel.set_qos(prefetch_count=count, global_=True)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        await self._buffer.put(RabbitDelivery(message, settled=self._auto_ack))
+        if self._cancelled:  # in flight when the consumer was cancelled: back to the queue
+            if not self._auto_ack:
+                await message.reject(requeue=True)
+            return
+        if self._auto_ack:
+            await self._buffer.put(RabbitDelivery(message, settled=True))
+        else:
+            self._unsettled += 1
+            await self._buffer.put(RabbitDelivery(message, on_settled=self._settled))
+
+    async def _settled(self) -> None:
+        self._unsettled -= 1
+        if self._cancelled and self._unsettled == 0:
+            await self._close_channel()
+
+    async def _close_channel(self) -> None:
+        if not self._channel.is_closed:
+            try:
+                await self._channel.close()
+            except (ChannelClosed, ConnectionError, RuntimeError):
+                pass  # the connection went first; nothing is left to release
 
     def __aiter__(self) -> "RabbitSubscription":
         return self
@@ -70,11 +105,14 @@ class RabbitSubscription:
             return
         tag, self._tag = self._tag, None
         await self._queue.cancel(tag)
+        self._cancelled = True
         while not self._buffer.empty():
             pending = self._buffer.get_nowait()
             if pending is not None:
                 await pending.reject(requeue=True)
         self._buffer.put_nowait(None)
+        if self._unsettled == 0:
+            await self._close_channel()
 
 
 class RabbitBus:

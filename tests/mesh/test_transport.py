@@ -69,6 +69,29 @@ async def test_prefetch_bounds_unacked_messages(mesh_config, hub):
     await bus.close()
 
 
+async def test_a_cancelled_consumer_settles_what_it_holds_and_returns_the_rest(mesh_config, hub, transport_kind):
+    names = Names(mesh_config.namespace)
+    bus = await open_bus(mesh_config, names, hub)
+    await bus.declare_queue(names.encode_queue)
+    for body in (b"a", b"b", b"c"):
+        await bus.publish(names.encode_queue, body)
+    sub = await bus.consume(names.encode_queue, prefetch=10)
+    held = await next_delivery(sub)
+    await sub.cancel()
+    if transport_kind == "broker":
+        assert not sub._channel.is_closed  # closing now would give `held` back to the queue
+    await held.ack()  # a worker changing role finishes what it holds
+    if transport_kind == "broker":
+        assert sub._channel.is_closed  # and the consumer's channel is released once it has
+    again = await bus.consume(names.encode_queue, prefetch=10)
+    rest = [await next_delivery(again) for _ in range(2)]
+    assert sorted(d.body for d in rest) == sorted({b"a", b"b", b"c"} - {held.body})
+    for d in rest:
+        await d.ack()
+    assert await bus.queue_depth(names.encode_queue) == 0
+    await bus.close()
+
+
 async def test_rejected_twice_goes_to_the_dead_queue(mesh_config, hub):
     names = Names(mesh_config.namespace)
     bus = await open_bus(mesh_config, names, hub)
