@@ -7,7 +7,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from services.cli import CliError
@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest batch (B_E, B_D) a worker may run, e.g. what the profile measured "
                         "(default: the search space's own limits)")
     p.add_argument("--exhaustive", action="store_true", help="search every schedule (the reference)")
+    p.add_argument("--verify", action="store_true",
+                   help="simulate the pick under saturated load with p99-length probes and, while it overruns "
+                        "the bound there, search again with a tighter bound (for a plan that will run)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -147,6 +150,7 @@ def _check_range(args, sc) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from optimizer.search import SearchSpace, branch_and_bound, exhaustive
+    from optimizer.verify import verified_search
 
     sc = _scenario(args)
     if args.max_batch is not None and args.max_batch < 1:
@@ -154,22 +158,38 @@ def run(args: argparse.Namespace) -> int:
     space = SearchSpace() if args.max_batch is None else SearchSpace().capped(args.max_batch)
     search = exhaustive if args.exhaustive else branch_and_bound
     start = time.perf_counter()
-    result = search(sc, args.latency_bound, POLICY_SETS[args.policy], space)
+    verified = None
+    if args.verify:
+        verified = verified_search(sc, args.latency_bound, POLICY_SETS[args.policy], space, search=search)
+        result = replace(verified.last, best=verified.best, evaluations=verified.evaluations)
+    else:
+        result = search(sc, args.latency_bound, POLICY_SETS[args.policy], space)
     elapsed = time.perf_counter() - start
     if result.best is None:
+        simulated = " when simulated (searched down to a {:.3g} s bound)".format(verified.searched_bound_s) \
+            if verified else ""
         raise CliError(f"no schedule (policy {args.policy}) of {args.model} on {args.devices} devices "
-                       f"meets the {args.latency_bound:g} s latency bound and fits in memory")
+                       f"meets the {args.latency_bound:g} s latency bound{simulated} and fits in memory")
     method = "exhaustive" if args.exhaustive else "branch-and-bound"
-    print(json.dumps(_as_json(result, elapsed, method, args.latency_bound), indent=2) if args.json
-          else _as_text(result, elapsed, method, args.latency_bound))
+    print(json.dumps(_as_json(result, elapsed, method, args.latency_bound, verified), indent=2) if args.json
+          else _as_text(result, elapsed, method, args.latency_bound, verified))
     return 0
 
 
-def _as_json(result, elapsed: float, method: str, bound: float) -> dict:
-    return {"schedule": asdict(result.best.schedule), "predicted": asdict(result.best.figures),
-            "latency_bound_s": None if math.isinf(bound) else bound,
-            "search": {"method": method, "seconds": elapsed, "evaluations": result.evaluations,
-                       "families": result.families, "families_pruned": result.families_pruned}}
+def _as_json(result, elapsed: float, method: str, bound: float, verified=None) -> dict:
+    out = {"schedule": asdict(result.best.schedule), "predicted": asdict(result.best.figures),
+           "latency_bound_s": None if math.isinf(bound) else bound,
+           "search": {"method": method, "seconds": elapsed, "evaluations": result.evaluations,
+                      "families": result.families, "families_pruned": result.families_pruned}}
+    if verified is not None:
+        out["simulated"] = {"throughput_seq_s": verified.simulated.throughput_seq_s,
+                            "p99_length_latency_s": verified.simulated.p99_length_latency_s}
+        out["search"] |= {"searches": verified.searches, "searched_bound_s": _finite(verified.searched_bound_s)}
+    return out
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isinf(value) else value
 
 
 def describe(schedule) -> str:
@@ -192,14 +212,22 @@ def _bound_text(bound: float) -> str:
     return "no bound" if math.isinf(bound) else f"bound {bound:g} s"
 
 
-def _as_text(result, elapsed: float, method: str, bound: float) -> str:
+def _as_text(result, elapsed: float, method: str, bound: float, verified=None) -> str:
     f = result.best.figures
+    lines = []
+    if verified is not None:
+        sim = verified.simulated
+        tightened = "" if verified.searches == 1 else \
+            f"; {verified.searches} searches, the last under a {verified.searched_bound_s:.3g} s bound"
+        lines.append(f"simulated: {sim.throughput_seq_s:.1f} seq/s  p99-length latency {sim.p99_length_latency_s:.3f} s "
+                     f"(saturated closed loop, p99-length probes{tightened})")
     return "\n".join([
         f"schedule:  {describe(result.best.schedule)}",
         f"predicted: {f.throughput_seq_s:.1f} seq/s  {f.throughput_tok_s:.0f} tok/s  "
         f"p99-length latency {f.latency_p99_s:.3f} s ({_bound_text(bound)})  TTFT {f.ttft_s * 1e3:.1f} ms  "
         f"TPOT {f.tpot_s * 1e3:.1f} ms  decode batch {f.decode_batch:.1f}  "
         f"memory {f.memory_per_device_bytes / 1e9:.1f} GB/device",
+        *lines,
         f"search:    {method}, {result.evaluations} schedules evaluated, "
         f"{result.families_pruned}/{result.families} families pruned, {elapsed:.3f} s",
     ])

@@ -37,6 +37,15 @@ def test_plan_json_meets_the_bound_and_names_the_schedule(capsys):
     assert doc["search"]["seconds"] >= 0 and doc["latency_bound_s"] == 1.0
 
 
+def test_a_verified_plan_meets_its_bound_in_simulation(capsys):
+    assert _plan("--task", "S", "--latency-bound", "0.5", "--verify", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["simulated"]["p99_length_latency_s"] <= 0.5 and doc["simulated"]["throughput_seq_s"] > 0
+    assert doc["search"]["searches"] > 1 and doc["search"]["searched_bound_s"] < 0.5
+    assert _plan("--task", "S", "--latency-bound", "0.5", "--verify") == 0
+    assert "simulated:" in capsys.readouterr().out
+
+
 def test_exhaustive_and_unbounded_plans(capsys):
     assert _plan("--task", "T", "--latency-bound", "inf", "--policy", "waa", "--exhaustive", "--json") == 0
     doc = json.loads(capsys.readouterr().out)

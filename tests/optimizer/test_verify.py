@@ -1,0 +1,72 @@
+"""A plan checked in the simulator: kept when it meets its bound there, searched again otherwise."""
+
+import math
+
+import pytest
+
+from optimizer.schedule import Schedule
+from optimizer.search import SearchResult, branch_and_bound
+from optimizer.verify import ProbeLoad, outstanding, requests_for, simulated_figures, verified_search
+
+TIGHT = 0.5  # OPT-13B, task S, 4 H200s: the search's own pick overruns this in simulation
+
+
+def figures_of(sc, schedule):
+    return simulated_figures(sc, schedule, ProbeLoad.draw(sc.workload, requests_for(schedule)))
+
+
+def test_probes_are_every_tenth_request_at_the_99th_percentile_lengths(opt13b_s):
+    load = ProbeLoad.draw(opt13b_s.workload, 40, seed=3)
+    w = opt13b_s.workload
+    probes = [r for r in load.requests if r.request_id in load.probes]
+    assert [load.requests.index(r) for r in probes] == [9, 19, 29, 39]
+    assert {(r.input_len, r.output_len) for r in probes} == {(int(w.input.quantile(0.99)), int(w.output.quantile(0.99)))}
+    assert load.first(15).probes == {load.requests[9].request_id}
+
+
+def test_the_closed_loop_fills_every_slot():
+    replicas = Schedule("continuous", encode_batch=8, decode_batch=8, num_devices=2, decoder_devices=2, worker_devices=1)
+    split = Schedule("waa-c", encode_batch=4, decode_batch=10, num_devices=2, encoder_devices=1, decoder_devices=1,
+                     worker_devices=1)
+    assert outstanding(replicas) == 16 and outstanding(split) == 14
+    assert requests_for(replicas, 10) == 64 and requests_for(replicas, 100) == 100
+
+
+def test_a_pick_that_overruns_in_simulation_is_replaced_by_one_that_meets_the_bound(opt13b_s):
+    plain = branch_and_bound(opt13b_s, TIGHT).best
+    assert figures_of(opt13b_s, plain.schedule).p99_length_latency_s > TIGHT  # the case this is for
+
+    verified = verified_search(opt13b_s, TIGHT)
+    assert verified.best is not None and verified.best.schedule != plain.schedule
+    assert verified.simulated.p99_length_latency_s <= TIGHT
+    assert verified.searches > 1 and verified.searched_bound_s < TIGHT
+    assert figures_of(opt13b_s, verified.best.schedule) == verified.simulated  # deterministic
+
+
+def test_a_pick_that_meets_the_bound_in_simulation_is_the_search_pick(opt13b_s):
+    verified = verified_search(opt13b_s, 1.0)
+    assert verified.searches == 1 and verified.searched_bound_s == 1.0
+    assert verified.best.schedule == branch_and_bound(opt13b_s, 1.0).best.schedule
+    assert verified.simulated.p99_length_latency_s <= 1.0
+
+
+def test_no_bound_is_one_search_with_simulated_figures(opt13b_s):
+    verified = verified_search(opt13b_s, math.inf)
+    assert verified.searches == 1 and verified.best is not None
+    assert verified.simulated.throughput_seq_s > 0
+
+
+def test_it_gives_up_after_its_tries_with_each_bound_tighter(opt13b_s):
+    overrunning = branch_and_bound(opt13b_s, TIGHT)
+    bounds = []
+
+    def stubborn(sc, bound, policies, space) -> SearchResult:
+        bounds.append(bound)
+        return overrunning  # always the pick that overruns
+
+    verified = verified_search(opt13b_s, TIGHT, search=stubborn, tries=3)
+    assert verified.best is None and not verified.meets_bound and verified.searches == 3
+    assert bounds[0] == TIGHT and bounds[0] > bounds[1] > bounds[2]
+    assert verified.evaluations == 3 * overrunning.evaluations
+    with pytest.raises(ValueError):
+        verified_search(opt13b_s, TIGHT, tries=0)
