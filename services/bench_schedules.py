@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -51,7 +52,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2"
 TASKS = ("S", "T", "G", "C1", "C2")
 PERCENTILES = (10, 30, 70)
-PROBE_EVERY = 10  # one request in ten is a probe at the 99th-percentile lengths
 NICE = 10  # the client, the scheduler, RabbitMQ and Redis, while the run lasts
 READY_TIMEOUT_S = 300.0
 
@@ -68,6 +68,7 @@ class Plan:
     requests: int
     repeats: int
     max_batch: int
+    verify: bool = True  # the plan checked in the simulator (exegpt plan --verify)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="largest B_E / B_D a worker runs")
     parser.add_argument("--profile", type=Path, default=None,
                         help="reuse this profile (its -cluster.json beside it) instead of profiling first")
+    parser.add_argument("--unverified", action="store_true",
+                        help="run the search's pick as is (exegpt plan without --verify)")
+    parser.add_argument("--keep-profile", metavar="DIR", default=None,
+                        help="copy the profile and cluster this run measured into DIR (for --profile later)")
     parser.add_argument("--amqp-url", default=os.environ.get("EXEGPT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     parser.add_argument("--redis-url", default=os.environ.get("EXEGPT_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -88,9 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plans_for(args: argparse.Namespace) -> list[Plan]:
     if args.quick:
-        return [Plan("S", args.scale, (4, 16), (8, 32), ("p10", "inf"), min(args.requests, 120), 1, args.max_batch)]
+        return [Plan("S", args.scale, (4, 16), (8, 32), ("p10", "inf"), min(args.requests, 120), 1, args.max_batch,
+                     not args.unverified)]
     return [Plan(t, args.scale, (4, 8, 16, 32), (4, 8, 16, 32), ("p10", "p30", "p70", "inf"), args.requests,
-                 args.repeats, args.max_batch) for t in args.tasks]
+                 args.repeats, args.max_batch, not args.unverified) for t in args.tasks]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,12 +112,26 @@ def run(args: argparse.Namespace) -> int:
         cluster = profile.with_name(f"{profile.stem}-cluster.json")
         digest = hashlib.sha256(profile.read_bytes()).hexdigest()[:16]
         print(f"profile {profile} sha256 {digest}; cluster {cluster}", flush=True)
-        rows = asyncio.run(bench(args, plans, profile, cluster))
+        if args.keep_profile:
+            kept = Path(args.keep_profile)
+            kept.mkdir(parents=True, exist_ok=True)
+            for f in (profile, cluster):
+                shutil.copy(f, kept / f.name)
+            print(f"profile and cluster kept in {kept}", flush=True)
+        rows = asyncio.run(bench(args, plans, profile, cluster, lambda done: progress(done, digest, args)))
     print_rows(rows, digest, args.scale)
     print(f"\nwall time {time.monotonic() - started:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps([r.as_json() for r in rows], indent=1))
     return 0
+
+
+def progress(rows: list["Row"], digest: str, args: argparse.Namespace) -> None:
+    """After each task: its table, and the JSON so far (a long run stopped early keeps what it measured)."""
+    if rows:
+        print_rows([r for r in rows if r.task == rows[-1].task], digest, args.scale)
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.as_json() for r in rows], indent=1))
 
 
 def _interrupt(*_: object) -> None:
@@ -214,7 +234,7 @@ class Processes:
 
 
 @contextmanager
-def niced_services(names: tuple[str, ...] = ("beam.smp", "redis-server")) -> Iterator[list[str]]:
+def niced_services(names: tuple[str, ...] = ("beam.smp", "redis-server")) -> Iterator[list[tuple[int, str]]]:
     """RabbitMQ and Redis at a lower priority while the run lasts (restored afterwards)."""
     changed: list[tuple[int, int, str]] = []
     for name in names:
@@ -227,7 +247,7 @@ def niced_services(names: tuple[str, ...] = ("beam.smp", "redis-server")) -> Ite
             except OSError:
                 pass
     try:
-        yield [f"{name} ({pid})" for pid, _, name in changed]
+        yield [(pid, name) for pid, _, name in changed]
     finally:
         for pid, before, _ in changed:
             try:
@@ -249,18 +269,11 @@ class Load:
 
     @staticmethod
     def draw(workload, n: int, seed: int, tag: str) -> "Load":
-        import numpy as np
+        from optimizer.verify import ProbeLoad
 
-        rng = np.random.default_rng(seed)
-        ins, outs = workload.sample(rng, n)
-        q_in, q_out = workload.input.quantile(0.99), workload.output.quantile(0.99)
-        ids, probes = [], set()
-        for i in range(n):
-            ids.append(f"{tag}-{i:04d}")
-            if i % PROBE_EVERY == PROBE_EVERY - 1:
-                ins[i], outs[i] = q_in, q_out
-                probes.add(ids[-1])
-        return Load(tuple(ids), tuple(int(x) for x in ins), tuple(int(x) for x in outs), frozenset(probes))
+        drawn = ProbeLoad.draw(workload, n, seed, tag)
+        return Load(tuple(r.request_id for r in drawn.requests), tuple(r.input_len for r in drawn.requests),
+                    tuple(r.output_len for r in drawn.requests), drawn.probes)
 
     def simulated(self):
         from optimizer.simulator import SimRequest
@@ -278,17 +291,28 @@ class Load:
         return Load(ids, self.input_lens[:n], self.output_lens[:n], self.probes & frozenset(ids))
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` (Linux /proc; processes gone count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def requests_for(schedule, at_least: int) -> int:
-    """Requests a setting sends: at least ``at_least``, and four times its closed loop, so that
-    the saturated part (after the first wave, before the drain) is half of the run."""
-    return max(at_least, 4 * concurrency(schedule))
+    from optimizer.verify import requests_for as loop_requests
+
+    return loop_requests(schedule, at_least)
 
 
 def concurrency(schedule) -> int:
-    """Requests kept outstanding: every decode slot full (and, under WAA, every encode batch)."""
-    if schedule.split:
-        return schedule.decoder_workers * schedule.decode_batch + schedule.encoder_workers * schedule.encode_batch
-    return schedule.workers * schedule.decode_batch
+    from optimizer.verify import outstanding
+
+    return outstanding(schedule)
 
 
 @dataclass
@@ -298,6 +322,7 @@ class Measured:
     predicted: tuple[float, float] = (math.nan, math.nan)
     per_worker: list[int] = field(default_factory=list)  # requests each worker finished, last run
     busy: list[float] = field(default_factory=list)  # each worker's engine time / wall time, last run
+    others: float = math.nan  # cores the broker, Redis, client and scheduler used, last run
 
     @property
     def throughput(self) -> float:
@@ -319,6 +344,7 @@ class Bench:
         self.heard = asyncio.Event()
         self.runs = 0
         self.requests = 0  # at least this many per setting
+        self.others: list[int] = []  # the processes that share the workers' cores: broker, Redis, ...
 
     async def start(self) -> None:
         from common.names import Names
@@ -394,9 +420,10 @@ async def measure(bench: Bench, schedule, load: Load, into: Measured) -> None:
     await bench.pin(schedule)
     bench.runs += 1
     load = load.first(requests_for(schedule, bench.requests)).renamed(bench.runs)
-    before = dict(bench.engine)
+    before, cpu, wall = dict(bench.engine), cpu_seconds(bench.others), time.monotonic()
     records = await bench.closed_loop(load, concurrency(schedule))
     into.busy = bench.busy(before)
+    into.others = (cpu_seconds(bench.others) - cpu) / (time.monotonic() - wall)
     figures = load_figures([Completion(r.request_id, r.submitted_at, r.finished_at) for r in records], load.probes,
                            concurrency(schedule))
     into.throughputs.append(figures.throughput_seq_s)
@@ -405,11 +432,9 @@ async def measure(bench: Bench, schedule, load: Load, into: Measured) -> None:
 
 
 def predict(sc, schedule, load: Load) -> tuple[float, float]:
-    from optimizer.simulator import Completion, load_figures, simulate
+    from optimizer.verify import ProbeLoad, simulated_figures
 
-    sim = simulate(sc, schedule, load.simulated(), closed_loop=concurrency(schedule))
-    figures = load_figures([Completion(r.request_id, r.arrival_s, r.finish_s) for r in sim.records], load.probes,
-                           concurrency(schedule))
+    figures = simulated_figures(sc, schedule, ProbeLoad(load.simulated(), load.probes))
     return figures.throughput_seq_s, figures.p99_length_latency_s
 
 
@@ -463,18 +488,25 @@ def bounds_from(static: dict, labels: tuple[str, ...]) -> list[tuple[str, float]
     return out + ([("inf", math.inf)] if "inf" in labels else [])
 
 
-def exegpt_plan(sc, bound: float, max_batch: int):
-    """What ``exegpt plan --max-batch N`` picks: ExeGPT's policies (RRA, WAA-C, WAA-M), the claim
-    under test. (``--policy any`` would also weigh the baselines; its pick is printed beside.)"""
+def exegpt_plan(sc, bound: float, max_batch: int, verify: bool = True):
+    """What ``exegpt plan --verify --max-batch N`` picks: ExeGPT's policies (RRA, WAA-C, WAA-M),
+    the claim under test, checked in the simulator (``verify=False``: the search's pick as is).
+    ``--policy any`` would also weigh the baselines; its pick is printed beside."""
     from optimizer.search import SEARCH_POLICIES, SearchSpace, branch_and_bound
+    from optimizer.verify import verified_search
     from services.cli.plan import POLICY_SETS, describe
 
     space = SearchSpace().capped(max_batch)
-    best = branch_and_bound(sc, bound, SEARCH_POLICIES, space).best
-    anything = branch_and_bound(sc, bound, POLICY_SETS["any"], space).best
-    if anything is not None:
-        print(f"  plan for bound {bound:.2f} s: {describe(best.schedule) if best else '-'}; with the baselines as "
-              f"candidates: {describe(anything.schedule)}", file=sys.stderr, flush=True)
+
+    def pick(policies):
+        if verify:
+            return verified_search(sc, bound, policies, space).best
+        return branch_and_bound(sc, bound, policies, space).best
+
+    best, anything = pick(SEARCH_POLICIES), pick(POLICY_SETS["any"])
+    print(f"  plan for bound {bound:.2f} s{' (verified)' if verify else ''}: {describe(best.schedule) if best else '-'}; "
+          f"with the baselines as candidates: {describe(anything.schedule) if anything else '-'}",
+          file=sys.stderr, flush=True)
     return None if best is None else best.schedule
 
 
@@ -491,7 +523,7 @@ async def bench_task(bench: Bench, plan: Plan, profile: Path, cluster: Path, see
     await run_settings(bench, settings, results, load, sc, plan.task)
     static = {key: m for key, m in results.items() if key[0] == "static"}
     bounds = bounds_from(static, plan.bounds)
-    chosen = {label: exegpt_plan(sc, bound, plan.max_batch) for label, bound in bounds}
+    chosen = {label: exegpt_plan(sc, bound, plan.max_batch, plan.verify) for label, bound in bounds}
     planned = {("exegpt", s): s for s in dict.fromkeys(s for s in chosen.values() if s is not None)}
     results |= {key: Measured() for key in planned}
     await run_settings(bench, planned, results, load, sc, plan.task)
@@ -513,7 +545,7 @@ async def run_settings(bench, settings: dict, results: dict, load: Load, sc, tas
         m = results[key]
         print(f"  {task} rep {rep + 1} {key[0]:<10} {describe(schedule):<58} {m.throughputs[-1]:6.2f} seq/s "
               f"latency {m.latencies[-1]:6.2f} s  predicted {m.predicted[0]:6.2f} / {m.predicted[1]:6.2f}  "
-              f"per worker {m.per_worker} busy {' '.join(f'{b:.2f}' for b in m.busy)}  "
+              f"per worker {m.per_worker} busy {' '.join(f'{b:.2f}' for b in m.busy)} others {m.others:.2f} cores  "
               f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
 
 
@@ -532,7 +564,8 @@ def rows_for(task: str, bounds, chosen: dict, settings: dict, results: dict) -> 
     return rows
 
 
-async def bench(args: argparse.Namespace, plans: list[Plan], profile: Path, cluster: Path) -> list[Row]:
+async def bench(args: argparse.Namespace, plans: list[Plan], profile: Path, cluster: Path,
+                task_done=lambda rows: None) -> list[Row]:
     from common.config import MeshConfig
 
     config = MeshConfig(namespace=f"bench{uuid.uuid4().hex[:8]}", amqp_url=args.amqp_url, redis_url=args.redis_url,
@@ -544,13 +577,15 @@ async def bench(args: argparse.Namespace, plans: list[Plan], profile: Path, clus
         with niced_services() as niced:
             procs.start()  # before this process lowers its own priority: the workers keep theirs
             os.nice(NICE)
-            print(f"niced: {', '.join(niced) or 'nothing (not permitted)'}, this client and the scheduler; "
+            print(f"niced: {', '.join(f'{name} ({pid})' for pid, name in niced) or 'nothing (not permitted)'}, this client and the scheduler; "
                   "workers pinned to cores 0 and 1", flush=True)
             async with AsyncExitStack() as stack:
                 client = Bench(config, stack)
                 await client.start()
+                client.others = [pid for pid, _ in niced] + [os.getpid(), procs.procs[0].pid]
                 for i, plan in enumerate(plans):
                     rows += await bench_task(client, plan, profile, cluster, args.seed + i)
+                    task_done(rows)
     finally:
         procs.close()
         await purge_namespace(config)
