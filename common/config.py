@@ -46,6 +46,11 @@ class MeshConfig(BaseSettings):
         "fields, or a path to such a file); None: a continuous-batching schedule one worker can "
         "run, until a schedule is pinned.",
     )
+    gather_s: float = Field(
+        0.005, ge=0,
+        description="An idle worker that receives a request waits while more follow within this "
+        "gap (five gaps at most) and starts its batch with all of them; 0 starts at once.",
+    )
     heartbeat_s: float = Field(2.0, gt=0, description="A worker's status report interval.")
     heartbeat_timeout_s: float = Field(
         6.0, gt=0, description="A worker silent this long is gone: its roles are given to others."

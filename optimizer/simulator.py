@@ -121,11 +121,14 @@ class _Book:
     """Request bookkeeping shared by the simulated workers: arrivals, the shared queue, records.
 
     ``closed_loop`` > 0: that many requests are released at the start and each completion
-    releases the next one at its finish time (a saturated closed-loop client)."""
+    releases the next one ``loop_delay_s`` after its finish time (a saturated closed-loop client
+    whose answer takes that long to reach the workers)."""
 
-    def __init__(self, requests, closed_loop: int = 0) -> None:
+    def __init__(self, requests, closed_loop: int = 0, loop_delay_s: float = 0.0) -> None:
+        if loop_delay_s < 0:
+            raise ValueError(f"loop_delay_s must be >= 0, got {loop_delay_s}")
         self.by_id = {r.request_id: r for r in requests}
-        self.closed_loop = closed_loop
+        self.closed_loop, self.loop_delay_s = closed_loop, loop_delay_s
         ordered = sorted(requests, key=lambda r: r.arrival_s)
         if closed_loop:
             self.held = deque(ordered[closed_loop:])
@@ -166,7 +169,7 @@ class _Book:
         self.records.append(RequestRecord(rid, req.input_len, req.output_len, req.arrival_s,
                                           self.start[rid], self.first[rid], now, self.generated[rid]))
         if self.closed_loop and self.held:
-            nxt = replace(self.held.popleft(), arrival_s=now)
+            nxt = replace(self.held.popleft(), arrival_s=now + self.loop_delay_s)
             self.by_id[nxt.request_id] = nxt
             self.pending.append(nxt)  # completions come in time order, so arrivals stay sorted
         return True
@@ -401,15 +404,18 @@ def goodput_seq_s(result: SimulationResult, ttft_slo_s: float, tpot_slo_s: float
     return len(good) / (hi - lo) if hi > lo else math.nan
 
 
-def simulate(sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0) -> SimulationResult:
+def simulate(sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0,
+             loop_delay_s: float = 0.0) -> SimulationResult:
     """Run ``requests`` (see ``requests_from_workload``) under ``schedule``; deterministic.
 
     ``closed_loop`` > 0 ignores the requests' arrival times: that many are outstanding at any
-    time, each completion releasing the next (a saturated closed-loop client)."""
+    time, each completion releasing the next, which arrives ``loop_delay_s`` later (a saturated
+    closed-loop client; with a delay, a freed slot is filled at a later step boundary, as in a
+    real mesh where the answer and the next request cross the broker)."""
     if not requests:
         raise ValueError("simulate needs at least one request")
     stats = WorkloadStats(sc.workload)
-    fleet = _Fleet(_Book(requests, closed_loop))
+    fleet = _Fleet(_Book(requests, closed_loop, loop_delay_s))
     if schedule.split:
         enc_l, dec_l = worker_layouts(sc, schedule)
         fleet.kv_link = sc.cluster.handoff_link(enc_l.stages[-1].first_device, dec_l.stages[0].first_device)

@@ -41,6 +41,28 @@ class Inbox:
                 pass
         self._signal.clear()
 
+    async def settle(self, gap_s: float, limit_s: float) -> None:
+        """Requests come in bursts (a client's batch, the answers of a closed loop): after an
+        arrival, wait while the next follows within ``gap_s`` (``limit_s`` in all), so that an
+        idle worker starts its batch with the burst, not with its first message. A wake-up
+        without an arrival ends it (and stays set for the caller)."""
+        deadline = time.monotonic() + limit_s
+        seen = len(self._items)
+        while seen and gap_s > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._signal.clear()
+            try:
+                async with asyncio.timeout(min(gap_s, left)):
+                    await self._signal.wait()
+            except TimeoutError:
+                return
+            if len(self._items) == seen:  # woken for something else
+                self._signal.set()
+                return
+            seen = len(self._items)
+
     def take(self) -> list[tuple[str, Delivery]]:
         items, self._items = self._items, []
         self._signal.clear()

@@ -49,6 +49,7 @@ from services.worker.trace import StepTrace
 
 ABORTED_REMEMBERED = 10_000
 CREDIT_POLL_S = (0.002, 0.05)  # an encoder without credits looks again after this, doubling
+GATHER_GAPS = 5  # an idle worker gathers a burst for at most this many gaps (MeshConfig.gather_s)
 
 
 def new_worker_id(config: MeshConfig, role: str) -> str:
@@ -58,12 +59,14 @@ def new_worker_id(config: MeshConfig, role: str) -> str:
 
 
 def intake_for(role: Role, schedule: Schedule, names: Names) -> dict[str, int]:
-    """The queues a worker of ``role`` consumes, each with the unacked messages it may hold: its
-    running batch and the next encode batch. A "worker" also takes hand-offs left over from a WAA
-    schedule (or from a decoder that died) into free slots, so none is stranded."""
-    if role == "worker":
-        return {names.encode_queue: schedule.decode_batch + 2 * schedule.encode_batch,
-                names.handoff_queue: schedule.encode_batch}
+    """The queues a worker of ``role`` consumes, each with the unacked messages it may hold. A
+    "worker" holds at most B_D requests, running and waiting together, so it takes only what it
+    can start at its next boundary (a busy worker holding requests another could start, a static
+    batch mid-way above all, would idle that one); it also takes hand-offs left over from a WAA
+    schedule (or from a decoder that died) into free slots, so none is stranded. An encoder holds
+    two encode batches (the run-time adjustment picks from them)."""
+    if role == "worker":  # no more than its batch holds: what waits here could start on a worker with room
+        return {names.encode_queue: schedule.decode_batch, names.handoff_queue: schedule.encode_batch}
     if role == "encoder":
         return {names.encode_queue: 2 * schedule.encode_batch}
     if role == "decoder":
@@ -434,6 +437,8 @@ class Worker:
         self._credit_wait = CREDIT_POLL_S[0]
         self._arrived: list[tuple[str, int]] = []  # queued since the last boundary (for the trace)
         await self.inbox.wait(None if not self._drain else max(self._drain.deadline - time.monotonic(), 0))
+        if not self.driver.running and not self._drain:  # idle: start with the whole burst
+            await self.inbox.settle(self.config.gather_s, GATHER_GAPS * self.config.gather_s)
 
     # ==== execute ================================================================================
     async def execute(self, plan: StepPlan) -> StepResult:

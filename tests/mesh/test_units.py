@@ -173,3 +173,51 @@ def test_a_schedule_to_pin_reads_from_json_a_file_or_plan_output(tmp_path):
     for bad in ('{"policy": "fcfs"}', '{"encode_batch": 0}', '{"nope": 1}', "{not json"):
         with pytest.raises(ValueError, match="not a schedule"):
             parse_schedule(bad)
+
+
+# --- an idle worker's inbox gathers a burst -----------------------------------------------------
+
+async def test_an_idle_inbox_gathers_a_burst_until_a_gap():
+    import asyncio
+
+    from services.worker.mailbox import Inbox
+
+    inbox, loop = Inbox(), asyncio.get_running_loop()
+    inbox.put(("q", "first"))
+    loop.call_later(0.001, inbox.put, ("q", "second"))
+    loop.call_later(0.002, inbox.put, ("q", "third"))
+    await inbox.settle(gap_s=0.2, limit_s=30.0)
+    assert [body for _, body in inbox.take()] == ["first", "second", "third"]
+
+
+async def test_settling_ends_at_a_wake_up_at_its_limit_and_when_off():
+    import asyncio
+    import time
+
+    from services.worker.mailbox import Inbox
+
+    inbox, loop = Inbox(), asyncio.get_running_loop()
+    inbox.put(("q", "first"))
+    loop.call_later(0.001, inbox.wake)  # a stop or a new schedule: no waiting for more
+    started = time.monotonic()
+    await inbox.settle(gap_s=30.0, limit_s=30.0)
+    assert time.monotonic() - started < 10 and inbox.waiting()
+
+    stop = asyncio.Event()
+
+    async def stream() -> None:  # arrivals that never pause
+        while not stop.is_set():
+            inbox.put(("q", "more"))
+            await asyncio.sleep(0.001)
+
+    feeding = asyncio.create_task(stream())
+    started = time.monotonic()
+    await inbox.settle(gap_s=1.0, limit_s=0.05)
+    assert time.monotonic() - started < 10  # the limit, not the gap, ended it
+    stop.set()
+    await feeding
+
+    empty = Inbox()
+    await empty.settle(gap_s=30.0, limit_s=30.0)  # nothing arrived: nothing to gather
+    inbox.put(("q", "x"))
+    await inbox.settle(gap_s=0.0, limit_s=30.0)  # gathering off

@@ -216,3 +216,17 @@ def test_a_closed_loop_keeps_its_requests_outstanding_and_load_figures_read_its_
     expected = np.median([r.finish_s - r.arrival_s for r in sim.records
                           if r.request_id in probes and finish[39] < r.finish_s <= finish[359]])
     assert figures.p99_length_latency_s == pytest.approx(expected)
+
+
+def test_a_closed_loop_delay_fills_a_freed_slot_at_a_later_boundary(opt13b_s):
+    sched = CASES["continuous"][0]
+    reqs = _reqs(opt13b_s, 200)
+    prompt = simulate(opt13b_s, sched, reqs, closed_loop=20)
+    delayed = simulate(opt13b_s, sched, reqs, closed_loop=20, loop_delay_s=1e-4)
+    finished = {r.request_id: r.finish_s for r in delayed.records}
+    later = [r for r in delayed.records if r.arrival_s > 0]
+    assert later and all(any(abs(r.arrival_s - 1e-4 - f) < 1e-9 for f in finished.values()) for r in later)
+    assert all(r.encode_start_s > r.arrival_s for r in later)  # it waited for the next boundary
+    assert delayed.throughput_seq_s < prompt.throughput_seq_s
+    with pytest.raises(ValueError):
+        simulate(opt13b_s, sched, reqs, closed_loop=20, loop_delay_s=-1.0)
