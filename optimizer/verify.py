@@ -22,7 +22,7 @@ from optimizer.analytic import Scenario
 from optimizer.lengths import Workload
 from optimizer.schedule import Schedule
 from optimizer.search import SEARCH_POLICIES, Candidate, SearchResult, SearchSpace, branch_and_bound
-from optimizer.simulator import Completion, LoadFigures, SimRequest, load_figures, simulate
+from optimizer.simulator import Completion, LoadFigures, SimRequest, SimulationResult, load_figures, simulate
 
 PROBE_EVERY = 10  # one request in ten is a probe at the 99th-percentile lengths
 LOOP_WAVES = 4  # a closed loop sends at least this many times its size (half of it saturated)
@@ -80,9 +80,18 @@ def simulated_figures(sc: Scenario, schedule: Schedule, load: ProbeLoad,
                       loop_delay_s: float = LOOP_DELAY_S) -> LoadFigures:
     """Throughput and p99-length latency of ``load`` under ``schedule`` in a saturated closed
     loop, on the simulator's time line."""
-    loop = outstanding(schedule)
-    sim = simulate(sc, schedule, load.requests, closed_loop=loop, loop_delay_s=loop_delay_s)
-    return load_figures([Completion(r.request_id, r.arrival_s, r.finish_s) for r in sim.records], load.probes, loop)
+    return run_figures(simulate_load(sc, schedule, load, loop_delay_s), load, schedule)
+
+
+def simulate_load(sc: Scenario, schedule: Schedule, load: ProbeLoad,
+                  loop_delay_s: float = LOOP_DELAY_S) -> SimulationResult:
+    """``load`` under ``schedule`` in a saturated closed loop: the simulation itself."""
+    return simulate(sc, schedule, load.requests, closed_loop=outstanding(schedule), loop_delay_s=loop_delay_s)
+
+
+def run_figures(sim: SimulationResult, load: ProbeLoad, schedule: Schedule) -> LoadFigures:
+    return load_figures([Completion(r.request_id, r.arrival_s, r.finish_s) for r in sim.records], load.probes,
+                        outstanding(schedule))
 
 
 @dataclass(frozen=True)

@@ -323,6 +323,8 @@ class Measured:
     per_worker: list[int] = field(default_factory=list)  # requests each worker finished, last run
     busy: list[float] = field(default_factory=list)  # each worker's engine time / wall time, last run
     others: float = math.nan  # cores the broker, Redis, client and scheduler used, last run
+    phases: tuple[float, float] = (math.nan, math.nan)  # mean queue wait, mean service (s), last run
+    sim_phases: tuple[float, float] = (math.nan, math.nan)  # the same, simulated
 
     @property
     def throughput(self) -> float:
@@ -429,12 +431,21 @@ async def measure(bench: Bench, schedule, load: Load, into: Measured) -> None:
     into.throughputs.append(figures.throughput_seq_s)
     into.latencies.append(figures.p99_length_latency_s)
     into.per_worker = sorted(Counter(r.worker for r in records).values())
+    into.phases = (statistics.mean(r.encode_start_at - r.submitted_at for r in records),
+                   statistics.mean(r.finished_at - r.encode_start_at for r in records))
 
 
-def predict(sc, schedule, load: Load) -> tuple[float, float]:
-    from optimizer.verify import ProbeLoad, simulated_figures
+def predict(sc, schedule, load: Load, into: Measured | None = None) -> tuple[float, float]:
+    """Simulated throughput and p99-length latency of ``load``; ``into`` also gets the simulated
+    mean queue wait and service time (how a prediction error splits)."""
+    from optimizer.verify import ProbeLoad, run_figures, simulate_load
 
-    figures = simulated_figures(sc, schedule, ProbeLoad(load.simulated(), load.probes))
+    probe_load = ProbeLoad(load.simulated(), load.probes)
+    sim = simulate_load(sc, schedule, probe_load)
+    figures = run_figures(sim, probe_load, schedule)
+    if into is not None:
+        into.sim_phases = (statistics.mean(r.encode_start_s - r.arrival_s for r in sim.records),
+                           statistics.mean(r.finish_s - r.encode_start_s for r in sim.records))
     return figures.throughput_seq_s, figures.p99_length_latency_s
 
 
@@ -541,11 +552,13 @@ async def run_settings(bench, settings: dict, results: dict, load: Load, sc, tas
         started = time.monotonic()
         await measure(bench, schedule, load, results[key])
         if rep == 0:
-            results[key].predicted = predict(sc, schedule, load.first(requests_for(schedule, bench.requests)))
+            results[key].predicted = predict(sc, schedule, load.first(requests_for(schedule, bench.requests)),
+                                             results[key])
         m = results[key]
         print(f"  {task} rep {rep + 1} {key[0]:<10} {describe(schedule):<58} {m.throughputs[-1]:6.2f} seq/s "
               f"latency {m.latencies[-1]:6.2f} s  predicted {m.predicted[0]:6.2f} / {m.predicted[1]:6.2f}  "
               f"per worker {m.per_worker} busy {' '.join(f'{b:.2f}' for b in m.busy)} others {m.others:.2f} cores  "
+              f"wait {m.phases[0]:.2f}/{m.sim_phases[0]:.2f} s service {m.phases[1]:.2f}/{m.sim_phases[1]:.2f} s  "
               f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
 
 
