@@ -216,6 +216,12 @@ class StaticPolicy:
             self._size, self._live = len(started), set(started)
         self._live.difference_update(finished)
 
+    @property
+    def batch_slots(self) -> int:
+        """Slots the batch in progress holds, its finished members' included (0 between batches):
+        a worker has no room for new requests until the batch ends."""
+        return self._size if self._live else 0
+
 
 class ContinuousPolicy:
     """Orca/vLLM-like iteration-level batching: every iteration admits queued requests into

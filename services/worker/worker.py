@@ -109,6 +109,7 @@ class Worker:
         self._abort_pending: list[str] = []
         self._next_stamps = Outbox()  # stamps that go out with the next step's tokens
         self._intake: dict[str, Subscription] = {}  # queue -> subscription
+        self._encode_prefetch = 0  # what the encode queue's consumer was last set to
         self._drain: Drain | None = None
         self._stop_deadline: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -131,6 +132,7 @@ class Worker:
             result = await self.execute(plan)
             self.driver.complete(plan, self.outcome(result))
             await self.emit(plan, result)
+            await self.fit_intake()
         await self.close()
 
     def plan(self) -> StepPlan:
@@ -336,6 +338,7 @@ class Worker:
             await self._intake.pop(queue).cancel()
         if dropped:
             await self._give_back_waiting(set(dropped))
+        self._encode_prefetch = queues.get(self.names.encode_queue, 0)
         for queue, prefetch in queues.items():
             if queue in self._intake:
                 await self._intake[queue].set_prefetch(prefetch)
@@ -439,6 +442,21 @@ class Worker:
         await self.inbox.wait(None if not self._drain else max(self._drain.deadline - time.monotonic(), 0))
         if not self.driver.running and not self._drain:  # idle: start with the whole burst
             await self.inbox.settle(self.config.gather_s, GATHER_GAPS * self.config.gather_s)
+
+    async def fit_intake(self) -> None:
+        """A "worker" takes from the encode queue only what it could start at its next boundary:
+        B_D, except while a static batch holds its slots (finished members' included), when it
+        takes nothing more until the batch ends; the prefetch changes only then."""
+        intake = self._intake.get(self.names.encode_queue)
+        if self.role != "worker" or self._drain is not None or intake is None:
+            return
+        schedule = self.follower.schedule
+        held = sum(h.ready is None for h in self.held.values())  # unacked on the encode queue
+        blocked = getattr(self.driver.policy, "batch_slots", 0) > len(self.driver.running)
+        want = max(held, 1) if blocked else schedule.decode_batch  # (0 would mean no limit)
+        if want != self._encode_prefetch:
+            await intake.set_prefetch(want)
+            self._encode_prefetch = want
 
     # ==== execute ================================================================================
     async def execute(self, plan: StepPlan) -> StepResult:

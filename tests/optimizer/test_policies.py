@@ -46,6 +46,17 @@ def test_static_batch_keeps_finished_slots_and_admits_nobody_until_it_ends():
     assert policy.next_step(WorkerState(_queue(2, 3))).encode == ("q3", "q4")
 
 
+def test_a_static_batch_holds_its_slots_until_its_last_member_finishes():
+    policy = StaticPolicy(Schedule("static", encode_batch=3, decode_batch=3))
+    assert policy.batch_slots == 0
+    plan = policy.next_step(WorkerState(_queue(3)))
+    policy.on_step_done(plan, ["q1"])
+    assert policy.batch_slots == 3  # q1's slot is padding now, not room
+    plan = policy.next_step(WorkerState((), _running("q0", "q2")))
+    policy.on_step_done(plan, ["q0", "q2"])
+    assert policy.batch_slots == 0
+
+
 def test_continuous_admits_into_free_slots_in_the_same_iteration():
     policy = ContinuousPolicy(Schedule("continuous", encode_batch=8, decode_batch=4))
     plan = policy.next_step(WorkerState(_queue(5), _running("a")))
