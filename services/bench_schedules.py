@@ -431,8 +431,10 @@ async def measure(bench: Bench, schedule, load: Load, into: Measured) -> None:
     into.throughputs.append(figures.throughput_seq_s)
     into.latencies.append(figures.p99_length_latency_s)
     into.per_worker = sorted(Counter(r.worker for r in records).values())
-    into.phases = (statistics.mean(r.encode_start_at - r.submitted_at for r in records),
-                   statistics.mean(r.finished_at - r.encode_start_at for r in records))
+    stamped = [r for r in records if r.encode_start_at]  # a WAA decoder's record has no encode start
+    if stamped:
+        into.phases = (statistics.mean(r.encode_start_at - r.submitted_at for r in stamped),
+                       statistics.mean(r.finished_at - r.encode_start_at for r in stamped))
 
 
 def predict(sc, schedule, load: Load, into: Measured | None = None) -> tuple[float, float]:
