@@ -215,16 +215,22 @@ class Worker:
                 self.driver.offer(RunningRequest(held.request_id, len(held.prompt_ids), len(held.generated)))
         await self.send(outbox)
 
+    @staticmethod
+    async def _decoded(deliveries: list[Delivery], kind) -> list[tuple[Delivery, object]]:
+        """Each delivery with its message; bytes that do not decode go to the dead queue."""
+        decoded = []
+        for delivery in deliveries:
+            try:
+                decoded.append((delivery, codec.decode(delivery.body, kind)))
+            except codec.DecodeError:
+                await delivery.reject(requeue=False)
+        return decoded
+
     async def _admit_work(self, deliveries: list[Delivery], outbox: Outbox) -> list[Held]:
         """Work that can run here; bad bytes are dead-lettered, other models' work fails (400),
         aborted or already finished work is acked."""
         kept: list[Held] = []
-        for delivery in deliveries:
-            try:
-                work = codec.decode(delivery.body, WorkMessage)
-            except codec.DecodeError:
-                await delivery.reject(requeue=False)
-                continue
+        for delivery, work in await self._decoded(deliveries, WorkMessage):
             if work.model != self.config.model:
                 message = f"this mesh serves {self.config.model!r}, not {work.model!r}"
                 outbox.failure(work.reply_to, Failure(work.request_id, 400, message))
@@ -237,12 +243,7 @@ class Worker:
 
     async def _admit_handoffs(self, deliveries: list[Delivery], outbox: Outbox) -> list[Held]:
         ready: list[tuple[Delivery, KvReady]] = []
-        for delivery in deliveries:
-            try:
-                message = codec.decode(delivery.body, HandoffMessage)
-            except codec.DecodeError:
-                await delivery.reject(requeue=False)
-                continue
+        for delivery, message in await self._decoded(deliveries, HandoffMessage):
             if message.request_id in self.held or message.request_id in self.aborted:
                 await delivery.ack()
             else:
