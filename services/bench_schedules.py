@@ -303,18 +303,6 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def requests_for(schedule, at_least: int) -> int:
-    from optimizer.verify import requests_for as loop_requests
-
-    return loop_requests(schedule, at_least)
-
-
-def concurrency(schedule) -> int:
-    from optimizer.verify import outstanding
-
-    return outstanding(schedule)
-
-
 @dataclass
 class Measured:
     throughputs: list[float] = field(default_factory=list)
@@ -418,16 +406,17 @@ class Bench:
 
 async def measure(bench: Bench, schedule, load: Load, into: Measured) -> None:
     from optimizer.simulator import Completion, load_figures
+    from optimizer.verify import outstanding, requests_for
 
     await bench.pin(schedule)
     bench.runs += 1
     load = load.first(requests_for(schedule, bench.requests)).renamed(bench.runs)
     before, cpu, wall = dict(bench.engine), cpu_seconds(bench.others), time.monotonic()
-    records = await bench.closed_loop(load, concurrency(schedule))
+    records = await bench.closed_loop(load, outstanding(schedule))
     into.busy = bench.busy(before)
     into.others = (cpu_seconds(bench.others) - cpu) / (time.monotonic() - wall)
     figures = load_figures([Completion(r.request_id, r.submitted_at, r.finished_at) for r in records], load.probes,
-                           concurrency(schedule))
+                           outstanding(schedule))
     into.throughputs.append(figures.throughput_seq_s)
     into.latencies.append(figures.p99_length_latency_s)
     into.per_worker = sorted(Counter(r.worker for r in records).values())
@@ -548,6 +537,7 @@ async def bench_task(bench: Bench, plan: Plan, profile: Path, cluster: Path, see
 
 
 async def run_settings(bench, settings: dict, results: dict, load: Load, sc, task: str, rep: int = 0) -> None:
+    from optimizer.verify import requests_for
     from services.cli.plan import describe
 
     for key, schedule in settings.items():
