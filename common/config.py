@@ -46,6 +46,55 @@ class MeshConfig(BaseSettings):
         "fields, or a path to such a file); None: a continuous-batching schedule one worker can "
         "run, until a schedule is pinned.",
     )
+    profile: str | None = Field(
+        None,
+        description="Layer profile(s) the scheduler plans on (`exegpt profile --out`; several "
+        "comma-separated files merge); None: no re-planning, the schedule stays the pinned one.",
+    )
+    cluster: str | None = Field(
+        None,
+        description="Cluster description for planning: a preset name or `exegpt profile --cluster-out` "
+        "file; None: the file beside the first profile (NAME-cluster.json), else h200-nvlink-ib.",
+    )
+    latency_bound_s: float = Field(
+        float("inf"), gt=0,
+        description="Latency bound the scheduler plans for: seconds to generate a 99th-percentile-"
+        "length output (inf: none). The admin API changes it at run time.",
+    )
+    prior: str | None = Field(
+        None,
+        description="What the scheduler plans on before requests finish: a paper task (S, T, G, C1, "
+        "C2, lengths times prior_scale) or a CSV of input,output / timestamp,input,output lengths.",
+    )
+    prior_scale: float = Field(1.0, gt=0, description="A task prior's lengths times this.")
+    policies: str = Field(
+        "any", description="Policies the scheduler may choose: rra, waa, all (ExeGPT's), any (those, "
+        "static and continuous: the plan is never one the model rates below the baselines)."
+    )
+    max_plan_batch: int | None = Field(
+        None, ge=1, description="Largest B_E / B_D a plan may use (e.g. what the profile measured)."
+    )
+    replan_margin: float = Field(
+        0.05, ge=0,
+        description="A new plan is published only if its predicted throughput beats the schedule in "
+        "force, on the same statistics, by this fraction (or the one in force misses the bound).",
+    )
+    replan_interval_s: float = Field(
+        5.0, ge=0, description="Least time between two searches triggered by drift (hysteresis)."
+    )
+    drift_alpha: float = Field(
+        1e-3, gt=0, lt=1, description="Significance of the two-sample drift test (per check, both lengths)."
+    )
+    drift_min_samples: int = Field(
+        30, ge=5, description="Finished requests the drift test needs in its window before it may fire."
+    )
+    stats_half_life_s: float = Field(
+        60.0, gt=0, description="Half-life of the decaying length and arrival statistics."
+    )
+    lease_ttl_s: float = Field(
+        5.0, gt=0,
+        description="The active scheduler's lease; a standby takes over this long after it stops renewing.",
+    )
     gather_s: float = Field(
         0.005, ge=0,
         description="An idle worker that receives a request waits while more follow within this "

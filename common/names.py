@@ -103,6 +103,34 @@ class Names:
         """The schedule pinned at the scheduler (encoded PinSchedule), for a restarted scheduler. No TTL."""
         return f"{self.namespace}:schedule:pinned"
 
+    @property
+    def scheduler_state(self) -> str:
+        """The active scheduler's SchedulerState (encoded): its decision and what it was based on. No TTL."""
+        return f"{self.namespace}:scheduler:state"
+
+    @property
+    def scheduler_lease(self) -> str:
+        """The active scheduler's lease: its process id, set-if-absent with TTL lease_ttl_s, renewed
+        by its holder only. A standby scheduler takes it once it lapses."""
+        return f"{self.namespace}:scheduler:lease"
+
+    @property
+    def leader_token(self) -> str:
+        """Integer: the fencing token, incremented by each scheduler that takes the lease. No TTL."""
+        return f"{self.namespace}:scheduler:token"
+
+    @property
+    def schedule_version(self) -> str:
+        """Integer: the last schedule version published, incremented atomically per publish. No TTL."""
+        return f"{self.namespace}:schedule:version"
+
+    @property
+    def store_epoch(self) -> str:
+        """Integer: unix milliseconds when this store first held the mesh's keys (set-if-absent). A
+        store that lost its data gets a later epoch, so versions published into it order after the
+        ones workers hold. No TTL."""
+        return f"{self.namespace}:epoch"
+
     def credits(self, version: int) -> str:
         """Integer: decode slots free for hand-offs under schedule ``version`` (WAA). Decoders add
         their free slots, encoders take them before encoding. TTL CREDITS_TTL_S."""

@@ -173,6 +173,10 @@ class SchedulerService:
                 allocation.schedule, allocation.roles):
             return None
         self.allocation = allocation
+        return await self._publish(allocation)
+
+    async def _publish(self, allocation: Allocation) -> ScheduleUpdate | None:
+        """Make ``allocation`` the next version: in the store, then to every worker."""
         version = (self.current.version if self.current else 0) + 1
         self.current = ScheduleUpdate(version, allocation.schedule, allocation.roles, time.time())
         body = codec.encode(self.current)

@@ -17,15 +17,15 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from common.messages.control import Abort, PinSchedule, RoleAssignment, ScheduleUpdate
+from common.messages.control import Abort, PinSchedule, Replan, RoleAssignment, ScheduleUpdate, SetBound
 from common.messages.events import EventBatch, Failure, Stamp, Token
 from common.messages.handoff import KvReady
 from common.messages.jobs import BatchJob, ChatTurn, JobResult
-from common.messages.status import LengthSample, WorkerStatus
+from common.messages.status import LengthSample, SchedulerState, WorkerStatus
 from common.messages.work import EncodeWork, Sampling
 from optimizer.schedule import Schedule
 
-SCHEMA_VERSION = 2  # 2: ScheduleUpdate carries the Schedule itself and the role allocation
+SCHEMA_VERSION = 3  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing
 
 # Tags are part of the wire format: never reuse or renumber one.
 TAGS: dict[type, int] = {
@@ -37,6 +37,9 @@ TAGS: dict[type, int] = {
     WorkerStatus: 6,
     LengthSample: 7,
     PinSchedule: 8,
+    SetBound: 9,
+    Replan: 10,
+    SchedulerState: 11,
     # nested only
     Sampling: 101,
     Token: 102,

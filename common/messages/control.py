@@ -3,6 +3,7 @@ scheduler, on its own queue."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from optimizer.schedule import Schedule
@@ -22,12 +23,21 @@ class ScheduleUpdate:
     """Schedule ``version`` replaces every older one at the workers' next iteration boundary.
 
     ``allocation`` gives each live worker its role. A worker missing from it takes the role
-    "worker" under RRA, static and continuous, and waits without a role under WAA."""
+    "worker" under RRA, static and continuous, and waits without a role under WAA.
+
+    Fencing: ``epoch`` names the store's life (unix milliseconds when the store first held the
+    mesh's keys; a fresh store after a restart has a later one), ``token`` the scheduler's term
+    as leader (it grows with every lease taken). Updates are ordered by (epoch, version); a worker
+    applies none whose (epoch, token) is below the highest it has seen, nor one that arrives after
+    ``lease_until`` (unix seconds), when its leader's lease has passed."""
 
     version: int
     schedule: Schedule
     allocation: tuple[RoleAssignment, ...]
     published_at: float
+    epoch: int = 0
+    token: int = 0
+    lease_until: float = math.inf
 
     def role_of(self, worker_id: str) -> str:
         for assignment in self.allocation:
@@ -55,4 +65,21 @@ class PinSchedule:
     requested_at: float
 
 
-SchedulerRequest = PinSchedule
+@dataclass(frozen=True)
+class SetBound:
+    """To the scheduler: plan for this latency bound from now on (seconds to generate a
+    99th-percentile-length output; math.inf: none)."""
+
+    latency_bound_s: float
+    requested_at: float
+
+
+@dataclass(frozen=True)
+class Replan:
+    """To the scheduler: search again now, on the statistics it holds, whatever the drift test says."""
+
+    reason: str
+    requested_at: float
+
+
+SchedulerRequest = PinSchedule | SetBound | Replan

@@ -39,4 +39,42 @@ class LengthSample:
     worker: str = ""  # the worker that produced its last token
 
 
+@dataclass(frozen=True)
+class SchedulerState:
+    """What the active scheduler decided and why, kept in the store (``names.scheduler_state``)
+    for the admin API and the metrics: the schedule version in force, the statistics it was
+    planned on, its predicted figures beside the observed ones, and the drift test's latest result.
+
+    Quantiles are (p50, p90, p99) in tokens; rates per second; latencies in seconds (math.inf:
+    unbounded or unknown); ``observed_*`` are 0 until requests finish under the version."""
+
+    leader: str  # the scheduler's process id
+    token: int  # its fencing token
+    version: int  # the schedule version in force
+    policy: str
+    pinned: bool  # an operator pinned the schedule (its allocation still follows the workers)
+    latency_bound_s: float
+    meets_bound: bool  # False raises the alert: no schedule met the bound, the least-latency one runs
+    basis: str  # what the schedule was planned on: "prior: task S x0.25", "observed: 312 requests", ...
+    samples: int  # finished requests the statistics hold (decayed weight, rounded)
+    input_quantiles: tuple[float, ...]
+    output_quantiles: tuple[float, ...]
+    input_mean: float
+    output_mean: float
+    correlation: float  # of input and output lengths
+    arrival_rate_s: float
+    arrival_cv: float  # coefficient of variation of inter-arrival gaps (1: Poisson; more: bursty)
+    predicted_throughput_seq_s: float
+    predicted_latency_s: float  # p99-length latency the plan predicts
+    observed_throughput_seq_s: float
+    observed_latency_s: float  # p99 of end-to-end latency over the statistics' window
+    drift_statistic: float  # the two-sample test's statistic at the last check (0: not tested)
+    drift_p_value: float
+    replans: int  # searches run since this scheduler took the lead
+    last_replan_reason: str
+    last_replan_at: float
+    workers: int  # live workers the allocation covers
+    updated_at: float
+
+
 StatusMessage = WorkerStatus

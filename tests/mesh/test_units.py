@@ -65,7 +65,9 @@ def test_decode_refuses_a_message_of_another_direction():
 def test_values_out_of_range_are_rejected_at_the_boundary():
     fields = [1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0.0, 0.0]
     for policy, batch in (("nope", 1), ("rra", 0), ("rra", "1")):  # unknown, out of range, wrong type
-        bad = msgpack.packb([codec.SCHEMA_VERSION, 4, 1, [policy, batch, *fields[1:]], [], 0.0])
+        good = msgpack.packb([codec.SCHEMA_VERSION, 4, 1, ["rra", 1, *fields[1:]], [], 0.0, 0, 0, 1e18])
+        assert codec.decode(good, ScheduleUpdate).schedule.encode_batch == 1  # only the field below is wrong
+        bad = msgpack.packb([codec.SCHEMA_VERSION, 4, 1, [policy, batch, *fields[1:]], [], 0.0, 0, 0, 1e18])
         with pytest.raises(codec.DecodeError):
             codec.decode(bad, ScheduleUpdate)  # never reaches a worker's follower
     sample = codec.decode(msgpack.packb([codec.SCHEMA_VERSION, 7, "r", 1, 2, "stop", 3, 0, 0, 0, 0, ""]))
