@@ -7,7 +7,8 @@ from optimizer.analytic import Scenario
 from optimizer.cluster import H200_CLUSTER
 from optimizer.lengths import TASKS
 from optimizer.model import MODELS
-from optimizer.search import SearchSpace, Tolerances, branch_and_bound, exhaustive, families, tp_configs
+from optimizer.search import (SearchSpace, Tolerances, branch_and_bound, exhaustive, families, least_latency,
+                              tp_configs)
 
 SMALL = SearchSpace(max_encode_batch=48, waa_max_encode_batch=24, static_max_batch=64, continuous_max_batch=96,
                     iters_per_encode=(1, 2, 4, 7, 16), decode_caps=(8, 32, 128, 512, 2048),
@@ -98,3 +99,15 @@ def test_a_capped_space_keeps_every_batch_a_worker_runs_within_the_cap(profile):
         assert s.encode_batch <= 24 and s.decode_batch <= 24 and best.figures.decode_batch_peak <= 24 + 1e-9
     uncapped = branch_and_bound(sc, _math.inf, ("rra",)).best
     assert uncapped.schedule.decode_batch > 24  # the cap binds here
+
+
+@pytest.mark.parametrize("model, devices, task", [("opt-13b", 4, "S"), ("opt-13b", 2, "T")])
+def test_least_latency_is_the_floor_of_every_bound(profile, model, devices, task):
+    """Nothing meets a bound just below the least latency; at it, the search finds a schedule."""
+    sc = Scenario(MODELS[model], profile, H200_CLUSTER, TASKS[task], devices)
+    policies = ("rra", "waa-c", "waa-m", "static", "continuous")
+    quickest = least_latency(sc, policies, SMALL).best
+    floor = quickest.figures.latency_p99_s
+    assert exhaustive(sc, floor * 0.999, policies, SMALL).best is None
+    at_floor = exhaustive(sc, floor * 1.0001, policies, SMALL).best
+    assert at_floor is not None and at_floor.figures.latency_p99_s == pytest.approx(floor, rel=1e-3)
