@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Role = Literal["gateway", "worker", "scheduler"]
@@ -83,10 +83,10 @@ class MeshConfig(BaseSettings):
         5.0, ge=0, description="Least time between two searches triggered by drift (hysteresis)."
     )
     drift_alpha: float = Field(
-        1e-3, gt=0, lt=1, description="Significance of the two-sample drift test (per check, both lengths)."
+        1e-4, gt=0, lt=1, description="Significance of the two-sample drift test (per check, both lengths)."
     )
     drift_min_samples: int = Field(
-        30, ge=5, description="Finished requests the drift test needs in its window before it may fire."
+        20, ge=5, description="Finished requests the drift test needs in its window before it may fire."
     )
     stats_half_life_s: float = Field(
         60.0, gt=0, description="Half-life of the decaying length and arrival statistics."
@@ -125,6 +125,26 @@ class MeshConfig(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Gateway port (0: pick a free one).")
     worker_id: str | None = Field(
         None, description="Name of this process in events and metadata; None: role-host-pid."
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated API keys with the user scope: every /v1/* request then needs "
+        "`Authorization: Bearer <key>`. None (and no admin_keys or api_keys_file): the gateway runs "
+        "open, on loopback only.",
+    )
+    admin_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated API keys with the admin scope: /admin/* (and /v1/*) accept them.",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="File of keys, one per line: `<sha256 hex of the key> <owner> <user|admin>` "
+        "(# starts a comment); `exegpt keys hash` prints a key's hash.",
+    )
+    insecure: bool = Field(
+        False,
+        description="Let a gateway without API keys listen on a non-loopback address (anyone who "
+        "reaches it may generate, and change the schedule).",
     )
 
     @field_validator("namespace")

@@ -60,8 +60,9 @@ def read_spec(path: Path, counts: dict[str, int]) -> list[ProcessSpec]:
 def child_env(config: MeshConfig) -> dict[str, str]:
     env = dict(os.environ)
     for name, value in config.model_dump(exclude={"worker_id"}).items():
-        if value is not None:
-            env[f"EXEGPT_{name.upper()}"] = str(value)
+        if value is not None:  # API keys are SecretStr: their children need the keys themselves
+            secret = getattr(value, "get_secret_value", None)
+            env[f"EXEGPT_{name.upper()}"] = secret() if secret else str(value)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -15,6 +15,7 @@ from common.transport.connect import LocalHub, open_transports
 from services.embedded import local_workers
 from services.engines import EngineRunner, load_engine, served_model_name
 from services.gateway import ServedModel, create_app, load_served_model
+from services.gateway.keys import check_exposure, load_keys
 from services.gateway.plugins import load_plugins
 from services.scheduler import SchedulerService
 from services.worker import Worker
@@ -51,7 +52,9 @@ async def run_worker(role: str, config: MeshConfig) -> None:
     transports = await open_transports(config, Names(config.namespace), LocalHub())
     service: Stoppable
     if role == "scheduler":
-        service = SchedulerService(config, transports)
+        scheduler = SchedulerService(config, transports)
+        scheduler.announce = announce  # "leading ..." / "standby ..." lines, beside "ready ..."
+        service = scheduler
     else:
         service = Worker(config, transports, EngineRunner(load_engine(config)))
     await run_until_signalled(service, f"{role} {getattr(service, 'worker_id', '')}".strip())
@@ -74,6 +77,7 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
     """The gateway (and, embedded, every other service) behind uvicorn."""
     import uvicorn
 
+    check_exposure(config, load_keys(config))  # no keys: loopback only, unless insecure
     sock = bind_socket(config.host, config.port)  # before loading models: a taken port fails fast
     hub = LocalHub()
     workers = None

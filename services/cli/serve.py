@@ -33,7 +33,10 @@ FLAGS = {
     "--max-decode-batch": ("max_decode_batch", int, "upper bound on B_D"),
     "--schedule": ("schedule", str, "schedule the scheduler pins: JSON of Schedule fields, or a file"),
     "--worker-id": ("worker_id", str, "name of this process in events and metadata"),
+    "--api-keys-file": ("api_keys_file", str, "keys file: `<sha256 hex> <owner> <user|admin>` a line "
+                        "(keys themselves: EXEGPT_API_KEYS, EXEGPT_ADMIN_KEYS)"),
 }
+GATEWAY_ROLES = ("serve", "gateway", "up")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         parser = sub.add_parser(role, help=help_text, description=help_text)
         for flag, (field, kind, text) in FLAGS.items():
             parser.add_argument(flag, dest=field, type=kind, default=None, help=text)
+        if role in GATEWAY_ROLES:
+            parser.add_argument("--insecure", dest="insecure", action="store_true", default=None,
+                                help="serve without API keys on a non-loopback --host")
         if role == "up":
             parser.add_argument("--workers", type=int, default=2, help="worker processes")
             parser.add_argument("--spec", type=Path, default=None, help="process spec (deploy/processes.toml)")
@@ -52,8 +58,8 @@ def build_config(args: argparse.Namespace):
 
     from common.config import MeshConfig
 
-    overrides = {field: getattr(args, field) for field, _, _ in FLAGS.values()
-                 if getattr(args, field, None) is not None}
+    fields = [field for field, _, _ in FLAGS.values()] + ["insecure"]
+    overrides = {field: getattr(args, field) for field in fields if getattr(args, field, None) is not None}
     try:
         return MeshConfig(**overrides)
     except ValidationError as exc:
@@ -70,6 +76,13 @@ def run(args: argparse.Namespace) -> int:
             parse_schedule(config.schedule)
         except (OSError, ValueError) as exc:
             raise CliError(f"--schedule: {exc}") from None
+    if args.role in GATEWAY_ROLES:
+        from services.gateway.keys import check_exposure, load_keys
+
+        try:
+            check_exposure(config, load_keys(config))
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     if args.role not in ("serve",) and not config.distributed:
         raise CliError(f"`{args.role}` needs --amqp-url and --redis-url (or EXEGPT_AMQP_URL and "
                        "EXEGPT_REDIS_URL); `exegpt serve` runs everything in one process")

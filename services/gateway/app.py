@@ -24,7 +24,9 @@ from common.transport.connect import LocalHub, open_transports
 from engine.api import Tokenizer
 from services.engines import is_factory_spec, load_engine, served_model_name
 from services.gateway import openai_api as oa
+from services.gateway.admin import admin_router, schedule_records
 from services.gateway.core import Gateway, Pending, RequestFailed
+from services.gateway.keys import RequireKeys, load_keys
 from services.gateway.metrics import Metrics
 from services.gateway.plugins import Lifespan
 
@@ -67,6 +69,9 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
                on_ready: Callable[[], None] | None = None) -> FastAPI:
     """The gateway app; ``workers`` starts in-process services first (embedded mode).
 
+    ``/v1/*`` needs a key of scope user, ``/admin/*`` one of scope admin (``services.gateway.keys``);
+    the keys are those the config names (none: every route is open).
+
     ``routers`` are mounted next to the OpenAI routes (their handlers find the ``Gateway`` at
     ``request.app.state.gateway``); ``lifespans`` are entered after the gateway started (and left
     before it closes); ``on_ready`` is called once the gateway can take requests.
@@ -93,7 +98,9 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
     app = FastAPI(title="ExeGPT mesh gateway", lifespan=lifespan)
     app.state.model, app.state.config, app.state.metrics = model, config, metrics
     install_error_handlers(app)
+    app.add_middleware(RequireKeys, keys=load_keys(config))
     app.include_router(openai_router())
+    app.include_router(admin_router())
     for router in routers:
         app.include_router(router)
     return app
@@ -188,6 +195,7 @@ def openai_router() -> APIRouter:
         gateway: Gateway = request.app.state.gateway
         for queue in (gateway.names.encode_queue, gateway.names.handoff_queue):
             gateway.metrics.queue_depth.labels(queue).set(await gateway.bus.queue_depth(queue))
+        gateway.metrics.observe_schedule(*await schedule_records(gateway.transports.store, gateway.names))
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @router.post("/v1/completions")

@@ -1,0 +1,127 @@
+"""The scheduler's admin API, mounted in every gateway under ``/admin`` (keys of scope admin).
+
+    GET  /admin/schedule           the current ScheduleUpdate and the scheduler's SchedulerState
+    PUT  /admin/schedule/bound     {"latency_bound_s": seconds | null}  -> SetBound   (202)
+    POST /admin/schedule/replan    {"reason": text} (optional)          -> Replan     (202)
+    PUT  /admin/schedule/pin       {"schedule": {Schedule fields} | null} -> PinSchedule (202)
+
+Reads come from the store; requests go to the scheduler's queue (it acts on them when it takes
+them). JSON cannot hold infinity: infinite floats read as null (an unbounded latency).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, StrictFloat
+
+from common.messages import codec
+from common.messages.control import Replan, ScheduleUpdate, SetBound
+from common.messages.status import SchedulerState
+from common.names import Names
+from common.transport.port import Bus, Store
+from optimizer.schedule import Schedule
+from services.gateway import openai_api as oa
+from services.gateway.core import Gateway
+from services.scheduler import request_schedule
+
+
+class BoundBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    latency_bound_s: StrictFloat | None  # required; null: no bound
+
+
+class ReplanBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = ""
+
+
+class PinBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schedule: dict[str, Any] | None  # required; null: unpin
+
+
+async def schedule_records(store: Store, names: Names) -> tuple[ScheduleUpdate | None, SchedulerState | None]:
+    """The current ScheduleUpdate and SchedulerState, in one round trip (None where absent or
+    not of this schema)."""
+    update, state = await store.get_many(names.schedule, names.scheduler_state)
+    return _decoded(update, ScheduleUpdate), _decoded(state, SchedulerState)
+
+
+def _decoded(data: bytes | None, kind: type) -> Any:
+    if data is None:
+        return None
+    try:
+        return codec.decode(data, kind)
+    except codec.DecodeError:
+        return None
+
+
+def jsonable(value: Any) -> Any:
+    """Dataclasses, tuples and floats as JSON can hold them (inf and nan: null)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+async def ask_scheduler(bus: Bus, names: Names, message: SetBound | Replan) -> None:
+    await bus.declare_queue(names.scheduler_queue)
+    await bus.publish(names.scheduler_queue, codec.encode(message))
+
+
+def bad_request(message: str, param: str) -> JSONResponse:
+    return JSONResponse(oa.error_body(message, param=param), 400)
+
+
+def admin_router() -> APIRouter:
+    router = APIRouter(prefix="/admin")
+
+    @router.get("/schedule")
+    async def schedule(request: Request) -> JSONResponse:
+        gateway: Gateway = request.app.state.gateway
+        update, state = await schedule_records(gateway.transports.store, gateway.names)
+        return JSONResponse({"update": jsonable(update), "state": jsonable(state)})
+
+    @router.put("/schedule/bound")
+    async def set_bound(body: BoundBody, request: Request) -> JSONResponse:
+        bound = body.latency_bound_s
+        if bound is not None and not bound > 0:  # nan is not > 0 either
+            return bad_request(f"latency_bound_s must be a positive number of seconds or null, got {bound}",
+                               "latency_bound_s")
+        message = SetBound(bound or math.inf, time.time())
+        gateway: Gateway = request.app.state.gateway
+        await ask_scheduler(gateway.bus, gateway.names, message)
+        return JSONResponse({"requested": "set_bound", **jsonable(message)}, 202)
+
+    @router.post("/schedule/replan")
+    async def replan(request: Request, body: ReplanBody | None = None) -> JSONResponse:
+        reason = (body.reason if body else "") or "requested through the admin API"
+        message = Replan(reason, time.time())
+        gateway: Gateway = request.app.state.gateway
+        await ask_scheduler(gateway.bus, gateway.names, message)
+        return JSONResponse({"requested": "replan", **jsonable(message)}, 202)
+
+    @router.put("/schedule/pin")
+    async def pin(body: PinBody, request: Request) -> JSONResponse:
+        try:
+            schedule = None if body.schedule is None else Schedule(**body.schedule)
+        except (TypeError, ValueError) as exc:
+            return bad_request(f"not a schedule: {exc}", "schedule")
+        gateway: Gateway = request.app.state.gateway
+        requested_at = time.time()
+        await request_schedule(gateway.bus, gateway.names, schedule)
+        return JSONResponse({"requested": "pin", "schedule": jsonable(schedule),
+                             "requested_at": requested_at}, 202)
+
+    return router
