@@ -5,7 +5,9 @@ is alive (a worker silent for ``heartbeat_timeout_s`` is gone) → allocate role
 (``services.allocation``) → publish a new version when the schedule or the roles change.
 
 The current ScheduleUpdate lives in the store (``names.schedule``) for workers that join late and
-goes out on the control fanout exchange. Re-planning from the length statistics
+goes out on the control fanout exchange. Only the scheduler that holds the lease
+(``services.leadership``) publishes, each version fenced by it; others stand by, hearing every
+heartbeat, and take over when it lapses. Re-planning from the length statistics
 (``names.output_lengths``) plugs in here.
 """
 
@@ -13,19 +15,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import time
 from pathlib import Path
+from typing import Callable
 
 from common.config import MeshConfig
 from common.messages import codec
-from common.messages.control import PinSchedule, ScheduleUpdate, SchedulerRequest
-from common.messages.status import LengthSample, StatusMessage, WorkerStatus
-from common.names import Names
+from common.messages.control import PinSchedule, Replan, ScheduleUpdate, SchedulerRequest, SetBound
+from common.messages.status import LengthSample, SchedulerState, StatusMessage, WorkerStatus
+from common.names import OUTPUT_LENGTHS_MAX, Names
 from common.transport.connect import Transports
 from common.transport.port import Bus, Store, Subscription
 from optimizer.schedule import Schedule
 from services.allocation import Allocation, allocate
+from services.brain import Brain, Decision
+from services.leadership import Leadership
+from services.planning import Planner, PlanningError
 from services.worker import new_worker_id
+
+log = logging.getLogger("exegpt.scheduler")
+
+LEARN_EVERY_S = 0.5  # how often the finish records are read and the drift test runs
+READ_FIRST = 256  # finish records read per look (more while all of them are new)
 
 # A fresh machine has no profile: one worker can run this alone, and so can any number of them.
 DEFAULT_SCHEDULE = Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
@@ -67,7 +80,15 @@ class SchedulerService:
         self.transports = transports
         self.bus, self.store = transports.bus, transports.store
         self.worker_id = new_worker_id(config, "scheduler")
-        self.pinned = parse_schedule(config.schedule) if config.schedule else DEFAULT_SCHEDULE
+        self.target = parse_schedule(config.schedule) if config.schedule else DEFAULT_SCHEDULE
+        self.pin_set = config.schedule is not None  # an operator's pin: plans do not replace it
+        self.brain = Brain(config, Planner(config) if config.profile else None)
+        self.planning: asyncio.Task | None = None
+        self.decided = asyncio.Event()  # set after each search (tests wait on it)
+        self.learned = asyncio.Event()  # set after each look at the finish records (tests wait on it)
+        self.looks = 0  # looks at the finish records so far
+        self.last_decision: Decision | None = None
+        self._retry_at = 0.0  # after a failed search, not before this (time.monotonic)
         self.workers: dict[str, WorkerStatus] = {}
         self.heard: dict[str, float] = {}  # worker id -> time.monotonic of its last report
         self.current: ScheduleUpdate | None = None
@@ -76,35 +97,93 @@ class SchedulerService:
         self.ready = asyncio.Event()
         self.published = asyncio.Event()  # set at each publish (tests wait on it)
         self._changed = asyncio.Event()
+        self.leadership = Leadership(self.store, self.names, self.worker_id, config.lease_ttl_s)
+        self.announce: Callable[[str], None] = log.info  # "leading ..." / "standby ..." lines
+        self.refused = 0  # publishes whose fenced store write was refused: the lease had been lost
 
-    async def start(self) -> tuple[Subscription, Subscription]:
+    async def start(self) -> Subscription:
+        """Listen to the workers, and lead at once if no other scheduler holds the lease (a single
+        scheduler always does: ``ready`` then means leading); stand by otherwise. ``ready``:
+        started, leading or standing by."""
         await self.bus.declare_fanout(self.names.control_exchange)
         await self.bus.declare_fanout(self.names.status_exchange)
         await self.bus.declare_queue(self.names.scheduler_queue)
         status = await self.bus.subscribe(self.names.status_exchange, self.names.status_queue(self.worker_id))
-        requests = await self.bus.consume(self.names.scheduler_queue, prefetch=16)
-        self.current = await current_schedule(self.store, self.names)
-        stored = await self.store.get(self.names.pinned_schedule)
-        if stored is not None and not self.config.schedule:  # a restarted scheduler keeps the pin
-            self.pinned = codec.decode(stored, PinSchedule).schedule or DEFAULT_SCHEDULE
-        await self.reconcile()
+        if await self.leadership.try_acquire():
+            await self._take_office()
+        else:
+            self.announce(f"standby scheduler {self.worker_id}")
         self.ready.set()
-        return status, requests
+        return status
 
     async def run(self) -> None:
-        status, requests = await self.start()
+        status = await self.start()
         tasks = [asyncio.create_task(self._receive_reports(status)),
-                 asyncio.create_task(self._receive_requests(requests)),
-                 asyncio.create_task(self._keep_allocated()),
+                 asyncio.create_task(self._serve_terms()),
                  asyncio.create_task(self.stopping.wait())]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.transports.close()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                log.error("scheduler: stopped by %r", outcome)
+        try:
+            await self.leadership.release()  # a standby takes over now, not a TTL later
+        finally:
+            await self.transports.close()
 
     def stop(self) -> None:
         self.stopping.set()
+
+    # --- lead or stand by ---------------------------------------------------------------------
+    async def _serve_terms(self) -> None:
+        """Lead while this process holds the lease; stand by while another does (a hot standby:
+        it hears every heartbeat), and take over once the lease lapses."""
+        while not self.stopping.is_set():
+            if not self.leadership.leading:
+                await self.leadership.acquire()
+                await self._take_office()
+            if self.leadership.leading:
+                await self._lead()
+                self.announce(f"standby scheduler {self.worker_id} (lease lost)")
+
+    async def _take_office(self) -> None:
+        """A term begins: carry on from the stored schedule and pin, and publish a version under
+        this term's token even if nothing changed, so workers fence out the previous leader."""
+        self.announce(f"leading scheduler {self.worker_id} token {self.leadership.token}")
+        self.current = await current_schedule(self.store, self.names)
+        stored = await self.store.get(self.names.pinned_schedule)
+        if stored is not None and not self.config.schedule:  # a restarted scheduler keeps the pin
+            kept = codec.decode(stored, PinSchedule).schedule
+            self.target, self.pin_set = kept or DEFAULT_SCHEDULE, kept is not None
+        if self.current is not None and not self.pin_set:  # keep running what runs until a plan says otherwise
+            self.target = self.current.schedule
+        self.expire()
+        if await self.reconcile() is None and self.current is not None:
+            previous = {a.worker_id: a.role for a in self.current.allocation}
+            await self._publish(allocate(self.target, list(self.heard), previous))
+
+    async def _lead(self) -> None:
+        """One term as the active scheduler: take requests, keep the allocation, learn, renew the
+        lease; until the lease is lost (or a duty fails)."""
+        requests = await self.bus.consume(self.names.scheduler_queue, prefetch=16)
+        receiving = asyncio.create_task(self._receive_requests(requests))
+        duties = [asyncio.create_task(self._keep_allocated()), asyncio.create_task(self._learn())]
+        holding = asyncio.create_task(self.leadership.hold())
+        try:
+            await asyncio.wait([holding, receiving, *duties], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await self.leadership.lose()
+            await requests.cancel()  # the request in hand is finished (publishing nothing); the rest go back
+            for task in (holding, *duties, self.planning):
+                if task is not None:
+                    task.cancel()
+            await asyncio.wait([receiving], timeout=self.config.lease_ttl_s)
+            receiving.cancel()
+            outcomes = await asyncio.gather(holding, receiving, *duties, return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, Exception)]
+        if failed:
+            raise failed[0]  # a duty that fails stops the service, as it did before terms
 
     # --- receive ------------------------------------------------------------------------------
     async def _receive_reports(self, subscription: Subscription) -> None:
@@ -122,7 +201,15 @@ class SchedulerService:
             except codec.DecodeError:
                 await delivery.reject(requeue=False)
                 continue
-            await self.pin(request.schedule)
+            match request:
+                case PinSchedule(schedule=schedule):
+                    await self.pin(schedule)
+                case SetBound(latency_bound_s=bound):
+                    self.brain.set_bound(bound)
+                    self._changed.set()
+                case Replan(reason=reason):
+                    self.brain.ask(f"asked: {reason}" if reason else "asked")
+                    self._changed.set()
             await delivery.ack()
 
     def record(self, status: WorkerStatus) -> None:
@@ -138,10 +225,83 @@ class SchedulerService:
         if not known:
             self._changed.set()
 
+    # --- learn and plan -----------------------------------------------------------------------
+    async def _learn(self) -> None:
+        """Read new finish records, test for drift, search when there is a reason, report."""
+        while not self.stopping.is_set():
+            try:
+                await self.learn_once()
+            except Exception:  # a store hiccup must not stop the scheduler
+                log.exception("scheduler: learning step failed")
+            try:
+                async with asyncio.timeout(LEARN_EVERY_S):
+                    await self.stopping.wait()
+            except TimeoutError:
+                pass
+        if self.planning is not None:
+            self.planning.cancel()
+
+    async def learn_once(self) -> None:
+        await self.read_finished()
+        now = time.time()
+        reason = self.brain.trigger(len(self.heard), self.pin_set, now)
+        if reason and self.planning is None and time.monotonic() >= self._retry_at:
+            self.planning = asyncio.create_task(self._replan(reason))
+        await self.write_state(now)
+        self.looks += 1
+        self.learned.set()
+
+    async def read_finished(self) -> int:
+        """Feed the finish records workers left since the last look to the statistics."""
+        count = READ_FIRST
+        while True:
+            samples = await recent_lengths(self.store, self.names, count)
+            if not samples or self.brain.seen(samples[0].request_id):
+                return 0
+            if self.brain.seen(samples[-1].request_id) or len(samples) < count or count >= OUTPUT_LENGTHS_MAX:
+                return self.brain.ingest(samples[::-1])  # oldest first
+            count = min(count * 4, OUTPUT_LENGTHS_MAX)
+
+    async def _replan(self, reason: str) -> None:
+        """Search off the event loop; publish the plan if it is worth it."""
+        workers, running = len(self.heard), self.target
+        try:
+            inputs = self.brain.inputs(reason)
+            decision = await asyncio.to_thread(self.brain.decide, reason, workers, running, inputs)
+        except Exception as exc:  # a search that fails keeps the schedule in force; tried again later
+            if isinstance(exc, (PlanningError, ValueError)):
+                log.warning("scheduler: search (%s) failed: %s", reason, exc)
+            else:
+                log.exception("scheduler: search (%s) failed", reason)
+            self._retry_at = time.monotonic() + max(self.config.replan_interval_s, 1.0)
+            self.brain.forced = None
+            return
+        finally:
+            self.planning = None
+        self.brain.adopt(decision, time.time())
+        self.last_decision = decision
+        if decision.publish and not self.pin_set:
+            self.target = decision.plan.schedule
+            await self.reconcile()
+        log.info("scheduler: %s: %s %s (%s)", reason, "published" if decision.publish else "kept the schedule",
+                 decision.plan.schedule.policy, decision.why)
+        await self.write_state(time.time())
+        self.decided.set()
+
+    def state(self, now: float) -> SchedulerState:
+        update = self.current
+        return self.brain.state(leader=self.worker_id, token=update.token if update else 0,
+                                version=update.version if update else 0, schedule=self.target,
+                                pinned=self.pin_set, workers=len(self.heard), now=now)
+
+    async def write_state(self, now: float) -> None:
+        await self.store.set(self.names.scheduler_state, codec.encode(self.state(now)))
+
     # --- decide and publish -------------------------------------------------------------------
     async def pin(self, schedule: Schedule | None) -> ScheduleUpdate | None:
         """Run ``schedule`` from now on (None: back to the default); returns what was published."""
-        self.pinned = schedule or DEFAULT_SCHEDULE
+        self.pin_set = schedule is not None
+        self.target = schedule or (self.brain.plan.schedule if self.brain.plan else DEFAULT_SCHEDULE)
         await self.store.set(self.names.pinned_schedule, codec.encode(PinSchedule(schedule, time.time())))
         return await self.reconcile()
 
@@ -168,7 +328,7 @@ class SchedulerService:
     async def reconcile(self) -> ScheduleUpdate | None:
         """Publish a new version if the schedule to run or the roles of the live workers changed."""
         previous = {a.worker_id: a.role for a in self.current.allocation} if self.current else {}
-        allocation = allocate(self.pinned, list(self.heard), previous)
+        allocation = allocate(self.target, list(self.heard), previous)
         if self.current is not None and (self.current.schedule, self.current.allocation) == (
                 allocation.schedule, allocation.roles):
             return None
@@ -176,11 +336,22 @@ class SchedulerService:
         return await self._publish(allocation)
 
     async def _publish(self, allocation: Allocation) -> ScheduleUpdate | None:
-        """Make ``allocation`` the next version: in the store, then to every worker."""
-        version = (self.current.version if self.current else 0) + 1
-        self.current = ScheduleUpdate(version, allocation.schedule, allocation.roles, time.time())
-        body = codec.encode(self.current)
-        await self.store.set(self.names.schedule, body)
+        """Make ``allocation`` the next version: in the store, then to every worker; stamped with
+        this term's epoch, token and lease. None, and nothing published, unless this process holds
+        the lease: the store write is fenced by it, and a refused write ends the term."""
+        lead = self.leadership
+        if not await lead.secure():
+            return None
+        version = await self.store.add(self.names.schedule_version, 1)
+        update = ScheduleUpdate(version, allocation.schedule, allocation.roles, time.time(),
+                                epoch=lead.epoch, token=lead.token, lease_until=lead.lease_until)
+        body = codec.encode(update)
+        if not await self.store.set_while_leased(self.names.schedule, body, lease_key=self.names.scheduler_lease,
+                                                 owner=lead.owner):
+            self.refused += 1
+            await lead.lose()
+            return None
+        self.current = update
         await self.bus.broadcast(self.names.control_exchange, body)
         self.published.set()
         return self.current

@@ -275,6 +275,24 @@ class MemoryStore:
             await self.push_capped(list_key, item, max_len=max_len)
         return True
 
+    async def acquire_lease(self, key: str, owner: str, *, ttl_s: float) -> bool:
+        if self._live(key) not in (None, owner.encode()):
+            return False
+        self._put(key, owner.encode(), ttl_s)
+        return True
+
+    async def release_lease(self, key: str, owner: str) -> bool:
+        if self._live(key) != owner.encode():
+            return False
+        await self.delete(key)
+        return True
+
+    async def set_while_leased(self, key: str, value: bytes, *, lease_key: str, owner: str) -> bool:
+        if self._live(lease_key) != owner.encode():
+            return False
+        self._put(key, value, None)
+        return True
+
     async def delete(self, *keys: str) -> None:
         for key in keys:
             self._data.pop(key, None)

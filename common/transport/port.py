@@ -87,6 +87,23 @@ class Store(Protocol):
         item)`` too (unless ``item`` is None). Atomic, one round trip; True when this call set it."""
         ...
 
+    async def acquire_lease(self, key: str, owner: str, *, ttl_s: float) -> bool:
+        """Take the lease ``key`` for ``owner`` (set it to ``owner`` with TTL ``ttl_s``) if nobody
+        holds it, or extend it by ``ttl_s`` from now if ``owner`` already does. Atomic; True when
+        ``owner`` holds it now, False (and nothing changes) while someone else does."""
+        ...
+
+    async def release_lease(self, key: str, owner: str) -> bool:
+        """Delete the lease ``key`` if ``owner`` holds it (never someone else's). Atomic; True
+        when this call released it."""
+        ...
+
+    async def set_while_leased(self, key: str, value: bytes, *, lease_key: str, owner: str) -> bool:
+        """Set ``key`` to ``value`` (no TTL) only while the lease ``lease_key`` holds ``owner``: a
+        fenced write, check and set in one atomic step. True when it was set, False (and nothing
+        changes) when ``owner`` does not hold the lease."""
+        ...
+
     async def delete(self, *keys: str) -> None: ...
 
     async def hset(self, key: str, mapping: dict[str, str], *, ttl_s: float | None = None) -> None: ...

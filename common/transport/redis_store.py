@@ -30,11 +30,39 @@ return taken
 """
 
 
+# KEYS: lease. ARGV: owner, ttl ms. Take the lease if free, extend it if the owner holds it.
+_ACQUIRE_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+# KEYS: lease. ARGV: owner. Delete the lease only if the owner holds it.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+# KEYS: key, lease. ARGV: value, owner. A fenced write: set only while the owner holds the lease.
+_SET_WHILE_LEASED = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+
 class RedisStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._set_once_and_record = client.register_script(_SET_ONCE_AND_RECORD)
         self._take = client.register_script(_TAKE)
+        self._acquire_lease = client.register_script(_ACQUIRE_LEASE)
+        self._release_lease = client.register_script(_RELEASE_LEASE)
+        self._set_while_leased = client.register_script(_SET_WHILE_LEASED)
 
     @classmethod
     async def connect(cls, url: str) -> "RedisStore":
@@ -58,6 +86,15 @@ class RedisStore:
                                   item: bytes | None, max_len: int) -> bool:
         args = [value, _ms(ttl_s), b"" if item is None else item, max_len]
         return bool(await self._set_once_and_record(keys=[key, list_key], args=args))
+
+    async def acquire_lease(self, key: str, owner: str, *, ttl_s: float) -> bool:
+        return bool(await self._acquire_lease(keys=[key], args=[owner, _ms(ttl_s)]))
+
+    async def release_lease(self, key: str, owner: str) -> bool:
+        return bool(await self._release_lease(keys=[key], args=[owner]))
+
+    async def set_while_leased(self, key: str, value: bytes, *, lease_key: str, owner: str) -> bool:
+        return bool(await self._set_while_leased(keys=[key, lease_key], args=[value, owner]))
 
     async def delete(self, *keys: str) -> None:
         if keys:

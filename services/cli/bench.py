@@ -14,6 +14,8 @@ TARGETS: dict[str, tuple[str, str]] = {
     "mesh": ("services.bench_mesh", "mesh vs embedded server vs in-process engine"),
     "schedules": ("services.bench_schedules",
                   "ExeGPT's planned schedule vs static and continuous batching, measured on two workers"),
+    "adapt": ("services.bench_adapt",
+              "traffic switches from task S to T: the re-planning scheduler vs one that keeps its schedule"),
 }
 
 

@@ -1,8 +1,19 @@
-"""The schedule a worker follows: the version in force, its role in it, and the next one."""
+"""The schedule a worker follows: the version in force, its role in it, and the next one.
+
+Which updates it takes (the fencing rules of ``ScheduleUpdate``):
+- updates are ordered by (epoch, version): one not after the newest seen is old news, dropped;
+- one whose (epoch, token) is below the highest seen comes from a deposed leader: rejected;
+- a broadcast that arrives after its ``lease_until`` (by this host's wall clock) was sent by a
+  leader whose lease had passed: rejected. The update read from the store at start-up is exempt:
+  it was written under the lease (a fenced write), so it was valid when written.
+A fresh store has a later epoch, so its version 1 follows version 57 of the store before it.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
+from typing import Callable
 
 from common.messages.control import ScheduleUpdate
 from optimizer.policies import Role
@@ -16,10 +27,14 @@ UNSCHEDULED = ScheduleUpdate(0, Schedule("continuous", encode_batch=8, decode_ba
 class ScheduleFollower:
     """Holds the update in force; a newer version waits until the worker's next boundary."""
 
-    def __init__(self, worker_id: str, max_encode_batch: int, max_decode_batch: int) -> None:
+    def __init__(self, worker_id: str, max_encode_batch: int, max_decode_batch: int, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self.worker_id = worker_id
         self.caps = (max_encode_batch, max_decode_batch)
+        self.clock = clock  # wall clock, compared with the leader's lease_until
         self.update = UNSCHEDULED
+        self.term = (0, 0)  # the highest (epoch, token) seen in an update that was not rejected
+        self.rejected = {"fenced": 0, "late": 0}  # updates from a deposed leader; past their lease
         self._pending: ScheduleUpdate | None = None
 
     @property
@@ -37,13 +52,26 @@ class ScheduleFollower:
     def role(self) -> Role:
         return self.update.role_of(self.worker_id)  # type: ignore[return-value]
 
-    def offer(self, update: ScheduleUpdate) -> bool:
-        """Remember ``update`` if it is newer than anything seen; True if so."""
-        newest = self._pending.version if self._pending else self.version
-        if update.version <= newest:
+    def offer(self, update: ScheduleUpdate, *, stored: bool = False) -> bool:
+        """Remember ``update`` if it is valid and newer than anything seen; True if so.
+        ``stored``: read from the store (written under the lease), not broadcast, so its lease
+        is not checked."""
+        if (update.epoch, update.token) < self.term:
+            self.rejected["fenced"] += 1
+            return False
+        if not stored and self.clock() >= update.lease_until:
+            self.rejected["late"] += 1
+            return False
+        self.term = (update.epoch, update.token)
+        newest = self._pending or self.update
+        if (update.epoch, update.version) <= (newest.epoch, newest.version):
             return False
         self._pending = update
         return True
+
+    @property
+    def rejections(self) -> int:
+        return sum(self.rejected.values())
 
     def has_pending(self) -> bool:
         return self._pending is not None

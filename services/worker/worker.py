@@ -164,7 +164,7 @@ class Worker:
         self._tasks.append(asyncio.create_task(self._pump_control(control)))
         stored = await self.store.get(self.names.schedule)
         if stored is not None:
-            self.follower.offer(codec.decode(stored, ScheduleUpdate))
+            self.follower.offer(codec.decode(stored, ScheduleUpdate), stored=True)  # written under the lease
         self.follower.take()
         await self._enter(self.follower.role)
         self._tasks.append(asyncio.create_task(self._heartbeat()))

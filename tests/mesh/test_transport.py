@@ -202,3 +202,31 @@ async def test_counters_add_and_take_atomically(mesh_config, hub):
     assert await store.add(key, -3) == -3 and await store.take(key, 1) == 0  # a debt is not taken
     assert await store.count_prefix(Names(mesh_config.namespace).credits(7)) == 1
     await store.close()
+
+
+async def test_a_lease_has_one_holder_and_fences_writes(mesh_config, hub):
+    """The scheduler's lease: taken when free, extended by its holder only, released by its holder
+    only; a fenced write lands only while the writer holds it."""
+    store = await open_store(mesh_config) or hub.store
+    names = Names(mesh_config.namespace)
+    lease, key = names.scheduler_lease, names.schedule
+    assert await store.acquire_lease(lease, "a", ttl_s=30)
+    assert await store.acquire_lease(lease, "a", ttl_s=30)  # its holder renews it
+    assert not await store.acquire_lease(lease, "b", ttl_s=30)  # nobody else takes it
+    assert await store.get(lease) == b"a"
+    assert await store.set_while_leased(key, b"by a", lease_key=lease, owner="a")
+    assert not await store.set_while_leased(key, b"by b", lease_key=lease, owner="b")
+    assert await store.get(key) == b"by a"
+    assert not await store.release_lease(lease, "b")  # never someone else's
+    assert await store.release_lease(lease, "a")
+    assert not await store.release_lease(lease, "a")
+    assert not await store.set_while_leased(key, b"by a", lease_key=lease, owner="a")  # released: fenced out
+    assert await store.acquire_lease(lease, "b", ttl_s=0.2)  # free again: the other takes it
+    deadline = time.monotonic() + 10
+    while await store.get(lease) is not None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # polling the store's own expiry, bounded
+    assert not await store.set_while_leased(key, b"by b", lease_key=lease, owner="b")  # lapsed
+    assert await store.acquire_lease(lease, "a", ttl_s=30)  # a lapsed lease is free
+    assert await store.get(key) == b"by a"
+    assert await store.get(lease) == b"a"
+    await store.close()

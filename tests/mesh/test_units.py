@@ -114,6 +114,40 @@ def test_schedule_follower_applies_only_newer_versions_at_the_boundary():
     assert follower.take() is None
 
 
+def fenced(version: int, epoch: int, token: int, lease_until: float = 100.0) -> ScheduleUpdate:
+    return ScheduleUpdate(version, Schedule(), (), 0.0, epoch=epoch, token=token, lease_until=lease_until)
+
+
+def test_schedule_follower_fences_out_a_deposed_leader():
+    """Ordered by (epoch, version); below the highest (epoch, token) seen, or after its lease
+    (by the worker's clock), an update is rejected and counted."""
+    now = [50.0]
+    follower = ScheduleFollower("w1", 64, 16, clock=lambda: now[0])
+    assert follower.offer(fenced(10, epoch=1, token=2))
+    assert not follower.offer(fenced(11, epoch=1, token=1))  # the old leader, after the new one spoke
+    assert follower.rejected == {"fenced": 1, "late": 0}
+    assert not follower.offer(fenced(12, epoch=1, token=2, lease_until=50.0))  # arrived as its lease ended
+    assert follower.rejected == {"fenced": 1, "late": 1} and follower.rejections == 2
+    assert not follower.offer(fenced(9, epoch=1, token=2))  # old news: dropped, not a rejection
+    assert follower.rejections == 2
+    assert follower.offer(fenced(11, epoch=1, token=3))  # the next term's versions follow on
+    assert follower.take().version == 11 and follower.take() is None
+
+
+def test_schedule_follower_follows_a_fresh_store_and_trusts_what_it_stored():
+    now = [50.0]
+    follower = ScheduleFollower("w1", 64, 16, clock=lambda: now[0])
+    assert follower.offer(fenced(57, epoch=1000, token=4))
+    follower.take()
+    assert follower.offer(fenced(1, epoch=2000, token=1))  # Redis restarted empty: a later epoch
+    assert follower.take().version == 1
+    assert not follower.offer(fenced(58, epoch=1000, token=4))  # the old store's leader is fenced out
+    late = ScheduleFollower("w2", 64, 16, clock=lambda: now[0])
+    assert late.offer(fenced(2, epoch=2000, token=1, lease_until=10.0), stored=True)  # written under the lease
+    assert not late.offer(fenced(3, epoch=2000, token=1, lease_until=10.0))  # the same, broadcast late
+    assert late.rejected == {"fenced": 0, "late": 1}
+
+
 @pytest.mark.parametrize("schedule, allocation, role", [
     (Schedule("rra"), (), "worker"),  # any worker runs a single-pipeline schedule
     (Schedule("waa-c", encoder_devices=1, decoder_devices=1, num_devices=2), (), "idle"),  # waits for a role

@@ -1,0 +1,224 @@
+"""What the scheduler learns and decides: statistics of finished requests → drift → a new plan.
+
+The scheduler feeds ``Brain`` the workers' finish records (``LengthSample``; only finished
+requests: a queued request's ``max_tokens`` is never read) and the live worker count; ``Brain``
+keeps the decaying statistics (``optimizer.stats.StreamingStats``), runs the drift test on the
+requests finished since the last plan against the sample that plan was made on
+(``optimizer.drift.DriftMonitor``), and says when to search again and why:
+
+- ``cold start``: at start, from the configured prior (a paper task or a lengths file);
+  without one, once the first ``drift_min_samples`` requests finished;
+- ``drift``: the two-sample test fired (``confirm`` significant checks in a row, at least
+  ``replan_interval_s`` after the last plan);
+- ``workers``: the live worker count differs from the one the schedule in force was planned for;
+- ``asked`` / ``bound``: the admin API forced a search or changed the latency bound.
+
+``decide`` runs the search (plain CPU work, in a thread) and says whether to publish: a new plan
+replaces the schedule in force only when it beats it, simulated on the same workload, by
+``replan_margin`` in throughput (or the one in force misses the bound); a worker-count change
+always publishes. A pinned schedule is never replaced by a plan (its allocation still follows
+the workers). Without a profile the scheduler learns and reports but never plans.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from common.config import MeshConfig
+from common.messages.status import LengthSample, SchedulerState
+from optimizer.drift import DriftMonitor, DriftResult
+from optimizer.lengths import Workload
+from optimizer.schedule import Schedule
+from optimizer.stats import StreamingStats
+from services.planning import Plan, Planner, better, prior_workload, reference_sample
+
+SEEN_MAX = 20_000  # request ids remembered to skip finish records already counted
+WINDOW_MAX = 500  # newest finished requests since the last plan that a search on observations uses
+DRIFT_WINDOW = 50  # newest finished requests since the last plan that the drift test compares (and a
+# search after drift uses: a longer window would dilute a shift with the requests from before it)
+OBSERVED_WINDOW_S = 30.0  # observed throughput: finished requests per second over this window
+FINISHED = ("stop", "length")  # finish reasons that say how long a request really was
+CHECK_EVERY = 5  # new finished requests between two drift checks
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A search's outcome: the plan, whether it replaces the schedule in force, and why."""
+
+    plan: Plan
+    publish: bool
+    why: str
+    reason: str  # what triggered the search
+    basis: str  # what it was planned on
+    workload: Workload
+    reference: tuple[np.ndarray, np.ndarray]  # the lengths it was planned on (the drift test's reference)
+
+
+class Brain:
+    def __init__(self, config: MeshConfig, planner: Planner | None, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.config = config
+        self.planner = planner
+        self.bound = config.latency_bound_s
+        self.stats = StreamingStats(half_life_s=config.stats_half_life_s)
+        self.monitor = DriftMonitor(alpha=config.drift_alpha, min_samples=config.drift_min_samples,
+                                    confirm=2, min_interval_s=config.replan_interval_s)
+        self.prior: Workload | None = prior_workload(config.prior, config.prior_scale) if config.prior else None
+        self.plan: Plan | None = None  # the plan in force (None: the default or a pinned schedule runs)
+        self.basis = "no plan yet"
+        self.rebased_at = now  # the drift test's window: requests finished since then
+        self.forced: str | None = None  # a search the admin API asked for
+        self._planned: tuple[Workload, str, tuple[np.ndarray, np.ndarray]] | None = None
+        self.drift: DriftResult | None = None
+        self.replans = 0
+        self.last_reason, self.last_at = "", 0.0
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._checked_at = 0  # window size at the last drift check
+        self._drifted = False  # the drift test fired since the last plan
+
+    # --- learn ----------------------------------------------------------------------------------
+    def ingest(self, samples: list[LengthSample]) -> int:
+        """Count the finish records not seen before; returns how many were new."""
+        new = 0
+        for s in samples:
+            if s.request_id in self._seen:
+                continue
+            self._seen[s.request_id] = None
+            if len(self._seen) > SEEN_MAX:
+                self._seen.popitem(last=False)
+            if s.finish_reason not in FINISHED or s.input_len < 1 or s.output_len < 1:
+                continue
+            submitted = s.submitted_at or s.finished_at
+            self.stats.observe(s.input_len, s.output_len, submitted, s.finished_at)
+            new += 1
+        return new
+
+    def seen(self, request_id: str) -> bool:
+        return request_id in self._seen
+
+    def window(self, newest: int = WINDOW_MAX) -> tuple[np.ndarray, np.ndarray]:
+        """Lengths of the newest requests (at most ``newest``) finished since the last plan."""
+        rows = self.stats.since(self.rebased_at)
+        return rows.input_len[-newest:], rows.output_len[-newest:]
+
+    # --- when to search -------------------------------------------------------------------------
+    def trigger(self, workers: int, pinned: bool, now: float) -> str | None:
+        """Why to search now (None: no need)."""
+        finished = len(self.stats.since(self.rebased_at).finished_at)
+        if finished - self._checked_at >= CHECK_EVERY:
+            self._checked_at = finished
+            self.drift = self.monitor.check(*self.window(DRIFT_WINDOW), now)
+            self._drifted = self._drifted or self.drift.fired
+        if self.planner is None or pinned or workers < 1:
+            self.forced = None
+            return None
+        if self.forced:
+            return self.forced
+        if self.plan is None:
+            if self.prior is not None:
+                return "cold start (prior)"
+            return "cold start (observed)" if finished >= self.config.drift_min_samples else None
+        if self.plan.workers != workers:
+            return f"workers {self.plan.workers} -> {workers}"
+        if self._drifted:
+            return "drift"
+        return None
+
+    def ask(self, reason: str) -> None:
+        self.forced = reason
+
+    def set_bound(self, bound: float) -> None:
+        self.bound = bound
+        self.forced = f"bound {bound:g} s"
+
+    # --- search (in a thread) -------------------------------------------------------------------
+    def inputs(self, reason: str) -> tuple[Workload, str, tuple[np.ndarray, np.ndarray]]:
+        """What to plan on: the requests finished since the last plan when there are enough, else
+        the workload the plan in force was made on, else the prior, else the newest observed."""
+        ins, outs = self.window(DRIFT_WINDOW if reason == "drift" else WINDOW_MAX)
+        if len(ins) >= self.config.drift_min_samples:
+            return (Workload.from_pairs("observed", ins, outs), f"observed: {len(ins)} requests", (ins, outs))
+        if self._planned is not None:
+            return self._planned
+        if self.prior is not None:
+            return self.prior, f"prior: {self.config.prior}" + (
+                f" x{self.config.prior_scale:g}" if self.config.prior_scale != 1 else ""), reference_sample(self.prior)
+        ins, outs = self.stats.recent(WINDOW_MAX)
+        if len(ins) == 0:
+            raise ValueError("nothing to plan on: no prior and no finished requests")
+        return Workload.from_pairs("observed", ins, outs), f"observed: {len(ins)} requests", (ins, outs)
+
+    def decide(self, reason: str, workers: int, running: Schedule,
+               inputs: tuple[Workload, str, tuple[np.ndarray, np.ndarray]]) -> Decision:
+        """Search for ``workers`` workers on ``inputs`` (from ``inputs``, taken on the event loop)
+        and compare with ``running``, the schedule in force. Reads nothing that ``ingest`` changes:
+        safe in a thread."""
+        assert self.planner is not None
+        workload, basis, reference = inputs
+        plan = self.planner.plan(workload, workers, self.bound)
+        current = None
+        comparable = for_workers(running, workers, self.planner.cluster.worker_devices)
+        if comparable is not None and not reason.startswith("workers"):
+            current = self.planner.evaluate(comparable, workload, workers)
+        publish, why = better(plan, current, self.bound, self.config.replan_margin)
+        return Decision(plan, publish, why, reason, basis, workload, reference)
+
+    def adopt(self, decision: Decision, now: float) -> None:
+        """The search is done: its plan is in force if published; either way the drift test
+        starts again from the sample it was planned on."""
+        self.replans += 1
+        self.last_reason, self.last_at = decision.reason, now
+        if decision.reason == self.forced or decision.reason.startswith("bound"):
+            self.forced = None
+        if decision.publish or self.plan is None:
+            self.plan = decision.plan
+            self.basis = decision.basis
+            self._planned = (decision.workload, decision.basis, decision.reference)
+        elif self.plan.workers != decision.plan.workers:
+            self.plan = replace(self.plan, workers=decision.plan.workers)
+        self.monitor.rebase(*decision.reference, now)
+        self.rebased_at, self._checked_at, self._drifted = now, 0, False
+
+    # --- report ---------------------------------------------------------------------------------
+    def state(self, *, leader: str, token: int, version: int, schedule: Schedule, pinned: bool, workers: int,
+              now: float) -> SchedulerState:
+        s = self.stats.summary(now)
+        plan = self.plan if not pinned else None
+        drift = self.drift
+        return SchedulerState(
+            leader=leader, token=token, version=version, policy=schedule.policy, pinned=pinned,
+            latency_bound_s=self.bound, meets_bound=plan.meets_bound if plan else True,
+            basis="pinned" if pinned else self.basis, samples=int(round(s.samples)),
+            input_quantiles=tuple(float(q) for q in (s.input.p50, s.input.p90, s.input.p99)),
+            output_quantiles=tuple(float(q) for q in (s.output.p50, s.output.p90, s.output.p99)),
+            input_mean=_finite(s.input.mean), output_mean=_finite(s.output.mean),
+            correlation=_finite(s.correlation), arrival_rate_s=_finite(s.arrival_rate_per_s),
+            arrival_cv=_finite(s.arrival_cv),
+            predicted_throughput_seq_s=plan.throughput_seq_s if plan else 0.0,
+            predicted_latency_s=plan.latency_s if plan else 0.0,
+            observed_throughput_seq_s=self.stats.throughput(now, OBSERVED_WINDOW_S),
+            observed_latency_s=_finite(self.stats.latency_quantile(0.99)),
+            drift_statistic=_finite(drift.statistic) if drift else 0.0, drift_p_value=drift.p_value if drift else 1.0,
+            replans=self.replans, last_replan_reason=self.last_reason, last_replan_at=self.last_at,
+            workers=workers, updated_at=now)
+
+
+def for_workers(schedule: Schedule, workers: int, worker_devices: int) -> Schedule | None:
+    """``schedule`` as it runs on ``workers`` workers of ``worker_devices`` devices each: replicas
+    scale with the count; a WAA split or one pipeline over all devices compares only on the device
+    count it was planned for (None otherwise)."""
+    devices = workers * max(worker_devices, 1)
+    if schedule.split or not schedule.worker_devices:
+        return schedule if schedule.num_devices == devices else None
+    if devices % schedule.worker_devices:
+        return None
+    return replace(schedule, num_devices=devices)
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0

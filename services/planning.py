@@ -1,0 +1,147 @@
+"""The scheduler's planner: the optimizer run on this deployment's profile, cluster and live workers.
+
+``Planner.plan`` searches (``optimizer.verify.verified_search``: the search's pick checked in the
+simulator under saturated load) for a workload and a worker count, and, when nothing meets the
+bound, falls back to the schedule with the least latency (``meets_bound`` False: the alert).
+``Planner.evaluate`` simulates any schedule on the same probe load, so a new plan and the schedule
+in force are compared on equal terms. Both are plain CPU work: the scheduler runs them in a thread.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.config import MeshConfig
+from optimizer.analytic import Scenario
+from optimizer.lengths import Workload, scaled_task
+from optimizer.schedule import Schedule
+from optimizer.search import SearchSpace, least_latency
+from optimizer.verify import ProbeLoad, requests_for, simulated_figures, verified_search
+
+PRIOR_SAMPLES = 500  # a prior workload's stand-in sample for the drift test's reference
+SEED = 0  # probe loads are drawn with this seed: plans and evaluations see the same requests
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A schedule for a workload and a worker count, with its simulated figures."""
+
+    schedule: Schedule
+    throughput_seq_s: float
+    latency_s: float  # simulated p99-length latency (saturated closed loop)
+    meets_bound: bool
+    workers: int
+    seconds: float  # the search's wall time
+    searches: int
+
+
+class PlanningError(ValueError):
+    """The profile, cluster, model or prior cannot be used."""
+
+
+def policy_set(name: str) -> tuple[str, ...]:
+    from services.cli.plan import POLICY_SETS
+
+    if name not in POLICY_SETS:
+        raise PlanningError(f"policies must be one of {', '.join(sorted(POLICY_SETS))}, got {name!r}")
+    return POLICY_SETS[name]
+
+
+def prior_workload(prior: str, scale: float = 1.0) -> Workload:
+    """A paper task's lengths (times ``scale``) or an empirical workload from a lengths CSV."""
+    from optimizer.io import load_workload
+    from optimizer.lengths import TASK_LENGTHS
+
+    if prior in TASK_LENGTHS:
+        return scaled_task(prior, scale)
+    if not Path(prior).exists():
+        raise PlanningError(f"prior {prior!r} is neither a task ({', '.join(TASK_LENGTHS)}) nor a lengths file")
+    return load_workload(prior)
+
+
+def reference_sample(workload: Workload, n: int = PRIOR_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths drawn from ``workload``: what the drift test compares traffic with after a prior plan."""
+    return workload.sample(np.random.default_rng(SEED), n)
+
+
+class Planner:
+    """Everything fixed about planning for one deployment: model shape, profile, cluster, policies."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        from optimizer.io import load_profile
+        from services.cli import CliError
+        from services.cli.plan import _cluster, _profiled_dtype_bytes, model_shape
+
+        if not config.profile:
+            raise PlanningError("no profile: the scheduler cannot plan (set EXEGPT_PROFILE)")
+        paths = [p.strip() for p in config.profile.split(",") if p.strip()]
+        try:
+            self.profile = load_profile(*paths)
+            self.model = model_shape(config.model, _profiled_dtype_bytes(self.profile))
+            beside = Path(paths[0]).with_name(f"{Path(paths[0]).stem}-cluster.json")
+            self.cluster = _cluster(config.cluster or (str(beside) if beside.exists() else "h200-nvlink-ib"))
+        except (OSError, ValueError, CliError) as exc:
+            raise PlanningError(str(exc)) from None
+        self.profile.layer_times(self.model.name, 1)  # raises when the model is not profiled
+        self.policies = policy_set(config.policies)
+        self.space = SearchSpace() if config.max_plan_batch is None else SearchSpace().capped(config.max_plan_batch)
+
+    def scenario(self, workload: Workload, workers: int) -> Scenario:
+        return Scenario(self.model, self.profile, self.cluster, workload, max(workers, 1) * max(
+            self.cluster.worker_devices, 1))
+
+    def plan(self, workload: Workload, workers: int, latency_bound_s: float) -> Plan:
+        """The most throughput under the bound for ``workers`` workers; else the least latency."""
+        start = time.perf_counter()
+        sc = self.scenario(workload, workers)
+        verified = verified_search(sc, latency_bound_s, self.policies, self.space, seed=SEED)
+        if verified.best is not None:
+            sim = verified.simulated
+            return Plan(verified.best.schedule, sim.throughput_seq_s, sim.p99_length_latency_s, True, workers,
+                        time.perf_counter() - start, verified.searches)
+        quickest = least_latency(sc, self.policies, self.space).best
+        if quickest is None:
+            raise PlanningError(f"no schedule of {self.model.name} on {workers} worker(s) fits in memory")
+        thr, lat = self._simulate(sc, quickest.schedule)
+        return Plan(quickest.schedule, thr, lat, lat <= latency_bound_s, workers, time.perf_counter() - start,
+                    verified.searches)
+
+    def evaluate(self, schedule: Schedule, workload: Workload, workers: int) -> tuple[float, float]:
+        """(throughput, p99-length latency) of ``schedule`` on ``workload``, simulated as ``plan`` does."""
+        return self._simulate(self.scenario(workload, workers), schedule)
+
+    @staticmethod
+    def _simulate(sc: Scenario, schedule: Schedule) -> tuple[float, float]:
+        load = ProbeLoad.draw(sc.workload, requests_for(schedule), SEED)
+        figures = simulated_figures(sc, schedule, load)
+        return figures.throughput_seq_s, figures.p99_length_latency_s
+
+
+def better(new: Plan, current: tuple[float, float] | None, bound: float, margin: float) -> tuple[bool, str]:
+    """Whether ``new`` should replace the schedule in force, whose simulated (throughput, latency)
+    on the same workload is ``current`` (None: nothing comparable runs), and why."""
+    if current is None:
+        return True, "nothing comparable runs"
+    thr, lat = current
+    meets = lat <= bound
+    if new.meets_bound and not meets:
+        return True, f"the schedule in force misses the bound ({lat:.3g} s > {bound:.3g} s)"
+    if not new.meets_bound and not meets:
+        if new.latency_s < lat * (1 - margin):
+            return True, f"no schedule meets the bound; {new.latency_s:.3g} s instead of {lat:.3g} s"
+        return False, "no schedule meets the bound, none quicker by the margin"
+    if not new.meets_bound:
+        return False, "the new plan misses the bound"
+    if new.throughput_seq_s > thr * (1 + margin):
+        gain = f" (+{new.throughput_seq_s / thr - 1:.0%})" if thr > 0 else ""
+        return True, f"{new.throughput_seq_s:.3g} seq/s instead of {thr:.3g}{gain}"
+    return False, f"within the margin ({new.throughput_seq_s:.3g} vs {thr:.3g} seq/s)"
+
+
+def bound_text(bound: float) -> str:
+    return "none" if math.isinf(bound) else f"{bound:g} s"
