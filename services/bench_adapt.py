@@ -44,12 +44,13 @@ from pathlib import Path
 
 import numpy as np
 
-from services.bench_schedules import MODEL, Processes, niced_services, profile_here, purge_namespace
+from services.bench_schedules import MODEL, Processes, niced_services, pin, profile_here, purge_namespace
 
 WARMUP_S = 5.0  # requests sent this early are left out of "before"
 SETTLE_S = 10.0  # "after" starts this long after the shift, in both runs (the re-plan goal)
 BOUND_OVER_QUICKEST = 1.6
 RATE_SHARE = 0.6
+QUICK_PROFILE_REPEATS = 3  # --quick profiles with fewer timings per point (about 20 s instead of 45)
 DRAIN_S = 30.0  # after the last arrival, how long to wait for answers before counting the rest lost
 KEYS = ("shift_at_s", "replanned_at_s", "requests_until_replan", "lost", "duplicated", "attainment_before",
         "attainment_after_adaptive", "attainment_after_fixed", "throughput_after_adaptive", "throughput_after_fixed")
@@ -57,11 +58,12 @@ KEYS = ("shift_at_s", "replanned_at_s", "requests_until_replan", "lost", "duplic
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="one pair, 25 s of S then 35 s of T (under 3 minutes with --profile)")
+                        help="one pair, 20 s of S then 30 s of T, a shorter profile (under 3 minutes)")
     parser.add_argument("--pairs", type=int, default=3, help="adaptive/fixed pairs, interleaved (default 3)")
     parser.add_argument("--before-s", type=float, default=40.0, help="seconds of task S traffic (default 40)")
     parser.add_argument("--after-s", type=float, default=60.0, help="seconds of task T traffic (default 60)")
-    parser.add_argument("--scale", type=float, default=0.25, help="the tasks' lengths times this (default 0.25)")
+    parser.add_argument("--scale", type=float, default=0.125,
+                        help="the tasks' lengths times this (default 0.125: a task T request takes about 1-2 s here)")
     parser.add_argument("--rate", type=float, default=None, help="requests/s (default: from the profile)")
     parser.add_argument("--latency-bound", type=float, default=None,
                         help="seconds for a 99th-percentile-length output (default: from the profile)")
@@ -105,6 +107,7 @@ class Run:
     shift_at_s: float
     sent: list[Sent] = field(default_factory=list)
     updates: list[tuple[float, int, object]] = field(default_factory=list)  # (time since start, version, schedule)
+    searches: list[tuple[float, str, str]] = field(default_factory=list)  # (time since start, reason, outcome)
     duplicated: int = 0
     replanned_at_s: float = math.nan
     requests_until_replan: int = 0
@@ -141,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if os.cpu_count() is None or os.cpu_count() < 2:
         raise CliError("bench adapt pins two workers to two cores; this machine has fewer")
     if args.quick:
-        args.pairs, args.before_s, args.after_s = 1, 25.0, 35.0
+        args.pairs, args.before_s, args.after_s = 1, 20.0, 30.0
     if args.pairs < 1 or args.before_s <= WARMUP_S or args.after_s <= SETTLE_S:
         raise CliError(f"need --pairs >= 1, --before-s > {WARMUP_S:g} and --after-s > {SETTLE_S:g}")
     started = time.monotonic()
@@ -176,7 +179,8 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
     from services.cli.plan import describe
     from services.planning import Planner
 
-    profile = args.profile or profile_here(tmp, [_ProfilePlan("S", args.scale), _ProfilePlan("T", args.scale)], args)
+    profile = args.profile or profile_here(tmp, [_ProfilePlan("S", args.scale), _ProfilePlan("T", args.scale)], args,
+                                           repeats=QUICK_PROFILE_REPEATS if args.quick else None)
     cluster = profile.with_name(f"{profile.stem}-cluster.json")
     if args.keep_profile:
         Path(args.keep_profile).mkdir(parents=True, exist_ok=True)
@@ -204,6 +208,23 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
 
 
 # --- 2. the runs ------------------------------------------------------------------------------------
+
+class Mesh(Processes):
+    """Two workers, one pinned to each core, and a scheduler on either core at normal priority:
+    how fast it reacts is what is measured, so it is not niced (a search takes about a second of
+    CPU from the workers)."""
+
+    def start(self) -> None:
+        self._ready(self._spawn(["scheduler"], _no_setup))
+        for proc in [self._spawn(["worker"], pin(core)) for core in (0, 1)]:
+            self._ready(proc)
+
+
+def _no_setup() -> None:
+    from services.bench_schedules import die_with_parent
+
+    die_with_parent()
+
 
 def traffic(args: argparse.Namespace, setup: Setup, seed: int) -> list[Sent]:
     """The S-then-T requests of one pair (both runs of a pair get the same)."""
@@ -253,6 +274,7 @@ async def bench(args: argparse.Namespace, setup: Setup) -> list[Run]:
 async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, sent: list[Sent]) -> Run:
     from common.messages import codec
     from common.messages.control import ScheduleUpdate
+    from common.messages.status import SchedulerState
     from common.messages.work import Sampling
     from common.names import Names
     from common.transport.connect import LocalHub, open_transports
@@ -262,7 +284,7 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
     config = mesh_config(args, setup, kind)
     names = Names(config.namespace)
     result = Run(kind, pair, args.before_s, sent)
-    procs = Processes(config)
+    procs = Mesh(config)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(purge_namespace, config)
         stack.callback(procs.close)
@@ -288,6 +310,21 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
 
         listening = asyncio.create_task(listen())
         stack.callback(listening.cancel)
+
+        async def watch() -> None:  # the scheduler's searches, as its state record tells them
+            seen = 0
+            while True:
+                data = await transports.store.get(names.scheduler_state)
+                if data is not None:
+                    state = codec.decode(data, SchedulerState)
+                    if state.replans > seen:
+                        seen = state.replans
+                        result.searches.append((time.monotonic() - t0[0], state.last_replan_reason,
+                                                state.last_outcome))
+                await asyncio.sleep(0.25)  # a poll of the store, not a synchronisation
+
+        watching = asyncio.create_task(watch())
+        stack.callback(watching.cancel)
         # the run starts once both workers run the first plan (a version whose allocation holds both)
         async with asyncio.timeout(120):
             while True:
@@ -351,10 +388,12 @@ def row(r: Run, setup: Setup, args: argparse.Namespace) -> str:
     f = figures(r, setup.bound, args)
     replan = (f"re-planned at +{r.replanned_at_s - r.shift_at_s:.1f} s after {r.requests_until_replan} T requests "
               f"-> {r.after_schedule}") if math.isfinite(r.replanned_at_s) else "no re-plan"
+    searches = "".join(f"\n    search at {at - r.shift_at_s:+.1f} s ({reason}): {outcome}"
+                       for at, reason, outcome in r.searches if at >= 0)
     return (f"pair {r.pair} {r.kind:8s}: sent {len(r.sent)}, lost {r.lost}, failed {r.failed}, duplicated "
             f"{r.duplicated}; before: attainment {f['attainment_before']:.3f}, {f['throughput_before']:.2f} seq/s; "
             f"after: attainment {f['attainment_after']:.3f}, {f['throughput_after']:.2f} seq/s, "
-            f"p99 e2e {f['p99_after']:.2f} s; {replan}")
+            f"p99 e2e {f['p99_after']:.2f} s; {replan}{searches}")
 
 
 def summarize(runs: list[Run], setup: Setup, args: argparse.Namespace) -> dict:
@@ -378,6 +417,7 @@ def summarize(runs: list[Run], setup: Setup, args: argparse.Namespace) -> dict:
         "throughput_after_fixed": med([f["throughput_after"] for f in ff]),
     }
     assert tuple(summary) == KEYS
+    summary = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}  # JSON
     print(f"\nS then T at {setup.rate:g} req/s (CV {args.cv:g}), bound {setup.bound:g} s, lengths x{setup.scale:g}, "
           f"{args.pairs} pair(s); median [min-max] over the pairs")
     print(f"  re-planned after the shift:   {spread([x - args.before_s for x in replanned])} s, "

@@ -140,8 +140,9 @@ def _interrupt(*_: object) -> None:
 
 # --- 1. profile, under the run's own contention ------------------------------------------------------
 
-def profile_here(folder: Path, plans: list[Plan], args: argparse.Namespace) -> Path:
-    """Two profiles at once, one per core (both cores busy, as in the run); the first is used."""
+def profile_here(folder: Path, plans: list[Plan], args: argparse.Namespace, repeats: int | None = None) -> Path:
+    """Two profiles at once, one per core (both cores busy, as in the run); the first is used.
+    ``repeats``: timings per point (None: `exegpt profile`'s default)."""
     from optimizer.lengths import scaled_task
 
     longest = max(w.input.maximum + w.output.maximum for w in (scaled_task(p.task, p.scale) for p in plans))
@@ -152,6 +153,8 @@ def profile_here(folder: Path, plans: list[Plan], args: argparse.Namespace) -> P
                "--threads", "1", "--max-len", str(longest), "--max-batch", str(2 * args.max_batch)]
         if core == 0:
             cmd += ["--amqp-url", args.amqp_url, "--redis-url", args.redis_url]
+        if repeats is not None:
+            cmd += ["--repeats", str(repeats)]
         procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env({}), preexec_fn=pin(core),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate()[0] for p in procs]

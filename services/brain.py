@@ -15,8 +15,8 @@ requests finished since the last plan against the sample that plan was made on
 
 ``decide`` runs the search (plain CPU work, in a thread) and says whether to publish: a new plan
 replaces the schedule in force only when it beats it, simulated on the same workload, by
-``replan_margin`` in throughput (or the one in force misses the bound); a worker-count change
-always publishes. A pinned schedule is never replaced by a plan (its allocation still follows
+``replan_margin`` in throughput (or the one in force misses the bound); a cold start and a
+worker-count change always publish. A pinned schedule is never replaced by a plan (its allocation still follows
 the workers). Without a profile the scheduler learns and reports but never plans.
 """
 
@@ -39,11 +39,15 @@ from services.planning import Plan, Planner, better, prior_workload, reference_s
 
 SEEN_MAX = 20_000  # request ids remembered to skip finish records already counted
 WINDOW_MAX = 500  # newest finished requests since the last plan that a search on observations uses
-DRIFT_WINDOW = 50  # newest finished requests since the last plan that the drift test compares (and a
-# search after drift uses: a longer window would dilute a shift with the requests from before it)
+DRIFT_WINDOW = 50  # newest finished requests since the last plan that the drift test compares
+DRIFT_PLAN = 25  # newest complete requests a search after drift plans on (the shift's own requests:
+# a longer window would mix in the requests from before it, still finishing when the test fires)
+REFINE_AT = 60  # a plan on fewer observed requests is made again once this many more are complete
 OBSERVED_WINDOW_S = 30.0  # observed throughput: finished requests per second over this window
 FINISHED = ("stop", "length")  # finish reasons that say how long a request really was
 CHECK_EVERY = 5  # new finished requests between two drift checks
+TAIL_TRUSTED = 2000  # observed requests whose own 99th percentile a plan takes as it is
+NORMAL_P99 = 2.326  # standard normal 99th percentile
 
 
 @dataclass(frozen=True)
@@ -76,10 +80,11 @@ class Brain:
         self._planned: tuple[Workload, str, tuple[np.ndarray, np.ndarray]] | None = None
         self.drift: DriftResult | None = None
         self.replans = 0
-        self.last_reason, self.last_at = "", 0.0
+        self.last_reason, self.last_at, self.last_outcome = "", 0.0, ""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._checked_at = 0  # window size at the last drift check
         self._drifted = False  # the drift test fired since the last plan
+        self._refine = False  # the plan in force was made on few observed requests: make it again on more
 
     # --- learn ----------------------------------------------------------------------------------
     def ingest(self, samples: list[LengthSample]) -> int:
@@ -119,15 +124,33 @@ class Brain:
             return None
         if self.forced:
             return self.forced
+        enough = len(self.cohort(now)[0]) >= self.config.drift_min_samples
         if self.plan is None:
             if self.prior is not None:
                 return "cold start (prior)"
-            return "cold start (observed)" if finished >= self.config.drift_min_samples else None
+            return "cold start (observed)" if enough else None
         if self.plan.workers != workers:
             return f"workers {self.plan.workers} -> {workers}"
         if self._drifted:
-            return "drift"
+            return "drift" if enough else None  # until the shift's own requests are complete
+        if self._refine and len(self.cohort(now)[0]) >= REFINE_AT:
+            return "refine"
         return None
+
+    def cohort(self, now: float) -> tuple[np.ndarray, np.ndarray]:
+        """Lengths of the requests finished since the last plan that were submitted early enough
+        for all their peers to have finished too (before ``now`` minus the 99th-percentile latency
+        of those finished), in order of submission. Requests that finish first are the short ones:
+        right after a change the newest finished are a sample biased short; the complete cohort
+        much less so (it is still short of the longest ones, which the p99 of what finished
+        does not see)."""
+        rows = self.stats.since(self.rebased_at)
+        if not len(rows.finished_at):
+            return rows.input_len, rows.output_len
+        horizon = now - float(np.quantile(rows.finished_at - rows.submitted_at, 0.99))
+        keep = rows.submitted_at <= horizon
+        order = np.argsort(rows.submitted_at[keep], kind="stable")
+        return rows.input_len[keep][order], rows.output_len[keep][order]
 
     def ask(self, reason: str) -> None:
         self.forced = reason
@@ -137,12 +160,15 @@ class Brain:
         self.forced = f"bound {bound:g} s"
 
     # --- search (in a thread) -------------------------------------------------------------------
-    def inputs(self, reason: str) -> tuple[Workload, str, tuple[np.ndarray, np.ndarray]]:
-        """What to plan on: the requests finished since the last plan when there are enough, else
-        the workload the plan in force was made on, else the prior, else the newest observed."""
-        ins, outs = self.window(DRIFT_WINDOW if reason == "drift" else WINDOW_MAX)
-        if len(ins) >= self.config.drift_min_samples:
-            return (Workload.from_pairs("observed", ins, outs), f"observed: {len(ins)} requests", (ins, outs))
+    def inputs(self, reason: str, now: float) -> tuple[Workload, str, tuple[np.ndarray, np.ndarray]]:
+        """What to plan on: the newest complete requests since the last plan when there are enough
+        (after drift, only the newest ``DRIFT_PLAN``: those of the shift), else the workload the
+        plan in force was made on, else the prior, else the newest observed."""
+        ins, outs = self.cohort(now)
+        newest = DRIFT_PLAN if reason == "drift" else WINDOW_MAX
+        ins, outs = ins[-newest:], outs[-newest:]
+        if len(ins) >= min(self.config.drift_min_samples, DRIFT_PLAN):
+            return observed_workload(ins, outs), f"observed: {len(ins)} requests", (ins, outs)
         if self._planned is not None:
             return self._planned
         if self.prior is not None:
@@ -151,7 +177,7 @@ class Brain:
         ins, outs = self.stats.recent(WINDOW_MAX)
         if len(ins) == 0:
             raise ValueError("nothing to plan on: no prior and no finished requests")
-        return Workload.from_pairs("observed", ins, outs), f"observed: {len(ins)} requests", (ins, outs)
+        return observed_workload(ins, outs), f"observed: {len(ins)} requests", (ins, outs)
 
     def decide(self, reason: str, workers: int, running: Schedule,
                inputs: tuple[Workload, str, tuple[np.ndarray, np.ndarray]]) -> Decision:
@@ -163,7 +189,7 @@ class Brain:
         plan = self.planner.plan(workload, workers, self.bound)
         current = None
         comparable = for_workers(running, workers, self.planner.cluster.worker_devices)
-        if comparable is not None and not reason.startswith("workers"):
+        if comparable is not None and not reason.startswith(("workers", "cold start")):
             current = self.planner.evaluate(comparable, workload, workers)
         publish, why = better(plan, current, self.bound, self.config.replan_margin)
         return Decision(plan, publish, why, reason, basis, workload, reference)
@@ -173,6 +199,8 @@ class Brain:
         starts again from the sample it was planned on."""
         self.replans += 1
         self.last_reason, self.last_at = decision.reason, now
+        self.last_outcome = f"{'published' if decision.publish else 'kept the schedule'}: {decision.why} " \
+                            f"(planned on {decision.basis})"
         if decision.reason == self.forced or decision.reason.startswith("bound"):
             self.forced = None
         if decision.publish or self.plan is None:
@@ -183,6 +211,7 @@ class Brain:
             self.plan = replace(self.plan, workers=decision.plan.workers)
         self.monitor.rebase(*decision.reference, now)
         self.rebased_at, self._checked_at, self._drifted = now, 0, False
+        self._refine = decision.basis.startswith("observed") and len(decision.reference[0]) < REFINE_AT
 
     # --- report ---------------------------------------------------------------------------------
     def state(self, *, leader: str, token: int, version: int, schedule: Schedule, pinned: bool, workers: int,
@@ -205,7 +234,22 @@ class Brain:
             observed_latency_s=_finite(self.stats.latency_quantile(0.99)),
             drift_statistic=_finite(drift.statistic) if drift else 0.0, drift_p_value=drift.p_value if drift else 1.0,
             replans=self.replans, last_replan_reason=self.last_reason, last_replan_at=self.last_at,
-            workers=workers, updated_at=now)
+            workers=workers, updated_at=now, last_outcome=self.last_outcome)
+
+
+def observed_workload(ins: np.ndarray, outs: np.ndarray) -> Workload:
+    """The workload of observed requests, its 99th percentiles kept from falling short on a small
+    sample: where mean + 2.33 std (the normal 99th percentile) lies above the sample's own, enough
+    requests at that input and output length are added to make it the 99th percentile. (The
+    search's latency is that of a 99th-percentile-length request, which a sample of a few dozen
+    puts at its maximum: too low, about as often as not.)"""
+    ins, outs = np.asarray(ins), np.asarray(outs)
+    if len(ins) >= TAIL_TRUSTED:
+        return Workload.from_pairs("observed", ins, outs)
+    tail = [int(math.ceil(max(np.quantile(x, 0.99), x.mean() + NORMAL_P99 * x.std()))) for x in (ins, outs)]
+    extra = int(math.ceil(0.01 * len(ins))) + 1
+    return Workload.from_pairs("observed", np.concatenate([ins, np.full(extra, tail[0])]),
+                               np.concatenate([outs, np.full(extra, tail[1])]))
 
 
 def for_workers(schedule: Schedule, workers: int, worker_devices: int) -> Schedule | None:

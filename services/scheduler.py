@@ -1,14 +1,15 @@
 """The scheduler service: owns the versioned schedule and gives every live worker its role.
 
-Main loop: receive (heartbeats from the status exchange; pin requests from its queue) → note who
-is alive (a worker silent for ``heartbeat_timeout_s`` is gone) → allocate roles
+Main loop: receive (heartbeats from the status exchange; pin, bound and re-plan requests from its
+queue) → note who is alive (a worker silent for ``heartbeat_timeout_s`` is gone) → learn from the
+finish records and search again when there is a reason (``services.brain``) → allocate roles
 (``services.allocation``) → publish a new version when the schedule or the roles change.
 
 The current ScheduleUpdate lives in the store (``names.schedule``) for workers that join late and
 goes out on the control fanout exchange. Only the scheduler that holds the lease
 (``services.leadership``) publishes, each version fenced by it; others stand by, hearing every
-heartbeat, and take over when it lapses. Re-planning from the length statistics
-(``names.output_lengths``) plugs in here.
+heartbeat, and take over when it lapses. What the leader decided and on what is kept in the
+store (``names.scheduler_state``) for the admin API and the metrics.
 """
 
 from __future__ import annotations
@@ -266,7 +267,7 @@ class SchedulerService:
         """Search off the event loop; publish the plan if it is worth it."""
         workers, running = len(self.heard), self.target
         try:
-            inputs = self.brain.inputs(reason)
+            inputs = self.brain.inputs(reason, time.time())
             decision = await asyncio.to_thread(self.brain.decide, reason, workers, running, inputs)
         except Exception as exc:  # a search that fails keeps the schedule in force; tried again later
             if isinstance(exc, (PlanningError, ValueError)):

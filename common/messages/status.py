@@ -75,6 +75,7 @@ class SchedulerState:
     last_replan_at: float
     workers: int  # live workers the allocation covers
     updated_at: float
+    last_outcome: str = ""  # what the last search decided: "published: ..." or "kept the schedule: ..."
 
 
 StatusMessage = WorkerStatus

@@ -196,7 +196,7 @@ def state_lines(st: dict[str, Any]) -> list[str]:
         f"  drift: statistic {num(st['drift_statistic'])} (p {num(st['drift_p_value'])})",
         f"  replans: {st['replans']}" + (f", last {when(st['last_replan_at'])}: {st['last_replan_reason']}"
                                         if st["replans"] else ""),
-    ]
+    ] + ([f"  outcome: {st['last_outcome']}"] if st.get("last_outcome") else [])
     return lines
 
 
