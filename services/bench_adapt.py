@@ -58,7 +58,7 @@ KEYS = ("shift_at_s", "replanned_at_s", "requests_until_replan", "lost", "duplic
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="one pair, 20 s of S then 30 s of T, a shorter profile (under 3 minutes)")
+                        help="one pair, 20 s of S then 25 s of T, a shorter profile (under 3 minutes)")
     parser.add_argument("--pairs", type=int, default=3, help="adaptive/fixed pairs, interleaved (default 3)")
     parser.add_argument("--before-s", type=float, default=40.0, help="seconds of task S traffic (default 40)")
     parser.add_argument("--after-s", type=float, default=60.0, help="seconds of task T traffic (default 60)")
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if os.cpu_count() is None or os.cpu_count() < 2:
         raise CliError("bench adapt pins two workers to two cores; this machine has fewer")
     if args.quick:
-        args.pairs, args.before_s, args.after_s = 1, 20.0, 30.0
+        args.pairs, args.before_s, args.after_s = 1, 20.0, 25.0
     if args.pairs < 1 or args.before_s <= WARMUP_S or args.after_s <= SETTLE_S:
         raise CliError(f"need --pairs >= 1, --before-s > {WARMUP_S:g} and --after-s > {SETTLE_S:g}")
     started = time.monotonic()
