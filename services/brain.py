@@ -180,10 +180,10 @@ class Brain:
         return observed_workload(ins, outs), f"observed: {len(ins)} requests", (ins, outs)
 
     def decide(self, reason: str, workers: int, running: Schedule,
-               inputs: tuple[Workload, str, tuple[np.ndarray, np.ndarray]]) -> Decision:
+               inputs: tuple[Workload, str, tuple[np.ndarray, np.ndarray]], arrival_rate: float = 0.0) -> Decision:
         """Search for ``workers`` workers on ``inputs`` (from ``inputs``, taken on the event loop)
-        and compare with ``running``, the schedule in force. Reads nothing that ``ingest`` changes:
-        safe in a thread."""
+        and compare with ``running``, the schedule in force, under ``arrival_rate`` (requests/s
+        seen). Reads nothing that ``ingest`` changes: safe in a thread."""
         assert self.planner is not None
         workload, basis, reference = inputs
         plan = self.planner.plan(workload, workers, self.bound)
@@ -191,7 +191,7 @@ class Brain:
         comparable = for_workers(running, workers, self.planner.cluster.worker_devices)
         if comparable is not None and not reason.startswith(("workers", "cold start")):
             current = self.planner.evaluate(comparable, workload, workers)
-        publish, why = better(plan, current, self.bound, self.config.replan_margin)
+        publish, why = better(plan, current, self.bound, self.config.replan_margin, arrival_rate)
         return Decision(plan, publish, why, reason, basis, workload, reference)
 
     def adopt(self, decision: Decision, now: float) -> None:

@@ -24,6 +24,7 @@ from optimizer.search import SearchSpace, least_latency
 from optimizer.verify import ProbeLoad, requests_for, simulated_figures, verified_search
 
 PRIOR_SAMPLES = 500  # a prior workload's stand-in sample for the drift test's reference
+HEADROOM = 1.25  # a schedule is to carry the arriving traffic at no more than 80 % of its throughput
 SEED = 0  # probe loads are drawn with this seed: plans and evaluations see the same requests
 
 
@@ -122,12 +123,21 @@ class Planner:
         return figures.throughput_seq_s, figures.p99_length_latency_s
 
 
-def better(new: Plan, current: tuple[float, float] | None, bound: float, margin: float) -> tuple[bool, str]:
+def better(new: Plan, current: tuple[float, float] | None, bound: float, margin: float,
+           arrival_rate: float = 0.0) -> tuple[bool, str]:
     """Whether ``new`` should replace the schedule in force, whose simulated (throughput, latency)
-    on the same workload is ``current`` (None: nothing comparable runs), and why."""
+    on the same workload is ``current`` (None: nothing comparable runs), and why.
+
+    Throughput and latency are a saturated closed loop's; ``arrival_rate`` (requests/s, 0:
+    unknown) is the traffic seen. A plan that could not carry it with ``HEADROOM`` is not taken
+    while the schedule in force can: under open-loop arrivals its queue would grow without end."""
     if current is None:
         return True, "nothing comparable runs"
     thr, lat = current
+    need = arrival_rate * HEADROOM
+    if new.throughput_seq_s < need <= thr:
+        return False, (f"the new plan would not carry the traffic ({new.throughput_seq_s:.3g} seq/s at most, "
+                       f"{arrival_rate:.3g} requests/s arriving)")
     meets = lat <= bound
     if new.meets_bound and not meets:
         return True, f"the schedule in force misses the bound ({lat:.3g} s > {bound:.3g} s)"

@@ -267,8 +267,9 @@ class SchedulerService:
         """Search off the event loop; publish the plan if it is worth it."""
         workers, running = len(self.heard), self.target
         try:
-            inputs = self.brain.inputs(reason, time.time())
-            decision = await asyncio.to_thread(self.brain.decide, reason, workers, running, inputs)
+            now = time.time()
+            inputs, rate = self.brain.inputs(reason, now), self.brain.stats.arrival_rate(now)
+            decision = await asyncio.to_thread(self.brain.decide, reason, workers, running, inputs, rate)
         except Exception as exc:  # a search that fails keeps the schedule in force; tried again later
             if isinstance(exc, (PlanningError, ValueError)):
                 log.warning("scheduler: search (%s) failed: %s", reason, exc)

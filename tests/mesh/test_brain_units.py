@@ -138,6 +138,16 @@ def test_a_plan_is_published_only_when_it_is_better_by_the_margin(new, current, 
     assert better(plan_of(*new), current, 2.0, 0.05)[0] is publish
 
 
+@pytest.mark.parametrize("rate, publish", [(0.0, True), (6.0, True), (9.0, False), (20.0, True)])
+def test_a_plan_that_cannot_carry_the_traffic_is_not_taken_while_the_schedule_in_force_can(rate, publish):
+    """The new plan meets the bound where the one in force does not (saturated), but carries
+    10 seq/s at most, the one in force 14.5: at 9 requests/s (x1.25 headroom) it would queue
+    without end; at 20 neither carries it and the bound decides."""
+    from services.planning import better
+
+    assert better(plan_of(10.0, 6.3, True), (14.5, 8.4), 6.4, 0.05, arrival_rate=rate)[0] is publish
+
+
 def test_a_schedule_compares_across_worker_counts_only_when_it_can_run_there():
     from optimizer.schedule import Schedule
     from services.brain import for_workers
