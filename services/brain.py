@@ -15,8 +15,9 @@ requests finished since the last plan against the sample that plan was made on
 
 ``decide`` runs the search (plain CPU work, in a thread) and says whether to publish: a new plan
 replaces the schedule in force only when it beats it, simulated on the same workload, by
-``replan_margin`` in throughput (or the one in force misses the bound); a cold start and a
-worker-count change always publish. A pinned schedule is never replaced by a plan (its allocation still follows
+``replan_margin`` in throughput (or the one in force misses the bound), and never when it could
+not carry the arriving traffic while the one in force can; a cold start and a worker-count change
+always publish. A pinned schedule is never replaced by a plan (its allocation still follows
 the workers). Without a profile the scheduler learns and reports but never plans.
 """
 
