@@ -76,6 +76,16 @@ def run(args: argparse.Namespace) -> int:
             parse_schedule(config.schedule)
         except (OSError, ValueError) as exc:
             raise CliError(f"--schedule: {exc}") from None
+    if args.role in ("serve", "scheduler", "up") and (config.profile or config.prior):
+        from services.planning import Planner, prior_workload
+
+        try:  # what the scheduler plans on: a bad file stops it here, not in the running mesh
+            if config.profile:
+                Planner(config)
+            if config.prior:
+                prior_workload(config.prior, config.prior_scale)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"scheduler planning: {exc}") from None
     if args.role in GATEWAY_ROLES:
         from services.gateway.keys import check_exposure, load_keys
 

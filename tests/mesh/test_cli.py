@@ -112,3 +112,12 @@ def test_a_bad_setting_is_one_line_error(capsys):
     assert "namespace" in capsys.readouterr().err
 
 
+
+
+@pytest.mark.parametrize("setting, value, says", [("EXEGPT_PROFILE", "/no/such/profile.jsonl", "cannot read"),
+                                                  ("EXEGPT_PRIOR", "X", "neither a task")])
+def test_what_the_scheduler_plans_on_is_checked_before_it_starts(capsys, monkeypatch, setting, value, says):
+    monkeypatch.setenv(setting, value)
+    assert main(["serve", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "scheduler planning" in err and says in err and "Traceback" not in err
