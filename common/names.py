@@ -110,8 +110,9 @@ class Names:
 
     @property
     def scheduler_lease(self) -> str:
-        """The active scheduler's lease: its process id, set-if-absent with TTL lease_ttl_s, renewed
-        by its holder only. A standby scheduler takes it once it lapses."""
+        """The active scheduler's lease: ``process-id/nonce`` (two processes given one id still differ),
+        set-if-absent with TTL lease_ttl_s, renewed by its holder only. A standby scheduler takes it
+        once it lapses."""
         return f"{self.namespace}:scheduler:lease"
 
     @property
