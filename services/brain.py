@@ -125,7 +125,8 @@ class Brain:
             return None
         if self.forced:
             return self.forced
-        enough = len(self.cohort(now)[0]) >= self.config.drift_min_samples
+        complete = len(self.cohort(now)[0])
+        enough = complete >= self.config.drift_min_samples
         if self.plan is None:
             if self.prior is not None:
                 return "cold start (prior)"
@@ -134,7 +135,7 @@ class Brain:
             return f"workers {self.plan.workers} -> {workers}"
         if self._drifted:
             return "drift" if enough else None  # until the shift's own requests are complete
-        if self._refine and len(self.cohort(now)[0]) >= REFINE_AT:
+        if self._refine and complete >= REFINE_AT:
             return "refine"
         return None
 
