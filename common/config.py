@@ -34,6 +34,22 @@ class MeshConfig(BaseSettings):
     model: str = Field("smollm2", description="Model name or folder given to engine.load_engine.")
     device: str = Field("auto", description="Engine device: auto, cpu or cuda.")
     threads: int | None = Field(None, ge=1, description="Torch intra-op threads per engine; None: torch default.")
+    tp: str = Field(
+        "1", pattern=r"^[1-9][0-9]*(,[1-9][0-9]*)*$",
+        description="Tensor-parallel degree of the worker's process group: one number for every "
+        "pipeline stage, or one per stage (`2,1`: partial TP).",
+    )
+    pp: int = Field(1, ge=1, description="Pipeline stages of the worker's process group.")
+    stage_layers: str | None = Field(
+        None, pattern=r"^[0-9]+(,[0-9]+)*$",
+        description="Layers of each pipeline stage (`20,10`); None: in proportion to each stage's TP degree.",
+    )
+    master_addr: str | None = Field(
+        None, description="Address of rank 0 of a worker group spanning hosts (as torchrun's); None: "
+        "the group's processes are started on this host.",
+    )
+    master_port: int | None = Field(None, ge=1, le=65535, description="Port of rank 0 of a multi-host worker group.")
+    rank: int = Field(0, ge=0, description="This process's rank in a multi-host worker group (0 drives it).")
     max_encode_batch: int = Field(
         64, ge=1, description="Upper bound on B_E, whatever the schedule says (memory guard)."
     )

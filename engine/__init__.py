@@ -44,22 +44,14 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
     import torch
 
     from engine.engine import LocalEngine
-    from engine.loading import build_model, hf_tokenizer, load_state, read_hf_folder
+    from engine.loading import build_model, load_state
     from engine.runners import DecoderOnlyRunner
 
     if num_threads:
         torch.set_num_threads(num_threads)
     dev = resolve_device(device)
     torch_dtype = _dtype(dtype, dev)
-    if model == "smollm2" or model.endswith(".gguf"):
-        from engine.gguf_loader import read_gguf, smollm2_path
-
-        config, state, tokenizer = read_gguf(smollm2_path() if model == "smollm2" else Path(model))
-        model_type = "llama"
-    else:
-        folder = _folder(model, models_dir)
-        model_type, config, state = read_hf_folder(folder)
-        tokenizer = hf_tokenizer(folder, config)
+    model_type, config, state, tokenizer = read_checkpoint(model, models_dir)
     module = load_state(build_model(model_type, config), state, torch_dtype, torch.device(dev))
     limit = module.max_positions()
     context = min(limit, max_context) if max_context else limit
@@ -71,6 +63,20 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
         runner = DecoderOnlyRunner(module, device=torch.device(dev), dtype=torch_dtype, max_context=context)
     vocab = min(config["vocab_size"], tokenizer.vocab_size)
     return LocalEngine(runner, tokenizer, model_name=model, device=dev, vocab_size=vocab)
+
+
+def read_checkpoint(model: str, models_dir: str | Path | None = None):
+    """(model_type, config, state dict, tokenizer) of ``model`` (names as for ``load_engine``)."""
+    from engine.loading import hf_tokenizer, read_hf_folder
+
+    if model == "smollm2" or model.endswith(".gguf"):
+        from engine.gguf_loader import read_gguf, smollm2_path
+
+        config, state, tokenizer = read_gguf(smollm2_path() if model == "smollm2" else Path(model))
+        return "llama", config, state, tokenizer
+    folder = _folder(model, models_dir)
+    model_type, config, state = read_hf_folder(folder)
+    return model_type, config, state, hf_tokenizer(folder, config)
 
 
 def _folder(model: str, models_dir: str | Path | None) -> Path:
@@ -93,7 +99,7 @@ def _dtype(name: str | None, device: str):
     if name is None:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
     if name not in table:
-        raise ValueError(f"unknown dtype {name!r} (float32, bfloat16, float16)")
+        raise ValueError(f"unknown dtype {name!r} (float32, bfloat16, float16; float64 for exact checks)")
     return table[name]

@@ -22,6 +22,11 @@ from typing import Literal, Protocol, Sequence
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class EngineBroken(RuntimeError):
+    """The engine cannot run another step (a process of its worker group died). What it held is
+    lost: the service running it must stop, so that its requests are redelivered elsewhere."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. ``temperature == 0`` means greedy."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
@@ -34,8 +34,10 @@ def build_model(model_type: str, config: dict[str, Any]) -> nn.Module:
     raise ValueError(f"unsupported model_type {model_type!r} (llama, opt, gpt2, t5)")
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Load ``state`` into a freshly built model (names as Hugging Face saves them)."""
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+               prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """Load ``state`` into a freshly built model (names as Hugging Face saves them). ``prepare`` runs on
+    the loaded model before its projections are fused (``engine.parallel`` shards it there)."""
     state = {k: v for k, v in state.items() if not k.endswith(".rotary_emb.inv_freq")}
     state = model.adapt_state_dict(state) if hasattr(model, "adapt_state_dict") else state
     expected = set(model.state_dict())
@@ -52,6 +54,8 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dt
     for name, source in tied.items():  # assign=True broke the sharing; restore it
         _set_param(model, name, model.get_parameter(source))
     model = model.eval().requires_grad_(False)
+    if prepare is not None:
+        prepare(model)
     return model.fuse_() if hasattr(model, "fuse_") else model
 
 

@@ -32,16 +32,33 @@ class Scenario:
     cluster: Cluster
     workload: Workload
     devices: int
+    group: tuple[int, ...] | None = None  # the workers' process groups: TP degree of each stage
 
     def __post_init__(self) -> None:
         if self.devices < 1:
             raise ValueError(f"need at least one device, got {self.devices}")
         self.profile.layer_times(self.model.name, 1)  # raises when the model is not profiled
+        if self.group is None and self.cluster.worker_group:
+            object.__setattr__(self, "group", self.cluster.worker_group)
+        if self.group is not None and max(self.group) not in self.profile.tp_degrees(self.model.name):
+            raise ValueError(f"the workers are groups of shape tp={','.join(map(str, self.group))}, but the profile "
+                             f"has no rows for {self.model.name} at tp={max(self.group)} "
+                             f"(exegpt profile --tp-degrees 1,{max(self.group)})")
 
     @property
     def worker_devices(self) -> int:
-        """Devices one worker spans (``Schedule.worker_devices``); 0: pipelines over all devices."""
+        """Devices one worker spans (``Schedule.worker_devices``); 0: pipelines over all devices.
+        Workers that are process groups span the group's processes."""
+        if self.group is not None:
+            return sum(self.group)
         return self.cluster.worker_devices
+
+    def group_tp(self) -> tuple[int, int] | None:
+        """(TP degree, stages using it) of the workers' groups; None: the search chooses."""
+        if self.group is None:
+            return None
+        k = max(self.group)
+        return (k, self.group.count(k)) if k > 1 else (1, 0)
 
     @property
     def worker_count(self) -> int:
@@ -49,6 +66,8 @@ class Scenario:
         return self.devices // self.worker_devices if self.worker_devices else 1
 
     def tp_degrees(self) -> list[int]:
+        if self.group is not None:  # the groups that exist fix the degree
+            return [max(self.group)]
         span = self.worker_devices or self.devices
         return [k for k in self.profile.tp_degrees(self.model.name)
                 if k <= span and (k == 1 or self.cluster.devices_per_node % k == 0)]

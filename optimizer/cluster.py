@@ -19,7 +19,9 @@ reads the file):
  "notes": "..."}
 ```
 ``devices`` (0 or absent: any number), ``threads``, ``usable_memory_fraction``, ``inter_node``
-(default: ``intra_node``), ``handoff``, ``source`` and ``notes`` are optional.
+(default: ``intra_node``), ``handoff``, ``source`` and ``notes`` are optional. ``"worker_group": [2, 1]``
+(optional) says that each worker is a process group of that shape (the TP degree of each pipeline
+stage; ``engine.parallel``): plans then span whole groups and use their TP layout.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Cluster:
     device_threads: int = 0  # torch threads per device (CPU worker processes); 0: not a CPU worker
     device_count: int = 0  # devices described (worker processes here); 0: as many as asked for
     notes: str = field(default="", compare=False)
+    worker_group: tuple[int, ...] = ()  # each worker a process group of this shape (TP per stage); (): one process
 
     def __post_init__(self) -> None:
         if self.device_memory_bytes <= 0 or self.devices_per_node < 1:
@@ -80,6 +83,8 @@ class Cluster:
             raise ValueError(f"cluster {self.name!r}: usable_memory_fraction must be in (0, 1]")
         if self.device_threads < 0 or self.device_count < 0:
             raise ValueError(f"cluster {self.name!r}: device_threads and device_count must be >= 0")
+        if any(not isinstance(t, int) or t < 1 for t in self.worker_group):
+            raise ValueError(f"cluster {self.name!r}: worker_group must list TP degrees >= 1, got {self.worker_group!r}")
 
     @property
     def usable_memory_bytes(self) -> float:
@@ -170,7 +175,8 @@ def parse_link(doc: object, where: str) -> Link:
 def parse_cluster(doc: object) -> Cluster:
     """A ``Cluster`` from its JSON form (see the module docstring); ClusterError quotes what is wrong."""
     d = _object(doc, "cluster")
-    _unknown(d, {"format", "name", "devices", "devices_per_node", "device", "links", "notes"}, "cluster")
+    _unknown(d, {"format", "name", "devices", "devices_per_node", "device", "links", "notes", "worker_group"},
+             "cluster")
     fmt = d.get("format", CLUSTER_FORMAT)
     if fmt != CLUSTER_FORMAT:
         raise ClusterError(f"cluster.format must be {CLUSTER_FORMAT!r}, got {fmt!r}")
@@ -195,7 +201,15 @@ def parse_cluster(doc: object) -> Cluster:
         intra, inter, fraction, handoff,
         _number(device.get("threads", 0), "cluster.device.threads", integer=True),
         _number(d.get("devices", 0), "cluster.devices", integer=True),
-        _text(d, "notes", "cluster"))
+        _text(d, "notes", "cluster"), _worker_group(d.get("worker_group")))
+
+
+def _worker_group(doc: object) -> tuple[int, ...]:
+    if doc is None:
+        return ()
+    if not isinstance(doc, list) or not doc or any(type(t) is not int or t < 1 for t in doc):
+        raise ClusterError(f"cluster.worker_group must be a list of TP degrees >= 1, got {doc!r}")
+    return tuple(doc)
 
 
 def link_to_dict(link: Link) -> dict:
@@ -216,4 +230,6 @@ def cluster_to_dict(cluster: Cluster) -> dict:
     if c.device_count:
         out["devices"] = c.device_count
     out.update({"devices_per_node": c.devices_per_node, "device": device, "links": links})
+    if c.worker_group:
+        out["worker_group"] = list(c.worker_group)
     return {**out, "notes": c.notes} if c.notes else out

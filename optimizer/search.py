@@ -158,6 +158,9 @@ def tp_configs(sc: Scenario, devices: int | None = None) -> list[tuple[int, int]
     """(TP degree, stages using it) for a pipeline of ``devices`` (default: all), partial TP
     included; (1, 0) is plain pipelining. A layout needs no more stages than the model has layers."""
     n = devices or sc.devices
+    fixed = sc.group_tp()
+    if fixed is not None:  # workers are process groups of one shape: plan within it
+        return [fixed]
     configs = [(1, 0)] + [(k, s) for k in sc.tp_degrees() if k > 1 for s in range(1, n // k + 1)]
     depth_limit = min(sc.model.layers, sc.model.prefill_layers)
     return [(k, s) for k, s in configs if n - s * (k - 1) <= depth_limit]

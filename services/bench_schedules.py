@@ -150,7 +150,8 @@ def profile_here(folder: Path, plans: list[Plan], args: argparse.Namespace, repe
     for core in (0, 1):
         out = folder / f"core{core}.jsonl"
         cmd = [sys.executable, "-m", "services.cli", "profile", "--model", MODEL, "--out", str(out),
-               "--threads", "1", "--max-len", str(longest), "--max-batch", str(2 * args.max_batch)]
+               "--threads", "1", "--max-len", str(longest), "--max-batch", str(2 * args.max_batch),
+               "--no-collectives"]  # its workers are single processes: no TP all-reduce to cost
         if core == 0:
             cmd += ["--amqp-url", args.amqp_url, "--redis-url", args.redis_url]
         if repeats is not None:

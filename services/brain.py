@@ -190,7 +190,7 @@ class Brain:
         workload, basis, reference = inputs
         plan = self.planner.plan(workload, workers, self.bound)
         current = None
-        comparable = for_workers(running, workers, self.planner.cluster.worker_devices)
+        comparable = for_workers(running, workers, self.planner.worker_devices)
         if comparable is not None and not reason.startswith(("workers", "cold start")):
             current = self.planner.evaluate(comparable, workload, workers)
         publish, why = better(plan, current, self.bound, self.config.replan_margin, arrival_rate)

@@ -28,9 +28,22 @@ def load_engine(config: MeshConfig) -> Engine:
         module_name, attr = config.model.split(":", 1)
         factory = getattr(importlib.import_module(module_name), attr)
         return factory(device=config.device, num_threads=config.threads)
+    shape = group_shape(config)
+    if not shape.single:  # one model over a group of processes; this one drives it
+        from engine.parallel.group import load_group_engine
+
+        return load_group_engine(config.model, shape, device=config.device, num_threads=config.threads,
+                                 master_addr=config.master_addr, master_port=config.master_port)
     from engine import load_engine as load  # the engine package's loader
 
     return load(config.model, device=config.device, num_threads=config.threads)
+
+
+def group_shape(config: MeshConfig):
+    """The worker group's shape from ``tp``, ``pp`` and ``stage_layers``."""
+    from engine.parallel.shape import GroupShape
+
+    return GroupShape.parse(config.tp, config.pp, config.stage_layers)
 
 
 def served_model_name(config: MeshConfig) -> str:
@@ -50,3 +63,6 @@ class EngineRunner:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)
+        close = getattr(getattr(self.engine, "runner", None), "close", None)
+        if close is not None:  # a worker group: stop its follower processes
+            close()

@@ -92,9 +92,18 @@ class Planner:
         self.policies = policy_set(config.policies)
         self.space = SearchSpace() if config.max_plan_batch is None else SearchSpace().capped(config.max_plan_batch)
 
+    group: tuple[int, ...] | None = None  # the live workers' process group shape (heartbeats); None: one process
+
+    @property
+    def worker_devices(self) -> int:
+        return sum(self.group) if self.group is not None else self.cluster.worker_devices
+
     def scenario(self, workload: Workload, workers: int) -> Scenario:
-        return Scenario(self.model, self.profile, self.cluster, workload, max(workers, 1) * max(
-            self.cluster.worker_devices, 1))
+        try:
+            return Scenario(self.model, self.profile, self.cluster, workload,
+                            max(workers, 1) * max(self.worker_devices, 1), self.group)
+        except ValueError as exc:
+            raise PlanningError(str(exc)) from None
 
     def plan(self, workload: Workload, workers: int, latency_bound_s: float) -> Plan:
         """The most throughput under the bound for ``workers`` workers; else the least latency."""

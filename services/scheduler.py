@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -225,6 +226,16 @@ class SchedulerService:
         self.heard[status.worker_id] = time.monotonic()
         if not known:
             self._changed.set()
+            self._note_groups()
+
+    def _note_groups(self) -> None:
+        """Plan for the shape of the workers' process groups (the most common one if they differ)."""
+        planner = self.brain.planner
+        if planner is None or not self.workers:
+            return
+        shapes = Counter(tuple(s.group) for s in self.workers.values())
+        shape = shapes.most_common(1)[0][0]
+        planner.group = None if shape == (1,) else shape
 
     # --- learn and plan -----------------------------------------------------------------------
     async def _learn(self) -> None:

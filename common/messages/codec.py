@@ -25,7 +25,8 @@ from common.messages.status import LengthSample, SchedulerState, WorkerStatus
 from common.messages.work import EncodeWork, Sampling
 from optimizer.schedule import Schedule
 
-SCHEMA_VERSION = 3  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing
+SCHEMA_VERSION = 4  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
+# 4: WorkerStatus carries the shape of the worker's process group
 
 # Tags are part of the wire format: never reuse or renumber one.
 TAGS: dict[type, int] = {

@@ -20,6 +20,7 @@ class WorkerStatus:
     at: float
     engine_s: float = 0.0  # seconds its engine has spent in steps since it started (utilisation)
     steps: int = 0  # steps it has run since it started
+    group: tuple[int, ...] = (1,)  # its process group: the TP degree of each pipeline stage
 
 
 @dataclass(frozen=True)

@@ -130,24 +130,25 @@ class Decodes:
     slots: torch.Tensor  # (k,) 0..k-1
     positions: torch.Tensor  # (size,) position of each row's token (padding rows: t_max - 1)
     live_positions: torch.Tensor  # (k,) where the live rows' k/v go
+    first: int = 0  # row i is slot first + i (a pipeline's decode micro-batch: a run of slots)
 
     @staticmethod
-    def make(cache: KVCache, live: int, padding: int) -> "Decodes":
-        """Rows for slots ``0..live-1`` plus ``padding``; makes room for them in ``cache``."""
+    def make(cache: KVCache, live: int, padding: int, first: int = 0) -> "Decodes":
+        """Rows for slots ``first..first+live-1`` plus ``padding``; makes room for them in ``cache``."""
         size = live + padding
-        lengths = cache.lengths[:live] or cache.lengths or [0]  # padding alone: the batch's longest
+        lengths = cache.lengths[first:first + live] or cache.lengths or [0]  # padding alone: the longest
         t_max = max(lengths) + 1
-        cache.reserve(max(cache.size, size), t_max)
-        live_positions = cache.lengths_t[:live]
+        cache.reserve(max(cache.size, first + size), t_max)
+        live_positions = cache.lengths_t[first:first + live]
         positions = live_positions
         if padding:
             positions = torch.cat([live_positions, torch.full((padding,), t_max - 1, device=cache.device)])
         mask = None
-        if live and min(cache.lengths[:live]) + 1 != t_max:
+        if live and min(cache.lengths[first:first + live]) + 1 != t_max:
             keys = torch.arange(t_max, device=cache.device)
             mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (size, 1, 1, T)
-        slots = torch.arange(live, device=cache.device)
-        return Decodes(size, live, t_max, mask, slots, positions, live_positions)
+        slots = torch.arange(first, first + live, device=cache.device)
+        return Decodes(size, live, t_max, mask, slots, positions, live_positions, first)
 
 
 @dataclass
@@ -172,6 +173,12 @@ class Batch:
         """One token for every live slot: last_tokens (B,)."""
         part = Decodes.make(cache, cache.size, 0)
         return Batch(cache, last_tokens, part.positions, part, None, None)
+
+    @staticmethod
+    def decode_run(cache: KVCache, last_tokens: torch.Tensor, first: int, padding: int = 0) -> "Batch":
+        """One token for each of slots ``first..first+k-1`` (last_tokens (k,)), plus ``padding``."""
+        part = Decodes.make(cache, last_tokens.shape[0], padding, first)
+        return Batch(cache, _pad_ids(last_tokens, padding), part.positions, part, None, None)
 
     @staticmethod
     def step(cache: KVCache, last_tokens: torch.Tensor, padding: int, prompts: list[list[int]],
@@ -264,8 +271,8 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
         k, v = k[: part.live], v[: part.live]
     cache[layer, 0][part.slots, :, part.live_positions] = k
     cache[layer, 1][part.slots, :, part.live_positions] = v
-    keys = cache[layer, 0, :b, :, : part.t_max]  # (B, Hkv, T, D)
-    values = cache[layer, 1, :b, :, : part.t_max]
+    keys = cache[layer, 0, part.first:part.first + b, :, : part.t_max]  # (B, Hkv, T, D)
+    values = cache[layer, 1, part.first:part.first + b, :, : part.t_max]
     if bias is not None:  # T5: SDPA takes the additive bias in its kernel
         y = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=bias, scale=scale,
                                            enable_gqa=h != hkv)  # (B, H, 1, D)

@@ -146,13 +146,25 @@ class GPT(nn.Module):
         return a.num_hidden_layers, a.num_attention_heads, a.head_dim
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        return self.head(self.run_layers(self.embed(batch), batch, range(len(self.model.decoder.layers))), batch)
+
+    # A pipeline stage runs some of these three (``engine.parallel``).
+
+    def embed(self, batch: Batch) -> torch.Tensor:
         d = self.model.decoder
         x = d.embed_tokens(batch.input_ids)  # (N, C')
         if self.args.word_embed_proj_dim:
             x = d.project_in(x)
-        x = x + d.embed_positions(batch.positions + self.args.position_offset)  # (N, C)
-        for i, block in enumerate(d.layers):
-            x = block(x, i, batch)
+        return x + d.embed_positions(batch.positions + self.args.position_offset)  # (N, C)
+
+    def run_layers(self, x: torch.Tensor, batch: Batch, layers: range) -> torch.Tensor:
+        """Layers ``layers`` (model numbering) over x (N, C); the cache holds them from index 0."""
+        for local, i in enumerate(layers):
+            x = self.model.decoder.layers[i](x, local, batch)
+        return x
+
+    def head(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        d = self.model.decoder
         x = x if batch.logit_rows is None else x[batch.logit_rows]  # (B, C): decode rows, new last tokens
         if self.args.final_layer_norm:
             x = d.final_layer_norm(x)

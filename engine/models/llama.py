@@ -231,6 +231,8 @@ class Llama(nn.Module):
         """After loading: fuse q/k/v and gate/up into single matmuls (fewer, larger GEMMs), and pack
         every projection for the CPU where that helps (``PackedWeight``)."""
         for block in self.model.layers:
+            if not isinstance(block, Block):  # a pipeline stage's dropped layer
+                continue
             block.self_attn.fuse_()
             block.mlp.fuse_()
         return pack_linears_(self)
@@ -247,9 +249,21 @@ class Llama(nn.Module):
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (N, 1, D)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        x = self.model.embed_tokens(batch.input_ids)  # (N, C)
+        return self.head(self.run_layers(self.embed(batch), batch, range(len(self.model.layers))), batch)
+
+    # A pipeline stage runs some of these three (``engine.parallel``): the first stage embeds, every
+    # stage runs its layers, the last one applies the head.
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        return self.model.embed_tokens(batch.input_ids)  # (N, C)
+
+    def run_layers(self, x: torch.Tensor, batch: Batch, layers: range) -> torch.Tensor:
+        """Layers ``layers`` (model numbering) over x (N, C); the cache holds them from index 0."""
         cos, sin = self._rope_at(batch.positions)
-        for i, block in enumerate(self.model.layers):
-            x = block(x, i, batch, cos, sin)
+        for local, i in enumerate(layers):
+            x = self.model.layers[i](x, local, batch, cos, sin)
+        return x
+
+    def head(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         x = x if batch.logit_rows is None else x[batch.logit_rows]  # (B, C): decode rows, new last tokens
         return self.lm_head(self.model.norm(x)).float()  # (B, V)

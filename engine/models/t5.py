@@ -172,7 +172,9 @@ class Stack(nn.Module):
         """rel (..., Q, K) relative positions -> (..., H, Q, K) additive bias."""
         buckets = relative_bucket(rel, bidirectional=bidirectional, num_buckets=a.relative_attention_num_buckets,
                                   max_distance=a.relative_attention_max_distance)
-        bias = self.block[0].layer[0].SelfAttention.relative_attention_bias(buckets)  # (..., Q, K, H)
+        # a pipeline stage without layer 0 keeps its bias table aside (``engine.parallel``)
+        table = self.__dict__.get("kept_bias") or self.block[0].layer[0].SelfAttention.relative_attention_bias
+        bias = table(buckets)  # (..., Q, K, H)
         return bias.movedim(-1, -3)
 
 
@@ -206,28 +208,40 @@ class T5(nn.Module):
 
     def encode(self, batch: Batch) -> None:
         """Run the encoder over the packed prompts and fill the cross-attention cache's new slots."""
+        x = self.encode_layers(self.shared(batch.input_ids), batch, range(len(self.encoder.block)))
+        self.write_cross(self.encoder.final_layer_norm(x), batch, range(len(self.decoder.block)))
+
+    # A pipeline stage runs some of the pieces below (``engine.parallel``): encoder layers, the
+    # cross-attention K/V of its decoder layers (from the whole encoder's output), decoder layers.
+
+    def encode_layers(self, x: torch.Tensor, batch: Batch, layers: range) -> torch.Tensor:
+        """Encoder layers ``layers`` over the packed prompt rows x (N, C)."""
         a, stack, part = self.args, self.encoder, batch.prompts
-        x = self.shared(batch.input_ids)  # (N, C)
         s = part.t_max
         rel = torch.arange(s, device=x.device)[None, :] - torch.arange(s, device=x.device)[:, None]  # (S, S)
         bias = stack.position_bias(rel, a, bidirectional=True)[None]  # (1, H, S, S)
         if part.mask is not None:  # (B, 1, 1, S) valid keys
             bias = bias.masked_fill(~part.mask, float("-inf"))
         bias = bias.to(x.dtype)
-        for block in stack.block:
-            sa, ff = block.layer[0], block.layer[1]
+        for i in layers:
+            sa, ff = stack.block[i].layer[0], stack.block[i].layer[1]
             h = sa.layer_norm(x)
             att = sa.SelfAttention
             q, k, v = (to_padded(att.heads(p, h), part) for p in (att.q, att.k, att.v))  # (B, H, S, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
             x = x + att.o(to_packed(y, part).reshape(x.shape[0], -1))
             x = x + ff.DenseReluDense(ff.layer_norm(x))
-        enc = stack.final_layer_norm(x)  # (N, C)
-        s0, cache = part.first_slot, batch.cache
-        for i, block in enumerate(self.decoder.block):
-            att = block.layer[1].EncDecAttention
-            cache.kv[i, 0, s0:s0 + part.size, :, :s] = to_padded(att.heads(att.k, enc), part)
-            cache.kv[i, 1, s0:s0 + part.size, :, :s] = to_padded(att.heads(att.v, enc), part)
+        return x
+
+    def write_cross(self, enc: torch.Tensor, batch: Batch, layers: range) -> None:
+        """Cross-attention K/V of decoder layers ``layers`` from the encoder output enc (N, C), into
+        the new slots of ``batch.cache`` (which holds those layers from index 0)."""
+        part = batch.prompts
+        s0, s, cache = part.first_slot, part.t_max, batch.cache
+        for local, i in enumerate(layers):
+            att = self.decoder.block[i].layer[1].EncDecAttention
+            cache.kv[local, 0, s0:s0 + part.size, :, :s] = to_padded(att.heads(att.k, enc), part)
+            cache.kv[local, 1, s0:s0 + part.size, :, :s] = to_padded(att.heads(att.v, enc), part)
 
     # ---- decoder -------------------------------------------------------------------------------
 
@@ -236,26 +250,32 @@ class T5(nn.Module):
         running slots by one token; new sequences are teacher-forced through their decoder inputs
         (start token, then any resumed tokens). Cross-attention reads ``cross`` for the same slots.
         Returns the logits of ``batch.logit_rows`` (B, V)."""
-        a, stack = self.args, self.decoder
-        n = batch.input_ids.shape[0]
+        x = self.decode_layers(self.shared(batch.input_ids), batch, cross, range(len(self.decoder.block)))
+        return self.decode_head(x, batch)
+
+    def decode_layers(self, x: torch.Tensor, batch: Batch, cross: KVCache, layers: range) -> torch.Tensor:
+        """Decoder layers ``layers`` over x (N, C); both caches hold those layers from index 0."""
+        n = x.shape[0]
         decode_bias, prompt_bias = self._self_biases(batch)
         cross_parts = _cross_parts(batch, cross)
-        x = self.shared(batch.input_ids)  # (N, C)
-        for i, block in enumerate(stack.block):
-            sa, ca, ff = block.layer
+        for local, i in enumerate(layers):
+            sa, ca, ff = self.decoder.block[i].layer
             att = sa.SelfAttention
             h = sa.layer_norm(x)
             q, k, v = (att.heads(p, h) for p in (att.q, att.k, att.v))  # (N, H, D)
-            y = attend(q, k, v, i, batch, scale=1.0, decode_bias=decode_bias, prompt_bias=prompt_bias)
+            y = attend(q, k, v, local, batch, scale=1.0, decode_bias=decode_bias, prompt_bias=prompt_bias)
             x = x + att.o(y.reshape(n, -1))
             xa = ca.EncDecAttention
             q = xa.heads(xa.q, ca.layer_norm(x))  # (N, H, D)
-            x = x + xa.o(_attend_cross(q, cross.kv[i], cross_parts).reshape(n, -1))
+            x = x + xa.o(_attend_cross(q, cross.kv[local], cross_parts).reshape(n, -1))
             x = x + ff.DenseReluDense(ff.layer_norm(x))
+        return x
+
+    def decode_head(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         x = x if batch.logit_rows is None else x[batch.logit_rows]  # (B, C)
-        x = stack.final_layer_norm(x)
-        if a.scale_decoder_outputs:
-            x = x * a.d_model ** -0.5
+        x = self.decoder.final_layer_norm(x)
+        if self.args.scale_decoder_outputs:
+            x = x * self.args.d_model ** -0.5
         return self.lm_head(x).float()  # (B, V)
 
     def _self_biases(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:

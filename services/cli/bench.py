@@ -10,6 +10,7 @@ import importlib
 
 TARGETS: dict[str, tuple[str, str]] = {
     "engine": ("engine.bench", "our engine vs Hugging Face generate, prefill and decode tokens/s"),
+    "parallel": ("engine.parallel.bench", "a model over a process group (TP, PP) vs one process"),
     "optimizer": ("services.bench_optimizer", "search vs exhaustive, ExeGPT vs static/continuous"),
     "mesh": ("services.bench_mesh", "mesh vs embedded server vs in-process engine"),
     "schedules": ("services.bench_schedules",

@@ -20,19 +20,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
+    p.add_argument("--tp", default="1", help="tensor-parallel degree, or one per pipeline stage (2,1); "
+                   "more than one process runs the model (torch.distributed)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--stage-layers", default=None, help="layers per pipeline stage, e.g. 20,10")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from engine import load_engine
     from engine.api import GenerationRequest, SamplingParams
+    from engine.parallel import GroupShape
+    from engine.parallel.group import load_group_engine
     from services.cli import CliError
 
+    engine = None
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-        engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads)
+        shape = GroupShape.parse(args.tp, args.pp, args.stage_layers)
+        if shape.single:
+            engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads)
+        else:
+            engine = load_group_engine(args.model, shape, device=args.device, dtype=args.dtype,
+                                       num_threads=args.threads)
         prompt = args.prompt
         if not args.raw and engine.tokenizer.chat_template is not None:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -46,5 +58,8 @@ def run(args: argparse.Namespace) -> int:
             events = engine.decode_step()
     except ValueError as exc:
         raise CliError(str(exc)) from exc
+    finally:
+        if engine is not None and hasattr(engine.runner, "close"):  # a process group: stop its followers
+            engine.runner.close()
     sys.stdout.write("\n")
     return 0

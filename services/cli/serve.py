@@ -29,6 +29,12 @@ FLAGS = {
     "--namespace": ("namespace", str, "prefix of every queue, exchange and key (default exegpt)"),
     "--device": ("device", str, "engine device: auto, cpu, cuda"),
     "--threads": ("threads", int, "torch threads per engine"),
+    "--tp": ("tp", str, "tensor-parallel degree of this worker's process group, or one per stage (2,1)"),
+    "--pp": ("pp", int, "pipeline stages of this worker's process group"),
+    "--stage-layers": ("stage_layers", str, "layers per pipeline stage, e.g. 20,10 (default: by TP degree)"),
+    "--master-addr": ("master_addr", str, "rank 0's address, for a worker group spanning hosts"),
+    "--master-port": ("master_port", int, "rank 0's port, for a worker group spanning hosts"),
+    "--rank": ("rank", int, "this process's rank in a multi-host worker group (0 drives it)"),
     "--max-encode-batch": ("max_encode_batch", int, "upper bound on B_E"),
     "--max-decode-batch": ("max_decode_batch", int, "upper bound on B_D"),
     "--schedule": ("schedule", str, "schedule the scheduler pins: JSON of Schedule fields, or a file"),
@@ -69,6 +75,10 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
+    if config.rank > 0:  # a follower rank of a multi-host worker group: no broker, no gateway
+        if args.role != "worker":
+            raise CliError(f"--rank applies to `exegpt worker`, not `{args.role}`")
+        return _follow(config)
     if config.schedule:
         from services.scheduler import parse_schedule
 
@@ -103,6 +113,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         return main_for(args.role, config)
     except ValueError as exc:  # the engine names a bad model or device this way
+        raise CliError(str(exc)) from None
+
+
+def _follow(config) -> int:
+    """A follower rank of a worker group whose rank 0 runs elsewhere: it only computes."""
+    if config.master_addr is None or config.master_port is None:
+        raise CliError("--rank > 0 needs --master-addr and --master-port (rank 0's)")
+    from engine.parallel.group import follow
+    from services.engines import group_shape
+
+    try:
+        return follow(config.model, group_shape(config), config.rank, addr=config.master_addr,
+                      port=config.master_port, device=config.device, num_threads=config.threads)
+    except ValueError as exc:
         raise CliError(str(exc)) from None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.api import Engine, GenerationRequest, KVHandoff, TokenEvent
+from engine.api import Engine, EngineBroken, GenerationRequest, KVHandoff, TokenEvent
 from optimizer.policies import StepPlan
 
 
@@ -33,6 +33,8 @@ def run_step(engine: Engine, plan: StepPlan, prompts: dict[str, GenerationReques
     for rid in plan.admit:
         try:
             engine.import_request(handoffs[rid])
+        except EngineBroken:
+            raise
         except Exception as exc:  # another model, bad bytes: this hand-off alone fails
             result.refused[rid] = f"hand-off refused: {exc}"
     decode = [rid for rid in plan.decode if rid not in result.refused]

@@ -34,13 +34,13 @@ from common.messages.work import WorkMessage
 from common.names import DONE_TTL_S, OUTPUT_LENGTHS_MAX, Names
 from common.transport.connect import Transports
 from common.transport.port import Delivery, Subscription, Unroutable
-from engine.api import KVHandoff
+from engine.api import EngineBroken, KVHandoff
 from optimizer.driver import Driver, StepOutcome
 from optimizer.policies import (DrainPolicy, IdlePolicy, QueuedRequest, Role, RunningRequest, StepPlan,
                                 make_policy)
 from optimizer.schedule import Schedule
 from services.worker.credits import Credits
-from services.engines import EngineRunner
+from services.engines import EngineRunner, group_shape
 from services.worker.executor import StepResult, run_step
 from services.worker.follower import ScheduleFollower
 from services.worker.mailbox import Inbox, Outbox
@@ -90,6 +90,7 @@ class Worker:
         self.transports = transports
         self.bus, self.store, self.kv = transports.bus, transports.store, transports.kv
         self.worker_id = new_worker_id(config, "worker")
+        self.group = group_shape(config).tp  # announced in heartbeats
         self.runner = runner
         self.follower = ScheduleFollower(self.worker_id, config.max_encode_batch, config.max_decode_batch)
         self.role: Role = "idle"
@@ -472,6 +473,8 @@ class Worker:
         try:
             result = await self.runner.call(run_step, self.runner.engine, plan, prompts, handoffs,
                                             self.role == "encoder")
+        except EngineBroken:
+            raise  # nothing more can run here: exit, and the broker redelivers what this worker held
         except Exception as exc:  # an engine fault: these requests run elsewhere once, then fail
             result = await self._step_failed(plan, exc)
         result.started_at, result.ended_at = started, time.time()
@@ -619,7 +622,7 @@ class Worker:
         running = len(self.driver.running)
         free = max(self.follower.schedule.decode_batch - running, 0) if self.role in ("worker", "decoder") else 0
         status = WorkerStatus(self.worker_id, self.role, self.follower.version, running, free, state, time.time(),
-                              self.engine_s, self.steps)
+                              self.engine_s, self.steps, self.group)
         await self.bus.broadcast(self.names.status_exchange, codec.encode(status))
 
     async def _heartbeat(self) -> None:

@@ -162,7 +162,7 @@ def test_a_schedule_compares_across_worker_counts_only_when_it_can_run_there():
 class SamePlanner:
     """Plans and evaluates every schedule alike: only the trigger decides whether to publish."""
 
-    cluster = type("Cluster", (), {"worker_devices": 1})()
+    worker_devices = 1
 
     def plan(self, workload, workers, bound):
         return plan_of(10.0, 1.0, True)

@@ -111,3 +111,33 @@ def test_least_latency_is_the_floor_of_every_bound(profile, model, devices, task
     assert exhaustive(sc, floor * 0.999, policies, SMALL).best is None
     at_floor = exhaustive(sc, floor * 1.0001, policies, SMALL).best
     assert at_floor is not None and at_floor.figures.latency_p99_s == pytest.approx(floor, rel=1e-3)
+
+
+def test_workers_that_are_process_groups_get_schedules_of_their_shape(profile):
+    """Workers announce their group (TP degree per stage): the search plans within that shape."""
+    from dataclasses import replace
+
+    cpu_like = replace(H200_CLUSTER, device_threads=1)  # one process per device, as on CPU hosts
+    free = Scenario(MODELS["opt-13b"], profile, cpu_like, TASKS["S"], 4)
+    grouped = Scenario(MODELS["opt-13b"], profile, cpu_like, TASKS["S"], 4, group=(2,))
+    assert free.worker_devices == 1 and grouped.worker_devices == 2 and grouped.worker_count == 2
+    best = branch_and_bound(grouped, math.inf, ("rra", "continuous", "waa-c")).best
+    assert best is not None
+    assert (best.schedule.tp_degree, best.schedule.worker_devices) == (2, 2)
+    partial = Scenario(MODELS["opt-13b"], profile, cpu_like, TASKS["S"], 6, group=(2, 1))
+    assert partial.group_tp() == (2, 1) and partial.worker_devices == 3
+    with pytest.raises(ValueError, match="tp=16"):
+        Scenario(MODELS["opt-13b"], profile, cpu_like, TASKS["S"], 16, group=(16,))
+
+
+def test_a_cluster_file_can_say_that_workers_are_process_groups(profile):
+    from dataclasses import replace
+
+    from optimizer.cluster import cluster_to_dict, parse_cluster
+
+    grouped = replace(H200_CLUSTER, device_threads=1, worker_group=(2,))
+    assert parse_cluster(cluster_to_dict(grouped)) == grouped
+    sc = Scenario(MODELS["opt-13b"], profile, grouped, TASKS["S"], 4)
+    assert sc.group == (2,) and sc.worker_devices == 2
+    with pytest.raises(ValueError, match="worker_group"):
+        parse_cluster({**cluster_to_dict(grouped), "worker_group": [0]})

@@ -1,0 +1,166 @@
+"""Cutting a loaded model down to what one rank of a group holds.
+
+Tensor parallelism (Megatron-style): attention heads and the FFN's hidden units are split into
+contiguous ranges, one per TP rank. The projections into heads (q/k/v) and into the FFN's hidden
+units are split by output rows (column-parallel); the projections back to the model width (o, down)
+by input columns (row-parallel), each followed by one all-reduce over the stage's TP ranks, so a
+block costs two all-reduces of (rows, C). The KV cache then holds only the rank's kv heads.
+Grouped-query attention is split by kv heads with their query heads, so head counts need not divide
+evenly (SmolLM2's 3 kv heads over 2 ranks: 2 and 1). Embeddings, norms and the LM head are
+replicated.
+
+Pipeline parallelism: a stage keeps only its layers (the others become ``nn.Identity``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.models.common import Linear
+from engine.parallel.shape import split
+
+
+class RowParallel(Linear):
+    """The row-parallel half of a TP pair: this rank's input columns, summed over the group by one
+    all-reduce, then the (whole) bias added once."""
+
+    group: object = None
+    after_bias: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.group is not None:
+            dist.all_reduce(y, group=self.group)
+        return y if self.after_bias is None else y + self.after_bias
+
+
+def _rows(linear: Linear, rows: range) -> None:
+    linear.weight = nn.Parameter(linear.weight[rows.start:rows.stop].contiguous(), requires_grad=False)
+    linear.out_features = len(rows)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias[rows.start:rows.stop].contiguous(), requires_grad=False)
+
+
+def _columns(linear: Linear, cols: range, group) -> None:
+    linear.weight = nn.Parameter(linear.weight[:, cols.start:cols.stop].contiguous(), requires_grad=False)
+    linear.in_features = len(cols)
+    bias = linear.bias
+    linear.bias = None
+    linear.__class__ = RowParallel
+    linear.group = group
+    linear.after_bias = None if bias is None else bias.detach()
+
+
+def _scaled(r: range, k: int) -> range:
+    return range(r.start * k, r.stop * k)
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """This rank's share of one attention: kv heads ``kv``, query heads ``q``."""
+
+    kv: range
+    q: range
+
+
+def head_split(heads: int, kv_heads: int, tp: int, tp_rank: int) -> HeadSplit:
+    if kv_heads < tp:
+        raise ValueError(f"{kv_heads} key/value heads cannot be split over {tp} tensor-parallel ranks")
+    kv = split(kv_heads, tp, tp_rank)
+    return HeadSplit(kv, _scaled(kv, heads // kv_heads))
+
+
+def shard_tp(model: nn.Module, tp: int, tp_rank: int, group) -> None:
+    """Keep this TP rank's heads and FFN units of every layer of ``model`` (unfused, just loaded)."""
+    if tp == 1:
+        return
+    if model.kind == "llama":
+        a = model.args
+        hs = head_split(a.num_attention_heads, a.num_key_value_heads, tp, tp_rank)
+        ffn = split(a.intermediate_size, tp, tp_rank)
+        d = a.head_dim
+        for block in model.model.layers:
+            att, mlp = block.self_attn, block.mlp
+            _rows(att.q_proj, _scaled(hs.q, d))
+            _rows(att.k_proj, _scaled(hs.kv, d))
+            _rows(att.v_proj, _scaled(hs.kv, d))
+            _columns(att.o_proj, _scaled(hs.q, d), group)
+            att.n_head, att.n_kv = len(hs.q), len(hs.kv)
+            _rows(mlp.gate_proj, ffn)
+            _rows(mlp.up_proj, ffn)
+            _columns(mlp.down_proj, ffn, group)
+        model.local_kv_heads = len(hs.kv)
+    elif model.kind in ("opt", "gpt2"):
+        a = model.args
+        hs = head_split(a.num_attention_heads, a.num_attention_heads, tp, tp_rank)
+        ffn = split(a.ffn_dim, tp, tp_rank)
+        d = a.head_dim
+        for block in model.model.decoder.layers:
+            att = block.self_attn
+            for proj in (att.q_proj, att.k_proj, att.v_proj):
+                _rows(proj, _scaled(hs.q, d))
+            _columns(att.out_proj, _scaled(hs.q, d), group)
+            att.n_head = len(hs.q)
+            _rows(block.fc1, ffn)
+            _columns(block.fc2, ffn, group)
+        model.local_kv_heads = len(hs.kv)
+    elif model.kind == "t5":
+        a = model.args
+        hs = head_split(a.num_heads, a.num_heads, tp, tp_rank)
+        ffn = split(a.d_ff, tp, tp_rank)
+        d = a.d_kv
+        for stack in (model.encoder, model.decoder):
+            for block in stack.block:
+                for part in block.layer:
+                    att = getattr(part, "SelfAttention", None) or getattr(part, "EncDecAttention", None)
+                    if att is not None:
+                        for proj in (att.q, att.k, att.v):
+                            _rows(proj, _scaled(hs.q, d))
+                        _columns(att.o, _scaled(hs.q, d), group)
+                        att.n_head = len(hs.q)
+                        table = getattr(att, "relative_attention_bias", None)
+                        if table is not None:  # (buckets, H): this rank's heads
+                            table.weight = nn.Parameter(table.weight[:, hs.q.start:hs.q.stop].contiguous(),
+                                                        requires_grad=False)
+                    ff = getattr(part, "DenseReluDense", None)
+                    if ff is not None:
+                        for name in ("wi", "wi_0", "wi_1"):
+                            if hasattr(ff, name):
+                                _rows(getattr(ff, name), ffn)
+                        _columns(ff.wo, ffn, group)
+        model.local_kv_heads = len(hs.kv)
+    else:
+        raise ValueError(f"tensor parallelism does not support model kind {model.kind!r}")
+
+
+def stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
+    """The layer stacks a pipeline splits: decoder-only models one, T5 its encoder and decoder."""
+    if model.kind == "llama":
+        return {"layers": model.model.layers}
+    if model.kind in ("opt", "gpt2"):
+        return {"layers": model.model.decoder.layers}
+    if model.kind == "t5":
+        return {"encoder": model.encoder.block, "decoder": model.decoder.block}
+    raise ValueError(f"pipeline parallelism does not support model kind {model.kind!r}")
+
+
+def keep_layers(model: nn.Module, kept: dict[str, range]) -> None:
+    """Drop every layer outside ``kept[stack]`` (the stage's own); T5 keeps each stack's relative
+    position table aside, since every stage needs it."""
+    if model.kind == "t5":
+        for stack in (model.encoder, model.decoder):
+            stack.__dict__["kept_bias"] = stack.block[0].layer[0].SelfAttention.relative_attention_bias
+    for name, layers in stacks(model).items():
+        for i in range(len(layers)):
+            if i not in kept[name]:
+                layers[i] = nn.Identity()
+
+
+def hidden_width(model: nn.Module) -> int:
+    a = model.args
+    return a.d_model if model.kind == "t5" else a.hidden_size
+
