@@ -21,6 +21,14 @@ The grid (``build_grid``) is geometric: batches 1, 2, 4, ... up to ``max_batch``
 (they are close to linear in tokens, so the optimizer extrapolates them safely), attention cells
 at ``ATTENTION_TOKENS x max_tokens`` (attention alone is cheaper, and grows faster than linearly
 in the length, so it is measured further). Whole-layer cells use every other point (x4 steps).
+
+Tensor parallelism (``tp_degrees``): for each degree k > 1 the same split and whole-layer rows,
+labelled ``tp: k``, are measured on the model cut to TP rank 0 of k in this process
+(``engine.parallel.shard.shard_tp`` without a group: the row-parallel projections skip their
+all-reduce), so a row holds one rank's compute only; the optimizer charges the all-reduces from
+the cluster's link. Rank 0 holds the larger share when heads or FFN units do not divide evenly.
+``step`` rows at tp=k repeat the tp=1 measurement: the LM head, sampling and the engine's work run
+unsharded on the last stage's TP rank 0.
 """
 
 from __future__ import annotations
@@ -30,10 +38,11 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from engine.kv_cache import KVCache
 from engine.models.common import Batch, Prompts, attend_decode, attend_prefill, to_packed, to_padded
@@ -106,19 +115,23 @@ class LayerProbe:
 
     prefill_phase, prefill_part = "prefill", "attn_prefill"
 
-    def __init__(self, engine) -> None:
-        self.model = engine.runner.model
-        self.device = torch.device(engine.device)
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.device = torch.device(device)
         self.dtype = next(self.model.parameters()).dtype
-        _, self.kv_heads, self.head_dim = self.model.cache_geometry()
+        _, kv_heads, self.head_dim = self.model.cache_geometry()
+        # a TP shard's cache holds only its own kv heads (cache_geometry() stays the full model's)
+        self.kv_heads = getattr(self.model, "local_kv_heads", kv_heads)
         self.hidden = self._hidden()
-        self.heads = self._heads()
+        self.heads = self._attention().n_head  # query heads this model (or TP shard) computes
 
     def _hidden(self) -> int:
         return self.model.args.hidden_size
 
-    def _heads(self) -> int:
-        return self.model.args.num_attention_heads
+    def _attention(self) -> nn.Module:
+        if self.model.kind == "llama":
+            return self.model.model.layers[0].self_attn
+        return self.model.model.decoder.layers[0].self_attn
 
     def _cache(self, batch: int, ctx: int) -> KVCache:
         cache = KVCache(1, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device, max_context=ctx + 1)
@@ -182,8 +195,8 @@ class T5Probe(LayerProbe):
     def _hidden(self) -> int:
         return self.model.args.d_model
 
-    def _heads(self) -> int:
-        return self.model.args.num_heads
+    def _attention(self) -> nn.Module:
+        return self.model.encoder.block[0].layer[0].SelfAttention
 
     def _encoder_bias(self, seq: int) -> torch.Tensor:
         pos = torch.arange(seq, device=self.device)
@@ -267,7 +280,23 @@ class T5Probe(LayerProbe):
 
 
 def probe_for(engine) -> LayerProbe:
-    return T5Probe(engine) if engine.runner.model.kind == "t5" else LayerProbe(engine)
+    return probe_of(engine.runner.model, torch.device(engine.device))
+
+
+def probe_of(model: nn.Module, device: torch.device) -> LayerProbe:
+    return T5Probe(model, device) if model.kind == "t5" else LayerProbe(model, device)
+
+
+def load_shard(model: str, tp: int, *, dtype: torch.dtype, device: torch.device, models_dir=None) -> nn.Module:
+    """``model`` (a name as for ``load_engine``) cut to TP rank 0 of ``tp``, in this process: its
+    row-parallel projections have no group, so a layer computes exactly that rank's share."""
+    from engine import read_checkpoint
+    from engine.loading import build_model, load_state
+    from engine.parallel.shard import shard_tp
+
+    model_type, config, state, _ = read_checkpoint(model, models_dir)
+    return load_state(build_model(model_type, config), state, dtype, device,
+                      prepare=lambda m: shard_tp(m, tp, 0, None))
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float = CELL_BUDGET_S) -> float:
@@ -291,14 +320,33 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, budget
     return statistics.median(samples) * 1e3
 
 
-def profile_rows(engine, model: str, grid: Grid | None = None, repeats: int = 5) -> tuple[list[dict], list[dict]]:
+def profile_rows(engine, model: str, grid: Grid | None = None, repeats: int = 5, *,
+                 tp_degrees: Iterable[int] = (1,), models_dir=None) -> tuple[list[dict], list[dict]]:
     """(split rows, layer rows) for ``engine``'s model over ``grid`` (default ``build_grid()``),
-    labelled ``model``, tp 1, as measured (the caller applies the noise rule,
-    ``optimizer.profile.smooth_rows``, before writing)."""
+    labelled ``model``, at tp 1 and each degree of ``tp_degrees`` (see the module docstring; the
+    shards are read again from ``engine.model_name`` and ``models_dir``), as measured (the caller
+    applies the noise rule, ``optimizer.profile.smooth_rows``, before writing)."""
     grid = grid or build_grid()
     probe = probe_for(engine)
     t = lambda fn: time_ms(fn, probe.device, repeats)  # noqa: E731
-    base = {"model": model, "tp": 1}
+    split, layers = _layer_rows(probe, grid, t, {"model": model, "tp": 1})
+    steps: list[dict] = []
+    if not isinstance(probe, T5Probe):
+        steps = [{"model": model, "tp": 1, "part": "step", "rows": n, "ms": step_ms(engine, probe, n, t)}
+                 for n in grid.step_rows]
+    split, layers = split + steps, layers + steps
+    for k in sorted(set(tp_degrees) - {1}):
+        shard = load_shard(engine.model_name, k, dtype=probe.dtype, device=probe.device, models_dir=models_dir)
+        k_split, k_layers = _layer_rows(probe_of(shard, probe.device), grid, t, {"model": model, "tp": k})
+        del shard
+        k_steps = [{**row, "tp": k} for row in steps]
+        split, layers = split + k_split + k_steps, layers + k_layers + k_steps
+    return split, layers
+
+
+def _layer_rows(probe: LayerProbe, grid: Grid, t: Callable[[Callable[[], object]], float],
+                base: dict) -> tuple[list[dict], list[dict]]:
+    """The split rows and whole-layer rows of one probe (no ``step`` rows), each with ``base``."""
     split: list[dict] = []
     for n in grid.tokens:
         rest = t(probe.decode_layer(n, 1, 1)) - sum(t(fn) for fn in probe.attention_in_decode(n))
@@ -317,8 +365,6 @@ def profile_rows(engine, model: str, grid: Grid | None = None, repeats: int = 5)
     else:
         layers += [{**base, "phase": "decode", "batch": b, "ctx": ctx, "ms": t(probe.decode_layer(b, ctx))}
                    for b, ctx in decode_cells]
-        steps = [{**base, "part": "step", "rows": n, "ms": step_ms(engine, probe, n, t)} for n in grid.step_rows]
-        split, layers = split + steps, layers + steps
     return split, layers
 
 

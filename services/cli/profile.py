@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-# Not measured by default: what the plan assumes for these paths unless told otherwise.
+# What the plan assumes for these paths when they are not measured.
 LOOPBACK = ("loopback", 1e9, 1e-4, "default, not measured: torch.distributed (gloo) between worker processes "
             "on this machine, conservative")
 HANDOFF = ("redis+rabbitmq", 100e6, 2e-3, "default, not measured (give --amqp-url and --redis-url to measure): "
@@ -35,6 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=_positive, default=10,
                    help="timed calls per cell, fewer once a cell has taken 0.5 s; the median counts")
     p.add_argument("--quick", action="store_true", help="two points per axis, for a smoke test (seconds)")
+    p.add_argument("--tp-degrees", type=_degrees, default=(1,), metavar="1,2",
+                   help="tensor-parallel degrees to profile (default 1; 1 is always included): rows at tp=k "
+                        "are one rank's share of a layer, collectives excluded")
+    links = p.add_mutually_exclusive_group()
+    links.add_argument("--measure-links", action="store_true",
+                       help="measure all-reduce and send/recv between worker processes (default: unless --quick, "
+                            "or when --tp-degrees names a degree above 1)")
+    links.add_argument("--no-collectives", action="store_true",
+                       help="do not measure them; write the documented default link")
     p.add_argument("--devices", type=_positive, default=2, help="worker processes this machine runs (default 2)")
     p.add_argument("--device-memory", type=float, default=None, metavar="BYTES",
                    help="memory budget of one worker process (default: RAM / --devices)")
@@ -57,6 +66,24 @@ def _positive(text: str) -> int:
     return value
 
 
+def _degrees(text: str) -> tuple[int, ...]:
+    try:
+        degrees = {int(t) for t in text.split(",") if t.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if any(k < 1 for k in degrees):
+        raise argparse.ArgumentTypeError(f"degrees must be >= 1, got {text!r}")
+    return tuple(sorted(degrees | {1}))
+
+
+def _measures_links(args: argparse.Namespace) -> bool:
+    """Measured unless told not to: a full profile (minutes) pays a few seconds for it, a quick one
+    only when asked or when it profiles TP degrees (whose all-reduces the link prices)."""
+    if args.no_collectives:
+        return False
+    return args.measure_links or not args.quick or max(args.tp_degrees) > 1
+
+
 def _sibling(out: Path, suffix: str) -> Path:
     return out.with_name(f"{out.stem}{suffix}")
 
@@ -72,12 +99,16 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         engine, split, layers, warnings = _profile(args, threads)
-        cluster = _cluster(args, threads, engine.device)
+        collectives = _measured_collectives(engine.device) if _measures_links(args) else None
+        cluster = _cluster(args, threads, engine.device, collectives)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     _write(args, engine, split, layers, cluster)
+    if collectives is not None:
+        _print_collectives(collectives, cluster.intra_node)
     _warn(warnings)
-    print(f"profiled {args.model} ({len(split)} split and {len(layers)} layer rows, {threads} thread(s)) "
+    tp = ",".join(map(str, args.tp_degrees))
+    print(f"profiled {args.model} ({len(split)} split and {len(layers)} layer rows, tp {tp}, {threads} thread(s)) "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -94,15 +125,15 @@ def _profile(args: argparse.Namespace, threads: int):
         print(f"exegpt profile: note: --max-len {args.max_len} capped at {max_len} ({args.model}'s context is "
               f"{engine.max_context})", file=sys.stderr)
     grid = quick_grid(max_len) if args.quick else build_grid(args.max_batch, max_len, args.max_tokens)
-    split, layers = profile_rows(engine, args.model, grid, repeats=args.repeats)
+    split, layers = profile_rows(engine, args.model, grid, repeats=args.repeats, tp_degrees=args.tp_degrees)
     split_s, layers_s = smooth_rows(split), smooth_rows(layers)
     return engine, split_s.rows, layers_s.rows, split_s.warnings + layers_s.warnings
 
 
-def _cluster(args: argparse.Namespace, threads: int, device: str):
+def _cluster(args: argparse.Namespace, threads: int, device: str, collectives=None):
     from optimizer.cluster import Cluster, Link
 
-    loopback = Link(*LOOPBACK)
+    loopback = Link(*LOOPBACK) if collectives is None else measured_link(collectives)
     handoff = _measured_handoff(args) if args.amqp_url else Link(*HANDOFF)
     memory = args.device_memory or _device_memory(device) / (1 if device.startswith("cuda") else args.devices)
     name = f"{'cuda' if device.startswith('cuda') else 'cpu'}-{args.devices}x{threads}t"
@@ -110,6 +141,54 @@ def _cluster(args: argparse.Namespace, threads: int, device: str):
              f"thread(s) each, memory {'as given' if args.device_memory else 'RAM / devices'}")
     return Cluster(name, memory, args.devices, loopback, loopback, handoff=handoff,
                    device_threads=0 if device.startswith("cuda") else threads, device_count=args.devices, notes=notes)
+
+
+def _measured_collectives(device: str):
+    from engine.parallel.collectives import measure
+    from services.cli import CliError
+
+    if device.startswith("cuda"):
+        print("exegpt profile: note: the link is measured between CPU processes (gloo); NCCL between GPUs is "
+              "not measured", file=sys.stderr)
+    try:
+        return measure()
+    except (OSError, RuntimeError) as exc:
+        raise CliError(f"cannot measure the collectives between worker processes: {exc} "
+                       f"(--no-collectives writes the default link)") from exc
+
+
+def measured_link(times):
+    """The link kind between worker processes, from ``engine.parallel.collectives`` times: fitted so
+    that the optimizer's all-reduce over two ranks (``allreduce_s``: 2 x latency + bytes / bandwidth)
+    matches the measured all-reduce, since tensor parallelism pays two all-reduces per layer and step
+    and a pipeline only one message per stage. ``source`` says what was measured and how well the
+    same link predicts a send/recv message (``p2p_s``)."""
+    from optimizer.cluster import Link, allreduce_s, p2p_s
+
+    fit = times.allreduce_fit()
+    link = Link("loopback", fit.bandwidth_Bps, fit.latency_s / 2)
+    ar = [s.allreduce_s / allreduce_s(link, s.nbytes, 2) for s in times.sizes]
+    p2p = [s.p2p_s / p2p_s(link, s.nbytes) for s in times.sizes]
+    own = times.p2p_fit()
+    source = (f"measured by exegpt profile: {times.describe()}; fitted to the all-reduce (2 x latency + bytes / "
+              f"bandwidth over 2 ranks): measured / modelled {min(ar):.2f}-{max(ar):.2f}; send/recv measured / "
+              f"modelled {min(p2p):.2f}-{max(p2p):.2f} (send/recv alone fits {own.latency_s * 1e6:.0f} us, "
+              f"{own.bandwidth_Bps / 1e9:.2f} GB/s)")
+    return Link(link.name, link.bandwidth_Bps, link.latency_s, source)
+
+
+def _print_collectives(times, link) -> None:
+    from engine.parallel.collectives import size_text
+    from optimizer.cluster import allreduce_s, p2p_s
+
+    print(f"collectives ({times.describe()}, {times.wall_s:.1f} s); link written: latency "
+          f"{link.latency_s * 1e6:.1f} us, bandwidth {link.bandwidth_Bps / 1e9:.2f} GB/s")
+    print(f"{'bytes':>9} {'all-reduce':>11} {'modelled':>9} {'ratio':>6} {'send/recv':>10} {'modelled':>9} "
+          f"{'ratio':>6}  (us, medians)")
+    for s in times.sizes:
+        ar, pp = allreduce_s(link, s.nbytes, 2), p2p_s(link, s.nbytes)
+        print(f"{size_text(s.nbytes):>9} {s.allreduce_s * 1e6:>11.1f} {ar * 1e6:>9.1f} {s.allreduce_s / ar:>6.2f} "
+              f"{s.p2p_s * 1e6:>10.1f} {pp * 1e6:>9.1f} {s.p2p_s / pp:>6.2f}")
 
 
 def _device_memory(device: str) -> float:
@@ -140,7 +219,7 @@ def _write(args: argparse.Namespace, engine, split: list[dict], layers: list[dic
 
     layers_out = args.layers_out or _sibling(args.out, f"-layers{args.out.suffix or '.jsonl'}")
     cluster_out = args.cluster_out or _sibling(args.out, "-cluster.json")
-    head = header(engine)
+    head = {**header(engine), "tp_degrees": list(args.tp_degrees)}
     write_jsonl(args.out, {**head, "kind": "split: attention-only and rest-of-layer"}, split)
     write_jsonl(layers_out, head, layers)
     cluster_out.parent.mkdir(parents=True, exist_ok=True)
