@@ -33,13 +33,15 @@ def resolve_device(device: str) -> str:
 
 
 def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, num_threads: int | None = None,
-                max_context: int | None = None, models_dir: str | Path | None = None):
+                max_context: int | None = None, models_dir: str | Path | None = None, cuda_graphs: bool = False):
     """An ``engine.api.Engine`` for ``model``: ``smollm2``, ``tiny-llama|tiny-opt|tiny-t5`` or a folder
     (Hugging Face layout) or a ``.gguf`` file. Raises ValueError naming the problem.
 
     dtype: ``float32`` (CPU default), ``bfloat16`` (CUDA default) or ``float16``.
     max_context: cap on prompt + generated tokens per request (default: the model's own limit).
     models_dir: where tiny models are written (default ``~/.cache/exegpt/models`` or $EXEGPT_MODELS_DIR).
+    cuda_graphs: decode steps of the whole running batch replay CUDA graphs (``engine.cuda_graph``);
+    decoder-only models on CUDA only, ignored elsewhere.
     """
     import torch
 
@@ -60,7 +62,8 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
 
         runner = EncoderDecoderRunner(module, device=torch.device(dev), dtype=torch_dtype, max_context=context)
     else:
-        runner = DecoderOnlyRunner(module, device=torch.device(dev), dtype=torch_dtype, max_context=context)
+        runner = DecoderOnlyRunner(module, device=torch.device(dev), dtype=torch_dtype, max_context=context,
+                                   cuda_graphs=cuda_graphs)
     vocab = min(config["vocab_size"], tokenizer.vocab_size)
     return LocalEngine(runner, tokenizer, model_name=model, device=dev, vocab_size=vocab)
 

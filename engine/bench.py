@@ -102,12 +102,13 @@ def format_table(cells: list[Cell]) -> str:
 
 def benchmark(model: str, batches: list[int], prompt_len: int, new_tokens: int, *, repeats: int = 2,
               device: str = "auto", dtype: str | None = None, threads: int | None = None, seed: int = 0,
-              prompt_spread: float = 0.5, output_spread: float = 0.5) -> tuple[list[Cell], str]:
+              prompt_spread: float = 0.5, output_spread: float = 0.5,
+              cuda_graphs: bool = False) -> tuple[list[Cell], str]:
     import torch
 
     from engine import load_engine
 
-    engine = load_engine(model, device=device, dtype=dtype, num_threads=threads)
+    engine = load_engine(model, device=device, dtype=dtype, num_threads=threads, cuda_graphs=cuda_graphs)
     if engine.runner.layout.startswith("t5"):
         raise ValueError("the engine benchmark compares decoder-only models")
     hf = reference_model(engine, model)

@@ -40,16 +40,28 @@ class Runner(Protocol):
 class DecoderOnlyRunner:
     prompt_in_context = True
 
-    def __init__(self, model: nn.Module, *, device: torch.device, dtype: torch.dtype, max_context: int) -> None:
+    def __init__(self, model: nn.Module, *, device: torch.device, dtype: torch.dtype, max_context: int,
+                 cuda_graphs: bool = False) -> None:
         self.model = model
         self.device = device
         self.max_context = max_context
         layers, kv_heads, head_dim = model.cache_geometry()
         self.cache = KVCache(layers, kv_heads, head_dim, dtype=dtype, device=device, max_context=max_context)
         self.layout = f"{model.kind}:L,2,Hkv,T,D"
+        # decode-only steps of the whole batch as replayed CUDA graphs (engine.cuda_graph); CUDA only
+        self.decode_graphs = None
+        if cuda_graphs and device.type == "cuda":
+            from engine.cuda_graph import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(model, self.cache)
 
     def step(self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int],
              padding: int) -> torch.Tensor:
+        if self.decode_graphs is not None and not prompts:
+            logits = self.decode_graphs.step(last_tokens, padding)
+            if logits is not None:
+                self.cache.advance(len(last_tokens))
+                return logits
         size, live = self.cache.size, len(last_tokens)
         ids = torch.tensor(last_tokens, dtype=torch.int64).to(self.device, non_blocking=True)
         seqs = [p + r for p, r in zip(prompts, resumed)]  # a resumed request re-reads what it said
