@@ -44,6 +44,9 @@ class MeshConfig(BaseSettings):
         None, pattern=r"^[0-9]+(,[0-9]+)*$",
         description="Layers of each pipeline stage (`20,10`); None: in proportion to each stage's TP degree.",
     )
+    pp_microbatches: int = Field(
+        1, ge=1, description="Decode micro-batches per step through the worker group's pipeline stages.",
+    )
     master_addr: str | None = Field(
         None, description="Address of rank 0 of a worker group spanning hosts (as torchrun's); None: "
         "the group's processes are started on this host.",

@@ -43,7 +43,7 @@ def group_shape(config: MeshConfig):
     """The worker group's shape from ``tp``, ``pp`` and ``stage_layers``."""
     from engine.parallel.shape import GroupShape
 
-    return GroupShape.parse(config.tp, config.pp, config.stage_layers)
+    return GroupShape.parse(config.tp, config.pp, config.stage_layers, config.pp_microbatches)
 
 
 def served_model_name(config: MeshConfig) -> str:

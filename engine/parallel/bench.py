@@ -1,7 +1,9 @@
 """`exegpt bench parallel`: a model over a process group (TP, PP) against one process, same run.
 
-Each configuration serves the same requests: ``--batch`` prompts of ``--prompt-len`` tokens
-prefilled in one step, then ``--new-tokens`` decode steps of the whole batch (greedy, EOS ignored).
+Each configuration serves the same requests: ``--batch-sizes`` prompts of ``--prompt-len`` tokens
+prefilled in one step, then ``--new-tokens`` decode steps of the whole batch (greedy, EOS ignored),
+after one untimed prefill and decode step of the same batch (a fresh process's first calls cost
+more).
 Prefill and decode tokens/s are the best of ``--repeats`` runs; configurations take turns within
 each repeat, so a noisy neighbour hits them alike. The baselines are one process with one torch
 thread (the group's processes have one each) and one process with as many threads as the group
@@ -13,12 +15,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 
-CONFIGS = {  # name -> (tp, pp)
-    "tp2": ("2", 1),
-    "pp2": ("1", 2),
-    "tp2,1+pp2": ("2,1", 2),
+CONFIGS = {  # name -> (tp, pp, decode micro-batches per step)
+    "tp2": ("2", 1, 1),
+    "pp2": ("1", 2, 1),
+    "pp2-m2": ("1", 2, 2),
+    "pp2-m4": ("1", 2, 4),
+    "tp2,1+pp2": ("2,1", 2, 1),
 }
+
+
+def shape_of(name: str):
+    from engine.parallel import GroupShape
+
+    tp, pp, micro = CONFIGS[name]
+    return replace(GroupShape.parse(tp, pp), microbatches=micro)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     batches = [int(b) for b in args.batch_sizes.split(",")]
     engines = {"1 process, 1 thread": ("one", 1)}
-    widest = max(GroupShape.parse(*CONFIGS[n]).world for n in names) if names else 1
+    widest = max(shape_of(n).world for n in names) if names else 1
     if widest > 1:
         engines[f"1 process, {widest} threads"] = ("one", widest)
     for n in names:
@@ -56,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     for _ in range(args.repeats):  # a process holds one group at a time: each repeat starts them again
         for label, (kind, what) in engines.items():
             if kind == "group":
-                engine = load_group_engine(args.model, GroupShape.parse(*CONFIGS[what]), device="cpu", num_threads=1)
+                engine = load_group_engine(args.model, shape_of(what), device="cpu", num_threads=1)
             else:
                 engine = one
             torch.set_num_threads(what if kind == "one" else 1)
@@ -64,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
                 for b in batches:
                     prompts = [GenerationRequest(f"r{i}", tuple((7 * i + j) % 200 + 10 for j in range(args.prompt_len)),
                                                  params) for i in range(b)]
+                    engine.prefill(prompts)  # warm-up: first calls of a fresh process cost more
+                    engine.decode_step()
+                    for r in prompts:
+                        engine.abort(r.request_id)
                     t0 = time.perf_counter()
                     engine.prefill(prompts)
                     t1 = time.perf_counter()

@@ -114,8 +114,7 @@ class Stage:
         self.cache = make()
         self.cross = make() if self.t5 else None
         self.width = hidden_width(model)
-        # decode micro-batches per step: one per stage fills the pipeline (T5 runs whole steps)
-        self.microbatches = comm.shape.pp if not self.t5 else 1
+        self.microbatches = comm.shape.microbatches if not self.t5 else 1  # T5 runs whole steps
         self.vocab = model.lm_head.weight.shape[0]
 
     # ---- commands -----------------------------------------------------------------------------

@@ -42,6 +42,9 @@ class GroupShape:
 
     tp: tuple[int, ...] = (1,)
     layers: tuple[int, ...] | None = None
+    # decode micro-batches per step through the pipeline. 1 by default: on CPU a decode step streams
+    # its weights from memory whatever its rows, so M micro-batches read them M times (docs/parallel.md)
+    microbatches: int = 1
 
     def __post_init__(self) -> None:
         if not self.tp or any(not isinstance(t, int) or t < 1 for t in self.tp):
@@ -51,11 +54,13 @@ class GroupShape:
                 raise ValueError(f"{len(self.layers)} stage layer counts for {len(self.tp)} stages")
             if any(n < 0 for n in self.layers):
                 raise ValueError(f"stage layer counts must be >= 0, got {self.layers!r}")
+        if self.microbatches < 1:
+            raise ValueError(f"decode micro-batches must be >= 1, got {self.microbatches}")
 
     @classmethod
-    def parse(cls, tp: str | int = 1, pp: int = 1, layers: str | None = None) -> "GroupShape":
-        """``--tp T`` (every stage) or ``--tp 2,1`` (one degree per stage), ``--pp P``, and
-        ``--stage-layers 20,10``."""
+    def parse(cls, tp: str | int = 1, pp: int = 1, layers: str | None = None, microbatches: int = 1) -> "GroupShape":
+        """``--tp T`` (every stage) or ``--tp 2,1`` (one degree per stage), ``--pp P``,
+        ``--stage-layers 20,10`` and ``--pp-microbatches M``."""
         degrees = tuple(int(t) for t in str(tp).split(",")) if str(tp).strip() else (1,)
         if pp < 1:
             raise ValueError(f"--pp must be >= 1, got {pp}")
@@ -64,7 +69,7 @@ class GroupShape:
         elif len(degrees) != pp and pp != 1:
             raise ValueError(f"--tp names {len(degrees)} stages but --pp is {pp}")
         counts = tuple(int(n) for n in layers.split(",")) if layers else None
-        return cls(degrees, counts)
+        return cls(degrees, counts, microbatches)
 
     @property
     def pp(self) -> int:
@@ -110,9 +115,10 @@ class GroupShape:
         return f"tp={tp} pp={self.pp} ({self.world} processes)"
 
     def to_plain(self) -> dict:
-        return {"tp": list(self.tp), "layers": list(self.layers) if self.layers is not None else None}
+        return {"tp": list(self.tp), "layers": list(self.layers) if self.layers is not None else None,
+                "microbatches": self.microbatches}
 
     @classmethod
     def from_plain(cls, d: dict) -> "GroupShape":
         layers = d.get("layers")
-        return cls(tuple(d["tp"]), tuple(layers) if layers is not None else None)
+        return cls(tuple(d["tp"]), tuple(layers) if layers is not None else None, d.get("microbatches", 1))

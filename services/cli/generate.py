@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "more than one process runs the model (torch.distributed)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--stage-layers", default=None, help="layers per pipeline stage, e.g. 20,10")
+    p.add_argument("--pp-microbatches", type=int, default=1, help="decode micro-batches per step through the stages")
     p.set_defaults(func=run)
 
 
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-        shape = GroupShape.parse(args.tp, args.pp, args.stage_layers)
+        shape = GroupShape.parse(args.tp, args.pp, args.stage_layers, args.pp_microbatches)
         if shape.single:
             engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads)
         else:

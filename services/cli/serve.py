@@ -32,6 +32,7 @@ FLAGS = {
     "--tp": ("tp", str, "tensor-parallel degree of this worker's process group, or one per stage (2,1)"),
     "--pp": ("pp", int, "pipeline stages of this worker's process group"),
     "--stage-layers": ("stage_layers", str, "layers per pipeline stage, e.g. 20,10 (default: by TP degree)"),
+    "--pp-microbatches": ("pp_microbatches", int, "decode micro-batches per step through the pipeline stages"),
     "--master-addr": ("master_addr", str, "rank 0's address, for a worker group spanning hosts"),
     "--master-port": ("master_port", int, "rank 0's port, for a worker group spanning hosts"),
     "--rank": ("rank", int, "this process's rank in a multi-host worker group (0 drives it)"),

@@ -24,7 +24,8 @@ from engine.runners import greedy_logits
 
 TOL = 1e-4
 TINY = ("tiny-llama", "tiny-opt", "tiny-t5")
-SHAPES = {"tp2": GroupShape((2,)), "pp2": GroupShape((1, 1)), "tp2,1+pp2": GroupShape((2, 1))}
+SHAPES = {"tp2": GroupShape((2,)), "pp2": GroupShape((1, 1)), "pp2-m2": GroupShape((1, 1), microbatches=2),
+          "tp2,1+pp2": GroupShape((2, 1))}
 
 
 @pytest.fixture
