@@ -96,5 +96,7 @@ async def test_a_mesh_of_worker_groups_serves_each_request_once_and_survives_a_d
         assert any("worker-1" in ln and "restarting" in ln for ln in up.output)
         assert mesh.stop(up) == 0
     finally:
+        for proc in mesh.procs:  # shown when the test fails
+            print(f"--- {proc.role} output (last 60 lines)\n" + "".join(proc.output[-60:]))
         mesh.close()
         await purge_namespace(MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL), LocalHub())
