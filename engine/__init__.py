@@ -33,7 +33,8 @@ def resolve_device(device: str) -> str:
 
 
 def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, num_threads: int | None = None,
-                max_context: int | None = None, models_dir: str | Path | None = None, cuda_graphs: bool = False):
+                max_context: int | None = None, models_dir: str | Path | None = None, cuda_graphs: bool = False,
+                quant: str | None = None):
     """An ``engine.api.Engine`` for ``model``: ``smollm2``, ``tiny-llama|tiny-opt|tiny-t5`` or a folder
     (Hugging Face layout) or a ``.gguf`` file. Raises ValueError naming the problem.
 
@@ -42,6 +43,8 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
     models_dir: where tiny models are written (default ``~/.cache/exegpt/models`` or $EXEGPT_MODELS_DIR).
     cuda_graphs: decode steps of the whole running batch replay CUDA graphs (``engine.cuda_graph``);
     decoder-only models on CUDA only, ignored elsewhere.
+    quant: weight-only quantization of the projections, CPU only (``engine.quant``): ``fp16``, ``int8``,
+    ``int4``, or None / ``none`` (the weights in ``dtype``).
     """
     import torch
 
@@ -53,8 +56,17 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
         torch.set_num_threads(num_threads)
     dev = resolve_device(device)
     torch_dtype = _dtype(dtype, dev)
+    quant = check_quant(quant, dev)
     model_type, config, state, tokenizer = read_checkpoint(model, models_dir)
     module = load_state(build_model(model_type, config), state, torch_dtype, torch.device(dev))
+    if quant is not None:
+        from engine.quant import quantize_
+
+        quantize_(module, quant)
+    elif dev == "cpu" and torch_dtype in (torch.bfloat16, torch.float16) and hasattr(module, "lm_head"):
+        from engine.quant import float32_logits_
+
+        float32_logits_(module)  # low-precision logits make near ties exact ties or flip them
     limit = module.max_positions()
     context = min(limit, max_context) if max_context else limit
     if model_type == "t5":
@@ -94,6 +106,17 @@ def _folder(model: str, models_dir: str | Path | None) -> Path:
     if not path.is_dir():
         raise ValueError(f"model {model!r} is a file, expected a folder or a .gguf file")
     return path
+
+
+def check_quant(quant: str | None, device: str) -> str | None:
+    """``quant`` as ``load_engine`` takes it (None for ``none``); ValueError for an unknown mode or a
+    device the quantized kernels do not run on."""
+    from engine.quant import check_mode
+
+    mode = check_mode(quant)
+    if mode is not None and not device.startswith("cpu"):
+        raise ValueError(f"quant {mode!r} runs on the CPU only, not on {device!r} (use --dtype there)")
+    return mode
 
 
 def _dtype(name: str | None, device: str):

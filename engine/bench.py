@@ -8,6 +8,12 @@ whole batch to the longest one (static batching), our engine drops each request 
 Prefill tokens/s counts real prompt tokens; decode tokens/s counts each request's generated tokens
 after its first. Both sides greedy, same weights, dtype and threads, under inference_mode.
 
+``--llamacpp`` compares with llama.cpp (``llama-cpp-python``) on the same GGUF file instead of
+``generate``: llama.cpp runs one stream (a ``--prompt-len`` prompt, then ``--new-tokens`` tokens
+greedily, ``--threads`` threads), our engine each batch size; the ratio is our tokens/s (all the
+batch's streams together) over llama.cpp's one stream. Use ``--clock wall`` with it when
+``--threads`` is above 1 (the process clock adds up every thread's time).
+
 ``--step`` times our engine alone instead: one mixed ``step`` (``--step-prompts`` new prompts of
 ``--prompt-len`` tokens prefilled while ``--step-decodes`` running requests decode, one forward
 pass) against the same work as two calls (``decode_step()`` then ``prefill``), alternating, median
@@ -38,8 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="process: this process's CPU time, steadier on a shared machine with --threads 1")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the best counts (default %(default)s)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
+    p.add_argument("--quant", default=None, help="weight-only quantization (CPU): fp16, int8, int4 or none")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (and llama.cpp's)")
+    p.add_argument("--llamacpp", action="store_true",
+                   help="compare with llama.cpp's one stream on the same GGUF instead of transformers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", action="store_true",
                    help="time a mixed step against decode_step() + prefill() instead (no transformers needed)")
@@ -55,7 +64,7 @@ class Cell:
     batch: int
     phase: str  # "prefill" or "decode"
     ours_tok_s: float
-    hf_tok_s: float
+    hf_tok_s: float  # the baseline: transformers' generate, or llama.cpp's one stream (--llamacpp)
 
     @property
     def ratio(self) -> float:
@@ -77,38 +86,48 @@ def run(args: argparse.Namespace) -> int:
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     if args.step:
         return run_step(args)
+    if args.llamacpp:
+        return run_llamacpp(args, batches)
     try:
         cells, device = benchmark(args.model, batches, args.prompt_len, args.new_tokens, repeats=args.repeats,
                                   device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed,
-                                  prompt_spread=args.prompt_spread, output_spread=args.output_spread)
+                                  prompt_spread=args.prompt_spread, output_spread=args.output_spread,
+                                  quant=args.quant)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     import torch
 
-    print(f"engine vs transformers generate: model {args.model}, {device}, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock, prompts {args.prompt_len}*(1+-{args.prompt_spread}) tokens, "
-          f"outputs {args.new_tokens}*(1+-{args.output_spread}) tokens, best of {args.repeats}")
+    print(f"engine vs transformers generate: model {args.model}, {device}, {_weights(args)}, "
+          f"{torch.get_num_threads()} threads, {args.clock} clock, prompts {args.prompt_len}*(1+-{args.prompt_spread}) "
+          f"tokens, outputs {args.new_tokens}*(1+-{args.output_spread}) tokens, best of {args.repeats}")
     print(format_table(cells))
     print(summary(cells))
     return 0
 
 
-def format_table(cells: list[Cell]) -> str:
-    lines = [f"{'batch':>5}  {'phase':<8} {'ours tok/s':>11} {'HF tok/s':>11} {'ratio':>6}"]
+def _weights(args: argparse.Namespace) -> str:
+    """The engine's weights as the header names them: dtype, and the quantization if any."""
+    dtype = args.dtype or "default dtype"
+    return f"{dtype}, quant {args.quant}" if args.quant not in (None, "none") else dtype
+
+
+def format_table(cells: list[Cell], baseline: str = "HF") -> str:
+    lines = [f"{'batch':>5}  {'phase':<8} {'ours tok/s':>11} {baseline + ' tok/s':>15} {'ratio':>6}"]
     for c in cells:
-        lines.append(f"{c.batch:>5}  {c.phase:<8} {c.ours_tok_s:>11.1f} {c.hf_tok_s:>11.1f} {c.ratio:>6.2f}")
+        lines.append(f"{c.batch:>5}  {c.phase:<8} {c.ours_tok_s:>11.1f} {c.hf_tok_s:>15.1f} {c.ratio:>6.2f}")
     return "\n".join(lines)
 
 
 def benchmark(model: str, batches: list[int], prompt_len: int, new_tokens: int, *, repeats: int = 2,
               device: str = "auto", dtype: str | None = None, threads: int | None = None, seed: int = 0,
               prompt_spread: float = 0.5, output_spread: float = 0.5,
-              cuda_graphs: bool = False) -> tuple[list[Cell], str]:
+              cuda_graphs: bool = False, quant: str | None = None) -> tuple[list[Cell], str]:
     import torch
 
     from engine import load_engine
 
-    engine = load_engine(model, device=device, dtype=dtype, num_threads=threads, cuda_graphs=cuda_graphs)
+    engine = load_engine(model, device=device, dtype=dtype, num_threads=threads, cuda_graphs=cuda_graphs,
+                         quant=quant)
     if engine.runner.layout.startswith("t5"):
         raise ValueError("the engine benchmark compares decoder-only models")
     hf = reference_model(engine, model)
@@ -232,6 +251,94 @@ def reference_model(engine, model: str) -> Any:
     return hf
 
 
+# ---- llama.cpp's one stream as the anchor ---------------------------------------------------------
+
+
+def run_llamacpp(args: argparse.Namespace, batches: list[int]) -> int:
+    from services.cli import CliError
+
+    try:
+        cells, anchor = benchmark_llamacpp(args.model, batches, args.prompt_len, args.new_tokens,
+                                           repeats=args.repeats, dtype=args.dtype, quant=args.quant,
+                                           threads=args.threads, seed=args.seed, prompt_spread=args.prompt_spread,
+                                           output_spread=args.output_spread)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"engine vs llama.cpp's one stream: model {args.model}, cpu, {_weights(args)}, {anchor}, "
+          f"{args.clock} clock, prompts {args.prompt_len}*(1+-{args.prompt_spread}) tokens, "
+          f"outputs {args.new_tokens}*(1+-{args.output_spread}) tokens, best of {args.repeats}")
+    print(format_table(cells, "llama.cpp"))
+    print(summary(cells))
+    return 0
+
+
+def benchmark_llamacpp(model: str, batches: list[int], prompt_len: int, new_tokens: int, *, repeats: int = 2,
+                       dtype: str | None = None, quant: str | None = None, threads: int | None = None,
+                       seed: int = 0, prompt_spread: float = 0.5,
+                       output_spread: float = 0.5) -> tuple[list[Cell], str]:
+    """Our engine at each batch size against llama.cpp's one stream of a ``prompt_len`` prompt and
+    ``new_tokens`` tokens, on the same GGUF file and threads, interleaved, best of ``repeats``."""
+    import torch
+
+    from engine import load_engine
+
+    path = gguf_path(model)
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ValueError("--llamacpp needs llama-cpp-python (pip install llama-cpp-python)") from exc
+    engine = load_engine(model, device="cpu", dtype=dtype, num_threads=threads, quant=quant)
+    n_threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_len + new_tokens + 8, n_batch=max(512, prompt_len),
+                          n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    gen = torch.Generator().manual_seed(seed)
+    one = make_prompts(gen, 1, prompt_len, engine.vocab_size, 0.0)[0]
+    _ours(engine, [one[:8]] * 2, [3, 3])  # warm-up
+    _llamacpp(llm, one[:8], 3)
+    cells: list[Cell] = []
+    for b in batches:
+        prompts = make_prompts(gen, b, prompt_len, engine.vocab_size, prompt_spread)
+        outputs = spread_lengths(gen, b, new_tokens, output_spread, low=2)
+        ours, theirs = [], []
+        for _ in range(repeats):
+            ours.append(_ours(engine, prompts, outputs))
+            theirs.append(_llamacpp(llm, one, new_tokens))
+        n_prompt, n_decode = sum(map(len, prompts)), sum(n - 1 for n in outputs)
+        cells.append(Cell(b, "prefill", n_prompt / min(o[0] for o in ours), len(one) / min(t[0] for t in theirs)))
+        cells.append(Cell(b, "decode", n_decode / min(o[1] for o in ours),
+                          (new_tokens - 1) / min(t[1] for t in theirs)))
+    return cells, f"{n_threads} threads (both), llama-cpp-python {llama_cpp.__version__}"
+
+
+def gguf_path(model: str):
+    """The GGUF file behind ``model`` (smollm2 or a .gguf path); ValueError for anything else."""
+    from pathlib import Path
+
+    if model == "smollm2":
+        from engine.gguf_loader import smollm2_path
+
+        return smollm2_path()
+    if model.endswith(".gguf"):
+        return Path(model)
+    raise ValueError(f"--llamacpp runs a GGUF model (smollm2 or a .gguf file), not {model!r}")
+
+
+def _llamacpp(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one llama.cpp stream: the prompt and its first token's
+    argmax, then ``new_tokens - 1`` greedy tokens, each fed back."""
+    import numpy as np
+
+    llm.reset()
+    t0 = CLOCK()
+    llm.eval(prompt)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t1 = CLOCK()
+    for _ in range(new_tokens - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return t1 - t0, CLOCK() - t1
+
+
 def summary(cells: list[Cell]) -> str:
     return ", ".join(f"b{c.batch} {c.phase} {c.ratio:.2f}x" for c in cells) + \
         f" (geomean {statistics.geometric_mean([c.ratio for c in cells]):.2f}x)"
@@ -262,7 +369,8 @@ def run_step(args: argparse.Namespace) -> int:
     from engine import load_engine
 
     try:
-        engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads)
+        engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
+                             quant=args.quant)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     import torch

@@ -24,30 +24,39 @@ from torch import nn
 from engine.kv_cache import KVCache
 
 PACKED_MIN_WEIGHT = 1 << 16  # smaller matrices (tiny models) lose more to oneDNN's call overhead
+PACKED_ROWS = 8  # the row count oneDNN lays packed weights out for (any count runs; see PackedWeight)
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= PACKED_MIN_WEIGHT
-            and torch.backends.mkldnn.is_available())
+    if weight.device.type != "cpu" or weight.numel() < PACKED_MIN_WEIGHT or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.float32:
+        return True
+    return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class PackedWeight:
-    """``y = x W^T + b``, with W also held in oneDNN's blocked layout on CPU float32.
+    """``y = x W^T + b``, with W also held in oneDNN's blocked layout on CPU (float32, and bfloat16
+    where the CPU has bf16 instructions).
 
-    On the CPUs we run on, oneDNN's packed GEMM is about twice as fast as the default sgemm for
-    several rows, and for one row (a GEMV streaming the weight from memory) still about 1.3x; a
-    row's result does not depend on how many rows come with it. Elsewhere (CUDA, bf16, small
-    matrices) it is ``F.linear``. The dense weight stays the model's parameter.
+    The weight is reordered once for a few rows (``mkldnn._reorder_linear_weight``) and each call
+    is one oneDNN inner product on the dense input (``mkldnn._linear_pointwise``): no conversion of
+    inputs and outputs to and from oneDNN tensors. On the CPUs we run on it is the fastest float32
+    and bfloat16 path we measured at every row count, from one row (a GEMV streaming the weight
+    from memory) to a prefill; see docs/engine.md. Elsewhere (CUDA, float16, small matrices) it is
+    ``F.linear``. The dense weight stays the model's parameter.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight, self.bias = weight, bias
-        self.packed = weight.detach().to_mkldnn() if _can_pack(weight) else None
+        self.packed = None
+        if _can_pack(weight):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKED_ROWS)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.packed, self.bias).to_dense()
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
 
 class Linear(nn.Linear):
@@ -77,10 +86,20 @@ class Embedding(nn.Embedding):
 
 
 def pack_linears_(model: nn.Module) -> nn.Module:
+    """Pack every ``Linear`` (see ``PackedWeight``) but the row slices of a fused weight (Llama's
+    q/k/v and gate/up after ``fuse_``): the fused weight is what runs, the slices keep F.linear."""
+    fused = {w.untyped_storage().data_ptr() for w in fused_weights(model)}
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and module.weight.untyped_storage().data_ptr() not in fused:
             module.pack_()
     return model
+
+
+def fused_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weights of the ``PackedWeight``s a model's modules hold besides their ``Linear``s' own
+    (Llama's fused q/k/v and gate/up)."""
+    return [value.weight for module in model.modules() for name, value in vars(module).items()
+            if isinstance(value, PackedWeight) and not (isinstance(module, Linear) and name == "_packed")]
 
 
 @dataclass
@@ -269,8 +288,13 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
     cache = batch.cache.kv
     if part.live < b:
         k, v = k[: part.live], v[: part.live]
-    cache[layer, 0][part.slots, :, part.live_positions] = k
-    cache[layer, 1][part.slots, :, part.live_positions] = v
+    if part.mask is None:  # every live row writes position t_max - 1: a strided store, no index tensors
+        live = slice(part.first, part.first + part.live)
+        cache[layer, 0, live, :, part.t_max - 1] = k
+        cache[layer, 1, live, :, part.t_max - 1] = v
+    else:
+        cache[layer, 0][part.slots, :, part.live_positions] = k
+        cache[layer, 1][part.slots, :, part.live_positions] = v
     keys = cache[layer, 0, part.first:part.first + b, :, : part.t_max]  # (B, Hkv, T, D)
     values = cache[layer, 1, part.first:part.first + b, :, : part.t_max]
     if bias is not None:  # T5: SDPA takes the additive bias in its kernel
@@ -280,8 +304,11 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
     # query heads sharing one kv head become that head's query rows: no copy of the cache for GQA.
     # One query row per head is too small for SDPA's kernels to pay off; two matmuls are faster.
     qg = q.view(b, hkv, h // hkv, d)  # (B, Hkv, G, D)
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        # CPU bf16/fp16 matmuls of these small shapes are slower than converting to float32 first
+        qg, keys, values = qg.float(), keys.float(), values.float()
     scores = torch.matmul(qg, keys.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)  # (B, Hkv, G, T)
     if part.mask is not None:
         scores = scores.masked_fill(~part.mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).reshape(b, h, d)  # (B, Hkv, G, D) -> (B, H, D)
+    return torch.matmul(probs, values).reshape(b, h, d).to(q.dtype)  # (B, Hkv, G, D) -> (B, H, D)

@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.add_argument("--quant", default=None, help="weight-only quantization on the CPU: fp16, int8, int4 or none")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
     p.add_argument("--tp", default="1", help="tensor-parallel degree, or one per pipeline stage (2,1); "
                    "more than one process runs the model (torch.distributed)")
@@ -42,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
                                 top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
         shape = GroupShape.parse(args.tp, args.pp, args.stage_layers, args.pp_microbatches)
         if shape.single:
-            engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads)
+            engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
+                                 quant=args.quant)
+        elif args.quant not in (None, "none"):
+            raise ValueError("--quant runs in one process (--tp 1 --pp 1)")
         else:
             engine = load_group_engine(args.model, shape, device=args.device, dtype=args.dtype,
                                        num_threads=args.threads)
