@@ -59,14 +59,7 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
     quant = check_quant(quant, dev)
     model_type, config, state, tokenizer = read_checkpoint(model, models_dir)
     module = load_state(build_model(model_type, config), state, torch_dtype, torch.device(dev))
-    if quant is not None:
-        from engine.quant import quantize_
-
-        quantize_(module, quant)
-    elif dev == "cpu" and torch_dtype in (torch.bfloat16, torch.float16) and hasattr(module, "lm_head"):
-        from engine.quant import float32_logits_
-
-        float32_logits_(module)  # low-precision logits make near ties exact ties or flip them
+    precision_(module, quant, dev, torch_dtype)
     limit = module.max_positions()
     context = min(limit, max_context) if max_context else limit
     if model_type == "t5":
@@ -106,6 +99,22 @@ def _folder(model: str, models_dir: str | Path | None) -> Path:
     if not path.is_dir():
         raise ValueError(f"model {model!r} is a file, expected a folder or a .gguf file")
     return path
+
+
+def precision_(module, quant: str | None, device: str, dtype) -> None:
+    """After loading: the quantized projections of ``quant`` (checked by ``check_quant``), or on the
+    CPU float32 logits for a bfloat16/float16 model (low-precision logits make near ties exact ties
+    or flip them)."""
+    import torch
+
+    if quant is not None:
+        from engine.quant import quantize_
+
+        quantize_(module, quant)
+    elif device == "cpu" and dtype in (torch.bfloat16, torch.float16) and hasattr(module, "lm_head"):
+        from engine.quant import float32_logits_
+
+        float32_logits_(module)
 
 
 def check_quant(quant: str | None, device: str) -> str | None:

@@ -33,10 +33,12 @@ def load_engine(config: MeshConfig) -> Engine:
         from engine.parallel.group import load_group_engine
 
         return load_group_engine(config.model, shape, device=config.device, num_threads=config.threads,
+                                 dtype=config.dtype, quant=config.quant,
                                  master_addr=config.master_addr, master_port=config.master_port)
     from engine import load_engine as load  # the engine package's loader
 
-    return load(config.model, device=config.device, num_threads=config.threads)
+    return load(config.model, device=config.device, num_threads=config.threads, dtype=config.dtype,
+                quant=config.quant)
 
 
 def group_shape(config: MeshConfig):

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--models-dir", default=None)
+    p.add_argument("--quant", default=None)
     p.add_argument("--parent", type=int, default=None)
     args = p.parse_args(argv)
     if args.parent is not None:
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {args.rank} %(levelname)s %(message)s")
     shape = GroupShape.from_plain(json.loads(args.shape))
     return follow(args.model, shape, args.rank, addr=args.master_addr, port=args.master_port, device=args.device,
-                  dtype=args.dtype, num_threads=args.threads, max_context=args.max_context, models_dir=args.models_dir)
+                  dtype=args.dtype, num_threads=args.threads, max_context=args.max_context, models_dir=args.models_dir,
+                  quant=args.quant)
 
 
 if __name__ == "__main__":

@@ -374,15 +374,17 @@ def join(shape: GroupShape, rank: int, *, addr: str, port: int, device: str) -> 
 
 
 def build_stage(model: str, comm: Comm, *, device: str, dtype: torch.dtype, max_context: int | None,
-                models_dir=None) -> tuple[Stage, Any, dict, int]:
-    """This rank's stage of ``model``: (stage, tokenizer, config, context limit)."""
-    from engine import read_checkpoint
+                models_dir=None, quant: str | None = None) -> tuple[Stage, Any, dict, int]:
+    """This rank's stage of ``model``: (stage, tokenizer, config, context limit). ``quant`` applies to
+    the rank's own (sharded) projections."""
+    from engine import precision_, read_checkpoint
     from engine.loading import build_model, load_state
 
     model_type, config, state, tokenizer = read_checkpoint(model, models_dir)
     dev = _device_for(device, comm.rank)
     module = load_state(build_model(model_type, config), state, dtype, dev, prepare=partial(prepare, comm=comm))
     del state
+    precision_(module, quant, dev.type, dtype)
     limit = module.max_positions()
     context = min(limit, max_context) if max_context else limit
     layers = stage_layers(module, comm.shape, comm.stage)
@@ -390,7 +392,8 @@ def build_stage(model: str, comm: Comm, *, device: str, dtype: torch.dtype, max_
 
 
 def spawn_followers(model: str, shape: GroupShape, *, addr: str, port: int, device: str, dtype: str | None,
-                    threads: int | None, max_context: int | None, models_dir=None) -> list[subprocess.Popen]:
+                    threads: int | None, max_context: int | None, models_dir=None,
+                    quant: str | None = None) -> list[subprocess.Popen]:
     """Ranks 1..W-1 as child processes of this one (they exit when it does)."""
     procs = []
     for rank in range(1, shape.world):
@@ -398,7 +401,7 @@ def spawn_followers(model: str, shape: GroupShape, *, addr: str, port: int, devi
                 "--shape", _plain_json(shape), "--master-addr", addr, "--master-port", str(port),
                 "--device", device, "--parent", str(os.getpid())]
         for flag, value in (("--dtype", dtype), ("--threads", threads), ("--max-context", max_context),
-                            ("--models-dir", models_dir)):
+                            ("--models-dir", models_dir), ("--quant", quant)):
             if value is not None:
                 argv += [flag, str(value)]
         procs.append(subprocess.Popen(argv, cwd=repo_root(), env=child_env()))
@@ -413,19 +416,20 @@ def _plain_json(shape: GroupShape) -> str:
 
 def load_group_engine(model: str, shape: GroupShape, *, device: str = "auto", dtype: str | None = None,
                       num_threads: int | None = None, max_context: int | None = None, models_dir=None,
-                      master_addr: str | None = None, master_port: int | None = None):
+                      master_addr: str | None = None, master_port: int | None = None, quant: str | None = None):
     """An engine whose model runs over a group of ``shape.world`` processes, this one rank 0.
 
     Without ``master_addr`` the other ranks are started here as child processes; with it they are
     started elsewhere (``exegpt worker --rank R --master-addr A --master-port P``) and this call
     waits for them to join."""
-    from engine import _dtype, resolve_device
+    from engine import _dtype, check_quant, resolve_device
     from engine.engine import LocalEngine
 
     if dist.is_initialized():
         raise ValueError("this process already drives a worker group (one per process)")
     dev = resolve_device(device)
     torch_dtype = _dtype(dtype, dev)
+    quant = check_quant(quant, dev)
     threads = num_threads or default_threads(shape.world if master_addr is None else 1)
     torch.set_num_threads(threads)
     procs: list[subprocess.Popen] = []
@@ -433,11 +437,11 @@ def load_group_engine(model: str, shape: GroupShape, *, device: str = "auto", dt
     port = master_port or free_port()
     if master_addr is None:
         procs = spawn_followers(model, shape, addr=addr, port=port, device=dev, dtype=dtype, threads=threads,
-                                max_context=max_context, models_dir=models_dir)
+                                max_context=max_context, models_dir=models_dir, quant=quant)
     try:
         comm = join(shape, 0, addr=addr, port=port, device=dev)
         stage, tokenizer, config, context = build_stage(model, comm, device=dev, dtype=torch_dtype,
-                                                        max_context=max_context, models_dir=models_dir)
+                                                        max_context=max_context, models_dir=models_dir, quant=quant)
     except BaseException:
         for p in procs:
             p.kill()
@@ -454,7 +458,7 @@ def default_threads(processes: int) -> int:
 
 def follow(model: str, shape: GroupShape, rank: int, *, addr: str, port: int, device: str = "auto",
            dtype: str | None = None, num_threads: int | None = None, max_context: int | None = None,
-           models_dir=None) -> int:
+           models_dir=None, quant: str | None = None) -> int:
     """Run rank ``rank`` (> 0) of a group until rank 0 stops it or goes away. Returns an exit status."""
     from engine import _dtype, resolve_device
 
@@ -462,7 +466,7 @@ def follow(model: str, shape: GroupShape, rank: int, *, addr: str, port: int, de
     torch.set_num_threads(num_threads or default_threads(shape.world))
     comm = join(shape, rank, addr=addr, port=port, device=dev)
     stage, *_ = build_stage(model, comm, device=dev, dtype=_dtype(dtype, dev), max_context=max_context,
-                            models_dir=models_dir)
+                            models_dir=models_dir, quant=quant)
     with torch.inference_mode():
         while True:
             try:

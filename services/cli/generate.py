@@ -45,11 +45,9 @@ def run(args: argparse.Namespace) -> int:
         if shape.single:
             engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
                                  quant=args.quant)
-        elif args.quant not in (None, "none"):
-            raise ValueError("--quant runs in one process (--tp 1 --pp 1)")
         else:
             engine = load_group_engine(args.model, shape, device=args.device, dtype=args.dtype,
-                                       num_threads=args.threads)
+                                       num_threads=args.threads, quant=args.quant)
         prompt = args.prompt
         if not args.raw and engine.tokenizer.chat_template is not None:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])

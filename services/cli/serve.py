@@ -29,6 +29,8 @@ FLAGS = {
     "--namespace": ("namespace", str, "prefix of every queue, exchange and key (default exegpt)"),
     "--device": ("device", str, "engine device: auto, cpu, cuda"),
     "--threads": ("threads", int, "torch threads per engine"),
+    "--dtype": ("dtype", str, "engine dtype: float32 (CPU default), bfloat16, float16"),
+    "--quant": ("quant", str, "weight-only quantization on the CPU: fp16, int8, int4 (docs/engine.md)"),
     "--tp": ("tp", str, "tensor-parallel degree of this worker's process group, or one per stage (2,1)"),
     "--pp": ("pp", int, "pipeline stages of this worker's process group"),
     "--stage-layers": ("stage_layers", str, "layers per pipeline stage, e.g. 20,10 (default: by TP degree)"),
@@ -126,7 +128,8 @@ def _follow(config) -> int:
 
     try:
         return follow(config.model, group_shape(config), config.rank, addr=config.master_addr,
-                      port=config.master_port, device=config.device, num_threads=config.threads)
+                      port=config.master_port, device=config.device, num_threads=config.threads,
+                      dtype=config.dtype, quant=config.quant)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 

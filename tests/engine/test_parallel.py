@@ -205,3 +205,15 @@ def test_a_rank_started_by_hand_joins_rank_0_as_torchrun_would(group, tmp_path):
     finally:
         if follower.poll() is None:
             follower.kill()
+
+
+@pytest.mark.smollm2
+def test_a_quantized_group_runs_its_own_shards_quantized(group):
+    """--quant in a group: each rank quantizes the projections it holds."""
+    prompt = list(range(100, 140))
+    one = load_engine("smollm2", device="cpu", num_threads=1, quant="int8")
+    _, expected = greedy_logits(one.runner, prompt, 4)
+    del one
+    many = group("smollm2", GroupShape((1, 1)), quant="int8")
+    _, got = greedy_logits(many.runner, prompt, 4)
+    assert (got - expected).abs().max().item() < 1e-3  # a pipeline splits no projection
