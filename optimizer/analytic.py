@@ -129,7 +129,9 @@ class WorkloadStats:
     def cycles(self, iters_per_cycle) -> np.ndarray:
         """E[ceil((o-1) / N_D)]: RRA cycles a request spends in the decode batch."""
         n = np.asarray(iters_per_cycle, dtype=float)
-        return np.vectorize(lambda k: self.workload.output.expect(lambda o: np.ceil((o - 1) / k)))(n)
+        values, inverse = np.unique(n, return_inverse=True)
+        per = np.array([self.workload.output.expect(lambda o: np.ceil((o - 1) / k)) for k in values])
+        return per[inverse].reshape(n.shape)
 
     def prefill(self, n) -> StepShape:
         return StepShape(prefill_seqs=n, prefill_tokens=n * self.mean_in, prefill_seq=self.eff_in)
@@ -200,9 +202,42 @@ def rra(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, encode_batch
     full = np.maximum(np.ceil(d99 / nd_set) - 1, 0)  # encodes that interrupt a p99-length request
     lat = t_enc + full * (cycle - nd * t_dec) + d99 * t_dec
     peak = be * stats.cycles(nd)
-    mem = memory_per_device(layout, sc.model, peak, stats.slot_tokens)
+    mem = memory_per_device(layout, sc.model, whole_slots(peak), stats.slot_tokens)
     return _predictions(stats, be / cycle, lat, t_enc, cycle / nd, batch, peak, mem,
                         sc.cluster.usable_memory_bytes)
+
+
+def rra_optimistic(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, lo, hi, iters_per_encode,
+                   microbatches) -> Predictions:
+    """Bounds on ``rra`` over every encode batch in [lo, hi] (the other variables fixed): an upper
+    bound on throughput and lower bounds on latency, peak batch and memory.
+
+    Sound because every part is monotone: step times never fall when a step does more work (the
+    profile's tables are non-decreasing and so is their interpolation), the effective N_D (capped
+    by the expected longest decode, which grows with B_E) grows with B_E, so the decode batch
+    B_E x E[o-1] / N_D is at least lo x E[o-1] / N_D(hi), a cycle takes at least
+    t_enc(lo) + N_D(lo) x t_dec(that batch), and the peak batch B_E x E[ceil((o-1)/N_D)] is at
+    least lo x E[ceil((o-1)/N_D(hi))]."""
+    timer = sc.timer(layout)
+    lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+    nd_set = np.asarray(iters_per_encode, dtype=float)
+    nd_lo = np.minimum(nd_set, np.maximum(_longest_decode(sc, lo), 1.0))
+    nd_hi = np.minimum(nd_set, np.maximum(_longest_decode(sc, hi), 1.0))
+    t_enc = timer.path_s(stats.prefill(lo))
+    t_dec = timer.iteration_s(stats.decode(lo * stats.mean_decode_iters / nd_hi, model=sc.model), microbatches)
+    cycle = t_enc + nd_lo * t_dec
+    d99 = stats.o99 - 1
+    full = np.maximum(np.ceil(d99 / nd_set) - 1, 0)
+    lat = t_enc * (1 + full) + d99 * t_dec
+    peak = lo * stats.cycles(nd_hi)
+    mem = memory_per_device(layout, sc.model, whole_slots(peak), stats.slot_tokens)
+    return _predictions(stats, hi / cycle, lat, t_enc, t_dec, lo, peak, mem, sc.cluster.usable_memory_bytes)
+
+
+def whole_slots(peak):
+    """The request slots a worker holds for a predicted peak batch: whole requests, rounded up
+    (what ``Schedule.decode_batch`` enforces, so memory is checked on it)."""
+    return np.maximum(np.ceil(np.asarray(peak, dtype=float) - 1e-9), 1.0)
 
 
 @dataclass(frozen=True)
@@ -261,7 +296,7 @@ def waa(sc: Scenario, stats: WorkloadStats, enc: PipelineLayout, dec: PipelineLa
     kv_req = sc.model.kv_bytes_per_request_layer(stats.mean_in, 0) * sc.model.layers
     link = sc.cluster.handoff_link(enc.stages[-1].first_device + enc.stages[-1].tp - 1, dec.stages[0].first_device)
     slots = max_slots(dec, sc.model, stats.slot_tokens, sc.cluster.usable_memory_bytes)
-    cap = np.minimum(np.asarray(decode_cap, dtype=float), slots - be)
+    cap = np.minimum(np.asarray(decode_cap, dtype=float), math.floor(slots + 1e-9) - be)  # whole slots
     lam_e = encoders * be / et.bottleneck_s(stats.prefill(be))
     lam_d = np.where(cap > 0, _per_micro(curves, microbatches, lambda c: c.rate_at(np.maximum(cap, 0))), 0.0)
     rate = np.minimum(np.minimum(lam_e, link.bandwidth_Bps / kv_req), decoders * lam_d)
@@ -270,7 +305,7 @@ def waa(sc: Scenario, stats: WorkloadStats, enc: PipelineLayout, dec: PipelineLa
     t_enc = et.path_s(stats.prefill(be)) + p2p_s(link, be * kv_req)
     lat = t_enc + t_it + (stats.o99 - 1) * t_it
     enc_mem = memory_per_device(enc, sc.model, be * enc.depth, float(stats.q99_in))
-    dec_mem = memory_per_device(dec, sc.model, batch + be, stats.slot_tokens)
+    dec_mem = memory_per_device(dec, sc.model, whole_slots(batch + be), stats.slot_tokens)
     mem = np.maximum(np.where(cap > 0, dec_mem, np.inf), enc_mem)
     return _predictions(stats, rate, lat, t_enc, t_it, batch, batch + be, mem, sc.cluster.usable_memory_bytes)
 

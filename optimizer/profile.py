@@ -70,6 +70,7 @@ class Coverage:
     prompt_len: float  # prefill (encode) sequence length
     context: float  # decode KV length
     tokens: float  # tokens in one step (split: the rest-of-layer curve; whole: prefill batch x seq)
+    decode_batch: float = 0.0  # the largest decode batch
 
 
 class LayerTimes(Protocol):
@@ -108,7 +109,7 @@ class SplitLayerTimes:
     @property
     def coverage(self) -> Coverage:
         return Coverage(min(self.attn_prefill.rows[-1], self.attn_decode.rows[-1]), _reach(self.attn_prefill),
-                        _reach(self.attn_decode), self.rest.xs[-1])
+                        _reach(self.attn_decode), self.rest.xs[-1], self.attn_decode.rows[-1])
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class WholeLayerTimes:
         tokens = max(r * c.xs[-1] for r, c in zip(p.rows, p.curves))
         decode_rows = min(g.rows[-1] for _, g in self.decode_by_enc_seq)
         context = min(_reach(g) for _, g in self.decode_by_enc_seq)
-        return Coverage(min(p.rows[-1], decode_rows), _reach(p), context, tokens)
+        return Coverage(min(p.rows[-1], decode_rows), _reach(p), context, tokens, decode_rows)
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,16 @@ def range_gaps(coverage: Coverage, prompt_len: float, context: float) -> tuple[R
     gaps = (RangeGap("prompt length", prompt_len, coverage.prompt_len),
             RangeGap("context", context, coverage.context))
     return tuple(g for g in gaps if g.needed > g.profiled)
+
+
+def batch_gaps(coverage: Coverage, decode_batch: float, tokens: float) -> tuple[RangeGap, ...]:
+    """The decode batch (sequences in one decode step) and the step tokens (a prefill's) a plan
+    runs that lie more than ``FAR_EXTRAPOLATION`` x beyond the largest the profile measured: times
+    there are extrapolated linearly (close to affine in both), so such a plan is kept, with a
+    warning. (Prefill attention is per sequence, so the prefill batch is covered by the tokens.)"""
+    gaps = (RangeGap("decode batch", decode_batch, coverage.decode_batch),
+            RangeGap("step tokens", tokens, coverage.tokens))
+    return tuple(g for g in gaps if g.far)
 
 
 class ProfileError(ValueError):

@@ -1,23 +1,23 @@
 """XScheduler: branch-and-bound over the control variables, and the exhaustive reference.
 
-The space is split into *families* (a policy at one TP layout, and for WAA one worker split).
+The space is split into *families* (a policy at one TP layout, and for WAA one encoder/decoder
+split: every multiple of the TP degree, or of a worker's devices, is a family of its own).
 Inside a family, each *line* fixes the other variables and leaves one batch variable free:
 RRA fixes micro-batches and N_D and frees B_E; WAA fixes micro-batches and B_E and frees the
 decode cap B_D (an index into ``SearchSpace.decode_caps``); the baselines free their batch.
-Along a line, latency, memory and throughput all grow with the batch (within tolerance), so the
-best point of a line is its largest batch that meets the latency bound and fits memory.
 
-Branch and bound:
-1. Bound: a line's best throughput over a geometric sample of its batches (1, 2, 4, ..., max),
-   ignoring latency and memory, bounds the line (throughput grows with the batch, within
-   tolerance); a family's bound is the best of its lines.
-2. Families are visited best bound first; a family or line whose bound is at most
-   (1 + eps_t) x the incumbent is pruned, and so is a line whose latency at batch 1, less eps_l
-   (the slack allowed in latency's monotonicity), already exceeds the bound.
-3. Surviving lines are bisected in lockstep (one vectorised evaluation per round) for the largest
-   batch that meets the bound and fits memory. The ``window`` batches on either side of that
-   point are then evaluated (throughput and latency are monotone only within tolerance) and the
-   best that meets the bound is the line's answer.
+Branch and bound (exact: with the default tolerance it returns the exhaustive search's optimum):
+1. Every line is evaluated at batches 1, 2, 4, ... and its largest; the points meeting the bound
+   seed the incumbent and order the families.
+2. WAA lines are monotone (throughput, latency and memory never fall as the cap grows), so a line
+   whose throughput at its largest cap cannot beat the incumbent is pruned and the others are
+   bisected for their largest cap meeting the bound.
+3. RRA and the baselines are not monotone in their batch (RRA's throughput can peak inside a line),
+   so their lines are searched over batch intervals: an interval is evaluated at its low end and
+   bounded (``Family.bounds``: an upper bound on throughput and lower bounds on latency, peak batch
+   and memory over the whole interval, from step times that never fall when a step does more
+   work), dropped when no batch in it can meet the bound, fit, or beat the incumbent, and cut in
+   pieces otherwise.
 The exhaustive search evaluates every batch of every line of every family.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 from optimizer import analytic
 from optimizer.analytic import Predictions, Scenario, WorkloadStats
 from optimizer.layout import PipelineLayout
-from optimizer.schedule import Schedule
+from optimizer.schedule import SPLIT_POLICIES, Schedule
 
 SEARCH_POLICIES = ("rra", "waa-c", "waa-m")
 BASELINES = ("static", "continuous")
@@ -74,13 +74,15 @@ class SearchSpace:
 
 @dataclass(frozen=True)
 class Tolerances:
-    eps_t: float = 0.005  # prune bounds within this fraction of the incumbent's throughput
-    eps_l: float = 0.03  # latency may fall by this fraction as a batch grows (answers meet the bound)
-    window: int = 6  # batches evaluated on each side of the bisection's end
+    """``eps_t``: the answer may be this fraction below the best schedule of the space (a line or
+    interval is pruned when its throughput bound x (1 - eps_t) is at most the incumbent's); 0,
+    the default, makes the branch and bound exact."""
+
+    eps_t: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.eps_t < 0 or self.eps_l < 0 or self.window < 1:
-            raise ValueError("tolerances must be >= 0 and window >= 1")
+        if not 0 <= self.eps_t < 1:
+            raise ValueError(f"eps_t must be in [0, 1), got {self.eps_t}")
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,19 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class Family:
-    """One policy at one layout: lines of fixed variables, a free batch variable 1..max_batch."""
+    """One policy at one layout: lines of fixed variables, a free batch variable 1..max_batch.
+
+    ``kind`` says what is known along a line, and so how the branch and bound bounds it:
+
+    - ``monotone``: throughput, latency and memory never fall as the batch grows (WAA along its
+      decode cap: the decoders' rate is a running maximum over batches), so a line's best point
+      is its largest batch that meets the bound and fits, found by bisection.
+    - ``cost``: latency and memory never fall, and throughput is batch / cost with a cost that
+      never falls (static and continuous batching), so over batches lo..hi throughput is at most
+      throughput(lo) x hi / lo.
+    - ``bounded``: ``optimistic(lo, hi, **lines)`` gives an upper bound on throughput and lower
+      bounds on latency, peak batch and memory over lo..hi (RRA: ``analytic.rra_optimistic``).
+    """
 
     policy: str
     max_batch: int
@@ -125,18 +139,36 @@ class Family:
     evaluate: Callable[..., Predictions]  # (batch array, **lines broadcast) -> Predictions
     schedule: Callable[..., Schedule]  # (batch, figures, **line values) -> Schedule
     max_decode_batch: float = math.inf  # schedules whose running batch would exceed it are infeasible
+    kind: str = "cost"  # monotone | cost | bounded
+    optimistic: Callable[..., Predictions] | None = None  # (lo, hi, **lines) -> bounds (``bounded``)
 
     @property
     def size(self) -> int:
         return len(next(iter(self.lines.values())))
 
-    def run(self, batch: np.ndarray, rows: np.ndarray) -> Predictions:
-        """Evaluate lines ``rows`` at ``batch`` (shape (len(rows),) or (len(rows), k))."""
-        extra = (slice(None),) + (None,) * (batch.ndim - 1)
-        p = self.evaluate(batch, **{k: v[rows][extra] for k, v in self.lines.items()})
+    def _line_values(self, rows: np.ndarray, ndim: int) -> dict:
+        extra = (slice(None),) + (None,) * (ndim - 1)
+        return {k: v[rows][extra] for k, v in self.lines.items()}
+
+    def _capped(self, p: Predictions) -> Predictions:
         if math.isinf(self.max_decode_batch):
             return p
-        return replace(p, feasible=p.feasible & (p.decode_batch_peak <= self.max_decode_batch + 1e-9))
+        slots = analytic.whole_slots(p.decode_batch_peak)
+        return replace(p, feasible=p.feasible & (slots <= self.max_decode_batch))
+
+    def run(self, batch: np.ndarray, rows: np.ndarray) -> Predictions:
+        """Evaluate lines ``rows`` at ``batch`` (shape (len(rows),) or (len(rows), k))."""
+        return self._capped(self.evaluate(batch, **self._line_values(rows, batch.ndim)))
+
+    def bounds(self, lo: np.ndarray, hi: np.ndarray, rows: np.ndarray, at_lo: Predictions) -> Predictions:
+        """Optimistic figures over batches lo..hi of each line (``at_lo``: the line evaluated at
+        lo): throughput no batch of the interval exceeds, and latency, peak batch and memory no
+        batch of it falls below; ``feasible`` false when no batch of it can fit."""
+        if self.kind == "cost":
+            return replace(at_lo, throughput_seq_s=at_lo.throughput_seq_s * hi / lo)
+        if self.kind == "bounded":
+            return self._capped(self.optimistic(lo, hi, **self._line_values(rows, 1)))
+        raise ValueError(f"a {self.kind} family is searched by bisection, not bounded by intervals")
 
     def candidate(self, row: int, batch: int, p: Predictions) -> Candidate:
         fig = Figures.of(p)
@@ -194,7 +226,10 @@ def _single_family(sc, stats, space, policy, layout: PipelineLayout, common) -> 
             lambda b, m, nd: analytic.replicated(analytic.rra(sc, stats, layout, b, nd, m), n),
             lambda b, f, m, nd: Schedule("rra", encode_batch=b, decode_batch=_slots(f), decode_microbatches=m,
                                          decode_iters_per_encode=nd, mean_decode_batch=f.decode_batch,
-                                         **expect, **common))
+                                         **expect, **common),
+            kind="bounded",
+            optimistic=lambda lo, hi, m, nd: analytic.replicated(
+                analytic.rra_optimistic(sc, stats, layout, lo, hi, nd, m), n))
     if policy == "static":
         return Family(
             "static", space.static_max_batch, _grid(m=micro),
@@ -206,63 +241,82 @@ def _single_family(sc, stats, space, policy, layout: PipelineLayout, common) -> 
         lambda b, f, m: Schedule("continuous", encode_batch=b, decode_batch=b, decode_microbatches=m, **common))
 
 
-def waa_split(sc: Scenario, stats: WorkloadStats, policy: str, tp: int) -> int:
-    """Encoder devices for WAA-C (compute-proportional) or WAA-M (memory-proportional), a
-    multiple of ``tp`` (the TP degree, or the devices of one worker).
-
-    Shares are taken at a reference operating point: 16 requests encoded per decode iteration
-    (so a decode batch of 16 x E[o-1]), per-request work on one device."""
-    ref_e, ref_d = 16.0, 16.0 * max(stats.mean_decode_iters, 1.0)
-    if policy == "waa-c":
-        one = sc.timer(sc.layout(1, 1, 0))
-        enc = float(one.path_s(stats.prefill(ref_e))) / ref_e
-        dec = stats.mean_decode_iters * float(one.path_s(stats.decode(ref_d, model=sc.model))) / ref_d
-    else:
-        layers = sc.model.layers
-        weights = layers * sc.model.decoder_layer_weight_bytes()
-        kv = sc.model.kv_bytes_per_token_layer * layers
-        enc = weights + ref_e * stats.q99_in * kv
-        dec = weights + ref_d * stats.slot_tokens * kv
-    share = enc / (enc + dec)
-    return int(min(max(round(sc.devices * share / tp), 1), sc.devices // tp - 1) * tp)
+def waa_shares(sc: Scenario, stats: WorkloadStats, encode_batch: float, decode_batch: float) -> tuple[float, float]:
+    """The encoders' share of the devices under WAA-C (proportional to the compute a request
+    needs to be encoded vs decoded) and under WAA-M (proportional to the memory each role holds),
+    at an operating point: ``encode_batch`` requests per encode, ``decode_batch`` running in a
+    decoder; per-request work on one device."""
+    be, bd = max(float(encode_batch), 1.0), max(float(decode_batch), 1.0)
+    one = sc.timer(sc.layout(1, 1, 0))
+    enc = float(one.path_s(stats.prefill(be))) / be
+    dec = stats.mean_decode_iters * float(one.path_s(stats.decode(bd, model=sc.model))) / bd
+    weights = sc.model.layers * sc.model.decoder_layer_weight_bytes()
+    kv = sc.model.kv_bytes_per_token_layer * sc.model.layers
+    enc_m = weights + be * stats.q99_in * kv
+    dec_m = weights + bd * stats.slot_tokens * kv
+    return enc / (enc + dec), enc_m / (enc_m + dec_m)
 
 
-def _waa_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str) -> list[Family]:
-    """One encoder and one decoder pipeline, or (``sc.worker_devices``) encoder and decoder
-    workers of that many devices each."""
+def waa_label(sc: Scenario, stats: WorkloadStats, names: Sequence[str], encoder_devices: int,
+              encode_batch: float, decode_batch: float) -> str:
+    """The WAA policy a split is named after: the one asked for, or (both asked for) the rule
+    whose share at the schedule's own B_E and B_D lies nearer the split (ties: WAA-C)."""
+    if len(names) == 1:
+        return names[0]
+    compute, memory = waa_shares(sc, stats, encode_batch, decode_batch)
+    share = encoder_devices / sc.devices
+    return "waa-c" if abs(share - compute) <= abs(share - memory) else "waa-m"
+
+
+def waa_splits(sc: Scenario, unit: int) -> list[int]:
+    """Encoder devices of every split the search tries: multiples of ``unit`` (the TP degree, or
+    the devices of one worker) leaving the decoders at least one unit (a whole number of workers)."""
+    out = [e for e in range(unit, sc.devices - unit + 1, unit)]
+    if sc.worker_devices:
+        out = [e for e in out if (sc.devices - e) % unit == 0]
+    return out
+
+
+def _waa_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, names: Sequence[str]) -> list[Family]:
+    """One family per TP degree and encoder/decoder split: one encoder and one decoder
+    pipeline, or (``sc.worker_devices``) encoder and decoder workers of that many devices each."""
     fams = []
     w = sc.worker_devices
+    caps = np.asarray(space.decode_caps)
     for k in sc.tp_degrees():
         unit = w or k  # devices are split between roles in whole workers (or TP groups)
-        if sc.devices < 2 * unit:
-            continue
-        e = waa_split(sc, stats, policy, unit)
-        d = sc.devices - e
-        enc_span, dec_span = w or e, w or d
-        if max(enc_span, dec_span) // k > sc.model.layers:
-            continue
-        enc, dec = sc.layout(enc_span, k, enc_span // k), sc.layout(dec_span, k, dec_span // k, e)
-        roles = dict(encoders=e // enc_span, decoders=d // dec_span)
-        common = dict(tp_degree=k, tp_stages=sc.devices // k, num_devices=sc.devices, encoder_devices=e,
-                      decoder_devices=d, worker_devices=w, mean_input_len=stats.mean_in)
-        caps = np.asarray(space.decode_caps)
-        micro = _micro(space, dec.depth)
-        curves = analytic.decode_curves(sc, stats, dec, micro)
-        fams.append(Family(
-            policy, len(caps), _grid(m=micro, be=range(1, space.waa_max_encode_batch + 1)),
-            lambda i, m, be, enc=enc, dec=dec, curves=curves, roles=roles: analytic.waa(
-                sc, stats, enc, dec, be, caps[i - 1], m, curves, **roles),
-            lambda i, f, m, be, common=common: Schedule(policy, encode_batch=be, decode_batch=_slots(f),
-                                                        decode_microbatches=m, **common)))
+        for e in waa_splits(sc, unit):
+            d = sc.devices - e
+            enc_span, dec_span = w or e, w or d
+            if max(enc_span, dec_span) // k > sc.model.layers:
+                continue
+            enc, dec = sc.layout(enc_span, k, enc_span // k), sc.layout(dec_span, k, dec_span // k, e)
+            roles = dict(encoders=e // enc_span, decoders=d // dec_span)
+            common = dict(tp_degree=k, tp_stages=sc.devices // k, num_devices=sc.devices, encoder_devices=e,
+                          decoder_devices=d, worker_devices=w, mean_input_len=stats.mean_in)
+            micro = _micro(space, dec.depth)
+            curves = analytic.decode_curves(sc, stats, dec, micro)
+
+            def schedule(i, f, m, be, common=common, e=e):
+                label = waa_label(sc, stats, names, e, be, f.decode_batch)
+                return Schedule(label, encode_batch=be, decode_batch=_slots(f), decode_microbatches=m, **common)
+
+            fams.append(Family(
+                names[0], len(caps), _grid(m=micro, be=range(1, space.waa_max_encode_batch + 1)),
+                lambda i, m, be, enc=enc, dec=dec, curves=curves, roles=roles: analytic.waa(
+                    sc, stats, enc, dec, be, caps[i - 1], m, curves, **roles),
+                schedule, kind="monotone"))
     return fams
 
 
 def families(sc: Scenario, policies: Sequence[str], space: SearchSpace = SearchSpace()) -> list[Family]:
     stats = WorkloadStats(sc.workload)
     out: list[Family] = []
-    for p in policies:
-        if p in ("waa-c", "waa-m"):
-            out += _waa_families(sc, stats, space, p)
+    waa = tuple(dict.fromkeys(p for p in policies if p in SPLIT_POLICIES))  # one set of splits for both
+    for p in dict.fromkeys(policies):
+        if p in SPLIT_POLICIES:
+            if p == waa[0]:
+                out += _waa_families(sc, stats, space, waa)
         elif p in ("rra", "static", "continuous"):
             out += _single_families(sc, stats, space, p)
         else:
@@ -285,17 +339,27 @@ def _best_in(fam: Family, rows: np.ndarray, batch: np.ndarray, p: Predictions, b
 
 
 class _Incumbent:
-    def __init__(self) -> None:
-        self.thr, self.candidate = -math.inf, None
+    def __init__(self, tol: Tolerances) -> None:
+        self.thr, self.candidate, self.tol = -math.inf, None, tol
 
     def offer(self, fam: Family, found, p: Predictions) -> None:
         if found and found[0] > self.thr:
             thr, row, batch, idx = found
             self.thr, self.candidate = thr, fam.candidate(row, batch, p.at(idx))
 
+    def beats(self, upper: np.ndarray) -> np.ndarray:
+        """Where a throughput bound leaves room above the incumbent (within ``eps_t``)."""
+        return upper * (1 - self.tol.eps_t) > max(self.thr, 0.0)
+
+
+def _sample(max_batch: int) -> np.ndarray:
+    """Batches 1, 2, 4, ... and ``max_batch``."""
+    return np.unique(np.minimum(2 ** np.arange(int(math.log2(max_batch)) + 2), max_batch))
+
 
 def _bisect(fam: Family, rows: np.ndarray, bound: float) -> tuple[np.ndarray, int]:
-    """Largest batch per line meeting the bound and fitting memory (0: none), assuming monotony."""
+    """Largest batch per line meeting the bound and fitting memory (0: none); exact on a
+    ``monotone`` family, where the batches that do form a prefix of the line."""
     lo, hi = np.zeros(len(rows), dtype=int), np.full(len(rows), fam.max_batch + 1)
     evals = 0
     while np.any(hi - lo > 1):
@@ -307,41 +371,93 @@ def _bisect(fam: Family, rows: np.ndarray, bound: float) -> tuple[np.ndarray, in
     return lo, evals
 
 
-def _upper_bounds(fam: Family, bound: float, tol: Tolerances) -> tuple[np.ndarray, int]:
-    """Per line: best throughput over a geometric batch sample; -inf when batch 1 already fails."""
+def _search_monotone(fam: Family, sample: Predictions, bound: float, inc: _Incumbent) -> tuple[int, bool]:
+    """A line's best point is its largest batch meeting the bound; a line whose throughput at its
+    largest batch (its maximum) cannot beat the incumbent, or whose batch 1 already fails, is
+    pruned. Returns (evaluations, whether every line was pruned)."""
+    alive = inc.beats(sample.throughput_seq_s[:, -1]) & _ok(sample, bound)[:, 0]
+    rows = np.flatnonzero(alive)
+    if len(rows) == 0:
+        return 0, True
+    end, evals = _bisect(fam, rows, bound)
+    rows, end = rows[end > 0], end[end > 0]
+    if len(rows):
+        p = fam.run(end, rows)
+        inc.offer(fam, _best_in(fam, rows, end, p, bound), p)
+        evals += len(rows)
+    return evals, False
+
+
+def _search_intervals(fam: Family, bound: float, inc: _Incumbent) -> tuple[int, bool]:
+    """Branch and bound over batch intervals of every line, all lines in lockstep: an interval
+    lo..hi is evaluated at lo, bounded (``Family.bounds``), dropped when no batch of it can meet
+    the bound, fit, or beat the incumbent, and otherwise cut in ``SPLIT_WAYS`` pieces. Returns (evaluations,
+    whether every line was pruned at once)."""
     rows = np.arange(fam.size)
-    sample = np.unique(np.minimum(2 ** np.arange(int(math.log2(fam.max_batch)) + 2), fam.max_batch))
-    p = fam.run(np.broadcast_to(sample, (fam.size, len(sample))), rows)
-    alive = p.feasible[:, 0] & (p.latency_p99_s[:, 0] * (1 - tol.eps_l) <= bound)
-    return np.where(alive, np.max(p.throughput_seq_s, axis=1), -np.inf), p.throughput_seq_s.size
+    lo, hi = np.ones(fam.size, dtype=int), np.full(fam.size, fam.max_batch)
+    evals, first, root_pruned = 0, True, False
+    while len(rows):
+        p = fam.run(lo, rows)
+        inc.offer(fam, _best_in(fam, rows, lo, p, bound), p)
+        opt = fam.bounds(lo, hi, rows, p)
+        evals += len(rows) * (2 if fam.kind == "bounded" else 1)
+        keep = (hi > lo) & _ok(opt, bound) & inc.beats(opt.throughput_seq_s)
+        if first:
+            root_pruned, first = not keep.any(), False
+        rows, lo, hi = rows[keep], lo[keep] + 1, hi[keep]  # lo itself is done
+        rows, lo, hi = _split(rows, lo, hi, SPLIT_WAYS)
+    return evals, root_pruned
+
+
+SPLIT_WAYS = 8  # an interval is cut in this many (fewer, vectorised rounds: each round costs a call)
+
+
+def _split(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, ways: int):
+    """Each interval lo..hi cut into up to ``ways`` near-equal non-empty pieces."""
+    size = hi - lo + 1
+    k = np.minimum(size, ways)
+    piece = np.repeat(np.arange(len(rows)), k)
+    j = np.arange(len(piece)) - np.repeat(np.cumsum(k) - k, k)  # index of the piece in its interval
+    start = lo[piece] + (size[piece] * j) // k[piece]
+    end = lo[piece] + (size[piece] * (j + 1)) // k[piece] - 1
+    return rows[piece], start, end
 
 
 def branch_and_bound(sc: Scenario, latency_bound_s: float, policies: Sequence[str] = SEARCH_POLICIES,
                      space: SearchSpace = SearchSpace(), tol: Tolerances = Tolerances()) -> SearchResult:
+    """The best schedule of the space (with the default ``tol``, the exhaustive search's answer).
+
+    1. Every line of every family is evaluated at batches 1, 2, 4, ... and its largest; the
+       points meeting the bound seed the incumbent and order the families (best first).
+    2. ``monotone`` families: lines are pruned on their exact maximum, the rest bisected.
+       Other families: branch and bound over batch intervals with the bounds ``Family.bounds``
+       gives (true bounds: each rests on step times never falling when a step does more work).
+    """
     fams = families(sc, policies, space)
-    bounds, evals = [], 0
+    inc, evals, pruned = _Incumbent(tol), 0, 0
+    seeded = []
     for fam in fams:
-        ub, n = _upper_bounds(fam, latency_bound_s, tol)
+        sample = _sample(fam.max_batch)
+        rows = np.arange(fam.size)
+        p = fam.run(np.broadcast_to(sample, (fam.size, len(sample))), rows)
+        evals += p.throughput_seq_s.size
+        found = _best_in(fam, rows, np.broadcast_to(sample, (fam.size, len(sample))), p, latency_bound_s)
+        inc.offer(fam, found, p)
+        seeded.append((found[0] if found else -math.inf, fam, p))
+    for _, fam, p in sorted(seeded, key=lambda x: -x[0]):
+        if fam.kind == "monotone":
+            n, all_pruned = _search_monotone(fam, p, latency_bound_s, inc)
+        else:
+            n, all_pruned = _search_intervals(fam, latency_bound_s, inc)
         evals += n
-        bounds.append((ub, fam))
-    inc, pruned = _Incumbent(), 0
-    for ub, fam in sorted(bounds, key=lambda x: -float(np.max(x[0]))):
-        rows = np.flatnonzero(ub > inc.thr * (1 + tol.eps_t))
-        if len(rows) == 0:
-            pruned += 1
-            continue
-        end, n = _bisect(fam, rows, latency_bound_s)
-        batch = np.clip(end[:, None] + np.arange(-tol.window + 1, tol.window + 1)[None, :], 1, fam.max_batch)
-        p = fam.run(batch, rows)
-        evals += n + batch.size
-        inc.offer(fam, _best_in(fam, rows, batch, p, latency_bound_s), p)
+        pruned += all_pruned
     return SearchResult(inc.candidate, evals, len(fams), pruned)
 
 
 def exhaustive(sc: Scenario, latency_bound_s: float, policies: Sequence[str] = SEARCH_POLICIES,
                space: SearchSpace = SearchSpace(), chunk: int = 200_000) -> SearchResult:
     fams = families(sc, policies, space)
-    inc, evals = _Incumbent(), 0
+    inc, evals = _Incumbent(Tolerances()), 0
     for fam in fams:
         per = max(chunk // fam.max_batch, 1)
         for start in range(0, fam.size, per):

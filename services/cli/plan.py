@@ -148,6 +148,27 @@ def _check_range(args, sc) -> None:
         _warn([f"{what}; extrapolating"])
 
 
+def batch_warnings(sc, schedule) -> list[str]:
+    """Warnings for a plan whose step batch or step tokens lie far beyond what the profile measured
+    at the schedule's TP degree (extrapolated linearly)."""
+    from optimizer.profile import FAR_EXTRAPOLATION, batch_gaps
+    from optimizer.simulator import worker_layouts
+
+    s = schedule
+    batch = math.ceil(s.decode_batch / s.decode_microbatches)
+    tokens = s.encode_batch * max(s.mean_input_len, 1.0)
+    out = []
+    for tp in sorted({stage.tp for layout in worker_layouts(sc, s) for stage in layout.stages}):
+        for gap in batch_gaps(sc.profile.coverage(sc.model.name, tp), batch, tokens):
+            fix = (f"profile larger batches, or cap the plan with --max-batch {math.floor(gap.profiled)}"
+                   if gap.axis == "decode batch" else "profile more tokens per step")
+            out.append(f"the plan runs {gap.needed:.0f} {'sequences' if gap.axis == 'decode batch' else 'tokens'} "
+                       f"in a step, "
+                       f"more than {FAR_EXTRAPOLATION:g}x the largest {gap.axis} the profile of {sc.model.name} "
+                       f"tp={tp} measured ({gap.profiled:g}); its times there are extrapolated ({fix})")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from optimizer.search import SearchSpace, branch_and_bound, exhaustive
     from optimizer.verify import verified_search
@@ -170,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
             if verified else ""
         raise CliError(f"no schedule (policy {args.policy}) of {args.model} on {args.devices} devices "
                        f"meets the {args.latency_bound:g} s latency bound{simulated} and fits in memory")
+    _warn(batch_warnings(sc, result.best.schedule))
     method = "exhaustive" if args.exhaustive else "branch-and-bound"
     print(json.dumps(_as_json(result, elapsed, method, args.latency_bound, verified), indent=2) if args.json
           else _as_text(result, elapsed, method, args.latency_bound, verified))

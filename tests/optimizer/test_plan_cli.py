@@ -107,3 +107,24 @@ def test_task_and_lengths_are_exclusive_and_one_is_required(capsys):
         _plan("--latency-bound", "3")
     with pytest.raises(SystemExit):
         _plan("--task", "S", "--lengths", "x.csv", "--latency-bound", "3")
+
+
+def test_a_plan_far_past_the_profiled_batches_is_kept_with_a_warning(tmp_path, capsys):
+    """A profile of batches 1-2 and 16 tokens per step: the plan extrapolates far past it."""
+    rows = [{"model": "opt-13b", "tp": 1, "part": "rest", "tokens": t, "ms": 0.05 + 0.001 * t} for t in (1, 16)]
+    rows += [{"model": "opt-13b", "tp": 1, "part": p, "batch": b, axis: n, "ms": 1e-4 * b * n}
+             for p, axis, top in (("attn_prefill", "seq", 2048), ("attn_decode", "ctx", 4096))
+             for b in (1, 2) for n in (16, top)]
+    path = tmp_path / "sparse.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    code = main(["plan", "--profile", str(path), "--model", "opt-13b", "--devices", "1", "--task", "S",
+                 "--latency-bound", "inf"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "largest decode batch the profile of opt-13b tp=1 measured (2)" in err and "--max-batch 2" in err
+    assert "largest step tokens the profile of opt-13b tp=1 measured (16)" in err
+
+
+def test_a_plan_within_the_profile_has_no_batch_warning(capsys):
+    assert _plan("--task", "S", "--latency-bound", "1.0") == 0
+    assert "extrapolated" not in capsys.readouterr().err

@@ -127,7 +127,7 @@ def test_coverage_and_range_gaps():
     from optimizer.profile import Coverage, range_gaps
 
     cov = parse_profile(_text(_rows())).coverage("m")
-    assert cov == Coverage(batch=4, prompt_len=64, context=64, tokens=16)
+    assert cov == Coverage(batch=4, prompt_len=64, context=64, tokens=16, decode_batch=4)
     assert range_gaps(cov, 64, 64) == ()
     (near,) = range_gaps(cov, 70, 10)
     assert near.axis == "prompt length" and not near.far
@@ -158,3 +158,12 @@ def test_step_rows_add_the_engines_own_work_to_every_step_of_the_last_stage():
         layout = base.layout(devices, 1, 0)
         added = float(more.timer(layout).path_s(shape) - base.timer(layout).path_s(shape))
         assert added == pytest.approx(with_steps.step_s("opt-1.3b")(32.0))  # once, whatever the depth
+
+
+def test_batch_gaps_name_what_lies_far_past_the_grid():
+    from optimizer.profile import batch_gaps
+
+    cov = parse_profile(_text(_rows())).coverage("m")
+    assert batch_gaps(cov, 5, 20) == ()  # within 1.25x: extrapolated quietly
+    gaps = batch_gaps(cov, 6, 21)
+    assert [(g.axis, g.needed, g.profiled) for g in gaps] == [("decode batch", 6, 4), ("step tokens", 21, 16)]

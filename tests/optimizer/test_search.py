@@ -141,3 +141,142 @@ def test_a_cluster_file_can_say_that_workers_are_process_groups(profile):
     assert sc.group == (2,) and sc.worker_devices == 2
     with pytest.raises(ValueError, match="worker_group"):
         parse_cluster({**cluster_to_dict(grouped), "worker_group": [0]})
+
+
+# --- soundness: the branch and bound is the exhaustive search, faster -------------------------
+
+TINY = SearchSpace(max_encode_batch=40, waa_max_encode_batch=12, static_max_batch=48, continuous_max_batch=64,
+                   iters_per_encode=(1, 3, 8, 32), decode_caps=(4, 16, 64, 256, 1024), microbatches=(1, 2))
+
+
+@pytest.mark.parametrize("model, devices, task, bound_s", [
+    ("opt-1.3b", 2, "S", math.inf), ("opt-1.3b", 2, "S", 0.3), ("opt-1.3b", 1, "G", math.inf),
+    ("opt-13b", 4, "C1", 0.9), ("opt-13b", 4, "G", math.inf), ("opt-13b", 3, "T", 2.5),
+    ("opt-66b", 8, "C2", math.inf), ("t5-11b", 4, "S", 1.0), ("gpt3-175b", 16, "S", 3.0),
+])
+@pytest.mark.parametrize("policies", [("rra",), ("waa-c", "waa-m"), ("static",), ("continuous",)])
+def test_branch_and_bound_equals_exhaustive_on_small_spaces(profile, model, devices, task, bound_s, policies):
+    sc = Scenario(MODELS[model], profile, H200_CLUSTER, TASKS[task], devices)
+    bb = branch_and_bound(sc, bound_s, policies, TINY)
+    ex = exhaustive(sc, bound_s, policies, TINY)
+    assert (bb.best is None) == (ex.best is None)
+    if ex.best:
+        assert bb.best.figures.throughput_seq_s == pytest.approx(ex.best.figures.throughput_seq_s, rel=1e-9)
+        assert bb.best.figures.latency_p99_s <= bound_s
+
+
+def test_an_optimum_inside_a_line_is_found(profile):
+    """OPT-1.3B on 2 devices, task S, no bound: RRA's throughput is not monotone in B_E, and its
+    best B_E (64) lies below the largest one that fits."""
+    sc = Scenario(MODELS["opt-1.3b"], profile, H200_CLUSTER, TASKS["S"], 2)
+    bb, ex = branch_and_bound(sc, math.inf), exhaustive(sc, math.inf)
+    assert bb.best.schedule == ex.best.schedule
+    assert (bb.best.schedule.policy, bb.best.schedule.encode_batch) == ("rra", 64)
+
+
+def test_eps_t_bounds_the_gap_from_below(profile):
+    """With eps_t the answer is at most that fraction below the best, never above it."""
+    sc = Scenario(MODELS["opt-13b"], profile, H200_CLUSTER, TASKS["C1"], 4)
+    best = exhaustive(sc, 1.0, SEARCH, TINY).best.figures.throughput_seq_s
+    for eps in (0.0, 0.02, 0.1):
+        got = branch_and_bound(sc, 1.0, SEARCH, TINY, Tolerances(eps_t=eps)).best.figures.throughput_seq_s
+        assert best * (1 - eps) - 1e-9 <= got <= best + 1e-9
+
+
+SEARCH = ("rra", "waa-c", "waa-m")
+
+
+@pytest.mark.parametrize("model, devices, task", [("opt-13b", 4, "G"), ("opt-1.3b", 2, "C2"), ("t5-11b", 4, "T")])
+@pytest.mark.parametrize("policy", ["rra", "static", "continuous"])
+def test_interval_bounds_hold_for_every_batch_inside(profile, model, devices, task, policy):
+    """``Family.bounds`` over lo..hi: throughput at most, latency, peak and memory at least, what
+    every batch of the interval gives."""
+    sc = Scenario(MODELS[model], profile, H200_CLUSTER, TASKS[task], devices)
+    rng = np.random.default_rng(7)
+    for fam in families(sc, (policy,), TINY):
+        rows = np.arange(fam.size)
+        lo = rng.integers(1, fam.max_batch + 1, fam.size)
+        hi = np.minimum(lo + rng.integers(0, fam.max_batch, fam.size), fam.max_batch)
+        opt = fam.bounds(lo, hi, rows, fam.run(lo, rows))
+        batches = np.arange(1, fam.max_batch + 1)
+        p = fam.run(np.broadcast_to(batches, (fam.size, fam.max_batch)), rows)
+        inside = (batches[None, :] >= lo[:, None]) & (batches[None, :] <= hi[:, None])
+        top = np.where(inside, p.throughput_seq_s, -np.inf).max(axis=1)
+        assert np.all(opt.throughput_seq_s >= top * (1 - 1e-12))
+        for field in ("latency_p99_s", "decode_batch_peak", "memory_per_device_bytes"):
+            least = np.where(inside, getattr(p, field), np.inf).min(axis=1)
+            assert np.all(getattr(opt, field) <= least * (1 + 1e-12)), field
+        assert not np.any(~opt.feasible & np.where(inside, p.feasible, False).any(axis=1))
+
+
+@pytest.mark.parametrize("model, devices, task", [("opt-13b", 4, "S"), ("gpt3-175b", 16, "C1"), ("t5-11b", 4, "G")])
+def test_waa_lines_are_monotone_in_the_decode_cap(profile, model, devices, task):
+    """What makes bisection exact on WAA: along a line, throughput, latency and memory never fall
+    as the cap grows, and feasibility is a prefix."""
+    sc = Scenario(MODELS[model], profile, H200_CLUSTER, TASKS[task], devices)
+    for fam in families(sc, ("waa-c",)):
+        assert fam.kind == "monotone"
+        caps = np.arange(1, fam.max_batch + 1)
+        p = fam.run(np.broadcast_to(caps, (fam.size, fam.max_batch)), np.arange(fam.size))
+        for field in ("throughput_seq_s", "latency_p99_s", "memory_per_device_bytes"):
+            values = np.minimum(getattr(p, field), 1e300)  # a line that cannot fit stays at inf
+            assert np.all(np.diff(values, axis=1) >= -1e-9 * np.abs(values[:, 1:])), field
+        assert np.all(np.diff(p.feasible.astype(int), axis=1) <= 0)
+
+
+# --- WAA's split is searched ------------------------------------------------------------------
+
+def test_waa_searches_every_split_in_whole_tp_groups(profile):
+    sc = Scenario(MODELS["gpt3-175b"], profile, H200_CLUSTER, TASKS["S"], 16)
+    fams = families(sc, ("waa-c", "waa-m"))
+    splits = {}
+    for fam in fams:
+        row = 0
+        s = fam.candidate(row, 1, fam.run(np.array([1]), np.array([row])).at(0)).schedule
+        splits.setdefault(s.tp_degree, []).append(s.encoder_devices)
+        assert s.encoder_devices + s.decoder_devices == 16 and s.encoder_devices % s.tp_degree == 0
+    assert {k: sorted(v) for k, v in splits.items()} == {k: list(range(k, 16, k)) for k in (1, 2, 4, 8)}
+
+
+def test_gpt3_on_16_devices_task_s_gets_the_split_it_needs(profile):
+    """The split the old reference-point rule fixed (TP4 12/4, 47.8 seq/s) is far from the best
+    (TP2 10/6)."""
+    sc = Scenario(MODELS["gpt3-175b"], profile, H200_CLUSTER, TASKS["S"], 16)
+    best = branch_and_bound(sc, math.inf).best
+    assert best.figures.throughput_seq_s >= 68.0
+    s = best.schedule
+    assert s.policy in ("waa-c", "waa-m") and (s.tp_degree, s.encoder_devices, s.decoder_devices) == (2, 10, 6)
+
+
+def test_waa_c_and_waa_m_name_the_rule_the_split_is_nearer(profile):
+    from optimizer.analytic import WorkloadStats
+    from optimizer.search import waa_label, waa_shares
+
+    sc = Scenario(MODELS["opt-13b"], profile, H200_CLUSTER, TASKS["S"], 4)
+    stats = WorkloadStats(sc.workload)
+    compute, memory = waa_shares(sc, stats, 4, 100)
+    assert 0 < compute < 1 and 0 < memory < 1
+    near_c = min((1, 2, 3), key=lambda e: abs(e / 4 - compute))
+    assert waa_label(sc, stats, ("waa-c", "waa-m"), near_c, 4, 100) == (
+        "waa-c" if abs(near_c / 4 - compute) <= abs(near_c / 4 - memory) else "waa-m")
+    assert waa_label(sc, stats, ("waa-m",), near_c, 4, 100) == "waa-m"
+
+
+# --- memory is checked on the whole decode batch a worker enforces ----------------------------
+
+@pytest.mark.parametrize("policies", [("waa-c", "waa-m"), ("rra",), ("rra", "waa-c", "waa-m")])
+def test_the_integer_decode_batch_fits_in_memory(profile, policies):
+    """OPT-13B, task G, no bound: the pick sits at the memory limit; the decode batch it enforces
+    (its predicted peak rounded up) must fit, as the simulator counts it."""
+    from optimizer.analytic import WorkloadStats
+    from optimizer.simulator import worker_layouts
+    from optimizer.timing import memory_per_device
+
+    sc = Scenario(MODELS["opt-13b"], profile, H200_CLUSTER, TASKS["G"], 4)
+    best = branch_and_bound(sc, math.inf, policies).best
+    s = best.schedule
+    layout = worker_layouts(sc, s)[-1]
+    used = float(memory_per_device(layout, sc.model, s.decode_batch, WorkloadStats(sc.workload).slot_tokens))
+    assert used <= sc.cluster.usable_memory_bytes
+    assert best.figures.memory_per_device_bytes <= sc.cluster.usable_memory_bytes
+    assert s.decode_batch >= best.figures.decode_batch_peak

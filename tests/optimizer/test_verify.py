@@ -9,6 +9,7 @@ from optimizer.search import SearchResult, branch_and_bound
 from optimizer.verify import ProbeLoad, outstanding, requests_for, simulated_figures, verified_search
 
 TIGHT = 0.5  # OPT-13B, task S, 4 H200s: the search's own pick overruns this in simulation
+LOOSE = 2.0  # and meets this one
 
 
 def figures_of(sc, schedule):
@@ -44,10 +45,10 @@ def test_a_pick_that_overruns_in_simulation_is_replaced_by_one_that_meets_the_bo
 
 
 def test_a_pick_that_meets_the_bound_in_simulation_is_the_search_pick(opt13b_s):
-    verified = verified_search(opt13b_s, 1.0)
-    assert verified.searches == 1 and verified.searched_bound_s == 1.0
-    assert verified.best.schedule == branch_and_bound(opt13b_s, 1.0).best.schedule
-    assert verified.simulated.p99_length_latency_s <= 1.0
+    verified = verified_search(opt13b_s, LOOSE)
+    assert verified.searches == 1 and verified.searched_bound_s == LOOSE
+    assert verified.best.schedule == branch_and_bound(opt13b_s, LOOSE).best.schedule
+    assert verified.simulated.p99_length_latency_s <= LOOSE
 
 
 def test_no_bound_is_one_search_with_simulated_figures(opt13b_s):
