@@ -73,18 +73,39 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
     return LocalEngine(runner, tokenizer, model_name=model, device=dev, vocab_size=vocab)
 
 
-def read_checkpoint(model: str, models_dir: str | Path | None = None):
-    """(model_type, config, state dict, tokenizer) of ``model`` (names as for ``load_engine``)."""
+def read_checkpoint(model: str, models_dir: str | Path | None = None, keep=None):
+    """(model_type, config, state dict, tokenizer) of ``model`` (names as for ``load_engine``).
+    ``keep(name)``: read only the tensors it accepts (Hugging Face names; a pipeline stage's own)."""
     from engine.loading import hf_tokenizer, read_hf_folder
 
     if model == "smollm2" or model.endswith(".gguf"):
         from engine.gguf_loader import read_gguf, smollm2_path
 
-        config, state, tokenizer = read_gguf(smollm2_path() if model == "smollm2" else Path(model))
+        config, state, tokenizer = read_gguf(smollm2_path() if model == "smollm2" else Path(model), keep)
         return "llama", config, state, tokenizer
     folder = _folder(model, models_dir)
-    model_type, config, state = read_hf_folder(folder)
+    model_type, config, state = read_hf_folder(folder, keep)
     return model_type, config, state, hf_tokenizer(folder, config)
+
+
+def checkpoint_layers(model: str, models_dir: str | Path | None = None) -> dict[str, int]:
+    """Layers of each stack of ``model`` (``layers``; T5: ``encoder``, ``decoder``), from its
+    config or GGUF metadata alone (no tensor is read)."""
+    import json
+
+    if model == "smollm2" or model.endswith(".gguf"):
+        from engine.gguf_loader import read_gguf_tokenizer, smollm2_path
+
+        meta, _ = read_gguf_tokenizer(smollm2_path() if model == "smollm2" else Path(model))
+        return {"layers": int(meta["llama.block_count"])}
+    path = _folder(model, models_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable config ({exc})") from exc
+    if cfg.get("model_type") == "t5":
+        return {"encoder": cfg["num_layers"], "decoder": cfg.get("num_decoder_layers") or cfg["num_layers"]}
+    return {"layers": cfg.get("num_hidden_layers") or cfg.get("n_layer")}
 
 
 def _folder(model: str, models_dir: str | Path | None) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -58,8 +58,10 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, out // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], TextTokenizer]:
-    """(Hugging Face style config, float32 state dict, tokenizer) of a Llama GGUF."""
+def read_gguf(path: Path, keep: Callable[[str], bool] | None = None
+              ) -> tuple[dict[str, Any], dict[str, torch.Tensor], TextTokenizer]:
+    """(Hugging Face style config, float32 state dict, tokenizer) of a Llama GGUF. ``keep``: only the
+    tensors whose (Hugging Face) names it accepts are dequantized (a pipeline stage's own)."""
     import torch
     from gguf.quants import dequantize
 
@@ -67,6 +69,8 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Text
     heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
+        if keep is not None and not keep(_hf_name(t.name)):
+            continue
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         if t.name.endswith("attn_q.weight"):
             w = _unpermute(w, heads)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -64,8 +65,9 @@ def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
     setattr(model.get_submodule(owner_name), attr, param)
 
 
-def read_hf_folder(folder: Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
-    """(model_type, config, state dict) of a Hugging Face folder; ValueError names what is wrong."""
+def read_hf_folder(folder: Path, keep: Callable[[str], bool] | None = None) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """(model_type, config, state dict) of a Hugging Face folder; ValueError names what is wrong.
+    ``keep``: read only the tensors whose names it accepts (a pipeline stage's own)."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{folder}: no config.json")
@@ -79,7 +81,11 @@ def read_hf_folder(folder: Path) -> tuple[str, dict[str, Any], dict[str, torch.T
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            if keep is None:
+                state.update(load_file(str(f)))
+            else:
+                with safe_open(str(f), framework="pt") as handle:
+                    state.update({name: handle.get_tensor(name) for name in handle.keys() if keep(name)})
         except Exception as exc:  # safetensors raises its own error types
             raise ValueError(f"{f}: unreadable safetensors file ({exc})") from exc
     return config.get("model_type", ""), config, state

@@ -36,7 +36,7 @@ from engine.kv_cache import KVCache
 from engine.models.common import Batch
 from engine.parallel.procs import child_env, free_port, repo_root
 from engine.parallel.shape import GroupShape, split
-from engine.parallel.shard import hidden_width, keep_layers, shard_tp, stacks
+from engine.parallel.shard import T5_BIAS, hidden_width, keep_layers, shard_tp, stacks, stage_filter
 from engine.runners import drop_padding
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,8 @@ class Comm:
 
 
 def prepare(model: nn.Module, comm: Comm) -> None:
-    """Cut a just-loaded model down to this rank's part (``load_state``'s ``prepare`` hook)."""
+    """Cut a just-loaded model down to this rank's heads and FFN units (``load_state``'s hook)."""
     shard_tp(model, comm.shape.tp[comm.stage], comm.tp_rank, comm.tp_group)
-    keep_layers(model, stage_layers(model, comm.shape, comm.stage))
 
 
 def stage_layers(model: nn.Module, shape: GroupShape, stage: int) -> dict[str, range]:
@@ -377,12 +376,17 @@ def build_stage(model: str, comm: Comm, *, device: str, dtype: torch.dtype, max_
                 models_dir=None, quant: str | None = None) -> tuple[Stage, Any, dict, int]:
     """This rank's stage of ``model``: (stage, tokenizer, config, context limit). ``quant`` applies to
     the rank's own (sharded) projections."""
-    from engine import precision_, read_checkpoint
+    from engine import checkpoint_layers, precision_, read_checkpoint
     from engine.loading import build_model, load_state
 
-    model_type, config, state, tokenizer = read_checkpoint(model, models_dir)
     dev = _device_for(device, comm.rank)
-    module = load_state(build_model(model_type, config), state, dtype, dev, prepare=partial(prepare, comm=comm))
+    kept = {name: comm.shape.stage_layers(n)[comm.stage] for name, n in checkpoint_layers(model, models_dir).items()}
+    staged = comm.shape.pp > 1  # a stage reads only its own layers' tensors, and builds only those
+    model_type, config, state, tokenizer = read_checkpoint(model, models_dir, stage_filter(kept) if staged else None)
+    module = build_model(model_type, config)
+    if staged:
+        keep_layers(module, kept, {k: v.to(device=dev, dtype=dtype) for k, v in state.items() if T5_BIAS in k})
+    module = load_state(module, state, dtype, dev, prepare=partial(prepare, comm=comm))
     del state
     precision_(module, quant, dev.type, dtype)
     limit = module.max_positions()

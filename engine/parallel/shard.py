@@ -14,7 +14,9 @@ Pipeline parallelism: a stage keeps only its layers (the others become ``nn.Iden
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -83,7 +85,7 @@ def shard_tp(model: nn.Module, tp: int, tp_rank: int, group) -> None:
         hs = head_split(a.num_attention_heads, a.num_key_value_heads, tp, tp_rank)
         ffn = split(a.intermediate_size, tp, tp_rank)
         d = a.head_dim
-        for block in model.model.layers:
+        for block in _kept(model.model.layers):
             att, mlp = block.self_attn, block.mlp
             _rows(att.q_proj, _scaled(hs.q, d))
             _rows(att.k_proj, _scaled(hs.kv, d))
@@ -99,7 +101,7 @@ def shard_tp(model: nn.Module, tp: int, tp_rank: int, group) -> None:
         hs = head_split(a.num_attention_heads, a.num_attention_heads, tp, tp_rank)
         ffn = split(a.ffn_dim, tp, tp_rank)
         d = a.head_dim
-        for block in model.model.decoder.layers:
+        for block in _kept(model.model.decoder.layers):
             att = block.self_attn
             for proj in (att.q_proj, att.k_proj, att.v_proj):
                 _rows(proj, _scaled(hs.q, d))
@@ -114,7 +116,10 @@ def shard_tp(model: nn.Module, tp: int, tp_rank: int, group) -> None:
         ffn = split(a.d_ff, tp, tp_rank)
         d = a.d_kv
         for stack in (model.encoder, model.decoder):
-            for block in stack.block:
+            table = stack.__dict__.get("kept_bias")  # a stage without block 0 holds its table aside
+            if table is not None:
+                table.weight = nn.Parameter(table.weight[:, hs.q.start:hs.q.stop].contiguous(), requires_grad=False)
+            for block in _kept(stack.block):
                 for part in block.layer:
                     att = getattr(part, "SelfAttention", None) or getattr(part, "EncDecAttention", None)
                     if att is not None:
@@ -137,6 +142,27 @@ def shard_tp(model: nn.Module, tp: int, tp_rank: int, group) -> None:
         raise ValueError(f"tensor parallelism does not support model kind {model.kind!r}")
 
 
+def _kept(layers: nn.ModuleList) -> list[nn.Module]:
+    return [layer for layer in layers if not isinstance(layer, nn.Identity)]
+
+
+LAYER_NAME = re.compile(r"(?:^|\.)(?:(encoder|decoder)\.block|layers|h)\.(\d+)\.")
+T5_BIAS = "layer.0.SelfAttention.relative_attention_bias."
+
+
+def stage_filter(kept: dict[str, range]) -> Callable[[str], bool]:
+    """Whether a checkpoint tensor belongs to a stage that keeps ``kept`` layers of each stack:
+    every tensor outside the layers, and the stage's layers' own (T5: and block 0's relative
+    position table, which every stage uses). Names as Hugging Face writes them (GPT-2's ``h.N``)."""
+    def keep(name: str) -> bool:
+        m = LAYER_NAME.search(name)
+        if m is None:
+            return True
+        stack, index = m.group(1) or "layers", int(m.group(2))
+        return stack not in kept or index in kept[stack] or (index == 0 and T5_BIAS in name)
+    return keep
+
+
 def stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
     """The layer stacks a pipeline splits: decoder-only models one, T5 its encoder and decoder."""
     if model.kind == "llama":
@@ -148,12 +174,19 @@ def stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
     raise ValueError(f"pipeline parallelism does not support model kind {model.kind!r}")
 
 
-def keep_layers(model: nn.Module, kept: dict[str, range]) -> None:
-    """Drop every layer outside ``kept[stack]`` (the stage's own); T5 keeps each stack's relative
-    position table aside, since every stage needs it."""
+def keep_layers(model: nn.Module, kept: dict[str, range], state: dict[str, torch.Tensor] | None = None) -> None:
+    """Drop every layer outside ``kept[stack]`` (the stage's own), before or after loading. T5: a
+    stack whose block 0 goes keeps its relative position table aside (every stage needs it),
+    loaded from ``state`` when the model is not loaded yet."""
     if model.kind == "t5":
-        for stack in (model.encoder, model.decoder):
-            stack.__dict__["kept_bias"] = stack.block[0].layer[0].SelfAttention.relative_attention_bias
+        for name, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
+            if 0 in kept[name]:
+                continue
+            table = stack.block[0].layer[0].SelfAttention.relative_attention_bias
+            key = f"{name}.block.0.{T5_BIAS}weight"
+            if state is not None and key in state:
+                table.weight = nn.Parameter(state[key].clone(), requires_grad=False)
+            stack.__dict__["kept_bias"] = table
     for name, layers in stacks(model).items():
         for i in range(len(layers)):
             if i not in kept[name]:

@@ -217,3 +217,27 @@ def test_a_quantized_group_runs_its_own_shards_quantized(group):
     many = group("smollm2", GroupShape((1, 1)), quant="int8")
     _, got = greedy_logits(many.runner, prompt, 4)
     assert (got - expected).abs().max().item() < 1e-3  # a pipeline splits no projection
+
+
+def test_a_stage_reads_only_its_own_layers():
+    from engine.parallel.shard import stage_filter
+
+    keep = stage_filter({"layers": range(2, 4)})
+    assert keep("model.embed_tokens.weight") and keep("lm_head.weight") and keep("model.norm.weight")
+    assert keep("model.layers.2.self_attn.q_proj.weight") and keep("model.decoder.layers.3.fc1.bias")
+    assert not keep("model.layers.1.mlp.up_proj.weight") and not keep("model.layers.12.mlp.up_proj.weight")
+    assert not keep("transformer.h.0.attn.c_attn.weight") and keep("transformer.h.3.ln_1.weight")  # GPT-2 names
+    t5 = stage_filter({"encoder": range(2, 3), "decoder": range(2, 3)})
+    assert keep("shared.weight") and t5("decoder.block.2.layer.1.EncDecAttention.q.weight")
+    assert not t5("encoder.block.0.layer.1.DenseReluDense.wi.weight")
+    assert t5("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")  # every stage uses it
+
+
+def test_each_pipeline_stage_holds_only_its_layers(group, tmp_path):
+    one = load_engine("tiny-llama", device="cpu", models_dir=tmp_path)
+    many = group("tiny-llama", GroupShape((1, 1), layers=(3, 1)), models_dir=tmp_path)
+    layers = many.runner.stage.model.model.layers
+    assert [type(m).__name__ for m in layers] == ["Block", "Block", "Block", "Identity"]
+    assert many.runner.stage.cache.geometry[0] == 3
+    ours = sum(p.numel() for p in layers.parameters())
+    assert ours * 4 == sum(p.numel() for p in one.runner.model.model.layers.parameters()) * 3
