@@ -7,6 +7,8 @@ longer than the context with a 400 before any work is queued, and count prompt t
 from __future__ import annotations
 
 import json
+import logging
+import time
 import uuid
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.config import MeshConfig
 from common.messages.work import Sampling
@@ -29,6 +32,8 @@ from services.gateway.core import Gateway, Pending, RequestFailed
 from services.gateway.keys import RequireKeys, load_keys
 from services.gateway.metrics import Metrics
 from services.gateway.plugins import Lifespan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
     app.state.model, app.state.config, app.state.metrics = model, config, metrics
     install_error_handlers(app)
     app.add_middleware(RequireKeys, keys=load_keys(config))
+    app.add_middleware(LogRequests)  # outermost: it also sees what RequireKeys refuses
     app.include_router(openai_router())
     app.include_router(admin_router())
     for router in routers:
@@ -116,6 +122,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(oa.error_body(not_json_message(first, exc.body)), 400)
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return JSONResponse(oa.error_body(f"{first['msg']} ({param or 'body'})", param=param), 400)
 
@@ -127,6 +135,69 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(oa.error_body(f"internal error: {type(exc).__name__}",
                                           kind="server_error"), 500)
+
+
+def not_json_message(error: dict[str, Any], doc: Any) -> str:
+    """The body did not parse: say so, where (line, column) and why, as ``json`` reports it."""
+    pos = error.get("loc", ("body", 0))[-1]
+    reason = error.get("ctx", {}).get("error", "invalid JSON")
+    if isinstance(doc, (bytes, bytearray)):
+        doc = doc.decode("utf-8", "replace")
+    if isinstance(doc, str) and isinstance(pos, int):
+        where = json.JSONDecodeError(reason, doc, pos)
+        return (f"The request body is not valid JSON: {reason} at line {where.lineno} "
+                f"column {where.colno} (char {pos})")
+    return f"The request body is not valid JSON: {reason}"
+
+
+class LogRequests:
+    """ASGI middleware: one INFO line per finished HTTP request (a stream: once it ended) with its
+    method, path, status, duration and what the route left in ``request.state`` (request_id,
+    model, prompt_tokens, pending: its completion tokens); a 4xx/5xx also gets a WARNING with the
+    error message. No prompt or completion text is logged."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, state = time.perf_counter(), scope.setdefault("state", {})
+        status, body = 500, bytearray()
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status >= 400 and len(body) < 4096:
+                body.extend(message.get("body", b""))
+            await send(message)
+
+        error: str | None = None
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            status, error = 500, f"internal error: {type(exc).__name__}"
+            raise
+        finally:
+            ms = (time.perf_counter() - start) * 1000
+            line = f"{scope['method']} {scope['path']} {status} {ms:.1f} ms"
+            known = {"id": state.get("request_id"), "model": state.get("model"),
+                     "prompt_tokens": state.get("prompt_tokens")}
+            if (pending := state.get("pending")) is not None:
+                known["completion_tokens"] = pending.next_index
+            line += "".join(f" {k}={v}" for k, v in known.items() if v is not None)
+            log.info("%s", line)
+            if status >= 400:
+                log.warning("%s: %s", line, error or error_message(bytes(body)))
+
+
+def error_message(body: bytes) -> str:
+    """The message of an OpenAI-shaped error body (else the body's start)."""
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode("utf-8", "replace")
 
 
 # --- request validation ---------------------------------------------------------------------
@@ -156,16 +227,26 @@ def chat_prompt(body: oa.ChatBody, model: ServedModel) -> list[int]:
 
 
 def sampling_of(body: oa._Common, max_tokens: int | None, prompt_ids: list[int],
-                model: ServedModel, config: MeshConfig) -> Sampling:
+                model: ServedModel, config: MeshConfig, *, prompt_param: str = "prompt") -> Sampling:
+    """``prompt_param`` names the field that holds the prompt (chat: ``messages``) in errors."""
     if not prompt_ids:
-        raise ApiError(400, "the prompt is empty", param="prompt")
+        raise ApiError(400, "the prompt is empty", param=prompt_param)
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be >= 1; you requested max_tokens={max_tokens}",
+                       param="max_tokens", code="integer_below_min_value")
     room = model.max_context - len(prompt_ids)
-    limit = min(config.max_tokens_limit, room)
-    wanted = min(limit, 16) if max_tokens is None else max_tokens
-    if room < 1 or not 1 <= wanted <= limit:
-        raise ApiError(400, f"This model's maximum context length is {model.max_context} tokens "
-                       f"and max_tokens may be at most {config.max_tokens_limit}; you requested "
-                       f"{len(prompt_ids)} prompt tokens and max_tokens={wanted}",
+    if room < 1:
+        raise ApiError(400, f"The prompt has {len(prompt_ids)} tokens; this model's maximum context "
+                       f"length is {model.max_context} tokens (prompt and completion together)",
+                       param=prompt_param, code="context_length_exceeded")
+    wanted = min(config.max_tokens_limit, room, 16) if max_tokens is None else max_tokens
+    if wanted > config.max_tokens_limit:
+        raise ApiError(400, f"max_tokens may be at most {config.max_tokens_limit}; you requested "
+                       f"max_tokens={wanted}", param="max_tokens", code="integer_above_max_value")
+    if wanted > room:
+        raise ApiError(400, f"This model's maximum context length is {model.max_context} tokens; you "
+                       f"requested {len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the prompt, "
+                       f"max_tokens={wanted}): shorten the prompt or lower max_tokens",
                        param="max_tokens", code="context_length_exceeded")
     if body.min_tokens not in (0, wanted):
         raise ApiError(400, "min_tokens must be 0 or equal to max_tokens (forced length)",
@@ -201,18 +282,22 @@ def openai_router() -> APIRouter:
     @router.post("/v1/completions")
     async def completions(body: oa.CompletionBody, request: Request) -> Response:
         model: ServedModel = request.app.state.model
+        request.state.model = body.model  # for the request's log line
         check_model(body, model)
         prompt_ids = completion_prompt(body, model)
+        request.state.prompt_tokens = len(prompt_ids)
         sampling = sampling_of(body, body.max_tokens, prompt_ids, model, request.app.state.config)
         return await respond(request, "completions", body, prompt_ids, sampling)
 
     @router.post("/v1/chat/completions")
     async def chat(body: oa.ChatBody, request: Request) -> Response:
         model: ServedModel = request.app.state.model
+        request.state.model = body.model  # for the request's log line
         check_model(body, model)
         prompt_ids = chat_prompt(body, model)
+        request.state.prompt_tokens = len(prompt_ids)
         sampling = sampling_of(body, body.max_completion_tokens or body.max_tokens, prompt_ids,
-                               model, request.app.state.config)
+                               model, request.app.state.config, prompt_param="messages")
         return await respond(request, "chat", body, prompt_ids, sampling)
 
     return router
@@ -222,8 +307,9 @@ async def respond(request: Request, endpoint: str, body: oa._Common, prompt_ids:
                   sampling: Sampling) -> Response:
     gateway: Gateway = request.app.state.gateway
     prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
-    pending = await gateway.submit(prompt_ids, sampling, request_id=f"{prefix}-{uuid.uuid4().hex}",
-                                   stream=body.stream)
+    request.state.request_id = rid = f"{prefix}-{uuid.uuid4().hex}"
+    pending = await gateway.submit(prompt_ids, sampling, request_id=rid, stream=body.stream)
+    request.state.pending = pending  # its completion tokens, once the response ended
     try:
         if body.stream:
             response = await stream_response(gateway, pending, endpoint, body)

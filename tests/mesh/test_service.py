@@ -106,7 +106,7 @@ async def test_chat_streaming_sends_role_then_content(config, hub):
     (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "model"),
     (json.dumps(completion("x", -1)).encode(), 400, "max_tokens"),
     (json.dumps(completion("x", 10**9)).encode(), 400, "max_tokens"),
-    (json.dumps(completion("x" * 300, 4)).encode(), 400, "max_tokens"),
+    (json.dumps(completion("x" * 300, 4)).encode(), 400, "prompt"),
     (json.dumps(completion("", 4)).encode(), 400, "prompt"),
     (json.dumps({"model": FAKE}).encode(), 400, "prompt"),
     (json.dumps(completion("x", 4, temperature=-1)).encode(), 400, "temperature"),
