@@ -33,7 +33,9 @@ def summary_table(summary: Summary, title: str) -> Table:
     table.caption = (
         f"{summary.completed}/{summary.requests} completed in {summary.duration_s:.2f} s · "
         f"{summary.request_throughput:.2f} req/s · {summary.output_token_throughput:.1f} out tok/s"
-        f" · goodput {summary.goodput:.2f} req/s (SLO attainment {summary.slo_attainment:.1%})"
+        # goodput counts requests meeting the SLO: without one it would only repeat the throughput
+        + (f" · goodput {summary.goodput:.2f} req/s (SLO attainment {summary.slo_attainment:.1%})"
+           if summary.slo.any else "")
         + (f" · errors {summary.errors}" if summary.errors else "")
     )
     table.caption_justify = "left"
@@ -41,17 +43,20 @@ def summary_table(summary: Summary, title: str) -> Table:
 
 
 def rates_table(points: Sequence[RatePoint], title: str) -> Table:
+    with_slo = any(p.summary.slo.any for p in points)  # goodput and attainment only against an SLO
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.caption = "rate, req/s, goodput in requests/s; tok/s: output tokens/s; latencies in ms"
+    table.caption = ("rate, req/s" + (", goodput" if with_slo else "")
+                     + " in requests/s; tok/s: output tokens/s; latencies in ms")
     table.caption_justify = "left"
-    for col in ("rate", "done", "req/s", "tok/s", "good", "attain",
+    for col in ("rate", "done", "req/s", "tok/s", *(("good", "attain") if with_slo else ()),
                 "TTFT50", "TTFT99", "TPOT50", "TPOT99", "E2E99", "err"):
         table.add_column(col, justify="right", no_wrap=True)
     for p in points:
         s = p.summary
         table.add_row(
             f"{p.rate_per_s:g}", f"{s.completed}/{s.requests}", f"{s.request_throughput:.2f}",
-            f"{s.output_token_throughput:.1f}", f"{s.goodput:.2f}", f"{s.slo_attainment:.0%}",
+            f"{s.output_token_throughput:.1f}",
+            *((f"{s.goodput:.2f}", f"{s.slo_attainment:.0%}") if with_slo else ()),
             _ms(s.ttft.p50_ms), _ms(s.ttft.p99_ms), _ms(s.tpot.p50_ms), _ms(s.tpot.p99_ms),
             _ms(s.e2e.p99_ms), str(sum(s.errors.values())),
         )

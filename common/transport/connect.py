@@ -63,7 +63,8 @@ async def open_transports(config: MeshConfig, names: Names, hub: LocalHub) -> Tr
 async def purge(config: MeshConfig, names: Names, hub: LocalHub) -> None:
     """Delete every shared queue, exchange and store key of the namespace (tests, benchmarks)."""
     bus = await open_bus(config, names, hub)
-    await bus.delete(queues=[names.encode_queue, names.handoff_queue, names.dead_queue, names.jobs_queue],
+    await bus.delete(queues=[names.encode_queue, names.handoff_queue, names.dead_queue, names.jobs_queue,
+                             names.scheduler_queue],
                      exchanges=[names.control_exchange, names.status_exchange, names.dead_exchange])
     await bus.close()
     store = await open_store(config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Modules that register commands; a module missing from a checkout is skipped.
@@ -19,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "services.cli.profile",    # exegpt profile
     "services.cli.plan",       # exegpt plan
     "services.cli.serve",      # exegpt serve | gateway | encoder | decoder | scheduler | up
+    "services.cli.down",       # exegpt down
     "services.cli.batch",      # exegpt batch submit|status|...
     "services.cli.schedule",   # exegpt schedule show|set-bound|replan|pin
     "services.cli.keys",       # exegpt keys new|hash
@@ -28,6 +30,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +54,47 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed reader shows here, not at interpreter exit
+        return code
     except CliError as exc:
         print(f"exegpt {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `exegpt plan --json | head`: the reader closed stdout early; stop quietly, as other
+        # command-line tools do. A broken pipe elsewhere (a socket) is a real error.
+        if not _stdout_closed():
+            raise
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe or socket whose reader has gone away."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    try:
+        import select
+
+        poller = select.poll()
+    except (ImportError, AttributeError):  # no poll(): trust the error
+        return True
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that flushing what is still buffered at exit does not
+    fail a second time (Python would print "Exception ignored ... BrokenPipeError")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ def _scenario(args):
             raise CliError(f"cluster {cluster.name!r} ({args.cluster}) has {cluster.device_count} devices, "
                            f"--devices asks for {args.devices}")
         profile = load_profile(*args.profile)
+        _check_profiled(args, profile)
         model = model_shape(args.model, _profiled_dtype_bytes(profile))
         workload = (scaled_task(args.task, args.scale) if args.task
                     else load_workload(args.lengths, args.max_input, args.max_output))
@@ -121,6 +122,18 @@ def _scenario(args):
     _warn(profile.warnings)
     _check_range(args, sc)
     return sc
+
+
+def _check_profiled(args, profile) -> None:
+    """Refuse a model the profile has no rows for, naming the models it has rows for (the only
+    ones this profile can plan)."""
+    models = profile.models()
+    if args.model in models:
+        return
+    files = ", ".join(args.profile)
+    has = f"it has rows for {', '.join(models)}" if models else "it has no model rows"
+    raise CliError(f"the profile ({files}) has no rows for model {args.model!r}; {has} (`exegpt profile "
+                   f"--model M --out FILE` times one of our models on this machine)")
 
 
 def _warn(lines) -> None:

@@ -6,7 +6,10 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -121,3 +124,88 @@ def test_what_the_scheduler_plans_on_is_checked_before_it_starts(capsys, monkeyp
     assert main(["serve", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "scheduler planning" in err and says in err and "Traceback" not in err
+
+
+def test_a_command_whose_reader_went_away_exits_quietly():
+    """`exegpt … | head`: every command stops with the SIGPIPE status, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "services.cli", "keys", "new", "--owner", "alice"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+                              cwd=Path(__file__).resolve().parents[2])
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
+
+
+@pytest.mark.broker
+def test_down_deletes_the_namespace_queues_exchanges_and_keys(capsys):
+    """What `exegpt up` leaves behind on the real broker and Redis is gone after `exegpt down`;
+    another namespace's keys stay."""
+    import aio_pika
+    import redis.asyncio as aioredis
+
+    from common.names import Names
+    from common.transport.connect import open_transports
+
+    require_broker()
+    names, other = Names(f"down-{uuid.uuid4().hex[:8]}"), Names(f"down-{uuid.uuid4().hex[:8]}")
+    config = MeshConfig(namespace=names.namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL)
+    queues = [names.encode_queue, names.handoff_queue, names.scheduler_queue, names.dead_queue, names.jobs_queue]
+    exchanges = [names.control_exchange, names.status_exchange, names.dead_exchange]
+
+    async def leave_things_behind() -> None:
+        t = await open_transports(config, names, LocalHub())
+        for queue in queues:
+            if queue != names.dead_queue:  # connecting declared it, with the dead-letter exchange
+                await t.bus.declare_queue(queue)
+        await t.bus.publish(names.encode_queue, b"queued work")
+        for exchange in exchanges:
+            await t.bus.declare_fanout(exchange)
+        await t.store.set(names.key_prefix + "schedule", b"v1")
+        await t.store.set(other.key_prefix + "schedule", b"v1")
+        await t.close()
+
+    async def left() -> tuple[list[str], int, bool]:
+        connection = await aio_pika.connect(AMQP_URL)
+        found = []
+        try:
+            for name, passive in [(q, "queue") for q in queues] + [(e, "exchange") for e in exchanges]:
+                channel = await connection.channel()
+                try:
+                    if passive == "queue":
+                        await channel.declare_queue(name, passive=True)
+                    else:
+                        await channel.get_exchange(name, ensure=True)
+                    found.append(name)
+                except aio_pika.exceptions.ChannelClosed:
+                    pass
+        finally:
+            await connection.close()
+        redis = aioredis.from_url(REDIS_URL)
+        try:
+            keys = len([k async for k in redis.scan_iter(match=names.key_prefix + "*")])
+            other_kept = await redis.exists(other.key_prefix + "schedule") == 1
+        finally:
+            await redis.aclose()
+        return found, keys, other_kept
+
+    asyncio.run(leave_things_behind())
+    before, keys_before, _ = asyncio.run(left())
+    assert sorted(before) == sorted(queues + exchanges) and keys_before == 1
+    assert main(["down", "--namespace", names.namespace, "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL]) == 0
+    assert names.namespace in capsys.readouterr().out
+    after, keys_after, other_kept = asyncio.run(left())
+    asyncio.run(purge_namespace(MeshConfig(namespace=other.namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL),
+                                LocalHub()))
+    assert after == [] and keys_after == 0 and other_kept
+
+
+def test_down_needs_the_broker_and_redis(capsys, monkeypatch):
+    for var in ("EXEGPT_AMQP_URL", "EXEGPT_REDIS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["down", "--namespace", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--amqp-url and --redis-url" in err and len(err.splitlines()) == 1

@@ -77,7 +77,7 @@ def test_lengths_a_little_beyond_the_profile_warn(capsys):
     (["--profile", "/no/such/file", "--model", "opt-13b", "--devices", "4", "--task", "S",
       "--latency-bound", "3"], "cannot read /no/such/file"),
     (["--profile", SPLIT, "--model", "llama", "--devices", "4", "--task", "S", "--latency-bound", "3"],
-     "unknown model 'llama'"),
+     "no rows for model 'llama'"),
     (["--profile", SPLIT, "--model", "gpt3-39b", "--devices", "4", "--task", "S", "--latency-bound", "3"],
      "no rows for model 'gpt3-39b'"),
     (["--profile", SPLIT, "--model", "opt-13b", "--devices", "0", "--task", "S", "--latency-bound", "3"],
@@ -128,3 +128,48 @@ def test_a_plan_far_past_the_profiled_batches_is_kept_with_a_warning(tmp_path, c
 def test_a_plan_within_the_profile_has_no_batch_warning(capsys):
     assert _plan("--task", "S", "--latency-bound", "1.0") == 0
     assert "extrapolated" not in capsys.readouterr().err
+
+
+def test_plan_into_a_closed_pipe_exits_quietly():
+    """`exegpt plan --json | head`: the reader goes away; no traceback, the SIGPIPE status."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has already gone
+    try:
+        proc = subprocess.run([sys.executable, "-m", "services.cli", "plan", "--profile", SPLIT, "--model", "opt-13b",
+                               "--devices", "4", "--task", "S", "--latency-bound", "3.1", "--json"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parents[2])
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt3-39b", "smollm2"])
+def test_a_model_the_profile_lacks_names_only_the_profiled_models(capsys, model):
+    assert _plan_model(model) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"no rows for model {model!r}" in err and len(err.splitlines()) == 1
+    listed = err.split("it has rows for ", 1)[1].split(" (", 1)[0].split(", ")
+    assert listed == ["gpt3-175b", "opt-1.3b", "opt-13b", "opt-66b", "t5-11b"]  # the reference profile's
+
+
+def _plan_model(model):
+    return main(["plan", "--profile", SPLIT, "--model", model, "--devices", "4", "--task", "S",
+                 "--latency-bound", "3"])
+
+
+def test_the_readme_plan_row_runs_as_written(capsys, monkeypatch):
+    import re
+    import shlex
+
+    root = Path(__file__).resolve().parents[2]
+    row = next(line for line in (root / "README.md").read_text().splitlines() if line.startswith("| `exegpt plan"))
+    command = shlex.split(re.match(r"\| `([^`]*)`", row).group(1))
+    monkeypatch.chdir(root)  # its paths are relative to the repository
+    assert command[0] == "exegpt" and main(command[1:]) == 0
+    assert capsys.readouterr().out.startswith("schedule:")
