@@ -248,9 +248,9 @@ class Stage:
         if self.comm.rank != 0:
             dist.send(kv, 0)
             return None
-        return self._gather(slot, kv)
+        return self._gather(kv)
 
-    def _gather(self, slot: int, own: torch.Tensor) -> torch.Tensor:
+    def _gather(self, own: torch.Tensor) -> torch.Tensor:
         shape, model = self.comm.shape, self.model
         heads = full_kv_heads(model)
         positions = own.shape[3]
