@@ -150,7 +150,20 @@ class Launcher:
                 child.popen.wait()
 
 
+def with_worker_threads(config: MeshConfig, workers: int, cores: int | None = None) -> MeshConfig:
+    """``config`` with torch threads per engine process set, unless given: this host's cores shared by
+    the engine processes `up` starts here (each worker's whole group), at least one each. Without
+    it every process would take all the cores and they would fight over them."""
+    if config.threads is not None:
+        return config
+    from services.engines import group_shape
+
+    processes = max(1, workers) * group_shape(config).world
+    return config.model_copy(update={"threads": max(1, (cores or os.cpu_count() or 1) // processes)})
+
+
 def run_up(config: MeshConfig, spec_path: Path, workers: int) -> int:
+    config = with_worker_threads(config, workers)
     launcher = Launcher(config, read_spec(spec_path, {"workers": workers}))
     previous = {sig: signal.signal(sig, lambda *_: launcher.stopping.set())
                 for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -257,3 +257,12 @@ async def test_settling_ends_at_a_wake_up_at_its_limit_and_when_off():
     await empty.settle(gap_s=30.0, limit_s=30.0)  # nothing arrived: nothing to gather
     inbox.put(("q", "x"))
     await inbox.settle(gap_s=0.0, limit_s=30.0)  # gathering off
+
+
+def test_up_shares_the_host_cores_between_the_engine_processes_it_starts():
+    from services.launcher import with_worker_threads
+
+    assert with_worker_threads(MeshConfig(), 2, cores=16).threads == 8
+    assert with_worker_threads(MeshConfig(tp="2"), 2, cores=16).threads == 4  # 2 groups of 2 processes
+    assert with_worker_threads(MeshConfig(), 4, cores=2).threads == 1  # at least one
+    assert with_worker_threads(MeshConfig(threads=3), 2, cores=16).threads == 3  # as given
