@@ -121,9 +121,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        errors = exc.errors()
+        first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
         if first.get("type") == "json_invalid":
             return JSONResponse(oa.error_body(not_json_message(first, exc.body)), 400)
+        unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
+        if unknown:  # a field the gateway does not know is refused, never ignored
+            param = ".".join(str(p) for p in unknown[0].get("loc", ())[1:])
+            return JSONResponse(oa.error_body(
+                f"Unsupported parameter: '{param}' is not supported by this server",
+                param=param, code="unsupported_parameter"), 400)
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return JSONResponse(oa.error_body(f"{first['msg']} ({param or 'body'})", param=param), 400)
 
@@ -206,8 +213,10 @@ def check_model(body: oa._Common, model: ServedModel) -> None:
     if body.model != model.name:
         raise ApiError(404, f"The model '{body.model}' does not exist; this server serves "
                        f"'{model.name}'", param="model", code="model_not_found")
-    if body.n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
+    if (refused := oa.non_neutral(body)) is not None:
+        name, value, accepted = refused
+        raise ApiError(400, f"Unsupported value: '{name}' does not support {json.dumps(value)}; "
+                       f"this server accepts only {accepted}", param=name, code="unsupported_value")
 
 
 def completion_prompt(body: oa.CompletionBody, model: ServedModel) -> list[int]:
@@ -221,8 +230,30 @@ def completion_prompt(body: oa.CompletionBody, model: ServedModel) -> list[int]:
     return model.tokenizer.encode(str(prompt))
 
 
+def message_text(content: str | list[oa.ContentPart], where: str) -> str:
+    """A message's content as one string: a list of text parts is joined with newlines; any other
+    part, or a field of a text part other than ``type`` and ``text``, is a 400 naming it."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        param = f"{where}.content.{j}"
+        if part.type != "text":
+            raise ApiError(400, f"Unsupported value: content part type '{part.type}' ({param}) is "
+                           "not supported; only text parts are", param=param, code="unsupported_value")
+        if part.model_extra:
+            name = f"{param}.{next(iter(part.model_extra))}"
+            raise ApiError(400, f"Unsupported parameter: '{name}' is not supported by this server",
+                           param=name, code="unsupported_parameter")
+        if part.text is None:
+            raise ApiError(400, f"a text part needs its text ({param}.text)", param=f"{param}.text")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
 def chat_prompt(body: oa.ChatBody, model: ServedModel) -> list[int]:
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    messages = [{"role": m.role, "content": message_text(m.content, f"messages.{i}")}
+                for i, m in enumerate(body.messages)]
     return model.tokenizer.encode(model.tokenizer.apply_chat_template(messages))
 
 

@@ -2,6 +2,11 @@
 
 Extensions, as other servers name them: ``ignore_eos`` (decode exactly ``max_tokens``) and
 ``min_tokens`` (accepted as 0, or equal to ``max_tokens`` meaning forced length), ``top_k``.
+
+No field is dropped silently: a field these bodies do not declare is a 400
+(``unsupported_parameter``), and a declared field of a feature the gateway does not implement
+(``NEUTRAL``) is accepted only at the value that leaves the output unchanged, else a 400
+(``unsupported_value``).
 """
 
 from __future__ import annotations
@@ -13,18 +18,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    n: int = 1
+    n: int | None = Field(1, description="only 1")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -32,20 +39,76 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     user: str | None = None
+    presence_penalty: float | None = Field(None, description="only 0 (no penalty)")
+    frequency_penalty: float | None = Field(None, description="only 0 (no penalty)")
+    logit_bias: dict[str, float] | None = Field(None, description="only {} (no bias)")
 
 
 class CompletionBody(_Common):
     prompt: str | list[int] | list[str]
+    logprobs: int | None = Field(None, description="only null (no log probabilities)")
+    echo: bool | None = Field(False, description="only false")
+    best_of: int | None = Field(None, description="only 1")
+    suffix: str | None = Field(None, description='only "" (no suffix)')
+
+
+class ContentPart(BaseModel):
+    """One part of a chat message's content; only ``{"type": "text", "text": ...}`` is served
+    (other types and fields are refused when the prompt is built, naming the part)."""
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: str | list[ContentPart] = Field(
+        description="a string, or a list of text parts (joined with newlines)")
 
 
 class ChatBody(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = Field(None, description="only false (no log probabilities)")
+    top_logprobs: int | None = Field(None, description="only 0")
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}')
+    tools: list[dict[str, Any]] | None = Field(None, description="only [] (no tools)")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='only "none"')
+
+
+# Fields of features the gateway does not implement: the values it accepts (each leaves the output
+# as if the field were absent), and how a refusal names them.
+_SHARED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((None, 1), "1"),
+    "presence_penalty": ((None, 0), "0"),
+    "frequency_penalty": ((None, 0), "0"),
+    "logit_bias": ((None, {}), "{}"),
+}
+NEUTRAL: dict[type[_Common], dict[str, tuple[tuple[Any, ...], str]]] = {
+    CompletionBody: {**_SHARED, "logprobs": ((None,), "null"), "echo": ((None, False), "false"),
+                     "best_of": ((None, 1), "1"), "suffix": ((None, ""), '""')},
+    ChatBody: {**_SHARED, "logprobs": ((None, False), "false"), "top_logprobs": ((None, 0), "0"),
+               "response_format": ((None, {"type": "text"}), '{"type": "text"}'),
+               "tools": ((None, []), "[]"), "tool_choice": ((None, "none"), '"none"')},
+}
+
+
+def _same(value: Any, accepted: Any) -> bool:
+    """Equal, without counting ``True``/``False`` as 1/0 (or the reverse)."""
+    return value == accepted and isinstance(value, bool) == isinstance(accepted, bool)
+
+
+def non_neutral(body: _Common) -> tuple[str, Any, str] | None:
+    """The first field of an unimplemented feature set to a value that would change the output:
+    ``(field, value, the accepted value)``; None when there is none."""
+    for name, (accepted, shown) in NEUTRAL.get(type(body), {}).items():
+        value = getattr(body, name)
+        if not any(_same(value, a) for a in accepted):
+            return name, value, shown
+    return None
 
 
 def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None,

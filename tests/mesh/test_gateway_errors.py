@@ -104,3 +104,138 @@ async def test_each_finished_request_logs_one_line_and_an_error_also_warns(confi
     assert len(warnings) == 1 and "400" in warnings[0]
     assert json.loads(bad.text)["error"]["message"] in warnings[0]
     assert all(secret not in r.getMessage() for r in records)
+
+
+# --- OpenAI parameters are never dropped silently ---------------------------------------------
+
+def chat_body(messages: list, n: int = 3, **extra) -> dict:
+    return {"model": FAKE, "messages": messages, "max_tokens": n, "temperature": 0, **extra}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", completion("x", 3, frobnicate=1), "frobnicate"),
+    ("/v1/completions", completion("x", 3, repetition_penalty=1.2), "repetition_penalty"),
+    ("/v1/chat/completions", chat_body([{"role": "user", "content": "x"}], parallel_tool_calls=True),
+     "parallel_tool_calls"),
+    ("/v1/chat/completions", chat_body([{"role": "user", "content": "x"}], reasoning_effort="low"),
+     "reasoning_effort"),
+    ("/v1/chat/completions", chat_body([{"role": "user", "content": "x", "name": "ann"}]), "messages.0.name"),
+    ("/v1/completions", completion("x", 3, stream=True, stream_options={"include_usage": True, "x": 1}),
+     "stream_options.x"),
+])
+async def test_an_unknown_field_is_a_400_naming_it(config, hub, path, body, param):
+    async with running_mesh(config, hub, load) as m:
+        error = await error_of(await m.client.post(path, json=body))
+        assert error["param"] == param and error["code"] == "unsupported_parameter"
+        assert param in error["message"]
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/completions", "presence_penalty", 0.5),
+    ("/v1/completions", "frequency_penalty", -1.0),
+    ("/v1/completions", "logit_bias", {"50": -100}),
+    ("/v1/completions", "logprobs", 2),
+    ("/v1/completions", "logprobs", 0),
+    ("/v1/completions", "echo", True),
+    ("/v1/completions", "best_of", 3),
+    ("/v1/completions", "suffix", "tail"),
+    ("/v1/completions", "n", 2),
+    ("/v1/chat/completions", "logprobs", True),
+    ("/v1/chat/completions", "top_logprobs", 3),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/chat/completions", "tool_choice", "auto"),
+    ("/v1/chat/completions", "presence_penalty", 1.0),
+    ("/v1/chat/completions", "n", 3),
+])
+async def test_a_non_neutral_value_of_an_unsupported_feature_is_a_400_naming_it(config, hub, path, field, value):
+    body = (completion("x", 3) if path == "/v1/completions"
+            else chat_body([{"role": "user", "content": "x"}]))
+    async with running_mesh(config, hub, load) as m:
+        error = await error_of(await m.client.post(path, json={**body, field: value}))
+        assert error["param"] == field and error["code"] == "unsupported_value"
+        assert field in error["message"]
+
+
+async def test_neutral_values_of_unsupported_features_are_accepted(config, hub):
+    neutral = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+               "user": "someone"}
+    async with running_mesh(config, hub, load) as m:
+        plain = await m.client.post("/v1/completions", json=completion("neutral", 5))
+        for extra in ({**neutral, "logprobs": None, "echo": False, "best_of": 1, "suffix": None},
+                      {"presence_penalty": None, "frequency_penalty": None, "logit_bias": None,
+                       "n": None, "echo": None}):
+            same = await m.client.post("/v1/completions", json={**completion("neutral", 5), **extra})
+            assert same.status_code == 200, same.text
+            assert same.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+
+        messages = [{"role": "user", "content": "neutral"}]
+        plain = await m.client.post("/v1/chat/completions", json=chat_body(messages, 5))
+        for extra in ({**neutral, "logprobs": False, "top_logprobs": 0,
+                       "response_format": {"type": "text"}, "tools": [], "tool_choice": "none"},
+                      {"logprobs": None, "top_logprobs": None, "response_format": None,
+                       "tools": None, "tool_choice": None}):
+            same = await m.client.post("/v1/chat/completions", json={**chat_body(messages, 5), **extra})
+            assert same.status_code == 200, same.text
+            assert same.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+
+
+async def test_chat_content_as_a_list_of_text_parts_is_joined(config, hub):
+    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    async with running_mesh(config, hub, load) as m:
+        joined = await m.client.post("/v1/chat/completions",
+                                     json=chat_body([{"role": "user", "content": "first\nsecond"}], 6))
+        listed = await m.client.post("/v1/chat/completions",
+                                     json=chat_body([{"role": "system", "content": "be brief"},
+                                                     {"role": "user", "content": parts}], 6))
+        alone = await m.client.post("/v1/chat/completions",
+                                    json=chat_body([{"role": "system", "content": "be brief"},
+                                                    {"role": "user", "content": "first\nsecond"}], 6))
+        assert joined.status_code == listed.status_code == alone.status_code == 200, listed.text
+        assert listed.json()["choices"][0]["message"] == alone.json()["choices"][0]["message"]
+        assert listed.json()["usage"] == alone.json()["usage"]
+
+
+@pytest.mark.parametrize("part, param, named", [
+    ({"type": "image_url", "image_url": {"url": "http://x/y.png"}}, "messages.0.content.1", "image_url"),
+    ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "messages.0.content.1",
+     "input_audio"),
+    ({"type": "text", "text": "b", "cache_control": {}}, "messages.0.content.1.cache_control",
+     "cache_control"),
+])
+async def test_a_non_text_content_part_is_a_400_naming_it(config, hub, part, param, named):
+    content = [{"type": "text", "text": "a"}, part]
+    async with running_mesh(config, hub, load) as m:
+        error = await error_of(await m.client.post(
+            "/v1/chat/completions", json=chat_body([{"role": "user", "content": content}])))
+        assert error["param"] == param and named in error["message"]
+        assert error["code"] in ("unsupported_value", "unsupported_parameter")
+
+
+async def test_a_full_request_with_every_supported_field_still_works(config, hub):
+    full = {"model": FAKE, "max_tokens": 5, "min_tokens": 5, "ignore_eos": True, "temperature": 0.0,
+            "top_p": 1.0, "top_k": 0, "seed": 7, "stop": ["never-seen"], "n": 1, "user": "u",
+            "stream": True, "stream_options": {"include_usage": True}}
+    async with running_mesh(config, hub, load) as m:
+        streamed = await m.client.post("/v1/completions", json={**full, "prompt": "full"})
+        assert streamed.status_code == 200, streamed.text
+        chunks = [json.loads(ln[6:]) for ln in streamed.text.splitlines()
+                  if ln.startswith("data: ") and ln != "data: [DONE]"]
+        assert chunks[-1]["usage"]["completion_tokens"] == 5
+
+        chat_full = {**full, "messages": [{"role": "user", "content": "full"}], "stream": False,
+                     "max_completion_tokens": 4, "min_tokens": 4}
+        chat_full.pop("stream_options")
+        whole = await m.client.post("/v1/chat/completions", json=chat_full)
+        assert whole.status_code == 200, whole.text
+        assert whole.json()["usage"]["completion_tokens"] == 4
+
+
+async def test_the_openapi_schema_still_describes_the_request_bodies(config, hub):
+    async with running_mesh(config, hub, load) as m:
+        schema = (await m.client.get("/openapi.json")).json()
+    bodies = schema["components"]["schemas"]
+    for name, fields in (("CompletionBody", {"prompt", "max_tokens", "ignore_eos", "logprobs", "echo"}),
+                         ("ChatBody", {"messages", "max_completion_tokens", "tools", "response_format"})):
+        assert fields <= set(bodies[name]["properties"]), bodies[name]["properties"].keys()
+        assert bodies[name]["additionalProperties"] is False
