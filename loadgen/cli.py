@@ -65,9 +65,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     wl.add_argument("--time-scale", type=float, default=1.0, help="trace speed-up factor")
     wl.add_argument("--length-scale", type=float, default=1.0, help="multiply every length")
     wl.add_argument("--max-input-tokens", type=int, help="cap prompt lengths")
-    wl.add_argument("--tokenizer", metavar="FILE|MODEL",
-                    help="tokenizer.json or a model name (smollm2, ...): prompts of exactly the "
-                         "requested token count")
+    wl.add_argument("--tokenizer", metavar="FILE|MODEL|auto|none", default="auto",
+                    help="size prompts to exactly the requested token count with a tokenizer.json "
+                         "or a model's tokenizer (smollm2, tiny-llama, a model folder); auto "
+                         "(default): the served model's, when this machine can load it; none: "
+                         "word prompts (about one token per word with BPE tokenizers)")
+    wl.add_argument("--max-context", type=int, metavar="N",
+                    help="cap each request's prompt + output tokens at N (default: the context "
+                         "/v1/models states as max_model_len or context_length, else the context "
+                         "of the model whose tokenizer sizes the prompts)")
 
     ar = p.add_argument_group("arrivals")
     ar.add_argument("--arrival", choices=("poisson", "gamma", "constant", "closed", "trace"),
@@ -156,7 +162,12 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_main(args, spec))
 
 
-async def _first_model(client: Any, url: str) -> str:
+CONTEXT_FIELDS = ("max_model_len", "context_length", "max_context_length", "max_context")
+
+
+async def _served_model(client: Any, url: str, wanted: str | None) -> tuple[str, int | None]:
+    """The model to request (``wanted``, else the server's first) and the context length its
+    ``/v1/models`` entry states, if any. Without ``wanted`` the listing must be readable."""
     import httpx
 
     root = url.rstrip("/")
@@ -164,32 +175,78 @@ async def _first_model(client: Any, url: str) -> str:
     try:
         resp = await client.get(root + "/models", timeout=10.0)
         resp.raise_for_status()
-        return str(resp.json()["data"][0]["id"])
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        entries = [e for e in resp.json()["data"] if isinstance(e, dict)]
+        entry = next((e for e in entries if e.get("id") == wanted), None) if wanted else entries[0]
+        name = wanted or str(entry["id"])
+    except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
+        if wanted:
+            return wanted, None
         raise CliError(f"could not list models at {root}/models ({exc}); pass --model") from None
+    for key in CONTEXT_FIELDS:
+        value = (entry or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return name, value
+    return name, None
 
 
-def _tokenizer_fns(spec: str | None) -> tuple[Any, Any]:
-    """encode/decode of a tokenizer.json file, or of a model the engine loads (smollm2, ...)."""
-    if spec is None:
-        return None, None
-    if Path(spec).is_file():
+@dataclasses.dataclass(frozen=True)
+class PromptTokenizer:
+    """What sizes the prompts: encode/decode (None: word prompts) and the context of the model the
+    tokenizer belongs to (None when unknown or when prompts do not count towards it)."""
+
+    encode: Any = None
+    decode: Any = None
+    max_context: int | None = None
+    source: str | None = None  # for the printed note: which tokenizer
+
+
+def load_model_tokenizer(model: str) -> Any:
+    """``engine.load_tokenizer``: a model's tokenizer and context, read without weights or torch."""
+    from engine import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+def _prompt_tokenizer(spec: str | None, model: str | None) -> PromptTokenizer:
+    """The tokenizer ``--tokenizer`` names; ``auto`` tries the served model's and quietly falls
+    back to word prompts when this machine cannot load it."""
+    if spec is None or spec == "none":
+        return PromptTokenizer()
+    if spec != "auto" and Path(spec).is_file() and not spec.endswith(".gguf"):
         from tokenizers import Tokenizer
 
         try:
             tok = Tokenizer.from_file(spec)
         except Exception as exc:  # the library raises a bare Exception for unreadable files
             raise CliError(f"cannot read tokenizer {spec}: {exc}") from None
-        return ((lambda text: tok.encode(text, add_special_tokens=False).ids),
-                (lambda ids: tok.decode(list(ids))))
-    from common.config import MeshConfig
-    from services.engines import load_engine
-
+        return PromptTokenizer((lambda text: tok.encode(text, add_special_tokens=False).ids),
+                               (lambda ids: tok.decode(list(ids))), None, spec)
+    name = model if spec == "auto" else spec
+    if name is None:
+        return PromptTokenizer()
     try:
-        model_tok = load_engine(MeshConfig(model=spec, device="cpu")).tokenizer
+        info = load_model_tokenizer(name)
     except (OSError, ValueError, KeyError, ImportError) as exc:
+        if spec == "auto":
+            return PromptTokenizer()
         raise CliError(f"--tokenizer {spec}: neither a tokenizer.json nor a loadable model ({exc})") from None
-    return model_tok.encode, model_tok.decode
+    context = info.max_context if getattr(info, "prompt_in_context", True) else None
+    return PromptTokenizer(info.tokenizer.encode, info.tokenizer.decode, context, f"{name}'s tokenizer")
+
+
+def _fit_spec(console: Any, args: argparse.Namespace, spec: Any, tok: PromptTokenizer,
+              listed_context: int | None) -> Any:
+    """The workload spec with the context cap, and a note on how prompts are sized."""
+    if args.max_context is not None and args.max_context < 2:
+        raise CliError(f"--max-context must be >= 2, got {args.max_context}")
+    context = args.max_context or listed_context or tok.max_context
+    note = (f"prompts sized with {tok.source}" if tok.source
+            else "prompts of common words (about one token per word with BPE tokenizers)")
+    if context:
+        note += f"; prompt + output capped at {context} tokens"
+    if not args.quiet:
+        console.print(f"[dim]{note}")
+    return dataclasses.replace(spec, max_context=context) if context else spec
 
 
 async def _main(args: argparse.Namespace, spec: Any) -> int:
@@ -208,11 +265,13 @@ async def _main(args: argparse.Namespace, spec: Any) -> int:
     # piped output (logs, reports) gets room for the wide tables; a terminal keeps its width
     console = Console() if sys.stdout.isatty() else Console(width=150)
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
-    encode, decode = _tokenizer_fns(args.tokenizer)
     runs: list[tuple[float | None, Any, Any, int]] = []
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     async with httpx.AsyncClient(limits=limits, timeout=args.request_timeout_s) as client:
-        model = args.model or await _first_model(client, args.url)
+        model, listed_context = await _served_model(client, args.url, args.model)
+        tok = _prompt_tokenizer(args.tokenizer, model)
+        spec = _fit_spec(console, args, spec, tok, listed_context)
+        encode, decode = tok.encode, tok.decode
         target = Target(args.url, model, args.endpoint, args.api_key, args.request_timeout_s,
                         ignore_eos=not args.no_ignore_eos)
 
@@ -263,6 +322,10 @@ def _report(console: Any, args: argparse.Namespace, model: str, spec: Any, slo: 
         console.print(report.rates_table(sorted(points, key=lambda p: p.rate_per_s),
                                          f"{args.url} {model} · {spec.arrival} "
                                          + ("rate search" if bisection is not None else "rate sweep")))
+    for rate, summary, _, _ in runs:  # the server's own words, printed as they are
+        if (line := report.failure_line(summary)) is not None:
+            console.print(f"{rate:g} req/s: {line}" if rate and len(runs) > 1 else line,
+                          style="red", markup=False, highlight=False, soft_wrap=True)
     if bisection is not None:
         best = bisection.max_rate_per_s
         console.print(f"highest rate with SLO attainment >= {bisection.target_attainment:.0%}: "
@@ -282,12 +345,15 @@ def _report(console: Any, args: argparse.Namespace, model: str, spec: Any, slo: 
         report.write_rates_csv(rates_csv, [(r, s) for r, s, _, _ in runs])
         written.append(rates_csv)
     if not args.no_plots:
+        note = report.failure_note([s for _, s, _, _ in runs])
+        plot_title = f"{model} · {spec.lengths_source} · {args.url}" + (f" · {note}" if note else "")
         cdf = out.with_name(out.stem + "-cdf.png")
-        report.plot_cdfs(cdf, [(f"{r:g} req/s" if r else spec.arrival, recs) for r, _, recs, _ in runs])
+        report.plot_cdfs(cdf, [(f"{r:g} req/s" if r else spec.arrival, recs) for r, _, recs, _ in runs],
+                         plot_title)
         written.append(cdf)
         if len(runs) > 1:
             rates_png = out.with_name(out.stem + "-rates.png")
-            report.plot_rates(rates_png, [(r, s) for r, s, _, _ in runs if r is not None])
+            report.plot_rates(rates_png, [(r, s) for r, s, _, _ in runs if r is not None], plot_title)
             written.append(rates_png)
     console.print("wrote " + ", ".join(str(p) for p in written))
 
@@ -327,16 +393,18 @@ async def _batch_main(args: argparse.Namespace, config: Any, spec: Any) -> int:
     from common.names import Names
 
     names = Names(config.namespace)
-    encode, decode = _tokenizer_fns(args.tokenizer)
-    workload = build_workload(spec, encode, decode)
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    model = args.model or config.model
+    tok = _prompt_tokenizer(args.tokenizer, model)
+    spec = _fit_spec(console, args, spec, tok, None)
+    workload = build_workload(spec, tok.encode, tok.decode)
     try:
         bus = await open_bus(config, names, LocalHub())
         store = await open_store(config)
     except (OSError, ConnectionError) as exc:
         raise CliError(f"cannot reach the broker or the store: {exc}") from None
     try:
-        summary = await run_batch(bus, store, names, workload.specs, args.model or config.model,
-                                  args.max_duration_s)
+        summary = await run_batch(bus, store, names, workload.specs, model, args.max_duration_s)
     finally:
         await bus.close()
         await store.close()
@@ -349,7 +417,6 @@ async def _batch_main(args: argparse.Namespace, config: Any, spec: Any) -> int:
                   str(summary.missing), f"{summary.submit_s:.2f}", f"{summary.wall_s:.2f}",
                   f"{summary.jobs_per_s:.1f}", f"{summary.output_tokens_per_s:.1f}",
                   f"{lat.p50_ms or 0:.0f}", f"{lat.p99_ms or 0:.0f}")
-    console = Console() if sys.stdout.isatty() else Console(width=150)
     console.print(table)
     out = args.out or Path("results") / f"loadgen-batch-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report.write_json(out, {"config": {"target": "batch", "namespace": config.namespace,

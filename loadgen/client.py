@@ -72,10 +72,33 @@ def _chunk_text(chunk: dict[str, Any], endpoint: Endpoint) -> str:
     return text
 
 
+MAX_MESSAGE_CHARS = 500  # an error message is kept up to this length
+
+
 class _StreamError(Exception):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, message: str | None = None) -> None:
         super().__init__(kind)
-        self.kind = kind
+        self.kind, self.message = kind, message
+
+
+def error_message(payload: Any) -> str | None:
+    """The message of an OpenAI-style error body (``{"error": {"message": ...}}``), else its text."""
+    if isinstance(payload, (bytes, bytearray)):
+        text = payload.decode("utf-8", "replace")
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError:
+            return text.strip()[:MAX_MESSAGE_CHARS] or None
+    if isinstance(payload, dict):
+        err = payload.get("error", payload)
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("detail")
+        else:
+            msg = err
+        if msg:
+            return str(msg)[:MAX_MESSAGE_CHARS]
+        payload = json.dumps(payload)
+    return str(payload)[:MAX_MESSAGE_CHARS] or None
 
 
 async def send_request(
@@ -86,6 +109,7 @@ async def send_request(
     chunk_times: list[float] = []
     usage: dict[str, Any] = {}
     error: str | None = None
+    message: str | None = None
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     try:
         async with client.stream(
@@ -93,8 +117,7 @@ async def send_request(
             timeout=target.timeout_s,
         ) as resp:
             if resp.status_code != 200:
-                await resp.aread()
-                raise _StreamError(f"http_{resp.status_code}")
+                raise _StreamError(f"http_{resp.status_code}", error_message(await resp.aread()))
             done = False
             async for line in resp.aiter_lines():
                 now = clock()
@@ -111,7 +134,7 @@ async def send_request(
                 if not isinstance(chunk, dict):
                     raise _StreamError("bad_chunk")
                 if "error" in chunk:
-                    raise _StreamError("stream_error")
+                    raise _StreamError("stream_error", error_message(chunk))
                 if _chunk_text(chunk, target.endpoint):
                     chunk_times.append(now)
                 if chunk.get("usage"):
@@ -119,13 +142,13 @@ async def send_request(
             if not done:
                 raise _StreamError("incomplete")
     except _StreamError as exc:
-        error = exc.kind
-    except httpx.TimeoutException:
-        error = "timeout"
-    except httpx.ConnectError:
-        error = "connect"
-    except httpx.HTTPError:
-        error = "protocol"
+        error, message = exc.kind, exc.message
+    except httpx.TimeoutException as exc:
+        error, message = "timeout", str(exc)[:MAX_MESSAGE_CHARS] or None
+    except httpx.ConnectError as exc:
+        error, message = "connect", str(exc)[:MAX_MESSAGE_CHARS] or None
+    except httpx.HTTPError as exc:
+        error, message = "protocol", str(exc)[:MAX_MESSAGE_CHARS] or None
     end = clock()
     out_tokens = int(usage.get("completion_tokens") or len(chunk_times))
     if error is None and out_tokens == 0:
@@ -138,4 +161,5 @@ async def send_request(
         output_tokens=out_tokens,
         chunk_times_s=tuple(chunk_times),
         error=error,
+        error_message=message,
     )

@@ -97,6 +97,16 @@ def scale_lengths(lengths: Lengths, factor: float, max_input: int | None = None)
     return Lengths(inp, out)
 
 
+def fit_context(lengths: Lengths, max_context: int) -> Lengths:
+    """Cap each request so that prompt + output tokens fit ``max_context``: the output keeps up to
+    ``max_context - 1`` tokens and the prompt is cut to the room that is left (at least 1)."""
+    if max_context < 2:
+        raise ValueError(f"a context of {max_context} tokens cannot hold a prompt and an output")
+    out = np.minimum(lengths.output_tokens, max_context - 1)
+    inp = np.minimum(lengths.input_tokens, max_context - out)
+    return Lengths(inp, out)
+
+
 def load_lengths_file(path: Path) -> Lengths:
     """Lengths from a CSV (columns ``input_tokens,output_tokens``) or JSONL (same keys) file."""
     rows: list[tuple[int, int]] = []

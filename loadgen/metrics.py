@@ -31,6 +31,7 @@ class RequestRecord:
     output_tokens: int  # output tokens received
     chunk_times_s: tuple[float, ...] = ()  # arrival of each streamed chunk that carried text
     error: str | None = None  # error kind, None when the request completed
+    error_message: str | None = None  # the server's (or the client's) words about the failure
 
     @property
     def ok(self) -> bool:
@@ -129,6 +130,24 @@ class Summary:
     slo_met: int = 0
     slo_attainment: float = 0.0  # slo_met / requests
     goodput: float = 0.0  # slo_met / duration_s, requests/s
+    # one message per error kind, as the server (or the client) wrote it for the first such failure
+    error_messages: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def top_error(self) -> tuple[str, int, str | None] | None:
+        """The most common error kind, its count and a message of it; None when nothing failed."""
+        if not self.errors:
+            return None
+        kind = max(self.errors, key=lambda k: self.errors[k])
+        return kind, self.errors[kind], self.error_messages.get(kind)
+
+
+def _first_messages(records: list[RequestRecord]) -> dict[str, str]:
+    messages: dict[str, str] = {}
+    for r in sorted(records, key=lambda r: r.index):
+        if r.error is not None and r.error_message and r.error not in messages:
+            messages[r.error] = r.error_message
+    return dict(sorted(messages.items()))
 
 
 def summarize(records: list[RequestRecord], slo: Slo = Slo()) -> Summary:
@@ -154,4 +173,5 @@ def summarize(records: list[RequestRecord], slo: Slo = Slo()) -> Summary:
         slo_met=met,
         slo_attainment=met / len(records) if records else 0.0,
         goodput=per_s(met),
+        error_messages=_first_messages(records),
     )

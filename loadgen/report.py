@@ -19,6 +19,30 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def failure_line(summary: Summary) -> str | None:
+    """How many requests failed and the most common failure with the server's message; None when
+    every request completed."""
+    if not summary.failed:
+        return None
+    line = f"{summary.failed}/{summary.requests} requests failed ({summary.failed / summary.requests:.0%})"
+    if (top := summary.top_error) is not None:
+        kind, count, message = top
+        line += f"; most common: {kind} ×{count}" + (f": {message}" if message else "")
+    return line
+
+
+def failure_note(summaries: Sequence[Summary]) -> str:
+    """A short note for a plot title: failed/sent over the runs and the most common error kind."""
+    failed, sent = sum(s.failed for s in summaries), sum(s.requests for s in summaries)
+    if not failed:
+        return ""
+    kinds: dict[str, int] = {}
+    for s in summaries:
+        for kind, n in s.errors.items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    return f"{failed}/{sent} failed (mostly {max(kinds, key=lambda k: kinds[k])})"
+
+
 def summary_table(summary: Summary, title: str) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("metric")
@@ -71,7 +95,7 @@ def record_row(rec: RequestRecord) -> dict[str, Any]:
         "index": rec.index, "sent_s": round(rec.sent_s, 6), "end_s": round(rec.end_s, 6),
         "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens,
         "ttft_ms": ms(rec.ttft_s), "tpot_ms": ms(rec.tpot_s), "e2e_ms": ms(rec.e2e_s),
-        "error": rec.error or "",
+        "error": rec.error or "", "error_message": rec.error_message or "",
     }
 
 
@@ -130,8 +154,9 @@ def write_rates_csv(path: Path, points: Sequence[tuple[float | None, Summary]]) 
             ])
 
 
-def plot_cdfs(path: Path, runs: Sequence[tuple[str, Sequence[RequestRecord]]]) -> None:
-    """Empirical CDFs of TTFT, TPOT and E2E, one line per run."""
+def plot_cdfs(path: Path, runs: Sequence[tuple[str, Sequence[RequestRecord]]],
+              title: str | None = None) -> None:
+    """Empirical CDFs of TTFT, TPOT and E2E of the completed requests, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,12 +174,14 @@ def plot_cdfs(path: Path, runs: Sequence[tuple[str, Sequence[RequestRecord]]]) -
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
+    if title:
+        fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Title": title} if title else None)
     plt.close(fig)
 
 
-def plot_rates(path: Path, points: Sequence[tuple[float, Summary]]) -> None:
+def plot_rates(path: Path, points: Sequence[tuple[float, Summary]], title: str | None = None) -> None:
     """Throughput and goodput against the offered rate."""
     import matplotlib
 
@@ -171,6 +198,8 @@ def plot_rates(path: Path, points: Sequence[tuple[float, Summary]]) -> None:
     ax.set_ylabel("completed req/s")
     ax.grid(alpha=0.3)
     ax.legend()
+    if title:
+        ax.set_title(title, fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Title": title} if title else None)
     plt.close(fig)

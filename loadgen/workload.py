@@ -15,7 +15,7 @@ import numpy as np
 from loadgen import arrivals
 from loadgen.client import RequestSpec
 from loadgen.lengths import (
-    Lengths, fixed_lengths, load_lengths_file, scale_lengths, task_lengths,
+    Lengths, fit_context, fixed_lengths, load_lengths_file, scale_lengths, task_lengths,
 )
 from loadgen.prompts import make_prompts
 from loadgen.runner import Workload
@@ -40,6 +40,18 @@ class WorkloadSpec:
     time_scale: float = 1.0  # trace replay speed-up
     length_scale: float = 1.0  # multiply every length
     max_input_tokens: int | None = None  # cap prompts (to fit a small model's context)
+    max_context: int | None = None  # cap prompt + output tokens of each request
+
+    @property
+    def lengths_source(self) -> str:
+        """Where the lengths come from, in a few words (for titles)."""
+        if self.fixed_input_tokens is not None or self.fixed_output_tokens is not None:
+            return f"fixed {self.fixed_input_tokens or 1}/{self.fixed_output_tokens or 1} tokens"
+        if self.lengths_file is not None:
+            return f"lengths {self.lengths_file.name}"
+        if self.trace_file is not None:
+            return f"trace {self.trace_file.name}"
+        return f"task {self.task}"
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -65,7 +77,8 @@ def _lengths(spec: WorkloadSpec, trace: Trace | None, rng: np.random.Generator) 
         base = task_lengths(spec.task, n, rng)
     else:
         raise ValueError("no length source: give a task, a trace, a lengths file or fixed lengths")
-    return scale_lengths(base, spec.length_scale, spec.max_input_tokens)
+    scaled = scale_lengths(base, spec.length_scale, spec.max_input_tokens)
+    return scaled if spec.max_context is None else fit_context(scaled, spec.max_context)
 
 
 def _offsets(spec: WorkloadSpec, trace: Trace | None, rng: np.random.Generator) -> np.ndarray | None:

@@ -20,6 +20,8 @@ class FakeBehaviour:
     token_delay_s: float = 0.0  # simulated decode step
     fail_every: int = 0  # every n-th request (1-based) answers 500; 0: never
     hang_every: int = 0  # every n-th request never finishes its stream; 0: never
+    max_context: int = 0  # prompt words + max_tokens above it answer 400; listed in /v1/models
+    stream_error_every: int = 0  # every n-th request sends an error object inside its stream
     bodies: list[dict] = field(default_factory=list)
 
 
@@ -29,7 +31,10 @@ def make_app(behaviour: FakeBehaviour) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+        entry = {"id": "fake-model", "object": "model"}
+        if behaviour.max_context:
+            entry["max_model_len"] = behaviour.max_context  # as vLLM lists it
+        return {"object": "list", "data": [entry]}
 
     async def complete(request: Request, chat: bool):
         body = await request.json()
@@ -39,6 +44,10 @@ def make_app(behaviour: FakeBehaviour) -> FastAPI:
             return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
         max_tokens = int(body["max_tokens"])
         prompt_tokens = len((body.get("prompt") or body["messages"][0]["content"]).split())
+        if behaviour.max_context and prompt_tokens + max_tokens > behaviour.max_context:
+            return JSONResponse({"error": {
+                "message": f"This model's maximum context length is {behaviour.max_context} tokens",
+                "type": "invalid_request_error", "code": "context_length_exceeded"}}, 400)
 
         async def stream():
             await asyncio.sleep(behaviour.first_token_delay_s)  # simulated work
@@ -47,6 +56,9 @@ def make_app(behaviour: FakeBehaviour) -> FastAPI:
                     await asyncio.sleep(behaviour.token_delay_s)
                 if behaviour.hang_every and n % behaviour.hang_every == 0 and i == 1:
                     await never.wait()
+                if behaviour.stream_error_every and n % behaviour.stream_error_every == 0 and i == 1:
+                    yield f"data: {json.dumps({'error': {'message': 'engine fell over'}})}\n\n"
+                    return
                 piece = {"delta": {"content": f" t{i}"}} if chat else {"text": f" t{i}"}
                 yield f"data: {json.dumps({'choices': [piece | {'index': 0}]})}\n\n"
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens}

@@ -56,3 +56,16 @@ def test_forced_lengths_and_metrics_through_our_gateway(gateway_url, tmp_path, e
     assert {r["output_tokens"] for r in run["requests"]} == {6}
     assert all(r["ttft_ms"] is not None and r["ttft_ms"] <= r["e2e_ms"] for r in run["requests"])
     assert run["summary"]["tpot"]["count"] == 16
+
+
+def test_task_s_fits_tiny_llamas_context(gateway_url, tmp_path):
+    """Task S word prompts run to ~2,800 characters, and tiny-llama's byte-level tokenizer counts
+    characters: past its 2,048-token context. Sized with its own tokenizer, every request fits."""
+    out = tmp_path / "s.json"
+    rc = main(["loadgen", "--url", gateway_url, "--task", "S", "--length-scale", "1",
+               "--rate", "50", "--num-requests", "12", "--seed", "0", "--max-duration-s", "300",
+               "--no-plots", "--quiet", "--out", str(out)])
+    assert rc == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["summary"]["errors"] == {}, run["summary"]["error_messages"]
+    assert max(r["input_tokens"] for r in run["requests"]) > 400  # long prompts were sent, sized

@@ -132,3 +132,71 @@ def test_cli_refuses_remote_targets(url, capsys):
 def test_cli_needs_an_arrival_choice(capsys):
     assert main(["loadgen", "--num-requests", "1"]) == 2
     assert "--rate" in capsys.readouterr().err
+
+
+async def test_failed_requests_keep_the_servers_message(fake_server):
+    fake_server.behaviour.fail_every = 2
+    fake_server.behaviour.stream_error_every = 3
+    clock = relative_clock()
+    async with httpx.AsyncClient() as client:
+        target = Target(fake_server.url, "m")
+        records = [await send_request(client, target, RequestSpec(i, "x", 1, 3), clock)
+                   for i in range(3)]
+    assert [(r.error, r.error_message) for r in records] == [
+        (None, None), ("http_500", "boom"), ("stream_error", "engine fell over")]
+
+
+def test_cli_caps_prompt_and_output_by_the_listed_context(fake_server, tmp_path, capsys):
+    """Task S prompts run to 512 tokens; a server listing a 200-token context gets none longer
+    than it holds, so nothing is refused."""
+    fake_server.behaviour.max_context = 200
+    out = tmp_path / "run.json"
+    rc = main(["loadgen", "--url", fake_server.url, "--task", "S", "--rate", "200",
+               "--num-requests", "40", "--seed", "3", "--no-plots", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads(out.read_text())["runs"][0]["summary"]
+    assert summary["completed"] == 40 and summary["errors"] == {}
+    sizes = [len(b["prompt"].split()) + b["max_tokens"] for b in fake_server.behaviour.bodies]
+    assert max(sizes) == 200  # capped, and some prompts were cut to the cap
+    assert "capped at 200 tokens" in capsys.readouterr().out
+    # --max-context overrides what the server lists
+    fake_server.behaviour.bodies.clear()
+    assert main(["loadgen", "--url", fake_server.url, "--task", "S", "--rate", "200",
+                 "--num-requests", "20", "--seed", "3", "--max-context", "50", "--no-plots",
+                 "--out", str(tmp_path / "small.json"), "--quiet"]) == 0
+    assert max(len(b["prompt"].split()) + b["max_tokens"] for b in fake_server.behaviour.bodies) <= 50
+
+
+def test_cli_reports_failures_in_files_summary_and_plot_title(fake_server, tmp_path, capsys):
+    from PIL import Image
+
+    fake_server.behaviour.fail_every = 3
+    out = tmp_path / "run.json"
+    rc = main(["loadgen", "--url", fake_server.url, "--task", "S", "--rate", "100",
+               "--num-requests", "9", "--seed", "2", "--max-input-tokens", "32",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    requests = json.loads(out.read_text())["runs"][0]["requests"]
+    assert sorted(r["error_message"] for r in requests) == [""] * 6 + ["boom"] * 3
+    summary = json.loads(out.read_text())["runs"][0]["summary"]
+    assert summary["error_messages"] == {"http_500": "boom"}
+    csv_text = (tmp_path / "run.csv").read_text()
+    assert "error_message" in csv_text.splitlines()[0] and csv_text.count(",boom") == 3
+    printed = capsys.readouterr().out
+    assert "3/9 requests failed (33%); most common: http_500 ×3: boom" in printed
+    title = Image.open(tmp_path / "run-cdf.png").text["Title"]
+    assert all(part in title for part in ("fake-model", "task S", fake_server.url, "3/9 failed"))
+    assert "http_500" in title
+
+
+def test_cli_sweep_prints_each_rates_failures(fake_server, tmp_path, capsys):
+    fake_server.behaviour.fail_every = 2
+    rc = main(["loadgen", "--url", fake_server.url, "--model", "m", "--input-tokens", "4",
+               "--output-tokens", "2", "--sweep", "50,100", "--num-requests", "4",
+               "--out", str(tmp_path / "sweep.json"), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "50 req/s: 2/4 requests failed" in printed and "100 req/s: 2/4 requests failed" in printed
+    from PIL import Image
+
+    assert "4/8 failed" in Image.open(tmp_path / "sweep-rates.png").text["Title"]

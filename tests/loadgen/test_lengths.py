@@ -63,3 +63,15 @@ def test_real_trace_head():
     rate = (len(trace) - 1) / trace.timestamps_s[-1]
     assert 2.0 < rate < 12.0  # README: mean 5.5 requests/s over the whole hour
     assert np.all(np.diff(trace.timestamps_s) >= 0)
+
+
+def test_fit_context_caps_prompt_plus_output():
+    from loadgen.lengths import Lengths, fit_context
+
+    lengths = Lengths(np.array([10, 500, 3, 900]), np.array([5, 40, 300, 20]))
+    fitted = fit_context(lengths, 100)
+    assert list(fitted.input_tokens) == [10, 60, 1, 80]
+    assert list(fitted.output_tokens) == [5, 40, 99, 20]
+    assert all(fitted.input_tokens + fitted.output_tokens <= 100)
+    with pytest.raises(ValueError):
+        fit_context(lengths, 1)

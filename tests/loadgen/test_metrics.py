@@ -83,3 +83,15 @@ def test_a_completion_without_chunks_fails_a_ttft_slo():
 def test_empty_run():
     s = summarize([])
     assert s.requests == 0 and s.duration_s == 0 and s.goodput == 0 and s.ttft == Stat.of([])
+
+
+def test_summary_keeps_a_message_per_error_kind_and_the_most_common():
+    recs = [RequestRecord(0, 0.0, 1.0, 4, 2, (0.5, 1.0)),
+            RequestRecord(1, 0.0, 0.1, 4, 0, (), "http_400", "The prompt has 2176 tokens"),
+            RequestRecord(2, 0.0, 0.1, 4, 0, (), "http_400", "The prompt has 2300 tokens"),
+            RequestRecord(3, 0.0, 0.1, 4, 0, (), "timeout")]
+    s = summarize(recs)
+    assert s.errors == {"http_400": 2, "timeout": 1}
+    assert s.error_messages == {"http_400": "The prompt has 2176 tokens"}
+    assert s.top_error == ("http_400", 2, "The prompt has 2176 tokens")
+    assert summarize(recs[:1]).top_error is None

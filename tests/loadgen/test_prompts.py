@@ -63,3 +63,25 @@ def test_word_prompts_are_one_token_per_word_for_smollm2():
     for n in (1, 50, 400):
         assert len(tok.encode(approx_prompt(n, rng))) == n
     assert len(tok.encode(exact_prompt(123, rng, tok.encode, tok.decode))) == 123
+
+
+def test_tokenizer_auto_uses_the_served_models_tokenizer_and_context():
+    """tiny-llama's tokenizer is byte-level: a word prompt of n words is ~5n tokens, so prompts
+    are sized with its own tokenizer, and its context caps prompt + output."""
+    from loadgen.cli import _prompt_tokenizer
+    from loadgen.prompts import exact_prompt
+
+    tok = _prompt_tokenizer("auto", "tiny-llama")
+    assert tok.max_context == 2048 and tok.source == "tiny-llama's tokenizer"
+    text = exact_prompt(300, np.random.default_rng(0), tok.encode, tok.decode)
+    assert len(tok.encode(text)) == 300 and len(text.split()) < 100
+
+
+def test_tokenizer_auto_falls_back_to_word_prompts_and_names_fail_loudly():
+    from loadgen.cli import _prompt_tokenizer
+    from services.cli import CliError
+
+    assert _prompt_tokenizer("auto", "no-such-model").encode is None
+    assert _prompt_tokenizer("none", "tiny-llama").encode is None
+    with pytest.raises(CliError):
+        _prompt_tokenizer("no-such-model", None)
