@@ -298,9 +298,10 @@ def openai_router() -> APIRouter:
 
     @router.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        name = request.app.state.model.name
-        return {"object": "list",
-                "data": [{"id": name, "object": "model", "created": 0, "owned_by": "exegpt"}]}
+        served = request.app.state.model
+        return {"object": "list",  # max_model_len: the context (prompt + output tokens), as vLLM names it
+                "data": [{"id": served.name, "object": "model", "created": 0, "owned_by": "exegpt",
+                          "max_model_len": served.max_context}]}
 
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:

@@ -131,6 +131,7 @@ async def test_models_health_and_metrics(config, hub):
         assert (await m.client.get("/health")).json()["status"] == "ok"
         models = (await m.client.get("/v1/models")).json()
         assert [d["id"] for d in models["data"]] == [FAKE]
+        assert models["data"][0]["max_model_len"] == m.app.state.model.max_context  # what loadgen caps prompts by
         await m.client.post("/v1/completions", json=completion("abc", 5))
         text = (await m.client.get("/metrics")).text
         assert 'exegpt_requests_total{endpoint="completions",status="200"} 1.0' in text
