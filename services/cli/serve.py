@@ -76,8 +76,19 @@ def build_config(args: argparse.Namespace):
         raise CliError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
+def configure_logging() -> None:
+    """Log lines to stderr: the product's own (per-request lines, worker groups) from INFO up, the
+    libraries' from WARNING up."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("services", "engine", "common"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
+    configure_logging()
     if config.rank > 0:  # a follower rank of a multi-host worker group: no broker, no gateway
         if args.role != "worker":
             raise CliError(f"--rank applies to `exegpt worker`, not `{args.role}`")

@@ -209,3 +209,19 @@ def test_down_needs_the_broker_and_redis(capsys, monkeypatch):
     assert main(["down", "--namespace", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--amqp-url and --redis-url" in err and len(err.splitlines()) == 1
+
+
+def test_service_roles_log_the_products_info_lines_and_only_warnings_of_libraries():
+    import logging
+
+    from services.cli.serve import configure_logging
+
+    root_before = logging.getLogger().level
+    try:
+        configure_logging()
+        assert logging.getLogger("services.gateway.app").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("aio_pika").isEnabledFor(logging.INFO)
+    finally:
+        logging.getLogger().setLevel(root_before)
+        for name in ("services", "engine", "common"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
