@@ -90,3 +90,20 @@ class ProcessMesh:
                 proc.popen.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill(proc)
+
+
+async def stream_completion(client, body: dict, on_chunk=None) -> tuple[str, int, str | None]:
+    """POST a streaming completion: (text, chunks, finish reason); ``on_chunk()`` after each chunk."""
+    import json
+
+    text, count, reason = "", 0, None
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                text += chunk["choices"][0]["text"]
+                count += 1
+                reason = chunk["choices"][0]["finish_reason"] or reason
+                if on_chunk is not None:
+                    on_chunk()
+    return text, count, reason

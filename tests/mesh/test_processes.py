@@ -24,7 +24,7 @@ from optimizer.schedule import Schedule
 from services.scheduler import current_schedule, recent_lengths, request_schedule
 from tests.brokers import AMQP_URL, REDIS_URL, require_broker
 from tests.mesh.conftest import purge_namespace
-from tests.mesh.processes import ProcessMesh
+from tests.mesh.processes import ProcessMesh, stream_completion
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 MODEL = "tiny-llama"
@@ -186,20 +186,13 @@ async def stream_until_running(cluster, n_requests: int, n_tokens: int, stop_one
                                  limits=httpx.Limits(max_connections=64)) as client:
         flowing, seen = asyncio.Event(), [0]
 
+        def counted() -> None:
+            seen[0] += 1
+            if seen[0] >= n_requests * 2:
+                flowing.set()
+
         async def one(i: int) -> tuple[str, int, str | None]:
-            text, count, reason = "", 0, None
-            body = completion(f"survive {i}", n_tokens, stream=True)
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        chunk = json.loads(line[6:])
-                        text += chunk["choices"][0]["text"]
-                        count += 1
-                        reason = chunk["choices"][0]["finish_reason"] or reason
-                        seen[0] += 1
-                        if seen[0] >= n_requests * 2:
-                            flowing.set()
-            return text, count, reason
+            return await stream_completion(client, completion(f"survive {i}", n_tokens, stream=True), counted)
 
         tasks = [asyncio.create_task(one(i)) for i in range(n_requests)]
         await asyncio.wait_for(flowing.wait(), TIMEOUT_S)

@@ -7,7 +7,6 @@ one process, so every text can be compared with one process's greedy run."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import uuid
@@ -20,7 +19,7 @@ from common.config import MeshConfig
 from common.transport.connect import LocalHub
 from tests.brokers import AMQP_URL, REDIS_URL, require_broker
 from tests.mesh.conftest import purge_namespace
-from tests.mesh.processes import ProcessMesh
+from tests.mesh.processes import ProcessMesh, stream_completion
 from tests.mesh.test_processes import solo_texts
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -71,20 +70,13 @@ async def test_a_mesh_of_worker_groups_serves_each_request_once_and_survives_a_d
             # a rank dies while its group runs requests: they complete elsewhere, once
             flowing, seen = asyncio.Event(), [0]
 
+            def counted() -> None:
+                seen[0] += 1
+                if seen[0] >= 40:
+                    flowing.set()
+
             async def stream(i: int) -> tuple[str, int, str | None]:
-                text, count, reason = "", 0, None
-                async with client.stream("POST", "/v1/completions",
-                                         json=body(f"survive {i}", LONG, stream=True)) as response:
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: {"):
-                            chunk = json.loads(line[6:])
-                            text += chunk["choices"][0]["text"]
-                            count += 1
-                            reason = chunk["choices"][0]["finish_reason"] or reason
-                            seen[0] += 1
-                            if seen[0] >= 40:
-                                flowing.set()
-                return text, count, reason
+                return await stream_completion(client, body(f"survive {i}", LONG, stream=True), counted)
 
             tasks = [asyncio.create_task(stream(i)) for i in range(12)]
             await asyncio.wait_for(flowing.wait(), TIMEOUT_S)
