@@ -144,6 +144,14 @@ class MeshConfig(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Gateway bind address.")
     port: int = Field(8000, ge=0, le=65535, description="Gateway port (0: pick a free one).")
+    ops_host: str = Field(
+        "127.0.0.1", description="Bind address of a worker's or scheduler's operations port (/metrics, /health/*)."
+    )
+    ops_port: int = Field(
+        0, ge=0, le=65535,
+        description="A worker's or scheduler's operations port (0: a free one, logged at start). "
+        "The gateway serves the same routes on its own port.",
+    )
     worker_id: str | None = Field(
         None, description="Name of this process in events and metadata; None: role-host-pid."
     )

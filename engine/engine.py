@@ -44,6 +44,16 @@ class LocalEngine:
         cache = getattr(self.runner, "cache", None) or self.runner.self_cache
         return cache.bytes_per_position
 
+    @property
+    def kv_allocated_bytes(self) -> int | None:
+        """KV-cache bytes this process has allocated (None where the runner keeps none here)."""
+        caches = [getattr(self.runner, name, None) for name in ("cache", "self_cache", "cross_cache")]
+        tensors = [getattr(cache, "kv", None) for cache in caches]
+        tensors = [t for t in tensors if t is not None]
+        if not tensors:
+            return None
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     # ---- the contract -------------------------------------------------------------------------
 
     @torch.inference_mode()

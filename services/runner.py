@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 import sys
-from typing import Any, Coroutine, Protocol
+from typing import Any, Callable, Coroutine, Protocol
 
 from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
 from services.embedded import local_workers
-from services.engines import EngineRunner, load_engine, served_model_name
+from services.engines import EngineRunner, group_shape, load_engine, served_model_name
 from services.gateway import ServedModel, create_app, load_served_model
 from services.gateway.keys import check_exposure, load_keys
 from services.gateway.plugins import load_plugins
+from services.ops import OpsServer, transport_checks
+from services.schedule_gauges import SchedulerMetrics
 from services.scheduler import SchedulerService
 from services.worker import Worker
+
+log = logging.getLogger(__name__)
 
 
 class Stoppable(Protocol):
     ready: asyncio.Event
+    stopping: asyncio.Event
 
     def stop(self) -> None: ...
 
@@ -49,15 +55,40 @@ async def run_until_signalled(service: Stoppable, name: str) -> None:
 
 
 async def run_worker(role: str, config: MeshConfig) -> None:
-    transports = await open_transports(config, Names(config.namespace), LocalHub())
-    service: Stoppable
-    if role == "scheduler":
-        scheduler = SchedulerService(config, transports)
-        scheduler.announce = announce  # "leading ..." / "standby ..." lines, beside "ready ..."
-        service = scheduler
-    else:
-        service = Worker(config, transports, EngineRunner(load_engine(config)))
-    await run_until_signalled(service, f"{role} {getattr(service, 'worker_id', '')}".strip())
+    """One worker or scheduler, with its operations port open from the start: /health/live
+    answers while the model loads (in a thread), /health/ready once the service takes work."""
+    names = Names(config.namespace)
+    started: list[tuple[Stoppable, Callable[[], bytes]]] = []
+
+    async def checks() -> dict[str, bool]:
+        if not started:
+            return {"serving": False}
+        serving = started[0][0].ready.is_set() and not started[0][0].stopping.is_set()
+        return {"serving": serving, **await transport_checks(transports, names)}
+
+    async def metrics() -> bytes:
+        return started[0][1]() if started else b""
+
+    ops = OpsServer(metrics, checks)
+    url = await ops.start(config.ops_host, config.ops_port)
+    log.info("%s: /metrics and /health/* at %s", role, url)
+    try:
+        transports = await open_transports(config, names, LocalHub())
+        if role == "scheduler":
+            scheduler = SchedulerService(config, transports)
+            scheduler.announce = announce  # "leading ..." / "standby ..." lines, beside "ready ..."
+            started.append((scheduler, SchedulerMetrics(scheduler).render))
+        else:
+            if group_shape(config).world == 1:
+                engine = await asyncio.to_thread(load_engine, config)
+            else:  # a group's ranks die with the thread that started them (PR_SET_PDEATHSIG): this one
+                engine = load_engine(config)
+            worker = Worker(config, transports, EngineRunner(engine))
+            started.append((worker, worker.metrics.render))
+        service = started[0][0]
+        await run_until_signalled(service, f"{role} {getattr(service, 'worker_id', '')}".strip())
+    finally:
+        await ops.close()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

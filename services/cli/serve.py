@@ -24,6 +24,8 @@ FLAGS = {
     "--model": ("model", str, "model name or folder (default smollm2)"),
     "--host": ("host", str, "gateway bind address (default 127.0.0.1)"),
     "--port": ("port", int, "gateway port (default 8000)"),
+    "--ops-host": ("ops_host", str, "worker/scheduler: bind address of /metrics and /health/* (default 127.0.0.1)"),
+    "--ops-port": ("ops_port", int, "worker/scheduler: port of /metrics and /health/* (default 0: a free one)"),
     "--amqp-url": ("amqp_url", str, "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/"),
     "--redis-url": ("redis_url", str, "Redis URL, e.g. redis://127.0.0.1:6379/0"),
     "--namespace": ("namespace", str, "prefix of every queue, exchange and key (default exegpt)"),

@@ -32,6 +32,8 @@ from services.gateway.core import Gateway, Pending, RequestFailed
 from services.gateway.keys import RequireKeys, load_keys
 from services.gateway.metrics import Metrics
 from services.gateway.plugins import Lifespan
+from services.ops import RETRY_AFTER_S, roles_covered, transport_checks
+from services.schedule_gauges import SchedulerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,8 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            if workers is not None:
-                await stack.enter_async_context(workers())
+            if workers is not None:  # embedded: their metrics join the gateway's at /metrics
+                app.state.mesh = await stack.enter_async_context(workers())
             transports = await open_transports(config, Names(config.namespace), hub)
             gateway = Gateway(config, transports, model.name, metrics)
             await gateway.start()
@@ -296,6 +298,28 @@ def openai_router() -> APIRouter:
     async def health(request: Request) -> dict[str, str]:
         return {"status": "ok", "model": request.app.state.model.name}
 
+    @router.get("/health/live")
+    async def live() -> dict[str, str]:
+        """The process answers (a container's liveness probe)."""
+        return {"status": "live"}
+
+    @router.get("/health/ready", responses={503: {"description": "Not ready: a check failed (see "
+                                                  "`checks`); retry after `Retry-After` seconds"}})
+    async def ready(request: Request) -> JSONResponse:
+        """Ready for requests: the broker and the store answer, and the schedule in force has a
+        live worker for each role it needs."""
+        gateway: Gateway = request.app.state.gateway
+        checks = await transport_checks(gateway.transports, gateway.names)
+        update = None
+        if checks["store"]:
+            update, _ = await schedule_records(gateway.transports.store, gateway.names)
+        checks["workers"] = roles_covered(update)
+        ok = all(checks.values())
+        body = {"status": "ready" if ok else "not ready", "checks": checks}
+        if ok:
+            return JSONResponse(body)
+        return JSONResponse(body, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
     @router.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         served = request.app.state.model
@@ -309,7 +333,13 @@ def openai_router() -> APIRouter:
         for queue in (gateway.names.encode_queue, gateway.names.handoff_queue):
             gateway.metrics.queue_depth.labels(queue).set(await gateway.bus.queue_depth(queue))
         gateway.metrics.observe_schedule(*await schedule_records(gateway.transports.store, gateway.names))
-        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+        body = gateway.metrics.render()
+        mesh = getattr(request.app.state, "mesh", None)
+        if mesh is not None:  # embedded: one process serves the scheduler's and its worker's too
+            if mesh.scheduler is not None:
+                body += SchedulerMetrics(mesh.scheduler).render()
+            body += b"".join(worker.metrics.render() for worker in mesh.workers[:1])
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     @router.post("/v1/completions")
     async def completions(body: oa.CompletionBody, request: Request) -> Response:

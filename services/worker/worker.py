@@ -44,6 +44,7 @@ from services.engines import EngineRunner, group_shape
 from services.worker.executor import StepResult, run_step
 from services.worker.follower import ScheduleFollower
 from services.worker.mailbox import Inbox, Outbox
+from services.worker.metrics import WorkerMetrics, WorkerState
 from services.worker.requests import Held
 from services.worker.trace import StepTrace
 
@@ -117,6 +118,7 @@ class Worker:
         self._background: set[asyncio.Task[None]] = set()
         self._credit_wait = CREDIT_POLL_S[0]
         self._arrived: list[tuple[str, int]] = []  # queued since the last boundary (for the trace)
+        self.metrics = WorkerMetrics(self.metrics_state)
 
     # ==== the loop ==============================================================================
     async def run(self) -> None:
@@ -481,7 +483,27 @@ class Worker:
         self.steps += 1
         self.engine_s += result.ended_at - started
         self.max_batch_seen = max(self.max_batch_seen, len(plan.decode))
+        self._count(plan, result)
         return result
+
+    def _count(self, plan: StepPlan, result: StepResult) -> None:
+        outcomes = {"finished": sum(e.finished for e in result.events), "handed_off": len(result.exported),
+                    "given_back": len(result.given_back), "refused": len(result.refused),
+                    "failed": len(result.failed)}
+        prompt_tokens = sum(self.held[rid].input_len for rid in plan.encode if rid in self.held)
+        self.metrics.step(plan, result.ended_at - result.started_at, prompt_tokens, len(result.events), outcomes)
+
+    def metrics_state(self) -> WorkerState:
+        """The worker as a scrape sees it now."""
+        engine = self.runner.engine
+        decodes = self.role in ("worker", "decoder")
+        return WorkerState(worker_id=self.worker_id, role=self.role, version=self.follower.version,
+                           running=len(self.driver.running), held=len(self.held),
+                           decode_slots=self.follower.schedule.decode_batch if decodes else 0,
+                           kv_tokens=sum(r.input_len + r.generated for r in self.driver.running),
+                           kv_bytes_per_token=getattr(engine, "kv_bytes_per_token", None),
+                           kv_allocated_bytes=getattr(engine, "kv_allocated_bytes", None),
+                           ready=self.ready.is_set() and not self.stopping.is_set())
 
     async def _step_failed(self, plan: StepPlan, exc: Exception) -> StepResult:
         """The engine failed a step: its requests leave the engine; each message goes back to the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import uuid
 
@@ -47,13 +48,14 @@ def cluster():
     mesh = ProcessMesh({f"EXEGPT_{k.upper()}": str(v) for k, v in config.model_dump().items()
                         if v is not None})
     try:
-        mesh.start("scheduler").wait_line("ready")
+        scheduler = mesh.start("scheduler")
+        scheduler.wait_line("ready")
         workers = [mesh.start("worker") for _ in range(2)]
         gateway = mesh.start("gateway")
         ids = [w.wait_line("ready").split()[-1] for w in workers]
         url = gateway.wait_line("ready gateway").split()[-1]
         yield {"config": config, "mesh": mesh, "url": url, "worker_ids": ids, "workers": workers,
-               "gateway": gateway, "running": list(zip(ids, workers))}
+               "gateway": gateway, "running": list(zip(ids, workers)), "scheduler": scheduler}
     finally:
         mesh.close()
         asyncio.run(purge_namespace(config, LocalHub()))
@@ -82,6 +84,29 @@ async def test_200_concurrent_requests_each_complete_once(cluster):
     mine = [s for s in samples if s.request_id in {b["id"] for b in bodies}]
     assert len(mine) == 200 and len({s.request_id for s in mine}) == 200  # one finish each
     await t.close()
+
+
+def ops_url(proc) -> str:
+    """The operations port a worker or scheduler process logged at its start."""
+    for line in proc.output:
+        found = re.search(r"/metrics and /health/\* at (http://\S+)", line)
+        if found:
+            return found.group(1)
+    raise AssertionError(f"{proc.role}: no ops port in its log")
+
+
+async def test_every_process_serves_metrics_and_health(cluster):
+    """Workers and the scheduler on their ops ports, the gateway on its own: live, ready, and
+    the metrics of their kind."""
+    targets = [(ops_url(w), "exegpt_worker_info") for w in cluster["workers"]]
+    targets += [(ops_url(cluster["scheduler"]), "exegpt_scheduler_leader"), (cluster["url"], "exegpt_requests_in_flight")]
+    async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+        for url, metric in targets:
+            assert (await client.get(f"{url}/health/live")).status_code == 200
+            ready = await client.get(f"{url}/health/ready")
+            assert ready.status_code == 200, (url, ready.text)
+            assert all(ready.json()["checks"].values())
+            assert metric in (await client.get(f"{url}/metrics")).text
 
 
 def test_the_gateway_process_loads_no_model(cluster):
