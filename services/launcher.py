@@ -2,8 +2,9 @@
 
 The process list comes from ``deploy/processes.toml``. Each child is ``python -m services.cli
 ROLE`` with the mesh settings in its environment; the launcher waits for each group's ``ready``
-lines, restarts a child that dies (a bounded number of times), and on SIGINT/SIGTERM sends SIGTERM
-to every child, waits for them to drain, and kills what is left.
+lines, restarts a child that dies (after a backoff, within a restart budget per time window:
+``RestartBudget``), and on SIGINT/SIGTERM sends SIGTERM to every child, waits for them to drain,
+and kills what is left.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import tomllib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, Queue
@@ -24,7 +26,42 @@ from common.config import MeshConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = REPO_ROOT / "deploy" / "processes.toml"
 READY_TIMEOUT_S = 300.0
-MAX_RESTARTS = 3
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """At most ``max_restarts`` restarts of one child within any ``window_s``; each restart waits
+    a backoff that doubles from ``backoff_s[0]`` up to ``backoff_s[1]`` while the child keeps dying,
+    and starts again from the bottom once it has stayed up ``healthy_s``."""
+
+    max_restarts: int = 5
+    window_s: float = 300.0
+    backoff_s: tuple[float, float] = (1.0, 30.0)
+    healthy_s: float = 60.0
+
+
+class RestartBudget:
+    """One child's restarts (pure: times are given)."""
+
+    def __init__(self, policy: RestartPolicy) -> None:
+        self.policy = policy
+        self.restarts: deque[float] = deque()  # when each restart in the window was granted
+        self.streak = 0  # deaths since the child last stayed up healthy_s
+
+    def died(self, now: float, up_since: float) -> float | None:
+        """The child died at ``now`` (it had run since ``up_since``): seconds to wait before its
+        restart, or None when the window's budget is spent."""
+        p = self.policy
+        while self.restarts and now - self.restarts[0] >= p.window_s:
+            self.restarts.popleft()
+        if len(self.restarts) >= p.max_restarts:
+            return None
+        if now - up_since >= p.healthy_s:
+            self.streak = 0
+        delay = min(p.backoff_s[0] * 2 ** self.streak, p.backoff_s[1])
+        self.streak += 1
+        self.restarts.append(now)
+        return delay
 
 
 @dataclass(frozen=True)
@@ -39,7 +76,9 @@ class Child:
     spec: ProcessSpec
     index: int
     popen: subprocess.Popen[str]
-    restarts: int = 0
+    budget: RestartBudget = field(default_factory=lambda: RestartBudget(RestartPolicy()))
+    started_at: float = field(default_factory=time.monotonic)
+    restart_at: float | None = None  # a restart waiting for its backoff
     ready_line: str | None = None
     lines: "Queue[str | None]" = field(default_factory=Queue)
 
@@ -120,20 +159,29 @@ class Launcher:
         return url
 
     def supervise(self) -> None:
-        """Restart children that die, until asked to stop."""
+        """Restart children that die, after their backoff, until asked to stop (or a child has
+        spent its restart budget: then the mesh stops)."""
         while not self.stopping.wait(0.5):
             for child in self.children:
                 if child.popen.poll() is not None and not self.stopping.is_set():
-                    self._restart(child)
+                    self._restart(child, time.monotonic())
 
-    def _restart(self, child: Child) -> None:
-        if child.restarts >= MAX_RESTARTS:
-            print(f"exegpt up: {child.label} keeps dying; stopping the mesh", file=sys.stderr)
-            self.stopping.set()
+    def _restart(self, child: Child, now: float) -> None:
+        if child.restart_at is None:
+            delay = child.budget.died(now, child.started_at)
+            if delay is None:
+                p = child.budget.policy
+                print(f"exegpt up: {child.label} died {p.max_restarts + 1} times within {p.window_s:.0f} s; "
+                      "stopping the mesh", file=sys.stderr)
+                self.stopping.set()
+                return
+            print(f"exegpt up: {child.label} exited ({child.popen.returncode}); restarting in {delay:.0f} s",
+                  file=sys.stderr)
+            child.restart_at = now + delay
+        if now < child.restart_at:
             return
-        print(f"exegpt up: {child.label} exited ({child.popen.returncode}); restarting", file=sys.stderr)
         fresh = self.spawn(child.spec, child.index)
-        child.popen, child.lines, child.restarts = fresh.popen, fresh.lines, child.restarts + 1
+        child.popen, child.lines, child.started_at, child.restart_at = fresh.popen, fresh.lines, now, None
 
     def stop(self, timeout_s: float) -> None:
         """SIGTERM in reverse start order (gateway first), wait, then kill stragglers."""

@@ -1,0 +1,41 @@
+"""The launcher's restart budget: pure, with the times given."""
+
+from __future__ import annotations
+
+from services.launcher import RestartBudget, RestartPolicy
+
+POLICY = RestartPolicy(max_restarts=3, window_s=100.0, backoff_s=(1.0, 8.0), healthy_s=10.0)
+
+
+def test_a_child_that_keeps_dying_backs_off_then_spends_its_budget() -> None:
+    budget = RestartBudget(POLICY)
+    now, delays = 0.0, []
+    for _ in range(3):
+        delays.append(budget.died(now, up_since=now - 0.5))
+        now += delays[-1] + 0.5
+    assert delays == [1.0, 2.0, 4.0]
+    assert budget.died(now, up_since=now - 0.5) is None  # a 4th death inside the window
+
+
+def test_backoff_is_capped() -> None:
+    budget = RestartBudget(RestartPolicy(max_restarts=10, window_s=1000.0, backoff_s=(1.0, 8.0), healthy_s=60.0))
+    delays = [budget.died(float(i), up_since=float(i)) for i in range(6)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+def test_the_budget_is_per_window_so_occasional_deaths_never_stop_the_mesh() -> None:
+    """Kills spaced wider than the window, each followed by a healthy run: restarted every time,
+    each after the shortest backoff."""
+    budget = RestartBudget(POLICY)
+    for i in range(20):
+        now = i * 60.0
+        assert budget.died(now, up_since=now - 50.0) == 1.0
+
+
+def test_a_healthy_run_resets_the_backoff_but_not_the_window() -> None:
+    budget = RestartBudget(POLICY)
+    assert budget.died(0.0, up_since=-1.0) == 1.0
+    assert budget.died(2.0, up_since=1.0) == 2.0
+    assert budget.died(30.0, up_since=3.0) == 1.0  # it had stayed up 27 s > healthy_s
+    assert budget.died(31.0, up_since=30.5) is None  # still 3 restarts within 100 s
+    assert budget.died(101.0, up_since=31.0) == 1.0  # the first restart left the window
