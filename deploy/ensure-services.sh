@@ -2,6 +2,10 @@
 # Make sure RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) answer on loopback.
 # Starts them if installed but stopped; installs them from Debian packages if missing.
 # Both are bound to 127.0.0.1 only. Exits non-zero if either still does not answer.
+# A Redis started here keeps its data in an append-only file (fsync every second) under
+# $EXEGPT_REDIS_DATA_DIR (default /var/lib/exegpt-redis), so batch files, batches and results
+# survive a restart (at most ~1 s of writes is lost on a crash). A Redis already running is left
+# as it is (the gateway warns at start when it persists nothing).
 set -u
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -22,9 +26,11 @@ if ((${#need_install[@]})); then
 fi
 
 if ! port_open 6379; then
-  echo "ensure-services: starting redis-server on 127.0.0.1:6379" >&2
-  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
-    --logfile /tmp/exegpt-redis.log
+  redis_dir=${EXEGPT_REDIS_DATA_DIR:-/var/lib/exegpt-redis}
+  echo "ensure-services: starting redis-server on 127.0.0.1:6379 (append-only file in $redis_dir)" >&2
+  mkdir -p "$redis_dir" && chmod 700 "$redis_dir"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --dir "$redis_dir" \
+    --appendonly yes --appendfsync everysec --save "" --logfile /tmp/exegpt-redis.log
 fi
 if ! port_open 5672; then
   echo "ensure-services: starting rabbitmq-server on 127.0.0.1:5672" >&2

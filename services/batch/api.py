@@ -13,24 +13,55 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import APIRouter, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictStr
+from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from services.batch.consumer import ConsumerConfig, JobConsumer, QueueDepthAdmission
 from services.batch.mesh_executor import MeshExecutor
 from common.names import Names
-from services.batch.openai_batch import BatchApiError, BatchStore, Limits
+from services.batch.durability import warn_if_not_durable
+from services.batch.openai_batch import BatchApiError, BatchStore, Caller, Limits, too_large
 from services.gateway import openai_api as oa
 
 
-class CreateBatch(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, part headers and the purpose field
 
-    input_file_id: str
-    endpoint: str
-    completion_window: str = "24h"
-    metadata: dict[str, str] | None = None
+
+class CreateBatch(BaseModel):
+    """The body of ``POST /v1/batches``; any other field is refused (400, unsupported_parameter)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: StrictStr
+    endpoint: StrictStr
+    completion_window: StrictStr = "24h"
+    metadata: dict[StrictStr, StrictStr] | None = None
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _counted(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """The request body, stopped (``_TooLarge``) as soon as more than ``limit`` bytes arrived."""
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > limit:
+            raise _TooLarge
+        yield chunk
+
+
+def caller_of(request: Request) -> Caller:
+    """The API key's owner and scope (``RequireKeys`` puts its entry at ``request.state.api_key``);
+    without a key (a gateway that has none configured): the anonymous owner."""
+    entry = getattr(request.state, "api_key", None)
+    if entry is None:
+        return Caller()
+    return Caller(owner=entry.owner, admin=entry.scope == "admin")
 
 
 def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_depth: int = 0,
@@ -48,6 +79,8 @@ def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_d
         store = BatchStore(gateway.bus, gateway.transports.store, names, app.state.model.name,
                            limits or Limits(max_tokens_limit=config.max_tokens_limit))
         app.state.batches = store
+        if config.redis_url is not None:
+            await warn_if_not_durable(config.redis_url)
         if not run_consumer:
             yield
             return
@@ -75,31 +108,67 @@ def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_d
 
 
 def batch_router() -> APIRouter:
-    """Routes of the Batch API; they need ``batch_lifespan`` entered on the same app."""
+    """Routes of the Batch API; they need ``batch_lifespan`` entered on the same app.
+
+    Every file and batch belongs to the owner of the API key that made it (``caller_of``)."""
     router = APIRouter()
 
     def batches(request: Request) -> BatchStore:
         return request.app.state.batches
 
+    def refused(exc: BatchApiError) -> JSONResponse:
+        return JSONResponse(oa.error_body(str(exc), param=exc.param, code=exc.code), exc.status)
+
     async def answer(call: Any) -> Any:
         try:
             return await call
         except BatchApiError as exc:
-            return JSONResponse(oa.error_body(str(exc), param=exc.param), exc.status)
+            return refused(exc)
 
     @router.post("/v1/files")
-    async def upload(request: Request, file: UploadFile = File(...),
-                     purpose: str = Form(...)) -> Any:
-        content = await file.read()
-        return await answer(batches(request).upload(file.filename or "upload.jsonl", purpose, content))
+    async def upload(request: Request) -> Any:
+        """Multipart ``file`` and ``purpose``. The body is parsed as it streams in and refused (413)
+        once it exceeds the limit, so an oversized upload is never held whole."""
+        store = batches(request)
+        limit = store.limits.max_file_bytes
+        body_limit = limit + FORM_OVERHEAD_BYTES
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > body_limit:
+            return refused(too_large(limit))
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+            return refused(BatchApiError(400, "send the file as multipart/form-data "
+                                         "(fields `file` and `purpose`)", "file"))
+        try:
+            form = await MultiPartParser(request.headers, _counted(request.stream(), body_limit),
+                                         max_files=1, max_fields=4).parse()
+        except _TooLarge:
+            return refused(too_large(limit))
+        except MultiPartException as exc:
+            return refused(BatchApiError(400, f"bad multipart body: {exc.message}", "file"))
+        try:
+            unknown = sorted(set(form.keys()) - {"file", "purpose"})
+            if unknown:
+                return refused(BatchApiError(
+                    400, f"Unsupported parameter: '{unknown[0]}' is not supported by this server",
+                    unknown[0], "unsupported_parameter"))
+            file, purpose = form.get("file"), form.get("purpose")
+            if not isinstance(file, StarletteUploadFile):
+                return refused(BatchApiError(400, "the multipart field `file` is required", "file"))
+            if not isinstance(purpose, str):
+                return refused(BatchApiError(400, "the field `purpose` is required", "purpose"))
+            content = await file.read(limit + 1)
+            return await answer(store.upload(file.filename or "upload.jsonl", purpose, content,
+                                             caller=caller_of(request)))
+        finally:
+            await form.close()
 
     @router.get("/v1/files/{file_id}")
     async def file_object(file_id: str, request: Request) -> Any:
-        return await answer(batches(request).file_object(file_id))
+        return await answer(batches(request).file_object(file_id, caller=caller_of(request)))
 
     @router.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str, request: Request) -> Any:
-        content = await answer(batches(request).file_content(file_id))
+        content = await answer(batches(request).file_content(file_id, caller=caller_of(request)))
         if isinstance(content, Response):
             return content
         return Response(content, media_type="application/jsonl")
@@ -107,18 +176,19 @@ def batch_router() -> APIRouter:
     @router.post("/v1/batches")
     async def create(body: CreateBatch, request: Request) -> Any:
         return await answer(batches(request).create(body.input_file_id, body.endpoint,
-                                                    body.completion_window, body.metadata))
+                                                    body.completion_window, body.metadata,
+                                                    caller=caller_of(request)))
 
     @router.get("/v1/batches")
     async def list_batches(request: Request, limit: int = 20) -> Any:
-        return await answer(batches(request).list(max(1, min(limit, 100))))
+        return await answer(batches(request).list(max(1, min(limit, 100)), caller=caller_of(request)))
 
     @router.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str, request: Request) -> Any:
-        return await answer(batches(request).batch_object(batch_id))
+        return await answer(batches(request).batch_object(batch_id, caller=caller_of(request)))
 
     @router.post("/v1/batches/{batch_id}/cancel")
     async def cancel(batch_id: str, request: Request) -> Any:
-        return await answer(batches(request).cancel(batch_id))
+        return await answer(batches(request).cancel(batch_id, caller=caller_of(request)))
 
     return router

@@ -4,14 +4,22 @@ A batch turns its input file's valid lines into jobs on the durable jobs queue (
 ``{batch_id}-{k:06d}``); lines that fail validation go straight to the error file. Its status,
 counts and output file are derived from the jobs' stored results whenever asked, so each
 request appears exactly once in the output, however often its job ran.
+
+Every file and batch has an owner (the API key's; ``ANONYMOUS`` without keys). The output and
+error files get random ids when their batch is created (recorded with the batch and as file
+records naming it), so they cannot be guessed from the batch id; they exist once the batch
+object names them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.transport.port import Bus, Store
@@ -23,16 +31,55 @@ from services.gateway import openai_api as oa
 
 
 class BatchApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.code = status, param, code
+
+
+MAX_FILE_BYTES_DEFAULT = 50 * 1024 * 1024  # files live in Redis (memory, one value each)
+MAX_LINES_DEFAULT = 50_000  # OpenAI's limit of requests per batch
+MAX_FILE_BYTES_ENV = "EXEGPT_BATCH_MAX_FILE_BYTES"
+MAX_LINES_ENV = "EXEGPT_BATCH_MAX_LINES"
+METADATA_MAX_PAIRS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 16, 64, 512  # OpenAI's limits
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+    return value
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_file_bytes: int = 100 * 1024 * 1024
-    max_lines: int = 50_000
+    """Upload and batch limits; the defaults can be overridden by ``EXEGPT_BATCH_MAX_FILE_BYTES``
+    and ``EXEGPT_BATCH_MAX_LINES`` (read when the limits are made, i.e. at gateway start)."""
+
+    max_file_bytes: int = field(default_factory=lambda: _env_int(MAX_FILE_BYTES_ENV, MAX_FILE_BYTES_DEFAULT))
+    max_lines: int = field(default_factory=lambda: _env_int(MAX_LINES_ENV, MAX_LINES_DEFAULT))
     max_tokens_limit: int = 4096
+
+
+ANONYMOUS = ""  # the owner of everything made without an API key (no keys-file owner is empty)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who calls: the owner of the API key (``ANONYMOUS`` on a gateway without keys), and whether
+    the key has the admin scope (it sees and may cancel every owner's batches and files)."""
+
+    owner: str = ANONYMOUS
+    admin: bool = False
+
+    def may_see(self, owner: str) -> bool:
+        return self.admin or owner == self.owner
 
 
 def _error_line(line_no: int, custom_id: str | None, code: str, message: str) -> dict[str, Any]:
@@ -40,83 +87,137 @@ def _error_line(line_no: int, custom_id: str | None, code: str, message: str) ->
             "error": {"code": code, "message": message, "line": line_no}}
 
 
+def _new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex[:24]}"  # 96 random bits: not guessable from anything
+
+
+_LEGACY_GENERATED = re.compile(r"^file-(batch_[0-9a-f]+)-(output|errors)$")
+
+
 class BatchStore:
+    """Files and batches, each with an owner. A caller that may not see one gets the same 404 as
+    for an id that does not exist (existence is not revealed)."""
+
     def __init__(self, bus: Bus, store: Store, names: Names, model: str, limits: Limits) -> None:
         self.bus, self.store, self.names, self.model, self.limits = bus, store, names, model, limits
         self.producer = JobProducer(bus, store, names)
 
+    def owner_batches(self, owner: str) -> str:
+        """List of one owner's batch ids, newest first, capped at BATCHES_MAX."""
+        return f"{self.names.openai_batches}:owner:{hashlib.sha256(owner.encode()).hexdigest()[:32]}"
+
     # --- files ----------------------------------------------------------------------------
-    async def upload(self, filename: str, purpose: str, content: bytes) -> dict[str, Any]:
+    async def upload(self, filename: str, purpose: str, content: bytes,
+                     *, caller: Caller) -> dict[str, Any]:
         if purpose != "batch":
             raise BatchApiError(400, f"purpose must be 'batch', got {purpose!r}", "purpose")
         if len(content) > self.limits.max_file_bytes:
-            raise BatchApiError(413, f"file is {len(content)} bytes; the limit is "
-                                f"{self.limits.max_file_bytes}", "file")
-        file_id = f"file-{uuid.uuid4().hex[:24]}"
-        await self._put_file(file_id, filename, purpose, content)
-        return await self.file_object(file_id)
-
-    async def _put_file(self, file_id: str, filename: str, purpose: str, content: bytes) -> None:
-        await self.store.set(self.names.file_content(file_id), content, ttl_s=RESULT_TTL_S)
-        await self.store.hset(self.names.file_meta(file_id), {
+            raise too_large(self.limits.max_file_bytes)
+        lines = _count_lines(content, self.limits.max_lines)
+        if lines > self.limits.max_lines:
+            raise BatchApiError(400, f"the file has more than {self.limits.max_lines} requests "
+                                "(non-empty lines); split it into several batches", "file",
+                                "too_many_lines")
+        file_id = _new_file_id()
+        await self.store.set_with_hash(self.names.file_content(file_id), content,
+                                       self.names.file_meta(file_id), {
             "filename": filename, "purpose": purpose, "bytes": str(len(content)),
-            "created_at": str(int(time.time()))}, ttl_s=RESULT_TTL_S)
+            "created_at": str(int(time.time())), "owner": caller.owner}, ttl_s=RESULT_TTL_S)
+        return await self.file_object(file_id, caller=caller)
 
-    async def file_object(self, file_id: str) -> dict[str, Any]:
+    async def _file_meta(self, file_id: str, caller: Caller) -> dict[str, str]:
+        """The file's record if ``caller`` may see it, else a 404."""
         meta = await self.store.hgetall(self.names.file_meta(file_id))
         if not meta:
-            generated = await self._generated(file_id)
-            if generated is None:
-                raise BatchApiError(404, f"no file {file_id}", "file_id")
-            return {"id": file_id, "object": "file", "bytes": len(generated),
-                    "created_at": int(time.time()), "filename": f"{file_id}.jsonl",
-                    "purpose": "batch_output", "status": "processed"}
-        return {"id": file_id, "object": "file", "bytes": int(meta["bytes"]),
+            meta = await self._legacy_generated_meta(file_id)
+        if not meta or not caller.may_see(meta.get("owner", ANONYMOUS)):
+            raise BatchApiError(404, f"no file {file_id}", "file_id")
+        return meta
+
+    async def _legacy_generated_meta(self, file_id: str) -> dict[str, str]:
+        """Batches recorded before output files had random ids named them ``file-{batch}-output``
+        (and ``-errors``); those names stay valid for such batches only (with their owner)."""
+        match = _LEGACY_GENERATED.match(file_id)
+        if match is None:
+            return {}
+        batch = await self.store.hgetall(self.names.openai_batch(match[1]))
+        if not batch or "output_file_id" in batch:
+            return {}
+        return {"owner": batch.get("owner", ANONYMOUS), "batch_id": match[1], "kind": match[2],
+                "purpose": "batch_output", "filename": f"{file_id}.jsonl",
+                "created_at": batch["created_at"]}
+
+    async def file_object(self, file_id: str, *, caller: Caller) -> dict[str, Any]:
+        meta = await self._file_meta(file_id, caller)
+        if "batch_id" in meta:
+            size = len(await self._generated(file_id, meta))
+        else:
+            size = int(meta["bytes"])
+        return {"id": file_id, "object": "file", "bytes": size,
                 "created_at": int(meta["created_at"]), "filename": meta["filename"],
                 "purpose": meta["purpose"], "status": "processed"}
 
-    async def file_content(self, file_id: str) -> bytes:
+    async def file_content(self, file_id: str, *, caller: Caller) -> bytes:
+        meta = await self._file_meta(file_id, caller)
+        if "batch_id" in meta:
+            return await self._generated(file_id, meta)
         content = await self.store.get(self.names.file_content(file_id))
-        if content is not None:
-            return content
-        generated = await self._generated(file_id)
-        if generated is None:
+        if content is None:
             raise BatchApiError(404, f"no file {file_id}", "file_id")
-        return generated
+        return content
 
-    async def _generated(self, file_id: str) -> bytes | None:
-        """Output and error files of finished batches: ``file-{batch}-output|errors``."""
-        for suffix, pick in (("-output", 0), ("-errors", 1)):
-            if file_id.startswith("file-") and file_id.endswith(suffix):
-                batch_id = file_id[len("file-"):-len(suffix)]
-                meta = await self.store.hgetall(self.names.openai_batch(batch_id))
-                if not meta:
-                    return None
-                lines = (await self._output_lines(batch_id, meta))[pick]
-                return "".join(json.dumps(line) + "\n" for line in lines).encode()
-        return None
+    async def _generated(self, file_id: str, meta: dict[str, str]) -> bytes:
+        """A batch's output or error file; it exists once the batch object names it."""
+        batch_id = meta["batch_id"]
+        batch = await self.store.hgetall(self.names.openai_batch(batch_id))
+        if not batch:
+            raise BatchApiError(404, f"no file {file_id}", "file_id")
+        results = await self._results(batch_id, batch)
+        described = await self._describe(batch_id, batch, results)
+        key = "output_file_id" if meta["kind"] == "output" else "error_file_id"
+        if described[key] != file_id:
+            raise BatchApiError(404, f"no file {file_id} (the batch has not produced it)", "file_id")
+        lines = self._output_lines(batch, results)[0 if meta["kind"] == "output" else 1]
+        return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
     # --- batches --------------------------------------------------------------------------
     async def create(self, input_file_id: str, endpoint: str, completion_window: str,
-                     metadata: dict[str, str] | None) -> dict[str, Any]:
+                     metadata: dict[str, str] | None, *, caller: Caller) -> dict[str, Any]:
         if endpoint not in ENDPOINTS:
             raise BatchApiError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", "endpoint")
         if completion_window != "24h":
             raise BatchApiError(400, "completion_window must be '24h'", "completion_window")
+        _check_metadata(metadata)
+        try:
+            file_meta = await self._file_meta(input_file_id, caller)
+        except BatchApiError:
+            raise BatchApiError(404, f"no file {input_file_id}", "input_file_id") from None
+        if file_meta.get("purpose") != "batch":
+            raise BatchApiError(400, f"file {input_file_id} has purpose {file_meta.get('purpose')!r}; "
+                                "a batch's input needs purpose 'batch'", "input_file_id")
         content = await self.store.get(self.names.file_content(input_file_id))
         if content is None:
             raise BatchApiError(404, f"no file {input_file_id}", "input_file_id")
         batch_id = f"batch_{uuid.uuid4().hex[:24]}"
         jobs, valid, errors = self._parse(batch_id, content.decode("utf-8", "replace"), endpoint)
+        created = str(int(time.time()))
+        output_file_id, error_file_id = _new_file_id(), _new_file_id()
+        for file_id, kind in ((output_file_id, "output"), (error_file_id, "errors")):
+            await self.store.hset(self.names.file_meta(file_id), {
+                "owner": caller.owner, "batch_id": batch_id, "kind": kind, "purpose": "batch_output",
+                "filename": f"{batch_id}_{kind}.jsonl", "created_at": created}, ttl_s=RESULT_TTL_S)
         await self.store.hset(self.names.openai_batch(batch_id), {
-            "input_file_id": input_file_id, "endpoint": endpoint,
-            "completion_window": completion_window, "created_at": str(int(time.time())),
+            "input_file_id": input_file_id, "endpoint": endpoint, "owner": caller.owner,
+            "completion_window": completion_window, "created_at": created,
             "metadata": json.dumps(metadata or {}), "total": str(len(valid) + len(errors)),
+            "output_file_id": output_file_id, "error_file_id": error_file_id,
             "valid": json.dumps(valid), "invalid": json.dumps(errors)}, ttl_s=RESULT_TTL_S)
         await self.store.push_capped(self.names.openai_batches, batch_id.encode(), max_len=BATCHES_MAX)
+        await self.store.push_capped(self.owner_batches(caller.owner), batch_id.encode(),
+                                     max_len=BATCHES_MAX)
         if jobs:
             await self.producer.submit(batch_id, jobs, reply_to=None)
-        return await self.batch_object(batch_id)
+        return await self.batch_object(batch_id, caller=caller)
 
     def _parse(self, batch_id: str, text: str, endpoint: str) -> tuple[list[Any], list[Any], list[Any]]:
         """Jobs of the valid lines, [line, custom_id] of each, and error lines of the rest."""
@@ -125,7 +226,7 @@ class BatchStore:
             raise BatchApiError(400, "the input file has no requests", "input_file_id")
         if len(lines) > self.limits.max_lines:
             raise BatchApiError(400, f"{len(lines)} requests; a batch holds at most "
-                                f"{self.limits.max_lines}", "input_file_id")
+                                f"{self.limits.max_lines}", "input_file_id", "too_many_lines")
         jobs, valid, errors, seen = [], [], [], set()
         for n, line in lines:
             try:
@@ -143,17 +244,31 @@ class BatchStore:
             valid.append([n, parsed.custom_id])
         return jobs, valid, errors
 
-    async def batch_object(self, batch_id: str) -> dict[str, Any]:
+    async def _batch_meta(self, batch_id: str, caller: Caller) -> dict[str, str]:
         meta = await self.store.hgetall(self.names.openai_batch(batch_id))
-        if not meta:
+        if not meta or not caller.may_see(meta.get("owner", ANONYMOUS)):
             raise BatchApiError(404, f"no batch {batch_id}", "batch_id")
+        return meta
+
+    async def _results(self, batch_id: str, meta: dict[str, str]) -> list[JobResult | None]:
+        """Each valid line's stored result, in order (None while it has none)."""
+        if not json.loads(meta["valid"]):
+            return []
+        return await self.producer.results(batch_id)
+
+    async def batch_object(self, batch_id: str, *, caller: Caller) -> dict[str, Any]:
+        meta = await self._batch_meta(batch_id, caller)
+        return await self._describe(batch_id, meta, await self._results(batch_id, meta))
+
+    async def _describe(self, batch_id: str, meta: dict[str, str],
+                        results: list[JobResult | None]) -> dict[str, Any]:
         valid = json.loads(meta["valid"])
         invalid = json.loads(meta["invalid"])
-        results = await self.producer.results(batch_id) if valid else []
         done = [r for r in results if r is not None]
         completed = sum(1 for r in done if r.status == "completed")
         failed = len(invalid) + sum(1 for r in done if r.status == "failed")
-        cancel_requested = bool(valid) and (await self.producer.status(batch_id)).cancel_requested
+        cancel_requested = bool(valid) and (
+            await self.store.hgetall(self.names.job_batch(batch_id))).get("cancelled") == "1"
         finished = len(done) == len(valid)
         last = int(max((r.finished_at for r in done), default=float(meta["created_at"])))
         if not valid:
@@ -164,14 +279,16 @@ class BatchStore:
             status = "completed" if finished else "in_progress"
         has_errors = failed > 0 or any(r.status == "cancelled" for r in done)
         created = int(meta["created_at"])
+        output_file_id = meta.get("output_file_id", f"file-{batch_id}-output")
+        error_file_id = meta.get("error_file_id", f"file-{batch_id}-errors")
         return {
             "id": batch_id, "object": "batch", "endpoint": meta["endpoint"],
             "errors": {"object": "list", "data": [{"code": "empty_batch", "message":
                        "no line of the input file is a valid request"}]} if not valid else None,
             "input_file_id": meta["input_file_id"], "completion_window": meta["completion_window"],
             "status": status,
-            "output_file_id": f"file-{batch_id}-output" if finished and completed else None,
-            "error_file_id": f"file-{batch_id}-errors" if finished and has_errors else None,
+            "output_file_id": output_file_id if finished and completed else None,
+            "error_file_id": error_file_id if finished and has_errors else None,
             "created_at": created, "in_progress_at": created if valid else None,
             "expires_at": created + 24 * 3600,
             "finalizing_at": last if finished and valid else None,
@@ -183,24 +300,33 @@ class BatchStore:
             "metadata": json.loads(meta["metadata"]),
         }
 
-    async def cancel(self, batch_id: str) -> dict[str, Any]:
-        meta = await self.store.hgetall(self.names.openai_batch(batch_id))
-        if not meta:
-            raise BatchApiError(404, f"no batch {batch_id}", "batch_id")
-        if json.loads(meta["valid"]):
-            await self.producer.cancel(batch_id)
-        return await self.batch_object(batch_id)
+    async def cancel(self, batch_id: str, *, caller: Caller) -> dict[str, Any]:
+        """Jobs not yet started finish as cancelled; a batch that already ended stays as it is."""
+        meta = await self._batch_meta(batch_id, caller)
+        described = await self._describe(batch_id, meta, await self._results(batch_id, meta))
+        if described["status"] != "in_progress":
+            return described
+        await self.producer.cancel(batch_id)
+        return await self.batch_object(batch_id, caller=caller)
 
-    async def list(self, limit: int) -> dict[str, Any]:
-        ids = [raw.decode() for raw in await self.store.list_range(self.names.openai_batches, limit)]
-        data = [await self.batch_object(i) for i in ids]
-        return {"object": "list", "data": data, "first_id": ids[0] if ids else None,
-                "last_id": ids[-1] if ids else None, "has_more": False}
+    async def list(self, limit: int, *, caller: Caller) -> dict[str, Any]:
+        """The caller's newest batches (an admin: everyone's); expired ones are left out."""
+        key = self.names.openai_batches if caller.admin else self.owner_batches(caller.owner)
+        data = []
+        for raw in await self.store.list_range(key, BATCHES_MAX):
+            try:
+                data.append(await self.batch_object(raw.decode(), caller=caller))
+            except BatchApiError:  # expired (records live 7 days, the list longer)
+                continue
+            if len(data) >= limit:
+                break
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": False}
 
-    async def _output_lines(self, batch_id: str, meta: dict[str, str]) -> tuple[list[Any], list[Any]]:
+    def _output_lines(self, meta: dict[str, str],
+                      results: list[JobResult | None]) -> tuple[list[Any], list[Any]]:
         """(output lines, error lines), each in input-line order."""
         valid = json.loads(meta["valid"])
-        results = await self.producer.results(batch_id) if valid else []
         output: list[tuple[int, Any]] = []
         errors: list[tuple[int, Any]] = [(e["error"]["line"], e) for e in json.loads(meta["invalid"])]
         for (line_no, custom_id), result in zip(valid, results):
@@ -228,6 +354,29 @@ class BatchStore:
         return {"id": rid, "custom_id": custom_id,
                 "response": {"status_code": 200, "request_id": r.job_id, "body": body},
                 "error": None}
+
+
+def too_large(limit: int) -> BatchApiError:
+    return BatchApiError(413, f"the file is larger than the limit of {limit} bytes "
+                         f"({round(limit / 2**20, 2):g} MiB)", "file", "file_too_large")
+
+
+def _count_lines(content: bytes, max_lines: int) -> int:
+    """Non-empty lines of ``content`` (exact when above ``max_lines``; cheap when far below)."""
+    if content.count(b"\n") < max_lines:
+        return 0 if not content.strip() else min(content.count(b"\n") + 1, max_lines)
+    return sum(1 for line in content.splitlines() if line.strip())
+
+
+def _check_metadata(metadata: dict[str, str] | None) -> None:
+    if metadata is None:
+        return
+    if len(metadata) > METADATA_MAX_PAIRS:
+        raise BatchApiError(400, f"metadata holds at most {METADATA_MAX_PAIRS} pairs", "metadata")
+    for key, value in metadata.items():
+        if len(key) > METADATA_KEY_MAX or len(value) > METADATA_VALUE_MAX:
+            raise BatchApiError(400, f"metadata keys are at most {METADATA_KEY_MAX} characters, "
+                                f"values at most {METADATA_VALUE_MAX}", f"metadata.{key[:64]}")
 
 
 def _custom_id_of(line: str) -> str | None:
