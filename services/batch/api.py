@@ -22,7 +22,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from services.batch.consumer import ConsumerConfig, JobConsumer, QueueDepthAdmission
 from services.batch.mesh_executor import MeshExecutor
 from common.names import Names
-from services.batch.durability import warn_if_not_durable
+from common.transport.durability import warn_if_not_durable
 from services.batch.openai_batch import BatchApiError, BatchStore, Caller, Limits, too_large
 from services.gateway import openai_api as oa
 

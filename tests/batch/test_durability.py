@@ -20,7 +20,7 @@ from common.names import Names
 from common.transport.connect import LocalHub
 from services.batch.api import batch_lifespan, batch_router
 from services.batch.consumer import ConsumerConfig, JobConsumer
-from services.batch.durability import persistence_risk, warn_if_not_durable
+from common.transport.durability import persistence_risk, warn_if_not_durable
 from services.batch.executor import EchoExecutor
 from services.gateway import ServedModel, create_app
 
@@ -126,7 +126,7 @@ async def test_batch_data_survives_a_redis_restart(aof_redis, caplog):
     lines = "".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
                                 "body": {"model": MODEL, "prompt": f"line {i} says hello", "max_tokens": 3}})
                     + "\n" for i in range(4)) + "{broken\n"
-    with caplog.at_level(logging.WARNING, logger="services.batch.durability"):
+    with caplog.at_level(logging.WARNING, logger="common.transport.durability"):
         async with gateway(config) as (client, app):
             file = (await client.post("/v1/files", data={"purpose": "batch"},
                                       files={"file": ("in.jsonl", lines.encode(), "application/jsonl")})).json()
@@ -142,7 +142,7 @@ async def test_batch_data_survives_a_redis_restart(aof_redis, caplog):
             finished = before["batch"]
             before["output"] = (await client.get(f"/v1/files/{finished['output_file_id']}/content")).text
             before["errors"] = (await client.get(f"/v1/files/{finished['error_file_id']}/content")).text
-    assert not [r for r in caplog.records if r.name == "services.batch.durability"]  # AOF: no warning
+    assert not [r for r in caplog.records if r.name == "common.transport.durability"]  # AOF: no warning
     assert finished["status"] == "completed" and finished["request_counts"]["completed"] == 4
     assert before["input"] == lines and len(before["output"].splitlines()) == 4
 
@@ -165,10 +165,10 @@ async def test_the_gateway_warns_when_redis_persists_nothing(tmp_path, caplog):
     server = OwnRedis(tmp_path, "--appendonly", "no")
     server.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="services.batch.durability"):
+        with caplog.at_level(logging.WARNING, logger="common.transport.durability"):
             risk = await warn_if_not_durable(server.url)
         assert risk is not None and "appendonly" in risk
-        warnings = [r for r in caplog.records if r.name == "services.batch.durability"]
+        warnings = [r for r in caplog.records if r.name == "common.transport.durability"]
         assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
         # an RDB save point is persistence too (coarser): no warning
         client = aioredis.Redis(port=server.port)
