@@ -55,6 +55,11 @@ class MeshConfig(BaseSettings):
     )
     master_port: int | None = Field(None, ge=1, le=65535, description="Port of rank 0 of a multi-host worker group.")
     rank: int = Field(0, ge=0, description="This process's rank in a multi-host worker group (0 drives it).")
+    kv_cache_gb: float | None = Field(
+        None, gt=0,
+        description="KV-cache budget of one worker, GiB; None: half of the memory available at start "
+        "(CPU; `exegpt up` shares it among its workers) or 90 % of the GPU memory free after loading.",
+    )
     max_encode_batch: int = Field(
         64, ge=1, description="Upper bound on B_E, whatever the schedule says (memory guard)."
     )
@@ -174,6 +179,17 @@ class MeshConfig(BaseSettings):
         False,
         description="Let a gateway without API keys listen on a non-loopback address (anyone who "
         "reaches it may generate, and change the schedule).",
+    )
+    tracing: bool = Field(
+        False,
+        description="Trace requests across services with OpenTelemetry (needs `pip install "
+        "'exegpt[tracing]'`): W3C trace context rides in message headers; spans go to "
+        "otlp_endpoint, else to stderr as JSON lines.",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector that receives the spans (http://host:4318; needs "
+        "opentelemetry-exporter-otlp-proto-http); None: spans are written to stderr.",
     )
 
     @field_validator("namespace")

@@ -27,6 +27,9 @@ class EngineBroken(RuntimeError):
     lost: the service running it must stop, so that its requests are redelivered elsewhere."""
 
 
+MAX_LOGPROBS = 20  # the most top log-probabilities a token reports (as OpenAI's API allows)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. ``temperature == 0`` means greedy."""
@@ -38,6 +41,9 @@ class SamplingParams:
     seed: int | None = None  # per-request generator seed; None: derived from the request id
     stop: tuple[str, ...] = ()  # stop strings; the matched string is not part of the output
     ignore_eos: bool = False  # forced-length mode: decode exactly max_tokens, EOS ignored
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the k likeliest
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -48,6 +54,15 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,8 @@ class TokenEvent:
     text: str  # text this token adds after stop-string handling ("" while a stop string may be forming)
     finished: bool
     finish_reason: FinishReason | None = None
+    logprob: float | None = None  # of this token, when the request asked for logprobs
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), likeliest first
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
 from engine.api import GenerationRequest, KVHandoff, SamplingParams, TokenEvent, Tokenizer
 from engine.runners import Runner
-from engine.sampling import generator_state, make_generator, restore_generator, sample
+from engine.sampling import generator_state, logprobs_of, make_generator, penalise, restore_generator, sample
 from engine.stops import TextTracker
 
 
@@ -37,12 +37,24 @@ class LocalEngine:
         self.vocab_size = vocab_size
         self.stop_token_ids = frozenset({tokenizer.eos_token_id, *stop_token_ids})
         self._slots: list[_Running] = []  # slot order == runner slot order
+        self.kv_budget_tokens: int | None = None  # set_kv_budget
 
     @property
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token of one request holds (T5: per decoder or per prompt token)."""
         cache = getattr(self.runner, "cache", None) or self.runner.self_cache
         return cache.bytes_per_position
+
+    def set_kv_budget(self, budget_bytes: int) -> int:
+        """Cap the KV cache at ``budget_bytes`` (it grows to that at most; a request or batch that
+        would need more is refused); returns the budget in token positions (``kv_budget_tokens``)."""
+        caches = [c for c in (getattr(self.runner, n, None) for n in ("cache", "self_cache", "cross_cache"))
+                  if c is not None and hasattr(c, "kv")]
+        per_token = sum(c.bytes_per_position for c in caches) or self.kv_bytes_per_token
+        self.kv_budget_tokens = max(int(budget_bytes) // per_token, 1)
+        for cache in caches:
+            cache.budget = self.kv_budget_tokens
+        return self.kv_budget_tokens
 
     @property
     def kv_allocated_bytes(self) -> int | None:
@@ -134,8 +146,13 @@ class LocalEngine:
         first_new = len(self._slots)
         self._slots.extend(self._new_state(r) for r in requests)
         states = self._slots[:live] + self._slots[first_new:]
-        tokens = sample(logits, [s.request.params for s in states], [s.gen for s in states])
+        params = [s.request.params for s in states]
+        logits = penalise(logits, params, [s.generated for s in states])
+        tokens = sample(logits, params, [s.gen for s in states])
         events = [self._advance(s, t) for s, t in zip(states, tokens)]
+        if any(p.logprobs is not None for p in params):
+            events = [replace(e, logprob=lp, top_logprobs=top) if lp is not None else e
+                      for e, (lp, top) in zip(events, logprobs_of(logits, params, tokens))]
         slots = [*range(live), *range(first_new, len(self._slots))]  # of the states, ascending
         for slot, event in reversed(list(zip(slots, events))):
             if event.finished:
@@ -164,6 +181,10 @@ class LocalEngine:
             if len(r.prompt_ids) > self.max_context:
                 raise ValueError(f"request {r.request_id!r}: prompt of {len(r.prompt_ids)} tokens exceeds "
                                  f"max_context {self.max_context}")
+            most = used + r.params.max_tokens - len(r.resume_ids)
+            if self.kv_budget_tokens is not None and min(most, self.max_context) > self.kv_budget_tokens:
+                raise ValueError(f"request {r.request_id!r}: prompt + max_tokens need {most} positions of KV "
+                                 f"cache; this worker's cache holds {self.kv_budget_tokens} (lower max_tokens)")
             if len(r.resume_ids) >= r.params.max_tokens:
                 raise ValueError(f"request {r.request_id!r}: resumes from {len(r.resume_ids)} tokens, "
                                  f"max_tokens is {r.params.max_tokens}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import msgpack
 
 from engine.api import KVHandoff, SamplingParams
@@ -15,8 +17,7 @@ def encode_handoff(h: KVHandoff) -> bytes:
         "v": HANDOFF_VERSION,
         "request_id": h.request_id,
         "model": h.model,
-        "params": {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_k": p.top_k,
-                   "top_p": p.top_p, "seed": p.seed, "stop": list(p.stop), "ignore_eos": p.ignore_eos},
+        "params": {**{f.name: getattr(p, f.name) for f in fields(SamplingParams)}, "stop": list(p.stop)},
         "prompt_ids": list(h.prompt_ids),
         "generated_ids": list(h.generated_ids),
         "emitted_text": h.emitted_text,
@@ -37,8 +38,8 @@ def decode_handoff(data: bytes) -> KVHandoff:
         raise ValueError(f"unsupported KV hand-off version {m.get('v') if isinstance(m, dict) else None!r}")
     try:
         p = m["params"]
-        params = SamplingParams(max_tokens=p["max_tokens"], temperature=p["temperature"], top_k=p["top_k"],
-                                top_p=p["top_p"], seed=p["seed"], stop=tuple(p["stop"]), ignore_eos=p["ignore_eos"])
+        known = {f.name for f in fields(SamplingParams)}  # a field this version lacks keeps its default
+        params = SamplingParams(**{**{k: v for k, v in p.items() if k in known}, "stop": tuple(p["stop"])})
         return KVHandoff(
             request_id=m["request_id"], model=m["model"], params=params, prompt_ids=tuple(m["prompt_ids"]),
             generated_ids=tuple(m["generated_ids"]), emitted_text=m["emitted_text"], rng_state=m["rng_state"],

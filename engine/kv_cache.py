@@ -14,6 +14,10 @@ from __future__ import annotations
 import torch
 
 
+class KVBudgetExceeded(ValueError):
+    """A batch would need more KV cache than the budget allows."""
+
+
 class KVCache:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
                  device: torch.device, max_context: int) -> None:
@@ -22,6 +26,7 @@ class KVCache:
         self.kv = torch.zeros(layers, 2, 0, kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.lengths: list[int] = []  # valid positions per live slot
         self.lengths_t = torch.zeros(0, dtype=torch.int64, device=device)  # same, on the device
+        self.budget: int | None = None  # most slots x positions it may hold (None: no limit)
 
     @property
     def bytes_per_position(self) -> int:
@@ -39,10 +44,16 @@ class KVCache:
         _, _, bcap, _, tcap, _ = self.kv.shape
         if slots <= bcap and positions <= tcap:
             return
+        if self.budget is not None and slots * positions > self.budget:
+            raise KVBudgetExceeded(f"{slots} requests of up to {positions} positions exceed the KV-cache "
+                                   f"budget of {self.budget} positions")
         new_b = max(slots, bcap, min(2 * bcap, slots + 32)) if slots > bcap else bcap
         new_t = tcap
         if positions > tcap:
             new_t = min(self.max_context, max(positions + 64, 2 * tcap))
+        if self.budget is not None and new_b * new_t > self.budget:  # grow only as far as the budget
+            new_b = max(slots, self.size)
+            new_t = max(positions, min(new_t, self.budget // new_b))
         layers, kv_heads, head_dim = self.geometry
         grown = torch.zeros(layers, 2, new_b, kv_heads, new_t, head_dim, dtype=self.dtype, device=self.device)
         n, used_t = self.size, max(self.lengths, default=0)

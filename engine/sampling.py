@@ -33,6 +33,41 @@ def restore_generator(state: bytes) -> torch.Generator:
     return gen
 
 
+def penalise(logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]]) -> torch.Tensor:
+    """Presence and frequency penalties on the rows that ask for them (OpenAI's definition: a
+    token's logit drops by presence x [generated before] + frequency x [times generated])."""
+    rows = [i for i, p in enumerate(params) if p.penalised and history[i]]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    v = logits.shape[1]
+    for i in rows:
+        ids = torch.tensor(history[i], dtype=torch.int64)
+        counts = torch.bincount(ids[ids < v], minlength=v).to(logits.device, logits.dtype)
+        p = params[i]
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def logprobs_of(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]
+                ) -> list[tuple[float | None, tuple[tuple[int, float], ...]]]:
+    """Per row: the chosen token's log-probability and the ``logprobs`` likeliest (token, log-prob),
+    for the rows that ask for them; (None, ()) for the others."""
+    out: list[tuple[float | None, tuple[tuple[int, float], ...]]] = [(None, ())] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return out
+    logp = torch.log_softmax(logits[rows].float(), dim=-1).cpu()
+    k = max(params[i].logprobs for i in rows)
+    top_values, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+    for j, i in enumerate(rows):
+        chosen = float(logp[j, tokens[i]])
+        want = params[i].logprobs
+        top = tuple(zip(top_ids[j, :want].tolist(), top_values[j, :want].tolist())) if want else ()
+        out[i] = (chosen, top)
+    return out
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> list[int]:
     """logits (B, V) float32 -> one token id per row.
 

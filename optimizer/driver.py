@@ -34,11 +34,28 @@ class StepExecutor(Protocol):
     def run(self, plan: StepPlan) -> StepOutcome: ...
 
 
-class Driver:
-    """The state of one worker at its batch boundaries, and the policy deciding its steps."""
+def kv_positions(request: QueuedRequest | RunningRequest, keeps_kv: bool = True) -> int:
+    """The KV positions a request may come to hold: prompt + max_tokens where known (its prompt
+    alone when the worker hands it off after prefill)."""
+    if not keeps_kv:
+        return request.input_len + 1
+    now = request.input_len + getattr(request, "generated", 1)
+    return max(request.max_len, now)
 
-    def __init__(self, policy: BatchingPolicy) -> None:
+
+class Driver:
+    """The state of one worker at its batch boundaries, and the policy deciding its steps.
+
+    ``kv_tokens``: the KV cache's budget in token positions (None: no limit). The cache is dense,
+    so a batch of B requests holds B x (the longest one's positions); a step admits or encodes a
+    request only while the batch, each request counted at its most (``kv_positions``), fits. The
+    requests are taken in the policy's order, and the first that does not fit stops the rest
+    (a long request waits for room instead of being passed over for ever); what is not taken
+    stays queued or incoming."""
+
+    def __init__(self, policy: BatchingPolicy, *, kv_tokens: int | None = None) -> None:
         self.policy = policy
+        self.kv_tokens = kv_tokens
         self.queued: dict[str, QueuedRequest] = {}  # arrival order
         self.running: dict[str, RunningRequest] = {}
         self.incoming: dict[str, RunningRequest] = {}  # handed off to this worker, not merged yet
@@ -77,14 +94,45 @@ class Driver:
                            self.downstream_free)
 
     def plan(self) -> StepPlan:
-        return self.policy.next_step(self.state())
+        plan = self.policy.next_step(self.state())
+        return plan if self.kv_tokens is None else self._fit(plan)
+
+    def fits_alone(self, request: QueuedRequest | RunningRequest) -> bool:
+        """Whether ``request`` could ever run here (with nothing else in the cache)."""
+        keeps = getattr(self.policy, "keeps_kv", True) or isinstance(request, RunningRequest)
+        return self.kv_tokens is None or kv_positions(request, keeps) <= self.kv_tokens
+
+    def _fit(self, plan: StepPlan) -> StepPlan:
+        keeps = getattr(self.policy, "keeps_kv", True)
+        held = [kv_positions(r) for r in self.running.values()]
+        budget = self.kv_tokens
+
+        def take(candidates: list[QueuedRequest | RunningRequest], keep_kv: bool) -> tuple[str, ...]:
+            taken = []
+            for request in candidates:
+                size = kv_positions(request, keep_kv)
+                if (len(held) + 1) * max(held + [size]) > budget:
+                    break
+                held.append(size)
+                taken.append(request.request_id)
+            return tuple(taken)
+
+        admit = take([self.incoming[r] for r in plan.admit], True)
+        encode = take([self.queued[r] for r in plan.encode], keeps)
+        if len(admit) == len(plan.admit) and len(encode) == len(plan.encode):
+            return plan
+        left_out = set(plan.admit) - set(admit)
+        decode = tuple(r for r in plan.decode if r not in left_out)
+        if not (encode or decode) and self.running:  # an encode step with nothing that fits: decode instead
+            decode = tuple(self.running)
+        return replace(plan, encode=encode, admit=admit, decode=decode)
 
     def complete(self, plan: StepPlan, outcome: StepOutcome) -> None:
         """Apply a step that ran: encoded requests run, admitted ones merge, every decoded or
         encoded request has one more token; finished and departed requests leave."""
         for rid in plan.encode:
             queued = self.queued.pop(rid)
-            self.running[rid] = RunningRequest(rid, queued.input_len, 1)
+            self.running[rid] = RunningRequest(rid, queued.input_len, 1, queued.max_len)
         for rid in plan.admit:
             self.running[rid] = self.incoming.pop(rid)
         for rid in plan.decode:

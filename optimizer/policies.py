@@ -32,6 +32,7 @@ class QueuedRequest:
     request_id: str
     input_len: int
     arrival_s: float = 0.0
+    max_len: int = 0  # the most KV positions it can reach: prompt + max_tokens (0: not known)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class RunningRequest:
     request_id: str
     input_len: int
     generated: int  # tokens produced so far (prefill produces the first)
+    max_len: int = 0  # as QueuedRequest's
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,8 @@ def _decode_admitting(state: WorkerState, free: int) -> StepPlan:
 
 class WaaEncoderPolicy:
     """WAA encoder: encode up to B_E queued requests while the decoders have room for them."""
+
+    keeps_kv = False  # what it prefills leaves with the hand-off: its cache holds prompts only
 
     def __init__(self, schedule: Schedule) -> None:
         self.schedule = schedule

@@ -32,13 +32,46 @@ def load_engine(config: MeshConfig) -> Engine:
     if not shape.single:  # one model over a group of processes; this one drives it
         from engine.parallel.group import load_group_engine
 
-        return load_group_engine(config.model, shape, device=config.device, num_threads=config.threads,
-                                 dtype=config.dtype, quant=config.quant,
-                                 master_addr=config.master_addr, master_port=config.master_port)
+        engine = load_group_engine(config.model, shape, device=config.device, num_threads=config.threads,
+                                   dtype=config.dtype, quant=config.quant,
+                                   master_addr=config.master_addr, master_port=config.master_port)
+        # admission counts the whole model's KV bytes per token: each rank holds a share of that
+        engine.set_kv_budget(kv_budget_bytes(config, engine.device))
+        return engine
     from engine import load_engine as load  # the engine package's loader
 
-    return load(config.model, device=config.device, num_threads=config.threads, dtype=config.dtype,
-                quant=config.quant)
+    engine = load(config.model, device=config.device, num_threads=config.threads, dtype=config.dtype,
+                  quant=config.quant)
+    engine.set_kv_budget(kv_budget_bytes(config, engine.device))
+    return engine
+
+
+CPU_KV_SHARE = 0.5  # of the memory available when a worker starts, for its KV cache
+GPU_KV_SHARE = 0.9  # of the GPU memory free once the weights are loaded
+
+
+def kv_budget_bytes(config: MeshConfig, device: str) -> int:
+    """The KV-cache budget of one worker: ``kv_cache_gb``, or a share of what is free now."""
+    if config.kv_cache_gb is not None:
+        return int(config.kv_cache_gb * 2**30)
+    if str(device).startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * GPU_KV_SHARE)
+    return int(available_memory() * CPU_KV_SHARE)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations on this host (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def group_shape(config: MeshConfig):

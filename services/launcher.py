@@ -210,8 +210,20 @@ def with_worker_threads(config: MeshConfig, workers: int, cores: int | None = No
     return config.model_copy(update={"threads": max(1, (cores or os.cpu_count() or 1) // processes)})
 
 
+def with_kv_share(config: MeshConfig, workers: int, available: int | None = None) -> MeshConfig:
+    """``config`` with each worker's KV-cache budget set, unless given: on the CPU, the share of
+    this host's available memory (``services.engines.CPU_KV_SHARE``) divided among the workers
+    `up` starts, so that together they stay within it. (A GPU worker sizes its own from its GPU.)"""
+    if config.kv_cache_gb is not None or config.device == "cuda":
+        return config
+    from services.engines import CPU_KV_SHARE, available_memory
+
+    share = (available or available_memory()) * CPU_KV_SHARE / max(1, workers)
+    return config.model_copy(update={"kv_cache_gb": share / 2**30})
+
+
 def run_up(config: MeshConfig, spec_path: Path, workers: int) -> int:
-    config = with_worker_threads(config, workers)
+    config = with_kv_share(with_worker_threads(config, workers), workers)
     launcher = Launcher(config, read_spec(spec_path, {"workers": workers}))
     previous = {sig: signal.signal(sig, lambda *_: launcher.stopping.set())
                 for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -18,15 +18,16 @@ from typing import Any, TypeVar
 import msgpack
 
 from common.messages.control import Abort, PinSchedule, Replan, RoleAssignment, ScheduleUpdate, SetBound
-from common.messages.events import EventBatch, Failure, Stamp, Token
+from common.messages.events import EventBatch, Failure, Stamp, Token, TopLogprob
 from common.messages.handoff import KvReady
 from common.messages.jobs import BatchJob, ChatTurn, JobResult
 from common.messages.status import LengthSample, SchedulerState, WorkerStatus
 from common.messages.work import EncodeWork, Sampling
 from optimizer.schedule import Schedule
 
-SCHEMA_VERSION = 4  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
-# 4: WorkerStatus carries the shape of the worker's process group
+SCHEMA_VERSION = 5  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
+# 4: WorkerStatus carries the shape of the worker's process group; 5: Sampling is the engine's
+# SamplingParams (penalties, logprobs) and Token carries log-probabilities
 
 # Tags are part of the wire format: never reuse or renumber one.
 TAGS: dict[type, int] = {
@@ -50,6 +51,7 @@ TAGS: dict[type, int] = {
     ChatTurn: 106,
     Schedule: 107,
     RoleAssignment: 108,
+    TopLogprob: 109,
     # batch jobs (producers -> job consumers -> reply queues)
     BatchJob: 201,
     JobResult: 202,

@@ -15,6 +15,14 @@ class Token:
     text: str
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprob: float | None = None  # when the request asked for logprobs
+    top_logprobs: tuple["TopLogprob", ...] = ()  # likeliest first
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
 
 
 @dataclass(frozen=True)

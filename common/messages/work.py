@@ -4,18 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.api import SamplingParams as Sampling  # one definition: the engine's, on the wire as is
 
-@dataclass(frozen=True)
-class Sampling:
-    """How to decode one request (mirrors engine.api.SamplingParams)."""
-
-    max_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
+__all__ = ["EncodeWork", "Sampling"]
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,21 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from common.transport.port import Unroutable
 
 _consumer_ids = itertools.count()
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass
 class _Message:
     body: bytes
     redelivered: bool = False
+    headers: Mapping[str, str] = field(default_factory=lambda: NO_HEADERS)
 
 
 @dataclass
@@ -61,14 +65,14 @@ class MemoryBroker:
     def requeue(self, queue_name: str, message: _Message) -> None:
         queue = self.queues.get(queue_name)
         if queue is not None:
-            queue.ready.appendleft(_Message(message.body, redelivered=True))
+            queue.ready.appendleft(_Message(message.body, redelivered=True, headers=message.headers))
             self.dispatch(queue)
 
     def dead_letter(self, queue_name: str, message: _Message) -> None:
         queue = self.queues.get(queue_name)
         if queue is not None and queue.dead_letter in self.queues:
             target = self.queues[queue.dead_letter]
-            target.ready.append(_Message(message.body))
+            target.ready.append(_Message(message.body, headers=message.headers))
             self.dispatch(target)
 
 
@@ -76,6 +80,7 @@ class MemoryDelivery:
     def __init__(self, subscription: "MemorySubscription", message: _Message) -> None:
         self.body = message.body
         self.redelivered = message.redelivered
+        self.headers = message.headers
         self._message = message
         self._subscription = subscription
         self.settled = False
@@ -179,11 +184,11 @@ class MemoryBus:
     async def declare_fanout(self, exchange: str) -> None:
         self.broker.fanouts.setdefault(exchange, set())
 
-    async def publish(self, queue: str, body: bytes) -> None:
+    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
         target = self.broker.queues.get(queue)
         if target is None:
             raise Unroutable(queue)
-        target.ready.append(_Message(body))
+        target.ready.append(_Message(body, headers=MappingProxyType(dict(headers)) if headers else NO_HEADERS))
         self.broker.dispatch(target)
 
     async def broadcast(self, exchange: str, body: bytes) -> None:

@@ -8,11 +8,15 @@ Bus semantics, identical in both adapters:
   delivered again, with ``redelivered`` set.
 - ``reject(requeue=False)`` sends a message to the dead queue.
 - ``broadcast`` on a fanout exchange reaches every subscribed queue.
+- ``publish`` may attach ``headers`` (text: W3C trace context, ``common.tracing``); a delivery
+  carries them in ``Delivery.headers``, an empty mapping when none came, and keeps them when it
+  is redelivered or dead-lettered.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import AsyncIterator, Protocol
 
 
@@ -23,6 +27,11 @@ class Unroutable(Exception):
 class Delivery(Protocol):
     body: bytes
     redelivered: bool
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The text headers it was published with (empty when none)."""
+        ...
 
     async def ack(self) -> None: ...
 
@@ -48,7 +57,7 @@ class Bus(Protocol):
 
     async def declare_fanout(self, exchange: str) -> None: ...
 
-    async def publish(self, queue: str, body: bytes) -> None: ...
+    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None: ...
 
     async def broadcast(self, exchange: str, body: bytes) -> None: ...
 

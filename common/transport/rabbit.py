@@ -9,7 +9,7 @@ its own unacked messages.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import aio_pika
 from aio_pika.abc import (
@@ -32,6 +32,17 @@ class RabbitDelivery:
         self._message = message
         self._settled = settled
         self._on_settled = on_settled
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The message's text headers; values that came as bytes are decoded (UTF-8), others
+        (tables, numbers: the broker's own, such as ``x-death``) are left out. Read on first use."""
+        if self._headers is None:
+            self._headers = {key: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+                             for key, value in (self._message.headers or {}).items()
+                             if isinstance(value, (str, bytes))}
+        return self._headers
 
     async def ack(self) -> None:
         if not self._settled:
@@ -152,8 +163,9 @@ class RabbitBus:
             self._exchanges[exchange] = await self._publisher.declare_exchange(
                 exchange, aio_pika.ExchangeType.FANOUT, durable=True)
 
-    async def publish(self, queue: str, body: bytes) -> None:
-        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
+        message = aio_pika.Message(body, headers=dict(headers) if headers else None,
+                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
             await self._publisher.default_exchange.publish(message, routing_key=queue, mandatory=True)
         except DeliveryError:

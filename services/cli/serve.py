@@ -40,10 +40,14 @@ FLAGS = {
     "--master-addr": ("master_addr", str, "rank 0's address, for a worker group spanning hosts"),
     "--master-port": ("master_port", int, "rank 0's port, for a worker group spanning hosts"),
     "--rank": ("rank", int, "this process's rank in a multi-host worker group (0 drives it)"),
+    "--kv-cache-gb": ("kv_cache_gb", float, "KV-cache budget of one worker in GiB (default: half the free "
+                      "memory, shared among `up`'s workers; 90 %% of free GPU memory)"),
     "--max-encode-batch": ("max_encode_batch", int, "upper bound on B_E"),
     "--max-decode-batch": ("max_decode_batch", int, "upper bound on B_D"),
     "--schedule": ("schedule", str, "schedule the scheduler pins: JSON of Schedule fields, or a file"),
     "--worker-id": ("worker_id", str, "name of this process in events and metadata"),
+    "--otlp-endpoint": ("otlp_endpoint", str, "with --tracing: OTLP/HTTP collector for the spans, e.g. "
+                        "http://127.0.0.1:4318 (default: JSON lines on stderr)"),
     "--api-keys-file": ("api_keys_file", str, "keys file: `<sha256 hex> <owner> <user|admin>` a line "
                         "(keys themselves: EXEGPT_API_KEYS, EXEGPT_ADMIN_KEYS)"),
 }
@@ -55,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         parser = sub.add_parser(role, help=help_text, description=help_text)
         for flag, (field, kind, text) in FLAGS.items():
             parser.add_argument(flag, dest=field, type=kind, default=None, help=text)
+        parser.add_argument("--tracing", dest="tracing", action="store_true", default=None,
+                            help="trace requests across services with OpenTelemetry (exegpt[tracing])")
         if role in GATEWAY_ROLES:
             parser.add_argument("--insecure", dest="insecure", action="store_true", default=None,
                                 help="serve without API keys on a non-loopback --host")
@@ -69,7 +75,7 @@ def build_config(args: argparse.Namespace):
 
     from common.config import MeshConfig
 
-    fields = [field for field, _, _ in FLAGS.values()] + ["insecure"]
+    fields = [field for field, _, _ in FLAGS.values()] + ["insecure", "tracing"]
     overrides = {field: getattr(args, field) for field in fields if getattr(args, field, None) is not None}
     try:
         return MeshConfig(**overrides)
@@ -91,6 +97,8 @@ def configure_logging() -> None:
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     configure_logging()
+    if config.tracing:
+        start_tracing(config, args.role)
     if config.rank > 0:  # a follower rank of a multi-host worker group: no broker, no gateway
         if args.role != "worker":
             raise CliError(f"--rank applies to `exegpt worker`, not `{args.role}`")
@@ -129,6 +137,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         return main_for(args.role, config)
     except ValueError as exc:  # the engine names a bad model or device this way
+        raise CliError(str(exc)) from None
+
+
+def start_tracing(config, role: str) -> None:
+    """Tracing on: this process's tracer provider (service ``exegpt-<role>``), or a one-line error
+    when OpenTelemetry is missing. ``up`` only checks: its processes trace themselves."""
+    from common import tracing
+
+    try:
+        if role == "up":
+            tracing.check_installed(config)
+        else:
+            tracing.start_tracing(config, role)
+    except tracing.TracingUnavailable as exc:
         raise CliError(str(exc)) from None
 
 

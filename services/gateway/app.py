@@ -6,12 +6,13 @@ longer than the context with a 400 before any work is queued, and count prompt t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, FastAPI, Request
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.config import MeshConfig
 from common.messages.work import Sampling
 from common.names import Names
+from common.tracing import TRACEPARENT, TRACESTATE, Tracing, tracing_for
 from common.transport.connect import LocalHub, open_transports
 from engine.api import Tokenizer
 from services.engines import is_factory_spec, load_engine, served_model_name
@@ -107,6 +109,8 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
     install_error_handlers(app)
     app.add_middleware(RequireKeys, keys=load_keys(config))
     app.add_middleware(LogRequests)  # outermost: it also sees what RequireKeys refuses
+    if (tracing := tracing_for(config)).enabled:  # off: not even a middleware
+        app.add_middleware(TraceRequests, tracing=tracing)  # a server span around all of it
     app.include_router(openai_router())
     app.include_router(admin_router())
     for router in routers:
@@ -201,6 +205,41 @@ class LogRequests:
                 log.warning("%s: %s", line, error or error_message(bytes(body)))
 
 
+class TraceRequests:
+    """ASGI middleware (tracing on): a server span per HTTP request, the parent of the spans the
+    route makes (the encode work's publish); it joins the client's trace when the request
+    carries ``traceparent``. It ends when the response did (a stream: once it ended)."""
+
+    def __init__(self, app: ASGIApp, tracing: Tracing) -> None:
+        self.app, self.tracing = app, tracing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        carried = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+                   if name in (TRACEPARENT.encode(), TRACESTATE.encode())}
+        parent = self.tracing.extract(carried) if carried else None
+        method, path, status = scope["method"], scope["path"], 500
+        state = scope.setdefault("state", {})
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        with self.tracing.span(f"{method} {path}", parent=parent, kind="server", attributes={
+                "http.request.method": method, "url.path": path}) as span:
+            try:
+                await self.app(scope, receive, sending)
+            finally:
+                route = getattr(scope.get("route"), "path", None)
+                self.tracing.annotate(span, name=f"{method} {route}" if route else None, error=(
+                    f"HTTP {status}" if status >= 500 else None), attributes={
+                    "http.response.status_code": status, "http.route": route,
+                    "exegpt.request_id": state.get("request_id")})
+
+
 def error_message(body: bytes) -> str:
     """The message of an OpenAI-shaped error body (else the body's start)."""
     try:
@@ -286,7 +325,17 @@ def sampling_of(body: oa._Common, max_tokens: int | None, prompt_ids: list[int],
                        param="min_tokens")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return Sampling(wanted, body.temperature, body.top_k, body.top_p, body.seed, stop,
-                    body.ignore_eos or body.min_tokens > 0)
+                    body.ignore_eos or body.min_tokens > 0, body.presence_penalty or 0.0,
+                    body.frequency_penalty or 0.0, logprobs_wanted(body))
+
+
+def logprobs_wanted(body: oa._Common) -> int | None:
+    """How many top log-probabilities each token reports (0: the chosen token's only; None: none)."""
+    if isinstance(body, oa.ChatBody):
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return getattr(body, "logprobs", None)
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -367,63 +416,152 @@ def openai_router() -> APIRouter:
 
 async def respond(request: Request, endpoint: str, body: oa._Common, prompt_ids: list[int],
                   sampling: Sampling) -> Response:
+    """Submit one request per choice (``n``; with a seed, choice i samples with seed + i) and
+    answer with all of them; a choice that fails fails the response and aborts the others."""
     gateway: Gateway = request.app.state.gateway
     prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
     request.state.request_id = rid = f"{prefix}-{uuid.uuid4().hex}"
-    pending = await gateway.submit(prompt_ids, sampling, request_id=rid, stream=body.stream)
-    request.state.pending = pending  # its completion tokens, once the response ended
+    pendings: list[Pending] = []
+    try:
+        for i in range(body.n or 1):
+            seeded = sampling if i == 0 or sampling.seed is None else replace(sampling, seed=sampling.seed + i)
+            pendings.append(await gateway.submit(prompt_ids, seeded, request_id=rid if i == 0 else f"{rid}-{i}",
+                                                 stream=body.stream))
+    except BaseException:
+        for pending in pendings:
+            await gateway.abort(pending)
+        raise
+    request.state.pending = Choices(pendings)  # their completion tokens, once the response ended
+    tokenizer = request.app.state.model.tokenizer
     try:
         if body.stream:
-            response = await stream_response(gateway, pending, endpoint, body)
+            response = await stream_response(gateway, pendings, endpoint, body, tokenizer)
         else:
-            response = await whole_response(gateway, pending, endpoint)
+            response = await whole_response(gateway, pendings, endpoint, tokenizer)
     except RequestFailed as exc:
         gateway.metrics.requests.labels(endpoint, str(exc.status)).inc()
-        await gateway.abort(pending)
+        for pending in pendings:
+            await gateway.abort(pending)
         raise ApiError(exc.status, str(exc), code="generation_failed") from None
     gateway.metrics.requests.labels(endpoint, "200").inc()
     return response
 
 
-async def whole_response(gateway: Gateway, pending: Pending, endpoint: str) -> JSONResponse:
-    texts, reason = [], None
-    async for token in pending.tokens(gateway.config.request_timeout_s):
-        texts.append(token.text)
-        reason = token.finish_reason
-    use = oa.usage(pending.prompt_len, pending.next_index)
-    shape = oa.chat_completion if endpoint == "chat" else oa.completion
-    return JSONResponse(shape(pending.request_id, gateway.model, "".join(texts), reason, use))
+@dataclass
+class Choices:
+    """The requests of one response, as its log line counts them."""
+
+    pendings: list[Pending]
+
+    @property
+    def next_index(self) -> int:  # completion tokens released so far, all choices together
+        return sum(p.next_index for p in self.pendings)
 
 
-async def stream_response(gateway: Gateway, pending: Pending, endpoint: str,
-                          body: oa._Common) -> StreamingResponse:
-    """Wait for the first token (so early failures get a status code), then stream SSE."""
-    tokens = pending.tokens(gateway.config.request_timeout_s)
-    first = await anext(tokens)
+def logged(token: Any, tokenizer: Tokenizer) -> oa.LoggedToken:
+    """A token with its log-probabilities, as text."""
+    top = [(tokenizer.decode([t.token_id]), t.logprob) for t in token.top_logprobs]
+    return tokenizer.decode([token.token_id]), token.logprob, top
+
+
+async def whole_response(gateway: Gateway, pendings: list[Pending], endpoint: str,
+                         tokenizer: Tokenizer) -> JSONResponse:
+    async def collect(index: int, pending: Pending) -> dict[str, Any]:
+        texts, tokens, reason = [], [], None
+        async for token in pending.tokens(gateway.config.request_timeout_s):
+            texts.append(token.text)
+            reason = token.finish_reason
+            if token.logprob is not None:
+                tokens.append(logged(token, tokenizer))
+        text = "".join(texts)
+        if endpoint == "chat":
+            return oa.chat_choice(index, text, reason, oa.chat_logprobs(tokens) if tokens else None)
+        return oa.completion_choice(index, text, reason, oa.completion_logprobs(tokens) if tokens else None)
+
+    choices = await asyncio.gather(*(collect(i, p) for i, p in enumerate(pendings)))
+    use = oa.usage(pendings[0].prompt_len, sum(p.next_index for p in pendings))
+    shape = oa.chat_response if endpoint == "chat" else oa.completion_response
+    return JSONResponse(shape(pendings[0].request_id, gateway.model, list(choices), use))
+
+
+async def stream_response(gateway: Gateway, pendings: list[Pending], endpoint: str,
+                          body: oa._Common, tokenizer: Tokenizer) -> StreamingResponse:
+    """Wait for each choice's first token (so early failures get a status code), then stream SSE."""
+    streams = [p.tokens(gateway.config.request_timeout_s) for p in pendings]
+    firsts = [await anext(s) for s in streams]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    events = sse_events(gateway, pending, endpoint, first, tokens, include_usage)
+    events = sse_events(gateway, pendings, endpoint, firsts, streams, include_usage, tokenizer)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
 
-async def sse_events(gateway: Gateway, pending: Pending, endpoint: str, first: Any,
-                     rest: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[str]:
-    chunk = oa.chat_chunk if endpoint == "chat" else oa.completion_chunk
-    rid, model = pending.request_id, gateway.model
+async def sse_events(gateway: Gateway, pendings: list[Pending], endpoint: str, firsts: list[Any],
+                     rest: list[AsyncIterator[Any]], include_usage: bool, tokenizer: Tokenizer
+                     ) -> AsyncIterator[str]:
+    rid, model = pendings[0].request_id, gateway.model
+    offsets = [0] * len(pendings)  # completions: each choice's text so far, for text_offset
+
+    def chunk(index: int, token: Any) -> str:
+        logprobs = None
+        if token.logprob is not None:
+            one = [logged(token, tokenizer)]
+            logprobs = oa.chat_logprobs(one) if endpoint == "chat" else oa.completion_logprobs(one, offsets[index])
+        offsets[index] += len(token.text)
+        shape = oa.chat_chunk if endpoint == "chat" else oa.completion_chunk
+        return _sse(shape(rid, model, token.text, token.finish_reason, index=index, logprobs=logprobs))
+
     try:
-        if endpoint == "chat":
-            yield _sse(oa.chat_chunk(rid, model, "", None, first=True))
-        yield _sse(chunk(rid, model, first.text, first.finish_reason))
-        async for token in rest:
-            yield _sse(chunk(rid, model, token.text, token.finish_reason))
+        for index, first in enumerate(firsts):
+            if endpoint == "chat":
+                yield _sse(oa.chat_chunk(rid, model, "", None, first=True, index=index))
+            yield chunk(index, first)
+        async for index, token in merged(rest):
+            yield chunk(index, token)
         if include_usage:
-            yield _sse(chunk(rid, model, "", None, oa.usage(pending.prompt_len, pending.next_index)))
+            shape = oa.chat_chunk if endpoint == "chat" else oa.completion_chunk
+            use = oa.usage(pendings[0].prompt_len, sum(p.next_index for p in pendings))
+            yield _sse(shape(rid, model, "", None, use))
     except RequestFailed as exc:
         yield _sse(oa.error_body(str(exc), kind="server_error", code=str(exc.status)))
     finally:
-        if not pending.done:
-            await gateway.abort(pending)  # the client went away mid-stream
+        for pending in pendings:
+            if not pending.done:
+                await gateway.abort(pending)  # the client went away mid-stream, or a choice failed
     yield "data: [DONE]\n\n"
+
+
+async def merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """Items of several streams as they come, each with its stream's index; the first error ends
+    all of them."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    ended = object()
+
+    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+        except Exception as exc:
+            await queue.put((index, exc))
+        await queue.put((index, ended))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            index, item = await queue.get()
+            if item is ended:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _sse(payload: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from common.messages.control import Abort
 from common.messages.events import EventBatch, EventMessage, Failure, Token
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
+from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.port import Subscription
 from services.gateway.metrics import Metrics
@@ -110,6 +111,7 @@ class Gateway:
         self.gateway_id = new_worker_id(config, "gateway")
         self.events_queue = self.names.events_queue(self.gateway_id)
         self.pending: dict[str, Pending] = {}
+        self.tracing = tracing_for(config)
         self._pump: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -140,7 +142,7 @@ class Gateway:
         work = EncodeWork(rid, self.model, tuple(prompt_ids), sampling, self.events_queue,
                           time.time(), stream)
         try:
-            await self.bus.publish(self.names.encode_queue, codec.encode(work))
+            await self._publish_work(work)
         except BaseException:
             self.forget(pending)
             raise
@@ -148,6 +150,18 @@ class Gateway:
         if pending.done and pending.failed is None:  # it finished before the broker's confirm came
             self.metrics.finished(pending.timeline)
         return pending
+
+    async def _publish_work(self, work: EncodeWork) -> None:
+        """Publish to the encode queue; traced, in a span under the current one (the HTTP
+        request's) whose context the message's headers carry to the worker."""
+        queue, body = self.names.encode_queue, codec.encode(work)
+        if not self.tracing.enabled:
+            await self.bus.publish(queue, body)
+            return
+        attributes = {"exegpt.request_id": work.request_id, "messaging.destination.name": queue,
+                      "exegpt.prompt_tokens": len(work.prompt_ids)}
+        with self.tracing.span("publish encode", kind="producer", attributes=attributes):
+            await self.bus.publish(queue, body, headers=self.tracing.inject())
 
     async def abort(self, pending: Pending) -> None:
         """The client went away: forget the request and tell the workers to drop it."""

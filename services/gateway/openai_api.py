@@ -2,6 +2,9 @@
 
 Extensions, as other servers name them: ``ignore_eos`` (decode exactly ``max_tokens``) and
 ``min_tokens`` (accepted as 0, or equal to ``max_tokens`` meaning forced length), ``top_k``.
+Served beyond the basics: ``n`` (each choice a request of its own), ``presence_penalty`` and
+``frequency_penalty``, ``logprobs`` (completions: a count; chat: ``logprobs`` with
+``top_logprobs``).
 
 No field is dropped silently: a field these bodies do not declare is a 400
 (``unsupported_parameter``), and a declared field of a feature the gateway does not implement
@@ -15,6 +18,10 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from engine.api import MAX_LOGPROBS
+
+MAX_N = 16  # choices per request
 
 
 class StreamOptions(BaseModel):
@@ -31,7 +38,7 @@ class _Common(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    n: int | None = Field(1, description="only 1")
+    n: int | None = Field(1, ge=1, le=MAX_N, description="choices to generate (each a request of its own)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -39,14 +46,15 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     user: str | None = None
-    presence_penalty: float | None = Field(None, description="only 0 (no penalty)")
-    frequency_penalty: float | None = Field(None, description="only 0 (no penalty)")
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(None, description="only {} (no bias)")
 
 
 class CompletionBody(_Common):
     prompt: str | list[int] | list[str]
-    logprobs: int | None = Field(None, description="only null (no log probabilities)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of the "
+                                 "chosen tokens and of this many likeliest ones")
     echo: bool | None = Field(False, description="only false")
     best_of: int | None = Field(None, description="only 1")
     suffix: str | None = Field(None, description='only "" (no suffix)')
@@ -72,8 +80,8 @@ class ChatMessage(BaseModel):
 class ChatBody(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: bool | None = Field(None, description="only false (no log probabilities)")
-    top_logprobs: int | None = Field(None, description="only 0")
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
     response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}')
     tools: list[dict[str, Any]] | None = Field(None, description="only [] (no tools)")
     tool_choice: str | dict[str, Any] | None = Field(None, description='only "none"')
@@ -82,16 +90,12 @@ class ChatBody(_Common):
 # Fields of features the gateway does not implement: the values it accepts (each leaves the output
 # as if the field were absent), and how a refusal names them.
 _SHARED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((None, 1), "1"),
-    "presence_penalty": ((None, 0), "0"),
-    "frequency_penalty": ((None, 0), "0"),
     "logit_bias": ((None, {}), "{}"),
 }
 NEUTRAL: dict[type[_Common], dict[str, tuple[tuple[Any, ...], str]]] = {
-    CompletionBody: {**_SHARED, "logprobs": ((None,), "null"), "echo": ((None, False), "false"),
+    CompletionBody: {**_SHARED, "echo": ((None, False), "false"),
                      "best_of": ((None, 1), "1"), "suffix": ((None, ""), '""')},
-    ChatBody: {**_SHARED, "logprobs": ((None, False), "false"), "top_logprobs": ((None, 0), "0"),
-               "response_format": ((None, {"type": "text"}), '{"type": "text"}'),
+    ChatBody: {**_SHARED, "response_format": ((None, {"type": "text"}), '{"type": "text"}'),
                "tools": ((None, []), "[]"), "tool_choice": ((None, "none"), '"none"')},
 }
 
@@ -122,30 +126,84 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion(rid: str, model: str, text: str, reason: str | None, use: dict[str, int]) -> dict[str, Any]:
+    """A completion of one choice."""
+    return completion_response(rid, model, [completion_choice(0, text, reason)], use)
+
+
+def completion_response(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]
+                        ) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-            "usage": use}
+            "choices": choices, "usage": use}
+
+
+def completion_choice(index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
 def chat_completion(rid: str, model: str, text: str, reason: str | None, use: dict[str, int]) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
+    """A chat completion of one choice."""
+    return chat_response(rid, model, [chat_choice(0, text, reason)], use)
+
+
+def chat_response(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
-            "usage": use}
+            "choices": choices, "usage": use}
+
+
+def chat_choice(index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": reason}
 
 
 def completion_chunk(rid: str, model: str, text: str, reason: str | None,
-                     use: dict[str, int] | None = None) -> dict[str, Any]:
-    choices = [] if use else [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]
+                     use: dict[str, int] | None = None, *, index: int = 0,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    choices = [] if use else [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": use}
 
 
 def chat_chunk(rid: str, model: str, text: str | None, reason: str | None,
-               use: dict[str, int] | None = None, *, first: bool = False) -> dict[str, Any]:
+               use: dict[str, int] | None = None, *, first: bool = False, index: int = 0,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     delta: dict[str, str] = {"role": "assistant"} if first else {}
     if text is not None:
         delta["content"] = text
-    choices = [] if use else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+    choices = [] if use else [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model, "choices": choices, "usage": use}
+
+
+# --- log-probabilities, in each endpoint's shape ---------------------------------------------
+# A token is (text, log-probability, top alternatives as (text, log-probability)).
+LoggedToken = tuple[str, float, list[tuple[str, float]]]
+
+
+def completion_logprobs(tokens: list[LoggedToken], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists, and each token's offset in the text."""
+    offsets, at = [], offset
+    for text, _, _ in tokens:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": [t for t, _, _ in tokens], "token_logprobs": [lp for _, lp, _ in tokens],
+            "top_logprobs": [_by_text(top) for _, _, top in tokens], "text_offset": offsets}
+
+
+def _by_text(top: list[tuple[str, float]]) -> dict[str, float]:
+    """Alternatives keyed by text, likeliest first; tokens whose text is the same (byte pieces
+    of one character) keep the likeliest's value."""
+    keyed: dict[str, float] = {}
+    for text, logprob in top:
+        keyed.setdefault(text, logprob)
+    return keyed
+
+
+def chat_logprobs(tokens: list[LoggedToken]) -> dict[str, Any]:
+    """The chat shape: one entry per token, with its UTF-8 bytes."""
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(text, lp), "top_logprobs": [entry(t, v) for t, v in top]}
+                        for text, lp, top in tokens]}

@@ -11,29 +11,21 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
-from common.messages.events import Token
+from common.messages.events import Token, TopLogprob
 from common.messages.handoff import KvReady
-from common.messages.work import EncodeWork, Sampling
+from common.messages.work import EncodeWork
 from common.transport.port import Delivery
 from engine.api import GenerationRequest, KVHandoff, SamplingParams, TokenEvent
 
 CHUNK_TOKENS = 64  # a non-streaming request's tokens go out at least this often
 
 
-def params_of(sampling: Sampling) -> SamplingParams:
-    return SamplingParams(sampling.max_tokens, sampling.temperature, sampling.top_k,
-                          sampling.top_p, sampling.seed, sampling.stop, sampling.ignore_eos)
-
-
-def sampling_of(params: SamplingParams) -> Sampling:
-    return Sampling(params.max_tokens, params.temperature, params.top_k, params.top_p, params.seed,
-                    params.stop, params.ignore_eos)
-
-
 def token_of(event: TokenEvent) -> Token:
+    top = tuple(TopLogprob(token, logprob) for token, logprob in event.top_logprobs)
     return Token(event.request_id, event.index, event.token_id, event.text, event.finished,
-                 event.finish_reason)
+                 event.finish_reason, event.logprob, top)
 
 
 @dataclass
@@ -56,11 +48,13 @@ class Held:
     sent: list[asyncio.Task[None]] = field(default_factory=list)  # publishes its ack waits for
     encode_start_at: float = 0.0
     first_token_at: float = 0.0
+    trace: Any = None  # tracing on: the context its next span continues from (common.tracing)
+    decode_span: Any = None  # tracing on: open from its decode start until it leaves this worker
 
     @staticmethod
     def from_work(delivery: Delivery, work: EncodeWork) -> "Held":
         return Held(delivery, work.request_id, work.reply_to, work.stream, work.submitted_at,
-                    work.prompt_ids, params_of(work.sampling), work=work,
+                    work.prompt_ids, work.sampling, work=work,
                     generated=list(work.resume_ids), emitted=work.resume_text)
 
     @staticmethod
@@ -81,7 +75,7 @@ class Held:
 
     def continuation(self, model: str) -> EncodeWork:
         """Work that continues this request elsewhere from the tokens already delivered."""
-        return EncodeWork(self.request_id, model, self.prompt_ids, sampling_of(self.params), self.reply_to,
+        return EncodeWork(self.request_id, model, self.prompt_ids, self.params, self.reply_to,
                           self.submitted_at, self.stream, tuple(self.generated), self.emitted)
 
     def record(self, event: TokenEvent) -> list[Token]:

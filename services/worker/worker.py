@@ -32,6 +32,7 @@ from common.messages.handoff import HandoffMessage, KvReady
 from common.messages.status import LengthSample, WorkerStatus
 from common.messages.work import WorkMessage
 from common.names import DONE_TTL_S, OUTPUT_LENGTHS_MAX, Names
+from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.port import Delivery, Subscription, Unroutable
 from engine.api import EngineBroken, KVHandoff
@@ -95,11 +96,13 @@ class Worker:
         self.runner = runner
         self.follower = ScheduleFollower(self.worker_id, config.max_encode_batch, config.max_decode_batch)
         self.role: Role = "idle"
-        self.driver = Driver(IdlePolicy(self.follower.schedule))
+        self.driver = Driver(IdlePolicy(self.follower.schedule),
+                             kv_tokens=getattr(runner.engine, "kv_budget_tokens", None))
         self.held: dict[str, Held] = {}
         self.inbox = Inbox()
         self.credits = Credits(self.store, self.names)
         self.trace = StepTrace() if trace else None
+        self.tracing = tracing_for(config)  # spans across services (not the step record above)
         self.aborted: dict[str, None] = {}
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -187,6 +190,8 @@ class Worker:
 
     async def close(self) -> None:
         await asyncio.gather(*self._background, return_exceptions=True)
+        for held in self.held.values():  # still running at the drain's end: redelivered elsewhere
+            self._end_decode_span(held, "abandoned")
         await self.report("stopping")
         for task in self._tasks:
             task.cancel()
@@ -209,14 +214,28 @@ class Worker:
         works = [d for q, d in items if q == self.names.encode_queue]
         handoffs = [d for q, d in items if q == self.names.handoff_queue]
         outbox = Outbox()
+        too_large: list[Held] = []
         for held in await self._admit_work(works, outbox) + await self._admit_handoffs(handoffs, outbox):
+            most = len(held.prompt_ids) + held.params.max_tokens  # KV positions it may come to hold
+            request = (QueuedRequest(held.request_id, held.input_len, now, most) if held.handoff is None else
+                       RunningRequest(held.request_id, len(held.prompt_ids), len(held.generated), most))
+            if not self.driver.fits_alone(request):
+                outbox.failure(held.reply_to, Failure(held.request_id, 400, self._too_large(most)))
+                too_large.append(held)
+                continue
             self.held[held.request_id] = held
             if held.handoff is None:
-                self.driver.enqueue(QueuedRequest(held.request_id, held.input_len, now))
+                self.driver.enqueue(request)
                 self._arrived.append((held.request_id, held.input_len))
             else:
-                self.driver.offer(RunningRequest(held.request_id, len(held.prompt_ids), len(held.generated)))
+                self.driver.offer(request)
         await self.send(outbox)
+        for held in too_large:  # work is acked; a hand-off goes to the dead queue and frees its credit
+            await (held.delivery.ack() if held.handoff is None else self._refuse(held, []))
+
+    def _too_large(self, positions: int) -> str:
+        return (f"prompt + max_tokens need {positions} tokens of KV cache; a worker's cache holds "
+                f"{self.driver.kv_tokens} (lower max_tokens, or give workers more memory: kv_cache_gb)")
 
     @staticmethod
     async def _decoded(deliveries: list[Delivery], kind) -> list[tuple[Delivery, object]]:
@@ -241,7 +260,10 @@ class Worker:
             elif work.request_id in self.held or work.request_id in self.aborted:
                 await delivery.ack()
             else:
-                kept.append(Held.from_work(delivery, work))
+                held = Held.from_work(delivery, work)
+                if self.tracing.enabled:
+                    held.trace = self.tracing.extract(delivery.headers)
+                kept.append(held)
         return await self._skip_done(kept)
 
     async def _admit_handoffs(self, deliveries: list[Delivery], outbox: Outbox) -> list[Held]:
@@ -251,14 +273,21 @@ class Worker:
                 await delivery.ack()
             else:
                 ready.append((delivery, message))
+        fetch_start = time.time()
         payloads = await asyncio.gather(*(self.kv.get(m.kv_ref) for _, m in ready))
+        fetched = time.time()
         kept = []
         for (delivery, message), handoff in zip(ready, payloads):
             if handoff is None:
                 outbox.failure(message.reply_to, Failure(message.request_id, 500, "KV cache expired before decoding"))
                 await self._ack_after(delivery, outbox)
             else:
-                kept.append(Held.from_handoff(delivery, message, handoff))
+                held = Held.from_handoff(delivery, message, handoff)
+                if self.tracing.enabled:  # the hand-off's receive: its KV cache fetched
+                    held.trace = self.tracing.record(
+                        "receive handoff", parent=self.tracing.extract(delivery.headers), start_s=fetch_start,
+                        end_s=fetched, kind="consumer", attributes=self._span_attributes(held))
+                kept.append(held)
         return await self._skip_done(kept)
 
     async def _skip_done(self, candidates: list[Held]) -> list[Held]:
@@ -398,8 +427,10 @@ class Worker:
     async def _requeue(self, held: Held, published: list[asyncio.Task[None]]) -> None:
         """Back to the encode queue with the tokens already delivered; a KV cache it came with
         is dropped (the next worker prefills prompt + tokens)."""
+        self._end_decode_span(held, "requeued")
         await asyncio.gather(*held.sent, *published)
-        await self.bus.publish(self.names.encode_queue, codec.encode(held.continuation(self.config.model)))
+        await self.bus.publish(self.names.encode_queue, codec.encode(held.continuation(self.config.model)),
+                               headers=self.tracing.inject(held.trace))
         if held.ready is not None:
             await self.kv.drop(held.ready.kv_ref)
         await held.delivery.ack()
@@ -415,6 +446,7 @@ class Worker:
             if rid in self.driver.running:
                 await self.runner.call(self.runner.engine.abort, rid)
             self.driver.remove(rid)
+            self._end_decode_span(held, "abort")
             await self._settle(held, "abort", [])
 
     async def reserve_credits(self) -> None:
@@ -500,7 +532,7 @@ class Worker:
         return WorkerState(worker_id=self.worker_id, role=self.role, version=self.follower.version,
                            running=len(self.driver.running), held=len(self.held),
                            decode_slots=self.follower.schedule.decode_batch if decodes else 0,
-                           kv_tokens=sum(r.input_len + r.generated for r in self.driver.running),
+                           kv_tokens=sum(r.input_len + r.generated for r in self.driver.running.values()),
                            kv_bytes_per_token=getattr(engine, "kv_bytes_per_token", None),
                            kv_allocated_bytes=getattr(engine, "kv_allocated_bytes", None),
                            ready=self.ready.is_set() and not self.stopping.is_set())
@@ -538,6 +570,8 @@ class Worker:
             if rid in self.held and rid not in result.refused and rid not in result.exported:
                 outbox.stamp(self.held[rid].reply_to, rid, Stage.DECODE_START, result.ended_at)
         finished = self._record_events(result, outbox)
+        if self.tracing.enabled:
+            self._trace_step(plan, result)
         for rid in result.exported:
             held = self.held[rid]
             for token in held.flush():
@@ -613,12 +647,52 @@ class Worker:
 
     async def _hand_off(self, held: Held, handoff: KVHandoff, published: list[asyncio.Task[None]]) -> None:
         """Store the KV cache, tell the decoders, then ack what brought the request here."""
-        ref = await self.kv.put(handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
-        ready = KvReady(held.request_id, self.worker_id, held.reply_to, ref, len(held.prompt_ids),
-                        self.follower.version, held.submitted_at, held.stream)
-        await self.bus.publish(self.names.handoff_queue, codec.encode(ready))
+        self._end_decode_span(held, "handed_off")  # leaving a decoding role with it running
+        with self.tracing.span("publish handoff", parent=held.trace, kind="producer",
+                               attributes=self._span_attributes(held)):
+            ref = await self.kv.put(handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
+            ready = KvReady(held.request_id, self.worker_id, held.reply_to, ref, len(held.prompt_ids),
+                            self.follower.version, held.submitted_at, held.stream)
+            await self.bus.publish(self.names.handoff_queue, codec.encode(ready), headers=self.tracing.inject())
         await asyncio.gather(*held.sent, *published)
         await held.delivery.ack()
+
+    # ==== tracing (common.tracing; off: none of this runs) ========================================
+    def _trace_step(self, plan: StepPlan, result: StepResult) -> None:
+        """The step's spans, once per request (never per token): an encode span for each request it
+        prefilled; a decode span opens for each request that starts decoding, and closes for each
+        that finished or failed in it."""
+        gone = {**result.refused, **result.failed, **{rid: "engine fault: given back" for rid in result.given_back}}
+        for rid in plan.encode:
+            held = self.held[rid]
+            held.trace = self.tracing.record(
+                "encode", parent=held.trace, start_s=held.encode_start_at, end_s=result.ended_at, kind="consumer",
+                attributes={**self._span_attributes(held), "exegpt.batch_size": len(plan.encode),
+                            "exegpt.prompt_tokens": held.input_len}, error=gone.get(rid))
+        decoding = (*plan.admit, *(plan.encode if self.role != "encoder" else ()))
+        for rid in decoding:
+            held = self.held.get(rid)
+            if held is not None and rid not in gone and rid not in result.exported:
+                held.decode_span = self.tracing.start("decode", parent=held.trace, start_s=result.ended_at,
+                                                      attributes=self._span_attributes(held))
+                held.trace = self.tracing.context_of(held.decode_span)
+        for event in result.events:
+            if event.finished:
+                self._end_decode_span(self.held[event.request_id], event.finish_reason or "stop", result.ended_at)
+        for rid, why in gone.items():
+            self._end_decode_span(self.held[rid], "failed", result.ended_at, error=why)
+
+    def _span_attributes(self, held: Held) -> dict[str, str | int] | None:
+        if not self.tracing.enabled:
+            return None
+        return {"exegpt.request_id": held.request_id, "exegpt.worker_id": self.worker_id,
+                "exegpt.role": self.role, "exegpt.schedule_version": self.follower.version}
+
+    def _end_decode_span(self, held: Held, outcome: str, at: float | None = None, *, error: str | None = None) -> None:
+        if held.decode_span is not None:
+            self.tracing.end(held.decode_span, end_s=at, error=error, attributes={
+                "exegpt.outcome": outcome, "exegpt.output_tokens": len(held.generated)})
+            held.decode_span = None
 
     def _keep(self, work) -> None:
         task = asyncio.create_task(work)

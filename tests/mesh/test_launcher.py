@@ -39,3 +39,13 @@ def test_a_healthy_run_resets_the_backoff_but_not_the_window() -> None:
     assert budget.died(30.0, up_since=3.0) == 1.0  # it had stayed up 27 s > healthy_s
     assert budget.died(31.0, up_since=30.5) is None  # still 3 restarts within 100 s
     assert budget.died(101.0, up_since=31.0) == 1.0  # the first restart left the window
+
+
+def test_up_shares_the_kv_budget_among_its_workers() -> None:
+    from common.config import MeshConfig
+    from services.launcher import with_kv_share
+
+    shared = with_kv_share(MeshConfig(), workers=4, available=16 * 2**30)
+    assert shared.kv_cache_gb == 2.0  # half of 16 GiB, over 4 workers
+    given = MeshConfig(kv_cache_gb=3.0)
+    assert with_kv_share(given, workers=4, available=16 * 2**30).kv_cache_gb == 3.0

@@ -175,6 +175,22 @@ async def test_worker_metrics_follow_its_steps(config, hub) -> None:
         assert version == worker.follower.version >= 1
 
 
+async def test_worker_metrics_count_the_running_requests_kv(config, hub) -> None:
+    """A scrape while requests run: their KV tokens (prompt + generated) and the running count."""
+    from optimizer.policies import RunningRequest
+
+    async with running_mesh(config, hub, FakeEngine, workers=1) as m:
+        worker = m.mesh.workers[0]
+        worker.driver.running["a"] = RunningRequest("a", 10, 3)
+        worker.driver.running["b"] = RunningRequest("b", 5, 1)
+        try:
+            families = {f.name: f for f in text_string_to_metric_families(worker.metrics.render().decode())}
+        finally:
+            worker.driver.running.clear()
+        assert families["exegpt_worker_kv_cache_tokens"].samples[0].value == 19
+        assert families["exegpt_worker_requests_running"].samples[0].value == 2
+
+
 async def test_scheduler_metrics_only_lead_while_leading(config, hub) -> None:
     async with running_mesh(config, hub, FakeEngine, workers=1) as m:
         scheduler = m.mesh.scheduler

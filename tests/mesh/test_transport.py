@@ -230,3 +230,44 @@ async def test_a_lease_has_one_holder_and_fences_writes(mesh_config, hub):
     assert await store.get(key) == b"by a"
     assert await store.get(lease) == b"a"
     await store.close()
+
+
+async def test_headers_travel_with_a_message(mesh_config, hub):
+    """Text headers (the W3C trace context) arrive with the message, stay with it when it is
+    redelivered and dead-lettered; a message published without any has an empty mapping."""
+    names = Names(mesh_config.namespace)
+    bus = await open_bus(mesh_config, names, hub)
+    await bus.declare_queue(names.encode_queue)
+    carried = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+               "tracestate": "vendor=x"}
+    await bus.publish(names.encode_queue, b"with", headers=carried)
+    await bus.publish(names.encode_queue, b"without")
+    sub = await bus.consume(names.encode_queue, prefetch=10)
+    first, second = await next_delivery(sub), await next_delivery(sub)
+    assert (first.body, dict(first.headers)) == (b"with", carried)
+    assert (second.body, dict(second.headers)) == (b"without", {})
+    await second.ack()
+    await first.reject(requeue=True)
+    again = await next_delivery(sub)
+    assert again.redelivered and dict(again.headers) == carried
+    await again.reject(requeue=False)
+    dead = await bus.consume(names.dead_queue, prefetch=1)
+    buried = await next_delivery(dead)
+    assert buried.body == b"with"
+    assert {k: buried.headers[k] for k in carried} == carried  # RabbitMQ adds its x-death ones
+    await buried.ack()
+    await bus.close()
+
+
+def test_rabbit_header_values_that_arrive_as_bytes_are_decoded():
+    from types import SimpleNamespace
+
+    from common.transport.rabbit import RabbitDelivery
+
+    message = SimpleNamespace(body=b"x", redelivered=False, headers={
+        "traceparent": b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "a=b",
+        "x-death": [{"count": 1}], "x-count": 3})
+    delivery = RabbitDelivery(message)  # type: ignore[arg-type]
+    assert dict(delivery.headers) == {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                                      "tracestate": "a=b"}
+    assert dict(RabbitDelivery(SimpleNamespace(body=b"", redelivered=False, headers=None)).headers) == {}
