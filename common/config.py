@@ -28,6 +28,11 @@ class MeshConfig(BaseSettings):
     amqp_url: str | None = Field(
         None, description="RabbitMQ URL (amqp://user:pass@host:5672/); None: in-memory bus, one process."
     )
+    amqp_heartbeat_s: int = Field(
+        10, ge=0,
+        description="AMQP heartbeat asked of the broker (unless the URL names one): a peer silent for two "
+        "is dropped and its unacknowledged messages go to others (0: the broker's choice).",
+    )
     redis_url: str | None = Field(
         None, description="Redis URL (redis://host:6379/0); None: in-memory store, one process."
     )

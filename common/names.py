@@ -47,6 +47,10 @@ class Names:
         """Exclusive; EventBatch for the requests one gateway (or batch runner) submitted."""
         return f"{self.namespace}.events.{process_id}"
 
+    def abort_queue(self, process_id: str) -> str:
+        """Exclusive, bound to the abort exchange: one worker's Abort messages."""
+        return f"{self.namespace}.aborts.{process_id}"
+
     def control_queue(self, process_id: str) -> str:
         """Exclusive, bound to the control exchange: one per worker."""
         return f"{self.namespace}.control.{process_id}"
@@ -62,8 +66,14 @@ class Names:
     # --- AMQP exchanges (fanout; routing key unused) --------------------------------------
     @property
     def control_exchange(self) -> str:
-        """Scheduler -> every worker: ScheduleUpdate; gateways -> every worker: Abort."""
+        """Scheduler -> every worker: ScheduleUpdate (only the scheduler's broker user may publish)."""
         return f"{self.namespace}.control"
+
+    @property
+    def abort_exchange(self) -> str:
+        """Gateways -> every worker: Abort, when a client went away (kept apart from the control
+        exchange so that a gateway's broker user cannot publish schedules)."""
+        return f"{self.namespace}.aborts"
 
     @property
     def status_exchange(self) -> str:

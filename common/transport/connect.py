@@ -39,7 +39,7 @@ async def open_bus(config: MeshConfig, names: Names, hub: LocalHub) -> Bus:
     from common.transport.rabbit import RabbitBus
 
     return await RabbitBus.connect(config.amqp_url, dead_exchange=names.dead_exchange,
-                                   dead_queue=names.dead_queue)
+                                   dead_queue=names.dead_queue, heartbeat_s=config.amqp_heartbeat_s or None)
 
 
 async def open_store(config: MeshConfig) -> Store | None:
@@ -65,7 +65,8 @@ async def purge(config: MeshConfig, names: Names, hub: LocalHub) -> None:
     bus = await open_bus(config, names, hub)
     await bus.delete(queues=[names.encode_queue, names.handoff_queue, names.dead_queue, names.jobs_queue,
                              names.scheduler_queue],
-                     exchanges=[names.control_exchange, names.status_exchange, names.dead_exchange])
+                     exchanges=[names.control_exchange, names.abort_exchange, names.status_exchange,
+                                names.dead_exchange])
     await bus.close()
     store = await open_store(config)
     if store is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import (
@@ -126,6 +127,21 @@ class RabbitSubscription:
             await self._close_channel()
 
 
+DEFAULT_HEARTBEAT_S = 10  # a peer that stops answering is dropped after two missed: ~20 s
+
+
+def with_heartbeat(url: str, seconds: float | None) -> str:
+    """``url`` asking for an AMQP heartbeat of ``seconds`` unless it names one itself. (The
+    client's own default, 60 s, is what the broker agrees to otherwise, and a worker cut off from
+    the broker keeps its unacknowledged messages for two minutes.)"""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    if seconds is None or "heartbeat" in query:
+        return url
+    query["heartbeat"] = str(int(seconds))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 class RabbitBus:
     """One robust connection; a publishing channel with confirms, one channel per consumer."""
 
@@ -137,8 +153,9 @@ class RabbitBus:
         self._exchanges: dict[str, AbstractExchange] = {}
 
     @classmethod
-    async def connect(cls, url: str, *, dead_exchange: str, dead_queue: str) -> "RabbitBus":
-        connection = await aio_pika.connect_robust(url)
+    async def connect(cls, url: str, *, dead_exchange: str, dead_queue: str,
+                      heartbeat_s: float | None = DEFAULT_HEARTBEAT_S) -> "RabbitBus":
+        connection = await aio_pika.connect_robust(with_heartbeat(url, heartbeat_s))
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
         bus = cls(connection, publisher, dead_exchange)
         await bus._declare_dead_letters(dead_exchange, dead_queue)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+RETRIES = 3  # per command, on a fresh connection each time
+HEALTH_CHECK_S = 5.0  # a connection idle this long is pinged before use
+SOCKET_TIMEOUT_S = 10.0  # no command of the store takes long; a silent peer is a dead one
 
 
 def _ms(ttl_s: float | None) -> int | None:
@@ -66,7 +73,14 @@ class RedisStore:
 
     @classmethod
     async def connect(cls, url: str) -> "RedisStore":
-        client = aioredis.Redis.from_url(url, decode_responses=False)
+        """A client that survives Redis going away: a connection idle for a while is checked
+        before use, a failed command is retried on a fresh connection with backoff, and no call
+        waits on a dead peer longer than ``SOCKET_TIMEOUT_S``."""
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES)
+        client = aioredis.Redis.from_url(
+            url, decode_responses=False, retry=retry, health_check_interval=HEALTH_CHECK_S,
+            socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S, socket_keepalive=True,
+            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError])
         await client.ping()
         return cls(client)
 

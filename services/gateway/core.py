@@ -116,7 +116,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.bus.declare_queue(self.names.encode_queue)
-        await self.bus.declare_fanout(self.names.control_exchange)
+        await self.bus.declare_fanout(self.names.abort_exchange)
         await self.bus.declare_queue(self.events_queue, exclusive=True)
         subscription = await self.bus.consume(self.events_queue, prefetch=1000,
                                               auto_ack=True)  # events die with this process anyway
@@ -168,7 +168,7 @@ class Gateway:
         if self.pending.pop(pending.request_id, None) is not None:
             self.metrics.in_flight.dec()
             body = codec.encode(Abort(pending.request_id))
-            await self.bus.broadcast(self.names.control_exchange, body)
+            await self.bus.broadcast(self.names.abort_exchange, body)
 
     def forget(self, pending: Pending) -> None:
         if self.pending.pop(pending.request_id, None) is not None:

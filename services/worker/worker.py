@@ -16,6 +16,7 @@ or re-queues it with the tokens already sent, so the text continues where it sto
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -52,6 +53,8 @@ from services.worker.trace import StepTrace
 ABORTED_REMEMBERED = 10_000
 CREDIT_POLL_S = (0.002, 0.05)  # an encoder without credits looks again after this, doubling
 GATHER_GAPS = 5  # an idle worker gathers a burst for at most this many gaps (MeshConfig.gather_s)
+
+log = logging.getLogger(__name__)
 
 
 def new_worker_id(config: MeshConfig, role: str) -> str:
@@ -168,6 +171,9 @@ class Worker:
             await self.bus.declare_queue(queue)
         control = await self.bus.subscribe(self.names.control_exchange, self.names.control_queue(self.worker_id))
         self._tasks.append(asyncio.create_task(self._pump_control(control)))
+        await self.bus.declare_fanout(self.names.abort_exchange)
+        aborts = await self.bus.subscribe(self.names.abort_exchange, self.names.abort_queue(self.worker_id))
+        self._tasks.append(asyncio.create_task(self._pump_control(aborts, only=Abort)))
         stored = await self.store.get(self.names.schedule)
         if stored is not None:
             self.follower.offer(codec.decode(stored, ScheduleUpdate), stored=True)  # written under the lease
@@ -306,12 +312,14 @@ class Worker:
         await delivery.ack()
 
     # ==== schedule and roles =====================================================================
-    async def _pump_control(self, subscription: Subscription) -> None:
+    async def _pump_control(self, subscription: Subscription, only: type | object = ControlMessage) -> None:
+        """Control messages as they come (``only``: the kinds this exchange may carry; the abort
+        exchange, which gateways publish to, carries no schedules)."""
         async for delivery in subscription:
             try:
-                self.on_control(codec.decode(delivery.body, ControlMessage))
+                self.on_control(codec.decode(delivery.body, only))
             except (codec.DecodeError, ValueError):
-                pass  # unreadable or invalid control: ignored, nothing to redeliver
+                pass  # unreadable, invalid or out of place: ignored, nothing to redeliver
             await delivery.ack()
 
     def on_control(self, message: ControlMessage) -> None:
@@ -587,13 +595,17 @@ class Worker:
             held = self.held[rid]
             held.sent = [t for t in held.sent if not t.done()] + published
         for rid, reason in finished:
-            self._keep(self._settle(self.held.pop(rid), reason, published))
+            held = self.held.pop(rid)
+            self._keep(self._settle(held, reason, published), held)
         for rid in (*result.refused, *result.failed):
-            self._keep(self._refuse(self.held.pop(rid), published))
+            held = self.held.pop(rid)
+            self._keep(self._refuse(held, published), held)
         for rid in result.given_back:
-            self._keep(self._give_back(self.held.pop(rid)))
+            held = self.held.pop(rid)
+            self._keep(self._give_back(held), held)
         for rid, handoff in result.exported.items():
-            self._keep(self._hand_off(self.held.pop(rid), handoff, published))
+            held = self.held.pop(rid)
+            self._keep(self._hand_off(held, handoff, published), held)
 
     def _record_events(self, result: StepResult, outbox: Outbox) -> list[tuple[str, str]]:
         finished = []
@@ -694,10 +706,32 @@ class Worker:
                 "exegpt.outcome": outcome, "exegpt.output_tokens": len(held.generated)})
             held.decode_span = None
 
-    def _keep(self, work) -> None:
+    def _keep(self, work, held: Held | None = None) -> None:
+        """Run ``work`` (a request leaving this worker) in the background. If it fails (the broker
+        or the store went away half-way), the request's message goes back to its queue where that
+        is still possible (otherwise the broker returns it when the connection is gone) and its
+        decode slot is freed: nothing stays held by a request that has left."""
         task = asyncio.create_task(work)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._background.discard(task)
+            if task.cancelled() or task.exception() is None:
+                return
+            log.warning("worker %s: a request could not be settled (%r); it goes back to its queue",
+                        self.worker_id, task.exception())
+            if held is not None:
+                self._keep(self._release(held))
+
+        task.add_done_callback(done)
+
+    async def _release(self, held: Held) -> None:
+        """After a failed settle: requeue the message and free the slot, each as far as possible."""
+        for step in (held.delivery.reject(requeue=True), self._free_slot(held)):
+            try:
+                await step
+            except Exception as exc:  # the connection is gone: the broker requeues it by itself
+                log.info("worker %s: releasing %s: %r", self.worker_id, held.request_id, exc)
 
     # ==== outbound ===============================================================================
     async def send(self, outbox: Outbox) -> None:
@@ -714,14 +748,23 @@ class Worker:
         except Unroutable:
             pass  # its client is gone with it
 
-    async def report(self, state: str) -> None:
+    async def report(self, state: str) -> bool:
+        """Broadcast this worker's status; False when the broker could not take it (an outage:
+        the next heartbeat tries again)."""
         running = len(self.driver.running)
         free = max(self.follower.schedule.decode_batch - running, 0) if self.role in ("worker", "decoder") else 0
         status = WorkerStatus(self.worker_id, self.role, self.follower.version, running, free, state, time.time(),
                               self.engine_s, self.steps, self.group)
-        await self.bus.broadcast(self.names.status_exchange, codec.encode(status))
+        try:
+            await self.bus.broadcast(self.names.status_exchange, codec.encode(status))
+        except Exception as exc:
+            log.warning("worker %s: status report failed (%r); retrying at the next heartbeat", self.worker_id, exc)
+            return False
+        return True
 
     async def _heartbeat(self) -> None:
+        """Report every heartbeat_s for as long as the worker runs, through broker outages: a
+        worker whose reports stop is taken out of the schedule."""
         while True:
             await asyncio.sleep(self.config.heartbeat_s)  # a periodic report, not a synchronisation
             await self.report("alive")

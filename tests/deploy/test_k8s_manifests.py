@@ -415,11 +415,12 @@ NEEDS = {
     + [("configure", N.control_exchange), ("write", N.control_exchange)],
     "exegpt-gateway": ON_CONNECT + work_queue(N.encode_queue) + work_queue(N.scheduler_queue)
     + work_queue(N.jobs_queue)
-    + [("configure", N.control_exchange), ("configure", N.events_queue(PID)), ("read", N.events_queue(PID)),
+    + [("configure", N.abort_exchange), ("configure", N.events_queue(PID)), ("read", N.events_queue(PID)),
        ("write", "amq.default"),  # EncodeWork, PinSchedule, job results: published by queue name
-       ("write", N.control_exchange)],  # Abort, when a client goes away
+       ("write", N.abort_exchange)],  # Abort, when a client goes away
     "exegpt-worker": ON_CONNECT + work_queue(N.encode_queue) + work_queue(N.handoff_queue)
     + subscription(N.control_exchange, N.control_queue(PID))
+    + subscription(N.abort_exchange, N.abort_queue(PID))
     + [("configure", N.status_exchange), ("write", N.status_exchange), ("write", "amq.default")],
     "exegpt-keda": [],  # a passive declare needs no permission
 }
@@ -429,8 +430,9 @@ REFUSED = {
                          ("configure", N.encode_queue), ("configure", N.control_queue(PID))],
     "exegpt-gateway": [("read", N.handoff_queue), ("read", N.control_queue(PID)), ("read", N.status_queue(PID)),
                        ("read", N.control_exchange), ("read", N.status_exchange), ("write", N.status_exchange),
-                       ("configure", N.handoff_queue), ("configure", N.control_queue(PID))],
-    "exegpt-worker": [("write", N.control_exchange),  # only the scheduler (and gateways' Abort)
+                       ("configure", N.handoff_queue), ("configure", N.control_queue(PID)),
+                       ("write", N.control_exchange), ("configure", N.control_exchange)],  # schedules: the scheduler's
+    "exegpt-worker": [("write", N.control_exchange), ("write", N.abort_exchange),  # scheduler's, gateways'
                       ("read", N.scheduler_queue), ("read", N.jobs_queue), ("read", N.events_queue(PID)),
                       ("read", N.status_queue(PID)), ("configure", N.scheduler_queue),
                       ("configure", N.events_queue(PID)), ("configure", N.status_queue(PID))],

@@ -154,7 +154,7 @@ def test_down_deletes_the_namespace_queues_exchanges_and_keys(capsys):
     names, other = Names(f"down-{uuid.uuid4().hex[:8]}"), Names(f"down-{uuid.uuid4().hex[:8]}")
     config = MeshConfig(namespace=names.namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL)
     queues = [names.encode_queue, names.handoff_queue, names.scheduler_queue, names.dead_queue, names.jobs_queue]
-    exchanges = [names.control_exchange, names.status_exchange, names.dead_exchange]
+    exchanges = [names.control_exchange, names.abort_exchange, names.status_exchange, names.dead_exchange]
 
     async def leave_things_behind() -> None:
         t = await open_transports(config, names, LocalHub())

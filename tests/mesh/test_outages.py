@@ -1,0 +1,95 @@
+"""What a worker does when the broker or the store fails under it: its heartbeat goes on, a
+request whose settle fails goes back to its queue and frees what it held."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from common.messages import codec
+from common.messages.control import Abort, ScheduleUpdate
+from common.transport.rabbit import with_heartbeat
+from optimizer.schedule import Schedule
+from tests.mesh.conftest import running_mesh, until
+from tests.mesh.fake_engine import FakeEngine
+
+FAKE = "tests.mesh.fake_engine:load"
+
+
+@pytest.fixture
+def config(mesh_config, cleanup):
+    return mesh_config.model_copy(update={"model": FAKE})
+
+
+def test_the_amqp_url_asks_for_a_heartbeat() -> None:
+    assert with_heartbeat("amqp://u:p@h:5672/", 10) == "amqp://u:p@h:5672/?heartbeat=10"
+    assert with_heartbeat("amqp://u:p@h/vh?heartbeat=3", 10) == "amqp://u:p@h/vh?heartbeat=3"  # the URL's wins
+    assert with_heartbeat("amqp://h/?ssl=1", 10) == "amqp://h/?ssl=1&heartbeat=10"
+    assert with_heartbeat("amqp://h/", None) == "amqp://h/"
+
+
+async def test_heartbeats_go_on_through_failed_reports(config, hub) -> None:
+    async with running_mesh(config, hub, FakeEngine, workers=1) as m:
+        worker = m.mesh.workers[0]
+        broadcast, failures, sent, delivered = worker.bus.broadcast, [3], [0], asyncio.Event()
+
+        async def flaky(exchange: str, body: bytes) -> None:
+            if failures[0] > 0:
+                failures[0] -= 1
+                raise ConnectionError("broker gone")
+            await broadcast(exchange, body)
+            sent[0] += 1
+            delivered.set()
+
+        worker.bus.broadcast = flaky
+        await until(lambda: sent[0] >= 1, [delivered], 30)  # after three failed reports
+        heard = m.mesh.scheduler.heard[worker.worker_id]
+        await until(lambda: m.mesh.scheduler.heard[worker.worker_id] > heard, [delivered], 30)
+        assert failures[0] == 0 and worker.worker_id in m.mesh.scheduler.heard
+
+
+async def test_a_failed_settle_requeues_and_the_request_runs_again(config, hub, caplog) -> None:
+    async with running_mesh(config, hub, FakeEngine, workers=1) as m:
+        worker = m.mesh.workers[0]
+        record, failures, recorded, settled = worker.store.set_once_and_record, [1], [0], asyncio.Event()
+
+        async def flaky(*args, **kwargs):
+            if failures[0] > 0:
+                failures[0] -= 1
+                raise ConnectionError("store gone")
+            result = await record(*args, **kwargs)
+            recorded[0] += 1
+            settled.set()
+            return result
+
+        worker.store.set_once_and_record = flaky
+        with caplog.at_level(logging.WARNING, logger="services.worker.worker"):
+            answer = await m.client.post("/v1/completions", json={"model": FAKE, "prompt": "a b", "max_tokens": 3})
+            assert answer.status_code == 200  # the client had its tokens before the settle
+            await until(lambda: recorded[0] == 1, [settled], 30)  # run again, settled this time
+        await until(lambda: not worker.held and not worker._background, [worker.changed], 30)
+        assert "could not be settled" in caplog.text
+        assert await m.app.state.gateway.bus.queue_depth(worker.names.encode_queue) == 0
+
+
+
+async def test_the_abort_exchange_carries_aborts_only(config, hub) -> None:
+    """Gateways may publish to the abort exchange; a schedule published there is ignored."""
+    async with running_mesh(config, hub, FakeEngine, workers=1) as m:
+        worker = m.mesh.workers[0]
+        version = worker.follower.version
+        seen, on_control = asyncio.Event(), worker.on_control
+
+        def watched(message) -> None:
+            on_control(message)
+            seen.set()
+
+        worker.on_control = watched
+        forged = ScheduleUpdate(version + 100, Schedule("static", encode_batch=1, decode_batch=1), (), 0.0)
+        gateway = m.app.state.gateway
+        await gateway.bus.broadcast(gateway.names.abort_exchange, codec.encode(forged))
+        await gateway.bus.broadcast(gateway.names.abort_exchange, codec.encode(Abort("r-gone")))
+        await until(lambda: "r-gone" in worker.aborted, [seen], 30)  # after the forgery, in order
+        assert worker.follower.version < forged.version  # (the scheduler may have moved on meanwhile)
