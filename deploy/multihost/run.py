@@ -1,0 +1,925 @@
+#!/usr/bin/env python3
+"""The mesh across several "hosts" made of network namespaces on this machine; load; cut one
+worker host's link mid-load; restore it; report what happened.
+
+    sudo python deploy/multihost/run.py [--keep] [--requests N]
+
+Topology (all of it inside namespaces this script creates; the root namespace's network is not
+touched):
+
+    exg-mh-<sfx>-core : bridge br0 10.213.X.1/24, RabbitMQ (own node, own epmd), Redis,
+                        exegpt scheduler, exegpt gateway (:8000), the load client, the monitor
+    exg-mh-<sfx>-hostA: eth0 10.213.X.11/24 <-veth-> core:vA (port of br0); exegpt worker(s)
+    exg-mh-<sfx>-hostB: eth0 10.213.X.12/24 <-veth-> core:vB (port of br0); exegpt worker(s)
+
+The cut is ``ip -n core link set vA down`` (the bridge side: hostA keeps its address and routes,
+its packets go nowhere, like a pulled cable at the switch); ``--cut host`` downs hostA's eth0
+instead, ``--cut both`` both. See README.md in this folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+CLIENT = HERE / "client.py"
+PREFIX = "exg-mh-"
+RABBIT_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+RABBIT_HOME = "/var/lib/rabbitmq"  # the rabbitmq user's home: its .erlang.cookie serves server and ctl
+BROKER_HEARTBEAT_S = 10  # `heartbeat = 10` in our node's rabbitmq.conf (what the broker proposes)
+MODEL = "tiny-llama"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class SetupError(RuntimeError):
+    pass
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env)
+    if check and r.returncode != 0:
+        raise SetupError(f"{' '.join(cmd)} -> {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+def netns_names() -> list[str]:
+    return [l.split()[0] for l in sh("ip", "netns", "list").stdout.splitlines() if l.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the process group, wait, SIGKILL it."""
+        if self.popen.poll() is not None:
+            _killpg(self.popen.pid, signal.SIGKILL)  # stragglers left in its group
+            return
+        _killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        _killpg(self.popen.pid, signal.SIGKILL)
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_for_line(proc: Proc, pattern: str, timeout_s: float) -> str:
+    """Bounded wait for a line matching ``pattern`` in the process's log; fails early if it exits."""
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
+        for line in text.splitlines():
+            if rx.search(line):
+                return line
+        if not proc.alive():
+            raise SetupError(f"{proc.name} exited ({proc.popen.returncode}) before '{pattern}'; "
+                             f"log {proc.log_path}:\n{tail(proc.log_path)}")
+        time.sleep(0.3)
+    raise SetupError(f"{proc.name}: no '{pattern}' within {timeout_s:.0f} s; log {proc.log_path}:\n"
+                     f"{tail(proc.log_path)}")
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join("    " + l for l in path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "    (no log)"
+
+
+# --------------------------------------------------------------------------------------------
+# the test bed
+
+
+class Bed:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sfx = secrets.token_hex(3)
+        self.ns = {h: f"{PREFIX}{self.sfx}-{h}" for h in ("core", "hostA", "hostB")}
+        self.created_ns: list[str] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{self.sfx}-"))
+        os.chmod(self.tmp, 0o755)
+        self.procs: list[Proc] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.net = ""
+        self.addr: dict[str, str] = {}
+        self.mesh_ns = f"mh{self.sfx}"
+        self.password = secrets.token_hex(12)
+        self.node = f"exgmh{self.sfx}@localhost"
+        self.supervisors: list[WorkerSupervisor] = []
+        self.src = REPO
+        self.code = ""
+
+    def snapshot_code(self) -> None:
+        """Freeze the product code this run executes: a copy of the working tree's Python packages.
+        Processes start seconds to minutes apart; on a tree being edited they could otherwise run
+        different code (seen here: a scheduler at message schema 4, workers started later at 5)."""
+        head = sh("git", "-C", str(REPO), "rev-parse", "--short", "HEAD", check=False).stdout.strip()
+        dirty = len(sh("git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no",
+                       check=False).stdout.splitlines())
+        self.code = f"commit {head or '?'}" + (f" + {dirty} modified tracked files" if dirty else "")
+        if self.args.no_snapshot:
+            self.code += " (live tree, not snapshotted)"
+            return
+        self.src = self.tmp / "src"
+        for pkg in ("common", "engine", "optimizer", "services", "loadgen"):
+            if (REPO / pkg).is_dir():
+                shutil.copytree(REPO / pkg, self.src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        self.code += f", snapshot {self.src}"
+
+    # ---- network ---------------------------------------------------------------------------
+    def pick_subnet(self) -> str:
+        used = sh("ip", "-o", "addr").stdout + sh("ip", "route", "show", "table", "all").stdout
+        for other in [l.split()[0] for l in sh("ip", "netns", "list").stdout.splitlines() if l.strip()]:
+            used += sh("ip", "-n", other, "-o", "addr", check=False).stdout
+        free = [x for x in range(1, 255) if f"10.213.{x}." not in used]
+        if not free:
+            raise SetupError("no free 10.213.x.0/24 subnet")
+        return f"10.213.{secrets.choice(free)}"
+
+    def make_network(self) -> None:
+        self.net = self.pick_subnet()
+        self.addr = {"core": f"{self.net}.1", "hostA": f"{self.net}.11", "hostB": f"{self.net}.12"}
+        for host, name in self.ns.items():
+            sh("ip", "netns", "add", name)
+            self.created_ns.append(name)
+            sh("ip", "-n", name, "link", "set", "lo", "up")
+        core = self.ns["core"]
+        sh("ip", "-n", core, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", core, "addr", "add", f"{self.addr['core']}/24", "dev", "br0")
+        sh("ip", "-n", core, "link", "set", "br0", "up")
+        for host, port in (("hostA", "vA"), ("hostB", "vB")):
+            # both ends are born inside namespaces: nothing ever appears in the root namespace
+            sh("ip", "-n", core, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+               "netns", self.ns[host])
+            sh("ip", "-n", core, "link", "set", port, "master", "br0")
+            sh("ip", "-n", core, "link", "set", port, "up")
+            sh("ip", "-n", self.ns[host], "addr", "add", f"{self.addr[host]}/24", "dev", "eth0")
+            sh("ip", "-n", self.ns[host], "link", "set", "eth0", "up")
+        for host in ("hostA", "hostB"):
+            deadline = time.monotonic() + 20  # bridge ports take a moment to forward
+            while not self.reachable(host, self.addr["core"]):
+                if time.monotonic() > deadline:
+                    raise SetupError(f"{host} cannot reach {self.addr['core']}")
+                time.sleep(0.5)
+        log(f"network {self.net}.0/24: core {self.addr['core']} (br0), hostA {self.addr['hostA']}, "
+            f"hostB {self.addr['hostB']}; namespaces {', '.join(self.ns.values())}")
+
+    def reachable(self, host: str, addr: str) -> bool:
+        """TCP to a closed port from inside ``host``: refused means the address answers (no ping here)."""
+        probe = ("import socket,sys\ns=socket.socket();s.settimeout(1)\n"
+                 f"try:\n s.connect(({addr!r},9))\nexcept ConnectionRefusedError:\n sys.exit(0)\n"
+                 "except OSError:\n sys.exit(1)\n")
+        return sh("ip", "netns", "exec", self.ns[host], sys.executable, "-c", probe, check=False).returncode == 0
+
+    def set_link(self, host: str, up: bool) -> None:
+        state = "up" if up else "down"
+        port = {"hostA": "vA", "hostB": "vB"}[host]
+        if self.args.cut in ("bridge", "both"):
+            sh("ip", "-n", self.ns["core"], "link", "set", port, state)
+        if self.args.cut in ("host", "both"):
+            sh("ip", "-n", self.ns[host], "link", "set", "eth0", state)
+
+    # ---- processes ---------------------------------------------------------------------------
+    def spawn(self, name: str, host: str, cmd: list[str], env: dict | None = None,
+              cwd: Path | None = None) -> Proc:
+        path = self.tmp / "logs" / f"{name}.log"
+        path.parent.mkdir(exist_ok=True)
+        out = open(path, "ab")
+        full_env = dict(os.environ)
+        full_env.update({"PYTHONUNBUFFERED": "1", "EXG_MH_SRC": str(self.src),
+                         "PYTHONPATH": os.pathsep.join(filter(None, [str(self.src), os.environ.get("PYTHONPATH")]))})
+        full_env.update(env or {})
+        popen = subprocess.Popen(["ip", "netns", "exec", self.ns[host], *cmd], stdout=out,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, env=full_env, cwd=str(cwd or self.src))
+        out.close()
+        proc = Proc(name, popen, path)
+        with self.lock:
+            self.procs.append(proc)
+        return proc
+
+    def start_redis(self) -> None:
+        d = self.tmp / "redis"
+        d.mkdir()
+        self.redis = self.spawn("redis", "core", [
+            "redis-server", "--bind", self.addr["core"], "--port", "6379", "--save", "",
+            "--appendonly", "no", "--dir", str(d), "--protected-mode", "no", "--daemonize", "no"])
+        deadline = time.monotonic() + 20
+        while sh("ip", "netns", "exec", self.ns["core"], "redis-cli", "-h", self.addr["core"], "ping",
+                 check=False).stdout.strip() != "PONG":
+            if time.monotonic() > deadline or not self.redis.alive():
+                raise SetupError(f"redis did not answer:\n{tail(self.redis.log_path)}")
+            time.sleep(0.3)
+        log(f"redis up on {self.addr['core']}:6379")
+
+    def rabbit_env(self) -> dict:
+        d = self.tmp / "rabbit"
+        return {
+            "HOME": RABBIT_HOME,
+            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),  # empty: /etc/rabbitmq/rabbitmq-env.conf unread
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(d / "plugins-expand"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",  # the namespace's own loopback, its own epmd
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+
+    def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        env = dict(os.environ)
+        env.update(self.rabbit_env())
+        return sh("ip", "netns", "exec", self.ns["core"], "runuser", "-u", "rabbitmq", "--",
+                  RABBITMQCTL, "-n", self.node, *args, timeout=timeout, env=env, check=check)
+
+    def start_rabbit(self) -> None:
+        d = self.tmp / "rabbit"
+        for sub in ("mnesia", "log", "plugins-expand"):
+            (d / sub).mkdir(parents=True)
+        (d / "rabbitmq-env.conf").write_text("# empty on purpose\n")
+        (d / "enabled_plugins").write_text("[].\n")
+        (d / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = {self.addr['core']}:5672\n"
+            f"heartbeat = {BROKER_HEARTBEAT_S}\n"
+            "log.console = false\n"
+            "log.file.level = info\n")
+        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(d)], check=True)
+        # epmd of this namespace, in the foreground under our process group (not -daemon)
+        self.epmd = self.spawn("epmd", "core", ["epmd", "-address", "127.0.0.1"])
+        time.sleep(0.5)
+        self.rabbit = self.spawn("rabbitmq", "core", ["runuser", "-u", "rabbitmq", "--", RABBIT_SERVER],
+                                 env=self.rabbit_env(), cwd=d)
+        deadline = time.monotonic() + self.args.ready_timeout
+        while True:
+            r = self.ctl("await_startup", "--timeout", "20", check=False, timeout=40)
+            if r.returncode == 0:
+                break
+            if not self.rabbit.alive() or time.monotonic() > deadline:
+                raise SetupError(f"rabbitmq node {self.node} did not start: {r.stderr.strip()[-500:]}\n"
+                                 f"{tail(self.rabbit.log_path)}\n{self.rabbit_log_tail()}")
+            time.sleep(1)
+        self.ctl("add_user", "mesh", self.password)
+        self.ctl("set_permissions", "-p", "/", "mesh", ".*", ".*", ".*")
+        log(f"rabbitmq node {self.node} up on {self.addr['core']}:5672 (heartbeat = {BROKER_HEARTBEAT_S} "
+            f"in its rabbitmq.conf), user mesh")
+
+    def rabbit_log_file(self) -> Path:
+        return self.tmp / "rabbit" / "log" / f"{self.node}.log"
+
+    def rabbit_log_tail(self) -> str:
+        return tail(self.rabbit_log_file(), 20)
+
+    def amqp_url(self) -> str:
+        url = f"amqp://mesh:{self.password}@{self.addr['core']}:5672/"
+        if self.args.client_heartbeat is not None:
+            url += f"?heartbeat={self.args.client_heartbeat}"
+        return url
+
+    def redis_url(self) -> str:
+        return f"redis://{self.addr['core']}:6379/0"
+
+    def mesh_args(self) -> list[str]:
+        return ["--model", MODEL, "--threads", "1", "--amqp-url", self.amqp_url(),
+                "--redis-url", self.redis_url(), "--namespace", self.mesh_ns]
+
+    def start_mesh(self) -> None:
+        py = [sys.executable, "-m", "services.cli"]  # the `exegpt` console script's entry point
+        self.scheduler = self.spawn("scheduler", "core", [*py, "scheduler", *self.mesh_args()])
+        wait_for_line(self.scheduler, r"^ready ", self.args.ready_timeout)
+        log("scheduler ready")
+        for host in ("hostA", "hostB"):
+            for k in range(self.args.workers_per_host):
+                sup = WorkerSupervisor(self, host, k)
+                self.supervisors.append(sup)
+                sup.start()
+        for sup in self.supervisors:
+            sup.wait_first_ready(self.args.ready_timeout)
+        self.gateway = self.spawn("gateway", "core", [*py, "gateway", *self.mesh_args(), "--host",
+                                                       self.addr["core"], "--port", "8000", "--insecure"])
+        wait_for_line(self.gateway, r"^ready gateway ", self.args.ready_timeout)
+        self.url = f"http://{self.addr['core']}:8000"
+        log(f"gateway ready at {self.url}")
+
+    def client(self, *args: str, name: str) -> Proc:
+        return self.spawn(name, "core", [sys.executable, str(CLIENT), *args])
+
+    # ---- clean-up ----------------------------------------------------------------------------
+    def cleanup(self) -> list[str]:
+        """Kill everything, delete namespaces (their veths and the bridge go with them); return
+        what could not be removed."""
+        problems: list[str] = []
+        self.stopping.set()
+        for sup in self.supervisors:
+            sup.stop_event.set()
+        with self.lock:
+            procs = list(self.procs)
+        # workers and gateway first, then scheduler, then the broker, redis, epmd
+        for proc in reversed(procs):
+            proc.stop(grace_s=3.0 if proc.name != "rabbitmq" else 10.0)
+        for sup in self.supervisors:
+            sup.join(10)
+        for name in self.created_ns:
+            # anything still running inside our namespaces is ours (e.g. a daemonised helper)
+            pids = sh("ip", "netns", "pids", name, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            if pids:
+                time.sleep(0.5)
+            r = sh("ip", "netns", "del", name, check=False)
+            if r.returncode != 0:
+                problems.append(f"ip netns del {name}: {r.stderr.strip()}")
+        left = [n for n in netns_names() if n.startswith(f"{PREFIX}{self.sfx}")]
+        if left:
+            problems.append(f"namespaces left: {left}")
+        links = sh("ip", "-o", "link").stdout
+        if re.search(r"\b(vA|vB|br0)\b", links) or f"{PREFIX}{self.sfx}" in links:
+            problems.append("a link of ours is left in the root namespace")
+        if not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.tmp.exists():
+                problems.append(f"temp dir left: {self.tmp}")
+        return problems
+
+
+class WorkerSupervisor(threading.Thread):
+    """Keeps one worker slot of a host alive: starts `exegpt worker`, and when it exits, restarts
+    it after a backoff (2 s, doubling to 30 s; reset after 60 s of life). No restart limit: the
+    product's `exegpt up` gives up after 3 restarts, which is the wrong policy for a host whose
+    network may come back. Each incarnation gets its own worker id (<host>-w<k>-g<gen>), so a new
+    one never collides with the exclusive control queue of an old connection the broker has not
+    yet declared dead."""
+
+    def __init__(self, bed: Bed, host: str, k: int) -> None:
+        super().__init__(daemon=True, name=f"sup-{host}-{k}")
+        self.bed, self.host, self.k = bed, host, k
+        self.stop_event = threading.Event()
+        self.gen = 0
+        self.current: Proc | None = None
+        self.first_ready = threading.Event()
+        self.first_error: str | None = None
+        self.events: list[dict] = []  # starts, exits, readies (with wall times)
+
+    def worker_id(self, gen: int) -> str:
+        return f"{self.host}-w{self.k}-g{gen}"
+
+    def run(self) -> None:
+        backoff = 2.0
+        while not self.stop_event.is_set():
+            wid = self.worker_id(self.gen)
+            proc = self.bed.spawn(f"worker-{wid}", self.host,
+                                  [sys.executable, "-m", "services.cli", "worker", *self.bed.mesh_args(),
+                                   "--worker-id", wid])
+            self.current = proc
+            started = time.time()
+            self.events.append({"ev": "start", "worker": wid, "t": started})
+            ready_seen = False
+            while proc.alive() and not self.stop_event.is_set():
+                if not ready_seen:
+                    text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
+                    if re.search(r"^ready ", text, re.M):
+                        ready_seen = True
+                        self.events.append({"ev": "ready", "worker": wid, "t": time.time()})
+                        self.first_ready.set()
+                self.stop_event.wait(0.3)
+            if self.stop_event.is_set():
+                return
+            rc = proc.popen.returncode
+            self.events.append({"ev": "exit", "worker": wid, "t": time.time(), "rc": rc})
+            log(f"supervisor: worker {wid} on {self.host} exited ({rc}); restarting in {backoff:.0f} s\n"
+                f"{tail(proc.log_path, 8)}")
+            if not self.first_ready.is_set() and self.first_error is None:
+                self.first_error = f"{wid} exited ({rc}) before ready:\n{tail(proc.log_path)}"
+            if time.time() - started > 60:
+                backoff = 2.0
+            if self.stop_event.wait(backoff):
+                return
+            backoff = min(backoff * 2, 30.0)
+            self.gen += 1
+
+    def wait_first_ready(self, timeout_s: float) -> None:
+        if not self.first_ready.wait(timeout_s):
+            detail = self.first_error or (tail(self.current.log_path) if self.current else "")
+            raise SetupError(f"worker {self.host}-{self.k} not ready within {timeout_s:.0f} s: {detail}")
+        log(f"worker {self.worker_id(self.gen)} on {self.host} ready")
+
+
+# --------------------------------------------------------------------------------------------
+# the experiment
+
+
+class LineReader(threading.Thread):
+    """Collects JSON lines of a client process's log file as they come."""
+
+    def __init__(self, proc: Proc) -> None:
+        super().__init__(daemon=True)
+        self.proc = proc
+        self.items: list[dict] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        pos = 0
+        buf = ""
+        while True:
+            alive = self.proc.alive()
+            try:
+                with open(self.proc.log_path, "r", errors="replace") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                    pos = f.tell()
+            except OSError:
+                chunk = ""
+            buf += chunk
+            *lines, buf = buf.split("\n")
+            for line in lines:
+                try:
+                    self.items.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+            if not alive and not chunk:
+                break
+            time.sleep(0.2)
+        self.done.set()
+
+
+def host_of(worker: str | None) -> str:
+    if not worker:
+        return "?"
+    return worker.split("-")[0]
+
+
+def parse_rabbit_log(path: Path) -> list[dict]:
+    """Connection closings the broker logged (missed heartbeats, resets), with unix times."""
+    out = []
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if "closing AMQP connection" not in line and "missed heartbeats" not in line \
+                and "client unexpectedly closed" not in line:
+            continue
+        m = re.match(r"(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:\.\d+)?)([+-]\d\d:\d\d)?", line)
+        t = None
+        if m:
+            try:
+                stamp = m.group(1).replace(" ", "T") + (m.group(2) or "")
+                t = datetime.fromisoformat(stamp).timestamp()
+            except ValueError:
+                t = None
+        out.append({"t": t, "line": line.strip()[:300]})
+    return out
+
+
+def connection_timeouts(bed: Bed) -> list[tuple[str, str, str]]:
+    r = bed.ctl("list_connections", "peer_host", "timeout", "user", "--no-table-headers", "--quiet",
+                check=False, timeout=60)
+    rows = []
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            rows.append((parts[0], parts[1], parts[2]))
+    return rows
+
+
+def run_load(bed: Bed, tag: str, n: int, cut_after: int | None) -> tuple[list[dict], float | None, LineReader]:
+    out = bed.tmp / f"results-{tag}.json"
+    proc = bed.client("load", "--url", bed.url, "--n", str(n), "--concurrency", str(bed.args.concurrency),
+                      "--max-tokens", str(bed.args.max_tokens), "--deadline", str(bed.args.deadline),
+                      "--tag", tag, "--out", str(out), name=f"load-{tag}")
+    reader = LineReader(proc)
+    reader.start()
+    t_cut = None
+    limit = time.monotonic() + bed.args.deadline * (math.ceil(n / bed.args.concurrency) + 1) + 120
+    while proc.alive():
+        if cut_after is not None and t_cut is None:
+            ok = sum(1 for e in list(reader.items) if e.get("ev") == "end" and e.get("ok"))
+            if ok >= cut_after:
+                bed.set_link("hostA", up=False)
+                t_cut = time.time()
+                log(f"CUT hostA's link ({bed.args.cut} side) after {ok}/{n} completions")
+        if time.monotonic() > limit:
+            log(f"load client {tag} overran its bound; killing it")
+            proc.stop()
+            break
+        time.sleep(0.1)
+    reader.join(10)
+    if not out.exists():
+        raise SetupError(f"load client {tag} wrote no results:\n{tail(proc.log_path)}")
+    records = json.loads(out.read_text())["records"]
+    return records, t_cut, reader
+
+
+def lengths(bed: Bed) -> dict[str, list[dict]]:
+    env = dict(os.environ, EXG_MH_SRC=str(bed.src))
+    r = sh("ip", "netns", "exec", bed.ns["core"], sys.executable, str(CLIENT), "lengths", "--redis",
+           bed.redis_url(), "--namespace", bed.mesh_ns, check=False, timeout=60, env=env)
+    by_id: dict[str, list[dict]] = {}
+    try:
+        for s in json.loads(r.stdout):
+            by_id.setdefault(s.get("request_id"), []).append(s)
+    except json.JSONDecodeError:
+        log(f"could not read length samples: {r.stderr[-300:]}")
+    return by_id
+
+
+def grep_logs(bed: Bed, pattern: str, names: tuple[str, ...] = ("worker-hostA",), limit: int = 12) -> list[str]:
+    rx = re.compile(pattern, re.I)
+    hits = []
+    for path in sorted((bed.tmp / "logs").glob("*.log")):
+        if not path.name.startswith(names):
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            if rx.search(line):
+                hits.append(f"{path.stem}: {line.strip()[:240]}")
+    return hits[:limit] + ([f"... {len(hits) - limit} more"] if len(hits) > limit else [])
+
+
+def host_health(bed: Bed, host: str) -> list[str]:
+    """Each current worker of ``host``: its /health/ready (ops port, loopback of its namespace) and
+    its TCP connections to the broker and to Redis as the host's kernel sees them."""
+    out = []
+    socks = sh("ip", "netns", "exec", bed.ns[host], "ss", "-tn", check=False).stdout
+    estab = [l for l in socks.splitlines() if l.startswith("ESTAB")]
+    amqp = sum(1 for l in estab if f"{bed.addr['core']}:5672" in l)
+    redis = sum(1 for l in estab if f"{bed.addr['core']}:6379" in l)
+    out.append(f"TCP connections from {host}: {amqp} to RabbitMQ, {redis} to Redis")
+    for sup in bed.supervisors:
+        if sup.host != host or sup.current is None:
+            continue
+        text = sup.current.log_path.read_text(errors="replace")
+        m = re.findall(r"/health/\* at (http://\S+)", text)
+        if not m:
+            out.append(f"{sup.current.name}: no ops URL in its log")
+            continue
+        r = sh("ip", "netns", "exec", bed.ns[host], sys.executable, str(CLIENT), "health", "--url", m[-1],
+               check=False, timeout=30)
+        out.append(f"{sup.current.name} /health/ready: {r.stdout.strip() or r.stderr.strip()[-200:]}")
+    return out
+
+
+def experiment(bed: Bed) -> int:
+    args = bed.args
+    conns = connection_timeouts(bed)
+    hb_values = sorted({c[1] for c in conns})
+    log(f"AMQP connections on the broker (peer, negotiated heartbeat s, user): {conns}")
+
+    monitor = bed.client("monitor", "--url", bed.url, "--interval", "1", name="monitor")
+    mon = LineReader(monitor)
+    mon.start()
+    status_proc = bed.client("status", "--amqp", bed.amqp_url(), "--namespace", bed.mesh_ns, name="status")
+    stat = LineReader(status_proc)
+    stat.start()
+    time.sleep(2)
+
+    # ---- phase 1: load with the cut ---------------------------------------------------------
+    n = args.requests
+    cut_after = max(1, math.ceil(n / 3))
+    log(f"phase 1: {n} requests, {args.concurrency} at a time, max_tokens {args.max_tokens}, "
+        f"deadline {args.deadline:.0f} s; cut after {cut_after} completions")
+    t_load = time.time()
+    recs, t_cut, load_reader = run_load(bed, "main", n, cut_after)
+    t_load_end = time.time()
+    if t_cut is None:
+        log("the cut never happened (too few completions)")
+
+    # ---- phase 2: restore, wait for hostA to rejoin --------------------------------------------
+    samples_before_restore = lengths(bed) if t_cut else {}
+    if t_cut:
+        if args.hold_cut > 0:
+            remaining = t_cut + args.hold_cut - time.time()
+            if remaining > 0:
+                log(f"holding the cut {remaining:.0f} s more (--hold-cut {args.hold_cut:.0f})")
+                time.sleep(remaining)
+        bed.set_link("hostA", up=True)
+    t_restore = time.time()
+    log(f"RESTORED hostA's link ({t_restore - (t_cut or t_restore):.1f} s after the cut)")
+
+    a_ids_gone_at = None
+    a_back_at = None
+    deadline = time.time() + args.rejoin_timeout
+    while time.time() < deadline:
+        for e in list(mon.items):
+            ws = e.get("workers")
+            if ws is None:
+                continue
+            has_a = any(w.startswith("hostA-") for w in ws)
+            if t_cut and e["t"] > t_cut and not has_a and a_ids_gone_at is None:
+                a_ids_gone_at = e["t"]
+            if e["t"] >= t_restore and has_a and a_back_at is None:
+                a_back_at = e["t"]
+        if a_back_at:
+            break
+        time.sleep(1)
+    if a_back_at:
+        log(f"hostA back in the scheduler's allocation {a_back_at - t_restore:.1f} s after the restore")
+    else:
+        log(f"hostA NOT back in the scheduler's allocation within {args.rejoin_timeout:.0f} s")
+    time.sleep(2)  # let the new schedule version reach every worker
+
+    health_after = host_health(bed, "hostA")
+    for line in health_after:
+        log(f"hostA after the restore: {line}")
+
+    # ---- phase 3: requests after the restore ----------------------------------------------------
+    log(f"phase 3: {args.after} requests after the restore")
+    after_recs, _, _ = run_load(bed, "after", args.after, None)
+    time.sleep(3)  # a worker settles (done marker + length sample, then ack) just after the answer went out
+    by_id = lengths(bed)
+    conns_after = connection_timeouts(bed)
+    monitor.stop()
+    mon.join(5)
+    status_proc.stop()
+    stat.join(5)
+
+    # ---- analysis ------------------------------------------------------------------------------
+    def classify(rs: list[dict]) -> dict:
+        ok = [r for r in rs if r["completed"] and r["status"] == 200]
+        hung = [r for r in rs if r["hung"]]
+        failed = [r for r in rs if not (r["completed"] and r["status"] == 200) and not r["hung"]]
+        return {"ok": ok, "hung": hung, "failed": failed}
+
+    main_c, after_c = classify(recs), classify(after_recs)
+    all_recs = recs + after_recs
+    ids = [r["id"] for r in all_recs if r["id"]]
+    dup_ids = sorted({i for i in ids if ids.count(i) > 1})
+    multi_samples = sorted(i for i, s in by_id.items() if len(s) > 1)
+    # greedy + ignore_eos: one prompt -> one text, whatever worker served it (replays included)
+    texts: dict[str, set] = {}
+    for r in all_recs:
+        if r["completed"]:
+            texts.setdefault(r["prompt"], set()).add(r["text"])
+    mismatched = {p: len(t) for p, t in texts.items() if len(t) > 1}
+    wrong_len = [r["i"] for r in all_recs if r["completed"] and r["tokens"] not in (None, args.max_tokens)]
+
+    def served(r: dict) -> str:
+        s = by_id.get(r["id"] or "", [])
+        return s[0]["worker"] if s else ""
+
+    # timing around the cut
+    ends = sorted(r["t_end"] for r in main_c["ok"])
+    first_after = next((t for t in ends if t_cut and t > t_cut), None)
+    gaps = []
+    if t_cut:
+        seq = [t_cut] + [t for t in ends if t > t_cut]
+        gaps = [(b - a, a, b) for a, b in zip(seq, seq[1:])]
+    longest = max(gaps, default=None)
+    crossing = [r for r in recs if t_cut and (r["t_end"] or 0) > t_cut]
+    lat = sorted((r["t_end"] - r["t_start"]) for r in main_c["ok"] if not t_cut or r["t_end"] < t_cut)
+    base_lat = lat[len(lat) // 2] if lat else 1.0
+    stuck = [r for r in crossing if (r["t_end"] - r["t_start"]) > max(10.0, 10 * base_lat)]
+    rabbit_events = [e for e in parse_rabbit_log(bed.rabbit_log_file()) if e["t"] and t_cut and e["t"] > t_cut - 1]
+
+    served_main: dict[str, int] = {}
+    for r in main_c["ok"]:
+        h = host_of(served(r))
+        period = "before cut" if (t_cut is None or r["t_end"] < t_cut) else "after cut"
+        served_main[f"{h} {period}"] = served_main.get(f"{h} {period}", 0) + 1
+    served_after: dict[str, int] = {}
+    for r in after_c["ok"]:
+        h = host_of(served(r))
+        served_after[h] = served_after.get(h, 0) + 1
+    a_served_after = served_after.get("hostA", 0)
+    # answered, yet no worker recorded it as finished (no done marker / length sample): its work
+    # message was never acked, so the broker still counts it as held by some worker
+    unsettled = [r for r in main_c["ok"] + after_c["ok"] if not by_id.get(r["id"] or "")]
+
+    restarts = [e for s in bed.supervisors for e in s.events if e["ev"] == "exit"]
+
+    # ---- summary -------------------------------------------------------------------------------
+    rows: list[tuple[str, str]] = []
+    add = rows.append
+    add(("product code", bed.code))
+    add(("namespaces", ", ".join(bed.ns.values())))
+    add(("network", f"{bed.net}.0/24, cut = link down on the {args.cut} side of hostA"))
+    add(("workers", f"{args.workers_per_host} per host; supervisor restarts with backoff: {len(restarts)}"
+                    + ("" if not restarts else " (" + ", ".join(f"{e['worker']} rc={e['rc']} at "
+                                                             f"{'+%.0fs' % (e['t'] - t_cut) if t_cut else '?'}"
+                                                             for e in restarts) + ")")))
+    add(("AMQP heartbeat", f"broker config {BROKER_HEARTBEAT_S} s; negotiated per connection (rabbitmqctl): "
+                           f"{', '.join(hb_values) or '?'} s at start, "
+                           f"{', '.join(sorted({c[1] for c in conns_after})) or '?'} s at the end"))
+    eff = [int(v) for v in hb_values if v.isdigit()]
+    if eff:
+        h = max(eff)
+        add(("detection implied", f"broker drops a silent client after {h}-{2 * h} s (1-2 heartbeat "
+                                  f"intervals); aiormq client side after ({h}+1)*3 = {(h + 1) * 3} s "
+                                  f"without a frame"))
+    add(("phase 1 requests", f"sent {len(recs)}, completed {len(main_c['ok'])}, failed {len(main_c['failed'])}, "
+                             f"hung {len(main_c['hung'])} (deadline {args.deadline:.0f} s)"))
+    add(("phase 1 wall time", f"{t_load_end - t_load:.1f} s; cut at +{(t_cut or t_load) - t_load:.1f} s"))
+    if t_cut:
+        add(("first completion after cut", f"+{first_after - t_cut:.1f} s" if first_after else "none"))
+        if longest:
+            add(("longest stall after cut", f"{longest[0]:.1f} s (from +{longest[1] - t_cut:.1f} to "
+                                            f"+{longest[2] - t_cut:.1f} s)"))
+        if longest and longest[0] > 5:
+            add(("completions resumed", f"+{longest[2] - t_cut:.1f} s after the cut (end of the longest stall)"))
+        held_ok = [r for r in stuck if not r["hung"]]
+        held_hung = [r for r in stuck if r["hung"]]
+        add(("requests held up by the cut", f"{len(stuck)} took > {max(10.0, 10 * base_lat):.0f} s (median "
+                                            f"before the cut {base_lat:.2f} s): {len(held_hung)} hung (deadline), "
+                                            f"{len(held_ok)} answered late"))
+        if held_hung:
+            add(("  hung ones", "started " + ", ".join(f"+{r['t_start'] - t_cut:.0f}s" for r in held_hung)
+                 + " after the cut; given up at the deadline"))
+        if held_ok:
+            add(("  late ones", "started/answered " + ", ".join(
+                f"+{r['t_start'] - t_cut:.0f}/+{r['t_end'] - t_cut:.0f}s" for r in held_ok)))
+        last_done = max((r["t_end"] for r in main_c["ok"]), default=t_cut)
+        add(("all phase-1 requests answered at", f"+{last_done - t_cut:.1f} s after the cut"))
+        add(("scheduler dropped hostA", f"+{a_ids_gone_at - t_cut:.1f} s after the cut" if a_ids_gone_at
+             else "never (still in the allocation)"))
+        if rabbit_events:
+            for e in rabbit_events[:4]:
+                add(("broker log", f"+{e['t'] - t_cut:.1f} s: {e['line'][-160:]}"))
+        else:
+            add(("broker log", "no connection closed by the broker after the cut"))
+        add(("link down for", f"{t_restore - t_cut:.1f} s"))
+    add(("served, phase 1", ", ".join(f"{k}: {v}" for k, v in sorted(served_main.items())) or "?"))
+    a_status = [e for e in stat.items if str(e.get("worker", "")).startswith("hostA-")]
+    before = [e for e in a_status if t_cut and e["t"] <= t_restore]
+    after = [e for e in a_status if e["t"] > t_restore]
+    if t_cut:
+        add(("hostA status heartbeats", (f"last before the restore at {before[-1]['t'] - t_cut:+.1f} s rel. cut"
+                                         if before else "none before the restore")
+             + (f"; after the restore: {len(after)}, first at +{after[0]['t'] - t_restore:.1f} s "
+                f"({after[0]['worker']}, {after[0]['state']})" if after else "; NONE after the restore")))
+    for line in health_after:
+        add(("hostA after restore", line))
+    add(("hostA rejoined", f"yes, {a_back_at - t_restore:.1f} s after the restore" if a_back_at
+         else f"NO (not in the allocation within {args.rejoin_timeout:.0f} s)"))
+    add(("phase 3 requests", f"sent {len(after_recs)}, completed {len(after_c['ok'])}, failed "
+                             f"{len(after_c['failed'])}, hung {len(after_c['hung'])}; served: "
+                             + (", ".join(f"{k}: {v}" for k, v in sorted(served_after.items())) or "?")))
+    add(("answered, not settled", f"{len(unsettled)} (answered to the client, but no done marker / length "
+                                   f"sample in Redis: the serving worker never finished settling it)"
+         + ("" if not unsettled else ": " + ", ".join(f"{r['tag']}#{r['i']}" for r in unsettled))))
+    add(("duplicates", f"response ids repeated: {len(dup_ids)}; requests with >1 length sample: "
+                       f"{len(multi_samples)}; ids unique: {'yes' if not dup_ids else 'NO'}"))
+    add(("text check", "every prompt gave one text (greedy, 32 forced tokens)" if not mismatched and not wrong_len
+         else f"DIFFERENT texts for one prompt: {mismatched}; wrong token counts at {wrong_len}"))
+
+    print()
+    print("=" * 100)
+    print("SUMMARY")
+    print("=" * 100)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    errors = main_c["failed"] + main_c["hung"] + after_c["failed"] + after_c["hung"]
+    if errors:
+        print("\nfailed / hung requests:")
+        for r in errors:
+            print(f"  {r['tag']}#{r['i']} id={r['id']} status={r['status']} "
+                  f"after {((r['t_end'] or 0) - r['t_start']):.1f} s "
+                  f"(started {'+%.1fs' % (r['t_start'] - t_cut) if t_cut else ''} rel. cut): {r['error']}")
+    excerpts = grep_logs(bed, r"warn|error|exception|traceback|reconnect|closed|stuck|lost")
+    if excerpts:
+        print("\nhostA worker log excerpts (warnings/errors):")
+        for line in excerpts:
+            print("  " + line)
+    print("=" * 100)
+
+    verdicts = []
+    if errors:
+        verdicts.append(f"{len(errors)} request(s) failed or hung")
+    if len(main_c["ok"]) + len(main_c["failed"]) + len(main_c["hung"]) != n:
+        verdicts.append("requests missing from the results")
+    if dup_ids or multi_samples:
+        verdicts.append("duplicated answers")
+    if mismatched or wrong_len:
+        verdicts.append("text mismatch")
+    if unsettled:
+        verdicts.append(f"{len(unsettled)} answered request(s) never settled by their worker")
+    if not a_back_at:
+        verdicts.append("hostA did not rejoin the scheduler's allocation")
+    if a_served_after == 0:
+        verdicts.append("hostA served none of the requests after the restore")
+    summary = {"ok": not verdicts, "problems": verdicts, "t_cut": t_cut, "t_restore": t_restore,
+               "rows": rows}
+    (bed.tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+    if verdicts:
+        print("RESULT: FAIL - " + "; ".join(verdicts))
+        return 1
+    print("RESULT: OK")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, results)")
+    p.add_argument("--requests", type=int, default=60, help="requests in the load phase (default 60)")
+    p.add_argument("--after", type=int, default=16, help="requests after the link returns (default 16)")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--deadline", type=float, default=120.0, help="per-request deadline, s (default 120)")
+    p.add_argument("--workers-per-host", type=int, default=1, choices=(1, 2))
+    p.add_argument("--cut", choices=("bridge", "host", "both"), default="bridge",
+                   help="which side of hostA's veth goes down (default bridge)")
+    p.add_argument("--hold-cut", type=float, default=0.0,
+                   help="keep the link down at least this long after the cut (s)")
+    p.add_argument("--client-heartbeat", type=int, default=None,
+                   help="append ?heartbeat=N to the AMQP URL the services get (default: none, the "
+                        "product's client default)")
+    p.add_argument("--rejoin-timeout", type=float, default=300.0)
+    p.add_argument("--no-snapshot", action="store_true",
+                   help="run the working tree itself, not a copy frozen at the start")
+    p.add_argument("--ready-timeout", type=float, default=180.0)
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (network namespaces)", file=sys.stderr)
+        return 2
+    stale = [n for n in netns_names() if n.startswith(PREFIX)]
+    if stale:
+        log(f"note: namespaces of another (or an earlier, killed) run exist and are left alone: {stale}")
+
+    bed = Bed(args)
+    log(f"run {bed.sfx}: temp dir {bed.tmp}")
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    rc = 2
+    try:
+        bed.snapshot_code()
+        log(f"product code: {bed.code}")
+        # model files once, before several processes race to write them
+        sh(sys.executable, "-c", f"import sys; sys.path.insert(0, {str(bed.src)!r}); import engine; "
+                                 f"engine.load_engine({MODEL!r}, device='cpu')", timeout=300)
+        bed.make_network()
+        bed.start_redis()
+        bed.start_rabbit()
+        bed.start_mesh()
+        rc = experiment(bed)
+    except SetupError as exc:
+        log(f"SETUP FAILED: {exc}")
+        rc = 2
+    except KeyboardInterrupt as exc:
+        log(f"interrupted ({exc}); cleaning up")
+        rc = 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if args.keep:
+            log(f"logs kept in {bed.tmp}")
+        problems = bed.cleanup()
+        if problems:
+            log("CLEAN-UP PROBLEMS: " + "; ".join(problems))
+            rc = rc or 3
+        else:
+            log("clean-up done: processes killed, namespaces deleted"
+                + ("" if args.keep else ", temp dir removed"))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
