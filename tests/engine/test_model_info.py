@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.brokers import need_smollm2
+
 from engine import load_engine, load_tokenizer
 
 TEXTS = ["The capital of France is", "  spaces, digits 12345 and émojis 🙂\n<|im_end|> tail", "x"]
@@ -40,12 +42,7 @@ def test_max_context_cap_matches_the_engine(make_engine, models_dir):
 
 @pytest.mark.smollm2
 def test_smollm2_agrees_with_the_engine():
-    from engine.gguf_loader import smollm2_path
-
-    try:
-        smollm2_path()
-    except ValueError as exc:
-        pytest.skip(str(exc))
+    need_smollm2()
     assert_agrees(load_tokenizer("smollm2"), load_engine("smollm2", device="cpu"))
 
 

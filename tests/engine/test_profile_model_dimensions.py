@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.brokers import need_smollm2
+
 from engine.model_info import model_dimensions
 from services.cli import CliError
 from services.cli.plan import model_shape
@@ -45,12 +47,7 @@ def test_unknown_models_are_one_clear_error():
 
 @pytest.mark.smollm2
 def test_smollm2_shape_from_its_gguf_uses_grouped_query_heads():
-    from engine.gguf_loader import smollm2_path
-
-    try:
-        smollm2_path()
-    except ValueError as exc:
-        pytest.skip(str(exc))
+    need_smollm2()
     d = model_dimensions("smollm2")
     assert (d.layers, d.hidden, d.heads, d.kv_heads, d.head_dim, d.ffn, d.vocab) == (30, 576, 9, 3, 64, 1536, 49152)
     shape = model_shape("smollm2", dtype_bytes=4)

@@ -3,6 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.brokers import need
+
 from loadgen.lengths import TASKS, fixed_lengths, load_lengths_file, scale_lengths, task_lengths
 from loadgen.trace import load_trace
 
@@ -56,8 +58,8 @@ def test_trace_parses_azure_timestamps(tmp_path):
     assert trace.lengths.input_tokens.tolist() == [374, 1]  # zero-length prompt sent as one token
 
 
-@pytest.mark.skipif(not TRACE.exists(), reason="shared trace not present")
 def test_real_trace_head():
+    need(TRACE.exists(), f"shared trace not present at {TRACE}")
     trace = load_trace(TRACE, limit=2000)
     assert len(trace) == 2000
     rate = (len(trace) - 1) / trace.timestamps_s[-1]

@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 
+from tests.brokers import need_smollm2
+
 from loadgen.prompts import WORDS, approx_prompt, exact_prompt, make_prompts
 
 
@@ -52,12 +54,10 @@ def test_exact_prompt_refuses_zero():
 @pytest.mark.smollm2
 @pytest.mark.slow
 def test_word_prompts_are_one_token_per_word_for_smollm2():
-    try:
-        from engine.gguf_loader import read_gguf, smollm2_path
+    from engine.gguf_loader import read_gguf, smollm2_path
 
-        path = smollm2_path()
-    except (ImportError, ValueError) as exc:  # smollm2_path raises ValueError when missing
-        pytest.skip(f"SmolLM2 GGUF not available: {exc}")
+    need_smollm2()
+    path = smollm2_path()
     tok = read_gguf(path)[2]
     rng = np.random.default_rng(3)
     for n in (1, 50, 400):

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.brokers import need
+
 from common.messages import codec
 from common.messages.control import Replan, SetBound
 from common.messages.status import SchedulerState
@@ -35,8 +37,7 @@ MAX_SECONDS = 30.0  # ... and within this long
 
 @pytest.fixture
 def config(mesh_config):
-    if not PROFILE.exists():
-        pytest.skip(f"no reference profile at {PROFILE}")
+    need(PROFILE.exists(), f"no reference profile at {PROFILE}")
     return mesh_config.model_copy(update={
         "model": "opt-13b", "profile": str(PROFILE), "cluster": "h200-nvlink-ib", "prior": "S",
         "prior_scale": SCALE, "latency_bound_s": BOUND_S, "replan_interval_s": 1.0})

@@ -2,6 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.brokers import need
+
 from optimizer.cluster import H200_CLUSTER
 from optimizer.lengths import TASKS
 from optimizer.model import MODELS
@@ -14,8 +16,7 @@ TRACES = SHARED / "traces"
 
 
 def _read(path: Path) -> str:
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+    need(path.exists(), f"{path} not present (the shared folder beside the repository)")
     return path.read_text()
 
 

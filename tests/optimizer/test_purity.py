@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.brokers import need
+
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("services", "common.transport", "engine", "loadgen", "aio_pika", "redis", "torch", "fastapi")
 
@@ -21,8 +23,8 @@ def test_importing_every_optimizer_module_loads_nothing_forbidden():
     assert out.stdout.strip() == ""
 
 
-@pytest.mark.skipif(shutil.which("lint-imports") is None, reason="import-linter not installed")
 def test_import_linter_contracts_hold():
+    need(shutil.which("lint-imports") is not None, "import-linter not installed (pip install -e '.[test]')")
     out = subprocess.run(["lint-imports"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "optimizer is pure: no services, transports, engine or torch KEPT" in out.stdout
