@@ -196,6 +196,26 @@ class MeshConfig(BaseSettings):
         description="OTLP/HTTP collector that receives the spans (http://host:4318; needs "
         "opentelemetry-exporter-otlp-proto-http); None: spans are written to stderr.",
     )
+    max_in_flight: int = Field(
+        256, ge=0,
+        description="Requests (each choice of `n` counts) one gateway runs at once; past it a new "
+        "one is a 429 with Retry-After (0: no limit).",
+    )
+    max_queue_depth: int = Field(
+        1024, ge=0,
+        description="Encode-queue depth past which a gateway refuses new requests (429 with "
+        "Retry-After); the depth is read from the broker at most twice a second (0: no limit).",
+    )
+    key_max_in_flight: int = Field(
+        0, ge=0,
+        description="With API keys: requests one key's owner may have in flight at one gateway "
+        "(each choice counts; 429 past it; 0: no limit).",
+    )
+    key_tokens_per_minute: int = Field(
+        0, ge=0,
+        description="With API keys: tokens (prompt + max_tokens of each choice, counted at "
+        "admission) one key's owner may submit to one gateway per minute (429 past it; 0: no limit).",
+    )
 
     @field_validator("namespace")
     @classmethod
@@ -208,3 +228,12 @@ class MeshConfig(BaseSettings):
     def distributed(self) -> bool:
         """True when services talk through a real broker and store (one process per service)."""
         return self.amqp_url is not None and self.redis_url is not None
+
+    delivery_limit: int = Field(
+        3, ge=1,
+        description="A work message is handed to consumers at most this many times (a consumer that "
+        "fails with it, or dies holding it, uses one); then it goes to the dead queue and its request fails.",
+    )
+    dead_queue_max: int = Field(
+        10_000, ge=1, description="Dead messages kept in `{namespace}.dead`; beyond, the oldest are dropped.",
+    )

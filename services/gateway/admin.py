@@ -87,13 +87,13 @@ def bad_request(message: str, param: str) -> JSONResponse:
 def admin_router() -> APIRouter:
     router = APIRouter(prefix="/admin")
 
-    @router.get("/schedule")
+    @router.get("/schedule", responses=oa.error_responses(401, 403, 503))
     async def schedule(request: Request) -> JSONResponse:
         gateway: Gateway = request.app.state.gateway
         update, state = await schedule_records(gateway.transports.store, gateway.names)
         return JSONResponse({"update": jsonable(update), "state": jsonable(state)})
 
-    @router.put("/schedule/bound")
+    @router.put("/schedule/bound", status_code=202, responses=oa.error_responses(400, 401, 403, 503))
     async def set_bound(body: BoundBody, request: Request) -> JSONResponse:
         bound = body.latency_bound_s
         if bound is not None and not bound > 0:  # nan is not > 0 either
@@ -104,7 +104,7 @@ def admin_router() -> APIRouter:
         await ask_scheduler(gateway.bus, gateway.names, message)
         return JSONResponse({"requested": "set_bound", **jsonable(message)}, 202)
 
-    @router.post("/schedule/replan")
+    @router.post("/schedule/replan", status_code=202, responses=oa.error_responses(400, 401, 403, 503))
     async def replan(request: Request, body: ReplanBody | None = None) -> JSONResponse:
         reason = (body.reason if body else "") or "requested through the admin API"
         message = Replan(reason, time.time())
@@ -112,7 +112,7 @@ def admin_router() -> APIRouter:
         await ask_scheduler(gateway.bus, gateway.names, message)
         return JSONResponse({"requested": "replan", **jsonable(message)}, 202)
 
-    @router.put("/schedule/pin")
+    @router.put("/schedule/pin", status_code=202, responses=oa.error_responses(400, 401, 403, 503))
     async def pin(body: PinBody, request: Request) -> JSONResponse:
         try:
             schedule = None if body.schedule is None else Schedule(**body.schedule)

@@ -13,7 +13,7 @@ import time
 import uuid
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,9 +30,11 @@ from engine.api import Tokenizer
 from services.engines import is_factory_spec, load_engine, served_model_name
 from services.gateway import openai_api as oa
 from services.gateway.admin import admin_router, schedule_records
+from services.gateway.admission import Admission, Refused, Ticket
 from services.gateway.core import Gateway, Pending, RequestFailed
 from services.gateway.keys import RequireKeys, load_keys
 from services.gateway.metrics import Metrics
+from services.gateway.outage import AnswerOutages, is_outage
 from services.gateway.plugins import Lifespan
 from services.ops import RETRY_AFTER_S, roles_covered, transport_checks
 from services.schedule_gauges import SchedulerMetrics
@@ -98,6 +100,9 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
             await gateway.start()
             stack.push_async_callback(gateway.close)
             app.state.gateway = gateway
+            app.state.admission = Admission(
+                config, is_live=gateway.pending.__contains__,
+                read_depth=lambda: gateway.bus.queue_depth(gateway.names.encode_queue))
             for extra in lifespans:
                 await stack.enter_async_context(extra(app))
             if on_ready is not None:
@@ -107,6 +112,7 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
     app = FastAPI(title="ExeGPT mesh gateway", lifespan=lifespan)
     app.state.model, app.state.config, app.state.metrics = model, config, metrics
     install_error_handlers(app)
+    app.add_middleware(AnswerOutages)  # innermost: a broker or store failure of any route is a 503
     app.add_middleware(RequireKeys, keys=load_keys(config))
     app.add_middleware(LogRequests)  # outermost: it also sees what RequireKeys refuses
     if (tracing := tracing_for(config)).enabled:  # off: not even a middleware
@@ -115,7 +121,25 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
     app.include_router(admin_router())
     for router in routers:
         app.include_router(router)
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, less the 422 it adds to every route with a body or parameters: the
+    gateway answers invalid input with a 400 in the OpenAI error shape (declared per route)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        if "#/components/schemas/HTTPValidationError" not in json.dumps(schema.get("paths")):
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -142,7 +166,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(oa.error_body(str(exc.detail), code=str(exc.status_code)), exc.status_code)
+        # its headers too: a 405 carries `Allow`
+        return JSONResponse(oa.error_body(str(exc.detail), code=str(exc.status_code)), exc.status_code,
+                            headers=exc.headers)
+
+    @app.exception_handler(Refused)
+    async def _refused(_: Request, exc: Refused) -> JSONResponse:
+        headers = None if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse(oa.rate_limited(str(exc)), 429, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -340,6 +371,8 @@ def logprobs_wanted(body: oa._Common) -> int | None:
 
 # --- routes -----------------------------------------------------------------------------------
 
+GENERATION_ERRORS = oa.error_responses(400, 401, 404, 429, 503, 504)
+
 def openai_router() -> APIRouter:
     router = APIRouter()
 
@@ -369,14 +402,14 @@ def openai_router() -> APIRouter:
             return JSONResponse(body)
         return JSONResponse(body, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", responses=oa.error_responses(401))
     async def models(request: Request) -> dict[str, Any]:
         served = request.app.state.model
         return {"object": "list",  # max_model_len: the context (prompt + output tokens), as vLLM names it
                 "data": [{"id": served.name, "object": "model", "created": 0, "owned_by": "exegpt",
                           "max_model_len": served.max_context}]}
 
-    @router.get("/metrics")
+    @router.get("/metrics", responses=oa.error_responses(503))
     async def metrics(request: Request) -> Response:
         gateway: Gateway = request.app.state.gateway
         for queue in (gateway.names.encode_queue, gateway.names.handoff_queue):
@@ -390,7 +423,7 @@ def openai_router() -> APIRouter:
             body += b"".join(worker.metrics.render() for worker in mesh.workers[:1])
         return Response(body, media_type="text/plain; version=0.0.4")
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses=GENERATION_ERRORS)
     async def completions(body: oa.CompletionBody, request: Request) -> Response:
         model: ServedModel = request.app.state.model
         request.state.model = body.model  # for the request's log line
@@ -400,7 +433,7 @@ def openai_router() -> APIRouter:
         sampling = sampling_of(body, body.max_tokens, prompt_ids, model, request.app.state.config)
         return await respond(request, "completions", body, prompt_ids, sampling)
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=GENERATION_ERRORS)
     async def chat(body: oa.ChatBody, request: Request) -> Response:
         model: ServedModel = request.app.state.model
         request.state.model = body.model  # for the request's log line
@@ -416,35 +449,100 @@ def openai_router() -> APIRouter:
 
 async def respond(request: Request, endpoint: str, body: oa._Common, prompt_ids: list[int],
                   sampling: Sampling) -> Response:
-    """Submit one request per choice (``n``; with a seed, choice i samples with seed + i) and
-    answer with all of them; a choice that fails fails the response and aborts the others."""
+    """Admit the request (``Admission``: 429 past a limit), submit one request per choice
+    (``n``; with a seed, choice i samples with seed + i) and answer with all of them; a choice
+    that fails fails the response and aborts the others, and so does a client that leaves."""
     gateway: Gateway = request.app.state.gateway
     prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
     request.state.request_id = rid = f"{prefix}-{uuid.uuid4().hex}"
+    ticket = await admit(request, endpoint, body.n or 1, len(prompt_ids) + sampling.max_tokens)
     pendings: list[Pending] = []
     try:
         for i in range(body.n or 1):
             seeded = sampling if i == 0 or sampling.seed is None else replace(sampling, seed=sampling.seed + i)
             pendings.append(await gateway.submit(prompt_ids, seeded, request_id=rid if i == 0 else f"{rid}-{i}",
                                                  stream=body.stream))
-    except BaseException:
+    except BaseException as exc:
+        ticket.cancel()
         for pending in pendings:
             await gateway.abort(pending)
+        if is_outage(exc):
+            gateway.metrics.requests.labels(endpoint, "503").inc()
+            gateway.metrics.refused.labels("unavailable").inc()
         raise
+    ticket.bind(pendings)
     request.state.pending = Choices(pendings)  # their completion tokens, once the response ended
     tokenizer = request.app.state.model.tokenizer
     try:
         if body.stream:
             response = await stream_response(gateway, pendings, endpoint, body, tokenizer)
         else:
-            response = await whole_response(gateway, pendings, endpoint, tokenizer)
+            response = await until_disconnected(
+                request, whole_response(gateway, pendings, endpoint, tokenizer))
     except RequestFailed as exc:
         gateway.metrics.requests.labels(endpoint, str(exc.status)).inc()
         for pending in pendings:
             await gateway.abort(pending)
         raise ApiError(exc.status, str(exc), code="generation_failed") from None
-    gateway.metrics.requests.labels(endpoint, "200").inc()
+    except BaseException:  # cancelled, or the client left: the workers drop its work
+        for pending in pendings:
+            await gateway.abort(pending)
+        raise
+    if response.status_code == CLIENT_CLOSED:
+        for pending in pendings:
+            await gateway.abort(pending)
+    gateway.metrics.requests.labels(endpoint, str(response.status_code)).inc()
     return response
+
+
+async def admit(request: Request, endpoint: str, choices: int, tokens_each: int) -> Ticket:
+    """The admission of one HTTP request (``Refused``: a 429); the caller's key, when keys are
+    configured, has its own limits."""
+    admission: Admission = request.app.state.admission
+    gateway: Gateway = request.app.state.gateway
+    entry = getattr(request.state, "api_key", None)
+    try:
+        await admission.check_queue()
+        return admission.admit(entry.owner if entry is not None else None, choices, tokens_each)
+    except Refused as exc:
+        gateway.metrics.requests.labels(endpoint, "429").inc()
+        gateway.metrics.refused.labels(exc.reason).inc()
+        raise
+    except Exception as exc:
+        if is_outage(exc):
+            gateway.metrics.requests.labels(endpoint, "503").inc()
+            gateway.metrics.refused.labels("unavailable").inc()
+        raise
+
+
+CLIENT_CLOSED = 499  # as nginx logs a request whose client closed the connection first
+DISCONNECT_POLL_S = 0.5
+
+
+async def until_disconnected(request: Request, answer: Awaitable[Response]) -> Response:
+    """``answer``, unless the client disconnects first: then it is cancelled and the result is a
+    499 (nobody reads it; the log line and the metrics do)."""
+    work = asyncio.ensure_future(answer)
+    watch = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        return JSONResponse(oa.error_body("the client closed the connection"), CLIENT_CLOSED)
+    return work.result()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns once the client has gone: its server sent ``http.disconnect``."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)  # a server that answers at once: poll, not spin
 
 
 @dataclass

@@ -8,6 +8,7 @@ each token index once and in order, and ends at the first finish or failure.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections import deque
@@ -27,6 +28,9 @@ from common.transport.port import Subscription
 from services.gateway.metrics import Metrics
 from services.worker import new_worker_id
 
+log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_S = 5.0  # a broker that has not confirmed a publish by then counts as down
 
 class RequestFailed(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -156,19 +160,29 @@ class Gateway:
         request's) whose context the message's headers carry to the worker."""
         queue, body = self.names.encode_queue, codec.encode(work)
         if not self.tracing.enabled:
-            await self.bus.publish(queue, body)
+            await self._publish(queue, body, None)
             return
         attributes = {"exegpt.request_id": work.request_id, "messaging.destination.name": queue,
                       "exegpt.prompt_tokens": len(work.prompt_ids)}
         with self.tracing.span("publish encode", kind="producer", attributes=attributes):
-            await self.bus.publish(queue, body, headers=self.tracing.inject())
+            await self._publish(queue, body, self.tracing.inject())
+
+    async def _publish(self, queue: str, body: bytes, headers: dict[str, str] | None) -> None:
+        """One confirmed publish of encode work, bounded by ``PUBLISH_TIMEOUT_S`` (TimeoutError)."""
+        await asyncio.wait_for(self.bus.publish(queue, body, headers=headers), PUBLISH_TIMEOUT_S)
 
     async def abort(self, pending: Pending) -> None:
-        """The client went away: forget the request and tell the workers to drop it."""
+        """The client went away: forget the request and tell the workers to drop it. A broker
+        that cannot take the abort is logged, not raised: the work's deadline ends it anyway."""
         if self.pending.pop(pending.request_id, None) is not None:
             self.metrics.in_flight.dec()
             body = codec.encode(Abort(pending.request_id))
-            await self.bus.broadcast(self.names.abort_exchange, body)
+            try:
+                await asyncio.wait_for(self.bus.broadcast(self.names.abort_exchange, body),
+                                       PUBLISH_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("abort of %s not sent (%s: %s); the work expires by its deadline",
+                            pending.request_id, type(exc).__name__, exc)
 
     def forget(self, pending: Pending) -> None:
         if self.pending.pop(pending.request_id, None) is not None:

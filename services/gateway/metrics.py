@@ -34,6 +34,9 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("exegpt_requests", "HTTP generation requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
+        self.refused = Counter("exegpt_refused", "Requests refused before any work was queued: 429 "
+                               "by the limit reached (in_flight, queue_depth, key_in_flight, key_tokens), "
+                               "503 as unavailable", ["reason"], registry=r)
         self.in_flight = Gauge("exegpt_requests_in_flight", "Requests submitted, not finished", registry=r)
         self.queue_depth = Gauge("exegpt_queue_depth", "Messages waiting in a work queue", ["queue"], registry=r)
         self.ttft = Histogram("exegpt_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS_S, registry=r)

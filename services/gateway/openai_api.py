@@ -207,3 +207,53 @@ def chat_logprobs(tokens: list[LoggedToken]) -> dict[str, Any]:
 
     return {"content": [{**entry(text, lp), "top_logprobs": [entry(t, v) for t, v in top]}
                         for text, lp, top in tokens]}
+
+
+# --- the error shape, as the OpenAPI document declares it ------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, rate_limit_error, service_unavailable_error "
+                      "or server_error")
+    param: str | None = Field(None, description="the request field at fault, if any")
+    code: str | None = Field(None, description="a machine-readable reason, e.g. rate_limit_exceeded")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx the gateway answers has this body."""
+
+    error: ErrorDetail
+
+
+def rate_limited(message: str) -> dict[str, Any]:
+    """A 429's body: a limit of the gateway or of the caller's key was reached."""
+    return error_body(message, kind="rate_limit_error", code="rate_limit_exceeded")
+
+
+def unavailable(message: str) -> dict[str, Any]:
+    """A 503's body: the broker or the store does not answer."""
+    return error_body(message, kind="service_unavailable_error", code="service_unavailable")
+
+
+_MEANING = {
+    400: "Invalid request: the body is not valid JSON, a field is unknown, unsupported or out of "
+         "range, or the prompt and max_tokens do not fit the context",
+    401: "No API key, or one the gateway does not know (only when keys are configured)",
+    403: "A key of scope user on an admin route",
+    404: "The model is not the one served",
+    413: "The upload is larger than the gateway accepts",
+    429: "A limit was reached: requests in flight at this gateway, the encode queue's depth, or "
+         "the key's requests in flight or tokens per minute; retry after `Retry-After` seconds "
+         "(absent: the request is larger than the key's tokens per minute)",
+    503: "The message broker or the store does not answer; retry after `Retry-After` seconds",
+    504: "No result within the request's deadline (request_timeout_s)",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
+                                "schema": {"type": "integer"}}}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` of a route: each status with the error body, and ``Retry-After`` on 429/503."""
+    return {status: {"model": ErrorResponse, "description": _MEANING[status],
+                     **({"headers": _RETRY_AFTER} if status in (429, 503) else {})}
+            for status in statuses}
