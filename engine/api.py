@@ -44,6 +44,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the k likeliest
+    min_tokens: int = 0  # end-of-sequence tokens cannot be chosen before this many are generated
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -57,6 +58,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 

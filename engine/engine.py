@@ -14,7 +14,8 @@ import torch
 
 from engine.api import GenerationRequest, KVHandoff, SamplingParams, TokenEvent, Tokenizer
 from engine.runners import Runner
-from engine.sampling import generator_state, logprobs_of, make_generator, penalise, restore_generator, sample
+from engine.sampling import (generator_state, hold_back_stops, logprobs_of, make_generator, penalise,
+                             restore_generator, sample)
 from engine.stops import TextTracker
 
 
@@ -147,7 +148,8 @@ class LocalEngine:
         self._slots.extend(self._new_state(r) for r in requests)
         states = self._slots[:live] + self._slots[first_new:]
         params = [s.request.params for s in states]
-        logits = penalise(logits, params, [s.generated for s in states])
+        history = [s.generated for s in states]
+        logits = hold_back_stops(penalise(logits, params, history), params, history, self.stop_token_ids)
         tokens = sample(logits, params, [s.gen for s in states])
         events = [self._advance(s, t) for s, t in zip(states, tokens)]
         if any(p.logprobs is not None for p in params):

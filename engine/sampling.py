@@ -49,6 +49,19 @@ def penalise(logits: torch.Tensor, params: list[SamplingParams], history: list[l
     return logits
 
 
+def hold_back_stops(logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]],
+                    stop_ids: frozenset[int]) -> torch.Tensor:
+    """Rows that have generated fewer than their ``min_tokens`` cannot pick an end-of-sequence
+    token: its logit is -inf."""
+    rows = [i for i, p in enumerate(params) if p.min_tokens and len(history[i]) < p.min_tokens]
+    if not rows or not stop_ids:
+        return logits
+    logits = logits.clone()
+    ids = torch.tensor(sorted(t for t in stop_ids if 0 <= t < logits.shape[1]), dtype=torch.int64)
+    logits[torch.tensor(rows)[:, None], ids[None, :].to(logits.device)] = float("-inf")
+    return logits
+
+
 def logprobs_of(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]
                 ) -> list[tuple[float | None, tuple[tuple[int, float], ...]]]:
     """Per row: the chosen token's log-probability and the ``logprobs`` likeliest (token, log-prob),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -28,6 +28,12 @@ from services.gateway import openai_api as oa
 
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, part headers and the purpose field
+# The upload's body, for the OpenAPI document (the route parses the stream itself, so FastAPI
+# cannot derive it).
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"], "additionalProperties": False,
+    "properties": {"file": {"type": "string", "format": "binary", "description": "JSON lines, one request each"},
+                   "purpose": {"type": "string", "enum": ["batch"]}}}}}}}
 
 
 class CreateBatch(BaseModel):
@@ -36,8 +42,8 @@ class CreateBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: StrictStr
-    endpoint: StrictStr
-    completion_window: StrictStr = "24h"
+    endpoint: Literal["/v1/completions", "/v1/chat/completions"]
+    completion_window: Literal["24h"] = "24h"
     metadata: dict[StrictStr, StrictStr] | None = None
 
 
@@ -125,7 +131,7 @@ def batch_router() -> APIRouter:
         except BatchApiError as exc:
             return refused(exc)
 
-    @router.post("/v1/files")
+    @router.post("/v1/files", responses=oa.error_responses(400, 401, 413, 503), openapi_extra=UPLOAD_BODY)
     async def upload(request: Request) -> Any:
         """Multipart ``file`` and ``purpose``. The body is parsed as it streams in and refused (413)
         once it exceeds the limit, so an oversized upload is never held whole."""
@@ -162,32 +168,32 @@ def batch_router() -> APIRouter:
         finally:
             await form.close()
 
-    @router.get("/v1/files/{file_id}")
+    @router.get("/v1/files/{file_id}", responses=oa.error_responses(401, 404, 503))
     async def file_object(file_id: str, request: Request) -> Any:
         return await answer(batches(request).file_object(file_id, caller=caller_of(request)))
 
-    @router.get("/v1/files/{file_id}/content")
+    @router.get("/v1/files/{file_id}/content", responses=oa.error_responses(401, 404, 503))
     async def file_content(file_id: str, request: Request) -> Any:
         content = await answer(batches(request).file_content(file_id, caller=caller_of(request)))
         if isinstance(content, Response):
             return content
         return Response(content, media_type="application/jsonl")
 
-    @router.post("/v1/batches")
+    @router.post("/v1/batches", responses=oa.error_responses(400, 401, 404, 503))
     async def create(body: CreateBatch, request: Request) -> Any:
         return await answer(batches(request).create(body.input_file_id, body.endpoint,
                                                     body.completion_window, body.metadata,
                                                     caller=caller_of(request)))
 
-    @router.get("/v1/batches")
+    @router.get("/v1/batches", responses=oa.error_responses(400, 401, 503))
     async def list_batches(request: Request, limit: int = 20) -> Any:
         return await answer(batches(request).list(max(1, min(limit, 100)), caller=caller_of(request)))
 
-    @router.get("/v1/batches/{batch_id}")
+    @router.get("/v1/batches/{batch_id}", responses=oa.error_responses(401, 404, 503))
     async def get_batch(batch_id: str, request: Request) -> Any:
         return await answer(batches(request).batch_object(batch_id, caller=caller_of(request)))
 
-    @router.post("/v1/batches/{batch_id}/cancel")
+    @router.post("/v1/batches/{batch_id}/cancel", responses=oa.error_responses(401, 404, 503))
     async def cancel(batch_id: str, request: Request) -> Any:
         return await answer(batches(request).cancel(batch_id, caller=caller_of(request)))
 

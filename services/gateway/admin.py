@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictFloat
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 from common.messages import codec
 from common.messages.control import Replan, ScheduleUpdate, SetBound
@@ -33,7 +33,7 @@ from services.scheduler import request_schedule
 
 class BoundBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    latency_bound_s: StrictFloat | None  # required; null: no bound
+    latency_bound_s: StrictFloat | None = Field(..., json_schema_extra={"exclusiveMinimum": 0})  # required; null: no bound
 
 
 class ReplanBody(BaseModel):

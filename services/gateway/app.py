@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -121,13 +122,16 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
     app.include_router(admin_router())
     for router in routers:
         app.include_router(router)
-    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_document(app, model, config.max_tokens_limit)  # type: ignore[method-assign]
     return app
 
 
-def openapi_document(app: FastAPI) -> dict[str, Any]:
+def openapi_document(app: FastAPI, served: "ServedModel", max_tokens: int) -> dict[str, Any]:
     """FastAPI's document, less the 422 it adds to every route with a body or parameters: the
-    gateway answers invalid input with a 400 in the OpenAI error shape (declared per route)."""
+    gateway answers invalid input with a 400 in the OpenAI error shape (declared per route).
+    ``model`` names the one model served as its only valid value, ``max_tokens`` the largest it
+    accepts, a prompt of token ids the vocabulary's range; a generation route's 200 is JSON, or an
+    SSE stream with ``stream``."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
@@ -138,8 +142,67 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
         if "#/components/schemas/HTTPValidationError" not in json.dumps(schema.get("paths")):
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("CompletionBody", "ChatBody"):
+            properties = components.get(name, {}).get("properties", {})
+            if "model" in properties:
+                properties["model"]["enum"] = [served.name]
+            vocab = getattr(served.tokenizer, "vocab_size", None)
+            for option in properties.get("prompt", {}).get("anyOf", []):
+                if vocab and option.get("items", {}).get("type") == "integer":
+                    option["items"].update(minimum=0, maximum=vocab - 1)
+            for limited in ("max_tokens", "max_completion_tokens"):
+                if limited in properties:
+                    properties[limited]["anyOf"] = [{"type": "integer", "minimum": 1, "maximum": max_tokens},
+                                                    {"type": "null"}]
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            ok = schema.get("paths", {}).get(path, {}).get("post", {}).get("responses", {}).get("200")
+            if ok is not None:
+                ok.setdefault("content", {})["text/event-stream"] = {  # each event's data: a chunk object
+                    "schema": {"description": "`data: {chunk}` events, then `data: [DONE]`"}}
+        oa.neutral_schemas(components)
+        _json_schema_bounds(components)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods the API document gives this request's path (several routes may share one path;
+    the document is what clients and `Allow` must agree with)."""
+    from starlette.routing import compile_path
+
+    path = scope.get("path", "")
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|constrained-\S+|function-\S+|\w+\[.*\])$")
+
+
+def param_of(loc: tuple[Any, ...]) -> str:
+    """The field a validation error names, as ``messages.0.content``: the location without
+    ``body`` and without the union branches pydantic adds (``prompt.constrained-str``)."""
+    return ".".join(str(p) for p in loc[1:] if not (isinstance(p, str) and _UNION_TAG.match(p)))
+
+
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _json_schema_bounds(node: Any) -> None:
+    """Constraints pydantic leaves under its own names in a union branch (``ge``) under JSON
+    Schema's (``minimum``)."""
+    if isinstance(node, dict):
+        for ours, theirs in _BOUNDS.items():
+            if ours in node and isinstance(node[ours], (int, float)) and "type" in node:
+                node[theirs] = node.pop(ours)
+        for value in node.values():
+            _json_schema_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _json_schema_bounds(value)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -157,18 +220,20 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse(oa.error_body(not_json_message(first, exc.body)), 400)
         unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
         if unknown:  # a field the gateway does not know is refused, never ignored
-            param = ".".join(str(p) for p in unknown[0].get("loc", ())[1:])
+            param = param_of(unknown[0].get("loc", ()))
             return JSONResponse(oa.error_body(
                 f"Unsupported parameter: '{param}' is not supported by this server",
                 param=param, code="unsupported_parameter"), 400)
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        param = param_of(first.get("loc", ())) or None
         return JSONResponse(oa.error_body(f"{first['msg']} ({param or 'body'})", param=param), 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # its headers too: a 405 carries `Allow`
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})  # its headers too
+        if exc.status_code == 405:  # `Allow` names every method of the path, not one route's
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
         return JSONResponse(oa.error_body(str(exc.detail), code=str(exc.status_code)), exc.status_code,
-                            headers=exc.headers)
+                            headers=headers or None)
 
     @app.exception_handler(Refused)
     async def _refused(_: Request, exc: Refused) -> JSONResponse:
@@ -294,6 +359,11 @@ def check_model(body: oa._Common, model: ServedModel) -> None:
 def completion_prompt(body: oa.CompletionBody, model: ServedModel) -> list[int]:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        vocab = getattr(model.tokenizer, "vocab_size", None)
+        bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside this model's vocabulary (0 to {vocab - 1 if vocab else '...'})",
+                           param="prompt")
         return list(prompt)  # type: ignore[arg-type]
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -351,13 +421,11 @@ def sampling_of(body: oa._Common, max_tokens: int | None, prompt_ids: list[int],
                        f"requested {len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the prompt, "
                        f"max_tokens={wanted}): shorten the prompt or lower max_tokens",
                        param="max_tokens", code="context_length_exceeded")
-    if body.min_tokens not in (0, wanted):
-        raise ApiError(400, "min_tokens must be 0 or equal to max_tokens (forced length)",
-                       param="min_tokens")
+    forced = body.ignore_eos or body.min_tokens >= wanted  # exactly max_tokens (stop strings ignored too)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return Sampling(wanted, body.temperature, body.top_k, body.top_p, body.seed, stop,
-                    body.ignore_eos or body.min_tokens > 0, body.presence_penalty or 0.0,
-                    body.frequency_penalty or 0.0, logprobs_wanted(body))
+                    forced, body.presence_penalty or 0.0, body.frequency_penalty or 0.0, logprobs_wanted(body),
+                    0 if forced else body.min_tokens)
 
 
 def logprobs_wanted(body: oa._Common) -> int | None:
@@ -409,7 +477,9 @@ def openai_router() -> APIRouter:
                 "data": [{"id": served.name, "object": "model", "created": 0, "owned_by": "exegpt",
                           "max_model_len": served.max_context}]}
 
-    @router.get("/metrics", responses=oa.error_responses(503))
+    @router.get("/metrics", responses={200: {"description": "Prometheus text format",
+                                             "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                       **oa.error_responses(503)})
     async def metrics(request: Request) -> Response:
         gateway: Gateway = request.app.state.gateway
         for queue in (gateway.names.encode_queue, gateway.names.handoff_queue):
@@ -440,7 +510,11 @@ def openai_router() -> APIRouter:
         check_model(body, model)
         prompt_ids = chat_prompt(body, model)
         request.state.prompt_tokens = len(prompt_ids)
-        sampling = sampling_of(body, body.max_completion_tokens or body.max_tokens, prompt_ids,
+        wanted = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            sampling_of(body, body.max_tokens, prompt_ids, model, request.app.state.config,
+                        prompt_param="messages")  # both given: each must be acceptable
+        sampling = sampling_of(body, wanted, prompt_ids,
                                model, request.app.state.config, prompt_param="messages")
         return await respond(request, "chat", body, prompt_ids, sampling)
 

@@ -1,7 +1,8 @@
 """OpenAI-compatible request bodies and response shapes (the subset the gateway serves).
 
 Extensions, as other servers name them: ``ignore_eos`` (decode exactly ``max_tokens``) and
-``min_tokens`` (accepted as 0, or equal to ``max_tokens`` meaning forced length), ``top_k``.
+``min_tokens`` (no end-of-sequence before that many tokens; at ``max_tokens`` or above: forced
+length, stop strings ignored too), ``top_k``.
 Served beyond the basics: ``n`` (each choice a request of its own), ``presence_penalty`` and
 ``frequency_penalty``, ``logprobs`` (completions: a count; chat: ``logprobs`` with
 ``top_logprobs``).
@@ -15,36 +16,48 @@ No field is dropped silently: a field these bodies do not declare is a 400
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from engine.api import MAX_LOGPROBS
 
 MAX_N = 16  # choices per request
 
 
+def _whole(value: Any) -> Any:
+    """JSON Schema's integer: 3 and 3.0 alike (the bodies are strict otherwise: no bools, no strings)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a value of the wrong JSON type is a 400, never coerced (true is not 1, "3" not 3);
+    # a JSON integer still serves where a number is expected
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: Int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    n: int | None = Field(1, ge=1, le=MAX_N, description="choices to generate (each a request of its own)")
+    top_k: Int = Field(0, ge=0)
+    n: Int | None = Field(1, ge=1, le=MAX_N, description="choices to generate (each a request of its own)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Int = Field(0, ge=0)
     user: str | None = None
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -52,25 +65,29 @@ class _Common(BaseModel):
 
 
 class CompletionBody(_Common):
-    prompt: str | list[int] | list[str]
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of the "
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[Int], Field(min_length=1)]
+             | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)])
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of the "
                                  "chosen tokens and of this many likeliest ones")
     echo: bool | None = Field(False, description="only false")
-    best_of: int | None = Field(None, description="only 1")
+    best_of: Int | None = Field(None, description="only 1")
     suffix: str | None = Field(None, description='only "" (no suffix)')
 
 
 class ContentPart(BaseModel):
     """One part of a chat message's content; only ``{"type": "text", "text": ...}`` is served
-    (other types and fields are refused when the prompt is built, naming the part)."""
-    model_config = ConfigDict(extra="allow")
+    (other types and fields are refused when the prompt is built, naming the part; the schema
+    states the served shape)."""
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "properties": {"type": {"enum": ["text"], "type": "string"}, "text": {"type": "string"}},
+        "required": ["type", "text"], "additionalProperties": False})
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] = Field(
@@ -78,10 +95,15 @@ class ChatMessage(BaseModel):
 
 
 class ChatBody(_Common):
+    # top_logprobs above 0 needs logprobs: true (a 400 otherwise), as the schema says too
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]},
+        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}})
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
     response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}')
     tools: list[dict[str, Any]] | None = Field(None, description="only [] (no tools)")
     tool_choice: str | dict[str, Any] | None = Field(None, description='only "none"')
@@ -98,6 +120,18 @@ NEUTRAL: dict[type[_Common], dict[str, tuple[tuple[Any, ...], str]]] = {
     ChatBody: {**_SHARED, "response_format": ((None, {"type": "text"}), '{"type": "text"}'),
                "tools": ((None, []), "[]"), "tool_choice": ((None, "none"), '"none"')},
 }
+
+
+def neutral_schemas(schemas: dict[str, Any]) -> None:
+    """In the OpenAPI components, each field of an unimplemented feature accepts only its
+    neutral values (as ``non_neutral`` enforces)."""
+    for body, fields in NEUTRAL.items():
+        properties = schemas.get(body.__name__, {}).get("properties", {})
+        for name, (accepted, _) in fields.items():
+            if name in properties:
+                options = [{"type": "null"} if a is None else {"const": a} for a in accepted]
+                properties[name] = {"title": properties[name].get("title", name), "anyOf": options,
+                                    "description": "accepted only at a value that leaves the output unchanged"}
 
 
 def _same(value: Any, accepted: Any) -> bool:
@@ -240,7 +274,8 @@ _MEANING = {
          "range, or the prompt and max_tokens do not fit the context",
     401: "No API key, or one the gateway does not know (only when keys are configured)",
     403: "A key of scope user on an admin route",
-    404: "The model is not the one served",
+    404: "Not found: the model is not the one served, or the batch or file does not exist (or "
+         "belongs to another key)",
     413: "The upload is larger than the gateway accepts",
     429: "A limit was reached: requests in flight at this gateway, the encode queue's depth, or "
          "the key's requests in flight or tokens per minute; retry after `Retry-After` seconds "

@@ -10,7 +10,7 @@ import torch
 
 from engine.api import GenerationRequest, SamplingParams
 from engine.handoff import decode_handoff, encode_handoff
-from engine.sampling import logprobs_of, penalise
+from engine.sampling import hold_back_stops, logprobs_of, penalise
 
 
 def req(rid: str, n: int = 8, **params) -> GenerationRequest:
@@ -96,3 +96,27 @@ def test_the_hand_off_carries_the_new_options_and_reads_older_ones(llama) -> Non
         del old["params"][key]  # as a sender without these options writes it
     older = decode_handoff(msgpack.packb(old, use_bin_type=True))
     assert older.params.logprobs is None and older.params.frequency_penalty == 0.0
+
+
+def test_min_tokens_hold_back_end_of_sequence() -> None:
+    logits = torch.zeros(2, 4)
+    params = [SamplingParams(min_tokens=3), SamplingParams(min_tokens=3)]
+    out = hold_back_stops(logits, params, [[1, 2], [1, 2, 3]], frozenset({0, 2}))
+    assert out[0].tolist() == [float("-inf"), 0.0, float("-inf"), 0.0]  # 2 generated < 3: no EOS yet
+    assert out[1].tolist() == [0.0] * 4  # 3 reached
+    assert logits.abs().sum() == 0
+
+
+def test_min_tokens_through_the_engine(llama) -> None:
+    """The likeliest token made an end-of-sequence: without min_tokens the request stops at once;
+    with it, it goes on to min_tokens."""
+    first = run(llama, req("probe", n=1))["probe"][0].token_id
+    llama.stop_token_ids = llama.stop_token_ids | {first}
+    try:
+        plain = GenerationRequest("p", (5, 9, 13, 2, 7), SamplingParams(max_tokens=8))
+        held = GenerationRequest("m", (5, 9, 13, 2, 7), SamplingParams(max_tokens=8, min_tokens=4))
+        events = run(llama, plain, held)
+    finally:
+        llama.stop_token_ids = llama.stop_token_ids - {first}
+    assert len(events["p"]) == 1 and events["p"][0].finish_reason == "stop"
+    assert len(events["m"]) >= 4 and all(e.token_id != first for e in events["m"][:4])

@@ -110,7 +110,6 @@ async def test_chat_streaming_sends_role_then_content(config, hub):
     (json.dumps(completion("", 4)).encode(), 400, "prompt"),
     (json.dumps({"model": FAKE}).encode(), 400, "prompt"),
     (json.dumps(completion("x", 4, temperature=-1)).encode(), 400, "temperature"),
-    (json.dumps(completion("x", 4, min_tokens=2)).encode(), 400, "min_tokens"),
     (json.dumps([1, 2]).encode(), 400, None),
 ])
 async def test_bad_input_gets_an_openai_error(config, hub, body, status, param):
