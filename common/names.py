@@ -99,6 +99,12 @@ class Names:
         """Hash: request_id, producer, decoder, dtype, shape, length, expires_at. TTL kv_ttl_s."""
         return f"{self.namespace}:kvmeta:{request_id}"
 
+    @property
+    def attempts_prefix(self) -> str:
+        """``{prefix}{message_id}``: how many more times a redelivered message was handed out
+        (RabbitMQ; ``common.transport.rabbit.Attempts``). Deleted when it is settled; TTL a week."""
+        return f"{self.namespace}:attempts:"
+
     def done(self, request_id: str) -> str:
         """Set once when a request finishes (set-if-absent); TTL DONE_TTL_S. Dedupes redelivery."""
         return f"{self.namespace}:done:{request_id}"

@@ -29,7 +29,7 @@ from common.messages.control import PinSchedule, Replan, ScheduleUpdate, Schedul
 from common.messages.status import LengthSample, SchedulerState, StatusMessage, WorkerStatus
 from common.names import OUTPUT_LENGTHS_MAX, Names
 from common.transport.connect import Transports
-from common.transport.port import Bus, Store, Subscription
+from common.transport.port import Bus, Store, Subscription, processing
 from optimizer.schedule import Schedule
 from services.allocation import Allocation, allocate
 from services.brain import Brain, Decision
@@ -189,30 +189,40 @@ class SchedulerService:
 
     # --- receive ------------------------------------------------------------------------------
     async def _receive_reports(self, subscription: Subscription) -> None:
+        """Heartbeats; one that does not decode, or that fails to record, is dropped (the next
+        one from that worker comes a heartbeat later)."""
         async for delivery in subscription:
             try:
                 self.record(codec.decode(delivery.body, StatusMessage))
             except codec.DecodeError:
                 pass
+            except Exception:
+                log.exception("scheduler: a status report was dropped")
             await delivery.ack()
 
     async def _receive_requests(self, subscription: Subscription) -> None:
+        """Requests, each under the per-message guard: undecodable ones go to the dead queue at
+        once; one whose handling raises goes back (a counted attempt) and, at the delivery limit,
+        to the dead queue with the reason; the loop goes on with the next."""
         async for delivery in subscription:
             try:
                 request = codec.decode(delivery.body, SchedulerRequest)
-            except codec.DecodeError:
-                await delivery.reject(requeue=False)
+            except Exception as exc:
+                await delivery.dead_letter(f"undecodable: {exc}")
                 continue
-            match request:
-                case PinSchedule(schedule=schedule):
-                    await self.pin(schedule)
-                case SetBound(latency_bound_s=bound):
-                    self.brain.set_bound(bound)
-                    self._changed.set()
-                case Replan(reason=reason):
-                    self.brain.ask(f"asked: {reason}" if reason else "asked")
-                    self._changed.set()
-            await delivery.ack()
+            async with processing(delivery, swallow=True):
+                await self.handle(request)
+
+    async def handle(self, request: SchedulerRequest) -> None:
+        match request:
+            case PinSchedule(schedule=schedule):
+                await self.pin(schedule)
+            case SetBound(latency_bound_s=bound):
+                self.brain.set_bound(bound)
+                self._changed.set()
+            case Replan(reason=reason):
+                self.brain.ask(f"asked: {reason}" if reason else "asked")
+                self._changed.set()
 
     def record(self, status: WorkerStatus) -> None:
         """A heartbeat: the worker is alive (or, ``stopping``, gone)."""

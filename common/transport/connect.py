@@ -33,13 +33,28 @@ class Transports:
             await self.store.close()
 
 
-async def open_bus(config: MeshConfig, names: Names, hub: LocalHub) -> Bus:
+async def open_bus(config: MeshConfig, names: Names, hub: LocalHub, store: Store | None = None) -> Bus:
+    """The bus; over RabbitMQ its deliveries are counted in ``store`` (given: shared with the
+    caller; else one opened for the bus from ``redis_url`` and closed with it; no Redis URL: a
+    redelivery counts as attempt 2)."""
     if config.amqp_url is None:
-        return MemoryBus(hub.broker, dead_queue=names.dead_queue)
-    from common.transport.rabbit import RabbitBus
+        return MemoryBus(hub.broker, dead_queue=names.dead_queue, delivery_limit=config.delivery_limit,
+                         dead_queue_max=config.dead_queue_max)
+    from common.transport.rabbit import Attempts, RabbitBus
 
-    return await RabbitBus.connect(config.amqp_url, dead_exchange=names.dead_exchange,
-                                   dead_queue=names.dead_queue, heartbeat_s=config.amqp_heartbeat_s or None)
+    owned = None
+    if store is None:
+        store = owned = await open_store(config)
+    try:
+        return await RabbitBus.connect(
+            config.amqp_url, dead_exchange=names.dead_exchange, dead_queue=names.dead_queue,
+            heartbeat_s=config.amqp_heartbeat_s or None,
+            attempts=Attempts(store, names.attempts_prefix) if store is not None else None,
+            delivery_limit=config.delivery_limit, dead_queue_max=config.dead_queue_max, owned_store=owned)
+    except BaseException:
+        if owned is not None:
+            await owned.close()
+        raise
 
 
 async def open_store(config: MeshConfig) -> Store | None:
@@ -52,8 +67,13 @@ async def open_store(config: MeshConfig) -> Store | None:
 
 async def open_transports(config: MeshConfig, names: Names, hub: LocalHub) -> Transports:
     """Real adapters where the config has URLs, the hub's shared in-memory ones otherwise."""
-    bus = await open_bus(config, names, hub)
     store = await open_store(config)
+    try:
+        bus = await open_bus(config, names, hub, store or hub.store)
+    except BaseException:
+        if store is not None:
+            await store.close()
+        raise
     if store is not None:
         return Transports(bus, store, StoreKv(store, names), owns_store=True)
     kv = hub.kv.setdefault(names.namespace, LocalKv(hub.store, names))

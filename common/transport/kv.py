@@ -17,6 +17,10 @@ from common.transport.port import Store
 from engine.api import KVHandoff
 
 
+class CorruptPayload(ValueError):
+    """A hand-off's stored bytes are not a KV cache this version reads (corrupt, or another format)."""
+
+
 class KvTransport(Protocol):
     async def put(self, handoff: KVHandoff, *, producer: str, ttl_s: float) -> str:
         """Keep the hand-off; return the reference a decoder passes to ``get``."""
@@ -61,7 +65,12 @@ class StoreKv:
 
     async def get(self, ref: str) -> KVHandoff | None:
         data = await self._store.get(ref)
-        return None if data is None else KVHandoff.from_bytes(data)
+        if data is None:
+            return None
+        try:
+            return KVHandoff.from_bytes(data)
+        except Exception as exc:
+            raise CorruptPayload(f"{ref}: {type(exc).__name__}: {exc}") from exc
 
     async def claim(self, ref: str, *, decoder: str) -> None:
         await self._store.hset(self._meta_key(ref), {"decoder": decoder})

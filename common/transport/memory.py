@@ -2,7 +2,8 @@
 
 One ``MemoryBroker`` stands for the RabbitMQ server; each service opens its own ``MemoryBus`` on it
 (a connection). Closing a bus redelivers whatever its consumers held unacked, as RabbitMQ does when
-a connection drops. Everything runs on one event loop.
+a connection drops. Everything runs on one event loop. The broker counts each message's deliveries
+itself (``_Message.attempts``), as the RabbitMQ adapter does with its counter in Redis.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import uuid
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from common.transport.port import Unroutable
+from common.transport.port import (DEAD_QUEUE_MAX, DELIVERY_LIMIT, OnDead, Unroutable, check_name, dead_headers,
+                                   past_limit)
 
 _consumer_ids = itertools.count()
 NO_HEADERS: Mapping[str, str] = MappingProxyType({})
@@ -26,6 +29,8 @@ class _Message:
     body: bytes
     redelivered: bool = False
     headers: Mapping[str, str] = field(default_factory=lambda: NO_HEADERS)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    attempts: int = 0  # times handed out to a consumer (a release takes one back)
 
 
 @dataclass
@@ -36,6 +41,12 @@ class _Queue:
     ready: deque[_Message] = field(default_factory=deque)
     consumers: list["MemorySubscription"] = field(default_factory=list)
     turn: int = 0
+    max_length: int | None = None  # beyond it the oldest ready message is dropped (drop-head)
+
+    def append(self, message: _Message) -> None:
+        self.ready.append(message)
+        while self.max_length is not None and len(self.ready) > self.max_length:
+            self.ready.popleft()
 
 
 class MemoryBroker:
@@ -65,14 +76,17 @@ class MemoryBroker:
     def requeue(self, queue_name: str, message: _Message) -> None:
         queue = self.queues.get(queue_name)
         if queue is not None:
-            queue.ready.appendleft(_Message(message.body, redelivered=True, headers=message.headers))
+            queue.ready.appendleft(_Message(message.body, redelivered=True, headers=message.headers,
+                                            id=message.id, attempts=message.attempts))
             self.dispatch(queue)
 
-    def dead_letter(self, queue_name: str, message: _Message) -> None:
+    def dead_letter(self, queue_name: str, message: _Message, reason: str) -> None:
         queue = self.queues.get(queue_name)
         if queue is not None and queue.dead_letter in self.queues:
             target = self.queues[queue.dead_letter]
-            target.ready.append(_Message(message.body, headers=message.headers))
+            headers = dead_headers(message.headers, reason=reason, queue=queue_name,
+                                   attempts=message.attempts, message_id=message.id)
+            target.append(_Message(message.body, headers=MappingProxyType(headers), id=message.id))
             self.dispatch(target)
 
 
@@ -81,6 +95,9 @@ class MemoryDelivery:
         self.body = message.body
         self.redelivered = message.redelivered
         self.headers = message.headers
+        self.queue = subscription.queue.name
+        self.limit = subscription.limit
+        self.attempts = message.attempts  # counted when handed out (MemorySubscription.__anext__)
         self._message = message
         self._subscription = subscription
         self.settled = False
@@ -89,12 +106,21 @@ class MemoryDelivery:
         self._subscription.settle(self)
 
     async def reject(self, *, requeue: bool) -> None:
+        if requeue:
+            if self._subscription.settle(self):
+                self._subscription.broker.requeue(self.queue, self._message)
+        else:
+            await self.dead_letter("rejected")
+
+    async def release(self) -> None:
         if self._subscription.settle(self):
-            broker, queue = self._subscription.broker, self._subscription.queue.name
-            if requeue:
-                broker.requeue(queue, self._message)
-            else:
-                broker.dead_letter(queue, self._message)
+            if self._subscription.counted:
+                self._message.attempts -= 1
+            self._subscription.broker.requeue(self.queue, self._message)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._subscription.settle(self):
+            self._subscription.broker.dead_letter(self.queue, self._message, reason)
 
     def return_to_queue(self) -> None:
         if not self.settled:
@@ -104,8 +130,10 @@ class MemoryDelivery:
 
 
 class MemorySubscription:
-    def __init__(self, broker: MemoryBroker, queue: _Queue, prefetch: int, auto_ack: bool = False) -> None:
+    def __init__(self, broker: MemoryBroker, queue: _Queue, prefetch: int, auto_ack: bool = False, *,
+                 limit: int = DELIVERY_LIMIT, counted: bool = True, on_dead: OnDead | None = None) -> None:
         self.broker, self.queue, self.prefetch, self.auto_ack = broker, queue, prefetch, auto_ack
+        self.limit, self.counted, self.on_dead = limit, counted and not auto_ack, on_dead
         self.unacked: set[MemoryDelivery] = set()
         self.buffer: asyncio.Queue[MemoryDelivery | None] = asyncio.Queue()
         self.active = True
@@ -139,10 +167,17 @@ class MemorySubscription:
         return self
 
     async def __anext__(self) -> MemoryDelivery:
-        delivery = await self.buffer.get()
-        if delivery is None:
-            raise StopAsyncIteration
-        return delivery
+        while True:
+            delivery = await self.buffer.get()
+            if delivery is None:
+                raise StopAsyncIteration
+            if not self.counted:
+                delivery.attempts = 1
+                return delivery
+            delivery._message.attempts += 1
+            delivery.attempts = delivery._message.attempts
+            if not await past_limit(delivery, self.on_dead):
+                return delivery
 
     async def cancel(self) -> None:
         if not self.active:
@@ -168,13 +203,15 @@ class MemorySubscription:
 class MemoryBus:
     """One connection to a MemoryBroker."""
 
-    def __init__(self, broker: MemoryBroker, *, dead_queue: str | None = None) -> None:
+    def __init__(self, broker: MemoryBroker, *, dead_queue: str | None = None,
+                 delivery_limit: int = DELIVERY_LIMIT, dead_queue_max: int = DEAD_QUEUE_MAX) -> None:
         self.broker = broker
         self.dead_queue = dead_queue
+        self.delivery_limit = delivery_limit
         self.subscriptions: list[MemorySubscription] = []
         self.closed = False
         if dead_queue is not None and dead_queue not in broker.queues:
-            broker.queues[dead_queue] = _Queue(dead_queue, None, None)
+            broker.queues[dead_queue] = _Queue(dead_queue, None, None, max_length=dead_queue_max)
 
     async def declare_queue(self, name: str, *, exclusive: bool = False) -> None:
         if name not in self.broker.queues:
@@ -185,10 +222,11 @@ class MemoryBus:
         self.broker.fanouts.setdefault(exchange, set())
 
     async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
+        check_name(queue)
         target = self.broker.queues.get(queue)
         if target is None:
             raise Unroutable(queue)
-        target.ready.append(_Message(body, headers=MappingProxyType(dict(headers)) if headers else NO_HEADERS))
+        target.append(_Message(body, headers=MappingProxyType(dict(headers)) if headers else NO_HEADERS))
         self.broker.dispatch(target)
 
     async def broadcast(self, exchange: str, body: bytes) -> None:
@@ -196,11 +234,14 @@ class MemoryBus:
             if name in self.broker.queues:
                 await self.publish(name, body)
 
-    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False) -> MemorySubscription:
+    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False,
+                      on_dead: OnDead | None = None) -> MemorySubscription:
         target = self.broker.queues.get(queue)
         if target is None:
             raise Unroutable(queue)
-        subscription = MemorySubscription(self.broker, target, prefetch, auto_ack)
+        counted = target.owner is None and queue != self.dead_queue  # work queues (not the dead one)
+        subscription = MemorySubscription(self.broker, target, prefetch, auto_ack, limit=self.delivery_limit,
+                                          counted=counted, on_dead=on_dead)
         target.consumers.append(subscription)
         self.subscriptions.append(subscription)
         self.broker.dispatch(target)

@@ -6,7 +6,16 @@ Bus semantics, identical in both adapters:
 - A consumed message stays unacked until ``ack``; the unacked messages of a consumer that goes
   away (``Subscription.cancel`` for those not yet handed out, the bus closing for all) are
   delivered again, with ``redelivered`` set.
-- ``reject(requeue=False)`` sends a message to the dead queue.
+- Every delivery knows how many times it was handed out (``Delivery.attempts``, counted by the
+  bus, 1 the first time): a consumer that dies holding it, and ``reject(requeue=True)``, each
+  count an attempt; ``release()`` gives it back without counting (work given back unstarted).
+  A message handed out more than the bus's ``delivery_limit`` times goes to the dead queue instead
+  of to a consumer (with ``consume``'s ``on_dead`` told first, so its request can fail).
+- ``dead_letter(reason)`` sends a message to the dead queue with its reason and origin in headers
+  (``DEAD_HEADERS``); ``reject(requeue=False)`` does too, with the reason "rejected". The dead
+  queue is bounded: past its length limit the oldest dead message is dropped.
+- A queue name (routing key) over 255 bytes cannot be published to: ``NameTooLong`` (an
+  ``Unroutable``), in both adapters.
 - ``broadcast`` on a fanout exchange reaches every subscribed queue.
 - ``publish`` may attach ``headers`` (text: W3C trace context, ``common.tracing``); a delivery
   carries them in ``Delivery.headers``, an empty mapping when none came, and keeps them when it
@@ -16,17 +25,58 @@ Bus semantics, identical in both adapters:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import AsyncIterator, Protocol
+
+log = logging.getLogger("exegpt.transport")
+
+DELIVERY_LIMIT = 3  # default: handed out at most this many times, then dead-lettered
+DEAD_QUEUE_MAX = 10_000  # default: dead messages kept (the oldest dropped beyond)
+MAX_NAME_BYTES = 255  # AMQP short string: the longest queue name / routing key
+REASON_MAX = 500  # characters of a dead-letter reason kept
+
+# Headers a dead-lettered message carries (besides those it was published with).
+REASON_HEADER = "x-exegpt-reason"  # why: "undecodable: ...", "delivery limit 3 reached", ...
+ORIGIN_HEADER = "x-exegpt-queue"  # the queue it was taken from (replay publishes it there again)
+ATTEMPTS_HEADER = "x-exegpt-attempts"  # deliveries it had
+DEAD_AT_HEADER = "x-exegpt-dead-at"  # when, epoch seconds
+ID_HEADER = "x-exegpt-id"  # the message's id (the attempt counter's key)
+DEAD_HEADERS = (REASON_HEADER, ORIGIN_HEADER, ATTEMPTS_HEADER, DEAD_AT_HEADER, ID_HEADER)
 
 
 class Unroutable(Exception):
     """A message was published to a queue that does not exist (any more)."""
 
 
+class NameTooLong(Unroutable):
+    """A queue name (routing key) longer than 255 bytes: no broker routes it."""
+
+
+def check_name(queue: str) -> None:
+    size = len(queue.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise NameTooLong(f"routing key too long: {size} bytes (at most {MAX_NAME_BYTES}): {queue[:40]!r}...")
+
+
+def dead_headers(headers: Mapping[str, str], *, reason: str, queue: str, attempts: int,
+                 message_id: str) -> dict[str, str]:
+    """``headers`` and what a dead-lettered message carries about its death."""
+    return {**headers, REASON_HEADER: reason[:REASON_MAX], ORIGIN_HEADER: queue, ATTEMPTS_HEADER: str(attempts),
+            DEAD_AT_HEADER: f"{time.time():.3f}", ID_HEADER: message_id}
+
+
+def limit_reason(limit: int) -> str:
+    return f"delivery limit {limit} reached"
+
+
 class Delivery(Protocol):
     body: bytes
     redelivered: bool
+    attempts: int  # times handed out so far, this one included (counted by the bus, not the flag)
+    limit: int  # the bus's delivery limit: attempts == limit is the last
+    queue: str  # the queue it came from
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -35,7 +85,20 @@ class Delivery(Protocol):
 
     async def ack(self) -> None: ...
 
-    async def reject(self, *, requeue: bool) -> None: ...
+    async def reject(self, *, requeue: bool) -> None:
+        """``requeue``: back to the queue, a failed attempt; else to the dead queue ("rejected")."""
+        ...
+
+    async def release(self) -> None:
+        """Back to the queue without counting this delivery as an attempt (not started here)."""
+        ...
+
+    async def dead_letter(self, reason: str) -> None:
+        """To the dead queue, with ``reason`` (and origin, attempts, time) in its headers."""
+        ...
+
+
+OnDead = Callable[[Delivery, str], Awaitable[None]]  # a message about to be dead-lettered, and why
 
 
 class Subscription(Protocol):
@@ -61,9 +124,12 @@ class Bus(Protocol):
 
     async def broadcast(self, exchange: str, body: bytes) -> None: ...
 
-    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False) -> Subscription:
+    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False,
+                      on_dead: OnDead | None = None) -> Subscription:
         """Receive from ``queue``. ``auto_ack``: settled on delivery (for exclusive queues, whose
-        messages are worthless once their consumer is gone); ``ack`` is then a no-op."""
+        messages are worthless once their consumer is gone); ``ack`` is then a no-op.
+        ``on_dead``: called with a message past the delivery limit before it is dead-lettered
+        (to fail its request); what it raises is logged, never stops the consumer."""
         ...
 
     async def subscribe(self, exchange: str, queue: str) -> Subscription:
@@ -152,13 +218,62 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+async def tell(on_dead: OnDead | None, delivery: Delivery, reason: str) -> None:
+    """Run ``on_dead`` for ``delivery``; what it raises is logged (a poison message's request
+    may be beyond failing)."""
+    if on_dead is None:
+        return
+    try:
+        await on_dead(delivery, reason)
+    except Exception as exc:
+        log.warning("dead-lettering a message from %s: its request could not be failed: %r", delivery.queue, exc)
+
+
+async def past_limit(delivery: Delivery, on_dead: OnDead | None) -> bool:
+    """Dead-letter ``delivery`` if it was handed out more than the limit (its earlier consumers
+    died or failed with it); True when it was. Subscriptions run this before handing one out."""
+    if delivery.attempts <= delivery.limit:
+        return False
+    reason = limit_reason(delivery.limit)
+    await tell(on_dead, delivery, reason)
+    await delivery.dead_letter(reason)
+    return True
+
+
+def failure_reason(exc: BaseException) -> str:
+    return f"handler raised {type(exc).__name__}: {exc}"[:REASON_MAX]
+
+
+async def failed(delivery: Delivery, exc: BaseException, on_dead: OnDead | None = None) -> bool:
+    """A handler raised ``exc`` for ``delivery``: back to the queue (a counted attempt) unless
+    this was its last attempt, then (``on_dead`` told first) to the dead queue with the reason.
+    True when it was dead-lettered."""
+    if delivery.attempts < delivery.limit:
+        await delivery.reject(requeue=True)
+        return False
+    reason = f"{limit_reason(delivery.limit)}; last: {failure_reason(exc)}"
+    await tell(on_dead, delivery, reason)
+    await delivery.dead_letter(reason)
+    return True
+
+
 @contextlib.asynccontextmanager
-async def processing(delivery: Delivery) -> AsyncIterator[Delivery]:
-    """Ack after the block succeeds; on an error requeue once, then dead-letter."""
+async def processing(delivery: Delivery, *, on_dead: OnDead | None = None,
+                     swallow: bool = False) -> AsyncIterator[Delivery]:
+    """The per-message guard: ack after the block succeeds; on an error, a counted attempt back
+    to the queue, or at the last attempt the dead queue with the reason (``failed``). Re-raises
+    unless ``swallow`` (a consumer loop that must go on with the next message); cancellation
+    gives the message back (counted: its consumer stopped holding it) and propagates."""
     try:
         yield delivery
+    except Exception as exc:
+        log.warning("message from %s failed (attempt %d of %d): %r", delivery.queue, delivery.attempts,
+                    delivery.limit, exc)
+        await failed(delivery, exc, on_dead)
+        if not swallow:
+            raise
     except BaseException:
-        await delivery.reject(requeue=not delivery.redelivered)
+        await delivery.reject(requeue=True)
         raise
     else:
         await delivery.ack()

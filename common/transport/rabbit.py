@@ -1,14 +1,25 @@
 """The bus over RabbitMQ (aio-pika): robust connection, publisher confirms, per-consumer prefetch.
 
-Work queues are durable, messages persistent, and a message rejected without requeue is routed by
-the queue's dead-letter exchange to the dead queue. Each consumer has its own channel so that its
-prefetch (``basic.qos``, set on the channel, so that it can change while consuming) bounds only
-its own unacked messages.
+Work queues are durable (classic), messages persistent, and each published message gets a
+``message_id``. A message is dead-lettered by publishing it to the dead queue with its reason in
+headers, then acking it; what the broker itself dead-letters (through the work queues' dead-letter
+exchange) carries ``x-death``, read as the same reason and origin headers. The dead queue is
+bounded (``x-max-length``, drop-head); a dead queue an older version declared without the bound is
+replaced while empty, and kept (with a warning) until it is emptied otherwise.
+
+Deliveries are counted in the store (``Attempts``), since classic queues only flag a redelivery:
+a first delivery (not redelivered) is attempt 1 without a round trip; a redelivered one adds one
+to ``{ns}:attempts:{message_id}``. Each consumer has its own channel so that its prefetch
+(``basic.qos``, set on the channel, so that it can change while consuming) bounds only its own
+unacked messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -20,30 +31,90 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import ChannelClosed, DeliveryError
+from aio_pika.exceptions import ChannelClosed, ChannelPreconditionFailed, DeliveryError
 
-from common.transport.port import Unroutable
+from common.transport.port import (DEAD_QUEUE_MAX, DELIVERY_LIMIT, ORIGIN_HEADER, REASON_HEADER, OnDead, Store,
+                                   Unroutable, check_name, dead_headers, past_limit)
+
+log = logging.getLogger("exegpt.transport")
+ATTEMPTS_TTL_S = 7 * 24 * 3600.0  # a redelivered message's attempt count (deleted once it is settled)
+
+
+class Attempts:
+    """Delivery counts of redelivered messages, in the store: ``{prefix}{message_id}``."""
+
+    def __init__(self, store: Store, prefix: str) -> None:
+        self.store, self.prefix = store, prefix
+
+    async def add(self, message_id: str, amount: int) -> int:
+        return await self.store.add(self.prefix + message_id, amount, ttl_s=ATTEMPTS_TTL_S)
+
+    async def forget(self, message_id: str) -> None:
+        await self.store.delete(self.prefix + message_id)
+
+
+def message_id_of(message: AbstractIncomingMessage) -> str:
+    """The id it was published with; a digest of its body for one published without (elsewhere)."""
+    return message.message_id or hashlib.sha256(message.body).hexdigest()[:32]
+
+
+def _text_headers(raw: Mapping[str, object] | None) -> dict[str, str]:
+    """Values that came as bytes are decoded (UTF-8), others (tables, numbers) are left out; a
+    message the broker dead-lettered gets the reason and origin headers from its ``x-death``."""
+    raw = raw or {}
+    headers = {key: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+               for key, value in raw.items() if isinstance(value, (str, bytes))}
+    deaths = raw.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping) and REASON_HEADER not in headers:
+        death = deaths[0]
+        queue, reason = death.get("queue"), death.get("reason")
+        if isinstance(queue, (str, bytes)):
+            headers[ORIGIN_HEADER] = queue.decode() if isinstance(queue, bytes) else queue
+        if isinstance(reason, (str, bytes)):
+            headers[REASON_HEADER] = f"broker: {reason.decode() if isinstance(reason, bytes) else reason}"
+    return headers
 
 
 class RabbitDelivery:
     def __init__(self, message: AbstractIncomingMessage, settled: bool = False,
-                 on_settled: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_settled: Callable[[], Awaitable[None]] | None = None, *, queue: str = "",
+                 bus: "RabbitBus | None" = None, counted: bool = False) -> None:
         self.body = message.body
         self.redelivered = bool(message.redelivered)
+        self.queue = queue
+        self.attempts = 2 if self.redelivered else 1  # until ``count`` asks the store
+        self.limit = bus.delivery_limit if bus is not None else DELIVERY_LIMIT
         self._message = message
         self._settled = settled
         self._on_settled = on_settled
         self._headers: dict[str, str] | None = None
+        self._bus = bus
+        self._counted = counted
+        self._touched = False  # its counter in the store may exist: delete it once settled
+
+    @property
+    def message_id(self) -> str:
+        return message_id_of(self._message)
 
     @property
     def headers(self) -> Mapping[str, str]:
         """The message's text headers; values that came as bytes are decoded (UTF-8), others
         (tables, numbers: the broker's own, such as ``x-death``) are left out. Read on first use."""
         if self._headers is None:
-            self._headers = {key: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-                             for key, value in (self._message.headers or {}).items()
-                             if isinstance(value, (str, bytes))}
+            self._headers = _text_headers(self._message.headers)
         return self._headers
+
+    async def count(self) -> None:
+        """Set ``attempts``: 1 for a first delivery; for a redelivered one, the store's count.
+        Without a counter, or while the store fails, a redelivery counts as attempt 2."""
+        attempts = self._bus.attempts if self._bus is not None and self._counted else None
+        if not self.redelivered or attempts is None:
+            return
+        try:
+            self.attempts = 1 + await attempts.add(self.message_id, 1)
+            self._touched = True
+        except Exception as exc:
+            log.warning("attempt counter unavailable (%r): a redelivery counts as attempt 2", exc)
 
     async def ack(self) -> None:
         if not self._settled:
@@ -52,12 +123,57 @@ class RabbitDelivery:
             await self._done()
 
     async def reject(self, *, requeue: bool) -> None:
-        if not self._settled:
+        if not requeue:
+            await self.dead_letter("rejected")
+        elif not self._settled:
             self._settled = True
-            await self._message.reject(requeue=requeue)
+            await self._message.reject(requeue=True)
+            await self._on_settled_only()
+
+    async def release(self) -> None:
+        if self._settled:
+            return
+        attempts = self._bus.attempts if self._bus is not None and self._counted else None
+        if attempts is not None:
+            try:
+                await attempts.add(self.message_id, -1)
+            except Exception as exc:
+                log.warning("attempt counter unavailable (%r): this give-back counts as an attempt", exc)
+        self._settled = True
+        await self._message.reject(requeue=True)
+        await self._on_settled_only()
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settled:
+            return
+        if self._bus is None:  # no bus to publish with: the queue's dead-letter exchange
+            self._settled = True
+            await self._message.reject(requeue=False)
             await self._done()
+            return
+        headers = dead_headers(self.headers, reason=reason, queue=self.queue, attempts=self.attempts,
+                               message_id=self.message_id)
+        try:
+            await self._bus.publish_dead(self.body, headers, self.message_id)
+        except Unroutable:  # no dead queue (deleted under us): the queue's dead-letter exchange
+            log.warning("dead queue missing: %s's message rejected to the dead-letter exchange (%s)",
+                        self.queue, reason)
+            self._settled = True
+            await self._message.reject(requeue=False)
+            await self._done()
+            return
+        await self.ack()
 
     async def _done(self) -> None:
+        """Settled for good: its counter goes too."""
+        if self._touched and self._bus is not None and self._bus.attempts is not None:
+            try:
+                await self._bus.attempts.forget(self.message_id)
+            except Exception as exc:  # it expires by itself
+                log.info("attempt counter not deleted: %r", exc)
+        await self._on_settled_only()
+
+    async def _on_settled_only(self) -> None:
         if self._on_settled is not None:
             await self._on_settled()
 
@@ -67,8 +183,10 @@ class RabbitSubscription:
     handed out is settled (closing earlier would give the broker back messages still being
     worked on), so consumers that come and go (a worker changing role) leave no channel behind."""
 
-    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, auto_ack: bool = False) -> None:
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, auto_ack: bool = False, *,
+                 bus: "RabbitBus | None" = None, counted: bool = False, on_dead: OnDead | None = None) -> None:
         self._channel, self._queue, self._auto_ack = channel, queue, auto_ack
+        self._bus, self._counted, self._on_dead = bus, counted and not auto_ack, on_dead
         self._buffer: asyncio.Queue[RabbitDelivery | None] = asyncio.Queue()
         self._tag: str | None = None
         self._unsettled = 0
@@ -86,10 +204,11 @@ class RabbitSubscription:
                 await message.reject(requeue=True)
             return
         if self._auto_ack:
-            await self._buffer.put(RabbitDelivery(message, settled=True))
+            await self._buffer.put(RabbitDelivery(message, settled=True, queue=self._queue.name))
         else:
             self._unsettled += 1
-            await self._buffer.put(RabbitDelivery(message, on_settled=self._settled))
+            await self._buffer.put(RabbitDelivery(message, on_settled=self._settled, queue=self._queue.name,
+                                                  bus=self._bus, counted=self._counted))
 
     async def _settled(self) -> None:
         self._unsettled -= 1
@@ -107,10 +226,16 @@ class RabbitSubscription:
         return self
 
     async def __anext__(self) -> RabbitDelivery:
-        delivery = await self._buffer.get()
-        if delivery is None:
-            raise StopAsyncIteration
-        return delivery
+        while True:
+            delivery = await self._buffer.get()
+            if delivery is None:
+                raise StopAsyncIteration
+            if not self._counted:
+                delivery.attempts = 1
+                return delivery
+            await delivery.count()
+            if not await past_limit(delivery, self._on_dead):
+                return delivery
 
     async def cancel(self) -> None:
         if self._tag is None:
@@ -146,25 +271,85 @@ class RabbitBus:
     """One robust connection; a publishing channel with confirms, one channel per consumer."""
 
     def __init__(self, connection: AbstractRobustConnection, publisher: AbstractChannel,
-                 dead_exchange: str) -> None:
+                 dead_exchange: str, dead_queue: str = "", *, attempts: Attempts | None = None,
+                 delivery_limit: int = DELIVERY_LIMIT, dead_queue_max: int = DEAD_QUEUE_MAX,
+                 owned_store: Store | None = None) -> None:
         self._connection = connection
         self._publisher = publisher
         self._dead_exchange = dead_exchange
+        self._dead_queue = dead_queue
         self._exchanges: dict[str, AbstractExchange] = {}
+        self.attempts = attempts
+        self.delivery_limit = delivery_limit
+        self.dead_queue_max = dead_queue_max
+        self._owned_store = owned_store  # a store opened for the counter alone, closed with the bus
 
     @classmethod
     async def connect(cls, url: str, *, dead_exchange: str, dead_queue: str,
-                      heartbeat_s: float | None = DEFAULT_HEARTBEAT_S) -> "RabbitBus":
+                      heartbeat_s: float | None = DEFAULT_HEARTBEAT_S, attempts: Attempts | None = None,
+                      delivery_limit: int = DELIVERY_LIMIT, dead_queue_max: int = DEAD_QUEUE_MAX,
+                      owned_store: Store | None = None) -> "RabbitBus":
+        """``attempts``: where redeliveries are counted (None: a redelivery counts as attempt 2)."""
         connection = await aio_pika.connect_robust(with_heartbeat(url, heartbeat_s))
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        bus = cls(connection, publisher, dead_exchange)
+        bus = cls(connection, publisher, dead_exchange, dead_queue, attempts=attempts,
+                  delivery_limit=delivery_limit, dead_queue_max=dead_queue_max, owned_store=owned_store)
         await bus._declare_dead_letters(dead_exchange, dead_queue)
         return bus
 
+    def _dead_arguments(self) -> dict[str, object]:
+        return {"x-max-length": self.dead_queue_max, "x-overflow": "drop-head"}
+
     async def _declare_dead_letters(self, exchange: str, queue: str) -> None:
-        dlx = await self._publisher.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
-        dead = await self._publisher.declare_queue(queue, durable=True)
-        await dead.bind(dlx)
+        """The dead-letter exchange and the bounded dead queue bound to it. A dead queue declared
+        before it was bounded (other arguments: PRECONDITION_FAILED) is replaced while it is
+        empty; otherwise it is kept as it is, unbounded, until emptied (`exegpt dlq purge`, or
+        replayed), and a warning says so."""
+        await self._publisher.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        for _ in range(2):
+            channel = await self._connection.channel()
+            try:
+                dead = await channel.declare_queue(queue, durable=True, arguments=self._dead_arguments())
+                await dead.bind(exchange)
+                return
+            except ChannelPreconditionFailed:
+                pass
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+            if not await self._replace_unbounded(queue):
+                break
+        log.warning("dead queue %s was declared without a length bound by an earlier version and holds "
+                    "messages: it stays unbounded until emptied (`exegpt dlq replay --all` or `exegpt dlq purge`)",
+                    queue)
+        channel = await self._connection.channel()
+        try:
+            dead = await channel.declare_queue(queue, passive=True)
+            await dead.bind(exchange)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def _replace_unbounded(self, queue: str) -> bool:
+        """Delete the old unbounded dead queue if it is empty; True when it was."""
+        channel = await self._connection.channel()
+        try:
+            await channel.queue_delete(queue, if_empty=True)
+            return True
+        except ChannelPreconditionFailed:
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def publish_dead(self, body: bytes, headers: Mapping[str, str], message_id: str) -> None:
+        """Straight to the dead queue (confirmed), headers saying why."""
+        message = aio_pika.Message(body, headers=dict(headers), message_id=message_id,
+                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        try:
+            await self._publisher.default_exchange.publish(message, routing_key=self._dead_queue, mandatory=True)
+        except DeliveryError:
+            raise Unroutable(self._dead_queue) from None
 
     async def declare_queue(self, name: str, *, exclusive: bool = False) -> None:
         await self._declare(self._publisher, name, exclusive)
@@ -181,7 +366,8 @@ class RabbitBus:
                 exchange, aio_pika.ExchangeType.FANOUT, durable=True)
 
     async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
-        message = aio_pika.Message(body, headers=dict(headers) if headers else None,
+        check_name(queue)
+        message = aio_pika.Message(body, headers=dict(headers) if headers else None, message_id=uuid.uuid4().hex,
                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
             await self._publisher.default_exchange.publish(message, routing_key=queue, mandatory=True)
@@ -193,16 +379,17 @@ class RabbitBus:
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         await self._exchanges[exchange].publish(message, routing_key="", mandatory=False)
 
-    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False) -> RabbitSubscription:
+    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False,
+                      on_dead: OnDead | None = None) -> RabbitSubscription:
         channel = await self._connection.channel()
         # the channel's own limit (one consumer per channel): unlike a consumer's, it can change later
         await channel.set_qos(prefetch_count=prefetch, global_=True)
         declared = await channel.get_queue(queue, ensure=True)
-        return await self._start(channel, declared, auto_ack)
+        return await self._start(channel, declared, auto_ack, counted=queue != self._dead_queue, on_dead=on_dead)
 
-    async def _start(self, channel: AbstractChannel, queue: AbstractQueue,
-                     auto_ack: bool = False) -> RabbitSubscription:
-        subscription = RabbitSubscription(channel, queue, auto_ack)
+    async def _start(self, channel: AbstractChannel, queue: AbstractQueue, auto_ack: bool = False, *,
+                     counted: bool = False, on_dead: OnDead | None = None) -> RabbitSubscription:
+        subscription = RabbitSubscription(channel, queue, auto_ack, bus=self, counted=counted, on_dead=on_dead)
         await subscription.start()
         return subscription
 
@@ -235,3 +422,5 @@ class RabbitBus:
 
     async def close(self) -> None:
         await self._connection.close()
+        if self._owned_store is not None:
+            await self._owned_store.close()

@@ -2,7 +2,7 @@
 
 One job, from delivery to ack::
 
-    deliver ─► decode ─(bad bytes)─► dead queue
+    deliver ─► decode ─(bad bytes)─► dead queue ("undecodable: ...")
                  │
                  ▼
          result stored? ──yes──────────────────────────┐
@@ -20,6 +20,10 @@ One job, from delivery to ack::
 
 The ack comes last, so a consumer that dies at any point leaves the job unacked and the broker
 delivers it again; the set-if-absent store makes the stored result unique whatever happens.
+A job's deliveries are counted (``Delivery.attempts``): an internal error sends it back, a counted
+attempt; at its last attempt the job is stored (and replied) as failed, and if even that fails the
+message goes to the dead queue with the reason. A delivery past the limit (its consumers died
+with it) is dead-lettered by the subscription, and the job is stored as failed first.
 A reply is at least once: a consumer dying between publishing it and marking it sent leads to a
 second copy with the same ``job_id`` (readers drop duplicates by id).
 """
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from common.messages.codec import DecodeError
-from common.transport.port import Bus, Delivery, Store, Unroutable
+from common.transport.port import Bus, Delivery, Store, Unroutable, failed, failure_reason
 from common.messages import codec
 from services.batch.executor import Executor, JobFailed, JobOutput
 from common.messages.jobs import BatchJob, JobResult
@@ -99,7 +103,7 @@ class ConsumerStats:
     stored: int = 0  # results this consumer stored first
     duplicates: int = 0  # deliveries whose result was already stored (redeliveries)
     replies: int = 0
-    dead: int = 0  # undecodable messages sent to the dead queue
+    dead: int = 0  # messages sent to the dead queue (undecodable, or failing at their last attempt)
 
 
 class JobConsumer:
@@ -115,7 +119,8 @@ class JobConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; then stop taking jobs and let running ones finish."""
         await self.bus.declare_queue(self.names.jobs_queue)
-        subscription = await self.bus.consume(self.names.jobs_queue, prefetch=self.config.max_inflight)
+        subscription = await self.bus.consume(self.names.jobs_queue, prefetch=self.config.max_inflight,
+                                              on_dead=self._on_dead)
         running: set[asyncio.Task[None]] = set()
 
         async def stop_when_asked() -> None:
@@ -137,33 +142,53 @@ class JobConsumer:
                 await asyncio.gather(*late, return_exceptions=True)
 
     async def handle(self, delivery: Delivery) -> None:
+        """One job under the per-message guard: whatever it raises, the consumer goes on."""
         try:
             job = codec.decode(delivery.body, BatchJob)
-        except DecodeError:
+        except Exception as exc:  # DecodeError, or anything a malformed message raises
             self.stats.dead += 1
-            await delivery.reject(requeue=False)
+            await delivery.dead_letter(f"undecodable: {exc}")
             return
         try:
-            result, stored = await self._result_for(job, delivery.redelivered)
+            result, stored = await self._result_for(job, delivery)
             await self._reply(job, result)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("job %s: requeued after an error", job.job_id)
-            await delivery.reject(requeue=True)  # infrastructure trouble: try again later
+        except Exception as exc:
+            log.exception("job %s: attempt %d of %d failed", job.job_id, delivery.attempts, delivery.limit)
+            try:
+                if await failed(delivery, exc, self._on_dead):  # back to the queue, or (last) the dead queue
+                    self.stats.dead += 1
+            except Exception:
+                log.exception("job %s: could not be settled; the broker redelivers it", job.job_id)
             return
         await delivery.ack()
         if self.on_handled is not None:
             self.on_handled(result, stored)
 
-    async def _result_for(self, job: BatchJob, redelivered: bool) -> tuple[JobResult, bool]:
+    async def _on_dead(self, delivery: Delivery, reason: str) -> None:
+        """A job going to the dead queue: stored (and replied) as failed with the reason, unless
+        a result exists already."""
+        job = codec.decode(delivery.body, BatchJob)
+        now = time.time()
+        result = JobResult(job_id=job.job_id, batch_id=job.batch_id, status="failed", text="", finish_reason=None,
+                           prompt_tokens=0, completion_tokens=0, error=f"moved to the dead queue: {reason}",
+                           worker=self.config.worker_id, redelivered=delivery.redelivered,
+                           started_at=now, finished_at=now)
+        key = self.names.job_result(job.job_id)
+        if await self.store.set_if_absent(key, codec.encode(result), ttl_s=RESULT_TTL_S):
+            self.stats.stored += 1
+        stored = await self.store.get(key)
+        await self._reply(job, codec.decode(stored, JobResult) if stored is not None else result)
+
+    async def _result_for(self, job: BatchJob, delivery: Delivery) -> tuple[JobResult, bool]:
         """The job's result, and whether this call stored it (False: it existed already)."""
         key = self.names.job_result(job.job_id)
         existing = await self.store.get(key)
         if existing is not None:
             self.stats.duplicates += 1
             return codec.decode(existing, JobResult), False
-        result = await self._run(job, redelivered)
+        result = await self._run(job, delivery)
         if await self.store.set_if_absent(key, codec.encode(result), ttl_s=RESULT_TTL_S):
             self.stats.stored += 1
             return result, True
@@ -171,8 +196,9 @@ class JobConsumer:
         stored = await self.store.get(key)
         return (codec.decode(stored, JobResult) if stored is not None else result), False
 
-    async def _run(self, job: BatchJob, redelivered: bool) -> JobResult:
+    async def _run(self, job: BatchJob, delivery: Delivery) -> JobResult:
         started = time.time()
+        redelivered = delivery.redelivered
 
         def result(status: str, out: JobOutput | None, error: str | None) -> JobResult:
             return JobResult(
@@ -191,9 +217,10 @@ class JobConsumer:
         except JobFailed as exc:
             return result("failed", None, str(exc))
         except Exception as exc:
-            if not redelivered:
-                raise  # retried once on another delivery
-            return result("failed", None, f"internal error on retry: {type(exc).__name__}: {exc}")
+            if delivery.attempts < delivery.limit:
+                raise  # retried on another delivery (a counted attempt)
+            return result("failed", None, f"internal error at attempt {delivery.attempts} of {delivery.limit}: "
+                                          f"{failure_reason(exc)}")
 
     async def _cancelled(self, batch_id: str | None) -> bool:
         if batch_id is None:

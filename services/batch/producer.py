@@ -129,7 +129,11 @@ class ReplyCollector:
 
     async def _read(self, subscription: Any) -> None:
         async for delivery in subscription:
-            result = codec.decode(delivery.body, JobResult)
+            try:
+                result = codec.decode(delivery.body, JobResult)
+            except Exception as exc:  # one bad reply never stops the collector
+                await delivery.dead_letter(f"undecodable: {exc}")
+                continue
             if result.job_id in self.seen:
                 self.duplicates += 1
             else:

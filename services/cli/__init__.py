@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "services.cli.plan",       # exegpt plan
     "services.cli.serve",      # exegpt serve | gateway | encoder | decoder | scheduler | up
     "services.cli.down",       # exegpt down
+    "services.cli.dlq",        # exegpt dlq list|replay|purge
     "services.cli.batch",      # exegpt batch submit|status|...
     "services.cli.schedule",   # exegpt schedule show|set-bound|replan|pin
     "services.cli.keys",       # exegpt keys new|hash

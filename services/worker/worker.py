@@ -35,7 +35,8 @@ from common.messages.work import WorkMessage
 from common.names import DONE_TTL_S, OUTPUT_LENGTHS_MAX, Names
 from common.tracing import tracing_for
 from common.transport.connect import Transports
-from common.transport.port import Delivery, Subscription, Unroutable
+from common.transport.kv import CorruptPayload
+from common.transport.port import Delivery, NameTooLong, Subscription, Unroutable, check_name, failed, tell
 from engine.api import EngineBroken, KVHandoff
 from optimizer.driver import Driver, StepOutcome
 from optimizer.policies import (DrainPolicy, IdlePolicy, QueuedRequest, Role, RunningRequest, StepPlan,
@@ -55,6 +56,11 @@ CREDIT_POLL_S = (0.002, 0.05)  # an encoder without credits looks again after th
 GATHER_GAPS = 5  # an idle worker gathers a burst for at most this many gaps (MeshConfig.gather_s)
 
 log = logging.getLogger(__name__)
+
+
+def dead_letter_message(reason: str) -> str:
+    """What the client of a dead-lettered request is told."""
+    return f"the request could not be processed and was moved to the dead queue: {reason}"
 
 
 def new_worker_id(config: MeshConfig, role: str) -> str:
@@ -222,10 +228,15 @@ class Worker:
         outbox = Outbox()
         too_large: list[Held] = []
         for held in await self._admit_work(works, outbox) + await self._admit_handoffs(handoffs, outbox):
-            most = len(held.prompt_ids) + held.params.max_tokens  # KV positions it may come to hold
-            request = (QueuedRequest(held.request_id, held.input_len, now, most) if held.handoff is None else
-                       RunningRequest(held.request_id, len(held.prompt_ids), len(held.generated), most))
-            if not self.driver.fits_alone(request):
+            try:
+                most = len(held.prompt_ids) + held.params.max_tokens  # KV positions it may come to hold
+                request = (QueuedRequest(held.request_id, held.input_len, now, most) if held.handoff is None else
+                           RunningRequest(held.request_id, len(held.prompt_ids), len(held.generated), most))
+                fits = self.driver.fits_alone(request)
+            except Exception as exc:  # the per-message guard: this request only
+                await failed(held.delivery, exc, self._on_dead)
+                continue
+            if not fits:
                 outbox.failure(held.reply_to, Failure(held.request_id, 400, self._too_large(most)))
                 too_large.append(held)
                 continue
@@ -237,7 +248,7 @@ class Worker:
                 self.driver.offer(request)
         await self.send(outbox)
         for held in too_large:  # work is acked; a hand-off goes to the dead queue and frees its credit
-            await (held.delivery.ack() if held.handoff is None else self._refuse(held, []))
+            await self._refuse(held, [], None if held.handoff is None else "too large for this worker's KV cache")
 
     def _too_large(self, positions: int) -> str:
         return (f"prompt + max_tokens need {positions} tokens of KV cache; a worker's cache holds "
@@ -245,14 +256,35 @@ class Worker:
 
     @staticmethod
     async def _decoded(deliveries: list[Delivery], kind) -> list[tuple[Delivery, object]]:
-        """Each delivery with its message; bytes that do not decode go to the dead queue."""
+        """Each delivery with its message. To the dead queue, with the reason: bytes that do not
+        decode, and a message whose ``reply_to`` no broker can route (over 255 bytes: nobody
+        could ever be answered)."""
         decoded = []
         for delivery in deliveries:
             try:
-                decoded.append((delivery, codec.decode(delivery.body, kind)))
-            except codec.DecodeError:
-                await delivery.reject(requeue=False)
+                message = codec.decode(delivery.body, kind)
+            except Exception as exc:  # codec.DecodeError, or anything a malformed message raises
+                await delivery.dead_letter(f"undecodable: {exc}")
+                continue
+            try:
+                check_name(message.reply_to)
+            except NameTooLong as exc:
+                await delivery.dead_letter(f"reply_to unusable: {exc}")
+                continue
+            decoded.append((delivery, message))
         return decoded
+
+    async def _on_dead(self, delivery: Delivery, reason: str) -> None:
+        """A message is going to the dead queue (past the delivery limit, or failing at its last
+        attempt): its request fails, with the reason, to its client."""
+        try:
+            message = codec.decode(delivery.body, WorkMessage | HandoffMessage)
+            check_name(message.reply_to)
+        except (codec.DecodeError, NameTooLong):
+            return
+        outbox = Outbox()
+        outbox.failure(message.reply_to, Failure(message.request_id, 500, dead_letter_message(reason)))
+        await self.send(outbox)
 
     async def _admit_work(self, deliveries: list[Delivery], outbox: Outbox) -> list[Held]:
         """Work that can run here; bad bytes are dead-lettered, other models' work fails (400),
@@ -266,9 +298,13 @@ class Worker:
             elif work.request_id in self.held or work.request_id in self.aborted:
                 await delivery.ack()
             else:
-                held = Held.from_work(delivery, work)
-                if self.tracing.enabled:
-                    held.trace = self.tracing.extract(delivery.headers)
+                try:
+                    held = Held.from_work(delivery, work)
+                    if self.tracing.enabled:
+                        held.trace = self.tracing.extract(delivery.headers)
+                except Exception as exc:  # the per-message guard: this request only
+                    await failed(delivery, exc, self._on_dead)
+                    continue
                 kept.append(held)
         return await self._skip_done(kept)
 
@@ -280,19 +316,32 @@ class Worker:
             else:
                 ready.append((delivery, message))
         fetch_start = time.time()
-        payloads = await asyncio.gather(*(self.kv.get(m.kv_ref) for _, m in ready))
+        payloads = await asyncio.gather(*(self.kv.get(m.kv_ref) for _, m in ready), return_exceptions=True)
         fetched = time.time()
         kept = []
         for (delivery, message), handoff in zip(ready, payloads):
-            if handoff is None:
+            if isinstance(handoff, CorruptPayload):  # the same bytes fail everywhere: no retry
+                reason = f"corrupt KV payload: {handoff}"
+                await tell(self._on_dead, delivery, reason)
+                await delivery.dead_letter(reason)
+            elif isinstance(handoff, Exception):  # the store failing: a counted attempt
+                log.warning("worker %s: hand-off %s: KV fetch failed: %r", self.worker_id, message.request_id, handoff)
+                await failed(delivery, handoff, self._on_dead)
+            elif isinstance(handoff, BaseException):
+                raise handoff
+            elif handoff is None:
                 outbox.failure(message.reply_to, Failure(message.request_id, 500, "KV cache expired before decoding"))
                 await self._ack_after(delivery, outbox)
             else:
-                held = Held.from_handoff(delivery, message, handoff)
-                if self.tracing.enabled:  # the hand-off's receive: its KV cache fetched
-                    held.trace = self.tracing.record(
-                        "receive handoff", parent=self.tracing.extract(delivery.headers), start_s=fetch_start,
-                        end_s=fetched, kind="consumer", attributes=self._span_attributes(held))
+                try:
+                    held = Held.from_handoff(delivery, message, handoff)
+                    if self.tracing.enabled:  # the hand-off's receive: its KV cache fetched
+                        held.trace = self.tracing.record(
+                            "receive handoff", parent=self.tracing.extract(delivery.headers), start_s=fetch_start,
+                            end_s=fetched, kind="consumer", attributes=self._span_attributes(held))
+                except Exception as exc:  # the per-message guard: this request only
+                    await failed(delivery, exc, self._on_dead)
+                    continue
                 kept.append(held)
         return await self._skip_done(kept)
 
@@ -320,6 +369,8 @@ class Worker:
                 self.on_control(codec.decode(delivery.body, only))
             except (codec.DecodeError, ValueError):
                 pass  # unreadable, invalid or out of place: ignored, nothing to redeliver
+            except Exception:  # one bad message never stops the worker's control
+                log.exception("worker %s: control message ignored", self.worker_id)
             await delivery.ack()
 
     def on_control(self, message: ControlMessage) -> None:
@@ -384,7 +435,7 @@ class Worker:
             if queue in self._intake:
                 await self._intake[queue].set_prefetch(prefetch)
             else:
-                self._intake[queue] = await self.bus.consume(queue, prefetch=prefetch)
+                self._intake[queue] = await self.bus.consume(queue, prefetch=prefetch, on_dead=self._on_dead)
                 self._tasks.append(asyncio.create_task(self._pump(queue, self._intake[queue])))
 
     async def _give_back_waiting(self, queues: set[str]) -> None:
@@ -392,7 +443,7 @@ class Worker:
         work, unmerged hand-offs."""
         for queue, delivery in self.inbox.take():
             if queue in queues:
-                await delivery.reject(requeue=True)
+                await delivery.release()
             else:
                 self.inbox.put((queue, delivery))
         waiting = []
@@ -402,7 +453,7 @@ class Worker:
             waiting += list(self.driver.incoming)
         for rid in waiting:
             self.driver.remove(rid)
-            await self.held.pop(rid).delivery.reject(requeue=True)
+            await self.held.pop(rid).delivery.release()  # not started: no attempt used
 
     async def _give_back_running(self) -> None:
         """Requests still running when a drain ends: to the decoders if the schedule has them and
@@ -547,12 +598,12 @@ class Worker:
 
     async def _step_failed(self, plan: StepPlan, exc: Exception) -> StepResult:
         """The engine failed a step: its requests leave the engine; each message goes back to the
-        queue once (another worker may run it), a message that already came back fails (500)."""
+        queue (another worker may run it), a counted attempt; at its last attempt it fails (500)."""
         result = StepResult()
         for rid in dict.fromkeys((*plan.encode, *plan.admit, *plan.decode)):
             await self.runner.call(self.runner.engine.abort, rid)
             held = self.held[rid]
-            if held.delivery.redelivered:
+            if held.delivery.attempts >= held.delivery.limit:
                 result.failed[rid] = f"engine fault: {exc}"
             else:
                 result.given_back.append(rid)
@@ -597,9 +648,12 @@ class Worker:
         for rid, reason in finished:
             held = self.held.pop(rid)
             self._keep(self._settle(held, reason, published), held)
-        for rid in (*result.refused, *result.failed):
+        for rid, why in result.refused.items():  # work: bad input, acked; a hand-off: to the dead queue
             held = self.held.pop(rid)
-            self._keep(self._refuse(held, published), held)
+            self._keep(self._refuse(held, published, None if held.handoff is None else f"refused: {why}"), held)
+        for rid, why in result.failed.items():
+            held = self.held.pop(rid)
+            self._keep(self._refuse(held, published, f"failed: {why}"), held)
         for rid in result.given_back:
             held = self.held.pop(rid)
             self._keep(self._give_back(held), held)
@@ -643,14 +697,14 @@ class Worker:
         if self.role == "encoder" or (held.ready is not None and self.role == "decoder"):
             await self.credits.grant(self.follower.version, 1)
 
-    async def _refuse(self, held: Held, published: list[asyncio.Task[None]]) -> None:
-        """A request this worker cannot run: its failure went out; its message is settled (a
-        hand-off or a message that failed twice goes to the dead queue)."""
+    async def _refuse(self, held: Held, published: list[asyncio.Task[None]], dead: str | None) -> None:
+        """A request this worker cannot run: its failure went out; its message is acked (``dead``
+        None: bad input) or goes to the dead queue with ``dead`` as the reason."""
         await asyncio.gather(*published)
-        if held.handoff is None and not held.delivery.redelivered:
+        if dead is None:
             await held.delivery.ack()
         else:
-            await held.delivery.reject(requeue=False)
+            await held.delivery.dead_letter(dead)
         await self._free_slot(held)
 
     async def _give_back(self, held: Held) -> None:

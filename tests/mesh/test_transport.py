@@ -92,18 +92,23 @@ async def test_a_cancelled_consumer_settles_what_it_holds_and_returns_the_rest(m
     await bus.close()
 
 
-async def test_rejected_twice_goes_to_the_dead_queue(mesh_config, hub):
+async def test_a_message_failing_delivery_limit_times_goes_to_the_dead_queue(mesh_config, hub):
     names = Names(mesh_config.namespace)
     bus = await open_bus(mesh_config, names, hub)
     await bus.declare_queue(names.encode_queue)
     await bus.publish(names.encode_queue, b"poison")
     sub = await bus.consume(names.encode_queue, prefetch=1)
-    for _ in range(2):
+    for attempt in range(1, mesh_config.delivery_limit + 1):
+        delivery = await next_delivery(sub)
+        assert delivery.attempts == attempt
         with pytest.raises(RuntimeError):
-            async with processing(await next_delivery(sub)):
+            async with processing(delivery):
                 raise RuntimeError("handler failed")
     dead = await bus.consume(names.dead_queue, prefetch=1)
-    assert (await next_delivery(dead)).body == b"poison"
+    buried = await next_delivery(dead)
+    assert buried.body == b"poison"
+    assert buried.headers["x-exegpt-reason"] == "delivery limit 3 reached; last: handler raised RuntimeError: handler failed"
+    assert buried.headers["x-exegpt-queue"] == names.encode_queue
     await bus.close()
 
 
