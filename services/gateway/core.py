@@ -194,6 +194,8 @@ class Gateway:
                 self.on_event(codec.decode(delivery.body, EventMessage))
             except codec.DecodeError:
                 pass  # not ours to redeliver: events queues have no dead letters
+            except Exception:  # one bad event must not stop the pump every pending request waits on
+                log.exception("gateway %s: an event could not be handled; going on", self.gateway_id)
 
     def on_event(self, message: EventMessage) -> None:
         if isinstance(message, EventBatch):

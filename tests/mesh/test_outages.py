@@ -93,3 +93,23 @@ async def test_the_abort_exchange_carries_aborts_only(config, hub) -> None:
         await gateway.bus.broadcast(gateway.names.abort_exchange, codec.encode(Abort("r-gone")))
         await until(lambda: "r-gone" in worker.aborted, [seen], 30)  # after the forgery, in order
         assert worker.follower.version < forged.version  # (the scheduler may have moved on meanwhile)
+
+
+async def test_an_event_that_raises_does_not_stop_the_gateways_pump(config, hub) -> None:
+    from common.messages.events import EventBatch
+
+    async with running_mesh(config, hub, FakeEngine, workers=1) as m:
+        gateway = m.app.state.gateway
+        handle, seen = gateway.on_event_batch, asyncio.Event()
+
+        def fragile(batch) -> None:
+            if batch.producer == "poison":
+                seen.set()
+                raise RuntimeError("a handler bug")
+            handle(batch)
+
+        gateway.on_event_batch = fragile
+        await gateway.bus.publish(gateway.events_queue, codec.encode(EventBatch("poison", "worker", 1, 1)))
+        await asyncio.wait_for(seen.wait(), 30)
+        answer = await m.client.post("/v1/completions", json={"model": FAKE, "prompt": "a b", "max_tokens": 3})
+        assert answer.status_code == 200, answer.text
