@@ -36,6 +36,29 @@ class CliError(Exception):
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 
+def add_mesh_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that name a running mesh: its namespace, broker and store."""
+    parser.add_argument("--namespace", help="the mesh's namespace (default: EXEGPT_NAMESPACE, else exegpt)")
+    parser.add_argument("--amqp-url", help="RabbitMQ URL (default: EXEGPT_AMQP_URL)")
+    parser.add_argument("--redis-url", help="Redis URL (default: EXEGPT_REDIS_URL)")
+
+
+def mesh_config(args: argparse.Namespace):
+    """The MeshConfig of ``add_mesh_args``'s flags (the environment fills the rest); a bad value is
+    a one-line CliError."""
+    from pydantic import ValidationError
+
+    from common.config import MeshConfig
+
+    overrides = {k: v for k, v in (("namespace", args.namespace), ("amqp_url", args.amqp_url),
+                                   ("redis_url", args.redis_url)) if v}
+    try:
+        return MeshConfig(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CliError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exegpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

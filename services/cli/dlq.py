@@ -20,7 +20,7 @@ import argparse
 import asyncio
 import time
 
-from services.cli import CliError
+from services.cli import CliError, add_mesh_args, mesh_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,9 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, text in (("list", "show each dead message"), ("replay", "publish dead messages to their queues again"),
                        ("purge", "delete every dead message")):
         a = actions.add_parser(name, help=text)
-        a.add_argument("--namespace", help="the mesh's namespace (default: EXEGPT_NAMESPACE, else exegpt)")
-        a.add_argument("--amqp-url", help="RabbitMQ URL (default: EXEGPT_AMQP_URL)")
-        a.add_argument("--redis-url", help="Redis URL (default: EXEGPT_REDIS_URL)")
+        add_mesh_args(a)
         if name == "replay":
             which = a.add_mutually_exclusive_group(required=True)
             which.add_argument("--id", action="append", dest="ids", metavar="ID",
@@ -43,17 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from common.config import MeshConfig
-
-    overrides = {k: v for k, v in (("namespace", args.namespace), ("amqp_url", args.amqp_url),
-                                   ("redis_url", args.redis_url)) if v}
-    try:
-        config = MeshConfig(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CliError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    config = mesh_config(args)
     if config.amqp_url is None:
         raise CliError("needs --amqp-url (or EXEGPT_AMQP_URL): `exegpt serve` keeps its dead queue in memory")
     try:

@@ -13,30 +13,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from services.cli import CliError
+from services.cli import CliError, add_mesh_args, mesh_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("down", help="delete a mesh's queues, exchanges and Redis keys (after `exegpt up`)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--namespace", help="the mesh's namespace (default: EXEGPT_NAMESPACE, else exegpt)")
-    p.add_argument("--amqp-url", help="RabbitMQ URL (default: EXEGPT_AMQP_URL)")
-    p.add_argument("--redis-url", help="Redis URL (default: EXEGPT_REDIS_URL)")
+    add_mesh_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from common.config import MeshConfig
-
-    overrides = {k: v for k, v in (("namespace", args.namespace), ("amqp_url", args.amqp_url),
-                                   ("redis_url", args.redis_url)) if v}
-    try:
-        config = MeshConfig(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CliError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    config = mesh_config(args)
     if not config.distributed:
         raise CliError("needs --amqp-url and --redis-url (or EXEGPT_AMQP_URL and EXEGPT_REDIS_URL); "
                        "`exegpt serve` keeps nothing once it stops")
