@@ -94,7 +94,10 @@ async def test_traffic_switch_from_s_to_t_gets_a_new_schedule_and_loses_nothing(
             looks = scheduler.looks  # the scheduler reads the finish records before the next burst
             await until(lambda: scheduler.looks > looks, [scheduler.learned])
         assert scheduler.current.version > version
-        assert scheduler.last_decision.reason == "drift" and scheduler.last_decision.basis.startswith("observed")
+        # the drift's re-plan; on a slow machine the refinement that follows an observed plan made on
+        # few requests (which only the drift's can be here) may already have replaced it
+        assert scheduler.last_decision.reason in ("drift", "refine")
+        assert scheduler.last_decision.basis.startswith("observed")
         await traffic.burst("T", sent_t, 40)  # the new schedule serves too
 
         assert not traffic.failed
