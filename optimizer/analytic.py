@@ -15,7 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
-from optimizer.cluster import Cluster, p2p_s
+from optimizer.cluster import Cluster, allreduce_s, p2p_s
 from optimizer.layout import PipelineLayout, build_layout
 from optimizer.lengths import Workload
 from optimizer.model import ModelShape
@@ -73,13 +73,46 @@ class Scenario:
                 if k <= span and (k == 1 or self.cluster.devices_per_node % k == 0)]
 
     def layout(self, devices: int, tp: int, tp_stages: int, first_device: int = 0) -> PipelineLayout:
-        return build_layout(devices, tp, tp_stages, self.model.layers, self.model.prefill_layers,
-                            self.cluster, first_device)
+        """``devices`` in a pipeline, ``tp_stages`` stages of TP degree ``tp`` first, the layers
+        assigned by the stages' speed (``layer_cost``), not searched."""
+        key = ("layout", devices, tp, tp_stages, first_device)
+        cache = self._cache()
+        if key not in cache:
+            cost = self.layer_cost() if 0 < tp_stages and tp > 1 else None
+            cache[key] = build_layout(devices, tp, tp_stages, self.model.layers, self.model.prefill_layers,
+                                      self.cluster, first_device, cost)
+        return cache[key]
+
+    def layer_cost(self) -> dict[int, float]:
+        """Seconds one decoder layer takes at each TP degree for a reference step (a decode
+        iteration of ``REFERENCE_BATCH`` requests at the workload's mean context, with its two
+        all-reduces): what places layers on stages of different TP degrees."""
+        cache = self._cache()
+        if "layer_cost" not in cache:
+            stats = WorkloadStats(self.workload)
+            shape = StepShape(decode_seqs=REFERENCE_BATCH, decode_ctx=stats.mean_ctx,
+                              enc_seq=stats.mean_in if self.model.encoder_layers else 0.0)
+            out = {}
+            for k in self.profile.tp_degrees(self.model.name):
+                ar = allreduce_s(self.cluster.intra_node, self.model.activation_bytes(REFERENCE_BATCH), k)
+                out[k] = float(self.profile.layer_times(self.model.name, k).step_s(shape)) + 2 * ar
+            cache["layer_cost"] = out
+        return cache["layer_cost"]
+
+    def _cache(self) -> dict:
+        cache = self.__dict__.get("_memo")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_memo", cache)
+        return cache
 
     def timer(self, layout: PipelineLayout) -> PipelineTimer:
         times = {s.tp: self.profile.layer_times(self.model.name, s.tp) for s in layout.stages}
         last = layout.stages[-1].tp
         return PipelineTimer(layout, times, self.model, self.profile.step_s(self.model.name, last))
+
+
+REFERENCE_BATCH = 32  # requests in the decode step that sets the layer cost per TP degree
 
 
 @dataclass(frozen=True)
@@ -136,6 +169,15 @@ class WorkloadStats:
     def prefill(self, n) -> StepShape:
         return StepShape(prefill_seqs=n, prefill_tokens=n * self.mean_in, prefill_seq=self.eff_in)
 
+    def prefill_p99(self, n) -> StepShape:
+        """A prefill of ``n`` (at least one) requests, one of them at the 99th-percentile prompt
+        length and the rest at the mean: the encode a p99-length request is part of."""
+        n = np.maximum(np.asarray(n, dtype=float), 1.0)
+        q = float(self.q99_in)
+        sq = self.workload.input.expect(lambda x: x * x)
+        return StepShape(prefill_seqs=n, prefill_tokens=(n - 1) * self.mean_in + q,
+                         prefill_seq=np.sqrt(((n - 1) * sq + q * q) / n))
+
     def decode(self, b, ctx=None, model: ModelShape | None = None) -> StepShape:
         enc = self.mean_in if model is not None and model.encoder_layers else 0.0
         return StepShape(decode_seqs=b, decode_ctx=self.mean_ctx if ctx is None else ctx, enc_seq=enc)
@@ -184,54 +226,76 @@ def _longest_decode(sc: Scenario, batch: np.ndarray) -> np.ndarray:
 
 
 def rra(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, encode_batch, iters_per_encode,
-        microbatches) -> Predictions:
-    """Encode B_E, then N_D decode iterations over the running batch, on one pipeline.
+        microbatches, encode_microbatches=1) -> Predictions:
+    """Encode B_E (split into ``encode_microbatches`` micro-batches that follow each other
+    through the pipeline), then N_D decode iterations over the running batch, on one pipeline.
 
     Steady state: each cycle adds B_E requests and each stays E[o-1] iterations, so the mean
     decode batch is B_E x E[o-1] / N_D (Little's law); N_D counts at most the expected longest
-    decode of a batch, since an empty batch triggers the next encode."""
+    decode of a batch, since an empty batch triggers the next encode.
+
+    Latency (the paper's bound, in its worst position): a request at the 99th-percentile input
+    and output length that arrives just after an encode began (it waits the N_D decode iterations
+    to the next), is encoded in a batch with its own long prompt and finishes in the last
+    micro-batch, interrupted by every encode of the set N_D while it decodes."""
     timer = sc.timer(layout)
     be = np.asarray(encode_batch, dtype=float)
     nd_set = np.asarray(iters_per_encode, dtype=float)
     nd = np.minimum(nd_set, np.maximum(_longest_decode(sc, be), 1.0))
     batch = be * stats.mean_decode_iters / nd
-    t_enc = timer.path_s(stats.prefill(be))
+    t_enc = _on_unique(lambda b, m: timer.encode_s(stats.prefill(b), m), be, encode_microbatches)
     t_dec = timer.iteration_s(stats.decode(batch, model=sc.model), microbatches)
     cycle = t_enc + nd * t_dec
     d99 = stats.o99 - 1
     full = np.maximum(np.ceil(d99 / nd_set) - 1, 0)  # encodes that interrupt a p99-length request
-    lat = t_enc + full * (cycle - nd * t_dec) + d99 * t_dec
+    t_own = _on_unique(lambda b, m: timer.encode_s(stats.prefill_p99(b), m), be, encode_microbatches)
+    lat = nd * t_dec + t_own + full * t_enc + d99 * t_dec  # arrived just after an encode began
     peak = be * stats.cycles(nd)
     mem = memory_per_device(layout, sc.model, whole_slots(peak), stats.slot_tokens)
-    return _predictions(stats, be / cycle, lat, t_enc, cycle / nd, batch, peak, mem,
+    return _predictions(stats, be / cycle, lat, t_own, cycle / nd, batch, peak, mem,
                         sc.cluster.usable_memory_bytes)
 
 
 def rra_optimistic(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, lo, hi, iters_per_encode,
-                   microbatches) -> Predictions:
+                   microbatches, encode_microbatches=1) -> Predictions:
     """Bounds on ``rra`` over every encode batch in [lo, hi] (the other variables fixed): an upper
     bound on throughput and lower bounds on latency, peak batch and memory.
 
     Sound because every part is monotone: step times never fall when a step does more work (the
-    profile's tables are non-decreasing and so is their interpolation), the effective N_D (capped
-    by the expected longest decode, which grows with B_E) grows with B_E, so the decode batch
-    B_E x E[o-1] / N_D is at least lo x E[o-1] / N_D(hi), a cycle takes at least
-    t_enc(lo) + N_D(lo) x t_dec(that batch), and the peak batch B_E x E[ceil((o-1)/N_D)] is at
-    least lo x E[ceil((o-1)/N_D(hi))]."""
+    profile's tables are non-decreasing and so is their interpolation; an encode's micro-batches
+    are at most its prompts, which keeps the micro-batched encode non-decreasing in B_E), the
+    effective N_D (capped by the expected longest decode, which grows with B_E) grows with B_E,
+    so the decode batch B_E x E[o-1] / N_D is at least lo x E[o-1] / N_D(hi), a cycle takes at
+    least t_enc(lo) + N_D(lo) x t_dec(that batch), and the peak batch B_E x E[ceil((o-1)/N_D)] is
+    at least lo x E[ceil((o-1)/N_D(hi))]."""
     timer = sc.timer(layout)
     lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
     nd_set = np.asarray(iters_per_encode, dtype=float)
     nd_lo = np.minimum(nd_set, np.maximum(_longest_decode(sc, lo), 1.0))
     nd_hi = np.minimum(nd_set, np.maximum(_longest_decode(sc, hi), 1.0))
-    t_enc = timer.path_s(stats.prefill(lo))
+    t_enc = _on_unique(lambda b, m: timer.encode_s(stats.prefill(b), m), lo, encode_microbatches)
     t_dec = timer.iteration_s(stats.decode(lo * stats.mean_decode_iters / nd_hi, model=sc.model), microbatches)
     cycle = t_enc + nd_lo * t_dec
     d99 = stats.o99 - 1
     full = np.maximum(np.ceil(d99 / nd_set) - 1, 0)
-    lat = t_enc * (1 + full) + d99 * t_dec
+    t_own = _on_unique(lambda b, m: timer.encode_s(stats.prefill_p99(b), m), lo, encode_microbatches)
+    lat = nd_lo * t_dec + t_own + full * t_enc + d99 * t_dec
     peak = lo * stats.cycles(nd_hi)
     mem = memory_per_device(layout, sc.model, whole_slots(peak), stats.slot_tokens)
-    return _predictions(stats, hi / cycle, lat, t_enc, t_dec, lo, peak, mem, sc.cluster.usable_memory_bytes)
+    return _predictions(stats, hi / cycle, lat, t_own, t_dec, lo, peak, mem, sc.cluster.usable_memory_bytes)
+
+
+def _on_unique(fn, *args):
+    """``fn(*args)`` (elementwise over broadcast arrays) evaluated once per distinct combination
+    of the arguments: a search's lines repeat the same encode under many other variables."""
+    arrays = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in args))
+    shape = arrays[0].shape
+    if arrays[0].size < 64:
+        return np.broadcast_to(fn(*arrays), shape)
+    stacked = np.stack([a.ravel() for a in arrays], axis=1)
+    unique, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    values = np.broadcast_to(np.asarray(fn(*unique.T), dtype=float), (len(unique),))
+    return values[inverse.ravel()].reshape(shape)
 
 
 def whole_slots(peak):
@@ -302,8 +366,10 @@ def waa(sc: Scenario, stats: WorkloadStats, enc: PipelineLayout, dec: PipelineLa
     rate = np.minimum(np.minimum(lam_e, link.bandwidth_Bps / kv_req), decoders * lam_d)
     batch = np.minimum(_per_micro(curves, microbatches, lambda c: c.batch_for(rate / decoders)), np.maximum(cap, 0))
     t_it = _per_micro(curves, microbatches, lambda c: c.time_s(np.maximum(batch, 1e-9)))
-    t_enc = et.path_s(stats.prefill(be)) + p2p_s(link, be * kv_req)
-    lat = t_enc + t_it + (stats.o99 - 1) * t_it
+    kv_own = kv_req * (be - 1) + sc.model.kv_bytes_per_request_layer(stats.q99_in, 0) * sc.model.layers
+    t_enc = et.path_s(stats.prefill_p99(be)) + p2p_s(link, kv_own)  # its batch, its long prompt
+    wait = et.bottleneck_s(stats.prefill(be))  # arrived just after an encode began
+    lat = wait + t_enc + t_it + (stats.o99 - 1) * t_it  # and waits up to one iteration to merge
     enc_mem = memory_per_device(enc, sc.model, be * enc.depth, float(stats.q99_in))
     dec_mem = memory_per_device(dec, sc.model, whole_slots(batch + be), stats.slot_tokens)
     mem = np.maximum(np.where(cap > 0, dec_mem, np.inf), enc_mem)
@@ -328,14 +394,28 @@ def static(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch, mi
 
 
 def continuous(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch, microbatches) -> Predictions:
-    """Orca/vLLM-like iteration-level batching: each iteration decodes the running requests and
-    prefills the new ones that replaced finished ones (B / E[o] per iteration on average)."""
+    """Orca/vLLM-like iteration-level batching without chunked prefill: each iteration prefills
+    the requests that replaced finished ones and decodes the running batch.
+
+    Costed as RRA's steps are (the same bubbles and stalls): a prefill passes the pipeline as its
+    own one-shot pass (``PipelineTimer.encode_s``: its micro-batches, at most one per prompt, fill
+    and drain the pipeline) while the decode micro-batches wait, then the running batch decodes
+    (``iteration_s``). In steady state B / E[o] requests start per iteration; they come in
+    clumps: an iteration prefills when at least one request finished (probability
+    1 - exp(-B / E[o]), finishes taken as Poisson), and then the ones that finished.
+    Latency (worst position): a p99-length request (99th-percentile input and output) that
+    arrives just after an iteration began waits for it, is prefilled in such a clump with its own
+    long prompt, then decodes o99 - 1 iterations (its prefill yields the first token)."""
     timer = sc.timer(layout)
     b = np.asarray(batch, dtype=float)
     new = b / stats.mean_out
-    shape = StepShape(new, new * stats.mean_in, stats.eff_in, b - new, stats.mean_ctx,
-                      stats.mean_in if sc.model.encoder_layers else 0.0)
-    t_it = timer.iteration_s(shape, microbatches)
-    mem = memory_per_device(layout, sc.model, b, stats.slot_tokens)
-    return _predictions(stats, b / (stats.mean_out * t_it), stats.o99 * t_it, t_it, t_it, b - new, b, mem,
-                        sc.cluster.usable_memory_bytes)
+    p_pre = -np.expm1(-new)  # share of iterations that prefill
+    clump = new / np.maximum(p_pre, 1e-12)  # prompts per prefilling iteration
+    t_dec = timer.iteration_s(stats.decode(b - new, model=sc.model), microbatches)
+    t_pre = timer.encode_s(stats.prefill(clump), microbatches)
+    t_it = p_pre * t_pre + t_dec
+    t_own = timer.encode_s(stats.prefill_p99(clump), microbatches) + t_dec
+    mem = memory_per_device(layout, sc.model, whole_slots(b), stats.slot_tokens)
+    lat = t_it + t_own + (stats.o99 - 1) * t_it  # arrived just after an iteration began
+    return _predictions(stats, b / (stats.mean_out * t_it), lat, t_own, t_it, b - new,
+                        b, mem, sc.cluster.usable_memory_bytes)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from optimizer.cluster import Cluster, ClusterError, parse_cluster
-from optimizer.lengths import Workload, parse_length_csv, workload_from_trace
+from optimizer.lengths import TraceRequest, Workload, parse_length_csv, workload_from_trace
 from optimizer.profile import ProfileError, ProfileSet, parse_profile
 
 
@@ -29,6 +29,14 @@ def load_workload(path: str | Path, max_input: int = 0, max_output: int = 0) -> 
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     return workload_from_trace(Path(path).name, rows, max_input, max_output)
+
+
+def load_trace(path: str | Path) -> tuple[TraceRequest, ...]:
+    """A trace's requests with their arrival times (``timestamp,input,output`` CSV)."""
+    try:
+        return parse_length_csv(_read(path))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def load_cluster(path: str | Path) -> Cluster:

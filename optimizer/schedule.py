@@ -37,6 +37,13 @@ class Schedule:
     - ``mean_input_len`` / ``mean_decode_batch``: what the plan expects (the workload's mean
       prompt length; one worker's mean running decode batch). The run-time adjustment steers
       encode batches towards them (``optimizer.policies``); 0 turns that adjustment off.
+    - ``encode_microbatches``: RRA's encode batch split into this many micro-batches that follow
+      each other through the pipeline (continuous batching splits its prefills like its decode
+      micro-batches; static and WAA encoders pass a batch whole).
+    - ``encoder_tp_stages`` (WAA): -1, every stage of both groups has TP degree k (then
+      ``tp_stages`` counts all of them); n >= 0, the encoder pipeline has n stages of degree k
+      and the decoder pipeline ``tp_stages`` (partial TP inside each group), the rest single
+      devices. Layers go to stages by their speed (derived from the profile, not carried).
     """
 
     policy: Policy = "continuous"
@@ -52,12 +59,14 @@ class Schedule:
     worker_devices: int = 0
     mean_input_len: float = 0.0
     mean_decode_batch: float = 0.0
+    encode_microbatches: int = 1
+    encoder_tp_stages: int = -1
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
         for name in ("encode_batch", "decode_batch", "decode_microbatches",
-                     "decode_iters_per_encode", "tp_degree", "num_devices"):
+                     "decode_iters_per_encode", "tp_degree", "num_devices", "encode_microbatches"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -65,6 +74,8 @@ class Schedule:
                      "mean_input_len", "mean_decode_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.encoder_tp_stages < -1:
+            raise ValueError(f"encoder_tp_stages must be >= -1, got {self.encoder_tp_stages}")
         if self.worker_devices:
             self._check_workers()
 

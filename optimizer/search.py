@@ -34,9 +34,11 @@ from optimizer import analytic
 from optimizer.analytic import Predictions, Scenario, WorkloadStats
 from optimizer.layout import PipelineLayout
 from optimizer.schedule import SPLIT_POLICIES, Schedule
+from optimizer.timing import max_slots
 
-SEARCH_POLICIES = ("rra", "waa-c", "waa-m")
+SEARCH_POLICIES = ("rra", "waa-c", "waa-m")  # the paper's policies
 BASELINES = ("static", "continuous")
+PRODUCT_POLICIES = SEARCH_POLICIES + BASELINES  # what the product may pick: never below a baseline
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,10 @@ class SearchSpace:
     decode_caps: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
                                     1024, 1536, 2048, 3072, 4096)
     microbatches: tuple[int, ...] = (1, 2, 4, 8, 16)
+    encode_microbatches: tuple[int, ...] = (1, 2, 4, 8, 16)  # RRA's encode split through the pipeline
     max_decode_batch: float = math.inf  # a worker's running batch (RRA's peak included) at most this
+    replicas: bool = True  # data-parallel replicas of smaller pipelines where the devices allow
+    partial_waa_tp: bool = True  # WAA groups with TP on some of their stages, not only all or none
 
     def __post_init__(self) -> None:
         sizes = (self.max_encode_batch, self.waa_max_encode_batch, self.static_max_batch,
@@ -141,6 +146,10 @@ class Family:
     max_decode_batch: float = math.inf  # schedules whose running batch would exceed it are infeasible
     kind: str = "cost"  # monotone | cost | bounded
     optimistic: Callable[..., Predictions] | None = None  # (lo, hi, **lines) -> bounds (``bounded``)
+    # (throughput no schedule of the family exceeds, latency none falls below): a true bound
+    # computed before the family's lines are evaluated; the search skips a family that cannot beat
+    # the incumbent or meet the bound. None: not known (the family is always searched).
+    ceiling: Callable[[], tuple[float, float]] | None = None
 
     @property
     def size(self) -> int:
@@ -203,33 +212,85 @@ def _slots(f: "Figures") -> int:
     return max(math.ceil(f.decode_batch_peak - 1e-9), 1)
 
 
-def _single_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str) -> list[Family]:
-    """One pipeline over all devices, or (``sc.worker_devices``) data-parallel workers."""
+def _weights_fit(sc: Scenario, devices: int) -> bool:
+    """Whether the model's weights alone fit on ``devices`` devices (spread perfectly): a pipeline
+    of fewer devices cannot hold the model under any layout."""
+    total = (sc.model.layers * sc.model.decoder_layer_weight_bytes()
+             + sc.model.encoder_layers * sc.model.encoder_layer_weight_bytes())
+    return total <= devices * sc.cluster.usable_memory_bytes
+
+
+def replica_spans(sc: Scenario, space: SearchSpace) -> list[int]:
+    """Devices per worker of every worker shape tried: on a cluster of worker processes, the
+    workers'; otherwise one pipeline over all devices (0), and, with ``space.replicas``, the
+    data-parallel replicas of ``w`` devices for every ``w`` dividing the devices whose replicas
+    are all alike (w divides a node, or whole nodes) and hold the weights."""
+    if sc.worker_devices:
+        return [sc.worker_devices]
+    out = [0]
+    if space.replicas:
+        node = sc.cluster.devices_per_node
+        out += [w for w in range(1, sc.devices) if sc.devices % w == 0 and (node % w == 0 or w % node == 0)
+                and _weights_fit(sc, w)]
+    return out
+
+
+def _single_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str,
+                     tables: "_WaaTables") -> list[Family]:
+    """One pipeline over all devices, or data-parallel workers (replicas) of fewer devices."""
     fams = []
-    span = sc.worker_devices or sc.devices
-    for k, s in tp_configs(sc, span):
-        layout = sc.layout(span, k, s)
-        common = dict(tp_degree=k, tp_stages=s, num_devices=sc.devices, decoder_devices=sc.devices,
-                      worker_devices=sc.worker_devices)
-        fams.append(_single_family(sc, stats, space, policy, layout, common))
+    for w in replica_spans(sc, space):
+        span = w or sc.devices
+        for k, s in tp_configs(sc, span):
+            layout = sc.layout(span, k, s)
+            common = dict(tp_degree=k, tp_stages=s, num_devices=sc.devices, decoder_devices=sc.devices,
+                          worker_devices=w)
+            fam = _single_family(sc, stats, space, policy, layout, common, sc.devices // span)
+            if policy != "static":  # static's decode context is shorter than the mean: no such ceiling
+                fam = replace(fam, ceiling=_decode_ceiling(sc, stats, tables, layout, fam, sc.devices // span))
+            fams.append(fam)
     return fams
 
 
-def _single_family(sc, stats, space, policy, layout: PipelineLayout, common) -> Family:
+def _decode_ceiling(sc, stats, tables: "_WaaTables", layout: PipelineLayout, fam: Family, n: int):
+    """A single-pipeline family's ceiling: every request decodes E[o-1] iterations in its worker's
+    running batch, and a step that also encodes or prefills takes at least its decode iteration, so
+    the rate of each of the ``n`` workers is at most its decode rate b / (E[o-1] t_dec(b)) at the
+    best batch that fits (``_WaaTables.decoder_ceiling``); the latency is at least one p99 prompt's
+    encode and o99 - 1 iterations of the smallest batch (RRA and continuous batching decode at the
+    workload's mean context). RRA's is tighter: a cycle of B_E requests is their encode plus
+    N_D iterations, and by Little's law N_D t_dec / B_E = E[o-1] t_dec(b) / b, so a request takes
+    at least the least encode time per request over every B_E and encode micro-batch count
+    (``_WaaTables.encode_share``, exact over the integers) plus the least decode time per request
+    (the inverse of the decode rate's ceiling)."""
+    micro = sorted({int(m) for m in fam.lines["m"]})
+    enc_micro = sorted({int(m) for m in fam.lines["me"]}) if "me" in fam.lines else None
+
+    def ceiling() -> tuple[float, float]:
+        rate, least = tables.decoder_ceiling(layout, micro)
+        if enc_micro is not None:  # RRA: a request's share of a cycle is its encode's share plus its decode's
+            per_request = 1.0 / rate + tables.encode_share(layout, enc_micro, fam.max_batch)
+            rate = 1.0 / per_request
+        return n * rate, tables.encode_floor(layout) + (stats.o99 - 1) * least
+
+    return ceiling
+
+
+def _single_family(sc, stats, space, policy, layout: PipelineLayout, common, n: int) -> Family:
     micro = _micro(space, layout.depth)
-    n = sc.worker_count
     expect = dict(mean_input_len=stats.mean_in)
     if policy == "rra":
         nds = [n for n in space.iters_per_encode if n <= max(sc.workload.output.maximum - 1, 1)]
+        enc_micro = [m for m in space.encode_microbatches if m == 1 or m <= layout.depth]
         return Family(
-            "rra", space.max_encode_batch, _grid(m=micro, nd=nds),
-            lambda b, m, nd: analytic.replicated(analytic.rra(sc, stats, layout, b, nd, m), n),
-            lambda b, f, m, nd: Schedule("rra", encode_batch=b, decode_batch=_slots(f), decode_microbatches=m,
-                                         decode_iters_per_encode=nd, mean_decode_batch=f.decode_batch,
-                                         **expect, **common),
+            "rra", space.max_encode_batch, _grid(m=micro, nd=nds, me=enc_micro),
+            lambda b, m, nd, me: analytic.replicated(analytic.rra(sc, stats, layout, b, nd, m, me), n),
+            lambda b, f, m, nd, me: Schedule("rra", encode_batch=b, decode_batch=_slots(f), decode_microbatches=m,
+                                             decode_iters_per_encode=nd, mean_decode_batch=f.decode_batch,
+                                             encode_microbatches=me, **expect, **common),
             kind="bounded",
-            optimistic=lambda lo, hi, m, nd: analytic.replicated(
-                analytic.rra_optimistic(sc, stats, layout, lo, hi, nd, m), n))
+            optimistic=lambda lo, hi, m, nd, me: analytic.replicated(
+                analytic.rra_optimistic(sc, stats, layout, lo, hi, nd, m, me), n))
     if policy == "static":
         return Family(
             "static", space.static_max_batch, _grid(m=micro),
@@ -277,51 +338,175 @@ def waa_splits(sc: Scenario, unit: int) -> list[int]:
     return out
 
 
-def _waa_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, names: Sequence[str]) -> list[Family]:
-    """One family per TP degree and encoder/decoder split: one encoder and one decoder
-    pipeline, or (``sc.worker_devices``) encoder and decoder workers of that many devices each."""
+def _group_tp_stages(sc: Scenario, span: int, k: int, partial: bool) -> list[int]:
+    """TP stages of degree ``k`` a WAA group of ``span`` devices may have: all of them (the
+    paper's), or with ``partial`` any number (the rest single devices), within the model's layers."""
+    if sc.group_tp() is not None:
+        return [sc.group_tp()[1]]
+    if k == 1:
+        return [0]
+    full = span // k
+    if span % k:
+        return []
+    options = range(0, full + 1) if partial else [full]
+    depth_limit = min(sc.model.layers, sc.model.prefill_layers)
+    return [s for s in options if span - s * (k - 1) <= depth_limit]
+
+
+CEILING_RATIO = 1.05  # grid ratio of the decoders' rate ceiling (the bound is at most this loose)
+
+
+class _WaaTables:
+    """What WAA families share, built once per search and only when asked: the decoders' curves
+    per decoder layout and micro-batch count, and the encoders' best rate per encoder layout."""
+
+    def __init__(self, sc: Scenario, stats: WorkloadStats, space: SearchSpace) -> None:
+        self.sc, self.stats, self.space = sc, stats, space
+        self._curves: dict = {}
+        self._enc: dict = {}
+
+    @staticmethod
+    def _key(layout: PipelineLayout):
+        return tuple((st.tp, st.decode_layers, st.encode_layers) for st in layout.stages), layout.links
+
+    def curves(self, dec: PipelineLayout, micro) -> dict:
+        key = self._key(dec)
+        got = self._curves.setdefault(key, {})
+        missing = [m for m in micro if m not in got]
+        if missing:
+            got.update(analytic.decode_curves(self.sc, self.stats, dec, missing))
+        return {m: got[m] for m in micro}
+
+    def decoder_ceiling(self, dec: PipelineLayout, micro) -> tuple[float, float]:
+        """(most requests per second one decoder pipeline sustains at any cap, least iteration
+        time), without tabulating every batch: over a geometric grid b_0 < b_1 < ... (ratio
+        ``CEILING_RATIO``) an iteration at a batch in [b_i, b_i+1] takes at least t(b_i), so its
+        rate b / (E[o-1] t(b)) is at most b_i+1 / (E[o-1] t(b_i)): a true bound, at most that
+        ratio above the real maximum."""
+        key = (self._key(dec), tuple(micro))
+        if key not in self._enc:
+            sc, stats = self.sc, self.stats
+            slots = max_slots(dec, sc.model, stats.slot_tokens, sc.cluster.usable_memory_bytes)
+            top = int(min(max(slots, 1), 1 << 16)) + 1
+            grid = np.unique(np.round(CEILING_RATIO ** np.arange(0, math.log(top, CEILING_RATIO) + 2)))
+            grid = np.concatenate([grid[grid < top], [top]]).astype(float)
+            timer, best, least = sc.timer(dec), 0.0, math.inf
+            points = np.concatenate([[1e-9], grid])  # the least iteration, and the grid, in one call
+            for m in micro:
+                t_all = timer.iteration_s(stats.decode(points, model=sc.model), m)
+                t = t_all[1:]
+                upper = np.append(grid[1:], grid[-1]) / (max(stats.mean_decode_iters, 1e-9) * t)
+                best = max(best, float(np.max(upper)))
+                least = min(least, float(t_all[0]))
+            self._enc[key] = (best, least)
+        return self._enc[key]
+
+    def encoder_rate(self, enc: PipelineLayout) -> float:
+        """Most requests per second one encoder pipeline emits over B_E = 1..max."""
+        key = self._key(enc)
+        if key not in self._enc:
+            be = np.arange(1, self.space.waa_max_encode_batch + 1, dtype=float)
+            t = self.sc.timer(enc).bottleneck_s(self.stats.prefill(be))
+            self._enc[key] = float(np.max(be / t))
+        return self._enc[key]
+
+    def encode_share(self, layout: PipelineLayout, enc_micro, max_batch: int) -> float:
+        """Least encode seconds per request on ``layout`` over B_E = 1..``max_batch`` and the
+        encode micro-batch counts ``enc_micro`` (RRA's encode, ``PipelineTimer.encode_s``)."""
+        key = ("share", self._key(layout), tuple(enc_micro), max_batch)
+        if key not in self._enc:
+            be = np.arange(1, max_batch + 1, dtype=float)
+            timer = self.sc.timer(layout)
+            self._enc[key] = min(float(np.min(timer.encode_s(self.stats.prefill(be), m) / be)) for m in enc_micro)
+        return self._enc[key]
+
+    def encode_floor(self, enc: PipelineLayout) -> float:
+        """The least time an encode of one p99-length prompt takes on ``enc`` (a latency floor)."""
+        key = ("floor", self._key(enc))
+        if key not in self._enc:
+            self._enc[key] = float(self.sc.timer(enc).path_s(self.stats.prefill_p99(1)))
+        return self._enc[key]
+
+
+def _waa_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, names: Sequence[str],
+                  tables: "_WaaTables") -> list[Family]:
+    """One family per TP degree, worker shape, encoder/decoder split and TP stages of each group:
+    one encoder and one decoder pipeline, or encoder and decoder workers (replicas) of ``w``
+    devices each."""
     fams = []
-    w = sc.worker_devices
     caps = np.asarray(space.decode_caps)
-    for k in sc.tp_degrees():
-        unit = w or k  # devices are split between roles in whole workers (or TP groups)
-        for e in waa_splits(sc, unit):
-            d = sc.devices - e
-            enc_span, dec_span = w or e, w or d
-            if max(enc_span, dec_span) // k > sc.model.layers:
+    kv_req = sc.model.kv_bytes_per_request_layer(stats.mean_in, 0) * sc.model.layers
+    for w in replica_spans(sc, space):
+        for k in sc.tp_degrees():
+            if w and w % k:
                 continue
-            enc, dec = sc.layout(enc_span, k, enc_span // k), sc.layout(dec_span, k, dec_span // k, e)
-            roles = dict(encoders=e // enc_span, decoders=d // dec_span)
-            common = dict(tp_degree=k, tp_stages=sc.devices // k, num_devices=sc.devices, encoder_devices=e,
-                          decoder_devices=d, worker_devices=w, mean_input_len=stats.mean_in)
-            micro = _micro(space, dec.depth)
-            curves = analytic.decode_curves(sc, stats, dec, micro)
-
-            def schedule(i, f, m, be, common=common, e=e):
-                label = waa_label(sc, stats, names, e, be, f.decode_batch)
-                return Schedule(label, encode_batch=be, decode_batch=_slots(f), decode_microbatches=m, **common)
-
-            fams.append(Family(
-                names[0], len(caps), _grid(m=micro, be=range(1, space.waa_max_encode_batch + 1)),
-                lambda i, m, be, enc=enc, dec=dec, curves=curves, roles=roles: analytic.waa(
-                    sc, stats, enc, dec, be, caps[i - 1], m, curves, **roles),
-                schedule, kind="monotone"))
+            unit = w or k  # devices are split between roles in whole workers (or TP groups)
+            for e in waa_splits(sc, unit):
+                d = sc.devices - e
+                if w and d % w:
+                    continue
+                enc_span, dec_span = w or e, w or d
+                if not (_weights_fit(sc, enc_span) and _weights_fit(sc, dec_span)):
+                    continue
+                for se in _group_tp_stages(sc, enc_span, k, space.partial_waa_tp):
+                    for sd in _group_tp_stages(sc, dec_span, k, space.partial_waa_tp):
+                        if k > 1 and se == 0 and sd == 0:
+                            continue  # that is the k = 1 family
+                        fams.append(_waa_family(sc, stats, space, names, tables, caps, kv_req, w, k, e, d,
+                                                se, sd))
     return fams
+
+
+def _waa_family(sc, stats, space, names, tables, caps, kv_req, w, k, e, d, se, sd) -> Family:
+    enc_span, dec_span = w or e, w or d
+    enc, dec = sc.layout(enc_span, k, se), sc.layout(dec_span, k, sd, e)
+    roles = dict(encoders=e // enc_span, decoders=d // dec_span)
+    full = k == 1 or (se == enc_span // k and sd == dec_span // k)
+    common = dict(tp_degree=k, tp_stages=(sc.devices // k if full else sd), num_devices=sc.devices,
+                  encoder_devices=e, decoder_devices=d, worker_devices=w, mean_input_len=stats.mean_in,
+                  encoder_tp_stages=(-1 if full else se))
+    micro = _micro(space, dec.depth)
+
+    def schedule(i, f, m, be):
+        label = waa_label(sc, stats, names, e, be, f.decode_batch)
+        return Schedule(label, encode_batch=be, decode_batch=_slots(f), decode_microbatches=m, **common)
+
+    def evaluate(i, m, be):
+        return analytic.waa(sc, stats, enc, dec, be, caps[i - 1], m, tables.curves(dec, micro), **roles)
+
+    def ceiling() -> tuple[float, float]:
+        """rate <= min(encoders x their best rate, the hand-off link, decoders x the decoders'
+        best rate over every cap); latency >= one p99-length encode + o99 iterations of the
+        smallest batch."""
+        link = sc.cluster.handoff_link(enc.stages[-1].first_device + enc.stages[-1].tp - 1, dec.stages[0].first_device)
+        dec_rate, least = tables.decoder_ceiling(dec, micro)
+        thr = min(roles["encoders"] * tables.encoder_rate(enc), link.bandwidth_Bps / kv_req,
+                  roles["decoders"] * dec_rate)
+        return thr, tables.encode_floor(enc) + stats.o99 * least
+
+    return Family(names[0], len(caps), _grid(m=micro, be=range(1, space.waa_max_encode_batch + 1)),
+                  evaluate, schedule, kind="monotone", ceiling=ceiling)
 
 
 def families(sc: Scenario, policies: Sequence[str], space: SearchSpace = SearchSpace()) -> list[Family]:
     stats = WorkloadStats(sc.workload)
+    tables = _WaaTables(sc, stats, space)
     out: list[Family] = []
     waa = tuple(dict.fromkeys(p for p in policies if p in SPLIT_POLICIES))  # one set of splits for both
     for p in dict.fromkeys(policies):
         if p in SPLIT_POLICIES:
             if p == waa[0]:
-                out += _waa_families(sc, stats, space, waa)
+                out += _waa_families(sc, stats, space, waa, tables)
         elif p in ("rra", "static", "continuous"):
-            out += _single_families(sc, stats, space, p)
+            out += _single_families(sc, stats, space, p, tables)
         else:
             raise ValueError(f"unknown policy {p!r}")
     return [replace(f, max_decode_batch=space.max_decode_batch) for f in out]
+
+
+def space_size(sc: Scenario, policies: Sequence[str] = PRODUCT_POLICIES, space: SearchSpace = SearchSpace()) -> int:
+    """Schedules in the space both searches cover: every batch of every line of every family."""
+    return sum(f.size * f.max_batch for f in families(sc, policies, space))
 
 
 def _ok(p: Predictions, bound: float) -> np.ndarray:
@@ -427,25 +612,42 @@ def branch_and_bound(sc: Scenario, latency_bound_s: float, policies: Sequence[st
                      space: SearchSpace = SearchSpace(), tol: Tolerances = Tolerances()) -> SearchResult:
     """The best schedule of the space (with the default ``tol``, the exhaustive search's answer).
 
-    1. Every line of every family is evaluated at batches 1, 2, 4, ... and its largest; the
-       points meeting the bound seed the incumbent and order the families (best first).
-    2. ``monotone`` families: lines are pruned on their exact maximum, the rest bisected.
+    1. Every line of the RRA and baseline families is evaluated at batches 1, 2, 4, ... and its
+       largest; the points meeting the bound seed the incumbent.
+    2. Families in the order of their ``ceiling`` (an upper bound on throughput before any line
+       is evaluated; WAA: the encoders', link's and decoders' best rates; RRA and continuous
+       batching: the decode rate at the best batch that fits; none: first), each skipped whole
+       when its ceiling cannot beat the incumbent or its latency floor fails the bound.
+    3. ``monotone`` families: lines are pruned on their exact maximum, the rest bisected.
        Other families: branch and bound over batch intervals with the bounds ``Family.bounds``
        gives (true bounds: each rests on step times never falling when a step does more work).
     """
     fams = families(sc, policies, space)
     inc, evals, pruned = _Incumbent(tol), 0, 0
-    seeded = []
-    for fam in fams:
+
+    def seed(fam: Family) -> Predictions:
+        nonlocal evals
         sample = _sample(fam.max_batch)
         rows = np.arange(fam.size)
-        p = fam.run(np.broadcast_to(sample, (fam.size, len(sample))), rows)
+        grid = np.broadcast_to(sample, (fam.size, len(sample)))
+        p = fam.run(grid, rows)
         evals += p.throughput_seq_s.size
-        found = _best_in(fam, rows, np.broadcast_to(sample, (fam.size, len(sample))), p, latency_bound_s)
+        found = _best_in(fam, rows, grid, p, latency_bound_s)
         inc.offer(fam, found, p)
-        seeded.append((found[0] if found else -math.inf, fam, p))
-    for _, fam, p in sorted(seeded, key=lambda x: -x[0]):
+        return p, (found[0] if found else -math.inf)
+
+    seeded = {}
+    for i, fam in enumerate(fams):
+        if fam.kind != "monotone":  # cheap to seed: they give the first incumbent
+            seeded[i] = seed(fam)[0]
+    ceilings = {i: (f.ceiling() if f.ceiling is not None else (math.inf, 0.0)) for i, f in enumerate(fams)}
+    for i in sorted(range(len(fams)), key=lambda i: (-ceilings[i][0], i)):  # best ceiling first
+        fam, (thr, floor) = fams[i], ceilings[i]
+        if floor > latency_bound_s or not inc.beats(np.asarray(thr)):
+            pruned += 1
+            continue
         if fam.kind == "monotone":
+            p = seeded[i] if i in seeded else seed(fam)[0]
             n, all_pruned = _search_monotone(fam, p, latency_bound_s, inc)
         else:
             n, all_pruned = _search_intervals(fam, latency_bound_s, inc)

@@ -89,10 +89,13 @@ def requests_from_workload(sc: Scenario, rng: np.random.Generator, n: int, rate_
 
 
 class _Costs:
-    """Step times of real batches on one pipeline."""
+    """Step times of real batches on one pipeline: a decode iteration in ``microbatches``
+    micro-batches, an encode-only step in ``encode_microbatches`` following each other through the
+    pipeline, and a step that does both as its prefill pass and then its decode iteration
+    (``PipelineTimer.mixed_s``, prefill in ``microbatches``)."""
 
-    def __init__(self, timer: PipelineTimer, microbatches: int) -> None:
-        self.timer, self.m = timer, microbatches
+    def __init__(self, timer: PipelineTimer, microbatches: int, encode_microbatches: int = 1) -> None:
+        self.timer, self.m, self.me = timer, microbatches, encode_microbatches
         self.t5 = bool(timer.model.encoder_layers)
 
     def shape(self, prompts: list[int], contexts: list[int], padding: int, enc_lens: list[int]) -> StepShape:
@@ -110,8 +113,10 @@ class _Costs:
 
     def iteration_s(self, shape: StepShape) -> float:
         if shape.decode_seqs == 0:
-            return self.encode_path_s(shape)
-        return float(self.timer.iteration_s(shape, self.m))
+            return float(self.timer.encode_s(shape, self.me))
+        if shape.prefill_seqs == 0:
+            return float(self.timer.iteration_s(shape, self.m))
+        return float(self.timer.mixed_s(shape, self.m))
 
 
 ARRIVAL_SLACK_S = 1e-9  # an arrival this close to a step boundary counts as arrived at it
@@ -426,7 +431,8 @@ def simulate(sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0
         layout, slot = dec_l, stats.slot_tokens
     else:
         layout = worker_layouts(sc, schedule)[0]
-        costs = _Costs(sc.timer(layout), schedule.decode_microbatches)
+        me = {"rra": schedule.encode_microbatches, "continuous": schedule.decode_microbatches}.get(schedule.policy, 1)
+        costs = _Costs(sc.timer(layout), schedule.decode_microbatches, me)
         fleet.workers = [_SimWorker(fleet, "worker", schedule, costs) for _ in range(schedule.workers)]
         slot = stats.static_slot_tokens if schedule.policy == "static" else stats.slot_tokens
     _run(fleet)
@@ -455,5 +461,8 @@ def worker_layouts(sc: Scenario, schedule: Schedule) -> tuple[PipelineLayout, ..
     if schedule.split:
         e = wd or schedule.encoder_devices
         d = wd or schedule.decoder_devices
-        return (sc.layout(e, k, e // k), sc.layout(d, k, d // k, schedule.encoder_devices))
+        if schedule.encoder_tp_stages < 0:  # every stage of both groups at degree k
+            return (sc.layout(e, k, e // k), sc.layout(d, k, d // k, schedule.encoder_devices))
+        return (sc.layout(e, k, schedule.encoder_tp_stages),
+                sc.layout(d, k, schedule.tp_stages, schedule.encoder_devices))
     return (sc.layout(wd or schedule.num_devices, k, schedule.tp_stages),)

@@ -61,6 +61,12 @@ class PipelineTimer:
         nbytes = self.model.activation_bytes(shape.tokens)
         return [p2p_s(link, nbytes) for link in self.layout.links]
 
+    def _path_and_bottleneck(self, shape: StepShape):
+        parts, msgs = self._stage_parts(shape), self._messages(shape)
+        path = sum(parts) + sum(msgs, 0.0)
+        bottleneck = np.maximum.reduce([np.asarray(t + m) for t, m in zip(parts, msgs + [0.0])])
+        return path, bottleneck
+
     def path_s(self, shape: StepShape):
         """One batch through every stage."""
         return sum(self._stage_parts(shape)) + sum(self._messages(shape), 0.0)
@@ -72,8 +78,30 @@ class PipelineTimer:
 
     def iteration_s(self, shape: StepShape, microbatches):
         """A step over ``shape`` split into ``microbatches`` micro-batches."""
-        part = shape.split(microbatches)
-        return np.maximum(self.path_s(part), microbatches * self.bottleneck_s(part))
+        path, bottleneck = self._path_and_bottleneck(shape.split(microbatches))
+        return np.maximum(path, microbatches * bottleneck)
+
+    def encode_s(self, shape: StepShape, microbatches=1):
+        """A one-shot pass of ``shape`` (a prefill) split into ``microbatches`` micro-batches
+        that follow each other through the pipeline: the first crosses every stage, each next
+        one leaves a bottleneck interval later (the pipeline fills and drains once). A request
+        is not split: there are at most as many micro-batches as prompts."""
+        m = np.minimum(np.asarray(microbatches, dtype=float), np.maximum(shape.prefill_seqs, 1.0))
+        if not np.any(m > 1):
+            return self.path_s(shape)
+        path, bottleneck = self._path_and_bottleneck(shape.split(m))
+        return path + (m - 1) * bottleneck
+
+    def mixed_s(self, shape: StepShape, microbatches):
+        """A step that prefills and decodes (continuous batching without chunked prefill): the
+        prefill passes the pipeline as its own pass, stalling the decode micro-batches, which
+        then run as a decode iteration (the prefill's bubbles and stall, as RRA's encode)."""
+        pre = StepShape(shape.prefill_seqs, shape.prefill_tokens, shape.prefill_seq)
+        dec = StepShape(decode_seqs=shape.decode_seqs, decode_ctx=shape.decode_ctx, enc_seq=shape.enc_seq)
+        has_pre = np.asarray(shape.prefill_seqs) > 0
+        has_dec = np.asarray(shape.decode_seqs) > 0
+        return (np.where(has_pre, self.encode_s(pre, microbatches), 0.0)
+                + np.where(has_dec, self.iteration_s(dec, microbatches), 0.0))
 
 
 def stage_weight_bytes(layout: PipelineLayout, model: ModelShape) -> np.ndarray:

@@ -1,5 +1,7 @@
-"""`exegpt bench optimizer`: ExeGPT's schedules vs static and continuous batching, and the search
-vs the exhaustive reference, over the paper's tasks and latency bounds (predicted figures).
+"""`exegpt bench optimizer`: the product's pick (the best schedule over ExeGPT's policies and the
+baselines, checked in the simulator), the best paper policy (RRA/WAA), static and continuous batching
+under the same check, and the search vs the exhaustive reference, over the paper's tasks and
+latency bounds.
 
 Bounds per scenario: the 10th, 30th and 70th percentile of static batching's latencies over its
 batch sizes (powers of two that fit, at FasterTransformer's usual layout: TP inside a node,
@@ -12,6 +14,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +23,17 @@ import numpy as np
 
 DEFAULT_PROFILE = Path(__file__).resolve().parents[1] / ".." / "shared" / "profiles" / "h200-reference-split.jsonl"
 SCENARIOS = (("opt-13b", 4), ("gpt3-175b", 16))
+EXTRA_SCENARIOS = ("opt-66b:8:S", "t5-11b:8:S")  # beside the ten reference ones: task S only
 TASK_IDS = ("S", "T", "G", "C1", "C2")
 PERCENTILES = (10, 30, 70)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=str(DEFAULT_PROFILE), help="split or whole-layer profile JSONL")
-    parser.add_argument("--scenarios", nargs="+", default=[f"{m}:{n}" for m, n in SCENARIOS],
-                        metavar="MODEL:DEVICES")
+    parser.add_argument("--scenarios", nargs="+",
+                        default=[f"{m}:{n}" for m, n in SCENARIOS] + list(EXTRA_SCENARIOS),
+                        metavar="MODEL:DEVICES[:TASK,...]",
+                        help="scenarios; a third part names the tasks for that one (default: --tasks)")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_IDS), choices=TASK_IDS)
     parser.add_argument("--no-exhaustive", action="store_true", help="skip the exhaustive reference")
     parser.add_argument("--no-verify", action="store_true",
@@ -35,30 +41,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
 
 
+ROW_KEYS = ("model", "devices", "task", "bound_s", "policy", "schedule", "throughput", "best_paper_policy_throughput",
+            "static_throughput", "continuous_throughput", "exhaustive_throughput", "search_s",
+            "simulated_throughput", "simulated_latency_s", "simulated_fits_memory")
+
+
 @dataclass(frozen=True)
 class Row:
+    """One scenario and bound. ``throughput``: the product's pick (the best simulator-checked
+    schedule over every family, baselines included); ``best_paper_policy_throughput``: the best
+    checked RRA/WAA schedule; the baselines checked the same way; ``exhaustive_throughput``: the
+    exhaustive search over the pick's policy set at the bound its search ran under (the
+    branch-and-bound answer there is ``throughput``); ``search_s``: the product's first search
+    (the fast path; the simulator checks are timed apart, ``check_s``). Throughputs are predicted
+    seq/s (0: nothing meets the bound); ``simulated_*``: the pick in the event-driven simulator
+    (saturated closed loop with p99-length probes)."""
+
     model: str
     devices: int
     task: str
     bound_label: str
-    bound_s: float
+    bound: float
+    policy: str
     schedule: str
-    exegpt_seq_s: float
-    static_seq_s: float
-    continuous_seq_s: float
+    throughput: float
+    best_paper_policy_throughput: float
+    static_throughput: float
+    continuous_throughput: float
+    exhaustive_throughput: float
     search_s: float
-    exhaustive_s: float
-    gap: float  # (exhaustive - branch and bound) / exhaustive
-    sim_ratio: float  # event-driven simulation's throughput / the analytic prediction
-    sim_latency_s: float  # simulated latency of >= p99-length outputs (service time)
+    simulated_throughput: float
+    simulated_latency_s: float
+    simulated_fits_memory: bool | None
+    check_s: float  # the simulator checks (and re-searches) of the four policy sets
+    space: int  # schedules in the product's space
+
+    def as_json(self) -> dict:
+        out = {k: getattr(self, k) for k in ROW_KEYS if k != "bound_s"}
+        out["bound_s"] = None if math.isinf(self.bound) else self.bound
+        out = {k: out[k] for k in ROW_KEYS}
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
     @property
-    def vs_static(self) -> float:
-        return _ratio(self.exegpt_seq_s, self.static_seq_s)
-
-    @property
-    def vs_continuous(self) -> float:
-        return _ratio(self.exegpt_seq_s, self.continuous_seq_s)
+    def gap(self) -> float:
+        ex = self.exhaustive_throughput
+        return (ex - self.throughput) / ex if ex and math.isfinite(ex) and ex > 0 else math.nan
 
 
 def _ratio(a: float, b: float) -> float:
@@ -79,82 +106,123 @@ def static_bounds(sc) -> list[tuple[str, float]]:
     return [(f"p{q}", float(np.percentile(lat, q))) for q in PERCENTILES] + [("inf", math.inf)]
 
 
+def _thr(verified) -> float:
+    return verified.best.figures.throughput_seq_s if verified.best is not None else 0.0
+
+
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def simulated(sc, schedule):
+    """The schedule in the event-driven simulator, as the check ran it: saturated closed loop,
+    one request in ten a probe at the 99th-percentile lengths. (throughput, p99-length latency,
+    fits in memory)."""
+    from optimizer.verify import ProbeLoad, requests_for, run_figures, simulate_load
+
+    load = ProbeLoad.draw(sc.workload, requests_for(schedule), 0)
+    sim = simulate_load(sc, schedule, load)
+    fig = run_figures(sim, load, schedule)
+    return fig.throughput_seq_s, fig.p99_length_latency_s, bool(sim.fits_memory)
+
+
+def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, verify: bool) -> Row:
+    from optimizer.search import BASELINES, PRODUCT_POLICIES, SEARCH_POLICIES, branch_and_bound, exhaustive
+    from optimizer.search import space_size
+    from optimizer.verify import verified_pick
+    from services.cli.plan import describe
+
+    _, t_search = _timed(branch_and_bound, sc, bound, PRODUCT_POLICIES)
+    groups = (PRODUCT_POLICIES, SEARCH_POLICIES) + tuple((p,) for p in BASELINES)
+    if verify:
+        pick, t_check = _timed(verified_pick, sc, bound, groups=groups)
+        best, by = pick.best, {g[-1] if len(g) == 1 else ("paper" if g == SEARCH_POLICIES else "product"): v
+                               for g, v in pick.by_group.items()}
+        policies, searched = pick.policies, best.searched_bound_s
+        paper, st, co = _thr(by["paper"]), _thr(by["static"]), _thr(by["continuous"])
+        cand = best.best
+    else:
+        t_check, policies, searched = math.nan, PRODUCT_POLICIES, bound
+        cand = branch_and_bound(sc, bound, PRODUCT_POLICIES).best
+        paper, st, co = (_best(branch_and_bound(sc, bound, g)) for g in (SEARCH_POLICIES, ("static",),
+                                                                           ("continuous",)))
+    ex = _best(exhaustive(sc, searched, policies)) if with_exhaustive else math.nan
+    sim = simulated(sc, cand.schedule) if (verify and cand) else (math.nan, math.nan, None)
+    return Row(sc.model.name, sc.devices, task, label, bound, cand.schedule.policy if cand else "-",
+               describe(cand.schedule) if cand else "-", cand.figures.throughput_seq_s if cand else 0.0,
+               paper, st, co, ex, t_search, *sim, t_check, space_size(sc, PRODUCT_POLICIES))
+
+
 def _best(result) -> float:
     return result.best.figures.throughput_seq_s if result.best else 0.0
 
 
-def _timed(fn, *args):
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
-
-
-def simulated(sc, candidate) -> tuple[float, float]:
-    """The schedule run through the policies in the event-driven simulator (saturated, enough
-    requests for several batch turnovers): its throughput over the analytic prediction, and its
-    p99-length latency."""
-    from optimizer.simulator import requests_from_workload, simulate
-
-    n = int(min(max(600, 6 * candidate.figures.decode_batch_peak), 6000))
-    reqs = requests_from_workload(sc, np.random.default_rng(0), n)
-    sim = simulate(sc, candidate.schedule, reqs)
-    return sim.throughput_seq_s / candidate.figures.throughput_seq_s, sim.latency_p99_len_s
-
-
-def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, verify: bool) -> Row:
-    from optimizer.search import SEARCH_POLICIES, branch_and_bound, exhaustive
-    from services.cli.plan import describe
-
-    bb, t_bb = _timed(branch_and_bound, sc, bound, SEARCH_POLICIES)
-    ex, t_ex = _timed(exhaustive, sc, bound, SEARCH_POLICIES) if with_exhaustive else (None, math.nan)
-    static = branch_and_bound(sc, bound, ("static",))
-    cont = branch_and_bound(sc, bound, ("continuous",))
-    gap = (_best(ex) - _best(bb)) / _best(ex) if ex and _best(ex) > 0 else (0.0 if ex else math.nan)
-    return Row(sc.model.name, sc.devices, task, label, bound, describe(bb.best.schedule) if bb.best else "-",
-               _best(bb), _best(static), _best(cont), t_bb, t_ex, gap,
-               *(simulated(sc, bb.best) if (verify and bb.best) else (math.nan, math.nan)))
-
-
-def _fmt_ratio(x: float) -> str:
-    return "  -  " if math.isnan(x) else ("  inf" if math.isinf(x) else f"{x:5.2f}")
-
-
-def _fmt_pct(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x * 100:.2f}"
+def _fmt(x: float, spec: str = "8.2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'model':<10} {'N':>2} {'task':<4} {'bound':<5} {'bound s':>8} {'ExeGPT seq/s':>12} "
-            f"{'xstatic':>7} {'xcont':>6} {'search s':>8} {'exh s':>6} {'gap %':>6} {'sim/model':>9} {'sim lat s':>9}  schedule")
+    head = (f"{'model':<10} {'N':>2} {'task':<4} {'bound':<5} {'bound s':>8} {'seq/s':>8} {'paper':>8} "
+            f"{'static':>8} {'cont':>8} {'exh':>8} {'gap %':>6} {'search s':>8} {'check s':>7} {'sim seq/s':>9} "
+            f"{'sim lat':>8} {'fits':>4}  schedule")
     print(head)
     print("-" * len(head))
     for r in rows:
-        bound = "inf" if math.isinf(r.bound_s) else f"{r.bound_s:8.2f}"
-        print(f"{r.model:<10} {r.devices:>2} {r.task:<4} {r.bound_label:<5} {bound:>8} {r.exegpt_seq_s:12.2f} "
-              f"{_fmt_ratio(r.vs_static):>7} {_fmt_ratio(r.vs_continuous):>6} {r.search_s:8.3f} "
-              f"{r.exhaustive_s:6.2f} {_fmt_pct(r.gap):>6} {r.sim_ratio:9.3f} {r.sim_latency_s:9.2f}  {r.schedule}")
+        bound = "inf" if math.isinf(r.bound) else f"{r.bound:8.3f}"
+        print(f"{r.model:<10} {r.devices:>2} {r.task:<4} {r.bound_label:<5} {bound:>8} {r.throughput:8.2f} "
+              f"{r.best_paper_policy_throughput:8.2f} {r.static_throughput:8.2f} {r.continuous_throughput:8.2f} "
+              f"{_fmt(r.exhaustive_throughput)} {_fmt(r.gap * 100, '6.2f')} {r.search_s:8.3f} "
+              f"{_fmt(r.check_s, '7.1f')} {_fmt(r.simulated_throughput, '9.2f')} {_fmt(r.simulated_latency_s, '8.3f')} "
+              f"{'yes' if r.simulated_fits_memory else ('-' if r.simulated_fits_memory is None else 'NO'):>4}  "
+              f"{r.schedule}")
 
 
 def _finite(values) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
+def _geomean(values) -> float:
+    v = [x for x in values if math.isfinite(x) and x > 0]
+    return math.exp(statistics.fmean(math.log(x) for x in v)) if v else math.nan
+
+
 def print_summary(rows: list[Row]) -> None:
     print()
-    print(f"median search {statistics.median(r.search_s for r in rows):.3f} s, "
-          f"max {max(r.search_s for r in rows):.3f} s; max gap to exhaustive "
-          f"{max(_finite([r.gap for r in rows]) or [math.nan]) * 100:.2f} %")
-    sims = _finite([r.sim_ratio for r in rows])
-    if sims:
-        print(f"event-driven simulation / analytic throughput: {min(sims):.3f} .. {max(sims):.3f} "
-              f"(median {statistics.median(sims):.3f})")
+    sizes = sorted({(r.model, r.devices, r.task, r.space) for r in rows})
+    print("space (schedules in the product's space, per scenario): "
+          + ", ".join(f"{m}:{n} {t} {s:,}" for m, n, t, s in sizes))
+    searches = [r.search_s for r in rows]
+    gaps = _finite([r.gap for r in rows])
+    print(f"search: median {statistics.median(searches):.3f} s, max {max(searches):.3f} s; "
+          f"gap to exhaustive: max {max(gaps, default=math.nan) * 100:.2f} % over {len(gaps)} rows")
+    checks = _finite([r.check_s for r in rows])
+    if checks:
+        print(f"simulator checks (4 policy sets, re-searches included): median {statistics.median(checks):.1f} s, "
+              f"max {max(checks):.1f} s")
+    checked = [r for r in rows if r.simulated_fits_memory is not None]
+    bounded = [r for r in checked if math.isfinite(r.bound) and r.throughput > 0]
+    over = [r for r in bounded if not (r.simulated_latency_s <= r.bound)]
+    unfit = [r for r in checked if r.simulated_fits_memory is False]
+    if checked:
+        print(f"simulated: {len(bounded) - len(over)}/{len(bounded)} picks with a finite bound meet it"
+              + (f" (max simulated/bound {max(r.simulated_latency_s / r.bound for r in over):.3f})" if over else "")
+              + f"; {len(checked) - len(unfit)}/{len(checked)} fit in memory")
+    else:
+        print("simulated: not run (--no-verify; the picks are the searches' own, unchecked)")
+    below = [r for r in rows if r.throughput + 1e-9 < max(r.static_throughput, r.continuous_throughput)]
+    print(f"throughput >= static and >= continuous: {len(rows) - len(below)}/{len(rows)} rows")
     for label in ("p10", "p30", "p70", "inf"):
         sel = [r for r in rows if r.bound_label == label]
-        vs_s, vs_c = _finite([r.vs_static for r in sel]), _finite([r.vs_continuous for r in sel])
-        if sel:
-            print(f"bound {label:<4}: ExeGPT / static mean {statistics.fmean(vs_s) if vs_s else math.nan:.2f}x "
-                  f"(max {max(vs_s, default=math.nan):.2f}x), / continuous mean "
-                  f"{statistics.fmean(vs_c) if vs_c else math.nan:.2f}x over {len(sel)} scenarios")
+        if not sel:
+            continue
+        vs_s = _geomean(_ratio(r.best_paper_policy_throughput, r.static_throughput) for r in sel)
+        vs_c = _geomean(_ratio(r.best_paper_policy_throughput, r.continuous_throughput) for r in sel)
+        below_c = sum(r.best_paper_policy_throughput + 1e-9 < r.continuous_throughput for r in sel)
+        print(f"bound {label:<4}: best paper policy / static geomean {vs_s:.2f}x, / continuous geomean "
+              f"{vs_c:.2f}x ({below_c} of {len(sel)} rows below continuous); product / continuous geomean "
+              f"{_geomean(_ratio(r.throughput, r.continuous_throughput) for r in sel):.2f}x")
 
 
 def _scenario(profile, spec: str, task: str):
@@ -165,6 +233,7 @@ def _scenario(profile, spec: str, task: str):
     from services.cli import CliError
 
     name, _, devices = spec.partition(":")
+    devices = devices.partition(":")[0]
     if not devices.isdigit():
         raise CliError(f"scenario {spec!r}: expected MODEL:DEVICES, e.g. opt-13b:4")
     try:
@@ -199,13 +268,18 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     rows = []
     for spec in args.scenarios:
-        for task in args.tasks:
+        parts = spec.split(":")
+        tasks = [t for t in args.tasks if len(parts) < 3 or t in parts[2].split(",")]
+        for task in tasks:
             sc = _scenario(profile, spec, task)
             for label, bound in static_bounds(sc):
-                rows.append(bench_row(sc, task, label, bound, not args.no_exhaustive, not args.no_verify))
+                row = bench_row(sc, task, label, bound, not args.no_exhaustive, not args.no_verify)
+                rows.append(row)
+                print(f"{row.model}:{row.devices} {task} {label}: {row.throughput:.2f} seq/s  {row.schedule}  "
+                      f"(search {row.search_s:.2f} s, check {row.check_s:.1f} s)", file=sys.stderr, flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps([r.as_json() for r in rows], indent=1))
     print_table(rows)
     print_summary(rows)
     print_case_study(profile)
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     return 0

@@ -37,9 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-output", type=int, default=0, help="clip --lengths outputs to this (0: no clip)")
     p.add_argument("--latency-bound", required=True, type=_bound, metavar="SECONDS",
                    help="bound on generating a 99th-percentile-length output; 'inf' for none")
-    p.add_argument("--policy", choices=sorted(POLICY_SETS), default="all",
-                   help="all: ExeGPT's (RRA, WAA-C, WAA-M); any: those and the two baselines, so the plan "
-                        "is never one the model rates below static or continuous batching")
+    p.add_argument("--policy", choices=sorted(POLICY_SETS), default="any",
+                   help="any (default): ExeGPT's policies and the two baselines, so the plan is never one the "
+                        "model rates below static or continuous batching; all: ExeGPT's only (RRA, WAA-C, WAA-M)")
     p.add_argument("--cluster", default="h200-nvlink-ib", help="cluster preset (h200-nvlink-ib, "
                    "a100-80g-nvlink-ib, a40-pcie) or a cluster JSON file (`exegpt profile --cluster-out`)")
     p.add_argument("--max-batch", type=int, default=None, metavar="N",
@@ -49,8 +49,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true",
                    help="simulate the pick under saturated load with p99-length probes and, while it overruns "
                         "the bound there, search again with a tighter bound (for a plan that will run)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=_positive, metavar="REQ_PER_S",
+                      help="plan for requests arriving at this rate: the schedule with the most throughput that keeps "
+                           ">= 99%% of them within the bound, checked in the simulator with these arrivals")
+    load.add_argument("--trace", metavar="FILE",
+                      help="as --rate, with the arrivals (and lengths) of a timestamp,input,output trace")
+    p.add_argument("--burstiness", type=_positive, default=1.0, metavar="CV",
+                   help="with --rate: coefficient of variation of the gaps between arrivals (1: Poisson, default)")
+    p.add_argument("--requests", type=int, default=600, metavar="N",
+                   help="with --rate or --trace: requests simulated (default 600; a trace's first N)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
 
 
 def _bound(text: str) -> float:
@@ -190,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch is not None and args.max_batch < 1:
         raise CliError(f"--max-batch must be >= 1, got {args.max_batch}")
     space = SearchSpace() if args.max_batch is None else SearchSpace().capped(args.max_batch)
+    if getattr(args, "rate", None) or getattr(args, "trace", None):
+        return _run_queueing(args, sc, space)
     search = exhaustive if args.exhaustive else branch_and_bound
     start = time.perf_counter()
     verified = None
@@ -232,10 +254,18 @@ def describe(schedule) -> str:
     parts = [s.policy, f"B_E={s.encode_batch}", f"B_D={s.decode_batch}", f"micro-batches={s.decode_microbatches}"]
     if s.policy == "rra":
         parts.append(f"N_D={s.decode_iters_per_encode}")
+        if s.encode_microbatches > 1:
+            parts.append(f"encode micro-batches={s.encode_microbatches}")
     if s.policy.startswith("waa"):
-        parts.append(f"TP={s.tp_degree} encoders/decoders={s.encoder_devices}/{s.decoder_devices}")
+        tp = f"TP={s.tp_degree}"
+        if s.encoder_tp_stages >= 0 and s.tp_degree > 1:
+            tp += f" on {s.encoder_tp_stages}/{s.tp_stages} stage(s)"
+        parts.append(f"{tp} encoders/decoders={s.encoder_devices}/{s.decoder_devices}")
+        if s.worker_devices:
+            parts.append(f"workers of {s.worker_devices}")
     elif s.worker_devices:
-        parts.append(f"TP={s.tp_degree} x{s.workers} workers")
+        tp = f"TP={s.tp_degree}" + (f" on {s.tp_stages} stage(s)" if s.tp_degree > 1 else "")
+        parts.append(f"{tp} x{s.workers} workers of {s.worker_devices}")
     elif s.tp_degree > 1:
         parts.append(f"TP={s.tp_degree} on {s.tp_stages} stage(s)")
     else:
@@ -266,3 +296,69 @@ def _as_text(result, elapsed: float, method: str, bound: float, verified=None) -
         f"search:    {method}, {result.evaluations} schedules evaluated, "
         f"{result.families_pruned}/{result.families} families pruned, {elapsed:.3f} s",
     ])
+
+
+def _run_queueing(args, sc, space) -> int:
+    """``--rate`` / ``--trace``: the schedule with the most throughput that keeps >= 99 % of the
+    requests within the bound at that arrival process, checked in the simulator."""
+    import numpy as np
+
+    from optimizer.queueing import (TARGET, QueueingPlan, arrival_times, candidates, check, offered_rate, requests_at,
+                                    requests_from_trace)
+    from optimizer.search import branch_and_bound, exhaustive
+
+    if args.requests < 10:
+        raise CliError(f"--requests must be >= 10, got {args.requests}")
+    policies = POLICY_SETS[args.policy]
+    if args.trace:
+        from optimizer.io import load_trace
+
+        try:
+            requests = requests_from_trace(load_trace(args.trace), args.requests, args.max_input, args.max_output)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        arrivals = f"trace {args.trace} ({len(requests)} requests)"
+    else:
+        times = arrival_times(np.random.default_rng(0), args.requests, args.rate, args.burstiness)
+        requests = requests_at(sc.workload, times)
+        arrivals = f"{args.rate:g} req/s, burstiness (CV) {args.burstiness:g}, {len(requests)} requests"
+    search = exhaustive if args.exhaustive else branch_and_bound
+    rate = offered_rate(requests)
+    start = time.perf_counter()
+    ranked, searches, evaluations = candidates(sc, args.latency_bound, rate, policies, space, search=search)
+    search_s = time.perf_counter() - start
+    best, share, sim, checked = check(sc, args.latency_bound, requests, ranked)
+    check_s = time.perf_counter() - start - search_s
+    plan = QueueingPlan(best, share, sim, rate, len(ranked), checked, searches, evaluations)
+    elapsed = search_s + check_s
+    if plan.best is None:
+        last = "" if math.isnan(plan.share_within) else f" (last: {plan.share_within:.1%} within)"
+        raise CliError(f"no schedule (policy {args.policy}) keeps {TARGET:.0%} of requests within the "
+                       f"{args.latency_bound:g} s bound at {arrivals}: {plan.candidates} candidates with enough "
+                       f"capacity, {plan.checked} simulated{last}")
+    _warn(batch_warnings(sc, plan.best.schedule))
+    f, sim = plan.best.figures, plan.simulated
+    doc = {"schedule": asdict(plan.best.schedule), "predicted": asdict(f),
+           "latency_bound_s": None if math.isinf(args.latency_bound) else args.latency_bound,
+           "arrivals": {"rate_per_s": plan.rate_per_s, "requests": len(requests),
+                        "burstiness_cv": None if args.trace else args.burstiness, "trace": args.trace},
+           "simulated": {"share_within_bound": plan.share_within, "throughput_seq_s": sim.throughput_seq_s,
+                         "e2e_s": sim.e2e_s, "fits_memory": sim.fits_memory},
+           "search": {"seconds": elapsed - check_s, "searches": plan.searches, "evaluations": plan.evaluations,
+                      "candidates": plan.candidates},
+           "check": {"seconds": check_s, "simulated_candidates": plan.checked}}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print("\n".join([
+        f"schedule:  {describe(plan.best.schedule)}",
+        f"predicted: {f.throughput_seq_s:.1f} seq/s capacity  p99-length latency {f.latency_p99_s:.3f} s "
+        f"(saturated; {_bound_text(args.latency_bound)})",
+        f"simulated: {plan.share_within:.1%} of requests within the bound at {arrivals} "
+        f"(e2e p50 {sim.e2e_s['p50']:.3f} s, p99 {sim.e2e_s['p99']:.3f} s); {sim.throughput_seq_s:.1f} seq/s",
+        f"search:    {plan.searches} searches, {plan.evaluations} schedules evaluated, {plan.candidates} candidates "
+        f"with enough capacity, {elapsed - check_s:.3f} s",
+        f"check:     {plan.checked} candidate(s) simulated with these arrivals, {check_s:.3f} s",
+    ]))
+    return 0
+

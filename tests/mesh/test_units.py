@@ -63,7 +63,7 @@ def test_decode_refuses_a_message_of_another_direction():
 
 
 def test_values_out_of_range_are_rejected_at_the_boundary():
-    fields = [1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0.0, 0.0]
+    fields = [1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0.0, 0.0, 1, -1]
     for policy, batch in (("nope", 1), ("rra", 0), ("rra", "1")):  # unknown, out of range, wrong type
         good = msgpack.packb([codec.SCHEMA_VERSION, 4, 1, ["rra", 1, *fields[1:]], [], 0.0, 0, 0, 1e18])
         assert codec.decode(good, ScheduleUpdate).schedule.encode_batch == 1  # only the field below is wrong

@@ -173,3 +173,25 @@ def test_the_readme_plan_row_runs_as_written(capsys, monkeypatch):
     monkeypatch.chdir(root)  # its paths are relative to the repository
     assert command[0] == "exegpt" and main(command[1:]) == 0
     assert capsys.readouterr().out.startswith("schedule:")
+
+
+def test_plan_at_a_rate_reports_the_share_within_the_bound_and_both_timings(capsys):
+    assert _plan("--task", "S", "--latency-bound", "0.6", "--rate", "30", "--burstiness", "1.5",
+                 "--requests", "200", "--max-batch", "64", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["simulated"]["share_within_bound"] >= 0.99
+    assert doc["predicted"]["throughput_seq_s"] > doc["arrivals"]["rate_per_s"]
+    assert doc["search"]["seconds"] > 0 and doc["check"]["seconds"] > 0 and doc["check"]["simulated_candidates"] >= 1
+    assert doc["arrivals"]["burstiness_cv"] == 1.5
+
+
+def test_plan_with_a_trace_replays_its_arrivals(capsys):
+    if not (TRACES / "azure-llm-2023-conv.csv").exists():
+        pytest.skip("trace not present")
+    trace = str(TRACES / "azure-llm-2023-conv.csv")
+    code = _plan("--lengths", trace, "--max-input", "2048", "--max-output", "512", "--latency-bound", "20",
+                 "--trace", trace, "--requests", "150", "--max-batch", "64", "--json")
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["arrivals"]["trace"] == trace and doc["arrivals"]["requests"] == 150
+    assert doc["simulated"]["share_within_bound"] >= 0.99

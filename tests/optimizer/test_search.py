@@ -227,15 +227,31 @@ def test_waa_lines_are_monotone_in_the_decode_cap(profile, model, devices, task)
 # --- WAA's split is searched ------------------------------------------------------------------
 
 def test_waa_searches_every_split_in_whole_tp_groups(profile):
+    """The paper's layouts (every stage of both groups at degree k, one pipeline per role): every
+    split in whole TP groups whose two groups can each hold GPT-3's weights (3 devices or more)."""
     sc = Scenario(MODELS["gpt3-175b"], profile, H200_CLUSTER, TASKS["S"], 16)
-    fams = families(sc, ("waa-c", "waa-m"))
+    fams = families(sc, ("waa-c", "waa-m"), SearchSpace(replicas=False, partial_waa_tp=False))
     splits = {}
     for fam in fams:
         row = 0
         s = fam.candidate(row, 1, fam.run(np.array([1]), np.array([row])).at(0)).schedule
         splits.setdefault(s.tp_degree, []).append(s.encoder_devices)
         assert s.encoder_devices + s.decoder_devices == 16 and s.encoder_devices % s.tp_degree == 0
-    assert {k: sorted(v) for k, v in splits.items()} == {k: list(range(k, 16, k)) for k in (1, 2, 4, 8)}
+        assert s.encoder_tp_stages == -1 and s.worker_devices == 0
+    assert {k: sorted(v) for k, v in splits.items()} == {
+        k: [e for e in range(k, 16, k) if min(e, 16 - e) >= 3] for k in (1, 2, 4, 8)}
+
+
+def test_waa_families_cover_partial_tp_in_each_group_and_replicas(profile):
+    sc = Scenario(MODELS["gpt3-175b"], profile, H200_CLUSTER, TASKS["S"], 16)
+    shapes = set()
+    for fam in families(sc, ("waa-c",)):
+        s = fam.candidate(0, 1, fam.run(np.array([1]), np.array([0])).at(0)).schedule
+        shapes.add((s.tp_degree, s.encoder_devices, s.encoder_tp_stages, s.tp_stages, s.worker_devices))
+    # TP2, 10 encoders / 6 decoders: no TP in the encoders, TP on 0..3 decoder stages
+    assert {(2, 10, 0, sd, 0) for sd in (1, 2, 3)} <= shapes
+    assert (2, 10, 5, 0, 0) in shapes and (2, 10, -1, 8, 0) in shapes  # TP only in the encoders; everywhere
+    assert any(w == 8 for *_, w in shapes) and any(w == 4 for *_, w in shapes)  # workers of 8 and of 4
 
 
 def test_gpt3_on_16_devices_task_s_gets_the_split_it_needs(profile):

@@ -71,3 +71,36 @@ def test_it_gives_up_after_its_tries_with_each_bound_tighter(opt13b_s):
     assert verified.evaluations == 3 * overrunning.evaluations
     with pytest.raises(ValueError):
         verified_search(opt13b_s, TIGHT, tries=0)
+
+
+def test_the_product_pick_meets_its_bound_in_simulation_and_beats_every_checked_group(opt13b_s):
+    from optimizer.search import PRODUCT_POLICIES, SEARCH_POLICIES
+    from optimizer.verify import verified_pick
+
+    pick = verified_pick(opt13b_s, TIGHT)
+    assert pick.best.best is not None and pick.best.simulated.p99_length_latency_s <= TIGHT
+    assert figures_of(opt13b_s, pick.best.best.schedule) == pick.best.simulated
+    groups = {g: v for g, v in pick.by_group.items()}
+    assert set(groups) == {PRODUCT_POLICIES, SEARCH_POLICIES, ("static",), ("continuous",)}
+    best = pick.best.best.figures.throughput_seq_s
+    for verified in groups.values():
+        if verified.best is not None:
+            assert verified.simulated.p99_length_latency_s <= TIGHT
+            assert best >= verified.best.figures.throughput_seq_s
+    assert pick.best.best.schedule.policy in pick.policies
+
+
+def test_the_ladder_takes_picks_best_first_and_simulates_each_once(opt13b_s):
+    from optimizer.verify import LADDER
+
+    picks = [branch_and_bound(opt13b_s, TIGHT * f) for f in LADDER[:4]]
+    thr = [p.best.figures.throughput_seq_s for p in picks if p.best]
+    assert thr == sorted(thr, reverse=True)  # a tighter bound never gives more
+    calls = []
+
+    def counting(sc, bound, policies, space):
+        calls.append(bound)
+        return branch_and_bound(sc, bound, policies, space)
+
+    verified = verified_search(opt13b_s, TIGHT, search=counting, tries=4)
+    assert calls == [TIGHT * f for f in LADDER[:len(calls)]] and verified.searches == len(calls)
