@@ -54,3 +54,24 @@ async def env(batch_config: MeshConfig):
         await store.delete_prefix(names.key_prefix)
         if store is not hub.store:
             await store.close()
+
+
+async def run_jobs(app, count: int, timeout_s: float = 30.0) -> None:
+    """Run ``count`` queued jobs of a gateway app with the echo executor, then stop."""
+    import asyncio
+
+    from services.batch.consumer import ConsumerConfig, JobConsumer
+    from services.batch.executor import EchoExecutor
+
+    gw = app.state.gateway
+    done, seen = asyncio.Event(), []
+    consumer = JobConsumer(gw.bus, gw.transports.store, Names(app.state.config.namespace),
+                           EchoExecutor(), ConsumerConfig("test"),
+                           on_handled=lambda r, _: (seen.append(r), len(seen) >= count and done.set()))
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        await asyncio.wait_for(done.wait(), timeout_s)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout_s)

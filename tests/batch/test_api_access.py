@@ -12,10 +12,9 @@ from pydantic import SecretStr
 from common.names import Names
 from common.transport.connect import LocalHub, purge
 from services.batch.api import batch_lifespan, batch_router
-from services.batch.consumer import ConsumerConfig, JobConsumer
-from services.batch.executor import EchoExecutor
 from services.batch.openai_batch import Limits
 from services.gateway import ServedModel, create_app
+from tests.batch.conftest import run_jobs
 
 MODEL = "tiny-llama"
 TIMEOUT_S = 30
@@ -48,21 +47,6 @@ async def gateway(config, **lifespan_args):
     finally:
         await purge(config, Names(config.namespace), hub)
 
-
-async def run_jobs(app, count):
-    """Run ``count`` queued jobs with the echo executor, then stop."""
-    gw = app.state.gateway
-    done, seen = asyncio.Event(), []
-    consumer = JobConsumer(gw.bus, gw.transports.store, Names(app.state.config.namespace),
-                           EchoExecutor(), ConsumerConfig("test"),
-                           on_handled=lambda r, _: (seen.append(r), len(seen) >= count and done.set()))
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    try:
-        await asyncio.wait_for(done.wait(), TIMEOUT_S)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, TIMEOUT_S)
 
 
 def auth(key):
@@ -98,7 +82,7 @@ async def test_owners_see_only_their_own_batches_and_files(keyed):
     async with gateway(keyed) as (client, app):
         file_a, batch_a = await make_batch(client, KEY_A, bad_line=True)
         _, batch_b = await make_batch(client, KEY_B)
-        await run_jobs(app, 6)
+        await run_jobs(app, 6, TIMEOUT_S)
         batch_a = (await client.get(f"/v1/batches/{batch_a['id']}", headers=auth(KEY_A))).json()
         assert batch_a["status"] == "completed", batch_a
         a_files = [file_a["id"], batch_a["output_file_id"], batch_a["error_file_id"]]
@@ -161,7 +145,7 @@ async def test_output_file_exists_only_once_the_batch_names_it(config):
     async with gateway(config) as (client, app):
         _, batch = await make_batch(client, None, lines=2)
         assert batch["output_file_id"] is None
-        await run_jobs(app, 2)
+        await run_jobs(app, 2, TIMEOUT_S)
         batch = (await client.get(f"/v1/batches/{batch['id']}")).json()
         assert batch["output_file_id"] and batch["error_file_id"] is None
         obj = (await client.get(f"/v1/files/{batch['output_file_id']}")).json()
@@ -171,7 +155,7 @@ async def test_output_file_exists_only_once_the_batch_names_it(config):
 async def test_without_keys_everything_belongs_to_one_anonymous_owner(config):
     async with gateway(config) as (client, app):
         file, batch = await make_batch(client, None, lines=2)
-        await run_jobs(app, 2)
+        await run_jobs(app, 2, TIMEOUT_S)
         listed = (await client.get("/v1/batches")).json()["data"]
         got = (await client.get(f"/v1/batches/{batch['id']}", headers=auth("any-key"))).json()
         output = await client.get(f"/v1/files/{got['output_file_id']}/content")

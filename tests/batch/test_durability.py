@@ -21,10 +21,9 @@ from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub
 from services.batch.api import batch_lifespan, batch_router
-from services.batch.consumer import ConsumerConfig, JobConsumer
 from common.transport.durability import persistence_risk, warn_if_not_durable
-from services.batch.executor import EchoExecutor
 from services.gateway import ServedModel, create_app
+from tests.batch.conftest import run_jobs
 
 MODEL = "tiny-llama"
 START_TIMEOUT_S = 30
@@ -109,20 +108,6 @@ async def gateway(config):
             yield client, app
 
 
-async def run_jobs(app, count):
-    gw = app.state.gateway
-    done, seen = asyncio.Event(), []
-    consumer = JobConsumer(gw.bus, gw.transports.store, Names(app.state.config.namespace),
-                           EchoExecutor(), ConsumerConfig("test"),
-                           on_handled=lambda r, _: (seen.append(r), len(seen) >= count and done.set()))
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    try:
-        await asyncio.wait_for(done.wait(), START_TIMEOUT_S)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, START_TIMEOUT_S)
-
 
 async def test_batch_data_survives_a_redis_restart(aof_redis, caplog):
     # Redis holds files, batches and results; the jobs queue may stay in memory here
@@ -136,7 +121,7 @@ async def test_batch_data_survives_a_redis_restart(aof_redis, caplog):
                                       files={"file": ("in.jsonl", lines.encode(), "application/jsonl")})).json()
             batch = (await client.post("/v1/batches", json={"input_file_id": file["id"],
                                                             "endpoint": "/v1/completions"})).json()
-            await run_jobs(app, 4)
+            await run_jobs(app, 4, START_TIMEOUT_S)
             before = {
                 "file": (await client.get(f"/v1/files/{file['id']}")).json(),
                 "input": (await client.get(f"/v1/files/{file['id']}/content")).text,
