@@ -16,8 +16,10 @@ Lifecycle of one request inside one engine::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol, Sequence
+
+import msgpack
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -85,6 +87,17 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class PromptChunk:
+    """Tokens ``start .. start + length - 1`` of ``request``'s prompt (with its resumed tokens) for
+    a chunked prefill: the chunk at ``start == 0`` adds the request to the engine, each next one
+    continues where the last stopped, and the one that reaches the end gives the first token."""
+
+    request: GenerationRequest
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token of one request, as produced by ``step`` (or ``prefill``, ``decode_step``)."""
 
@@ -96,6 +109,9 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     logprob: float | None = None  # of this token, when the request asked for logprobs
     top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), likeliest first
+
+
+HANDOFF_VERSION = 1  # of KVHandoff.to_bytes's map
 
 
 @dataclass(frozen=True)
@@ -119,16 +135,44 @@ class KVHandoff:
     layout: str  # e.g. "llama:L,2,Hkv,T,D" or "t5:self+cross"
     kv: bytes
 
-    def to_bytes(self) -> bytes:  # msgpack, versioned; implemented in engine.handoff
-        from engine.handoff import encode_handoff
-
-        return encode_handoff(self)
+    def to_bytes(self) -> bytes:
+        """The hand-off on the wire: a versioned msgpack map, the KV bytes as a binary field."""
+        p = self.params
+        return msgpack.packb({
+            "v": HANDOFF_VERSION,
+            "request_id": self.request_id,
+            "model": self.model,
+            "params": {**{f.name: getattr(p, f.name) for f in fields(SamplingParams)}, "stop": list(p.stop)},
+            "prompt_ids": list(self.prompt_ids),
+            "generated_ids": list(self.generated_ids),
+            "emitted_text": self.emitted_text,
+            "rng_state": self.rng_state,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "layout": self.layout,
+            "kv": self.kv,
+        }, use_bin_type=True)
 
     @staticmethod
     def from_bytes(data: bytes) -> "KVHandoff":
-        from engine.handoff import decode_handoff
-
-        return decode_handoff(data)
+        """A hand-off read back from ``to_bytes``; ValueError for anything else."""
+        try:
+            m = msgpack.unpackb(data, raw=False)
+        except (msgpack.UnpackException, ValueError) as exc:
+            raise ValueError(f"not a KV hand-off: {exc}") from exc
+        if not isinstance(m, dict) or m.get("v") != HANDOFF_VERSION:
+            raise ValueError(f"unsupported KV hand-off version {m.get('v') if isinstance(m, dict) else None!r}")
+        try:
+            p = m["params"]
+            known = {f.name for f in fields(SamplingParams)}  # a field this version lacks keeps its default
+            params = SamplingParams(**{**{k: v for k, v in p.items() if k in known}, "stop": tuple(p["stop"])})
+            return KVHandoff(
+                request_id=m["request_id"], model=m["model"], params=params, prompt_ids=tuple(m["prompt_ids"]),
+                generated_ids=tuple(m["generated_ids"]), emitted_text=m["emitted_text"], rng_state=m["rng_state"],
+                dtype=m["dtype"], shape=tuple(m["shape"]), layout=m["layout"], kv=m["kv"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed KV hand-off: {exc!r}") from exc
 
 
 class Tokenizer(Protocol):
@@ -150,7 +194,7 @@ class Engine(Protocol):
     device: str  # "cpu" or "cuda"
 
     def step(self, prefill: Sequence[GenerationRequest] = (), decode: Sequence[str] = (),
-             padding: int = 0) -> list[TokenEvent]:
+             padding: int = 0, chunks: Sequence[PromptChunk] = ()) -> list[TokenEvent]:
         """One scheduling step in one forward pass (T5: the encoder's over the new prompts, then one
         decoder pass); returns the events of the new and decoded requests (in any order: map them
         by ``request_id``).
@@ -165,6 +209,9 @@ class Engine(Protocol):
         - ``padding``: extra decode rows computed and thrown away (static batching's finished
           slots): they cost what a decode row at the batch's longest context costs and change no
           request.
+        - ``chunks``: prompt chunks (chunked prefill, decoder-only models): a request in a chunked
+          prefill holds its KV but is not running (no token, not decodable) until its last
+          chunk, which gives its first token. Greedy tokens are those of a whole prefill.
 
         A greedy request's tokens do not depend on what shares its step. Requests that finish
         (max_tokens, EOS, stop, context) leave the batch at once. Raises ValueError, changing

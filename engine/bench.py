@@ -18,6 +18,9 @@ batch's streams together) over llama.cpp's one stream. Use ``--clock wall`` with
 ``--prompt-len`` tokens prefilled while ``--step-decodes`` running requests decode, one forward
 pass) against the same work as two calls (``decode_step()`` then ``prefill``), alternating, median
 of ``--rounds``.
+
+A bad argument, or a model the benchmark cannot load, is a ``ValueError`` (``exegpt bench`` prints
+it as one line).
 """
 
 from __future__ import annotations
@@ -72,29 +75,23 @@ class Cell:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.cli import CliError
-
     try:
         batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError as exc:
-        raise CliError(f"--batch-sizes must be integers, got {args.batch_sizes!r}") from exc
+        raise ValueError(f"--batch-sizes must be integers, got {args.batch_sizes!r}") from exc
     if not batches or min(batches) < 1 or args.prompt_len < 2 or args.new_tokens < 4:
-        raise CliError("need batch sizes >= 1, --prompt-len >= 2 and --new-tokens >= 4")
+        raise ValueError("need batch sizes >= 1, --prompt-len >= 2 and --new-tokens >= 4")
     if not (0 <= args.prompt_spread < 1 and 0 <= args.output_spread < 1):
-        raise CliError("spreads must be in [0, 1)")
+        raise ValueError("spreads must be in [0, 1)")
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     if args.step:
         return run_step(args)
     if args.llamacpp:
         return run_llamacpp(args, batches)
-    try:
-        cells, device = benchmark(args.model, batches, args.prompt_len, args.new_tokens, repeats=args.repeats,
-                                  device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed,
-                                  prompt_spread=args.prompt_spread, output_spread=args.output_spread,
-                                  quant=args.quant)
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
+    cells, device = benchmark(args.model, batches, args.prompt_len, args.new_tokens, repeats=args.repeats,
+                              device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed,
+                              prompt_spread=args.prompt_spread, output_spread=args.output_spread, quant=args.quant)
     import torch
 
     print(f"engine vs transformers generate: model {args.model}, {device}, {_weights(args)}, "
@@ -255,15 +252,10 @@ def reference_model(engine, model: str) -> Any:
 
 
 def run_llamacpp(args: argparse.Namespace, batches: list[int]) -> int:
-    from services.cli import CliError
-
-    try:
-        cells, anchor = benchmark_llamacpp(args.model, batches, args.prompt_len, args.new_tokens,
-                                           repeats=args.repeats, dtype=args.dtype, quant=args.quant,
-                                           threads=args.threads, seed=args.seed, prompt_spread=args.prompt_spread,
-                                           output_spread=args.output_spread)
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
+    cells, anchor = benchmark_llamacpp(args.model, batches, args.prompt_len, args.new_tokens,
+                                       repeats=args.repeats, dtype=args.dtype, quant=args.quant,
+                                       threads=args.threads, seed=args.seed, prompt_spread=args.prompt_spread,
+                                       output_spread=args.output_spread)
     print(f"engine vs llama.cpp's one stream: model {args.model}, cpu, {_weights(args)}, {anchor}, "
           f"{args.clock} clock, prompts {args.prompt_len}*(1+-{args.prompt_spread}) tokens, "
           f"outputs {args.new_tokens}*(1+-{args.output_spread}) tokens, best of {args.repeats}")
@@ -362,17 +354,12 @@ class StepTiming:
 
 
 def run_step(args: argparse.Namespace) -> int:
-    from services.cli import CliError
-
     if min(args.step_prompts, args.step_decodes, args.rounds) < 1 or args.prompt_len < 1:
-        raise CliError("--step needs --step-prompts, --step-decodes, --rounds and --prompt-len >= 1")
+        raise ValueError("--step needs --step-prompts, --step-decodes, --rounds and --prompt-len >= 1")
     from engine import load_engine
 
-    try:
-        engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
-                             quant=args.quant)
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
+    engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
+                         quant=args.quant)
     import torch
 
     timing = time_mixed_step(engine, args.step_prompts, args.step_decodes, args.prompt_len, args.rounds, args.seed)

@@ -6,13 +6,13 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from common.jobs import JobProducer, collect_replies, job_id, new_batch_id
+from common.messages.jobs import BatchJob
 from common.messages.work import Sampling
+from common.names import Names
 from common.transport.port import Bus, Store
 from loadgen.client import RequestSpec
 from loadgen.metrics import Stat
-from common.messages.jobs import BatchJob
-from common.names import Names
-from services.batch.producer import JobProducer, collect_replies, job_id, new_batch_id
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Request lengths: how many prompt tokens to send and how many output tokens to force.
 
 The paper's synthetic tasks draw both lengths from normal distributions truncated to [1, max]
-(DESIGN.md §2). Sampling is pure given a ``numpy.random.Generator``.
+(ExeGPT, ASPLOS 2024, its table of tasks). Sampling is pure given a ``numpy.random.Generator``.
 """
 
 from __future__ import annotations

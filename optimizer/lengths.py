@@ -116,7 +116,7 @@ def _task(name: str, inp: tuple[float, float, int], out: tuple[float, float, int
     return Workload(name, LengthDistribution.truncated_normal(*inp), LengthDistribution.truncated_normal(*out))
 
 
-# The paper's tasks (DESIGN.md §2): (mean, std, max) of input and output lengths.
+# The paper's tasks (the ExeGPT paper's workloads): (mean, std, max) of input and output lengths.
 TASK_LENGTHS: dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]] = {
     "S": ((256, 252, 512), (32, 13, 80)),
     "T": ((128, 81, 256), (128, 68, 320)),

@@ -1,8 +1,8 @@
 """Models described by shape: enough to count KV-cache and weight bytes and message sizes.
 
 ``MODELS`` holds the paper's models (fp16). Our own models' shapes are read from the models
-themselves (``services.cli.plan.model_shape`` over ``engine.model_info.model_dimensions``), since
-this package reads no files.
+themselves (``services.scheduler.planning.model_shape`` over
+``engine.model_info.model_dimensions``), since this package reads no files.
 """
 
 from __future__ import annotations

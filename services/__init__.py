@@ -1,1 +1,2 @@
-"""ExeGPT mesh services: gateway, encoder, decoder, scheduler, and the command line."""
+"""ExeGPT mesh services: the gateway, the worker, the scheduler, batch jobs, how they are run, their
+benchmarks, and the command line."""

@@ -6,8 +6,10 @@ under CI (``CI`` set) it fails them, so a green run always means the broker case
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
+from types import ModuleType
 
 import pytest
 
@@ -33,7 +35,16 @@ def need(available: bool, what: str) -> None:
         return
     if os.environ.get("CI"):
         pytest.fail(f"{what} (under CI a test that cannot run fails)")
-    pytest.skip(what)
+    pytest.skip(what, allow_module_level=True)  # at a module's top it skips the module's tests
+
+
+def need_module(name: str) -> ModuleType:
+    """The module ``name`` (a test dependency), or ``need``'s skip or failure when it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        need(False, f"{name} not installed: {exc}")
+        raise  # not reached: need() raised
 
 
 def require_broker() -> None:

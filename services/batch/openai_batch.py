@@ -22,10 +22,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.transport.port import Bus, Store
+from common.jobs import JobProducer, job_id
 from common.messages.jobs import JobResult
 from common.names import BATCHES_MAX, RESULT_TTL_S, Names
-from services.batch.producer import JobProducer, job_id
+from common.transport.port import Bus, Store
 from services.batch.requests import ENDPOINTS, InvalidRequest, parse_batch_line
 from services.gateway import openai_api as oa
 

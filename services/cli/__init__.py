@@ -9,29 +9,11 @@ Modules import heavy dependencies (torch, fastapi) inside their run functions, s
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
+from types import ModuleType
 
-# Modules that register commands; a module missing from a checkout is skipped.
-COMMAND_MODULES: tuple[str, ...] = (
-    "services.cli.generate",   # exegpt generate
-    "services.cli.bench",      # exegpt bench engine|...
-    "services.cli.profile",    # exegpt profile
-    "services.cli.plan",       # exegpt plan
-    "services.cli.serve",      # exegpt serve | gateway | encoder | decoder | scheduler | up
-    "services.cli.down",       # exegpt down
-    "services.cli.dlq",        # exegpt dlq list|replay|purge
-    "services.cli.batch",      # exegpt batch submit|status|...
-    "services.cli.schedule",   # exegpt schedule show|set-bound|replan|pin
-    "services.cli.keys",       # exegpt keys new|hash
-    "loadgen.cli",             # exegpt loadgen
-)
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
+from common.cli import CliError
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
@@ -59,17 +41,32 @@ def mesh_config(args: argparse.Namespace):
         raise CliError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
+def command_modules() -> tuple[ModuleType, ...]:
+    """The modules that register commands, in ``exegpt --help`` order. Imported here rather than at
+    the top: they import this package's helpers (``add_mesh_args``)."""
+    from loadgen import cli as loadgen_cli
+    from services.cli import batch, bench, dlq, down, generate, keys, plan, profile, schedule, serve
+
+    return (
+        generate,      # exegpt generate
+        bench,         # exegpt bench engine|...
+        profile,       # exegpt profile
+        plan,          # exegpt plan
+        serve,         # exegpt serve | gateway | encoder | decoder | scheduler | up
+        down,          # exegpt down
+        dlq,           # exegpt dlq list|replay|purge
+        batch,         # exegpt batch submit|status|...
+        schedule,      # exegpt schedule show|set-bound|replan|pin
+        keys,          # exegpt keys new|hash
+        loadgen_cli,   # exegpt loadgen
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exegpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # command not built yet in this checkout
-                continue
-            raise
+    for module in command_modules():
         module.register(sub)
     return parser
 

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from services.cli import CliError
+from common.cli import CliError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -163,8 +163,8 @@ def _synthetic_specs(args: argparse.Namespace) -> Any:
 
 
 async def _submit(args: argparse.Namespace, config: Any) -> int:
+    from common.jobs import JobProducer, job_id, new_batch_id
     from loadgen.batch_target import jobs_from_specs, run_batch
-    from services.batch.producer import JobProducer, job_id, new_batch_id
 
     if (args.file is None) == (args.count is None):
         raise CliError("give a FILE or --count N")
@@ -188,7 +188,7 @@ async def _submit(args: argparse.Namespace, config: Any) -> int:
         await producer.submit(batch_id, jobs, reply_to=reply)
         print(batch_id)
         if args.wait:
-            from services.batch.producer import collect_replies
+            from common.jobs import collect_replies
 
             try:
                 seen, _ = await collect_replies(conn.bus, reply, {j.job_id for j in jobs}, args.timeout_s)
@@ -201,7 +201,7 @@ async def _submit(args: argparse.Namespace, config: Any) -> int:
 
 
 async def _status(args: argparse.Namespace, config: Any) -> int:
-    from services.batch.producer import JobProducer, UnknownBatch
+    from common.jobs import JobProducer, UnknownBatch
 
     async with _Conn(config) as conn:
         try:
@@ -213,7 +213,7 @@ async def _status(args: argparse.Namespace, config: Any) -> int:
 
 
 async def _cancel(args: argparse.Namespace, config: Any) -> int:
-    from services.batch.producer import JobProducer, UnknownBatch
+    from common.jobs import JobProducer, UnknownBatch
 
     async with _Conn(config) as conn:
         try:
@@ -225,7 +225,7 @@ async def _cancel(args: argparse.Namespace, config: Any) -> int:
 
 
 async def _results(args: argparse.Namespace, config: Any) -> int:
-    from services.batch.producer import JobProducer, UnknownBatch, job_id
+    from common.jobs import JobProducer, UnknownBatch, job_id
 
     async with _Conn(config) as conn:
         try:
@@ -244,7 +244,7 @@ async def _results(args: argparse.Namespace, config: Any) -> int:
 
 
 def _load_engine(args: argparse.Namespace, config: Any) -> Any:
-    from services.engines import load_engine
+    from services.run.engines import load_engine
 
     model_config = config.model_copy(update={"model": args.model or config.model})
     try:
@@ -260,10 +260,10 @@ async def _mesh_executor(args: argparse.Namespace, config: Any, stack: Any) -> A
     from common.transport.connect import LocalHub, open_transports
     from optimizer.schedule import Schedule
     from services.batch.mesh_executor import MeshExecutor
-    from services.embedded import local_workers
-    from services.engines import EngineRunner
     from services.gateway import ServedModel
     from services.gateway.core import Gateway
+    from services.run.embedded import local_workers
+    from services.run.engines import EngineRunner
 
     hub = LocalHub()
     if args.executor == "local":

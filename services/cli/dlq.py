@@ -20,7 +20,8 @@ import argparse
 import asyncio
 import time
 
-from services.cli import CliError, add_mesh_args, mesh_config
+from common.cli import CliError
+from services.cli import add_mesh_args, mesh_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from services.cli import CliError, add_mesh_args, mesh_config
+from common.cli import CliError
+from services.cli import add_mesh_args, mesh_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:

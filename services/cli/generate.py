@@ -31,11 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from common.cli import CliError
     from engine import load_engine
     from engine.api import GenerationRequest, SamplingParams
     from engine.parallel import GroupShape
     from engine.parallel.group import load_group_engine
-    from services.cli import CliError
 
     engine = None
     try:

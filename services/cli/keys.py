@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _new(args: argparse.Namespace) -> int:
-    from services.cli import CliError
+    from common.cli import CliError
     from services.gateway.keys import hash_key
 
     if not args.owner or any(c.isspace() for c in args.owner):

@@ -10,13 +10,9 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from services.cli import CliError
+from common.cli import CliError
+from services.scheduler.planning import POLICY_SETS, cluster_named, model_shape, profiled_dtype_bytes
 
-POLICY_SETS = {"rra": ("rra",), "waa": ("waa-c", "waa-m"), "all": ("rra", "waa-c", "waa-m"),
-               "static": ("static",), "continuous": ("continuous",),
-               "any": ("rra", "waa-c", "waa-m", "static", "continuous")}
-DTYPE_BYTES = {"torch.float32": 4, "float32": 4, "torch.bfloat16": 2, "bfloat16": 2, "torch.float16": 2,
-               "float16": 2}  # a profile header's dtype -> bytes per KV and weight element
 MAX_WARNINGS = 10  # noise and range warnings printed; the rest are counted
 
 
@@ -38,8 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latency-bound", required=True, type=_bound, metavar="SECONDS",
                    help="bound on generating a 99th-percentile-length output; 'inf' for none")
     p.add_argument("--policy", choices=sorted(POLICY_SETS), default="any",
-                   help="any (default): ExeGPT's policies and the two baselines, so the plan is never one the "
-                        "model rates below static or continuous batching; all: ExeGPT's only (RRA, WAA-C, WAA-M)")
+                   help="any (default): ExeGPT's policies, the two baselines and mixed steps (chunked prefill), "
+                        "so the plan is never one the model rates below static or continuous batching; all: "
+                        "ExeGPT's only (RRA, WAA-C, WAA-M)")
     p.add_argument("--cluster", default="h200-nvlink-ib", help="cluster preset (h200-nvlink-ib, "
                    "a100-80g-nvlink-ib, a40-pcie) or a cluster JSON file (`exegpt profile --cluster-out`)")
     p.add_argument("--max-batch", type=int, default=None, metavar="N",
@@ -83,42 +80,6 @@ def _bound(text: str) -> float:
     return value
 
 
-def _cluster(name: str):
-    from optimizer.cluster import CLUSTERS
-    from optimizer.io import load_cluster
-
-    if name in CLUSTERS:
-        return CLUSTERS[name]
-    if not Path(name).exists():
-        raise CliError(f"unknown cluster {name!r}: not a preset ({', '.join(sorted(CLUSTERS))}) nor a file")
-    return load_cluster(name)
-
-
-def _profiled_dtype_bytes(profile) -> int:
-    """Bytes per element of the dtype the profile headers name (the engine ran that), else float32
-    (the engine's CPU default)."""
-    names = {row["dtype"] for row in profile.metadata if isinstance(row.get("dtype"), str)}
-    return DTYPE_BYTES.get(names.pop(), 4) if len(names) == 1 else 4
-
-
-def model_shape(name: str, dtype_bytes: int = 4):
-    """The optimizer's shape of ``name``: a paper model from the table, else one of our models with
-    its shape read from the model's configuration (GGUF metadata or config.json, no weights)."""
-    from engine import MODELS as OUR_MODELS
-    from engine.model_info import model_dimensions
-    from optimizer.model import MODELS, ModelShape
-
-    if name in MODELS:
-        return MODELS[name]
-    if name not in OUR_MODELS and not Path(name).expanduser().exists():
-        raise CliError(f"unknown model {name!r}: not a paper model ({', '.join(sorted(MODELS))}) nor one of "
-                       f"ours ({', '.join(OUR_MODELS)}, a model folder or .gguf file)")
-    d = model_dimensions(name)
-    return ModelShape(name, layers=d.layers, hidden=d.hidden, heads=d.heads, ffn=d.ffn, vocab=d.vocab,
-                      head_dim=d.head_dim, encoder_layers=d.encoder_layers, dtype_bytes=dtype_bytes,
-                      kv_heads=d.kv_heads, gated_ffn=d.gated_ffn)
-
-
 def _scenario(args):
     from optimizer.analytic import Scenario
     from optimizer.io import load_profile, load_workload
@@ -127,13 +88,13 @@ def _scenario(args):
     if args.devices < 1:
         raise CliError(f"--devices must be >= 1, got {args.devices}")
     try:
-        cluster = _cluster(args.cluster)
+        cluster = cluster_named(args.cluster)
         if cluster.device_count and args.devices > cluster.device_count:
             raise CliError(f"cluster {cluster.name!r} ({args.cluster}) has {cluster.device_count} devices, "
                            f"--devices asks for {args.devices}")
         profile = load_profile(*args.profile)
         _check_profiled(args, profile)
-        model = model_shape(args.model, _profiled_dtype_bytes(profile))
+        model = model_shape(args.model, profiled_dtype_bytes(profile))
         workload = (scaled_task(args.task, args.scale) if args.task
                     else load_workload(args.lengths, args.max_input, args.max_output))
         sc = Scenario(model, profile, cluster, workload, args.devices)
@@ -256,6 +217,8 @@ def describe(schedule) -> str:
         parts.append(f"N_D={s.decode_iters_per_encode}")
         if s.encode_microbatches > 1:
             parts.append(f"encode micro-batches={s.encode_microbatches}")
+    if s.policy == "mixed":
+        parts.append(f"tokens/step={s.chunk_tokens}")
     if s.policy.startswith("waa"):
         tp = f"TP={s.tp_degree}"
         if s.encoder_tp_stages >= 0 and s.tp_degree > 1:

@@ -89,7 +89,7 @@ def _sibling(out: Path, suffix: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.cli import CliError
+    from common.cli import CliError
 
     if (args.amqp_url is None) != (args.redis_url is None):
         raise CliError("give both --amqp-url and --redis-url to measure the hand-off path, or neither")
@@ -144,8 +144,8 @@ def _cluster(args: argparse.Namespace, threads: int, device: str, collectives=No
 
 
 def _measured_collectives(device: str):
+    from common.cli import CliError
     from engine.parallel.collectives import measure
-    from services.cli import CliError
 
     if device.startswith("cuda"):
         print("exegpt profile: note: the link is measured between CPU processes (gloo); NCCL between GPUs is "
@@ -202,9 +202,9 @@ def _device_memory(device: str) -> float:
 def _measured_handoff(args: argparse.Namespace):
     import asyncio
 
+    from common.cli import CliError
     from common.transport.probe import measure_handoff
     from optimizer.cluster import Link
-    from services.cli import CliError
 
     try:
         probe = asyncio.run(measure_handoff(args.amqp_url, args.redis_url))

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from services.cli import CliError
+from common.cli import CliError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 HINTS = {401: " (give an admin key: --key or EXEGPT_API_KEY)",

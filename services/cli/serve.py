@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from services.cli import CliError
+from common.cli import CliError
 
 ROLES = {
     "serve": "all services in one process (embedded default; OpenAI-compatible API)",
@@ -104,14 +104,14 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"--rank applies to `exegpt worker`, not `{args.role}`")
         return _follow(config)
     if config.schedule:
-        from services.scheduler import parse_schedule
+        from services.scheduler.service import parse_schedule
 
         try:
             parse_schedule(config.schedule)
         except (OSError, ValueError) as exc:
             raise CliError(f"--schedule: {exc}") from None
     if args.role in ("serve", "scheduler", "up") and (config.profile or config.prior):
-        from services.planning import Planner, prior_workload
+        from services.scheduler.planning import Planner, prior_workload
 
         try:  # what the scheduler plans on: a bad file stops it here, not in the running mesh
             if config.profile:
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
                        "EXEGPT_REDIS_URL); `exegpt serve` runs everything in one process")
     if args.role == "up":
         return _up(config, args)
-    from services.runner import main_for
+    from services.run.runner import main_for
 
     try:
         return main_for(args.role, config)
@@ -159,7 +159,7 @@ def _follow(config) -> int:
     if config.master_addr is None or config.master_port is None:
         raise CliError("--rank > 0 needs --master-addr and --master-port (rank 0's)")
     from engine.parallel.group import follow
-    from services.engines import group_shape
+    from services.run.engines import group_shape
 
     try:
         return follow(config.model, group_shape(config), config.rank, addr=config.master_addr,
@@ -170,7 +170,7 @@ def _follow(config) -> int:
 
 
 def _up(config, args: argparse.Namespace) -> int:
-    from services.launcher import DEFAULT_SPEC, run_up
+    from services.run.launcher import DEFAULT_SPEC, run_up
 
     spec = args.spec or DEFAULT_SPEC
     if not spec.is_file():

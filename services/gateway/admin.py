@@ -28,7 +28,7 @@ from common.transport.port import Bus, Store
 from optimizer.schedule import Schedule
 from services.gateway import openai_api as oa
 from services.gateway.core import Gateway
-from services.scheduler import request_schedule
+from services.scheduler.service import request_schedule
 
 
 class BoundBody(BaseModel):

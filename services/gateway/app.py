@@ -28,17 +28,18 @@ from common.names import Names
 from common.tracing import TRACEPARENT, TRACESTATE, Tracing, tracing_for
 from common.transport.connect import LocalHub, open_transports
 from engine.api import Tokenizer
-from services.engines import is_factory_spec, load_engine, served_model_name
+from services.run.engines import is_factory_spec, load_engine, served_model_name
 from services.gateway import openai_api as oa
 from services.gateway.admin import admin_router, schedule_records
 from services.gateway.admission import Admission, Refused, Ticket
 from services.gateway.core import Gateway, Pending, RequestFailed
 from services.gateway.keys import RequireKeys, load_keys
 from services.gateway.metrics import Metrics
-from services.gateway.outage import AnswerOutages, is_outage
+from common.transport.errors import is_outage
+from services.gateway.outage import AnswerOutages
 from services.gateway.plugins import Lifespan
 from services.ops import RETRY_AFTER_S, roles_covered, transport_checks
-from services.schedule_gauges import SchedulerMetrics
+from services.scheduler.gauges import SchedulerMetrics
 
 log = logging.getLogger(__name__)
 

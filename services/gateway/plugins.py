@@ -2,34 +2,33 @@
 
 A plugin module exposes ``router() -> fastapi.APIRouter`` and, optionally,
 ``lifespan(app) -> async context manager`` entered after the gateway started (its handlers and
-background tasks find the ``Gateway`` at ``app.state.gateway``). List the module here; a module
-missing from a checkout is skipped.
+background tasks find the ``Gateway`` at ``app.state.gateway``). List the module in
+``plugin_modules``.
 """
 
 from __future__ import annotations
 
-import importlib
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any, Callable, Sequence
 
 from fastapi import APIRouter, FastAPI
-
-PLUGIN_MODULES: tuple[str, ...] = (
-    "services.batch.plugin",  # OpenAI Batch API and a batch-job consumer
-)
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
 
 
-def load_plugins(modules: tuple[str, ...] = PLUGIN_MODULES) -> tuple[list[APIRouter], list[Lifespan]]:
+def plugin_modules() -> tuple[ModuleType, ...]:
+    """The plugins every gateway mounts. Imported here rather than at the top: a plugin builds on
+    the gateway package (``services.gateway.openai_api``)."""
+    from services.batch import plugin as batch_plugin  # OpenAI Batch API and a batch-job consumer
+
+    return (batch_plugin,)
+
+
+def load_plugins(modules: Sequence[ModuleType] | None = None) -> tuple[list[APIRouter], list[Lifespan]]:
+    """The routers and lifespans of ``modules`` (default: ``plugin_modules()``)."""
     routers, lifespans = [], []
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
+    for module in plugin_modules() if modules is None else modules:
         routers.append(module.router())
         if hasattr(module, "lifespan"):
             lifespans.append(module.lifespan)

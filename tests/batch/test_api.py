@@ -7,14 +7,14 @@ import json
 import httpx
 import pytest
 
+from common.names import Names
 from common.transport.connect import LocalHub, open_bus, open_store
 from services.batch.api import batch_lifespan, batch_router
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
-from common.names import Names
-from services.embedded import local_workers
-from services.engines import EngineRunner
 from services.gateway import ServedModel, create_app
+from services.run.embedded import local_workers
+from services.run.engines import EngineRunner
 
 MODEL = "tiny-llama"
 TIMEOUT_S = 60
@@ -28,8 +28,8 @@ def config(batch_config):
 @pytest.fixture(scope="module")
 def engines():
     """Loading costs seconds: two workers' engines for the whole module."""
-    from services.engines import load_engine as load
     from common.config import MeshConfig
+    from services.run.engines import load_engine as load
 
     cfg = MeshConfig(model=MODEL, threads=1, device="cpu")
     return load(cfg), load(cfg)

@@ -6,16 +6,16 @@ import asyncio
 import pytest
 
 from common.config import MeshConfig
+from common.jobs import JobProducer, ReplyCollector, job_id, new_batch_id
+from common.messages.jobs import BatchJob
 from common.messages.work import Sampling
 from common.transport.connect import open_transports
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.mesh_executor import MeshExecutor
-from common.messages.jobs import BatchJob
-from services.batch.producer import JobProducer, ReplyCollector, job_id, new_batch_id
-from services.embedded import local_workers
-from services.engines import EngineRunner, load_engine
 from services.gateway import ServedModel
 from services.gateway.core import Gateway
+from services.run.embedded import local_workers
+from services.run.engines import EngineRunner, load_engine
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-llama"

@@ -4,12 +4,12 @@ import asyncio
 
 import pytest
 
-from common.messages.work import Sampling
+from common.jobs import JobProducer, ReplyCollector, collect_replies, job_id, new_batch_id
 from common.messages import codec
+from common.messages.jobs import BatchJob, JobResult
+from common.messages.work import Sampling
 from services.batch.consumer import ConsumerConfig, JobConsumer, QueueDepthAdmission
 from services.batch.executor import EchoExecutor
-from common.messages.jobs import BatchJob, JobResult
-from services.batch.producer import JobProducer, ReplyCollector, collect_replies, job_id, new_batch_id
 
 
 def make_jobs(batch_id, count, reply_to, prompt="alpha beta gamma delta", max_tokens=2):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from common.messages.work import Sampling
+from common.jobs import JobProducer, ReplyCollector, job_id, new_batch_id
 from common.messages.jobs import BatchJob
-from services.batch.producer import JobProducer, ReplyCollector, job_id, new_batch_id
+from common.messages.work import Sampling
 from tests.brokers import require_broker
 
 ROOT = Path(__file__).resolve().parents[2]

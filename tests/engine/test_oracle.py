@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from engine.runners import greedy_logits
+from tests.brokers import need_module
 from tests.engine.conftest import req, run_to_end
 
-transformers = pytest.importorskip("transformers")
+transformers = need_module("transformers")
 
 TINY_LOGIT_TOL = 1e-3  # float32, tiny models (logits of magnitude ~30): only summation order differs
 SMOLLM2_LOGIT_TOL = 5e-4  # float32, 30 layers, logits of magnitude ~40 (measured ~6e-5)
@@ -57,7 +58,7 @@ def test_tiny_decoder_matches_transformers(make_engine, models_dir, name, hf_cla
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2):
     """transformers' own GGUF reader: dequantizes and un-permutes Q/K independently of ours."""
-    pytest.importorskip("accelerate")  # transformers needs it to read GGUF
+    need_module("accelerate")  # transformers needs it to read GGUF
     from engine.gguf_loader import smollm2_path
 
     path = smollm2_path()

@@ -7,8 +7,8 @@ import pytest
 
 from tests.brokers import need_smollm2
 
+from common.cli import CliError
 from engine.model_info import model_dimensions
-from services.cli import CliError
 from services.cli.plan import model_shape
 
 

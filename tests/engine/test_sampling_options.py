@@ -8,8 +8,7 @@ import msgpack
 import pytest
 import torch
 
-from engine.api import GenerationRequest, SamplingParams
-from engine.handoff import decode_handoff, encode_handoff
+from engine.api import GenerationRequest, KVHandoff, SamplingParams
 from engine.sampling import hold_back_stops, logprobs_of, penalise
 
 
@@ -89,12 +88,12 @@ def test_out_of_range_options_are_refused(bad) -> None:
 def test_the_hand_off_carries_the_new_options_and_reads_older_ones(llama) -> None:
     llama.step(prefill=[req("h", n=8, logprobs=2, frequency_penalty=0.5)])
     handoff = llama.export_request("h")
-    again = decode_handoff(encode_handoff(handoff))
+    again = KVHandoff.from_bytes(handoff.to_bytes())
     assert again.params == handoff.params and again.params.logprobs == 2
-    old = msgpack.unpackb(encode_handoff(handoff), raw=False)
+    old = msgpack.unpackb(handoff.to_bytes(), raw=False)
     for key in ("presence_penalty", "frequency_penalty", "logprobs"):
         del old["params"][key]  # as a sender without these options writes it
-    older = decode_handoff(msgpack.packb(old, use_bin_type=True))
+    older = KVHandoff.from_bytes(msgpack.packb(old, use_bin_type=True))
     assert older.params.logprobs is None and older.params.frequency_penalty == 0.0
 
 

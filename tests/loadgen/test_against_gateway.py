@@ -9,10 +9,10 @@ import uvicorn
 
 from common.config import MeshConfig
 from common.transport.connect import LocalHub
-from services.embedded import local_workers
-from services.engines import EngineRunner, load_engine
-from services.gateway import ServedModel, create_app
 from services.cli import main
+from services.gateway import ServedModel, create_app
+from services.run.embedded import local_workers
+from services.run.engines import EngineRunner, load_engine
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-llama"

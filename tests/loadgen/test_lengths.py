@@ -23,7 +23,7 @@ def test_task_lengths_are_truncated_normals(task):
 
 def test_task_s_output_p99_matches_the_paper():
     out = task_lengths("S", 50_000, np.random.default_rng(6)).output_tokens
-    assert np.percentile(out, 99) == pytest.approx(63, abs=2)  # DESIGN.md §2: S output p99 63
+    assert np.percentile(out, 99) == pytest.approx(63, abs=2)  # the ExeGPT paper: S output p99 63
 
 
 def test_unknown_task_names_the_choices():

@@ -78,8 +78,8 @@ def test_tokenizer_auto_uses_the_served_models_tokenizer_and_context():
 
 
 def test_tokenizer_auto_falls_back_to_word_prompts_and_names_fail_loudly():
+    from common.cli import CliError
     from loadgen.cli import _prompt_tokenizer
-    from services.cli import CliError
 
     assert _prompt_tokenizer("auto", "no-such-model").encode is None
     assert _prompt_tokenizer("none", "tiny-llama").encode is None

@@ -14,9 +14,9 @@ from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub, purge
 from optimizer.schedule import Schedule
-from services.embedded import LocalMesh, local_workers
-from services.engines import EngineRunner
 from services.gateway import ServedModel, create_app
+from services.run.embedded import LocalMesh, local_workers
+from services.run.engines import EngineRunner
 from tests.brokers import AMQP_URL, REDIS_URL
 
 TIMEOUT_S = 30

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from common.cli import CliError
 from common.config import MeshConfig
 from common.messages import codec
 from common.messages.control import PinSchedule, Replan, RoleAssignment, ScheduleUpdate, SetBound
@@ -21,7 +22,7 @@ from common.messages.status import SchedulerState
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
 from optimizer.schedule import Schedule
-from services.cli import CliError, main
+from services.cli import main
 from services.cli import schedule as schedule_cli
 from services.gateway import ServedModel, create_app
 from services.gateway.keys import (KeyRing, check_exposure, hash_key, load_keys, parse_keys_file,
@@ -350,7 +351,7 @@ def test_keys_new_prints_a_key_and_its_line(capsys):
 
 
 def test_up_hands_its_children_the_keys_themselves():
-    from services.launcher import child_env
+    from services.run.launcher import child_env
 
     env = child_env(MeshConfig(api_keys="u1,u2", admin_keys="a1", insecure=True))
     assert (env["EXEGPT_API_KEYS"], env["EXEGPT_ADMIN_KEYS"]) == ("u1,u2", "a1")

@@ -3,7 +3,7 @@
 import pytest
 
 from optimizer.schedule import Schedule
-from services.allocation import allocate
+from services.scheduler.allocation import allocate
 
 WAA = Schedule("waa-c", encode_batch=4, num_devices=4, encoder_devices=1, decoder_devices=3, worker_devices=1)
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from services.bench_adapt import KEYS, SETTLE_S, WARMUP_S, Run, Sent, Setup, add_arguments, summarize, traffic
+from services.bench.adapt import KEYS, SETTLE_S, WARMUP_S, Run, Sent, Setup, add_arguments, summarize, traffic
 
 
 def args_for(*argv: str) -> argparse.Namespace:

@@ -5,7 +5,7 @@ import math
 from optimizer.lengths import scaled_task
 from optimizer.schedule import Schedule
 from optimizer.verify import outstanding as concurrency, requests_for
-from services.bench_schedules import Load, Measured, bounds_from, rows_for, sweep_schedule
+from services.bench.schedules import Load, Measured, bounds_from, rows_for, sweep_schedule
 
 
 def test_the_closed_loop_fills_every_decode_slot():

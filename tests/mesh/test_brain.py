@@ -23,7 +23,7 @@ from common.messages.control import Replan, SetBound
 from common.messages.status import SchedulerState
 from common.names import Names
 from optimizer.lengths import scaled_task
-from services.scheduler import recent_lengths
+from services.scheduler.service import recent_lengths
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import load
 

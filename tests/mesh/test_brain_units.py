@@ -1,4 +1,4 @@
-"""The scheduler's drift procedure as it runs (``services.brain.Brain``): a window that grows from
+"""The scheduler's drift procedure as it runs (``services.scheduler.brain.Brain``): a window that grows from
 the last plan, a check every ``CHECK_EVERY`` finished requests, two significant checks in a row.
 Pure: finish records are made up, time is an argument; no planner (no search runs)."""
 
@@ -10,8 +10,8 @@ import pytest
 from common.config import MeshConfig
 from common.messages.status import LengthSample
 from optimizer.lengths import scaled_task
-from services.brain import Brain
-from services.planning import reference_sample
+from services.scheduler.brain import Brain
+from services.scheduler.planning import reference_sample
 
 RATE = 5.0  # finished requests per second
 S, T = scaled_task("S", 0.25), scaled_task("T", 0.25)
@@ -103,7 +103,7 @@ def test_the_complete_cohort_is_not_biased_short():
 
 
 def test_a_small_sample_does_not_understate_the_99th_percentile():
-    from services.brain import observed_workload
+    from services.scheduler.brain import observed_workload
 
     t = scaled_task("T", 0.125)
     short = 0
@@ -118,7 +118,7 @@ def test_a_small_sample_does_not_understate_the_99th_percentile():
 
 def plan_of(thr: float, lat: float, meets: bool):
     from optimizer.schedule import Schedule
-    from services.planning import Plan
+    from services.scheduler.planning import Plan
 
     return Plan(Schedule(), thr, lat, meets, 2, 0.1, 1)
 
@@ -133,7 +133,7 @@ def plan_of(thr: float, lat: float, meets: bool):
     ((5.0, 2.9, False), (9.0, 3.0), False),  # neither meets it: not quicker by the margin
 ])
 def test_a_plan_is_published_only_when_it_is_better_by_the_margin(new, current, publish):
-    from services.planning import better
+    from services.scheduler.planning import better
 
     assert better(plan_of(*new), current, 2.0, 0.05)[0] is publish
 
@@ -143,14 +143,14 @@ def test_a_plan_that_cannot_carry_the_traffic_is_not_taken_while_the_schedule_in
     """The new plan meets the bound where the one in force does not (saturated), but carries
     10 seq/s at most, the one in force 14.5: at 9 requests/s (x1.25 headroom) it would queue
     without end; at 20 neither carries it and the bound decides."""
-    from services.planning import better
+    from services.scheduler.planning import better
 
     assert better(plan_of(10.0, 6.3, True), (14.5, 8.4), 6.4, 0.05, arrival_rate=rate)[0] is publish
 
 
 def test_a_schedule_compares_across_worker_counts_only_when_it_can_run_there():
     from optimizer.schedule import Schedule
-    from services.brain import for_workers
+    from services.scheduler.brain import for_workers
 
     replicas = Schedule("continuous", encode_batch=8, decode_batch=16, num_devices=2, worker_devices=1)
     assert for_workers(replicas, 3, 1).num_devices == 3

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.launcher import RestartBudget, RestartPolicy
+from services.run.launcher import RestartBudget, RestartPolicy
 
 POLICY = RestartPolicy(max_restarts=3, window_s=100.0, backoff_s=(1.0, 8.0), healthy_s=10.0)
 
@@ -43,7 +43,7 @@ def test_a_healthy_run_resets_the_backoff_but_not_the_window() -> None:
 
 def test_up_shares_the_kv_budget_among_its_workers() -> None:
     from common.config import MeshConfig
-    from services.launcher import with_kv_share
+    from services.run.launcher import with_kv_share
 
     shared = with_kv_share(MeshConfig(), workers=4, available=16 * 2**30)
     assert shared.kv_cache_gb == 2.0  # half of 16 GiB, over 4 workers

@@ -17,7 +17,7 @@ from common.names import Names
 from common.transport.connect import open_transports
 from optimizer.schedule import Schedule
 from services.ops import OpsServer, roles_covered, transport_checks
-from services.schedule_gauges import SchedulerMetrics
+from services.scheduler.gauges import SchedulerMetrics
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import FakeEngine
 

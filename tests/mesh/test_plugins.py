@@ -8,16 +8,16 @@ import httpx
 
 from common.config import MeshConfig
 from common.transport.connect import LocalHub
-from services.embedded import local_workers
-from services.engines import EngineRunner
 from services.gateway import ServedModel, create_app
 from services.gateway.plugins import load_plugins
+from services.run.embedded import local_workers
+from services.run.engines import EngineRunner
 from tests.mesh import plugin_example
 from tests.mesh.fake_engine import load
 
 
 async def test_a_plugin_route_submits_through_the_gateway(namespace):
-    routers, lifespans = load_plugins(("tests.mesh.plugin_example", "tests.mesh.not_there"))
+    routers, lifespans = load_plugins((plugin_example,))
     assert len(routers) == 1 and len(lifespans) == 1
     config, hub = MeshConfig(namespace=namespace, model="fake"), LocalHub()
     runner = EngineRunner(load())

@@ -9,6 +9,7 @@ import asyncio
 
 import pytest
 
+from common.jobs import ReplyCollector, job_id, new_batch_id
 from common.messages import codec
 from common.messages.control import PinSchedule
 from common.messages.events import EventBatch
@@ -20,9 +21,8 @@ from common.transport.connect import open_bus, open_store, open_transports
 from common.transport.kv import StoreKv
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
-from services.batch.producer import ReplyCollector, job_id, new_batch_id
 from services.cli.dlq import act
-from services.scheduler import DEFAULT_SCHEDULE
+from services.scheduler.service import DEFAULT_SCHEDULE
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import FakeEngine, load
 

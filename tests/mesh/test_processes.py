@@ -22,7 +22,7 @@ from common.messages.status import WorkerStatus
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
 from optimizer.schedule import Schedule
-from services.scheduler import current_schedule, recent_lengths, request_schedule
+from services.scheduler.service import current_schedule, recent_lengths, request_schedule
 from tests.brokers import AMQP_URL, REDIS_URL, require_broker
 from tests.mesh.conftest import purge_namespace
 from tests.mesh.processes import ProcessMesh, stream_completion

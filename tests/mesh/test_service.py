@@ -15,7 +15,7 @@ from common.names import Names
 from common.transport.connect import open_bus, open_transports
 from engine.api import GenerationRequest, SamplingParams
 from optimizer.schedule import Schedule
-from services.scheduler import recent_lengths
+from services.scheduler.service import recent_lengths
 from tests.mesh.conftest import running_mesh
 from tests.mesh.fake_engine import FakeEngine, load, next_token
 

@@ -163,7 +163,7 @@ def test_off_the_services_import_no_opentelemetry() -> None:
         def otel():
             return {m for m in sys.modules if m.startswith("opentelemetry")}
         before = otel()
-        import common.tracing, services.runner, services.worker.worker, services.gateway.app
+        import common.tracing, services.run.runner, services.worker.worker, services.gateway.app
         from common.config import MeshConfig
         assert common.tracing.tracing_for(MeshConfig()) is common.tracing.NO_TRACING
         assert otel() == before, sorted(otel() - before)

@@ -3,7 +3,7 @@ import pytest
 
 from optimizer.lengths import TASKS, LengthDistribution, Workload, parse_length_csv, workload_from_trace
 
-# DESIGN.md §2: the paper's 99th-percentile output lengths (ours are of the discretised,
+# The ExeGPT paper's 99th-percentile output lengths (ours are of the discretised,
 # truncated normal; the paper's come from its own sampling).
 PAPER_P99 = {"S": 63, "T": 292, "G": 417, "C1": 137, "C2": 579}
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import main
+from tests.brokers import need
 
 SHARED = Path(__file__).resolve().parents[2] / "../shared"  # beside the repository
 PROFILES, TRACES = SHARED / "profiles", SHARED / "traces"
@@ -15,8 +16,7 @@ SPLIT = str(PROFILES / "h200-reference-split.jsonl")
 
 @pytest.fixture(autouse=True)
 def _needs_shared():
-    if not PROFILES.exists():
-        pytest.skip("shared profiles not present")
+    need(PROFILES.exists(), f"shared profiles not present at {PROFILES}")
 
 
 def _plan(*extra):
@@ -186,8 +186,7 @@ def test_plan_at_a_rate_reports_the_share_within_the_bound_and_both_timings(caps
 
 
 def test_plan_with_a_trace_replays_its_arrivals(capsys):
-    if not (TRACES / "azure-llm-2023-conv.csv").exists():
-        pytest.skip("trace not present")
+    need((TRACES / "azure-llm-2023-conv.csv").exists(), f"trace not present in {TRACES}")
     trace = str(TRACES / "azure-llm-2023-conv.csv")
     code = _plan("--lengths", trace, "--max-input", "2048", "--max-output", "512", "--latency-bound", "20",
                  "--trace", trace, "--requests", "150", "--max-batch", "64", "--json")

@@ -2,12 +2,12 @@
 
 Main loop: receive (heartbeats from the status exchange; pin, bound and re-plan requests from its
 queue) → note who is alive (a worker silent for ``heartbeat_timeout_s`` is gone) → learn from the
-finish records and search again when there is a reason (``services.brain``) → allocate roles
-(``services.allocation``) → publish a new version when the schedule or the roles change.
+finish records and search again when there is a reason (``services.scheduler.brain``) → allocate roles
+(``services.scheduler.allocation``) → publish a new version when the schedule or the roles change.
 
 The current ScheduleUpdate lives in the store (``names.schedule``) for workers that join late and
 goes out on the control fanout exchange. Only the scheduler that holds the lease
-(``services.leadership``) publishes, each version fenced by it; others stand by, hearing every
+(``services.scheduler.leadership``) publishes, each version fenced by it; others stand by, hearing every
 heartbeat, and take over when it lapses. What the leader decided and on what is kept in the
 store (``names.scheduler_state``) for the admin API and the metrics.
 """
@@ -29,12 +29,13 @@ from common.messages.control import PinSchedule, Replan, ScheduleUpdate, Schedul
 from common.messages.status import LengthSample, SchedulerState, StatusMessage, WorkerStatus
 from common.names import OUTPUT_LENGTHS_MAX, Names
 from common.transport.connect import Transports
+from common.transport.errors import Backoff, is_outage, what_failed
 from common.transport.port import Bus, Store, Subscription, processing
 from optimizer.schedule import Schedule
-from services.allocation import Allocation, allocate
-from services.brain import Brain, Decision
-from services.leadership import Leadership
-from services.planning import Planner, PlanningError
+from services.scheduler.allocation import Allocation, allocate
+from services.scheduler.brain import Brain, Decision
+from services.scheduler.leadership import Leadership
+from services.scheduler.planning import Planner, PlanningError
 from services.worker import new_worker_id
 
 log = logging.getLogger("exegpt.scheduler")
@@ -141,13 +142,23 @@ class SchedulerService:
     async def _serve_terms(self) -> None:
         """Lead while this process holds the lease; stand by while another does (a hot standby:
         it hears every heartbeat), and take over once the lease lapses."""
+        backoff = Backoff()
         while not self.stopping.is_set():
-            if not self.leadership.leading:
-                await self.leadership.acquire()
-                await self._take_office()
-            if self.leadership.leading:
-                await self._lead()
-                self.announce(f"standby scheduler {self.worker_id} (lease lost)")
+            try:
+                if not self.leadership.leading:
+                    await self.leadership.acquire()
+                    await self._take_office()
+                if self.leadership.leading:
+                    await self._lead()
+                    self.announce(f"standby scheduler {self.worker_id} (lease lost)")
+                backoff.reset()
+            except Exception as exc:  # an outage of the store or the broker ends the term, not the service
+                if not is_outage(exc):
+                    raise
+                delay = backoff.next_s()
+                log.warning("scheduler %s: %s did not answer (%r); trying again in %.1f s (workers keep "
+                            "the schedule they run)", self.worker_id, what_failed(exc), exc, delay)
+                await asyncio.sleep(delay)  # a retry's backoff, not a synchronisation
 
     async def _take_office(self) -> None:
         """A term begins: carry on from the stored schedule and pin, and publish a version under
@@ -175,8 +186,13 @@ class SchedulerService:
         try:
             await asyncio.wait([holding, receiving, *duties], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await self.leadership.lose()
-            await requests.cancel()  # the request in hand is finished (publishing nothing); the rest go back
+            for ending in (self.leadership.lose(), requests.cancel()):  # the request in hand is finished
+                try:                                                      # (publishing nothing); the rest go back
+                    await ending
+                except Exception as exc:  # the store or broker is out: the lease lapses, the broker returns them
+                    if not is_outage(exc):
+                        raise
+                    log.info("scheduler %s: ending the term: %r", self.worker_id, exc)
             for task in (holding, *duties, self.planning):
                 if task is not None:
                     task.cancel()

@@ -18,8 +18,8 @@ from typing import AsyncIterator
 from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
-from services.engines import EngineRunner
-from services.scheduler import SchedulerService
+from services.run.engines import EngineRunner
+from services.scheduler.service import SchedulerService
 from services.worker import Worker
 
 START_TIMEOUT_S = 60.0

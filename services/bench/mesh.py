@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from common.names import Names
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "The quick brown fox jumps over the lazy dog while the mesh measures itself. " * 2
 
 
@@ -256,7 +256,7 @@ def broker_hop(a: argparse.Namespace) -> list[float]:
     """One bare RabbitMQ hop between two processes, through the mesh's own bus adapter
     (persistent, confirmed): half of each ping-pong round trip with another process."""
     names = Names(f"probe{uuid.uuid4().hex[:8]}")
-    pong = subprocess.Popen([sys.executable, "-m", "services.bench_mesh", "pong", a.amqp_url,
+    pong = subprocess.Popen([sys.executable, "-m", "services.bench.mesh", "pong", a.amqp_url,
                              names.namespace], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     try:
@@ -380,6 +380,6 @@ def print_table(rows: list[tuple[str, str]], a: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["pong"]:
-    from services.runner import run_loop
+    from services.run.runner import run_loop
 
     run_loop(pong_main(sys.argv[2], sys.argv[3]))  # the loop the services run on

@@ -36,7 +36,7 @@ from optimizer.drift import DriftMonitor, DriftResult
 from optimizer.lengths import Workload
 from optimizer.schedule import Schedule
 from optimizer.stats import StreamingStats
-from services.planning import Plan, Planner, better, prior_workload, reference_sample
+from services.scheduler.planning import Plan, Planner, better, prior_workload, reference_sample
 
 SEEN_MAX = 20_000  # request ids remembered to skip finish records already counted
 WINDOW_MAX = 500  # newest finished requests since the last plan that a search on observations uses

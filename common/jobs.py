@@ -1,4 +1,8 @@
-"""The job producer: publishes a batch of jobs, follows its progress, collects its results.
+"""The job queue's client side: publishes a batch of jobs, follows its progress, collects its results.
+
+Any process that submits jobs uses it: ``exegpt batch``, the OpenAI Batch API
+(``services.batch``) and the load generator's batch target. The consumer side, which runs the jobs
+on the mesh's workers, is ``services.batch.consumer``.
 
 A batch is ``count`` jobs with ids ``{batch_id}-{index:06d}``; its record in the store (count,
 model, reply queue, cancelled flag) lets any process ask for its status or cancel it.
@@ -12,10 +16,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from common.transport.port import Bus, Store
 from common.messages import codec
 from common.messages.jobs import BatchJob, JobResult
 from common.names import RESULT_TTL_S, Names
+from common.transport.port import Bus, Store
 
 
 PUBLISH_WINDOW = 64  # publishes awaiting their broker confirm at once

@@ -13,14 +13,14 @@ from typing import Any, Callable, Coroutine, Protocol
 from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
-from services.embedded import local_workers
-from services.engines import EngineRunner, group_shape, load_engine, served_model_name
 from services.gateway import ServedModel, create_app, load_served_model
 from services.gateway.keys import check_exposure, load_keys
 from services.gateway.plugins import load_plugins
 from services.ops import OpsServer, transport_checks
-from services.schedule_gauges import SchedulerMetrics
-from services.scheduler import SchedulerService
+from services.run.embedded import local_workers
+from services.run.engines import EngineRunner, group_shape, load_engine, served_model_name
+from services.scheduler.gauges import SchedulerMetrics
+from services.scheduler.service import SchedulerService
 from services.worker import Worker
 
 log = logging.getLogger(__name__)

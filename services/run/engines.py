@@ -2,7 +2,9 @@
 
 A model spec is a name or folder for ``engine.load_engine`` (smollm2, tiny-llama, ...), or
 ``package.module:factory`` for another implementation of the engine protocol (test doubles, custom
-engines); the factory is called with ``device`` and ``num_threads``.
+engines); the factory is called with ``device`` and ``num_threads``. The spec is a setting that
+travels to every worker process, so the factory is imported by name; a module or factory that is
+not there is an error that names the spec, never a fallback.
 """
 
 from __future__ import annotations
@@ -25,9 +27,7 @@ def is_factory_spec(model: str) -> bool:
 
 def load_engine(config: MeshConfig) -> Engine:
     if is_factory_spec(config.model):
-        module_name, attr = config.model.split(":", 1)
-        factory = getattr(importlib.import_module(module_name), attr)
-        return factory(device=config.device, num_threads=config.threads)
+        return engine_factory(config.model)(device=config.device, num_threads=config.threads)
     shape = group_shape(config)
     if not shape.single:  # one model over a group of processes; this one drives it
         from engine.parallel.group import load_group_engine
@@ -44,6 +44,19 @@ def load_engine(config: MeshConfig) -> Engine:
                   quant=config.quant)
     engine.set_kv_budget(kv_budget_bytes(config, engine.device))
     return engine
+
+
+def engine_factory(spec: str) -> Callable[..., Engine]:
+    """The factory a ``package.module:factory`` spec names; ValueError when it is not there."""
+    module_name, attr = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"model {spec!r}: no module {exc.name!r}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"model {spec!r}: {module_name} has no factory {attr!r}")
+    return factory
 
 
 CPU_KV_SHARE = 0.5  # of the memory available when a worker starts, for its KV cache

@@ -78,7 +78,7 @@ class SchedulerMetrics(Collector):
     """One scheduler process's metrics: whether it leads, the workers it hears, and (while it
     leads) the schedule gauges from its own memory."""
 
-    def __init__(self, scheduler) -> None:  # a services.scheduler.SchedulerService
+    def __init__(self, scheduler) -> None:  # a services.scheduler.service.SchedulerService
         self.scheduler = scheduler
         self.gauges = ScheduleGauges()
         self.registry = CollectorRegistry()

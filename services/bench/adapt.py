@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.bench_schedules import MODEL, Processes, niced_services, pin, profile_here, purge_namespace
+from services.bench.schedules import MODEL, Processes, niced_services, pin, profile_here, purge_namespace
 
 WARMUP_S = 5.0  # requests sent this early are left out of "before"
 SETTLE_S = 10.0  # "after" starts this long after the shift, in both runs (the re-plan goal)
@@ -139,7 +139,7 @@ class Run:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.cli import CliError
+    from common.cli import CliError
 
     if os.cpu_count() is None or os.cpu_count() < 2:
         raise CliError("bench adapt pins two workers to two cores; this machine has fewer")
@@ -177,7 +177,7 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
     from common.config import MeshConfig
     from optimizer.lengths import scaled_task
     from services.cli.plan import describe
-    from services.planning import Planner
+    from services.scheduler.planning import Planner
 
     profile = args.profile or profile_here(tmp, [_ProfilePlan("S", args.scale), _ProfilePlan("T", args.scale)], args,
                                            repeats=QUICK_PROFILE_REPEATS if args.quick else None)
@@ -221,7 +221,7 @@ class Mesh(Processes):
 
 
 def _no_setup() -> None:
-    from services.bench_schedules import die_with_parent
+    from services.bench.schedules import die_with_parent
 
     die_with_parent()
 
@@ -279,7 +279,7 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
     from common.names import Names
     from common.transport.connect import LocalHub, open_transports
     from services.gateway.core import Gateway
-    from services.scheduler import current_schedule, recent_lengths
+    from services.scheduler.service import current_schedule, recent_lengths
 
     config = mesh_config(args, setup, kind)
     names = Names(config.namespace)

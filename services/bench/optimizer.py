@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_PROFILE = Path(__file__).resolve().parents[1] / ".." / "shared" / "profiles" / "h200-reference-split.jsonl"
+DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / ".." / "shared" / "profiles" / "h200-reference-split.jsonl"
 SCENARIOS = (("opt-13b", 4), ("gpt3-175b", 16))
 EXTRA_SCENARIOS = ("opt-66b:8:S", "t5-11b:8:S")  # beside the ten reference ones: task S only
 TASK_IDS = ("S", "T", "G", "C1", "C2")
@@ -226,11 +226,11 @@ def print_summary(rows: list[Row]) -> None:
 
 
 def _scenario(profile, spec: str, task: str):
+    from common.cli import CliError
     from optimizer.analytic import Scenario
     from optimizer.cluster import H200_CLUSTER
     from optimizer.lengths import TASKS
     from optimizer.model import model_by_name
-    from services.cli import CliError
 
     name, _, devices = spec.partition(":")
     devices = devices.partition(":")[0]
@@ -259,8 +259,8 @@ def print_case_study(profile) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from common.cli import CliError
     from optimizer.io import load_profile
-    from services.cli import CliError
 
     try:
         profile = load_profile(args.profile)

@@ -19,6 +19,7 @@ import numpy as np
 from common.config import MeshConfig
 from optimizer.analytic import Scenario
 from optimizer.lengths import Workload, scaled_task
+from optimizer.policies import RUNNABLE_POLICIES
 from optimizer.schedule import Schedule
 from optimizer.search import SearchSpace, least_latency
 from optimizer.verify import ProbeLoad, requests_for, simulated_figures, verified_search
@@ -45,12 +46,59 @@ class PlanningError(ValueError):
     """The profile, cluster, model or prior cannot be used."""
 
 
-def policy_set(name: str) -> tuple[str, ...]:
-    from services.cli.plan import POLICY_SETS
+POLICY_SETS = {"rra": ("rra",), "waa": ("waa-c", "waa-m"), "all": ("rra", "waa-c", "waa-m"),
+               "static": ("static",), "continuous": ("continuous",), "mixed": ("mixed",),
+               "any": ("rra", "waa-c", "waa-m", "static", "continuous", "mixed")}
+DTYPE_BYTES = {"torch.float32": 4, "float32": 4, "torch.bfloat16": 2, "bfloat16": 2, "torch.float16": 2,
+               "float16": 2}  # a profile header's dtype -> bytes per KV and weight element
 
+
+def policy_set(name: str) -> tuple[str, ...]:
+    """The policies of the set ``name`` that workers can run (``RUNNABLE_POLICIES``): the planner
+    searches these only, so no plan holds a schedule a worker cannot run."""
     if name not in POLICY_SETS:
         raise PlanningError(f"policies must be one of {', '.join(sorted(POLICY_SETS))}, got {name!r}")
-    return POLICY_SETS[name]
+    runnable = tuple(p for p in POLICY_SETS[name] if p in RUNNABLE_POLICIES)
+    if not runnable:
+        raise PlanningError(f"workers cannot run any policy of {name!r} ({', '.join(POLICY_SETS[name])})")
+    return runnable
+
+
+def cluster_named(name: str):
+    """A cluster preset by name, or a cluster file."""
+    from optimizer.cluster import CLUSTERS
+    from optimizer.io import load_cluster
+
+    if name in CLUSTERS:
+        return CLUSTERS[name]
+    if not Path(name).exists():
+        raise PlanningError(f"unknown cluster {name!r}: not a preset ({', '.join(sorted(CLUSTERS))}) nor a file")
+    return load_cluster(name)
+
+
+def profiled_dtype_bytes(profile) -> int:
+    """Bytes per element of the dtype the profile headers name (the engine ran that), else float32
+    (the engine's CPU default)."""
+    names = {row["dtype"] for row in profile.metadata if isinstance(row.get("dtype"), str)}
+    return DTYPE_BYTES.get(names.pop(), 4) if len(names) == 1 else 4
+
+
+def model_shape(name: str, dtype_bytes: int = 4):
+    """The optimizer's shape of ``name``: a paper model from the table, else one of our models with
+    its shape read from the model's configuration (GGUF metadata or config.json, no weights)."""
+    from engine import MODELS as OUR_MODELS
+    from engine.model_info import model_dimensions
+    from optimizer.model import MODELS, ModelShape
+
+    if name in MODELS:
+        return MODELS[name]
+    if name not in OUR_MODELS and not Path(name).expanduser().exists():
+        raise PlanningError(f"unknown model {name!r}: not a paper model ({', '.join(sorted(MODELS))}) nor one of "
+                       f"ours ({', '.join(OUR_MODELS)}, a model folder or .gguf file)")
+    d = model_dimensions(name)
+    return ModelShape(name, layers=d.layers, hidden=d.hidden, heads=d.heads, ffn=d.ffn, vocab=d.vocab,
+                      head_dim=d.head_dim, encoder_layers=d.encoder_layers, dtype_bytes=dtype_bytes,
+                      kv_heads=d.kv_heads, gated_ffn=d.gated_ffn)
 
 
 def prior_workload(prior: str, scale: float = 1.0) -> Workload:
@@ -75,18 +123,16 @@ class Planner:
 
     def __init__(self, config: MeshConfig) -> None:
         from optimizer.io import load_profile
-        from services.cli import CliError
-        from services.cli.plan import _cluster, _profiled_dtype_bytes, model_shape
 
         if not config.profile:
             raise PlanningError("no profile: the scheduler cannot plan (set EXEGPT_PROFILE)")
         paths = [p.strip() for p in config.profile.split(",") if p.strip()]
         try:
             self.profile = load_profile(*paths)
-            self.model = model_shape(config.model, _profiled_dtype_bytes(self.profile))
+            self.model = model_shape(config.model, profiled_dtype_bytes(self.profile))
             beside = Path(paths[0]).with_name(f"{Path(paths[0]).stem}-cluster.json")
-            self.cluster = _cluster(config.cluster or (str(beside) if beside.exists() else "h200-nvlink-ib"))
-        except (OSError, ValueError, CliError) as exc:
+            self.cluster = cluster_named(config.cluster or (str(beside) if beside.exists() else "h200-nvlink-ib"))
+        except (OSError, ValueError) as exc:
             raise PlanningError(str(exc)) from None
         self.profile.layer_times(self.model.name, 1)  # raises when the model is not profiled
         self.policies = policy_set(config.policies)

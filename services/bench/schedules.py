@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2"
 TASKS = ("S", "T", "G", "C1", "C2")
 PERCENTILES = (10, 30, 70)
@@ -100,7 +100,7 @@ def plans_for(args: argparse.Namespace) -> list[Plan]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.cli import CliError
+    from common.cli import CliError
 
     if os.cpu_count() is None or os.cpu_count() < 2:
         raise CliError("bench schedules pins two workers to two cores; this machine has fewer")
@@ -160,7 +160,7 @@ def profile_here(folder: Path, plans: list[Plan], args: argparse.Namespace, repe
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
-        from services.cli import CliError
+        from common.cli import CliError
 
         raise CliError("profiling failed:\n" + "\n".join(outputs))
     print(outputs[0].strip().splitlines()[-1], flush=True)
@@ -373,7 +373,7 @@ class Bench:
 
     async def pin(self, schedule) -> None:
         """Run ``schedule`` and wait until both workers applied it (their status reports say so)."""
-        from services.scheduler import current_schedule, request_schedule
+        from services.scheduler.service import current_schedule, request_schedule
 
         await request_schedule(self.transports.bus, self.names, schedule)
         async with asyncio.timeout(READY_TIMEOUT_S):
@@ -402,7 +402,7 @@ class Bench:
         return await self.records(set(load.ids))
 
     async def records(self, ids: set[str]) -> list:
-        from services.scheduler import recent_lengths
+        from services.scheduler.service import recent_lengths
 
         samples = await recent_lengths(self.transports.store, self.names, 2 * len(ids))
         return [s for s in samples if s.request_id in ids]
@@ -471,7 +471,7 @@ class Row:
 def scenario(profile: Path, cluster: Path, workload):
     from optimizer.analytic import Scenario
     from optimizer.io import load_cluster, load_profile
-    from services.cli.plan import model_shape
+    from services.scheduler.planning import model_shape
 
     return Scenario(model_shape(MODEL, 4), load_profile(profile), load_cluster(cluster), workload, 2)
 
@@ -500,7 +500,8 @@ def exegpt_plan(sc, bound: float, max_batch: int, verify: bool = True):
     ``--policy any`` would also weigh the baselines; its pick is printed beside."""
     from optimizer.search import SEARCH_POLICIES, SearchSpace, branch_and_bound
     from optimizer.verify import verified_search
-    from services.cli.plan import POLICY_SETS, describe
+    from services.cli.plan import describe
+    from services.scheduler.planning import POLICY_SETS
 
     space = SearchSpace().capped(max_batch)
 
