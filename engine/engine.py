@@ -1,8 +1,13 @@
 """The engine: a running batch of requests over one model (see ``engine.api`` for the contract).
 
-    step(prefill, decode, padding):  validate -> decoded slots to the front -> runner.step (one
-                                     forward pass) -> sample -> events -> drop finished
+    step(prefill, decode, padding, chunks):  validate -> decoded slots to the front -> runner.step
+                                     (one forward pass) -> sample -> events -> drop finished
     prefill(reqs) = step(prefill=reqs);  decode_step() = step(decode=<every running request>)
+
+Chunked prefill: a request's first chunk gives it a slot holding that many positions (it is not
+running: no token yet), each next chunk appends its positions in a later step (decode rows, whole
+prompts and chunks share the step's one forward pass), and its last chunk's logits give its first
+token. A chunk covering a whole prompt is a plain prefill.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from engine.api import GenerationRequest, KVHandoff, SamplingParams, TokenEvent, Tokenizer
+from engine.api import GenerationRequest, KVHandoff, PromptChunk, SamplingParams, TokenEvent, Tokenizer
 from engine.runners import Runner
 from engine.sampling import (generator_state, hold_back_stops, logprobs_of, make_generator, penalise,
                              restore_generator, sample)
@@ -25,6 +30,7 @@ class _Running:
     generated: list[int]
     gen: torch.Generator
     text: TextTracker
+    pending: int = 0  # prompt tokens a chunked prefill has still to run (0: running)
 
 
 class LocalEngine:
@@ -71,21 +77,25 @@ class LocalEngine:
 
     @torch.inference_mode()
     def step(self, prefill: Sequence[GenerationRequest] = (), decode: Sequence[str] = (),
-             padding: int = 0) -> list[TokenEvent]:
-        self._validate(prefill)
-        slots = self._validate_decode(decode, prefill, padding)
+             padding: int = 0, chunks: Sequence[PromptChunk] = ()) -> list[TokenEvent]:
+        whole, first, later = self._sort_chunks(chunks)
+        joining = [*prefill, *whole, *(c.request for c in first)]
+        self._validate(joining)
+        slots = self._validate_decode(decode, joining, padding)
         self._to_front(slots)
-        return self._execute(prefill, len(slots), padding)
+        return self._execute([*prefill, *whole], len(slots), padding, first, later)
 
     def prefill(self, requests: Sequence[GenerationRequest]) -> list[TokenEvent]:
         return self.step(prefill=requests)
 
     @torch.inference_mode()
     def decode_step(self) -> list[TokenEvent]:
+        if any(s.pending for s in self._slots):
+            return self.step(decode=self.running())
         return self._execute((), len(self._slots), 0)  # every slot is already in place
 
     def running(self) -> list[str]:
-        return [s.request.request_id for s in self._slots]
+        return [s.request.request_id for s in self._slots if not s.pending]
 
     @torch.inference_mode()
     def abort(self, request_id: str) -> None:
@@ -99,6 +109,8 @@ class LocalEngine:
         if slot is None:
             raise KeyError(f"request {request_id!r} is not running")
         state = self._slots[slot]
+        if state.pending:
+            raise ValueError(f"request {request_id!r} is still being prefilled")
         kv = self.runner.export(slot).cpu().contiguous()
         self._remove(slot)
         r = state.request
@@ -137,16 +149,40 @@ class LocalEngine:
 
     # ---- steps ------------------------------------------------------------------------------
 
-    def _execute(self, requests: Sequence[GenerationRequest], live: int, padding: int) -> list[TokenEvent]:
+    def _execute(self, requests: Sequence[GenerationRequest], live: int, padding: int,
+                 first: Sequence[PromptChunk] = (), later: Sequence[PromptChunk] = ()) -> list[TokenEvent]:
         """One forward pass: slots ``0..live-1`` advance, ``padding`` rows are paid for, ``requests``
-        join at the end; then sample, emit, and drop the requests that finished."""
-        if not (requests or live or padding):
+        and the ``first`` chunks join at the end, the ``later`` chunks extend their slots; then
+        sample (decoded slots, new requests, chunks that end their prompt), emit, and drop the
+        requests that finished."""
+        if not (requests or live or padding or first or later):
             return []
-        logits = self.runner.step([list(r.prompt_ids) for r in requests], [list(r.resume_ids) for r in requests],
-                                  [s.generated[-1] for s in self._slots[:live]], padding)
+        prompts = [list(r.prompt_ids) for r in requests] + [_tokens(c.request)[:c.length] for c in first]
+        resumed = [list(r.resume_ids) for r in requests] + [[] for _ in first]
+        cont = [(self._find(c.request.request_id), c) for c in later]
+        args = (prompts, resumed, [s.generated[-1] for s in self._slots[:live]], padding)
+        if cont:
+            slices = [(slot, _tokens(self._slots[slot].request)[c.start:c.start + c.length]) for slot, c in cont]
+            logits = self.runner.step(*args, chunks=slices)
+        else:
+            logits = self.runner.step(*args)
         first_new = len(self._slots)
         self._slots.extend(self._new_state(r) for r in requests)
-        states = self._slots[:live] + self._slots[first_new:]
+        self._slots.extend(self._new_state(c.request, len(_tokens(c.request)) - c.length) for c in first)
+        picked = [(i, i) for i in range(live)] + [(first_new + j, live + j) for j in range(len(requests))]
+        for j, (slot, c) in enumerate(cont):
+            self._slots[slot].pending -= c.length
+            if not self._slots[slot].pending:  # its last chunk: the first token
+                picked.append((slot, live + len(prompts) + j))
+        if len(picked) != logits.shape[0]:
+            logits = logits[torch.tensor([row for _, row in picked], dtype=torch.long, device=logits.device)]
+        return self._sample(logits, [slot for slot, _ in picked])
+
+    def _sample(self, logits: torch.Tensor, slots: list[int]) -> list[TokenEvent]:
+        """Sample one token for each of ``slots`` (the rows of ``logits``), emit, drop the finished."""
+        if not slots:
+            return []
+        states = [self._slots[i] for i in slots]
         params = [s.request.params for s in states]
         history = [s.generated for s in states]
         logits = hold_back_stops(penalise(logits, params, history), params, history, self.stop_token_ids)
@@ -155,20 +191,43 @@ class LocalEngine:
         if any(p.logprobs is not None for p in params):
             events = [replace(e, logprob=lp, top_logprobs=top) if lp is not None else e
                       for e, (lp, top) in zip(events, logprobs_of(logits, params, tokens))]
-        slots = [*range(live), *range(first_new, len(self._slots))]  # of the states, ascending
-        for slot, event in reversed(list(zip(slots, events))):
+        for slot, event in sorted(zip(slots, events), key=lambda pair: -pair[0]):
             if event.finished:
                 self._remove(slot)  # highest first: the slot moved into it has been handled
         return events
 
-    def _new_state(self, r: GenerationRequest) -> _Running:
+    def _sort_chunks(self, chunks: Sequence[PromptChunk]):
+        """(whole prompts, first chunks, later chunks) of a step's ``chunks``, checked."""
+        if chunks and not getattr(self.runner, "chunked_prefill", False):
+            raise ValueError(f"{self.model_name} cannot prefill in chunks")
+        whole, first, later, seen = [], [], [], set()
+        for c in chunks:
+            rid, total = c.request.request_id, len(_tokens(c.request))
+            if rid in seen:
+                raise ValueError(f"request {rid!r} is repeated in chunks")
+            seen.add(rid)
+            if not (c.start >= 0 and c.length >= 1 and c.start + c.length <= total):
+                raise ValueError(f"request {rid!r}: chunk {c.start}+{c.length} outside its {total} prompt tokens")
+            if c.start == 0 and c.length == total:
+                whole.append(c.request)
+                continue
+            if c.start == 0:
+                first.append(c)
+                continue
+            slot = self._find(rid)
+            if slot is None or self._slots[slot].pending != total - c.start:
+                raise ValueError(f"request {rid!r}: chunk from {c.start} does not continue its prefill")
+            later.append(c)
+        return whole, first, later
+
+    def _new_state(self, r: GenerationRequest, pending: int = 0) -> _Running:
         # a resumed request's sampler restarts from its seed: its text continues, but a sampled
         # continuation need not be the one an uninterrupted run would have drawn
         return _Running(r, list(r.resume_ids), make_generator(r.request_id, r.params),
-                        self._tracker(r.params, r.resume_text))
+                        self._tracker(r.params, r.resume_text), pending)
 
     def _validate(self, requests: Sequence[GenerationRequest]) -> None:
-        seen = set(self.running())
+        seen = {s.request.request_id for s in self._slots}
         for r in requests:
             if r.request_id in seen:
                 raise ValueError(f"request id {r.request_id!r} is already running or repeated")
@@ -206,7 +265,7 @@ class LocalEngine:
                 raise ValueError(f"request {rid!r} cannot be prefilled and decoded in one step")
             if rid in slots:
                 raise ValueError(f"request {rid!r} is repeated in decode")
-            if rid not in where:
+            if rid not in where or self._slots[where[rid]].pending:
                 raise ValueError(f"request {rid!r} is not running")
             slots[rid] = where[rid]
         return list(slots.values())
@@ -256,3 +315,8 @@ class LocalEngine:
         last = self._slots.pop()
         if slot < len(self._slots):
             self._slots[slot] = last
+
+
+def _tokens(request: GenerationRequest) -> list[int]:
+    """What a prefill runs through the model: the prompt, then the tokens it resumes from."""
+    return [*request.prompt_ids, *request.resume_ids]

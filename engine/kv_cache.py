@@ -81,6 +81,11 @@ class KVCache:
         self.lengths[:count] = [n + 1 for n in self.lengths[:count]]
         self.lengths_t[:count] += 1
 
+    def extend(self, slot: int, count: int) -> None:
+        """Slot ``slot`` gained ``count`` positions (a prompt chunk wrote them)."""
+        self.lengths[slot] += count
+        self.lengths_t[slot] += count
+
     def swap(self, pairs: list[tuple[int, int]]) -> None:
         """Exchange the contents of live slots ``i`` and ``j`` for each pair: three copies of the
         pair's valid positions (on CPU ~5x faster than one indexed copy of all pairs at once)."""

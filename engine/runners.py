@@ -29,6 +29,9 @@ class Runner(Protocol):
         ...
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor: ...  # (B, V), adds B slots
+    # Runners that can prefill a prompt in chunks (``chunked_prefill`` True) take ``chunks`` in
+    # ``step``: ``(slot, tokens)``, the next tokens of a prompt whose first part is in ``slot``;
+    # the logits then end with one row per chunk (its last token).
     def decode(self, last_tokens: list[int]) -> torch.Tensor: ...  # (B, V) for all live slots
     def swap(self, pairs: list[tuple[int, int]]) -> None: ...  # exchange slots (i, j) of each pair
     def remove(self, slot: int) -> None: ...  # last slot moves into ``slot``
@@ -39,6 +42,7 @@ class Runner(Protocol):
 
 class DecoderOnlyRunner:
     prompt_in_context = True
+    chunked_prefill = True
 
     def __init__(self, model: nn.Module, *, device: torch.device, dtype: torch.dtype, max_context: int,
                  cuda_graphs: bool = False) -> None:
@@ -56,8 +60,8 @@ class DecoderOnlyRunner:
             self.decode_graphs = DecodeGraphs(model, self.cache)
 
     def step(self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int],
-             padding: int) -> torch.Tensor:
-        if self.decode_graphs is not None and not prompts:
+             padding: int, chunks: list[tuple[int, list[int]]] = ()) -> torch.Tensor:
+        if self.decode_graphs is not None and not prompts and not chunks:
             logits = self.decode_graphs.step(last_tokens, padding)
             if logits is not None:
                 self.cache.advance(len(last_tokens))
@@ -66,11 +70,13 @@ class DecoderOnlyRunner:
         ids = torch.tensor(last_tokens, dtype=torch.int64).to(self.device, non_blocking=True)
         seqs = [p + r for p, r in zip(prompts, resumed)]  # a resumed request re-reads what it said
         try:
-            logits = self.model(Batch.step(self.cache, ids, padding, seqs, self.device))
+            logits = self.model(Batch.step(self.cache, ids, padding, seqs, self.device, chunks=chunks))
         except BaseException:
             self.cache.truncate(size)  # the running batch stays as it was
             raise
         self.cache.advance(live)
+        for slot, tokens in chunks:
+            self.cache.extend(slot, len(tokens))
         return drop_padding(logits, live, padding)
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:

@@ -419,3 +419,34 @@ def continuous(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch
     lat = t_it + t_own + (stats.o99 - 1) * t_it  # arrived just after an iteration began
     return _predictions(stats, b / (stats.mean_out * t_it), lat, t_own, t_it, b - new,
                         b, mem, sc.cluster.usable_memory_bytes)
+
+
+def mixed(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch, chunk_tokens) -> Predictions:
+    """Sarathi-style mixed steps (``optimizer.policies.MixedPolicy``): every step decodes the
+    running batch and prefills prompt chunks in the tokens left of ``chunk_tokens`` (C), in one
+    pass (the engine runs decode rows and chunks in one forward; no micro-batches), so the step
+    is costed on its whole shape (``PipelineTimer.iteration_s`` of one micro-batch: its pipeline
+    path, every stage waiting for the one before).
+
+    Steady state: λ requests start per step; each holds a slot about E[o] steps and needs E[in]
+    prompt tokens and E[o] - 1 decode tokens, so λ = min(B / E[o], C / (E[in] + E[o] - 1)) (the
+    slots or the token budget bind). A step decodes b = λ (E[o] - 1) requests and prefills
+    λ E[in] prompt tokens, whose attention is λ whole prompts' (a prompt's chunks add up to its
+    attention). Every part grows with B, so latency, memory and the cost B / throughput never
+    fall as B grows (the search's ``cost`` family).
+    Latency (worst position): a p99-length request arrives just after a step began and waits for
+    it; its prompt of q99 tokens takes ceil(q99 / (C - b)) steps (the budget left beside the
+    decodes), the last giving its first token, then o99 - 1 decode steps. B >= C is no schedule."""
+    timer = sc.timer(layout)
+    b = np.asarray(batch, dtype=float)
+    c = np.asarray(chunk_tokens, dtype=float)
+    starts = np.minimum(b / stats.mean_out, c / (stats.mean_in + stats.mean_decode_iters))
+    decoded = starts * stats.mean_decode_iters
+    shape = StepShape(prefill_seqs=starts, prefill_tokens=starts * stats.mean_in, prefill_seq=stats.eff_in,
+                      decode_seqs=decoded, decode_ctx=stats.mean_ctx)
+    t = timer.iteration_s(shape, 1)
+    own = np.ceil(stats.q99_in / np.maximum(c - decoded, 1e-9))  # steps prefilling a p99 prompt
+    ttft = (1 + own) * t
+    lat = np.where(b < c, ttft + (stats.o99 - 1) * t, np.inf)
+    mem = memory_per_device(layout, sc.model, whole_slots(b), stats.slot_tokens)
+    return _predictions(stats, starts / t, lat, ttft, t, decoded, b, mem, sc.cluster.usable_memory_bytes)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Protocol
 
-from optimizer.policies import BatchingPolicy, QueuedRequest, RunningRequest, StepPlan, WorkerState
+from optimizer.policies import (BatchingPolicy, PrefillChunk, PrefillingRequest, QueuedRequest, RunningRequest,
+                                StepPlan, WorkerState)
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class StepExecutor(Protocol):
     def run(self, plan: StepPlan) -> StepOutcome: ...
 
 
-def kv_positions(request: QueuedRequest | RunningRequest, keeps_kv: bool = True) -> int:
+def kv_positions(request: QueuedRequest | RunningRequest | PrefillingRequest, keeps_kv: bool = True) -> int:
     """The KV positions a request may come to hold: prompt + max_tokens where known (its prompt
     alone when the worker hands it off after prefill)."""
     if not keeps_kv:
@@ -51,7 +52,8 @@ class Driver:
     request only while the batch, each request counted at its most (``kv_positions``), fits. The
     requests are taken in the policy's order, and the first that does not fit stops the rest
     (a long request waits for room instead of being passed over for ever); what is not taken
-    stays queued or incoming."""
+    stays queued or incoming. A request in a chunked prefill holds its slot, counted at its most,
+    from its first chunk on."""
 
     def __init__(self, policy: BatchingPolicy, *, kv_tokens: int | None = None) -> None:
         self.policy = policy
@@ -59,6 +61,7 @@ class Driver:
         self.queued: dict[str, QueuedRequest] = {}  # arrival order
         self.running: dict[str, RunningRequest] = {}
         self.incoming: dict[str, RunningRequest] = {}  # handed off to this worker, not merged yet
+        self.prefilling: dict[str, PrefillingRequest] = {}  # chunked prefill under way, oldest first
         self.downstream_free: int | None = None
 
     # --- what arrives and leaves between steps ------------------------------------------------
@@ -71,7 +74,8 @@ class Driver:
 
     def remove(self, request_id: str) -> bool:
         """Forget a request wherever it waits or runs (aborted, given back); True if it was here."""
-        found = [table.pop(request_id, None) for table in (self.queued, self.running, self.incoming)]
+        tables = (self.queued, self.running, self.incoming, self.prefilling)
+        found = [table.pop(request_id, None) for table in tables]
         return any(r is not None for r in found)
 
     def switch(self, policy: BatchingPolicy) -> None:
@@ -85,17 +89,25 @@ class Driver:
 
     @property
     def empty(self) -> bool:
-        return not (self.queued or self.running or self.incoming)
+        return not (self.queued or self.running or self.incoming or self.prefilling)
 
     # --- one step ---------------------------------------------------------------------------
     def state(self) -> WorkerState:
         head = tuple(islice(self.queued.values(), self.window))
         return WorkerState(head, tuple(self.running.values()), tuple(self.incoming.values()),
-                           self.downstream_free)
+                           self.downstream_free, tuple(self.prefilling.values()))
 
     def plan(self) -> StepPlan:
-        plan = self.policy.next_step(self.state())
+        plan = self._finish_prefills(self.policy.next_step(self.state()))
         return plan if self.kv_tokens is None else self._fit(plan)
+
+    def _finish_prefills(self, plan: StepPlan) -> StepPlan:
+        """Under a policy that does not chunk (a new schedule), prefills under way end in this step."""
+        if not self.prefilling or getattr(self.policy, "chunked", False):
+            return plan
+        rest = tuple(PrefillChunk(p.request_id, p.prefilled, p.input_len - p.prefilled, True)
+                     for p in self.prefilling.values())
+        return replace(plan, chunks=plan.chunks + rest)
 
     def fits_alone(self, request: QueuedRequest | RunningRequest) -> bool:
         """Whether ``request`` could ever run here (with nothing else in the cache)."""
@@ -104,7 +116,7 @@ class Driver:
 
     def _fit(self, plan: StepPlan) -> StepPlan:
         keeps = getattr(self.policy, "keeps_kv", True)
-        held = [kv_positions(r) for r in self.running.values()]
+        held = [kv_positions(r) for r in (*self.running.values(), *self.prefilling.values())]
         budget = self.kv_tokens
 
         def take(candidates: list[QueuedRequest | RunningRequest], keep_kv: bool) -> tuple[str, ...]:
@@ -119,27 +131,46 @@ class Driver:
 
         admit = take([self.incoming[r] for r in plan.admit], True)
         encode = take([self.queued[r] for r in plan.encode], keeps)
-        if len(admit) == len(plan.admit) and len(encode) == len(plan.encode):
+        starting = [c for c in plan.chunks if c.start == 0]
+        started = set(take([self.queued[c.request_id] for c in starting], keeps))
+        if len(admit) == len(plan.admit) and len(encode) == len(plan.encode) and len(started) == len(starting):
             return plan
         left_out = set(plan.admit) - set(admit)
         decode = tuple(r for r in plan.decode if r not in left_out)
-        if not (encode or decode) and self.running:  # an encode step with nothing that fits: decode instead
+        chunks = tuple(c for c in plan.chunks if c.start > 0 or c.request_id in started)
+        if not (encode or decode or chunks) and self.running:  # nothing that fits: decode instead
             decode = tuple(self.running)
-        return replace(plan, encode=encode, admit=admit, decode=decode)
+        return replace(plan, encode=encode, admit=admit, decode=decode, chunks=chunks)
 
     def complete(self, plan: StepPlan, outcome: StepOutcome) -> None:
-        """Apply a step that ran: encoded requests run, admitted ones merge, every decoded or
-        encoded request has one more token; finished and departed requests leave."""
+        """Apply a step that ran: encoded requests run, chunks add to their prefills (a last chunk:
+        the request runs), admitted ones merge, every decoded or encoded request has one more
+        token; finished and departed requests leave."""
         for rid in plan.encode:
             queued = self.queued.pop(rid)
             self.running[rid] = RunningRequest(rid, queued.input_len, 1, queued.max_len)
+        for chunk in plan.chunks:
+            self._prefilled(chunk)
         for rid in plan.admit:
             self.running[rid] = self.incoming.pop(rid)
         for rid in plan.decode:
             self.running[rid] = replace(self.running[rid], generated=self.running[rid].generated + 1)
         for rid in (*outcome.finished, *outcome.departed):
             self.running.pop(rid, None)
+            self.prefilling.pop(rid, None)
         self.policy.on_step_done(plan, outcome.finished)
+
+    def _prefilled(self, chunk: PrefillChunk) -> None:
+        rid = chunk.request_id
+        if chunk.start == 0:
+            q = self.queued.pop(rid)
+            self.prefilling[rid] = PrefillingRequest(rid, q.input_len, 0, q.max_len)
+        partial = self.prefilling[rid]
+        if chunk.last:
+            del self.prefilling[rid]
+            self.running[rid] = RunningRequest(rid, partial.input_len, 1, partial.max_len)
+        else:
+            self.prefilling[rid] = replace(partial, prefilled=partial.prefilled + chunk.length)
 
     def step(self, executor: StepExecutor) -> StepPlan:
         """Plan and run one step through ``executor`` (idle plans are not run)."""

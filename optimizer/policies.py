@@ -1,10 +1,11 @@
 """Batching policies as plain objects: state in, plan out.
 
-The same objects decide batches in the mesh's workers and in the simulator: both run them through
-``optimizer.driver.Driver``, which repeats::
+The same objects decide batches in the mesh's workers (``services.worker.worker``, the engine as
+executor) and in the simulator (``optimizer.simulator``, a cost model on a virtual clock): both run
+them through ``optimizer.driver.Driver``, which repeats::
 
     plan = policy.next_step(state)        # WorkerState -> StepPlan, no I/O, no clock
-    ... an executor runs plan.encode / plan.admit / plan.decode (the engine, or a cost model) ...
+    ... an executor runs plan.encode / plan.chunks / plan.admit / plan.decode (engine or cost model) ...
     policy.on_step_done(plan, finished)   # ids that finished during the step
 
 ``state.running`` holds the requests in this worker's decode batch that have not finished (the
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
-from optimizer.schedule import Schedule
+from optimizer.schedule import SPLIT_POLICIES, Schedule
 
 
 @dataclass(frozen=True)
@@ -44,35 +45,73 @@ class RunningRequest:
 
 
 @dataclass(frozen=True)
+class PrefillingRequest:
+    """A request whose prompt is being prefilled in chunks (mixed): ``prefilled`` of its
+    ``input_len`` prompt tokens are in its KV cache; it holds a slot and has no token yet."""
+
+    request_id: str
+    input_len: int
+    prefilled: int
+    max_len: int = 0  # as QueuedRequest's
+
+
+@dataclass(frozen=True)
 class WorkerState:
     """What a worker knows at a batch boundary.
 
     ``queued``: the head of the waiting queue, oldest first (at least as many as the policy may
     take). ``incoming``: encoded requests handed off to this decoder, ready to merge (WAA).
     ``downstream_free``: decode slots reserved for this encoder's next batch (WAA credits; None
-    when the worker decodes itself).
+    when the worker decodes itself). ``prefilling``: requests part-way through a chunked prefill,
+    oldest first.
     """
 
     queued: tuple[QueuedRequest, ...] = ()
     running: tuple[RunningRequest, ...] = ()
     incoming: tuple[RunningRequest, ...] = ()
     downstream_free: int | None = None
+    prefilling: tuple[PrefillingRequest, ...] = ()
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens ``start .. start + length - 1`` of one request, prefilled in one step on top of
+    the ``start`` already in its KV cache (``start == 0``: the request joins the worker). ``last``:
+    the chunk ends the prompt, so the step gives the request its first token."""
+
+    request_id: str
+    start: int
+    length: int
+    last: bool
 
 
 @dataclass(frozen=True)
 class StepPlan:
     """One step: prefill ``encode``, merge ``admit`` (hand-offs), then advance ``decode`` by one
     token (``decode`` includes the admitted requests). ``padding`` counts slots computed without
-    use (static batching keeps finished requests' slots until its batch ends)."""
+    use (static batching keeps finished requests' slots until its batch ends). ``chunks``: parts
+    of prompts prefilled in the same step (mixed; a request is in at most one of ``encode``,
+    ``chunks`` and ``decode``)."""
 
     encode: tuple[str, ...] = ()
     decode: tuple[str, ...] = ()
     admit: tuple[str, ...] = ()
     padding: int = 0
+    chunks: tuple[PrefillChunk, ...] = ()
 
     @property
     def idle(self) -> bool:
-        return not (self.encode or self.decode or self.admit)
+        return not (self.encode or self.decode or self.admit or self.chunks)
+
+    @property
+    def first_tokens(self) -> tuple[str, ...]:
+        """Requests this step gives their first token: the encoded ones and last chunks'."""
+        return self.encode + tuple(c.request_id for c in self.chunks if c.last)
+
+    @property
+    def tokens(self) -> int:
+        """Token rows of the step's decode and chunks (whole prompts not counted)."""
+        return len(self.decode) + self.padding + sum(c.length for c in self.chunks)
 
 
 IDLE = StepPlan()
@@ -246,6 +285,48 @@ class ContinuousPolicy:
         pass
 
 
+class MixedPolicy:
+    """Sarathi-style mixed steps: every step decodes the whole running batch and folds prompt
+    chunks into the tokens left of ``chunk_tokens``: first the prefills under way (oldest first),
+    then new requests while the running batch, the prefills under way and the new ones stay within
+    ``decode_batch`` (at most ``encode_batch`` new ones a step). A prompt longer than what is left
+    is cut; its rest comes in the next steps, and the step with its last chunk gives its first
+    token. Handed-off requests take free slots first, as under continuous batching."""
+
+    chunked = True  # plans the prefills under way itself (the driver finishes them for the others)
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+
+    def next_step(self, state: WorkerState) -> StepPlan:
+        free = max(self.schedule.decode_batch - len(state.running) - len(state.prefilling), 0)
+        admit = _ids(state.incoming[:free])
+        decode = _ids(state.running) + admit
+        budget = self.schedule.chunk_tokens - len(decode)
+        chunks = []
+        for request in state.prefilling:
+            if budget <= 0:
+                break
+            chunks.append(_chunk(request.request_id, request.prefilled, request.input_len, budget))
+            budget -= chunks[-1].length
+        for request in state.queued[: min(free - len(admit), self.schedule.encode_batch)]:
+            if budget <= 0:
+                break
+            chunks.append(_chunk(request.request_id, 0, request.input_len, budget))
+            budget -= chunks[-1].length
+        plan = StepPlan(decode=decode, admit=admit, chunks=tuple(chunks))
+        return IDLE if plan.idle else plan
+
+    def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
+        pass
+
+
+def _chunk(request_id: str, start: int, input_len: int, budget: int) -> PrefillChunk:
+    """The next chunk of a prompt of ``input_len`` tokens from ``start``, at most ``budget``."""
+    length = min(input_len - start, budget)
+    return PrefillChunk(request_id, start, length, start + length >= input_len)
+
+
 class DrainPolicy:
     """A worker leaving its role: decode what runs until it has finished; take nothing new."""
 
@@ -293,4 +374,9 @@ def make_policy(schedule: Schedule, role: Role = "worker") -> BatchingPolicy:
         raise ValueError(f"{schedule.policy} workers are encoders or decoders, not {role!r}")
     if role != "worker":
         raise ValueError(f"{schedule.policy} has no {role!r} role; its workers do both")
-    return {"rra": RraPolicy, "static": StaticPolicy, "continuous": ContinuousPolicy}[schedule.policy](schedule)
+    return WORKER_POLICIES[schedule.policy](schedule)
+
+
+WORKER_POLICIES = {"rra": RraPolicy, "static": StaticPolicy, "continuous": ContinuousPolicy, "mixed": MixedPolicy}
+# Every policy a worker can run (``make_policy`` builds it): the planner offers no other.
+RUNNABLE_POLICIES: frozenset[str] = frozenset(WORKER_POLICIES) | frozenset(SPLIT_POLICIES)

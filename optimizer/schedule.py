@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Policy = Literal["rra", "waa-c", "waa-m", "static", "continuous"]
-POLICIES: tuple[Policy, ...] = ("rra", "waa-c", "waa-m", "static", "continuous")
+Policy = Literal["rra", "waa-c", "waa-m", "static", "continuous", "mixed"]
+POLICIES: tuple[Policy, ...] = ("rra", "waa-c", "waa-m", "static", "continuous", "mixed")
 SPLIT_POLICIES: tuple[Policy, ...] = ("waa-c", "waa-m")
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Control variables of ExeGPT (DESIGN.md §1).
+    """Control variables of an ExeGPT schedule: the paper's (ASPLOS 2024), plus the worker layout,
+    the plan's expectations and the mixed policy's token budget.
 
     - ``encode_batch`` (B_E): new requests encoded together in one prefill batch (static
       batching: its fixed batch).
@@ -44,6 +45,9 @@ class Schedule:
       ``tp_stages`` counts all of them); n >= 0, the encoder pipeline has n stages of degree k
       and the decoder pipeline ``tp_stages`` (partial TP inside each group), the rest single
       devices. Layers go to stages by their speed (derived from the profile, not carried).
+    - ``chunk_tokens`` (mixed): the most tokens one step computes, one per decoded request plus
+      the prompt chunks folded in (Sarathi's token budget); more than ``decode_batch``, so a full
+      decode batch still leaves room for prefill. Ignored by the other policies.
     """
 
     policy: Policy = "continuous"
@@ -61,12 +65,14 @@ class Schedule:
     mean_decode_batch: float = 0.0
     encode_microbatches: int = 1
     encoder_tp_stages: int = -1
+    chunk_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
         for name in ("encode_batch", "decode_batch", "decode_microbatches",
-                     "decode_iters_per_encode", "tp_degree", "num_devices", "encode_microbatches"):
+                     "decode_iters_per_encode", "tp_degree", "num_devices", "encode_microbatches",
+                     "chunk_tokens"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -76,6 +82,9 @@ class Schedule:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.encoder_tp_stages < -1:
             raise ValueError(f"encoder_tp_stages must be >= -1, got {self.encoder_tp_stages}")
+        if self.policy == "mixed" and self.chunk_tokens <= self.decode_batch:
+            raise ValueError(f"mixed needs chunk_tokens > decode_batch (room for prefill beside a full "
+                             f"decode batch), got {self.chunk_tokens} <= {self.decode_batch}")
         if self.worker_devices:
             self._check_workers()
 

@@ -4,7 +4,8 @@ The space is split into *families* (a policy at one TP layout, and for WAA one e
 split: every multiple of the TP degree, or of a worker's devices, is a family of its own).
 Inside a family, each *line* fixes the other variables and leaves one batch variable free:
 RRA fixes micro-batches and N_D and frees B_E; WAA fixes micro-batches and B_E and frees the
-decode cap B_D (an index into ``SearchSpace.decode_caps``); the baselines free their batch.
+decode cap B_D (an index into ``SearchSpace.decode_caps``); the baselines free their batch, and
+mixed steps theirs at each token budget (``SearchSpace.chunk_tokens``).
 
 Branch and bound (exact: with the default tolerance it returns the exhaustive search's optimum):
 1. Every line is evaluated at batches 1, 2, 4, ... and its largest; the points meeting the bound
@@ -38,7 +39,8 @@ from optimizer.timing import max_slots
 
 SEARCH_POLICIES = ("rra", "waa-c", "waa-m")  # the paper's policies
 BASELINES = ("static", "continuous")
-PRODUCT_POLICIES = SEARCH_POLICIES + BASELINES  # what the product may pick: never below a baseline
+MIXED = ("mixed",)  # Sarathi-style chunked prefill folded into decode steps
+PRODUCT_POLICIES = SEARCH_POLICIES + BASELINES + MIXED  # what the product may pick: never below a baseline
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class SearchSpace:
     waa_max_encode_batch: int = 128
     static_max_batch: int = 512
     continuous_max_batch: int = 1024
+    mixed_max_batch: int = 1024  # mixed's B_D (below its token budget)
+    chunk_tokens: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)  # mixed's token budgets per step
     iters_per_encode: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48,
                                          64, 80, 96, 128)
     decode_caps: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
@@ -61,8 +65,9 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         sizes = (self.max_encode_batch, self.waa_max_encode_batch, self.static_max_batch,
-                 self.continuous_max_batch)
-        if min(sizes) < 1 or not self.iters_per_encode or not self.decode_caps or not self.microbatches:
+                 self.continuous_max_batch, self.mixed_max_batch)
+        if (min(sizes) < 1 or not self.iters_per_encode or not self.decode_caps or not self.microbatches
+                or not self.chunk_tokens):
             raise ValueError("search space needs positive batch limits and non-empty value lists")
 
     def capped(self, max_batch: int) -> "SearchSpace":
@@ -73,7 +78,8 @@ class SearchSpace:
         return replace(self, max_encode_batch=min(self.max_encode_batch, top),
                        waa_max_encode_batch=min(self.waa_max_encode_batch, top),
                        static_max_batch=min(self.static_max_batch, top),
-                       continuous_max_batch=min(self.continuous_max_batch, top), decode_caps=caps,
+                       continuous_max_batch=min(self.continuous_max_batch, top),
+                       mixed_max_batch=min(self.mixed_max_batch, top), decode_caps=caps,
                        max_decode_batch=min(self.max_decode_batch, top))
 
 
@@ -133,7 +139,7 @@ class Family:
       is its largest batch that meets the bound and fits, found by bisection.
     - ``cost``: latency and memory never fall, and throughput is batch / cost with a cost that
       never falls (static and continuous batching), so over batches lo..hi throughput is at most
-      throughput(lo) x hi / lo.
+      throughput(lo) x hi / lo (mixed steps too: ``analytic.mixed``).
     - ``bounded``: ``optimistic(lo, hi, **lines)`` gives an upper bound on throughput and lower
       bounds on latency, peak batch and memory over lo..hi (RRA: ``analytic.rra_optimistic``).
     """
@@ -237,16 +243,22 @@ def replica_spans(sc: Scenario, space: SearchSpace) -> list[int]:
 
 def _single_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str,
                      tables: "_WaaTables") -> list[Family]:
-    """One pipeline over all devices, or data-parallel workers (replicas) of fewer devices."""
+    """One pipeline over all devices, or data-parallel workers (replicas) of fewer devices. Mixed
+    steps run on one-device workers only (the engine's chunked prefill runs in one process; a
+    worker group's runner has none) of decoder-only models."""
     fams = []
     for w in replica_spans(sc, space):
         span = w or sc.devices
+        if policy == "mixed" and (span != 1 or sc.model.encoder_layers):
+            continue
         for k, s in tp_configs(sc, span):
             layout = sc.layout(span, k, s)
             common = dict(tp_degree=k, tp_stages=s, num_devices=sc.devices, decoder_devices=sc.devices,
                           worker_devices=w)
             fam = _single_family(sc, stats, space, policy, layout, common, sc.devices // span)
-            if policy != "static":  # static's decode context is shorter than the mean: no such ceiling
+            if policy == "mixed":
+                fam = replace(fam, ceiling=_mixed_ceiling(stats, tables, layout, sc.devices // span))
+            elif policy != "static":  # static's decode context is shorter than the mean: no such ceiling
                 fam = replace(fam, ceiling=_decode_ceiling(sc, stats, tables, layout, fam, sc.devices // span))
             fams.append(fam)
     return fams
@@ -276,6 +288,19 @@ def _decode_ceiling(sc, stats, tables: "_WaaTables", layout: PipelineLayout, fam
     return ceiling
 
 
+def _mixed_ceiling(stats, tables: "_WaaTables", layout: PipelineLayout, n: int):
+    """A mixed family's ceiling: a step decoding b requests takes at least a decode iteration of b
+    (its prompt chunks only add work), so the rate is at most the decode rate's ceiling, as for
+    continuous batching; a p99-length request spends at least o99 steps (its prefill's last and
+    o99 - 1 decodes, after the step it waited for), each at least the least iteration."""
+
+    def ceiling() -> tuple[float, float]:
+        rate, least = tables.decoder_ceiling(layout, [1])
+        return n * rate, stats.o99 * least
+
+    return ceiling
+
+
 def _single_family(sc, stats, space, policy, layout: PipelineLayout, common, n: int) -> Family:
     micro = _micro(space, layout.depth)
     expect = dict(mean_input_len=stats.mean_in)
@@ -296,6 +321,11 @@ def _single_family(sc, stats, space, policy, layout: PipelineLayout, common, n: 
             "static", space.static_max_batch, _grid(m=micro),
             lambda b, m: analytic.replicated(analytic.static(sc, stats, layout, b, m), n),
             lambda b, f, m: Schedule("static", encode_batch=b, decode_batch=b, decode_microbatches=m, **common))
+    if policy == "mixed":
+        return Family(
+            "mixed", space.mixed_max_batch, _grid(m=[1], c=space.chunk_tokens),
+            lambda b, m, c: analytic.replicated(analytic.mixed(sc, stats, layout, b, c), n),
+            lambda b, f, m, c: Schedule("mixed", encode_batch=b, decode_batch=b, chunk_tokens=c, **common))
     return Family(
         "continuous", space.continuous_max_batch, _grid(m=micro),
         lambda b, m: analytic.replicated(analytic.continuous(sc, stats, layout, b, m), n),
@@ -497,7 +527,7 @@ def families(sc: Scenario, policies: Sequence[str], space: SearchSpace = SearchS
         if p in SPLIT_POLICIES:
             if p == waa[0]:
                 out += _waa_families(sc, stats, space, waa, tables)
-        elif p in ("rra", "static", "continuous"):
+        elif p in ("rra", "static", "continuous", "mixed"):
             out += _single_families(sc, stats, space, p, tables)
         else:
             raise ValueError(f"unknown policy {p!r}")

@@ -2,7 +2,7 @@
 
 Each simulated worker runs ``optimizer.driver.Driver`` with the policy object a real worker runs
 (only the executor differs: here a cost model on a virtual clock). Single-pipeline policies (RRA,
-static, continuous) run one worker over all devices, or ``Schedule.workers`` replicas sharing one
+static, continuous, mixed) run one worker over all devices, or ``Schedule.workers`` replicas sharing one
 queue. WAA runs encoders and decoders side by side: an encoder starts a batch every bottleneck
 interval, once it holds credits (free decode slots, as the mesh's credit counter grants them); the
 batch's KV caches reach the decoders after the pipeline path plus the hand-off transfer, and a
@@ -92,18 +92,25 @@ class _Costs:
     """Step times of real batches on one pipeline: a decode iteration in ``microbatches``
     micro-batches, an encode-only step in ``encode_microbatches`` following each other through the
     pipeline, and a step that does both as its prefill pass and then its decode iteration
-    (``PipelineTimer.mixed_s``, prefill in ``microbatches``)."""
+    (``PipelineTimer.mixed_s``, prefill in ``microbatches``). ``fused`` (mixed steps): whatever a
+    step holds, decode rows and prompt chunks, is one pass (the engine runs it as one forward)."""
 
-    def __init__(self, timer: PipelineTimer, microbatches: int, encode_microbatches: int = 1) -> None:
-        self.timer, self.m, self.me = timer, microbatches, encode_microbatches
+    def __init__(self, timer: PipelineTimer, microbatches: int, encode_microbatches: int = 1,
+                 fused: bool = False) -> None:
+        self.timer, self.m, self.me, self.fused = timer, microbatches, encode_microbatches, fused
         self.t5 = bool(timer.model.encoder_layers)
 
-    def shape(self, prompts: list[int], contexts: list[int], padding: int, enc_lens: list[int]) -> StepShape:
-        n_pre, n_dec = len(prompts), len(contexts) + padding
-        eff = math.sqrt(sum(p * p for p in prompts) / n_pre) if prompts else 1.0
+    def shape(self, prompts: list[int], contexts: list[int], padding: int, enc_lens: list[int],
+              chunks: list[tuple[int, int]] = ()) -> StepShape:
+        """``chunks``: (start, length) of each prompt chunk; its attention is a whole prompt's of
+        length sqrt(length x (2 start + length)) (the same work: a prompt's chunks add up to it)."""
+        n_pre, n_dec = len(prompts) + len(chunks), len(contexts) + padding
+        squares = [p * p for p in prompts] + [n * (2 * a + n) for a, n in chunks]
+        eff = math.sqrt(sum(squares) / n_pre) if n_pre else 1.0
         ctx = sum(contexts) / len(contexts) if contexts else 1.0
         enc = sum(enc_lens) / len(enc_lens) if (enc_lens and self.t5) else 0.0
-        return StepShape(float(n_pre), float(sum(prompts)), eff, float(n_dec), ctx, enc)
+        tokens = sum(prompts) + sum(n for _, n in chunks)
+        return StepShape(float(n_pre), float(tokens), eff, float(n_dec), ctx, enc)
 
     def encode_path_s(self, shape: StepShape) -> float:
         return float(self.timer.path_s(shape))
@@ -112,6 +119,8 @@ class _Costs:
         return float(self.timer.bottleneck_s(shape))
 
     def iteration_s(self, shape: StepShape) -> float:
+        if self.fused:
+            return float(self.timer.iteration_s(shape, self.m))
         if shape.decode_seqs == 0:
             return float(self.timer.encode_s(shape, self.me))
         if shape.prefill_seqs == 0:
@@ -242,7 +251,7 @@ class _SimWorker:
             return max(at, self.busy_until, clock)
         if self.role == "encoder" and self.fleet.credits <= 0:
             return max(self.busy_until, self.fleet.next_step_end("decoder"), clock)
-        work = (book.queue or self.driver.running) and not self.waiting
+        work = (book.queue or self.driver.running or self.driver.prefilling) and not self.waiting
         at = self.busy_until if work else book.next_arrival()
         if self.waiting and self.driver.running:
             at = min(at, self.fleet.next_step_end("worker"))
@@ -259,7 +268,7 @@ class _SimWorker:
         if plan.idle:
             return
         self.plans.append(plan)
-        book.take(plan.encode, now)
+        book.take(plan.encode + tuple(c.request_id for c in plan.chunks if c.start == 0), now)
         shape = self._shape(plan)
         if self.role == "encoder":
             self._encode(plan, shape, now)
@@ -289,18 +298,19 @@ class _SimWorker:
             return None
         return self.costs.shape([book.by_id[i].input_len for i in plan.encode],
                                 [book.context(i) for i in decode], plan.padding,
-                                [book.by_id[i].input_len for i in decode])
+                                [book.by_id[i].input_len for i in decode],
+                                [(c.start, c.length) for c in plan.chunks])
 
     def _finish_step(self, now: float) -> None:
         if self.step is None:
             return
         plan, self.step = self.step, None
         book = self.fleet.book
-        finished = tuple(i for i in (*plan.encode, *plan.decode) if book.emit(i, now))
+        finished = tuple(i for i in (*plan.first_tokens, *plan.decode) if book.emit(i, now))
         self.driver.complete(plan, StepOutcome(finished))
         if self.role == "decoder":
             self.fleet.credits += len(finished)
-        book.peak = max(book.peak, len(self.driver.running))
+        book.peak = max(book.peak, len(self.driver.running) + len(self.driver.prefilling))
 
     def _encode(self, plan: StepPlan, shape: StepShape, now: float) -> None:
         book, fleet = self.fleet.book, self.fleet
@@ -432,7 +442,7 @@ def simulate(sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0
     else:
         layout = worker_layouts(sc, schedule)[0]
         me = {"rra": schedule.encode_microbatches, "continuous": schedule.decode_microbatches}.get(schedule.policy, 1)
-        costs = _Costs(sc.timer(layout), schedule.decode_microbatches, me)
+        costs = _Costs(sc.timer(layout), schedule.decode_microbatches, me, fused=schedule.policy == "mixed")
         fleet.workers = [_SimWorker(fleet, "worker", schedule, costs) for _ in range(schedule.workers)]
         slot = stats.static_slot_tokens if schedule.policy == "static" else stats.slot_tokens
     _run(fleet)

@@ -25,10 +25,10 @@ from common.messages.status import LengthSample, SchedulerState, WorkerStatus
 from common.messages.work import EncodeWork, Sampling
 from optimizer.schedule import Schedule
 
-SCHEMA_VERSION = 6  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
+SCHEMA_VERSION = 7  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
 # 4: WorkerStatus carries the shape of the worker's process group; 5: Sampling is the engine's
 # SamplingParams (penalties, logprobs) and Token carries log-probabilities; 6: SamplingParams carries
-# min_tokens, and Schedule encode_microbatches and encoder_tp_stages
+# min_tokens, and Schedule encode_microbatches and encoder_tp_stages; 7: Schedule chunk_tokens (mixed)
 
 # Tags are part of the wire format: never reuse or renumber one.
 TAGS: dict[type, int] = {

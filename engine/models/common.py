@@ -6,7 +6,9 @@ A step has up to two parts, in this row order:
 - decode rows (``Decodes``): one token for each of the running slots ``0..k-1``, then padding rows
   that cost what a decode row costs and change nothing;
 - new sequences (``Prompts``): their tokens packed into one (N, ...) run of rows, written to new
-  slots at the end of the cache.
+  slots at the end of the cache;
+- prompt chunks (``Chunks``, chunked prefill): the next tokens of prompts whose first part is
+  already in their slots, each attending over its slot's cache and causally over itself.
 
 Projections and MLPs see all rows together (no padding between sequences); attention is done per
 part: prompt rows scatter into (B, Tmax) only for the kernel, with a causal + length mask; decode
@@ -171,15 +173,47 @@ class Decodes:
 
 
 @dataclass
+class Chunks:
+    """A step's prompt chunks: chunk ``i`` is ``lengths[i]`` tokens written to slot ``slots[i]``
+    from position ``starts[i]`` (the positions before it already cached), its tokens packed."""
+
+    slots: list[int]
+    starts: list[int]
+    lengths: list[int]
+    masks: list[torch.Tensor]  # (n, start + n) keys each of the chunk's tokens sees
+    positions: torch.Tensor  # (N,)
+    last_index: torch.Tensor  # (C,) packed index of each chunk's last token
+    input_ids: torch.Tensor  # (N,)
+
+    @staticmethod
+    def make(cache: KVCache, chunks: list[tuple[int, list[int]]], device: torch.device) -> "Chunks":
+        """Rows for ``(slot, tokens)`` chunks; makes room for them in ``cache`` (lengths unchanged
+        until the step succeeds: ``KVCache.extend``)."""
+        slots = [slot for slot, _ in chunks]
+        starts = [cache.lengths[slot] for slot in slots]
+        lengths = [len(tokens) for _, tokens in chunks]
+        cache.reserve(cache.size, max(a + n for a, n in zip(starts, lengths)))
+        masks = [(torch.arange(a + n, device=device)[None, :] <= torch.arange(a, a + n, device=device)[:, None])
+                 for a, n in zip(starts, lengths)]
+        positions = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lengths)])
+        last = torch.cumsum(torch.tensor(lengths), 0) - 1
+        ids = torch.tensor([t for _, tokens in chunks for t in tokens], dtype=torch.int64)
+        return Chunks(slots, starts, lengths, masks, positions.to(device), last.to(device), ids.to(device))
+
+
+@dataclass
 class Batch:
-    """One forward pass over ``cache``: the decode rows first, then the new sequences' packed tokens."""
+    """One forward pass over ``cache``: the decode rows first, then the new sequences' packed tokens,
+    then the prompt chunks' packed tokens."""
 
     cache: KVCache
-    input_ids: torch.Tensor  # (R,) R = decode rows + packed prompt tokens
+    input_ids: torch.Tensor  # (R,) R = decode rows + packed prompt tokens + packed chunk tokens
     positions: torch.Tensor  # (R,) position of each token in its sequence
     decodes: Decodes | None
     prompts: Prompts | None
-    logit_rows: torch.Tensor | None  # rows the LM head reads: decode rows, then each new last token; None: all
+    # rows the LM head reads: decode rows, each new sequence's last token, each chunk's last; None: all
+    logit_rows: torch.Tensor | None
+    chunks: Chunks | None = None
 
     @staticmethod
     def prefill(cache: KVCache, prompts: list[list[int]], device: torch.device, *, causal: bool = True) -> "Batch":
@@ -201,8 +235,12 @@ class Batch:
 
     @staticmethod
     def step(cache: KVCache, last_tokens: torch.Tensor, padding: int, prompts: list[list[int]],
-             device: torch.device, *, causal: bool = True) -> "Batch":
-        """Decode rows for slots ``0..k-1`` (last_tokens (k,)) plus ``padding``, and new sequences."""
+             device: torch.device, *, causal: bool = True,
+             chunks: list[tuple[int, list[int]]] = ()) -> "Batch":
+        """Decode rows for slots ``0..k-1`` (last_tokens (k,)) plus ``padding``, new sequences, and
+        ``(slot, tokens)`` prompt chunks."""
+        if chunks:
+            return Batch._with_chunks(cache, last_tokens, padding, prompts, device, list(chunks))
         live = last_tokens.shape[0]
         if not prompts:
             if live == cache.size and not padding:
@@ -216,6 +254,30 @@ class Batch:
         ids = torch.cat([_pad_ids(last_tokens, padding), new.input_ids])
         rows = torch.cat([torch.arange(dec.size, device=device), dec.size + new.last_index])
         return Batch(cache, ids, torch.cat([dec.positions, new.pad_t]), dec, new, rows)
+
+
+    @staticmethod
+    def _with_chunks(cache: KVCache, last_tokens: torch.Tensor, padding: int, prompts: list[list[int]],
+                     device: torch.device, chunks: list[tuple[int, list[int]]]) -> "Batch":
+        live = last_tokens.shape[0]
+        dec = Decodes.make(cache, live, padding) if live or padding else None
+        new = Prompts.add(cache, prompts, device, causal=True) if prompts else None
+        part = Chunks.make(cache, chunks, device)
+        ids, positions, rows, at = [], [], [], 0
+        if dec is not None:
+            ids.append(_pad_ids(last_tokens, padding))
+            positions.append(dec.positions)
+            rows.append(torch.arange(dec.size, device=device))
+            at = dec.size
+        if new is not None:
+            ids.append(new.input_ids)
+            positions.append(new.pad_t)
+            rows.append(at + new.last_index)
+            at += new.input_ids.shape[0]
+        ids.append(part.input_ids)
+        positions.append(part.positions)
+        rows.append(at + part.last_index)
+        return Batch(cache, torch.cat(ids), torch.cat(positions), dec, new, torch.cat(rows), part)
 
 
 def _pad_ids(last_tokens: torch.Tensor, padding: int) -> torch.Tensor:
@@ -249,6 +311,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch:
     Decode rows attend over their slots' caches, prompt rows over their own sequence; each part
     writes its k/v into the cache. The optional additive biases (T5's relative positions) replace
     the parts' masks, so they must hold them (see ``attend_prefill``, ``attend_decode``)."""
+    if batch.chunks is not None:
+        return _attend_parts(q, k, v, layer, batch, scale, decode_bias, prompt_bias)
     if batch.prompts is None:
         return attend_decode(q, k, v, layer, batch, scale=scale, bias=decode_bias)
     if batch.decodes is None:
@@ -256,6 +320,39 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch:
     n = batch.decodes.size
     return torch.cat([attend_decode(q[:n], k[:n], v[:n], layer, batch, scale=scale, bias=decode_bias),
                       attend_prefill(q[n:], k[n:], v[n:], layer, batch, causal=True, scale=scale, bias=prompt_bias)])
+
+
+def _attend_parts(q, k, v, layer: int, batch: Batch, scale, decode_bias, prompt_bias) -> torch.Tensor:
+    """``attend`` for a step with prompt chunks: decode rows, prompt rows, chunk rows in turn."""
+    out, at = [], 0
+    if batch.decodes is not None:
+        n = batch.decodes.size
+        out.append(attend_decode(q[:n], k[:n], v[:n], layer, batch, scale=scale, bias=decode_bias))
+        at = n
+    if batch.prompts is not None:
+        n = batch.prompts.input_ids.shape[0]
+        out.append(attend_prefill(q[at:at + n], k[at:at + n], v[at:at + n], layer, batch, causal=True,
+                                  scale=scale, bias=prompt_bias))
+        at += n
+    out.append(attend_chunks(q[at:], k[at:], v[at:], layer, batch, scale=scale))
+    return torch.cat(out)
+
+
+def attend_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, *,
+                  scale: float | None = None) -> torch.Tensor:
+    """Chunk rows: q (N, H, D), k/v (N, Hkv, D) -> (N, H, D). Each chunk writes its k/v after its
+    slot's cached positions and attends over all of them, causally over its own tokens."""
+    part, cache, out, at = batch.chunks, batch.cache.kv, [], 0
+    for slot, start, n, mask in zip(part.slots, part.starts, part.lengths, part.masks):
+        end = start + n
+        cache[layer, 0, slot, :, start:end] = k[at:at + n].transpose(0, 1)  # (Hkv, n, D)
+        cache[layer, 1, slot, :, start:end] = v[at:at + n].transpose(0, 1)
+        keys, values = cache[layer, 0, slot, :, :end][None], cache[layer, 1, slot, :, :end][None]  # (1, Hkv, T, D)
+        y = F.scaled_dot_product_attention(q[at:at + n].transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                           enable_gqa=q.shape[1] != k.shape[1], scale=scale)  # (1, H, n, D)
+        out.append(y[0].transpose(0, 1))
+        at += n
+    return torch.cat(out)
 
 
 def attend_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, *,

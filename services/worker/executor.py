@@ -1,8 +1,9 @@
 """The engine side of a worker: runs a StepPlan on the engine, on the engine's own thread.
 
 The plan's ``admit`` requests are imported, then one ``engine.step`` prefills ``encode``,
-advances ``decode`` and pays for ``padding``; an encoder then exports what it prefilled. Engine
-calls run one at a time on a dedicated thread (``services.engines.EngineRunner``), so the event
+advances ``decode``, pays for ``padding`` and runs the prompt ``chunks`` (mixed steps, in the same
+forward pass); an encoder then exports what it prefilled. Engine
+calls run one at a time on a dedicated thread (``services.run.engines.EngineRunner``), so the event
 loop keeps receiving and publishing.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.api import Engine, EngineBroken, GenerationRequest, KVHandoff, TokenEvent
+from engine.api import Engine, EngineBroken, GenerationRequest, KVHandoff, PromptChunk, TokenEvent
 from optimizer.policies import StepPlan
 
 
@@ -28,7 +29,8 @@ class StepResult:
 def run_step(engine: Engine, plan: StepPlan, prompts: dict[str, GenerationRequest],
              handoffs: dict[str, KVHandoff], export: bool) -> StepResult:
     """On the engine thread: the whole plan. A refused prompt or hand-off does not stop the
-    others (the step is retried without it)."""
+    others (the step is retried without it). ``prompts`` holds the encoded requests and the
+    chunked ones."""
     result = StepResult()
     for rid in plan.admit:
         try:
@@ -39,10 +41,12 @@ def run_step(engine: Engine, plan: StepPlan, prompts: dict[str, GenerationReques
             result.refused[rid] = f"hand-off refused: {exc}"
     decode = [rid for rid in plan.decode if rid not in result.refused]
     new = [prompts[rid] for rid in plan.encode]
+    chunks = [PromptChunk(prompts[c.request_id], c.start, c.length) for c in plan.chunks]
     try:
-        result.events = engine.step(new, decode, plan.padding)
+        more = (chunks,) if chunks else ()  # engines without chunked prefill take three arguments
+        result.events = engine.step(new, decode, plan.padding, *more)
     except ValueError:  # a prompt the engine refuses; find it, run the rest
-        result.events = _step_without_refused(engine, new, decode, plan.padding, result.refused)
+        result.events = _step_without_refused(engine, new, decode, plan.padding, result.refused, chunks)
     if export:
         finished = {e.request_id for e in result.events if e.finished}
         for request in new:
@@ -52,11 +56,18 @@ def run_step(engine: Engine, plan: StepPlan, prompts: dict[str, GenerationReques
 
 
 def _step_without_refused(engine: Engine, new: list[GenerationRequest], decode: list[str], padding: int,
-                          refused: dict[str, str]) -> list[TokenEvent]:
+                          refused: dict[str, str], chunks: list[PromptChunk] = ()) -> list[TokenEvent]:
+    """Each new prompt and each chunk alone (those the engine refuses are refused), then the decode."""
     events: list[TokenEvent] = []
     for request in new:
         try:
             events += engine.step([request])
         except ValueError as exc:
             refused[request.request_id] = str(exc)
+    for chunk in chunks:
+        try:
+            events += engine.step(chunks=[chunk])
+        except ValueError as exc:
+            refused[chunk.request.request_id] = str(exc)
+            engine.abort(chunk.request.request_id)  # the part of its prompt already in the cache
     return events + engine.step((), decode, padding)

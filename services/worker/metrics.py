@@ -23,9 +23,10 @@ OUTCOMES = ("finished", "handed_off", "given_back", "refused", "failed")
 
 def step_phase(plan: StepPlan) -> str:
     decodes = bool(plan.decode or plan.admit)
-    if plan.encode and decodes:
+    prefills = bool(plan.encode or plan.chunks)
+    if prefills and decodes:
         return "mixed"
-    return "encode" if plan.encode else "decode"
+    return "encode" if prefills else "decode"
 
 
 class WorkerMetrics:

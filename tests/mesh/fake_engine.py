@@ -8,15 +8,10 @@ the model spec ``tests.mesh.fake_engine:load``.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import msgpack
-
-from engine.api import GenerationRequest, KVHandoff, SamplingParams, TokenEvent
+from engine.api import GenerationRequest, KVHandoff, PromptChunk, TokenEvent
 
 EOS = 0
 MAX_CONTEXT = 256
@@ -55,10 +50,12 @@ class FakeEngine:
         self.batch: dict[str, _Running] = {}
         self.prefill_sizes: list[int] = []
         self.steps: list[tuple[int, int, int]] = []  # (prefilled, decoded, padding) per step
+        self.prefilled: dict[str, int] = {}  # a chunked prompt's tokens taken so far
 
     def step(self, prefill: Sequence[GenerationRequest] = (), decode: Sequence[str] = (),
-             padding: int = 0) -> list[TokenEvent]:
+             padding: int = 0, chunks: Sequence[PromptChunk] = ()) -> list[TokenEvent]:
         self._validate(prefill, decode, padding)
+        self._validate_chunks(chunks)
         if prefill:
             self.prefill_sizes.append(len(prefill))
         self.steps.append((len(prefill), len(decode), padding))
@@ -66,7 +63,23 @@ class FakeEngine:
         for r in prefill:
             self.batch[r.request_id] = _Running(r, list(r.resume_ids))
             events.append(self._advance(r.request_id, (r.prompt_ids + r.resume_ids)[-1]))
+        for chunk in chunks:  # a prompt in pieces: the last piece gives the first token
+            r = chunk.request
+            whole = r.prompt_ids + r.resume_ids
+            self.prefilled[r.request_id] = chunk.start + chunk.length
+            if chunk.start + chunk.length == len(whole):
+                del self.prefilled[r.request_id]
+                self.batch[r.request_id] = _Running(r, list(r.resume_ids))
+                events.append(self._advance(r.request_id, whole[-1]))
         return events
+
+    def _validate_chunks(self, chunks: Sequence[PromptChunk]) -> None:
+        for chunk in chunks:
+            r = chunk.request
+            whole = len(r.prompt_ids) + len(r.resume_ids)
+            if (chunk.length < 1 or chunk.start != self.prefilled.get(r.request_id, 0)
+                    or chunk.start + chunk.length > whole or r.request_id in self.batch):
+                raise ValueError(f"chunk {chunk.start}+{chunk.length} of {r.request_id!r} does not continue its prompt")
 
     def _validate(self, prefill: Sequence[GenerationRequest], decode: Sequence[str], padding: int) -> None:
         for r in prefill:
@@ -98,6 +111,7 @@ class FakeEngine:
 
     def abort(self, request_id: str) -> None:
         self.batch.pop(request_id, None)
+        self.prefilled.pop(request_id, None)
 
     def export_request(self, request_id: str) -> KVHandoff:
         run = self.batch.pop(request_id)
@@ -110,31 +124,7 @@ class FakeEngine:
         self.batch[handoff.request_id] = _Running(request, list(handoff.generated_ids))
 
 
-def _encode_handoff(h: KVHandoff) -> bytes:
-    p = h.params
-    params = [p.max_tokens, p.temperature, p.top_k, p.top_p, p.seed, list(p.stop), p.ignore_eos]
-    return msgpack.packb([h.request_id, h.model, params, list(h.prompt_ids), list(h.generated_ids),
-                          h.emitted_text, h.rng_state, h.dtype, list(h.shape), h.layout, h.kv])
-
-
-def _decode_handoff(data: bytes) -> KVHandoff:
-    rid, model, p, prompt, gen, text, rng, dtype, shape, layout, kv = msgpack.unpackb(data)
-    params = SamplingParams(p[0], p[1], p[2], p[3], p[4], tuple(p[5]), p[6])
-    return KVHandoff(rid, model, params, tuple(prompt), tuple(gen), text, rng, dtype, tuple(shape),
-                     layout, kv)
-
-
-def _install_handoff_codec() -> None:
-    """Until engine.handoff exists in this checkout, give KVHandoff.to_bytes a codec."""
-    if "engine.handoff" in sys.modules or importlib.util.find_spec("engine.handoff") is not None:
-        return
-    shim = types.ModuleType("engine.handoff")
-    shim.encode_handoff, shim.decode_handoff = _encode_handoff, _decode_handoff
-    sys.modules["engine.handoff"] = shim
-
-
 def load(*, device: str = "auto", num_threads: int | None = None) -> FakeEngine:
-    _install_handoff_codec()
     return FakeEngine()
 
 

@@ -17,7 +17,7 @@ from engine import load_engine
 from engine.api import GenerationRequest, SamplingParams
 from optimizer.schedule import Schedule
 from optimizer.simulator import SimRequest, replay
-from services.scheduler import recent_lengths
+from services.scheduler.service import recent_lengths
 from tests.mesh.conftest import running_mesh
 from tests.mesh.fake_engine import FakeEngine
 
@@ -34,6 +34,8 @@ SCHEDULES = {
                       decoder_devices=1, worker_devices=1),
     "static": Schedule("static", encode_batch=4, decode_batch=4, num_devices=2, worker_devices=1),
     "continuous": Schedule("continuous", encode_batch=2, decode_batch=5, num_devices=2, worker_devices=1),
+    # prompts of 5 to 9 tokens beside up to 5 decodes in 8 tokens a step: most are prefilled in chunks
+    "mixed": Schedule("mixed", encode_batch=3, decode_batch=5, chunk_tokens=8, num_devices=2, worker_devices=1),
 }
 
 
@@ -94,17 +96,24 @@ async def test_each_policy_completes_every_request_once_with_the_solo_text(confi
         assert all(w.follower.version == m.mesh.scheduler.current.version for w in m.mesh.workers)
         if policy == "static":  # finished slots kept computing until their batch ended
             assert any(b.plan.padding for w in m.mesh.workers for b in w.trace.boundaries)
+        if policy == "mixed":  # prompts cut in chunks, folded into steps that decode
+            plans = [b.plan for w in m.mesh.workers for b in w.trace.boundaries]
+            assert any(not c.last for p in plans for c in p.chunks)
+            assert any(p.chunks and p.decode for p in plans)
 
 
-async def test_a_switch_under_load_loses_duplicates_and_fails_nothing(config, hub, engines):
-    """RRA -> WAA-C -> continuous -> RRA while requests run; roles change, requests move (hand
-    off, re-queue with the tokens sent), and every text is the uninterrupted one."""
+@pytest.mark.parametrize("first, switches", [("rra", ("waa-c", "continuous", "rra")),
+                                             ("mixed", ("waa-c", "mixed", "continuous"))])
+async def test_a_switch_under_load_loses_duplicates_and_fails_nothing(config, hub, engines, first, switches):
+    """RRA -> WAA-C -> continuous -> RRA (and mixed -> WAA-C -> mixed -> continuous, some requests
+    part-way through a chunked prefill) while requests run; roles change, requests move (hand off,
+    re-queue with the tokens sent), and every text is the uninterrupted one."""
     workers = iter(engines[:2])
     lengths = lambda i: 40 + (i * 11) % 60  # noqa: E731
     config = config.model_copy(update={"switch_drain_s": 0.0})  # move requests, not just finish them
-    async with running_mesh(config, hub, lambda: next(workers), workers=2, schedule=SCHEDULES["rra"]) as m:
+    async with running_mesh(config, hub, lambda: next(workers), workers=2, schedule=SCHEDULES[first]) as m:
         load = asyncio.create_task(run_load(m, 48, lengths))
-        for name in ("waa-c", "continuous", "rra"):
+        for name in switches:
             await busy(m)
             await m.pin(SCHEDULES[name])
         replies = await load

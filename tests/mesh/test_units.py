@@ -63,7 +63,7 @@ def test_decode_refuses_a_message_of_another_direction():
 
 
 def test_values_out_of_range_are_rejected_at_the_boundary():
-    fields = [1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0.0, 0.0, 1, -1]
+    fields = [1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0.0, 0.0, 1, -1, 512]
     for policy, batch in (("nope", 1), ("rra", 0), ("rra", "1")):  # unknown, out of range, wrong type
         good = msgpack.packb([codec.SCHEMA_VERSION, 4, 1, ["rra", 1, *fields[1:]], [], 0.0, 0, 0, 1e18])
         assert codec.decode(good, ScheduleUpdate).schedule.encode_batch == 1  # only the field below is wrong
@@ -199,7 +199,7 @@ def test_outbox_groups_events_per_submitter():
 def test_a_schedule_to_pin_reads_from_json_a_file_or_plan_output(tmp_path):
     import json
 
-    from services.scheduler import parse_schedule
+    from services.scheduler.service import parse_schedule
 
     fields = {"policy": "rra", "encode_batch": 5, "decode_iters_per_encode": 3, "worker_devices": 1}
     assert parse_schedule(json.dumps(fields)) == Schedule(**fields)
@@ -260,7 +260,7 @@ async def test_settling_ends_at_a_wake_up_at_its_limit_and_when_off():
 
 
 def test_up_shares_the_host_cores_between_the_engine_processes_it_starts():
-    from services.launcher import with_worker_threads
+    from services.run.launcher import with_worker_threads
 
     assert with_worker_threads(MeshConfig(), 2, cores=16).threads == 8
     assert with_worker_threads(MeshConfig(tp="2"), 2, cores=16).threads == 4  # 2 groups of 2 processes

@@ -70,6 +70,11 @@ def best_throughput(sc: Scenario, bound: float, policies, space) -> float:
                     b = np.arange(1, space.continuous_max_batch + 1)
                     offer(analytic.replicated(analytic.continuous(sc, stats, worker_layouts(sc, sched)[0], b, m),
                                               workers))
+                if "mixed" in policies and span == 1 and not sc.model.encoder_layers and m == 1:
+                    sched = Schedule("mixed", decode_batch=1, chunk_tokens=2, **base)
+                    b = np.arange(1, space.mixed_max_batch + 1)[:, None]
+                    c = np.asarray(space.chunk_tokens)[None, :]
+                    offer(analytic.replicated(analytic.mixed(sc, stats, worker_layouts(sc, sched)[0], b, c), workers))
                 if "rra" in policies:
                     emicro = [x for x in space.encode_microbatches if x == 1 or x <= depth]
                     nds = [n for n in space.iters_per_encode if n <= max(sc.workload.output.maximum - 1, 1)]

@@ -10,14 +10,15 @@ from optimizer.simulator import SimRequest, replay
 
 
 class ForcedLengths:
-    """An executor whose requests finish after a fixed number of tokens (forced lengths)."""
+    """An executor whose requests finish after a fixed number of tokens (forced lengths); a
+    prefill's first token comes with the request's encode or its last chunk."""
 
     def __init__(self, lengths: dict[str, int]) -> None:
         self.lengths, self.tokens = lengths, {}
 
     def run(self, plan: StepPlan) -> StepOutcome:
         done = []
-        for rid in (*plan.encode, *plan.decode):
+        for rid in (*plan.first_tokens, *plan.decode):
             self.tokens[rid] = self.tokens.get(rid, 0) + 1
             if self.tokens[rid] == self.lengths[rid]:
                 done.append(rid)

@@ -19,7 +19,7 @@ from tests.optimizer import bruteforce
 
 TINY = SearchSpace(max_encode_batch=12, waa_max_encode_batch=6, static_max_batch=16, continuous_max_batch=24,
                    iters_per_encode=(1, 3, 8), decode_caps=(2, 8, 32, 128, 512), microbatches=(1, 2),
-                   encode_microbatches=(1, 2))
+                   encode_microbatches=(1, 2), mixed_max_batch=24, chunk_tokens=(16, 64, 256))
 
 
 def _sc(profile, model, devices, task):
@@ -124,6 +124,45 @@ def test_continuous_is_a_cost_family(profile):
             assert np.all(np.diff(p.latency_p99_s) >= -1e-12)
             assert np.all(np.diff(b / p.throughput_seq_s) >= -1e-12)
             assert np.all(np.diff(p.memory_per_device_bytes) >= -1e-9)
+
+
+@pytest.mark.parametrize("model, devices, task", [("opt-13b", 4, "S"), ("opt-1.3b", 2, "C2")])
+def test_mixed_is_a_cost_family_with_a_true_ceiling(profile, model, devices, task):
+    """Latency, memory and batch / throughput never fall with the batch at any token budget (the
+    ``cost`` family's interval bound), and no schedule beats the family's ceiling or floor."""
+    sc = _sc(profile, model, devices, task)
+    fams = families(sc, ("mixed",))
+    assert fams and all(f.lines["m"].tolist() == [1] * f.size for f in fams)
+    for fam in fams:
+        rows = np.arange(fam.size)
+        b = np.broadcast_to(np.arange(1, fam.max_batch + 1), (fam.size, fam.max_batch))
+        p = fam.run(b, rows)
+        lat = np.where(np.isfinite(p.latency_p99_s), p.latency_p99_s, 1e300)
+        assert np.all(np.diff(lat, axis=1) >= -1e-12)
+        assert np.all(np.diff(b / p.throughput_seq_s, axis=1) >= -1e-12)
+        assert np.all(np.diff(p.memory_per_device_bytes, axis=1) >= -1e-9)
+        assert not np.any(p.feasible & (b >= fam.lines["c"][:, None]))  # B < C: room for prefill
+        thr, floor = fam.ceiling()
+        assert np.max(np.where(p.feasible, p.throughput_seq_s, 0.0)) <= thr * (1 + 1e-9)
+        assert np.min(p.latency_p99_s) >= floor * (1 - 1e-9)
+
+
+def test_mixed_runs_on_one_device_workers_of_decoder_only_models(profile):
+    spans = {f.schedule(8, None, **{k: int(v[0]) for k, v in f.lines.items()}).worker_devices
+             for f in families(_sc(profile, "opt-13b", 4, "S"), ("mixed",))}
+    assert spans == {1}
+    assert families(_sc(profile, "t5-11b", 8, "C1"), ("mixed",)) == []
+
+
+def test_mixed_runs_as_predicted(profile):
+    """The analytic figures of a mixed schedule agree with the simulator's run of MixedPolicy."""
+    sc = _sc(profile, "opt-13b", 4, "S")
+    best = branch_and_bound(sc, math.inf, ("mixed",)).best
+    assert best.schedule.policy == "mixed" and best.schedule.chunk_tokens > best.schedule.decode_batch
+    reqs = requests_from_workload(sc, np.random.default_rng(0), 2000)
+    res = simulate(sc, best.schedule, reqs, closed_loop=4 * best.schedule.decode_batch)
+    assert res.throughput_seq_s == pytest.approx(best.figures.throughput_seq_s, rel=0.10)
+    assert res.latency_p99_len_s == pytest.approx(best.figures.latency_p99_s, rel=0.15)
 
 
 # --- WAA ceilings and partial TP ----------------------------------------------------------------
