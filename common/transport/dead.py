@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from common.names import Names
-from common.transport.port import (ATTEMPTS_HEADER, DEAD_AT_HEADER, DEAD_HEADERS, ID_HEADER, ORIGIN_HEADER,
-                                   REASON_HEADER, Bus, Delivery, Subscription)
+from common.transport.port import (ATTEMPTS_HEADER, DEAD_AT_HEADER, DEAD_HEADERS, DEADLINE_HEADER, ID_HEADER,
+                                   ORIGIN_HEADER, REASON_HEADER, Bus, Delivery, Subscription)
 
 TAKE_TIMEOUT_S = 5.0  # at most this long to receive what the queue's depth said it holds
 
@@ -46,8 +46,10 @@ class DeadMessage:
         return None if self.dead_at is None else max((now or time.time()) - self.dead_at, 0.0)
 
     def replay_headers(self) -> dict[str, str]:
-        """The headers it was first published with (trace context), without those of its death."""
-        return {k: v for k, v in self.headers.items() if k not in DEAD_HEADERS and not k.startswith("x-death")}
+        """The headers it was first published with (trace context), without those of its death
+        and without its deadline (a replay is an operator's explicit decision to run it again)."""
+        return {k: v for k, v in self.headers.items()
+                if k not in DEAD_HEADERS and k != DEADLINE_HEADER and not k.startswith("x-death")}
 
 
 def _is_number(text: str) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from common.transport.port import (DEAD_QUEUE_MAX, DELIVERY_LIMIT, OnDead, Unroutable, check_name, dead_headers,
-                                   past_limit)
+                                   past_deadline, past_limit, with_deadline)
 
 _consumer_ids = itertools.count()
 NO_HEADERS: Mapping[str, str] = MappingProxyType({})
@@ -174,6 +174,8 @@ class MemorySubscription:
             if not self.counted:
                 delivery.attempts = 1
                 return delivery
+            if await past_deadline(delivery):
+                continue
             delivery._message.attempts += 1
             delivery.attempts = delivery._message.attempts
             if not await past_limit(delivery, self.on_dead):
@@ -221,12 +223,14 @@ class MemoryBus:
     async def declare_fanout(self, exchange: str) -> None:
         self.broker.fanouts.setdefault(exchange, set())
 
-    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
+    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None,
+                      deadline: float | None = None) -> None:
         check_name(queue)
         target = self.broker.queues.get(queue)
         if target is None:
             raise Unroutable(queue)
-        target.append(_Message(body, headers=MappingProxyType(dict(headers)) if headers else NO_HEADERS))
+        headers = with_deadline(headers, deadline)
+        target.append(_Message(body, headers=MappingProxyType(headers) if headers else NO_HEADERS))
         self.broker.dispatch(target)
 
     async def broadcast(self, exchange: str, body: bytes) -> None:

@@ -20,6 +20,12 @@ Bus semantics, identical in both adapters:
 - ``publish`` may attach ``headers`` (text: W3C trace context, ``common.tracing``); a delivery
   carries them in ``Delivery.headers``, an empty mapping when none came, and keeps them when it
   is redelivered or dead-lettered.
+- ``publish(..., deadline=T)``: the message is worth nothing after ``T`` (epoch seconds: its
+  request's deadline, when its client stops waiting). A work queue's consumer never receives it
+  after then: the subscription acks and drops it (``DEADLINE_HEADER`` carries ``T``; hosts'
+  clocks are assumed synchronised, a skew moves deadlines by as much). Not dead-lettered: nothing
+  is wrong with it, only late. (Not AMQP's per-message TTL: the broker would dead-letter expired
+  messages through the work queues' dead-letter exchange, filling the dead queue with them.)
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ ATTEMPTS_HEADER = "x-exegpt-attempts"  # deliveries it had
 DEAD_AT_HEADER = "x-exegpt-dead-at"  # when, epoch seconds
 ID_HEADER = "x-exegpt-id"  # the message's id (the attempt counter's key)
 DEAD_HEADERS = (REASON_HEADER, ORIGIN_HEADER, ATTEMPTS_HEADER, DEAD_AT_HEADER, ID_HEADER)
+DEADLINE_HEADER = "x-exegpt-deadline"  # epoch seconds after which the message is dropped unread
 
 
 class Unroutable(Exception):
@@ -120,7 +127,10 @@ class Bus(Protocol):
 
     async def declare_fanout(self, exchange: str) -> None: ...
 
-    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None: ...
+    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None,
+                      deadline: float | None = None) -> None:
+        """Confirmed and persistent; ``deadline`` (epoch seconds): dropped unread after it."""
+        ...
 
     async def broadcast(self, exchange: str, body: bytes) -> None: ...
 
@@ -227,6 +237,40 @@ async def tell(on_dead: OnDead | None, delivery: Delivery, reason: str) -> None:
         await on_dead(delivery, reason)
     except Exception as exc:
         log.warning("dead-lettering a message from %s: its request could not be failed: %r", delivery.queue, exc)
+
+
+def with_deadline(headers: Mapping[str, str] | None, deadline: float | None) -> dict[str, str] | None:
+    """The headers to publish: ``headers`` and, when there is one, the deadline."""
+    if deadline is None:
+        return dict(headers) if headers else None
+    return {**(headers or {}), DEADLINE_HEADER: f"{deadline:.3f}"}
+
+
+def deadline_of(headers: Mapping[str, str]) -> float | None:
+    """The deadline a message was published with (None: none, or one that does not parse)."""
+    raw = headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+expired_count = 0  # messages dropped past their deadline by this process's subscriptions
+
+
+async def past_deadline(delivery: Delivery) -> bool:
+    """Ack and drop ``delivery`` if its deadline has passed (its client has stopped waiting);
+    True when it was dropped. Subscriptions run this before counting an attempt."""
+    deadline = deadline_of(delivery.headers)
+    if deadline is None or time.time() < deadline:
+        return False
+    global expired_count
+    expired_count += 1
+    log.info("dropped a message from %s %.1f s past its deadline", delivery.queue, time.time() - deadline)
+    await delivery.ack()
+    return True
 
 
 async def past_limit(delivery: Delivery, on_dead: OnDead | None) -> bool:

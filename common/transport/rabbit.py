@@ -34,7 +34,8 @@ from aio_pika.abc import (
 from aio_pika.exceptions import ChannelClosed, ChannelPreconditionFailed, DeliveryError
 
 from common.transport.port import (DEAD_QUEUE_MAX, DELIVERY_LIMIT, ORIGIN_HEADER, REASON_HEADER, OnDead, Store,
-                                   Unroutable, check_name, dead_headers, past_limit)
+                                   Unroutable, check_name, dead_headers, past_deadline, past_limit,
+                                   with_deadline)
 
 log = logging.getLogger("exegpt.transport")
 ATTEMPTS_TTL_S = 7 * 24 * 3600.0  # a redelivered message's attempt count (deleted once it is settled)
@@ -233,6 +234,8 @@ class RabbitSubscription:
             if not self._counted:
                 delivery.attempts = 1
                 return delivery
+            if await past_deadline(delivery):
+                continue
             await delivery.count()
             if not await past_limit(delivery, self._on_dead):
                 return delivery
@@ -252,6 +255,7 @@ class RabbitSubscription:
             await self._close_channel()
 
 
+RECONNECT_INTERVAL_S = 1  # a lost connection is tried again this often (the client's default: 5 s)
 DEFAULT_HEARTBEAT_S = 10  # a peer that stops answering is dropped after two missed: ~20 s
 
 
@@ -290,7 +294,8 @@ class RabbitBus:
                       delivery_limit: int = DELIVERY_LIMIT, dead_queue_max: int = DEAD_QUEUE_MAX,
                       owned_store: Store | None = None) -> "RabbitBus":
         """``attempts``: where redeliveries are counted (None: a redelivery counts as attempt 2)."""
-        connection = await aio_pika.connect_robust(with_heartbeat(url, heartbeat_s))
+        connection = await aio_pika.connect_robust(with_heartbeat(url, heartbeat_s),
+                                                   reconnect_interval=RECONNECT_INTERVAL_S)
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
         bus = cls(connection, publisher, dead_exchange, dead_queue, attempts=attempts,
                   delivery_limit=delivery_limit, dead_queue_max=dead_queue_max, owned_store=owned_store)
@@ -365,9 +370,10 @@ class RabbitBus:
             self._exchanges[exchange] = await self._publisher.declare_exchange(
                 exchange, aio_pika.ExchangeType.FANOUT, durable=True)
 
-    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None) -> None:
+    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None,
+                      deadline: float | None = None) -> None:
         check_name(queue)
-        message = aio_pika.Message(body, headers=dict(headers) if headers else None, message_id=uuid.uuid4().hex,
+        message = aio_pika.Message(body, headers=with_deadline(headers, deadline), message_id=uuid.uuid4().hex,
                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
             await self._publisher.default_exchange.publish(message, routing_key=queue, mandatory=True)

@@ -156,20 +156,23 @@ class Gateway:
         return pending
 
     async def _publish_work(self, work: EncodeWork) -> None:
-        """Publish to the encode queue; traced, in a span under the current one (the HTTP
-        request's) whose context the message's headers carry to the worker."""
+        """Publish to the encode queue, with the request's deadline (``request_timeout_s`` from
+        now: after it this gateway answers 504, and the work is dropped unread wherever it is);
+        traced, in a span under the current one (the HTTP request's) whose context the message's
+        headers carry to the worker."""
         queue, body = self.names.encode_queue, codec.encode(work)
+        deadline = time.time() + self.config.request_timeout_s
         if not self.tracing.enabled:
-            await self._publish(queue, body, None)
+            await self._publish(queue, body, None, deadline)
             return
         attributes = {"exegpt.request_id": work.request_id, "messaging.destination.name": queue,
                       "exegpt.prompt_tokens": len(work.prompt_ids)}
         with self.tracing.span("publish encode", kind="producer", attributes=attributes):
-            await self._publish(queue, body, self.tracing.inject())
+            await self._publish(queue, body, self.tracing.inject(), deadline)
 
-    async def _publish(self, queue: str, body: bytes, headers: dict[str, str] | None) -> None:
+    async def _publish(self, queue: str, body: bytes, headers: dict[str, str] | None, deadline: float) -> None:
         """One confirmed publish of encode work, bounded by ``PUBLISH_TIMEOUT_S`` (TimeoutError)."""
-        await asyncio.wait_for(self.bus.publish(queue, body, headers=headers), PUBLISH_TIMEOUT_S)
+        await asyncio.wait_for(self.bus.publish(queue, body, headers=headers, deadline=deadline), PUBLISH_TIMEOUT_S)
 
     async def abort(self, pending: Pending) -> None:
         """The client went away: forget the request and tell the workers to drop it. A broker

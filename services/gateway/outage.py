@@ -1,10 +1,8 @@
 """The gateway during a broker or store outage: 503 with ``Retry-After``, never a 500.
 
-``is_outage`` tells a failure to reach RabbitMQ or Redis from a fault of the gateway itself: a
-connection or timeout error, a message the broker cannot route, or an error raised by the AMQP
-client (its class, or where it was raised), or by the Redis client's connection layer. (Services do not import those clients, so
-their errors are told by the module that defines them.) ``AnswerOutages`` turns such an error,
-raised by any route before its response started, into a 503 in the OpenAI error shape.
+``is_outage`` (``common.transport.errors``) tells a failure to reach RabbitMQ or Redis from a fault
+of the gateway itself. ``AnswerOutages`` turns such an error, raised by any route before its
+response started, into a 503 in the OpenAI error shape.
 """
 
 from __future__ import annotations
@@ -14,46 +12,12 @@ import logging
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.transport.port import Unroutable
+from common.transport.errors import is_outage, what_failed
 from services.gateway import openai_api as oa
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 5  # a broker or store that did not answer: try again this much later
-_AMQP_CLIENTS = ("aiormq", "aio_pika", "pamqp")
-_REDIS_CONNECTION = ("ConnectionError", "TimeoutError")  # redis.exceptions (BusyLoadingError is one)
-
-
-class Unavailable(Exception):
-    """The gateway could not reach the broker or the store for this request."""
-
-
-def is_outage(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError, Unroutable, Unavailable)):
-        return True
-    for cls in type(exc).__mro__:
-        package = cls.__module__.split(".", 1)[0]
-        if package in _AMQP_CLIENTS or (package == "redis" and cls.__name__ in _REDIS_CONNECTION):
-            return True
-    return _raised_by_amqp_client(exc)  # e.g. RuntimeError("Connection was not opened")
-
-
-def _raised_by_amqp_client(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_globals.get("__name__", "").split(".", 1)[0] in _AMQP_CLIENTS:
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def what_failed(exc: BaseException) -> str:
-    packages = {cls.__module__.split(".", 1)[0] for cls in type(exc).__mro__}
-    if packages & set(_AMQP_CLIENTS) or isinstance(exc, Unroutable) or _raised_by_amqp_client(exc):
-        return "the message broker"
-    if "redis" in packages:
-        return "the store"
-    return "the message broker or the store"
+RETRY_AFTER_S = 1  # a broker or store that did not answer: try again this much later (clients reconnect each second)
 
 
 def unavailable_response(exc: BaseException) -> JSONResponse:

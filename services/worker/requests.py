@@ -16,7 +16,7 @@ from typing import Any
 from common.messages.events import Token, TopLogprob
 from common.messages.handoff import KvReady
 from common.messages.work import EncodeWork
-from common.transport.port import Delivery
+from common.transport.port import Delivery, deadline_of
 from engine.api import GenerationRequest, KVHandoff, SamplingParams, TokenEvent
 
 CHUNK_TOKENS = 64  # a non-streaming request's tokens go out at least this often
@@ -50,18 +50,21 @@ class Held:
     first_token_at: float = 0.0
     trace: Any = None  # tracing on: the context its next span continues from (common.tracing)
     decode_span: Any = None  # tracing on: open from its decode start until it leaves this worker
+    deadline: float | None = None  # epoch seconds its client waits until (from its message; None: none)
 
     @staticmethod
     def from_work(delivery: Delivery, work: EncodeWork) -> "Held":
         return Held(delivery, work.request_id, work.reply_to, work.stream, work.submitted_at,
                     work.prompt_ids, work.sampling, work=work,
-                    generated=list(work.resume_ids), emitted=work.resume_text)
+                    generated=list(work.resume_ids), emitted=work.resume_text,
+                    deadline=deadline_of(delivery.headers))
 
     @staticmethod
     def from_handoff(delivery: Delivery, ready: KvReady, handoff: KVHandoff) -> "Held":
         return Held(delivery, ready.request_id, ready.reply_to, ready.stream, ready.submitted_at,
                     handoff.prompt_ids, handoff.params, ready=ready, handoff=handoff,
-                    generated=list(handoff.generated_ids), emitted=handoff.emitted_text)
+                    generated=list(handoff.generated_ids), emitted=handoff.emitted_text,
+                    deadline=deadline_of(delivery.headers))
 
     @property
     def input_len(self) -> int:

@@ -35,6 +35,7 @@ from common.messages.work import WorkMessage
 from common.names import DONE_TTL_S, OUTPUT_LENGTHS_MAX, Names
 from common.tracing import tracing_for
 from common.transport.connect import Transports
+from common.transport.errors import Backoff, is_outage, what_failed
 from common.transport.kv import CorruptPayload
 from common.transport.port import Delivery, NameTooLong, Subscription, Unroutable, check_name, failed, tell
 from engine.api import EngineBroken, KVHandoff
@@ -43,7 +44,7 @@ from optimizer.policies import (DrainPolicy, IdlePolicy, QueuedRequest, Role, Ru
                                 make_policy)
 from optimizer.schedule import Schedule
 from services.worker.credits import Credits
-from services.engines import EngineRunner, group_shape
+from services.run.engines import EngineRunner, group_shape
 from services.worker.executor import StepResult, run_step
 from services.worker.follower import ScheduleFollower
 from services.worker.mailbox import Inbox, Outbox
@@ -54,8 +55,13 @@ from services.worker.trace import StepTrace
 ABORTED_REMEMBERED = 10_000
 CREDIT_POLL_S = (0.002, 0.05)  # an encoder without credits looks again after this, doubling
 GATHER_GAPS = 5  # an idle worker gathers a burst for at most this many gaps (MeshConfig.gather_s)
+EVENTS_GRACE_S = 5.0  # a missing events queue is tried this long (its gateway may be declaring it again)
 
 log = logging.getLogger(__name__)
+
+
+def failed_task(task: asyncio.Task) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is not None
 
 
 def dead_letter_message(reason: str) -> str:
@@ -135,20 +141,35 @@ class Worker:
     # ==== the loop ==============================================================================
     async def run(self) -> None:
         await self.start()
+        backoff = Backoff()
         while self.should_continue():
-            await self.receive()
-            await self.apply_schedule()
-            await self.drop_aborted()
-            await self.reserve_credits()
-            plan = self.plan()
-            if plan.idle:
-                await self.wait_for_work()
-                continue
-            result = await self.execute(plan)
-            self.driver.complete(plan, self.outcome(result))
-            await self.emit(plan, result)
-            await self.fit_intake()
+            try:
+                await self.iteration()
+            except Exception as exc:  # an outage of the broker or the store: wait, then go on
+                if not is_outage(exc):
+                    raise
+                delay = backoff.next_s()
+                log.warning("worker %s: %s did not answer (%r); going on in %.1f s", self.worker_id,
+                            what_failed(exc), exc, delay)
+                await asyncio.sleep(delay)  # a retry's backoff, not a synchronisation
+            else:
+                backoff.reset()
         await self.close()
+
+    async def iteration(self) -> None:
+        """One batch boundary and (unless idle) one step."""
+        await self.receive()
+        await self.apply_schedule()
+        await self.drop_aborted()
+        await self.reserve_credits()
+        plan = self.plan()
+        if plan.idle:
+            await self.wait_for_work()
+            return
+        result = await self.execute(plan)
+        self.driver.complete(plan, self.outcome(result))
+        await self.emit(plan, result)
+        await self.fit_intake()
 
     def plan(self) -> StepPlan:
         plan = self.driver.plan()
@@ -167,7 +188,7 @@ class Worker:
             return True
         if self._stop_deadline is None:
             return True  # the next receive() begins the drain
-        return bool(self.driver.running) and time.monotonic() < self._stop_deadline
+        return bool(self.driver.running or self.driver.prefilling) and time.monotonic() < self._stop_deadline
 
     # ==== start and stop =========================================================================
     async def start(self) -> None:
@@ -349,7 +370,14 @@ class Worker:
         """Only a redelivered message can belong to a request that already finished: look those
         up, in one round trip, and ack them."""
         again = [h for h in candidates if h.delivery.redelivered]
-        markers = await self.store.get_many(*(self.names.done(h.request_id) for h in again))
+        try:
+            markers = await self.store.get_many(*(self.names.done(h.request_id) for h in again))
+        except Exception as exc:  # the store is out: run them (a finished one's tokens are dropped as repeats)
+            if not is_outage(exc):
+                raise
+            log.warning("worker %s: done markers unreadable (%r); running %d redelivered requests",
+                        self.worker_id, exc, len(again))
+            return candidates
         finished = {h.request_id for h, m in zip(again, markers) if m is not None}
         for h in candidates:
             if h.request_id in finished:
@@ -394,7 +422,8 @@ class Worker:
             await self._enter(self.follower.role)
             await self.report("applied")
             self.changed.set()
-        if self._drain is not None and (not self.driver.running or time.monotonic() >= self._drain.deadline):
+        busy = self.driver.running or self.driver.prefilling
+        if self._drain is not None and (not busy or time.monotonic() >= self._drain.deadline):
             role, self._drain = self._drain.role, None
             await self._give_back_running()
             await self._become(role)
@@ -402,7 +431,7 @@ class Worker:
     async def _enter(self, role: Role) -> None:
         """Take ``role`` under the schedule in force; drain first if it stops us decoding what runs."""
         self._drain = None
-        if self.driver.running and role not in ("worker", "decoder"):
+        if (self.driver.running or self.driver.prefilling) and role not in ("worker", "decoder"):
             self._drain = Drain(role, time.monotonic() + self.config.switch_drain_s)
             await self._set_intake({})
             self.driver.switch(DrainPolicy(self.follower.schedule))
@@ -457,13 +486,15 @@ class Worker:
 
     async def _give_back_running(self) -> None:
         """Requests still running when a drain ends: to the decoders if the schedule has them and
-        they have room (the KV cache moves), else back to the encode queue with the tokens sent."""
+        they have room (the KV cache moves), else back to the encode queue with the tokens sent
+        (as is a prompt still being prefilled in chunks)."""
         running = list(self.driver.running)
-        if not running:
+        if not (running or self.driver.prefilling):
             return
         room = 0
-        if self.follower.schedule.split:
+        if self.follower.schedule.split and running:
             room = await self.credits.take(self.follower.version, len(running))
+        running += list(self.driver.prefilling)
         outbox = Outbox()
         for rid in running:
             for token in self.held[rid].flush():
@@ -489,14 +520,18 @@ class Worker:
         self._end_decode_span(held, "requeued")
         await asyncio.gather(*held.sent, *published)
         await self.bus.publish(self.names.encode_queue, codec.encode(held.continuation(self.config.model)),
-                               headers=self.tracing.inject(held.trace))
+                               headers=self.tracing.inject(held.trace), deadline=held.deadline)
         if held.ready is not None:
             await self.kv.drop(held.ready.kv_ref)
         await held.delivery.ack()
 
     # ==== aborts and credits =====================================================================
     async def drop_aborted(self) -> None:
-        """Between steps: aborted requests leave the engine and this worker; their messages are acked."""
+        """Between steps: aborted requests, and those past their deadline (their client has
+        stopped waiting), leave the engine and this worker; their messages are acked."""
+        now = time.time()
+        self._abort_pending.extend(rid for rid, held in self.held.items()
+                                   if held.deadline is not None and held.deadline <= now)
         while self._abort_pending:
             rid = self._abort_pending.pop()
             held = self.held.pop(rid, None)
@@ -558,10 +593,11 @@ class Worker:
         await self._return_credits(plan)
         self._credit_wait = CREDIT_POLL_S[0]
         self._arrived: list[tuple[str, int]] = []  # queued since the last boundary (for the trace)
-        prompts = {rid: self.held[rid].generation_request() for rid in plan.encode}
+        chunked = tuple(c.request_id for c in plan.chunks)
+        prompts = {rid: self.held[rid].generation_request() for rid in (*plan.encode, *chunked)}
         handoffs = {rid: self.held[rid].handoff for rid in plan.admit}
         started = time.time()
-        for rid in plan.encode:
+        for rid in (*plan.encode, *(c.request_id for c in plan.chunks if c.start == 0)):
             self.held[rid].encode_start_at = started
         try:
             result = await self.runner.call(run_step, self.runner.engine, plan, prompts, handoffs,
@@ -581,7 +617,8 @@ class Worker:
         outcomes = {"finished": sum(e.finished for e in result.events), "handed_off": len(result.exported),
                     "given_back": len(result.given_back), "refused": len(result.refused),
                     "failed": len(result.failed)}
-        prompt_tokens = sum(self.held[rid].input_len for rid in plan.encode if rid in self.held)
+        prompt_tokens = (sum(self.held[rid].input_len for rid in plan.encode if rid in self.held)
+                         + sum(c.length for c in plan.chunks))
         self.metrics.step(plan, result.ended_at - result.started_at, prompt_tokens, len(result.events), outcomes)
 
     def metrics_state(self) -> WorkerState:
@@ -600,7 +637,7 @@ class Worker:
         """The engine failed a step: its requests leave the engine; each message goes back to the
         queue (another worker may run it), a counted attempt; at its last attempt it fails (500)."""
         result = StepResult()
-        for rid in dict.fromkeys((*plan.encode, *plan.admit, *plan.decode)):
+        for rid in dict.fromkeys((*plan.encode, *(c.request_id for c in plan.chunks), *plan.admit, *plan.decode)):
             await self.runner.call(self.runner.engine.abort, rid)
             held = self.held[rid]
             if held.delivery.attempts >= held.delivery.limit:
@@ -620,11 +657,13 @@ class Worker:
         """Tokens and stamps to the submitters; finished requests settle and hand-offs go out once
         their events are confirmed (in the background: the next step does not wait for them)."""
         outbox, self._next_stamps = self._next_stamps, Outbox()
-        for rid in plan.encode:
-            held = self.held[rid]
+        for rid in plan.first_tokens:  # prefilled: whole, or its last chunk
+            held = self.held.get(rid)
+            if held is None:  # a chunk the engine refused: settled below
+                continue
             outbox.stamp(held.reply_to, rid, Stage.ENCODE_START, held.encode_start_at)
             outbox.stamp(held.reply_to, rid, Stage.ENCODE_END, result.ended_at)
-        starts = plan.admit if self.role == "decoder" else plan.encode  # a worker decodes what it encodes
+        starts = plan.admit if self.role == "decoder" else plan.first_tokens  # a worker decodes what it encodes
         for rid in starts:
             if rid in self.held and rid not in result.refused and rid not in result.exported:
                 outbox.stamp(self.held[rid].reply_to, rid, Stage.DECODE_START, result.ended_at)
@@ -644,7 +683,7 @@ class Worker:
         published = self.send_soon(outbox)
         for rid in {e.request_id for e in result.events}:
             held = self.held[rid]
-            held.sent = [t for t in held.sent if not t.done()] + published
+            held.sent = [t for t in held.sent if not t.done() or failed_task(t)] + published  # a failure stays seen
         for rid, reason in finished:
             held = self.held.pop(rid)
             self._keep(self._settle(held, reason, published), held)
@@ -719,7 +758,8 @@ class Worker:
             ref = await self.kv.put(handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
             ready = KvReady(held.request_id, self.worker_id, held.reply_to, ref, len(held.prompt_ids),
                             self.follower.version, held.submitted_at, held.stream)
-            await self.bus.publish(self.names.handoff_queue, codec.encode(ready), headers=self.tracing.inject())
+            await self.bus.publish(self.names.handoff_queue, codec.encode(ready), headers=self.tracing.inject(),
+                                   deadline=held.deadline)
         await asyncio.gather(*held.sent, *published)
         await held.delivery.ack()
 
@@ -729,13 +769,13 @@ class Worker:
         prefilled; a decode span opens for each request that starts decoding, and closes for each
         that finished or failed in it."""
         gone = {**result.refused, **result.failed, **{rid: "engine fault: given back" for rid in result.given_back}}
-        for rid in plan.encode:
+        for rid in plan.first_tokens:
             held = self.held[rid]
             held.trace = self.tracing.record(
                 "encode", parent=held.trace, start_s=held.encode_start_at, end_s=result.ended_at, kind="consumer",
-                attributes={**self._span_attributes(held), "exegpt.batch_size": len(plan.encode),
+                attributes={**self._span_attributes(held), "exegpt.batch_size": len(plan.first_tokens),
                             "exegpt.prompt_tokens": held.input_len}, error=gone.get(rid))
-        decoding = (*plan.admit, *(plan.encode if self.role != "encoder" else ()))
+        decoding = (*plan.admit, *(plan.first_tokens if self.role != "encoder" else ()))
         for rid in decoding:
             held = self.held.get(rid)
             if held is not None and rid not in gone and rid not in result.exported:
@@ -797,10 +837,20 @@ class Worker:
         return [asyncio.create_task(self._publish_event(q, codec.encode(b))) for q, b in batches.items()]
 
     async def _publish_event(self, queue: str, body: bytes) -> None:
-        try:
-            await self.bus.publish(queue, body)
-        except Unroutable:
-            pass  # its client is gone with it
+        """To a gateway's events queue. A queue that is missing may be one its gateway is declaring
+        again (after the broker restarted, exclusive queues come back with their owners' new
+        connections): tried again for ``EVENTS_GRACE_S``, then its client is taken as gone. An
+        outage raises (the request's settle fails, and it runs again from its queue)."""
+        backoff = Backoff(first_s=0.1, cap_s=1.0)
+        give_up = time.monotonic() + EVENTS_GRACE_S
+        while True:
+            try:
+                await self.bus.publish(queue, body)
+                return
+            except Unroutable:
+                if time.monotonic() >= give_up:
+                    return  # its client is gone with it
+            await asyncio.sleep(backoff.next_s())  # a retry's backoff while the gateway comes back
 
     async def report(self, state: str) -> bool:
         """Broadcast this worker's status; False when the broker could not take it (an outage:

@@ -229,6 +229,35 @@ async def test_a_non_streaming_client_that_disconnects_aborts_its_request(config
         assert m.app.state.admission.in_flight() == 0
 
 
+async def test_work_past_its_deadline_leaves_the_worker_even_when_no_abort_reaches_it(config, hub):
+    """The deadline travels with the work: after ``request_timeout_s`` the client has its 504 and
+    the worker drops the request by itself (here the abort broadcast cannot be sent)."""
+    config = config.model_copy(update={"request_timeout_s": 1.0})
+    async with running_mesh(config, hub, SlowEngine) as m:
+        gateway = m.app.state.gateway
+
+        async def no_broadcast(*args, **kwargs):
+            raise aiormq.exceptions.ChannelInvalidStateError("No active transport in channel")
+
+        gateway.bus.broadcast = no_broadcast
+        worker = m.mesh.workers[0]
+        engine = worker.runner.engine
+        stopped, abort = [], engine.abort
+
+        def recorded_abort(request_id: str) -> None:
+            stopped.append(request_id)
+            abort(request_id)
+
+        engine.abort = recorded_abort
+        response = await m.client.post("/v1/completions", json=completion(200, prompt="ab"))
+        assert response.status_code == 504, response.text
+        rid = next(iter(engine.batch), None)
+        assert rid is not None and rid not in worker.aborted  # still running: nobody told the worker
+        await polled(lambda: rid not in engine.batch and rid not in worker.held)
+        assert stopped == [rid]  # the worker stopped it (it did not run to its 200th token)
+        assert rid not in worker.driver.running
+
+
 # --- outages -----------------------------------------------------------------------------------
 
 async def test_a_broker_that_refuses_the_publish_is_a_503_and_nothing_is_left_behind(config, hub):

@@ -9,7 +9,7 @@ import pytest
 
 from common.names import Names
 from common.transport.connect import open_bus, open_store
-from common.transport.port import Unroutable, processing
+from common.transport.port import DEADLINE_HEADER, Unroutable, processing
 
 pytestmark = pytest.mark.usefixtures("cleanup")
 TIMEOUT_S = 10
@@ -276,3 +276,50 @@ def test_rabbit_header_values_that_arrive_as_bytes_are_decoded():
     assert dict(delivery.headers) == {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
                                       "tracestate": "a=b"}
     assert dict(RabbitDelivery(SimpleNamespace(body=b"", redelivered=False, headers=None)).headers) == {}
+
+
+async def test_a_message_past_its_deadline_is_dropped_unread_and_not_dead_lettered(mesh_config, hub):
+    """Work whose client has stopped waiting never reaches a consumer: the subscription acks it;
+    work still in time arrives with its deadline; a requeued late message is dropped too."""
+    names = Names(mesh_config.namespace)
+    bus = await open_bus(mesh_config, names, hub)
+    await bus.declare_queue(names.encode_queue)
+    now = time.time()
+    await bus.publish(names.encode_queue, b"late", deadline=now - 1)
+    await bus.publish(names.encode_queue, b"soon", deadline=now + 0.5)
+    await bus.publish(names.encode_queue, b"timely", deadline=now + 60)
+    sub = await bus.consume(names.encode_queue, prefetch=10)
+    soon, timely = await next_delivery(sub), await next_delivery(sub)
+    assert (soon.body, timely.body) == (b"soon", b"timely")
+    assert float(timely.headers[DEADLINE_HEADER]) == pytest.approx(now + 60, abs=0.01)
+    await timely.ack()
+    while time.time() < now + 0.5:  # let "soon" pass its deadline while it is held, then requeue it
+        await asyncio.sleep(0.05)
+    await soon.reject(requeue=True)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(anext(aiter(sub)), 0.5)
+    assert await bus.queue_depth(names.encode_queue) == 0
+    dead = await bus.consume(names.dead_queue, prefetch=10)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(anext(aiter(dead)), 0.5)
+    await bus.close()
+
+
+async def test_a_replayed_dead_message_loses_its_deadline(mesh_config, hub):
+    """An operator's replay runs the message again even though its deadline has passed."""
+    from common.transport.dead import DeadQueue
+
+    names = Names(mesh_config.namespace)
+    bus = await open_bus(mesh_config, names, hub)
+    await bus.declare_queue(names.encode_queue)
+    await bus.publish(names.encode_queue, b"poison", headers={"traceparent": "t"}, deadline=time.time() + 1)
+    sub = await bus.consume(names.encode_queue, prefetch=10)
+    await (await next_delivery(sub)).dead_letter("bad bytes")
+    letters = DeadQueue(bus, names)
+    assert len(await letters.take()) == 1
+    replayed, kept = await letters.replay(None)
+    assert (len(replayed), kept) == (1, [])
+    again = await next_delivery(sub)
+    assert again.body == b"poison" and DEADLINE_HEADER not in again.headers and again.headers["traceparent"] == "t"
+    await again.ack()
+    await bus.close()

@@ -1,0 +1,778 @@
+"""`exegpt bench faults`: a mesh under load meets one fault at a time; what its clients saw.
+
+The mesh is `exegpt up` (scheduler, workers, gateway as separate processes, restarted by the
+launcher when they die) on a RabbitMQ node and a Redis of its own: started here on free loopback
+ports, with their own names, configuration and data folders, never the shared 127.0.0.1:5672 and
+:6379 ones (those may serve other meshes, and a fault must not reach them).
+
+Each scenario runs on the same mesh, one after another:
+
+1. steady load: ``--clients`` closed-loop clients (send a completion, wait for it, send the next)
+   for ``--baseline-s``; the mean completions per second over it is the scenario's *before*;
+2. the fault (below); the load goes on through it;
+3. the load goes on until the throughput is back (a ``RECOVERY_WINDOW_S`` window with at least
+   90 % of *before*), or ``--observe-s`` after the fault ended; then the clients stop and every
+   request they sent is waited for (bounded by the request deadline);
+4. the mesh's gateway must answer ``/health/ready`` and every process of it must be running.
+
+Faults: ``kill-worker`` (SIGKILL one worker process; the launcher restarts it), ``redis-3s`` and
+``redis-30s`` (Redis killed, started again on the same data after that long), ``broker-10s`` and
+``broker-30s`` (RabbitMQ's application stopped: connections closed, the port refusing, then
+started again), ``poison`` (random bytes into every queue and fanout exchange of the mesh, and a
+work message whose reply queue no broker can route), ``overload`` (10 x the clients for
+``--baseline-s``), ``abandon`` (100 clients that send a long completion and leave after 0.2 s),
+``too-large`` (a request whose prompt + max_tokens no worker's KV cache can hold, which must be
+a 400 at once).
+
+What a client counts (one row per scenario):
+- *sent*: requests the clients started; *completed*: answered 200 with the expected text (the
+  reference: the same prompt's answer before any fault; greedy decoding is deterministic);
+- *refused*: a 429 or 503 with ``Retry-After``: the client waits as told and sends again (as
+  OpenAI's clients do), so a refused request that then completes counts as completed;
+- *failed*: an error answer in the OpenAI shape (a clear error) after it was accepted;
+- *unclear*: anything else (a connection reset, a 5xx without the error shape);
+- *hung*: no answer within the request deadline plus ``HUNG_MARGIN_S``;
+- *wrong*: a 200 whose text differs from the reference (duplicated or lost tokens);
+- *recovery_s*: from the end of the fault until the throughput is back (None: not within
+  ``--observe-s``);
+- *up*: the mesh answered ready afterwards, every process running.
+
+Goals: 0 hung, 0 wrong, 0 unclear, >= 99 % completed where the outage is shorter than the
+request deadline, the mesh up after every scenario, recovery <= 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from queue import Empty, Queue
+
+import httpx
+
+from common.config import MeshConfig
+from common.messages import codec
+from common.messages.work import EncodeWork
+from common.names import Names
+from common.transport.connect import LocalHub, open_bus
+from engine.api import SamplingParams
+
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+RABBIT_HOME = "/var/lib/rabbitmq"  # the rabbitmq user's home: its Erlang cookie serves server and ctl
+MODEL = "tiny-llama"
+MAX_TOKENS = 16
+RECOVERY_WINDOW_S = 3.0  # throughput is back when a window this long has >= 90 % of before
+RECOVERED_SHARE = 0.9
+HUNG_MARGIN_S = 15.0  # past the request deadline with no answer: hung
+REQUEST_TIMEOUT_S = 60.0  # the mesh's request deadline (every outage here is shorter)
+KV_CACHE_GB = 0.0005  # ~500 tokens of tiny-llama KV per worker: a 700-token request can never fit
+TOO_LARGE_PROMPT = 700
+STARTUP_TIMEOUT_S = 180.0
+PROMPTS = (
+    "The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
+    "In 1969, the first humans", "A recipe for pancakes:", "Rabbits and redis walk into a bar;",
+    "The quick brown fox", "To be or not to be", "Water boils at", "The mesh survived because",
+    "Seven plus five equals",
+)
+ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large")
+LONG = ("redis-30s", "broker-30s")
+
+
+OPS_LINE = re.compile(r"^\[(\S+)\] .*/metrics and /health/\* at (http://\S+)")
+
+
+class SetupError(RuntimeError):
+    """The private broker, store or mesh could not be started."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SetupError(f"{what}: not within {timeout_s:g} s")
+        time.sleep(interval_s)
+
+
+def available() -> str | None:
+    """Why the private services cannot run here (None: they can): RabbitMQ's and Redis's
+    programs installed, and root (the node runs as the ``rabbitmq`` user)."""
+    missing = [p for p in ("rabbitmq-server", "rabbitmqctl") if not (RABBIT_BIN / p).exists()]
+    if shutil.which("redis-server") is None:
+        missing.append("redis-server")
+    if missing:
+        return f"not installed: {', '.join(missing)} (apt-get install -y rabbitmq-server redis-server)"
+    if os.geteuid() != 0:
+        return "needs root (the private RabbitMQ node runs as the rabbitmq user)"
+    return None
+
+
+# ==== the private RabbitMQ and Redis ============================================================
+
+class PrivateServices:
+    """A RabbitMQ node and a Redis of their own on free loopback ports, under one temp folder."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="exegpt-faults-"))
+        os.chmod(self.dir, 0o755)
+        self.node = f"exegptfaults{secrets.token_hex(3)}@localhost"
+        self.amqp_port, self.dist_port, self.redis_port = free_port(), free_port(), free_port()
+        self.password = secrets.token_hex(8)
+        self.rabbit: subprocess.Popen | None = None
+        self.redis: subprocess.Popen | None = None
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://mesh:{self.password}@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def start(self) -> None:
+        self.start_redis()
+        self.start_rabbit()
+
+    # ---- Redis: killed and started again on the same append-only file
+    def start_redis(self) -> None:
+        data = self.dir / "redis"
+        data.mkdir(exist_ok=True)
+        self.redis = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--dir", str(data),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"],
+            stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: port_open(self.redis_port), 20, "redis-server answering")
+
+    def kill_redis(self) -> None:
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.kill()
+            self.redis.wait(10)
+
+    # ---- RabbitMQ: a node of its own (name, ports, configuration, data and log folders)
+    def rabbit_env(self) -> dict[str, str]:
+        d = self.dir / "rabbit"
+        return {**os.environ,
+                "HOME": RABBIT_HOME,
+                "RABBITMQ_NODENAME": self.node,
+                "RABBITMQ_NODE_PORT": str(self.amqp_port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),  # the system-wide one is not read
+                "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),  # the system-wide one pins 5672
+                "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
+                "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(d / "log"),
+                "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+                "RABBITMQ_PLUGINS_EXPAND_DIR": str(d / "plugins-expand")}
+
+    def ctl(self, *args: str, timeout_s: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(["runuser", "-u", "rabbitmq", "--", str(RABBIT_BIN / "rabbitmqctl"),
+                                 "-n", self.node, *args], env=self.rabbit_env(), capture_output=True,
+                                text=True, timeout=timeout_s)
+        if check and result.returncode != 0:
+            raise SetupError(f"rabbitmqctl {' '.join(args)}: {result.stderr.strip()[-400:]}")
+        return result
+
+    def start_rabbit(self) -> None:
+        d = self.dir / "rabbit"
+        for sub in ("mnesia", "log", "plugins-expand"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        (d / "rabbitmq-env.conf").write_text("# empty: this node's settings are in its environment\n")
+        (d / "enabled_plugins").write_text("[].\n")
+        (d / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\n"
+                                         "loopback_users = none\nlog.console = false\n")
+        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(d)], check=True)
+        self.rabbit = subprocess.Popen(["runuser", "-u", "rabbitmq", "--", str(RABBIT_BIN / "rabbitmq-server")],
+                                       env=self.rabbit_env(), cwd=d, stdout=open(self.dir / "rabbit.out", "ab"),
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while self.ctl("await_startup", "--timeout", "30", check=False, timeout_s=45).returncode != 0:
+            if self.rabbit.poll() is not None or time.monotonic() > deadline:
+                raise SetupError(f"RabbitMQ node {self.node} did not start; see {self.dir}")
+            time.sleep(1)
+        self.ctl("add_user", "mesh", self.password)
+        self.ctl("set_permissions", "-p", "/", "mesh", ".*", ".*", ".*")
+
+    def stop_broker(self) -> None:
+        """The broker goes away: every connection closed, its port refusing new ones."""
+        self.ctl("stop_app")
+
+    def start_broker(self) -> None:
+        self.ctl("start_app")
+        wait_until(lambda: port_open(self.amqp_port), 30, "RabbitMQ listening again")
+
+    def queues(self, prefix: str) -> list[str]:
+        out = self.ctl("list_queues", "name", "--no-table-headers", "--quiet").stdout
+        return [q for q in out.split() if q.startswith(prefix)]
+
+    def exchanges(self, prefix: str) -> list[str]:
+        out = self.ctl("list_exchanges", "name", "--no-table-headers", "--quiet").stdout
+        return [e for e in out.split() if e.startswith(prefix)]
+
+    def depth(self, queue: str) -> int:
+        out = self.ctl("list_queues", "name", "messages", "--no-table-headers", "--quiet").stdout
+        counts = dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
+        return int(counts.get(queue, 0))
+
+    def close(self) -> None:
+        if self.rabbit is not None and self.rabbit.poll() is None:
+            self.ctl("stop", check=False, timeout_s=60)
+            try:
+                self.rabbit.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.rabbit.pid, signal.SIGKILL)
+                self.rabbit.wait(10)
+        self.kill_redis()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ==== the mesh: `exegpt up` on the private services =============================================
+
+class Mesh:
+    """`exegpt up` as a child process; its output is kept, its children found through /proc."""
+
+    def __init__(self, services: PrivateServices, *, workers: int = 2, namespace: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.services, self.workers = services, workers
+        self.namespace = namespace or f"faults{secrets.token_hex(3)}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("EXEGPT_")}
+        self.env.update({"EXEGPT_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S), "EXEGPT_KV_CACHE_GB": str(KV_CACHE_GB),
+                         "EXEGPT_HEARTBEAT_S": "0.5", "EXEGPT_HEARTBEAT_TIMEOUT_S": "3", "PYTHONUNBUFFERED": "1",
+                         **(env or {})})
+        self.popen: subprocess.Popen[str] | None = None
+        self.lines: Queue[str | None] = Queue()
+        self.output: list[str] = []
+        self.url = ""
+
+    def start(self) -> str:
+        cmd = [sys.executable, "-m", "services.cli", "up", "--model", MODEL, "--workers", str(self.workers),
+               "--port", "0", "--threads", "1", "--amqp-url", self.services.amqp_url,
+               "--redis-url", self.services.redis_url, "--namespace", self.namespace]
+        self.popen = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=self.env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1,
+                                      start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except Empty:
+                raise SetupError(f"the mesh was not ready in {STARTUP_TIMEOUT_S:g} s:\n{self.tail()}") from None
+            if line is None:
+                raise SetupError(f"`exegpt up` exited ({self.popen.poll()}):\n{self.tail()}")
+            if line.startswith("ready mesh "):
+                self.url = line.split()[-1]
+                return self.url
+
+    def _read(self) -> None:
+        assert self.popen is not None and self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def tail(self, n: int = 40) -> str:
+        return "".join(self.output[-n:])
+
+    def children(self) -> dict[int, str]:
+        """pid -> command line of each process `exegpt up` runs now."""
+        assert self.popen is not None
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                if ppid == self.popen.pid:
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, ValueError, IndexError):
+                continue
+        return found
+
+    def worker_ops_urls(self) -> dict[str, str]:
+        """Each worker's operations port (the latest one its label announced: a restarted worker
+        has a new one)."""
+        urls = {}
+        for line in self.output:
+            match = OPS_LINE.match(line)
+            if match and match.group(1).startswith("worker-"):
+                urls[match.group(1)] = match.group(2)
+        return urls
+
+    def role_pids(self, role: str) -> list[int]:
+        return sorted(pid for pid, cmd in self.children().items() if f"services.cli {role}" in cmd)
+
+    def running(self) -> bool:
+        """`exegpt up` and every process it should run are alive."""
+        if self.popen is None or self.popen.poll() is not None:
+            return False
+        return (len(self.role_pids("worker")) == self.workers and len(self.role_pids("gateway")) == 1
+                and len(self.role_pids("scheduler")) == 1)
+
+    def close(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(10)
+
+
+# ==== the clients ===============================================================================
+
+@dataclass
+class Record:
+    sent_at: float
+    prompt: str
+    outcome: str = "pending"  # completed, failed, unclear, hung, wrong
+    ended_at: float | None = None
+    refusals: int = 0
+    detail: str = ""
+    text: str = ""
+
+
+def is_error_body(response: httpx.Response) -> bool:
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and bool(error.get("message"))
+
+
+class Clients:
+    """Closed-loop clients against one gateway, keeping a record per request."""
+
+    def __init__(self, url: str, reference: dict[str, str], *, max_tokens: int = MAX_TOKENS) -> None:
+        self.url, self.reference, self.max_tokens = url, reference, max_tokens
+        self.records: list[Record] = []
+        self.stop = asyncio.Event()
+        self.client = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S + HUNG_MARGIN_S,
+                                        limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def one(self, prompt: str, record: Record | None = None) -> Record:
+        """One request until it is answered (a 429/503 with Retry-After is sent again after the
+        wait, within the request deadline)."""
+        record = record or Record(time.monotonic(), prompt)
+        self.records.append(record)
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0}
+        give_up = record.sent_at + REQUEST_TIMEOUT_S + HUNG_MARGIN_S
+        while True:
+            try:
+                response = await self.client.post("/v1/completions", json=body,
+                                                  timeout=max(give_up - time.monotonic(), 0.1))
+            except httpx.TimeoutException:
+                record.outcome, record.detail = "hung", "no answer within the deadline"
+                break
+            except httpx.HTTPError as exc:
+                record.outcome, record.detail = "unclear", f"{type(exc).__name__}: {exc}"
+                break
+            retry_after = response.headers.get("Retry-After")
+            if response.status_code in (429, 503) and retry_after is not None and is_error_body(response):
+                record.refusals += 1
+                wait = float(retry_after)
+                if time.monotonic() + wait > record.sent_at + REQUEST_TIMEOUT_S:
+                    record.outcome, record.detail = "failed", f"refused until the deadline: {response.status_code}"
+                    break
+                await asyncio.sleep(wait)  # as the server asked; it is the client's pacing, not a sync
+                continue
+            if response.status_code == 200:
+                text = record.text = response.json()["choices"][0]["text"]
+                expected = self.reference.get(prompt)
+                record.outcome = "completed" if expected is None or text == expected else "wrong"
+                if record.outcome == "wrong":
+                    record.detail = f"{text!r} != {expected!r}"
+            elif is_error_body(response):
+                record.outcome, record.detail = "failed", f"{response.status_code}: {response.json()['error']['message']}"
+            else:
+                record.outcome, record.detail = "unclear", f"{response.status_code}: {response.text[:200]}"
+            break
+        record.ended_at = time.monotonic()
+        return record
+
+    async def loop(self, seed: int, stop: asyncio.Event | None = None) -> None:
+        """Requests one after another until ``stop`` (default: the clients' own) is set; the
+        request in flight then is still answered."""
+        rng, stop = random.Random(seed), stop or self.stop
+        while not stop.is_set() and not self.stop.is_set():
+            await self.one(rng.choice(PROMPTS))
+
+    def completions_between(self, start: float, end: float) -> int:
+        return sum(1 for r in self.records
+                   if r.outcome == "completed" and r.ended_at is not None and start <= r.ended_at < end)
+
+
+async def reference_outputs(url: str) -> dict[str, str]:
+    """Each prompt's answer on the healthy mesh (greedy: what every later answer must equal)."""
+    clients = Clients(url, {})
+    try:
+        records = await asyncio.gather(*(clients.one(p) for p in PROMPTS))
+        if any(r.outcome != "completed" for r in records):
+            raise SetupError(f"the healthy mesh failed requests: {[r.detail for r in records if r.detail]}")
+        return {r.prompt: r.text for r in records}
+    finally:
+        await clients.close()
+
+
+# ==== scenarios =================================================================================
+
+@dataclass
+class Outcome:
+    scenario: str
+    sent: int = 0
+    completed: int = 0
+    refused: int = 0  # requests refused at least once (429/503 with Retry-After) before their end
+    failed: int = 0
+    unclear: int = 0
+    hung: int = 0
+    wrong: int = 0
+    before_per_s: float = 0.0
+    recovery_s: float | None = None
+    up: bool = False
+    outage_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+    details: list[str] = field(default_factory=list)
+
+    @property
+    def completed_share(self) -> float:
+        return self.completed / self.sent if self.sent else 0.0
+
+    def goals_met(self) -> list[str]:
+        """What this scenario missed of the goals (empty: all met)."""
+        missed = []
+        if self.hung:
+            missed.append(f"{self.hung} hung")
+        if self.wrong:
+            missed.append(f"{self.wrong} wrong")
+        if self.unclear:
+            missed.append(f"{self.unclear} unclear")
+        if not self.up:
+            missed.append("mesh not up")
+        if self.outage_s < REQUEST_TIMEOUT_S and self.completed_share < 0.99:
+            missed.append(f"completed {100 * self.completed_share:.1f} % < 99 %")
+        if self.recovery_s is None or self.recovery_s > 10:
+            missed.append(f"recovery {self.recovery_s} s > 10 s")
+        return missed
+
+
+@dataclass
+class Settings:
+    clients: int = 4
+    baseline_s: float = 5.0
+    observe_s: float = 30.0
+
+
+class Harness:
+    def __init__(self, services: PrivateServices, mesh: Mesh, settings: Settings) -> None:
+        self.services, self.mesh, self.settings = services, mesh, settings
+        self.reference: dict[str, str] = {}
+
+    async def prepare(self) -> None:
+        self.reference = await reference_outputs(self.mesh.url)
+
+    async def ready(self, timeout_s: float = 60) -> bool:
+        async with httpx.AsyncClient(base_url=self.mesh.url, timeout=5) as client:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                try:
+                    if (await client.get("/health/ready")).status_code == 200:
+                        return True
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.5)
+        return False
+
+    async def run(self, name: str) -> Outcome:
+        fault, outage_s = FAULTS[name]
+        clients = Clients(self.mesh.url, self.reference)
+        outcome = Outcome(name, outage_s=outage_s)
+        loops = [asyncio.create_task(clients.loop(seed)) for seed in range(self.settings.clients)]
+        try:
+            start = time.monotonic()
+            await asyncio.sleep(self.settings.baseline_s)  # the steady load runs meanwhile
+            fault_start = time.monotonic()
+            outcome.before_per_s = clients.completions_between(start, fault_start) / (fault_start - start)
+            outcome.extra = await fault(self, clients) or {}
+            fault_end = time.monotonic()
+            tokens = await self.worker_tokens()
+            outcome.recovery_s = await self._recovery(clients, outcome.before_per_s, fault_end)
+            after = await self.worker_tokens()
+            outcome.extra["tokens_per_worker_after"] = {w: after[w] - tokens.get(w, 0) for w in sorted(after)}
+            outcome.extra["per_s_after"] = [clients.completions_between(fault_end + i, fault_end + i + 1)
+                                            for i in range(math.ceil(time.monotonic() - fault_end))]
+        finally:
+            clients.stop.set()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await clients.close()
+        outcome.up = await self.ready(30) and self.mesh.running()
+        outcome.sent = len(clients.records)  # (the abandoning clients and the too-large request are not these)
+        for r in clients.records:
+            setattr(outcome, r.outcome, getattr(outcome, r.outcome) + 1)
+            outcome.refused += r.refusals > 0
+            if r.detail and r.outcome != "completed" and len(outcome.details) < 10:
+                outcome.details.append(f"{r.outcome}: {r.detail}")
+        return outcome
+
+    async def worker_tokens(self) -> dict[str, int]:
+        """Tokens each worker generated so far (its ``exegpt_worker_generated_tokens_total``);
+        a worker that does not answer is left out."""
+        counts = {}
+        async with httpx.AsyncClient(timeout=5) as client:
+            for label, url in self.mesh.worker_ops_urls().items():
+                try:
+                    text = (await client.get(f"{url}/metrics")).text
+                except httpx.HTTPError:
+                    continue
+                for line in text.splitlines():
+                    if line.startswith("exegpt_worker_generated_tokens_total"):
+                        counts[label] = int(float(line.split()[-1]))
+        return counts
+
+    async def _recovery(self, clients: Clients, before: float, fault_end: float) -> float | None:
+        """Seconds from ``fault_end`` until a window of RECOVERY_WINDOW_S holds 90 % of ``before``
+        completions per second (None: not within ``observe_s``)."""
+        want = RECOVERED_SHARE * before * RECOVERY_WINDOW_S
+        step = 0.25
+        t = fault_end
+        while t - fault_end <= self.settings.observe_s:
+            while time.monotonic() < t + RECOVERY_WINDOW_S:
+                await asyncio.sleep(step)  # the window must have passed before it can be counted
+            if clients.completions_between(t, t + RECOVERY_WINDOW_S) >= want:
+                return round(t - fault_end, 2)
+            t += step
+        return None
+
+
+ABANDON_PREFIX = "Tell a very long story about"
+
+
+async def kill_worker(h: Harness, _: Clients) -> dict:
+    pids = h.mesh.role_pids("worker")
+    if not pids:
+        raise SetupError("no worker process to kill")
+    os.kill(pids[0], signal.SIGKILL)
+    return {"killed_pid": pids[0]}
+
+
+def redis_down(seconds: float) -> Callable[[Harness, Clients], Awaitable[dict]]:
+    async def fault(h: Harness, _: Clients) -> dict:
+        h.services.kill_redis()
+        await asyncio.sleep(seconds)  # the outage itself
+        await asyncio.to_thread(h.services.start_redis)
+        return {}
+    return fault
+
+
+def broker_down(seconds: float) -> Callable[[Harness, Clients], Awaitable[dict]]:
+    async def fault(h: Harness, _: Clients) -> dict:
+        began = time.monotonic()
+        await asyncio.to_thread(h.services.stop_broker)
+        await asyncio.sleep(max(seconds - (time.monotonic() - began), 0))  # the outage itself
+        await asyncio.to_thread(h.services.start_broker)
+        return {}
+    return fault
+
+
+async def poison(h: Harness, _: Clients) -> dict:
+    """Random bytes into every queue and fanout of the mesh's namespace; work whose reply queue
+    no broker routes; then the dead queue must hold the work-queue ones."""
+    names = Names(h.mesh.namespace)
+    queues = [q for q in await asyncio.to_thread(h.services.queues, h.mesh.namespace) if q != names.dead_queue]
+    exchanges = [e for e in await asyncio.to_thread(h.services.exchanges, h.mesh.namespace)
+                 if e != names.dead_exchange]
+    config = MeshConfig(namespace=h.mesh.namespace, amqp_url=h.services.amqp_url, redis_url=h.services.redis_url)
+    bus = await open_bus(config, names, LocalHub())
+    try:
+        for queue in queues:
+            await bus.publish(queue, os.urandom(64))
+        for exchange in exchanges:
+            await bus.broadcast(exchange, os.urandom(64))
+        bad_reply = EncodeWork("poison-reply", MODEL, (1, 2, 3), SamplingParams(4), "x" * 300, time.time(), True)
+        await bus.publish(names.encode_queue, codec.encode(bad_reply))
+    finally:
+        await bus.close()
+    want = len([q for q in queues if q in (names.encode_queue, names.handoff_queue)]) + 1
+    dead = await asyncio.to_thread(h.services.depth, names.dead_queue)
+    deadline = time.monotonic() + 10
+    while dead < want and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)  # polling the broker's count (rabbitmqctl) until the workers dead-letter them
+        dead = await asyncio.to_thread(h.services.depth, names.dead_queue)
+    return {"queues": len(queues), "exchanges": len(exchanges), "dead_letters": dead, "dead_letters_expected": want}
+
+
+async def overload(h: Harness, clients: Clients) -> dict:
+    """Ten times the clients for ``baseline_s``; then back to the steady load."""
+    burst_over = asyncio.Event()
+    extra = [asyncio.create_task(clients.loop(1000 + i, burst_over)) for i in range(9 * h.settings.clients)]
+    await asyncio.sleep(h.settings.baseline_s)  # the burst lasts this long
+    burst_over.set()
+    await asyncio.gather(*extra)  # each extra client's last request answered
+    return {"clients": 10 * h.settings.clients}
+
+
+async def abandon(h: Harness, clients: Clients) -> dict:
+    """100 clients each send a long completion and leave after 0.2 s; the gateway must drop
+    them (in flight back to where it was) and the workers must stop running them."""
+    async def leave(i: int) -> None:
+        body = {"model": MODEL, "prompt": f"{ABANDON_PREFIX} {i}", "max_tokens": 400, "temperature": 0}
+        try:
+            await clients.client.post("/v1/completions", json=body, timeout=0.2)
+        except httpx.TimeoutException:
+            pass  # the client left
+    await asyncio.gather(*(leave(i) for i in range(100)))
+    in_flight = await gateway_in_flight(clients.client)
+    deadline = time.monotonic() + 10
+    while in_flight > h.settings.clients and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)  # polling the gateway's gauge until it has dropped them
+        in_flight = await gateway_in_flight(clients.client)
+    return {"abandoned": 100, "in_flight_after": in_flight}
+
+
+async def gateway_in_flight(client: httpx.AsyncClient) -> int:
+    """The gateway's ``exegpt_requests_in_flight`` gauge."""
+    for line in (await client.get("/metrics")).text.splitlines():
+        if line.startswith("exegpt_requests_in_flight"):
+            return int(float(line.split()[-1]))
+    raise SetupError("the gateway exports no exegpt_requests_in_flight")
+
+
+async def too_large(h: Harness, clients: Clients) -> dict:
+    """A prompt + max_tokens no worker's KV cache holds: a 400 that says so, at once."""
+    body = {"model": MODEL, "prompt": [7] * TOO_LARGE_PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+    began = time.monotonic()
+    response = await clients.client.post("/v1/completions", json=body)
+    took = time.monotonic() - began
+    message = response.json().get("error", {}).get("message", "") if is_error_body(response) else response.text
+    return {"status": response.status_code, "seconds": round(took, 2), "message": message[:160]}
+
+
+FAULTS: dict[str, tuple[Callable[[Harness, Clients], Awaitable[dict]], float]] = {
+    "kill-worker": (kill_worker, 0.0),
+    "redis-3s": (redis_down(3), 3.0),
+    "redis-30s": (redis_down(30), 30.0),
+    "broker-10s": (broker_down(10), 10.0),
+    "broker-30s": (broker_down(30), 30.0),
+    "poison": (poison, 0.0),
+    "overload": (overload, 0.0),
+    "abandon": (abandon, 0.0),
+    "too-large": (too_large, 0.0),
+}
+
+
+# ==== the command ================================================================================
+
+async def run_scenarios(names: list[str], settings: Settings, *, workers: int = 2,
+                        on_outcome: Callable[[Outcome], None] | None = None,
+                        mesh_log: Path | None = None) -> list[Outcome]:
+    services = PrivateServices()
+    mesh: Mesh | None = None
+    try:
+        await asyncio.to_thread(services.start)
+        mesh = Mesh(services, workers=workers)
+        await asyncio.to_thread(mesh.start)
+        harness = Harness(services, mesh, settings)
+        await harness.prepare()
+        outcomes = []
+        for name in names:
+            outcome = await harness.run(name)
+            outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+            if not outcome.up:
+                break  # the rest would measure a broken mesh
+        return outcomes
+    finally:
+        if mesh is not None:
+            mesh.close()
+            if mesh_log is not None:
+                mesh_log.write_text("".join(mesh.output))
+        services.close()
+
+
+COLUMNS = ("scenario", "sent", "completed", "refused", "failed", "unclear", "hung", "wrong", "before/s", "recovery_s",
+           "up")
+
+
+def row(o: Outcome) -> list[str]:
+    recovery = "-" if o.recovery_s is None else f"{o.recovery_s:.1f}"
+    return [o.scenario, str(o.sent), f"{o.completed} ({100 * o.completed_share:.1f}%)", str(o.refused),
+            str(o.failed), str(o.unclear), str(o.hung), str(o.wrong), f"{o.before_per_s:.1f}", recovery,
+            "yes" if o.up else "NO"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenarios", default=",".join(ALL + LONG),
+                        help=f"comma-separated, in order (default all: {','.join(ALL + LONG)})")
+    parser.add_argument("--clients", type=int, default=Settings.clients, help="steady closed-loop clients")
+    parser.add_argument("--baseline-s", type=float, default=Settings.baseline_s,
+                        help="steady load before each fault (its throughput is the one to recover)")
+    parser.add_argument("--observe-s", type=float, default=Settings.observe_s,
+                        help="how long after a fault the throughput may take to come back")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write every outcome here")
+    parser.add_argument("--mesh-log", type=Path, help="write the mesh's output (every process's) here")
+
+
+def run(args: argparse.Namespace) -> int:
+    why = available()
+    if why is not None:
+        print(f"exegpt bench faults: {why}", file=sys.stderr)
+        return 2
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FAULTS]
+    if unknown:
+        print(f"exegpt bench faults: unknown scenarios {unknown}; known: {', '.join(FAULTS)}", file=sys.stderr)
+        return 2
+    settings = Settings(args.clients, args.baseline_s, args.observe_s)
+    print(f"faults: {len(names)} scenarios, {args.workers} workers, {settings.clients} clients, "
+          f"request deadline {REQUEST_TIMEOUT_S:g} s; private RabbitMQ and Redis on loopback", flush=True)
+    print(" | ".join(COLUMNS), flush=True)
+    def stopped(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")  # the private services and the mesh are stopped on the way out
+
+    signal.signal(signal.SIGTERM, stopped)
+    outcomes = asyncio.run(run_scenarios(names, settings, workers=args.workers, mesh_log=args.mesh_log,
+                                         on_outcome=lambda o: print(" | ".join(row(o)), flush=True)))
+    missed = {o.scenario: o.goals_met() for o in outcomes}
+    for o in outcomes:
+        if o.extra:
+            print(f"  {o.scenario}: {json.dumps(o.extra)}")
+        for line in o.details:
+            print(f"  {o.scenario}: {line}")
+    for name, what in missed.items():
+        print(f"{name}: {'goals met' if not what else 'MISSED: ' + ', '.join(what)}")
+    if args.json:
+        args.json.write_text(json.dumps([{**asdict(o), "completed_share": o.completed_share} for o in outcomes],
+                                        indent=1))
+    return 0 if len(outcomes) == len(names) and not any(missed.values()) else 1

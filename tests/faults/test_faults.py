@@ -1,0 +1,89 @@
+"""Faults under load, against a RabbitMQ node and a Redis of the test's own (free loopback ports,
+never the shared 5672 and 6379): `exegpt up` with two workers on tiny-llama meets each fault in
+turn while closed-loop clients keep sending completions (``services.bench.faults``; `exegpt bench
+faults` runs the same scenarios, longer, plus 30 s outages).
+
+Each scenario asserts the goals: no request hung, none answered with wrong (duplicated or lost)
+tokens, none failed without a clear error, at least 99 % completed (every outage here is shorter
+than the request deadline), throughput back within 10 s, and the mesh up afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.bench import faults
+from tests.brokers import need
+
+pytestmark = pytest.mark.faults
+SETTINGS = faults.Settings(clients=4, baseline_s=5.0, observe_s=20.0)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    need(faults.available() is None, f"private RabbitMQ/Redis: {faults.available()}")
+    services = faults.PrivateServices()
+    mesh = None
+    try:
+        services.start()
+        mesh = faults.Mesh(services, workers=2)
+        mesh.start()
+        h = faults.Harness(services, mesh, SETTINGS)
+        asyncio.run(h.prepare())
+        yield h
+    finally:
+        if mesh is not None:
+            mesh.close()
+        services.close()
+
+
+def run(harness: faults.Harness, name: str) -> faults.Outcome:
+    outcome = asyncio.run(harness.run(name))
+    assert outcome.sent >= 10, outcome  # the load really ran
+    assert outcome.goals_met() == [], (outcome.goals_met(), outcome)
+    return outcome
+
+
+def test_the_private_services_are_not_the_shared_ones(harness):
+    assert harness.services.amqp_port != 5672 and harness.services.redis_port != 6379
+    assert f":{harness.services.amqp_port}/" in harness.services.amqp_url
+
+
+def test_a_request_too_large_for_memory_is_a_400_at_once(harness):
+    outcome = run(harness, "too-large")
+    assert outcome.extra["status"] == 400
+    assert "KV cache" in outcome.extra["message"] and outcome.extra["seconds"] < 5
+
+
+def test_a_killed_worker_loses_nothing_and_is_restarted(harness):
+    before = set(harness.mesh.role_pids("worker"))
+    outcome = run(harness, "kill-worker")
+    assert outcome.extra["killed_pid"] in before
+    assert outcome.extra["killed_pid"] not in harness.mesh.role_pids("worker")  # a new process took its place
+
+
+def test_redis_down_3s(harness):
+    run(harness, "redis-3s")
+
+
+def test_broker_down_10s(harness):
+    outcome = run(harness, "broker-10s")
+    assert outcome.outage_s == 10
+
+
+def test_a_poison_message_in_every_queue_and_exchange(harness):
+    outcome = run(harness, "poison")
+    assert outcome.extra["queues"] >= 2 and outcome.extra["exchanges"] >= 3  # encode, hand-off; control, status, aborts
+    assert outcome.extra["dead_letters"] >= outcome.extra["dead_letters_expected"]  # the work-queue ones, kept
+
+
+def test_ten_times_the_clients(harness):
+    outcome = run(harness, "overload")
+    assert outcome.extra["clients"] == 10 * SETTINGS.clients
+
+
+def test_a_hundred_clients_that_leave(harness):
+    outcome = run(harness, "abandon")
+    assert outcome.extra["in_flight_after"] <= SETTINGS.clients  # the gateway let go of every one that left
