@@ -7,9 +7,8 @@ import pytest
 
 from tests.brokers import need_smollm2
 
-from common.cli import CliError
 from engine.model_info import model_dimensions
-from services.cli.plan import model_shape
+from services.scheduler.planning import PlanningError, model_shape
 
 
 def _module_dims(engine):
@@ -41,7 +40,7 @@ def test_plan_shape_counts_the_engines_kv_bytes(name, make_engine, models_dir, m
 
 
 def test_unknown_models_are_one_clear_error():
-    with pytest.raises(CliError, match="unknown model 'llama': not a paper model .* nor one of ours"):
+    with pytest.raises(PlanningError, match="unknown model 'llama': not a paper model .* nor one of ours"):
         model_shape("llama")
 
 
