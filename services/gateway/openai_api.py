@@ -55,7 +55,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: Int | None = None
+    seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer")
     ignore_eos: bool = False
     min_tokens: Int = Field(0, ge=0)
     user: str | None = None

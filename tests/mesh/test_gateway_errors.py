@@ -106,6 +106,15 @@ async def test_each_finished_request_logs_one_line_and_an_error_also_warns(confi
     assert all(secret not in r.getMessage() for r in records)
 
 
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, -84779791397644528517120])
+async def test_a_seed_beyond_64_bits_is_a_400_naming_it(config, hub, seed):
+    async with running_mesh(config, hub, load) as m:
+        error = await error_of(await m.client.post("/v1/completions", json=completion("x", 3, seed=seed)))
+        assert error["param"] == "seed"
+        ok = await m.client.post("/v1/completions", json=completion("x", 3, seed=2**63 - 1))
+        assert ok.status_code == 200, ok.text
+
+
 # --- OpenAI parameters are never dropped silently ---------------------------------------------
 
 def chat_body(messages: list, n: int = 3, **extra) -> dict:
