@@ -32,6 +32,7 @@ MIN_REQUESTS = 200
 LADDER = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.77, 0.72, 0.66, 0.6, 0.5, 0.4, 0.3)
 TRIES = len(LADDER)  # searches at most, the first included
 MAX_SIMULATIONS = 6  # distinct picks simulated at most
+REFINE = 3  # bisections between the first step of the ladder whose pick met the bound and the step before
 # A closed-loop client's next request reaches a worker this long after a completion: the last
 # token to the client and the new request back, two broker hops and the gateway (a hop is ~1 ms
 # on a 2-core machine, docs/mesh.md). Its size hardly matters, only that it is not zero: the
@@ -66,10 +67,13 @@ class ProbeLoad:
 
 
 def outstanding(schedule: Schedule) -> int:
-    """Requests a saturated closed loop keeps in flight: every decode slot full (and, under WAA,
-    every encode batch of every encoder)."""
+    """Requests a saturated closed loop keeps in flight: one per request slot of the schedule, so
+    every slot is full and none waits for one. Under WAA the slots are the decoders' (an encoder
+    encodes only against a credit, a decode slot it reserves), so a request the loop sent beyond
+    them would only queue in front of the encoder for a slot to free, a wait no other policy's
+    loop has and its latency model does not count."""
     if schedule.split:
-        return schedule.decoder_workers * schedule.decode_batch + schedule.encoder_workers * schedule.encode_batch
+        return schedule.decoder_workers * schedule.decode_batch
     return schedule.workers * schedule.decode_batch
 
 
@@ -103,10 +107,10 @@ class Verified:
 
     best: Candidate | None  # None: no schedule meets even the tightened bound
     simulated: LoadFigures | None  # of ``best``
-    searched_bound_s: float  # the bound the last search used (the requested one if never tightened)
+    searched_bound_s: float  # the bound whose search gave the pick (none: the last search's bound)
     searches: int
     evaluations: int  # over all searches
-    last: SearchResult  # the last search's own result (its families, pruning)
+    last: SearchResult  # that search's own result (its families, pruning)
 
     @property
     def meets_bound(self) -> bool:
@@ -115,7 +119,7 @@ class Verified:
 
 def verified_search(sc: Scenario, latency_bound_s: float, policies: Sequence[str] = SEARCH_POLICIES,
                     space: SearchSpace = SearchSpace(), *, requests: int = MIN_REQUESTS, seed: int = 0,
-                    tries: int = TRIES, simulations: int = MAX_SIMULATIONS,
+                    tries: int = TRIES, simulations: int = MAX_SIMULATIONS, refine: int = REFINE,
                     search: Callable[..., SearchResult] = branch_and_bound) -> Verified:
     """The best schedule, among the search's picks under the bound and under a ladder of tighter
     bounds (``LADDER``: 100 %, 97 %, 94 %, ... 30 % of it), whose *simulated* p99-length latency
@@ -126,31 +130,66 @@ def verified_search(sc: Scenario, latency_bound_s: float, policies: Sequence[str
     simulation runs ``requests`` requests, at least four closed loops. With no bound (inf) the
     pick is simulated once, for its figures. After ``tries`` searches or ``simulations``
     simulations without a schedule that meets the bound, ``best`` is None.
+
+    The ladder's steps are coarse, and a pick that overran may sit just above one that would
+    meet the bound: once a step's pick meets it, ``refine`` bisections between that step and the
+    one before it (whose pick overran) look for a better pick that still meets it.
     """
     if tries < 1:
         raise ValueError(f"tries must be >= 1, got {tries}")
-    evaluations, seen, result, target = 0, set(), None, latency_bound_s
-    fractions = (1.0,) if math.isinf(latency_bound_s) else LADDER
-    searches = 0
-    for fraction in fractions[:tries]:
-        target = latency_bound_s * fraction
-        result = search(sc, target, policies, space)
+    evaluations, searches = 0, 0
+    overran: set[Schedule] = set()
+
+    def run(fraction: float) -> SearchResult:
+        nonlocal evaluations, searches
         searches += 1
+        result = search(sc, latency_bound_s * fraction, policies, space)
         evaluations += result.evaluations
-        if result.best is None:
-            break  # a tighter bound has no schedule either
-        schedule = result.best.schedule
-        if schedule in seen:
-            continue
-        if len(seen) >= simulations:
-            break
-        seen.add(schedule)
+        return result
+
+    def meets(schedule: Schedule) -> LoadFigures | None:
         load = ProbeLoad.draw(sc.workload, requests_for(schedule, requests), seed)
         figures = simulated_figures(sc, schedule, load)
         latency = figures.p99_length_latency_s
         if math.isinf(latency_bound_s) or (math.isfinite(latency) and latency <= latency_bound_s):
-            return Verified(result.best, figures, target, searches, evaluations, result)
-    return Verified(None, None, target, searches, evaluations, result)
+            return figures
+        overran.add(schedule)
+        return None
+
+    fractions = (1.0,) if math.isinf(latency_bound_s) else LADDER
+    found, failed_at, result, fraction = None, None, None, 1.0
+    for fraction in fractions[:tries]:
+        result = run(fraction)
+        if result.best is None:
+            break  # a tighter bound has no schedule either
+        schedule = result.best.schedule
+        if schedule in overran:
+            failed_at = fraction
+            continue
+        if len(overran) >= simulations:
+            break
+        figures = meets(schedule)
+        if figures is not None:
+            found = (result, figures, fraction)
+            break
+        failed_at = fraction
+    if found is None:
+        return Verified(None, None, latency_bound_s * fraction, searches, evaluations, result)
+    ok, bad = found[2], failed_at
+    for _ in range(refine if bad is not None else 0):
+        mid = (ok + bad) / 2
+        result = run(mid)
+        best = found[0].best
+        if result.best is None or result.best.schedule in overran:
+            bad = mid
+        elif result.best.schedule == best.schedule or result.best.figures.throughput_seq_s <= best.figures.throughput_seq_s:
+            ok = mid
+        elif (figures := meets(result.best.schedule)) is not None:
+            found, ok = (result, figures, mid), mid
+        else:
+            bad = mid
+    result, figures, fraction = found
+    return Verified(result.best, figures, latency_bound_s * fraction, searches, evaluations, result)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ def test_the_closed_loop_fills_every_decode_slot():
     assert concurrency(sweep_schedule("continuous", 16)) == 32
     waa = Schedule("waa-c", encode_batch=3, decode_batch=10, num_devices=2, encoder_devices=1, decoder_devices=1,
                    worker_devices=1)
-    assert concurrency(waa) == 13 and requests_for(waa, 200) == 200 and requests_for(sweep_schedule("static", 32), 200) == 256
+    assert concurrency(waa) == 10 and requests_for(waa, 200) == 200 and requests_for(sweep_schedule("static", 32), 200) == 256
 
 
 def test_one_request_in_ten_is_a_probe_at_the_99th_percentile_lengths():
