@@ -9,6 +9,7 @@ schedules per call. ``optimizer.simulator`` checks these figures by running the 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -221,8 +222,17 @@ def _longest_decode(sc: Scenario, batch: np.ndarray) -> np.ndarray:
     """E[max of o-1] over ``batch`` requests: when N_D exceeds it, the running batch empties
     first and RRA encodes again early."""
     top = int(np.max(batch)) if np.size(batch) else 1
-    table = sc.workload.output.expected_max(np.arange(1, top + 1)) - 1
+    size = 1 << max(top - 1, 0).bit_length()  # tables of powers of two, so that few are built
+    table = _expected_max_table(sc.workload.output, size)[:top] - 1
     return np.interp(batch, np.arange(1, top + 1), table)
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_max_table(lengths, size: int) -> np.ndarray:
+    """E[max of n draws] of ``lengths`` for n = 1..size (read-only)."""
+    table = lengths.expected_max(np.arange(1, size + 1))
+    table.flags.writeable = False
+    return table
 
 
 def rra(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, encode_batch, iters_per_encode,
@@ -292,9 +302,13 @@ def _on_unique(fn, *args):
     shape = arrays[0].shape
     if arrays[0].size < 64:
         return np.broadcast_to(fn(*arrays), shape)
-    stacked = np.stack([a.ravel() for a in arrays], axis=1)
-    unique, inverse = np.unique(stacked, axis=0, return_inverse=True)
-    values = np.broadcast_to(np.asarray(fn(*unique.T), dtype=float), (len(unique),))
+    flat = [a.ravel() for a in arrays]
+    # one integer key per combination (each argument's rank among its own values): sorting keys
+    # is much cheaper than sorting rows of floats
+    ranks = [np.unique(a, return_inverse=True) for a in flat]
+    key = np.ravel_multi_index(tuple(inv.ravel() for _, inv in ranks), tuple(len(u) for u, _ in ranks))
+    keys, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    values = np.broadcast_to(np.asarray(fn(*(a[first] for a in flat)), dtype=float), (len(keys),))
     return values[inverse.ravel()].reshape(shape)
 
 

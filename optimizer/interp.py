@@ -107,15 +107,28 @@ def smooth_points(points: dict, tolerance: float = NOISE_TOLERANCE, floor: float
     return Smoothed(values, tuple(sorted(worst.values(), key=lambda d: d.at)))
 
 
+COL_CACHE = 4096  # lengths a grid remembers its rows' values at (a search asks a few, many times)
+
+
 def _interp_extrap(xs: np.ndarray, ys: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Piecewise-linear interpolation of columns ``ys`` (len(xs), n) at points ``x`` (n,)."""
     if len(xs) == 1:
         return ys[0]
-    i = np.clip(np.searchsorted(xs, x, side="right") - 1, 0, len(xs) - 2)
+    i = np.minimum(np.maximum(np.searchsorted(xs, x, side="right") - 1, 0), len(xs) - 2)
     x0, x1 = xs[i], xs[i + 1]
     cols = np.arange(ys.shape[1])
     y0, y1 = ys[i, cols], ys[i + 1, cols]
     slope = np.maximum((y1 - y0) / (x1 - x0), 0.0)
+    return np.where(x <= xs[0], ys[0], y0 + slope * (x - x0))
+
+
+def _curve_extrap(xs: np.ndarray, ys: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``_interp_extrap`` of one curve ``ys`` (len(xs),) at every point of ``x``."""
+    if len(xs) == 1:
+        return np.full(np.shape(x), ys[0])
+    i = np.minimum(np.maximum(np.searchsorted(xs, x, side="right") - 1, 0), len(xs) - 2)
+    x0, y0, y1 = xs[i], ys[i], ys[i + 1]
+    slope = np.maximum((y1 - y0) / (xs[i + 1] - x0), 0.0)
     return np.where(x <= xs[0], ys[0], y0 + slope * (x - x0))
 
 
@@ -169,6 +182,51 @@ class MonotoneGrid:
             raise ValueError("a grid needs one curve per row, at least one row")
         if any(b <= a for a, b in zip(self.rows, self.rows[1:])):
             raise ValueError(f"grid rows must increase strictly, got {self.rows}")
+        # Look-up tables built once (the search evaluates a grid some ten thousand times): the
+        # rows and their reach, and the rows grouped by the cols they were measured at, each
+        # group's values one array, so that a group is interpolated in one pass.
+        reach = np.array([curve.xs[-1] for curve in self.curves])
+        groups: dict[tuple[float, ...], list[int]] = {}
+        for i, curve in enumerate(self.curves):
+            groups.setdefault(curve.xs, []).append(i)
+        object.__setattr__(self, "_col_cache", {})  # col -> the rows reaching it and their values there
+        object.__setattr__(self, "_rows", np.asarray(self.rows, dtype=float))
+        object.__setattr__(self, "_reach", reach)
+        object.__setattr__(self, "_levels", np.unique(reach))
+        object.__setattr__(self, "_groups", tuple(
+            (np.array(idx), np.asarray(xs, dtype=float), np.array([self.curves[i].ys for i in idx], dtype=float))
+            for xs, idx in groups.items()))
+
+    def _per_row(self, ca: np.ndarray) -> np.ndarray:
+        """Every row's curve at ``ca``: (rows, n), as ``MonotoneCurve.__call__`` gives it (the
+        first value below the first col, linear beyond the last with the last segment's slope,
+        which is >= 0 since a curve's values never fall)."""
+        out = np.empty((len(self.curves), len(ca)))
+        for idx, xs, ys in self._groups:
+            if len(xs) == 1:
+                out[idx] = ys
+                continue
+            i = np.minimum(np.maximum(np.searchsorted(xs, ca, side="right") - 1, 0), len(xs) - 2)
+            t = np.maximum((ca - xs[i]) / (xs[i + 1] - xs[i]), 0.0)
+            y0 = ys[:, i]
+            out[idx] = y0 + (ys[:, i + 1] - y0) * t
+        return out
+
+    def _at_col(self, row, col: float):
+        """``self(row, col)`` at one ``col``: the rows that reach it, made non-decreasing, as one
+        curve along ``row`` (the same values as the general path)."""
+        cached = self._col_cache.get(col)
+        if cached is None:
+            levels = self._levels
+            use = self._reach >= levels[min(int(np.searchsorted(levels, min(col, levels[-1]))), len(levels) - 1)]
+            cached = self._rows[use], np.maximum.accumulate(self._per_row(np.array([col]))[use, 0])
+            if len(self._col_cache) >= COL_CACHE:
+                self._col_cache.clear()
+            self._col_cache[col] = cached
+        rows, values = cached
+        ra = np.asarray(row, dtype=float)
+        out = _curve_extrap(rows, values, ra)
+        return out if np.ndim(out) else float(out)
 
     @staticmethod
     def from_points(points: dict[tuple[float, float], float]) -> "MonotoneGrid":
@@ -180,17 +238,25 @@ class MonotoneGrid:
                             tuple(MonotoneCurve.from_points(by_row[r]) for r in rows))
 
     def __call__(self, row, col):
+        if np.ndim(col) == 0:  # the common query: many batches at one length
+            return self._at_col(row, float(col))
         ra, ca = np.broadcast_arrays(np.asarray(row, dtype=float), np.asarray(col, dtype=float))
         shape = ra.shape
         ra, ca = ra.reshape(-1), ca.reshape(-1)
-        rows = np.asarray(self.rows, dtype=float)
-        reach = np.array([curve.xs[-1] for curve in self.curves])
-        levels = np.unique(reach)
+        rows, reach, levels = self._rows, self._reach, self._levels
+        if ca.size > 1 and ca.min() == ca.max():
+            return self._at_col(ra.reshape(shape), float(ca[0]))
+        per_row = self._per_row(ca)  # (rows, n)
+        if len(levels) == 1:  # every row reaches every col
+            out = _interp_extrap(rows, np.maximum.accumulate(per_row, axis=0), ra).reshape(shape)
+            return out if shape else float(out)
         level = np.searchsorted(levels, np.minimum(ca, levels[-1]))  # rows reaching col: reach >= levels[level]
-        per_row = np.stack([curve(ca) for curve in self.curves])  # (rows, n)
         out = np.empty(len(ca))
-        for lv in np.unique(level):
-            at, use = level == lv, reach >= levels[lv]
+        for lv in range(len(levels)):
+            at = level == lv
+            if not at.any():
+                continue
+            use = reach >= levels[lv]
             values = np.maximum.accumulate(per_row[use][:, at], axis=0)
             out[at] = _interp_extrap(rows[use], values, ra[at])
         out = out.reshape(shape)

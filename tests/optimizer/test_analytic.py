@@ -75,3 +75,32 @@ def test_unprofiled_model_or_no_devices_rejected(profile):
         Scenario(MODELS["gpt3-39b"], profile, H200_CLUSTER, TASKS["S"], 4)
     with pytest.raises(ValueError):
         Scenario(MODELS["opt-13b"], profile, H200_CLUSTER, TASKS["S"], 0)
+
+
+def test_functions_of_repeated_arguments_are_evaluated_once_per_combination():
+    from optimizer.analytic import _on_unique
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(1, 40, size=(50, 30)).astype(float)
+    b = rng.choice([1.0, 2.0, 4.0], size=(1, 30))
+    seen = []
+
+    def fn(x, y):
+        seen.append(len(x))
+        return x * 1000 + y ** 0.5
+
+    out = _on_unique(fn, a, b)
+    assert out.shape == (50, 30) and np.array_equal(out, a * 1000 + b ** 0.5)
+    combos = {(x, y) for x, y in zip(*(v.ravel() for v in np.broadcast_arrays(a, b)))}
+    assert seen == [len(combos)]
+
+
+def test_the_longest_decode_reads_the_expected_maximum_of_the_batch(opt13b_s):
+    from optimizer.analytic import _longest_decode
+
+    batches = np.array([1.0, 2.0, 3.5, 17.0, 100.0])
+    exact = opt13b_s.workload.output.expected_max(batches) - 1
+    assert _longest_decode(opt13b_s, batches)[[0, 1, 3, 4]] == pytest.approx(exact[[0, 1, 3, 4]], rel=1e-12)
+    assert exact[1] < _longest_decode(opt13b_s, batches)[2] < exact[3]
+    alone, beside_a_big_one = _longest_decode(opt13b_s, np.array([5.0])), _longest_decode(opt13b_s, np.array([5.0, 300.0]))
+    assert alone[0] == pytest.approx(beside_a_big_one[0], rel=1e-12)  # whatever table size was built

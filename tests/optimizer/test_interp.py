@@ -79,3 +79,23 @@ def test_grid_extrapolates_along_the_batch_where_a_row_stops_short():
     grid = MonotoneGrid.from_points(pts)
     assert grid(4, 400) == pytest.approx(4 * 16.0)  # from rows 1 and 2 at s=400, linear in the batch
     assert grid(4, 200) == pytest.approx(16.0)  # within its reach the row's own measurement counts
+
+
+def _pointwise(grid, rows, col):
+    """The grid at each row alone, through the general path (a column that is not one value)."""
+    return np.array([grid(np.array([r, r]), np.array([col, col * (1 + 1e-15) + 1e-300]))[0] for r in rows])
+
+
+@pytest.mark.parametrize("col", [0.5, 100.0, 150.0, 200.0, 300.0, 400.0, 900.0])
+def test_a_grid_at_one_length_equals_the_general_path_on_ragged_rows(col):
+    """The search asks many batches at one length; that path (cached per length, each group of
+    rows measured at the same lengths interpolated at once) gives the general path's values."""
+    pts = {(b, s): b * s * s / 1e4 + s / 10 for b in (1, 2, 8) for s in (100, 200, 400)}
+    pts.update({(16, 100): 30.0, (16, 200): 95.0, (32, 50): 40.0})  # rows that stop short, one starts early
+    grid = MonotoneGrid.from_points(pts)
+    rows = np.array([1e-9, 0.5, 1, 1.5, 2, 5, 8, 12, 16, 24, 32, 40, 100])
+    expected = _pointwise(grid, rows, col)
+    assert grid(rows, col) == pytest.approx(expected, rel=1e-12)
+    assert grid(rows, col) == pytest.approx(expected, rel=1e-12)  # again, from the cache
+    assert grid(rows, np.full(len(rows), col)) == pytest.approx(expected, rel=1e-12)
+    assert grid(5.0, col) == pytest.approx(expected[5], rel=1e-12) and isinstance(grid(5.0, col), float)
