@@ -53,8 +53,9 @@ class SearchSpace:
     continuous_max_batch: int = 1024
     mixed_max_batch: int = 1024  # mixed's B_D (below its token budget)
     chunk_tokens: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)  # mixed's token budgets per step
-    iters_per_encode: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48,
-                                         64, 80, 96, 128)
+    # RRA's N_D: every count to 32 (near a tight bound one iteration more or less between encodes
+    # decides), then coarser
+    iters_per_encode: tuple[int, ...] = tuple(range(1, 33)) + (40, 48, 56, 64, 80, 96, 112, 128)
     decode_caps: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
                                     1024, 1536, 2048, 3072, 4096)
     microbatches: tuple[int, ...] = (1, 2, 4, 8, 16)
