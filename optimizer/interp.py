@@ -111,24 +111,15 @@ COL_CACHE = 4096  # lengths a grid remembers its rows' values at (a search asks 
 
 
 def _interp_extrap(xs: np.ndarray, ys: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Piecewise-linear interpolation of columns ``ys`` (len(xs), n) at points ``x`` (n,)."""
+    """Piecewise-linear interpolation at points ``x`` (n,) of columns ``ys`` (len(xs), n), one
+    per point, or of one curve ``ys`` (len(xs),); the first value below ``xs[0]``, the last
+    segment's slope (at least 0) beyond ``xs[-1]``."""
     if len(xs) == 1:
-        return ys[0]
+        return np.array(np.broadcast_to(ys[0], np.shape(x)), dtype=float)
     i = np.minimum(np.maximum(np.searchsorted(xs, x, side="right") - 1, 0), len(xs) - 2)
     x0, x1 = xs[i], xs[i + 1]
-    cols = np.arange(ys.shape[1])
-    y0, y1 = ys[i, cols], ys[i + 1, cols]
+    y0, y1 = (ys[i], ys[i + 1]) if ys.ndim == 1 else (ys[i, np.arange(ys.shape[1])], ys[i + 1, np.arange(ys.shape[1])])
     slope = np.maximum((y1 - y0) / (x1 - x0), 0.0)
-    return np.where(x <= xs[0], ys[0], y0 + slope * (x - x0))
-
-
-def _curve_extrap(xs: np.ndarray, ys: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``_interp_extrap`` of one curve ``ys`` (len(xs),) at every point of ``x``."""
-    if len(xs) == 1:
-        return np.full(np.shape(x), ys[0])
-    i = np.minimum(np.maximum(np.searchsorted(xs, x, side="right") - 1, 0), len(xs) - 2)
-    x0, y0, y1 = xs[i], ys[i], ys[i + 1]
-    slope = np.maximum((y1 - y0) / (xs[i + 1] - x0), 0.0)
     return np.where(x <= xs[0], ys[0], y0 + slope * (x - x0))
 
 
@@ -225,7 +216,7 @@ class MonotoneGrid:
             self._col_cache[col] = cached
         rows, values = cached
         ra = np.asarray(row, dtype=float)
-        out = _curve_extrap(rows, values, ra)
+        out = _interp_extrap(rows, values, ra)
         return out if np.ndim(out) else float(out)
 
     @staticmethod
@@ -247,9 +238,6 @@ class MonotoneGrid:
         if ca.size > 1 and ca.min() == ca.max():
             return self._at_col(ra.reshape(shape), float(ca[0]))
         per_row = self._per_row(ca)  # (rows, n)
-        if len(levels) == 1:  # every row reaches every col
-            out = _interp_extrap(rows, np.maximum.accumulate(per_row, axis=0), ra).reshape(shape)
-            return out if shape else float(out)
         level = np.searchsorted(levels, np.minimum(ca, levels[-1]))  # rows reaching col: reach >= levels[level]
         out = np.empty(len(ca))
         for lv in range(len(levels)):
