@@ -78,8 +78,15 @@ def test_a_row_does_not_depend_on_the_rows_beside_it(make):
     layer = make(w)
     x = torch.randn(33, 128)
     alone = torch.cat([layer(x[i:i + 1]) for i in range(33)])
-    assert torch.equal(layer(x), alone)
+    if make is Fp16Weight:
+        # fbgemm's fp16 kernel is chosen by the number of rows, and on some CPUs (AVX2 here) the
+        # kernels sum in different orders: a row is then equal to float32 rounding, not bit for bit
+        assert (layer(x) - alone).abs().max() <= 1e-5 * alone.abs().max()
+    else:
+        assert torch.equal(layer(x), alone)
     assert layer(x.view(3, 11, 128)).shape == (3, 11, 64)
+    shuffled = torch.randperm(33)
+    assert torch.allclose(layer(x[shuffled]), alone[shuffled], rtol=0, atol=1e-5 * float(alone.abs().max()))
 
 
 def test_bfloat16_projections_are_packed_on_the_cpu():
