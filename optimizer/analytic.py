@@ -9,10 +9,9 @@ schedules per call. ``optimizer.simulator`` checks these figures by running the 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -227,7 +226,7 @@ def _longest_decode(sc: Scenario, batch: np.ndarray) -> np.ndarray:
     return np.interp(batch, np.arange(1, top + 1), table)
 
 
-@functools.lru_cache(maxsize=32)
+@lru_cache(maxsize=32)
 def _expected_max_table(lengths, size: int) -> np.ndarray:
     """E[max of n draws] of ``lengths`` for n = 1..size (read-only)."""
     table = lengths.expected_max(np.arange(1, size + 1))

@@ -209,7 +209,7 @@ class MonotoneGrid:
         cached = self._col_cache.get(col)
         if cached is None:
             levels = self._levels
-            use = self._reach >= levels[min(int(np.searchsorted(levels, min(col, levels[-1]))), len(levels) - 1)]
+            use = self._reach >= levels[np.searchsorted(levels, min(col, levels[-1]))]  # the rows reaching col
             cached = self._rows[use], np.maximum.accumulate(self._per_row(np.array([col]))[use, 0])
             if len(self._col_cache) >= COL_CACHE:
                 self._col_cache.clear()
