@@ -21,6 +21,7 @@ import numpy as np
 
 from optimizer.analytic import Scenario
 from optimizer.lengths import TraceRequest, Workload
+from optimizer.schedule import Schedule
 from optimizer.search import PRODUCT_POLICIES, Candidate, SearchResult, SearchSpace, branch_and_bound
 from optimizer.simulator import SimRequest, SimulationResult, simulate, within_bound
 
@@ -126,3 +127,29 @@ def queueing_search(sc: Scenario, latency_bound_s: float, requests: Sequence[Sim
     ranked, searches, evaluations = candidates(sc, latency_bound_s, rate, policies, space, search=search)
     best, share, sim, checked = check(sc, latency_bound_s, requests, ranked, target=target, max_checks=max_checks)
     return QueueingPlan(best, share, sim, rate, len(ranked), checked, searches, evaluations)
+
+
+def sustained_rate(sc: Scenario, schedule: Schedule, latency_bound_s: float, upper_per_s: float, *,
+                   requests: int = 400, seeds: Sequence[int] = (0, 1), target: float = TARGET,
+                   steps: int = 7) -> float:
+    """The highest Poisson arrival rate, to ``upper_per_s / 2**steps``, at which ``schedule``
+    keeps ``target`` of ``requests`` requests within the bound (end to end, from arrival) in the
+    simulator, with every seed's arrivals and lengths; 0 when even the lowest rate tried does not.
+    Bisection on [0, upper_per_s]: it assumes the share falls as the rate rises (queues only grow),
+    which holds up to the noise of ``requests`` draws."""
+    if not upper_per_s > 0:
+        raise ValueError("sustained_rate needs a positive upper rate")
+
+    def holds(rate: float) -> bool:
+        for seed in seeds:
+            times = arrival_times(np.random.default_rng(seed), requests, rate)
+            sim = simulate(sc, schedule, requests_at(sc.workload, times, seed))
+            if within_bound(sim, latency_bound_s) < target:
+                return False
+        return True
+
+    lo, hi = 0.0, upper_per_s
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if holds(mid) else (lo, mid)
+    return lo

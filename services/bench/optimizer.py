@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-exhaustive", action="store_true", help="skip the exhaustive reference")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip re-running each chosen schedule in the event-driven simulator")
+    parser.add_argument("--sustained", action="store_true",
+                        help="also, at each finite bound, the highest Poisson arrival rate at which the best "
+                             "paper policy's and continuous batching's checked picks keep 99%% of requests "
+                             "within the bound in the simulator (slow: about 14 simulations per pick)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
 
 
@@ -75,6 +79,8 @@ class Row:
     simulated_fits_memory: bool | None
     check_s: float  # the simulator checks (and re-searches) of the four policy sets
     space: int  # schedules in the product's space
+    paper_sustained: float = math.nan  # --sustained: req/s the best paper pick keeps 99 % within the bound at
+    continuous_sustained: float = math.nan  # the same for continuous batching's pick
 
     def as_json(self) -> dict:
         out = {k: getattr(self, k) for k in ROW_KEYS if k != "bound_s"}
@@ -128,7 +134,19 @@ def simulated(sc, schedule):
     return fig.throughput_seq_s, fig.p99_length_latency_s, bool(sim.fits_memory)
 
 
-def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, verify: bool) -> Row:
+def sustained(sc, verified, bound: float) -> float:
+    """The Poisson rate at which a checked pick keeps 99 % of requests within ``bound`` (the
+    search's prediction, which the simulator runs below, times 1.5 caps the bisection)."""
+    from optimizer.queueing import sustained_rate
+
+    cand = verified.best
+    if cand is None or math.isinf(bound):
+        return math.nan
+    return sustained_rate(sc, cand.schedule, bound, 1.5 * cand.figures.throughput_seq_s)
+
+
+def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, verify: bool,
+              with_sustained: bool = False) -> Row:
     from optimizer.search import BASELINES, PRODUCT_POLICIES, SEARCH_POLICIES, branch_and_bound, exhaustive
     from optimizer.search import space_size
     from optimizer.verify import verified_pick
@@ -150,9 +168,11 @@ def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, ve
                                                                            ("continuous",)))
     ex = _best(exhaustive(sc, searched, policies)) if with_exhaustive else math.nan
     sim = simulated(sc, cand.schedule) if (verify and cand) else (math.nan, math.nan, None)
+    rates = (sustained(sc, by["paper"], bound), sustained(sc, by["continuous"], bound)) if (
+        verify and with_sustained) else (math.nan, math.nan)
     return Row(sc.model.name, sc.devices, task, label, bound, cand.schedule.policy if cand else "-",
                describe(cand.schedule) if cand else "-", cand.figures.throughput_seq_s if cand else 0.0,
-               paper, st, co, ex, t_search, *sim, t_check, space_size(sc, PRODUCT_POLICIES))
+               paper, st, co, ex, t_search, *sim, t_check, space_size(sc, PRODUCT_POLICIES), *rates)
 
 
 def _best(result) -> float:
@@ -223,6 +243,25 @@ def print_summary(rows: list[Row]) -> None:
         print(f"bound {label:<4}: best paper policy / static geomean {vs_s:.2f}x, / continuous geomean "
               f"{vs_c:.2f}x ({below_c} of {len(sel)} rows below continuous); product / continuous geomean "
               f"{_geomean(_ratio(r.throughput, r.continuous_throughput) for r in sel):.2f}x")
+    print_sustained(rows)
+
+
+def print_sustained(rows: list[Row]) -> None:
+    """``--sustained``: the best paper policy against continuous batching with requests arriving
+    (Poisson) rather than at saturation."""
+    sel = [r for r in rows if math.isfinite(r.paper_sustained) or math.isfinite(r.continuous_sustained)]
+    if not sel:
+        return
+    print()
+    print("sustained req/s: the highest Poisson rate at which the checked pick keeps 99 % of 400 requests "
+          "within the bound in the simulator (two draws)")
+    print(f"{'model':<10} {'N':>2} {'task':<4} {'bound':<5} {'paper seq/s':>11} {'paper req/s':>11} "
+          f"{'cont seq/s':>10} {'cont req/s':>10} {'paper/cont':>10}")
+    for r in sel:
+        print(f"{r.model:<10} {r.devices:>2} {r.task:<4} {r.bound_label:<5} {r.best_paper_policy_throughput:11.2f} "
+              f"{_fmt(r.paper_sustained, '11.2f')} {r.continuous_throughput:10.2f} "
+              f"{_fmt(r.continuous_sustained, '10.2f')} "
+              f"{_fmt(_ratio(r.paper_sustained, r.continuous_sustained), '10.2f')}")
 
 
 def _scenario(profile, spec: str, task: str):
@@ -262,6 +301,8 @@ def run(args: argparse.Namespace) -> int:
     from common.cli import CliError
     from optimizer.io import load_profile
 
+    if args.sustained and args.no_verify:
+        raise CliError("--sustained rates the simulator-checked picks: drop --no-verify")
     try:
         profile = load_profile(args.profile)
     except ValueError as exc:
@@ -273,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
         for task in tasks:
             sc = _scenario(profile, spec, task)
             for label, bound in static_bounds(sc):
-                row = bench_row(sc, task, label, bound, not args.no_exhaustive, not args.no_verify)
+                row = bench_row(sc, task, label, bound, not args.no_exhaustive, not args.no_verify,
+                                args.sustained)
                 rows.append(row)
                 print(f"{row.model}:{row.devices} {task} {label}: {row.throughput:.2f} seq/s  {row.schedule}  "
                       f"(search {row.search_s:.2f} s, check {row.check_s:.1f} s)", file=sys.stderr, flush=True)

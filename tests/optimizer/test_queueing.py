@@ -8,8 +8,8 @@ from optimizer.cluster import H200_CLUSTER
 from optimizer.lengths import TASKS, TraceRequest
 from optimizer.model import MODELS
 from optimizer.queueing import (arrival_times, candidates, offered_rate, queueing_search, requests_at,
-                                requests_from_trace)
-from optimizer.search import PRODUCT_POLICIES, SearchSpace
+                                requests_from_trace, sustained_rate)
+from optimizer.search import PRODUCT_POLICIES, SearchSpace, branch_and_bound
 from optimizer.simulator import simulate, within_bound
 
 SPACE = SearchSpace(max_encode_batch=32, waa_max_encode_batch=16, static_max_batch=64, continuous_max_batch=128,
@@ -61,3 +61,28 @@ def test_no_plan_when_the_rate_exceeds_every_capacity(sc):
     reqs = requests_at(sc.workload, arrival_times(np.random.default_rng(0), 100, 1e6, 1.0))
     plan = queueing_search(sc, 0.6, reqs, space=SPACE)
     assert plan.best is None and plan.candidates == 0 and plan.checked == 0 and math.isnan(plan.share_within)
+
+
+def _share(sc, schedule, bound, rate, seed, n):
+    reqs = requests_at(sc.workload, arrival_times(np.random.default_rng(seed), n, rate), seed)
+    return within_bound(simulate(sc, schedule, reqs), bound)
+
+
+@pytest.mark.parametrize("policy", ["rra", "continuous"])
+def test_the_sustained_rate_is_the_edge_between_a_rate_that_holds_and_one_that_does_not(sc, policy):
+    bound, n, steps, seeds = 0.6, 200, 5, (0, 1)
+    pick = branch_and_bound(sc, bound, (policy,), SPACE).best
+    upper = 1.5 * pick.figures.throughput_seq_s
+    rate = sustained_rate(sc, pick.schedule, bound, upper, requests=n, seeds=seeds, steps=steps)
+    step = upper / 2 ** steps
+    assert 0 < rate < upper - step  # the pick sustains something, and not its predicted saturation
+    assert all(_share(sc, pick.schedule, bound, rate, s, n) >= 0.99 for s in seeds)
+    assert min(_share(sc, pick.schedule, bound, rate + step, s, n) for s in seeds) < 0.99
+    looser = sustained_rate(sc, pick.schedule, 2 * bound, upper, requests=n, seeds=seeds, steps=steps)
+    assert looser >= rate
+
+
+def test_a_sustained_rate_needs_a_positive_upper_rate(sc):
+    pick = branch_and_bound(sc, 0.6, ("continuous",), SPACE).best
+    with pytest.raises(ValueError, match="positive"):
+        sustained_rate(sc, pick.schedule, 0.6, 0.0)
