@@ -489,7 +489,8 @@ class Outcome:
         if self.outage_s < REQUEST_TIMEOUT_S and self.completed_share < 0.99:
             missed.append(f"completed {100 * self.completed_share:.1f} % < 99 %")
         if self.recovery_s is None or self.recovery_s > 10:
-            missed.append(f"recovery {self.recovery_s} s > 10 s")
+            missed.append(f"recovery {self.recovery_s} s > 10 s (before: {self.before_per_s:.1f}/s, the median of "
+                          f"{self.extra.get('per_s_before')}; after, per second: {self.extra.get('per_s_after')})")
         return missed
 
 
@@ -530,7 +531,10 @@ class Harness:
             await asyncio.sleep(self.settings.baseline_s)  # the steady load runs meanwhile
             fault_start = time.monotonic()
             outcome.before_per_s = clients.steady_rate(start, fault_start)
+            per_s_before = [clients.completions_between(start + i, start + i + 1)
+                            for i in range(int(fault_start - start))]
             outcome.extra = await fault(self, clients) or {}
+            outcome.extra["per_s_before"] = per_s_before
             fault_end = time.monotonic()
             tokens = await self.worker_tokens()
             outcome.recovery_s = await self._recovery(clients, outcome.before_per_s, fault_end)
