@@ -135,8 +135,8 @@ def simulated(sc, schedule):
 
 
 def sustained(sc, verified, bound: float) -> float:
-    """The Poisson rate at which a checked pick keeps 99 % of requests within ``bound`` (the
-    search's prediction, which the simulator runs below, times 1.5 caps the bisection)."""
+    """The Poisson rate at which a checked pick keeps 99 % of requests within ``bound``; the
+    bisection is capped at 1.5 times the search's predicted saturated throughput."""
     from optimizer.queueing import sustained_rate
 
     cand = verified.best
@@ -262,6 +262,11 @@ def print_sustained(rows: list[Row]) -> None:
               f"{_fmt(r.paper_sustained, '11.2f')} {r.continuous_throughput:10.2f} "
               f"{_fmt(r.continuous_sustained, '10.2f')} "
               f"{_fmt(_ratio(r.paper_sustained, r.continuous_sustained), '10.2f')}")
+    for label in ("p10", "p30", "p70"):
+        ratios = [_ratio(r.paper_sustained, r.continuous_sustained) for r in sel if r.bound_label == label]
+        if ratios:
+            print(f"bound {label}: sustained best paper policy / continuous geomean {_geomean(ratios):.2f}x "
+                  f"({sum(x < 1 for x in ratios)} of {len(ratios)} rows below continuous)")
 
 
 def _scenario(profile, spec: str, task: str):
