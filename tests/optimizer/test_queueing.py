@@ -73,12 +73,12 @@ def test_the_sustained_rate_is_the_edge_between_a_rate_that_holds_and_one_that_d
     bound, n, steps, seeds = 0.6, 200, 5, (0, 1)
     pick = branch_and_bound(sc, bound, (policy,), SPACE).best
     upper = 1.5 * pick.figures.throughput_seq_s
-    rate = sustained_rate(sc, pick.schedule, bound, upper, requests=n, seeds=seeds, steps=steps)
+    rate = sustained_rate(sc, pick.schedule, bound, upper, requests=n, span_bounds=0, seeds=seeds, steps=steps)
     step = upper / 2 ** steps
     assert 0 < rate < upper - step  # the pick sustains something, and not its predicted saturation
     assert all(_share(sc, pick.schedule, bound, rate, s, n) >= 0.99 for s in seeds)
     assert min(_share(sc, pick.schedule, bound, rate + step, s, n) for s in seeds) < 0.99
-    looser = sustained_rate(sc, pick.schedule, 2 * bound, upper, requests=n, seeds=seeds, steps=steps)
+    looser = sustained_rate(sc, pick.schedule, 2 * bound, upper, requests=n, span_bounds=0, seeds=seeds, steps=steps)
     assert looser >= rate
 
 
@@ -86,3 +86,17 @@ def test_a_sustained_rate_needs_a_positive_upper_rate(sc):
     pick = branch_and_bound(sc, 0.6, ("continuous",), SPACE).best
     with pytest.raises(ValueError, match="positive"):
         sustained_rate(sc, pick.schedule, 0.6, 0.0)
+
+
+def test_each_rate_runs_enough_requests_to_span_the_bounds_asked_for(sc, monkeypatch):
+    """Above capacity a short burst can be absorbed; so each rate tried runs its requests over at
+    least ``span_bounds`` bounds."""
+    import optimizer.queueing as queueing
+
+    tried, real = [], queueing.arrival_times
+    monkeypatch.setattr(queueing, "arrival_times", lambda rng, n, rate: tried.append((n, rate)) or real(rng, n, rate))
+    pick = branch_and_bound(sc, 0.6, ("continuous",), SPACE).best
+    sustained_rate(sc, pick.schedule, 0.6, 400.0, requests=50, span_bounds=20, seeds=(0,), steps=3)
+    assert len(tried) == 3 and tried[0][1] == 200.0
+    assert all(n == max(50, math.ceil(20 * 0.6 * rate)) for n, rate in tried)
+    assert any(n > 50 for n, _ in tried)
