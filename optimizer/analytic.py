@@ -15,6 +15,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
+from optimizer.calibration import CalibrationTable
 from optimizer.cluster import Cluster, allreduce_s, p2p_s
 from optimizer.layout import PipelineLayout, build_layout
 from optimizer.lengths import Workload
@@ -33,6 +34,7 @@ class Scenario:
     workload: Workload
     devices: int
     group: tuple[int, ...] | None = None  # the workers' process groups: TP degree of each stage
+    calibration: CalibrationTable | None = None  # corrections to the profile's step times (None: raw)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -109,7 +111,7 @@ class Scenario:
     def timer(self, layout: PipelineLayout) -> PipelineTimer:
         times = {s.tp: self.profile.layer_times(self.model.name, s.tp) for s in layout.stages}
         last = layout.stages[-1].tp
-        return PipelineTimer(layout, times, self.model, self.profile.step_s(self.model.name, last))
+        return PipelineTimer(layout, times, self.model, self.profile.step_s(self.model.name, last), self.calibration)
 
 
 REFERENCE_BATCH = 32  # requests in the decode step that sets the layer cost per TP degree

@@ -30,6 +30,12 @@ class PipelineTimer:
     layer_times: dict[int, LayerTimes]  # by TP degree
     model: ModelShape
     step_s: Callable | None = None  # rows -> seconds the last stage spends per step besides its layers
+    # whole-step correction (``optimizer.calibration.CalibrationTable``): shape -> factor; None: raw profile
+    calibration: Callable | None = None
+
+    def _calibrated(self, shape: StepShape, seconds):
+        """``seconds`` predicted for a whole step of ``shape``, times its calibration factor."""
+        return seconds if self.calibration is None else seconds * self.calibration(shape)
 
     def _layer_s(self, tp: int, shape: StepShape):
         ar = allreduce_s(self.layout.tp_link, self.model.activation_bytes(shape.tokens), tp)
@@ -67,41 +73,53 @@ class PipelineTimer:
         bottleneck = np.maximum.reduce([np.asarray(t + m) for t, m in zip(parts, msgs + [0.0])])
         return path, bottleneck
 
+    def _path_raw(self, shape: StepShape):
+        return sum(self._stage_parts(shape)) + sum(self._messages(shape), 0.0)
+
     def path_s(self, shape: StepShape):
         """One batch through every stage."""
-        return sum(self._stage_parts(shape)) + sum(self._messages(shape), 0.0)
+        return self._calibrated(shape, self._path_raw(shape))
 
     def bottleneck_s(self, shape: StepShape):
         """Interval between batches leaving a full pipeline."""
         msgs = self._messages(shape) + [0.0]
-        return np.maximum.reduce([np.asarray(t + m) for t, m in zip(self._stage_parts(shape), msgs)])
+        raw = np.maximum.reduce([np.asarray(t + m) for t, m in zip(self._stage_parts(shape), msgs)])
+        return self._calibrated(shape, raw)
+
+    def _iteration_raw(self, shape: StepShape, microbatches):
+        path, bottleneck = self._path_and_bottleneck(shape.split(microbatches))
+        return np.maximum(path, microbatches * bottleneck)
 
     def iteration_s(self, shape: StepShape, microbatches):
         """A step over ``shape`` split into ``microbatches`` micro-batches."""
-        path, bottleneck = self._path_and_bottleneck(shape.split(microbatches))
-        return np.maximum(path, microbatches * bottleneck)
+        return self._calibrated(shape, self._iteration_raw(shape, microbatches))
+
+    def _encode_raw(self, shape: StepShape, microbatches=1):
+        m = np.minimum(np.asarray(microbatches, dtype=float), np.maximum(shape.prefill_seqs, 1.0))
+        if not np.any(m > 1):
+            return self._path_raw(shape)
+        path, bottleneck = self._path_and_bottleneck(shape.split(m))
+        return path + (m - 1) * bottleneck
 
     def encode_s(self, shape: StepShape, microbatches=1):
         """A one-shot pass of ``shape`` (a prefill) split into ``microbatches`` micro-batches
         that follow each other through the pipeline: the first crosses every stage, each next
         one leaves a bottleneck interval later (the pipeline fills and drains once). A request
         is not split: there are at most as many micro-batches as prompts."""
-        m = np.minimum(np.asarray(microbatches, dtype=float), np.maximum(shape.prefill_seqs, 1.0))
-        if not np.any(m > 1):
-            return self.path_s(shape)
-        path, bottleneck = self._path_and_bottleneck(shape.split(m))
-        return path + (m - 1) * bottleneck
+        return self._calibrated(shape, self._encode_raw(shape, microbatches))
 
     def mixed_s(self, shape: StepShape, microbatches):
         """A step that prefills and decodes (continuous batching without chunked prefill): the
         prefill passes the pipeline as its own pass, stalling the decode micro-batches, which
-        then run as a decode iteration (the prefill's bubbles and stall, as RRA's encode)."""
+        then run as a decode iteration (the prefill's bubbles and stall, as RRA's encode).
+        Calibrated as one step of the whole shape (what a worker measures)."""
         pre = StepShape(shape.prefill_seqs, shape.prefill_tokens, shape.prefill_seq)
         dec = StepShape(decode_seqs=shape.decode_seqs, decode_ctx=shape.decode_ctx, enc_seq=shape.enc_seq)
         has_pre = np.asarray(shape.prefill_seqs) > 0
         has_dec = np.asarray(shape.decode_seqs) > 0
-        return (np.where(has_pre, self.encode_s(pre, microbatches), 0.0)
-                + np.where(has_dec, self.iteration_s(dec, microbatches), 0.0))
+        raw = (np.where(has_pre, self._encode_raw(pre, microbatches), 0.0)
+               + np.where(has_dec, self._iteration_raw(dec, microbatches), 0.0))
+        return self._calibrated(shape, raw)
 
 
 def stage_weight_bytes(layout: PipelineLayout, model: ModelShape) -> np.ndarray:

@@ -1,0 +1,207 @@
+"""Planning for the traffic that arrives: the schedule with the best SLO attainment at the
+forecast arrival process, checked in the simulator.
+
+The search (``optimizer.search``) maximises saturated throughput under the paper's bound; a
+serving system is judged by goodput, the requests per second that meet their SLO under the load
+that actually comes. Below saturation a smaller batch serves each request sooner; near it, only a
+larger one keeps the queue from growing. So:
+
+1. **Candidates** (``candidates``): the least-latency schedule of the policies allowed, and the
+   searches' picks under a ladder of bounds from just above that least latency to none, each
+   policy set apart: the frontier from quick-and-small to large-and-slow.
+2. **Weighing** (``weigh``): each candidate simulated with requests arriving as forecast
+   (renewal process at the forecast rate and burstiness, lengths from the observed workload,
+   queueing included: the same ``simulate`` that drives the workers' policy objects), its
+   attainment and percentiles read against the SLO (``optimizer.slo``).
+3. **Choice** (``choose``): among the candidates whose capacity carries the forecast rate, the one
+   with the highest attainment; ties (within ``TIE``) go to the one with the most slack against
+   its bounds (least ``pressure``), so light traffic gets the quick schedule and heavy traffic the
+   one that keeps up. When none reaches the SLO's target at the forecast, the one that sustains
+   the highest rate (``sustained``, of the few with the best attainment).
+
+``forecast`` is the arrival forecaster the scheduler uses: the next interval's rate is the larger
+of the mean over the last ``SHORT_S`` and over the last ``LONG_S`` seconds (a rise shows within
+``SHORT_S``; a fall only after ``LONG_S``, so the plan errs towards capacity), its burstiness the
+coefficient of variation of the newest inter-arrival gaps.
+
+Pure: no clock, no I/O; seeds are passed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from optimizer.analytic import Scenario
+from optimizer.lengths import Workload
+from optimizer.queueing import arrival_times, requests_at
+from optimizer.schedule import Schedule
+from optimizer.search import PRODUCT_POLICIES, SearchResult, SearchSpace, branch_and_bound, least_latency
+from optimizer.simulator import simulate
+from optimizer.slo import Slo, SloFigures, figures
+
+SHORT_S, LONG_S = 10, 30  # the forecaster's windows, seconds
+# Bounds searched for candidates, as multiples of the least latency any schedule reaches (inf: none)
+LADDER = (1.1, 1.5, 2.2, 3.5, 6.0, math.inf)
+TIE = 0.003  # attainments this close are equal: the one with more slack wins
+MIN_REQUESTS, MAX_REQUESTS, SPAN_S = 200, 800, 40.0  # requests a weighing simulates: SPAN_S of arrivals
+MAX_WEIGHED = 10  # candidates simulated at most
+ENOUGH = 3  # weighing stops once this many candidates reach the target
+SUSTAINED_OF = 3  # when nothing reaches the target: the sustained rate of this many best candidates
+CAPACITY_HEADROOM = 1.05  # a candidate whose saturated throughput is below rate x this cannot carry it
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """The arrival process the next interval is expected to bring."""
+
+    rate_per_s: float
+    cv: float  # of inter-arrival gaps (1: Poisson)
+
+    @property
+    def known(self) -> bool:
+        return self.rate_per_s > 0
+
+
+def forecast(counts_per_s: Sequence[float], cv: float) -> Forecast:
+    """From arrivals counted per whole second (oldest first, the second under way excluded) and
+    the gaps' coefficient of variation (NaN or unknown: 1)."""
+    counts = np.asarray(counts_per_s, dtype=float)
+    if not len(counts) or counts.sum() <= 0:
+        return Forecast(0.0, 1.0)
+    rate = max(float(counts[-SHORT_S:].mean()), float(counts[-LONG_S:].mean()))
+    return Forecast(rate, cv if math.isfinite(cv) and cv > 0 else 1.0)
+
+
+@dataclass(frozen=True)
+class Weighed:
+    """A candidate and what it does at the forecast load."""
+
+    schedule: Schedule
+    capacity_seq_s: float  # predicted saturated throughput (the search's figure)
+    slo: SloFigures  # simulated at the forecast
+    sustained_rate_s: float = math.nan  # computed only when no candidate reaches the target
+
+    @property
+    def attainment(self) -> float:
+        return self.slo.attainment
+
+
+@dataclass(frozen=True)
+class TrafficPlan:
+    best: Weighed
+    weighed: tuple[Weighed, ...]  # best first
+    reaches_target: bool  # the pick meets the SLO's target attainment at the forecast
+    forecast: Forecast
+    searches: int
+
+
+def candidates(sc: Scenario, policies: Sequence[str] = PRODUCT_POLICIES, space: SearchSpace = SearchSpace(),
+               ladder: Sequence[float] = LADDER,
+               search: Callable[..., SearchResult] = branch_and_bound) -> tuple[list[tuple[Schedule, float]], int]:
+    """Distinct (schedule, saturated throughput) pairs from the least-latency schedule to the
+    unbounded search's pick; and the searches run."""
+    quickest = least_latency(sc, policies, space).best
+    if quickest is None:
+        return [], 1
+    found = {quickest.schedule: float(quickest.figures.throughput_seq_s)}
+    groups = [tuple(policies)] + ([(p,) for p in policies] if len(policies) > 1 else [])
+    searches = 1
+    floor = float(quickest.figures.latency_p99_s)
+    for multiple in ladder:
+        for g in groups:
+            result = search(sc, floor * multiple, g, space)
+            searches += 1
+            if result.best is not None:
+                found.setdefault(result.best.schedule, float(result.best.figures.throughput_seq_s))
+    return sorted(found.items(), key=lambda item: -item[1]), searches
+
+
+def arrivals(workload: Workload, fc: Forecast, seed: int = 0):
+    """The requests a weighing simulates: ``SPAN_S`` seconds of the forecast process (within
+    ``MIN_REQUESTS``..``MAX_REQUESTS``), lengths drawn from ``workload``."""
+    n = int(min(max(fc.rate_per_s * SPAN_S, MIN_REQUESTS), MAX_REQUESTS))
+    times = arrival_times(np.random.default_rng(seed), n, fc.rate_per_s, fc.cv)
+    return requests_at(workload, times, seed)
+
+
+def to_weigh(found: Sequence[tuple[Schedule, float]], fc: Forecast,
+             current: Schedule | None) -> list[tuple[Schedule, float]]:
+    """The candidates worth simulating, quickest first: those whose saturated capacity carries
+    the forecast rate (all of them if none does), at most ``MAX_WEIGHED``, spread over the range
+    when there are more."""
+    able = [(s, c) for s, c in found if c >= fc.rate_per_s * CAPACITY_HEADROOM and s != current]
+    able = sorted(able or [(s, c) for s, c in found if s != current], key=lambda item: item[1])
+    if len(able) <= MAX_WEIGHED:
+        return able
+    picks = np.unique(np.linspace(0, len(able) - 1, MAX_WEIGHED).round().astype(int))
+    return [able[i] for i in picks]
+
+
+def weigh(sc: Scenario, schedule: Schedule, capacity: float, requests, slo: Slo) -> Weighed:
+    sim = simulate(sc, schedule, tuple(requests))
+    return Weighed(schedule, capacity, figures(sim.records, slo))
+
+
+def _order(w: Weighed) -> tuple:
+    return (-round(w.attainment / TIE), w.slo.pressure, -w.capacity_seq_s)
+
+
+def choose(weighed: Sequence[Weighed], fc: Forecast, slo: Slo) -> tuple[Weighed, bool]:
+    """The pick among ``weighed`` (see the module's docstring) and whether it reaches the target."""
+    able = [w for w in weighed if w.capacity_seq_s >= fc.rate_per_s * CAPACITY_HEADROOM] or list(weighed)
+    ranked = sorted(able, key=_order)
+    best = ranked[0]
+    if best.attainment >= slo.target - 1e-12:
+        return best, True
+    rated = [w for w in weighed if math.isfinite(w.sustained_rate_s)]
+    if rated:
+        return max(rated, key=lambda w: (w.sustained_rate_s, w.attainment)), False
+    return best, False
+
+
+def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[str] = PRODUCT_POLICIES,
+                     space: SearchSpace = SearchSpace(), *, seed: int = 0, current: Schedule | None = None,
+                     search: Callable[..., SearchResult] = branch_and_bound) -> TrafficPlan | None:
+    """The schedule to run for ``fc`` under ``slo`` (None: no schedule fits in memory).
+    ``current`` (the schedule in force, when comparable) is weighed on the same arrivals, so
+    the caller can compare it with the pick on equal terms (it is among ``weighed``)."""
+    if not fc.known:
+        raise ValueError("plan_for_traffic needs a forecast rate > 0")
+    found, searches = candidates(sc, policies, space, search=search)
+    if not found:
+        return None
+    requests = arrivals(sc.workload, fc, seed)
+    weighed = [weigh(sc, current, math.inf, requests, slo)] if current is not None else []
+    for schedule, capacity in to_weigh(found, fc, current):
+        w = weigh(sc, schedule, capacity, requests, slo)
+        weighed.append(w)
+        if sum(x.attainment >= slo.target - 1e-12 for x in weighed if x.schedule != current) >= ENOUGH:
+            break
+    best, reaches = choose(weighed, fc, slo)
+    if not reaches:
+        top = {w.schedule for w in sorted(weighed, key=_order)[:SUSTAINED_OF]}
+        weighed = [Weighed(w.schedule, w.capacity_seq_s, w.slo, sustained(sc, w.schedule, slo, fc, seed))
+                   if w.schedule in top else w for w in weighed]
+        best, reaches = choose(weighed, fc, slo)
+    ordered = tuple(sorted(weighed, key=lambda w: (w is not best, _order(w))))
+    return TrafficPlan(best, ordered, reaches, fc, searches)
+
+
+def sustained(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, seed: int = 0, steps: int = 5) -> float:
+    """The highest rate, to the forecast's / 2**steps, at which ``schedule`` keeps the SLO's
+    target attainment in the simulator under arrivals of the forecast's burstiness (bisection on
+    [0, forecast rate]: attainment falls as the rate rises, up to the draws' noise); 0 when even
+    the lowest rate tried misses it."""
+    lo, hi = 0.0, fc.rate_per_s
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        requests = arrivals(sc.workload, Forecast(mid, fc.cv), seed)
+        if figures(simulate(sc, schedule, tuple(requests)).records, slo).attainment >= slo.target - 1e-12:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,80 @@
+"""Planning for the traffic that arrives: the pick follows the forecast rate and the SLO's kind.
+
+OPT-13B on two H200s of the reference profile, task T with lengths x0.1 (what the mesh's brain
+tests plan on), fixed seeds."""
+
+import math
+
+import pytest
+
+from optimizer.analytic import Scenario
+from optimizer.cluster import H200_CLUSTER
+from optimizer.lengths import scaled_task
+from optimizer.model import MODELS
+from optimizer.search import SearchSpace
+from optimizer.slo import Slo
+from optimizer.traffic import Forecast, choose, forecast, plan_for_traffic
+
+SPACE = SearchSpace().capped(32)
+
+
+@pytest.fixture(scope="module")
+def task_t(profile):
+    return Scenario(MODELS["opt-13b"], profile, H200_CLUSTER, scaled_task("T", 0.1), 2)
+
+
+def pick(sc, slo, rate, **kw):
+    plan = plan_for_traffic(sc, slo, Forecast(rate, 1.0), space=SPACE, **kw)
+    assert plan is not None
+    return plan
+
+
+def test_a_higher_rate_gets_a_larger_batch_and_a_lower_rate_a_quicker_schedule(task_t):
+    slo = Slo(e2e_s=0.5)
+    light, heavy = pick(task_t, slo, 5.0), pick(task_t, slo, 40.0)
+    assert light.reaches_target and heavy.reaches_target
+    assert heavy.best.schedule.decode_batch > light.best.schedule.decode_batch
+    assert heavy.best.capacity_seq_s >= 40.0
+    # the light pick is the one with more slack: lower latency at its own load
+    assert light.best.slo.pressure < heavy.best.slo.pressure
+
+
+def test_a_ttft_slo_picks_a_quicker_first_token_and_a_tpot_slo_a_quicker_next_one(task_t):
+    free = pick(task_t, Slo(), 60.0).best
+    ttft = pick(task_t, Slo(ttft_s=0.03), 60.0).best
+    tpot = pick(task_t, Slo(tpot_s=0.010), 60.0).best
+    assert ttft.slo.ttft_s <= 0.03 and ttft.attainment >= 0.99
+    assert tpot.slo.tpot_s <= 0.010 and tpot.attainment >= 0.99
+    assert ttft.slo.ttft_s < free.slo.ttft_s
+    assert tpot.slo.tpot_s < free.slo.tpot_s
+    assert ttft.schedule != tpot.schedule
+
+
+def test_the_schedule_in_force_is_weighed_on_the_same_arrivals(task_t):
+    first = pick(task_t, Slo(e2e_s=0.5), 5.0).best.schedule
+    plan = pick(task_t, Slo(e2e_s=0.5), 40.0, current=first)
+    assert first in [w.schedule for w in plan.weighed]
+    assert plan.best.schedule != first
+
+
+def test_when_nothing_reaches_the_target_the_highest_sustained_rate_wins(task_t):
+    plan = pick(task_t, Slo(e2e_s=0.5), 2000.0)  # far beyond any schedule's capacity
+    assert not plan.reaches_target
+    rated = [w for w in plan.weighed if math.isfinite(w.sustained_rate_s)]
+    assert rated and plan.best.sustained_rate_s == max(w.sustained_rate_s for w in rated)
+
+
+def test_a_candidate_that_cannot_carry_the_rate_is_not_chosen_over_one_that_can(task_t):
+    plan = pick(task_t, Slo(e2e_s=0.5), 40.0)
+    small = [w for w in plan.weighed if w.capacity_seq_s < 40.0]
+    best, _ = choose([*small, plan.best], Forecast(40.0, 1.0), Slo(e2e_s=0.5))
+    assert best == plan.best
+
+
+def test_the_forecast_takes_the_higher_of_the_recent_rates():
+    assert forecast([], 1.0) == Forecast(0.0, 1.0)
+    rising = [2.0] * 30 + [10.0] * 10  # the last 10 s at 10/s
+    assert forecast(rising, 1.3).rate_per_s == pytest.approx(10.0)
+    falling = [10.0] * 30 + [2.0] * 10
+    assert forecast(falling, 1.0).rate_per_s == pytest.approx((20 * 10 + 10 * 2) / 30)
+    assert forecast([1.0] * 5, math.nan).cv == 1.0
