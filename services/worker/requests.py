@@ -51,6 +51,7 @@ class Held:
     trace: Any = None  # tracing on: the context its next span continues from (common.tracing)
     decode_span: Any = None  # tracing on: open from its decode start until it leaves this worker
     deadline: float | None = None  # epoch seconds its client waits until (from its message; None: none)
+    credit: bool = False  # holds a decode credit (an encoder took one to encode it; a decoder's hand-off)
 
     @staticmethod
     def from_work(delivery: Delivery, work: EncodeWork) -> "Held":

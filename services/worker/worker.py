@@ -43,6 +43,7 @@ from optimizer.driver import Driver, StepOutcome
 from optimizer.policies import (DrainPolicy, IdlePolicy, QueuedRequest, Role, RunningRequest, StepPlan,
                                 make_policy)
 from optimizer.schedule import Schedule
+from services.worker.costs import StepSampler, step_cost
 from services.worker.credits import Credits
 from services.run.engines import EngineRunner, group_shape
 from services.worker.executor import StepResult, run_step
@@ -137,6 +138,7 @@ class Worker:
         self._credit_wait = CREDIT_POLL_S[0]
         self._arrived: list[tuple[str, int]] = []  # queued since the last boundary (for the trace)
         self.metrics = WorkerMetrics(self.metrics_state)
+        self.step_costs = StepSampler(self.worker_id)  # for the scheduler's calibration, with each heartbeat
 
     # ==== the loop ==============================================================================
     async def run(self) -> None:
@@ -599,6 +601,9 @@ class Worker:
         started = time.time()
         for rid in (*plan.encode, *(c.request_id for c in plan.chunks if c.start == 0)):
             self.held[rid].encode_start_at = started
+        if self.role == "encoder":  # each request it encodes used one of the credits it took
+            for rid in plan.encode:
+                self.held[rid].credit = True
         try:
             result = await self.runner.call(run_step, self.runner.engine, plan, prompts, handoffs,
                                             self.role == "encoder")
@@ -611,7 +616,20 @@ class Worker:
         self.engine_s += result.ended_at - started
         self.max_batch_seen = max(self.max_batch_seen, len(plan.decode))
         self._count(plan, result)
+        self._note_cost(plan, result)
         return result
+
+    def _note_cost(self, plan: StepPlan, result: StepResult) -> None:
+        """The step's shape and seconds, for the scheduler's calibration (steps that failed say
+        nothing about the engine's speed)."""
+        if result.failed or result.given_back or result.refused:
+            return
+        d = self.driver
+        decoded = (d.running.get(rid) or d.incoming.get(rid) for rid in plan.decode)
+        contexts = [r.input_len + r.generated for r in decoded if r is not None]
+        prompts = {rid: self.held[rid].input_len for rid in plan.encode if rid in self.held}
+        self.step_costs.note(step_cost(plan, prompts, contexts, getattr(d.policy, "chunked", False),
+                                       result.ended_at - result.started_at, result.ended_at))
 
     def _count(self, plan: StepPlan, result: StepResult) -> None:
         outcomes = {"finished": sum(e.finished for e in result.events), "handed_off": len(result.exported),
@@ -731,9 +749,12 @@ class Worker:
         await self._free_slot(held)
 
     async def _free_slot(self, held: Held) -> None:
-        """A request that held a decode credit is gone: an encoder's (finished at prefill or
-        refused) or a decoder's (finished, aborted, refused)."""
-        if self.role == "encoder" or (held.ready is not None and self.role == "decoder"):
+        """A request that held a decode credit is gone: an encoder's that it encoded (finished at
+        prefill or refused in its step) or a decoder's hand-off (finished, aborted, refused).
+        A request still queued on an encoder (aborted, expired, refused) never took one: it gives
+        nothing back, or hand-offs could outnumber the decoders' free slots."""
+        if held.credit or (held.ready is not None and self.role == "decoder"):
+            held.credit = False
             await self.credits.grant(self.follower.version, 1)
 
     async def _refuse(self, held: Held, published: list[asyncio.Task[None]], dead: str | None) -> None:
@@ -858,7 +879,7 @@ class Worker:
         running = len(self.driver.running)
         free = max(self.follower.schedule.decode_batch - running, 0) if self.role in ("worker", "decoder") else 0
         status = WorkerStatus(self.worker_id, self.role, self.follower.version, running, free, state, time.time(),
-                              self.engine_s, self.steps, self.group)
+                              self.engine_s, self.steps, self.group, self.step_costs.drain())
         try:
             await self.bus.broadcast(self.names.status_exchange, codec.encode(status))
         except Exception as exc:
