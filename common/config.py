@@ -92,6 +92,27 @@ class MeshConfig(BaseSettings):
         description="Latency bound the scheduler plans for: seconds to generate a 99th-percentile-"
         "length output (inf: none). The admin API changes it at run time.",
     )
+    slo_ttft_s: float = Field(
+        float("inf"), gt=0,
+        description="TTFT bound the scheduler plans for: seconds from arrival to the first token, "
+        "at slo_ttft_percentile (inf: none). `exegpt schedule set-slo` changes it at run time.",
+    )
+    slo_ttft_percentile: float = Field(0.99, ge=0.5, lt=1, description="Share of requests the TTFT bound is for.")
+    slo_tpot_s: float = Field(
+        float("inf"), gt=0,
+        description="TPOT bound the scheduler plans for: seconds per output token after the first, at "
+        "slo_tpot_percentile (inf: none). A request meets the SLO when every bound in force holds.",
+    )
+    slo_tpot_percentile: float = Field(0.99, ge=0.5, lt=1, description="Share of requests the TPOT bound is for.")
+    calibration_half_life_s: float = Field(
+        60.0, gt=0,
+        description="Half-life of the workers' step records in the scheduler's calibrated cost model.",
+    )
+    rate_change: float = Field(
+        0.25, gt=0,
+        description="A forecast arrival rate this fraction away from the one the plan in force was made "
+        "for triggers a search (as drift does, at most every replan_interval_s).",
+    )
     prior: str | None = Field(
         None,
         description="What the scheduler plans on before requests finish: a paper task (S, T, G, C1, "

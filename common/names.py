@@ -12,6 +12,7 @@ from dataclasses import dataclass
 # --- TTLs (seconds) of store keys -------------------------------------------------------------
 KV_TTL_S = 600.0  # default; the config's kv_ttl_s overrides it for hand-off payload and metadata
 DONE_TTL_S = 3600.0  # a finished request's marker: long enough to dedupe any redelivery
+ARRIVALS_TTL_S = 180.0  # per-second arrival counters: the forecast reads the last 30 s
 OUTPUT_LENGTHS_MAX = 10_000  # finished requests' (input, output) lengths kept for the scheduler
 CREDITS_TTL_S = 24 * 3600.0  # a schedule version's decode credits; refreshed on every change
 RESULT_TTL_S = 7 * 24 * 3600.0  # a batch job's result, its reply marker, a batch's records and files
@@ -152,6 +153,17 @@ class Names:
         """Integer: decode slots free for hand-offs under schedule ``version`` (WAA). Decoders add
         their free slots, encoders take them before encoding. TTL CREDITS_TTL_S."""
         return f"{self.namespace}:credits:{version}"
+
+    def arrivals(self, second: int) -> str:
+        """Integer: requests the gateways accepted in unix second ``second`` (the scheduler's
+        arrival forecast reads the last minute of them). TTL ARRIVALS_TTL_S."""
+        return f"{self.namespace}:arrivals:{second}"
+
+    @property
+    def calibration(self) -> str:
+        """msgpack of ``optimizer.calibration.Calibration.to_plain()``: the active scheduler's
+        fitted step-time corrections, so a new leader starts calibrated. No TTL."""
+        return f"{self.namespace}:scheduler:calibration"
 
     @property
     def output_lengths(self) -> str:

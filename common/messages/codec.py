@@ -17,18 +17,20 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from common.messages.control import Abort, PinSchedule, Replan, RoleAssignment, ScheduleUpdate, SetBound
+from common.messages.control import Abort, PinSchedule, Replan, RoleAssignment, ScheduleUpdate, SetBound, SetSlo
 from common.messages.events import EventBatch, Failure, Stamp, Token, TopLogprob
 from common.messages.handoff import KvReady
 from common.messages.jobs import BatchJob, ChatTurn, JobResult
-from common.messages.status import LengthSample, SchedulerState, WorkerStatus
+from common.messages.status import (CalibrationPoint, CandidateFigures, LengthSample, SchedulerState, StepCost,
+                                     WorkerStatus)
 from common.messages.work import EncodeWork, Sampling
 from optimizer.schedule import Schedule
 
-SCHEMA_VERSION = 7  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
+SCHEMA_VERSION = 8  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
 # 4: WorkerStatus carries the shape of the worker's process group; 5: Sampling is the engine's
 # SamplingParams (penalties, logprobs) and Token carries log-probabilities; 6: SamplingParams carries
-# min_tokens, and Schedule encode_microbatches and encoder_tp_stages; 7: Schedule chunk_tokens (mixed)
+# min_tokens, and Schedule encode_microbatches and encoder_tp_stages; 7: Schedule chunk_tokens (mixed);
+# 8: WorkerStatus carries step costs, SchedulerState the SLO, forecast, calibration and candidates; SetSlo
 
 # Tags are part of the wire format: never reuse or renumber one.
 TAGS: dict[type, int] = {
@@ -43,6 +45,7 @@ TAGS: dict[type, int] = {
     SetBound: 9,
     Replan: 10,
     SchedulerState: 11,
+    SetSlo: 12,
     # nested only
     Sampling: 101,
     Token: 102,
@@ -53,6 +56,9 @@ TAGS: dict[type, int] = {
     Schedule: 107,
     RoleAssignment: 108,
     TopLogprob: 109,
+    StepCost: 110,
+    CalibrationPoint: 111,
+    CandidateFigures: 112,
     # batch jobs (producers -> job consumers -> reply queues)
     BatchJob: 201,
     JobResult: 202,

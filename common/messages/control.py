@@ -82,4 +82,16 @@ class Replan:
     requested_at: float
 
 
-SchedulerRequest = PinSchedule | SetBound | Replan
+@dataclass(frozen=True)
+class SetSlo:
+    """To the scheduler: plan for these TTFT and TPOT bounds from now on, each at its percentile
+    (math.inf: that bound not in force); the end-to-end bound stays as ``SetBound`` set it."""
+
+    ttft_s: float
+    ttft_percentile: float
+    tpot_s: float
+    tpot_percentile: float
+    requested_at: float
+
+
+SchedulerRequest = PinSchedule | SetBound | Replan | SetSlo

@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from optimizer.schedule import Schedule
+
+STEP_COSTS_PER_KIND = 8  # a heartbeat carries at most this many step records of each kind
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One engine step as a worker measured it: its kind, its shape in the profile's terms
+    (``optimizer.profile.StepShape``) and its seconds. The scheduler calibrates its cost model
+    on these (``optimizer.calibration``)."""
+
+    kind: str  # "prefill" | "decode" | "mixed"
+    fused: bool  # prompt chunks and decode rows in one forward pass (mixed steps); else prefill, then decode
+    prefill_seqs: int  # prompts (or prompt chunks) prefilled
+    prefill_tokens: int
+    prefill_seq: float  # their effective length for attention: sqrt of the mean squared length
+    decode_seqs: int  # rows decoded, padding included
+    decode_ctx: float  # mean KV length of the decoded requests
+    seconds: float
+    at: float  # unix seconds when the step ended
 
 
 @dataclass(frozen=True)
@@ -21,6 +43,9 @@ class WorkerStatus:
     engine_s: float = 0.0  # seconds its engine has spent in steps since it started (utilisation)
     steps: int = 0  # steps it has run since it started
     group: tuple[int, ...] = (1,)  # its process group: the TP degree of each pipeline stage
+    # a sample of the steps run since the last report: at most STEP_COSTS_PER_KIND of each kind
+    # (so a heartbeat stays small whatever the step rate), uniformly drawn among that kind's steps
+    step_costs: tuple[StepCost, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,50 @@ class SchedulerState:
     workers: int  # live workers the allocation covers
     updated_at: float
     last_outcome: str = ""  # what the last search decided: "published: ..." or "kept the schedule: ..."
+    # the SLO in force besides latency_bound_s (the end-to-end bound): inf where not set
+    ttft_bound_s: float = math.inf
+    ttft_percentile: float = 0.99
+    tpot_bound_s: float = math.inf
+    tpot_percentile: float = 0.99
+    forecast_rate_s: float = 0.0  # arrivals per second the plan is made for (0: unknown: saturated)
+    forecast_cv: float = 1.0
+    # the plan's figures at the forecast load (NaN: planned saturated); observed over the last 30 s
+    predicted_attainment: float = math.nan
+    predicted_ttft_s: float = math.nan
+    predicted_tpot_s: float = math.nan
+    observed_attainment: float = math.nan
+    observed_ttft_s: float = math.nan  # at the SLO's TTFT percentile
+    observed_tpot_s: float = math.nan
+    # the same plan predicted on the raw profile (no calibration), and the correction in force
+    raw_predicted_throughput_seq_s: float = 0.0
+    raw_predicted_latency_s: float = 0.0
+    raw_predicted_attainment: float = math.nan
+    calibration: tuple["CalibrationPoint", ...] = ()
+    calibration_samples: int = 0  # steps the correction is fitted on (decayed weight)
+    candidates: tuple["CandidateFigures", ...] = ()  # what the last search weighed, the pick first
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """The correction of one kind of step around one size: measured / profiled seconds."""
+
+    kind: str
+    tokens: float
+    factor: float
+
+
+@dataclass(frozen=True)
+class CandidateFigures:
+    """A schedule the last search weighed, and its simulated figures at the forecast load."""
+
+    schedule: Schedule
+    capacity_seq_s: float  # saturated throughput the search predicts (inf: unknown)
+    attainment: float  # share of requests meeting the SLO at the forecast (NaN: planned saturated)
+    ttft_s: float
+    tpot_s: float
+    e2e_p99_s: float
+    sustained_rate_s: float  # NaN unless no candidate reached the target
+    chosen: bool
 
 
 StatusMessage = WorkerStatus
