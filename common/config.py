@@ -104,6 +104,17 @@ class MeshConfig(BaseSettings):
         "slo_tpot_percentile (inf: none). A request meets the SLO when every bound in force holds.",
     )
     slo_tpot_percentile: float = Field(0.99, ge=0.5, lt=1, description="Share of requests the TPOT bound is for.")
+    plan_for: Literal["arrivals", "saturated"] = Field(
+        "arrivals",
+        description="What the scheduler optimises: `arrivals`, SLO attainment at the forecast arrival "
+        "rate and burstiness (saturated throughput until arrivals are counted); `saturated`, the most "
+        "throughput under the end-to-end bound for a saturated closed loop (batch or closed-loop traffic).",
+    )
+    calibrate: bool = Field(
+        True,
+        description="Correct the profile's step times with what the workers' steps take (the calibrated "
+        "cost model); false: plan on the profile as measured.",
+    )
     calibration_half_life_s: float = Field(
         60.0, gt=0,
         description="Half-life of the workers' step records in the scheduler's calibrated cost model.",

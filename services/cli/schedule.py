@@ -2,6 +2,7 @@
 
     exegpt schedule show [--json]            # the schedule in force and why (--json: raw)
     exegpt schedule set-bound 2.5            # plan for a 2.5 s latency bound (inf or none: no bound)
+    exegpt schedule set-slo --ttft 1.5 --tpot 0.08 [--percentile 0.99]   # TTFT / TPOT bounds (none: off)
     exegpt schedule replan --reason "new traffic"
     exegpt schedule pin plan.json            # a file or JSON of Schedule fields (or `exegpt plan --json`)
     exegpt schedule pin --unpin              # let the scheduler choose again
@@ -43,6 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the admin API's raw JSON")
     p = cmds.add_parser("set-bound", parents=[common], help="latency bound in seconds (inf: none)")
     p.add_argument("seconds", help="seconds to generate a p99-length output; inf or none: no bound")
+    p = cmds.add_parser("set-slo", parents=[common], help="TTFT and TPOT bounds in seconds (none: off)")
+    p.add_argument("--ttft", default="none", help="seconds from arrival to the first token (none: no bound)")
+    p.add_argument("--tpot", default="none", help="seconds per output token after the first (none: no bound)")
+    p.add_argument("--percentile", type=float, default=0.99,
+                   help="share of requests each bound is for (default 0.99; --ttft-percentile/--tpot-percentile apart)")
+    p.add_argument("--ttft-percentile", type=float, default=None)
+    p.add_argument("--tpot-percentile", type=float, default=None)
     p = cmds.add_parser("replan", parents=[common], help="search again now")
     p.add_argument("--reason", default="", help="recorded as the replan's reason")
     p = cmds.add_parser("pin", parents=[common], help="run this schedule (or --unpin)")
@@ -71,7 +79,12 @@ def request_of(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | Non
     if command == "show":
         return "GET", "/admin/schedule", None
     if command == "set-bound":
-        return "PUT", "/admin/schedule/bound", {"latency_bound_s": bound_of(args.seconds)}
+        return "PUT", "/admin/schedule/bound", {"latency_bound_s": bound_of(args.seconds, "set-bound")}
+    if command == "set-slo":
+        return "PUT", "/admin/schedule/slo", {
+            "ttft_s": bound_of(args.ttft, "set-slo --ttft"), "tpot_s": bound_of(args.tpot, "set-slo --tpot"),
+            "ttft_percentile": args.ttft_percentile or args.percentile,
+            "tpot_percentile": args.tpot_percentile or args.percentile}
     if command == "replan":
         return "POST", "/admin/schedule/replan", {"reason": args.reason}
     if args.unpin == (args.schedule is not None):
@@ -79,13 +92,13 @@ def request_of(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | Non
     return "PUT", "/admin/schedule/pin", {"schedule": None if args.unpin else schedule_fields(args.schedule)}
 
 
-def bound_of(text: str) -> float | None:
+def bound_of(text: str, what: str) -> float | None:
     if text.strip().lower() in ("inf", "none", "infinity"):
         return None
     try:
         return float(text)
     except ValueError:
-        raise CliError(f"set-bound: not a number of seconds: {text!r}") from None
+        raise CliError(f"{what}: not a number of seconds: {text!r}") from None
 
 
 def schedule_fields(text: str) -> dict[str, Any]:
@@ -136,6 +149,8 @@ def accepted(answer: dict[str, Any]) -> str:
     if kind == "set_bound":
         bound = answer.get("latency_bound_s")
         what = "no latency bound" if bound is None else f"latency bound {bound:g} s"
+    elif kind == "set_slo":
+        what = f"the SLO {slo_text(answer)}"
     elif kind == "replan":
         what = f"a replan ({answer.get('reason')})"
     elif answer.get("schedule") is None:
@@ -181,7 +196,8 @@ def state_lines(st: dict[str, Any]) -> list[str]:
     lines = [
         f"scheduler {st['leader']} (token {st['token']}): v{st['version']} {st['policy']}, "
         f"{'pinned' if st['pinned'] else 'planned'}, {st['workers']} workers",
-        f"  latency bound: {'none' if bound is None else f'{bound:g} s'}",
+        f"  SLO: {slo_text(st)}; end-to-end bound (p99-length request): "
+        f"{'none' if bound is None else f'{bound:g} s'}",
     ]
     if not st["meets_bound"]:
         lines.append("  ALERT: no schedule meets the latency bound; the least-latency one runs")
@@ -193,11 +209,65 @@ def state_lines(st: dict[str, Any]) -> list[str]:
         f"  throughput: predicted {num(st['predicted_throughput_seq_s'])} seq/s, "
         f"observed {num(st['observed_throughput_seq_s'])} seq/s",
         f"  latency (p99): predicted {secs(st['predicted_latency_s'])}, observed {secs(st['observed_latency_s'])}",
+        f"  planned for: {plan_load(st)}",
+        f"  SLO attainment: predicted {pct(st.get('predicted_attainment'))} (raw profile "
+        f"{pct(st.get('raw_predicted_attainment'))}), observed {pct(st.get('observed_attainment'))} over 30 s; "
+        f"TTFT predicted {secs(st.get('predicted_ttft_s'))}, observed {secs(st.get('observed_ttft_s'))}; "
+        f"TPOT predicted {ms(st.get('predicted_tpot_s'))}, observed {ms(st.get('observed_tpot_s'))}",
+        f"  raw profile (no calibration): {num(st.get('raw_predicted_throughput_seq_s'))} seq/s, "
+        f"{secs(st.get('raw_predicted_latency_s'))}",
+        f"  calibration ({st.get('calibration_samples', 0)} steps): {calibration_text(st.get('calibration') or [])}",
         f"  drift: statistic {num(st['drift_statistic'])} (p {num(st['drift_p_value'])})",
         f"  replans: {st['replans']}" + (f", last {when(st['last_replan_at'])}: {st['last_replan_reason']}"
                                         if st["replans"] else ""),
     ] + ([f"  outcome: {st['last_outcome']}"] if st.get("last_outcome") else [])
+    return lines + candidate_lines(st.get("candidates") or [])
+
+
+def slo_text(d: dict[str, Any]) -> str:
+    """TTFT/TPOT bounds of a state record (``ttft_bound_s``) or of a SetSlo answer (``ttft_s``)."""
+    parts = []
+    for name, unit in (("ttft", "s"), ("tpot", "ms")):
+        bound = d.get(f"{name}_bound_s", d.get(f"{name}_s"))
+        if bound is not None:
+            value = f"{bound:g} s" if unit == "s" else f"{bound * 1e3:g} ms"
+            parts.append(f"{name.upper()} p{(d.get(f'{name}_percentile') or 0.99) * 100:g} <= {value}")
+    return ", ".join(parts) or "no TTFT/TPOT bound"
+
+
+def plan_load(st: dict[str, Any]) -> str:
+    rate = st.get("forecast_rate_s") or 0.0
+    if not rate:
+        return "a saturated closed loop (no arrivals counted yet)"
+    return f"{rate:.3g} requests/s forecast, burstiness CV {num(st.get('forecast_cv'))}"
+
+
+def calibration_text(points: list[dict[str, Any]]) -> str:
+    if not points:
+        return "none (the profile as measured)"
+    return ", ".join(f"{p['kind']} ~{p['tokens']:.0f} tok x{p['factor']:.2f}" for p in points)
+
+
+def candidate_lines(candidates: list[dict[str, Any]]) -> list[str]:
+    if not candidates:
+        return []
+    lines = ["  candidates weighed (at the forecast load):",
+             "      schedule                          capacity  attainment  TTFT     TPOT      p99 e2e"]
+    for c in candidates:
+        mark = "->" if c.get("chosen") else "  "
+        lines.append(f"    {mark}{describe(c['schedule']):32s} {num(c.get('capacity_seq_s')):>8s}  "
+                     f"{pct(c.get('attainment')):>10s}  {secs(c.get('ttft_s')):8s} {ms(c.get('tpot_s')):9s} "
+                     f"{secs(c.get('e2e_p99_s'))}" + (f"  sustains {num(c['sustained_rate_s'])}/s"
+                                                      if c.get("sustained_rate_s") is not None else ""))
     return lines
+
+
+def pct(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.1%}"
+
+
+def ms(value: float | None) -> str:
+    return "unknown" if value is None else f"{value * 1e3:.3g} ms"
 
 
 def num(value: float | None) -> str:

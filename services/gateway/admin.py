@@ -2,6 +2,7 @@
 
     GET  /admin/schedule           the current ScheduleUpdate and the scheduler's SchedulerState
     PUT  /admin/schedule/bound     {"latency_bound_s": seconds | null}  -> SetBound   (202)
+    PUT  /admin/schedule/slo       {"ttft_s", "ttft_percentile", "tpot_s", "tpot_percentile"} -> SetSlo (202)
     POST /admin/schedule/replan    {"reason": text} (optional)          -> Replan     (202)
     PUT  /admin/schedule/pin       {"schedule": {Schedule fields} | null} -> PinSchedule (202)
 
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 from common.messages import codec
-from common.messages.control import Replan, ScheduleUpdate, SetBound
+from common.messages.control import Replan, ScheduleUpdate, SetBound, SetSlo
 from common.messages.status import SchedulerState
 from common.names import Names
 from common.transport.port import Bus, Store
@@ -34,6 +35,17 @@ from services.scheduler.service import request_schedule
 class BoundBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     latency_bound_s: StrictFloat | None = Field(..., json_schema_extra={"exclusiveMinimum": 0})  # required; null: no bound
+
+
+class SloBody(BaseModel):
+    """TTFT and TPOT bounds in seconds (null: that bound not in force), each at a percentile
+    (a fraction: 0.99 is p99). The end-to-end bound is PUT /admin/schedule/bound's."""
+
+    model_config = ConfigDict(extra="forbid")
+    ttft_s: StrictFloat | None = Field(..., json_schema_extra={"exclusiveMinimum": 0})
+    ttft_percentile: StrictFloat = Field(0.99, ge=0.5, lt=1)
+    tpot_s: StrictFloat | None = Field(..., json_schema_extra={"exclusiveMinimum": 0})
+    tpot_percentile: StrictFloat = Field(0.99, ge=0.5, lt=1)
 
 
 class ReplanBody(BaseModel):
@@ -75,7 +87,7 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-async def ask_scheduler(bus: Bus, names: Names, message: SetBound | Replan) -> None:
+async def ask_scheduler(bus: Bus, names: Names, message: SetBound | Replan | SetSlo) -> None:
     await bus.declare_queue(names.scheduler_queue)
     await bus.publish(names.scheduler_queue, codec.encode(message))
 
@@ -103,6 +115,18 @@ def admin_router() -> APIRouter:
         gateway: Gateway = request.app.state.gateway
         await ask_scheduler(gateway.bus, gateway.names, message)
         return JSONResponse({"requested": "set_bound", **jsonable(message)}, 202)
+
+    @router.put("/schedule/slo", status_code=202, responses=oa.error_responses(400, 401, 403, 503))
+    async def set_slo(body: SloBody, request: Request) -> JSONResponse:
+        for name in ("ttft_s", "tpot_s"):
+            value = getattr(body, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                return bad_request(f"{name} must be a positive number of seconds or null, got {value}", name)
+        message = SetSlo(body.ttft_s or math.inf, body.ttft_percentile, body.tpot_s or math.inf,
+                         body.tpot_percentile, time.time())
+        gateway: Gateway = request.app.state.gateway
+        await ask_scheduler(gateway.bus, gateway.names, message)
+        return JSONResponse({"requested": "set_slo", **jsonable(message)}, 202)
 
     @router.post("/schedule/replan", status_code=202, responses=oa.error_responses(400, 401, 403, 503))
     async def replan(request: Request, body: ReplanBody | None = None) -> JSONResponse:

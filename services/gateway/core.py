@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, assert_never
 
@@ -21,7 +21,7 @@ from common.messages import codec
 from common.messages.control import Abort
 from common.messages.events import EventBatch, EventMessage, Failure, Token
 from common.messages.work import EncodeWork, Sampling
-from common.names import Names
+from common.names import ARRIVALS_TTL_S, Names
 from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.port import Subscription
@@ -31,6 +31,8 @@ from services.worker import new_worker_id
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_S = 5.0  # a broker that has not confirmed a publish by then counts as down
+ARRIVALS_FLUSH_S = 0.5  # arrivals counted per second go to the store this often (one write per past second)
+ARRIVALS_KEPT_S = 60  # seconds of counts kept while the store does not answer
 
 class RequestFailed(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -117,6 +119,8 @@ class Gateway:
         self.pending: dict[str, Pending] = {}
         self.tracing = tracing_for(config)
         self._pump: asyncio.Task[None] | None = None
+        self.arrivals: Counter[int] = Counter()  # requests accepted per unix second, not yet in the store
+        self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.bus.declare_queue(self.names.encode_queue)
@@ -125,12 +129,37 @@ class Gateway:
         subscription = await self.bus.consume(self.events_queue, prefetch=1000,
                                               auto_ack=True)  # events die with this process anyway
         self._pump = asyncio.create_task(self._receive_events(subscription))
+        self._flusher = asyncio.create_task(self._flush_arrivals())
 
     async def close(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            await asyncio.gather(self._pump, return_exceptions=True)
+        for task in (self._pump, self._flusher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self.flush_arrivals(until=None)
         await self.transports.close()
+
+    async def _flush_arrivals(self) -> None:
+        while True:
+            await asyncio.sleep(ARRIVALS_FLUSH_S)  # a periodic write, not a synchronisation
+            await self.flush_arrivals()
+
+    async def flush_arrivals(self, until: int | None = -1) -> None:
+        """Add the arrivals counted in each whole second before ``until`` (-1: the second under
+        way; None: every second) to the store's per-second counters, which the scheduler's
+        arrival forecast reads. A store that does not answer keeps them here (the last minute)."""
+        now = int(time.time())
+        last = now if until == -1 else (until if until is not None else now + 1)
+        for second in sorted(s for s in self.arrivals if s < last):
+            count = self.arrivals.pop(second)
+            if second < now - ARRIVALS_KEPT_S:
+                continue
+            try:
+                await self.transports.store.add(self.names.arrivals(second), count, ttl_s=ARRIVALS_TTL_S)
+            except Exception as exc:  # an outage: counted again at the next flush
+                self.arrivals[second] += count
+                log.debug("arrival counts not stored (%r); kept for the next flush", exc)
+                return
 
     async def submit(self, prompt_ids: list[int], sampling: Sampling,
                      request_id: str | None = None, *, stream: bool = True) -> Pending:
@@ -143,6 +172,7 @@ class Gateway:
         pending.timeline.mark(Stage.ARRIVED)
         self.pending[rid] = pending
         self.metrics.in_flight.inc()
+        self.arrivals[int(time.time())] += 1
         work = EncodeWork(rid, self.model, tuple(prompt_ids), sampling, self.events_queue,
                           time.time(), stream)
         try:

@@ -25,18 +25,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import numpy as np
 
 from common.config import MeshConfig
 from common.messages.status import LengthSample, SchedulerState
+from optimizer.calibration import IDENTITY, CalibrationTable
 from optimizer.drift import DriftMonitor, DriftResult
 from optimizer.lengths import Workload
 from optimizer.schedule import Schedule
+from optimizer.slo import Slo, SloFigures, figures
 from optimizer.stats import StreamingStats
-from services.scheduler.planning import Plan, Planner, better, prior_workload, reference_sample
+from optimizer.traffic import SHORT_S, Forecast, forecast
+from services.scheduler.calibrate import StepCalibrator, points
+from services.scheduler.planning import (Plan, Planner, better, better_for_traffic, prior_workload,
+                                         reference_sample)
 
 SEEN_MAX = 20_000  # request ids remembered to skip finish records already counted
 WINDOW_MAX = 500  # newest finished requests since the last plan that a search on observations uses
@@ -49,6 +55,20 @@ FINISHED = ("stop", "length")  # finish reasons that say how long a request real
 CHECK_EVERY = 5  # new finished requests between two drift checks
 TAIL_TRUSTED = 2000  # observed requests whose own 99th percentile a plan takes as it is
 NORMAL_P99 = 2.326  # standard normal 99th percentile
+TIMED_MAX = 2048  # newest finished requests whose TTFT/TPOT the observed SLO figures read
+CALIBRATION_CHANGE = 0.10  # a step's calibrated time this far from the one the plan used: search again
+OBSERVED_GAP = 0.05  # observed attainment this far below the predicted one: search again
+OBSERVED_MIN = 40  # ... once this many requests finished under the plan
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A finished request's stamps, in the shape ``optimizer.slo`` reads."""
+
+    arrival_s: float
+    first_token_s: float
+    finish_s: float
+    output_len: int
 
 
 @dataclass(frozen=True)
@@ -69,7 +89,13 @@ class Brain:
         now = time.time() if now is None else now
         self.config = config
         self.planner = planner
-        self.bound = config.latency_bound_s
+        self.slo = Slo(config.latency_bound_s, config.slo_ttft_s, config.slo_ttft_percentile, config.slo_tpot_s,
+                       config.slo_tpot_percentile)
+        self.calibrator = (StepCalibrator(planner, config.calibration_half_life_s)
+                           if planner is not None and config.calibrate else None)
+        self.forecast = Forecast(0.0, 1.0)
+        self.timed: deque[Timed] = deque(maxlen=TIMED_MAX)
+        self._observed_fired = False  # the observed-vs-predicted trigger fired for the plan in force
         self.stats = StreamingStats(half_life_s=config.stats_half_life_s)
         self.monitor = DriftMonitor(alpha=config.drift_alpha, min_samples=config.drift_min_samples,
                                     confirm=2, min_interval_s=config.replan_interval_s)
@@ -101,8 +127,29 @@ class Brain:
                 continue
             submitted = s.submitted_at or s.finished_at
             self.stats.observe(s.input_len, s.output_len, submitted, s.finished_at)
+            if s.first_token_at:
+                self.timed.append(Timed(submitted, s.first_token_at, s.finished_at, s.output_len))
             new += 1
         return new
+
+    @property
+    def bound(self) -> float:
+        """The end-to-end bound (the paper's, for a p99-length request)."""
+        return self.slo.e2e_s
+
+    def observe_arrivals(self, counts_per_s: Sequence[float], now: float) -> Forecast:
+        """Arrivals counted per second by the gateways (oldest first, the second under way left
+        out): the forecast the next search plans for (``optimizer.traffic.forecast``)."""
+        self.forecast = forecast(counts_per_s, self.stats.summary(now).arrival_cv)
+        return self.forecast
+
+    def calibration(self, now: float) -> CalibrationTable:
+        return self.calibrator.table(now) if self.calibrator is not None else IDENTITY
+
+    def observed_slo(self, now: float, since: float = 0.0) -> SloFigures:
+        """The SLO figures of requests finished in the last ``OBSERVED_WINDOW_S`` (and after ``since``)."""
+        start = max(now - OBSERVED_WINDOW_S, since)
+        return figures([t for t in self.timed if t.finish_s >= start], self.slo)
 
     def seen(self, request_id: str) -> bool:
         return request_id in self._seen
@@ -137,6 +184,44 @@ class Brain:
             return "drift" if enough else None  # until the shift's own requests are complete
         if self._refine and complete >= REFINE_AT:
             return "refine"
+        if now - self.last_at < self.config.replan_interval_s:
+            return None
+        return self._rate_trigger() or self._calibration_trigger(now) or self._observed_trigger(now)
+
+    def _rate_trigger(self) -> str | None:
+        """The forecast rate moved by ``rate_change`` from the one the plan was made for (or
+        traffic came to a plan made saturated)."""
+        if self.config.plan_for != "arrivals":
+            return None
+        rate, planned = self.forecast.rate_per_s, self.plan.rate_per_s
+        noise = 3 * math.sqrt(max(planned, rate) / SHORT_S)  # three Poisson deviations of a short window's mean
+        if rate > 0 and (planned <= 0 or abs(rate - planned) > max(self.config.rate_change * planned, noise)):
+            return f"rate {planned:.3g} -> {rate:.3g} requests/s"
+        return None
+
+    def _calibration_trigger(self, now: float) -> str | None:
+        """The calibrated time of the plan's typical decode and prefill steps moved by
+        ``CALIBRATION_CHANGE`` from the correction the plan was made with."""
+        if self.calibrator is None:
+            return None
+        before, after = self.plan.calibration or IDENTITY, self.calibration(now)
+        s = self.plan.schedule
+        steps = (("decode", max(s.mean_decode_batch, 1.0)), ("prefill", max(s.mean_input_len, 1.0) * s.encode_batch))
+        for kind, tokens in steps:
+            old, new = before.scalar(kind, tokens), after.scalar(kind, tokens)
+            if abs(new / old - 1) > CALIBRATION_CHANGE:
+                return f"calibration: {kind} steps x{old:.2f} -> x{new:.2f}"
+        return None
+
+    def _observed_trigger(self, now: float) -> str | None:
+        """Under the plan, observed attainment fell ``OBSERVED_GAP`` below the predicted one
+        (once per plan)."""
+        if self._observed_fired or not math.isfinite(self.plan.attainment):
+            return None
+        seen = self.observed_slo(now, since=self.last_at)
+        if seen.requests >= OBSERVED_MIN and seen.attainment < self.plan.attainment - OBSERVED_GAP:
+            self._observed_fired = True
+            return f"observed attainment {seen.attainment:.1%} < predicted {self.plan.attainment:.1%}"
         return None
 
     def cohort(self, now: float) -> tuple[np.ndarray, np.ndarray]:
@@ -158,8 +243,13 @@ class Brain:
         self.forced = reason
 
     def set_bound(self, bound: float) -> None:
-        self.bound = bound
+        self.slo = replace(self.slo, e2e_s=bound)
         self.forced = f"bound {bound:g} s"
+
+    def set_slo(self, slo: Slo) -> None:
+        """New TTFT and TPOT bounds (the end-to-end bound is kept)."""
+        self.slo = replace(slo, e2e_s=self.slo.e2e_s)
+        self.forced = f"slo {self.slo.describe()}"
 
     # --- search (in a thread) -------------------------------------------------------------------
     def inputs(self, reason: str, now: float) -> tuple[Workload, str, tuple[np.ndarray, np.ndarray]]:
@@ -188,11 +278,18 @@ class Brain:
         seen). Reads nothing that ``ingest`` changes: safe in a thread."""
         assert self.planner is not None
         workload, basis, reference = inputs
-        plan = self.planner.plan(workload, workers, self.bound)
-        current = None
+        table = self.calibration(time.time())
         comparable = for_workers(running, workers, self.planner.worker_devices)
-        if comparable is not None and not reason.startswith(("workers", "cold start")):
-            current = self.planner.evaluate(comparable, workload, workers)
+        if reason.startswith(("workers", "cold start")):
+            comparable = None
+        if self.forecast.known and self.config.plan_for == "arrivals":
+            plan, in_force = self.planner.plan_for_traffic(workload, workers, self.slo, self.forecast, comparable,
+                                                           table)
+            publish, why = better_for_traffic(plan, in_force if comparable is not None else None, self.slo,
+                                              self.config.replan_margin)
+            return Decision(plan, publish, why, reason, basis, workload, reference)
+        plan = self.planner.plan(workload, workers, self.bound, table)
+        current = self.planner.evaluate(comparable, workload, workers, table) if comparable is not None else None
         publish, why = better(plan, current, self.bound, self.config.replan_margin, arrival_rate)
         return Decision(plan, publish, why, reason, basis, workload, reference)
 
@@ -203,14 +300,17 @@ class Brain:
         self.last_reason, self.last_at = decision.reason, now
         self.last_outcome = f"{'published' if decision.publish else 'kept the schedule'}: {decision.why} " \
                             f"(planned on {decision.basis})"
-        if decision.reason == self.forced or decision.reason.startswith("bound"):
+        if decision.reason == self.forced or decision.reason.startswith(("bound", "slo")):
             self.forced = None
         if decision.publish or self.plan is None:
             self.plan = decision.plan
             self.basis = decision.basis
             self._planned = (decision.workload, decision.basis, decision.reference)
-        elif self.plan.workers != decision.plan.workers:
-            self.plan = replace(self.plan, workers=decision.plan.workers)
+        else:  # kept: what it was weighed for is now what it runs for (the triggers compare with that)
+            self.plan = replace(self.plan, workers=decision.plan.workers, rate_per_s=decision.plan.rate_per_s,
+                                cv=decision.plan.cv, calibration=decision.plan.calibration,
+                                candidates=decision.plan.candidates)
+        self._observed_fired = False
         self.monitor.rebase(*decision.reference, now)
         self.rebased_at, self._checked_at, self._drifted = now, 0, False
         self._refine = decision.basis.startswith("observed") and len(decision.reference[0]) < REFINE_AT
@@ -221,6 +321,7 @@ class Brain:
         s = self.stats.summary(now)
         plan = self.plan if not pinned else None
         drift = self.drift
+        seen, table = self.observed_slo(now), self.calibration(now)
         return SchedulerState(
             leader=leader, token=token, version=version, policy=schedule.policy, pinned=pinned,
             latency_bound_s=self.bound, meets_bound=plan.meets_bound if plan else True,
@@ -236,7 +337,18 @@ class Brain:
             observed_latency_s=_finite(self.stats.latency_quantile(0.99)),
             drift_statistic=_finite(drift.statistic) if drift else 0.0, drift_p_value=drift.p_value if drift else 1.0,
             replans=self.replans, last_replan_reason=self.last_reason, last_replan_at=self.last_at,
-            workers=workers, updated_at=now, last_outcome=self.last_outcome)
+            workers=workers, updated_at=now, last_outcome=self.last_outcome,
+            ttft_bound_s=self.slo.ttft_s, ttft_percentile=self.slo.ttft_percentile, tpot_bound_s=self.slo.tpot_s,
+            tpot_percentile=self.slo.tpot_percentile, forecast_rate_s=self.forecast.rate_per_s,
+            forecast_cv=self.forecast.cv,
+            predicted_attainment=plan.attainment if plan else math.nan,
+            predicted_ttft_s=plan.ttft_s if plan else math.nan, predicted_tpot_s=plan.tpot_s if plan else math.nan,
+            observed_attainment=seen.attainment, observed_ttft_s=seen.ttft_s, observed_tpot_s=seen.tpot_s,
+            raw_predicted_throughput_seq_s=plan.raw_throughput_seq_s if plan else 0.0,
+            raw_predicted_latency_s=_finite(plan.raw_latency_s) if plan else 0.0,
+            raw_predicted_attainment=plan.raw_attainment if plan else math.nan,
+            calibration=points(table), calibration_samples=table.samples,
+            candidates=self.plan.candidates if self.plan else ())
 
 
 def observed_workload(ins: np.ndarray, outs: np.ndarray) -> Workload:

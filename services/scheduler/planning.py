@@ -9,21 +9,27 @@ in force are compared on equal terms. Both are plain CPU work: the scheduler run
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from common.config import MeshConfig
+from common.messages.status import CandidateFigures
 from optimizer.analytic import Scenario
+from optimizer.calibration import CalibrationTable
 from optimizer.lengths import Workload, scaled_task
 from optimizer.policies import RUNNABLE_POLICIES
 from optimizer.schedule import Schedule
 from optimizer.search import SearchSpace, least_latency
+from optimizer.slo import Slo
+from optimizer.traffic import Forecast, TrafficPlan, Weighed, arrivals, plan_for_traffic, weigh
 from optimizer.verify import ProbeLoad, requests_for, simulated_figures, verified_search
 
+log = logging.getLogger(__name__)
 PRIOR_SAMPLES = 500  # a prior workload's stand-in sample for the drift test's reference
 HEADROOM = 1.25  # a schedule is to carry the arriving traffic at no more than 80 % of its throughput
 SEED = 0  # probe loads are drawn with this seed: plans and evaluations see the same requests
@@ -31,7 +37,8 @@ SEED = 0  # probe loads are drawn with this seed: plans and evaluations see the 
 
 @dataclass(frozen=True)
 class Plan:
-    """A schedule for a workload and a worker count, with its simulated figures."""
+    """A schedule for a workload and a worker count, with its simulated figures (on the
+    calibrated cost model) and the same plan's figures on the raw profile."""
 
     schedule: Schedule
     throughput_seq_s: float
@@ -40,6 +47,17 @@ class Plan:
     workers: int
     seconds: float  # the search's wall time
     searches: int
+    rate_per_s: float = 0.0  # the forecast arrival rate planned for (0: planned saturated)
+    cv: float = 1.0
+    attainment: float = math.nan  # share of requests meeting the SLO at the forecast (NaN: saturated)
+    ttft_s: float = math.nan  # at the SLO's percentiles, at the forecast
+    tpot_s: float = math.nan
+    pressure: float = math.nan  # the largest figure / bound over the SLO's bounds, at the forecast
+    raw_throughput_seq_s: float = 0.0
+    raw_latency_s: float = 0.0
+    raw_attainment: float = math.nan
+    calibration: CalibrationTable | None = None
+    candidates: tuple[CandidateFigures, ...] = ()  # what the search weighed, the pick first
 
 
 class PlanningError(ValueError):
@@ -136,7 +154,12 @@ class Planner:
             raise PlanningError(str(exc)) from None
         self.profile.layer_times(self.model.name, 1)  # raises when the model is not profiled
         self.policies = policy_set(config.policies)
-        self.space = SearchSpace() if config.max_plan_batch is None else SearchSpace().capped(config.max_plan_batch)
+        if self.cluster.handoff_note and {"waa-c", "waa-m"} & set(self.policies):
+            log.warning("scheduler: %s", self.cluster.handoff_note)
+        space = SearchSpace() if config.max_plan_batch is None else SearchSpace().capped(config.max_plan_batch)
+        # workers run every step whole: a schedule that splits batches into micro-batches would
+        # be costed for a pipeline the workers do not run, so the planner never chooses one
+        self.space = replace(space, microbatches=(1,), encode_microbatches=(1,))
 
     group: tuple[int, ...] | None = None  # the live workers' process group shape (heartbeats); None: one process
 
@@ -144,38 +167,97 @@ class Planner:
     def worker_devices(self) -> int:
         return sum(self.group) if self.group is not None else self.cluster.worker_devices
 
-    def scenario(self, workload: Workload, workers: int) -> Scenario:
+    def scenario(self, workload: Workload, workers: int, calibration: CalibrationTable | None = None) -> Scenario:
         try:
             return Scenario(self.model, self.profile, self.cluster, workload,
-                            max(workers, 1) * max(self.worker_devices, 1), self.group)
+                            max(workers, 1) * max(self.worker_devices, 1), self.group, calibration)
         except ValueError as exc:
             raise PlanningError(str(exc)) from None
 
-    def plan(self, workload: Workload, workers: int, latency_bound_s: float) -> Plan:
-        """The most throughput under the bound for ``workers`` workers; else the least latency."""
+    def plan(self, workload: Workload, workers: int, latency_bound_s: float,
+             calibration: CalibrationTable | None = None) -> Plan:
+        """The most throughput under the bound for ``workers`` workers (a saturated closed loop);
+        else the least latency."""
         start = time.perf_counter()
-        sc = self.scenario(workload, workers)
+        sc = self.scenario(workload, workers, calibration)
         verified = verified_search(sc, latency_bound_s, self.policies, self.space, seed=SEED)
         if verified.best is not None:
             sim = verified.simulated
-            return Plan(verified.best.schedule, sim.throughput_seq_s, sim.p99_length_latency_s, True, workers,
-                        time.perf_counter() - start, verified.searches)
-        quickest = least_latency(sc, self.policies, self.space).best
-        if quickest is None:
-            raise PlanningError(f"no schedule of {self.model.name} on {workers} worker(s) fits in memory")
-        thr, lat = self._simulate(sc, quickest.schedule)
-        return Plan(quickest.schedule, thr, lat, lat <= latency_bound_s, workers, time.perf_counter() - start,
-                    verified.searches)
+            schedule, thr, lat, meets = verified.best.schedule, sim.throughput_seq_s, sim.p99_length_latency_s, True
+        else:
+            quickest = least_latency(sc, self.policies, self.space).best
+            if quickest is None:
+                raise PlanningError(f"no schedule of {self.model.name} on {workers} worker(s) fits in memory")
+            schedule = quickest.schedule
+            thr, lat = self._simulate(sc, schedule)
+            meets = lat <= latency_bound_s
+        raw = self._simulate(self.scenario(workload, workers), schedule) if calibration is not None else (thr, lat)
+        return Plan(schedule, thr, lat, meets, workers, time.perf_counter() - start, verified.searches,
+                    raw_throughput_seq_s=raw[0], raw_latency_s=raw[1], calibration=calibration)
 
-    def evaluate(self, schedule: Schedule, workload: Workload, workers: int) -> tuple[float, float]:
+    def plan_for_traffic(self, workload: Workload, workers: int, slo: Slo, forecast: Forecast,
+                         current: Schedule | None = None,
+                         calibration: CalibrationTable | None = None) -> tuple[Plan, Weighed | None]:
+        """The schedule with the best SLO attainment at ``forecast`` (``optimizer.traffic``), and
+        the schedule in force weighed on the same arrivals (None when not comparable)."""
+        start = time.perf_counter()
+        sc = self.scenario(workload, workers, calibration)
+        traffic = plan_for_traffic(sc, slo, forecast, self.policies, self.space, seed=SEED, current=current)
+        if traffic is None:
+            raise PlanningError(f"no schedule of {self.model.name} on {workers} worker(s) fits in memory")
+        best = traffic.best
+        thr, lat = self._simulate(sc, best.schedule)
+        raw_sc = self.scenario(workload, workers)
+        raw_thr, raw_lat = self._simulate(raw_sc, best.schedule) if calibration is not None else (thr, lat)
+        raw_att = (weigh(raw_sc, best.schedule, best.capacity_seq_s, arrivals(workload, forecast, SEED), slo).attainment
+                   if calibration is not None else best.attainment)
+        in_force = next((w for w in traffic.weighed if w.schedule == current), None)
+        plan = Plan(best.schedule, thr, lat, traffic.reaches_target, workers, time.perf_counter() - start,
+                    traffic.searches, forecast.rate_per_s, forecast.cv, best.attainment, best.slo.ttft_s,
+                    best.slo.tpot_s, best.slo.pressure, raw_thr, raw_lat, raw_att, calibration, candidate_figures(traffic))
+        return plan, in_force
+
+    def evaluate(self, schedule: Schedule, workload: Workload, workers: int,
+                 calibration: CalibrationTable | None = None) -> tuple[float, float]:
         """(throughput, p99-length latency) of ``schedule`` on ``workload``, simulated as ``plan`` does."""
-        return self._simulate(self.scenario(workload, workers), schedule)
+        return self._simulate(self.scenario(workload, workers, calibration), schedule)
 
     @staticmethod
     def _simulate(sc: Scenario, schedule: Schedule) -> tuple[float, float]:
         load = ProbeLoad.draw(sc.workload, requests_for(schedule), SEED)
         figures = simulated_figures(sc, schedule, load)
         return figures.throughput_seq_s, figures.p99_length_latency_s
+
+
+TOP_CANDIDATES = 6  # candidates the state record keeps
+
+
+def candidate_figures(traffic: TrafficPlan) -> tuple[CandidateFigures, ...]:
+    return tuple(CandidateFigures(w.schedule, w.capacity_seq_s, w.attainment, w.slo.ttft_s, w.slo.tpot_s,
+                                  w.slo.e2e_p99_s, w.sustained_rate_s, w.schedule == traffic.best.schedule)
+                 for w in traffic.weighed[:TOP_CANDIDATES])
+
+
+def better_for_traffic(new: Plan, current: Weighed | None, slo: Slo, margin: float) -> tuple[bool, str]:
+    """Whether the traffic plan ``new`` should replace the schedule in
+    force (``current``: weighed on the same forecast arrivals; None: nothing comparable runs).
+    Hysteresis: a schedule that meets the SLO is replaced only by one with more slack by
+    ``margin``; one that misses it by one whose attainment is higher by more than a tie."""
+    if current is None:
+        return True, "nothing comparable runs"
+    if current.schedule == new.schedule:
+        return False, f"the schedule in force is the best at {new.rate_per_s:.3g} requests/s"
+    target, tie = slo.target - 1e-12, 0.003
+    at = f"at {new.rate_per_s:.3g} requests/s"
+    if current.attainment < target:
+        if new.attainment > current.attainment + tie:
+            return True, (f"the schedule in force would meet the SLO for {current.attainment:.1%} of requests {at}; "
+                          f"the new one for {new.attainment:.1%}")
+        return False, f"no schedule meets the SLO better {at} ({current.attainment:.1%})"
+    if new.attainment >= target and new.pressure < current.slo.pressure * (1 - margin):
+        return True, (f"more slack {at}: {new.pressure:.0%} of the bounds instead of "
+                      f"{current.slo.pressure:.0%}")
+    return False, f"within the margin {at} ({new.pressure:.0%} vs {current.slo.pressure:.0%} of the bounds)"
 
 
 def better(new: Plan, current: tuple[float, float] | None, bound: float, margin: float,

@@ -25,13 +25,15 @@ from typing import Callable
 
 from common.config import MeshConfig
 from common.messages import codec
-from common.messages.control import PinSchedule, Replan, ScheduleUpdate, SchedulerRequest, SetBound
+from common.messages.control import PinSchedule, Replan, ScheduleUpdate, SchedulerRequest, SetBound, SetSlo
 from common.messages.status import LengthSample, SchedulerState, StatusMessage, WorkerStatus
 from common.names import OUTPUT_LENGTHS_MAX, Names
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
 from common.transport.port import Bus, Store, Subscription, processing
 from optimizer.schedule import Schedule
+from optimizer.slo import Slo
+from optimizer.traffic import LONG_S
 from services.scheduler.allocation import Allocation, allocate
 from services.scheduler.brain import Brain, Decision
 from services.scheduler.leadership import Leadership
@@ -41,6 +43,7 @@ from services.worker import new_worker_id
 log = logging.getLogger("exegpt.scheduler")
 
 LEARN_EVERY_S = 0.5  # how often the finish records are read and the drift test runs
+CALIBRATION_EVERY = 10  # looks between two saves of the calibration to the store (5 s)
 READ_FIRST = 256  # finish records read per look (more while all of them are new)
 
 # A fresh machine has no profile: one worker can run this alone, and so can any number of them.
@@ -165,6 +168,9 @@ class SchedulerService:
         this term's token even if nothing changed, so workers fence out the previous leader."""
         self.announce(f"leading scheduler {self.worker_id} token {self.leadership.token}")
         self.current = await current_schedule(self.store, self.names)
+        calibration = await self.store.get(self.names.calibration)
+        if calibration is not None and self.brain.calibrator is not None and not self.brain.calibrator.model.observed:
+            self.brain.calibrator.loads(calibration)  # a new leader starts calibrated
         stored = await self.store.get(self.names.pinned_schedule)
         if stored is not None and not self.config.schedule:  # a restarted scheduler keeps the pin
             kept = codec.decode(stored, PinSchedule).schedule
@@ -239,6 +245,9 @@ class SchedulerService:
             case Replan(reason=reason):
                 self.brain.ask(f"asked: {reason}" if reason else "asked")
                 self._changed.set()
+            case SetSlo(ttft_s=ttft, ttft_percentile=ttft_p, tpot_s=tpot, tpot_percentile=tpot_p):
+                self.brain.set_slo(Slo(ttft_s=ttft, ttft_percentile=ttft_p, tpot_s=tpot, tpot_percentile=tpot_p))
+                self._changed.set()
 
     def record(self, status: WorkerStatus) -> None:
         """A heartbeat: the worker is alive (or, ``stopping``, gone)."""
@@ -250,6 +259,8 @@ class SchedulerService:
             return
         self.workers[status.worker_id] = status
         self.heard[status.worker_id] = time.monotonic()
+        if self.brain.calibrator is not None and status.step_costs:
+            self.brain.calibrator.observe(status.step_costs)
         if not known:
             self._changed.set()
             self._note_groups()
@@ -282,12 +293,21 @@ class SchedulerService:
     async def learn_once(self) -> None:
         await self.read_finished()
         now = time.time()
+        await self.read_arrivals(now)
         reason = self.brain.trigger(len(self.heard), self.pin_set, now)
         if reason and self.planning is None and time.monotonic() >= self._retry_at:
             self.planning = asyncio.create_task(self._replan(reason))
         await self.write_state(now)
+        if self.brain.calibrator is not None and self.looks % CALIBRATION_EVERY == 0:
+            await self.store.set(self.names.calibration, self.brain.calibrator.dumps())
         self.looks += 1
         self.learned.set()
+
+    async def read_arrivals(self, now: float) -> None:
+        """The gateways' per-second arrival counts of the last ``LONG_S`` whole seconds."""
+        second = int(now)
+        values = await self.store.get_many(*(self.names.arrivals(s) for s in range(second - LONG_S, second)))
+        self.brain.observe_arrivals([int(v) if v is not None else 0 for v in values], now)
 
     async def read_finished(self) -> int:
         """Feed the finish records workers left since the last look to the statistics."""

@@ -18,7 +18,7 @@ from common.cli import CliError
 from common.config import MeshConfig
 from common.messages import codec
 from common.messages.control import PinSchedule, Replan, RoleAssignment, ScheduleUpdate, SetBound
-from common.messages.status import SchedulerState
+from common.messages.status import CalibrationPoint, CandidateFigures, SchedulerState
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
 from optimizer.schedule import Schedule
@@ -89,7 +89,13 @@ def state_record(**changes) -> SchedulerState:
         input_mean=150.0, output_mean=90.0, correlation=0.1, arrival_rate_s=3.2, arrival_cv=1.1,
         predicted_throughput_seq_s=10.0, predicted_latency_s=1.8, observed_throughput_seq_s=9.5,
         observed_latency_s=math.inf, drift_statistic=0.12, drift_p_value=0.4, replans=3,
-        last_replan_reason="drift", last_replan_at=1.7e9, workers=2, updated_at=1.7e9)
+        last_replan_reason="drift", last_replan_at=1.7e9, workers=2, updated_at=1.7e9,
+        ttft_bound_s=1.5, tpot_bound_s=0.08, forecast_rate_s=3.5, forecast_cv=1.2, predicted_attainment=0.995,
+        raw_predicted_attainment=0.9, observed_attainment=0.97, predicted_tpot_s=0.05, observed_tpot_s=0.06,
+        calibration=(CalibrationPoint("decode", 11.3, 1.18),), calibration_samples=40,
+        candidates=(CandidateFigures(WAA, 12.0, 0.995, 0.4, 0.05, 1.7, math.nan, True),
+                    CandidateFigures(Schedule("continuous", decode_batch=32), 20.0, 0.9, 0.9, 0.07, 2.9,
+                                     math.nan, False)))
     return SchedulerState(**{**fields, **changes})
 
 
@@ -293,7 +299,9 @@ async def test_schedule_show_prints_a_summary_or_the_json(config, hub, capsys):
         assert await cli(transport, "show") == 0
         out = capsys.readouterr().out
         for part in ("schedule v7", "policy waa-c", "B_E 4", "B_D 8", "N_D 1", "w-1=encoder, w-2=decoder",
-                     "latency bound: 2.5 s", "ALERT", "basis: observed: 312 requests",
+                     "end-to-end bound (p99-length request): 2.5 s", "TTFT p99 <= 1.5 s", "TPOT p99 <= 80 ms",
+                     "3.5 requests/s forecast", "predicted 99.5% (raw profile 90.0%), observed 97.0%",
+                     "decode ~11 tok x1.18", "->waa-c B_E 4 B_D 8", "continuous B_E 8 B_D 32", "ALERT", "basis: observed: 312 requests",
                      "p50/p90/p99: 100/300/900", "3.2/s, CV 1.1", "predicted 10 seq/s, observed 9.5 seq/s",
                      "predicted 1.8 s, observed unbounded", "statistic 0.12"):
             assert part in out, part
@@ -308,6 +316,10 @@ async def test_schedule_commands_send_their_requests(config, hub, capsys, tmp_pa
         assert (await next_request(config, hub)).latency_bound_s == math.inf
         assert await cli(transport, "set-bound", "1.5") == 0
         assert (await next_request(config, hub)).latency_bound_s == 1.5
+        assert await cli(transport, "set-slo", "--ttft", "1.5", "--tpot", "none", "--percentile", "0.9") == 0
+        assert "TTFT p90 <= 1.5 s" in capsys.readouterr().out
+        asked = await next_request(config, hub)
+        assert (asked.ttft_s, asked.ttft_percentile, asked.tpot_s) == (1.5, 0.9, math.inf)
         assert await cli(transport, "replan", "--reason", "by hand") == 0
         assert (await next_request(config, hub)).reason == "by hand"
         plan = tmp_path / "plan.json"
@@ -324,6 +336,8 @@ async def test_schedule_commands_send_their_requests(config, hub, capsys, tmp_pa
     (["show"], USER, "403: "),
     (["set-bound", "-3"], ADMIN, "400: latency_bound_s must be a positive"),
     (["set-bound", "soon"], ADMIN, "not a number of seconds"),
+    (["set-slo", "--ttft", "-1"], ADMIN, "400: ttft_s must be a positive"),
+    (["set-slo", "--tpot", "0.1", "--percentile", "1.5"], ADMIN, "400: "),
     (["pin", '{"policy": "x"}'], ADMIN, "400: not a schedule: unknown policy"),
     (["pin"], ADMIN, "a schedule (file or JSON) or --unpin"),
 ])

@@ -164,10 +164,10 @@ class SamePlanner:
 
     worker_devices = 1
 
-    def plan(self, workload, workers, bound):
+    def plan(self, workload, workers, bound, calibration=None):
         return plan_of(10.0, 1.0, True)
 
-    def evaluate(self, schedule, workload, workers):
+    def evaluate(self, schedule, workload, workers, calibration=None):
         return 10.0, 1.0
 
 
