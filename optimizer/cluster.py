@@ -100,6 +100,16 @@ class Cluster:
         or tensor-parallel group with others (0: accelerators, which plans pipeline over)."""
         return 1 if self.device_threads else 0
 
+    @property
+    def handoff_note(self) -> str | None:
+        """What a plan should say when this cluster cannot know the mesh's hand-off path (None:
+        it was measured): WAA plans then cost the KV hand-off at the link between the devices,
+        which the mesh's hand-off (a store write and read, a broker hop) does not use."""
+        if self.handoff is not None:
+            return None
+        return (f"cluster {self.name!r} has no measured hand-off link: WAA hand-offs are costed at its device link, "
+                "not the path the mesh moves KV caches on (`exegpt profile --amqp-url --redis-url` measures it)")
+
     def handoff_link(self, device_a: int, device_b: int) -> Link:
         """The path a request's KV cache takes from encoder device ``a`` to decoder device ``b``."""
         return self.handoff if self.handoff is not None else self.link_between(device_a, device_b)

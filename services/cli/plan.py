@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"no schedule (policy {args.policy}) of {args.model} on {args.devices} devices "
                        f"meets the {args.latency_bound:g} s latency bound{simulated} and fits in memory")
     _warn(batch_warnings(sc, result.best.schedule))
+    if result.best.schedule.split and sc.cluster.handoff_note:
+        _warn([sc.cluster.handoff_note])
     method = "exhaustive" if args.exhaustive else "branch-and-bound"
     print(json.dumps(_as_json(result, elapsed, method, args.latency_bound, verified), indent=2) if args.json
           else _as_text(result, elapsed, method, args.latency_bound, verified))
