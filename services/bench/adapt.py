@@ -77,6 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=os.environ.get("EXEGPT_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--json", metavar="FILE", help="write the summary object (the keys the issue names)")
     parser.add_argument("--seed", type=int, default=0)
+    phases = parser.add_argument_group("--phases: traffic in five phases against four meshes (services/bench/phases.py)")
+    phases.add_argument("--phases", action="store_true",
+                        help="light S, heavy S, T, bursty T, light S again; adaptive vs fixed_first vs default vs "
+                        "best_fixed under a TTFT + TPOT SLO (--quick: 15 s phases, one run)")
+    phases.add_argument("--runs", type=int, default=None, help="--phases: runs of the four systems (default 3; --quick 1)")
+    phases.add_argument("--phase-s", type=float, default=None, help="--phases: seconds per phase (default 60; --quick 15)")
+    phases.add_argument("--ttft", type=float, default=None, help="--phases: TTFT p99 bound, s (default: from the profile)")
+    phases.add_argument("--tpot", type=float, default=None, help="--phases: TPOT p99 bound, s (default: from the profile)")
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
 
     if os.cpu_count() is None or os.cpu_count() < 2:
         raise CliError("bench adapt pins two workers to two cores; this machine has fewer")
+    if getattr(args, "phases", False):
+        from services.bench import phases
+
+        args.runs = args.runs or (1 if args.quick else 3)
+        signal.signal(signal.SIGTERM, _interrupt)
+        return phases.run(args)
     if args.quick:
         args.pairs, args.before_s, args.after_s = 1, 20.0, 25.0
     if args.pairs < 1 or args.before_s <= WARMUP_S or args.after_s <= SETTLE_S:
@@ -274,11 +288,8 @@ async def bench(args: argparse.Namespace, setup: Setup) -> list[Run]:
 async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, sent: list[Sent]) -> Run:
     from common.messages import codec
     from common.messages.control import ScheduleUpdate
-    from common.messages.status import SchedulerState
     from common.messages.work import Sampling
     from common.names import Names
-    from common.transport.connect import LocalHub, open_transports
-    from services.gateway.core import Gateway
     from services.scheduler.service import current_schedule, recent_lengths
 
     config = mesh_config(args, setup, kind)
@@ -289,11 +300,7 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
         stack.push_async_callback(purge_namespace, config)
         stack.callback(procs.close)
         await asyncio.to_thread(procs.start)
-        transports = await open_transports(config, names, LocalHub())
-        stack.push_async_callback(transports.close)
-        gateway = Gateway(config, await open_transports(config, names, LocalHub()), MODEL)
-        await gateway.start()
-        stack.push_async_callback(gateway.close)
+        transports, gateway = await client_of(config, names, stack)
         await transports.bus.declare_fanout(names.control_exchange)
         control = await transports.bus.subscribe(names.control_exchange, names.control_queue(f"bench-{uuid.uuid4().hex[:6]}"))
         t0 = [math.inf]
@@ -311,19 +318,10 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
         listening = asyncio.create_task(listen())
         stack.callback(listening.cancel)
 
-        async def watch() -> None:  # the scheduler's searches, as its state record tells them
-            seen = 0
-            while True:
-                data = await transports.store.get(names.scheduler_state)
-                if data is not None:
-                    state = codec.decode(data, SchedulerState)
-                    if state.replans > seen:
-                        seen = state.replans
-                        result.searches.append((time.monotonic() - t0[0], state.last_replan_reason,
-                                                state.last_outcome))
-                await asyncio.sleep(0.25)  # a poll of the store, not a synchronisation
+        def searched(state) -> None:
+            result.searches.append((time.monotonic() - t0[0], state.last_replan_reason, state.last_outcome))
 
-        watching = asyncio.create_task(watch())
+        watching = asyncio.create_task(watch_searches(transports.store, names, searched))
         stack.callback(watching.cancel)
         # the run starts once both workers run the first plan (a version whose allocation holds both)
         async with asyncio.timeout(120):
@@ -364,6 +362,35 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
         result.after_schedule = describe_short(changed[-1][2])
         result.requests_until_replan = sum(1 for s in sent if s.task == "T" and s.at < result.replanned_at_s)
     return result
+
+
+async def client_of(config, names, stack: AsyncExitStack):
+    """This process's transports and a gateway core (its requests' client), closed with ``stack``."""
+    from common.transport.connect import LocalHub, open_transports
+    from services.gateway.core import Gateway
+
+    transports = await open_transports(config, names, LocalHub())
+    stack.push_async_callback(transports.close)
+    gateway = Gateway(config, await open_transports(config, names, LocalHub()), MODEL)
+    await gateway.start()
+    stack.push_async_callback(gateway.close)
+    return transports, gateway
+
+
+async def watch_searches(store, names, searched) -> None:
+    """Call ``searched(state)`` for each new search the scheduler's state record tells of."""
+    from common.messages import codec
+    from common.messages.status import SchedulerState
+
+    seen = 0
+    while True:
+        data = await store.get(names.scheduler_state)
+        if data is not None:
+            state = codec.decode(data, SchedulerState)
+            if state.replans > seen:
+                seen = state.replans
+                searched(state)
+        await asyncio.sleep(0.25)  # a poll of the store, not a synchronisation
 
 
 def describe_short(schedule) -> str:

@@ -1,4 +1,4 @@
-"""`exegpt bench schedules`: the schedule `exegpt plan` picks against static and continuous
+"""`exegpt bench schedules`: the schedules the planner picks against static and continuous
 batching, measured side by side on this machine's two workers, each with the simulator's
 prediction beside it.
 
@@ -10,19 +10,25 @@ One run:
 2. A mesh of two worker processes (one torch thread each, pinned to a core each) and a scheduler
    over RabbitMQ + Redis. This process is the client: it submits through the gateway's core
    (no HTTP), niced, as are the scheduler, RabbitMQ and Redis while the run lasts.
-3. Per task (the paper's lengths times ``--scale``): a static batching sweep and a continuous
-   batching sweep, each setting under saturated closed-loop load (as many requests outstanding as
-   the schedule has decode slots), every length forced (``ignore_eos``), one request in ten a probe
-   at the task's 99th-percentile input and output length. The bounds are the 10th, 30th and 70th
-   percentiles of the static sweep's measured p99-length latencies, and none. For each bound
-   the optimizer plans from the profile as ``exegpt plan`` does (RRA, WAA-C, WAA-M); that
-   schedule is measured too.
-4. Per bound: ExeGPT's schedule, and the best static and continuous settings of the sweeps that
-   meet the bound (measured). Throughput is completions per second over the middle 60 % of the
+3. Per task (the paper's lengths times ``--scale``): first a **calibration run** (continuous
+   batching at the largest batch, then static batching at a quarter of it, ``--calibration-requests``
+   requests each, the same load): the workers' step records (the sample their heartbeats carry)
+   fit the calibrated cost model (``optimizer.calibration``) as the scheduler fits it, and every
+   plan and prediction of the task uses it (``--no-calibration``: the profile as measured). Then
+   a static batching sweep and a continuous batching sweep, each setting under saturated
+   closed-loop load (as many requests outstanding as the schedule has decode slots), every length
+   forced (``ignore_eos``), one request in ten a probe at the task's 99th-percentile input and
+   output length. The bounds are the 10th, 30th and 70th percentiles of the static sweep's
+   measured p99-length latencies, and none. For each bound the planner picks, in the simulator,
+   ExeGPT's best (RRA, WAA-C, WAA-M: the paper's claim, ``exegpt`` rows) and the product's (every
+   policy, what `exegpt plan --policy any` and the scheduler run: ``product`` rows); both are
+   measured too.
+4. Per bound: those two, and the best static and continuous settings of the sweeps that meet the
+   bound (measured). Throughput is completions per second over the middle 60 % of the
    completions; the p99-length latency is the median of the probes' (arrival at the encode queue
    to last token) in that window. ``optimizer.simulator.load_figures`` computes both, on the
    measured time line (workers' ``LengthSample`` records) and on the simulated one (the same
-   requests, the same closed loop, the profile's step times).
+   requests, the same closed loop, the calibrated step times).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class Plan:
     repeats: int
     max_batch: int
     verify: bool = True  # the plan checked in the simulator (exegpt plan --verify)
+    calibration_requests: int = 120  # per setting of the calibration run (0: none, the raw profile)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="largest B_E / B_D a worker runs")
     parser.add_argument("--profile", type=Path, default=None,
                         help="reuse this profile (its -cluster.json beside it) instead of profiling first")
+    parser.add_argument("--calibration-requests", type=int, default=None,
+                        help="requests per setting of the calibration run (default 120; --quick 80)")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="plan and predict on the profile as measured (no calibration run)")
     parser.add_argument("--unverified", action="store_true",
                         help="run the search's pick as is (exegpt plan without --verify)")
     parser.add_argument("--keep-profile", metavar="DIR", default=None,
@@ -92,11 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def plans_for(args: argparse.Namespace) -> list[Plan]:
+    given = getattr(args, "calibration_requests", None)
+    calibration = 0 if getattr(args, "no_calibration", False) else (given or (80 if args.quick else 120))
     if args.quick:
         return [Plan("S", args.scale, (4, 16), (8, 32), ("p10", "inf"), min(args.requests, 120), 1, args.max_batch,
-                     not args.unverified)]
+                     not args.unverified, calibration)]
     return [Plan(t, args.scale, (4, 8, 16, 32), (4, 8, 16, 32), ("p10", "p30", "p70", "inf"), args.requests,
-                 args.repeats, args.max_batch, not args.unverified) for t in args.tasks]
+                 args.repeats, args.max_batch, not args.unverified, calibration) for t in args.tasks]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -339,6 +352,7 @@ class Bench:
         self.runs = 0
         self.requests = 0  # at least this many per setting
         self.others: list[int] = []  # the processes that share the workers' cores: broker, Redis, ...
+        self.step_costs: list | None = None  # while a calibration run lasts: the workers' step records
 
     async def start(self) -> None:
         from common.names import Names
@@ -364,6 +378,8 @@ class Bench:
             await delivery.ack()
             self.versions[status.worker_id] = status.schedule_version
             self.engine[status.worker_id] = (status.at, status.engine_s)
+            if self.step_costs is not None:
+                self.step_costs.extend(status.step_costs)
             self.heard.set()
 
     def busy(self, before: dict) -> list[float]:
@@ -468,12 +484,40 @@ class Row:
                 "meets_bound": self.meets_bound}
 
 
-def scenario(profile: Path, cluster: Path, workload):
+def scenario(profile: Path, cluster: Path, workload, calibration=None):
     from optimizer.analytic import Scenario
     from optimizer.io import load_cluster, load_profile
     from services.scheduler.planning import model_shape
 
-    return Scenario(model_shape(MODEL, 4), load_profile(profile), load_cluster(cluster), workload, 2)
+    return Scenario(model_shape(MODEL, 4), load_profile(profile), load_cluster(cluster), workload, 2,
+                    calibration=calibration)
+
+
+async def calibrate(bench: Bench, plan: Plan, sc, load: Load):
+    """The calibration run: continuous batching at the largest batch, then static at a quarter of
+    it, ``plan.calibration_requests`` requests each; the workers' step records fit the calibrated
+    cost model against ``sc``'s raw profile. Returns the frozen table (None: no calibration)."""
+    from optimizer.calibration import Calibration
+    from services.scheduler.calibrate import observe, points
+
+    if plan.calibration_requests <= 0:
+        return None
+    started, bench.step_costs = time.monotonic(), []
+    settings = (sweep_schedule("continuous", plan.max_batch), sweep_schedule("static", max(plan.max_batch // 4, 1)))
+    saved, bench.requests = bench.requests, plan.calibration_requests
+    try:
+        for schedule in settings:
+            await measure(bench, schedule, load, Measured())
+        await asyncio.sleep(1.5 * bench.config.heartbeat_s)  # the last heartbeats carry the last steps
+    finally:
+        costs, bench.step_costs, bench.requests = bench.step_costs, None, saved
+    model = Calibration(half_life_s=3600.0)  # one run's records, all of them equally
+    taken = observe(model, sc.timer(sc.layout(1, 1, 0)), costs)
+    table = model.table(time.time())
+    factors = ", ".join(f"{p.kind} ~{p.tokens:.0f} tok x{p.factor:.2f}" for p in points(table))
+    print(f"  {plan.task} calibration run: {2 * plan.calibration_requests} requests, {taken} step records, "
+          f"{time.monotonic() - started:.0f} s: {factors or 'none'}", file=sys.stderr, flush=True)
+    return table
 
 
 def sweep_schedule(policy: str, batch: int):
@@ -495,15 +539,19 @@ def bounds_from(static: dict, labels: tuple[str, ...]) -> list[tuple[str, float]
 
 
 def exegpt_plan(sc, bound: float, max_batch: int, verify: bool = True):
-    """What ``exegpt plan --verify --max-batch N`` picks: ExeGPT's policies (RRA, WAA-C, WAA-M),
-    the claim under test, checked in the simulator (``verify=False``: the search's pick as is).
-    ``--policy any`` would also weigh the baselines; its pick is printed beside."""
+    """What ``exegpt plan --verify --max-batch N`` picks, in the space workers run (no
+    micro-batches): ExeGPT's policies (RRA, WAA-C, WAA-M), the claim under test, and the
+    product's (every policy: what `exegpt plan --policy any` and the scheduler pick), both checked
+    in the simulator (``verify=False``: the search's picks as they are). Returns (ExeGPT's, the
+    product's); None where nothing fits."""
+    from dataclasses import replace
+
     from optimizer.search import SEARCH_POLICIES, SearchSpace, branch_and_bound
     from optimizer.verify import verified_search
     from services.cli.plan import describe
     from services.scheduler.planning import POLICY_SETS
 
-    space = SearchSpace().capped(max_batch)
+    space = replace(SearchSpace().capped(max_batch), microbatches=(1,), encode_microbatches=(1,))
 
     def pick(policies):
         if verify:
@@ -512,26 +560,28 @@ def exegpt_plan(sc, bound: float, max_batch: int, verify: bool = True):
 
     best, anything = pick(SEARCH_POLICIES), pick(POLICY_SETS["any"])
     print(f"  plan for bound {bound:.2f} s{' (verified)' if verify else ''}: {describe(best.schedule) if best else '-'}; "
-          f"with the baselines as candidates: {describe(anything.schedule) if anything else '-'}",
+          f"product (every policy): {describe(anything.schedule) if anything else '-'}",
           file=sys.stderr, flush=True)
-    return None if best is None else best.schedule
+    return tuple(None if c is None else c.schedule for c in (best, anything))
 
 
 async def bench_task(bench: Bench, plan: Plan, profile: Path, cluster: Path, seed: int) -> list[Row]:
     from optimizer.lengths import scaled_task
 
     workload = scaled_task(plan.task, plan.scale)
-    sc = scenario(profile, cluster, workload)
+    load = Load.draw(workload, max(plan.requests, 4 * 2 * plan.max_batch + 4 * plan.max_batch), seed, plan.task)
+    table = await calibrate(bench, plan, scenario(profile, cluster, workload), load)
+    sc = scenario(profile, cluster, workload, table)
     settings = {("static", b): sweep_schedule("static", b) for b in plan.static}
     settings |= {("continuous", b): sweep_schedule("continuous", b) for b in plan.continuous}
     results = {key: Measured() for key in settings}
     bench.requests = plan.requests
-    load = Load.draw(workload, max(plan.requests, 4 * 2 * plan.max_batch + 4 * plan.max_batch), seed, plan.task)
     await run_settings(bench, settings, results, load, sc, plan.task)
     static = {key: m for key, m in results.items() if key[0] == "static"}
     bounds = bounds_from(static, plan.bounds)
     chosen = {label: exegpt_plan(sc, bound, plan.max_batch, plan.verify) for label, bound in bounds}
-    planned = {("exegpt", s): s for s in dict.fromkeys(s for s in chosen.values() if s is not None)}
+    picks = [(system, s) for pair in chosen.values() for system, s in zip(("exegpt", "product"), pair)]
+    planned = {key: key[1] for key in dict.fromkeys(p for p in picks if p[1] is not None)}
     results |= {key: Measured() for key in planned}
     await run_settings(bench, planned, results, load, sc, plan.task)
     for rep in range(1, plan.repeats):  # the other repetitions, every setting again, order rotated
@@ -562,9 +612,9 @@ async def run_settings(bench, settings: dict, results: dict, load: Load, sc, tas
 def rows_for(task: str, bounds, chosen: dict, settings: dict, results: dict) -> list[Row]:
     rows = []
     for label, bound in bounds:
-        schedule = chosen[label]
-        if schedule is not None:
-            rows.append(Row(task, label, bound, "exegpt", schedule, results[("exegpt", schedule)]))
+        for system, schedule in zip(("exegpt", "product"), chosen[label]):
+            if schedule is not None:
+                rows.append(Row(task, label, bound, system, schedule, results[(system, schedule)]))
         for system in ("static", "continuous"):
             meeting = [(m.throughput, key) for key, m in results.items()
                        if key[0] == system and m.latency <= bound]
@@ -580,7 +630,8 @@ async def bench(args: argparse.Namespace, plans: list[Plan], profile: Path, clus
 
     config = MeshConfig(namespace=f"bench{uuid.uuid4().hex[:8]}", amqp_url=args.amqp_url, redis_url=args.redis_url,
                         model=MODEL, device="cpu", threads=1, max_decode_batch=args.max_batch,
-                        max_encode_batch=args.max_batch, request_timeout_s=1800.0)
+                        max_encode_batch=args.max_batch, request_timeout_s=1800.0, heartbeat_s=1.0,
+                        heartbeat_timeout_s=10.0)
     procs = Processes(config)
     rows: list[Row] = []
     try:
@@ -648,13 +699,15 @@ def print_summary(rows: list[Row]) -> None:
               if math.isfinite(v)]
     for task, label in keys:
         got = {r.system: r for r in rows if (r.task, r.bound_label) == (task, label)}
-        exe = got.get("exegpt")
-        if exe is None:
-            continue
-        ratios = [f"x{exe.measured.throughput / got[s].measured.throughput:.2f} vs {s}" for s in ("static", "continuous")
-                  if s in got and got[s].measured.throughput > 0]
-        print(f"{task} {label}: ExeGPT {exe.measured.throughput:.2f} seq/s, {', '.join(ratios) or 'no baseline meets the bound'}"
-              f"; meets its bound when measured: {'yes' if exe.meets_bound else 'no'}")
+        for system, name in (("exegpt", "ExeGPT"), ("product", "product")):
+            exe = got.get(system)
+            if exe is None:
+                continue
+            ratios = [f"x{exe.measured.throughput / got[s].measured.throughput:.2f} vs {s}"
+                      for s in ("static", "continuous") if s in got and got[s].measured.throughput > 0]
+            print(f"{task} {label}: {name} {exe.measured.throughput:.2f} seq/s, "
+                  f"{', '.join(ratios) or 'no baseline meets the bound'}"
+                  f"; meets its bound when measured: {'yes' if exe.meets_bound else 'no'}")
     if errors:
         print(f"prediction error: median {statistics.median(errors) * 100:.1f} %, max {max(errors) * 100:.1f} % "
               f"over {len(errors)} figures")

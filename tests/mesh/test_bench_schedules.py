@@ -36,11 +36,15 @@ def test_bounds_come_from_static_latencies_and_each_baseline_is_its_best_setting
     assert [label for label, _ in bounds] == ["p10", "p70", "inf"] and bounds[0][1] == 1.2 and math.isinf(bounds[2][1])
     results = dict(static) | {("continuous", 8): measured(6.0, 3.0)}
     exe = Schedule("rra", worker_devices=1, num_devices=2)
+    product = Schedule("mixed", worker_devices=1, num_devices=2)
     results[("exegpt", exe)] = measured(7.0, 1.1)
-    settings = {key: sweep_schedule(key[0], key[1]) for key in results if key[0] != "exegpt"}
-    rows = rows_for("S", bounds, {"p10": exe, "p70": exe, "inf": exe}, settings, results)
+    results[("product", product)] = measured(7.5, 1.0)
+    settings = {key: sweep_schedule(key[0], key[1]) for key in results if key[0] not in ("exegpt", "product")}
+    rows = rows_for("S", bounds, {"p10": (exe, product), "p70": (exe, product), "inf": (exe, None)}, settings,
+                    results)
     tight = {r.system: r for r in rows if r.bound_label == "p10"}
-    assert set(tight) == {"exegpt", "static"}  # continuous does not meet 1.2 s
+    assert set(tight) == {"exegpt", "product", "static"}  # continuous does not meet 1.2 s
+    assert {r.system for r in rows if r.bound_label == "inf"} == {"exegpt", "static", "continuous"}
     assert tight["static"].schedule.encode_batch == 2 and tight["exegpt"].meets_bound
     loose = {r.system: r.schedule.encode_batch for r in rows if r.bound_label == "inf"}
     assert loose["static"] == 8 and loose["continuous"] == 8
