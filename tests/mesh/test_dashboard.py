@@ -1,0 +1,163 @@
+"""The dashboard's JSON (GET /admin/dashboard/state) on both transports, and what it remembers
+between polls (``History``). The page itself is driven in a browser in test_dashboard_browser.py."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+
+import pytest
+from pydantic import SecretStr
+
+from common.names import Names
+from optimizer.schedule import Schedule
+from services.gateway.dashboard.history import History, numeric_fields, version_change
+from tests.mesh.conftest import running_mesh, until
+from tests.mesh.fake_engine import FakeEngine
+from tests.mesh.test_service import crash
+
+USER, ADMIN = "sk-user-dash", "sk-admin-dash"
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
+PINNED = Schedule("static", encode_batch=4, decode_batch=4, worker_devices=1)
+
+
+@pytest.fixture
+def config(mesh_config, cleanup):
+    return mesh_config.model_copy(update={"api_keys": SecretStr(USER), "admin_keys": SecretStr(ADMIN)})
+
+
+# --- History: pure ---------------------------------------------------------------------------
+
+def update_json(version: int, policy: str = "continuous", workers: tuple[str, ...] = ("w0",), token: int = 1):
+    return {"version": version, "epoch": 1, "token": token, "published_at": 100.0 + version,
+            "schedule": {"policy": policy, "encode_batch": 8}, "allocation": [{"worker_id": w, "role": "worker"}
+                                                                           for w in workers]}
+
+
+def state_json(updated_at: float, **fields):
+    return {"version": 1, "pinned": False, "latency_bound_s": None, "replans": 0, "last_replan_at": 0.0,
+            "last_replan_reason": "", "last_outcome": "", "updated_at": updated_at,
+            "predicted_throughput_seq_s": 2.0, "calibration": {"throughput": 0.9, "note": "x"}, **fields}
+
+
+def test_history_keeps_every_number_of_the_state_once_per_record_and_at_most_once_a_second():
+    history = History(every_s=1.0)
+    history.observe(None, state_json(10.0), now=1000.0)
+    history.observe(None, state_json(10.5), now=1000.5)  # within a second of the last look: not looked at
+    history.observe(None, state_json(10.0), now=1002.0)  # the same record again: no new point
+    history.observe(None, state_json(11.0, attainment=0.97), now=1003.0)
+    assert [p["at"] for p in history.points] == [1000.0, 1003.0]
+    assert history.points[-1]["attainment"] == 0.97  # a field this code does not know is kept too
+    assert history.points[-1]["calibration.throughput"] == 0.9 and "calibration.note" not in history.points[-1]
+    assert history.points_after(1000.0) == [history.points[-1]]
+
+
+def test_numeric_fields_takes_numbers_and_one_level_of_objects():
+    assert numeric_fields({"a": 1, "b": True, "c": "x", "d": [1, 2], "e": {"f": 2.5, "g": {"h": 1}}}) == {
+        "a": 1.0, "b": 1.0, "e.f": 2.5}
+
+
+def test_history_timeline_names_searches_versions_pins_and_bounds():
+    history = History(every_s=0.0)
+    history.observe(update_json(1), state_json(1.0), now=1.0)
+    history.observe(update_json(2, workers=("w0", "w1")), state_json(2.0, version=2), now=2.0)
+    history.observe(update_json(3, "static", ("w0", "w1")), state_json(3.0, version=3, pinned=True), now=3.0)
+    history.observe(update_json(3, "static", ("w0", "w1")), state_json(
+        4.0, version=3, pinned=True, replans=1, last_replan_at=3.5, last_replan_reason="asked: look",
+        last_outcome="kept the schedule: pinned", latency_bound_s=2.0), now=4.0)
+    entries = history.timeline_after(0)
+    assert [(e["kind"], e["version"]) for e in entries] == [
+        ("version", 1), ("version", 2), ("version", 3), ("search", 3), ("bound", 3)]
+    assert entries[0]["reason"] == "in force when the dashboard first looked"
+    assert entries[1]["reason"] == "workers 1 -> 2"
+    assert entries[2]["reason"] == "pinned, schedule continuous -> static" and entries[2]["policy"] == "static"
+    assert entries[3]["reason"] == "asked: look" and entries[3]["outcome"].startswith("kept")
+    assert entries[4]["reason"] == "latency bound none -> 2 s"
+    assert history.timeline_after(entries[2]["seq"]) == entries[3:]
+
+
+def test_version_change_says_what_changed():
+    assert version_change(update_json(1), update_json(2, token=2), False, False) == "new scheduler leader"
+    assert version_change(update_json(1, "static"), update_json(2), True, False) == \
+        "unpinned, schedule static -> continuous"
+
+
+def test_the_page_and_its_files_ship_inside_the_package():
+    static = resources.files("services.gateway.dashboard") / "static"
+    page = (static / "index.html").read_text()
+    for name in ("dashboard.js", "dashboard.css"):
+        assert f"/dashboard/static/{name}" in page and (static / name).read_text()
+    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # nothing from elsewhere
+
+
+# --- the JSON against a running mesh ---------------------------------------------------------
+
+async def state_of(m) -> dict:
+    response = await m.client.get("/admin/dashboard/state", headers=ADMIN_AUTH)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_state_needs_an_admin_key_and_the_page_shell_does_not(config, hub):
+    async with running_mesh(config, hub, FakeEngine) as m:
+        assert (await m.client.get("/admin/dashboard/state")).status_code == 401
+        user = await m.client.get("/admin/dashboard/state", headers={"Authorization": f"Bearer {USER}"})
+        assert user.status_code == 403 and "admin" in user.json()["error"]["message"]
+        page = await m.client.get("/dashboard")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        script = await m.client.get("/dashboard/static/dashboard.js")
+        assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+        assert (await m.client.get("/dashboard/static/secrets.txt")).status_code == 404
+
+
+async def test_state_shows_workers_schedule_and_timeline_and_marks_a_killed_worker_gone(config, hub):
+    async with running_mesh(config, hub, FakeEngine, workers=2, schedule=PINNED) as m:
+        dashboard = m.app.state.dashboard
+        first = await state_of(m)  # the first poll starts listening to heartbeats
+        assert first["update"]["schedule"]["policy"] == "static"
+        assert first["gateway"]["embedded"] is True and first["dead"]["depth"] == 0
+        assert any(e["kind"] == "version" and e["version"] == first["update"]["version"] for e in first["timeline"])
+        ids = sorted(w.worker_id for w in m.mesh.workers)
+        loop = asyncio.get_running_loop()
+        await until(lambda: [r["worker_id"] for r in dashboard.watch.rows(loop.time())] == ids,
+                    [dashboard.watch.noted])
+        rows = (await state_of(m))["workers"]
+        assert [(r["worker_id"], r["status"], r["role"]) for r in rows] == [(i, "live", "worker") for i in ids]
+        assert all(r["schedule_version"] == first["update"]["version"] and "kv_tokens" in r for r in rows)
+
+        victim = m.mesh.workers[1]
+        await crash(victim, m.mesh.tasks[1 + 1])  # the scheduler's task comes first; it dies without a word
+        await until(lambda: {r["worker_id"]: r["status"] for r in dashboard.watch.rows(loop.time())}[
+            victim.worker_id] == "gone", [dashboard.watch.noted])
+        after = await state_of(m)
+        assert after["state"]["pinned"] is True and after["state"]["policy"] == "static"
+        assert {r["worker_id"]: r["status"] for r in after["workers"]} == {
+            w: "gone" if w == victim.worker_id else "live" for w in ids}
+        assert after["history"] == [] or after["history"][0]["at"] > 0
+        since = after["history"][-1]["at"] if after["history"] else first["history"][-1]["at"]
+        again = await m.client.get("/admin/dashboard/state", params={"since": since, "after": 10_000},
+                                   headers=ADMIN_AUTH)
+        assert again.json()["timeline"] == [] and all(p["at"] > since for p in again.json()["history"])
+
+
+async def test_state_counts_the_dead_queue_and_its_reasons(config, hub):
+    async with running_mesh(config, hub, FakeEngine) as m:
+        names = Names(config.namespace)
+        bus = m.app.state.gateway.bus
+        queue = f"{names.queue_prefix}dashboard-test"
+        await bus.declare_queue(queue)
+        await bus.publish(queue, b"\x93not a message")
+        subscription = await bus.consume(queue, prefetch=1)
+        delivery = await asyncio.wait_for(anext(aiter(subscription)), 10)
+        await delivery.dead_letter("undecodable: not a message")
+        await subscription.cancel()
+
+        dashboard = m.app.state.dashboard
+        first = await state_of(m)
+        assert first["dead"]["depth"] == 1
+        await dashboard.reading  # the first poll started reading the reasons, off the request path
+        dead = (await state_of(m))["dead"]
+        assert dead["depth"] == 1
+        assert dead["reasons"] == [{"queue": queue, "reason": "undecodable: not a message", "count": 1}]
+        assert await bus.queue_depth(names.dead_queue) == 1  # read, and given back
