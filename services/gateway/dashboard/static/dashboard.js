@@ -70,6 +70,7 @@ function ago(seconds) {
 }
 function label(key) { return key.replace(/_/g, " "); }
 function fact(k, v, id) { return h("div", { class: "fact" }, h("span", { class: "k" }, k), h("span", { class: "v", id }, v)); }
+function swatch(color) { const i = h("i", {}); i.style.background = color; return i; }  // CSSOM: allowed by the CSP
 function badge(text, cls) { return h("span", { class: `badge ${cls || ""}` }, text); }
 
 // Any JSON value, readably: a table for objects and lists of objects, text otherwise.
@@ -232,7 +233,8 @@ function renderSchedule(update, state) {
   const allocation = (update && update.allocation) || [];
   fill("schedule", facts,
     slo.length ? [h("h3", {}, "Service-level objectives"), kvTable(Object.fromEntries(slo))] : null,
-    h("h3", {}, "Parameters"), kvTable(params),
+    h("h3", {}, "Parameters"),
+    h("dl", { class: "params", id: "schedule-params" }, Object.entries(params).map(([k, v]) => h("div", {}, h("dt", {}, label(k)), h("dd", {}, generic(v))))),
     h("h3", {}, `Allocation (${allocation.length} worker${allocation.length === 1 ? "" : "s"})`),
     allocation.length ? h("p", { id: "allocation" }, allocation.map((a) => `${a.worker_id}: ${a.role}`).join(" · ")) : h("p", { class: "muted" }, "none"),
     h("h3", {}, "Last search"),
@@ -272,13 +274,16 @@ function renderWorkers(data) {
       h("td", { class: "num" }, kv),
       h("td", { class: "num" }, ago(w.heartbeat_age_s)));
   });
-  fill("workers", h("thead", {}, h("tr", {}, head.map((c) => h("th", { scope: "col" }, c)))),
+  fill("workers", h("thead", {}, h("tr", {}, head.map((c, i) => h("th", { scope: "col", class: i >= 4 ? "num" : null }, c)))),
     h("tbody", {}, body.length ? body : h("tr", {}, h("td", { colspan: head.length, class: "muted" }, "no worker heard yet"))));
 }
 
+// Drawing units across: fewer on a narrow window, so the labels keep a readable size.
+function chartWidth() { return window.innerWidth < 760 ? 360 : 600; }
+
 // A line chart over time: series [{name, key, color, dash}], from view.points; versions as marks.
 function lineChart(title, unit, series) {
-  const W = 600, H = 170, L = 44, R = 8, T = 8, B = 20;
+  const W = chartWidth(), H = 170, L = 44, R = 8, T = 8, B = 20;
   const pts = view.points;
   const now = view.last ? view.last.now : Date.now() / 1000;
   const t0 = pts.length ? Math.min(pts[0].at, now - 60) : now - 60;
@@ -296,9 +301,12 @@ function lineChart(title, unit, series) {
   }
   svg.append(s("text", { x: L, y: H - 4 }, `-${Math.round((now - t0) / 60)} min`));
   svg.append(s("text", { x: W - R, y: H - 4, "text-anchor": "end" }, "now"));
+  let labelled = -Infinity;
   for (const e of view.timeline) {
     if (e.kind !== "version" || !e.at || e.at < t0) continue;
     svg.append(s("line", { x1: x(e.at), x2: x(e.at), y1: T, y2: H - B, stroke: "#b8c2d0", "stroke-dasharray": "2 3" }));
+    if (x(e.at) - labelled < 22) continue;  // versions close together: the first one's label only
+    labelled = x(e.at);
     svg.append(s("text", { x: x(e.at) + 2, y: T + 10 }, `v${e.version}`));
   }
   for (const sr of series) {
@@ -309,7 +317,7 @@ function lineChart(title, unit, series) {
   }
   const latest = pts.length ? pts[pts.length - 1] : {};
   const legend = h("div", { class: "legend" }, series.map((sr) => h("span", {},
-    h("i", { style: `background:${sr.color}` }), `${sr.name} ${num(latest[sr.key])}${unit ? " " + unit : ""}`)));
+    swatch(sr.color), `${sr.name} ${num(latest[sr.key])}${unit ? " " + unit : ""}`)));
   return h("figure", { class: "chart" }, h("figcaption", {}, title), legend, svg);
 }
 
@@ -338,7 +346,7 @@ function renderCharts(state) {
 
 // Quantile markers (p50, p90, p99) and the mean of each length distribution, on one scale.
 function quantileChart(rows) {
-  const W = 600, L = 90, R = 12, ROW = 34;
+  const W = chartWidth(), L = 90, R = 12, ROW = 34;
   const H = rows.length * ROW + 18;
   const max = Math.max(1, ...rows.flatMap((r) => [...r.q, r.mean || 0])) * 1.05;
   const x = (v) => L + (v / max) * (W - L - R);
@@ -368,7 +376,7 @@ function renderLengths(state) {
     rows.push({ name: label(kind), q: v.map((x) => x || 0), mean, color: kind.includes("output") ? "#d9480f" : "#2557d6" });
   }
   fill("lengths",
-    rows.length ? quantileChart(rows) : null,
+    rows.length && state.samples ? quantileChart(rows) : h("p", { class: "muted" }, "No finished requests in the statistics yet."),
     h("div", { class: "facts" },
       fact("finished requests", num(state.samples)),
       fact("correlation in/out", num(state.correlation)),
