@@ -4,7 +4,9 @@ between polls (``History``). The page itself is driven in a browser in test_dash
 from __future__ import annotations
 
 import asyncio
+import tomllib
 from importlib import resources
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -88,6 +90,16 @@ def test_the_page_and_its_files_ship_inside_the_package():
     for name in ("dashboard.js", "dashboard.css"):
         assert f"/dashboard/static/{name}" in page and (static / name).read_text()
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # nothing from elsewhere
+
+
+def test_a_non_editable_install_ships_every_file_of_the_page():
+    """pyproject's package-data names every file the page needs (a wheel holds only those)."""
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "services.gateway.dashboard"]
+    package = root / "services" / "gateway" / "dashboard"
+    shipped = {path for pattern in patterns for path in package.glob(pattern)}
+    assert shipped == set((package / "static").iterdir()) and len(shipped) == 3
 
 
 # --- the JSON against a running mesh ---------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import time
+from importlib import resources
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -24,9 +25,12 @@ import uvicorn
 from pydantic import SecretStr
 
 from common.config import MeshConfig
+from common.messages.status import SchedulerState
 from common.transport.connect import LocalHub
 from engine import load_engine
 from services.cli import main
+from services.gateway.admin import jsonable
+from services.gateway.dashboard.routes import PAGE_HEADERS, STATIC
 from tests.brokers import need, need_module
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.test_service import crash
@@ -223,3 +227,91 @@ async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engine
         await no_sideways_scroll(page)
         await page.screenshot(path=str(artefacts / "dashboard-phone.png"), full_page=True)
         print(f"dashboard screenshots in {artefacts}")
+
+
+def extended_snapshot() -> dict:
+    """A state answer as a gateway whose scheduler records more than today's fields would give it:
+    candidates, calibration factors, SLOs and attainment; no schedule meets the bound; a dead
+    message and a batch in progress."""
+    state = jsonable(SchedulerState(
+        leader="scheduler-1", token=3, version=7, policy="waa-c", pinned=False, latency_bound_s=1.5,
+        meets_bound=False, basis="observed: 80 requests", samples=80, input_quantiles=(40.0, 90.0, 120.0),
+        output_quantiles=(20.0, 50.0, 70.0), input_mean=48.0, output_mean=24.0, correlation=0.1,
+        arrival_rate_s=3.5, arrival_cv=1.8, predicted_throughput_seq_s=4.0, predicted_latency_s=2.1,
+        observed_throughput_seq_s=3.2, observed_latency_s=2.4, drift_statistic=0.31, drift_p_value=0.002,
+        replans=4, last_replan_reason="drift", last_replan_at=1000.0, workers=3, updated_at=1001.0,
+        last_outcome="published: 12% more throughput"))
+    state.update({
+        "ttft_slo_s": 0.5, "tpot_slo_s": 0.05, "attainment": 0.93,
+        "calibration": {"throughput": 0.91, "latency": 1.12},
+        "candidates": [{"policy": "waa-c", "encode_batch": 4, "predicted_throughput_seq_s": 4.0, "chosen": True},
+                       {"policy": "rra", "encode_batch": 16, "predicted_throughput_seq_s": 3.1, "chosen": False}],
+        "planned_output_quantiles": [18.0, 45.0, 66.0]})
+    update = {"version": 7, "epoch": 1, "token": 3, "published_at": 1000.5, "lease_until": None,
+              "schedule": {"policy": "waa-c", "encode_batch": 4, "decode_batch": 32},
+              "allocation": [{"worker_id": f"w{i}", "role": role} for i, role in enumerate(("encoder", "decoder", "decoder"))]}
+    workers = [{"worker_id": "w0", "role": "encoder", "state": "alive", "status": "live", "schedule_version": 7,
+                "running": 2, "free_slots": 0, "step_rate_s": 12.5, "busy": 0.4, "steps": 100, "group": [1],
+                "heartbeat_age_s": 0.5},
+               {"worker_id": "w1", "role": "decoder", "state": "draining", "status": "draining", "schedule_version": 6,
+                "running": 5, "free_slots": 27, "step_rate_s": 30.0, "busy": 0.9, "steps": 900, "group": [1],
+                "heartbeat_age_s": 0.7},
+               {"worker_id": "w2", "role": "decoder", "state": "alive", "status": "gone", "schedule_version": 7,
+                "running": 0, "free_slots": 32, "step_rate_s": None, "busy": None, "steps": 5, "group": [1],
+                "heartbeat_age_s": 9.0}]
+    point = {k: v for k, v in state.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {"now": 1002.0, "gateway": {"id": "g", "model": "m", "namespace": "ns", "in_flight": 0, "embedded": False,
+                                       "heartbeat_timeout_s": 6.0},
+            "update": update, "state": state, "workers": workers,
+            "dead": {"depth": 2, "reasons": [{"queue": "ns.encode", "reason": "undecodable: x", "count": 2}],
+                     "reasons_at": 1001.0},
+            "batches": [{"id": "batch_1", "status": "in_progress", "created_at": 990, "total": 10, "completed": 4,
+                         "failed": 1}],
+            "history": [{**point, "calibration.throughput": 0.91, "at": 1001.0}],
+            "timeline": [{"seq": 1, "kind": "search", "at": 1000.0, "version": 7, "reason": "drift",
+                          "outcome": "published: 12% more throughput"}]}
+
+
+async def test_the_page_shows_fields_it_does_not_know_the_alert_and_the_queues(artefacts):
+    """The page against a state record with more fields than today's (the gateway's answer is
+    stubbed in the browser: no mesh needed), on an open gateway (no key asked)."""
+    files = resources.files("services.gateway.dashboard") / "static"
+    body = json.dumps(extended_snapshot())
+
+    async def answer(route) -> None:
+        path = route.request.url.split("://", 1)[1].split("/", 1)[1].split("?")[0]
+        if path == "admin/dashboard/state":
+            await route.fulfill(status=200, content_type="application/json", body=body)
+        elif path == "dashboard":
+            await route.fulfill(status=200, content_type="text/html", body=(files / "index.html").read_text(),
+                                headers=PAGE_HEADERS)
+        else:
+            name = path.rsplit("/", 1)[1]
+            await route.fulfill(status=200, content_type=STATIC[name], body=(files / name).read_text(),
+                                headers=PAGE_HEADERS)
+
+    async with browser() as chromium:
+        page = await (await chromium.new_context(viewport=DESKTOP)).new_page()
+        errors = watch_console(page)
+        await page.route("http://dashboard.test/**", answer)
+        await page.goto("http://dashboard.test/dashboard")
+        await page.locator("#board").wait_for(state="visible", timeout=WAIT_MS)
+        await page.locator("#alert").filter(has_text="No schedule meets the latency bound of 1.5 s").wait_for()
+        candidates = page.locator("#extra-candidates table")
+        await candidates.wait_for()
+        assert await candidates.locator("tbody tr").count() == 2
+        assert "rra" in await candidates.inner_text()
+        assert "0.91" in await page.locator("#extra-calibration").inner_text()
+        schedule = await page.locator("#schedule").inner_text()
+        assert "ttft slo s" in schedule and "0.5" in schedule and "attainment" in schedule
+        assert "planned output" in await page.get_by_role("img", name="input: p50 40").get_attribute("aria-label")
+        assert await page.locator("figcaption", has_text="calibration.throughput").count() == 1
+        assert await page.locator("#workers tr.gone[data-worker=w2]").count() == 1
+        assert await page.locator("#workers tr.draining[data-worker=w1] .badge.behind").count() == 1
+        assert (await page.locator("#dead-depth").inner_text()) == "2"
+        assert "undecodable: x" in await page.locator("#dead").inner_text()
+        assert await page.get_by_label("progress of batch_1").get_attribute("value") == "5"
+        assert "drift" in await page.locator("#timeline").inner_text()
+        await no_sideways_scroll(page)
+        await page.screenshot(path=str(artefacts / "dashboard-extended-fields.png"), full_page=True)
+        assert errors == [], errors

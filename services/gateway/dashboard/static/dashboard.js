@@ -51,7 +51,7 @@ function num(v, digits = 2) {
   if (Number.isInteger(v) && Math.abs(v) < 1e6) return String(v);
   const a = Math.abs(v);
   if (a !== 0 && (a >= 1e6 || a < 1e-3)) return v.toExponential(2);
-  return v.toFixed(a >= 100 ? 0 : digits);
+  return String(parseFloat(v.toFixed(a >= 100 ? 0 : digits)));  // 1.50 -> 1.5
 }
 function secs(v) { return v === null || v === undefined ? "none" : `${num(v)} s`; }
 function bytes(v) {
@@ -314,6 +314,8 @@ function lineChart(title, unit, series) {
     if (!line.length) continue;
     const d = line.map((p, i) => `${i ? "L" : "M"}${x(p.at).toFixed(1)},${y(p[sr.key]).toFixed(1)}`).join("");
     svg.append(s("path", { d, fill: "none", stroke: sr.color, "stroke-width": 2, "stroke-dasharray": sr.dash || "none" }));
+    const end = line[line.length - 1];  // the latest value, visible even while the line is one point
+    svg.append(s("circle", { cx: x(end.at).toFixed(1), cy: y(end[sr.key]).toFixed(1), r: 2.5, fill: sr.color }));
   }
   const latest = pts.length ? pts[pts.length - 1] : {};
   const legend = h("div", { class: "legend" }, series.map((sr) => h("span", {},
@@ -336,7 +338,7 @@ function renderCharts(state) {
   for (const p of view.points.slice(-5)) {
     for (const k of Object.keys(p)) {
       const top = k.split(".")[0];
-      if (!KNOWN.has(top) && !NOT_CHARTED.has(k)) extra.add(k);
+      if (!KNOWN.has(top) && !NOT_CHARTED.has(k) && !/slo/i.test(k)) extra.add(k);  // SLOs: settings, not figures
     }
   }
   const colors = ["#1a7f37", "#8e44ad", "#b35900", "#0b7285"];
