@@ -82,6 +82,9 @@ def test_version_change_says_what_changed():
     assert version_change(update_json(1), update_json(2, token=2), False, False) == "new scheduler leader"
     assert version_change(update_json(1, "static"), update_json(2), True, False) == \
         "unpinned, schedule static -> continuous"
+    wider = update_json(3)
+    wider["schedule"] = {**wider["schedule"], "encode_batch": 16}
+    assert version_change(update_json(2), wider, False, False) == "encode_batch 8 -> 16"
 
 
 def test_the_page_and_its_files_ship_inside_the_package():

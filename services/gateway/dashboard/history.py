@@ -36,7 +36,8 @@ def numeric_fields(state: dict[str, Any], prefix: str = "", depth: int = 1) -> d
 
 def version_change(before: dict[str, Any] | None, after: dict[str, Any],
                    pinned_before: bool | None, pinned_after: bool | None) -> str:
-    """Why schedule version ``after`` replaced ``before`` (both ``ScheduleUpdate`` JSON), in words."""
+    """Why schedule version ``after`` replaced ``before`` (both ``ScheduleUpdate`` JSON), in words.
+    Versions published between two looks show as one change."""
     if before is None:
         return "in force when the dashboard first looked"
     causes = []
@@ -44,8 +45,13 @@ def version_change(before: dict[str, Any] | None, after: dict[str, Any],
         causes.append("pinned")
     elif pinned_before and not pinned_after:
         causes.append("unpinned")
-    if before.get("schedule") != after.get("schedule"):
-        causes.append(f"schedule {before.get('schedule', {}).get('policy')} -> {after.get('schedule', {}).get('policy')}")
+    old, new = before.get("schedule") or {}, after.get("schedule") or {}
+    if old.get("policy") != new.get("policy"):
+        causes.append(f"schedule {old.get('policy')} -> {new.get('policy')}")
+    elif old != new:
+        changed = [k for k in new if old.get(k) != new.get(k)]
+        causes.append(", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in changed[:3])
+                      + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""))
     workers_before = {a["worker_id"] for a in before.get("allocation") or ()}
     workers_after = {a["worker_id"] for a in after.get("allocation") or ()}
     if workers_before != workers_after:

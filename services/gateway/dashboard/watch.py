@@ -65,8 +65,8 @@ class WorkerWatch:
 
     async def ensure_started(self) -> None:
         async with self._starting:
-            if self._task is not None:
-                return
+            if self._task is not None and not self._task.done():
+                return  # listening (a subscription the broker ended is made again)
             await self.bus.declare_fanout(self.names.status_exchange)
             self._subscription = await self.bus.subscribe(self.names.status_exchange,
                                                           self.names.status_queue(self.listener_id))

@@ -21,7 +21,7 @@ const NOT_CHARTED = new Set(["token", "version", "pinned", "meets_bound", "sampl
   "workers", "updated_at", "at", "drift_p_value", "correlation", "input_mean", "output_mean"]);
 
 const view = { key: null, since: 0, after: 0, points: [], timeline: [], timer: null, last: null, busy: false,
-               startedAt: -Infinity };
+               startedAt: -Infinity, pinEdited: false };
 
 // --- small helpers -------------------------------------------------------------------------
 function h(tag, attrs, ...children) {
@@ -242,7 +242,7 @@ function renderSchedule(update, state) {
       st.last_outcome ? h("span", { class: "muted" }, ` — ${st.last_outcome}`) : null),
     h("p", { class: "muted" }, `leader ${st.leader || "—"} · token ${update ? update.token : "—"} · ${st.replans ?? 0} searches`));
   const pin = $("pin-json");
-  if (!pin.value && update) pin.value = JSON.stringify(update.schedule, null, 1);
+  if (!view.pinEdited && update) pin.value = JSON.stringify(update.schedule, null, 1);  // until the admin edits it
 }
 
 function renderWorkers(data) {
@@ -348,19 +348,20 @@ function renderCharts(state) {
 
 // Quantile markers (p50, p90, p99) and the mean of each length distribution, on one scale.
 function quantileChart(rows) {
-  const W = chartWidth(), L = 90, R = 12, ROW = 34;
+  const W = chartWidth(), L = 90, R = 12, ROW = 44;
   const H = rows.length * ROW + 18;
   const max = Math.max(1, ...rows.flatMap((r) => [...r.q, r.mean || 0])) * 1.05;
   const x = (v) => L + (v / max) * (W - L - R);
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": rows.map((r) => `${r.name}: p50 ${num(r.q[0], 0)}, p90 ${num(r.q[1], 0)}, p99 ${num(r.q[2], 0)} tokens`).join("; ") });
   rows.forEach((r, i) => {
-    const yc = 10 + i * ROW + ROW / 2;
+    const yc = 6 + i * ROW + ROW / 2;
     svg.append(s("text", { x: 0, y: yc + 4 }, r.name));
     svg.append(s("line", { x1: x(0), x2: x(r.q[2]), y1: yc, y2: yc, stroke: "#b8c2d0", "stroke-width": 2 }));
     svg.append(s("rect", { x: x(r.q[0]), y: yc - 7, width: Math.max(x(r.q[1]) - x(r.q[0]), 1), height: 14, fill: r.color, opacity: 0.35 }));
     ["p50", "p90", "p99"].forEach((name, j) => {
       svg.append(s("line", { x1: x(r.q[j]), x2: x(r.q[j]), y1: yc - 9, y2: yc + 9, stroke: r.color, "stroke-width": 2 }));
-      svg.append(s("text", { x: x(r.q[j]), y: yc - 11, "text-anchor": "middle" }, `${name} ${num(r.q[j], 0)}`));
+      const below = j === 1;  // p90 under the bar: close quantiles keep readable labels
+      svg.append(s("text", { x: x(r.q[j]), y: below ? yc + 20 : yc - 11, "text-anchor": "middle" }, `${name} ${num(r.q[j], 0)}`));
     });
     if (r.mean) svg.append(s("circle", { cx: x(r.mean), cy: yc, r: 3.5, fill: "#1d2430" }));
   });
@@ -516,8 +517,10 @@ function wireActions() {
         "PUT", "/admin/schedule/pin", { schedule }, "Pin sent");
   });
   $("unpin").addEventListener("click", () => act("Unpin: let the scheduler choose again?", "PUT", "/admin/schedule/pin", { schedule: null }, "Unpin sent"));
+  $("pin-json").addEventListener("input", () => { view.pinEdited = true; });
   $("pin-fill").addEventListener("click", () => {
     const update = view.last && view.last.update;
+    view.pinEdited = false;
     if (update) $("pin-json").value = JSON.stringify(update.schedule, null, 1);
   });
 }
