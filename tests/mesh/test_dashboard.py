@@ -4,6 +4,7 @@ between polls (``History``). The page itself is driven in a browser in test_dash
 from __future__ import annotations
 
 import asyncio
+import time
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -11,9 +12,13 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from common.messages import codec
+from common.messages.status import WorkerStatus
 from common.names import Names
+from common.transport.connect import open_transports
 from optimizer.schedule import Schedule
 from services.gateway.dashboard.history import History, numeric_fields, version_change
+from services.gateway.dashboard.watch import Heard, WorkerWatch, worker_row
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import FakeEngine
 from tests.mesh.test_service import crash
@@ -85,6 +90,17 @@ def test_version_change_says_what_changed():
     wider = update_json(3)
     wider["schedule"] = {**wider["schedule"], "encode_batch": 16}
     assert version_change(update_json(2), wider, False, False) == "encode_batch 8 -> 16"
+
+
+def test_a_worker_row_has_rates_from_its_last_two_heartbeats_and_says_live_draining_or_gone():
+    before = WorkerStatus("w", "decoder", 2, 3, 5, "alive", at=100.0, engine_s=10.0, steps=50)
+    after = WorkerStatus("w", "decoder", 3, 4, 4, "draining", at=102.0, engine_s=11.0, steps=70)
+    row = worker_row(Heard(after, heard_at=50.0, previous=before), now=50.5, timeout_s=6.0)
+    assert (row["status"], row["step_rate_s"], row["busy"], row["heartbeat_age_s"]) == ("draining", 10.0, 0.5, 0.5)
+    assert worker_row(Heard(after, 50.0), now=56.5, timeout_s=6.0)["status"] == "gone"  # silent too long
+    stopped = WorkerStatus("w", "decoder", 3, 0, 0, "stopping", at=103.0)
+    assert worker_row(Heard(stopped, 50.0), now=50.0, timeout_s=6.0)["status"] == "gone"
+    assert worker_row(Heard(before, 50.0), now=50.0, timeout_s=6.0)["step_rate_s"] is None  # one heartbeat: no rate
 
 
 def test_the_page_and_its_files_ship_inside_the_package():
@@ -176,3 +192,24 @@ async def test_state_counts_the_dead_queue_and_its_reasons(config, hub):
         assert dead["depth"] == 1
         assert dead["reasons"] == [{"queue": queue, "reason": "undecodable: not a message", "count": 1}]
         assert await bus.queue_depth(names.dead_queue) == 1  # read, and given back
+
+
+async def test_the_heartbeat_listener_starts_again_after_its_subscription_ended(config, hub):
+    names = Names(config.namespace)
+    transports = await open_transports(config, names, hub)
+    watch = WorkerWatch(transports.bus, names, "dashboard-test", timeout_s=1.0)
+    try:
+        await watch.ensure_started()
+        first = watch._task
+        await watch._subscription.cancel()  # what the broker does when the namespace is purged
+        await asyncio.wait_for(asyncio.gather(first, return_exceptions=True), 10)
+        await watch.ensure_started()
+        assert watch._task is not first and not watch._task.done()
+        status = WorkerStatus("w-1", "worker", 3, 1, 7, "alive", time.time())
+        await transports.bus.broadcast(names.status_exchange, codec.encode(status))
+        await until(lambda: "w-1" in watch.heard, [watch.noted])
+        (row,) = watch.rows(asyncio.get_running_loop().time())
+        assert (row["status"], row["schedule_version"], row["running"], row["free_slots"]) == ("live", 3, 1, 7)
+    finally:
+        await watch.close()
+        await transports.close()

@@ -249,7 +249,8 @@ def extended_snapshot() -> dict:
         "planned_output_quantiles": [18.0, 45.0, 66.0]})
     update = {"version": 7, "epoch": 1, "token": 3, "published_at": 1000.5, "lease_until": None,
               "schedule": {"policy": "waa-c", "encode_batch": 4, "decode_batch": 32},
-              "allocation": [{"worker_id": f"w{i}", "role": role} for i, role in enumerate(("encoder", "decoder", "decoder"))]}
+              "allocation": [{"worker_id": f"w{i}", "role": role}
+                             for i, role in enumerate(("encoder", "decoder", "decoder"))]}
     workers = [{"worker_id": "w0", "role": "encoder", "state": "alive", "status": "live", "schedule_version": 7,
                 "running": 2, "free_slots": 0, "step_rate_s": 12.5, "busy": 0.4, "steps": 100, "group": [1],
                 "heartbeat_age_s": 0.5},

@@ -88,7 +88,8 @@ class History:
         if state is None or not state.get("last_replan_at"):
             return
         previous = self._state or {}
-        if (state.get("replans"), state.get("last_replan_at")) == (previous.get("replans"), previous.get("last_replan_at")):
+        search = ("replans", "last_replan_at")
+        if [state.get(k) for k in search] == [previous.get(k) for k in search]:
             return
         self._add({"kind": "search", "at": state["last_replan_at"], "version": state.get("version"),
                    "reason": state.get("last_replan_reason", ""), "outcome": state.get("last_outcome", "")})
