@@ -223,7 +223,8 @@ async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engine
 
         # phone width: one column, nothing wider than the window
         await page.set_viewport_size(PHONE)
-        await page.locator("#workers").wait_for(timeout=WAIT_MS)
+        await page.wait_for_function("() => document.querySelector('#charts svg').getAttribute('viewBox') === '0 0 360 170'",
+                                     timeout=WAIT_MS)  # the next poll redrew the charts for the narrow window
         await no_sideways_scroll(page)
         await page.screenshot(path=str(artefacts / "dashboard-phone.png"), full_page=True)
         print(f"dashboard screenshots in {artefacts}")

@@ -51,6 +51,7 @@ function num(v, digits = 2) {
   if (Number.isInteger(v) && Math.abs(v) < 1e6) return String(v);
   const a = Math.abs(v);
   if (a !== 0 && (a >= 1e6 || a < 1e-3)) return v.toExponential(2);
+  if (a !== 0 && a < 1) return String(parseFloat(v.toPrecision(digits)));  // 0.0123 -> 0.012
   return String(parseFloat(v.toFixed(a >= 100 ? 0 : digits)));  // 1.50 -> 1.5
 }
 function secs(v) { return v === null || v === undefined ? "none" : `${num(v)} s`; }
