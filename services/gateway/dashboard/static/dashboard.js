@@ -142,8 +142,9 @@ async function poll() {
                                  { headers: headers(), cache: "no-store" });
     if (response.status === 401 || response.status === 403) {
       const message = await errorText(response);
+      const had = view.key;
       forgetKey();
-      showLogin(`The gateway refused: ${message}`);
+      showLogin(had ? `The gateway refused the key: ${message}` : `This gateway needs an admin key (${message}).`);
       return;
     }
     if (!response.ok) {
