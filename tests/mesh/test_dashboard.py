@@ -213,3 +213,12 @@ async def test_the_heartbeat_listener_starts_again_after_its_subscription_ended(
     finally:
         await watch.close()
         await transports.close()
+
+
+async def test_a_bad_parameter_is_a_documented_400(config, hub):
+    async with running_mesh(config, hub, FakeEngine) as m:
+        response = await m.client.get("/admin/dashboard/state", params={"since": "yesterday"}, headers=ADMIN_AUTH)
+        assert response.status_code == 400 and "since" in response.text
+        documented = (await m.client.get("/openapi.json")).json()["paths"]["/admin/dashboard/state"]["get"]
+        assert {"400", "401", "403"} <= set(documented["responses"])
+        assert "/dashboard" not in (await m.client.get("/openapi.json")).json()["paths"]  # the page is no API

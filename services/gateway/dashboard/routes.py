@@ -164,7 +164,7 @@ def dashboard_router() -> APIRouter:
             return JSONResponse(oa.error_body(f"no file {name}"), 404)
         return Response(static_file(name), media_type=STATIC[name], headers=PAGE_HEADERS)
 
-    @router.get("/admin/dashboard/state", responses=oa.error_responses(401, 403, 503))
+    @router.get("/admin/dashboard/state", responses=oa.error_responses(400, 401, 403, 503))
     async def state(request: Request, since: float = 0.0, after: int = 0) -> JSONResponse:
         """Everything the dashboard shows; ``since``: only figures sampled after this unix time,
         ``after``: only timeline entries numbered above this (what the page already has)."""
