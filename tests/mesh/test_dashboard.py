@@ -4,11 +4,13 @@ between polls (``History``). The page itself is driven in a browser in test_dash
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import tomllib
 from importlib import resources
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -17,6 +19,7 @@ from common.messages.status import WorkerStatus
 from common.names import Names
 from common.transport.connect import open_transports
 from optimizer.schedule import Schedule
+from services.gateway import ServedModel, create_app
 from services.gateway.dashboard.history import History, numeric_fields, version_change
 from services.gateway.dashboard.watch import Heard, WorkerWatch, worker_row
 from tests.mesh.conftest import running_mesh, until
@@ -222,3 +225,26 @@ async def test_a_bad_parameter_is_a_documented_400(config, hub):
         documented = (await m.client.get("/openapi.json")).json()["paths"]["/admin/dashboard/state"]["get"]
         assert {"400", "401", "403"} <= set(documented["responses"])
         assert "/dashboard" not in (await m.client.get("/openapi.json")).json()["paths"]  # the page is no API
+
+
+async def test_state_shows_the_batch_api_batches_and_their_progress(config, hub):
+    from services.batch.api import batch_lifespan, batch_router
+
+    engine, model = FakeEngine(), "tests.mesh.fake_engine:load"
+    app = create_app(config, ServedModel(model, engine.tokenizer, engine.max_context), hub=hub,
+                     routers=(batch_router(),), lifespans=(batch_lifespan(run_consumer=False),))
+    lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                         "body": {"model": model, "prompt": "hi", "max_tokens": 2}}) for i in range(2)]
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
+                                     headers=ADMIN_AUTH) as client:
+            file = await client.post("/v1/files", data={"purpose": "batch"},
+                                     files={"file": ("in.jsonl", "\n".join([*lines, "{not json"]).encode())})
+            batch = await client.post("/v1/batches", json={"input_file_id": file.json()["id"],
+                                                           "endpoint": "/v1/completions", "completion_window": "24h"})
+            assert batch.status_code == 200, batch.text
+            assert (await client.get("/admin/dashboard/state")).json()["batches"] is None  # not read yet
+            await app.state.dashboard.reading
+            (shown,) = (await client.get("/admin/dashboard/state")).json()["batches"]
+    assert shown["id"] == batch.json()["id"] and shown["status"] == "in_progress"
+    assert (shown["total"], shown["completed"], shown["failed"]) == (3, 0, 1)  # the bad line failed at once
