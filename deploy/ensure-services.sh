@@ -2,6 +2,8 @@
 # Make sure RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) answer on loopback.
 # Starts them if installed but stopped; installs them from Debian packages if missing.
 # Both are bound to 127.0.0.1 only. Exits non-zero if either still does not answer.
+# Also makes sure of the dashboard's test browser (ensure-browser.sh); without it only those
+# tests fail (under CI) or skip, so its failure is a warning here.
 # A Redis started here keeps its data in an append-only file (fsync every second) under
 # $EXEGPT_REDIS_DATA_DIR (default /var/lib/exegpt-redis), so batch files, batches and results
 # survive a restart (at most ~1 s of writes is lost on a crash). A Redis already running is left
@@ -41,6 +43,8 @@ if ! port_open 5672; then
   export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 ERL_EPMD_ADDRESS=127.0.0.1
   rabbitmq-server -detached >/dev/null 2>&1
 fi
+
+bash "$(dirname "$0")/ensure-browser.sh" || echo "ensure-services: no chromium: the dashboard's browser tests cannot run" >&2
 
 ok=0
 wait_port 6379 30 || { echo "ensure-services: Redis does not answer on 127.0.0.1:6379" >&2; ok=1; }

@@ -33,6 +33,7 @@ from services.gateway import openai_api as oa
 from services.gateway.admin import admin_router, schedule_records
 from services.gateway.admission import Admission, Refused, Ticket
 from services.gateway.core import Gateway, Pending, RequestFailed
+from services.gateway.dashboard import Dashboard, dashboard_router
 from services.gateway.keys import RequireKeys, load_keys
 from services.gateway.metrics import Metrics
 from common.transport.errors import is_outage
@@ -102,6 +103,8 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
             await gateway.start()
             stack.push_async_callback(gateway.close)
             app.state.gateway = gateway
+            app.state.dashboard = Dashboard(gateway, app)
+            stack.push_async_callback(app.state.dashboard.close)
             app.state.admission = Admission(
                 config, is_live=gateway.pending.__contains__,
                 read_depth=lambda: gateway.bus.queue_depth(gateway.names.encode_queue))
@@ -121,6 +124,7 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
         app.add_middleware(TraceRequests, tracing=tracing)  # a server span around all of it
     app.include_router(openai_router())
     app.include_router(admin_router())
+    app.include_router(dashboard_router())
     for router in routers:
         app.include_router(router)
     app.openapi = lambda: openapi_document(app, model, config.max_tokens_limit)  # type: ignore[method-assign]
