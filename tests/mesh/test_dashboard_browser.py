@@ -197,6 +197,16 @@ async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engine
         await page.get_by_role("button", name="Cancel", exact=True).click()
         await page.locator("#action-result").filter(has_text="Cancelled").wait_for(timeout=WAIT_MS)
 
+        # the SLO from the page reaches the scheduler
+        await page.get_by_label("TTFT bound in seconds").fill("1.5")
+        await page.get_by_label("TPOT bound in milliseconds").fill("80")
+        await page.get_by_role("button", name="Set the TTFT and TPOT bounds").click()
+        await confirm(page)
+        await page.locator("#action-result").filter(has_text="SLO sent").wait_for(timeout=WAIT_MS)
+        brain = m.mesh.scheduler.brain
+        await until(lambda: (brain.slo.ttft_s, round(brain.slo.tpot_s, 6)) == (1.5, 0.08),
+                    [m.mesh.scheduler.learned])
+
         # unpin from the page
         await page.get_by_role("button", name="Unpin the schedule").click()
         await confirm(page)

@@ -500,6 +500,19 @@ function wireActions() {
     act(none ? "Plan with no latency bound?" : `Plan for a latency bound of ${text} s?`,
         "PUT", "/admin/schedule/bound", { latency_bound_s: Number.isNaN(bound) ? text : bound }, "Bound sent");
   });
+  $("slo-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const read = (id, scale) => {
+      const text = $(id).value.trim();
+      if (text === "" || /^(inf|none)$/i.test(text)) return null;
+      const value = Number(text);
+      return Number.isNaN(value) ? text : value * scale;
+    };
+    const ttft = read("slo-ttft", 1), tpot = read("slo-tpot", 1e-3);
+    const said = [ttft === null ? "no TTFT bound" : `TTFT p99 <= ${ttft} s`,
+                  tpot === null ? "no TPOT bound" : `TPOT p99 <= ${$("slo-tpot").value.trim()} ms`].join(", ");
+    act(`Plan for ${said}?`, "PUT", "/admin/schedule/slo", { ttft_s: ttft, tpot_s: tpot }, "SLO sent");
+  });
   $("replan-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const reason = $("replan-reason").value.trim() || "requested on the dashboard";
