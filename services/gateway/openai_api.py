@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from engine.api import MAX_LOGPROBS
+from engine.api import MAX_LOGPROBS, MAX_TEMPERATURE, MAX_TOP_K
 
 MAX_N = 16  # choices per request
 
@@ -43,14 +43,15 @@ class StreamOptions(BaseModel):
 
 class _Common(BaseModel):
     # strict: a value of the wrong JSON type is a 400, never coerced (true is not 1, "3" not 3);
-    # a JSON integer still serves where a number is expected
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # a JSON integer still serves where a number is expected; NaN and infinities are refused
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str
     max_tokens: Int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: Int = Field(0, ge=0)
+    top_k: Int = Field(0, ge=0, le=MAX_TOP_K, description="0: no cut; a value above the vocabulary "
+                       "cuts nothing more")
     n: Int | None = Field(1, ge=1, le=MAX_N, description="choices to generate (each a request of its own)")
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.api import Engine, EngineBroken, GenerationRequest, KVHandoff, PromptChunk, TokenEvent
+from engine.api import Engine, EngineBroken, GenerationRequest, KVHandoff, PromptChunk, RequestRejected, TokenEvent
 from optimizer.policies import StepPlan
 
 
@@ -42,17 +42,38 @@ def run_step(engine: Engine, plan: StepPlan, prompts: dict[str, GenerationReques
     decode = [rid for rid in plan.decode if rid not in result.refused]
     new = [prompts[rid] for rid in plan.encode]
     chunks = [PromptChunk(prompts[c.request_id], c.start, c.length) for c in plan.chunks]
-    try:
-        more = (chunks,) if chunks else ()  # engines without chunked prefill take three arguments
-        result.events = engine.step(new, decode, plan.padding, *more)
-    except ValueError:  # a prompt the engine refuses; find it, run the rest
-        result.events = _step_without_refused(engine, new, decode, plan.padding, result.refused, chunks)
+    result.events = _step_refusing(engine, new, decode, plan.padding, result.refused, chunks)
     if export:
         finished = {e.request_id for e in result.events if e.finished}
         for request in new:
             if request.request_id not in finished and request.request_id not in result.refused:
                 result.exported[request.request_id] = engine.export_request(request.request_id)
     return result
+
+
+def _step_refusing(engine: Engine, new: list[GenerationRequest], decode: list[str], padding: int,
+                   refused: dict[str, str], chunks: list[PromptChunk]) -> list[TokenEvent]:
+    """The step, without the new requests the engine refuses: each refusal that names a new
+    request or chunk (``RequestRejected``) refuses it and the step runs again without it (a
+    refused step changed nothing); any other ``ValueError`` falls back to each prompt alone."""
+    while True:
+        try:
+            more = (chunks,) if chunks else ()  # engines without chunked prefill take three arguments
+            return engine.step(new, decode, padding, *more)
+        except ValueError as exc:
+            rid = exc.request_id if isinstance(exc, RequestRejected) else None
+            if rid not in {r.request_id for r in new} | {c.request.request_id for c in chunks}:
+                return _step_without_refused(engine, new, decode, padding, refused, chunks)
+            refused[rid] = str(exc)
+            new = [r for r in new if r.request_id != rid]
+            chunks = _without(chunks, rid, engine)
+
+
+def _without(chunks: list[PromptChunk], request_id: str, engine: Engine) -> list[PromptChunk]:
+    """``chunks`` less the refused request's; the part of its prompt already in the cache goes."""
+    if any(c.request.request_id == request_id and c.start > 0 for c in chunks):
+        engine.abort(request_id)
+    return [c for c in chunks if c.request.request_id != request_id]
 
 
 def _step_without_refused(engine: Engine, new: list[GenerationRequest], decode: list[str], padding: int,

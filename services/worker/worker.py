@@ -275,16 +275,16 @@ class Worker:
         return (f"prompt + max_tokens need {positions} tokens of KV cache; a worker's cache holds "
                 f"{self.driver.kv_tokens} (lower max_tokens, or give workers more memory: kv_cache_gb)")
 
-    @staticmethod
-    async def _decoded(deliveries: list[Delivery], kind) -> list[tuple[Delivery, object]]:
+    async def _decoded(self, deliveries: list[Delivery], kind) -> list[tuple[Delivery, object]]:
         """Each delivery with its message. To the dead queue, with the reason: bytes that do not
-        decode, and a message whose ``reply_to`` no broker can route (over 255 bytes: nobody
-        could ever be answered)."""
+        decode (a requester that can still be named is told: a 400), and a message whose
+        ``reply_to`` no broker can route (over 255 bytes: nobody could ever be answered)."""
         decoded = []
         for delivery in deliveries:
             try:
                 message = codec.decode(delivery.body, kind)
             except Exception as exc:  # codec.DecodeError, or anything a malformed message raises
+                await self._tell_invalid(delivery, kind, exc)
                 await delivery.dead_letter(f"undecodable: {exc}")
                 continue
             try:
@@ -294,6 +294,24 @@ class Worker:
                 continue
             decoded.append((delivery, message))
         return decoded
+
+    async def _tell_invalid(self, delivery: Delivery, kind, exc: Exception) -> None:
+        """A message that does not decode but names its request and a routable ``reply_to``:
+        that request fails (400, the reason) before the message goes to the dead queue."""
+        address = codec.return_address(delivery.body, kind)
+        if address is None:
+            return
+        request_id, reply_to = address
+        try:
+            check_name(reply_to)
+        except NameTooLong:
+            return
+        outbox = Outbox()
+        outbox.failure(reply_to, Failure(request_id, 400, f"invalid request: {exc}"))
+        try:
+            await self.send(outbox)
+        except Exception as failure:  # the broker is out: the dead queue still holds the reason
+            log.warning("worker %s: invalid request %s could not be failed: %r", self.worker_id, request_id, failure)
 
     async def _on_dead(self, delivery: Delivery, reason: str) -> None:
         """A message is going to the dead queue (past the delivery limit, or failing at its last

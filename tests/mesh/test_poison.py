@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import pytest
 
 from common.jobs import ReplyCollector, job_id, new_batch_id
@@ -121,6 +122,33 @@ async def test_a_reply_to_no_broker_routes_is_dead_lettered_and_the_worker_goes_
         await t.bus.publish(names.handoff_queue, codec.encode(ready))
         dead = await dead_letters(t.bus, names, 2)
         assert all("routing key too long: 300 bytes" in d.headers["x-exegpt-reason"] for d in dead)
+        await still_serves(m)
+        await t.close()
+
+
+def out_of_bounds(work: EncodeWork, field: int, value) -> bytes:
+    """``work`` on the wire with one field of its sampling set to ``value`` (no check lets such
+    a message be built: it is what a producer without the checks would send)."""
+    version, tag, *fields = msgpack.unpackb(codec.encode(work))
+    fields[3][field] = value  # EncodeWork.sampling
+    return msgpack.packb([version, tag, *fields])
+
+
+@pytest.mark.parametrize("field, value, named", [(0, 0, "max_tokens"), (0, -4, "max_tokens"),
+                                                 (2, 2**63, "top_k"), (1, float("nan"), "temperature")])
+async def test_work_with_sampling_out_of_bounds_fails_to_its_requester_and_is_dead_lettered(config, hub, field,
+                                                                                            value, named):
+    names = Names(config.namespace)
+    async with running_mesh(config, hub, load) as m:
+        t = await open_transports(config, names, hub)
+        queue, events = await events_queue(t, names, "client")
+        work = EncodeWork("r-bounds", FAKE, (104, 105), Sampling(3), queue, 0.0)
+        await t.bus.publish(names.encode_queue, out_of_bounds(work, field, value))
+        failure = await next_failure(events)
+        assert (failure.request_id, failure.status) == ("r-bounds", 400)
+        assert named in failure.message, failure.message
+        [dead] = await dead_letters(t.bus, names, 1)
+        assert dead.headers["x-exegpt-reason"].startswith("undecodable: ")
         await still_serves(m)
         await t.close()
 
