@@ -149,6 +149,20 @@ class MeshConfig(BaseSettings):
     max_tokens_limit: int = Field(
         4096, ge=1, description="Largest max_tokens the gateway accepts (also bounded by the context)."
     )
+    max_request_tokens: int = Field(
+        16384, ge=1,
+        description="Most tokens one HTTP request may ask to generate, all its choices together "
+        "(n x max_tokens); past it a 400 (integer_above_max_value).",
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024,
+        description="Largest request body the gateway reads (JSON routes; file uploads have their "
+        "own limit); a larger one is a 413 before any of it is parsed.",
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="A request body (JSON routes) not received "
+                                  "whole this long after its headers is a 408.")
+    max_prompt_chars: int = Field(1_000_000, ge=1, description="Longest prompt in characters (chat: every "
+                                  "message's text together); a longer one is a 400 before it is tokenized.")
     drain_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long a worker may finish running requests."
     )
