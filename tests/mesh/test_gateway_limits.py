@@ -6,11 +6,17 @@ run on the in-memory one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+from typing import AsyncIterator
 
+import httpx
 import pytest
+import uvicorn
 
+from services.gateway.connections import ConnectionLimits, bounded_protocol
+from services.run.runner import bind_socket
 from tests.mesh.conftest import running_mesh
 from tests.mesh.fake_engine import MAX_CONTEXT, FakeEngine, load
 
@@ -192,3 +198,107 @@ async def test_the_openapi_document_states_the_bounds(config, hub):
         assert '"maximum": 1048576' in top_k, top_k
     for path in ("/v1/completions", "/v1/chat/completions"):
         assert {"408", "413"} <= set(document["paths"][path]["post"]["responses"])
+
+
+# --- connections: a real server on 127.0.0.1 ---------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def served(app, limits: ConnectionLimits) -> AsyncIterator[int]:
+    """``app`` behind uvicorn with the gateway's protocol on a free port of 127.0.0.1 (its lifespan
+    is the caller's); the port. The socket listens before uvicorn starts: a connection waits in the
+    backlog until it accepts."""
+    sock = bind_socket("127.0.0.1", 0)
+    sock.listen(128)
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="error", http=bounded_protocol(limits)))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def answer_of(reader: asyncio.StreamReader, timeout_s: float = 10) -> tuple[int, bytes]:
+    """The status and whole answer the server sends before it closes the connection."""
+    data = await asyncio.wait_for(reader.read(), timeout_s)  # read() returns at EOF: it closed
+    return (int(data.split(b" ", 2)[1]) if data else 0), data
+
+
+def limits(**changes) -> ConnectionLimits:
+    return ConnectionLimits(**{"header_timeout_s": 5.0, "max_header_bytes": 8192, "max_connections": 0,
+                               "max_per_client": 0, **changes})
+
+
+async def test_slow_and_idle_clients_are_closed_at_the_header_timeout_and_others_served(config, hub):
+    timeout_s = 0.5
+    async with running_mesh(config, hub, load) as m, served(m.app, limits(header_timeout_s=timeout_s)) as port:
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
+        for i, (_, writer) in enumerate(clients[:4]):  # two stay idle; four start a request and stall
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nX-Slow: " + b"a" * i)
+            await writer.drain()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            normal = await client.post("/v1/completions", json=completion("normal"))
+        assert normal.status_code == 200, normal.text
+        answers = await asyncio.gather(*(answer_of(reader) for reader, _ in clients))
+        closed_after = loop.time() - opened
+        assert [status for status, _ in answers] == [408] * 6, answers
+        assert b"header_timeout_s" in answers[0][1]
+        assert timeout_s <= closed_after < timeout_s + 3
+        for _, writer in clients:
+            writer.close()
+
+
+@pytest.mark.parametrize("in_pieces", [False, True])
+async def test_headers_over_the_cap_are_a_431_and_the_connection_closes(config, hub, in_pieces):
+    async with running_mesh(config, hub, counting_engine) as m, served(m.app, limits(max_header_bytes=8192)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = b"GET /health HTTP/1.1\r\nHost: gateway\r\nX-Big: " + b"b" * 200_000 + b"\r\n\r\n"
+        for i in range(0, len(head), 4096 if in_pieces else len(head)):
+            writer.write(head[i:i + (4096 if in_pieces else len(head))])
+            try:
+                await writer.drain()
+            except ConnectionError:  # closed while we were still sending
+                break
+        status, data = await answer_of(reader)
+        assert status == 431 and b"max_header_bytes" in data
+        writer.close()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert (await client.get("/health", headers={"X-Fine": "c" * 4000})).status_code == 200
+
+
+@pytest.mark.parametrize("caps, refused", [(dict(max_per_client=3), 429), (dict(max_connections=3), 503)])
+async def test_connections_past_a_cap_are_refused_at_once_and_counted_down_when_they_close(config, hub, caps,
+                                                                                            refused):
+    async with running_mesh(config, hub, load) as m, served(m.app, limits(**caps)) as port:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for reader, writer in held[:1]:  # the server has taken them: one answers
+            writer.write(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        status, data = await answer_of(reader, 5)
+        assert status == refused and b"retry-after: 1" in data.lower(), data
+        writer.close()
+        for _, held_writer in held:
+            held_writer.close()
+            await held_writer.wait_closed()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(3):  # the server counted them down as they closed
+                assert (await client.get("/health")).status_code == 200
+
+
+async def test_a_body_over_the_cap_is_answered_413_at_once_over_a_socket(config, hub):
+    """Content-Length far over the cap: the answer comes before the body is sent, at once."""
+    async with running_mesh(config, hub, counting_engine) as m, served(m.app, limits()) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (60 * 1024 * 1024) + b'{"model": "' + b"x" * 1000)
+        await writer.drain()
+        status, data = await answer_of(reader, 5)
+        assert status == 413 and b"request_too_large" in data
+        assert loop.time() - start < 1.0
+        assert m.mesh.workers[0].runner.engine.tokenizer.encoded == []
+        writer.close()
