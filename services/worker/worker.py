@@ -624,6 +624,8 @@ class Worker:
             raise  # nothing more can run here: exit, and the broker redelivers what this worker held
         except Exception as exc:  # an engine fault: these requests run elsewhere once, then fail
             result = await self._step_failed(plan, exc)
+        for rid, why in result.faulted.items():  # the step went on without them
+            self._fault(result, rid, f"engine fault: {why}")
         result.started_at, result.ended_at = started, time.time()
         self.steps += 1
         self.engine_s += result.ended_at - started
@@ -657,12 +659,17 @@ class Worker:
         result = StepResult()
         for rid in dict.fromkeys((*plan.encode, *(c.request_id for c in plan.chunks), *plan.admit, *plan.decode)):
             await self.runner.call(self.runner.engine.abort, rid)
-            held = self.held[rid]
-            if held.delivery.attempts >= held.delivery.limit:
-                result.failed[rid] = f"engine fault: {exc}"
-            else:
-                result.given_back.append(rid)
+            self._fault(result, rid, f"engine fault: {exc}")
         return result
+
+    def _fault(self, result: StepResult, rid: str, why: str) -> None:
+        """An engine fault on ``rid``: back to the queue (another worker may run it), a counted
+        attempt; at its last attempt it fails (500)."""
+        held = self.held[rid]
+        if held.delivery.attempts >= held.delivery.limit:
+            result.failed[rid] = why
+        else:
+            result.given_back.append(rid)
 
     @staticmethod
     def outcome(result: StepResult) -> StepOutcome:

@@ -18,12 +18,15 @@ from common.messages.handoff import KvReady
 from common.messages.jobs import BatchJob, JobResult
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
+from engine.api import GenerationRequest
+from optimizer.policies import StepPlan
 from common.transport.connect import open_bus, open_store, open_transports
 from common.transport.kv import StoreKv
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
 from services.cli.dlq import act
 from services.scheduler.service import DEFAULT_SCHEDULE
+from services.worker.executor import run_step
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import FakeEngine, load
 
@@ -165,6 +168,26 @@ class FaultyEngine(FakeEngine):
             self.faults += 1
             raise RuntimeError("poisoned prompt")
         return super().step(prefill, decode, padding)
+
+
+def test_a_step_that_faults_on_one_new_request_runs_the_others_without_it():
+    """The engine faults on a step holding a poisoned prompt: the running request and the other
+    new one still take their step (tokens as without the poison), and only the poisoned one is
+    reported (the worker gives it back, or fails it at its last attempt)."""
+    engine = FaultyEngine()
+    running, fine, poison = (GenerationRequest(rid, tuple(prompt), Sampling(4)) for rid, prompt in (
+        ("running", b"run"), ("fine", b"fine"), ("poison", b"poison pill")))
+    engine.step([running])
+    result = run_step(engine, StepPlan(encode=("fine", "poison"), decode=("running",)),
+                      {"fine": fine, "poison": poison}, {}, export=False)
+    assert list(result.faulted) == ["poison"] and "poisoned prompt" in result.faulted["poison"]
+    assert not result.refused and not result.failed and not result.given_back
+    assert sorted(e.request_id for e in result.events) == ["fine", "running"]
+    assert sorted(engine.batch) == ["fine", "running"]
+
+    alone = FaultyEngine()
+    result = run_step(alone, StepPlan(encode=("poison",)), {"poison": poison}, {}, export=False)
+    assert list(result.faulted) == ["poison"] and alone.faults == 1  # not run again to be sure
 
 
 async def test_a_request_failing_at_every_attempt_fails_to_its_client_once_the_limit_is_reached(config, hub):
