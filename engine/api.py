@@ -252,8 +252,14 @@ class Engine(Protocol):
         (max_tokens, EOS, stop, context) leave the batch at once. Raises ValueError, changing
         nothing, for a prompt that is empty, too long for ``max_context`` (prompt + resumed tokens
         for decoder-only models), holds a token outside the vocabulary or resumes from
-        ``max_tokens`` tokens or more; an id already running or repeated; a ``decode`` id that is
-        not running, is repeated or is also in ``prefill``; ``padding < 0``.
+        ``max_tokens`` tokens or more; sampling parameters out of their bounds
+        (``sampling_problem``); an id already running or repeated (each of these a
+        ``RequestRejected`` naming the request); a ``decode`` id that is not running, is repeated
+        or is also in ``prefill``; ``padding < 0``.
+
+        Transactional: a step that raises leaves the running batch as it was (the same requests
+        with the same caches, tokens and samplers; only their slot order may differ); a new
+        request joins only once its whole step succeeded (``EngineBroken`` aside).
         """
         ...
 

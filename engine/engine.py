@@ -2,6 +2,7 @@
 
     step(prefill, decode, padding, chunks):  validate -> decoded slots to the front -> runner.step
                                      (one forward pass) -> sample -> events -> drop finished
+    (a failure before the events undoes the step: the new requests never joined)
     prefill(reqs) = step(prefill=reqs);  decode_step() = step(decode=<every running request>)
 
 Chunked prefill: a request's first chunk gives it a slot holding that many positions (it is not
