@@ -168,6 +168,8 @@ def openapi_document(app: FastAPI, served: "ServedModel", config: MeshConfig) ->
             if "n" in properties:
                 properties["n"]["description"] = (f"choices to generate (each a request of its own); "
                                                   f"n x max_tokens at most {config.max_request_tokens}")
+                components[name].setdefault("allOf", []).extend(
+                    request_tokens_schema(properties, max_tokens, config.max_request_tokens))
         for path in ("/v1/completions", "/v1/chat/completions"):
             ok = schema.get("paths", {}).get(path, {}).get("post", {}).get("responses", {}).get("200")
             if ok is not None:
@@ -177,6 +179,16 @@ def openapi_document(app: FastAPI, served: "ServedModel", config: MeshConfig) ->
         _json_schema_bounds(components)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def request_tokens_schema(properties: dict[str, Any], max_tokens: int, cap: int) -> list[dict[str, Any]]:
+    """``n`` x ``max_tokens`` <= ``cap`` in JSON Schema: for each ``n`` from which the cap bounds
+    ``max_tokens`` below ``max_tokens``, an if/then lowering its maximum."""
+    limited = [field for field in ("max_tokens", "max_completion_tokens") if field in properties]
+    return [{"if": {"properties": {"n": {"type": "integer", "minimum": n}}, "required": ["n"]},
+             "then": {"properties": {field: {"anyOf": [{"type": "integer", "maximum": cap // n}, {"type": "null"}]}
+                                     for field in limited}}}
+            for n in range(2, oa.MAX_N + 1) if cap // n < max_tokens]
 
 
 def is_upload(app: FastAPI, scope: Scope) -> bool:
@@ -457,7 +469,10 @@ def sampling_of(body: oa._Common, max_tokens: int | None, prompt_ids: list[int],
         raise ApiError(400, f"The prompt has {len(prompt_ids)} tokens; this model's maximum context "
                        f"length is {model.max_context} tokens (prompt and completion together)",
                        param=prompt_param, code="context_length_exceeded")
-    wanted = min(config.max_tokens_limit, room, 16) if max_tokens is None else max_tokens
+    if max_tokens is None:  # 16, or less where the limit, the context or n x max_tokens says so
+        wanted = max(1, min(config.max_tokens_limit, room, 16, config.max_request_tokens // (body.n or 1)))
+    else:
+        wanted = max_tokens
     if wanted > config.max_tokens_limit:
         raise ApiError(400, f"max_tokens may be at most {config.max_tokens_limit}; you requested "
                        f"max_tokens={wanted}", param="max_tokens", code="integer_above_max_value")

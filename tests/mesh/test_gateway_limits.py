@@ -183,19 +183,25 @@ async def test_n_times_max_tokens_over_the_cap_is_a_400_naming_it(config, hub):
         assert error["param"] == "max_tokens"
         ok = await m.client.post("/v1/completions", json=completion("x", 13, n=3))
         assert ok.status_code == 200, ok.text
+        unstated = {"model": FAKE, "prompt": "x", "n": 4, "ignore_eos": True}  # the default max_tokens fits the cap
+        ok = await m.client.post("/v1/completions", json=unstated)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 40, ok.text
 
 
 async def test_the_openapi_document_states_the_bounds(config, hub):
-    async with running_mesh(config.model_copy(update={"max_request_tokens": 10_000}), hub, load) as m:
+    async with running_mesh(config.model_copy(update={"max_request_tokens": 1000}), hub, load) as m:
         document = (await m.client.get("/openapi.json")).json()
     schemas = document["components"]["schemas"]
     for name in ("CompletionBody", "ChatBody"):
         properties = schemas[name]["properties"]
         integer = next(o for o in properties["max_tokens"]["anyOf"] if o.get("type") == "integer")
         assert integer["maximum"] == MAX_CONTEXT - 1  # the context bounds it below max_tokens_limit
-        assert "10000" in properties["n"]["description"] and "10000" in properties["max_tokens"]["description"]
+        assert "1000" in properties["n"]["description"] and "1000" in properties["max_tokens"]["description"]
         top_k = json.dumps(properties["top_k"])
         assert '"maximum": 1048576' in top_k, top_k
+        clauses = {c["if"]["properties"]["n"]["minimum"]: c["then"]["properties"] for c in schemas[name]["allOf"]}
+        assert set(clauses) == set(range(4, 17))  # from n = 4, n x max_tokens <= 1000 bounds max_tokens below 255
+        assert clauses[16]["max_tokens"]["anyOf"][0]["maximum"] == 1000 // 16
     for path in ("/v1/completions", "/v1/chat/completions"):
         assert {"408", "413"} <= set(document["paths"][path]["post"]["responses"])
 
