@@ -44,6 +44,7 @@ MAX_LOGPROBS = 20  # the most top log-probabilities a token reports (as OpenAI's
 MAX_TEMPERATURE = 2.0  # as OpenAI's API allows
 MAX_TOP_K = 1 << 20  # above any vocabulary: a larger top_k cuts nothing more
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_STOPS, MAX_STOP_CHARS = 8, 256  # stop strings one request may give, and the length of each
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def sampling_problem(p: SamplingParams) -> str | None:
         _integer_problem("min_tokens", p.min_tokens, 0),
         None if p.seed is None else _integer_problem("seed", p.seed, *SEED_RANGE),
         None if p.logprobs is None else _integer_problem("logprobs", p.logprobs, 0, MAX_LOGPROBS),
+        _stop_problem(p.stop),
     )
     return next((problem for problem in problems if problem is not None), None)
 
@@ -95,6 +97,17 @@ def _integer_problem(name: str, value: object, low: int, high: int | None = None
     if high is None:
         return f"{name} must be >= {low}, got {value}" if value < low else None
     return f"{name} must be in [{low}, {high}], got {value}" if not low <= value <= high else None
+
+
+def _stop_problem(stop: object) -> str | None:
+    """Stop strings are checked after every token: a few, each short."""
+    if not isinstance(stop, tuple) or not all(isinstance(s, str) for s in stop):
+        return f"stop must be a tuple of strings, got {stop!r}"[:200]
+    if len(stop) > MAX_STOPS:
+        return f"stop may hold at most {MAX_STOPS} strings, got {len(stop)}"
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        return f"each stop string may be at most {MAX_STOP_CHARS} characters, got {max(map(len, stop))}"
+    return None
 
 
 def _number_problem(name: str, value: object, low: float, high: float, *, open_low: bool = False) -> str | None:

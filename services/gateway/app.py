@@ -225,6 +225,15 @@ def param_of(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc[1:] if not (isinstance(p, str) and _UNION_TAG.match(p)))
 
 
+def telling(errors: list[dict[str, Any]], first: dict[str, Any]) -> dict[str, Any]:
+    """Of the errors about ``first``'s field, one about the value rather than a union branch it
+    is not of: for a list of stop strings with one too long, "String should have at most 256
+    characters (stop.1)", not "Input should be a valid string (stop)"."""
+    field = param_of(first.get("loc", ()))
+    related = [e for e in errors if (p := param_of(e.get("loc", ()))) == field or p.startswith(f"{field}.")]
+    return next((e for e in related if not str(e.get("type", "")).endswith("_type")), first)
+
+
 _BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
 
 
@@ -261,6 +270,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse(oa.error_body(
                 f"Unsupported parameter: '{param}' is not supported by this server",
                 param=param, code="unsupported_parameter"), 400)
+        first = telling(errors, first)
         param = param_of(first.get("loc", ())) or None
         return JSONResponse(oa.error_body(f"{first['msg']} ({param or 'body'})", param=param), 400)
 

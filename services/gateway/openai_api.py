@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from engine.api import MAX_LOGPROBS, MAX_TEMPERATURE, MAX_TOP_K
+from engine.api import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS, MAX_TEMPERATURE, MAX_TOP_K
 
 MAX_N = 16  # choices per request
 
@@ -33,6 +33,7 @@ def _whole(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_whole)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(BaseModel):
@@ -55,7 +56,8 @@ class _Common(BaseModel):
     n: Int | None = Field(1, ge=1, le=MAX_N, description="choices to generate (each a request of its own)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = Field(
+        None, description=f"up to {MAX_STOPS} strings of up to {MAX_STOP_CHARS} characters")
     seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer")
     ignore_eos: bool = False
     min_tokens: Int = Field(0, ge=0)

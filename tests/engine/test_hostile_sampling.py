@@ -10,7 +10,7 @@ import random
 import pytest
 
 import engine.engine as engine_module
-from engine.api import MAX_LOGPROBS, MAX_TOP_K, SEED_RANGE, GenerationRequest, RequestRejected, SamplingParams
+from engine.api import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS, MAX_TOP_K, SEED_RANGE, GenerationRequest, RequestRejected, SamplingParams
 from tests.engine.conftest import Collector, run_to_end
 from tests.engine.test_step import assert_same_state, snapshot
 
@@ -20,7 +20,8 @@ FORGED = [("top_k", 2**63), ("top_k", 2**64), ("top_k", -1), ("top_k", 1.5), ("t
           ("temperature", math.inf), ("temperature", -math.inf), ("temperature", -1.0), ("top_p", math.nan),
           ("top_p", 0.0), ("top_p", 2.0), ("presence_penalty", math.inf), ("frequency_penalty", math.nan),
           ("max_tokens", 0), ("max_tokens", -5), ("logprobs", MAX_LOGPROBS + 1), ("min_tokens", -1),
-          ("seed", SEED_RANGE[1] + 1), ("temperature", "1")]
+          ("seed", SEED_RANGE[1] + 1), ("temperature", "1"), ("stop", ("x" * (MAX_STOP_CHARS + 1),)),
+          ("stop", ("s",) * (MAX_STOPS + 1)), ("stop", ["a list"])]
 # Extreme values that are valid: they must run, and change no other request.
 EXTREME = [dict(temperature=1e-30), dict(temperature=2.0, top_k=1), dict(temperature=1.5, top_k=MAX_TOP_K),
            dict(temperature=1.0, top_p=1e-12), dict(temperature=0.7, presence_penalty=2.0, frequency_penalty=-2.0),
