@@ -180,9 +180,9 @@ class LocalEngine:
         picked = [(i, i) for i in range(live)] + [(size + j, live + j) for j in range(len(requests))]
         picked += [(slot, live + len(prompts) + j) for j, (slot, c) in enumerate(cont)
                    if self._slots[slot].pending == c.length]  # its last chunk: the first token
-        if len(picked) != logits.shape[0]:
-            logits = logits[torch.tensor([row for _, row in picked], dtype=torch.long, device=logits.device)]
         try:
+            if len(picked) != logits.shape[0]:
+                logits = logits[torch.tensor([row for _, row in picked], dtype=torch.long, device=logits.device)]
             states = self._slots + joining
             chosen = self._choose(logits, [states[slot] for slot, _ in picked]) if picked else ([], None)
         except BaseException:
