@@ -8,9 +8,11 @@ import math
 import random
 
 import pytest
+import torch
 
 import engine.engine as engine_module
-from engine.api import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS, MAX_TOP_K, SEED_RANGE, GenerationRequest, RequestRejected, SamplingParams
+from engine.api import (MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS, MAX_TOP_K, SEED_RANGE, GenerationRequest, PromptChunk,
+                        RequestRejected, SamplingParams)
 from tests.engine.conftest import Collector, run_to_end
 from tests.engine.test_step import assert_same_state, snapshot
 
@@ -152,3 +154,30 @@ def test_a_worker_step_refuses_only_the_hostile_request_and_names_its_field(llam
     while llama.running():
         out.add(llama.decode_step())
     assert {rid: out.text[rid] for rid in solo} == {rid: c.text[rid] for rid, c in solo.items()}
+
+
+def test_a_failed_step_with_prompt_chunks_is_undone(llama, monkeypatch):
+    """A chunked prefill's next chunk and a new first chunk in a step that fails: the first
+    request keeps the part it had, the second never got a slot, and both end as whole prefills."""
+    rnd = random.Random(7)
+    a, b = (GenerationRequest(rid, tuple(rnd.randrange(256) for _ in range(30)), SamplingParams(max_tokens=6))
+            for rid in ("a", "b"))
+    solo = {r.request_id: run_to_end(llama, [r]) for r in (a, b)}
+    out = Collector()
+    out.add(llama.step(chunks=[PromptChunk(a, 0, 10)]))
+    kv_before = llama.runner.export(0)
+
+    def fault(*_):
+        raise RuntimeError("sampler fault")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "sample", fault)
+        with pytest.raises(RuntimeError, match="sampler fault"):
+            llama.step(chunks=[PromptChunk(a, 10, 20), PromptChunk(b, 0, 12)])
+    assert len(llama._slots) == 1 and llama._slots[0].pending == 20
+    assert llama.runner.cache.lengths == [10] and torch.equal(llama.runner.export(0), kv_before)
+    out.add(llama.step(chunks=[PromptChunk(a, 10, 20), PromptChunk(b, 0, 12)]))
+    out.add(llama.step(chunks=[PromptChunk(b, 12, 18)], decode=["a"]))
+    while llama.running():
+        out.add(llama.decode_step())
+    assert {rid: out.tokens[rid] for rid in solo} == {rid: c.tokens[rid] for rid, c in solo.items()}
