@@ -181,6 +181,30 @@ class MeshConfig(BaseSettings):
     max_tokens_limit: int = Field(
         4096, ge=1, description="Largest max_tokens the gateway accepts (also bounded by the context)."
     )
+    max_request_tokens: int = Field(
+        16384, ge=1,
+        description="Most tokens one HTTP request may ask to generate, all its choices together "
+        "(n x max_tokens); past it a 400 (integer_above_max_value).",
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024,
+        description="Largest request body the gateway reads (JSON routes; file uploads have their "
+        "own limit); a larger one is a 413 before any of it is parsed.",
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="A request body (JSON routes) not received "
+                                  "whole this long after its headers is a 408.")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="Largest request line and headers "
+                                  "together the gateway reads; past it a 431 and the connection closes.")
+    header_timeout_s: float = Field(10.0, gt=0, description="A connection whose request line and headers "
+                                    "are not complete this long after it opened (or after its next "
+                                    "request began) gets a 408 and is closed.")
+    max_connections: int = Field(2048, ge=0, description="Connections the gateway keeps open at once; one "
+                                 "more is answered 503 and closed (0: no cap).")
+    max_connections_per_client: int = Field(256, ge=0, description=(
+        "Connections one client address may keep open at once; one more is answered 429 and closed "
+        "(0: no cap; behind a proxy every client shares its address)."))
+    max_prompt_chars: int = Field(1_000_000, ge=1, description="Longest prompt in characters (chat: every "
+                                  "message's text together); a longer one is a 400 before it is tokenized.")
     drain_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long a worker may finish running requests."
     )

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol, Sequence
 
+import math
+
 import msgpack
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -29,7 +31,20 @@ class EngineBroken(RuntimeError):
     lost: the service running it must stop, so that its requests are redelivered elsewhere."""
 
 
+class RequestRejected(ValueError):
+    """One request of a step cannot run (its prompt, its sampling parameters, its id): the step
+    changed nothing, and runs without it. ``request_id`` names the request at fault."""
+
+    def __init__(self, request_id: str, reason: str) -> None:
+        super().__init__(f"request {request_id!r}: {reason}")
+        self.request_id, self.reason = request_id, reason
+
+
 MAX_LOGPROBS = 20  # the most top log-probabilities a token reports (as OpenAI's API allows)
+MAX_TEMPERATURE = 2.0  # as OpenAI's API allows
+MAX_TOP_K = 1 << 20  # above any vocabulary: a larger top_k cuts nothing more
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_STOPS, MAX_STOP_CHARS = 8, 256  # stop strings one request may give, and the length of each
 
 
 @dataclass(frozen=True)
@@ -49,25 +64,58 @@ class SamplingParams:
     min_tokens: int = 0  # end-of-sequence tokens cannot be chosen before this many are generated
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if (problem := sampling_problem(self)) is not None:
+            raise ValueError(problem)
 
     @property
     def penalised(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty)
+
+
+def sampling_problem(p: SamplingParams) -> str | None:
+    """What is wrong with ``p`` (the first field out of its bounds, or not a finite number), or
+    None. Checked when the parameters are built and again by the engine before a request joins
+    a batch: no value reaches the sampler that it cannot sample with."""
+    problems = (
+        _integer_problem("max_tokens", p.max_tokens, 1),
+        _number_problem("temperature", p.temperature, 0.0, MAX_TEMPERATURE),
+        _integer_problem("top_k", p.top_k, 0, MAX_TOP_K),
+        _number_problem("top_p", p.top_p, 0.0, 1.0, open_low=True),
+        _number_problem("presence_penalty", p.presence_penalty, -2.0, 2.0),
+        _number_problem("frequency_penalty", p.frequency_penalty, -2.0, 2.0),
+        _integer_problem("min_tokens", p.min_tokens, 0),
+        None if p.seed is None else _integer_problem("seed", p.seed, *SEED_RANGE),
+        None if p.logprobs is None else _integer_problem("logprobs", p.logprobs, 0, MAX_LOGPROBS),
+        _stop_problem(p.stop),
+    )
+    return next((problem for problem in problems if problem is not None), None)
+
+
+def _integer_problem(name: str, value: object, low: int, high: int | None = None) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be an integer, got {value!r}"
+    if high is None:
+        return f"{name} must be >= {low}, got {value}" if value < low else None
+    return f"{name} must be in [{low}, {high}], got {value}" if not low <= value <= high else None
+
+
+def _stop_problem(stop: object) -> str | None:
+    """Stop strings are checked after every token: a few, each short."""
+    if not isinstance(stop, tuple) or not all(isinstance(s, str) for s in stop):
+        return f"stop must be a tuple of strings, got {stop!r}"[:200]
+    if len(stop) > MAX_STOPS:
+        return f"stop may hold at most {MAX_STOPS} strings, got {len(stop)}"
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        return f"each stop string may be at most {MAX_STOP_CHARS} characters, got {max(map(len, stop))}"
+    return None
+
+
+def _number_problem(name: str, value: object, low: float, high: float, *, open_low: bool = False) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{name} must be a finite number, got {value!r}"
+    if value < low or (open_low and value == low) or value > high:
+        return f"{name} must be in {'(' if open_low else '['}{low:g}, {high:g}], got {value!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -217,8 +265,14 @@ class Engine(Protocol):
         (max_tokens, EOS, stop, context) leave the batch at once. Raises ValueError, changing
         nothing, for a prompt that is empty, too long for ``max_context`` (prompt + resumed tokens
         for decoder-only models), holds a token outside the vocabulary or resumes from
-        ``max_tokens`` tokens or more; an id already running or repeated; a ``decode`` id that is
-        not running, is repeated or is also in ``prefill``; ``padding < 0``.
+        ``max_tokens`` tokens or more; sampling parameters out of their bounds
+        (``sampling_problem``); an id already running or repeated (each of these a
+        ``RequestRejected`` naming the request); a ``decode`` id that is not running, is repeated
+        or is also in ``prefill``; ``padding < 0``.
+
+        Transactional: a step that raises leaves the running batch as it was (the same requests
+        with the same caches, tokens and samplers; only their slot order may differ); a new
+        request joins only once its whole step succeeded (``EngineBroken`` aside).
         """
         ...
 

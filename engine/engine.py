@@ -2,6 +2,7 @@
 
     step(prefill, decode, padding, chunks):  validate -> decoded slots to the front -> runner.step
                                      (one forward pass) -> sample -> events -> drop finished
+    (a failure before the events undoes the step: the new requests never joined)
     prefill(reqs) = step(prefill=reqs);  decode_step() = step(decode=<every running request>)
 
 Chunked prefill: a request's first chunk gives it a slot holding that many positions (it is not
@@ -17,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from engine.api import GenerationRequest, KVHandoff, PromptChunk, SamplingParams, TokenEvent, Tokenizer
+from engine.api import (GenerationRequest, KVHandoff, PromptChunk, RequestRejected, SamplingParams, TokenEvent,
+                        Tokenizer, sampling_problem)
 from engine.runners import Runner
 from engine.sampling import (generator_state, hold_back_stops, logprobs_of, make_generator, penalise,
                              restore_generator, sample)
@@ -128,6 +130,8 @@ class LocalEngine:
                              f"{self.model_name} ({self.runner.layout})")
         if self._find(handoff.request_id) is not None:
             raise ValueError(f"request {handoff.request_id!r} is already running")
+        if (problem := sampling_problem(handoff.params)) is not None:
+            raise RequestRejected(handoff.request_id, problem)
         if not handoff.generated_ids:
             raise ValueError("hand-off has no generated token to continue from")
         dtype = getattr(torch, handoff.dtype, None)
@@ -154,7 +158,11 @@ class LocalEngine:
         """One forward pass: slots ``0..live-1`` advance, ``padding`` rows are paid for, ``requests``
         and the ``first`` chunks join at the end, the ``later`` chunks extend their slots; then
         sample (decoded slots, new requests, chunks that end their prompt), emit, and drop the
-        requests that finished."""
+        requests that finished.
+
+        Transactional: until every row is sampled nothing is committed. A failure after the
+        forward pass undoes it (the runner's ``rollback``, the samplers' draws), so the batch is
+        exactly as it was and the new requests never joined it."""
         if not (requests or live or padding or first or later):
             return []
         prompts = [list(r.prompt_ids) for r in requests] + [_tokens(c.request)[:c.length] for c in first]
@@ -165,32 +173,51 @@ class LocalEngine:
             slices = [(slot, _tokens(self._slots[slot].request)[c.start:c.start + c.length]) for slot, c in cont]
             logits = self.runner.step(*args, chunks=slices)
         else:
-            logits = self.runner.step(*args)
-        first_new = len(self._slots)
-        self._slots.extend(self._new_state(r) for r in requests)
-        self._slots.extend(self._new_state(c.request, len(_tokens(c.request)) - c.length) for c in first)
-        picked = [(i, i) for i in range(live)] + [(first_new + j, live + j) for j in range(len(requests))]
-        for j, (slot, c) in enumerate(cont):
+            logits = self.runner.step(*args)  # a failure here is undone by the runner
+        size = len(self._slots)
+        joining = [self._new_state(r) for r in requests]
+        joining += [self._new_state(c.request, len(_tokens(c.request)) - c.length) for c in first]
+        picked = [(i, i) for i in range(live)] + [(size + j, live + j) for j in range(len(requests))]
+        picked += [(slot, live + len(prompts) + j) for j, (slot, c) in enumerate(cont)
+                   if self._slots[slot].pending == c.length]  # its last chunk: the first token
+        try:
+            if len(picked) != logits.shape[0]:
+                logits = logits[torch.tensor([row for _, row in picked], dtype=torch.long, device=logits.device)]
+            states = self._slots + joining
+            chosen = self._choose(logits, [states[slot] for slot, _ in picked]) if picked else ([], None)
+        except BaseException:
+            self.runner.rollback(size, live, [(slot, c.length) for slot, c in cont])
+            raise
+        self._slots.extend(joining)  # committed: the new requests join, the chunks count
+        for slot, c in cont:
             self._slots[slot].pending -= c.length
-            if not self._slots[slot].pending:  # its last chunk: the first token
-                picked.append((slot, live + len(prompts) + j))
-        if len(picked) != logits.shape[0]:
-            logits = logits[torch.tensor([row for _, row in picked], dtype=torch.long, device=logits.device)]
-        return self._sample(logits, [slot for slot, _ in picked])
+        return self._emit([slot for slot, _ in picked], *chosen)
 
-    def _sample(self, logits: torch.Tensor, slots: list[int]) -> list[TokenEvent]:
-        """Sample one token for each of ``slots`` (the rows of ``logits``), emit, drop the finished."""
-        if not slots:
-            return []
-        states = [self._slots[i] for i in slots]
+    def _choose(self, logits: torch.Tensor, states: list[_Running]
+                ) -> tuple[list[int], list[tuple[float | None, tuple[tuple[int, float], ...]]] | None]:
+        """The next token of each of ``states`` (the rows of ``logits``) and, where asked for,
+        its log-probabilities. Changes nothing it does not undo on failure: the samplers' states
+        are restored when it raises."""
         params = [s.request.params for s in states]
         history = [s.generated for s in states]
-        logits = hold_back_stops(penalise(logits, params, history), params, history, self.stop_token_ids)
-        tokens = sample(logits, params, [s.gen for s in states])
-        events = [self._advance(s, t) for s, t in zip(states, tokens)]
-        if any(p.logprobs is not None for p in params):
+        drawn = [(s.gen, s.gen.get_state()) for s in states if s.request.params.temperature > 0]
+        try:
+            logits = hold_back_stops(penalise(logits, params, history), params, history, self.stop_token_ids)
+            tokens = sample(logits, params, [s.gen for s in states])
+            logged = logprobs_of(logits, params, tokens) if any(p.logprobs is not None for p in params) else None
+        except BaseException:
+            for gen, state in drawn:
+                gen.set_state(state)
+            raise
+        return tokens, logged
+
+    def _emit(self, slots: list[int], tokens: list[int],
+              logged: list[tuple[float | None, tuple[tuple[int, float], ...]]] | None) -> list[TokenEvent]:
+        """Each of ``slots`` takes its token: its event; then the finished leave the batch."""
+        events = [self._advance(self._slots[slot], token) for slot, token in zip(slots, tokens)]
+        if logged is not None:
             events = [replace(e, logprob=lp, top_logprobs=top) if lp is not None else e
-                      for e, (lp, top) in zip(events, logprobs_of(logits, params, tokens))]
+                      for e, (lp, top) in zip(events, logged)]
         for slot, event in sorted(zip(slots, events), key=lambda pair: -pair[0]):
             if event.finished:
                 self._remove(slot)  # highest first: the slot moved into it has been handled
@@ -204,10 +231,10 @@ class LocalEngine:
         for c in chunks:
             rid, total = c.request.request_id, len(_tokens(c.request))
             if rid in seen:
-                raise ValueError(f"request {rid!r} is repeated in chunks")
+                raise RequestRejected(rid, "repeated in chunks")
             seen.add(rid)
             if not (c.start >= 0 and c.length >= 1 and c.start + c.length <= total):
-                raise ValueError(f"request {rid!r}: chunk {c.start}+{c.length} outside its {total} prompt tokens")
+                raise RequestRejected(rid, f"chunk {c.start}+{c.length} outside its {total} prompt tokens")
             if c.start == 0 and c.length == total:
                 whole.append(c.request)
                 continue
@@ -216,7 +243,7 @@ class LocalEngine:
                 continue
             slot = self._find(rid)
             if slot is None or self._slots[slot].pending != total - c.start:
-                raise ValueError(f"request {rid!r}: chunk from {c.start} does not continue its prefill")
+                raise RequestRejected(rid, f"chunk from {c.start} does not continue its prefill")
             later.append(c)
         return whole, first, later
 
@@ -227,31 +254,37 @@ class LocalEngine:
                         self._tracker(r.params, r.resume_text), pending)
 
     def _validate(self, requests: Sequence[GenerationRequest]) -> None:
+        """``RequestRejected`` naming the first of ``requests`` that cannot join the batch."""
         seen = {s.request.request_id for s in self._slots}
         for r in requests:
             if r.request_id in seen:
-                raise ValueError(f"request id {r.request_id!r} is already running or repeated")
+                raise RequestRejected(r.request_id, "id is already running or repeated")
             seen.add(r.request_id)
-            if not r.prompt_ids:
-                raise ValueError(f"request {r.request_id!r}: empty prompt")
-            used = len(r.resume_ids) + (len(r.prompt_ids) if self.runner.prompt_in_context else 0)
-            if used >= self.max_context:
-                resumed = f" and {len(r.resume_ids)} resumed tokens" if r.resume_ids else ""
-                raise ValueError(f"request {r.request_id!r}: prompt of {len(r.prompt_ids)} tokens{resumed} "
-                                 f"leaves no room in max_context {self.max_context}")
-            if len(r.prompt_ids) > self.max_context:
-                raise ValueError(f"request {r.request_id!r}: prompt of {len(r.prompt_ids)} tokens exceeds "
-                                 f"max_context {self.max_context}")
-            most = used + r.params.max_tokens - len(r.resume_ids)
-            if self.kv_budget_tokens is not None and min(most, self.max_context) > self.kv_budget_tokens:
-                raise ValueError(f"request {r.request_id!r}: prompt + max_tokens need {most} positions of KV "
-                                 f"cache; this worker's cache holds {self.kv_budget_tokens} (lower max_tokens)")
-            if len(r.resume_ids) >= r.params.max_tokens:
-                raise ValueError(f"request {r.request_id!r}: resumes from {len(r.resume_ids)} tokens, "
-                                 f"max_tokens is {r.params.max_tokens}")
-            bad = [t for t in (*r.prompt_ids, *r.resume_ids) if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"request {r.request_id!r}: token id {bad[0]} outside vocabulary of {self.vocab_size}")
+            if (problem := self._problem(r)) is not None:
+                raise RequestRejected(r.request_id, problem)
+
+    def _problem(self, r: GenerationRequest) -> str | None:
+        """Why ``r`` cannot run on this engine (None: it can)."""
+        if (problem := sampling_problem(r.params)) is not None:
+            return problem
+        if not r.prompt_ids:
+            return "empty prompt"
+        used = len(r.resume_ids) + (len(r.prompt_ids) if self.runner.prompt_in_context else 0)
+        if used >= self.max_context:
+            resumed = f" and {len(r.resume_ids)} resumed tokens" if r.resume_ids else ""
+            return f"prompt of {len(r.prompt_ids)} tokens{resumed} leaves no room in max_context {self.max_context}"
+        if len(r.prompt_ids) > self.max_context:
+            return f"prompt of {len(r.prompt_ids)} tokens exceeds max_context {self.max_context}"
+        most = used + r.params.max_tokens - len(r.resume_ids)
+        if self.kv_budget_tokens is not None and min(most, self.max_context) > self.kv_budget_tokens:
+            return (f"prompt + max_tokens need {most} positions of KV cache; this worker's cache holds "
+                    f"{self.kv_budget_tokens} (lower max_tokens)")
+        if len(r.resume_ids) >= r.params.max_tokens:
+            return f"resumes from {len(r.resume_ids)} tokens, max_tokens is {r.params.max_tokens}"
+        bad = [t for t in (*r.prompt_ids, *r.resume_ids) if not 0 <= t < self.vocab_size]
+        if bad:
+            return f"token id {bad[0]} outside vocabulary of {self.vocab_size}"
+        return None
 
     def _validate_decode(self, decode: Sequence[str], prefill: Sequence[GenerationRequest], padding: int) -> list[int]:
         """The slots of the requests to decode, after checking the step's decode list and padding."""

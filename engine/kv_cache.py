@@ -75,11 +75,12 @@ class KVCache:
         """Forget slots ``size..`` (a prefill that failed half-way)."""
         del self.lengths[size:]
 
-    def advance(self, count: int | None = None) -> None:
-        """Slots ``0..count-1`` (default: every live slot) gained one position (a decode step wrote it)."""
+    def advance(self, count: int | None = None, by: int = 1) -> None:
+        """Slots ``0..count-1`` (default: every live slot) gained one position (a decode step wrote
+        it); ``by=-1`` takes it back (the step is undone: the position is garbage again)."""
         count = self.size if count is None else count
-        self.lengths[:count] = [n + 1 for n in self.lengths[:count]]
-        self.lengths_t[:count] += 1
+        self.lengths[:count] = [n + by for n in self.lengths[:count]]
+        self.lengths_t[:count] += by
 
     def extend(self, slot: int, count: int) -> None:
         """Slot ``slot`` gained ``count`` positions (a prompt chunk wrote them)."""

@@ -33,6 +33,12 @@ class Runner(Protocol):
     # ``step``: ``(slot, tokens)``, the next tokens of a prompt whose first part is in ``slot``;
     # the logits then end with one row per chunk (its last token).
     def decode(self, last_tokens: list[int]) -> torch.Tensor: ...  # (B, V) for all live slots
+    def rollback(self, size: int, live: int, chunks: list[tuple[int, int]] = ()) -> None:
+        """Undo the last ``step`` after it returned (what followed it failed): slots ``size..``
+        are forgotten, slots ``0..live-1`` lose the position it wrote, and each ``(slot, count)``
+        of its chunks the positions that chunk wrote."""
+        ...
+
     def swap(self, pairs: list[tuple[int, int]]) -> None: ...  # exchange slots (i, j) of each pair
     def remove(self, slot: int) -> None: ...  # last slot moves into ``slot``
     def export(self, slot: int) -> torch.Tensor: ...
@@ -85,6 +91,9 @@ class DecoderOnlyRunner:
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
         return self.step([], [], last_tokens, 0)
 
+    def rollback(self, size: int, live: int, chunks: list[tuple[int, int]] = ()) -> None:
+        undo_step(self.cache, size, live, chunks)
+
     def swap(self, pairs: list[tuple[int, int]]) -> None:
         self.cache.swap(pairs)
 
@@ -99,6 +108,14 @@ class DecoderOnlyRunner:
 
     def positions(self, prompt: int, generated: int) -> int:
         return prompt + generated - 1  # the last generated token is not in the cache yet
+
+
+def undo_step(cache: KVCache, size: int, live: int, chunks: list[tuple[int, int]] = ()) -> None:
+    """``Runner.rollback`` on one cache."""
+    cache.truncate(size)
+    cache.advance(live, by=-1)
+    for slot, count in chunks:
+        cache.extend(slot, -count)
 
 
 def drop_padding(logits: torch.Tensor, live: int, padding: int) -> torch.Tensor:

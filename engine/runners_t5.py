@@ -13,7 +13,7 @@ import torch
 from engine.kv_cache import KVCache
 from engine.models.common import Batch
 from engine.models.t5 import T5
-from engine.runners import drop_padding
+from engine.runners import drop_padding, undo_step
 
 
 class EncoderDecoderRunner:
@@ -53,6 +53,10 @@ class EncoderDecoderRunner:
 
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
         return self.step([], [], last_tokens, 0)
+
+    def rollback(self, size: int, live: int, chunks: list[tuple[int, int]] = ()) -> None:
+        undo_step(self.self_cache, size, live)
+        self.cross_cache.truncate(size)
 
     def swap(self, pairs: list[tuple[int, int]]) -> None:
         self.self_cache.swap(pairs)

@@ -92,7 +92,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
     filtered = [i for i, p in enumerate(params) if p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0)]
     for rows, method in ((plain, _sample_plain), (filtered, _sample_filtered)):
         if rows:
-            rows_logits = logits[rows].cpu() / torch.tensor([params[i].temperature for i in rows])[:, None]
+            rows_logits = logits[rows].cpu()  # the best at 0 first: a tiny temperature cannot overflow to inf
+            rows_logits = (rows_logits - rows_logits.amax(-1, keepdim=True)) / torch.tensor(
+                [params[i].temperature for i in rows])[:, None]
             u = torch.cat([torch.rand(1, generator=gens[i]) for i in rows])  # (b,) one draw per request
             picked = method(rows_logits, [params[i] for i in rows], u)
             for i, token in zip(rows, picked.tolist()):
@@ -112,7 +114,7 @@ def _sample_filtered(logits: torch.Tensor, params: list[SamplingParams], u: torc
     v = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (b, V)
     rank = torch.arange(v)[None, :]
-    top_k = torch.tensor([p.top_k or v for p in params])[:, None]
+    top_k = torch.tensor([min(p.top_k, v) or v for p in params])[:, None]
     sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     top_p = torch.tensor([p.top_p for p in params])[:, None]

@@ -15,6 +15,16 @@ POLICIES: tuple[Policy, ...] = ("rra", "waa-c", "waa-m", "static", "continuous",
 SPLIT_POLICIES: tuple[Policy, ...] = ("waa-c", "waa-m")
 
 
+# The least value of each numeric field (the admin API's schema states them too).
+MINIMUMS: dict[str, int] = {
+    **dict.fromkeys(("encode_batch", "decode_batch", "decode_microbatches", "decode_iters_per_encode",
+                     "tp_degree", "num_devices", "encode_microbatches", "chunk_tokens"), 1),
+    **dict.fromkeys(("tp_stages", "encoder_devices", "decoder_devices", "worker_devices", "mean_input_len",
+                     "mean_decode_batch"), 0),
+    "encoder_tp_stages": -1,
+}
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Control variables of an ExeGPT schedule: the paper's (ASPLOS 2024), plus the worker layout,
@@ -70,18 +80,9 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
-        for name in ("encode_batch", "decode_batch", "decode_microbatches",
-                     "decode_iters_per_encode", "tp_degree", "num_devices", "encode_microbatches",
-                     "chunk_tokens"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("tp_stages", "encoder_devices", "decoder_devices", "worker_devices",
-                     "mean_input_len", "mean_decode_batch"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.encoder_tp_stages < -1:
-            raise ValueError(f"encoder_tp_stages must be >= -1, got {self.encoder_tp_stages}")
+        for name, least in MINIMUMS.items():
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.policy == "mixed" and self.chunk_tokens <= self.decode_batch:
             raise ValueError(f"mixed needs chunk_tokens > decode_batch (room for prefill beside a full "
                              f"decode batch), got {self.chunk_tokens} <= {self.decode_batch}")

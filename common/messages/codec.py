@@ -95,6 +95,26 @@ def decode(data: bytes, expected: type[T] | Any = object) -> T:
     return message
 
 
+def return_address(data: bytes, expected: Any) -> tuple[str, str] | None:
+    """``(request_id, reply_to)`` of a message ``decode`` refused (a field out of its bounds,
+    e.g. ``max_tokens`` 0) whose envelope is still readable, so that its requester can be told;
+    None where the bytes are not a message of ``expected`` of this schema at all."""
+    try:
+        version, tag, *values = msgpack.unpackb(data, use_list=True, raw=False)
+    except Exception:  # msgpack raises several unrelated types
+        return None
+    cls = BY_TAG.get(tag) if isinstance(tag, int) else None
+    if version != SCHEMA_VERSION or cls is None or cls not in _classes(expected):
+        return None
+    names = [name for name, _ in _hints(cls)]
+    if "request_id" not in names or "reply_to" not in names or len(values) != len(names):
+        return None
+    request_id, reply_to = values[names.index("request_id")], values[names.index("reply_to")]
+    if not (isinstance(request_id, str) and isinstance(reply_to, str) and request_id and reply_to):
+        return None
+    return request_id, reply_to
+
+
 def _classes(expected: Any) -> tuple[type, ...]:
     args = typing.get_args(expected)
     return args if args else (expected,)

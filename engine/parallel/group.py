@@ -37,7 +37,7 @@ from engine.models.common import Batch
 from engine.parallel.procs import child_env, free_port, repo_root
 from engine.parallel.shape import GroupShape, split
 from engine.parallel.shard import T5_BIAS, hidden_width, keep_layers, shard_tp, stacks, stage_filter
-from engine.runners import drop_padding
+from engine.runners import drop_padding, undo_step
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,11 @@ class Stage:
             dist.recv(logits, comm.last_rank())
         return logits
 
+    def do_rollback(self, size: int, live: int, chunks: list[tuple[int, int]]) -> None:
+        undo_step(self.cache, size, live, chunks)
+        if self.cross is not None:
+            self.cross.truncate(size)
+
     def do_swap(self, pairs: list[tuple[int, int]]) -> None:
         self.cache.swap(pairs)
         if self.cross is not None:
@@ -323,6 +328,9 @@ class ParallelRunner:
 
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
         return self.step([], [], last_tokens, 0)
+
+    def rollback(self, size: int, live: int, chunks: list[tuple[int, int]] = ()) -> None:
+        self._call("rollback", size, live, list(chunks))
 
     def swap(self, pairs: list[tuple[int, int]]) -> None:
         self._call("swap", pairs)

@@ -179,7 +179,7 @@ def batch_router() -> APIRouter:
             return content
         return Response(content, media_type="application/jsonl")
 
-    @router.post("/v1/batches", responses=oa.error_responses(400, 401, 404, 503))
+    @router.post("/v1/batches", responses=oa.error_responses(400, 401, 404, 408, 413, 503))
     async def create(body: CreateBatch, request: Request) -> Any:
         return await answer(batches(request).create(body.input_file_id, body.endpoint,
                                                     body.completion_window, body.metadata,

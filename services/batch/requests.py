@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.messages.work import Sampling
+from engine.api import MAX_TEMPERATURE, MAX_TOP_K
 from common.messages.jobs import BatchJob, ChatTurn
 
 ENDPOINTS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -56,13 +57,16 @@ def sampling_from_body(body: dict[str, Any], max_tokens_limit: int) -> Sampling:
     if not isinstance(ignore_eos, bool):
         raise InvalidRequest("ignore_eos must be true or false")
     key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    return Sampling(
-        max_tokens=_number(body, key, int, MAX_TOKENS_DEFAULT, 1, max_tokens_limit),
-        temperature=_number(body, "temperature", float, 0.0, 0.0, 2.0),
-        top_k=_number(body, "top_k", int, 0, 0, 1 << 20),
-        top_p=_number(body, "top_p", float, 1.0, 1e-9, 1.0),
-        seed=seed, stop=tuple(stop), ignore_eos=ignore_eos,
-    )
+    try:
+        return Sampling(
+            max_tokens=_number(body, key, int, MAX_TOKENS_DEFAULT, 1, max_tokens_limit),
+            temperature=_number(body, "temperature", float, 0.0, 0.0, MAX_TEMPERATURE),
+            top_k=_number(body, "top_k", int, 0, 0, MAX_TOP_K),
+            top_p=_number(body, "top_p", float, 1.0, 1e-9, 1.0),
+            seed=seed, stop=tuple(stop), ignore_eos=ignore_eos,
+        )
+    except ValueError as exc:  # what the parameters' own checks refuse (a seed beyond 64 bits)
+        raise InvalidRequest(str(exc)) from None
 
 
 def parse_body(body: Any, kind: str, default_model: str | None, max_tokens_limit: int,

@@ -15,18 +15,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import typing
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, create_model
 
 from common.messages import codec
 from common.messages.control import Replan, ScheduleUpdate, SetBound, SetSlo
 from common.messages.status import SchedulerState
 from common.names import Names
 from common.transport.port import Bus, Store
-from optimizer.schedule import Schedule
+from optimizer.schedule import MINIMUMS, Schedule
 from services.gateway import openai_api as oa
 from services.gateway.core import Gateway
 from services.scheduler.service import request_schedule
@@ -53,9 +54,27 @@ class ReplanBody(BaseModel):
     reason: str = ""
 
 
+LARGEST_INT = 2**31 - 1  # a schedule's integers travel in msgpack; none needs more
+
+
+def schedule_fields() -> type[BaseModel]:
+    """The fields of ``optimizer.schedule.Schedule`` as a body: their types, defaults and least
+    values, and no other field (what a pin's schema states is what ``Schedule`` takes)."""
+    hints = typing.get_type_hints(Schedule)
+    fields: dict[str, Any] = {f.name: (hints[f.name], Field(f.default, ge=MINIMUMS.get(f.name),
+                                                            le=LARGEST_INT if hints[f.name] is int else None))
+                              for f in dataclasses.fields(Schedule)}
+    return create_model("ScheduleFields", __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
+                        __doc__="A schedule (optimizer.schedule.Schedule); mixed needs chunk_tokens > "
+                        "decode_batch, and worker_devices must divide each role's devices.", **fields)
+
+
+ScheduleFields = schedule_fields()
+
+
 class PinBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    schedule: dict[str, Any] | None  # required; null: unpin
+    schedule: ScheduleFields | None  # type: ignore[valid-type]  # required; null: unpin
 
 
 async def schedule_records(store: Store, names: Names) -> tuple[ScheduleUpdate | None, SchedulerState | None]:
@@ -105,7 +124,7 @@ def admin_router() -> APIRouter:
         update, state = await schedule_records(gateway.transports.store, gateway.names)
         return JSONResponse({"update": jsonable(update), "state": jsonable(state)})
 
-    @router.put("/schedule/bound", status_code=202, responses=oa.error_responses(400, 401, 403, 503))
+    @router.put("/schedule/bound", status_code=202, responses=oa.error_responses(400, 401, 403, 408, 413, 503))
     async def set_bound(body: BoundBody, request: Request) -> JSONResponse:
         bound = body.latency_bound_s
         if bound is not None and not bound > 0:  # nan is not > 0 either
@@ -116,7 +135,7 @@ def admin_router() -> APIRouter:
         await ask_scheduler(gateway.bus, gateway.names, message)
         return JSONResponse({"requested": "set_bound", **jsonable(message)}, 202)
 
-    @router.put("/schedule/slo", status_code=202, responses=oa.error_responses(400, 401, 403, 503))
+    @router.put("/schedule/slo", status_code=202, responses=oa.error_responses(400, 401, 403, 408, 413, 503))
     async def set_slo(body: SloBody, request: Request) -> JSONResponse:
         for name in ("ttft_s", "tpot_s"):
             value = getattr(body, name)
@@ -128,7 +147,7 @@ def admin_router() -> APIRouter:
         await ask_scheduler(gateway.bus, gateway.names, message)
         return JSONResponse({"requested": "set_slo", **jsonable(message)}, 202)
 
-    @router.post("/schedule/replan", status_code=202, responses=oa.error_responses(400, 401, 403, 503))
+    @router.post("/schedule/replan", status_code=202, responses=oa.error_responses(400, 401, 403, 408, 413, 503))
     async def replan(request: Request, body: ReplanBody | None = None) -> JSONResponse:
         reason = (body.reason if body else "") or "requested through the admin API"
         message = Replan(reason, time.time())
@@ -136,10 +155,10 @@ def admin_router() -> APIRouter:
         await ask_scheduler(gateway.bus, gateway.names, message)
         return JSONResponse({"requested": "replan", **jsonable(message)}, 202)
 
-    @router.put("/schedule/pin", status_code=202, responses=oa.error_responses(400, 401, 403, 503))
+    @router.put("/schedule/pin", status_code=202, responses=oa.error_responses(400, 401, 403, 408, 413, 503))
     async def pin(body: PinBody, request: Request) -> JSONResponse:
         try:
-            schedule = None if body.schedule is None else Schedule(**body.schedule)
+            schedule = None if body.schedule is None else Schedule(**body.schedule.model_dump())
         except (TypeError, ValueError) as exc:
             return bad_request(f"not a schedule: {exc}", "schedule")
         gateway: Gateway = request.app.state.gateway

@@ -32,6 +32,7 @@ from services.run.engines import is_factory_spec, load_engine, served_model_name
 from services.gateway import openai_api as oa
 from services.gateway.admin import admin_router, schedule_records
 from services.gateway.admission import Admission, Refused, Ticket
+from services.gateway.bodies import BoundBodies, header
 from services.gateway.core import Gateway, Pending, RequestFailed
 from services.gateway.dashboard import Dashboard, dashboard_router
 from services.gateway.keys import RequireKeys, load_keys
@@ -118,6 +119,8 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
     app.state.model, app.state.config, app.state.metrics = model, config, metrics
     install_error_handlers(app)
     app.add_middleware(AnswerOutages)  # innermost: a broker or store failure of any route is a 503
+    app.add_middleware(BoundBodies, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s,
+                       exempt=lambda scope: is_upload(app, scope))  # after the key check: no body read for a 401
     app.add_middleware(RequireKeys, keys=load_keys(config))
     app.add_middleware(LogRequests)  # outermost: it also sees what RequireKeys refuses
     if (tracing := tracing_for(config)).enabled:  # off: not even a middleware
@@ -127,16 +130,18 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
     app.include_router(dashboard_router())
     for router in routers:
         app.include_router(router)
-    app.openapi = lambda: openapi_document(app, model, config.max_tokens_limit)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_document(app, model, config)  # type: ignore[method-assign]
     return app
 
 
-def openapi_document(app: FastAPI, served: "ServedModel", max_tokens: int) -> dict[str, Any]:
+def openapi_document(app: FastAPI, served: "ServedModel", config: MeshConfig) -> dict[str, Any]:
     """FastAPI's document, less the 422 it adds to every route with a body or parameters: the
     gateway answers invalid input with a 400 in the OpenAI error shape (declared per route).
     ``model`` names the one model served as its only valid value, ``max_tokens`` the largest it
-    accepts, a prompt of token ids the vocabulary's range; a generation route's 200 is JSON, or an
-    SSE stream with ``stream``."""
+    accepts (the limit, the context less one prompt token, the work one request may ask for), ``n``
+    that work's cap, a prompt of token ids the vocabulary's range; a generation route's 200 is
+    JSON, or an SSE stream with ``stream``."""
+    max_tokens = max(1, min(config.max_tokens_limit, served.max_context - 1, config.max_request_tokens))
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
@@ -160,6 +165,15 @@ def openapi_document(app: FastAPI, served: "ServedModel", max_tokens: int) -> di
                 if limited in properties:
                     properties[limited]["anyOf"] = [{"type": "integer", "minimum": 1, "maximum": max_tokens},
                                                     {"type": "null"}]
+                    properties[limited]["description"] = (
+                        f"at most {max_tokens}; prompt tokens + max_tokens within the context "
+                        f"({served.max_context}, else 400 context_length_exceeded); n x max_tokens at most "
+                        f"{config.max_request_tokens}")
+            if "n" in properties:
+                properties["n"]["description"] = (f"choices to generate (each a request of its own); "
+                                                  f"n x max_tokens at most {config.max_request_tokens}")
+                components[name].setdefault("allOf", []).extend(
+                    request_tokens_schema(properties, max_tokens, config.max_request_tokens))
         for path in ("/v1/completions", "/v1/chat/completions"):
             ok = schema.get("paths", {}).get(path, {}).get("post", {}).get("responses", {}).get("200")
             if ok is not None:
@@ -169,6 +183,28 @@ def openapi_document(app: FastAPI, served: "ServedModel", max_tokens: int) -> di
         _json_schema_bounds(components)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def request_tokens_schema(properties: dict[str, Any], max_tokens: int, cap: int) -> list[dict[str, Any]]:
+    """``n`` x ``max_tokens`` <= ``cap`` in JSON Schema: for each ``n`` from which the cap bounds
+    ``max_tokens`` below ``max_tokens``, an if/then lowering its maximum."""
+    limited = [field for field in ("max_tokens", "max_completion_tokens") if field in properties]
+    return [{"if": {"properties": {"n": {"type": "integer", "minimum": n}}, "required": ["n"]},
+             "then": {"properties": {field: {"anyOf": [{"type": "integer", "maximum": cap // n}, {"type": "null"}]}
+                                     for field in limited}}}
+            for n in range(2, oa.MAX_N + 1) if cap // n < max_tokens]
+
+
+def is_upload(app: FastAPI, scope: Scope) -> bool:
+    """A multipart request to a route that declares a multipart body (it bounds the upload as
+    it parses it)."""
+    if (header(scope, b"content-type") or b"").split(b";")[0].strip().lower() != b"multipart/form-data":
+        return False
+    path = scope.get("path", "")
+    return any(getattr(route, "path_regex", None) is not None and route.path_regex.match(path)
+               and "multipart/form-data" in ((getattr(route, "openapi_extra", None) or {})
+                                              .get("requestBody", {}).get("content", {}))
+               for route in app.routes)
 
 
 def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
@@ -191,6 +227,15 @@ def param_of(loc: tuple[Any, ...]) -> str:
     """The field a validation error names, as ``messages.0.content``: the location without
     ``body`` and without the union branches pydantic adds (``prompt.constrained-str``)."""
     return ".".join(str(p) for p in loc[1:] if not (isinstance(p, str) and _UNION_TAG.match(p)))
+
+
+def telling(errors: list[dict[str, Any]], first: dict[str, Any]) -> dict[str, Any]:
+    """Of the errors about ``first``'s field, one about the value rather than a union branch it
+    is not of: for a list of stop strings with one too long, "String should have at most 256
+    characters (stop.1)", not "Input should be a valid string (stop)"."""
+    field = param_of(first.get("loc", ()))
+    related = [e for e in errors if (p := param_of(e.get("loc", ()))) == field or p.startswith(f"{field}.")]
+    return next((e for e in related if not str(e.get("type", "")).endswith("_type")), first)
 
 
 _BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
@@ -229,6 +274,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse(oa.error_body(
                 f"Unsupported parameter: '{param}' is not supported by this server",
                 param=param, code="unsupported_parameter"), 400)
+        first = telling(errors, first)
         param = param_of(first.get("loc", ())) or None
         return JSONResponse(oa.error_body(f"{first['msg']} ({param or 'body'})", param=param), 400)
 
@@ -361,7 +407,15 @@ def check_model(body: oa._Common, model: ServedModel) -> None:
                        f"this server accepts only {accepted}", param=name, code="unsupported_value")
 
 
-def completion_prompt(body: oa.CompletionBody, model: ServedModel) -> list[int]:
+def check_prompt_chars(chars: int, max_chars: int, param: str) -> None:
+    """A prompt too long to be worth tokenizing: a 400 before the tokenizer sees it."""
+    if chars > max_chars:
+        raise ApiError(400, f"The prompt has {chars} characters; this server accepts at most {max_chars} "
+                       "(max_prompt_chars)", param=param, code="string_above_max_length")
+
+
+def completion_prompt(body: oa.CompletionBody, model: ServedModel, max_chars: int) -> list[int]:
+    """The prompt's token ids (text is tokenized: call it off the event loop)."""
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
         vocab = getattr(model.tokenizer, "vocab_size", None)
@@ -374,6 +428,7 @@ def completion_prompt(body: oa.CompletionBody, model: ServedModel) -> list[int]:
         if len(prompt) != 1:
             raise ApiError(400, "exactly one prompt per request is supported", param="prompt")
         prompt = prompt[0]
+    check_prompt_chars(len(prompt), max_chars, "prompt")
     return model.tokenizer.encode(str(prompt))
 
 
@@ -398,10 +453,21 @@ def message_text(content: str | list[oa.ContentPart], where: str) -> str:
     return "\n".join(texts)
 
 
-def chat_prompt(body: oa.ChatBody, model: ServedModel) -> list[int]:
+def chat_prompt(body: oa.ChatBody, model: ServedModel, max_chars: int) -> list[int]:
+    """The messages' token ids, templated (call it off the event loop)."""
     messages = [{"role": m.role, "content": message_text(m.content, f"messages.{i}")}
                 for i, m in enumerate(body.messages)]
+    check_prompt_chars(sum(len(m["content"]) for m in messages), max_chars, "messages")
     return model.tokenizer.encode(model.tokenizer.apply_chat_template(messages))
+
+
+def check_request_tokens(body: oa._Common, sampling: Sampling, config: MeshConfig) -> None:
+    """The generation one request asks for, all choices together, within ``max_request_tokens``."""
+    n = body.n or 1
+    if n * sampling.max_tokens > config.max_request_tokens:
+        raise ApiError(400, f"n x max_tokens may be at most {config.max_request_tokens} tokens per request "
+                       f"(max_request_tokens); you requested n={n}, max_tokens={sampling.max_tokens}",
+                       param="n" if n > 1 else "max_tokens", code="integer_above_max_value")
 
 
 def sampling_of(body: oa._Common, max_tokens: int | None, prompt_ids: list[int],
@@ -417,7 +483,10 @@ def sampling_of(body: oa._Common, max_tokens: int | None, prompt_ids: list[int],
         raise ApiError(400, f"The prompt has {len(prompt_ids)} tokens; this model's maximum context "
                        f"length is {model.max_context} tokens (prompt and completion together)",
                        param=prompt_param, code="context_length_exceeded")
-    wanted = min(config.max_tokens_limit, room, 16) if max_tokens is None else max_tokens
+    if max_tokens is None:  # 16, or less where the limit, the context or n x max_tokens says so
+        wanted = max(1, min(config.max_tokens_limit, room, 16, config.max_request_tokens // (body.n or 1)))
+    else:
+        wanted = max_tokens
     if wanted > config.max_tokens_limit:
         raise ApiError(400, f"max_tokens may be at most {config.max_tokens_limit}; you requested "
                        f"max_tokens={wanted}", param="max_tokens", code="integer_above_max_value")
@@ -444,7 +513,7 @@ def logprobs_wanted(body: oa._Common) -> int | None:
 
 # --- routes -----------------------------------------------------------------------------------
 
-GENERATION_ERRORS = oa.error_responses(400, 401, 404, 429, 503, 504)
+GENERATION_ERRORS = oa.error_responses(400, 401, 404, 408, 413, 429, 503, 504)
 
 def openai_router() -> APIRouter:
     router = APIRouter()
@@ -503,9 +572,11 @@ def openai_router() -> APIRouter:
         model: ServedModel = request.app.state.model
         request.state.model = body.model  # for the request's log line
         check_model(body, model)
-        prompt_ids = completion_prompt(body, model)
+        config: MeshConfig = request.app.state.config
+        prompt_ids = await asyncio.to_thread(completion_prompt, body, model, config.max_prompt_chars)
         request.state.prompt_tokens = len(prompt_ids)
-        sampling = sampling_of(body, body.max_tokens, prompt_ids, model, request.app.state.config)
+        sampling = sampling_of(body, body.max_tokens, prompt_ids, model, config)
+        check_request_tokens(body, sampling, config)
         return await respond(request, "completions", body, prompt_ids, sampling)
 
     @router.post("/v1/chat/completions", responses=GENERATION_ERRORS)
@@ -513,14 +584,15 @@ def openai_router() -> APIRouter:
         model: ServedModel = request.app.state.model
         request.state.model = body.model  # for the request's log line
         check_model(body, model)
-        prompt_ids = chat_prompt(body, model)
+        config: MeshConfig = request.app.state.config
+        prompt_ids = await asyncio.to_thread(chat_prompt, body, model, config.max_prompt_chars)
         request.state.prompt_tokens = len(prompt_ids)
         wanted = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
         if body.max_tokens is not None and body.max_completion_tokens is not None:
-            sampling_of(body, body.max_tokens, prompt_ids, model, request.app.state.config,
+            sampling_of(body, body.max_tokens, prompt_ids, model, config,
                         prompt_param="messages")  # both given: each must be acceptable
-        sampling = sampling_of(body, wanted, prompt_ids,
-                               model, request.app.state.config, prompt_param="messages")
+        sampling = sampling_of(body, wanted, prompt_ids, model, config, prompt_param="messages")
+        check_request_tokens(body, sampling, config)
         return await respond(request, "chat", body, prompt_ids, sampling)
 
     return router

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from engine.api import MAX_LOGPROBS
+from engine.api import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS, MAX_TEMPERATURE, MAX_TOP_K
 
 MAX_N = 16  # choices per request
 
@@ -33,6 +33,7 @@ def _whole(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_whole)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(BaseModel):
@@ -43,18 +44,20 @@ class StreamOptions(BaseModel):
 
 class _Common(BaseModel):
     # strict: a value of the wrong JSON type is a 400, never coerced (true is not 1, "3" not 3);
-    # a JSON integer still serves where a number is expected
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # a JSON integer still serves where a number is expected; NaN and infinities are refused
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str
     max_tokens: Int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: Int = Field(0, ge=0)
+    top_k: Int = Field(0, ge=0, le=MAX_TOP_K, description="0: no cut; a value above the vocabulary "
+                       "cuts nothing more")
     n: Int | None = Field(1, ge=1, le=MAX_N, description="choices to generate (each a request of its own)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = Field(
+        None, description=f"up to {MAX_STOPS} strings of up to {MAX_STOP_CHARS} characters")
     seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer")
     ignore_eos: bool = False
     min_tokens: Int = Field(0, ge=0)
@@ -276,7 +279,8 @@ _MEANING = {
     403: "A key of scope user on an admin route",
     404: "Not found: the model is not the one served, or the batch or file does not exist (or "
          "belongs to another key)",
-    413: "The upload is larger than the gateway accepts",
+    408: "The request body did not arrive whole within `body_timeout_s`",
+    413: "The body is larger than the gateway accepts (`max_body_bytes`; a file upload: its own limit)",
     429: "A limit was reached: requests in flight at this gateway, the encode queue's depth, or "
          "the key's requests in flight or tokens per minute; retry after `Retry-After` seconds "
          "(absent: the request is larger than the key's tokens per minute)",

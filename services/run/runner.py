@@ -105,8 +105,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
-    """The gateway (and, embedded, every other service) behind uvicorn."""
+    """The gateway (and, embedded, every other service) behind uvicorn, under the gateway's
+    connection limits."""
     import uvicorn
+
+    from services.gateway.connections import bounded_protocol, connection_limits
 
     check_exposure(config, load_keys(config))  # no keys: loopback only, unless insecure
     sock = bind_socket(config.host, config.port)  # before loading models: a taken port fails fast
@@ -126,7 +129,8 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
     routers, lifespans = load_plugins()
     app = create_app(config, model, hub=hub, workers=workers, routers=tuple(routers),
                      lifespans=tuple(lifespans), on_ready=lambda: announce(f"ready gateway {url}"))
-    server = _uvicorn_server()(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = _uvicorn_server()(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                              http=bounded_protocol(connection_limits(config))))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)

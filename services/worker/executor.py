@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.api import Engine, EngineBroken, GenerationRequest, KVHandoff, PromptChunk, TokenEvent
+from engine.api import Engine, EngineBroken, GenerationRequest, KVHandoff, PromptChunk, RequestRejected, TokenEvent
 from optimizer.policies import StepPlan
 
 
@@ -21,6 +21,8 @@ class StepResult:
     refused: dict[str, str] = field(default_factory=dict)  # request id -> why (prompt or hand-off)
     failed: dict[str, str] = field(default_factory=dict)  # an engine fault, the second time: 500
     given_back: list[str] = field(default_factory=list)  # an engine fault, the first time: requeued
+    faulted: dict[str, str] = field(default_factory=dict)  # a new request its step faulted on (the worker
+    # gives it back, or fails it at its last attempt); the step's other requests went on
     exported: dict[str, KVHandoff] = field(default_factory=dict)  # encoder: prefilled, to hand off
     started_at: float = 0.0
     ended_at: float = 0.0
@@ -29,7 +31,8 @@ class StepResult:
 def run_step(engine: Engine, plan: StepPlan, prompts: dict[str, GenerationRequest],
              handoffs: dict[str, KVHandoff], export: bool) -> StepResult:
     """On the engine thread: the whole plan. A refused prompt or hand-off does not stop the
-    others (the step is retried without it). ``prompts`` holds the encoded requests and the
+    others (the step is retried without it), nor does a new request whose step faults (it is
+    found by running the others without it). ``prompts`` holds the encoded requests and the
     chunked ones."""
     result = StepResult()
     for rid in plan.admit:
@@ -42,32 +45,92 @@ def run_step(engine: Engine, plan: StepPlan, prompts: dict[str, GenerationReques
     decode = [rid for rid in plan.decode if rid not in result.refused]
     new = [prompts[rid] for rid in plan.encode]
     chunks = [PromptChunk(prompts[c.request_id], c.start, c.length) for c in plan.chunks]
-    try:
-        more = (chunks,) if chunks else ()  # engines without chunked prefill take three arguments
-        result.events = engine.step(new, decode, plan.padding, *more)
-    except ValueError:  # a prompt the engine refuses; find it, run the rest
-        result.events = _step_without_refused(engine, new, decode, plan.padding, result.refused, chunks)
+    result.events = _step_refusing(engine, Joining(new, chunks), decode, plan.padding, result)
     if export:
         finished = {e.request_id for e in result.events if e.finished}
         for request in new:
-            if request.request_id not in finished and request.request_id not in result.refused:
-                result.exported[request.request_id] = engine.export_request(request.request_id)
+            rid = request.request_id
+            if rid not in finished and rid not in result.refused and rid not in result.faulted:
+                result.exported[rid] = engine.export_request(rid)
     return result
 
 
-def _step_without_refused(engine: Engine, new: list[GenerationRequest], decode: list[str], padding: int,
-                          refused: dict[str, str], chunks: list[PromptChunk] = ()) -> list[TokenEvent]:
-    """Each new prompt and each chunk alone (those the engine refuses are refused), then the decode."""
-    events: list[TokenEvent] = []
-    for request in new:
+@dataclass
+class Joining:
+    """A step's new requests: whole prompts and prompt chunks."""
+
+    new: list[GenerationRequest]
+    chunks: list[PromptChunk]
+
+    def ids(self) -> set[str]:
+        return {r.request_id for r in self.new} | {c.request.request_id for c in self.chunks}
+
+    def without(self, request_id: str, engine: Engine) -> "Joining":
+        """Less ``request_id``; the part of its prompt a chunked prefill put in the cache goes."""
+        if any(c.request.request_id == request_id and c.start > 0 for c in self.chunks):
+            engine.abort(request_id)
+        return Joining([r for r in self.new if r.request_id != request_id],
+                       [c for c in self.chunks if c.request.request_id != request_id])
+
+    def alone(self) -> list[tuple[str, "Joining"]]:
+        return ([(r.request_id, Joining([r], [])) for r in self.new]
+                + [(c.request.request_id, Joining([], [c])) for c in self.chunks])
+
+
+def _step(engine: Engine, joining: Joining, decode: list[str], padding: int) -> list[TokenEvent]:
+    more = (joining.chunks,) if joining.chunks else ()  # engines without chunked prefill take three arguments
+    return engine.step(joining.new, decode, padding, *more)
+
+
+def _step_refusing(engine: Engine, joining: Joining, decode: list[str], padding: int,
+                   result: StepResult) -> list[TokenEvent]:
+    """The step, without the new requests the engine refuses: each refusal that names a new
+    request or chunk (``RequestRejected``) refuses it and the step runs again without it (a
+    refused step changed nothing). Any other failure of a step with new requests is looked for
+    among them (``_one_by_one``)."""
+    while True:
         try:
-            events += engine.step([request])
+            return _step(engine, joining, decode, padding)
+        except EngineBroken:
+            raise
         except ValueError as exc:
-            refused[request.request_id] = str(exc)
-    for chunk in chunks:
+            rid = exc.request_id if isinstance(exc, RequestRejected) else None
+            if rid not in joining.ids():
+                return _one_by_one(engine, joining, decode, padding, result, exc)
+            result.refused[rid] = str(exc)
+            joining = joining.without(rid, engine)
+        except Exception as exc:
+            if not joining.ids():
+                raise  # the running requests' own step: an engine fault
+            return _one_by_one(engine, joining, decode, padding, result, exc)
+
+
+def _one_by_one(engine: Engine, joining: Joining, decode: list[str], padding: int, result: StepResult,
+                exc: Exception) -> list[TokenEvent]:
+    """A step with new requests failed (and changed nothing): the running requests step without
+    them (if that fails too, the fault is the engine's: it raises), then each new one alone. A
+    ``ValueError`` refuses it; another failure is its fault (``faulted``). A single new request
+    is not run again: the step without it succeeded, so it failed it."""
+    events = engine.step((), decode, padding)
+    suspects = joining.alone()
+    if len(suspects) == 1 and not isinstance(exc, ValueError):
+        _blame(result, suspects[0][0], exc, engine)
+        return events
+    for rid, one in suspects:
         try:
-            events += engine.step(chunks=[chunk])
-        except ValueError as exc:
-            refused[chunk.request.request_id] = str(exc)
-            engine.abort(chunk.request.request_id)  # the part of its prompt already in the cache
-    return events + engine.step((), decode, padding)
+            events += _step(engine, one, [], 0)
+        except EngineBroken:
+            raise
+        except Exception as fault:
+            _blame(result, rid, fault, engine)
+    return events
+
+
+def _blame(result: StepResult, request_id: str, exc: Exception, engine: Engine) -> None:
+    """``request_id``'s step failed with ``exc``: refused (its input) or faulted (the engine's
+    failure on it); the part of its prompt a chunked prefill put in the cache goes."""
+    engine.abort(request_id)
+    if isinstance(exc, ValueError):
+        result.refused[request_id] = str(exc)
+    else:
+        result.faulted[request_id] = f"{type(exc).__name__}: {exc}"

@@ -277,16 +277,16 @@ class Worker:
         return (f"prompt + max_tokens need {positions} tokens of KV cache; a worker's cache holds "
                 f"{self.driver.kv_tokens} (lower max_tokens, or give workers more memory: kv_cache_gb)")
 
-    @staticmethod
-    async def _decoded(deliveries: list[Delivery], kind) -> list[tuple[Delivery, object]]:
+    async def _decoded(self, deliveries: list[Delivery], kind) -> list[tuple[Delivery, object]]:
         """Each delivery with its message. To the dead queue, with the reason: bytes that do not
-        decode, and a message whose ``reply_to`` no broker can route (over 255 bytes: nobody
-        could ever be answered)."""
+        decode (a requester that can still be named is told: a 400), and a message whose
+        ``reply_to`` no broker can route (over 255 bytes: nobody could ever be answered)."""
         decoded = []
         for delivery in deliveries:
             try:
                 message = codec.decode(delivery.body, kind)
             except Exception as exc:  # codec.DecodeError, or anything a malformed message raises
+                await self._tell_invalid(delivery, kind, exc)
                 await delivery.dead_letter(f"undecodable: {exc}")
                 continue
             try:
@@ -296,6 +296,24 @@ class Worker:
                 continue
             decoded.append((delivery, message))
         return decoded
+
+    async def _tell_invalid(self, delivery: Delivery, kind, exc: Exception) -> None:
+        """A message that does not decode but names its request and a routable ``reply_to``:
+        that request fails (400, the reason) before the message goes to the dead queue."""
+        address = codec.return_address(delivery.body, kind)
+        if address is None:
+            return
+        request_id, reply_to = address
+        try:
+            check_name(reply_to)
+        except NameTooLong:
+            return
+        outbox = Outbox()
+        outbox.failure(reply_to, Failure(request_id, 400, f"invalid request: {exc}"))
+        try:
+            await self.send(outbox)
+        except Exception as failure:  # the broker is out: the dead queue still holds the reason
+            log.warning("worker %s: invalid request %s could not be failed: %r", self.worker_id, request_id, failure)
 
     async def _on_dead(self, delivery: Delivery, reason: str) -> None:
         """A message is going to the dead queue (past the delivery limit, or failing at its last
@@ -611,6 +629,8 @@ class Worker:
             raise  # nothing more can run here: exit, and the broker redelivers what this worker held
         except Exception as exc:  # an engine fault: these requests run elsewhere once, then fail
             result = await self._step_failed(plan, exc)
+        for rid, why in result.faulted.items():  # the step went on without them
+            self._fault(result, rid, f"engine fault: {why}")
         result.started_at, result.ended_at = started, time.time()
         self.steps += 1
         self.engine_s += result.ended_at - started
@@ -657,12 +677,17 @@ class Worker:
         result = StepResult()
         for rid in dict.fromkeys((*plan.encode, *(c.request_id for c in plan.chunks), *plan.admit, *plan.decode)):
             await self.runner.call(self.runner.engine.abort, rid)
-            held = self.held[rid]
-            if held.delivery.attempts >= held.delivery.limit:
-                result.failed[rid] = f"engine fault: {exc}"
-            else:
-                result.given_back.append(rid)
+            self._fault(result, rid, f"engine fault: {exc}")
         return result
+
+    def _fault(self, result: StepResult, rid: str, why: str) -> None:
+        """An engine fault on ``rid``: back to the queue (another worker may run it), a counted
+        attempt; at its last attempt it fails (500)."""
+        held = self.held[rid]
+        if held.delivery.attempts >= held.delivery.limit:
+            result.failed[rid] = why
+        else:
+            result.given_back.append(rid)
 
     @staticmethod
     def outcome(result: StepResult) -> StepOutcome:

@@ -159,6 +159,34 @@ def test_a_tp2_handoff_continues_identically_on_one_process(group, tmp_path):
     assert [e.token_id for e in moved] == [e.token_id for e in solo]
 
 
+def test_a_group_undoes_a_step_that_failed_after_its_forward_pass(group, tmp_path, monkeypatch):
+    """Every rank forgets the new request's slot and the decoded rows' position (``rollback``):
+    the step taken again gives the tokens of one process."""
+    import engine.engine as engine_module
+
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    first, second = GenerationRequest("a", tuple(range(5, 25)), params), GenerationRequest("b", (3, 4, 5), params)
+    one = load_engine("tiny-llama", device="cpu", models_dir=tmp_path)
+    expected = one.prefill([first]) + one.step([second], ["a"])
+    while one.running():
+        expected += one.decode_step()
+    many = group("tiny-llama", GroupShape((2,)), models_dir=tmp_path)
+    got = many.prefill([first])
+    def fault(*_):
+        raise RuntimeError("sampler fault")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "sample", fault)
+        with pytest.raises(RuntimeError, match="sampler fault"):
+            many.step([second], ["a"])
+    assert many.running() == ["a"]
+    got += many.step([second], ["a"])
+    while many.running():
+        got += many.decode_step()
+    key = lambda e: (e.request_id, e.index)  # noqa: E731
+    assert sorted((key(e), e.token_id) for e in got) == sorted((key(e), e.token_id) for e in expected)
+
+
 def test_a_dead_rank_breaks_the_group_with_a_clear_error(group, tmp_path):
     many = group("tiny-llama", GroupShape((2,)), models_dir=tmp_path)
     many.prefill([GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=50, ignore_eos=True))])

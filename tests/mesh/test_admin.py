@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -21,7 +22,7 @@ from common.messages.control import PinSchedule, Replan, RoleAssignment, Schedul
 from common.messages.status import CalibrationPoint, CandidateFigures, SchedulerState
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
-from optimizer.schedule import Schedule
+from optimizer.schedule import MINIMUMS, POLICIES, Schedule
 from services.cli import main
 from services.cli import schedule as schedule_cli
 from services.gateway import ServedModel, create_app
@@ -234,12 +235,13 @@ async def test_replan_asks_the_scheduler(config, hub):
 
 async def test_pin_validates_and_asks_the_scheduler(config, hub):
     async with gateway_app(config, hub) as client:
-        bad = await client.put("/admin/schedule/pin", json={"schedule": {"policy": "fastest"}})
-        assert bad.status_code == 400 and "unknown policy" in bad.json()["error"]["message"]
-        bad = await client.put("/admin/schedule/pin", json={"schedule": {"encode_batch": 0}})
-        assert bad.status_code == 400 and "encode_batch" in bad.json()["error"]["message"]
-        bad = await client.put("/admin/schedule/pin", json={"schedule": {"colour": "red"}})
-        assert bad.status_code == 400
+        for schedule, param in (({"policy": "fastest"}, "schedule.policy"), ({"encode_batch": 0}, "schedule.encode_batch"),
+                                ({"encode_batch": 2**64}, "schedule.encode_batch"),
+                                ({"colour": "red"}, "schedule.colour")):
+            bad = await client.put("/admin/schedule/pin", json={"schedule": schedule})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+        bad = await client.put("/admin/schedule/pin", json={"schedule": {"policy": "mixed", "chunk_tokens": 8}})
+        assert bad.status_code == 400 and "chunk_tokens" in bad.json()["error"]["message"]
         fields = {"policy": "rra", "encode_batch": 2, "decode_batch": 16, "decode_iters_per_encode": 4}
         assert (await client.put("/admin/schedule/pin", json={"schedule": fields})).status_code == 202
         message = await next_request(config, hub)
@@ -338,7 +340,7 @@ async def test_schedule_commands_send_their_requests(config, hub, capsys, tmp_pa
     (["set-bound", "soon"], ADMIN, "not a number of seconds"),
     (["set-slo", "--ttft", "-1"], ADMIN, "400: ttft_s must be a positive"),
     (["set-slo", "--tpot", "0.1", "--percentile", "1.5"], ADMIN, "400: "),
-    (["pin", '{"policy": "x"}'], ADMIN, "400: not a schedule: unknown policy"),
+    (["pin", '{"policy": "x"}'], ADMIN, "400: Input should be 'rra', 'waa-c', 'waa-m', 'static', 'continuous' or 'mixed' (schedule.policy)"),
     (["pin"], ADMIN, "a schedule (file or JSON) or --unpin"),
 ])
 async def test_schedule_errors_are_one_line(config, hub, argv, key, expected):
@@ -370,3 +372,20 @@ def test_up_hands_its_children_the_keys_themselves():
     env = child_env(MeshConfig(api_keys="u1,u2", admin_keys="a1", insecure=True))
     assert (env["EXEGPT_API_KEYS"], env["EXEGPT_ADMIN_KEYS"]) == ("u1,u2", "a1")
     assert MeshConfig(insecure=env["EXEGPT_INSECURE"]).insecure
+
+
+async def test_the_pin_body_schema_is_the_schedules(config, hub):
+    """Every field of Schedule with its type, default and least value, and no other: a body the
+    schema accepts is one Schedule takes (no open object refused later)."""
+    async with gateway_app(config, hub) as client:
+        document = (await client.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    body = document["paths"]["/admin/schedule/pin"]["put"]["requestBody"]["content"]["application/json"]["schema"]
+    pin = schemas[body["$ref"].rsplit("/", 1)[-1]]
+    ref = next(o["$ref"] for o in pin["properties"]["schedule"]["anyOf"] if "$ref" in o)
+    fields = schemas[ref.rsplit("/", 1)[-1]]
+    assert fields["additionalProperties"] is False
+    assert set(fields["properties"]) == {f.name for f in dataclasses.fields(Schedule)}
+    assert fields["properties"]["policy"]["enum"] == list(POLICIES)
+    for name, least in MINIMUMS.items():
+        assert fields["properties"][name]["minimum"] == least, name

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from engine.api import MAX_STOP_CHARS, MAX_STOPS, MAX_TOP_K
 from tests.mesh.conftest import running_mesh
 from tests.mesh.fake_engine import MAX_CONTEXT, ByteTokenizer, load
 
@@ -112,6 +113,38 @@ async def test_a_seed_beyond_64_bits_is_a_400_naming_it(config, hub, seed):
         error = await error_of(await m.client.post("/v1/completions", json=completion("x", 3, seed=seed)))
         assert error["param"] == "seed"
         ok = await m.client.post("/v1/completions", json=completion("x", 3, seed=2**63 - 1))
+        assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("field, value", [("top_k", 2**63), ("top_k", 2**64), ("top_k", 10**30),
+                                          ("top_k", -1), ("temperature", 2.5), ("top_p", 0),
+                                          ("stop", ["s"] * (MAX_STOPS + 1)), ("stop", "x" * (MAX_STOP_CHARS + 1)),
+                                          ("stop", ["ok", "x" * (MAX_STOP_CHARS + 1)])])
+async def test_a_sampling_field_out_of_bounds_is_a_400_naming_it(config, hub, field, value):
+    async with running_mesh(config, hub, load) as m:
+        for path, body in (("/v1/completions", completion("x", 3)),
+                           ("/v1/chat/completions", chat_body([{"role": "user", "content": "x"}]))):
+            error = await error_of(await m.client.post(path, json={**body, field: value}))
+            assert error["param"].split(".")[0] == field, error  # stop.1: the second stop string
+        assert m.mesh.workers[0].runner.engine.steps == []  # nothing reached a worker
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_nan_and_infinities_are_a_400_naming_the_field(config, hub, field, literal):
+    """JSON has no NaN, but Python's parser reads these literals: they never reach a worker."""
+    async with running_mesh(config, hub, load) as m:
+        text = json.dumps(completion("x", 3))[:-1] + f', "{field}": {literal}}}'
+        response = await m.client.post("/v1/completions", content=text.encode(),
+                                       headers={"content-type": "application/json"})
+        error = await error_of(response)
+        assert error["param"] == field and "finite" in error["message"], error
+        assert m.mesh.workers[0].runner.engine.steps == []
+
+
+async def test_the_largest_top_k_is_served(config, hub):
+    async with running_mesh(config, hub, load) as m:
+        ok = await m.client.post("/v1/completions", json=completion("x", 3, top_k=MAX_TOP_K, temperature=1.0))
         assert ok.status_code == 200, ok.text
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import pytest
 
 from common.jobs import ReplyCollector, job_id, new_batch_id
@@ -17,12 +18,15 @@ from common.messages.handoff import KvReady
 from common.messages.jobs import BatchJob, JobResult
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
+from engine.api import GenerationRequest
+from optimizer.policies import StepPlan
 from common.transport.connect import open_bus, open_store, open_transports
 from common.transport.kv import StoreKv
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
 from services.cli.dlq import act
 from services.scheduler.service import DEFAULT_SCHEDULE
+from services.worker.executor import run_step
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import FakeEngine, load
 
@@ -125,6 +129,33 @@ async def test_a_reply_to_no_broker_routes_is_dead_lettered_and_the_worker_goes_
         await t.close()
 
 
+def out_of_bounds(work: EncodeWork, field: int, value) -> bytes:
+    """``work`` on the wire with one field of its sampling set to ``value`` (no check lets such
+    a message be built: it is what a producer without the checks would send)."""
+    version, tag, *fields = msgpack.unpackb(codec.encode(work))
+    fields[3][field] = value  # EncodeWork.sampling
+    return msgpack.packb([version, tag, *fields])
+
+
+@pytest.mark.parametrize("field, value, named", [(0, 0, "max_tokens"), (0, -4, "max_tokens"),
+                                                 (2, 2**63, "top_k"), (1, float("nan"), "temperature")])
+async def test_work_with_sampling_out_of_bounds_fails_to_its_requester_and_is_dead_lettered(config, hub, field,
+                                                                                            value, named):
+    names = Names(config.namespace)
+    async with running_mesh(config, hub, load) as m:
+        t = await open_transports(config, names, hub)
+        queue, events = await events_queue(t, names, "client")
+        work = EncodeWork("r-bounds", FAKE, (104, 105), Sampling(3), queue, 0.0)
+        await t.bus.publish(names.encode_queue, out_of_bounds(work, field, value))
+        failure = await next_failure(events)
+        assert (failure.request_id, failure.status) == ("r-bounds", 400)
+        assert named in failure.message, failure.message
+        [dead] = await dead_letters(t.bus, names, 1)
+        assert dead.headers["x-exegpt-reason"].startswith("undecodable: ")
+        await still_serves(m)
+        await t.close()
+
+
 class FaultyEngine(FakeEngine):
     """Fails every step that prefills a prompt beginning with "poison" (an engine fault)."""
 
@@ -137,6 +168,26 @@ class FaultyEngine(FakeEngine):
             self.faults += 1
             raise RuntimeError("poisoned prompt")
         return super().step(prefill, decode, padding)
+
+
+def test_a_step_that_faults_on_one_new_request_runs_the_others_without_it():
+    """The engine faults on a step holding a poisoned prompt: the running request and the other
+    new one still take their step (tokens as without the poison), and only the poisoned one is
+    reported (the worker gives it back, or fails it at its last attempt)."""
+    engine = FaultyEngine()
+    running, fine, poison = (GenerationRequest(rid, tuple(prompt), Sampling(4)) for rid, prompt in (
+        ("running", b"run"), ("fine", b"fine"), ("poison", b"poison pill")))
+    engine.step([running])
+    result = run_step(engine, StepPlan(encode=("fine", "poison"), decode=("running",)),
+                      {"fine": fine, "poison": poison}, {}, export=False)
+    assert list(result.faulted) == ["poison"] and "poisoned prompt" in result.faulted["poison"]
+    assert not result.refused and not result.failed and not result.given_back
+    assert sorted(e.request_id for e in result.events) == ["fine", "running"]
+    assert sorted(engine.batch) == ["fine", "running"]
+
+    alone = FaultyEngine()
+    result = run_step(alone, StepPlan(encode=("poison",)), {"poison": poison}, {}, export=False)
+    assert list(result.faulted) == ["poison"] and alone.faults == 1  # not run again to be sure
 
 
 async def test_a_request_failing_at_every_attempt_fails_to_its_client_once_the_limit_is_reached(config, hub):
