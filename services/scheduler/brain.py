@@ -39,7 +39,7 @@ from optimizer.lengths import Workload
 from optimizer.schedule import Schedule
 from optimizer.slo import Slo, SloFigures, figures
 from optimizer.stats import StreamingStats
-from optimizer.traffic import SHORT_S, Forecast, forecast
+from optimizer.traffic import SHORT_S, Forecast, Weighed, forecast
 from services.scheduler.calibrate import StepCalibrator, points
 from services.scheduler.planning import (Plan, Planner, better, better_for_traffic, prior_workload,
                                          reference_sample)
@@ -56,7 +56,7 @@ CHECK_EVERY = 5  # new finished requests between two drift checks
 TAIL_TRUSTED = 2000  # observed requests whose own 99th percentile a plan takes as it is
 NORMAL_P99 = 2.326  # standard normal 99th percentile
 TIMED_MAX = 2048  # newest finished requests whose TTFT/TPOT the observed SLO figures read
-CALIBRATION_CHANGE = 0.10  # a step's calibrated time this far from the one the plan used: search again
+CALIBRATION_CHANGE = 0.15  # a step's calibrated time this far from the one the plan used: search again
 OBSERVED_GAP = 0.05  # observed attainment this far below the predicted one: search again
 OBSERVED_MIN = 40  # ... once this many requests finished under the plan
 
@@ -82,6 +82,7 @@ class Decision:
     basis: str  # what it was planned on
     workload: Workload
     reference: tuple[np.ndarray, np.ndarray]  # the lengths it was planned on (the drift test's reference)
+    in_force: Weighed | None = None  # the schedule in force, weighed at the same forecast (arrival plans)
 
 
 class Brain:
@@ -224,14 +225,14 @@ class Brain:
             return f"observed attainment {seen.attainment:.1%} < predicted {self.plan.attainment:.1%}"
         return None
 
-    def cohort(self, now: float) -> tuple[np.ndarray, np.ndarray]:
+    def cohort(self, now: float, since: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Lengths of the requests finished since the last plan that were submitted early enough
         for all their peers to have finished too (before ``now`` minus the 99th-percentile latency
         of those finished), in order of submission. Requests that finish first are the short ones:
         right after a change the newest finished are a sample biased short; the complete cohort
         much less so (it is still short of the longest ones, which the p99 of what finished
         does not see)."""
-        rows = self.stats.since(self.rebased_at)
+        rows = self.stats.since(self.rebased_at if since is None else since)
         if not len(rows.finished_at):
             return rows.input_len, rows.output_len
         horizon = now - float(np.quantile(rows.finished_at - rows.submitted_at, 0.99))
@@ -256,7 +257,9 @@ class Brain:
         """What to plan on: the newest complete requests since the last plan when there are enough
         (after drift, only the newest ``DRIFT_PLAN``: those of the shift), else the workload the
         plan in force was made on, else the prior, else the newest observed."""
-        ins, outs = self.cohort(now)
+        # after drift, only requests since the last plan (the new traffic); otherwise the lengths
+        # have not changed as far as the test can tell, and every complete request counts
+        ins, outs = self.cohort(now) if reason == "drift" else self.cohort(now, since=0.0)
         newest = DRIFT_PLAN if reason == "drift" else WINDOW_MAX
         ins, outs = ins[-newest:], outs[-newest:]
         if len(ins) >= min(self.config.drift_min_samples, DRIFT_PLAN):
@@ -287,7 +290,7 @@ class Brain:
                                                            table)
             publish, why = better_for_traffic(plan, in_force if comparable is not None else None, self.slo,
                                               self.config.replan_margin)
-            return Decision(plan, publish, why, reason, basis, workload, reference)
+            return Decision(plan, publish, why, reason, basis, workload, reference, in_force)
         plan = self.planner.plan(workload, workers, self.bound, table)
         current = self.planner.evaluate(comparable, workload, workers, table) if comparable is not None else None
         publish, why = better(plan, current, self.bound, self.config.replan_margin, arrival_rate)
@@ -307,9 +310,15 @@ class Brain:
             self.basis = decision.basis
             self._planned = (decision.workload, decision.basis, decision.reference)
         else:  # kept: what it was weighed for is now what it runs for (the triggers compare with that)
-            self.plan = replace(self.plan, workers=decision.plan.workers, rate_per_s=decision.plan.rate_per_s,
-                                cv=decision.plan.cv, calibration=decision.plan.calibration,
-                                candidates=decision.plan.candidates)
+            new, w = decision.plan, decision.in_force
+            self.plan = replace(self.plan, workers=new.workers, rate_per_s=new.rate_per_s, cv=new.cv,
+                                calibration=new.calibration, candidates=new.candidates)
+            if w is not None:
+                self.plan = replace(self.plan, attainment=w.attainment, ttft_s=w.slo.ttft_s, tpot_s=w.slo.tpot_s,
+                                    pressure=w.slo.pressure)
+        runs = self.plan.schedule  # the candidates as the state record shows them: what runs first, marked
+        marked = [replace(c, chosen=c.schedule == runs) for c in self.plan.candidates]
+        self.plan = replace(self.plan, candidates=tuple(sorted(marked, key=lambda c: not c.chosen)))
         self._observed_fired = False
         self.monitor.rebase(*decision.reference, now)
         self.rebased_at, self._checked_at, self._drifted = now, 0, False
