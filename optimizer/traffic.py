@@ -9,14 +9,15 @@ larger one keeps the queue from growing. So:
 1. **Candidates** (``candidates``): the least-latency schedule of the policies allowed, and the
    searches' picks under a ladder of bounds from just above that least latency to none, each
    policy set apart: the frontier from quick-and-small to large-and-slow.
-2. **Weighing** (``weigh``): each candidate simulated with requests arriving as forecast
-   (renewal process at the forecast rate and burstiness, lengths from the observed workload,
+2. **Weighing** (``weigh``): each candidate simulated with requests arriving as forecast, with
+   headroom (a renewal process at ``STRESS`` times the forecast rate and the forecast
+   burstiness, lengths from the observed workload,
    queueing included: the same ``simulate`` that drives the workers' policy objects), its
    attainment and percentiles read against the SLO (``optimizer.slo``).
 3. **Choice** (``choose``): among the candidates whose capacity carries the forecast rate, the one
    with the highest attainment; ties (within ``TIE``) go to the one with the most slack against
-   its bounds (least ``pressure``), so light traffic gets the quick schedule and heavy traffic the
-   one that keeps up. When none reaches the SLO's target at the forecast, the one that sustains
+   its bounds (least ``pressure``, in steps of ``SLACK_TIE``), then to the one with the most
+   capacity, so light traffic gets the quick schedule and heavy traffic the one that keeps up. When none reaches the SLO's target at the forecast, the one that sustains
    the highest rate (``sustained``, of the few with the best attainment).
 
 ``forecast`` is the arrival forecaster the scheduler uses: the next interval's rate is the larger
@@ -47,11 +48,15 @@ SHORT_S, LONG_S = 10, 30  # the forecaster's windows, seconds
 # Bounds searched for candidates, as multiples of the least latency any schedule reaches (inf: none)
 LADDER = (1.1, 1.5, 2.2, 3.5, 6.0, math.inf)
 TIE = 0.003  # attainments this close are equal: the one with more slack wins
+SLACK_TIE = 0.05  # pressures (figure / bound) this close are equal: the one with more capacity wins
 MIN_REQUESTS, MAX_REQUESTS, SPAN_S = 200, 800, 40.0  # requests a weighing simulates: SPAN_S of arrivals
 MAX_WEIGHED = 10  # candidates simulated at most
 ENOUGH = 3  # weighing stops once this many candidates reach the target
 SUSTAINED_OF = 3  # when nothing reaches the target: the sustained rate of this many best candidates
 CAPACITY_HEADROOM = 1.05  # a candidate whose saturated throughput is below rate x this cannot carry it
+# Candidates are weighed at the forecast rate times this: the forecast, the lengths and the model
+# all err, and a schedule that just meets the SLO at the forecast misses it at the first burst
+STRESS = 1.5
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,11 @@ def arrivals(workload: Workload, fc: Forecast, seed: int = 0):
     return requests_at(workload, times, seed)
 
 
+def with_headroom(fc: Forecast) -> Forecast:
+    """The arrival process candidates are weighed at: ``STRESS`` times the forecast rate."""
+    return Forecast(fc.rate_per_s * STRESS, fc.cv)
+
+
 def to_weigh(found: Sequence[tuple[Schedule, float]], fc: Forecast,
              current: Schedule | None) -> list[tuple[Schedule, float]]:
     """The candidates worth simulating, quickest first: those whose saturated capacity carries
@@ -147,7 +157,7 @@ def weigh(sc: Scenario, schedule: Schedule, capacity: float, requests, slo: Slo)
 
 
 def _order(w: Weighed) -> tuple:
-    return (-round(w.attainment / TIE), w.slo.pressure, -w.capacity_seq_s)
+    return (-round(w.attainment / TIE), round(w.slo.pressure / SLACK_TIE), -w.capacity_seq_s)
 
 
 def choose(weighed: Sequence[Weighed], fc: Forecast, slo: Slo) -> tuple[Weighed, bool]:
@@ -174,19 +184,20 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
     found, searches = candidates(sc, policies, space, search=search)
     if not found:
         return None
-    requests = arrivals(sc.workload, fc, seed)
+    stressed = with_headroom(fc)
+    requests = arrivals(sc.workload, stressed, seed)
     weighed = [weigh(sc, current, math.inf, requests, slo)] if current is not None else []
-    for schedule, capacity in to_weigh(found, fc, current):
+    for schedule, capacity in to_weigh(found, stressed, current):
         w = weigh(sc, schedule, capacity, requests, slo)
         weighed.append(w)
         if sum(x.attainment >= slo.target - 1e-12 for x in weighed if x.schedule != current) >= ENOUGH:
             break
-    best, reaches = choose(weighed, fc, slo)
+    best, reaches = choose(weighed, stressed, slo)
     if not reaches:
         top = {w.schedule for w in sorted(weighed, key=_order)[:SUSTAINED_OF]}
-        weighed = [Weighed(w.schedule, w.capacity_seq_s, w.slo, sustained(sc, w.schedule, slo, fc, seed))
+        weighed = [Weighed(w.schedule, w.capacity_seq_s, w.slo, sustained(sc, w.schedule, slo, stressed, seed))
                    if w.schedule in top else w for w in weighed]
-        best, reaches = choose(weighed, fc, slo)
+        best, reaches = choose(weighed, stressed, slo)
     ordered = tuple(sorted(weighed, key=lambda w: (w is not best, _order(w))))
     return TrafficPlan(best, ordered, reaches, fc, searches)
 

@@ -59,6 +59,7 @@ TIMED_MAX = 2048  # newest finished requests whose TTFT/TPOT the observed SLO fi
 CALIBRATION_CHANGE = 0.15  # a step's calibrated time this far from the one the plan used: search again
 OBSERVED_GAP = 0.05  # observed attainment this far below the predicted one: search again
 OBSERVED_MIN = 40  # ... once this many requests finished under the plan
+SAME_LENGTHS = ("rate", "calibration", "observed", "slo")  # searches that leave the drift test's window as it is
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,9 @@ class Brain:
 
     def adopt(self, decision: Decision, now: float) -> None:
         """The search is done: its plan is in force if published; either way the drift test
-        starts again from the sample it was planned on."""
+        starts again from the sample it was planned on, unless the search was for something
+        other than the lengths (``SAME_LENGTHS``): frequent searches for the rate or the machine
+        must not keep the drift test from ever filling its window."""
         self.replans += 1
         self.last_reason, self.last_at = decision.reason, now
         self.last_outcome = f"{'published' if decision.publish else 'kept the schedule'}: {decision.why} " \
@@ -320,6 +323,8 @@ class Brain:
         marked = [replace(c, chosen=c.schedule == runs) for c in self.plan.candidates]
         self.plan = replace(self.plan, candidates=tuple(sorted(marked, key=lambda c: not c.chosen)))
         self._observed_fired = False
+        if decision.reason.startswith(SAME_LENGTHS):
+            return  # a search for the rate, the machine or the SLO: the drift test's window goes on
         self.monitor.rebase(*decision.reference, now)
         self.rebased_at, self._checked_at, self._drifted = now, 0, False
         self._refine = decision.basis.startswith("observed") and len(decision.reference[0]) < REFINE_AT

@@ -26,7 +26,7 @@ from optimizer.policies import RUNNABLE_POLICIES
 from optimizer.schedule import Schedule
 from optimizer.search import SearchSpace, least_latency
 from optimizer.slo import Slo
-from optimizer.traffic import Forecast, TrafficPlan, Weighed, arrivals, plan_for_traffic, weigh
+from optimizer.traffic import Forecast, TrafficPlan, Weighed, arrivals, plan_for_traffic, weigh, with_headroom
 from optimizer.verify import ProbeLoad, requests_for, simulated_figures, verified_search
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,8 @@ class Planner:
         thr, lat = self._simulate(sc, best.schedule)
         raw_sc = self.scenario(workload, workers)
         raw_thr, raw_lat = self._simulate(raw_sc, best.schedule) if calibration is not None else (thr, lat)
-        raw_att = (weigh(raw_sc, best.schedule, best.capacity_seq_s, arrivals(workload, forecast, SEED), slo).attainment
+        raw_att = (weigh(raw_sc, best.schedule, best.capacity_seq_s, arrivals(workload, with_headroom(forecast), SEED),
+                          slo).attainment
                    if calibration is not None else best.attainment)
         in_force = next((w for w in traffic.weighed if w.schedule == current), None)
         plan = Plan(best.schedule, thr, lat, traffic.reaches_target, workers, time.perf_counter() - start,

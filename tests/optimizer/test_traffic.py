@@ -31,7 +31,7 @@ def pick(sc, slo, rate, **kw):
 
 def test_a_higher_rate_gets_a_larger_batch_and_a_lower_rate_a_quicker_schedule(task_t):
     slo = Slo(e2e_s=0.5)
-    light, heavy = pick(task_t, slo, 5.0), pick(task_t, slo, 40.0)
+    light, heavy = pick(task_t, slo, 2.0), pick(task_t, slo, 40.0)
     assert light.reaches_target and heavy.reaches_target
     assert heavy.best.schedule.decode_batch > light.best.schedule.decode_batch
     assert heavy.best.capacity_seq_s >= 40.0
@@ -51,7 +51,7 @@ def test_a_ttft_slo_picks_a_quicker_first_token_and_a_tpot_slo_a_quicker_next_on
 
 
 def test_the_schedule_in_force_is_weighed_on_the_same_arrivals(task_t):
-    first = pick(task_t, Slo(e2e_s=0.5), 5.0).best.schedule
+    first = pick(task_t, Slo(e2e_s=0.5), 2.0).best.schedule
     plan = pick(task_t, Slo(e2e_s=0.5), 40.0, current=first)
     assert first in [w.schedule for w in plan.weighed]
     assert plan.best.schedule != first
