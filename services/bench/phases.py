@@ -129,6 +129,12 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
     profile = args.profile or profile_here(tmp, [_ProfilePlan("S", args.scale), _ProfilePlan("T", args.scale)], args,
                                            repeats=QUICK_PROFILE_REPEATS if args.quick else None)
     cluster = profile.with_name(f"{profile.stem}-cluster.json")
+    if args.keep_profile:
+        import shutil
+
+        Path(args.keep_profile).mkdir(parents=True, exist_ok=True)
+        for f in (profile, cluster):
+            shutil.copy(f, Path(args.keep_profile) / f.name)
     calibration = asyncio.run(calibration_run(args, profile, cluster))
     return sized(args, profile, cluster, calibration)
 

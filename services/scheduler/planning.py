@@ -71,6 +71,20 @@ DTYPE_BYTES = {"torch.float32": 4, "float32": 4, "torch.bfloat16": 2, "bfloat16"
                "float16": 2}  # a profile header's dtype -> bytes per KV and weight element
 
 
+def mesh_space(config: MeshConfig) -> SearchSpace:
+    """The schedules the workers run as planned: batches within the workers' own caps
+    (``max_encode_batch``, ``max_decode_batch``, which a follower would otherwise cut a plan to)
+    and ``max_plan_batch``; every step whole (the workers do not split batches into
+    micro-batches, so a schedule that does would be costed for a pipeline that does not run)."""
+    top = min(config.max_plan_batch or config.max_decode_batch, config.max_decode_batch)
+    space = SearchSpace().capped(top)
+    encode = min(space.max_encode_batch, config.max_encode_batch)
+    return replace(space, max_encode_batch=encode, waa_max_encode_batch=min(space.waa_max_encode_batch, encode),
+                   static_max_batch=min(space.static_max_batch, encode),  # these encode their whole batch
+                   continuous_max_batch=min(space.continuous_max_batch, encode),
+                   mixed_max_batch=min(space.mixed_max_batch, encode), microbatches=(1,), encode_microbatches=(1,))
+
+
 def policy_set(name: str) -> tuple[str, ...]:
     """The policies of the set ``name`` that workers can run (``RUNNABLE_POLICIES``): the planner
     searches these only, so no plan holds a schedule a worker cannot run."""
@@ -156,10 +170,7 @@ class Planner:
         self.policies = policy_set(config.policies)
         if self.cluster.handoff_note and {"waa-c", "waa-m"} & set(self.policies):
             log.warning("scheduler: %s", self.cluster.handoff_note)
-        space = SearchSpace() if config.max_plan_batch is None else SearchSpace().capped(config.max_plan_batch)
-        # workers run every step whole: a schedule that splits batches into micro-batches would
-        # be costed for a pipeline the workers do not run, so the planner never chooses one
-        self.space = replace(space, microbatches=(1,), encode_microbatches=(1,))
+        self.space = mesh_space(config)
 
     group: tuple[int, ...] | None = None  # the live workers' process group shape (heartbeats); None: one process
 
