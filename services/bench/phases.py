@@ -313,12 +313,12 @@ async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: i
         await seed.close()
         await asyncio.to_thread(procs.start)
         transports, gateway = await client_of(config, names, stack)
-        t0 = [math.inf]
+        t0 = [math.inf, math.inf]  # (monotonic, wall) at the start of traffic
 
         def searched(state) -> None:
             result.searches.append((state.last_replan_at - t0[1], state.last_replan_reason, state.last_outcome))
 
-        watching = asyncio.create_task(watch())
+        watching = asyncio.create_task(watch_searches(transports.store, names, searched))
         stack.callback(watching.cancel)
         async with asyncio.timeout(180):
             while True:  # until both workers run a schedule (the allocation holds both)
