@@ -285,7 +285,7 @@ def config_for(args: argparse.Namespace, setup: Setup, system: str):
 
     common = dict(namespace=f"bench-ph-{uuid.uuid4().hex[:8]}", amqp_url=args.amqp_url, redis_url=args.redis_url,
                   model=MODEL, threads=1, max_encode_batch=args.max_batch, max_decode_batch=args.max_batch,
-                  heartbeat_s=1.0, heartbeat_timeout_s=4.0, slo_ttft_s=setup.ttft_s, slo_tpot_s=setup.tpot_s,
+                  heartbeat_s=1.0, heartbeat_timeout_s=10.0, slo_ttft_s=setup.ttft_s, slo_tpot_s=setup.tpot_s,
                   request_timeout_s=sum(p.seconds for p in setup.phases) + DRAIN_S)
     schedule = setup.schedules[system]
     if schedule is not None:
