@@ -708,6 +708,13 @@ def print_summary(rows: list[Row]) -> None:
             print(f"{task} {label}: {name} {exe.measured.throughput:.2f} seq/s, "
                   f"{', '.join(ratios) or 'no baseline meets the bound'}"
                   f"; meets its bound when measured: {'yes' if exe.meets_bound else 'no'}")
+    for task, label in keys:
+        got = {r.system: r for r in rows if (r.task, r.bound_label) == (task, label)}
+        baselines = [got[s] for s in ("static", "continuous") if s in got]
+        if "product" in got and baselines:
+            best = max(baselines, key=lambda r: r.measured.throughput)
+            print(f"{task} {label}: product / best baseline within the bound ({best.system}): "
+                  f"x{got['product'].measured.throughput / best.measured.throughput:.2f}")
     if errors:
         print(f"prediction error: median {statistics.median(errors) * 100:.1f} %, max {max(errors) * 100:.1f} % "
               f"over {len(errors)} figures")
