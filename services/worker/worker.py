@@ -371,8 +371,7 @@ class Worker:
             elif isinstance(handoff, BaseException):
                 raise handoff
             elif handoff is None:
-                outbox.failure(message.reply_to, Failure(message.request_id, 500, "KV cache expired before decoding"))
-                await self._ack_after(delivery, outbox)
+                await self._kv_gone(delivery, message, outbox)
             else:
                 try:
                     held = Held.from_handoff(delivery, message, handoff)
@@ -385,6 +384,20 @@ class Worker:
                     continue
                 kept.append(held)
         return await self._skip_done(kept)
+
+    async def _kv_gone(self, delivery: Delivery, message: KvReady, outbox: Outbox) -> None:
+        """A hand-off whose KV cache is gone (its encoder died, or its lease ran out unread): the
+        request goes back to the encode queue once, from the tokens already delivered; acked after."""
+        if message.resume is None:
+            outbox.failure(message.reply_to, Failure(message.request_id, 500, "KV cache expired before decoding"))
+            await self._ack_after(delivery, outbox)
+            return
+        log.info("worker %s: hand-off %s: KV cache gone; encoding it again", self.worker_id, message.request_id)
+        await self.bus.publish(self.names.encode_queue, codec.encode(message.resume),
+                               headers=dict(delivery.headers or {}))  # the deadline header with them
+        if self.role == "decoder":  # the slot its encoder reserved: the new encode reserves its own
+            await self.credits.grant(self.follower.version, 1)
+        await delivery.ack()
 
     async def _skip_done(self, candidates: list[Held]) -> list[Held]:
         """Only a redelivered message can belong to a request that already finished: look those
@@ -803,7 +816,8 @@ class Worker:
                                attributes=self._span_attributes(held)):
             ref = await self.kv.put(handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
             ready = KvReady(held.request_id, self.worker_id, held.reply_to, ref, len(held.prompt_ids),
-                            self.follower.version, held.submitted_at, held.stream)
+                            self.follower.version, held.submitted_at, held.stream,
+                            held.continuation(self.config.model))
             await self.bus.publish(self.names.handoff_queue, codec.encode(ready), headers=self.tracing.inject(),
                                    deadline=held.deadline)
         await asyncio.gather(*held.sent, *published)
