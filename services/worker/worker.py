@@ -37,7 +37,8 @@ from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
 from common.transport.kv import CorruptPayload
-from common.transport.port import Delivery, NameTooLong, Subscription, Unroutable, check_name, failed, tell
+from common.transport.port import (DEAD_HEADERS, REENCODED_HEADER, Delivery, NameTooLong, Subscription, Unroutable, check_name,
+                                   failed, tell)
 from engine.api import EngineBroken, KVHandoff
 from optimizer.driver import Driver, StepOutcome
 from optimizer.policies import (DrainPolicy, IdlePolicy, QueuedRequest, Role, RunningRequest, StepPlan,
@@ -387,14 +388,17 @@ class Worker:
 
     async def _kv_gone(self, delivery: Delivery, message: KvReady, outbox: Outbox) -> None:
         """A hand-off whose KV cache is gone (its encoder died, or its lease ran out unread): the
-        request goes back to the encode queue once, from the tokens already delivered; acked after."""
+        request goes back to the encode queue from the tokens already delivered, once (a request
+        encoded again hands off without ``resume``: a second loss fails it); acked after."""
         if message.resume is None:
-            outbox.failure(message.reply_to, Failure(message.request_id, 500, "KV cache expired before decoding"))
+            outbox.failure(message.reply_to, Failure(message.request_id, 500,
+                                                     "KV cache lost before decoding (encoder gone or lease ended)"))
             await self._ack_after(delivery, outbox)
             return
         log.info("worker %s: hand-off %s: KV cache gone; encoding it again", self.worker_id, message.request_id)
-        await self.bus.publish(self.names.encode_queue, codec.encode(message.resume),
-                               headers=dict(delivery.headers or {}))  # the deadline header with them
+        await self.bus.publish(self.names.encode_queue, codec.encode(message.resume),  # its deadline header kept
+                               headers={**{k: v for k, v in delivery.headers.items() if k not in DEAD_HEADERS},
+                                        REENCODED_HEADER: "1"})
         if self.role == "decoder":  # the slot its encoder reserved: the new encode reserves its own
             await self.credits.grant(self.follower.version, 1)
         await delivery.ack()
@@ -817,7 +821,7 @@ class Worker:
             ref = await self.kv.put(handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
             ready = KvReady(held.request_id, self.worker_id, held.reply_to, ref, len(held.prompt_ids),
                             self.follower.version, held.submitted_at, held.stream,
-                            held.continuation(self.config.model))
+                            None if REENCODED_HEADER in held.delivery.headers else held.continuation(self.config.model))
             await self.bus.publish(self.names.handoff_queue, codec.encode(ready), headers=self.tracing.inject(),
                                    deadline=held.deadline)
         await asyncio.gather(*held.sent, *published)

@@ -19,7 +19,7 @@ from common.messages import codec
 from common.messages.handoff import KvBlocks, KvReady
 from common.messages.work import EncodeWork
 from common.names import Names
-from common.transport.connect import open_kv, open_transports, LocalHub
+from common.transport.connect import LocalHub, open_kv, open_transports, purge
 from common.transport.kv import StoreKv
 from common.transport.nixl_kv import NixlKv, NixlUnavailable, StagingFull, StagingPool, load_nixl
 from common.transport.redis_store import RedisStore
@@ -194,3 +194,33 @@ async def test_a_worker_process_gets_the_configured_data_plane(namespace):
     finally:
         await worker.close()
         await gateway.close()
+
+
+def test_a_worker_process_without_nixl_says_so_in_one_line_and_does_not_start(tmp_path, namespace):
+    """A real worker process whose NIXL cannot load (a broken nixl_cu12 ahead on its path)."""
+    import subprocess
+    import sys
+
+    from tests.brokers import AMQP_URL
+    from tests.mesh.processes import REPO_ROOT, env_for
+
+    require_broker()
+    (tmp_path / "nixl_cu12").mkdir()
+    (tmp_path / "nixl_cu12" / "__init__.py").write_text("raise ImportError('libucs.so.0: cannot open')\n")
+    env = env_for({"EXEGPT_NAMESPACE": namespace, "EXEGPT_AMQP_URL": AMQP_URL, "EXEGPT_REDIS_URL": REDIS_URL,
+                   "EXEGPT_MODEL": "tiny-llama", "EXEGPT_DEVICE": "cpu"})
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    refused = subprocess.run([sys.executable, "-m", "services.cli", "worker"], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    lines = [line for line in refused.stdout.splitlines() if "refused to start" in line]
+    assert refused.returncode == 2 and len(lines) == 1, refused.stdout + refused.stderr
+    assert "NIXL cannot load (ImportError: libucs.so.0: cannot open)" in lines[0] and "--kv-transport redis" in lines[0]
+    started = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--kv-transport", "redis"],
+                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert any(line.startswith("ready worker") for line in started.stdout), "chose redis: it starts"
+    finally:
+        started.terminate()
+        started.wait(30)
+        config = MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL)
+        asyncio.run(purge(config, Names(namespace), LocalHub()))
