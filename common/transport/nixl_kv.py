@@ -229,15 +229,14 @@ class NixlKv:
             raise CorruptPayload(f"{ref}: {exc}") from exc
         return dataclasses.replace(header, kv=kv)
 
-    def _read(self, blocks: KvBlocks, metadata: bytes) -> bytearray:
+    def _read(self, blocks: KvBlocks, metadata: bytes) -> np.ndarray:
         """READ the blocks into a registered buffer; the notification releases them on the encoder."""
         agent = self._agent
         if blocks.agent not in self._remotes:
             agent.add_remote_agent(metadata)
             self._remotes.add(blocks.agent)
-        kv = bytearray(blocks.nbytes)  # the engine's import reads it in place
-        view = np.frombuffer(kv, dtype=np.uint8)
-        local = [(view.ctypes.data, blocks.nbytes, 0, "")]
+        kv = np.empty(blocks.nbytes, dtype=np.uint8)  # not zeroed: the read fills it; imported in place
+        local = [(kv.ctypes.data, blocks.nbytes, 0, "")]
         registered = agent.register_memory(local, "DRAM")
         try:
             handle = agent.initialize_xfer(
