@@ -21,7 +21,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import assert_never
 
 from common.config import MeshConfig
@@ -646,6 +646,9 @@ class Worker:
             raise  # nothing more can run here: exit, and the broker redelivers what this worker held
         except Exception as exc:  # an engine fault: these requests run elsewhere once, then fail
             result = await self._step_failed(plan, exc)
+        for rid in plan.admit:  # imported into the cache (or gone): its received KV bytes are not read again
+            if (held := self.held.get(rid)) is not None and held.handoff is not None:
+                held.handoff = replace(held.handoff, kv=b"")
         for rid, why in result.faulted.items():  # the step went on without them
             self._fault(result, rid, f"engine fault: {why}")
         result.started_at, result.ended_at = started, time.time()

@@ -161,3 +161,18 @@ async def test_a_read_broken_midway_is_redelivered_and_read_again(config, hub, e
         ids = await answers_once(m, config, engines[2])
         assert reads[broken[0]] == 2 and all(reads[rid] == 1 for rid in ids if rid != broken[0])
         await drained(encoder.kv)  # the second read released the blocks the first left staged
+
+
+async def test_a_decoder_keeps_no_kv_bytes_once_imported(config, hub, engines):
+    workers = iter(engines[:2])
+    async with running_mesh(config, hub, lambda: next(workers), workers=2, schedule=WAA) as m:
+        decoder = m.mesh.by_role("decoder")[0]
+        execute, kept = decoder.execute, []
+
+        async def watched(plan):
+            result = await execute(plan)
+            kept.extend(len(decoder.held[rid].handoff.kv) for rid in plan.admit if rid in decoder.held)
+            return result
+        decoder.execute = watched
+        await answers_once(m, config, engines[2])
+        assert kept and kept == [0] * len(kept)
