@@ -189,6 +189,26 @@ def measure(transport: str, plan: list[tuple[str, int]], runs: int, amqp_url: st
         asyncio.run(purge(config, Names(config.namespace), LocalHub()))
 
 
+LINK_SIZES = (1 << 20, 64 << 20)  # the line through a small and a large KV cache
+LINK_RUNS = 3
+
+
+def nixl_link(amqp_url: str, redis_url: str, *, sizes_bytes: tuple[int, ...] = LINK_SIZES,
+              runs: int = LINK_RUNS) -> tuple[str, float, float, str]:
+    """The NIXL hand-off path between two worker processes as the optimizer's link (kind,
+    bandwidth B/s, latency s, how it was measured): the line seconds = latency + bytes / bandwidth
+    through the p50 of the smallest and the largest payload (NixlUnavailable where NIXL cannot load)."""
+    from common.transport.probe import fit_line
+
+    load_nixl()
+    rows = measure("nixl", [(f"raw {n / (1 << 20):g} MiB", n) for n in sizes_bytes], runs, amqp_url, redis_url)
+    points = tuple((r.bytes, r.latency_p50_s) for r in rows)
+    latency, bandwidth = fit_line(points)
+    medians = ", ".join(f"{n / (1 << 20):g} MiB {t * 1e3:.1f} ms" for n, t in points)
+    return ("nixl", bandwidth, latency, f"measured: NIXL read between two worker processes over RabbitMQ + Redis, "
+            f"p50 of {runs} ({medians}), fitted to {latency * 1e3:.2f} ms + bytes / {bandwidth / 1e6:.0f} MB/s")
+
+
 def table(rows: list[Row]) -> str:
     lines = [f"{'transport':9} {'size':20} {'bytes':>11} {'p50 ms':>9} {'p99 ms':>9} {'MB/s':>8} {'copies':>6} "
              f"{'redis KB':>9} {'enc RSS MB':>10} {'dec RSS MB':>10}"]
