@@ -12,10 +12,10 @@ publishes fresh metadata and nobody reads a dead process's.
          ◄═════════════════ NIXL READ (block -> registered buffer) ═════════   delete kv_meta
     notification "released" ──► block freed; a block nobody reads is freed when its lease ends
 
-Copies of the KV bytes, end to end on CPU: the engine's export (cache -> bytes), bytes -> staging
-block, the NIXL read (staging -> decoder buffer), the engine's import (buffer -> cache): four,
-against eight through Redis. Every NIXL call runs on one thread of this adapter, never on the
-event loop.
+Copies of the KV bytes, end to end on CPU: the engine's export (the slot's cache gathered, then
+to bytes: two), bytes -> staging block, the NIXL read (staging block -> a block of the decoder's
+registered inbox), the engine's import (inbox -> cache): five, against eight through Redis. Every
+NIXL call runs on one thread of this adapter, never on the event loop.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ import bisect
 import dataclasses
 import os
 import socket
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -112,10 +114,13 @@ class NixlKv:
         self._store, self._names = store, names
         self.agent_name = agent_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._pool = StagingPool(pool_bytes)
+        self._inbox = StagingPool(pool_bytes)  # where reads land (its pages mapped once, then reused)
+        self._inbox_lock = threading.Lock()  # blocks are freed by whichever thread drops the last view
         self._read_timeout_s = read_timeout_s
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="nixl")
         self._agent: Any = None
         self._buffer: np.ndarray | None = None
+        self._inbox_buffer: np.ndarray | None = None
         self._published_at = 0.0
         self._remotes: set[str] = set()
         self._staged: dict[str, _Staged] = {}  # request id -> its block
@@ -125,6 +130,12 @@ class NixlKv:
     @property
     def staged_bytes(self) -> int:
         return self._pool.used_bytes
+
+    @property
+    def inbox_bytes(self) -> int:
+        """Bytes of read KV caches still referenced (not yet imported and dropped)."""
+        with self._inbox_lock:
+            return self._inbox.used_bytes
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -139,8 +150,9 @@ class NixlKv:
             return
         agent = self._api.nixl_agent(self.agent_name, self._api.nixl_agent_config(backends=["UCX"]))
         buffer = np.empty(self._pool.capacity, dtype=np.uint8)
-        agent.register_memory([(buffer.ctypes.data, buffer.nbytes, 0, "")], "DRAM")
-        self._agent, self._buffer = agent, buffer
+        inbox = np.empty(self._inbox.capacity, dtype=np.uint8)
+        agent.register_memory([(b.ctypes.data, b.nbytes, 0, "") for b in (buffer, inbox)], "DRAM")
+        self._agent, self._buffer, self._inbox_buffer = agent, buffer, inbox
 
     async def _publish(self) -> None:
         """The agent's metadata in the store, refreshed before half its TTL has passed."""
@@ -235,9 +247,8 @@ class NixlKv:
         if blocks.agent not in self._remotes:
             agent.add_remote_agent(metadata)
             self._remotes.add(blocks.agent)
-        kv = np.empty(blocks.nbytes, dtype=np.uint8)  # not zeroed: the read fills it; imported in place
+        kv, registered = self._landing(blocks.nbytes)
         local = [(kv.ctypes.data, blocks.nbytes, 0, "")]
-        registered = agent.register_memory(local, "DRAM")
         try:
             handle = agent.initialize_xfer(
                 "READ", agent.get_xfer_descs([local[0][:3]], "DRAM"),
@@ -256,8 +267,26 @@ class NixlKv:
             finally:
                 agent.release_xfer_handle(handle)
         finally:
-            agent.deregister_memory(registered)
+            if registered is not None:
+                agent.deregister_memory(registered)
         return kv
+
+    def _landing(self, nbytes: int) -> tuple[np.ndarray, Any]:
+        """Where a read lands: a block of the registered inbox, freed when the last view of it
+        goes (the engine imported it); when the inbox is full, memory registered for this read."""
+        with self._inbox_lock:
+            offset = self._inbox.allocate(nbytes)
+        if offset is None:
+            kv = np.empty(nbytes, dtype=np.uint8)  # not zeroed: the read fills it
+            return kv, self._agent.register_memory([(kv.ctypes.data, nbytes, 0, "")], "DRAM")
+        assert self._inbox_buffer is not None
+        kv = self._inbox_buffer[offset:offset + nbytes]
+        weakref.finalize(kv, self._free_landed, offset)
+        return kv, None
+
+    def _free_landed(self, offset: int) -> None:
+        with self._inbox_lock:
+            self._inbox.free(offset)
 
     async def claim(self, ref: str, *, decoder: str) -> None:
         """Nothing to record: the descriptor is deleted once its blocks are read."""

@@ -155,6 +155,19 @@ async def test_nixl_staging_pool_is_bounded(pair):
     assert encoder.staged_bytes == 3 * (5 << 20)
 
 
+async def test_nixl_reads_land_in_the_inbox_until_the_handoff_is_dropped(pair):
+    encoder, decoder, _ = pair
+    if not isinstance(encoder, NixlKv):
+        pytest.skip("the Redis transport has no inbox")
+    got = await decoder.get(await encoder.put(handoff("in", 512 << 10), producer="enc", ttl_s=30))
+    assert decoder.inbox_bytes == 512 << 10 and bytes(got.kv) == handoff("in", 512 << 10).kv
+    over = await decoder.get(await encoder.put(handoff("over", 1 << 20, seed=1), producer="enc", ttl_s=30))
+    assert decoder.inbox_bytes == 512 << 10  # no room left: read into memory registered for it
+    assert bytes(over.kv) == handoff("over", 1 << 20, seed=1).kv
+    del got  # imported and dropped: its block goes back
+    assert decoder.inbox_bytes == 0
+
+
 def test_staging_pool_allocates_aligned_blocks_and_coalesces_freed_ones():
     pool = StagingPool(16 << 10)
     a, b, c = pool.allocate(1), pool.allocate(5000), pool.allocate(4096)
