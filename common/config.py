@@ -173,7 +173,20 @@ class MeshConfig(BaseSettings):
         "this long, then hands the rest to decoders or re-queues them.",
     )
     kv_ttl_s: float = Field(
-        600.0, gt=0, description="Lifetime of a hand-off's KV payload and metadata in the store."
+        600.0, gt=0, description="Lifetime of a hand-off's KV payload and metadata in the store; with NIXL, "
+        "the lease after which an encoder frees a staged KV cache nobody read."
+    )
+    kv_transport: Literal["nixl", "redis"] = Field(
+        "nixl",
+        description="How KV caches move from encoders to decoders across processes: 'nixl' (decoders read "
+        "the encoder's memory; the store holds descriptors only) or 'redis' (the payload goes through "
+        "the store). A worker refuses to start with 'nixl' where NIXL cannot load. Embedded: in process.",
+    )
+    kv_staging_mb: int = Field(
+        512, ge=1, description="NIXL: registered memory per worker for KV caches waiting to be read (MiB)."
+    )
+    kv_read_timeout_s: float = Field(
+        30.0, gt=0, description="NIXL: a decoder gives up reading one KV cache after this long."
     )
     request_timeout_s: float = Field(
         600.0, gt=0, description="Gateway gives up on a request (HTTP 504) after this long."

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 # --- TTLs (seconds) of store keys -------------------------------------------------------------
 KV_TTL_S = 600.0  # default; the config's kv_ttl_s overrides it for hand-off payload and metadata
+KV_AGENT_TTL_S = 3600.0  # a NIXL agent's metadata; its process republishes it before half of this passes
 DONE_TTL_S = 3600.0  # a finished request's marker: long enough to dedupe any redelivery
 ARRIVALS_TTL_S = 180.0  # per-second arrival counters: the forecast reads the last 30 s
 OUTPUT_LENGTHS_MAX = 10_000  # finished requests' (input, output) lengths kept for the scheduler
@@ -97,8 +98,14 @@ class Names:
         return f"{self.namespace}:kv:{request_id}"
 
     def kv_meta(self, request_id: str) -> str:
-        """Hash: request_id, producer, decoder, dtype, shape, length, expires_at. TTL kv_ttl_s."""
+        """Redis transport: hash (request_id, producer, decoder, dtype, shape, length, expires_at).
+        NIXL transport: the KvBlocks descriptor (msgpack), deleted once the decoder read the blocks.
+        TTL kv_ttl_s (the lease)."""
         return f"{self.namespace}:kvmeta:{request_id}"
+
+    def kv_agent(self, agent: str) -> str:
+        """A worker process's NIXL agent metadata (bytes). TTL KV_AGENT_TTL_S; a new process, a new agent."""
+        return f"{self.namespace}:kvagent:{agent}"
 
     @property
     def attempts_prefix(self) -> str:

@@ -181,7 +181,7 @@ class KVHandoff:
     dtype: str  # e.g. "float32", "bfloat16"
     shape: tuple[int, ...]
     layout: str  # e.g. "llama:L,2,Hkv,T,D" or "t5:self+cross"
-    kv: bytes
+    kv: bytes  # or a writable buffer (a NIXL read's numpy array), which the import reads in place
 
     def to_bytes(self) -> bytes:
         """The hand-off on the wire: a versioned msgpack map, the KV bytes as a binary field."""

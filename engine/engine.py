@@ -142,7 +142,8 @@ class LocalEngine:
             raise ValueError(f"hand-off KV shape {handoff.shape} does not hold the {positions} positions "
                              f"its {len(handoff.prompt_ids)} prompt and {len(handoff.generated_ids)} generated tokens need")
         try:
-            kv = torch.frombuffer(bytearray(handoff.kv), dtype=torch.uint8).view(dtype).reshape(handoff.shape)
+            raw = bytearray(handoff.kv) if isinstance(handoff.kv, bytes) else handoff.kv  # a writable buffer: in place
+            kv = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(handoff.shape)
             gen = restore_generator(handoff.rng_state)
         except RuntimeError as exc:
             raise ValueError(f"malformed hand-off for {handoff.request_id!r}: {exc}") from exc

@@ -19,18 +19,19 @@ import msgpack
 
 from common.messages.control import Abort, PinSchedule, Replan, RoleAssignment, ScheduleUpdate, SetBound, SetSlo
 from common.messages.events import EventBatch, Failure, Stamp, Token, TopLogprob
-from common.messages.handoff import KvReady
+from common.messages.handoff import KvBlocks, KvReady
 from common.messages.jobs import BatchJob, ChatTurn, JobResult
 from common.messages.status import (CalibrationPoint, CandidateFigures, LengthSample, SchedulerState, StepCost,
                                      WorkerStatus)
 from common.messages.work import EncodeWork, Sampling
 from optimizer.schedule import Schedule
 
-SCHEMA_VERSION = 8  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
+SCHEMA_VERSION = 9  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
 # 4: WorkerStatus carries the shape of the worker's process group; 5: Sampling is the engine's
 # SamplingParams (penalties, logprobs) and Token carries log-probabilities; 6: SamplingParams carries
 # min_tokens, and Schedule encode_microbatches and encoder_tp_stages; 7: Schedule chunk_tokens (mixed);
 # 8: WorkerStatus carries step costs, SchedulerState the SLO, forecast, calibration and candidates; SetSlo
+# 9: KvReady carries the request to encode again (resume); KvBlocks, the NIXL hand-off descriptor
 
 # Tags are part of the wire format: never reuse or renumber one.
 TAGS: dict[type, int] = {
@@ -46,6 +47,7 @@ TAGS: dict[type, int] = {
     Replan: 10,
     SchedulerState: 11,
     SetSlo: 12,
+    KvBlocks: 13,  # a store record (kv_meta), not a queue message
     # nested only
     Sampling: 101,
     Token: 102,

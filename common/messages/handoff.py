@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.messages.work import EncodeWork
+
 
 @dataclass(frozen=True)
 class KvReady:
@@ -17,6 +19,26 @@ class KvReady:
     schedule_version: int  # version that produced the encode batch
     submitted_at: float
     stream: bool = True  # copied from EncodeWork
+    resume: EncodeWork | None = None  # the request encoded again from here if its KV cache is gone
+
+
+@dataclass(frozen=True)
+class KvBlocks:
+    """Where an encoder keeps one request's KV cache for a NIXL read (stored under ``kv_meta``).
+
+    Only this descriptor is in the store; the bytes stay in the encoder's registered memory until
+    the decoder's read releases them or ``expires_at`` (the lease) passes."""
+
+    request_id: str
+    producer: str  # encoder worker id
+    agent: str  # the encoder's NIXL agent; its metadata is under ``kv_agent(agent)``
+    address: int  # the block in the encoder's registered memory (DRAM)
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    layout: str
+    expires_at: float  # unix seconds: the lease; the encoder frees the block then
+    header: bytes  # the hand-off without its KV bytes (KVHandoff.to_bytes with kv empty)
 
 
 HandoffMessage = KvReady

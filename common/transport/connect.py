@@ -28,6 +28,7 @@ class Transports:
     owns_store: bool
 
     async def close(self) -> None:
+        await self.kv.close()
         await self.bus.close()
         if self.owns_store:
             await self.store.close()
@@ -65,8 +66,20 @@ async def open_store(config: MeshConfig) -> Store | None:
     return await RedisStore.connect(config.redis_url)
 
 
-async def open_transports(config: MeshConfig, names: Names, hub: LocalHub) -> Transports:
-    """Real adapters where the config has URLs, the hub's shared in-memory ones otherwise."""
+def open_kv(config: MeshConfig, names: Names, store: Store) -> KvTransport:
+    """The KV data plane across processes: NIXL unless the operator chose Redis (NixlUnavailable,
+    with its one-line reason, where NIXL cannot load)."""
+    if config.kv_transport == "redis":
+        return StoreKv(store, names)
+    from common.transport.nixl_kv import NixlKv
+
+    return NixlKv(store, names, pool_bytes=config.kv_staging_mb << 20, read_timeout_s=config.kv_read_timeout_s)
+
+
+async def open_transports(config: MeshConfig, names: Names, hub: LocalHub, *, kv: bool = False) -> Transports:
+    """Real adapters where the config has URLs, the hub's shared in-memory ones otherwise. ``kv``:
+    the process hands KV caches off (a worker), so it gets the configured data plane; others
+    only drop hand-offs' records and get the store's."""
     store = await open_store(config)
     try:
         bus = await open_bus(config, names, hub, store or hub.store)
@@ -75,7 +88,13 @@ async def open_transports(config: MeshConfig, names: Names, hub: LocalHub) -> Tr
             await store.close()
         raise
     if store is not None:
-        return Transports(bus, store, StoreKv(store, names), owns_store=True)
+        try:
+            data_plane = open_kv(config, names, store) if kv else StoreKv(store, names)
+        except BaseException:
+            await bus.close()
+            await store.close()
+            raise
+        return Transports(bus, store, data_plane, owns_store=True)
     kv = hub.kv.setdefault(names.namespace, LocalKv(hub.store, names))
     return Transports(bus, hub.store, kv, owns_store=False)
 

@@ -9,6 +9,7 @@ finished the request (``drop``), so a redelivered hand-off can be imported again
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Protocol
 
@@ -36,6 +37,10 @@ class KvTransport(Protocol):
 
     async def drop(self, ref: str) -> None: ...
 
+    async def close(self) -> None:
+        """Stop serving hand-offs this process still holds (their readers find them gone)."""
+        ...
+
 
 def _metadata(handoff: KVHandoff, producer: str, ttl_s: float) -> dict[str, str]:
     return {
@@ -59,8 +64,8 @@ class StoreKv:
     async def put(self, handoff: KVHandoff, *, producer: str, ttl_s: float) -> str:
         ref = self._names.kv_payload(handoff.request_id)
         meta = self._names.kv_meta(handoff.request_id)
-        await self._store.set_with_hash(ref, handoff.to_bytes(), meta, _metadata(handoff, producer, ttl_s),
-                                        ttl_s=ttl_s)
+        data = await asyncio.to_thread(handoff.to_bytes)  # megabytes: never on the event loop
+        await self._store.set_with_hash(ref, data, meta, _metadata(handoff, producer, ttl_s), ttl_s=ttl_s)
         return ref
 
     async def get(self, ref: str) -> KVHandoff | None:
@@ -68,7 +73,7 @@ class StoreKv:
         if data is None:
             return None
         try:
-            return KVHandoff.from_bytes(data)
+            return await asyncio.to_thread(KVHandoff.from_bytes, data)
         except Exception as exc:
             raise CorruptPayload(f"{ref}: {type(exc).__name__}: {exc}") from exc
 
@@ -77,6 +82,9 @@ class StoreKv:
 
     async def drop(self, ref: str) -> None:
         await self._store.delete(ref, self._meta_key(ref))
+
+    async def close(self) -> None:
+        """Payloads live in the store, not in this process: nothing to stop."""
 
     def _meta_key(self, ref: str) -> str:
         return self._names.kv_meta(ref.rsplit(":", 1)[-1])

@@ -393,6 +393,15 @@ class MemoryStore:
     async def count_prefix(self, prefix: str) -> int:
         return sum(1 for key in list(self._data) if key.startswith(prefix) and self._live(key) is not None)
 
+    async def bytes_prefix(self, prefix: str) -> int:
+        """Key and value bytes (bytes and str values; a container counts its items' bytes)."""
+        def size(value: object) -> int:
+            if isinstance(value, (bytes, bytearray, str)):
+                return len(value)
+            items = value.items() if isinstance(value, dict) else value if isinstance(value, (list, set)) else ()
+            return sum(size(x) for item in items for x in (item if isinstance(item, tuple) else (item,)))
+        return sum(len(key) + size(self._live(key)) for key in list(self._data) if key.startswith(prefix))
+
     async def delete_prefix(self, prefix: str) -> int:
         doomed = [key for key in self._data if key.startswith(prefix)]
         await self.delete(*doomed)

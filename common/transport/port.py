@@ -51,6 +51,7 @@ DEAD_AT_HEADER = "x-exegpt-dead-at"  # when, epoch seconds
 ID_HEADER = "x-exegpt-id"  # the message's id (the attempt counter's key)
 DEAD_HEADERS = (REASON_HEADER, ORIGIN_HEADER, ATTEMPTS_HEADER, DEAD_AT_HEADER, ID_HEADER)
 DEADLINE_HEADER = "x-exegpt-deadline"  # epoch seconds after which the message is dropped unread
+REENCODED_HEADER = "x-exegpt-reencoded"  # encode work sent again because its KV cache was lost
 
 
 class Unroutable(Exception):
@@ -223,6 +224,11 @@ class Store(Protocol):
 
     async def count_prefix(self, prefix: str) -> int:
         """How many keys start with ``prefix`` (a scan: for gauges and tests, not hot paths)."""
+        ...
+
+    async def bytes_prefix(self, prefix: str) -> int:
+        """Memory the keys starting with ``prefix`` take (Redis: MEMORY USAGE; a scan: for
+        benchmarks and tests, not hot paths)."""
         ...
 
     async def close(self) -> None: ...

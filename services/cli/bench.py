@@ -20,7 +20,7 @@ def targets() -> dict[str, tuple[ModuleType, str]]:
     """Each target's module and help line, in ``exegpt bench --help`` order."""
     import engine.bench
     import engine.parallel.bench
-    from services.bench import adapt, faults, mesh, optimizer, schedules
+    from services.bench import adapt, faults, handoff, mesh, optimizer, schedules
 
     return {
         "engine": (engine.bench, "our engine vs Hugging Face generate, prefill and decode tokens/s"),
@@ -31,6 +31,7 @@ def targets() -> dict[str, tuple[ModuleType, str]]:
                       "ExeGPT's planned schedule vs static and continuous batching, measured on two workers"),
         "adapt": (adapt,
                   "traffic switches from task S to T: the re-planning scheduler vs one that keeps its schedule"),
+        "handoff": (handoff, "the KV hand-off between two worker processes: NIXL vs the Redis payload"),
         "faults": (faults,
                    "a mesh under load meets one fault at a time: what its clients saw, and how fast it recovered"),
     }

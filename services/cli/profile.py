@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch threads per worker, used while profiling (default: CPU cores / --devices)")
     p.add_argument("--amqp-url", default=None, help="measure the KV hand-off path through this RabbitMQ ...")
     p.add_argument("--redis-url", default=None, help="... and this Redis (both or neither)")
+    p.add_argument("--kv-transport", choices=("nixl", "redis"), default="nixl",
+                   help="the hand-off path to measure: nixl (two worker processes, a NIXL read; default) "
+                        "or redis (the payload through Redis)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=run)
@@ -207,6 +210,14 @@ def _measured_handoff(args: argparse.Namespace):
     from optimizer.cluster import Link
 
     try:
+        if args.kv_transport == "nixl":
+            from common.transport.nixl_kv import NixlUnavailable
+            from services.bench.handoff import nixl_link
+
+            try:
+                return Link(*nixl_link(args.amqp_url, args.redis_url))
+            except NixlUnavailable as exc:
+                raise CliError(f"{exc} (exegpt profile --kv-transport redis measures the Redis path)") from exc
         probe = asyncio.run(measure_handoff(args.amqp_url, args.redis_url))
     except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
         raise CliError(f"cannot measure the hand-off path ({args.amqp_url}, {args.redis_url}): {exc}") from exc

@@ -42,6 +42,8 @@ FLAGS = {
     "--rank": ("rank", int, "this process's rank in a multi-host worker group (0 drives it)"),
     "--kv-cache-gb": ("kv_cache_gb", float, "KV-cache budget of one worker in GiB (default: half the free "
                       "memory, shared among `up`'s workers; 90 %% of free GPU memory)"),
+    "--kv-transport": ("kv_transport", str, "how KV caches cross processes under WAA: nixl (default; "
+                       "decoders read encoders' memory) or redis (the payload through Redis)"),
     "--max-encode-batch": ("max_encode_batch", int, "upper bound on B_E"),
     "--max-decode-batch": ("max_decode_batch", int, "upper bound on B_D"),
     "--schedule": ("schedule", str, "schedule the scheduler pins: JSON of Schedule fields, or a file"),

@@ -48,7 +48,7 @@ async def local_workers(config: MeshConfig, hub: LocalHub, *, runners: list[Engi
     run = uuid.uuid4().hex[:6]
     for i, runner in enumerate(runners):  # ids sort in start order: allocations are predictable
         worker_config = config.model_copy(update={"worker_id": f"{config.worker_id or 'w'}{i:03d}-{run}"})
-        mesh.workers.append(Worker(worker_config, await open_transports(config, names, hub), runner,
+        mesh.workers.append(Worker(worker_config, await open_transports(config, names, hub, kv=True), runner,
                                    trace=trace))
     started = [asyncio.create_task(worker.run()) for worker in mesh.workers]
     mesh.tasks += started

@@ -13,6 +13,7 @@ from typing import Any, Callable, Coroutine, Protocol
 from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
+from common.transport.nixl_kv import NixlUnavailable
 from services.gateway import ServedModel, create_app, load_served_model
 from services.gateway.keys import check_exposure, load_keys
 from services.gateway.plugins import load_plugins
@@ -73,7 +74,11 @@ async def run_worker(role: str, config: MeshConfig) -> None:
     url = await ops.start(config.ops_host, config.ops_port)
     log.info("%s: /metrics and /health/* at %s", role, url)
     try:
-        transports = await open_transports(config, names, LocalHub())
+        try:
+            transports = await open_transports(config, names, LocalHub(), kv=role == "worker")
+        except NixlUnavailable as exc:  # one line, and no worker that could not hand its KV off
+            announce(f"{role} refused to start: {exc}")
+            raise SystemExit(2) from None
         if role == "scheduler":
             scheduler = SchedulerService(config, transports)
             scheduler.announce = announce  # "leading ..." / "standby ..." lines, beside "ready ..."

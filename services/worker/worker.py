@@ -21,7 +21,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import assert_never
 
 from common.config import MeshConfig
@@ -37,7 +37,8 @@ from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
 from common.transport.kv import CorruptPayload
-from common.transport.port import Delivery, NameTooLong, Subscription, Unroutable, check_name, failed, tell
+from common.transport.port import (DEAD_HEADERS, REENCODED_HEADER, Delivery, NameTooLong, Subscription, Unroutable, check_name,
+                                   failed, tell)
 from engine.api import EngineBroken, KVHandoff
 from optimizer.driver import Driver, StepOutcome
 from optimizer.policies import (DrainPolicy, IdlePolicy, QueuedRequest, Role, RunningRequest, StepPlan,
@@ -371,8 +372,7 @@ class Worker:
             elif isinstance(handoff, BaseException):
                 raise handoff
             elif handoff is None:
-                outbox.failure(message.reply_to, Failure(message.request_id, 500, "KV cache expired before decoding"))
-                await self._ack_after(delivery, outbox)
+                await self._kv_gone(delivery, message, outbox)
             else:
                 try:
                     held = Held.from_handoff(delivery, message, handoff)
@@ -385,6 +385,23 @@ class Worker:
                     continue
                 kept.append(held)
         return await self._skip_done(kept)
+
+    async def _kv_gone(self, delivery: Delivery, message: KvReady, outbox: Outbox) -> None:
+        """A hand-off whose KV cache is gone (its encoder died, or its lease ran out unread): the
+        request goes back to the encode queue from the tokens already delivered, once (a request
+        encoded again hands off without ``resume``: a second loss fails it); acked after."""
+        if message.resume is None:
+            outbox.failure(message.reply_to, Failure(message.request_id, 500,
+                                                     "KV cache lost before decoding (encoder gone or lease ended)"))
+            await self._ack_after(delivery, outbox)
+            return
+        log.info("worker %s: hand-off %s: KV cache gone; encoding it again", self.worker_id, message.request_id)
+        await self.bus.publish(self.names.encode_queue, codec.encode(message.resume),  # its deadline header kept
+                               headers={**{k: v for k, v in delivery.headers.items() if k not in DEAD_HEADERS},
+                                        REENCODED_HEADER: "1"})
+        if self.role == "decoder":  # the slot its encoder reserved: the new encode reserves its own
+            await self.credits.grant(self.follower.version, 1)
+        await delivery.ack()
 
     async def _skip_done(self, candidates: list[Held]) -> list[Held]:
         """Only a redelivered message can belong to a request that already finished: look those
@@ -629,6 +646,9 @@ class Worker:
             raise  # nothing more can run here: exit, and the broker redelivers what this worker held
         except Exception as exc:  # an engine fault: these requests run elsewhere once, then fail
             result = await self._step_failed(plan, exc)
+        for rid in plan.admit:  # imported into the cache (or gone): its received KV bytes are not read again
+            if (held := self.held.get(rid)) is not None and held.handoff is not None:
+                held.handoff = replace(held.handoff, kv=b"")
         for rid, why in result.faulted.items():  # the step went on without them
             self._fault(result, rid, f"engine fault: {why}")
         result.started_at, result.ended_at = started, time.time()
@@ -803,7 +823,8 @@ class Worker:
                                attributes=self._span_attributes(held)):
             ref = await self.kv.put(handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
             ready = KvReady(held.request_id, self.worker_id, held.reply_to, ref, len(held.prompt_ids),
-                            self.follower.version, held.submitted_at, held.stream)
+                            self.follower.version, held.submitted_at, held.stream,
+                            None if REENCODED_HEADER in held.delivery.headers else held.continuation(self.config.model))
             await self.bus.publish(self.names.handoff_queue, codec.encode(ready), headers=self.tracing.inject(),
                                    deadline=held.deadline)
         await asyncio.gather(*held.sent, *published)

@@ -243,6 +243,34 @@ def test_workers_outlast_their_drain():
     assert int(resources["requests"]["cpu"]) >= int(config_data()["EXEGPT_THREADS"])
 
 
+def mebibytes(quantity: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)(Mi|Gi)", quantity).groups()
+    return float(number) * (1024 if unit == "Gi" else 1)
+
+
+def test_workers_carry_what_the_nixl_kv_data_plane_needs():
+    """NIXL (UCX) hands KV caches between workers: its staging pool fits the memory limit beside a
+    memory-backed /dev/shm for the shared-memory transports, and its TCP listener range is the
+    container's "kv" ports."""
+    from common.config import MeshConfig
+
+    config = config_data()
+    MeshConfig(kv_transport=config["EXEGPT_KV_TRANSPORT"], kv_staging_mb=int(config["EXEGPT_KV_STAGING_MB"]))
+    assert config["EXEGPT_KV_TRANSPORT"] == "nixl"
+    worker = container("worker")
+    shm = [m for m in worker["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    volumes = {v["name"]: v for v in pod_spec(named("Deployment", "worker"))["volumes"]}
+    assert len(shm) == 1 and volumes[shm[0]["name"]]["emptyDir"]["medium"] == "Memory"
+    shm_mib = mebibytes(volumes[shm[0]["name"]]["emptyDir"]["sizeLimit"])
+    assert shm_mib >= 256
+    limit, request = (mebibytes(worker["resources"][k]["memory"]) for k in ("limits", "requests"))
+    assert limit - request >= shm_mib + int(config["EXEGPT_KV_STAGING_MB"])  # both count against the limit
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    low, high = (int(p) for p in env["UCX_TCP_PORT_RANGE"].split("-"))
+    kv_ports = sorted(port for name, port in port_names(worker).items() if name.startswith("kv"))
+    assert kv_ports == list(range(low, high + 1))
+
+
 def test_workload_selectors_match_their_own_pods():
     for workload in workloads():
         selector = workload["spec"]["selector"]["matchLabels"]

@@ -53,3 +53,17 @@ def test_measure_handoff_through_the_brokers_and_leave_nothing_behind():
 def test_unreachable_brokers_are_a_connection_error():
     with pytest.raises(ConnectionError, match="cannot connect to Redis at redis://127.0.0.1:1/0"):
         asyncio.run(measure_handoff(AMQP_URL, "redis://127.0.0.1:1/0", sizes=(1,), rounds=1, hops=1))
+
+
+@pytest.mark.broker
+def test_the_nixl_link_is_measured_between_two_worker_processes():
+    require_broker()
+    from optimizer.cluster import Link
+    from services.bench.handoff import nixl_link
+    from tests.brokers import need
+    from tests.mesh.test_kv_transport import nixl_loads
+
+    need(nixl_loads(), "NIXL (nixl-cu12) cannot load")
+    link = Link(*nixl_link(AMQP_URL, REDIS_URL, sizes_bytes=(64 << 10, 4 << 20), runs=2))
+    assert link.name == "nixl" and link.bandwidth_Bps > 0 and link.latency_s >= 0
+    assert link.source.startswith("measured: NIXL read") and "0.0625 MiB" in link.source and "4 MiB" in link.source

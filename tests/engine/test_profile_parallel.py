@@ -136,3 +136,24 @@ def test_bad_tp_and_link_flags_are_usage_errors(tmp_path, capsys, args, message)
     with pytest.raises(SystemExit) as exit_:
         main(["profile", "--out", str(tmp_path / "p.jsonl"), "--quick", *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_profile_writes_the_measured_nixl_link_as_the_clusters_handoff(tmp_path, monkeypatch, models_dir, capsys):
+    """With broker URLs the hand-off link is the NIXL path's (measured by services.bench.handoff;
+    stubbed here: the measurement itself is tested in test_profile_handoff)."""
+    from services.bench import handoff
+
+    monkeypatch.setattr(collectives, "measure", lambda: pytest.fail("collectives measured without being asked"))
+    asked = []
+
+    def measured(amqp_url, redis_url):
+        asked.append((amqp_url, redis_url))
+        return "nixl", 1.5e9, 3e-4, "measured: NIXL read between two worker processes (stub)"
+    monkeypatch.setattr(handoff, "nixl_link", measured)
+    monkeypatch.setenv("EXEGPT_MODELS_DIR", str(models_dir))
+    out = tmp_path / "p.jsonl"
+    assert main(["profile", "--model", "tiny-llama", "--out", str(out), "--repeats", "1", "--quick", "--device",
+                 "cpu", "--max-len", "64", "--threads", "1", "--amqp-url", "amqp://a", "--redis-url", "redis://r"]) == 0
+    link = load_cluster(tmp_path / "p-cluster.json").handoff
+    assert asked == [("amqp://a", "redis://r")]
+    assert (link.name, link.bandwidth_Bps, link.latency_s) == ("nixl", 1.5e9, 3e-4)

@@ -209,6 +209,20 @@ async def test_counters_add_and_take_atomically(mesh_config, hub):
     await store.close()
 
 
+async def test_bytes_under_a_prefix_count_its_keys_values(mesh_config, hub):
+    """What a benchmark and the KV data plane's tests read: the memory of a namespace's keys."""
+    store = await open_store(mesh_config) or hub.store
+    names = Names(mesh_config.namespace)
+    empty = await store.bytes_prefix(names.key_prefix)
+    await store.set(names.kv_meta("a"), b"x" * 100_000, ttl_s=30)
+    await store.hset(names.kv_meta("b"), {"f": "y" * 1000}, ttl_s=30)
+    grown = await store.bytes_prefix(names.key_prefix)
+    assert empty == 0 and 101_000 <= grown < 120_000
+    await store.delete(names.kv_meta("a"))
+    assert await store.bytes_prefix(names.key_prefix) < 2_000
+    await store.close()
+
+
 async def test_a_lease_has_one_holder_and_fences_writes(mesh_config, hub):
     """The scheduler's lease: taken when free, extended by its holder only, released by its holder
     only; a fenced write lands only while the writer holds it."""

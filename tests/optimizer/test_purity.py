@@ -28,4 +28,4 @@ def test_import_linter_contracts_hold():
     out = subprocess.run(["lint-imports"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "optimizer is pure: no services, transports, engine or torch KEPT" in out.stdout
-    assert "only common.transport talks to RabbitMQ and Redis KEPT" in out.stdout
+    assert "only common.transport talks to RabbitMQ, Redis and NIXL KEPT" in out.stdout

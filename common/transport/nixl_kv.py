@@ -1,0 +1,309 @@
+"""The KV data plane over NIXL: the decoder reads the encoder's memory, Redis holds descriptors.
+
+Each process that hands KV off runs one NIXL agent (UCX backend: shared memory or TCP between
+processes on a host, RDMA between hosts where present). Its agent metadata lives in the store
+under ``names.kv_agent(agent)``; the agent name is new in every process, so a restarted worker
+publishes fresh metadata and nobody reads a dead process's.
+
+    encoder                               store (Redis)                         decoder
+    put: KV bytes -> staging block  ──►  kv_meta(rid): KvBlocks (descriptor)
+         (registered, bounded pool)       kv_agent(enc): agent metadata
+                                                                    ◄── get: read KvBlocks, add agent,
+         ◄═════════════════ NIXL READ (block -> registered buffer) ═════════   delete kv_meta
+    notification "released" ──► block freed; a block nobody reads is freed when its lease ends
+
+Copies of the KV bytes, end to end on CPU: the engine's export (the slot's cache gathered, then
+to bytes: two), bytes -> staging block, the NIXL read (staging block -> a block of the decoder's
+registered inbox), the engine's import (inbox -> cache): five, against eight through Redis. Every
+NIXL call runs on one thread of this adapter, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import dataclasses
+import os
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from common.messages import codec
+from common.messages.handoff import KvBlocks
+from common.names import KV_AGENT_TTL_S, Names
+from common.transport.kv import CorruptPayload
+from common.transport.port import Store
+from engine.api import KVHandoff
+
+ALIGN = 4096  # staging blocks start on page boundaries
+READ_POLL_S = 0.0005  # the transfer thread's wait between checks of a running read
+REAP_INTERVAL_S = 0.05  # how often an encoder with staged blocks looks for releases and expired leases
+
+
+class NixlUnavailable(RuntimeError):
+    """NIXL (the ``nixl-cu12`` package) cannot be loaded here."""
+
+
+class StagingFull(RuntimeError):
+    """The staging pool has no room for a hand-off within its wait."""
+
+
+def load_nixl() -> Any:
+    """The NIXL agent module, or NixlUnavailable with a one-line reason."""
+    try:
+        from nixl_cu12 import _api  # never the `nixl` meta package: it pulls a CUDA torch
+    except Exception as exc:  # ImportError, or a shared library the wheel needs is missing
+        raise NixlUnavailable(f"NIXL cannot load ({type(exc).__name__}: {exc}); install the 'nixl' extra "
+                              "(pip install nixl-cu12) or choose --kv-transport redis") from None
+    return _api
+
+
+class StagingPool:
+    """First-fit allocation of aligned blocks in one buffer of ``capacity`` bytes (pure)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free: list[tuple[int, int]] = [(0, capacity)]  # (offset, size), sorted by offset
+        self._used: dict[int, int] = {}  # offset -> size
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._used.values())
+
+    def allocate(self, nbytes: int) -> int | None:
+        size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        for i, (offset, free) in enumerate(self._free):
+            if free >= size:
+                self._free[i:i + 1] = [(offset + size, free - size)] if free > size else []
+                self._used[offset] = size
+                return offset
+        return None
+
+    def free(self, offset: int) -> None:
+        size = self._used.pop(offset)
+        i = bisect.bisect(self._free, (offset, size))
+        self._free.insert(i, (offset, size))
+        merged: list[tuple[int, int]] = []
+        for o, s in self._free:  # coalesce neighbours
+            if merged and merged[-1][0] + merged[-1][1] == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + s)
+            else:
+                merged.append((o, s))
+        self._free = merged
+
+
+@dataclasses.dataclass
+class _Staged:
+    offset: int
+    expires_at: float
+
+
+class NixlKv:
+    """The KvTransport port over NIXL; the agent starts on first use (``start`` to start it now)."""
+
+    def __init__(self, store: Store, names: Names, *, pool_bytes: int, read_timeout_s: float,
+                 agent_name: str | None = None) -> None:
+        self._api = load_nixl()
+        self._store, self._names = store, names
+        self.agent_name = agent_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._pool = StagingPool(pool_bytes)
+        self._inbox = StagingPool(pool_bytes)  # where reads land (its pages mapped once, then reused)
+        self._inbox_lock = threading.Lock()  # blocks are freed by whichever thread drops the last view
+        self._read_timeout_s = read_timeout_s
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="nixl")
+        self._agent: Any = None
+        self._buffer: np.ndarray | None = None
+        self._inbox_buffer: np.ndarray | None = None
+        self._published_at = 0.0
+        self._remotes: set[str] = set()
+        self._staged: dict[str, _Staged] = {}  # request id -> its block
+        self._room = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def staged_bytes(self) -> int:
+        return self._pool.used_bytes
+
+    @property
+    def inbox_bytes(self) -> int:
+        """Bytes of read KV caches still referenced (not yet imported and dropped)."""
+        with self._inbox_lock:
+            return self._inbox.used_bytes
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def start(self) -> None:
+        if self._agent is None:
+            await self._call(self._open_agent)
+        await self._publish()
+
+    def _open_agent(self) -> None:
+        if self._agent is not None:
+            return
+        agent = self._api.nixl_agent(self.agent_name, self._api.nixl_agent_config(backends=["UCX"]))
+        buffer = np.empty(self._pool.capacity, dtype=np.uint8)
+        inbox = np.empty(self._inbox.capacity, dtype=np.uint8)
+        agent.register_memory([(b.ctypes.data, b.nbytes, 0, "") for b in (buffer, inbox)], "DRAM")
+        self._agent, self._buffer, self._inbox_buffer = agent, buffer, inbox
+
+    async def _publish(self) -> None:
+        """The agent's metadata in the store, refreshed before half its TTL has passed."""
+        if time.monotonic() - self._published_at < KV_AGENT_TTL_S / 2:
+            return
+        metadata = await self._call(self._agent.get_agent_metadata)
+        await self._store.set(self._names.kv_agent(self.agent_name), metadata, ttl_s=KV_AGENT_TTL_S)
+        self._published_at = time.monotonic()
+
+    # ---- encoder side ------------------------------------------------------------------------
+    async def put(self, handoff: KVHandoff, *, producer: str, ttl_s: float) -> str:
+        await self.start()
+        nbytes = len(handoff.kv)
+        if nbytes > self._pool.capacity:
+            raise StagingFull(f"{handoff.request_id}: {nbytes} bytes of KV exceed the staging pool "
+                              f"({self._pool.capacity} bytes: kv_staging_mb)")
+        offset = await self._reserve(nbytes, deadline=time.monotonic() + ttl_s)
+        try:
+            header = await self._call(_stage, self._buffer, offset, handoff)
+            blocks = KvBlocks(handoff.request_id, producer, self.agent_name, self._address(offset), nbytes,
+                              handoff.dtype, handoff.shape, handoff.layout, time.time() + ttl_s, header)
+            ref = self._names.kv_meta(handoff.request_id)
+            await self._store.set(ref, codec.encode(blocks), ttl_s=ttl_s)
+        except BaseException:
+            self._pool.free(offset)
+            raise
+        self._staged[handoff.request_id] = _Staged(offset, time.time() + ttl_s)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap_while_staged())
+        return ref
+
+    def _address(self, offset: int) -> int:
+        assert self._buffer is not None
+        return self._buffer.ctypes.data + offset
+
+    async def _reserve(self, nbytes: int, *, deadline: float) -> int:
+        while (offset := self._pool.allocate(nbytes)) is None:
+            self._room.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StagingFull(f"no room for {nbytes} bytes of KV in the staging pool")
+            try:
+                await asyncio.wait_for(self._room.wait(), timeout=left)
+            except TimeoutError:
+                pass
+        return offset
+
+    async def reap(self) -> int:
+        """Free the blocks that decoders released or whose lease ran out; return how many."""
+        released = await self._call(self._agent.get_new_notifs)
+        names = {m.decode() for messages in released.values() for m in messages}
+        now = time.time()
+        done = [rid for rid, s in self._staged.items() if rid in names or s.expires_at <= now]
+        for rid in done:
+            self._pool.free(self._staged.pop(rid).offset)
+        if done:
+            self._room.set()
+        return len(done)
+
+    async def _reap_while_staged(self) -> None:
+        while self._staged:
+            await self.reap()
+            if self._staged:
+                await asyncio.sleep(REAP_INTERVAL_S)  # a periodic sweep: NIXL notifications are polled
+
+    # ---- decoder side ------------------------------------------------------------------------
+    async def get(self, ref: str) -> KVHandoff | None:
+        data = await self._store.get(ref)
+        if data is None:
+            return None
+        try:
+            blocks = codec.decode(data, KvBlocks)
+        except codec.DecodeError as exc:
+            raise CorruptPayload(f"{ref}: {exc}") from exc
+        if blocks.expires_at <= time.time():
+            return None
+        metadata = await self._store.get(self._names.kv_agent(blocks.agent))
+        if metadata is None:  # the encoder's process is gone, and its memory with it
+            return None
+        await self.start()
+        kv = await self._call(self._read, blocks, metadata)
+        await self._store.delete(ref)
+        try:
+            header = KVHandoff.from_bytes(blocks.header)
+        except ValueError as exc:
+            raise CorruptPayload(f"{ref}: {exc}") from exc
+        return dataclasses.replace(header, kv=kv)
+
+    def _read(self, blocks: KvBlocks, metadata: bytes) -> np.ndarray:
+        """READ the blocks into a registered buffer; the notification releases them on the encoder."""
+        agent = self._agent
+        if blocks.agent not in self._remotes:
+            agent.add_remote_agent(metadata)
+            self._remotes.add(blocks.agent)
+        kv, registered = self._landing(blocks.nbytes)
+        local = [(kv.ctypes.data, blocks.nbytes, 0, "")]
+        try:
+            handle = agent.initialize_xfer(
+                "READ", agent.get_xfer_descs([local[0][:3]], "DRAM"),
+                agent.get_xfer_descs([(blocks.address, blocks.nbytes, 0)], "DRAM"), blocks.agent,
+                blocks.request_id.encode())
+            try:
+                state = agent.transfer(handle)
+                deadline = time.monotonic() + self._read_timeout_s
+                while state == "PROC":
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"NIXL read of {blocks.request_id} from {blocks.agent} timed out")
+                    time.sleep(READ_POLL_S)
+                    state = agent.check_xfer_state(handle)
+                if state != "DONE":
+                    raise ConnectionError(f"NIXL read of {blocks.request_id} from {blocks.agent}: {state}")
+            finally:
+                agent.release_xfer_handle(handle)
+        finally:
+            if registered is not None:
+                agent.deregister_memory(registered)
+        return kv
+
+    def _landing(self, nbytes: int) -> tuple[np.ndarray, Any]:
+        """Where a read lands: a block of the registered inbox, freed when the last view of it
+        goes (the engine imported it); when the inbox is full, memory registered for this read."""
+        with self._inbox_lock:
+            offset = self._inbox.allocate(nbytes)
+        if offset is None:
+            kv = np.empty(nbytes, dtype=np.uint8)  # not zeroed: the read fills it
+            return kv, self._agent.register_memory([(kv.ctypes.data, nbytes, 0, "")], "DRAM")
+        assert self._inbox_buffer is not None
+        kv = self._inbox_buffer[offset:offset + nbytes]
+        weakref.finalize(kv, self._free_landed, offset)
+        return kv, None
+
+    def _free_landed(self, offset: int) -> None:
+        with self._inbox_lock:
+            self._inbox.free(offset)
+
+    async def claim(self, ref: str, *, decoder: str) -> None:
+        """Nothing to record: the descriptor is deleted once its blocks are read."""
+
+    async def drop(self, ref: str) -> None:
+        await self._store.delete(ref)
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self._agent is not None:
+            await self._store.delete(self._names.kv_agent(self.agent_name))
+        self._staged.clear()
+        self._thread.shutdown(wait=True)
+
+
+def _stage(buffer: np.ndarray, offset: int, handoff: KVHandoff) -> bytes:
+    """Copy the KV bytes into their block; return the rest of the hand-off, serialised."""
+    buffer[offset:offset + len(handoff.kv)] = np.frombuffer(handoff.kv, dtype=np.uint8)
+    return dataclasses.replace(handoff, kv=b"").to_bytes()
