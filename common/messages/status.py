@@ -46,6 +46,9 @@ class WorkerStatus:
     # a sample of the steps run since the last report: at most STEP_COSTS_PER_KIND of each kind
     # (so a heartbeat stays small whatever the step rate), uniformly drawn among that kind's steps
     step_costs: tuple[StepCost, ...] = ()
+    kv_tokens: int = 0  # KV positions its running requests hold
+    kv_used_bytes: float = 0.0  # those positions' bytes (0: unknown)
+    kv_allocated_bytes: float = 0.0  # its KV cache's allocation (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,9 @@ class SchedulerState:
     calibration: tuple["CalibrationPoint", ...] = ()
     calibration_samples: int = 0  # steps the correction is fitted on (decayed weight)
     candidates: tuple["CandidateFigures", ...] = ()  # what the last search weighed, the pick first
+    # (p50, p90, p99) of the lengths the plan in force was made on, beside the current ones above
+    planned_input_quantiles: tuple[float, ...] = ()
+    planned_output_quantiles: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -362,7 +362,15 @@ class Brain:
             raw_predicted_latency_s=_finite(plan.raw_latency_s) if plan else 0.0,
             raw_predicted_attainment=plan.raw_attainment if plan else math.nan,
             calibration=points(table), calibration_samples=table.samples,
-            candidates=self.plan.candidates if self.plan else ())
+            candidates=self.plan.candidates if self.plan else (),
+            planned_input_quantiles=self._planned_quantiles("input"),
+            planned_output_quantiles=self._planned_quantiles("output"))
+
+    def _planned_quantiles(self, side: str) -> tuple[float, ...]:
+        if self._planned is None:
+            return ()
+        lengths = getattr(self._planned[0], side)
+        return tuple(float(lengths.quantile(q)) for q in (0.5, 0.9, 0.99))
 
 
 def observed_workload(ins: np.ndarray, outs: np.ndarray) -> Workload:

@@ -924,8 +924,10 @@ class Worker:
         the next heartbeat tries again)."""
         running = len(self.driver.running)
         free = max(self.follower.schedule.decode_batch - running, 0) if self.role in ("worker", "decoder") else 0
+        kv = self.metrics_state()
         status = WorkerStatus(self.worker_id, self.role, self.follower.version, running, free, state, time.time(),
-                              self.engine_s, self.steps, self.group, self.step_costs.drain())
+                              self.engine_s, self.steps, self.group, self.step_costs.drain(), kv.kv_tokens,
+                              float(kv.kv_tokens * (kv.kv_bytes_per_token or 0)), float(kv.kv_allocated_bytes or 0))
         try:
             await self.bus.broadcast(self.names.status_exchange, codec.encode(status))
         except Exception as exc:

@@ -93,8 +93,8 @@ class Dashboard:
         return getattr(self.app.state, "mesh", None)
 
     def _add_embedded(self, rows: list[dict[str, Any]]) -> None:
-        """``exegpt serve``: the workers are in this process, so their KV cache use is known (a
-        heartbeat does not carry it)."""
+        """``exegpt serve``: the workers are in this process, so their KV cache use is read as it is
+        now (a heartbeat's is up to ``heartbeat_s`` old)."""
         mesh = self._mesh()
         if mesh is None:
             return

@@ -51,7 +51,8 @@ def worker_row(heard: Heard, now: float, timeout_s: float) -> dict[str, Any]:
     return {"worker_id": s.worker_id, "role": s.role, "state": s.state, "status": status,
             "schedule_version": s.schedule_version, "running": s.running, "free_slots": s.free_slots,
             "step_rate_s": step_rate, "busy": busy, "steps": s.steps, "group": list(s.group),
-            "heartbeat_age_s": silent_s}
+            "heartbeat_age_s": silent_s, "kv_tokens": s.kv_tokens, "kv_used_bytes": s.kv_used_bytes or None,
+            "kv_allocated_bytes": s.kv_allocated_bytes or None}
 
 
 class WorkerWatch:
