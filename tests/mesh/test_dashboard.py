@@ -104,6 +104,11 @@ def test_a_worker_row_has_rates_from_its_last_two_heartbeats_and_says_live_drain
     stopped = WorkerStatus("w", "decoder", 3, 0, 0, "stopping", at=103.0)
     assert worker_row(Heard(stopped, 50.0), now=50.0, timeout_s=6.0)["status"] == "gone"
     assert worker_row(Heard(before, 50.0), now=50.0, timeout_s=6.0)["step_rate_s"] is None  # one heartbeat: no rate
+    busy = WorkerStatus("w", "worker", 3, 2, 30, "alive", at=104.0, kv_tokens=120, kv_used_bytes=5.5e6,
+                        kv_allocated_bytes=2e9)
+    row = worker_row(Heard(busy, 50.0), now=50.0, timeout_s=6.0)  # KV use rides the heartbeat (a mesh)
+    assert (row["kv_tokens"], row["kv_used_bytes"], row["kv_allocated_bytes"]) == (120, 5.5e6, 2e9)
+    assert worker_row(Heard(before, 50.0), now=50.0, timeout_s=6.0)["kv_used_bytes"] is None  # unknown
 
 
 def test_the_page_and_its_files_ship_inside_the_package():

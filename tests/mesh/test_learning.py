@@ -91,6 +91,7 @@ async def test_counted_arrivals_make_the_plan_one_for_that_rate_with_its_candida
         assert plan.rate_per_s == pytest.approx(40.0) and plan.attainment >= 0.99
         state = codec.decode(await scheduler.store.get(names.scheduler_state), SchedulerState)
         assert state.forecast_rate_s == pytest.approx(40.0)
+        assert len(state.planned_input_quantiles) == len(state.planned_output_quantiles) == 3
         assert state.candidates and state.candidates[0].chosen
         assert state.candidates[0].schedule == plan.schedule
         assert all(c.capacity_seq_s >= 40.0 for c in state.candidates if not c.chosen or math.isfinite(c.capacity_seq_s))
