@@ -20,13 +20,14 @@ def targets() -> dict[str, tuple[ModuleType, str]]:
     """Each target's module and help line, in ``exegpt bench --help`` order."""
     import engine.bench
     import engine.parallel.bench
-    from services.bench import adapt, faults, mesh, optimizer, schedules
+    from services.bench import adapt, faults, mesh, optimizer, schedules, serve
 
     return {
         "engine": (engine.bench, "our engine vs Hugging Face generate, prefill and decode tokens/s"),
         "parallel": (engine.parallel.bench, "a model over a process group (TP, PP) vs one process"),
         "optimizer": (optimizer, "search vs exhaustive, ExeGPT vs static/continuous"),
         "mesh": (mesh, "mesh vs embedded server vs in-process engine"),
+        "serve": (serve, "one server's streams vs its own engine step and llama.cpp's server: tok/s, TTFT, ITL, RSS"),
         "schedules": (schedules,
                       "ExeGPT's planned schedule vs static and continuous batching, measured on two workers"),
         "adapt": (adapt,
