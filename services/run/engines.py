@@ -100,29 +100,11 @@ def served_model_name(config: MeshConfig) -> str:
 
 
 class EngineRunner:
-    """Runs engine calls one at a time on a dedicated thread, so the event loop keeps serving.
+    """Runs engine calls one at a time on a dedicated thread, so the event loop keeps serving."""
 
-    Build it with ``loaded`` where this process computes with the engine: the model is then loaded
-    on the thread that runs its steps. torch's OpenMP gives every thread that computes its own
-    team of threads; two teams on a small machine (one from loading on the event loop's thread,
-    one from the steps) make OpenMP put its idle threads to sleep at once, and waking them for
-    each of the step's parallel regions made a SmolLM2 decode step ~1.5x slower (docs/engine.md).
-    """
-
-    def __init__(self, engine: Engine, executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._executor = executor or engine_thread()
-
-    @classmethod
-    async def loaded(cls, load: Callable[[], Engine]) -> "EngineRunner":
-        """A runner whose engine ``load()`` built on the runner's own thread."""
-        executor = engine_thread()
-        try:
-            engine = await asyncio.get_running_loop().run_in_executor(executor, load)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(engine, executor)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -132,15 +114,3 @@ class EngineRunner:
         close = getattr(getattr(self.engine, "runner", None), "close", None)
         if close is not None:  # a worker group: stop its follower processes
             close()
-
-
-async def start_engine(config: MeshConfig) -> EngineRunner:
-    """The engine of ``config`` on its runner, loaded on the runner's thread (a worker group's
-    driver on this one: its ranks die with the thread that started them, PR_SET_PDEATHSIG)."""
-    if group_shape(config).world == 1:
-        return await EngineRunner.loaded(lambda: load_engine(config))
-    return EngineRunner(load_engine(config))
-
-
-def engine_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")

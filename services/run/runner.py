@@ -18,7 +18,7 @@ from services.gateway.keys import check_exposure, load_keys
 from services.gateway.plugins import load_plugins
 from services.ops import OpsServer, transport_checks
 from services.run.embedded import local_workers
-from services.run.engines import served_model_name, start_engine
+from services.run.engines import EngineRunner, group_shape, load_engine, served_model_name
 from services.scheduler.gauges import SchedulerMetrics
 from services.scheduler.service import SchedulerService
 from services.worker import Worker
@@ -79,7 +79,11 @@ async def run_worker(role: str, config: MeshConfig) -> None:
             scheduler.announce = announce  # "leading ..." / "standby ..." lines, beside "ready ..."
             started.append((scheduler, SchedulerMetrics(scheduler).render))
         else:
-            worker = Worker(config, transports, await start_engine(config))
+            if group_shape(config).world == 1:
+                engine = await asyncio.to_thread(load_engine, config)
+            else:  # a group's ranks die with the thread that started them (PR_SET_PDEATHSIG): this one
+                engine = load_engine(config)
+            worker = Worker(config, transports, EngineRunner(engine))
             started.append((worker, worker.metrics.render))
         service = started[0][0]
         await run_until_signalled(service, f"{role} {getattr(service, 'worker_id', '')}".strip())
@@ -109,9 +113,9 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
     hub = LocalHub()
     workers = None
     if embedded:  # one worker, one engine; the gateway takes the engine's tokenizer
-        runner = await start_engine(config)
-        engine = runner.engine
+        engine = load_engine(config)
         model = ServedModel(served_model_name(config), engine.tokenizer, engine.max_context)
+        runner = EngineRunner(engine)
 
         def workers():
             return local_workers(config, hub, runners=[runner])
