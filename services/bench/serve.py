@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import shutil
 import signal
@@ -255,11 +256,17 @@ def _stop(popen: subprocess.Popen[bytes]) -> None:
 
 
 # ==== the load ===================================================================================
-def _workload(a: argparse.Namespace, concurrency: int, per_stream: int, seed: int = 0):
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str):
     from engine import load_tokenizer
+
+    return load_tokenizer(model).tokenizer
+
+
+def _workload(a: argparse.Namespace, concurrency: int, per_stream: int, seed: int = 0):
     from loadgen.workload import WorkloadSpec, build_workload
 
-    tokenizer = load_tokenizer(a.model).tokenizer
+    tokenizer = _tokenizer(a.model)
     spec = WorkloadSpec(num_requests=concurrency * per_stream, seed=seed, arrival="closed", concurrency=concurrency,
                         task=None, fixed_input_tokens=a.input_tokens, fixed_output_tokens=a.output_tokens)
     return build_workload(spec, tokenizer.encode, tokenizer.decode)
