@@ -73,7 +73,11 @@ def read_gguf(path: Path, keep: Callable[[str], bool] | None = None
     for t in reader.tensors:
         if keep is not None and not keep(_hf_name(t.name)):
             continue
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except NotImplementedError:  # a type the gguf package cannot read (yet)
+            raise ValueError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the "
+                             "gguf package installed here cannot dequantize") from None
         if t.name.endswith("attn_q.weight"):
             w = _unpermute(w, heads)
         elif t.name.endswith("attn_k.weight"):

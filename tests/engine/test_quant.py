@@ -385,3 +385,17 @@ def test_bench_against_llamacpp(capsys):
     assert [(r[0], r[1]) for r in rows] == [("1", "prefill"), ("1", "decode"), ("2", "prefill"), ("2", "decode")]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
     assert "llama-cpp-python" in out
+
+
+@pytest.mark.smollm2
+def test_a_gguf_type_that_cannot_be_read_is_named(monkeypatch):
+    import gguf.quants
+
+    from engine.gguf_loader import read_gguf, smollm2_path
+
+    def dequantize(data, qtype):
+        raise NotImplementedError(f"Dequantization for {qtype.name} is not yet implemented")
+
+    monkeypatch.setattr(gguf.quants, "dequantize", dequantize)
+    with pytest.raises(ValueError, match=r"tensor \S+ is stored as (F32|Q4_1|Q8_0)"):
+        read_gguf(smollm2_path())
