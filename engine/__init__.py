@@ -58,8 +58,9 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
     torch_dtype = _dtype(dtype, dev)
     quant = check_quant(quant, dev)
     model_type, config, state, tokenizer = read_checkpoint(model, models_dir)
-    module = load_state(build_model(model_type, config), state, torch_dtype, torch.device(dev))
-    precision_(module, quant, dev, torch_dtype)
+    module = load_state(build_model(model_type, config), state, torch_dtype, torch.device(dev), pack=quant is None)
+    del state  # the weights the model did not take as they are (fused ones) go now
+    precision_(module, quant, dev, torch_dtype, int4_grids(model) if quant == "int4" else None)
     limit = module.max_positions()
     context = min(limit, max_context) if max_context else limit
     if model_type == "t5":
@@ -122,16 +123,25 @@ def _folder(model: str, models_dir: str | Path | None) -> Path:
     return path
 
 
-def precision_(module, quant: str | None, device: str, dtype) -> None:
-    """After loading: the quantized projections of ``quant`` (checked by ``check_quant``), or on the
-    CPU float32 logits for a bfloat16/float16 model (low-precision logits make near ties exact ties
-    or flip them)."""
+def int4_grids(model: str):
+    """The int4-grid weights a GGUF file holds (Q4_0, Q4_1), by name; none for other models."""
+    if model != "smollm2" and not model.endswith(".gguf"):
+        return None
+    from engine.gguf_loader import read_int4_grids, smollm2_path
+
+    return read_int4_grids(smollm2_path() if model == "smollm2" else Path(model))
+
+
+def precision_(module, quant: str | None, device: str, dtype, grids=None) -> None:
+    """After loading: the quantized projections of ``quant`` (checked by ``check_quant``; ``grids``:
+    weights already on int4's grid, see ``engine.quant.quantize_``), or on the CPU float32 logits
+    for a bfloat16/float16 model (low-precision logits make near ties exact ties or flip them)."""
     import torch
 
     if quant is not None:
         from engine.quant import quantize_
 
-        quantize_(module, quant)
+        quantize_(module, quant, grids)
     elif device == "cpu" and dtype in (torch.bfloat16, torch.float16) and hasattr(module, "lm_head"):
         from engine.quant import float32_logits_
 

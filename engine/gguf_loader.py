@@ -17,6 +17,8 @@ from engine.tokenizer import CHATML, TextTokenizer, byte_level_bpe
 if TYPE_CHECKING:
     import torch
 
+    from engine.quant import Int4Grid
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -71,7 +73,11 @@ def read_gguf(path: Path, keep: Callable[[str], bool] | None = None
     for t in reader.tensors:
         if keep is not None and not keep(_hf_name(t.name)):
             continue
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except NotImplementedError:  # a type the gguf package cannot read (yet)
+            raise ValueError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the "
+                             "gguf package installed here cannot dequantize") from None
         if t.name.endswith("attn_q.weight"):
             w = _unpermute(w, heads)
         elif t.name.endswith("attn_k.weight"):
@@ -89,6 +95,36 @@ def read_gguf(path: Path, keep: Callable[[str], bool] | None = None
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
     return config, state, _tokenizer(reader, meta)
+
+
+INT4_BLOCKS = {"Q4_0": 18, "Q4_1": 20}  # bytes per block of 32 weights: scale (f16)[, minimum (f16)], 16 of codes
+
+
+def read_int4_grids(path: Path) -> dict[str, Int4Grid]:
+    """The Q4_0 and Q4_1 tensors of a Llama GGUF on int4's grid, by Hugging Face name, as the file
+    holds them (Q/K rows un-permuted like the dense weights): Q4_1 is ``w = d * q + m`` and Q4_0
+    ``w = d * (q - 8)`` per block of 32, i.e. scale ``d`` and the value of level 8, ``m + 8d`` or 0."""
+    import torch
+
+    from engine.quant import INT4_GROUP, Int4Grid
+
+    reader, meta = _open_llama(path)
+    heads = {"attn_q": meta["llama.attention.head_count"], "attn_k": meta["llama.attention.head_count_kv"]}
+    grids: dict[str, Int4Grid] = {}
+    for t in reader.tensors:
+        size = INT4_BLOCKS.get(t.tensor_type.name)
+        if size is None:
+            continue
+        blocks = np.asarray(t.data).reshape(t.data.shape[0], -1, size)  # (N, K/32, bytes)
+        if t.name.split(".")[-2] in heads:
+            blocks = _unpermute(blocks, heads[t.name.split(".")[-2]])
+        scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
+        offset = (blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * scale
+                  if size == INT4_BLOCKS["Q4_1"] else np.zeros_like(scale))
+        packed = blocks[..., size - INT4_GROUP // 2:]  # (N, K/32, 16): element j low nibble, j + 16 high
+        codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(blocks.shape[0], -1)
+        grids[_hf_name(t.name)] = Int4Grid(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(offset))
+    return grids
 
 
 def read_gguf_tokenizer(path: Path) -> tuple[dict[str, Any], TextTokenizer]:

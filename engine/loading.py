@@ -36,9 +36,10 @@ def build_model(model_type: str, config: dict[str, Any]) -> nn.Module:
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-               prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
+               prepare: Callable[[nn.Module], None] | None = None, *, pack: bool = True) -> nn.Module:
     """Load ``state`` into a freshly built model (names as Hugging Face saves them). ``prepare`` runs on
-    the loaded model before its projections are fused (``engine.parallel`` shards it there)."""
+    the loaded model before its projections are fused (``engine.parallel`` shards it there).
+    ``pack`` False: no oneDNN-packed copies (``quantize_`` gives the projections their own)."""
     state = {k: v for k, v in state.items() if not k.endswith(".rotary_emb.inv_freq")}
     state = model.adapt_state_dict(state) if hasattr(model, "adapt_state_dict") else state
     expected = set(model.state_dict())
@@ -57,7 +58,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dt
     model = model.eval().requires_grad_(False)
     if prepare is not None:
         prepare(model)
-    return model.fuse_() if hasattr(model, "fuse_") else model
+    return model.fuse_(pack) if hasattr(model, "fuse_") else model
 
 
 def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:

@@ -12,8 +12,10 @@ a smaller copy that the forward pass uses instead of the dense weight:
   scale and offset (its smallest and largest weights are levels 0 and 15); the CPU kernel of
   ``_weight_int4pack_mm``. A matrix it cannot take (output rows not a multiple of 16, input columns
   not a multiple of the group) gets int8 instead. SmolLM2's GGUF stores its layers as Q4_1 (blocks
-  of 32 columns with a scale and a minimum): the same grid, so these come back up to the rounding
-  of their scales and offsets to bfloat16.
+  of 32 columns with a scale and a minimum): the same grid. Given the file's own codes
+  (``Int4Grid``, from ``engine.gguf_loader.read_int4_grids``), ``quantize_`` packs those instead of
+  quantizing the dequantized weights again, so the weights are the file's up to the rounding of
+  their scales and offsets to bfloat16.
 
 The int8 and int4 kernels read and write bfloat16 (their float32 paths are several to tens of times
 slower): such a projection rounds its input to bfloat16 and returns its result in the input's
@@ -34,6 +36,9 @@ CPU only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -102,9 +107,24 @@ class Int8Weight:
         return _finish(torch._weight_int8pack_mm(rows, self.q, self.scale), x, self.bias)
 
 
+@dataclass(frozen=True)
+class Int4Grid:
+    """A weight given on int4's grid: ``w = (codes - 8) * scale + offset``, per ``INT4_GROUP`` columns."""
+
+    codes: torch.Tensor  # (N, K) uint8, 0..15
+    scale: torch.Tensor  # (N, K/G) float32
+    offset: torch.Tensor  # (N, K/G) float32, the value of level 8
+
+    @staticmethod
+    def cat(grids: list["Int4Grid"]) -> "Int4Grid":
+        """The grids' rows one after the other (a fused weight's)."""
+        return Int4Grid(*(torch.cat([getattr(g, f) for g in grids]) for f in ("codes", "scale", "offset")))
+
+
 class Int4Weight:
     """``y = x W^T + b`` with W in groups of ``group`` input columns: ``w = (q - 8) * scale + offset``,
-    q in 0..15, scale and offset bfloat16 per (row, group)."""
+    q in 0..15, scale and offset bfloat16 per (row, group). Built from a dense weight (quantized:
+    each group's smallest and largest weights are levels 0 and 15) or from a grid (``from_grid``)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = INT4_GROUP) -> None:
         n, k = weight.shape
@@ -115,11 +135,22 @@ class Int4Weight:
         scale = ((hi - lo) / 15).clamp_(min=1e-12).to(_ACT).float()  # as stored, so q is rounded against it
         offset = (lo + 8 * scale).to(_ACT).float()  # the value of level 8
         q = torch.round((w - offset[..., None]) / scale[..., None] + 8).clamp_(0, 15)
+        self._pack(q.reshape(n, k), scale, offset, bias, group)
+
+    @classmethod
+    def from_grid(cls, grid: Int4Grid, bias: torch.Tensor | None = None) -> "Int4Weight":
+        """The weight of ``grid`` as it is (its codes; scales and offsets rounded to bfloat16)."""
+        weight = cls.__new__(cls)
+        weight._pack(grid.codes, grid.scale, grid.offset, bias, INT4_GROUP)
+        return weight
+
+    def _pack(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None,
+              group: int) -> None:
         self.group = group
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(n, k), 2)
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
         self.scale_offset = torch.stack([scale, offset], dim=-1).transpose(0, 1).contiguous().to(_ACT)  # (K/G, N, 2)
         self.bias = None if bias is None else bias.detach()
-        self.shape = (n, k)
+        self.shape = tuple(q.shape)
 
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scale_offset.nbytes
@@ -143,8 +174,11 @@ def can_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> bool:
     return n % 16 == 0 and k % group == 0
 
 
-def quantized(weight: torch.Tensor, bias: torch.Tensor | None, mode: str):
-    """The quantized replacement of one projection (int4 falls back to int8 where it cannot go)."""
+def quantized(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, grid: Int4Grid | None = None):
+    """The quantized replacement of one projection (int4 falls back to int8 where it cannot go; with
+    the weight's own ``grid``, int4 packs that)."""
+    if mode == "int4" and grid is not None and tuple(grid.codes.shape) == tuple(weight.shape):
+        return Int4Weight.from_grid(grid, bias)
     if mode == "fp16":
         return Fp16Weight(weight, bias)
     if mode == "int4" and can_int4(weight):
@@ -152,8 +186,10 @@ def quantized(weight: torch.Tensor, bias: torch.Tensor | None, mode: str):
     return Int8Weight(weight, bias)
 
 
-def quantize_(model: nn.Module, mode: str | None) -> nn.Module:
+def quantize_(model: nn.Module, mode: str | None, grids: Mapping[str, Int4Grid] | None = None) -> nn.Module:
     """Quantize ``model``'s projections in place (see the module doc); ``mode`` None leaves it as is.
+    ``grids``: weights (by parameter name, e.g. ``model.layers.0.mlp.up_proj.weight``) already on
+    int4's grid, which ``int4`` packs as they are (a fused weight, when all its parts have one).
 
     Runs once on a loaded model whose weights are final (after ``load_state``, sharding, fusing)."""
     from engine.models.common import Linear, PackedWeight
@@ -169,8 +205,9 @@ def quantize_(model: nn.Module, mode: str | None) -> nn.Module:
     fused = [(module, name, value) for module in model.modules() for name, value in list(vars(module).items())
              if isinstance(value, PackedWeight) and not (isinstance(module, Linear) and name == "_packed")]
     fused_storage = {value.weight.untyped_storage().data_ptr() for _, _, value in fused}
+    grid_of = _grid_finder(model, grids or {})
     for module, name, value in fused:  # Llama's fused q/k/v and gate/up
-        setattr(module, name, quantized(value.weight, value.bias, mode))
+        setattr(module, name, quantized(value.weight, value.bias, mode, grid_of(value.weight)))
     for module in model.modules():
         if not isinstance(module, Linear):
             continue
@@ -179,9 +216,27 @@ def quantize_(model: nn.Module, mode: str | None) -> nn.Module:
         elif module is head:
             float32_logits_(model)
         else:
-            module._packed = quantized(module.weight, module.bias, mode)
+            module._packed = quantized(module.weight, module.bias, mode, grid_of(module.weight))
     model.quant = mode
     return model
+
+
+def _grid_finder(model: nn.Module, grids: Mapping[str, Int4Grid]):
+    """weight -> its grid: a parameter's own, or a fused weight's from the parameters that are its
+    row slices (in row order); None where any part has none."""
+    parts: dict[int, list[tuple[int, Int4Grid | None]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        parts.setdefault(param.untyped_storage().data_ptr(), []).append((param.storage_offset(), grids.get(name)))
+
+    def grid_of(weight: torch.Tensor) -> Int4Grid | None:
+        if not grids:
+            return None
+        found = [grid for _, grid in sorted(parts.get(weight.untyped_storage().data_ptr(), []), key=lambda p: p[0])]
+        if not found or any(grid is None for grid in found):
+            return None
+        return found[0] if len(found) == 1 else Int4Grid.cat(found)
+
+    return grid_of
 
 
 def float32_logits_(model: nn.Module) -> nn.Module:

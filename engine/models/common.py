@@ -49,10 +49,10 @@ class PackedWeight:
     ``F.linear``. The dense weight stays the model's parameter.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True) -> None:
         self.weight, self.bias = weight, bias
         self.packed = None
-        if _can_pack(weight):
+        if pack and _can_pack(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKED_ROWS)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,9 +87,12 @@ class Embedding(nn.Embedding):
         pass
 
 
-def pack_linears_(model: nn.Module) -> nn.Module:
+def pack_linears_(model: nn.Module, pack: bool = True) -> nn.Module:
     """Pack every ``Linear`` (see ``PackedWeight``) but the row slices of a fused weight (Llama's
-    q/k/v and gate/up after ``fuse_``): the fused weight is what runs, the slices keep F.linear."""
+    q/k/v and gate/up after ``fuse_``): the fused weight is what runs, the slices keep F.linear.
+    ``pack`` False: nothing is packed (a quantized copy will run instead)."""
+    if not pack:
+        return model
     fused = {w.untyped_storage().data_ptr() for w in fused_weights(model)}
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.untyped_storage().data_ptr() not in fused:

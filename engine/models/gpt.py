@@ -137,9 +137,9 @@ class GPT(nn.Module):
     def max_positions(self) -> int:
         return self.args.max_position_embeddings
 
-    def fuse_(self) -> "GPT":
-        """After loading: pack the projections for the CPU where that helps."""
-        return pack_linears_(self)
+    def fuse_(self, pack: bool = True) -> "GPT":
+        """After loading: pack the projections for the CPU where that helps (``pack`` False: none)."""
+        return pack_linears_(self, pack)
 
     def cache_geometry(self) -> tuple[int, int, int]:
         a = self.args

@@ -133,11 +133,11 @@ class Attention(nn.Module):
         self.o_proj = Linear(h * d, c, bias=False)
         self._qkv: PackedWeight | None = None
 
-    def fuse_(self) -> None:
+    def fuse_(self, pack: bool = True) -> None:
         """One (H + 2Hkv)D x C weight for q, k, v; the three projections become views of it."""
         fused = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         _view_params(fused, [self.q_proj, self.k_proj, self.v_proj])
-        self._qkv = PackedWeight(fused)
+        self._qkv = PackedWeight(fused, pack=pack)
 
     def forward(self, x: torch.Tensor, layer: int, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]  # x: (N, C) the step's rows (``Batch``: decode rows, then packed prompt tokens)
@@ -162,10 +162,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
         self._gate_up: PackedWeight | None = None
 
-    def fuse_(self) -> None:
+    def fuse_(self, pack: bool = True) -> None:
         fused = torch.cat([self.gate_proj.weight, self.up_proj.weight])
         _view_params(fused, [self.gate_proj, self.up_proj])
-        self._gate_up = PackedWeight(fused)
+        self._gate_up = PackedWeight(fused, pack=pack)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up is not None:
@@ -227,15 +227,16 @@ class Llama(nn.Module):
     def max_positions(self) -> int:
         return self.args.max_position_embeddings
 
-    def fuse_(self) -> "Llama":
+    def fuse_(self, pack: bool = True) -> "Llama":
         """After loading: fuse q/k/v and gate/up into single matmuls (fewer, larger GEMMs), and pack
-        every projection for the CPU where that helps (``PackedWeight``)."""
+        every projection for the CPU where that helps (``PackedWeight``; ``pack`` False: none is,
+        as when quantized copies will run instead)."""
         for block in self.model.layers:
             if not isinstance(block, Block):  # a pipeline stage's dropped layer
                 continue
-            block.self_attn.fuse_()
-            block.mlp.fuse_()
-        return pack_linears_(self)
+            block.self_attn.fuse_(pack)
+            block.mlp.fuse_(pack)
+        return pack_linears_(self, pack)
 
     def cache_geometry(self) -> tuple[int, int, int]:
         """(layers, kv heads, head dim) of the KV cache this model writes."""

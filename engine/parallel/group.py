@@ -394,7 +394,7 @@ def build_stage(model: str, comm: Comm, *, device: str, dtype: torch.dtype, max_
     module = build_model(model_type, config)
     if staged:
         keep_layers(module, kept, {k: v.to(device=dev, dtype=dtype) for k, v in state.items() if T5_BIAS in k})
-    module = load_state(module, state, dtype, dev, prepare=partial(prepare, comm=comm))
+    module = load_state(module, state, dtype, dev, prepare=partial(prepare, comm=comm), pack=quant is None)
     del state
     precision_(module, quant, dev.type, dtype)
     limit = module.max_positions()

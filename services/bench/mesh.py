@@ -80,11 +80,12 @@ class Server:
         await purge(config, Names(config.namespace), LocalHub())
 
 
-def start(args: list[str], ready_prefix: str, threads: int) -> Server:
+def start(args: list[str], ready_prefix: str, threads: int, *, root: Path = REPO_ROOT) -> Server:
+    """``exegpt ARGS`` from the checkout at ``root``, once it prints ``ready_prefix``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXEGPT_")}
     env.update(EXEGPT_THREADS=str(threads), EXEGPT_DEVICE="cpu", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    popen = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--port", "0"], cwd=REPO_ROOT,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    popen = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--port", "0"], cwd=root,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert popen.stdout is not None
     for line in popen.stdout:

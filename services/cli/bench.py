@@ -20,17 +20,19 @@ def targets() -> dict[str, tuple[ModuleType, str]]:
     """Each target's module and help line, in ``exegpt bench --help`` order."""
     import engine.bench
     import engine.parallel.bench
-    from services.bench import adapt, faults, handoff, mesh, optimizer, schedules
+    from services.bench import adapt, faults, handoff, mesh, optimizer, schedules, serve
 
     return {
         "engine": (engine.bench, "our engine vs Hugging Face generate, prefill and decode tokens/s"),
         "parallel": (engine.parallel.bench, "a model over a process group (TP, PP) vs one process"),
         "optimizer": (optimizer, "search vs exhaustive, ExeGPT vs static/continuous"),
         "mesh": (mesh, "mesh vs embedded server vs in-process engine"),
+        "serve": (serve, "one server's streams vs its own engine step and llama.cpp's server: tok/s, TTFT, ITL, RSS"),
         "schedules": (schedules,
                       "ExeGPT's planned schedule vs static and continuous batching, measured on two workers"),
         "adapt": (adapt,
-                  "traffic switches from task S to T: the re-planning scheduler vs one that keeps its schedule"),
+                  "traffic switches from task S to T (or --phases: five phases under a TTFT + TPOT SLO): the "
+                  "re-planning scheduler vs fixed schedules"),
         "handoff": (handoff, "the KV hand-off between two worker processes: NIXL vs the Redis payload"),
         "faults": (faults,
                    "a mesh under load meets one fault at a time: what its clients saw, and how fast it recovered"),
