@@ -167,6 +167,11 @@ class MeshConfig(BaseSettings):
     heartbeat_timeout_s: float = Field(
         6.0, gt=0, description="A worker silent this long is gone: its roles are given to others."
     )
+    topology_check_s: float = Field(
+        1.0, gt=0,
+        description="A gateway checks this often that the queues a request needs exist on the broker "
+        "(declaring them again and re-publishing its pending requests when one was lost).",
+    )
     switch_drain_s: float = Field(
         5.0, ge=0,
         description="A worker whose new role stops it decoding keeps decoding its running requests "

@@ -91,7 +91,7 @@ PROMPTS = (
     "The quick brown fox", "To be or not to be", "Water boils at", "The mesh survived because",
     "Seven plus five equals",
 )
-ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large")
+ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large", "topology-loss")
 LONG = ("redis-30s", "broker-30s")
 
 
@@ -642,6 +642,57 @@ async def poison(h: Harness, _: Clients) -> dict:
     return {"queues": len(queues), "exchanges": len(exchanges), "dead_letters": dead, "dead_letters_expected": want}
 
 
+RESUME_BOUND_S = 5.0  # completions resume this soon after a queue is deleted
+
+
+async def topology_loss(h: Harness, clients: Clients) -> dict:
+    """An operator deletes the encode queue, then the gateway's events queue (`rabbitmqctl
+    delete_queue`), under the steady load. Each is declared again, the requests it held are
+    published again by the gateway, and completions resume: seconds from each deletion to the
+    first completion after it, and whether ``/health/ready`` said 503 in between (sampled)."""
+    names = Names(h.mesh.namespace)
+    events = await asyncio.to_thread(h.services.queues, names.events_queue("gateway"))
+    if not events:
+        raise SetupError("no gateway events queue to delete")
+    resumed, not_ready = {}, {}
+    for kind, queue in (("encode", names.encode_queue), ("events", events[0])):
+        deleted_at = time.monotonic()
+        sampler = asyncio.create_task(ready_503_seen(h.mesh.url, RESUME_BOUND_S))
+        await asyncio.to_thread(h.services.ctl, "delete_queue", queue)
+        resumed[kind] = await first_completion_after(clients, deleted_at, RESUME_BOUND_S * 4)
+        not_ready[kind] = await sampler
+    republished = sum(int(m.group(1)) for m in map(REPUBLISHED_LINE.search, h.mesh.output) if m)
+    return {"resumed_s": resumed, "ready_503_seen": not_ready, "republished": republished,
+            "queues_back": all(q in h.services.queues(h.mesh.namespace) for q in (names.encode_queue, events[0]))}
+
+
+REPUBLISHED_LINE = re.compile(r"topology restored; (\d+) pending requests published again")
+
+
+async def first_completion_after(clients: Clients, since: float, timeout_s: float) -> float | None:
+    """Seconds from ``since`` to the first request completed after it (None: none in time)."""
+    deadline = since + timeout_s
+    while time.monotonic() < deadline:
+        ends = [r.ended_at for r in clients.records if r.outcome == "completed" and r.ended_at and r.ended_at > since]
+        if ends:
+            return round(min(ends) - since, 2)
+        await asyncio.sleep(0.1)  # polling the clients' records: no event marks a completion
+    return None
+
+
+async def ready_503_seen(url: str, for_s: float) -> bool:
+    """Whether ``/health/ready`` answered 503 at least once in the next ``for_s`` (sampled)."""
+    seen, deadline = False, time.monotonic() + for_s
+    async with httpx.AsyncClient(base_url=url, timeout=2) as client:
+        while time.monotonic() < deadline and not seen:
+            try:
+                seen = (await client.get("/health/ready")).status_code == 503
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.05)  # sampling the probe
+    return seen
+
+
 async def overload(h: Harness, clients: Clients) -> dict:
     """Ten times the clients for ``baseline_s``; then back to the steady load."""
     burst_over = asyncio.Event()
@@ -698,6 +749,7 @@ FAULTS: dict[str, tuple[Callable[[Harness, Clients], Awaitable[dict]], float]] =
     "overload": (overload, 0.0),
     "abandon": (abandon, 0.0),
     "too-large": (too_large, 0.0),
+    "topology-loss": (topology_loss, 0.0),
 }
 
 

@@ -56,7 +56,7 @@ from services.worker.trace import StepTrace
 ABORTED_REMEMBERED = 10_000
 CREDIT_POLL_S = (0.002, 0.05)  # an encoder without credits looks again after this, doubling
 GATHER_GAPS = 5  # an idle worker gathers a burst for at most this many gaps (MeshConfig.gather_s)
-EVENTS_GRACE_S = 5.0  # a missing events queue is tried this long (its gateway may be declaring it again)
+EVENTS_GRACE_S = 2.0  # a missing events queue is tried this long (its gateway may be declaring it again)
 
 log = logging.getLogger(__name__)
 
@@ -884,8 +884,9 @@ class Worker:
 
     async def _publish_event(self, queue: str, body: bytes) -> None:
         """To a gateway's events queue. A queue that is missing may be one its gateway is declaring
-        again (after the broker restarted, exclusive queues come back with their owners' new
-        connections): tried again for ``EVENTS_GRACE_S``, then its client is taken as gone. An
+        again (after the broker restarted, or an operator deleted it): tried again for
+        ``EVENTS_GRACE_S``, then its gateway is taken as gone and the requests held here for it
+        are dropped (a gateway that declared its queue again publishes its requests again). An
         outage raises (the request's settle fails, and it runs again from its queue)."""
         backoff = Backoff(first_s=0.1, cap_s=1.0)
         give_up = time.monotonic() + EVENTS_GRACE_S
@@ -895,8 +896,18 @@ class Worker:
                 return
             except Unroutable:
                 if time.monotonic() >= give_up:
-                    return  # its client is gone with it
+                    self._drop_for(queue)
+                    return
             await asyncio.sleep(backoff.next_s())  # a retry's backoff while the gateway comes back
+
+    def _drop_for(self, queue: str) -> None:
+        """Stop the work held for the gateway whose events queue is ``queue`` (it is gone); not
+        remembered as aborted, so that work published again is taken."""
+        dropped = [rid for rid, held in self.held.items() if held.reply_to == queue]
+        if dropped:
+            log.warning("worker %s: events queue %s is gone; dropping %d requests", self.worker_id, queue, len(dropped))
+            self._abort_pending.extend(dropped)
+            self.inbox.wake()
 
     async def report(self, state: str) -> bool:
         """Broadcast this worker's status; False when the broker could not take it (an outage:

@@ -87,3 +87,10 @@ def test_ten_times_the_clients(harness):
 def test_a_hundred_clients_that_leave(harness):
     outcome = run(harness, "abandon")
     assert outcome.extra["in_flight_after"] <= SETTINGS.clients  # the gateway let go of every one that left
+
+
+def test_deleted_queues_are_declared_again_and_their_requests_answered_once(harness):
+    outcome = run(harness, "topology-loss")  # 0 hung, 0 wrong (a lost or repeated token), >= 99 % completed
+    assert outcome.extra["queues_back"]
+    for kind, seconds in outcome.extra["resumed_s"].items():
+        assert seconds is not None and seconds < faults.RESUME_BOUND_S, (kind, outcome.extra)
