@@ -120,6 +120,7 @@ class Worker:
         self.trace = StepTrace() if trace else None
         self.tracing = tracing_for(config)  # spans across services (not the step record above)
         self.aborted: dict[str, None] = {}
+        self.gone: dict[str, None] = {}  # events queues found missing past the grace: their gateways are gone
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.changed = asyncio.Event()  # set whenever a schedule version or a role takes effect
@@ -336,7 +337,7 @@ class Worker:
                 message = f"this mesh serves {self.config.model!r}, not {work.model!r}"
                 outbox.failure(work.reply_to, Failure(work.request_id, 400, message))
                 await self._ack_after(delivery, outbox)
-            elif work.request_id in self.held or work.request_id in self.aborted:
+            elif work.request_id in self.held or work.request_id in self.aborted or await self._gone(work.reply_to):
                 await delivery.ack()
             else:
                 try:
@@ -900,9 +901,27 @@ class Worker:
                     return
             await asyncio.sleep(backoff.next_s())  # a retry's backoff while the gateway comes back
 
+    async def _gone(self, reply_to: str) -> bool:
+        """Work for a gateway whose events queue was found gone is not started, unless the queue is
+        back (its gateway declared it again, and publishes its requests again)."""
+        if reply_to not in self.gone:
+            return False
+        try:
+            back = await self.bus.exists(reply_to)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            return False  # the broker is out: run it, its events will tell
+        if back:
+            self.gone.pop(reply_to, None)
+        return not back
+
     def _drop_for(self, queue: str) -> None:
         """Stop the work held for the gateway whose events queue is ``queue`` (it is gone); not
         remembered as aborted, so that work published again is taken."""
+        self.gone[queue] = None
+        while len(self.gone) > ABORTED_REMEMBERED:
+            self.gone.pop(next(iter(self.gone)))
         dropped = [rid for rid, held in self.held.items() if held.reply_to == queue]
         if dropped:
             log.warning("worker %s: events queue %s is gone; dropping %d requests", self.worker_id, queue, len(dropped))
