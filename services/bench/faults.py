@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -91,7 +92,8 @@ PROMPTS = (
     "The quick brown fox", "To be or not to be", "Water boils at", "The mesh survived because",
     "Seven plus five equals",
 )
-ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large", "topology-loss")
+ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large", "topology-loss",
+       "hung-worker", "paused-worker")
 LONG = ("redis-30s", "broker-30s")
 
 
@@ -548,6 +550,8 @@ class Harness:
             await clients.close()
         outcome.up = await self.ready(30) and self.mesh.running()
         outcome.sent = len(clients.records)  # (the abandoning clients and the too-large request are not these)
+        outcome.extra["longest_s"] = round(max((r.ended_at - r.sent_at for r in clients.records
+                                                if r.ended_at is not None), default=0.0), 2)
         for r in clients.records:
             setattr(outcome, r.outcome, getattr(outcome, r.outcome) + 1)
             outcome.refused += r.refusals > 0
@@ -693,6 +697,108 @@ async def ready_503_seen(url: str, for_s: float) -> bool:
     return seen
 
 
+STALL_BOUND_S = 10.0  # a hung worker stalls no request longer than this
+
+
+def hung_worker(seconds: float) -> Callable[[Harness, Clients], Awaitable[dict]]:
+    """SIGSTOP one worker for ``seconds`` under the steady load, then SIGCONT: a pause shorter
+    than the liveness timeout resumes (what it held is answered once all the same); a longer
+    one has `exegpt up` kill it (the broker hands its work to the other worker) and start
+    another. ``replaced_s``: seconds from the stop until its process was gone (None: it resumed)."""
+    async def fault(h: Harness, _: Clients) -> dict:
+        pid = h.mesh.role_pids("worker")[0]
+        stopped = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        replaced_s = None
+        try:
+            while time.monotonic() < stopped + seconds:
+                if pid not in h.mesh.role_pids("worker"):
+                    replaced_s = round(time.monotonic() - stopped, 2)
+                    break  # killed: the rest of the pause has nothing left to stop
+                await asyncio.sleep(0.2)  # polling /proc: the launcher's kill has no event here
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        return {"pid": pid, "replaced_s": replaced_s}
+    return fault
+
+
+DEAD_GATEWAY_STOP_S = 3.0  # workers stop generating for a killed gateway within this
+GATEWAY_BACK_S = 5.0  # the gateway `exegpt up` starts again serves within this of the kill
+KILL_TOKENS = 400  # long requests, so that work is running when the gateway dies
+
+
+async def gateway_kill(h: Harness) -> dict:
+    """SIGKILL the gateway while long requests run: seconds until the workers' generated-token
+    counters stop advancing (its events queue went with its connection: they drop its work) and
+    the tokens generated meanwhile, both counted before the new gateway's first request; seconds
+    until the gateway `exegpt up` starts again prints its ready line and answers a completion
+    (a new URL: the harness follows it)."""
+    clients = Clients(h.mesh.url, {}, max_tokens=KILL_TOKENS)
+    loops = [asyncio.create_task(clients.loop(seed)) for seed in range(h.settings.clients)]
+    try:
+        before, deadline = sum((await h.worker_tokens()).values()), time.monotonic() + 60
+        while sum((await h.worker_tokens()).values()) < before + KILL_TOKENS:
+            if time.monotonic() > deadline:
+                raise SetupError("the long requests did not run")
+            await asyncio.sleep(0.2)  # polling the workers' counters until the long requests run
+        gateways = gateway_urls(h.mesh)
+        os.kill(h.mesh.role_pids("gateway")[0], signal.SIGKILL)
+        killed = time.monotonic()
+        clients.stop.set()
+    finally:
+        await asyncio.gather(*loops, return_exceptions=True)
+        await clients.close()
+    samples: list[tuple[float, int]] = []
+    sampler = asyncio.create_task(sample_tokens(h, samples))
+    try:
+        h.mesh.url = await new_gateway_url(h.mesh, len(gateways), timeout_s=60)
+        ready_s = round(time.monotonic() - killed, 2)
+        asked_at = time.monotonic()
+        served_s = await first_answer(h.mesh.url, killed, timeout_s=60)
+    finally:
+        sampler.cancel()
+    quiet = [(t, n) for t, n in samples if t < asked_at]  # before the new gateway's request made tokens
+    grew = [t for (t, n), (_, m) in zip(quiet, quiet[1:]) if m > n] if len(quiet) > 1 else []
+    return {"stopped_s": round((max(grew) if grew else killed) - killed, 2),
+            "tokens_after_kill": quiet[-1][1] - quiet[0][1] if quiet else None,
+            "quiet_s": round(asked_at - killed, 2), "ready_s": ready_s, "served_s": served_s}
+
+
+def gateway_urls(mesh: Mesh) -> list[str]:
+    return [line.split()[-1] for line in list(mesh.output) if line.startswith("[gateway-0] ready gateway ")]
+
+
+async def new_gateway_url(mesh: Mesh, known: int, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while len(urls := gateway_urls(mesh)) <= known:
+        if time.monotonic() > deadline:
+            raise SetupError(f"no gateway started again within {timeout_s:g} s:\n{mesh.tail()}")
+        await asyncio.sleep(0.05)  # polling the launcher's output for the new ready line
+    return urls[-1]
+
+
+async def sample_tokens(h: Harness, samples: list[tuple[float, int]]) -> None:
+    """Append (time, tokens the workers generated so far) every 0.1 s until cancelled."""
+    while True:
+        samples.append((time.monotonic(), sum((await h.worker_tokens()).values())))
+        await asyncio.sleep(0.1)  # sampling the workers' counters
+
+
+async def first_answer(url: str, since: float, timeout_s: float) -> float | None:
+    """Seconds from ``since`` until ``url`` answers a completion with 200 (None: not in time)."""
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        while time.monotonic() < since + timeout_s:
+            try:
+                if (await client.post("/v1/completions", json=body)).status_code == 200:
+                    return round(time.monotonic() - since, 2)
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.05)  # polling until the new gateway serves
+    return None
+
+
 async def overload(h: Harness, clients: Clients) -> dict:
     """Ten times the clients for ``baseline_s``; then back to the steady load."""
     burst_over = asyncio.Event()
@@ -750,6 +856,8 @@ FAULTS: dict[str, tuple[Callable[[Harness, Clients], Awaitable[dict]], float]] =
     "abandon": (abandon, 0.0),
     "too-large": (too_large, 0.0),
     "topology-loss": (topology_loss, 0.0),
+    "hung-worker": (hung_worker(40), 0.0),
+    "paused-worker": (hung_worker(2), 0.0),
 }
 
 

@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any, Callable, Coroutine, Protocol
 
 from common.config import MeshConfig
@@ -18,6 +19,7 @@ from services.gateway.keys import check_exposure, load_keys
 from services.gateway.plugins import load_plugins
 from services.ops import OpsServer, transport_checks
 from services.run.embedded import local_workers
+from services.run.liveness import keep_touching
 from services.run.engines import EngineRunner, group_shape, load_engine, served_model_name
 from services.scheduler.gauges import SchedulerMetrics
 from services.scheduler.service import SchedulerService
@@ -72,6 +74,9 @@ async def run_worker(role: str, config: MeshConfig) -> None:
     ops = OpsServer(metrics, checks)
     url = await ops.start(config.ops_host, config.ops_port)
     log.info("%s: /metrics and /health/* at %s", role, url)
+    beat = None
+    if config.liveness_file:
+        beat = asyncio.create_task(keep_touching(Path(config.liveness_file), config.liveness_timeout_s))
     try:
         transports = await open_transports(config, names, LocalHub())
         if role == "scheduler":
@@ -88,6 +93,8 @@ async def run_worker(role: str, config: MeshConfig) -> None:
         service = started[0][0]
         await run_until_signalled(service, f"{role} {getattr(service, 'worker_id', '')}".strip())
     finally:
+        if beat is not None:
+            beat.cancel()
         await ops.close()
 
 

@@ -94,3 +94,23 @@ def test_deleted_queues_are_declared_again_and_their_requests_answered_once(harn
     assert outcome.extra["queues_back"]
     for kind, seconds in outcome.extra["resumed_s"].items():
         assert seconds is not None and seconds < faults.RESUME_BOUND_S, (kind, outcome.extra)
+
+
+def test_work_for_a_killed_gateway_stops_and_its_restart_serves(harness):
+    extra = asyncio.run(faults.gateway_kill(harness))
+    assert extra["quiet_s"] > extra["stopped_s"] + 0.5, extra  # the stop was seen before the new gateway's request
+    assert extra["stopped_s"] < faults.DEAD_GATEWAY_STOP_S, extra
+    assert extra["served_s"] is not None and extra["served_s"] < faults.GATEWAY_BACK_S, extra
+    assert asyncio.run(harness.ready(30))  # and the mesh is whole again
+
+
+def test_a_hung_worker_is_replaced_in_seconds_and_stalls_no_request_past_the_bound(harness):
+    outcome = run(harness, "hung-worker")  # 0 hung, 0 wrong (lost or repeated tokens), >= 99 % completed
+    assert outcome.extra["replaced_s"] is not None and outcome.extra["replaced_s"] < faults.STALL_BOUND_S
+    assert outcome.extra["longest_s"] < faults.STALL_BOUND_S, outcome.extra
+
+
+def test_a_paused_worker_that_resumes_answers_what_it_held_once(harness):
+    outcome = run(harness, "paused-worker")
+    assert outcome.extra["replaced_s"] is None  # shorter than the liveness timeout: it resumed
+    assert outcome.extra["longest_s"] < faults.STALL_BOUND_S, outcome.extra
