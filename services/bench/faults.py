@@ -93,7 +93,7 @@ PROMPTS = (
     "Seven plus five equals",
 )
 ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large", "topology-loss",
-       "hung-worker", "paused-worker")
+       "gateway-kill", "hung-worker", "paused-worker")
 LONG = ("redis-30s", "broker-30s")
 
 
@@ -374,8 +374,9 @@ def is_error_body(response: httpx.Response) -> bool:
 class Clients:
     """Closed-loop clients against one gateway, keeping a record per request."""
 
-    def __init__(self, url: str, reference: dict[str, str], *, max_tokens: int = MAX_TOKENS) -> None:
-        self.url, self.reference, self.max_tokens = url, reference, max_tokens
+    def __init__(self, url: str, reference: dict[str, str], *, max_tokens: int = MAX_TOKENS,
+                 ignore_eos: bool = False) -> None:
+        self.url, self.reference, self.max_tokens, self.ignore_eos = url, reference, max_tokens, ignore_eos
         self.records: list[Record] = []
         self.stop = asyncio.Event()
         self.client = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S + HUNG_MARGIN_S,
@@ -389,7 +390,8 @@ class Clients:
         wait, within the request deadline)."""
         record = record or Record(time.monotonic(), prompt)
         self.records.append(record)
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0}
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0,
+                "ignore_eos": self.ignore_eos}
         give_up = record.sent_at + REQUEST_TIMEOUT_S + HUNG_MARGIN_S
         while True:
             try:
@@ -479,6 +481,8 @@ class Outcome:
 
     def goals_met(self) -> list[str]:
         """What this scenario missed of the goals (empty: all met)."""
+        if self.scenario == "gateway-kill":
+            return self._gateway_goals()
         missed = []
         if self.hung:
             missed.append(f"{self.hung} hung")
@@ -493,6 +497,16 @@ class Outcome:
         if self.recovery_s is None or self.recovery_s > 10:
             missed.append(f"recovery {self.recovery_s} s > 10 s (before: {self.before_per_s:.1f}/s, the median of "
                           f"{self.extra.get('per_s_before')}; after, per second: {self.extra.get('per_s_after')})")
+        return missed
+
+
+    def _gateway_goals(self) -> list[str]:
+        stopped, served = self.extra.get("stopped_s"), self.extra.get("served_s")
+        missed = [] if self.up else ["mesh not up"]
+        if stopped is None or stopped >= DEAD_GATEWAY_STOP_S:
+            missed.append(f"work for the dead gateway ran {stopped} s >= {DEAD_GATEWAY_STOP_S:g} s")
+        if served is None or served >= GATEWAY_BACK_S:
+            missed.append(f"the new gateway served after {served} s >= {GATEWAY_BACK_S:g} s")
         return missed
 
 
@@ -524,6 +538,8 @@ class Harness:
         return False
 
     async def run(self, name: str) -> Outcome:
+        if name == "gateway-kill":  # its clients' gateway dies: measured apart (``gateway_kill``)
+            return await self.run_gateway_kill()
         fault, outage_s = FAULTS[name]
         clients = Clients(self.mesh.url, self.reference)
         outcome = Outcome(name, outage_s=outage_s)
@@ -558,6 +574,12 @@ class Harness:
             if r.detail and r.outcome != "completed" and len(outcome.details) < 10:
                 outcome.details.append(f"{r.outcome}: {r.detail}")
         return outcome
+
+    async def run_gateway_kill(self) -> Outcome:
+        """The gateway-kill row: its recovery is the new gateway's first answer."""
+        extra = await gateway_kill(self)
+        return Outcome("gateway-kill", recovery_s=extra["served_s"], extra=extra,
+                       up=await self.ready(30) and self.mesh.running())
 
     async def worker_tokens(self) -> dict[str, int]:
         """Tokens each worker generated so far (its ``exegpt_worker_generated_tokens_total``);
@@ -725,7 +747,7 @@ def hung_worker(seconds: float) -> Callable[[Harness, Clients], Awaitable[dict]]
 
 DEAD_GATEWAY_STOP_S = 3.0  # workers stop generating for a killed gateway within this
 GATEWAY_BACK_S = 5.0  # the gateway `exegpt up` starts again serves within this of the kill
-KILL_TOKENS = 400  # long requests, so that work is running when the gateway dies
+KILL_TOKENS = 400  # long requests (EOS ignored), so that work is running when the gateway dies
 
 
 async def gateway_kill(h: Harness) -> dict:
@@ -734,7 +756,7 @@ async def gateway_kill(h: Harness) -> dict:
     the tokens generated meanwhile, both counted before the new gateway's first request; seconds
     until the gateway `exegpt up` starts again prints its ready line and answers a completion
     (a new URL: the harness follows it)."""
-    clients = Clients(h.mesh.url, {}, max_tokens=KILL_TOKENS)
+    clients = Clients(h.mesh.url, {}, max_tokens=KILL_TOKENS, ignore_eos=True)
     loops = [asyncio.create_task(clients.loop(seed)) for seed in range(h.settings.clients)]
     try:
         before, deadline = sum((await h.worker_tokens()).values()), time.monotonic() + 60
@@ -921,9 +943,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"exegpt bench faults: {why}", file=sys.stderr)
         return 2
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
-    unknown = [n for n in names if n not in FAULTS]
+    unknown = [n for n in names if n not in ALL + LONG]
     if unknown:
-        print(f"exegpt bench faults: unknown scenarios {unknown}; known: {', '.join(FAULTS)}", file=sys.stderr)
+        print(f"exegpt bench faults: unknown scenarios {unknown}; known: {', '.join(ALL + LONG)}", file=sys.stderr)
         return 2
     settings = Settings(args.clients, args.baseline_s, args.observe_s)
     print(f"faults: {len(names)} scenarios, {args.workers} workers, {settings.clients} clients, "

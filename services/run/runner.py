@@ -18,12 +18,8 @@ from services.gateway import ServedModel, create_app, load_served_model
 from services.gateway.keys import check_exposure, load_keys
 from services.gateway.plugins import load_plugins
 from services.ops import OpsServer, transport_checks
-from services.run.embedded import local_workers
-from services.run.liveness import keep_touching
 from services.run.engines import EngineRunner, group_shape, load_engine, served_model_name
-from services.scheduler.gauges import SchedulerMetrics
-from services.scheduler.service import SchedulerService
-from services.worker import Worker
+from services.run.liveness import keep_touching
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +54,9 @@ async def run_until_signalled(service: Stoppable, name: str) -> None:
 
 async def run_worker(role: str, config: MeshConfig) -> None:
     """One worker or scheduler, with its operations port open from the start: /health/live
-    answers while the model loads (in a thread), /health/ready once the service takes work."""
+    answers while the model loads (in a thread), /health/ready once the service takes work.
+    (Each role imports its own service: a gateway, restarted, starts without the scheduler's
+    statistics libraries.)"""
     names = Names(config.namespace)
     started: list[tuple[Stoppable, Callable[[], bytes]]] = []
 
@@ -80,6 +78,9 @@ async def run_worker(role: str, config: MeshConfig) -> None:
     try:
         transports = await open_transports(config, names, LocalHub())
         if role == "scheduler":
+            from services.scheduler.gauges import SchedulerMetrics
+            from services.scheduler.service import SchedulerService
+
             scheduler = SchedulerService(config, transports)
             scheduler.announce = announce  # "leading ..." / "standby ..." lines, beside "ready ..."
             started.append((scheduler, SchedulerMetrics(scheduler).render))
@@ -88,6 +89,8 @@ async def run_worker(role: str, config: MeshConfig) -> None:
                 engine = await asyncio.to_thread(load_engine, config)
             else:  # a group's ranks die with the thread that started them (PR_SET_PDEATHSIG): this one
                 engine = load_engine(config)
+            from services.worker import Worker
+
             worker = Worker(config, transports, EngineRunner(engine))
             started.append((worker, worker.metrics.render))
         service = started[0][0]
@@ -123,6 +126,8 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
     hub = LocalHub()
     workers = None
     if embedded:  # one worker, one engine; the gateway takes the engine's tokenizer
+        from services.run.embedded import local_workers
+
         engine = load_engine(config)
         model = ServedModel(served_model_name(config), engine.tokenizer, engine.max_context)
         runner = EngineRunner(engine)
