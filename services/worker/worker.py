@@ -32,7 +32,7 @@ from common.messages.events import Failure
 from common.messages.handoff import HandoffMessage, KvReady
 from common.messages.status import LengthSample, WorkerStatus
 from common.messages.work import WorkMessage
-from common.names import DONE_TTL_S, OUTPUT_LENGTHS_MAX, Names
+from common.names import Names
 from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
@@ -50,6 +50,7 @@ from services.worker.executor import StepResult, run_step
 from services.worker.follower import ScheduleFollower
 from services.worker.mailbox import Inbox, Outbox
 from services.worker.metrics import WorkerMetrics, WorkerState
+from services.worker.records import UnwrittenRecords
 from services.worker.requests import Held
 from services.worker.trace import StepTrace
 
@@ -117,6 +118,7 @@ class Worker:
         self.held: dict[str, Held] = {}
         self.inbox = Inbox()
         self.credits = Credits(self.store, self.names)
+        self.records = UnwrittenRecords(self.store, self.names)
         self.trace = StepTrace() if trace else None
         self.tracing = tracing_for(config)  # spans across services (not the step record above)
         self.aborted: dict[str, None] = {}
@@ -758,7 +760,8 @@ class Worker:
         return finished
 
     async def _settle(self, held: Held, reason: str, published: list[asyncio.Task[None]]) -> None:
-        """After its events are confirmed: mark done once, record the request, drop its KV, ack."""
+        """After its events are confirmed: mark done once, record the request, drop its KV, ack.
+        A store that does not answer delays the record, not the ack (``records``)."""
         await asyncio.gather(*held.sent, *published)
         rid = held.request_id
         sample = None  # aborted lengths would skew the scheduler's statistics
@@ -766,12 +769,14 @@ class Worker:
             sample = codec.encode(LengthSample(
                 rid, len(held.prompt_ids), len(held.generated), reason, time.time(), held.submitted_at,
                 held.encode_start_at, held.first_token_at, self.follower.version, self.worker_id))
-        done = self.store.set_once_and_record(self.names.done(rid), b"1", ttl_s=DONE_TTL_S,
-                                              list_key=self.names.output_lengths, item=sample,
-                                              max_len=OUTPUT_LENGTHS_MAX)
         drops = [self.kv.drop(held.ready.kv_ref)] if held.ready is not None else []
-        await asyncio.gather(done, *drops)
-        await held.delivery.ack()
+        outcomes = await asyncio.gather(self.records.write(rid, sample), *drops, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not is_outage(outcome):
+                raise outcome
+        if isinstance(outcomes[0], BaseException):  # the store is out: its answer went, its record waits
+            self.records.keep(rid, sample)
+        await held.delivery.ack()  # (a KV payload left behind expires with its TTL)
         await self._free_slot(held)
 
     async def _free_slot(self, held: Held) -> None:
@@ -948,3 +953,4 @@ class Worker:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)  # a periodic report, not a synchronisation
             await self.report("alive")
+            await self.records.flush()
