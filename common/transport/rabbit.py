@@ -292,7 +292,7 @@ class RabbitBus:
         self._owned_store = owned_store  # a store opened for the counter alone, closed with the bus
         self._declared: dict[str, bool] = {}  # queues this bus declared -> exclusive
         self._on_lost: list[OnLost] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
 
     @classmethod
     async def connect(cls, url: str, *, dead_exchange: str, dead_queue: str,
@@ -334,9 +334,7 @@ class RabbitBus:
         log.warning("queue %s deleted on the broker: declaring it again", queue)
         self._tell_lost(queue)
         if queue in self._declared and not self._declared[queue]:
-            task = asyncio.get_running_loop().create_task(self._redeclare_later(queue))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background(self._redeclare_later(queue))
 
     async def _redeclare_later(self, queue: str) -> None:
         await asyncio.sleep(REDECLARE_AFTER_S)  # a grace for the publisher, which re-publishes on declaring
@@ -346,8 +344,22 @@ class RabbitBus:
             log.warning("queue %s not declared again (%r)", queue, exc)
 
     async def _watch_cancel(self, channel: AbstractChannel, queue: str) -> None:
-        underlay = await channel.get_underlay_channel()
-        underlay.on_consumer_cancel_callbacks.add(lambda _frame: self._consumer_cancelled(queue))
+        """Hear the broker cancel this channel's consumer, on each channel the client opens for
+        it (a reconnect opens a new one)."""
+        async def hook() -> None:
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(lambda _frame: self._consumer_cancelled(queue))
+
+        def rehook(*_: object) -> None:
+            self._background(hook())
+
+        await hook()
+        channel.reopen_callbacks.add(rehook)  # type: ignore[attr-defined]  # a robust channel's
+
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def exists(self, queue: str) -> bool:
         """Whether the broker has ``queue`` (an exclusive one of another connection counts)."""
