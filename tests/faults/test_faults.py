@@ -105,7 +105,11 @@ def test_work_for_a_killed_gateway_stops_and_its_restart_serves(harness):
 
 
 def test_a_hung_worker_is_replaced_in_seconds_and_stalls_no_request_past_the_bound(harness):
-    outcome = run(harness, "hung-worker")  # 0 hung, 0 wrong (lost or repeated tokens), >= 99 % completed
+    outcome = asyncio.run(harness.run("hung-worker"))
+    assert outcome.sent >= 10, outcome
+    # 0 hung, 0 wrong (lost or repeated tokens), >= 99 % completed; the throughput's return is left
+    # out: it waits for the replacement process to load its model (8-11 s on a busy 2-core machine)
+    assert [g for g in outcome.goals_met() if not g.startswith("recovery")] == [], outcome
     assert outcome.extra["replaced_s"] is not None and outcome.extra["replaced_s"] < faults.STALL_BOUND_S
     assert outcome.extra["longest_s"] < faults.STALL_BOUND_S, outcome.extra
 
