@@ -167,6 +167,19 @@ class MeshConfig(BaseSettings):
     heartbeat_timeout_s: float = Field(
         6.0, gt=0, description="A worker silent this long is gone: its roles are given to others."
     )
+    liveness_file: str | None = Field(None, description=(
+        "A worker or scheduler touches this file while its event loop runs; the supervisor "
+        "(`exegpt up` sets one per child) restarts a child whose file stops advancing."))
+    liveness_timeout_s: float = Field(
+        3.0, gt=0,
+        description="`exegpt up` kills (then restarts) a child whose liveness file is this much older "
+        "than now: a hung process (SIGSTOP, a wedged loop), whose work the broker then hands to others.",
+    )
+    topology_check_s: float = Field(
+        1.0, gt=0,
+        description="A gateway checks this often that the queues a request needs exist on the broker "
+        "(declaring them again and re-publishing its pending requests when one was lost).",
+    )
     switch_drain_s: float = Field(
         5.0, ge=0,
         description="A worker whose new role stops it decoding keeps decoding its running requests "

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from common.transport.port import (DEAD_QUEUE_MAX, DELIVERY_LIMIT, OnDead, Unroutable, check_name, dead_headers,
+from common.transport.port import (DEAD_QUEUE_MAX, DELIVERY_LIMIT, OnDead, OnLost, Unroutable, check_name, dead_headers,
                                    past_deadline, past_limit, with_deadline)
 
 _consumer_ids = itertools.count()
@@ -55,6 +55,19 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.queues: dict[str, _Queue] = {}
         self.fanouts: dict[str, set[str]] = {}
+        self.buses: list["MemoryBus"] = []
+
+    def delete_queue(self, name: str) -> None:
+        """An operator deletes ``name``: its messages go, its consumers are cancelled, and each
+        bus that declared or consumed it declares it again and tells its listeners."""
+        queue = self.queues.pop(name, None)
+        if queue is None:
+            return
+        cancelled, queue.consumers = queue.consumers, []
+        for consumer in cancelled:  # what they hold unacked stays theirs, as on RabbitMQ
+            consumer.active = False
+        for bus in list(self.buses):
+            bus.queue_lost(queue, cancelled)
 
     def dispatch(self, queue: _Queue) -> None:
         """Hand ready messages to consumers with free credit, round robin."""
@@ -212,10 +225,38 @@ class MemoryBus:
         self.delivery_limit = delivery_limit
         self.subscriptions: list[MemorySubscription] = []
         self.closed = False
+        self.declared: dict[str, bool] = {}  # queues this bus declared -> exclusive
+        self._on_lost: list[OnLost] = []
+        broker.buses.append(self)
         if dead_queue is not None and dead_queue not in broker.queues:
             broker.queues[dead_queue] = _Queue(dead_queue, None, None, max_length=dead_queue_max)
 
+    def on_lost(self, callback: OnLost) -> None:
+        self._on_lost.append(callback)
+
+    def queue_lost(self, queue: _Queue, cancelled: list[MemorySubscription]) -> None:
+        mine = queue.name in self.declared
+        consumers = [s for s in cancelled if s in self.subscriptions]
+        if self.closed or (not mine and not consumers):
+            return
+        if mine:
+            self._declare(queue.name, self.declared[queue.name])
+        for old in consumers:  # consuming resumes on the new queue
+            if queue.name in self.broker.queues:
+                old.queue, old.active = self.broker.queues[queue.name], True
+                old.queue.consumers.append(old)
+                self.broker.dispatch(old.queue)
+        for callback in self._on_lost:
+            callback(queue.name)
+
+    async def exists(self, queue: str) -> bool:
+        return queue in self.broker.queues
+
     async def declare_queue(self, name: str, *, exclusive: bool = False) -> None:
+        self.declared[name] = exclusive
+        self._declare(name, exclusive)
+
+    def _declare(self, name: str, exclusive: bool) -> None:
         if name not in self.broker.queues:
             dead = None if exclusive else self.dead_queue
             self.broker.queues[name] = _Queue(name, dead, self if exclusive else None)
@@ -278,6 +319,8 @@ class MemoryBus:
         owned = [q.name for q in self.broker.queues.values() if q.owner is self]
         for name in owned:
             del self.broker.queues[name]
+        if self in self.broker.buses:
+            self.broker.buses.remove(self)
 
 
 class MemoryStore:

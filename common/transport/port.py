@@ -17,6 +17,9 @@ Bus semantics, identical in both adapters:
 - A queue name (routing key) over 255 bytes cannot be published to: ``NameTooLong`` (an
   ``Unroutable``), in both adapters.
 - ``broadcast`` on a fanout exchange reaches every subscribed queue.
+- The topology heals: a queue this bus declared that the broker lost (deleted by an operator, a
+  node's loss) is declared again when a publish finds it missing or its consumer is cancelled, and
+  consuming resumes on it; ``on_lost`` listeners are told, since its messages went with it.
 - ``publish`` may attach ``headers`` (text: W3C trace context, ``common.tracing``); a delivery
   carries them in ``Delivery.headers``, an empty mapping when none came, and keeps them when it
   is redelivered or dead-lettered.
@@ -107,6 +110,7 @@ class Delivery(Protocol):
 
 
 OnDead = Callable[[Delivery, str], Awaitable[None]]  # a message about to be dead-lettered, and why
+OnLost = Callable[[str], None]  # the broker lost a queue's messages (the queue's name; "" for a reconnect)
 
 
 class Subscription(Protocol):
@@ -148,6 +152,17 @@ class Bus(Protocol):
         ...
 
     async def queue_depth(self, queue: str) -> int: ...
+
+    async def exists(self, queue: str) -> bool:
+        """Whether the broker has ``queue`` now (a publish to it would be routed)."""
+        ...
+
+    def on_lost(self, callback: OnLost) -> None:
+        """Call ``callback(queue)`` whenever messages of ours may have been lost with a queue:
+        the broker deleted a queue this bus consumes, or one it declared turned out missing on
+        publishing (both are declared again by the bus), or the connection was re-established
+        (``""``: every exclusive queue was new). Whoever owns requests re-publishes them."""
+        ...
 
     async def delete(self, *, queues: list[str], exchanges: list[str]) -> None: ...
 

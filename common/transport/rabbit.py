@@ -17,10 +17,11 @@ unacked messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
@@ -31,10 +32,11 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import ChannelClosed, ChannelPreconditionFailed, DeliveryError
+from aio_pika.exceptions import ChannelClosed, ChannelNotFoundEntity, ChannelPreconditionFailed, DeliveryError
+from aiormq.exceptions import ChannelLockedResource
 
-from common.transport.port import (DEAD_QUEUE_MAX, DELIVERY_LIMIT, ORIGIN_HEADER, REASON_HEADER, OnDead, Store,
-                                   Unroutable, check_name, dead_headers, past_deadline, past_limit,
+from common.transport.port import (DEAD_QUEUE_MAX, DELIVERY_LIMIT, ORIGIN_HEADER, REASON_HEADER, OnDead, OnLost,
+                                   Store, Unroutable, check_name, dead_headers, past_deadline, past_limit,
                                    with_deadline)
 
 log = logging.getLogger("exegpt.transport")
@@ -256,6 +258,7 @@ class RabbitSubscription:
 
 
 RECONNECT_INTERVAL_S = 1  # a lost connection is tried again this often (the client's default: 5 s)
+REDECLARE_AFTER_S = 2.0  # a work queue deleted under its consumer is declared again by it after this long
 DEFAULT_HEARTBEAT_S = 10  # a peer that stops answering is dropped after two missed: ~20 s
 
 
@@ -287,6 +290,9 @@ class RabbitBus:
         self.delivery_limit = delivery_limit
         self.dead_queue_max = dead_queue_max
         self._owned_store = owned_store  # a store opened for the counter alone, closed with the bus
+        self._declared: dict[str, bool] = {}  # queues this bus declared -> exclusive
+        self._on_lost: list[OnLost] = []
+        self._tasks: set[asyncio.Future[None]] = set()
 
     @classmethod
     async def connect(cls, url: str, *, dead_exchange: str, dead_queue: str,
@@ -300,7 +306,81 @@ class RabbitBus:
         bus = cls(connection, publisher, dead_exchange, dead_queue, attempts=attempts,
                   delivery_limit=delivery_limit, dead_queue_max=dead_queue_max, owned_store=owned_store)
         await bus._declare_dead_letters(dead_exchange, dead_queue)
+        connection.reconnect_callbacks.add(bus._reconnected)
         return bus
+
+    # ---- topology that heals: what the broker lost is declared again, and services are told
+    def on_lost(self, callback: OnLost) -> None:
+        self._on_lost.append(callback)
+
+    def _tell_lost(self, queue: str) -> None:
+        for callback in self._on_lost:
+            try:
+                callback(queue)
+            except Exception:  # a listener's fault must not stop the others
+                log.exception("a topology-lost listener failed")
+
+    def _reconnected(self, *_: object) -> None:
+        """A new connection: the client has declared its robust queues and exchanges again; what
+        the old one's exclusive queues held is gone."""
+        log.warning("broker connection re-established: topology declared again")
+        self._tell_lost("")
+
+    def _consumer_cancelled(self, queue: str) -> None:
+        """The broker cancelled our consumer: ``queue`` was deleted. An exclusive queue of ours
+        comes back at once (the client declares it again to restore the consumer); a work queue is
+        declared again after ``REDECLARE_AFTER_S`` unless its publisher did so first (which then
+        re-publishes what it held), and the consumer resumes on it."""
+        log.warning("queue %s deleted on the broker: declaring it again", queue)
+        self._tell_lost(queue)
+        if queue in self._declared and not self._declared[queue]:
+            self._background(self._redeclare_later(queue))
+
+    async def _redeclare_later(self, queue: str) -> None:
+        await asyncio.sleep(REDECLARE_AFTER_S)  # a grace for the publisher, which re-publishes on declaring
+        try:
+            await self.declare_queue(queue)
+        except Exception as exc:  # an outage: the reconnect declares it
+            log.warning("queue %s not declared again (%r)", queue, exc)
+
+    async def _watch_cancel(self, channel: AbstractChannel, queue: str) -> None:
+        """Hear the broker cancel this channel's consumer, on each channel the client opens for
+        it (a reconnect opens a new one)."""
+        async def hook() -> None:
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(lambda _frame: self._consumer_cancelled(queue))
+
+        def rehook(*_: object) -> None:
+            self._background(hook())
+
+        await hook()
+        channel.reopen_callbacks.add(rehook)  # type: ignore[attr-defined]  # a robust channel's
+
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def exists(self, queue: str) -> bool:
+        """Whether the broker has ``queue`` (an exclusive one of another connection counts)."""
+        try:
+            async with self._scratch() as channel:
+                await channel.declare_queue(queue, passive=True)
+        except ChannelLockedResource:
+            pass  # exclusive to another connection: there all the same
+        except ChannelNotFoundEntity:
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _scratch(self) -> AsyncIterator[AbstractChannel]:
+        """A channel for one question whose answer may close it (a passive declare, a delete)."""
+        channel = await self._connection.channel()
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     def _dead_arguments(self) -> dict[str, object]:
         return {"x-max-length": self.dead_queue_max, "x-overflow": "drop-head"}
@@ -337,15 +417,12 @@ class RabbitBus:
 
     async def _replace_unbounded(self, queue: str) -> bool:
         """Delete the old unbounded dead queue if it is empty; True when it was."""
-        channel = await self._connection.channel()
         try:
-            await channel.queue_delete(queue, if_empty=True)
+            async with self._scratch() as channel:
+                await channel.queue_delete(queue, if_empty=True)
             return True
         except ChannelPreconditionFailed:
             return False
-        finally:
-            if not channel.is_closed:
-                await channel.close()
 
     async def publish_dead(self, body: bytes, headers: Mapping[str, str], message_id: str) -> None:
         """Straight to the dead queue (confirmed), headers saying why."""
@@ -357,6 +434,7 @@ class RabbitBus:
             raise Unroutable(self._dead_queue) from None
 
     async def declare_queue(self, name: str, *, exclusive: bool = False) -> None:
+        self._declared[name] = exclusive
         await self._declare(self._publisher, name, exclusive)
 
     async def _declare(self, channel: AbstractChannel, name: str, exclusive: bool) -> AbstractQueue:
@@ -377,6 +455,15 @@ class RabbitBus:
                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
             await self._publisher.default_exchange.publish(message, routing_key=queue, mandatory=True)
+            return
+        except DeliveryError:
+            if queue not in self._declared:
+                raise Unroutable(queue) from None
+        log.warning("queue %s missing on the broker: declaring it again", queue)
+        await self.declare_queue(queue, exclusive=self._declared[queue])
+        self._tell_lost(queue)
+        try:
+            await self._publisher.default_exchange.publish(message, routing_key=queue, mandatory=True)
         except DeliveryError:
             raise Unroutable(queue) from None
 
@@ -390,7 +477,11 @@ class RabbitBus:
         channel = await self._connection.channel()
         # the channel's own limit (one consumer per channel): unlike a consumer's, it can change later
         await channel.set_qos(prefetch_count=prefetch, global_=True)
-        declared = await channel.get_queue(queue, ensure=True)
+        if self._declared.get(queue):  # exclusive, ours: declared on this channel, restored with the consumer
+            declared = await self._declare(channel, queue, exclusive=True)
+        else:
+            declared = await channel.get_queue(queue, ensure=True)
+        await self._watch_cancel(channel, queue)
         return await self._start(channel, declared, auto_ack, counted=queue != self._dead_queue, on_dead=on_dead)
 
     async def _start(self, channel: AbstractChannel, queue: AbstractQueue, auto_ack: bool = False, *,
@@ -405,18 +496,16 @@ class RabbitBus:
         await channel.set_qos(prefetch_count=1000)
         declared = await self._declare(channel, queue, exclusive=True)
         await declared.bind(exchange)
+        await self._watch_cancel(channel, queue)
         return await self._start(channel, declared)
 
     async def queue_depth(self, queue: str) -> int:
-        channel = await self._connection.channel()
         try:
-            declared = await channel.declare_queue(queue, passive=True)
+            async with self._scratch() as channel:
+                declared = await channel.declare_queue(queue, passive=True)
             return int(declared.declaration_result.message_count or 0)
         except ChannelClosed:
             return 0
-        finally:
-            if not channel.is_closed:
-                await channel.close()
 
     async def delete(self, *, queues: list[str], exchanges: list[str]) -> None:
         channel = await self._connection.channel()
@@ -427,6 +516,8 @@ class RabbitBus:
         await channel.close()
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         await self._connection.close()
         if self._owned_store is not None:
             await self._owned_store.close()

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -91,7 +92,8 @@ PROMPTS = (
     "The quick brown fox", "To be or not to be", "Water boils at", "The mesh survived because",
     "Seven plus five equals",
 )
-ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large")
+ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large", "topology-loss",
+       "gateway-kill", "hung-worker", "paused-worker")
 LONG = ("redis-30s", "broker-30s")
 
 
@@ -372,8 +374,9 @@ def is_error_body(response: httpx.Response) -> bool:
 class Clients:
     """Closed-loop clients against one gateway, keeping a record per request."""
 
-    def __init__(self, url: str, reference: dict[str, str], *, max_tokens: int = MAX_TOKENS) -> None:
-        self.url, self.reference, self.max_tokens = url, reference, max_tokens
+    def __init__(self, url: str, reference: dict[str, str], *, max_tokens: int = MAX_TOKENS,
+                 ignore_eos: bool = False) -> None:
+        self.url, self.reference, self.max_tokens, self.ignore_eos = url, reference, max_tokens, ignore_eos
         self.records: list[Record] = []
         self.stop = asyncio.Event()
         self.client = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S + HUNG_MARGIN_S,
@@ -387,7 +390,8 @@ class Clients:
         wait, within the request deadline)."""
         record = record or Record(time.monotonic(), prompt)
         self.records.append(record)
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0}
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0,
+                "ignore_eos": self.ignore_eos}
         give_up = record.sent_at + REQUEST_TIMEOUT_S + HUNG_MARGIN_S
         while True:
             try:
@@ -477,6 +481,8 @@ class Outcome:
 
     def goals_met(self) -> list[str]:
         """What this scenario missed of the goals (empty: all met)."""
+        if self.scenario == "gateway-kill":
+            return self._gateway_goals()
         missed = []
         if self.hung:
             missed.append(f"{self.hung} hung")
@@ -491,6 +497,16 @@ class Outcome:
         if self.recovery_s is None or self.recovery_s > 10:
             missed.append(f"recovery {self.recovery_s} s > 10 s (before: {self.before_per_s:.1f}/s, the median of "
                           f"{self.extra.get('per_s_before')}; after, per second: {self.extra.get('per_s_after')})")
+        return missed
+
+
+    def _gateway_goals(self) -> list[str]:
+        stopped, served = self.extra.get("stopped_s"), self.extra.get("served_s")
+        missed = [] if self.up else ["mesh not up"]
+        if stopped is None or stopped >= DEAD_GATEWAY_STOP_S:
+            missed.append(f"work for the dead gateway ran {stopped} s >= {DEAD_GATEWAY_STOP_S:g} s")
+        if served is None or served >= GATEWAY_BACK_S:
+            missed.append(f"the new gateway served after {served} s >= {GATEWAY_BACK_S:g} s")
         return missed
 
 
@@ -522,6 +538,8 @@ class Harness:
         return False
 
     async def run(self, name: str) -> Outcome:
+        if name == "gateway-kill":  # its clients' gateway dies: measured apart (``gateway_kill``)
+            return await self.run_gateway_kill()
         fault, outage_s = FAULTS[name]
         clients = Clients(self.mesh.url, self.reference)
         outcome = Outcome(name, outage_s=outage_s)
@@ -548,12 +566,20 @@ class Harness:
             await clients.close()
         outcome.up = await self.ready(30) and self.mesh.running()
         outcome.sent = len(clients.records)  # (the abandoning clients and the too-large request are not these)
+        outcome.extra["longest_s"] = round(max((r.ended_at - r.sent_at for r in clients.records
+                                                if r.ended_at is not None), default=0.0), 2)
         for r in clients.records:
             setattr(outcome, r.outcome, getattr(outcome, r.outcome) + 1)
             outcome.refused += r.refusals > 0
             if r.detail and r.outcome != "completed" and len(outcome.details) < 10:
                 outcome.details.append(f"{r.outcome}: {r.detail}")
         return outcome
+
+    async def run_gateway_kill(self) -> Outcome:
+        """The gateway-kill row: its recovery is the new gateway's first answer."""
+        extra = await gateway_kill(self)
+        return Outcome("gateway-kill", recovery_s=extra["served_s"], extra=extra,
+                       up=await self.ready(30) and self.mesh.running())
 
     async def worker_tokens(self) -> dict[str, int]:
         """Tokens each worker generated so far (its ``exegpt_worker_generated_tokens_total``);
@@ -642,6 +668,159 @@ async def poison(h: Harness, _: Clients) -> dict:
     return {"queues": len(queues), "exchanges": len(exchanges), "dead_letters": dead, "dead_letters_expected": want}
 
 
+RESUME_BOUND_S = 5.0  # completions resume this soon after a queue is deleted
+
+
+async def topology_loss(h: Harness, clients: Clients) -> dict:
+    """An operator deletes the encode queue, then the gateway's events queue (`rabbitmqctl
+    delete_queue`), under the steady load. Each is declared again, the requests it held are
+    published again by the gateway, and completions resume: seconds from each deletion to the
+    first completion after it, and whether ``/health/ready`` said 503 in between (sampled)."""
+    names = Names(h.mesh.namespace)
+    events = await asyncio.to_thread(h.services.queues, names.events_queue("gateway"))
+    if not events:
+        raise SetupError("no gateway events queue to delete")
+    resumed, not_ready = {}, {}
+    for kind, queue in (("encode", names.encode_queue), ("events", events[0])):
+        deleted_at = time.monotonic()
+        sampler = asyncio.create_task(ready_503_seen(h.mesh.url, RESUME_BOUND_S))
+        await asyncio.to_thread(h.services.ctl, "delete_queue", queue)
+        resumed[kind] = await first_completion_after(clients, deleted_at, RESUME_BOUND_S * 4)
+        not_ready[kind] = await sampler
+    republished = sum(int(m.group(1)) for m in map(REPUBLISHED_LINE.search, h.mesh.output) if m)
+    return {"resumed_s": resumed, "ready_503_seen": not_ready, "republished": republished,
+            "queues_back": all(q in h.services.queues(h.mesh.namespace) for q in (names.encode_queue, events[0]))}
+
+
+REPUBLISHED_LINE = re.compile(r"topology restored; (\d+) pending requests published again")
+
+
+async def first_completion_after(clients: Clients, since: float, timeout_s: float) -> float | None:
+    """Seconds from ``since`` to the first request completed after it (None: none in time)."""
+    deadline = since + timeout_s
+    while time.monotonic() < deadline:
+        ends = [r.ended_at for r in clients.records if r.outcome == "completed" and r.ended_at and r.ended_at > since]
+        if ends:
+            return round(min(ends) - since, 2)
+        await asyncio.sleep(0.1)  # polling the clients' records: no event marks a completion
+    return None
+
+
+async def ready_503_seen(url: str, for_s: float) -> bool:
+    """Whether ``/health/ready`` answered 503 at least once in the next ``for_s`` (sampled)."""
+    seen, deadline = False, time.monotonic() + for_s
+    async with httpx.AsyncClient(base_url=url, timeout=2) as client:
+        while time.monotonic() < deadline and not seen:
+            try:
+                seen = (await client.get("/health/ready")).status_code == 503
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.05)  # sampling the probe
+    return seen
+
+
+STALL_BOUND_S = 10.0  # a hung worker stalls no request longer than this
+
+
+def hung_worker(seconds: float) -> Callable[[Harness, Clients], Awaitable[dict]]:
+    """SIGSTOP one worker for ``seconds`` under the steady load, then SIGCONT: a pause shorter
+    than the liveness timeout resumes (what it held is answered once all the same); a longer
+    one has `exegpt up` kill it (the broker hands its work to the other worker) and start
+    another. ``replaced_s``: seconds from the stop until its process was gone (None: it resumed)."""
+    async def fault(h: Harness, _: Clients) -> dict:
+        pid = h.mesh.role_pids("worker")[0]
+        stopped = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        replaced_s = None
+        try:
+            while time.monotonic() < stopped + seconds:
+                if pid not in h.mesh.role_pids("worker"):
+                    replaced_s = round(time.monotonic() - stopped, 2)
+                    break  # killed: the rest of the pause has nothing left to stop
+                await asyncio.sleep(0.2)  # polling /proc: the launcher's kill has no event here
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        return {"pid": pid, "replaced_s": replaced_s}
+    return fault
+
+
+DEAD_GATEWAY_STOP_S = 3.0  # workers stop generating for a killed gateway within this
+GATEWAY_BACK_S = 5.0  # the gateway `exegpt up` starts again serves within this of the kill
+KILL_TOKENS = 400  # long requests (EOS ignored), so that work is running when the gateway dies
+
+
+async def gateway_kill(h: Harness) -> dict:
+    """SIGKILL the gateway while long requests run: seconds until the workers' generated-token
+    counters stop advancing (its events queue went with its connection: they drop its work) and
+    the tokens generated meanwhile, both counted before the new gateway's first request; seconds
+    until the gateway `exegpt up` starts again prints its ready line and answers a completion
+    (a new URL: the harness follows it)."""
+    clients = Clients(h.mesh.url, {}, max_tokens=KILL_TOKENS, ignore_eos=True)
+    loops = [asyncio.create_task(clients.loop(seed)) for seed in range(h.settings.clients)]
+    try:
+        before, deadline = sum((await h.worker_tokens()).values()), time.monotonic() + 60
+        while sum((await h.worker_tokens()).values()) < before + KILL_TOKENS:
+            if time.monotonic() > deadline:
+                raise SetupError("the long requests did not run")
+            await asyncio.sleep(0.2)  # polling the workers' counters until the long requests run
+        gateways = gateway_urls(h.mesh)
+        os.kill(h.mesh.role_pids("gateway")[0], signal.SIGKILL)
+        killed = time.monotonic()
+        clients.stop.set()
+    finally:
+        await asyncio.gather(*loops, return_exceptions=True)
+        await clients.close()
+    samples: list[tuple[float, int]] = []
+    sampler = asyncio.create_task(sample_tokens(h, samples))
+    try:
+        h.mesh.url = await new_gateway_url(h.mesh, len(gateways), timeout_s=60)
+        ready_s = round(time.monotonic() - killed, 2)
+        asked_at = time.monotonic()
+        served_s = await first_answer(h.mesh.url, killed, timeout_s=60)
+    finally:
+        sampler.cancel()
+    quiet = [(t, n) for t, n in samples if t < asked_at]  # before the new gateway's request made tokens
+    grew = [t for (t, n), (_, m) in zip(quiet, quiet[1:]) if m > n] if len(quiet) > 1 else []
+    return {"stopped_s": round((max(grew) if grew else killed) - killed, 2),
+            "tokens_after_kill": quiet[-1][1] - quiet[0][1] if quiet else None,
+            "quiet_s": round(asked_at - killed, 2), "ready_s": ready_s, "served_s": served_s}
+
+
+def gateway_urls(mesh: Mesh) -> list[str]:
+    return [line.split()[-1] for line in list(mesh.output) if line.startswith("[gateway-0] ready gateway ")]
+
+
+async def new_gateway_url(mesh: Mesh, known: int, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while len(urls := gateway_urls(mesh)) <= known:
+        if time.monotonic() > deadline:
+            raise SetupError(f"no gateway started again within {timeout_s:g} s:\n{mesh.tail()}")
+        await asyncio.sleep(0.05)  # polling the launcher's output for the new ready line
+    return urls[-1]
+
+
+async def sample_tokens(h: Harness, samples: list[tuple[float, int]]) -> None:
+    """Append (time, tokens the workers generated so far) every 0.1 s until cancelled."""
+    while True:
+        samples.append((time.monotonic(), sum((await h.worker_tokens()).values())))
+        await asyncio.sleep(0.1)  # sampling the workers' counters
+
+
+async def first_answer(url: str, since: float, timeout_s: float) -> float | None:
+    """Seconds from ``since`` until ``url`` answers a completion with 200 (None: not in time)."""
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        while time.monotonic() < since + timeout_s:
+            try:
+                if (await client.post("/v1/completions", json=body)).status_code == 200:
+                    return round(time.monotonic() - since, 2)
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.05)  # polling until the new gateway serves
+    return None
+
+
 async def overload(h: Harness, clients: Clients) -> dict:
     """Ten times the clients for ``baseline_s``; then back to the steady load."""
     burst_over = asyncio.Event()
@@ -698,6 +877,9 @@ FAULTS: dict[str, tuple[Callable[[Harness, Clients], Awaitable[dict]], float]] =
     "overload": (overload, 0.0),
     "abandon": (abandon, 0.0),
     "too-large": (too_large, 0.0),
+    "topology-loss": (topology_loss, 0.0),
+    "hung-worker": (hung_worker(40), 0.0),
+    "paused-worker": (hung_worker(2), 0.0),
 }
 
 
@@ -761,9 +943,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"exegpt bench faults: {why}", file=sys.stderr)
         return 2
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
-    unknown = [n for n in names if n not in FAULTS]
+    unknown = [n for n in names if n not in ALL + LONG]
     if unknown:
-        print(f"exegpt bench faults: unknown scenarios {unknown}; known: {', '.join(FAULTS)}", file=sys.stderr)
+        print(f"exegpt bench faults: unknown scenarios {unknown}; known: {', '.join(ALL + LONG)}", file=sys.stderr)
         return 2
     settings = Settings(args.clients, args.baseline_s, args.observe_s)
     print(f"faults: {len(names)} scenarios, {args.workers} workers, {settings.clients} clients, "

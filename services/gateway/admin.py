@@ -23,14 +23,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, create_model
 
 from common.messages import codec
-from common.messages.control import Replan, ScheduleUpdate, SetBound, SetSlo
+from common.messages.control import PinSchedule, Replan, ScheduleUpdate, SetBound, SetSlo
 from common.messages.status import SchedulerState
 from common.names import Names
 from common.transport.port import Bus, Store
 from optimizer.schedule import MINIMUMS, Schedule
 from services.gateway import openai_api as oa
 from services.gateway.core import Gateway
-from services.scheduler.service import request_schedule
 
 
 class BoundBody(BaseModel):
@@ -106,7 +105,7 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-async def ask_scheduler(bus: Bus, names: Names, message: SetBound | Replan | SetSlo) -> None:
+async def ask_scheduler(bus: Bus, names: Names, message: SetBound | Replan | SetSlo | PinSchedule) -> None:
     await bus.declare_queue(names.scheduler_queue)
     await bus.publish(names.scheduler_queue, codec.encode(message))
 
@@ -163,7 +162,7 @@ def admin_router() -> APIRouter:
             return bad_request(f"not a schedule: {exc}", "schedule")
         gateway: Gateway = request.app.state.gateway
         requested_at = time.time()
-        await request_schedule(gateway.bus, gateway.names, schedule)
+        await ask_scheduler(gateway.bus, gateway.names, PinSchedule(schedule, requested_at))
         return JSONResponse({"requested": "pin", "schedule": jsonable(schedule),
                              "requested_at": requested_at}, 202)
 

@@ -530,10 +530,12 @@ def openai_router() -> APIRouter:
     @router.get("/health/ready", responses={503: {"description": "Not ready: a check failed (see "
                                                   "`checks`); retry after `Retry-After` seconds"}})
     async def ready(request: Request) -> JSONResponse:
-        """Ready for requests: the broker and the store answer, and the schedule in force has a
-        live worker for each role it needs."""
+        """Ready for requests: the broker and the store answer, the queues a request travels
+        exist on the broker (``routes``), and the schedule in force has a live worker for each role
+        it needs."""
         gateway: Gateway = request.app.state.gateway
         checks = await transport_checks(gateway.transports, gateway.names)
+        checks["routes"] = gateway.routable
         update = None
         if checks["store"]:
             update, _ = await schedule_records(gateway.transports.store, gateway.names)

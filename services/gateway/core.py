@@ -24,6 +24,7 @@ from common.messages.work import EncodeWork, Sampling
 from common.names import ARRIVALS_TTL_S, Names
 from common.tracing import tracing_for
 from common.transport.connect import Transports
+from common.transport.errors import Backoff, is_outage
 from common.transport.port import Subscription
 from services.gateway.metrics import Metrics
 from services.worker import new_worker_id
@@ -51,6 +52,9 @@ class Pending:
     held: dict[int, Token] = field(default_factory=dict)
     done: bool = False
     failed: Failure | None = None
+    work: EncodeWork | None = None  # what was published, to publish again if the broker lost it
+    deadline: float = 0.0  # epoch seconds: its client stops waiting then
+    headers: dict[str, str] | None = None
     _out: deque[Token | Failure] = field(default_factory=deque)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -121,18 +125,82 @@ class Gateway:
         self._pump: asyncio.Task[None] | None = None
         self.arrivals: Counter[int] = Counter()  # requests accepted per unix second, not yet in the store
         self._flusher: asyncio.Task[None] | None = None
+        self.routable = True  # the queues a request needs exist (``/health/ready`` says so)
+        self.republished = 0  # requests published again after the broker lost a queue
+        self._lost = asyncio.Event()
+        self.restored = asyncio.Event()  # set each time a lost queue was declared again and requests re-published
+        self._keeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await self._declare()
+        subscription = await self.bus.consume(self.events_queue, prefetch=1000,
+                                              auto_ack=True)  # events die with this process anyway
+        self.bus.on_lost(self._on_lost)
+        self._pump = asyncio.create_task(self._receive_events(subscription))
+        self._flusher = asyncio.create_task(self._flush_arrivals())
+        self._keeper = asyncio.create_task(self._keep_topology())
+
+    async def _declare(self) -> None:
         await self.bus.declare_queue(self.names.encode_queue)
         await self.bus.declare_fanout(self.names.abort_exchange)
         await self.bus.declare_queue(self.events_queue, exclusive=True)
-        subscription = await self.bus.consume(self.events_queue, prefetch=1000,
-                                              auto_ack=True)  # events die with this process anyway
-        self._pump = asyncio.create_task(self._receive_events(subscription))
-        self._flusher = asyncio.create_task(self._flush_arrivals())
+
+    # ==== topology that heals =====================================================================
+    def _on_lost(self, queue: str) -> None:
+        """The bus says messages may have gone with ``queue`` ("": a new connection)."""
+        if queue in ("", self.names.encode_queue, self.events_queue):
+            self.routable = False
+            self._lost.set()
+
+    async def _keep_topology(self) -> None:
+        """Every ``topology_check_s``, or at once when the bus reports a loss: while the encode
+        queue or this gateway's events queue is missing, not routable; declare them again and
+        publish every pending request again (its work, or its events, may have gone with the
+        queue). Each request stays this gateway's until done or past its deadline."""
+        backoff = Backoff()
+        while True:
+            try:
+                await asyncio.wait_for(self._lost.wait(), self.config.topology_check_s)
+            except asyncio.TimeoutError:
+                pass  # the periodic check: a queue deleted while nobody published or consumed
+            try:
+                if not self._lost.is_set() and await self._all_exist():
+                    self.routable = True
+                    continue
+                self.routable = False
+                self._lost.clear()
+                await self._declare()
+                await self._republish()
+                self.routable = await self._all_exist()
+                self.restored.set()
+                backoff.reset()
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                self.routable = False
+                self._lost.set()  # tried again after the wait
+                log.warning("gateway %s: topology not restored (%r); trying again", self.gateway_id, exc)
+                await asyncio.sleep(backoff.next_s())  # an outage's backoff
+
+    async def _all_exist(self) -> bool:
+        return await self.bus.exists(self.names.encode_queue) and await self.bus.exists(self.events_queue)
+
+    async def _republish(self) -> None:
+        """Publish each pending request again, with its own deadline. Tokens its client already
+        has are not repeated (``Pending`` keeps each index once), and a worker that still holds
+        it drops the copy."""
+        now, count = time.time(), 0
+        for pending in list(self.pending.values()):
+            if pending.done or pending.work is None or pending.deadline <= now:
+                continue
+            await self._publish(self.names.encode_queue, codec.encode(pending.work), pending.headers,
+                                pending.deadline)
+            count += 1
+        self.republished += count
+        log.warning("gateway %s: topology restored; %d pending requests published again", self.gateway_id, count)
 
     async def close(self) -> None:
-        for task in (self._pump, self._flusher):
+        for task in (self._pump, self._flusher, self._keeper):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -176,7 +244,7 @@ class Gateway:
         work = EncodeWork(rid, self.model, tuple(prompt_ids), sampling, self.events_queue,
                           time.time(), stream)
         try:
-            await self._publish_work(work)
+            await self._publish_work(pending, work)
         except BaseException:
             self.forget(pending)
             raise
@@ -185,20 +253,21 @@ class Gateway:
             self.metrics.finished(pending.timeline)
         return pending
 
-    async def _publish_work(self, work: EncodeWork) -> None:
+    async def _publish_work(self, pending: Pending, work: EncodeWork) -> None:
         """Publish to the encode queue, with the request's deadline (``request_timeout_s`` from
         now: after it this gateway answers 504, and the work is dropped unread wherever it is);
         traced, in a span under the current one (the HTTP request's) whose context the message's
         headers carry to the worker."""
         queue, body = self.names.encode_queue, codec.encode(work)
-        deadline = time.time() + self.config.request_timeout_s
+        pending.work, pending.deadline = work, time.time() + self.config.request_timeout_s
         if not self.tracing.enabled:
-            await self._publish(queue, body, None, deadline)
+            await self._publish(queue, body, None, pending.deadline)
             return
         attributes = {"exegpt.request_id": work.request_id, "messaging.destination.name": queue,
                       "exegpt.prompt_tokens": len(work.prompt_ids)}
         with self.tracing.span("publish encode", kind="producer", attributes=attributes):
-            await self._publish(queue, body, self.tracing.inject(), deadline)
+            pending.headers = self.tracing.inject()
+            await self._publish(queue, body, pending.headers, pending.deadline)
 
     async def _publish(self, queue: str, body: bytes, headers: dict[str, str] | None, deadline: float) -> None:
         """One confirmed publish of encode work, bounded by ``PUBLISH_TIMEOUT_S`` (TimeoutError)."""

@@ -3,16 +3,20 @@
 The process list comes from ``deploy/processes.toml``. Each child is ``python -m services.cli
 ROLE`` with the mesh settings in its environment; the launcher waits for each group's ``ready``
 lines, restarts a child that dies (after a backoff, within a restart budget per time window:
-``RestartBudget``), and on SIGINT/SIGTERM sends SIGTERM to every child, waits for them to drain,
+``RestartBudget``), kills (and so restarts) a worker or scheduler whose liveness file stops
+advancing (``services.run.liveness``: a hung process, whose unacknowledged work the broker hands
+to others once its connection closes), and on SIGINT/SIGTERM sends SIGTERM to every child, waits for them to drain,
 and kills what is left.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -22,10 +26,13 @@ from pathlib import Path
 from queue import Empty, Queue
 
 from common.config import MeshConfig
+from services.run.liveness import age_s
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SPEC = REPO_ROOT / "deploy" / "processes.toml"
 READY_TIMEOUT_S = 300.0
+SUPERVISE_INTERVAL_S = 0.2  # children are looked at this often
+WATCHED = ("worker", "scheduler")  # the roles whose liveness file the launcher reads
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,7 @@ class RestartPolicy:
 
     max_restarts: int = 5
     window_s: float = 300.0
-    backoff_s: tuple[float, float] = (1.0, 30.0)
+    backoff_s: tuple[float, float] = (0.25, 30.0)
     healthy_s: float = 60.0
 
 
@@ -81,6 +88,7 @@ class Child:
     restart_at: float | None = None  # a restart waiting for its backoff
     ready_line: str | None = None
     lines: "Queue[str | None]" = field(default_factory=Queue)
+    liveness: Path | None = None  # the file it touches while alive
 
     @property
     def label(self) -> str:
@@ -113,12 +121,18 @@ class Launcher:
         self.env = child_env(config)
         self.children: list[Child] = []
         self.stopping = threading.Event()
+        self.beats = Path(tempfile.mkdtemp(prefix="exegpt-up-"))  # the children's liveness files
 
     def spawn(self, spec: ProcessSpec, index: int) -> Child:
+        env, liveness = self.env, None
+        if spec.name in WATCHED:
+            liveness = self.beats / f"{spec.name}-{index}"
+            liveness.unlink(missing_ok=True)  # a new process: no age until it first touches it
+            env = {**self.env, "EXEGPT_LIVENESS_FILE": str(liveness)}
         popen = subprocess.Popen([sys.executable, "-m", "services.cli", *spec.args], cwd=REPO_ROOT,
-                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True, bufsize=1)
-        child = Child(spec, index, popen)
+        child = Child(spec, index, popen, liveness=liveness)
         threading.Thread(target=self._forward, args=(child,), daemon=True).start()
         return child
 
@@ -161,10 +175,22 @@ class Launcher:
     def supervise(self) -> None:
         """Restart children that die, after their backoff, until asked to stop (or a child has
         spent its restart budget: then the mesh stops)."""
-        while not self.stopping.wait(0.5):
+        while not self.stopping.wait(SUPERVISE_INTERVAL_S):
             for child in self.children:
-                if child.popen.poll() is not None and not self.stopping.is_set():
+                if child.popen.poll() is None:
+                    self._kill_if_hung(child)
+                elif not self.stopping.is_set():
                     self._restart(child, time.monotonic())
+
+    def _kill_if_hung(self, child: Child) -> None:
+        """SIGKILL (a stopped process dies of it too) a child whose liveness file is older than
+        ``liveness_timeout_s``; the next look restarts it."""
+        age = age_s(child.liveness) if child.liveness is not None else None
+        if age is not None and age > self.config.liveness_timeout_s:
+            print(f"exegpt up: {child.label} stopped answering (alive {age:.1f} s ago); killing it",
+                  file=sys.stderr, flush=True)
+            child.popen.kill()
+            child.popen.wait()
 
     def _restart(self, child: Child, now: float) -> None:
         if child.restart_at is None:
@@ -175,13 +201,14 @@ class Launcher:
                       "stopping the mesh", file=sys.stderr)
                 self.stopping.set()
                 return
-            print(f"exegpt up: {child.label} exited ({child.popen.returncode}); restarting in {delay:.0f} s",
+            print(f"exegpt up: {child.label} exited ({child.popen.returncode}); restarting in {delay:g} s",
                   file=sys.stderr)
             child.restart_at = now + delay
         if now < child.restart_at:
             return
         fresh = self.spawn(child.spec, child.index)
         child.popen, child.lines, child.started_at, child.restart_at = fresh.popen, fresh.lines, now, None
+        child.liveness = fresh.liveness
 
     def stop(self, timeout_s: float) -> None:
         """SIGTERM in reverse start order (gateway first), wait, then kill stragglers."""
@@ -196,6 +223,7 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 child.popen.kill()
                 child.popen.wait()
+        shutil.rmtree(self.beats, ignore_errors=True)
 
 
 def with_worker_threads(config: MeshConfig, workers: int, cores: int | None = None) -> MeshConfig:

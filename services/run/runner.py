@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any, Callable, Coroutine, Protocol
 
 from common.config import MeshConfig
@@ -18,11 +19,8 @@ from services.gateway import ServedModel, create_app, load_served_model
 from services.gateway.keys import check_exposure, load_keys
 from services.gateway.plugins import load_plugins
 from services.ops import OpsServer, transport_checks
-from services.run.embedded import local_workers
 from services.run.engines import EngineRunner, group_shape, load_engine, served_model_name
-from services.scheduler.gauges import SchedulerMetrics
-from services.scheduler.service import SchedulerService
-from services.worker import Worker
+from services.run.liveness import keep_touching
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,9 @@ async def run_until_signalled(service: Stoppable, name: str) -> None:
 
 async def run_worker(role: str, config: MeshConfig) -> None:
     """One worker or scheduler, with its operations port open from the start: /health/live
-    answers while the model loads (in a thread), /health/ready once the service takes work."""
+    answers while the model loads (in a thread), /health/ready once the service takes work.
+    (Each role imports its own service: a gateway, restarted, starts without the scheduler's
+    statistics libraries.)"""
     names = Names(config.namespace)
     started: list[tuple[Stoppable, Callable[[], bytes]]] = []
 
@@ -73,6 +73,9 @@ async def run_worker(role: str, config: MeshConfig) -> None:
     ops = OpsServer(metrics, checks)
     url = await ops.start(config.ops_host, config.ops_port)
     log.info("%s: /metrics and /health/* at %s", role, url)
+    beat = None
+    if config.liveness_file:
+        beat = asyncio.create_task(keep_touching(Path(config.liveness_file), config.liveness_timeout_s))
     try:
         try:
             transports = await open_transports(config, names, LocalHub(), kv=role == "worker")
@@ -80,6 +83,9 @@ async def run_worker(role: str, config: MeshConfig) -> None:
             announce(f"{role} refused to start: {exc}")
             raise SystemExit(2) from None
         if role == "scheduler":
+            from services.scheduler.gauges import SchedulerMetrics
+            from services.scheduler.service import SchedulerService
+
             scheduler = SchedulerService(config, transports)
             scheduler.announce = announce  # "leading ..." / "standby ..." lines, beside "ready ..."
             started.append((scheduler, SchedulerMetrics(scheduler).render))
@@ -88,11 +94,15 @@ async def run_worker(role: str, config: MeshConfig) -> None:
                 engine = await asyncio.to_thread(load_engine, config)
             else:  # a group's ranks die with the thread that started them (PR_SET_PDEATHSIG): this one
                 engine = load_engine(config)
+            from services.worker import Worker
+
             worker = Worker(config, transports, EngineRunner(engine))
             started.append((worker, worker.metrics.render))
         service = started[0][0]
         await run_until_signalled(service, f"{role} {getattr(service, 'worker_id', '')}".strip())
     finally:
+        if beat is not None:
+            beat.cancel()
         await ops.close()
 
 
@@ -121,6 +131,8 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
     hub = LocalHub()
     workers = None
     if embedded:  # one worker, one engine; the gateway takes the engine's tokenizer
+        from services.run.embedded import local_workers
+
         engine = load_engine(config)
         model = ServedModel(served_model_name(config), engine.tokenizer, engine.max_context)
         runner = EngineRunner(engine)

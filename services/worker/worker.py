@@ -32,7 +32,7 @@ from common.messages.events import Failure
 from common.messages.handoff import HandoffMessage, KvReady
 from common.messages.status import LengthSample, WorkerStatus
 from common.messages.work import WorkMessage
-from common.names import DONE_TTL_S, OUTPUT_LENGTHS_MAX, Names
+from common.names import Names
 from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
@@ -51,13 +51,14 @@ from services.worker.executor import StepResult, run_step
 from services.worker.follower import ScheduleFollower
 from services.worker.mailbox import Inbox, Outbox
 from services.worker.metrics import WorkerMetrics, WorkerState
+from services.worker.records import UnwrittenRecords
 from services.worker.requests import Held
 from services.worker.trace import StepTrace
 
 ABORTED_REMEMBERED = 10_000
 CREDIT_POLL_S = (0.002, 0.05)  # an encoder without credits looks again after this, doubling
 GATHER_GAPS = 5  # an idle worker gathers a burst for at most this many gaps (MeshConfig.gather_s)
-EVENTS_GRACE_S = 5.0  # a missing events queue is tried this long (its gateway may be declaring it again)
+EVENTS_GRACE_S = 2.0  # a missing events queue is tried this long (its gateway may be declaring it again)
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,11 @@ class Worker:
         self.held: dict[str, Held] = {}
         self.inbox = Inbox()
         self.credits = Credits(self.store, self.names)
+        self.records = UnwrittenRecords(self.store, self.names)
         self.trace = StepTrace() if trace else None
         self.tracing = tracing_for(config)  # spans across services (not the step record above)
         self.aborted: dict[str, None] = {}
+        self.gone: dict[str, None] = {}  # events queues found missing past the grace: their gateways are gone
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.changed = asyncio.Event()  # set whenever a schedule version or a role takes effect
@@ -337,7 +340,7 @@ class Worker:
                 message = f"this mesh serves {self.config.model!r}, not {work.model!r}"
                 outbox.failure(work.reply_to, Failure(work.request_id, 400, message))
                 await self._ack_after(delivery, outbox)
-            elif work.request_id in self.held or work.request_id in self.aborted:
+            elif work.request_id in self.held or work.request_id in self.aborted or await self._gone(work.reply_to):
                 await delivery.ack()
             else:
                 try:
@@ -777,7 +780,8 @@ class Worker:
         return finished
 
     async def _settle(self, held: Held, reason: str, published: list[asyncio.Task[None]]) -> None:
-        """After its events are confirmed: mark done once, record the request, drop its KV, ack."""
+        """After its events are confirmed: mark done once, record the request, drop its KV, ack.
+        A store that does not answer delays the record, not the ack (``records``)."""
         await asyncio.gather(*held.sent, *published)
         rid = held.request_id
         sample = None  # aborted lengths would skew the scheduler's statistics
@@ -785,12 +789,14 @@ class Worker:
             sample = codec.encode(LengthSample(
                 rid, len(held.prompt_ids), len(held.generated), reason, time.time(), held.submitted_at,
                 held.encode_start_at, held.first_token_at, self.follower.version, self.worker_id))
-        done = self.store.set_once_and_record(self.names.done(rid), b"1", ttl_s=DONE_TTL_S,
-                                              list_key=self.names.output_lengths, item=sample,
-                                              max_len=OUTPUT_LENGTHS_MAX)
         drops = [self.kv.drop(held.ready.kv_ref)] if held.ready is not None else []
-        await asyncio.gather(done, *drops)
-        await held.delivery.ack()
+        outcomes = await asyncio.gather(self.records.write(rid, sample), *drops, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not is_outage(outcome):
+                raise outcome
+        if isinstance(outcomes[0], BaseException):  # the store is out: its answer went, its record waits
+            self.records.keep(rid, sample)
+        await held.delivery.ack()  # (a KV payload left behind expires with its TTL)
         await self._free_slot(held)
 
     async def _free_slot(self, held: Held) -> None:
@@ -905,8 +911,9 @@ class Worker:
 
     async def _publish_event(self, queue: str, body: bytes) -> None:
         """To a gateway's events queue. A queue that is missing may be one its gateway is declaring
-        again (after the broker restarted, exclusive queues come back with their owners' new
-        connections): tried again for ``EVENTS_GRACE_S``, then its client is taken as gone. An
+        again (after the broker restarted, or an operator deleted it): tried again for
+        ``EVENTS_GRACE_S``, then its gateway is taken as gone and the requests held here for it
+        are dropped (a gateway that declared its queue again publishes its requests again). An
         outage raises (the request's settle fails, and it runs again from its queue)."""
         backoff = Backoff(first_s=0.1, cap_s=1.0)
         give_up = time.monotonic() + EVENTS_GRACE_S
@@ -916,8 +923,36 @@ class Worker:
                 return
             except Unroutable:
                 if time.monotonic() >= give_up:
-                    return  # its client is gone with it
+                    self._drop_for(queue)
+                    return
             await asyncio.sleep(backoff.next_s())  # a retry's backoff while the gateway comes back
+
+    async def _gone(self, reply_to: str) -> bool:
+        """Work for a gateway whose events queue was found gone is not started, unless the queue is
+        back (its gateway declared it again, and publishes its requests again)."""
+        if reply_to not in self.gone:
+            return False
+        try:
+            back = await self.bus.exists(reply_to)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            return False  # the broker is out: run it, its events will tell
+        if back:
+            self.gone.pop(reply_to, None)
+        return not back
+
+    def _drop_for(self, queue: str) -> None:
+        """Stop the work held for the gateway whose events queue is ``queue`` (it is gone); not
+        remembered as aborted, so that work published again is taken."""
+        self.gone[queue] = None
+        while len(self.gone) > ABORTED_REMEMBERED:
+            self.gone.pop(next(iter(self.gone)))
+        dropped = [rid for rid, held in self.held.items() if held.reply_to == queue]
+        if dropped:
+            log.warning("worker %s: events queue %s is gone; dropping %d requests", self.worker_id, queue, len(dropped))
+            self._abort_pending.extend(dropped)
+            self.inbox.wake()
 
     async def report(self, state: str) -> bool:
         """Broadcast this worker's status; False when the broker could not take it (an outage:
@@ -941,3 +976,4 @@ class Worker:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)  # a periodic report, not a synchronisation
             await self.report("alive")
+            await self.records.flush()

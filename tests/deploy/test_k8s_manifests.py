@@ -228,6 +228,13 @@ def test_mesh_probes_use_health_routes_on_a_declared_port(role):
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
 
 
+def test_a_hung_worker_is_killed_within_ten_seconds():
+    """Missed probes (each waits its timeout), then the probe's own grace, not the pod's drain."""
+    live = container("worker")["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] + live["timeoutSeconds"] \
+        + live["terminationGracePeriodSeconds"] <= 10
+
+
 def test_ops_port_of_the_config_is_the_ops_container_port():
     ops_port = int(config_data()["EXEGPT_OPS_PORT"])
     for role in ("scheduler", "worker"):

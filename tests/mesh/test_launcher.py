@@ -49,3 +49,30 @@ def test_up_shares_the_kv_budget_among_its_workers() -> None:
     assert shared.kv_cache_gb == 2.0  # half of 16 GiB, over 4 workers
     given = MeshConfig(kv_cache_gb=3.0)
     assert with_kv_share(given, workers=4, available=16 * 2**30).kv_cache_gb == 3.0
+
+
+def test_a_child_whose_liveness_file_stops_advancing_is_killed(tmp_path) -> None:
+    import os
+    import subprocess
+    import time
+
+    from common.config import MeshConfig
+    from services.run.launcher import Child, Launcher, ProcessSpec
+
+    launcher = Launcher(MeshConfig(liveness_timeout_s=3.0), [])
+    spec = ProcessSpec("worker", ("worker",), 1)
+    alive, hung = tmp_path / "alive", tmp_path / "hung"
+    alive.touch()
+    hung.touch()
+    os.utime(hung, (time.time() - 10, time.time() - 10))  # last touched 10 s ago
+    children = [Child(spec, i, subprocess.Popen(["sleep", "60"]), liveness=path) for i, path in enumerate((alive, hung))]
+    try:
+        for child in children:
+            launcher._kill_if_hung(child)
+        assert children[0].popen.poll() is None  # touched just now: left alone
+        assert children[1].popen.poll() == -9  # SIGKILL: the broker gets its work back at once
+    finally:
+        for child in children:
+            child.popen.kill()
+            child.popen.wait()
+        launcher.stop(1.0)

@@ -134,7 +134,7 @@ async def test_gateway_ready_needs_workers_for_each_role(config, hub) -> None:
         assert (await m.client.get("/health/live")).status_code == 200
         ready = await m.client.get("/health/ready")
         assert ready.status_code == 200, ready.text
-        assert ready.json()["checks"] == {"broker": True, "store": True, "workers": True}
+        assert ready.json()["checks"] == {"broker": True, "store": True, "routes": True, "workers": True}
         await m.pin(WAA)
         assert (await m.client.get("/health/ready")).status_code == 200  # one encoder, one decoder
         # the workers go quiet: the scheduler's next allocation has none, and the gateway is not ready

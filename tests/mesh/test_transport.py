@@ -337,3 +337,43 @@ async def test_a_replayed_dead_message_loses_its_deadline(mesh_config, hub):
     assert again.body == b"poison" and DEADLINE_HEADER not in again.headers and again.headers["traceparent"] == "t"
     await again.ack()
     await bus.close()
+
+
+async def delete_queue(bus, hub, transport_kind: str, queue: str) -> None:
+    """An operator deletes ``queue`` (on RabbitMQ, from a connection of its own)."""
+    if transport_kind == "broker":
+        await bus.delete(queues=[queue], exchanges=[])
+    else:
+        hub.broker.delete_queue(queue)
+
+
+@pytest.mark.parametrize("exclusive", [False, True], ids=["work-queue", "events-queue"])
+async def test_a_deleted_queue_is_declared_again_and_consuming_resumes(mesh_config, hub, transport_kind, exclusive):
+    names = Names(mesh_config.namespace)
+    queue = names.events_queue("gw-test") if exclusive else names.encode_queue
+    bus = await open_bus(mesh_config, names, hub)
+    operator = await open_bus(mesh_config, names, hub)
+    lost = asyncio.Event()
+    bus.on_lost(lambda name: name == queue and lost.set())
+    await bus.declare_queue(queue, exclusive=exclusive)
+    sub = await bus.consume(queue, prefetch=4)
+    await bus.publish(queue, b"one")
+    held = await next_delivery(sub)
+    # (an exclusive queue can be deleted only by its own connection, or by `rabbitmqctl delete_queue`)
+    await delete_queue(bus if exclusive else operator, hub, transport_kind, queue)
+    await asyncio.wait_for(lost.wait(), TIMEOUT_S)  # the consumer was cancelled: its owner is told
+    await held.ack()  # what a consumer held across the deletion settles without error
+    await bus.publish(queue, b"two")  # declared again (at once, or by this publish)
+    assert (await next_delivery(sub)).body == b"two"  # and consuming resumed on it
+    assert await bus.exists(queue)
+    await operator.close()
+    await bus.close()
+
+
+async def test_exists_tells_a_missing_queue(mesh_config, hub):
+    names = Names(mesh_config.namespace)
+    bus = await open_bus(mesh_config, names, hub)
+    assert not await bus.exists(names.encode_queue)
+    await bus.declare_queue(names.encode_queue)
+    assert await bus.exists(names.encode_queue)
+    await bus.close()
