@@ -197,14 +197,20 @@ def request_tokens_schema(properties: dict[str, Any], max_tokens: int, cap: int)
 
 def is_upload(app: FastAPI, scope: Scope) -> bool:
     """A multipart request to a route that declares a multipart body (it bounds the upload as
-    it parses it)."""
+    it parses it). The routes are read from the API document (included routers are not listed
+    flat in ``app.routes``), once."""
     if (header(scope, b"content-type") or b"").split(b";")[0].strip().lower() != b"multipart/form-data":
         return False
+    uploads = getattr(app.state, "upload_paths", None)
+    if uploads is None:
+        from starlette.routing import compile_path
+
+        uploads = app.state.upload_paths = tuple(
+            compile_path(template)[0] for template, operations in app.openapi().get("paths", {}).items()
+            if any("multipart/form-data" in (op.get("requestBody") or {}).get("content", {})
+                   for op in operations.values() if isinstance(op, dict)))
     path = scope.get("path", "")
-    return any(getattr(route, "path_regex", None) is not None and route.path_regex.match(path)
-               and "multipart/form-data" in ((getattr(route, "openapi_extra", None) or {})
-                                              .get("requestBody", {}).get("content", {}))
-               for route in app.routes)
+    return any(regex.match(path) for regex in uploads)
 
 
 def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
