@@ -9,13 +9,13 @@ larger one keeps the queue from growing. So:
 1. **Candidates** (``candidates``): the least-latency schedule of the policies allowed, and the
    searches' picks under a ladder of bounds from just above that least latency to none, each
    policy set apart: the frontier from quick-and-small to large-and-slow.
-2. **Weighing** (``weigh``): each candidate simulated with requests arriving as forecast, with
-   headroom (a renewal process at ``STRESS`` times the forecast rate and the forecast
-   burstiness, lengths from the observed workload,
-   queueing included: the same ``simulate`` that drives the workers' policy objects), its
-   attainment and percentiles read against the SLO (``optimizer.slo``).
-3. **Choice** (``choose``): among the candidates whose capacity carries the forecast rate, the one
-   with the highest attainment; ties (within ``TIE``) go to the one with the most slack against
+2. **Weighing** (``weigh``): each candidate whose capacity carries the forecast rate simulated
+   with requests arriving as forecast, with headroom (a renewal process at ``STRESS`` times the
+   forecast rate and the forecast burstiness, lengths from the observed workload, queueing
+   included: the same ``simulate`` that drives the workers' policy objects), its attainment and
+   percentiles read against the SLO (``optimizer.slo``); when none reaches the SLO's target with
+   headroom, weighed again at the forecast rate itself.
+3. **Choice** (``choose``): the one with the highest attainment; ties (within ``TIE``) go to the one with the most slack against
    its bounds (least ``pressure``, in steps of ``SLACK_TIE``), then to the one with the most
    capacity, so light traffic gets the quick schedule and heavy traffic the one that keeps up. When none reaches the SLO's target at the forecast, the one that sustains
    the highest rate (``sustained``, of the few with the best attainment).
@@ -44,7 +44,7 @@ from optimizer.search import PRODUCT_POLICIES, SearchResult, SearchSpace, branch
 from optimizer.simulator import simulate
 from optimizer.slo import Slo, SloFigures, figures
 
-SHORT_S, LONG_S = 10, 30  # the forecaster's windows, seconds
+SHORT_S, LONG_S = 5, 30  # the forecaster's windows, seconds
 # Bounds searched for candidates, as multiples of the least latency any schedule reaches (inf: none)
 LADDER = (1.1, 1.5, 2.2, 3.5, 6.0, math.inf)
 TIE = 0.003  # attainments this close are equal: the one with more slack wins
@@ -151,6 +151,22 @@ def to_weigh(found: Sequence[tuple[Schedule, float]], fc: Forecast,
     return [able[i] for i in picks]
 
 
+def weigh_all(sc: Scenario, slo: Slo, fc: Forecast, chosen: Sequence[tuple[Schedule, float]],
+              current: Schedule | None, seed: int) -> list[Weighed]:
+    """``current`` and ``chosen`` (quickest first) weighed on the same arrivals of ``fc``, until
+    ``ENOUGH`` of ``chosen`` reach the SLO's target."""
+    requests = arrivals(sc.workload, fc, seed)
+    weighed = [weigh(sc, current, math.inf, requests, slo)] if current is not None else []
+    reached = 0
+    for schedule, capacity in chosen:
+        w = weigh(sc, schedule, capacity, requests, slo)
+        weighed.append(w)
+        reached += w.attainment >= slo.target - 1e-12
+        if reached >= ENOUGH:
+            break
+    return weighed
+
+
 def weigh(sc: Scenario, schedule: Schedule, capacity: float, requests, slo: Slo) -> Weighed:
     sim = simulate(sc, schedule, tuple(requests))
     return Weighed(schedule, capacity, figures(sim.records, slo))
@@ -184,20 +200,17 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
     found, searches = candidates(sc, policies, space, search=search)
     if not found:
         return None
-    stressed = with_headroom(fc)
-    requests = arrivals(sc.workload, stressed, seed)
-    weighed = [weigh(sc, current, math.inf, requests, slo)] if current is not None else []
-    for schedule, capacity in to_weigh(found, stressed, current):
-        w = weigh(sc, schedule, capacity, requests, slo)
-        weighed.append(w)
-        if sum(x.attainment >= slo.target - 1e-12 for x in weighed if x.schedule != current) >= ENOUGH:
-            break
-    best, reaches = choose(weighed, stressed, slo)
-    if not reaches:
+    chosen = to_weigh(found, fc, current)
+    weighed = weigh_all(sc, slo, with_headroom(fc), chosen, current, seed)  # with headroom first
+    best, reaches = choose(weighed, fc, slo)
+    if not reaches:  # nothing keeps the SLO with headroom: at the forecast itself
+        weighed = weigh_all(sc, slo, fc, chosen, current, seed)
+        best, reaches = choose(weighed, fc, slo)
+    if not reaches:  # nor at the forecast: the one that sustains the most
         top = {w.schedule for w in sorted(weighed, key=_order)[:SUSTAINED_OF]}
-        weighed = [Weighed(w.schedule, w.capacity_seq_s, w.slo, sustained(sc, w.schedule, slo, stressed, seed))
+        weighed = [Weighed(w.schedule, w.capacity_seq_s, w.slo, sustained(sc, w.schedule, slo, fc, seed))
                    if w.schedule in top else w for w in weighed]
-        best, reaches = choose(weighed, stressed, slo)
+        best, reaches = choose(weighed, fc, slo)
     ordered = tuple(sorted(weighed, key=lambda w: (w is not best, _order(w))))
     return TrafficPlan(best, ordered, reaches, fc, searches)
 

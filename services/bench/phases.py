@@ -299,6 +299,7 @@ async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: i
     from common.names import Names
     from common.transport.connect import LocalHub, open_transports
     from services.bench.adapt import Mesh, client_of, watch_searches
+    from services.cli.plan import describe
     from services.scheduler.service import current_schedule, recent_lengths
 
     config = config_for(args, setup, system)
@@ -316,7 +317,9 @@ async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: i
         t0 = [math.inf, math.inf]  # (monotonic, wall) at the start of traffic
 
         def searched(state) -> None:
-            result.searches.append((state.last_replan_at - t0[1], state.last_replan_reason, state.last_outcome))
+            runs = next((c.schedule for c in state.candidates if c.chosen), None)
+            outcome = state.last_outcome + (f" -> runs {describe(runs)}" if runs is not None else "")
+            result.searches.append((state.last_replan_at - t0[1], state.last_replan_reason, outcome))
 
         watching = asyncio.create_task(watch_searches(transports.store, names, searched))
         stack.callback(watching.cancel)
