@@ -199,7 +199,7 @@ async def test_a_worker_process_gets_the_configured_data_plane(namespace):
     from tests.brokers import AMQP_URL
 
     need(nixl_loads(), "NIXL (nixl-cu12) cannot load")
-    config = MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL)
+    config = MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL, kv_transport="nixl")
     worker = await open_transports(config, Names(namespace), LocalHub(), kv=True)
     gateway = await open_transports(config, Names(namespace), LocalHub())
     try:
@@ -221,7 +221,7 @@ def test_a_worker_process_without_nixl_says_so_in_one_line_and_does_not_start(tm
     (tmp_path / "nixl_cu12").mkdir()
     (tmp_path / "nixl_cu12" / "__init__.py").write_text("raise ImportError('libucs.so.0: cannot open')\n")
     env = env_for({"EXEGPT_NAMESPACE": namespace, "EXEGPT_AMQP_URL": AMQP_URL, "EXEGPT_REDIS_URL": REDIS_URL,
-                   "EXEGPT_MODEL": "tiny-llama", "EXEGPT_DEVICE": "cpu"})
+                   "EXEGPT_MODEL": "tiny-llama", "EXEGPT_DEVICE": "cpu", "EXEGPT_KV_TRANSPORT": "nixl"})
     env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
     refused = subprocess.run([sys.executable, "-m", "services.cli", "worker"], cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
