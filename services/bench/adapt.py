@@ -185,13 +185,9 @@ class _ProfilePlan:  # what profile_here needs to know of a run
     scale: float
 
 
-def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
+def profile_and_cluster(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path]:
+    """``--profile``, or a profile of tasks S and T made here (kept in ``--keep-profile``), and its cluster."""
     import shutil
-
-    from common.config import MeshConfig
-    from optimizer.lengths import scaled_task
-    from services.cli.plan import describe
-    from services.scheduler.planning import Planner
 
     profile = args.profile or profile_here(tmp, [_ProfilePlan("S", args.scale), _ProfilePlan("T", args.scale)], args,
                                            repeats=QUICK_PROFILE_REPEATS if args.quick else None)
@@ -200,6 +196,16 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
         Path(args.keep_profile).mkdir(parents=True, exist_ok=True)
         for f in (profile, cluster):
             shutil.copy(f, Path(args.keep_profile) / f.name)
+    return profile, cluster
+
+
+def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
+    from common.config import MeshConfig
+    from optimizer.lengths import scaled_task
+    from services.cli.plan import describe
+    from services.scheduler.planning import Planner
+
+    profile, cluster = profile_and_cluster(args, tmp)
     planner = Planner(MeshConfig(profile=str(profile), cluster=str(cluster), max_plan_batch=args.max_batch))
     s, t = scaled_task("S", args.scale), scaled_task("T", args.scale)
     from optimizer.search import least_latency

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.bench.schedules import MODEL, profile_here, purge_namespace
+from services.bench.schedules import MODEL, purge_namespace
 
 SYSTEMS = ("adaptive", "fixed_first", "default", "best_fixed")
 KEYS = ("system", "phase", "goodput_rps", "attainment", "ttft_p99_s", "tpot_p99_s", "lost", "duplicated",
@@ -124,17 +124,9 @@ def phases_of(args: argparse.Namespace) -> tuple[Phase, ...]:
 # --- 1. calibrate, size the phases, choose the fixed schedules ------------------------------------
 
 def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
-    from services.bench.adapt import QUICK_PROFILE_REPEATS, _ProfilePlan
+    from services.bench.adapt import profile_and_cluster
 
-    profile = args.profile or profile_here(tmp, [_ProfilePlan("S", args.scale), _ProfilePlan("T", args.scale)], args,
-                                           repeats=QUICK_PROFILE_REPEATS if args.quick else None)
-    cluster = profile.with_name(f"{profile.stem}-cluster.json")
-    if args.keep_profile:
-        import shutil
-
-        Path(args.keep_profile).mkdir(parents=True, exist_ok=True)
-        for f in (profile, cluster):
-            shutil.copy(f, Path(args.keep_profile) / f.name)
+    profile, cluster = profile_and_cluster(args, tmp)
     calibration = asyncio.run(calibration_run(args, profile, cluster))
     return sized(args, profile, cluster, calibration)
 
