@@ -515,6 +515,9 @@ class Settings:
     clients: int = 4
     baseline_s: float = 5.0
     observe_s: float = 30.0
+    # a window back at this share of the rate before counts as recovered; the tests' short
+    # baseline on a shared two-core machine swings by more than 10 % between seconds
+    recovered_share: float = RECOVERED_SHARE
 
 
 class Harness:
@@ -597,9 +600,9 @@ class Harness:
         return counts
 
     async def _recovery(self, clients: Clients, before: float, fault_end: float) -> float | None:
-        """Seconds from ``fault_end`` until a window of RECOVERY_WINDOW_S holds 90 % of ``before``
-        completions per second (None: not within ``observe_s``)."""
-        want = RECOVERED_SHARE * before * RECOVERY_WINDOW_S
+        """Seconds from ``fault_end`` until a window of RECOVERY_WINDOW_S holds ``recovered_share``
+        (90 % by default) of ``before`` completions per second (None: not within ``observe_s``)."""
+        want = self.settings.recovered_share * before * RECOVERY_WINDOW_S
         step = 0.25
         t = fault_end
         while t - fault_end <= self.settings.observe_s:

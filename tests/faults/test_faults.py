@@ -5,7 +5,7 @@ faults` runs the same scenarios, longer, plus 30 s outages).
 
 Each scenario asserts the goals: no request hung, none answered with wrong (duplicated or lost)
 tokens, none failed without a clear error, at least 99 % completed (every outage here is shorter
-than the request deadline), throughput back within 10 s, and the mesh up afterwards.
+than the request deadline), throughput back (80 % of before) within 10 s, and the mesh up afterwards.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from services.bench import faults
 from tests.brokers import need
 
 pytestmark = pytest.mark.faults
-SETTINGS = faults.Settings(clients=4, baseline_s=5.0, observe_s=20.0)
+# 80 %, not the bench's 90 %: a 5 s baseline of 4 clients on a shared machine swings more than
+# 10 % (seen: 103/s before, 85-90/s for 19 s after with nothing wrong); a mesh that did not recover
+# (a lost consumer, a stalled queue) falls far below either share
+SETTINGS = faults.Settings(clients=4, baseline_s=5.0, observe_s=20.0, recovered_share=0.8)
 
 
 @pytest.fixture(scope="module")
