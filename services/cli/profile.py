@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import MeshConfig
+
 # What the plan assumes for these paths when they are not measured.
 LOOPBACK = ("loopback", 1e9, 1e-4, "default, not measured: torch.distributed (gloo) between worker processes "
             "on this machine, conservative")
@@ -51,9 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch threads per worker, used while profiling (default: CPU cores / --devices)")
     p.add_argument("--amqp-url", default=None, help="measure the KV hand-off path through this RabbitMQ ...")
     p.add_argument("--redis-url", default=None, help="... and this Redis (both or neither)")
-    p.add_argument("--kv-transport", choices=("nixl", "redis"), default="nixl",
-                   help="the hand-off path to measure: nixl (two worker processes, a NIXL read; default) "
-                        "or redis (the payload through Redis)")
+    p.add_argument("--kv-transport", choices=("nixl", "redis"), default=MeshConfig.model_fields["kv_transport"].default,
+                   help="the hand-off path to measure, as the mesh's kv_transport: nixl (two worker processes, "
+                        "a NIXL read) or redis (the payload through Redis); default: the mesh's default")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=run)
