@@ -420,16 +420,28 @@ def continuous(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch
     1 - exp(-B / E[o]), finishes taken as Poisson), and then the ones that finished.
     Latency (worst position): a p99-length request (99th-percentile input and output) that
     arrives just after an iteration began waits for it, is prefilled in such a clump with its own
-    long prompt, then decodes o99 - 1 iterations (its prefill yields the first token)."""
+    long prompt, then decodes o99 - 1 iterations (its prefill yields the first token).
+    Without micro-batches the engine runs a prefilling iteration as one pass over its prompts and
+    decode rows (``optimizer.policies.fused_steps``): that iteration is costed on its whole shape,
+    and the prefill's cost is what it adds to the decode iteration."""
     timer = sc.timer(layout)
     b = np.asarray(batch, dtype=float)
     new = b / stats.mean_out
     p_pre = -np.expm1(-new)  # share of iterations that prefill
     clump = new / np.maximum(p_pre, 1e-12)  # prompts per prefilling iteration
-    t_dec = timer.iteration_s(stats.decode(b - new, model=sc.model), microbatches)
-    t_pre = timer.encode_s(stats.prefill(clump), microbatches)
+    dec = stats.decode(b - new, model=sc.model)
+    t_dec = timer.iteration_s(dec, microbatches)
+    fused = np.asarray(microbatches) == 1
+
+    def prefilling(pre: StepShape):
+        """A prefilling iteration of ``pre``'s prompts and the running batch."""
+        whole = StepShape(pre.prefill_seqs, pre.prefill_tokens, pre.prefill_seq, dec.decode_seqs, dec.decode_ctx,
+                          dec.enc_seq)
+        return np.where(fused, timer.iteration_s(whole, 1), timer.encode_s(pre, microbatches) + t_dec)
+
+    t_pre = prefilling(stats.prefill(clump)) - t_dec
     t_it = p_pre * t_pre + t_dec
-    t_own = timer.encode_s(stats.prefill_p99(clump), microbatches) + t_dec
+    t_own = prefilling(stats.prefill_p99(clump))
     mem = memory_per_device(layout, sc.model, whole_slots(b), stats.slot_tokens)
     lat = t_it + t_own + (stats.o99 - 1) * t_it  # arrived just after an iteration began
     return _predictions(stats, b / (stats.mean_out * t_it), lat, t_own, t_it, b - new,

@@ -362,6 +362,14 @@ def roles_of(schedule: Schedule) -> tuple[Role, ...]:
     return ("encoder", "decoder") if schedule.split else ("worker",)
 
 
+def fused_steps(schedule: Schedule) -> bool:
+    """Whether a step that prefills and decodes runs as one forward pass over both (the engine
+    batches prompt rows, chunks and decode rows together): always under the mixed policy, and
+    under continuous batching unless its decode is split into pipeline micro-batches (then the
+    prefill passes the pipeline on its own, stalling them: ``PipelineTimer.mixed_s``)."""
+    return schedule.policy == "mixed" or (schedule.policy == "continuous" and schedule.decode_microbatches == 1)
+
+
 def make_policy(schedule: Schedule, role: Role = "worker") -> BatchingPolicy:
     """The policy object a worker of ``role`` runs under ``schedule`` (WAA has two roles)."""
     if role == "idle":

@@ -27,7 +27,7 @@ from optimizer.analytic import Scenario, WorkloadStats
 from optimizer.cluster import p2p_s
 from optimizer.driver import Driver, StepOutcome
 from optimizer.layout import PipelineLayout
-from optimizer.policies import QueuedRequest, Role, RunningRequest, StepPlan, make_policy
+from optimizer.policies import QueuedRequest, Role, RunningRequest, StepPlan, fused_steps, make_policy
 from optimizer.profile import StepShape
 from optimizer.schedule import Schedule
 from optimizer.timing import PipelineTimer, memory_per_device
@@ -442,7 +442,7 @@ def simulate(sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0
     else:
         layout = worker_layouts(sc, schedule)[0]
         me = {"rra": schedule.encode_microbatches, "continuous": schedule.decode_microbatches}.get(schedule.policy, 1)
-        costs = _Costs(sc.timer(layout), schedule.decode_microbatches, me, fused=schedule.policy == "mixed")
+        costs = _Costs(sc.timer(layout), schedule.decode_microbatches, me, fused=fused_steps(schedule))
         fleet.workers = [_SimWorker(fleet, "worker", schedule, costs) for _ in range(schedule.workers)]
         slot = stats.static_slot_tokens if schedule.policy == "static" else stats.slot_tokens
     _run(fleet)

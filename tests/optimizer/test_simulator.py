@@ -231,3 +231,21 @@ def test_a_closed_loop_delay_fills_a_freed_slot_at_a_later_boundary(opt13b_s):
     assert delayed.throughput_seq_s < prompt.throughput_seq_s
     with pytest.raises(ValueError):
         simulate(opt13b_s, sched, reqs, closed_loop=20, loop_delay_s=-1.0)
+
+
+def test_a_step_that_prefills_and_decodes_is_costed_as_the_engine_runs_it(opt13b_s):
+    """One forward over prompts and decode rows (mixed; continuous without decode micro-batches),
+    else a prefill pass that stalls the decode micro-batches and then the decode iteration."""
+    from optimizer.policies import fused_steps
+    from optimizer.profile import StepShape
+    from optimizer.simulator import _Costs
+
+    assert fused_steps(Schedule("continuous")) and fused_steps(Schedule("mixed", decode_batch=16))
+    assert not fused_steps(Schedule("continuous", decode_microbatches=2))
+    assert not any(fused_steps(Schedule(p)) for p in ("static", "rra", "waa-c"))
+    timer = opt13b_s.timer(opt13b_s.layout(1, 1, 0))
+    step = StepShape(prefill_seqs=2, prefill_tokens=300, prefill_seq=150, decode_seqs=30, decode_ctx=400)
+    one_pass, two_passes = _Costs(timer, 1, fused=True), _Costs(timer, 1)
+    assert one_pass.iteration_s(step) == pytest.approx(float(timer.iteration_s(step, 1)))
+    assert two_passes.iteration_s(step) == pytest.approx(float(timer.mixed_s(step, 1)))
+    assert one_pass.iteration_s(step) < two_passes.iteration_s(step)  # the step's fixed work is paid once
