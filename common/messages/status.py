@@ -12,18 +12,19 @@ STEP_COSTS_PER_KIND = 8  # a heartbeat carries at most this many step records of
 
 @dataclass(frozen=True)
 class StepCost:
-    """One engine step as a worker measured it: its kind, its shape in the profile's terms
+    """One step as a worker measured it: its kind, its shape in the profile's terms
     (``optimizer.profile.StepShape``) and its seconds. The scheduler calibrates its cost model
     on these (``optimizer.calibration``)."""
 
     kind: str  # "prefill" | "decode" | "mixed"
-    fused: bool  # prompt chunks and decode rows in one forward pass (mixed steps); else prefill, then decode
+    fused: bool  # costed as one pass over prompts and decode rows (optimizer.policies.fused_steps); else two
     prefill_seqs: int  # prompts (or prompt chunks) prefilled
     prefill_tokens: int
     prefill_seq: float  # their effective length for attention: sqrt of the mean squared length
     decode_seqs: int  # rows decoded, padding included
     decode_ctx: float  # mean KV length of the decoded requests
-    seconds: float
+    seconds: float  # its interval in the worker's loop: from the previous step's end when the loop went
+    # straight on (the boundary's work included), else from its own start
     at: float  # unix seconds when the step ended
 
 

@@ -41,7 +41,7 @@ from common.transport.port import (DEAD_HEADERS, REENCODED_HEADER, Delivery, Nam
                                    failed, tell)
 from engine.api import EngineBroken, KVHandoff
 from optimizer.driver import Driver, StepOutcome
-from optimizer.policies import (DrainPolicy, IdlePolicy, QueuedRequest, Role, RunningRequest, StepPlan,
+from optimizer.policies import (DrainPolicy, IdlePolicy, QueuedRequest, Role, RunningRequest, StepPlan, fused_steps,
                                 make_policy)
 from optimizer.schedule import Schedule
 from services.worker.costs import StepSampler, step_cost
@@ -143,6 +143,7 @@ class Worker:
         self._arrived: list[tuple[str, int]] = []  # queued since the last boundary (for the trace)
         self.metrics = WorkerMetrics(self.metrics_state)
         self.step_costs = StepSampler(self.worker_id)  # for the scheduler's calibration, with each heartbeat
+        self._busy_since: float | None = None  # the last step's end, while the loop went straight on to the next
 
     # ==== the loop ==============================================================================
     async def run(self) -> None:
@@ -599,6 +600,7 @@ class Worker:
 
     async def wait_for_work(self) -> None:
         """Idle: until something arrives (an encoder waiting for credits also looks again soon)."""
+        self._busy_since = None  # the next step's interval starts at its own start
         await self._return_credits(StepPlan())
         if self.stopping.is_set():
             return  # the loop decides whether anything is left to drain
@@ -664,15 +666,20 @@ class Worker:
 
     def _note_cost(self, plan: StepPlan, result: StepResult) -> None:
         """The step's shape and seconds, for the scheduler's calibration (steps that failed say
-        nothing about the engine's speed)."""
+        nothing about the engine's speed). Its seconds are the interval the step took in the loop:
+        from the previous step's end when the loop went straight on from it (what the boundary in
+        between cost, tokens sent and work taken, is part of running back-to-back steps, as the
+        simulator runs them), else from its own start."""
+        since, self._busy_since = self._busy_since, result.ended_at
         if result.failed or result.given_back or result.refused:
             return
         d = self.driver
         decoded = (d.running.get(rid) or d.incoming.get(rid) for rid in plan.decode)
         contexts = [r.input_len + r.generated for r in decoded if r is not None]
         prompts = {rid: self.held[rid].input_len for rid in plan.encode if rid in self.held}
-        self.step_costs.note(step_cost(plan, prompts, contexts, getattr(d.policy, "chunked", False),
-                                       result.ended_at - result.started_at, result.ended_at))
+        start = result.started_at if since is None else min(since, result.started_at)
+        self.step_costs.note(step_cost(plan, prompts, contexts, fused_steps(d.policy.schedule),
+                                       result.ended_at - start, result.ended_at))
 
     def _count(self, plan: StepPlan, result: StepResult) -> None:
         outcomes = {"finished": sum(e.finished for e in result.events), "handed_off": len(result.exported),
