@@ -19,8 +19,8 @@ meeting the SLO in the calibrated simulator. The SLO: TTFT p99 within ``TTFT_OVE
 the calibrated prefill of a p99 prompt of task T plus ``TTFT_SLACK_S``, and TPOT p99 within
 ``TPOT_OVER_STEP`` times the calibrated decode step of ``TPOT_BATCH`` rows (or ``--ttft``/``--tpot``).
 
-Before the systems run, a calibration run (as ``bench schedules``'): continuous batching at the
-largest batch and static at a quarter of it on task S and on task T; the workers' step records
+Before the systems run, a calibration run (as ``bench schedules``': continuous, mixed and WAA-C at
+the largest batch, static at a quarter of it) on task S and on task T; the workers' step records
 fit the calibrated cost model that sets the capacities, the SLO, the first phase's plan and the
 best fixed schedule, and that the adaptive scheduler starts from (its store holds it).
 
@@ -132,13 +132,14 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
 
 
 async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path) -> bytes:
-    """Continuous and static batching on task S and task T on a mesh of these processes; the
-    workers' step records fit the calibrated cost model (returned as the scheduler stores it)."""
+    """The calibration schedules (``schedules.calibration_schedules``) on task S and task T on a
+    mesh of these processes; the workers' step records fit the calibrated cost model (returned as
+    the scheduler stores it)."""
     from common.config import MeshConfig
     from optimizer.calibration import Calibration
     from optimizer.lengths import scaled_task
-    from services.bench.schedules import Bench, Load, Measured, Processes, measure, niced_services, scenario, \
-        sweep_schedule
+    from services.bench.schedules import Bench, Load, Measured, Processes, calibration_schedules, measure, \
+        niced_services, scenario
     from services.scheduler.calibrate import observe
     import msgpack
 
@@ -159,8 +160,7 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
                 for i, task in enumerate(("S", "T")):
                     workload = scaled_task(task, args.scale)
                     load = Load.draw(workload, 4 * CALIBRATION_REQUESTS, args.seed + 100 + i, f"cal{task}")
-                    for schedule in (sweep_schedule("continuous", args.max_batch),
-                                     sweep_schedule("static", max(args.max_batch // 4, 1))):
+                    for schedule in calibration_schedules(args.max_batch):
                         await measure(bench, schedule, load, Measured())
                 await asyncio.sleep(1.5 * config.heartbeat_s)  # the last heartbeats carry the last steps
                 sc = scenario(profile, cluster, scaled_task("S", args.scale))
@@ -168,7 +168,8 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
     finally:
         procs.close()
         await purge_namespace(config)
-    print(f"calibration run: {4 * CALIBRATION_REQUESTS} requests on tasks S and T, {taken} step records, "
+    runs = 2 * len(calibration_schedules(args.max_batch))
+    print(f"calibration run: {runs * CALIBRATION_REQUESTS} requests on tasks S and T, {taken} step records, "
           f"{time.monotonic() - started:.0f} s", flush=True)
     return msgpack.packb(model.to_plain())
 

@@ -10,9 +10,10 @@ One run:
 2. A mesh of two worker processes (one torch thread each, pinned to a core each) and a scheduler
    over RabbitMQ + Redis. This process is the client: it submits through the gateway's core
    (no HTTP), niced, as are the scheduler, RabbitMQ and Redis while the run lasts.
-3. Per task (the paper's lengths times ``--scale``): first a **calibration run** (continuous
-   batching at the largest batch, then static batching at a quarter of it, ``--calibration-requests``
-   requests each, the same load): the workers' step records (the sample their heartbeats carry)
+3. Per task (the paper's lengths times ``--scale``): first a **calibration run**
+   (``calibration_schedules``: continuous batching, the mixed policy and WAA-C at the largest
+   batch, then static batching at a quarter of it, ``--calibration-requests`` requests each, the
+   same load): the workers' step records (the sample their heartbeats carry)
    fit the calibrated cost model (``optimizer.calibration``) as the scheduler fits it, and every
    plan and prediction of the task uses it (``--no-calibration``: the profile as measured). Then
    a static batching sweep and a continuous batching sweep, each setting under saturated
@@ -494,8 +495,8 @@ def scenario(profile: Path, cluster: Path, workload, calibration=None):
 
 
 async def calibrate(bench: Bench, plan: Plan, sc, load: Load):
-    """The calibration run: continuous batching at the largest batch, then static at a quarter of
-    it, ``plan.calibration_requests`` requests each; the workers' step records fit the calibrated
+    """The calibration run: ``calibration_schedules``, ``plan.calibration_requests`` requests
+    each; the workers' step records fit the calibrated
     cost model against ``sc``'s raw profile. Returns the frozen table (None: no calibration)."""
     from optimizer.calibration import Calibration
     from services.scheduler.calibrate import observe, points
@@ -503,7 +504,7 @@ async def calibrate(bench: Bench, plan: Plan, sc, load: Load):
     if plan.calibration_requests <= 0:
         return None
     started, bench.step_costs = time.monotonic(), []
-    settings = (sweep_schedule("continuous", plan.max_batch), sweep_schedule("static", max(plan.max_batch // 4, 1)))
+    settings = calibration_schedules(plan.max_batch)
     saved, bench.requests = bench.requests, plan.calibration_requests
     try:
         for schedule in settings:
@@ -515,9 +516,25 @@ async def calibrate(bench: Bench, plan: Plan, sc, load: Load):
     taken = observe(model, sc.timer(sc.layout(1, 1, 0)), costs)
     table = model.table(time.time())
     factors = ", ".join(f"{p.kind} ~{p.tokens:.0f} tok x{p.factor:.2f}" for p in points(table))
-    print(f"  {plan.task} calibration run: {2 * plan.calibration_requests} requests, {taken} step records, "
+    print(f"  {plan.task} calibration run: {len(settings) * plan.calibration_requests} requests, {taken} step records, "
           f"{time.monotonic() - started:.0f} s: {factors or 'none'}", file=sys.stderr, flush=True)
     return table
+
+
+def calibration_schedules(max_batch: int) -> tuple:
+    """What a calibration run runs, so that every kind of step the search may pick is in its
+    records: continuous batching at the largest batch (prefills fused with decodes, of every
+    size), the mixed policy at it (fused chunked steps), WAA-C with one encoder and one decoder
+    (hand-offs exported and imported around the steps) and static batching at a quarter of it
+    (prefill-only and decode-only steps)."""
+    from optimizer.schedule import Schedule
+
+    return (sweep_schedule("continuous", max_batch),
+            Schedule("mixed", encode_batch=max_batch, decode_batch=max_batch, chunk_tokens=8 * max_batch,
+                     num_devices=2, decoder_devices=2, worker_devices=1),
+            Schedule("waa-c", encode_batch=max(max_batch // 8, 1), decode_batch=max_batch, num_devices=2,
+                     encoder_devices=1, decoder_devices=1, worker_devices=1),
+            sweep_schedule("static", max(max_batch // 4, 1)))
 
 
 def sweep_schedule(policy: str, batch: int):
