@@ -6,6 +6,7 @@ points reads the environment.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal
 
@@ -13,6 +14,12 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Role = Literal["gateway", "worker", "scheduler"]
+
+
+def default_batch_dir() -> str:
+    """``$XDG_DATA_HOME/exegpt/batches`` (``~/.local/share/exegpt/batches`` without it)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "exegpt", "batches")
 
 
 class MeshConfig(BaseSettings):
@@ -35,6 +42,12 @@ class MeshConfig(BaseSettings):
     )
     redis_url: str | None = Field(
         None, description="Redis URL (redis://host:6379/0); None: in-memory store, one process."
+    )
+    batch_dir: str = Field(
+        default_factory=default_batch_dir,
+        description="Folder that keeps Batch API files, batch records and job results (one folder per "
+        "namespace under it); every gateway and batch worker must see the same one. The store keeps "
+        "only an index over it.",
     )
     model: str = Field("smollm2", description="Model name or folder given to engine.load_engine.")
     device: str = Field("auto", description="Engine device: auto, cpu or cuda.")

@@ -22,7 +22,9 @@ started again), ``poison`` (random bytes into every queue and fanout exchange of
 work message whose reply queue no broker can route), ``overload`` (10 x the clients for
 ``--baseline-s``), ``abandon`` (100 clients that send a long completion and leave after 0.2 s),
 ``too-large`` (a request whose prompt + max_tokens no worker's KV cache can hold, which must be
-a 400 at once).
+a 400 at once), ``store-flush`` (FLUSHALL on Redis while a Batch API batch runs and another has
+finished: every batch must still answer, the finished one as before, the running one to its end,
+each line once with its reference text).
 
 What a client counts (one row per scenario):
 - *sent*: requests the clients started; *completed*: answered 200 with the expected text (the
@@ -93,7 +95,7 @@ PROMPTS = (
     "Seven plus five equals",
 )
 ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large", "topology-loss",
-       "gateway-kill", "hung-worker", "paused-worker")
+       "gateway-kill", "hung-worker", "paused-worker", "store-flush")
 LONG = ("redis-30s", "broker-30s")
 
 
@@ -128,8 +130,7 @@ def available() -> str | None:
     """Why the private services cannot run here (None: they can): RabbitMQ's and Redis's
     programs installed, and root (the node runs as the ``rabbitmq`` user)."""
     missing = [p for p in ("rabbitmq-server", "rabbitmqctl") if not (RABBIT_BIN / p).exists()]
-    if shutil.which("redis-server") is None:
-        missing.append("redis-server")
+    missing += [p for p in ("redis-server", "redis-cli") if shutil.which(p) is None]
     if missing:
         return f"not installed: {', '.join(missing)} (apt-get install -y rabbitmq-server redis-server)"
     if os.geteuid() != 0:
@@ -172,6 +173,13 @@ class PrivateServices:
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"],
             stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(lambda: port_open(self.redis_port), 20, "redis-server answering")
+
+    def flush_redis(self) -> int:
+        """FLUSHALL; the number of keys there were."""
+        cli = ["redis-cli", "-p", str(self.redis_port)]
+        keys = int(subprocess.run([*cli, "DBSIZE"], capture_output=True, text=True, timeout=10, check=True).stdout)
+        subprocess.run([*cli, "FLUSHALL"], capture_output=True, timeout=10, check=True)
+        return keys
 
     def kill_redis(self) -> None:
         if self.redis is not None and self.redis.poll() is None:
@@ -267,6 +275,7 @@ class Mesh:
         self.namespace = namespace or f"faults{secrets.token_hex(3)}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("EXEGPT_")}
         self.env.update({"EXEGPT_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S), "EXEGPT_KV_CACHE_GB": str(KV_CACHE_GB),
+                         "EXEGPT_BATCH_DIR": str(services.dir / "batches"),
                          "EXEGPT_HEARTBEAT_S": "0.5", "EXEGPT_HEARTBEAT_TIMEOUT_S": "3", "PYTHONUNBUFFERED": "1",
                          **(env or {})})
         self.popen: subprocess.Popen[str] | None = None
@@ -483,7 +492,7 @@ class Outcome:
         """What this scenario missed of the goals (empty: all met)."""
         if self.scenario == "gateway-kill":
             return self._gateway_goals()
-        missed = []
+        missed = self._batch_goals() if self.scenario == "store-flush" else []
         if self.hung:
             missed.append(f"{self.hung} hung")
         if self.wrong:
@@ -499,6 +508,20 @@ class Outcome:
                           f"{self.extra.get('per_s_before')}; after, per second: {self.extra.get('per_s_after')})")
         return missed
 
+
+    def _batch_goals(self) -> list[str]:
+        missed = []
+        if not self.extra.get("finished_same"):
+            missed.append("the finished batch does not answer as before the flush")
+        running = self.extra.get("running", {})
+        if running.get("status") != "completed" or running.get("lines") != running.get("total"):
+            missed.append(f"the running batch did not finish with every line: {running}")
+        if running.get("wrong") or running.get("repeated"):
+            missed.append(f"the running batch has {running.get('wrong')} wrong and {running.get('repeated')} "
+                          "repeated lines")
+        if not self.extra.get("listed"):
+            missed.append("the batches are not listed after the flush")
+        return missed
 
     def _gateway_goals(self) -> list[str]:
         stopped, served = self.extra.get("stopped_s"), self.extra.get("served_s")
@@ -870,6 +893,82 @@ async def too_large(h: Harness, clients: Clients) -> dict:
     return {"status": response.status_code, "seconds": round(took, 2), "message": message[:160]}
 
 
+FLUSH_FINISHED_LINES, FLUSH_RUNNING_LINES = 8, 32
+BATCH_TIMEOUT_S = 90.0  # a batch of FLUSH_RUNNING_LINES beside the steady load ends well within this
+
+
+async def store_flush(h: Harness, clients: Clients) -> dict:
+    """FLUSHALL on the mesh's Redis while one Batch API batch runs and another has finished.
+    The batch folder keeps files, records and results; the store only an index, rebuilt. After
+    the flush: the finished batch, its files and the listing answer as before; the running batch
+    ends with each line once, with its prompt's reference text."""
+    api = clients.client
+    finished = await submit_batch(api, FLUSH_FINISHED_LINES)
+    finished = await batch_done(api, finished["id"], BATCH_TIMEOUT_S)
+    before = await batch_view(api, finished)
+    running = await submit_batch(api, FLUSH_RUNNING_LINES)
+    await batch_progress(api, running["id"], 1, BATCH_TIMEOUT_S)  # some of its lines are done
+    flushed = await asyncio.to_thread(h.services.flush_redis)
+    after = await batch_view(api, await batch_done(api, finished["id"], 10))
+    running = await batch_done(api, running["id"], BATCH_TIMEOUT_S)
+    output = (await api.get(f"/v1/files/{running['output_file_id']}/content")).text.splitlines()
+    lines = [json.loads(line) for line in output]
+    texts = {line["custom_id"]: line["response"]["body"]["choices"][0]["text"] for line in lines}
+    wrong = sum(1 for custom_id, text in texts.items() if text != h.reference[batch_prompt(custom_id)])
+    listed = {b["id"] for b in (await api.get("/v1/batches", params={"limit": 100})).json()["data"]}
+    return {"flushed": flushed, "finished_same": after == before,
+            "running": {"status": running["status"], "total": running["request_counts"]["total"],
+                        "lines": len(texts), "repeated": len(lines) - len(texts), "wrong": wrong},
+            "listed": {finished["id"], running["id"]} <= listed}
+
+
+def batch_prompt(custom_id: str) -> str:
+    return PROMPTS[int(custom_id.rsplit("-", 1)[1]) % len(PROMPTS)]
+
+
+async def submit_batch(api: httpx.AsyncClient, lines: int) -> dict:
+    """A Batch API batch of ``lines`` greedy completions of the reference prompts."""
+    tag = secrets.token_hex(3)
+    body = "".join(json.dumps({"custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/completions",
+                               "body": {"model": MODEL, "prompt": batch_prompt(f"{tag}-{i}"),
+                                        "max_tokens": MAX_TOKENS, "temperature": 0}}) + "\n"
+                   for i in range(lines))
+    file = await api.post("/v1/files", data={"purpose": "batch"},
+                          files={"file": ("lines.jsonl", body.encode(), "application/jsonl")})
+    file.raise_for_status()
+    batch = await api.post("/v1/batches", json={"input_file_id": file.json()["id"],
+                                                "endpoint": "/v1/completions"})
+    batch.raise_for_status()
+    return batch.json()
+
+
+async def batch_progress(api: httpx.AsyncClient, batch_id: str, lines: int, timeout_s: float) -> dict:
+    """The batch once at least ``lines`` of it are done (completed or failed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = await api.get(f"/v1/batches/{batch_id}")
+        if response.status_code == 200:
+            batch = response.json()
+            counts = batch["request_counts"]
+            if counts["completed"] + counts["failed"] >= lines or batch["status"] != "in_progress":
+                return batch
+        if time.monotonic() > deadline:
+            raise SetupError(f"batch {batch_id}: {lines} lines not done in {timeout_s:g} s: {response.text[:300]}")
+        await asyncio.sleep(0.2)  # polling the Batch API, as its clients do
+
+
+async def batch_done(api: httpx.AsyncClient, batch_id: str, timeout_s: float) -> dict:
+    return await batch_progress(api, batch_id, 1 << 30, timeout_s)
+
+
+async def batch_view(api: httpx.AsyncClient, batch: dict) -> dict:
+    """What a client reads of a finished batch: its object, its input file, its output."""
+    return {"batch": batch,
+            "input": (await api.get(f"/v1/files/{batch['input_file_id']}/content")).text,
+            "file": (await api.get(f"/v1/files/{batch['input_file_id']}")).json(),
+            "output": (await api.get(f"/v1/files/{batch['output_file_id']}/content")).text}
+
+
 FAULTS: dict[str, tuple[Callable[[Harness, Clients], Awaitable[dict]], float]] = {
     "kill-worker": (kill_worker, 0.0),
     "redis-3s": (redis_down(3), 3.0),
@@ -883,6 +982,7 @@ FAULTS: dict[str, tuple[Callable[[Harness, Clients], Awaitable[dict]], float]] =
     "topology-loss": (topology_loss, 0.0),
     "hung-worker": (hung_worker(40), 0.0),
     "paused-worker": (hung_worker(2), 0.0),
+    "store-flush": (store_flush, 0.0),
 }
 
 

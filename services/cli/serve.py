@@ -29,6 +29,8 @@ FLAGS = {
     "--amqp-url": ("amqp_url", str, "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/"),
     "--redis-url": ("redis_url", str, "Redis URL, e.g. redis://127.0.0.1:6379/0"),
     "--namespace": ("namespace", str, "prefix of every queue, exchange and key (default exegpt)"),
+    "--batch-dir": ("batch_dir", str, "folder of Batch API files, records and results, shared by every "
+                    "gateway and batch worker (default ~/.local/share/exegpt/batches)"),
     "--device": ("device", str, "engine device: auto, cpu, cuda"),
     "--threads": ("threads", int, "torch threads per engine"),
     "--dtype": ("dtype", str, "engine dtype: float32 (CPU default), bfloat16, float16"),

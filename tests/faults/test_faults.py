@@ -121,3 +121,13 @@ def test_a_paused_worker_that_resumes_answers_what_it_held_once(harness):
     outcome = run(harness, "paused-worker")
     assert outcome.extra["replaced_s"] is None  # shorter than the liveness timeout: it resumed
     assert outcome.extra["longest_s"] < faults.STALL_BOUND_S, outcome.extra
+
+
+def test_batches_survive_the_store_losing_everything(harness):
+    outcome = run(harness, "store-flush")  # also: the steady clients' goals through the flush
+    extra = outcome.extra
+    assert extra["flushed"] > 0  # the store held the mesh's keys, and lost them
+    assert extra["finished_same"] and extra["listed"], extra
+    running = extra["running"]
+    assert running["status"] == "completed" and running["lines"] == running["total"] == faults.FLUSH_RUNNING_LINES
+    assert running["wrong"] == 0 and running["repeated"] == 0, running
