@@ -324,6 +324,13 @@ class MeshConfig(BaseSettings):
         """True when services talk through a real broker and store (one process per service)."""
         return self.amqp_url is not None and self.redis_url is not None
 
+    queue_type: Literal["classic", "quorum"] = Field(
+        "classic",
+        description="RabbitMQ type of the durable queues (work, batch jobs, replies, dead letters): "
+        "classic, or quorum (replicated across the broker's nodes, so they survive a node's loss; "
+        "with the broker's own delivery limit, 4 x delivery_limit, behind the counted one). A "
+        "queue cannot change type: drain and delete the old ones (`exegpt down`) before switching.",
+    )
     delivery_limit: int = Field(
         3, ge=1,
         description="A work message is handed to consumers at most this many times (a consumer that "
