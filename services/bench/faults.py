@@ -24,7 +24,9 @@ work message whose reply queue no broker can route), ``overload`` (10 x the clie
 ``too-large`` (a request whose prompt + max_tokens no worker's KV cache can hold, which must be
 a 400 at once), ``store-flush`` (FLUSHALL on Redis while a Batch API batch runs and another has
 finished: every batch must still answer, the finished one as before, the running one to its end,
-each line once with its reference text).
+each line once with its reference text), ``slowloris`` (1,000 connections that send their headers
+a byte a second, from four loopback addresses, for 15 s: the normal clients' p99 latency within
+10 % of before, the gateway's descriptors back once the header timeout closed them).
 
 What a client counts (one row per scenario):
 - *sent*: requests the clients started; *completed*: answered 200 with the expected text (the
@@ -50,6 +52,7 @@ import asyncio
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -67,6 +70,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from queue import Empty, Queue
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -95,7 +100,7 @@ PROMPTS = (
     "Seven plus five equals",
 )
 ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large", "topology-loss",
-       "gateway-kill", "hung-worker", "paused-worker", "store-flush")
+       "gateway-kill", "hung-worker", "paused-worker", "store-flush", "slowloris")
 LONG = ("redis-30s", "broker-30s")
 
 
@@ -492,7 +497,8 @@ class Outcome:
         """What this scenario missed of the goals (empty: all met)."""
         if self.scenario == "gateway-kill":
             return self._gateway_goals()
-        missed = self._batch_goals() if self.scenario == "store-flush" else []
+        missed = {"store-flush": self._batch_goals, "slowloris": self._slowloris_goals}.get(
+            self.scenario, list)()
         if self.hung:
             missed.append(f"{self.hung} hung")
         if self.wrong:
@@ -521,6 +527,17 @@ class Outcome:
                           "repeated lines")
         if not self.extra.get("listed"):
             missed.append("the batches are not listed after the flush")
+        return missed
+
+    def _slowloris_goals(self) -> list[str]:
+        x, missed = self.extra, []
+        if x.get("p99_ratio") is None or x["p99_ratio"] > SLOWLORIS_P99_RATIO:
+            missed.append(f"normal clients' p99 {x.get('p99_during_ms')} ms against {x.get('p99_before_ms')} ms "
+                          f"before (ratio {x.get('p99_ratio')} > {SLOWLORIS_P99_RATIO})")
+        if x.get("closed_by_gateway", 0) < x.get("connections", 1):
+            missed.append(f"the gateway closed {x.get('closed_by_gateway')} slow connections of {x.get('connections')}")
+        if x.get("fds_after") is None or x["fds_after"] > x["fds_before"] + SLOWLORIS_FD_MARGIN:
+            missed.append(f"gateway descriptors {x.get('fds_after')} after, {x.get('fds_before')} before")
         return missed
 
     def _gateway_goals(self) -> list[str]:
@@ -969,6 +986,127 @@ async def batch_view(api: httpx.AsyncClient, batch: dict) -> dict:
             "output": (await api.get(f"/v1/files/{batch['output_file_id']}/content")).text}
 
 
+SLOWLORIS_CONNECTIONS = 1000
+SLOWLORIS_SOURCES = 4  # loopback addresses they come from: 250 each, under the per-client cap (256)
+SLOWLORIS_S = 15.0  # longer than the header timeout (10 s): each is closed by the gateway at least once
+SLOWLORIS_RAMP_S = 2.0  # the normal clients' latencies count from this long after the attack began
+SLOWLORIS_P99_RATIO = 1.10
+SLOWLORIS_FD_MARGIN = 16  # the gateway's descriptors after the attack, over those before it
+SLOW_HEAD = b"GET /health HTTP/1.1\r\nHost: gateway\r\nX-Slow: "
+
+
+def slowloris(connections: int) -> Callable[[Harness, Clients], Awaitable[dict]]:
+    """``connections`` clients that open a request and send its headers a byte a second, never
+    finishing them, opening another when the gateway closes theirs; the steady clients go on.
+    Their p99 latency over the attack (after a ramp) against the baseline's; the gateway's open
+    descriptors before, at most during, and once the header timeout has closed the slow ones."""
+    async def fault(h: Harness, clients: Clients) -> dict:
+        url = urlsplit(h.mesh.url)
+        pid = h.mesh.role_pids("gateway")[0]
+        fds_before = fd_count(pid)
+        quiet = time.monotonic()
+        await asyncio.sleep(SLOWLORIS_S)  # a window as long as the attack's, without it, to compare with
+        began = time.monotonic()
+        before = latencies(clients, quiet + SLOWLORIS_RAMP_S, began)
+        fds = [fds_before]
+        sampler = asyncio.create_task(sample_fds(pid, fds))
+        counts = await attack(url.hostname or "127.0.0.1", url.port or 80, connections, SLOWLORIS_S)
+        ended = time.monotonic()
+        sampler.cancel()
+        during = latencies(clients, began + SLOWLORIS_RAMP_S, ended)
+        fds_after = await settled_fds(pid, fds_before)
+        p99_before, p99_during = percentile(before, 0.99), percentile(during, 0.99)
+        return {"connections": connections, "opened": counts["opened"], "closed_by_gateway": counts["closed"],
+                "refused": counts["refused"], "fds_before": fds_before, "fds_max": max(fds), "fds_after": fds_after,
+                "p99_before_ms": round(1000 * p99_before, 1), "p99_during_ms": round(1000 * p99_during, 1),
+                "p50_before_ms": round(1000 * percentile(before, 0.5), 1),
+                "p50_during_ms": round(1000 * percentile(during, 0.5), 1),
+                "samples": [len(before), len(during)],
+                "p99_ratio": round(p99_during / p99_before, 3) if before and during else None}
+    return fault
+
+
+async def attack(host: str, port: int, connections: int, seconds: float) -> dict:
+    """The slow clients, in a process of their own (their event loop is not the normal
+    clients'), for ``seconds``: what the gateway did to their connections."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_attack_process, args=(host, port, connections, seconds, results))
+    process.start()
+    try:
+        return await asyncio.to_thread(results.get, True, seconds + 60)
+    finally:
+        await asyncio.to_thread(process.join, 10)
+
+
+def _attack_process(host: str, port: int, connections: int, seconds: float, results: Any) -> None:
+    async def run() -> dict:
+        stop, counts = asyncio.Event(), {"opened": 0, "closed": 0, "refused": 0}
+        tasks = [asyncio.create_task(slow_client(host, port, f"127.0.1.{1 + i % SLOWLORIS_SOURCES}", stop, counts))
+                 for i in range(connections)]
+        await asyncio.sleep(seconds)  # the attack lasts this long
+        stop.set()
+        await asyncio.gather(*tasks)
+        return counts
+    results.put(asyncio.run(run()))
+
+
+async def slow_client(host: str, port: int, source: str, stop: asyncio.Event, counts: dict) -> None:
+    """One slow-header connection after another until ``stop``; counts what the gateway did."""
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+        except OSError:
+            counts["refused"] += 1
+            continue
+        counts["opened"] += 1
+        try:
+            writer.write(SLOW_HEAD)
+            while not stop.is_set():
+                try:
+                    answer = await asyncio.wait_for(reader.read(4096), 1.0)  # a byte a second
+                except TimeoutError:
+                    writer.write(b"a")
+                    continue
+                counts["closed" if b" 408 " in answer or not answer else "refused"] += 1
+                break
+        except OSError:
+            counts["closed"] += 1
+        finally:
+            writer.close()
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def sample_fds(pid: int, samples: list[int]) -> None:
+    while True:
+        samples.append(fd_count(pid))
+        await asyncio.sleep(0.25)  # sampling the gateway's descriptors
+
+
+async def settled_fds(pid: int, before: int, timeout_s: float = 15.0) -> int:
+    """The gateway's descriptors once back within the margin of ``before`` (or at the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while (now := fd_count(pid)) > before + SLOWLORIS_FD_MARGIN and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)  # polling /proc until the gateway has closed them
+    return now
+
+
+def latencies(clients: Clients, start: float, end: float) -> list[float]:
+    """Seconds each request sent and answered within [start, end) took."""
+    return [r.ended_at - r.sent_at for r in clients.records
+            if r.outcome == "completed" and r.ended_at is not None and start <= r.sent_at and r.ended_at < end]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 FAULTS: dict[str, tuple[Callable[[Harness, Clients], Awaitable[dict]], float]] = {
     "kill-worker": (kill_worker, 0.0),
     "redis-3s": (redis_down(3), 3.0),
@@ -983,6 +1121,7 @@ FAULTS: dict[str, tuple[Callable[[Harness, Clients], Awaitable[dict]], float]] =
     "hung-worker": (hung_worker(40), 0.0),
     "paused-worker": (hung_worker(2), 0.0),
     "store-flush": (store_flush, 0.0),
+    "slowloris": (slowloris(SLOWLORIS_CONNECTIONS), 0.0),
 }
 
 
