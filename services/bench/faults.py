@@ -345,13 +345,16 @@ class Mesh:
         return urls
 
     def role_pids(self, role: str) -> list[int]:
-        return sorted(pid for pid, cmd in self.children().items() if f"services.cli {role}" in cmd)
+        """The processes of ``role``, oldest first: a gateway's spare (started once the gateway
+        serves, woken when it dies) comes after the gateway it stands in for."""
+        return sorted((pid for pid, cmd in self.children().items() if f"services.cli {role}" in cmd),
+                      key=started_at)
 
     def running(self) -> bool:
         """`exegpt up` and every process it should run are alive."""
         if self.popen is None or self.popen.poll() is not None:
             return False
-        return (len(self.role_pids("worker")) == self.workers and len(self.role_pids("gateway")) == 1
+        return (len(self.role_pids("worker")) == self.workers and len(self.role_pids("gateway")) in (1, 2)
                 and len(self.role_pids("scheduler")) == 1)
 
     def close(self) -> None:
@@ -362,6 +365,14 @@ class Mesh:
             except subprocess.TimeoutExpired:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(10)
+
+
+def started_at(pid: int) -> int:
+    """When the process started (clock ticks since boot; 0 if it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 # ==== the clients ===============================================================================
@@ -807,6 +818,7 @@ async def gateway_kill(h: Harness) -> dict:
             if time.monotonic() > deadline:
                 raise SetupError("the long requests did not run")
             await asyncio.sleep(0.2)  # polling the workers' counters until the long requests run
+        spare = await spare_waiting(h.mesh, timeout_s=60)
         gateways = gateway_urls(h.mesh)
         os.kill(h.mesh.role_pids("gateway")[0], signal.SIGKILL)
         killed = time.monotonic()
@@ -825,9 +837,37 @@ async def gateway_kill(h: Harness) -> dict:
         sampler.cancel()
     quiet = [(t, n) for t, n in samples if t < asked_at]  # before the new gateway's request made tokens
     grew = [t for (t, n), (_, m) in zip(quiet, quiet[1:]) if m > n] if len(quiet) > 1 else []
-    return {"stopped_s": round((max(grew) if grew else killed) - killed, 2),
+    return {"spare_waiting": spare, "stopped_s": round((max(grew) if grew else killed) - killed, 2),
             "tokens_after_kill": quiet[-1][1] - quiet[0][1] if quiet else None,
-            "quiet_s": round(asked_at - killed, 2), "ready_s": ready_s, "served_s": served_s}
+            "quiet_s": round(asked_at - killed, 2), "quiet_samples": trailing_unchanged(quiet),
+            "ready_s": ready_s, "served_s": served_s}
+
+
+def trailing_unchanged(samples: list[tuple[float, int]]) -> int:
+    """Samples at the end of ``samples`` that saw no growth since the one before them: how many
+    times the stop was confirmed before the new gateway's request."""
+    count = 0
+    for (_, earlier), (_, later) in zip(reversed(samples[:-1]), reversed(samples[1:])):
+        if later != earlier:
+            break
+        count += 1
+    return count
+
+
+async def spare_waiting(mesh: Mesh, timeout_s: float) -> bool:
+    """Whether the gateway's spare says it waits (within ``timeout_s``): the restart measured is
+    the one a gateway that dies after its first seconds gets."""
+    deadline = time.monotonic() + timeout_s
+    def waiting() -> bool:  # a spare per restart so far, and one more
+        lines = list(mesh.output)
+        spares = sum(line.startswith("[gateway-0-standby] standby gateway") for line in lines)
+        return spares > sum(line.startswith("exegpt up: gateway-0 exited") for line in lines)
+
+    while not waiting():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)  # polling the launcher's output for the spare's line
+    return True
 
 
 def gateway_urls(mesh: Mesh) -> list[str]:

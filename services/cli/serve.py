@@ -68,6 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         if role in GATEWAY_ROLES:
             parser.add_argument("--insecure", dest="insecure", action="store_true", default=None,
                                 help="serve without API keys on a non-loopback --host")
+        if role == "gateway":
+            parser.add_argument("--standby", action="store_true", default=False,
+                                help="start as a spare: load everything, then wait for a line on stdin "
+                                     "before listening (`exegpt up` keeps one to replace a gateway that dies)")
         if role == "up":
             parser.add_argument("--workers", type=int, default=2, help="worker processes")
             parser.add_argument("--spec", type=Path, default=None, help="process spec (deploy/processes.toml)")
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from services.run.runner import main_for
 
     try:
-        return main_for(args.role, config)
+        return main_for(args.role, config, standby=getattr(args, "standby", False))
     except ValueError as exc:  # the engine names a bad model or device this way
         raise CliError(str(exc)) from None
 
