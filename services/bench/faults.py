@@ -556,6 +556,9 @@ class Outcome:
         missed = [] if self.up else ["mesh not up"]
         if stopped is None or stopped >= DEAD_GATEWAY_STOP_S:
             missed.append(f"work for the dead gateway ran {stopped} s >= {DEAD_GATEWAY_STOP_S:g} s")
+        if self.extra.get("quiet_samples", 0) < 3 or self.extra.get("trickle_tokens", 0) > PROBE_TOKENS:
+            missed.append(f"no stop seen: {self.extra.get('quiet_samples')} quiet intervals after it, "
+                          f"{self.extra.get('trickle_tokens')} tokens in them")
         if served is None or served >= GATEWAY_BACK_S:
             missed.append(f"the new gateway served after {served} s >= {GATEWAY_BACK_S:g} s")
         return missed
@@ -805,11 +808,11 @@ KILL_TOKENS = 400  # long requests (EOS ignored), so that work is running when t
 
 
 async def gateway_kill(h: Harness) -> dict:
-    """SIGKILL the gateway while long requests run: seconds until the workers' generated-token
-    counters stop advancing (its events queue went with its connection: they drop its work) and
-    the tokens generated meanwhile, both counted before the new gateway's first request; seconds
-    until the gateway `exegpt up` starts again prints its ready line and answers a completion
-    (a new URL: the harness follows it)."""
+    """SIGKILL the gateway while long requests run, once its spare waits: seconds until the
+    workers' generated-token counters stop advancing (its events queue went with its connection:
+    they drop its work) and the tokens generated meanwhile (``dead_work``); seconds until the
+    gateway `exegpt up` starts again prints its ready line and answers a completion (a new URL:
+    the harness follows it)."""
     clients = Clients(h.mesh.url, {}, max_tokens=KILL_TOKENS, ignore_eos=True)
     loops = [asyncio.create_task(clients.loop(seed)) for seed in range(h.settings.clients)]
     try:
@@ -831,27 +834,30 @@ async def gateway_kill(h: Harness) -> dict:
     try:
         h.mesh.url = await new_gateway_url(h.mesh, len(gateways), timeout_s=60)
         ready_s = round(time.monotonic() - killed, 2)
-        asked_at = time.monotonic()
         served_s = await first_answer(h.mesh.url, killed, timeout_s=60)
+        await asyncio.sleep(max(killed + STOP_WINDOW_S - time.monotonic(), 0))  # the counters' window
     finally:
         sampler.cancel()
-    quiet = [(t, n) for t, n in samples if t < asked_at]  # before the new gateway's request made tokens
-    grew = [t for (t, n), (_, m) in zip(quiet, quiet[1:]) if m > n] if len(quiet) > 1 else []
-    return {"spare_waiting": spare, "stopped_s": round((max(grew) if grew else killed) - killed, 2),
-            "tokens_after_kill": quiet[-1][1] - quiet[0][1] if quiet else None,
-            "quiet_s": round(asked_at - killed, 2), "quiet_samples": trailing_unchanged(quiet),
-            "ready_s": ready_s, "served_s": served_s}
+    return {"spare_waiting": spare, **dead_work(samples, killed), "ready_s": ready_s, "served_s": served_s}
 
 
-def trailing_unchanged(samples: list[tuple[float, int]]) -> int:
-    """Samples at the end of ``samples`` that saw no growth since the one before them: how many
-    times the stop was confirmed before the new gateway's request."""
-    count = 0
-    for (_, earlier), (_, later) in zip(reversed(samples[:-1]), reversed(samples[1:])):
-        if later != earlier:
-            break
-        count += 1
-    return count
+STOP_WINDOW_S = DEAD_GATEWAY_STOP_S + 1.0  # the workers' counters are sampled this long after the kill
+PROBE_TOKENS = 4  # what the new gateway's first request (``first_answer``) may generate
+
+
+def dead_work(samples: list[tuple[float, int]], killed: float) -> dict:
+    """When the workers stopped generating for the dead gateway, from their token counters sampled
+    after the kill: the last interval that grew by more than the new gateway's probe can
+    (``PROBE_TOKENS``; the dead gateway's 4 long streams grow them by tens each interval).
+    ``quiet_samples``: intervals after it; ``trickle_tokens``: what they grew by in all (the
+    probe's, at most PROBE_TOKENS, if the work really stopped)."""
+    steps = [(t, m - n) for (t, n), (_, m) in zip(samples, samples[1:])]
+    busy = [i for i, (_, grown) in enumerate(steps) if grown > PROBE_TOKENS]
+    last = busy[-1] if busy else -1
+    return {"stopped_s": round((steps[last][0] if busy else killed) - killed, 2),
+            "tokens_after_kill": sum(grown for _, grown in steps[:last + 1]),
+            "quiet_samples": len(steps) - last - 1,
+            "trickle_tokens": sum(grown for _, grown in steps[last + 1:])}
 
 
 async def spare_waiting(mesh: Mesh, timeout_s: float) -> bool:
