@@ -21,7 +21,7 @@ from common.names import Names
 from engine.api import GenerationRequest
 from optimizer.policies import StepPlan
 from common.transport.batchdir import BatchDir
-from common.transport.connect import open_bus, open_store, open_transports
+from common.transport.connect import open_bus, open_transports
 from common.transport.kv import StoreKv
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
