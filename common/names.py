@@ -205,6 +205,25 @@ class Names:
         lost its data, which makes the next listing rebuild them. No TTL."""
         return f"{self.namespace}:openaibatches:built"
 
+    # --- batch jobs: keys of versions that kept batch data in the store, read once to move it ---------
+    def legacy_job_result(self, job_id: str) -> str:
+        """Encoded JobResult (earlier versions; now ``batches/{batch}/results/{job}`` in the folder)."""
+        return f"{self.namespace}:job:{job_id}"
+
+    @property
+    def legacy_job_batch_prefix(self) -> str:
+        """Hashes ``{prefix}{batch_id}``: count, model, created_at, reply_to, cancelled (earlier versions)."""
+        return f"{self.namespace}:jobbatch:"
+
+    @property
+    def legacy_file_meta_prefix(self) -> str:
+        """Hashes ``{prefix}{file_id}``: a Batch API file's record (earlier versions)."""
+        return f"{self.namespace}:filemeta:"
+
+    def legacy_file_content(self, file_id: str) -> str:
+        """Bytes of an uploaded Batch API file (earlier versions)."""
+        return f"{self.namespace}:file:{file_id}"
+
     @property
     def key_prefix(self) -> str:
         """Every store key of this namespace starts with this (for cleanup)."""

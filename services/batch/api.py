@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from services.batch.consumer import ConsumerConfig, JobConsumer, QueueDepthAdmission
+from services.batch.legacy import adopt
 from services.batch.mesh_executor import MeshExecutor
 from common.names import RESULT_TTL_S, Names
 from common.transport.batchdir import BatchDir
@@ -89,6 +90,7 @@ def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_d
         store = BatchStore(gateway.bus, gateway.transports.store, data, names, app.state.model.name,
                            limits or Limits(max_tokens_limit=config.max_tokens_limit))
         app.state.batches = store
+        await _adopt_legacy(gateway.transports.store, data, names)
         retention = asyncio.create_task(_expire_every(data, EXPIRE_EVERY_S))
         if not run_consumer:
             try:
@@ -118,6 +120,18 @@ def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_d
             await asyncio.gather(task, return_exceptions=True)
 
     return lifespan
+
+
+async def _adopt_legacy(store: Any, data: BatchDir, names: Names) -> None:
+    """Batches an earlier version kept in the store, moved into the batch folder (a store that does
+    not answer now: at the next start)."""
+    try:
+        moved = await adopt(store, data, names)
+    except Exception as exc:  # noqa: BLE001 - the gateway serves without them meanwhile
+        log.warning("batches kept in the store by an earlier version not moved to %s: %r", data.root, exc)
+        return
+    if moved:
+        log.info("%d batches and files kept in the store by an earlier version moved to %s", moved, data.root)
 
 
 EXPIRE_EVERY_S = 3600.0

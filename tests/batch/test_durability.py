@@ -21,7 +21,11 @@ from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub
 from services.batch.api import batch_lifespan, batch_router
+from common.jobs import job_id
+from common.messages import codec
+from common.messages.jobs import JobResult
 from common.transport.batchdir import BatchDir
+from common.transport.connect import open_store
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
 from services.batch.openai_batch import BatchApiError, Caller
@@ -244,3 +248,52 @@ async def test_ids_from_requests_never_leave_the_folder(tmp_path):
     assert await data.put_result("b1", "b1-000000", b"first") is True
     assert await data.put_result("b1", "b1-000000", b"second") is False  # the first stays
     assert await data.result("b1", "b1-000000") == b"first"
+
+
+async def test_batches_an_earlier_version_kept_in_the_store_move_to_the_folder(own_redis, batch_dir):
+    """What an earlier version wrote to the store (files, the Batch API's and the queue's records,
+    results) is moved into the batch folder when a gateway starts, and answers as before."""
+    config = MeshConfig(namespace="legacy", model=MODEL, redis_url=own_redis.url, batch_dir=batch_dir)
+    names, batch_id, created = Names("legacy"), "batch_" + "ab" * 12, "1700000000"
+    content = batch_lines(2)  # two requests and a broken line
+    store = await open_store(config)
+    await store.set_with_hash(names.legacy_file_content("file-in"), content, names.legacy_file_meta_prefix + "file-in", {
+        "filename": "in.jsonl", "purpose": "batch", "bytes": str(len(content)), "created_at": created,
+        "owner": ""}, ttl_s=600)
+    for file_id, kind in (("file-out", "output"), ("file-err", "errors")):
+        await store.hset(names.legacy_file_meta_prefix + file_id, {
+            "owner": "", "batch_id": batch_id, "kind": kind, "purpose": "batch_output",
+            "filename": f"{batch_id}_{kind}.jsonl", "created_at": created}, ttl_s=600)
+    invalid = [{"id": "batch_req_line3", "custom_id": None, "response": None,
+                "error": {"code": "invalid_request", "message": "not JSON", "line": 3}}]
+    await store.hset(names.openai_batch(batch_id), {
+        "input_file_id": "file-in", "endpoint": "/v1/completions", "owner": "", "completion_window": "24h",
+        "created_at": created, "metadata": "{}", "total": "3", "output_file_id": "file-out",
+        "error_file_id": "file-err", "valid": json.dumps([[1, "c0"], [2, "c1"]]), "invalid": json.dumps(invalid)},
+        ttl_s=600)
+    await store.hset(names.legacy_job_batch_prefix + batch_id, {
+        "count": "2", "model": MODEL, "created_at": created, "reply_to": ""}, ttl_s=600)
+    for i in range(2):
+        result = JobResult(job_id=job_id(batch_id, i), batch_id=batch_id, status="completed", text=f" text {i}",
+                           finish_reason="length", prompt_tokens=3, completion_tokens=3, error=None, worker="w",
+                           redelivered=False, started_at=1700000001.0, finished_at=1700000002.0)
+        await store.set(names.legacy_job_result(job_id(batch_id, i)), codec.encode(result), ttl_s=600)
+    await store.push_capped(names.openai_batches, batch_id.encode(), max_len=1000)
+    try:
+        async with gateway(config) as (client, _):
+            batch = (await client.get(f"/v1/batches/{batch_id}")).json()
+            output = (await client.get("/v1/files/file-out/content")).text
+            errors = (await client.get("/v1/files/file-err/content")).text
+            listed = [b["id"] for b in (await client.get("/v1/batches")).json()["data"]]
+            uploaded = (await client.get("/v1/files/file-in/content")).content
+        assert batch["status"] == "completed"
+        assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+        assert [json.loads(line)["response"]["body"]["choices"][0]["text"] for line in output.splitlines()] \
+            == [" text 0", " text 1"]
+        assert [json.loads(line)["error"]["line"] for line in errors.splitlines()] == [3]
+        assert listed == [batch_id] and uploaded == content
+        assert await store.keys_prefix(names.legacy_job_batch_prefix) == []  # moved, not copied
+        assert await store.get(names.legacy_job_result(job_id(batch_id, 0))) is None
+        assert await store.hgetall(names.openai_batch(batch_id)) == {"owner": ""}  # the index entry
+    finally:
+        await store.close()
