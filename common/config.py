@@ -6,6 +6,7 @@ points reads the environment.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal
 
@@ -13,6 +14,12 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Role = Literal["gateway", "worker", "scheduler"]
+
+
+def default_batch_dir() -> str:
+    """``$XDG_DATA_HOME/exegpt/batches`` (``~/.local/share/exegpt/batches`` without it)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "exegpt", "batches")
 
 
 class MeshConfig(BaseSettings):
@@ -35,6 +42,12 @@ class MeshConfig(BaseSettings):
     )
     redis_url: str | None = Field(
         None, description="Redis URL (redis://host:6379/0); None: in-memory store, one process."
+    )
+    batch_dir: str = Field(
+        default_factory=default_batch_dir,
+        description="Folder that keeps Batch API files, batch records and job results (one folder per "
+        "namespace under it); every gateway and batch worker must see the same one. The store keeps "
+        "only an index over it.",
     )
     model: str = Field("smollm2", description="Model name or folder given to engine.load_engine.")
     device: str = Field("auto", description="Engine device: auto, cpu or cuda.")
@@ -311,6 +324,13 @@ class MeshConfig(BaseSettings):
         """True when services talk through a real broker and store (one process per service)."""
         return self.amqp_url is not None and self.redis_url is not None
 
+    queue_type: Literal["classic", "quorum"] = Field(
+        "classic",
+        description="RabbitMQ type of the durable queues (work, batch jobs, replies, dead letters): "
+        "classic, or quorum (replicated across the broker's nodes, so they survive a node's loss; "
+        "with the broker's own delivery limit, 4 x delivery_limit, behind the counted one). A "
+        "queue cannot change type: drain and delete the old ones (`exegpt down`) before switching.",
+    )
     delivery_limit: int = Field(
         3, ge=1,
         description="A work message is handed to consumers at most this many times (a consumer that "

@@ -4,8 +4,9 @@ Any process that submits jobs uses it: ``exegpt batch``, the OpenAI Batch API
 (``services.batch``) and the load generator's batch target. The consumer side, which runs the jobs
 on the mesh's workers, is ``services.batch.consumer``.
 
-A batch is ``count`` jobs with ids ``{batch_id}-{index:06d}``; its record in the store (count,
-model, reply queue, cancelled flag) lets any process ask for its status or cancel it.
+A batch is ``count`` jobs with ids ``{batch_id}-{index:06d}``; its record, its cancellation and
+its jobs' results are kept in the batch folder (``common.transport.batchdir``), which every process
+that submits, runs or reads batches shares, so any of them can ask for its status or cancel it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any, Callable, Sequence
 
 from common.messages import codec
 from common.messages.jobs import BatchJob, JobResult
-from common.names import RESULT_TTL_S, Names
-from common.transport.port import Bus, Store
+from common.names import Names
+from common.transport.batchdir import BatchDir
+from common.transport.port import Bus
 
 
 PUBLISH_WINDOW = 64  # publishes awaiting their broker confirm at once
@@ -55,9 +57,24 @@ class UnknownBatch(KeyError):
     pass
 
 
+class BatchStateLost(KeyError):
+    """Something of the batch is kept (results of its jobs, its cancellation, an index entry) but
+    not its record: it existed, and what it was has been lost."""
+
+    def __init__(self, batch_id: str, results_kept: int) -> None:
+        super().__init__(batch_id)
+        self.batch_id, self.results_kept = batch_id, results_kept
+
+    def __str__(self) -> str:
+        return (f"the record of batch {self.batch_id} was lost (the batch folder does not hold it; "
+                f"{self.results_kept} job results are kept); its state cannot be told: submit it again")
+
+
 class JobProducer:
-    def __init__(self, bus: Bus, store: Store, names: Names) -> None:
-        self.bus, self.store, self.names = bus, store, names
+    """Batches on the jobs queue; their records and results are kept in a ``BatchDir``."""
+
+    def __init__(self, bus: Bus, data: BatchDir, names: Names) -> None:
+        self.bus, self.data, self.names = bus, data, names
 
     async def submit(self, batch_id: str, jobs: Sequence[BatchJob], *, reply_to: str | None) -> None:
         """Record the batch, then publish its jobs (confirmed, persistent) to the jobs queue.
@@ -71,44 +88,39 @@ class JobProducer:
         await self.bus.declare_queue(self.names.jobs_queue)
         if reply_to is not None:
             await self.bus.declare_queue(reply_to)
-        await self.store.hset(self.names.job_batch(batch_id), {
-            "count": str(len(jobs)), "model": jobs[0].model if jobs else "",
-            "created_at": str(time.time()), "reply_to": reply_to or "",
-        }, ttl_s=RESULT_TTL_S)
+        await self.data.put_record(batch_id, "batch.json", {
+            "count": len(jobs), "model": jobs[0].model if jobs else "",
+            "created_at": time.time(), "reply_to": reply_to or ""})
         for start in range(0, len(jobs), PUBLISH_WINDOW):  # confirms overlap within a window
             await asyncio.gather(*(self.bus.publish(self.names.jobs_queue, codec.encode(job))
                                    for job in jobs[start:start + PUBLISH_WINDOW]))
 
     async def count(self, batch_id: str) -> int:
-        meta = await self.store.hgetall(self.names.job_batch(batch_id))
-        if "count" not in meta:
+        record = await self.data.record(batch_id, "batch.json")
+        if record is None:
+            if await self.data.known(batch_id):
+                raise BatchStateLost(batch_id, len(await self.data.results(batch_id)))
             raise UnknownBatch(batch_id)
-        return int(meta["count"])
+        return int(record["count"])
 
     async def results(self, batch_id: str) -> list[JobResult | None]:
         """Each job's stored result in job order (None while it has none)."""
         count = await self.count(batch_id)
-        out: list[JobResult | None] = []
-        for start in range(0, count, 32):  # bounded concurrency: the Redis pool is finite
-            chunk = await asyncio.gather(*(
-                self.store.get(self.names.job_result(job_id(batch_id, i)))
-                for i in range(start, min(count, start + 32))))
-            out.extend(codec.decode(raw, JobResult) if raw is not None else None for raw in chunk)
-        return out
+        stored = await self.data.results(batch_id)
+        return [codec.decode(stored[job_id(batch_id, i)], JobResult) if job_id(batch_id, i) in stored
+                else None for i in range(count)]
 
     async def status(self, batch_id: str) -> BatchStatus:
-        meta = await self.store.hgetall(self.names.job_batch(batch_id))
-        if "count" not in meta:
-            raise UnknownBatch(batch_id)
+        count = await self.count(batch_id)
         results = [r for r in await self.results(batch_id) if r is not None]
         by = {s: sum(1 for r in results if r.status == s) for s in ("completed", "failed", "cancelled")}
-        return BatchStatus(batch_id, int(meta["count"]), by["completed"], by["failed"],
-                           by["cancelled"], meta.get("cancelled") == "1")
+        return BatchStatus(batch_id, count, by["completed"], by["failed"], by["cancelled"],
+                           await self.data.cancelled(batch_id))
 
     async def cancel(self, batch_id: str) -> None:
         """Jobs of the batch that have not started yet finish as ``cancelled``."""
         await self.count(batch_id)  # raises for an unknown batch
-        await self.store.hset(self.names.job_batch(batch_id), {"cancelled": "1"}, ttl_s=RESULT_TTL_S)
+        await self.data.cancel(batch_id)
 
 
 class ReplyCollector:

@@ -16,7 +16,7 @@ DONE_TTL_S = 3600.0  # a finished request's marker: long enough to dedupe any re
 ARRIVALS_TTL_S = 180.0  # per-second arrival counters: the forecast reads the last 30 s
 OUTPUT_LENGTHS_MAX = 10_000  # finished requests' (input, output) lengths kept for the scheduler
 CREDITS_TTL_S = 24 * 3600.0  # a schedule version's decode credits; refreshed on every change
-RESULT_TTL_S = 7 * 24 * 3600.0  # a batch job's result, its reply marker, a batch's records and files
+RESULT_TTL_S = 7 * 24 * 3600.0  # a batch's index entry; its folder (records, files, results) is kept as long
 BATCHES_MAX = 1000  # Batch API batch ids kept in the listing (newest first)
 
 
@@ -187,35 +187,42 @@ class Names:
         """Durable; JobResult for one producer or batch (``reply_to`` names it). Deleted by its owner."""
         return f"{self.namespace}.jobs.replies.{owner}"
 
-    # --- batch jobs: store keys -------------------------------------------------------------------------
-    def job_result(self, job_id: str) -> str:
-        """Encoded JobResult, set-if-absent (the first result wins). TTL RESULT_TTL_S."""
-        return f"{self.namespace}:job:{job_id}"
-
-    def job_replied(self, job_id: str) -> str:
-        """Set after the result was published to reply_to (so redelivery does not resend). TTL RESULT_TTL_S."""
-        return f"{self.namespace}:jobreplied:{job_id}"
-
-    def job_batch(self, batch_id: str) -> str:
-        """Hash: count, model, created_at, reply_to, cancelled ("1" once cancelled). TTL RESULT_TTL_S."""
-        return f"{self.namespace}:jobbatch:{batch_id}"
-
-    def file_content(self, file_id: str) -> str:
-        """Bytes of an uploaded or generated Batch API file. TTL RESULT_TTL_S."""
-        return f"{self.namespace}:file:{file_id}"
-
-    def file_meta(self, file_id: str) -> str:
-        """Hash: filename, purpose, bytes, created_at. TTL RESULT_TTL_S."""
-        return f"{self.namespace}:filemeta:{file_id}"
-
+    # --- batch jobs: store keys (an index; files, records and results live in the batch folder) ------
     def openai_batch(self, batch_id: str) -> str:
-        """Hash: the Batch API object's fixed fields (input file, endpoint, counts of lines). TTL RESULT_TTL_S."""
+        """Hash: owner; the Batch API batch's index entry (a batch indexed but missing from the batch
+        folder answers 410, not 404). TTL RESULT_TTL_S."""
         return f"{self.namespace}:openaibatch:{batch_id}"
 
     @property
     def openai_batches(self) -> str:
-        """List of Batch API batch ids, newest first, capped at BATCHES_MAX. No TTL."""
+        """List of Batch API batch ids, newest first, capped at BATCHES_MAX. No TTL; rebuilt from
+        the batch folder when ``openai_batches_built`` is absent."""
         return f"{self.namespace}:openaibatches"
+
+    @property
+    def openai_batches_built(self) -> str:
+        """String: when the listings were last rebuilt from the batch folder; absent in a store that
+        lost its data, which makes the next listing rebuild them. No TTL."""
+        return f"{self.namespace}:openaibatches:built"
+
+    # --- batch jobs: keys of versions that kept batch data in the store, read once to move it ---------
+    def legacy_job_result(self, job_id: str) -> str:
+        """Encoded JobResult (earlier versions; now ``batches/{batch}/results/{job}`` in the folder)."""
+        return f"{self.namespace}:job:{job_id}"
+
+    @property
+    def legacy_job_batch_prefix(self) -> str:
+        """Hashes ``{prefix}{batch_id}``: count, model, created_at, reply_to, cancelled (earlier versions)."""
+        return f"{self.namespace}:jobbatch:"
+
+    @property
+    def legacy_file_meta_prefix(self) -> str:
+        """Hashes ``{prefix}{file_id}``: a Batch API file's record (earlier versions)."""
+        return f"{self.namespace}:filemeta:"
+
+    def legacy_file_content(self, file_id: str) -> str:
+        """Bytes of an uploaded Batch API file (earlier versions)."""
+        return f"{self.namespace}:file:{file_id}"
 
     @property
     def key_prefix(self) -> str:

@@ -10,7 +10,8 @@ from common.jobs import JobProducer, collect_replies, job_id, new_batch_id
 from common.messages.jobs import BatchJob
 from common.messages.work import Sampling
 from common.names import Names
-from common.transport.port import Bus, Store
+from common.transport.batchdir import BatchDir
+from common.transport.port import Bus
 from loadgen.client import RequestSpec
 from loadgen.metrics import Stat
 
@@ -38,13 +39,13 @@ def jobs_from_specs(batch_id: str, specs: Sequence[RequestSpec], model: str,
             for i, s in enumerate(specs)]
 
 
-async def run_batch(bus: Bus, store: Store, names: Names, specs: Sequence[RequestSpec],
+async def run_batch(bus: Bus, data: BatchDir, names: Names, specs: Sequence[RequestSpec],
                     model: str, timeout_s: float, batch_id: str | None = None) -> BatchRunSummary:
     """Submit the specs as one batch with a reply queue, wait for every result (bounded)."""
     batch_id = batch_id or new_batch_id()
     reply = names.reply_queue(batch_id)
     jobs = jobs_from_specs(batch_id, specs, model, reply)
-    producer = JobProducer(bus, store, names)
+    producer = JobProducer(bus, data, names)
     start = time.perf_counter()
     start_wall = time.time()
     try:

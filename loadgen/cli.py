@@ -386,7 +386,8 @@ async def _batch_main(args: argparse.Namespace, config: Any, spec: Any) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from common.transport.connect import LocalHub, open_bus, open_store
+    from common.transport.batchdir import BatchDir
+    from common.transport.connect import LocalHub, open_bus
     from loadgen import report
     from loadgen.batch_target import run_batch
     from loadgen.workload import build_workload
@@ -400,14 +401,13 @@ async def _batch_main(args: argparse.Namespace, config: Any, spec: Any) -> int:
     workload = build_workload(spec, tok.encode, tok.decode)
     try:
         bus = await open_bus(config, names, LocalHub())
-        store = await open_store(config)
     except (OSError, ConnectionError) as exc:
-        raise CliError(f"cannot reach the broker or the store: {exc}") from None
+        raise CliError(f"cannot reach the broker: {exc}") from None
     try:
-        summary = await run_batch(bus, store, names, workload.specs, model, args.max_duration_s)
+        summary = await run_batch(bus, BatchDir(config.batch_dir, config.namespace), names,
+                                  workload.specs, model, args.max_duration_s)
     finally:
         await bus.close()
-        await store.close()
     table = Table(title=f"batch {summary.batch_id} on {names.jobs_queue}", title_justify="left")
     for col in ("jobs", "completed", "failed", "missing", "submit s", "wall s", "jobs/s",
                 "out tok/s", "latency p50 ms", "latency p99 ms"):

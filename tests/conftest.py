@@ -21,3 +21,11 @@ def transport_kind(request: pytest.FixtureRequest) -> str:
     if request.param == "broker":
         require_broker()
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def batch_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Batch data of a test (and of the processes it starts) goes to a folder of its own."""
+    folder = str(tmp_path_factory.mktemp("batches"))
+    monkeypatch.setenv("EXEGPT_BATCH_DIR", folder)
+    return folder

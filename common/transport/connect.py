@@ -51,7 +51,8 @@ async def open_bus(config: MeshConfig, names: Names, hub: LocalHub, store: Store
             config.amqp_url, dead_exchange=names.dead_exchange, dead_queue=names.dead_queue,
             heartbeat_s=config.amqp_heartbeat_s or None,
             attempts=Attempts(store, names.attempts_prefix) if store is not None else None,
-            delivery_limit=config.delivery_limit, dead_queue_max=config.dead_queue_max, owned_store=owned)
+            delivery_limit=config.delivery_limit, dead_queue_max=config.dead_queue_max, owned_store=owned,
+            queue_type=config.queue_type)
     except BaseException:
         if owned is not None:
             await owned.close()

@@ -436,6 +436,9 @@ class MemoryStore:
     async def count_prefix(self, prefix: str) -> int:
         return sum(1 for key in list(self._data) if key.startswith(prefix) and self._live(key) is not None)
 
+    async def keys_prefix(self, prefix: str) -> list[str]:
+        return [key for key in list(self._data) if key.startswith(prefix) and self._live(key) is not None]
+
     async def bytes_prefix(self, prefix: str) -> int:
         """Key and value bytes (bytes and str values; a container counts its items' bytes)."""
         def size(value: object) -> int:

@@ -241,6 +241,10 @@ class Store(Protocol):
         """How many keys start with ``prefix`` (a scan: for gauges and tests, not hot paths)."""
         ...
 
+    async def keys_prefix(self, prefix: str) -> list[str]:
+        """The keys that start with ``prefix`` (a scan: for start-up and tests, not hot paths)."""
+        ...
+
     async def bytes_prefix(self, prefix: str) -> int:
         """Memory the keys starting with ``prefix`` take (Redis: MEMORY USAGE; a scan: for
         benchmarks and tests, not hot paths)."""

@@ -12,6 +12,11 @@ a first delivery (not redelivered) is attempt 1 without a round trip; a redelive
 to ``{ns}:attempts:{message_id}``. Each consumer has its own channel so that its prefetch
 (``basic.qos``, set on the channel, so that it can change while consuming) bounds only its own
 unacked messages.
+
+``queue_type="quorum"``: the durable queues (work, jobs, replies, dead) are quorum queues, replicated
+across the broker's nodes, with the broker's own delivery limit (``x-delivery-limit``) behind the
+counted one. A quorum queue refuses a channel-wide prefetch, so a subscription to one keeps its limit
+with consumers of their own prefetch (``QuorumSubscription``). Exclusive queues stay classic.
 """
 
 from __future__ import annotations
@@ -181,6 +186,10 @@ class RabbitDelivery:
             await self._on_settled()
 
 
+class TopologyMismatch(RuntimeError):
+    """A queue exists on the broker with other arguments than ours (another queue type)."""
+
+
 class RabbitSubscription:
     """One consumer on its own channel. Cancelled, it closes the channel once every delivery it
     handed out is settled (closing earlier would give the broker back messages still being
@@ -247,6 +256,11 @@ class RabbitSubscription:
             return
         tag, self._tag = self._tag, None
         await self._queue.cancel(tag)
+        await self._end()
+
+    async def _end(self) -> None:
+        """No consumer left: what was received and not handed out goes back, the iteration ends,
+        and the channel closes once every delivery handed out is settled."""
         self._cancelled = True
         while not self._buffer.empty():
             pending = self._buffer.get_nowait()
@@ -255,6 +269,95 @@ class RabbitSubscription:
         self._buffer.put_nowait(None)
         if self._unsettled == 0:
             await self._close_channel()
+
+
+class QuorumSubscription(RabbitSubscription):
+    """A subscription to a quorum queue, which takes no channel-wide prefetch: the limit is kept with
+    consumers on the channel, each with a prefetch of its own (fixed when it starts).
+
+    What it may hold at once (its capacity) is the active consumers' prefetches plus what cancelled
+    ones still hold unsettled. A new limit cancels every active consumer and starts one with the
+    difference (none while what is held fills it); once what the cancelled ones held is settled, a
+    consumer with the rest starts beside the active one. So it never holds more than the limit, and
+    holds less only until the messages taken before a change are settled."""
+
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, prefetch: int, *,
+                 bus: "RabbitBus | None" = None, counted: bool = False, on_dead: OnDead | None = None) -> None:
+        super().__init__(channel, queue, bus=bus, counted=counted, on_dead=on_dead)
+        self._limit = prefetch
+        self._active: dict[str, int] = {}  # consumer tag -> its prefetch
+        self._held: dict[str, int] = {}  # consumer tag -> its deliveries not settled yet
+        self._fitting = asyncio.Lock()
+        channel.reopen_callbacks.add(self._reopened)  # type: ignore[attr-defined]  # a robust channel's
+
+    @property
+    def held_by_cancelled(self) -> int:
+        return sum(n for tag, n in self._held.items() if tag not in self._active)
+
+    @property
+    def capacity(self) -> int:
+        return sum(self._active.values()) + self.held_by_cancelled
+
+    async def start(self) -> None:
+        await self._fit()
+
+    async def set_prefetch(self, count: int) -> None:
+        if count != self._limit:
+            self._limit = count
+            await self._fit(resize=True)
+
+    async def _fit(self, *, resize: bool = False) -> None:
+        async with self._fitting:
+            if self._cancelled:
+                return
+            if resize and self._active:
+                for tag in list(self._active):
+                    del self._active[tag]
+                    await self._queue.cancel(tag)
+            room = self._limit - self.capacity
+            if room > 0 and (not self._active or self.held_by_cancelled == 0):
+                await self._channel.set_qos(prefetch_count=room)
+                tag = await self._queue.consume(self._on_message)
+                self._active[tag] = room
+                self._tag = tag
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._cancelled:
+            await message.reject(requeue=True)
+            return
+        tag = message.consumer_tag or ""
+        self._held[tag] = self._held.get(tag, 0) + 1
+        self._unsettled += 1
+
+        async def settled() -> None:
+            self._held[tag] = max(self._held.get(tag, 0) - 1, 0)
+            if not self._held[tag] and tag not in self._active:
+                del self._held[tag]
+            await self._settled()
+            if tag not in self._active:  # what a cancelled consumer held frees room
+                await self._fit()
+
+        await self._buffer.put(RabbitDelivery(message, on_settled=settled, queue=self._queue.name,
+                                              bus=self._bus, counted=self._counted))
+
+    def _reopened(self, *_: object) -> None:
+        """A new channel: what the old one held went back to the queue; the client restored the
+        active consumers."""
+        self._held = {tag: 0 for tag in self._active}
+
+    async def cancel(self) -> None:
+        if self._cancelled:
+            return
+        async with self._fitting:
+            for tag in list(self._active):
+                await self._queue.cancel(tag)
+            self._active.clear()
+            self._tag = None
+        await self._end()
+
+
+QUEUE_TYPES = ("classic", "quorum")
+BROKER_DELIVERY_LIMIT_FACTOR = 4  # quorum queues: the broker's limit is this many times the counted one
 
 
 RECONNECT_INTERVAL_S = 1  # a lost connection is tried again this often (the client's default: 5 s)
@@ -280,7 +383,10 @@ class RabbitBus:
     def __init__(self, connection: AbstractRobustConnection, publisher: AbstractChannel,
                  dead_exchange: str, dead_queue: str = "", *, attempts: Attempts | None = None,
                  delivery_limit: int = DELIVERY_LIMIT, dead_queue_max: int = DEAD_QUEUE_MAX,
-                 owned_store: Store | None = None) -> None:
+                 owned_store: Store | None = None, queue_type: str = "classic") -> None:
+        if queue_type not in QUEUE_TYPES:
+            raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, got {queue_type!r}")
+        self.queue_type = queue_type
         self._connection = connection
         self._publisher = publisher
         self._dead_exchange = dead_exchange
@@ -298,13 +404,15 @@ class RabbitBus:
     async def connect(cls, url: str, *, dead_exchange: str, dead_queue: str,
                       heartbeat_s: float | None = DEFAULT_HEARTBEAT_S, attempts: Attempts | None = None,
                       delivery_limit: int = DELIVERY_LIMIT, dead_queue_max: int = DEAD_QUEUE_MAX,
-                      owned_store: Store | None = None) -> "RabbitBus":
-        """``attempts``: where redeliveries are counted (None: a redelivery counts as attempt 2)."""
+                      owned_store: Store | None = None, queue_type: str = "classic") -> "RabbitBus":
+        """``attempts``: where redeliveries are counted (None: a redelivery counts as attempt 2);
+        ``queue_type``: classic, or quorum (replicated, with the broker's delivery limit)."""
         connection = await aio_pika.connect_robust(with_heartbeat(url, heartbeat_s),
                                                    reconnect_interval=RECONNECT_INTERVAL_S)
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
         bus = cls(connection, publisher, dead_exchange, dead_queue, attempts=attempts,
-                  delivery_limit=delivery_limit, dead_queue_max=dead_queue_max, owned_store=owned_store)
+                  delivery_limit=delivery_limit, dead_queue_max=dead_queue_max, owned_store=owned_store,
+                  queue_type=queue_type)
         await bus._declare_dead_letters(dead_exchange, dead_queue)
         connection.reconnect_callbacks.add(bus._reconnected)
         return bus
@@ -382,8 +490,17 @@ class RabbitBus:
             if not channel.is_closed:
                 await channel.close()
 
+    def _type_arguments(self) -> dict[str, object]:
+        """Arguments of every durable queue for the queue type: a quorum queue's type, and the
+        broker's delivery limit (a backstop: it counts every return, give-backs too, so it sits
+        above the counted ``delivery_limit``)."""
+        if self.queue_type == "classic":
+            return {}
+        return {"x-queue-type": "quorum",
+                "x-delivery-limit": self.delivery_limit * BROKER_DELIVERY_LIMIT_FACTOR}
+
     def _dead_arguments(self) -> dict[str, object]:
-        return {"x-max-length": self.dead_queue_max, "x-overflow": "drop-head"}
+        return {"x-max-length": self.dead_queue_max, "x-overflow": "drop-head", **self._type_arguments()}
 
     async def _declare_dead_letters(self, exchange: str, queue: str) -> None:
         """The dead-letter exchange and the bounded dead queue bound to it. A dead queue declared
@@ -397,8 +514,9 @@ class RabbitBus:
                 dead = await channel.declare_queue(queue, durable=True, arguments=self._dead_arguments())
                 await dead.bind(exchange)
                 return
-            except ChannelPreconditionFailed:
-                pass
+            except ChannelPreconditionFailed as exc:
+                if _other_type(exc):
+                    raise _mismatch(queue, self.queue_type, exc) from None
             finally:
                 if not channel.is_closed:
                     await channel.close()
@@ -440,8 +558,11 @@ class RabbitBus:
     async def _declare(self, channel: AbstractChannel, name: str, exclusive: bool) -> AbstractQueue:
         if exclusive:
             return await channel.declare_queue(name, exclusive=True, auto_delete=True)
-        arguments = {"x-dead-letter-exchange": self._dead_exchange}
-        return await channel.declare_queue(name, durable=True, arguments=arguments)
+        arguments = {"x-dead-letter-exchange": self._dead_exchange, **self._type_arguments()}
+        try:
+            return await channel.declare_queue(name, durable=True, arguments=arguments)
+        except ChannelPreconditionFailed as exc:
+            raise _mismatch(name, self.queue_type, exc) from None
 
     async def declare_fanout(self, exchange: str) -> None:
         if exchange not in self._exchanges:
@@ -475,9 +596,17 @@ class RabbitBus:
     async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False,
                       on_dead: OnDead | None = None) -> RabbitSubscription:
         channel = await self._connection.channel()
+        exclusive = bool(self._declared.get(queue))
+        if self.queue_type == "quorum" and not exclusive and not auto_ack:
+            declared = await channel.get_queue(queue, ensure=True)
+            await self._watch_cancel(channel, queue)
+            subscription: RabbitSubscription = QuorumSubscription(
+                channel, declared, prefetch, bus=self, counted=queue != self._dead_queue, on_dead=on_dead)
+            await subscription.start()
+            return subscription
         # the channel's own limit (one consumer per channel): unlike a consumer's, it can change later
-        await channel.set_qos(prefetch_count=prefetch, global_=True)
-        if self._declared.get(queue):  # exclusive, ours: declared on this channel, restored with the consumer
+        await channel.set_qos(prefetch_count=prefetch, global_=self.queue_type == "classic" or exclusive)
+        if exclusive:  # ours: declared on this channel, restored with the consumer
             declared = await self._declare(channel, queue, exclusive=True)
         else:
             declared = await channel.get_queue(queue, ensure=True)
@@ -521,3 +650,15 @@ class RabbitBus:
         await self._connection.close()
         if self._owned_store is not None:
             await self._owned_store.close()
+
+
+def _other_type(exc: Exception) -> bool:
+    return "x-queue-type" in str(exc)
+
+
+def _mismatch(queue: str, queue_type: str, exc: Exception) -> TopologyMismatch:
+    """The broker refused our declaration of ``queue``: it exists with other arguments."""
+    return TopologyMismatch(
+        f"queue {queue} exists on the broker with other arguments than a {queue_type} queue's ({exc}); "
+        f"a queue cannot change its type: drain it and delete it (`exegpt down`), or set queue_type "
+        f"to the type it has")

@@ -156,6 +156,10 @@ class RedisStore:
     async def count_prefix(self, prefix: str) -> int:
         return sum([1 async for _ in self._redis.scan_iter(match=prefix + "*", count=500)])
 
+    async def keys_prefix(self, prefix: str) -> list[str]:
+        return [key.decode() if isinstance(key, bytes) else key
+                async for key in self._redis.scan_iter(match=prefix + "*", count=500)]
+
     async def bytes_prefix(self, prefix: str) -> int:
         keys = [key async for key in self._redis.scan_iter(match=prefix + "*", count=500)]
         return sum([await self._redis.memory_usage(key) or 0 for key in keys])

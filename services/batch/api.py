@@ -10,6 +10,7 @@ can join from other processes with ``exegpt batch worker --executor mesh``).
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Literal
 
@@ -20,12 +21,15 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from services.batch.consumer import ConsumerConfig, JobConsumer, QueueDepthAdmission
+from services.batch.legacy import adopt
 from services.batch.mesh_executor import MeshExecutor
-from common.names import Names
-from common.transport.durability import warn_if_not_durable
+from common.names import RESULT_TTL_S, Names
+from common.transport.batchdir import BatchDir
 from services.batch.openai_batch import BatchApiError, BatchStore, Caller, Limits, too_large
 from services.gateway import openai_api as oa
 
+
+log = logging.getLogger(__name__)
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, part headers and the purpose field
 # The upload's body, for the OpenAPI document (the route parses the stream itself, so FastAPI
@@ -82,20 +86,24 @@ def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_d
         gateway = app.state.gateway
         config = app.state.config
         names = Names(config.namespace)
-        store = BatchStore(gateway.bus, gateway.transports.store, names, app.state.model.name,
+        data = BatchDir(config.batch_dir, config.namespace)
+        store = BatchStore(gateway.bus, gateway.transports.store, data, names, app.state.model.name,
                            limits or Limits(max_tokens_limit=config.max_tokens_limit))
         app.state.batches = store
-        if config.redis_url is not None:
-            await warn_if_not_durable(config.redis_url)
+        await _adopt_legacy(gateway.transports.store, data, names)
+        retention = asyncio.create_task(_expire_every(data, EXPIRE_EVERY_S))
         if not run_consumer:
-            yield
+            try:
+                yield
+            finally:
+                retention.cancel()
             return
         executor = MeshExecutor(gateway, app.state.model, config.request_timeout_s)
         admission = None
         if yield_depth >= 0:
             admission = QueueDepthAdmission(gateway.bus, names.encode_queue, yield_depth,
                                             own_waiting=executor.waiting)
-        consumer = JobConsumer(gateway.bus, gateway.transports.store, names, executor,
+        consumer = JobConsumer(gateway.bus, data, names, executor,
                                ConsumerConfig(f"{gateway.gateway_id}-batch", max_inflight,
                                               config.drain_timeout_s), admission)
         app.state.batch_consumer = consumer
@@ -104,6 +112,7 @@ def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_d
         try:
             yield
         finally:
+            retention.cancel()
             stop.set()
             await asyncio.wait({task}, timeout=config.drain_timeout_s + 5)
             if not task.done():
@@ -111,6 +120,34 @@ def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_d
             await asyncio.gather(task, return_exceptions=True)
 
     return lifespan
+
+
+async def _adopt_legacy(store: Any, data: BatchDir, names: Names) -> None:
+    """Batches an earlier version kept in the store, moved into the batch folder (a store that does
+    not answer now: at the next start)."""
+    try:
+        moved = await adopt(store, data, names)
+    except Exception as exc:  # noqa: BLE001 - the gateway serves without them meanwhile
+        log.warning("batches kept in the store by an earlier version not moved to %s: %r", data.root, exc)
+        return
+    if moved:
+        log.info("%d batches and files kept in the store by an earlier version moved to %s", moved, data.root)
+
+
+EXPIRE_EVERY_S = 3600.0
+
+
+async def _expire_every(data: BatchDir, every_s: float) -> None:
+    """Batches and files of the folder not written for RESULT_TTL_S (7 days) are deleted, hourly."""
+    while True:
+        try:
+            gone = await data.expire(RESULT_TTL_S)
+        except OSError as exc:
+            log.warning("batch folder %s: could not delete expired batches: %s", data.root, exc)
+        else:
+            if gone:
+                log.info("batch folder %s: %d expired batches and files deleted", data.root, gone)
+        await asyncio.sleep(every_s)  # a period, not a synchronisation
 
 
 def batch_router() -> APIRouter:
@@ -168,11 +205,11 @@ def batch_router() -> APIRouter:
         finally:
             await form.close()
 
-    @router.get("/v1/files/{file_id}", responses=oa.error_responses(401, 404, 503))
+    @router.get("/v1/files/{file_id}", responses=oa.error_responses(401, 404, 410, 503))
     async def file_object(file_id: str, request: Request) -> Any:
         return await answer(batches(request).file_object(file_id, caller=caller_of(request)))
 
-    @router.get("/v1/files/{file_id}/content", responses=oa.error_responses(401, 404, 503))
+    @router.get("/v1/files/{file_id}/content", responses=oa.error_responses(401, 404, 410, 503))
     async def file_content(file_id: str, request: Request) -> Any:
         content = await answer(batches(request).file_content(file_id, caller=caller_of(request)))
         if isinstance(content, Response):
@@ -189,11 +226,11 @@ def batch_router() -> APIRouter:
     async def list_batches(request: Request, limit: int = 20) -> Any:
         return await answer(batches(request).list(max(1, min(limit, 100)), caller=caller_of(request)))
 
-    @router.get("/v1/batches/{batch_id}", responses=oa.error_responses(401, 404, 503))
+    @router.get("/v1/batches/{batch_id}", responses=oa.error_responses(401, 404, 410, 503))
     async def get_batch(batch_id: str, request: Request) -> Any:
         return await answer(batches(request).batch_object(batch_id, caller=caller_of(request)))
 
-    @router.post("/v1/batches/{batch_id}/cancel", responses=oa.error_responses(401, 404, 503))
+    @router.post("/v1/batches/{batch_id}/cancel", responses=oa.error_responses(401, 404, 410, 503))
     async def cancel(batch_id: str, request: Request) -> Any:
         return await answer(batches(request).cancel(batch_id, caller=caller_of(request)))
 

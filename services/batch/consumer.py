@@ -38,11 +38,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from common.messages.codec import DecodeError
-from common.transport.port import Bus, Delivery, Store, Unroutable, failed, failure_reason
+from common.transport.batchdir import BatchDir
+from common.transport.port import Bus, Delivery, Unroutable, failed, failure_reason
 from common.messages import codec
 from services.batch.executor import Executor, JobFailed, JobOutput
 from common.messages.jobs import BatchJob, JobResult
-from common.names import RESULT_TTL_S, Names
+from common.names import Names
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,10 @@ class ConsumerStats:
 
 
 class JobConsumer:
-    def __init__(self, bus: Bus, store: Store, names: Names, executor: Executor,
+    def __init__(self, bus: Bus, data: BatchDir, names: Names, executor: Executor,
                  config: ConsumerConfig, admission: Admission | None = None,
                  on_handled: Callable[[JobResult, bool], None] | None = None) -> None:
-        self.bus, self.store, self.names = bus, store, names
+        self.bus, self.data, self.names = bus, data, names
         self.executor, self.config = executor, config
         self.admission = admission or Admission()
         self.on_handled = on_handled  # called after each ack: (result, stored by this delivery)
@@ -175,25 +176,23 @@ class JobConsumer:
                            prompt_tokens=0, completion_tokens=0, error=f"moved to the dead queue: {reason}",
                            worker=self.config.worker_id, redelivered=delivery.redelivered,
                            started_at=now, finished_at=now)
-        key = self.names.job_result(job.job_id)
-        if await self.store.set_if_absent(key, codec.encode(result), ttl_s=RESULT_TTL_S):
+        if await self.data.put_result(job.batch_id, job.job_id, codec.encode(result)):
             self.stats.stored += 1
-        stored = await self.store.get(key)
+        stored = await self.data.result(job.batch_id, job.job_id)
         await self._reply(job, codec.decode(stored, JobResult) if stored is not None else result)
 
     async def _result_for(self, job: BatchJob, delivery: Delivery) -> tuple[JobResult, bool]:
         """The job's result, and whether this call stored it (False: it existed already)."""
-        key = self.names.job_result(job.job_id)
-        existing = await self.store.get(key)
+        existing = await self.data.result(job.batch_id, job.job_id)
         if existing is not None:
             self.stats.duplicates += 1
             return codec.decode(existing, JobResult), False
         result = await self._run(job, delivery)
-        if await self.store.set_if_absent(key, codec.encode(result), ttl_s=RESULT_TTL_S):
+        if await self.data.put_result(job.batch_id, job.job_id, codec.encode(result)):
             self.stats.stored += 1
             return result, True
         self.stats.duplicates += 1  # another consumer stored it while this one ran it
-        stored = await self.store.get(key)
+        stored = await self.data.result(job.batch_id, job.job_id)
         return (codec.decode(stored, JobResult) if stored is not None else result), False
 
     async def _run(self, job: BatchJob, delivery: Delivery) -> JobResult:
@@ -209,7 +208,7 @@ class JobConsumer:
                 error=error, worker=self.config.worker_id, redelivered=redelivered,
                 started_at=started, finished_at=time.time())
 
-        if await self._cancelled(job.batch_id):
+        if await self.data.cancelled(job.batch_id):
             return result("cancelled", None, "the batch was cancelled before this job ran")
         await self.admission.wait_turn()
         try:
@@ -222,19 +221,12 @@ class JobConsumer:
             return result("failed", None, f"internal error at attempt {delivery.attempts} of {delivery.limit}: "
                                           f"{failure_reason(exc)}")
 
-    async def _cancelled(self, batch_id: str | None) -> bool:
-        if batch_id is None:
-            return False
-        meta = await self.store.hgetall(self.names.job_batch(batch_id))
-        return meta.get("cancelled") == "1"
-
     async def _reply(self, job: BatchJob, result: JobResult) -> None:
         if job.reply_to is None:
             return
-        marker = self.names.job_replied(job.job_id)
-        if await self.store.get(marker) is not None:
+        if await self.data.replied(job.batch_id, job.job_id):
             return
         with contextlib.suppress(Unroutable):  # the reply queue is gone; the result is stored
             await self.bus.publish(job.reply_to, codec.encode(result))
             self.stats.replies += 1
-        await self.store.set(marker, b"1", ttl_s=RESULT_TTL_S)
+        await self.data.mark_replied(job.batch_id, job.job_id)

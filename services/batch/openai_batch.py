@@ -1,4 +1,4 @@
-"""The OpenAI Batch API's state: files, batches and their output, kept in the mesh's store.
+"""The OpenAI Batch API's state: files, batches and their output, kept in the batch folder.
 
 A batch turns its input file's valid lines into jobs on the durable jobs queue (job ids
 ``{batch_id}-{k:06d}``); lines that fail validation go straight to the error file. Its status,
@@ -9,6 +9,12 @@ Every file and batch has an owner (the API key's; ``ANONYMOUS`` without keys). T
 error files get random ids when their batch is created (recorded with the batch and as file
 records naming it), so they cannot be guessed from the batch id; they exist once the batch
 object names them.
+
+Files, records and results live in the batch folder (``BatchDir``), which losing the store does not
+touch; the store holds only an index: each batch's owner (``names.openai_batch``) and the listings,
+newest first. The listings are rebuilt from the folder when their marker is gone (a store that lost
+its data), and a batch found in the folder without its index entry gets it back. A batch the index
+or the folder still knows but whose record is gone answers 410 ``batch_state_lost``, not 404.
 """
 
 from __future__ import annotations
@@ -16,15 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.jobs import JobProducer, job_id
+from common.jobs import BatchStateLost, JobProducer, UnknownBatch, job_id
 from common.messages.jobs import JobResult
 from common.names import BATCHES_MAX, RESULT_TTL_S, Names
+from common.transport.batchdir import BatchDir
 from common.transport.port import Bus, Store
 from services.batch.requests import ENDPOINTS, InvalidRequest, parse_batch_line
 from services.gateway import openai_api as oa
@@ -91,16 +97,15 @@ def _new_file_id() -> str:
     return f"file-{uuid.uuid4().hex[:24]}"  # 96 random bits: not guessable from anything
 
 
-_LEGACY_GENERATED = re.compile(r"^file-(batch_[0-9a-f]+)-(output|errors)$")
-
-
 class BatchStore:
     """Files and batches, each with an owner. A caller that may not see one gets the same 404 as
     for an id that does not exist (existence is not revealed)."""
 
-    def __init__(self, bus: Bus, store: Store, names: Names, model: str, limits: Limits) -> None:
-        self.bus, self.store, self.names, self.model, self.limits = bus, store, names, model, limits
-        self.producer = JobProducer(bus, store, names)
+    def __init__(self, bus: Bus, store: Store, data: BatchDir, names: Names, model: str,
+                 limits: Limits) -> None:
+        self.bus, self.store, self.data, self.names = bus, store, data, names
+        self.model, self.limits = model, limits
+        self.producer = JobProducer(bus, data, names)
 
     def owner_batches(self, owner: str) -> str:
         """List of one owner's batch ids, newest first, capped at BATCHES_MAX."""
@@ -119,33 +124,17 @@ class BatchStore:
                                 "(non-empty lines); split it into several batches", "file",
                                 "too_many_lines")
         file_id = _new_file_id()
-        await self.store.set_with_hash(self.names.file_content(file_id), content,
-                                       self.names.file_meta(file_id), {
+        await self.data.put_file(file_id, content, {
             "filename": filename, "purpose": purpose, "bytes": str(len(content)),
-            "created_at": str(int(time.time())), "owner": caller.owner}, ttl_s=RESULT_TTL_S)
+            "created_at": str(int(time.time())), "owner": caller.owner})
         return await self.file_object(file_id, caller=caller)
 
     async def _file_meta(self, file_id: str, caller: Caller) -> dict[str, str]:
         """The file's record if ``caller`` may see it, else a 404."""
-        meta = await self.store.hgetall(self.names.file_meta(file_id))
-        if not meta:
-            meta = await self._legacy_generated_meta(file_id)
+        meta = await self.data.file_meta(file_id)
         if not meta or not caller.may_see(meta.get("owner", ANONYMOUS)):
             raise BatchApiError(404, f"no file {file_id}", "file_id")
         return meta
-
-    async def _legacy_generated_meta(self, file_id: str) -> dict[str, str]:
-        """Batches recorded before output files had random ids named them ``file-{batch}-output``
-        (and ``-errors``); those names stay valid for such batches only (with their owner)."""
-        match = _LEGACY_GENERATED.match(file_id)
-        if match is None:
-            return {}
-        batch = await self.store.hgetall(self.names.openai_batch(match[1]))
-        if not batch or "output_file_id" in batch:
-            return {}
-        return {"owner": batch.get("owner", ANONYMOUS), "batch_id": match[1], "kind": match[2],
-                "purpose": "batch_output", "filename": f"{file_id}.jsonl",
-                "created_at": batch["created_at"]}
 
     async def file_object(self, file_id: str, *, caller: Caller) -> dict[str, Any]:
         meta = await self._file_meta(file_id, caller)
@@ -161,7 +150,7 @@ class BatchStore:
         meta = await self._file_meta(file_id, caller)
         if "batch_id" in meta:
             return await self._generated(file_id, meta)
-        content = await self.store.get(self.names.file_content(file_id))
+        content = await self.data.file_content(file_id)
         if content is None:
             raise BatchApiError(404, f"no file {file_id}", "file_id")
         return content
@@ -169,7 +158,7 @@ class BatchStore:
     async def _generated(self, file_id: str, meta: dict[str, str]) -> bytes:
         """A batch's output or error file; it exists once the batch object names it."""
         batch_id = meta["batch_id"]
-        batch = await self.store.hgetall(self.names.openai_batch(batch_id))
+        batch = await self.data.record(batch_id, "openai.json")
         if not batch:
             raise BatchApiError(404, f"no file {file_id}", "file_id")
         results = await self._results(batch_id, batch)
@@ -195,7 +184,7 @@ class BatchStore:
         if file_meta.get("purpose") != "batch":
             raise BatchApiError(400, f"file {input_file_id} has purpose {file_meta.get('purpose')!r}; "
                                 "a batch's input needs purpose 'batch'", "input_file_id")
-        content = await self.store.get(self.names.file_content(input_file_id))
+        content = await self.data.file_content(input_file_id)
         if content is None:
             raise BatchApiError(404, f"no file {input_file_id}", "input_file_id")
         batch_id = f"batch_{uuid.uuid4().hex[:24]}"
@@ -203,18 +192,17 @@ class BatchStore:
         created = str(int(time.time()))
         output_file_id, error_file_id = _new_file_id(), _new_file_id()
         for file_id, kind in ((output_file_id, "output"), (error_file_id, "errors")):
-            await self.store.hset(self.names.file_meta(file_id), {
+            await self.data.put_file_meta(file_id, {
                 "owner": caller.owner, "batch_id": batch_id, "kind": kind, "purpose": "batch_output",
-                "filename": f"{batch_id}_{kind}.jsonl", "created_at": created}, ttl_s=RESULT_TTL_S)
-        await self.store.hset(self.names.openai_batch(batch_id), {
+                "filename": f"{batch_id}_{kind}.jsonl", "created_at": created})
+        await self.data.put_record(batch_id, "openai.json", {
             "input_file_id": input_file_id, "endpoint": endpoint, "owner": caller.owner,
             "completion_window": completion_window, "created_at": created,
-            "metadata": json.dumps(metadata or {}), "total": str(len(valid) + len(errors)),
+            "created_ns": time.time_ns(),  # orders the listings when they are rebuilt
+            "metadata": metadata or {}, "total": len(valid) + len(errors),
             "output_file_id": output_file_id, "error_file_id": error_file_id,
-            "valid": json.dumps(valid), "invalid": json.dumps(errors)}, ttl_s=RESULT_TTL_S)
-        await self.store.push_capped(self.names.openai_batches, batch_id.encode(), max_len=BATCHES_MAX)
-        await self.store.push_capped(self.owner_batches(caller.owner), batch_id.encode(),
-                                     max_len=BATCHES_MAX)
+            "valid": valid, "invalid": errors})
+        await self._index(batch_id, caller.owner)
         if jobs:
             await self.producer.submit(batch_id, jobs, reply_to=None)
         return await self.batch_object(batch_id, caller=caller)
@@ -244,31 +232,72 @@ class BatchStore:
             valid.append([n, parsed.custom_id])
         return jobs, valid, errors
 
-    async def _batch_meta(self, batch_id: str, caller: Caller) -> dict[str, str]:
-        meta = await self.store.hgetall(self.names.openai_batch(batch_id))
-        if not meta or not caller.may_see(meta.get("owner", ANONYMOUS)):
-            raise BatchApiError(404, f"no batch {batch_id}", "batch_id")
-        return meta
+    # --- the index in the store ---------------------------------------------------------------
+    async def _index(self, batch_id: str, owner: str) -> None:
+        """The batch's index entry (its owner) and its place at the head of the listings."""
+        await self.store.hset(self.names.openai_batch(batch_id), {"owner": owner}, ttl_s=RESULT_TTL_S)
+        await self.store.push_capped(self.names.openai_batches, batch_id.encode(), max_len=BATCHES_MAX)
+        await self.store.push_capped(self.owner_batches(owner), batch_id.encode(), max_len=BATCHES_MAX)
 
-    async def _results(self, batch_id: str, meta: dict[str, str]) -> list[JobResult | None]:
+    async def rebuild_index(self) -> int:
+        """The listings and index entries again from the batch folder (a store that lost its data
+        lost them); the number of batches indexed."""
+        found = []
+        for batch_id in await self.data.batch_ids():
+            record = await self.data.record(batch_id, "openai.json")
+            if record is not None:
+                found.append((record.get("created_ns", 0), batch_id, record.get("owner", ANONYMOUS)))
+        found.sort()
+        await self.store.delete(self.names.openai_batches, *{self.owner_batches(o) for _, _, o in found})
+        for _, batch_id, owner in found:
+            await self._index(batch_id, owner)
+        await self.store.set(self.names.openai_batches_built, str(time.time()).encode())
+        return len(found)
+
+    async def _batch_meta(self, batch_id: str, caller: Caller) -> dict[str, Any]:
+        """The batch's record if ``caller`` may see it; a 404 if nothing of it is known, a 410 if
+        something is (an index entry, results) but the record is gone."""
+        record = await self.data.record(batch_id, "openai.json")
+        if record is not None:
+            if not caller.may_see(record.get("owner", ANONYMOUS)):
+                raise BatchApiError(404, f"no batch {batch_id}", "batch_id")
+            if not await self.store.hgetall(self.names.openai_batch(batch_id)):
+                await self.store.hset(self.names.openai_batch(batch_id),
+                                      {"owner": record.get("owner", ANONYMOUS)}, ttl_s=RESULT_TTL_S)
+            return record
+        entry = await self.store.hgetall(self.names.openai_batch(batch_id))
+        if entry:  # indexed, so it was created: its record is lost (the folder was not shared, or wiped)
+            if caller.may_see(entry.get("owner", ANONYMOUS)):
+                raise self._lost(batch_id, len(await self.data.results(batch_id)))
+        elif caller.admin and await self.data.known(batch_id):  # results kept, owner unknown
+            raise self._lost(batch_id, len(await self.data.results(batch_id)))
+        raise BatchApiError(404, f"no batch {batch_id}", "batch_id")
+
+    @staticmethod
+    def _lost(batch_id: str, results_kept: int) -> BatchApiError:
+        return BatchApiError(410, str(BatchStateLost(batch_id, results_kept)), "batch_id",
+                             "batch_state_lost")
+
+    async def _results(self, batch_id: str, meta: dict[str, Any]) -> list[JobResult | None]:
         """Each valid line's stored result, in order (None while it has none)."""
-        if not json.loads(meta["valid"]):
+        if not meta["valid"]:
             return []
-        return await self.producer.results(batch_id)
+        try:
+            return await self.producer.results(batch_id)
+        except (BatchStateLost, UnknownBatch):  # the queue's record of it is gone
+            raise self._lost(batch_id, len(await self.data.results(batch_id))) from None
 
     async def batch_object(self, batch_id: str, *, caller: Caller) -> dict[str, Any]:
         meta = await self._batch_meta(batch_id, caller)
         return await self._describe(batch_id, meta, await self._results(batch_id, meta))
 
-    async def _describe(self, batch_id: str, meta: dict[str, str],
+    async def _describe(self, batch_id: str, meta: dict[str, Any],
                         results: list[JobResult | None]) -> dict[str, Any]:
-        valid = json.loads(meta["valid"])
-        invalid = json.loads(meta["invalid"])
+        valid, invalid = meta["valid"], meta["invalid"]
         done = [r for r in results if r is not None]
         completed = sum(1 for r in done if r.status == "completed")
         failed = len(invalid) + sum(1 for r in done if r.status == "failed")
-        cancel_requested = bool(valid) and (
-            await self.store.hgetall(self.names.job_batch(batch_id))).get("cancelled") == "1"
+        cancel_requested = bool(valid) and await self.data.cancelled(batch_id)
         finished = len(done) == len(valid)
         last = int(max((r.finished_at for r in done), default=float(meta["created_at"])))
         if not valid:
@@ -279,8 +308,7 @@ class BatchStore:
             status = "completed" if finished else "in_progress"
         has_errors = failed > 0 or any(r.status == "cancelled" for r in done)
         created = int(meta["created_at"])
-        output_file_id = meta.get("output_file_id", f"file-{batch_id}-output")
-        error_file_id = meta.get("error_file_id", f"file-{batch_id}-errors")
+        output_file_id, error_file_id = meta["output_file_id"], meta["error_file_id"]
         return {
             "id": batch_id, "object": "batch", "endpoint": meta["endpoint"],
             "errors": {"object": "list", "data": [{"code": "empty_batch", "message":
@@ -297,7 +325,7 @@ class BatchStore:
             "cancelling_at": created if cancel_requested else None,
             "cancelled_at": last if status == "cancelled" else None,
             "request_counts": {"total": int(meta["total"]), "completed": completed, "failed": failed},
-            "metadata": json.loads(meta["metadata"]),
+            "metadata": meta["metadata"],
         }
 
     async def cancel(self, batch_id: str, *, caller: Caller) -> dict[str, Any]:
@@ -311,24 +339,26 @@ class BatchStore:
 
     async def list(self, limit: int, *, caller: Caller) -> dict[str, Any]:
         """The caller's newest batches (an admin: everyone's); expired ones are left out."""
+        if await self.store.get(self.names.openai_batches_built) is None:
+            await self.rebuild_index()
         key = self.names.openai_batches if caller.admin else self.owner_batches(caller.owner)
         data = []
         for raw in await self.store.list_range(key, BATCHES_MAX):
             try:
                 data.append(await self.batch_object(raw.decode(), caller=caller))
-            except BatchApiError:  # expired (records live 7 days, the list longer)
+            except BatchApiError:  # expired (records live 7 days, the list longer), or lost
                 continue
             if len(data) >= limit:
                 break
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": False}
 
-    def _output_lines(self, meta: dict[str, str],
+    def _output_lines(self, meta: dict[str, Any],
                       results: list[JobResult | None]) -> tuple[list[Any], list[Any]]:
         """(output lines, error lines), each in input-line order."""
-        valid = json.loads(meta["valid"])
+        valid = meta["valid"]
         output: list[tuple[int, Any]] = []
-        errors: list[tuple[int, Any]] = [(e["error"]["line"], e) for e in json.loads(meta["invalid"])]
+        errors: list[tuple[int, Any]] = [(e["error"]["line"], e) for e in meta["invalid"]]
         for (line_no, custom_id), result in zip(valid, results):
             if result is None:
                 continue

@@ -22,7 +22,11 @@ started again), ``poison`` (random bytes into every queue and fanout exchange of
 work message whose reply queue no broker can route), ``overload`` (10 x the clients for
 ``--baseline-s``), ``abandon`` (100 clients that send a long completion and leave after 0.2 s),
 ``too-large`` (a request whose prompt + max_tokens no worker's KV cache can hold, which must be
-a 400 at once).
+a 400 at once), ``store-flush`` (FLUSHALL on Redis while a Batch API batch runs and another has
+finished: every batch must still answer, the finished one as before, the running one to its end,
+each line once with its reference text), ``slowloris`` (1,000 connections that send their headers
+a byte a second, from four loopback addresses, for 15 s: the normal clients' p99 latency within
+10 % of before, the gateway's descriptors back once the header timeout closed them).
 
 What a client counts (one row per scenario):
 - *sent*: requests the clients started; *completed*: answered 200 with the expected text (the
@@ -48,6 +52,7 @@ import asyncio
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -65,6 +70,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from queue import Empty, Queue
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -93,7 +100,7 @@ PROMPTS = (
     "Seven plus five equals",
 )
 ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large", "topology-loss",
-       "gateway-kill", "hung-worker", "paused-worker")
+       "gateway-kill", "hung-worker", "paused-worker", "store-flush", "slowloris")
 LONG = ("redis-30s", "broker-30s")
 
 
@@ -128,8 +135,7 @@ def available() -> str | None:
     """Why the private services cannot run here (None: they can): RabbitMQ's and Redis's
     programs installed, and root (the node runs as the ``rabbitmq`` user)."""
     missing = [p for p in ("rabbitmq-server", "rabbitmqctl") if not (RABBIT_BIN / p).exists()]
-    if shutil.which("redis-server") is None:
-        missing.append("redis-server")
+    missing += [p for p in ("redis-server", "redis-cli") if shutil.which(p) is None]
     if missing:
         return f"not installed: {', '.join(missing)} (apt-get install -y rabbitmq-server redis-server)"
     if os.geteuid() != 0:
@@ -172,6 +178,13 @@ class PrivateServices:
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"],
             stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(lambda: port_open(self.redis_port), 20, "redis-server answering")
+
+    def flush_redis(self) -> int:
+        """FLUSHALL; the number of keys there were."""
+        cli = ["redis-cli", "-p", str(self.redis_port)]
+        keys = int(subprocess.run([*cli, "DBSIZE"], capture_output=True, text=True, timeout=10, check=True).stdout)
+        subprocess.run([*cli, "FLUSHALL"], capture_output=True, timeout=10, check=True)
+        return keys
 
     def kill_redis(self) -> None:
         if self.redis is not None and self.redis.poll() is None:
@@ -267,6 +280,7 @@ class Mesh:
         self.namespace = namespace or f"faults{secrets.token_hex(3)}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("EXEGPT_")}
         self.env.update({"EXEGPT_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S), "EXEGPT_KV_CACHE_GB": str(KV_CACHE_GB),
+                         "EXEGPT_BATCH_DIR": str(services.dir / "batches"),
                          "EXEGPT_HEARTBEAT_S": "0.5", "EXEGPT_HEARTBEAT_TIMEOUT_S": "3", "PYTHONUNBUFFERED": "1",
                          **(env or {})})
         self.popen: subprocess.Popen[str] | None = None
@@ -331,13 +345,16 @@ class Mesh:
         return urls
 
     def role_pids(self, role: str) -> list[int]:
-        return sorted(pid for pid, cmd in self.children().items() if f"services.cli {role}" in cmd)
+        """The processes of ``role``, oldest first: a gateway's spare (started once the gateway
+        serves, woken when it dies) comes after the gateway it stands in for."""
+        return sorted((pid for pid, cmd in self.children().items() if f"services.cli {role}" in cmd),
+                      key=started_at)
 
     def running(self) -> bool:
         """`exegpt up` and every process it should run are alive."""
         if self.popen is None or self.popen.poll() is not None:
             return False
-        return (len(self.role_pids("worker")) == self.workers and len(self.role_pids("gateway")) == 1
+        return (len(self.role_pids("worker")) == self.workers and len(self.role_pids("gateway")) in (1, 2)
                 and len(self.role_pids("scheduler")) == 1)
 
     def close(self) -> None:
@@ -348,6 +365,14 @@ class Mesh:
             except subprocess.TimeoutExpired:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(10)
+
+
+def started_at(pid: int) -> int:
+    """When the process started (clock ticks since boot; 0 if it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 # ==== the clients ===============================================================================
@@ -483,7 +508,8 @@ class Outcome:
         """What this scenario missed of the goals (empty: all met)."""
         if self.scenario == "gateway-kill":
             return self._gateway_goals()
-        missed = []
+        missed = {"store-flush": self._batch_goals, "slowloris": self._slowloris_goals}.get(
+            self.scenario, list)()
         if self.hung:
             missed.append(f"{self.hung} hung")
         if self.wrong:
@@ -500,11 +526,39 @@ class Outcome:
         return missed
 
 
+    def _batch_goals(self) -> list[str]:
+        missed = []
+        if not self.extra.get("finished_same"):
+            missed.append("the finished batch does not answer as before the flush")
+        running = self.extra.get("running", {})
+        if running.get("status") != "completed" or running.get("lines") != running.get("total"):
+            missed.append(f"the running batch did not finish with every line: {running}")
+        if running.get("wrong") or running.get("repeated"):
+            missed.append(f"the running batch has {running.get('wrong')} wrong and {running.get('repeated')} "
+                          "repeated lines")
+        if not self.extra.get("listed"):
+            missed.append("the batches are not listed after the flush")
+        return missed
+
+    def _slowloris_goals(self) -> list[str]:
+        x, missed = self.extra, []
+        if x.get("p99_ratio") is None or x["p99_ratio"] > SLOWLORIS_P99_RATIO:
+            missed.append(f"normal clients' p99 {x.get('p99_during_ms')} ms against {x.get('p99_before_ms')} ms "
+                          f"before (ratio {x.get('p99_ratio')} > {SLOWLORIS_P99_RATIO})")
+        if x.get("closed_by_gateway", 0) < x.get("connections", 1):
+            missed.append(f"the gateway closed {x.get('closed_by_gateway')} slow connections of {x.get('connections')}")
+        if x.get("fds_after") is None or x["fds_after"] > x["fds_before"] + SLOWLORIS_FD_MARGIN:
+            missed.append(f"gateway descriptors {x.get('fds_after')} after, {x.get('fds_before')} before")
+        return missed
+
     def _gateway_goals(self) -> list[str]:
         stopped, served = self.extra.get("stopped_s"), self.extra.get("served_s")
         missed = [] if self.up else ["mesh not up"]
         if stopped is None or stopped >= DEAD_GATEWAY_STOP_S:
             missed.append(f"work for the dead gateway ran {stopped} s >= {DEAD_GATEWAY_STOP_S:g} s")
+        if self.extra.get("quiet_samples", 0) < 3 or self.extra.get("trickle_tokens", 0) > PROBE_TOKENS:
+            missed.append(f"no stop seen: {self.extra.get('quiet_samples')} quiet intervals after it, "
+                          f"{self.extra.get('trickle_tokens')} tokens in them")
         if served is None or served >= GATEWAY_BACK_S:
             missed.append(f"the new gateway served after {served} s >= {GATEWAY_BACK_S:g} s")
         return missed
@@ -754,11 +808,11 @@ KILL_TOKENS = 400  # long requests (EOS ignored), so that work is running when t
 
 
 async def gateway_kill(h: Harness) -> dict:
-    """SIGKILL the gateway while long requests run: seconds until the workers' generated-token
-    counters stop advancing (its events queue went with its connection: they drop its work) and
-    the tokens generated meanwhile, both counted before the new gateway's first request; seconds
-    until the gateway `exegpt up` starts again prints its ready line and answers a completion
-    (a new URL: the harness follows it)."""
+    """SIGKILL the gateway while long requests run, once its spare waits: seconds until the
+    workers' generated-token counters stop advancing (its events queue went with its connection:
+    they drop its work) and the tokens generated meanwhile (``dead_work``); seconds until the
+    gateway `exegpt up` starts again prints its ready line and answers a completion (a new URL:
+    the harness follows it)."""
     clients = Clients(h.mesh.url, {}, max_tokens=KILL_TOKENS, ignore_eos=True)
     loops = [asyncio.create_task(clients.loop(seed)) for seed in range(h.settings.clients)]
     try:
@@ -767,6 +821,7 @@ async def gateway_kill(h: Harness) -> dict:
             if time.monotonic() > deadline:
                 raise SetupError("the long requests did not run")
             await asyncio.sleep(0.2)  # polling the workers' counters until the long requests run
+        spare = await spare_waiting(h.mesh, timeout_s=60)
         gateways = gateway_urls(h.mesh)
         os.kill(h.mesh.role_pids("gateway")[0], signal.SIGKILL)
         killed = time.monotonic()
@@ -779,15 +834,46 @@ async def gateway_kill(h: Harness) -> dict:
     try:
         h.mesh.url = await new_gateway_url(h.mesh, len(gateways), timeout_s=60)
         ready_s = round(time.monotonic() - killed, 2)
-        asked_at = time.monotonic()
         served_s = await first_answer(h.mesh.url, killed, timeout_s=60)
+        await asyncio.sleep(max(killed + STOP_WINDOW_S - time.monotonic(), 0))  # the counters' window
     finally:
         sampler.cancel()
-    quiet = [(t, n) for t, n in samples if t < asked_at]  # before the new gateway's request made tokens
-    grew = [t for (t, n), (_, m) in zip(quiet, quiet[1:]) if m > n] if len(quiet) > 1 else []
-    return {"stopped_s": round((max(grew) if grew else killed) - killed, 2),
-            "tokens_after_kill": quiet[-1][1] - quiet[0][1] if quiet else None,
-            "quiet_s": round(asked_at - killed, 2), "ready_s": ready_s, "served_s": served_s}
+    return {"spare_waiting": spare, **dead_work(samples, killed), "ready_s": ready_s, "served_s": served_s}
+
+
+STOP_WINDOW_S = DEAD_GATEWAY_STOP_S + 1.0  # the workers' counters are sampled this long after the kill
+PROBE_TOKENS = 4  # what the new gateway's first request (``first_answer``) may generate
+
+
+def dead_work(samples: list[tuple[float, int]], killed: float) -> dict:
+    """When the workers stopped generating for the dead gateway, from their token counters sampled
+    after the kill: the last interval that grew by more than the new gateway's probe can
+    (``PROBE_TOKENS``; the dead gateway's 4 long streams grow them by tens each interval).
+    ``quiet_samples``: intervals after it; ``trickle_tokens``: what they grew by in all (the
+    probe's, at most PROBE_TOKENS, if the work really stopped)."""
+    steps = [(t, m - n) for (t, n), (_, m) in zip(samples, samples[1:])]
+    busy = [i for i, (_, grown) in enumerate(steps) if grown > PROBE_TOKENS]
+    last = busy[-1] if busy else -1
+    return {"stopped_s": round((steps[last][0] if busy else killed) - killed, 2),
+            "tokens_after_kill": sum(grown for _, grown in steps[:last + 1]),
+            "quiet_samples": len(steps) - last - 1,
+            "trickle_tokens": sum(grown for _, grown in steps[last + 1:])}
+
+
+async def spare_waiting(mesh: Mesh, timeout_s: float) -> bool:
+    """Whether the gateway's spare says it waits (within ``timeout_s``): the restart measured is
+    the one a gateway that dies after its first seconds gets."""
+    deadline = time.monotonic() + timeout_s
+    def waiting() -> bool:  # a spare per restart so far, and one more
+        lines = list(mesh.output)
+        spares = sum(line.startswith("[gateway-0-standby] standby gateway") for line in lines)
+        return spares > sum(line.startswith("exegpt up: gateway-0 exited") for line in lines)
+
+    while not waiting():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)  # polling the launcher's output for the spare's line
+    return True
 
 
 def gateway_urls(mesh: Mesh) -> list[str]:
@@ -870,6 +956,203 @@ async def too_large(h: Harness, clients: Clients) -> dict:
     return {"status": response.status_code, "seconds": round(took, 2), "message": message[:160]}
 
 
+FLUSH_FINISHED_LINES, FLUSH_RUNNING_LINES = 8, 32
+BATCH_TIMEOUT_S = 90.0  # a batch of FLUSH_RUNNING_LINES beside the steady load ends well within this
+
+
+async def store_flush(h: Harness, clients: Clients) -> dict:
+    """FLUSHALL on the mesh's Redis while one Batch API batch runs and another has finished.
+    The batch folder keeps files, records and results; the store only an index, rebuilt. After
+    the flush: the finished batch, its files and the listing answer as before; the running batch
+    ends with each line once, with its prompt's reference text."""
+    api = clients.client
+    finished = await submit_batch(api, FLUSH_FINISHED_LINES)
+    finished = await batch_done(api, finished["id"], BATCH_TIMEOUT_S)
+    before = await batch_view(api, finished)
+    running = await submit_batch(api, FLUSH_RUNNING_LINES)
+    await batch_progress(api, running["id"], 1, BATCH_TIMEOUT_S)  # some of its lines are done
+    flushed = await asyncio.to_thread(h.services.flush_redis)
+    after = await batch_view(api, await batch_done(api, finished["id"], 10))
+    running = await batch_done(api, running["id"], BATCH_TIMEOUT_S)
+    output = (await api.get(f"/v1/files/{running['output_file_id']}/content")).text.splitlines()
+    lines = [json.loads(line) for line in output]
+    texts = {line["custom_id"]: line["response"]["body"]["choices"][0]["text"] for line in lines}
+    wrong = sum(1 for custom_id, text in texts.items() if text != h.reference[batch_prompt(custom_id)])
+    listed = {b["id"] for b in (await api.get("/v1/batches", params={"limit": 100})).json()["data"]}
+    return {"flushed": flushed, "finished_same": after == before,
+            "running": {"status": running["status"], "total": running["request_counts"]["total"],
+                        "lines": len(texts), "repeated": len(lines) - len(texts), "wrong": wrong},
+            "listed": {finished["id"], running["id"]} <= listed}
+
+
+def batch_prompt(custom_id: str) -> str:
+    return PROMPTS[int(custom_id.rsplit("-", 1)[1]) % len(PROMPTS)]
+
+
+async def submit_batch(api: httpx.AsyncClient, lines: int) -> dict:
+    """A Batch API batch of ``lines`` greedy completions of the reference prompts."""
+    tag = secrets.token_hex(3)
+    body = "".join(json.dumps({"custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/completions",
+                               "body": {"model": MODEL, "prompt": batch_prompt(f"{tag}-{i}"),
+                                        "max_tokens": MAX_TOKENS, "temperature": 0}}) + "\n"
+                   for i in range(lines))
+    file = await api.post("/v1/files", data={"purpose": "batch"},
+                          files={"file": ("lines.jsonl", body.encode(), "application/jsonl")})
+    file.raise_for_status()
+    batch = await api.post("/v1/batches", json={"input_file_id": file.json()["id"],
+                                                "endpoint": "/v1/completions"})
+    batch.raise_for_status()
+    return batch.json()
+
+
+async def batch_progress(api: httpx.AsyncClient, batch_id: str, lines: int, timeout_s: float) -> dict:
+    """The batch once at least ``lines`` of it are done (completed or failed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = await api.get(f"/v1/batches/{batch_id}")
+        if response.status_code == 200:
+            batch = response.json()
+            counts = batch["request_counts"]
+            if counts["completed"] + counts["failed"] >= lines or batch["status"] != "in_progress":
+                return batch
+        if time.monotonic() > deadline:
+            raise SetupError(f"batch {batch_id}: {lines} lines not done in {timeout_s:g} s: {response.text[:300]}")
+        await asyncio.sleep(0.2)  # polling the Batch API, as its clients do
+
+
+async def batch_done(api: httpx.AsyncClient, batch_id: str, timeout_s: float) -> dict:
+    return await batch_progress(api, batch_id, 1 << 30, timeout_s)
+
+
+async def batch_view(api: httpx.AsyncClient, batch: dict) -> dict:
+    """What a client reads of a finished batch: its object, its input file, its output."""
+    return {"batch": batch,
+            "input": (await api.get(f"/v1/files/{batch['input_file_id']}/content")).text,
+            "file": (await api.get(f"/v1/files/{batch['input_file_id']}")).json(),
+            "output": (await api.get(f"/v1/files/{batch['output_file_id']}/content")).text}
+
+
+SLOWLORIS_CONNECTIONS = 1000
+SLOWLORIS_SOURCES = 4  # loopback addresses they come from: 250 each, under the per-client cap (256)
+SLOWLORIS_S = 15.0  # longer than the header timeout (10 s): each is closed by the gateway at least once
+SLOWLORIS_RAMP_S = 2.0  # the normal clients' latencies count from this long after the attack began
+SLOWLORIS_P99_RATIO = 1.10
+SLOWLORIS_FD_MARGIN = 16  # the gateway's descriptors after the attack, over those before it
+SLOW_HEAD = b"GET /health HTTP/1.1\r\nHost: gateway\r\nX-Slow: "
+
+
+def slowloris(connections: int) -> Callable[[Harness, Clients], Awaitable[dict]]:
+    """``connections`` clients that open a request and send its headers a byte a second, never
+    finishing them, opening another when the gateway closes theirs; the steady clients go on.
+    Their p99 latency over the attack (after a ramp) against the baseline's; the gateway's open
+    descriptors before, at most during, and once the header timeout has closed the slow ones."""
+    async def fault(h: Harness, clients: Clients) -> dict:
+        url = urlsplit(h.mesh.url)
+        pid = h.mesh.role_pids("gateway")[0]
+        fds_before = fd_count(pid)
+        quiet = time.monotonic()
+        await asyncio.sleep(SLOWLORIS_S)  # a window as long as the attack's, without it, to compare with
+        began = time.monotonic()
+        before = latencies(clients, quiet + SLOWLORIS_RAMP_S, began)
+        fds = [fds_before]
+        sampler = asyncio.create_task(sample_fds(pid, fds))
+        counts = await attack(url.hostname or "127.0.0.1", url.port or 80, connections, SLOWLORIS_S)
+        ended = time.monotonic()
+        sampler.cancel()
+        during = latencies(clients, began + SLOWLORIS_RAMP_S, ended)
+        fds_after = await settled_fds(pid, fds_before)
+        p99_before, p99_during = percentile(before, 0.99), percentile(during, 0.99)
+        return {"connections": connections, "opened": counts["opened"], "closed_by_gateway": counts["closed"],
+                "refused": counts["refused"], "fds_before": fds_before, "fds_max": max(fds), "fds_after": fds_after,
+                "p99_before_ms": round(1000 * p99_before, 1), "p99_during_ms": round(1000 * p99_during, 1),
+                "p50_before_ms": round(1000 * percentile(before, 0.5), 1),
+                "p50_during_ms": round(1000 * percentile(during, 0.5), 1),
+                "samples": [len(before), len(during)],
+                "p99_ratio": round(p99_during / p99_before, 3) if before and during else None}
+    return fault
+
+
+async def attack(host: str, port: int, connections: int, seconds: float) -> dict:
+    """The slow clients, in a process of their own (their event loop is not the normal
+    clients'), for ``seconds``: what the gateway did to their connections."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_attack_process, args=(host, port, connections, seconds, results))
+    process.start()
+    try:
+        return await asyncio.to_thread(results.get, True, seconds + 60)
+    finally:
+        await asyncio.to_thread(process.join, 10)
+
+
+def _attack_process(host: str, port: int, connections: int, seconds: float, results: Any) -> None:
+    async def run() -> dict:
+        stop, counts = asyncio.Event(), {"opened": 0, "closed": 0, "refused": 0}
+        tasks = [asyncio.create_task(slow_client(host, port, f"127.0.1.{1 + i % SLOWLORIS_SOURCES}", stop, counts))
+                 for i in range(connections)]
+        await asyncio.sleep(seconds)  # the attack lasts this long
+        stop.set()
+        await asyncio.gather(*tasks)
+        return counts
+    results.put(asyncio.run(run()))
+
+
+async def slow_client(host: str, port: int, source: str, stop: asyncio.Event, counts: dict) -> None:
+    """One slow-header connection after another until ``stop``; counts what the gateway did."""
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+        except OSError:
+            counts["refused"] += 1
+            continue
+        counts["opened"] += 1
+        try:
+            writer.write(SLOW_HEAD)
+            while not stop.is_set():
+                try:
+                    answer = await asyncio.wait_for(reader.read(4096), 1.0)  # a byte a second
+                except TimeoutError:
+                    writer.write(b"a")
+                    continue
+                counts["closed" if b" 408 " in answer or not answer else "refused"] += 1
+                break
+        except OSError:
+            counts["closed"] += 1
+        finally:
+            writer.close()
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def sample_fds(pid: int, samples: list[int]) -> None:
+    while True:
+        samples.append(fd_count(pid))
+        await asyncio.sleep(0.25)  # sampling the gateway's descriptors
+
+
+async def settled_fds(pid: int, before: int, timeout_s: float = 15.0) -> int:
+    """The gateway's descriptors once back within the margin of ``before`` (or at the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while (now := fd_count(pid)) > before + SLOWLORIS_FD_MARGIN and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)  # polling /proc until the gateway has closed them
+    return now
+
+
+def latencies(clients: Clients, start: float, end: float) -> list[float]:
+    """Seconds each request sent and answered within [start, end) took."""
+    return [r.ended_at - r.sent_at for r in clients.records
+            if r.outcome == "completed" and r.ended_at is not None and start <= r.sent_at and r.ended_at < end]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 FAULTS: dict[str, tuple[Callable[[Harness, Clients], Awaitable[dict]], float]] = {
     "kill-worker": (kill_worker, 0.0),
     "redis-3s": (redis_down(3), 3.0),
@@ -883,6 +1166,8 @@ FAULTS: dict[str, tuple[Callable[[Harness, Clients], Awaitable[dict]], float]] =
     "topology-loss": (topology_loss, 0.0),
     "hung-worker": (hung_worker(40), 0.0),
     "paused-worker": (hung_worker(2), 0.0),
+    "store-flush": (store_flush, 0.0),
+    "slowloris": (slowloris(SLOWLORIS_CONNECTIONS), 0.0),
 }
 
 

@@ -31,6 +31,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amqp-url", help="RabbitMQ URL (default: EXEGPT_AMQP_URL)")
     p.add_argument("--redis-url", help="Redis URL (default: EXEGPT_REDIS_URL)")
     p.add_argument("--namespace", help="mesh namespace (default: EXEGPT_NAMESPACE or exegpt)")
+    p.add_argument("--batch-dir", help="folder of batch records and results, shared with the gateways "
+                   "(default: EXEGPT_BATCH_DIR or ~/.local/share/exegpt/batches)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -96,7 +98,8 @@ def _config(args: argparse.Namespace) -> Any:
     from common.config import MeshConfig
 
     overrides = {k: v for k, v in (("amqp_url", args.amqp_url), ("redis_url", args.redis_url),
-                                   ("namespace", args.namespace)) if v}
+                                   ("namespace", args.namespace),
+                                   ("batch_dir", args.batch_dir)) if v}
     if getattr(args, "device", None):
         overrides["device"] = args.device
     try:
@@ -118,7 +121,10 @@ class _Conn:
         from common.transport.connect import LocalHub, open_bus, open_store
         from common.names import Names
 
+        from common.transport.batchdir import BatchDir
+
         self.names = Names(self.config.namespace)
+        self.data = BatchDir(self.config.batch_dir, self.config.namespace)
         try:
             self.bus = await open_bus(self.config, self.names, LocalHub())
             self.store = await open_store(self.config)
@@ -174,7 +180,7 @@ async def _submit(args: argparse.Namespace, config: Any) -> int:
     batch_id = args.batch_id or new_batch_id()
     async with _Conn(config) as conn:
         if args.count is not None and args.wait:
-            summary = await run_batch(conn.bus, conn.store, conn.names, _synthetic_specs(args),
+            summary = await run_batch(conn.bus, conn.data, conn.names, _synthetic_specs(args),
                                       model, args.timeout_s, batch_id)
             print(json.dumps(asdict(summary), indent=1))
             return 0 if summary.missing == 0 else 1
@@ -184,7 +190,7 @@ async def _submit(args: argparse.Namespace, config: Any) -> int:
         else:
             jobs = [p.job(job_id(batch_id, i), batch_id, reply)
                     for i, p in enumerate(_file_jobs(args.file, model, config.max_tokens_limit))]
-        producer = JobProducer(conn.bus, conn.store, conn.names)
+        producer = JobProducer(conn.bus, conn.data, conn.names)
         await producer.submit(batch_id, jobs, reply_to=reply)
         print(batch_id)
         if args.wait:
@@ -205,7 +211,7 @@ async def _status(args: argparse.Namespace, config: Any) -> int:
 
     async with _Conn(config) as conn:
         try:
-            status = await JobProducer(conn.bus, conn.store, conn.names).status(args.batch_id)
+            status = await JobProducer(conn.bus, conn.data, conn.names).status(args.batch_id)
         except UnknownBatch:
             raise CliError(f"no batch {args.batch_id}") from None
     print(json.dumps(asdict(status) | {"done": status.done}))
@@ -217,7 +223,7 @@ async def _cancel(args: argparse.Namespace, config: Any) -> int:
 
     async with _Conn(config) as conn:
         try:
-            await JobProducer(conn.bus, conn.store, conn.names).cancel(args.batch_id)
+            await JobProducer(conn.bus, conn.data, conn.names).cancel(args.batch_id)
         except UnknownBatch:
             raise CliError(f"no batch {args.batch_id}") from None
     print(f"{args.batch_id}: cancel requested")
@@ -229,7 +235,7 @@ async def _results(args: argparse.Namespace, config: Any) -> int:
 
     async with _Conn(config) as conn:
         try:
-            results = await JobProducer(conn.bus, conn.store, conn.names).results(args.batch_id)
+            results = await JobProducer(conn.bus, conn.data, conn.names).results(args.batch_id)
         except UnknownBatch:
             raise CliError(f"no batch {args.batch_id}") from None
     lines = [json.dumps(asdict(r) if r is not None else {"job_id": job_id(args.batch_id, i),
@@ -299,6 +305,7 @@ async def _worker(args: argparse.Namespace, config: Any) -> int:
     from contextlib import AsyncExitStack
 
     from common.names import Names
+    from common.transport.batchdir import BatchDir
     from services.batch.executor import EchoExecutor
 
     worker_id = args.worker_id or f"batch-{socket.gethostname()}-{os.getpid()}"
@@ -318,7 +325,7 @@ async def _worker(args: argparse.Namespace, config: Any) -> int:
             if args.executor == "mesh" and args.yield_depth >= 0:
                 admission = QueueDepthAdmission(transports.bus, names.encode_queue,
                                                 args.yield_depth, own_waiting=executor.waiting)
-        consumer = JobConsumer(transports.bus, transports.store, names, executor,
+        consumer = JobConsumer(transports.bus, BatchDir(config.batch_dir, config.namespace), names, executor,
                                ConsumerConfig(worker_id, args.max_inflight, config.drain_timeout_s),
                                admission)
         print(f"{worker_id}: consuming {names.jobs_queue}", flush=True)

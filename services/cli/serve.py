@@ -29,6 +29,8 @@ FLAGS = {
     "--amqp-url": ("amqp_url", str, "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/"),
     "--redis-url": ("redis_url", str, "Redis URL, e.g. redis://127.0.0.1:6379/0"),
     "--namespace": ("namespace", str, "prefix of every queue, exchange and key (default exegpt)"),
+    "--batch-dir": ("batch_dir", str, "folder of Batch API files, records and results, shared by every "
+                    "gateway and batch worker (default ~/.local/share/exegpt/batches)"),
     "--device": ("device", str, "engine device: auto, cpu, cuda"),
     "--threads": ("threads", int, "torch threads per engine"),
     "--dtype": ("dtype", str, "engine dtype: float32 (CPU default), bfloat16, float16"),
@@ -66,6 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         if role in GATEWAY_ROLES:
             parser.add_argument("--insecure", dest="insecure", action="store_true", default=None,
                                 help="serve without API keys on a non-loopback --host")
+        if role == "gateway":
+            parser.add_argument("--standby", action="store_true", default=False,
+                                help="start as a spare: load everything, then wait for a line on stdin "
+                                     "before listening (`exegpt up` keeps one to replace a gateway that dies)")
         if role == "up":
             parser.add_argument("--workers", type=int, default=2, help="worker processes")
             parser.add_argument("--spec", type=Path, default=None, help="process spec (deploy/processes.toml)")
@@ -137,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from services.run.runner import main_for
 
     try:
-        return main_for(args.role, config)
+        return main_for(args.role, config, standby=getattr(args, "standby", False))
     except ValueError as exc:  # the engine names a bad model or device this way
         raise CliError(str(exc)) from None
 

@@ -279,6 +279,8 @@ _MEANING = {
     403: "A key of scope user on an admin route",
     404: "Not found: the model is not the one served, or the batch or file does not exist (or "
          "belongs to another key)",
+    410: "The batch's record was lost (its index or its kept results name it, the batch folder does "
+         "not hold it): its state cannot be told; submit it again",
     408: "The request body did not arrive whole within `body_timeout_s`",
     413: "The body is larger than the gateway accepts (`max_body_bytes`; a file upload: its own limit)",
     429: "A limit was reached: requests in flight at this gateway, the encode queue's depth, or "

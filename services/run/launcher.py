@@ -7,6 +7,11 @@ lines, restarts a child that dies (after a backoff, within a restart budget per 
 advancing (``services.run.liveness``: a hung process, whose unacknowledged work the broker hands
 to others once its connection closes), and on SIGINT/SIGTERM sends SIGTERM to every child, waits for them to drain,
 and kills what is left.
+
+A gateway has a spare (``STANDBY``): a second process started with ``--standby`` once the gateway
+is ready, which imports, loads the tokenizer and the plugins, then waits. When the gateway dies,
+its restart (after the same backoff and budget) wakes the spare, which only has to listen and
+connect, instead of starting a process from nothing; a new spare is started once it serves.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ DEFAULT_SPEC = REPO_ROOT / "deploy" / "processes.toml"
 READY_TIMEOUT_S = 300.0
 SUPERVISE_INTERVAL_S = 0.2  # children are looked at this often
 WATCHED = ("worker", "scheduler")  # the roles whose liveness file the launcher reads
+STANDBY = ("gateway",)  # the roles kept with a warm spare that takes over when one dies
 
 
 @dataclass(frozen=True)
@@ -89,10 +95,19 @@ class Child:
     ready_line: str | None = None
     lines: "Queue[str | None]" = field(default_factory=Queue)
     liveness: Path | None = None  # the file it touches while alive
+    standby: bool = False  # a spare, waiting to be woken
+    ready: threading.Event = field(default_factory=threading.Event)  # it printed its ready line
 
     @property
     def label(self) -> str:
-        return f"{self.spec.name}-{self.index}"
+        return f"{self.spec.name}-{self.index}" + ("-standby" if self.standby else "")
+
+    def wake(self) -> None:
+        """A spare takes over: a line on its stdin."""
+        assert self.popen.stdin is not None
+        self.popen.stdin.write("serve\n")
+        self.popen.stdin.flush()
+        self.standby = False
 
 
 def read_spec(path: Path, counts: dict[str, int]) -> list[ProcessSpec]:
@@ -122,17 +137,21 @@ class Launcher:
         self.children: list[Child] = []
         self.stopping = threading.Event()
         self.beats = Path(tempfile.mkdtemp(prefix="exegpt-up-"))  # the children's liveness files
+        self.spares: dict[tuple[str, int], Child] = {}
+        self.spare_budgets: dict[tuple[str, int], RestartBudget] = {}
+        self.spare_at: dict[tuple[str, int], float | None] = {}  # when the next spare may start; None: never
 
-    def spawn(self, spec: ProcessSpec, index: int) -> Child:
+    def spawn(self, spec: ProcessSpec, index: int, *, standby: bool = False) -> Child:
         env, liveness = self.env, None
         if spec.name in WATCHED:
             liveness = self.beats / f"{spec.name}-{index}"
             liveness.unlink(missing_ok=True)  # a new process: no age until it first touches it
             env = {**self.env, "EXEGPT_LIVENESS_FILE": str(liveness)}
-        popen = subprocess.Popen([sys.executable, "-m", "services.cli", *spec.args], cwd=REPO_ROOT,
+        args = (*spec.args, "--standby") if standby else spec.args
+        popen = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, bufsize=1)
-        child = Child(spec, index, popen, liveness=liveness)
+                                 stdin=subprocess.PIPE if standby else None, text=True, bufsize=1)
+        child = Child(spec, index, popen, liveness=liveness, standby=standby)
         threading.Thread(target=self._forward, args=(child,), daemon=True).start()
         return child
 
@@ -142,6 +161,7 @@ class Launcher:
         for line in child.popen.stdout:
             print(f"[{child.label}] {line}", end="", flush=True)  # before anyone acts on it
             if line.startswith("ready "):
+                child.ready.set()
                 child.lines.put(line.strip())
         child.lines.put(None)
 
@@ -179,8 +199,29 @@ class Launcher:
             for child in self.children:
                 if child.popen.poll() is None:
                     self._kill_if_hung(child)
+                    self._keep_spare(child, time.monotonic())
                 elif not self.stopping.is_set():
                     self._restart(child, time.monotonic())
+
+    def _keep_spare(self, child: Child, now: float) -> None:
+        """A serving child of a ``STANDBY`` role gets a spare, and one that died is replaced
+        (after a backoff, within a budget of its own: spares that keep dying are given up)."""
+        key = (child.spec.name, child.index)
+        if child.spec.name not in STANDBY or not child.ready.is_set():
+            return
+        spare = self.spares.get(key)
+        if spare is not None and spare.popen.poll() is None:
+            return
+        if spare is not None:  # it died while waiting
+            del self.spares[key]
+            budget = self.spare_budgets.setdefault(key, RestartBudget(RestartPolicy()))
+            delay = budget.died(now, spare.started_at)
+            print(f"exegpt up: {spare.label} exited ({spare.popen.returncode}); "
+                  + ("no more spares" if delay is None else f"another in {delay:g} s"), file=sys.stderr)
+            self.spare_at[key] = None if delay is None else now + delay
+        spare_at = self.spare_at.get(key, now)
+        if spare_at is not None and now >= spare_at:
+            self.spares[key] = self.spawn(child.spec, child.index, standby=True)
 
     def _kill_if_hung(self, child: Child) -> None:
         """SIGKILL (a stopped process dies of it too) a child whose liveness file is older than
@@ -206,13 +247,23 @@ class Launcher:
             child.restart_at = now + delay
         if now < child.restart_at:
             return
+        spare = self.spares.pop((child.spec.name, child.index), None)
+        if spare is not None and spare.popen.poll() is None:  # warm: it takes the dead one's place
+            spare.wake()
+            spare.budget, spare.started_at = child.budget, now
+            self.children[self.children.index(child)] = spare
+            return
         fresh = self.spawn(child.spec, child.index)
         child.popen, child.lines, child.started_at, child.restart_at = fresh.popen, fresh.lines, now, None
-        child.liveness = fresh.liveness
+        child.liveness, child.ready = fresh.liveness, fresh.ready
 
     def stop(self, timeout_s: float) -> None:
         """SIGTERM in reverse start order (gateway first), wait, then kill stragglers."""
         self.stopping.set()
+        for spare in self.spares.values():  # nothing to drain
+            if spare.popen.poll() is None:
+                spare.popen.kill()
+                spare.popen.wait()
         for child in reversed(self.children):
             if child.popen.poll() is None:
                 child.popen.send_signal(signal.SIGTERM)

@@ -119,15 +119,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
+async def serve_http(config: MeshConfig, *, embedded: bool, standby: bool = False) -> None:
     """The gateway (and, embedded, every other service) behind uvicorn, under the gateway's
-    connection limits."""
+    connection limits.
+
+    ``standby``: a spare gateway. It does the slow part of a start (imports, the tokenizer, the
+    plugins), says ``standby gateway``, and waits for a line on stdin, which its supervisor writes
+    when the gateway it stands in for died; then it binds and connects like any gateway. At the
+    end of stdin (its supervisor is gone) it exits."""
     import uvicorn
 
     from services.gateway.connections import bounded_protocol, connection_limits
 
     check_exposure(config, load_keys(config))  # no keys: loopback only, unless insecure
-    sock = bind_socket(config.host, config.port)  # before loading models: a taken port fails fast
+    if not standby:
+        sock = bind_socket(config.host, config.port)  # before loading models: a taken port fails fast
     hub = LocalHub()
     workers = None
     if embedded:  # one worker, one engine; the gateway takes the engine's tokenizer
@@ -142,8 +148,13 @@ async def serve_http(config: MeshConfig, *, embedded: bool) -> None:
     else:  # a gateway only tokenizes: no weights
         model = load_served_model(config)
 
-    url = f"http://{config.host}:{sock.getsockname()[1]}"
     routers, lifespans = load_plugins()
+    if standby:
+        announce("standby gateway")
+        if not await asyncio.to_thread(sys.stdin.readline):
+            return  # no one will call on it
+        sock = bind_socket(config.host, config.port)
+    url = f"http://{config.host}:{sock.getsockname()[1]}"
     app = create_app(config, model, hub=hub, workers=workers, routers=tuple(routers),
                      lifespans=tuple(lifespans), on_ready=lambda: announce(f"ready gateway {url}"))
     server = _uvicorn_server()(uvicorn.Config(app, log_level="warning", lifespan="on",
@@ -180,9 +191,9 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
-def main_for(role: str, config: MeshConfig) -> int:
+def main_for(role: str, config: MeshConfig, *, standby: bool = False) -> int:
     if role in ("gateway", "serve"):
-        run_loop(serve_http(config, embedded=role == "serve"))
+        run_loop(serve_http(config, embedded=role == "serve", standby=standby))
     else:
         run_loop(run_worker(role, config))
     sys.stdout.flush()

@@ -9,6 +9,7 @@ import pytest
 from tests.brokers import AMQP_URL, REDIS_URL
 
 from common.config import MeshConfig
+from common.transport.batchdir import BatchDir
 from common.transport.connect import LocalHub, open_bus, open_store
 from common.transport.port import Bus, Store
 from common.names import Names
@@ -26,6 +27,7 @@ class Env:
     names: Names
     hub: LocalHub
     store: Store
+    data: BatchDir
     buses: list[Bus]
 
     async def bus(self) -> Bus:
@@ -40,7 +42,7 @@ async def env(batch_config: MeshConfig):
     names = Names(batch_config.namespace)
     hub = LocalHub()
     store = await open_store(batch_config) or hub.store
-    e = Env(batch_config, names, hub, store, [])
+    e = Env(batch_config, names, hub, store, BatchDir(batch_config.batch_dir, batch_config.namespace), [])
     try:
         yield e
     finally:
@@ -65,7 +67,7 @@ async def run_jobs(app, count: int, timeout_s: float = 30.0) -> None:
 
     gw = app.state.gateway
     done, seen = asyncio.Event(), []
-    consumer = JobConsumer(gw.bus, gw.transports.store, Names(app.state.config.namespace),
+    consumer = JobConsumer(gw.bus, app.state.batches.data, Names(app.state.config.namespace),
                            EchoExecutor(), ConsumerConfig("test"),
                            on_handled=lambda r, _: (seen.append(r), len(seen) >= count and done.set()))
     stop = asyncio.Event()

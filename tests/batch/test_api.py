@@ -156,7 +156,7 @@ async def test_cancelled_batch(config, engines):
         assert cancelling["status"] == "cancelling"
         # a consumer that starts after the cancel finds every job cancelled
         gw = app.state.gateway
-        consumer = JobConsumer(gw.bus, gw.transports.store, Names(config.namespace),
+        consumer = JobConsumer(gw.bus, app.state.batches.data, Names(config.namespace),
                                EchoExecutor(), ConsumerConfig("late"))
         done, stop = handled_event(consumer, 10), asyncio.Event()
         task = asyncio.create_task(consumer.run(stop))

@@ -1,10 +1,10 @@
-"""Batch files, batches and results survive a Redis restart (Redis with an append-only file), and
-the gateway warns at start when its Redis persists nothing."""
+"""Batch files, batches and results survive the store losing everything (they live in the batch
+folder; Redis, a server of the test's own, keeps only an index, rebuilt), and a batch whose record
+was lost says so."""
 
 import asyncio
 import contextlib
 import json
-import logging
 import shutil
 import socket
 import subprocess
@@ -21,7 +21,14 @@ from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub
 from services.batch.api import batch_lifespan, batch_router
-from common.transport.durability import persistence_risk, warn_if_not_durable
+from common.jobs import job_id
+from common.messages import codec
+from common.messages.jobs import JobResult
+from common.transport.batchdir import BatchDir
+from common.transport.connect import open_store
+from services.batch.consumer import ConsumerConfig, JobConsumer
+from services.batch.executor import EchoExecutor
+from services.batch.openai_batch import BatchApiError, Caller
 from services.gateway import ServedModel, create_app
 from tests.batch.conftest import run_jobs
 
@@ -89,8 +96,8 @@ class OwnRedis:
 
 
 @pytest.fixture
-def aof_redis(tmp_path):
-    server = OwnRedis(tmp_path, "--appendonly", "yes", "--appendfsync", "everysec")
+def own_redis(tmp_path):
+    server = OwnRedis(tmp_path, "--appendonly", "no")
     server.start()
     try:
         yield server
@@ -109,75 +116,184 @@ async def gateway(config):
 
 
 
-async def test_batch_data_survives_a_redis_restart(aof_redis, caplog):
-    # Redis holds files, batches and results; the jobs queue may stay in memory here
-    config = MeshConfig(namespace="durable", model=MODEL, redis_url=aof_redis.url)
-    lines = "".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+def batch_lines(count: int, tag: str = "c") -> bytes:
+    return ("".join(json.dumps({"custom_id": f"{tag}{i}", "method": "POST", "url": "/v1/completions",
                                 "body": {"model": MODEL, "prompt": f"line {i} says hello", "max_tokens": 3}})
-                    + "\n" for i in range(4)) + "{broken\n"
-    with caplog.at_level(logging.WARNING, logger="common.transport.durability"):
-        async with gateway(config) as (client, app):
-            file = (await client.post("/v1/files", data={"purpose": "batch"},
-                                      files={"file": ("in.jsonl", lines.encode(), "application/jsonl")})).json()
-            batch = (await client.post("/v1/batches", json={"input_file_id": file["id"],
-                                                            "endpoint": "/v1/completions"})).json()
-            await run_jobs(app, 4, START_TIMEOUT_S)
-            before = {
-                "file": (await client.get(f"/v1/files/{file['id']}")).json(),
-                "input": (await client.get(f"/v1/files/{file['id']}/content")).text,
-                "batch": (await client.get(f"/v1/batches/{batch['id']}")).json(),
-                "list": (await client.get("/v1/batches")).json(),
-            }
-            finished = before["batch"]
-            before["output"] = (await client.get(f"/v1/files/{finished['output_file_id']}/content")).text
-            before["errors"] = (await client.get(f"/v1/files/{finished['error_file_id']}/content")).text
-    assert not [r for r in caplog.records if r.name == "common.transport.durability"]  # AOF: no warning
-    assert finished["status"] == "completed" and finished["request_counts"]["completed"] == 4
-    assert before["input"] == lines and len(before["output"].splitlines()) == 4
-
-    aof_redis.shutdown()
-    aof_redis.start()  # same port, same directory: it replays the append-only file
-
-    async with gateway(config) as (client, _):
-        after = {
-            "file": (await client.get(f"/v1/files/{file['id']}")).json(),
-            "input": (await client.get(f"/v1/files/{file['id']}/content")).text,
-            "batch": (await client.get(f"/v1/batches/{batch['id']}")).json(),
-            "list": (await client.get("/v1/batches")).json(),
-            "output": (await client.get(f"/v1/files/{finished['output_file_id']}/content")).text,
-            "errors": (await client.get(f"/v1/files/{finished['error_file_id']}/content")).text,
-        }
-    assert after == before
+                    + "\n" for i in range(count)) + "{broken\n").encode()
 
 
-async def test_the_gateway_warns_when_redis_persists_nothing(tmp_path, caplog):
-    server = OwnRedis(tmp_path, "--appendonly", "no")
-    server.start()
+async def create_batch(client, count: int, tag: str = "c") -> tuple[dict, dict]:
+    file = (await client.post("/v1/files", data={"purpose": "batch"},
+                              files={"file": ("in.jsonl", batch_lines(count, tag), "application/jsonl")})).json()
+    batch = (await client.post("/v1/batches", json={"input_file_id": file["id"],
+                                                    "endpoint": "/v1/completions"})).json()
+    return file, batch
+
+
+async def view(client, file: dict, batch_id: str) -> dict:
+    """Everything a client reads of a batch and its files, and the listing."""
+    batch = (await client.get(f"/v1/batches/{batch_id}")).json()
+    out = {"file": (await client.get(f"/v1/files/{file['id']}")).json(),
+           "input": (await client.get(f"/v1/files/{file['id']}/content")).text,
+           "batch": batch, "list": (await client.get("/v1/batches")).json()}
+    for key in ("output_file_id", "error_file_id"):
+        if batch.get(key):
+            out[key] = (await client.get(f"/v1/files/{batch[key]}/content")).text
+    return out
+
+
+class HalfwayExecutor(EchoExecutor):
+    """Echoes ``free`` jobs, then holds every further one until ``gate`` opens."""
+
+    def __init__(self, free: int) -> None:
+        super().__init__()
+        self.free, self.started = free, 0
+        self.gate, self.holding = asyncio.Event(), asyncio.Event()
+
+    async def execute(self, job):
+        self.started += 1
+        if self.started > self.free:
+            self.holding.set()
+            await self.gate.wait()
+        return await super().execute(job)
+
+
+async def test_batches_survive_the_store_losing_everything(own_redis, batch_dir):
+    """FLUSHALL while one batch has finished and another runs: files, records and results are in
+    the batch folder, so both answer afterwards, the listing is rebuilt, and the running batch ends
+    with each line's result stored once."""
+    config = MeshConfig(namespace="flushed", model=MODEL, redis_url=own_redis.url, batch_dir=batch_dir)
+    async with gateway(config) as (client, app):
+        done_file, done_batch = await create_batch(client, 4, "done")
+        await run_jobs(app, 4, START_TIMEOUT_S)
+        running_file, running_batch = await create_batch(client, 6, "run")
+        executor = HalfwayExecutor(free=3)
+        handled, all_handled = [], asyncio.Event()
+
+        def on_handled(result, stored):
+            handled.append(stored)
+            if len(handled) == 6:
+                all_handled.set()
+
+        consumer = JobConsumer(app.state.gateway.bus, app.state.batches.data, Names(config.namespace),
+                               executor, ConsumerConfig("flush"), on_handled=on_handled)
+        stop = asyncio.Event()
+        task = asyncio.create_task(consumer.run(stop))
+        await asyncio.wait_for(executor.holding.wait(), START_TIMEOUT_S)  # three done, three running
+        before = await view(client, done_file, done_batch["id"])
+        partial = (await client.get(f"/v1/batches/{running_batch['id']}")).json()
+
+        client_redis = aioredis.Redis(port=own_redis.port)
+        assert await client_redis.dbsize() > 0
+        await client_redis.flushall()
+        await client_redis.aclose()
+
+        assert await view(client, done_file, done_batch["id"]) == before
+        during = (await client.get(f"/v1/batches/{running_batch['id']}")).json()
+        assert during["status"] == "in_progress" and during["request_counts"] == partial["request_counts"]
+        executor.gate.set()
+        try:
+            await asyncio.wait_for(all_handled.wait(), START_TIMEOUT_S)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, START_TIMEOUT_S)
+        finished = await view(client, running_file, running_batch["id"])
+    assert before["batch"]["status"] == "completed" and before["batch"]["request_counts"]["completed"] == 4
+    assert [b["id"] for b in before["list"]["data"]] == [running_batch["id"], done_batch["id"]]
+    assert [b["id"] for b in finished["list"]["data"]] == [running_batch["id"], done_batch["id"]]
+    assert finished["batch"]["status"] == "completed"
+    assert finished["batch"]["request_counts"] == {"total": 7, "completed": 6, "failed": 1}
+    custom_ids = [json.loads(line)["custom_id"] for line in finished["output_file_id"].splitlines()]
+    assert custom_ids == [f"run{i}" for i in range(6)]  # each line once, in input order
+    assert consumer.stats.stored == 6 and all(handled)  # every result stored once, by this consumer
+
+
+async def test_a_batch_whose_record_was_lost_says_so(own_redis, batch_dir):
+    """A batch the index still names (or whose results are kept) but whose record the folder lost
+    answers 410 batch_state_lost, to whom may see it; an id never seen is still a 404."""
+    config = MeshConfig(namespace="lost", model=MODEL, redis_url=own_redis.url, batch_dir=batch_dir)
+    async with gateway(config) as (client, app):
+        _, batch = await create_batch(client, 2)
+        await run_jobs(app, 2, START_TIMEOUT_S)
+        folder = app.state.batches.data.root / "batches" / batch["id"]
+        (folder / "openai.json").unlink()  # a folder not shared, or wiped: the index still has it
+        lost = await client.get(f"/v1/batches/{batch['id']}")
+        assert lost.status_code == 410, lost.text
+        error = lost.json()["error"]
+        assert error["code"] == "batch_state_lost" and error["param"] == "batch_id"
+        assert "was lost" in error["message"] and "2 job results are kept" in error["message"]
+        cancel = await client.post(f"/v1/batches/{batch['id']}/cancel")
+        assert cancel.status_code == 410
+        assert (await client.get("/v1/batches/batch_0123456789abcdef01234567")).status_code == 404
+        assert (await client.get("/v1/batches")).json()["data"] == []  # the listing leaves it out
+        # the store lost its data too: only its kept results tell of it (an admin sees that)
+        client_redis = aioredis.Redis(port=own_redis.port)
+        await client_redis.flushall()
+        await client_redis.aclose()
+        assert (await client.get(f"/v1/batches/{batch['id']}")).status_code == 404  # owner unknown
+        store = app.state.batches
+        with pytest.raises(BatchApiError) as raised:
+            await store.batch_object(batch["id"], caller=Caller(admin=True))
+        assert raised.value.status == 410 and raised.value.code == "batch_state_lost"
+
+
+async def test_ids_from_requests_never_leave_the_folder(tmp_path):
+    data = BatchDir(tmp_path / "batches", "ns")
+    (tmp_path / "secret.json").write_text('{"owner": ""}')
+    for bad in ("../secret", "..", "a/../../secret", "/etc/passwd", "", ".hidden"):
+        assert await data.file_meta(bad) is None and await data.file_content(bad) is None
+        assert await data.record(bad, "openai.json") is None and not await data.known(bad)
+    with pytest.raises(ValueError):
+        await data.put_result("../x", "job", b"1")
+    assert await data.put_result("b1", "b1-000000", b"first") is True
+    assert await data.put_result("b1", "b1-000000", b"second") is False  # the first stays
+    assert await data.result("b1", "b1-000000") == b"first"
+
+
+async def test_batches_an_earlier_version_kept_in_the_store_move_to_the_folder(own_redis, batch_dir):
+    """What an earlier version wrote to the store (files, the Batch API's and the queue's records,
+    results) is moved into the batch folder when a gateway starts, and answers as before."""
+    config = MeshConfig(namespace="legacy", model=MODEL, redis_url=own_redis.url, batch_dir=batch_dir)
+    names, batch_id, created = Names("legacy"), "batch_" + "ab" * 12, "1700000000"
+    content = batch_lines(2)  # two requests and a broken line
+    store = await open_store(config)
+    await store.set_with_hash(names.legacy_file_content("file-in"), content, names.legacy_file_meta_prefix + "file-in", {
+        "filename": "in.jsonl", "purpose": "batch", "bytes": str(len(content)), "created_at": created,
+        "owner": ""}, ttl_s=600)
+    for file_id, kind in (("file-out", "output"), ("file-err", "errors")):
+        await store.hset(names.legacy_file_meta_prefix + file_id, {
+            "owner": "", "batch_id": batch_id, "kind": kind, "purpose": "batch_output",
+            "filename": f"{batch_id}_{kind}.jsonl", "created_at": created}, ttl_s=600)
+    invalid = [{"id": "batch_req_line3", "custom_id": None, "response": None,
+                "error": {"code": "invalid_request", "message": "not JSON", "line": 3}}]
+    await store.hset(names.openai_batch(batch_id), {
+        "input_file_id": "file-in", "endpoint": "/v1/completions", "owner": "", "completion_window": "24h",
+        "created_at": created, "metadata": "{}", "total": "3", "output_file_id": "file-out",
+        "error_file_id": "file-err", "valid": json.dumps([[1, "c0"], [2, "c1"]]), "invalid": json.dumps(invalid)},
+        ttl_s=600)
+    await store.hset(names.legacy_job_batch_prefix + batch_id, {
+        "count": "2", "model": MODEL, "created_at": created, "reply_to": ""}, ttl_s=600)
+    for i in range(2):
+        result = JobResult(job_id=job_id(batch_id, i), batch_id=batch_id, status="completed", text=f" text {i}",
+                           finish_reason="length", prompt_tokens=3, completion_tokens=3, error=None, worker="w",
+                           redelivered=False, started_at=1700000001.0, finished_at=1700000002.0)
+        await store.set(names.legacy_job_result(job_id(batch_id, i)), codec.encode(result), ttl_s=600)
+    await store.push_capped(names.openai_batches, batch_id.encode(), max_len=1000)
     try:
-        with caplog.at_level(logging.WARNING, logger="common.transport.durability"):
-            risk = await warn_if_not_durable(server.url)
-        assert risk is not None and "appendonly" in risk
-        warnings = [r for r in caplog.records if r.name == "common.transport.durability"]
-        assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
-        # an RDB save point is persistence too (coarser): no warning
-        client = aioredis.Redis(port=server.port)
-        await client.config_set("save", "3600 1")
-        assert await persistence_risk(client) is None
-        await client.aclose()
+        async with gateway(config) as (client, _):
+            batch = (await client.get(f"/v1/batches/{batch_id}")).json()
+            output = (await client.get("/v1/files/file-out/content")).text
+            errors = (await client.get("/v1/files/file-err/content")).text
+            listed = [b["id"] for b in (await client.get("/v1/batches")).json()["data"]]
+            uploaded = (await client.get("/v1/files/file-in/content")).content
+        assert batch["status"] == "completed"
+        assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+        assert [json.loads(line)["response"]["body"]["choices"][0]["text"] for line in output.splitlines()] \
+            == [" text 0", " text 1"]
+        assert [json.loads(line)["error"]["line"] for line in errors.splitlines()] == [3]
+        assert listed == [batch_id] and uploaded == content
+        assert await store.keys_prefix(names.legacy_job_batch_prefix) == []  # moved, not copied
+        assert await store.get(names.legacy_job_result(job_id(batch_id, 0))) is None
+        assert await store.hgetall(names.openai_batch(batch_id)) == {"owner": ""}  # the index entry
     finally:
-        server.stop()
-
-
-async def test_the_check_tolerates_a_redis_that_forbids_config(tmp_path):
-    class Forbidden:
-        async def config_get(self, name):
-            raise redis.exceptions.ResponseError("unknown command 'CONFIG'")
-
-    assert await persistence_risk(Forbidden()) is None
-    server = OwnRedis(tmp_path, "--appendonly", "no", "--rename-command", "CONFIG", "")
-    server.start()
-    try:
-        assert await warn_if_not_durable(server.url) is None
-    finally:
-        server.stop()
-    assert await warn_if_not_durable(f"redis://127.0.0.1:{free_port()}/0") is None  # nobody there
+        await store.close()

@@ -32,7 +32,7 @@ async def start_consumer(env, config, model, name):
     gateway = Gateway(config, await open_transports(config, env.names, env.hub), MODEL)
     await gateway.start()
     executor = MeshExecutor(gateway, model, timeout_s=TIMEOUT_S)
-    consumer = JobConsumer(gateway.bus, env.store, env.names, executor,
+    consumer = JobConsumer(gateway.bus, env.data, env.names, executor,
                            ConsumerConfig(name, max_inflight=16, drain_timeout_s=5))
     stop = asyncio.Event()
     return consumer, gateway, stop, asyncio.create_task(consumer.run(stop))
@@ -43,7 +43,7 @@ async def test_500_jobs_through_the_mesh_with_a_consumer_killed(env, engines):
     model = ServedModel(MODEL, engines[0].tokenizer, engines[0].max_context)
     runners = [EngineRunner(e) for e in engines]
     async with local_workers(config, env.hub, runners=runners):
-        producer = JobProducer(await env.bus(), env.store, env.names)
+        producer = JobProducer(await env.bus(), env.data, env.names)
         batch, reply = new_batch_id(), env.names.reply_queue("test")
         jobs = [BatchJob(job_id(batch, i), MODEL, "completion", f"job number {i}", (),
                          Sampling(3, ignore_eos=True), reply, batch, 0.0) for i in range(500)]
@@ -82,7 +82,7 @@ async def test_an_interactive_request_does_not_wait_for_the_batch(env, engines):
     model = ServedModel(MODEL, engines[0].tokenizer, engines[0].max_context)
     runners = [EngineRunner(e) for e in engines]
     async with local_workers(config, env.hub, runners=runners):
-        producer = JobProducer(await env.bus(), env.store, env.names)
+        producer = JobProducer(await env.bus(), env.data, env.names)
         batch, reply = new_batch_id(), env.names.reply_queue("test")
         jobs = [BatchJob(job_id(batch, i), MODEL, "completion", f"batch job {i}", (),
                          Sampling(8, ignore_eos=True), reply, batch, 0.0) for i in range(300)]
@@ -91,7 +91,7 @@ async def test_an_interactive_request_does_not_wait_for_the_batch(env, engines):
         executor = MeshExecutor(gateway, model, timeout_s=TIMEOUT_S)
         admission = QueueDepthAdmission(gateway.bus, env.names.encode_queue, max_depth=0,
                                         poll_s=0.01, own_waiting=executor.waiting)
-        consumer = JobConsumer(gateway.bus, env.store, env.names, executor,
+        consumer = JobConsumer(gateway.bus, env.data, env.names, executor,
                                ConsumerConfig("batch", max_inflight=4), admission)
         stop = asyncio.Event()
         task = asyncio.create_task(consumer.run(stop))

@@ -34,7 +34,7 @@ class GatedExecutor:
 
 async def start_consumer(env, executor, worker_id, max_inflight=16, on_handled=None):
     bus = await env.bus()
-    consumer = JobConsumer(bus, env.store, env.names, executor,
+    consumer = JobConsumer(bus, env.data, env.names, executor,
                            ConsumerConfig(worker_id, max_inflight=max_inflight, drain_timeout_s=2),
                            on_handled=on_handled)
     stop = asyncio.Event()
@@ -43,7 +43,7 @@ async def start_consumer(env, executor, worker_id, max_inflight=16, on_handled=N
 
 
 async def test_500_jobs_give_500_results_once(env):
-    producer = JobProducer(await env.bus(), env.store, env.names)
+    producer = JobProducer(await env.bus(), env.data, env.names)
     batch, reply = new_batch_id(), env.names.reply_queue("test")
     jobs = make_jobs(batch, 500, reply)
     consumers = [await start_consumer(env, EchoExecutor(), f"w{i}") for i in range(2)]
@@ -64,7 +64,7 @@ async def test_500_jobs_give_500_results_once(env):
 
 
 async def test_a_consumer_killed_halfway_loses_no_job_and_duplicates_none(env):
-    producer = JobProducer(await env.bus(), env.store, env.names)
+    producer = JobProducer(await env.bus(), env.data, env.names)
     batch, reply = new_batch_id(), env.names.reply_queue("test")
     jobs = make_jobs(batch, 500, reply)
     doomed_exec = GatedExecutor(free=100)
@@ -93,7 +93,7 @@ async def test_a_consumer_killed_halfway_loses_no_job_and_duplicates_none(env):
 
 
 async def test_redelivered_job_with_a_stored_result_is_not_run_again(env):
-    producer = JobProducer(await env.bus(), env.store, env.names)
+    producer = JobProducer(await env.bus(), env.data, env.names)
     batch, reply = new_batch_id(), env.names.reply_queue("test")
     jobs = make_jobs(batch, 3, reply)
     await producer.submit(batch, jobs, reply_to=reply)
@@ -124,7 +124,7 @@ async def test_redelivered_job_with_a_stored_result_is_not_run_again(env):
 
 
 async def test_bad_jobs_fail_and_bad_bytes_go_to_the_dead_queue(env):
-    producer = JobProducer(await env.bus(), env.store, env.names)
+    producer = JobProducer(await env.bus(), env.data, env.names)
     batch, reply = new_batch_id(), env.names.reply_queue("test")
     jobs = make_jobs(batch, 2, reply)
     jobs[1] = BatchJob(jobs[1].job_id, "tiny", "completion", "   ", (), Sampling(2), reply, batch, 0)
@@ -142,7 +142,7 @@ async def test_bad_jobs_fail_and_bad_bytes_go_to_the_dead_queue(env):
 
 
 async def test_cancelled_batch_jobs_finish_as_cancelled(env):
-    producer = JobProducer(await env.bus(), env.store, env.names)
+    producer = JobProducer(await env.bus(), env.data, env.names)
     batch, reply = new_batch_id(), env.names.reply_queue("test")
     jobs = make_jobs(batch, 20, reply)
     await producer.submit(batch, jobs, reply_to=reply)

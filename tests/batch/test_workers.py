@@ -59,7 +59,7 @@ def jobs_for(batch, count, reply, max_tokens=2):
 
 async def run_with_a_kill(env, worker_args, count, timeout_s):
     """Two workers; SIGKILL the first once half the replies are in; wait for the rest."""
-    producer = JobProducer(await env.bus(), env.store, env.names)
+    producer = JobProducer(await env.bus(), env.data, env.names)
     batch = new_batch_id()
     reply = env.names.reply_queue("test")
     jobs = jobs_for(batch, count, reply)
@@ -192,7 +192,7 @@ async def test_a_local_consumer_runs_jobs_through_its_own_worker(env):
     from engine import load_engine
     from engine.api import GenerationRequest, SamplingParams
 
-    producer = JobProducer(await env.bus(), env.store, env.names)
+    producer = JobProducer(await env.bus(), env.data, env.names)
     batch, reply = new_batch_id(), env.names.reply_queue("local")
     jobs = jobs_for(batch, 12, reply, max_tokens=5)
     worker = await start_worker(env, "local", "--executor", "local", "--model", "tiny-llama", "--max-batch", "4")

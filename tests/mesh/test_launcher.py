@@ -76,3 +76,45 @@ def test_a_child_whose_liveness_file_stops_advancing_is_killed(tmp_path) -> None
             child.popen.kill()
             child.popen.wait()
         launcher.stop(1.0)
+
+
+def test_a_dead_gateway_is_replaced_by_its_waiting_spare() -> None:
+    import subprocess
+
+    from common.config import MeshConfig
+    from services.run.launcher import Child, Launcher, ProcessSpec
+
+    launcher = Launcher(MeshConfig(), [])
+    spec = ProcessSpec("gateway", ("gateway",), 1)
+    spawned = []
+
+    def spawn(spec, index, *, standby=False):  # a spare that answers the line it is woken with
+        cmd = ["head", "-n", "1"] if standby else ["sleep", "60"]
+        popen = subprocess.Popen(cmd, stdin=subprocess.PIPE if standby else None, stdout=subprocess.PIPE, text=True)
+        spawned.append(Child(spec, index, popen, standby=standby))
+        return spawned[-1]
+
+    launcher.spawn = spawn
+    gateway = spawn(spec, 0)
+    launcher.children = [gateway]
+    try:
+        launcher._keep_spare(gateway, now=0.0)
+        assert launcher.spares == {}  # not before the gateway serves
+        gateway.ready.set()
+        launcher._keep_spare(gateway, now=0.0)
+        spare = launcher.spares[("gateway", 0)]
+        assert spare.standby and spare.label == "gateway-0-standby"
+        gateway.popen.kill()
+        gateway.popen.wait()
+        launcher._restart(gateway, now=1.0)  # the backoff (0.25 s) first
+        assert launcher.children == [gateway] and spare.popen.poll() is None
+        launcher._restart(gateway, now=1.5)
+        assert launcher.children == [spare] and not spare.standby and spare.label == "gateway-0"
+        assert spare.popen.communicate(timeout=10)[0] == "serve\n"  # woken: it listens now
+        assert spare.budget is gateway.budget and launcher.spares == {}
+    finally:
+        for child in spawned:
+            if child.popen.poll() is None:
+                child.popen.kill()
+                child.popen.wait()
+        launcher.stop(1.0)

@@ -20,7 +20,8 @@ from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from engine.api import GenerationRequest
 from optimizer.policies import StepPlan
-from common.transport.connect import open_bus, open_store, open_transports
+from common.transport.batchdir import BatchDir
+from common.transport.connect import open_bus, open_transports
 from common.transport.kv import StoreKv
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
@@ -365,13 +366,13 @@ class FailingExecutor:
         return await EchoExecutor().execute(job)
 
 
-async def start_jobs(config, names, hub, store, executor, handled: list, changed: asyncio.Event):
+async def start_jobs(config, names, hub, data, executor, handled: list, changed: asyncio.Event):
     def on_handled(result, stored):
         handled.append(result.job_id)
         changed.set()
 
     bus = await open_bus(config, names, hub)
-    consumer = JobConsumer(bus, store, names, executor, ConsumerConfig("c1", max_inflight=4, drain_timeout_s=2),
+    consumer = JobConsumer(bus, data, names, executor, ConsumerConfig("c1", max_inflight=4, drain_timeout_s=2),
                            on_handled=on_handled)
     stop = asyncio.Event()
     return bus, consumer, stop, asyncio.create_task(consumer.run(stop))
@@ -379,7 +380,7 @@ async def start_jobs(config, names, hub, store, executor, handled: list, changed
 
 async def test_poison_jobs_are_dead_lettered_or_failed_and_the_consumer_goes_on(config, hub):
     names = Names(config.namespace)
-    store = await open_store(config) or hub.store
+    data = BatchDir(config.batch_dir, config.namespace)
     producer = await open_bus(config, names, hub)
     batch, reply = new_batch_id(), names.reply_queue("test")
     await producer.declare_queue(reply)
@@ -398,7 +399,7 @@ async def test_poison_jobs_are_dead_lettered_or_failed_and_the_consumer_goes_on(
     executor = FailingExecutor()
     handled: list[str] = []
     changed = asyncio.Event()
-    bus, consumer, stop, task = await start_jobs(config, names, hub, store, executor, handled, changed)
+    bus, consumer, stop, task = await start_jobs(config, names, hub, data, executor, handled, changed)
     await producer.publish(names.jobs_queue, b"\x93garbage")
     await producer.publish(names.jobs_queue, codec.encode(job(1, "poison job")))
     await producer.publish(names.jobs_queue, codec.encode(job(2, "good job")))
@@ -410,7 +411,7 @@ async def test_poison_jobs_are_dead_lettered_or_failed_and_the_consumer_goes_on(
     assert executor.calls == config.delivery_limit
     assert results[2].status == "completed"
     await until(lambda: job_id(batch, 3) in handled, [changed])
-    stored = await store.get(names.job_result(job_id(batch, 3)))  # its reply could not go out; its result is kept
+    stored = await data.result(batch, job_id(batch, 3))  # its reply could not go out; its result is kept
     assert stored is not None and codec.decode(stored, JobResult).status == "completed"
     dead = await dead_letters(producer, names, 2)
     reasons = sorted(d.headers["x-exegpt-reason"] for d in dead)
@@ -421,8 +422,6 @@ async def test_poison_jobs_are_dead_lettered_or_failed_and_the_consumer_goes_on(
     await collector.stop()
     for b in (bus, producer):
         await b.close()
-    if store is not hub.store:
-        await store.close()
 
 
 # --- exegpt dlq --------------------------------------------------------------------------------------

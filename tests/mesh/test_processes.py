@@ -11,6 +11,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import time
 import uuid
 
 import httpx
@@ -119,6 +121,29 @@ def test_the_gateway_process_loads_no_model(cluster):
         pytest.skip("no /proc on this system")
     assert all(maps_torch(w) for w in cluster["workers"])
     assert not maps_torch(cluster["gateway"])
+
+
+async def test_a_spare_gateway_waits_unbound_then_serves_once_woken(cluster):
+    """`exegpt gateway --standby` (what `exegpt up` keeps beside its gateway) loads what a gateway
+    needs, listens on nothing, and serves once a line reaches its stdin."""
+    import psutil
+
+    spare = cluster["mesh"].start("gateway", "--standby", "--port", "0", stdin=subprocess.PIPE)
+    try:
+        spare.wait_line("standby gateway")
+        listening = [c for c in psutil.Process(spare.popen.pid).net_connections() if c.status == "LISTEN"]
+        assert listening == []
+        woken = time.monotonic()
+        spare.popen.stdin.write("serve\n")
+        spare.popen.stdin.flush()
+        url = spare.wait_line("ready gateway").split()[-1]
+        took = time.monotonic() - woken
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S) as client:
+            response = await client.post("/v1/completions", json=completion("Hello", 4))
+        assert response.status_code == 200, response.text
+        assert took < 5.0  # it only binds and connects (a cold gateway also imports and loads)
+    finally:
+        cluster["mesh"].stop(spare)
 
 
 async def test_streaming_through_the_processes(cluster):
