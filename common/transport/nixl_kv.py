@@ -121,7 +121,7 @@ class NixlKv:
         self._agent: Any = None
         self._buffer: np.ndarray | None = None
         self._inbox_buffer: np.ndarray | None = None
-        self._published_at = 0.0
+        self._published_at: float | None = None  # monotonic; None: never published
         self._remotes: set[str] = set()
         self._staged: dict[str, _Staged] = {}  # request id -> its block
         self._room = asyncio.Event()
@@ -156,7 +156,7 @@ class NixlKv:
 
     async def _publish(self) -> None:
         """The agent's metadata in the store, refreshed before half its TTL has passed."""
-        if time.monotonic() - self._published_at < KV_AGENT_TTL_S / 2:
+        if self._published_at is not None and time.monotonic() - self._published_at < KV_AGENT_TTL_S / 2:
             return
         metadata = await self._call(self._agent.get_agent_metadata)
         await self._store.set(self._names.kv_agent(self.agent_name), metadata, ttl_s=KV_AGENT_TTL_S)

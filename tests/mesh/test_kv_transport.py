@@ -117,6 +117,20 @@ async def test_nixl_keeps_kv_bytes_out_of_redis(pair, store):
     assert [await store.get(ref) for ref in refs] == [None] * 3  # read: the descriptors are deleted
 
 
+async def test_an_agent_publishes_its_metadata_when_it_starts_whatever_the_clock(pair, store, monkeypatch):
+    """The monotonic clock starts near zero on a freshly booted host."""
+    import types
+
+    import common.transport.nixl_kv as nixl_kv
+
+    encoder, _, names = pair
+    if not isinstance(encoder, NixlKv):
+        pytest.skip("the Redis transport runs no agent")
+    monkeypatch.setattr(nixl_kv, "time", types.SimpleNamespace(monotonic=lambda: 1.0, time=time.time, sleep=time.sleep))
+    await encoder.start()
+    assert await store.get(names.kv_agent(encoder.agent_name))
+
+
 async def test_nixl_encoder_frees_a_block_on_release_and_on_lease_expiry(pair):
     encoder, decoder, _ = pair
     if not isinstance(encoder, NixlKv):
