@@ -229,11 +229,16 @@ class NixlKv:
             raise CorruptPayload(f"{ref}: {exc}") from exc
         if blocks.expires_at <= time.time():
             return None
-        metadata = await self._store.get(self._names.kv_agent(blocks.agent))
-        if metadata is None:  # the encoder's process is gone, and its memory with it
-            return None
-        await self.start()
-        kv = await self._call(self._read, blocks, metadata)
+        if blocks.agent == self.agent_name:  # staged here, before this worker's role changed
+            kv = await self._take_own(blocks)
+            if kv is None:  # its lease ended and the block was freed
+                return None
+        else:
+            metadata = await self._store.get(self._names.kv_agent(blocks.agent))
+            if metadata is None:  # the encoder's process is gone, and its memory with it
+                return None
+            await self.start()
+            kv = await self._call(self._read, blocks, metadata)
         await self._store.delete(ref)
         try:
             header = KVHandoff.from_bytes(blocks.header)
@@ -271,6 +276,19 @@ class NixlKv:
                 agent.deregister_memory(registered)
         return kv
 
+    async def _take_own(self, blocks: KvBlocks) -> np.ndarray | None:
+        """A block this process staged, copied out of its staging pool and freed: NIXL has no
+        transfer from an agent to itself (NIXL_ERR_INVALID_PARAM), and needs none."""
+        staged = self._staged.get(blocks.request_id)
+        if staged is None or self._address(staged.offset) != blocks.address:
+            return None
+        del self._staged[blocks.request_id]  # ours now: neither a lease nor a release frees it under the copy
+        try:
+            return await self._call(_copy_block, self._buffer, staged.offset, blocks.nbytes)
+        finally:
+            self._pool.free(staged.offset)
+            self._room.set()
+
     def _landing(self, nbytes: int) -> tuple[np.ndarray, Any]:
         """Where a read lands: a block of the registered inbox, freed when the last view of it
         goes (the engine imported it); when the inbox is full, memory registered for this read."""
@@ -307,3 +325,7 @@ def _stage(buffer: np.ndarray, offset: int, handoff: KVHandoff) -> bytes:
     """Copy the KV bytes into their block; return the rest of the hand-off, serialised."""
     buffer[offset:offset + len(handoff.kv)] = np.frombuffer(handoff.kv, dtype=np.uint8)
     return dataclasses.replace(handoff, kv=b"").to_bytes()
+
+
+def _copy_block(buffer: np.ndarray, offset: int, nbytes: int) -> np.ndarray:
+    return buffer[offset:offset + nbytes].copy()

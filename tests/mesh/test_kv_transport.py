@@ -117,6 +117,17 @@ async def test_nixl_keeps_kv_bytes_out_of_redis(pair, store):
     assert [await store.get(ref) for ref in refs] == [None] * 3  # read: the descriptors are deleted
 
 
+async def test_a_worker_reads_a_handoff_it_staged_itself(pair, store):
+    """Its role changed from encoder to decoder with its own hand-offs still queued (NIXL has no
+    transfer from an agent to itself: the block is copied out of the pool and freed)."""
+    encoder, _, _ = pair
+    ref = await encoder.put(handoff("own", 1 << 20), producer="enc", ttl_s=30)
+    got = await encoder.get(ref)
+    assert got is not None and bytes(got.kv) == handoff("own", 1 << 20).kv
+    if isinstance(encoder, NixlKv):
+        assert encoder.staged_bytes == 0 and await store.get(ref) is None
+
+
 async def test_an_agent_publishes_its_metadata_when_it_starts_whatever_the_clock(pair, store, monkeypatch):
     """The monotonic clock starts near zero on a freshly booted host."""
     import types
