@@ -65,6 +65,13 @@ def load_nixl() -> Any:
     return _api
 
 
+def remote_disconnect_error() -> type[Exception]:
+    """What NIXL raises for a transfer towards an agent whose connection is gone."""
+    from nixl_cu12._bindings import nixlRemoteDisconnectError
+
+    return nixlRemoteDisconnectError
+
+
 class StagingPool:
     """First-fit allocation of aligned blocks in one buffer of ``capacity`` bytes (pure)."""
 
@@ -111,6 +118,7 @@ class NixlKv:
     def __init__(self, store: Store, names: Names, *, pool_bytes: int, read_timeout_s: float,
                  agent_name: str | None = None) -> None:
         self._api = load_nixl()
+        self._disconnected = remote_disconnect_error()
         self._store, self._names = store, names
         self.agent_name = agent_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._pool = StagingPool(pool_bytes)
@@ -239,6 +247,8 @@ class NixlKv:
                 return None
             await self.start()
             kv = await self._call(self._read, blocks, metadata)
+            if kv is None:
+                return None
         await self._store.delete(ref)
         try:
             header = KVHandoff.from_bytes(blocks.header)
@@ -246,17 +256,48 @@ class NixlKv:
             raise CorruptPayload(f"{ref}: {exc}") from exc
         return dataclasses.replace(header, kv=kv)
 
-    def _read(self, blocks: KvBlocks, metadata: bytes) -> np.ndarray:
-        """READ the blocks into a registered buffer; the notification releases them on the encoder."""
+    def _read(self, blocks: KvBlocks, metadata: bytes) -> np.ndarray | None:
+        """READ the blocks into a registered buffer; the notification releases them on the encoder.
+        None when the encoder's process is gone: nothing answers at its agent's address, or the
+        connection kept from an earlier read was to a process that has since died."""
+        try:
+            return self._read_from(blocks, metadata)
+        except self._disconnected:  # connect anew: a live encoder answers, a dead one refuses
+            self._forget(blocks.agent)
+            return self._read_from(blocks, metadata)
+
+    def _read_from(self, blocks: KvBlocks, metadata: bytes) -> np.ndarray | None:
+        if not self._connect(blocks.agent, metadata):
+            return None
+        try:
+            return self._transfer(blocks)
+        except (TimeoutError, ConnectionError):  # the next try connects anew
+            self._forget(blocks.agent)
+            raise
+
+    def _connect(self, name: str, metadata: bytes) -> bool:
+        if name not in self._remotes:
+            try:
+                self._agent.add_remote_agent(metadata)
+            except Exception:  # NIXL's errors (NIXL_ERR_BACKEND): the agent's address refuses
+                return False
+            self._remotes.add(name)
+        return True
+
+    def _forget(self, name: str) -> None:
+        if name in self._remotes:
+            self._remotes.discard(name)
+            try:
+                self._agent.remove_remote_agent(name)
+            except Exception:  # NIXL's errors: already unusable, nothing more to drop
+                pass
+
+    def _transfer(self, blocks: KvBlocks) -> np.ndarray:
         agent = self._agent
-        if blocks.agent not in self._remotes:
-            agent.add_remote_agent(metadata)
-            self._remotes.add(blocks.agent)
         kv, registered = self._landing(blocks.nbytes)
-        local = [(kv.ctypes.data, blocks.nbytes, 0, "")]
         try:
             handle = agent.initialize_xfer(
-                "READ", agent.get_xfer_descs([local[0][:3]], "DRAM"),
+                "READ", agent.get_xfer_descs([(kv.ctypes.data, blocks.nbytes, 0)], "DRAM"),
                 agent.get_xfer_descs([(blocks.address, blocks.nbytes, 0)], "DRAM"), blocks.agent,
                 blocks.request_id.encode())
             try:

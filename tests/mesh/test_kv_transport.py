@@ -165,6 +165,61 @@ async def test_nixl_handoff_from_a_process_that_is_gone_is_none(pair):
     assert await decoder.get(ref) is None
 
 
+STAGE_AND_WAIT = """
+import asyncio, sys
+from common.names import Names
+from common.transport.nixl_kv import NixlKv
+from common.transport.redis_store import RedisStore
+from tests.mesh.test_kv_transport import handoff
+
+async def main(namespace, url):
+    kv = NixlKv(await RedisStore.connect(url), Names(namespace), pool_bytes=4 << 20, read_timeout_s=10)
+    for i in range(2):
+        print("ref", await kv.put(handoff(f"k{i}", 1 << 20, seed=i), producer="enc", ttl_s=60), flush=True)
+    await asyncio.Event().wait()  # until killed
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_nixl_handoff_from_a_killed_process_is_none_though_its_agent_is_still_listed(store, namespace):
+    """A process killed outright leaves its agent's metadata in the store until its TTL; a decoder
+    that read from it before holds a connection to it. Neither turns into failing reads: the
+    hand-off is gone (the request is encoded again)."""
+    import signal
+    import sys
+
+    from tests.mesh.processes import REPO_ROOT, env_for
+
+    need(nixl_loads(), "NIXL (nixl-cu12) cannot load: pip install nixl-cu12")
+    names = Names(namespace)
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", STAGE_AND_WAIT, namespace, REDIS_URL,
+                                                 cwd=REPO_ROOT, env=env_for({}), stdout=asyncio.subprocess.PIPE)
+    readers = [NixlKv(store, names, pool_bytes=2 << 20, read_timeout_s=TIMEOUT_S) for _ in range(2)]
+    try:
+        refs = []
+        while len(refs) < 2:  # NIXL's own log lines come on stdout too
+            line = (await asyncio.wait_for(child.stdout.readline(), TIMEOUT_S)).decode()
+            assert line, "the staging process ended"
+            if line.startswith("ref "):
+                refs.append(line.split()[1])
+        earlier = await readers[0].get(refs[0])
+        assert earlier is not None and bytes(earlier.kv) == handoff("k0", 1 << 20, seed=0).kv
+        child.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(child.wait(), TIMEOUT_S)
+        agent = codec.decode(await store.get(refs[1]), KvBlocks).agent
+        assert await store.get(names.kv_agent(agent)) is not None
+        assert await asyncio.wait_for(readers[0].get(refs[1]), TIMEOUT_S) is None  # its connection is dead
+        assert await asyncio.wait_for(readers[1].get(refs[1]), TIMEOUT_S) is None  # nothing answers
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        for reader in readers:
+            await reader.close()
+        await store.delete_prefix(names.key_prefix)
+
+
 async def test_nixl_staging_pool_is_bounded(pair):
     encoder, decoder, _ = pair
     if not isinstance(encoder, NixlKv):
