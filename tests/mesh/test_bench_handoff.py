@@ -9,7 +9,7 @@ import pytest
 from services.bench.handoff import SMOLLM2_KV_BYTES_PER_TOKEN
 from services.cli import main
 from tests.brokers import need, require_broker
-from tests.mesh.test_kv_transport import nixl_loads
+from tests.brokers import nixl_loads
 
 pytestmark = pytest.mark.broker
 

@@ -24,7 +24,7 @@ from optimizer.schedule import Schedule
 from services.scheduler.service import recent_lengths
 from tests.brokers import need
 from tests.mesh.conftest import running_mesh
-from tests.mesh.test_kv_transport import nixl_loads
+from tests.brokers import nixl_loads
 
 pytestmark = [pytest.mark.usefixtures("cleanup"), pytest.mark.broker]
 MODEL = "tiny-llama"

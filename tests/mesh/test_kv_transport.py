@@ -21,22 +21,14 @@ from common.messages.work import EncodeWork
 from common.names import Names
 from common.transport.connect import LocalHub, open_kv, open_transports, purge
 from common.transport.kv import StoreKv
-from common.transport.nixl_kv import NixlKv, NixlUnavailable, StagingFull, StagingPool, load_nixl
+from common.transport.nixl_kv import NixlKv, NixlUnavailable, StagingFull, StagingPool
 from common.transport.redis_store import RedisStore
 from engine.api import KVHandoff, SamplingParams
-from tests.brokers import REDIS_URL, need, require_broker
+from tests.brokers import REDIS_URL, need, nixl_loads, require_broker
 
 pytestmark = pytest.mark.broker
 TIMEOUT_S = 10.0
 KV_BYTES = 4 << 20  # a 90-token SmolLM2 prompt's KV cache in float32
-
-
-def nixl_loads() -> bool:
-    try:
-        load_nixl()
-    except NixlUnavailable:
-        return False
-    return True
 
 
 def handoff(request_id: str, nbytes: int = KV_BYTES, seed: int = 0) -> KVHandoff:
@@ -279,7 +271,7 @@ async def test_a_worker_process_gets_the_configured_data_plane(namespace):
     from tests.brokers import AMQP_URL
 
     need(nixl_loads(), "NIXL (nixl-cu12) cannot load")
-    config = MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL, kv_transport="nixl")
+    config = MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL)  # the default: NIXL
     worker = await open_transports(config, Names(namespace), LocalHub(), kv=True)
     gateway = await open_transports(config, Names(namespace), LocalHub())
     try:
@@ -301,7 +293,7 @@ def test_a_worker_process_without_nixl_says_so_in_one_line_and_does_not_start(tm
     (tmp_path / "nixl_cu12").mkdir()
     (tmp_path / "nixl_cu12" / "__init__.py").write_text("raise ImportError('libucs.so.0: cannot open')\n")
     env = env_for({"EXEGPT_NAMESPACE": namespace, "EXEGPT_AMQP_URL": AMQP_URL, "EXEGPT_REDIS_URL": REDIS_URL,
-                   "EXEGPT_MODEL": "tiny-llama", "EXEGPT_DEVICE": "cpu", "EXEGPT_KV_TRANSPORT": "nixl"})
+                   "EXEGPT_MODEL": "tiny-llama", "EXEGPT_DEVICE": "cpu"})  # NIXL by default
     env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
     refused = subprocess.run([sys.executable, "-m", "services.cli", "worker"], cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
