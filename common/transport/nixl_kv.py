@@ -12,10 +12,10 @@ publishes fresh metadata and nobody reads a dead process's.
          ◄═════════════════ NIXL READ (block -> registered buffer) ═════════   delete kv_meta
     notification "released" ──► block freed; a block nobody reads is freed when its lease ends
 
-Copies of the KV bytes, end to end on CPU: the engine's export (the slot's cache gathered, then
-to bytes: two), bytes -> staging block, the NIXL read (staging block -> a block of the decoder's
-registered inbox), the engine's import (inbox -> cache): five, against eight through Redis. Every
-NIXL call runs on one thread of this adapter, never on the event loop.
+Copies of the KV bytes, end to end on CPU: the engine's export straight into a staging block
+(``export_buffer``), the NIXL read (staging block -> a block of the decoder's registered inbox),
+the engine's import (inbox -> cache): three, against eight through Redis. Every NIXL call runs on
+one thread of this adapter, never on the event loop.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ class NixlKv:
         self._store, self._names = store, names
         self.agent_name = agent_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._pool = StagingPool(pool_bytes)
+        self._pool_lock = threading.Lock()  # engines take blocks on their own thread (export_buffer)
+        self._exports: dict[int, weakref.finalize] = {}  # offset -> its block's return, until put
         self._inbox = StagingPool(pool_bytes)  # where reads land (its pages mapped once, then reused)
         self._inbox_lock = threading.Lock()  # blocks are freed by whichever thread drops the last view
         self._read_timeout_s = read_timeout_s
@@ -137,7 +139,9 @@ class NixlKv:
 
     @property
     def staged_bytes(self) -> int:
-        return self._pool.used_bytes
+        """Bytes of staging blocks in use: staged hand-offs, and exports not yet put."""
+        with self._pool_lock:
+            return self._pool.used_bytes
 
     @property
     def inbox_bytes(self) -> int:
@@ -177,7 +181,9 @@ class NixlKv:
         if nbytes > self._pool.capacity:
             raise StagingFull(f"{handoff.request_id}: {nbytes} bytes of KV exceed the staging pool "
                               f"({self._pool.capacity} bytes: kv_staging_mb)")
-        offset = await self._reserve(nbytes, deadline=time.monotonic() + ttl_s)
+        offset = self._claim_export(handoff.kv)
+        if offset is None:
+            offset = await self._reserve(nbytes, deadline=time.monotonic() + ttl_s)
         try:
             header = await self._call(_stage, self._buffer, offset, handoff)
             blocks = KvBlocks(handoff.request_id, producer, self.agent_name, self._address(offset), nbytes,
@@ -185,7 +191,7 @@ class NixlKv:
             ref = self._names.kv_meta(handoff.request_id)
             await self._store.set(ref, codec.encode(blocks), ttl_s=ttl_s)
         except BaseException:
-            self._pool.free(offset)
+            self._free(offset)
             raise
         self._staged[handoff.request_id] = _Staged(offset, time.time() + ttl_s)
         if self._reaper is None or self._reaper.done():
@@ -196,14 +202,45 @@ class NixlKv:
         assert self._buffer is not None
         return self._buffer.ctypes.data + offset
 
+    def export_buffer(self, nbytes: int) -> np.ndarray | None:
+        """A staging block for an engine to export a KV cache straight into (any thread): ``put``
+        then stages it without a copy. Its block returns when the buffer is dropped unput. None
+        before the agent started, or with no room (the engine gives bytes; ``put`` copies them)."""
+        if self._buffer is None or nbytes <= 0:
+            return None
+        offset = self._allocate(nbytes)
+        if offset is None:
+            return None
+        view = self._buffer[offset:offset + nbytes]
+        self._exports[offset] = weakref.finalize(view, self._free, offset)
+        return view
+
+    def _claim_export(self, kv: Any) -> int | None:
+        """The offset of the block ``kv`` was exported into, now the hand-off's; None for other memory."""
+        if not isinstance(kv, np.ndarray) or self._buffer is None or kv.base is not self._buffer:
+            return None
+        offset = kv.ctypes.data - self._buffer.ctypes.data
+        returned = self._exports.pop(offset, None)
+        if returned is None or returned.detach() is None:
+            return None  # not a live export of this pool: copy it as any other memory
+        return offset
+
+    def _allocate(self, nbytes: int) -> int | None:
+        with self._pool_lock:
+            return self._pool.allocate(nbytes)
+
+    def _free(self, offset: int) -> None:
+        with self._pool_lock:
+            self._pool.free(offset)
+
     async def _reserve(self, nbytes: int, *, deadline: float) -> int:
-        while (offset := self._pool.allocate(nbytes)) is None:
+        while (offset := self._allocate(nbytes)) is None:
             self._room.clear()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StagingFull(f"no room for {nbytes} bytes of KV in the staging pool")
-            try:
-                await asyncio.wait_for(self._room.wait(), timeout=left)
+            try:  # exports dropped unput free blocks from other threads, unannounced: look again soon
+                await asyncio.wait_for(self._room.wait(), timeout=min(left, REAP_INTERVAL_S))
             except TimeoutError:
                 pass
         return offset
@@ -215,7 +252,7 @@ class NixlKv:
         now = time.time()
         done = [rid for rid, s in self._staged.items() if rid in names or s.expires_at <= now]
         for rid in done:
-            self._pool.free(self._staged.pop(rid).offset)
+            self._free(self._staged.pop(rid).offset)
         if done:
             self._room.set()
         return len(done)
@@ -327,7 +364,7 @@ class NixlKv:
         try:
             return await self._call(_copy_block, self._buffer, staged.offset, blocks.nbytes)
         finally:
-            self._pool.free(staged.offset)
+            self._free(staged.offset)
             self._room.set()
 
     def _landing(self, nbytes: int) -> tuple[np.ndarray, Any]:
@@ -363,8 +400,11 @@ class NixlKv:
 
 
 def _stage(buffer: np.ndarray, offset: int, handoff: KVHandoff) -> bytes:
-    """Copy the KV bytes into their block; return the rest of the hand-off, serialised."""
-    buffer[offset:offset + len(handoff.kv)] = np.frombuffer(handoff.kv, dtype=np.uint8)
+    """Copy the KV bytes into their block (unless exported there); return the rest of the
+    hand-off, serialised."""
+    block = buffer[offset:offset + len(handoff.kv)]
+    if not (isinstance(handoff.kv, np.ndarray) and handoff.kv.ctypes.data == block.ctypes.data):
+        block[:] = np.frombuffer(handoff.kv, dtype=np.uint8)
     return dataclasses.replace(handoff, kv=b"").to_bytes()
 
 

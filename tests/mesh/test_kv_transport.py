@@ -212,6 +212,30 @@ async def test_nixl_handoff_from_a_killed_process_is_none_though_its_agent_is_st
         await store.delete_prefix(names.key_prefix)
 
 
+async def test_nixl_a_kv_cache_exported_into_a_staging_block_is_staged_in_it(pair, store):
+    """The engine's export is the only copy on the encoder: ``put`` stages that very block."""
+    encoder, decoder, _ = pair
+    if not isinstance(encoder, NixlKv):
+        assert encoder.export_buffer(1 << 20) is None  # the payload is serialised anyway
+        return
+    sent = handoff("exported", 1 << 20)
+    await encoder.start()
+    buffer = encoder.export_buffer(len(sent.kv))
+    buffer[:] = np.frombuffer(sent.kv, dtype=np.uint8)  # what the engine's export does
+    ref = await encoder.put(dataclasses.replace(sent, kv=buffer), producer="enc", ttl_s=30)
+    blocks = codec.decode(await store.get(ref), KvBlocks)
+    assert encoder.staged_bytes == 1 << 20 and blocks.address == buffer.ctypes.data
+    dropped = encoder.export_buffer(4096)
+    assert encoder.staged_bytes == (1 << 20) + 4096
+    del dropped  # exported, never put (the request went elsewhere): its block returns
+    assert encoder.staged_bytes == 1 << 20
+    assert bytes((await decoder.get(ref)).kv) == sent.kv
+
+    async def freed() -> bool:
+        return encoder.staged_bytes == 0
+    await until(freed, "the read block to be freed")
+
+
 async def test_nixl_staging_pool_is_bounded(pair):
     encoder, decoder, _ = pair
     if not isinstance(encoder, NixlKv):
