@@ -179,8 +179,8 @@ async def test_a_decoder_keeps_no_kv_bytes_once_imported(config, hub, engines):
         assert kept and kept == [0] * len(kept)
 
 
-BURST = 16
-BURST_WORDS = 60  # ~315 prompt tokens: ~315 KiB of tiny-llama KV a request, ~5 MiB in the burst
+BURST = 8
+BURST_WORDS = 60  # ~315 prompt tokens: ~315 KiB of tiny-llama KV a request, ~2.5 MiB in the burst
 KV_BYTES_PER_TOKEN = 1024  # tiny-llama: 4 layers x 2 x 2 KV heads x 16 x float32
 
 
@@ -212,7 +212,7 @@ async def test_a_burst_of_handoffs_keeps_kv_bytes_out_of_redis(config, hub, engi
                                                    "max_tokens": 4, "temperature": 0, "ignore_eos": True})
             for i in range(BURST))), TIMEOUT_S)
         assert [r.status_code for r in responses] == [200] * BURST
-        assert len(handed) == BURST and sum(r.json()["usage"]["prompt_tokens"] for r in responses) * KV_BYTES_PER_TOKEN > 4 << 20
+        assert len(handed) == BURST and sum(r.json()["usage"]["prompt_tokens"] for r in responses) * KV_BYTES_PER_TOKEN > 2 << 20
         assert 0 < peak[0] < 1 << 20
         assert written and not any(window in value for window in handed for value in written)
         await drained(encoder.kv)
