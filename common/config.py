@@ -203,7 +203,7 @@ class MeshConfig(BaseSettings):
         "the lease after which an encoder frees a staged KV cache nobody read."
     )
     kv_transport: Literal["nixl", "redis"] = Field(
-        "redis",
+        "nixl",
         description="How KV caches move from encoders to decoders across processes: 'nixl' (decoders read "
         "the encoder's memory; the store holds descriptors only) or 'redis' (the payload goes through "
         "the store). A worker refuses to start with 'nixl' where NIXL cannot load. Embedded: in process.",

@@ -17,7 +17,7 @@ Lifecycle of one request inside one engine::
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import math
 
@@ -295,8 +295,10 @@ class Engine(Protocol):
         """Drop a running request now (client went away); unknown ids are ignored."""
         ...
 
-    def export_request(self, request_id: str) -> KVHandoff:
-        """Remove a running request from this engine and return it as a hand-off."""
+    def export_request(self, request_id: str, into: Callable[[int], Any] | None = None) -> KVHandoff:
+        """Remove a running request from this engine and return it as a hand-off. ``into(nbytes)``
+        may give a writable buffer of ``nbytes`` (a transport's registered memory) that the KV
+        cache is copied into once and handed off as; None (or no ``into``): the KV as bytes."""
         ...
 
     def import_request(self, handoff: KVHandoff) -> None:

@@ -14,7 +14,7 @@ token. A chunk covering a whole prompt is a plain prefill.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -106,21 +106,22 @@ class LocalEngine:
             self._remove(slot)
 
     @torch.inference_mode()
-    def export_request(self, request_id: str) -> KVHandoff:
+    def export_request(self, request_id: str, into: Callable[[int], Any] | None = None) -> KVHandoff:
         slot = self._find(request_id)
         if slot is None:
             raise KeyError(f"request {request_id!r} is not running")
         state = self._slots[slot]
         if state.pending:
             raise ValueError(f"request {request_id!r} is still being prefilled")
-        kv = self.runner.export(slot).cpu().contiguous()
+        kv = self.runner.view(slot)  # (L, 2, Hkv, T, D): the slot itself, valid until it is removed
+        data = _exported(kv, into)
         self._remove(slot)
         r = state.request
         return KVHandoff(
             request_id=r.request_id, model=self.model_name, params=r.params, prompt_ids=r.prompt_ids,
             generated_ids=tuple(state.generated), emitted_text=state.text.emitted,
             rng_state=generator_state(state.gen), dtype=str(kv.dtype).removeprefix("torch."),
-            shape=tuple(kv.shape), layout=self.runner.layout, kv=kv.view(torch.uint8).numpy().tobytes(),
+            shape=tuple(kv.shape), layout=self.runner.layout, kv=data,
         )
 
     @torch.inference_mode()
@@ -354,3 +355,13 @@ class LocalEngine:
 def _tokens(request: GenerationRequest) -> list[int]:
     """What a prefill runs through the model: the prompt, then the tokens it resumes from."""
     return [*request.prompt_ids, *request.resume_ids]
+
+
+def _exported(kv: torch.Tensor, into: Callable[[int], Any] | None) -> Any:
+    """A slot's KV copied out of the cache: once, into ``into``'s buffer (from the device too),
+    or where ``into`` gives none, to bytes (a contiguous copy, then the bytes: two)."""
+    buffer = into(kv.numel() * kv.element_size()) if into is not None else None
+    if buffer is None:
+        return kv.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    torch.frombuffer(buffer, dtype=torch.uint8).view(kv.dtype).view(kv.shape).copy_(kv)
+    return buffer

@@ -110,7 +110,11 @@ class KVCache:
 
     def read(self, slot: int) -> torch.Tensor:
         """A copy of one slot's valid KV: (L, 2, Hkv, T, D)."""
-        return self.kv[:, :, slot, :, : self.lengths[slot]].clone()
+        return self.view(slot).clone()
+
+    def view(self, slot: int) -> torch.Tensor:
+        """One slot's valid KV in place, (L, 2, Hkv, T, D) strided: valid until the batch changes."""
+        return self.kv[:, :, slot, :, : self.lengths[slot]]
 
     def append(self, kv: torch.Tensor) -> int:
         """Add a slot holding ``kv`` (L, 2, Hkv, T, D); return its index."""

@@ -42,6 +42,7 @@ class Runner(Protocol):
     def swap(self, pairs: list[tuple[int, int]]) -> None: ...  # exchange slots (i, j) of each pair
     def remove(self, slot: int) -> None: ...  # last slot moves into ``slot``
     def export(self, slot: int) -> torch.Tensor: ...
+    def view(self, slot: int) -> torch.Tensor: ...  # what ``export`` copies, in place where it can be
     def import_(self, kv: torch.Tensor, generated: int) -> None: ...  # appended as the last slot
     def positions(self, prompt: int, generated: int) -> int: ...  # cached positions of such a request
 
@@ -102,6 +103,9 @@ class DecoderOnlyRunner:
 
     def export(self, slot: int) -> torch.Tensor:
         return self.cache.read(slot)
+
+    def view(self, slot: int) -> torch.Tensor:
+        return self.cache.view(slot)
 
     def import_(self, kv: torch.Tensor, generated: int) -> None:
         self.cache.append(kv)

@@ -67,7 +67,10 @@ class EncoderDecoderRunner:
         self.cross_cache.remove(slot)
 
     def export(self, slot: int) -> torch.Tensor:
-        return torch.cat([self.self_cache.read(slot), self.cross_cache.read(slot)], dim=3)
+        return self.view(slot)
+
+    def view(self, slot: int) -> torch.Tensor:  # two caches: joined, a copy
+        return torch.cat([self.self_cache.view(slot), self.cross_cache.view(slot)], dim=3)
 
     def positions(self, prompt: int, generated: int) -> int:
         return generated + prompt  # decoder start token + generated[:-1], then the encoder positions

@@ -60,3 +60,14 @@ def need_smollm2() -> None:
         smollm2_path()
     except (ImportError, ValueError) as exc:  # smollm2_path raises ValueError when missing
         need(False, f"SmolLM2 GGUF not available: {exc}")
+
+
+def nixl_loads() -> bool:
+    """NIXL (the nixl-cu12 wheel, with UCX) loads here: the mesh's default KV data plane."""
+    from common.transport.nixl_kv import NixlUnavailable, load_nixl
+
+    try:
+        load_nixl()
+    except NixlUnavailable:
+        return False
+    return True

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from common.names import Names
 from common.transport.port import Store
@@ -33,6 +33,11 @@ class KvTransport(Protocol):
 
     async def claim(self, ref: str, *, decoder: str) -> None:
         """Record which decoder runs the request."""
+        ...
+
+    def export_buffer(self, nbytes: int) -> Any | None:
+        """Memory of this transport's own that an engine may export a KV cache into (any thread),
+        so that ``put`` need not copy it again; None: the engine gives bytes."""
         ...
 
     async def drop(self, ref: str) -> None: ...
@@ -85,6 +90,10 @@ class StoreKv:
 
     async def close(self) -> None:
         """Payloads live in the store, not in this process: nothing to stop."""
+
+    def export_buffer(self, nbytes: int) -> None:
+        """The payload is serialised whatever it is exported into."""
+        return None
 
     def _meta_key(self, ref: str) -> str:
         return self._names.kv_meta(ref.rsplit(":", 1)[-1])

@@ -12,10 +12,10 @@ publishes fresh metadata and nobody reads a dead process's.
          ◄═════════════════ NIXL READ (block -> registered buffer) ═════════   delete kv_meta
     notification "released" ──► block freed; a block nobody reads is freed when its lease ends
 
-Copies of the KV bytes, end to end on CPU: the engine's export (the slot's cache gathered, then
-to bytes: two), bytes -> staging block, the NIXL read (staging block -> a block of the decoder's
-registered inbox), the engine's import (inbox -> cache): five, against eight through Redis. Every
-NIXL call runs on one thread of this adapter, never on the event loop.
+Copies of the KV bytes, end to end on CPU: the engine's export straight into a staging block
+(``export_buffer``), the NIXL read (staging block -> a block of the decoder's registered inbox),
+the engine's import (inbox -> cache): three, against eight through Redis. Every NIXL call runs on
+one thread of this adapter, never on the event loop.
 """
 
 from __future__ import annotations
@@ -65,6 +65,13 @@ def load_nixl() -> Any:
     return _api
 
 
+def remote_disconnect_error() -> type[Exception]:
+    """What NIXL raises for a transfer towards an agent whose connection is gone."""
+    from nixl_cu12._bindings import nixlRemoteDisconnectError
+
+    return nixlRemoteDisconnectError
+
+
 class StagingPool:
     """First-fit allocation of aligned blocks in one buffer of ``capacity`` bytes (pure)."""
 
@@ -111,9 +118,12 @@ class NixlKv:
     def __init__(self, store: Store, names: Names, *, pool_bytes: int, read_timeout_s: float,
                  agent_name: str | None = None) -> None:
         self._api = load_nixl()
+        self._disconnected = remote_disconnect_error()
         self._store, self._names = store, names
         self.agent_name = agent_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._pool = StagingPool(pool_bytes)
+        self._pool_lock = threading.Lock()  # engines take blocks on their own thread (export_buffer)
+        self._exports: dict[int, weakref.finalize] = {}  # offset -> its block's return, until put
         self._inbox = StagingPool(pool_bytes)  # where reads land (its pages mapped once, then reused)
         self._inbox_lock = threading.Lock()  # blocks are freed by whichever thread drops the last view
         self._read_timeout_s = read_timeout_s
@@ -121,7 +131,7 @@ class NixlKv:
         self._agent: Any = None
         self._buffer: np.ndarray | None = None
         self._inbox_buffer: np.ndarray | None = None
-        self._published_at = 0.0
+        self._published_at: float | None = None  # monotonic; None: never published
         self._remotes: set[str] = set()
         self._staged: dict[str, _Staged] = {}  # request id -> its block
         self._room = asyncio.Event()
@@ -129,7 +139,9 @@ class NixlKv:
 
     @property
     def staged_bytes(self) -> int:
-        return self._pool.used_bytes
+        """Bytes of staging blocks in use: staged hand-offs, and exports not yet put."""
+        with self._pool_lock:
+            return self._pool.used_bytes
 
     @property
     def inbox_bytes(self) -> int:
@@ -156,7 +168,7 @@ class NixlKv:
 
     async def _publish(self) -> None:
         """The agent's metadata in the store, refreshed before half its TTL has passed."""
-        if time.monotonic() - self._published_at < KV_AGENT_TTL_S / 2:
+        if self._published_at is not None and time.monotonic() - self._published_at < KV_AGENT_TTL_S / 2:
             return
         metadata = await self._call(self._agent.get_agent_metadata)
         await self._store.set(self._names.kv_agent(self.agent_name), metadata, ttl_s=KV_AGENT_TTL_S)
@@ -169,7 +181,9 @@ class NixlKv:
         if nbytes > self._pool.capacity:
             raise StagingFull(f"{handoff.request_id}: {nbytes} bytes of KV exceed the staging pool "
                               f"({self._pool.capacity} bytes: kv_staging_mb)")
-        offset = await self._reserve(nbytes, deadline=time.monotonic() + ttl_s)
+        offset = self._claim_export(handoff.kv)
+        if offset is None:
+            offset = await self._reserve(nbytes, deadline=time.monotonic() + ttl_s)
         try:
             header = await self._call(_stage, self._buffer, offset, handoff)
             blocks = KvBlocks(handoff.request_id, producer, self.agent_name, self._address(offset), nbytes,
@@ -177,7 +191,7 @@ class NixlKv:
             ref = self._names.kv_meta(handoff.request_id)
             await self._store.set(ref, codec.encode(blocks), ttl_s=ttl_s)
         except BaseException:
-            self._pool.free(offset)
+            self._free(offset)
             raise
         self._staged[handoff.request_id] = _Staged(offset, time.time() + ttl_s)
         if self._reaper is None or self._reaper.done():
@@ -188,14 +202,45 @@ class NixlKv:
         assert self._buffer is not None
         return self._buffer.ctypes.data + offset
 
+    def export_buffer(self, nbytes: int) -> np.ndarray | None:
+        """A staging block for an engine to export a KV cache straight into (any thread): ``put``
+        then stages it without a copy. Its block returns when the buffer is dropped unput. None
+        before the agent started, or with no room (the engine gives bytes; ``put`` copies them)."""
+        if self._buffer is None or nbytes <= 0:
+            return None
+        offset = self._allocate(nbytes)
+        if offset is None:
+            return None
+        view = self._buffer[offset:offset + nbytes]
+        self._exports[offset] = weakref.finalize(view, self._free, offset)
+        return view
+
+    def _claim_export(self, kv: Any) -> int | None:
+        """The offset of the block ``kv`` was exported into, now the hand-off's; None for other memory."""
+        if not isinstance(kv, np.ndarray) or self._buffer is None or kv.base is not self._buffer:
+            return None
+        offset = kv.ctypes.data - self._buffer.ctypes.data
+        returned = self._exports.pop(offset, None)
+        if returned is None or returned.detach() is None:
+            return None  # not a live export of this pool: copy it as any other memory
+        return offset
+
+    def _allocate(self, nbytes: int) -> int | None:
+        with self._pool_lock:
+            return self._pool.allocate(nbytes)
+
+    def _free(self, offset: int) -> None:
+        with self._pool_lock:
+            self._pool.free(offset)
+
     async def _reserve(self, nbytes: int, *, deadline: float) -> int:
-        while (offset := self._pool.allocate(nbytes)) is None:
+        while (offset := self._allocate(nbytes)) is None:
             self._room.clear()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StagingFull(f"no room for {nbytes} bytes of KV in the staging pool")
-            try:
-                await asyncio.wait_for(self._room.wait(), timeout=left)
+            try:  # exports dropped unput free blocks from other threads, unannounced: look again soon
+                await asyncio.wait_for(self._room.wait(), timeout=min(left, REAP_INTERVAL_S))
             except TimeoutError:
                 pass
         return offset
@@ -207,7 +252,7 @@ class NixlKv:
         now = time.time()
         done = [rid for rid, s in self._staged.items() if rid in names or s.expires_at <= now]
         for rid in done:
-            self._pool.free(self._staged.pop(rid).offset)
+            self._free(self._staged.pop(rid).offset)
         if done:
             self._room.set()
         return len(done)
@@ -229,11 +274,18 @@ class NixlKv:
             raise CorruptPayload(f"{ref}: {exc}") from exc
         if blocks.expires_at <= time.time():
             return None
-        metadata = await self._store.get(self._names.kv_agent(blocks.agent))
-        if metadata is None:  # the encoder's process is gone, and its memory with it
-            return None
-        await self.start()
-        kv = await self._call(self._read, blocks, metadata)
+        if blocks.agent == self.agent_name:  # staged here, before this worker's role changed
+            kv = await self._take_own(blocks)
+            if kv is None:  # its lease ended and the block was freed
+                return None
+        else:
+            metadata = await self._store.get(self._names.kv_agent(blocks.agent))
+            if metadata is None:  # the encoder's process is gone, and its memory with it
+                return None
+            await self.start()
+            kv = await self._call(self._read, blocks, metadata)
+            if kv is None:
+                return None
         await self._store.delete(ref)
         try:
             header = KVHandoff.from_bytes(blocks.header)
@@ -241,17 +293,48 @@ class NixlKv:
             raise CorruptPayload(f"{ref}: {exc}") from exc
         return dataclasses.replace(header, kv=kv)
 
-    def _read(self, blocks: KvBlocks, metadata: bytes) -> np.ndarray:
-        """READ the blocks into a registered buffer; the notification releases them on the encoder."""
+    def _read(self, blocks: KvBlocks, metadata: bytes) -> np.ndarray | None:
+        """READ the blocks into a registered buffer; the notification releases them on the encoder.
+        None when the encoder's process is gone: nothing answers at its agent's address, or the
+        connection kept from an earlier read was to a process that has since died."""
+        try:
+            return self._read_from(blocks, metadata)
+        except self._disconnected:  # connect anew: a live encoder answers, a dead one refuses
+            self._forget(blocks.agent)
+            return self._read_from(blocks, metadata)
+
+    def _read_from(self, blocks: KvBlocks, metadata: bytes) -> np.ndarray | None:
+        if not self._connect(blocks.agent, metadata):
+            return None
+        try:
+            return self._transfer(blocks)
+        except (TimeoutError, ConnectionError):  # the next try connects anew
+            self._forget(blocks.agent)
+            raise
+
+    def _connect(self, name: str, metadata: bytes) -> bool:
+        if name not in self._remotes:
+            try:
+                self._agent.add_remote_agent(metadata)
+            except Exception:  # NIXL's errors (NIXL_ERR_BACKEND): the agent's address refuses
+                return False
+            self._remotes.add(name)
+        return True
+
+    def _forget(self, name: str) -> None:
+        if name in self._remotes:
+            self._remotes.discard(name)
+            try:
+                self._agent.remove_remote_agent(name)
+            except Exception:  # NIXL's errors: already unusable, nothing more to drop
+                pass
+
+    def _transfer(self, blocks: KvBlocks) -> np.ndarray:
         agent = self._agent
-        if blocks.agent not in self._remotes:
-            agent.add_remote_agent(metadata)
-            self._remotes.add(blocks.agent)
         kv, registered = self._landing(blocks.nbytes)
-        local = [(kv.ctypes.data, blocks.nbytes, 0, "")]
         try:
             handle = agent.initialize_xfer(
-                "READ", agent.get_xfer_descs([local[0][:3]], "DRAM"),
+                "READ", agent.get_xfer_descs([(kv.ctypes.data, blocks.nbytes, 0)], "DRAM"),
                 agent.get_xfer_descs([(blocks.address, blocks.nbytes, 0)], "DRAM"), blocks.agent,
                 blocks.request_id.encode())
             try:
@@ -270,6 +353,19 @@ class NixlKv:
             if registered is not None:
                 agent.deregister_memory(registered)
         return kv
+
+    async def _take_own(self, blocks: KvBlocks) -> np.ndarray | None:
+        """A block this process staged, copied out of its staging pool and freed: NIXL has no
+        transfer from an agent to itself (NIXL_ERR_INVALID_PARAM), and needs none."""
+        staged = self._staged.get(blocks.request_id)
+        if staged is None or self._address(staged.offset) != blocks.address:
+            return None
+        del self._staged[blocks.request_id]  # ours now: neither a lease nor a release frees it under the copy
+        try:
+            return await self._call(_copy_block, self._buffer, staged.offset, blocks.nbytes)
+        finally:
+            self._free(staged.offset)
+            self._room.set()
 
     def _landing(self, nbytes: int) -> tuple[np.ndarray, Any]:
         """Where a read lands: a block of the registered inbox, freed when the last view of it
@@ -304,6 +400,13 @@ class NixlKv:
 
 
 def _stage(buffer: np.ndarray, offset: int, handoff: KVHandoff) -> bytes:
-    """Copy the KV bytes into their block; return the rest of the hand-off, serialised."""
-    buffer[offset:offset + len(handoff.kv)] = np.frombuffer(handoff.kv, dtype=np.uint8)
+    """Copy the KV bytes into their block (unless exported there); return the rest of the
+    hand-off, serialised."""
+    block = buffer[offset:offset + len(handoff.kv)]
+    if not (isinstance(handoff.kv, np.ndarray) and handoff.kv.ctypes.data == block.ctypes.data):
+        block[:] = np.frombuffer(handoff.kv, dtype=np.uint8)
     return dataclasses.replace(handoff, kv=b"").to_bytes()
+
+
+def _copy_block(buffer: np.ndarray, offset: int, nbytes: int) -> np.ndarray:
+    return buffer[offset:offset + nbytes].copy()

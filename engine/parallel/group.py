@@ -341,6 +341,9 @@ class ParallelRunner:
     def export(self, slot: int) -> torch.Tensor:
         return self._call("export", slot)
 
+    def view(self, slot: int) -> torch.Tensor:  # gathered from the group's ranks: a copy
+        return self.export(slot)
+
     def import_(self, kv: torch.Tensor, generated: int) -> None:
         self._call("import", kv.to(self.stage.device), generated)
 

@@ -10,6 +10,7 @@ loop keeps receiving and publishing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from engine.api import Engine, EngineBroken, GenerationRequest, KVHandoff, PromptChunk, RequestRejected, TokenEvent
 from optimizer.policies import StepPlan
@@ -29,11 +30,12 @@ class StepResult:
 
 
 def run_step(engine: Engine, plan: StepPlan, prompts: dict[str, GenerationRequest],
-             handoffs: dict[str, KVHandoff], export: bool) -> StepResult:
+             handoffs: dict[str, KVHandoff], export: Callable[[int], Any] | None) -> StepResult:
     """On the engine thread: the whole plan. A refused prompt or hand-off does not stop the
     others (the step is retried without it), nor does a new request whose step faults (it is
     found by running the others without it). ``prompts`` holds the encoded requests and the
-    chunked ones."""
+    chunked ones. ``export``: an encoder's, what the KV transport gives to export into
+    (``KvTransport.export_buffer``)."""
     result = StepResult()
     for rid in plan.admit:
         try:
@@ -46,12 +48,12 @@ def run_step(engine: Engine, plan: StepPlan, prompts: dict[str, GenerationReques
     new = [prompts[rid] for rid in plan.encode]
     chunks = [PromptChunk(prompts[c.request_id], c.start, c.length) for c in plan.chunks]
     result.events = _step_refusing(engine, Joining(new, chunks), decode, plan.padding, result)
-    if export:
+    if export is not None:
         finished = {e.request_id for e in result.events if e.finished}
         for request in new:
             rid = request.request_id
             if rid not in finished and rid not in result.refused and rid not in result.faulted:
-                result.exported[rid] = engine.export_request(rid)
+                result.exported[rid] = engine.export_request(rid, export)
     return result
 
 

@@ -546,7 +546,7 @@ class Worker:
             held = self.held.pop(rid)
             self.driver.remove(rid)
             if i < room:
-                handoff = await self.runner.call(self.runner.engine.export_request, rid)
+                handoff = await self.runner.call(self.runner.engine.export_request, rid, self.kv.export_buffer)
                 moves.append(self._hand_off(held, handoff, published))
                 self.moved["handed_off"] += 1
             else:
@@ -646,7 +646,7 @@ class Worker:
                 self.held[rid].credit = True
         try:
             result = await self.runner.call(run_step, self.runner.engine, plan, prompts, handoffs,
-                                            self.role == "encoder")
+                                            self.kv.export_buffer if self.role == "encoder" else None)
         except EngineBroken:
             raise  # nothing more can run here: exit, and the broker redelivers what this worker held
         except Exception as exc:  # an engine fault: these requests run elsewhere once, then fail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,31 @@ def test_export_import_continues_identically(make_engine, name, case):
         got.add([e for e in target.decode_step() if e.request_id == "r"])
     assert got.tokens["r"] == expected
     assert got.reason["r"] == "length"
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-t5"])
+def test_export_into_a_given_buffer_continues_identically(make_engine, name):
+    """A transport's buffer (registered memory) receives the KV cache and is handed off as it is."""
+    prompt = list(b"Into the buffer: ")
+    source, target = make_engine(name), make_engine(name)
+    expected = run_to_end(source, [req("r", prompt, **CASES["greedy"])]).tokens["r"]
+    got = Collector()
+    got.add(source.prefill([req("r", prompt, **CASES["greedy"])]))
+    got.add(source.decode_step())
+    given = []
+    h = source.export_request("r", lambda nbytes: given.append(np.zeros(nbytes, dtype=np.uint8)) or given[-1])
+    assert len(given) == 1 and h.kv is given[0] and given[0].any()
+    target.import_request(h)
+    while "r" in target.running():
+        got.add(target.decode_step())
+    assert got.tokens["r"] == expected
+
+
+def test_export_without_a_buffer_given_gives_bytes(make_engine):
+    engine = make_engine()
+    engine.prefill([req("r", b"no room", max_tokens=10, ignore_eos=True)])
+    h = engine.export_request("r", lambda nbytes: None)  # a transport with no room
+    assert isinstance(h.kv, bytes) and len(h.kv) == engine.kv_bytes_per_token * len(b"no room")
 
 
 def test_handoff_carries_metadata(make_engine):

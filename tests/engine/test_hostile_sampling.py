@@ -147,7 +147,7 @@ def test_a_worker_step_refuses_only_the_hostile_request_and_names_its_field(llam
     out = Collector()
     out.add(llama.prefill([good]))
     result = run_step(llama, StepPlan(encode=("bad", "other"), decode=("good",)),
-                      {"bad": bad, "other": other}, {}, export=False)
+                      {"bad": bad, "other": other}, {}, export=None)
     assert list(result.refused) == ["bad"] and "top_k" in result.refused["bad"]
     assert not result.failed and not result.given_back
     out.add(result.events)

@@ -113,11 +113,14 @@ class FakeEngine:
         self.batch.pop(request_id, None)
         self.prefilled.pop(request_id, None)
 
-    def export_request(self, request_id: str) -> KVHandoff:
+    def export_request(self, request_id: str, into=None) -> KVHandoff:
         run = self.batch.pop(request_id)
         r = run.request
+        kv = bytes(len(r.prompt_ids))
+        if into is not None and (buffer := into(len(kv))) is not None:
+            memoryview(buffer)[:], kv = kv, buffer
         return KVHandoff(r.request_id, self.model_name, r.params, r.prompt_ids, tuple(run.generated),
-                         "", b"", "uint8", (len(r.prompt_ids),), "fake:T", bytes(len(r.prompt_ids)))
+                         "", b"", "uint8", (len(r.prompt_ids),), "fake:T", kv)
 
     def import_request(self, handoff: KVHandoff) -> None:
         request = GenerationRequest(handoff.request_id, handoff.prompt_ids, handoff.params)

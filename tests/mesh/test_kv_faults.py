@@ -4,7 +4,8 @@ A WAA mesh of one encoder and one decoder (tiny-llama, greedy), each with its ow
 faults are made at the data plane's boundary: an encoder whose process is gone before its KV
 cache is read (its agent's metadata leaves the store, its memory is unreachable), a lease that
 ends while nobody reads, and a read that breaks in the middle (what a decoder dying mid-read
-leaves: an unacked hand-off, blocks never released).
+leaves: an unacked hand-off, blocks never released). And what Redis holds meanwhile: descriptors,
+never KV bytes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from optimizer.schedule import Schedule
 from services.scheduler.service import recent_lengths
 from tests.brokers import need
 from tests.mesh.conftest import running_mesh
-from tests.mesh.test_kv_transport import nixl_loads
+from tests.brokers import nixl_loads
 
 pytestmark = [pytest.mark.usefixtures("cleanup"), pytest.mark.broker]
 MODEL = "tiny-llama"
@@ -176,3 +177,42 @@ async def test_a_decoder_keeps_no_kv_bytes_once_imported(config, hub, engines):
         decoder.execute = watched
         await answers_once(m, config, engines[2])
         assert kept and kept == [0] * len(kept)
+
+
+BURST = 8
+BURST_WORDS = 60  # ~315 prompt tokens: ~315 KiB of tiny-llama KV a request, ~2.5 MiB in the burst
+KV_BYTES_PER_TOKEN = 1024  # tiny-llama: 4 layers x 2 x 2 KV heads x 16 x float32
+
+
+async def test_a_burst_of_handoffs_keeps_kv_bytes_out_of_redis(config, hub, engines):
+    """While a burst of hand-offs waits to be read, Redis holds under 1 MiB of KV-related keys
+    (descriptors and agents' metadata), and nothing written to it holds KV bytes."""
+    workers = iter(engines[:2])
+    async with running_mesh(config, hub, lambda: next(workers), workers=2, schedule=WAA) as m:
+        encoder = m.mesh.by_role("encoder")[0]
+        names = Names(config.namespace)
+        prefixes = (names.kv_meta_prefix, names.kv_payload(""), names.kv_agent(""))
+        handed, peak, written = [], [0], []
+        put, store_set = encoder.kv.put, encoder.store.set
+
+        async def sampled(handoff, **kw):
+            ref = await put(handoff, **kw)
+            kv = bytes(handoff.kv)
+            handed.append(kv[len(kv) // 2:len(kv) // 2 + 256])  # a window of the KV bytes
+            held = sum([await encoder.store.bytes_prefix(p) for p in prefixes])
+            peak[0] = max(peak[0], held)
+            return ref
+
+        async def recorded(key, value, **kw):
+            written.append(bytes(value))
+            return await store_set(key, value, **kw)
+        encoder.kv.put, encoder.store.set = sampled, recorded
+        responses = await asyncio.wait_for(asyncio.gather(*(
+            m.client.post("/v1/completions", json={"model": MODEL, "prompt": f"burst {i} " + "word " * BURST_WORDS,
+                                                   "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+            for i in range(BURST))), TIMEOUT_S)
+        assert [r.status_code for r in responses] == [200] * BURST
+        assert len(handed) == BURST and sum(r.json()["usage"]["prompt_tokens"] for r in responses) * KV_BYTES_PER_TOKEN > 2 << 20
+        assert 0 < peak[0] < 1 << 20
+        assert written and not any(window in value for window in handed for value in written)
+        await drained(encoder.kv)

@@ -21,22 +21,14 @@ from common.messages.work import EncodeWork
 from common.names import Names
 from common.transport.connect import LocalHub, open_kv, open_transports, purge
 from common.transport.kv import StoreKv
-from common.transport.nixl_kv import NixlKv, NixlUnavailable, StagingFull, StagingPool, load_nixl
+from common.transport.nixl_kv import NixlKv, NixlUnavailable, StagingFull, StagingPool
 from common.transport.redis_store import RedisStore
 from engine.api import KVHandoff, SamplingParams
-from tests.brokers import REDIS_URL, need, require_broker
+from tests.brokers import REDIS_URL, need, nixl_loads, require_broker
 
 pytestmark = pytest.mark.broker
 TIMEOUT_S = 10.0
 KV_BYTES = 4 << 20  # a 90-token SmolLM2 prompt's KV cache in float32
-
-
-def nixl_loads() -> bool:
-    try:
-        load_nixl()
-    except NixlUnavailable:
-        return False
-    return True
 
 
 def handoff(request_id: str, nbytes: int = KV_BYTES, seed: int = 0) -> KVHandoff:
@@ -117,6 +109,31 @@ async def test_nixl_keeps_kv_bytes_out_of_redis(pair, store):
     assert [await store.get(ref) for ref in refs] == [None] * 3  # read: the descriptors are deleted
 
 
+async def test_a_worker_reads_a_handoff_it_staged_itself(pair, store):
+    """Its role changed from encoder to decoder with its own hand-offs still queued (NIXL has no
+    transfer from an agent to itself: the block is copied out of the pool and freed)."""
+    encoder, _, _ = pair
+    ref = await encoder.put(handoff("own", 1 << 20), producer="enc", ttl_s=30)
+    got = await encoder.get(ref)
+    assert got is not None and bytes(got.kv) == handoff("own", 1 << 20).kv
+    if isinstance(encoder, NixlKv):
+        assert encoder.staged_bytes == 0 and await store.get(ref) is None
+
+
+async def test_an_agent_publishes_its_metadata_when_it_starts_whatever_the_clock(pair, store, monkeypatch):
+    """The monotonic clock starts near zero on a freshly booted host."""
+    import types
+
+    import common.transport.nixl_kv as nixl_kv
+
+    encoder, _, names = pair
+    if not isinstance(encoder, NixlKv):
+        pytest.skip("the Redis transport runs no agent")
+    monkeypatch.setattr(nixl_kv, "time", types.SimpleNamespace(monotonic=lambda: 1.0, time=time.time, sleep=time.sleep))
+    await encoder.start()
+    assert await store.get(names.kv_agent(encoder.agent_name))
+
+
 async def test_nixl_encoder_frees_a_block_on_release_and_on_lease_expiry(pair):
     encoder, decoder, _ = pair
     if not isinstance(encoder, NixlKv):
@@ -138,6 +155,85 @@ async def test_nixl_handoff_from_a_process_that_is_gone_is_none(pair):
     ref = await encoder.put(handoff("orphan", 64 << 10), producer="enc", ttl_s=30)
     await encoder.close()  # its agent's metadata leaves the store with it
     assert await decoder.get(ref) is None
+
+
+STAGE_AND_WAIT = """
+import asyncio, sys
+from common.names import Names
+from common.transport.nixl_kv import NixlKv
+from common.transport.redis_store import RedisStore
+from tests.mesh.test_kv_transport import handoff
+
+async def main(namespace, url):
+    kv = NixlKv(await RedisStore.connect(url), Names(namespace), pool_bytes=4 << 20, read_timeout_s=10)
+    for i in range(2):
+        print("ref", await kv.put(handoff(f"k{i}", 1 << 20, seed=i), producer="enc", ttl_s=60), flush=True)
+    await asyncio.Event().wait()  # until killed
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_nixl_handoff_from_a_killed_process_is_none_though_its_agent_is_still_listed(store, namespace):
+    """A process killed outright leaves its agent's metadata in the store until its TTL; a decoder
+    that read from it before holds a connection to it. Neither turns into failing reads: the
+    hand-off is gone (the request is encoded again)."""
+    import signal
+    import sys
+
+    from tests.mesh.processes import REPO_ROOT, env_for
+
+    need(nixl_loads(), "NIXL (nixl-cu12) cannot load: pip install nixl-cu12")
+    names = Names(namespace)
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", STAGE_AND_WAIT, namespace, REDIS_URL,
+                                                 cwd=REPO_ROOT, env=env_for({}), stdout=asyncio.subprocess.PIPE)
+    readers = [NixlKv(store, names, pool_bytes=2 << 20, read_timeout_s=TIMEOUT_S) for _ in range(2)]
+    try:
+        refs = []
+        while len(refs) < 2:  # NIXL's own log lines come on stdout too
+            line = (await asyncio.wait_for(child.stdout.readline(), TIMEOUT_S)).decode()
+            assert line, "the staging process ended"
+            if line.startswith("ref "):
+                refs.append(line.split()[1])
+        earlier = await readers[0].get(refs[0])
+        assert earlier is not None and bytes(earlier.kv) == handoff("k0", 1 << 20, seed=0).kv
+        child.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(child.wait(), TIMEOUT_S)
+        agent = codec.decode(await store.get(refs[1]), KvBlocks).agent
+        assert await store.get(names.kv_agent(agent)) is not None
+        assert await asyncio.wait_for(readers[0].get(refs[1]), TIMEOUT_S) is None  # its connection is dead
+        assert await asyncio.wait_for(readers[1].get(refs[1]), TIMEOUT_S) is None  # nothing answers
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        for reader in readers:
+            await reader.close()
+        await store.delete_prefix(names.key_prefix)
+
+
+async def test_nixl_a_kv_cache_exported_into_a_staging_block_is_staged_in_it(pair, store):
+    """The engine's export is the only copy on the encoder: ``put`` stages that very block."""
+    encoder, decoder, _ = pair
+    if not isinstance(encoder, NixlKv):
+        assert encoder.export_buffer(1 << 20) is None  # the payload is serialised anyway
+        return
+    sent = handoff("exported", 1 << 20)
+    await encoder.start()
+    buffer = encoder.export_buffer(len(sent.kv))
+    buffer[:] = np.frombuffer(sent.kv, dtype=np.uint8)  # what the engine's export does
+    ref = await encoder.put(dataclasses.replace(sent, kv=buffer), producer="enc", ttl_s=30)
+    blocks = codec.decode(await store.get(ref), KvBlocks)
+    assert encoder.staged_bytes == 1 << 20 and blocks.address == buffer.ctypes.data
+    dropped = encoder.export_buffer(4096)
+    assert encoder.staged_bytes == (1 << 20) + 4096
+    del dropped  # exported, never put (the request went elsewhere): its block returns
+    assert encoder.staged_bytes == 1 << 20
+    assert bytes((await decoder.get(ref)).kv) == sent.kv
+
+    async def freed() -> bool:
+        return encoder.staged_bytes == 0
+    await until(freed, "the read block to be freed")
 
 
 async def test_nixl_staging_pool_is_bounded(pair):
@@ -199,7 +295,7 @@ async def test_a_worker_process_gets_the_configured_data_plane(namespace):
     from tests.brokers import AMQP_URL
 
     need(nixl_loads(), "NIXL (nixl-cu12) cannot load")
-    config = MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL, kv_transport="nixl")
+    config = MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL)  # the default: NIXL
     worker = await open_transports(config, Names(namespace), LocalHub(), kv=True)
     gateway = await open_transports(config, Names(namespace), LocalHub())
     try:
@@ -221,7 +317,7 @@ def test_a_worker_process_without_nixl_says_so_in_one_line_and_does_not_start(tm
     (tmp_path / "nixl_cu12").mkdir()
     (tmp_path / "nixl_cu12" / "__init__.py").write_text("raise ImportError('libucs.so.0: cannot open')\n")
     env = env_for({"EXEGPT_NAMESPACE": namespace, "EXEGPT_AMQP_URL": AMQP_URL, "EXEGPT_REDIS_URL": REDIS_URL,
-                   "EXEGPT_MODEL": "tiny-llama", "EXEGPT_DEVICE": "cpu", "EXEGPT_KV_TRANSPORT": "nixl"})
+                   "EXEGPT_MODEL": "tiny-llama", "EXEGPT_DEVICE": "cpu"})  # NIXL by default
     env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
     refused = subprocess.run([sys.executable, "-m", "services.cli", "worker"], cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=120)

@@ -180,14 +180,14 @@ def test_a_step_that_faults_on_one_new_request_runs_the_others_without_it():
         ("running", b"run"), ("fine", b"fine"), ("poison", b"poison pill")))
     engine.step([running])
     result = run_step(engine, StepPlan(encode=("fine", "poison"), decode=("running",)),
-                      {"fine": fine, "poison": poison}, {}, export=False)
+                      {"fine": fine, "poison": poison}, {}, export=None)
     assert list(result.faulted) == ["poison"] and "poisoned prompt" in result.faulted["poison"]
     assert not result.refused and not result.failed and not result.given_back
     assert sorted(e.request_id for e in result.events) == ["fine", "running"]
     assert sorted(engine.batch) == ["fine", "running"]
 
     alone = FaultyEngine()
-    result = run_step(alone, StepPlan(encode=("poison",)), {"poison": poison}, {}, export=False)
+    result = run_step(alone, StepPlan(encode=("poison",)), {"poison": poison}, {}, export=None)
     assert list(result.faulted) == ["poison"] and alone.faults == 1  # not run again to be sure
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 
 import pytest
 
@@ -16,6 +17,7 @@ from common.transport.connect import open_bus, open_transports
 from engine.api import GenerationRequest, SamplingParams
 from optimizer.schedule import Schedule
 from services.scheduler.service import recent_lengths
+from tests.brokers import need
 from tests.mesh.conftest import running_mesh
 from tests.mesh.fake_engine import FakeEngine, load, next_token
 
@@ -232,6 +234,55 @@ async def test_a_worker_dying_mid_batch_loses_nothing(config, hub, schedule):
             assert held > 0
             for i, r in enumerate(responses):
                 assert r.json()["choices"][0]["text"] == expected_text(f"k{i}", 12)
+    finally:
+        release.set()
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("transport_kind", ["broker"])
+@pytest.mark.parametrize("kv_transport", ["nixl", "redis"])
+async def test_a_waa_decoder_dying_with_handoffs_unread_loses_nothing(config, hub, kv_transport):
+    """Hand-offs made while the decoder hangs are never read by it; when it dies, the worker
+    that takes the decoder's place (here the encoder that made them; over NIXL, from its own
+    staging pool) decodes them from that KV, without encoding them again."""
+    import threading
+
+    from common.transport.nixl_kv import NixlKv
+    from tests.brokers import nixl_loads
+
+    if kv_transport == "nixl":
+        need(nixl_loads(), "NIXL (nixl-cu12) cannot load: pip install nixl-cu12")
+    config = config.model_copy(update={"kv_transport": kv_transport})
+    entered, release = threading.Event(), threading.Event()
+    stuck = StuckEngine(entered, release)
+    engines = iter([FakeEngine(), stuck])
+    try:
+        async with running_mesh(config, hub, lambda: next(engines), workers=2, schedule=WAA) as m:
+            encoder, victim = m.mesh.by_role("encoder")[0], m.mesh.by_role("decoder")[0]
+            assert victim.runner.engine is stuck and isinstance(encoder.kv, NixlKv) == (kv_transport == "nixl")
+            puts, staged = Counter(), asyncio.Event()
+            put = encoder.kv.put
+
+            async def counted(handoff, **kw):
+                ref = await put(handoff, **kw)
+                puts[handoff.request_id] += 1
+                if len(puts) == 8:
+                    staged.set()
+                return ref
+            encoder.kv.put = counted
+            post = lambda i: asyncio.create_task(m.client.post("/v1/completions", json=completion(f"u{i}", 12)))
+            first = [post(i) for i in range(4)]
+            assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, TIMEOUT_S)
+            second = [post(i) for i in range(4, 8)]  # encoded and staged while the decoder hangs
+            await asyncio.wait_for(staged.wait(), TIMEOUT_S)
+            unread = {rid for rid in puts if rid not in victim.held}
+            await crash(victim, m.mesh.tasks[1 + m.mesh.workers.index(victim)])
+            responses = await asyncio.wait_for(asyncio.gather(*first, *second), TIMEOUT_S)
+            for i, r in enumerate(responses):
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["text"] == expected_text(f"u{i}", 12)
+            assert unread and all(puts[rid] == 1 for rid in unread)  # decoded from the KV staged before
+            assert getattr(encoder.kv, "staged_bytes", 0) == 0
     finally:
         release.set()
 
