@@ -345,6 +345,8 @@ async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: i
         _, late = await asyncio.wait(tasks, timeout=total + DRAIN_S + 2 * ANSWER_GRACE_S)
         for task in late:
             task.cancel()
+        print(f"  {system} run {run + 1}: traffic over, {sum(s.done for s in sent)} answered, {len(late)} left "
+              f"waiting ({time.monotonic() - t0[0]:.0f} s); closing the mesh", flush=True)
         records = await recent_lengths(transports.store, names, 4 * len(sent) + 100)
         counts = Counter(r.request_id for r in records)
         result.duplicated = sum(1 for c in counts.values() if c > 1)
@@ -436,9 +438,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: where every task of the run waits (a run that stalls can be read without stopping it)."""
+    import sys
+
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=8, file=sys.stderr)
+    sys.stderr.flush()
+
+
 async def bench(args: argparse.Namespace, setup: Setup) -> list[dict]:
+    import signal
+
     from services.bench.schedules import niced_services
 
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)
     objects = []
     trace = trace_of(args, setup.phases)
     print(f"trace: {len(trace)} requests over {sum(p.seconds for p in setup.phases):g} s, seed {args.seed}", flush=True)
