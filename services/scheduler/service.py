@@ -362,7 +362,9 @@ class SchedulerService:
         self.pin_set = schedule is not None
         self.target = schedule or (self.brain.plan.schedule if self.brain.plan else DEFAULT_SCHEDULE)
         await self.store.set(self.names.pinned_schedule, codec.encode(PinSchedule(schedule, time.time())))
-        return await self.reconcile()
+        published = await self.reconcile()
+        await self.write_state(time.time())  # the record says pinned with the version it made, not a look later
+        return published
 
     def expire(self) -> None:
         """Forget workers silent for longer than the heartbeat timeout."""

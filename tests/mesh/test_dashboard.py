@@ -20,7 +20,7 @@ from common.names import Names
 from common.transport.connect import open_transports
 from optimizer.schedule import Schedule
 from services.gateway import ServedModel, create_app
-from services.gateway.dashboard.history import History, numeric_fields, version_change
+from services.gateway.dashboard.history import STATE_WAIT_S, History, numeric_fields, version_change
 from services.gateway.dashboard.watch import Heard, WorkerWatch, worker_row
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import FakeEngine
@@ -84,6 +84,20 @@ def test_history_timeline_names_searches_versions_pins_and_bounds():
     assert entries[3]["reason"] == "asked: look" and entries[3]["outcome"].startswith("kept")
     assert entries[4]["reason"] == "latency bound none -> 2 s"
     assert history.timeline_after(entries[2]["seq"]) == entries[3:]
+
+
+def test_a_new_version_waits_for_the_state_record_that_explains_it():
+    history = History(every_s=0.0)
+    history.observe(update_json(1), state_json(1.0), now=1.0)
+    history.observe(update_json(2, "static"), state_json(2.0), now=2.0)  # the record still tells of version 1
+    assert [e["version"] for e in history.timeline_after(0)] == [1]
+    history.observe(update_json(2, "static"), state_json(2.5, version=2, pinned=True), now=2.5)
+    assert history.timeline_after(0)[-1]["reason"] == "pinned, schedule continuous -> static"
+    # a record that does not catch up holds a version back STATE_WAIT_S at most
+    history.observe(update_json(3), state_json(3.0, version=2, pinned=True), now=3.0)
+    assert [e["version"] for e in history.timeline_after(0)] == [1, 2]
+    history.observe(update_json(3), state_json(3.0, version=2, pinned=True), now=3.0 + STATE_WAIT_S)
+    assert [e["version"] for e in history.timeline_after(0)] == [1, 2, 3]
 
 
 def test_version_change_says_what_changed():

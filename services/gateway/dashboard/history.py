@@ -20,6 +20,7 @@ from typing import Any
 
 POINTS_MAX = 600  # ten minutes at one look a second
 TIMELINE_MAX = 200
+STATE_WAIT_S = 3.0  # how long a new version waits on the timeline for the state record that explains it
 
 
 def numeric_fields(state: dict[str, Any], prefix: str = "", depth: int = 1) -> dict[str, float]:
@@ -72,6 +73,7 @@ class History:
     _update: dict[str, Any] | None = None
     _state: dict[str, Any] | None = None
     _seq: int = 0  # each timeline entry's number, so a client asks for the ones after it has
+    _update_seen_at: float | None = None  # when a version not yet on the timeline was first seen
 
     def observe(self, update: dict[str, Any] | None, state: dict[str, Any] | None, now: float) -> None:
         if now - self._last_at < self.every_s:
@@ -80,9 +82,9 @@ class History:
         if state is not None and (self._state is None or state.get("updated_at") != self._state.get("updated_at")):
             self.points.append({**numeric_fields(state), "at": now})
         self._note_search(state)
-        self._note_version(update, state)
+        noted = self._note_version(update, state, now)
         self._note_bound(state)
-        self._update, self._state = update or self._update, state or self._state
+        self._update, self._state = (update or self._update) if noted else self._update, state or self._state
 
     def _note_search(self, state: dict[str, Any] | None) -> None:
         if state is None or not state.get("last_replan_at"):
@@ -94,15 +96,26 @@ class History:
         self._add({"kind": "search", "at": state["last_replan_at"], "version": state.get("version"),
                    "reason": state.get("last_replan_reason", ""), "outcome": state.get("last_outcome", "")})
 
-    def _note_version(self, update: dict[str, Any] | None, state: dict[str, Any] | None) -> None:
+    def _note_version(self, update: dict[str, Any] | None, state: dict[str, Any] | None, now: float) -> bool:
+        """A new version on the timeline; False while it waits for the state record that goes with
+        it (the scheduler publishes a version, then records why: a pin read from the record before
+        would be missed), at most ``STATE_WAIT_S``."""
         if update is None or (self._update is not None and update.get("version") == self._update.get("version")
                               and update.get("epoch") == self._update.get("epoch")):
-            return
+            self._update_seen_at = None
+            return True
+        behind = state is not None and (state.get("version") or 0) < (update.get("version") or 0)
+        if self._update_seen_at is None:
+            self._update_seen_at = now
+        if behind and now - self._update_seen_at < STATE_WAIT_S:
+            return False
+        self._update_seen_at = None
         pinned_before = (self._state or {}).get("pinned")
         pinned_after = (state or {}).get("pinned")
         self._add({"kind": "version", "at": update.get("published_at"), "version": update.get("version"),
                    "policy": (update.get("schedule") or {}).get("policy"),
                    "reason": version_change(self._update, update, pinned_before, pinned_after)})
+        return True
 
     def _note_bound(self, state: dict[str, Any] | None) -> None:
         if state is None or self._state is None:
