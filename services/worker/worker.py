@@ -666,10 +666,13 @@ class Worker:
 
     def _note_cost(self, plan: StepPlan, result: StepResult) -> None:
         """The step's shape and seconds, for the scheduler's calibration (steps that failed say
-        nothing about the engine's speed). Its seconds are the interval the step took in the loop:
-        from the previous step's end when the loop went straight on from it (what the boundary in
-        between cost, tokens sent and work taken, is part of running back-to-back steps, as the
-        simulator runs them), else from its own start."""
+        nothing about the engine's speed). A worker of role "worker" reports the interval the step
+        took in the loop: from the previous step's end when the loop went straight on from it
+        (what the boundary in between cost, tokens sent and work taken, is part of running
+        back-to-back steps, as the simulator runs them), else from its own start. An encoder or a
+        decoder reports its engine step alone: the work around its steps is mostly the hand-off,
+        which the simulator costs on the hand-off link, and it would otherwise enter the factors
+        every policy's steps share."""
         since, self._busy_since = self._busy_since, result.ended_at
         if result.failed or result.given_back or result.refused:
             return
@@ -677,7 +680,7 @@ class Worker:
         decoded = (d.running.get(rid) or d.incoming.get(rid) for rid in plan.decode)
         contexts = [r.input_len + r.generated for r in decoded if r is not None]
         prompts = {rid: self.held[rid].input_len for rid in plan.encode if rid in self.held}
-        start = result.started_at if since is None else min(since, result.started_at)
+        start = result.started_at if since is None or self.role != "worker" else min(since, result.started_at)
         self.step_costs.note(step_cost(plan, prompts, contexts, fused_steps(d.policy.schedule),
                                        result.ended_at - start, result.ended_at))
 
