@@ -164,7 +164,7 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
                         await measure(bench, schedule, load, Measured())
                 await asyncio.sleep(1.5 * config.heartbeat_s)  # the last heartbeats carry the last steps
                 sc = scenario(profile, cluster, scaled_task("S", args.scale))
-                taken = observe(model, sc.timer(sc.layout(1, 1, 0)), bench.step_costs)
+                taken = await asyncio.to_thread(observe, model, sc.timer(sc.layout(1, 1, 0)), bench.step_costs)
     finally:
         procs.close()
         await purge_namespace(config)

@@ -513,7 +513,9 @@ async def calibrate(bench: Bench, plan: Plan, sc, load: Load):
     finally:
         costs, bench.step_costs, bench.requests = bench.step_costs, None, saved
     model = Calibration(half_life_s=3600.0)  # one run's records, all of them equally
-    taken = observe(model, sc.timer(sc.layout(1, 1, 0)), costs)
+    # off the event loop (as every search and simulation here): a loop held past the broker's
+    # heartbeat timeout loses its connection
+    taken = await asyncio.to_thread(observe, model, sc.timer(sc.layout(1, 1, 0)), costs)
     table = model.table(time.time())
     factors = ", ".join(f"{p.kind} ~{p.tokens:.0f} tok x{p.factor:.2f}" for p in points(table))
     print(f"  {plan.task} calibration run: {len(settings) * plan.calibration_requests} requests, {taken} step records, "
@@ -596,7 +598,8 @@ async def bench_task(bench: Bench, plan: Plan, profile: Path, cluster: Path, see
     await run_settings(bench, settings, results, load, sc, plan.task)
     static = {key: m for key, m in results.items() if key[0] == "static"}
     bounds = bounds_from(static, plan.bounds)
-    chosen = {label: exegpt_plan(sc, bound, plan.max_batch, plan.verify) for label, bound in bounds}
+    chosen = {label: await asyncio.to_thread(exegpt_plan, sc, bound, plan.max_batch, plan.verify)
+              for label, bound in bounds}
     picks = [(system, s) for pair in chosen.values() for system, s in zip(("exegpt", "product"), pair)]
     planned = {key: key[1] for key in dict.fromkeys(p for p in picks if p[1] is not None)}
     results |= {key: Measured() for key in planned}
@@ -616,8 +619,8 @@ async def run_settings(bench, settings: dict, results: dict, load: Load, sc, tas
         started = time.monotonic()
         await measure(bench, schedule, load, results[key])
         if rep == 0:
-            results[key].predicted = predict(sc, schedule, load.first(requests_for(schedule, bench.requests)),
-                                             results[key])
+            first = load.first(requests_for(schedule, bench.requests))
+            results[key].predicted = await asyncio.to_thread(predict, sc, schedule, first, results[key])
         m = results[key]
         print(f"  {task} rep {rep + 1} {key[0]:<10} {describe(schedule):<58} {m.throughputs[-1]:6.2f} seq/s "
               f"latency {m.latencies[-1]:6.2f} s  predicted {m.predicted[0]:6.2f} / {m.predicted[1]:6.2f}  "
