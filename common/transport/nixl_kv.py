@@ -45,6 +45,7 @@ from engine.api import KVHandoff
 ALIGN = 4096  # staging blocks start on page boundaries
 READ_POLL_S = 0.0005  # the transfer thread's wait between checks of a running read
 REAP_INTERVAL_S = 0.05  # how often an encoder with staged blocks looks for releases and expired leases
+PROGRESS_POLL_US = 1000  # the agent's progress thread: woken by UCX events, else once per this
 
 
 class NixlUnavailable(RuntimeError):
@@ -63,6 +64,36 @@ def load_nixl() -> Any:
         raise NixlUnavailable(f"NIXL cannot load ({type(exc).__name__}: {exc}); install the 'nixl' extra "
                               "(pip install nixl-cu12) or choose --kv-transport redis") from None
     return _api
+
+
+_AGENT_LOCK = threading.Lock()
+
+
+def open_agent(api: Any, name: str, poll_us: int = PROGRESS_POLL_US) -> Any:
+    """A NIXL agent (UCX backend) whose progress thread sleeps in poll() between UCX events.
+
+    NIXL's Python wrapper starts that thread with no delay: it busy-polls a whole core for as long
+    as the agent lives, idle or not. The delay is a field of the binding's config that the wrapper
+    sets to 0 just before it builds the agent, so the binding is wrapped for that one call. With
+    1 ms an idle agent costs about 3 % of a core; transfers are not slowed, since a read's status
+    check drives UCX on the calling thread and UCX events wake the progress thread at once."""
+    bind = api.nixlBind
+
+    class DelayedProgress:
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(bind, attr)
+
+        @staticmethod
+        def nixlAgent(agent_name: str, config: Any) -> Any:  # noqa: N802 (the binding's name)
+            config.pthrDelay = poll_us
+            return bind.nixlAgent(agent_name, config)
+
+    with _AGENT_LOCK:  # the wrapper reads the module global; agents are opened one at a time
+        api.nixlBind = DelayedProgress()
+        try:
+            return api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+        finally:
+            api.nixlBind = bind
 
 
 def remote_disconnect_error() -> type[Exception]:
@@ -160,7 +191,7 @@ class NixlKv:
     def _open_agent(self) -> None:
         if self._agent is not None:
             return
-        agent = self._api.nixl_agent(self.agent_name, self._api.nixl_agent_config(backends=["UCX"]))
+        agent = open_agent(self._api, self.agent_name)
         buffer = np.empty(self._pool.capacity, dtype=np.uint8)
         inbox = np.empty(self._inbox.capacity, dtype=np.uint8)
         agent.register_memory([(b.ctypes.data, b.nbytes, 0, "") for b in (buffer, inbox)], "DRAM")
@@ -397,6 +428,7 @@ class NixlKv:
             await self._store.delete(self._names.kv_agent(self.agent_name))
         self._staged.clear()
         self._thread.shutdown(wait=True)
+        self._agent = None  # its threads stop with it; the buffers it registered outlive it
 
 
 def _stage(buffer: np.ndarray, offset: int, handoff: KVHandoff) -> bytes:
