@@ -106,7 +106,9 @@ async def test_one_trace_from_the_gateway_through_a_hand_off(config, hub, spans)
     assert decode.attributes["exegpt.output_tokens"] == 5 and decode.attributes["exegpt.outcome"] == "length"
     # the time line: encode, then the hand-off, then decode, all within the HTTP request
     assert server.start_time <= publish.start_time <= encode.start_time <= encode.end_time
-    assert encode.end_time <= handoff.end_time <= receive.start_time <= receive.end_time <= decode.start_time
+    assert encode.end_time <= handoff.end_time and receive.end_time <= decode.start_time
+    # a publish ends at the broker's confirm, which can reach the publisher after the delivery
+    assert handoff.start_time <= receive.start_time <= receive.end_time
     assert decode.end_time <= server.end_time
 
 
