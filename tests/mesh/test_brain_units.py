@@ -180,37 +180,3 @@ def test_a_cold_start_or_a_new_worker_count_always_publishes(reason, publish):
     running = Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
     decision = brain.decide(reason, 2, running, brain.inputs(reason, 1.0))
     assert decision.publish is publish
-
-
-class RecordingPlanner(SamePlanner):
-    """Records which kind of plan the brain asked for."""
-
-    def __init__(self) -> None:
-        self.asked: list[str] = []
-
-    def plan_for_unknown_traffic(self, workload, workers, slo, calibration=None):
-        self.asked.append("any rate")
-        return plan_of(10.0, 1.0, True)
-
-    def plan_for_traffic(self, workload, workers, slo, forecast, current=None, calibration=None):
-        self.asked.append(f"at {forecast.rate_per_s:g}/s")
-        return plan_of(10.0, 1.0, True), None
-
-
-@pytest.mark.parametrize("reason, slo_tpot_s, asked", [
-    ("cold start (prior)", 0.2, "any rate"),  # nothing comparable runs: the schedule with the most room
-    ("workers 1 -> 2", 0.2, "any rate"),  # even with arrivals already counted
-    ("drift", 0.2, "at 4/s"),  # the schedule in force is weighed at the forecast
-    ("workers 1 -> 2", float("inf"), "at 4/s"),  # no bound: no room to keep, plan for the rate
-])
-def test_a_fresh_allocation_under_an_slo_is_planned_for_any_rate(reason, slo_tpot_s, asked):
-    from optimizer.schedule import Schedule
-
-    planner = RecordingPlanner()
-    brain = Brain(MeshConfig(prior="S", slo_tpot_s=slo_tpot_s), planner=planner, now=0.0)
-    brain.observe_arrivals([4.0] * 10, 10.0)
-    running = Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
-    decision = brain.decide(reason, 2, running, brain.inputs(reason, 1.0))
-    assert planner.asked == [asked]
-    if asked == "any rate":
-        assert decision.publish  # nothing comparable runs
