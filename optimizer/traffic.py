@@ -20,9 +20,6 @@ larger one keeps the queue from growing. So:
    capacity, so light traffic gets the quick schedule and heavy traffic the one that keeps up. When none reaches the SLO's target at the forecast, the one that sustains
    the highest rate (``sustained``, of the few with the best attainment).
 
-Before any arrival is counted (``plan_for_unknown_rate``): the candidate that keeps the SLO up to
-the highest rate, since traffic may come at any rate and goodput counts only what meets the SLO.
-
 ``forecast`` is the arrival forecaster the scheduler uses: the next interval's rate is the larger
 of the mean over the last ``SHORT_S`` and over the last ``LONG_S`` seconds (a rise shows within
 ``SHORT_S``; a fall only after ``LONG_S``, so the plan errs towards capacity), its burstiness the
@@ -34,7 +31,7 @@ Pure: no clock, no I/O; seeds are passed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -216,30 +213,6 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
         best, reaches = choose(weighed, fc, slo)
     ordered = tuple(sorted(weighed, key=lambda w: (w is not best, _order(w))))
     return TrafficPlan(best, ordered, reaches, fc, searches)
-
-
-def plan_for_unknown_rate(sc: Scenario, slo: Slo, policies: Sequence[str] = PRODUCT_POLICIES,
-                          space: SearchSpace = SearchSpace(), *, seed: int = 0,
-                          search: Callable[..., SearchResult] = branch_and_bound) -> TrafficPlan | None:
-    """No arrivals counted yet (a cold start): the candidate that keeps the SLO's target up to the
-    highest rate (``sustained``, under Poisson arrivals), of at most ``MAX_WEIGHED`` spread over
-    the frontier. The traffic may come at any rate up to the mesh's capacity and goodput counts
-    only the requests within the SLO, so the schedule with the most room is the safe first one;
-    the schedule that carries the most when saturated often is not (its large batches stretch
-    the time per output token first). Each candidate's figures are simulated at its own sustained
-    rate; the plan's ``forecast`` is the pick's sustained rate."""
-    found, searches = candidates(sc, policies, space, search=search)
-    if not found:
-        return None
-    top = Forecast(max(c for _, c in found), 1.0)
-    weighed = []
-    for schedule, capacity in to_weigh(found, top, None):
-        rate = sustained(sc, schedule, slo, top, seed)
-        at = arrivals(sc.workload, Forecast(max(rate, top.rate_per_s / 2 ** 5), 1.0), seed)
-        weighed.append(replace(weigh(sc, schedule, capacity, at, slo), sustained_rate_s=rate))
-    ordered = tuple(sorted(weighed, key=lambda w: (-w.sustained_rate_s, _order(w))))
-    best = ordered[0]
-    return TrafficPlan(best, ordered, best.sustained_rate_s > 0, Forecast(best.sustained_rate_s, 1.0), searches)
 
 
 def sustained(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, seed: int = 0, steps: int = 5) -> float:

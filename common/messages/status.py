@@ -151,7 +151,7 @@ class CandidateFigures:
     ttft_s: float
     tpot_s: float
     e2e_p99_s: float
-    sustained_rate_s: float  # NaN unless no candidate reached the target, or no arrivals were counted yet
+    sustained_rate_s: float  # NaN unless no candidate reached the target
     chosen: bool
 
 

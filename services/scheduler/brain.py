@@ -292,12 +292,6 @@ class Brain:
             publish, why = better_for_traffic(plan, in_force if comparable is not None else None, self.slo,
                                               self.config.replan_margin)
             return Decision(plan, publish, why, reason, basis, workload, reference, in_force)
-        if self.config.plan_for == "arrivals" and self.slo.bounded and comparable is None:
-            plan = self.planner.plan_for_unknown_traffic(workload, workers, self.slo, table)
-            return Decision(plan, True, "nothing comparable runs; no arrivals counted yet: the schedule that "
-                            f"keeps the SLO up to the highest rate ({plan.candidates[0].sustained_rate_s:.3g} "
-                            "requests/s)" if plan.candidates else "nothing comparable runs", reason, basis,
-                            workload, reference)
         plan = self.planner.plan(workload, workers, self.bound, table)
         current = self.planner.evaluate(comparable, workload, workers, table) if comparable is not None else None
         publish, why = better(plan, current, self.bound, self.config.replan_margin, arrival_rate)

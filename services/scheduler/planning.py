@@ -26,8 +26,7 @@ from optimizer.policies import RUNNABLE_POLICIES
 from optimizer.schedule import Schedule
 from optimizer.search import SearchSpace, least_latency
 from optimizer.slo import Slo
-from optimizer.traffic import (Forecast, TrafficPlan, Weighed, arrivals, plan_for_traffic, plan_for_unknown_rate, weigh,
-                               with_headroom)
+from optimizer.traffic import Forecast, TrafficPlan, Weighed, arrivals, plan_for_traffic, weigh, with_headroom
 from optimizer.verify import ProbeLoad, requests_for, simulated_figures, verified_search
 
 log = logging.getLogger(__name__)
@@ -229,26 +228,6 @@ class Planner:
                     traffic.searches, forecast.rate_per_s, forecast.cv, best.attainment, best.slo.ttft_s,
                     best.slo.tpot_s, best.slo.pressure, raw_thr, raw_lat, raw_att, calibration, candidate_figures(traffic))
         return plan, in_force
-
-    def plan_for_unknown_traffic(self, workload: Workload, workers: int, slo: Slo,
-                                 calibration: CalibrationTable | None = None) -> Plan:
-        """No arrivals counted yet: the schedule that keeps ``slo`` up to the highest rate
-        (``optimizer.traffic.plan_for_unknown_rate``). The plan is for no known rate
-        (``rate_per_s`` 0: the first counted rate triggers a search); its figures are the pick's
-        at its sustained rate."""
-        start = time.perf_counter()
-        sc = self.scenario(workload, workers, calibration)
-        traffic = plan_for_unknown_rate(sc, slo, self.policies, self.space, seed=SEED)
-        if traffic is None:
-            raise PlanningError(f"no schedule of {self.model.name} on {workers} worker(s) fits in memory")
-        best = traffic.best
-        thr, lat = self._simulate(sc, best.schedule)
-        raw_thr, raw_lat = self._simulate(self.scenario(workload, workers), best.schedule) if calibration is not None \
-            else (thr, lat)
-        plan = Plan(best.schedule, thr, lat, traffic.reaches_target, workers, time.perf_counter() - start,
-                    traffic.searches, 0.0, 1.0, best.attainment, best.slo.ttft_s, best.slo.tpot_s, best.slo.pressure,
-                    raw_thr, raw_lat, math.nan, calibration, candidate_figures(traffic))
-        return plan
 
     def evaluate(self, schedule: Schedule, workload: Workload, workers: int,
                  calibration: CalibrationTable | None = None) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from optimizer.lengths import scaled_task
 from optimizer.model import MODELS
 from optimizer.search import SearchSpace
 from optimizer.slo import Slo
-from optimizer.traffic import Forecast, choose, forecast, plan_for_traffic, plan_for_unknown_rate
+from optimizer.traffic import Forecast, choose, forecast, plan_for_traffic
 
 SPACE = SearchSpace().capped(32)
 
@@ -70,21 +70,6 @@ def test_a_candidate_that_cannot_carry_the_rate_is_not_chosen_over_one_that_can(
     small = [w for w in plan.weighed if w.capacity_seq_s < 40.0]
     best, _ = choose([*small, plan.best], Forecast(40.0, 1.0), Slo(e2e_s=0.5))
     assert best == plan.best
-
-
-def test_with_no_rate_known_the_pick_keeps_the_slo_up_to_the_highest_rate(task_t):
-    """A cold start: whatever comes, the schedule with the most room under the SLO, which is not
-    the one that carries the most when saturated once a TPOT bound holds."""
-    free = pick(task_t, Slo(), 60.0).best
-    slo = Slo(tpot_s=0.8 * free.slo.tpot_s)
-    plan = plan_for_unknown_rate(task_t, slo, space=SPACE)
-    assert plan is not None and plan.reaches_target
-    rates = [w.sustained_rate_s for w in plan.weighed]
-    assert all(math.isfinite(r) for r in rates) and plan.best.sustained_rate_s == max(rates)
-    assert plan.forecast.rate_per_s == plan.best.sustained_rate_s
-    biggest = max(plan.weighed, key=lambda w: w.capacity_seq_s)
-    assert plan.best.schedule != biggest.schedule  # the most capacity is not the pick
-    assert plan.best.attainment >= 0.99  # simulated at its own sustained rate
 
 
 def test_the_forecast_takes_the_higher_of_the_recent_rates():
