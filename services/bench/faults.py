@@ -517,7 +517,7 @@ class Outcome:
         if self.unclear:
             missed.append(f"{self.unclear} unclear")
         if not self.up:
-            missed.append("mesh not up")
+            missed.append(f"mesh not up ({self.extra.get('up_detail')})")
         if self.outage_s < REQUEST_TIMEOUT_S and self.completed_share < 0.99:
             missed.append(f"completed {100 * self.completed_share:.1f} % < 99 %")
         if self.recovery_s is None or self.recovery_s > 10:
@@ -553,7 +553,7 @@ class Outcome:
 
     def _gateway_goals(self) -> list[str]:
         stopped, served = self.extra.get("stopped_s"), self.extra.get("served_s")
-        missed = [] if self.up else ["mesh not up"]
+        missed = [] if self.up else [f"mesh not up ({self.extra.get('up_detail')})"]
         if stopped is None or stopped >= DEAD_GATEWAY_STOP_S:
             missed.append(f"work for the dead gateway ran {stopped} s >= {DEAD_GATEWAY_STOP_S:g} s")
         if self.extra.get("quiet_samples", 0) < 3 or self.extra.get("trickle_tokens", 0) > PROBE_TOKENS:
@@ -581,6 +581,17 @@ class Harness:
 
     async def prepare(self) -> None:
         self.reference = await reference_outputs(self.mesh.url)
+
+    async def up(self, extra: dict) -> bool:
+        """The mesh ready and every process of it running; when not, ``extra["up_detail"]`` says
+        what was missing (readiness, the count of each role's processes, `exegpt up` itself)."""
+        ready = await self.ready(30)
+        if ready and self.mesh.running():
+            return True
+        launcher = self.mesh.popen is not None and self.mesh.popen.poll() is None
+        extra["up_detail"] = {"ready": ready, "launcher": launcher,
+                              **{role: len(self.mesh.role_pids(role)) for role in ("worker", "gateway", "scheduler")}}
+        return False
 
     async def ready(self, timeout_s: float = 60) -> bool:
         async with httpx.AsyncClient(base_url=self.mesh.url, timeout=5) as client:
@@ -621,7 +632,7 @@ class Harness:
             clients.stop.set()
             await asyncio.gather(*loops, return_exceptions=True)
             await clients.close()
-        outcome.up = await self.ready(30) and self.mesh.running()
+        outcome.up = await self.up(outcome.extra)
         outcome.sent = len(clients.records)  # (the abandoning clients and the too-large request are not these)
         outcome.extra["longest_s"] = round(max((r.ended_at - r.sent_at for r in clients.records
                                                 if r.ended_at is not None), default=0.0), 2)
@@ -636,7 +647,7 @@ class Harness:
         """The gateway-kill row: its recovery is the new gateway's first answer."""
         extra = await gateway_kill(self)
         return Outcome("gateway-kill", recovery_s=extra["served_s"], extra=extra,
-                       up=await self.ready(30) and self.mesh.running())
+                       up=await self.up(extra))
 
     async def worker_tokens(self) -> dict[str, int]:
         """Tokens each worker generated so far (its ``exegpt_worker_generated_tokens_total``);
