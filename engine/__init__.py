@@ -44,7 +44,9 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
     cuda_graphs: decode steps of the whole running batch replay CUDA graphs (``engine.cuda_graph``);
     decoder-only models on CUDA only, ignored elsewhere.
     quant: weight-only quantization of the projections, CPU only (``engine.quant``): ``fp16``, ``int8``,
-    ``int4``, or None / ``none`` (the weights in ``dtype``).
+    ``int4``, or ``none`` (the weights in ``dtype``). None (the default): a GGUF whose projections are
+    stored as Q4_0/Q4_1 loads in that precision on the CPU (``int4`` on the file's codes, no dense
+    copy: ``engine.native``); anything else as ``none``. ``int4`` on a GGUF loads so too.
     """
     import torch
 
@@ -56,11 +58,21 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
         torch.set_num_threads(num_threads)
     dev = resolve_device(device)
     torch_dtype = _dtype(dtype, dev)
-    quant = check_quant(quant, dev)
-    model_type, config, state, tokenizer = read_checkpoint(model, models_dir)
-    module = load_state(build_model(model_type, config), state, torch_dtype, torch.device(dev), pack=quant is None)
-    del state  # the weights the model did not take as they are (fused ones) go now
-    precision_(module, quant, dev, torch_dtype, int4_grids(model) if quant == "int4" else None)
+    asked, quant = quant, check_quant(quant, dev)
+    module = None
+    if is_gguf(model) and dev == "cpu" and (quant == "int4" or asked is None):  # the file's own precision
+        from engine.native import load_native, read_native
+
+        config, state, grids, tokenizer = read_native(gguf_location(model))
+        model_type = "llama"
+        if grids or quant == "int4":
+            module, quant = load_native(config, state, grids, torch_dtype, gguf_location(model)), "int4"
+    else:
+        model_type, config, state, tokenizer = read_checkpoint(model, models_dir)
+    if module is None:
+        module = load_state(build_model(model_type, config), state, torch_dtype, torch.device(dev), pack=quant is None)
+        del state  # the weights the model did not take as they are (fused ones) go now
+        precision_(module, quant, dev, torch_dtype, int4_grids(model) if quant == "int4" else None)
     limit = module.max_positions()
     context = min(limit, max_context) if max_context else limit
     if model_type == "t5":
@@ -72,6 +84,16 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
                                    cuda_graphs=cuda_graphs)
     vocab = min(config["vocab_size"], tokenizer.vocab_size)
     return LocalEngine(runner, tokenizer, model_name=model, device=dev, vocab_size=vocab)
+
+
+def is_gguf(model: str) -> bool:
+    return model == "smollm2" or model.endswith(".gguf")
+
+
+def gguf_location(model: str) -> Path:
+    from engine.gguf_loader import smollm2_path
+
+    return smollm2_path() if model == "smollm2" else Path(model)
 
 
 def read_checkpoint(model: str, models_dir: str | Path | None = None, keep=None):

@@ -104,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _weights(args: argparse.Namespace) -> str:
     """The engine's weights as the header names them: dtype, and the quantization if any."""
+    from engine import is_gguf
+
     dtype = args.dtype or "default dtype"
+    if args.quant is None and is_gguf(args.model) and getattr(args, "device", "cpu") in ("cpu", "auto", None):
+        return f"{dtype}, the GGUF's own quantization (int4 where it is Q4_0/Q4_1; on a CPU)"
     return f"{dtype}, quant {args.quant}" if args.quant not in (None, "none") else dtype
 
 
@@ -222,6 +226,8 @@ def reference_model(engine, model: str) -> Any:
     """The same weights in a transformers model (test/bench-only dependency)."""
     import torch
 
+    from engine.models.common import model_dtype
+
     try:
         import transformers
     except ImportError as exc:
@@ -231,7 +237,12 @@ def reference_model(engine, model: str) -> Any:
         cfg = {k: v for k, v in ours.args.to_hf_config().items() if k not in ("architectures", "model_type", "torch_dtype")}
         with torch.device(engine.device):
             hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
-        hf.load_state_dict(dict(ours.state_dict()), strict=False)
+        state = dict(ours.state_dict())
+        if any(t.is_meta for t in state.values()):  # a model in the file's own precision: dense from the file
+            from engine import read_checkpoint
+
+            state = read_checkpoint(model)[2]
+        hf.load_state_dict(state, strict=False)
         hf.tie_weights()
     else:
         from pathlib import Path
@@ -241,8 +252,7 @@ def reference_model(engine, model: str) -> Any:
 
         folder = default_dir(model) if model in TINY_MODELS else Path(model)
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
-    param = next(ours.parameters())
-    hf = hf.to(device=param.device, dtype=param.dtype).eval()
+    hf = hf.to(device=engine.device, dtype=model_dtype(ours)).eval()
     hf.generation_config.eos_token_id = None  # forced length on both sides
     hf.generation_config.pad_token_id = 0
     return hf

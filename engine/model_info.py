@@ -3,7 +3,7 @@ without torch).
 
 A gateway tokenizes prompts and checks them against the context; building the engine for that would
 read every weight. ``load_tokenizer`` reads only the tokenizer and the configuration: GGUF metadata
-(``gguf.GGUFReader`` maps the file and leaves tensors alone), or ``tokenizer.json`` + ``config.json``
+(``engine.gguf_file`` maps the file and leaves tensors alone), or ``tokenizer.json`` + ``config.json``
 of a Hugging Face folder (tiny models are written first if missing, as ``load_engine`` does).
 ``model_dimensions`` reads the same configuration for the layer shapes the optimizer plans with.
 """
@@ -69,7 +69,7 @@ def model_dimensions(model: str, *, models_dir: str | Path | None = None) -> Mod
         from engine.gguf_loader import _open_llama, smollm2_path
 
         reader, meta = _open_llama(smollm2_path() if model == "smollm2" else Path(model))
-        return _gguf_dimensions(meta, len(reader.fields["tokenizer.ggml.tokens"].data))
+        return _gguf_dimensions(meta, len(reader.metadata["tokenizer.ggml.tokens"]))
     from engine import _folder
 
     config = _read_config(_folder(model, models_dir))

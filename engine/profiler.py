@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kv_cache import KVCache
-from engine.models.common import Batch, Prompts, attend_decode, attend_prefill, to_packed, to_padded
+from engine.models.common import Batch, Prompts, attend_decode, attend_prefill, model_dtype, to_packed, to_padded
 
 MIN_LEN = 16  # shortest prompt / context profiled; shorter ones cost the same to within noise
 ATTENTION_TOKENS = 16  # attention cells reach this many times max_tokens tokens
@@ -118,7 +118,7 @@ class LayerProbe:
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.model = model
         self.device = torch.device(device)
-        self.dtype = next(self.model.parameters()).dtype
+        self.dtype = model_dtype(self.model)
         _, kv_heads, self.head_dim = self.model.cache_geometry()
         # a TP shard's cache holds only its own kv heads (cache_geometry() stays the full model's)
         self.kv_heads = getattr(self.model, "local_kv_heads", kv_heads)
@@ -393,7 +393,7 @@ def step_ms(engine, probe: LayerProbe, rows: int, t: Callable[[Callable[[], obje
 def header(engine) -> dict:
     threads = torch.get_num_threads()
     device = torch.cuda.get_device_name(0) if engine.device.startswith("cuda") else f"cpu x{threads} threads"
-    dtype = str(next(engine.runner.model.parameters()).dtype)
+    dtype = str(model_dtype(engine.runner.model))
     return {"device": device, "torch": torch.__version__, "dtype": dtype, "threads": threads,
             "kind": "exegpt engine, one layer"}
 

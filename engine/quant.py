@@ -65,12 +65,19 @@ def has_fp16_gemm() -> bool:
 
 class Fp16Weight:
     """``y = x W^T + b`` with W stored in float16, computed in float32: reads x as float32 and returns
-    ``out_dtype`` (None: x's dtype)."""
+    ``out_dtype`` (None: x's dtype). A tall W (an LM head) is packed in blocks of ``BLOCK_ROWS``
+    output rows, so that packing it never needs a float32 copy of the whole matrix; every output
+    is the same as from one block."""
+
+    BLOCK_ROWS = 8192
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype | None = None) -> None:
         b = None if bias is None else bias.detach().float().contiguous()
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(), b)
+        w = weight.detach()
+        self.packs = [torch.ops.quantized.linear_prepack_fp16(
+            w[i:i + self.BLOCK_ROWS].float().contiguous(), None if b is None else b[i:i + self.BLOCK_ROWS])
+            for i in range(0, w.shape[0], self.BLOCK_ROWS)]
         self.shape = tuple(weight.shape)
         self.out_dtype = out_dtype
 
@@ -80,7 +87,8 @@ class Fp16Weight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-        y = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)
+        parts = [torch.ops.quantized.linear_dynamic_fp16(rows, pack) for pack in self.packs]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y.to(self.out_dtype or x.dtype).view(*x.shape[:-1], y.shape[-1])
 
 
@@ -119,6 +127,12 @@ class Int4Grid:
     def cat(grids: list["Int4Grid"]) -> "Int4Grid":
         """The grids' rows one after the other (a fused weight's)."""
         return Int4Grid(*(torch.cat([getattr(g, f) for g in grids]) for f in ("codes", "scale", "offset")))
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight, (N, K) float32, as the file defines it (scales and offsets not rounded)."""
+        n, k = self.codes.shape
+        q = self.codes.float().reshape(n, k // INT4_GROUP, INT4_GROUP) - 8
+        return (q * self.scale[..., None] + self.offset[..., None]).reshape(n, k)
 
 
 class Int4Weight:

@@ -81,10 +81,22 @@ class Linear(nn.Linear):
 
 
 class Embedding(nn.Embedding):
-    """``nn.Embedding`` left uninitialised at construction (weights come from a checkpoint)."""
+    """``nn.Embedding`` left uninitialised at construction (weights come from a checkpoint).
+    ``out_dtype``: the rows are returned in it (a table stored in a smaller dtype than the model's)."""
+
+    out_dtype: torch.dtype | None = None
 
     def reset_parameters(self) -> None:
         pass
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(ids)
+        return rows if self.out_dtype is None else rows.to(self.out_dtype)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model`` computes in (``compute_dtype`` where its tables are stored smaller)."""
+    return getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
 
 
 def pack_linears_(model: nn.Module, pack: bool = True) -> nn.Module:

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    p.add_argument("--quant", default=None, help="weight-only quantization on the CPU: fp16, int8, int4 or none")
+    p.add_argument("--quant", default=None, help="weight-only quantization on the CPU: fp16, int8, int4 or none "
+                   "(default: a Q4_0/Q4_1 GGUF as int4 on its own codes, else none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
     p.add_argument("--tp", default="1", help="tensor-parallel degree, or one per pipeline stage (2,1); "
                    "more than one process runs the model (torch.distributed)")

@@ -34,7 +34,8 @@ FLAGS = {
     "--device": ("device", str, "engine device: auto, cpu, cuda"),
     "--threads": ("threads", int, "torch threads per engine"),
     "--dtype": ("dtype", str, "engine dtype: float32 (CPU default), bfloat16, float16"),
-    "--quant": ("quant", str, "weight-only quantization on the CPU: fp16, int8, int4 (docs/engine.md)"),
+    "--quant": ("quant", str, "weight-only quantization on the CPU: fp16, int8, int4, none (default: a Q4_0/Q4_1 "
+                "GGUF as int4 on its own codes, else none; docs/engine.md)"),
     "--tp": ("tp", str, "tensor-parallel degree of this worker's process group, or one per stage (2,1)"),
     "--pp": ("pp", int, "pipeline stages of this worker's process group"),
     "--stage-layers": ("stage_layers", str, "layers per pipeline stage, e.g. 20,10 (default: by TP degree)"),

