@@ -72,7 +72,7 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
     if module is None:
         module = load_state(build_model(model_type, config), state, torch_dtype, torch.device(dev), pack=quant is None)
         del state  # the weights the model did not take as they are (fused ones) go now
-        precision_(module, quant, dev, torch_dtype, int4_grids(model) if quant == "int4" else None)
+        precision_(module, quant, dev, torch_dtype)
     limit = module.max_positions()
     context = min(limit, max_context) if max_context else limit
     if model_type == "t5":
@@ -143,15 +143,6 @@ def _folder(model: str, models_dir: str | Path | None) -> Path:
     if not path.is_dir():
         raise ValueError(f"model {model!r} is a file, expected a folder or a .gguf file")
     return path
-
-
-def int4_grids(model: str):
-    """The int4-grid weights a GGUF file holds (Q4_0, Q4_1), by name; none for other models."""
-    if model != "smollm2" and not model.endswith(".gguf"):
-        return None
-    from engine.gguf_loader import read_int4_grids, smollm2_path
-
-    return read_int4_grids(smollm2_path() if model == "smollm2" else Path(model))
 
 
 def precision_(module, quant: str | None, device: str, dtype, grids=None) -> None:

@@ -74,9 +74,12 @@ def read_gguf_native(path: Path, lean: Callable[[str], bool]
                      ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Int4Grids, TextTokenizer]:
     """(config, state, int4 grids, tokenizer) from one mapping of a Llama GGUF: the Q4_0/Q4_1
     tensors whose names ``lean`` accepts come only as grids (``Int4Grids``: each unpacked when
-    asked for, never dequantized), every other tensor dense: float32, the embedding and head tables float16."""
+    asked for, never dequantized), every other tensor dense: float32, the embedding and head tables float16
+    (all float32 when the file has no Q4_0/Q4_1 tensor)."""
     reader, meta = _open_llama(path)
     grids = Int4Grids(reader, meta, lean)
+    if not grids:  # nothing stored as Q4_0/Q4_1: every tensor dense, as ``read_gguf`` reads it
+        return _config(reader, meta), _dense_state(path, reader, meta, None), grids, _tokenizer(reader, meta)
     state = _dense_state(path, reader, meta, lambda name: name not in grids,
                          lambda name: np.float16 if name in TABLES else np.float32)
     return _config(reader, meta), state, grids, _tokenizer(reader, meta)

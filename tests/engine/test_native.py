@@ -86,3 +86,92 @@ def test_a_native_load_peaks_far_below_a_float32_one():
     print(f"load peak above torch: native int4 {native / 1e6:.0f} MB, float32 {dense / 1e6:.0f} MB")
     assert native < 400e6  # model ~180 MB, the tokenizer, one layer's unpacking
     assert native < dense / 2
+
+
+# ---- small GGUF files of each storage type ---------------------------------------------------------
+
+
+def _write_llama_gguf(path, projections, *, seed: int = 0) -> None:
+    """A 2-layer Llama (hidden 64) in ``path`` with its projections stored as ``projections`` (a
+    ggml type), the embedding as Q8_0 and norms as F32; SmolLM2's tokenizer (so the vocabulary is its)."""
+    import gguf
+    from gguf.quants import quantize
+
+    source = GGUFFile(_smollm2_path()).metadata
+    vocab, hidden, heads, kv_heads, ffn, layers = len(source["tokenizer.ggml.tokens"]), 64, 4, 2, 128, 2
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(source["tokenizer.ggml.tokens"])
+    writer.add_token_types(source["tokenizer.ggml.token_type"].tolist())
+    writer.add_token_merges(source["tokenizer.ggml.merges"])
+    writer.add_eos_token_id(int(source["tokenizer.ggml.eos_token_id"]))
+
+    def put(name: str, w: np.ndarray, kind) -> None:
+        data = quantize(w, kind) if kind != gguf.GGMLQuantizationType.F32 else w
+        writer.add_tensor(name, data, raw_shape=data.shape if kind == gguf.GGMLQuantizationType.F32 else None,
+                          raw_dtype=kind)
+
+    def permuted(w: np.ndarray, n_heads: int) -> np.ndarray:  # llama.cpp's q/k row order
+        return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+    f32, q8 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0
+    put("token_embd.weight", rng.normal(0, 1, (vocab, hidden)).astype(np.float32), q8)
+    head_dim = hidden // heads
+    for i in range(layers):
+        shapes = {"attn_q": (heads * head_dim, hidden), "attn_k": (kv_heads * head_dim, hidden),
+                  "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, hidden),
+                  "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+        for part, shape in shapes.items():
+            w = rng.normal(0, 1 / np.sqrt(shape[1]), shape).astype(np.float32)
+            w = permuted(w, heads) if part == "attn_q" else permuted(w, kv_heads) if part == "attn_k" else w
+            put(f"blk.{i}.{part}.weight", w, projections)
+        put(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32), f32)
+        put(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32), f32)
+    put("output_norm.weight", np.ones(hidden, np.float32), f32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_0", "Q8_0", "F16"])
+def test_a_gguf_of_each_type_loads_and_int4_matches_its_float32_load(tmp_path, kind):
+    import gguf
+
+    from engine import load_engine
+
+    path = tmp_path / f"tiny-{kind}.gguf"
+    _write_llama_gguf(path, gguf.GGMLQuantizationType[kind])
+    dense = load_engine(str(path), device="cpu", quant="none")
+    default = load_engine(str(path), device="cpu")
+    int4 = load_engine(str(path), device="cpu", quant="int4")
+    own_precision = kind.startswith("Q4")
+    assert getattr(default.runner.model, "quant", None) == ("int4" if own_precision else None)
+    assert int4.runner.model.quant == "int4"
+    assert all(p.is_meta for n, p in int4.runner.model.named_parameters() if n.endswith("_proj.weight"))
+    prompt = dense.tokenizer.encode("The capital of France is")
+    ref = teacher_forced(dense, prompt)
+
+    def error(engine) -> float:
+        return ((teacher_forced(engine, prompt) - ref).norm() / ref.norm()).item()
+
+    if own_precision:  # the file's own codes, both ways: only the activations' bfloat16 rounding apart
+        assert error(default) < 0.02 and error(int4) < 0.02
+    else:  # as stored (dense), or quantized again onto int4's 16 levels (random weights: ~10 %)
+        assert error(default) == 0.0 and 0.0 < error(int4) < 0.25
+
+
+def teacher_forced(engine, ids: list[int]) -> torch.Tensor:
+    from tests.engine.test_quant import teacher_forced_logits
+
+    return teacher_forced_logits(engine, ids)
