@@ -249,12 +249,13 @@ async def _results(args: argparse.Namespace, config: Any) -> int:
     return 0
 
 
-def _load_engine(args: argparse.Namespace, config: Any) -> Any:
-    from services.run.engines import load_engine
+async def _load_runner(args: argparse.Namespace, config: Any) -> Any:
+    """The engine on its runner, loaded on the runner's thread."""
+    from services.run.engines import EngineRunner, load_engine
 
     model_config = config.model_copy(update={"model": args.model or config.model})
     try:
-        return load_engine(model_config)
+        return await EngineRunner.loaded(lambda: load_engine(model_config))
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise CliError(f"cannot load model {model_config.model!r}: {exc}") from None
 
@@ -269,7 +270,6 @@ async def _mesh_executor(args: argparse.Namespace, config: Any, stack: Any) -> A
     from services.gateway import ServedModel
     from services.gateway.core import Gateway
     from services.run.embedded import local_workers
-    from services.run.engines import EngineRunner
 
     hub = LocalHub()
     if args.executor == "local":
@@ -277,9 +277,9 @@ async def _mesh_executor(args: argparse.Namespace, config: Any, stack: Any) -> A
                             worker_devices=1)
         config = config.model_copy(update={"amqp_url": None, "redis_url": None, "model": args.model or config.model,
                                            "schedule": json.dumps(asdict(schedule))})
-        engine = _load_engine(args, config)
-        model = ServedModel(config.model, engine.tokenizer, engine.max_context)
-        await stack.enter_async_context(local_workers(config, hub, runners=[EngineRunner(engine)]))
+        runner = await _load_runner(args, config)
+        model = ServedModel(config.model, runner.engine.tokenizer, runner.engine.max_context)
+        await stack.enter_async_context(local_workers(config, hub, runners=[runner]))
     else:
         model = _load_served_model(args, config)
     gateway = Gateway(config, await open_transports(config, Names(config.namespace), hub), model.name)

@@ -90,13 +90,13 @@ async def run_worker(role: str, config: MeshConfig) -> None:
             scheduler.announce = announce  # "leading ..." / "standby ..." lines, beside "ready ..."
             started.append((scheduler, SchedulerMetrics(scheduler).render))
         else:
-            if group_shape(config).world == 1:
-                engine = await asyncio.to_thread(load_engine, config)
+            if group_shape(config).world == 1:  # loaded on the thread that runs its steps
+                runner = await EngineRunner.loaded(lambda: load_engine(config))
             else:  # a group's ranks die with the thread that started them (PR_SET_PDEATHSIG): this one
-                engine = load_engine(config)
+                runner = EngineRunner(load_engine(config))
             from services.worker import Worker
 
-            worker = Worker(config, transports, EngineRunner(engine))
+            worker = Worker(config, transports, runner)
             started.append((worker, worker.metrics.render))
         service = started[0][0]
         await run_until_signalled(service, f"{role} {getattr(service, 'worker_id', '')}".strip())
@@ -139,9 +139,9 @@ async def serve_http(config: MeshConfig, *, embedded: bool, standby: bool = Fals
     if embedded:  # one worker, one engine; the gateway takes the engine's tokenizer
         from services.run.embedded import local_workers
 
-        engine = load_engine(config)
+        runner = await EngineRunner.loaded(lambda: load_engine(config))
+        engine = runner.engine
         model = ServedModel(served_model_name(config), engine.tokenizer, engine.max_context)
-        runner = EngineRunner(engine)
 
         def workers():
             return local_workers(config, hub, runners=[runner])

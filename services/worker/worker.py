@@ -47,6 +47,7 @@ from optimizer.schedule import Schedule
 from services.worker.costs import StepSampler, step_cost
 from services.worker.credits import Credits
 from services.run.engines import EngineRunner, group_shape
+from services.run.threads import step_key
 from services.worker.executor import StepResult, run_step
 from services.worker.follower import ScheduleFollower
 from services.worker.mailbox import Inbox, Outbox
@@ -645,7 +646,9 @@ class Worker:
             for rid in plan.encode:
                 self.held[rid].credit = True
         try:
-            result = await self.runner.call(run_step, self.runner.engine, plan, prompts, handoffs,
+            prompt_tokens = sum(len(prompts[rid].prompt_ids) for rid in plan.encode) + sum(c.length for c in plan.chunks)
+            result = await self.runner.step(step_key(prompt_tokens, len(plan.decode) + len(plan.admit)), run_step,
+                                            self.runner.engine, plan, prompts, handoffs,
                                             self.kv.export_buffer if self.role == "encoder" else None)
         except EngineBroken:
             raise  # nothing more can run here: exit, and the broker redelivers what this worker held
