@@ -578,6 +578,7 @@ class Harness:
     def __init__(self, services: PrivateServices, mesh: Mesh, settings: Settings) -> None:
         self.services, self.mesh, self.settings = services, mesh, settings
         self.reference: dict[str, str] = {}
+        self.last_not_ready: str | None = None  # the last /health/ready answer that was not 200
 
     async def prepare(self) -> None:
         self.reference = await reference_outputs(self.mesh.url)
@@ -589,19 +590,23 @@ class Harness:
         if ready and self.mesh.running():
             return True
         launcher = self.mesh.popen is not None and self.mesh.popen.poll() is None
-        extra["up_detail"] = {"ready": ready, "launcher": launcher,
+        extra["up_detail"] = {"ready": ready if ready else self.last_not_ready, "launcher": launcher,
                               **{role: len(self.mesh.role_pids(role)) for role in ("worker", "gateway", "scheduler")}}
         return False
 
     async def ready(self, timeout_s: float = 60) -> bool:
+        """Whether ``/health/ready`` said 200 within ``timeout_s``; if not, ``last_not_ready`` keeps
+        its last answer (the checks that failed) or the error."""
         async with httpx.AsyncClient(base_url=self.mesh.url, timeout=5) as client:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 try:
-                    if (await client.get("/health/ready")).status_code == 200:
+                    response = await client.get("/health/ready")
+                    if response.status_code == 200:
                         return True
-                except httpx.HTTPError:
-                    pass
+                    self.last_not_ready = response.text
+                except httpx.HTTPError as exc:
+                    self.last_not_ready = repr(exc)
                 await asyncio.sleep(0.5)
         return False
 
