@@ -54,14 +54,15 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dt
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in expected}
     model.load_state_dict(state, assign=True, strict=True)
     for name, source in tied.items():  # assign=True broke the sharing; restore it
-        _set_param(model, name, model.get_parameter(source))
+        set_param(model, name, model.get_parameter(source))
     model = model.eval().requires_grad_(False)
     if prepare is not None:
         prepare(model)
     return model.fuse_(pack) if hasattr(model, "fuse_") else model
 
 
-def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+def set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    """Make the parameter at dotted ``name`` be ``param`` (tied weights share one)."""
     owner_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(owner_name), attr, param)
 

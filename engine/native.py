@@ -53,7 +53,7 @@ def read_native(path: Path):
 def load_native(config: dict[str, Any], state: dict[str, torch.Tensor], grids: Mapping[str, Int4Grid],
                 dtype: torch.dtype, path: Path | str = "GGUF file") -> nn.Module:
     """The Llama of ``read_native``'s parts with int4 projections and no dense copy of them (CPU)."""
-    from engine.loading import build_model
+    from engine.loading import build_model, set_param
 
     with torch.device("meta"):
         model = build_model("llama", config)
@@ -64,11 +64,11 @@ def load_native(config: dict[str, Any], state: dict[str, torch.Tensor], grids: M
         raise ValueError(f"{path}: weights missing from the file: {', '.join(missing[:5])}")
     model.load_state_dict(own, assign=True, strict=False)
     for name, source in model.tied_weights.items():
-        _set_param(model, name, model.get_parameter(source))
+        set_param(model, name, model.get_parameter(source))
     model = model.eval().requires_grad_(False)
-    for block in model.model.layers:
+    for i, block in enumerate(model.model.layers):
         attn, mlp = block.self_attn, block.mlp
-        prefix_a, prefix_m = _prefix(model, attn), _prefix(model, mlp)
+        prefix_a, prefix_m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
         attn._qkv = _projection([f"{prefix_a}.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")], grids, state)
         mlp._gate_up = _projection([f"{prefix_m}.{p}.weight" for p in ("gate_proj", "up_proj")], grids, state)
         attn.o_proj._packed = _projection([f"{prefix_a}.o_proj.weight"], grids, state)
@@ -101,15 +101,3 @@ def _projection(names: list[str], grids: Mapping[str, Int4Grid], state: dict[str
             return Int4Weight.from_grid(grid)
     parts = [grids[name].dequantize() if name in grids else state[name] for name in names]
     return quantized(torch.cat(parts) if len(parts) > 1 else parts[0], None, "int4")
-
-
-def _prefix(model: nn.Module, module: nn.Module) -> str:
-    for name, candidate in model.named_modules():
-        if candidate is module:
-            return name
-    raise LookupError("module not in model")
-
-
-def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner_name), attr, param)
