@@ -63,10 +63,11 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
     if is_gguf(model) and dev == "cpu" and (quant == "int4" or asked is None):  # the file's own precision
         from engine.native import load_native, read_native
 
-        config, state, grids, tokenizer = read_native(gguf_location(model))
+        path = gguf_location(model)
+        config, state, grids, tokenizer = read_native(path)
         model_type = "llama"
         if grids or quant == "int4":
-            module, quant = load_native(config, state, grids, torch_dtype, gguf_location(model)), "int4"
+            module, quant = load_native(config, state, grids, torch_dtype, path), "int4"
     else:
         model_type, config, state, tokenizer = read_checkpoint(model, models_dir)
     if module is None:
