@@ -7,8 +7,8 @@ weights match the Hugging Face (rotate-half) layout our Llama module and ``trans
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -78,10 +78,9 @@ def read_gguf_native(path: Path, lean: Callable[[str], bool]
     (all float32 when the file has no Q4_0/Q4_1 tensor)."""
     reader, meta = _open_llama(path)
     grids = Int4Grids(reader, meta, lean)
-    if not grids:  # nothing stored as Q4_0/Q4_1: every tensor dense, as ``read_gguf`` reads it
-        return _config(reader, meta), _dense_state(path, reader, meta, None), grids, _tokenizer(reader, meta)
+    tables = np.float16 if grids else np.float32  # no Q4_0/Q4_1 tensor: all dense, as ``read_gguf`` reads it
     state = _dense_state(path, reader, meta, lambda name: name not in grids,
-                         lambda name: np.float16 if name in TABLES else np.float32)
+                         lambda name: tables if name in TABLES else np.float32)
     return _config(reader, meta), state, grids, _tokenizer(reader, meta)
 
 
@@ -143,7 +142,8 @@ def read_int4_grids(path: Path) -> dict[str, Int4Grid]:
     """The Q4_0 and Q4_1 tensors of a Llama GGUF on int4's grid, by Hugging Face name, as the file
     holds them (Q/K rows un-permuted like the dense weights): Q4_1 is ``w = d * q + m`` and Q4_0
     ``w = d * (q - 8)`` per block of 32, i.e. scale ``d`` and the value of level 8, ``m + 8d`` or 0."""
-    return _int4_grids(*_open_llama(path))
+    grids = Int4Grids(*_open_llama(path))
+    return {name: grids[name] for name in grids}
 
 
 class Int4Grids(Mapping[str, "Int4Grid"]):
@@ -182,11 +182,6 @@ class Int4Grids(Mapping[str, "Int4Grid"]):
         codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(blocks.shape[0], -1)
         self._reader.release(t)
         return Int4Grid(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(offset))
-
-
-def _int4_grids(reader: GGUFFile, meta: dict[str, Any]) -> dict[str, Int4Grid]:
-    grids = Int4Grids(reader, meta)
-    return {name: grids[name] for name in grids}
 
 
 def read_gguf_tokenizer(path: Path) -> tuple[dict[str, Any], TextTokenizer]:
