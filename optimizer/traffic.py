@@ -9,16 +9,22 @@ larger one keeps the queue from growing. So:
 1. **Candidates** (``candidates``): the least-latency schedule of the policies allowed, and the
    searches' picks under a ladder of bounds from just above that least latency to none, each
    policy set apart: the frontier from quick-and-small to large-and-slow.
-2. **Weighing** (``weigh``): each candidate whose capacity carries the forecast rate simulated
+2. **Weighing** (``weigh``): each candidate whose saturated capacity carries ``SURGE`` times the
+   forecast rate (else the forecast rate itself, else any) simulated
    with requests arriving as forecast, with headroom (a renewal process at ``STRESS`` times the
    forecast rate and the forecast burstiness, lengths from the observed workload, queueing
    included: the same ``simulate`` that drives the workers' policy objects), its attainment and
    percentiles read against the SLO (``optimizer.slo``); when none reaches the SLO's target with
    headroom, weighed again at the forecast rate itself.
-3. **Choice** (``choose``): the one with the highest attainment; ties (within ``TIE``) go to the one with the most slack against
-   its bounds (least ``pressure``, in steps of ``SLACK_TIE``), then to the one with the most
-   capacity, so light traffic gets the quick schedule and heavy traffic the one that keeps up. When none reaches the SLO's target at the forecast, the one that sustains
-   the highest rate (``sustained``, of the few with the best attainment).
+3. **Choice** (``choose``): the one with the highest attainment; ties (within ``TIE``) go to the
+   one with the most slack against its bounds (least ``pressure``, in steps of ``SLACK_TIE``),
+   where slack beyond ``COMFORT`` counts as none (a user sees no difference between two schedules
+   that both keep their figures well inside the bounds), then to the one with the most capacity.
+   So traffic that every candidate serves comfortably gets the one with the most capacity (the
+   forecast lags a rise, and a small batch's capacity is what the model overrates most), and a
+   quicker schedule is chosen when the larger one would come close to a bound. When none
+   reaches the SLO's target at the forecast, the one that sustains the highest rate
+   (``sustained``, of the few with the best attainment).
 
 ``forecast`` is the arrival forecaster the scheduler uses: the next interval's rate is the larger
 of the mean over the last ``SHORT_S`` and over the last ``LONG_S`` seconds (a rise shows within
@@ -49,11 +55,17 @@ SHORT_S, LONG_S = 5, 30  # the forecaster's windows, seconds
 LADDER = (1.1, 1.5, 2.2, 3.5, 6.0, math.inf)
 TIE = 0.003  # attainments this close are equal: the one with more slack wins
 SLACK_TIE = 0.05  # pressures (figure / bound) this close are equal: the one with more capacity wins
-MIN_REQUESTS, MAX_REQUESTS, SPAN_S = 200, 800, 40.0  # requests a weighing simulates: SPAN_S of arrivals
+COMFORT = 0.75  # pressures below this are equal too: figures at three quarters of their bounds or less
+MIN_REQUESTS, MAX_REQUESTS, SPAN_S = 200, 500, 30.0  # requests a weighing simulates: SPAN_S of arrivals
 MAX_WEIGHED = 10  # candidates simulated at most
 ENOUGH = 3  # weighing stops once this many candidates reach the target
 SUSTAINED_OF = 3  # when nothing reaches the target: the sustained rate of this many best candidates
 CAPACITY_HEADROOM = 1.05  # a candidate whose saturated throughput is below rate x this cannot carry it
+# Candidates are drawn first from those whose saturated throughput carries the forecast rate times
+# this: the forecast lags a rise (a step to three times the rate is first forecast at about half of
+# it) and a search on a loaded machine takes seconds, so the schedule in force must absorb a surge
+# until the next one; below this, a quicker schedule buys no SLO attainment a user sees
+SURGE = 2.0
 # Candidates are weighed at the forecast rate times this: the forecast, the lengths and the model
 # all err, and a schedule that just meets the SLO at the forecast misses it at the first burst
 STRESS = 1.5
@@ -140,11 +152,13 @@ def with_headroom(fc: Forecast) -> Forecast:
 
 def to_weigh(found: Sequence[tuple[Schedule, float]], fc: Forecast,
              current: Schedule | None) -> list[tuple[Schedule, float]]:
-    """The candidates worth simulating, quickest first: those whose saturated capacity carries
-    the forecast rate (all of them if none does), at most ``MAX_WEIGHED``, spread over the range
-    when there are more."""
-    able = [(s, c) for s, c in found if c >= fc.rate_per_s * CAPACITY_HEADROOM and s != current]
-    able = sorted(able or [(s, c) for s, c in found if s != current], key=lambda item: item[1])
+    """The candidates worth simulating, the largest first: those whose saturated capacity carries
+    ``SURGE`` times the forecast rate; if none does, those that carry the rate itself; else all
+    of them. At most ``MAX_WEIGHED``, spread over the range when there are more."""
+    others = [(s, c) for s, c in found if s != current]
+    able = next((tier for tier in ([(s, c) for s, c in others if c >= fc.rate_per_s * headroom]
+                                   for headroom in (SURGE, CAPACITY_HEADROOM)) if tier), others)
+    able = sorted(able, key=lambda item: -item[1])
     if len(able) <= MAX_WEIGHED:
         return able
     picks = np.unique(np.linspace(0, len(able) - 1, MAX_WEIGHED).round().astype(int))
@@ -152,16 +166,18 @@ def to_weigh(found: Sequence[tuple[Schedule, float]], fc: Forecast,
 
 
 def weigh_all(sc: Scenario, slo: Slo, fc: Forecast, chosen: Sequence[tuple[Schedule, float]],
-              current: Schedule | None, seed: int) -> list[Weighed]:
-    """``current`` and ``chosen`` (quickest first) weighed on the same arrivals of ``fc``, until
-    ``ENOUGH`` of ``chosen`` reach the SLO's target."""
+              current: Schedule | None, seed: int, current_capacity: float = math.inf) -> list[Weighed]:
+    """``current`` (its saturated capacity ``current_capacity``: inf when unknown) and ``chosen``
+    (the largest first) weighed on the same arrivals of ``fc``, until ``ENOUGH`` of ``chosen``
+    reach the SLO's target comfortably (pressure within ``COMFORT``): the next, smaller ones
+    could not win the choice."""
     requests = arrivals(sc.workload, fc, seed)
-    weighed = [weigh(sc, current, math.inf, requests, slo)] if current is not None else []
+    weighed = [weigh(sc, current, current_capacity, requests, slo)] if current is not None else []
     reached = 0
     for schedule, capacity in chosen:
         w = weigh(sc, schedule, capacity, requests, slo)
         weighed.append(w)
-        reached += w.attainment >= slo.target - 1e-12
+        reached += w.attainment >= slo.target - 1e-12 and w.slo.pressure <= COMFORT
         if reached >= ENOUGH:
             break
     return weighed
@@ -173,7 +189,7 @@ def weigh(sc: Scenario, schedule: Schedule, capacity: float, requests, slo: Slo)
 
 
 def _order(w: Weighed) -> tuple:
-    return (-round(w.attainment / TIE), round(w.slo.pressure / SLACK_TIE), -w.capacity_seq_s)
+    return (-round(w.attainment / TIE), round(max(w.slo.pressure, COMFORT) / SLACK_TIE), -w.capacity_seq_s)
 
 
 def choose(weighed: Sequence[Weighed], fc: Forecast, slo: Slo) -> tuple[Weighed, bool]:
@@ -201,10 +217,15 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
     if not found:
         return None
     chosen = to_weigh(found, fc, current)
-    weighed = weigh_all(sc, slo, with_headroom(fc), chosen, current, seed)  # with headroom first
-    best, reaches = choose(weighed, fc, slo)
+    capacity = dict(found).get(current, math.inf) if current is not None else math.inf
+    stressed = with_headroom(fc)  # with headroom first: of those whose capacity could carry it
+    able = [(s, c) for s, c in chosen if c >= stressed.rate_per_s * CAPACITY_HEADROOM]
+    reaches = False
+    if able:
+        weighed = weigh_all(sc, slo, stressed, able, current, seed, capacity)
+        best, reaches = choose(weighed, fc, slo)
     if not reaches:  # nothing keeps the SLO with headroom: at the forecast itself
-        weighed = weigh_all(sc, slo, fc, chosen, current, seed)
+        weighed = weigh_all(sc, slo, fc, chosen, current, seed, capacity)
         best, reaches = choose(weighed, fc, slo)
     if not reaches:  # nor at the forecast: the one that sustains the most
         top = {w.schedule for w in sorted(weighed, key=_order)[:SUSTAINED_OF]}

@@ -11,6 +11,9 @@ requests finished since the last plan against the sample that plan was made on
 - ``drift``: the two-sample test fired (``confirm`` significant checks in a row, at least
   ``replan_interval_s`` after the last plan);
 - ``workers``: the live worker count differs from the one the schedule in force was planned for;
+- ``rate`` / ``calibration`` / ``observed`` (see ``docs/scheduler.md``): the forecast arrival rate,
+  the calibrated step times or the observed attainment moved from what the plan was made for
+  (a rise of the rate at once; the rest at least ``replan_interval_s`` after the last search);
 - ``asked`` / ``bound``: the admin API forced a search or changed the latency bound.
 
 ``decide`` runs the search (plain CPU work, in a thread) and says whether to publish: a new plan
@@ -182,22 +185,28 @@ class Brain:
             return "cold start (observed)" if enough else None
         if self.plan.workers != workers:
             return f"workers {self.plan.workers} -> {workers}"
-        if self._drifted:
-            return "drift" if enough else None  # until the shift's own requests are complete
-        if self._refine and complete >= REFINE_AT:
+        if self._drifted and enough:
+            return "drift"
+        # a drift that waits for the shift's own requests to complete (a backlog can make that
+        # long) does not hold back the other reasons: a search for them keeps the drift pending
+        if self._refine and complete >= REFINE_AT and not self._drifted:
             return "refine"
+        rise = self._rate_trigger(rising=True)
+        if rise:  # a rise is met at once: the queue grows while the interval runs
+            return rise
         if now - self.last_at < self.config.replan_interval_s:
             return None
         return self._rate_trigger() or self._calibration_trigger(now) or self._observed_trigger(now)
 
-    def _rate_trigger(self) -> str | None:
+    def _rate_trigger(self, rising: bool = False) -> str | None:
         """The forecast rate moved by ``rate_change`` from the one the plan was made for (or
-        traffic came to a plan made saturated)."""
+        traffic came to a plan made saturated); ``rising``: only a move up."""
         if self.config.plan_for != "arrivals":
             return None
         rate, planned = self.forecast.rate_per_s, self.plan.rate_per_s
         noise = 3 * math.sqrt(max(planned, rate) / SHORT_S)  # three Poisson deviations of a short window's mean
-        if rate > 0 and (planned <= 0 or abs(rate - planned) > max(self.config.rate_change * planned, noise)):
+        moved = rate - planned if rising else abs(rate - planned)
+        if rate > 0 and (planned <= 0 or moved > max(self.config.rate_change * planned, noise)):
             return f"rate {planned:.3g} -> {rate:.3g} requests/s"
         return None
 

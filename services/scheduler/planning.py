@@ -26,7 +26,7 @@ from optimizer.policies import RUNNABLE_POLICIES
 from optimizer.schedule import Schedule
 from optimizer.search import SearchSpace, least_latency
 from optimizer.slo import Slo
-from optimizer.traffic import Forecast, TrafficPlan, Weighed, arrivals, plan_for_traffic, weigh, with_headroom
+from optimizer.traffic import SURGE, Forecast, TrafficPlan, Weighed, arrivals, plan_for_traffic, weigh, with_headroom
 from optimizer.verify import ProbeLoad, requests_for, simulated_figures, verified_search
 
 log = logging.getLogger(__name__)
@@ -256,13 +256,19 @@ def better_for_traffic(new: Plan, current: Weighed | None, slo: Slo, margin: flo
     costs what the simulator does not see (running requests drained or re-queued, a new batch
     shape), so a schedule that meets the SLO at the forecast stays, however much slack another
     would have; one that misses it is replaced by one whose attainment is higher by more than
-    ``margin`` of what it misses (and at least a tie)."""
+    ``margin`` of what it misses (and at least a tie). One exception: a schedule in force whose
+    saturated capacity (where known) falls short of ``SURGE`` times the forecast is replaced by a
+    pick that meets the SLO and has that headroom (the forecast lags a rise)."""
     if current is None:
         return True, "nothing comparable runs"
     at = f"at {new.rate_per_s:.3g} requests/s"
     if current.schedule == new.schedule:
         return False, f"the schedule in force is the best {at}"
     target, tie = slo.target - 1e-12, 0.003
+    capacity = next((c.capacity_seq_s for c in new.candidates if c.schedule == new.schedule), 0.0)
+    if new.meets_bound and current.capacity_seq_s < new.rate_per_s * SURGE <= capacity:
+        return True, (f"the schedule in force carries {current.capacity_seq_s:.3g} requests/s at most, short of "
+                      f"{SURGE:g}x the forecast {at}; the new one {capacity:.3g}")
     if current.attainment >= target:
         return False, f"the schedule in force meets the SLO {at} ({current.attainment:.1%} of requests)"
     if new.attainment > current.attainment + max(tie, margin * (1 - current.attainment)):

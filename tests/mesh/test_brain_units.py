@@ -4,6 +4,8 @@ Pure: finish records are made up, time is an argument; no planner (no search run
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -148,6 +150,28 @@ def test_a_plan_that_cannot_carry_the_traffic_is_not_taken_while_the_schedule_in
     assert better(plan_of(10.0, 6.3, True), (14.5, 8.4), 6.4, 0.05, arrival_rate=rate)[0] is publish
 
 
+@pytest.mark.parametrize("in_force_capacity, new_capacity, publish", [
+    (30.0, 50.0, False),  # what runs meets the SLO and has twice the forecast's headroom: kept
+    (15.0, 50.0, True),  # it meets the SLO at the forecast, but a rise to twice it would swamp it
+    (15.0, 18.0, False),  # the new one has no such headroom either: no reason to switch
+    (math.inf, 50.0, False),  # capacity unknown (not among the candidates): attainment decides
+])
+def test_a_schedule_in_force_without_headroom_for_a_surge_is_replaced(in_force_capacity, new_capacity, publish):
+    """At a forecast of 10 requests/s both schedules meet the SLO; the one in force is replaced
+    only for headroom: when it carries less than SURGE (2) times the forecast and the pick does."""
+    from common.messages.status import CandidateFigures
+    from optimizer.schedule import Schedule
+    from optimizer.slo import Slo, SloFigures
+    from optimizer.traffic import Weighed
+    from services.scheduler.planning import Plan, better_for_traffic
+
+    pick, running = Schedule("continuous", encode_batch=32, decode_batch=32), Schedule("mixed", encode_batch=2)
+    new = Plan(pick, new_capacity, 1.0, True, 2, 0.1, 1, rate_per_s=10.0, attainment=1.0,
+               candidates=(CandidateFigures(pick, new_capacity, 1.0, 0.1, 0.01, 0.5, math.nan, True),))
+    current = Weighed(running, in_force_capacity, SloFigures(1.0, 0.1, 0.01, 0.5, True, 500, 0.3))
+    assert better_for_traffic(new, current, Slo(e2e_s=2.0), 0.05)[0] is publish
+
+
 def test_a_schedule_compares_across_worker_counts_only_when_it_can_run_there():
     from optimizer.schedule import Schedule
     from services.scheduler.brain import for_workers
@@ -180,3 +204,35 @@ def test_a_cold_start_or_a_new_worker_count_always_publishes(reason, publish):
     running = Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
     decision = brain.decide(reason, 2, running, brain.inputs(reason, 1.0))
     assert decision.publish is publish
+
+
+def planned_brain(rate: float, searched_at: float) -> Brain:
+    """A brain whose plan in force was made for ``rate`` requests/s at ``searched_at``."""
+    from dataclasses import replace
+
+    brain = Brain(MeshConfig(prior="S", calibrate=False, replan_interval_s=5.0), planner=SamePlanner(), now=0.0)
+    brain.plan = replace(plan_of(10.0, 1.0, True), workers=2, rate_per_s=rate, attainment=1.0)
+    brain.last_at = searched_at
+    return brain
+
+
+def test_a_rise_of_the_rate_is_met_at_once_and_a_fall_after_the_interval():
+    from optimizer.traffic import Forecast
+
+    brain = planned_brain(4.0, searched_at=100.0)
+    brain.forecast = Forecast(12.0, 1.0)
+    assert brain.trigger(workers=2, pinned=False, now=101.0) == "rate 4 -> 12 requests/s"
+    brain.forecast = Forecast(0.5, 1.0)
+    assert brain.trigger(workers=2, pinned=False, now=101.0) is None  # within replan_interval_s
+    assert brain.trigger(workers=2, pinned=False, now=106.0) == "rate 4 -> 0.5 requests/s"
+    brain.forecast = Forecast(4.5, 1.0)  # within rate_change and the noise of a 5 s mean
+    assert brain.trigger(workers=2, pinned=False, now=106.0) is None
+
+
+def test_a_drift_waiting_for_complete_requests_does_not_hold_back_a_rate_search():
+    from optimizer.traffic import Forecast
+
+    brain = planned_brain(4.0, searched_at=100.0)
+    brain._drifted = True  # the test fired; none of the new traffic's requests is complete yet
+    brain.forecast = Forecast(12.0, 1.0)
+    assert brain.trigger(workers=2, pinned=False, now=101.0) == "rate 4 -> 12 requests/s"

@@ -1,4 +1,4 @@
-"""Planning for the traffic that arrives: the pick follows the forecast rate and the SLO's kind.
+"""Planning for the traffic that arrives: the pick follows the forecast rate, its headroom and the SLO's kind.
 
 OPT-13B on two H200s of the reference profile, task T with lengths x0.1 (what the mesh's brain
 tests plan on), fixed seeds."""
@@ -11,9 +11,10 @@ from optimizer.analytic import Scenario
 from optimizer.cluster import H200_CLUSTER
 from optimizer.lengths import scaled_task
 from optimizer.model import MODELS
+from optimizer.schedule import Schedule
 from optimizer.search import SearchSpace
-from optimizer.slo import Slo
-from optimizer.traffic import Forecast, choose, forecast, plan_for_traffic
+from optimizer.slo import Slo, SloFigures
+from optimizer.traffic import COMFORT, SURGE, Forecast, Weighed, choose, forecast, plan_for_traffic
 
 SPACE = SearchSpace().capped(32)
 
@@ -29,14 +30,29 @@ def pick(sc, slo, rate, **kw):
     return plan
 
 
-def test_a_higher_rate_gets_a_larger_batch_and_a_lower_rate_a_quicker_schedule(task_t):
+def test_traffic_served_comfortably_gets_the_candidate_with_the_most_capacity(task_t):
     slo = Slo(e2e_s=0.5)
-    light, heavy = pick(task_t, slo, 2.0), pick(task_t, slo, 40.0)
-    assert light.reaches_target and heavy.reaches_target
-    # the heavy pick carries more (a static batch's B is a ceiling: at 2/s its batches are small)
-    assert heavy.best.capacity_seq_s >= 40.0 and heavy.best.capacity_seq_s > light.best.capacity_seq_s
-    # the light pick is the one with more slack: lower latency at its own load
-    assert light.best.slo.pressure < heavy.best.slo.pressure
+    for rate in (2.0, 40.0):
+        plan = pick(task_t, slo, rate)
+        assert plan.reaches_target
+        comfortable = [w for w in plan.weighed if w.attainment >= slo.target and w.slo.pressure <= COMFORT]
+        assert plan.best in comfortable
+        assert plan.best.capacity_seq_s == max(w.capacity_seq_s for w in comfortable)
+        assert plan.best.capacity_seq_s >= SURGE * rate  # headroom for a rise the forecast has not seen
+
+
+def weighed(capacity: float, pressure: float, attainment: float = 1.0) -> Weighed:
+    return Weighed(Schedule("continuous", encode_batch=int(capacity), decode_batch=int(capacity)), capacity,
+                   SloFigures(attainment, 0.1, 0.01, 0.5, attainment >= 0.99, 500, pressure))
+
+
+def test_a_quicker_schedule_wins_only_where_the_larger_one_comes_close_to_a_bound():
+    fc, slo = Forecast(10.0, 1.0), Slo(e2e_s=1.0)
+    quick, large, strained = weighed(30.0, 0.40), weighed(90.0, 0.70), weighed(90.0, 0.95)
+    assert choose([quick, large], fc, slo) == (large, True)  # both well inside the bound: capacity
+    assert choose([quick, strained], fc, slo) == (quick, True)  # the large one near its bound: slack
+    # attainment first: the one that meets the target, however much slack the other has
+    assert choose([weighed(90.0, 0.3, attainment=0.95), strained], fc, slo) == (strained, True)
 
 
 def test_a_ttft_slo_picks_a_quicker_first_token_and_a_tpot_slo_a_quicker_next_one(task_t):
@@ -52,10 +68,10 @@ def test_a_ttft_slo_picks_a_quicker_first_token_and_a_tpot_slo_a_quicker_next_on
 
 
 def test_the_schedule_in_force_is_weighed_on_the_same_arrivals(task_t):
-    first = pick(task_t, Slo(e2e_s=0.5), 2.0).best.schedule
-    plan = pick(task_t, Slo(e2e_s=0.5), 40.0, current=first)
-    assert first in [w.schedule for w in plan.weighed]
-    assert plan.best.schedule != first
+    small = Schedule("continuous", encode_batch=2, decode_batch=2, num_devices=2, decoder_devices=2, worker_devices=1)
+    plan = pick(task_t, Slo(e2e_s=0.5), 40.0, current=small)
+    assert small in [w.schedule for w in plan.weighed]
+    assert plan.best.schedule != small
 
 
 def test_when_nothing_reaches_the_target_the_highest_sustained_rate_wins(task_t):
