@@ -192,16 +192,20 @@ def _order(w: Weighed) -> tuple:
     return (-round(w.attainment / TIE), round(max(w.slo.pressure, COMFORT) / SLACK_TIE), -w.capacity_seq_s)
 
 
+def carrying(weighed: Sequence[Weighed], fc: Forecast) -> list[Weighed]:
+    """Those of ``weighed`` whose saturated capacity carries the forecast rate (all when none does)."""
+    return [w for w in weighed if w.capacity_seq_s >= fc.rate_per_s * CAPACITY_HEADROOM] or list(weighed)
+
+
 def choose(weighed: Sequence[Weighed], fc: Forecast, slo: Slo) -> tuple[Weighed, bool]:
     """The pick among ``weighed`` (see the module's docstring) and whether it reaches the target."""
-    able = [w for w in weighed if w.capacity_seq_s >= fc.rate_per_s * CAPACITY_HEADROOM] or list(weighed)
-    ranked = sorted(able, key=_order)
-    best = ranked[0]
+    able = carrying(weighed, fc)
+    best = min(able, key=_order)
     if best.attainment >= slo.target - 1e-12:
         return best, True
-    rated = [w for w in weighed if math.isfinite(w.sustained_rate_s)]
+    rated = [w for w in able if math.isfinite(w.sustained_rate_s)]
     if rated:
-        return max(rated, key=lambda w: (w.sustained_rate_s, w.attainment)), False
+        return max(rated, key=lambda w: (w.sustained_rate_s, w.attainment, w.capacity_seq_s)), False
     return best, False
 
 
@@ -227,8 +231,8 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
     if not reaches:  # nothing keeps the SLO with headroom: at the forecast itself
         weighed = weigh_all(sc, slo, fc, chosen, current, seed, capacity)
         best, reaches = choose(weighed, fc, slo)
-    if not reaches:  # nor at the forecast: the one that sustains the most
-        top = {w.schedule for w in sorted(weighed, key=_order)[:SUSTAINED_OF]}
+    if not reaches:  # nor at the forecast: the one that sustains the most, of those that carry it
+        top = {w.schedule for w in sorted(carrying(weighed, fc), key=_order)[:SUSTAINED_OF]}
         weighed = [Weighed(w.schedule, w.capacity_seq_s, w.slo, sustained(sc, w.schedule, slo, fc, seed))
                    if w.schedule in top else w for w in weighed]
         best, reaches = choose(weighed, fc, slo)

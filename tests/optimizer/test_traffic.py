@@ -88,6 +88,17 @@ def test_a_candidate_that_cannot_carry_the_rate_is_not_chosen_over_one_that_can(
     assert best == plan.best
 
 
+def test_when_nothing_reaches_the_target_a_candidate_that_cannot_carry_the_rate_is_not_chosen():
+    from dataclasses import replace
+
+    fc, slo = Forecast(10.0, 1.0), Slo(e2e_s=1.0)
+    small = replace(weighed(5.0, 2.0, attainment=0.7), sustained_rate_s=9.0)  # its bisection's noise
+    large = replace(weighed(30.0, 2.5, attainment=0.6), sustained_rate_s=8.0)
+    larger = replace(weighed(40.0, 2.5, attainment=0.6), sustained_rate_s=8.0)
+    assert choose([small, large], fc, slo) == (large, False)
+    assert choose([small, large, larger], fc, slo) == (larger, False)  # a tie: the one with more capacity
+
+
 def test_the_forecast_takes_the_higher_of_the_recent_rates():
     assert forecast([], 1.0) == Forecast(0.0, 1.0)
     rising = [2.0] * 30 + [10.0] * 10  # the last 10 s at 10/s
