@@ -37,7 +37,7 @@ Pure: no clock, no I/O; seeds are passed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -151,11 +151,12 @@ def with_headroom(fc: Forecast) -> Forecast:
 
 
 def to_weigh(found: Sequence[tuple[Schedule, float]], fc: Forecast,
-             current: Schedule | None) -> list[tuple[Schedule, float]]:
+             current: Schedule | None, floor: float = 0.0) -> list[tuple[Schedule, float]]:
     """The candidates worth simulating, the largest first: those whose saturated capacity carries
     ``SURGE`` times the forecast rate; if none does, those that carry the rate itself; else all
-    of them. At most ``MAX_WEIGHED``, spread over the range when there are more."""
-    others = [(s, c) for s, c in found if s != current]
+    of them; none with less capacity than ``floor``. At most ``MAX_WEIGHED``, spread over the
+    range when there are more."""
+    others = [(s, c) for s, c in found if s != current and c >= floor]
     able = next((tier for tier in ([(s, c) for s, c in others if c >= fc.rate_per_s * headroom]
                                    for headroom in (SURGE, CAPACITY_HEADROOM)) if tier), others)
     able = sorted(able, key=lambda item: -item[1])
@@ -211,25 +212,32 @@ def choose(weighed: Sequence[Weighed], fc: Forecast, slo: Slo) -> tuple[Weighed,
 
 def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[str] = PRODUCT_POLICIES,
                      space: SearchSpace = SearchSpace(), *, seed: int = 0, current: Schedule | None = None,
+                     keep_capacity: bool = False, observed: float | None = None,
                      search: Callable[..., SearchResult] = branch_and_bound) -> TrafficPlan | None:
     """The schedule to run for ``fc`` under ``slo`` (None: no schedule fits in memory).
     ``current`` (the schedule in force, when comparable) is weighed on the same arrivals, so
-    the caller can compare it with the pick on equal terms (it is among ``weighed``)."""
+    the caller can compare it with the pick on equal terms (it is among ``weighed``).
+    ``keep_capacity`` (the rate has not fallen since ``current`` was planned): no candidate with
+    less saturated capacity than ``current`` (where it is among the candidates) is weighed. A
+    rise calls for more capacity, and a smaller schedule picked for its predicted latency at
+    the higher rate rests on the model where it errs most: a small batch's capacity.
+    ``observed``: the attainment the mesh measured under ``current``, when it fell short of the
+    prediction; it caps the simulated one (what was seen beats what the model says of it)."""
     if not fc.known:
         raise ValueError("plan_for_traffic needs a forecast rate > 0")
     found, searches = candidates(sc, policies, space, search=search)
     if not found:
         return None
-    chosen = to_weigh(found, fc, current)
     capacity = dict(found).get(current, math.inf) if current is not None else math.inf
+    chosen = to_weigh(found, fc, current, capacity if keep_capacity and math.isfinite(capacity) else 0.0)
     stressed = with_headroom(fc)  # with headroom first: of those whose capacity could carry it
     able = [(s, c) for s, c in chosen if c >= stressed.rate_per_s * CAPACITY_HEADROOM]
     reaches = False
     if able:
-        weighed = weigh_all(sc, slo, stressed, able, current, seed, capacity)
+        weighed = seen(weigh_all(sc, slo, stressed, able, current, seed, capacity), current, observed)
         best, reaches = choose(weighed, fc, slo)
     if not reaches:  # nothing keeps the SLO with headroom: at the forecast itself
-        weighed = weigh_all(sc, slo, fc, chosen, current, seed, capacity)
+        weighed = seen(weigh_all(sc, slo, fc, chosen, current, seed, capacity), current, observed)
         best, reaches = choose(weighed, fc, slo)
     if not reaches:  # nor at the forecast: the one that sustains the most, of those that carry it
         top = {w.schedule for w in sorted(carrying(weighed, fc), key=_order)[:SUSTAINED_OF]}
@@ -238,6 +246,14 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
         best, reaches = choose(weighed, fc, slo)
     ordered = tuple(sorted(weighed, key=lambda w: (w is not best, _order(w))))
     return TrafficPlan(best, ordered, reaches, fc, searches)
+
+
+def seen(weighed: list[Weighed], current: Schedule | None, observed: float | None) -> list[Weighed]:
+    """``weighed`` with ``current``'s attainment capped at ``observed`` (None: as simulated)."""
+    if observed is None:
+        return weighed
+    return [replace(w, slo=replace(w.slo, attainment=min(w.attainment, observed))) if w.schedule == current else w
+            for w in weighed]
 
 
 def sustained(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, seed: int = 0, steps: int = 5) -> float:

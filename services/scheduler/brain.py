@@ -101,6 +101,7 @@ class Brain:
         self.forecast = Forecast(0.0, 1.0)
         self.timed: deque[Timed] = deque(maxlen=TIMED_MAX)
         self._observed_fired = False  # the observed-vs-predicted trigger fired for the plan in force
+        self._seen_attainment = math.nan  # the observed attainment it fired on (the search weighs it so)
         self.stats = StreamingStats(half_life_s=config.stats_half_life_s)
         self.monitor = DriftMonitor(alpha=config.drift_alpha, min_samples=config.drift_min_samples,
                                     confirm=2, min_interval_s=config.replan_interval_s)
@@ -231,7 +232,7 @@ class Brain:
             return None
         seen = self.observed_slo(now, since=self.last_at)
         if seen.requests >= OBSERVED_MIN and seen.attainment < self.plan.attainment - OBSERVED_GAP:
-            self._observed_fired = True
+            self._observed_fired, self._seen_attainment = True, seen.attainment
             return f"observed attainment {seen.attainment:.1%} < predicted {self.plan.attainment:.1%}"
         return None
 
@@ -296,8 +297,11 @@ class Brain:
         if reason.startswith(("workers", "cold start")):
             comparable = None
         if self.forecast.known and self.config.plan_for == "arrivals":
+            # the rate has not fallen since the plan in force: no smaller schedule than it
+            keep = self.plan is not None and self.forecast.rate_per_s >= self.plan.rate_per_s > 0
+            seen = self._seen_attainment if reason.startswith("observed") else None
             plan, in_force = self.planner.plan_for_traffic(workload, workers, self.slo, self.forecast, comparable,
-                                                           table)
+                                                           table, keep_capacity=keep, observed=seen)
             publish, why = better_for_traffic(plan, in_force if comparable is not None else None, self.slo,
                                               self.config.replan_margin)
             return Decision(plan, publish, why, reason, basis, workload, reference, in_force)

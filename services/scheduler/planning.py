@@ -208,12 +208,14 @@ class Planner:
 
     def plan_for_traffic(self, workload: Workload, workers: int, slo: Slo, forecast: Forecast,
                          current: Schedule | None = None,
-                         calibration: CalibrationTable | None = None) -> tuple[Plan, Weighed | None]:
+                         calibration: CalibrationTable | None = None,
+                         keep_capacity: bool = False, observed: float | None = None) -> tuple[Plan, Weighed | None]:
         """The schedule with the best SLO attainment at ``forecast`` (``optimizer.traffic``), and
         the schedule in force weighed on the same arrivals (None when not comparable)."""
         start = time.perf_counter()
         sc = self.scenario(workload, workers, calibration)
-        traffic = plan_for_traffic(sc, slo, forecast, self.policies, self.space, seed=SEED, current=current)
+        traffic = plan_for_traffic(sc, slo, forecast, self.policies, self.space, seed=SEED, current=current,
+                                   keep_capacity=keep_capacity, observed=observed)
         if traffic is None:
             raise PlanningError(f"no schedule of {self.model.name} on {workers} worker(s) fits in memory")
         best = traffic.best

@@ -236,3 +236,49 @@ def test_a_drift_waiting_for_complete_requests_does_not_hold_back_a_rate_search(
     brain._drifted = True  # the test fired; none of the new traffic's requests is complete yet
     brain.forecast = Forecast(12.0, 1.0)
     assert brain.trigger(workers=2, pinned=False, now=101.0) == "rate 4 -> 12 requests/s"
+
+
+class TrafficPlanner(SamePlanner):
+    """Records whether a traffic search was told to keep the capacity of the schedule in force."""
+
+    keep: bool | None = None
+
+    def plan_for_traffic(self, workload, workers, slo, forecast, current=None, calibration=None,
+                         keep_capacity=False, observed=None):
+        from dataclasses import replace
+
+        self.keep, self.observed = keep_capacity, observed
+        return replace(plan_of(10.0, 1.0, True), rate_per_s=forecast.rate_per_s, attainment=1.0), None
+
+
+@pytest.mark.parametrize("planned, forecast, keep", [(4.0, 12.0, True), (4.0, 4.0, True), (12.0, 4.0, False),
+                                                     (0.0, 4.0, False)])
+def test_a_search_keeps_the_capacity_in_force_unless_the_rate_fell(planned, forecast, keep):
+    """A plan made saturated (rate 0) is not held: the first traffic plan may be smaller."""
+    from optimizer.schedule import Schedule
+    from optimizer.traffic import Forecast
+
+    brain = planned_brain(planned, searched_at=0.0)
+    brain.planner = planner = TrafficPlanner()
+    brain.forecast = Forecast(forecast, 1.0)
+    running = Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
+    brain.decide("rate", 2, running, brain.inputs("rate", 1.0))
+    assert planner.keep is keep
+
+
+def test_a_search_for_an_observed_shortfall_weighs_the_schedule_in_force_at_what_was_seen():
+    from optimizer.schedule import Schedule
+
+    brain = planned_brain(4.0, searched_at=0.0)
+    brain.planner = planner = TrafficPlanner()
+    brain.forecast = brain.forecast.__class__(4.0, 1.0)
+    for i in range(50):  # finished under the plan, each with a TTFT far past any bound
+        brain.ingest([LengthSample(f"r{i}", 32, 8, "length", 20.0 + i * 0.1, 10.0, first_token_at=19.0 + i * 0.1)])
+    brain.slo = brain.slo.__class__(ttft_s=1.0)
+    reason = brain.trigger(workers=2, pinned=False, now=30.0)
+    assert reason is not None and reason.startswith("observed attainment 0.0%")
+    running = Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
+    brain.decide(reason, 2, running, brain.inputs(reason, 30.0))
+    assert planner.observed == 0.0
+    brain.decide("rate", 2, running, brain.inputs("rate", 30.0))
+    assert planner.observed is None  # only the search the shortfall triggered

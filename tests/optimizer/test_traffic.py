@@ -99,6 +99,31 @@ def test_when_nothing_reaches_the_target_a_candidate_that_cannot_carry_the_rate_
     assert choose([small, large, larger], fc, slo) == (larger, False)  # a tie: the one with more capacity
 
 
+def test_while_the_rate_has_not_fallen_no_smaller_schedule_than_the_one_in_force_is_weighed(task_t):
+    slo = Slo(e2e_s=0.5)
+    free = pick(task_t, slo, 20.0)
+    capacity = {w.schedule: w.capacity_seq_s for w in free.weighed}
+    middle = sorted(capacity, key=capacity.get)[len(capacity) // 2]  # a schedule with smaller and larger ones
+    kept = pick(task_t, slo, 20.0, current=middle, keep_capacity=True)
+    others = [w for w in kept.weighed if w.schedule != middle]
+    assert all(w.capacity_seq_s >= capacity[middle] for w in others)
+    assert kept.best.schedule == middle or kept.best.capacity_seq_s >= capacity[middle]
+    # without it (the rate fell), smaller ones are weighed as well
+    assert any(w.capacity_seq_s < capacity[middle] for w in pick(task_t, slo, 20.0, current=middle).weighed)
+
+
+def test_an_attainment_observed_below_the_prediction_caps_the_schedule_in_force(task_t):
+    """The model says the schedule in force meets the SLO; the mesh saw 20 % meet it: the
+    search weighs it at what was seen, and picks another."""
+    slo = Slo(e2e_s=0.5)
+    running = pick(task_t, slo, 20.0).best.schedule
+    believed = pick(task_t, slo, 20.0, current=running)
+    assert believed.best.schedule == running  # on the model alone it stays the best
+    seen = pick(task_t, slo, 20.0, current=running, observed=0.2)
+    in_force = next(w for w in seen.weighed if w.schedule == running)
+    assert in_force.attainment == 0.2 and seen.best.schedule != running and seen.reaches_target
+
+
 def test_the_forecast_takes_the_higher_of_the_recent_rates():
     assert forecast([], 1.0) == Forecast(0.0, 1.0)
     rising = [2.0] * 30 + [10.0] * 10  # the last 10 s at 10/s
