@@ -15,7 +15,9 @@ larger one keeps the queue from growing. So:
    forecast rate and the forecast burstiness, lengths from the observed workload, queueing
    included: the same ``simulate`` that drives the workers' policy objects), its attainment and
    percentiles read against the SLO (``optimizer.slo``); when none reaches the SLO's target with
-   headroom, weighed again at the forecast rate itself.
+   headroom, weighed again at the forecast rate itself. While the rate has not fallen, none
+   smaller than the schedule in force (``keep_capacity``); after the mesh measured the schedule
+   in force below its prediction, that one at what was measured (``observed``).
 3. **Choice** (``choose``): the one with the highest attainment; ties (within ``TIE``) go to the
    one with the most slack against its bounds (least ``pressure``, in steps of ``SLACK_TIE``),
    where slack beyond ``COMFORT`` counts as none (a user sees no difference between two schedules
@@ -24,7 +26,7 @@ larger one keeps the queue from growing. So:
    forecast lags a rise, and a small batch's capacity is what the model overrates most), and a
    quicker schedule is chosen when the larger one would come close to a bound. When none
    reaches the SLO's target at the forecast, the one that sustains the highest rate
-   (``sustained``, of the few with the best attainment).
+   (``sustained``, of the few with the best attainment that carry the forecast).
 
 ``forecast`` is the arrival forecaster the scheduler uses: the next interval's rate is the larger
 of the mean over the last ``SHORT_S`` and over the last ``LONG_S`` seconds (a rise shows within

@@ -297,9 +297,12 @@ class Brain:
         if reason.startswith(("workers", "cold start")):
             comparable = None
         if self.forecast.known and self.config.plan_for == "arrivals":
-            # the rate has not fallen since the plan in force: no smaller schedule than it
-            keep = self.plan is not None and self.forecast.rate_per_s >= self.plan.rate_per_s > 0
-            seen = self._seen_attainment if reason.startswith("observed") else None
+            # no smaller schedule than the one in force while the rate has not fallen since it was
+            # planned, nor after the mesh measured it short of its prediction (arrivals that fall
+            # while a backlog drains are no less load; a smaller batch has less room, not more)
+            observed = reason.startswith("observed")
+            keep = self.plan is not None and (observed or self.forecast.rate_per_s >= self.plan.rate_per_s > 0)
+            seen = self._seen_attainment if observed else None
             plan, in_force = self.planner.plan_for_traffic(workload, workers, self.slo, self.forecast, comparable,
                                                            table, keep_capacity=keep, observed=seen)
             publish, why = better_for_traffic(plan, in_force if comparable is not None else None, self.slo,

@@ -278,7 +278,8 @@ def test_a_search_for_an_observed_shortfall_weighs_the_schedule_in_force_at_what
     reason = brain.trigger(workers=2, pinned=False, now=30.0)
     assert reason is not None and reason.startswith("observed attainment 0.0%")
     running = Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
+    brain.forecast = brain.forecast.__class__(2.0, 1.0)  # arrivals fell, but what was seen fell short
     brain.decide(reason, 2, running, brain.inputs(reason, 30.0))
-    assert planner.observed == 0.0
+    assert planner.observed == 0.0 and planner.keep  # and no smaller schedule than the one in force
     brain.decide("rate", 2, running, brain.inputs("rate", 30.0))
     assert planner.observed is None  # only the search the shortfall triggered
