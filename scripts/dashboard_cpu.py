@@ -55,6 +55,15 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 120.0) ->
     raise SystemExit(f"exegpt serve did not become ready within {timeout_s:g} s")
 
 
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within 30 s."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 async def with_page(url: str, key: str, chromium: str, window_s: float, pid: int) -> float:
     from playwright.async_api import async_playwright
 
@@ -94,11 +103,7 @@ def main() -> int:
         idle = cpu_s(process.pid) - start
         page = asyncio.run(with_page(url, key, args.chromium, args.window_s, process.pid))
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
     added = page - idle
     print(f"exegpt serve --model {args.model}, {args.window_s:g} s windows:")
     print(f"  no page:       {idle:.2f} CPU s ({100 * idle / args.window_s:.1f} % of a core)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -25,11 +26,12 @@ import uvicorn
 from pydantic import SecretStr
 
 from common.config import MeshConfig
-from common.messages.status import SchedulerState
+from common.messages.status import CalibrationPoint, CandidateFigures, SchedulerState
 from common.transport.connect import LocalHub
 from engine import load_engine
 from services.cli import main
 from services.gateway.admin import jsonable
+from optimizer.schedule import Schedule
 from services.gateway.dashboard.routes import PAGE_HEADERS, STATIC
 from tests.brokers import need, need_module
 from tests.mesh.conftest import running_mesh, until
@@ -244,6 +246,8 @@ def extended_snapshot() -> dict:
     """A state answer as a gateway whose scheduler records more than today's fields would give it:
     candidates, calibration factors, SLOs and attainment; no schedule meets the bound; a dead
     message and a batch in progress."""
+    chosen = Schedule(policy="waa-c", encode_batch=4, decode_batch=32, encoder_devices=1, decoder_devices=2)
+    other = Schedule(policy="rra", encode_batch=16, decode_batch=48, decode_iters_per_encode=9)
     state = jsonable(SchedulerState(
         leader="scheduler-1", token=3, version=7, policy="waa-c", pinned=False, latency_bound_s=1.5,
         meets_bound=False, basis="observed: 80 requests", samples=80, input_quantiles=(40.0, 90.0, 120.0),
@@ -251,13 +255,13 @@ def extended_snapshot() -> dict:
         arrival_rate_s=3.5, arrival_cv=1.8, predicted_throughput_seq_s=4.0, predicted_latency_s=2.1,
         observed_throughput_seq_s=3.2, observed_latency_s=2.4, drift_statistic=0.31, drift_p_value=0.002,
         replans=4, last_replan_reason="drift", last_replan_at=1000.0, workers=3, updated_at=1001.0,
-        last_outcome="published: 12% more throughput"))
-    state.update({
-        "ttft_slo_s": 0.5, "tpot_slo_s": 0.05, "attainment": 0.93,
-        "calibration": {"throughput": 0.91, "latency": 1.12},
-        "candidates": [{"policy": "waa-c", "encode_batch": 4, "predicted_throughput_seq_s": 4.0, "chosen": True},
-                       {"policy": "rra", "encode_batch": 16, "predicted_throughput_seq_s": 3.1, "chosen": False}],
-        "planned_output_quantiles": [18.0, 45.0, 66.0]})
+        last_outcome="published: 12% more throughput", predicted_attainment=0.93,
+        calibration=(CalibrationPoint("decode", 8.0, 1.12), CalibrationPoint("prefill", 256.0, 0.91)),
+        calibration_samples=40,
+        candidates=(CandidateFigures(chosen, 4.0, 0.975, 0.31, 0.045, 2.1, math.nan, True),
+                    CandidateFigures(other, 6.1, 0.912, 0.52, 0.061, 3.4, math.nan, False))))
+    state.update({"ttft_slo_s": 0.5, "tpot_slo_s": 0.05, "attainment": 0.93, "calibration_factor": {"throughput": 0.91},
+                  "planned_output_quantiles": [18.0, 45.0, 66.0]})
     update = {"version": 7, "epoch": 1, "token": 3, "published_at": 1000.5, "lease_until": None,
               "schedule": {"policy": "waa-c", "encode_batch": 4, "decode_batch": 32},
               "allocation": [{"worker_id": f"w{i}", "role": role}
@@ -279,7 +283,7 @@ def extended_snapshot() -> dict:
                      "reasons_at": 1001.0},
             "batches": [{"id": "batch_1", "status": "in_progress", "created_at": 990, "total": 10, "completed": 4,
                          "failed": 1}],
-            "history": [{**point, "calibration.throughput": 0.91, "at": 1001.0}],
+            "history": [{**point, "calibration_factor.throughput": 0.91, "at": 1001.0}],
             "timeline": [{"seq": 1, "kind": "search", "at": 1000.0, "version": 7, "reason": "drift",
                           "outcome": "published: 12% more throughput"}]}
 
@@ -312,12 +316,19 @@ async def test_the_page_shows_fields_it_does_not_know_the_alert_and_the_queues(a
         candidates = page.locator("#extra-candidates table")
         await candidates.wait_for()
         assert await candidates.locator("tbody tr").count() == 2
-        assert "rra" in await candidates.inner_text()
-        assert "0.91" in await page.locator("#extra-calibration").inner_text()
+        # the search's reasoning reads at a glance: each schedule named, the pick marked, its figures
+        # in view (not scrolled off beside a long schedule)
+        chosen = candidates.locator("tbody tr.chosen")
+        assert await chosen.count() == 1
+        assert "waa-c B_E=4 B_D=32 encoders/decoders=1/2" in await chosen.inner_text()
+        assert "97.5 %" in await chosen.inner_text() and "chosen" in await chosen.inner_text()
+        assert "rra B_E=16 B_D=48 N_D=9" in await candidates.inner_text()
+        assert await page.locator("#extra-candidates .scroll").evaluate("el => el.scrollWidth <= el.clientWidth")
+        assert "1.12" in await page.locator("#extra-calibration").inner_text()
         schedule = await page.locator("#schedule").inner_text()
         assert "ttft slo s" in schedule and "0.5" in schedule and "attainment" in schedule
         assert "planned output" in await page.get_by_role("img", name="input: p50 40").get_attribute("aria-label")
-        assert await page.locator("figcaption", has_text="calibration.throughput").count() == 1
+        assert await page.locator("figcaption", has_text="calibration factor.throughput").count() == 1
         assert await page.locator("#workers tr.gone[data-worker=w2]").count() == 1
         assert await page.locator("#workers tr.draining[data-worker=w1] .badge.behind").count() == 1
         assert (await page.locator("#dead-depth").inner_text()) == "2"

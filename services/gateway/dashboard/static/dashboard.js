@@ -89,11 +89,31 @@ function kvTable(obj) {
   return h("table", { class: "kv" }, h("tbody", {}, Object.entries(obj).map(([k, v]) => h("tr", {}, h("td", {}, label(k)), h("td", {}, generic(v))))));
 }
 function objectsTable(rows) {
-  const columns = [...new Set(rows.flatMap((r) => Object.keys(r)))];
-  const cell = (v) => (v && typeof v === "object" ? (Array.isArray(v) ? generic(v) : inline(v)) : generic(v));
+  const columns = [...new Set(rows.flatMap((r) => Object.keys(r)))].filter((c) => c !== "chosen");
+  const chosen = rows.some((r) => typeof r.chosen === "boolean");
+  const numeric = (c) => rows.every((r) => r[c] === null || r[c] === undefined || typeof r[c] === "number");
+  const cell = (c, v) => {
+    if (v && typeof v === "object" && !Array.isArray(v)) return h("td", { class: "wrap" }, isSchedule(v) ? scheduleText(v) : inline(v));
+    if (typeof v === "number" && /attainment/i.test(c) && v >= 0 && v <= 1) return h("td", { class: "num" }, `${num(100 * v, 1)} %`);
+    return h("td", { class: numeric(c) ? "num" : null }, generic(v));
+  };
   return h("div", { class: "scroll" }, h("table", {},
-    h("thead", {}, h("tr", {}, columns.map((c) => h("th", {}, label(c))))),
-    h("tbody", {}, rows.map((r) => h("tr", {}, columns.map((c) => h("td", {}, cell(r[c]))))))));
+    h("thead", {}, h("tr", {}, chosen ? h("th", {}, "") : null,
+                     columns.map((c) => h("th", { class: numeric(c) ? "num" : null }, label(c))))),
+    h("tbody", {}, rows.map((r) => h("tr", { class: r.chosen === true ? "chosen" : null },
+                                     chosen ? h("td", {}, r.chosen ? badge("chosen", "meets") : "") : null,
+                                     columns.map((c) => cell(c, r[c])))))));
+}
+// A schedule (the fields of optimizer.schedule.Schedule) in one line, the way `exegpt plan` names it.
+function isSchedule(v) { return typeof v.policy === "string" && "encode_batch" in v && "decode_batch" in v; }
+function scheduleText(v) {
+  const parts = [v.policy, `B_E=${v.encode_batch}`, `B_D=${v.decode_batch}`];
+  if (v.decode_microbatches > 1) parts.push(`micro-batches=${v.decode_microbatches}`);
+  if (v.policy === "rra") parts.push(`N_D=${v.decode_iters_per_encode}`);
+  if (v.policy === "mixed") parts.push(`tokens/step=${v.chunk_tokens}`);
+  if (String(v.policy).startsWith("waa")) parts.push(`encoders/decoders=${v.encoder_devices}/${v.decoder_devices}`);
+  if (v.tp_degree > 1) parts.push(`TP=${v.tp_degree}`);
+  return parts.join(" ");
 }
 function inline(obj) {  // a nested object in one cell: its non-empty fields, k=v
   return Object.entries(obj).filter(([, v]) => v !== null && v !== false && v !== 0 && v !== "")
@@ -413,7 +433,8 @@ function renderExtras(state) {
   for (const k of keys) {
     const v = state[k];
     if (v && typeof v === "object" && (!Array.isArray(v) || v.some((x) => x && typeof x === "object"))) {
-      cards.push(h("section", { class: "card", id: `extra-${k}`, "aria-label": label(k) }, h("h2", {}, label(k)), generic(v)));
+      const wide = /candidate/i.test(k) ? "card wide" : "card";  // the search's reasoning: room for every figure
+      cards.push(h("section", { class: wide, id: `extra-${k}`, "aria-label": label(k) }, h("h2", {}, label(k)), generic(v)));
     } else {
       loose[k] = v;
     }
