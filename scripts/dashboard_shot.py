@@ -2,13 +2,14 @@
 page in headless Chromium and saves it once the scheduler has searched with calibration.
 
     python scripts/dashboard_shot.py --amqp-url amqp://... --redis-url redis://... \
-        [--namespace NS | --prefix bench-ph-] [--out docs/dashboard.png] [--wait-s 240]
+        [--namespace NS | --prefix bench-ph-] [--out docs/dashboard.png] [--after-s 50]
 
 Without ``--namespace`` it waits for a new namespace whose name starts with ``--prefix``: one
 whose scheduler state record appears after the script starts (``exegpt bench adapt --phases``
 names its meshes ``bench-ph-<hex>`` and runs the adaptive one first). It starts ``exegpt gateway`` on a free loopback port with a fresh admin key,
-opens ``/dashboard#key=…`` at 1280×800, and takes the screenshot when the state record holds
-candidates and calibration points (or at ``--wait-s``), then stops the gateway. Needs Playwright
+opens ``/dashboard#key=…`` at 1280×800, and takes the screenshot once the page has been open
+``--after-s`` and the state record holds candidates and calibration points (or at ``--wait-s``),
+then stops the gateway. Needs Playwright
 and Debian's chromium (``deploy/ensure-browser.sh``).
 """
 
@@ -50,7 +51,7 @@ def explained(state: dict) -> bool:
     return bool(record.get("candidates")) and bool(record.get("calibration"))
 
 
-async def shoot(url: str, key: str, chromium: str, out: Path, wait_s: float) -> None:
+async def shoot(url: str, key: str, chromium: str, out: Path, after_s: float, wait_s: float) -> None:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
@@ -58,14 +59,13 @@ async def shoot(url: str, key: str, chromium: str, out: Path, wait_s: float) -> 
         page = await browser.new_page(viewport={"width": 1280, "height": 800})
         await page.goto(f"{url}/dashboard#key={key}")
         await page.locator("#board").wait_for(state="visible", timeout=30_000)
-        deadline = time.monotonic() + wait_s
+        opened = time.monotonic()
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as client:
-            while time.monotonic() < deadline:
+            while time.monotonic() - opened < wait_s:
                 answer = await client.get(f"{url}/admin/dashboard/state", timeout=10)
-                if answer.status_code == 200 and explained(answer.json()):
+                if time.monotonic() - opened >= after_s and answer.status_code == 200 and explained(answer.json()):
                     break
                 await asyncio.sleep(2.0)  # the page polls on its own; this only decides when to shoot
-        await asyncio.sleep(5.0)  # a few polls more, so the charts have a history
         await page.screenshot(path=str(out), full_page=True)
         await browser.close()
 
@@ -78,6 +78,8 @@ def main() -> int:
     parser.add_argument("--prefix", default="bench-ph-")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard.png")
+    parser.add_argument("--after-s", type=float, default=50.0, help="least time the page is open before the shot "
+                        "(its charts gather a history)")
     parser.add_argument("--wait-s", type=float, default=240.0, help="most time to wait for a search's reasoning")
     parser.add_argument("--chromium", default=os.environ.get("EXEGPT_TEST_CHROMIUM", "/usr/bin/chromium"))
     args = parser.parse_args()
@@ -91,7 +93,7 @@ def main() -> int:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(url, process)
-        asyncio.run(shoot(url, key, args.chromium, args.out, args.wait_s))
+        asyncio.run(shoot(url, key, args.chromium, args.out, args.after_s, args.wait_s))
     finally:
         stop(process)
     print(f"namespace {namespace}: {args.out}")
