@@ -16,8 +16,10 @@ larger one keeps the queue from growing. So:
    included: the same ``simulate`` that drives the workers' policy objects), its attainment and
    percentiles read against the SLO (``optimizer.slo``); when none reaches the SLO's target with
    headroom, weighed again at the forecast rate itself. While the rate has not fallen, none
-   smaller than the schedule in force (``keep_capacity``); after the mesh measured the schedule
-   in force below its prediction, that one at what was measured (``observed``).
+   smaller than the schedule in force (``keep_capacity``); a schedule the mesh measured below
+   its prediction, at what was measured (``observed``: the scheduler remembers each schedule's
+   shortfall a while, so it does not switch back to one that just failed on the strength of the
+   model alone).
 3. **Choice** (``choose``): the one with the highest attainment; ties (within ``TIE``) go to the
    one with the most slack against its bounds (least ``pressure``, in steps of ``SLACK_TIE``),
    where slack beyond ``COMFORT`` counts as none (a user sees no difference between two schedules
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -214,7 +216,7 @@ def choose(weighed: Sequence[Weighed], fc: Forecast, slo: Slo) -> tuple[Weighed,
 
 def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[str] = PRODUCT_POLICIES,
                      space: SearchSpace = SearchSpace(), *, seed: int = 0, current: Schedule | None = None,
-                     keep_capacity: bool = False, observed: float | None = None,
+                     keep_capacity: bool = False, observed: Mapping[Schedule, float] | None = None,
                      search: Callable[..., SearchResult] = branch_and_bound) -> TrafficPlan | None:
     """The schedule to run for ``fc`` under ``slo`` (None: no schedule fits in memory).
     ``current`` (the schedule in force, when comparable) is weighed on the same arrivals, so
@@ -223,8 +225,8 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
     less saturated capacity than ``current`` (where it is among the candidates) is weighed. A
     rise calls for more capacity, and a smaller schedule picked for its predicted latency at
     the higher rate rests on the model where it errs most: a small batch's capacity.
-    ``observed``: the attainment the mesh measured under ``current``, when it fell short of the
-    prediction; it caps the simulated one (what was seen beats what the model says of it)."""
+    ``observed``: schedules the mesh ran and measured short of their prediction, with the
+    attainment measured; it caps the simulated one (what was seen beats what the model says of it)."""
     if not fc.known:
         raise ValueError("plan_for_traffic needs a forecast rate > 0")
     found, searches = candidates(sc, policies, space, search=search)
@@ -236,10 +238,10 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
     able = [(s, c) for s, c in chosen if c >= stressed.rate_per_s * CAPACITY_HEADROOM]
     reaches = False
     if able:
-        weighed = seen(weigh_all(sc, slo, stressed, able, current, seed, capacity), current, observed)
+        weighed = seen(weigh_all(sc, slo, stressed, able, current, seed, capacity), observed)
         best, reaches = choose(weighed, fc, slo)
     if not reaches:  # nothing keeps the SLO with headroom: at the forecast itself
-        weighed = seen(weigh_all(sc, slo, fc, chosen, current, seed, capacity), current, observed)
+        weighed = seen(weigh_all(sc, slo, fc, chosen, current, seed, capacity), observed)
         best, reaches = choose(weighed, fc, slo)
     if not reaches:  # nor at the forecast: the one that sustains the most, of those that carry it
         top = {w.schedule for w in sorted(carrying(weighed, fc), key=_order)[:SUSTAINED_OF]}
@@ -250,12 +252,12 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
     return TrafficPlan(best, ordered, reaches, fc, searches)
 
 
-def seen(weighed: list[Weighed], current: Schedule | None, observed: float | None) -> list[Weighed]:
-    """``weighed`` with ``current``'s attainment capped at ``observed`` (None: as simulated)."""
-    if observed is None:
+def seen(weighed: list[Weighed], observed: Mapping[Schedule, float] | None) -> list[Weighed]:
+    """``weighed`` with each schedule of ``observed`` at most at the attainment measured."""
+    if not observed:
         return weighed
-    return [replace(w, slo=replace(w.slo, attainment=min(w.attainment, observed))) if w.schedule == current else w
-            for w in weighed]
+    return [replace(w, slo=replace(w.slo, attainment=min(w.attainment, observed[w.schedule])))
+            if w.schedule in observed else w for w in weighed]
 
 
 def sustained(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, seed: int = 0, steps: int = 5) -> float:

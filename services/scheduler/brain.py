@@ -61,6 +61,9 @@ NORMAL_P99 = 2.326  # standard normal 99th percentile
 TIMED_MAX = 2048  # newest finished requests whose TTFT/TPOT the observed SLO figures read
 CALIBRATION_CHANGE = 0.15  # a step's calibrated time this far from the one the plan used: search again
 OBSERVED_GAP = 0.05  # observed attainment this far below the predicted one: search again
+# a schedule measured short of its prediction is weighed at what was measured for this long (then
+# the model is believed again: the shortfall may have been a backlog another schedule left)
+SHORTFALL_MEMORY_S = 60.0
 OBSERVED_MIN = 40  # ... once this many requests finished under the plan
 SAME_LENGTHS = ("rate", "calibration", "observed", "slo")  # searches that leave the drift test's window as it is
 
@@ -101,7 +104,10 @@ class Brain:
         self.forecast = Forecast(0.0, 1.0)
         self.timed: deque[Timed] = deque(maxlen=TIMED_MAX)
         self._observed_fired = False  # the observed-vs-predicted trigger fired for the plan in force
-        self._seen_attainment = math.nan  # the observed attainment it fired on (the search weighs it so)
+        self._ran_since = now  # when the schedule in force took effect: what it is measured on arrived since
+        # schedules the mesh measured short of their prediction: (attainment measured, when); replaced
+        # whole, never changed in place (a search reads it in a thread)
+        self.shortfalls: dict[Schedule, tuple[float, float]] = {}
         self.stats = StreamingStats(half_life_s=config.stats_half_life_s)
         self.monitor = DriftMonitor(alpha=config.drift_alpha, min_samples=config.drift_min_samples,
                                     confirm=2, min_interval_s=config.replan_interval_s)
@@ -152,10 +158,11 @@ class Brain:
     def calibration(self, now: float) -> CalibrationTable:
         return self.calibrator.table(now) if self.calibrator is not None else IDENTITY
 
-    def observed_slo(self, now: float, since: float = 0.0) -> SloFigures:
-        """The SLO figures of requests finished in the last ``OBSERVED_WINDOW_S`` (and after ``since``)."""
-        start = max(now - OBSERVED_WINDOW_S, since)
-        return figures([t for t in self.timed if t.finish_s >= start], self.slo)
+    def observed_slo(self, now: float, arrived_since: float = -math.inf) -> SloFigures:
+        """The SLO figures of requests finished in the last ``OBSERVED_WINDOW_S`` (of those that
+        arrived at ``arrived_since`` or later)."""
+        start = now - OBSERVED_WINDOW_S
+        return figures([t for t in self.timed if t.finish_s >= start and t.arrival_s >= arrived_since], self.slo)
 
     def seen(self, request_id: str) -> bool:
         return request_id in self._seen
@@ -167,7 +174,16 @@ class Brain:
 
     # --- when to search -------------------------------------------------------------------------
     def trigger(self, workers: int, pinned: bool, now: float) -> str | None:
-        """Why to search now (None: no need)."""
+        """Why to search now (None: no need). Before a search, what the mesh measured of the
+        schedule in force is noted (``shortfalls``), so the search weighs it at that."""
+        reason = self._why(workers, pinned, now)
+        if self.shortfalls:
+            self.shortfalls = {s: v for s, v in self.shortfalls.items() if now - v[1] <= SHORTFALL_MEMORY_S}
+        if reason is not None and self.plan is not None and not self._observed_fired:
+            self._shortfall(now)
+        return reason
+
+    def _why(self, workers: int, pinned: bool, now: float) -> str | None:
         finished = len(self.stats.since(self.rebased_at).finished_at)
         if finished - self._checked_at >= CHECK_EVERY:
             self._checked_at = finished
@@ -228,13 +244,25 @@ class Brain:
     def _observed_trigger(self, now: float) -> str | None:
         """Under the plan, observed attainment fell ``OBSERVED_GAP`` below the predicted one
         (once per plan)."""
-        if self._observed_fired or not math.isfinite(self.plan.attainment):
+        if self._observed_fired:
             return None
-        seen = self.observed_slo(now, since=self.last_at)
-        if seen.requests >= OBSERVED_MIN and seen.attainment < self.plan.attainment - OBSERVED_GAP:
-            self._observed_fired, self._seen_attainment = True, seen.attainment
-            return f"observed attainment {seen.attainment:.1%} < predicted {self.plan.attainment:.1%}"
-        return None
+        measured = self._shortfall(now)
+        if measured is None:
+            return None
+        self._observed_fired = True
+        return f"observed attainment {measured:.1%} < predicted {self.plan.attainment:.1%}"
+
+    def _shortfall(self, now: float) -> float | None:
+        """The attainment measured under the schedule in force, when ``OBSERVED_MIN`` requests that
+        arrived since it took effect finished in the window and it fell ``OBSERVED_GAP`` short of
+        the prediction (then remembered in ``shortfalls``); else None."""
+        if not math.isfinite(self.plan.attainment):
+            return None
+        seen = self.observed_slo(now, arrived_since=self._ran_since)
+        if seen.requests < OBSERVED_MIN or seen.attainment >= self.plan.attainment - OBSERVED_GAP:
+            return None
+        self.shortfalls = {**self.shortfalls, self.plan.schedule: (seen.attainment, now)}
+        return seen.attainment
 
     def cohort(self, now: float, since: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Lengths of the requests finished since the last plan that were submitted early enough
@@ -299,12 +327,13 @@ class Brain:
         if self.forecast.known and self.config.plan_for == "arrivals":
             # no smaller schedule than the one in force while the rate has not fallen since it was
             # planned, nor after the mesh measured it short of its prediction (arrivals that fall
-            # while a backlog drains are no less load; a smaller batch has less room, not more)
-            observed = reason.startswith("observed")
-            keep = self.plan is not None and (observed or self.forecast.rate_per_s >= self.plan.rate_per_s > 0)
-            seen = self._seen_attainment if observed else None
+            # while a backlog drains are no less load; a smaller batch has less room, not more);
+            # every schedule measured short lately is weighed at what was measured
+            shortfalls = {s: attained for s, (attained, _) in self.shortfalls.items()}
+            short = self.plan is not None and self.plan.schedule in shortfalls
+            keep = self.plan is not None and (short or self.forecast.rate_per_s >= self.plan.rate_per_s > 0)
             plan, in_force = self.planner.plan_for_traffic(workload, workers, self.slo, self.forecast, comparable,
-                                                           table, keep_capacity=keep, observed=seen)
+                                                           table, keep_capacity=keep, observed=shortfalls or None)
             publish, why = better_for_traffic(plan, in_force if comparable is not None else None, self.slo,
                                               self.config.replan_margin)
             return Decision(plan, publish, why, reason, basis, workload, reference, in_force)
@@ -325,6 +354,8 @@ class Brain:
         if decision.reason == self.forced or decision.reason.startswith(("bound", "slo")):
             self.forced = None
         if decision.publish or self.plan is None:
+            if self.plan is None or decision.plan.schedule != self.plan.schedule:
+                self._ran_since = now  # a new schedule: measured on what arrives from now on
             self.plan = decision.plan
             self.basis = decision.basis
             self._planned = (decision.workload, decision.basis, decision.reference)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -209,7 +210,8 @@ class Planner:
     def plan_for_traffic(self, workload: Workload, workers: int, slo: Slo, forecast: Forecast,
                          current: Schedule | None = None,
                          calibration: CalibrationTable | None = None,
-                         keep_capacity: bool = False, observed: float | None = None) -> tuple[Plan, Weighed | None]:
+                         keep_capacity: bool = False,
+                         observed: Mapping[Schedule, float] | None = None) -> tuple[Plan, Weighed | None]:
         """The schedule with the best SLO attainment at ``forecast`` (``optimizer.traffic``), and
         the schedule in force weighed on the same arrivals (None when not comparable)."""
         start = time.perf_counter()

@@ -12,7 +12,7 @@ import pytest
 from common.config import MeshConfig
 from common.messages.status import LengthSample
 from optimizer.lengths import scaled_task
-from services.scheduler.brain import Brain
+from services.scheduler.brain import SHORTFALL_MEMORY_S, Brain
 from services.scheduler.planning import reference_sample
 
 RATE = 5.0  # finished requests per second
@@ -280,6 +280,36 @@ def test_a_search_for_an_observed_shortfall_weighs_the_schedule_in_force_at_what
     running = Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
     brain.forecast = brain.forecast.__class__(2.0, 1.0)  # arrivals fell, but what was seen fell short
     brain.decide(reason, 2, running, brain.inputs(reason, 30.0))
-    assert planner.observed == 0.0 and planner.keep  # and no smaller schedule than the one in force
-    brain.decide("rate", 2, running, brain.inputs("rate", 30.0))
-    assert planner.observed is None  # only the search the shortfall triggered
+    in_force = brain.plan.schedule
+    assert planner.observed == {in_force: 0.0} and planner.keep  # and no smaller schedule than the one in force
+    # the shortfall is remembered a while: a later search does not take the model's word for it
+    brain.forecast = brain.forecast.__class__(0.5, 1.0)
+    assert brain.trigger(workers=2, pinned=False, now=40.0) == "rate 4 -> 0.5 requests/s"
+    brain.decide("rate", 2, running, brain.inputs("rate", 40.0))
+    assert planner.observed == {in_force: 0.0} and planner.keep
+    # ... and then forgotten
+    brain.trigger(workers=2, pinned=False, now=30.0 + SHORTFALL_MEMORY_S + 1)
+    brain.decide("rate", 2, running, brain.inputs("rate", 100.0))
+    assert planner.observed is None and not planner.keep
+
+
+def test_a_schedule_is_measured_on_the_requests_that_arrived_after_it_took_effect():
+    """A backlog the schedule before left is not held against the new one."""
+    from dataclasses import replace
+
+    from optimizer.schedule import Schedule
+    from services.scheduler.brain import Decision
+
+    brain = planned_brain(4.0, searched_at=0.0)
+    brain.slo = brain.slo.__class__(ttft_s=1.0)
+    for i in range(50):  # arrived before the switch, waited long
+        brain.ingest([LengthSample(f"old{i}", 32, 8, "length", 20.0 + i * 0.1, 10.0, first_token_at=19.0 + i * 0.1)])
+    new = replace(brain.plan, schedule=Schedule("continuous", encode_batch=16, decode_batch=16, worker_devices=1))
+    brain.adopt(Decision(new, True, "test", "rate", "prior", None, (np.zeros(1), np.zeros(1))), now=12.0)
+    for i in range(50):  # arrived after it, served at once
+        brain.ingest([LengthSample(f"new{i}", 32, 8, "length", 20.0 + i * 0.1, 13.0, first_token_at=13.5)])
+    assert brain.observed_slo(25.0, arrived_since=12.0).attainment == 1.0
+    assert brain.observed_slo(25.0).attainment == 0.5
+    brain.forecast = brain.forecast.__class__(40.0, 1.0)
+    assert brain.trigger(workers=2, pinned=False, now=25.0) is not None
+    assert brain.shortfalls == {}

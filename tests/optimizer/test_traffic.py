@@ -119,9 +119,23 @@ def test_an_attainment_observed_below_the_prediction_caps_the_schedule_in_force(
     running = pick(task_t, slo, 20.0).best.schedule
     believed = pick(task_t, slo, 20.0, current=running)
     assert believed.best.schedule == running  # on the model alone it stays the best
-    seen = pick(task_t, slo, 20.0, current=running, observed=0.2)
+    seen = pick(task_t, slo, 20.0, current=running, observed={running: 0.2})
     in_force = next(w for w in seen.weighed if w.schedule == running)
     assert in_force.attainment == 0.2 and seen.best.schedule != running and seen.reaches_target
+
+
+def test_every_schedule_measured_short_lately_is_weighed_at_what_was_measured(task_t):
+    """The schedule before the one in force failed too: the search does not go back to it on
+    the model's word."""
+    slo = Slo(e2e_s=0.5)
+    first = pick(task_t, slo, 20.0).best.schedule
+    second = pick(task_t, slo, 20.0, current=first, observed={first: 0.2}).best.schedule
+    # with only the schedule in force's shortfall, the model's favourite comes back
+    assert pick(task_t, slo, 20.0, current=second, observed={second: 0.3}).best.schedule == first
+    third = pick(task_t, slo, 20.0, current=second, observed={first: 0.2, second: 0.3})
+    assert third.best.schedule not in (first, second) and third.reaches_target
+    capped = {w.schedule: w.attainment for w in third.weighed if w.schedule in (first, second)}
+    assert capped.get(first, 0.2) == 0.2 and capped.get(second, 0.3) == 0.3
 
 
 def test_the_forecast_takes_the_higher_of_the_recent_rates():
