@@ -160,6 +160,12 @@ class MeshConfig(BaseSettings):
     replan_interval_s: float = Field(
         5.0, ge=0, description="Least time between two searches triggered by drift (hysteresis)."
     )
+    search_nice: int = Field(
+        5, ge=0, le=19,
+        description="Niceness of the scheduler's search thread (Linux): a search is background work that "
+        "must not take the CPU serving needs where the scheduler shares cores with workers; 0: the "
+        "scheduler's own priority.",
+    )
     drift_alpha: float = Field(
         1e-4, gt=0, lt=1, description="Significance of the two-sample drift test (per check, both lengths)."
     )

@@ -231,8 +231,9 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
 
 class Mesh(Processes):
     """Two workers, one pinned to each core, and a scheduler on either core at normal priority:
-    how fast it reacts is what is measured, so it is not niced (a search takes about a second of
-    CPU from the workers)."""
+    how fast it reacts is what is measured, so it is not niced (its searches run on a thread of
+    their own at ``search_nice``; a search takes 0.4-3 s of CPU, and what it takes from the
+    workers is part of what adaptivity costs here)."""
 
     def start(self) -> None:
         self._ready(self._spawn(["scheduler"], _no_setup))

@@ -208,8 +208,11 @@ class Brain:
         # long) does not hold back the other reasons: a search for them keeps the drift pending
         if self._refine and complete >= REFINE_AT and not self._drifted:
             return "refine"
-        rise = self._rate_trigger(rising=True)
-        if rise:  # a rise is met at once: the queue grows while the interval runs
+        # a rise is met at once (the queue grows while the interval runs), unless the plan in force
+        # fell short of the SLO's target at its own rate: a search then mostly confirms it, and at an
+        # overload forecast a search costs the most CPU, which serving needs on a shared host
+        rise = self._rate_trigger(rising=True) if self.plan.meets_bound else None
+        if rise:
             return rise
         if now - self.last_at < self.config.replan_interval_s:
             return None

@@ -18,8 +18,12 @@ import asyncio
 import json
 import logging
 import math
+import os
+import sys
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -79,6 +83,17 @@ async def request_schedule(bus: Bus, names: Names, schedule: Schedule | None) ->
     await bus.publish(names.scheduler_queue, codec.encode(PinSchedule(schedule, time.time())))
 
 
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's niceness by ``nice`` (Linux, where a thread has a priority of its
+    own; elsewhere the call would lower the whole process's, so nothing is done)."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+    except OSError as exc:  # a container may refuse it: searches then run at the scheduler's priority
+        log.warning("scheduler: cannot lower the search thread's priority: %s", exc)
+
+
 class SchedulerService:
     def __init__(self, config: MeshConfig, transports: Transports) -> None:
         self.config = config
@@ -90,6 +105,9 @@ class SchedulerService:
         self.pin_set = config.schedule is not None  # an operator's pin: plans do not replace it
         self.brain = Brain(config, Planner(config) if config.profile else None)
         self.planning: asyncio.Task | None = None
+        # searches run on a thread of their own, at a lower priority than the event loop and than
+        # the workers on a shared host (``search_nice``)
+        self.searching = ThreadPoolExecutor(1, "search", initializer=lower_priority, initargs=(config.search_nice,))
         self.decided = asyncio.Event()  # set after each search (tests wait on it)
         self.learned = asyncio.Event()  # set after each look at the finish records (tests wait on it)
         self.looks = 0  # looks at the finish records so far
@@ -133,6 +151,7 @@ class SchedulerService:
         for outcome in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(outcome, Exception):
                 log.error("scheduler: stopped by %r", outcome)
+        self.searching.shutdown(wait=False, cancel_futures=True)  # a search under way is not waited for
         try:
             await self.leadership.release()  # a standby takes over now, not a TTL later
         finally:
@@ -326,7 +345,8 @@ class SchedulerService:
         try:
             now = time.time()
             inputs, rate = self.brain.inputs(reason, now), self.brain.stats.arrival_rate(now)
-            decision = await asyncio.to_thread(self.brain.decide, reason, workers, running, inputs, rate)
+            decision = await asyncio.get_running_loop().run_in_executor(
+                self.searching, self.brain.decide, reason, workers, running, inputs, rate)
         except Exception as exc:  # a search that fails keeps the schedule in force; tried again later
             if isinstance(exc, (PlanningError, ValueError)):
                 log.warning("scheduler: search (%s) failed: %s", reason, exc)

@@ -5,6 +5,9 @@ Pure: finish records are made up, time is an argument; no planner (no search run
 from __future__ import annotations
 
 import math
+import os
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -229,6 +232,19 @@ def test_a_rise_of_the_rate_is_met_at_once_and_a_fall_after_the_interval():
     assert brain.trigger(workers=2, pinned=False, now=106.0) is None
 
 
+def test_a_rise_past_a_plan_already_short_of_its_target_waits_for_the_interval():
+    """Overloaded already: another search at once would mostly confirm the plan, at the most CPU."""
+    from dataclasses import replace
+
+    from optimizer.traffic import Forecast
+
+    brain = planned_brain(8.0, searched_at=100.0)
+    brain.plan = replace(brain.plan, meets_bound=False)
+    brain.forecast = Forecast(16.0, 1.0)
+    assert brain.trigger(workers=2, pinned=False, now=101.0) is None
+    assert brain.trigger(workers=2, pinned=False, now=106.0) == "rate 8 -> 16 requests/s"
+
+
 def test_a_drift_waiting_for_complete_requests_does_not_hold_back_a_rate_search():
     from optimizer.traffic import Forecast
 
@@ -313,3 +329,21 @@ def test_a_schedule_is_measured_on_the_requests_that_arrived_after_it_took_effec
     brain.forecast = brain.forecast.__class__(40.0, 1.0)
     assert brain.trigger(workers=2, pinned=False, now=25.0) is not None
     assert brain.shortfalls == {}
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority is Linux's")
+def test_the_search_thread_runs_at_a_lower_priority_than_the_scheduler():
+    """A search is background work: where the scheduler shares cores with workers, it must not
+    take the CPU serving needs (the scheduler's event loop keeps its priority)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.scheduler.service import lower_priority
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with ThreadPoolExecutor(1, initializer=lower_priority, initargs=(5,)) as pool:
+        assert pool.submit(niceness).result() == min(base + 5, 19)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the process (its event loop) is untouched
+    with ThreadPoolExecutor(1, initializer=lower_priority, initargs=(0,)) as pool:
+        assert pool.submit(niceness).result() == base
