@@ -107,6 +107,10 @@ def test_version_change_says_what_changed():
     wider = update_json(3)
     wider["schedule"] = {**wider["schedule"], "encode_batch": 16}
     assert version_change(update_json(2), wider, False, False) == "encode_batch 8 -> 16"
+    planned = {**wider, "schedule": {**wider["schedule"], "mean_input_len": 31.959595959595966,
+                                     "decode_batch": 30}}
+    wider["schedule"].update(mean_input_len=31.427083333333332, decode_batch=32)
+    assert version_change(wider, planned, False, False) == "decode_batch 32 -> 30, mean_input_len 31.4 -> 32"
 
 
 def test_a_worker_row_has_rates_from_its_last_two_heartbeats_and_says_live_draining_or_gone():

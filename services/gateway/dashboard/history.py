@@ -35,6 +35,11 @@ def numeric_fields(state: dict[str, Any], prefix: str = "", depth: int = 1) -> d
     return out
 
 
+def _value(v: Any) -> str:
+    """A schedule field's value in a sentence: floats to three significant digits."""
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def version_change(before: dict[str, Any] | None, after: dict[str, Any],
                    pinned_before: bool | None, pinned_after: bool | None) -> str:
     """Why schedule version ``after`` replaced ``before`` (both ``ScheduleUpdate`` JSON), in words.
@@ -50,8 +55,9 @@ def version_change(before: dict[str, Any] | None, after: dict[str, Any],
     if old.get("policy") != new.get("policy"):
         causes.append(f"schedule {old.get('policy')} -> {new.get('policy')}")
     elif old != new:
-        changed = [k for k in new if old.get(k) != new.get(k)]
-        causes.append(", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in changed[:3])
+        # the control variables first; what the plan expects (mean_*) only where nothing else moved
+        changed = sorted((k for k in new if old.get(k) != new.get(k)), key=lambda k: k.startswith("mean_"))
+        causes.append(", ".join(f"{k} {_value(old.get(k))} -> {_value(new.get(k))}" for k in changed[:3])
                       + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""))
     workers_before = {a["worker_id"] for a in before.get("allocation") or ()}
     workers_after = {a["worker_id"] for a in after.get("allocation") or ()}
