@@ -6,10 +6,10 @@ page in headless Chromium and saves it once the scheduler has searched with cali
 
 Without ``--namespace`` it waits for a new namespace whose name starts with ``--prefix``: one
 whose scheduler state record appears after the script starts (``exegpt bench adapt --phases``
-names its meshes ``bench-ph-<hex>`` and runs the adaptive one first). It starts ``exegpt gateway`` on a free loopback port with a fresh admin key,
-opens ``/dashboard#key=…`` at 1280×800, and takes the screenshot once the page has been open
-``--after-s`` and the state record holds candidates and calibration points (or at ``--wait-s``),
-then stops the gateway. Needs Playwright
+names its meshes ``bench-ph-<hex>`` and runs the adaptive one first). It starts ``exegpt
+gateway`` on a free loopback port with a fresh admin key, opens ``/dashboard#key=…`` at
+1280×800, and saves the whole page once it has been open ``--after-s`` and the state record holds
+candidates and calibration points (or at ``--wait-s``), then stops the gateway. Needs Playwright
 and Debian's chromium (``deploy/ensure-browser.sh``).
 """
 
