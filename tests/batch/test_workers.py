@@ -26,7 +26,8 @@ def transport_kind() -> str:
 
 def survivor_stats(log: str) -> dict:
     """The consumer stats a worker prints when it stops: ``...: stopped; {...}``."""
-    line = next(x for x in log.splitlines() if ": stopped; " in x)
+    line = next((x for x in log.splitlines() if ": stopped; " in x), None)
+    assert line is not None, f"the worker printed no stats when it stopped; its output:\n{log[-3000:]}"
     return ast.literal_eval(line.split(": stopped; ", 1)[1])
 
 
@@ -49,6 +50,7 @@ async def stop_worker(proc, sig=signal.SIGTERM):
     except TimeoutError:
         proc.kill()
         out, _ = await proc.communicate()
+        return out.decode() + "\n(killed: still running 30 s after the signal)\n"
     return out.decode()
 
 

@@ -28,7 +28,8 @@ class Proc:
             try:
                 line = self.lines.get(timeout=timeout_s)
             except queue.Empty:
-                raise AssertionError(f"{self.role}: no {prefix!r} line in {timeout_s} s") from None
+                raise AssertionError(f"{self.role}: no {prefix!r} line in {timeout_s} s; its output:\n"
+                                     + "".join(self.output[-30:])) from None
             if line is None:
                 raise AssertionError(f"{self.role} exited ({self.popen.poll()}):\n" + "".join(self.output[-30:]))
             if line.startswith(prefix):

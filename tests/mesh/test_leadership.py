@@ -266,7 +266,7 @@ async def test_a_leader_stopped_past_its_lease_cannot_get_an_update_applied():
         await until(lambda: has("joiner", listener.follower.update), [listener.heard], 15)
 
         leader.popen.send_signal(signal.SIGCONT)  # its reconcile (a worker joined) and renewal fire now
-        await asyncio.to_thread(leader.wait_line, "standby", 15)  # it found its term over
+        await asyncio.to_thread(leader.wait_line, "standby", 30)  # it found its term over
         stops["joiner"].set()  # a last update from the new leader: it follows anything the old one sent
         await until(lambda: not has("joiner", listener.follower.update), [listener.heard], 15)
 
