@@ -898,16 +898,21 @@ class Worker:
             self._background.discard(task)
             if task.cancelled() or task.exception() is None:
                 return
+            exc = task.exception()
             log.warning("worker %s: a request could not be settled (%r); it goes back to its queue",
-                        self.worker_id, task.exception())
+                        self.worker_id, exc)
             if held is not None:
-                self._keep(self._release(held))
+                self._keep(self._release(held, counted=not is_outage(exc)))
 
         task.add_done_callback(done)
 
-    async def _release(self, held: Held) -> None:
-        """After a failed settle: requeue the message and free the slot, each as far as possible."""
-        for step in (held.delivery.reject(requeue=True), self._free_slot(held)):
+    async def _release(self, held: Held, *, counted: bool) -> None:
+        """After a failed settle: requeue the message and free the slot, each as far as possible.
+        A settle that failed because the broker or the store went away is not the request's
+        fault, so it does not count against its delivery limit (``counted`` False): a request
+        caught by a few reconnections in a row is not dead-lettered for them."""
+        requeue = held.delivery.reject(requeue=True) if counted else held.delivery.release()
+        for step in (requeue, self._free_slot(held)):
             try:
                 await step
             except Exception as exc:  # the connection is gone: the broker requeues it by itself

@@ -4,6 +4,7 @@ finished request whose record the store cannot take is acked and recorded later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -75,6 +76,47 @@ async def test_a_store_outage_at_settle_acks_and_writes_the_record_later(config,
         assert from_buffer == [True] and not worker.records.waiting
         assert "could not be settled" not in caplog.text  # acked, not sent back to its queue
         assert await m.app.state.gateway.bus.queue_depth(worker.names.encode_queue) == 0
+
+
+@pytest.mark.parametrize("error, dead", [(ConnectionError("broker gone"), False),
+                                         (RuntimeError("a settle bug"), True)])
+async def test_a_settle_the_broker_failed_does_not_count_against_the_delivery_limit(config, hub, error, dead) -> None:
+    """A request whose settle fails more times than the delivery limit allows: when the broker
+    or the store was out each time (a few reconnections in a row), it goes back uncounted and is
+    settled at last; when the settle itself fails, the limit sends it to the dead queue."""
+    async with running_mesh(config, hub, FakeEngine, workers=1) as m:
+        worker = m.mesh.workers[0]
+        settle, calls, called, settled = worker._settle, [0], asyncio.Event(), asyncio.Event()
+        failing = config.delivery_limit + 1
+
+        async def flaky(*args, **kwargs):
+            calls[0] += 1
+            called.set()
+            if calls[0] <= failing:
+                raise error
+            await settle(*args, **kwargs)
+            settled.set()
+
+        worker._settle = flaky
+        answer = await m.client.post("/v1/completions", json={"model": FAKE, "prompt": "a b", "max_tokens": 3})
+        assert answer.status_code == 200  # its events went out before the settle
+        bus, names = m.app.state.gateway.bus, worker.names
+        if dead:
+            async def dead_letters() -> int:
+                return await bus.queue_depth(names.dead_queue)
+            deadline = asyncio.get_running_loop().time() + 30
+            while await dead_letters() == 0:  # dead-lettered by the consumer that counted past the limit
+                assert asyncio.get_running_loop().time() < deadline, calls
+                called.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await called.wait()
+            assert calls[0] == config.delivery_limit
+        else:
+            await asyncio.wait_for(settled.wait(), 30)  # at the fifth delivery: acked
+            assert calls[0] == failing + 1 and not worker.held
+            assert await bus.queue_depth(names.dead_queue) == 0
+        assert await bus.queue_depth(names.encode_queue) == 0
 
 
 async def test_the_abort_exchange_carries_aborts_only(config, hub) -> None:
