@@ -68,7 +68,10 @@ TTFT_OVER_PREFILL, TTFT_SLACK_S = 4.0, 0.5
 TPOT_OVER_STEP, TPOT_BATCH = 2.0, 16
 DRAIN_S = 30.0  # a request's deadline is this long after it is sent: later, the gateway answers 504
 ANSWER_GRACE_S = 10.0  # an answer (or the 504) not here this long after the deadline: lost
-CALIBRATION_REQUESTS = 60
+# a calibration run sends each schedule, on each task, this many requests at least and this many
+# times its closed loop (its request slots): enough steps of every batch size it runs, from the
+# ramp to the drain; --quick halves both
+CALIBRATION_REQUESTS, CALIBRATION_WAVES = 60, 2
 
 
 @dataclass(frozen=True)
@@ -138,8 +141,8 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
     from common.config import MeshConfig
     from optimizer.calibration import Calibration
     from optimizer.lengths import scaled_task
-    from services.bench.schedules import Bench, Load, Measured, Processes, calibration_schedules, measure, \
-        niced_services, scenario
+    from optimizer.verify import outstanding
+    from services.bench.schedules import Bench, Load, Processes, calibration_schedules, niced_services, scenario
     from services.scheduler.calibrate import observe
     import msgpack
 
@@ -149,27 +152,32 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
                         heartbeat_timeout_s=10.0, request_timeout_s=600.0)
     procs = Processes(config)
     model = Calibration(half_life_s=3600.0)
-    started = time.monotonic()
+    least, waves = (CALIBRATION_REQUESTS // 2, CALIBRATION_WAVES / 2) if args.quick else (
+        CALIBRATION_REQUESTS, CALIBRATION_WAVES)
+    sent, started = 0, time.monotonic()
     try:
         with niced_services():
             await asyncio.to_thread(procs.start)
             async with AsyncExitStack() as stack:
                 bench = Bench(config, stack)
                 await bench.start()
-                bench.requests, bench.step_costs = CALIBRATION_REQUESTS, []
+                bench.step_costs = []
+                schedules = calibration_schedules(args.max_batch)
+                count = {s: max(least, math.ceil(waves * outstanding(s))) for s in schedules}
                 for i, task in enumerate(("S", "T")):
-                    workload = scaled_task(task, args.scale)
-                    load = Load.draw(workload, 4 * CALIBRATION_REQUESTS, args.seed + 100 + i, f"cal{task}")
-                    for schedule in calibration_schedules(args.max_batch):
-                        await measure(bench, schedule, load, Measured())
+                    load = Load.draw(scaled_task(task, args.scale), max(count.values()), args.seed + 100 + i, f"cal{task}")
+                    for schedule in schedules:
+                        await bench.pin(schedule)
+                        bench.runs += 1
+                        await bench.closed_loop(load.first(count[schedule]).renamed(bench.runs), outstanding(schedule))
+                        sent += count[schedule]
                 await asyncio.sleep(1.5 * config.heartbeat_s)  # the last heartbeats carry the last steps
                 sc = scenario(profile, cluster, scaled_task("S", args.scale))
                 taken = await asyncio.to_thread(observe, model, sc.timer(sc.layout(1, 1, 0)), bench.step_costs)
     finally:
         procs.close()
         await purge_namespace(config)
-    runs = 2 * len(calibration_schedules(args.max_batch))
-    print(f"calibration run: {runs * CALIBRATION_REQUESTS} requests on tasks S and T, {taken} step records, "
+    print(f"calibration run: {sent} requests on tasks S and T, {taken} step records, "
           f"{time.monotonic() - started:.0f} s", flush=True)
     return msgpack.packb(model.to_plain())
 
