@@ -217,6 +217,20 @@ class PrivateServices:
         return result
 
     def start_rabbit(self) -> None:
+        """A node of its own; one that exits while starting (its ports, picked free, taken by
+        another process meanwhile) is started again once, on fresh ports and a fresh name."""
+        try:
+            self._start_rabbit()
+        except SetupError as exc:
+            if self.rabbit is None or self.rabbit.poll() is None:
+                raise  # still starting after the deadline: not a port race
+            print(f"faults: {exc}; starting it again on other ports", file=sys.stderr, flush=True)
+            shutil.rmtree(self.dir / "rabbit", ignore_errors=True)
+            self.node = f"exegptfaults{secrets.token_hex(3)}@localhost"
+            self.amqp_port, self.dist_port = free_port(), free_port()
+            self._start_rabbit()
+
+    def _start_rabbit(self) -> None:
         d = self.dir / "rabbit"
         for sub in ("mnesia", "log", "plugins-expand"):
             (d / sub).mkdir(parents=True, exist_ok=True)
@@ -231,7 +245,10 @@ class PrivateServices:
         deadline = time.monotonic() + 120
         while self.ctl("await_startup", "--timeout", "30", check=False, timeout_s=45).returncode != 0:
             if self.rabbit.poll() is not None or time.monotonic() > deadline:
-                raise SetupError(f"RabbitMQ node {self.node} did not start; see {self.dir}")
+                state = "still starting" if self.rabbit.poll() is None else f"exited {self.rabbit.returncode}"
+                out = (self.dir / "rabbit.out").read_text(errors="replace")[-1500:]
+                raise SetupError(f"RabbitMQ node {self.node} did not start ({state}; ports {self.amqp_port}, "
+                                 f"{self.dist_port}); its output:\n{out}")
             time.sleep(1)
         self.ctl("add_user", "mesh", self.password)
         self.ctl("set_permissions", "-p", "/", "mesh", ".*", ".*", ".*")
