@@ -4,14 +4,52 @@ to the process that started them."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import random
 import signal
 import socket
 import sys
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _unheld(port: int) -> bool:
+    """No socket holds ``port`` on any address (IPv4, and IPv6 where there is one)."""
+    families = [(socket.AF_INET, "0.0.0.0")] + ([(socket.AF_INET6, "::")] if socket.has_ipv6 else [])
+    for family, anywhere in families:
+        try:
+            with socket.socket(family) as s:
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((anywhere, port))
+        except OSError as exc:
+            if family == socket.AF_INET6 and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                continue  # no IPv6 on this host
+            return False
+    return True
+
+
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A port for a child process to listen on, free on every address and, where the kernel's
+    ephemeral range allows, outside it: a port inside that range, though free when picked, can
+    become another connection's local port before the child binds it."""
+    e_low, e_high = _ephemeral_range()
+    if not (high < e_low or low > e_high):
+        low, high = (1024, e_low - 1) if e_low - 1024 >= 1000 else (e_high + 1, 65535)
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randint(low, high)
+        if _unheld(port):
+            return port
+    with socket.socket() as s:  # nothing free outside the range: let the kernel pick one inside it
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

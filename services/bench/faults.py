@@ -81,6 +81,7 @@ from common.messages.work import EncodeWork
 from common.names import Names
 from common.transport.connect import LocalHub, open_bus
 from engine.api import SamplingParams
+from engine.parallel.procs import free_port
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBIT_HOME = "/var/lib/rabbitmq"  # the rabbitmq user's home: its Erlang cookie serves server and ctl
@@ -111,10 +112,13 @@ class SetupError(RuntimeError):
     """The private broker, store or mesh could not be started."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def sockets_on(*ports: int) -> str:
+    """What `ss` shows holding these local ports (for an error message)."""
+    query = " or ".join(f"sport = :{p}" for p in ports)
+    try:
+        return subprocess.run(["ss", "-tanp", query], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"(ss: {exc})"
 
 
 def port_open(port: int) -> bool:
@@ -218,17 +222,18 @@ class PrivateServices:
 
     def start_rabbit(self) -> None:
         """A node of its own; one that exits while starting (its ports, picked free, taken by
-        another process meanwhile) is started again once, on fresh ports and a fresh name."""
-        try:
-            self._start_rabbit()
-        except SetupError as exc:
-            if self.rabbit is None or self.rabbit.poll() is None:
-                raise  # still starting after the deadline: not a port race
-            print(f"faults: {exc}; starting it again on other ports", file=sys.stderr, flush=True)
-            shutil.rmtree(self.dir / "rabbit", ignore_errors=True)
-            self.node = f"exegptfaults{secrets.token_hex(3)}@localhost"
-            self.amqp_port, self.dist_port = free_port(), free_port()
-            self._start_rabbit()
+        another process meanwhile) is started again, twice at most, on fresh ports and a fresh name."""
+        for attempt in range(3):
+            try:
+                self._start_rabbit()
+                return
+            except SetupError as exc:
+                if attempt == 2 or self.rabbit is None or self.rabbit.poll() is None:
+                    raise  # still starting after the deadline: not a port race
+                print(f"faults: {exc}; starting it again on other ports", file=sys.stderr, flush=True)
+                shutil.rmtree(self.dir / "rabbit", ignore_errors=True)
+                self.node = f"exegptfaults{secrets.token_hex(3)}@localhost"
+                self.amqp_port, self.dist_port = free_port(), free_port()
 
     def _start_rabbit(self) -> None:
         d = self.dir / "rabbit"
@@ -248,7 +253,8 @@ class PrivateServices:
                 state = "still starting" if self.rabbit.poll() is None else f"exited {self.rabbit.returncode}"
                 out = (self.dir / "rabbit.out").read_text(errors="replace")[-1500:]
                 raise SetupError(f"RabbitMQ node {self.node} did not start ({state}; ports {self.amqp_port}, "
-                                 f"{self.dist_port}); its output:\n{out}")
+                                 f"{self.dist_port}); its output:\n{out}\nsockets on those ports:\n"
+                                 f"{sockets_on(self.amqp_port, self.dist_port)}")
             time.sleep(1)
         self.ctl("add_user", "mesh", self.password)
         self.ctl("set_permissions", "-p", "/", "mesh", ".*", ".*", ".*")

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.cli import CliError
+from engine.parallel.procs import free_port
 from services.bench.mesh import REPO_ROOT, start
 
 OURS = "exegpt serve"
@@ -234,7 +235,7 @@ def _start_llama(a: argparse.Namespace, binary: str, slots: int) -> tuple[subpro
     """``llama-server`` on a free port, one slot per stream, each with room for a whole request."""
     from engine.gguf_loader import smollm2_path
 
-    port = _free_port()
+    port = free_port()
     context = slots * (a.input_tokens + a.output_tokens + 64)
     popen = subprocess.Popen([binary, "-m", str(a.gguf or smollm2_path()), "--host", "127.0.0.1", "--port",
                               str(port), "-t", str(a.threads), "-np", str(slots), "-c", str(context)],
@@ -251,14 +252,6 @@ def _start_llama(a: argparse.Namespace, binary: str, slots: int) -> tuple[subpro
         time.sleep(0.2)  # polling a starting server's health endpoint, not a synchronisation
     _stop(popen)
     raise CliError(f"{binary} did not become ready within {START_TIMEOUT_S:g} s")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop(popen: subprocess.Popen[bytes]) -> None:

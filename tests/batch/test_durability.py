@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 
@@ -31,6 +30,7 @@ from services.batch.executor import EchoExecutor
 from services.batch.openai_batch import BatchApiError, Caller
 from services.gateway import ServedModel, create_app
 from tests.batch.conftest import run_jobs
+from engine.parallel.procs import free_port
 
 MODEL = "tiny-llama"
 START_TIMEOUT_S = 30
@@ -38,12 +38,6 @@ START_TIMEOUT_S = 30
 @pytest.fixture(autouse=True)
 def _redis_server_installed() -> None:
     need(shutil.which("redis-server") is not None, "no redis-server (deploy/ensure-services.sh installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class OwnRedis:

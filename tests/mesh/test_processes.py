@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import uuid
@@ -28,17 +27,12 @@ from services.scheduler.service import current_schedule, recent_lengths, request
 from tests.brokers import AMQP_URL, REDIS_URL, require_broker
 from tests.mesh.conftest import purge_namespace
 from tests.mesh.processes import ProcessMesh, stream_completion
+from engine.parallel.procs import free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 MODEL = "tiny-llama"
 TIMEOUT_S = 120
 LONG_TOKENS = 400  # long enough that requests still run when the test stops a worker, even on a loaded machine
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
