@@ -53,6 +53,7 @@ from optimizer.schedule import Schedule
 from optimizer.search import PRODUCT_POLICIES, SearchResult, SearchSpace, branch_and_bound, least_latency
 from optimizer.simulator import simulate
 from optimizer.slo import Slo, SloFigures, figures
+from optimizer.verify import ProbeLoad, requests_for, simulated_figures
 
 SHORT_S, LONG_S = 5, 30  # the forecaster's windows, seconds
 # Bounds searched for candidates, as multiples of the least latency any schedule reaches (inf: none)
@@ -222,7 +223,7 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
     ``current`` (the schedule in force, when comparable) is weighed on the same arrivals, so
     the caller can compare it with the pick on equal terms (it is among ``weighed``).
     ``keep_capacity`` (the rate has not fallen since ``current`` was planned): no candidate with
-    less saturated capacity than ``current`` (where it is among the candidates) is weighed. A
+    less saturated capacity than ``current`` (``capacity_of``) is weighed. A
     rise calls for more capacity, and a smaller schedule picked for its predicted latency at
     the higher rate rests on the model where it errs most: a small batch's capacity.
     ``observed``: schedules the mesh ran and measured short of their prediction, with the
@@ -232,8 +233,8 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
     found, searches = candidates(sc, policies, space, search=search)
     if not found:
         return None
-    capacity = dict(found).get(current, math.inf) if current is not None else math.inf
-    chosen = to_weigh(found, fc, current, capacity if keep_capacity and math.isfinite(capacity) else 0.0)
+    capacity = capacity_of(sc, current, found) if current is not None else math.inf
+    chosen = to_weigh(found, fc, current, capacity if keep_capacity else 0.0)
     stressed = with_headroom(fc)  # with headroom first: of those whose capacity could carry it
     able = [(s, c) for s, c in chosen if c >= stressed.rate_per_s * CAPACITY_HEADROOM]
     reaches = False
@@ -250,6 +251,18 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
         best, reaches = choose(weighed, fc, slo)
     ordered = tuple(sorted(weighed, key=lambda w: (w is not best, _order(w))))
     return TrafficPlan(best, ordered, reaches, fc, searches)
+
+
+def capacity_of(sc: Scenario, schedule: Schedule, found: Sequence[tuple[Schedule, float]]) -> float:
+    """``schedule``'s saturated throughput: the search's figure where it is among ``found``, else
+    a closed-loop simulation's. The simulator runs 10-25 % below the search's analytic figure, so
+    a floor set by it lets in slightly smaller candidates, never excludes an equal one; a
+    schedule in force that no search picks now (a new workload, a calibration) still sets one."""
+    known = dict(found).get(schedule)
+    if known is not None:
+        return known
+    load = ProbeLoad.draw(sc.workload, requests_for(schedule), seed=0)
+    return float(simulated_figures(sc, schedule, load).throughput_seq_s)
 
 
 def seen(weighed: list[Weighed], observed: Mapping[Schedule, float] | None) -> list[Weighed]:

@@ -4,6 +4,7 @@ OPT-13B on two H200s of the reference profile, task T with lengths x0.1 (what th
 tests plan on), fixed seeds."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -14,7 +15,7 @@ from optimizer.model import MODELS
 from optimizer.schedule import Schedule
 from optimizer.search import SearchSpace
 from optimizer.slo import Slo, SloFigures
-from optimizer.traffic import COMFORT, SURGE, Forecast, Weighed, choose, forecast, plan_for_traffic
+from optimizer.traffic import COMFORT, SURGE, Forecast, Weighed, capacity_of, choose, forecast, plan_for_traffic
 
 SPACE = SearchSpace().capped(32)
 
@@ -89,8 +90,6 @@ def test_a_candidate_that_cannot_carry_the_rate_is_not_chosen_over_one_that_can(
 
 
 def test_when_nothing_reaches_the_target_a_candidate_that_cannot_carry_the_rate_is_not_chosen():
-    from dataclasses import replace
-
     fc, slo = Forecast(10.0, 1.0), Slo(e2e_s=1.0)
     small = replace(weighed(5.0, 2.0, attainment=0.7), sustained_rate_s=9.0)  # its bisection's noise
     large = replace(weighed(30.0, 2.5, attainment=0.6), sustained_rate_s=8.0)
@@ -110,6 +109,24 @@ def test_while_the_rate_has_not_fallen_no_smaller_schedule_than_the_one_in_force
     assert kept.best.schedule == middle or kept.best.capacity_seq_s >= capacity[middle]
     # without it (the rate fell), smaller ones are weighed as well
     assert any(w.capacity_seq_s < capacity[middle] for w in pick(task_t, slo, 20.0, current=middle).weighed)
+
+
+def test_a_schedule_in_force_that_no_search_picks_now_still_sets_the_floor(task_t):
+    """The schedule in force differs from every candidate (planned on other lengths, say): its
+    capacity is simulated, it bounds the candidates from below and it is weighed with it."""
+    slo = Slo(e2e_s=0.5)
+    free = pick(task_t, slo, 20.0)
+    capacity = {w.schedule: w.capacity_seq_s for w in free.weighed}
+    middle = sorted(capacity, key=capacity.get)[len(capacity) // 2]
+    running = replace(middle, mean_input_len=middle.mean_input_len + 1)
+    assert running not in capacity
+    floor = capacity_of(task_t, running, list(capacity.items()))
+    assert 0 < floor < capacity[middle]
+    assert any(c < floor for c in capacity.values())  # the floor has something to exclude
+    kept = pick(task_t, slo, 20.0, current=running, keep_capacity=True)
+    in_force = next(w for w in kept.weighed if w.schedule == running)
+    assert in_force.capacity_seq_s == pytest.approx(floor)
+    assert all(w.capacity_seq_s >= floor for w in kept.weighed if w.schedule != running)
 
 
 def test_an_attainment_observed_below_the_prediction_caps_the_schedule_in_force(task_t):
