@@ -254,13 +254,24 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
 
 
 def capacity_of(sc: Scenario, schedule: Schedule, found: Sequence[tuple[Schedule, float]]) -> float:
-    """``schedule``'s saturated throughput: the search's figure where it is among ``found``, else
-    a closed-loop simulation's. The simulator runs 10-25 % below the search's analytic figure, so
-    a floor set by it lets in slightly smaller candidates, never excludes an equal one; a
-    schedule in force that no search picks now (a new workload, a calibration) still sets one."""
+    """``schedule``'s saturated throughput on the search's scale: the search's figure where it is
+    among ``found``; else its closed-loop simulation's, times the search's figure over the
+    simulation's for the candidate of its policy nearest in batch sizes (the simulator runs 10-25 %
+    below the search's analytic model, by policy more than by size). So a schedule in force that no
+    search picks now (a new workload, a calibration) still sets a floor."""
     known = dict(found).get(schedule)
     if known is not None:
         return known
+    simulated = closed_loop_throughput(sc, schedule)
+    peers = [(s, c) for s, c in found if s.policy == schedule.policy]
+    if not peers:
+        return simulated
+    peer, peer_capacity = min(peers, key=lambda item: (abs(item[0].decode_batch - schedule.decode_batch)
+                                                        + abs(item[0].encode_batch - schedule.encode_batch)))
+    return simulated * peer_capacity / closed_loop_throughput(sc, peer)
+
+
+def closed_loop_throughput(sc: Scenario, schedule: Schedule) -> float:
     load = ProbeLoad.draw(sc.workload, requests_for(schedule), seed=0)
     return float(simulated_figures(sc, schedule, load).throughput_seq_s)
 
