@@ -232,6 +232,20 @@ def test_a_rise_of_the_rate_is_met_at_once_and_a_fall_after_the_interval():
     assert brain.trigger(workers=2, pinned=False, now=106.0) is None
 
 
+def test_a_burst_within_the_noise_of_bursty_arrivals_is_no_rise():
+    """A short window's mean of arrivals with gaps of CV 3 swings three times as far as
+    Poisson's: the same move is a rise for Poisson arrivals and noise for bursty ones."""
+    from optimizer.traffic import Forecast
+
+    brain = planned_brain(7.0, searched_at=100.0)
+    brain.forecast = Forecast(17.0, 1.0)
+    assert brain.trigger(workers=2, pinned=False, now=101.0) == "rate 7 -> 17 requests/s"
+    brain.forecast = Forecast(17.0, 3.0)
+    assert brain.trigger(workers=2, pinned=False, now=101.0) is None
+    brain.forecast = Forecast(30.0, 3.0)  # past that noise: a rise all the same
+    assert brain.trigger(workers=2, pinned=False, now=101.0) == "rate 7 -> 30 requests/s"
+
+
 def test_a_rise_past_a_plan_already_short_of_its_target_waits_for_the_interval():
     """Overloaded already: another search at once would mostly confirm the plan, at the most CPU."""
     from dataclasses import replace
