@@ -74,8 +74,6 @@ async def run_worker(role: str, config: MeshConfig) -> None:
     url = await ops.start(config.ops_host, config.ops_port)
     log.info("%s: /metrics and /health/* at %s", role, url)
     beat = None
-    if config.liveness_file:
-        beat = asyncio.create_task(keep_touching(Path(config.liveness_file), config.liveness_timeout_s))
     try:
         try:
             transports = await open_transports(config, names, LocalHub(), kv=role == "worker")
@@ -98,6 +96,9 @@ async def run_worker(role: str, config: MeshConfig) -> None:
 
             worker = Worker(config, transports, runner)
             started.append((worker, worker.metrics.render))
+        if config.liveness_file:  # from here on: a group's load above blocks this loop for seconds, and
+            # the supervisor judges only a file that exists (a process still starting has no age)
+            beat = asyncio.create_task(keep_touching(Path(config.liveness_file), config.liveness_timeout_s))
         service = started[0][0]
         await run_until_signalled(service, f"{role} {getattr(service, 'worker_id', '')}".strip())
     finally:
