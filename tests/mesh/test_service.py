@@ -166,7 +166,8 @@ async def test_schedule_update_reaches_every_worker_and_changes_batching(config,
                                                      num_devices=2, worker_devices=1))
         ids = {w.worker_id for w in m.mesh.workers}
         assert await wait_for_statuses(statuses, ids, update.version) == ids
-        assert all(w.follower.version == update.version for w in m.mesh.workers)
+        # every worker applied it; a later version (the scheduler may publish again) counts too
+        assert all(w.follower.version >= update.version for w in m.mesh.workers)
         before = [len(w.runner.engine.prefill_sizes) for w in m.mesh.workers]
         responses = await asyncio.gather(*(m.client.post("/v1/completions", json=completion(f"q{i}", 20))
                                            for i in range(12)))
