@@ -15,7 +15,8 @@ from optimizer.model import MODELS
 from optimizer.schedule import Schedule
 from optimizer.search import SearchSpace
 from optimizer.slo import Slo, SloFigures
-from optimizer.traffic import COMFORT, SURGE, Forecast, Weighed, capacity_of, choose, forecast, plan_for_traffic
+from optimizer.traffic import (COMFORT, KEEP_SHARE, SURGE, Forecast, Weighed, capacity_of, choose, forecast,
+                               plan_for_traffic, to_weigh)
 
 SPACE = SearchSpace().capped(32)
 
@@ -105,8 +106,8 @@ def test_while_the_rate_has_not_fallen_no_smaller_schedule_than_the_one_in_force
     middle = sorted(capacity, key=capacity.get)[len(capacity) // 2]  # a schedule with smaller and larger ones
     kept = pick(task_t, slo, 20.0, current=middle, keep_capacity=True)
     others = [w for w in kept.weighed if w.schedule != middle]
-    assert all(w.capacity_seq_s >= capacity[middle] for w in others)
-    assert kept.best.schedule == middle or kept.best.capacity_seq_s >= capacity[middle]
+    assert all(w.capacity_seq_s >= KEEP_SHARE * capacity[middle] for w in others)
+    assert kept.best.schedule == middle or kept.best.capacity_seq_s >= KEEP_SHARE * capacity[middle]
     # without it (the rate fell), smaller ones are weighed as well
     assert any(w.capacity_seq_s < capacity[middle] for w in pick(task_t, slo, 20.0, current=middle).weighed)
 
@@ -124,11 +125,24 @@ def test_a_schedule_in_force_that_no_search_picks_now_still_sets_the_floor(task_
     assert running not in capacity
     floor = capacity_of(task_t, running, list(capacity.items()))
     assert floor == pytest.approx(capacity[middle], rel=0.05)
-    assert any(c < floor for c in capacity.values())  # the floor has something to exclude
+    assert any(c < KEEP_SHARE * floor for c in capacity.values())  # the floor has something to exclude
     kept = pick(task_t, slo, 20.0, current=running, keep_capacity=True)
     in_force = next(w for w in kept.weighed if w.schedule == running)
     assert in_force.capacity_seq_s == pytest.approx(floor)
-    assert all(w.capacity_seq_s >= floor for w in kept.weighed if w.schedule != running)
+    assert all(w.capacity_seq_s >= KEEP_SHARE * floor for w in kept.weighed if w.schedule != running)
+
+
+def test_the_largest_schedule_in_force_still_has_peers_of_about_its_capacity_weighed():
+    """The schedule in force has the most capacity on the search's scale (a large mixed batch)
+    and misses the SLO at the rate: peers within the search's error of it are weighed, so
+    keeping the capacity cannot mean keeping it alone; a far smaller one is not."""
+    largest, peer, small = (Schedule("mixed", encode_batch=16, decode_batch=16),
+                            Schedule("rra", encode_batch=31, decode_batch=31, decode_iters_per_encode=6),
+                            Schedule("rra", encode_batch=2, decode_batch=3, decode_iters_per_encode=7))
+    found = [(largest, 18.8), (peer, 18.5), (small, 12.1)]
+    weighed = [s for s, _ in to_weigh(found, Forecast(11.2, 1.0), largest, KEEP_SHARE * 18.8)]
+    assert weighed == [peer]
+    assert [s for s, _ in to_weigh(found, Forecast(11.2, 1.0), largest, 0.0)] == [peer, small]
 
 
 def test_an_attainment_observed_below_the_prediction_caps_the_schedule_in_force(task_t):
