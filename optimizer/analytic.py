@@ -101,6 +101,10 @@ class Scenario:
             cache["layer_cost"] = out
         return cache["layer_cost"]
 
+    def memo(self, key) -> dict:
+        """A dict kept with this scenario under ``key``: what other modules compute once per scenario."""
+        return self._cache().setdefault(key, {})
+
     def _cache(self) -> dict:
         cache = self.__dict__.get("_memo")
         if cache is None:

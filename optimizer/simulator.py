@@ -96,9 +96,22 @@ class _Costs:
     step holds, decode rows and prompt chunks, is one pass (the engine runs it as one forward)."""
 
     def __init__(self, timer: PipelineTimer, microbatches: int, encode_microbatches: int = 1,
-                 fused: bool = False) -> None:
+                 fused: bool = False, memo: dict | None = None) -> None:
         self.timer, self.m, self.me, self.fused = timer, microbatches, encode_microbatches, fused
         self.t5 = bool(timer.model.encoder_layers)
+        # step times by shape, shared by the simulations of one scenario on this pipeline (a search
+        # weighs many schedules on the same arrivals: their batches repeat the same shapes)
+        self.memo = {} if memo is None else memo
+
+    def _memo(self, kind: str, shape: StepShape, compute: Callable[[], float]) -> float:
+        key = (kind, shape.prefill_seqs, shape.prefill_tokens, shape.prefill_seq, shape.decode_seqs,
+               shape.decode_ctx, shape.enc_seq)
+        seconds = self.memo.get(key)
+        if seconds is None:
+            if len(self.memo) >= MEMO_MAX:
+                self.memo.clear()
+            seconds = self.memo[key] = compute()
+        return seconds
 
     def shape(self, prompts: list[int], contexts: list[int], padding: int, enc_lens: list[int],
               chunks: list[tuple[int, int]] = ()) -> StepShape:
@@ -113,12 +126,15 @@ class _Costs:
         return StepShape(float(n_pre), float(tokens), eff, float(n_dec), ctx, enc)
 
     def encode_path_s(self, shape: StepShape) -> float:
-        return float(self.timer.path_s(shape))
+        return self._memo("path", shape, lambda: float(self.timer.path_s(shape)))
 
     def encode_interval_s(self, shape: StepShape) -> float:
-        return float(self.timer.bottleneck_s(shape))
+        return self._memo("interval", shape, lambda: float(self.timer.bottleneck_s(shape)))
 
     def iteration_s(self, shape: StepShape) -> float:
+        return self._memo("step", shape, lambda: self._iteration_s(shape))
+
+    def _iteration_s(self, shape: StepShape) -> float:
         if self.fused:
             return float(self.timer.iteration_s(shape, self.m))
         if shape.decode_seqs == 0:
@@ -128,6 +144,7 @@ class _Costs:
         return float(self.timer.mixed_s(shape, self.m))
 
 
+MEMO_MAX = 200_000  # step times one pipeline's memo keeps (then it starts again)
 ARRIVAL_SLACK_S = 1e-9  # an arrival this close to a step boundary counts as arrived at it
 
 
@@ -435,19 +452,29 @@ def simulate(sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0
         enc_l, dec_l = worker_layouts(sc, schedule)
         fleet.kv_link = sc.cluster.handoff_link(enc_l.stages[-1].first_device, dec_l.stages[0].first_device)
         fleet.kv_bytes_token = sc.model.kv_bytes_per_token_layer * sc.model.layers
-        enc, dec = _Costs(sc.timer(enc_l), 1), _Costs(sc.timer(dec_l), schedule.decode_microbatches)
+        enc = _Costs(sc.timer(enc_l), 1, memo=_memo_of(sc, enc_l, 1, 1, False))
+        dec = _Costs(sc.timer(dec_l), schedule.decode_microbatches,
+                     memo=_memo_of(sc, dec_l, schedule.decode_microbatches, 1, False))
         fleet.workers = ([_SimWorker(fleet, "encoder", schedule, enc) for _ in range(schedule.encoder_workers)]
                          + [_SimWorker(fleet, "decoder", schedule, dec) for _ in range(schedule.decoder_workers)])
         layout, slot = dec_l, stats.slot_tokens
     else:
         layout = worker_layouts(sc, schedule)[0]
         me = {"rra": schedule.encode_microbatches, "continuous": schedule.decode_microbatches}.get(schedule.policy, 1)
-        costs = _Costs(sc.timer(layout), schedule.decode_microbatches, me, fused=fused_steps(schedule))
+        fused = fused_steps(schedule)
+        costs = _Costs(sc.timer(layout), schedule.decode_microbatches, me, fused=fused,
+                       memo=_memo_of(sc, layout, schedule.decode_microbatches, me, fused))
         fleet.workers = [_SimWorker(fleet, "worker", schedule, costs) for _ in range(schedule.workers)]
         slot = stats.static_slot_tokens if schedule.policy == "static" else stats.slot_tokens
     _run(fleet)
     memory = float(memory_per_device(layout, sc.model, fleet.book.peak, slot))
     return _summary(fleet.book, stats, memory, sc.cluster.usable_memory_bytes)
+
+
+def _memo_of(sc: Scenario, layout: PipelineLayout, microbatches: int, encode_microbatches: int,
+             fused: bool) -> dict:
+    """The step times already computed for ``sc`` on ``layout`` with these micro-batches."""
+    return sc.memo(("step times", layout, microbatches, encode_microbatches, fused))
 
 
 def replay(schedule: Schedule, requests, durations_s, *, role: Role = "worker") -> list[StepPlan]:

@@ -249,3 +249,22 @@ def test_a_step_that_prefills_and_decodes_is_costed_as_the_engine_runs_it(opt13b
     assert one_pass.iteration_s(step) == pytest.approx(float(timer.iteration_s(step, 1)))
     assert two_passes.iteration_s(step) == pytest.approx(float(timer.mixed_s(step, 1)))
     assert one_pass.iteration_s(step) < two_passes.iteration_s(step)  # the step's fixed work is paid once
+
+
+def test_simulations_of_one_scenario_share_step_times_and_give_what_fresh_ones_give(opt13b_s):
+    """A search weighs many schedules on one scenario; the step times its simulations computed
+    are reused by the next ones (kept with the scenario), and a simulation reads the same
+    records from them as from a scenario that computed nothing yet."""
+    from dataclasses import replace
+
+    reqs = _reqs(opt13b_s, n=300, rate=20.0)
+    shared = replace(opt13b_s)
+    for name in ("continuous", "rra", "waa", "static"):
+        schedule = CASES[name][0]
+        simulate(shared, schedule, reqs)
+        again = simulate(shared, schedule, reqs)  # every step time from the memo
+        fresh = simulate(replace(opt13b_s), schedule, reqs)
+        assert again.records == fresh.records
+        assert again.decode_steps == fresh.decode_steps
+    kept = [memo for key, memo in shared.__dict__["_memo"].items() if key[0] == "step times"]
+    assert kept and all(memo for memo in kept)
