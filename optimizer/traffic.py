@@ -17,9 +17,9 @@ larger one keeps the queue from growing. So:
    percentiles read against the SLO (``optimizer.slo``); when none reaches the SLO's target with
    headroom, weighed again at the forecast rate itself. While the rate has not fallen, none
    smaller than the schedule in force (``keep_capacity``); a schedule the mesh measured below
-   its prediction, at what was measured (``observed``: the scheduler remembers each schedule's
-   shortfall a while, so it does not switch back to one that just failed on the strength of the
-   model alone).
+   its prediction, at what was measured, and so is any schedule ``alike`` it (``observed``: the
+   scheduler remembers each schedule's shortfall a while, so it does not switch back to one that
+   just failed, or to its twin, on the strength of the model alone).
 3. **Choice** (``choose``): the one with the highest attainment; ties (within ``TIE``) go to the
    one with the most slack against its bounds (least ``pressure``, in steps of ``SLACK_TIE``),
    where slack beyond ``COMFORT`` counts as none (a user sees no difference between two schedules
@@ -80,6 +80,10 @@ STRESS = 1.5
 # mesh, and the largest schedule by that figure (a mixed or continuous batch that meets no TPOT bound
 # at the rate, say) must not be the only one weighed
 KEEP_SHARE = 0.9
+# Schedules whose batch sizes (and RRA's decode iterations per encode) are within this share of
+# each other run alike in the mesh, where the model errs alike: an attainment the mesh measured
+# for one caps the other's (``seen``)
+ALIKE = 0.25
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class Weighed:
     capacity_seq_s: float  # predicted saturated throughput (the search's figure)
     slo: SloFigures  # simulated at the forecast
     sustained_rate_s: float = math.nan  # computed only when no candidate reaches the target
+    modelled: float = math.nan  # where ``attainment`` is what the mesh measured: the model's figure
 
     @property
     def attainment(self) -> float:
@@ -283,11 +288,30 @@ def closed_loop_throughput(sc: Scenario, schedule: Schedule) -> float:
 
 
 def seen(weighed: list[Weighed], observed: Mapping[Schedule, float] | None) -> list[Weighed]:
-    """``weighed`` with each schedule of ``observed`` at most at the attainment measured."""
+    """``weighed`` with each schedule at most at the attainment measured of any schedule of
+    ``observed`` ``alike`` it: the model errs alike on both, so the other is no escape from
+    what was measured."""
     if not observed:
         return weighed
-    return [replace(w, slo=replace(w.slo, attainment=min(w.attainment, observed[w.schedule])))
-            if w.schedule in observed else w for w in weighed]
+    out = []
+    for w in weighed:
+        measured = [attained for s, attained in observed.items() if alike(s, w.schedule)]
+        out.append(replace(w, slo=replace(w.slo, attainment=min(w.attainment, *measured)), modelled=w.attainment)
+                   if measured else w)
+    return out
+
+
+def alike(a: Schedule, b: Schedule) -> bool:
+    """One policy on the same devices, with batch sizes and decode iterations per encode within
+    ``ALIKE`` of each other (RRA 29/32 and 31/32 at N_D 7, say)."""
+    def near(x: float, y: float) -> bool:
+        return abs(x - y) <= ALIKE * max(x, y)
+
+    return (a.policy == b.policy and a.num_devices == b.num_devices and a.worker_devices == b.worker_devices
+            and a.tp_degree == b.tp_degree and a.encoder_devices == b.encoder_devices
+            and a.chunk_tokens == b.chunk_tokens and a.decode_microbatches == b.decode_microbatches
+            and near(a.encode_batch, b.encode_batch) and near(a.decode_batch, b.decode_batch)
+            and near(a.decode_iters_per_encode, b.decode_iters_per_encode))
 
 
 def sustained(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, seed: int = 0, steps: int = 5) -> float:
