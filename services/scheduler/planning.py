@@ -260,9 +260,12 @@ def better_for_traffic(new: Plan, current: Weighed | None, slo: Slo, margin: flo
     costs what the simulator does not see (running requests drained or re-queued, a new batch
     shape), so a schedule that meets the SLO at the forecast stays, however much slack another
     would have; one that misses it is replaced by one whose attainment is higher by more than
-    ``margin`` of what it misses (and at least a tie). One exception: a schedule in force whose
+    ``margin`` of what it misses (and at least a tie), and, where the mesh measured the one in
+    force below the model's figure, by more than the model overrated it. One exception: a schedule in force whose
     saturated capacity (where known) falls short of ``SURGE`` times the forecast is replaced by a
-    pick that meets the SLO and has that headroom (the forecast lags a rise)."""
+    pick that meets the SLO and has that headroom (the forecast lags a rise), and more than
+    ``margin`` more capacity (a few per cent is within the model's error, and the switch is not
+    free)."""
     if current is None:
         return True, "nothing comparable runs"
     at = f"at {new.rate_per_s:.3g} requests/s"
@@ -270,12 +273,15 @@ def better_for_traffic(new: Plan, current: Weighed | None, slo: Slo, margin: flo
         return False, f"the schedule in force is the best {at}"
     target, tie = slo.target - 1e-12, 0.003
     capacity = next((c.capacity_seq_s for c in new.candidates if c.schedule == new.schedule), 0.0)
-    if new.meets_bound and current.capacity_seq_s < new.rate_per_s * SURGE <= capacity:
+    if (new.meets_bound and current.capacity_seq_s < new.rate_per_s * SURGE <= capacity
+            and capacity > current.capacity_seq_s * (1 + margin)):
         return True, (f"the schedule in force carries {current.capacity_seq_s:.3g} requests/s at most, short of "
                       f"{SURGE:g}x the forecast {at}; the new one {capacity:.3g}")
     if current.attainment >= target:
         return False, f"the schedule in force meets the SLO {at} ({current.attainment:.1%} of requests)"
-    if new.attainment > current.attainment + max(tie, margin * (1 - current.attainment)):
+    # measured short of the model: the model's figure for the pick is no surer by that much
+    overrated = current.modelled - current.attainment if math.isfinite(current.modelled) else 0.0
+    if new.attainment > current.attainment + max(tie, margin * (1 - current.attainment), overrated):
         return True, (f"the schedule in force would meet the SLO for {current.attainment:.1%} of requests {at}; "
                       f"the new one for {new.attainment:.1%}")
     return False, f"no schedule meets the SLO better {at} ({current.attainment:.1%})"

@@ -157,6 +157,8 @@ def test_a_plan_that_cannot_carry_the_traffic_is_not_taken_while_the_schedule_in
     (30.0, 50.0, False),  # what runs meets the SLO and has twice the forecast's headroom: kept
     (15.0, 50.0, True),  # it meets the SLO at the forecast, but a rise to twice it would swamp it
     (15.0, 18.0, False),  # the new one has no such headroom either: no reason to switch
+    (19.5, 20.2, False),  # headroom by 3.6 % more capacity: within the margin (5 %), kept
+    (19.0, 20.2, True),  # 6.3 % more: replaced
     (math.inf, 50.0, False),  # capacity unknown (not among the candidates): attainment decides
 ])
 def test_a_schedule_in_force_without_headroom_for_a_surge_is_replaced(in_force_capacity, new_capacity, publish):
@@ -173,6 +175,27 @@ def test_a_schedule_in_force_without_headroom_for_a_surge_is_replaced(in_force_c
                candidates=(CandidateFigures(pick, new_capacity, 1.0, 0.1, 0.01, 0.5, math.nan, True),))
     current = Weighed(running, in_force_capacity, SloFigures(1.0, 0.1, 0.01, 0.5, True, 500, 0.3))
     assert better_for_traffic(new, current, Slo(e2e_s=2.0), 0.05)[0] is publish
+
+
+@pytest.mark.parametrize("measured, modelled, new_attainment, publish", [
+    (0.928, math.nan, 0.934, True),  # the model's figures on both sides: 0.6 points beat the margin
+    (0.928, 1.000, 0.934, False),  # the mesh measured 7.2 points below the model: 0.6 is within that
+    (0.928, 1.000, 0.999, False),  # and so is 7.1
+    (0.928, 0.960, 0.999, True),  # the model overrated it by 3.2 points; the pick is 7.1 ahead
+])
+def test_a_schedule_measured_below_the_model_is_replaced_only_by_more_than_the_model_overrated_it(
+        measured, modelled, new_attainment, publish):
+    from common.messages.status import CandidateFigures
+    from optimizer.schedule import Schedule
+    from optimizer.slo import Slo, SloFigures
+    from optimizer.traffic import Weighed
+    from services.scheduler.planning import Plan, better_for_traffic
+
+    pick, running = Schedule("continuous", encode_batch=15, decode_batch=15), Schedule("mixed", encode_batch=16)
+    new = Plan(pick, 18.7, 1.0, new_attainment >= 0.99, 2, 0.1, 1, rate_per_s=8.6, attainment=new_attainment,
+               candidates=(CandidateFigures(pick, 18.7, new_attainment, 0.1, 0.01, 0.5, math.nan, True),))
+    current = Weighed(running, 18.8, SloFigures(measured, 0.1, 0.3, 0.9, False, 300, 1.5), modelled=modelled)
+    assert better_for_traffic(new, current, Slo(ttft_s=1.0, tpot_s=0.17), 0.05)[0] is publish
 
 
 def test_a_schedule_compares_across_worker_counts_only_when_it_can_run_there():
