@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "within the bound in the simulator (slow: about 14 simulations per pick, each of "
                              "at least 40 bounds' worth of arrivals)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--traffic", action="store_true",
+                        help="instead: how long the scheduler's search for a forecast takes (plan_for_traffic, "
+                             "OPT-13B on two devices, task T x0.1), its simulations sharing their step times "
+                             "against each computing its own, interleaved")
+    parser.add_argument("--repeats", type=int, default=3, help="--traffic: timings of each case (default 3)")
 
 
 ROW_KEYS = ("model", "devices", "task", "bound_s", "policy", "schedule", "throughput", "best_paper_policy_throughput",
@@ -314,6 +319,8 @@ def run(args: argparse.Namespace) -> int:
         profile = load_profile(args.profile)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if args.traffic:
+        return traffic_timings(profile, Path(args.profile), max(args.repeats, 1))
     rows = []
     for spec in args.scenarios:
         parts = spec.split(":")
@@ -331,4 +338,65 @@ def run(args: argparse.Namespace) -> int:
     print_table(rows)
     print_summary(rows)
     print_case_study(profile)
+    return 0
+
+
+TRAFFIC_CASES = ((0.3, 1.0), (0.9, 1.0), (0.9, 3.0), (1.5, 1.0))  # forecast (x the top capacity, CV)
+
+
+def traffic_timings(profile, path: Path, repeats: int, scale: float = 0.125) -> int:
+    """Seconds ``plan_for_traffic`` takes per forecast, with the scenario's simulations sharing
+    their step times (what the scheduler runs) and with every step time computed afresh (the
+    same search otherwise: its pick is checked equal). On a profile ``exegpt profile`` measured
+    (its cluster file beside it): its model on two workers, task T x ``scale``, batches up to 32
+    (what ``bench adapt --phases`` plans); else OPT-13B on two H200s, task T x 0.1."""
+
+    from optimizer.analytic import Scenario
+    from optimizer.cluster import H200_CLUSTER
+    from optimizer.lengths import scaled_task
+    from optimizer.model import MODELS
+    from optimizer.search import SearchSpace
+    from optimizer.slo import Slo
+    from optimizer.traffic import Forecast, candidates, plan_for_traffic
+
+    class Forgetful(dict):
+        def __setitem__(self, key, value) -> None:  # keeps nothing: every step time computed afresh
+            pass
+
+    class Unshared(Scenario):
+        def memo(self, key) -> dict:
+            return Forgetful()
+
+    beside = path.with_name(f"{path.stem}-cluster.json")
+    if beside.exists():
+        from optimizer.io import load_cluster
+        from services.bench.phases import mesh_space
+        from services.scheduler.planning import model_shape
+
+        name = profile.models()[0]
+        base = Scenario(model_shape(name, 4), profile, load_cluster(beside), scaled_task("T", scale), 2)
+        space, slo, what = mesh_space(32), Slo(ttft_s=1.0, tpot_s=0.16), f"{name} on 2 workers, task T x{scale:g}"
+    else:
+        base = Scenario(MODELS["opt-13b"], profile, H200_CLUSTER, scaled_task("T", 0.1), 2)
+        space, slo, what = SearchSpace().capped(32), Slo(e2e_s=0.5), "OPT-13B on 2, task T x0.1"
+    top = max(c for _, c in candidates(base, space=space)[0])
+    print(f"plan_for_traffic, {what}, SLO {slo.describe()}; top capacity {top:.1f} requests/s; "
+          f"{repeats} timings each, median [min-max]")
+    print(f"{'forecast':>22} {'shared':>22} {'afresh':>22} {'afresh / shared':>16}")
+    for share, cv in TRAFFIC_CASES:
+        fc = Forecast(share * top, cv)
+        times: dict[str, list[float]] = {"shared": [], "afresh": []}
+        picks = set()
+        for _ in range(repeats):
+            for name, cls in (("shared", Scenario), ("afresh", Unshared)):
+                sc = cls(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+                start = time.perf_counter()
+                picks.add(plan_for_traffic(sc, slo, fc, space=space).best.schedule)
+                times[name].append(time.perf_counter() - start)
+        if len(picks) != 1:
+            raise RuntimeError(f"the two searches picked differently at {fc}")
+        cells = [f"{statistics.median(t):.2f} [{min(t):.2f}-{max(t):.2f}] s" for t in times.values()]
+        ratio = statistics.median(times["afresh"]) / statistics.median(times["shared"])
+        label = f"{fc.rate_per_s:.1f}/s ({share:g}x), CV {cv:g}"
+        print(f"{label:>22} {cells[0]:>22} {cells[1]:>22} {ratio:>15.2f}x")
     return 0

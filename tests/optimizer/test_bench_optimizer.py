@@ -27,3 +27,20 @@ def test_a_sustained_row_rates_both_checked_picks_below_their_saturated_throughp
 def test_sustained_needs_the_simulator_checks(capsys):
     assert main(["bench", "optimizer", "--sustained", "--no-verify"]) == 2
     assert "--no-verify" in capsys.readouterr().err
+
+
+
+def test_the_traffic_timings_time_one_search_both_ways_per_forecast(capsys):
+    """Each forecast gets a row with both timings and their ratio; the two ways must pick alike
+    (the bench stops otherwise)."""
+    import re
+
+    import pytest
+
+    assert main(["bench", "optimizer", "--traffic", "--repeats", "1"]) == 0
+    rows = [x for x in capsys.readouterr().out.splitlines() if "/s (" in x]
+    assert len(rows) == len(bench.TRAFFIC_CASES)
+    for row in rows:
+        shared, afresh = (float(t) for t in re.findall(r"(\d+\.\d+) \[[^\]]*\] s", row))
+        assert shared > 0 and afresh > 0
+        assert float(row.split()[-1].rstrip("x")) == pytest.approx(afresh / shared, rel=0.1, abs=0.05)
