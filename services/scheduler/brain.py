@@ -11,8 +11,9 @@ requests finished since the last plan against the sample that plan was made on
 - ``drift``: the two-sample test fired (``confirm`` significant checks in a row, at least
   ``replan_interval_s`` after the last plan);
 - ``workers``: the live worker count differs from the one the schedule in force was planned for;
-- ``rate`` / ``calibration`` / ``observed`` (see ``docs/scheduler.md``): the forecast arrival rate,
-  the calibrated step times or the observed attainment moved from what the plan was made for
+- ``rate`` / ``burstiness`` / ``calibration`` / ``observed`` (see ``docs/scheduler.md``): the forecast
+  arrival rate or burstiness, the calibrated step times or the observed attainment moved from what
+  the plan was made for
   (a rise of the rate at once; the rest at least ``replan_interval_s`` after the last search);
 - ``asked`` / ``bound``: the admin API forced a search or changed the latency bound.
 
@@ -65,7 +66,11 @@ OBSERVED_GAP = 0.05  # observed attainment this far below the predicted one: sea
 # the model is believed again: the shortfall may have been a backlog another schedule left)
 SHORTFALL_MEMORY_S = 60.0
 OBSERVED_MIN = 40  # ... once this many requests finished under the plan
-SAME_LENGTHS = ("rate", "calibration", "observed", "slo")  # searches that leave the drift test's window as it is
+# the forecast burstiness this far (times the planned CV, at least 1) from the one the plan was made for:
+# search again (the same rate with gaps of CV 3 needs far more headroom than Poisson arrivals)
+BURST_CHANGE = 0.5
+SAME_LENGTHS = ("rate", "burstiness", "calibration", "observed", "slo")  # searches that leave the drift
+# test's window as it is
 
 
 @dataclass(frozen=True)
@@ -216,7 +221,8 @@ class Brain:
             return rise
         if now - self.last_at < self.config.replan_interval_s:
             return None
-        return self._rate_trigger() or self._calibration_trigger(now) or self._observed_trigger(now)
+        return (self._rate_trigger() or self._burst_trigger() or self._calibration_trigger(now)
+                or self._observed_trigger(now))
 
     def _rate_trigger(self, rising: bool = False) -> str | None:
         """The forecast rate moved by ``rate_change`` from the one the plan was made for, and by
@@ -231,6 +237,16 @@ class Brain:
         moved = rate - planned if rising else abs(rate - planned)
         if rate > 0 and (planned <= 0 or moved > max(self.config.rate_change * planned, noise)):
             return f"rate {planned:.3g} -> {rate:.3g} requests/s"
+        return None
+
+    def _burst_trigger(self) -> str | None:
+        """The forecast burstiness (CV of the gaps between arrivals) moved by ``BURST_CHANGE`` times
+        the planned one (at least 1) from the one the plan was made for."""
+        if self.config.plan_for != "arrivals" or not self.forecast.known:
+            return None
+        cv, planned = self.forecast.cv, self.plan.cv
+        if math.isfinite(cv) and math.isfinite(planned) and abs(cv - planned) > BURST_CHANGE * max(planned, 1.0):
+            return f"burstiness: CV {planned:.2g} -> {cv:.2g}"
         return None
 
     def _calibration_trigger(self, now: float) -> str | None:

@@ -269,6 +269,26 @@ def test_a_burst_within_the_noise_of_bursty_arrivals_is_no_rise():
     assert brain.trigger(workers=2, pinned=False, now=101.0) == "rate 7 -> 30 requests/s"
 
 
+def test_a_change_of_burstiness_at_the_same_rate_is_searched_after_the_interval():
+    """Gaps of CV 3 at the rate planned for with Poisson arrivals: a search once the interval is
+    over (a burst within the first seconds is no reason to move at once); a CV within half of the
+    planned one is none, and back from 3 to Poisson is one."""
+    from dataclasses import replace
+
+    from optimizer.traffic import Forecast
+
+    brain = planned_brain(9.0, searched_at=100.0)
+    brain.forecast = Forecast(9.0, 1.4)
+    assert brain.trigger(workers=2, pinned=False, now=106.0) is None
+    brain.forecast = Forecast(9.0, 3.0)
+    assert brain.trigger(workers=2, pinned=False, now=101.0) is None
+    assert brain.trigger(workers=2, pinned=False, now=106.0) == "burstiness: CV 1 -> 3"
+    brain.plan = replace(brain.plan, cv=3.0)
+    assert brain.trigger(workers=2, pinned=False, now=106.0) is None
+    brain.forecast = Forecast(9.0, 1.0)
+    assert brain.trigger(workers=2, pinned=False, now=106.0) == "burstiness: CV 3 -> 1"
+
+
 def test_a_rise_past_a_plan_already_short_of_its_target_waits_for_the_interval():
     """Overloaded already: another search at once would mostly confirm the plan, at the most CPU."""
     from dataclasses import replace
