@@ -202,8 +202,7 @@ class Gateway:
     async def close(self) -> None:
         for task in (self._pump, self._flusher, self._keeper):
             if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await stop(task)
         await self.flush_arrivals(until=None)
         await self.transports.close()
 
@@ -321,3 +320,19 @@ class Gateway:
         if Stage.QUEUED in pending.timeline.stamps:  # else submit records it once queued
             self.metrics.finished(pending.timeline)
         self.forget(pending)
+
+
+STOP_RETRY_S = 1.0  # a task not ended this long after its cancel is cancelled again
+
+
+async def stop(task: asyncio.Task) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again every ``STOP_RETRY_S``: a
+    cancel can be swallowed (Python 3.11's ``asyncio.wait_for`` returns the result instead when
+    both come in one turn of the loop, as when a loss wakes the topology keeper just as the
+    gateway closes), and a loop that goes on after it would hold ``close`` for ever."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=STOP_RETRY_S)
+    if not task.cancelled():
+        task.exception()  # retrieved: how a stopped task ended is of no further interest
+

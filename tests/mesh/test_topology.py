@@ -58,3 +58,27 @@ async def test_a_lost_encode_queue_comes_back_with_every_pending_request(mesh_co
     finally:
         await operator.close()
         await gateway.close()
+
+
+async def test_a_gateway_closes_though_a_task_of_its_swallows_the_cancel(mesh_config, hub: LocalHub):
+    """Python 3.11's ``asyncio.wait_for`` can swallow a cancel that comes in the same turn of the
+    loop as what it waits for (a loss waking the topology keeper as the gateway closes); the
+    keeper then loops on. ``close`` cancels again until the task has ended."""
+    names = Names(mesh_config.namespace)
+    gateway = Gateway(mesh_config, await open_transports(mesh_config, names, hub), "m")
+    await gateway.start()
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # swallowed, as wait_for can
+        await asyncio.sleep(3600)
+
+    gateway._keeper.cancel()
+    gateway._keeper = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)  # the stubborn task is waiting
+    await asyncio.wait_for(gateway.close(), TIMEOUT_S)
+    assert swallowed.is_set() and gateway._keeper.done()
+
