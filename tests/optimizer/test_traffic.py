@@ -166,6 +166,10 @@ def test_a_shortfall_measured_caps_the_schedules_alike_the_one_measured():
     others = (replace(measured, encode_batch=4, decode_batch=6, decode_iters_per_encode=3),
               replace(measured, decode_iters_per_encode=3), replace(measured, policy="continuous"))
     assert alike(measured, twin) and not any(alike(measured, o) for o in others)
+    mixed = Schedule("mixed", encode_batch=16, decode_batch=16, chunk_tokens=128)
+    assert alike(mixed, Schedule("continuous", encode_batch=15, decode_batch=15))  # one family
+    assert not alike(mixed, replace(mixed, chunk_tokens=256))  # another chunk is another mixed batch
+    assert not alike(mixed, Schedule("static", encode_batch=16, decode_batch=16))
     figures = SloFigures(0.996, 0.5, 0.05, 0.8, True, 300, 0.6)
     out = seen([Weighed(s, 18.0, figures) for s in (measured, twin, *others)], {measured: 0.932})
     assert [w.attainment for w in out] == [0.932, 0.932, 0.996, 0.996, 0.996]
