@@ -226,14 +226,16 @@ class Brain:
 
     def _rate_trigger(self, rising: bool = False) -> str | None:
         """The forecast rate moved by ``rate_change`` from the one the plan was made for, and by
-        more than three deviations of a short window's mean under the forecast burstiness (or
+        more than three deviations of a short window's mean at that rate under the forecast burstiness (or
         traffic came to a plan made saturated); ``rising``: only a move up."""
         if self.config.plan_for != "arrivals":
             return None
         rate, planned = self.forecast.rate_per_s, self.plan.rate_per_s
         # arrivals counted over SHORT_S of a renewal process: variance ~ cv^2 x the mean count, so a
-        # burst of gamma arrivals at cv 3 moves the short mean three times as far as Poisson ones
-        noise = 3 * max(self.forecast.cv, 1.0) * math.sqrt(max(planned, rate) / SHORT_S)
+        # burst of gamma arrivals at cv 3 moves the short mean three times as far as Poisson ones;
+        # the noise is that of the rate planned for (the test's null), not the one seen: a rise from
+        # 3.4 to 10 requests/s then shows about 2 s into it, not 4
+        noise = 3 * max(self.forecast.cv, 1.0) * math.sqrt((planned if planned > 0 else rate) / SHORT_S)
         moved = rate - planned if rising else abs(rate - planned)
         if rate > 0 and (planned <= 0 or moved > max(self.config.rate_change * planned, noise)):
             return f"rate {planned:.3g} -> {rate:.3g} requests/s"

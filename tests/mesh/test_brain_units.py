@@ -180,8 +180,9 @@ def test_a_schedule_in_force_without_headroom_for_a_surge_is_replaced(in_force_c
 @pytest.mark.parametrize("measured, modelled, new_attainment, publish", [
     (0.928, math.nan, 0.934, True),  # the model's figures on both sides: 0.6 points beat the margin
     (0.928, 1.000, 0.934, False),  # the mesh measured 7.2 points below the model: 0.6 is within that
-    (0.928, 1.000, 0.999, False),  # and so is 7.1
-    (0.928, 0.960, 0.999, True),  # the model overrated it by 3.2 points; the pick is 7.1 ahead
+    (0.928, 1.000, 0.980, False),  # and so is 5.2, for a pick the model says misses the target too
+    (0.928, 0.960, 0.980, True),  # the model overrated it by 3.2 points; the pick is 5.2 ahead
+    (0.777, 1.000, 0.999, True),  # a pick the model says meets the target is believed
 ])
 def test_a_schedule_measured_below_the_model_is_replaced_only_by_more_than_the_model_overrated_it(
         measured, modelled, new_attainment, publish):
@@ -253,6 +254,18 @@ def test_a_rise_of_the_rate_is_met_at_once_and_a_fall_after_the_interval():
     assert brain.trigger(workers=2, pinned=False, now=106.0) == "rate 4 -> 0.5 requests/s"
     brain.forecast = Forecast(4.5, 1.0)  # within rate_change and the noise of a 5 s mean
     assert brain.trigger(workers=2, pinned=False, now=106.0) is None
+
+
+def test_a_rise_is_told_from_noise_at_the_rate_planned_for():
+    """Three deviations of a 5 s mean at the 3.4 requests/s planned for are 2.5 requests/s: a
+    forecast of 6.2, two seconds into a rise to 10, is a rise (at 6.2's own noise it would not be)."""
+    from optimizer.traffic import Forecast
+
+    brain = planned_brain(3.4, searched_at=100.0)
+    brain.forecast = Forecast(6.2, 1.0)
+    assert brain.trigger(workers=2, pinned=False, now=101.0) == "rate 3.4 -> 6.2 requests/s"
+    brain.forecast = Forecast(5.6, 1.0)
+    assert brain.trigger(workers=2, pinned=False, now=101.0) is None
 
 
 def test_a_burst_within_the_noise_of_bursty_arrivals_is_no_rise():
