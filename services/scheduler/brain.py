@@ -182,6 +182,12 @@ class Brain:
         """Why to search now (None: no need). Before a search, what the mesh measured of the
         schedule in force is noted (``shortfalls``), so the search weighs it at that."""
         reason = self._why(workers, pinned, now)
+        if reason == "drift":
+            # the lengths moved: what was measured on the old ones says nothing of the new (seen: RRA
+            # 32/32, measured at 72 % in a heavy phase of task S, replaced at task T by a small batch
+            # that met 17 % of the bursty phase after it, which RRA 32/32 met at 89 %)
+            self.shortfalls = {}
+            return reason
         if self.shortfalls:
             self.shortfalls = {s: v for s, v in self.shortfalls.items() if now - v[1] <= SHORTFALL_MEMORY_S}
         if reason is not None and self.plan is not None and not self._observed_fired:
@@ -398,6 +404,8 @@ class Brain:
             return  # a search for the rate, the machine or the SLO: the drift test's window goes on
         self.monitor.rebase(*decision.reference, now)
         self.rebased_at, self._checked_at, self._drifted = now, 0, False
+        if decision.reason == "drift":
+            self._ran_since = now  # the schedule in force is measured on the new lengths only
         self._refine = decision.basis.startswith("observed") and len(decision.reference[0]) < REFINE_AT
 
     # --- report ---------------------------------------------------------------------------------

@@ -261,8 +261,7 @@ def better_for_traffic(new: Plan, current: Weighed | None, slo: Slo, margin: flo
     shape), so a schedule that meets the SLO at the forecast stays, however much slack another
     would have; one that misses it is replaced by one whose attainment is higher by more than
     ``margin`` of what it misses (and at least a tie), and, where the mesh measured the one in
-    force below the model's figure and the pick misses the target too, by more than the model
-    overrated it. One exception: a schedule in force whose
+    force below the model's figure, by more than the model overrated it. One exception: a schedule in force whose
     saturated capacity (where known) falls short of ``SURGE`` times the forecast is replaced by a
     pick that meets the SLO and has that headroom (the forecast lags a rise), and more than
     ``margin`` more capacity (a few per cent is within the model's error, and the switch is not
@@ -280,14 +279,8 @@ def better_for_traffic(new: Plan, current: Weighed | None, slo: Slo, margin: flo
                       f"{SURGE:g}x the forecast {at}; the new one {capacity:.3g}")
     if current.attainment >= target:
         return False, f"the schedule in force meets the SLO {at} ({current.attainment:.1%} of requests)"
-    # measured short of the model: the model's figure for a pick that misses the target too is no
-    # surer by that much; one it says meets the target (and is no schedule alike the one measured,
-    # whose figures the measurement capped) is believed: the model errs by policy and size, and
-    # a schedule measured far short would otherwise be kept for good (seen: RRA 31/31 measured at
-    # 78 % where the model said 100 %, kept through a heavy phase that mixed 3 ran at 96 %)
+    # measured short of the model: the model's figure for the pick is no surer by that much
     overrated = current.modelled - current.attainment if math.isfinite(current.modelled) else 0.0
-    if new.attainment >= target:
-        overrated = 0.0
     if new.attainment > current.attainment + max(tie, margin * (1 - current.attainment), overrated):
         return True, (f"the schedule in force would meet the SLO for {current.attainment:.1%} of requests {at}; "
                       f"the new one for {new.attainment:.1%}")
