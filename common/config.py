@@ -52,7 +52,8 @@ class MeshConfig(BaseSettings):
     model: str = Field("smollm2", description="Model name or folder given to engine.load_engine.")
     device: str = Field("auto", description="Engine device: auto, cpu or cuda.")
     threads: int | None = Field(None, ge=1, description="Torch intra-op threads per engine; None: torch default.")
-    dtype: str | None = Field(None, description="Engine dtype: float32 (CPU default), bfloat16 (CUDA default), float16.")
+    dtype: str | None = Field(None, description="Engine dtype: float32 (CPU default), bfloat16 (CUDA default), "
+                              "float16.")
     quant: str | None = Field(None, description="Weight-only quantization of the projections on CPU: fp16, int8, int4, "
                               "none; None: a GGUF stored as Q4_0/Q4_1 runs as int4 on its own codes (one process "
                               "per worker), anything else as none.")

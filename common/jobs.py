@@ -14,15 +14,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from common.messages import codec
 from common.messages.jobs import BatchJob, JobResult
 from common.names import Names
 from common.transport.batchdir import BatchDir
 from common.transport.port import Bus
-
 
 PUBLISH_WINDOW = 64  # publishes awaiting their broker confirm at once
 
@@ -137,7 +137,7 @@ class ReplyCollector:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> "ReplyCollector":
+    async def start(self) -> ReplyCollector:
         subscription = await self.bus.consume(self.queue, prefetch=self.prefetch)
         self._task = asyncio.create_task(self._read(subscription))
         self._subscription = subscription

@@ -167,7 +167,7 @@ def use_provider(provider: Any) -> OtelTracing | None:
     return _tracing
 
 
-def start_tracing(config: "MeshConfig", role: str) -> None:
+def start_tracing(config: MeshConfig, role: str) -> None:
     """At a process's start, when ``config.tracing``: a tracer provider for service
     ``exegpt-<role>`` that sends spans to ``config.otlp_endpoint`` (OTLP over HTTP), or writes
     them to stderr as JSON lines. Raises TracingUnavailable when a package it needs is missing.
@@ -186,7 +186,7 @@ def start_tracing(config: "MeshConfig", role: str) -> None:
     use_provider(provider)
 
 
-def check_installed(config: "MeshConfig") -> None:
+def check_installed(config: MeshConfig) -> None:
     """Raise TracingUnavailable, with the command that installs it, when tracing as ``config``
     sets it up needs a package that is missing."""
     try:
@@ -219,7 +219,7 @@ def traces_url(endpoint: str) -> str:
     return endpoint
 
 
-def tracing_for(config: "MeshConfig") -> Tracing:
+def tracing_for(config: MeshConfig) -> Tracing:
     """What a service traces with: nothing when ``config.tracing`` is off, else the process's
     provider (started here, as service ``exegpt-mesh``, if the entry point did not)."""
     if not config.tracing:

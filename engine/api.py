@@ -16,10 +16,10 @@ Lifecycle of one request inside one engine::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Literal, Protocol, Sequence
-
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Protocol
 
 import msgpack
 
@@ -202,7 +202,7 @@ class KVHandoff:
         }, use_bin_type=True)
 
     @staticmethod
-    def from_bytes(data: bytes) -> "KVHandoff":
+    def from_bytes(data: bytes) -> KVHandoff:
         """A hand-off read back from ``to_bytes``; ValueError for anything else."""
         try:
             m = msgpack.unpackb(data, raw=False)

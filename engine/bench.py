@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default=DEFAULT_BATCHES, help="comma-separated (default %(default)s)")
     p.add_argument("--prompt-len", type=int, default=64, help="mean prompt length in tokens (default %(default)s)")
     p.add_argument("--new-tokens", type=int, default=32, help="mean tokens generated per request (default %(default)s)")
-    p.add_argument("--prompt-spread", type=float, default=0.5, help="prompt lengths in L*(1 +- s) (default %(default)s)")
+    p.add_argument("--prompt-spread", type=float, default=0.5,
+                   help="prompt lengths in L*(1 +- s) (default %(default)s)")
     p.add_argument("--output-spread", type=float, default=0.5,
                    help="output lengths in N*(1 +- s); 0: all equal (default %(default)s)")
     p.add_argument("--clock", choices=("wall", "process"), default="wall",
@@ -161,7 +162,8 @@ def spread_lengths(gen, batch: int, mean: int, spread: float, *, low: int = 1) -
 def make_prompts(gen, batch: int, mean_len: int, vocab: int, spread: float = 0.5) -> list[list[int]]:
     import torch
 
-    return [torch.randint(32, vocab, (n,), generator=gen).tolist() for n in spread_lengths(gen, batch, mean_len, spread)]
+    return [torch.randint(32, vocab, (n,), generator=gen).tolist()
+            for n in spread_lengths(gen, batch, mean_len, spread)]
 
 
 def _sync(device: str) -> None:
@@ -234,7 +236,8 @@ def reference_model(engine, model: str) -> Any:
         raise ValueError("the engine benchmark needs transformers (pip install transformers)") from exc
     ours = engine.runner.model
     if ours.kind == "llama":
-        cfg = {k: v for k, v in ours.args.to_hf_config().items() if k not in ("architectures", "model_type", "torch_dtype")}
+        cfg = {k: v for k, v in ours.args.to_hf_config().items()
+               if k not in ("architectures", "model_type", "torch_dtype")}
         with torch.device(engine.device):
             hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
         state = dict(ours.state_dict())

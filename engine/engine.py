@@ -13,16 +13,32 @@ token. A chunk covering a whole prompt is a plain prefill.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from engine.api import (GenerationRequest, KVHandoff, PromptChunk, RequestRejected, SamplingParams, TokenEvent,
-                        Tokenizer, sampling_problem)
+from engine.api import (
+    GenerationRequest,
+    KVHandoff,
+    PromptChunk,
+    RequestRejected,
+    SamplingParams,
+    TokenEvent,
+    Tokenizer,
+    sampling_problem,
+)
 from engine.runners import Runner
-from engine.sampling import (generator_state, hold_back_stops, logprobs_of, make_generator, penalise,
-                             restore_generator, sample)
+from engine.sampling import (
+    generator_state,
+    hold_back_stops,
+    logprobs_of,
+    make_generator,
+    penalise,
+    restore_generator,
+    sample,
+)
 from engine.stops import TextTracker
 
 
@@ -141,7 +157,8 @@ class LocalEngine:
         positions = self.runner.positions(len(handoff.prompt_ids), len(handoff.generated_ids))
         if len(handoff.shape) != 5 or handoff.shape[3] != positions:
             raise ValueError(f"hand-off KV shape {handoff.shape} does not hold the {positions} positions "
-                             f"its {len(handoff.prompt_ids)} prompt and {len(handoff.generated_ids)} generated tokens need")
+                             f"its {len(handoff.prompt_ids)} prompt and {len(handoff.generated_ids)} generated "
+                             "tokens need")
         try:
             raw = bytearray(handoff.kv) if isinstance(handoff.kv, bytes) else handoff.kv  # a writable buffer: in place
             kv = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(handoff.shape)

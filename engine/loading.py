@@ -8,8 +8,9 @@ initialisation.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -29,7 +30,8 @@ def build_model(model_type: str, config: dict[str, Any]) -> nn.Module:
 
         return gpt.model_from_hf_config(model_type, config)
     if model_type == "t5":
-        from engine.models.t5 import T5, ModelArgs as T5Args
+        from engine.models.t5 import T5
+        from engine.models.t5 import ModelArgs as T5Args
 
         return T5(T5Args.from_hf_config(config))
     raise ValueError(f"unsupported model_type {model_type!r} (llama, opt, gpt2, t5)")
@@ -67,7 +69,8 @@ def set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
     setattr(model.get_submodule(owner_name), attr, param)
 
 
-def read_hf_folder(folder: Path, keep: Callable[[str], bool] | None = None) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+def read_hf_folder(folder: Path, keep: Callable[[str], bool] | None = None
+                   ) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """(model_type, config, state dict) of a Hugging Face folder; ValueError names what is wrong.
     ``keep``: read only the tensors whose names it accepts (a pipeline stage's own)."""
     config_path = folder / "config.json"

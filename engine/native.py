@@ -26,9 +26,9 @@ model computes in). What reads dense weights (the oracle tests, the engine bench
 
 from __future__ import annotations
 
-from pathlib import Path
 import ctypes
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch

@@ -36,9 +36,9 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,7 @@ def quick_grid(max_len: int = 1024) -> Grid:
     return Grid(tokens=(1, 16), prefill=cells, decode=cells, enc_seqs=(max_len,), step_rows=(1, 2))
 
 
-def _random(*shape: int, like: "LayerProbe") -> torch.Tensor:
+def _random(*shape: int, like: LayerProbe) -> torch.Tensor:
     return torch.randn(*shape, device=like.device, dtype=like.dtype)
 
 

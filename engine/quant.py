@@ -124,7 +124,7 @@ class Int4Grid:
     offset: torch.Tensor  # (N, K/G) float32, the value of level 8
 
     @staticmethod
-    def cat(grids: list["Int4Grid"]) -> "Int4Grid":
+    def cat(grids: list[Int4Grid]) -> Int4Grid:
         """The grids' rows one after the other (a fused weight's)."""
         return Int4Grid(*(torch.cat([getattr(g, f) for g in grids]) for f in ("codes", "scale", "offset")))
 
@@ -152,7 +152,7 @@ class Int4Weight:
         self._pack(q.reshape(n, k), scale, offset, bias, group)
 
     @classmethod
-    def from_grid(cls, grid: Int4Grid, bias: torch.Tensor | None = None) -> "Int4Weight":
+    def from_grid(cls, grid: Int4Grid, bias: torch.Tensor | None = None) -> Int4Weight:
         """The weight of ``grid`` as it is (its codes; scales and offsets rounded to bfloat16)."""
         weight = cls.__new__(cls)
         weight._pack(grid.codes, grid.scale, grid.offset, bias, INT4_GROUP)

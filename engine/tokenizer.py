@@ -7,8 +7,9 @@ vocabulary, merges and chat template that llama.cpp files carry).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tokenizers import Tokenizer as HfTokenizer
 from tokenizers import decoders, models, pre_tokenizers
@@ -30,7 +31,7 @@ class TextTokenizer:
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
     @classmethod
-    def from_file(cls, path: Path, **kwargs) -> "TextTokenizer":
+    def from_file(cls, path: Path, **kwargs) -> TextTokenizer:
         return cls(HfTokenizer.from_file(str(path)), **kwargs)
 
     def encode(self, text: str) -> list[int]:
@@ -81,7 +82,8 @@ def byte_tokenizer(special: list[str]) -> HfTokenizer:
 def _gpt2_byte_of(ch: str) -> int:
     """Inverse of GPT-2's bytes_to_unicode for one character."""
     code = ord(ch)
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     if code in printable:
         return code
     others = [b for b in range(256) if b not in printable]

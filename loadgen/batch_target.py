@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from common.jobs import JobProducer, collect_replies, job_id, new_batch_id
 from common.messages.jobs import BatchJob

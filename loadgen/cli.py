@@ -17,8 +17,9 @@ import asyncio
 import dataclasses
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from common.cli import CliError
 
@@ -250,6 +251,8 @@ def _fit_spec(console: Any, args: argparse.Namespace, spec: Any, tok: PromptToke
 
 
 async def _main(args: argparse.Namespace, spec: Any) -> int:
+    import sys
+
     import httpx
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -259,8 +262,6 @@ async def _main(args: argparse.Namespace, spec: Any) -> int:
     from loadgen.runner import relative_clock, run_workload
     from loadgen.search import find_max_rate, sweep
     from loadgen.workload import build_workload
-
-    import sys
 
     # piped output (logs, reports) gets room for the wide tables; a terminal keeps its width
     console = Console() if sys.stdout.isatty() else Console(width=150)
@@ -386,12 +387,12 @@ async def _batch_main(args: argparse.Namespace, config: Any, spec: Any) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from common.names import Names
     from common.transport.batchdir import BatchDir
     from common.transport.connect import LocalHub, open_bus
     from loadgen import report
     from loadgen.batch_target import run_batch
     from loadgen.workload import build_workload
-    from common.names import Names
 
     names = Names(config.namespace)
     console = Console() if sys.stdout.isatty() else Console(width=150)

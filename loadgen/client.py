@@ -9,8 +9,9 @@ without them the number of text-carrying chunks stands in for the output tokens.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import httpx
 

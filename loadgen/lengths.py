@@ -70,7 +70,7 @@ class Lengths:
     def __len__(self) -> int:
         return int(self.input_tokens.size)
 
-    def head(self, count: int) -> "Lengths":
+    def head(self, count: int) -> Lengths:
         return Lengths(self.input_tokens[:count], self.output_tokens[:count])
 
 

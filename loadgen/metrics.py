@@ -104,7 +104,7 @@ class Stat:
     max_ms: float | None
 
     @staticmethod
-    def of(values_s: list[float]) -> "Stat":
+    def of(values_s: list[float]) -> Stat:
         if not values_s:
             return Stat(0, None, None, None, None, None)
         ms = np.asarray(values_s, dtype=float) * 1000.0

@@ -8,7 +8,7 @@ tokenizer. With a tokenizer at hand, ``exact_prompt`` makes the count exact.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -6,8 +6,8 @@ without a server.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
 
 from loadgen.metrics import Summary
 

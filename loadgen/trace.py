@@ -25,7 +25,7 @@ class Trace:
     def __len__(self) -> int:
         return int(self.timestamps_s.size)
 
-    def head(self, count: int) -> "Trace":
+    def head(self, count: int) -> Trace:
         return Trace(self.timestamps_s[:count], self.lengths.head(count))
 
 

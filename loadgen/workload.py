@@ -6,16 +6,21 @@ sends the same requests at every rate of a sweep: only their timing changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from loadgen import arrivals
 from loadgen.client import RequestSpec
 from loadgen.lengths import (
-    Lengths, fit_context, fixed_lengths, load_lengths_file, scale_lengths, task_lengths,
+    Lengths,
+    fit_context,
+    fixed_lengths,
+    load_lengths_file,
+    scale_lengths,
+    task_lengths,
 )
 from loadgen.prompts import make_prompts
 from loadgen.runner import Workload

@@ -169,7 +169,7 @@ class WorkloadStats:
         """E[ceil((o-1) / N_D)]: RRA cycles a request spends in the decode batch."""
         n = np.asarray(iters_per_cycle, dtype=float)
         values, inverse = np.unique(n, return_inverse=True)
-        per = np.array([self.workload.output.expect(lambda o: np.ceil((o - 1) / k)) for k in values])
+        per = np.array([self.workload.output.expect(lambda o, k=k: np.ceil((o - 1) / k)) for k in values])
         return per[inverse].reshape(n.shape)
 
     def prefill(self, n) -> StepShape:
@@ -206,7 +206,7 @@ class Predictions:
     def meets(self, latency_bound_s: float) -> np.ndarray:
         return self.feasible & (self.latency_p99_s <= latency_bound_s)
 
-    def at(self, i) -> "Predictions":
+    def at(self, i) -> Predictions:
         return Predictions(**{k: np.asarray(v)[i] for k, v in self.__dict__.items()})
 
 
@@ -334,7 +334,7 @@ class DecodeCurve:
 
     @staticmethod
     def build(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, microbatches: int,
-              max_batch: float) -> "DecodeCurve":
+              max_batch: float) -> DecodeCurve:
         b = np.arange(0, int(min(max(max_batch, 1), 1 << 16)) + 2, dtype=float)
         t = sc.timer(layout).iteration_s(stats.decode(np.maximum(b, 1e-9), model=sc.model), microbatches)
         rate = np.maximum.accumulate(b / (max(stats.mean_decode_iters, 1e-9) * t))

@@ -21,9 +21,10 @@ A bucket with little weight is shrunk towards its kind's pooled median (``SHRINK
 a kind with no sample takes the median over all kinds, and with no sample at all the factor is 1.
 Between buckets the log-factor is interpolated over log2(tokens); beyond the outermost ones it is
 held; it may fall by at most ``MAX_FALL_PER_OCTAVE`` per octave, so a calibrated step never costs
-noticeably less than a smaller one (what the search's bounds rely on). ``table(now)`` freezes the estimates into a ``CalibrationTable``, which a ``Scenario``
-carries and every ``PipelineTimer`` applies to whole steps, so the search, the simulator and the
-state record all use the calibrated model.
+noticeably less than a smaller one (what the search's bounds rely on). ``table(now)`` freezes the
+estimates into a ``CalibrationTable``, which a ``Scenario`` carries and every ``PipelineTimer``
+applies to whole steps, so the search, the simulator and the state record all use the calibrated
+model.
 
 Pure: no clock (``now`` is passed), no I/O; ``to_plain``/``from_plain`` carry the state to the
 store so a new leader starts calibrated.
@@ -203,7 +204,7 @@ class Calibration:
                 "buckets": [[kind, b, list(v.log_ratios), list(v.times)] for (kind, b), v in self.buckets.items()]}
 
     @staticmethod
-    def from_plain(plain: dict) -> "Calibration":
+    def from_plain(plain: dict) -> Calibration:
         cal = Calibration(float(plain["half_life_s"]))
         for kind, b, logs, times in plain["buckets"]:
             if kind not in KINDS or len(logs) != len(times):

@@ -84,7 +84,8 @@ class Cluster:
         if self.device_threads < 0 or self.device_count < 0:
             raise ValueError(f"cluster {self.name!r}: device_threads and device_count must be >= 0")
         if any(not isinstance(t, int) or t < 1 for t in self.worker_group):
-            raise ValueError(f"cluster {self.name!r}: worker_group must list TP degrees >= 1, got {self.worker_group!r}")
+            raise ValueError(f"cluster {self.name!r}: worker_group must list TP degrees >= 1, "
+                             f"got {self.worker_group!r}")
 
     @property
     def usable_memory_bytes(self) -> float:

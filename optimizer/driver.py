@@ -18,8 +18,15 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Protocol
 
-from optimizer.policies import (BatchingPolicy, PrefillChunk, PrefillingRequest, QueuedRequest, RunningRequest,
-                                StepPlan, WorkerState)
+from optimizer.policies import (
+    BatchingPolicy,
+    PrefillChunk,
+    PrefillingRequest,
+    QueuedRequest,
+    RunningRequest,
+    StepPlan,
+    WorkerState,
+)
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ class MonotoneCurve:
             raise ValueError(f"curve x values must increase strictly, got {self.xs}")
 
     @staticmethod
-    def from_points(points: dict[float, float]) -> "MonotoneCurve":
+    def from_points(points: dict[float, float]) -> MonotoneCurve:
         smooth = smooth_points(points).points
         xs = sorted(smooth)
         ys = np.maximum.accumulate(np.array([smooth[x] for x in xs], dtype=float))
@@ -220,7 +220,7 @@ class MonotoneGrid:
         return out if np.ndim(out) else float(out)
 
     @staticmethod
-    def from_points(points: dict[tuple[float, float], float]) -> "MonotoneGrid":
+    def from_points(points: dict[tuple[float, float], float]) -> MonotoneGrid:
         by_row: dict[float, dict[float, float]] = {}
         for (row, col), value in smooth_points(points).points.items():
             by_row.setdefault(row, {})[col] = value

@@ -25,7 +25,7 @@ class LengthDistribution:
             raise ValueError("probabilities must be >= 0 and sum to 1")
 
     @staticmethod
-    def from_weights(values, weights) -> "LengthDistribution":
+    def from_weights(values, weights) -> LengthDistribution:
         v = np.asarray(values, dtype=int)
         w = np.asarray(weights, dtype=float)
         keep = w > 0
@@ -34,7 +34,7 @@ class LengthDistribution:
         return LengthDistribution(tuple(int(x) for x in v[keep]), tuple(float(p) for p in w[keep] / w[keep].sum()))
 
     @staticmethod
-    def truncated_normal(mean: float, std: float, maximum: int) -> "LengthDistribution":
+    def truncated_normal(mean: float, std: float, maximum: int) -> LengthDistribution:
         """Normal(mean, std) rounded to integers and truncated to [1, maximum]."""
         if std <= 0 or maximum < 1:
             raise ValueError(f"need std > 0 and maximum >= 1, got std={std}, maximum={maximum}")
@@ -42,7 +42,7 @@ class LengthDistribution:
         return LengthDistribution.from_weights(k, ndtr((k + 0.5 - mean) / std) - ndtr((k - 0.5 - mean) / std))
 
     @staticmethod
-    def from_samples(samples) -> "LengthDistribution":
+    def from_samples(samples) -> LengthDistribution:
         s = np.asarray(samples)
         if s.size == 0 or s.min() < 1 or not np.all(s == np.round(s)):
             raise ValueError("length samples must be a non-empty list of integers >= 1")
@@ -99,7 +99,7 @@ class Workload:
     pairs: tuple[tuple[int, int], ...] = ()
 
     @staticmethod
-    def from_pairs(name: str, inputs, outputs) -> "Workload":
+    def from_pairs(name: str, inputs, outputs) -> Workload:
         if len(inputs) != len(outputs):
             raise ValueError("need one output length per input length")
         return Workload(name, LengthDistribution.from_samples(inputs), LengthDistribution.from_samples(outputs),

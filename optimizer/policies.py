@@ -22,8 +22,9 @@ than 10 % from the ``mean_decode_batch`` the plan expects.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 from optimizer.schedule import SPLIT_POLICIES, Schedule
 

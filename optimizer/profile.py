@@ -25,8 +25,9 @@ rejected with what is missing.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -52,7 +53,7 @@ class StepShape:
     decode_ctx: object = 1.0
     enc_seq: object = 0.0  # T5: encoder length seen by cross-attention
 
-    def split(self, parts) -> "StepShape":
+    def split(self, parts) -> StepShape:
         """One of ``parts`` equal micro-batches of this step."""
         return StepShape(self.prefill_seqs / parts, self.prefill_tokens / parts, self.prefill_seq,
                          self.decode_seqs / parts, self.decode_ctx, self.enc_seq)

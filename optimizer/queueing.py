@@ -14,8 +14,8 @@ of requests within the bound (end to end, from arrival) is at least ``target`` i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -101,7 +101,8 @@ def candidates(sc: Scenario, latency_bound_s: float, rate_per_s: float, policies
 
 
 def check(sc: Scenario, latency_bound_s: float, requests: Sequence[SimRequest], ranked: Sequence[Candidate], *,
-          target: float = TARGET, max_checks: int = MAX_CHECKS) -> tuple[Candidate | None, float, SimulationResult | None, int]:
+          target: float = TARGET, max_checks: int = MAX_CHECKS
+          ) -> tuple[Candidate | None, float, SimulationResult | None, int]:
     """Simulate ``ranked`` best first with ``requests`` arriving as they do; the first that keeps
     at least ``target`` of them within the bound (end to end, from arrival). Returns (that
     candidate or None, its share within the bound (or the last one's), its simulation, checked)."""

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class SearchSpace:
                 or not self.chunk_tokens):
             raise ValueError("search space needs positive batch limits and non-empty value lists")
 
-    def capped(self, max_batch: int) -> "SearchSpace":
+    def capped(self, max_batch: int) -> SearchSpace:
         """The same space with every batch (B_E, B_D, static and continuous batches) at most
         ``max_batch``: what a profile measured, or what a worker may hold."""
         top = max(int(max_batch), 1)
@@ -111,7 +111,7 @@ class Figures:
     memory_per_device_bytes: float
 
     @staticmethod
-    def of(p: Predictions) -> "Figures":
+    def of(p: Predictions) -> Figures:
         return Figures(*(float(getattr(p, f)) for f in Figures.__dataclass_fields__))
 
 
@@ -214,7 +214,7 @@ def tp_configs(sc: Scenario, devices: int | None = None) -> list[tuple[int, int]
     return [(k, s) for k, s in configs if n - s * (k - 1) <= depth_limit]
 
 
-def _slots(f: "Figures") -> int:
+def _slots(f: Figures) -> int:
     """The decode batch a worker enforces: the predicted peak, rounded up."""
     return max(math.ceil(f.decode_batch_peak - 1e-9), 1)
 
@@ -243,7 +243,7 @@ def replica_spans(sc: Scenario, space: SearchSpace) -> list[int]:
 
 
 def _single_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str,
-                     tables: "_WaaTables") -> list[Family]:
+                     tables: _WaaTables) -> list[Family]:
     """One pipeline over all devices, or data-parallel workers (replicas) of fewer devices. Mixed
     steps run on one-device workers only (the engine's chunked prefill runs in one process; a
     worker group's runner has none) of decoder-only models."""
@@ -265,7 +265,7 @@ def _single_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, pol
     return fams
 
 
-def _decode_ceiling(sc, stats, tables: "_WaaTables", layout: PipelineLayout, fam: Family, n: int):
+def _decode_ceiling(sc, stats, tables: _WaaTables, layout: PipelineLayout, fam: Family, n: int):
     """A single-pipeline family's ceiling: every request decodes E[o-1] iterations in its worker's
     running batch, and a step that also encodes or prefills takes at least its decode iteration, so
     the rate of each of the ``n`` workers is at most its decode rate b / (E[o-1] t_dec(b)) at the
@@ -289,7 +289,7 @@ def _decode_ceiling(sc, stats, tables: "_WaaTables", layout: PipelineLayout, fam
     return ceiling
 
 
-def _mixed_ceiling(stats, tables: "_WaaTables", layout: PipelineLayout, n: int):
+def _mixed_ceiling(stats, tables: _WaaTables, layout: PipelineLayout, n: int):
     """A mixed family's ceiling: a step decoding b requests takes at least a decode iteration of b
     (its prompt chunks only add work), so the rate is at most the decode rate's ceiling, as for
     continuous batching; a p99-length request spends at least o99 steps (its prefill's last and
@@ -460,7 +460,7 @@ class _WaaTables:
 
 
 def _waa_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, names: Sequence[str],
-                  tables: "_WaaTables") -> list[Family]:
+                  tables: _WaaTables) -> list[Family]:
     """One family per TP degree, worker shape, encoder/decoder split and TP stages of each group:
     one encoder and one decoder pipeline, or encoder and decoder workers (replicas) of ``w``
     devices each."""
@@ -719,8 +719,8 @@ def least_latency(sc: Scenario, policies: Sequence[str] = SEARCH_POLICIES,
         lat = np.where(p.feasible, p.latency_p99_s, np.inf)
         flat = int(np.lexsort((-p.throughput_seq_s.ravel(), lat.ravel()))[0])
         idx = np.unravel_index(flat, lat.shape)
-        l, t = float(lat[idx]), float(p.throughput_seq_s[idx])
-        if np.isfinite(l) and (l, -t) < (inc_lat, -inc_thr):
-            inc_lat, inc_thr = l, t
+        cand_lat, cand_thr = float(lat[idx]), float(p.throughput_seq_s[idx])
+        if np.isfinite(cand_lat) and (cand_lat, -cand_thr) < (inc_lat, -inc_thr):
+            inc_lat, inc_thr = cand_lat, cand_thr
             best = fam.candidate(int(rows[idx[0]]), int(sample[idx[1]]), p.at(idx))
     return SearchResult(best, evals, len(fams), 0)

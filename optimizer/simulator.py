@@ -17,9 +17,9 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from itertools import islice
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
+from itertools import islice
 
 import numpy as np
 

@@ -18,8 +18,9 @@ object with ``arrival_s``, ``first_token_s``, ``finish_s`` and ``output_len``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 

@@ -13,16 +13,23 @@ takes the picks of searches under a ladder of tighter bounds, best first, until 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
 from optimizer.analytic import Scenario
 from optimizer.lengths import Workload
 from optimizer.schedule import Schedule
-from optimizer.search import (BASELINES, PRODUCT_POLICIES, SEARCH_POLICIES, Candidate, SearchResult, SearchSpace,
-                              branch_and_bound)
+from optimizer.search import (
+    BASELINES,
+    PRODUCT_POLICIES,
+    SEARCH_POLICIES,
+    Candidate,
+    SearchResult,
+    SearchSpace,
+    branch_and_bound,
+)
 from optimizer.simulator import Completion, LoadFigures, SimRequest, SimulationResult, load_figures, simulate
 
 PROBE_EVERY = 10  # one request in ten is a probe at the 99th-percentile lengths
@@ -48,7 +55,7 @@ class ProbeLoad:
     probes: frozenset[str]
 
     @staticmethod
-    def draw(workload: Workload, n: int, seed: int = 0, tag: str = "r") -> "ProbeLoad":
+    def draw(workload: Workload, n: int, seed: int = 0, tag: str = "r") -> ProbeLoad:
         rng = np.random.default_rng(seed)
         ins, outs = workload.sample(rng, n)
         q_in, q_out = workload.input.quantile(0.99), workload.output.quantile(0.99)
@@ -61,7 +68,7 @@ class ProbeLoad:
             requests.append(SimRequest(rid, int(ins[i]), int(outs[i])))
         return ProbeLoad(tuple(requests), frozenset(probes))
 
-    def first(self, n: int) -> "ProbeLoad":
+    def first(self, n: int) -> ProbeLoad:
         head = self.requests[:n]
         return ProbeLoad(head, self.probes & {r.request_id for r in head})
 
@@ -182,7 +189,8 @@ def verified_search(sc: Scenario, latency_bound_s: float, policies: Sequence[str
         best = found[0].best
         if result.best is None or result.best.schedule in overran:
             bad = mid
-        elif result.best.schedule == best.schedule or result.best.figures.throughput_seq_s <= best.figures.throughput_seq_s:
+        elif (result.best.schedule == best.schedule
+              or result.best.figures.throughput_seq_s <= best.figures.throughput_seq_s):
             ok = mid
         elif (figures := meets(result.best.schedule)) is not None:
             found, ok = (result, figures, mid), mid

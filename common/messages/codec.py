@@ -21,8 +21,14 @@ from common.messages.control import Abort, PinSchedule, Replan, RoleAssignment, 
 from common.messages.events import EventBatch, Failure, Stamp, Token, TopLogprob
 from common.messages.handoff import KvBlocks, KvReady
 from common.messages.jobs import BatchJob, ChatTurn, JobResult
-from common.messages.status import (CalibrationPoint, CandidateFigures, LengthSample, SchedulerState, StepCost,
-                                     WorkerStatus)
+from common.messages.status import (
+    CalibrationPoint,
+    CandidateFigures,
+    LengthSample,
+    SchedulerState,
+    StepCost,
+    WorkerStatus,
+)
 from common.messages.work import EncodeWork, Sampling
 from optimizer.schedule import Schedule
 

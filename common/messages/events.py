@@ -16,7 +16,7 @@ class Token:
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprob: float | None = None  # when the request asked for logprobs
-    top_logprobs: tuple["TopLogprob", ...] = ()  # likeliest first
+    top_logprobs: tuple[TopLogprob, ...] = ()  # likeliest first
 
 
 @dataclass(frozen=True)

@@ -124,9 +124,9 @@ class SchedulerState:
     raw_predicted_throughput_seq_s: float = 0.0
     raw_predicted_latency_s: float = 0.0
     raw_predicted_attainment: float = math.nan
-    calibration: tuple["CalibrationPoint", ...] = ()
+    calibration: tuple[CalibrationPoint, ...] = ()
     calibration_samples: int = 0  # steps the correction is fitted on (decayed weight)
-    candidates: tuple["CandidateFigures", ...] = ()  # what the last search weighed, the pick first
+    candidates: tuple[CandidateFigures, ...] = ()  # what the last search weighed, the pick first
     # (p50, p90, p99) of the lengths the plan in force was made on, beside the current ones above
     planned_input_quantiles: tuple[float, ...] = ()
     planned_output_quantiles: tuple[float, ...] = ()

@@ -15,8 +15,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from common.names import Names
-from common.transport.port import (ATTEMPTS_HEADER, DEAD_AT_HEADER, DEAD_HEADERS, DEADLINE_HEADER, ID_HEADER,
-                                   ORIGIN_HEADER, REASON_HEADER, Bus, Delivery, Subscription)
+from common.transport.port import (
+    ATTEMPTS_HEADER,
+    DEAD_AT_HEADER,
+    DEAD_HEADERS,
+    DEADLINE_HEADER,
+    ID_HEADER,
+    ORIGIN_HEADER,
+    REASON_HEADER,
+    Bus,
+    Delivery,
+    Subscription,
+)
 
 TAKE_TIMEOUT_S = 5.0  # at most this long to receive what the queue's depth said it holds
 
@@ -32,7 +42,7 @@ class DeadMessage:
     headers: Mapping[str, str]
 
     @classmethod
-    def of(cls, delivery: Delivery, index: int) -> "DeadMessage":
+    def of(cls, delivery: Delivery, index: int) -> DeadMessage:
         headers = delivery.headers
         attempts = headers.get(ATTEMPTS_HEADER, "")
         dead_at = headers.get(DEAD_AT_HEADER, "")

@@ -17,8 +17,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from common.transport.port import (DEAD_QUEUE_MAX, DELIVERY_LIMIT, OnDead, OnLost, Unroutable, check_name, dead_headers,
-                                   past_deadline, past_limit, with_deadline)
+from common.transport.port import (
+    DEAD_QUEUE_MAX,
+    DELIVERY_LIMIT,
+    OnDead,
+    OnLost,
+    Unroutable,
+    check_name,
+    dead_headers,
+    past_deadline,
+    past_limit,
+    with_deadline,
+)
 
 _consumer_ids = itertools.count()
 NO_HEADERS: Mapping[str, str] = MappingProxyType({})
@@ -37,9 +47,9 @@ class _Message:
 class _Queue:
     name: str
     dead_letter: str | None  # queue that rejected messages go to
-    owner: "MemoryBus | None"  # exclusive queues die with their bus
+    owner: MemoryBus | None  # exclusive queues die with their bus
     ready: deque[_Message] = field(default_factory=deque)
-    consumers: list["MemorySubscription"] = field(default_factory=list)
+    consumers: list[MemorySubscription] = field(default_factory=list)
     turn: int = 0
     max_length: int | None = None  # beyond it the oldest ready message is dropped (drop-head)
 
@@ -55,7 +65,7 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.queues: dict[str, _Queue] = {}
         self.fanouts: dict[str, set[str]] = {}
-        self.buses: list["MemoryBus"] = []
+        self.buses: list[MemoryBus] = []
 
     def delete_queue(self, name: str) -> None:
         """An operator deletes ``name``: its messages go, its consumers are cancelled, and each
@@ -77,7 +87,7 @@ class MemoryBroker:
                 return
             consumer.deliver(queue.ready.popleft())
 
-    def _next_consumer(self, queue: _Queue) -> "MemorySubscription | None":
+    def _next_consumer(self, queue: _Queue) -> MemorySubscription | None:
         n = len(queue.consumers)
         for i in range(n):
             consumer = queue.consumers[(queue.turn + i) % n]
@@ -104,7 +114,7 @@ class MemoryBroker:
 
 
 class MemoryDelivery:
-    def __init__(self, subscription: "MemorySubscription", message: _Message) -> None:
+    def __init__(self, subscription: MemorySubscription, message: _Message) -> None:
         self.body = message.body
         self.redelivered = message.redelivered
         self.headers = message.headers
@@ -176,7 +186,7 @@ class MemorySubscription:
         self.broker.dispatch(self.queue)
         return True
 
-    def __aiter__(self) -> "MemorySubscription":
+    def __aiter__(self) -> MemorySubscription:
         return self
 
     async def __anext__(self) -> MemoryDelivery:

@@ -40,9 +40,21 @@ from aio_pika.abc import (
 from aio_pika.exceptions import ChannelClosed, ChannelNotFoundEntity, ChannelPreconditionFailed, DeliveryError
 from aiormq.exceptions import ChannelLockedResource
 
-from common.transport.port import (DEAD_QUEUE_MAX, DELIVERY_LIMIT, ORIGIN_HEADER, REASON_HEADER, OnDead, OnLost,
-                                   Store, Unroutable, check_name, dead_headers, past_deadline, past_limit,
-                                   with_deadline)
+from common.transport.port import (
+    DEAD_QUEUE_MAX,
+    DELIVERY_LIMIT,
+    ORIGIN_HEADER,
+    REASON_HEADER,
+    OnDead,
+    OnLost,
+    Store,
+    Unroutable,
+    check_name,
+    dead_headers,
+    past_deadline,
+    past_limit,
+    with_deadline,
+)
 
 log = logging.getLogger("exegpt.transport")
 ATTEMPTS_TTL_S = 7 * 24 * 3600.0  # a redelivered message's attempt count (deleted once it is settled)
@@ -86,7 +98,7 @@ def _text_headers(raw: Mapping[str, object] | None) -> dict[str, str]:
 class RabbitDelivery:
     def __init__(self, message: AbstractIncomingMessage, settled: bool = False,
                  on_settled: Callable[[], Awaitable[None]] | None = None, *, queue: str = "",
-                 bus: "RabbitBus | None" = None, counted: bool = False) -> None:
+                 bus: RabbitBus | None = None, counted: bool = False) -> None:
         self.body = message.body
         self.redelivered = bool(message.redelivered)
         self.queue = queue
@@ -196,7 +208,7 @@ class RabbitSubscription:
     worked on), so consumers that come and go (a worker changing role) leave no channel behind."""
 
     def __init__(self, channel: AbstractChannel, queue: AbstractQueue, auto_ack: bool = False, *,
-                 bus: "RabbitBus | None" = None, counted: bool = False, on_dead: OnDead | None = None) -> None:
+                 bus: RabbitBus | None = None, counted: bool = False, on_dead: OnDead | None = None) -> None:
         self._channel, self._queue, self._auto_ack = channel, queue, auto_ack
         self._bus, self._counted, self._on_dead = bus, counted and not auto_ack, on_dead
         self._buffer: asyncio.Queue[RabbitDelivery | None] = asyncio.Queue()
@@ -234,7 +246,7 @@ class RabbitSubscription:
             except (ChannelClosed, ConnectionError, RuntimeError):
                 pass  # the connection went first; nothing is left to release
 
-    def __aiter__(self) -> "RabbitSubscription":
+    def __aiter__(self) -> RabbitSubscription:
         return self
 
     async def __anext__(self) -> RabbitDelivery:
@@ -282,7 +294,7 @@ class QuorumSubscription(RabbitSubscription):
     holds less only until the messages taken before a change are settled."""
 
     def __init__(self, channel: AbstractChannel, queue: AbstractQueue, prefetch: int, *,
-                 bus: "RabbitBus | None" = None, counted: bool = False, on_dead: OnDead | None = None) -> None:
+                 bus: RabbitBus | None = None, counted: bool = False, on_dead: OnDead | None = None) -> None:
         super().__init__(channel, queue, bus=bus, counted=counted, on_dead=on_dead)
         self._limit = prefetch
         self._active: dict[str, int] = {}  # consumer tag -> its prefetch
@@ -404,7 +416,7 @@ class RabbitBus:
     async def connect(cls, url: str, *, dead_exchange: str, dead_queue: str,
                       heartbeat_s: float | None = DEFAULT_HEARTBEAT_S, attempts: Attempts | None = None,
                       delivery_limit: int = DELIVERY_LIMIT, dead_queue_max: int = DEAD_QUEUE_MAX,
-                      owned_store: Store | None = None, queue_type: str = "classic") -> "RabbitBus":
+                      owned_store: Store | None = None, queue_type: str = "classic") -> RabbitBus:
         """``attempts``: where redeliveries are counted (None: a redelivery counts as attempt 2);
         ``queue_type``: classic, or quorum (replicated, with the broker's delivery limit)."""
         connection = await aio_pika.connect_robust(with_heartbeat(url, heartbeat_s),

@@ -72,7 +72,7 @@ class RedisStore:
         self._set_while_leased = client.register_script(_SET_WHILE_LEASED)
 
     @classmethod
-    async def connect(cls, url: str) -> "RedisStore":
+    async def connect(cls, url: str) -> RedisStore:
         """A client that survives Redis going away: a connection idle for a while is checked
         before use, a failed command is retried on a fresh connection with backoff, and no call
         waits on a dead peer longer than ``SOCKET_TIMEOUT_S``."""

@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
-
-import os
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, os.environ.get("EXG_MH_SRC") or str(REPO))  # run.py's frozen copy of the product code
@@ -101,7 +100,7 @@ async def one_request(client, url: str, model: str, i: int, tag: str, max_tokens
 
     try:
         await asyncio.wait_for(run(), timeout=deadline_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         rec["hung"] = True
         rec["error"] = f"no answer within the {deadline_s:.0f} s deadline"
     except Exception as exc:  # connection refused/reset, bad JSON, ...

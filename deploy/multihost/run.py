@@ -63,7 +63,7 @@ def sh(*cmd: str, check: bool = True, timeout: float = 60, env: dict | None = No
 
 
 def netns_names() -> list[str]:
-    return [l.split()[0] for l in sh("ip", "netns", "list").stdout.splitlines() if l.strip()]
+    return [line.split()[0] for line in sh("ip", "netns", "list").stdout.splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def wait_for_line(proc: Proc, pattern: str, timeout_s: float) -> str:
 
 def tail(path: Path, n: int = 15) -> str:
     try:
-        return "\n".join("    " + l for l in path.read_text(errors="replace").splitlines()[-n:])
+        return "\n".join("    " + line for line in path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return "    (no log)"
 
@@ -171,7 +171,7 @@ class Bed:
     # ---- network ---------------------------------------------------------------------------
     def pick_subnet(self) -> str:
         used = sh("ip", "-o", "addr").stdout + sh("ip", "route", "show", "table", "all").stdout
-        for other in [l.split()[0] for l in sh("ip", "netns", "list").stdout.splitlines() if l.strip()]:
+        for other in [line.split()[0] for line in sh("ip", "netns", "list").stdout.splitlines() if line.strip()]:
             used += sh("ip", "-n", other, "-o", "addr", check=False).stdout
         free = [x for x in range(1, 255) if f"10.213.{x}." not in used]
         if not free:
@@ -181,7 +181,7 @@ class Bed:
     def make_network(self) -> None:
         self.net = self.pick_subnet()
         self.addr = {"core": f"{self.net}.1", "hostA": f"{self.net}.11", "hostB": f"{self.net}.12"}
-        for host, name in self.ns.items():
+        for _, name in self.ns.items():
             sh("ip", "netns", "add", name)
             self.created_ns.append(name)
             sh("ip", "-n", name, "link", "set", "lo", "up")
@@ -470,7 +470,7 @@ class LineReader(threading.Thread):
         while True:
             alive = self.proc.alive()
             try:
-                with open(self.proc.log_path, "r", errors="replace") as f:
+                with open(self.proc.log_path, errors="replace") as f:
                     f.seek(pos)
                     chunk = f.read()
                     pos = f.tell()
@@ -587,9 +587,9 @@ def host_health(bed: Bed, host: str) -> list[str]:
     its TCP connections to the broker and to Redis as the host's kernel sees them."""
     out = []
     socks = sh("ip", "netns", "exec", bed.ns[host], "ss", "-tn", check=False).stdout
-    estab = [l for l in socks.splitlines() if l.startswith("ESTAB")]
-    amqp = sum(1 for l in estab if f"{bed.addr['core']}:5672" in l)
-    redis = sum(1 for l in estab if f"{bed.addr['core']}:6379" in l)
+    estab = [line for line in socks.splitlines() if line.startswith("ESTAB")]
+    amqp = sum(1 for line in estab if f"{bed.addr['core']}:5672" in line)
+    redis = sum(1 for line in estab if f"{bed.addr['core']}:6379" in line)
     out.append(f"TCP connections from {host}: {amqp} to RabbitMQ, {redis} to Redis")
     for sup in bed.supervisors:
         if sup.host != host or sup.current is None:
@@ -631,8 +631,8 @@ def experiment(bed: Bed) -> int:
         log("the cut never happened (too few completions)")
 
     # ---- phase 2: restore, wait for hostA to rejoin --------------------------------------------
-    samples_before_restore = lengths(bed) if t_cut else {}
     if t_cut:
+        lengths(bed)  # read while the link is still down: the samples go unused, the read's time is part of the cut
         if args.hold_cut > 0:
             remaining = t_cut + args.hold_cut - time.time()
             if remaining > 0:

@@ -133,7 +133,7 @@ class Prompts:
     input_ids: torch.Tensor  # (N,)
 
     @staticmethod
-    def add(cache: KVCache, seqs: list[list[int]], device: torch.device, *, causal: bool) -> "Prompts":
+    def add(cache: KVCache, seqs: list[list[int]], device: torch.device, *, causal: bool) -> Prompts:
         """New slots in ``cache`` holding ``len(seq)`` positions each (the model writes them)."""
         lens = [len(s) for s in seqs]
         first = cache.add_slots(lens)
@@ -169,7 +169,7 @@ class Decodes:
     first: int = 0  # row i is slot first + i (a pipeline's decode micro-batch: a run of slots)
 
     @staticmethod
-    def make(cache: KVCache, live: int, padding: int, first: int = 0) -> "Decodes":
+    def make(cache: KVCache, live: int, padding: int, first: int = 0) -> Decodes:
         """Rows for slots ``first..first+live-1`` plus ``padding``; makes room for them in ``cache``."""
         size = live + padding
         lengths = cache.lengths[first:first + live] or cache.lengths or [0]  # padding alone: the longest
@@ -201,7 +201,7 @@ class Chunks:
     input_ids: torch.Tensor  # (N,)
 
     @staticmethod
-    def make(cache: KVCache, chunks: list[tuple[int, list[int]]], device: torch.device) -> "Chunks":
+    def make(cache: KVCache, chunks: list[tuple[int, list[int]]], device: torch.device) -> Chunks:
         """Rows for ``(slot, tokens)`` chunks; makes room for them in ``cache`` (lengths unchanged
         until the step succeeds: ``KVCache.extend``)."""
         slots = [slot for slot, _ in chunks]
@@ -231,19 +231,19 @@ class Batch:
     chunks: Chunks | None = None
 
     @staticmethod
-    def prefill(cache: KVCache, prompts: list[list[int]], device: torch.device, *, causal: bool = True) -> "Batch":
+    def prefill(cache: KVCache, prompts: list[list[int]], device: torch.device, *, causal: bool = True) -> Batch:
         """New sequences only."""
         part = Prompts.add(cache, prompts, device, causal=causal)
         return Batch(cache, part.input_ids, part.pad_t, None, part, part.last_index)
 
     @staticmethod
-    def decode(cache: KVCache, last_tokens: torch.Tensor) -> "Batch":
+    def decode(cache: KVCache, last_tokens: torch.Tensor) -> Batch:
         """One token for every live slot: last_tokens (B,)."""
         part = Decodes.make(cache, cache.size, 0)
         return Batch(cache, last_tokens, part.positions, part, None, None)
 
     @staticmethod
-    def decode_run(cache: KVCache, last_tokens: torch.Tensor, first: int, padding: int = 0) -> "Batch":
+    def decode_run(cache: KVCache, last_tokens: torch.Tensor, first: int, padding: int = 0) -> Batch:
         """One token for each of slots ``first..first+k-1`` (last_tokens (k,)), plus ``padding``."""
         part = Decodes.make(cache, last_tokens.shape[0], padding, first)
         return Batch(cache, _pad_ids(last_tokens, padding), part.positions, part, None, None)
@@ -251,7 +251,7 @@ class Batch:
     @staticmethod
     def step(cache: KVCache, last_tokens: torch.Tensor, padding: int, prompts: list[list[int]],
              device: torch.device, *, causal: bool = True,
-             chunks: list[tuple[int, list[int]]] = ()) -> "Batch":
+             chunks: list[tuple[int, list[int]]] = ()) -> Batch:
         """Decode rows for slots ``0..k-1`` (last_tokens (k,)) plus ``padding``, new sequences, and
         ``(slot, tokens)`` prompt chunks."""
         if chunks:
@@ -273,7 +273,7 @@ class Batch:
 
     @staticmethod
     def _with_chunks(cache: KVCache, last_tokens: torch.Tensor, padding: int, prompts: list[list[int]],
-                     device: torch.device, chunks: list[tuple[int, list[int]]]) -> "Batch":
+                     device: torch.device, chunks: list[tuple[int, list[int]]]) -> Batch:
         live = last_tokens.shape[0]
         dec = Decodes.make(cache, live, padding) if live or padding else None
         new = Prompts.add(cache, prompts, device, causal=True) if prompts else None

@@ -50,7 +50,7 @@ class ModelArgs:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf_config(cls, flavour: str, c: dict[str, Any]) -> "ModelArgs":
+    def from_hf_config(cls, flavour: str, c: dict[str, Any]) -> ModelArgs:
         if flavour == "opt":
             if not c.get("enable_bias", True) or not c.get("layer_norm_elementwise_affine", True):
                 raise ValueError("OPT without biases or affine layer norms is not supported")
@@ -137,7 +137,7 @@ class GPT(nn.Module):
     def max_positions(self) -> int:
         return self.args.max_position_embeddings
 
-    def fuse_(self, pack: bool = True) -> "GPT":
+    def fuse_(self, pack: bool = True) -> GPT:
         """After loading: pack the projections for the CPU where that helps (``pack`` False: none)."""
         return pack_linears_(self, pack)
 

@@ -41,7 +41,7 @@ class ModelArgs:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -227,7 +227,7 @@ class Llama(nn.Module):
     def max_positions(self) -> int:
         return self.args.max_position_embeddings
 
-    def fuse_(self, pack: bool = True) -> "Llama":
+    def fuse_(self, pack: bool = True) -> Llama:
         """After loading: fuse q/k/v and gate/up into single matmuls (fewer, larger GEMMs), and pack
         every projection for the CPU where that helps (``PackedWeight``; ``pack`` False: none is,
         as when quantized copies will run instead)."""

@@ -49,7 +49,7 @@ class ModelArgs:
     max_positions: int = 512
 
     @classmethod
-    def from_hf_config(cls, c: dict[str, Any]) -> "ModelArgs":
+    def from_hf_config(cls, c: dict[str, Any]) -> ModelArgs:
         proj = c.get("feed_forward_proj", "relu")
         gated = proj.startswith("gated-")
         act = c.get("dense_act_fn") or proj.removeprefix("gated-")

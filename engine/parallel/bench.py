@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
 
     from engine import load_engine
     from engine.api import GenerationRequest, SamplingParams
-    from engine.parallel import GroupShape
     from engine.parallel.group import load_group_engine
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()]

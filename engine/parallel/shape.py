@@ -58,7 +58,7 @@ class GroupShape:
             raise ValueError(f"decode micro-batches must be >= 1, got {self.microbatches}")
 
     @classmethod
-    def parse(cls, tp: str | int = 1, pp: int = 1, layers: str | None = None, microbatches: int = 1) -> "GroupShape":
+    def parse(cls, tp: str | int = 1, pp: int = 1, layers: str | None = None, microbatches: int = 1) -> GroupShape:
         """``--tp T`` (every stage) or ``--tp 2,1`` (one degree per stage), ``--pp P``,
         ``--stage-layers 20,10`` and ``--pp-microbatches M``."""
         degrees = tuple(int(t) for t in str(tp).split(",")) if str(tp).strip() else (1,)
@@ -119,6 +119,6 @@ class GroupShape:
                 "microbatches": self.microbatches}
 
     @classmethod
-    def from_plain(cls, d: dict) -> "GroupShape":
+    def from_plain(cls, d: dict) -> GroupShape:
         layers = d.get("layers")
         return cls(tuple(d["tp"]), tuple(layers) if layers is not None else None, d.get("microbatches", 1))

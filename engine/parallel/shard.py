@@ -15,8 +15,8 @@ Pipeline parallelism: a stage keeps only its layers (the others become ``nn.Iden
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -20,14 +21,13 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from common.names import RESULT_TTL_S, Names
+from common.transport.batchdir import BatchDir
 from services.batch.consumer import ConsumerConfig, JobConsumer, QueueDepthAdmission
 from services.batch.legacy import adopt
 from services.batch.mesh_executor import MeshExecutor
-from common.names import RESULT_TTL_S, Names
-from common.transport.batchdir import BatchDir
 from services.batch.openai_batch import BatchApiError, BatchStore, Caller, Limits, too_large
 from services.gateway import openai_api as oa
-
 
 log = logging.getLogger(__name__)
 

@@ -34,16 +34,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from common.messages.codec import DecodeError
-from common.transport.batchdir import BatchDir
-from common.transport.port import Bus, Delivery, Unroutable, failed, failure_reason
 from common.messages import codec
-from services.batch.executor import Executor, JobFailed, JobOutput
 from common.messages.jobs import BatchJob, JobResult
 from common.names import Names
+from common.transport.batchdir import BatchDir
+from common.transport.port import Bus, Delivery, Unroutable, failed, failure_reason
+from services.batch.executor import Executor, JobFailed, JobOutput
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.api import SamplingParams, Tokenizer
 from common.messages.jobs import BatchJob
+from engine.api import SamplingParams, Tokenizer
 
 
 @dataclass(frozen=True)

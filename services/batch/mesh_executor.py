@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import uuid
 
-from services.batch.executor import JobFailed, JobOutput, prompt_ids
 from common.messages.jobs import BatchJob
+from services.batch.executor import JobFailed, JobOutput, prompt_ids
 from services.gateway.app import ServedModel
 from services.gateway.core import Gateway, Pending, RequestFailed
 

@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from common.messages.jobs import BatchJob, ChatTurn
 from common.messages.work import Sampling
 from engine.api import MAX_TEMPERATURE, MAX_TOP_K
-from common.messages.jobs import BatchJob, ChatTurn
 
 ENDPOINTS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 MAX_TOKENS_DEFAULT = 16

@@ -77,14 +77,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=os.environ.get("EXEGPT_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--json", metavar="FILE", help="write the summary object (the keys the issue names)")
     parser.add_argument("--seed", type=int, default=0)
-    phases = parser.add_argument_group("--phases: traffic in five phases against four meshes (services/bench/phases.py)")
+    phases = parser.add_argument_group("--phases: traffic in five phases against four meshes "
+                                       "(services/bench/phases.py)")
     phases.add_argument("--phases", action="store_true",
                         help="light S, heavy S, T, bursty T, light S again; adaptive vs fixed_first vs default vs "
                         "best_fixed under a TTFT + TPOT SLO (--quick: 15 s phases, one run)")
-    phases.add_argument("--runs", type=int, default=None, help="--phases: runs of the four systems (default 3; --quick 1)")
-    phases.add_argument("--phase-s", type=float, default=None, help="--phases: seconds per phase (default 60; --quick 15)")
-    phases.add_argument("--ttft", type=float, default=None, help="--phases: TTFT p99 bound, s (default: from the profile)")
-    phases.add_argument("--tpot", type=float, default=None, help="--phases: TPOT p99 bound, s (default: from the profile)")
+    phases.add_argument("--runs", type=int, default=None,
+                        help="--phases: runs of the four systems (default 3; --quick 1)")
+    phases.add_argument("--phase-s", type=float, default=None,
+                        help="--phases: seconds per phase (default 60; --quick 15)")
+    phases.add_argument("--ttft", type=float, default=None,
+                        help="--phases: TTFT p99 bound, s (default: from the profile)")
+    phases.add_argument("--tpot", type=float, default=None,
+                        help="--phases: TPOT p99 bound, s (default: from the profile)")
 
 
 @dataclass(frozen=True)
@@ -309,7 +314,8 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
         await asyncio.to_thread(procs.start)
         transports, gateway = await client_of(config, names, stack)
         await transports.bus.declare_fanout(names.control_exchange)
-        control = await transports.bus.subscribe(names.control_exchange, names.control_queue(f"bench-{uuid.uuid4().hex[:6]}"))
+        control = await transports.bus.subscribe(names.control_exchange,
+                                                 names.control_queue(f"bench-{uuid.uuid4().hex[:6]}"))
         t0 = [math.inf]
 
         async def listen() -> None:
@@ -456,7 +462,8 @@ def summarize(runs: list[Run], setup: Setup, args: argparse.Namespace) -> dict:
           f"{args.pairs} pair(s); median [min-max] over the pairs")
     print(f"  re-planned after the shift:   {spread([x - args.before_s for x in replanned])} s, "
           f"{spread([r.requests_until_replan for r in adaptive])} T requests ({len(replanned)}/{len(adaptive)} runs)")
-    print(f"  lost / failed / duplicated:   {summary['lost']} / {sum(r.failed for r in runs)} / {summary['duplicated']}")
+    print(f"  lost / failed / duplicated:   {summary['lost']} / {sum(r.failed for r in runs)} / "
+          f"{summary['duplicated']}")
     print(f"  attainment before (S):        adaptive {spread([f['attainment_before'] for f in fa])}  "
           f"fixed {spread([f['attainment_before'] for f in ff])}")
     print(f"  attainment after (T):         adaptive {spread([f['attainment_after'] for f in fa])}  "

@@ -59,8 +59,8 @@ import re
 import secrets
 import shutil
 import signal
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -467,7 +467,8 @@ class Clients:
                 if record.outcome == "wrong":
                     record.detail = f"{text!r} != {expected!r}"
             elif is_error_body(response):
-                record.outcome, record.detail = "failed", f"{response.status_code}: {response.json()['error']['message']}"
+                record.outcome, record.detail = ("failed",
+                                                 f"{response.status_code}: {response.json()['error']['message']}")
             else:
                 record.outcome, record.detail = "unclear", f"{response.status_code}: {response.text[:200]}"
             break

@@ -154,8 +154,7 @@ def sustained(sc, verified, bound: float) -> float:
 
 def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, verify: bool,
               with_sustained: bool = False) -> Row:
-    from optimizer.search import BASELINES, PRODUCT_POLICIES, SEARCH_POLICIES, branch_and_bound, exhaustive
-    from optimizer.search import space_size
+    from optimizer.search import BASELINES, PRODUCT_POLICIES, SEARCH_POLICIES, branch_and_bound, exhaustive, space_size
     from optimizer.verify import verified_pick
     from services.cli.plan import describe
 

@@ -138,13 +138,14 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
     """The calibration schedules (``schedules.calibration_schedules``) on task S and task T on a
     mesh of these processes; the workers' step records fit the calibrated cost model (returned as
     the scheduler stores it)."""
+    import msgpack
+
     from common.config import MeshConfig
     from optimizer.calibration import Calibration
     from optimizer.lengths import scaled_task
     from optimizer.verify import outstanding
     from services.bench.schedules import Bench, Load, Processes, calibration_schedules, niced_services, scenario
     from services.scheduler.calibrate import observe
-    import msgpack
 
     config = MeshConfig(namespace=f"bench-cal-{uuid.uuid4().hex[:8]}", amqp_url=args.amqp_url,
                         redis_url=args.redis_url, model=MODEL, device="cpu", threads=1,
@@ -165,7 +166,8 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
                 schedules = calibration_schedules(args.max_batch)
                 count = {s: max(least, math.ceil(waves * outstanding(s))) for s in schedules}
                 for i, task in enumerate(("S", "T")):
-                    load = Load.draw(scaled_task(task, args.scale), max(count.values()), args.seed + 100 + i, f"cal{task}")
+                    load = Load.draw(scaled_task(task, args.scale), max(count.values()), args.seed + 100 + i,
+                                     f"cal{task}")
                     for schedule in schedules:
                         await bench.pin(schedule)
                         bench.runs += 1
@@ -413,7 +415,7 @@ def print_table(objects: list[dict], setup: Setup) -> None:
             if not rows:
                 continue
 
-            def cell(key: str, scale: float = 1.0, fmt: str = ".3g") -> str:
+            def cell(key: str, scale: float = 1.0, fmt: str = ".3g", *, rows: list[dict] = rows) -> str:
                 xs = [o[key] * scale for o in rows if o[key] is not None]
                 if not xs:
                     return "-"

@@ -50,10 +50,10 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2"
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def progress(rows: list["Row"], digest: str, args: argparse.Namespace) -> None:
+def progress(rows: list[Row], digest: str, args: argparse.Namespace) -> None:
     """After each task: its table, and the JSON so far (a long run stopped early keeps what it measured)."""
     if rows:
         print_rows([r for r in rows if r.task == rows[-1].task], digest, args.scale)
@@ -286,7 +286,7 @@ class Load:
     probes: frozenset[str]
 
     @staticmethod
-    def draw(workload, n: int, seed: int, tag: str) -> "Load":
+    def draw(workload, n: int, seed: int, tag: str) -> Load:
         from optimizer.verify import ProbeLoad
 
         drawn = ProbeLoad.draw(workload, n, seed, tag)
@@ -298,13 +298,13 @@ class Load:
 
         return tuple(SimRequest(i, a, b) for i, a, b in zip(self.ids, self.input_lens, self.output_lens))
 
-    def renamed(self, run: int) -> "Load":
+    def renamed(self, run: int) -> Load:
         """The same requests under ids of their own (every run's requests finish once each)."""
         name = lambda i: f"{i}-r{run}"  # noqa: E731
         return Load(tuple(map(name, self.ids)), self.input_lens, self.output_lens,
                     frozenset(map(name, self.probes)))
 
-    def first(self, n: int) -> "Load":
+    def first(self, n: int) -> Load:
         ids = self.ids[:n]
         return Load(ids, self.input_lens[:n], self.output_lens[:n], self.probes & frozenset(ids))
 
@@ -578,7 +578,8 @@ def exegpt_plan(sc, bound: float, max_batch: int, verify: bool = True):
         return branch_and_bound(sc, bound, policies, space).best
 
     best, anything = pick(SEARCH_POLICIES), pick(POLICY_SETS["any"])
-    print(f"  plan for bound {bound:.2f} s{' (verified)' if verify else ''}: {describe(best.schedule) if best else '-'}; "
+    print(f"  plan for bound {bound:.2f} s{' (verified)' if verify else ''}: "
+          f"{describe(best.schedule) if best else '-'}; "
           f"product (every policy): {describe(anything.schedule) if anything else '-'}",
           file=sys.stderr, flush=True)
     return tuple(None if c is None else c.schedule for c in (best, anything))
@@ -658,8 +659,8 @@ async def bench(args: argparse.Namespace, plans: list[Plan], profile: Path, clus
         with niced_services() as niced:
             procs.start()  # before this process lowers its own priority: the workers keep theirs
             os.nice(NICE)
-            print(f"niced: {', '.join(f'{name} ({pid})' for pid, name in niced) or 'nothing (not permitted)'}, this client and the scheduler; "
-                  "workers pinned to cores 0 and 1", flush=True)
+            print(f"niced: {', '.join(f'{name} ({pid})' for pid, name in niced) or 'nothing (not permitted)'}, "
+                  "this client and the scheduler; workers pinned to cores 0 and 1", flush=True)
             async with AsyncExitStack() as stack:
                 client = Bench(config, stack)
                 await client.start()
@@ -697,15 +698,16 @@ def print_rows(rows: list[Row], digest: str, scale: float) -> None:
 
     print(f"\nSmolLM2-135M, 2 workers x 1 thread; lengths x{scale:g}; profile {digest}; "
           "measured = median over repetitions (spread min..max); error = (predicted - measured) / measured")
-    head = (f"{'task':<4} {'bound':<5} {'bound s':>7} {'system':<10} {'seq/s':>6} {'spread':>11} {'pred':>6} {'err':>6} "
-            f"{'lat s':>6} {'spread':>11} {'pred':>6} {'err':>6} {'ok':>3}  schedule")
+    head = (f"{'task':<4} {'bound':<5} {'bound s':>7} {'system':<10} {'seq/s':>6} {'spread':>11} {'pred':>6} "
+            f"{'err':>6} {'lat s':>6} {'spread':>11} {'pred':>6} {'err':>6} {'ok':>3}  schedule")
     print(head)
     print("-" * len(head))
     for r in rows:
         m = r.measured
         bound = "inf" if math.isinf(r.bound_s) else f"{r.bound_s:7.2f}"
-        print(f"{r.task:<4} {r.bound_label:<5} {bound:>7} {r.system:<10} {m.throughput:6.2f} {_spread(m.throughputs):>11} "
-              f"{m.predicted[0]:6.2f} {_err(m.throughput, m.predicted[0])} {m.latency:6.2f} {_spread(m.latencies):>11} "
+        print(f"{r.task:<4} {r.bound_label:<5} {bound:>7} {r.system:<10} {m.throughput:6.2f} "
+              f"{_spread(m.throughputs):>11} {m.predicted[0]:6.2f} {_err(m.throughput, m.predicted[0])} "
+              f"{m.latency:6.2f} {_spread(m.latencies):>11} "
               f"{m.predicted[1]:6.2f} {_err(m.latency, m.predicted[1])} {'yes' if r.meets_bound else 'no':>3}  "
               f"{describe(r.schedule)}")
     print_summary(rows)

@@ -207,7 +207,7 @@ class StepTimer:
 
         params = SamplingParams(max_tokens=self.a.output_tokens, temperature=0.0, ignore_eos=True)
         times: list[float] = []
-        for attempt in range(2):  # the first pass warms up
+        for _ in range(2):  # the first pass warms up
             self.count += 1
             requests = [GenerationRequest(f"s{self.count}-{i}", self.prompt_ids(i), params) for i in range(n)]
             self.engine.prefill(requests)
@@ -361,7 +361,8 @@ def print_table(rows: list[Row], a: argparse.Namespace, llama: str | None) -> No
     for row in rows:
         print(f"| {row.server} | {row.concurrency} | {row.spread('output_tok_s')} | {row.spread('ttft_p50_s', 1, 2)} "
               f"| {row.spread('itl_p50_s', 1000)} | {row.spread('engine_step_s', 1000)} "
-              f"| {row.spread('served_step_s', 1000)} | {row.spread('around_engine_s', 1000)} | {_itl_ratio(row)} | {row.spread('rss_peak_bytes', 1e-9, 2)} "
+              f"| {row.spread('served_step_s', 1000)} | {row.spread('around_engine_s', 1000)} | {_itl_ratio(row)} "
+              f"| {row.spread('rss_peak_bytes', 1e-9, 2)} "
               f"| {_vs_llama(row, rows)} |")
     if llama is None:
         for c in sorted({r.concurrency for r in rows}):

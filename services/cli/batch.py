@@ -117,11 +117,10 @@ class _Conn:
     def __init__(self, config: Any) -> None:
         self.config = config
 
-    async def __aenter__(self) -> "_Conn":
-        from common.transport.connect import LocalHub, open_bus, open_store
+    async def __aenter__(self) -> _Conn:
         from common.names import Names
-
         from common.transport.batchdir import BatchDir
+        from common.transport.connect import LocalHub, open_bus, open_store
 
         self.names = Names(self.config.namespace)
         self.data = BatchDir(self.config.batch_dir, self.config.namespace)
@@ -300,12 +299,12 @@ def _load_served_model(args: argparse.Namespace, config: Any) -> Any:
 
 
 async def _worker(args: argparse.Namespace, config: Any) -> int:
-    from common.transport.connect import LocalHub, open_transports
-    from services.batch.consumer import Admission, ConsumerConfig, JobConsumer, QueueDepthAdmission
     from contextlib import AsyncExitStack
 
     from common.names import Names
     from common.transport.batchdir import BatchDir
+    from common.transport.connect import LocalHub, open_transports
+    from services.batch.consumer import Admission, ConsumerConfig, JobConsumer, QueueDepthAdmission
     from services.batch.executor import EchoExecutor
 
     worker_id = args.worker_id or f"batch-{socket.gethostname()}-{os.getpid()}"

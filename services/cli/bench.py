@@ -8,8 +8,8 @@ bad argument as a ``ValueError``; the mesh's (``services.bench``) raise ``CliErr
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 from common.cli import CliError
 

@@ -8,7 +8,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 from common.cli import CliError
 from services.scheduler.planning import POLICY_SETS, cluster_named, model_shape, profiled_dtype_bytes
@@ -183,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         result = search(sc, args.latency_bound, POLICY_SETS[args.policy], space)
     elapsed = time.perf_counter() - start
     if result.best is None:
-        simulated = " when simulated (searched down to a {:.3g} s bound)".format(verified.searched_bound_s) \
+        simulated = f" when simulated (searched down to a {verified.searched_bound_s:.3g} s bound)" \
             if verified else ""
         raise CliError(f"no schedule (policy {args.policy}) of {args.model} on {args.devices} devices "
                        f"meets the {args.latency_bound:g} s latency bound{simulated} and fits in memory")
@@ -249,7 +248,8 @@ def _as_text(result, elapsed: float, method: str, bound: float, verified=None) -
         sim = verified.simulated
         tightened = "" if verified.searches == 1 else \
             f"; {verified.searches} searches, the last under a {verified.searched_bound_s:.3g} s bound"
-        lines.append(f"simulated: {sim.throughput_seq_s:.1f} seq/s  p99-length latency {sim.p99_length_latency_s:.3f} s "
+        lines.append(f"simulated: {sim.throughput_seq_s:.1f} seq/s  "
+                     f"p99-length latency {sim.p99_length_latency_s:.3f} s "
                      f"(saturated closed loop, p99-length probes{tightened})")
     return "\n".join([
         f"schedule:  {describe(result.best.schedule)}",
@@ -268,8 +268,16 @@ def _run_queueing(args, sc, space) -> int:
     requests within the bound at that arrival process, checked in the simulator."""
     import numpy as np
 
-    from optimizer.queueing import (TARGET, QueueingPlan, arrival_times, candidates, check, offered_rate, requests_at,
-                                    requests_from_trace)
+    from optimizer.queueing import (
+        TARGET,
+        QueueingPlan,
+        arrival_times,
+        candidates,
+        check,
+        offered_rate,
+        requests_at,
+        requests_from_trace,
+    )
     from optimizer.search import branch_and_bound, exhaustive
 
     if args.requests < 10:

@@ -221,7 +221,7 @@ def _measured_handoff(args: argparse.Namespace):
             except NixlUnavailable as exc:
                 raise CliError(f"{exc} (exegpt profile --kv-transport redis measures the Redis path)") from exc
         probe = asyncio.run(measure_handoff(args.amqp_url, args.redis_url))
-    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, ConnectionError) as exc:
         raise CliError(f"cannot measure the hand-off path ({args.amqp_url}, {args.redis_url}): {exc}") from exc
     return Link("redis+rabbitmq", probe.bandwidth_Bps, probe.latency_s, probe.describe())
 

@@ -34,7 +34,8 @@ from services.gateway.core import Gateway
 
 class BoundBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    latency_bound_s: StrictFloat | None = Field(..., json_schema_extra={"exclusiveMinimum": 0})  # required; null: no bound
+    # required; null: no bound
+    latency_bound_s: StrictFloat | None = Field(..., json_schema_extra={"exclusiveMinimum": 0})
 
 
 class SloBody(BaseModel):

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
 
 from common.config import MeshConfig
 from services.gateway.core import Pending
@@ -71,7 +71,7 @@ class Ticket:
     slots: int
     tokens: int
     pendings: list[Pending] | None = None  # None until submitted: every slot counts
-    admission: "Admission | None" = None
+    admission: Admission | None = None
     cancelled: bool = False
 
     def live(self, is_live: Callable[[str], bool]) -> int:

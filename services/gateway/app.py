@@ -12,9 +12,10 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,8 +28,8 @@ from common.messages.work import Sampling
 from common.names import Names
 from common.tracing import TRACEPARENT, TRACESTATE, Tracing, tracing_for
 from common.transport.connect import LocalHub, open_transports
+from common.transport.errors import is_outage
 from engine.api import Tokenizer
-from services.run.engines import is_factory_spec, load_engine, served_model_name
 from services.gateway import openai_api as oa
 from services.gateway.admin import admin_router, schedule_records
 from services.gateway.admission import Admission, Refused, Ticket
@@ -37,10 +38,10 @@ from services.gateway.core import Gateway, Pending, RequestFailed
 from services.gateway.dashboard import Dashboard, dashboard_router
 from services.gateway.keys import RequireKeys, load_keys
 from services.gateway.metrics import Metrics
-from common.transport.errors import is_outage
 from services.gateway.outage import AnswerOutages
 from services.gateway.plugins import Lifespan
 from services.ops import RETRY_AFTER_S, roles_covered, transport_checks
+from services.run.engines import is_factory_spec, load_engine, served_model_name
 from services.scheduler.gauges import SchedulerMetrics
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
     return app
 
 
-def openapi_document(app: FastAPI, served: "ServedModel", config: MeshConfig) -> dict[str, Any]:
+def openapi_document(app: FastAPI, served: ServedModel, config: MeshConfig) -> dict[str, Any]:
     """FastAPI's document, less the 422 it adds to every route with a body or parameters: the
     gateway answers invalid input with a 400 in the OpenAI error shape (declared per route).
     ``model`` names the one model served as its only valid value, ``max_tokens`` the largest it
@@ -427,8 +428,8 @@ def completion_prompt(body: oa.CompletionBody, model: ServedModel, max_chars: in
         vocab = getattr(model.tokenizer, "vocab_size", None)
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside this model's vocabulary (0 to {vocab - 1 if vocab else '...'})",
-                           param="prompt")
+            raise ApiError(400, f"token id {bad[0]} is outside this model's vocabulary "
+                                f"(0 to {vocab - 1 if vocab else '...'})", param="prompt")
         return list(prompt)  # type: ignore[arg-type]
     if isinstance(prompt, list):
         if len(prompt) != 1:

@@ -17,7 +17,7 @@ limit of its own) get the body as it comes.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -66,7 +66,7 @@ class BoundBodies:
             body = await asyncio.wait_for(self._read(receive), self.timeout_s)
         except TooLarge:
             return await too_large(self.max_bytes)(scope, receive, send)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return await too_slow(self.timeout_s)(scope, receive, send)
         if body is not None:  # None: the client left before it finished sending
             await self.app(scope, replayed(body, receive), send)

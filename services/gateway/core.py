@@ -12,8 +12,9 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, assert_never
+from typing import assert_never
 
 from common.config import MeshConfig
 from common.lifecycle import Stage, Timeline
@@ -97,7 +98,7 @@ class Pending:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), max(deadline - time.monotonic(), 0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise RequestFailed(504, f"no result within {timeout_s:g} s") from None
             item = self._out.popleft()
             if isinstance(item, Failure):
@@ -161,7 +162,7 @@ class Gateway:
         while True:
             try:
                 await asyncio.wait_for(self._lost.wait(), self.config.topology_check_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass  # the periodic check: a queue deleted while nobody published or consumed
             try:
                 if not self._lost.is_set() and await self._all_exist():

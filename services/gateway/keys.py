@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope as AsgiScope, Send
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as AsgiScope
 
 from common.config import MeshConfig
 from services.gateway import openai_api as oa

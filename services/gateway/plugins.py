@@ -8,9 +8,10 @@ background tasks find the ``Gateway`` at ``app.state.gateway``). List the module
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 

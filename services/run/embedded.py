@@ -11,9 +11,9 @@ import asyncio
 import sys
 import traceback
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from common.config import MeshConfig
 from common.names import Names

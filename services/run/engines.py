@@ -14,9 +14,9 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from common.config import MeshConfig
 from engine.api import Engine
@@ -120,7 +120,7 @@ class EngineRunner:
         self.governor = ThreadGovernor(threads) if threads is not None and threads > 1 else None
 
     @classmethod
-    async def loaded(cls, load: Callable[[], Engine]) -> "EngineRunner":
+    async def loaded(cls, load: Callable[[], Engine]) -> EngineRunner:
         """A runner whose engine ``load()`` built on the runner's own thread."""
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         loop = asyncio.get_running_loop()

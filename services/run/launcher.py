@@ -93,7 +93,7 @@ class Child:
     started_at: float = field(default_factory=time.monotonic)
     restart_at: float | None = None  # a restart waiting for its backoff
     ready_line: str | None = None
-    lines: "Queue[str | None]" = field(default_factory=Queue)
+    lines: Queue[str | None] = field(default_factory=Queue)
     liveness: Path | None = None  # the file it touches while alive
     standby: bool = False  # a spare, waiting to be woken
     ready: threading.Event = field(default_factory=threading.Event)  # it printed its ready line

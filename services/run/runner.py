@@ -8,8 +8,9 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Protocol
+from typing import Any, Protocol
 
 from common.config import MeshConfig
 from common.names import Names

@@ -9,8 +9,8 @@ workers WAA cannot run: the schedule falls back to continuous batching with the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
 
 from common.messages.control import RoleAssignment
 from optimizer.schedule import Schedule

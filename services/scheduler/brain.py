@@ -30,8 +30,8 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 
@@ -45,8 +45,7 @@ from optimizer.slo import Slo, SloFigures, figures
 from optimizer.stats import StreamingStats
 from optimizer.traffic import SHORT_S, Forecast, Weighed, forecast
 from services.scheduler.calibrate import StepCalibrator, points
-from services.scheduler.planning import (Plan, Planner, better, better_for_traffic, prior_workload,
-                                         reference_sample)
+from services.scheduler.planning import Plan, Planner, better, better_for_traffic, prior_workload, reference_sample
 
 SEEN_MAX = 20_000  # request ids remembered to skip finish records already counted
 WINDOW_MAX = 500  # newest finished requests since the last plan that a search on observations uses

@@ -10,7 +10,7 @@ store (``names.calibration``) so that a new leader starts calibrated.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import msgpack
 

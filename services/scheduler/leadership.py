@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from common.names import Names
 from common.transport.port import Store

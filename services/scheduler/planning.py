@@ -230,7 +230,8 @@ class Planner:
         in_force = next((w for w in traffic.weighed if w.schedule == current), None)
         plan = Plan(best.schedule, thr, lat, traffic.reaches_target, workers, time.perf_counter() - start,
                     traffic.searches, forecast.rate_per_s, forecast.cv, best.attainment, best.slo.ttft_s,
-                    best.slo.tpot_s, best.slo.pressure, raw_thr, raw_lat, raw_att, calibration, candidate_figures(traffic))
+                    best.slo.tpot_s, best.slo.pressure, raw_thr, raw_lat, raw_att, calibration,
+                    candidate_figures(traffic))
         return plan, in_force
 
     def evaluate(self, schedule: Schedule, workload: Workload, workers: int,

@@ -17,19 +17,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 from common.config import MeshConfig
 from common.messages import codec
-from common.messages.control import PinSchedule, Replan, ScheduleUpdate, SchedulerRequest, SetBound, SetSlo
+from common.messages.control import PinSchedule, Replan, SchedulerRequest, ScheduleUpdate, SetBound, SetSlo
 from common.messages.status import LengthSample, SchedulerState, StatusMessage, WorkerStatus
 from common.names import OUTPUT_LENGTHS_MAX, Names
 from common.transport.connect import Transports

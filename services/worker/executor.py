@@ -9,8 +9,9 @@ loop keeps receiving and publishing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from engine.api import Engine, EngineBroken, GenerationRequest, KVHandoff, PromptChunk, RequestRejected, TokenEvent
 from optimizer.policies import StepPlan
@@ -67,14 +68,14 @@ class Joining:
     def ids(self) -> set[str]:
         return {r.request_id for r in self.new} | {c.request.request_id for c in self.chunks}
 
-    def without(self, request_id: str, engine: Engine) -> "Joining":
+    def without(self, request_id: str, engine: Engine) -> Joining:
         """Less ``request_id``; the part of its prompt a chunked prefill put in the cache goes."""
         if any(c.request.request_id == request_id and c.start > 0 for c in self.chunks):
             engine.abort(request_id)
         return Joining([r for r in self.new if r.request_id != request_id],
                        [c for c in self.chunks if c.request.request_id != request_id])
 
-    def alone(self) -> list[tuple[str, "Joining"]]:
+    def alone(self) -> list[tuple[str, Joining]]:
         return ([(r.request_id, Joining([r], [])) for r in self.new]
                 + [(c.request.request_id, Joining([], [c])) for c in self.chunks])
 

@@ -12,8 +12,8 @@ A fresh store has a later epoch, so its version 1 follows version 57 of the stor
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from common.messages.control import ScheduleUpdate
 from optimizer.policies import Role

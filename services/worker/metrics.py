@@ -8,7 +8,7 @@ version in force, requests running, and the KV cache's use.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -30,7 +30,7 @@ def step_phase(plan: StepPlan) -> str:
 
 
 class WorkerMetrics:
-    def __init__(self, state: Callable[[], "WorkerState"]) -> None:
+    def __init__(self, state: Callable[[], WorkerState]) -> None:
         self.registry = r = CollectorRegistry()
         self.batch_size = Histogram("exegpt_worker_batch_size", "Requests per step, by phase (encode: "
                                     "prompts prefilled; decode: requests advanced one token)",

@@ -54,14 +54,14 @@ class Held:
     credit: bool = False  # holds a decode credit (an encoder took one to encode it; a decoder's hand-off)
 
     @staticmethod
-    def from_work(delivery: Delivery, work: EncodeWork) -> "Held":
+    def from_work(delivery: Delivery, work: EncodeWork) -> Held:
         return Held(delivery, work.request_id, work.reply_to, work.stream, work.submitted_at,
                     work.prompt_ids, work.sampling, work=work,
                     generated=list(work.resume_ids), emitted=work.resume_text,
                     deadline=deadline_of(delivery.headers))
 
     @staticmethod
-    def from_handoff(delivery: Delivery, ready: KvReady, handoff: KVHandoff) -> "Held":
+    def from_handoff(delivery: Delivery, ready: KvReady, handoff: KVHandoff) -> Held:
         return Held(delivery, ready.request_id, ready.reply_to, ready.stream, ready.submitted_at,
                     handoff.prompt_ids, handoff.params, ready=ready, handoff=handoff,
                     generated=list(handoff.generated_ids), emitted=handoff.emitted_text,

@@ -37,17 +37,34 @@ from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
 from common.transport.kv import CorruptPayload
-from common.transport.port import (DEAD_HEADERS, REENCODED_HEADER, Delivery, NameTooLong, Subscription, Unroutable, check_name,
-                                   failed, tell)
+from common.transport.port import (
+    DEAD_HEADERS,
+    REENCODED_HEADER,
+    Delivery,
+    NameTooLong,
+    Subscription,
+    Unroutable,
+    check_name,
+    failed,
+    tell,
+)
 from engine.api import EngineBroken, KVHandoff
 from optimizer.driver import Driver, StepOutcome
-from optimizer.policies import (DrainPolicy, IdlePolicy, QueuedRequest, Role, RunningRequest, StepPlan, fused_steps,
-                                make_policy)
+from optimizer.policies import (
+    DrainPolicy,
+    IdlePolicy,
+    QueuedRequest,
+    Role,
+    RunningRequest,
+    StepPlan,
+    fused_steps,
+    make_policy,
+)
 from optimizer.schedule import Schedule
-from services.worker.costs import StepSampler, step_cost
-from services.worker.credits import Credits
 from services.run.engines import EngineRunner, group_shape
 from services.run.threads import step_key
+from services.worker.costs import StepSampler, step_cost
+from services.worker.credits import Credits
 from services.worker.executor import StepResult, run_step
 from services.worker.follower import ScheduleFollower
 from services.worker.mailbox import Inbox, Outbox
@@ -646,7 +663,8 @@ class Worker:
             for rid in plan.encode:
                 self.held[rid].credit = True
         try:
-            prompt_tokens = sum(len(prompts[rid].prompt_ids) for rid in plan.encode) + sum(c.length for c in plan.chunks)
+            prompt_tokens = (sum(len(prompts[rid].prompt_ids) for rid in plan.encode)
+                             + sum(c.length for c in plan.chunks))
             result = await self.runner.step(step_key(prompt_tokens, len(plan.decode) + len(plan.admit)), run_step,
                                             self.runner.engine, plan, prompts, handoffs,
                                             self.kv.export_buffer if self.role == "encoder" else None)

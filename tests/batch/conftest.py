@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.brokers import AMQP_URL, REDIS_URL
-
 from common.config import MeshConfig
+from common.names import Names
 from common.transport.batchdir import BatchDir
 from common.transport.connect import LocalHub, open_bus, open_store
 from common.transport.port import Bus, Store
-from common.names import Names
+from tests.brokers import AMQP_URL, REDIS_URL
 
 
 @pytest.fixture

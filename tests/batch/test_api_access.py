@@ -1,7 +1,6 @@
 """The Batch API's owners, limits and strict bodies: a gateway without a model, jobs run by the
 echo executor (both transports)."""
 
-import asyncio
 import contextlib
 import json
 

@@ -11,26 +11,24 @@ import time
 
 import httpx
 import pytest
-
-from tests.brokers import need
 import redis
 from redis import asyncio as aioredis
 
 from common.config import MeshConfig
-from common.names import Names
-from common.transport.connect import LocalHub
-from services.batch.api import batch_lifespan, batch_router
 from common.jobs import job_id
 from common.messages import codec
 from common.messages.jobs import JobResult
+from common.names import Names
 from common.transport.batchdir import BatchDir
-from common.transport.connect import open_store
+from common.transport.connect import LocalHub, open_store
+from engine.parallel.procs import free_port
+from services.batch.api import batch_lifespan, batch_router
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
 from services.batch.openai_batch import BatchApiError, Caller
 from services.gateway import ServedModel, create_app
 from tests.batch.conftest import run_jobs
-from engine.parallel.procs import free_port
+from tests.brokers import need
 
 MODEL = "tiny-llama"
 START_TIMEOUT_S = 30
@@ -251,9 +249,10 @@ async def test_batches_an_earlier_version_kept_in_the_store_move_to_the_folder(o
     names, batch_id, created = Names("legacy"), "batch_" + "ab" * 12, "1700000000"
     content = batch_lines(2)  # two requests and a broken line
     store = await open_store(config)
-    await store.set_with_hash(names.legacy_file_content("file-in"), content, names.legacy_file_meta_prefix + "file-in", {
-        "filename": "in.jsonl", "purpose": "batch", "bytes": str(len(content)), "created_at": created,
-        "owner": ""}, ttl_s=600)
+    await store.set_with_hash(names.legacy_file_content("file-in"), content,
+                              names.legacy_file_meta_prefix + "file-in",
+                              {"filename": "in.jsonl", "purpose": "batch", "bytes": str(len(content)),
+                               "created_at": created, "owner": ""}, ttl_s=600)
     for file_id, kind in (("file-out", "output"), ("file-err", "errors")):
         await store.hset(names.legacy_file_meta_prefix + file_id, {
             "owner": "", "batch_id": batch_id, "kind": kind, "purpose": "batch_output",

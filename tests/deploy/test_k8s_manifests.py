@@ -12,9 +12,10 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -339,7 +340,7 @@ def container_env(c: dict[str, Any]) -> dict[str, str]:
         env |= named("ConfigMap", source["configMapRef"]["name"])["data"]
     for item in c.get("env", []):
         if "value" in item:
-            def expand(match: re.Match[str]) -> str:
+            def expand(match: re.Match[str], *, item: dict[str, Any] = item) -> str:
                 assert match.group(1) in env, f"{item['name']}: $({match.group(1)}) is not defined before it"
                 return env[match.group(1)]
             env[item["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", expand, item["value"])

@@ -112,7 +112,8 @@ def test_random_schedule_of_joins_aborts_and_handoffs(make_engine, name):
             params.update(temperature=0.9, top_k=rnd.choice([0, 30]), seed=i)
         prompt = [rnd.randrange(256) for _ in range(rnd.randint(1, 30))]
         if i % 4 == 1:  # a stop string taken from the middle of what this request would say
-            text = run_to_end(engines[0], [req("probe", prompt, **{**params, "max_tokens": 40, "ignore_eos": True})]).text["probe"]
+            text = run_to_end(engines[0],
+                              [req("probe", prompt, **{**params, "max_tokens": 40, "ignore_eos": True})]).text["probe"]
             chars = [c for c in text[len(text) // 2:] if c != "\ufffd"]
             params.update(stop=tuple(chars[:1]) + ("never said",), max_tokens=40)
         requests.append(req(f"q{i}", prompt, **params))

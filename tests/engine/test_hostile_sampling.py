@@ -11,8 +11,17 @@ import pytest
 import torch
 
 import engine.engine as engine_module
-from engine.api import (MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS, MAX_TOP_K, SEED_RANGE, GenerationRequest, PromptChunk,
-                        RequestRejected, SamplingParams)
+from engine.api import (
+    MAX_LOGPROBS,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    MAX_TOP_K,
+    SEED_RANGE,
+    GenerationRequest,
+    PromptChunk,
+    RequestRejected,
+    SamplingParams,
+)
 from tests.engine.conftest import Collector, run_to_end
 from tests.engine.test_step import assert_same_state, snapshot
 
@@ -68,8 +77,9 @@ def test_a_step_failing_after_its_forward_pass_is_undone(make_engine, monkeypatc
     sampler as they were, the new request never joined, and everyone's text is that of a solo
     run once the step is taken again."""
     rnd, llama = random.Random(5), make_engine(name)
-    requests = [GenerationRequest(f"r{i}", prompt(rnd), SamplingParams(max_tokens=10, ignore_eos=True,
-                                                                       **({"temperature": 0.9, "seed": i} if i % 2 else {})))
+    requests = [GenerationRequest(f"r{i}", prompt(rnd),
+                                  SamplingParams(max_tokens=10, ignore_eos=True,
+                                                 **({"temperature": 0.9, "seed": i} if i % 2 else {})))
                 for i in range(5)]
     solo = {r.request_id: run_to_end(llama, [r]) for r in requests}
     out = Collector()

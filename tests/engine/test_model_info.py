@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import need_smollm2
-
 from engine import load_engine, load_tokenizer
+from tests.brokers import need_smollm2
 
 TEXTS = ["The capital of France is", "  spaces, digits 12345 and émojis 🙂\n<|im_end|> tail", "x"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]

@@ -114,7 +114,8 @@ def test_gpt2_folder_matches_transformers(make_engine, models_dir, tmp_path):
 
 def test_tiny_t5_matches_transformers(make_engine, models_dir):
     engine = make_engine("tiny-t5")
-    hf = transformers.T5ForConditionalGeneration.from_pretrained(str(models_dir / "tiny-t5"), dtype=torch.float32).eval()
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(str(models_dir / "tiny-t5"),
+                                                                 dtype=torch.float32).eval()
     prompt = list(b"translate: the oracle speaks")
     tokens, ours = our_logits(engine, prompt, GREEDY_TOKENS)
     start = hf.config.decoder_start_token_id

@@ -60,8 +60,7 @@ def test_the_nixl_link_is_measured_between_two_worker_processes():
     require_broker()
     from optimizer.cluster import Link
     from services.bench.handoff import nixl_link
-    from tests.brokers import need
-    from tests.brokers import nixl_loads
+    from tests.brokers import need, nixl_loads
 
     need(nixl_loads(), "NIXL (nixl-cu12) cannot load")
     link = Link(*nixl_link(AMQP_URL, REDIS_URL, sizes_bytes=(64 << 10, 4 << 20), runs=2))

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.brokers import need_smollm2
-
 from engine.model_info import model_dimensions
 from services.scheduler.planning import PlanningError, model_shape
+from tests.brokers import need_smollm2
 
 
 def _module_dims(engine):

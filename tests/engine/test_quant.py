@@ -16,8 +16,17 @@ import torch
 from engine import load_engine
 from engine.kv_cache import KVCache
 from engine.models.common import Batch, PackedWeight
-from engine.quant import (INT4_GROUP, Fp16Weight, Int4Grid, Int4Weight, Int8Weight, can_int4, check_mode,
-                          quantize_, quantized_bytes)
+from engine.quant import (
+    INT4_GROUP,
+    Fp16Weight,
+    Int4Grid,
+    Int4Weight,
+    Int8Weight,
+    can_int4,
+    check_mode,
+    quantize_,
+    quantized_bytes,
+)
 from tests.engine.conftest import req, run_to_end
 
 # ---- kernels --------------------------------------------------------------------------------------

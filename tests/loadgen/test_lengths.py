@@ -3,10 +3,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.brokers import need
-
 from loadgen.lengths import TASKS, fixed_lengths, load_lengths_file, scale_lengths, task_lengths
 from loadgen.trace import load_trace
+from tests.brokers import need
 
 TRACE = Path(__file__).resolve().parents[2] / ".." / "shared" / "traces" / "azure-llm-2023-conv.csv"
 

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from tests.brokers import need_smollm2
-
 from loadgen.prompts import WORDS, approx_prompt, exact_prompt, make_prompts
+from tests.brokers import need_smollm2
 
 
 def test_approx_prompt_has_one_word_per_token():

@@ -8,8 +8,8 @@ the model spec ``tests.mesh.fake_engine:load``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from engine.api import GenerationRequest, KVHandoff, PromptChunk, TokenEvent
 

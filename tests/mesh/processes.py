@@ -19,7 +19,7 @@ READY_TIMEOUT_S = 120.0
 class Proc:
     role: str
     popen: subprocess.Popen[str]
-    lines: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
+    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
     output: list[str] = field(default_factory=list)
 
     def wait_line(self, prefix: str, timeout_s: float = READY_TIMEOUT_S) -> str:

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import math
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -26,8 +26,7 @@ from optimizer.schedule import MINIMUMS, POLICIES, Schedule
 from services.cli import main
 from services.cli import schedule as schedule_cli
 from services.gateway import ServedModel, create_app
-from services.gateway.keys import (KeyRing, check_exposure, hash_key, load_keys, parse_keys_file,
-                                   required_scope)
+from services.gateway.keys import KeyRing, check_exposure, hash_key, load_keys, parse_keys_file, required_scope
 from services.gateway.plugins import load_plugins
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import FakeEngine, load
@@ -235,7 +234,8 @@ async def test_replan_asks_the_scheduler(config, hub):
 
 async def test_pin_validates_and_asks_the_scheduler(config, hub):
     async with gateway_app(config, hub) as client:
-        for schedule, param in (({"policy": "fastest"}, "schedule.policy"), ({"encode_batch": 0}, "schedule.encode_batch"),
+        for schedule, param in (({"policy": "fastest"}, "schedule.policy"),
+                                ({"encode_batch": 0}, "schedule.encode_batch"),
                                 ({"encode_batch": 2**64}, "schedule.encode_batch"),
                                 ({"colour": "red"}, "schedule.colour")):
             bad = await client.put("/admin/schedule/pin", json={"schedule": schedule})
@@ -303,7 +303,8 @@ async def test_schedule_show_prints_a_summary_or_the_json(config, hub, capsys):
         for part in ("schedule v7", "policy waa-c", "B_E 4", "B_D 8", "N_D 1", "w-1=encoder, w-2=decoder",
                      "end-to-end bound (p99-length request): 2.5 s", "TTFT p99 <= 1.5 s", "TPOT p99 <= 80 ms",
                      "3.5 requests/s forecast", "predicted 99.5% (raw profile 90.0%), observed 97.0%",
-                     "decode ~11 tok x1.18", "->waa-c B_E 4 B_D 8", "continuous B_E 8 B_D 32", "ALERT", "basis: observed: 312 requests",
+                     "decode ~11 tok x1.18", "->waa-c B_E 4 B_D 8", "continuous B_E 8 B_D 32", "ALERT",
+                     "basis: observed: 312 requests",
                      "p50/p90/p99: 100/300/900", "3.2/s, CV 1.1", "predicted 10 seq/s, observed 9.5 seq/s",
                      "predicted 1.8 s, observed unbounded", "statistic 0.12"):
             assert part in out, part
@@ -340,7 +341,8 @@ async def test_schedule_commands_send_their_requests(config, hub, capsys, tmp_pa
     (["set-bound", "soon"], ADMIN, "not a number of seconds"),
     (["set-slo", "--ttft", "-1"], ADMIN, "400: ttft_s must be a positive"),
     (["set-slo", "--tpot", "0.1", "--percentile", "1.5"], ADMIN, "400: "),
-    (["pin", '{"policy": "x"}'], ADMIN, "400: Input should be 'rra', 'waa-c', 'waa-m', 'static', 'continuous' or 'mixed' (schedule.policy)"),
+    (["pin", '{"policy": "x"}'], ADMIN,
+     "400: Input should be 'rra', 'waa-c', 'waa-m', 'static', 'continuous' or 'mixed' (schedule.policy)"),
     (["pin"], ADMIN, "a schedule (file or JSON) or --unpin"),
 ])
 async def test_schedule_errors_are_one_line(config, hub, argv, key, expected):

@@ -4,7 +4,8 @@ import math
 
 from optimizer.lengths import scaled_task
 from optimizer.schedule import Schedule
-from optimizer.verify import outstanding as concurrency, requests_for
+from optimizer.verify import outstanding as concurrency
+from optimizer.verify import requests_for
 from services.bench.schedules import Load, Measured, bounds_from, rows_for, sweep_schedule
 
 
@@ -12,7 +13,8 @@ def test_the_closed_loop_fills_every_decode_slot():
     assert concurrency(sweep_schedule("continuous", 16)) == 32
     waa = Schedule("waa-c", encode_batch=3, decode_batch=10, num_devices=2, encoder_devices=1, decoder_devices=1,
                    worker_devices=1)
-    assert concurrency(waa) == 10 and requests_for(waa, 200) == 200 and requests_for(sweep_schedule("static", 32), 200) == 256
+    assert (concurrency(waa) == 10 and requests_for(waa, 200) == 200
+            and requests_for(sweep_schedule("static", 32), 200) == 256)
 
 
 def test_one_request_in_ten_is_a_probe_at_the_99th_percentile_lengths():

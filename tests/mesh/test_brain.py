@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.brokers import need
-
 from common.messages import codec
 from common.messages.control import Replan, SetBound
 from common.messages.status import SchedulerState
 from common.names import Names
 from optimizer.lengths import scaled_task
 from services.scheduler.service import recent_lengths
+from tests.brokers import need
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import load
 
@@ -95,7 +94,7 @@ async def test_traffic_switch_from_s_to_t_gets_a_new_schedule_and_loses_nothing(
             await traffic.burst("T", sent_t, 10)
             sent_t += 10
             looks = scheduler.looks  # the scheduler reads the finish records before the next burst
-            await until(lambda: scheduler.looks > looks, [scheduler.learned])
+            await until(lambda looks=looks: scheduler.looks > looks, [scheduler.learned])
         assert scheduler.current.version > version
         # the drift's re-plan; on a slow machine the refinement that follows an observed plan made on
         # few requests (which only the drift's can be here) may already have replaced it

@@ -17,9 +17,9 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 import uvicorn
@@ -29,9 +29,9 @@ from common.config import MeshConfig
 from common.messages.status import CalibrationPoint, CandidateFigures, SchedulerState
 from common.transport.connect import LocalHub
 from engine import load_engine
+from optimizer.schedule import Schedule
 from services.cli import main
 from services.gateway.admin import jsonable
-from optimizer.schedule import Schedule
 from services.gateway.dashboard.routes import PAGE_HEADERS, STATIC
 from tests.brokers import need, need_module
 from tests.mesh.conftest import running_mesh, until
@@ -235,7 +235,8 @@ async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engine
 
         # phone width: one column, nothing wider than the window
         await page.set_viewport_size(PHONE)
-        await page.wait_for_function("() => document.querySelector('#charts svg').getAttribute('viewBox') === '0 0 360 170'",
+        await page.wait_for_function("() => document.querySelector('#charts svg').getAttribute('viewBox') "
+                                     "=== '0 0 360 170'",
                                      timeout=WAIT_MS)  # the next poll redrew the charts for the narrow window
         await no_sideways_scroll(page)
         await page.screenshot(path=str(artefacts / "dashboard-phone.png"), full_page=True)

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import threading
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest

@@ -23,9 +23,8 @@ from engine import load_engine
 from engine.api import GenerationRequest, SamplingParams
 from optimizer.schedule import Schedule
 from services.scheduler.service import recent_lengths
-from tests.brokers import need
+from tests.brokers import need, nixl_loads
 from tests.mesh.conftest import running_mesh
-from tests.brokers import nixl_loads
 
 pytestmark = [pytest.mark.usefixtures("cleanup"), pytest.mark.broker]
 MODEL = "tiny-llama"
@@ -212,7 +211,8 @@ async def test_a_burst_of_handoffs_keeps_kv_bytes_out_of_redis(config, hub, engi
                                                    "max_tokens": 4, "temperature": 0, "ignore_eos": True})
             for i in range(BURST))), TIMEOUT_S)
         assert [r.status_code for r in responses] == [200] * BURST
-        assert len(handed) == BURST and sum(r.json()["usage"]["prompt_tokens"] for r in responses) * KV_BYTES_PER_TOKEN > 2 << 20
+        assert (len(handed) == BURST
+                and sum(r.json()["usage"]["prompt_tokens"] for r in responses) * KV_BYTES_PER_TOKEN > 2 << 20)
         assert 0 < peak[0] < 1 << 20
         assert written and not any(window in value for window in handed for value in written)
         await drained(encoder.kv)

@@ -13,7 +13,7 @@ import dataclasses
 import signal
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import pytest
 

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import need
-
 from common.messages import codec
 from common.messages.control import SetSlo
 from common.messages.status import SchedulerState, StepCost, WorkerStatus
 from common.names import Names
 from services.scheduler.calibrate import StepCalibrator, predicted_s
+from tests.brokers import need
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import load
 
@@ -56,7 +55,7 @@ async def test_step_costs_in_heartbeats_calibrate_the_model_and_are_kept_in_the_
     async with running_mesh(config, hub, load, workers=1) as m:
         scheduler = m.mesh.scheduler
         calibrator = scheduler.brain.calibrator
-        for i in range(12):  # twelve heartbeats of a worker whose steps take 1.3x the profile's
+        for _ in range(12):  # twelve heartbeats of a worker whose steps take 1.3x the profile's
             costs = slowed_costs(calibrator, time.time())
             scheduler.record(WorkerStatus("w-slow", "worker", 0, 0, 0, "alive", time.time(), step_costs=costs))
         table = calibrator.table(time.time())
@@ -94,11 +93,13 @@ async def test_counted_arrivals_make_the_plan_one_for_that_rate_with_its_candida
         assert len(state.planned_input_quantiles) == len(state.planned_output_quantiles) == 3
         assert state.candidates and state.candidates[0].chosen
         assert state.candidates[0].schedule == plan.schedule
-        assert all(c.capacity_seq_s >= 40.0 for c in state.candidates if not c.chosen or math.isfinite(c.capacity_seq_s))
+        assert all(c.capacity_seq_s >= 40.0 for c in state.candidates
+                   if not c.chosen or math.isfinite(c.capacity_seq_s))
 
         # an SLO set through the scheduler's queue is what the next search plans for
         replans = scheduler.brain.replans
-        await scheduler.bus.publish(names.scheduler_queue, codec.encode(SetSlo(0.05, 0.99, math.inf, 0.99, time.time())))
+        await scheduler.bus.publish(names.scheduler_queue,
+                                    codec.encode(SetSlo(0.05, 0.99, math.inf, 0.99, time.time())))
         await until(lambda: scheduler.brain.replans > replans, [scheduler.decided])
         assert scheduler.last_decision.reason.startswith("slo TTFT p99 <= 0.05 s")
         state = codec.decode(await scheduler.store.get(names.scheduler_state), SchedulerState)

@@ -18,11 +18,11 @@ from common.messages.handoff import KvReady
 from common.messages.jobs import BatchJob, JobResult
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
-from engine.api import GenerationRequest
-from optimizer.policies import StepPlan
 from common.transport.batchdir import BatchDir
 from common.transport.connect import open_bus, open_transports
 from common.transport.kv import StoreKv
+from engine.api import GenerationRequest
+from optimizer.policies import StepPlan
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
 from services.cli.dlq import act

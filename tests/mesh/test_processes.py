@@ -22,12 +22,12 @@ from common.messages import codec
 from common.messages.status import WorkerStatus
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
+from engine.parallel.procs import free_port
 from optimizer.schedule import Schedule
 from services.scheduler.service import current_schedule, recent_lengths, request_schedule
 from tests.brokers import AMQP_URL, REDIS_URL, require_broker
 from tests.mesh.conftest import purge_namespace
 from tests.mesh.processes import ProcessMesh, stream_completion
-from engine.parallel.procs import free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 MODEL = "tiny-llama"
@@ -95,7 +95,8 @@ async def test_every_process_serves_metrics_and_health(cluster):
     """Workers and the scheduler on their ops ports, the gateway on its own: live, ready, and
     the metrics of their kind."""
     targets = [(ops_url(w), "exegpt_worker_info") for w in cluster["workers"]]
-    targets += [(ops_url(cluster["scheduler"]), "exegpt_scheduler_leader"), (cluster["url"], "exegpt_requests_in_flight")]
+    targets += [(ops_url(cluster["scheduler"]), "exegpt_scheduler_leader"),
+                (cluster["url"], "exegpt_requests_in_flight")]
     async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
         for url, metric in targets:
             assert (await client.get(f"{url}/health/live")).status_code == 200

@@ -11,9 +11,8 @@ from common.config import MeshConfig
 from optimizer.lengths import TASKS
 from optimizer.policies import RUNNABLE_POLICIES, make_policy
 from optimizer.schedule import POLICIES, Schedule
-from services.scheduler.planning import POLICY_SETS
 from services.scheduler import planning
-from services.scheduler.planning import Planner, PlanningError, policy_set
+from services.scheduler.planning import POLICY_SETS, Planner, PlanningError, policy_set
 from tests.brokers import need
 
 PROFILE = Path(__file__).resolve().parents[2] / "../shared/profiles/h200-reference-split.jsonl"

@@ -107,7 +107,8 @@ async def test_a_message_failing_delivery_limit_times_goes_to_the_dead_queue(mes
     dead = await bus.consume(names.dead_queue, prefetch=1)
     buried = await next_delivery(dead)
     assert buried.body == b"poison"
-    assert buried.headers["x-exegpt-reason"] == "delivery limit 3 reached; last: handler raised RuntimeError: handler failed"
+    assert buried.headers["x-exegpt-reason"] == ("delivery limit 3 reached; last: handler raised RuntimeError: "
+                                                 "handler failed")
     assert buried.headers["x-exegpt-queue"] == names.encode_queue
     await bus.close()
 

@@ -9,7 +9,6 @@ the batch variable of a combination is evaluated as one array (the same formulas
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 

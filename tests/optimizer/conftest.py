@@ -2,12 +2,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import need
-
 from optimizer.cluster import H200_CLUSTER
 from optimizer.lengths import TASKS
 from optimizer.model import MODELS
 from optimizer.profile import parse_profile
+from tests.brokers import need
 
 # The repository sits beside shared/ (a fresh clone in CI, a worktree here).
 SHARED = Path(__file__).resolve().parents[2] / "../shared"

@@ -102,5 +102,6 @@ def test_the_longest_decode_reads_the_expected_maximum_of_the_batch(opt13b_s):
     exact = opt13b_s.workload.output.expected_max(batches) - 1
     assert _longest_decode(opt13b_s, batches)[[0, 1, 3, 4]] == pytest.approx(exact[[0, 1, 3, 4]], rel=1e-12)
     assert exact[1] < _longest_decode(opt13b_s, batches)[2] < exact[3]
-    alone, beside_a_big_one = _longest_decode(opt13b_s, np.array([5.0])), _longest_decode(opt13b_s, np.array([5.0, 300.0]))
+    alone, beside_a_big_one = (_longest_decode(opt13b_s, np.array([5.0])),
+                               _longest_decode(opt13b_s, np.array([5.0, 300.0])))
     assert alone[0] == pytest.approx(beside_a_big_one[0], rel=1e-12)  # whatever table size was built

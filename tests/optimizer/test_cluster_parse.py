@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from optimizer.cluster import (CLUSTERS, H200_CLUSTER, Cluster, ClusterError, Link, cluster_to_dict,
-                               parse_cluster)
+from optimizer.cluster import CLUSTERS, H200_CLUSTER, Cluster, ClusterError, Link, cluster_to_dict, parse_cluster
 
 CPU = {
     "format": "exegpt-cluster/1", "name": "cpu-2x1t", "devices": 2, "devices_per_node": 2,

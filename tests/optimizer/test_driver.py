@@ -3,8 +3,16 @@
 import pytest
 
 from optimizer.driver import Driver, StepOutcome
-from optimizer.policies import (ContinuousPolicy, DrainPolicy, QueuedRequest, RraPolicy, RunningRequest,
-                                StaticPolicy, StepPlan, WaaDecoderPolicy)
+from optimizer.policies import (
+    ContinuousPolicy,
+    DrainPolicy,
+    QueuedRequest,
+    RraPolicy,
+    RunningRequest,
+    StaticPolicy,
+    StepPlan,
+    WaaDecoderPolicy,
+)
 from optimizer.schedule import Schedule
 from optimizer.simulator import SimRequest, replay
 

@@ -6,8 +6,16 @@ import random
 import pytest
 
 from optimizer.driver import Driver, StepOutcome, kv_positions
-from optimizer.policies import (ContinuousPolicy, QueuedRequest, RraPolicy, RunningRequest, StaticPolicy,
-                                StepPlan, WaaDecoderPolicy, WaaEncoderPolicy)
+from optimizer.policies import (
+    ContinuousPolicy,
+    QueuedRequest,
+    RraPolicy,
+    RunningRequest,
+    StaticPolicy,
+    StepPlan,
+    WaaDecoderPolicy,
+    WaaEncoderPolicy,
+)
 from optimizer.schedule import Schedule
 
 CONTINUOUS = Schedule("continuous", encode_batch=8, decode_batch=16)

@@ -8,8 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimizer.driver import Driver, StepOutcome, kv_positions
-from optimizer.policies import (ContinuousPolicy, MixedPolicy, PrefillChunk, PrefillingRequest, QueuedRequest,
-                                RUNNABLE_POLICIES, RunningRequest, StepPlan, WorkerState, make_policy)
+from optimizer.policies import (
+    RUNNABLE_POLICIES,
+    ContinuousPolicy,
+    MixedPolicy,
+    PrefillChunk,
+    PrefillingRequest,
+    QueuedRequest,
+    RunningRequest,
+    WorkerState,
+    make_policy,
+)
 from optimizer.schedule import POLICIES, Schedule
 from tests.optimizer.test_driver import ForcedLengths
 

@@ -1,7 +1,17 @@
 import pytest
 
-from optimizer.policies import (ContinuousPolicy, QueuedRequest, RraPolicy, RunningRequest, StaticPolicy, StepPlan,
-                                WaaDecoderPolicy, WaaEncoderPolicy, WorkerState, make_policy)
+from optimizer.policies import (
+    ContinuousPolicy,
+    QueuedRequest,
+    RraPolicy,
+    RunningRequest,
+    StaticPolicy,
+    StepPlan,
+    WaaDecoderPolicy,
+    WaaEncoderPolicy,
+    WorkerState,
+    make_policy,
+)
 from optimizer.schedule import Schedule
 
 

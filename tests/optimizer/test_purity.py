@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.brokers import need
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,8 +7,15 @@ from optimizer.analytic import Scenario
 from optimizer.cluster import H200_CLUSTER
 from optimizer.lengths import TASKS, TraceRequest
 from optimizer.model import MODELS
-from optimizer.queueing import (arrival_times, candidates, offered_rate, queueing_search, requests_at,
-                                requests_from_trace, sustained_rate)
+from optimizer.queueing import (
+    arrival_times,
+    candidates,
+    offered_rate,
+    queueing_search,
+    requests_at,
+    requests_from_trace,
+    sustained_rate,
+)
 from optimizer.search import PRODUCT_POLICIES, SearchSpace, branch_and_bound
 from optimizer.simulator import simulate, within_bound
 

@@ -7,8 +7,7 @@ from optimizer.analytic import Scenario
 from optimizer.cluster import H200_CLUSTER
 from optimizer.lengths import TASKS
 from optimizer.model import MODELS
-from optimizer.search import (SearchSpace, Tolerances, branch_and_bound, exhaustive, families, least_latency,
-                              tp_configs)
+from optimizer.search import SearchSpace, Tolerances, branch_and_bound, exhaustive, families, least_latency, tp_configs
 
 SMALL = SearchSpace(max_encode_batch=48, waa_max_encode_batch=24, static_max_batch=64, continuous_max_batch=96,
                     iters_per_encode=(1, 2, 4, 7, 16), decode_caps=(8, 32, 128, 512, 2048),

@@ -11,10 +11,16 @@ from optimizer.analytic import Scenario, WorkloadStats
 from optimizer.cluster import H200_CLUSTER
 from optimizer.lengths import TASKS
 from optimizer.model import MODELS
-from optimizer.search import (PRODUCT_POLICIES, SearchSpace, branch_and_bound, exhaustive, families,
-                              replica_spans, space_size)
+from optimizer.search import (
+    PRODUCT_POLICIES,
+    SearchSpace,
+    branch_and_bound,
+    exhaustive,
+    families,
+    replica_spans,
+    space_size,
+)
 from optimizer.simulator import requests_from_workload, simulate
-
 from tests.optimizer import bruteforce
 
 TINY = SearchSpace(max_encode_batch=12, waa_max_encode_batch=6, static_max_batch=16, continuous_max_batch=24,

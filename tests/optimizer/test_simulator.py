@@ -143,7 +143,8 @@ def test_searched_schedules_run_as_predicted(opt13b_s, policies, bound_s):
     from optimizer.search import branch_and_bound
 
     best = branch_and_bound(opt13b_s, bound_s, policies).best
-    slots = best.figures.decode_batch_peak * max(best.schedule.decoder_workers, best.schedule.workers - best.schedule.encoder_workers)
+    slots = best.figures.decode_batch_peak * max(best.schedule.decoder_workers,
+                                                 best.schedule.workers - best.schedule.encoder_workers)
     n = int(min(max(600, 7 * slots), 6500))  # several batch turnovers of every worker
     sim = simulate(opt13b_s, best.schedule, _reqs(opt13b_s, n))
     assert sim.throughput_seq_s == pytest.approx(best.figures.throughput_seq_s, rel=THROUGHPUT_TOL)

@@ -15,8 +15,20 @@ from optimizer.model import MODELS
 from optimizer.schedule import Schedule
 from optimizer.search import SearchSpace
 from optimizer.slo import Slo, SloFigures
-from optimizer.traffic import (COMFORT, KEEP_SHARE, SURGE, Forecast, Weighed, alike, capacity_of, choose,
-                               forecast, plan_for_traffic, seen, to_weigh)
+from optimizer.traffic import (
+    COMFORT,
+    KEEP_SHARE,
+    SURGE,
+    Forecast,
+    Weighed,
+    alike,
+    capacity_of,
+    choose,
+    forecast,
+    plan_for_traffic,
+    seen,
+    to_weigh,
+)
 
 SPACE = SearchSpace().capped(32)
 

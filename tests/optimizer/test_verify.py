@@ -21,12 +21,14 @@ def test_probes_are_every_tenth_request_at_the_99th_percentile_lengths(opt13b_s)
     w = opt13b_s.workload
     probes = [r for r in load.requests if r.request_id in load.probes]
     assert [load.requests.index(r) for r in probes] == [9, 19, 29, 39]
-    assert {(r.input_len, r.output_len) for r in probes} == {(int(w.input.quantile(0.99)), int(w.output.quantile(0.99)))}
+    assert ({(r.input_len, r.output_len) for r in probes}
+            == {(int(w.input.quantile(0.99)), int(w.output.quantile(0.99)))})
     assert load.first(15).probes == {load.requests[9].request_id}
 
 
 def test_the_closed_loop_fills_every_slot():
-    replicas = Schedule("continuous", encode_batch=8, decode_batch=8, num_devices=2, decoder_devices=2, worker_devices=1)
+    replicas = Schedule("continuous", encode_batch=8, decode_batch=8, num_devices=2, decoder_devices=2,
+                        worker_devices=1)
     split = Schedule("waa-c", encode_batch=4, decode_batch=10, num_devices=2, encoder_devices=1, decoder_devices=1,
                      worker_devices=1)
     assert outstanding(replicas) == 16 and outstanding(split) == 10  # the decoders' slots: credits cap the encoder
