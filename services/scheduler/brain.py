@@ -128,6 +128,7 @@ class Brain:
         self._checked_at = 0  # window size at the last drift check
         self._drifted = False  # the drift test fired since the last plan
         self._refine = False  # the plan in force was made on few observed requests: make it again on more
+        self._lengths_since = 0.0  # requests finished since the last drift search: the lengths searches plan on
 
     # --- learn ----------------------------------------------------------------------------------
     def ingest(self, samples: list[LengthSample]) -> int:
@@ -326,8 +327,10 @@ class Brain:
         (after drift, only the newest ``DRIFT_PLAN``: those of the shift), else the workload the
         plan in force was made on, else the prior, else the newest observed."""
         # after drift, only requests since the last plan (the new traffic); otherwise the lengths
-        # have not changed as far as the test can tell, and every complete request counts
-        ins, outs = self.cohort(now) if reason == "drift" else self.cohort(now, since=0.0)
+        # have not changed since the last drift search as far as the test can tell, and every
+        # request complete since then counts (not those before it: seen, a refine after a drift to
+        # task T planned on 357 requests, most of them the task S ones before the drift)
+        ins, outs = self.cohort(now) if reason == "drift" else self.cohort(now, since=self._lengths_since)
         newest = DRIFT_PLAN if reason == "drift" else WINDOW_MAX
         ins, outs = ins[-newest:], outs[-newest:]
         if len(ins) >= min(self.config.drift_min_samples, DRIFT_PLAN):
@@ -405,6 +408,7 @@ class Brain:
         self.rebased_at, self._checked_at, self._drifted = now, 0, False
         if decision.reason == "drift":
             self._ran_since = now  # the schedule in force is measured on the new lengths only
+            self._lengths_since = now  # and the searches after this one plan on them only
         self._refine = decision.basis.startswith("observed") and len(decision.reference[0]) < REFINE_AT
 
     # --- report ---------------------------------------------------------------------------------

@@ -403,6 +403,23 @@ def test_a_drift_forgets_what_was_measured_on_the_old_lengths():
     assert brain.observed_slo(35.0, arrived_since=brain._ran_since).requests == 0  # measured afresh
 
 
+def test_the_searches_after_a_drift_plan_on_the_requests_finished_since_it():
+    """A refine or a rate search after a drift plans on the new traffic's lengths, not on the
+    requests finished before the drift, which still fill the statistics' window."""
+    from services.scheduler.brain import Decision
+
+    brain = planned_brain(4.0, searched_at=0.0)
+    for i in range(300):  # long prompts, short answers
+        brain.ingest([LengthSample(f"s{i}", 400, 4, "length", 10.0 + i * 0.1, 9.5 + i * 0.1)])
+    shift = (np.full(25, 16.0), np.full(25, 16.0))
+    brain.adopt(Decision(brain.plan, False, "test", "drift", "observed: 25 requests", None, shift), now=50.0)
+    for i in range(100):  # then short prompts, longer answers
+        brain.ingest([LengthSample(f"t{i}", 16, 16, "length", 51.0 + i * 0.1, 50.5 + i * 0.1)])
+    for reason in ("refine", "rate"):
+        _, basis, (inputs, outputs) = brain.inputs(reason, 70.0)
+        assert basis == "observed: 100 requests" and set(inputs) == {16} and set(outputs) == {16}
+
+
 def test_a_schedule_is_measured_on_the_requests_that_arrived_after_it_took_effect():
     """A backlog the schedule before left is not held against the new one."""
     from dataclasses import replace
