@@ -28,7 +28,8 @@ larger one keeps the queue from growing. So:
    forecast lags a rise, and a small batch's capacity is what the model overrates most), and a
    quicker schedule is chosen when the larger one would come close to a bound. When none
    reaches the SLO's target at the forecast, the one that sustains the highest rate
-   (``sustained``, of the few with the best attainment that carry the forecast).
+   (``sustained``, of the few with the best attainment that carry the forecast; one that does
+   not sustain the best rate found before it is left at NaN).
 
 ``forecast`` is the arrival forecaster the scheduler uses: the next interval's rate is the larger
 of the mean over the last ``SHORT_S`` and over the last ``LONG_S`` seconds (a rise shows within
@@ -260,9 +261,11 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
         weighed = seen(weigh_all(sc, slo, fc, chosen, current, seed, capacity), observed)
         best, reaches = choose(weighed, fc, slo)
     if not reaches:  # nor at the forecast: the one that sustains the most, of those that carry it
-        top = {w.schedule for w in sorted(carrying(weighed, fc), key=_order)[:SUSTAINED_OF]}
-        weighed = [Weighed(w.schedule, w.capacity_seq_s, w.slo, sustained(sc, w.schedule, slo, fc, seed))
-                   if w.schedule in top else w for w in weighed]
+        rates: dict[Schedule, float] = {}  # the best by attainment first: the others must beat it
+        for w in sorted(carrying(weighed, fc), key=_order)[:SUSTAINED_OF]:
+            rates[w.schedule] = sustained(sc, w.schedule, slo, fc, seed,
+                                          beat=max((r for r in rates.values() if math.isfinite(r)), default=0.0))
+        weighed = [replace(w, sustained_rate_s=rates[w.schedule]) if w.schedule in rates else w for w in weighed]
         best, reaches = choose(weighed, fc, slo)
     ordered = tuple(sorted(weighed, key=lambda w: (w is not best, _order(w))))
     return TrafficPlan(best, ordered, reaches, fc, searches)
@@ -322,17 +325,34 @@ def alike(a: Schedule, b: Schedule) -> bool:
             and near(a.decode_iters_per_encode, b.decode_iters_per_encode))
 
 
-def sustained(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, seed: int = 0, steps: int = 5) -> float:
-    """The highest rate, to the forecast's / 2**steps, at which ``schedule`` keeps the SLO's
-    target attainment in the simulator under arrivals of the forecast's burstiness (bisection on
-    [0, forecast rate]: attainment falls as the rate rises, up to the draws' noise); 0 when even
-    the lowest rate tried misses it."""
+def sustains(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, rate: float, seed: int = 0) -> bool:
+    """Whether ``schedule`` keeps the SLO's target attainment in the simulator at ``rate``, under
+    arrivals of the forecast's burstiness."""
+    requests = arrivals(sc.workload, Forecast(rate, fc.cv), seed)
+    return figures(simulate(sc, schedule, tuple(requests)).records, slo).attainment >= slo.target - 1e-12
+
+
+def sustained(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, seed: int = 0, steps: int = 5,
+              beat: float = 0.0) -> float:
+    """The highest rate, to the forecast's / 2**steps, at which ``schedule`` ``sustains`` the SLO's
+    target (bisection on [0, forecast rate]: attainment falls as the rate rises, up to the draws'
+    noise); 0 when even the lowest rate tried misses it. ``beat``: a rate another candidate is
+    known to sustain; NaN when this one does not (it cannot win), and no rate at or below it is
+    simulated again. Half the forecast is taken as sustained until the upper half proves
+    otherwise: it most often is, and the lower a rate, the more steps its simulation takes."""
+    if beat > 0 and not sustains(sc, schedule, slo, fc, beat, seed):
+        return math.nan
     lo, hi = 0.0, fc.rate_per_s
-    for _ in range(steps):
+    assumed = None  # the half taken as sustained, not simulated yet
+    for step in range(steps):
         mid = (lo + hi) / 2
-        requests = arrivals(sc.workload, Forecast(mid, fc.cv), seed)
-        if figures(simulate(sc, schedule, tuple(requests)).records, slo).attainment >= slo.target - 1e-12:
+        if mid <= beat or (step == 0 and steps > 1):
+            assumed = mid if mid > beat and step == 0 else None
             lo = mid
+        elif sustains(sc, schedule, slo, fc, mid, seed):
+            lo, assumed = mid, None  # a higher rate held: so does the half below it
         else:
             hi = mid
+    if assumed is not None and lo == assumed and not sustains(sc, schedule, slo, fc, assumed, seed):
+        return sustained(sc, schedule, slo, Forecast(assumed, fc.cv), seed, steps - 1)  # the lower half
     return lo

@@ -95,6 +95,38 @@ def test_when_nothing_reaches_the_target_the_highest_sustained_rate_wins(task_t)
     assert rated and plan.best.sustained_rate_s == max(w.sustained_rate_s for w in rated)
 
 
+def bisected(sc, schedule, slo, fc, steps=5) -> float:
+    """The plain bisection on [0, forecast rate] that ``sustained`` must agree with."""
+    from optimizer.traffic import sustains
+
+    lo, hi = 0.0, fc.rate_per_s
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sustains(sc, schedule, slo, fc, mid) else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("rate", [10.0, 60.0, 2000.0])  # sustained above half the forecast, below it, far below
+def test_the_sustained_rate_is_the_plain_bisections_in_fewer_simulations(task_t, monkeypatch, rate):
+    import optimizer.traffic as traffic
+
+    slo, fc = Slo(e2e_s=0.5), Forecast(rate, 1.0)
+    schedule = pick(task_t, slo, 40.0).best.schedule
+    expected = bisected(task_t, schedule, slo, fc)
+    calls = []
+    real = traffic.simulate
+    monkeypatch.setattr(traffic, "simulate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert traffic.sustained(task_t, schedule, slo, fc) == expected
+    if expected > rate / 2:
+        assert len(calls) == 4  # half the forecast is never simulated
+    # a candidate that cannot beat a rate another sustains is told in one simulation
+    calls.clear()
+    if expected + rate / 32 < rate:  # the bisection's upper end was simulated, and failed
+        assert math.isnan(traffic.sustained(task_t, schedule, slo, fc, beat=expected + rate / 32)) and len(calls) == 1
+    if expected > 0:
+        assert traffic.sustained(task_t, schedule, slo, fc, beat=expected) == expected
+
+
 def test_a_candidate_that_cannot_carry_the_rate_is_not_chosen_over_one_that_can(task_t):
     plan = pick(task_t, Slo(e2e_s=0.5), 40.0)
     small = [w for w in plan.weighed if w.capacity_seq_s < 40.0]
