@@ -130,6 +130,7 @@ class SchedulerState:
     # (p50, p90, p99) of the lengths the plan in force was made on, beside the current ones above
     planned_input_quantiles: tuple[float, ...] = ()
     planned_output_quantiles: tuple[float, ...] = ()
+    last_search_s: float = 0.0  # the last search's wall time in the scheduler's search thread
 
 
 @dataclass(frozen=True)

@@ -321,7 +321,8 @@ async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: i
 
         def searched(state) -> None:
             runs = next((c.schedule for c in state.candidates if c.chosen), None)
-            outcome = state.last_outcome + (f" -> runs {describe(runs)}" if runs is not None else "")
+            outcome = (f"[{state.last_search_s:.1f} s search] " + state.last_outcome
+                       + (f" -> runs {describe(runs)}" if runs is not None else ""))
             result.searches.append((state.last_replan_at - t0[1], state.last_replan_reason, outcome))
 
         watching = asyncio.create_task(watch_searches(transports.store, names, searched))

@@ -219,7 +219,7 @@ def state_lines(st: dict[str, Any]) -> list[str]:
         f"  calibration ({st.get('calibration_samples', 0)} steps): {calibration_text(st.get('calibration') or [])}",
         f"  drift: statistic {num(st['drift_statistic'])} (p {num(st['drift_p_value'])})",
         f"  replans: {st['replans']}" + (f", last {when(st['last_replan_at'])}: {st['last_replan_reason']}"
-                                        if st["replans"] else ""),
+                                        + searched(st) if st["replans"] else ""),
     ] + ([f"  outcome: {st['last_outcome']}"] if st.get("last_outcome") else [])
     return lines + candidate_lines(st.get("candidates") or [])
 
@@ -272,6 +272,11 @@ def ms(value: float | None) -> str:
 
 def num(value: float | None) -> str:
     return "unknown" if value is None else f"{value:.3g}"
+
+
+def searched(st: dict[str, Any]) -> str:
+    """The last search's wall time, as ``schedule show`` gives it ("" for a scheduler that does not say)."""
+    return f" (searched {secs(st['last_search_s'])})" if st.get("last_search_s") else ""
 
 
 def secs(value: float | None) -> str:

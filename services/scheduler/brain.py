@@ -94,6 +94,7 @@ class Decision:
     workload: Workload
     reference: tuple[np.ndarray, np.ndarray]  # the lengths it was planned on (the drift test's reference)
     in_force: Weighed | None = None  # the schedule in force, weighed at the same forecast (arrival plans)
+    seconds: float = 0.0  # the search's wall time
 
 
 class Brain:
@@ -124,6 +125,7 @@ class Brain:
         self.drift: DriftResult | None = None
         self.replans = 0
         self.last_reason, self.last_at, self.last_outcome = "", 0.0, ""
+        self.last_search_s = 0.0  # the last search's wall time
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._checked_at = 0  # window size at the last drift check
         self._drifted = False  # the drift test fired since the last plan
@@ -349,7 +351,15 @@ class Brain:
                inputs: tuple[Workload, str, tuple[np.ndarray, np.ndarray]], arrival_rate: float = 0.0) -> Decision:
         """Search for ``workers`` workers on ``inputs`` (from ``inputs``, taken on the event loop)
         and compare with ``running``, the schedule in force, under ``arrival_rate`` (requests/s
-        seen). Reads nothing that ``ingest`` changes: safe in a thread."""
+        seen). Reads nothing that ``ingest`` changes: safe in a thread. The decision carries the
+        search's wall time: where the scheduler shares cores with busy workers it is several times
+        the search's CPU time, and it is most of a re-plan's lag."""
+        start = time.perf_counter()
+        decision = self._decide(reason, workers, running, inputs, arrival_rate)
+        return replace(decision, seconds=time.perf_counter() - start)
+
+    def _decide(self, reason: str, workers: int, running: Schedule,
+                inputs: tuple[Workload, str, tuple[np.ndarray, np.ndarray]], arrival_rate: float) -> Decision:
         assert self.planner is not None
         workload, basis, reference = inputs
         table = self.calibration(time.time())
@@ -380,7 +390,7 @@ class Brain:
         other than the lengths (``SAME_LENGTHS``): frequent searches for the rate or the machine
         must not keep the drift test from ever filling its window."""
         self.replans += 1
-        self.last_reason, self.last_at = decision.reason, now
+        self.last_reason, self.last_at, self.last_search_s = decision.reason, now, decision.seconds
         self.last_outcome = f"{'published' if decision.publish else 'kept the schedule'}: {decision.why} " \
                             f"(planned on {decision.basis})"
         if decision.reason == self.forced or decision.reason.startswith(("bound", "slo")):
@@ -446,7 +456,7 @@ class Brain:
             calibration=points(table), calibration_samples=table.samples,
             candidates=self.plan.candidates if self.plan else (),
             planned_input_quantiles=self._planned_quantiles("input"),
-            planned_output_quantiles=self._planned_quantiles("output"))
+            planned_output_quantiles=self._planned_quantiles("output"), last_search_s=self.last_search_s)
 
     def _planned_quantiles(self, side: str) -> tuple[float, ...]:
         if self._planned is None:

@@ -33,6 +33,7 @@ STATE_GAUGES: dict[str, tuple[str, str]] = {
     "exegpt_schedule_observed_latency_seconds": ("p99 end-to-end latency observed", "observed_latency_s"),
     "exegpt_schedule_drift_statistic": ("Two-sample drift test's statistic at the last check", "drift_statistic"),
     "exegpt_schedule_replans": ("Searches run since this scheduler took the lead", "replans"),
+    "exegpt_schedule_last_search_seconds": ("Wall time of the scheduler's last search", "last_search_s"),
     "exegpt_arrival_rate": ("Arrival rate the statistics hold, requests/s", "arrival_rate_s"),
     "exegpt_arrival_cv": ("Coefficient of variation of inter-arrival gaps", "arrival_cv"),
     "exegpt_scheduler_workers": ("Live workers the allocation covers", "workers"),

@@ -89,7 +89,7 @@ def state_record(**changes) -> SchedulerState:
         input_mean=150.0, output_mean=90.0, correlation=0.1, arrival_rate_s=3.2, arrival_cv=1.1,
         predicted_throughput_seq_s=10.0, predicted_latency_s=1.8, observed_throughput_seq_s=9.5,
         observed_latency_s=math.inf, drift_statistic=0.12, drift_p_value=0.4, replans=3,
-        last_replan_reason="drift", last_replan_at=1.7e9, workers=2, updated_at=1.7e9,
+        last_replan_reason="drift", last_replan_at=1.7e9, workers=2, updated_at=1.7e9, last_search_s=2.25,
         ttft_bound_s=1.5, tpot_bound_s=0.08, forecast_rate_s=3.5, forecast_cv=1.2, predicted_attainment=0.995,
         raw_predicted_attainment=0.9, observed_attainment=0.97, predicted_tpot_s=0.05, observed_tpot_s=0.06,
         calibration=(CalibrationPoint("decode", 11.3, 1.18),), calibration_samples=40,
@@ -275,6 +275,7 @@ async def test_scheduler_gauges_follow_the_store(config, hub):
                      "exegpt_schedule_predicted_throughput 10.0", "exegpt_schedule_observed_throughput 9.5",
                      "exegpt_schedule_predicted_latency_seconds 1.8", "exegpt_schedule_infeasible 1.0",
                      "exegpt_schedule_drift_statistic 0.12", "exegpt_schedule_replans 3.0",
+                     "exegpt_schedule_last_search_seconds 2.25",
                      'exegpt_length_quantile{kind="input",quantile="0.5"} 100.0',
                      'exegpt_length_quantile{kind="output",quantile="0.99"} 600.0',
                      "exegpt_arrival_rate 3.2", "exegpt_arrival_cv 1.1", "exegpt_scheduler_workers 2.0"):
@@ -306,7 +307,7 @@ async def test_schedule_show_prints_a_summary_or_the_json(config, hub, capsys):
                      "decode ~11 tok x1.18", "->waa-c B_E 4 B_D 8", "continuous B_E 8 B_D 32", "ALERT",
                      "basis: observed: 312 requests",
                      "p50/p90/p99: 100/300/900", "3.2/s, CV 1.1", "predicted 10 seq/s, observed 9.5 seq/s",
-                     "predicted 1.8 s, observed unbounded", "statistic 0.12"):
+                     "predicted 1.8 s, observed unbounded", "statistic 0.12", "drift (searched 2.25 s)"):
             assert part in out, part
         assert await cli(transport, "show", "--json") == 0
         assert json.loads(capsys.readouterr().out)["update"]["version"] == 7

@@ -387,6 +387,27 @@ def test_a_search_for_an_observed_shortfall_weighs_the_schedule_in_force_at_what
     assert planner.observed is None and not planner.keep
 
 
+def test_a_search_reports_its_wall_time(monkeypatch):
+    """The state record says how long the last search took: most of a re-plan's lag where the
+    scheduler shares cores with busy workers."""
+    import itertools
+
+    import services.scheduler.brain as brain_module
+    from optimizer.schedule import Schedule
+
+    brain = planned_brain(4.0, searched_at=0.0)
+    brain.planner = TrafficPlanner()
+    brain.forecast = brain.forecast.__class__(4.0, 1.0)
+    clock = itertools.count(100.0, 2.5)  # each reading 2.5 s after the one before
+    monkeypatch.setattr(brain_module.time, "perf_counter", lambda: next(clock))
+    running = Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
+    decision = brain.decide("rate", 2, running, brain.inputs("rate", 1.0))
+    assert decision.seconds == 2.5
+    brain.adopt(decision, now=5.0)
+    state = brain.state(leader="s", token=1, version=1, schedule=running, pinned=False, workers=2, now=5.0)
+    assert state.last_search_s == 2.5
+
+
 def test_a_drift_forgets_what_was_measured_on_the_old_lengths():
     """A shortfall measured before the lengths moved neither caps the drift search's candidates
     nor counts against the schedule in force afterwards: it is measured again on the new ones."""
