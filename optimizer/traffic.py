@@ -343,16 +343,17 @@ def sustained(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, seed: in
     if beat > 0 and not sustains(sc, schedule, slo, fc, beat, seed):
         return math.nan
     lo, hi = 0.0, fc.rate_per_s
-    assumed = None  # the half taken as sustained, not simulated yet
+    unchecked = None  # half the forecast, taken as sustained without a simulation yet
     for step in range(steps):
         mid = (lo + hi) / 2
-        if mid <= beat or (step == 0 and steps > 1):
-            assumed = mid if mid > beat and step == 0 else None
-            lo = mid
+        if mid <= beat:
+            lo = mid  # below a rate it sustains
+        elif step == 0 and steps > 1:
+            lo = unchecked = mid
         elif sustains(sc, schedule, slo, fc, mid, seed):
-            lo, assumed = mid, None  # a higher rate held: so does the half below it
+            lo, unchecked = mid, None  # a higher rate held: so does the half below it
         else:
             hi = mid
-    if assumed is not None and lo == assumed and not sustains(sc, schedule, slo, fc, assumed, seed):
-        return sustained(sc, schedule, slo, Forecast(assumed, fc.cv), seed, steps - 1)  # the lower half
+    if unchecked is not None and not sustains(sc, schedule, slo, fc, unchecked, seed):
+        return sustained(sc, schedule, slo, Forecast(unchecked, fc.cv), seed, steps - 1)  # the lower half
     return lo
