@@ -331,7 +331,7 @@ class Brain:
         # after drift, only requests since the last plan (the new traffic); otherwise the lengths
         # have not changed since the last drift search as far as the test can tell, and every
         # request complete since then counts (not those before it: seen, a refine after a drift to
-        # task T planned on 357 requests, most of them the task S ones before the drift)
+        # task T planned on 357 requests, more than half of them the task S ones before the drift)
         ins, outs = self.cohort(now) if reason == "drift" else self.cohort(now, since=self._lengths_since)
         newest = DRIFT_PLAN if reason == "drift" else WINDOW_MAX
         ins, outs = ins[-newest:], outs[-newest:]
