@@ -2,11 +2,12 @@
 
 Each simulated worker runs ``optimizer.driver.Driver`` with the policy object a real worker runs
 (only the executor differs: here a cost model on a virtual clock). Single-pipeline policies (RRA,
-static, continuous, mixed) run one worker over all devices, or ``Schedule.workers`` replicas sharing one
-queue. WAA runs encoders and decoders side by side: an encoder starts a batch every bottleneck
-interval, once it holds credits (free decode slots, as the mesh's credit counter grants them); the
-batch's KV caches reach the decoders after the pipeline path plus the hand-off transfer, and a
-decoder merges them at its next iteration boundary.
+static, continuous, mixed) run one worker over all devices, or ``Schedule.workers`` replicas to
+which the broker delivers arrivals in turn, each up to its prefetch (``_Fleet.deliver``). WAA runs
+encoders and decoders side by side: an encoder starts a batch every bottleneck interval, once it
+holds credits (free decode slots, as the mesh's credit counter grants them); the batch's KV caches
+reach the decoders after the pipeline path plus the hand-off transfer, and a decoder merges them
+at its next iteration boundary.
 
 Step costs use each step's real requests (prompt lengths, current contexts), unlike the mean-field
 ``optimizer.analytic`` model, which this simulation checks.
@@ -149,7 +150,7 @@ ARRIVAL_SLACK_S = 1e-9  # an arrival this close to a step boundary counts as arr
 
 
 class _Book:
-    """Request bookkeeping shared by the simulated workers: arrivals, the shared queue, records.
+    """Request bookkeeping shared by the simulated workers: arrivals, the queue, records.
 
     ``closed_loop`` > 0: that many requests are released at the start and each completion
     releases the next one ``loop_delay_s`` after its finish time (a saturated closed-loop client
@@ -173,21 +174,40 @@ class _Book:
         self.records: list[RequestRecord] = []
         self.steps: list[DecodeStep] = []
         self.peak = 0
+        # where the broker delivers to replica workers (``_Fleet.deliver``): arrived, not yet
+        # delivered (in arrival order), and each worker's delivered queue
+        self.delivering = False
+        self.undelivered: deque[str] = deque()
+        self.owner: dict[str, int] = {}
+        self.delivered: list[dict[str, QueuedRequest]] = []
 
     def arrive(self, now: float) -> None:
         while self.pending and self.pending[0].arrival_s <= now + ARRIVAL_SLACK_S:
             r = self.pending.popleft()
             self.queue[r.request_id] = QueuedRequest(r.request_id, r.input_len, r.arrival_s)
+            if self.delivering:
+                self.undelivered.append(r.request_id)
 
     def next_arrival(self) -> float:
         return self.pending[0].arrival_s if self.pending else math.inf
 
-    def head(self, n: int) -> dict[str, QueuedRequest]:
-        return dict(islice(self.queue.items(), n))
+    def head(self, n: int, who: int | None = None) -> dict[str, QueuedRequest]:
+        """The first ``n`` queued (of those delivered to worker ``who``; None: of all)."""
+        return dict(islice((self.queue if who is None else self.delivered[who]).items(), n))
+
+    def waiting_for(self, who: int | None) -> bool:
+        """Whether anything queued is for worker ``who`` (None: for any worker)."""
+        return bool(self.queue if who is None else self.delivered[who])
+
+    def deliver(self, rid: str, who: int) -> None:
+        self.owner[rid] = who
+        self.delivered[who][rid] = self.queue[rid]
 
     def take(self, ids, now: float) -> None:
         for i in ids:
             del self.queue[i]
+            if i in self.owner:
+                del self.delivered[self.owner[i]][i]
             self.start[i] = now
 
     def emit(self, rid: str, now: float) -> bool:
@@ -223,6 +243,28 @@ class _Fleet:
         self.handoffs: list[tuple[float, int, str]] = []  # (ready at, order, request id)
         self.order = 0
         self.workers: list[_SimWorker] = []
+        self.delivering = False  # replica workers: the broker delivers each arrival to one of them
+        self.turn = 0  # the next worker in the broker's round
+        self.unacked: list[int] = []  # per worker: requests delivered to it and not finished
+
+    def deliver(self) -> None:
+        """The broker's delivery to replica workers (``delivering``): each queued request not yet
+        delivered goes, in arrival order, to the next worker in turn with room under its prefetch
+        (``_SimWorker.prefetch``), as RabbitMQ's round robin among consumers does; a request that
+        finds no room waits in the broker, and so do those behind it. The worker then serves it
+        from its own queue, at its own boundaries: an arrival waits for the worker it went to,
+        even while the other one idles. (Seen: a two-worker mesh under Poisson arrivals split the
+        prompt tokens between its workers exactly as strict alternation does; a queue shared by
+        the simulated workers, which the first at a boundary empties, split them otherwise.)"""
+        book, n = self.book, len(self.workers)
+        while book.undelivered:
+            room = next((i for i in ((self.turn + k) % n for k in range(n))
+                         if self.unacked[i] < self.workers[i].prefetch()), None)
+            if room is None:
+                return
+            book.deliver(book.undelivered.popleft(), room)
+            self.turn, self.unacked[room] = (room + 1) % n, self.unacked[room] + 1
+            self.workers[room].waiting = False  # something outside changed: it plans again
 
     def hand_off(self, rid: str, at: float, prompt_len: int) -> None:
         ready = at + p2p_s(self.kv_link, self.kv_bytes_token * prompt_len)
@@ -254,8 +296,17 @@ class _SimWorker:
         self.step: StepPlan | None = None
         self.plans: list[StepPlan] = []
         self.waiting = False  # planned idle; wait for something outside to change
+        self.who: int | None = None  # its index where the broker delivers to it (``_Fleet.deliver``)
         if role == "decoder":
             fleet.credits += self.capacity
+
+    def prefetch(self) -> int:
+        """Requests it takes from the broker unfinished, as a mesh worker sets its prefetch
+        (``services/worker``'s ``fit_intake``): B_D, but while a static batch holds its slots,
+        what it holds already (at least one)."""
+        if getattr(self.driver.policy, "batch_slots", 0) > len(self.driver.running):
+            return max(self.fleet.unacked[self.who], 1)
+        return self.capacity
 
     # --- when this worker acts next --------------------------------------------------------------
     def next_at(self, clock: float) -> float:
@@ -268,7 +319,7 @@ class _SimWorker:
             return max(at, self.busy_until, clock)
         if self.role == "encoder" and self.fleet.credits <= 0:
             return max(self.busy_until, self.fleet.next_step_end("decoder"), clock)
-        work = (book.queue or self.driver.running or self.driver.prefilling) and not self.waiting
+        work = (book.waiting_for(self.who) or self.driver.running or self.driver.prefilling) and not self.waiting
         at = self.busy_until if work else book.next_arrival()
         if self.waiting and self.driver.running:
             at = min(at, self.fleet.next_step_end("worker"))
@@ -279,6 +330,8 @@ class _SimWorker:
         book = self.fleet.book
         self._finish_step(now)
         book.arrive(now)
+        if self.fleet.delivering:
+            self.fleet.deliver()
         self._intake(now)
         plan = self.driver.plan()
         self.waiting = plan.idle
@@ -298,7 +351,7 @@ class _SimWorker:
     def _intake(self, now: float) -> None:
         d, book = self.driver, self.fleet.book
         if self.role in ("worker", "encoder"):
-            d.queued = book.head(d.window)
+            d.queued = book.head(d.window, self.who)
         if self.role == "encoder":
             d.downstream_free = max(self.fleet.credits, 0)
         if self.role == "decoder":
@@ -324,6 +377,8 @@ class _SimWorker:
         plan, self.step = self.step, None
         book = self.fleet.book
         finished = tuple(i for i in (*plan.first_tokens, *plan.decode) if book.emit(i, now))
+        if self.who is not None:
+            self.fleet.unacked[self.who] -= len(finished)
         self.driver.complete(plan, StepOutcome(finished))
         if self.role == "decoder":
             self.fleet.credits += len(finished)
@@ -465,10 +520,19 @@ def simulate(sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0
         costs = _Costs(sc.timer(layout), schedule.decode_microbatches, me, fused=fused,
                        memo=_memo_of(sc, layout, schedule.decode_microbatches, me, fused))
         fleet.workers = [_SimWorker(fleet, "worker", schedule, costs) for _ in range(schedule.workers)]
+        deliver_to(fleet)
         slot = stats.static_slot_tokens if schedule.policy == "static" else stats.slot_tokens
     _run(fleet)
     memory = float(memory_per_device(layout, sc.model, fleet.book.peak, slot))
     return _summary(fleet.book, stats, memory, sc.cluster.usable_memory_bytes)
+
+
+def deliver_to(fleet: _Fleet) -> None:
+    """The broker delivers to ``fleet``'s workers (replicas of one schedule) under their prefetch."""
+    fleet.delivering, fleet.unacked = True, [0] * len(fleet.workers)
+    fleet.book.delivering, fleet.book.delivered = True, [{} for _ in fleet.workers]
+    for i, w in enumerate(fleet.workers):
+        w.who = i
 
 
 def _memo_of(sc: Scenario, layout: PipelineLayout, microbatches: int, encode_microbatches: int,
@@ -485,6 +549,8 @@ def replay(schedule: Schedule, requests, durations_s, *, role: Role = "worker") 
     times = iter(durations_s)
     worker = _SimWorker(fleet, role, schedule, None, step_s=lambda plan, shape: next(times))
     fleet.workers = [worker]
+    if role == "worker":
+        deliver_to(fleet)
     _run(fleet)
     return worker.plans
 

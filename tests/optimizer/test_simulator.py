@@ -269,3 +269,25 @@ def test_simulations_of_one_scenario_share_step_times_and_give_what_fresh_ones_g
         assert again.decode_steps == fresh.decode_steps
     kept = [memo for key, memo in shared.__dict__["_memo"].items() if key[0] == "step times"]
     assert kept and all(memo for memo in kept)
+
+
+def test_replica_workers_take_arrivals_in_turn_as_the_broker_delivers_them(two_workers):
+    """The broker delivers each arrival to the next worker in turn (RabbitMQ's round robin under
+    each worker's prefetch): the third request waits for the first worker's long prefill even
+    though the second worker is idle by then; and none is delivered beyond a worker's B_D."""
+    from optimizer.simulator import SimRequest
+
+    sc = two_workers
+    schedule = Schedule("continuous", encode_batch=1, decode_batch=2, num_devices=2, decoder_devices=2,
+                        worker_devices=1)
+    reqs = (SimRequest("long", 2000, 2, 0.0), SimRequest("short-1", 8, 2, 0.001), SimRequest("short-2", 8, 2, 0.002))
+    rec = {r.request_id: r for r in simulate(sc, schedule, reqs).records}
+    assert rec["short-1"].finish_s < rec["long"].first_token_s  # the second worker was done long before
+    assert rec["short-2"].encode_start_s >= rec["long"].first_token_s  # yet the third went to the first
+
+    # five at once on workers of B_D = 2: two each, the fifth waits in the broker for a finish
+    burst = tuple(SimRequest(f"r{i}", 8, 3, 0.0) for i in range(5))
+    rec = {r.request_id: r for r in simulate(sc, schedule, burst).records}
+    first_done = min(r.finish_s for r in rec.values())
+    assert sorted(r.request_id for r in rec.values() if r.encode_start_s < first_done) == ["r0", "r1", "r2", "r3"]
+    assert rec["r4"].encode_start_s >= first_done
