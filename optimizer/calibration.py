@@ -5,7 +5,7 @@ build): its step times are often 10-25 % off what a worker measures an hour late
 the steps they ran (kind, shape, seconds); for each the scheduler computes what the *raw* profile
 predicts for that shape (``PipelineTimer`` without calibration) and feeds the ratio here.
 
-The model: a correction factor per step kind (prefill, decode, mixed, two-pass) and step size, the size
+The model: a correction factor per step kind (prefill, decode, mixed) and step size, the size
 being the tokens a step computes (prompt tokens plus decoded rows) in octaves (bucket
 ``floor(log2 tokens)``). Each bucket keeps its newest ``RING`` log-ratios with their times, and its
 estimate is their **weighted median**, each weighted by ``2^(-age / half_life_s)``:
@@ -16,13 +16,6 @@ estimate is their **weighted median**, each weighted by ``2^(-age / half_life_s)
   half-life, and a ring, after the change at most);
 - by shape: small decode steps are dominated by per-step overhead, large prefills by compute, and
   they drift apart; one global factor would fit neither.
-
-A step that prefills and decodes is either one fused pass (the mixed policy, chunked prefill:
-kind ``mixed``) or a prefill pass then a decode pass (continuous batching: ``two-pass``). The raw
-model costs the two by different formulas (``PipelineTimer.iteration_s`` and ``mixed_s``) and they
-err differently: measured, continuous batching's two-pass steps of 64 prompt tokens and more ran
-5-16 % over a ``mixed`` factor fitted on fused steps, so each kind has its own factors; a two-pass
-step with no sample of its own takes the ``mixed`` ones.
 
 A bucket with little weight is shrunk towards its kind's pooled median (``SHRINK`` samples' worth),
 a kind with no sample takes the median over all kinds, and with no sample at all the factor is 1.
@@ -47,7 +40,7 @@ import numpy as np
 
 from optimizer.profile import StepShape
 
-KINDS = ("prefill", "decode", "mixed", "two-pass")
+KINDS = ("prefill", "decode", "mixed")
 RING = 64  # newest samples kept per bucket
 SHRINK = 4.0  # a bucket's estimate is pulled towards its kind's by this many samples' weight
 MAX_BUCKET = 24  # 2^24 tokens in one step: beyond any real step
@@ -60,16 +53,9 @@ MAX_FALL_PER_OCTAVE = 0.03
 
 
 def step_kind(prefill_seqs: float, decode_seqs: float) -> str:
-    """A step's kind as workers report it (``StepCost.kind``): a step that prefills and decodes is
-    "mixed" there, with a flag saying whether it was one pass (``calibration_kind``)."""
     if prefill_seqs > 0 and decode_seqs > 0:
         return "mixed"
     return "prefill" if prefill_seqs > 0 else "decode"
-
-
-def calibration_kind(kind: str, fused: bool) -> str:
-    """The kind a reported step is calibrated as: a "mixed" step not fused is "two-pass"."""
-    return "two-pass" if kind == "mixed" and not fused else kind
 
 
 def bucket_of(tokens: float) -> int:
@@ -98,30 +84,28 @@ class CalibrationTable:
     fallback_log: float = 0.0  # kinds with no sample
     samples: int = 0
 
-    def factor(self, shape: StepShape, two_pass: bool = False) -> np.ndarray:
-        """Per step of ``shape``; ``two_pass``: its steps that prefill and decode run as two passes."""
+    def factor(self, shape: StepShape) -> np.ndarray:
         pre = np.asarray(shape.prefill_seqs, dtype=float)
         dec = np.asarray(shape.decode_seqs, dtype=float)
         tokens = np.asarray(shape.prefill_tokens, dtype=float) + dec
         x = np.log2(np.maximum(tokens, 1.0)) * np.ones(np.broadcast(pre, dec).shape)
         curves = dict(self.curves)
-        both = "two-pass" if two_pass and "two-pass" in curves else "mixed"
         out = np.full(x.shape, self.fallback_log)
         for kind, mask in (("prefill", (pre > 0) & ~(dec > 0)), ("decode", ~(pre > 0)),
-                           (both, (pre > 0) & (dec > 0))):
+                           ("mixed", (pre > 0) & (dec > 0))):
             if kind in curves and np.any(mask):
                 out = np.where(mask, curves[kind].at(x), out)
         return np.exp(out)
 
-    def __call__(self, shape: StepShape, two_pass: bool = False) -> np.ndarray:
-        return self.factor(shape, two_pass)
+    def __call__(self, shape: StepShape) -> np.ndarray:
+        return self.factor(shape)
 
     def scalar(self, kind: str, tokens: float) -> float:
         """The factor for one step of ``kind`` over ``tokens`` tokens."""
-        both = StepShape(prefill_seqs=1.0, prefill_tokens=max(tokens - 1, 0.0), decode_seqs=1.0)
         shape = {"prefill": StepShape(prefill_seqs=1.0, prefill_tokens=tokens),
-                 "decode": StepShape(decode_seqs=max(tokens, 1.0)), "mixed": both, "two-pass": both}[kind]
-        return float(self.factor(shape, kind == "two-pass"))
+                 "decode": StepShape(decode_seqs=max(tokens, 1.0)),
+                 "mixed": StepShape(prefill_seqs=1.0, prefill_tokens=max(tokens - 1, 0.0), decode_seqs=1.0)}[kind]
+        return float(self.factor(shape))
 
     def summary(self) -> tuple[tuple[str, float, float], ...]:
         """(kind, tokens at the bucket's middle, factor) for every calibrated bucket."""

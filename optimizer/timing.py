@@ -33,10 +33,9 @@ class PipelineTimer:
     # whole-step correction (``optimizer.calibration.CalibrationTable``): shape -> factor; None: raw profile
     calibration: Callable | None = None
 
-    def _calibrated(self, shape: StepShape, seconds, two_pass: bool = False):
-        """``seconds`` predicted for a whole step of ``shape``, times its calibration factor
-        (``two_pass``: a step that prefills and decodes runs two passes, calibrated as such)."""
-        return seconds if self.calibration is None else seconds * self.calibration(shape, two_pass)
+    def _calibrated(self, shape: StepShape, seconds):
+        """``seconds`` predicted for a whole step of ``shape``, times its calibration factor."""
+        return seconds if self.calibration is None else seconds * self.calibration(shape)
 
     def _layer_s(self, tp: int, shape: StepShape):
         ar = allreduce_s(self.layout.tp_link, self.model.activation_bytes(shape.tokens), tp)
@@ -113,14 +112,14 @@ class PipelineTimer:
         """A step that prefills and decodes (continuous batching without chunked prefill): the
         prefill passes the pipeline as its own pass, stalling the decode micro-batches, which
         then run as a decode iteration (the prefill's bubbles and stall, as RRA's encode).
-        Calibrated as one two-pass step of the whole shape (what a worker measures)."""
+        Calibrated as one step of the whole shape (what a worker measures)."""
         pre = StepShape(shape.prefill_seqs, shape.prefill_tokens, shape.prefill_seq)
         dec = StepShape(decode_seqs=shape.decode_seqs, decode_ctx=shape.decode_ctx, enc_seq=shape.enc_seq)
         has_pre = np.asarray(shape.prefill_seqs) > 0
         has_dec = np.asarray(shape.decode_seqs) > 0
         raw = (np.where(has_pre, self._encode_raw(pre, microbatches), 0.0)
                + np.where(has_dec, self._iteration_raw(dec, microbatches), 0.0))
-        return self._calibrated(shape, raw, two_pass=True)
+        return self._calibrated(shape, raw)
 
 
 def stage_weight_bytes(layout: PipelineLayout, model: ModelShape) -> np.ndarray:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import msgpack
 
 from common.messages.status import CalibrationPoint, StepCost
-from optimizer.calibration import Calibration, CalibrationTable, calibration_kind
+from optimizer.calibration import Calibration, CalibrationTable
 from optimizer.lengths import scaled_task
 from optimizer.profile import StepShape
 from optimizer.timing import PipelineTimer
@@ -73,8 +73,8 @@ def observe(model: Calibration, timer: PipelineTimer, costs: Sequence[StepCost])
     taken = 0
     for cost in costs:
         try:
-            taken += model.observe(calibration_kind(cost.kind, cost.fused), cost.prefill_tokens + cost.decode_seqs,
-                                   cost.seconds, predicted_s(timer, cost), cost.at)
+            taken += model.observe(cost.kind, cost.prefill_tokens + cost.decode_seqs, cost.seconds,
+                                   predicted_s(timer, cost), cost.at)
         except ValueError as exc:  # a kind this scheduler does not know: a newer worker's record
             log.debug("step cost dropped: %s", exc)
     return taken

@@ -479,27 +479,3 @@ def test_the_search_thread_runs_at_a_lower_priority_than_the_scheduler():
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the process (its event loop) is untouched
     with ThreadPoolExecutor(1, initializer=lower_priority, initargs=(0,)) as pool:
         assert pool.submit(niceness).result() == base
-
-
-def test_a_workers_two_pass_steps_calibrate_apart_from_its_fused_ones():
-    """A reported "mixed" step is costed as the simulator costs it (fused: one pass; else a
-    prefill pass then a decode pass) and calibrated under its own kind, so continuous batching's
-    steps do not move the factors of the mixed policy's, nor the other way round."""
-    from common.messages.status import StepCost
-    from optimizer.calibration import Calibration
-    from services.scheduler.calibrate import observe
-
-    class Timer:  # the raw profile's figures, one per way of costing a step that prefills and decodes
-        def iteration_s(self, shape, microbatches):
-            return 0.010
-
-        def mixed_s(self, shape, microbatches):
-            return 0.020
-
-    model = Calibration()
-    costs = [StepCost("mixed", fused, 2, 100, 50.0, 4, 30.0, seconds, float(i))
-             for i in range(40) for fused, seconds in ((True, 0.009), (False, 0.024))]
-    assert observe(model, Timer(), costs) == 80
-    table = model.table(40.0)
-    assert table.scalar("mixed", 104) == pytest.approx(0.9)
-    assert table.scalar("two-pass", 104) == pytest.approx(1.2)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from optimizer.analytic import Scenario
-from optimizer.calibration import IDENTITY, Calibration, CalibrationTable, bucket_of, calibration_kind, step_kind
+from optimizer.calibration import IDENTITY, Calibration, CalibrationTable, bucket_of, step_kind
 from optimizer.cluster import H200_CLUSTER
 from optimizer.lengths import TASKS
 from optimizer.model import MODELS
@@ -121,8 +121,6 @@ def test_the_factor_never_falls_steeply_with_step_size():
 
 def test_step_kinds_and_buckets():
     assert step_kind(2, 0) == "prefill" and step_kind(0, 3) == "decode" and step_kind(1, 3) == "mixed"
-    assert calibration_kind("mixed", fused=True) == "mixed" and calibration_kind("mixed", fused=False) == "two-pass"
-    assert calibration_kind("decode", fused=False) == "decode"
     assert bucket_of(0) == 0 and bucket_of(1) == 0 and bucket_of(31) == 4 and bucket_of(32) == 5
 
 
@@ -137,26 +135,7 @@ def test_a_calibrated_scenario_predicts_every_step_slower_by_its_factor(profile)
     both = StepShape(4.0, 1000.0, 250.0, 16.0, 300.0)
     np.testing.assert_allclose(t_cal.iteration_s(dec, 1), 1.25 * t_raw.iteration_s(dec, 1))
     np.testing.assert_allclose(t_cal.encode_s(pre), 1.5 * t_raw.encode_s(pre))
-    np.testing.assert_allclose(t_cal.iteration_s(both, 1), 2.0 * t_raw.iteration_s(both, 1))  # fused: mixed
-    np.testing.assert_allclose(t_cal.mixed_s(both, 1), 2.0 * t_raw.mixed_s(both, 1))  # no two-pass factor: mixed's
-    two = CalibrationTable(table.curves + (("two-pass", _flat(1.1)),))
-    t_two = Scenario(MODELS["opt-13b"], profile, H200_CLUSTER, TASKS["S"], 1, calibration=two).timer(layout)
-    np.testing.assert_allclose(t_two.mixed_s(both, 1), 1.1 * t_raw.mixed_s(both, 1))
-    np.testing.assert_allclose(t_two.iteration_s(both, 1), 2.0 * t_raw.iteration_s(both, 1))
-
-
-def test_fused_and_two_pass_steps_are_calibrated_apart():
-    """One pass over prompts and decode rows (the mixed policy) and a prefill pass then a decode
-    pass (continuous batching) err differently against the raw model: what one measures does not
-    move the other's factor."""
-    cal = Calibration()
-    for i in range(60):
-        cal.observe("mixed", 200, 0.95e-3, 1e-3, i * 0.1)
-        cal.observe("two-pass", 200, 1.12e-3, 1e-3, i * 0.1)
-    table = cal.table(6.0)
-    assert table.scalar("mixed", 200) == pytest.approx(0.95)
-    assert table.scalar("two-pass", 200) == pytest.approx(1.12)
-    assert Calibration.from_plain(cal.to_plain()).table(6.0) == table
+    np.testing.assert_allclose(t_cal.mixed_s(both, 1), 2.0 * t_raw.mixed_s(both, 1))
 
 
 def _flat(factor: float):
