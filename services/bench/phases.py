@@ -70,7 +70,11 @@ DRAIN_S = 30.0  # a request's deadline is this long after it is sent: later, the
 ANSWER_GRACE_S = 10.0  # an answer (or the 504) not here this long after the deadline: lost
 # a calibration run sends each schedule, on each task, this many requests at least and this many
 # times its closed loop (its request slots): enough steps of every batch size it runs, from the
-# ramp to the drain; --quick halves both
+# ramp to the drain; --quick halves the first. Not the second: a single wave is sent at once and
+# drains, so continuous batching never admits a prompt beside running decodes and the run has
+# none of the fused prefill-and-decode steps that open-loop traffic is made of (seen: 13 mixed
+# steps in 504, all but two the mixed policy's 250-token chunks; continuous batching's small fused
+# steps then ran 13-25 % over the calibrated model)
 CALIBRATION_REQUESTS, CALIBRATION_WAVES = 60, 2
 
 
@@ -153,8 +157,6 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
                         heartbeat_timeout_s=10.0, request_timeout_s=600.0)
     procs = Processes(config)
     model = Calibration(half_life_s=3600.0)
-    least, waves = (CALIBRATION_REQUESTS // 2, CALIBRATION_WAVES / 2) if args.quick else (
-        CALIBRATION_REQUESTS, CALIBRATION_WAVES)
     sent, started = 0, time.monotonic()
     try:
         with niced_services():
@@ -164,7 +166,7 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
                 await bench.start()
                 bench.step_costs = []
                 schedules = calibration_schedules(args.max_batch)
-                count = {s: max(least, math.ceil(waves * outstanding(s))) for s in schedules}
+                count = calibration_counts(schedules, args.quick)
                 for i, task in enumerate(("S", "T")):
                     load = Load.draw(scaled_task(task, args.scale), max(count.values()), args.seed + 100 + i,
                                      f"cal{task}")
@@ -182,6 +184,14 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
     print(f"calibration run: {sent} requests on tasks S and T, {taken} step records, "
           f"{time.monotonic() - started:.0f} s", flush=True)
     return msgpack.packb(model.to_plain())
+
+
+def calibration_counts(schedules, quick: bool) -> dict:
+    """Requests a calibration run sends each schedule on each task (``CALIBRATION_WAVES``)."""
+    from optimizer.verify import outstanding
+
+    least = CALIBRATION_REQUESTS // 2 if quick else CALIBRATION_REQUESTS
+    return {s: max(least, math.ceil(CALIBRATION_WAVES * outstanding(s))) for s in schedules}
 
 
 def sized(args: argparse.Namespace, profile: Path, cluster: Path, calibration: bytes) -> Setup:
