@@ -363,6 +363,17 @@ def roles_of(schedule: Schedule) -> tuple[Role, ...]:
     return ("encoder", "decoder") if schedule.split else ("worker",)
 
 
+def intake_prefetch(policy: BatchingPolicy, running: int, held: int, decode_batch: int) -> int:
+    """Requests a worker of role "worker" takes from the broker and holds unfinished (its
+    consumer's prefetch), ``held`` of them already and ``running`` in its decode batch: what it
+    could start at its next boundary, ``decode_batch``; but while a static batch holds its slots
+    (its finished members' included) nothing more until the batch ends, so what it holds (at
+    least one)."""
+    if getattr(policy, "batch_slots", 0) > running:
+        return max(held, 1)
+    return decode_batch
+
+
 def fused_steps(schedule: Schedule) -> bool:
     """Whether a step that prefills and decodes runs as one forward pass over both (the engine
     batches prompt rows, chunks and decode rows together): always under the mixed policy, and

@@ -28,7 +28,7 @@ from optimizer.analytic import Scenario, WorkloadStats
 from optimizer.cluster import p2p_s
 from optimizer.driver import Driver, StepOutcome
 from optimizer.layout import PipelineLayout
-from optimizer.policies import QueuedRequest, Role, RunningRequest, StepPlan, fused_steps, make_policy
+from optimizer.policies import QueuedRequest, Role, RunningRequest, StepPlan, fused_steps, intake_prefetch, make_policy
 from optimizer.profile import StepShape
 from optimizer.schedule import Schedule
 from optimizer.timing import PipelineTimer, memory_per_device
@@ -243,14 +243,13 @@ class _Fleet:
         self.handoffs: list[tuple[float, int, str]] = []  # (ready at, order, request id)
         self.order = 0
         self.workers: list[_SimWorker] = []
-        self.delivering = False  # replica workers: the broker delivers each arrival to one of them
         self.turn = 0  # the next worker in the broker's round
         self.unacked: list[int] = []  # per worker: requests delivered to it and not finished
 
     def deliver(self) -> None:
-        """The broker's delivery to replica workers (``delivering``): each queued request not yet
-        delivered goes, in arrival order, to the next worker in turn with room under its prefetch
-        (``_SimWorker.prefetch``), as RabbitMQ's round robin among consumers does; a request that
+        """The broker's delivery to replica workers (``_Book.delivering``): each queued request not
+        yet delivered goes, in arrival order, to the next worker in turn with room under its
+        prefetch (``prefetch_of``), as RabbitMQ's round robin among consumers does; a request that
         finds no room waits in the broker, and so do those behind it. The worker then serves it
         from its own queue, at its own boundaries: an arrival waits for the worker it went to,
         even while the other one idles. (Seen: a two-worker mesh under Poisson arrivals split the
@@ -258,13 +257,18 @@ class _Fleet:
         the simulated workers, which the first at a boundary empties, split them otherwise.)"""
         book, n = self.book, len(self.workers)
         while book.undelivered:
-            room = next((i for i in ((self.turn + k) % n for k in range(n))
-                         if self.unacked[i] < self.workers[i].prefetch()), None)
-            if room is None:
+            turn = ((self.turn + k) % n for k in range(n))
+            to = next((i for i in turn if self.unacked[i] < self.prefetch_of(i)), None)
+            if to is None:
                 return
-            book.deliver(book.undelivered.popleft(), room)
-            self.turn, self.unacked[room] = (room + 1) % n, self.unacked[room] + 1
-            self.workers[room].waiting = False  # something outside changed: it plans again
+            book.deliver(book.undelivered.popleft(), to)
+            self.turn, self.unacked[to] = (to + 1) % n, self.unacked[to] + 1
+            self.workers[to].waiting = False  # something outside changed: it plans again
+
+    def prefetch_of(self, i: int) -> int:
+        """Worker ``i``'s prefetch now, as a mesh worker sets it (``policies.intake_prefetch``)."""
+        w = self.workers[i]
+        return intake_prefetch(w.driver.policy, len(w.driver.running), self.unacked[i], w.capacity)
 
     def hand_off(self, rid: str, at: float, prompt_len: int) -> None:
         ready = at + p2p_s(self.kv_link, self.kv_bytes_token * prompt_len)
@@ -300,14 +304,6 @@ class _SimWorker:
         if role == "decoder":
             fleet.credits += self.capacity
 
-    def prefetch(self) -> int:
-        """Requests it takes from the broker unfinished, as a mesh worker sets its prefetch
-        (``services/worker``'s ``fit_intake``): B_D, but while a static batch holds its slots,
-        what it holds already (at least one)."""
-        if getattr(self.driver.policy, "batch_slots", 0) > len(self.driver.running):
-            return max(self.fleet.unacked[self.who], 1)
-        return self.capacity
-
     # --- when this worker acts next --------------------------------------------------------------
     def next_at(self, clock: float) -> float:
         if self.step is not None:
@@ -330,7 +326,7 @@ class _SimWorker:
         book = self.fleet.book
         self._finish_step(now)
         book.arrive(now)
-        if self.fleet.delivering:
+        if book.delivering:
             self.fleet.deliver()
         self._intake(now)
         plan = self.driver.plan()
@@ -529,7 +525,7 @@ def simulate(sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0
 
 def deliver_to(fleet: _Fleet) -> None:
     """The broker delivers to ``fleet``'s workers (replicas of one schedule) under their prefetch."""
-    fleet.delivering, fleet.unacked = True, [0] * len(fleet.workers)
+    fleet.unacked = [0] * len(fleet.workers)
     fleet.book.delivering, fleet.book.delivered = True, [{} for _ in fleet.workers]
     for i, w in enumerate(fleet.workers):
         w.who = i

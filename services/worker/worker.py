@@ -58,6 +58,7 @@ from optimizer.policies import (
     RunningRequest,
     StepPlan,
     fused_steps,
+    intake_prefetch,
     make_policy,
 )
 from optimizer.schedule import Schedule
@@ -640,10 +641,8 @@ class Worker:
         intake = self._intake.get(self.names.encode_queue)
         if self.role != "worker" or self._drain is not None or intake is None:
             return
-        schedule = self.follower.schedule
         held = sum(h.ready is None for h in self.held.values())  # unacked on the encode queue
-        blocked = getattr(self.driver.policy, "batch_slots", 0) > len(self.driver.running)
-        want = max(held, 1) if blocked else schedule.decode_batch  # (0 would mean no limit)
+        want = intake_prefetch(self.driver.policy, len(self.driver.running), held, self.follower.schedule.decode_batch)
         if want != self._encode_prefetch:
             await intake.set_prefetch(want)
             self._encode_prefetch = want
