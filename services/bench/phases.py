@@ -74,7 +74,7 @@ ANSWER_GRACE_S = 10.0  # an answer (or the 504) not here this long after the dea
 # drains, so continuous batching never admits a prompt beside running decodes and the run has
 # none of the fused prefill-and-decode steps that open-loop traffic is made of (seen: 13 mixed
 # steps in 504, all but two the mixed policy's 250-token chunks; continuous batching's small fused
-# steps then ran 13-25 % over the calibrated model)
+# steps then ran 14-26 % over the calibrated model)
 CALIBRATION_REQUESTS, CALIBRATION_WAVES = 60, 2
 
 
