@@ -7,7 +7,14 @@ Unroutable or undecodable work goes to the dead-letter exchange, which feeds the
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import MeshConfig
 
 # --- TTLs (seconds) of store keys -------------------------------------------------------------
 KV_TTL_S = 600.0  # default; the config's kv_ttl_s overrides it for hand-off payload and metadata
@@ -233,3 +240,11 @@ class Names:
     def queue_prefix(self) -> str:
         """Every queue and exchange of this namespace starts with this (for cleanup)."""
         return f"{self.namespace}."
+
+
+def new_worker_id(config: MeshConfig, role: str) -> str:
+    """The id a process of ``role`` (worker, gateway, scheduler) goes by on the bus and in the store:
+    the configured ``worker_id``, else one new in every process (host, pid and a random suffix)."""
+    if config.worker_id:
+        return config.worker_id
+    return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"

@@ -123,3 +123,29 @@ class Schedule:
         if self.split:
             return self.encoder_workers + self.decoder_workers
         return self.num_devices // self.worker_devices if self.worker_devices else 1
+
+
+def describe(s: Schedule) -> str:
+    """One line of ``s``'s parameters, as the commands and benchmarks print it."""
+    parts = [s.policy, f"B_E={s.encode_batch}", f"B_D={s.decode_batch}", f"micro-batches={s.decode_microbatches}"]
+    if s.policy == "rra":
+        parts.append(f"N_D={s.decode_iters_per_encode}")
+        if s.encode_microbatches > 1:
+            parts.append(f"encode micro-batches={s.encode_microbatches}")
+    if s.policy == "mixed":
+        parts.append(f"tokens/step={s.chunk_tokens}")
+    if s.policy.startswith("waa"):
+        tp = f"TP={s.tp_degree}"
+        if s.encoder_tp_stages >= 0 and s.tp_degree > 1:
+            tp += f" on {s.encoder_tp_stages}/{s.tp_stages} stage(s)"
+        parts.append(f"{tp} encoders/decoders={s.encoder_devices}/{s.decoder_devices}")
+        if s.worker_devices:
+            parts.append(f"workers of {s.worker_devices}")
+    elif s.worker_devices:
+        tp = f"TP={s.tp_degree}" + (f" on {s.tp_stages} stage(s)" if s.tp_degree > 1 else "")
+        parts.append(f"{tp} x{s.workers} workers of {s.worker_devices}")
+    elif s.tp_degree > 1:
+        parts.append(f"TP={s.tp_degree} on {s.tp_stages} stage(s)")
+    else:
+        parts.append("TP=1")
+    return "  ".join(parts)

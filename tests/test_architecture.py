@@ -16,10 +16,18 @@ def contracts() -> list[dict]:
 
 
 def test_the_layers_contract_names_every_package_in_order():
-    (layers,) = [c for c in contracts() if c["type"] == "layers"]
+    (layers,) = [c for c in contracts() if c["type"] == "layers" and "containers" not in c]
     assert layers["layers"] == LAYERS
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
     assert packages == {"services", "loadgen", "common", "engine", "optimizer"}
+
+
+def test_the_services_contract_places_every_part_of_services():
+    (inside,) = [c for c in contracts() if c.get("containers") == ["services"]]
+    named = {part.strip() for layer in inside["layers"] for part in layer.split("|")}
+    parts = {p.parent.name for p in (ROOT / "services").glob("*/__init__.py")}
+    parts |= {p.stem for p in (ROOT / "services").glob("*.py") if p.stem != "__init__"}
+    assert named == parts
 
 
 def test_no_contract_has_exceptions():

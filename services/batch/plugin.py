@@ -1,6 +1,6 @@
 """The batch gateway plugin: the OpenAI Batch API and a job consumer in every gateway process.
 
-Listed in ``services.gateway.plugins.plugin_modules``.
+Listed in ``services.run.plugins.plugin_modules``.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def profile_and_cluster(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path
 def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
     from common.config import MeshConfig
     from optimizer.lengths import scaled_task
-    from services.cli.plan import describe
+    from optimizer.schedule import describe
     from services.scheduler.planning import Planner
 
     profile, cluster = profile_and_cluster(args, tmp)
@@ -407,7 +407,7 @@ async def watch_searches(store, names, searched) -> None:
 
 
 def describe_short(schedule) -> str:
-    from services.cli.plan import describe
+    from optimizer.schedule import describe
 
     return describe(schedule)
 

@@ -154,9 +154,9 @@ def sustained(sc, verified, bound: float) -> float:
 
 def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, verify: bool,
               with_sustained: bool = False) -> Row:
+    from optimizer.schedule import describe
     from optimizer.search import BASELINES, PRODUCT_POLICIES, SEARCH_POLICIES, branch_and_bound, exhaustive, space_size
     from optimizer.verify import verified_pick
-    from services.cli.plan import describe
 
     _, t_search = _timed(branch_and_bound, sc, bound, PRODUCT_POLICIES)
     groups = (PRODUCT_POLICIES, SEARCH_POLICIES) + tuple((p,) for p in BASELINES)
@@ -294,8 +294,8 @@ def _scenario(profile, spec: str, task: str):
 
 def print_case_study(profile) -> None:
     """The paper's case study (OPT-13B, task S, 4 GPUs, bounds 3.1 s and none)."""
+    from optimizer.schedule import describe
     from optimizer.search import branch_and_bound
-    from services.cli.plan import describe
 
     sc = _scenario(profile, "opt-13b:4", "S")
     print("\ncase study (paper, A100: 3.1 s -> WAA B_E=4 TP=2 22.4 seq/s; inf -> RRA B_E=49 N_D=7 TP=4 26.2 seq/s)")

@@ -201,11 +201,10 @@ def sized(args: argparse.Namespace, profile: Path, cluster: Path, calibration: b
     from optimizer.calibration import Calibration
     from optimizer.lengths import scaled_task
     from optimizer.profile import StepShape
-    from optimizer.schedule import Schedule
+    from optimizer.schedule import Schedule, describe
     from optimizer.slo import Slo
     from optimizer.traffic import Forecast, candidates, sustained
     from services.bench.schedules import scenario
-    from services.cli.plan import describe
     from services.scheduler.calibrate import points
 
     model = Calibration.from_plain(msgpack.unpackb(calibration, raw=False))
@@ -311,8 +310,8 @@ async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: i
     from common.messages.work import Sampling
     from common.names import Names
     from common.transport.connect import LocalHub, open_transports
+    from optimizer.schedule import describe
     from services.bench.adapt import Mesh, client_of, watch_searches
-    from services.cli.plan import describe
     from services.scheduler.service import current_schedule, recent_lengths
 
     config = config_for(args, setup, system)

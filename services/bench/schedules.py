@@ -565,9 +565,9 @@ def exegpt_plan(sc, bound: float, max_batch: int, verify: bool = True):
     product's); None where nothing fits."""
     from dataclasses import replace
 
+    from optimizer.schedule import describe
     from optimizer.search import SEARCH_POLICIES, SearchSpace, branch_and_bound
     from optimizer.verify import verified_search
-    from services.cli.plan import describe
     from services.scheduler.planning import POLICY_SETS
 
     space = replace(SearchSpace().capped(max_batch), microbatches=(1,), encode_microbatches=(1,))
@@ -613,8 +613,8 @@ async def bench_task(bench: Bench, plan: Plan, profile: Path, cluster: Path, see
 
 
 async def run_settings(bench, settings: dict, results: dict, load: Load, sc, task: str, rep: int = 0) -> None:
+    from optimizer.schedule import describe
     from optimizer.verify import requests_for
-    from services.cli.plan import describe
 
     for key, schedule in settings.items():
         started = time.monotonic()
@@ -694,7 +694,7 @@ def _spread(values: list[float]) -> str:
 
 
 def print_rows(rows: list[Row], digest: str, scale: float) -> None:
-    from services.cli.plan import describe
+    from optimizer.schedule import describe
 
     print(f"\nSmolLM2-135M, 2 workers x 1 thread; lengths x{scale:g}; profile {digest}; "
           "measured = median over repetitions (spread min..max); error = (predicted - measured) / measured")

@@ -250,7 +250,7 @@ async def _results(args: argparse.Namespace, config: Any) -> int:
 
 async def _load_runner(args: argparse.Namespace, config: Any) -> Any:
     """The engine on its runner, loaded on the runner's thread."""
-    from services.run.engines import EngineRunner, load_engine
+    from services.hosting.engines import EngineRunner, load_engine
 
     model_config = config.model_copy(update={"model": args.model or config.model})
     try:

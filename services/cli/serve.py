@@ -168,7 +168,7 @@ def _follow(config) -> int:
     if config.master_addr is None or config.master_port is None:
         raise CliError("--rank > 0 needs --master-addr and --master-port (rank 0's)")
     from engine.parallel.group import follow
-    from services.run.engines import group_shape
+    from services.hosting.engines import group_shape
 
     try:
         return follow(config.model, group_shape(config), config.rank, addr=config.master_addr,

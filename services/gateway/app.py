@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,9 +40,8 @@ from services.gateway.keys import RequireKeys, load_keys
 from services.gateway.metrics import Metrics
 from services.gateway.outage import AnswerOutages
 from services.gateway.plugins import Lifespan
+from services.hosting.engines import is_factory_spec, load_engine, served_model_name
 from services.ops import RETRY_AFTER_S, roles_covered, transport_checks
-from services.run.engines import is_factory_spec, load_engine, served_model_name
-from services.scheduler.gauges import SchedulerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,15 @@ class ApiError(Exception):
         self.status, self.param, self.code = status, param, code
 
 
-WorkersFactory = Callable[[], AbstractAsyncContextManager[Any]]
+class InProcess(Protocol):
+    """What the embedded server starts beside its gateway (``services.run.embedded.LocalMesh``)."""
+
+    def render_metrics(self) -> bytes:
+        """Its services' metrics, which the gateway's /metrics adds to its own."""
+        ...
+
+
+WorkersFactory = Callable[[], AbstractAsyncContextManager[InProcess]]
 
 
 def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None = None,
@@ -571,9 +578,7 @@ def openai_router() -> APIRouter:
         body = gateway.metrics.render()
         mesh = getattr(request.app.state, "mesh", None)
         if mesh is not None:  # embedded: one process serves the scheduler's and its worker's too
-            if mesh.scheduler is not None:
-                body += SchedulerMetrics(mesh.scheduler).render()
-            body += b"".join(worker.metrics.render() for worker in mesh.workers[:1])
+            body += mesh.render_metrics()
         return Response(body, media_type="text/plain; version=0.0.4")
 
     @router.post("/v1/completions", responses=GENERATION_ERRORS)

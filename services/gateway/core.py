@@ -22,13 +22,12 @@ from common.messages import codec
 from common.messages.control import Abort
 from common.messages.events import EventBatch, EventMessage, Failure, Token
 from common.messages.work import EncodeWork, Sampling
-from common.names import ARRIVALS_TTL_S, Names
+from common.names import ARRIVALS_TTL_S, Names, new_worker_id
 from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage
 from common.transport.port import Subscription
 from services.gateway.metrics import Metrics
-from services.worker import new_worker_id
 
 log = logging.getLogger(__name__)
 

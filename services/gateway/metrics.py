@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from common.lifecycle import Stage, Timeline
 from common.messages.control import ScheduleUpdate
 from common.messages.status import SchedulerState
-from services.scheduler.gauges import ScheduleGauges
+from common.schedule_gauges import ScheduleGauges
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from common.config import MeshConfig
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
-from services.run.engines import EngineRunner
+from services.hosting.engines import EngineRunner
 from services.scheduler.service import SchedulerService
 from services.worker import Worker
 
@@ -33,6 +33,14 @@ class LocalMesh:
 
     def by_role(self, role: str) -> list[Worker]:
         return [w for w in self.workers if w.role == role]
+
+    def render_metrics(self) -> bytes:
+        """The scheduler's and the first worker's metrics, which the embedded gateway's /metrics
+        adds to its own (one process serves them all)."""
+        from services.scheduler.gauges import SchedulerMetrics
+
+        body = SchedulerMetrics(self.scheduler).render() if self.scheduler is not None else b""
+        return body + b"".join(worker.metrics.render() for worker in self.workers[:1])
 
 
 @asynccontextmanager

@@ -283,7 +283,7 @@ def with_worker_threads(config: MeshConfig, workers: int, cores: int | None = No
     it every process would take all the cores and they would fight over them."""
     if config.threads is not None:
         return config
-    from services.run.engines import group_shape
+    from services.hosting.engines import group_shape
 
     processes = max(1, workers) * group_shape(config).world
     return config.model_copy(update={"threads": max(1, (cores or os.cpu_count() or 1) // processes)})
@@ -291,11 +291,11 @@ def with_worker_threads(config: MeshConfig, workers: int, cores: int | None = No
 
 def with_kv_share(config: MeshConfig, workers: int, available: int | None = None) -> MeshConfig:
     """``config`` with each worker's KV-cache budget set, unless given: on the CPU, the share of
-    this host's available memory (``services.run.engines.CPU_KV_SHARE``) divided among the workers
+    this host's available memory (``services.hosting.engines.CPU_KV_SHARE``) divided among the workers
     `up` starts, so that together they stay within it. (A GPU worker sizes its own from its GPU.)"""
     if config.kv_cache_gb is not None or config.device == "cuda":
         return config
-    from services.run.engines import CPU_KV_SHARE, available_memory
+    from services.hosting.engines import CPU_KV_SHARE, available_memory
 
     share = (available or available_memory()) * CPU_KV_SHARE / max(1, workers)
     return config.model_copy(update={"kv_cache_gb": share / 2**30})

@@ -18,10 +18,10 @@ from common.transport.connect import LocalHub, open_transports
 from common.transport.nixl_kv import NixlUnavailable
 from services.gateway import ServedModel, create_app, load_served_model
 from services.gateway.keys import check_exposure, load_keys
-from services.gateway.plugins import load_plugins
+from services.hosting.engines import EngineRunner, group_shape, load_engine, served_model_name
 from services.ops import OpsServer, transport_checks
-from services.run.engines import EngineRunner, group_shape, load_engine, served_model_name
 from services.run.liveness import keep_touching
+from services.run.plugins import gateway_plugins
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ async def serve_http(config: MeshConfig, *, embedded: bool, standby: bool = Fals
     else:  # a gateway only tokenizes: no weights
         model = load_served_model(config)
 
-    routers, lifespans = load_plugins()
+    routers, lifespans = gateway_plugins()
     if standby:
         announce("standby gateway")
         if not await asyncio.to_thread(sys.stdin.readline):

@@ -30,7 +30,7 @@ from common.config import MeshConfig
 from common.messages import codec
 from common.messages.control import PinSchedule, Replan, SchedulerRequest, ScheduleUpdate, SetBound, SetSlo
 from common.messages.status import LengthSample, SchedulerState, StatusMessage, WorkerStatus
-from common.names import OUTPUT_LENGTHS_MAX, Names
+from common.names import OUTPUT_LENGTHS_MAX, Names, new_worker_id
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
 from common.transport.port import Bus, Store, Subscription, processing
@@ -41,7 +41,6 @@ from services.scheduler.allocation import Allocation, allocate
 from services.scheduler.brain import Brain, Decision
 from services.scheduler.leadership import Leadership
 from services.scheduler.planning import Planner, PlanningError
-from services.worker import new_worker_id
 
 log = logging.getLogger("exegpt.scheduler")
 

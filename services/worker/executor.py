@@ -3,7 +3,7 @@
 The plan's ``admit`` requests are imported, then one ``engine.step`` prefills ``encode``,
 advances ``decode``, pays for ``padding`` and runs the prompt ``chunks`` (mixed steps, in the same
 forward pass); an encoder then exports what it prefilled. Engine
-calls run one at a time on a dedicated thread (``services.run.engines.EngineRunner``), so the event
+calls run one at a time on a dedicated thread (``services.hosting.engines.EngineRunner``), so the event
 loop keeps receiving and publishing.
 """
 

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
-import uuid
 from dataclasses import dataclass, replace
 from typing import assert_never
 
@@ -32,7 +29,7 @@ from common.messages.events import Failure
 from common.messages.handoff import HandoffMessage, KvReady
 from common.messages.status import LengthSample, WorkerStatus
 from common.messages.work import WorkMessage
-from common.names import Names
+from common.names import Names, new_worker_id
 from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
@@ -62,8 +59,8 @@ from optimizer.policies import (
     make_policy,
 )
 from optimizer.schedule import Schedule
-from services.run.engines import EngineRunner, group_shape
-from services.run.threads import step_key
+from services.hosting.engines import EngineRunner, group_shape
+from services.hosting.threads import step_key
 from services.worker.costs import StepSampler, step_cost
 from services.worker.credits import Credits
 from services.worker.executor import StepResult, run_step
@@ -89,12 +86,6 @@ def failed_task(task: asyncio.Task) -> bool:
 def dead_letter_message(reason: str) -> str:
     """What the client of a dead-lettered request is told."""
     return f"the request could not be processed and was moved to the dead queue: {reason}"
-
-
-def new_worker_id(config: MeshConfig, role: str) -> str:
-    if config.worker_id:
-        return config.worker_id
-    return f"{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
 def intake_for(role: Role, schedule: Schedule, names: Names) -> dict[str, int]:

@@ -13,8 +13,8 @@ from services.batch.api import batch_lifespan, batch_router
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
 from services.gateway import ServedModel, create_app
+from services.hosting.engines import EngineRunner
 from services.run.embedded import local_workers
-from services.run.engines import EngineRunner
 
 MODEL = "tiny-llama"
 TIMEOUT_S = 60
@@ -29,7 +29,7 @@ def config(batch_config):
 def engines():
     """Loading costs seconds: two workers' engines for the whole module."""
     from common.config import MeshConfig
-    from services.run.engines import load_engine as load
+    from services.hosting.engines import load_engine as load
 
     cfg = MeshConfig(model=MODEL, threads=1, device="cpu")
     return load(cfg), load(cfg)
@@ -187,9 +187,9 @@ async def test_bad_calls_get_openai_errors(config, engines, call, status):
 
 
 def test_every_gateway_the_cli_starts_gets_the_batch_api():
-    from services.gateway.plugins import load_plugins
+    from services.run.plugins import gateway_plugins
 
-    routers, lifespans = load_plugins()
+    routers, lifespans = gateway_plugins()
     paths = {route.path for router in routers for route in router.routes}
     assert {"/v1/files", "/v1/files/{file_id}/content", "/v1/batches",
             "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"} <= paths

@@ -14,8 +14,8 @@ from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.mesh_executor import MeshExecutor
 from services.gateway import ServedModel
 from services.gateway.core import Gateway
+from services.hosting.engines import EngineRunner, load_engine
 from services.run.embedded import local_workers
-from services.run.engines import EngineRunner, load_engine
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-llama"

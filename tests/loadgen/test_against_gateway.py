@@ -11,8 +11,8 @@ from common.config import MeshConfig
 from common.transport.connect import LocalHub
 from services.cli import main
 from services.gateway import ServedModel, create_app
+from services.hosting.engines import EngineRunner, load_engine
 from services.run.embedded import local_workers
-from services.run.engines import EngineRunner, load_engine
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-llama"

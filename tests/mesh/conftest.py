@@ -15,8 +15,8 @@ from common.names import Names
 from common.transport.connect import LocalHub, purge
 from optimizer.schedule import Schedule
 from services.gateway import ServedModel, create_app
+from services.hosting.engines import EngineRunner
 from services.run.embedded import LocalMesh, local_workers
-from services.run.engines import EngineRunner
 from tests.brokers import AMQP_URL, REDIS_URL, nixl_loads
 
 TIMEOUT_S = 30

@@ -27,7 +27,7 @@ from services.cli import main
 from services.cli import schedule as schedule_cli
 from services.gateway import ServedModel, create_app
 from services.gateway.keys import KeyRing, check_exposure, hash_key, load_keys, parse_keys_file, required_scope
-from services.gateway.plugins import load_plugins
+from services.run.plugins import gateway_plugins
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import FakeEngine, load
 
@@ -53,7 +53,7 @@ def auth(key: str) -> dict[str, str]:
 async def gateway_asgi(config: MeshConfig, hub: LocalHub) -> AsyncIterator[httpx.ASGITransport]:
     """A gateway alone (no scheduler, no workers), with the plugins the CLI mounts."""
     engine = FakeEngine()
-    routers, lifespans = load_plugins()
+    routers, lifespans = gateway_plugins()
     app = create_app(config, ServedModel(FAKE, engine.tokenizer, engine.max_context), hub=hub,
                      routers=tuple(routers), lifespans=tuple(lifespans))
     async with app.router.lifespan_context(app):

@@ -3,7 +3,7 @@
 import pytest
 
 from common.config import MeshConfig
-from services.run.engines import engine_factory, load_engine
+from services.hosting.engines import engine_factory, load_engine
 from tests.mesh.fake_engine import FakeEngine
 
 

@@ -24,8 +24,8 @@ from common.messages.status import WorkerStatus
 from common.names import Names
 from common.transport.connect import LocalHub, Transports, open_store, open_transports, purge
 from optimizer.schedule import Schedule
+from services.hosting.engines import EngineRunner
 from services.run.embedded import LocalMesh, local_workers, until_ready
-from services.run.engines import EngineRunner
 from services.scheduler.leadership import Leadership
 from services.scheduler.service import SchedulerService, current_schedule
 from services.worker.follower import ScheduleFollower

@@ -10,8 +10,8 @@ from common.config import MeshConfig
 from common.transport.connect import LocalHub
 from services.gateway import ServedModel, create_app
 from services.gateway.plugins import load_plugins
+from services.hosting.engines import EngineRunner
 from services.run.embedded import local_workers
-from services.run.engines import EngineRunner
 from tests.mesh import plugin_example
 from tests.mesh.fake_engine import load
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.run.threads import ThreadGovernor, step_key
+from services.hosting.threads import ThreadGovernor, step_key
 
 
 def run(governor: ThreadGovernor, key, seconds_with: dict[int, float], steps: int) -> list[int]:
@@ -55,7 +55,7 @@ def test_the_runner_loads_and_steps_on_one_thread_with_the_chosen_threads():
     import threading
 
     torch = pytest.importorskip("torch")
-    from services.run.engines import EngineRunner
+    from services.hosting.engines import EngineRunner
 
     seen: list[tuple[str, int]] = []
 

@@ -140,15 +140,13 @@ class Dashboard:
         self.dead_reasons_at, self._dead_depth_read = time.time(), depth
 
     async def _read_batches(self) -> None:
-        """The newest Batch API batches and their request counts (when the gateway serves that API)."""
+        """The newest Batch API batches and their request counts, when a plugin serves that API: it
+        puts at ``app.state.batches`` an object whose ``newest(limit)`` gives them as the API does."""
         store = getattr(self.app.state, "batches", None)
         if store is None:
             return
-        from services.batch.openai_batch import Caller  # the Batch API is a plugin built on the gateway
-
-        listing = await store.list(BATCHES_SHOWN, caller=Caller(admin=True))
         self.batches = [{"id": b["id"], "status": b["status"], "created_at": b["created_at"],
-                         **b["request_counts"]} for b in listing["data"]]
+                         **b["request_counts"]} for b in await store.newest(BATCHES_SHOWN)]
 
 
 def dashboard_router() -> APIRouter:

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from common.config import MeshConfig
 from engine.api import Engine
-from services.run.threads import ThreadGovernor
+from services.hosting.threads import ThreadGovernor
 
 T = TypeVar("T")
 
@@ -110,7 +110,7 @@ class EngineRunner:
     the thread that runs its steps, so torch's OpenMP has one team of threads (a second team, from
     loading on another thread, makes OpenMP put idle threads to sleep after every parallel region:
     a SmolLM2 decode step took 24 ms instead of 13.5 here). ``step`` runs an engine step with as
-    many threads as the governor (``services.run.threads``) chooses: the team, or one thread while
+    many threads as the governor (``services.hosting.threads``) chooses: the team, or one thread while
     the team is measured slower because other work shares the cores."""
 
     def __init__(self, engine: Engine, executor: ThreadPoolExecutor | None = None,
@@ -135,7 +135,7 @@ class EngineRunner:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def step(self, key: Hashable, fn: Callable[..., T], *args: object) -> T:
-        """``call`` for an engine step of kind ``key`` (``services.run.threads.step_key``), with the
+        """``call`` for an engine step of kind ``key`` (``services.hosting.threads.step_key``), with the
         threads the governor chooses."""
         if self.governor is None:
             return await self.call(fn, *args)
