@@ -27,7 +27,7 @@ from services.batch.consumer import ConsumerConfig, JobConsumer, QueueDepthAdmis
 from services.batch.legacy import adopt
 from services.batch.mesh_executor import MeshExecutor
 from services.batch.openai_batch import BatchApiError, BatchStore, Caller, Limits, too_large
-from services.gateway import openai_api as oa
+from services.front import openai_api as oa
 
 log = logging.getLogger(__name__)
 

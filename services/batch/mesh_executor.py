@@ -11,8 +11,7 @@ import uuid
 
 from common.messages.jobs import BatchJob
 from services.batch.executor import JobFailed, JobOutput, prompt_ids
-from services.gateway.app import ServedModel
-from services.gateway.core import Gateway, Pending, RequestFailed
+from services.front.core import Gateway, Pending, RequestFailed, ServedModel
 
 
 class MeshExecutor:

@@ -33,7 +33,7 @@ from common.names import BATCHES_MAX, RESULT_TTL_S, Names
 from common.transport.batchdir import BatchDir
 from common.transport.port import Bus, Store
 from services.batch.requests import ENDPOINTS, InvalidRequest, parse_batch_line
-from services.gateway import openai_api as oa
+from services.front import openai_api as oa
 
 
 class BatchApiError(Exception):

@@ -380,7 +380,7 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
 async def client_of(config, names, stack: AsyncExitStack):
     """This process's transports and a gateway core (its requests' client), closed with ``stack``."""
     from common.transport.connect import LocalHub, open_transports
-    from services.gateway.core import Gateway
+    from services.front.core import Gateway
 
     transports = await open_transports(config, names, LocalHub())
     stack.push_async_callback(transports.close)

@@ -358,7 +358,7 @@ class Bench:
     async def start(self) -> None:
         from common.names import Names
         from common.transport.connect import LocalHub, open_transports
-        from services.gateway.core import Gateway
+        from services.front.core import Gateway
 
         self.names = Names(self.config.namespace)
         self.transports = await open_transports(self.config, self.names, LocalHub())

@@ -266,8 +266,8 @@ async def _mesh_executor(args: argparse.Namespace, config: Any, stack: Any) -> A
     from common.transport.connect import LocalHub, open_transports
     from optimizer.schedule import Schedule
     from services.batch.mesh_executor import MeshExecutor
+    from services.front.core import Gateway
     from services.gateway import ServedModel
-    from services.gateway.core import Gateway
     from services.run.embedded import local_workers
 
     hub = LocalHub()

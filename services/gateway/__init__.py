@@ -1,7 +1,7 @@
 """The gateway: OpenAI-compatible REST in front of the mesh."""
 
-from services.gateway.app import ApiError, ServedModel, create_app, load_served_model
-from services.gateway.core import Gateway, Pending, RequestFailed
+from services.front.core import Gateway, Pending, RequestFailed, ServedModel
+from services.gateway.app import ApiError, create_app, load_served_model
 
 __all__ = ["ApiError", "Gateway", "Pending", "RequestFailed", "ServedModel", "create_app",
            "load_served_model"]

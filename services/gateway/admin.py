@@ -28,8 +28,8 @@ from common.messages.status import SchedulerState
 from common.names import Names
 from common.transport.port import Bus, Store
 from optimizer.schedule import MINIMUMS, Schedule
-from services.gateway import openai_api as oa
-from services.gateway.core import Gateway
+from services.front import openai_api as oa
+from services.front.core import Gateway
 
 
 class BoundBody(BaseModel):

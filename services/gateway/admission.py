@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from common.config import MeshConfig
-from services.gateway.core import Pending
+from services.front.core import Pending
 
 DEPTH_TTL_S = 0.5  # the encode queue's depth is read from the broker at most this often
 DEPTH_TIMEOUT_S = 2.0  # a broker slower than this to answer counts as down

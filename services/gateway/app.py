@@ -30,27 +30,20 @@ from common.tracing import TRACEPARENT, TRACESTATE, Tracing, tracing_for
 from common.transport.connect import LocalHub, open_transports
 from common.transport.errors import is_outage
 from engine.api import Tokenizer
-from services.gateway import openai_api as oa
+from services.front import openai_api as oa
+from services.front.core import Gateway, Pending, RequestFailed, ServedModel
+from services.front.metrics import Metrics
 from services.gateway.admin import admin_router, schedule_records
 from services.gateway.admission import Admission, Refused, Ticket
 from services.gateway.bodies import BoundBodies, header
-from services.gateway.core import Gateway, Pending, RequestFailed
 from services.gateway.dashboard import Dashboard, dashboard_router
 from services.gateway.keys import RequireKeys, load_keys
-from services.gateway.metrics import Metrics
 from services.gateway.outage import AnswerOutages
 from services.gateway.plugins import Lifespan
 from services.hosting.engines import is_factory_spec, load_engine, served_model_name
 from services.ops import RETRY_AFTER_S, roles_covered, transport_checks
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    tokenizer: Tokenizer
-    max_context: int
 
 
 def load_served_model(config: MeshConfig) -> ServedModel:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway import openai_api as oa
+from services.front import openai_api as oa
 
 
 class TooLarge(Exception):

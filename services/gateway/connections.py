@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from common.config import MeshConfig
-from services.gateway import openai_api as oa
+from services.front import openai_api as oa
 
 REASONS = {408: b"Request Timeout", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
            503: b"Service Unavailable"}

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
 from common.config import MeshConfig
-from services.gateway import openai_api as oa
+from services.front import openai_api as oa
 
 Scope = Literal["user", "admin"]
 SCOPES: tuple[Scope, ...] = ("user", "admin")

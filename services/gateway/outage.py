@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.transport.errors import is_outage, what_failed
-from services.gateway import openai_api as oa
+from services.front import openai_api as oa
 
 log = logging.getLogger(__name__)
 

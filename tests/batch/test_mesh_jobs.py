@@ -12,8 +12,8 @@ from common.messages.work import Sampling
 from common.transport.connect import open_transports
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.mesh_executor import MeshExecutor
+from services.front.core import Gateway
 from services.gateway import ServedModel
-from services.gateway.core import Gateway
 from services.hosting.engines import EngineRunner, load_engine
 from services.run.embedded import local_workers
 

@@ -12,7 +12,7 @@ from common.messages import codec
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from common.transport.connect import LocalHub, open_bus, open_transports
-from services.gateway.core import Gateway
+from services.front.core import Gateway
 from tests.brokers import AMQP_URL, REDIS_URL
 
 pytestmark = pytest.mark.usefixtures("cleanup")

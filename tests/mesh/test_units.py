@@ -18,7 +18,7 @@ from common.messages.status import LengthSample, WorkerStatus
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from optimizer.schedule import Schedule
-from services.gateway.core import Pending
+from services.front.core import Pending
 from services.worker.follower import ScheduleFollower
 from services.worker.mailbox import Outbox
 

@@ -23,9 +23,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from common.transport.dead import DeadQueue
-from services.gateway import openai_api as oa
+from services.front import openai_api as oa
+from services.front.core import Gateway
 from services.gateway.admin import jsonable, schedule_records
-from services.gateway.core import Gateway
 from services.gateway.dashboard.history import History
 from services.gateway.dashboard.watch import WorkerWatch
 

@@ -27,13 +27,23 @@ from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage
 from common.transport.port import Subscription
-from services.gateway.metrics import Metrics
+from engine.api import Tokenizer
+from services.front.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_S = 5.0  # a broker that has not confirmed a publish by then counts as down
 ARRIVALS_FLUSH_S = 0.5  # arrivals counted per second go to the store this often (one write per past second)
 ARRIVALS_KEPT_S = 60  # seconds of counts kept while the store does not answer
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The model a front end serves: the name clients give, its tokenizer, its context in tokens."""
+
+    name: str
+    tokenizer: Tokenizer
+    max_context: int
+
 
 class RequestFailed(Exception):
     def __init__(self, status: int, message: str) -> None:
