@@ -66,8 +66,10 @@ class BatchStateLost(KeyError):
         self.batch_id, self.results_kept = batch_id, results_kept
 
     def __str__(self) -> str:
-        return (f"the record of batch {self.batch_id} was lost (the batch folder does not hold it; "
-                f"{self.results_kept} job results are kept); its state cannot be told: submit it again")
+        return (
+            f"the record of batch {self.batch_id} was lost (the batch folder does not hold it; "
+            f"{self.results_kept} job results are kept); its state cannot be told: submit it again"
+        )
 
 
 class JobProducer:
@@ -88,12 +90,23 @@ class JobProducer:
         await self.bus.declare_queue(self.names.jobs_queue)
         if reply_to is not None:
             await self.bus.declare_queue(reply_to)
-        await self.data.put_record(batch_id, "batch.json", {
-            "count": len(jobs), "model": jobs[0].model if jobs else "",
-            "created_at": time.time(), "reply_to": reply_to or ""})
+        await self.data.put_record(
+            batch_id,
+            "batch.json",
+            {
+                "count": len(jobs),
+                "model": jobs[0].model if jobs else "",
+                "created_at": time.time(),
+                "reply_to": reply_to or "",
+            },
+        )
         for start in range(0, len(jobs), PUBLISH_WINDOW):  # confirms overlap within a window
-            await asyncio.gather(*(self.bus.publish(self.names.jobs_queue, codec.encode(job))
-                                   for job in jobs[start:start + PUBLISH_WINDOW]))
+            await asyncio.gather(
+                *(
+                    self.bus.publish(self.names.jobs_queue, codec.encode(job))
+                    for job in jobs[start : start + PUBLISH_WINDOW]
+                )
+            )
 
     async def count(self, batch_id: str) -> int:
         record = await self.data.record(batch_id, "batch.json")
@@ -107,15 +120,18 @@ class JobProducer:
         """Each job's stored result in job order (None while it has none)."""
         count = await self.count(batch_id)
         stored = await self.data.results(batch_id)
-        return [codec.decode(stored[job_id(batch_id, i)], JobResult) if job_id(batch_id, i) in stored
-                else None for i in range(count)]
+        return [
+            codec.decode(stored[job_id(batch_id, i)], JobResult) if job_id(batch_id, i) in stored else None
+            for i in range(count)
+        ]
 
     async def status(self, batch_id: str) -> BatchStatus:
         count = await self.count(batch_id)
         results = [r for r in await self.results(batch_id) if r is not None]
         by = {s: sum(1 for r in results if r.status == s) for s in ("completed", "failed", "cancelled")}
-        return BatchStatus(batch_id, count, by["completed"], by["failed"], by["cancelled"],
-                           await self.data.cancelled(batch_id))
+        return BatchStatus(
+            batch_id, count, by["completed"], by["failed"], by["cancelled"], await self.data.cancelled(batch_id)
+        )
 
     async def cancel(self, batch_id: str) -> None:
         """Jobs of the batch that have not started yet finish as ``cancelled``."""
@@ -177,8 +193,9 @@ class ReplyCollector:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def collect_replies(bus: Bus, queue: str, expected: set[str], timeout_s: float,
-                          prefetch: int = 256) -> tuple[dict[str, JobResult], int]:
+async def collect_replies(
+    bus: Bus, queue: str, expected: set[str], timeout_s: float, prefetch: int = 256
+) -> tuple[dict[str, JobResult], int]:
     """Read replies until every expected job id arrived or time runs out: (first result per
     job id, duplicate replies dropped)."""
     collector = await ReplyCollector(bus, queue, prefetch).start()

@@ -53,27 +53,52 @@ class NoTracing:
     def inject(self, parent: Any = None) -> None:
         return None
 
-    def start(self, name: str, *, parent: Any = None, kind: Kind = "internal", start_s: float | None = None,
-              attributes: Attributes | None = None) -> None:
+    def start(
+        self,
+        name: str,
+        *,
+        parent: Any = None,
+        kind: Kind = "internal",
+        start_s: float | None = None,
+        attributes: Attributes | None = None,
+    ) -> None:
         return None
 
-    def end(self, span: Any, *, end_s: float | None = None, attributes: Attributes | None = None,
-            error: str | None = None, name: str | None = None) -> None:
+    def end(
+        self,
+        span: Any,
+        *,
+        end_s: float | None = None,
+        attributes: Attributes | None = None,
+        error: str | None = None,
+        name: str | None = None,
+    ) -> None:
         return None
 
-    def annotate(self, span: Any, *, attributes: Attributes | None = None, error: str | None = None,
-                 name: str | None = None) -> None:
+    def annotate(
+        self, span: Any, *, attributes: Attributes | None = None, error: str | None = None, name: str | None = None
+    ) -> None:
         return None
 
-    def record(self, name: str, *, parent: Any, start_s: float, end_s: float, kind: Kind = "internal",
-               attributes: Attributes | None = None, error: str | None = None) -> None:
+    def record(
+        self,
+        name: str,
+        *,
+        parent: Any,
+        start_s: float,
+        end_s: float,
+        kind: Kind = "internal",
+        attributes: Attributes | None = None,
+        error: str | None = None,
+    ) -> None:
         return None
 
     def context_of(self, span: Any) -> None:
         return None
 
-    def span(self, name: str, *, parent: Any = None, kind: Kind = "internal",
-             attributes: Attributes | None = None) -> contextlib.AbstractContextManager[None]:
+    def span(
+        self, name: str, *, parent: Any = None, kind: Kind = "internal", attributes: Attributes | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         return _NOTHING
 
 
@@ -93,9 +118,13 @@ class OtelTracing:
 
         self._tracer, self._trace, self._context = tracer, trace, context
         self._propagator = TraceContextTextMapPropagator()  # W3C, whatever OTEL_PROPAGATORS says
-        self._kinds = {"internal": trace.SpanKind.INTERNAL, "server": trace.SpanKind.SERVER,
-                       "client": trace.SpanKind.CLIENT, "producer": trace.SpanKind.PRODUCER,
-                       "consumer": trace.SpanKind.CONSUMER}
+        self._kinds = {
+            "internal": trace.SpanKind.INTERNAL,
+            "server": trace.SpanKind.SERVER,
+            "client": trace.SpanKind.CLIENT,
+            "producer": trace.SpanKind.PRODUCER,
+            "consumer": trace.SpanKind.CONSUMER,
+        }
 
     def extract(self, headers: Mapping[str, str]) -> Any:
         """The context that ``headers`` carry (an empty one, so spans under it are roots, if none)."""
@@ -107,19 +136,39 @@ class OtelTracing:
         self._propagator.inject(carrier, context=parent)
         return carrier
 
-    def start(self, name: str, *, parent: Any = None, kind: Kind = "internal", start_s: float | None = None,
-              attributes: Attributes | None = None) -> Any:
-        return self._tracer.start_span(name, context=parent, kind=self._kinds[kind], attributes=attributes,
-                                       start_time=None if start_s is None else _ns(start_s))
+    def start(
+        self,
+        name: str,
+        *,
+        parent: Any = None,
+        kind: Kind = "internal",
+        start_s: float | None = None,
+        attributes: Attributes | None = None,
+    ) -> Any:
+        return self._tracer.start_span(
+            name,
+            context=parent,
+            kind=self._kinds[kind],
+            attributes=attributes,
+            start_time=None if start_s is None else _ns(start_s),
+        )
 
-    def end(self, span: Any, *, end_s: float | None = None, attributes: Attributes | None = None,
-            error: str | None = None, name: str | None = None) -> None:
+    def end(
+        self,
+        span: Any,
+        *,
+        end_s: float | None = None,
+        attributes: Attributes | None = None,
+        error: str | None = None,
+        name: str | None = None,
+    ) -> None:
         if span is not None:
             self.annotate(span, attributes=attributes, error=error, name=name)
             span.end(end_time=None if end_s is None else _ns(end_s))
 
-    def annotate(self, span: Any, *, attributes: Attributes | None = None, error: str | None = None,
-                 name: str | None = None) -> None:
+    def annotate(
+        self, span: Any, *, attributes: Attributes | None = None, error: str | None = None, name: str | None = None
+    ) -> None:
         """Rename ``span``, add ``attributes`` (None values left out), or mark it failed."""
         if name is not None:
             span.update_name(name)
@@ -128,8 +177,17 @@ class OtelTracing:
         if error is not None:
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error))
 
-    def record(self, name: str, *, parent: Any, start_s: float, end_s: float, kind: Kind = "internal",
-               attributes: Attributes | None = None, error: str | None = None) -> Any:
+    def record(
+        self,
+        name: str,
+        *,
+        parent: Any,
+        start_s: float,
+        end_s: float,
+        kind: Kind = "internal",
+        attributes: Attributes | None = None,
+        error: str | None = None,
+    ) -> Any:
         """A span that already happened; returns its context (for the spans that follow from it)."""
         span = self.start(name, parent=parent, kind=kind, start_s=start_s, attributes=attributes)
         self.end(span, end_s=end_s, error=error)
@@ -139,11 +197,13 @@ class OtelTracing:
         return self._trace.set_span_in_context(span, self._context.Context())
 
     @contextlib.contextmanager
-    def span(self, name: str, *, parent: Any = None, kind: Kind = "internal",
-             attributes: Attributes | None = None) -> Iterator[Any]:
+    def span(
+        self, name: str, *, parent: Any = None, kind: Kind = "internal", attributes: Attributes | None = None
+    ) -> Iterator[Any]:
         """A span around the block, current within it (an exception marks it failed)."""
-        with self._tracer.start_as_current_span(name, context=parent, kind=self._kinds[kind],
-                                                attributes=attributes) as span:
+        with self._tracer.start_as_current_span(
+            name, context=parent, kind=self._kinds[kind], attributes=attributes
+        ) as span:
             yield span
 
 
@@ -197,8 +257,9 @@ def check_installed(config: MeshConfig) -> None:
         try:
             import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
         except ImportError:
-            raise TracingUnavailable(f"otlp_endpoint is set but the OTLP exporter is not installed: "
-                                     f"{OTLP_HINT}") from None
+            raise TracingUnavailable(
+                f"otlp_endpoint is set but the OTLP exporter is not installed: {OTLP_HINT}"
+            ) from None
 
 
 def _exporter(endpoint: str | None) -> Any:

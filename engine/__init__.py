@@ -32,9 +32,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, num_threads: int | None = None,
-                max_context: int | None = None, models_dir: str | Path | None = None, cuda_graphs: bool = False,
-                quant: str | None = None):
+def load_engine(
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    num_threads: int | None = None,
+    max_context: int | None = None,
+    models_dir: str | Path | None = None,
+    cuda_graphs: bool = False,
+    quant: str | None = None,
+):
     """An ``engine.api.Engine`` for ``model``: ``smollm2``, ``tiny-llama|tiny-opt|tiny-t5`` or a folder
     (Hugging Face layout) or a ``.gguf`` file. Raises ValueError naming the problem.
 
@@ -81,8 +89,9 @@ def load_engine(model: str, *, device: str = "auto", dtype: str | None = None, n
 
         runner = EncoderDecoderRunner(module, device=torch.device(dev), dtype=torch_dtype, max_context=context)
     else:
-        runner = DecoderOnlyRunner(module, device=torch.device(dev), dtype=torch_dtype, max_context=context,
-                                   cuda_graphs=cuda_graphs)
+        runner = DecoderOnlyRunner(
+            module, device=torch.device(dev), dtype=torch_dtype, max_context=context, cuda_graphs=cuda_graphs
+        )
     vocab = min(config["vocab_size"], tokenizer.vocab_size)
     return LocalEngine(runner, tokenizer, model_name=model, device=dev, vocab_size=vocab)
 
@@ -178,8 +187,15 @@ def _dtype(name: str | None, device: str):
 
     if name is None:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float64": torch.float64,
+    }
     if name not in table:
         raise ValueError(f"unknown dtype {name!r} (float32, bfloat16, float16; float64 for exact checks)")
     return table[name]

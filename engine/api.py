@@ -186,20 +186,23 @@ class KVHandoff:
     def to_bytes(self) -> bytes:
         """The hand-off on the wire: a versioned msgpack map, the KV bytes as a binary field."""
         p = self.params
-        return msgpack.packb({
-            "v": HANDOFF_VERSION,
-            "request_id": self.request_id,
-            "model": self.model,
-            "params": {**{f.name: getattr(p, f.name) for f in fields(SamplingParams)}, "stop": list(p.stop)},
-            "prompt_ids": list(self.prompt_ids),
-            "generated_ids": list(self.generated_ids),
-            "emitted_text": self.emitted_text,
-            "rng_state": self.rng_state,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "layout": self.layout,
-            "kv": self.kv,
-        }, use_bin_type=True)
+        return msgpack.packb(
+            {
+                "v": HANDOFF_VERSION,
+                "request_id": self.request_id,
+                "model": self.model,
+                "params": {**{f.name: getattr(p, f.name) for f in fields(SamplingParams)}, "stop": list(p.stop)},
+                "prompt_ids": list(self.prompt_ids),
+                "generated_ids": list(self.generated_ids),
+                "emitted_text": self.emitted_text,
+                "rng_state": self.rng_state,
+                "dtype": self.dtype,
+                "shape": list(self.shape),
+                "layout": self.layout,
+                "kv": self.kv,
+            },
+            use_bin_type=True,
+        )
 
     @staticmethod
     def from_bytes(data: bytes) -> KVHandoff:
@@ -215,9 +218,17 @@ class KVHandoff:
             known = {f.name for f in fields(SamplingParams)}  # a field this version lacks keeps its default
             params = SamplingParams(**{**{k: v for k, v in p.items() if k in known}, "stop": tuple(p["stop"])})
             return KVHandoff(
-                request_id=m["request_id"], model=m["model"], params=params, prompt_ids=tuple(m["prompt_ids"]),
-                generated_ids=tuple(m["generated_ids"]), emitted_text=m["emitted_text"], rng_state=m["rng_state"],
-                dtype=m["dtype"], shape=tuple(m["shape"]), layout=m["layout"], kv=m["kv"],
+                request_id=m["request_id"],
+                model=m["model"],
+                params=params,
+                prompt_ids=tuple(m["prompt_ids"]),
+                generated_ids=tuple(m["generated_ids"]),
+                emitted_text=m["emitted_text"],
+                rng_state=m["rng_state"],
+                dtype=m["dtype"],
+                shape=tuple(m["shape"]),
+                layout=m["layout"],
+                kv=m["kv"],
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed KV hand-off: {exc!r}") from exc
@@ -241,8 +252,13 @@ class Engine(Protocol):
     max_context: int  # prompt + generated tokens one request may hold
     device: str  # "cpu" or "cuda"
 
-    def step(self, prefill: Sequence[GenerationRequest] = (), decode: Sequence[str] = (),
-             padding: int = 0, chunks: Sequence[PromptChunk] = ()) -> list[TokenEvent]:
+    def step(
+        self,
+        prefill: Sequence[GenerationRequest] = (),
+        decode: Sequence[str] = (),
+        padding: int = 0,
+        chunks: Sequence[PromptChunk] = (),
+    ) -> list[TokenEvent]:
         """One scheduling step in one forward pass (T5: the encoder's over the new prompts, then one
         decoder pass); returns the events of the new and decoded requests (in any order: map them
         by ``request_id``).

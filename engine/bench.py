@@ -40,27 +40,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default=DEFAULT_BATCHES, help="comma-separated (default %(default)s)")
     p.add_argument("--prompt-len", type=int, default=64, help="mean prompt length in tokens (default %(default)s)")
     p.add_argument("--new-tokens", type=int, default=32, help="mean tokens generated per request (default %(default)s)")
-    p.add_argument("--prompt-spread", type=float, default=0.5,
-                   help="prompt lengths in L*(1 +- s) (default %(default)s)")
-    p.add_argument("--output-spread", type=float, default=0.5,
-                   help="output lengths in N*(1 +- s); 0: all equal (default %(default)s)")
-    p.add_argument("--clock", choices=("wall", "process"), default="wall",
-                   help="process: this process's CPU time, steadier on a shared machine with --threads 1")
+    p.add_argument(
+        "--prompt-spread", type=float, default=0.5, help="prompt lengths in L*(1 +- s) (default %(default)s)"
+    )
+    p.add_argument(
+        "--output-spread",
+        type=float,
+        default=0.5,
+        help="output lengths in N*(1 +- s); 0: all equal (default %(default)s)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="process: this process's CPU time, steadier on a shared machine with --threads 1",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the best counts (default %(default)s)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument("--quant", default=None, help="weight-only quantization (CPU): fp16, int8, int4 or none")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (and llama.cpp's)")
-    p.add_argument("--llamacpp", action="store_true",
-                   help="compare with llama.cpp's one stream on the same GGUF instead of transformers")
+    p.add_argument(
+        "--llamacpp",
+        action="store_true",
+        help="compare with llama.cpp's one stream on the same GGUF instead of transformers",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", action="store_true",
-                   help="time a mixed step against decode_step() + prefill() instead (no transformers needed)")
+    p.add_argument(
+        "--step",
+        action="store_true",
+        help="time a mixed step against decode_step() + prefill() instead (no transformers needed)",
+    )
     p.add_argument("--step-prompts", type=int, default=8, help="--step: new prompts per step (default %(default)s)")
-    p.add_argument("--step-decodes", type=int, default=16,
-                   help="--step: running requests decoded (default %(default)s)")
-    p.add_argument("--rounds", type=int, default=9,
-                   help="--step: timed rounds, the median counts (default %(default)s)")
+    p.add_argument(
+        "--step-decodes", type=int, default=16, help="--step: running requests decoded (default %(default)s)"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=9, help="--step: timed rounds, the median counts (default %(default)s)"
+    )
 
 
 @dataclass(frozen=True)
@@ -90,14 +107,27 @@ def run(args: argparse.Namespace) -> int:
         return run_step(args)
     if args.llamacpp:
         return run_llamacpp(args, batches)
-    cells, device = benchmark(args.model, batches, args.prompt_len, args.new_tokens, repeats=args.repeats,
-                              device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed,
-                              prompt_spread=args.prompt_spread, output_spread=args.output_spread, quant=args.quant)
+    cells, device = benchmark(
+        args.model,
+        batches,
+        args.prompt_len,
+        args.new_tokens,
+        repeats=args.repeats,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        seed=args.seed,
+        prompt_spread=args.prompt_spread,
+        output_spread=args.output_spread,
+        quant=args.quant,
+    )
     import torch
 
-    print(f"engine vs transformers generate: model {args.model}, {device}, {_weights(args)}, "
-          f"{torch.get_num_threads()} threads, {args.clock} clock, prompts {args.prompt_len}*(1+-{args.prompt_spread}) "
-          f"tokens, outputs {args.new_tokens}*(1+-{args.output_spread}) tokens, best of {args.repeats}")
+    print(
+        f"engine vs transformers generate: model {args.model}, {device}, {_weights(args)}, "
+        f"{torch.get_num_threads()} threads, {args.clock} clock, prompts {args.prompt_len}*(1+-{args.prompt_spread}) "
+        f"tokens, outputs {args.new_tokens}*(1+-{args.output_spread}) tokens, best of {args.repeats}"
+    )
     print(format_table(cells))
     print(summary(cells))
     return 0
@@ -120,16 +150,27 @@ def format_table(cells: list[Cell], baseline: str = "HF") -> str:
     return "\n".join(lines)
 
 
-def benchmark(model: str, batches: list[int], prompt_len: int, new_tokens: int, *, repeats: int = 2,
-              device: str = "auto", dtype: str | None = None, threads: int | None = None, seed: int = 0,
-              prompt_spread: float = 0.5, output_spread: float = 0.5,
-              cuda_graphs: bool = False, quant: str | None = None) -> tuple[list[Cell], str]:
+def benchmark(
+    model: str,
+    batches: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    *,
+    repeats: int = 2,
+    device: str = "auto",
+    dtype: str | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+    prompt_spread: float = 0.5,
+    output_spread: float = 0.5,
+    cuda_graphs: bool = False,
+    quant: str | None = None,
+) -> tuple[list[Cell], str]:
     import torch
 
     from engine import load_engine
 
-    engine = load_engine(model, device=device, dtype=dtype, num_threads=threads, cuda_graphs=cuda_graphs,
-                         quant=quant)
+    engine = load_engine(model, device=device, dtype=dtype, num_threads=threads, cuda_graphs=cuda_graphs, quant=quant)
     if engine.runner.layout.startswith("t5"):
         raise ValueError("the engine benchmark compares decoder-only models")
     hf = reference_model(engine, model)
@@ -162,8 +203,9 @@ def spread_lengths(gen, batch: int, mean: int, spread: float, *, low: int = 1) -
 def make_prompts(gen, batch: int, mean_len: int, vocab: int, spread: float = 0.5) -> list[list[int]]:
     import torch
 
-    return [torch.randint(32, vocab, (n,), generator=gen).tolist()
-            for n in spread_lengths(gen, batch, mean_len, spread)]
+    return [
+        torch.randint(32, vocab, (n,), generator=gen).tolist() for n in spread_lengths(gen, batch, mean_len, spread)
+    ]
 
 
 def _sync(device: str) -> None:
@@ -177,8 +219,10 @@ def _ours(engine, prompts: list[list[int]], outputs: list[int]) -> tuple[float, 
     """(prefill seconds, decode seconds) for the whole batch; prefill includes the first token's sampling."""
     from engine.api import GenerationRequest, SamplingParams
 
-    reqs = [GenerationRequest(f"bench-{i}", tuple(p), SamplingParams(max_tokens=n, ignore_eos=True))
-            for i, (p, n) in enumerate(zip(prompts, outputs))]
+    reqs = [
+        GenerationRequest(f"bench-{i}", tuple(p), SamplingParams(max_tokens=n, ignore_eos=True))
+        for i, (p, n) in enumerate(zip(prompts, outputs))
+    ]
     _sync(engine.device)
     t0 = CLOCK()
     engine.prefill(reqs)
@@ -209,15 +253,21 @@ def _hf(hf, prompts: list[list[int]], outputs: list[int], device: str) -> tuple[
     ids = torch.zeros(len(prompts), width, dtype=torch.int64)
     mask = torch.zeros(len(prompts), width, dtype=torch.int64)
     for i, p in enumerate(prompts):  # left padding, as decoder-only generation needs
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     mark = FirstLogits()
     _sync(device)
     t0 = CLOCK()
     with torch.inference_mode():
-        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(outputs), min_new_tokens=max(outputs),
-                    do_sample=False, logits_processor=LogitsProcessorList([mark]))
+        hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(outputs),
+            min_new_tokens=max(outputs),
+            do_sample=False,
+            logits_processor=LogitsProcessorList([mark]),
+        )
     _sync(device)
     end = CLOCK()
     assert mark.at is not None
@@ -236,8 +286,9 @@ def reference_model(engine, model: str) -> Any:
         raise ValueError("the engine benchmark needs transformers (pip install transformers)") from exc
     ours = engine.runner.model
     if ours.kind == "llama":
-        cfg = {k: v for k, v in ours.args.to_hf_config().items()
-               if k not in ("architectures", "model_type", "torch_dtype")}
+        cfg = {
+            k: v for k, v in ours.args.to_hf_config().items() if k not in ("architectures", "model_type", "torch_dtype")
+        }
         with torch.device(engine.device):
             hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
         state = dict(ours.state_dict())
@@ -265,22 +316,43 @@ def reference_model(engine, model: str) -> Any:
 
 
 def run_llamacpp(args: argparse.Namespace, batches: list[int]) -> int:
-    cells, anchor = benchmark_llamacpp(args.model, batches, args.prompt_len, args.new_tokens,
-                                       repeats=args.repeats, dtype=args.dtype, quant=args.quant,
-                                       threads=args.threads, seed=args.seed, prompt_spread=args.prompt_spread,
-                                       output_spread=args.output_spread)
-    print(f"engine vs llama.cpp's one stream: model {args.model}, cpu, {_weights(args)}, {anchor}, "
-          f"{args.clock} clock, prompts {args.prompt_len}*(1+-{args.prompt_spread}) tokens, "
-          f"outputs {args.new_tokens}*(1+-{args.output_spread}) tokens, best of {args.repeats}")
+    cells, anchor = benchmark_llamacpp(
+        args.model,
+        batches,
+        args.prompt_len,
+        args.new_tokens,
+        repeats=args.repeats,
+        dtype=args.dtype,
+        quant=args.quant,
+        threads=args.threads,
+        seed=args.seed,
+        prompt_spread=args.prompt_spread,
+        output_spread=args.output_spread,
+    )
+    print(
+        f"engine vs llama.cpp's one stream: model {args.model}, cpu, {_weights(args)}, {anchor}, "
+        f"{args.clock} clock, prompts {args.prompt_len}*(1+-{args.prompt_spread}) tokens, "
+        f"outputs {args.new_tokens}*(1+-{args.output_spread}) tokens, best of {args.repeats}"
+    )
     print(format_table(cells, "llama.cpp"))
     print(summary(cells))
     return 0
 
 
-def benchmark_llamacpp(model: str, batches: list[int], prompt_len: int, new_tokens: int, *, repeats: int = 2,
-                       dtype: str | None = None, quant: str | None = None, threads: int | None = None,
-                       seed: int = 0, prompt_spread: float = 0.5,
-                       output_spread: float = 0.5) -> tuple[list[Cell], str]:
+def benchmark_llamacpp(
+    model: str,
+    batches: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    *,
+    repeats: int = 2,
+    dtype: str | None = None,
+    quant: str | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+    prompt_spread: float = 0.5,
+    output_spread: float = 0.5,
+) -> tuple[list[Cell], str]:
     """Our engine at each batch size against llama.cpp's one stream of a ``prompt_len`` prompt and
     ``new_tokens`` tokens, on the same GGUF file and threads, interleaved, best of ``repeats``."""
     import torch
@@ -294,8 +366,14 @@ def benchmark_llamacpp(model: str, batches: list[int], prompt_len: int, new_toke
         raise ValueError("--llamacpp needs llama-cpp-python (pip install llama-cpp-python)") from exc
     engine = load_engine(model, device="cpu", dtype=dtype, num_threads=threads, quant=quant)
     n_threads = torch.get_num_threads()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prompt_len + new_tokens + 8, n_batch=max(512, prompt_len),
-                          n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=prompt_len + new_tokens + 8,
+        n_batch=max(512, prompt_len),
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        verbose=False,
+    )
     gen = torch.Generator().manual_seed(seed)
     one = make_prompts(gen, 1, prompt_len, engine.vocab_size, 0.0)[0]
     _ours(engine, [one[:8]] * 2, [3, 3])  # warm-up
@@ -310,8 +388,9 @@ def benchmark_llamacpp(model: str, batches: list[int], prompt_len: int, new_toke
             theirs.append(_llamacpp(llm, one, new_tokens))
         n_prompt, n_decode = sum(map(len, prompts)), sum(n - 1 for n in outputs)
         cells.append(Cell(b, "prefill", n_prompt / min(o[0] for o in ours), len(one) / min(t[0] for t in theirs)))
-        cells.append(Cell(b, "decode", n_decode / min(o[1] for o in ours),
-                          (new_tokens - 1) / min(t[1] for t in theirs)))
+        cells.append(
+            Cell(b, "decode", n_decode / min(o[1] for o in ours), (new_tokens - 1) / min(t[1] for t in theirs))
+        )
     return cells, f"{n_threads} threads (both), llama-cpp-python {llama_cpp.__version__}"
 
 
@@ -345,8 +424,10 @@ def _llamacpp(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
 
 
 def summary(cells: list[Cell]) -> str:
-    return ", ".join(f"b{c.batch} {c.phase} {c.ratio:.2f}x" for c in cells) + \
-        f" (geomean {statistics.geometric_mean([c.ratio for c in cells]):.2f}x)"
+    return (
+        ", ".join(f"b{c.batch} {c.phase} {c.ratio:.2f}x" for c in cells)
+        + f" (geomean {statistics.geometric_mean([c.ratio for c in cells]):.2f}x)"
+    )
 
 
 # ---- one mixed step vs two calls ------------------------------------------------------------------
@@ -371,29 +452,31 @@ def run_step(args: argparse.Namespace) -> int:
         raise ValueError("--step needs --step-prompts, --step-decodes, --rounds and --prompt-len >= 1")
     from engine import load_engine
 
-    engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
-                         quant=args.quant)
+    engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads, quant=args.quant)
     import torch
 
     timing = time_mixed_step(engine, args.step_prompts, args.step_decodes, args.prompt_len, args.rounds, args.seed)
-    print(f"mixed step vs separate calls: model {args.model}, {engine.device}, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock, {args.step_prompts} prompts x {args.prompt_len} tokens + {args.step_decodes} "
-          f"decodes, median of {args.rounds} rounds")
+    print(
+        f"mixed step vs separate calls: model {args.model}, {engine.device}, {torch.get_num_threads()} threads, "
+        f"{args.clock} clock, {args.step_prompts} prompts x {args.prompt_len} tokens + {args.step_decodes} "
+        f"decodes, median of {args.rounds} rounds"
+    )
     print(format_step(timing))
     return 0
 
 
 def format_step(t: StepTiming) -> str:
-    return "\n".join([
-        f"  {'mixed step (one pass)':<32} {t.mixed_s * 1e3:9.2f} ms",
-        f"  {'decode_step() then prefill()':<32} {t.separate_s * 1e3:9.2f} ms"
-        f"  (decode {t.decode_s * 1e3:.2f} ms, prefill {t.prefill_s * 1e3:.2f} ms)",
-        f"  {'separate / mixed':<32} {t.ratio:9.2f}x",
-    ])
+    return "\n".join(
+        [
+            f"  {'mixed step (one pass)':<32} {t.mixed_s * 1e3:9.2f} ms",
+            f"  {'decode_step() then prefill()':<32} {t.separate_s * 1e3:9.2f} ms"
+            f"  (decode {t.decode_s * 1e3:.2f} ms, prefill {t.prefill_s * 1e3:.2f} ms)",
+            f"  {'separate / mixed':<32} {t.ratio:9.2f}x",
+        ]
+    )
 
 
-def time_mixed_step(engine, n_prompts: int, n_decodes: int, prompt_len: int, rounds: int,
-                    seed: int = 0) -> StepTiming:
+def time_mixed_step(engine, n_prompts: int, n_decodes: int, prompt_len: int, rounds: int, seed: int = 0) -> StepTiming:
     """``n_decodes`` requests keep running (forced length); each round times ``step`` prefilling
     ``n_prompts`` new prompts while decoding them, and the same work as ``decode_step()`` then
     ``prefill``, in alternating order after one untimed warm-up round. The new requests are
@@ -404,11 +487,15 @@ def time_mixed_step(engine, n_prompts: int, n_decodes: int, prompt_len: int, rou
 
     gen = torch.Generator().manual_seed(seed)
     keep = SamplingParams(max_tokens=2 * rounds + 4, ignore_eos=True)
-    running = [GenerationRequest(f"run-{i}", tuple(p), keep)
-               for i, p in enumerate(make_prompts(gen, n_decodes, prompt_len, engine.vocab_size, 0.0))]
+    running = [
+        GenerationRequest(f"run-{i}", tuple(p), keep)
+        for i, p in enumerate(make_prompts(gen, n_decodes, prompt_len, engine.vocab_size, 0.0))
+    ]
     prompts = make_prompts(gen, n_prompts, prompt_len, engine.vocab_size, 0.0)
-    new = [GenerationRequest(f"new-{i}", tuple(p), SamplingParams(max_tokens=2, ignore_eos=True))
-           for i, p in enumerate(prompts)]
+    new = [
+        GenerationRequest(f"new-{i}", tuple(p), SamplingParams(max_tokens=2, ignore_eos=True))
+        for i, p in enumerate(prompts)
+    ]
     ids = [r.request_id for r in running]
     engine.prefill(running)
 
@@ -429,8 +516,9 @@ def time_mixed_step(engine, n_prompts: int, n_decodes: int, prompt_len: int, rou
 
     times: dict[str, list[tuple[float, ...]]] = {"mixed": [], "separate": []}
     for r in range(rounds + 1):
-        for name, fn in ((("mixed", mixed), ("separate", separate)) if r % 2 else
-                         (("separate", separate), ("mixed", mixed))):
+        for name, fn in (
+            (("mixed", mixed), ("separate", separate)) if r % 2 else (("separate", separate), ("mixed", mixed))
+        ):
             _sync(engine.device)
             took = fn()
             for request in new:
@@ -440,5 +528,6 @@ def time_mixed_step(engine, n_prompts: int, n_decodes: int, prompt_len: int, rou
     for request_id in ids:
         engine.abort(request_id)
     med = lambda rows, i: statistics.median(row[i] for row in rows)  # noqa: E731
-    return StepTiming(med(times["mixed"], 0), med(times["separate"], 0), med(times["separate"], 1),
-                      med(times["separate"], 2))
+    return StepTiming(
+        med(times["mixed"], 0), med(times["separate"], 0), med(times["separate"], 1), med(times["separate"], 2)
+    )

@@ -85,8 +85,9 @@ class DecodeGraphs:
     normal path (``fallbacks``), all graphs dropped because the cache grew (``resets``).
     """
 
-    def __init__(self, model: nn.Module, cache: KVCache, *, capture: bool | None = None,
-                 max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(
+        self, model: nn.Module, cache: KVCache, *, capture: bool | None = None, max_graphs: int = MAX_GRAPHS
+    ) -> None:
         on_cuda = cache.device.type == "cuda"
         if capture and not on_cuda:
             raise ValueError("CUDA graphs need a CUDA device")
@@ -145,8 +146,13 @@ class DecodeGraphs:
         static = self._statics.get(key)
         if static is None:
             dev = self.cache.device
-            static = _Static(bucket, span, torch.zeros(bucket + 1, dtype=torch.int64, device=dev),
-                             torch.arange(bucket, device=dev), torch.arange(span, device=dev))
+            static = _Static(
+                bucket,
+                span,
+                torch.zeros(bucket + 1, dtype=torch.int64, device=dev),
+                torch.arange(bucket, device=dev),
+                torch.arange(span, device=dev),
+            )
             self._statics[key] = static
             while len(self._statics) > self.max_graphs:
                 self._statics.popitem(last=False)
@@ -159,8 +165,15 @@ class DecodeGraphs:
         live = s.inputs[s.bucket]
         positions = cache.lengths_t[: s.bucket] * (s.rows < live)  # padding rows: position 0
         mask = (s.keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, S)
-        rows = Decodes(size=s.bucket, live=s.bucket, t_max=s.span, mask=mask, slots=s.rows,
-                       positions=positions, live_positions=positions)
+        rows = Decodes(
+            size=s.bucket,
+            live=s.bucket,
+            t_max=s.span,
+            mask=mask,
+            slots=s.rows,
+            positions=positions,
+            live_positions=positions,
+        )
         return self.model(Batch(cache, s.inputs[: s.bucket], positions, rows, None, None))
 
     def _capture(self, s: _Static) -> bool:

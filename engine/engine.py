@@ -52,8 +52,16 @@ class _Running:
 
 
 class LocalEngine:
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, *, model_name: str, device: str,
-                 vocab_size: int, stop_token_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        tokenizer: Tokenizer,
+        *,
+        model_name: str,
+        device: str,
+        vocab_size: int,
+        stop_token_ids: Sequence[int] = (),
+    ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -73,8 +81,11 @@ class LocalEngine:
     def set_kv_budget(self, budget_bytes: int) -> int:
         """Cap the KV cache at ``budget_bytes`` (it grows to that at most; a request or batch that
         would need more is refused); returns the budget in token positions (``kv_budget_tokens``)."""
-        caches = [c for c in (getattr(self.runner, n, None) for n in ("cache", "self_cache", "cross_cache"))
-                  if c is not None and hasattr(c, "kv")]
+        caches = [
+            c
+            for c in (getattr(self.runner, n, None) for n in ("cache", "self_cache", "cross_cache"))
+            if c is not None and hasattr(c, "kv")
+        ]
         per_token = sum(c.bytes_per_position for c in caches) or self.kv_bytes_per_token
         self.kv_budget_tokens = max(int(budget_bytes) // per_token, 1)
         for cache in caches:
@@ -94,8 +105,13 @@ class LocalEngine:
     # ---- the contract -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, prefill: Sequence[GenerationRequest] = (), decode: Sequence[str] = (),
-             padding: int = 0, chunks: Sequence[PromptChunk] = ()) -> list[TokenEvent]:
+    def step(
+        self,
+        prefill: Sequence[GenerationRequest] = (),
+        decode: Sequence[str] = (),
+        padding: int = 0,
+        chunks: Sequence[PromptChunk] = (),
+    ) -> list[TokenEvent]:
         whole, first, later = self._sort_chunks(chunks)
         joining = [*prefill, *whole, *(c.request for c in first)]
         self._validate(joining)
@@ -134,17 +150,26 @@ class LocalEngine:
         self._remove(slot)
         r = state.request
         return KVHandoff(
-            request_id=r.request_id, model=self.model_name, params=r.params, prompt_ids=r.prompt_ids,
-            generated_ids=tuple(state.generated), emitted_text=state.text.emitted,
-            rng_state=generator_state(state.gen), dtype=str(kv.dtype).removeprefix("torch."),
-            shape=tuple(kv.shape), layout=self.runner.layout, kv=data,
+            request_id=r.request_id,
+            model=self.model_name,
+            params=r.params,
+            prompt_ids=r.prompt_ids,
+            generated_ids=tuple(state.generated),
+            emitted_text=state.text.emitted,
+            rng_state=generator_state(state.gen),
+            dtype=str(kv.dtype).removeprefix("torch."),
+            shape=tuple(kv.shape),
+            layout=self.runner.layout,
+            kv=data,
         )
 
     @torch.inference_mode()
     def import_request(self, handoff: KVHandoff) -> None:
         if handoff.model != self.model_name or handoff.layout != self.runner.layout:
-            raise ValueError(f"hand-off for {handoff.model} ({handoff.layout}) cannot run on "
-                             f"{self.model_name} ({self.runner.layout})")
+            raise ValueError(
+                f"hand-off for {handoff.model} ({handoff.layout}) cannot run on "
+                f"{self.model_name} ({self.runner.layout})"
+            )
         if self._find(handoff.request_id) is not None:
             raise ValueError(f"request {handoff.request_id!r} is already running")
         if (problem := sampling_problem(handoff.params)) is not None:
@@ -156,9 +181,11 @@ class LocalEngine:
             raise ValueError(f"unknown KV dtype {handoff.dtype!r}")
         positions = self.runner.positions(len(handoff.prompt_ids), len(handoff.generated_ids))
         if len(handoff.shape) != 5 or handoff.shape[3] != positions:
-            raise ValueError(f"hand-off KV shape {handoff.shape} does not hold the {positions} positions "
-                             f"its {len(handoff.prompt_ids)} prompt and {len(handoff.generated_ids)} generated "
-                             "tokens need")
+            raise ValueError(
+                f"hand-off KV shape {handoff.shape} does not hold the {positions} positions "
+                f"its {len(handoff.prompt_ids)} prompt and {len(handoff.generated_ids)} generated "
+                "tokens need"
+            )
         try:
             raw = bytearray(handoff.kv) if isinstance(handoff.kv, bytes) else handoff.kv  # a writable buffer: in place
             kv = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(handoff.shape)
@@ -167,13 +194,20 @@ class LocalEngine:
             raise ValueError(f"malformed hand-off for {handoff.request_id!r}: {exc}") from exc
         self.runner.import_(kv, len(handoff.generated_ids))
         request = GenerationRequest(handoff.request_id, handoff.prompt_ids, handoff.params)
-        self._slots.append(_Running(request, list(handoff.generated_ids), gen,
-                                    self._tracker(handoff.params, handoff.emitted_text)))
+        self._slots.append(
+            _Running(request, list(handoff.generated_ids), gen, self._tracker(handoff.params, handoff.emitted_text))
+        )
 
     # ---- steps ------------------------------------------------------------------------------
 
-    def _execute(self, requests: Sequence[GenerationRequest], live: int, padding: int,
-                 first: Sequence[PromptChunk] = (), later: Sequence[PromptChunk] = ()) -> list[TokenEvent]:
+    def _execute(
+        self,
+        requests: Sequence[GenerationRequest],
+        live: int,
+        padding: int,
+        first: Sequence[PromptChunk] = (),
+        later: Sequence[PromptChunk] = (),
+    ) -> list[TokenEvent]:
         """One forward pass: slots ``0..live-1`` advance, ``padding`` rows are paid for, ``requests``
         and the ``first`` chunks join at the end, the ``later`` chunks extend their slots; then
         sample (decoded slots, new requests, chunks that end their prompt), emit, and drop the
@@ -184,12 +218,12 @@ class LocalEngine:
         exactly as it was and the new requests never joined it."""
         if not (requests or live or padding or first or later):
             return []
-        prompts = [list(r.prompt_ids) for r in requests] + [_tokens(c.request)[:c.length] for c in first]
+        prompts = [list(r.prompt_ids) for r in requests] + [_tokens(c.request)[: c.length] for c in first]
         resumed = [list(r.resume_ids) for r in requests] + [[] for _ in first]
         cont = [(self._find(c.request.request_id), c) for c in later]
         args = (prompts, resumed, [s.generated[-1] for s in self._slots[:live]], padding)
         if cont:
-            slices = [(slot, _tokens(self._slots[slot].request)[c.start:c.start + c.length]) for slot, c in cont]
+            slices = [(slot, _tokens(self._slots[slot].request)[c.start : c.start + c.length]) for slot, c in cont]
             logits = self.runner.step(*args, chunks=slices)
         else:
             logits = self.runner.step(*args)  # a failure here is undone by the runner
@@ -197,8 +231,9 @@ class LocalEngine:
         joining = [self._new_state(r) for r in requests]
         joining += [self._new_state(c.request, len(_tokens(c.request)) - c.length) for c in first]
         picked = [(i, i) for i in range(live)] + [(size + j, live + j) for j in range(len(requests))]
-        picked += [(slot, live + len(prompts) + j) for j, (slot, c) in enumerate(cont)
-                   if self._slots[slot].pending == c.length]  # its last chunk: the first token
+        picked += [
+            (slot, live + len(prompts) + j) for j, (slot, c) in enumerate(cont) if self._slots[slot].pending == c.length
+        ]  # its last chunk: the first token
         try:
             if len(picked) != logits.shape[0]:
                 logits = logits[torch.tensor([row for _, row in picked], dtype=torch.long, device=logits.device)]
@@ -212,8 +247,9 @@ class LocalEngine:
             self._slots[slot].pending -= c.length
         return self._emit([slot for slot, _ in picked], *chosen)
 
-    def _choose(self, logits: torch.Tensor, states: list[_Running]
-                ) -> tuple[list[int], list[tuple[float | None, tuple[tuple[int, float], ...]]] | None]:
+    def _choose(
+        self, logits: torch.Tensor, states: list[_Running]
+    ) -> tuple[list[int], list[tuple[float | None, tuple[tuple[int, float], ...]]] | None]:
         """The next token of each of ``states`` (the rows of ``logits``) and, where asked for,
         its log-probabilities. Changes nothing it does not undo on failure: the samplers' states
         are restored when it raises."""
@@ -230,13 +266,19 @@ class LocalEngine:
             raise
         return tokens, logged
 
-    def _emit(self, slots: list[int], tokens: list[int],
-              logged: list[tuple[float | None, tuple[tuple[int, float], ...]]] | None) -> list[TokenEvent]:
+    def _emit(
+        self,
+        slots: list[int],
+        tokens: list[int],
+        logged: list[tuple[float | None, tuple[tuple[int, float], ...]]] | None,
+    ) -> list[TokenEvent]:
         """Each of ``slots`` takes its token: its event; then the finished leave the batch."""
         events = [self._advance(self._slots[slot], token) for slot, token in zip(slots, tokens)]
         if logged is not None:
-            events = [replace(e, logprob=lp, top_logprobs=top) if lp is not None else e
-                      for e, (lp, top) in zip(events, logged)]
+            events = [
+                replace(e, logprob=lp, top_logprobs=top) if lp is not None else e
+                for e, (lp, top) in zip(events, logged)
+            ]
         for slot, event in sorted(zip(slots, events), key=lambda pair: -pair[0]):
             if event.finished:
                 self._remove(slot)  # highest first: the slot moved into it has been handled
@@ -269,8 +311,13 @@ class LocalEngine:
     def _new_state(self, r: GenerationRequest, pending: int = 0) -> _Running:
         # a resumed request's sampler restarts from its seed: its text continues, but a sampled
         # continuation need not be the one an uninterrupted run would have drawn
-        return _Running(r, list(r.resume_ids), make_generator(r.request_id, r.params),
-                        self._tracker(r.params, r.resume_text), pending)
+        return _Running(
+            r,
+            list(r.resume_ids),
+            make_generator(r.request_id, r.params),
+            self._tracker(r.params, r.resume_text),
+            pending,
+        )
 
     def _validate(self, requests: Sequence[GenerationRequest]) -> None:
         """``RequestRejected`` naming the first of ``requests`` that cannot join the batch."""
@@ -296,8 +343,10 @@ class LocalEngine:
             return f"prompt of {len(r.prompt_ids)} tokens exceeds max_context {self.max_context}"
         most = used + r.params.max_tokens - len(r.resume_ids)
         if self.kv_budget_tokens is not None and min(most, self.max_context) > self.kv_budget_tokens:
-            return (f"prompt + max_tokens need {most} positions of KV cache; this worker's cache holds "
-                    f"{self.kv_budget_tokens} (lower max_tokens)")
+            return (
+                f"prompt + max_tokens need {most} positions of KV cache; this worker's cache holds "
+                f"{self.kv_budget_tokens} (lower max_tokens)"
+            )
         if len(r.resume_ids) >= r.params.max_tokens:
             return f"resumes from {len(r.resume_ids)} tokens, max_tokens is {r.params.max_tokens}"
         bad = [t for t in (*r.prompt_ids, *r.resume_ids) if not 0 <= t < self.vocab_size]

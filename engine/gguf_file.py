@@ -29,10 +29,15 @@ MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
-_TYPED = {GGMLQuantizationType.F16: np.float16, GGMLQuantizationType.F32: np.float32,
-          GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
-          GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
-          GGMLQuantizationType.I64: np.int64}
+_TYPED = {
+    GGMLQuantizationType.F16: np.float16,
+    GGMLQuantizationType.F32: np.float32,
+    GGMLQuantizationType.F64: np.float64,
+    GGMLQuantizationType.I8: np.int8,
+    GGMLQuantizationType.I16: np.int16,
+    GGMLQuantizationType.I32: np.int32,
+    GGMLQuantizationType.I64: np.int64,
+}
 
 
 @dataclass(frozen=True)
@@ -74,8 +79,9 @@ class GGUFFile:
             table.append((name, GGMLQuantizationType(self._unpack("<I")), dims, self._unpack("<Q")))
         alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
         start = -(-self._at // alignment) * alignment
-        self.tensors = [Tensor(name, kind, dims, self._data(start + offset, kind, dims))
-                        for name, kind, dims, offset in table]
+        self.tensors = [
+            Tensor(name, kind, dims, self._data(start + offset, kind, dims)) for name, kind, dims, offset in table
+        ]
 
     def release(self, tensor: Tensor) -> None:
         """Drop the pages of ``tensor``'s data from this process (read again from the page cache
@@ -91,11 +97,11 @@ class GGUFFile:
         count = int(np.prod(dims, dtype=np.int64))
         if kind in _TYPED:
             dtype = np.dtype(_TYPED[kind])
-            return self._map[offset:offset + count * dtype.itemsize].view(dtype).reshape(rows)
+            return self._map[offset : offset + count * dtype.itemsize].view(dtype).reshape(rows)
         block, size = GGML_QUANT_SIZES[kind]
         if rows[-1] % block:
             raise ValueError(f"a {kind.name} row of {rows[-1]} values is not whole blocks of {block}")
-        return self._map[offset:offset + count // block * size].reshape(*rows[:-1], rows[-1] // block * size)
+        return self._map[offset : offset + count // block * size].reshape(*rows[:-1], rows[-1] // block * size)
 
     def _unpack(self, fmt: str) -> Any:
         (value,) = struct.unpack_from(fmt, self._map, self._at)
@@ -104,7 +110,7 @@ class GGUFFile:
 
     def _string(self) -> str:
         n = self._unpack("<Q")
-        text = bytes(self._map[self._at:self._at + n]).decode("utf-8")
+        text = bytes(self._map[self._at : self._at + n]).decode("utf-8")
         if len(text.encode()) != n:
             raise ValueError("a string runs past the end of the file")
         self._at += n

@@ -36,9 +36,14 @@ def smollm2_path() -> Path:
 
 
 _LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 
@@ -62,16 +67,18 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, out // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path, keep: Callable[[str], bool] | None = None
-              ) -> tuple[dict[str, Any], dict[str, torch.Tensor], TextTokenizer]:
+def read_gguf(
+    path: Path, keep: Callable[[str], bool] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], TextTokenizer]:
     """(Hugging Face style config, float32 state dict, tokenizer) of a Llama GGUF. ``keep``: only the
     tensors whose (Hugging Face) names it accepts are dequantized (a pipeline stage's own)."""
     reader, meta = _open_llama(path)
     return _config(reader, meta), _dense_state(path, reader, meta, keep), _tokenizer(reader, meta)
 
 
-def read_gguf_native(path: Path, lean: Callable[[str], bool]
-                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Int4Grids, TextTokenizer]:
+def read_gguf_native(
+    path: Path, lean: Callable[[str], bool]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], Int4Grids, TextTokenizer]:
     """(config, state, int4 grids, tokenizer) from one mapping of a Llama GGUF: the Q4_0/Q4_1
     tensors whose names ``lean`` accepts come only as grids (``Int4Grids``: each unpacked when
     asked for, never dequantized), every other tensor dense: float32, the embedding and head tables float16
@@ -79,8 +86,9 @@ def read_gguf_native(path: Path, lean: Callable[[str], bool]
     reader, meta = _open_llama(path)
     grids = Int4Grids(reader, meta, lean)
     tables = np.float16 if grids else np.float32  # no Q4_0/Q4_1 tensor: all dense, as ``read_gguf`` reads it
-    state = _dense_state(path, reader, meta, lambda name: name not in grids,
-                         lambda name: tables if name in TABLES else np.float32)
+    state = _dense_state(
+        path, reader, meta, lambda name: name not in grids, lambda name: tables if name in TABLES else np.float32
+    )
     return _config(reader, meta), state, grids, _tokenizer(reader, meta)
 
 
@@ -88,8 +96,13 @@ TABLES = ("model.embed_tokens.weight", "lm_head.weight")  # float16 in a native 
 DEQUANTIZE_ROWS = 4096  # rows dequantized at a time: a table is never held twice in float32
 
 
-def _dense_state(path: Path, reader: GGUFFile, meta: dict[str, Any], keep: Callable[[str], bool] | None,
-                 dtype_of: Callable[[str], Any] = lambda name: np.float32) -> dict[str, torch.Tensor]:
+def _dense_state(
+    path: Path,
+    reader: GGUFFile,
+    meta: dict[str, Any],
+    keep: Callable[[str], bool] | None,
+    dtype_of: Callable[[str], Any] = lambda name: np.float32,
+) -> dict[str, torch.Tensor]:
     import torch
     from gguf.quants import dequantize
 
@@ -104,10 +117,12 @@ def _dense_state(path: Path, reader: GGUFFile, meta: dict[str, Any], keep: Calla
         flat_in, flat_out = t.data.reshape(-1, t.data.shape[-1]), w.reshape(-1, rows[-1])
         for i in range(0, flat_out.shape[0], DEQUANTIZE_ROWS):
             try:
-                flat_out[i:i + DEQUANTIZE_ROWS] = dequantize(flat_in[i:i + DEQUANTIZE_ROWS], t.tensor_type)
+                flat_out[i : i + DEQUANTIZE_ROWS] = dequantize(flat_in[i : i + DEQUANTIZE_ROWS], t.tensor_type)
             except NotImplementedError:  # a type the gguf package cannot read (yet)
-                raise ValueError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the "
-                                 "gguf package installed here cannot dequantize") from None
+                raise ValueError(
+                    f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the "
+                    "gguf package installed here cannot dequantize"
+                ) from None
         reader.release(t)
         if t.name.endswith("attn_q.weight"):
             w = np.ascontiguousarray(_unpermute(w, heads))
@@ -124,10 +139,14 @@ def _config(reader: Any, meta: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("GGUF file has no token_embd.weight tensor")
     heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     return {
-        "model_type": "llama", "vocab_size": int(names["token_embd.weight"].shape[-1]),  # GGUF lists columns first
-        "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
-        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "max_position_embeddings": meta["llama.context_length"],
+        "model_type": "llama",
+        "vocab_size": int(names["token_embd.weight"].shape[-1]),  # GGUF lists columns first
+        "hidden_size": meta["llama.embedding_length"],
+        "intermediate_size": meta["llama.feed_forward_length"],
+        "num_hidden_layers": meta["llama.block_count"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": meta["llama.context_length"],
         "rms_norm_eps": float(meta["llama.attention.layer_norm_rms_epsilon"]),
         "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in names,
@@ -154,8 +173,11 @@ class Int4Grids(Mapping[str, "Int4Grid"]):
     def __init__(self, reader: GGUFFile, meta: dict[str, Any], names: Callable[[str], bool] | None = None) -> None:
         self._reader = reader
         self._heads = {"attn_q": meta["llama.attention.head_count"], "attn_k": meta["llama.attention.head_count_kv"]}
-        self._tensors = {_hf_name(t.name): t for t in reader.tensors
-                         if t.tensor_type.name in INT4_BLOCKS and (names is None or names(_hf_name(t.name)))}
+        self._tensors = {
+            _hf_name(t.name): t
+            for t in reader.tensors
+            if t.tensor_type.name in INT4_BLOCKS and (names is None or names(_hf_name(t.name)))
+        }
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -177,9 +199,12 @@ class Int4Grids(Mapping[str, "Int4Grid"]):
         if t.name.split(".")[-2] in self._heads:
             blocks = _unpermute(blocks, self._heads[t.name.split(".")[-2]])
         scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
-        offset = (blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * scale
-                  if size == INT4_BLOCKS["Q4_1"] else np.zeros_like(scale))
-        packed = blocks[..., size - INT4_GROUP // 2:]  # (N, K/32, 16): element j low nibble, j + 16 high
+        offset = (
+            blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * scale
+            if size == INT4_BLOCKS["Q4_1"]
+            else np.zeros_like(scale)
+        )
+        packed = blocks[..., size - INT4_GROUP // 2 :]  # (N, K/32, 16): element j low nibble, j + 16 high
         codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(blocks.shape[0], -1)
         self._reader.release(t)
         return Int4Grid(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(offset))
@@ -200,8 +225,11 @@ def _open_llama(path: Path) -> tuple[GGUFFile, dict[str, Any]]:
         reader = GGUFFile(path)
     except (ValueError, OSError) as exc:
         raise ValueError(f"{path}: not a readable GGUF file ({exc})") from None
-    meta = {k: v for k, v in reader.metadata.items() if not k.startswith("tokenizer.ggml.")
-            or k.endswith("_id") or k.endswith(("model", "pre", "add_bos_token"))}
+    meta = {
+        k: v
+        for k, v in reader.metadata.items()
+        if not k.startswith("tokenizer.ggml.") or k.endswith("_id") or k.endswith(("model", "pre", "add_bos_token"))
+    }
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
@@ -216,9 +244,14 @@ def _tokenizer(reader: Any, meta: dict[str, Any]) -> TextTokenizer:
     types = fields["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
     special = [tok for tok, kind in zip(tokens, types) if kind == 3]  # CONTROL tokens
-    tok = byte_level_bpe({t: i for i, t in enumerate(tokens)}, merges, special,
-                         split_digits=meta.get("tokenizer.ggml.pre") == "smollm")
+    tok = byte_level_bpe(
+        {t: i for i, t in enumerate(tokens)}, merges, special, split_digits=meta.get("tokenizer.ggml.pre") == "smollm"
+    )
     template = fields.get("tokenizer.chat_template", CHATML)
-    return TextTokenizer(tok, eos_token_id=int(meta["tokenizer.ggml.eos_token_id"]),
-                         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-                         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), chat_template=template)
+    return TextTokenizer(
+        tok,
+        eos_token_id=int(meta["tokenizer.ggml.eos_token_id"]),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=template,
+    )

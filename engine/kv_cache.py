@@ -19,8 +19,9 @@ class KVBudgetExceeded(ValueError):
 
 
 class KVCache:
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device, max_context: int) -> None:
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype, device: torch.device, max_context: int
+    ) -> None:
         self.geometry = (layers, kv_heads, head_dim)
         self.dtype, self.device, self.max_context = dtype, device, max_context
         self.kv = torch.zeros(layers, 2, 0, kv_heads, 0, head_dim, dtype=dtype, device=device)
@@ -45,8 +46,9 @@ class KVCache:
         if slots <= bcap and positions <= tcap:
             return
         if self.budget is not None and slots * positions > self.budget:
-            raise KVBudgetExceeded(f"{slots} requests of up to {positions} positions exceed the KV-cache "
-                                   f"budget of {self.budget} positions")
+            raise KVBudgetExceeded(
+                f"{slots} requests of up to {positions} positions exceed the KV-cache budget of {self.budget} positions"
+            )
         new_b = max(slots, bcap, min(2 * bcap, slots + 32)) if slots > bcap else bcap
         new_t = tcap
         if positions > tcap:
@@ -68,7 +70,7 @@ class KVCache:
         first = self.size
         self.reserve(first + len(lengths), max(lengths, default=1))
         self.lengths.extend(lengths)
-        self.lengths_t[first:first + len(lengths)] = torch.tensor(lengths, dtype=torch.int64)
+        self.lengths_t[first : first + len(lengths)] = torch.tensor(lengths, dtype=torch.int64)
         return first
 
     def truncate(self, size: int) -> None:

@@ -37,8 +37,15 @@ def build_model(model_type: str, config: dict[str, Any]) -> nn.Module:
     raise ValueError(f"unsupported model_type {model_type!r} (llama, opt, gpt2, t5)")
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-               prepare: Callable[[nn.Module], None] | None = None, *, pack: bool = True) -> nn.Module:
+def load_state(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    prepare: Callable[[nn.Module], None] | None = None,
+    *,
+    pack: bool = True,
+) -> nn.Module:
     """Load ``state`` into a freshly built model (names as Hugging Face saves them). ``prepare`` runs on
     the loaded model before its projections are fused (``engine.parallel`` shards it there).
     ``pack`` False: no oneDNN-packed copies (``quantize_`` gives the projections their own)."""
@@ -51,8 +58,10 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dt
             state[name] = state[source]
     missing = sorted(expected - state.keys())
     if missing:
-        raise ValueError(f"weights missing from the checkpoint: {', '.join(missing[:5])}"
-                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        raise ValueError(
+            f"weights missing from the checkpoint: {', '.join(missing[:5])}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in expected}
     model.load_state_dict(state, assign=True, strict=True)
     for name, source in tied.items():  # assign=True broke the sharing; restore it
@@ -69,8 +78,9 @@ def set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
     setattr(model.get_submodule(owner_name), attr, param)
 
 
-def read_hf_folder(folder: Path, keep: Callable[[str], bool] | None = None
-                   ) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+def read_hf_folder(
+    folder: Path, keep: Callable[[str], bool] | None = None
+) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """(model_type, config, state dict) of a Hugging Face folder; ValueError names what is wrong.
     ``keep``: read only the tensors whose names it accepts (a pipeline stage's own)."""
     config_path = folder / "config.json"

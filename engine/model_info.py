@@ -26,8 +26,7 @@ class ModelInfo:
     prompt_in_context: bool  # whether the prompt counts towards max_context (encoder-decoder: no)
 
 
-def load_tokenizer(model: str, *, max_context: int | None = None,
-                   models_dir: str | Path | None = None) -> ModelInfo:
+def load_tokenizer(model: str, *, max_context: int | None = None, models_dir: str | Path | None = None) -> ModelInfo:
     """Tokenizer and context of ``model`` (names as ``load_engine`` takes them); ValueError names the problem."""
     if model == "smollm2" or model.endswith(".gguf"):
         from engine.gguf_loader import read_gguf_tokenizer, smollm2_path
@@ -82,32 +81,77 @@ def model_dimensions(model: str, *, models_dir: str | Path | None = None) -> Mod
 def _gguf_dimensions(meta: dict[str, Any], tokens: int) -> ModelDimensions:
     heads, hidden = int(meta["llama.attention.head_count"]), int(meta["llama.embedding_length"])
     head_dim = int(meta.get("llama.rope.dimension_count") or hidden // heads)
-    return ModelDimensions("llama", int(meta["llama.block_count"]), hidden, heads,
-                           int(meta.get("llama.attention.head_count_kv") or heads), head_dim,
-                           int(meta["llama.feed_forward_length"]), int(meta.get("llama.vocab_size") or tokens),
-                           gated_ffn=True, max_context=int(meta["llama.context_length"]))
+    return ModelDimensions(
+        "llama",
+        int(meta["llama.block_count"]),
+        hidden,
+        heads,
+        int(meta.get("llama.attention.head_count_kv") or heads),
+        head_dim,
+        int(meta["llama.feed_forward_length"]),
+        int(meta.get("llama.vocab_size") or tokens),
+        gated_ffn=True,
+        max_context=int(meta["llama.context_length"]),
+    )
 
 
 def _config_dimensions(model_type: str, c: dict[str, Any]) -> ModelDimensions:
     limit = context_limit(model_type, c)
     if model_type == "llama":
         heads, hidden = int(c["num_attention_heads"]), int(c["hidden_size"])
-        return ModelDimensions("llama", int(c["num_hidden_layers"]), hidden, heads,
-                               int(c.get("num_key_value_heads") or heads), int(c.get("head_dim") or hidden // heads),
-                               int(c["intermediate_size"]), int(c["vocab_size"]), gated_ffn=True, max_context=limit)
+        return ModelDimensions(
+            "llama",
+            int(c["num_hidden_layers"]),
+            hidden,
+            heads,
+            int(c.get("num_key_value_heads") or heads),
+            int(c.get("head_dim") or hidden // heads),
+            int(c["intermediate_size"]),
+            int(c["vocab_size"]),
+            gated_ffn=True,
+            max_context=limit,
+        )
     if model_type == "opt":
         heads, hidden = int(c["num_attention_heads"]), int(c["hidden_size"])
-        return ModelDimensions("opt", int(c["num_hidden_layers"]), hidden, heads, heads, hidden // heads,
-                               int(c["ffn_dim"]), int(c["vocab_size"]), max_context=limit)
+        return ModelDimensions(
+            "opt",
+            int(c["num_hidden_layers"]),
+            hidden,
+            heads,
+            heads,
+            hidden // heads,
+            int(c["ffn_dim"]),
+            int(c["vocab_size"]),
+            max_context=limit,
+        )
     if model_type == "gpt2":
         heads, hidden = int(c["n_head"]), int(c["n_embd"])
-        return ModelDimensions("gpt2", int(c["n_layer"]), hidden, heads, heads, hidden // heads,
-                               int(c.get("n_inner") or 4 * hidden), int(c["vocab_size"]), max_context=limit)
+        return ModelDimensions(
+            "gpt2",
+            int(c["n_layer"]),
+            hidden,
+            heads,
+            heads,
+            hidden // heads,
+            int(c.get("n_inner") or 4 * hidden),
+            int(c["vocab_size"]),
+            max_context=limit,
+        )
     heads = int(c["num_heads"])  # t5 (context_limit rejected anything else)
     encoder = int(c["num_layers"])
-    return ModelDimensions("t5", int(c.get("num_decoder_layers") or encoder), int(c["d_model"]), heads, heads,
-                           int(c["d_kv"]), int(c["d_ff"]), int(c["vocab_size"]), encoder_layers=encoder,
-                           gated_ffn=str(c.get("feed_forward_proj", "relu")).startswith("gated-"), max_context=limit)
+    return ModelDimensions(
+        "t5",
+        int(c.get("num_decoder_layers") or encoder),
+        int(c["d_model"]),
+        heads,
+        heads,
+        int(c["d_kv"]),
+        int(c["d_ff"]),
+        int(c["vocab_size"]),
+        encoder_layers=encoder,
+        gated_ffn=str(c.get("feed_forward_proj", "relu")).startswith("gated-"),
+        max_context=limit,
+    )
 
 
 def context_limit(model_type: str, config: dict[str, Any]) -> int:

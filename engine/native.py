@@ -50,8 +50,13 @@ def read_native(path: Path):
     return read_gguf_native(path, is_projection)
 
 
-def load_native(config: dict[str, Any], state: dict[str, torch.Tensor], grids: Mapping[str, Int4Grid],
-                dtype: torch.dtype, path: Path | str = "GGUF file") -> nn.Module:
+def load_native(
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    grids: Mapping[str, Int4Grid],
+    dtype: torch.dtype,
+    path: Path | str = "GGUF file",
+) -> nn.Module:
     """The Llama of ``read_native``'s parts with int4 projections and no dense copy of them (CPU)."""
     from engine.loading import build_model, set_param
 

@@ -88,16 +88,22 @@ def build_grid(max_batch: int = 64, max_len: int = 1024, max_tokens: int = 4096)
     """The profile grid that spans batches up to ``max_batch`` and prompts and contexts up to
     ``max_len`` (see the module docstring)."""
     if max_batch < 2 or max_len < 2 * MIN_LEN or max_tokens < 4 * MIN_LEN:
-        raise ValueError(f"a profile grid needs max_batch >= 2, max_len >= {2 * MIN_LEN} and max_tokens >= "
-                         f"{4 * MIN_LEN}, got {max_batch}, {max_len} and {max_tokens}")
+        raise ValueError(
+            f"a profile grid needs max_batch >= 2, max_len >= {2 * MIN_LEN} and max_tokens >= "
+            f"{4 * MIN_LEN}, got {max_batch}, {max_len} and {max_tokens}"
+        )
     batches, lengths = geometric(1, max_batch), geometric(MIN_LEN, max_len)
     attention = ATTENTION_TOKENS * max_tokens
     layer_batches, layer_lengths = geometric(1, max_batch, 4), geometric(MIN_LEN, max_len, 4)
-    return Grid(tokens=geometric(1, max_tokens),
-                prefill=_rows(batches, lengths, attention), decode=_rows(batches, lengths, attention),
-                layer_prefill=_rows(layer_batches, layer_lengths, max_tokens),
-                layer_decode=_rows(layer_batches, layer_lengths, attention),
-                enc_seqs=layer_lengths, step_rows=batches)
+    return Grid(
+        tokens=geometric(1, max_tokens),
+        prefill=_rows(batches, lengths, attention),
+        decode=_rows(batches, lengths, attention),
+        layer_prefill=_rows(layer_batches, layer_lengths, max_tokens),
+        layer_decode=_rows(layer_batches, layer_lengths, attention),
+        enc_seqs=layer_lengths,
+        step_rows=batches,
+    )
 
 
 def quick_grid(max_len: int = 1024) -> Grid:
@@ -158,8 +164,11 @@ class LayerProbe:
         return layers[self._turn](x, 0, batch)
 
     def _qkv(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (_random(n, self.heads, self.head_dim, like=self), _random(n, self.kv_heads, self.head_dim, like=self),
-                _random(n, self.kv_heads, self.head_dim, like=self))
+        return (
+            _random(n, self.heads, self.head_dim, like=self),
+            _random(n, self.kv_heads, self.head_dim, like=self),
+            _random(n, self.kv_heads, self.head_dim, like=self),
+        )
 
     def prefill_layer(self, b: int, seq: int) -> Callable[[], object]:
         batch = self._prefill_batch(b, seq)
@@ -295,8 +304,7 @@ def load_shard(model: str, tp: int, *, dtype: torch.dtype, device: torch.device,
     from engine.parallel.shard import shard_tp
 
     model_type, config, state, _ = read_checkpoint(model, models_dir)
-    return load_state(build_model(model_type, config), state, dtype, device,
-                      prepare=lambda m: shard_tp(m, tp, 0, None))
+    return load_state(build_model(model_type, config), state, dtype, device, prepare=lambda m: shard_tp(m, tp, 0, None))
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float = CELL_BUDGET_S) -> float:
@@ -320,8 +328,9 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, budget
     return statistics.median(samples) * 1e3
 
 
-def profile_rows(engine, model: str, grid: Grid | None = None, repeats: int = 5, *,
-                 tp_degrees: Iterable[int] = (1,), models_dir=None) -> tuple[list[dict], list[dict]]:
+def profile_rows(
+    engine, model: str, grid: Grid | None = None, repeats: int = 5, *, tp_degrees: Iterable[int] = (1,), models_dir=None
+) -> tuple[list[dict], list[dict]]:
     """(split rows, layer rows) for ``engine``'s model over ``grid`` (default ``build_grid()``),
     labelled ``model``, at tp 1 and each degree of ``tp_degrees`` (see the module docstring; the
     shards are read again from ``engine.model_name`` and ``models_dir``), as measured (the caller
@@ -332,8 +341,10 @@ def profile_rows(engine, model: str, grid: Grid | None = None, repeats: int = 5,
     split, layers = _layer_rows(probe, grid, t, {"model": model, "tp": 1})
     steps: list[dict] = []
     if not isinstance(probe, T5Probe):
-        steps = [{"model": model, "tp": 1, "part": "step", "rows": n, "ms": step_ms(engine, probe, n, t)}
-                 for n in grid.step_rows]
+        steps = [
+            {"model": model, "tp": 1, "part": "step", "rows": n, "ms": step_ms(engine, probe, n, t)}
+            for n in grid.step_rows
+        ]
     split, layers = split + steps, layers + steps
     for k in sorted(set(tp_degrees) - {1}):
         shard = load_shard(engine.model_name, k, dtype=probe.dtype, device=probe.device, models_dir=models_dir)
@@ -344,8 +355,9 @@ def profile_rows(engine, model: str, grid: Grid | None = None, repeats: int = 5,
     return split, layers
 
 
-def _layer_rows(probe: LayerProbe, grid: Grid, t: Callable[[Callable[[], object]], float],
-                base: dict) -> tuple[list[dict], list[dict]]:
+def _layer_rows(
+    probe: LayerProbe, grid: Grid, t: Callable[[Callable[[], object]], float], base: dict
+) -> tuple[list[dict], list[dict]]:
     """The split rows and whole-layer rows of one probe (no ``step`` rows), each with ``base``."""
     split: list[dict] = []
     for n in grid.tokens:
@@ -355,16 +367,23 @@ def _layer_rows(probe: LayerProbe, grid: Grid, t: Callable[[Callable[[], object]
         split.append({**base, "part": probe.prefill_part, "batch": b, "seq": seq, "ms": t(probe.attn_prefill(b, seq))})
     for b, ctx in grid.decode:
         split.append({**base, "part": "attn_decode", "batch": b, "ctx": ctx, "ms": t(probe.attn_decode(b, ctx))})
-    layers = [{**base, "phase": probe.prefill_phase, "batch": b, "seq": seq, "ms": t(probe.prefill_layer(b, seq))}
-              for b, seq in grid.layer_prefill or grid.prefill]
+    layers = [
+        {**base, "phase": probe.prefill_phase, "batch": b, "seq": seq, "ms": t(probe.prefill_layer(b, seq))}
+        for b, seq in grid.layer_prefill or grid.prefill
+    ]
     decode_cells = grid.layer_decode or grid.decode
     if isinstance(probe, T5Probe):
         enc_seqs = grid.enc_seqs or (max(s for _, s in grid.layer_prefill or grid.prefill),)
-        layers += [{**base, "phase": "decode", "batch": b, "ctx": ctx, "enc_seq": e,
-                    "ms": t(probe.decode_layer(b, ctx, e))} for e in enc_seqs for b, ctx in decode_cells]
+        layers += [
+            {**base, "phase": "decode", "batch": b, "ctx": ctx, "enc_seq": e, "ms": t(probe.decode_layer(b, ctx, e))}
+            for e in enc_seqs
+            for b, ctx in decode_cells
+        ]
     else:
-        layers += [{**base, "phase": "decode", "batch": b, "ctx": ctx, "ms": t(probe.decode_layer(b, ctx))}
-                   for b, ctx in decode_cells]
+        layers += [
+            {**base, "phase": "decode", "batch": b, "ctx": ctx, "ms": t(probe.decode_layer(b, ctx))}
+            for b, ctx in decode_cells
+        ]
     return split, layers
 
 
@@ -394,8 +413,13 @@ def header(engine) -> dict:
     threads = torch.get_num_threads()
     device = torch.cuda.get_device_name(0) if engine.device.startswith("cuda") else f"cpu x{threads} threads"
     dtype = str(model_dtype(engine.runner.model))
-    return {"device": device, "torch": torch.__version__, "dtype": dtype, "threads": threads,
-            "kind": "exegpt engine, one layer"}
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "dtype": dtype,
+        "threads": threads,
+        "kind": "exegpt engine, one layer",
+    }
 
 
 def write_jsonl(path: Path, head: dict, rows: list[dict]) -> None:

@@ -71,13 +71,17 @@ class Fp16Weight:
 
     BLOCK_ROWS = 8192
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+    ) -> None:
         b = None if bias is None else bias.detach().float().contiguous()
         w = weight.detach()
-        self.packs = [torch.ops.quantized.linear_prepack_fp16(
-            w[i:i + self.BLOCK_ROWS].float().contiguous(), None if b is None else b[i:i + self.BLOCK_ROWS])
-            for i in range(0, w.shape[0], self.BLOCK_ROWS)]
+        self.packs = [
+            torch.ops.quantized.linear_prepack_fp16(
+                w[i : i + self.BLOCK_ROWS].float().contiguous(), None if b is None else b[i : i + self.BLOCK_ROWS]
+            )
+            for i in range(0, w.shape[0], self.BLOCK_ROWS)
+        ]
         self.shape = tuple(weight.shape)
         self.out_dtype = out_dtype
 
@@ -158,8 +162,9 @@ class Int4Weight:
         weight._pack(grid.codes, grid.scale, grid.offset, bias, INT4_GROUP)
         return weight
 
-    def _pack(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None,
-              group: int) -> None:
+    def _pack(
+        self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None, group: int
+    ) -> None:
         self.group = group
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
         self.scale_offset = torch.stack([scale, offset], dim=-1).transpose(0, 1).contiguous().to(_ACT)  # (K/G, N, 2)
@@ -216,8 +221,12 @@ def quantize_(model: nn.Module, mode: str | None, grids: Mapping[str, Int4Grid] 
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError(f"quant {mode!r} runs on the CPU only")
     head = getattr(model, "lm_head", None)
-    fused = [(module, name, value) for module in model.modules() for name, value in list(vars(module).items())
-             if isinstance(value, PackedWeight) and not (isinstance(module, Linear) and name == "_packed")]
+    fused = [
+        (module, name, value)
+        for module in model.modules()
+        for name, value in list(vars(module).items())
+        if isinstance(value, PackedWeight) and not (isinstance(module, Linear) and name == "_packed")
+    ]
     fused_storage = {value.weight.untyped_storage().data_ptr() for _, _, value in fused}
     grid_of = _grid_finder(model, grids or {})
     for module, name, value in fused:  # Llama's fused q/k/v and gate/up
@@ -271,5 +280,6 @@ def float32_logits_(model: nn.Module) -> nn.Module:
 
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes held by ``model``'s quantized copies (codes, scales and offsets)."""
-    return sum(value.nbytes() for module in model.modules() for value in vars(module).values()
-               if isinstance(value, QUANTIZED))
+    return sum(
+        value.nbytes() for module in model.modules() for value in vars(module).values() if isinstance(value, QUANTIZED)
+    )

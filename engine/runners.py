@@ -20,8 +20,9 @@ class Runner(Protocol):
     max_context: int
     prompt_in_context: bool  # whether the prompt counts towards max_context (decoder-only: yes)
 
-    def step(self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int],
-             padding: int) -> torch.Tensor:
+    def step(
+        self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int], padding: int
+    ) -> torch.Tensor:
         """One forward pass: slots ``0..k-1`` advance by their ``last_tokens`` (k,), ``padding`` rows are
         computed and dropped, and each prompt (with the tokens it resumes from) becomes a new slot at
         the end. Returns (k + len(prompts), V) logits: the decoded slots, then the new ones. On error
@@ -51,8 +52,9 @@ class DecoderOnlyRunner:
     prompt_in_context = True
     chunked_prefill = True
 
-    def __init__(self, model: nn.Module, *, device: torch.device, dtype: torch.dtype, max_context: int,
-                 cuda_graphs: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, *, device: torch.device, dtype: torch.dtype, max_context: int, cuda_graphs: bool = False
+    ) -> None:
         self.model = model
         self.device = device
         self.max_context = max_context
@@ -66,8 +68,14 @@ class DecoderOnlyRunner:
 
             self.decode_graphs = DecodeGraphs(model, self.cache)
 
-    def step(self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int],
-             padding: int, chunks: list[tuple[int, list[int]]] = ()) -> torch.Tensor:
+    def step(
+        self,
+        prompts: list[list[int]],
+        resumed: list[list[int]],
+        last_tokens: list[int],
+        padding: int,
+        chunks: list[tuple[int, list[int]]] = (),
+    ) -> torch.Tensor:
         if self.decode_graphs is not None and not prompts and not chunks:
             logits = self.decode_graphs.step(last_tokens, padding)
             if logits is not None:
@@ -126,7 +134,7 @@ def drop_padding(logits: torch.Tensor, live: int, padding: int) -> torch.Tensor:
     """(live + padding + B, V) -> (live + B, V): padding rows were computed only to be paid for."""
     if not padding:
         return logits
-    return torch.cat([logits[:live], logits[live + padding:]])
+    return torch.cat([logits[:live], logits[live + padding :]])
 
 
 def greedy_logits(runner: Runner, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:

@@ -26,8 +26,9 @@ class EncoderDecoderRunner:
         make = lambda: KVCache(layers, heads, head_dim, dtype=dtype, device=device, max_context=max_context)  # noqa: E731
         self.self_cache, self.cross_cache = make(), make()
 
-    def step(self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int],
-             padding: int) -> torch.Tensor:
+    def step(
+        self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int], padding: int
+    ) -> torch.Tensor:
         """The encoder runs over the new prompts (filling their cross slots), then one decoder pass:
         slots ``0..k-1`` advance by one token, padding rows are paid for, and each new slot is
         teacher-forced through the decoder start token and the tokens it resumes from."""

@@ -49,8 +49,9 @@ def penalise(logits: torch.Tensor, params: list[SamplingParams], history: list[l
     return logits
 
 
-def hold_back_stops(logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]],
-                    stop_ids: frozenset[int]) -> torch.Tensor:
+def hold_back_stops(
+    logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]], stop_ids: frozenset[int]
+) -> torch.Tensor:
     """Rows that have generated fewer than their ``min_tokens`` cannot pick an end-of-sequence
     token: its logit is -inf."""
     rows = [i for i, p in enumerate(params) if p.min_tokens and len(history[i]) < p.min_tokens]
@@ -62,8 +63,9 @@ def hold_back_stops(logits: torch.Tensor, params: list[SamplingParams], history:
     return logits
 
 
-def logprobs_of(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]
-                ) -> list[tuple[float | None, tuple[tuple[int, float], ...]]]:
+def logprobs_of(
+    logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]
+) -> list[tuple[float | None, tuple[tuple[int, float], ...]]]:
     """Per row: the chosen token's log-probability and the ``logprobs`` likeliest (token, log-prob),
     for the rows that ask for them; (None, ()) for the others."""
     out: list[tuple[float | None, tuple[tuple[int, float], ...]]] = [(None, ())] * len(params)
@@ -94,7 +96,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
         if rows:
             rows_logits = logits[rows].cpu()  # the best at 0 first: a tiny temperature cannot overflow to inf
             rows_logits = (rows_logits - rows_logits.amax(-1, keepdim=True)) / torch.tensor(
-                [params[i].temperature for i in rows])[:, None]
+                [params[i].temperature for i in rows]
+            )[:, None]
             u = torch.cat([torch.rand(1, generator=gens[i]) for i in rows])  # (b,) one draw per request
             picked = method(rows_logits, [params[i] for i in rows], u)
             for i, token in zip(rows, picked.tolist()):

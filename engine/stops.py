@@ -41,12 +41,12 @@ class TextTracker:
 
     def _decode_window(self, ids: list[int], *, final: bool) -> str:
         decode = self._tokenizer.decode
-        before = decode(ids[self._prefix:self._read])
-        window = decode(ids[self._prefix:])
+        before = decode(ids[self._prefix : self._read])
+        window = decode(ids[self._prefix :])
         if len(window) <= len(before) or (window.endswith("\ufffd") and not final):
             return ""  # nothing new yet, or a multi-byte character is still incomplete
         self._prefix, self._read = self._read, len(ids)
-        return window[len(before):]
+        return window[len(before) :]
 
     def _held_back(self, text: str) -> int:
         """Length of the longest suffix of ``text`` that starts some stop string."""
@@ -61,6 +61,6 @@ class TextTracker:
     def _release(self, visible: str) -> str:
         if len(visible) <= len(self.emitted) or not visible.startswith(self.emitted):
             return ""
-        new = visible[len(self.emitted):]
+        new = visible[len(self.emitted) :]
         self.emitted = visible
         return new

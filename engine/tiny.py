@@ -37,31 +37,70 @@ def default_dir(name: str) -> Path:
 def _llama_config() -> dict[str, Any]:
     from engine.models.llama import ModelArgs
 
-    return ModelArgs(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                     rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-                     bos_token_id=BOS_ID, eos_token_id=EOS_ID).to_hf_config()
+    return ModelArgs(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    ).to_hf_config()
 
 
 def _opt_config() -> dict[str, Any]:
     return {
-        "architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": VOCAB, "hidden_size": 64,
-        "word_embed_proj_dim": 64, "ffn_dim": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "max_position_embeddings": 2048, "do_layer_norm_before": True, "activation_function": "relu",
-        "enable_bias": True, "layer_norm_elementwise_affine": True, "dropout": 0.0, "attention_dropout": 0.0,
-        "tie_word_embeddings": True, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": 258,
+        "architectures": ["OPTForCausalLM"],
+        "model_type": "opt",
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "word_embed_proj_dim": 64,
+        "ffn_dim": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 2048,
+        "do_layer_norm_before": True,
+        "activation_function": "relu",
+        "enable_bias": True,
+        "layer_norm_elementwise_affine": True,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": 258,
         "torch_dtype": "float32",
     }
 
 
 def _t5_config() -> dict[str, Any]:
     return {
-        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": VOCAB, "d_model": 64,
-        "d_kv": 16, "d_ff": 128, "num_layers": 3, "num_decoder_layers": 3, "num_heads": 4,
-        "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-        "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu", "tie_word_embeddings": True,
-        "dropout_rate": 0.0, "is_encoder_decoder": True, "decoder_start_token_id": 258,
-        "pad_token_id": 258, "eos_token_id": EOS_ID, "n_positions": 2048, "torch_dtype": "float32",
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "vocab_size": VOCAB,
+        "d_model": 64,
+        "d_kv": 16,
+        "d_ff": 128,
+        "num_layers": 3,
+        "num_decoder_layers": 3,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "layer_norm_epsilon": 1e-6,
+        "feed_forward_proj": "relu",
+        "tie_word_embeddings": True,
+        "dropout_rate": 0.0,
+        "is_encoder_decoder": True,
+        "decoder_start_token_id": 258,
+        "pad_token_id": 258,
+        "eos_token_id": EOS_ID,
+        "n_positions": 2048,
+        "torch_dtype": "float32",
     }
 
 
@@ -72,8 +111,9 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
-def random_state(model: torch.nn.Module, seed: int, *, gain: float = 3.0, device: str = "cpu",
-                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def random_state(
+    model: torch.nn.Module, seed: int, *, gain: float = 3.0, device: str = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """Deterministic weights: embeddings N(0, 1), matrices N(0, gain^2/fan_in), norms 1, biases small.
 
     Matrices are deliberately large for the tiny models (gain 3): with tied N(0, 1) embeddings and
@@ -122,8 +162,13 @@ def write_tiny(name: str, folder: Path) -> Path:
     return _write_folder(folder, config, state, 2048, _is_current)
 
 
-def _write_folder(folder: Path, config: dict[str, Any], state: dict[str, torch.Tensor], max_length: int,
-                  is_current: Callable[[Path], bool]) -> Path:
+def _write_folder(
+    folder: Path,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    max_length: int,
+    is_current: Callable[[Path], bool],
+) -> Path:
     """Write a model folder (weights, config, byte-level tokenizer with ChatML) under a temporary name
     and rename it into place; a folder that ``is_current`` rejects is replaced."""
     from safetensors.torch import save_file
@@ -136,10 +181,19 @@ def _write_folder(folder: Path, config: dict[str, Any], state: dict[str, torch.T
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         byte_tokenizer(SPECIAL).save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SPECIAL[0], "bos_token": SPECIAL[0],
-            "pad_token": SPECIAL[2], "chat_template": CHATML, "model_max_length": max_length,
-        }, indent=2))
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "eos_token": SPECIAL[0],
+                    "bos_token": SPECIAL[0],
+                    "pad_token": SPECIAL[2],
+                    "chat_template": CHATML,
+                    "model_max_length": max_length,
+                },
+                indent=2,
+            )
+        )
         keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
         (tmp / "generation_config.json").write_text(json.dumps({k: config[k] for k in keys if k in config}))
         if folder.exists() and not is_current(folder):
@@ -162,12 +216,28 @@ def _write_folder(folder: Path, config: dict[str, Any], state: dict[str, torch.T
 # vocabulary size and tied head of the real model; RoPE is the default type (Llama 3.2's own scaling
 # is not modelled: it changes no shape and no cost).
 RANDOM_LLAMA_SHAPES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, tie_word_embeddings=True),
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                     rope_theta=500000.0, tie_word_embeddings=True),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    "llama-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
 }
 RANDOM_LLAMA_VERSION = 1  # bump when the weights drawn for a shape change
 
@@ -198,8 +268,14 @@ def random_llama_parameters(shape: str | dict[str, Any]) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def write_random_llama(folder: str | Path, shape: str | dict[str, Any], *, dtype: str = "bfloat16",
-                       device: str = "cpu", seed: int | None = None) -> Path:
+def write_random_llama(
+    folder: str | Path,
+    shape: str | dict[str, Any],
+    *,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+    seed: int | None = None,
+) -> Path:
     """Write a random-weight Llama of ``shape`` (a name in ``RANDOM_LLAMA_SHAPES`` or a dict of
     ``ModelArgs`` fields) to ``folder`` unless the same one is already there; return the folder.
 
@@ -215,8 +291,13 @@ def write_random_llama(folder: str | Path, shape: str | dict[str, Any], *, dtype
     config = random_llama_config(shape)
     name = shape if isinstance(shape, str) else json.dumps(shape, sort_keys=True)
     seed = sum(map(ord, name)) if seed is None else seed
-    marker = {"shape": name, "version": RANDOM_LLAMA_VERSION, "dtype": dtype,
-              "rng": torch.device(device).type, "seed": seed}
+    marker = {
+        "shape": name,
+        "version": RANDOM_LLAMA_VERSION,
+        "dtype": dtype,
+        "rng": torch.device(device).type,
+        "seed": seed,
+    }
     config = {**config, "torch_dtype": dtype, "exegpt_random_llama": marker}
 
     def is_current(path: Path) -> bool:

@@ -21,8 +21,15 @@ CHATML = (
 
 
 class TextTokenizer:
-    def __init__(self, tok: HfTokenizer, *, eos_token_id: int, bos_token_id: int | None = None,
-                 add_bos: bool = False, chat_template: str | None = None) -> None:
+    def __init__(
+        self,
+        tok: HfTokenizer,
+        *,
+        eos_token_id: int,
+        bos_token_id: int | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
         self._tok = tok
         self.eos_token_id = eos_token_id
         self.bos_token_id = bos_token_id
@@ -53,12 +60,12 @@ class TextTokenizer:
 
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         template = env.from_string(self.chat_template)
-        return template.render(messages=list(messages), add_generation_prompt=True,
-                               bos_token="", eos_token="")
+        return template.render(messages=list(messages), add_generation_prompt=True, bos_token="", eos_token="")
 
 
-def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], special: list[str],
-                   *, split_digits: bool = False) -> HfTokenizer:
+def byte_level_bpe(
+    vocab: dict[str, int], merges: list[tuple[str, str]], special: list[str], *, split_digits: bool = False
+) -> HfTokenizer:
     """A GPT-2 style byte-level BPE; ``special`` tokens are matched whole before splitting."""
     tok = HfTokenizer(models.BPE(vocab=vocab, merges=merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -82,8 +89,9 @@ def byte_tokenizer(special: list[str]) -> HfTokenizer:
 def _gpt2_byte_of(ch: str) -> int:
     """Inverse of GPT-2's bytes_to_unicode for one character."""
     code = ord(ch)
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     if code in printable:
         return code
     others = [b for b in range(256) if b not in printable]

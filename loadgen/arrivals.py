@@ -27,9 +27,7 @@ def poisson_arrivals(rate_per_s: float, count: int, rng: np.random.Generator) ->
     return gamma_arrivals(rate_per_s, 1.0, count, rng)
 
 
-def gamma_arrivals(
-    rate_per_s: float, burstiness: float, count: int, rng: np.random.Generator
-) -> np.ndarray:
+def gamma_arrivals(rate_per_s: float, burstiness: float, count: int, rng: np.random.Generator) -> np.ndarray:
     """Gamma renewal process with shape ``burstiness`` and the same mean rate.
 
     Gaps have mean ``1 / rate`` and squared coefficient of variation ``1 / burstiness``:

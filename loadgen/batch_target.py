@@ -31,16 +31,33 @@ class BatchRunSummary:
     job_latency: Stat  # submission to result, per job
 
 
-def jobs_from_specs(batch_id: str, specs: Sequence[RequestSpec], model: str,
-                    reply_to: str | None) -> list[BatchJob]:
+def jobs_from_specs(batch_id: str, specs: Sequence[RequestSpec], model: str, reply_to: str | None) -> list[BatchJob]:
     now = time.time()
-    return [BatchJob(job_id(batch_id, i), model, "completion", s.prompt, (),
-                     Sampling(max_tokens=s.output_tokens, ignore_eos=True), reply_to, batch_id, now)
-            for i, s in enumerate(specs)]
+    return [
+        BatchJob(
+            job_id(batch_id, i),
+            model,
+            "completion",
+            s.prompt,
+            (),
+            Sampling(max_tokens=s.output_tokens, ignore_eos=True),
+            reply_to,
+            batch_id,
+            now,
+        )
+        for i, s in enumerate(specs)
+    ]
 
 
-async def run_batch(bus: Bus, data: BatchDir, names: Names, specs: Sequence[RequestSpec],
-                    model: str, timeout_s: float, batch_id: str | None = None) -> BatchRunSummary:
+async def run_batch(
+    bus: Bus,
+    data: BatchDir,
+    names: Names,
+    specs: Sequence[RequestSpec],
+    model: str,
+    timeout_s: float,
+    batch_id: str | None = None,
+) -> BatchRunSummary:
     """Submit the specs as one batch with a reply queue, wait for every result (bounded)."""
     batch_id = batch_id or new_batch_id()
     reply = names.reply_queue(batch_id)
@@ -57,9 +74,14 @@ async def run_batch(bus: Bus, data: BatchDir, names: Names, specs: Sequence[Requ
         await bus.delete(queues=[reply], exchanges=[])
     done = [r for r in seen.values() if r.status == "completed"]
     return BatchRunSummary(
-        batch_id=batch_id, jobs=len(jobs), completed=len(done), failed=len(seen) - len(done),
-        missing=len(jobs) - len(seen), duplicate_replies=duplicates,
-        submit_s=submitted - start, wall_s=wall,
+        batch_id=batch_id,
+        jobs=len(jobs),
+        completed=len(done),
+        failed=len(seen) - len(done),
+        missing=len(jobs) - len(seen),
+        duplicate_replies=duplicates,
+        submit_s=submitted - start,
+        wall_s=wall,
         jobs_per_s=len(done) / wall if wall > 0 else 0.0,
         output_tokens_per_s=sum(r.completion_tokens for r in done) / wall if wall > 0 else 0.0,
         job_latency=Stat.of([r.finished_at - start_wall for r in done]),

@@ -114,7 +114,10 @@ async def send_request(
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     try:
         async with client.stream(
-            "POST", target.path, json=request_body(target, spec), headers=headers,
+            "POST",
+            target.path,
+            json=request_body(target, spec),
+            headers=headers,
             timeout=target.timeout_s,
         ) as resp:
             if resp.status_code != 200:

@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 # Frequent short words; each is one token (with its leading space) in common BPE vocabularies.
-WORDS: tuple[str, ...] = tuple(dict.fromkeys(
-    """the of and to in is was for that on as with by he at from his it an were are which
+WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        """the of and to in is was for that on as with by he at from his it an were are which
     be this had not but or have they one all their she her we been has there you would more
     when if him can no so out up into time only what new some could about other then them
     these first two also after may most many over such after where who make made like way
@@ -25,7 +26,8 @@ WORDS: tuple[str, ...] = tuple(dict.fromkeys(
     large went line side best power group number often line great start give few every
     little help word land early next show around form public real late near play family
     level order book big black white red game music story""".split()
-))
+    )
+)
 
 
 def approx_prompt(num_tokens: int, rng: np.random.Generator) -> str:

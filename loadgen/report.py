@@ -50,17 +50,22 @@ def summary_table(summary: Summary, title: str) -> Table:
     for col in ("mean", "p50", "p90", "p99", "max"):
         table.add_column(f"{col} ms", justify="right")
     stats: list[tuple[str, Stat]] = [
-        ("TTFT", summary.ttft), ("TPOT", summary.tpot), ("ITL", summary.itl), ("E2E", summary.e2e),
+        ("TTFT", summary.ttft),
+        ("TPOT", summary.tpot),
+        ("ITL", summary.itl),
+        ("E2E", summary.e2e),
     ]
     for name, st in stats:
-        table.add_row(name, _ms(st.mean_ms), _ms(st.p50_ms), _ms(st.p90_ms), _ms(st.p99_ms),
-                      _ms(st.max_ms))
+        table.add_row(name, _ms(st.mean_ms), _ms(st.p50_ms), _ms(st.p90_ms), _ms(st.p99_ms), _ms(st.max_ms))
     table.caption = (
         f"{summary.completed}/{summary.requests} completed in {summary.duration_s:.2f} s · "
         f"{summary.request_throughput:.2f} req/s · {summary.output_token_throughput:.1f} out tok/s"
         # goodput counts requests meeting the SLO: without one it would only repeat the throughput
-        + (f" · goodput {summary.goodput:.2f} req/s (SLO attainment {summary.slo_attainment:.1%})"
-           if summary.slo.any else "")
+        + (
+            f" · goodput {summary.goodput:.2f} req/s (SLO attainment {summary.slo_attainment:.1%})"
+            if summary.slo.any
+            else ""
+        )
         + (f" · errors {summary.errors}" if summary.errors else "")
     )
     table.caption_justify = "left"
@@ -70,20 +75,38 @@ def summary_table(summary: Summary, title: str) -> Table:
 def rates_table(points: Sequence[RatePoint], title: str) -> Table:
     with_slo = any(p.summary.slo.any for p in points)  # goodput and attainment only against an SLO
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.caption = ("rate, req/s" + (", goodput" if with_slo else "")
-                     + " in requests/s; tok/s: output tokens/s; latencies in ms")
+    table.caption = (
+        "rate, req/s" + (", goodput" if with_slo else "") + " in requests/s; tok/s: output tokens/s; latencies in ms"
+    )
     table.caption_justify = "left"
-    for col in ("rate", "done", "req/s", "tok/s", *(("good", "attain") if with_slo else ()),
-                "TTFT50", "TTFT99", "TPOT50", "TPOT99", "E2E99", "err"):
+    for col in (
+        "rate",
+        "done",
+        "req/s",
+        "tok/s",
+        *(("good", "attain") if with_slo else ()),
+        "TTFT50",
+        "TTFT99",
+        "TPOT50",
+        "TPOT99",
+        "E2E99",
+        "err",
+    ):
         table.add_column(col, justify="right", no_wrap=True)
     for p in points:
         s = p.summary
         table.add_row(
-            f"{p.rate_per_s:g}", f"{s.completed}/{s.requests}", f"{s.request_throughput:.2f}",
+            f"{p.rate_per_s:g}",
+            f"{s.completed}/{s.requests}",
+            f"{s.request_throughput:.2f}",
             f"{s.output_token_throughput:.1f}",
             *((f"{s.goodput:.2f}", f"{s.slo_attainment:.0%}") if with_slo else ()),
-            _ms(s.ttft.p50_ms), _ms(s.ttft.p99_ms), _ms(s.tpot.p50_ms), _ms(s.tpot.p99_ms),
-            _ms(s.e2e.p99_ms), str(sum(s.errors.values())),
+            _ms(s.ttft.p50_ms),
+            _ms(s.ttft.p99_ms),
+            _ms(s.tpot.p50_ms),
+            _ms(s.tpot.p99_ms),
+            _ms(s.e2e.p99_ms),
+            str(sum(s.errors.values())),
         )
     return table
 
@@ -93,10 +116,16 @@ def record_row(rec: RequestRecord) -> dict[str, Any]:
         return None if v is None else round(v * 1000.0, 4)
 
     return {
-        "index": rec.index, "sent_s": round(rec.sent_s, 6), "end_s": round(rec.end_s, 6),
-        "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens,
-        "ttft_ms": ms(rec.ttft_s), "tpot_ms": ms(rec.tpot_s), "e2e_ms": ms(rec.e2e_s),
-        "error": rec.error or "", "error_message": rec.error_message or "",
+        "index": rec.index,
+        "sent_s": round(rec.sent_s, 6),
+        "end_s": round(rec.end_s, 6),
+        "input_tokens": rec.input_tokens,
+        "output_tokens": rec.output_tokens,
+        "ttft_ms": ms(rec.ttft_s),
+        "tpot_ms": ms(rec.tpot_s),
+        "e2e_ms": ms(rec.e2e_s),
+        "error": rec.error or "",
+        "error_message": rec.error_message or "",
     }
 
 
@@ -109,9 +138,12 @@ def results_payload(
     payload: dict[str, Any] = {
         "config": config,
         "runs": [
-            {"rate_per_s": rate, "not_sent": not_sent, "summary": asdict(summary),
-             "requests": [record_row(r) | {"itls_ms": [round(v * 1000, 4) for v in r.itls_s]}
-                          for r in records]}
+            {
+                "rate_per_s": rate,
+                "not_sent": not_sent,
+                "summary": asdict(summary),
+                "requests": [record_row(r) | {"itls_ms": [round(v * 1000, 4) for v in r.itls_s]} for r in records],
+            }
             for rate, summary, records, not_sent in runs
         ],
     }
@@ -142,21 +174,50 @@ def write_requests_csv(path: Path, runs: Sequence[tuple[float | None, Sequence[R
 def write_rates_csv(path: Path, points: Sequence[tuple[float | None, Summary]]) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["rate_per_s", "requests", "completed", "failed", "duration_s",
-                         "request_throughput", "output_token_throughput", "goodput",
-                         "slo_attainment", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
-                         "tpot_p99_ms", "itl_p50_ms", "e2e_p50_ms", "e2e_p99_ms"])
+        writer.writerow(
+            [
+                "rate_per_s",
+                "requests",
+                "completed",
+                "failed",
+                "duration_s",
+                "request_throughput",
+                "output_token_throughput",
+                "goodput",
+                "slo_attainment",
+                "ttft_p50_ms",
+                "ttft_p99_ms",
+                "tpot_p50_ms",
+                "tpot_p99_ms",
+                "itl_p50_ms",
+                "e2e_p50_ms",
+                "e2e_p99_ms",
+            ]
+        )
         for rate, s in points:
-            writer.writerow([
-                rate, s.requests, s.completed, s.failed, round(s.duration_s, 4),
-                round(s.request_throughput, 4), round(s.output_token_throughput, 3),
-                round(s.goodput, 4), round(s.slo_attainment, 4), s.ttft.p50_ms, s.ttft.p99_ms,
-                s.tpot.p50_ms, s.tpot.p99_ms, s.itl.p50_ms, s.e2e.p50_ms, s.e2e.p99_ms,
-            ])
+            writer.writerow(
+                [
+                    rate,
+                    s.requests,
+                    s.completed,
+                    s.failed,
+                    round(s.duration_s, 4),
+                    round(s.request_throughput, 4),
+                    round(s.output_token_throughput, 3),
+                    round(s.goodput, 4),
+                    round(s.slo_attainment, 4),
+                    s.ttft.p50_ms,
+                    s.ttft.p99_ms,
+                    s.tpot.p50_ms,
+                    s.tpot.p99_ms,
+                    s.itl.p50_ms,
+                    s.e2e.p50_ms,
+                    s.e2e.p99_ms,
+                ]
+            )
 
 
-def plot_cdfs(path: Path, runs: Sequence[tuple[str, Sequence[RequestRecord]]],
-              title: str | None = None) -> None:
+def plot_cdfs(path: Path, runs: Sequence[tuple[str, Sequence[RequestRecord]]], title: str | None = None) -> None:
     """Empirical CDFs of TTFT, TPOT and E2E of the completed requests, one line per run."""
     import matplotlib
 
@@ -169,8 +230,7 @@ def plot_cdfs(path: Path, runs: Sequence[tuple[str, Sequence[RequestRecord]]],
         for label, records in runs:
             values = np.sort([v * 1000 for r in records if (v := getattr(r, attr)) is not None])
             if values.size:
-                ax.step(values, np.arange(1, values.size + 1) / values.size, where="post",
-                        label=label)
+                ax.step(values, np.arange(1, values.size + 1) / values.size, where="post", label=label)
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)

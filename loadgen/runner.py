@@ -57,8 +57,16 @@ class _Run:
         try:
             record = await self.send(spec)
         except Exception as exc:  # a client bug must not take the whole run down
-            record = RequestRecord(spec.index, sent, self.clock(), spec.input_tokens, 0, (),
-                                   f"client_{type(exc).__name__}", str(exc)[:500] or None)
+            record = RequestRecord(
+                spec.index,
+                sent,
+                self.clock(),
+                spec.input_tokens,
+                0,
+                (),
+                f"client_{type(exc).__name__}",
+                str(exc)[:500] or None,
+            )
         del self.inflight[spec.index]
         self.records.append(record)
         self.on_record(record)

@@ -107,9 +107,7 @@ def build_workload(
     decode: Callable[[Sequence[int]], str] | None = None,
 ) -> Workload:
     """The requests and their timing; exact-length prompts when a tokenizer is given."""
-    length_rng, prompt_rng, arrival_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(3)
-    )
+    length_rng, prompt_rng, arrival_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(3))
     trace = None
     if spec.trace_file is not None:
         trace = load_trace(spec.trace_file, limit=spec.num_requests)
@@ -118,8 +116,7 @@ def build_workload(
     count = min(spec.num_requests, len(lengths), len(offsets) if offsets is not None else 1 << 62)
     prompts = make_prompts(lengths.input_tokens[:count], prompt_rng, encode, decode)
     specs = tuple(
-        RequestSpec(i, prompts[i], int(lengths.input_tokens[i]), int(lengths.output_tokens[i]))
-        for i in range(count)
+        RequestSpec(i, prompts[i], int(lengths.input_tokens[i]), int(lengths.output_tokens[i])) for i in range(count)
     )
     if offsets is None:
         return Workload(specs, concurrency=spec.concurrency)

@@ -43,9 +43,11 @@ class Scenario:
         if self.group is None and self.cluster.worker_group:
             object.__setattr__(self, "group", self.cluster.worker_group)
         if self.group is not None and max(self.group) not in self.profile.tp_degrees(self.model.name):
-            raise ValueError(f"the workers are groups of shape tp={','.join(map(str, self.group))}, but the profile "
-                             f"has no rows for {self.model.name} at tp={max(self.group)} "
-                             f"(exegpt profile --tp-degrees 1,{max(self.group)})")
+            raise ValueError(
+                f"the workers are groups of shape tp={','.join(map(str, self.group))}, but the profile "
+                f"has no rows for {self.model.name} at tp={max(self.group)} "
+                f"(exegpt profile --tp-degrees 1,{max(self.group)})"
+            )
 
     @property
     def worker_devices(self) -> int:
@@ -71,8 +73,11 @@ class Scenario:
         if self.group is not None:  # the groups that exist fix the degree
             return [max(self.group)]
         span = self.worker_devices or self.devices
-        return [k for k in self.profile.tp_degrees(self.model.name)
-                if k <= span and (k == 1 or self.cluster.devices_per_node % k == 0)]
+        return [
+            k
+            for k in self.profile.tp_degrees(self.model.name)
+            if k <= span and (k == 1 or self.cluster.devices_per_node % k == 0)
+        ]
 
     def layout(self, devices: int, tp: int, tp_stages: int, first_device: int = 0) -> PipelineLayout:
         """``devices`` in a pipeline, ``tp_stages`` stages of TP degree ``tp`` first, the layers
@@ -81,8 +86,9 @@ class Scenario:
         cache = self._cache()
         if key not in cache:
             cost = self.layer_cost() if 0 < tp_stages and tp > 1 else None
-            cache[key] = build_layout(devices, tp, tp_stages, self.model.layers, self.model.prefill_layers,
-                                      self.cluster, first_device, cost)
+            cache[key] = build_layout(
+                devices, tp, tp_stages, self.model.layers, self.model.prefill_layers, self.cluster, first_device, cost
+            )
         return cache[key]
 
     def layer_cost(self) -> dict[int, float]:
@@ -92,8 +98,11 @@ class Scenario:
         cache = self._cache()
         if "layer_cost" not in cache:
             stats = WorkloadStats(self.workload)
-            shape = StepShape(decode_seqs=REFERENCE_BATCH, decode_ctx=stats.mean_ctx,
-                              enc_seq=stats.mean_in if self.model.encoder_layers else 0.0)
+            shape = StepShape(
+                decode_seqs=REFERENCE_BATCH,
+                decode_ctx=stats.mean_ctx,
+                enc_seq=stats.mean_in if self.model.encoder_layers else 0.0,
+            )
             out = {}
             for k in self.profile.tp_degrees(self.model.name):
                 ar = allreduce_s(self.cluster.intra_node, self.model.activation_bytes(REFERENCE_BATCH), k)
@@ -181,8 +190,9 @@ class WorkloadStats:
         n = np.maximum(np.asarray(n, dtype=float), 1.0)
         q = float(self.q99_in)
         sq = self.workload.input.expect(lambda x: x * x)
-        return StepShape(prefill_seqs=n, prefill_tokens=(n - 1) * self.mean_in + q,
-                         prefill_seq=np.sqrt(((n - 1) * sq + q * q) / n))
+        return StepShape(
+            prefill_seqs=n, prefill_tokens=(n - 1) * self.mean_in + q, prefill_seq=np.sqrt(((n - 1) * sq + q * q) / n)
+        )
 
     def decode(self, b, ctx=None, model: ModelShape | None = None) -> StepShape:
         enc = self.mean_in if model is not None and model.encoder_layers else 0.0
@@ -240,8 +250,15 @@ def _expected_max_table(lengths, size: int) -> np.ndarray:
     return table
 
 
-def rra(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, encode_batch, iters_per_encode,
-        microbatches, encode_microbatches=1) -> Predictions:
+def rra(
+    sc: Scenario,
+    stats: WorkloadStats,
+    layout: PipelineLayout,
+    encode_batch,
+    iters_per_encode,
+    microbatches,
+    encode_microbatches=1,
+) -> Predictions:
     """Encode B_E (split into ``encode_microbatches`` micro-batches that follow each other
     through the pipeline), then N_D decode iterations over the running batch, on one pipeline.
 
@@ -267,12 +284,19 @@ def rra(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, encode_batch
     lat = nd * t_dec + t_own + full * t_enc + d99 * t_dec  # arrived just after an encode began
     peak = be * stats.cycles(nd)
     mem = memory_per_device(layout, sc.model, whole_slots(peak), stats.slot_tokens)
-    return _predictions(stats, be / cycle, lat, t_own, cycle / nd, batch, peak, mem,
-                        sc.cluster.usable_memory_bytes)
+    return _predictions(stats, be / cycle, lat, t_own, cycle / nd, batch, peak, mem, sc.cluster.usable_memory_bytes)
 
 
-def rra_optimistic(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, lo, hi, iters_per_encode,
-                   microbatches, encode_microbatches=1) -> Predictions:
+def rra_optimistic(
+    sc: Scenario,
+    stats: WorkloadStats,
+    layout: PipelineLayout,
+    lo,
+    hi,
+    iters_per_encode,
+    microbatches,
+    encode_microbatches=1,
+) -> Predictions:
     """Bounds on ``rra`` over every encode batch in [lo, hi] (the other variables fixed): an upper
     bound on throughput and lower bounds on latency, peak batch and memory.
 
@@ -333,8 +357,9 @@ class DecodeCurve:
     rate: np.ndarray  # sequences/s the decoder sustains at each batch (made non-decreasing)
 
     @staticmethod
-    def build(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, microbatches: int,
-              max_batch: float) -> DecodeCurve:
+    def build(
+        sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, microbatches: int, max_batch: float
+    ) -> DecodeCurve:
         b = np.arange(0, int(min(max(max_batch, 1), 1 << 16)) + 2, dtype=float)
         t = sc.timer(layout).iteration_s(stats.decode(np.maximum(b, 1e-9), model=sc.model), microbatches)
         rate = np.maximum.accumulate(b / (max(stats.mean_decode_iters, 1e-9) * t))
@@ -365,8 +390,18 @@ def _per_micro(curves: dict, microbatches, fn):
     return out
 
 
-def waa(sc: Scenario, stats: WorkloadStats, enc: PipelineLayout, dec: PipelineLayout, encode_batch,
-        decode_cap, microbatches, curves: dict | None = None, encoders: int = 1, decoders: int = 1) -> Predictions:
+def waa(
+    sc: Scenario,
+    stats: WorkloadStats,
+    enc: PipelineLayout,
+    dec: PipelineLayout,
+    encode_batch,
+    decode_cap,
+    microbatches,
+    curves: dict | None = None,
+    encoders: int = 1,
+    decoders: int = 1,
+) -> Predictions:
     """Encoder and decoder pipelines run apart; encoded KV caches are handed to the decoders.
 
     Steady state: the rate is the least of the encoders' (``encoders`` pipelines ``enc``), the
@@ -439,8 +474,9 @@ def continuous(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch
 
     def prefilling(pre: StepShape):
         """A prefilling iteration of ``pre``'s prompts and the running batch."""
-        whole = StepShape(pre.prefill_seqs, pre.prefill_tokens, pre.prefill_seq, dec.decode_seqs, dec.decode_ctx,
-                          dec.enc_seq)
+        whole = StepShape(
+            pre.prefill_seqs, pre.prefill_tokens, pre.prefill_seq, dec.decode_seqs, dec.decode_ctx, dec.enc_seq
+        )
         return np.where(fused, timer.iteration_s(whole, 1), timer.encode_s(pre, microbatches) + t_dec)
 
     t_pre = prefilling(stats.prefill(clump)) - t_dec
@@ -448,8 +484,9 @@ def continuous(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch
     t_own = prefilling(stats.prefill_p99(clump))
     mem = memory_per_device(layout, sc.model, whole_slots(b), stats.slot_tokens)
     lat = t_it + t_own + (stats.o99 - 1) * t_it  # arrived just after an iteration began
-    return _predictions(stats, b / (stats.mean_out * t_it), lat, t_own, t_it, b - new,
-                        b, mem, sc.cluster.usable_memory_bytes)
+    return _predictions(
+        stats, b / (stats.mean_out * t_it), lat, t_own, t_it, b - new, b, mem, sc.cluster.usable_memory_bytes
+    )
 
 
 def mixed(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch, chunk_tokens) -> Predictions:
@@ -473,8 +510,13 @@ def mixed(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch, chu
     c = np.asarray(chunk_tokens, dtype=float)
     starts = np.minimum(b / stats.mean_out, c / (stats.mean_in + stats.mean_decode_iters))
     decoded = starts * stats.mean_decode_iters
-    shape = StepShape(prefill_seqs=starts, prefill_tokens=starts * stats.mean_in, prefill_seq=stats.eff_in,
-                      decode_seqs=decoded, decode_ctx=stats.mean_ctx)
+    shape = StepShape(
+        prefill_seqs=starts,
+        prefill_tokens=starts * stats.mean_in,
+        prefill_seq=stats.eff_in,
+        decode_seqs=decoded,
+        decode_ctx=stats.mean_ctx,
+    )
     t = timer.iteration_s(shape, 1)
     own = np.ceil(stats.q99_in / np.maximum(c - decoded, 1e-9))  # steps prefilling a p99 prompt
     ttft = (1 + own) * t

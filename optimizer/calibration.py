@@ -91,8 +91,11 @@ class CalibrationTable:
         x = np.log2(np.maximum(tokens, 1.0)) * np.ones(np.broadcast(pre, dec).shape)
         curves = dict(self.curves)
         out = np.full(x.shape, self.fallback_log)
-        for kind, mask in (("prefill", (pre > 0) & ~(dec > 0)), ("decode", ~(pre > 0)),
-                           ("mixed", (pre > 0) & (dec > 0))):
+        for kind, mask in (
+            ("prefill", (pre > 0) & ~(dec > 0)),
+            ("decode", ~(pre > 0)),
+            ("mixed", (pre > 0) & (dec > 0)),
+        ):
             if kind in curves and np.any(mask):
                 out = np.where(mask, curves[kind].at(x), out)
         return np.exp(out)
@@ -102,15 +105,20 @@ class CalibrationTable:
 
     def scalar(self, kind: str, tokens: float) -> float:
         """The factor for one step of ``kind`` over ``tokens`` tokens."""
-        shape = {"prefill": StepShape(prefill_seqs=1.0, prefill_tokens=tokens),
-                 "decode": StepShape(decode_seqs=max(tokens, 1.0)),
-                 "mixed": StepShape(prefill_seqs=1.0, prefill_tokens=max(tokens - 1, 0.0), decode_seqs=1.0)}[kind]
+        shape = {
+            "prefill": StepShape(prefill_seqs=1.0, prefill_tokens=tokens),
+            "decode": StepShape(decode_seqs=max(tokens, 1.0)),
+            "mixed": StepShape(prefill_seqs=1.0, prefill_tokens=max(tokens - 1, 0.0), decode_seqs=1.0),
+        }[kind]
         return float(self.factor(shape))
 
     def summary(self) -> tuple[tuple[str, float, float], ...]:
         """(kind, tokens at the bucket's middle, factor) for every calibrated bucket."""
-        return tuple((kind, float(2 ** x), float(math.exp(v)))
-                     for kind, curve in self.curves for x, v in zip(curve.x, curve.log_factor))
+        return tuple(
+            (kind, float(2**x), float(math.exp(v)))
+            for kind, curve in self.curves
+            for x, v in zip(curve.x, curve.log_factor)
+        )
 
 
 IDENTITY = CalibrationTable()
@@ -200,8 +208,10 @@ class Calibration:
 
     # --- carried between processes ---------------------------------------------------------------
     def to_plain(self) -> dict:
-        return {"half_life_s": self.half_life_s,
-                "buckets": [[kind, b, list(v.log_ratios), list(v.times)] for (kind, b), v in self.buckets.items()]}
+        return {
+            "half_life_s": self.half_life_s,
+            "buckets": [[kind, b, list(v.log_ratios), list(v.times)] for (kind, b), v in self.buckets.items()],
+        }
 
     @staticmethod
     def from_plain(plain: dict) -> Calibration:

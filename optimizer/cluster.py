@@ -84,8 +84,9 @@ class Cluster:
         if self.device_threads < 0 or self.device_count < 0:
             raise ValueError(f"cluster {self.name!r}: device_threads and device_count must be >= 0")
         if any(not isinstance(t, int) or t < 1 for t in self.worker_group):
-            raise ValueError(f"cluster {self.name!r}: worker_group must list TP degrees >= 1, "
-                             f"got {self.worker_group!r}")
+            raise ValueError(
+                f"cluster {self.name!r}: worker_group must list TP degrees >= 1, got {self.worker_group!r}"
+            )
 
     @property
     def usable_memory_bytes(self) -> float:
@@ -108,8 +109,10 @@ class Cluster:
         which the mesh's hand-off (a store write and read, a broker hop) does not use."""
         if self.handoff is not None:
             return None
-        return (f"cluster {self.name!r} has no measured hand-off link: WAA hand-offs are costed at its device link, "
-                "not the path the mesh moves KV caches on (`exegpt profile --amqp-url --redis-url` measures it)")
+        return (
+            f"cluster {self.name!r} has no measured hand-off link: WAA hand-offs are costed at its device link, "
+            "not the path the mesh moves KV caches on (`exegpt profile --amqp-url --redis-url` measures it)"
+        )
 
     def handoff_link(self, device_a: int, device_b: int) -> Link:
         """The path a request's KV cache takes from encoder device ``a`` to decoder device ``b``."""
@@ -136,6 +139,7 @@ CLUSTERS = {c.name: c for c in (H200_CLUSTER, A100_CLUSTER, A40_CLUSTER)}
 
 
 # --- the JSON form ---------------------------------------------------------------------------
+
 
 def _require(doc: dict, key: str, where: str) -> object:
     if key not in doc:
@@ -177,17 +181,20 @@ def _text(doc: dict, key: str, where: str, default: str = "") -> str:
 def parse_link(doc: object, where: str) -> Link:
     d = _object(doc, where)
     _unknown(d, {"name", "bandwidth_Bps", "latency_s", "source"}, where)
-    return Link(_text(d, "name", where, where.rsplit(".", 1)[-1]),
-                _number(_require(d, "bandwidth_Bps", where), f"{where}.bandwidth_Bps", positive=True),
-                _number(_require(d, "latency_s", where), f"{where}.latency_s"),
-                _text(d, "source", where))
+    return Link(
+        _text(d, "name", where, where.rsplit(".", 1)[-1]),
+        _number(_require(d, "bandwidth_Bps", where), f"{where}.bandwidth_Bps", positive=True),
+        _number(_require(d, "latency_s", where), f"{where}.latency_s"),
+        _text(d, "source", where),
+    )
 
 
 def parse_cluster(doc: object) -> Cluster:
     """A ``Cluster`` from its JSON form (see the module docstring); ClusterError quotes what is wrong."""
     d = _object(doc, "cluster")
-    _unknown(d, {"format", "name", "devices", "devices_per_node", "device", "links", "notes", "worker_group"},
-             "cluster")
+    _unknown(
+        d, {"format", "name", "devices", "devices_per_node", "device", "links", "notes", "worker_group"}, "cluster"
+    )
     fmt = d.get("format", CLUSTER_FORMAT)
     if fmt != CLUSTER_FORMAT:
         raise ClusterError(f"cluster.format must be {CLUSTER_FORMAT!r}, got {fmt!r}")
@@ -196,8 +203,9 @@ def parse_cluster(doc: object) -> Cluster:
         raise ClusterError("cluster: missing 'name'")
     device = _object(_require(d, "device", "cluster"), "cluster.device")
     _unknown(device, {"memory_bytes", "threads", "usable_memory_fraction"}, "cluster.device")
-    fraction = _number(device.get("usable_memory_fraction", 0.9), "cluster.device.usable_memory_fraction",
-                       positive=True)
+    fraction = _number(
+        device.get("usable_memory_fraction", 0.9), "cluster.device.usable_memory_fraction", positive=True
+    )
     if fraction > 1:
         raise ClusterError(f"cluster.device.usable_memory_fraction must be <= 1, got {fraction!r}")
     links = _object(_require(d, "links", "cluster"), "cluster.links")
@@ -209,10 +217,15 @@ def parse_cluster(doc: object) -> Cluster:
         name,
         _number(_require(device, "memory_bytes", "cluster.device"), "cluster.device.memory_bytes", positive=True),
         _number(_require(d, "devices_per_node", "cluster"), "cluster.devices_per_node", positive=True, integer=True),
-        intra, inter, fraction, handoff,
+        intra,
+        inter,
+        fraction,
+        handoff,
         _number(device.get("threads", 0), "cluster.device.threads", integer=True),
         _number(d.get("devices", 0), "cluster.devices", integer=True),
-        _text(d, "notes", "cluster"), _worker_group(d.get("worker_group")))
+        _text(d, "notes", "cluster"),
+        _worker_group(d.get("worker_group")),
+    )
 
 
 def _worker_group(doc: object) -> tuple[int, ...]:

@@ -38,8 +38,9 @@ def length_shift_test(ref_inputs, ref_outputs, inputs, outputs, min_samples: int
     return ShiftTest(float(max(on_inputs.statistic, on_outputs.statistic)), float(p_value), True)
 
 
-Reason = Literal["no reference", "not enough samples", "not significant", "confirming",
-                 "holding off", "fired", "awaiting rebase"]
+Reason = Literal[
+    "no reference", "not enough samples", "not significant", "confirming", "holding off", "fired", "awaiting rebase"
+]
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,14 @@ class DriftMonitor:
     windows share samples, so their consecutive verdicts are not independent confirmations.
     """
 
-    def __init__(self, alpha: float = 1e-3, min_samples: int = 30, confirm: int = 2,
-                 min_interval_s: float = 5.0) -> None:
+    def __init__(
+        self, alpha: float = 1e-3, min_samples: int = 30, confirm: int = 2, min_interval_s: float = 5.0
+    ) -> None:
         if not 0 < alpha < 1 or min_samples < 1 or confirm < 1 or min_interval_s < 0:
-            raise ValueError(f"need 0 < alpha < 1, min_samples >= 1, confirm >= 1, min_interval_s >= 0; "
-                             f"got {alpha}, {min_samples}, {confirm}, {min_interval_s}")
+            raise ValueError(
+                f"need 0 < alpha < 1, min_samples >= 1, confirm >= 1, min_interval_s >= 0; "
+                f"got {alpha}, {min_samples}, {confirm}, {min_interval_s}"
+            )
         self.alpha = alpha
         self.min_samples = min_samples
         self.confirm = confirm

@@ -101,8 +101,13 @@ class Driver:
     # --- one step ---------------------------------------------------------------------------
     def state(self) -> WorkerState:
         head = tuple(islice(self.queued.values(), self.window))
-        return WorkerState(head, tuple(self.running.values()), tuple(self.incoming.values()),
-                           self.downstream_free, tuple(self.prefilling.values()))
+        return WorkerState(
+            head,
+            tuple(self.running.values()),
+            tuple(self.incoming.values()),
+            self.downstream_free,
+            tuple(self.prefilling.values()),
+        )
 
     def plan(self) -> StepPlan:
         plan = self._finish_prefills(self.policy.next_step(self.state()))
@@ -112,8 +117,9 @@ class Driver:
         """Under a policy that does not chunk (a new schedule), prefills under way end in this step."""
         if not self.prefilling or getattr(self.policy, "chunked", False):
             return plan
-        rest = tuple(PrefillChunk(p.request_id, p.prefilled, p.input_len - p.prefilled, True)
-                     for p in self.prefilling.values())
+        rest = tuple(
+            PrefillChunk(p.request_id, p.prefilled, p.input_len - p.prefilled, True) for p in self.prefilling.values()
+        )
         return replace(plan, chunks=plan.chunks + rest)
 
     def fits_alone(self, request: QueuedRequest | RunningRequest) -> bool:

@@ -184,9 +184,14 @@ class MonotoneGrid:
         object.__setattr__(self, "_rows", np.asarray(self.rows, dtype=float))
         object.__setattr__(self, "_reach", reach)
         object.__setattr__(self, "_levels", np.unique(reach))
-        object.__setattr__(self, "_groups", tuple(
-            (np.array(idx), np.asarray(xs, dtype=float), np.array([self.curves[i].ys for i in idx], dtype=float))
-            for xs, idx in groups.items()))
+        object.__setattr__(
+            self,
+            "_groups",
+            tuple(
+                (np.array(idx), np.asarray(xs, dtype=float), np.array([self.curves[i].ys for i in idx], dtype=float))
+                for xs, idx in groups.items()
+            ),
+        )
 
     def _per_row(self, ca: np.ndarray) -> np.ndarray:
         """Every row's curve at ``ca``: (rows, n), as ``MonotoneCurve.__call__`` gives it (the
@@ -225,8 +230,7 @@ class MonotoneGrid:
         for (row, col), value in smooth_points(points).points.items():
             by_row.setdefault(row, {})[col] = value
         rows = sorted(by_row)
-        return MonotoneGrid(tuple(float(r) for r in rows),
-                            tuple(MonotoneCurve.from_points(by_row[r]) for r in rows))
+        return MonotoneGrid(tuple(float(r) for r in rows), tuple(MonotoneCurve.from_points(by_row[r]) for r in rows))
 
     def __call__(self, row, col):
         if np.ndim(col) == 0:  # the common query: many batches at one length

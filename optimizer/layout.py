@@ -65,9 +65,16 @@ def stage_tps(devices: int, tp_degree: int, tp_stages: int) -> list[int]:
     return [tp_degree] * k_stages + [1] * (devices - k_stages * tp_degree)
 
 
-def build_layout(devices: int, tp_degree: int, tp_stages: int, decode_layers: int,
-                 encode_layers: int, cluster: Cluster, first_device: int = 0,
-                 layer_cost: dict[int, float] | None = None) -> PipelineLayout:
+def build_layout(
+    devices: int,
+    tp_degree: int,
+    tp_stages: int,
+    decode_layers: int,
+    encode_layers: int,
+    cluster: Cluster,
+    first_device: int = 0,
+    layer_cost: dict[int, float] | None = None,
+) -> PipelineLayout:
     """Layers assigned to the stages by their speed: ``layer_cost[k]`` is a layer's time on a
     stage of TP degree k, and the layers are placed so that the slowest stage is as fast as it can
     be (``_balance``). Without costs, layers are split evenly (the faster TP stages take any

@@ -82,7 +82,7 @@ class LengthDistribution:
         below = np.concatenate([[0.0], cdf[:-1]])  # P(L < v_i)
         n = np.asarray(n, dtype=float)[..., None]
         gaps = np.diff(np.concatenate([[0.0], self._v]))
-        return np.sum(gaps * (1.0 - below ** n), axis=-1)
+        return np.sum(gaps * (1.0 - below**n), axis=-1)
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.choice(np.asarray(self.values), size=n, p=self._p)
@@ -102,8 +102,12 @@ class Workload:
     def from_pairs(name: str, inputs, outputs) -> Workload:
         if len(inputs) != len(outputs):
             raise ValueError("need one output length per input length")
-        return Workload(name, LengthDistribution.from_samples(inputs), LengthDistribution.from_samples(outputs),
-                        tuple(zip((int(i) for i in inputs), (int(o) for o in outputs))))
+        return Workload(
+            name,
+            LengthDistribution.from_samples(inputs),
+            LengthDistribution.from_samples(outputs),
+            tuple(zip((int(i) for i in inputs), (int(o) for o in outputs))),
+        )
 
     def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self.pairs:
@@ -175,8 +179,7 @@ def parse_length_csv(text: str) -> tuple[TraceRequest, ...]:
     return tuple(TraceRequest(r.arrival_s - t0, r.input_len, r.output_len) for r in valid)
 
 
-def workload_from_trace(name: str, rows: tuple[TraceRequest, ...], max_input: int = 0,
-                        max_output: int = 0) -> Workload:
+def workload_from_trace(name: str, rows: tuple[TraceRequest, ...], max_input: int = 0, max_output: int = 0) -> Workload:
     """Empirical workload; lengths above ``max_input``/``max_output`` (when > 0) are clipped."""
     ins = np.array([r.input_len for r in rows])
     outs = np.array([r.output_len for r in rows])

@@ -94,8 +94,9 @@ MODELS: dict[str, ModelShape] = {
         _gpt("gpt3-101b", 80, 10240, 80, vocab=50257),
         _gpt("gpt3-175b", 96, 12288, 96, vocab=50257),
         _gpt("gpt3-341b", 120, 15360, 120, vocab=50257),
-        ModelShape("t5-11b", layers=24, encoder_layers=24, hidden=1024, heads=128,
-                   head_dim=128, ffn=65536, vocab=32128),
+        ModelShape(
+            "t5-11b", layers=24, encoder_layers=24, hidden=1024, heads=128, head_dim=128, ffn=65536, vocab=32128
+        ),
     )
 }
 

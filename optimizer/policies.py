@@ -171,6 +171,7 @@ class EncodeFill:
         elif seen > expected * (1 + DRIFT):
             self.batch = max(self.batch - 1, 1)
 
+
 class RraPolicy:
     """Round-robin allocation: encode up to B_E new requests (as many as slots freed), then
     N_D decode iterations over the whole running batch. Requests handed to this worker (left

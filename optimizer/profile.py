@@ -55,8 +55,14 @@ class StepShape:
 
     def split(self, parts) -> StepShape:
         """One of ``parts`` equal micro-batches of this step."""
-        return StepShape(self.prefill_seqs / parts, self.prefill_tokens / parts, self.prefill_seq,
-                         self.decode_seqs / parts, self.decode_ctx, self.enc_seq)
+        return StepShape(
+            self.prefill_seqs / parts,
+            self.prefill_tokens / parts,
+            self.prefill_seq,
+            self.decode_seqs / parts,
+            self.decode_ctx,
+            self.enc_seq,
+        )
 
     @property
     def tokens(self):
@@ -100,17 +106,22 @@ class SplitLayerTimes:
     def step_s(self, shape: StepShape):
         s = shape
         rest = _where_positive(s.tokens, self.rest(np.maximum(s.tokens, 1.0)))
-        pre = _where_positive(s.prefill_seqs, self.attn_prefill(np.maximum(s.prefill_seqs, 1e-9),
-                                                                s.prefill_seq))
+        pre = _where_positive(s.prefill_seqs, self.attn_prefill(np.maximum(s.prefill_seqs, 1e-9), s.prefill_seq))
         dec = self.attn_decode(np.maximum(s.decode_seqs, 1e-9), s.decode_ctx)
-        cross = _where_positive(s.enc_seq, self.attn_decode(np.maximum(s.decode_seqs, 1e-9),
-                                                            np.maximum(s.enc_seq, 1.0)))
+        cross = _where_positive(
+            s.enc_seq, self.attn_decode(np.maximum(s.decode_seqs, 1e-9), np.maximum(s.enc_seq, 1.0))
+        )
         return (rest + pre + _where_positive(s.decode_seqs, dec + cross)) * MS
 
     @property
     def coverage(self) -> Coverage:
-        return Coverage(min(self.attn_prefill.rows[-1], self.attn_decode.rows[-1]), _reach(self.attn_prefill),
-                        _reach(self.attn_decode), self.rest.xs[-1], self.attn_decode.rows[-1])
+        return Coverage(
+            min(self.attn_prefill.rows[-1], self.attn_decode.rows[-1]),
+            _reach(self.attn_prefill),
+            _reach(self.attn_decode),
+            self.rest.xs[-1],
+            self.attn_decode.rows[-1],
+        )
 
 
 @dataclass(frozen=True)
@@ -182,8 +193,9 @@ class ProfileSet:
             return self.split[key]
         if key in self.whole:
             return self.whole[key]
-        raise ValueError(f"profile has no rows for model {model!r} at tp={tp}; "
-                         f"models: {', '.join(self.models()) or 'none'}")
+        raise ValueError(
+            f"profile has no rows for model {model!r} at tp={tp}; models: {', '.join(self.models()) or 'none'}"
+        )
 
     def coverage(self, model: str, tp: int = 1) -> Coverage:
         return self.layer_times(model, tp).coverage
@@ -209,8 +221,7 @@ class RangeGap:
 def range_gaps(coverage: Coverage, prompt_len: float, context: float) -> tuple[RangeGap, ...]:
     """The lengths (a workload's 99th-percentile prompt and prompt + output) that the profile's
     tables do not reach; each is extrapolated, and a ``far`` one should not be."""
-    gaps = (RangeGap("prompt length", prompt_len, coverage.prompt_len),
-            RangeGap("context", context, coverage.context))
+    gaps = (RangeGap("prompt length", prompt_len, coverage.prompt_len), RangeGap("context", context, coverage.context))
     return tuple(g for g in gaps if g.needed > g.profiled)
 
 
@@ -219,8 +230,10 @@ def batch_gaps(coverage: Coverage, decode_batch: float, tokens: float) -> tuple[
     runs that lie more than ``FAR_EXTRAPOLATION`` x beyond the largest the profile measured: times
     there are extrapolated linearly (close to affine in both), so such a plan is kept, with a
     warning. (Prefill attention is per sequence, so the prefill batch is covered by the tokens.)"""
-    gaps = (RangeGap("decode batch", decode_batch, coverage.decode_batch),
-            RangeGap("step tokens", tokens, coverage.tokens))
+    gaps = (
+        RangeGap("decode batch", decode_batch, coverage.decode_batch),
+        RangeGap("step tokens", tokens, coverage.tokens),
+    )
     return tuple(g for g in gaps if g.far)
 
 
@@ -230,8 +243,13 @@ class ProfileError(ValueError):
 
 # --- rows -> cells ------------------------------------------------------------------------------
 
-_PART_KEYS = {"rest": ("tokens",), "attn_prefill": ("batch", "seq"), "attn_encode": ("batch", "seq"),
-              "attn_decode": ("batch", "ctx"), "step": ("rows",)}
+_PART_KEYS = {
+    "rest": ("tokens",),
+    "attn_prefill": ("batch", "seq"),
+    "attn_encode": ("batch", "seq"),
+    "attn_decode": ("batch", "ctx"),
+    "step": ("rows",),
+}
 _PHASE_KEYS = {"prefill": ("batch", "seq"), "encode": ("batch", "seq"), "decode": ("batch", "ctx")}
 _TABLE_OF = {"attn_encode": "attn_prefill", "encode": "prefill"}  # one table for both names
 
@@ -307,8 +325,9 @@ def _cell(index: int, number: int, row: dict) -> _Cell:
         kind, axes = row["phase"], _PHASE_KEYS[row["phase"]]
         enc = _number(row, "enc_seq", number) if kind == "decode" and "enc_seq" in row else 0.0
     else:
-        raise ProfileError(f"line {number}: a model row needs 'part' or a phase "
-                           f"prefill|encode|decode, got {row.get('phase')!r}")
+        raise ProfileError(
+            f"line {number}: a model row needs 'part' or a phase prefill|encode|decode, got {row.get('phase')!r}"
+        )
     table = _Table(model, tp, _TABLE_OF.get(kind, kind), enc, axes)
     return _Cell(index, table, tuple(_number(row, k, number) for k in axes), ms)
 
@@ -326,11 +345,14 @@ def _cells(rows: Sequence[tuple[int, dict]]) -> tuple[list[_Cell], tuple[dict, .
 
 # --- the noise rule over cells ------------------------------------------------------------------
 
+
 def _warning(table: _Table, drop: Drop) -> str:
     at = drop.at if isinstance(drop.at, tuple) else (drop.at,)
     above = drop.above if isinstance(drop.above, tuple) else (drop.above,)
-    return (f"{table.describe(at)}: {drop.value:.4g} ms is {drop.fraction:.0%} below {drop.earlier:.4g} ms "
-            f"at {' '.join(f'{a}={c:g}' for a, c in zip(table.axes, above))}; raised to it")
+    return (
+        f"{table.describe(at)}: {drop.value:.4g} ms is {drop.fraction:.0%} below {drop.earlier:.4g} ms "
+        f"at {' '.join(f'{a}={c:g}' for a, c in zip(table.axes, above))}; raised to it"
+    )
 
 
 def _tables(cells: Iterable[_Cell]) -> dict[_Table, dict]:
@@ -341,8 +363,9 @@ def _tables(cells: Iterable[_Cell]) -> dict[_Table, dict]:
     return tables
 
 
-def smooth_cells(cells: Sequence[_Cell], tolerance: float = NOISE_TOLERANCE,
-                 floor_ms: float = NOISE_FLOOR_MS) -> tuple[list[_Cell], tuple[str, ...]]:
+def smooth_cells(
+    cells: Sequence[_Cell], tolerance: float = NOISE_TOLERANCE, floor_ms: float = NOISE_FLOOR_MS
+) -> tuple[list[_Cell], tuple[str, ...]]:
     """The noise rule over every table of ``cells``: (cells with smoothed ms, warnings)."""
     smoothed: dict[_Table, dict] = {}
     warnings: list[str] = []
@@ -373,6 +396,7 @@ def smooth_rows(rows: Sequence[dict], tolerance: float = NOISE_TOLERANCE) -> Smo
 
 # --- cells -> tables ----------------------------------------------------------------------------
 
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -380,22 +404,29 @@ def _plural(n: int, word: str) -> str:
 def _check_dense(table: _Table, points: dict) -> None:
     """Reject a table that cannot be interpolated: fewer than two points on an axis."""
     what = f"profile for {table.model} tp={table.tp}: {table.name}" + (
-        f" enc_seq={table.enc_seq:g}" if table.enc_seq else "")
+        f" enc_seq={table.enc_seq:g}" if table.enc_seq else ""
+    )
     if len(table.axes) == 1:
         if len(points) < 2:
-            raise ProfileError(f"{what} has {_plural(len(points), table.axes[0] + ' value')} "
-                               f"({', '.join(f'{x:g}' for x in sorted(points))}); need at least 2 to interpolate")
+            raise ProfileError(
+                f"{what} has {_plural(len(points), table.axes[0] + ' value')} "
+                f"({', '.join(f'{x:g}' for x in sorted(points))}); need at least 2 to interpolate"
+            )
         return
     rows: dict[float, list[float]] = {}
     for batch, length in points:
         rows.setdefault(batch, []).append(length)
     if len(rows) < 2:
-        raise ProfileError(f"{what} has {_plural(len(rows), 'batch size')} "
-                           f"({', '.join(f'{b:g}' for b in sorted(rows))}); need at least 2 to interpolate")
+        raise ProfileError(
+            f"{what} has {_plural(len(rows), 'batch size')} "
+            f"({', '.join(f'{b:g}' for b in sorted(rows))}); need at least 2 to interpolate"
+        )
     for batch, lengths in sorted(rows.items()):
         if len(lengths) < 2:
-            raise ProfileError(f"{what} at batch={batch:g} has {_plural(len(lengths), table.axes[1] + ' value')} "
-                               f"({', '.join(f'{x:g}' for x in lengths)}); need at least 2 to interpolate")
+            raise ProfileError(
+                f"{what} at batch={batch:g} has {_plural(len(lengths), table.axes[1] + ' value')} "
+                f"({', '.join(f'{x:g}' for x in lengths)}); need at least 2 to interpolate"
+            )
 
 
 def _split_times(key: tuple[str, int], tables: dict[str, tuple[_Table, dict]]) -> SplitLayerTimes:
@@ -404,9 +435,11 @@ def _split_times(key: tuple[str, int], tables: dict[str, tuple[_Table, dict]]) -
         raise ProfileError(f"split profile for {key[0]} tp={key[1]} lacks {sorted(missing)}")
     for table, points in tables.values():
         _check_dense(table, points)
-    return SplitLayerTimes(MonotoneCurve.from_points(tables["rest"][1]),
-                           MonotoneGrid.from_points(tables["attn_prefill"][1]),
-                           MonotoneGrid.from_points(tables["attn_decode"][1]))
+    return SplitLayerTimes(
+        MonotoneCurve.from_points(tables["rest"][1]),
+        MonotoneGrid.from_points(tables["attn_prefill"][1]),
+        MonotoneGrid.from_points(tables["attn_decode"][1]),
+    )
 
 
 def _whole_times(key: tuple[str, int], tables: dict[tuple[str, float], tuple[_Table, dict]]) -> WholeLayerTimes:
@@ -414,8 +447,9 @@ def _whole_times(key: tuple[str, int], tables: dict[tuple[str, float], tuple[_Ta
         raise ProfileError(f"layer profile for {key[0]} tp={key[1]} needs prefill and decode rows")
     for table, points in tables.values():
         _check_dense(table, points)
-    decode = sorted((enc, MonotoneGrid.from_points(points)) for (name, enc), (_, points) in tables.items()
-                    if name == "decode")
+    decode = sorted(
+        (enc, MonotoneGrid.from_points(points)) for (name, enc), (_, points) in tables.items() if name == "decode"
+    )
     return WholeLayerTimes(MonotoneGrid.from_points(tables[("prefill", 0.0)][1]), tuple(decode))
 
 

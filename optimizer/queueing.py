@@ -44,18 +44,22 @@ def arrival_times(rng: np.random.Generator, n: int, rate_per_s: float, cv: float
 def requests_at(workload: Workload, times, seed: int = 0, tag: str = "q") -> tuple[SimRequest, ...]:
     """Requests with lengths drawn from ``workload`` arriving at ``times``."""
     ins, outs = workload.sample(np.random.default_rng(seed), len(times))
-    return tuple(SimRequest(f"{tag}-{i:05d}", int(a), int(b), float(t))
-                 for i, (a, b, t) in enumerate(zip(ins, outs, times)))
+    return tuple(
+        SimRequest(f"{tag}-{i:05d}", int(a), int(b), float(t)) for i, (a, b, t) in enumerate(zip(ins, outs, times))
+    )
 
 
-def requests_from_trace(rows: Sequence[TraceRequest], limit: int = 0, max_input: int = 0,
-                        max_output: int = 0) -> tuple[SimRequest, ...]:
+def requests_from_trace(
+    rows: Sequence[TraceRequest], limit: int = 0, max_input: int = 0, max_output: int = 0
+) -> tuple[SimRequest, ...]:
     """A trace's requests as they arrived (the first ``limit``, 0: all), lengths clipped like the
     workload built from it."""
     rows = list(rows)[: limit or None]
     clip = lambda v, top: min(v, top) if top else v  # noqa: E731
-    return tuple(SimRequest(f"t-{i:05d}", clip(r.input_len, max_input), clip(r.output_len, max_output), r.arrival_s)
-                 for i, r in enumerate(rows))
+    return tuple(
+        SimRequest(f"t-{i:05d}", clip(r.input_len, max_input), clip(r.output_len, max_output), r.arrival_s)
+        for i, r in enumerate(rows)
+    )
 
 
 def offered_rate(requests: Sequence[SimRequest]) -> float:
@@ -78,9 +82,15 @@ class QueueingPlan:
     evaluations: int
 
 
-def candidates(sc: Scenario, latency_bound_s: float, rate_per_s: float, policies: Sequence[str] = PRODUCT_POLICIES,
-               space: SearchSpace = SearchSpace(), fractions: Sequence[float] = TIGHTEN,
-               search: Callable[..., SearchResult] = branch_and_bound) -> tuple[list[Candidate], int, int]:
+def candidates(
+    sc: Scenario,
+    latency_bound_s: float,
+    rate_per_s: float,
+    policies: Sequence[str] = PRODUCT_POLICIES,
+    space: SearchSpace = SearchSpace(),
+    fractions: Sequence[float] = TIGHTEN,
+    search: Callable[..., SearchResult] = branch_and_bound,
+) -> tuple[list[Candidate], int, int]:
     """Distinct best schedules of searches under ``latency_bound_s`` times each of ``fractions``
     (with no bound: under the least-latency candidates' bounds is not defined, so the one search),
     each policy set apart, whose predicted throughput exceeds ``rate_per_s``; best first.
@@ -100,9 +110,15 @@ def candidates(sc: Scenario, latency_bound_s: float, rate_per_s: float, policies
     return ranked, searches, evaluations
 
 
-def check(sc: Scenario, latency_bound_s: float, requests: Sequence[SimRequest], ranked: Sequence[Candidate], *,
-          target: float = TARGET, max_checks: int = MAX_CHECKS
-          ) -> tuple[Candidate | None, float, SimulationResult | None, int]:
+def check(
+    sc: Scenario,
+    latency_bound_s: float,
+    requests: Sequence[SimRequest],
+    ranked: Sequence[Candidate],
+    *,
+    target: float = TARGET,
+    max_checks: int = MAX_CHECKS,
+) -> tuple[Candidate | None, float, SimulationResult | None, int]:
     """Simulate ``ranked`` best first with ``requests`` arriving as they do; the first that keeps
     at least ``target`` of them within the bound (end to end, from arrival). Returns (that
     candidate or None, its share within the bound (or the last one's), its simulation, checked)."""
@@ -116,10 +132,17 @@ def check(sc: Scenario, latency_bound_s: float, requests: Sequence[SimRequest], 
     return None, share, sim, checked
 
 
-def queueing_search(sc: Scenario, latency_bound_s: float, requests: Sequence[SimRequest],
-                    policies: Sequence[str] = PRODUCT_POLICIES, space: SearchSpace = SearchSpace(), *,
-                    target: float = TARGET, max_checks: int = MAX_CHECKS,
-                    search: Callable[..., SearchResult] = branch_and_bound) -> QueueingPlan:
+def queueing_search(
+    sc: Scenario,
+    latency_bound_s: float,
+    requests: Sequence[SimRequest],
+    policies: Sequence[str] = PRODUCT_POLICIES,
+    space: SearchSpace = SearchSpace(),
+    *,
+    target: float = TARGET,
+    max_checks: int = MAX_CHECKS,
+    search: Callable[..., SearchResult] = branch_and_bound,
+) -> QueueingPlan:
     """``candidates`` under the arrivals' rate, then ``check``: the candidate with the most
     predicted throughput that keeps ``target`` of the requests within the bound."""
     if not requests:
@@ -130,9 +153,18 @@ def queueing_search(sc: Scenario, latency_bound_s: float, requests: Sequence[Sim
     return QueueingPlan(best, share, sim, rate, len(ranked), checked, searches, evaluations)
 
 
-def sustained_rate(sc: Scenario, schedule: Schedule, latency_bound_s: float, upper_per_s: float, *,
-                   requests: int = 400, span_bounds: float = 40.0, seeds: Sequence[int] = (0, 1),
-                   target: float = TARGET, steps: int = 7) -> float:
+def sustained_rate(
+    sc: Scenario,
+    schedule: Schedule,
+    latency_bound_s: float,
+    upper_per_s: float,
+    *,
+    requests: int = 400,
+    span_bounds: float = 40.0,
+    seeds: Sequence[int] = (0, 1),
+    target: float = TARGET,
+    steps: int = 7,
+) -> float:
     """The highest Poisson arrival rate, to ``upper_per_s / 2**steps``, at which ``schedule``
     keeps ``target`` of the requests within the bound (end to end, from arrival) in the
     simulator, with every seed's arrivals and lengths; 0 when even the lowest rate tried does not.

@@ -17,10 +17,22 @@ SPLIT_POLICIES: tuple[Policy, ...] = ("waa-c", "waa-m")
 
 # The least value of each numeric field (the admin API's schema states them too).
 MINIMUMS: dict[str, int] = {
-    **dict.fromkeys(("encode_batch", "decode_batch", "decode_microbatches", "decode_iters_per_encode",
-                     "tp_degree", "num_devices", "encode_microbatches", "chunk_tokens"), 1),
-    **dict.fromkeys(("tp_stages", "encoder_devices", "decoder_devices", "worker_devices", "mean_input_len",
-                     "mean_decode_batch"), 0),
+    **dict.fromkeys(
+        (
+            "encode_batch",
+            "decode_batch",
+            "decode_microbatches",
+            "decode_iters_per_encode",
+            "tp_degree",
+            "num_devices",
+            "encode_microbatches",
+            "chunk_tokens",
+        ),
+        1,
+    ),
+    **dict.fromkeys(
+        ("tp_stages", "encoder_devices", "decoder_devices", "worker_devices", "mean_input_len", "mean_decode_batch"), 0
+    ),
     "encoder_tp_stages": -1,
 }
 
@@ -84,8 +96,10 @@ class Schedule:
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.policy == "mixed" and self.chunk_tokens <= self.decode_batch:
-            raise ValueError(f"mixed needs chunk_tokens > decode_batch (room for prefill beside a full "
-                             f"decode batch), got {self.chunk_tokens} <= {self.decode_batch}")
+            raise ValueError(
+                f"mixed needs chunk_tokens > decode_batch (room for prefill beside a full "
+                f"decode batch), got {self.chunk_tokens} <= {self.decode_batch}"
+            )
         if self.worker_devices:
             self._check_workers()
 
@@ -95,8 +109,9 @@ class Schedule:
         if any(g % n for g in groups):
             raise ValueError(f"worker_devices {n} must divide the devices of each role {groups}")
         if self.split and not (self.encoder_devices and self.decoder_devices):
-            raise ValueError(f"{self.policy} needs encoder and decoder devices, got "
-                             f"{self.encoder_devices}/{self.decoder_devices}")
+            raise ValueError(
+                f"{self.policy} needs encoder and decoder devices, got {self.encoder_devices}/{self.decoder_devices}"
+            )
 
     @property
     def split(self) -> bool:

@@ -56,8 +56,30 @@ class SearchSpace:
     # RRA's N_D: every count to 32 (near a tight bound one iteration more or less between encodes
     # decides), then coarser
     iters_per_encode: tuple[int, ...] = tuple(range(1, 33)) + (40, 48, 56, 64, 80, 96, 112, 128)
-    decode_caps: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
-                                    1024, 1536, 2048, 3072, 4096)
+    decode_caps: tuple[int, ...] = (
+        1,
+        2,
+        4,
+        8,
+        12,
+        16,
+        24,
+        32,
+        48,
+        64,
+        96,
+        128,
+        192,
+        256,
+        384,
+        512,
+        768,
+        1024,
+        1536,
+        2048,
+        3072,
+        4096,
+    )
     microbatches: tuple[int, ...] = (1, 2, 4, 8, 16)
     encode_microbatches: tuple[int, ...] = (1, 2, 4, 8, 16)  # RRA's encode split through the pipeline
     max_decode_batch: float = math.inf  # a worker's running batch (RRA's peak included) at most this
@@ -65,10 +87,20 @@ class SearchSpace:
     partial_waa_tp: bool = True  # WAA groups with TP on some of their stages, not only all or none
 
     def __post_init__(self) -> None:
-        sizes = (self.max_encode_batch, self.waa_max_encode_batch, self.static_max_batch,
-                 self.continuous_max_batch, self.mixed_max_batch)
-        if (min(sizes) < 1 or not self.iters_per_encode or not self.decode_caps or not self.microbatches
-                or not self.chunk_tokens):
+        sizes = (
+            self.max_encode_batch,
+            self.waa_max_encode_batch,
+            self.static_max_batch,
+            self.continuous_max_batch,
+            self.mixed_max_batch,
+        )
+        if (
+            min(sizes) < 1
+            or not self.iters_per_encode
+            or not self.decode_caps
+            or not self.microbatches
+            or not self.chunk_tokens
+        ):
             raise ValueError("search space needs positive batch limits and non-empty value lists")
 
     def capped(self, max_batch: int) -> SearchSpace:
@@ -76,12 +108,16 @@ class SearchSpace:
         ``max_batch``: what a profile measured, or what a worker may hold."""
         top = max(int(max_batch), 1)
         caps = tuple(c for c in self.decode_caps if c < top) + (top,)
-        return replace(self, max_encode_batch=min(self.max_encode_batch, top),
-                       waa_max_encode_batch=min(self.waa_max_encode_batch, top),
-                       static_max_batch=min(self.static_max_batch, top),
-                       continuous_max_batch=min(self.continuous_max_batch, top),
-                       mixed_max_batch=min(self.mixed_max_batch, top), decode_caps=caps,
-                       max_decode_batch=min(self.max_decode_batch, top))
+        return replace(
+            self,
+            max_encode_batch=min(self.max_encode_batch, top),
+            waa_max_encode_batch=min(self.waa_max_encode_batch, top),
+            static_max_batch=min(self.static_max_batch, top),
+            continuous_max_batch=min(self.continuous_max_batch, top),
+            mixed_max_batch=min(self.mixed_max_batch, top),
+            decode_caps=caps,
+            max_decode_batch=min(self.max_decode_batch, top),
+        )
 
 
 @dataclass(frozen=True)
@@ -222,8 +258,10 @@ def _slots(f: Figures) -> int:
 def _weights_fit(sc: Scenario, devices: int) -> bool:
     """Whether the model's weights alone fit on ``devices`` devices (spread perfectly): a pipeline
     of fewer devices cannot hold the model under any layout."""
-    total = (sc.model.layers * sc.model.decoder_layer_weight_bytes()
-             + sc.model.encoder_layers * sc.model.encoder_layer_weight_bytes())
+    total = (
+        sc.model.layers * sc.model.decoder_layer_weight_bytes()
+        + sc.model.encoder_layers * sc.model.encoder_layer_weight_bytes()
+    )
     return total <= devices * sc.cluster.usable_memory_bytes
 
 
@@ -237,13 +275,17 @@ def replica_spans(sc: Scenario, space: SearchSpace) -> list[int]:
     out = [0]
     if space.replicas:
         node = sc.cluster.devices_per_node
-        out += [w for w in range(1, sc.devices) if sc.devices % w == 0 and (node % w == 0 or w % node == 0)
-                and _weights_fit(sc, w)]
+        out += [
+            w
+            for w in range(1, sc.devices)
+            if sc.devices % w == 0 and (node % w == 0 or w % node == 0) and _weights_fit(sc, w)
+        ]
     return out
 
 
-def _single_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str,
-                     tables: _WaaTables) -> list[Family]:
+def _single_families(
+    sc: Scenario, stats: WorkloadStats, space: SearchSpace, policy: str, tables: _WaaTables
+) -> list[Family]:
     """One pipeline over all devices, or data-parallel workers (replicas) of fewer devices. Mixed
     steps run on one-device workers only (the engine's chunked prefill runs in one process; a
     worker group's runner has none) of decoder-only models."""
@@ -254,8 +296,9 @@ def _single_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, pol
             continue
         for k, s in tp_configs(sc, span):
             layout = sc.layout(span, k, s)
-            common = dict(tp_degree=k, tp_stages=s, num_devices=sc.devices, decoder_devices=sc.devices,
-                          worker_devices=w)
+            common = dict(
+                tp_degree=k, tp_stages=s, num_devices=sc.devices, decoder_devices=sc.devices, worker_devices=w
+            )
             fam = _single_family(sc, stats, space, policy, layout, common, sc.devices // span)
             if policy == "mixed":
                 fam = replace(fam, ceiling=_mixed_ceiling(stats, tables, layout, sc.devices // span))
@@ -309,28 +352,49 @@ def _single_family(sc, stats, space, policy, layout: PipelineLayout, common, n: 
         nds = [n for n in space.iters_per_encode if n <= max(sc.workload.output.maximum - 1, 1)]
         enc_micro = [m for m in space.encode_microbatches if m == 1 or m <= layout.depth]
         return Family(
-            "rra", space.max_encode_batch, _grid(m=micro, nd=nds, me=enc_micro),
+            "rra",
+            space.max_encode_batch,
+            _grid(m=micro, nd=nds, me=enc_micro),
             lambda b, m, nd, me: analytic.replicated(analytic.rra(sc, stats, layout, b, nd, m, me), n),
-            lambda b, f, m, nd, me: Schedule("rra", encode_batch=b, decode_batch=_slots(f), decode_microbatches=m,
-                                             decode_iters_per_encode=nd, mean_decode_batch=f.decode_batch,
-                                             encode_microbatches=me, **expect, **common),
+            lambda b, f, m, nd, me: Schedule(
+                "rra",
+                encode_batch=b,
+                decode_batch=_slots(f),
+                decode_microbatches=m,
+                decode_iters_per_encode=nd,
+                mean_decode_batch=f.decode_batch,
+                encode_microbatches=me,
+                **expect,
+                **common,
+            ),
             kind="bounded",
             optimistic=lambda lo, hi, m, nd, me: analytic.replicated(
-                analytic.rra_optimistic(sc, stats, layout, lo, hi, nd, m, me), n))
+                analytic.rra_optimistic(sc, stats, layout, lo, hi, nd, m, me), n
+            ),
+        )
     if policy == "static":
         return Family(
-            "static", space.static_max_batch, _grid(m=micro),
+            "static",
+            space.static_max_batch,
+            _grid(m=micro),
             lambda b, m: analytic.replicated(analytic.static(sc, stats, layout, b, m), n),
-            lambda b, f, m: Schedule("static", encode_batch=b, decode_batch=b, decode_microbatches=m, **common))
+            lambda b, f, m: Schedule("static", encode_batch=b, decode_batch=b, decode_microbatches=m, **common),
+        )
     if policy == "mixed":
         return Family(
-            "mixed", space.mixed_max_batch, _grid(m=[1], c=space.chunk_tokens),
+            "mixed",
+            space.mixed_max_batch,
+            _grid(m=[1], c=space.chunk_tokens),
             lambda b, m, c: analytic.replicated(analytic.mixed(sc, stats, layout, b, c), n),
-            lambda b, f, m, c: Schedule("mixed", encode_batch=b, decode_batch=b, chunk_tokens=c, **common))
+            lambda b, f, m, c: Schedule("mixed", encode_batch=b, decode_batch=b, chunk_tokens=c, **common),
+        )
     return Family(
-        "continuous", space.continuous_max_batch, _grid(m=micro),
+        "continuous",
+        space.continuous_max_batch,
+        _grid(m=micro),
         lambda b, m: analytic.replicated(analytic.continuous(sc, stats, layout, b, m), n),
-        lambda b, f, m: Schedule("continuous", encode_batch=b, decode_batch=b, decode_microbatches=m, **common))
+        lambda b, f, m: Schedule("continuous", encode_batch=b, decode_batch=b, decode_microbatches=m, **common),
+    )
 
 
 def waa_shares(sc: Scenario, stats: WorkloadStats, encode_batch: float, decode_batch: float) -> tuple[float, float]:
@@ -349,8 +413,14 @@ def waa_shares(sc: Scenario, stats: WorkloadStats, encode_batch: float, decode_b
     return enc / (enc + dec), enc_m / (enc_m + dec_m)
 
 
-def waa_label(sc: Scenario, stats: WorkloadStats, names: Sequence[str], encoder_devices: int,
-              encode_batch: float, decode_batch: float) -> str:
+def waa_label(
+    sc: Scenario,
+    stats: WorkloadStats,
+    names: Sequence[str],
+    encoder_devices: int,
+    encode_batch: float,
+    decode_batch: float,
+) -> str:
     """The WAA policy a split is named after: the one asked for, or (both asked for) the rule
     whose share at the schedule's own B_E and B_D lies nearer the split (ties: WAA-C)."""
     if len(names) == 1:
@@ -459,8 +529,9 @@ class _WaaTables:
         return self._enc[key]
 
 
-def _waa_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, names: Sequence[str],
-                  tables: _WaaTables) -> list[Family]:
+def _waa_families(
+    sc: Scenario, stats: WorkloadStats, space: SearchSpace, names: Sequence[str], tables: _WaaTables
+) -> list[Family]:
     """One family per TP degree, worker shape, encoder/decoder split and TP stages of each group:
     one encoder and one decoder pipeline, or encoder and decoder workers (replicas) of ``w``
     devices each."""
@@ -483,8 +554,7 @@ def _waa_families(sc: Scenario, stats: WorkloadStats, space: SearchSpace, names:
                     for sd in _group_tp_stages(sc, dec_span, k, space.partial_waa_tp):
                         if k > 1 and se == 0 and sd == 0:
                             continue  # that is the k = 1 family
-                        fams.append(_waa_family(sc, stats, space, names, tables, caps, kv_req, w, k, e, d,
-                                                se, sd))
+                        fams.append(_waa_family(sc, stats, space, names, tables, caps, kv_req, w, k, e, d, se, sd))
     return fams
 
 
@@ -493,9 +563,16 @@ def _waa_family(sc, stats, space, names, tables, caps, kv_req, w, k, e, d, se, s
     enc, dec = sc.layout(enc_span, k, se), sc.layout(dec_span, k, sd, e)
     roles = dict(encoders=e // enc_span, decoders=d // dec_span)
     full = k == 1 or (se == enc_span // k and sd == dec_span // k)
-    common = dict(tp_degree=k, tp_stages=(sc.devices // k if full else sd), num_devices=sc.devices,
-                  encoder_devices=e, decoder_devices=d, worker_devices=w, mean_input_len=stats.mean_in,
-                  encoder_tp_stages=(-1 if full else se))
+    common = dict(
+        tp_degree=k,
+        tp_stages=(sc.devices // k if full else sd),
+        num_devices=sc.devices,
+        encoder_devices=e,
+        decoder_devices=d,
+        worker_devices=w,
+        mean_input_len=stats.mean_in,
+        encoder_tp_stages=(-1 if full else se),
+    )
     micro = _micro(space, dec.depth)
 
     def schedule(i, f, m, be):
@@ -511,12 +588,20 @@ def _waa_family(sc, stats, space, names, tables, caps, kv_req, w, k, e, d, se, s
         smallest batch."""
         link = sc.cluster.handoff_link(enc.stages[-1].first_device + enc.stages[-1].tp - 1, dec.stages[0].first_device)
         dec_rate, least = tables.decoder_ceiling(dec, micro)
-        thr = min(roles["encoders"] * tables.encoder_rate(enc), link.bandwidth_Bps / kv_req,
-                  roles["decoders"] * dec_rate)
+        thr = min(
+            roles["encoders"] * tables.encoder_rate(enc), link.bandwidth_Bps / kv_req, roles["decoders"] * dec_rate
+        )
         return thr, tables.encode_floor(enc) + stats.o99 * least
 
-    return Family(names[0], len(caps), _grid(m=micro, be=range(1, space.waa_max_encode_batch + 1)),
-                  evaluate, schedule, kind="monotone", ceiling=ceiling)
+    return Family(
+        names[0],
+        len(caps),
+        _grid(m=micro, be=range(1, space.waa_max_encode_batch + 1)),
+        evaluate,
+        schedule,
+        kind="monotone",
+        ceiling=ceiling,
+    )
 
 
 def families(sc: Scenario, policies: Sequence[str], space: SearchSpace = SearchSpace()) -> list[Family]:
@@ -639,8 +724,13 @@ def _split(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, ways: int):
     return rows[piece], start, end
 
 
-def branch_and_bound(sc: Scenario, latency_bound_s: float, policies: Sequence[str] = SEARCH_POLICIES,
-                     space: SearchSpace = SearchSpace(), tol: Tolerances = Tolerances()) -> SearchResult:
+def branch_and_bound(
+    sc: Scenario,
+    latency_bound_s: float,
+    policies: Sequence[str] = SEARCH_POLICIES,
+    space: SearchSpace = SearchSpace(),
+    tol: Tolerances = Tolerances(),
+) -> SearchResult:
     """The best schedule of the space (with the default ``tol``, the exhaustive search's answer).
 
     1. Every line of the RRA and baseline families is evaluated at batches 1, 2, 4, ... and its
@@ -687,8 +777,13 @@ def branch_and_bound(sc: Scenario, latency_bound_s: float, policies: Sequence[st
     return SearchResult(inc.candidate, evals, len(fams), pruned)
 
 
-def exhaustive(sc: Scenario, latency_bound_s: float, policies: Sequence[str] = SEARCH_POLICIES,
-               space: SearchSpace = SearchSpace(), chunk: int = 200_000) -> SearchResult:
+def exhaustive(
+    sc: Scenario,
+    latency_bound_s: float,
+    policies: Sequence[str] = SEARCH_POLICIES,
+    space: SearchSpace = SearchSpace(),
+    chunk: int = 200_000,
+) -> SearchResult:
     fams = families(sc, policies, space)
     inc, evals = _Incumbent(Tolerances()), 0
     for fam in fams:
@@ -702,8 +797,9 @@ def exhaustive(sc: Scenario, latency_bound_s: float, policies: Sequence[str] = S
     return SearchResult(inc.candidate, evals, len(fams), 0)
 
 
-def least_latency(sc: Scenario, policies: Sequence[str] = SEARCH_POLICIES,
-                  space: SearchSpace = SearchSpace()) -> SearchResult:
+def least_latency(
+    sc: Scenario, policies: Sequence[str] = SEARCH_POLICIES, space: SearchSpace = SearchSpace()
+) -> SearchResult:
     """The schedule with the least predicted p99-length latency that fits in memory (ties: the
     most throughput): what to run when no schedule meets the bound. Every line of every family
     at batches 1, 2, 3, 4 and then powers of two (latency grows with the batch, so the least
@@ -711,8 +807,9 @@ def least_latency(sc: Scenario, policies: Sequence[str] = SEARCH_POLICIES,
     inc_lat, inc_thr, best, evals = math.inf, -math.inf, None, 0
     fams = families(sc, policies, space)
     for fam in fams:
-        sample = np.unique(np.minimum(np.concatenate([[1, 2, 3], 2 ** np.arange(2, int(math.log2(fam.max_batch)) + 2)]),
-                                      fam.max_batch))
+        sample = np.unique(
+            np.minimum(np.concatenate([[1, 2, 3], 2 ** np.arange(2, int(math.log2(fam.max_batch)) + 2)]), fam.max_batch)
+        )
         rows = np.arange(fam.size)
         p = fam.run(np.broadcast_to(sample, (fam.size, len(sample))), rows)
         evals += p.latency_p99_s.size

@@ -96,8 +96,14 @@ class _Costs:
     (``PipelineTimer.mixed_s``, prefill in ``microbatches``). ``fused`` (mixed steps): whatever a
     step holds, decode rows and prompt chunks, is one pass (the engine runs it as one forward)."""
 
-    def __init__(self, timer: PipelineTimer, microbatches: int, encode_microbatches: int = 1,
-                 fused: bool = False, memo: dict | None = None) -> None:
+    def __init__(
+        self,
+        timer: PipelineTimer,
+        microbatches: int,
+        encode_microbatches: int = 1,
+        fused: bool = False,
+        memo: dict | None = None,
+    ) -> None:
         self.timer, self.m, self.me, self.fused = timer, microbatches, encode_microbatches, fused
         self.t5 = bool(timer.model.encoder_layers)
         # step times by shape, shared by the simulations of one scenario on this pipeline (a search
@@ -105,8 +111,15 @@ class _Costs:
         self.memo = {} if memo is None else memo
 
     def _memo(self, kind: str, shape: StepShape, compute: Callable[[], float]) -> float:
-        key = (kind, shape.prefill_seqs, shape.prefill_tokens, shape.prefill_seq, shape.decode_seqs,
-               shape.decode_ctx, shape.enc_seq)
+        key = (
+            kind,
+            shape.prefill_seqs,
+            shape.prefill_tokens,
+            shape.prefill_seq,
+            shape.decode_seqs,
+            shape.decode_ctx,
+            shape.enc_seq,
+        )
         seconds = self.memo.get(key)
         if seconds is None:
             if len(self.memo) >= MEMO_MAX:
@@ -114,8 +127,14 @@ class _Costs:
             seconds = self.memo[key] = compute()
         return seconds
 
-    def shape(self, prompts: list[int], contexts: list[int], padding: int, enc_lens: list[int],
-              chunks: list[tuple[int, int]] = ()) -> StepShape:
+    def shape(
+        self,
+        prompts: list[int],
+        contexts: list[int],
+        padding: int,
+        enc_lens: list[int],
+        chunks: list[tuple[int, int]] = (),
+    ) -> StepShape:
         """``chunks``: (start, length) of each prompt chunk; its attention is a whole prompt's of
         length sqrt(length x (2 start + length)) (the same work: a prompt's chunks add up to it)."""
         n_pre, n_dec = len(prompts) + len(chunks), len(contexts) + padding
@@ -217,8 +236,18 @@ class _Book:
         req = self.by_id[rid]
         if self.generated[rid] < req.output_len:
             return False
-        self.records.append(RequestRecord(rid, req.input_len, req.output_len, req.arrival_s,
-                                          self.start[rid], self.first[rid], now, self.generated[rid]))
+        self.records.append(
+            RequestRecord(
+                rid,
+                req.input_len,
+                req.output_len,
+                req.arrival_s,
+                self.start[rid],
+                self.first[rid],
+                now,
+                self.generated[rid],
+            )
+        )
         if self.closed_loop and self.held:
             nxt = replace(self.held.popleft(), arrival_s=now + self.loop_delay_s)
             self.by_id[nxt.request_id] = nxt
@@ -290,8 +319,14 @@ class _SimWorker:
     An encoder pipeline starts a batch every bottleneck interval; a batch's first tokens come
     after the pipeline's path and its KV caches reach the decoders after the hand-off link."""
 
-    def __init__(self, fleet: _Fleet, role: Role, schedule: Schedule, costs: _Costs | None,
-                 step_s: Callable[[StepPlan, StepShape | None], float] | None = None) -> None:
+    def __init__(
+        self,
+        fleet: _Fleet,
+        role: Role,
+        schedule: Schedule,
+        costs: _Costs | None,
+        step_s: Callable[[StepPlan, StepShape | None], float] | None = None,
+    ) -> None:
         self.fleet, self.role, self.costs = fleet, role, costs
         self.driver = Driver(make_policy(schedule, role))
         self.capacity = schedule.decode_batch
@@ -362,10 +397,13 @@ class _SimWorker:
         decode = list(plan.decode)
         if self.costs is None:  # replaying recorded step times
             return None
-        return self.costs.shape([book.by_id[i].input_len for i in plan.encode],
-                                [book.context(i) for i in decode], plan.padding,
-                                [book.by_id[i].input_len for i in decode],
-                                [(c.start, c.length) for c in plan.chunks])
+        return self.costs.shape(
+            [book.by_id[i].input_len for i in plan.encode],
+            [book.context(i) for i in decode],
+            plan.padding,
+            [book.by_id[i].input_len for i in decode],
+            [(c.start, c.length) for c in plan.chunks],
+        )
 
     def _finish_step(self, now: float) -> None:
         if self.step is None:
@@ -404,6 +442,7 @@ def _run(fleet: _Fleet) -> None:
         clock = at
         fleet.workers[worker].act(clock)
 
+
 def _pcts(values) -> dict[str, float]:
     if len(values) == 0:
         return {"p50": math.nan, "p90": math.nan, "p99": math.nan}
@@ -433,10 +472,19 @@ def _summary(book: _Book, stats: WorkloadStats, memory: float, capacity: float) 
     long = [r.service_s for r in (mid or recs) if r.output_len >= stats.o99]
     tpot = [(r.finish_s - r.first_token_s) / (r.output_len - 1) for r in recs if r.output_len > 1]
     return SimulationResult(
-        recs, tuple(book.steps), thr, thr * float(np.mean([r.output_len for r in mid])) if mid else math.nan,
+        recs,
+        tuple(book.steps),
+        thr,
+        thr * float(np.mean([r.output_len for r in mid])) if mid else math.nan,
         float(np.median(long)) if long else math.nan,
-        _pcts([r.finish_s - r.arrival_s for r in recs]), _pcts([r.first_token_s - r.arrival_s for r in recs]),
-        _pcts(tpot), batch, book.peak, memory, memory <= capacity)
+        _pcts([r.finish_s - r.arrival_s for r in recs]),
+        _pcts([r.first_token_s - r.arrival_s for r in recs]),
+        _pcts(tpot),
+        batch,
+        book.peak,
+        memory,
+        memory <= capacity,
+    )
 
 
 @dataclass(frozen=True)
@@ -482,13 +530,18 @@ def within_bound(result: SimulationResult, latency_bound_s: float) -> float:
 def goodput_seq_s(result: SimulationResult, ttft_slo_s: float, tpot_slo_s: float) -> float:
     """Completions per second, over the measurement window, of requests meeting both SLOs."""
     lo, hi, mid = _window(result.records)
-    good = [r for r in mid if r.first_token_s - r.arrival_s <= ttft_slo_s
-            and (r.output_len == 1 or (r.finish_s - r.first_token_s) / (r.output_len - 1) <= tpot_slo_s)]
+    good = [
+        r
+        for r in mid
+        if r.first_token_s - r.arrival_s <= ttft_slo_s
+        and (r.output_len == 1 or (r.finish_s - r.first_token_s) / (r.output_len - 1) <= tpot_slo_s)
+    ]
     return len(good) / (hi - lo) if hi > lo else math.nan
 
 
-def simulate(sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0,
-             loop_delay_s: float = 0.0) -> SimulationResult:
+def simulate(
+    sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0, loop_delay_s: float = 0.0
+) -> SimulationResult:
     """Run ``requests`` (see ``requests_from_workload``) under ``schedule``; deterministic.
 
     ``closed_loop`` > 0 ignores the requests' arrival times: that many are outstanding at any
@@ -504,17 +557,26 @@ def simulate(sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0
         fleet.kv_link = sc.cluster.handoff_link(enc_l.stages[-1].first_device, dec_l.stages[0].first_device)
         fleet.kv_bytes_token = sc.model.kv_bytes_per_token_layer * sc.model.layers
         enc = _Costs(sc.timer(enc_l), 1, memo=_memo_of(sc, enc_l, 1, 1, False))
-        dec = _Costs(sc.timer(dec_l), schedule.decode_microbatches,
-                     memo=_memo_of(sc, dec_l, schedule.decode_microbatches, 1, False))
-        fleet.workers = ([_SimWorker(fleet, "encoder", schedule, enc) for _ in range(schedule.encoder_workers)]
-                         + [_SimWorker(fleet, "decoder", schedule, dec) for _ in range(schedule.decoder_workers)])
+        dec = _Costs(
+            sc.timer(dec_l),
+            schedule.decode_microbatches,
+            memo=_memo_of(sc, dec_l, schedule.decode_microbatches, 1, False),
+        )
+        fleet.workers = [_SimWorker(fleet, "encoder", schedule, enc) for _ in range(schedule.encoder_workers)] + [
+            _SimWorker(fleet, "decoder", schedule, dec) for _ in range(schedule.decoder_workers)
+        ]
         layout, slot = dec_l, stats.slot_tokens
     else:
         layout = worker_layouts(sc, schedule)[0]
         me = {"rra": schedule.encode_microbatches, "continuous": schedule.decode_microbatches}.get(schedule.policy, 1)
         fused = fused_steps(schedule)
-        costs = _Costs(sc.timer(layout), schedule.decode_microbatches, me, fused=fused,
-                       memo=_memo_of(sc, layout, schedule.decode_microbatches, me, fused))
+        costs = _Costs(
+            sc.timer(layout),
+            schedule.decode_microbatches,
+            me,
+            fused=fused,
+            memo=_memo_of(sc, layout, schedule.decode_microbatches, me, fused),
+        )
         fleet.workers = [_SimWorker(fleet, "worker", schedule, costs) for _ in range(schedule.workers)]
         deliver_to(fleet)
         slot = stats.static_slot_tokens if schedule.policy == "static" else stats.slot_tokens
@@ -531,8 +593,7 @@ def deliver_to(fleet: _Fleet) -> None:
         w.who = i
 
 
-def _memo_of(sc: Scenario, layout: PipelineLayout, microbatches: int, encode_microbatches: int,
-             fused: bool) -> dict:
+def _memo_of(sc: Scenario, layout: PipelineLayout, microbatches: int, encode_microbatches: int, fused: bool) -> dict:
     """The step times already computed for ``sc`` on ``layout`` with these micro-batches."""
     return sc.memo(("step times", layout, microbatches, encode_microbatches, fused))
 
@@ -562,6 +623,8 @@ def worker_layouts(sc: Scenario, schedule: Schedule) -> tuple[PipelineLayout, ..
         d = wd or schedule.decoder_devices
         if schedule.encoder_tp_stages < 0:  # every stage of both groups at degree k
             return (sc.layout(e, k, e // k), sc.layout(d, k, d // k, schedule.encoder_devices))
-        return (sc.layout(e, k, schedule.encoder_tp_stages),
-                sc.layout(d, k, schedule.tp_stages, schedule.encoder_devices))
+        return (
+            sc.layout(e, k, schedule.encoder_tp_stages),
+            sc.layout(d, k, schedule.tp_stages, schedule.encoder_devices),
+        )
     return (sc.layout(wd or schedule.num_devices, k, schedule.tp_stages),)

@@ -107,8 +107,7 @@ def tpot_of(r: Timed) -> float:
 
 
 def meets(r: Timed, slo: Slo) -> bool:
-    return (ttft_of(r) <= slo.ttft_s and tpot_of(r) <= slo.tpot_s
-            and r.finish_s - r.arrival_s <= slo.e2e_s)
+    return ttft_of(r) <= slo.ttft_s and tpot_of(r) <= slo.tpot_s and r.finish_s - r.arrival_s <= slo.e2e_s
 
 
 def figures(records: Sequence[Timed] | Iterable[Timed], slo: Slo) -> SloFigures:
@@ -123,10 +122,16 @@ def figures(records: Sequence[Timed] | Iterable[Timed], slo: Slo) -> SloFigures:
     attainment = float(good.mean())
     t_ttft = float(np.quantile(ttft, slo.ttft_percentile))
     t_tpot = float(np.quantile(tpot, slo.tpot_percentile))
-    holds = (attainment >= slo.target - 1e-12
-             and float(np.mean(ttft <= slo.ttft_s)) >= slo.ttft_percentile - 1e-12
-             and float(np.mean(tpot <= slo.tpot_s)) >= slo.tpot_percentile - 1e-12)
-    ratios = [f / b for f, b in ((t_ttft, slo.ttft_s), (t_tpot, slo.tpot_s),
-                                 (float(np.quantile(e2e, 0.99)), slo.e2e_s)) if math.isfinite(b)]
-    return SloFigures(attainment, t_ttft, t_tpot, float(np.quantile(e2e, 0.99)), holds, len(rows),
-                      max(ratios, default=0.0))
+    holds = (
+        attainment >= slo.target - 1e-12
+        and float(np.mean(ttft <= slo.ttft_s)) >= slo.ttft_percentile - 1e-12
+        and float(np.mean(tpot <= slo.tpot_s)) >= slo.tpot_percentile - 1e-12
+    )
+    ratios = [
+        f / b
+        for f, b in ((t_ttft, slo.ttft_s), (t_tpot, slo.tpot_s), (float(np.quantile(e2e, 0.99)), slo.e2e_s))
+        if math.isfinite(b)
+    ]
+    return SloFigures(
+        attainment, t_ttft, t_tpot, float(np.quantile(e2e, 0.99)), holds, len(rows), max(ratios, default=0.0)
+    )

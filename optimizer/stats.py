@@ -126,8 +126,7 @@ class LengthHistogram:
 
     def to_plain(self) -> dict:
         nonzero = np.flatnonzero(self._weights)
-        return {"bins": nonzero.tolist(), "weights": self._weights[nonzero].tolist(),
-                "length_sum": self._length_sum}
+        return {"bins": nonzero.tolist(), "weights": self._weights[nonzero].tolist(), "length_sum": self._length_sum}
 
     @staticmethod
     def from_plain(plain: dict) -> LengthHistogram:
@@ -199,7 +198,7 @@ class _Ring:
 
     def replace(self, rows: np.ndarray) -> None:
         """Keep the last ``capacity`` of ``rows`` (n, 4)."""
-        kept = rows[-len(self._data):]
+        kept = rows[-len(self._data) :]
         self._data[: len(kept)] = kept
         self._appended = len(kept)
 
@@ -242,11 +241,12 @@ class StreamingStats:
     merged state keeps this instance's capacities.
     """
 
-    def __init__(self, half_life_s: float = 300.0, arrival_capacity: int = 512,
-                 ring_capacity: int = 2048) -> None:
+    def __init__(self, half_life_s: float = 300.0, arrival_capacity: int = 512, ring_capacity: int = 2048) -> None:
         if half_life_s <= 0 or arrival_capacity < 3 or ring_capacity < 1:
-            raise ValueError(f"need half_life_s > 0, arrival_capacity >= 3, ring_capacity >= 1; got "
-                             f"{half_life_s}, {arrival_capacity}, {ring_capacity}")
+            raise ValueError(
+                f"need half_life_s > 0, arrival_capacity >= 3, ring_capacity >= 1; got "
+                f"{half_life_s}, {arrival_capacity}, {ring_capacity}"
+            )
         self.half_life_s = float(half_life_s)
         self.arrival_capacity = arrival_capacity
         self.ring_capacity = ring_capacity
@@ -272,7 +272,7 @@ class StreamingStats:
             raise ValueError(f"cannot merge half-lives {self.half_life_s} and {other.half_life_s}")
         if other._t_ref is not None:
             self._merge_weighted(other)
-        self._arrivals = list(heapq.merge(self._arrivals, other._arrivals))[-self.arrival_capacity:]
+        self._arrivals = list(heapq.merge(self._arrivals, other._arrivals))[-self.arrival_capacity :]
         rows = np.concatenate([self._ring.rows(), other._ring.rows()])
         self._ring.replace(rows[np.argsort(rows[:, 3], kind="stable")])
 
@@ -381,18 +381,31 @@ class StreamingStats:
         return Workload(name, self.input.to_distribution(), self.output.to_distribution())
 
     def summary(self, now: float) -> StatsSummary:
-        return StatsSummary(self.decayed_weight(now), _length_summary(self.input), _length_summary(self.output),
-                            self.correlation(), self.arrival_rate(now), self.arrival_cv())
+        return StatsSummary(
+            self.decayed_weight(now),
+            _length_summary(self.input),
+            _length_summary(self.output),
+            self.correlation(),
+            self.arrival_rate(now),
+            self.arrival_cv(),
+        )
 
     # -- travelling between processes ------------------------------------------------------
 
     def to_plain(self) -> dict:
         """Plain dicts, lists and numbers (msgpack- and JSON-able)."""
-        return {"version": 1, "half_life_s": self.half_life_s, "arrival_capacity": self.arrival_capacity,
-                "ring_capacity": self.ring_capacity, "t_ref": self._t_ref,
-                "input": self.input.to_plain(), "output": self.output.to_plain(),
-                "moments": self._moments.to_plain(), "arrivals": list(self._arrivals),
-                "rows": [[int(i), int(o), s, f] for i, o, s, f in self._ring.rows().tolist()]}
+        return {
+            "version": 1,
+            "half_life_s": self.half_life_s,
+            "arrival_capacity": self.arrival_capacity,
+            "ring_capacity": self.ring_capacity,
+            "t_ref": self._t_ref,
+            "input": self.input.to_plain(),
+            "output": self.output.to_plain(),
+            "moments": self._moments.to_plain(),
+            "arrivals": list(self._arrivals),
+            "rows": [[int(i), int(o), s, f] for i, o, s, f in self._ring.rows().tolist()],
+        }
 
     @staticmethod
     def from_plain(plain: dict) -> StreamingStats:
@@ -403,7 +416,7 @@ class StreamingStats:
         stats.input = LengthHistogram.from_plain(plain["input"])
         stats.output = LengthHistogram.from_plain(plain["output"])
         stats._moments = _Moments(tuple(float(v) for v in plain["moments"]))
-        stats._arrivals = sorted(float(s) for s in plain["arrivals"])[-stats.arrival_capacity:]
+        stats._arrivals = sorted(float(s) for s in plain["arrivals"])[-stats.arrival_capacity :]
         stats._ring.replace(np.asarray(plain["rows"], dtype=float).reshape(-1, 4))
         return stats
 

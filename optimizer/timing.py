@@ -45,11 +45,12 @@ class PipelineTimer:
         """Seconds per stage, in pipeline order."""
         if self.model.encoder_layers:
             pre = StepShape(shape.prefill_seqs, shape.prefill_tokens, shape.prefill_seq)
-            dec = StepShape(decode_seqs=shape.decode_seqs, decode_ctx=shape.decode_ctx,
-                            enc_seq=shape.enc_seq)
+            dec = StepShape(decode_seqs=shape.decode_seqs, decode_ctx=shape.decode_ctx, enc_seq=shape.enc_seq)
             per_tp = {tp: (self._layer_s(tp, pre), self._layer_s(tp, dec)) for tp in self._tps()}
-            return self._with_head([s.encode_layers * per_tp[s.tp][0] + s.decode_layers * per_tp[s.tp][1]
-                                    for s in self.layout.stages], shape)
+            return self._with_head(
+                [s.encode_layers * per_tp[s.tp][0] + s.decode_layers * per_tp[s.tp][1] for s in self.layout.stages],
+                shape,
+            )
         per_tp = {tp: self._layer_s(tp, shape) for tp in self._tps()}
         return self._with_head([s.decode_layers * per_tp[s.tp] for s in self.layout.stages], shape)
 
@@ -117,8 +118,9 @@ class PipelineTimer:
         dec = StepShape(decode_seqs=shape.decode_seqs, decode_ctx=shape.decode_ctx, enc_seq=shape.enc_seq)
         has_pre = np.asarray(shape.prefill_seqs) > 0
         has_dec = np.asarray(shape.decode_seqs) > 0
-        raw = (np.where(has_pre, self._encode_raw(pre, microbatches), 0.0)
-               + np.where(has_dec, self._iteration_raw(dec, microbatches), 0.0))
+        raw = np.where(has_pre, self._encode_raw(pre, microbatches), 0.0) + np.where(
+            has_dec, self._iteration_raw(dec, microbatches), 0.0
+        )
         return self._calibrated(shape, raw)
 
 
@@ -134,8 +136,9 @@ def stage_weight_bytes(layout: PipelineLayout, model: ModelShape) -> np.ndarray:
 
 def stage_kv_bytes_per_slot(layout: PipelineLayout, model: ModelShape, slot_tokens: float) -> np.ndarray:
     """KV bytes per device of each stage for one request slot of ``slot_tokens`` positions."""
-    return np.array([s.decode_layers * model.kv_bytes_per_token_layer * slot_tokens / s.tp
-                     for s in layout.stages], dtype=float)
+    return np.array(
+        [s.decode_layers * model.kv_bytes_per_token_layer * slot_tokens / s.tp for s in layout.stages], dtype=float
+    )
 
 
 def memory_per_device(layout: PipelineLayout, model: ModelShape, slots, slot_tokens: float):

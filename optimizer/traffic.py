@@ -137,9 +137,13 @@ class TrafficPlan:
     searches: int
 
 
-def candidates(sc: Scenario, policies: Sequence[str] = PRODUCT_POLICIES, space: SearchSpace = SearchSpace(),
-               ladder: Sequence[float] = LADDER,
-               search: Callable[..., SearchResult] = branch_and_bound) -> tuple[list[tuple[Schedule, float]], int]:
+def candidates(
+    sc: Scenario,
+    policies: Sequence[str] = PRODUCT_POLICIES,
+    space: SearchSpace = SearchSpace(),
+    ladder: Sequence[float] = LADDER,
+    search: Callable[..., SearchResult] = branch_and_bound,
+) -> tuple[list[tuple[Schedule, float]], int]:
     """Distinct (schedule, saturated throughput) pairs from the least-latency schedule to the
     unbounded search's pick; and the searches run."""
     quickest = least_latency(sc, policies, space).best
@@ -171,15 +175,24 @@ def with_headroom(fc: Forecast) -> Forecast:
     return Forecast(fc.rate_per_s * STRESS, fc.cv)
 
 
-def to_weigh(found: Sequence[tuple[Schedule, float]], fc: Forecast,
-             current: Schedule | None, floor: float = 0.0) -> list[tuple[Schedule, float]]:
+def to_weigh(
+    found: Sequence[tuple[Schedule, float]], fc: Forecast, current: Schedule | None, floor: float = 0.0
+) -> list[tuple[Schedule, float]]:
     """The candidates worth simulating, the largest first: those whose saturated capacity carries
     ``SURGE`` times the forecast rate; if none does, those that carry the rate itself; else all
     of them; none with less capacity than ``floor``. At most ``MAX_WEIGHED``, spread over the
     range when there are more."""
     others = [(s, c) for s, c in found if s != current and c >= floor]
-    able = next((tier for tier in ([(s, c) for s, c in others if c >= fc.rate_per_s * headroom]
-                                   for headroom in (SURGE, CAPACITY_HEADROOM)) if tier), others)
+    able = next(
+        (
+            tier
+            for tier in (
+                [(s, c) for s, c in others if c >= fc.rate_per_s * headroom] for headroom in (SURGE, CAPACITY_HEADROOM)
+            )
+            if tier
+        ),
+        others,
+    )
     able = sorted(able, key=lambda item: -item[1])
     if len(able) <= MAX_WEIGHED:
         return able
@@ -187,8 +200,15 @@ def to_weigh(found: Sequence[tuple[Schedule, float]], fc: Forecast,
     return [able[i] for i in picks]
 
 
-def weigh_all(sc: Scenario, slo: Slo, fc: Forecast, chosen: Sequence[tuple[Schedule, float]],
-              current: Schedule | None, seed: int, current_capacity: float = math.inf) -> list[Weighed]:
+def weigh_all(
+    sc: Scenario,
+    slo: Slo,
+    fc: Forecast,
+    chosen: Sequence[tuple[Schedule, float]],
+    current: Schedule | None,
+    seed: int,
+    current_capacity: float = math.inf,
+) -> list[Weighed]:
     """``current`` (its saturated capacity ``current_capacity``: inf when unknown) and ``chosen``
     (the largest first) weighed on the same arrivals of ``fc``, until ``ENOUGH`` of ``chosen``
     reach the SLO's target comfortably (pressure within ``COMFORT``): the next, smaller ones
@@ -231,10 +251,19 @@ def choose(weighed: Sequence[Weighed], fc: Forecast, slo: Slo) -> tuple[Weighed,
     return best, False
 
 
-def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[str] = PRODUCT_POLICIES,
-                     space: SearchSpace = SearchSpace(), *, seed: int = 0, current: Schedule | None = None,
-                     keep_capacity: bool = False, observed: Mapping[Schedule, float] | None = None,
-                     search: Callable[..., SearchResult] = branch_and_bound) -> TrafficPlan | None:
+def plan_for_traffic(
+    sc: Scenario,
+    slo: Slo,
+    fc: Forecast,
+    policies: Sequence[str] = PRODUCT_POLICIES,
+    space: SearchSpace = SearchSpace(),
+    *,
+    seed: int = 0,
+    current: Schedule | None = None,
+    keep_capacity: bool = False,
+    observed: Mapping[Schedule, float] | None = None,
+    search: Callable[..., SearchResult] = branch_and_bound,
+) -> TrafficPlan | None:
     """The schedule to run for ``fc`` under ``slo`` (None: no schedule fits in memory).
     ``current`` (the schedule in force, when comparable) is weighed on the same arrivals, so
     the caller can compare it with the pick on equal terms (it is among ``weighed``).
@@ -263,8 +292,9 @@ def plan_for_traffic(sc: Scenario, slo: Slo, fc: Forecast, policies: Sequence[st
     if not reaches:  # nor at the forecast: the one that sustains the most, of those that carry it
         rates: dict[Schedule, float] = {}  # the best by attainment first: the others must beat it
         for w in sorted(carrying(weighed, fc), key=_order)[:SUSTAINED_OF]:
-            rates[w.schedule] = sustained(sc, w.schedule, slo, fc, seed,
-                                          beat=max((r for r in rates.values() if math.isfinite(r)), default=0.0))
+            rates[w.schedule] = sustained(
+                sc, w.schedule, slo, fc, seed, beat=max((r for r in rates.values() if math.isfinite(r)), default=0.0)
+            )
         weighed = [replace(w, sustained_rate_s=rates[w.schedule]) if w.schedule in rates else w for w in weighed]
         best, reaches = choose(weighed, fc, slo)
     ordered = tuple(sorted(weighed, key=lambda w: (w is not best, _order(w))))
@@ -284,8 +314,12 @@ def capacity_of(sc: Scenario, schedule: Schedule, found: Sequence[tuple[Schedule
     peers = [(s, c) for s, c in found if s.policy == schedule.policy]
     if not peers:
         return simulated
-    peer, peer_capacity = min(peers, key=lambda item: (abs(item[0].decode_batch - schedule.decode_batch)
-                                                        + abs(item[0].encode_batch - schedule.encode_batch)))
+    peer, peer_capacity = min(
+        peers,
+        key=lambda item: (
+            abs(item[0].decode_batch - schedule.decode_batch) + abs(item[0].encode_batch - schedule.encode_batch)
+        ),
+    )
     return simulated * peer_capacity / closed_loop_throughput(sc, peer)
 
 
@@ -303,8 +337,11 @@ def seen(weighed: list[Weighed], observed: Mapping[Schedule, float] | None) -> l
     out = []
     for w in weighed:
         measured = [attained for s, attained in observed.items() if alike(s, w.schedule)]
-        out.append(replace(w, slo=replace(w.slo, attainment=min(w.attainment, *measured)), modelled=w.attainment)
-                   if measured else w)
+        out.append(
+            replace(w, slo=replace(w.slo, attainment=min(w.attainment, *measured)), modelled=w.attainment)
+            if measured
+            else w
+        )
     return out
 
 
@@ -312,17 +349,23 @@ def alike(a: Schedule, b: Schedule) -> bool:
     """One policy (or ``FAMILY``) on the same devices, with batch sizes and decode iterations per
     encode within ``ALIKE`` of each other (RRA 29/32 and 31/32 at N_D 7, say; continuous 15 and
     mixed 16)."""
+
     def near(x: float, y: float) -> bool:
         return abs(x - y) <= ALIKE * max(x, y)
 
     family = FAMILY.get(a.policy, a.policy)
-    return (family == FAMILY.get(b.policy, b.policy) and a.num_devices == b.num_devices
-            and a.worker_devices == b.worker_devices and a.tp_degree == b.tp_degree
-            and a.encoder_devices == b.encoder_devices
-            and (a.chunk_tokens == b.chunk_tokens or a.policy != b.policy)
-            and a.decode_microbatches == b.decode_microbatches
-            and near(a.encode_batch, b.encode_batch) and near(a.decode_batch, b.decode_batch)
-            and near(a.decode_iters_per_encode, b.decode_iters_per_encode))
+    return (
+        family == FAMILY.get(b.policy, b.policy)
+        and a.num_devices == b.num_devices
+        and a.worker_devices == b.worker_devices
+        and a.tp_degree == b.tp_degree
+        and a.encoder_devices == b.encoder_devices
+        and (a.chunk_tokens == b.chunk_tokens or a.policy != b.policy)
+        and a.decode_microbatches == b.decode_microbatches
+        and near(a.encode_batch, b.encode_batch)
+        and near(a.decode_batch, b.decode_batch)
+        and near(a.decode_iters_per_encode, b.decode_iters_per_encode)
+    )
 
 
 def sustains(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, rate: float, seed: int = 0) -> bool:
@@ -332,8 +375,9 @@ def sustains(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, rate: flo
     return figures(simulate(sc, schedule, tuple(requests)).records, slo).attainment >= slo.target - 1e-12
 
 
-def sustained(sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, seed: int = 0, steps: int = 5,
-              beat: float = 0.0) -> float:
+def sustained(
+    sc: Scenario, schedule: Schedule, slo: Slo, fc: Forecast, seed: int = 0, steps: int = 5, beat: float = 0.0
+) -> float:
     """The highest rate, to the forecast's / 2**steps, at which ``schedule`` ``sustains`` the SLO's
     target (bisection on [0, forecast rate]: attainment falls as the rate rises, up to the draws'
     noise); 0 when even the lowest rate tried misses it. ``beat``: a rate another candidate is

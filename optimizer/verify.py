@@ -90,22 +90,25 @@ def requests_for(schedule: Schedule, at_least: int = MIN_REQUESTS) -> int:
     return max(at_least, LOOP_WAVES * outstanding(schedule))
 
 
-def simulated_figures(sc: Scenario, schedule: Schedule, load: ProbeLoad,
-                      loop_delay_s: float = LOOP_DELAY_S) -> LoadFigures:
+def simulated_figures(
+    sc: Scenario, schedule: Schedule, load: ProbeLoad, loop_delay_s: float = LOOP_DELAY_S
+) -> LoadFigures:
     """Throughput and p99-length latency of ``load`` under ``schedule`` in a saturated closed
     loop, on the simulator's time line."""
     return run_figures(simulate_load(sc, schedule, load, loop_delay_s), load, schedule)
 
 
-def simulate_load(sc: Scenario, schedule: Schedule, load: ProbeLoad,
-                  loop_delay_s: float = LOOP_DELAY_S) -> SimulationResult:
+def simulate_load(
+    sc: Scenario, schedule: Schedule, load: ProbeLoad, loop_delay_s: float = LOOP_DELAY_S
+) -> SimulationResult:
     """``load`` under ``schedule`` in a saturated closed loop: the simulation itself."""
     return simulate(sc, schedule, load.requests, closed_loop=outstanding(schedule), loop_delay_s=loop_delay_s)
 
 
 def run_figures(sim: SimulationResult, load: ProbeLoad, schedule: Schedule) -> LoadFigures:
-    return load_figures([Completion(r.request_id, r.arrival_s, r.finish_s) for r in sim.records], load.probes,
-                        outstanding(schedule))
+    return load_figures(
+        [Completion(r.request_id, r.arrival_s, r.finish_s) for r in sim.records], load.probes, outstanding(schedule)
+    )
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,19 @@ class Verified:
         return self.best is not None
 
 
-def verified_search(sc: Scenario, latency_bound_s: float, policies: Sequence[str] = SEARCH_POLICIES,
-                    space: SearchSpace = SearchSpace(), *, requests: int = MIN_REQUESTS, seed: int = 0,
-                    tries: int = TRIES, simulations: int = MAX_SIMULATIONS, refine: int = REFINE,
-                    search: Callable[..., SearchResult] = branch_and_bound) -> Verified:
+def verified_search(
+    sc: Scenario,
+    latency_bound_s: float,
+    policies: Sequence[str] = SEARCH_POLICIES,
+    space: SearchSpace = SearchSpace(),
+    *,
+    requests: int = MIN_REQUESTS,
+    seed: int = 0,
+    tries: int = TRIES,
+    simulations: int = MAX_SIMULATIONS,
+    refine: int = REFINE,
+    search: Callable[..., SearchResult] = branch_and_bound,
+) -> Verified:
     """The best schedule, among the search's picks under the bound and under a ladder of tighter
     bounds (``LADDER``: 100 %, 97 %, 94 %, ... 30 % of it), whose *simulated* p99-length latency
     meets ``latency_bound_s``.
@@ -189,8 +201,10 @@ def verified_search(sc: Scenario, latency_bound_s: float, policies: Sequence[str
         best = found[0].best
         if result.best is None or result.best.schedule in overran:
             bad = mid
-        elif (result.best.schedule == best.schedule
-              or result.best.figures.throughput_seq_s <= best.figures.throughput_seq_s):
+        elif (
+            result.best.schedule == best.schedule
+            or result.best.figures.throughput_seq_s <= best.figures.throughput_seq_s
+        ):
             ok = mid
         elif (figures := meets(result.best.schedule)) is not None:
             found, ok = (result, figures, mid), mid
@@ -218,9 +232,15 @@ def _throughput(v: Verified) -> float:
     return v.best.figures.throughput_seq_s if v.best is not None else -math.inf
 
 
-def verified_pick(sc: Scenario, latency_bound_s: float, space: SearchSpace = SearchSpace(), *,
-                  groups: Sequence[tuple[str, ...]] = GROUPS, seed: int = 0,
-                  search: Callable[..., SearchResult] = branch_and_bound) -> Pick:
+def verified_pick(
+    sc: Scenario,
+    latency_bound_s: float,
+    space: SearchSpace = SearchSpace(),
+    *,
+    groups: Sequence[tuple[str, ...]] = GROUPS,
+    seed: int = 0,
+    search: Callable[..., SearchResult] = branch_and_bound,
+) -> Pick:
     """``verified_search`` over the product's families and, apart, over the paper's policies and
     each baseline; the pick is the one of these with the most predicted throughput whose simulated
     latency meets the bound. Tightening the bound is a heuristic that may land one policy set

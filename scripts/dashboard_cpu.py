@@ -75,8 +75,9 @@ async def with_page(url: str, key: str, chromium: str, window_s: float, pid: int
         start = cpu_s(pid)
         await asyncio.sleep(window_s)  # the measuring window
         used = cpu_s(pid) - start
-        polls = await page.evaluate("performance.getEntriesByType('resource')"
-                                    ".filter(e => e.name.includes('/admin/dashboard/state')).length")
+        polls = await page.evaluate(
+            "performance.getEntriesByType('resource').filter(e => e.name.includes('/admin/dashboard/state')).length"
+        )
         await browser.close()
     print(f"  page polls seen by the browser: {polls}")
     return used
@@ -92,9 +93,13 @@ def main() -> int:
     key, port = f"sk-{secrets.token_hex(8)}", free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "EXEGPT_ADMIN_KEYS": key, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--model", args.model,
-                                "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "--model", args.model, "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_ready(url, process)
         time.sleep(args.settle_s)  # let start-up work (the first plan, warm-up) finish
@@ -108,8 +113,10 @@ def main() -> int:
     print(f"exegpt serve --model {args.model}, {args.window_s:g} s windows:")
     print(f"  no page:       {idle:.2f} CPU s ({100 * idle / args.window_s:.1f} % of a core)")
     print(f"  one page open: {page:.2f} CPU s ({100 * page / args.window_s:.1f} % of a core)")
-    print(f"  added by the page: {added:.2f} CPU s ({100 * added / args.window_s:.1f} % of a core, "
-          f"{1000 * added / args.window_s:.1f} ms per second)")
+    print(
+        f"  added by the page: {added:.2f} CPU s ({100 * added / args.window_s:.1f} % of a core, "
+        f"{1000 * added / args.window_s:.1f} ms per second)"
+    )
     return 0
 
 

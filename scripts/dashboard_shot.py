@@ -34,6 +34,7 @@ from dashboard_cpu import ROOT, free_port, stop, wait_ready  # noqa: E402
 def new_namespace(client: redis.Redis, prefix: str, timeout_s: float) -> str:
     """The first namespace starting with ``prefix`` whose scheduler state record appears after
     this call began (a mesh started meanwhile, not one left from before)."""
+
     def names() -> set[str]:
         return {key.decode().split(":", 1)[0] for key in client.scan_iter(f"{prefix}*:scheduler:state")}
 
@@ -78,8 +79,12 @@ def main() -> int:
     parser.add_argument("--prefix", default="bench-ph-")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard.png")
-    parser.add_argument("--after-s", type=float, default=50.0, help="least time the page is open before the shot "
-                        "(its charts gather a history)")
+    parser.add_argument(
+        "--after-s",
+        type=float,
+        default=50.0,
+        help="least time the page is open before the shot (its charts gather a history)",
+    )
     parser.add_argument("--wait-s", type=float, default=240.0, help="most time to wait for a search's reasoning")
     parser.add_argument("--chromium", default=os.environ.get("EXEGPT_TEST_CHROMIUM", "/usr/bin/chromium"))
     args = parser.parse_args()
@@ -87,10 +92,30 @@ def main() -> int:
     key, port = f"sk-{secrets.token_hex(8)}", free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "EXEGPT_ADMIN_KEYS": key, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "services.cli", "gateway", "--model", args.model,
-                                "--port", str(port), "--namespace", namespace, "--amqp-url", args.amqp_url,
-                                "--redis-url", args.redis_url, "--threads", "1"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "gateway",
+            "--model",
+            args.model,
+            "--port",
+            str(port),
+            "--namespace",
+            namespace,
+            "--amqp-url",
+            args.amqp_url,
+            "--redis-url",
+            args.redis_url,
+            "--threads",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_ready(url, process)
         asyncio.run(shoot(url, key, args.chromium, args.out, args.after_s, args.wait_s))

@@ -54,16 +54,26 @@ GREEDY_STEPS = 32
 DECODE_SHAPES = "smollm2-135m,llama-1b"
 DECODE_BATCHES = "1,2,4,8,16,32,64,128,256"
 # --quick: a small Llama of the same structure (GQA, tied head) in place of every real shape
-QUICK_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                   tie_word_embeddings=True)
+QUICK_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
 PROMPT_TEXT = "What is the capital of France?"
-FIXED_TEXT = ("The history of the city begins with a small settlement on the river, where traders met to "
-              "exchange grain, salt and cloth. Over the centuries the market grew into a town, the town into a "
-              "city, and the old river crossings into stone bridges that still carry traffic today.")
+FIXED_TEXT = (
+    "The history of the city begins with a small settlement on the river, where traders met to "
+    "exchange grain, salt and cloth. Over the centuries the market grew into a town, the town into a "
+    "city, and the old river crossings into stone bridges that still carry traffic today."
+)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
 
 def log(*parts: Any) -> None:
     print(*parts, flush=True)
@@ -105,8 +115,9 @@ def random_folder(name: str, models_dir: Path, device: str) -> Path:
     from engine.tiny import write_random_llama
 
     started = time.perf_counter()
-    folder = write_random_llama(models_dir / name, shape_of(name), dtype="bfloat16",
-                                device="cuda" if device.startswith("cuda") else "cpu")
+    folder = write_random_llama(
+        models_dir / name, shape_of(name), dtype="bfloat16", device="cuda" if device.startswith("cuda") else "cpu"
+    )
     log(f"  random-weight Llama {name}: {folder} ({time.perf_counter() - started:.1f} s)")
     return folder
 
@@ -153,7 +164,7 @@ def reference_logits(hf, prompt: list[int], tokens: list[int], device: str):
 
     with torch.inference_mode():
         out = hf(input_ids=torch.tensor([prompt + tokens[:-1]], device=device)).logits[0].float()
-    return out[len(prompt) - 1:]
+    return out[len(prompt) - 1 :]
 
 
 def reference_greedy(hf, prompt: list[int], n: int, device: str) -> list[int]:
@@ -161,7 +172,7 @@ def reference_greedy(hf, prompt: list[int], n: int, device: str) -> list[int]:
 
     with torch.inference_mode():
         out = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def mixed_run(engine) -> tuple[dict[str, list[int]], list[Any]]:
@@ -169,8 +180,13 @@ def mixed_run(engine) -> tuple[dict[str, list[int]], list[Any]]:
     (tokens per request, logits of every forward pass on the host)."""
     from engine.api import GenerationRequest, SamplingParams
 
-    spec = {"a": (b"Once upon a time", 40), "b": (b"hi", 7), "c": (b"The quick brown fox jumps over the lazy dog.", 24),
-            "d": (b"x", 30), "e": (b"0123456789abcdef", 5)}
+    spec = {
+        "a": (b"Once upon a time", 40),
+        "b": (b"hi", 7),
+        "c": (b"The quick brown fox jumps over the lazy dog.", 24),
+        "d": (b"x", 30),
+        "e": (b"0123456789abcdef", 5),
+    }
 
     def req(rid: str) -> GenerationRequest:
         prompt, n = spec[rid]
@@ -216,15 +232,21 @@ def max_diff(a: list[Any], b: list[Any]) -> float:
 
 # ---- 1. device -------------------------------------------------------------------------------
 
+
 def device_part(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"torch": torch.__version__, "device": args.device}
     if args.device.startswith("cuda"):
         props = torch.cuda.get_device_properties(0)
-        info.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
-                    capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                    gpus=torch.cuda.device_count(), cuda=torch.version.cuda)
+        info.update(
+            name=props.name,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+            sms=props.multi_processor_count,
+            gpus=torch.cuda.device_count(),
+            cuda=torch.version.cuda,
+        )
     else:
         info.update(name="cpu", gpus=0, threads=torch.get_num_threads())
     size = (32 << 20) if args.quick else (1 << 30)
@@ -244,14 +266,19 @@ def device_part(args: argparse.Namespace) -> dict[str, Any]:
     info["copy_gb_s_median"] = 2 * size / statistics.median(times) / 1e9
     del src, dst
     free(args.device)
-    log(f"device: {info['name']} ({info.get('memory_gib', '-')} GiB, {info['gpus']} GPU(s)), torch {torch.__version__}"
-        + (f", CUDA {info['cuda']}" if 'cuda' in info else ""))
-    log(f"device-to-device copy of {size / 2**30:.2f} GiB: {info['copy_gb_s']:.0f} GB/s read+written "
-        f"(best of {len(times)}; median {info['copy_gb_s_median']:.0f} GB/s)")
+    log(
+        f"device: {info['name']} ({info.get('memory_gib', '-')} GiB, {info['gpus']} GPU(s)), torch {torch.__version__}"
+        + (f", CUDA {info['cuda']}" if "cuda" in info else "")
+    )
+    log(
+        f"device-to-device copy of {size / 2**30:.2f} GiB: {info['copy_gb_s']:.0f} GB/s read+written "
+        f"(best of {len(times)}; median {info['copy_gb_s_median']:.0f} GB/s)"
+    )
     return info
 
 
 # ---- 2. oracle -------------------------------------------------------------------------------
+
 
 def fixed_sequence(engine, n: int) -> list[int]:
     """The first ``n`` tokens of a fixed text (repeated if short): what the teacher-forced checks read."""
@@ -310,35 +337,51 @@ def oracle_part(args: argparse.Namespace, label: str, model: str, real: bool) ->
     tokens16, ours16 = greedy_with_logits(bf16, prompt, GREEDY_STEPS)
     prefix = next((i for i, (a, b) in enumerate(zip(tokens16, tokens)) if a != b), len(tokens))
     res["bf16_greedy_prefix"] = prefix
-    res["bf16_greedy_max_dlogit"] = (ours16[:prefix + 1] - ref[:prefix + 1]).abs().max().item()
+    res["bf16_greedy_max_dlogit"] = (ours16[: prefix + 1] - ref[: prefix + 1]).abs().max().item()
     del bf16
     free(device)
 
     captured = not device.startswith("cuda") or (graphs.disabled is None and graphs.counts["captures"] > 0)
-    res["pass"] = bool(res["fp32_max_dlogit"] < FP32_LOGIT_TOL and res["fp32_greedy_same"]
-                       and res["fp32_tf_max_dlogit"] < FP32_LOGIT_TOL and captured
-                       and res["fp32_graphs_same"] and res["fp32_graphs_max_dlogit"] < FP32_LOGIT_TOL)
+    res["pass"] = bool(
+        res["fp32_max_dlogit"] < FP32_LOGIT_TOL
+        and res["fp32_greedy_same"]
+        and res["fp32_tf_max_dlogit"] < FP32_LOGIT_TOL
+        and captured
+        and res["fp32_graphs_same"]
+        and res["fp32_graphs_max_dlogit"] < FP32_LOGIT_TOL
+    )
     n = res["tf_positions"]
     log(f"\noracle ({label} vs transformers, same weights, {device}; max |logit| {res['fp32_max_logit']:.1f})")
     log(f"{'check':<46} {'max |dlogit|':>12} {'result':>24}")
-    log(f"{'float32 vs float32 HF, greedy 32':<46} {res['fp32_max_dlogit']:>12.2e} "
-        f"{('same' if res['fp32_greedy_same'] else 'DIFFERENT') + f' ({len(set(tokens))} distinct)':>24}")
-    log(f"{f'float32 vs float32 HF, teacher-forced {n}':<46} {res['fp32_tf_max_dlogit']:>12.2e} "
-        f"{'top-1 agree ' + format(res['fp32_tf_top1'], '.1%'):>24}")
+    log(
+        f"{'float32 vs float32 HF, greedy 32':<46} {res['fp32_max_dlogit']:>12.2e} "
+        f"{('same' if res['fp32_greedy_same'] else 'DIFFERENT') + f' ({len(set(tokens))} distinct)':>24}"
+    )
+    log(
+        f"{f'float32 vs float32 HF, teacher-forced {n}':<46} {res['fp32_tf_max_dlogit']:>12.2e} "
+        f"{'top-1 agree ' + format(res['fp32_tf_top1'], '.1%'):>24}"
+    )
     counts = res["fp32_graphs_counts"]
     what = "CUDA graphs" if device.startswith("cuda") else "static (no capture)"
-    log(f"{'float32 ' + what + ' vs eager, mixed run':<46} {res['fp32_graphs_max_dlogit']:>12.2e} "
-        f"{('same' if res['fp32_graphs_same'] else 'DIFFERENT') + ' (' + str(counts['static']) + ' steps)':>24}")
+    log(
+        f"{'float32 ' + what + ' vs eager, mixed run':<46} {res['fp32_graphs_max_dlogit']:>12.2e} "
+        f"{('same' if res['fp32_graphs_same'] else 'DIFFERENT') + ' (' + str(counts['static']) + ' steps)':>24}"
+    )
     if res["fp32_graphs_disabled"]:
         log(f"  graphs disabled: {res['fp32_graphs_disabled']}")
-    log(f"{f'bfloat16 vs float32 HF, teacher-forced {n}':<46} {res['bf16_tf_max_dlogit']:>12.2e} "
-        f"{'top-1 agree ' + format(res['bf16_tf_top1'], '.1%'):>24}")
-    log(f"{'bfloat16 vs float32 HF, greedy prefix':<46} {res['bf16_greedy_max_dlogit']:>12.2e} "
-        f"{f'{prefix}/{GREEDY_STEPS} same':>24}")
+    log(
+        f"{f'bfloat16 vs float32 HF, teacher-forced {n}':<46} {res['bf16_tf_max_dlogit']:>12.2e} "
+        f"{'top-1 agree ' + format(res['bf16_tf_top1'], '.1%'):>24}"
+    )
+    log(
+        f"{'bfloat16 vs float32 HF, greedy prefix':<46} {res['bf16_greedy_max_dlogit']:>12.2e} "
+        f"{f'{prefix}/{GREEDY_STEPS} same':>24}"
+    )
     return res
 
 
 # ---- 3. decode step time vs roofline ---------------------------------------------------------
+
 
 def decode_part(args: argparse.Namespace, models_dir: Path, shape: str, bandwidth: float) -> dict[str, Any]:
     import torch
@@ -355,9 +398,15 @@ def decode_part(args: argparse.Namespace, models_dir: Path, shape: str, bandwidt
     kv_pp = cache.bytes_per_position
     ctx, warm, steps = args.context, 2, args.decode_steps
     batches = sorted({int(b) for b in args.decode_batches.split(",")}, reverse=True)
-    res: dict[str, Any] = {"shape": shape, "params": sum(p.numel() for p in runner.model.parameters()),
-                           "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_pp, "context": ctx,
-                           "copy_gb_s": bandwidth / 1e9, "rows": []}
+    res: dict[str, Any] = {
+        "shape": shape,
+        "params": sum(p.numel() for p in runner.model.parameters()),
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_token": kv_pp,
+        "context": ctx,
+        "copy_gb_s": bandwidth / 1e9,
+        "rows": [],
+    }
 
     def lengths(b: int) -> list[int]:
         return [ctx - (i % 8) for i in range(b)]  # contexts differ a little: the length mask is exercised
@@ -390,9 +439,16 @@ def decode_part(args: argparse.Namespace, models_dir: Path, shape: str, bandwidt
             dt = (time.perf_counter() - t0) / steps
             runner.decode_graphs = None
             moved = weight_bytes + kv_pp * kv_read / steps
-            return {"ms": dt * 1e3, "tok_s": b / dt, "gb_s": moved / dt / 1e9, "bytes": moved,
-                    "roofline_ms": moved / bandwidth * 1e3, "pct_roofline": 100 * moved / bandwidth / dt,
-                    "tokens": seen, "first": first}
+            return {
+                "ms": dt * 1e3,
+                "tok_s": b / dt,
+                "gb_s": moved / dt / 1e9,
+                "bytes": moved,
+                "roofline_ms": moved / bandwidth * 1e3,
+                "pct_roofline": 100 * moved / bandwidth / dt,
+                "tokens": seen,
+                "first": first,
+            }
 
         for b in batches:
             eager = run(b, False)
@@ -403,11 +459,15 @@ def decode_part(args: argparse.Namespace, models_dir: Path, shape: str, bandwidt
             e_tok, s_tok = eager.pop("tokens"), static.pop("tokens")
             same = sum(x == y for r, t in zip(e_tok, s_tok) for x, y in zip(r, t))
             total = sum(len(r) for r in e_tok)
-            row = {"batch": b, "eager": {k: v for k, v in eager.items() if k != "first"},
-                   "graphs": {k: v for k, v in static.items() if k != "first"},
-                   "speedup": eager["ms"] / static["ms"],
-                   "tokens_same": same / total, "greedy_same": e_tok == s_tok,
-                   "first_step_max_dlogit": (eager["first"] - static["first"]).abs().max().item()}
+            row = {
+                "batch": b,
+                "eager": {k: v for k, v in eager.items() if k != "first"},
+                "graphs": {k: v for k, v in static.items() if k != "first"},
+                "speedup": eager["ms"] / static["ms"],
+                "tokens_same": same / total,
+                "greedy_same": e_tok == s_tok,
+                "first_step_max_dlogit": (eager["first"] - static["first"]).abs().max().item(),
+            }
             res["rows"].append(row)
         res["graphs_counts"] = dict(graphs.counts) if graphs else {}
         res["graphs_disabled"] = graphs.disabled if graphs else None
@@ -416,22 +476,29 @@ def decode_part(args: argparse.Namespace, models_dir: Path, shape: str, bandwidt
         cache.truncate(0)
     res["rows"].sort(key=lambda r: r["batch"])
     what = "CUDA graphs" if on_cuda else "static path (no capture)"
-    log(f"\ndecode step, bfloat16, random-weight {shape}: {res['params'] / 1e6:.1f}M params, weights "
+    log(
+        f"\ndecode step, bfloat16, random-weight {shape}: {res['params'] / 1e6:.1f}M params, weights "
         f"{weight_bytes / 1e6:.0f} MB, KV {kv_pp / 1e3:.1f} kB/token, context ~{ctx}, {steps} steps; "
-        f"roofline at {bandwidth / 1e9:.0f} GB/s; graphs: {what}")
-    log(f"{'batch':>5} {'roof ms':>8} | {'eager ms':>8} {'tok/s':>9} {'GB/s':>6} {'%roof':>6} | "
-        f"{'graph ms':>8} {'tok/s':>9} {'GB/s':>6} {'%roof':>6} | {'speedup':>7} {'same tok':>8} {'dlogit':>8}")
+        f"roofline at {bandwidth / 1e9:.0f} GB/s; graphs: {what}"
+    )
+    log(
+        f"{'batch':>5} {'roof ms':>8} | {'eager ms':>8} {'tok/s':>9} {'GB/s':>6} {'%roof':>6} | "
+        f"{'graph ms':>8} {'tok/s':>9} {'GB/s':>6} {'%roof':>6} | {'speedup':>7} {'same tok':>8} {'dlogit':>8}"
+    )
     for r in res["rows"]:
         e, g = r["eager"], r["graphs"]
-        log(f"{r['batch']:>5} {e['roofline_ms']:>8.3f} | {e['ms']:>8.3f} {e['tok_s']:>9.0f} {e['gb_s']:>6.0f} "
+        log(
+            f"{r['batch']:>5} {e['roofline_ms']:>8.3f} | {e['ms']:>8.3f} {e['tok_s']:>9.0f} {e['gb_s']:>6.0f} "
             f"{e['pct_roofline']:>5.1f}% | {g['ms']:>8.3f} {g['tok_s']:>9.0f} {g['gb_s']:>6.0f} "
             f"{g['pct_roofline']:>5.1f}% | {r['speedup']:>6.2f}x {r['tokens_same']:>7.0%} "
-            f"{r['first_step_max_dlogit']:>8.1e}")
+            f"{r['first_step_max_dlogit']:>8.1e}"
+        )
     log(f"graphs: {res['graphs_counts']}" + (f"; DISABLED: {res['graphs_disabled']}" if res["graphs_disabled"] else ""))
     return res  # the engine goes with this frame; the caller frees its memory
 
 
 # ---- 4. tensor parallel ----------------------------------------------------------------------
+
 
 def tp_part(args: argparse.Namespace, model: str) -> dict[str, Any]:
     import torch
@@ -455,39 +522,70 @@ def tp_part(args: argparse.Namespace, model: str) -> dict[str, Any]:
     two.runner.close()
     del two
     free(args.device)
-    res = {"run": True, "gpus": gpus, "greedy_same": tokens == tokens2,
-           "max_dlogit": (logits.cpu() - logits2.cpu()).abs().max().item()}
-    log(f"\nTP=2 vs TP=1, float32: greedy {GREEDY_STEPS} {'same' if res['greedy_same'] else 'DIFFERENT'}, "
-        f"max |dlogit| {res['max_dlogit']:.2e}")
+    res = {
+        "run": True,
+        "gpus": gpus,
+        "greedy_same": tokens == tokens2,
+        "max_dlogit": (logits.cpu() - logits2.cpu()).abs().max().item(),
+    }
+    log(
+        f"\nTP=2 vs TP=1, float32: greedy {GREEDY_STEPS} {'same' if res['greedy_same'] else 'DIFFERENT'}, "
+        f"max |dlogit| {res['max_dlogit']:.2e}"
+    )
     return res
 
 
 # ---- 5. benchmark ----------------------------------------------------------------------------
 
+
 def bench_part(args: argparse.Namespace, model: str, cuda_graphs: bool) -> dict[str, Any]:
     from engine.bench import benchmark, format_table, summary
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    cells, _ = benchmark(model, batches, args.prompt_len, args.new_tokens, repeats=1 if args.quick else 3,
-                         device=args.device, dtype="bfloat16", cuda_graphs=cuda_graphs)
-    ours = "eager" if not cuda_graphs else "with CUDA graphs" if args.device.startswith("cuda") else \
-        "cuda_graphs=True, which is ignored off CUDA"
-    log(f"\nbenchmark vs transformers generate (bfloat16, prompts ~{args.prompt_len} tokens varied, "
-        f"{args.new_tokens} new tokens varied; ours {ours})")
+    cells, _ = benchmark(
+        model,
+        batches,
+        args.prompt_len,
+        args.new_tokens,
+        repeats=1 if args.quick else 3,
+        device=args.device,
+        dtype="bfloat16",
+        cuda_graphs=cuda_graphs,
+    )
+    ours = (
+        "eager"
+        if not cuda_graphs
+        else "with CUDA graphs"
+        if args.device.startswith("cuda")
+        else "cuda_graphs=True, which is ignored off CUDA"
+    )
+    log(
+        f"\nbenchmark vs transformers generate (bfloat16, prompts ~{args.prompt_len} tokens varied, "
+        f"{args.new_tokens} new tokens varied; ours {ours})"
+    )
     log(format_table(cells))
     log(summary(cells))
     free(args.device)
-    return {"cuda_graphs": cuda_graphs, "cells": [dict(batch=c.batch, phase=c.phase, ours_tok_s=c.ours_tok_s,
-                                                       hf_tok_s=c.hf_tok_s, ratio=c.ratio) for c in cells]}
+    return {
+        "cuda_graphs": cuda_graphs,
+        "cells": [
+            dict(batch=c.batch, phase=c.phase, ours_tok_s=c.ours_tok_s, hf_tok_s=c.hf_tok_s, ratio=c.ratio)
+            for c in cells
+        ],
+    }
 
 
 # ---- main ------------------------------------------------------------------------------------
 
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None,
-                   help="smollm2, smollm2-135m | llama-1b (random weights of that shape), tiny-llama, a folder "
-                        "(default: smollm2 if its GGUF and gguf are installed, else smollm2-135m)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="smollm2, smollm2-135m | llama-1b (random weights of that shape), tiny-llama, a folder "
+        "(default: smollm2 if its GGUF and gguf are installed, else smollm2-135m)",
+    )
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try this script's logic")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (to try the script on a CPU)")
     p.add_argument("--json", default=None, help="write every result to this file")
@@ -503,11 +601,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-bench", action="store_true", help="skip part 5")
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = {"decode_shapes": "quick" if quick else DECODE_SHAPES,
-                "decode_batches": "4,3,1" if quick else DECODE_BATCHES,
-                "context": 24 if quick else 512, "decode_steps": 3 if quick else 20,
-                "batch_sizes": "1,2" if quick else "1,8,32", "prompt_len": 16 if quick else 128,
-                "new_tokens": 8 if quick else 64}
+    defaults = {
+        "decode_shapes": "quick" if quick else DECODE_SHAPES,
+        "decode_batches": "4,3,1" if quick else DECODE_BATCHES,
+        "context": 24 if quick else 512,
+        "decode_steps": 3 if quick else 20,
+        "batch_sizes": "1,2" if quick else "1,8,32",
+        "prompt_len": 16 if quick else 128,
+        "new_tokens": 8 if quick else 64,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -529,13 +631,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.device.startswith("cuda"):
         torch.set_num_threads(min(torch.get_num_threads(), 2))
     if hasattr(signal, "SIGALRM"):  # a part that overruns the budget by far is stopped; the rest still report
+
         def overrun(signum, frame):
             raise TimeoutError(f"over the time budget ({args.budget_s:.0f} s + 45 s)")
 
         signal.signal(signal.SIGALRM, overrun)
         signal.alarm(int(args.budget_s + 45))
-    models_dir = Path(args.models_dir or os.environ.get("EXEGPT_GPU_CHECK_DIR")
-                      or Path(tempfile.gettempdir()) / "exegpt-gpu-check")
+    models_dir = Path(
+        args.models_dir or os.environ.get("EXEGPT_GPU_CHECK_DIR") or Path(tempfile.gettempdir()) / "exegpt-gpu-check"
+    )
     results: dict[str, Any] = {"args": vars(args), "errors": {}, "timings_s": {}}
     failed = False
 
@@ -599,10 +703,13 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     oracle = results.get("oracle") or {}
-    log(f"\n{'PASS' if not failed else 'FAIL'}: float32 oracle (tolerance {FP32_LOGIT_TOL:.0e}) and float32 "
+    log(
+        f"\n{'PASS' if not failed else 'FAIL'}: float32 oracle (tolerance {FP32_LOGIT_TOL:.0e}) and float32 "
         f"CUDA-graph check{'' if oracle.get('pass') else ' NOT passed'}"
         + (f"; errors in {', '.join(results['errors'])}" if results["errors"] else "")
-        + f"; {elapsed:.0f} s" + (f"; results in {args.json}" if args.json else ""))
+        + f"; {elapsed:.0f} s"
+        + (f"; results in {args.json}" if args.json else "")
+    )
     return 1 if failed else 0
 
 

@@ -41,8 +41,9 @@ async def transport_checks(transports: Transports, names: Names) -> dict[str, bo
             return False
         return True
 
-    broker, store = await asyncio.gather(answers(transports.bus.queue_depth(names.encode_queue)),
-                                         answers(transports.store.get(names.schedule)))
+    broker, store = await asyncio.gather(
+        answers(transports.bus.queue_depth(names.encode_queue)), answers(transports.store.get(names.schedule))
+    )
     return {"broker": broker, "store": store}
 
 
@@ -82,9 +83,12 @@ class OpsServer:
             log.exception("ops port: request failed")
             status, headers, body = 500, {"Content-Type": "text/plain"}, b"internal error\n"
         method = head.split(b" ", 1)[0]
-        lines = [f"HTTP/1.1 {status} {REASONS.get(status, '')}",
-                 f"Content-Length: {len(body)}", "Connection: close",
-                 *(f"{name}: {value}" for name, value in headers.items())]
+        lines = [
+            f"HTTP/1.1 {status} {REASONS.get(status, '')}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            *(f"{name}: {value}" for name, value in headers.items()),
+        ]
         try:
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
             if method != b"HEAD":
@@ -119,8 +123,14 @@ class OpsServer:
 
 ROUTES = ("/metrics", "/health/live", "/health/ready")
 JSON = {"Content-Type": "application/json"}
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           500: "Internal Server Error", 503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def roles_covered(update) -> bool:

@@ -157,8 +157,7 @@ def _encoder(hint: Any) -> Convert | None:
         fields = [(name, _encoder(h)) for name, h in _hints(hint)]
 
         def struct(value: Any) -> list[Any]:
-            return [getattr(value, name) if conv is None else conv(getattr(value, name))
-                    for name, conv in fields]
+            return [getattr(value, name) if conv is None else conv(getattr(value, name)) for name, conv in fields]
 
         return struct
     origin, args = _parts(hint)

@@ -55,8 +55,7 @@ class BatchDir:
     # --- files ------------------------------------------------------------------------------------
     async def put_file(self, file_id: str, content: bytes, meta: dict[str, str]) -> None:
         folder = self.root / "files"
-        await asyncio.to_thread(_write_pair, folder / _checked(file_id), content,
-                                folder / f"{file_id}.json", meta)
+        await asyncio.to_thread(_write_pair, folder / _checked(file_id), content, folder / f"{file_id}.json", meta)
 
     async def file_meta(self, file_id: str) -> dict[str, str] | None:
         if not valid_id(file_id):
@@ -223,7 +222,7 @@ def _expire(root: Path, before: float) -> int:
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(root / "files"):
             if entry.name.endswith(".json") and entry.stat().st_mtime < before:
-                for path in (Path(entry.path), root / "files" / entry.name[:-len(".json")]):
+                for path in (Path(entry.path), root / "files" / entry.name[: -len(".json")]):
                     path.unlink(missing_ok=True)
                 gone += 1
     return gone

@@ -39,8 +39,12 @@ async def open_bus(config: MeshConfig, names: Names, hub: LocalHub, store: Store
     caller; else one opened for the bus from ``redis_url`` and closed with it; no Redis URL: a
     redelivery counts as attempt 2)."""
     if config.amqp_url is None:
-        return MemoryBus(hub.broker, dead_queue=names.dead_queue, delivery_limit=config.delivery_limit,
-                         dead_queue_max=config.dead_queue_max)
+        return MemoryBus(
+            hub.broker,
+            dead_queue=names.dead_queue,
+            delivery_limit=config.delivery_limit,
+            dead_queue_max=config.dead_queue_max,
+        )
     from common.transport.rabbit import Attempts, RabbitBus
 
     owned = None
@@ -48,11 +52,16 @@ async def open_bus(config: MeshConfig, names: Names, hub: LocalHub, store: Store
         store = owned = await open_store(config)
     try:
         return await RabbitBus.connect(
-            config.amqp_url, dead_exchange=names.dead_exchange, dead_queue=names.dead_queue,
+            config.amqp_url,
+            dead_exchange=names.dead_exchange,
+            dead_queue=names.dead_queue,
             heartbeat_s=config.amqp_heartbeat_s or None,
             attempts=Attempts(store, names.attempts_prefix) if store is not None else None,
-            delivery_limit=config.delivery_limit, dead_queue_max=config.dead_queue_max, owned_store=owned,
-            queue_type=config.queue_type)
+            delivery_limit=config.delivery_limit,
+            dead_queue_max=config.dead_queue_max,
+            owned_store=owned,
+            queue_type=config.queue_type,
+        )
     except BaseException:
         if owned is not None:
             await owned.close()
@@ -103,10 +112,10 @@ async def open_transports(config: MeshConfig, names: Names, hub: LocalHub, *, kv
 async def purge(config: MeshConfig, names: Names, hub: LocalHub) -> None:
     """Delete every shared queue, exchange and store key of the namespace (tests, benchmarks)."""
     bus = await open_bus(config, names, hub)
-    await bus.delete(queues=[names.encode_queue, names.handoff_queue, names.dead_queue, names.jobs_queue,
-                             names.scheduler_queue],
-                     exchanges=[names.control_exchange, names.abort_exchange, names.status_exchange,
-                                names.dead_exchange])
+    await bus.delete(
+        queues=[names.encode_queue, names.handoff_queue, names.dead_queue, names.jobs_queue, names.scheduler_queue],
+        exchanges=[names.control_exchange, names.abort_exchange, names.status_exchange, names.dead_exchange],
+    )
     await bus.close()
     store = await open_store(config)
     if store is None:

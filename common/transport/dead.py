@@ -46,11 +46,15 @@ class DeadMessage:
         headers = delivery.headers
         attempts = headers.get(ATTEMPTS_HEADER, "")
         dead_at = headers.get(DEAD_AT_HEADER, "")
-        return cls(id=headers.get(ID_HEADER) or f"#{index}", queue=headers.get(ORIGIN_HEADER, ""),
-                   reason=headers.get(REASON_HEADER, "rejected"),
-                   attempts=int(attempts) if attempts.isdigit() else None,
-                   dead_at=float(dead_at) if _is_number(dead_at) else None,
-                   body=delivery.body, headers=headers)
+        return cls(
+            id=headers.get(ID_HEADER) or f"#{index}",
+            queue=headers.get(ORIGIN_HEADER, ""),
+            reason=headers.get(REASON_HEADER, "rejected"),
+            attempts=int(attempts) if attempts.isdigit() else None,
+            dead_at=float(dead_at) if _is_number(dead_at) else None,
+            body=delivery.body,
+            headers=headers,
+        )
 
     def age_s(self, now: float | None = None) -> float | None:
         return None if self.dead_at is None else max((now or time.time()) - self.dead_at, 0.0)
@@ -58,8 +62,11 @@ class DeadMessage:
     def replay_headers(self) -> dict[str, str]:
         """The headers it was first published with (trace context), without those of its death
         and without its deadline (a replay is an operator's explicit decision to run it again)."""
-        return {k: v for k, v in self.headers.items()
-                if k not in DEAD_HEADERS and k != DEADLINE_HEADER and not k.startswith("x-death")}
+        return {
+            k: v
+            for k, v in self.headers.items()
+            if k not in DEAD_HEADERS and k != DEADLINE_HEADER and not k.startswith("x-death")
+        }
 
 
 def _is_number(text: str) -> bool:

@@ -109,8 +109,9 @@ class LocalKv(StoreKv):
     async def put(self, handoff: KVHandoff, *, producer: str, ttl_s: float) -> str:
         ref = self._names.kv_payload(handoff.request_id)
         self._objects[ref] = handoff
-        await self._store.hset(self._names.kv_meta(handoff.request_id),
-                               _metadata(handoff, producer, ttl_s), ttl_s=ttl_s)
+        await self._store.hset(
+            self._names.kv_meta(handoff.request_id), _metadata(handoff, producer, ttl_s), ttl_s=ttl_s
+        )
         return ref
 
     async def get(self, ref: str) -> KVHandoff | None:

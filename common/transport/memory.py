@@ -99,16 +99,20 @@ class MemoryBroker:
     def requeue(self, queue_name: str, message: _Message) -> None:
         queue = self.queues.get(queue_name)
         if queue is not None:
-            queue.ready.appendleft(_Message(message.body, redelivered=True, headers=message.headers,
-                                            id=message.id, attempts=message.attempts))
+            queue.ready.appendleft(
+                _Message(
+                    message.body, redelivered=True, headers=message.headers, id=message.id, attempts=message.attempts
+                )
+            )
             self.dispatch(queue)
 
     def dead_letter(self, queue_name: str, message: _Message, reason: str) -> None:
         queue = self.queues.get(queue_name)
         if queue is not None and queue.dead_letter in self.queues:
             target = self.queues[queue.dead_letter]
-            headers = dead_headers(message.headers, reason=reason, queue=queue_name,
-                                   attempts=message.attempts, message_id=message.id)
+            headers = dead_headers(
+                message.headers, reason=reason, queue=queue_name, attempts=message.attempts, message_id=message.id
+            )
             target.append(_Message(message.body, headers=MappingProxyType(headers), id=message.id))
             self.dispatch(target)
 
@@ -153,8 +157,17 @@ class MemoryDelivery:
 
 
 class MemorySubscription:
-    def __init__(self, broker: MemoryBroker, queue: _Queue, prefetch: int, auto_ack: bool = False, *,
-                 limit: int = DELIVERY_LIMIT, counted: bool = True, on_dead: OnDead | None = None) -> None:
+    def __init__(
+        self,
+        broker: MemoryBroker,
+        queue: _Queue,
+        prefetch: int,
+        auto_ack: bool = False,
+        *,
+        limit: int = DELIVERY_LIMIT,
+        counted: bool = True,
+        on_dead: OnDead | None = None,
+    ) -> None:
         self.broker, self.queue, self.prefetch, self.auto_ack = broker, queue, prefetch, auto_ack
         self.limit, self.counted, self.on_dead = limit, counted and not auto_ack, on_dead
         self.unacked: set[MemoryDelivery] = set()
@@ -228,8 +241,14 @@ class MemorySubscription:
 class MemoryBus:
     """One connection to a MemoryBroker."""
 
-    def __init__(self, broker: MemoryBroker, *, dead_queue: str | None = None,
-                 delivery_limit: int = DELIVERY_LIMIT, dead_queue_max: int = DEAD_QUEUE_MAX) -> None:
+    def __init__(
+        self,
+        broker: MemoryBroker,
+        *,
+        dead_queue: str | None = None,
+        delivery_limit: int = DELIVERY_LIMIT,
+        dead_queue_max: int = DEAD_QUEUE_MAX,
+    ) -> None:
         self.broker = broker
         self.dead_queue = dead_queue
         self.delivery_limit = delivery_limit
@@ -274,8 +293,9 @@ class MemoryBus:
     async def declare_fanout(self, exchange: str) -> None:
         self.broker.fanouts.setdefault(exchange, set())
 
-    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None,
-                      deadline: float | None = None) -> None:
+    async def publish(
+        self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None, deadline: float | None = None
+    ) -> None:
         check_name(queue)
         target = self.broker.queues.get(queue)
         if target is None:
@@ -289,14 +309,16 @@ class MemoryBus:
             if name in self.broker.queues:
                 await self.publish(name, body)
 
-    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False,
-                      on_dead: OnDead | None = None) -> MemorySubscription:
+    async def consume(
+        self, queue: str, *, prefetch: int, auto_ack: bool = False, on_dead: OnDead | None = None
+    ) -> MemorySubscription:
         target = self.broker.queues.get(queue)
         if target is None:
             raise Unroutable(queue)
         counted = target.owner is None and queue != self.dead_queue  # work queues (not the dead one)
-        subscription = MemorySubscription(self.broker, target, prefetch, auto_ack, limit=self.delivery_limit,
-                                          counted=counted, on_dead=on_dead)
+        subscription = MemorySubscription(
+            self.broker, target, prefetch, auto_ack, limit=self.delivery_limit, counted=counted, on_dead=on_dead
+        )
         target.consumers.append(subscription)
         self.subscriptions.append(subscription)
         self.broker.dispatch(target)
@@ -370,8 +392,9 @@ class MemoryStore:
         self._put(key, value, ttl_s)
         return True
 
-    async def set_once_and_record(self, key: str, value: bytes, *, ttl_s: float, list_key: str,
-                                  item: bytes | None, max_len: int) -> bool:
+    async def set_once_and_record(
+        self, key: str, value: bytes, *, ttl_s: float, list_key: str, item: bytes | None, max_len: int
+    ) -> bool:
         if not await self.set_if_absent(key, value, ttl_s=ttl_s):
             return False
         if item is not None:
@@ -407,8 +430,9 @@ class MemoryStore:
         merged.update(mapping)
         self._put(key, merged, ttl_s if ttl_s is not None else self._ttl_left(key))
 
-    async def set_with_hash(self, key: str, value: bytes, hash_key: str, mapping: dict[str, str], *,
-                            ttl_s: float) -> None:
+    async def set_with_hash(
+        self, key: str, value: bytes, hash_key: str, mapping: dict[str, str], *, ttl_s: float
+    ) -> None:
         self._put(key, value, ttl_s)
         await self.hset(hash_key, mapping, ttl_s=ttl_s)
 
@@ -451,11 +475,13 @@ class MemoryStore:
 
     async def bytes_prefix(self, prefix: str) -> int:
         """Key and value bytes (bytes and str values; a container counts its items' bytes)."""
+
         def size(value: object) -> int:
             if isinstance(value, (bytes, bytearray, str)):
                 return len(value)
             items = value.items() if isinstance(value, dict) else value if isinstance(value, (list, set)) else ()
             return sum(size(x) for item in items for x in (item if isinstance(item, tuple) else (item,)))
+
         return sum(len(key) + size(self._live(key)) for key in list(self._data) if key.startswith(prefix))
 
     async def delete_prefix(self, prefix: str) -> int:

@@ -61,8 +61,10 @@ def load_nixl() -> Any:
     try:
         from nixl_cu12 import _api  # never the `nixl` meta package: it pulls a CUDA torch
     except Exception as exc:  # ImportError, or a shared library the wheel needs is missing
-        raise NixlUnavailable(f"NIXL cannot load ({type(exc).__name__}: {exc}); install the 'nixl' extra "
-                              "(pip install nixl-cu12) or choose --kv-transport redis") from None
+        raise NixlUnavailable(
+            f"NIXL cannot load ({type(exc).__name__}: {exc}); install the 'nixl' extra "
+            "(pip install nixl-cu12) or choose --kv-transport redis"
+        ) from None
     return _api
 
 
@@ -119,7 +121,7 @@ class StagingPool:
         size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
         for i, (offset, free) in enumerate(self._free):
             if free >= size:
-                self._free[i:i + 1] = [(offset + size, free - size)] if free > size else []
+                self._free[i : i + 1] = [(offset + size, free - size)] if free > size else []
                 self._used[offset] = size
                 return offset
         return None
@@ -146,8 +148,9 @@ class _Staged:
 class NixlKv:
     """The KvTransport port over NIXL; the agent starts on first use (``start`` to start it now)."""
 
-    def __init__(self, store: Store, names: Names, *, pool_bytes: int, read_timeout_s: float,
-                 agent_name: str | None = None) -> None:
+    def __init__(
+        self, store: Store, names: Names, *, pool_bytes: int, read_timeout_s: float, agent_name: str | None = None
+    ) -> None:
         self._api = load_nixl()
         self._disconnected = remote_disconnect_error()
         self._store, self._names = store, names
@@ -210,15 +213,27 @@ class NixlKv:
         await self.start()
         nbytes = len(handoff.kv)
         if nbytes > self._pool.capacity:
-            raise StagingFull(f"{handoff.request_id}: {nbytes} bytes of KV exceed the staging pool "
-                              f"({self._pool.capacity} bytes: kv_staging_mb)")
+            raise StagingFull(
+                f"{handoff.request_id}: {nbytes} bytes of KV exceed the staging pool "
+                f"({self._pool.capacity} bytes: kv_staging_mb)"
+            )
         offset = self._claim_export(handoff.kv)
         if offset is None:
             offset = await self._reserve(nbytes, deadline=time.monotonic() + ttl_s)
         try:
             header = await self._call(_stage, self._buffer, offset, handoff)
-            blocks = KvBlocks(handoff.request_id, producer, self.agent_name, self._address(offset), nbytes,
-                              handoff.dtype, handoff.shape, handoff.layout, time.time() + ttl_s, header)
+            blocks = KvBlocks(
+                handoff.request_id,
+                producer,
+                self.agent_name,
+                self._address(offset),
+                nbytes,
+                handoff.dtype,
+                handoff.shape,
+                handoff.layout,
+                time.time() + ttl_s,
+                header,
+            )
             ref = self._names.kv_meta(handoff.request_id)
             await self._store.set(ref, codec.encode(blocks), ttl_s=ttl_s)
         except BaseException:
@@ -242,7 +257,7 @@ class NixlKv:
         offset = self._allocate(nbytes)
         if offset is None:
             return None
-        view = self._buffer[offset:offset + nbytes]
+        view = self._buffer[offset : offset + nbytes]
         self._exports[offset] = weakref.finalize(view, self._free, offset)
         return view
 
@@ -365,9 +380,12 @@ class NixlKv:
         kv, registered = self._landing(blocks.nbytes)
         try:
             handle = agent.initialize_xfer(
-                "READ", agent.get_xfer_descs([(kv.ctypes.data, blocks.nbytes, 0)], "DRAM"),
-                agent.get_xfer_descs([(blocks.address, blocks.nbytes, 0)], "DRAM"), blocks.agent,
-                blocks.request_id.encode())
+                "READ",
+                agent.get_xfer_descs([(kv.ctypes.data, blocks.nbytes, 0)], "DRAM"),
+                agent.get_xfer_descs([(blocks.address, blocks.nbytes, 0)], "DRAM"),
+                blocks.agent,
+                blocks.request_id.encode(),
+            )
             try:
                 state = agent.transfer(handle)
                 deadline = time.monotonic() + self._read_timeout_s
@@ -407,7 +425,7 @@ class NixlKv:
             kv = np.empty(nbytes, dtype=np.uint8)  # not zeroed: the read fills it
             return kv, self._agent.register_memory([(kv.ctypes.data, nbytes, 0, "")], "DRAM")
         assert self._inbox_buffer is not None
-        kv = self._inbox_buffer[offset:offset + nbytes]
+        kv = self._inbox_buffer[offset : offset + nbytes]
         weakref.finalize(kv, self._free_landed, offset)
         return kv, None
 
@@ -434,11 +452,11 @@ class NixlKv:
 def _stage(buffer: np.ndarray, offset: int, handoff: KVHandoff) -> bytes:
     """Copy the KV bytes into their block (unless exported there); return the rest of the
     hand-off, serialised."""
-    block = buffer[offset:offset + len(handoff.kv)]
+    block = buffer[offset : offset + len(handoff.kv)]
     if not (isinstance(handoff.kv, np.ndarray) and handoff.kv.ctypes.data == block.ctypes.data):
         block[:] = np.frombuffer(handoff.kv, dtype=np.uint8)
     return dataclasses.replace(handoff, kv=b"").to_bytes()
 
 
 def _copy_block(buffer: np.ndarray, offset: int, nbytes: int) -> np.ndarray:
-    return buffer[offset:offset + nbytes].copy()
+    return buffer[offset : offset + nbytes].copy()

@@ -71,11 +71,18 @@ def check_name(queue: str) -> None:
         raise NameTooLong(f"routing key too long: {size} bytes (at most {MAX_NAME_BYTES}): {queue[:40]!r}...")
 
 
-def dead_headers(headers: Mapping[str, str], *, reason: str, queue: str, attempts: int,
-                 message_id: str) -> dict[str, str]:
+def dead_headers(
+    headers: Mapping[str, str], *, reason: str, queue: str, attempts: int, message_id: str
+) -> dict[str, str]:
     """``headers`` and what a dead-lettered message carries about its death."""
-    return {**headers, REASON_HEADER: reason[:REASON_MAX], ORIGIN_HEADER: queue, ATTEMPTS_HEADER: str(attempts),
-            DEAD_AT_HEADER: f"{time.time():.3f}", ID_HEADER: message_id}
+    return {
+        **headers,
+        REASON_HEADER: reason[:REASON_MAX],
+        ORIGIN_HEADER: queue,
+        ATTEMPTS_HEADER: str(attempts),
+        DEAD_AT_HEADER: f"{time.time():.3f}",
+        ID_HEADER: message_id,
+    }
 
 
 def limit_reason(limit: int) -> str:
@@ -132,15 +139,17 @@ class Bus(Protocol):
 
     async def declare_fanout(self, exchange: str) -> None: ...
 
-    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None,
-                      deadline: float | None = None) -> None:
+    async def publish(
+        self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None, deadline: float | None = None
+    ) -> None:
         """Confirmed and persistent; ``deadline`` (epoch seconds): dropped unread after it."""
         ...
 
     async def broadcast(self, exchange: str, body: bytes) -> None: ...
 
-    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False,
-                      on_dead: OnDead | None = None) -> Subscription:
+    async def consume(
+        self, queue: str, *, prefetch: int, auto_ack: bool = False, on_dead: OnDead | None = None
+    ) -> Subscription:
         """Receive from ``queue``. ``auto_ack``: settled on delivery (for exclusive queues, whose
         messages are worthless once their consumer is gone); ``ack`` is then a no-op.
         ``on_dead``: called with a message past the delivery limit before it is dead-lettered
@@ -182,8 +191,9 @@ class Store(Protocol):
         """Atomically set ``key`` unless it exists; True when this call set it."""
         ...
 
-    async def set_once_and_record(self, key: str, value: bytes, *, ttl_s: float, list_key: str,
-                                  item: bytes | None, max_len: int) -> bool:
+    async def set_once_and_record(
+        self, key: str, value: bytes, *, ttl_s: float, list_key: str, item: bytes | None, max_len: int
+    ) -> bool:
         """``set_if_absent(key, value)``; only when this call set it, ``push_capped(list_key,
         item)`` too (unless ``item`` is None). Atomic, one round trip; True when this call set it."""
         ...
@@ -209,8 +219,9 @@ class Store(Protocol):
 
     async def hset(self, key: str, mapping: dict[str, str], *, ttl_s: float | None = None) -> None: ...
 
-    async def set_with_hash(self, key: str, value: bytes, hash_key: str, mapping: dict[str, str], *,
-                            ttl_s: float) -> None:
+    async def set_with_hash(
+        self, key: str, value: bytes, hash_key: str, mapping: dict[str, str], *, ttl_s: float
+    ) -> None:
         """``set(key, value)`` and ``hset(hash_key, mapping)`` with one TTL, atomically, in one
         round trip (a payload and its metadata appear together)."""
         ...
@@ -327,8 +338,9 @@ async def failed(delivery: Delivery, exc: BaseException, on_dead: OnDead | None 
 
 
 @contextlib.asynccontextmanager
-async def processing(delivery: Delivery, *, on_dead: OnDead | None = None,
-                     swallow: bool = False) -> AsyncIterator[Delivery]:
+async def processing(
+    delivery: Delivery, *, on_dead: OnDead | None = None, swallow: bool = False
+) -> AsyncIterator[Delivery]:
     """The per-message guard: ack after the block succeeds; on an error, a counted attempt back
     to the queue, or at the last attempt the dead queue with the reason (``failed``). Re-raises
     unless ``swallow`` (a consumer loop that must go on with the next message); cancellation
@@ -336,8 +348,9 @@ async def processing(delivery: Delivery, *, on_dead: OnDead | None = None,
     try:
         yield delivery
     except Exception as exc:
-        log.warning("message from %s failed (attempt %d of %d): %r", delivery.queue, delivery.attempts,
-                    delivery.limit, exc)
+        log.warning(
+            "message from %s failed (attempt %d of %d): %r", delivery.queue, delivery.attempts, delivery.limit, exc
+        )
         await failed(delivery, exc, on_dead)
         if not swallow:
             raise

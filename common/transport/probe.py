@@ -44,9 +44,11 @@ class HandoffProbe:
 
     def describe(self) -> str:
         sizes = ", ".join(f"{n >> 10} KiB {t * 1e3:.2f} ms" for n, t in self.store_points)
-        return (f"measured: Redis SET+GET medians ({sizes}) fitted to {self.store_latency_s * 1e3:.2f} ms + "
-                f"bytes / {self.bandwidth_Bps / 1e6:.0f} MB/s, plus one RabbitMQ hop "
-                f"{self.hop_s * 1e3:.2f} ms (median of {HOPS})")
+        return (
+            f"measured: Redis SET+GET medians ({sizes}) fitted to {self.store_latency_s * 1e3:.2f} ms + "
+            f"bytes / {self.bandwidth_Bps / 1e6:.0f} MB/s, plus one RabbitMQ hop "
+            f"{self.hop_s * 1e3:.2f} ms (median of {HOPS})"
+        )
 
 
 def fit_line(points: tuple[tuple[int, float], ...]) -> tuple[float, float]:
@@ -101,16 +103,26 @@ async def _connect(what: str, url: str, opening):
         raise ConnectionError(f"cannot connect to {what} at {url}: {exc or type(exc).__name__}") from exc
 
 
-async def measure_handoff(amqp_url: str, redis_url: str, *, sizes: tuple[int, ...] = PAYLOAD_SIZES,
-                          rounds: int = ROUNDS, hops: int = HOPS, namespace: str | None = None) -> HandoffProbe:
+async def measure_handoff(
+    amqp_url: str,
+    redis_url: str,
+    *,
+    sizes: tuple[int, ...] = PAYLOAD_SIZES,
+    rounds: int = ROUNDS,
+    hops: int = HOPS,
+    namespace: str | None = None,
+) -> HandoffProbe:
     """Time the hand-off path through the brokers at ``amqp_url`` and ``redis_url``; every queue,
     exchange and key it makes lives in a fresh namespace (``namespace``, default a random one) and
     is deleted before it returns."""
     names = Names(namespace or f"probe{uuid.uuid4().hex[:8]}")
     store = await _connect("Redis", redis_url, RedisStore.connect(redis_url))
     try:
-        bus = await _connect("RabbitMQ", amqp_url, RabbitBus.connect(amqp_url, dead_exchange=names.dead_exchange,
-                                                                     dead_queue=names.dead_queue))
+        bus = await _connect(
+            "RabbitMQ",
+            amqp_url,
+            RabbitBus.connect(amqp_url, dead_exchange=names.dead_exchange, dead_queue=names.dead_queue),
+        )
         try:
             points = await _store_points(store, names, sizes, rounds)
             hop = await _hop_s(bus, names, hops)

@@ -82,8 +82,11 @@ def _text_headers(raw: Mapping[str, object] | None) -> dict[str, str]:
     """Values that came as bytes are decoded (UTF-8), others (tables, numbers) are left out; a
     message the broker dead-lettered gets the reason and origin headers from its ``x-death``."""
     raw = raw or {}
-    headers = {key: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-               for key, value in raw.items() if isinstance(value, (str, bytes))}
+    headers = {
+        key: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        for key, value in raw.items()
+        if isinstance(value, (str, bytes))
+    }
     deaths = raw.get("x-death")
     if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping) and REASON_HEADER not in headers:
         death = deaths[0]
@@ -96,9 +99,16 @@ def _text_headers(raw: Mapping[str, object] | None) -> dict[str, str]:
 
 
 class RabbitDelivery:
-    def __init__(self, message: AbstractIncomingMessage, settled: bool = False,
-                 on_settled: Callable[[], Awaitable[None]] | None = None, *, queue: str = "",
-                 bus: RabbitBus | None = None, counted: bool = False) -> None:
+    def __init__(
+        self,
+        message: AbstractIncomingMessage,
+        settled: bool = False,
+        on_settled: Callable[[], Awaitable[None]] | None = None,
+        *,
+        queue: str = "",
+        bus: RabbitBus | None = None,
+        counted: bool = False,
+    ) -> None:
         self.body = message.body
         self.redelivered = bool(message.redelivered)
         self.queue = queue
@@ -171,13 +181,15 @@ class RabbitDelivery:
             await self._message.reject(requeue=False)
             await self._done()
             return
-        headers = dead_headers(self.headers, reason=reason, queue=self.queue, attempts=self.attempts,
-                               message_id=self.message_id)
+        headers = dead_headers(
+            self.headers, reason=reason, queue=self.queue, attempts=self.attempts, message_id=self.message_id
+        )
         try:
             await self._bus.publish_dead(self.body, headers, self.message_id)
         except Unroutable:  # no dead queue (deleted under us): the queue's dead-letter exchange
-            log.warning("dead queue missing: %s's message rejected to the dead-letter exchange (%s)",
-                        self.queue, reason)
+            log.warning(
+                "dead queue missing: %s's message rejected to the dead-letter exchange (%s)", self.queue, reason
+            )
             self._settled = True
             await self._message.reject(requeue=False)
             await self._done()
@@ -207,8 +219,16 @@ class RabbitSubscription:
     handed out is settled (closing earlier would give the broker back messages still being
     worked on), so consumers that come and go (a worker changing role) leave no channel behind."""
 
-    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, auto_ack: bool = False, *,
-                 bus: RabbitBus | None = None, counted: bool = False, on_dead: OnDead | None = None) -> None:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        queue: AbstractQueue,
+        auto_ack: bool = False,
+        *,
+        bus: RabbitBus | None = None,
+        counted: bool = False,
+        on_dead: OnDead | None = None,
+    ) -> None:
         self._channel, self._queue, self._auto_ack = channel, queue, auto_ack
         self._bus, self._counted, self._on_dead = bus, counted and not auto_ack, on_dead
         self._buffer: asyncio.Queue[RabbitDelivery | None] = asyncio.Queue()
@@ -231,8 +251,11 @@ class RabbitSubscription:
             await self._buffer.put(RabbitDelivery(message, settled=True, queue=self._queue.name))
         else:
             self._unsettled += 1
-            await self._buffer.put(RabbitDelivery(message, on_settled=self._settled, queue=self._queue.name,
-                                                  bus=self._bus, counted=self._counted))
+            await self._buffer.put(
+                RabbitDelivery(
+                    message, on_settled=self._settled, queue=self._queue.name, bus=self._bus, counted=self._counted
+                )
+            )
 
     async def _settled(self) -> None:
         self._unsettled -= 1
@@ -293,8 +316,16 @@ class QuorumSubscription(RabbitSubscription):
     consumer with the rest starts beside the active one. So it never holds more than the limit, and
     holds less only until the messages taken before a change are settled."""
 
-    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, prefetch: int, *,
-                 bus: RabbitBus | None = None, counted: bool = False, on_dead: OnDead | None = None) -> None:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        queue: AbstractQueue,
+        prefetch: int,
+        *,
+        bus: RabbitBus | None = None,
+        counted: bool = False,
+        on_dead: OnDead | None = None,
+    ) -> None:
         super().__init__(channel, queue, bus=bus, counted=counted, on_dead=on_dead)
         self._limit = prefetch
         self._active: dict[str, int] = {}  # consumer tag -> its prefetch
@@ -349,8 +380,9 @@ class QuorumSubscription(RabbitSubscription):
             if tag not in self._active:  # what a cancelled consumer held frees room
                 await self._fit()
 
-        await self._buffer.put(RabbitDelivery(message, on_settled=settled, queue=self._queue.name,
-                                              bus=self._bus, counted=self._counted))
+        await self._buffer.put(
+            RabbitDelivery(message, on_settled=settled, queue=self._queue.name, bus=self._bus, counted=self._counted)
+        )
 
     def _reopened(self, *_: object) -> None:
         """A new channel: what the old one held went back to the queue; the client restored the
@@ -392,10 +424,19 @@ def with_heartbeat(url: str, seconds: float | None) -> str:
 class RabbitBus:
     """One robust connection; a publishing channel with confirms, one channel per consumer."""
 
-    def __init__(self, connection: AbstractRobustConnection, publisher: AbstractChannel,
-                 dead_exchange: str, dead_queue: str = "", *, attempts: Attempts | None = None,
-                 delivery_limit: int = DELIVERY_LIMIT, dead_queue_max: int = DEAD_QUEUE_MAX,
-                 owned_store: Store | None = None, queue_type: str = "classic") -> None:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        publisher: AbstractChannel,
+        dead_exchange: str,
+        dead_queue: str = "",
+        *,
+        attempts: Attempts | None = None,
+        delivery_limit: int = DELIVERY_LIMIT,
+        dead_queue_max: int = DEAD_QUEUE_MAX,
+        owned_store: Store | None = None,
+        queue_type: str = "classic",
+    ) -> None:
         if queue_type not in QUEUE_TYPES:
             raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, got {queue_type!r}")
         self.queue_type = queue_type
@@ -413,18 +454,36 @@ class RabbitBus:
         self._tasks: set[asyncio.Future[None]] = set()
 
     @classmethod
-    async def connect(cls, url: str, *, dead_exchange: str, dead_queue: str,
-                      heartbeat_s: float | None = DEFAULT_HEARTBEAT_S, attempts: Attempts | None = None,
-                      delivery_limit: int = DELIVERY_LIMIT, dead_queue_max: int = DEAD_QUEUE_MAX,
-                      owned_store: Store | None = None, queue_type: str = "classic") -> RabbitBus:
+    async def connect(
+        cls,
+        url: str,
+        *,
+        dead_exchange: str,
+        dead_queue: str,
+        heartbeat_s: float | None = DEFAULT_HEARTBEAT_S,
+        attempts: Attempts | None = None,
+        delivery_limit: int = DELIVERY_LIMIT,
+        dead_queue_max: int = DEAD_QUEUE_MAX,
+        owned_store: Store | None = None,
+        queue_type: str = "classic",
+    ) -> RabbitBus:
         """``attempts``: where redeliveries are counted (None: a redelivery counts as attempt 2);
         ``queue_type``: classic, or quorum (replicated, with the broker's delivery limit)."""
-        connection = await aio_pika.connect_robust(with_heartbeat(url, heartbeat_s),
-                                                   reconnect_interval=RECONNECT_INTERVAL_S)
+        connection = await aio_pika.connect_robust(
+            with_heartbeat(url, heartbeat_s), reconnect_interval=RECONNECT_INTERVAL_S
+        )
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        bus = cls(connection, publisher, dead_exchange, dead_queue, attempts=attempts,
-                  delivery_limit=delivery_limit, dead_queue_max=dead_queue_max, owned_store=owned_store,
-                  queue_type=queue_type)
+        bus = cls(
+            connection,
+            publisher,
+            dead_exchange,
+            dead_queue,
+            attempts=attempts,
+            delivery_limit=delivery_limit,
+            dead_queue_max=dead_queue_max,
+            owned_store=owned_store,
+            queue_type=queue_type,
+        )
         await bus._declare_dead_letters(dead_exchange, dead_queue)
         connection.reconnect_callbacks.add(bus._reconnected)
         return bus
@@ -466,6 +525,7 @@ class RabbitBus:
     async def _watch_cancel(self, channel: AbstractChannel, queue: str) -> None:
         """Hear the broker cancel this channel's consumer, on each channel the client opens for
         it (a reconnect opens a new one)."""
+
         async def hook() -> None:
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(lambda _frame: self._consumer_cancelled(queue))
@@ -508,8 +568,7 @@ class RabbitBus:
         above the counted ``delivery_limit``)."""
         if self.queue_type == "classic":
             return {}
-        return {"x-queue-type": "quorum",
-                "x-delivery-limit": self.delivery_limit * BROKER_DELIVERY_LIMIT_FACTOR}
+        return {"x-queue-type": "quorum", "x-delivery-limit": self.delivery_limit * BROKER_DELIVERY_LIMIT_FACTOR}
 
     def _dead_arguments(self) -> dict[str, object]:
         return {"x-max-length": self.dead_queue_max, "x-overflow": "drop-head", **self._type_arguments()}
@@ -534,9 +593,11 @@ class RabbitBus:
                     await channel.close()
             if not await self._replace_unbounded(queue):
                 break
-        log.warning("dead queue %s was declared without a length bound by an earlier version and holds "
-                    "messages: it stays unbounded until emptied (`exegpt dlq replay --all` or `exegpt dlq purge`)",
-                    queue)
+        log.warning(
+            "dead queue %s was declared without a length bound by an earlier version and holds "
+            "messages: it stays unbounded until emptied (`exegpt dlq replay --all` or `exegpt dlq purge`)",
+            queue,
+        )
         channel = await self._connection.channel()
         try:
             dead = await channel.declare_queue(queue, passive=True)
@@ -556,8 +617,9 @@ class RabbitBus:
 
     async def publish_dead(self, body: bytes, headers: Mapping[str, str], message_id: str) -> None:
         """Straight to the dead queue (confirmed), headers saying why."""
-        message = aio_pika.Message(body, headers=dict(headers), message_id=message_id,
-                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        message = aio_pika.Message(
+            body, headers=dict(headers), message_id=message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
         try:
             await self._publisher.default_exchange.publish(message, routing_key=self._dead_queue, mandatory=True)
         except DeliveryError:
@@ -579,13 +641,19 @@ class RabbitBus:
     async def declare_fanout(self, exchange: str) -> None:
         if exchange not in self._exchanges:
             self._exchanges[exchange] = await self._publisher.declare_exchange(
-                exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+                exchange, aio_pika.ExchangeType.FANOUT, durable=True
+            )
 
-    async def publish(self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None,
-                      deadline: float | None = None) -> None:
+    async def publish(
+        self, queue: str, body: bytes, *, headers: Mapping[str, str] | None = None, deadline: float | None = None
+    ) -> None:
         check_name(queue)
-        message = aio_pika.Message(body, headers=with_deadline(headers, deadline), message_id=uuid.uuid4().hex,
-                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        message = aio_pika.Message(
+            body,
+            headers=with_deadline(headers, deadline),
+            message_id=uuid.uuid4().hex,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
         try:
             await self._publisher.default_exchange.publish(message, routing_key=queue, mandatory=True)
             return
@@ -605,15 +673,17 @@ class RabbitBus:
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         await self._exchanges[exchange].publish(message, routing_key="", mandatory=False)
 
-    async def consume(self, queue: str, *, prefetch: int, auto_ack: bool = False,
-                      on_dead: OnDead | None = None) -> RabbitSubscription:
+    async def consume(
+        self, queue: str, *, prefetch: int, auto_ack: bool = False, on_dead: OnDead | None = None
+    ) -> RabbitSubscription:
         channel = await self._connection.channel()
         exclusive = bool(self._declared.get(queue))
         if self.queue_type == "quorum" and not exclusive and not auto_ack:
             declared = await channel.get_queue(queue, ensure=True)
             await self._watch_cancel(channel, queue)
             subscription: RabbitSubscription = QuorumSubscription(
-                channel, declared, prefetch, bus=self, counted=queue != self._dead_queue, on_dead=on_dead)
+                channel, declared, prefetch, bus=self, counted=queue != self._dead_queue, on_dead=on_dead
+            )
             await subscription.start()
             return subscription
         # the channel's own limit (one consumer per channel): unlike a consumer's, it can change later
@@ -625,8 +695,15 @@ class RabbitBus:
         await self._watch_cancel(channel, queue)
         return await self._start(channel, declared, auto_ack, counted=queue != self._dead_queue, on_dead=on_dead)
 
-    async def _start(self, channel: AbstractChannel, queue: AbstractQueue, auto_ack: bool = False, *,
-                     counted: bool = False, on_dead: OnDead | None = None) -> RabbitSubscription:
+    async def _start(
+        self,
+        channel: AbstractChannel,
+        queue: AbstractQueue,
+        auto_ack: bool = False,
+        *,
+        counted: bool = False,
+        on_dead: OnDead | None = None,
+    ) -> RabbitSubscription:
         subscription = RabbitSubscription(channel, queue, auto_ack, bus=self, counted=counted, on_dead=on_dead)
         await subscription.start()
         return subscription
@@ -673,4 +750,5 @@ def _mismatch(queue: str, queue_type: str, exc: Exception) -> TopologyMismatch:
     return TopologyMismatch(
         f"queue {queue} exists on the broker with other arguments than a {queue_type} queue's ({exc}); "
         f"a queue cannot change its type: drain it and delete it (`exegpt down`), or set queue_type "
-        f"to the type it has")
+        f"to the type it has"
+    )

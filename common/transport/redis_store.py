@@ -78,9 +78,15 @@ class RedisStore:
         waits on a dead peer longer than ``SOCKET_TIMEOUT_S``."""
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES)
         client = aioredis.Redis.from_url(
-            url, decode_responses=False, retry=retry, health_check_interval=HEALTH_CHECK_S,
-            socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S, socket_keepalive=True,
-            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError])
+            url,
+            decode_responses=False,
+            retry=retry,
+            health_check_interval=HEALTH_CHECK_S,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+            socket_keepalive=True,
+            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError],
+        )
         await client.ping()
         return cls(client)
 
@@ -96,8 +102,9 @@ class RedisStore:
     async def set_if_absent(self, key: str, value: bytes, *, ttl_s: float | None = None) -> bool:
         return bool(await self._redis.set(key, value, px=_ms(ttl_s), nx=True))
 
-    async def set_once_and_record(self, key: str, value: bytes, *, ttl_s: float, list_key: str,
-                                  item: bytes | None, max_len: int) -> bool:
+    async def set_once_and_record(
+        self, key: str, value: bytes, *, ttl_s: float, list_key: str, item: bytes | None, max_len: int
+    ) -> bool:
         args = [value, _ms(ttl_s), b"" if item is None else item, max_len]
         return bool(await self._set_once_and_record(keys=[key, list_key], args=args))
 
@@ -121,8 +128,9 @@ class RedisStore:
                 pipe.pexpire(key, _ms(ttl_s))
             await pipe.execute()
 
-    async def set_with_hash(self, key: str, value: bytes, hash_key: str, mapping: dict[str, str], *,
-                            ttl_s: float) -> None:
+    async def set_with_hash(
+        self, key: str, value: bytes, hash_key: str, mapping: dict[str, str], *, ttl_s: float
+    ) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(key, value, px=_ms(ttl_s))
             pipe.hset(hash_key, mapping=mapping)
@@ -157,8 +165,10 @@ class RedisStore:
         return sum([1 async for _ in self._redis.scan_iter(match=prefix + "*", count=500)])
 
     async def keys_prefix(self, prefix: str) -> list[str]:
-        return [key.decode() if isinstance(key, bytes) else key
-                async for key in self._redis.scan_iter(match=prefix + "*", count=500)]
+        return [
+            key.decode() if isinstance(key, bytes) else key
+            async for key in self._redis.scan_iter(match=prefix + "*", count=500)
+        ]
 
     async def bytes_prefix(self, prefix: str) -> int:
         keys = [key async for key in self._redis.scan_iter(match=prefix + "*", count=500)]

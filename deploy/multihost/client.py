@@ -44,15 +44,33 @@ def emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
 
-async def one_request(client, url: str, model: str, i: int, tag: str, max_tokens: int,
-                      deadline_s: float) -> dict:
+async def one_request(client, url: str, model: str, i: int, tag: str, max_tokens: int, deadline_s: float) -> dict:
     stream = i % 2 == 0  # even: SSE stream, odd: one JSON answer
     prompt = PROMPTS[i % len(PROMPTS)]
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": stream}
-    rec = {"i": i, "tag": tag, "stream": stream, "prompt": prompt, "id": None, "status": None,
-           "completed": False, "text": "", "tokens": None, "error": None, "hung": False,
-           "t_start": time.time(), "t_end": None, "t_first": None}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    rec = {
+        "i": i,
+        "tag": tag,
+        "stream": stream,
+        "prompt": prompt,
+        "id": None,
+        "status": None,
+        "completed": False,
+        "text": "",
+        "tokens": None,
+        "error": None,
+        "hung": False,
+        "t_start": time.time(),
+        "t_end": None,
+        "t_first": None,
+    }
 
     async def run() -> None:
         if not stream:
@@ -124,8 +142,18 @@ async def load(args) -> int:
                 emit({"ev": "start", "tag": args.tag, "i": i, "t": time.time()})
                 rec = await one_request(client, args.url, model, i, args.tag, args.max_tokens, args.deadline)
                 records.append(rec)
-                emit({"ev": "end", "tag": args.tag, "i": i, "ok": rec["completed"] and rec["status"] == 200,
-                      "hung": rec["hung"], "t": rec["t_end"], "id": rec["id"], "error": rec["error"]})
+                emit(
+                    {
+                        "ev": "end",
+                        "tag": args.tag,
+                        "i": i,
+                        "ok": rec["completed"] and rec["status"] == 200,
+                        "hung": rec["hung"],
+                        "t": rec["t_end"],
+                        "id": rec["id"],
+                        "error": rec["error"],
+                    }
+                )
 
         await asyncio.gather(*(slot(i) for i in range(args.n)))
     records.sort(key=lambda r: r["i"])
@@ -159,8 +187,9 @@ async def status(args) -> int:
 
     connection = await aio_pika.connect_robust(args.amqp)
     channel = await connection.channel()
-    exchange = await channel.declare_exchange(Names(args.namespace).status_exchange,
-                                              aio_pika.ExchangeType.FANOUT, durable=True)
+    exchange = await channel.declare_exchange(
+        Names(args.namespace).status_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
     queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
     await queue.bind(exchange)
     emit({"t": time.time(), "listening": True})
@@ -168,8 +197,15 @@ async def status(args) -> int:
         async for message in it:
             try:
                 s = codec.decode(message.body, WorkerStatus)
-                emit({"t": time.time(), "worker": s.worker_id, "state": s.state, "version": s.schedule_version,
-                      "running": s.running})
+                emit(
+                    {
+                        "t": time.time(),
+                        "worker": s.worker_id,
+                        "state": s.state,
+                        "version": s.schedule_version,
+                        "running": s.running,
+                    }
+                )
             except Exception as exc:  # noqa: BLE001
                 emit({"t": time.time(), "error": str(exc)[:200]})
     return 0
@@ -204,8 +240,15 @@ async def lengths(args) -> int:
         except Exception as exc:  # noqa: BLE001 - report, don't die
             out.append({"error": str(exc)})
             continue
-        out.append({"request_id": s.request_id, "worker": s.worker, "finished_at": s.finished_at,
-                    "output_len": s.output_len, "finish_reason": s.finish_reason})
+        out.append(
+            {
+                "request_id": s.request_id,
+                "worker": s.worker,
+                "finished_at": s.finished_at,
+                "output_len": s.output_len,
+                "finish_reason": s.finish_reason,
+            }
+        )
     print(json.dumps(out))
     return 0
 

@@ -113,11 +113,14 @@ def wait_for_line(proc: Proc, pattern: str, timeout_s: float) -> str:
             if rx.search(line):
                 return line
         if not proc.alive():
-            raise SetupError(f"{proc.name} exited ({proc.popen.returncode}) before '{pattern}'; "
-                             f"log {proc.log_path}:\n{tail(proc.log_path)}")
+            raise SetupError(
+                f"{proc.name} exited ({proc.popen.returncode}) before '{pattern}'; "
+                f"log {proc.log_path}:\n{tail(proc.log_path)}"
+            )
         time.sleep(0.3)
-    raise SetupError(f"{proc.name}: no '{pattern}' within {timeout_s:.0f} s; log {proc.log_path}:\n"
-                     f"{tail(proc.log_path)}")
+    raise SetupError(
+        f"{proc.name}: no '{pattern}' within {timeout_s:.0f} s; log {proc.log_path}:\n{tail(proc.log_path)}"
+    )
 
 
 def tail(path: Path, n: int = 15) -> str:
@@ -156,8 +159,9 @@ class Bed:
         Processes start seconds to minutes apart; on a tree being edited they could otherwise run
         different code (seen here: a scheduler at message schema 4, workers started later at 5)."""
         head = sh("git", "-C", str(REPO), "rev-parse", "--short", "HEAD", check=False).stdout.strip()
-        dirty = len(sh("git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no",
-                       check=False).stdout.splitlines())
+        dirty = len(
+            sh("git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", check=False).stdout.splitlines()
+        )
         self.code = f"commit {head or '?'}" + (f" + {dirty} modified tracked files" if dirty else "")
         if self.args.no_snapshot:
             self.code += " (live tree, not snapshotted)"
@@ -191,8 +195,7 @@ class Bed:
         sh("ip", "-n", core, "link", "set", "br0", "up")
         for host, port in (("hostA", "vA"), ("hostB", "vB")):
             # both ends are born inside namespaces: nothing ever appears in the root namespace
-            sh("ip", "-n", core, "link", "add", port, "type", "veth", "peer", "name", "eth0",
-               "netns", self.ns[host])
+            sh("ip", "-n", core, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", self.ns[host])
             sh("ip", "-n", core, "link", "set", port, "master", "br0")
             sh("ip", "-n", core, "link", "set", port, "up")
             sh("ip", "-n", self.ns[host], "addr", "add", f"{self.addr[host]}/24", "dev", "eth0")
@@ -203,14 +206,18 @@ class Bed:
                 if time.monotonic() > deadline:
                     raise SetupError(f"{host} cannot reach {self.addr['core']}")
                 time.sleep(0.5)
-        log(f"network {self.net}.0/24: core {self.addr['core']} (br0), hostA {self.addr['hostA']}, "
-            f"hostB {self.addr['hostB']}; namespaces {', '.join(self.ns.values())}")
+        log(
+            f"network {self.net}.0/24: core {self.addr['core']} (br0), hostA {self.addr['hostA']}, "
+            f"hostB {self.addr['hostB']}; namespaces {', '.join(self.ns.values())}"
+        )
 
     def reachable(self, host: str, addr: str) -> bool:
         """TCP to a closed port from inside ``host``: refused means the address answers (no ping here)."""
-        probe = ("import socket,sys\ns=socket.socket();s.settimeout(1)\n"
-                 f"try:\n s.connect(({addr!r},9))\nexcept ConnectionRefusedError:\n sys.exit(0)\n"
-                 "except OSError:\n sys.exit(1)\n")
+        probe = (
+            "import socket,sys\ns=socket.socket();s.settimeout(1)\n"
+            f"try:\n s.connect(({addr!r},9))\nexcept ConnectionRefusedError:\n sys.exit(0)\n"
+            "except OSError:\n sys.exit(1)\n"
+        )
         return sh("ip", "netns", "exec", self.ns[host], sys.executable, "-c", probe, check=False).returncode == 0
 
     def set_link(self, host: str, up: bool) -> None:
@@ -222,18 +229,28 @@ class Bed:
             sh("ip", "-n", self.ns[host], "link", "set", "eth0", state)
 
     # ---- processes ---------------------------------------------------------------------------
-    def spawn(self, name: str, host: str, cmd: list[str], env: dict | None = None,
-              cwd: Path | None = None) -> Proc:
+    def spawn(self, name: str, host: str, cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> Proc:
         path = self.tmp / "logs" / f"{name}.log"
         path.parent.mkdir(exist_ok=True)
         out = open(path, "ab")
         full_env = dict(os.environ)
-        full_env.update({"PYTHONUNBUFFERED": "1", "EXG_MH_SRC": str(self.src),
-                         "PYTHONPATH": os.pathsep.join(filter(None, [str(self.src), os.environ.get("PYTHONPATH")]))})
+        full_env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "EXG_MH_SRC": str(self.src),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(self.src), os.environ.get("PYTHONPATH")])),
+            }
+        )
         full_env.update(env or {})
-        popen = subprocess.Popen(["ip", "netns", "exec", self.ns[host], *cmd], stdout=out,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, env=full_env, cwd=str(cwd or self.src))
+        popen = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[host], *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=full_env,
+            cwd=str(cwd or self.src),
+        )
         out.close()
         proc = Proc(name, popen, path)
         with self.lock:
@@ -243,12 +260,34 @@ class Bed:
     def start_redis(self) -> None:
         d = self.tmp / "redis"
         d.mkdir()
-        self.redis = self.spawn("redis", "core", [
-            "redis-server", "--bind", self.addr["core"], "--port", "6379", "--save", "",
-            "--appendonly", "no", "--dir", str(d), "--protected-mode", "no", "--daemonize", "no"])
+        self.redis = self.spawn(
+            "redis",
+            "core",
+            [
+                "redis-server",
+                "--bind",
+                self.addr["core"],
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(d),
+                "--protected-mode",
+                "no",
+                "--daemonize",
+                "no",
+            ],
+        )
         deadline = time.monotonic() + 20
-        while sh("ip", "netns", "exec", self.ns["core"], "redis-cli", "-h", self.addr["core"], "ping",
-                 check=False).stdout.strip() != "PONG":
+        while (
+            sh(
+                "ip", "netns", "exec", self.ns["core"], "redis-cli", "-h", self.addr["core"], "ping", check=False
+            ).stdout.strip()
+            != "PONG"
+        ):
             if time.monotonic() > deadline or not self.redis.alive():
                 raise SetupError(f"redis did not answer:\n{tail(self.redis.log_path)}")
             time.sleep(0.3)
@@ -274,8 +313,23 @@ class Bed:
     def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
         env = dict(os.environ)
         env.update(self.rabbit_env())
-        return sh("ip", "netns", "exec", self.ns["core"], "runuser", "-u", "rabbitmq", "--",
-                  RABBITMQCTL, "-n", self.node, *args, timeout=timeout, env=env, check=check)
+        return sh(
+            "ip",
+            "netns",
+            "exec",
+            self.ns["core"],
+            "runuser",
+            "-u",
+            "rabbitmq",
+            "--",
+            RABBITMQCTL,
+            "-n",
+            self.node,
+            *args,
+            timeout=timeout,
+            env=env,
+            check=check,
+        )
 
     def start_rabbit(self) -> None:
         d = self.tmp / "rabbit"
@@ -287,26 +341,32 @@ class Bed:
             f"listeners.tcp.1 = {self.addr['core']}:5672\n"
             f"heartbeat = {BROKER_HEARTBEAT_S}\n"
             "log.console = false\n"
-            "log.file.level = info\n")
+            "log.file.level = info\n"
+        )
         subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(d)], check=True)
         # epmd of this namespace, in the foreground under our process group (not -daemon)
         self.epmd = self.spawn("epmd", "core", ["epmd", "-address", "127.0.0.1"])
         time.sleep(0.5)
-        self.rabbit = self.spawn("rabbitmq", "core", ["runuser", "-u", "rabbitmq", "--", RABBIT_SERVER],
-                                 env=self.rabbit_env(), cwd=d)
+        self.rabbit = self.spawn(
+            "rabbitmq", "core", ["runuser", "-u", "rabbitmq", "--", RABBIT_SERVER], env=self.rabbit_env(), cwd=d
+        )
         deadline = time.monotonic() + self.args.ready_timeout
         while True:
             r = self.ctl("await_startup", "--timeout", "20", check=False, timeout=40)
             if r.returncode == 0:
                 break
             if not self.rabbit.alive() or time.monotonic() > deadline:
-                raise SetupError(f"rabbitmq node {self.node} did not start: {r.stderr.strip()[-500:]}\n"
-                                 f"{tail(self.rabbit.log_path)}\n{self.rabbit_log_tail()}")
+                raise SetupError(
+                    f"rabbitmq node {self.node} did not start: {r.stderr.strip()[-500:]}\n"
+                    f"{tail(self.rabbit.log_path)}\n{self.rabbit_log_tail()}"
+                )
             time.sleep(1)
         self.ctl("add_user", "mesh", self.password)
         self.ctl("set_permissions", "-p", "/", "mesh", ".*", ".*", ".*")
-        log(f"rabbitmq node {self.node} up on {self.addr['core']}:5672 (heartbeat = {BROKER_HEARTBEAT_S} "
-            f"in its rabbitmq.conf), user mesh")
+        log(
+            f"rabbitmq node {self.node} up on {self.addr['core']}:5672 (heartbeat = {BROKER_HEARTBEAT_S} "
+            f"in its rabbitmq.conf), user mesh"
+        )
 
     def rabbit_log_file(self) -> Path:
         return self.tmp / "rabbit" / "log" / f"{self.node}.log"
@@ -324,8 +384,18 @@ class Bed:
         return f"redis://{self.addr['core']}:6379/0"
 
     def mesh_args(self) -> list[str]:
-        return ["--model", MODEL, "--threads", "1", "--amqp-url", self.amqp_url(),
-                "--redis-url", self.redis_url(), "--namespace", self.mesh_ns]
+        return [
+            "--model",
+            MODEL,
+            "--threads",
+            "1",
+            "--amqp-url",
+            self.amqp_url(),
+            "--redis-url",
+            self.redis_url(),
+            "--namespace",
+            self.mesh_ns,
+        ]
 
     def start_mesh(self) -> None:
         py = [sys.executable, "-m", "services.cli"]  # the `exegpt` console script's entry point
@@ -339,8 +409,11 @@ class Bed:
                 sup.start()
         for sup in self.supervisors:
             sup.wait_first_ready(self.args.ready_timeout)
-        self.gateway = self.spawn("gateway", "core", [*py, "gateway", *self.mesh_args(), "--host",
-                                                       self.addr["core"], "--port", "8000", "--insecure"])
+        self.gateway = self.spawn(
+            "gateway",
+            "core",
+            [*py, "gateway", *self.mesh_args(), "--host", self.addr["core"], "--port", "8000", "--insecure"],
+        )
         wait_for_line(self.gateway, r"^ready gateway ", self.args.ready_timeout)
         self.url = f"http://{self.addr['core']}:8000"
         log(f"gateway ready at {self.url}")
@@ -414,9 +487,11 @@ class WorkerSupervisor(threading.Thread):
         backoff = 2.0
         while not self.stop_event.is_set():
             wid = self.worker_id(self.gen)
-            proc = self.bed.spawn(f"worker-{wid}", self.host,
-                                  [sys.executable, "-m", "services.cli", "worker", *self.bed.mesh_args(),
-                                   "--worker-id", wid])
+            proc = self.bed.spawn(
+                f"worker-{wid}",
+                self.host,
+                [sys.executable, "-m", "services.cli", "worker", *self.bed.mesh_args(), "--worker-id", wid],
+            )
             self.current = proc
             started = time.time()
             self.events.append({"ev": "start", "worker": wid, "t": started})
@@ -433,8 +508,10 @@ class WorkerSupervisor(threading.Thread):
                 return
             rc = proc.popen.returncode
             self.events.append({"ev": "exit", "worker": wid, "t": time.time(), "rc": rc})
-            log(f"supervisor: worker {wid} on {self.host} exited ({rc}); restarting in {backoff:.0f} s\n"
-                f"{tail(proc.log_path, 8)}")
+            log(
+                f"supervisor: worker {wid} on {self.host} exited ({rc}); restarting in {backoff:.0f} s\n"
+                f"{tail(proc.log_path, 8)}"
+            )
             if not self.first_ready.is_set() and self.first_error is None:
                 self.first_error = f"{wid} exited ({rc}) before ready:\n{tail(proc.log_path)}"
             if time.time() - started > 60:
@@ -503,8 +580,11 @@ def parse_rabbit_log(path: Path) -> list[dict]:
     except OSError:
         return out
     for line in text.splitlines():
-        if "closing AMQP connection" not in line and "missed heartbeats" not in line \
-                and "client unexpectedly closed" not in line:
+        if (
+            "closing AMQP connection" not in line
+            and "missed heartbeats" not in line
+            and "client unexpectedly closed" not in line
+        ):
             continue
         m = re.match(r"(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:\.\d+)?)([+-]\d\d:\d\d)?", line)
         t = None
@@ -519,8 +599,9 @@ def parse_rabbit_log(path: Path) -> list[dict]:
 
 
 def connection_timeouts(bed: Bed) -> list[tuple[str, str, str]]:
-    r = bed.ctl("list_connections", "peer_host", "timeout", "user", "--no-table-headers", "--quiet",
-                check=False, timeout=60)
+    r = bed.ctl(
+        "list_connections", "peer_host", "timeout", "user", "--no-table-headers", "--quiet", check=False, timeout=60
+    )
     rows = []
     for line in r.stdout.splitlines():
         parts = line.split()
@@ -531,9 +612,24 @@ def connection_timeouts(bed: Bed) -> list[tuple[str, str, str]]:
 
 def run_load(bed: Bed, tag: str, n: int, cut_after: int | None) -> tuple[list[dict], float | None, LineReader]:
     out = bed.tmp / f"results-{tag}.json"
-    proc = bed.client("load", "--url", bed.url, "--n", str(n), "--concurrency", str(bed.args.concurrency),
-                      "--max-tokens", str(bed.args.max_tokens), "--deadline", str(bed.args.deadline),
-                      "--tag", tag, "--out", str(out), name=f"load-{tag}")
+    proc = bed.client(
+        "load",
+        "--url",
+        bed.url,
+        "--n",
+        str(n),
+        "--concurrency",
+        str(bed.args.concurrency),
+        "--max-tokens",
+        str(bed.args.max_tokens),
+        "--deadline",
+        str(bed.args.deadline),
+        "--tag",
+        tag,
+        "--out",
+        str(out),
+        name=f"load-{tag}",
+    )
     reader = LineReader(proc)
     reader.start()
     t_cut = None
@@ -559,8 +655,22 @@ def run_load(bed: Bed, tag: str, n: int, cut_after: int | None) -> tuple[list[di
 
 def lengths(bed: Bed) -> dict[str, list[dict]]:
     env = dict(os.environ, EXG_MH_SRC=str(bed.src))
-    r = sh("ip", "netns", "exec", bed.ns["core"], sys.executable, str(CLIENT), "lengths", "--redis",
-           bed.redis_url(), "--namespace", bed.mesh_ns, check=False, timeout=60, env=env)
+    r = sh(
+        "ip",
+        "netns",
+        "exec",
+        bed.ns["core"],
+        sys.executable,
+        str(CLIENT),
+        "lengths",
+        "--redis",
+        bed.redis_url(),
+        "--namespace",
+        bed.mesh_ns,
+        check=False,
+        timeout=60,
+        env=env,
+    )
     by_id: dict[str, list[dict]] = {}
     try:
         for s in json.loads(r.stdout):
@@ -599,8 +709,19 @@ def host_health(bed: Bed, host: str) -> list[str]:
         if not m:
             out.append(f"{sup.current.name}: no ops URL in its log")
             continue
-        r = sh("ip", "netns", "exec", bed.ns[host], sys.executable, str(CLIENT), "health", "--url", m[-1],
-               check=False, timeout=30)
+        r = sh(
+            "ip",
+            "netns",
+            "exec",
+            bed.ns[host],
+            sys.executable,
+            str(CLIENT),
+            "health",
+            "--url",
+            m[-1],
+            check=False,
+            timeout=30,
+        )
         out.append(f"{sup.current.name} /health/ready: {r.stdout.strip() or r.stderr.strip()[-200:]}")
     return out
 
@@ -622,8 +743,10 @@ def experiment(bed: Bed) -> int:
     # ---- phase 1: load with the cut ---------------------------------------------------------
     n = args.requests
     cut_after = max(1, math.ceil(n / 3))
-    log(f"phase 1: {n} requests, {args.concurrency} at a time, max_tokens {args.max_tokens}, "
-        f"deadline {args.deadline:.0f} s; cut after {cut_after} completions")
+    log(
+        f"phase 1: {n} requests, {args.concurrency} at a time, max_tokens {args.max_tokens}, "
+        f"deadline {args.deadline:.0f} s; cut after {cut_after} completions"
+    )
     t_load = time.time()
     recs, t_cut, load_reader = run_load(bed, "main", n, cut_after)
     t_load_end = time.time()
@@ -739,44 +862,94 @@ def experiment(bed: Bed) -> int:
     add(("product code", bed.code))
     add(("namespaces", ", ".join(bed.ns.values())))
     add(("network", f"{bed.net}.0/24, cut = link down on the {args.cut} side of hostA"))
-    add(("workers", f"{args.workers_per_host} per host; supervisor restarts with backoff: {len(restarts)}"
-                    + ("" if not restarts else " (" + ", ".join(f"{e['worker']} rc={e['rc']} at "
-                                                             f"{'+%.0fs' % (e['t'] - t_cut) if t_cut else '?'}"
-                                                             for e in restarts) + ")")))
-    add(("AMQP heartbeat", f"broker config {BROKER_HEARTBEAT_S} s; negotiated per connection (rabbitmqctl): "
-                           f"{', '.join(hb_values) or '?'} s at start, "
-                           f"{', '.join(sorted({c[1] for c in conns_after})) or '?'} s at the end"))
+    add(
+        (
+            "workers",
+            f"{args.workers_per_host} per host; supervisor restarts with backoff: {len(restarts)}"
+            + (
+                ""
+                if not restarts
+                else " ("
+                + ", ".join(
+                    f"{e['worker']} rc={e['rc']} at {'+%.0fs' % (e['t'] - t_cut) if t_cut else '?'}" for e in restarts
+                )
+                + ")"
+            ),
+        )
+    )
+    add(
+        (
+            "AMQP heartbeat",
+            f"broker config {BROKER_HEARTBEAT_S} s; negotiated per connection (rabbitmqctl): "
+            f"{', '.join(hb_values) or '?'} s at start, "
+            f"{', '.join(sorted({c[1] for c in conns_after})) or '?'} s at the end",
+        )
+    )
     eff = [int(v) for v in hb_values if v.isdigit()]
     if eff:
         h = max(eff)
-        add(("detection implied", f"broker drops a silent client after {h}-{2 * h} s (1-2 heartbeat "
-                                  f"intervals); aiormq client side after ({h}+1)*3 = {(h + 1) * 3} s "
-                                  f"without a frame"))
-    add(("phase 1 requests", f"sent {len(recs)}, completed {len(main_c['ok'])}, failed {len(main_c['failed'])}, "
-                             f"hung {len(main_c['hung'])} (deadline {args.deadline:.0f} s)"))
+        add(
+            (
+                "detection implied",
+                f"broker drops a silent client after {h}-{2 * h} s (1-2 heartbeat "
+                f"intervals); aiormq client side after ({h}+1)*3 = {(h + 1) * 3} s "
+                f"without a frame",
+            )
+        )
+    add(
+        (
+            "phase 1 requests",
+            f"sent {len(recs)}, completed {len(main_c['ok'])}, failed {len(main_c['failed'])}, "
+            f"hung {len(main_c['hung'])} (deadline {args.deadline:.0f} s)",
+        )
+    )
     add(("phase 1 wall time", f"{t_load_end - t_load:.1f} s; cut at +{(t_cut or t_load) - t_load:.1f} s"))
     if t_cut:
         add(("first completion after cut", f"+{first_after - t_cut:.1f} s" if first_after else "none"))
         if longest:
-            add(("longest stall after cut", f"{longest[0]:.1f} s (from +{longest[1] - t_cut:.1f} to "
-                                            f"+{longest[2] - t_cut:.1f} s)"))
+            add(
+                (
+                    "longest stall after cut",
+                    f"{longest[0]:.1f} s (from +{longest[1] - t_cut:.1f} to +{longest[2] - t_cut:.1f} s)",
+                )
+            )
         if longest and longest[0] > 5:
             add(("completions resumed", f"+{longest[2] - t_cut:.1f} s after the cut (end of the longest stall)"))
         held_ok = [r for r in stuck if not r["hung"]]
         held_hung = [r for r in stuck if r["hung"]]
-        add(("requests held up by the cut", f"{len(stuck)} took > {max(10.0, 10 * base_lat):.0f} s (median "
-                                            f"before the cut {base_lat:.2f} s): {len(held_hung)} hung (deadline), "
-                                            f"{len(held_ok)} answered late"))
+        add(
+            (
+                "requests held up by the cut",
+                f"{len(stuck)} took > {max(10.0, 10 * base_lat):.0f} s (median "
+                f"before the cut {base_lat:.2f} s): {len(held_hung)} hung (deadline), "
+                f"{len(held_ok)} answered late",
+            )
+        )
         if held_hung:
-            add(("  hung ones", "started " + ", ".join(f"+{r['t_start'] - t_cut:.0f}s" for r in held_hung)
-                 + " after the cut; given up at the deadline"))
+            add(
+                (
+                    "  hung ones",
+                    "started "
+                    + ", ".join(f"+{r['t_start'] - t_cut:.0f}s" for r in held_hung)
+                    + " after the cut; given up at the deadline",
+                )
+            )
         if held_ok:
-            add(("  late ones", "started/answered " + ", ".join(
-                f"+{r['t_start'] - t_cut:.0f}/+{r['t_end'] - t_cut:.0f}s" for r in held_ok)))
+            add(
+                (
+                    "  late ones",
+                    "started/answered "
+                    + ", ".join(f"+{r['t_start'] - t_cut:.0f}/+{r['t_end'] - t_cut:.0f}s" for r in held_ok),
+                )
+            )
         last_done = max((r["t_end"] for r in main_c["ok"]), default=t_cut)
         add(("all phase-1 requests answered at", f"+{last_done - t_cut:.1f} s after the cut"))
-        add(("scheduler dropped hostA", f"+{a_ids_gone_at - t_cut:.1f} s after the cut" if a_ids_gone_at
-             else "never (still in the allocation)"))
+        add(
+            (
+                "scheduler dropped hostA",
+                f"+{a_ids_gone_at - t_cut:.1f} s after the cut" if a_ids_gone_at else "never (still in the allocation)",
+            )
+        )
         if rabbit_events:
             for e in rabbit_events[:4]:
                 add(("broker log", f"+{e['t'] - t_cut:.1f} s: {e['line'][-160:]}"))
@@ -788,24 +961,63 @@ def experiment(bed: Bed) -> int:
     before = [e for e in a_status if t_cut and e["t"] <= t_restore]
     after = [e for e in a_status if e["t"] > t_restore]
     if t_cut:
-        add(("hostA status heartbeats", (f"last before the restore at {before[-1]['t'] - t_cut:+.1f} s rel. cut"
-                                         if before else "none before the restore")
-             + (f"; after the restore: {len(after)}, first at +{after[0]['t'] - t_restore:.1f} s "
-                f"({after[0]['worker']}, {after[0]['state']})" if after else "; NONE after the restore")))
+        add(
+            (
+                "hostA status heartbeats",
+                (
+                    f"last before the restore at {before[-1]['t'] - t_cut:+.1f} s rel. cut"
+                    if before
+                    else "none before the restore"
+                )
+                + (
+                    f"; after the restore: {len(after)}, first at +{after[0]['t'] - t_restore:.1f} s "
+                    f"({after[0]['worker']}, {after[0]['state']})"
+                    if after
+                    else "; NONE after the restore"
+                ),
+            )
+        )
     for line in health_after:
         add(("hostA after restore", line))
-    add(("hostA rejoined", f"yes, {a_back_at - t_restore:.1f} s after the restore" if a_back_at
-         else f"NO (not in the allocation within {args.rejoin_timeout:.0f} s)"))
-    add(("phase 3 requests", f"sent {len(after_recs)}, completed {len(after_c['ok'])}, failed "
-                             f"{len(after_c['failed'])}, hung {len(after_c['hung'])}; served: "
-                             + (", ".join(f"{k}: {v}" for k, v in sorted(served_after.items())) or "?")))
-    add(("answered, not settled", f"{len(unsettled)} (answered to the client, but no done marker / length "
-                                   f"sample in Redis: the serving worker never finished settling it)"
-         + ("" if not unsettled else ": " + ", ".join(f"{r['tag']}#{r['i']}" for r in unsettled))))
-    add(("duplicates", f"response ids repeated: {len(dup_ids)}; requests with >1 length sample: "
-                       f"{len(multi_samples)}; ids unique: {'yes' if not dup_ids else 'NO'}"))
-    add(("text check", "every prompt gave one text (greedy, 32 forced tokens)" if not mismatched and not wrong_len
-         else f"DIFFERENT texts for one prompt: {mismatched}; wrong token counts at {wrong_len}"))
+    add(
+        (
+            "hostA rejoined",
+            f"yes, {a_back_at - t_restore:.1f} s after the restore"
+            if a_back_at
+            else f"NO (not in the allocation within {args.rejoin_timeout:.0f} s)",
+        )
+    )
+    add(
+        (
+            "phase 3 requests",
+            f"sent {len(after_recs)}, completed {len(after_c['ok'])}, failed "
+            f"{len(after_c['failed'])}, hung {len(after_c['hung'])}; served: "
+            + (", ".join(f"{k}: {v}" for k, v in sorted(served_after.items())) or "?"),
+        )
+    )
+    add(
+        (
+            "answered, not settled",
+            f"{len(unsettled)} (answered to the client, but no done marker / length "
+            f"sample in Redis: the serving worker never finished settling it)"
+            + ("" if not unsettled else ": " + ", ".join(f"{r['tag']}#{r['i']}" for r in unsettled)),
+        )
+    )
+    add(
+        (
+            "duplicates",
+            f"response ids repeated: {len(dup_ids)}; requests with >1 length sample: "
+            f"{len(multi_samples)}; ids unique: {'yes' if not dup_ids else 'NO'}",
+        )
+    )
+    add(
+        (
+            "text check",
+            "every prompt gave one text (greedy, 32 forced tokens)"
+            if not mismatched and not wrong_len
+            else f"DIFFERENT texts for one prompt: {mismatched}; wrong token counts at {wrong_len}",
+        )
+    )
 
     print()
     print("=" * 100)
@@ -818,9 +1030,11 @@ def experiment(bed: Bed) -> int:
     if errors:
         print("\nfailed / hung requests:")
         for r in errors:
-            print(f"  {r['tag']}#{r['i']} id={r['id']} status={r['status']} "
-                  f"after {((r['t_end'] or 0) - r['t_start']):.1f} s "
-                  f"(started {'+%.1fs' % (r['t_start'] - t_cut) if t_cut else ''} rel. cut): {r['error']}")
+            print(
+                f"  {r['tag']}#{r['i']} id={r['id']} status={r['status']} "
+                f"after {((r['t_end'] or 0) - r['t_start']):.1f} s "
+                f"(started {'+%.1fs' % (r['t_start'] - t_cut) if t_cut else ''} rel. cut): {r['error']}"
+            )
     excerpts = grep_logs(bed, r"warn|error|exception|traceback|reconnect|closed|stuck|lost")
     if excerpts:
         print("\nhostA worker log excerpts (warnings/errors):")
@@ -843,8 +1057,7 @@ def experiment(bed: Bed) -> int:
         verdicts.append("hostA did not rejoin the scheduler's allocation")
     if a_served_after == 0:
         verdicts.append("hostA served none of the requests after the restore")
-    summary = {"ok": not verdicts, "problems": verdicts, "t_cut": t_cut, "t_restore": t_restore,
-               "rows": rows}
+    summary = {"ok": not verdicts, "problems": verdicts, "t_cut": t_cut, "t_restore": t_restore, "rows": rows}
     (bed.tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     if verdicts:
         print("RESULT: FAIL - " + "; ".join(verdicts))
@@ -862,16 +1075,25 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--deadline", type=float, default=120.0, help="per-request deadline, s (default 120)")
     p.add_argument("--workers-per-host", type=int, default=1, choices=(1, 2))
-    p.add_argument("--cut", choices=("bridge", "host", "both"), default="bridge",
-                   help="which side of hostA's veth goes down (default bridge)")
-    p.add_argument("--hold-cut", type=float, default=0.0,
-                   help="keep the link down at least this long after the cut (s)")
-    p.add_argument("--client-heartbeat", type=int, default=None,
-                   help="append ?heartbeat=N to the AMQP URL the services get (default: none, the "
-                        "product's client default)")
+    p.add_argument(
+        "--cut",
+        choices=("bridge", "host", "both"),
+        default="bridge",
+        help="which side of hostA's veth goes down (default bridge)",
+    )
+    p.add_argument(
+        "--hold-cut", type=float, default=0.0, help="keep the link down at least this long after the cut (s)"
+    )
+    p.add_argument(
+        "--client-heartbeat",
+        type=int,
+        default=None,
+        help="append ?heartbeat=N to the AMQP URL the services get (default: none, the product's client default)",
+    )
     p.add_argument("--rejoin-timeout", type=float, default=300.0)
-    p.add_argument("--no-snapshot", action="store_true",
-                   help="run the working tree itself, not a copy frozen at the start")
+    p.add_argument(
+        "--no-snapshot", action="store_true", help="run the working tree itself, not a copy frozen at the start"
+    )
     p.add_argument("--ready-timeout", type=float, default=180.0)
     args = p.parse_args()
     if os.geteuid() != 0:
@@ -893,8 +1115,13 @@ def main() -> int:
         bed.snapshot_code()
         log(f"product code: {bed.code}")
         # model files once, before several processes race to write them
-        sh(sys.executable, "-c", f"import sys; sys.path.insert(0, {str(bed.src)!r}); import engine; "
-                                 f"engine.load_engine({MODEL!r}, device='cpu')", timeout=300)
+        sh(
+            sys.executable,
+            "-c",
+            f"import sys; sys.path.insert(0, {str(bed.src)!r}); import engine; "
+            f"engine.load_engine({MODEL!r}, device='cpu')",
+            timeout=300,
+        )
         bed.make_network()
         bed.start_redis()
         bed.start_rabbit()
@@ -916,8 +1143,7 @@ def main() -> int:
             log("CLEAN-UP PROBLEMS: " + "; ".join(problems))
             rc = rc or 3
         else:
-            log("clean-up done: processes killed, namespaces deleted"
-                + ("" if args.keep else ", temp dir removed"))
+            log("clean-up done: processes killed, namespaces deleted" + ("" if args.keep else ", temp dir removed"))
     return rc
 
 

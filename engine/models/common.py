@@ -115,8 +115,12 @@ def pack_linears_(model: nn.Module, pack: bool = True) -> nn.Module:
 def fused_weights(model: nn.Module) -> list[torch.Tensor]:
     """The weights of the ``PackedWeight``s a model's modules hold besides their ``Linear``s' own
     (Llama's fused q/k/v and gate/up)."""
-    return [value.weight for module in model.modules() for name, value in vars(module).items()
-            if isinstance(value, PackedWeight) and not (isinstance(module, Linear) and name == "_packed")]
+    return [
+        value.weight
+        for module in model.modules()
+        for name, value in vars(module).items()
+        if isinstance(value, PackedWeight) and not (isinstance(module, Linear) and name == "_packed")
+    ]
 
 
 @dataclass
@@ -172,15 +176,15 @@ class Decodes:
     def make(cache: KVCache, live: int, padding: int, first: int = 0) -> Decodes:
         """Rows for slots ``first..first+live-1`` plus ``padding``; makes room for them in ``cache``."""
         size = live + padding
-        lengths = cache.lengths[first:first + live] or cache.lengths or [0]  # padding alone: the longest
+        lengths = cache.lengths[first : first + live] or cache.lengths or [0]  # padding alone: the longest
         t_max = max(lengths) + 1
         cache.reserve(max(cache.size, first + size), t_max)
-        live_positions = cache.lengths_t[first:first + live]
+        live_positions = cache.lengths_t[first : first + live]
         positions = live_positions
         if padding:
             positions = torch.cat([live_positions, torch.full((padding,), t_max - 1, device=cache.device)])
         mask = None
-        if live and min(cache.lengths[first:first + live]) + 1 != t_max:
+        if live and min(cache.lengths[first : first + live]) + 1 != t_max:
             keys = torch.arange(t_max, device=cache.device)
             mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (size, 1, 1, T)
         slots = torch.arange(first, first + live, device=cache.device)
@@ -208,8 +212,10 @@ class Chunks:
         starts = [cache.lengths[slot] for slot in slots]
         lengths = [len(tokens) for _, tokens in chunks]
         cache.reserve(cache.size, max(a + n for a, n in zip(starts, lengths)))
-        masks = [(torch.arange(a + n, device=device)[None, :] <= torch.arange(a, a + n, device=device)[:, None])
-                 for a, n in zip(starts, lengths)]
+        masks = [
+            (torch.arange(a + n, device=device)[None, :] <= torch.arange(a, a + n, device=device)[:, None])
+            for a, n in zip(starts, lengths)
+        ]
         positions = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lengths)])
         last = torch.cumsum(torch.tensor(lengths), 0) - 1
         ids = torch.tensor([t for _, tokens in chunks for t in tokens], dtype=torch.int64)
@@ -249,9 +255,16 @@ class Batch:
         return Batch(cache, _pad_ids(last_tokens, padding), part.positions, part, None, None)
 
     @staticmethod
-    def step(cache: KVCache, last_tokens: torch.Tensor, padding: int, prompts: list[list[int]],
-             device: torch.device, *, causal: bool = True,
-             chunks: list[tuple[int, list[int]]] = ()) -> Batch:
+    def step(
+        cache: KVCache,
+        last_tokens: torch.Tensor,
+        padding: int,
+        prompts: list[list[int]],
+        device: torch.device,
+        *,
+        causal: bool = True,
+        chunks: list[tuple[int, list[int]]] = (),
+    ) -> Batch:
         """Decode rows for slots ``0..k-1`` (last_tokens (k,)) plus ``padding``, new sequences, and
         ``(slot, tokens)`` prompt chunks."""
         if chunks:
@@ -270,10 +283,15 @@ class Batch:
         rows = torch.cat([torch.arange(dec.size, device=device), dec.size + new.last_index])
         return Batch(cache, ids, torch.cat([dec.positions, new.pad_t]), dec, new, rows)
 
-
     @staticmethod
-    def _with_chunks(cache: KVCache, last_tokens: torch.Tensor, padding: int, prompts: list[list[int]],
-                     device: torch.device, chunks: list[tuple[int, list[int]]]) -> Batch:
+    def _with_chunks(
+        cache: KVCache,
+        last_tokens: torch.Tensor,
+        padding: int,
+        prompts: list[list[int]],
+        device: torch.device,
+        chunks: list[tuple[int, list[int]]],
+    ) -> Batch:
         live = last_tokens.shape[0]
         dec = Decodes.make(cache, live, padding) if live or padding else None
         new = Prompts.add(cache, prompts, device, causal=True) if prompts else None
@@ -318,9 +336,17 @@ def to_packed(y: torch.Tensor, part: Prompts) -> torch.Tensor:
     return y.transpose(1, 2)[part.pad_b, part.pad_t]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, *,
-           scale: float | None = None, decode_bias: torch.Tensor | None = None,
-           prompt_bias: torch.Tensor | None = None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    batch: Batch,
+    *,
+    scale: float | None = None,
+    decode_bias: torch.Tensor | None = None,
+    prompt_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Causal attention for every row of ``batch``: q (R, H, D), k/v (R, Hkv, D) -> (R, H, D).
 
     Decode rows attend over their slots' caches, prompt rows over their own sequence; each part
@@ -333,8 +359,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch:
     if batch.decodes is None:
         return attend_prefill(q, k, v, layer, batch, causal=True, scale=scale, bias=prompt_bias)
     n = batch.decodes.size
-    return torch.cat([attend_decode(q[:n], k[:n], v[:n], layer, batch, scale=scale, bias=decode_bias),
-                      attend_prefill(q[n:], k[n:], v[n:], layer, batch, causal=True, scale=scale, bias=prompt_bias)])
+    return torch.cat(
+        [
+            attend_decode(q[:n], k[:n], v[:n], layer, batch, scale=scale, bias=decode_bias),
+            attend_prefill(q[n:], k[n:], v[n:], layer, batch, causal=True, scale=scale, bias=prompt_bias),
+        ]
+    )
 
 
 def _attend_parts(q, k, v, layer: int, batch: Batch, scale, decode_bias, prompt_bias) -> torch.Tensor:
@@ -346,32 +376,51 @@ def _attend_parts(q, k, v, layer: int, batch: Batch, scale, decode_bias, prompt_
         at = n
     if batch.prompts is not None:
         n = batch.prompts.input_ids.shape[0]
-        out.append(attend_prefill(q[at:at + n], k[at:at + n], v[at:at + n], layer, batch, causal=True,
-                                  scale=scale, bias=prompt_bias))
+        out.append(
+            attend_prefill(
+                q[at : at + n], k[at : at + n], v[at : at + n], layer, batch, causal=True, scale=scale, bias=prompt_bias
+            )
+        )
         at += n
     out.append(attend_chunks(q[at:], k[at:], v[at:], layer, batch, scale=scale))
     return torch.cat(out)
 
 
-def attend_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, *,
-                  scale: float | None = None) -> torch.Tensor:
+def attend_chunks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, *, scale: float | None = None
+) -> torch.Tensor:
     """Chunk rows: q (N, H, D), k/v (N, Hkv, D) -> (N, H, D). Each chunk writes its k/v after its
     slot's cached positions and attends over all of them, causally over its own tokens."""
     part, cache, out, at = batch.chunks, batch.cache.kv, [], 0
     for slot, start, n, mask in zip(part.slots, part.starts, part.lengths, part.masks):
         end = start + n
-        cache[layer, 0, slot, :, start:end] = k[at:at + n].transpose(0, 1)  # (Hkv, n, D)
-        cache[layer, 1, slot, :, start:end] = v[at:at + n].transpose(0, 1)
+        cache[layer, 0, slot, :, start:end] = k[at : at + n].transpose(0, 1)  # (Hkv, n, D)
+        cache[layer, 1, slot, :, start:end] = v[at : at + n].transpose(0, 1)
         keys, values = cache[layer, 0, slot, :, :end][None], cache[layer, 1, slot, :, :end][None]  # (1, Hkv, T, D)
-        y = F.scaled_dot_product_attention(q[at:at + n].transpose(0, 1)[None], keys, values, attn_mask=mask,
-                                           enable_gqa=q.shape[1] != k.shape[1], scale=scale)  # (1, H, n, D)
+        y = F.scaled_dot_product_attention(
+            q[at : at + n].transpose(0, 1)[None],
+            keys,
+            values,
+            attn_mask=mask,
+            enable_gqa=q.shape[1] != k.shape[1],
+            scale=scale,
+        )  # (1, H, n, D)
         out.append(y[0].transpose(0, 1))
         at += n
     return torch.cat(out)
 
 
-def attend_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, *,
-                   causal: bool, scale: float | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def attend_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    batch: Batch,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Prompt rows: q (N, H, D), k/v (N, Hkv, D) -> (N, H, D); writes k/v into the new slots.
 
     ``bias``: an additive (B or 1, H, T, T) float term that replaces the part's causal and length
@@ -379,18 +428,27 @@ def attend_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
     part = batch.prompts
     qp, kp, vp = to_padded(q, part), to_padded(k, part), to_padded(v, part)  # (B, h, T, D)
     s0, t = part.first_slot, part.t_max
-    batch.cache.kv[layer, 0, s0:s0 + part.size, :, :t] = kp
-    batch.cache.kv[layer, 1, s0:s0 + part.size, :, :t] = vp
+    batch.cache.kv[layer, 0, s0 : s0 + part.size, :, :t] = kp
+    batch.cache.kv[layer, 1, s0 : s0 + part.size, :, :t] = vp
     mask, is_causal = part.mask, causal and part.mask is None
     if bias is not None:
         mask, is_causal = bias, False
-    y = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=is_causal,
-                                       enable_gqa=q.shape[1] != k.shape[1], scale=scale)
+    y = F.scaled_dot_product_attention(
+        qp, kp, vp, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1], scale=scale
+    )
     return to_packed(y, part)
 
 
-def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, *,
-                  scale: float | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def attend_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    batch: Batch,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Decode rows: q (B, H, D), k/v (B, Hkv, D) -> (B, H, D); live rows append k/v at their slot's
     own position, padding rows write nothing. ``bias``: an additive (B, H, 1, T) float term that
     replaces the part's length mask (fold it in)."""
@@ -407,11 +465,12 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
     else:
         cache[layer, 0][part.slots, :, part.live_positions] = k
         cache[layer, 1][part.slots, :, part.live_positions] = v
-    keys = cache[layer, 0, part.first:part.first + b, :, : part.t_max]  # (B, Hkv, T, D)
-    values = cache[layer, 1, part.first:part.first + b, :, : part.t_max]
+    keys = cache[layer, 0, part.first : part.first + b, :, : part.t_max]  # (B, Hkv, T, D)
+    values = cache[layer, 1, part.first : part.first + b, :, : part.t_max]
     if bias is not None:  # T5: SDPA takes the additive bias in its kernel
-        y = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=bias, scale=scale,
-                                           enable_gqa=h != hkv)  # (B, H, 1, D)
+        y = F.scaled_dot_product_attention(
+            q[:, :, None], keys, values, attn_mask=bias, scale=scale, enable_gqa=h != hkv
+        )  # (B, H, 1, D)
         return y[:, :, 0]
     # query heads sharing one kv head become that head's query rows: no copy of the cache for GQA.
     # One query row per head is too small for SDPA's kernels to pay off; two matmuls are faster.
@@ -419,7 +478,7 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
     if q.device.type == "cpu" and q.dtype != torch.float32:
         # CPU bf16/fp16 matmuls of these small shapes are slower than converting to float32 first
         qg, keys, values = qg.float(), keys.float(), values.float()
-    scores = torch.matmul(qg, keys.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)  # (B, Hkv, G, T)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)  # (B, Hkv, G, T)
     if part.mask is not None:
         scores = scores.masked_fill(~part.mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)

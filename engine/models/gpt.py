@@ -56,14 +56,39 @@ class ModelArgs:
                 raise ValueError("OPT without biases or affine layer norms is not supported")
             pre = c.get("do_layer_norm_before", True)
             proj = c.get("word_embed_proj_dim", c["hidden_size"])
-            return cls("opt", c["vocab_size"], c["hidden_size"], c["ffn_dim"], c["num_hidden_layers"],
-                       c["num_attention_heads"], c["max_position_embeddings"], 2, c.get("activation_function", "relu"),
-                       1e-5, pre, pre and not c.get("_remove_final_layer_norm", False),
-                       proj if proj != c["hidden_size"] else None, c.get("eos_token_id"))
+            return cls(
+                "opt",
+                c["vocab_size"],
+                c["hidden_size"],
+                c["ffn_dim"],
+                c["num_hidden_layers"],
+                c["num_attention_heads"],
+                c["max_position_embeddings"],
+                2,
+                c.get("activation_function", "relu"),
+                1e-5,
+                pre,
+                pre and not c.get("_remove_final_layer_norm", False),
+                proj if proj != c["hidden_size"] else None,
+                c.get("eos_token_id"),
+            )
         hidden = c["n_embd"]
-        return cls("gpt2", c["vocab_size"], hidden, c.get("n_inner") or 4 * hidden, c["n_layer"], c["n_head"],
-                   c["n_positions"], 0, c.get("activation_function", "gelu_new"), c.get("layer_norm_epsilon", 1e-5),
-                   True, True, None, c.get("eos_token_id"))
+        return cls(
+            "gpt2",
+            c["vocab_size"],
+            hidden,
+            c.get("n_inner") or 4 * hidden,
+            c["n_layer"],
+            c["n_head"],
+            c["n_positions"],
+            0,
+            c.get("activation_function", "gelu_new"),
+            c.get("layer_norm_epsilon", 1e-5),
+            True,
+            True,
+            None,
+            c.get("eos_token_id"),
+        )
 
 
 class Attention(nn.Module):
@@ -180,8 +205,13 @@ def gpt2_to_opt_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """GPT-2 checkpoint names and Conv1D (in, out) weights to our (OPT-named, (out, in)) layout."""
     out: dict[str, torch.Tensor] = {}
     top = {"wte": "embed_tokens", "wpe": "embed_positions", "ln_f": "final_layer_norm"}
-    inner = {"ln_1": "self_attn_layer_norm", "ln_2": "final_layer_norm", "attn.c_proj": "self_attn.out_proj",
-             "mlp.c_fc": "fc1", "mlp.c_proj": "fc2"}
+    inner = {
+        "ln_1": "self_attn_layer_norm",
+        "ln_2": "final_layer_norm",
+        "attn.c_proj": "self_attn.out_proj",
+        "mlp.c_fc": "fc1",
+        "mlp.c_proj": "fc2",
+    }
     for name, t in state.items():
         name = name.removeprefix("transformer.")
         parts = name.split(".")

@@ -145,7 +145,7 @@ class Attention(nn.Module):
         if self._qkv is not None:
             qkv = self._qkv(x).view(n, h + 2 * hkv, self.head_dim)  # (N, H + 2Hkv, D)
             qk = apply_rope(qkv[:, : h + hkv], cos, sin)  # q and k rotated together
-            q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv:]  # (N, H, D), (N, Hkv, D), (N, Hkv, D)
+            q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv :]  # (N, H, D), (N, Hkv, D), (N, Hkv, D)
         else:
             q = apply_rope(self.q_proj(x).view(n, h, self.head_dim), cos, sin)  # (N, H, D)
             k = apply_rope(self.k_proj(x).view(n, hkv, self.head_dim), cos, sin)  # (N, Hkv, D)
@@ -179,7 +179,7 @@ def _view_params(fused: torch.Tensor, linears: list[Linear]) -> None:
     start = 0
     for lin in linears:
         rows = lin.weight.shape[0]
-        lin.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+        lin.weight = nn.Parameter(fused[start : start + rows], requires_grad=False)
         start += rows
 
 

@@ -57,14 +57,26 @@ class ModelArgs:
             act = "gelu_new"  # T5 v1.1 checkpoints mean the tanh approximation here
         if act not in ("relu", "gelu", "gelu_new"):
             raise ValueError(f"unsupported T5 feed_forward_proj {proj!r}")
-        return cls(c["vocab_size"], c["d_model"], c["d_kv"], c["d_ff"], c["num_layers"],
-                   c.get("num_decoder_layers") or c["num_layers"], c["num_heads"],
-                   c.get("relative_attention_num_buckets", 32), c.get("relative_attention_max_distance", 128),
-                   c.get("layer_norm_epsilon", 1e-6), gated, act, c.get("tie_word_embeddings", True),
-                   # older configs imply the rescale by tying; newer ones say so explicitly
-                   c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True)),
-                   c.get("decoder_start_token_id", 0) or 0, c.get("eos_token_id", 1),
-                   c.get("n_positions", 512))
+        return cls(
+            c["vocab_size"],
+            c["d_model"],
+            c["d_kv"],
+            c["d_ff"],
+            c["num_layers"],
+            c.get("num_decoder_layers") or c["num_layers"],
+            c["num_heads"],
+            c.get("relative_attention_num_buckets", 32),
+            c.get("relative_attention_max_distance", 128),
+            c.get("layer_norm_epsilon", 1e-6),
+            gated,
+            act,
+            c.get("tie_word_embeddings", True),
+            # older configs imply the rescale by tying; newer ones say so explicitly
+            c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True)),
+            c.get("decoder_start_token_id", 0) or 0,
+            c.get("eos_token_id", 1),
+            c.get("n_positions", 512),
+        )
 
 
 def relative_bucket(rel: torch.Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -78,8 +90,10 @@ def relative_bucket(rel: torch.Tensor, *, bidirectional: bool, num_buckets: int,
     else:
         dist = (-rel).clamp(min=0)
     exact = num_buckets // 2
-    log_part = exact + (torch.log(dist.float().clamp(min=1) / exact) / math.log(max_distance / exact)
-                        * (num_buckets - exact)).long()
+    log_part = (
+        exact
+        + (torch.log(dist.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)).long()
+    )
     log_part = log_part.clamp(max=num_buckets - 1)
     return bucket + torch.where(dist < exact, dist, log_part)
 
@@ -170,8 +184,12 @@ class Stack(nn.Module):
 
     def position_bias(self, rel: torch.Tensor, a: ModelArgs, *, bidirectional: bool) -> torch.Tensor:
         """rel (..., Q, K) relative positions -> (..., H, Q, K) additive bias."""
-        buckets = relative_bucket(rel, bidirectional=bidirectional, num_buckets=a.relative_attention_num_buckets,
-                                  max_distance=a.relative_attention_max_distance)
+        buckets = relative_bucket(
+            rel,
+            bidirectional=bidirectional,
+            num_buckets=a.relative_attention_num_buckets,
+            max_distance=a.relative_attention_max_distance,
+        )
         # a pipeline stage without layer 0 keeps its bias table aside (``engine.parallel``)
         table = self.__dict__.get("kept_bias") or self.block[0].layer[0].SelfAttention.relative_attention_bias
         bias = table(buckets)  # (..., Q, K, H)
@@ -240,8 +258,8 @@ class T5(nn.Module):
         s0, s, cache = part.first_slot, part.t_max, batch.cache
         for local, i in enumerate(layers):
             att = self.decoder.block[i].layer[1].EncDecAttention
-            cache.kv[local, 0, s0:s0 + part.size, :, :s] = to_padded(att.heads(att.k, enc), part)
-            cache.kv[local, 1, s0:s0 + part.size, :, :s] = to_padded(att.heads(att.v, enc), part)
+            cache.kv[local, 0, s0 : s0 + part.size, :, :s] = to_padded(att.heads(att.k, enc), part)
+            cache.kv[local, 1, s0 : s0 + part.size, :, :s] = to_padded(att.heads(att.v, enc), part)
 
     # ---- decoder -------------------------------------------------------------------------------
 
@@ -275,7 +293,7 @@ class T5(nn.Module):
         x = x if batch.logit_rows is None else x[batch.logit_rows]  # (B, C)
         x = self.decoder.final_layer_norm(x)
         if self.args.scale_decoder_outputs:
-            x = x * self.args.d_model ** -0.5
+            x = x * self.args.d_model**-0.5
         return self.lm_head(x).float()  # (B, V)
 
     def _self_biases(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -328,7 +346,7 @@ def _cross_parts(batch: Batch, cross: KVCache) -> list[_CrossPart]:
         parts.append(_CrossPart(slice(0, d.size), 0, d.size, s, mask, None))
     if batch.prompts is not None:
         p = batch.prompts
-        lengths = cross.lengths[p.first_slot:p.first_slot + p.size]
+        lengths = cross.lengths[p.first_slot : p.first_slot + p.size]
         s = max(lengths)
         mask = (torch.arange(s)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :].to(dev)
         start = batch.decodes.size if batch.decodes is not None else 0
@@ -340,8 +358,8 @@ def _attend_cross(q: torch.Tensor, kv: torch.Tensor, parts: list[_CrossPart]) ->
     """q (N, H, D) over one layer's cross cache kv (2, Bcap, H, S, D) -> (N, H, D)."""
     out = []
     for part in parts:
-        keys = kv[0, part.first:part.first + part.size, :, : part.s]  # (B, H, S, D)
-        values = kv[1, part.first:part.first + part.size, :, : part.s]
+        keys = kv[0, part.first : part.first + part.size, :, : part.s]  # (B, H, S, D)
+        values = kv[1, part.first : part.first + part.size, :, : part.s]
         if part.prompts is None:  # one query per slot
             y = F.scaled_dot_product_attention(q[part.rows, :, None], keys, values, attn_mask=part.mask, scale=1.0)
             out.append(y[:, :, 0])  # (B, H, D)

@@ -73,8 +73,12 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(what if kind == "one" else 1)
             try:
                 for b in batches:
-                    prompts = [GenerationRequest(f"r{i}", tuple((7 * i + j) % 200 + 10 for j in range(args.prompt_len)),
-                                                 params) for i in range(b)]
+                    prompts = [
+                        GenerationRequest(
+                            f"r{i}", tuple((7 * i + j) % 200 + 10 for j in range(args.prompt_len)), params
+                        )
+                        for i in range(b)
+                    ]
                     engine.prefill(prompts)  # warm-up: first calls of a fresh process cost more
                     engine.decode_step()
                     for r in prompts:
@@ -94,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
                 if kind == "group":
                     engine.runner.close()
     base = "1 process, 1 thread"
-    print(f"{args.model}: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeats}; "
-          f"ratios against {base}")
+    print(
+        f"{args.model}: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeats}; "
+        f"ratios against {base}"
+    )
     print(f"{'configuration':<22} {'batch':>5} {'prefill tok/s':>14} {'ratio':>6} {'decode tok/s':>13} {'ratio':>6}")
     for b in batches:
         p0, d0 = best[(base, b)]

@@ -74,9 +74,11 @@ class CollectiveTimes:
 
     def describe(self) -> str:
         lo, hi = self.sizes[0].nbytes, self.sizes[-1].nbytes
-        return (f"{self.backend} all-reduce and send/recv of CPU tensors between {self.processes} processes on "
-                f"loopback, {len(self.sizes)} sizes {size_text(lo)}..{size_text(hi)}, median of up to "
-                f"{max(s.samples for s in self.sizes)} rounds each")
+        return (
+            f"{self.backend} all-reduce and send/recv of CPU tensors between {self.processes} processes on "
+            f"loopback, {len(self.sizes)} sizes {size_text(lo)}..{size_text(hi)}, median of up to "
+            f"{max(s.samples for s in self.sizes)} rounds each"
+        )
 
 
 def size_text(nbytes: float) -> str:
@@ -112,6 +114,7 @@ def fit_alpha_beta(nbytes: Sequence[float], seconds: Sequence[float]) -> AlphaBe
 
 # ---- the measurement (both ranks) --------------------------------------------------------------
 
+
 def _schedule(rank: int, sizes: Sequence[int], repeats: int, budget_s: float) -> list[SizeTimes]:
     """Both ranks run this in step; rank 0's clock counts. Rounds go over every size in turn, so a
     burst of load from elsewhere on the machine lands on all sizes alike rather than on one."""
@@ -139,8 +142,7 @@ def _schedule(rank: int, sizes: Sequence[int], repeats: int, budget_s: float) ->
     start, done = time.perf_counter(), -WARMUP_ROUNDS
     while True:
         if rank == 0:  # rank 0 decides for both whether another round runs
-            go[0] = int(done < min(MIN_REPEATS, repeats)
-                        or (done < repeats and time.perf_counter() - start < budget_s))
+            go[0] = int(done < min(MIN_REPEATS, repeats) or (done < repeats and time.perf_counter() - start < budget_s))
         dist.broadcast(go, src=0)
         if not go.item():
             break
@@ -154,12 +156,18 @@ def _schedule(rank: int, sizes: Sequence[int], repeats: int, budget_s: float) ->
 
 
 def _join(rank: int, port: int, timeout_s: float) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
-def measure(sizes: Sequence[int] = SIZES, repeats: int = REPEATS, budget_s: float = BUDGET_S,
-            timeout_s: float = TIMEOUT_S) -> CollectiveTimes:
+def measure(
+    sizes: Sequence[int] = SIZES, repeats: int = REPEATS, budget_s: float = BUDGET_S, timeout_s: float = TIMEOUT_S
+) -> CollectiveTimes:
     """All-reduce and send/recv times by size between this process (rank 0) and one helper.
     This process must not be in a torch.distributed group already; it leaves the group after."""
     from engine.parallel.procs import child_env, free_port, repo_root
@@ -171,9 +179,25 @@ def measure(sizes: Sequence[int] = SIZES, repeats: int = REPEATS, budget_s: floa
         raise RuntimeError("this process is already in a torch.distributed group; measure from another one")
     start = time.perf_counter()
     port = free_port()
-    argv = [sys.executable, "-m", "engine.parallel.collectives", "--rank", "1", "--port", str(port),
-            "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats), "--budget", str(budget_s),
-            "--timeout", str(timeout_s), "--parent", str(os.getpid())]
+    argv = [
+        sys.executable,
+        "-m",
+        "engine.parallel.collectives",
+        "--rank",
+        "1",
+        "--port",
+        str(port),
+        "--sizes",
+        ",".join(map(str, sizes)),
+        "--repeats",
+        str(repeats),
+        "--budget",
+        str(budget_s),
+        "--timeout",
+        str(timeout_s),
+        "--parent",
+        str(os.getpid()),
+    ]
     helper = subprocess.Popen(argv, cwd=repo_root(), env=child_env())
     try:
         _join(0, port, timeout_s)

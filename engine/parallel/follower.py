@@ -33,9 +33,19 @@ def main(argv: list[str] | None = None) -> int:
         die_with(args.parent)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {args.rank} %(levelname)s %(message)s")
     shape = GroupShape.from_plain(json.loads(args.shape))
-    return follow(args.model, shape, args.rank, addr=args.master_addr, port=args.master_port, device=args.device,
-                  dtype=args.dtype, num_threads=args.threads, max_context=args.max_context, models_dir=args.models_dir,
-                  quant=args.quant)
+    return follow(
+        args.model,
+        shape,
+        args.rank,
+        addr=args.master_addr,
+        port=args.master_port,
+        device=args.device,
+        dtype=args.dtype,
+        num_threads=args.threads,
+        max_context=args.max_context,
+        models_dir=args.models_dir,
+        quant=args.quant,
+    )
 
 
 if __name__ == "__main__":

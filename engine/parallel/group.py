@@ -100,16 +100,30 @@ class Stage:
     """What one rank runs: its layers of the model, its part of the KV cache, and its side of each
     command's communication."""
 
-    def __init__(self, model: nn.Module, comm: Comm, *, device: torch.device, dtype: torch.dtype,
-                 max_context: int, layers: dict[str, range]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        comm: Comm,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_context: int,
+        layers: dict[str, range],
+    ) -> None:
         self.model, self.comm, self.device, self.dtype = model, comm, device, dtype
         self.t5 = model.kind == "t5"
         self.layers = layers
         self.dec = layers["decoder" if self.t5 else "layers"]
         _, _, head_dim = model.cache_geometry()
         kv_heads = getattr(model, "local_kv_heads", full_kv_heads(model))
-        make = lambda: KVCache(len(self.dec), kv_heads, head_dim, dtype=dtype, device=device,  # noqa: E731
-                               max_context=max_context)
+        make = lambda: KVCache(
+            len(self.dec),
+            kv_heads,
+            head_dim,
+            dtype=dtype,
+            device=device,  # noqa: E731
+            max_context=max_context,
+        )
         self.cache = make()
         self.cross = make() if self.t5 else None
         self.width = hidden_width(model)
@@ -122,8 +136,9 @@ class Stage:
         op, *args = command
         return getattr(self, f"do_{op}")(*args)
 
-    def do_step(self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int],
-                padding: int) -> torch.Tensor | None:
+    def do_step(
+        self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int], padding: int
+    ) -> torch.Tensor | None:
         size, live = self.cache.size, len(last_tokens)
         ids = torch.tensor(last_tokens, dtype=torch.int64).to(self.device)
         try:
@@ -155,7 +170,7 @@ class Stage:
         pending, kept, outs = [], [], []
         for i, run in enumerate(runs):
             pad = padding if i == len(runs) - 1 else 0
-            batch = Batch.decode_run(self.cache, ids[run.start:run.stop], run.start, pad)
+            batch = Batch.decode_run(self.cache, ids[run.start : run.stop], run.start, pad)
             x = model.embed(batch) if comm.first else self._recv(len(run) + pad)
             x = model.run_layers(x, batch, self.dec)
             if not comm.last:
@@ -267,8 +282,15 @@ class Stage:
                 if r == 0:
                     parts.append(own)
                     continue
-                piece = torch.empty(layers, 2, len(split(heads, shape.tp[s], r - shape.first_rank(s))),
-                                    positions, own.shape[4], dtype=own.dtype, device=own.device)
+                piece = torch.empty(
+                    layers,
+                    2,
+                    len(split(heads, shape.tp[s], r - shape.first_rank(s))),
+                    positions,
+                    own.shape[4],
+                    dtype=own.dtype,
+                    device=own.device,
+                )
                 dist.recv(piece, r)
                 parts.append(piece)
             stages.append(torch.cat(parts, dim=2))
@@ -277,7 +299,7 @@ class Stage:
     def do_import(self, kv: torch.Tensor, generated: int) -> None:
         comm = self.comm
         heads = split(full_kv_heads(self.model), comm.shape.tp[comm.stage], comm.tp_rank)
-        mine = kv[self.dec.start:self.dec.stop, :, heads.start:heads.stop]
+        mine = kv[self.dec.start : self.dec.stop, :, heads.start : heads.stop]
         if self.cross is None:
             self.cache.append(mine)
             return
@@ -368,6 +390,7 @@ class ParallelRunner:
 
 # ---- starting a group -------------------------------------------------------------------------
 
+
 def _device_for(device: str, rank: int) -> torch.device:
     if device.startswith("cuda"):
         return torch.device("cuda", rank % max(1, torch.cuda.device_count()))
@@ -378,13 +401,26 @@ def join(shape: GroupShape, rank: int, *, addr: str, port: int, device: str) -> 
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(_device_for(device, rank))
-    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=shape.world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{addr}:{port}",
+        rank=rank,
+        world_size=shape.world,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
     return Comm(shape, rank)
 
 
-def build_stage(model: str, comm: Comm, *, device: str, dtype: torch.dtype, max_context: int | None,
-                models_dir=None, quant: str | None = None) -> tuple[Stage, Any, dict, int]:
+def build_stage(
+    model: str,
+    comm: Comm,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    max_context: int | None,
+    models_dir=None,
+    quant: str | None = None,
+) -> tuple[Stage, Any, dict, int]:
     """This rank's stage of ``model``: (stage, tokenizer, config, context limit). ``quant`` applies to
     the rank's own (sharded) projections."""
     from engine import checkpoint_layers, precision_, read_checkpoint
@@ -406,17 +442,48 @@ def build_stage(model: str, comm: Comm, *, device: str, dtype: torch.dtype, max_
     return Stage(module, comm, device=dev, dtype=dtype, max_context=context, layers=layers), tokenizer, config, context
 
 
-def spawn_followers(model: str, shape: GroupShape, *, addr: str, port: int, device: str, dtype: str | None,
-                    threads: int | None, max_context: int | None, models_dir=None,
-                    quant: str | None = None) -> list[subprocess.Popen]:
+def spawn_followers(
+    model: str,
+    shape: GroupShape,
+    *,
+    addr: str,
+    port: int,
+    device: str,
+    dtype: str | None,
+    threads: int | None,
+    max_context: int | None,
+    models_dir=None,
+    quant: str | None = None,
+) -> list[subprocess.Popen]:
     """Ranks 1..W-1 as child processes of this one (they exit when it does)."""
     procs = []
     for rank in range(1, shape.world):
-        argv = [sys.executable, "-m", "engine.parallel.follower", "--model", model, "--rank", str(rank),
-                "--shape", _plain_json(shape), "--master-addr", addr, "--master-port", str(port),
-                "--device", device, "--parent", str(os.getpid())]
-        for flag, value in (("--dtype", dtype), ("--threads", threads), ("--max-context", max_context),
-                            ("--models-dir", models_dir), ("--quant", quant)):
+        argv = [
+            sys.executable,
+            "-m",
+            "engine.parallel.follower",
+            "--model",
+            model,
+            "--rank",
+            str(rank),
+            "--shape",
+            _plain_json(shape),
+            "--master-addr",
+            addr,
+            "--master-port",
+            str(port),
+            "--device",
+            device,
+            "--parent",
+            str(os.getpid()),
+        ]
+        for flag, value in (
+            ("--dtype", dtype),
+            ("--threads", threads),
+            ("--max-context", max_context),
+            ("--models-dir", models_dir),
+            ("--quant", quant),
+        ):
             if value is not None:
                 argv += [flag, str(value)]
         procs.append(subprocess.Popen(argv, cwd=repo_root(), env=child_env()))
@@ -429,9 +496,19 @@ def _plain_json(shape: GroupShape) -> str:
     return json.dumps(shape.to_plain())
 
 
-def load_group_engine(model: str, shape: GroupShape, *, device: str = "auto", dtype: str | None = None,
-                      num_threads: int | None = None, max_context: int | None = None, models_dir=None,
-                      master_addr: str | None = None, master_port: int | None = None, quant: str | None = None):
+def load_group_engine(
+    model: str,
+    shape: GroupShape,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    num_threads: int | None = None,
+    max_context: int | None = None,
+    models_dir=None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    quant: str | None = None,
+):
     """An engine whose model runs over a group of ``shape.world`` processes, this one rank 0.
 
     Without ``master_addr`` the other ranks are started here as child processes; with it they are
@@ -451,12 +528,23 @@ def load_group_engine(model: str, shape: GroupShape, *, device: str = "auto", dt
     addr = master_addr or "127.0.0.1"
     port = master_port or free_port()
     if master_addr is None:
-        procs = spawn_followers(model, shape, addr=addr, port=port, device=dev, dtype=dtype, threads=threads,
-                                max_context=max_context, models_dir=models_dir, quant=quant)
+        procs = spawn_followers(
+            model,
+            shape,
+            addr=addr,
+            port=port,
+            device=dev,
+            dtype=dtype,
+            threads=threads,
+            max_context=max_context,
+            models_dir=models_dir,
+            quant=quant,
+        )
     try:
         comm = join(shape, 0, addr=addr, port=port, device=dev)
-        stage, tokenizer, config, context = build_stage(model, comm, device=dev, dtype=torch_dtype,
-                                                        max_context=max_context, models_dir=models_dir, quant=quant)
+        stage, tokenizer, config, context = build_stage(
+            model, comm, device=dev, dtype=torch_dtype, max_context=max_context, models_dir=models_dir, quant=quant
+        )
     except BaseException:
         for p in procs:
             p.kill()
@@ -471,17 +559,29 @@ def default_threads(processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
-def follow(model: str, shape: GroupShape, rank: int, *, addr: str, port: int, device: str = "auto",
-           dtype: str | None = None, num_threads: int | None = None, max_context: int | None = None,
-           models_dir=None, quant: str | None = None) -> int:
+def follow(
+    model: str,
+    shape: GroupShape,
+    rank: int,
+    *,
+    addr: str,
+    port: int,
+    device: str = "auto",
+    dtype: str | None = None,
+    num_threads: int | None = None,
+    max_context: int | None = None,
+    models_dir=None,
+    quant: str | None = None,
+) -> int:
     """Run rank ``rank`` (> 0) of a group until rank 0 stops it or goes away. Returns an exit status."""
     from engine import _dtype, resolve_device
 
     dev = resolve_device(device)
     torch.set_num_threads(num_threads or default_threads(shape.world))
     comm = join(shape, rank, addr=addr, port=port, device=dev)
-    stage, *_ = build_stage(model, comm, device=dev, dtype=_dtype(dtype, dev), max_context=max_context,
-                            models_dir=models_dir, quant=quant)
+    stage, *_ = build_stage(
+        model, comm, device=dev, dtype=_dtype(dtype, dev), max_context=max_context, models_dir=models_dir, quant=quant
+    )
     with torch.inference_mode():
         while True:
             try:

@@ -115,8 +115,11 @@ class GroupShape:
         return f"tp={tp} pp={self.pp} ({self.world} processes)"
 
     def to_plain(self) -> dict:
-        return {"tp": list(self.tp), "layers": list(self.layers) if self.layers is not None else None,
-                "microbatches": self.microbatches}
+        return {
+            "tp": list(self.tp),
+            "layers": list(self.layers) if self.layers is not None else None,
+            "microbatches": self.microbatches,
+        }
 
     @classmethod
     def from_plain(cls, d: dict) -> GroupShape:

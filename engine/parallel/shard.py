@@ -41,14 +41,14 @@ class RowParallel(Linear):
 
 
 def _rows(linear: Linear, rows: range) -> None:
-    linear.weight = nn.Parameter(linear.weight[rows.start:rows.stop].contiguous(), requires_grad=False)
+    linear.weight = nn.Parameter(linear.weight[rows.start : rows.stop].contiguous(), requires_grad=False)
     linear.out_features = len(rows)
     if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias[rows.start:rows.stop].contiguous(), requires_grad=False)
+        linear.bias = nn.Parameter(linear.bias[rows.start : rows.stop].contiguous(), requires_grad=False)
 
 
 def _columns(linear: Linear, cols: range, group) -> None:
-    linear.weight = nn.Parameter(linear.weight[:, cols.start:cols.stop].contiguous(), requires_grad=False)
+    linear.weight = nn.Parameter(linear.weight[:, cols.start : cols.stop].contiguous(), requires_grad=False)
     linear.in_features = len(cols)
     bias = linear.bias
     linear.bias = None
@@ -118,7 +118,7 @@ def shard_tp(model: nn.Module, tp: int, tp_rank: int, group) -> None:
         for stack in (model.encoder, model.decoder):
             table = stack.__dict__.get("kept_bias")  # a stage without block 0 holds its table aside
             if table is not None:
-                table.weight = nn.Parameter(table.weight[:, hs.q.start:hs.q.stop].contiguous(), requires_grad=False)
+                table.weight = nn.Parameter(table.weight[:, hs.q.start : hs.q.stop].contiguous(), requires_grad=False)
             for block in _kept(stack.block):
                 for part in block.layer:
                     att = getattr(part, "SelfAttention", None) or getattr(part, "EncDecAttention", None)
@@ -129,8 +129,9 @@ def shard_tp(model: nn.Module, tp: int, tp_rank: int, group) -> None:
                         att.n_head = len(hs.q)
                         table = getattr(att, "relative_attention_bias", None)
                         if table is not None:  # (buckets, H): this rank's heads
-                            table.weight = nn.Parameter(table.weight[:, hs.q.start:hs.q.stop].contiguous(),
-                                                        requires_grad=False)
+                            table.weight = nn.Parameter(
+                                table.weight[:, hs.q.start : hs.q.stop].contiguous(), requires_grad=False
+                            )
                     ff = getattr(part, "DenseReluDense", None)
                     if ff is not None:
                         for name in ("wi", "wi_0", "wi_1"):
@@ -154,12 +155,14 @@ def stage_filter(kept: dict[str, range]) -> Callable[[str], bool]:
     """Whether a checkpoint tensor belongs to a stage that keeps ``kept`` layers of each stack:
     every tensor outside the layers, and the stage's layers' own (T5: and block 0's relative
     position table, which every stage uses). Names as Hugging Face writes them (GPT-2's ``h.N``)."""
+
     def keep(name: str) -> bool:
         m = LAYER_NAME.search(name)
         if m is None:
             return True
         stack, index = m.group(1) or "layers", int(m.group(2))
         return stack not in kept or index in kept[stack] or (index == 0 and T5_BIAS in name)
+
     return keep
 
 
@@ -196,4 +199,3 @@ def keep_layers(model: nn.Module, kept: dict[str, range], state: dict[str, torch
 def hidden_width(model: nn.Module) -> int:
     a = model.args
     return a.d_model if model.kind == "t5" else a.hidden_size
-

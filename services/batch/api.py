@@ -34,10 +34,24 @@ log = logging.getLogger(__name__)
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, part headers and the purpose field
 # The upload's body, for the OpenAPI document (the route parses the stream itself, so FastAPI
 # cannot derive it).
-UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file", "purpose"], "additionalProperties": False,
-    "properties": {"file": {"type": "string", "format": "binary", "description": "JSON lines, one request each"},
-                   "purpose": {"type": "string", "enum": ["batch"]}}}}}}}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "JSON lines, one request each"},
+                        "purpose": {"type": "string", "enum": ["batch"]},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 class CreateBatch(BaseModel):
@@ -74,8 +88,9 @@ def caller_of(request: Request) -> Caller:
     return Caller(owner=entry.owner, admin=entry.scope == "admin")
 
 
-def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_depth: int = 0,
-                   limits: Limits | None = None) -> Callable[[FastAPI], Any]:
+def batch_lifespan(
+    *, run_consumer: bool = True, max_inflight: int = 16, yield_depth: int = 0, limits: Limits | None = None
+) -> Callable[[FastAPI], Any]:
     """The Batch API's state, and (``run_consumer``) a job consumer in this process.
 
     ``yield_depth``: batch jobs start only while the encode queue holds at most this many
@@ -87,8 +102,14 @@ def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_d
         config = app.state.config
         names = Names(config.namespace)
         data = BatchDir(config.batch_dir, config.namespace)
-        store = BatchStore(gateway.bus, gateway.transports.store, data, names, app.state.model.name,
-                           limits or Limits(max_tokens_limit=config.max_tokens_limit))
+        store = BatchStore(
+            gateway.bus,
+            gateway.transports.store,
+            data,
+            names,
+            app.state.model.name,
+            limits or Limits(max_tokens_limit=config.max_tokens_limit),
+        )
         app.state.batches = store
         await _adopt_legacy(gateway.transports.store, data, names)
         retention = asyncio.create_task(_expire_every(data, EXPIRE_EVERY_S))
@@ -101,11 +122,15 @@ def batch_lifespan(*, run_consumer: bool = True, max_inflight: int = 16, yield_d
         executor = MeshExecutor(gateway, app.state.model, config.request_timeout_s)
         admission = None
         if yield_depth >= 0:
-            admission = QueueDepthAdmission(gateway.bus, names.encode_queue, yield_depth,
-                                            own_waiting=executor.waiting)
-        consumer = JobConsumer(gateway.bus, data, names, executor,
-                               ConsumerConfig(f"{gateway.gateway_id}-batch", max_inflight,
-                                              config.drain_timeout_s), admission)
+            admission = QueueDepthAdmission(gateway.bus, names.encode_queue, yield_depth, own_waiting=executor.waiting)
+        consumer = JobConsumer(
+            gateway.bus,
+            data,
+            names,
+            executor,
+            ConsumerConfig(f"{gateway.gateway_id}-batch", max_inflight, config.drain_timeout_s),
+            admission,
+        )
         app.state.batch_consumer = consumer
         stop = asyncio.Event()
         task = asyncio.create_task(consumer.run(stop))
@@ -179,11 +204,13 @@ def batch_router() -> APIRouter:
         if length.isdigit() and int(length) > body_limit:
             return refused(too_large(limit))
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
-            return refused(BatchApiError(400, "send the file as multipart/form-data "
-                                         "(fields `file` and `purpose`)", "file"))
+            return refused(
+                BatchApiError(400, "send the file as multipart/form-data (fields `file` and `purpose`)", "file")
+            )
         try:
-            form = await MultiPartParser(request.headers, _counted(request.stream(), body_limit),
-                                         max_files=1, max_fields=4).parse()
+            form = await MultiPartParser(
+                request.headers, _counted(request.stream(), body_limit), max_files=1, max_fields=4
+            ).parse()
         except _TooLarge:
             return refused(too_large(limit))
         except MultiPartException as exc:
@@ -191,17 +218,23 @@ def batch_router() -> APIRouter:
         try:
             unknown = sorted(set(form.keys()) - {"file", "purpose"})
             if unknown:
-                return refused(BatchApiError(
-                    400, f"Unsupported parameter: '{unknown[0]}' is not supported by this server",
-                    unknown[0], "unsupported_parameter"))
+                return refused(
+                    BatchApiError(
+                        400,
+                        f"Unsupported parameter: '{unknown[0]}' is not supported by this server",
+                        unknown[0],
+                        "unsupported_parameter",
+                    )
+                )
             file, purpose = form.get("file"), form.get("purpose")
             if not isinstance(file, StarletteUploadFile):
                 return refused(BatchApiError(400, "the multipart field `file` is required", "file"))
             if not isinstance(purpose, str):
                 return refused(BatchApiError(400, "the field `purpose` is required", "purpose"))
             content = await file.read(limit + 1)
-            return await answer(store.upload(file.filename or "upload.jsonl", purpose, content,
-                                             caller=caller_of(request)))
+            return await answer(
+                store.upload(file.filename or "upload.jsonl", purpose, content, caller=caller_of(request))
+            )
         finally:
             await form.close()
 
@@ -218,9 +251,11 @@ def batch_router() -> APIRouter:
 
     @router.post("/v1/batches", responses=oa.error_responses(400, 401, 404, 408, 413, 503))
     async def create(body: CreateBatch, request: Request) -> Any:
-        return await answer(batches(request).create(body.input_file_id, body.endpoint,
-                                                    body.completion_window, body.metadata,
-                                                    caller=caller_of(request)))
+        return await answer(
+            batches(request).create(
+                body.input_file_id, body.endpoint, body.completion_window, body.metadata, caller=caller_of(request)
+            )
+        )
 
     @router.get("/v1/batches", responses=oa.error_responses(400, 401, 503))
     async def list_batches(request: Request, limit: int = 20) -> Any:

@@ -107,9 +107,16 @@ class ConsumerStats:
 
 
 class JobConsumer:
-    def __init__(self, bus: Bus, data: BatchDir, names: Names, executor: Executor,
-                 config: ConsumerConfig, admission: Admission | None = None,
-                 on_handled: Callable[[JobResult, bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        data: BatchDir,
+        names: Names,
+        executor: Executor,
+        config: ConsumerConfig,
+        admission: Admission | None = None,
+        on_handled: Callable[[JobResult, bool], None] | None = None,
+    ) -> None:
         self.bus, self.data, self.names = bus, data, names
         self.executor, self.config = executor, config
         self.admission = admission or Admission()
@@ -119,8 +126,9 @@ class JobConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; then stop taking jobs and let running ones finish."""
         await self.bus.declare_queue(self.names.jobs_queue)
-        subscription = await self.bus.consume(self.names.jobs_queue, prefetch=self.config.max_inflight,
-                                              on_dead=self._on_dead)
+        subscription = await self.bus.consume(
+            self.names.jobs_queue, prefetch=self.config.max_inflight, on_dead=self._on_dead
+        )
         running: set[asyncio.Task[None]] = set()
 
         async def stop_when_asked() -> None:
@@ -171,10 +179,20 @@ class JobConsumer:
         a result exists already."""
         job = codec.decode(delivery.body, BatchJob)
         now = time.time()
-        result = JobResult(job_id=job.job_id, batch_id=job.batch_id, status="failed", text="", finish_reason=None,
-                           prompt_tokens=0, completion_tokens=0, error=f"moved to the dead queue: {reason}",
-                           worker=self.config.worker_id, redelivered=delivery.redelivered,
-                           started_at=now, finished_at=now)
+        result = JobResult(
+            job_id=job.job_id,
+            batch_id=job.batch_id,
+            status="failed",
+            text="",
+            finish_reason=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+            error=f"moved to the dead queue: {reason}",
+            worker=self.config.worker_id,
+            redelivered=delivery.redelivered,
+            started_at=now,
+            finished_at=now,
+        )
         if await self.data.put_result(job.batch_id, job.job_id, codec.encode(result)):
             self.stats.stored += 1
         stored = await self.data.result(job.batch_id, job.job_id)
@@ -200,12 +218,19 @@ class JobConsumer:
 
         def result(status: str, out: JobOutput | None, error: str | None) -> JobResult:
             return JobResult(
-                job_id=job.job_id, batch_id=job.batch_id, status=status,
-                text=out.text if out else "", finish_reason=out.finish_reason if out else None,
+                job_id=job.job_id,
+                batch_id=job.batch_id,
+                status=status,
+                text=out.text if out else "",
+                finish_reason=out.finish_reason if out else None,
                 prompt_tokens=out.prompt_tokens if out else 0,
                 completion_tokens=out.completion_tokens if out else 0,
-                error=error, worker=self.config.worker_id, redelivered=redelivered,
-                started_at=started, finished_at=time.time())
+                error=error,
+                worker=self.config.worker_id,
+                redelivered=redelivered,
+                started_at=started,
+                finished_at=time.time(),
+            )
 
         if await self.data.cancelled(job.batch_id):
             return result("cancelled", None, "the batch was cancelled before this job ran")
@@ -217,8 +242,11 @@ class JobConsumer:
         except Exception as exc:
             if delivery.attempts < delivery.limit:
                 raise  # retried on another delivery (a counted attempt)
-            return result("failed", None, f"internal error at attempt {delivery.attempts} of {delivery.limit}: "
-                                          f"{failure_reason(exc)}")
+            return result(
+                "failed",
+                None,
+                f"internal error at attempt {delivery.attempts} of {delivery.limit}: {failure_reason(exc)}",
+            )
 
     async def _reply(self, job: BatchJob, result: JobResult) -> None:
         if job.reply_to is None:

@@ -44,16 +44,25 @@ def prompt_ids(job: BatchJob, tokenizer: Tokenizer, max_context: int) -> tuple[i
     if not ids:
         raise JobFailed("the prompt is empty")
     if len(ids) + job.sampling.max_tokens > max_context:
-        raise JobFailed(f"prompt ({len(ids)} tokens) plus max_tokens ({job.sampling.max_tokens}) "
-                        f"exceeds the model's context of {max_context} tokens")
+        raise JobFailed(
+            f"prompt ({len(ids)} tokens) plus max_tokens ({job.sampling.max_tokens}) "
+            f"exceeds the model's context of {max_context} tokens"
+        )
     return ids
 
 
 def sampling_params(job: BatchJob) -> SamplingParams:
     s = job.sampling
     try:
-        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k,
-                              top_p=s.top_p, seed=s.seed, stop=s.stop, ignore_eos=s.ignore_eos)
+        return SamplingParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=s.stop,
+            ignore_eos=s.ignore_eos,
+        )
     except ValueError as exc:
         raise JobFailed(str(exc)) from None
 

@@ -32,8 +32,8 @@ async def _hashes(store: Store, prefix: str, field: str) -> list[tuple[str, str,
     found = []
     for key in await store.keys_prefix(prefix):
         meta = await store.hgetall(key)
-        if field in meta and valid_id(key[len(prefix):]):
-            found.append((key, key[len(prefix):], meta))
+        if field in meta and valid_id(key[len(prefix) :]):
+            found.append((key, key[len(prefix) :], meta))
     return found
 
 
@@ -57,9 +57,16 @@ async def _queue_batches(store: Store, data: BatchDir, names: Names) -> int:
     moved = 0
     for key, batch_id, meta in await _hashes(store, names.legacy_job_batch_prefix, "count"):
         count = int(meta["count"])
-        await data.put_record(batch_id, "batch.json", {
-            "count": count, "model": meta.get("model", ""), "created_at": float(meta.get("created_at", 0)),
-            "reply_to": meta.get("reply_to", "")})
+        await data.put_record(
+            batch_id,
+            "batch.json",
+            {
+                "count": count,
+                "model": meta.get("model", ""),
+                "created_at": float(meta.get("created_at", 0)),
+                "reply_to": meta.get("reply_to", ""),
+            },
+        )
         if meta.get("cancelled") == "1":
             await data.cancel(batch_id)
         results = [names.legacy_job_result(job_id(batch_id, i)) for i in range(count)]
@@ -79,9 +86,17 @@ async def _api_batches(store: Store, data: BatchDir, names: Names) -> int:
         record = _api_record(batch_id, meta)
         if "output_file_id" not in meta:  # made before output files had random ids: the old names
             for kind, file_id in (("output", record["output_file_id"]), ("errors", record["error_file_id"])):
-                await data.put_file_meta(file_id, {
-                    "owner": record["owner"], "batch_id": batch_id, "kind": kind, "purpose": "batch_output",
-                    "filename": f"{batch_id}_{kind}.jsonl", "created_at": meta["created_at"]})
+                await data.put_file_meta(
+                    file_id,
+                    {
+                        "owner": record["owner"],
+                        "batch_id": batch_id,
+                        "kind": kind,
+                        "purpose": "batch_output",
+                        "filename": f"{batch_id}_{kind}.jsonl",
+                        "created_at": meta["created_at"],
+                    },
+                )
         await data.put_record(batch_id, "openai.json", record)
         await store.delete(key)
         await store.hset(key, {"owner": record["owner"]}, ttl_s=RESULT_TTL_S)
@@ -90,10 +105,17 @@ async def _api_batches(store: Store, data: BatchDir, names: Names) -> int:
 
 
 def _api_record(batch_id: str, meta: dict[str, str]) -> dict[str, Any]:
-    return {"input_file_id": meta["input_file_id"], "endpoint": meta["endpoint"],
-            "owner": meta.get("owner", ANONYMOUS), "completion_window": meta.get("completion_window", "24h"),
-            "created_at": meta["created_at"], "created_ns": int(meta["created_at"]) * 10**9,
-            "metadata": json.loads(meta.get("metadata", "{}")), "total": int(meta["total"]),
-            "output_file_id": meta.get("output_file_id", f"file-{batch_id}-output"),
-            "error_file_id": meta.get("error_file_id", f"file-{batch_id}-errors"),
-            "valid": json.loads(meta["valid"]), "invalid": json.loads(meta["invalid"])}
+    return {
+        "input_file_id": meta["input_file_id"],
+        "endpoint": meta["endpoint"],
+        "owner": meta.get("owner", ANONYMOUS),
+        "completion_window": meta.get("completion_window", "24h"),
+        "created_at": meta["created_at"],
+        "created_ns": int(meta["created_at"]) * 10**9,
+        "metadata": json.loads(meta.get("metadata", "{}")),
+        "total": int(meta["total"]),
+        "output_file_id": meta.get("output_file_id", f"file-{batch_id}-output"),
+        "error_file_id": meta.get("error_file_id", f"file-{batch_id}-errors"),
+        "valid": json.loads(meta["valid"]),
+        "invalid": json.loads(meta["invalid"]),
+    }

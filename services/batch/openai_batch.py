@@ -37,8 +37,7 @@ from services.front import openai_api as oa
 
 
 class BatchApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
 
@@ -89,8 +88,12 @@ class Caller:
 
 
 def _error_line(line_no: int, custom_id: str | None, code: str, message: str) -> dict[str, Any]:
-    return {"id": f"batch_req_line{line_no}", "custom_id": custom_id, "response": None,
-            "error": {"code": code, "message": message, "line": line_no}}
+    return {
+        "id": f"batch_req_line{line_no}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message, "line": line_no},
+    }
 
 
 def _new_file_id() -> str:
@@ -101,8 +104,7 @@ class BatchStore:
     """Files and batches, each with an owner. A caller that may not see one gets the same 404 as
     for an id that does not exist (existence is not revealed)."""
 
-    def __init__(self, bus: Bus, store: Store, data: BatchDir, names: Names, model: str,
-                 limits: Limits) -> None:
+    def __init__(self, bus: Bus, store: Store, data: BatchDir, names: Names, model: str, limits: Limits) -> None:
         self.bus, self.store, self.data, self.names = bus, store, data, names
         self.model, self.limits = model, limits
         self.producer = JobProducer(bus, data, names)
@@ -112,21 +114,32 @@ class BatchStore:
         return f"{self.names.openai_batches}:owner:{hashlib.sha256(owner.encode()).hexdigest()[:32]}"
 
     # --- files ----------------------------------------------------------------------------
-    async def upload(self, filename: str, purpose: str, content: bytes,
-                     *, caller: Caller) -> dict[str, Any]:
+    async def upload(self, filename: str, purpose: str, content: bytes, *, caller: Caller) -> dict[str, Any]:
         if purpose != "batch":
             raise BatchApiError(400, f"purpose must be 'batch', got {purpose!r}", "purpose")
         if len(content) > self.limits.max_file_bytes:
             raise too_large(self.limits.max_file_bytes)
         lines = _count_lines(content, self.limits.max_lines)
         if lines > self.limits.max_lines:
-            raise BatchApiError(400, f"the file has more than {self.limits.max_lines} requests "
-                                "(non-empty lines); split it into several batches", "file",
-                                "too_many_lines")
+            raise BatchApiError(
+                400,
+                f"the file has more than {self.limits.max_lines} requests "
+                "(non-empty lines); split it into several batches",
+                "file",
+                "too_many_lines",
+            )
         file_id = _new_file_id()
-        await self.data.put_file(file_id, content, {
-            "filename": filename, "purpose": purpose, "bytes": str(len(content)),
-            "created_at": str(int(time.time())), "owner": caller.owner})
+        await self.data.put_file(
+            file_id,
+            content,
+            {
+                "filename": filename,
+                "purpose": purpose,
+                "bytes": str(len(content)),
+                "created_at": str(int(time.time())),
+                "owner": caller.owner,
+            },
+        )
         return await self.file_object(file_id, caller=caller)
 
     async def _file_meta(self, file_id: str, caller: Caller) -> dict[str, str]:
@@ -142,9 +155,15 @@ class BatchStore:
             size = len(await self._generated(file_id, meta))
         else:
             size = int(meta["bytes"])
-        return {"id": file_id, "object": "file", "bytes": size,
-                "created_at": int(meta["created_at"]), "filename": meta["filename"],
-                "purpose": meta["purpose"], "status": "processed"}
+        return {
+            "id": file_id,
+            "object": "file",
+            "bytes": size,
+            "created_at": int(meta["created_at"]),
+            "filename": meta["filename"],
+            "purpose": meta["purpose"],
+            "status": "processed",
+        }
 
     async def file_content(self, file_id: str, *, caller: Caller) -> bytes:
         meta = await self._file_meta(file_id, caller)
@@ -170,8 +189,15 @@ class BatchStore:
         return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
     # --- batches --------------------------------------------------------------------------
-    async def create(self, input_file_id: str, endpoint: str, completion_window: str,
-                     metadata: dict[str, str] | None, *, caller: Caller) -> dict[str, Any]:
+    async def create(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, str] | None,
+        *,
+        caller: Caller,
+    ) -> dict[str, Any]:
         if endpoint not in ENDPOINTS:
             raise BatchApiError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}", "endpoint")
         if completion_window != "24h":
@@ -182,8 +208,11 @@ class BatchStore:
         except BatchApiError:
             raise BatchApiError(404, f"no file {input_file_id}", "input_file_id") from None
         if file_meta.get("purpose") != "batch":
-            raise BatchApiError(400, f"file {input_file_id} has purpose {file_meta.get('purpose')!r}; "
-                                "a batch's input needs purpose 'batch'", "input_file_id")
+            raise BatchApiError(
+                400,
+                f"file {input_file_id} has purpose {file_meta.get('purpose')!r}; a batch's input needs purpose 'batch'",
+                "input_file_id",
+            )
         content = await self.data.file_content(input_file_id)
         if content is None:
             raise BatchApiError(404, f"no file {input_file_id}", "input_file_id")
@@ -192,16 +221,35 @@ class BatchStore:
         created = str(int(time.time()))
         output_file_id, error_file_id = _new_file_id(), _new_file_id()
         for file_id, kind in ((output_file_id, "output"), (error_file_id, "errors")):
-            await self.data.put_file_meta(file_id, {
-                "owner": caller.owner, "batch_id": batch_id, "kind": kind, "purpose": "batch_output",
-                "filename": f"{batch_id}_{kind}.jsonl", "created_at": created})
-        await self.data.put_record(batch_id, "openai.json", {
-            "input_file_id": input_file_id, "endpoint": endpoint, "owner": caller.owner,
-            "completion_window": completion_window, "created_at": created,
-            "created_ns": time.time_ns(),  # orders the listings when they are rebuilt
-            "metadata": metadata or {}, "total": len(valid) + len(errors),
-            "output_file_id": output_file_id, "error_file_id": error_file_id,
-            "valid": valid, "invalid": errors})
+            await self.data.put_file_meta(
+                file_id,
+                {
+                    "owner": caller.owner,
+                    "batch_id": batch_id,
+                    "kind": kind,
+                    "purpose": "batch_output",
+                    "filename": f"{batch_id}_{kind}.jsonl",
+                    "created_at": created,
+                },
+            )
+        await self.data.put_record(
+            batch_id,
+            "openai.json",
+            {
+                "input_file_id": input_file_id,
+                "endpoint": endpoint,
+                "owner": caller.owner,
+                "completion_window": completion_window,
+                "created_at": created,
+                "created_ns": time.time_ns(),  # orders the listings when they are rebuilt
+                "metadata": metadata or {},
+                "total": len(valid) + len(errors),
+                "output_file_id": output_file_id,
+                "error_file_id": error_file_id,
+                "valid": valid,
+                "invalid": errors,
+            },
+        )
         await self._index(batch_id, caller.owner)
         if jobs:
             await self.producer.submit(batch_id, jobs, reply_to=None)
@@ -213,8 +261,12 @@ class BatchStore:
         if not lines:
             raise BatchApiError(400, "the input file has no requests", "input_file_id")
         if len(lines) > self.limits.max_lines:
-            raise BatchApiError(400, f"{len(lines)} requests; a batch holds at most "
-                                f"{self.limits.max_lines}", "input_file_id", "too_many_lines")
+            raise BatchApiError(
+                400,
+                f"{len(lines)} requests; a batch holds at most {self.limits.max_lines}",
+                "input_file_id",
+                "too_many_lines",
+            )
         jobs, valid, errors, seen = [], [], [], set()
         for n, line in lines:
             try:
@@ -262,8 +314,9 @@ class BatchStore:
             if not caller.may_see(record.get("owner", ANONYMOUS)):
                 raise BatchApiError(404, f"no batch {batch_id}", "batch_id")
             if not await self.store.hgetall(self.names.openai_batch(batch_id)):
-                await self.store.hset(self.names.openai_batch(batch_id),
-                                      {"owner": record.get("owner", ANONYMOUS)}, ttl_s=RESULT_TTL_S)
+                await self.store.hset(
+                    self.names.openai_batch(batch_id), {"owner": record.get("owner", ANONYMOUS)}, ttl_s=RESULT_TTL_S
+                )
             return record
         entry = await self.store.hgetall(self.names.openai_batch(batch_id))
         if entry:  # indexed, so it was created: its record is lost (the folder was not shared, or wiped)
@@ -275,8 +328,7 @@ class BatchStore:
 
     @staticmethod
     def _lost(batch_id: str, results_kept: int) -> BatchApiError:
-        return BatchApiError(410, str(BatchStateLost(batch_id, results_kept)), "batch_id",
-                             "batch_state_lost")
+        return BatchApiError(410, str(BatchStateLost(batch_id, results_kept)), "batch_id", "batch_state_lost")
 
     async def _results(self, batch_id: str, meta: dict[str, Any]) -> list[JobResult | None]:
         """Each valid line's stored result, in order (None while it has none)."""
@@ -291,8 +343,7 @@ class BatchStore:
         meta = await self._batch_meta(batch_id, caller)
         return await self._describe(batch_id, meta, await self._results(batch_id, meta))
 
-    async def _describe(self, batch_id: str, meta: dict[str, Any],
-                        results: list[JobResult | None]) -> dict[str, Any]:
+    async def _describe(self, batch_id: str, meta: dict[str, Any], results: list[JobResult | None]) -> dict[str, Any]:
         valid, invalid = meta["valid"], meta["invalid"]
         done = [r for r in results if r is not None]
         completed = sum(1 for r in done if r.status == "completed")
@@ -310,14 +361,22 @@ class BatchStore:
         created = int(meta["created_at"])
         output_file_id, error_file_id = meta["output_file_id"], meta["error_file_id"]
         return {
-            "id": batch_id, "object": "batch", "endpoint": meta["endpoint"],
-            "errors": {"object": "list", "data": [{"code": "empty_batch", "message":
-                       "no line of the input file is a valid request"}]} if not valid else None,
-            "input_file_id": meta["input_file_id"], "completion_window": meta["completion_window"],
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": meta["endpoint"],
+            "errors": {
+                "object": "list",
+                "data": [{"code": "empty_batch", "message": "no line of the input file is a valid request"}],
+            }
+            if not valid
+            else None,
+            "input_file_id": meta["input_file_id"],
+            "completion_window": meta["completion_window"],
             "status": status,
             "output_file_id": output_file_id if finished and completed else None,
             "error_file_id": error_file_id if finished and has_errors else None,
-            "created_at": created, "in_progress_at": created if valid else None,
+            "created_at": created,
+            "in_progress_at": created if valid else None,
             "expires_at": created + 24 * 3600,
             "finalizing_at": last if finished and valid else None,
             "completed_at": last if status == "completed" else None,
@@ -354,11 +413,15 @@ class BatchStore:
                 continue
             if len(data) >= limit:
                 break
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": False}
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": False,
+        }
 
-    def _output_lines(self, meta: dict[str, Any],
-                      results: list[JobResult | None]) -> tuple[list[Any], list[Any]]:
+    def _output_lines(self, meta: dict[str, Any], results: list[JobResult | None]) -> tuple[list[Any], list[Any]]:
         """(output lines, error lines), each in input-line order."""
         valid = meta["valid"]
         output: list[tuple[int, Any]] = []
@@ -368,31 +431,45 @@ class BatchStore:
                 continue
             line = self._result_line(meta["endpoint"], custom_id, result)
             (output if result.status == "completed" else errors).append((line_no, line))
-        return [line for _, line in sorted(output, key=lambda x: x[0])], \
-               [line for _, line in sorted(errors, key=lambda x: x[0])]
+        return [line for _, line in sorted(output, key=lambda x: x[0])], [
+            line for _, line in sorted(errors, key=lambda x: x[0])
+        ]
 
     def _result_line(self, endpoint: str, custom_id: str, r: JobResult) -> dict[str, Any]:
         rid = f"batch_req_{r.job_id}"
         if r.status == "cancelled":
-            return {"id": rid, "custom_id": custom_id, "response": None,
-                    "error": {"code": "batch_cancelled", "message": r.error}}
+            return {
+                "id": rid,
+                "custom_id": custom_id,
+                "response": None,
+                "error": {"code": "batch_cancelled", "message": r.error},
+            }
         if r.status == "failed":
             body = oa.error_body(r.error or "failed")
-            return {"id": rid, "custom_id": custom_id,
-                    "response": {"status_code": 400, "request_id": r.job_id, "body": body},
-                    "error": None}
+            return {
+                "id": rid,
+                "custom_id": custom_id,
+                "response": {"status_code": 400, "request_id": r.job_id, "body": body},
+                "error": None,
+            }
         shape = oa.chat_completion if ENDPOINTS[endpoint] == "chat" else oa.completion
-        body = shape(r.job_id, self.model, r.text, r.finish_reason,
-                     oa.usage(r.prompt_tokens, r.completion_tokens))
+        body = shape(r.job_id, self.model, r.text, r.finish_reason, oa.usage(r.prompt_tokens, r.completion_tokens))
         body["created"] = int(r.finished_at)
-        return {"id": rid, "custom_id": custom_id,
-                "response": {"status_code": 200, "request_id": r.job_id, "body": body},
-                "error": None}
+        return {
+            "id": rid,
+            "custom_id": custom_id,
+            "response": {"status_code": 200, "request_id": r.job_id, "body": body},
+            "error": None,
+        }
 
 
 def too_large(limit: int) -> BatchApiError:
-    return BatchApiError(413, f"the file is larger than the limit of {limit} bytes "
-                         f"({round(limit / 2**20, 2):g} MiB)", "file", "file_too_large")
+    return BatchApiError(
+        413,
+        f"the file is larger than the limit of {limit} bytes ({round(limit / 2**20, 2):g} MiB)",
+        "file",
+        "file_too_large",
+    )
 
 
 def _count_lines(content: bytes, max_lines: int) -> int:
@@ -409,8 +486,11 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
         raise BatchApiError(400, f"metadata holds at most {METADATA_MAX_PAIRS} pairs", "metadata")
     for key, value in metadata.items():
         if len(key) > METADATA_KEY_MAX or len(value) > METADATA_VALUE_MAX:
-            raise BatchApiError(400, f"metadata keys are at most {METADATA_KEY_MAX} characters, "
-                                f"values at most {METADATA_VALUE_MAX}", f"metadata.{key[:64]}")
+            raise BatchApiError(
+                400,
+                f"metadata keys are at most {METADATA_KEY_MAX} characters, values at most {METADATA_VALUE_MAX}",
+                f"metadata.{key[:64]}",
+            )
 
 
 def _custom_id_of(line: str) -> str | None:

@@ -29,8 +29,9 @@ class ParsedRequest:
     sampling: Sampling
 
     def job(self, job_id: str, batch_id: str | None, reply_to: str | None) -> BatchJob:
-        return BatchJob(job_id, self.model, self.kind, self.prompt, self.messages, self.sampling,
-                        reply_to, batch_id, time.time())
+        return BatchJob(
+            job_id, self.model, self.kind, self.prompt, self.messages, self.sampling, reply_to, batch_id, time.time()
+        )
 
 
 def _number(body: dict[str, Any], key: str, kind: type, default: Any, low: float, high: float) -> Any:
@@ -63,14 +64,17 @@ def sampling_from_body(body: dict[str, Any], max_tokens_limit: int) -> Sampling:
             temperature=_number(body, "temperature", float, 0.0, 0.0, MAX_TEMPERATURE),
             top_k=_number(body, "top_k", int, 0, 0, MAX_TOP_K),
             top_p=_number(body, "top_p", float, 1.0, 1e-9, 1.0),
-            seed=seed, stop=tuple(stop), ignore_eos=ignore_eos,
+            seed=seed,
+            stop=tuple(stop),
+            ignore_eos=ignore_eos,
         )
     except ValueError as exc:  # what the parameters' own checks refuse (a seed beyond 64 bits)
         raise InvalidRequest(str(exc)) from None
 
 
-def parse_body(body: Any, kind: str, default_model: str | None, max_tokens_limit: int,
-               custom_id: str | None = None) -> ParsedRequest:
+def parse_body(
+    body: Any, kind: str, default_model: str | None, max_tokens_limit: int, custom_id: str | None = None
+) -> ParsedRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     model = body.get("model", default_model)
@@ -95,12 +99,10 @@ def parse_body(body: Any, kind: str, default_model: str | None, max_tokens_limit
                 raise InvalidRequest("each message needs a string role and string content")
             turns.append(ChatTurn(m["role"], m["content"]))
         prompt, messages = "", tuple(turns)
-    return ParsedRequest(custom_id, model, kind, prompt, messages,
-                         sampling_from_body(body, max_tokens_limit))
+    return ParsedRequest(custom_id, model, kind, prompt, messages, sampling_from_body(body, max_tokens_limit))
 
 
-def parse_batch_line(line: str, endpoint: str, default_model: str | None,
-                     max_tokens_limit: int) -> ParsedRequest:
+def parse_batch_line(line: str, endpoint: str, default_model: str | None, max_tokens_limit: int) -> ParsedRequest:
     """One line of a Batch API input file: ``{"custom_id", "method", "url", "body"}``."""
     try:
         obj = json.loads(line)

@@ -52,44 +52,79 @@ BOUND_OVER_QUICKEST = 1.6
 RATE_SHARE = 0.6
 QUICK_PROFILE_REPEATS = 3  # --quick profiles with fewer timings per point (about 20 s instead of 45)
 DRAIN_S = 30.0  # after the last arrival, how long to wait for answers before counting the rest lost
-KEYS = ("shift_at_s", "replanned_at_s", "requests_until_replan", "lost", "duplicated", "attainment_before",
-        "attainment_after_adaptive", "attainment_after_fixed", "throughput_after_adaptive", "throughput_after_fixed")
+KEYS = (
+    "shift_at_s",
+    "replanned_at_s",
+    "requests_until_replan",
+    "lost",
+    "duplicated",
+    "attainment_before",
+    "attainment_after_adaptive",
+    "attainment_after_fixed",
+    "throughput_after_adaptive",
+    "throughput_after_fixed",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="one pair, 20 s of S then 25 s of T, a shorter profile (under 3 minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="one pair, 20 s of S then 25 s of T, a shorter profile (under 3 minutes)"
+    )
     parser.add_argument("--pairs", type=int, default=3, help="adaptive/fixed pairs, interleaved (default 3)")
     parser.add_argument("--before-s", type=float, default=40.0, help="seconds of task S traffic (default 40)")
     parser.add_argument("--after-s", type=float, default=60.0, help="seconds of task T traffic (default 60)")
-    parser.add_argument("--scale", type=float, default=0.125,
-                        help="the tasks' lengths times this (default 0.125: a task T request takes about 1-2 s here)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=0.125,
+        help="the tasks' lengths times this (default 0.125: a task T request takes about 1-2 s here)",
+    )
     parser.add_argument("--rate", type=float, default=None, help="requests/s (default: from the profile)")
-    parser.add_argument("--latency-bound", type=float, default=None,
-                        help="seconds for a 99th-percentile-length output (default: from the profile)")
-    parser.add_argument("--cv", type=float, default=1.0,
-                        help="coefficient of variation of the gaps between arrivals: 1 Poisson, 3 bursty (gamma)")
+    parser.add_argument(
+        "--latency-bound",
+        type=float,
+        default=None,
+        help="seconds for a 99th-percentile-length output (default: from the profile)",
+    )
+    parser.add_argument(
+        "--cv",
+        type=float,
+        default=1.0,
+        help="coefficient of variation of the gaps between arrivals: 1 Poisson, 3 bursty (gamma)",
+    )
     parser.add_argument("--max-batch", type=int, default=32, help="largest B_E / B_D a worker runs")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="reuse this profile (its -cluster.json beside it) instead of profiling first")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="reuse this profile (its -cluster.json beside it) instead of profiling first",
+    )
     parser.add_argument("--keep-profile", metavar="DIR", default=None, help="copy the measured profile here")
     parser.add_argument("--amqp-url", default=os.environ.get("EXEGPT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     parser.add_argument("--redis-url", default=os.environ.get("EXEGPT_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--json", metavar="FILE", help="write the summary object (the keys the issue names)")
     parser.add_argument("--seed", type=int, default=0)
-    phases = parser.add_argument_group("--phases: traffic in five phases against four meshes "
-                                       "(services/bench/phases.py)")
-    phases.add_argument("--phases", action="store_true",
-                        help="light S, heavy S, T, bursty T, light S again; adaptive vs fixed_first vs default vs "
-                        "best_fixed under a TTFT + TPOT SLO (--quick: 15 s phases, one run)")
-    phases.add_argument("--runs", type=int, default=None,
-                        help="--phases: runs of the four systems (default 3; --quick 1)")
-    phases.add_argument("--phase-s", type=float, default=None,
-                        help="--phases: seconds per phase (default 60; --quick 15)")
-    phases.add_argument("--ttft", type=float, default=None,
-                        help="--phases: TTFT p99 bound, s (default: from the profile)")
-    phases.add_argument("--tpot", type=float, default=None,
-                        help="--phases: TPOT p99 bound, s (default: from the profile)")
+    phases = parser.add_argument_group(
+        "--phases: traffic in five phases against four meshes (services/bench/phases.py)"
+    )
+    phases.add_argument(
+        "--phases",
+        action="store_true",
+        help="light S, heavy S, T, bursty T, light S again; adaptive vs fixed_first vs default vs "
+        "best_fixed under a TTFT + TPOT SLO (--quick: 15 s phases, one run)",
+    )
+    phases.add_argument(
+        "--runs", type=int, default=None, help="--phases: runs of the four systems (default 3; --quick 1)"
+    )
+    phases.add_argument(
+        "--phase-s", type=float, default=None, help="--phases: seconds per phase (default 60; --quick 15)"
+    )
+    phases.add_argument(
+        "--ttft", type=float, default=None, help="--phases: TTFT p99 bound, s (default: from the profile)"
+    )
+    phases.add_argument(
+        "--tpot", type=float, default=None, help="--phases: TPOT p99 bound, s (default: from the profile)"
+    )
 
 
 @dataclass(frozen=True)
@@ -184,6 +219,7 @@ def _interrupt(*_: object) -> None:
 
 # --- 1. profile, bound, rate ------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _ProfilePlan:  # what profile_here needs to know of a run
     task: str
@@ -194,8 +230,12 @@ def profile_and_cluster(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path
     """``--profile``, or a profile of tasks S and T made here (kept in ``--keep-profile``), and its cluster."""
     import shutil
 
-    profile = args.profile or profile_here(tmp, [_ProfilePlan("S", args.scale), _ProfilePlan("T", args.scale)], args,
-                                           repeats=QUICK_PROFILE_REPEATS if args.quick else None)
+    profile = args.profile or profile_here(
+        tmp,
+        [_ProfilePlan("S", args.scale), _ProfilePlan("T", args.scale)],
+        args,
+        repeats=QUICK_PROFILE_REPEATS if args.quick else None,
+    )
     cluster = profile.with_name(f"{profile.stem}-cluster.json")
     if args.keep_profile:
         Path(args.keep_profile).mkdir(parents=True, exist_ok=True)
@@ -226,13 +266,16 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
     rate_why = "given" if args.rate else f"{RATE_SHARE:g} x the T plan"
     print(f"latency bound {bound:g} s ({bound_why}); rate {rate:g} req/s ({rate_why}); arrivals CV {args.cv:g}")
     for name, plan in (("S plan", plan_s), ("T plan", plan_t)):
-        print(f"  {name}: {describe(plan.schedule)}  simulated {plan.throughput_seq_s:.2f} seq/s, "
-              f"{plan.latency_s:.2f} s{'' if plan.meets_bound else ' (misses the bound)'}")
+        print(
+            f"  {name}: {describe(plan.schedule)}  simulated {plan.throughput_seq_s:.2f} seq/s, "
+            f"{plan.latency_s:.2f} s{'' if plan.meets_bound else ' (misses the bound)'}"
+        )
     print(f"  S plan on T: simulated {s_on_t[0]:.2f} seq/s, {s_on_t[1]:.2f} s")
     return Setup(profile, cluster, bound, rate, plan_s.schedule, args.scale)
 
 
 # --- 2. the runs ------------------------------------------------------------------------------------
+
 
 class Mesh(Processes):
     """Two workers, one pinned to each core, and a scheduler on either core at normal priority:
@@ -260,7 +303,7 @@ def traffic(args: argparse.Namespace, setup: Setup, seed: int) -> list[Sent]:
     rng = np.random.default_rng(seed)
     total = args.before_s + args.after_s
     count = int(setup.rate * total * 1.5) + 10
-    offsets = gamma_arrivals(setup.rate, 1.0 / args.cv ** 2, count, rng)
+    offsets = gamma_arrivals(setup.rate, 1.0 / args.cv**2, count, rng)
     offsets = offsets[offsets < total]
     sent = []
     tasks = {"S": scaled_task("S", setup.scale), "T": scaled_task("T", setup.scale)}
@@ -276,13 +319,28 @@ def mesh_config(args: argparse.Namespace, setup: Setup, kind: str):
 
     from common.config import MeshConfig
 
-    common = dict(namespace=f"bench-adapt-{uuid.uuid4().hex[:8]}", amqp_url=args.amqp_url, redis_url=args.redis_url,
-                  model=MODEL, threads=1, max_encode_batch=args.max_batch, max_decode_batch=args.max_batch,
-                  heartbeat_s=1.0, heartbeat_timeout_s=4.0, latency_bound_s=setup.bound)
+    common = dict(
+        namespace=f"bench-adapt-{uuid.uuid4().hex[:8]}",
+        amqp_url=args.amqp_url,
+        redis_url=args.redis_url,
+        model=MODEL,
+        threads=1,
+        max_encode_batch=args.max_batch,
+        max_decode_batch=args.max_batch,
+        heartbeat_s=1.0,
+        heartbeat_timeout_s=4.0,
+        latency_bound_s=setup.bound,
+    )
     if kind == "fixed":
         return MeshConfig(**common, schedule=json.dumps(fields_of(setup.first)))
-    return MeshConfig(**common, profile=str(setup.profile), cluster=str(setup.cluster), prior="S",
-                      prior_scale=setup.scale, max_plan_batch=args.max_batch)
+    return MeshConfig(
+        **common,
+        profile=str(setup.profile),
+        cluster=str(setup.cluster),
+        prior="S",
+        prior_scale=setup.scale,
+        max_plan_batch=args.max_batch,
+    )
 
 
 async def bench(args: argparse.Namespace, setup: Setup) -> list[Run]:
@@ -314,8 +372,9 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
         await asyncio.to_thread(procs.start)
         transports, gateway = await client_of(config, names, stack)
         await transports.bus.declare_fanout(names.control_exchange)
-        control = await transports.bus.subscribe(names.control_exchange,
-                                                 names.control_queue(f"bench-{uuid.uuid4().hex[:6]}"))
+        control = await transports.bus.subscribe(
+            names.control_exchange, names.control_queue(f"bench-{uuid.uuid4().hex[:6]}")
+        )
         t0 = [math.inf]
 
         async def listen() -> None:
@@ -349,8 +408,9 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
             await asyncio.sleep(max(s.at - (time.monotonic() - t0[0]), 0))
             prompt = [100 + (7 * k + 13 * len(s.request_id)) % 20_000 for k in range(s.input_len)]
             try:
-                pending = await gateway.submit(prompt, Sampling(s.output_len, ignore_eos=True),
-                                               request_id=s.request_id, stream=False)
+                pending = await gateway.submit(
+                    prompt, Sampling(s.output_len, ignore_eos=True), request_id=s.request_id, stream=False
+                )
             except Exception as exc:  # not accepted: not lost, but counted
                 s.error = f"submit: {exc}"
                 return
@@ -414,26 +474,40 @@ def describe_short(schedule) -> str:
 
 # --- 3. the table -----------------------------------------------------------------------------------
 
+
 def figures(r: Run, bound: float, args: argparse.Namespace) -> dict:
     end = args.before_s + args.after_s
     after = r.shift_at_s + SETTLE_S
-    return {"attainment_before": r.attainment("S", WARMUP_S, r.shift_at_s, bound),
-            "attainment_after": r.attainment("T", after, end, bound),
-            "throughput_after": r.throughput("T", after, end),
-            "p99_after": r.latency_p99("T", after, end),
-            "throughput_before": r.throughput("S", WARMUP_S, r.shift_at_s)}
+    return {
+        "attainment_before": r.attainment("S", WARMUP_S, r.shift_at_s, bound),
+        "attainment_after": r.attainment("T", after, end, bound),
+        "throughput_after": r.throughput("T", after, end),
+        "p99_after": r.latency_p99("T", after, end),
+        "throughput_before": r.throughput("S", WARMUP_S, r.shift_at_s),
+    }
 
 
 def row(r: Run, setup: Setup, args: argparse.Namespace) -> str:
     f = figures(r, setup.bound, args)
-    replan = (f"re-planned at +{r.replanned_at_s - r.shift_at_s:.1f} s after {r.requests_until_replan} T requests "
-              f"-> {r.after_schedule}") if math.isfinite(r.replanned_at_s) else "no re-plan"
-    searches = "".join(f"\n    search at {at - r.shift_at_s:+.1f} s ({reason}): {outcome}"
-                       for at, reason, outcome in r.searches if at >= 0)
-    return (f"pair {r.pair} {r.kind:8s}: sent {len(r.sent)}, lost {r.lost}, failed {r.failed}, duplicated "
-            f"{r.duplicated}; before: attainment {f['attainment_before']:.3f}, {f['throughput_before']:.2f} seq/s; "
-            f"after: attainment {f['attainment_after']:.3f}, {f['throughput_after']:.2f} seq/s, "
-            f"p99 e2e {f['p99_after']:.2f} s; {replan}{searches}")
+    replan = (
+        (
+            f"re-planned at +{r.replanned_at_s - r.shift_at_s:.1f} s after {r.requests_until_replan} T requests "
+            f"-> {r.after_schedule}"
+        )
+        if math.isfinite(r.replanned_at_s)
+        else "no re-plan"
+    )
+    searches = "".join(
+        f"\n    search at {at - r.shift_at_s:+.1f} s ({reason}): {outcome}"
+        for at, reason, outcome in r.searches
+        if at >= 0
+    )
+    return (
+        f"pair {r.pair} {r.kind:8s}: sent {len(r.sent)}, lost {r.lost}, failed {r.failed}, duplicated "
+        f"{r.duplicated}; before: attainment {f['attainment_before']:.3f}, {f['throughput_before']:.2f} seq/s; "
+        f"after: attainment {f['attainment_after']:.3f}, {f['throughput_after']:.2f} seq/s, "
+        f"p99 e2e {f['p99_after']:.2f} s; {replan}{searches}"
+    )
 
 
 def summarize(runs: list[Run], setup: Setup, args: argparse.Namespace) -> dict:
@@ -458,20 +532,33 @@ def summarize(runs: list[Run], setup: Setup, args: argparse.Namespace) -> dict:
     }
     assert tuple(summary) == KEYS
     summary = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}  # JSON
-    print(f"\nS then T at {setup.rate:g} req/s (CV {args.cv:g}), bound {setup.bound:g} s, lengths x{setup.scale:g}, "
-          f"{args.pairs} pair(s); median [min-max] over the pairs")
-    print(f"  re-planned after the shift:   {spread([x - args.before_s for x in replanned])} s, "
-          f"{spread([r.requests_until_replan for r in adaptive])} T requests ({len(replanned)}/{len(adaptive)} runs)")
-    print(f"  lost / failed / duplicated:   {summary['lost']} / {sum(r.failed for r in runs)} / "
-          f"{summary['duplicated']}")
-    print(f"  attainment before (S):        adaptive {spread([f['attainment_before'] for f in fa])}  "
-          f"fixed {spread([f['attainment_before'] for f in ff])}")
-    print(f"  attainment after (T):         adaptive {spread([f['attainment_after'] for f in fa])}  "
-          f"fixed {spread([f['attainment_after'] for f in ff])}")
-    print(f"  throughput after (T, seq/s):  adaptive {spread([f['throughput_after'] for f in fa])}  "
-          f"fixed {spread([f['throughput_after'] for f in ff])}")
-    print(f"  p99 e2e after (T, s):         adaptive {spread([f['p99_after'] for f in fa])}  "
-          f"fixed {spread([f['p99_after'] for f in ff])}")
+    print(
+        f"\nS then T at {setup.rate:g} req/s (CV {args.cv:g}), bound {setup.bound:g} s, lengths x{setup.scale:g}, "
+        f"{args.pairs} pair(s); median [min-max] over the pairs"
+    )
+    print(
+        f"  re-planned after the shift:   {spread([x - args.before_s for x in replanned])} s, "
+        f"{spread([r.requests_until_replan for r in adaptive])} T requests ({len(replanned)}/{len(adaptive)} runs)"
+    )
+    print(
+        f"  lost / failed / duplicated:   {summary['lost']} / {sum(r.failed for r in runs)} / {summary['duplicated']}"
+    )
+    print(
+        f"  attainment before (S):        adaptive {spread([f['attainment_before'] for f in fa])}  "
+        f"fixed {spread([f['attainment_before'] for f in ff])}"
+    )
+    print(
+        f"  attainment after (T):         adaptive {spread([f['attainment_after'] for f in fa])}  "
+        f"fixed {spread([f['attainment_after'] for f in ff])}"
+    )
+    print(
+        f"  throughput after (T, seq/s):  adaptive {spread([f['throughput_after'] for f in fa])}  "
+        f"fixed {spread([f['throughput_after'] for f in ff])}"
+    )
+    print(
+        f"  p99 e2e after (T, s):         adaptive {spread([f['p99_after'] for f in fa])}  "
+        f"fixed {spread([f['p99_after'] for f in ff])}"
+    )
     return summary
 
 

@@ -95,13 +95,34 @@ KV_CACHE_GB = 0.0005  # ~500 tokens of tiny-llama KV per worker: a 700-token req
 TOO_LARGE_PROMPT = 700
 STARTUP_TIMEOUT_S = 180.0
 PROMPTS = (
-    "The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
-    "In 1969, the first humans", "A recipe for pancakes:", "Rabbits and redis walk into a bar;",
-    "The quick brown fox", "To be or not to be", "Water boils at", "The mesh survived because",
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "In 1969, the first humans",
+    "A recipe for pancakes:",
+    "Rabbits and redis walk into a bar;",
+    "The quick brown fox",
+    "To be or not to be",
+    "Water boils at",
+    "The mesh survived because",
     "Seven plus five equals",
 )
-ALL = ("kill-worker", "redis-3s", "broker-10s", "poison", "overload", "abandon", "too-large", "topology-loss",
-       "gateway-kill", "hung-worker", "paused-worker", "store-flush", "slowloris")
+ALL = (
+    "kill-worker",
+    "redis-3s",
+    "broker-10s",
+    "poison",
+    "overload",
+    "abandon",
+    "too-large",
+    "topology-loss",
+    "gateway-kill",
+    "hung-worker",
+    "paused-worker",
+    "store-flush",
+    "slowloris",
+)
 LONG = ("redis-30s", "broker-30s")
 
 
@@ -149,6 +170,7 @@ def available() -> str | None:
 
 # ==== the private RabbitMQ and Redis ============================================================
 
+
 class PrivateServices:
     """A RabbitMQ node and a Redis of their own on free loopback ports, under one temp folder."""
 
@@ -178,9 +200,27 @@ class PrivateServices:
         data = self.dir / "redis"
         data.mkdir(exist_ok=True)
         self.redis = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--dir", str(data),
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"],
-            stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.redis_port),
+                "--dir",
+                str(data),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=open(self.dir / "redis.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         wait_until(lambda: port_open(self.redis_port), 20, "redis-server answering")
 
     def flush_redis(self) -> int:
@@ -198,24 +238,30 @@ class PrivateServices:
     # ---- RabbitMQ: a node of its own (name, ports, configuration, data and log folders)
     def rabbit_env(self) -> dict[str, str]:
         d = self.dir / "rabbit"
-        return {**os.environ,
-                "HOME": RABBIT_HOME,
-                "RABBITMQ_NODENAME": self.node,
-                "RABBITMQ_NODE_PORT": str(self.amqp_port),
-                "RABBITMQ_DIST_PORT": str(self.dist_port),
-                "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),  # the system-wide one is not read
-                "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),  # the system-wide one pins 5672
-                "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
-                "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-                "RABBITMQ_LOG_BASE": str(d / "log"),
-                "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-                "RABBITMQ_PLUGINS_EXPAND_DIR": str(d / "plugins-expand")}
+        return {
+            **os.environ,
+            "HOME": RABBIT_HOME,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.amqp_port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),  # the system-wide one is not read
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),  # the system-wide one pins 5672
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(d / "plugins-expand"),
+        }
 
     def ctl(self, *args: str, timeout_s: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(["runuser", "-u", "rabbitmq", "--", str(RABBIT_BIN / "rabbitmqctl"),
-                                 "-n", self.node, *args], env=self.rabbit_env(), capture_output=True,
-                                text=True, timeout=timeout_s)
+        result = subprocess.run(
+            ["runuser", "-u", "rabbitmq", "--", str(RABBIT_BIN / "rabbitmqctl"), "-n", self.node, *args],
+            env=self.rabbit_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
         if check and result.returncode != 0:
             raise SetupError(f"rabbitmqctl {' '.join(args)}: {result.stderr.strip()[-400:]}")
         return result
@@ -241,20 +287,28 @@ class PrivateServices:
             (d / sub).mkdir(parents=True, exist_ok=True)
         (d / "rabbitmq-env.conf").write_text("# empty: this node's settings are in its environment\n")
         (d / "enabled_plugins").write_text("[].\n")
-        (d / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\n"
-                                         "loopback_users = none\nlog.console = false\n")
+        (d / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\nloopback_users = none\nlog.console = false\n"
+        )
         subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(d)], check=True)
-        self.rabbit = subprocess.Popen(["runuser", "-u", "rabbitmq", "--", str(RABBIT_BIN / "rabbitmq-server")],
-                                       env=self.rabbit_env(), cwd=d, stdout=open(self.dir / "rabbit.out", "ab"),
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+        self.rabbit = subprocess.Popen(
+            ["runuser", "-u", "rabbitmq", "--", str(RABBIT_BIN / "rabbitmq-server")],
+            env=self.rabbit_env(),
+            cwd=d,
+            stdout=open(self.dir / "rabbit.out", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 120
         while self.ctl("await_startup", "--timeout", "30", check=False, timeout_s=45).returncode != 0:
             if self.rabbit.poll() is not None or time.monotonic() > deadline:
                 state = "still starting" if self.rabbit.poll() is None else f"exited {self.rabbit.returncode}"
                 out = (self.dir / "rabbit.out").read_text(errors="replace")[-1500:]
-                raise SetupError(f"RabbitMQ node {self.node} did not start ({state}; ports {self.amqp_port}, "
-                                 f"{self.dist_port}); its output:\n{out}\nsockets on those ports:\n"
-                                 f"{sockets_on(self.amqp_port, self.dist_port)}")
+                raise SetupError(
+                    f"RabbitMQ node {self.node} did not start ({state}; ports {self.amqp_port}, "
+                    f"{self.dist_port}); its output:\n{out}\nsockets on those ports:\n"
+                    f"{sockets_on(self.amqp_port, self.dist_port)}"
+                )
             time.sleep(1)
         self.ctl("add_user", "mesh", self.password)
         self.ctl("set_permissions", "-p", "/", "mesh", ".*", ".*", ".*")
@@ -294,30 +348,68 @@ class PrivateServices:
 
 # ==== the mesh: `exegpt up` on the private services =============================================
 
+
 class Mesh:
     """`exegpt up` as a child process; its output is kept, its children found through /proc."""
 
-    def __init__(self, services: PrivateServices, *, workers: int = 2, namespace: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        services: PrivateServices,
+        *,
+        workers: int = 2,
+        namespace: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.services, self.workers = services, workers
         self.namespace = namespace or f"faults{secrets.token_hex(3)}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("EXEGPT_")}
-        self.env.update({"EXEGPT_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S), "EXEGPT_KV_CACHE_GB": str(KV_CACHE_GB),
-                         "EXEGPT_BATCH_DIR": str(services.dir / "batches"),
-                         "EXEGPT_HEARTBEAT_S": "0.5", "EXEGPT_HEARTBEAT_TIMEOUT_S": "3", "PYTHONUNBUFFERED": "1",
-                         **(env or {})})
+        self.env.update(
+            {
+                "EXEGPT_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+                "EXEGPT_KV_CACHE_GB": str(KV_CACHE_GB),
+                "EXEGPT_BATCH_DIR": str(services.dir / "batches"),
+                "EXEGPT_HEARTBEAT_S": "0.5",
+                "EXEGPT_HEARTBEAT_TIMEOUT_S": "3",
+                "PYTHONUNBUFFERED": "1",
+                **(env or {}),
+            }
+        )
         self.popen: subprocess.Popen[str] | None = None
         self.lines: Queue[str | None] = Queue()
         self.output: list[str] = []
         self.url = ""
 
     def start(self) -> str:
-        cmd = [sys.executable, "-m", "services.cli", "up", "--model", MODEL, "--workers", str(self.workers),
-               "--port", "0", "--threads", "1", "--amqp-url", self.services.amqp_url,
-               "--redis-url", self.services.redis_url, "--namespace", self.namespace]
-        self.popen = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=self.env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1,
-                                      start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--model",
+            MODEL,
+            "--workers",
+            str(self.workers),
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--amqp-url",
+            self.services.amqp_url,
+            "--redis-url",
+            self.services.redis_url,
+            "--namespace",
+            self.namespace,
+        ]
+        self.popen = subprocess.Popen(
+            cmd,
+            cwd=Path(__file__).resolve().parents[2],
+            env=self.env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            bufsize=1,
+            start_new_session=True,
+        )
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
@@ -370,15 +462,17 @@ class Mesh:
     def role_pids(self, role: str) -> list[int]:
         """The processes of ``role``, oldest first: a gateway's spare (started once the gateway
         serves, woken when it dies) comes after the gateway it stands in for."""
-        return sorted((pid for pid, cmd in self.children().items() if f"services.cli {role}" in cmd),
-                      key=started_at)
+        return sorted((pid for pid, cmd in self.children().items() if f"services.cli {role}" in cmd), key=started_at)
 
     def running(self) -> bool:
         """`exegpt up` and every process it should run are alive."""
         if self.popen is None or self.popen.poll() is not None:
             return False
-        return (len(self.role_pids("worker")) == self.workers and len(self.role_pids("gateway")) in (1, 2)
-                and len(self.role_pids("scheduler")) == 1)
+        return (
+            len(self.role_pids("worker")) == self.workers
+            and len(self.role_pids("gateway")) in (1, 2)
+            and len(self.role_pids("scheduler")) == 1
+        )
 
     def close(self) -> None:
         if self.popen is not None and self.popen.poll() is None:
@@ -399,6 +493,7 @@ def started_at(pid: int) -> int:
 
 
 # ==== the clients ===============================================================================
+
 
 @dataclass
 class Record:
@@ -422,13 +517,17 @@ def is_error_body(response: httpx.Response) -> bool:
 class Clients:
     """Closed-loop clients against one gateway, keeping a record per request."""
 
-    def __init__(self, url: str, reference: dict[str, str], *, max_tokens: int = MAX_TOKENS,
-                 ignore_eos: bool = False) -> None:
+    def __init__(
+        self, url: str, reference: dict[str, str], *, max_tokens: int = MAX_TOKENS, ignore_eos: bool = False
+    ) -> None:
         self.url, self.reference, self.max_tokens, self.ignore_eos = url, reference, max_tokens, ignore_eos
         self.records: list[Record] = []
         self.stop = asyncio.Event()
-        self.client = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S + HUNG_MARGIN_S,
-                                        limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200))
+        self.client = httpx.AsyncClient(
+            base_url=url,
+            timeout=REQUEST_TIMEOUT_S + HUNG_MARGIN_S,
+            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200),
+        )
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -438,13 +537,19 @@ class Clients:
         wait, within the request deadline)."""
         record = record or Record(time.monotonic(), prompt)
         self.records.append(record)
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0,
-                "ignore_eos": self.ignore_eos}
+        body = {
+            "model": MODEL,
+            "prompt": prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "ignore_eos": self.ignore_eos,
+        }
         give_up = record.sent_at + REQUEST_TIMEOUT_S + HUNG_MARGIN_S
         while True:
             try:
-                response = await self.client.post("/v1/completions", json=body,
-                                                  timeout=max(give_up - time.monotonic(), 0.1))
+                response = await self.client.post(
+                    "/v1/completions", json=body, timeout=max(give_up - time.monotonic(), 0.1)
+                )
             except httpx.TimeoutException:
                 record.outcome, record.detail = "hung", "no answer within the deadline"
                 break
@@ -467,8 +572,10 @@ class Clients:
                 if record.outcome == "wrong":
                     record.detail = f"{text!r} != {expected!r}"
             elif is_error_body(response):
-                record.outcome, record.detail = ("failed",
-                                                 f"{response.status_code}: {response.json()['error']['message']}")
+                record.outcome, record.detail = (
+                    "failed",
+                    f"{response.status_code}: {response.json()['error']['message']}",
+                )
             else:
                 record.outcome, record.detail = "unclear", f"{response.status_code}: {response.text[:200]}"
             break
@@ -489,8 +596,9 @@ class Clients:
         return float(statistics.median(seconds)) if seconds else 0.0
 
     def completions_between(self, start: float, end: float) -> int:
-        return sum(1 for r in self.records
-                   if r.outcome == "completed" and r.ended_at is not None and start <= r.ended_at < end)
+        return sum(
+            1 for r in self.records if r.outcome == "completed" and r.ended_at is not None and start <= r.ended_at < end
+        )
 
 
 async def reference_outputs(url: str) -> dict[str, str]:
@@ -506,6 +614,7 @@ async def reference_outputs(url: str) -> dict[str, str]:
 
 
 # ==== scenarios =================================================================================
+
 
 @dataclass
 class Outcome:
@@ -532,8 +641,7 @@ class Outcome:
         """What this scenario missed of the goals (empty: all met)."""
         if self.scenario == "gateway-kill":
             return self._gateway_goals()
-        missed = {"store-flush": self._batch_goals, "slowloris": self._slowloris_goals}.get(
-            self.scenario, list)()
+        missed = {"store-flush": self._batch_goals, "slowloris": self._slowloris_goals}.get(self.scenario, list)()
         if self.hung:
             missed.append(f"{self.hung} hung")
         if self.wrong:
@@ -545,10 +653,11 @@ class Outcome:
         if self.outage_s < REQUEST_TIMEOUT_S and self.completed_share < 0.99:
             missed.append(f"completed {100 * self.completed_share:.1f} % < 99 %")
         if self.recovery_s is None or self.recovery_s > 10:
-            missed.append(f"recovery {self.recovery_s} s > 10 s (before: {self.before_per_s:.1f}/s, the median of "
-                          f"{self.extra.get('per_s_before')}; after, per second: {self.extra.get('per_s_after')})")
+            missed.append(
+                f"recovery {self.recovery_s} s > 10 s (before: {self.before_per_s:.1f}/s, the median of "
+                f"{self.extra.get('per_s_before')}; after, per second: {self.extra.get('per_s_after')})"
+            )
         return missed
-
 
     def _batch_goals(self) -> list[str]:
         missed = []
@@ -558,8 +667,9 @@ class Outcome:
         if running.get("status") != "completed" or running.get("lines") != running.get("total"):
             missed.append(f"the running batch did not finish with every line: {running}")
         if running.get("wrong") or running.get("repeated"):
-            missed.append(f"the running batch has {running.get('wrong')} wrong and {running.get('repeated')} "
-                          "repeated lines")
+            missed.append(
+                f"the running batch has {running.get('wrong')} wrong and {running.get('repeated')} repeated lines"
+            )
         if not self.extra.get("listed"):
             missed.append("the batches are not listed after the flush")
         return missed
@@ -567,8 +677,10 @@ class Outcome:
     def _slowloris_goals(self) -> list[str]:
         x, missed = self.extra, []
         if x.get("p99_ratio") is None or x["p99_ratio"] > SLOWLORIS_P99_RATIO:
-            missed.append(f"normal clients' p99 {x.get('p99_during_ms')} ms against {x.get('p99_before_ms')} ms "
-                          f"before (ratio {x.get('p99_ratio')} > {SLOWLORIS_P99_RATIO})")
+            missed.append(
+                f"normal clients' p99 {x.get('p99_during_ms')} ms against {x.get('p99_before_ms')} ms "
+                f"before (ratio {x.get('p99_ratio')} > {SLOWLORIS_P99_RATIO})"
+            )
         if x.get("closed_by_gateway", 0) < x.get("connections", 1):
             missed.append(f"the gateway closed {x.get('closed_by_gateway')} slow connections of {x.get('connections')}")
         if x.get("fds_after") is None or x["fds_after"] > x["fds_before"] + SLOWLORIS_FD_MARGIN:
@@ -581,8 +693,10 @@ class Outcome:
         if stopped is None or stopped >= DEAD_GATEWAY_STOP_S:
             missed.append(f"work for the dead gateway ran {stopped} s >= {DEAD_GATEWAY_STOP_S:g} s")
         if self.extra.get("quiet_samples", 0) < 3 or self.extra.get("trickle_tokens", 0) > PROBE_TOKENS:
-            missed.append(f"no stop seen: {self.extra.get('quiet_samples')} quiet intervals after it, "
-                          f"{self.extra.get('trickle_tokens')} tokens in them")
+            missed.append(
+                f"no stop seen: {self.extra.get('quiet_samples')} quiet intervals after it, "
+                f"{self.extra.get('trickle_tokens')} tokens in them"
+            )
         if served is None or served >= GATEWAY_BACK_S:
             missed.append(f"the new gateway served after {served} s >= {GATEWAY_BACK_S:g} s")
         return missed
@@ -614,8 +728,11 @@ class Harness:
         if ready and self.mesh.running():
             return True
         launcher = self.mesh.popen is not None and self.mesh.popen.poll() is None
-        extra["up_detail"] = {"ready": ready if ready else self.last_not_ready, "launcher": launcher,
-                              **{role: len(self.mesh.role_pids(role)) for role in ("worker", "gateway", "scheduler")}}
+        extra["up_detail"] = {
+            "ready": ready if ready else self.last_not_ready,
+            "launcher": launcher,
+            **{role: len(self.mesh.role_pids(role)) for role in ("worker", "gateway", "scheduler")},
+        }
         return False
 
     async def ready(self, timeout_s: float = 60) -> bool:
@@ -646,8 +763,9 @@ class Harness:
             await asyncio.sleep(self.settings.baseline_s)  # the steady load runs meanwhile
             fault_start = time.monotonic()
             outcome.before_per_s = clients.steady_rate(start, fault_start)
-            per_s_before = [clients.completions_between(start + i, start + i + 1)
-                            for i in range(int(fault_start - start))]
+            per_s_before = [
+                clients.completions_between(start + i, start + i + 1) for i in range(int(fault_start - start))
+            ]
             outcome.extra = await fault(self, clients) or {}
             outcome.extra["per_s_before"] = per_s_before
             fault_end = time.monotonic()
@@ -655,16 +773,19 @@ class Harness:
             outcome.recovery_s = await self._recovery(clients, outcome.before_per_s, fault_end)
             after = await self.worker_tokens()
             outcome.extra["tokens_per_worker_after"] = {w: after[w] - tokens.get(w, 0) for w in sorted(after)}
-            outcome.extra["per_s_after"] = [clients.completions_between(fault_end + i, fault_end + i + 1)
-                                            for i in range(math.ceil(time.monotonic() - fault_end))]
+            outcome.extra["per_s_after"] = [
+                clients.completions_between(fault_end + i, fault_end + i + 1)
+                for i in range(math.ceil(time.monotonic() - fault_end))
+            ]
         finally:
             clients.stop.set()
             await asyncio.gather(*loops, return_exceptions=True)
             await clients.close()
         outcome.up = await self.up(outcome.extra)
         outcome.sent = len(clients.records)  # (the abandoning clients and the too-large request are not these)
-        outcome.extra["longest_s"] = round(max((r.ended_at - r.sent_at for r in clients.records
-                                                if r.ended_at is not None), default=0.0), 2)
+        outcome.extra["longest_s"] = round(
+            max((r.ended_at - r.sent_at for r in clients.records if r.ended_at is not None), default=0.0), 2
+        )
         for r in clients.records:
             setattr(outcome, r.outcome, getattr(outcome, r.outcome) + 1)
             outcome.refused += r.refusals > 0
@@ -675,8 +796,7 @@ class Harness:
     async def run_gateway_kill(self) -> Outcome:
         """The gateway-kill row: its recovery is the new gateway's first answer."""
         extra = await gateway_kill(self)
-        return Outcome("gateway-kill", recovery_s=extra["served_s"], extra=extra,
-                       up=await self.up(extra))
+        return Outcome("gateway-kill", recovery_s=extra["served_s"], extra=extra, up=await self.up(extra))
 
     async def worker_tokens(self) -> dict[str, int]:
         """Tokens each worker generated so far (its ``exegpt_worker_generated_tokens_total``);
@@ -725,6 +845,7 @@ def redis_down(seconds: float) -> Callable[[Harness, Clients], Awaitable[dict]]:
         await asyncio.sleep(seconds)  # the outage itself
         await asyncio.to_thread(h.services.start_redis)
         return {}
+
     return fault
 
 
@@ -735,6 +856,7 @@ def broker_down(seconds: float) -> Callable[[Harness, Clients], Awaitable[dict]]
         await asyncio.sleep(max(seconds - (time.monotonic() - began), 0))  # the outage itself
         await asyncio.to_thread(h.services.start_broker)
         return {}
+
     return fault
 
 
@@ -743,8 +865,7 @@ async def poison(h: Harness, _: Clients) -> dict:
     no broker routes; then the dead queue must hold the work-queue ones."""
     names = Names(h.mesh.namespace)
     queues = [q for q in await asyncio.to_thread(h.services.queues, h.mesh.namespace) if q != names.dead_queue]
-    exchanges = [e for e in await asyncio.to_thread(h.services.exchanges, h.mesh.namespace)
-                 if e != names.dead_exchange]
+    exchanges = [e for e in await asyncio.to_thread(h.services.exchanges, h.mesh.namespace) if e != names.dead_exchange]
     config = MeshConfig(namespace=h.mesh.namespace, amqp_url=h.services.amqp_url, redis_url=h.services.redis_url)
     bus = await open_bus(config, names, LocalHub())
     try:
@@ -785,8 +906,12 @@ async def topology_loss(h: Harness, clients: Clients) -> dict:
         resumed[kind] = await first_completion_after(clients, deleted_at, RESUME_BOUND_S * 4)
         not_ready[kind] = await sampler
     republished = sum(int(m.group(1)) for m in map(REPUBLISHED_LINE.search, h.mesh.output) if m)
-    return {"resumed_s": resumed, "ready_503_seen": not_ready, "republished": republished,
-            "queues_back": all(q in h.services.queues(h.mesh.namespace) for q in (names.encode_queue, events[0]))}
+    return {
+        "resumed_s": resumed,
+        "ready_503_seen": not_ready,
+        "republished": republished,
+        "queues_back": all(q in h.services.queues(h.mesh.namespace) for q in (names.encode_queue, events[0])),
+    }
 
 
 REPUBLISHED_LINE = re.compile(r"topology restored; (\d+) pending requests published again")
@@ -824,6 +949,7 @@ def hung_worker(seconds: float) -> Callable[[Harness, Clients], Awaitable[dict]]
     than the liveness timeout resumes (what it held is answered once all the same); a longer
     one has `exegpt up` kill it (the broker hands its work to the other worker) and start
     another. ``replaced_s``: seconds from the stop until its process was gone (None: it resumed)."""
+
     async def fault(h: Harness, _: Clients) -> dict:
         pid = h.mesh.role_pids("worker")[0]
         stopped = time.monotonic()
@@ -839,6 +965,7 @@ def hung_worker(seconds: float) -> Callable[[Harness, Clients], Awaitable[dict]]
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         return {"pid": pid, "replaced_s": replaced_s}
+
     return fault
 
 
@@ -894,16 +1021,19 @@ def dead_work(samples: list[tuple[float, int]], killed: float) -> dict:
     steps = [(t, m - n) for (t, n), (_, m) in zip(samples, samples[1:])]
     busy = [i for i, (_, grown) in enumerate(steps) if grown > PROBE_TOKENS]
     last = busy[-1] if busy else -1
-    return {"stopped_s": round((steps[last][0] if busy else killed) - killed, 2),
-            "tokens_after_kill": sum(grown for _, grown in steps[:last + 1]),
-            "quiet_samples": len(steps) - last - 1,
-            "trickle_tokens": sum(grown for _, grown in steps[last + 1:])}
+    return {
+        "stopped_s": round((steps[last][0] if busy else killed) - killed, 2),
+        "tokens_after_kill": sum(grown for _, grown in steps[: last + 1]),
+        "quiet_samples": len(steps) - last - 1,
+        "trickle_tokens": sum(grown for _, grown in steps[last + 1 :]),
+    }
 
 
 async def spare_waiting(mesh: Mesh, timeout_s: float) -> bool:
     """Whether the gateway's spare says it waits (within ``timeout_s``): the restart measured is
     the one a gateway that dies after its first seconds gets."""
     deadline = time.monotonic() + timeout_s
+
     def waiting() -> bool:  # a spare per restart so far, and one more
         lines = list(mesh.output)
         spares = sum(line.startswith("[gateway-0-standby] standby gateway") for line in lines)
@@ -963,12 +1093,14 @@ async def overload(h: Harness, clients: Clients) -> dict:
 async def abandon(h: Harness, clients: Clients) -> dict:
     """100 clients each send a long completion and leave after 0.2 s; the gateway must drop
     them (in flight back to where it was) and the workers must stop running them."""
+
     async def leave(i: int) -> None:
         body = {"model": MODEL, "prompt": f"{ABANDON_PREFIX} {i}", "max_tokens": 400, "temperature": 0}
         try:
             await clients.client.post("/v1/completions", json=body, timeout=0.2)
         except httpx.TimeoutException:
             pass  # the client left
+
     await asyncio.gather(*(leave(i) for i in range(100)))
     in_flight = await gateway_in_flight(clients.client)
     deadline = time.monotonic() + 10
@@ -1019,10 +1151,18 @@ async def store_flush(h: Harness, clients: Clients) -> dict:
     texts = {line["custom_id"]: line["response"]["body"]["choices"][0]["text"] for line in lines}
     wrong = sum(1 for custom_id, text in texts.items() if text != h.reference[batch_prompt(custom_id)])
     listed = {b["id"] for b in (await api.get("/v1/batches", params={"limit": 100})).json()["data"]}
-    return {"flushed": flushed, "finished_same": after == before,
-            "running": {"status": running["status"], "total": running["request_counts"]["total"],
-                        "lines": len(texts), "repeated": len(lines) - len(texts), "wrong": wrong},
-            "listed": {finished["id"], running["id"]} <= listed}
+    return {
+        "flushed": flushed,
+        "finished_same": after == before,
+        "running": {
+            "status": running["status"],
+            "total": running["request_counts"]["total"],
+            "lines": len(texts),
+            "repeated": len(lines) - len(texts),
+            "wrong": wrong,
+        },
+        "listed": {finished["id"], running["id"]} <= listed,
+    }
 
 
 def batch_prompt(custom_id: str) -> str:
@@ -1032,15 +1172,28 @@ def batch_prompt(custom_id: str) -> str:
 async def submit_batch(api: httpx.AsyncClient, lines: int) -> dict:
     """A Batch API batch of ``lines`` greedy completions of the reference prompts."""
     tag = secrets.token_hex(3)
-    body = "".join(json.dumps({"custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/completions",
-                               "body": {"model": MODEL, "prompt": batch_prompt(f"{tag}-{i}"),
-                                        "max_tokens": MAX_TOKENS, "temperature": 0}}) + "\n"
-                   for i in range(lines))
-    file = await api.post("/v1/files", data={"purpose": "batch"},
-                          files={"file": ("lines.jsonl", body.encode(), "application/jsonl")})
+    body = "".join(
+        json.dumps(
+            {
+                "custom_id": f"{tag}-{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {
+                    "model": MODEL,
+                    "prompt": batch_prompt(f"{tag}-{i}"),
+                    "max_tokens": MAX_TOKENS,
+                    "temperature": 0,
+                },
+            }
+        )
+        + "\n"
+        for i in range(lines)
+    )
+    file = await api.post(
+        "/v1/files", data={"purpose": "batch"}, files={"file": ("lines.jsonl", body.encode(), "application/jsonl")}
+    )
     file.raise_for_status()
-    batch = await api.post("/v1/batches", json={"input_file_id": file.json()["id"],
-                                                "endpoint": "/v1/completions"})
+    batch = await api.post("/v1/batches", json={"input_file_id": file.json()["id"], "endpoint": "/v1/completions"})
     batch.raise_for_status()
     return batch.json()
 
@@ -1066,10 +1219,12 @@ async def batch_done(api: httpx.AsyncClient, batch_id: str, timeout_s: float) ->
 
 async def batch_view(api: httpx.AsyncClient, batch: dict) -> dict:
     """What a client reads of a finished batch: its object, its input file, its output."""
-    return {"batch": batch,
-            "input": (await api.get(f"/v1/files/{batch['input_file_id']}/content")).text,
-            "file": (await api.get(f"/v1/files/{batch['input_file_id']}")).json(),
-            "output": (await api.get(f"/v1/files/{batch['output_file_id']}/content")).text}
+    return {
+        "batch": batch,
+        "input": (await api.get(f"/v1/files/{batch['input_file_id']}/content")).text,
+        "file": (await api.get(f"/v1/files/{batch['input_file_id']}")).json(),
+        "output": (await api.get(f"/v1/files/{batch['output_file_id']}/content")).text,
+    }
 
 
 SLOWLORIS_CONNECTIONS = 1000
@@ -1086,6 +1241,7 @@ def slowloris(connections: int) -> Callable[[Harness, Clients], Awaitable[dict]]
     finishing them, opening another when the gateway closes theirs; the steady clients go on.
     Their p99 latency over the attack (after a ramp) against the baseline's; the gateway's open
     descriptors before, at most during, and once the header timeout has closed the slow ones."""
+
     async def fault(h: Harness, clients: Clients) -> dict:
         url = urlsplit(h.mesh.url)
         pid = h.mesh.role_pids("gateway")[0]
@@ -1102,13 +1258,22 @@ def slowloris(connections: int) -> Callable[[Harness, Clients], Awaitable[dict]]
         during = latencies(clients, began + SLOWLORIS_RAMP_S, ended)
         fds_after = await settled_fds(pid, fds_before)
         p99_before, p99_during = percentile(before, 0.99), percentile(during, 0.99)
-        return {"connections": connections, "opened": counts["opened"], "closed_by_gateway": counts["closed"],
-                "refused": counts["refused"], "fds_before": fds_before, "fds_max": max(fds), "fds_after": fds_after,
-                "p99_before_ms": round(1000 * p99_before, 1), "p99_during_ms": round(1000 * p99_during, 1),
-                "p50_before_ms": round(1000 * percentile(before, 0.5), 1),
-                "p50_during_ms": round(1000 * percentile(during, 0.5), 1),
-                "samples": [len(before), len(during)],
-                "p99_ratio": round(p99_during / p99_before, 3) if before and during else None}
+        return {
+            "connections": connections,
+            "opened": counts["opened"],
+            "closed_by_gateway": counts["closed"],
+            "refused": counts["refused"],
+            "fds_before": fds_before,
+            "fds_max": max(fds),
+            "fds_after": fds_after,
+            "p99_before_ms": round(1000 * p99_before, 1),
+            "p99_during_ms": round(1000 * p99_during, 1),
+            "p50_before_ms": round(1000 * percentile(before, 0.5), 1),
+            "p50_during_ms": round(1000 * percentile(during, 0.5), 1),
+            "samples": [len(before), len(during)],
+            "p99_ratio": round(p99_during / p99_before, 3) if before and during else None,
+        }
+
     return fault
 
 
@@ -1128,12 +1293,15 @@ async def attack(host: str, port: int, connections: int, seconds: float) -> dict
 def _attack_process(host: str, port: int, connections: int, seconds: float, results: Any) -> None:
     async def run() -> dict:
         stop, counts = asyncio.Event(), {"opened": 0, "closed": 0, "refused": 0}
-        tasks = [asyncio.create_task(slow_client(host, port, f"127.0.1.{1 + i % SLOWLORIS_SOURCES}", stop, counts))
-                 for i in range(connections)]
+        tasks = [
+            asyncio.create_task(slow_client(host, port, f"127.0.1.{1 + i % SLOWLORIS_SOURCES}", stop, counts))
+            for i in range(connections)
+        ]
         await asyncio.sleep(seconds)  # the attack lasts this long
         stop.set()
         await asyncio.gather(*tasks)
         return counts
+
     results.put(asyncio.run(run()))
 
 
@@ -1182,8 +1350,11 @@ async def settled_fds(pid: int, before: int, timeout_s: float = 15.0) -> int:
 
 def latencies(clients: Clients, start: float, end: float) -> list[float]:
     """Seconds each request sent and answered within [start, end) took."""
-    return [r.ended_at - r.sent_at for r in clients.records
-            if r.outcome == "completed" and r.ended_at is not None and start <= r.sent_at and r.ended_at < end]
+    return [
+        r.ended_at - r.sent_at
+        for r in clients.records
+        if r.outcome == "completed" and r.ended_at is not None and start <= r.sent_at and r.ended_at < end
+    ]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -1213,9 +1384,15 @@ FAULTS: dict[str, tuple[Callable[[Harness, Clients], Awaitable[dict]], float]] =
 
 # ==== the command ================================================================================
 
-async def run_scenarios(names: list[str], settings: Settings, *, workers: int = 2,
-                        on_outcome: Callable[[Outcome], None] | None = None,
-                        mesh_log: Path | None = None) -> list[Outcome]:
+
+async def run_scenarios(
+    names: list[str],
+    settings: Settings,
+    *,
+    workers: int = 2,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    mesh_log: Path | None = None,
+) -> list[Outcome]:
     services = PrivateServices()
     mesh: Mesh | None = None
     try:
@@ -1241,25 +1418,57 @@ async def run_scenarios(names: list[str], settings: Settings, *, workers: int = 
         services.close()
 
 
-COLUMNS = ("scenario", "sent", "completed", "refused", "failed", "unclear", "hung", "wrong", "before/s", "recovery_s",
-           "up")
+COLUMNS = (
+    "scenario",
+    "sent",
+    "completed",
+    "refused",
+    "failed",
+    "unclear",
+    "hung",
+    "wrong",
+    "before/s",
+    "recovery_s",
+    "up",
+)
 
 
 def row(o: Outcome) -> list[str]:
     recovery = "-" if o.recovery_s is None else f"{o.recovery_s:.1f}"
-    return [o.scenario, str(o.sent), f"{o.completed} ({100 * o.completed_share:.1f}%)", str(o.refused),
-            str(o.failed), str(o.unclear), str(o.hung), str(o.wrong), f"{o.before_per_s:.1f}", recovery,
-            "yes" if o.up else "NO"]
+    return [
+        o.scenario,
+        str(o.sent),
+        f"{o.completed} ({100 * o.completed_share:.1f}%)",
+        str(o.refused),
+        str(o.failed),
+        str(o.unclear),
+        str(o.hung),
+        str(o.wrong),
+        f"{o.before_per_s:.1f}",
+        recovery,
+        "yes" if o.up else "NO",
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scenarios", default=",".join(ALL + LONG),
-                        help=f"comma-separated, in order (default all: {','.join(ALL + LONG)})")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(ALL + LONG),
+        help=f"comma-separated, in order (default all: {','.join(ALL + LONG)})",
+    )
     parser.add_argument("--clients", type=int, default=Settings.clients, help="steady closed-loop clients")
-    parser.add_argument("--baseline-s", type=float, default=Settings.baseline_s,
-                        help="steady load before each fault (its throughput is the one to recover)")
-    parser.add_argument("--observe-s", type=float, default=Settings.observe_s,
-                        help="how long after a fault the throughput may take to come back")
+    parser.add_argument(
+        "--baseline-s",
+        type=float,
+        default=Settings.baseline_s,
+        help="steady load before each fault (its throughput is the one to recover)",
+    )
+    parser.add_argument(
+        "--observe-s",
+        type=float,
+        default=Settings.observe_s,
+        help="how long after a fault the throughput may take to come back",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write every outcome here")
     parser.add_argument("--mesh-log", type=Path, help="write the mesh's output (every process's) here")
@@ -1276,15 +1485,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"exegpt bench faults: unknown scenarios {unknown}; known: {', '.join(ALL + LONG)}", file=sys.stderr)
         return 2
     settings = Settings(args.clients, args.baseline_s, args.observe_s)
-    print(f"faults: {len(names)} scenarios, {args.workers} workers, {settings.clients} clients, "
-          f"request deadline {REQUEST_TIMEOUT_S:g} s; private RabbitMQ and Redis on loopback", flush=True)
+    print(
+        f"faults: {len(names)} scenarios, {args.workers} workers, {settings.clients} clients, "
+        f"request deadline {REQUEST_TIMEOUT_S:g} s; private RabbitMQ and Redis on loopback",
+        flush=True,
+    )
     print(" | ".join(COLUMNS), flush=True)
+
     def stopped(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")  # the private services and the mesh are stopped on the way out
 
     signal.signal(signal.SIGTERM, stopped)
-    outcomes = asyncio.run(run_scenarios(names, settings, workers=args.workers, mesh_log=args.mesh_log,
-                                         on_outcome=lambda o: print(" | ".join(row(o)), flush=True)))
+    outcomes = asyncio.run(
+        run_scenarios(
+            names,
+            settings,
+            workers=args.workers,
+            mesh_log=args.mesh_log,
+            on_outcome=lambda o: print(" | ".join(row(o)), flush=True),
+        )
+    )
     missed = {o.scenario: o.goals_met() for o in outcomes}
     for o in outcomes:
         if o.extra:
@@ -1294,6 +1514,7 @@ def run(args: argparse.Namespace) -> int:
     for name, what in missed.items():
         print(f"{name}: {'goals met' if not what else 'MISSED: ' + ', '.join(what)}")
     if args.json:
-        args.json.write_text(json.dumps([{**asdict(o), "completed_share": o.completed_share} for o in outcomes],
-                                        indent=1))
+        args.json.write_text(
+            json.dumps([{**asdict(o), "completed_share": o.completed_share} for o in outcomes], indent=1)
+        )
     return 0 if len(outcomes) == len(names) and not any(missed.values()) else 1

@@ -72,8 +72,9 @@ class Row:
 
 
 def sizes(tokens: list[int], mib: list[int]) -> list[tuple[str, int]]:
-    return ([(f"smollm2 {t} tokens", t * SMOLLM2_KV_BYTES_PER_TOKEN) for t in tokens]
-            + [(f"raw {m} MiB", m << 20) for m in mib])
+    return [(f"smollm2 {t} tokens", t * SMOLLM2_KV_BYTES_PER_TOKEN) for t in tokens] + [
+        (f"raw {m} MiB", m << 20) for m in mib
+    ]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -86,8 +87,14 @@ def peak_rss_bytes() -> int:
 
 
 def _config(transport: str, namespace: str, amqp_url: str, redis_url: str, staging_mb: int) -> MeshConfig:
-    return MeshConfig(namespace=namespace, amqp_url=amqp_url, redis_url=redis_url, kv_transport=transport,
-                      kv_staging_mb=staging_mb, kv_read_timeout_s=TIMEOUT_S)
+    return MeshConfig(
+        namespace=namespace,
+        amqp_url=amqp_url,
+        redis_url=redis_url,
+        kv_transport=transport,
+        kv_staging_mb=staging_mb,
+        kv_read_timeout_s=TIMEOUT_S,
+    )
 
 
 # ---- the decoder process ------------------------------------------------------------------------
@@ -118,8 +125,9 @@ async def _decode(config: MeshConfig, peer: Connection) -> None:
 
 
 # ---- the encoder process ------------------------------------------------------------------------
-def encoder_main(config: MeshConfig, peer: Connection, results: Connection,
-                 plan: list[tuple[str, int]], runs: int) -> None:
+def encoder_main(
+    config: MeshConfig, peer: Connection, results: Connection, plan: list[tuple[str, int]], runs: int
+) -> None:
     results.send(asyncio.run(_encode(config, peer, plan, runs)))
 
 
@@ -146,8 +154,21 @@ async def _encode(config: MeshConfig, peer: Connection, plan: list[tuple[str, in
                 if 1 <= i <= runs:
                     times.append(arrived - start)
             p50 = statistics.median(times)
-            rows.append(Row(config.kv_transport, label, nbytes, runs, p50, percentile(times, 99), nbytes / p50,
-                            COPIES[config.kv_transport], held, peak_rss_bytes(), 0))
+            rows.append(
+                Row(
+                    config.kv_transport,
+                    label,
+                    nbytes,
+                    runs,
+                    p50,
+                    percentile(times, 99),
+                    nbytes / p50,
+                    COPIES[config.kv_transport],
+                    held,
+                    peak_rss_bytes(),
+                    0,
+                )
+            )
             print(f"  {config.kv_transport:5} {label:20} p50 {p50 * 1e3:9.2f} ms", flush=True)
         await t.bus.publish(names.handoff_queue, codec.encode(KvReady("stop", "bench-encoder", "", "", 0, 0, 0.0)))
         decoder_rss = await _recv(peer)
@@ -165,8 +186,19 @@ def _exported(kv: bytes, buffer: np.ndarray | None) -> bytes | np.ndarray:
 
 
 def _handoff(request_id: str, kv: bytes | np.ndarray) -> KVHandoff:
-    return KVHandoff(request_id, "smollm2", SamplingParams(max_tokens=16), (1, 2, 3), (4,), "", b"", "float32",
-                     (1, len(kv)), "raw", kv)
+    return KVHandoff(
+        request_id,
+        "smollm2",
+        SamplingParams(max_tokens=16),
+        (1, 2, 3),
+        (4,),
+        "",
+        b"",
+        "float32",
+        (1, len(kv)),
+        "raw",
+        kv,
+    )
 
 
 async def _recv(peer: Connection):
@@ -204,8 +236,9 @@ LINK_SIZES = (1 << 20, 64 << 20)  # the line through a small and a large KV cach
 LINK_RUNS = 3
 
 
-def nixl_link(amqp_url: str, redis_url: str, *, sizes_bytes: tuple[int, ...] = LINK_SIZES,
-              runs: int = LINK_RUNS) -> tuple[str, float, float, str]:
+def nixl_link(
+    amqp_url: str, redis_url: str, *, sizes_bytes: tuple[int, ...] = LINK_SIZES, runs: int = LINK_RUNS
+) -> tuple[str, float, float, str]:
     """The NIXL hand-off path between two worker processes as the optimizer's link (kind,
     bandwidth B/s, latency s, how it was measured): the line seconds = latency + bytes / bandwidth
     through the p50 of the smallest and the largest payload (NixlUnavailable where NIXL cannot load)."""
@@ -216,24 +249,35 @@ def nixl_link(amqp_url: str, redis_url: str, *, sizes_bytes: tuple[int, ...] = L
     points = tuple((r.bytes, r.latency_p50_s) for r in rows)
     latency, bandwidth = fit_line(points)
     medians = ", ".join(f"{n / (1 << 20):g} MiB {t * 1e3:.1f} ms" for n, t in points)
-    return ("nixl", bandwidth, latency, f"measured: NIXL read between two worker processes over RabbitMQ + Redis, "
-            f"p50 of {runs} ({medians}), fitted to {latency * 1e3:.2f} ms + bytes / {bandwidth / 1e6:.0f} MB/s")
+    return (
+        "nixl",
+        bandwidth,
+        latency,
+        f"measured: NIXL read between two worker processes over RabbitMQ + Redis, "
+        f"p50 of {runs} ({medians}), fitted to {latency * 1e3:.2f} ms + bytes / {bandwidth / 1e6:.0f} MB/s",
+    )
 
 
 def table(rows: list[Row]) -> str:
-    lines = [f"{'transport':9} {'size':20} {'bytes':>11} {'p50 ms':>9} {'p99 ms':>9} {'MB/s':>8} {'copies':>6} "
-             f"{'redis KB':>9} {'enc RSS MB':>10} {'dec RSS MB':>10}"]
+    lines = [
+        f"{'transport':9} {'size':20} {'bytes':>11} {'p50 ms':>9} {'p99 ms':>9} {'MB/s':>8} {'copies':>6} "
+        f"{'redis KB':>9} {'enc RSS MB':>10} {'dec RSS MB':>10}"
+    ]
     for r in rows:
-        lines.append(f"{r.transport:9} {r.label:20} {r.bytes:11d} {r.latency_p50_s * 1e3:9.2f} "
-                     f"{r.latency_p99_s * 1e3:9.2f} {r.bandwidth_bytes_s / 1e6:8.0f} {r.copies:6d} "
-                     f"{r.redis_peak_bytes / 1e3:9.1f} {r.encoder_peak_rss_bytes / 1e6:10.0f} "
-                     f"{r.decoder_peak_rss_bytes / 1e6:10.0f}")
+        lines.append(
+            f"{r.transport:9} {r.label:20} {r.bytes:11d} {r.latency_p50_s * 1e3:9.2f} "
+            f"{r.latency_p99_s * 1e3:9.2f} {r.bandwidth_bytes_s / 1e6:8.0f} {r.copies:6d} "
+            f"{r.redis_peak_bytes / 1e3:9.1f} {r.encoder_peak_rss_bytes / 1e6:10.0f} "
+            f"{r.decoder_peak_rss_bytes / 1e6:10.0f}"
+        )
     lines.append("  copies: of the KV bytes end to end on CPU, the engines' export and import included")
     by = {(r.transport, r.bytes): r for r in rows}
     for r in rows:
         if r.transport == "nixl" and ("redis", r.bytes) in by:
-            lines.append(f"  {r.label}: NIXL {r.bandwidth_bytes_s / by['redis', r.bytes].bandwidth_bytes_s:.1f}x "
-                         "the Redis path's bandwidth")
+            lines.append(
+                f"  {r.label}: NIXL {r.bandwidth_bytes_s / by['redis', r.bytes].bandwidth_bytes_s:.1f}x "
+                "the Redis path's bandwidth"
+            )
     return "\n".join(lines)
 
 
@@ -266,10 +310,13 @@ def run(args: argparse.Namespace) -> int:
     if not plan or args.runs < 1:
         print("exegpt bench handoff: no sizes, or --runs below 1", file=sys.stderr)
         return 2
-    print(f"handoff: {', '.join(transports)}; {len(plan)} sizes x {args.runs} runs; two processes over "
-          f"RabbitMQ + Redis", flush=True)
-    rows = [row for transport in transports for row in measure(transport, plan, args.runs, args.amqp_url,
-                                                                  args.redis_url)]
+    print(
+        f"handoff: {', '.join(transports)}; {len(plan)} sizes x {args.runs} runs; two processes over RabbitMQ + Redis",
+        flush=True,
+    )
+    rows = [
+        row for transport in transports for row in measure(transport, plan, args.runs, args.amqp_url, args.redis_url)
+    ]
     print(table(rows))
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")

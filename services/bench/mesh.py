@@ -44,8 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overhead-requests", type=int, default=100, help="sequential tiny requests")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per engine")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds on the main model")
-    parser.add_argument("--only", choices=("all", "main", "overhead"), default="all",
-                        help="main: the main-model rows; overhead: the tiny-model rows")
+    parser.add_argument(
+        "--only",
+        choices=("all", "main", "overhead"),
+        default="all",
+        help="main: the main-model rows; overhead: the tiny-model rows",
+    )
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
 
@@ -83,10 +87,20 @@ class Server:
 def start(args: list[str], ready_prefix: str, threads: int, *, root: Path = REPO_ROOT) -> Server:
     """``exegpt ARGS`` from the checkout at ``root``, once it prints ``ready_prefix``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXEGPT_")}
-    env.update(EXEGPT_THREADS=str(threads), EXEGPT_DEVICE="cpu", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    popen = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--port", "0"], cwd=root,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env.update(
+        EXEGPT_THREADS=str(threads),
+        EXEGPT_DEVICE="cpu",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    )
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", *args, "--port", "0"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert popen.stdout is not None
     for line in popen.stdout:
         if line.startswith(ready_prefix):
@@ -100,16 +114,29 @@ def embedded(model: str, threads: int) -> Server:
 
 def mesh(model: str, a: argparse.Namespace) -> Server:
     namespace = f"bench{uuid.uuid4().hex[:8]}"
-    server = start(["up", "--model", model, "--amqp-url", a.amqp_url, "--redis-url", a.redis_url,
-                    "--namespace", namespace, "--workers", "1"],
-                   "ready mesh", a.threads)
+    server = start(
+        [
+            "up",
+            "--model",
+            model,
+            "--amqp-url",
+            a.amqp_url,
+            "--redis-url",
+            a.redis_url,
+            "--namespace",
+            namespace,
+            "--workers",
+            "1",
+        ],
+        "ready mesh",
+        a.threads,
+    )
     server.namespace, server.amqp_url, server.redis_url = namespace, a.amqp_url, a.redis_url
     return server
 
 
 async def one(client, model: str, max_tokens: int) -> float:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True}
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     t0 = time.perf_counter()
     response = await client.post("/v1/completions", json=body)
     response.raise_for_status()
@@ -193,9 +220,11 @@ class LeanClient:
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         assert self._reader is not None
-        self._writer.write(f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                           f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-                           .encode() + body)
+        self._writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         head = (await self._reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
         content = await self._reader.readexactly(int(headers["content-length"]))
@@ -219,8 +248,9 @@ async def health(client) -> float:
     return time.perf_counter() - t0
 
 
-async def interleaved(call_engine: EngineCaller, urls: dict[str, str], model: str,
-                      a: argparse.Namespace) -> dict[str, list[float]]:
+async def interleaved(
+    call_engine: EngineCaller, urls: dict[str, str], model: str, a: argparse.Namespace
+) -> dict[str, list[float]]:
     """Per round: the engine, then each server, back to back, so that load hits all alike.
 
     Returns, per ``server/measure``: the added latency of each round (server minus the engine of
@@ -257,9 +287,13 @@ def broker_hop(a: argparse.Namespace) -> list[float]:
     """One bare RabbitMQ hop between two processes, through the mesh's own bus adapter
     (persistent, confirmed): half of each ping-pong round trip with another process."""
     names = Names(f"probe{uuid.uuid4().hex[:8]}")
-    pong = subprocess.Popen([sys.executable, "-m", "services.bench.mesh", "pong", a.amqp_url,
-                             names.namespace], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    pong = subprocess.Popen(
+        [sys.executable, "-m", "services.bench.mesh", "pong", a.amqp_url, names.namespace],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     try:
         assert pong.stdout is not None and pong.stdout.readline().strip() == "ready"
         return asyncio.run(ping(a.amqp_url, names))
@@ -272,8 +306,7 @@ def broker_hop(a: argparse.Namespace) -> list[float]:
 async def ping(amqp_url: str, names: Names) -> list[float]:
     from common.transport.rabbit import RabbitBus
 
-    bus = await RabbitBus.connect(amqp_url, dead_exchange=names.dead_exchange,
-                                  dead_queue=names.dead_queue)
+    bus = await RabbitBus.connect(amqp_url, dead_exchange=names.dead_exchange, dead_queue=names.dead_queue)
     try:
         await bus.declare_queue(names.probe_queue("ping"), exclusive=True)
         replies = aiter(await bus.consume(names.probe_queue("ping"), prefetch=10, auto_ack=True))
@@ -340,8 +373,10 @@ def main_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
     return [
         *((f"{a.model}: single request latency, {label}", f"{med(v) * 1000:.0f} ms") for label, v in lat.items()),
         *((f"{a.model}: {a.concurrency} concurrent, {label}", f"{med(v):.1f} tok/s") for label, v in tps.items()),
-        (f"{a.model}: throughput mesh/embedded (median of rounds)", f"{med(ratios):.3f} "
-         f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})"),
+        (
+            f"{a.model}: throughput mesh/embedded (median of rounds)",
+            f"{med(ratios):.3f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})",
+        ),
         (f"{a.model}: latency mesh/embedded", f"{med(lat['mesh']) / med(lat['embedded']):.3f}"),
     ]
 
@@ -360,20 +395,27 @@ def overhead_rows(a: argparse.Namespace) -> list[tuple[str, str]]:
     def ms(key: str, q: float) -> str:
         return f"{pct(out[key], q) * 1000:.2f} ms"
 
-    return [*((f"{a.tiny_model}: added latency per request vs engine, {label}, p{int(q * 100)}",
-               ms(f"{label}/lean", q)) for label in servers for q in (0.5, 0.99)),
-            *((f"  same through httpx, {label}, p50 / p99",
-               f"{ms(f'{label}/httpx', 0.5)} / {ms(f'{label}/httpx', 0.99)}") for label in servers),
-            *((f"  HTTP alone (GET /health round trip), {label}, p50", ms(f"{label}/http", 0.5))
-              for label in servers),
-            ("  one RabbitMQ hop alone, process to process, p50 (a request makes 3)",
-             ms("broker/hop", 0.5))]
+    return [
+        *(
+            (f"{a.tiny_model}: added latency per request vs engine, {label}, p{int(q * 100)}", ms(f"{label}/lean", q))
+            for label in servers
+            for q in (0.5, 0.99)
+        ),
+        *(
+            (f"  same through httpx, {label}, p50 / p99", f"{ms(f'{label}/httpx', 0.5)} / {ms(f'{label}/httpx', 0.99)}")
+            for label in servers
+        ),
+        *((f"  HTTP alone (GET /health round trip), {label}, p50", ms(f"{label}/http", 0.5)) for label in servers),
+        ("  one RabbitMQ hop alone, process to process, p50 (a request makes 3)", ms("broker/hop", 0.5)),
+    ]
 
 
 def print_table(rows: list[tuple[str, str]], a: argparse.Namespace) -> None:
     width = max(len(r[0]) for r in rows)
-    print(f"\nexegpt bench mesh  (max_tokens={a.max_tokens}, threads/engine={a.threads}, "
-          f"mesh = one worker process, RabbitMQ + Redis)")
+    print(
+        f"\nexegpt bench mesh  (max_tokens={a.max_tokens}, threads/engine={a.threads}, "
+        f"mesh = one worker process, RabbitMQ + Redis)"
+    )
     print(f"{'measure':<{width}}  value")
     print(f"{'-' * width}  {'-' * 30}")
     for name, value in rows:

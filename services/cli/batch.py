@@ -31,13 +31,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amqp-url", help="RabbitMQ URL (default: EXEGPT_AMQP_URL)")
     p.add_argument("--redis-url", help="Redis URL (default: EXEGPT_REDIS_URL)")
     p.add_argument("--namespace", help="mesh namespace (default: EXEGPT_NAMESPACE or exegpt)")
-    p.add_argument("--batch-dir", help="folder of batch records and results, shared with the gateways "
-                   "(default: EXEGPT_BATCH_DIR or ~/.local/share/exegpt/batches)")
+    p.add_argument(
+        "--batch-dir",
+        help="folder of batch records and results, shared with the gateways "
+        "(default: EXEGPT_BATCH_DIR or ~/.local/share/exegpt/batches)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("batch", help="batch jobs over the durable queue", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(
+        "batch",
+        help="batch jobs over the durable queue",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cmds = parser.add_subparsers(dest="batch_command", metavar="SUBCOMMAND")
     cmds.required = True
 
@@ -56,8 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout-s", type=float, default=3600.0, help="how long --wait waits")
     p.set_defaults(func=_run(_submit))
 
-    for name, helptext, fn in (("status", "counts of a batch's results", _status),
-                               ("cancel", "jobs not yet started finish as cancelled", _cancel)):
+    for name, helptext, fn in (
+        ("status", "counts of a batch's results", _status),
+        ("cancel", "jobs not yet started finish as cancelled", _cancel),
+    ):
         p = cmds.add_parser(name, help=helptext)
         _common(p)
         p.add_argument("batch_id")
@@ -71,16 +80,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser("worker", help="consume jobs until SIGINT/SIGTERM")
     _common(p)
-    p.add_argument("--executor", choices=("mesh", "local", "echo"), default="mesh",
-                   help="mesh: through the mesh's workers (default); local: through a worker of "
-                        "this process (one engine, the same worker code); echo: no model (queue tests)")
+    p.add_argument(
+        "--executor",
+        choices=("mesh", "local", "echo"),
+        default="mesh",
+        help="mesh: through the mesh's workers (default); local: through a worker of "
+        "this process (one engine, the same worker code); echo: no model (queue tests)",
+    )
     p.add_argument("--model", help="model for --executor local (default: the mesh's model)")
     p.add_argument("--device", help="engine device: auto, cpu or cuda")
     p.add_argument("--max-inflight", type=int, default=16, help="jobs held at once (prefetch)")
     p.add_argument("--max-batch", type=int, default=32, help="--executor local: the worker's decode batch")
-    p.add_argument("--yield-depth", type=int, default=0,
-                   help="with --executor mesh: start a job only while the encode queue holds at "
-                        "most this many interactive requests; -1: never wait")
+    p.add_argument(
+        "--yield-depth",
+        type=int,
+        default=0,
+        help="with --executor mesh: start a job only while the encode queue holds at "
+        "most this many interactive requests; -1: never wait",
+    )
     p.add_argument("--echo-delay-ms", type=float, default=0.0, help="simulated model time per job")
     p.add_argument("--worker-id", help="name in results (default: batch-HOST-PID)")
     p.set_defaults(func=_run(_worker))
@@ -89,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         return asyncio.run(fn(args, _config(args)))
+
     return run
 
 
@@ -97,9 +115,16 @@ def _config(args: argparse.Namespace) -> Any:
 
     from common.config import MeshConfig
 
-    overrides = {k: v for k, v in (("amqp_url", args.amqp_url), ("redis_url", args.redis_url),
-                                   ("namespace", args.namespace),
-                                   ("batch_dir", args.batch_dir)) if v}
+    overrides = {
+        k: v
+        for k, v in (
+            ("amqp_url", args.amqp_url),
+            ("redis_url", args.redis_url),
+            ("namespace", args.namespace),
+            ("batch_dir", args.batch_dir),
+        )
+        if v
+    }
     if getattr(args, "device", None):
         overrides["device"] = args.device
     try:
@@ -158,10 +183,16 @@ def _synthetic_specs(args: argparse.Namespace) -> Any:
     from loadgen.workload import WorkloadSpec, build_workload
 
     try:
-        spec = WorkloadSpec(num_requests=args.count, seed=args.seed, arrival="constant",
-                            rate_per_s=1.0, task=args.task, fixed_input_tokens=args.input_tokens,
-                            fixed_output_tokens=args.output_tokens,
-                            max_input_tokens=args.max_input_tokens)
+        spec = WorkloadSpec(
+            num_requests=args.count,
+            seed=args.seed,
+            arrival="constant",
+            rate_per_s=1.0,
+            task=args.task,
+            fixed_input_tokens=args.input_tokens,
+            fixed_output_tokens=args.output_tokens,
+            max_input_tokens=args.max_input_tokens,
+        )
         return build_workload(spec).specs
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -179,16 +210,19 @@ async def _submit(args: argparse.Namespace, config: Any) -> int:
     batch_id = args.batch_id or new_batch_id()
     async with _Conn(config) as conn:
         if args.count is not None and args.wait:
-            summary = await run_batch(conn.bus, conn.data, conn.names, _synthetic_specs(args),
-                                      model, args.timeout_s, batch_id)
+            summary = await run_batch(
+                conn.bus, conn.data, conn.names, _synthetic_specs(args), model, args.timeout_s, batch_id
+            )
             print(json.dumps(asdict(summary), indent=1))
             return 0 if summary.missing == 0 else 1
         reply = conn.names.reply_queue(batch_id) if args.wait else None
         if args.count is not None:
             jobs = jobs_from_specs(batch_id, _synthetic_specs(args), model, reply)
         else:
-            jobs = [p.job(job_id(batch_id, i), batch_id, reply)
-                    for i, p in enumerate(_file_jobs(args.file, model, config.max_tokens_limit))]
+            jobs = [
+                p.job(job_id(batch_id, i), batch_id, reply)
+                for i, p in enumerate(_file_jobs(args.file, model, config.max_tokens_limit))
+            ]
         producer = JobProducer(conn.bus, conn.data, conn.names)
         await producer.submit(batch_id, jobs, reply_to=reply)
         print(batch_id)
@@ -237,9 +271,10 @@ async def _results(args: argparse.Namespace, config: Any) -> int:
             results = await JobProducer(conn.bus, conn.data, conn.names).results(args.batch_id)
         except UnknownBatch:
             raise CliError(f"no batch {args.batch_id}") from None
-    lines = [json.dumps(asdict(r) if r is not None else {"job_id": job_id(args.batch_id, i),
-                                                           "status": "pending"})
-             for i, r in enumerate(results)]
+    lines = [
+        json.dumps(asdict(r) if r is not None else {"job_id": job_id(args.batch_id, i), "status": "pending"})
+        for i, r in enumerate(results)
+    ]
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.write_text(text)
@@ -272,10 +307,17 @@ async def _mesh_executor(args: argparse.Namespace, config: Any, stack: Any) -> A
 
     hub = LocalHub()
     if args.executor == "local":
-        schedule = Schedule("continuous", encode_batch=min(8, args.max_batch), decode_batch=args.max_batch,
-                            worker_devices=1)
-        config = config.model_copy(update={"amqp_url": None, "redis_url": None, "model": args.model or config.model,
-                                           "schedule": json.dumps(asdict(schedule))})
+        schedule = Schedule(
+            "continuous", encode_batch=min(8, args.max_batch), decode_batch=args.max_batch, worker_devices=1
+        )
+        config = config.model_copy(
+            update={
+                "amqp_url": None,
+                "redis_url": None,
+                "model": args.model or config.model,
+                "schedule": json.dumps(asdict(schedule)),
+            }
+        )
         runner = await _load_runner(args, config)
         model = ServedModel(config.model, runner.engine.tokenizer, runner.engine.max_context)
         await stack.enter_async_context(local_workers(config, hub, runners=[runner]))
@@ -322,11 +364,17 @@ async def _worker(args: argparse.Namespace, config: Any) -> int:
         else:
             executor = await _mesh_executor(args, config, stack)
             if args.executor == "mesh" and args.yield_depth >= 0:
-                admission = QueueDepthAdmission(transports.bus, names.encode_queue,
-                                                args.yield_depth, own_waiting=executor.waiting)
-        consumer = JobConsumer(transports.bus, BatchDir(config.batch_dir, config.namespace), names, executor,
-                               ConsumerConfig(worker_id, args.max_inflight, config.drain_timeout_s),
-                               admission)
+                admission = QueueDepthAdmission(
+                    transports.bus, names.encode_queue, args.yield_depth, own_waiting=executor.waiting
+                )
+        consumer = JobConsumer(
+            transports.bus,
+            BatchDir(config.batch_dir, config.namespace),
+            names,
+            executor,
+            ConsumerConfig(worker_id, args.max_inflight, config.drain_timeout_s),
+            admission,
+        )
         print(f"{worker_id}: consuming {names.jobs_queue}", flush=True)
         await consumer.run(stop)
     print(f"{worker_id}: stopped; {asdict(consumer.stats)}", flush=True)

@@ -28,14 +28,20 @@ def targets() -> dict[str, tuple[ModuleType, str]]:
         "optimizer": (optimizer, "search vs exhaustive, ExeGPT vs static/continuous"),
         "mesh": (mesh, "mesh vs embedded server vs in-process engine"),
         "serve": (serve, "one server's streams vs its own engine step and llama.cpp's server: tok/s, TTFT, ITL, RSS"),
-        "schedules": (schedules,
-                      "ExeGPT's planned schedule vs static and continuous batching, measured on two workers"),
-        "adapt": (adapt,
-                  "traffic switches from task S to T (or --phases: five phases under a TTFT + TPOT SLO): the "
-                  "re-planning scheduler vs fixed schedules"),
+        "schedules": (
+            schedules,
+            "ExeGPT's planned schedule vs static and continuous batching, measured on two workers",
+        ),
+        "adapt": (
+            adapt,
+            "traffic switches from task S to T (or --phases: five phases under a TTFT + TPOT SLO): the "
+            "re-planning scheduler vs fixed schedules",
+        ),
         "handoff": (handoff, "the KV hand-off between two worker processes: NIXL vs the Redis payload"),
-        "faults": (faults,
-                   "a mesh under load meets one fault at a time: what its clients saw, and how fast it recovered"),
+        "faults": (
+            faults,
+            "a mesh under load meets one fault at a time: what its clients saw, and how fast it recovered",
+        ),
     }
 
 
@@ -52,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _value_errors_as_cli_errors(run: Run) -> Run:
     """An engine benchmark's ``ValueError`` (a bad argument, a model it cannot load) as a one-line error."""
+
     def checked(args: argparse.Namespace) -> int:
         try:
             return run(args)

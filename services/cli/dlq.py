@@ -25,18 +25,30 @@ from services.cli import add_mesh_args, mesh_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dlq", help="list, replay or purge the dead queue (messages that could not be processed)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "dlq",
+        help="list, replay or purge the dead queue (messages that could not be processed)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    for name, text in (("list", "show each dead message"), ("replay", "publish dead messages to their queues again"),
-                       ("purge", "delete every dead message")):
+    for name, text in (
+        ("list", "show each dead message"),
+        ("replay", "publish dead messages to their queues again"),
+        ("purge", "delete every dead message"),
+    ):
         a = actions.add_parser(name, help=text)
         add_mesh_args(a)
         if name == "replay":
             which = a.add_mutually_exclusive_group(required=True)
-            which.add_argument("--id", action="append", dest="ids", metavar="ID",
-                               help="a message id from `exegpt dlq list` (repeatable)")
+            which.add_argument(
+                "--id",
+                action="append",
+                dest="ids",
+                metavar="ID",
+                help="a message id from `exegpt dlq list` (repeatable)",
+            )
             which.add_argument("--all", action="store_true", help="every dead message")
         a.set_defaults(func=run)
 
@@ -46,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     if config.amqp_url is None:
         raise CliError("needs --amqp-url (or EXEGPT_AMQP_URL): `exegpt serve` keeps its dead queue in memory")
     try:
-        lines = asyncio.run(dlq(config, args.action, None if getattr(args, "all", False) else
-                                set(getattr(args, "ids", None) or ())))
+        lines = asyncio.run(
+            dlq(config, args.action, None if getattr(args, "all", False) else set(getattr(args, "ids", None) or ()))
+        )
     except OSError as exc:  # broker or Redis not answering
         raise CliError(f"cannot reach the broker or Redis: {exc}") from None
     for line in lines:
@@ -109,8 +122,16 @@ def list_lines(messages) -> list[str]:
     rows = [("ID", "QUEUE", "ATTEMPTS", "REQUEST", "AGE", "REASON")]
     for m in messages:
         age = m.age_s(now)
-        rows.append((m.id, m.queue or "?", "?" if m.attempts is None else str(m.attempts), request_of(m.body) or "-",
-                     "?" if age is None else _age(age), m.reason))
+        rows.append(
+            (
+                m.id,
+                m.queue or "?",
+                "?" if m.attempts is None else str(m.attempts),
+                request_of(m.body) or "-",
+                "?" if age is None else _age(age),
+                m.reason,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return ["  ".join(cell.ljust(w) for cell, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
 

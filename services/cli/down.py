@@ -18,8 +18,12 @@ from services.cli import add_mesh_args, mesh_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("down", help="delete a mesh's queues, exchanges and Redis keys (after `exegpt up`)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "down",
+        help="delete a mesh's queues, exchanges and Redis keys (after `exegpt up`)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_mesh_args(p)
     p.set_defaults(func=run)
 
@@ -27,8 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = mesh_config(args)
     if not config.distributed:
-        raise CliError("needs --amqp-url and --redis-url (or EXEGPT_AMQP_URL and EXEGPT_REDIS_URL); "
-                       "`exegpt serve` keeps nothing once it stops")
+        raise CliError(
+            "needs --amqp-url and --redis-url (or EXEGPT_AMQP_URL and EXEGPT_REDIS_URL); "
+            "`exegpt serve` keeps nothing once it stops"
+        )
     try:
         keys = asyncio.run(tear_down(config))
     except OSError as exc:  # broker or Redis not answering

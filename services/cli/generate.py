@@ -20,11 +20,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    p.add_argument("--quant", default=None, help="weight-only quantization on the CPU: fp16, int8, int4 or none "
-                   "(default: a Q4_0/Q4_1 GGUF as int4 on its own codes, else none)")
+    p.add_argument(
+        "--quant",
+        default=None,
+        help="weight-only quantization on the CPU: fp16, int8, int4 or none "
+        "(default: a Q4_0/Q4_1 GGUF as int4 on its own codes, else none)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
-    p.add_argument("--tp", default="1", help="tensor-parallel degree, or one per pipeline stage (2,1); "
-                   "more than one process runs the model (torch.distributed)")
+    p.add_argument(
+        "--tp",
+        default="1",
+        help="tensor-parallel degree, or one per pipeline stage (2,1); "
+        "more than one process runs the model (torch.distributed)",
+    )
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--stage-layers", default=None, help="layers per pipeline stage, e.g. 20,10")
     p.add_argument("--pp-microbatches", type=int, default=1, help="decode micro-batches per step through the stages")
@@ -40,15 +48,24 @@ def run(args: argparse.Namespace) -> int:
 
     engine = None
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=tuple(args.stop),
+            ignore_eos=args.ignore_eos,
+        )
         shape = GroupShape.parse(args.tp, args.pp, args.stage_layers, args.pp_microbatches)
         if shape.single:
-            engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
-                                 quant=args.quant)
+            engine = load_engine(
+                args.model, device=args.device, dtype=args.dtype, num_threads=args.threads, quant=args.quant
+            )
         else:
-            engine = load_group_engine(args.model, shape, device=args.device, dtype=args.dtype,
-                                       num_threads=args.threads, quant=args.quant)
+            engine = load_group_engine(
+                args.model, shape, device=args.device, dtype=args.dtype, num_threads=args.threads, quant=args.quant
+            )
         prompt = args.prompt
         if not args.raw and engine.tokenizer.chat_template is not None:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])

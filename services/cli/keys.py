@@ -15,8 +15,12 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("keys", help="make API keys and their keys-file lines", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(
+        "keys",
+        help="make API keys and their keys-file lines",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cmds = parser.add_subparsers(dest="keys_command", metavar="SUBCOMMAND")
     cmds.required = True
     p = cmds.add_parser("new", help="a fresh random key and its keys-file line")

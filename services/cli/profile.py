@@ -13,10 +13,19 @@ from pathlib import Path
 from common.config import MeshConfig
 
 # What the plan assumes for these paths when they are not measured.
-LOOPBACK = ("loopback", 1e9, 1e-4, "default, not measured: torch.distributed (gloo) between worker processes "
-            "on this machine, conservative")
-HANDOFF = ("redis+rabbitmq", 100e6, 2e-3, "default, not measured (give --amqp-url and --redis-url to measure): "
-           "a Redis payload write + read and one RabbitMQ hop on loopback, conservative")
+LOOPBACK = (
+    "loopback",
+    1e9,
+    1e-4,
+    "default, not measured: torch.distributed (gloo) between worker processes on this machine, conservative",
+)
+HANDOFF = (
+    "redis+rabbitmq",
+    100e6,
+    2e-3,
+    "default, not measured (give --amqp-url and --redis-url to measure): "
+    "a Redis payload write + read and one RabbitMQ hop on loopback, conservative",
+)
 MAX_WARNINGS = 10  # noise warnings printed; the rest are counted
 
 
@@ -24,38 +33,76 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="time one layer of a model (attention and the rest) and describe this machine")
     p.add_argument("--model", default="smollm2", help="smollm2, tiny-llama, tiny-opt, tiny-t5, a model folder or .gguf")
     p.add_argument("--out", required=True, type=Path, help="split rows (rest / attn_prefill / attn_decode)")
-    p.add_argument("--layers-out", type=Path, default=None,
-                   help="whole-layer rows (default: OUT with -layers before the suffix)")
-    p.add_argument("--cluster-out", type=Path, default=None,
-                   help="this machine as a cluster JSON for `exegpt plan --cluster` (default: OUT with -cluster.json)")
+    p.add_argument(
+        "--layers-out", type=Path, default=None, help="whole-layer rows (default: OUT with -layers before the suffix)"
+    )
+    p.add_argument(
+        "--cluster-out",
+        type=Path,
+        default=None,
+        help="this machine as a cluster JSON for `exegpt plan --cluster` (default: OUT with -cluster.json)",
+    )
     p.add_argument("--max-batch", type=_positive, default=64, help="largest batch profiled (default 64)")
-    p.add_argument("--max-len", type=_positive, default=1024,
-                   help="longest prompt and decode context profiled (default 1024, capped by the model's context)")
-    p.add_argument("--max-tokens", type=_positive, default=4096,
-                   help="tokens per cell for whole-layer and rest-of-layer cells; attention cells go 16x further "
-                        "(default 4096)")
-    p.add_argument("--repeats", type=_positive, default=10,
-                   help="timed calls per cell, fewer once a cell has taken 0.5 s; the median counts")
+    p.add_argument(
+        "--max-len",
+        type=_positive,
+        default=1024,
+        help="longest prompt and decode context profiled (default 1024, capped by the model's context)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=_positive,
+        default=4096,
+        help="tokens per cell for whole-layer and rest-of-layer cells; attention cells go 16x further (default 4096)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive,
+        default=10,
+        help="timed calls per cell, fewer once a cell has taken 0.5 s; the median counts",
+    )
     p.add_argument("--quick", action="store_true", help="two points per axis, for a smoke test (seconds)")
-    p.add_argument("--tp-degrees", type=_degrees, default=(1,), metavar="1,2",
-                   help="tensor-parallel degrees to profile (default 1; 1 is always included): rows at tp=k "
-                        "are one rank's share of a layer, collectives excluded")
+    p.add_argument(
+        "--tp-degrees",
+        type=_degrees,
+        default=(1,),
+        metavar="1,2",
+        help="tensor-parallel degrees to profile (default 1; 1 is always included): rows at tp=k "
+        "are one rank's share of a layer, collectives excluded",
+    )
     links = p.add_mutually_exclusive_group()
-    links.add_argument("--measure-links", action="store_true",
-                       help="measure all-reduce and send/recv between worker processes (default: unless --quick, "
-                            "or when --tp-degrees names a degree above 1)")
-    links.add_argument("--no-collectives", action="store_true",
-                       help="do not measure them; write the documented default link")
+    links.add_argument(
+        "--measure-links",
+        action="store_true",
+        help="measure all-reduce and send/recv between worker processes (default: unless --quick, "
+        "or when --tp-degrees names a degree above 1)",
+    )
+    links.add_argument(
+        "--no-collectives", action="store_true", help="do not measure them; write the documented default link"
+    )
     p.add_argument("--devices", type=_positive, default=2, help="worker processes this machine runs (default 2)")
-    p.add_argument("--device-memory", type=float, default=None, metavar="BYTES",
-                   help="memory budget of one worker process (default: RAM / --devices)")
-    p.add_argument("--threads", type=_positive, default=None,
-                   help="torch threads per worker, used while profiling (default: CPU cores / --devices)")
+    p.add_argument(
+        "--device-memory",
+        type=float,
+        default=None,
+        metavar="BYTES",
+        help="memory budget of one worker process (default: RAM / --devices)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="torch threads per worker, used while profiling (default: CPU cores / --devices)",
+    )
     p.add_argument("--amqp-url", default=None, help="measure the KV hand-off path through this RabbitMQ ...")
     p.add_argument("--redis-url", default=None, help="... and this Redis (both or neither)")
-    p.add_argument("--kv-transport", choices=("nixl", "redis"), default=MeshConfig.model_fields["kv_transport"].default,
-                   help="the hand-off path to measure, as the mesh's kv_transport: nixl (two worker processes, "
-                        "a NIXL read) or redis (the payload through Redis); default: the mesh's default")
+    p.add_argument(
+        "--kv-transport",
+        choices=("nixl", "redis"),
+        default=MeshConfig.model_fields["kv_transport"].default,
+        help="the hand-off path to measure, as the mesh's kv_transport: nixl (two worker processes, "
+        "a NIXL read) or redis (the payload through Redis); default: the mesh's default",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=run)
@@ -113,8 +160,10 @@ def run(args: argparse.Namespace) -> int:
         _print_collectives(collectives, cluster.intra_node)
     _warn(warnings)
     tp = ",".join(map(str, args.tp_degrees))
-    print(f"profiled {args.model} ({len(split)} split and {len(layers)} layer rows, tp {tp}, {threads} thread(s)) "
-          f"in {time.perf_counter() - start:.1f} s")
+    print(
+        f"profiled {args.model} ({len(split)} split and {len(layers)} layer rows, tp {tp}, {threads} thread(s)) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 
@@ -127,8 +176,11 @@ def _profile(args: argparse.Namespace, threads: int):
     engine = load_engine(args.model, device=args.device, dtype=args.dtype, num_threads=threads)
     max_len = min(args.max_len, engine.max_context - 1)  # a decode step needs one position beyond its context
     if max_len < args.max_len:
-        print(f"exegpt profile: note: --max-len {args.max_len} capped at {max_len} ({args.model}'s context is "
-              f"{engine.max_context})", file=sys.stderr)
+        print(
+            f"exegpt profile: note: --max-len {args.max_len} capped at {max_len} ({args.model}'s context is "
+            f"{engine.max_context})",
+            file=sys.stderr,
+        )
     grid = quick_grid(max_len) if args.quick else build_grid(args.max_batch, max_len, args.max_tokens)
     split, layers = profile_rows(engine, args.model, grid, repeats=args.repeats, tp_degrees=args.tp_degrees)
     split_s, layers_s = smooth_rows(split), smooth_rows(layers)
@@ -142,10 +194,21 @@ def _cluster(args: argparse.Namespace, threads: int, device: str, collectives=No
     handoff = _measured_handoff(args) if args.amqp_url else Link(*HANDOFF)
     memory = args.device_memory or _device_memory(device) / (1 if device.startswith("cuda") else args.devices)
     name = f"{'cuda' if device.startswith('cuda') else 'cpu'}-{args.devices}x{threads}t"
-    notes = (f"written by exegpt profile: {args.devices} worker process(es) on this machine, {threads} torch "
-             f"thread(s) each, memory {'as given' if args.device_memory else 'RAM / devices'}")
-    return Cluster(name, memory, args.devices, loopback, loopback, handoff=handoff,
-                   device_threads=0 if device.startswith("cuda") else threads, device_count=args.devices, notes=notes)
+    notes = (
+        f"written by exegpt profile: {args.devices} worker process(es) on this machine, {threads} torch "
+        f"thread(s) each, memory {'as given' if args.device_memory else 'RAM / devices'}"
+    )
+    return Cluster(
+        name,
+        memory,
+        args.devices,
+        loopback,
+        loopback,
+        handoff=handoff,
+        device_threads=0 if device.startswith("cuda") else threads,
+        device_count=args.devices,
+        notes=notes,
+    )
 
 
 def _measured_collectives(device: str):
@@ -153,13 +216,17 @@ def _measured_collectives(device: str):
     from engine.parallel.collectives import measure
 
     if device.startswith("cuda"):
-        print("exegpt profile: note: the link is measured between CPU processes (gloo); NCCL between GPUs is "
-              "not measured", file=sys.stderr)
+        print(
+            "exegpt profile: note: the link is measured between CPU processes (gloo); NCCL between GPUs is "
+            "not measured",
+            file=sys.stderr,
+        )
     try:
         return measure()
     except (OSError, RuntimeError) as exc:
-        raise CliError(f"cannot measure the collectives between worker processes: {exc} "
-                       f"(--no-collectives writes the default link)") from exc
+        raise CliError(
+            f"cannot measure the collectives between worker processes: {exc} (--no-collectives writes the default link)"
+        ) from exc
 
 
 def measured_link(times):
@@ -175,10 +242,12 @@ def measured_link(times):
     ar = [s.allreduce_s / allreduce_s(link, s.nbytes, 2) for s in times.sizes]
     p2p = [s.p2p_s / p2p_s(link, s.nbytes) for s in times.sizes]
     own = times.p2p_fit()
-    source = (f"measured by exegpt profile: {times.describe()}; fitted to the all-reduce (2 x latency + bytes / "
-              f"bandwidth over 2 ranks): measured / modelled {min(ar):.2f}-{max(ar):.2f}; send/recv measured / "
-              f"modelled {min(p2p):.2f}-{max(p2p):.2f} (send/recv alone fits {own.latency_s * 1e6:.0f} us, "
-              f"{own.bandwidth_Bps / 1e9:.2f} GB/s)")
+    source = (
+        f"measured by exegpt profile: {times.describe()}; fitted to the all-reduce (2 x latency + bytes / "
+        f"bandwidth over 2 ranks): measured / modelled {min(ar):.2f}-{max(ar):.2f}; send/recv measured / "
+        f"modelled {min(p2p):.2f}-{max(p2p):.2f} (send/recv alone fits {own.latency_s * 1e6:.0f} us, "
+        f"{own.bandwidth_Bps / 1e9:.2f} GB/s)"
+    )
     return Link(link.name, link.bandwidth_Bps, link.latency_s, source)
 
 
@@ -186,14 +255,20 @@ def _print_collectives(times, link) -> None:
     from engine.parallel.collectives import size_text
     from optimizer.cluster import allreduce_s, p2p_s
 
-    print(f"collectives ({times.describe()}, {times.wall_s:.1f} s); link written: latency "
-          f"{link.latency_s * 1e6:.1f} us, bandwidth {link.bandwidth_Bps / 1e9:.2f} GB/s")
-    print(f"{'bytes':>9} {'all-reduce':>11} {'modelled':>9} {'ratio':>6} {'send/recv':>10} {'modelled':>9} "
-          f"{'ratio':>6}  (us, medians)")
+    print(
+        f"collectives ({times.describe()}, {times.wall_s:.1f} s); link written: latency "
+        f"{link.latency_s * 1e6:.1f} us, bandwidth {link.bandwidth_Bps / 1e9:.2f} GB/s"
+    )
+    print(
+        f"{'bytes':>9} {'all-reduce':>11} {'modelled':>9} {'ratio':>6} {'send/recv':>10} {'modelled':>9} "
+        f"{'ratio':>6}  (us, medians)"
+    )
     for s in times.sizes:
         ar, pp = allreduce_s(link, s.nbytes, 2), p2p_s(link, s.nbytes)
-        print(f"{size_text(s.nbytes):>9} {s.allreduce_s * 1e6:>11.1f} {ar * 1e6:>9.1f} {s.allreduce_s / ar:>6.2f} "
-              f"{s.p2p_s * 1e6:>10.1f} {pp * 1e6:>9.1f} {s.p2p_s / pp:>6.2f}")
+        print(
+            f"{size_text(s.nbytes):>9} {s.allreduce_s * 1e6:>11.1f} {ar * 1e6:>9.1f} {s.allreduce_s / ar:>6.2f} "
+            f"{s.p2p_s * 1e6:>10.1f} {pp * 1e6:>9.1f} {s.p2p_s / pp:>6.2f}"
+        )
 
 
 def _device_memory(device: str) -> float:
@@ -237,13 +312,17 @@ def _write(args: argparse.Namespace, engine, split: list[dict], layers: list[dic
     write_jsonl(layers_out, head, layers)
     cluster_out.parent.mkdir(parents=True, exist_ok=True)
     cluster_out.write_text(json.dumps(cluster_to_dict(cluster), indent=2) + "\n")
-    print(f"wrote {len(split)} split rows to {args.out}, {len(layers)} layer rows to {layers_out}, "
-          f"cluster {cluster.name!r} to {cluster_out}")
+    print(
+        f"wrote {len(split)} split rows to {args.out}, {len(layers)} layer rows to {layers_out}, "
+        f"cluster {cluster.name!r} to {cluster_out}"
+    )
 
 
 def _warn(warnings: tuple[str, ...]) -> None:
     for line in warnings[:MAX_WARNINGS]:
         print(f"exegpt profile: warning: {line}", file=sys.stderr)
     if len(warnings) > MAX_WARNINGS:
-        print(f"exegpt profile: warning: ... and {len(warnings) - MAX_WARNINGS} more rows below an earlier one",
-              file=sys.stderr)
+        print(
+            f"exegpt profile: warning: ... and {len(warnings) - MAX_WARNINGS} more rows below an earlier one",
+            file=sys.stderr,
+        )

@@ -25,19 +25,26 @@ from typing import Any
 from common.cli import CliError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-HINTS = {401: " (give an admin key: --key or EXEGPT_API_KEY)",
-         404: " (is this an ExeGPT gateway with the admin API?)"}
+HINTS = {401: " (give an admin key: --key or EXEGPT_API_KEY)", 404: " (is this an ExeGPT gateway with the admin API?)"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("EXEGPT_GATEWAY_URL", DEFAULT_URL),
-                        help="the gateway (default: EXEGPT_GATEWAY_URL or %(default)s)")
-    common.add_argument("--key", default=os.environ.get("EXEGPT_API_KEY"),
-                        help="API key of scope admin (default: EXEGPT_API_KEY)")
+    common.add_argument(
+        "--url",
+        default=os.environ.get("EXEGPT_GATEWAY_URL", DEFAULT_URL),
+        help="the gateway (default: EXEGPT_GATEWAY_URL or %(default)s)",
+    )
+    common.add_argument(
+        "--key", default=os.environ.get("EXEGPT_API_KEY"), help="API key of scope admin (default: EXEGPT_API_KEY)"
+    )
     common.add_argument("--timeout-s", type=float, default=10.0, help="how long to wait for the gateway")
-    parser = sub.add_parser("schedule", help="show or steer the scheduler (admin API)", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(
+        "schedule",
+        help="show or steer the scheduler (admin API)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cmds = parser.add_subparsers(dest="schedule_command", metavar="SUBCOMMAND")
     cmds.required = True
     p = cmds.add_parser("show", parents=[common], help="the schedule in force, its basis, predicted vs observed")
@@ -47,8 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("set-slo", parents=[common], help="TTFT and TPOT bounds in seconds (none: off)")
     p.add_argument("--ttft", default="none", help="seconds from arrival to the first token (none: no bound)")
     p.add_argument("--tpot", default="none", help="seconds per output token after the first (none: no bound)")
-    p.add_argument("--percentile", type=float, default=0.99,
-                   help="share of requests each bound is for (default 0.99; --ttft-percentile/--tpot-percentile apart)")
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=0.99,
+        help="share of requests each bound is for (default 0.99; --ttft-percentile/--tpot-percentile apart)",
+    )
     p.add_argument("--ttft-percentile", type=float, default=None)
     p.add_argument("--tpot-percentile", type=float, default=None)
     p = cmds.add_parser("replan", parents=[common], help="search again now")
@@ -81,10 +92,16 @@ def request_of(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | Non
     if command == "set-bound":
         return "PUT", "/admin/schedule/bound", {"latency_bound_s": bound_of(args.seconds, "set-bound")}
     if command == "set-slo":
-        return "PUT", "/admin/schedule/slo", {
-            "ttft_s": bound_of(args.ttft, "set-slo --ttft"), "tpot_s": bound_of(args.tpot, "set-slo --tpot"),
-            "ttft_percentile": args.ttft_percentile or args.percentile,
-            "tpot_percentile": args.tpot_percentile or args.percentile}
+        return (
+            "PUT",
+            "/admin/schedule/slo",
+            {
+                "ttft_s": bound_of(args.ttft, "set-slo --ttft"),
+                "tpot_s": bound_of(args.tpot, "set-slo --tpot"),
+                "ttft_percentile": args.ttft_percentile or args.percentile,
+                "tpot_percentile": args.tpot_percentile or args.percentile,
+            },
+        )
     if command == "replan":
         return "POST", "/admin/schedule/replan", {"reason": args.reason}
     if args.unpin == (args.schedule is not None):
@@ -117,14 +134,16 @@ def schedule_fields(text: str) -> dict[str, Any]:
     return fields
 
 
-async def call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None,
-               transport: Any) -> dict[str, Any]:
+async def call(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None, transport: Any
+) -> dict[str, Any]:
     import httpx
 
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
     try:
-        async with httpx.AsyncClient(base_url=args.url, transport=transport, headers=headers,
-                                     timeout=args.timeout_s) as client:
+        async with httpx.AsyncClient(
+            base_url=args.url, transport=transport, headers=headers, timeout=args.timeout_s
+        ) as client:
             response = await client.request(method, path, json=body)
     except httpx.ConnectError as exc:
         raise CliError(f"cannot reach the gateway at {args.url}: {exc or 'connection refused'}") from None
@@ -162,6 +181,7 @@ def accepted(answer: dict[str, Any]) -> str:
 
 # --- show -------------------------------------------------------------------------------------
 
+
 def summary(answer: dict[str, Any]) -> str:
     update, state = answer.get("update"), answer.get("state")
     lines = update_lines(update) if update else ["no schedule published yet"]
@@ -196,8 +216,7 @@ def state_lines(st: dict[str, Any]) -> list[str]:
     lines = [
         f"scheduler {st['leader']} (token {st['token']}): v{st['version']} {st['policy']}, "
         f"{'pinned' if st['pinned'] else 'planned'}, {st['workers']} workers",
-        f"  SLO: {slo_text(st)}; end-to-end bound (p99-length request): "
-        f"{'none' if bound is None else f'{bound:g} s'}",
+        f"  SLO: {slo_text(st)}; end-to-end bound (p99-length request): {'none' if bound is None else f'{bound:g} s'}",
     ]
     if not st["meets_bound"]:
         lines.append("  ALERT: no schedule meets the latency bound; the least-latency one runs")
@@ -218,8 +237,8 @@ def state_lines(st: dict[str, Any]) -> list[str]:
         f"{secs(st.get('raw_predicted_latency_s'))}",
         f"  calibration ({st.get('calibration_samples', 0)} steps): {calibration_text(st.get('calibration') or [])}",
         f"  drift: statistic {num(st['drift_statistic'])} (p {num(st['drift_p_value'])})",
-        f"  replans: {st['replans']}" + (f", last {when(st['last_replan_at'])}: {st['last_replan_reason']}"
-                                        + searched(st) if st["replans"] else ""),
+        f"  replans: {st['replans']}"
+        + (f", last {when(st['last_replan_at'])}: {st['last_replan_reason']}" + searched(st) if st["replans"] else ""),
     ] + ([f"  outcome: {st['last_outcome']}"] if st.get("last_outcome") else [])
     return lines + candidate_lines(st.get("candidates") or [])
 
@@ -251,14 +270,18 @@ def calibration_text(points: list[dict[str, Any]]) -> str:
 def candidate_lines(candidates: list[dict[str, Any]]) -> list[str]:
     if not candidates:
         return []
-    lines = ["  candidates weighed (at the forecast load):",
-             "      schedule                          capacity  attainment  TTFT     TPOT      p99 e2e"]
+    lines = [
+        "  candidates weighed (at the forecast load):",
+        "      schedule                          capacity  attainment  TTFT     TPOT      p99 e2e",
+    ]
     for c in candidates:
         mark = "->" if c.get("chosen") else "  "
-        lines.append(f"    {mark}{describe(c['schedule']):32s} {num(c.get('capacity_seq_s')):>8s}  "
-                     f"{pct(c.get('attainment')):>10s}  {secs(c.get('ttft_s')):8s} {ms(c.get('tpot_s')):9s} "
-                     f"{secs(c.get('e2e_p99_s'))}" + (f"  sustains {num(c['sustained_rate_s'])}/s"
-                                                      if c.get("sustained_rate_s") is not None else ""))
+        lines.append(
+            f"    {mark}{describe(c['schedule']):32s} {num(c.get('capacity_seq_s')):>8s}  "
+            f"{pct(c.get('attainment')):>10s}  {secs(c.get('ttft_s')):8s} {ms(c.get('tpot_s')):9s} "
+            f"{secs(c.get('e2e_p99_s'))}"
+            + (f"  sustains {num(c['sustained_rate_s'])}/s" if c.get("sustained_rate_s") is not None else "")
+        )
     return lines
 
 

@@ -29,13 +29,21 @@ FLAGS = {
     "--amqp-url": ("amqp_url", str, "RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/"),
     "--redis-url": ("redis_url", str, "Redis URL, e.g. redis://127.0.0.1:6379/0"),
     "--namespace": ("namespace", str, "prefix of every queue, exchange and key (default exegpt)"),
-    "--batch-dir": ("batch_dir", str, "folder of Batch API files, records and results, shared by every "
-                    "gateway and batch worker (default ~/.local/share/exegpt/batches)"),
+    "--batch-dir": (
+        "batch_dir",
+        str,
+        "folder of Batch API files, records and results, shared by every "
+        "gateway and batch worker (default ~/.local/share/exegpt/batches)",
+    ),
     "--device": ("device", str, "engine device: auto, cpu, cuda"),
     "--threads": ("threads", int, "torch threads per engine"),
     "--dtype": ("dtype", str, "engine dtype: float32 (CPU default), bfloat16, float16"),
-    "--quant": ("quant", str, "weight-only quantization on the CPU: fp16, int8, int4, none (default: a Q4_0/Q4_1 "
-                "GGUF as int4 on its own codes, else none; docs/engine.md)"),
+    "--quant": (
+        "quant",
+        str,
+        "weight-only quantization on the CPU: fp16, int8, int4, none (default: a Q4_0/Q4_1 "
+        "GGUF as int4 on its own codes, else none; docs/engine.md)",
+    ),
     "--tp": ("tp", str, "tensor-parallel degree of this worker's process group, or one per stage (2,1)"),
     "--pp": ("pp", int, "pipeline stages of this worker's process group"),
     "--stage-layers": ("stage_layers", str, "layers per pipeline stage, e.g. 20,10 (default: by TP degree)"),
@@ -43,18 +51,32 @@ FLAGS = {
     "--master-addr": ("master_addr", str, "rank 0's address, for a worker group spanning hosts"),
     "--master-port": ("master_port", int, "rank 0's port, for a worker group spanning hosts"),
     "--rank": ("rank", int, "this process's rank in a multi-host worker group (0 drives it)"),
-    "--kv-cache-gb": ("kv_cache_gb", float, "KV-cache budget of one worker in GiB (default: half the free "
-                      "memory, shared among `up`'s workers; 90 %% of free GPU memory)"),
-    "--kv-transport": ("kv_transport", str, "how KV caches cross processes under WAA: nixl (default; "
-                       "decoders read encoders' memory) or redis (the payload through Redis)"),
+    "--kv-cache-gb": (
+        "kv_cache_gb",
+        float,
+        "KV-cache budget of one worker in GiB (default: half the free "
+        "memory, shared among `up`'s workers; 90 %% of free GPU memory)",
+    ),
+    "--kv-transport": (
+        "kv_transport",
+        str,
+        "how KV caches cross processes under WAA: nixl (default; "
+        "decoders read encoders' memory) or redis (the payload through Redis)",
+    ),
     "--max-encode-batch": ("max_encode_batch", int, "upper bound on B_E"),
     "--max-decode-batch": ("max_decode_batch", int, "upper bound on B_D"),
     "--schedule": ("schedule", str, "schedule the scheduler pins: JSON of Schedule fields, or a file"),
     "--worker-id": ("worker_id", str, "name of this process in events and metadata"),
-    "--otlp-endpoint": ("otlp_endpoint", str, "with --tracing: OTLP/HTTP collector for the spans, e.g. "
-                        "http://127.0.0.1:4318 (default: JSON lines on stderr)"),
-    "--api-keys-file": ("api_keys_file", str, "keys file: `<sha256 hex> <owner> <user|admin>` a line "
-                        "(keys themselves: EXEGPT_API_KEYS, EXEGPT_ADMIN_KEYS)"),
+    "--otlp-endpoint": (
+        "otlp_endpoint",
+        str,
+        "with --tracing: OTLP/HTTP collector for the spans, e.g. http://127.0.0.1:4318 (default: JSON lines on stderr)",
+    ),
+    "--api-keys-file": (
+        "api_keys_file",
+        str,
+        "keys file: `<sha256 hex> <owner> <user|admin>` a line (keys themselves: EXEGPT_API_KEYS, EXEGPT_ADMIN_KEYS)",
+    ),
 }
 GATEWAY_ROLES = ("serve", "gateway", "up")
 
@@ -64,15 +86,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         parser = sub.add_parser(role, help=help_text, description=help_text)
         for flag, (field, kind, text) in FLAGS.items():
             parser.add_argument(flag, dest=field, type=kind, default=None, help=text)
-        parser.add_argument("--tracing", dest="tracing", action="store_true", default=None,
-                            help="trace requests across services with OpenTelemetry (exegpt[tracing])")
+        parser.add_argument(
+            "--tracing",
+            dest="tracing",
+            action="store_true",
+            default=None,
+            help="trace requests across services with OpenTelemetry (exegpt[tracing])",
+        )
         if role in GATEWAY_ROLES:
-            parser.add_argument("--insecure", dest="insecure", action="store_true", default=None,
-                                help="serve without API keys on a non-loopback --host")
+            parser.add_argument(
+                "--insecure",
+                dest="insecure",
+                action="store_true",
+                default=None,
+                help="serve without API keys on a non-loopback --host",
+            )
         if role == "gateway":
-            parser.add_argument("--standby", action="store_true", default=False,
-                                help="start as a spare: load everything, then wait for a line on stdin "
-                                     "before listening (`exegpt up` keeps one to replace a gateway that dies)")
+            parser.add_argument(
+                "--standby",
+                action="store_true",
+                default=False,
+                help="start as a spare: load everything, then wait for a line on stdin "
+                "before listening (`exegpt up` keeps one to replace a gateway that dies)",
+            )
         if role == "up":
             parser.add_argument("--workers", type=int, default=2, help="worker processes")
             parser.add_argument("--spec", type=Path, default=None, help="process spec (deploy/processes.toml)")
@@ -137,8 +173,10 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(str(exc)) from None
     if args.role not in ("serve",) and not config.distributed:
-        raise CliError(f"`{args.role}` needs --amqp-url and --redis-url (or EXEGPT_AMQP_URL and "
-                       "EXEGPT_REDIS_URL); `exegpt serve` runs everything in one process")
+        raise CliError(
+            f"`{args.role}` needs --amqp-url and --redis-url (or EXEGPT_AMQP_URL and "
+            "EXEGPT_REDIS_URL); `exegpt serve` runs everything in one process"
+        )
     if args.role == "up":
         return _up(config, args)
     from services.run.runner import main_for
@@ -171,9 +209,17 @@ def _follow(config) -> int:
     from services.hosting.engines import group_shape
 
     try:
-        return follow(config.model, group_shape(config), config.rank, addr=config.master_addr,
-                      port=config.master_port, device=config.device, num_threads=config.threads,
-                      dtype=config.dtype, quant=config.quant)
+        return follow(
+            config.model,
+            group_shape(config),
+            config.rank,
+            addr=config.master_addr,
+            port=config.master_port,
+            device=config.device,
+            num_threads=config.threads,
+            dtype=config.dtype,
+            quant=config.quant,
+        )
     except ValueError as exc:
         raise CliError(str(exc)) from None
 

@@ -36,6 +36,7 @@ PUBLISH_TIMEOUT_S = 5.0  # a broker that has not confirmed a publish by then cou
 ARRIVALS_FLUSH_S = 0.5  # arrivals counted per second go to the store this often (one write per past second)
 ARRIVALS_KEPT_S = 60  # seconds of counts kept while the store does not answer
 
+
 @dataclass(frozen=True)
 class ServedModel:
     """The model a front end serves: the name clients give, its tokenizer, its context in tokens."""
@@ -120,8 +121,7 @@ class Pending:
 class Gateway:
     """Owns the events queue of this process and the table of pending requests."""
 
-    def __init__(self, config: MeshConfig, transports: Transports, model: str,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, config: MeshConfig, transports: Transports, model: str, metrics: Metrics | None = None) -> None:
         self.config = config
         self.names = Names(config.namespace)
         self.transports = transports
@@ -143,8 +143,9 @@ class Gateway:
 
     async def start(self) -> None:
         await self._declare()
-        subscription = await self.bus.consume(self.events_queue, prefetch=1000,
-                                              auto_ack=True)  # events die with this process anyway
+        subscription = await self.bus.consume(
+            self.events_queue, prefetch=1000, auto_ack=True
+        )  # events die with this process anyway
         self.bus.on_lost(self._on_lost)
         self._pump = asyncio.create_task(self._receive_events(subscription))
         self._flusher = asyncio.create_task(self._flush_arrivals())
@@ -203,8 +204,7 @@ class Gateway:
         for pending in list(self.pending.values()):
             if pending.done or pending.work is None or pending.deadline <= now:
                 continue
-            await self._publish(self.names.encode_queue, codec.encode(pending.work), pending.headers,
-                                pending.deadline)
+            await self._publish(self.names.encode_queue, codec.encode(pending.work), pending.headers, pending.deadline)
             count += 1
         self.republished += count
         log.warning("gateway %s: topology restored; %d pending requests published again", self.gateway_id, count)
@@ -238,8 +238,9 @@ class Gateway:
                 log.debug("arrival counts not stored (%r); kept for the next flush", exc)
                 return
 
-    async def submit(self, prompt_ids: list[int], sampling: Sampling,
-                     request_id: str | None = None, *, stream: bool = True) -> Pending:
+    async def submit(
+        self, prompt_ids: list[int], sampling: Sampling, request_id: str | None = None, *, stream: bool = True
+    ) -> Pending:
         """Queue one tokenized prompt for encoding; its events arrive on ``Pending``.
 
         ``stream=False`` lets decoders send the tokens in chunks (fewer messages, same result).
@@ -250,8 +251,7 @@ class Gateway:
         self.pending[rid] = pending
         self.metrics.in_flight.inc()
         self.arrivals[int(time.time())] += 1
-        work = EncodeWork(rid, self.model, tuple(prompt_ids), sampling, self.events_queue,
-                          time.time(), stream)
+        work = EncodeWork(rid, self.model, tuple(prompt_ids), sampling, self.events_queue, time.time(), stream)
         try:
             await self._publish_work(pending, work)
         except BaseException:
@@ -272,8 +272,11 @@ class Gateway:
         if not self.tracing.enabled:
             await self._publish(queue, body, None, pending.deadline)
             return
-        attributes = {"exegpt.request_id": work.request_id, "messaging.destination.name": queue,
-                      "exegpt.prompt_tokens": len(work.prompt_ids)}
+        attributes = {
+            "exegpt.request_id": work.request_id,
+            "messaging.destination.name": queue,
+            "exegpt.prompt_tokens": len(work.prompt_ids),
+        }
         with self.tracing.span("publish encode", kind="producer", attributes=attributes):
             pending.headers = self.tracing.inject()
             await self._publish(queue, body, pending.headers, pending.deadline)
@@ -289,11 +292,14 @@ class Gateway:
             self.metrics.in_flight.dec()
             body = codec.encode(Abort(pending.request_id))
             try:
-                await asyncio.wait_for(self.bus.broadcast(self.names.abort_exchange, body),
-                                       PUBLISH_TIMEOUT_S)
+                await asyncio.wait_for(self.bus.broadcast(self.names.abort_exchange, body), PUBLISH_TIMEOUT_S)
             except Exception as exc:
-                log.warning("abort of %s not sent (%s: %s); the work expires by its deadline",
-                            pending.request_id, type(exc).__name__, exc)
+                log.warning(
+                    "abort of %s not sent (%s: %s); the work expires by its deadline",
+                    pending.request_id,
+                    type(exc).__name__,
+                    exc,
+                )
 
     def forget(self, pending: Pending) -> None:
         if self.pending.pop(pending.request_id, None) is not None:
@@ -345,4 +351,3 @@ async def stop(task: asyncio.Task) -> None:
         await asyncio.wait({task}, timeout=STOP_RETRY_S)
     if not task.cancelled():
         task.exception()  # retrieved: how a stopped task ended is of no further interest
-

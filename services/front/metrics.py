@@ -32,22 +32,35 @@ PHASES: dict[str, tuple[Stage, Stage]] = {
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("exegpt_requests", "HTTP generation requests by endpoint and status",
-                                ["endpoint", "status"], registry=r)
-        self.refused = Counter("exegpt_refused", "Requests refused before any work was queued: 429 "
-                               "by the limit reached (in_flight, queue_depth, key_in_flight, key_tokens), "
-                               "503 as unavailable", ["reason"], registry=r)
+        self.requests = Counter(
+            "exegpt_requests", "HTTP generation requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.refused = Counter(
+            "exegpt_refused",
+            "Requests refused before any work was queued: 429 "
+            "by the limit reached (in_flight, queue_depth, key_in_flight, key_tokens), "
+            "503 as unavailable",
+            ["reason"],
+            registry=r,
+        )
         self.in_flight = Gauge("exegpt_requests_in_flight", "Requests submitted, not finished", registry=r)
         self.queue_depth = Gauge("exegpt_queue_depth", "Messages waiting in a work queue", ["queue"], registry=r)
         self.ttft = Histogram("exegpt_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS_S, registry=r)
-        self.tpot = Histogram("exegpt_tpot_seconds", "Time per output token after the first",
-                              buckets=TOKEN_BUCKETS_S, registry=r)
+        self.tpot = Histogram(
+            "exegpt_tpot_seconds", "Time per output token after the first", buckets=TOKEN_BUCKETS_S, registry=r
+        )
         self.e2e = Histogram("exegpt_e2e_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS_S, registry=r)
-        self.batch_size = Histogram("exegpt_batch_size", "Requests per worker iteration", ["role"],
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "exegpt_batch_size", "Requests per worker iteration", ["role"], buckets=BATCH_BUCKETS, registry=r
+        )
         self.output_tokens = Counter("exegpt_output_tokens", "Tokens returned to clients", registry=r)
-        self.phase = Histogram("exegpt_phase_seconds", "Time a request spent in each phase",
-                               ["phase"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.phase = Histogram(
+            "exegpt_phase_seconds",
+            "Time a request spent in each phase",
+            ["phase"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.schedule = ScheduleGauges()
         r.register(self.schedule)
 
@@ -55,8 +68,11 @@ class Metrics:
         self.schedule.update, self.schedule.state = update, state
 
     def finished(self, timeline: Timeline) -> None:
-        for histogram, value in ((self.ttft, timeline.ttft_s), (self.tpot, timeline.tpot_s),
-                                 (self.e2e, timeline.e2e_s)):
+        for histogram, value in (
+            (self.ttft, timeline.ttft_s),
+            (self.tpot, timeline.tpot_s),
+            (self.e2e, timeline.e2e_s),
+        ):
             if value is not None:
                 histogram.observe(value)
         self.output_tokens.inc(timeline.output_tokens)

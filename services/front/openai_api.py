@@ -51,13 +51,13 @@ class _Common(BaseModel):
     max_tokens: Int | None = None
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: Int = Field(0, ge=0, le=MAX_TOP_K, description="0: no cut; a value above the vocabulary "
-                       "cuts nothing more")
+    top_k: Int = Field(0, ge=0, le=MAX_TOP_K, description="0: no cut; a value above the vocabulary cuts nothing more")
     n: Int | None = Field(1, ge=1, le=MAX_N, description="choices to generate (each a request of its own)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = Field(
-        None, description=f"up to {MAX_STOPS} strings of up to {MAX_STOP_CHARS} characters")
+        None, description=f"up to {MAX_STOPS} strings of up to {MAX_STOP_CHARS} characters"
+    )
     seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer")
     ignore_eos: bool = False
     min_tokens: Int = Field(0, ge=0)
@@ -68,10 +68,17 @@ class _Common(BaseModel):
 
 
 class CompletionBody(_Common):
-    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[Int], Field(min_length=1)]
-             | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)])
-    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of the "
-                                 "chosen tokens and of this many likeliest ones")
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Int], Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    )
+    logprobs: Int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="log-probabilities of the chosen tokens and of this many likeliest ones",
+    )
     echo: bool | None = Field(False, description="only false")
     best_of: Int | None = Field(None, description="only 1")
     suffix: str | None = Field(None, description='only "" (no suffix)')
@@ -81,9 +88,15 @@ class ContentPart(BaseModel):
     """One part of a chat message's content; only ``{"type": "text", "text": ...}`` is served
     (other types and fields are refused when the prompt is built, naming the part; the schema
     states the served shape)."""
-    model_config = ConfigDict(extra="allow", json_schema_extra={
-        "properties": {"type": {"enum": ["text"], "type": "string"}, "text": {"type": "string"}},
-        "required": ["type", "text"], "additionalProperties": False})
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "properties": {"type": {"enum": ["text"], "type": "string"}, "text": {"type": "string"}},
+            "required": ["type", "text"],
+            "additionalProperties": False,
+        },
+    )
 
     type: str
     text: str | None = None
@@ -93,15 +106,17 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart] = Field(
-        description="a string, or a list of text parts (joined with newlines)")
+    content: str | list[ContentPart] = Field(description="a string, or a list of text parts (joined with newlines)")
 
 
 class ChatBody(_Common):
     # top_logprobs above 0 needs logprobs: true (a 400 otherwise), as the schema says too
-    model_config = ConfigDict(json_schema_extra={
-        "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]},
-        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]},
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        }
+    )
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = None
@@ -118,10 +133,18 @@ _SHARED: dict[str, tuple[tuple[Any, ...], str]] = {
     "logit_bias": ((None, {}), "{}"),
 }
 NEUTRAL: dict[type[_Common], dict[str, tuple[tuple[Any, ...], str]]] = {
-    CompletionBody: {**_SHARED, "echo": ((None, False), "false"),
-                     "best_of": ((None, 1), "1"), "suffix": ((None, ""), '""')},
-    ChatBody: {**_SHARED, "response_format": ((None, {"type": "text"}), '{"type": "text"}'),
-               "tools": ((None, []), "[]"), "tool_choice": ((None, "none"), '"none"')},
+    CompletionBody: {
+        **_SHARED,
+        "echo": ((None, False), "false"),
+        "best_of": ((None, 1), "1"),
+        "suffix": ((None, ""), '""'),
+    },
+    ChatBody: {
+        **_SHARED,
+        "response_format": ((None, {"type": "text"}), '{"type": "text"}'),
+        "tools": ((None, []), "[]"),
+        "tool_choice": ((None, "none"), '"none"'),
+    },
 }
 
 
@@ -133,8 +156,11 @@ def neutral_schemas(schemas: dict[str, Any]) -> None:
         for name, (accepted, _) in fields.items():
             if name in properties:
                 options = [{"type": "null"} if a is None else {"const": a} for a in accepted]
-                properties[name] = {"title": properties[name].get("title", name), "anyOf": options,
-                                    "description": "accepted only at a value that leaves the output unchanged"}
+                properties[name] = {
+                    "title": properties[name].get("title", name),
+                    "anyOf": options,
+                    "description": "accepted only at a value that leaves the output unchanged",
+                }
 
 
 def _same(value: Any, accepted: Any) -> bool:
@@ -152,14 +178,18 @@ def non_neutral(body: _Common) -> tuple[str, Any, str] | None:
     return None
 
 
-def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, *, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completion(rid: str, model: str, text: str, reason: str | None, use: dict[str, int]) -> dict[str, Any]:
@@ -167,14 +197,20 @@ def completion(rid: str, model: str, text: str, reason: str | None, use: dict[st
     return completion_response(rid, model, [completion_choice(0, text, reason)], use)
 
 
-def completion_response(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]
-                        ) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": use}
+def completion_response(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
-def completion_choice(index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None = None
-                      ) -> dict[str, Any]:
+def completion_choice(
+    index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
@@ -184,33 +220,69 @@ def chat_completion(rid: str, model: str, text: str, reason: str | None, use: di
 
 
 def chat_response(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": use}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
-def chat_choice(index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None = None
-                ) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": reason}
+def chat_choice(index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": reason,
+    }
 
 
-def completion_chunk(rid: str, model: str, text: str, reason: str | None,
-                     use: dict[str, int] | None = None, *, index: int = 0,
-                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def completion_chunk(
+    rid: str,
+    model: str,
+    text: str,
+    reason: str | None,
+    use: dict[str, int] | None = None,
+    *,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     choices = [] if use else [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": use}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
-def chat_chunk(rid: str, model: str, text: str | None, reason: str | None,
-               use: dict[str, int] | None = None, *, first: bool = False, index: int = 0,
-               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def chat_chunk(
+    rid: str,
+    model: str,
+    text: str | None,
+    reason: str | None,
+    use: dict[str, int] | None = None,
+    *,
+    first: bool = False,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     delta: dict[str, str] = {"role": "assistant"} if first else {}
     if text is not None:
         delta["content"] = text
     choices = [] if use else [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": use}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
 # --- log-probabilities, in each endpoint's shape ---------------------------------------------
@@ -224,8 +296,12 @@ def completion_logprobs(tokens: list[LoggedToken], offset: int = 0) -> dict[str,
     for text, _, _ in tokens:
         offsets.append(at)
         at += len(text)
-    return {"tokens": [t for t, _, _ in tokens], "token_logprobs": [lp for _, lp, _ in tokens],
-            "top_logprobs": [_by_text(top) for _, _, top in tokens], "text_offset": offsets}
+    return {
+        "tokens": [t for t, _, _ in tokens],
+        "token_logprobs": [lp for _, lp, _ in tokens],
+        "top_logprobs": [_by_text(top) for _, _, top in tokens],
+        "text_offset": offsets,
+    }
 
 
 def _by_text(top: list[tuple[str, float]]) -> dict[str, float]:
@@ -239,19 +315,19 @@ def _by_text(top: list[tuple[str, float]]) -> dict[str, float]:
 
 def chat_logprobs(tokens: list[LoggedToken]) -> dict[str, Any]:
     """The chat shape: one entry per token, with its UTF-8 bytes."""
+
     def entry(text: str, logprob: float) -> dict[str, Any]:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [{**entry(text, lp), "top_logprobs": [entry(t, v) for t, v in top]}
-                        for text, lp, top in tokens]}
+    return {"content": [{**entry(text, lp), "top_logprobs": [entry(t, v) for t, v in top]} for text, lp, top in tokens]}
 
 
 # --- the error shape, as the OpenAPI document declares it ------------------------------------
 
+
 class ErrorDetail(BaseModel):
     message: str
-    type: str = Field(description="invalid_request_error, rate_limit_error, service_unavailable_error "
-                      "or server_error")
+    type: str = Field(description="invalid_request_error, rate_limit_error, service_unavailable_error or server_error")
     param: str | None = Field(None, description="the request field at fault, if any")
     code: str | None = Field(None, description="a machine-readable reason, e.g. rate_limit_exceeded")
 
@@ -274,27 +350,30 @@ def unavailable(message: str) -> dict[str, Any]:
 
 _MEANING = {
     400: "Invalid request: the body is not valid JSON, a field is unknown, unsupported or out of "
-         "range, or the prompt and max_tokens do not fit the context",
+    "range, or the prompt and max_tokens do not fit the context",
     401: "No API key, or one the gateway does not know (only when keys are configured)",
     403: "A key of scope user on an admin route",
-    404: "Not found: the model is not the one served, or the batch or file does not exist (or "
-         "belongs to another key)",
+    404: "Not found: the model is not the one served, or the batch or file does not exist (or belongs to another key)",
     410: "The batch's record was lost (its index or its kept results name it, the batch folder does "
-         "not hold it): its state cannot be told; submit it again",
+    "not hold it): its state cannot be told; submit it again",
     408: "The request body did not arrive whole within `body_timeout_s`",
     413: "The body is larger than the gateway accepts (`max_body_bytes`; a file upload: its own limit)",
     429: "A limit was reached: requests in flight at this gateway, the encode queue's depth, or "
-         "the key's requests in flight or tokens per minute; retry after `Retry-After` seconds "
-         "(absent: the request is larger than the key's tokens per minute)",
+    "the key's requests in flight or tokens per minute; retry after `Retry-After` seconds "
+    "(absent: the request is larger than the key's tokens per minute)",
     503: "The message broker or the store does not answer; retry after `Retry-After` seconds",
     504: "No result within the request's deadline (request_timeout_s)",
 }
-_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
-                                "schema": {"type": "integer"}}}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """``responses=`` of a route: each status with the error body, and ``Retry-After`` on 429/503."""
-    return {status: {"model": ErrorResponse, "description": _MEANING[status],
-                     **({"headers": _RETRY_AFTER} if status in (429, 503) else {})}
-            for status in statuses}
+    return {
+        status: {
+            "model": ErrorResponse,
+            "description": _MEANING[status],
+            **({"headers": _RETRY_AFTER} if status in (429, 503) else {}),
+        }
+        for status in statuses
+    }

@@ -61,12 +61,20 @@ def schedule_fields() -> type[BaseModel]:
     """The fields of ``optimizer.schedule.Schedule`` as a body: their types, defaults and least
     values, and no other field (what a pin's schema states is what ``Schedule`` takes)."""
     hints = typing.get_type_hints(Schedule)
-    fields: dict[str, Any] = {f.name: (hints[f.name], Field(f.default, ge=MINIMUMS.get(f.name),
-                                                            le=LARGEST_INT if hints[f.name] is int else None))
-                              for f in dataclasses.fields(Schedule)}
-    return create_model("ScheduleFields", __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
-                        __doc__="A schedule (optimizer.schedule.Schedule); mixed needs chunk_tokens > "
-                        "decode_batch, and worker_devices must divide each role's devices.", **fields)
+    fields: dict[str, Any] = {
+        f.name: (
+            hints[f.name],
+            Field(f.default, ge=MINIMUMS.get(f.name), le=LARGEST_INT if hints[f.name] is int else None),
+        )
+        for f in dataclasses.fields(Schedule)
+    }
+    return create_model(
+        "ScheduleFields",
+        __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
+        __doc__="A schedule (optimizer.schedule.Schedule); mixed needs chunk_tokens > "
+        "decode_batch, and worker_devices must divide each role's devices.",
+        **fields,
+    )
 
 
 ScheduleFields = schedule_fields()
@@ -128,8 +136,9 @@ def admin_router() -> APIRouter:
     async def set_bound(body: BoundBody, request: Request) -> JSONResponse:
         bound = body.latency_bound_s
         if bound is not None and not bound > 0:  # nan is not > 0 either
-            return bad_request(f"latency_bound_s must be a positive number of seconds or null, got {bound}",
-                               "latency_bound_s")
+            return bad_request(
+                f"latency_bound_s must be a positive number of seconds or null, got {bound}", "latency_bound_s"
+            )
         message = SetBound(bound or math.inf, time.time())
         gateway: Gateway = request.app.state.gateway
         await ask_scheduler(gateway.bus, gateway.names, message)
@@ -141,8 +150,9 @@ def admin_router() -> APIRouter:
             value = getattr(body, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 return bad_request(f"{name} must be a positive number of seconds or null, got {value}", name)
-        message = SetSlo(body.ttft_s or math.inf, body.ttft_percentile, body.tpot_s or math.inf,
-                         body.tpot_percentile, time.time())
+        message = SetSlo(
+            body.ttft_s or math.inf, body.ttft_percentile, body.tpot_s or math.inf, body.tpot_percentile, time.time()
+        )
         gateway: Gateway = request.app.state.gateway
         await ask_scheduler(gateway.bus, gateway.names, message)
         return JSONResponse({"requested": "set_slo", **jsonable(message)}, 202)
@@ -164,7 +174,6 @@ def admin_router() -> APIRouter:
         gateway: Gateway = request.app.state.gateway
         requested_at = time.time()
         await ask_scheduler(gateway.bus, gateway.names, PinSchedule(schedule, requested_at))
-        return JSONResponse({"requested": "pin", "schedule": jsonable(schedule),
-                             "requested_at": requested_at}, 202)
+        return JSONResponse({"requested": "pin", "schedule": jsonable(schedule), "requested_at": requested_at}, 202)
 
     return router

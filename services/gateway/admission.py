@@ -92,9 +92,14 @@ class Ticket:
 class Admission:
     """Decides, per HTTP request, whether the gateway takes it on (``check_queue`` then ``admit``)."""
 
-    def __init__(self, config: MeshConfig, *, is_live: Callable[[str], bool],
-                 read_depth: Callable[[], Awaitable[int]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: MeshConfig,
+        *,
+        is_live: Callable[[str], bool],
+        read_depth: Callable[[], Awaitable[int]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_in_flight, self.max_queue_depth = config.max_in_flight, config.max_queue_depth
         self.key_max_in_flight, self.key_tpm = config.key_max_in_flight, config.key_tokens_per_minute
         self.is_live, self.read_depth, self.clock = is_live, read_depth, clock
@@ -122,9 +127,12 @@ class Admission:
 
     async def check_queue(self) -> None:
         if self.max_queue_depth and (depth := await self.queue_depth()) >= self.max_queue_depth:
-            raise Refused("queue_depth", f"The server is overloaded: {depth} requests are waiting "
-                          f"to be encoded (limit {self.max_queue_depth}); retry later",
-                          RETRY_AFTER_BUSY_S)
+            raise Refused(
+                "queue_depth",
+                f"The server is overloaded: {depth} requests are waiting "
+                f"to be encoded (limit {self.max_queue_depth}); retry later",
+                RETRY_AFTER_BUSY_S,
+            )
 
     # --- in flight and per key -----------------------------------------------------------------
     def in_flight(self, owner: str | None = None) -> int:
@@ -144,26 +152,40 @@ class Admission:
         when it refuses."""
         cost = choices * tokens_each
         if self.max_in_flight and (busy := self.in_flight()) + choices > self.max_in_flight:
-            raise Refused("in_flight", f"The server is overloaded: {busy} requests are in flight "
-                          f"(limit {self.max_in_flight}); retry later", RETRY_AFTER_BUSY_S)
+            raise Refused(
+                "in_flight",
+                f"The server is overloaded: {busy} requests are in flight (limit {self.max_in_flight}); retry later",
+                RETRY_AFTER_BUSY_S,
+            )
         bucket = None
         if owner is not None:
-            if self.key_max_in_flight and (
-                    mine := self.in_flight(owner)) + choices > self.key_max_in_flight:
-                raise Refused("key_in_flight", f"Rate limit reached for requests: {mine} in flight "
-                              f"for this key, limit {self.key_max_in_flight}"
-                              + (f", requested {choices}" if choices > 1 else "")
-                              + "; retry when one finished", RETRY_AFTER_BUSY_S)
+            if self.key_max_in_flight and (mine := self.in_flight(owner)) + choices > self.key_max_in_flight:
+                raise Refused(
+                    "key_in_flight",
+                    f"Rate limit reached for requests: {mine} in flight "
+                    f"for this key, limit {self.key_max_in_flight}"
+                    + (f", requested {choices}" if choices > 1 else "")
+                    + "; retry when one finished",
+                    RETRY_AFTER_BUSY_S,
+                )
             if self.key_tpm:
                 bucket = self._bucket(owner)
                 if cost > bucket.capacity:
-                    raise Refused("key_tokens", f"Request too large for tokens per min: limit "
-                                  f"{self.key_tpm}, requested {cost} (prompt + max_tokens of each "
-                                  "choice); lower max_tokens, n or the prompt", None)
+                    raise Refused(
+                        "key_tokens",
+                        f"Request too large for tokens per min: limit "
+                        f"{self.key_tpm}, requested {cost} (prompt + max_tokens of each "
+                        "choice); lower max_tokens, n or the prompt",
+                        None,
+                    )
                 if (wait := bucket.wait_s(cost)) > 0:
-                    raise Refused("key_tokens", f"Rate limit reached for tokens per min: limit "
-                                  f"{self.key_tpm}, available {int(bucket.level)}, requested "
-                                  f"{cost}; retry in {wait:.1f} s", max(1, math.ceil(wait)))
+                    raise Refused(
+                        "key_tokens",
+                        f"Rate limit reached for tokens per min: limit "
+                        f"{self.key_tpm}, available {int(bucket.level)}, requested "
+                        f"{cost}; retry in {wait:.1f} s",
+                        max(1, math.ceil(wait)),
+                    )
         if bucket is not None:
             bucket.level -= cost
         self._admitted_since_read += choices

@@ -62,8 +62,7 @@ def load_served_model(config: MeshConfig) -> ServedModel:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
 
@@ -79,10 +78,16 @@ class InProcess(Protocol):
 WorkersFactory = Callable[[], AbstractAsyncContextManager[InProcess]]
 
 
-def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None = None,
-               workers: WorkersFactory | None = None,
-               routers: tuple[APIRouter, ...] = (), lifespans: tuple[Lifespan, ...] = (),
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    config: MeshConfig,
+    model: ServedModel,
+    *,
+    hub: LocalHub | None = None,
+    workers: WorkersFactory | None = None,
+    routers: tuple[APIRouter, ...] = (),
+    lifespans: tuple[Lifespan, ...] = (),
+    on_ready: Callable[[], None] | None = None,
+) -> FastAPI:
     """The gateway app; ``workers`` starts in-process services first (embedded mode).
 
     ``/v1/*`` needs a key of scope user, ``/admin/*`` one of scope admin (``services.gateway.keys``);
@@ -108,8 +113,10 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
             app.state.dashboard = Dashboard(gateway, app)
             stack.push_async_callback(app.state.dashboard.close)
             app.state.admission = Admission(
-                config, is_live=gateway.pending.__contains__,
-                read_depth=lambda: gateway.bus.queue_depth(gateway.names.encode_queue))
+                config,
+                is_live=gateway.pending.__contains__,
+                read_depth=lambda: gateway.bus.queue_depth(gateway.names.encode_queue),
+            )
             for extra in lifespans:
                 await stack.enter_async_context(extra(app))
             if on_ready is not None:
@@ -120,8 +127,12 @@ def create_app(config: MeshConfig, model: ServedModel, *, hub: LocalHub | None =
     app.state.model, app.state.config, app.state.metrics = model, config, metrics
     install_error_handlers(app)
     app.add_middleware(AnswerOutages)  # innermost: a broker or store failure of any route is a 503
-    app.add_middleware(BoundBodies, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s,
-                       exempt=lambda scope: is_upload(app, scope))  # after the key check: no body read for a 401
+    app.add_middleware(
+        BoundBodies,
+        max_bytes=config.max_body_bytes,
+        timeout_s=config.body_timeout_s,
+        exempt=lambda scope: is_upload(app, scope),
+    )  # after the key check: no body read for a 401
     app.add_middleware(RequireKeys, keys=load_keys(config))
     app.add_middleware(LogRequests)  # outermost: it also sees what RequireKeys refuses
     if (tracing := tracing_for(config)).enabled:  # off: not even a middleware
@@ -164,22 +175,29 @@ def openapi_document(app: FastAPI, served: ServedModel, config: MeshConfig) -> d
                     option["items"].update(minimum=0, maximum=vocab - 1)
             for limited in ("max_tokens", "max_completion_tokens"):
                 if limited in properties:
-                    properties[limited]["anyOf"] = [{"type": "integer", "minimum": 1, "maximum": max_tokens},
-                                                    {"type": "null"}]
+                    properties[limited]["anyOf"] = [
+                        {"type": "integer", "minimum": 1, "maximum": max_tokens},
+                        {"type": "null"},
+                    ]
                     properties[limited]["description"] = (
                         f"at most {max_tokens}; prompt tokens + max_tokens within the context "
                         f"({served.max_context}, else 400 context_length_exceeded); n x max_tokens at most "
-                        f"{config.max_request_tokens}")
+                        f"{config.max_request_tokens}"
+                    )
             if "n" in properties:
-                properties["n"]["description"] = (f"choices to generate (each a request of its own); "
-                                                  f"n x max_tokens at most {config.max_request_tokens}")
+                properties["n"]["description"] = (
+                    f"choices to generate (each a request of its own); "
+                    f"n x max_tokens at most {config.max_request_tokens}"
+                )
                 components[name].setdefault("allOf", []).extend(
-                    request_tokens_schema(properties, max_tokens, config.max_request_tokens))
+                    request_tokens_schema(properties, max_tokens, config.max_request_tokens)
+                )
         for path in ("/v1/completions", "/v1/chat/completions"):
             ok = schema.get("paths", {}).get(path, {}).get("post", {}).get("responses", {}).get("200")
             if ok is not None:
                 ok.setdefault("content", {})["text/event-stream"] = {  # each event's data: a chunk object
-                    "schema": {"description": "`data: {chunk}` events, then `data: [DONE]`"}}
+                    "schema": {"description": "`data: {chunk}` events, then `data: [DONE]`"}
+                }
         oa.neutral_schemas(components)
         _json_schema_bounds(components)
         app.openapi_schema = schema
@@ -190,10 +208,18 @@ def request_tokens_schema(properties: dict[str, Any], max_tokens: int, cap: int)
     """``n`` x ``max_tokens`` <= ``cap`` in JSON Schema: for each ``n`` from which the cap bounds
     ``max_tokens`` below ``max_tokens``, an if/then lowering its maximum."""
     limited = [field for field in ("max_tokens", "max_completion_tokens") if field in properties]
-    return [{"if": {"properties": {"n": {"type": "integer", "minimum": n}}, "required": ["n"]},
-             "then": {"properties": {field: {"anyOf": [{"type": "integer", "maximum": cap // n}, {"type": "null"}]}
-                                     for field in limited}}}
-            for n in range(2, oa.MAX_N + 1) if cap // n < max_tokens]
+    return [
+        {
+            "if": {"properties": {"n": {"type": "integer", "minimum": n}}, "required": ["n"]},
+            "then": {
+                "properties": {
+                    field: {"anyOf": [{"type": "integer", "maximum": cap // n}, {"type": "null"}]} for field in limited
+                }
+            },
+        }
+        for n in range(2, oa.MAX_N + 1)
+        if cap // n < max_tokens
+    ]
 
 
 def is_upload(app: FastAPI, scope: Scope) -> bool:
@@ -207,9 +233,14 @@ def is_upload(app: FastAPI, scope: Scope) -> bool:
         from starlette.routing import compile_path
 
         uploads = app.state.upload_paths = tuple(
-            compile_path(template)[0] for template, operations in app.openapi().get("paths", {}).items()
-            if any("multipart/form-data" in (op.get("requestBody") or {}).get("content", {})
-                   for op in operations.values() if isinstance(op, dict)))
+            compile_path(template)[0]
+            for template, operations in app.openapi().get("paths", {}).items()
+            if any(
+                "multipart/form-data" in (op.get("requestBody") or {}).get("content", {})
+                for op in operations.values()
+                if isinstance(op, dict)
+            )
+        )
     path = scope.get("path", "")
     return any(regex.match(path) for regex in uploads)
 
@@ -266,8 +297,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-        return JSONResponse(oa.error_body(str(exc), kind=kind, param=exc.param, code=exc.code),
-                            exc.status)
+        return JSONResponse(oa.error_body(str(exc), kind=kind, param=exc.param, code=exc.code), exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -278,9 +308,14 @@ def install_error_handlers(app: FastAPI) -> None:
         unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
         if unknown:  # a field the gateway does not know is refused, never ignored
             param = param_of(unknown[0].get("loc", ()))
-            return JSONResponse(oa.error_body(
-                f"Unsupported parameter: '{param}' is not supported by this server",
-                param=param, code="unsupported_parameter"), 400)
+            return JSONResponse(
+                oa.error_body(
+                    f"Unsupported parameter: '{param}' is not supported by this server",
+                    param=param,
+                    code="unsupported_parameter",
+                ),
+                400,
+            )
         first = telling(errors, first)
         param = param_of(first.get("loc", ())) or None
         return JSONResponse(oa.error_body(f"{first['msg']} ({param or 'body'})", param=param), 400)
@@ -290,8 +325,9 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})  # its headers too
         if exc.status_code == 405:  # `Allow` names every method of the path, not one route's
             headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
-        return JSONResponse(oa.error_body(str(exc.detail), code=str(exc.status_code)), exc.status_code,
-                            headers=headers or None)
+        return JSONResponse(
+            oa.error_body(str(exc.detail), code=str(exc.status_code)), exc.status_code, headers=headers or None
+        )
 
     @app.exception_handler(Refused)
     async def _refused(_: Request, exc: Refused) -> JSONResponse:
@@ -300,8 +336,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(oa.error_body(f"internal error: {type(exc).__name__}",
-                                          kind="server_error"), 500)
+        return JSONResponse(oa.error_body(f"internal error: {type(exc).__name__}", kind="server_error"), 500)
 
 
 def not_json_message(error: dict[str, Any], doc: Any) -> str:
@@ -312,8 +347,7 @@ def not_json_message(error: dict[str, Any], doc: Any) -> str:
         doc = doc.decode("utf-8", "replace")
     if isinstance(doc, str) and isinstance(pos, int):
         where = json.JSONDecodeError(reason, doc, pos)
-        return (f"The request body is not valid JSON: {reason} at line {where.lineno} "
-                f"column {where.colno} (char {pos})")
+        return f"The request body is not valid JSON: {reason} at line {where.lineno} column {where.colno} (char {pos})"
     return f"The request body is not valid JSON: {reason}"
 
 
@@ -349,8 +383,11 @@ class LogRequests:
         finally:
             ms = (time.perf_counter() - start) * 1000
             line = f"{scope['method']} {scope['path']} {status} {ms:.1f} ms"
-            known = {"id": state.get("request_id"), "model": state.get("model"),
-                     "prompt_tokens": state.get("prompt_tokens")}
+            known = {
+                "id": state.get("request_id"),
+                "model": state.get("model"),
+                "prompt_tokens": state.get("prompt_tokens"),
+            }
             if (pending := state.get("pending")) is not None:
                 known["completion_tokens"] = pending.next_index
             line += "".join(f" {k}={v}" for k, v in known.items() if v is not None)
@@ -370,8 +407,11 @@ class TraceRequests:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        carried = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
-                   if name in (TRACEPARENT.encode(), TRACESTATE.encode())}
+        carried = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in scope["headers"]
+            if name in (TRACEPARENT.encode(), TRACESTATE.encode())
+        }
         parent = self.tracing.extract(carried) if carried else None
         method, path, status = scope["method"], scope["path"], 500
         state = scope.setdefault("state", {})
@@ -382,16 +422,26 @@ class TraceRequests:
                 status = message["status"]
             await send(message)
 
-        with self.tracing.span(f"{method} {path}", parent=parent, kind="server", attributes={
-                "http.request.method": method, "url.path": path}) as span:
+        with self.tracing.span(
+            f"{method} {path}",
+            parent=parent,
+            kind="server",
+            attributes={"http.request.method": method, "url.path": path},
+        ) as span:
             try:
                 await self.app(scope, receive, sending)
             finally:
                 route = getattr(scope.get("route"), "path", None)
-                self.tracing.annotate(span, name=f"{method} {route}" if route else None, error=(
-                    f"HTTP {status}" if status >= 500 else None), attributes={
-                    "http.response.status_code": status, "http.route": route,
-                    "exegpt.request_id": state.get("request_id")})
+                self.tracing.annotate(
+                    span,
+                    name=f"{method} {route}" if route else None,
+                    error=(f"HTTP {status}" if status >= 500 else None),
+                    attributes={
+                        "http.response.status_code": status,
+                        "http.route": route,
+                        "exegpt.request_id": state.get("request_id"),
+                    },
+                )
 
 
 def error_message(body: bytes) -> str:
@@ -404,21 +454,34 @@ def error_message(body: bytes) -> str:
 
 # --- request validation ---------------------------------------------------------------------
 
+
 def check_model(body: oa._Common, model: ServedModel) -> None:
     if body.model != model.name:
-        raise ApiError(404, f"The model '{body.model}' does not exist; this server serves "
-                       f"'{model.name}'", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"The model '{body.model}' does not exist; this server serves '{model.name}'",
+            param="model",
+            code="model_not_found",
+        )
     if (refused := oa.non_neutral(body)) is not None:
         name, value, accepted = refused
-        raise ApiError(400, f"Unsupported value: '{name}' does not support {json.dumps(value)}; "
-                       f"this server accepts only {accepted}", param=name, code="unsupported_value")
+        raise ApiError(
+            400,
+            f"Unsupported value: '{name}' does not support {json.dumps(value)}; this server accepts only {accepted}",
+            param=name,
+            code="unsupported_value",
+        )
 
 
 def check_prompt_chars(chars: int, max_chars: int, param: str) -> None:
     """A prompt too long to be worth tokenizing: a 400 before the tokenizer sees it."""
     if chars > max_chars:
-        raise ApiError(400, f"The prompt has {chars} characters; this server accepts at most {max_chars} "
-                       "(max_prompt_chars)", param=param, code="string_above_max_length")
+        raise ApiError(
+            400,
+            f"The prompt has {chars} characters; this server accepts at most {max_chars} (max_prompt_chars)",
+            param=param,
+            code="string_above_max_length",
+        )
 
 
 def completion_prompt(body: oa.CompletionBody, model: ServedModel, max_chars: int) -> list[int]:
@@ -428,8 +491,11 @@ def completion_prompt(body: oa.CompletionBody, model: ServedModel, max_chars: in
         vocab = getattr(model.tokenizer, "vocab_size", None)
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
-            raise ApiError(400, f"token id {bad[0]} is outside this model's vocabulary "
-                                f"(0 to {vocab - 1 if vocab else '...'})", param="prompt")
+            raise ApiError(
+                400,
+                f"token id {bad[0]} is outside this model's vocabulary (0 to {vocab - 1 if vocab else '...'})",
+                param="prompt",
+            )
         return list(prompt)  # type: ignore[arg-type]
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -448,12 +514,20 @@ def message_text(content: str | list[oa.ContentPart], where: str) -> str:
     for j, part in enumerate(content):
         param = f"{where}.content.{j}"
         if part.type != "text":
-            raise ApiError(400, f"Unsupported value: content part type '{part.type}' ({param}) is "
-                           "not supported; only text parts are", param=param, code="unsupported_value")
+            raise ApiError(
+                400,
+                f"Unsupported value: content part type '{part.type}' ({param}) is not supported; only text parts are",
+                param=param,
+                code="unsupported_value",
+            )
         if part.model_extra:
             name = f"{param}.{next(iter(part.model_extra))}"
-            raise ApiError(400, f"Unsupported parameter: '{name}' is not supported by this server",
-                           param=name, code="unsupported_parameter")
+            raise ApiError(
+                400,
+                f"Unsupported parameter: '{name}' is not supported by this server",
+                param=name,
+                code="unsupported_parameter",
+            )
         if part.text is None:
             raise ApiError(400, f"a text part needs its text ({param}.text)", param=f"{param}.text")
         texts.append(part.text)
@@ -462,8 +536,9 @@ def message_text(content: str | list[oa.ContentPart], where: str) -> str:
 
 def chat_prompt(body: oa.ChatBody, model: ServedModel, max_chars: int) -> list[int]:
     """The messages' token ids, templated (call it off the event loop)."""
-    messages = [{"role": m.role, "content": message_text(m.content, f"messages.{i}")}
-                for i, m in enumerate(body.messages)]
+    messages = [
+        {"role": m.role, "content": message_text(m.content, f"messages.{i}")} for i, m in enumerate(body.messages)
+    ]
     check_prompt_chars(sum(len(m["content"]) for m in messages), max_chars, "messages")
     return model.tokenizer.encode(model.tokenizer.apply_chat_template(messages))
 
@@ -472,41 +547,78 @@ def check_request_tokens(body: oa._Common, sampling: Sampling, config: MeshConfi
     """The generation one request asks for, all choices together, within ``max_request_tokens``."""
     n = body.n or 1
     if n * sampling.max_tokens > config.max_request_tokens:
-        raise ApiError(400, f"n x max_tokens may be at most {config.max_request_tokens} tokens per request "
-                       f"(max_request_tokens); you requested n={n}, max_tokens={sampling.max_tokens}",
-                       param="n" if n > 1 else "max_tokens", code="integer_above_max_value")
+        raise ApiError(
+            400,
+            f"n x max_tokens may be at most {config.max_request_tokens} tokens per request "
+            f"(max_request_tokens); you requested n={n}, max_tokens={sampling.max_tokens}",
+            param="n" if n > 1 else "max_tokens",
+            code="integer_above_max_value",
+        )
 
 
-def sampling_of(body: oa._Common, max_tokens: int | None, prompt_ids: list[int],
-                model: ServedModel, config: MeshConfig, *, prompt_param: str = "prompt") -> Sampling:
+def sampling_of(
+    body: oa._Common,
+    max_tokens: int | None,
+    prompt_ids: list[int],
+    model: ServedModel,
+    config: MeshConfig,
+    *,
+    prompt_param: str = "prompt",
+) -> Sampling:
     """``prompt_param`` names the field that holds the prompt (chat: ``messages``) in errors."""
     if not prompt_ids:
         raise ApiError(400, "the prompt is empty", param=prompt_param)
     if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be >= 1; you requested max_tokens={max_tokens}",
-                       param="max_tokens", code="integer_below_min_value")
+        raise ApiError(
+            400,
+            f"max_tokens must be >= 1; you requested max_tokens={max_tokens}",
+            param="max_tokens",
+            code="integer_below_min_value",
+        )
     room = model.max_context - len(prompt_ids)
     if room < 1:
-        raise ApiError(400, f"The prompt has {len(prompt_ids)} tokens; this model's maximum context "
-                       f"length is {model.max_context} tokens (prompt and completion together)",
-                       param=prompt_param, code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"The prompt has {len(prompt_ids)} tokens; this model's maximum context "
+            f"length is {model.max_context} tokens (prompt and completion together)",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
     if max_tokens is None:  # 16, or less where the limit, the context or n x max_tokens says so
         wanted = max(1, min(config.max_tokens_limit, room, 16, config.max_request_tokens // (body.n or 1)))
     else:
         wanted = max_tokens
     if wanted > config.max_tokens_limit:
-        raise ApiError(400, f"max_tokens may be at most {config.max_tokens_limit}; you requested "
-                       f"max_tokens={wanted}", param="max_tokens", code="integer_above_max_value")
+        raise ApiError(
+            400,
+            f"max_tokens may be at most {config.max_tokens_limit}; you requested max_tokens={wanted}",
+            param="max_tokens",
+            code="integer_above_max_value",
+        )
     if wanted > room:
-        raise ApiError(400, f"This model's maximum context length is {model.max_context} tokens; you "
-                       f"requested {len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the prompt, "
-                       f"max_tokens={wanted}): shorten the prompt or lower max_tokens",
-                       param="max_tokens", code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {model.max_context} tokens; you "
+            f"requested {len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the prompt, "
+            f"max_tokens={wanted}): shorten the prompt or lower max_tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     forced = body.ignore_eos or body.min_tokens >= wanted  # exactly max_tokens (stop strings ignored too)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    return Sampling(wanted, body.temperature, body.top_k, body.top_p, body.seed, stop,
-                    forced, body.presence_penalty or 0.0, body.frequency_penalty or 0.0, logprobs_wanted(body),
-                    0 if forced else body.min_tokens)
+    return Sampling(
+        wanted,
+        body.temperature,
+        body.top_k,
+        body.top_p,
+        body.seed,
+        stop,
+        forced,
+        body.presence_penalty or 0.0,
+        body.frequency_penalty or 0.0,
+        logprobs_wanted(body),
+        0 if forced else body.min_tokens,
+    )
 
 
 def logprobs_wanted(body: oa._Common) -> int | None:
@@ -522,6 +634,7 @@ def logprobs_wanted(body: oa._Common) -> int | None:
 
 GENERATION_ERRORS = oa.error_responses(400, 401, 404, 408, 413, 429, 503, 504)
 
+
 def openai_router() -> APIRouter:
     router = APIRouter()
 
@@ -534,8 +647,10 @@ def openai_router() -> APIRouter:
         """The process answers (a container's liveness probe)."""
         return {"status": "live"}
 
-    @router.get("/health/ready", responses={503: {"description": "Not ready: a check failed (see "
-                                                  "`checks`); retry after `Retry-After` seconds"}})
+    @router.get(
+        "/health/ready",
+        responses={503: {"description": "Not ready: a check failed (see `checks`); retry after `Retry-After` seconds"}},
+    )
     async def ready(request: Request) -> JSONResponse:
         """Ready for requests: the broker and the store answer, the queues a request travels
         exist on the broker (``routes``), and the schedule in force has a live worker for each role
@@ -556,13 +671,26 @@ def openai_router() -> APIRouter:
     @router.get("/v1/models", responses=oa.error_responses(401))
     async def models(request: Request) -> dict[str, Any]:
         served = request.app.state.model
-        return {"object": "list",  # max_model_len: the context (prompt + output tokens), as vLLM names it
-                "data": [{"id": served.name, "object": "model", "created": 0, "owned_by": "exegpt",
-                          "max_model_len": served.max_context}]}
+        return {
+            "object": "list",  # max_model_len: the context (prompt + output tokens), as vLLM names it
+            "data": [
+                {
+                    "id": served.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "exegpt",
+                    "max_model_len": served.max_context,
+                }
+            ],
+        }
 
-    @router.get("/metrics", responses={200: {"description": "Prometheus text format",
-                                             "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                       **oa.error_responses(503)})
+    @router.get(
+        "/metrics",
+        responses={
+            200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **oa.error_responses(503),
+        },
+    )
     async def metrics(request: Request) -> Response:
         gateway: Gateway = request.app.state.gateway
         for queue in (gateway.names.encode_queue, gateway.names.handoff_queue):
@@ -596,8 +724,9 @@ def openai_router() -> APIRouter:
         request.state.prompt_tokens = len(prompt_ids)
         wanted = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
         if body.max_tokens is not None and body.max_completion_tokens is not None:
-            sampling_of(body, body.max_tokens, prompt_ids, model, config,
-                        prompt_param="messages")  # both given: each must be acceptable
+            sampling_of(
+                body, body.max_tokens, prompt_ids, model, config, prompt_param="messages"
+            )  # both given: each must be acceptable
         sampling = sampling_of(body, wanted, prompt_ids, model, config, prompt_param="messages")
         check_request_tokens(body, sampling, config)
         return await respond(request, "chat", body, prompt_ids, sampling)
@@ -605,8 +734,9 @@ def openai_router() -> APIRouter:
     return router
 
 
-async def respond(request: Request, endpoint: str, body: oa._Common, prompt_ids: list[int],
-                  sampling: Sampling) -> Response:
+async def respond(
+    request: Request, endpoint: str, body: oa._Common, prompt_ids: list[int], sampling: Sampling
+) -> Response:
     """Admit the request (``Admission``: 429 past a limit), submit one request per choice
     (``n``; with a seed, choice i samples with seed + i) and answer with all of them; a choice
     that fails fails the response and aborts the others, and so does a client that leaves."""
@@ -618,8 +748,9 @@ async def respond(request: Request, endpoint: str, body: oa._Common, prompt_ids:
     try:
         for i in range(body.n or 1):
             seeded = sampling if i == 0 or sampling.seed is None else replace(sampling, seed=sampling.seed + i)
-            pendings.append(await gateway.submit(prompt_ids, seeded, request_id=rid if i == 0 else f"{rid}-{i}",
-                                                 stream=body.stream))
+            pendings.append(
+                await gateway.submit(prompt_ids, seeded, request_id=rid if i == 0 else f"{rid}-{i}", stream=body.stream)
+            )
     except BaseException as exc:
         ticket.cancel()
         for pending in pendings:
@@ -635,8 +766,7 @@ async def respond(request: Request, endpoint: str, body: oa._Common, prompt_ids:
         if body.stream:
             response = await stream_response(gateway, pendings, endpoint, body, tokenizer)
         else:
-            response = await until_disconnected(
-                request, whole_response(gateway, pendings, endpoint, tokenizer))
+            response = await until_disconnected(request, whole_response(gateway, pendings, endpoint, tokenizer))
     except RequestFailed as exc:
         gateway.metrics.requests.labels(endpoint, str(exc.status)).inc()
         for pending in pendings:
@@ -720,8 +850,9 @@ def logged(token: Any, tokenizer: Tokenizer) -> oa.LoggedToken:
     return tokenizer.decode([token.token_id]), token.logprob, top
 
 
-async def whole_response(gateway: Gateway, pendings: list[Pending], endpoint: str,
-                         tokenizer: Tokenizer) -> JSONResponse:
+async def whole_response(
+    gateway: Gateway, pendings: list[Pending], endpoint: str, tokenizer: Tokenizer
+) -> JSONResponse:
     async def collect(index: int, pending: Pending) -> dict[str, Any]:
         texts, tokens, reason = [], [], None
         async for token in pending.tokens(gateway.config.request_timeout_s):
@@ -740,20 +871,26 @@ async def whole_response(gateway: Gateway, pendings: list[Pending], endpoint: st
     return JSONResponse(shape(pendings[0].request_id, gateway.model, list(choices), use))
 
 
-async def stream_response(gateway: Gateway, pendings: list[Pending], endpoint: str,
-                          body: oa._Common, tokenizer: Tokenizer) -> StreamingResponse:
+async def stream_response(
+    gateway: Gateway, pendings: list[Pending], endpoint: str, body: oa._Common, tokenizer: Tokenizer
+) -> StreamingResponse:
     """Wait for each choice's first token (so early failures get a status code), then stream SSE."""
     streams = [p.tokens(gateway.config.request_timeout_s) for p in pendings]
     firsts = [await anext(s) for s in streams]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = sse_events(gateway, pendings, endpoint, firsts, streams, include_usage, tokenizer)
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def sse_events(gateway: Gateway, pendings: list[Pending], endpoint: str, firsts: list[Any],
-                     rest: list[AsyncIterator[Any]], include_usage: bool, tokenizer: Tokenizer
-                     ) -> AsyncIterator[str]:
+async def sse_events(
+    gateway: Gateway,
+    pendings: list[Pending],
+    endpoint: str,
+    firsts: list[Any],
+    rest: list[AsyncIterator[Any]],
+    include_usage: bool,
+    tokenizer: Tokenizer,
+) -> AsyncIterator[str]:
     rid, model = pendings[0].request_id, gateway.model
     offsets = [0] * len(pendings)  # completions: each choice's text so far, for text_offset
 

@@ -35,23 +35,33 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 
 def too_large(max_bytes: int) -> JSONResponse:
-    return JSONResponse(oa.error_body(f"The request body is larger than the {max_bytes} bytes this server "
-                                      "accepts (max_body_bytes)", code="request_too_large"),
-                        413, headers={"Connection": "close"})
+    return JSONResponse(
+        oa.error_body(
+            f"The request body is larger than the {max_bytes} bytes this server accepts (max_body_bytes)",
+            code="request_too_large",
+        ),
+        413,
+        headers={"Connection": "close"},
+    )
 
 
 def too_slow(timeout_s: float) -> JSONResponse:
-    return JSONResponse(oa.error_body(f"The request body did not arrive within {timeout_s:g} s "
-                                      "(body_timeout_s)", code="request_timeout"),
-                        408, headers={"Connection": "close"})
+    return JSONResponse(
+        oa.error_body(
+            f"The request body did not arrive within {timeout_s:g} s (body_timeout_s)", code="request_timeout"
+        ),
+        408,
+        headers={"Connection": "close"},
+    )
 
 
 class BoundBodies:
     """ASGI middleware: each request's body read whole, within ``max_bytes`` and ``timeout_s``,
     before the app runs (see the module's docstring)."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float,
-                 exempt: Callable[[Scope], bool] = lambda scope: False) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, timeout_s: float, exempt: Callable[[Scope], bool] = lambda scope: False
+    ) -> None:
         self.app, self.max_bytes, self.timeout_s, self.exempt = app, max_bytes, timeout_s, exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

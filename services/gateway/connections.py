@@ -29,8 +29,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from common.config import MeshConfig
 from services.front import openai_api as oa
 
-REASONS = {408: b"Request Timeout", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
-           503: b"Service Unavailable"}
+REASONS = {
+    408: b"Request Timeout",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
 RETRY_AFTER_S = 1
 LINGER_S = 2.0  # a refused client still sending: how long its bytes are read and dropped before closing
 
@@ -63,15 +67,20 @@ class ConnectionLimits:
 
 
 def connection_limits(config: MeshConfig) -> ConnectionLimits:
-    return ConnectionLimits(config.header_timeout_s, config.max_header_bytes, config.max_connections,
-                            config.max_connections_per_client)
+    return ConnectionLimits(
+        config.header_timeout_s, config.max_header_bytes, config.max_connections, config.max_connections_per_client
+    )
 
 
 def raw_response(status: int, message: str, *, retry: bool = False) -> bytes:
     """An HTTP/1.1 answer written straight to the socket (no request reached the app)."""
     body = json.dumps(oa.error_body(message, code=str(status))).encode()
-    headers = [b"HTTP/1.1 %d %s" % (status, REASONS[status]), b"content-type: application/json",
-               b"content-length: %d" % len(body), b"connection: close"]
+    headers = [
+        b"HTTP/1.1 %d %s" % (status, REASONS[status]),
+        b"content-type: application/json",
+        b"content-length: %d" % len(body),
+        b"connection: close",
+    ]
     if retry:
         headers.append(b"retry-after: %d" % RETRY_AFTER_S)
     return b"\r\n".join(headers) + b"\r\n\r\n" + body
@@ -92,9 +101,17 @@ def bounded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             super().connection_made(transport)
             self.address = self.client[0] if self.client else ""
             if (status := limits.refusal(self.address)) is not None:
-                self._refuse(status, "Too many connections: " + (
-                    f"{limits.max_connections} are open" if status == 503 else
-                    f"{limits.max_per_client} are open from this address") + "; retry later", retry=True)
+                self._refuse(
+                    status,
+                    "Too many connections: "
+                    + (
+                        f"{limits.max_connections} are open"
+                        if status == 503
+                        else f"{limits.max_per_client} are open from this address"
+                    )
+                    + "; retry later",
+                    retry=True,
+                )
                 return
             limits.open[self.address] += 1
             self.counted = True
@@ -161,8 +178,11 @@ def bounded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
         def _head_timed_out(self) -> None:
             self.timer = None
             if self.head is not None and not self.transport.is_closing():
-                self._refuse(408, f"The request line and headers did not arrive within "
-                             f"{limits.header_timeout_s:g} s (header_timeout_s)")
+                self._refuse(
+                    408,
+                    f"The request line and headers did not arrive within "
+                    f"{limits.header_timeout_s:g} s (header_timeout_s)",
+                )
 
         def _refuse(self, status: int, message: str, *, retry: bool = False, linger: bool = False) -> None:
             """Answer ``status`` and close. ``linger``: the client is still sending (a head too

@@ -86,8 +86,10 @@ def load_keys(config: MeshConfig) -> KeyRing:
     entries: list[KeyEntry] = []
     for secret, scope in ((config.api_keys, "user"), (config.admin_keys, "admin")):
         keys = [k.strip() for k in secret.get_secret_value().split(",")] if secret else []
-        entries += [KeyEntry(hashlib.sha256(k.encode()).digest(), f"{scope}-key-{i}", scope)  # type: ignore[arg-type]
-                    for i, k in enumerate(filter(None, keys), 1)]
+        entries += [
+            KeyEntry(hashlib.sha256(k.encode()).digest(), f"{scope}-key-{i}", scope)  # type: ignore[arg-type]
+            for i, k in enumerate(filter(None, keys), 1)
+        ]
     if config.api_keys_file:
         path = Path(config.api_keys_file)
         try:
@@ -110,8 +112,10 @@ def is_loopback(host: str) -> bool:
 def check_exposure(config: MeshConfig, keys: KeyRing) -> None:
     """Refuse (ValueError) to serve without keys on a non-loopback address, unless ``insecure``."""
     if not keys and not config.insecure and not is_loopback(config.host):
-        raise ValueError(f"refusing to listen on {config.host} without API keys: set EXEGPT_API_KEYS, "
-                         "EXEGPT_ADMIN_KEYS or EXEGPT_API_KEYS_FILE, or pass --insecure")
+        raise ValueError(
+            f"refusing to listen on {config.host} without API keys: set EXEGPT_API_KEYS, "
+            "EXEGPT_ADMIN_KEYS or EXEGPT_API_KEYS_FILE, or pass --insecure"
+        )
 
 
 def required_scope(path: str) -> Scope | None:
@@ -143,12 +147,14 @@ class RequireKeys:
         token = bearer(scope.get("headers", []))
         entry = self.keys.find(token) if token is not None else None
         if entry is None:
-            message = ("Missing API key: send `Authorization: Bearer <key>`" if token is None
-                       else "Incorrect API key provided")
+            message = (
+                "Missing API key: send `Authorization: Bearer <key>`" if token is None else "Incorrect API key provided"
+            )
             return await denied(401, message, "invalid_api_key")(scope, receive, send)
         if needed == "admin" and entry.scope != "admin":
-            return await denied(403, f"the key of {entry.owner} has the user scope; /admin needs an admin key",
-                                "insufficient_scope")(scope, receive, send)
+            return await denied(
+                403, f"the key of {entry.owner} has the user scope; /admin needs an admin key", "insufficient_scope"
+            )(scope, receive, send)
         scope.setdefault("state", {})["api_key"] = entry
         await self.app(scope, receive, send)
 

@@ -21,9 +21,11 @@ RETRY_AFTER_S = 1  # a broker or store that did not answer: try again this much 
 
 
 def unavailable_response(exc: BaseException) -> JSONResponse:
-    return JSONResponse(oa.unavailable(f"Service unavailable: {what_failed(exc)} did not answer "
-                                       f"({type(exc).__name__}); retry later"),
-                        503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    return JSONResponse(
+        oa.unavailable(f"Service unavailable: {what_failed(exc)} did not answer ({type(exc).__name__}); retry later"),
+        503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 class AnswerOutages:

@@ -36,16 +36,24 @@ def load_engine(config: MeshConfig) -> Engine:
     if not shape.single:  # one model over a group of processes; this one drives it
         from engine.parallel.group import load_group_engine
 
-        engine = load_group_engine(config.model, shape, device=config.device, num_threads=config.threads,
-                                   dtype=config.dtype, quant=config.quant,
-                                   master_addr=config.master_addr, master_port=config.master_port)
+        engine = load_group_engine(
+            config.model,
+            shape,
+            device=config.device,
+            num_threads=config.threads,
+            dtype=config.dtype,
+            quant=config.quant,
+            master_addr=config.master_addr,
+            master_port=config.master_port,
+        )
         # admission counts the whole model's KV bytes per token: each rank holds a share of that
         engine.set_kv_budget(kv_budget_bytes(config, engine.device))
         return engine
     from engine import load_engine as load  # the engine package's loader
 
-    engine = load(config.model, device=config.device, num_threads=config.threads, dtype=config.dtype,
-                  quant=config.quant)
+    engine = load(
+        config.model, device=config.device, num_threads=config.threads, dtype=config.dtype, quant=config.quant
+    )
     engine.set_kv_budget(kv_budget_bytes(config, engine.device))
     return engine
 
@@ -113,8 +121,7 @@ class EngineRunner:
     many threads as the governor (``services.hosting.threads``) chooses: the team, or one thread while
     the team is measured slower because other work shares the cores."""
 
-    def __init__(self, engine: Engine, executor: ThreadPoolExecutor | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(self, engine: Engine, executor: ThreadPoolExecutor | None = None, threads: int | None = None) -> None:
         self.engine = engine
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.governor = ThreadGovernor(threads) if threads is not None and threads > 1 else None

@@ -44,8 +44,9 @@ class LocalMesh:
 
 
 @asynccontextmanager
-async def local_workers(config: MeshConfig, hub: LocalHub, *, runners: list[EngineRunner],
-                        scheduler: bool = True, trace: bool = False) -> AsyncIterator[LocalMesh]:
+async def local_workers(
+    config: MeshConfig, hub: LocalHub, *, runners: list[EngineRunner], scheduler: bool = True, trace: bool = False
+) -> AsyncIterator[LocalMesh]:
     """Run a scheduler and one worker per engine runner until the block exits."""
     names = Names(config.namespace)
     mesh = LocalMesh(None)
@@ -56,8 +57,9 @@ async def local_workers(config: MeshConfig, hub: LocalHub, *, runners: list[Engi
     run = uuid.uuid4().hex[:6]
     for i, runner in enumerate(runners):  # ids sort in start order: allocations are predictable
         worker_config = config.model_copy(update={"worker_id": f"{config.worker_id or 'w'}{i:03d}-{run}"})
-        mesh.workers.append(Worker(worker_config, await open_transports(config, names, hub, kv=True), runner,
-                                   trace=trace))
+        mesh.workers.append(
+            Worker(worker_config, await open_transports(config, names, hub, kv=True), runner, trace=trace)
+        )
     started = [asyncio.create_task(worker.run()) for worker in mesh.workers]
     mesh.tasks += started
     for task in mesh.tasks:
@@ -78,8 +80,7 @@ def _report_crash(task: asyncio.Task[None]) -> None:
 async def until_ready(events: list[asyncio.Event], tasks: list[asyncio.Task[None]]) -> None:
     """Wait for every service to be ready; raise at once if one of them failed while starting."""
     ready = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in events)))
-    done, _ = await asyncio.wait([ready, *tasks], timeout=START_TIMEOUT_S,
-                                 return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait([ready, *tasks], timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
     if ready not in done:
         ready.cancel()
         failed = [t for t in done if t.exception() is not None]

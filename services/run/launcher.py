@@ -71,7 +71,7 @@ class RestartBudget:
             return None
         if now - up_since >= p.healthy_s:
             self.streak = 0
-        delay = min(p.backoff_s[0] * 2 ** self.streak, p.backoff_s[1])
+        delay = min(p.backoff_s[0] * 2**self.streak, p.backoff_s[1])
         self.streak += 1
         self.restarts.append(now)
         return delay
@@ -148,9 +148,16 @@ class Launcher:
             liveness.unlink(missing_ok=True)  # a new process: no age until it first touches it
             env = {**self.env, "EXEGPT_LIVENESS_FILE": str(liveness)}
         args = (*spec.args, "--standby") if standby else spec.args
-        popen = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT,
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.PIPE if standby else None, text=True, bufsize=1)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if standby else None,
+            text=True,
+            bufsize=1,
+        )
         child = Child(spec, index, popen, liveness=liveness, standby=standby)
         threading.Thread(target=self._forward, args=(child,), daemon=True).start()
         return child
@@ -216,8 +223,11 @@ class Launcher:
             del self.spares[key]
             budget = self.spare_budgets.setdefault(key, RestartBudget(RestartPolicy()))
             delay = budget.died(now, spare.started_at)
-            print(f"exegpt up: {spare.label} exited ({spare.popen.returncode}); "
-                  + ("no more spares" if delay is None else f"another in {delay:g} s"), file=sys.stderr)
+            print(
+                f"exegpt up: {spare.label} exited ({spare.popen.returncode}); "
+                + ("no more spares" if delay is None else f"another in {delay:g} s"),
+                file=sys.stderr,
+            )
             self.spare_at[key] = None if delay is None else now + delay
         spare_at = self.spare_at.get(key, now)
         if spare_at is not None and now >= spare_at:
@@ -228,8 +238,11 @@ class Launcher:
         ``liveness_timeout_s``; the next look restarts it."""
         age = age_s(child.liveness) if child.liveness is not None else None
         if age is not None and age > self.config.liveness_timeout_s:
-            print(f"exegpt up: {child.label} stopped answering (alive {age:.1f} s ago); killing it",
-                  file=sys.stderr, flush=True)
+            print(
+                f"exegpt up: {child.label} stopped answering (alive {age:.1f} s ago); killing it",
+                file=sys.stderr,
+                flush=True,
+            )
             child.popen.kill()
             child.popen.wait()
 
@@ -238,12 +251,17 @@ class Launcher:
             delay = child.budget.died(now, child.started_at)
             if delay is None:
                 p = child.budget.policy
-                print(f"exegpt up: {child.label} died {p.max_restarts + 1} times within {p.window_s:.0f} s; "
-                      "stopping the mesh", file=sys.stderr)
+                print(
+                    f"exegpt up: {child.label} died {p.max_restarts + 1} times within {p.window_s:.0f} s; "
+                    "stopping the mesh",
+                    file=sys.stderr,
+                )
                 self.stopping.set()
                 return
-            print(f"exegpt up: {child.label} exited ({child.popen.returncode}); restarting in {delay:g} s",
-                  file=sys.stderr)
+            print(
+                f"exegpt up: {child.label} exited ({child.popen.returncode}); restarting in {delay:g} s",
+                file=sys.stderr,
+            )
             child.restart_at = now + delay
         if now < child.restart_at:
             return
@@ -304,8 +322,7 @@ def with_kv_share(config: MeshConfig, workers: int, available: int | None = None
 def run_up(config: MeshConfig, spec_path: Path, workers: int) -> int:
     config = with_kv_share(with_worker_threads(config, workers), workers)
     launcher = Launcher(config, read_spec(spec_path, {"workers": workers}))
-    previous = {sig: signal.signal(sig, lambda *_: launcher.stopping.set())
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, lambda *_: launcher.stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         url = launcher.start()
         print(f"ready mesh {url}", flush=True)

@@ -157,10 +157,18 @@ async def serve_http(config: MeshConfig, *, embedded: bool, standby: bool = Fals
             return  # no one will call on it
         sock = bind_socket(config.host, config.port)
     url = f"http://{config.host}:{sock.getsockname()[1]}"
-    app = create_app(config, model, hub=hub, workers=workers, routers=tuple(routers),
-                     lifespans=tuple(lifespans), on_ready=lambda: announce(f"ready gateway {url}"))
-    server = _uvicorn_server()(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                              http=bounded_protocol(connection_limits(config))))
+    app = create_app(
+        config,
+        model,
+        hub=hub,
+        workers=workers,
+        routers=tuple(routers),
+        lifespans=tuple(lifespans),
+        on_ready=lambda: announce(f"ready gateway {url}"),
+    )
+    server = _uvicorn_server()(
+        uvicorn.Config(app, log_level="warning", lifespan="on", http=bounded_protocol(connection_limits(config)))
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)

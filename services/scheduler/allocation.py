@@ -34,8 +34,9 @@ def allocate(schedule: Schedule, live: Sequence[str], previous: Mapping[str, str
     if not schedule.split:
         return Allocation(schedule, tuple(RoleAssignment(w, "worker") for w in ids))
     if len(ids) < 2:
-        alone = replace(schedule, policy="continuous", num_devices=1, encoder_devices=0, decoder_devices=1,
-                        worker_devices=1)
+        alone = replace(
+            schedule, policy="continuous", num_devices=1, encoder_devices=0, decoder_devices=1, worker_devices=1
+        )
         return Allocation(alone, tuple(RoleAssignment(w, "worker") for w in ids), fallback=True)
     wanted = encoders_wanted(schedule, len(ids))
     keep = [w for w in ids if previous.get(w) == "encoder"][:wanted]

@@ -102,10 +102,18 @@ class Brain:
         now = time.time() if now is None else now
         self.config = config
         self.planner = planner
-        self.slo = Slo(config.latency_bound_s, config.slo_ttft_s, config.slo_ttft_percentile, config.slo_tpot_s,
-                       config.slo_tpot_percentile)
-        self.calibrator = (StepCalibrator(planner, config.calibration_half_life_s)
-                           if planner is not None and config.calibrate else None)
+        self.slo = Slo(
+            config.latency_bound_s,
+            config.slo_ttft_s,
+            config.slo_ttft_percentile,
+            config.slo_tpot_s,
+            config.slo_tpot_percentile,
+        )
+        self.calibrator = (
+            StepCalibrator(planner, config.calibration_half_life_s)
+            if planner is not None and config.calibrate
+            else None
+        )
         self.forecast = Forecast(0.0, 1.0)
         self.timed: deque[Timed] = deque(maxlen=TIMED_MAX)
         self._observed_fired = False  # the observed-vs-predicted trigger fired for the plan in force
@@ -114,8 +122,12 @@ class Brain:
         # whole, never changed in place (a search reads it in a thread)
         self.shortfalls: dict[Schedule, tuple[float, float]] = {}
         self.stats = StreamingStats(half_life_s=config.stats_half_life_s)
-        self.monitor = DriftMonitor(alpha=config.drift_alpha, min_samples=config.drift_min_samples,
-                                    confirm=2, min_interval_s=config.replan_interval_s)
+        self.monitor = DriftMonitor(
+            alpha=config.drift_alpha,
+            min_samples=config.drift_min_samples,
+            confirm=2,
+            min_interval_s=config.replan_interval_s,
+        )
         self.prior: Workload | None = prior_workload(config.prior, config.prior_scale) if config.prior else None
         self.plan: Plan | None = None  # the plan in force (None: the default or a pinned schedule runs)
         self.basis = "no plan yet"
@@ -229,8 +241,12 @@ class Brain:
             return rise
         if now - self.last_at < self.config.replan_interval_s:
             return None
-        return (self._rate_trigger() or self._burst_trigger() or self._calibration_trigger(now)
-                or self._observed_trigger(now))
+        return (
+            self._rate_trigger()
+            or self._burst_trigger()
+            or self._calibration_trigger(now)
+            or self._observed_trigger(now)
+        )
 
     def _rate_trigger(self, rising: bool = False) -> str | None:
         """The forecast rate moved by ``rate_change`` from the one the plan was made for, and by
@@ -340,15 +356,25 @@ class Brain:
         if self._planned is not None:
             return self._planned
         if self.prior is not None:
-            return self.prior, f"prior: {self.config.prior}" + (
-                f" x{self.config.prior_scale:g}" if self.config.prior_scale != 1 else ""), reference_sample(self.prior)
+            return (
+                self.prior,
+                f"prior: {self.config.prior}"
+                + (f" x{self.config.prior_scale:g}" if self.config.prior_scale != 1 else ""),
+                reference_sample(self.prior),
+            )
         ins, outs = self.stats.recent(WINDOW_MAX)
         if len(ins) == 0:
             raise ValueError("nothing to plan on: no prior and no finished requests")
         return observed_workload(ins, outs), f"observed: {len(ins)} requests", (ins, outs)
 
-    def decide(self, reason: str, workers: int, running: Schedule,
-               inputs: tuple[Workload, str, tuple[np.ndarray, np.ndarray]], arrival_rate: float = 0.0) -> Decision:
+    def decide(
+        self,
+        reason: str,
+        workers: int,
+        running: Schedule,
+        inputs: tuple[Workload, str, tuple[np.ndarray, np.ndarray]],
+        arrival_rate: float = 0.0,
+    ) -> Decision:
         """Search for ``workers`` workers on ``inputs`` (from ``inputs``, taken on the event loop)
         and compare with ``running``, the schedule in force, under ``arrival_rate`` (requests/s
         seen). Reads nothing that ``ingest`` changes: safe in a thread. The decision carries the
@@ -358,8 +384,14 @@ class Brain:
         decision = self._decide(reason, workers, running, inputs, arrival_rate)
         return replace(decision, seconds=time.perf_counter() - start)
 
-    def _decide(self, reason: str, workers: int, running: Schedule,
-                inputs: tuple[Workload, str, tuple[np.ndarray, np.ndarray]], arrival_rate: float) -> Decision:
+    def _decide(
+        self,
+        reason: str,
+        workers: int,
+        running: Schedule,
+        inputs: tuple[Workload, str, tuple[np.ndarray, np.ndarray]],
+        arrival_rate: float,
+    ) -> Decision:
         assert self.planner is not None
         workload, basis, reference = inputs
         table = self.calibration(time.time())
@@ -374,10 +406,19 @@ class Brain:
             shortfalls = {s: attained for s, (attained, _) in self.shortfalls.items()}
             short = self.plan is not None and self.plan.schedule in shortfalls
             keep = self.plan is not None and (short or self.forecast.rate_per_s >= self.plan.rate_per_s > 0)
-            plan, in_force = self.planner.plan_for_traffic(workload, workers, self.slo, self.forecast, comparable,
-                                                           table, keep_capacity=keep, observed=shortfalls or None)
-            publish, why = better_for_traffic(plan, in_force if comparable is not None else None, self.slo,
-                                              self.config.replan_margin)
+            plan, in_force = self.planner.plan_for_traffic(
+                workload,
+                workers,
+                self.slo,
+                self.forecast,
+                comparable,
+                table,
+                keep_capacity=keep,
+                observed=shortfalls or None,
+            )
+            publish, why = better_for_traffic(
+                plan, in_force if comparable is not None else None, self.slo, self.config.replan_margin
+            )
             return Decision(plan, publish, why, reason, basis, workload, reference, in_force)
         plan = self.planner.plan(workload, workers, self.bound, table)
         current = self.planner.evaluate(comparable, workload, workers, table) if comparable is not None else None
@@ -391,8 +432,9 @@ class Brain:
         must not keep the drift test from ever filling its window."""
         self.replans += 1
         self.last_reason, self.last_at, self.last_search_s = decision.reason, now, decision.seconds
-        self.last_outcome = f"{'published' if decision.publish else 'kept the schedule'}: {decision.why} " \
-                            f"(planned on {decision.basis})"
+        self.last_outcome = (
+            f"{'published' if decision.publish else 'kept the schedule'}: {decision.why} (planned on {decision.basis})"
+        )
         if decision.reason == self.forced or decision.reason.startswith(("bound", "slo")):
             self.forced = None
         if decision.publish or self.plan is None:
@@ -403,11 +445,22 @@ class Brain:
             self._planned = (decision.workload, decision.basis, decision.reference)
         else:  # kept: what it was weighed for is now what it runs for (the triggers compare with that)
             new, w = decision.plan, decision.in_force
-            self.plan = replace(self.plan, workers=new.workers, rate_per_s=new.rate_per_s, cv=new.cv,
-                                calibration=new.calibration, candidates=new.candidates)
+            self.plan = replace(
+                self.plan,
+                workers=new.workers,
+                rate_per_s=new.rate_per_s,
+                cv=new.cv,
+                calibration=new.calibration,
+                candidates=new.candidates,
+            )
             if w is not None:
-                self.plan = replace(self.plan, attainment=w.attainment, ttft_s=w.slo.ttft_s, tpot_s=w.slo.tpot_s,
-                                    pressure=w.slo.pressure)
+                self.plan = replace(
+                    self.plan,
+                    attainment=w.attainment,
+                    ttft_s=w.slo.ttft_s,
+                    tpot_s=w.slo.tpot_s,
+                    pressure=w.slo.pressure,
+                )
         runs = self.plan.schedule  # the candidates as the state record shows them: what runs first, marked
         marked = [replace(c, chosen=c.schedule == runs) for c in self.plan.candidates]
         self.plan = replace(self.plan, candidates=tuple(sorted(marked, key=lambda c: not c.chosen)))
@@ -422,41 +475,64 @@ class Brain:
         self._refine = decision.basis.startswith("observed") and len(decision.reference[0]) < REFINE_AT
 
     # --- report ---------------------------------------------------------------------------------
-    def state(self, *, leader: str, token: int, version: int, schedule: Schedule, pinned: bool, workers: int,
-              now: float) -> SchedulerState:
+    def state(
+        self, *, leader: str, token: int, version: int, schedule: Schedule, pinned: bool, workers: int, now: float
+    ) -> SchedulerState:
         s = self.stats.summary(now)
         plan = self.plan if not pinned else None
         drift = self.drift
         seen, table = self.observed_slo(now), self.calibration(now)
         return SchedulerState(
-            leader=leader, token=token, version=version, policy=schedule.policy, pinned=pinned,
-            latency_bound_s=self.bound, meets_bound=plan.meets_bound if plan else True,
-            basis="pinned" if pinned else self.basis, samples=int(round(s.samples)),
+            leader=leader,
+            token=token,
+            version=version,
+            policy=schedule.policy,
+            pinned=pinned,
+            latency_bound_s=self.bound,
+            meets_bound=plan.meets_bound if plan else True,
+            basis="pinned" if pinned else self.basis,
+            samples=int(round(s.samples)),
             input_quantiles=tuple(float(q) for q in (s.input.p50, s.input.p90, s.input.p99)),
             output_quantiles=tuple(float(q) for q in (s.output.p50, s.output.p90, s.output.p99)),
-            input_mean=_finite(s.input.mean), output_mean=_finite(s.output.mean),
-            correlation=_finite(s.correlation), arrival_rate_s=_finite(s.arrival_rate_per_s),
+            input_mean=_finite(s.input.mean),
+            output_mean=_finite(s.output.mean),
+            correlation=_finite(s.correlation),
+            arrival_rate_s=_finite(s.arrival_rate_per_s),
             arrival_cv=_finite(s.arrival_cv),
             predicted_throughput_seq_s=plan.throughput_seq_s if plan else 0.0,
             predicted_latency_s=plan.latency_s if plan else 0.0,
             observed_throughput_seq_s=self.stats.throughput(now, OBSERVED_WINDOW_S),
             observed_latency_s=_finite(self.stats.latency_quantile(0.99)),
-            drift_statistic=_finite(drift.statistic) if drift else 0.0, drift_p_value=drift.p_value if drift else 1.0,
-            replans=self.replans, last_replan_reason=self.last_reason, last_replan_at=self.last_at,
-            workers=workers, updated_at=now, last_outcome=self.last_outcome,
-            ttft_bound_s=self.slo.ttft_s, ttft_percentile=self.slo.ttft_percentile, tpot_bound_s=self.slo.tpot_s,
-            tpot_percentile=self.slo.tpot_percentile, forecast_rate_s=self.forecast.rate_per_s,
+            drift_statistic=_finite(drift.statistic) if drift else 0.0,
+            drift_p_value=drift.p_value if drift else 1.0,
+            replans=self.replans,
+            last_replan_reason=self.last_reason,
+            last_replan_at=self.last_at,
+            workers=workers,
+            updated_at=now,
+            last_outcome=self.last_outcome,
+            ttft_bound_s=self.slo.ttft_s,
+            ttft_percentile=self.slo.ttft_percentile,
+            tpot_bound_s=self.slo.tpot_s,
+            tpot_percentile=self.slo.tpot_percentile,
+            forecast_rate_s=self.forecast.rate_per_s,
             forecast_cv=self.forecast.cv,
             predicted_attainment=plan.attainment if plan else math.nan,
-            predicted_ttft_s=plan.ttft_s if plan else math.nan, predicted_tpot_s=plan.tpot_s if plan else math.nan,
-            observed_attainment=seen.attainment, observed_ttft_s=seen.ttft_s, observed_tpot_s=seen.tpot_s,
+            predicted_ttft_s=plan.ttft_s if plan else math.nan,
+            predicted_tpot_s=plan.tpot_s if plan else math.nan,
+            observed_attainment=seen.attainment,
+            observed_ttft_s=seen.ttft_s,
+            observed_tpot_s=seen.tpot_s,
             raw_predicted_throughput_seq_s=plan.raw_throughput_seq_s if plan else 0.0,
             raw_predicted_latency_s=_finite(plan.raw_latency_s) if plan else 0.0,
             raw_predicted_attainment=plan.raw_attainment if plan else math.nan,
-            calibration=points(table), calibration_samples=table.samples,
+            calibration=points(table),
+            calibration_samples=table.samples,
             candidates=self.plan.candidates if self.plan else (),
             planned_input_quantiles=self._planned_quantiles("input"),
-            planned_output_quantiles=self._planned_quantiles("output"), last_search_s=self.last_search_s)
+            planned_output_quantiles=self._planned_quantiles("output"),
+            last_search_s=self.last_search_s,
+        )
 
     def _planned_quantiles(self, side: str) -> tuple[float, ...]:
         if self._planned is None:
@@ -476,8 +552,9 @@ def observed_workload(ins: np.ndarray, outs: np.ndarray) -> Workload:
         return Workload.from_pairs("observed", ins, outs)
     tail = [int(math.ceil(max(np.quantile(x, 0.99), x.mean() + NORMAL_P99 * x.std()))) for x in (ins, outs)]
     extra = int(math.ceil(0.01 * len(ins))) + 1
-    return Workload.from_pairs("observed", np.concatenate([ins, np.full(extra, tail[0])]),
-                               np.concatenate([outs, np.full(extra, tail[1])]))
+    return Workload.from_pairs(
+        "observed", np.concatenate([ins, np.full(extra, tail[0])]), np.concatenate([outs, np.full(extra, tail[1])])
+    )
 
 
 def for_workers(schedule: Schedule, workers: int, worker_devices: int) -> Schedule | None:

@@ -59,8 +59,9 @@ class StepCalibrator:
 def predicted_s(timer: PipelineTimer, cost: StepCost) -> float:
     """What ``timer`` (a raw one) predicts for the step ``cost`` measured, costed as the simulator
     costs that kind of step."""
-    shape = StepShape(float(cost.prefill_seqs), float(cost.prefill_tokens), cost.prefill_seq,
-                      float(cost.decode_seqs), cost.decode_ctx)
+    shape = StepShape(
+        float(cost.prefill_seqs), float(cost.prefill_tokens), cost.prefill_seq, float(cost.decode_seqs), cost.decode_ctx
+    )
     if cost.kind == "decode":
         return float(timer.iteration_s(shape, 1))
     if cost.kind == "prefill":
@@ -73,8 +74,9 @@ def observe(model: Calibration, timer: PipelineTimer, costs: Sequence[StepCost])
     taken = 0
     for cost in costs:
         try:
-            taken += model.observe(cost.kind, cost.prefill_tokens + cost.decode_seqs, cost.seconds,
-                                   predicted_s(timer, cost), cost.at)
+            taken += model.observe(
+                cost.kind, cost.prefill_tokens + cost.decode_seqs, cost.seconds, predicted_s(timer, cost), cost.at
+            )
         except ValueError as exc:  # a kind this scheduler does not know: a newer worker's record
             log.debug("step cost dropped: %s", exc)
     return taken

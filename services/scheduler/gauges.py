@@ -26,18 +26,25 @@ class SchedulerMetrics(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         s = self.scheduler
         leading = bool(s.leadership.leading)
-        yield GaugeMetricFamily("exegpt_scheduler_leader", "1 while this scheduler holds the lease",
-                                value=float(leading))
-        heard = GaugeMetricFamily("exegpt_scheduler_workers_heard", "Workers heard within the heartbeat "
-                                  "timeout, by the role they report", labels=["role"])
+        yield GaugeMetricFamily(
+            "exegpt_scheduler_leader", "1 while this scheduler holds the lease", value=float(leading)
+        )
+        heard = GaugeMetricFamily(
+            "exegpt_scheduler_workers_heard",
+            "Workers heard within the heartbeat timeout, by the role they report",
+            labels=["role"],
+        )
         roles: dict[str, int] = {}
         for status in s.workers.values():
             roles[status.role] = roles.get(status.role, 0) + 1
         for role, count in sorted(roles.items()):
             heard.add_metric([role], count)
         yield heard
-        yield CounterMetricFamily("exegpt_scheduler_publishes_refused", "Schedule publishes refused "
-                                  "because the lease had been lost", value=s.refused)
+        yield CounterMetricFamily(
+            "exegpt_scheduler_publishes_refused",
+            "Schedule publishes refused because the lease had been lost",
+            value=s.refused,
+        )
         if leading:
             self.gauges.update, self.gauges.state = s.current, s.state(time.time())
             yield from self.gauges.collect()

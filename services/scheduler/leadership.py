@@ -42,8 +42,9 @@ from common.transport.port import Store
 class Leadership:
     """One scheduler process's claim to be the active scheduler (see the module docstring)."""
 
-    def __init__(self, store: Store, names: Names, process_id: str, ttl_s: float, *,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: Store, names: Names, process_id: str, ttl_s: float, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store, self.names, self.ttl_s = store, names, ttl_s
         self.owner = f"{process_id}/{uuid.uuid4().hex[:8]}"  # what the lease holds while this run leads
         self.clock = clock

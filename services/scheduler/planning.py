@@ -65,11 +65,23 @@ class PlanningError(ValueError):
     """The profile, cluster, model or prior cannot be used."""
 
 
-POLICY_SETS = {"rra": ("rra",), "waa": ("waa-c", "waa-m"), "all": ("rra", "waa-c", "waa-m"),
-               "static": ("static",), "continuous": ("continuous",), "mixed": ("mixed",),
-               "any": ("rra", "waa-c", "waa-m", "static", "continuous", "mixed")}
-DTYPE_BYTES = {"torch.float32": 4, "float32": 4, "torch.bfloat16": 2, "bfloat16": 2, "torch.float16": 2,
-               "float16": 2}  # a profile header's dtype -> bytes per KV and weight element
+POLICY_SETS = {
+    "rra": ("rra",),
+    "waa": ("waa-c", "waa-m"),
+    "all": ("rra", "waa-c", "waa-m"),
+    "static": ("static",),
+    "continuous": ("continuous",),
+    "mixed": ("mixed",),
+    "any": ("rra", "waa-c", "waa-m", "static", "continuous", "mixed"),
+}
+DTYPE_BYTES = {
+    "torch.float32": 4,
+    "float32": 4,
+    "torch.bfloat16": 2,
+    "bfloat16": 2,
+    "torch.float16": 2,
+    "float16": 2,
+}  # a profile header's dtype -> bytes per KV and weight element
 
 
 def mesh_space(config: MeshConfig) -> SearchSpace:
@@ -80,10 +92,16 @@ def mesh_space(config: MeshConfig) -> SearchSpace:
     top = min(config.max_plan_batch or config.max_decode_batch, config.max_decode_batch)
     space = SearchSpace().capped(top)
     encode = min(space.max_encode_batch, config.max_encode_batch)
-    return replace(space, max_encode_batch=encode, waa_max_encode_batch=min(space.waa_max_encode_batch, encode),
-                   static_max_batch=min(space.static_max_batch, encode),  # these encode their whole batch
-                   continuous_max_batch=min(space.continuous_max_batch, encode),
-                   mixed_max_batch=min(space.mixed_max_batch, encode), microbatches=(1,), encode_microbatches=(1,))
+    return replace(
+        space,
+        max_encode_batch=encode,
+        waa_max_encode_batch=min(space.waa_max_encode_batch, encode),
+        static_max_batch=min(space.static_max_batch, encode),  # these encode their whole batch
+        continuous_max_batch=min(space.continuous_max_batch, encode),
+        mixed_max_batch=min(space.mixed_max_batch, encode),
+        microbatches=(1,),
+        encode_microbatches=(1,),
+    )
 
 
 def policy_set(name: str) -> tuple[str, ...]:
@@ -126,12 +144,24 @@ def model_shape(name: str, dtype_bytes: int = 4):
     if name in MODELS:
         return MODELS[name]
     if name not in OUR_MODELS and not Path(name).expanduser().exists():
-        raise PlanningError(f"unknown model {name!r}: not a paper model ({', '.join(sorted(MODELS))}) nor one of "
-                       f"ours ({', '.join(OUR_MODELS)}, a model folder or .gguf file)")
+        raise PlanningError(
+            f"unknown model {name!r}: not a paper model ({', '.join(sorted(MODELS))}) nor one of "
+            f"ours ({', '.join(OUR_MODELS)}, a model folder or .gguf file)"
+        )
     d = model_dimensions(name)
-    return ModelShape(name, layers=d.layers, hidden=d.hidden, heads=d.heads, ffn=d.ffn, vocab=d.vocab,
-                      head_dim=d.head_dim, encoder_layers=d.encoder_layers, dtype_bytes=dtype_bytes,
-                      kv_heads=d.kv_heads, gated_ffn=d.gated_ffn)
+    return ModelShape(
+        name,
+        layers=d.layers,
+        hidden=d.hidden,
+        heads=d.heads,
+        ffn=d.ffn,
+        vocab=d.vocab,
+        head_dim=d.head_dim,
+        encoder_layers=d.encoder_layers,
+        dtype_bytes=dtype_bytes,
+        kv_heads=d.kv_heads,
+        gated_ffn=d.gated_ffn,
+    )
 
 
 def prior_workload(prior: str, scale: float = 1.0) -> Workload:
@@ -181,13 +211,21 @@ class Planner:
 
     def scenario(self, workload: Workload, workers: int, calibration: CalibrationTable | None = None) -> Scenario:
         try:
-            return Scenario(self.model, self.profile, self.cluster, workload,
-                            max(workers, 1) * max(self.worker_devices, 1), self.group, calibration)
+            return Scenario(
+                self.model,
+                self.profile,
+                self.cluster,
+                workload,
+                max(workers, 1) * max(self.worker_devices, 1),
+                self.group,
+                calibration,
+            )
         except ValueError as exc:
             raise PlanningError(str(exc)) from None
 
-    def plan(self, workload: Workload, workers: int, latency_bound_s: float,
-             calibration: CalibrationTable | None = None) -> Plan:
+    def plan(
+        self, workload: Workload, workers: int, latency_bound_s: float, calibration: CalibrationTable | None = None
+    ) -> Plan:
         """The most throughput under the bound for ``workers`` workers (a saturated closed loop);
         else the least latency."""
         start = time.perf_counter()
@@ -204,38 +242,84 @@ class Planner:
             thr, lat = self._simulate(sc, schedule)
             meets = lat <= latency_bound_s
         raw = self._simulate(self.scenario(workload, workers), schedule) if calibration is not None else (thr, lat)
-        return Plan(schedule, thr, lat, meets, workers, time.perf_counter() - start, verified.searches,
-                    raw_throughput_seq_s=raw[0], raw_latency_s=raw[1], calibration=calibration)
+        return Plan(
+            schedule,
+            thr,
+            lat,
+            meets,
+            workers,
+            time.perf_counter() - start,
+            verified.searches,
+            raw_throughput_seq_s=raw[0],
+            raw_latency_s=raw[1],
+            calibration=calibration,
+        )
 
-    def plan_for_traffic(self, workload: Workload, workers: int, slo: Slo, forecast: Forecast,
-                         current: Schedule | None = None,
-                         calibration: CalibrationTable | None = None,
-                         keep_capacity: bool = False,
-                         observed: Mapping[Schedule, float] | None = None) -> tuple[Plan, Weighed | None]:
+    def plan_for_traffic(
+        self,
+        workload: Workload,
+        workers: int,
+        slo: Slo,
+        forecast: Forecast,
+        current: Schedule | None = None,
+        calibration: CalibrationTable | None = None,
+        keep_capacity: bool = False,
+        observed: Mapping[Schedule, float] | None = None,
+    ) -> tuple[Plan, Weighed | None]:
         """The schedule with the best SLO attainment at ``forecast`` (``optimizer.traffic``), and
         the schedule in force weighed on the same arrivals (None when not comparable)."""
         start = time.perf_counter()
         sc = self.scenario(workload, workers, calibration)
-        traffic = plan_for_traffic(sc, slo, forecast, self.policies, self.space, seed=SEED, current=current,
-                                   keep_capacity=keep_capacity, observed=observed)
+        traffic = plan_for_traffic(
+            sc,
+            slo,
+            forecast,
+            self.policies,
+            self.space,
+            seed=SEED,
+            current=current,
+            keep_capacity=keep_capacity,
+            observed=observed,
+        )
         if traffic is None:
             raise PlanningError(f"no schedule of {self.model.name} on {workers} worker(s) fits in memory")
         best = traffic.best
         thr, lat = self._simulate(sc, best.schedule)
         raw_sc = self.scenario(workload, workers)
         raw_thr, raw_lat = self._simulate(raw_sc, best.schedule) if calibration is not None else (thr, lat)
-        raw_att = (weigh(raw_sc, best.schedule, best.capacity_seq_s, arrivals(workload, with_headroom(forecast), SEED),
-                          slo).attainment
-                   if calibration is not None else best.attainment)
+        raw_att = (
+            weigh(
+                raw_sc, best.schedule, best.capacity_seq_s, arrivals(workload, with_headroom(forecast), SEED), slo
+            ).attainment
+            if calibration is not None
+            else best.attainment
+        )
         in_force = next((w for w in traffic.weighed if w.schedule == current), None)
-        plan = Plan(best.schedule, thr, lat, traffic.reaches_target, workers, time.perf_counter() - start,
-                    traffic.searches, forecast.rate_per_s, forecast.cv, best.attainment, best.slo.ttft_s,
-                    best.slo.tpot_s, best.slo.pressure, raw_thr, raw_lat, raw_att, calibration,
-                    candidate_figures(traffic))
+        plan = Plan(
+            best.schedule,
+            thr,
+            lat,
+            traffic.reaches_target,
+            workers,
+            time.perf_counter() - start,
+            traffic.searches,
+            forecast.rate_per_s,
+            forecast.cv,
+            best.attainment,
+            best.slo.ttft_s,
+            best.slo.tpot_s,
+            best.slo.pressure,
+            raw_thr,
+            raw_lat,
+            raw_att,
+            calibration,
+            candidate_figures(traffic),
+        )
         return plan, in_force
 
-    def evaluate(self, schedule: Schedule, workload: Workload, workers: int,
-                 calibration: CalibrationTable | None = None) -> tuple[float, float]:
+    def evaluate(
+        self, schedule: Schedule, workload: Workload, workers: int, calibration: CalibrationTable | None = None
+    ) -> tuple[float, float]:
         """(throughput, p99-length latency) of ``schedule`` on ``workload``, simulated as ``plan`` does."""
         return self._simulate(self.scenario(workload, workers, calibration), schedule)
 
@@ -250,9 +334,19 @@ TOP_CANDIDATES = 6  # candidates the state record keeps
 
 
 def candidate_figures(traffic: TrafficPlan) -> tuple[CandidateFigures, ...]:
-    return tuple(CandidateFigures(w.schedule, w.capacity_seq_s, w.attainment, w.slo.ttft_s, w.slo.tpot_s,
-                                  w.slo.e2e_p99_s, w.sustained_rate_s, w.schedule == traffic.best.schedule)
-                 for w in traffic.weighed[:TOP_CANDIDATES])
+    return tuple(
+        CandidateFigures(
+            w.schedule,
+            w.capacity_seq_s,
+            w.attainment,
+            w.slo.ttft_s,
+            w.slo.tpot_s,
+            w.slo.e2e_p99_s,
+            w.sustained_rate_s,
+            w.schedule == traffic.best.schedule,
+        )
+        for w in traffic.weighed[:TOP_CANDIDATES]
+    )
 
 
 def better_for_traffic(new: Plan, current: Weighed | None, slo: Slo, margin: float) -> tuple[bool, str]:
@@ -274,22 +368,30 @@ def better_for_traffic(new: Plan, current: Weighed | None, slo: Slo, margin: flo
         return False, f"the schedule in force is the best {at}"
     target, tie = slo.target - 1e-12, 0.003
     capacity = next((c.capacity_seq_s for c in new.candidates if c.schedule == new.schedule), 0.0)
-    if (new.meets_bound and current.capacity_seq_s < new.rate_per_s * SURGE <= capacity
-            and capacity > current.capacity_seq_s * (1 + margin)):
-        return True, (f"the schedule in force carries {current.capacity_seq_s:.3g} requests/s at most, short of "
-                      f"{SURGE:g}x the forecast {at}; the new one {capacity:.3g}")
+    if (
+        new.meets_bound
+        and current.capacity_seq_s < new.rate_per_s * SURGE <= capacity
+        and capacity > current.capacity_seq_s * (1 + margin)
+    ):
+        return True, (
+            f"the schedule in force carries {current.capacity_seq_s:.3g} requests/s at most, short of "
+            f"{SURGE:g}x the forecast {at}; the new one {capacity:.3g}"
+        )
     if current.attainment >= target:
         return False, f"the schedule in force meets the SLO {at} ({current.attainment:.1%} of requests)"
     # measured short of the model: the model's figure for the pick is no surer by that much
     overrated = current.modelled - current.attainment if math.isfinite(current.modelled) else 0.0
     if new.attainment > current.attainment + max(tie, margin * (1 - current.attainment), overrated):
-        return True, (f"the schedule in force would meet the SLO for {current.attainment:.1%} of requests {at}; "
-                      f"the new one for {new.attainment:.1%}")
+        return True, (
+            f"the schedule in force would meet the SLO for {current.attainment:.1%} of requests {at}; "
+            f"the new one for {new.attainment:.1%}"
+        )
     return False, f"no schedule meets the SLO better {at} ({current.attainment:.1%})"
 
 
-def better(new: Plan, current: tuple[float, float] | None, bound: float, margin: float,
-           arrival_rate: float = 0.0) -> tuple[bool, str]:
+def better(
+    new: Plan, current: tuple[float, float] | None, bound: float, margin: float, arrival_rate: float = 0.0
+) -> tuple[bool, str]:
     """Whether ``new`` should replace the schedule in force, whose simulated (throughput, latency)
     on the same workload is ``current`` (None: nothing comparable runs), and why.
 
@@ -301,8 +403,10 @@ def better(new: Plan, current: tuple[float, float] | None, bound: float, margin:
     thr, lat = current
     need = arrival_rate * HEADROOM
     if new.throughput_seq_s < need <= thr:
-        return False, (f"the new plan would not carry the traffic ({new.throughput_seq_s:.3g} seq/s at most, "
-                       f"{arrival_rate:.3g} requests/s arriving)")
+        return False, (
+            f"the new plan would not carry the traffic ({new.throughput_seq_s:.3g} seq/s at most, "
+            f"{arrival_rate:.3g} requests/s arriving)"
+        )
     meets = lat <= bound
     if new.meets_bound and not meets:
         return True, f"the schedule in force misses the bound ({lat:.3g} s > {bound:.3g} s)"

@@ -140,9 +140,11 @@ class SchedulerService:
 
     async def run(self) -> None:
         status = await self.start()
-        tasks = [asyncio.create_task(self._receive_reports(status)),
-                 asyncio.create_task(self._serve_terms()),
-                 asyncio.create_task(self.stopping.wait())]
+        tasks = [
+            asyncio.create_task(self._receive_reports(status)),
+            asyncio.create_task(self._serve_terms()),
+            asyncio.create_task(self.stopping.wait()),
+        ]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
             task.cancel()
@@ -176,8 +178,13 @@ class SchedulerService:
                 if not is_outage(exc):
                     raise
                 delay = backoff.next_s()
-                log.warning("scheduler %s: %s did not answer (%r); trying again in %.1f s (workers keep "
-                            "the schedule they run)", self.worker_id, what_failed(exc), exc, delay)
+                log.warning(
+                    "scheduler %s: %s did not answer (%r); trying again in %.1f s (workers keep the schedule they run)",
+                    self.worker_id,
+                    what_failed(exc),
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)  # a retry's backoff, not a synchronisation
 
     async def _take_office(self) -> None:
@@ -210,7 +217,7 @@ class SchedulerService:
             await asyncio.wait([holding, receiving, *duties], return_when=asyncio.FIRST_COMPLETED)
         finally:
             for ending in (self.leadership.lose(), requests.cancel()):  # the request in hand is finished
-                try:                                                      # (publishing nothing); the rest go back
+                try:  # (publishing nothing); the rest go back
                     await ending
                 except Exception as exc:  # the store or broker is out: the lease lapses, the broker returns them
                     if not is_outage(exc):
@@ -344,7 +351,8 @@ class SchedulerService:
             now = time.time()
             inputs, rate = self.brain.inputs(reason, now), self.brain.stats.arrival_rate(now)
             decision = await asyncio.get_running_loop().run_in_executor(
-                self.searching, self.brain.decide, reason, workers, running, inputs, rate)
+                self.searching, self.brain.decide, reason, workers, running, inputs, rate
+            )
         except Exception as exc:  # a search that fails keeps the schedule in force; tried again later
             if isinstance(exc, (PlanningError, ValueError)):
                 log.warning("scheduler: search (%s) failed: %s", reason, exc)
@@ -360,16 +368,27 @@ class SchedulerService:
         if decision.publish and not self.pin_set:
             self.target = decision.plan.schedule
             await self.reconcile()
-        log.info("scheduler: %s: %s %s (%s)", reason, "published" if decision.publish else "kept the schedule",
-                 decision.plan.schedule.policy, decision.why)
+        log.info(
+            "scheduler: %s: %s %s (%s)",
+            reason,
+            "published" if decision.publish else "kept the schedule",
+            decision.plan.schedule.policy,
+            decision.why,
+        )
         await self.write_state(time.time())
         self.decided.set()
 
     def state(self, now: float) -> SchedulerState:
         update = self.current
-        return self.brain.state(leader=self.worker_id, token=update.token if update else 0,
-                                version=update.version if update else 0, schedule=self.target,
-                                pinned=self.pin_set, workers=len(self.heard), now=now)
+        return self.brain.state(
+            leader=self.worker_id,
+            token=update.token if update else 0,
+            version=update.version if update else 0,
+            schedule=self.target,
+            pinned=self.pin_set,
+            workers=len(self.heard),
+            now=now,
+        )
 
     async def write_state(self, now: float) -> None:
         await self.store.set(self.names.scheduler_state, codec.encode(self.state(now)))
@@ -409,7 +428,9 @@ class SchedulerService:
         previous = {a.worker_id: a.role for a in self.current.allocation} if self.current else {}
         allocation = allocate(self.target, list(self.heard), previous)
         if self.current is not None and (self.current.schedule, self.current.allocation) == (
-                allocation.schedule, allocation.roles):
+            allocation.schedule,
+            allocation.roles,
+        ):
             return None
         self.allocation = allocation
         return await self._publish(allocation)
@@ -422,11 +443,19 @@ class SchedulerService:
         if not await lead.secure():
             return None
         version = await self.store.add(self.names.schedule_version, 1)
-        update = ScheduleUpdate(version, allocation.schedule, allocation.roles, time.time(),
-                                epoch=lead.epoch, token=lead.token, lease_until=lead.lease_until)
+        update = ScheduleUpdate(
+            version,
+            allocation.schedule,
+            allocation.roles,
+            time.time(),
+            epoch=lead.epoch,
+            token=lead.token,
+            lease_until=lead.lease_until,
+        )
         body = codec.encode(update)
-        if not await self.store.set_while_leased(self.names.schedule, body, lease_key=self.names.scheduler_lease,
-                                                 owner=lead.owner):
+        if not await self.store.set_while_leased(
+            self.names.schedule, body, lease_key=self.names.scheduler_lease, owner=lead.owner
+        ):
             self.refused += 1
             await lead.lose()
             return None

@@ -16,17 +16,26 @@ from optimizer.calibration import step_kind
 from optimizer.policies import StepPlan
 
 
-def step_cost(plan: StepPlan, prompt_lens: dict[str, int], contexts: list[int], fused: bool, seconds: float,
-              at: float) -> StepCost:
+def step_cost(
+    plan: StepPlan, prompt_lens: dict[str, int], contexts: list[int], fused: bool, seconds: float, at: float
+) -> StepCost:
     """The shape of ``plan`` in the profile's terms: ``prompt_lens`` of the requests it encodes,
     ``contexts`` the KV lengths of those it decodes."""
     prompts = [prompt_lens[rid] for rid in plan.encode if rid in prompt_lens]
     squares = [p * p for p in prompts] + [c.length * (2 * c.start + c.length) for c in plan.chunks]
     n_pre = len(prompts) + len(plan.chunks)
     n_dec = len(plan.decode) + plan.padding
-    return StepCost(step_kind(n_pre, n_dec), fused, n_pre, sum(prompts) + sum(c.length for c in plan.chunks),
-                    math.sqrt(sum(squares) / n_pre) if n_pre else 1.0, n_dec,
-                    sum(contexts) / len(contexts) if contexts else 1.0, seconds, at)
+    return StepCost(
+        step_kind(n_pre, n_dec),
+        fused,
+        n_pre,
+        sum(prompts) + sum(c.length for c in plan.chunks),
+        math.sqrt(sum(squares) / n_pre) if n_pre else 1.0,
+        n_dec,
+        sum(contexts) / len(contexts) if contexts else 1.0,
+        seconds,
+        at,
+    )
 
 
 class StepSampler:

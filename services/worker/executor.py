@@ -30,8 +30,13 @@ class StepResult:
     ended_at: float = 0.0
 
 
-def run_step(engine: Engine, plan: StepPlan, prompts: dict[str, GenerationRequest],
-             handoffs: dict[str, KVHandoff], export: Callable[[int], Any] | None) -> StepResult:
+def run_step(
+    engine: Engine,
+    plan: StepPlan,
+    prompts: dict[str, GenerationRequest],
+    handoffs: dict[str, KVHandoff],
+    export: Callable[[int], Any] | None,
+) -> StepResult:
     """On the engine thread: the whole plan. A refused prompt or hand-off does not stop the
     others (the step is retried without it), nor does a new request whose step faults (it is
     found by running the others without it). ``prompts`` holds the encoded requests and the
@@ -72,12 +77,15 @@ class Joining:
         """Less ``request_id``; the part of its prompt a chunked prefill put in the cache goes."""
         if any(c.request.request_id == request_id and c.start > 0 for c in self.chunks):
             engine.abort(request_id)
-        return Joining([r for r in self.new if r.request_id != request_id],
-                       [c for c in self.chunks if c.request.request_id != request_id])
+        return Joining(
+            [r for r in self.new if r.request_id != request_id],
+            [c for c in self.chunks if c.request.request_id != request_id],
+        )
 
     def alone(self) -> list[tuple[str, Joining]]:
-        return ([(r.request_id, Joining([r], [])) for r in self.new]
-                + [(c.request.request_id, Joining([], [c])) for c in self.chunks])
+        return [(r.request_id, Joining([r], [])) for r in self.new] + [
+            (c.request.request_id, Joining([], [c])) for c in self.chunks
+        ]
 
 
 def _step(engine: Engine, joining: Joining, decode: list[str], padding: int) -> list[TokenEvent]:
@@ -85,8 +93,9 @@ def _step(engine: Engine, joining: Joining, decode: list[str], padding: int) -> 
     return engine.step(joining.new, decode, padding, *more)
 
 
-def _step_refusing(engine: Engine, joining: Joining, decode: list[str], padding: int,
-                   result: StepResult) -> list[TokenEvent]:
+def _step_refusing(
+    engine: Engine, joining: Joining, decode: list[str], padding: int, result: StepResult
+) -> list[TokenEvent]:
     """The step, without the new requests the engine refuses: each refusal that names a new
     request or chunk (``RequestRejected``) refuses it and the step runs again without it (a
     refused step changed nothing). Any other failure of a step with new requests is looked for
@@ -108,8 +117,9 @@ def _step_refusing(engine: Engine, joining: Joining, decode: list[str], padding:
             return _one_by_one(engine, joining, decode, padding, result, exc)
 
 
-def _one_by_one(engine: Engine, joining: Joining, decode: list[str], padding: int, result: StepResult,
-                exc: Exception) -> list[TokenEvent]:
+def _one_by_one(
+    engine: Engine, joining: Joining, decode: list[str], padding: int, result: StepResult, exc: Exception
+) -> list[TokenEvent]:
     """A step with new requests failed (and changed nothing): the running requests step without
     them (if that fails too, the fault is the engine's: it raises), then each new one alone. A
     ``ValueError`` refuses it; another failure is its fault (``faulted``). A single new request

@@ -20,15 +20,15 @@ from optimizer.policies import Role
 from optimizer.schedule import Schedule
 
 # Before any update arrives, a worker may serve alone: continuous batching needs no other role.
-UNSCHEDULED = ScheduleUpdate(0, Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1),
-                             (), 0.0)
+UNSCHEDULED = ScheduleUpdate(0, Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1), (), 0.0)
 
 
 class ScheduleFollower:
     """Holds the update in force; a newer version waits until the worker's next boundary."""
 
-    def __init__(self, worker_id: str, max_encode_batch: int, max_decode_batch: int, *,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, worker_id: str, max_encode_batch: int, max_decode_batch: int, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.worker_id = worker_id
         self.caps = (max_encode_batch, max_decode_batch)
         self.clock = clock  # wall clock, compared with the leader's lease_until
@@ -45,8 +45,9 @@ class ScheduleFollower:
     def schedule(self) -> Schedule:
         """The schedule in force, its batch sizes within this worker's memory guard."""
         s = self.update.schedule
-        return replace(s, encode_batch=min(s.encode_batch, self.caps[0]),
-                       decode_batch=min(s.decode_batch, self.caps[1]))
+        return replace(
+            s, encode_batch=min(s.encode_batch, self.caps[0]), decode_batch=min(s.decode_batch, self.caps[1])
+        )
 
     @property
     def role(self) -> Role:

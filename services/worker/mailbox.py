@@ -88,6 +88,15 @@ class Outbox:
 
     def batches(self, producer: str, role: str, version: int, size: int) -> dict[str, EventBatch]:
         queues = set(self.tokens) | set(self.stamps) | set(self.failures)
-        return {q: EventBatch(producer, role, version, size, tuple(self.tokens.get(q, ())),
-                              tuple(self.stamps.get(q, ())), tuple(self.failures.get(q, ())))
-                for q in queues}
+        return {
+            q: EventBatch(
+                producer,
+                role,
+                version,
+                size,
+                tuple(self.tokens.get(q, ())),
+                tuple(self.stamps.get(q, ())),
+                tuple(self.failures.get(q, ())),
+            )
+            for q in queues
+        }

@@ -28,9 +28,14 @@ class UnwrittenRecords:
 
     async def write(self, request_id: str, sample: bytes | None) -> None:
         """Mark ``request_id`` done (once) and record its length ``sample``; raises what the store raised."""
-        await self.store.set_once_and_record(self.names.done(request_id), b"1", ttl_s=DONE_TTL_S,
-                                             list_key=self.names.output_lengths, item=sample,
-                                             max_len=OUTPUT_LENGTHS_MAX)
+        await self.store.set_once_and_record(
+            self.names.done(request_id),
+            b"1",
+            ttl_s=DONE_TTL_S,
+            list_key=self.names.output_lengths,
+            item=sample,
+            max_len=OUTPUT_LENGTHS_MAX,
+        )
 
     def keep(self, request_id: str, sample: bytes | None) -> None:
         self.waiting.append((request_id, sample))

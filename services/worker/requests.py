@@ -24,8 +24,16 @@ CHUNK_TOKENS = 64  # a non-streaming request's tokens go out at least this often
 
 def token_of(event: TokenEvent) -> Token:
     top = tuple(TopLogprob(token, logprob) for token, logprob in event.top_logprobs)
-    return Token(event.request_id, event.index, event.token_id, event.text, event.finished,
-                 event.finish_reason, event.logprob, top)
+    return Token(
+        event.request_id,
+        event.index,
+        event.token_id,
+        event.text,
+        event.finished,
+        event.finish_reason,
+        event.logprob,
+        top,
+    )
 
 
 @dataclass
@@ -55,17 +63,36 @@ class Held:
 
     @staticmethod
     def from_work(delivery: Delivery, work: EncodeWork) -> Held:
-        return Held(delivery, work.request_id, work.reply_to, work.stream, work.submitted_at,
-                    work.prompt_ids, work.sampling, work=work,
-                    generated=list(work.resume_ids), emitted=work.resume_text,
-                    deadline=deadline_of(delivery.headers))
+        return Held(
+            delivery,
+            work.request_id,
+            work.reply_to,
+            work.stream,
+            work.submitted_at,
+            work.prompt_ids,
+            work.sampling,
+            work=work,
+            generated=list(work.resume_ids),
+            emitted=work.resume_text,
+            deadline=deadline_of(delivery.headers),
+        )
 
     @staticmethod
     def from_handoff(delivery: Delivery, ready: KvReady, handoff: KVHandoff) -> Held:
-        return Held(delivery, ready.request_id, ready.reply_to, ready.stream, ready.submitted_at,
-                    handoff.prompt_ids, handoff.params, ready=ready, handoff=handoff,
-                    generated=list(handoff.generated_ids), emitted=handoff.emitted_text,
-                    deadline=deadline_of(delivery.headers))
+        return Held(
+            delivery,
+            ready.request_id,
+            ready.reply_to,
+            ready.stream,
+            ready.submitted_at,
+            handoff.prompt_ids,
+            handoff.params,
+            ready=ready,
+            handoff=handoff,
+            generated=list(handoff.generated_ids),
+            emitted=handoff.emitted_text,
+            deadline=deadline_of(delivery.headers),
+        )
 
     @property
     def input_len(self) -> int:
@@ -79,8 +106,17 @@ class Held:
 
     def continuation(self, model: str) -> EncodeWork:
         """Work that continues this request elsewhere from the tokens already delivered."""
-        return EncodeWork(self.request_id, model, self.prompt_ids, self.params, self.reply_to,
-                          self.submitted_at, self.stream, tuple(self.generated), self.emitted)
+        return EncodeWork(
+            self.request_id,
+            model,
+            self.prompt_ids,
+            self.params,
+            self.reply_to,
+            self.submitted_at,
+            self.stream,
+            tuple(self.generated),
+            self.emitted,
+        )
 
     def record(self, event: TokenEvent) -> list[Token]:
         """Keep a new token; return the tokens due to go out now (all when streaming, else in

@@ -113,8 +113,9 @@ class Drain:
 
 
 class Worker:
-    def __init__(self, config: MeshConfig, transports: Transports, runner: EngineRunner, *,
-                 trace: bool = False) -> None:
+    def __init__(
+        self, config: MeshConfig, transports: Transports, runner: EngineRunner, *, trace: bool = False
+    ) -> None:
         self.config = config
         self.names = Names(config.namespace)
         self.transports = transports
@@ -124,8 +125,9 @@ class Worker:
         self.runner = runner
         self.follower = ScheduleFollower(self.worker_id, config.max_encode_batch, config.max_decode_batch)
         self.role: Role = "idle"
-        self.driver = Driver(IdlePolicy(self.follower.schedule),
-                             kv_tokens=getattr(runner.engine, "kv_budget_tokens", None))
+        self.driver = Driver(
+            IdlePolicy(self.follower.schedule), kv_tokens=getattr(runner.engine, "kv_budget_tokens", None)
+        )
         self.held: dict[str, Held] = {}
         self.inbox = Inbox()
         self.credits = Credits(self.store, self.names)
@@ -166,8 +168,13 @@ class Worker:
                 if not is_outage(exc):
                     raise
                 delay = backoff.next_s()
-                log.warning("worker %s: %s did not answer (%r); going on in %.1f s", self.worker_id,
-                            what_failed(exc), exc, delay)
+                log.warning(
+                    "worker %s: %s did not answer (%r); going on in %.1f s",
+                    self.worker_id,
+                    what_failed(exc),
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)  # a retry's backoff, not a synchronisation
             else:
                 backoff.reset()
@@ -268,8 +275,11 @@ class Worker:
         for held in await self._admit_work(works, outbox) + await self._admit_handoffs(handoffs, outbox):
             try:
                 most = len(held.prompt_ids) + held.params.max_tokens  # KV positions it may come to hold
-                request = (QueuedRequest(held.request_id, held.input_len, now, most) if held.handoff is None else
-                           RunningRequest(held.request_id, len(held.prompt_ids), len(held.generated), most))
+                request = (
+                    QueuedRequest(held.request_id, held.input_len, now, most)
+                    if held.handoff is None
+                    else RunningRequest(held.request_id, len(held.prompt_ids), len(held.generated), most)
+                )
                 fits = self.driver.fits_alone(request)
             except Exception as exc:  # the per-message guard: this request only
                 await failed(held.delivery, exc, self._on_dead)
@@ -289,8 +299,10 @@ class Worker:
             await self._refuse(held, [], None if held.handoff is None else "too large for this worker's KV cache")
 
     def _too_large(self, positions: int) -> str:
-        return (f"prompt + max_tokens need {positions} tokens of KV cache; a worker's cache holds "
-                f"{self.driver.kv_tokens} (lower max_tokens, or give workers more memory: kv_cache_gb)")
+        return (
+            f"prompt + max_tokens need {positions} tokens of KV cache; a worker's cache holds "
+            f"{self.driver.kv_tokens} (lower max_tokens, or give workers more memory: kv_cache_gb)"
+        )
 
     async def _decoded(self, deliveries: list[Delivery], kind) -> list[tuple[Delivery, object]]:
         """Each delivery with its message. To the dead queue, with the reason: bytes that do not
@@ -392,8 +404,13 @@ class Worker:
                     held = Held.from_handoff(delivery, message, handoff)
                     if self.tracing.enabled:  # the hand-off's receive: its KV cache fetched
                         held.trace = self.tracing.record(
-                            "receive handoff", parent=self.tracing.extract(delivery.headers), start_s=fetch_start,
-                            end_s=fetched, kind="consumer", attributes=self._span_attributes(held))
+                            "receive handoff",
+                            parent=self.tracing.extract(delivery.headers),
+                            start_s=fetch_start,
+                            end_s=fetched,
+                            kind="consumer",
+                            attributes=self._span_attributes(held),
+                        )
                 except Exception as exc:  # the per-message guard: this request only
                     await failed(delivery, exc, self._on_dead)
                     continue
@@ -405,14 +422,18 @@ class Worker:
         request goes back to the encode queue from the tokens already delivered, once (a request
         encoded again hands off without ``resume``: a second loss fails it); acked after."""
         if message.resume is None:
-            outbox.failure(message.reply_to, Failure(message.request_id, 500,
-                                                     "KV cache lost before decoding (encoder gone or lease ended)"))
+            outbox.failure(
+                message.reply_to,
+                Failure(message.request_id, 500, "KV cache lost before decoding (encoder gone or lease ended)"),
+            )
             await self._ack_after(delivery, outbox)
             return
         log.info("worker %s: hand-off %s: KV cache gone; encoding it again", self.worker_id, message.request_id)
-        await self.bus.publish(self.names.encode_queue, codec.encode(message.resume),  # its deadline header kept
-                               headers={**{k: v for k, v in delivery.headers.items() if k not in DEAD_HEADERS},
-                                        REENCODED_HEADER: "1"})
+        await self.bus.publish(
+            self.names.encode_queue,
+            codec.encode(message.resume),  # its deadline header kept
+            headers={**{k: v for k, v in delivery.headers.items() if k not in DEAD_HEADERS}, REENCODED_HEADER: "1"},
+        )
         if self.role == "decoder":  # the slot its encoder reserved: the new encode reserves its own
             await self.credits.grant(self.follower.version, 1)
         await delivery.ack()
@@ -426,8 +447,12 @@ class Worker:
         except Exception as exc:  # the store is out: run them (a finished one's tokens are dropped as repeats)
             if not is_outage(exc):
                 raise
-            log.warning("worker %s: done markers unreadable (%r); running %d redelivered requests",
-                        self.worker_id, exc, len(again))
+            log.warning(
+                "worker %s: done markers unreadable (%r); running %d redelivered requests",
+                self.worker_id,
+                exc,
+                len(again),
+            )
             return candidates
         finished = {h.request_id for h, m in zip(again, markers) if m is not None}
         for h in candidates:
@@ -492,8 +517,11 @@ class Worker:
     async def _become(self, role: Role) -> None:
         schedule = self.follower.schedule
         await self._set_intake(intake_for(role, schedule, self.names))
-        unchanged = role == self.role and schedule == self.driver.policy.schedule and not isinstance(
-            self.driver.policy, (DrainPolicy, IdlePolicy))
+        unchanged = (
+            role == self.role
+            and schedule == self.driver.policy.schedule
+            and not isinstance(self.driver.policy, (DrainPolicy, IdlePolicy))
+        )
         self.role = role
         if not unchanged:  # a version that only moved other workers keeps this policy's counters
             self.driver.switch(make_policy(schedule, role))
@@ -570,8 +598,12 @@ class Worker:
         is dropped (the next worker prefills prompt + tokens)."""
         self._end_decode_span(held, "requeued")
         await asyncio.gather(*held.sent, *published)
-        await self.bus.publish(self.names.encode_queue, codec.encode(held.continuation(self.config.model)),
-                               headers=self.tracing.inject(held.trace), deadline=held.deadline)
+        await self.bus.publish(
+            self.names.encode_queue,
+            codec.encode(held.continuation(self.config.model)),
+            headers=self.tracing.inject(held.trace),
+            deadline=held.deadline,
+        )
         if held.ready is not None:
             await self.kv.drop(held.ready.kv_ref)
         await held.delivery.ack()
@@ -581,8 +613,9 @@ class Worker:
         """Between steps: aborted requests, and those past their deadline (their client has
         stopped waiting), leave the engine and this worker; their messages are acked."""
         now = time.time()
-        self._abort_pending.extend(rid for rid, held in self.held.items()
-                                   if held.deadline is not None and held.deadline <= now)
+        self._abort_pending.extend(
+            rid for rid, held in self.held.items() if held.deadline is not None and held.deadline <= now
+        )
         while self._abort_pending:
             rid = self._abort_pending.pop()
             held = self.held.pop(rid, None)
@@ -653,11 +686,18 @@ class Worker:
             for rid in plan.encode:
                 self.held[rid].credit = True
         try:
-            prompt_tokens = (sum(len(prompts[rid].prompt_ids) for rid in plan.encode)
-                             + sum(c.length for c in plan.chunks))
-            result = await self.runner.step(step_key(prompt_tokens, len(plan.decode) + len(plan.admit)), run_step,
-                                            self.runner.engine, plan, prompts, handoffs,
-                                            self.kv.export_buffer if self.role == "encoder" else None)
+            prompt_tokens = sum(len(prompts[rid].prompt_ids) for rid in plan.encode) + sum(
+                c.length for c in plan.chunks
+            )
+            result = await self.runner.step(
+                step_key(prompt_tokens, len(plan.decode) + len(plan.admit)),
+                run_step,
+                self.runner.engine,
+                plan,
+                prompts,
+                handoffs,
+                self.kv.export_buffer if self.role == "encoder" else None,
+            )
         except EngineBroken:
             raise  # nothing more can run here: exit, and the broker redelivers what this worker held
         except Exception as exc:  # an engine fault: these requests run elsewhere once, then fail
@@ -692,28 +732,39 @@ class Worker:
         contexts = [r.input_len + r.generated for r in decoded if r is not None]
         prompts = {rid: self.held[rid].input_len for rid in plan.encode if rid in self.held}
         start = result.started_at if since is None or self.role != "worker" else min(since, result.started_at)
-        self.step_costs.note(step_cost(plan, prompts, contexts, fused_steps(d.policy.schedule),
-                                       result.ended_at - start, result.ended_at))
+        self.step_costs.note(
+            step_cost(plan, prompts, contexts, fused_steps(d.policy.schedule), result.ended_at - start, result.ended_at)
+        )
 
     def _count(self, plan: StepPlan, result: StepResult) -> None:
-        outcomes = {"finished": sum(e.finished for e in result.events), "handed_off": len(result.exported),
-                    "given_back": len(result.given_back), "refused": len(result.refused),
-                    "failed": len(result.failed)}
-        prompt_tokens = (sum(self.held[rid].input_len for rid in plan.encode if rid in self.held)
-                         + sum(c.length for c in plan.chunks))
+        outcomes = {
+            "finished": sum(e.finished for e in result.events),
+            "handed_off": len(result.exported),
+            "given_back": len(result.given_back),
+            "refused": len(result.refused),
+            "failed": len(result.failed),
+        }
+        prompt_tokens = sum(self.held[rid].input_len for rid in plan.encode if rid in self.held) + sum(
+            c.length for c in plan.chunks
+        )
         self.metrics.step(plan, result.ended_at - result.started_at, prompt_tokens, len(result.events), outcomes)
 
     def metrics_state(self) -> WorkerState:
         """The worker as a scrape sees it now."""
         engine = self.runner.engine
         decodes = self.role in ("worker", "decoder")
-        return WorkerState(worker_id=self.worker_id, role=self.role, version=self.follower.version,
-                           running=len(self.driver.running), held=len(self.held),
-                           decode_slots=self.follower.schedule.decode_batch if decodes else 0,
-                           kv_tokens=sum(r.input_len + r.generated for r in self.driver.running.values()),
-                           kv_bytes_per_token=getattr(engine, "kv_bytes_per_token", None),
-                           kv_allocated_bytes=getattr(engine, "kv_allocated_bytes", None),
-                           ready=self.ready.is_set() and not self.stopping.is_set())
+        return WorkerState(
+            worker_id=self.worker_id,
+            role=self.role,
+            version=self.follower.version,
+            running=len(self.driver.running),
+            held=len(self.held),
+            decode_slots=self.follower.schedule.decode_batch if decodes else 0,
+            kv_tokens=sum(r.input_len + r.generated for r in self.driver.running.values()),
+            kv_bytes_per_token=getattr(engine, "kv_bytes_per_token", None),
+            kv_allocated_bytes=getattr(engine, "kv_allocated_bytes", None),
+            ready=self.ready.is_set() and not self.stopping.is_set(),
+        )
 
     async def _step_failed(self, plan: StepPlan, exc: Exception) -> StepResult:
         """The engine failed a step: its requests leave the engine; each message goes back to the
@@ -807,9 +858,20 @@ class Worker:
         rid = held.request_id
         sample = None  # aborted lengths would skew the scheduler's statistics
         if reason != "abort":
-            sample = codec.encode(LengthSample(
-                rid, len(held.prompt_ids), len(held.generated), reason, time.time(), held.submitted_at,
-                held.encode_start_at, held.first_token_at, self.follower.version, self.worker_id))
+            sample = codec.encode(
+                LengthSample(
+                    rid,
+                    len(held.prompt_ids),
+                    len(held.generated),
+                    reason,
+                    time.time(),
+                    held.submitted_at,
+                    held.encode_start_at,
+                    held.first_token_at,
+                    self.follower.version,
+                    self.worker_id,
+                )
+            )
         drops = [self.kv.drop(held.ready.kv_ref)] if held.ready is not None else []
         outcomes = await asyncio.gather(self.records.write(rid, sample), *drops, return_exceptions=True)
         for outcome in outcomes:
@@ -846,14 +908,24 @@ class Worker:
     async def _hand_off(self, held: Held, handoff: KVHandoff, published: list[asyncio.Task[None]]) -> None:
         """Store the KV cache, tell the decoders, then ack what brought the request here."""
         self._end_decode_span(held, "handed_off")  # leaving a decoding role with it running
-        with self.tracing.span("publish handoff", parent=held.trace, kind="producer",
-                               attributes=self._span_attributes(held)):
+        with self.tracing.span(
+            "publish handoff", parent=held.trace, kind="producer", attributes=self._span_attributes(held)
+        ):
             ref = await self.kv.put(handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
-            ready = KvReady(held.request_id, self.worker_id, held.reply_to, ref, len(held.prompt_ids),
-                            self.follower.version, held.submitted_at, held.stream,
-                            None if REENCODED_HEADER in held.delivery.headers else held.continuation(self.config.model))
-            await self.bus.publish(self.names.handoff_queue, codec.encode(ready), headers=self.tracing.inject(),
-                                   deadline=held.deadline)
+            ready = KvReady(
+                held.request_id,
+                self.worker_id,
+                held.reply_to,
+                ref,
+                len(held.prompt_ids),
+                self.follower.version,
+                held.submitted_at,
+                held.stream,
+                None if REENCODED_HEADER in held.delivery.headers else held.continuation(self.config.model),
+            )
+            await self.bus.publish(
+                self.names.handoff_queue, codec.encode(ready), headers=self.tracing.inject(), deadline=held.deadline
+            )
         await asyncio.gather(*held.sent, *published)
         await held.delivery.ack()
 
@@ -866,15 +938,25 @@ class Worker:
         for rid in plan.first_tokens:
             held = self.held[rid]
             held.trace = self.tracing.record(
-                "encode", parent=held.trace, start_s=held.encode_start_at, end_s=result.ended_at, kind="consumer",
-                attributes={**self._span_attributes(held), "exegpt.batch_size": len(plan.first_tokens),
-                            "exegpt.prompt_tokens": held.input_len}, error=gone.get(rid))
+                "encode",
+                parent=held.trace,
+                start_s=held.encode_start_at,
+                end_s=result.ended_at,
+                kind="consumer",
+                attributes={
+                    **self._span_attributes(held),
+                    "exegpt.batch_size": len(plan.first_tokens),
+                    "exegpt.prompt_tokens": held.input_len,
+                },
+                error=gone.get(rid),
+            )
         decoding = (*plan.admit, *(plan.first_tokens if self.role != "encoder" else ()))
         for rid in decoding:
             held = self.held.get(rid)
             if held is not None and rid not in gone and rid not in result.exported:
-                held.decode_span = self.tracing.start("decode", parent=held.trace, start_s=result.ended_at,
-                                                      attributes=self._span_attributes(held))
+                held.decode_span = self.tracing.start(
+                    "decode", parent=held.trace, start_s=result.ended_at, attributes=self._span_attributes(held)
+                )
                 held.trace = self.tracing.context_of(held.decode_span)
         for event in result.events:
             if event.finished:
@@ -885,13 +967,21 @@ class Worker:
     def _span_attributes(self, held: Held) -> dict[str, str | int] | None:
         if not self.tracing.enabled:
             return None
-        return {"exegpt.request_id": held.request_id, "exegpt.worker_id": self.worker_id,
-                "exegpt.role": self.role, "exegpt.schedule_version": self.follower.version}
+        return {
+            "exegpt.request_id": held.request_id,
+            "exegpt.worker_id": self.worker_id,
+            "exegpt.role": self.role,
+            "exegpt.schedule_version": self.follower.version,
+        }
 
     def _end_decode_span(self, held: Held, outcome: str, at: float | None = None, *, error: str | None = None) -> None:
         if held.decode_span is not None:
-            self.tracing.end(held.decode_span, end_s=at, error=error, attributes={
-                "exegpt.outcome": outcome, "exegpt.output_tokens": len(held.generated)})
+            self.tracing.end(
+                held.decode_span,
+                end_s=at,
+                error=error,
+                attributes={"exegpt.outcome": outcome, "exegpt.output_tokens": len(held.generated)},
+            )
             held.decode_span = None
 
     def _keep(self, work, held: Held | None = None) -> None:
@@ -907,8 +997,9 @@ class Worker:
             if task.cancelled() or task.exception() is None:
                 return
             exc = task.exception()
-            log.warning("worker %s: a request could not be settled (%r); it goes back to its queue",
-                        self.worker_id, exc)
+            log.warning(
+                "worker %s: a request could not be settled (%r); it goes back to its queue", self.worker_id, exc
+            )
             if held is not None:
                 self._keep(self._release(held, counted=not is_outage(exc)))
 
@@ -986,9 +1077,22 @@ class Worker:
         running = len(self.driver.running)
         free = max(self.follower.schedule.decode_batch - running, 0) if self.role in ("worker", "decoder") else 0
         kv = self.metrics_state()
-        status = WorkerStatus(self.worker_id, self.role, self.follower.version, running, free, state, time.time(),
-                              self.engine_s, self.steps, self.group, self.step_costs.drain(), kv.kv_tokens,
-                              float(kv.kv_tokens * (kv.kv_bytes_per_token or 0)), float(kv.kv_allocated_bytes or 0))
+        status = WorkerStatus(
+            self.worker_id,
+            self.role,
+            self.follower.version,
+            running,
+            free,
+            state,
+            time.time(),
+            self.engine_s,
+            self.steps,
+            self.group,
+            self.step_costs.drain(),
+            kv.kv_tokens,
+            float(kv.kv_tokens * (kv.kv_bytes_per_token or 0)),
+            float(kv.kv_allocated_bytes or 0),
+        )
         try:
             await self.bus.broadcast(self.names.status_exchange, codec.encode(status))
         except Exception as exc:

@@ -46,10 +46,16 @@ async def env(batch_config: MeshConfig):
         yield e
     finally:
         cleanup = await e.bus()
-        await cleanup.delete(queues=[names.jobs_queue, names.dead_queue, names.encode_queue,
-                                     names.handoff_queue, names.reply_queue("test")],
-                             exchanges=[names.dead_exchange, names.control_exchange,
-                                        names.status_exchange])
+        await cleanup.delete(
+            queues=[
+                names.jobs_queue,
+                names.dead_queue,
+                names.encode_queue,
+                names.handoff_queue,
+                names.reply_queue("test"),
+            ],
+            exchanges=[names.dead_exchange, names.control_exchange, names.status_exchange],
+        )
         for bus in e.buses:
             await bus.close()
         await store.delete_prefix(names.key_prefix)
@@ -66,9 +72,14 @@ async def run_jobs(app, count: int, timeout_s: float = 30.0) -> None:
 
     gw = app.state.gateway
     done, seen = asyncio.Event(), []
-    consumer = JobConsumer(gw.bus, app.state.batches.data, Names(app.state.config.namespace),
-                           EchoExecutor(), ConsumerConfig("test"),
-                           on_handled=lambda r, _: (seen.append(r), len(seen) >= count and done.set()))
+    consumer = JobConsumer(
+        gw.bus,
+        app.state.batches.data,
+        Names(app.state.config.namespace),
+        EchoExecutor(),
+        ConsumerConfig("test"),
+        on_handled=lambda r, _: (seen.append(r), len(seen) >= count and done.set()),
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:

@@ -40,9 +40,14 @@ async def gateway(config, engines, **router_args):
     hub = LocalHub()
     runners = [EngineRunner(e) for e in engines]
     model = ServedModel(MODEL, engines[0].tokenizer, engines[0].max_context)
-    app = create_app(config, model, hub=hub, routers=(batch_router(),),
-                     lifespans=(batch_lifespan(**router_args),),
-                     workers=lambda: local_workers(config, hub, runners=runners))
+    app = create_app(
+        config,
+        model,
+        hub=hub,
+        routers=(batch_router(),),
+        lifespans=(batch_lifespan(**router_args),),
+        workers=lambda: local_workers(config, hub, runners=runners),
+    )
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
@@ -55,8 +60,10 @@ async def gateway(config, engines, **router_args):
 async def purge(config, hub):
     names = Names(config.namespace)
     bus = await open_bus(config, names, hub)
-    await bus.delete(queues=[names.encode_queue, names.handoff_queue, names.dead_queue, names.jobs_queue],
-                     exchanges=[names.control_exchange, names.status_exchange, names.dead_exchange])
+    await bus.delete(
+        queues=[names.encode_queue, names.handoff_queue, names.dead_queue, names.jobs_queue],
+        exchanges=[names.control_exchange, names.status_exchange, names.dead_exchange],
+    )
     await bus.close()
     store = await open_store(config) or hub.store
     await store.delete_prefix(names.key_prefix)
@@ -83,8 +90,9 @@ def line(custom_id, body, url="/v1/completions"):
 
 async def upload(client, lines):
     content = ("\n".join(lines) + "\n").encode()
-    resp = await client.post("/v1/files", data={"purpose": "batch"},
-                             files={"file": ("in.jsonl", content, "application/jsonl")})
+    resp = await client.post(
+        "/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", content, "application/jsonl")}
+    )
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -103,8 +111,9 @@ async def test_batch_runs_valid_lines_and_reports_invalid_ones(config, engines):
         done = handled_event(app.state.batch_consumer, 3)
         file = await upload(client, lines)
         assert file["purpose"] == "batch" and file["object"] == "file"
-        resp = await client.post("/v1/batches", json={"input_file_id": file["id"],
-                                 "endpoint": "/v1/completions", "completion_window": "24h"})
+        resp = await client.post(
+            "/v1/batches", json={"input_file_id": file["id"], "endpoint": "/v1/completions", "completion_window": "24h"}
+        )
         assert resp.status_code == 200, resp.text
         batch = resp.json()
         assert batch["status"] in ("in_progress", "completed")
@@ -129,14 +138,25 @@ async def test_batch_runs_valid_lines_and_reports_invalid_ones(config, engines):
 
 
 async def test_chat_batch(config, engines):
-    lines = [line(f"q{i}", {"model": MODEL, "messages": [{"role": "user", "content": f"hi {i}"}],
-                            "max_completion_tokens": 2, "ignore_eos": True}, "/v1/chat/completions")
-             for i in range(5)]
+    lines = [
+        line(
+            f"q{i}",
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": f"hi {i}"}],
+                "max_completion_tokens": 2,
+                "ignore_eos": True,
+            },
+            "/v1/chat/completions",
+        )
+        for i in range(5)
+    ]
     async with gateway(config, engines) as (client, app, _):
         done = handled_event(app.state.batch_consumer, 5)
         file = await upload(client, lines)
-        batch = (await client.post("/v1/batches", json={"input_file_id": file["id"],
-                                   "endpoint": "/v1/chat/completions"})).json()
+        batch = (
+            await client.post("/v1/batches", json={"input_file_id": file["id"], "endpoint": "/v1/chat/completions"})
+        ).json()
         await asyncio.wait_for(done.wait(), TIMEOUT_S)
         batch = (await client.get(f"/v1/batches/{batch['id']}")).json()
         output = (await client.get(f"/v1/files/{batch['output_file_id']}/content")).text
@@ -150,14 +170,16 @@ async def test_cancelled_batch(config, engines):
     lines = [line(f"r{i}", {"model": MODEL, "prompt": f"p{i}", "max_tokens": 2}) for i in range(10)]
     async with gateway(config, engines, run_consumer=False) as (client, app, hub):
         file = await upload(client, lines)
-        batch = (await client.post("/v1/batches", json={"input_file_id": file["id"],
-                                   "endpoint": "/v1/completions"})).json()
+        batch = (
+            await client.post("/v1/batches", json={"input_file_id": file["id"], "endpoint": "/v1/completions"})
+        ).json()
         cancelling = (await client.post(f"/v1/batches/{batch['id']}/cancel")).json()
         assert cancelling["status"] == "cancelling"
         # a consumer that starts after the cancel finds every job cancelled
         gw = app.state.gateway
-        consumer = JobConsumer(gw.bus, app.state.batches.data, Names(config.namespace),
-                               EchoExecutor(), ConsumerConfig("late"))
+        consumer = JobConsumer(
+            gw.bus, app.state.batches.data, Names(config.namespace), EchoExecutor(), ConsumerConfig("late")
+        )
         done, stop = handled_event(consumer, 10), asyncio.Event()
         task = asyncio.create_task(consumer.run(stop))
         await asyncio.wait_for(done.wait(), TIMEOUT_S)
@@ -170,14 +192,23 @@ async def test_cancelled_batch(config, engines):
     assert codes == ["batch_cancelled"] * 10
 
 
-@pytest.mark.parametrize("call, status", [
-    (("post", "/v1/batches", {"json": {"input_file_id": "file-nope", "endpoint": "/v1/completions"}}), 404),
-    (("post", "/v1/batches", {"json": {"input_file_id": "x", "endpoint": "/v1/embeddings"}}), 400),
-    (("get", "/v1/batches/batch_nope", {}), 404),
-    (("get", "/v1/files/file-nope/content", {}), 404),
-    (("post", "/v1/files", {"data": {"purpose": "fine-tune"},
-                            "files": {"file": ("x.jsonl", b"{}", "application/jsonl")}}), 400),
-])
+@pytest.mark.parametrize(
+    "call, status",
+    [
+        (("post", "/v1/batches", {"json": {"input_file_id": "file-nope", "endpoint": "/v1/completions"}}), 404),
+        (("post", "/v1/batches", {"json": {"input_file_id": "x", "endpoint": "/v1/embeddings"}}), 400),
+        (("get", "/v1/batches/batch_nope", {}), 404),
+        (("get", "/v1/files/file-nope/content", {}), 404),
+        (
+            (
+                "post",
+                "/v1/files",
+                {"data": {"purpose": "fine-tune"}, "files": {"file": ("x.jsonl", b"{}", "application/jsonl")}},
+            ),
+            400,
+        ),
+    ],
+)
 async def test_bad_calls_get_openai_errors(config, engines, call, status):
     method, path, kwargs = call
     async with gateway(config, engines, run_consumer=False) as (client, _, _):
@@ -191,6 +222,11 @@ def test_every_gateway_the_cli_starts_gets_the_batch_api():
 
     routers, lifespans = gateway_plugins()
     paths = {route.path for router in routers for route in router.routes}
-    assert {"/v1/files", "/v1/files/{file_id}/content", "/v1/batches",
-            "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"} <= paths
+    assert {
+        "/v1/files",
+        "/v1/files/{file_id}/content",
+        "/v1/batches",
+        "/v1/batches/{batch_id}",
+        "/v1/batches/{batch_id}/cancel",
+    } <= paths
     assert lifespans

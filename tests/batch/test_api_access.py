@@ -28,16 +28,20 @@ def config(batch_config):
 @pytest.fixture
 def keyed(config):
     """Two user keys (owners user-key-1, user-key-2) and an admin key."""
-    return config.model_copy(update={"api_keys": SecretStr(f"{KEY_A},{KEY_B}"),
-                                     "admin_keys": SecretStr(KEY_ADMIN)})
+    return config.model_copy(update={"api_keys": SecretStr(f"{KEY_A},{KEY_B}"), "admin_keys": SecretStr(KEY_ADMIN)})
 
 
 @contextlib.asynccontextmanager
 async def gateway(config, **lifespan_args):
     """The gateway with the Batch API and no workers; ``run`` runs the queued jobs (echo)."""
     hub = LocalHub()
-    app = create_app(config, ServedModel(MODEL, None, 2048), hub=hub, routers=(batch_router(),),
-                     lifespans=(batch_lifespan(run_consumer=False, **lifespan_args),))
+    app = create_app(
+        config,
+        ServedModel(MODEL, None, 2048),
+        hub=hub,
+        routers=(batch_router(),),
+        lifespans=(batch_lifespan(run_consumer=False, **lifespan_args),),
+    )
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
@@ -47,27 +51,40 @@ async def gateway(config, **lifespan_args):
         await purge(config, Names(config.namespace), hub)
 
 
-
 def auth(key):
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def jsonl(n, prefix="r"):
-    return "".join(json.dumps({"custom_id": f"{prefix}{i}", "method": "POST", "url": "/v1/completions",
-                               "body": {"model": MODEL, "prompt": f"words of line {i}", "max_tokens": 2}})
-                   + "\n" for i in range(n)).encode()
+    return "".join(
+        json.dumps(
+            {
+                "custom_id": f"{prefix}{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": MODEL, "prompt": f"words of line {i}", "max_tokens": 2},
+            }
+        )
+        + "\n"
+        for i in range(n)
+    ).encode()
 
 
 async def upload(client, content, key=None, **extra):
-    return await client.post("/v1/files", data={"purpose": "batch", **extra}, headers=auth(key),
-                             files={"file": ("in.jsonl", content, "application/jsonl")})
+    return await client.post(
+        "/v1/files",
+        data={"purpose": "batch", **extra},
+        headers=auth(key),
+        files={"file": ("in.jsonl", content, "application/jsonl")},
+    )
 
 
 async def make_batch(client, key, lines=3, bad_line=False):
     content = jsonl(lines) + (b"{not json\n" if bad_line else b"")
     file = (await upload(client, content, key)).json()
-    resp = await client.post("/v1/batches", headers=auth(key),
-                             json={"input_file_id": file["id"], "endpoint": "/v1/completions"})
+    resp = await client.post(
+        "/v1/batches", headers=auth(key), json={"input_file_id": file["id"], "endpoint": "/v1/completions"}
+    )
     assert resp.status_code == 200, resp.text
     return file, resp.json()
 
@@ -92,18 +109,20 @@ async def test_owners_see_only_their_own_batches_and_files(keyed):
         # B: a 404 as for an id that does not exist, on every route
         nope = await client.get("/v1/batches/batch_0123456789abcdef01234567", headers=auth(KEY_B))
         assert_not_found(nope)
-        for resp in [await client.get(f"/v1/batches/{batch_a['id']}", headers=auth(KEY_B)),
-                     await client.post(f"/v1/batches/{batch_a['id']}/cancel", headers=auth(KEY_B)),
-                     await client.post("/v1/batches", headers=auth(KEY_B), json={
-                         "input_file_id": file_a["id"], "endpoint": "/v1/completions"}),
-                     *[await client.get(f"/v1/files/{f}", headers=auth(KEY_B)) for f in a_files],
-                     *[await client.get(f"/v1/files/{f}/content", headers=auth(KEY_B)) for f in a_files]]:
+        for resp in [
+            await client.get(f"/v1/batches/{batch_a['id']}", headers=auth(KEY_B)),
+            await client.post(f"/v1/batches/{batch_a['id']}/cancel", headers=auth(KEY_B)),
+            await client.post(
+                "/v1/batches", headers=auth(KEY_B), json={"input_file_id": file_a["id"], "endpoint": "/v1/completions"}
+            ),
+            *[await client.get(f"/v1/files/{f}", headers=auth(KEY_B)) for f in a_files],
+            *[await client.get(f"/v1/files/{f}/content", headers=auth(KEY_B)) for f in a_files],
+        ]:
             assert_not_found(resp)
             assert resp.json()["error"]["type"] == nope.json()["error"]["type"]
         # ...and the old, guessable names of the output files do not exist
         for suffix in ("output", "errors"):
-            assert_not_found(await client.get(f"/v1/files/file-{batch_a['id']}-{suffix}/content",
-                                              headers=auth(KEY_A)))
+            assert_not_found(await client.get(f"/v1/files/file-{batch_a['id']}-{suffix}/content", headers=auth(KEY_A)))
 
         # A reads its own
         for f in a_files:
@@ -179,11 +198,13 @@ class Body:
     def __init__(self, size, chunk=1000):
         boundary = "b0undary"
         self.content_type = f"multipart/form-data; boundary={boundary}"
-        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n"
-                "Content-Type: application/jsonl\r\n\r\n").encode()
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
+            "Content-Type: application/jsonl\r\n\r\n"
+        ).encode()
         data = head + b"x" * size + f"\r\n--{boundary}--\r\n".encode()
-        self.chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+        self.chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)]
         self.length, self.pulled = len(data), 0
 
     async def stream(self):
@@ -197,20 +218,21 @@ async def test_oversized_upload_is_refused_while_streaming(config):
     async with gateway(config, limits=Limits(max_file_bytes=limit)) as (client, _):
         # no Content-Length (chunked): refused once the count passes the limit
         body = Body(50 * limit)
-        resp = await client.post("/v1/files", content=body.stream(),
-                                 headers={"Content-Type": body.content_type})
+        resp = await client.post("/v1/files", content=body.stream(), headers={"Content-Type": body.content_type})
         assert resp.status_code == 413, resp.text
         assert resp.json()["error"]["code"] == "file_too_large"
         assert body.pulled < len(body.chunks) / 10
         # a Content-Length over the limit: refused before the body is read
         body = Body(50 * limit)
-        resp = await client.post("/v1/files", content=body.stream(), headers={
-            "Content-Type": body.content_type, "Content-Length": str(body.length)})
+        resp = await client.post(
+            "/v1/files",
+            content=body.stream(),
+            headers={"Content-Type": body.content_type, "Content-Length": str(body.length)},
+        )
         assert resp.status_code == 413 and body.pulled <= 1
         # the same body streamed within the limit is taken
         body = Body(limit)
-        resp = await client.post("/v1/files", content=body.stream(),
-                                 headers={"Content-Type": body.content_type})
+        resp = await client.post("/v1/files", content=body.stream(), headers={"Content-Type": body.content_type})
         assert resp.status_code == 200, resp.text
         assert resp.json()["bytes"] == limit
 
@@ -234,10 +256,13 @@ def test_limits_from_the_environment(monkeypatch):
         Limits()
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"endpoint": "/v1/completions", "model": MODEL}, "model"),
-    ({"endpoint": "/v1/completions", "completion_window": "24h", "priority": 1}, "priority"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"endpoint": "/v1/completions", "model": MODEL}, "model"),
+        ({"endpoint": "/v1/completions", "completion_window": "24h", "priority": 1}, "priority"),
+    ],
+)
 async def test_unknown_fields_are_refused(config, body, param):
     async with gateway(config) as (client, _):
         file = (await upload(client, jsonl(1))).json()
@@ -256,9 +281,14 @@ async def test_bad_bodies_and_forms(config):
         extra = await upload(client, jsonl(1), expires_after="3600")
         no_file = await client.post("/v1/files", data={"purpose": "batch"})
         not_form = await client.post("/v1/files", json={"purpose": "batch"})
-        meta = await client.post("/v1/batches", json={
-            "input_file_id": file["id"], "endpoint": "/v1/completions",
-            "metadata": {f"k{i}": "v" for i in range(17)}})
+        meta = await client.post(
+            "/v1/batches",
+            json={
+                "input_file_id": file["id"],
+                "endpoint": "/v1/completions",
+                "metadata": {f"k{i}": "v" for i in range(17)},
+            },
+        )
         typed = await client.post("/v1/batches", json={"input_file_id": 7, "endpoint": "/v1/completions"})
     assert extra.status_code == 400 and extra.json()["error"]["code"] == "unsupported_parameter"
     assert extra.json()["error"]["param"] == "expires_after"

@@ -33,6 +33,7 @@ from tests.brokers import need
 MODEL = "tiny-llama"
 START_TIMEOUT_S = 30
 
+
 @pytest.fixture(autouse=True)
 def _redis_server_installed() -> None:
     need(shutil.which("redis-server") is not None, "no redis-server (deploy/ensure-services.sh installs it)")
@@ -51,9 +52,25 @@ class OwnRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
-             "--save", "", "--protected-mode", "yes", "--logfile", str(self.data_dir / "redis.log"),
-             *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.data_dir),
+                "--save",
+                "",
+                "--protected-mode",
+                "yes",
+                "--logfile",
+                str(self.data_dir / "redis.log"),
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
         try:
@@ -99,35 +116,58 @@ def own_redis(tmp_path):
 
 @contextlib.asynccontextmanager
 async def gateway(config):
-    app = create_app(config, ServedModel(MODEL, None, 2048), hub=LocalHub(), routers=(batch_router(),),
-                     lifespans=(batch_lifespan(run_consumer=False),))
+    app = create_app(
+        config,
+        ServedModel(MODEL, None, 2048),
+        hub=LocalHub(),
+        routers=(batch_router(),),
+        lifespans=(batch_lifespan(run_consumer=False),),
+    )
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             yield client, app
 
 
-
 def batch_lines(count: int, tag: str = "c") -> bytes:
-    return ("".join(json.dumps({"custom_id": f"{tag}{i}", "method": "POST", "url": "/v1/completions",
-                                "body": {"model": MODEL, "prompt": f"line {i} says hello", "max_tokens": 3}})
-                    + "\n" for i in range(count)) + "{broken\n").encode()
+    return (
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": f"{tag}{i}",
+                    "method": "POST",
+                    "url": "/v1/completions",
+                    "body": {"model": MODEL, "prompt": f"line {i} says hello", "max_tokens": 3},
+                }
+            )
+            + "\n"
+            for i in range(count)
+        )
+        + "{broken\n"
+    ).encode()
 
 
 async def create_batch(client, count: int, tag: str = "c") -> tuple[dict, dict]:
-    file = (await client.post("/v1/files", data={"purpose": "batch"},
-                              files={"file": ("in.jsonl", batch_lines(count, tag), "application/jsonl")})).json()
-    batch = (await client.post("/v1/batches", json={"input_file_id": file["id"],
-                                                    "endpoint": "/v1/completions"})).json()
+    file = (
+        await client.post(
+            "/v1/files",
+            data={"purpose": "batch"},
+            files={"file": ("in.jsonl", batch_lines(count, tag), "application/jsonl")},
+        )
+    ).json()
+    batch = (await client.post("/v1/batches", json={"input_file_id": file["id"], "endpoint": "/v1/completions"})).json()
     return file, batch
 
 
 async def view(client, file: dict, batch_id: str) -> dict:
     """Everything a client reads of a batch and its files, and the listing."""
     batch = (await client.get(f"/v1/batches/{batch_id}")).json()
-    out = {"file": (await client.get(f"/v1/files/{file['id']}")).json(),
-           "input": (await client.get(f"/v1/files/{file['id']}/content")).text,
-           "batch": batch, "list": (await client.get("/v1/batches")).json()}
+    out = {
+        "file": (await client.get(f"/v1/files/{file['id']}")).json(),
+        "input": (await client.get(f"/v1/files/{file['id']}/content")).text,
+        "batch": batch,
+        "list": (await client.get("/v1/batches")).json(),
+    }
     for key in ("output_file_id", "error_file_id"):
         if batch.get(key):
             out[key] = (await client.get(f"/v1/files/{batch[key]}/content")).text
@@ -167,8 +207,14 @@ async def test_batches_survive_the_store_losing_everything(own_redis, batch_dir)
             if len(handled) == 6:
                 all_handled.set()
 
-        consumer = JobConsumer(app.state.gateway.bus, app.state.batches.data, Names(config.namespace),
-                               executor, ConsumerConfig("flush"), on_handled=on_handled)
+        consumer = JobConsumer(
+            app.state.gateway.bus,
+            app.state.batches.data,
+            Names(config.namespace),
+            executor,
+            ConsumerConfig("flush"),
+            on_handled=on_handled,
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(consumer.run(stop))
         await asyncio.wait_for(executor.holding.wait(), START_TIMEOUT_S)  # three done, three running
@@ -249,27 +295,71 @@ async def test_batches_an_earlier_version_kept_in_the_store_move_to_the_folder(o
     names, batch_id, created = Names("legacy"), "batch_" + "ab" * 12, "1700000000"
     content = batch_lines(2)  # two requests and a broken line
     store = await open_store(config)
-    await store.set_with_hash(names.legacy_file_content("file-in"), content,
-                              names.legacy_file_meta_prefix + "file-in",
-                              {"filename": "in.jsonl", "purpose": "batch", "bytes": str(len(content)),
-                               "created_at": created, "owner": ""}, ttl_s=600)
+    await store.set_with_hash(
+        names.legacy_file_content("file-in"),
+        content,
+        names.legacy_file_meta_prefix + "file-in",
+        {"filename": "in.jsonl", "purpose": "batch", "bytes": str(len(content)), "created_at": created, "owner": ""},
+        ttl_s=600,
+    )
     for file_id, kind in (("file-out", "output"), ("file-err", "errors")):
-        await store.hset(names.legacy_file_meta_prefix + file_id, {
-            "owner": "", "batch_id": batch_id, "kind": kind, "purpose": "batch_output",
-            "filename": f"{batch_id}_{kind}.jsonl", "created_at": created}, ttl_s=600)
-    invalid = [{"id": "batch_req_line3", "custom_id": None, "response": None,
-                "error": {"code": "invalid_request", "message": "not JSON", "line": 3}}]
-    await store.hset(names.openai_batch(batch_id), {
-        "input_file_id": "file-in", "endpoint": "/v1/completions", "owner": "", "completion_window": "24h",
-        "created_at": created, "metadata": "{}", "total": "3", "output_file_id": "file-out",
-        "error_file_id": "file-err", "valid": json.dumps([[1, "c0"], [2, "c1"]]), "invalid": json.dumps(invalid)},
-        ttl_s=600)
-    await store.hset(names.legacy_job_batch_prefix + batch_id, {
-        "count": "2", "model": MODEL, "created_at": created, "reply_to": ""}, ttl_s=600)
+        await store.hset(
+            names.legacy_file_meta_prefix + file_id,
+            {
+                "owner": "",
+                "batch_id": batch_id,
+                "kind": kind,
+                "purpose": "batch_output",
+                "filename": f"{batch_id}_{kind}.jsonl",
+                "created_at": created,
+            },
+            ttl_s=600,
+        )
+    invalid = [
+        {
+            "id": "batch_req_line3",
+            "custom_id": None,
+            "response": None,
+            "error": {"code": "invalid_request", "message": "not JSON", "line": 3},
+        }
+    ]
+    await store.hset(
+        names.openai_batch(batch_id),
+        {
+            "input_file_id": "file-in",
+            "endpoint": "/v1/completions",
+            "owner": "",
+            "completion_window": "24h",
+            "created_at": created,
+            "metadata": "{}",
+            "total": "3",
+            "output_file_id": "file-out",
+            "error_file_id": "file-err",
+            "valid": json.dumps([[1, "c0"], [2, "c1"]]),
+            "invalid": json.dumps(invalid),
+        },
+        ttl_s=600,
+    )
+    await store.hset(
+        names.legacy_job_batch_prefix + batch_id,
+        {"count": "2", "model": MODEL, "created_at": created, "reply_to": ""},
+        ttl_s=600,
+    )
     for i in range(2):
-        result = JobResult(job_id=job_id(batch_id, i), batch_id=batch_id, status="completed", text=f" text {i}",
-                           finish_reason="length", prompt_tokens=3, completion_tokens=3, error=None, worker="w",
-                           redelivered=False, started_at=1700000001.0, finished_at=1700000002.0)
+        result = JobResult(
+            job_id=job_id(batch_id, i),
+            batch_id=batch_id,
+            status="completed",
+            text=f" text {i}",
+            finish_reason="length",
+            prompt_tokens=3,
+            completion_tokens=3,
+            error=None,
+            worker="w",
+            redelivered=False,
+            started_at=1700000001.0,
+            finished_at=1700000002.0,
+        )
         await store.set(names.legacy_job_result(job_id(batch_id, i)), codec.encode(result), ttl_s=600)
     await store.push_capped(names.openai_batches, batch_id.encode(), max_len=1000)
     try:
@@ -281,8 +371,10 @@ async def test_batches_an_earlier_version_kept_in_the_store_move_to_the_folder(o
             uploaded = (await client.get("/v1/files/file-in/content")).content
         assert batch["status"] == "completed"
         assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
-        assert [json.loads(line)["response"]["body"]["choices"][0]["text"] for line in output.splitlines()] \
-            == [" text 0", " text 1"]
+        assert [json.loads(line)["response"]["body"]["choices"][0]["text"] for line in output.splitlines()] == [
+            " text 0",
+            " text 1",
+        ]
         assert [json.loads(line)["error"]["line"] for line in errors.splitlines()] == [3]
         assert listed == [batch_id] and uploaded == content
         assert await store.keys_prefix(names.legacy_job_batch_prefix) == []  # moved, not copied

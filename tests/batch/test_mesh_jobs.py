@@ -32,8 +32,9 @@ async def start_consumer(env, config, model, name):
     gateway = Gateway(config, await open_transports(config, env.names, env.hub), MODEL)
     await gateway.start()
     executor = MeshExecutor(gateway, model, timeout_s=TIMEOUT_S)
-    consumer = JobConsumer(gateway.bus, env.data, env.names, executor,
-                           ConsumerConfig(name, max_inflight=16, drain_timeout_s=5))
+    consumer = JobConsumer(
+        gateway.bus, env.data, env.names, executor, ConsumerConfig(name, max_inflight=16, drain_timeout_s=5)
+    )
     stop = asyncio.Event()
     return consumer, gateway, stop, asyncio.create_task(consumer.run(stop))
 
@@ -45,8 +46,20 @@ async def test_500_jobs_through_the_mesh_with_a_consumer_killed(env, engines):
     async with local_workers(config, env.hub, runners=runners):
         producer = JobProducer(await env.bus(), env.data, env.names)
         batch, reply = new_batch_id(), env.names.reply_queue("test")
-        jobs = [BatchJob(job_id(batch, i), MODEL, "completion", f"job number {i}", (),
-                         Sampling(3, ignore_eos=True), reply, batch, 0.0) for i in range(500)]
+        jobs = [
+            BatchJob(
+                job_id(batch, i),
+                MODEL,
+                "completion",
+                f"job number {i}",
+                (),
+                Sampling(3, ignore_eos=True),
+                reply,
+                batch,
+                0.0,
+            )
+            for i in range(500)
+        ]
         doomed, doomed_gw, _, doomed_task = await start_consumer(env, config, model, "doomed")
         survivor, survivor_gw, stop, task = await start_consumer(env, config, model, "survivor")
         await producer.submit(batch, jobs, reply_to=reply)
@@ -84,15 +97,29 @@ async def test_an_interactive_request_does_not_wait_for_the_batch(env, engines):
     async with local_workers(config, env.hub, runners=runners):
         producer = JobProducer(await env.bus(), env.data, env.names)
         batch, reply = new_batch_id(), env.names.reply_queue("test")
-        jobs = [BatchJob(job_id(batch, i), MODEL, "completion", f"batch job {i}", (),
-                         Sampling(8, ignore_eos=True), reply, batch, 0.0) for i in range(300)]
+        jobs = [
+            BatchJob(
+                job_id(batch, i),
+                MODEL,
+                "completion",
+                f"batch job {i}",
+                (),
+                Sampling(8, ignore_eos=True),
+                reply,
+                batch,
+                0.0,
+            )
+            for i in range(300)
+        ]
         gateway = Gateway(config, await open_transports(config, env.names, env.hub), MODEL)
         await gateway.start()
         executor = MeshExecutor(gateway, model, timeout_s=TIMEOUT_S)
-        admission = QueueDepthAdmission(gateway.bus, env.names.encode_queue, max_depth=0,
-                                        poll_s=0.01, own_waiting=executor.waiting)
-        consumer = JobConsumer(gateway.bus, env.data, env.names, executor,
-                               ConsumerConfig("batch", max_inflight=4), admission)
+        admission = QueueDepthAdmission(
+            gateway.bus, env.names.encode_queue, max_depth=0, poll_s=0.01, own_waiting=executor.waiting
+        )
+        consumer = JobConsumer(
+            gateway.bus, env.data, env.names, executor, ConsumerConfig("batch", max_inflight=4), admission
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(consumer.run(stop))
         await producer.submit(batch, jobs, reply_to=reply)
@@ -100,8 +127,7 @@ async def test_an_interactive_request_does_not_wait_for_the_batch(env, engines):
         assert await collector.wait_for(lambda seen: len(seen) >= 10, TIMEOUT_S)
         interactive = Gateway(config, await open_transports(config, env.names, env.hub), MODEL)
         await interactive.start()
-        pending = await interactive.submit(model.tokenizer.encode("interactive"),
-                                           Sampling(8, ignore_eos=True))
+        pending = await interactive.submit(model.tokenizer.encode("interactive"), Sampling(8, ignore_eos=True))
         tokens = [t async for t in pending.tokens(TIMEOUT_S)]
         batch_done_then = len(collector.seen)
         assert await collector.wait_for(lambda seen: len(seen) == 300, TIMEOUT_S)

@@ -13,8 +13,20 @@ from services.batch.executor import EchoExecutor
 
 
 def make_jobs(batch_id, count, reply_to, prompt="alpha beta gamma delta", max_tokens=2):
-    return [BatchJob(job_id(batch_id, i), "tiny", "completion", f"{prompt} {i}", (),
-                     Sampling(max_tokens), reply_to, batch_id, 0.0) for i in range(count)]
+    return [
+        BatchJob(
+            job_id(batch_id, i),
+            "tiny",
+            "completion",
+            f"{prompt} {i}",
+            (),
+            Sampling(max_tokens),
+            reply_to,
+            batch_id,
+            0.0,
+        )
+        for i in range(count)
+    ]
 
 
 class GatedExecutor:
@@ -34,9 +46,14 @@ class GatedExecutor:
 
 async def start_consumer(env, executor, worker_id, max_inflight=16, on_handled=None):
     bus = await env.bus()
-    consumer = JobConsumer(bus, env.data, env.names, executor,
-                           ConsumerConfig(worker_id, max_inflight=max_inflight, drain_timeout_s=2),
-                           on_handled=on_handled)
+    consumer = JobConsumer(
+        bus,
+        env.data,
+        env.names,
+        executor,
+        ConsumerConfig(worker_id, max_inflight=max_inflight, drain_timeout_s=2),
+        on_handled=on_handled,
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     return consumer, bus, stop, task
@@ -112,8 +129,7 @@ async def test_redelivered_job_with_a_stored_result_is_not_run_again(env):
         if len(handled) == 6:
             all_six.set()
 
-    consumer, _, stop, task = await start_consumer(env, Counting(), "w", max_inflight=1,
-                                                   on_handled=on_handled)
+    consumer, _, stop, task = await start_consumer(env, Counting(), "w", max_inflight=1, on_handled=on_handled)
     replies, dup = await collect_replies(producer.bus, reply, {j.job_id for j in jobs}, 30)
     await asyncio.wait_for(all_six.wait(), 30)
     stop.set()
@@ -161,8 +177,7 @@ async def test_batch_work_yields_while_interactive_work_is_queued(env):
     await bus.declare_queue(env.names.encode_queue)
     for _ in range(3):
         await bus.publish(env.names.encode_queue, b"interactive")
-    admission = QueueDepthAdmission(bus, env.names.encode_queue, max_depth=0, poll_s=0.01,
-                                    max_wait_s=5.0)
+    admission = QueueDepthAdmission(bus, env.names.encode_queue, max_depth=0, poll_s=0.01, max_wait_s=5.0)
     waiting = asyncio.create_task(admission.wait_turn())
     done, _ = await asyncio.wait({waiting}, timeout=0.2)
     assert not done  # three interactive requests wait: the batch job does not start

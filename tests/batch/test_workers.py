@@ -33,10 +33,24 @@ def survivor_stats(log: str) -> dict:
 
 async def start_worker(env, name, *extra):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "batch", "worker", "--worker-id", name,
-        "--amqp-url", env.config.amqp_url, "--redis-url", env.config.redis_url,
-        "--namespace", env.config.namespace, *extra,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "services.cli",
+        "batch",
+        "worker",
+        "--worker-id",
+        name,
+        "--amqp-url",
+        env.config.amqp_url,
+        "--redis-url",
+        env.config.redis_url,
+        "--namespace",
+        env.config.namespace,
+        *extra,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     line = await asyncio.wait_for(proc.stdout.readline(), 60)  # "...: consuming <queue>"
     assert b"consuming" in line, line
     return proc
@@ -55,8 +69,20 @@ async def stop_worker(proc, sig=signal.SIGTERM):
 
 
 def jobs_for(batch, count, reply, max_tokens=2):
-    return [BatchJob(job_id(batch, i), "tiny-llama", "completion", f"one two three four {i}", (),
-                     Sampling(max_tokens, ignore_eos=True), reply, batch, 0.0) for i in range(count)]
+    return [
+        BatchJob(
+            job_id(batch, i),
+            "tiny-llama",
+            "completion",
+            f"one two three four {i}",
+            (),
+            Sampling(max_tokens, ignore_eos=True),
+            reply,
+            batch,
+            0.0,
+        )
+        for i in range(count)
+    ]
 
 
 async def run_with_a_kill(env, worker_args, count, timeout_s):
@@ -83,7 +109,8 @@ async def run_with_a_kill(env, worker_args, count, timeout_s):
 
 async def test_500_jobs_with_a_worker_killed_halfway(env):
     collector, results, logs = await run_with_a_kill(
-        env, ["--executor", "echo", "--echo-delay-ms", "20", "--max-inflight", "8"], 500, 60)
+        env, ["--executor", "echo", "--echo-delay-ms", "20", "--max-inflight", "8"], 500, 60
+    )
     assert len(collector.seen) == 500, logs
     # replies are at least once: only jobs the killed worker held can be replied twice
     assert collector.duplicates <= 8
@@ -103,27 +130,28 @@ async def test_500_jobs_through_the_mesh_processes_with_a_worker_killed(env):
     mesh; one is killed halfway."""
     from tests.mesh.processes import ProcessMesh
 
-    config = env.config.model_copy(update={"model": "tiny-llama", "threads": 1, "device": "cpu",
-                                           "drain_timeout_s": 10})
-    mesh = ProcessMesh({f"EXEGPT_{k.upper()}": str(v) for k, v in config.model_dump().items()
-                        if v is not None})
+    config = env.config.model_copy(update={"model": "tiny-llama", "threads": 1, "device": "cpu", "drain_timeout_s": 10})
+    mesh = ProcessMesh({f"EXEGPT_{k.upper()}": str(v) for k, v in config.model_dump().items() if v is not None})
     try:
         mesh.start("scheduler").wait_line("ready")
         workers = [mesh.start("worker") for _ in range(2)]
         for w in workers:
             w.wait_line("ready")
         collector, results, logs = await run_with_a_kill(
-            env, ["--executor", "mesh", "--model", "tiny-llama", "--max-inflight", "32"], 500, 120)
+            env, ["--executor", "mesh", "--model", "tiny-llama", "--max-inflight", "32"], 500, 120
+        )
     finally:
         mesh.close()
         names = env.names
         bus = await env.bus()
-        await bus.delete(queues=[names.encode_queue, names.handoff_queue],
-                         exchanges=[names.control_exchange, names.status_exchange])
+        await bus.delete(
+            queues=[names.encode_queue, names.handoff_queue], exchanges=[names.control_exchange, names.status_exchange]
+        )
     assert len(collector.seen) == 500, logs
     assert collector.duplicates <= 32
-    assert all(r is not None and r.status == "completed" for r in results), \
-        {r.error for r in results if r is not None and r.status != "completed"}
+    assert all(r is not None and r.status == "completed" for r in results), {
+        r.error for r in results if r is not None and r.status != "completed"
+    }
     assert all(r.completion_tokens == 2 for r in results)  # forced length, ignore_eos
     assert len({r.job_id for r in results}) == 500
     survivor = survivor_stats(logs[1])
@@ -136,11 +164,32 @@ async def test_loadgen_batch_target_times_a_batch(env, tmp_path):
     worker = await start_worker(env, "w", "--executor", "echo", "--max-inflight", "32")
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli", "loadgen", "--target", "batch",
-            "--amqp-url", env.config.amqp_url, "--redis-url", env.config.redis_url,
-            "--namespace", env.config.namespace, "--task", "S", "--num-requests", "200",
-            "--model", "tiny-llama", "--max-duration-s", "60", "--out", str(tmp_path / "b.json"),
-            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            sys.executable,
+            "-m",
+            "services.cli",
+            "loadgen",
+            "--target",
+            "batch",
+            "--amqp-url",
+            env.config.amqp_url,
+            "--redis-url",
+            env.config.redis_url,
+            "--namespace",
+            env.config.namespace,
+            "--task",
+            "S",
+            "--num-requests",
+            "200",
+            "--model",
+            "tiny-llama",
+            "--max-duration-s",
+            "60",
+            "--out",
+            str(tmp_path / "b.json"),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         out, _ = await asyncio.wait_for(proc.communicate(), 90)
     finally:
         await stop_worker(worker)
@@ -152,10 +201,21 @@ async def test_loadgen_batch_target_times_a_batch(env, tmp_path):
 
 async def run_cli(env, *args, timeout_s=60):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "batch", *args,
-        "--amqp-url", env.config.amqp_url, "--redis-url", env.config.redis_url,
-        "--namespace", env.config.namespace,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "services.cli",
+        "batch",
+        *args,
+        "--amqp-url",
+        env.config.amqp_url,
+        "--redis-url",
+        env.config.redis_url,
+        "--namespace",
+        env.config.namespace,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     return proc.returncode, out.decode(), err.decode()
 
@@ -164,8 +224,10 @@ async def test_batch_cli_submit_status_results_cancel(env, tmp_path):
     import json
 
     requests = tmp_path / "requests.jsonl"
-    requests.write_text('{"prompt": "one two three", "max_tokens": 2}\n'
-                        '{"messages": [{"role": "user", "content": "four five"}], "max_tokens": 1}\n')
+    requests.write_text(
+        '{"prompt": "one two three", "max_tokens": 2}\n'
+        '{"messages": [{"role": "user", "content": "four five"}], "max_tokens": 1}\n'
+    )
     worker = await start_worker(env, "w", "--executor", "echo")
     try:
         rc, out, err = await run_cli(env, "submit", str(requests), "--model", "m", "--wait")

@@ -127,8 +127,11 @@ def strict(schema: Any) -> Any:
 
     def close(node: Any) -> None:
         if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 close(value)
@@ -198,12 +201,16 @@ def test_every_container_has_requests_and_limits():
             resources = c.get("resources", {})
             for part in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(resources.get(part, {})), (
-                    f"{workload['metadata']['name']}/{c['name']}: resources.{part} needs cpu and memory")
+                    f"{workload['metadata']['name']}/{c['name']}: resources.{part} needs cpu and memory"
+                )
 
 
 def test_mesh_roles_run_the_exegpt_image_with_their_command():
-    expected = {"scheduler": ["scheduler"], "worker": ["worker"],
-                "gateway": ["gateway", "--host", "0.0.0.0", "--port", "8000"]}
+    expected = {
+        "scheduler": ["scheduler"],
+        "worker": ["worker"],
+        "gateway": ["gateway", "--host", "0.0.0.0", "--port", "8000"],
+    }
     for role, args in expected.items():
         c = container(role)
         assert c["image"] == "localhost/exegpt:latest"
@@ -232,8 +239,12 @@ def test_mesh_probes_use_health_routes_on_a_declared_port(role):
 def test_a_hung_worker_is_killed_within_ten_seconds():
     """Missed probes (each waits its timeout), then the probe's own grace, not the pod's drain."""
     live = container("worker")["livenessProbe"]
-    assert live["periodSeconds"] * live["failureThreshold"] + live["timeoutSeconds"] \
-        + live["terminationGracePeriodSeconds"] <= 10
+    assert (
+        live["periodSeconds"] * live["failureThreshold"]
+        + live["timeoutSeconds"]
+        + live["terminationGracePeriodSeconds"]
+        <= 10
+    )
 
 
 def test_ops_port_of_the_config_is_the_ops_container_port():
@@ -297,7 +308,8 @@ def test_every_service_selects_pods_and_their_ports():
                 for c in pod_spec(workload)["containers"]:
                     declared |= port_names(c)
                 assert target in declared or target in declared.values(), (
-                    f"Service {service['metadata']['name']} port {target} is not a container port")
+                    f"Service {service['metadata']['name']} port {target} is not a container port"
+                )
 
 
 def test_statefulsets_are_governed_by_headless_services():
@@ -340,9 +352,11 @@ def container_env(c: dict[str, Any]) -> dict[str, str]:
         env |= named("ConfigMap", source["configMapRef"]["name"])["data"]
     for item in c.get("env", []):
         if "value" in item:
+
             def expand(match: re.Match[str], *, item: dict[str, Any] = item) -> str:
                 assert match.group(1) in env, f"{item['name']}: $({match.group(1)}) is not defined before it"
                 return env[match.group(1)]
+
             env[item["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", expand, item["value"])
         else:
             ref = item["valueFrom"]["secretKeyRef"]
@@ -430,8 +444,12 @@ def test_broker_definitions_render_from_the_role_secrets():
 # (permission, resource name). RabbitMQ matches a permission's regex anywhere in the name.
 N = Names(NAMESPACE)
 PID = "worker-worker-6d5f8c9b7-x2k4q-1-ab12"  # a process id: role-host-pid-suffix
-ON_CONNECT = [("configure", N.dead_exchange), ("configure", N.dead_queue),
-              ("write", N.dead_queue), ("read", N.dead_exchange)]
+ON_CONNECT = [
+    ("configure", N.dead_exchange),
+    ("configure", N.dead_queue),
+    ("write", N.dead_queue),
+    ("read", N.dead_exchange),
+]
 
 
 def work_queue(name: str) -> list[tuple[str, str]]:
@@ -441,43 +459,81 @@ def work_queue(name: str) -> list[tuple[str, str]]:
 
 def subscription(exchange: str, queue: str) -> list[tuple[str, str]]:
     """Declare the fanout exchange, an exclusive queue, bind and consume."""
-    return [("configure", exchange), ("configure", queue), ("write", queue), ("read", exchange),
-            ("read", queue)]
+    return [("configure", exchange), ("configure", queue), ("write", queue), ("read", exchange), ("read", queue)]
 
 
 NEEDS = {
-    "exegpt-scheduler": ON_CONNECT + work_queue(N.scheduler_queue)
+    "exegpt-scheduler": ON_CONNECT
+    + work_queue(N.scheduler_queue)
     + subscription(N.status_exchange, N.status_queue(PID))
     + [("configure", N.control_exchange), ("write", N.control_exchange)],
-    "exegpt-gateway": ON_CONNECT + work_queue(N.encode_queue) + work_queue(N.scheduler_queue)
+    "exegpt-gateway": ON_CONNECT
+    + work_queue(N.encode_queue)
+    + work_queue(N.scheduler_queue)
     + work_queue(N.jobs_queue)
-    + [("configure", N.abort_exchange), ("configure", N.events_queue(PID)), ("read", N.events_queue(PID)),
-       ("write", "amq.default"),  # EncodeWork, PinSchedule, job results: published by queue name
-       ("write", N.abort_exchange)],  # Abort, when a client goes away
-    "exegpt-worker": ON_CONNECT + work_queue(N.encode_queue) + work_queue(N.handoff_queue)
+    + [
+        ("configure", N.abort_exchange),
+        ("configure", N.events_queue(PID)),
+        ("read", N.events_queue(PID)),
+        ("write", "amq.default"),  # EncodeWork, PinSchedule, job results: published by queue name
+        ("write", N.abort_exchange),
+    ],  # Abort, when a client goes away
+    "exegpt-worker": ON_CONNECT
+    + work_queue(N.encode_queue)
+    + work_queue(N.handoff_queue)
     + subscription(N.control_exchange, N.control_queue(PID))
     + subscription(N.abort_exchange, N.abort_queue(PID))
     + [("configure", N.status_exchange), ("write", N.status_exchange), ("write", "amq.default")],
     "exegpt-keda": [],  # a passive declare needs no permission
 }
 REFUSED = {
-    "exegpt-scheduler": [("write", "amq.default"), ("write", N.status_exchange), ("read", N.encode_queue),
-                         ("read", N.handoff_queue), ("read", N.events_queue(PID)),
-                         ("configure", N.encode_queue), ("configure", N.control_queue(PID))],
-    "exegpt-gateway": [("read", N.handoff_queue), ("read", N.control_queue(PID)), ("read", N.status_queue(PID)),
-                       ("read", N.control_exchange), ("read", N.status_exchange), ("write", N.status_exchange),
-                       ("configure", N.handoff_queue), ("configure", N.control_queue(PID)),
-                       ("write", N.control_exchange), ("configure", N.control_exchange)],  # schedules: the scheduler's
-    "exegpt-worker": [("write", N.control_exchange), ("write", N.abort_exchange),  # scheduler's, gateways'
-                      ("read", N.scheduler_queue), ("read", N.jobs_queue), ("read", N.events_queue(PID)),
-                      ("read", N.status_queue(PID)), ("configure", N.scheduler_queue),
-                      ("configure", N.events_queue(PID)), ("configure", N.status_queue(PID))],
-    "exegpt-keda": [(perm, name) for perm in ("configure", "write", "read")
-                    for name in (N.encode_queue, N.control_exchange, "amq.default")],
+    "exegpt-scheduler": [
+        ("write", "amq.default"),
+        ("write", N.status_exchange),
+        ("read", N.encode_queue),
+        ("read", N.handoff_queue),
+        ("read", N.events_queue(PID)),
+        ("configure", N.encode_queue),
+        ("configure", N.control_queue(PID)),
+    ],
+    "exegpt-gateway": [
+        ("read", N.handoff_queue),
+        ("read", N.control_queue(PID)),
+        ("read", N.status_queue(PID)),
+        ("read", N.control_exchange),
+        ("read", N.status_exchange),
+        ("write", N.status_exchange),
+        ("configure", N.handoff_queue),
+        ("configure", N.control_queue(PID)),
+        ("write", N.control_exchange),
+        ("configure", N.control_exchange),
+    ],  # schedules: the scheduler's
+    "exegpt-worker": [
+        ("write", N.control_exchange),
+        ("write", N.abort_exchange),  # scheduler's, gateways'
+        ("read", N.scheduler_queue),
+        ("read", N.jobs_queue),
+        ("read", N.events_queue(PID)),
+        ("read", N.status_queue(PID)),
+        ("configure", N.scheduler_queue),
+        ("configure", N.events_queue(PID)),
+        ("configure", N.status_queue(PID)),
+    ],
+    "exegpt-keda": [
+        (perm, name)
+        for perm in ("configure", "write", "read")
+        for name in (N.encode_queue, N.control_exchange, "amq.default")
+    ],
 }
-EVERYONE_REFUSED = [("configure", "amq.default"), ("write", "amq.topic"), ("configure", "other.encode"),
-                    ("read", "other.encode"), ("configure", f"{N.control_queue(PID)}.x"),
-                    ("configure", "xexegpt.encode"), ("configure", f"{N.encode_queue}x")]
+EVERYONE_REFUSED = [
+    ("configure", "amq.default"),
+    ("write", "amq.topic"),
+    ("configure", "other.encode"),
+    ("read", "other.encode"),
+    ("configure", f"{N.control_queue(PID)}.x"),
+    ("configure", "xexegpt.encode"),
+    ("configure", f"{N.encode_queue}x"),
+]
 
 
 def permissions() -> dict[str, dict[str, str]]:
@@ -538,8 +594,10 @@ def kept(job: dict[str, Any], labels: dict[str, str]) -> bool:
 
 
 def discovery_labels(workload: dict[str, Any], port: str) -> dict[str, str]:
-    labels = {"__meta_kubernetes_pod_container_port_name": port,
-              "__meta_kubernetes_namespace": workload["metadata"]["namespace"]}
+    labels = {
+        "__meta_kubernetes_pod_container_port_name": port,
+        "__meta_kubernetes_namespace": workload["metadata"]["namespace"],
+    }
     for key, value in pod_labels(workload).items():
         labels["__meta_kubernetes_pod_label_" + re.sub(r"[^A-Za-z0-9_]", "_", key)] = value
     return labels
@@ -571,8 +629,7 @@ def test_prometheus_may_list_and_watch_pods_in_the_namespace():
     assert binding["metadata"]["namespace"] == NAMESPACE
     assert {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE} in binding["subjects"]
     role = named(binding["roleRef"]["kind"], binding["roleRef"]["name"])
-    assert any("pods" in rule["resources"] and {"get", "list", "watch"} <= set(rule["verbs"])
-               for rule in role["rules"])
+    assert any("pods" in rule["resources"] and {"get", "list", "watch"} <= set(rule["verbs"]) for rule in role["rules"])
     c = pod_spec(deployment)["containers"][0]
     assert c["image"] == "localhost/exegpt-prometheus:latest"
     config_mount = next(m for m in c["volumeMounts"] if m["name"] == "config")

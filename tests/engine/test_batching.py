@@ -64,7 +64,9 @@ def test_running_lists_slots_and_compacts(llama):
 def test_first_token_can_finish_a_request(llama):
     events = llama.prefill([req("one", b"hello", max_tokens=1), req("two", b"hello", max_tokens=2)])
     assert [(e.request_id, e.finished, e.finish_reason) for e in events] == [
-        ("one", True, "length"), ("two", False, None)]
+        ("one", True, "length"),
+        ("two", False, None),
+    ]
     assert llama.running() == ["two"]
 
 
@@ -112,9 +114,10 @@ def test_random_schedule_of_joins_aborts_and_handoffs(make_engine, name):
             params.update(temperature=0.9, top_k=rnd.choice([0, 30]), seed=i)
         prompt = [rnd.randrange(256) for _ in range(rnd.randint(1, 30))]
         if i % 4 == 1:  # a stop string taken from the middle of what this request would say
-            text = run_to_end(engines[0],
-                              [req("probe", prompt, **{**params, "max_tokens": 40, "ignore_eos": True})]).text["probe"]
-            chars = [c for c in text[len(text) // 2:] if c != "\ufffd"]
+            text = run_to_end(
+                engines[0], [req("probe", prompt, **{**params, "max_tokens": 40, "ignore_eos": True})]
+            ).text["probe"]
+            chars = [c for c in text[len(text) // 2 :] if c != "\ufffd"]
             params.update(stop=tuple(chars[:1]) + ("never said",), max_tokens=40)
         requests.append(req(f"q{i}", prompt, **params))
     solo = {r.request_id: run_to_end(engines[0], [r]) for r in requests}
@@ -124,12 +127,14 @@ def test_random_schedule_of_joins_aborts_and_handoffs(make_engine, name):
         move = rnd.random()
         if pending and move < 0.3:
             take = pending[: rnd.randint(1, 4)]
-            pending = pending[len(take):]
+            pending = pending[len(take) :]
             out.add(rnd.choice(engines).prefill(take))
         elif move < 0.4:
             source, target = rnd.sample(engines, 2)
             if source.running():
-                target.import_request(KVHandoff.from_bytes(source.export_request(rnd.choice(source.running())).to_bytes()))
+                target.import_request(
+                    KVHandoff.from_bytes(source.export_request(rnd.choice(source.running())).to_bytes())
+                )
         elif move < 0.43:
             engine = rnd.choice(engines)
             if engine.running():
@@ -144,7 +149,10 @@ def test_random_schedule_of_joins_aborts_and_handoffs(make_engine, name):
         if rid in aborted:
             assert out.tokens[rid] == tokens[: len(out.tokens[rid])]
         else:
-            assert (out.tokens[rid], out.text[rid], out.reason[rid]) == (tokens, alone_out.text[rid],
-                                                                         alone_out.reason[rid]), rid
+            assert (out.tokens[rid], out.text[rid], out.reason[rid]) == (
+                tokens,
+                alone_out.text[rid],
+                alone_out.reason[rid],
+            ), rid
     assert len(aborted) < len(solo)
     assert "stop" in {o.reason[rid] for rid, o in solo.items()}  # some stop string did fire

@@ -11,8 +11,29 @@ def test_bench_cells_and_table(models_dir, monkeypatch, capsys):
     from services.cli import main
 
     monkeypatch.setenv("EXEGPT_MODELS_DIR", str(models_dir))
-    assert main(["bench", "engine", "--model", "tiny-llama", "--batch-sizes", "1,3", "--prompt-len", "6",
-                 "--new-tokens", "4", "--repeats", "1", "--device", "cpu", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "engine",
+                "--model",
+                "tiny-llama",
+                "--batch-sizes",
+                "1,3",
+                "--prompt-len",
+                "6",
+                "--new-tokens",
+                "4",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in out if line.strip()[:1].isdigit()]
     assert [(r[0], r[1]) for r in rows] == [("1", "prefill"), ("1", "decode"), ("3", "prefill"), ("3", "decode")]
@@ -30,7 +51,7 @@ def test_reference_generates_what_we_generate(llama):
     for i, p in enumerate(prompts):
         with torch.inference_mode():
             out = hf.generate(torch.tensor([p]), max_new_tokens=5, min_new_tokens=5, do_sample=False)
-        assert out[0, len(p):].tolist() == ours.tokens[f"r{i}"]
+        assert out[0, len(p) :].tolist() == ours.tokens[f"r{i}"]
     lengths = spread_lengths(gen, 200, 10, 0.5)
     assert min(lengths) == 5 and max(lengths) == 15
     prefill_s, decode_s = _ours(llama, prompts, [2, 3, 4])
@@ -44,8 +65,30 @@ def test_bench_mixed_step_rows(models_dir, monkeypatch, capsys):
     from services.cli import main
 
     monkeypatch.setenv("EXEGPT_MODELS_DIR", str(models_dir))
-    assert main(["bench", "engine", "--step", "--model", "tiny-llama", "--step-prompts", "2", "--step-decodes", "3",
-                 "--prompt-len", "5", "--rounds", "2", "--device", "cpu", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "engine",
+                "--step",
+                "--model",
+                "tiny-llama",
+                "--step-prompts",
+                "2",
+                "--step-decodes",
+                "3",
+                "--prompt-len",
+                "5",
+                "--rounds",
+                "2",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "2 prompts x 5 tokens + 3 decodes, median of 2 rounds" in out
     rows = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ")}

@@ -52,8 +52,9 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(make_engine, name, 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_chunks_fold_into_decode_steps_without_changing_anyone(make_engine, name):
     engine = make_engine(name)
-    others = [req(f"o{i}", [(11 * i + j) % 200 for j in range(5 + 3 * i)], max_tokens=12, ignore_eos=True)
-              for i in range(3)]
+    others = [
+        req(f"o{i}", [(11 * i + j) % 200 for j in range(5 + 3 * i)], max_tokens=12, ignore_eos=True) for i in range(3)
+    ]
     request = req("a", [(5 * i + 1) % 200 for i in range(19)], max_tokens=6, ignore_eos=True)
     want = {r.request_id: _whole(engine, r) for r in (*others, request)}
     beside = Collector()
@@ -102,8 +103,7 @@ def test_t5_refuses_chunks(make_engine):
 
 
 def test_smollm2_chunked_prefill_matches_a_whole_prefill(smollm2):
-    request = req("s", smollm2.tokenizer.encode("The capital of France is a city that"), max_tokens=6,
-                  ignore_eos=True)
+    request = req("s", smollm2.tokenizer.encode("The capital of France is a city that"), max_tokens=6, ignore_eos=True)
     want = _whole(smollm2, request)
     assert _chunked(smollm2, request, 3).tokens["s"] == want
     assert smollm2.running() == []

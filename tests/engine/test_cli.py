@@ -14,15 +14,35 @@ def models_env(monkeypatch, models_dir):
 def test_generate_prints_the_completion(models_env, capsys, llama):
     prompt = llama.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     expected = run_to_end(llama, [req("x", llama.tokenizer.encode(prompt), max_tokens=8, ignore_eos=True)]).text["x"]
-    assert main(["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-tokens", "8", "--ignore-eos",
-                 "--device", "cpu", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-llama",
+                "--prompt",
+                "hi",
+                "--max-tokens",
+                "8",
+                "--ignore-eos",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == expected + "\n"
 
 
-@pytest.mark.parametrize("model, message", [
-    ("gpt-17", "unknown model 'gpt-17'"),
-    ("/nope/model.gguf", "GGUF file not found"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("gpt-17", "unknown model 'gpt-17'"),
+        ("/nope/model.gguf", "GGUF file not found"),
+    ],
+)
 def test_generate_errors_are_one_line(models_env, capsys, model, message):
     assert main(["generate", "--model", model, "--prompt", "hi", "--device", "cpu"]) == 2
     err = capsys.readouterr().err

@@ -71,8 +71,17 @@ def run_schedule(engine) -> tuple[dict[str, list[int]], list[torch.Tensor]]:
 def test_buckets_and_spans():
     assert [bucket_for(n) for n in (1, 2, 3, 4, 5, 9, 200, 256)] == [1, 2, 4, 4, 8, 16, 256, 256]
     assert bucket_for(257) is None and BUCKETS[-1] == 256
-    assert [span_for(n, 10_000) for n in (1, 64, 65, 97, 129, 200, 257, 513, 1000)] == \
-        [64, 64, 96, 128, 192, 256, 384, 768, 1024]
+    assert [span_for(n, 10_000) for n in (1, 64, 65, 97, 129, 200, 257, 513, 1000)] == [
+        64,
+        64,
+        96,
+        128,
+        192,
+        256,
+        384,
+        768,
+        1024,
+    ]
     assert span_for(600, 640) == 640 and span_for(10, 40) == 40  # never past the capacity
 
 
@@ -152,9 +161,16 @@ def test_random_llama_shapes_have_the_real_models_parameter_counts():
     assert random_llama_parameters("smollm2-135m") == 134_515_008  # SmolLM2-135M
     assert random_llama_parameters("llama-1b") == 1_235_814_400  # Llama-3.2-1B
     cfg = random_llama_config("smollm2-135m")
-    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
-            cfg["num_key_value_heads"], cfg["vocab_size"], cfg["max_position_embeddings"],
-            cfg["tie_word_embeddings"]) == (576, 1536, 30, 9, 3, 49152, 8192, True)
+    assert (
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_hidden_layers"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["vocab_size"],
+        cfg["max_position_embeddings"],
+        cfg["tie_word_embeddings"],
+    ) == (576, 1536, 30, 9, 3, 49152, 8192, True)
     with pytest.raises(ValueError, match="unknown Llama shape"):
         random_llama_config("llama-7b")
 
@@ -165,8 +181,15 @@ def test_write_random_llama_writes_a_loadable_folder_once(tmp_path):
     from engine import load_engine
     from engine.tiny import random_llama_parameters, write_random_llama
 
-    shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    shape = dict(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     folder = write_random_llama(tmp_path / "m", shape)
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
@@ -186,14 +209,17 @@ def test_write_random_llama_writes_a_loadable_folder_once(tmp_path):
 def test_gpu_check_runs_on_the_cpu_without_gguf(tmp_path):
     """``scripts/gpu_check.py --device cpu --quick``: every part with small sizes, no capture, and
     nothing imports the gguf package on the random-weight path."""
-    code = ("import sys, runpy; sys.modules['gguf'] = None; "
-            f"sys.argv = ['gpu_check.py', '--device', 'cpu', '--quick', '--json', {str(tmp_path / 'r.json')!r}, "
-            f"'--models-dir', {str(tmp_path / 'models')!r}]; "
-            "runpy.run_path('scripts/gpu_check.py', run_name='__main__')")
+    code = (
+        "import sys, runpy; sys.modules['gguf'] = None; "
+        f"sys.argv = ['gpu_check.py', '--device', 'cpu', '--quick', '--json', {str(tmp_path / 'r.json')!r}, "
+        f"'--models-dir', {str(tmp_path / 'models')!r}]; "
+        "runpy.run_path('scripts/gpu_check.py', run_name='__main__')"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     import json
 
@@ -247,8 +273,9 @@ def test_one_cuda_graph_serves_many_steps(models_dir):
     from engine import load_engine
 
     def tokens(engine) -> list[tuple[str, int]]:
-        events = engine.prefill([req(r, list(p), max_tokens=20, ignore_eos=True)
-                                 for r, p in (("x", b"abc"), ("y", b"defghij"))])
+        events = engine.prefill(
+            [req(r, list(p), max_tokens=20, ignore_eos=True) for r, p in (("x", b"abc"), ("y", b"defghij"))]
+        )
         while engine.running():
             events += engine.decode_step()
         return [(e.request_id, e.token_id) for e in events]

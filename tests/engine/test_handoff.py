@@ -24,8 +24,9 @@ def test_export_import_continues_identically(make_engine, name, case):
     expected = run_to_end(source, [req("r", prompt, **CASES[case])]).tokens["r"]
 
     got = Collector()
-    got.add(source.prefill([req("other", b"a neighbour", max_tokens=40, ignore_eos=True),
-                            req("r", prompt, **CASES[case])]))
+    got.add(
+        source.prefill([req("other", b"a neighbour", max_tokens=40, ignore_eos=True), req("r", prompt, **CASES[case])])
+    )
     for _ in range(6):
         got.add(source.decode_step())
     wire = source.export_request("r").to_bytes()
@@ -93,8 +94,12 @@ def test_import_rejects_foreign_or_duplicate(make_engine):
     with pytest.raises(ValueError):
         KVHandoff.from_bytes(b"\x93garbage")
     engine.abort("r")
-    for bad in ({"kv": h.kv[:-4]}, {"rng_state": b"\x00" * 7}, {"generated_ids": h.generated_ids * 2},
-                {"dtype": "complex32x"}):
+    for bad in (
+        {"kv": h.kv[:-4]},
+        {"rng_state": b"\x00" * 7},
+        {"generated_ids": h.generated_ids * 2},
+        {"dtype": "complex32x"},
+    ):
         with pytest.raises(ValueError):
             engine.import_request(KVHandoff(**{**h.__dict__, **bad}))
         assert engine.running() == [] and engine.runner.cache.size == 0

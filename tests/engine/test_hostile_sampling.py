@@ -27,17 +27,42 @@ from tests.engine.test_step import assert_same_state, snapshot
 
 # Values no check lets through; each is forced into parameters that were valid when built, as
 # a message that got past every earlier check would carry them.
-FORGED = [("top_k", 2**63), ("top_k", 2**64), ("top_k", -1), ("top_k", 1.5), ("temperature", math.nan),
-          ("temperature", math.inf), ("temperature", -math.inf), ("temperature", -1.0), ("top_p", math.nan),
-          ("top_p", 0.0), ("top_p", 2.0), ("presence_penalty", math.inf), ("frequency_penalty", math.nan),
-          ("max_tokens", 0), ("max_tokens", -5), ("logprobs", MAX_LOGPROBS + 1), ("min_tokens", -1),
-          ("seed", SEED_RANGE[1] + 1), ("temperature", "1"), ("stop", ("x" * (MAX_STOP_CHARS + 1),)),
-          ("stop", ("s",) * (MAX_STOPS + 1)), ("stop", ["a list"])]
+FORGED = [
+    ("top_k", 2**63),
+    ("top_k", 2**64),
+    ("top_k", -1),
+    ("top_k", 1.5),
+    ("temperature", math.nan),
+    ("temperature", math.inf),
+    ("temperature", -math.inf),
+    ("temperature", -1.0),
+    ("top_p", math.nan),
+    ("top_p", 0.0),
+    ("top_p", 2.0),
+    ("presence_penalty", math.inf),
+    ("frequency_penalty", math.nan),
+    ("max_tokens", 0),
+    ("max_tokens", -5),
+    ("logprobs", MAX_LOGPROBS + 1),
+    ("min_tokens", -1),
+    ("seed", SEED_RANGE[1] + 1),
+    ("temperature", "1"),
+    ("stop", ("x" * (MAX_STOP_CHARS + 1),)),
+    ("stop", ("s",) * (MAX_STOPS + 1)),
+    ("stop", ["a list"]),
+]
 # Extreme values that are valid: they must run, and change no other request.
-EXTREME = [dict(temperature=1e-30), dict(temperature=2.0, top_k=1), dict(temperature=1.5, top_k=MAX_TOP_K),
-           dict(temperature=1.0, top_p=1e-12), dict(temperature=0.7, presence_penalty=2.0, frequency_penalty=-2.0),
-           dict(temperature=1.0, seed=SEED_RANGE[1]), dict(temperature=1.0, seed=SEED_RANGE[0], top_p=0.5),
-           dict(temperature=2.0, logprobs=MAX_LOGPROBS), dict(min_tokens=10**9)]
+EXTREME = [
+    dict(temperature=1e-30),
+    dict(temperature=2.0, top_k=1),
+    dict(temperature=1.5, top_k=MAX_TOP_K),
+    dict(temperature=1.0, top_p=1e-12),
+    dict(temperature=0.7, presence_penalty=2.0, frequency_penalty=-2.0),
+    dict(temperature=1.0, seed=SEED_RANGE[1]),
+    dict(temperature=1.0, seed=SEED_RANGE[0], top_p=0.5),
+    dict(temperature=2.0, logprobs=MAX_LOGPROBS),
+    dict(min_tokens=10**9),
+]
 
 
 def prompt(rnd: random.Random) -> tuple[int, ...]:
@@ -77,10 +102,14 @@ def test_a_step_failing_after_its_forward_pass_is_undone(make_engine, monkeypatc
     sampler as they were, the new request never joined, and everyone's text is that of a solo
     run once the step is taken again."""
     rnd, llama = random.Random(5), make_engine(name)
-    requests = [GenerationRequest(f"r{i}", prompt(rnd),
-                                  SamplingParams(max_tokens=10, ignore_eos=True,
-                                                 **({"temperature": 0.9, "seed": i} if i % 2 else {})))
-                for i in range(5)]
+    requests = [
+        GenerationRequest(
+            f"r{i}",
+            prompt(rnd),
+            SamplingParams(max_tokens=10, ignore_eos=True, **({"temperature": 0.9, "seed": i} if i % 2 else {})),
+        )
+        for i in range(5)
+    ]
     solo = {r.request_id: run_to_end(llama, [r]) for r in requests}
     out = Collector()
     out.add(llama.prefill(requests[:3]))
@@ -112,12 +141,13 @@ def test_fuzzed_steps_with_hostile_requests_give_normal_requests_their_solo_text
     without it); every extreme one finishes with tokens of the vocabulary; 0 normal requests
     get another text than alone."""
     rnd = random.Random(seed)
-    normal = [GenerationRequest(f"n{i}", prompt(rnd), SamplingParams(max_tokens=rnd.randint(1, 10)))
-              for i in range(10)]
+    normal = [GenerationRequest(f"n{i}", prompt(rnd), SamplingParams(max_tokens=rnd.randint(1, 10))) for i in range(10)]
     solo = {r.request_id: run_to_end(llama, [r]) for r in normal}
     hostile = [forged(f"f{i}", prompt(rnd), *FORGED[i]) for i in range(len(FORGED))]
-    hostile += [GenerationRequest(f"x{i}", prompt(rnd), SamplingParams(max_tokens=rnd.randint(1, 8), **kw))
-                for i, kw in enumerate(EXTREME)]
+    hostile += [
+        GenerationRequest(f"x{i}", prompt(rnd), SamplingParams(max_tokens=rnd.randint(1, 8), **kw))
+        for i, kw in enumerate(EXTREME)
+    ]
     pending = normal + hostile
     rnd.shuffle(pending)
     out, refused = Collector(), set()
@@ -150,14 +180,17 @@ def test_a_worker_step_refuses_only_the_hostile_request_and_names_its_field(llam
     from optimizer.policies import StepPlan
     from services.worker.executor import run_step
 
-    good, other = GenerationRequest("good", (4, 5, 6), SamplingParams(max_tokens=8)), \
-        GenerationRequest("other", (7, 8), SamplingParams(max_tokens=8))
+    good, other = (
+        GenerationRequest("good", (4, 5, 6), SamplingParams(max_tokens=8)),
+        GenerationRequest("other", (7, 8), SamplingParams(max_tokens=8)),
+    )
     solo = {r.request_id: run_to_end(llama, [r]) for r in (good, other)}
     bad = forged("bad", (1, 2, 3), "top_k", 2**63)
     out = Collector()
     out.add(llama.prefill([good]))
-    result = run_step(llama, StepPlan(encode=("bad", "other"), decode=("good",)),
-                      {"bad": bad, "other": other}, {}, export=None)
+    result = run_step(
+        llama, StepPlan(encode=("bad", "other"), decode=("good",)), {"bad": bad, "other": other}, {}, export=None
+    )
     assert list(result.refused) == ["bad"] and "top_k" in result.refused["bad"]
     assert not result.failed and not result.given_back
     out.add(result.events)
@@ -170,8 +203,10 @@ def test_a_failed_step_with_prompt_chunks_is_undone(llama, monkeypatch):
     """A chunked prefill's next chunk and a new first chunk in a step that fails: the first
     request keeps the part it had, the second never got a slot, and both end as whole prefills."""
     rnd = random.Random(7)
-    a, b = (GenerationRequest(rid, tuple(rnd.randrange(256) for _ in range(30)), SamplingParams(max_tokens=6))
-            for rid in ("a", "b"))
+    a, b = (
+        GenerationRequest(rid, tuple(rnd.randrange(256) for _ in range(30)), SamplingParams(max_tokens=6))
+        for rid in ("a", "b")
+    )
     solo = {r.request_id: run_to_end(llama, [r]) for r in (a, b)}
     out = Collector()
     out.add(llama.step(chunks=[PromptChunk(a, 0, 10)]))

@@ -54,10 +54,13 @@ def test_unknown_model_is_a_value_error(tmp_path):
 
 def test_reading_the_tokenizer_imports_no_torch(make_engine, models_dir):
     make_engine("tiny-t5")  # the folder exists, as it does once any worker wrote it
-    code = ("import sys; from engine import load_tokenizer; "
-            f"info = load_tokenizer('tiny-t5', models_dir={str(models_dir)!r}); "
-            "print(info.max_context, 'torch' in sys.modules)")
+    code = (
+        "import sys; from engine import load_tokenizer; "
+        f"info = load_tokenizer('tiny-t5', models_dir={str(models_dir)!r}); "
+        "print(info.max_context, 'torch' in sys.modules)"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True,
-                         text=True, timeout=120, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
     assert out == ["2048", "False"]

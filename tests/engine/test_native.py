@@ -69,13 +69,15 @@ def test_by_default_a_q4_gguf_loads_as_int4_with_no_dense_projection():
 def test_a_native_load_peaks_far_below_a_float32_one():
     """Peak RSS of loading the model, above the process's after importing torch, in fresh processes:
     the file's own precision against float32 (the dense path)."""
-    code = ("import torch, sys\n"
-            "def peak():\n"
-            "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) * 1024\n"
-            "base = peak()\n"
-            "from engine import load_engine\n"
-            "load_engine('smollm2', device='cpu', num_threads=1, quant=sys.argv[1])\n"
-            "print(peak() - base)\n")
+    code = (
+        "import torch, sys\n"
+        "def peak():\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) * 1024\n"
+        "base = peak()\n"
+        "from engine import load_engine\n"
+        "load_engine('smollm2', device='cpu', num_threads=1, quant=sys.argv[1])\n"
+        "print(peak() - base)\n"
+    )
 
     def load_peak(quant: str) -> int:
         out = subprocess.run([sys.executable, "-c", code, quant], capture_output=True, text=True, check=True)
@@ -117,8 +119,9 @@ def _write_llama_gguf(path, projections, *, seed: int = 0) -> None:
 
     def put(name: str, w: np.ndarray, kind) -> None:
         data = quantize(w, kind) if kind != gguf.GGMLQuantizationType.F32 else w
-        writer.add_tensor(name, data, raw_shape=data.shape if kind == gguf.GGMLQuantizationType.F32 else None,
-                          raw_dtype=kind)
+        writer.add_tensor(
+            name, data, raw_shape=data.shape if kind == gguf.GGMLQuantizationType.F32 else None, raw_dtype=kind
+        )
 
     def permuted(w: np.ndarray, n_heads: int) -> np.ndarray:  # llama.cpp's q/k row order
         return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
@@ -127,9 +130,15 @@ def _write_llama_gguf(path, projections, *, seed: int = 0) -> None:
     put("token_embd.weight", rng.normal(0, 1, (vocab, hidden)).astype(np.float32), q8)
     head_dim = hidden // heads
     for i in range(layers):
-        shapes = {"attn_q": (heads * head_dim, hidden), "attn_k": (kv_heads * head_dim, hidden),
-                  "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, hidden),
-                  "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+        shapes = {
+            "attn_q": (heads * head_dim, hidden),
+            "attn_k": (kv_heads * head_dim, hidden),
+            "attn_v": (kv_heads * head_dim, hidden),
+            "attn_output": (hidden, hidden),
+            "ffn_gate": (ffn, hidden),
+            "ffn_up": (ffn, hidden),
+            "ffn_down": (hidden, ffn),
+        }
         for part, shape in shapes.items():
             w = rng.normal(0, 1 / np.sqrt(shape[1]), shape).astype(np.float32)
             w = permuted(w, heads) if part == "attn_q" else permuted(w, kv_heads) if part == "attn_k" else w

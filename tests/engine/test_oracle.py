@@ -25,7 +25,7 @@ def hf_logits(hf_model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     ids = torch.tensor([prompt + tokens[:-1]])
     with torch.inference_mode():
         out = hf_model(input_ids=ids).logits[0].float()
-    return out[len(prompt) - 1:]
+    return out[len(prompt) - 1 :]
 
 
 def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
@@ -33,7 +33,7 @@ def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
     hf_model.generation_config.pad_token_id = 0
     with torch.inference_mode():
         out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def check_against(engine, hf_model, prompt: list[int], tol: float) -> float:
@@ -62,8 +62,7 @@ def smollm2_hf(smollm2):
     from engine.gguf_loader import smollm2_path
 
     path = smollm2_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return hf.eval()
 
 
@@ -105,8 +104,9 @@ def test_smollm2_answers_and_tokenizes(smollm2):
 
 def test_gpt2_folder_matches_transformers(make_engine, models_dir, tmp_path):
     """A GPT-2 checkpoint (fused c_attn, Conv1D weights) loads into our GPT module."""
-    config = transformers.GPT2Config(vocab_size=259, n_positions=256, n_embd=64, n_layer=2, n_head=4,
-                                     bos_token_id=256, eos_token_id=256)
+    config = transformers.GPT2Config(
+        vocab_size=259, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=256, eos_token_id=256
+    )
     hf = transformers.GPT2LMHeadModel(config)
     engine = _hf_folder(tmp_path, models_dir, make_engine, hf)
     check_against(engine, hf, list(b"GPT-2 says: "), TINY_LOGIT_TOL)
@@ -114,8 +114,9 @@ def test_gpt2_folder_matches_transformers(make_engine, models_dir, tmp_path):
 
 def test_tiny_t5_matches_transformers(make_engine, models_dir):
     engine = make_engine("tiny-t5")
-    hf = transformers.T5ForConditionalGeneration.from_pretrained(str(models_dir / "tiny-t5"),
-                                                                 dtype=torch.float32).eval()
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(
+        str(models_dir / "tiny-t5"), dtype=torch.float32
+    ).eval()
     prompt = list(b"translate: the oracle speaks")
     tokens, ours = our_logits(engine, prompt, GREEDY_TOKENS)
     start = hf.config.decoder_start_token_id
@@ -136,8 +137,10 @@ def test_smollm2_batch_matches_solo(smollm2):
     tok = smollm2.tokenizer
     questions = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea, please."]
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
-    solo = [run_to_end(smollm2, [req(f"s{i}", p, max_tokens=12, ignore_eos=True)]).tokens[f"s{i}"]
-            for i, p in enumerate(prompts)]
+    solo = [
+        run_to_end(smollm2, [req(f"s{i}", p, max_tokens=12, ignore_eos=True)]).tokens[f"s{i}"]
+        for i, p in enumerate(prompts)
+    ]
     out = run_to_end(smollm2, [req(f"b{i}", p, max_tokens=12 - 3 * i, ignore_eos=True) for i, p in enumerate(prompts)])
     assert [out.tokens[f"b{i}"] for i in range(3)] == [s[: 12 - 3 * i] for i, s in enumerate(solo)]
 
@@ -161,9 +164,19 @@ def _hf_folder(tmp_path, models_dir, make_engine, hf_model):
 
 
 def test_untied_gqa_llama_folder(tmp_path, models_dir, make_engine):
-    config = transformers.LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
-                                      rope_theta=500000.0, rms_norm_eps=1e-6, bos_token_id=256, eos_token_id=256)
+    config = transformers.LlamaConfig(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-6,
+        bos_token_id=256,
+        eos_token_id=256,
+    )
     hf = transformers.LlamaForCausalLM(config)
     engine = _hf_folder(tmp_path, models_dir, make_engine, hf)
     assert not engine.runner.model.args.tie_word_embeddings
@@ -172,9 +185,19 @@ def test_untied_gqa_llama_folder(tmp_path, models_dir, make_engine):
 
 def test_post_layernorm_projected_opt_folder(tmp_path, models_dir, make_engine):
     """OPT-350m's shape: post-LN blocks and embeddings projected in and out."""
-    config = transformers.OPTConfig(vocab_size=259, hidden_size=64, word_embed_proj_dim=32, ffn_dim=128,
-                                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
-                                    do_layer_norm_before=False, bos_token_id=256, eos_token_id=256, pad_token_id=258)
+    config = transformers.OPTConfig(
+        vocab_size=259,
+        hidden_size=64,
+        word_embed_proj_dim=32,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        do_layer_norm_before=False,
+        bos_token_id=256,
+        eos_token_id=256,
+        pad_token_id=258,
+    )
     hf = transformers.OPTForCausalLM(config)
     engine = _hf_folder(tmp_path, models_dir, make_engine, hf)
     check_against(engine, hf, list(b"post-LN OPT"), TINY_LOGIT_TOL)
@@ -182,9 +205,20 @@ def test_post_layernorm_projected_opt_folder(tmp_path, models_dir, make_engine):
 
 def test_gated_gelu_t5_folder_without_output_rescale(tmp_path, models_dir, make_engine):
     """T5 v1.1's shape: gated-GELU (tanh) feed-forward, no d_model**-0.5 rescale before the LM head."""
-    config = transformers.T5Config(vocab_size=259, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3,
-                                   num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                                   decoder_start_token_id=258, pad_token_id=258, eos_token_id=256)
+    config = transformers.T5Config(
+        vocab_size=259,
+        d_model=64,
+        d_kv=16,
+        d_ff=96,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=258,
+        pad_token_id=258,
+        eos_token_id=256,
+    )
     hf = transformers.T5ForConditionalGeneration(config)
     engine = _hf_folder(tmp_path, models_dir, make_engine, hf)
     prompt = list(b"gated gelu")

@@ -24,8 +24,12 @@ from engine.runners import greedy_logits
 
 TOL = 1e-4
 TINY = ("tiny-llama", "tiny-opt", "tiny-t5")
-SHAPES = {"tp2": GroupShape((2,)), "pp2": GroupShape((1, 1)), "pp2-m2": GroupShape((1, 1), microbatches=2),
-          "tp2,1+pp2": GroupShape((2, 1))}
+SHAPES = {
+    "tp2": GroupShape((2,)),
+    "pp2": GroupShape((1, 1)),
+    "pp2-m2": GroupShape((1, 1), microbatches=2),
+    "tp2,1+pp2": GroupShape((2, 1)),
+}
 
 
 @pytest.fixture
@@ -44,6 +48,7 @@ def group(request):
 
 
 # ---- shapes, no processes ----------------------------------------------------------------------
+
 
 def test_split_covers_the_range_in_near_equal_contiguous_pieces():
     assert [list(split(9, 2, i)) for i in range(2)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
@@ -75,8 +80,13 @@ def test_each_tp_rank_holds_its_share_of_the_sharded_weights_and_kv_heads(model,
     full = load_state(build_model(model_type, config), state, torch.float32, torch.device("cpu"))
     counts = []
     for rank in range(2):
-        part = load_state(build_model(model_type, config), state, torch.float32, torch.device("cpu"),
-                          prepare=lambda m, r=rank: shard_tp(m, 2, r, None))
+        part = load_state(
+            build_model(model_type, config),
+            state,
+            torch.float32,
+            torch.device("cpu"),
+            prepare=lambda m, r=rank: shard_tp(m, 2, r, None),
+        )
         sharded = {n: p.numel() for n, p in part.named_parameters() if _is_sharded(n)}
         counts.append(sharded)
         assert part.local_kv_heads * 2 == full.cache_geometry()[1]
@@ -95,11 +105,29 @@ def _is_sharded(name: str) -> bool:
     """Projections into or out of heads and FFN units (not norms, embeddings or the LM head)."""
     leaf = name.rsplit(".", 2)
     return name.endswith("weight") and leaf[-2] in {
-        "q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2",
-        "q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "out_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "fc1",
+        "fc2",
+        "q",
+        "k",
+        "v",
+        "o",
+        "wi",
+        "wi_0",
+        "wi_1",
+        "wo",
+    }
 
 
 # ---- groups of processes -----------------------------------------------------------------------
+
 
 def drive(runner, script) -> list[torch.Tensor]:
     """Run the same calls on a runner: prefill, decode (all or some slots), padding, swaps, removes."""
@@ -172,6 +200,7 @@ def test_a_group_undoes_a_step_that_failed_after_its_forward_pass(group, tmp_pat
         expected += one.decode_step()
     many = group("tiny-llama", GroupShape((2,)), models_dir=tmp_path)
     got = many.prefill([first])
+
     def fault(*_):
         raise RuntimeError("sampler fault")
 
@@ -221,9 +250,29 @@ def test_a_rank_started_by_hand_joins_rank_0_as_torchrun_would(group, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXEGPT_")}
     env["EXEGPT_MODELS_DIR"] = str(tmp_path)
-    follower = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--model", "tiny-opt",
-                                 "--tp", "2", "--rank", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                                 "--device", "cpu", "--threads", "1"], env=env)
+    follower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "worker",
+            "--model",
+            "tiny-opt",
+            "--tp",
+            "2",
+            "--rank",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
+        env=env,
+    )
     try:
         many = group("tiny-opt", GroupShape((2,)), models_dir=tmp_path, master_addr="127.0.0.1", master_port=port)
         one = load_engine("tiny-opt", device="cpu", models_dir=tmp_path)

@@ -29,8 +29,9 @@ def test_measure_handoff_through_the_brokers_and_leave_nothing_behind():
     names = Names(f"t{uuid.uuid4().hex[:10]}")
 
     async def measure_then_look():
-        probe = await measure_handoff(AMQP_URL, REDIS_URL, sizes=(1 << 10, 1 << 20), rounds=2, hops=3,
-                                      namespace=names.namespace)
+        probe = await measure_handoff(
+            AMQP_URL, REDIS_URL, sizes=(1 << 10, 1 << 20), rounds=2, hops=3, namespace=names.namespace
+        )
         store = await RedisStore.connect(REDIS_URL)
         left = await store.delete_prefix(names.key_prefix)
         await store.close()

@@ -14,8 +14,15 @@ def _module_dims(engine):
     model = engine.runner.model
     a = model.args
     if model.kind == "llama":
-        return (a.num_hidden_layers, a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
-                a.intermediate_size, 0)
+        return (
+            a.num_hidden_layers,
+            a.hidden_size,
+            a.num_attention_heads,
+            a.num_key_value_heads,
+            a.head_dim,
+            a.intermediate_size,
+            0,
+        )
     if model.kind == "t5":
         return a.num_decoder_layers, a.d_model, a.num_heads, a.num_heads, a.d_kv, a.d_ff, a.num_layers
     return a.num_hidden_layers, a.hidden_size, a.num_attention_heads, a.num_attention_heads, a.head_dim, a.ffn_dim, 0

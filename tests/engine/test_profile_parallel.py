@@ -56,8 +56,13 @@ def test_a_shard_is_probed_with_its_own_heads(models_dir, name):
     assert probe.kv_heads == shard.local_kv_heads == full_kv // 2
     assert probe.heads == 2  # of the tiny models' 4
     with torch.inference_mode():  # every kind of cell runs on the shard's caches
-        for fn in (probe.prefill_layer(2, 16), probe.decode_layer(2, 16, 16), probe.attn_prefill(2, 16),
-                   probe.attn_decode(2, 16), *probe.attention_in_decode(2)):
+        for fn in (
+            probe.prefill_layer(2, 16),
+            probe.decode_layer(2, 16, 16),
+            probe.attn_prefill(2, 16),
+            probe.attn_decode(2, 16),
+            *probe.attention_in_decode(2),
+        ):
             fn()
 
 
@@ -87,12 +92,32 @@ def test_quick_measurement_between_two_processes():
 @pytest.mark.slow
 def test_profile_cli_at_tp_2_writes_tp_rows_and_the_measured_link(tmp_path, monkeypatch, models_dir, capsys):
     real = measure
-    monkeypatch.setattr(collectives, "measure", lambda: real(sizes=(1024, 65536, 1 << 20), repeats=5,
-                                                                   budget_s=1.0))
+    monkeypatch.setattr(collectives, "measure", lambda: real(sizes=(1024, 65536, 1 << 20), repeats=5, budget_s=1.0))
     monkeypatch.setenv("EXEGPT_MODELS_DIR", str(models_dir))
     out = tmp_path / "p.jsonl"
-    assert main(["profile", "--model", "tiny-llama", "--out", str(out), "--repeats", "1", "--quick", "--device",
-                 "cpu", "--max-len", "256", "--threads", "1", "--tp-degrees", "2"]) == 0  # 1 is added
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                "tiny-llama",
+                "--out",
+                str(out),
+                "--repeats",
+                "1",
+                "--quick",
+                "--device",
+                "cpu",
+                "--max-len",
+                "256",
+                "--threads",
+                "1",
+                "--tp-degrees",
+                "2",
+            ]
+        )
+        == 0
+    )  # 1 is added
     printed = capsys.readouterr().out
     assert "all-reduce" in printed and "1 MiB" in printed and "tp 1,2" in printed
     assert next(read_jsonl(out))["tp_degrees"] == [1, 2]
@@ -110,28 +135,91 @@ def test_quick_profile_keeps_the_default_link_unless_asked(tmp_path, monkeypatch
     monkeypatch.setattr(collectives, "measure", lambda: pytest.fail("measured without being asked"))
     monkeypatch.setenv("EXEGPT_MODELS_DIR", str(models_dir))
     out = tmp_path / "p.jsonl"
-    assert main(["profile", "--model", "tiny-llama", "--out", str(out), "--repeats", "1", "--quick", "--device",
-                 "cpu", "--max-len", "64", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                "tiny-llama",
+                "--out",
+                str(out),
+                "--repeats",
+                "1",
+                "--quick",
+                "--device",
+                "cpu",
+                "--max-len",
+                "64",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert load_cluster(tmp_path / "p-cluster.json").intra_node.source.startswith("default, not measured")
-    assert main(["profile", "--model", "tiny-llama", "--out", str(out), "--repeats", "1", "--device", "cpu",
-                 "--max-batch", "2", "--max-len", "32", "--max-tokens", "64", "--threads", "1",
-                 "--no-collectives"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                "tiny-llama",
+                "--out",
+                str(out),
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--max-batch",
+                "2",
+                "--max-len",
+                "32",
+                "--max-tokens",
+                "64",
+                "--threads",
+                "1",
+                "--no-collectives",
+            ]
+        )
+        == 0
+    )
 
 
 def test_a_degree_the_model_cannot_take_is_a_one_line_error(tmp_path, capsys, monkeypatch, models_dir):
     monkeypatch.setattr(collectives, "measure", lambda: pytest.fail("measured before the rows"))
     monkeypatch.setenv("EXEGPT_MODELS_DIR", str(models_dir))
-    assert main(["profile", "--model", "tiny-llama", "--out", str(tmp_path / "p.jsonl"), "--quick", "--device",
-                 "cpu", "--repeats", "1", "--max-len", "64", "--tp-degrees", "1,4"]) == 2
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                "tiny-llama",
+                "--out",
+                str(tmp_path / "p.jsonl"),
+                "--quick",
+                "--device",
+                "cpu",
+                "--repeats",
+                "1",
+                "--max-len",
+                "64",
+                "--tp-degrees",
+                "1,4",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "2 key/value heads cannot be split over 4" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--tp-degrees", "0"], "degrees must be >= 1"),
-    (["--tp-degrees", "two"], "not a list of integers"),
-    (["--measure-links", "--no-collectives"], "not allowed with argument"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tp-degrees", "0"], "degrees must be >= 1"),
+        (["--tp-degrees", "two"], "not a list of integers"),
+        (["--measure-links", "--no-collectives"], "not allowed with argument"),
+    ],
+)
 def test_bad_tp_and_link_flags_are_usage_errors(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
         main(["profile", "--out", str(tmp_path / "p.jsonl"), "--quick", *args])
@@ -149,11 +237,35 @@ def test_profile_writes_the_measured_nixl_link_as_the_clusters_handoff(tmp_path,
     def measured(amqp_url, redis_url):
         asked.append((amqp_url, redis_url))
         return "nixl", 1.5e9, 3e-4, "measured: NIXL read between two worker processes (stub)"
+
     monkeypatch.setattr(handoff, "nixl_link", measured)
     monkeypatch.setenv("EXEGPT_MODELS_DIR", str(models_dir))
     out = tmp_path / "p.jsonl"
-    assert main(["profile", "--model", "tiny-llama", "--out", str(out), "--repeats", "1", "--quick", "--device",
-                 "cpu", "--max-len", "64", "--threads", "1", "--amqp-url", "amqp://a", "--redis-url", "redis://r"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                "tiny-llama",
+                "--out",
+                str(out),
+                "--repeats",
+                "1",
+                "--quick",
+                "--device",
+                "cpu",
+                "--max-len",
+                "64",
+                "--threads",
+                "1",
+                "--amqp-url",
+                "amqp://a",
+                "--redis-url",
+                "redis://r",
+            ]
+        )
+        == 0
+    )
     link = load_cluster(tmp_path / "p-cluster.json").handoff
     assert asked == [("amqp://a", "redis://r")]
     assert (link.name, link.bandwidth_Bps, link.latency_s) == ("nixl", 1.5e9, 3e-4)

@@ -15,11 +15,17 @@ def test_profile_rows_follow_reference_schema(llama):
     grid = Grid(tokens=(1, 8), prefill=((1, 16), (2, 16)), decode=((2, 32),))
     split, layers = profile_rows(llama, "tiny-llama", grid, repeats=2)
     assert [(r["part"], r.get("tokens"), r.get("batch"), r.get("seq"), r.get("ctx")) for r in split] == [
-        ("rest", 1, None, None, None), ("rest", 8, None, None, None),
-        ("attn_prefill", None, 1, 16, None), ("attn_prefill", None, 2, 16, None),
-        ("attn_decode", None, 2, None, 32)]
+        ("rest", 1, None, None, None),
+        ("rest", 8, None, None, None),
+        ("attn_prefill", None, 1, 16, None),
+        ("attn_prefill", None, 2, 16, None),
+        ("attn_decode", None, 2, None, 32),
+    ]
     assert [(r["phase"], r["batch"], r.get("seq"), r.get("ctx")) for r in layers] == [
-        ("prefill", 1, 16, None), ("prefill", 2, 16, None), ("decode", 2, None, 32)]
+        ("prefill", 1, 16, None),
+        ("prefill", 2, 16, None),
+        ("decode", 2, None, 32),
+    ]
     assert all(r["model"] == "tiny-llama" and r["tp"] == 1 and r["ms"] >= 0 for r in split + layers)
     assert all(r["ms"] > 0 for r in layers)
 
@@ -65,8 +71,29 @@ def test_profile_cli_writes_profile_layers_and_cluster(tmp_path, monkeypatch, mo
     monkeypatch.setattr(optimizer.profile, "smooth_rows", lambda rows: calls.append(len(rows)) or real(rows))
     monkeypatch.setenv("EXEGPT_MODELS_DIR", str(models_dir))
     out = tmp_path / "p.jsonl"
-    assert main(["profile", "--model", "tiny-llama", "--out", str(out), "--repeats", "1", "--quick",
-                 "--device", "cpu", "--max-len", "256", "--devices", "2", "--device-memory", "4e9"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                "tiny-llama",
+                "--out",
+                str(out),
+                "--repeats",
+                "1",
+                "--quick",
+                "--device",
+                "cpu",
+                "--max-len",
+                "256",
+                "--devices",
+                "2",
+                "--device-memory",
+                "4e9",
+            ]
+        )
+        == 0
+    )
     split = list(read_jsonl(out))
     layers = list(read_jsonl(tmp_path / "p-layers.jsonl"))
     assert "device" in split[0] and "device" in layers[0] and split[0]["dtype"] == "torch.float32"
@@ -81,11 +108,14 @@ def test_profile_cli_writes_profile_layers_and_cluster(tmp_path, monkeypatch, mo
     assert cluster.device_threads >= 1 and cluster.handoff.source.startswith("default, not measured")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--amqp-url", "amqp://x"], "give both --amqp-url and --redis-url"),
-    (["--device-memory", "-1"], "--device-memory must be > 0"),
-    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--amqp-url", "amqp://x"], "give both --amqp-url and --redis-url"),
+        (["--device-memory", "-1"], "--device-memory must be > 0"),
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    ],
+)
 def test_profile_cli_errors_are_one_line(tmp_path, capsys, args, message):
     assert main(["profile", "--out", str(tmp_path / "p.jsonl"), "--quick", "--device", "cpu", *args]) == 2
     err = capsys.readouterr().err.strip()

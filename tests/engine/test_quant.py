@@ -33,7 +33,7 @@ from tests.engine.conftest import req, run_to_end
 
 
 def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -86,7 +86,7 @@ def test_a_row_does_not_depend_on_the_rows_beside_it(make):
     w = _weight(64, 128)
     layer = make(w)
     x = torch.randn(33, 128)
-    alone = torch.cat([layer(x[i:i + 1]) for i in range(33)])
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(33)])
     if make is Fp16Weight:
         # fbgemm's fp16 kernel is chosen by the number of rows, and on some CPUs (AVX2 here) the
         # kernels sum in different orders: a row is then equal to float32 rounding, not bit for bit
@@ -179,8 +179,11 @@ def test_int4_from_a_grid_computes_with_that_grid_where_quantizing_again_would_n
 
 def test_quantize_packs_the_grids_it_is_given_fused_weights_included(make_engine):
     model = make_engine("tiny-llama").runner.model
-    grids = {name: _grid(*p.shape, seed=i) for i, (name, p) in enumerate(model.named_parameters())
-             if name.endswith("proj.weight") and can_int4(p)}
+    grids = {
+        name: _grid(*p.shape, seed=i)
+        for i, (name, p) in enumerate(model.named_parameters())
+        if name.endswith("proj.weight") and can_int4(p)
+    }
     quantize_(model, "int4", grids)
     block, x = model.model.layers[0], torch.randn(2, model.args.hidden_size).bfloat16().float()
     qkv = torch.cat([_dense(grids[f"model.layers.0.self_attn.{p}_proj.weight"]) for p in "qkv"])
@@ -215,8 +218,10 @@ def test_int4_falls_back_to_int8_where_the_kernel_cannot_go(make_engine):
 def test_quantized_engines_generate_and_batch_without_changing_a_request(make_engine, name, mode):
     engine = make_engine(name, quant=mode)
     prompts = [b"The oracle says: ", b"a", b"quantized weights, longer prompt here"]
-    alone = [run_to_end(engine, [req(f"a{i}", p, max_tokens=8, ignore_eos=True)]).tokens[f"a{i}"]
-             for i, p in enumerate(prompts)]
+    alone = [
+        run_to_end(engine, [req(f"a{i}", p, max_tokens=8, ignore_eos=True)]).tokens[f"a{i}"]
+        for i, p in enumerate(prompts)
+    ]
     together = run_to_end(engine, [req(f"b{i}", p, max_tokens=8, ignore_eos=True) for i, p in enumerate(prompts)])
     assert [together.tokens[f"b{i}"] for i in range(len(prompts))] == alone
     assert all(len(t) == 8 for t in alone)
@@ -243,9 +248,9 @@ TEXTS = (
     "yeast. Add 350 millilitres of warm water and stir until no dry flour remains. Knead the dough for ten "
     "minutes, until it is smooth and elastic, then cover it and leave it to rise for an hour. Shape it, let "
     "it rise again for thirty minutes, and bake it at 220 degrees for about thirty-five minutes.",
-    "def fibonacci(n):\n    \"\"\"Return the first n Fibonacci numbers.\"\"\"\n    numbers = [0, 1]\n"
+    'def fibonacci(n):\n    """Return the first n Fibonacci numbers."""\n    numbers = [0, 1]\n'
     "    while len(numbers) < n:\n        numbers.append(numbers[-1] + numbers[-2])\n    return numbers[:n]\n\n\n"
-    "if __name__ == \"__main__\":\n    for i, value in enumerate(fibonacci(10)):\n        print(i, value)\n",
+    'if __name__ == "__main__":\n    for i, value in enumerate(fibonacci(10)):\n        print(i, value)\n',
     "Photosynthesis is the process by which green plants, algae and some bacteria turn light into chemical "
     "energy. Inside the chloroplasts, chlorophyll absorbs mostly red and blue light. That energy splits "
     "water molecules, releasing oxygen, and drives the reactions that fix carbon dioxide from the air into "
@@ -306,24 +311,31 @@ PERPLEXITY_TOLERANCE = 0.02  # perplexity on the texts within 2 % of float32's
 # int8/int4 kernels and a bfloat16 model round every projection's input and output to bfloat16
 # (8 significant bits), and ~5 % of these positions have their top two float32 logits within 0.1.
 AGREEMENT_FLOOR = {"fp16": AGREEMENT_GOAL, "bfloat16": 0.98, "int4": 0.985, "int8": 0.96, "default": 0.985}
-CHOICES = {"fp16": dict(quant="fp16"), "bfloat16": dict(dtype="bfloat16", quant="none"), "int8": dict(quant="int8"),
-           "int4": dict(quant="int4"), "default": dict()}  # default: the GGUF's own Q4_1, as int4
+CHOICES = {
+    "fp16": dict(quant="fp16"),
+    "bfloat16": dict(dtype="bfloat16", quant="none"),
+    "int8": dict(quant="int8"),
+    "int4": dict(quant="int4"),
+    "default": dict(),
+}  # default: the GGUF's own Q4_1, as int4
 
 
 def teacher_forced_logits(engine, ids: list[int]) -> torch.Tensor:
     """Logits at every position of ``ids`` (T, V) float32, in one prefill on a scratch cache."""
     model = engine.runner.model
     layers, kv_heads, head_dim = model.cache_geometry()
-    cache = KVCache(layers, kv_heads, head_dim, dtype=engine.runner.cache.dtype, device=torch.device("cpu"),
-                    max_context=len(ids))
+    cache = KVCache(
+        layers, kv_heads, head_dim, dtype=engine.runner.cache.dtype, device=torch.device("cpu"), max_context=len(ids)
+    )
     batch = Batch.prefill(cache, [ids], torch.device("cpu"))
     batch.logit_rows = None  # every position, not just the last
     with torch.inference_mode():
         return model(batch).float()
 
 
-def agreement_and_perplexity(ref: list[torch.Tensor], got: list[torch.Tensor],
-                             ids: list[list[int]]) -> tuple[float, float, float]:
+def agreement_and_perplexity(
+    ref: list[torch.Tensor], got: list[torch.Tensor], ids: list[list[int]]
+) -> tuple[float, float, float]:
     """(top-1 agreement, float32 perplexity, perplexity) over the texts."""
     same = total = 0
     nll_ref = nll_got = 0.0
@@ -351,9 +363,11 @@ def test_smollm2_choice_agrees_with_float32(smollm2_reference, choice):
     got = [teacher_forced_logits(engine, t) for t in ids]
     agreement, ppl_ref, ppl = agreement_and_perplexity(ref, got, ids)
     held = quantized_bytes(engine.runner.model)
-    print(f"{choice}: top-1 agreement with float32 {100 * agreement:.2f} % of {sum(map(len, ids))} positions, "
-          f"perplexity {ppl:.3f} vs {ppl_ref:.3f} ({100 * (ppl / ppl_ref - 1):+.2f} %), "
-          f"quantized copies {held / 1e6:.0f} MB")
+    print(
+        f"{choice}: top-1 agreement with float32 {100 * agreement:.2f} % of {sum(map(len, ids))} positions, "
+        f"perplexity {ppl:.3f} vs {ppl_ref:.3f} ({100 * (ppl / ppl_ref - 1):+.2f} %), "
+        f"quantized copies {held / 1e6:.0f} MB"
+    )
     assert abs(ppl / ppl_ref - 1) <= PERPLEXITY_TOLERANCE
     assert agreement >= AGREEMENT_FLOOR[choice]
     # and it still generates through the engine's own loop
@@ -368,15 +382,59 @@ def test_generate_and_bench_take_quant(models_dir, monkeypatch, capsys):
     from services.cli import main
 
     monkeypatch.setenv("EXEGPT_MODELS_DIR", str(models_dir))
-    assert main(["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-tokens", "3", "--ignore-eos",
-                 "--device", "cpu", "--threads", "1", "--quant", "int4"]) == 0
-    assert main(["bench", "engine", "--model", "tiny-llama", "--batch-sizes", "2", "--prompt-len", "6",
-                 "--new-tokens", "4", "--repeats", "1", "--device", "cpu", "--threads", "1", "--quant", "int8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny-llama",
+                "--prompt",
+                "hi",
+                "--max-tokens",
+                "3",
+                "--ignore-eos",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--quant",
+                "int4",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "bench",
+                "engine",
+                "--model",
+                "tiny-llama",
+                "--batch-sizes",
+                "2",
+                "--prompt-len",
+                "6",
+                "--new-tokens",
+                "4",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--quant",
+                "int8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "quant int8" in out
-    for argv in (["generate", "--model", "tiny-llama", "--prompt", "hi", "--quant", "int3", "--device", "cpu"],
-                 ["bench", "engine", "--model", "tiny-llama", "--quant", "q4", "--device", "cpu"],
-                 ["bench", "engine", "--model", "tiny-llama", "--llamacpp", "--device", "cpu"]):
+    for argv in (
+        ["generate", "--model", "tiny-llama", "--prompt", "hi", "--quant", "int3", "--device", "cpu"],
+        ["bench", "engine", "--model", "tiny-llama", "--quant", "q4", "--device", "cpu"],
+        ["bench", "engine", "--model", "tiny-llama", "--llamacpp", "--device", "cpu"],
+    ):
         assert main(argv) == 2, argv
     err = capsys.readouterr().err
     assert "unknown quant 'int3'" in err and "unknown quant 'q4'" in err and "runs a GGUF model" in err
@@ -387,8 +445,28 @@ def test_bench_against_llamacpp(capsys):
     pytest.importorskip("llama_cpp")
     from services.cli import main
 
-    assert main(["bench", "engine", "--llamacpp", "--batch-sizes", "1,2", "--prompt-len", "8", "--new-tokens", "4",
-                 "--repeats", "1", "--threads", "1", "--quant", "int4"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "engine",
+                "--llamacpp",
+                "--batch-sizes",
+                "1,2",
+                "--prompt-len",
+                "8",
+                "--new-tokens",
+                "4",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "--quant",
+                "int4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [(r[0], r[1]) for r in rows] == [("1", "prefill"), ("1", "decode"), ("2", "prefill"), ("2", "decode")]

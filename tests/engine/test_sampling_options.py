@@ -78,8 +78,9 @@ def test_penalties_reduce_repetition(llama) -> None:
     assert penalised != plain or len(set(plain)) == len(plain)
 
 
-@pytest.mark.parametrize("bad", [dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(logprobs=21),
-                                 dict(logprobs=-1)])
+@pytest.mark.parametrize(
+    "bad", [dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(logprobs=21), dict(logprobs=-1)]
+)
 def test_out_of_range_options_are_refused(bad) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -78,7 +78,7 @@ def test_random_steps_match_solo_runs_and_leave_others_untouched(make_engine, na
     out, pending = Collector(), list(requests)
     while pending or engine.running():
         take = pending[: rnd.choice([0, 0, 1, 3])]
-        pending = pending[len(take):]
+        pending = pending[len(take) :]
         running = engine.running()
         decode = rnd.sample(running, rnd.randint(0, len(running)))
         waiting = {rid: snapshot(engine, rid) for rid in running if rid not in decode}
@@ -88,8 +88,11 @@ def test_random_steps_match_solo_runs_and_leave_others_untouched(make_engine, na
             assert_same_state(snapshot(engine, rid), before)
         out.add(events)
     for rid, alone in solo.items():
-        assert (out.tokens[rid], out.text[rid], out.reason[rid]) == (alone.tokens[rid], alone.text[rid],
-                                                                     alone.reason[rid]), rid
+        assert (out.tokens[rid], out.text[rid], out.reason[rid]) == (
+            alone.tokens[rid],
+            alone.text[rid],
+            alone.reason[rid],
+        ), rid
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -147,12 +150,15 @@ STEP_ERRORS = [
     (dict(decode=["a"], padding=-1), "padding"),
     (dict(prefill=[req("n", b"fine"), req("m", ())], decode=["a"]), "empty prompt"),
     (dict(prefill=[req("b", b"again")], decode=["a"]), "already running"),
-    (dict(prefill=[GenerationRequest("n", (1, 2), SamplingParams(max_tokens=3), resume_ids=(5, 6, 7))]),
-     "max_tokens"),
-    (dict(prefill=[GenerationRequest("n", (1, 2), SamplingParams(max_tokens=9), resume_ids=(5, 99999))]),
-     "outside vocabulary"),
-    (dict(prefill=[GenerationRequest("n", (1,) * 2000, SamplingParams(max_tokens=99), resume_ids=(5,) * 48)]),
-     "max_context"),
+    (dict(prefill=[GenerationRequest("n", (1, 2), SamplingParams(max_tokens=3), resume_ids=(5, 6, 7))]), "max_tokens"),
+    (
+        dict(prefill=[GenerationRequest("n", (1, 2), SamplingParams(max_tokens=9), resume_ids=(5, 99999))]),
+        "outside vocabulary",
+    ),
+    (
+        dict(prefill=[GenerationRequest("n", (1,) * 2000, SamplingParams(max_tokens=99), resume_ids=(5,) * 48)]),
+        "max_context",
+    ),
 ]
 
 
@@ -192,7 +198,7 @@ RESUME_CASES = {
 def late_substring(text: str, start: int) -> str:
     """Two characters of ``text`` that first occur at ``start`` or later (and are whole characters)."""
     for i in range(start, len(text) - 1):
-        piece = text[i:i + 2]
+        piece = text[i : i + 2]
         if "\ufffd" not in piece and text.find(piece) == i:
             return piece
     raise AssertionError(f"no late substring in {text!r}")
@@ -206,8 +212,9 @@ def check_resume(engine, prompt: list[int], params: dict, cuts: tuple[int, ...])
     assert len(tokens) > max(cuts)
     for cut in cuts:
         delivered = "".join(e.text for e in full[:cut])
-        resumed = GenerationRequest("r", tuple(prompt), SamplingParams(**params), resume_ids=tuple(tokens[:cut]),
-                                    resume_text=delivered)
+        resumed = GenerationRequest(
+            "r", tuple(prompt), SamplingParams(**params), resume_ids=tuple(tokens[:cut]), resume_text=delivered
+        )
         engine.prefill([req("neighbour", b"sharing the batch", max_tokens=40, ignore_eos=True)])
         events = engine.step(prefill=[resumed], decode=["neighbour"])
         mine = [e for e in events if e.request_id == "r"]
@@ -221,8 +228,10 @@ def check_resume(engine, prompt: list[int], params: dict, cuts: tuple[int, ...])
         assert mine[-1].finish_reason == full[-1].finish_reason
 
 
-@pytest.mark.parametrize("name, case", [(name, case) for name in ARCHS for case in RESUME_CASES
-                                        if (name, case) != ("tiny-t5", "stop string")])  # tiny T5 repeats itself
+@pytest.mark.parametrize(
+    "name, case",
+    [(name, case) for name in ARCHS for case in RESUME_CASES if (name, case) != ("tiny-t5", "stop string")],
+)  # tiny T5 repeats itself
 def test_resumed_request_continues_exactly(make_engine, name, case):
     engine = make_engine(name)
     prompt, params = list(b"Resume me, please: "), dict(RESUME_CASES[case])
@@ -258,8 +267,10 @@ def test_resumed_sampled_request_restarts_its_generator(llama):
 def test_handoff_after_subset_steps_and_of_resumed_requests(make_engine, name):
     rnd = random.Random(11)
     source, target = make_engine(name), make_engine(name)
-    requests = [GenerationRequest(r.request_id, r.prompt_ids, SamplingParams(**{**r.params.__dict__, "max_tokens": 20}))
-                for r in make_requests(rnd, 5)]
+    requests = [
+        GenerationRequest(r.request_id, r.prompt_ids, SamplingParams(**{**r.params.__dict__, "max_tokens": 20}))
+        for r in make_requests(rnd, 5)
+    ]
     solo = {r.request_id: run_to_end(source, [r]).tokens[r.request_id] for r in requests}
     out = Collector()
     out.add(source.prefill(requests[:4]))
@@ -271,8 +282,9 @@ def test_handoff_after_subset_steps_and_of_resumed_requests(make_engine, name):
     # a greedy request given back after 4 tokens and resumed here
     greedy = next(r for r in requests if r.params.temperature == 0 and r.request_id in source.running())
     source.abort(greedy.request_id)
-    resumed = GenerationRequest(greedy.request_id, greedy.prompt_ids, greedy.params,
-                                resume_ids=tuple(solo[greedy.request_id][:4]))
+    resumed = GenerationRequest(
+        greedy.request_id, greedy.prompt_ids, greedy.params, resume_ids=tuple(solo[greedy.request_id][:4])
+    )
     out.tokens[greedy.request_id] = list(solo[greedy.request_id][:4])
     out.add(target.step(prefill=[resumed], decode=["q0"], padding=1))
     while source.running() or target.running():

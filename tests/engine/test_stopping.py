@@ -92,8 +92,11 @@ def test_sampling_respects_top_k_and_top_p():
     from engine.sampling import make_generator, sample
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
-    params = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_p=0.6),
-              SamplingParams(temperature=1.0)]
+    params = [
+        SamplingParams(temperature=1.0, top_k=2),
+        SamplingParams(temperature=1.0, top_p=0.6),
+        SamplingParams(temperature=1.0),
+    ]
     seen: list[set[int]] = [set(), set(), set()]
     gens = [make_generator(f"r{i}", p) for i, p in enumerate(params)]
     for _ in range(300):

@@ -7,12 +7,15 @@ from engine.api import SamplingParams
 from tests.engine.conftest import req
 
 
-@pytest.mark.parametrize("prompt, match", [
-    ((), "empty prompt"),
-    (tuple(range(2048)), "max_context"),
-    ((1, 2, 99999), "outside vocabulary"),
-    ((-1,), "outside vocabulary"),
-])
+@pytest.mark.parametrize(
+    "prompt, match",
+    [
+        ((), "empty prompt"),
+        (tuple(range(2048)), "max_context"),
+        ((1, 2, 99999), "outside vocabulary"),
+        ((-1,), "outside vocabulary"),
+    ],
+)
 def test_bad_prompts_rejected_and_batch_untouched(llama, prompt, match):
     llama.prefill([req("ok", b"fine", max_tokens=5)])
     with pytest.raises(ValueError, match=match):
@@ -35,10 +38,13 @@ def test_bad_sampling_params_rejected():
         SamplingParams(top_p=0)
 
 
-@pytest.mark.parametrize("model, match", [
-    ("no-such-model", "unknown model"),
-    ("/nonexistent/folder", "unknown model"),
-])
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        ("no-such-model", "unknown model"),
+        ("/nonexistent/folder", "unknown model"),
+    ],
+)
 def test_unknown_models_rejected(model, match):
     with pytest.raises(ValueError, match=match):
         load_engine(model, device="cpu")

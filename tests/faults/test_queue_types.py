@@ -35,8 +35,7 @@ def services():
 
 
 def config(services: faults.PrivateServices, queue_type: str, **more) -> MeshConfig:
-    return MeshConfig(namespace=f"qt{secrets.token_hex(4)}", amqp_url=services.amqp_url,
-                      queue_type=queue_type, **more)
+    return MeshConfig(namespace=f"qt{secrets.token_hex(4)}", amqp_url=services.amqp_url, queue_type=queue_type, **more)
 
 
 def listed(services: faults.PrivateServices, queue: str, *fields: str) -> list[str]:
@@ -47,10 +46,12 @@ def listed(services: faults.PrivateServices, queue: str, *fields: str) -> list[s
 
 async def until(condition: Callable[[], bool], event: asyncio.Event) -> None:
     """Wait (bounded) until ``condition`` holds; ``event`` is set at each change."""
+
     async def wait() -> None:
         while not condition():
             event.clear()
             await event.wait()
+
     await asyncio.wait_for(wait(), TIMEOUT_S)
 
 
@@ -66,7 +67,7 @@ async def test_durable_queues_have_the_configured_type(services, queue_type):
             kind, arguments = await asyncio.to_thread(listed, services, queue, "type", "arguments")
             assert kind == queue_type, (queue, kind, arguments)
             limit = cfg.delivery_limit * BROKER_DELIVERY_LIMIT_FACTOR
-            assert (f"\"x-delivery-limit\",{limit}" in arguments.replace(" ", "")) == (queue_type == "quorum")
+            assert (f'"x-delivery-limit",{limit}' in arguments.replace(" ", "")) == (queue_type == "quorum")
         assert (await asyncio.to_thread(listed, services, names.events_queue("gw"), "type"))[0] == "classic"
     finally:
         await bus.delete(queues=[names.encode_queue, names.dead_queue], exchanges=[names.dead_exchange])
@@ -140,8 +141,9 @@ async def test_a_quorum_queue_dead_letters_what_keeps_coming_back(services):
         limit = cfg.delivery_limit * BROKER_DELIVERY_LIMIT_FACTOR
         for _ in range(limit + 1):
             dying = await open_bus(cfg, names, LocalHub())
-            delivery = await asyncio.wait_for(anext(aiter(await dying.consume(names.encode_queue, prefetch=1))),
-                                              TIMEOUT_S)
+            delivery = await asyncio.wait_for(
+                anext(aiter(await dying.consume(names.encode_queue, prefetch=1))), TIMEOUT_S
+            )
             assert delivery.body == b"kills its consumer"
             await dying.close()  # dies holding it: back to the queue, one delivery more
         dead = await producer.consume(names.dead_queue, prefetch=1)
@@ -173,10 +175,12 @@ def test_a_mesh_on_quorum_queues_answers_each_request_once_when_a_worker_dies(se
     mesh = faults.Mesh(services, workers=2, env={"EXEGPT_QUEUE_TYPE": "quorum"})
     try:
         mesh.start()
-        assert asyncio.run(asyncio.to_thread(listed, services, Names(mesh.namespace).encode_queue,
-                                             "type")) == ["quorum"]
-        harness = faults.Harness(services, mesh, faults.Settings(clients=4, baseline_s=5.0, observe_s=20.0,
-                                                                 recovered_share=0.8))
+        assert asyncio.run(asyncio.to_thread(listed, services, Names(mesh.namespace).encode_queue, "type")) == [
+            "quorum"
+        ]
+        harness = faults.Harness(
+            services, mesh, faults.Settings(clients=4, baseline_s=5.0, observe_s=20.0, recovered_share=0.8)
+        )
         asyncio.run(harness.prepare())
         outcome = asyncio.run(harness.run("kill-worker"))
         assert outcome.sent >= 10, outcome

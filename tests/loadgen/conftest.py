@@ -45,9 +45,16 @@ def make_app(behaviour: FakeBehaviour) -> FastAPI:
         max_tokens = int(body["max_tokens"])
         prompt_tokens = len((body.get("prompt") or body["messages"][0]["content"]).split())
         if behaviour.max_context and prompt_tokens + max_tokens > behaviour.max_context:
-            return JSONResponse({"error": {
-                "message": f"This model's maximum context length is {behaviour.max_context} tokens",
-                "type": "invalid_request_error", "code": "context_length_exceeded"}}, 400)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"This model's maximum context length is {behaviour.max_context} tokens",
+                        "type": "invalid_request_error",
+                        "code": "context_length_exceeded",
+                    }
+                },
+                400,
+            )
 
         async def stream():
             await asyncio.sleep(behaviour.first_token_delay_s)  # simulated work
@@ -92,8 +99,9 @@ def fake_server():
     sock.bind(("127.0.0.1", 0))
     sock.listen(256)  # connections queue in the backlog until the server accepts them
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(make_app(behaviour), log_level="warning", lifespan="off",
-                                           timeout_graceful_shutdown=1))
+    server = uvicorn.Server(
+        uvicorn.Config(make_app(behaviour), log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -28,8 +28,7 @@ def gateway_url():
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)  # requests queue in the backlog until the app has started
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -45,9 +44,31 @@ def gateway_url():
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_forced_lengths_and_metrics_through_our_gateway(gateway_url, tmp_path, endpoint):
     out = tmp_path / "gw.json"
-    rc = main(["loadgen", "--url", gateway_url, "--endpoint", endpoint, "--input-tokens", "12",
-               "--output-tokens", "6", "--rate", "20", "--num-requests", "16", "--seed", "4",
-               "--max-duration-s", "120", "--no-plots", "--quiet", "--out", str(out)])
+    rc = main(
+        [
+            "loadgen",
+            "--url",
+            gateway_url,
+            "--endpoint",
+            endpoint,
+            "--input-tokens",
+            "12",
+            "--output-tokens",
+            "6",
+            "--rate",
+            "20",
+            "--num-requests",
+            "16",
+            "--seed",
+            "4",
+            "--max-duration-s",
+            "120",
+            "--no-plots",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     run = json.loads(out.read_text())["runs"][0]
     assert run["summary"]["completed"] == 16 and run["summary"]["errors"] == {}
@@ -62,9 +83,29 @@ def test_task_s_fits_tiny_llamas_context(gateway_url, tmp_path):
     """Task S word prompts run to ~2,800 characters, and tiny-llama's byte-level tokenizer counts
     characters: past its 2,048-token context. Sized with its own tokenizer, every request fits."""
     out = tmp_path / "s.json"
-    rc = main(["loadgen", "--url", gateway_url, "--task", "S", "--length-scale", "1",
-               "--rate", "50", "--num-requests", "12", "--seed", "0", "--max-duration-s", "300",
-               "--no-plots", "--quiet", "--out", str(out)])
+    rc = main(
+        [
+            "loadgen",
+            "--url",
+            gateway_url,
+            "--task",
+            "S",
+            "--length-scale",
+            "1",
+            "--rate",
+            "50",
+            "--num-requests",
+            "12",
+            "--seed",
+            "0",
+            "--max-duration-s",
+            "300",
+            "--no-plots",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     run = json.loads(out.read_text())["runs"][0]
     assert run["summary"]["errors"] == {}, run["summary"]["error_messages"]

@@ -86,10 +86,12 @@ def test_empty_run():
 
 
 def test_summary_keeps_a_message_per_error_kind_and_the_most_common():
-    recs = [RequestRecord(0, 0.0, 1.0, 4, 2, (0.5, 1.0)),
-            RequestRecord(1, 0.0, 0.1, 4, 0, (), "http_400", "The prompt has 2176 tokens"),
-            RequestRecord(2, 0.0, 0.1, 4, 0, (), "http_400", "The prompt has 2300 tokens"),
-            RequestRecord(3, 0.0, 0.1, 4, 0, (), "timeout")]
+    recs = [
+        RequestRecord(0, 0.0, 1.0, 4, 2, (0.5, 1.0)),
+        RequestRecord(1, 0.0, 0.1, 4, 0, (), "http_400", "The prompt has 2176 tokens"),
+        RequestRecord(2, 0.0, 0.1, 4, 0, (), "http_400", "The prompt has 2300 tokens"),
+        RequestRecord(3, 0.0, 0.1, 4, 0, (), "timeout"),
+    ]
     s = summarize(recs)
     assert s.errors == {"http_400": 2, "timeout": 1}
     assert s.error_messages == {"http_400": "The prompt has 2176 tokens"}

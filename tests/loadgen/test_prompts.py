@@ -25,7 +25,7 @@ class CharPairTokenizer:
     def encode(self, text):
         ids = []
         for i in range(0, len(text), 2):
-            piece = text[i:i + 2]
+            piece = text[i : i + 2]
             if piece not in self.vocab:
                 self.vocab[piece] = len(self.pieces)
                 self.pieces.append(piece)

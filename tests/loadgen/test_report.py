@@ -11,8 +11,17 @@ from loadgen.search import RatePoint
 
 
 def _records():
-    return [RequestRecord(i, sent_s=0.1 * i, end_s=0.1 * i + 0.5, input_tokens=8, output_tokens=4,
-                          chunk_times_s=tuple(0.1 * i + t for t in (0.05, 0.2, 0.35, 0.5))) for i in range(5)]
+    return [
+        RequestRecord(
+            i,
+            sent_s=0.1 * i,
+            end_s=0.1 * i + 0.5,
+            input_tokens=8,
+            output_tokens=4,
+            chunk_times_s=tuple(0.1 * i + t for t in (0.05, 0.2, 0.35, 0.5)),
+        )
+        for i in range(5)
+    ]
 
 
 def _text(table) -> str:

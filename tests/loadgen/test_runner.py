@@ -17,14 +17,16 @@ def instant_sender(clock, log):
         t = clock()
         log.append((spec.index, t))
         return RequestRecord(spec.index, t, t, spec.input_tokens, 2, (t, t))
+
     return send
 
 
 async def test_open_loop_sends_at_the_offsets_in_order():
     clock, log = relative_clock(), []
     offsets = np.array([0.0, 0.02, 0.04, 0.06])
-    outcome = await run_workload(Workload(specs(4), offsets_s=offsets), instant_sender(clock, log),
-                                 clock, max_duration_s=10)
+    outcome = await run_workload(
+        Workload(specs(4), offsets_s=offsets), instant_sender(clock, log), clock, max_duration_s=10
+    )
     assert [i for i, _ in log] == [0, 1, 2, 3]
     assert all(t >= off for (_, t), off in zip(log, offsets))
     assert len(outcome.records) == 4 and outcome.not_sent == 0 and not outcome.hit_deadline
@@ -55,8 +57,7 @@ async def test_deadline_aborts_inflight_and_counts_unsent():
         raise AssertionError("unreachable")
 
     offsets = np.array([0.0, 0.0, 30.0])  # the third is due long after the deadline
-    outcome = await run_workload(Workload(specs(3), offsets_s=offsets), send, clock, 0.2,
-                                 on_record=seen.append)
+    outcome = await run_workload(Workload(specs(3), offsets_s=offsets), send, clock, 0.2, on_record=seen.append)
     assert outcome.hit_deadline and outcome.not_sent == 1
     assert [r.error for r in outcome.records] == ["aborted", "aborted"]
     assert all(r.end_s >= 0.2 for r in outcome.records) and len(seen) == 2

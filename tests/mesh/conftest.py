@@ -48,6 +48,7 @@ async def purge_namespace(config: MeshConfig, hub: LocalHub) -> None:
 
 # --- an in-process mesh behind the gateway app -------------------------------------------------
 
+
 @dataclass
 class MeshUnderTest:
     client: httpx.AsyncClient
@@ -60,16 +61,26 @@ class MeshUnderTest:
     async def pin(self, schedule: Schedule) -> None:
         """Run ``schedule`` and wait until every worker applied it (its roles included)."""
         update = await self.mesh.scheduler.pin(schedule) or self.mesh.scheduler.current
-        await until(lambda: all(w.follower.version >= update.version and w.role == update.role_of(w.worker_id)
-                                and w.driver.policy.schedule == w.follower.schedule for w in self.mesh.workers),
-                    [w.changed for w in self.mesh.workers])
+        await until(
+            lambda: all(
+                w.follower.version >= update.version
+                and w.role == update.role_of(w.worker_id)
+                and w.driver.policy.schedule == w.follower.schedule
+                for w in self.mesh.workers
+            ),
+            [w.changed for w in self.mesh.workers],
+        )
 
     async def all_workers_known(self) -> None:
         """Until the scheduler has allocated every worker (their first heartbeats arrived)."""
         ids = {w.worker_id for w in self.mesh.workers}
-        await until(lambda: self.mesh.scheduler.current is not None
-                    and {a.worker_id for a in self.mesh.scheduler.current.allocation} >= ids,
-                    [self.mesh.scheduler.published])
+        await until(
+            lambda: (
+                self.mesh.scheduler.current is not None
+                and {a.worker_id for a in self.mesh.scheduler.current.allocation} >= ids
+            ),
+            [self.mesh.scheduler.published],
+        )
 
 
 async def until(condition: Callable[[], bool], events: list[asyncio.Event], timeout_s: float = TIMEOUT_S) -> None:
@@ -89,9 +100,15 @@ async def until(condition: Callable[[], bool], events: list[asyncio.Event], time
 
 
 @contextlib.asynccontextmanager
-async def running_mesh(config: MeshConfig, hub: LocalHub, make_engine: Callable[[], object], *,
-                       workers: int = 1, schedule: Schedule | None = None,
-                       trace: bool = False) -> AsyncIterator[MeshUnderTest]:
+async def running_mesh(
+    config: MeshConfig,
+    hub: LocalHub,
+    make_engine: Callable[[], object],
+    *,
+    workers: int = 1,
+    schedule: Schedule | None = None,
+    trace: bool = False,
+) -> AsyncIterator[MeshUnderTest]:
     """The gateway app over a scheduler and ``workers`` workers in this process; ``schedule``
     is pinned and applied by every worker before the block runs."""
     runners = [EngineRunner(make_engine()) for _ in range(workers)]

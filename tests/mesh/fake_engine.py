@@ -52,8 +52,13 @@ class FakeEngine:
         self.steps: list[tuple[int, int, int]] = []  # (prefilled, decoded, padding) per step
         self.prefilled: dict[str, int] = {}  # a chunked prompt's tokens taken so far
 
-    def step(self, prefill: Sequence[GenerationRequest] = (), decode: Sequence[str] = (),
-             padding: int = 0, chunks: Sequence[PromptChunk] = ()) -> list[TokenEvent]:
+    def step(
+        self,
+        prefill: Sequence[GenerationRequest] = (),
+        decode: Sequence[str] = (),
+        padding: int = 0,
+        chunks: Sequence[PromptChunk] = (),
+    ) -> list[TokenEvent]:
         self._validate(prefill, decode, padding)
         self._validate_chunks(chunks)
         if prefill:
@@ -77,8 +82,12 @@ class FakeEngine:
         for chunk in chunks:
             r = chunk.request
             whole = len(r.prompt_ids) + len(r.resume_ids)
-            if (chunk.length < 1 or chunk.start != self.prefilled.get(r.request_id, 0)
-                    or chunk.start + chunk.length > whole or r.request_id in self.batch):
+            if (
+                chunk.length < 1
+                or chunk.start != self.prefilled.get(r.request_id, 0)
+                or chunk.start + chunk.length > whole
+                or r.request_id in self.batch
+            ):
                 raise ValueError(f"chunk {chunk.start}+{chunk.length} of {r.request_id!r} does not continue its prompt")
 
     def _validate(self, prefill: Sequence[GenerationRequest], decode: Sequence[str], padding: int) -> None:
@@ -119,8 +128,19 @@ class FakeEngine:
         kv = bytes(len(r.prompt_ids))
         if into is not None and (buffer := into(len(kv))) is not None:
             memoryview(buffer)[:], kv = kv, buffer
-        return KVHandoff(r.request_id, self.model_name, r.params, r.prompt_ids, tuple(run.generated),
-                         "", b"", "uint8", (len(r.prompt_ids),), "fake:T", kv)
+        return KVHandoff(
+            r.request_id,
+            self.model_name,
+            r.params,
+            r.prompt_ids,
+            tuple(run.generated),
+            "",
+            b"",
+            "uint8",
+            (len(r.prompt_ids),),
+            "fake:T",
+            kv,
+        )
 
     def import_request(self, handoff: KVHandoff) -> None:
         request = GenerationRequest(handoff.request_id, handoff.prompt_ids, handoff.params)
@@ -129,5 +149,3 @@ class FakeEngine:
 
 def load(*, device: str = "auto", num_threads: int | None = None) -> FakeEngine:
     return FakeEngine()
-
-

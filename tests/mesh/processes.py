@@ -28,8 +28,9 @@ class Proc:
             try:
                 line = self.lines.get(timeout=timeout_s)
             except queue.Empty:
-                raise AssertionError(f"{self.role}: no {prefix!r} line in {timeout_s} s; its output:\n"
-                                     + "".join(self.output[-30:])) from None
+                raise AssertionError(
+                    f"{self.role}: no {prefix!r} line in {timeout_s} s; its output:\n" + "".join(self.output[-30:])
+                ) from None
             if line is None:
                 raise AssertionError(f"{self.role} exited ({self.popen.poll()}):\n" + "".join(self.output[-30:]))
             if line.startswith(prefix):
@@ -50,9 +51,17 @@ class ProcessMesh:
         self.procs: list[Proc] = []
 
     def start(self, *args: str, stdin: int | None = None) -> Proc:
-        popen = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT,
-                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 stdin=stdin, text=True, bufsize=1, start_new_session=True)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=stdin,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
         proc = Proc(args[0], popen)
         threading.Thread(target=self._read, args=(proc,), daemon=True).start()
         self.procs.append(proc)

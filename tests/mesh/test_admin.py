@@ -54,8 +54,13 @@ async def gateway_asgi(config: MeshConfig, hub: LocalHub) -> AsyncIterator[httpx
     """A gateway alone (no scheduler, no workers), with the plugins the CLI mounts."""
     engine = FakeEngine()
     routers, lifespans = gateway_plugins()
-    app = create_app(config, ServedModel(FAKE, engine.tokenizer, engine.max_context), hub=hub,
-                     routers=tuple(routers), lifespans=tuple(lifespans))
+    app = create_app(
+        config,
+        ServedModel(FAKE, engine.tokenizer, engine.max_context),
+        hub=hub,
+        routers=tuple(routers),
+        lifespans=tuple(lifespans),
+    )
     async with app.router.lifespan_context(app):
         yield httpx.ASGITransport(app=app)
 
@@ -83,37 +88,71 @@ async def next_request(config: MeshConfig, hub: LocalHub) -> object:
 
 def state_record(**changes) -> SchedulerState:
     fields = dict(
-        leader="scheduler-x", token=3, version=7, policy="waa-c", pinned=False, latency_bound_s=2.5,
-        meets_bound=False, basis="observed: 312 requests", samples=312,
-        input_quantiles=(100.0, 300.0, 900.0), output_quantiles=(50.0, 200.0, 600.0),
-        input_mean=150.0, output_mean=90.0, correlation=0.1, arrival_rate_s=3.2, arrival_cv=1.1,
-        predicted_throughput_seq_s=10.0, predicted_latency_s=1.8, observed_throughput_seq_s=9.5,
-        observed_latency_s=math.inf, drift_statistic=0.12, drift_p_value=0.4, replans=3,
-        last_replan_reason="drift", last_replan_at=1.7e9, workers=2, updated_at=1.7e9, last_search_s=2.25,
-        ttft_bound_s=1.5, tpot_bound_s=0.08, forecast_rate_s=3.5, forecast_cv=1.2, predicted_attainment=0.995,
-        raw_predicted_attainment=0.9, observed_attainment=0.97, predicted_tpot_s=0.05, observed_tpot_s=0.06,
-        calibration=(CalibrationPoint("decode", 11.3, 1.18),), calibration_samples=40,
-        candidates=(CandidateFigures(WAA, 12.0, 0.995, 0.4, 0.05, 1.7, math.nan, True),
-                    CandidateFigures(Schedule("continuous", decode_batch=32), 20.0, 0.9, 0.9, 0.07, 2.9,
-                                     math.nan, False)))
+        leader="scheduler-x",
+        token=3,
+        version=7,
+        policy="waa-c",
+        pinned=False,
+        latency_bound_s=2.5,
+        meets_bound=False,
+        basis="observed: 312 requests",
+        samples=312,
+        input_quantiles=(100.0, 300.0, 900.0),
+        output_quantiles=(50.0, 200.0, 600.0),
+        input_mean=150.0,
+        output_mean=90.0,
+        correlation=0.1,
+        arrival_rate_s=3.2,
+        arrival_cv=1.1,
+        predicted_throughput_seq_s=10.0,
+        predicted_latency_s=1.8,
+        observed_throughput_seq_s=9.5,
+        observed_latency_s=math.inf,
+        drift_statistic=0.12,
+        drift_p_value=0.4,
+        replans=3,
+        last_replan_reason="drift",
+        last_replan_at=1.7e9,
+        workers=2,
+        updated_at=1.7e9,
+        last_search_s=2.25,
+        ttft_bound_s=1.5,
+        tpot_bound_s=0.08,
+        forecast_rate_s=3.5,
+        forecast_cv=1.2,
+        predicted_attainment=0.995,
+        raw_predicted_attainment=0.9,
+        observed_attainment=0.97,
+        predicted_tpot_s=0.05,
+        observed_tpot_s=0.06,
+        calibration=(CalibrationPoint("decode", 11.3, 1.18),),
+        calibration_samples=40,
+        candidates=(
+            CandidateFigures(WAA, 12.0, 0.995, 0.4, 0.05, 1.7, math.nan, True),
+            CandidateFigures(Schedule("continuous", decode_batch=32), 20.0, 0.9, 0.9, 0.07, 2.9, math.nan, False),
+        ),
+    )
     return SchedulerState(**{**fields, **changes})
 
 
-WAA = Schedule("waa-c", encode_batch=4, decode_batch=8, num_devices=2, encoder_devices=1, decoder_devices=1,
-               worker_devices=1)
+WAA = Schedule(
+    "waa-c", encode_batch=4, decode_batch=8, num_devices=2, encoder_devices=1, decoder_devices=1, worker_devices=1
+)
 
 
 async def write_records(config: MeshConfig, hub: LocalHub, state: SchedulerState | None = None) -> None:
     names = Names(config.namespace)
     t = await open_transports(config, names, hub)
-    update = ScheduleUpdate(7, WAA, (RoleAssignment("w-1", "encoder"), RoleAssignment("w-2", "decoder")),
-                            1.7e9, epoch=5, token=3)
+    update = ScheduleUpdate(
+        7, WAA, (RoleAssignment("w-1", "encoder"), RoleAssignment("w-2", "decoder")), 1.7e9, epoch=5, token=3
+    )
     await t.store.set(names.schedule, codec.encode(update))
     await t.store.set(names.scheduler_state, codec.encode(state or state_record()))
     await t.close()
 
 
 # --- keys -------------------------------------------------------------------------------------
+
 
 def test_a_keys_file_holds_hashes_owners_and_scopes():
     text = f"# team keys\n{hash_key('a')} alice admin  # on call\n\n{hash_key('b')} bob user\n"
@@ -141,8 +180,14 @@ def test_no_keys_means_loopback_only_unless_insecure():
     check_exposure(MeshConfig(host="0.0.0.0"), load_keys(MeshConfig(api_keys="k")))
     with pytest.raises(ValueError, match="--insecure"):
         check_exposure(MeshConfig(host="0.0.0.0"), KeyRing())
-    assert [required_scope(p) for p in ("/v1/models", "/v1", "/admin/schedule", "/health", "/metrics",
-                                        "/v1x")] == ["user", "user", "admin", None, None, None]
+    assert [required_scope(p) for p in ("/v1/models", "/v1", "/admin/schedule", "/health", "/metrics", "/v1x")] == [
+        "user",
+        "user",
+        "admin",
+        None,
+        None,
+        None,
+    ]
 
 
 def test_serve_refuses_a_public_host_without_keys(capsys, monkeypatch):
@@ -185,6 +230,7 @@ async def test_without_keys_everything_is_open(config, hub):
 
 # --- admin API ----------------------------------------------------------------------------------
 
+
 async def test_the_schedule_and_the_scheduler_state_read_as_json(config, hub):
     await write_records(config, hub)
     async with gateway_app(with_keys(config), hub) as client:
@@ -192,8 +238,7 @@ async def test_the_schedule_and_the_scheduler_state_read_as_json(config, hub):
     update, state = body["update"], body["state"]
     assert (update["version"], update["epoch"], update["token"]) == (7, 5, 3)
     assert update["schedule"]["policy"] == "waa-c" and update["schedule"]["decode_batch"] == 8
-    assert update["allocation"] == [{"worker_id": "w-1", "role": "encoder"},
-                                    {"worker_id": "w-2", "role": "decoder"}]
+    assert update["allocation"] == [{"worker_id": "w-1", "role": "encoder"}, {"worker_id": "w-2", "role": "decoder"}]
     assert update["published_at"] == 1.7e9 and update["lease_until"] is None  # inf
     assert state["latency_bound_s"] == 2.5 and state["meets_bound"] is False
     assert state["observed_latency_s"] is None and state["input_quantiles"] == [100.0, 300.0, 900.0]
@@ -212,8 +257,17 @@ async def test_set_bound_asks_the_scheduler(config, hub):
         assert isinstance(message, SetBound) and message.latency_bound_s == math.inf
 
 
-@pytest.mark.parametrize("body", [{"latency_bound_s": 0}, {"latency_bound_s": -1}, {"latency_bound_s": "2"},
-                                  {"latency_bound_s": True}, {}, {"bound": 2}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"latency_bound_s": 0},
+        {"latency_bound_s": -1},
+        {"latency_bound_s": "2"},
+        {"latency_bound_s": True},
+        {},
+        {"bound": 2},
+    ],
+)
 async def test_a_bad_bound_is_a_400(config, hub, body):
     async with gateway_app(config, hub) as client:
         response = await client.put("/admin/schedule/bound", json=body)
@@ -234,10 +288,12 @@ async def test_replan_asks_the_scheduler(config, hub):
 
 async def test_pin_validates_and_asks_the_scheduler(config, hub):
     async with gateway_app(config, hub) as client:
-        for schedule, param in (({"policy": "fastest"}, "schedule.policy"),
-                                ({"encode_batch": 0}, "schedule.encode_batch"),
-                                ({"encode_batch": 2**64}, "schedule.encode_batch"),
-                                ({"colour": "red"}, "schedule.colour")):
+        for schedule, param in (
+            ({"policy": "fastest"}, "schedule.policy"),
+            ({"encode_batch": 0}, "schedule.encode_batch"),
+            ({"encode_batch": 2**64}, "schedule.encode_batch"),
+            ({"colour": "red"}, "schedule.colour"),
+        ):
             bad = await client.put("/admin/schedule/pin", json={"schedule": schedule})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
         bad = await client.put("/admin/schedule/pin", json={"schedule": {"policy": "mixed", "chunk_tokens": 8}})
@@ -254,8 +310,10 @@ async def test_pin_validates_and_asks_the_scheduler(config, hub):
 async def test_a_pin_through_the_admin_api_changes_the_schedule(config, hub):
     target = Schedule("continuous", encode_batch=2, decode_batch=5, worker_devices=1)
     async with running_mesh(config, hub, load) as m:
-        response = await m.client.put("/admin/schedule/pin", json={"schedule": {
-            "policy": "continuous", "encode_batch": 2, "decode_batch": 5, "worker_devices": 1}})
+        response = await m.client.put(
+            "/admin/schedule/pin",
+            json={"schedule": {"policy": "continuous", "encode_batch": 2, "decode_batch": 5, "worker_devices": 1}},
+        )
         assert response.status_code == 202
         await until(lambda: m.mesh.scheduler.current.schedule == target, [m.mesh.scheduler.published])
         body = (await m.client.get("/admin/schedule")).json()
@@ -265,20 +323,30 @@ async def test_a_pin_through_the_admin_api_changes_the_schedule(config, hub):
 
 # --- metrics --------------------------------------------------------------------------------------
 
+
 async def test_scheduler_gauges_follow_the_store(config, hub):
     async with gateway_app(with_keys(config), hub) as client:
         assert "exegpt_schedule" not in (await client.get("/metrics")).text  # absent, not zeros
         await write_records(config, hub)
         text = (await client.get("/metrics")).text
-        for line in ("exegpt_schedule_version 7.0", 'exegpt_schedule_info{policy="waa-c"} 1.0',
-                     "exegpt_schedule_pinned 0.0", "exegpt_schedule_latency_bound_seconds 2.5",
-                     "exegpt_schedule_predicted_throughput 10.0", "exegpt_schedule_observed_throughput 9.5",
-                     "exegpt_schedule_predicted_latency_seconds 1.8", "exegpt_schedule_infeasible 1.0",
-                     "exegpt_schedule_drift_statistic 0.12", "exegpt_schedule_replans 3.0",
-                     "exegpt_schedule_last_search_seconds 2.25",
-                     'exegpt_length_quantile{kind="input",quantile="0.5"} 100.0',
-                     'exegpt_length_quantile{kind="output",quantile="0.99"} 600.0',
-                     "exegpt_arrival_rate 3.2", "exegpt_arrival_cv 1.1", "exegpt_scheduler_workers 2.0"):
+        for line in (
+            "exegpt_schedule_version 7.0",
+            'exegpt_schedule_info{policy="waa-c"} 1.0',
+            "exegpt_schedule_pinned 0.0",
+            "exegpt_schedule_latency_bound_seconds 2.5",
+            "exegpt_schedule_predicted_throughput 10.0",
+            "exegpt_schedule_observed_throughput 9.5",
+            "exegpt_schedule_predicted_latency_seconds 1.8",
+            "exegpt_schedule_infeasible 1.0",
+            "exegpt_schedule_drift_statistic 0.12",
+            "exegpt_schedule_replans 3.0",
+            "exegpt_schedule_last_search_seconds 2.25",
+            'exegpt_length_quantile{kind="input",quantile="0.5"} 100.0',
+            'exegpt_length_quantile{kind="output",quantile="0.99"} 600.0',
+            "exegpt_arrival_rate 3.2",
+            "exegpt_arrival_cv 1.1",
+            "exegpt_scheduler_workers 2.0",
+        ):
             assert line in text.splitlines(), line
         assert "exegpt_schedule_observed_latency_seconds" not in text  # inf: left out
         await write_records(config, hub, state_record(latency_bound_s=math.inf, meets_bound=True, pinned=True))
@@ -288,6 +356,7 @@ async def test_scheduler_gauges_follow_the_store(config, hub):
 
 
 # --- exegpt schedule -------------------------------------------------------------------------------
+
 
 async def cli(transport: httpx.ASGITransport, *argv: str, key: str | None = ADMIN) -> int:
     parser = argparse.ArgumentParser(prog="exegpt")
@@ -301,13 +370,30 @@ async def test_schedule_show_prints_a_summary_or_the_json(config, hub, capsys):
     async with gateway_asgi(with_keys(config), hub) as transport:
         assert await cli(transport, "show") == 0
         out = capsys.readouterr().out
-        for part in ("schedule v7", "policy waa-c", "B_E 4", "B_D 8", "N_D 1", "w-1=encoder, w-2=decoder",
-                     "end-to-end bound (p99-length request): 2.5 s", "TTFT p99 <= 1.5 s", "TPOT p99 <= 80 ms",
-                     "3.5 requests/s forecast", "predicted 99.5% (raw profile 90.0%), observed 97.0%",
-                     "decode ~11 tok x1.18", "->waa-c B_E 4 B_D 8", "continuous B_E 8 B_D 32", "ALERT",
-                     "basis: observed: 312 requests",
-                     "p50/p90/p99: 100/300/900", "3.2/s, CV 1.1", "predicted 10 seq/s, observed 9.5 seq/s",
-                     "predicted 1.8 s, observed unbounded", "statistic 0.12", "drift (searched 2.25 s)"):
+        for part in (
+            "schedule v7",
+            "policy waa-c",
+            "B_E 4",
+            "B_D 8",
+            "N_D 1",
+            "w-1=encoder, w-2=decoder",
+            "end-to-end bound (p99-length request): 2.5 s",
+            "TTFT p99 <= 1.5 s",
+            "TPOT p99 <= 80 ms",
+            "3.5 requests/s forecast",
+            "predicted 99.5% (raw profile 90.0%), observed 97.0%",
+            "decode ~11 tok x1.18",
+            "->waa-c B_E 4 B_D 8",
+            "continuous B_E 8 B_D 32",
+            "ALERT",
+            "basis: observed: 312 requests",
+            "p50/p90/p99: 100/300/900",
+            "3.2/s, CV 1.1",
+            "predicted 10 seq/s, observed 9.5 seq/s",
+            "predicted 1.8 s, observed unbounded",
+            "statistic 0.12",
+            "drift (searched 2.25 s)",
+        ):
             assert part in out, part
         assert await cli(transport, "show", "--json") == 0
         assert json.loads(capsys.readouterr().out)["update"]["version"] == 7
@@ -334,18 +420,24 @@ async def test_schedule_commands_send_their_requests(config, hub, capsys, tmp_pa
         assert (await next_request(config, hub)).schedule is None
 
 
-@pytest.mark.parametrize("argv, key, expected", [
-    (["show"], None, "401: Missing API key"),
-    (["show"], "nope", "401: Incorrect API key"),
-    (["show"], USER, "403: "),
-    (["set-bound", "-3"], ADMIN, "400: latency_bound_s must be a positive"),
-    (["set-bound", "soon"], ADMIN, "not a number of seconds"),
-    (["set-slo", "--ttft", "-1"], ADMIN, "400: ttft_s must be a positive"),
-    (["set-slo", "--tpot", "0.1", "--percentile", "1.5"], ADMIN, "400: "),
-    (["pin", '{"policy": "x"}'], ADMIN,
-     "400: Input should be 'rra', 'waa-c', 'waa-m', 'static', 'continuous' or 'mixed' (schedule.policy)"),
-    (["pin"], ADMIN, "a schedule (file or JSON) or --unpin"),
-])
+@pytest.mark.parametrize(
+    "argv, key, expected",
+    [
+        (["show"], None, "401: Missing API key"),
+        (["show"], "nope", "401: Incorrect API key"),
+        (["show"], USER, "403: "),
+        (["set-bound", "-3"], ADMIN, "400: latency_bound_s must be a positive"),
+        (["set-bound", "soon"], ADMIN, "not a number of seconds"),
+        (["set-slo", "--ttft", "-1"], ADMIN, "400: ttft_s must be a positive"),
+        (["set-slo", "--tpot", "0.1", "--percentile", "1.5"], ADMIN, "400: "),
+        (
+            ["pin", '{"policy": "x"}'],
+            ADMIN,
+            "400: Input should be 'rra', 'waa-c', 'waa-m', 'static', 'continuous' or 'mixed' (schedule.policy)",
+        ),
+        (["pin"], ADMIN, "a schedule (file or JSON) or --unpin"),
+    ],
+)
 async def test_schedule_errors_are_one_line(config, hub, argv, key, expected):
     async with gateway_asgi(with_keys(config), hub) as transport:
         with pytest.raises(CliError) as caught:

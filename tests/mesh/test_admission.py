@@ -77,6 +77,7 @@ async def polled(condition, timeout_s: float = 10.0) -> None:
 
 # --- limits of the gateway ---------------------------------------------------------------------
 
+
 async def test_past_the_in_flight_limit_a_request_is_a_429_with_retry_after(config, hub):
     config = config.model_copy(update={"max_in_flight": 1})
     async with running_mesh(config, hub, SlowEngine) as m:
@@ -103,8 +104,7 @@ async def test_past_the_queue_depth_a_request_is_a_429_and_the_broker_is_asked_t
 
         bus.queue_depth = queue_depth
         await asyncio.sleep(DEPTH_TTL_S)  # past the depth read before the patch
-        answers = await asyncio.gather(*(m.client.post("/v1/completions", json=completion(2))
-                                         for _ in range(20)))
+        answers = await asyncio.gather(*(m.client.post("/v1/completions", json=completion(2)) for _ in range(20)))
         for answer in answers:
             assert "waiting to be encoded" in rate_limited(answer)["message"]
         assert asked[0] == 1  # one broker call for all of them
@@ -121,8 +121,12 @@ def test_work_admitted_since_the_last_depth_read_counts_toward_the_queue(config)
         return 0
 
     async def scenario() -> None:
-        admission = Admission(config.model_copy(update={"max_queue_depth": 2, "max_in_flight": 0}),
-                              is_live=lambda rid: True, read_depth=read_depth, clock=lambda: now[0])
+        admission = Admission(
+            config.model_copy(update={"max_queue_depth": 2, "max_in_flight": 0}),
+            is_live=lambda rid: True,
+            read_depth=read_depth,
+            clock=lambda: now[0],
+        )
         for _ in range(2):
             await admission.check_queue()
             admission.admit(None, 1, 10)
@@ -137,6 +141,7 @@ def test_work_admitted_since_the_last_depth_read_counts_toward_the_queue(config)
 
 # --- limits of a key ---------------------------------------------------------------------------
 
+
 @pytest.fixture
 def keyed(config):
     return config.model_copy(update={"api_keys": SecretStr("key-a,key-b")})
@@ -145,11 +150,9 @@ def keyed(config):
 async def test_a_key_past_its_in_flight_limit_gets_a_429_and_another_key_does_not(keyed, hub):
     config = keyed.model_copy(update={"key_max_in_flight": 1})
     async with running_mesh(config, hub, SlowEngine) as m:
-        first = asyncio.create_task(m.client.post("/v1/completions", json=completion(60),
-                                                  headers=auth("key-a")))
+        first = asyncio.create_task(m.client.post("/v1/completions", json=completion(60), headers=auth("key-a")))
         await in_flight(m)
-        error = rate_limited(await m.client.post("/v1/completions", json=completion(2),
-                                                 headers=auth("key-a")))
+        error = rate_limited(await m.client.post("/v1/completions", json=completion(2), headers=auth("key-a")))
         assert "for this key" in error["message"]
         other = await m.client.post("/v1/completions", json=completion(2), headers=auth("key-b"))
         assert other.status_code == 200, other.text
@@ -164,14 +167,13 @@ async def test_a_key_past_its_tokens_per_minute_gets_a_429_and_another_key_does_
         for _ in range(2):  # 4 prompt tokens + 40: 88 of 100
             answer = await m.client.post("/v1/completions", json=completion(40), headers=auth("key-a"))
             assert answer.status_code == 200, answer.text
-        error = rate_limited(await m.client.post("/v1/completions", json=completion(40),
-                                                 headers=auth("key-a")))
+        error = rate_limited(await m.client.post("/v1/completions", json=completion(40), headers=auth("key-a")))
         assert "tokens per min" in error["message"] and "limit 100" in error["message"]
-        assert (await m.client.post("/v1/completions", json=completion(40),
-                                    headers=auth("key-b"))).status_code == 200
+        assert (await m.client.post("/v1/completions", json=completion(40), headers=auth("key-b"))).status_code == 200
         # larger than a whole minute's tokens: no wait helps, so no Retry-After
-        error = rate_limited(await m.client.post("/v1/completions", json=completion(100),
-                                                 headers=auth("key-b")), retry_after=False)
+        error = rate_limited(
+            await m.client.post("/v1/completions", json=completion(100), headers=auth("key-b")), retry_after=False
+        )
         assert "Request too large" in error["message"]
 
 
@@ -181,8 +183,12 @@ def test_the_token_bucket_refills_continuously_and_refunds_what_was_not_submitte
     async def no_depth() -> int:
         return 0
 
-    admission = Admission(config.model_copy(update={"key_tokens_per_minute": 60}),
-                          is_live=lambda rid: True, read_depth=no_depth, clock=lambda: now[0])
+    admission = Admission(
+        config.model_copy(update={"key_tokens_per_minute": 60}),
+        is_live=lambda rid: True,
+        read_depth=no_depth,
+        clock=lambda: now[0],
+    )
     admission.admit("alice", 1, 60)
     with pytest.raises(Refused) as refused:
         admission.admit("alice", 1, 30)
@@ -195,6 +201,7 @@ def test_the_token_bucket_refills_continuously_and_refunds_what_was_not_submitte
 
 
 # --- a client that leaves ----------------------------------------------------------------------
+
 
 async def test_a_non_streaming_client_that_disconnects_aborts_its_request(config, hub):
     async with running_mesh(config, hub, SlowEngine) as m:
@@ -210,12 +217,24 @@ async def test_a_non_streaming_client_that_disconnects_aborts_its_request(config
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
-                 "server": ("gateway", 80),
-                 "headers": [(b"host", b"gateway"), (b"content-type", b"application/json"),
-                             (b"content-length", str(len(body)).encode())]}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/completions",
+            "raw_path": b"/v1/completions",
+            "query_string": b"",
+            "root_path": "",
+            "client": ("127.0.0.1", 50000),
+            "server": ("gateway", 80),
+            "headers": [
+                (b"host", b"gateway"),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
         serving = asyncio.create_task(m.app(scope, receive, send))
         rid = (await in_flight(m))[0]
         worker = m.mesh.workers[0]
@@ -268,6 +287,7 @@ async def test_work_past_its_deadline_leaves_the_worker_even_when_no_abort_reach
 
 # --- outages -----------------------------------------------------------------------------------
 
+
 async def test_a_broker_that_refuses_the_publish_is_a_503_and_nothing_is_left_behind(config, hub):
     async with running_mesh(config, hub, FakeEngine) as m:
         gateway = m.app.state.gateway
@@ -287,8 +307,12 @@ async def test_a_broker_that_refuses_the_publish_is_a_503_and_nothing_is_left_be
         error = unavailable(await m.client.post("/v1/completions", json=completion(4, n=2)))
         assert "message broker" in error["message"]
         assert not gateway.pending and m.app.state.admission.in_flight() == 0
-        unavailable(await m.client.post("/v1/chat/completions", json={
-            "model": FAKE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+        unavailable(
+            await m.client.post(
+                "/v1/chat/completions",
+                json={"model": FAKE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            )
+        )
         unavailable(await m.client.post("/v1/completions", json=completion(4, stream=True)))
         gateway.bus.publish = publish
         assert (await m.client.post("/v1/completions", json=completion(4))).status_code == 200
@@ -321,13 +345,13 @@ async def test_a_gateway_whose_broker_connection_is_gone_answers_503(config, hub
     async with running_mesh(config, hub, FakeEngine) as m:
         gateway = m.app.state.gateway
         await gateway.bus._connection.close()  # the real client's failure, as when the broker stops
-        answers = await asyncio.gather(*(m.client.post("/v1/completions", json=completion(2))
-                                         for _ in range(5)))
+        answers = await asyncio.gather(*(m.client.post("/v1/completions", json=completion(2)) for _ in range(5)))
         for answer in answers:
             unavailable(answer)
 
 
 # --- the OpenAPI document ----------------------------------------------------------------------
+
 
 async def test_the_openapi_document_declares_the_error_responses(config, hub):
     async with running_mesh(config, hub, FakeEngine) as m:

@@ -35,11 +35,19 @@ def finished(request_id: str, task: str, at: float, latency: float | None, error
 def test_summary_has_exactly_the_issue_keys_and_counts_lost_and_attainment():
     args = args_for("--before-s", "20", "--after-s", "30", "--pairs", "1")
     late = 20 + SETTLE_S
-    adaptive = Run("adaptive", 0, 20.0, [
-        finished("a", "S", WARMUP_S + 1, 1.0), finished("b", "S", WARMUP_S + 2, 3.0),  # one over the 2 s bound
-        finished("c", "T", late + 1, 1.0), finished("d", "T", late + 2, 1.5),
-        finished("e", "T", late + 3, None),  # accepted, never answered: lost
-        finished("f", "T", late + 4, None, error="timeout")])  # failed, not lost
+    adaptive = Run(
+        "adaptive",
+        0,
+        20.0,
+        [
+            finished("a", "S", WARMUP_S + 1, 1.0),
+            finished("b", "S", WARMUP_S + 2, 3.0),  # one over the 2 s bound
+            finished("c", "T", late + 1, 1.0),
+            finished("d", "T", late + 2, 1.5),
+            finished("e", "T", late + 3, None),  # accepted, never answered: lost
+            finished("f", "T", late + 4, None, error="timeout"),
+        ],
+    )  # failed, not lost
     adaptive.replanned_at_s, adaptive.requests_until_replan = 27.5, 9
     fixed = Run("fixed", 0, 20.0, [finished("a", "S", WARMUP_S + 1, 1.0), finished("c", "T", late + 1, 5.0)])
     fixed.duplicated = 1

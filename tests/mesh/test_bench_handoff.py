@@ -20,10 +20,17 @@ def test_a_short_run_reports_both_transports_and_keeps_kv_out_of_redis_with_nixl
     assert main(["bench", "handoff", "--tokens", "16", "--mib", "1", "--runs", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["transport"], r["bytes"]) for r in rows] == [
-        (t, n) for t in ("nixl", "redis") for n in (16 * SMOLLM2_KV_BYTES_PER_TOKEN, 1 << 20)]
+        (t, n) for t in ("nixl", "redis") for n in (16 * SMOLLM2_KV_BYTES_PER_TOKEN, 1 << 20)
+    ]
     for r in rows:
-        assert {"transport", "bytes", "latency_p50_s", "latency_p99_s", "bandwidth_bytes_s",
-                "redis_peak_bytes"} <= r.keys()
+        assert {
+            "transport",
+            "bytes",
+            "latency_p50_s",
+            "latency_p99_s",
+            "bandwidth_bytes_s",
+            "redis_peak_bytes",
+        } <= r.keys()
         assert 0 < r["latency_p50_s"] <= r["latency_p99_s"]
         assert r["bandwidth_bytes_s"] == pytest.approx(r["bytes"] / r["latency_p50_s"])
         assert r["encoder_peak_rss_bytes"] > 0 and r["decoder_peak_rss_bytes"] > 0

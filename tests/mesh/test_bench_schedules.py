@@ -11,10 +11,14 @@ from services.bench.schedules import Load, Measured, bounds_from, rows_for, swee
 
 def test_the_closed_loop_fills_every_decode_slot():
     assert concurrency(sweep_schedule("continuous", 16)) == 32
-    waa = Schedule("waa-c", encode_batch=3, decode_batch=10, num_devices=2, encoder_devices=1, decoder_devices=1,
-                   worker_devices=1)
-    assert (concurrency(waa) == 10 and requests_for(waa, 200) == 200
-            and requests_for(sweep_schedule("static", 32), 200) == 256)
+    waa = Schedule(
+        "waa-c", encode_batch=3, decode_batch=10, num_devices=2, encoder_devices=1, decoder_devices=1, worker_devices=1
+    )
+    assert (
+        concurrency(waa) == 10
+        and requests_for(waa, 200) == 200
+        and requests_for(sweep_schedule("static", 32), 200) == 256
+    )
 
 
 def test_one_request_in_ten_is_a_probe_at_the_99th_percentile_lengths():
@@ -42,14 +46,21 @@ def test_bounds_come_from_static_latencies_and_each_baseline_is_its_best_setting
     results[("exegpt", exe)] = measured(7.0, 1.1)
     results[("product", product)] = measured(7.5, 1.0)
     settings = {key: sweep_schedule(key[0], key[1]) for key in results if key[0] not in ("exegpt", "product")}
-    rows = rows_for("S", bounds, {"p10": (exe, product), "p70": (exe, product), "inf": (exe, None)}, settings,
-                    results)
+    rows = rows_for("S", bounds, {"p10": (exe, product), "p70": (exe, product), "inf": (exe, None)}, settings, results)
     tight = {r.system: r for r in rows if r.bound_label == "p10"}
     assert set(tight) == {"exegpt", "product", "static"}  # continuous does not meet 1.2 s
     assert {r.system for r in rows if r.bound_label == "inf"} == {"exegpt", "static", "continuous"}
     assert tight["static"].schedule.encode_batch == 2 and tight["exegpt"].meets_bound
     loose = {r.system: r.schedule.encode_batch for r in rows if r.bound_label == "inf"}
     assert loose["static"] == 8 and loose["continuous"] == 8
-    assert set(rows[0].as_json()) == {"task", "bound_s", "system", "schedule", "measured_throughput",
-                                      "predicted_throughput", "measured_latency_s", "predicted_latency_s",
-                                      "meets_bound"}
+    assert set(rows[0].as_json()) == {
+        "task",
+        "bound_s",
+        "system",
+        "schedule",
+        "measured_throughput",
+        "predicted_throughput",
+        "measured_latency_s",
+        "predicted_latency_s",
+        "meets_bound",
+    }

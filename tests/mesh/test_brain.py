@@ -37,12 +37,21 @@ MAX_SECONDS = 30.0  # ... and within this long
 @pytest.fixture
 def config(mesh_config):
     need(PROFILE.exists(), f"no reference profile at {PROFILE}")
-    return mesh_config.model_copy(update={
-        "model": "opt-13b", "profile": str(PROFILE), "cluster": "h200-nvlink-ib", "prior": "S",
-        "prior_scale": SCALE, "latency_bound_s": BOUND_S, "replan_interval_s": 1.0,
-        # the paper's objective (the S plan misses the bound on task T at saturation), on the profile
-        # as measured (the fake engine's steps have nothing to do with an H200's)
-        "plan_for": "saturated", "calibrate": False})
+    return mesh_config.model_copy(
+        update={
+            "model": "opt-13b",
+            "profile": str(PROFILE),
+            "cluster": "h200-nvlink-ib",
+            "prior": "S",
+            "prior_scale": SCALE,
+            "latency_bound_s": BOUND_S,
+            "replan_interval_s": 1.0,
+            # the paper's objective (the S plan misses the bound on task T at saturation), on the profile
+            # as measured (the fake engine's steps have nothing to do with an H200's)
+            "plan_for": "saturated",
+            "calibrate": False,
+        }
+    )
 
 
 class Traffic:
@@ -58,8 +67,13 @@ class Traffic:
         ins, outs = scaled_task(task, SCALE).sample(self.rng, 1)
         rid = f"{task}{index:04d}"
         self.sent.append(rid)
-        body = {"model": "opt-13b", "prompt": "x" * int(ins[0]), "max_tokens": int(outs[0]), "ignore_eos": True,
-                "user": rid}
+        body = {
+            "model": "opt-13b",
+            "prompt": "x" * int(ins[0]),
+            "max_tokens": int(outs[0]),
+            "ignore_eos": True,
+            "user": rid,
+        }
         response = await self.m.client.post("/v1/completions", json=body)
         if response.status_code != 200:
             self.failed.append(f"{rid}: {response.status_code} {response.text}")
@@ -80,8 +94,14 @@ class Traffic:
 async def test_traffic_switch_from_s_to_t_gets_a_new_schedule_and_loses_nothing(config, hub):
     async with running_mesh(config, hub, load, workers=2) as m:
         scheduler = m.mesh.scheduler
-        await until(lambda: scheduler.brain.plan is not None and scheduler.brain.plan.workers == 2
-                    and scheduler.current.schedule == scheduler.brain.plan.schedule, [scheduler.decided])
+        await until(
+            lambda: (
+                scheduler.brain.plan is not None
+                and scheduler.brain.plan.workers == 2
+                and scheduler.current.schedule == scheduler.brain.plan.schedule
+            ),
+            [scheduler.decided],
+        )
         first, version = scheduler.current.schedule, scheduler.current.version
         assert scheduler.brain.basis.startswith("prior: S")
         traffic = Traffic(m)
@@ -112,8 +132,7 @@ async def test_traffic_switch_from_s_to_t_gets_a_new_schedule_and_loses_nothing(
 async def test_state_record_and_admin_requests(config, hub):
     async with running_mesh(config, hub, load, workers=2) as m:
         scheduler = m.mesh.scheduler
-        await until(lambda: scheduler.brain.plan is not None and scheduler.brain.plan.workers == 2,
-                    [scheduler.decided])
+        await until(lambda: scheduler.brain.plan is not None and scheduler.brain.plan.workers == 2, [scheduler.decided])
         names = Names(config.namespace)
         state = codec.decode(await scheduler.store.get(names.scheduler_state), SchedulerState)
         assert state.version == scheduler.current.version and state.latency_bound_s == BOUND_S
@@ -132,6 +151,7 @@ async def test_state_record_and_admin_requests(config, hub):
         assert scheduler.last_decision.reason == "asked: operator"
 
         await scheduler.bus.publish(names.scheduler_queue, codec.encode(SetBound(math.inf, time.time())))
-        await until(lambda: scheduler.brain.bound == math.inf and scheduler.brain.replans > replans + 1,
-                    [scheduler.decided])
+        await until(
+            lambda: scheduler.brain.bound == math.inf and scheduler.brain.replans > replans + 1, [scheduler.decided]
+        )
         assert scheduler.brain.plan.meets_bound

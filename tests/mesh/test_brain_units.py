@@ -83,6 +83,7 @@ def test_a_shift_fires_within_a_few_dozen_requests():
 
 # --- what a search plans on, and when its plan is published ---------------------------------------
 
+
 def test_the_complete_cohort_is_not_biased_short():
     """Seconds after traffic changes, the requests of the new traffic that finished are its short
     ones (the long ones still run); the cohort submitted before now minus the p99 latency is much
@@ -97,8 +98,9 @@ def test_the_complete_cohort_is_not_biased_short():
     now = 13.0
     done = np.flatnonzero(finished <= now)
     for i in done[np.argsort(finished[done])]:  # the workers record them in the order they finish
-        brain.ingest([LengthSample(f"r{i}", int(ins[i]), int(outs[i]), "length", float(finished[i]),
-                                   float(submitted[i]))])
+        brain.ingest(
+            [LengthSample(f"r{i}", int(ins[i]), int(outs[i]), "length", float(finished[i]), float(submitted[i]))]
+        )
     true_mean = task("T", 1.0).output.mean
     cohort = brain.cohort(now)[1]
     assert outs[done].mean() < 0.8 * true_mean  # what finished so far is short
@@ -128,15 +130,18 @@ def plan_of(thr: float, lat: float, meets: bool):
     return Plan(Schedule(), thr, lat, meets, 2, 0.1, 1)
 
 
-@pytest.mark.parametrize("new, current, publish", [
-    ((10.0, 1.0, True), None, True),  # nothing comparable runs
-    ((10.0, 1.0, True), (12.0, 3.0), True),  # what runs misses the bound
-    ((10.4, 1.0, True), (10.0, 1.5), False),  # within the 5 % margin
-    ((10.6, 1.0, True), (10.0, 1.5), True),  # beyond it
-    ((20.0, 3.0, False), (10.0, 1.5), False),  # the new plan misses the bound, what runs meets it
-    ((5.0, 2.5, False), (9.0, 3.0), True),  # neither meets it: quicker by the margin
-    ((5.0, 2.9, False), (9.0, 3.0), False),  # neither meets it: not quicker by the margin
-])
+@pytest.mark.parametrize(
+    "new, current, publish",
+    [
+        ((10.0, 1.0, True), None, True),  # nothing comparable runs
+        ((10.0, 1.0, True), (12.0, 3.0), True),  # what runs misses the bound
+        ((10.4, 1.0, True), (10.0, 1.5), False),  # within the 5 % margin
+        ((10.6, 1.0, True), (10.0, 1.5), True),  # beyond it
+        ((20.0, 3.0, False), (10.0, 1.5), False),  # the new plan misses the bound, what runs meets it
+        ((5.0, 2.5, False), (9.0, 3.0), True),  # neither meets it: quicker by the margin
+        ((5.0, 2.9, False), (9.0, 3.0), False),  # neither meets it: not quicker by the margin
+    ],
+)
 def test_a_plan_is_published_only_when_it_is_better_by_the_margin(new, current, publish):
     from services.scheduler.planning import better
 
@@ -153,14 +158,17 @@ def test_a_plan_that_cannot_carry_the_traffic_is_not_taken_while_the_schedule_in
     assert better(plan_of(10.0, 6.3, True), (14.5, 8.4), 6.4, 0.05, arrival_rate=rate)[0] is publish
 
 
-@pytest.mark.parametrize("in_force_capacity, new_capacity, publish", [
-    (30.0, 50.0, False),  # what runs meets the SLO and has twice the forecast's headroom: kept
-    (15.0, 50.0, True),  # it meets the SLO at the forecast, but a rise to twice it would swamp it
-    (15.0, 18.0, False),  # the new one has no such headroom either: no reason to switch
-    (19.5, 20.2, False),  # headroom by 3.6 % more capacity: within the margin (5 %), kept
-    (19.0, 20.2, True),  # 6.3 % more: replaced
-    (math.inf, 50.0, False),  # capacity unknown (not among the candidates): attainment decides
-])
+@pytest.mark.parametrize(
+    "in_force_capacity, new_capacity, publish",
+    [
+        (30.0, 50.0, False),  # what runs meets the SLO and has twice the forecast's headroom: kept
+        (15.0, 50.0, True),  # it meets the SLO at the forecast, but a rise to twice it would swamp it
+        (15.0, 18.0, False),  # the new one has no such headroom either: no reason to switch
+        (19.5, 20.2, False),  # headroom by 3.6 % more capacity: within the margin (5 %), kept
+        (19.0, 20.2, True),  # 6.3 % more: replaced
+        (math.inf, 50.0, False),  # capacity unknown (not among the candidates): attainment decides
+    ],
+)
 def test_a_schedule_in_force_without_headroom_for_a_surge_is_replaced(in_force_capacity, new_capacity, publish):
     """At a forecast of 10 requests/s both schedules meet the SLO; the one in force is replaced
     only for headroom: when it carries less than SURGE (2) times the forecast and the pick does."""
@@ -171,23 +179,37 @@ def test_a_schedule_in_force_without_headroom_for_a_surge_is_replaced(in_force_c
     from services.scheduler.planning import Plan, better_for_traffic
 
     pick, running = Schedule("continuous", encode_batch=32, decode_batch=32), Schedule("mixed", encode_batch=2)
-    new = Plan(pick, new_capacity, 1.0, True, 2, 0.1, 1, rate_per_s=10.0, attainment=1.0,
-               candidates=(CandidateFigures(pick, new_capacity, 1.0, 0.1, 0.01, 0.5, math.nan, True),))
+    new = Plan(
+        pick,
+        new_capacity,
+        1.0,
+        True,
+        2,
+        0.1,
+        1,
+        rate_per_s=10.0,
+        attainment=1.0,
+        candidates=(CandidateFigures(pick, new_capacity, 1.0, 0.1, 0.01, 0.5, math.nan, True),),
+    )
     current = Weighed(running, in_force_capacity, SloFigures(1.0, 0.1, 0.01, 0.5, True, 500, 0.3))
     assert better_for_traffic(new, current, Slo(e2e_s=2.0), 0.05)[0] is publish
 
 
-@pytest.mark.parametrize("measured, modelled, new_attainment, publish", [
-    (0.928, math.nan, 0.934, True),  # the model's figures on both sides: 0.6 points beat the margin
-    (0.928, 1.000, 0.934, False),  # the mesh measured 7.2 points below the model: 0.6 is within that
-    (0.928, 1.000, 0.999, False),  # and so is 7.1
-    (0.928, 0.960, 0.999, True),  # the model overrated it by 3.2 points; the pick is 7.1 ahead
-    # even where the model overrated it by 22 points and rates the pick at 99.9 %: a small RRA batch
-    # so chosen over RRA 32/32 (measured at 72 %) met 17 % of a bursty phase that RRA 32/32 met at 89 %
-    (0.723, 1.000, 0.999, False),
-])
+@pytest.mark.parametrize(
+    "measured, modelled, new_attainment, publish",
+    [
+        (0.928, math.nan, 0.934, True),  # the model's figures on both sides: 0.6 points beat the margin
+        (0.928, 1.000, 0.934, False),  # the mesh measured 7.2 points below the model: 0.6 is within that
+        (0.928, 1.000, 0.999, False),  # and so is 7.1
+        (0.928, 0.960, 0.999, True),  # the model overrated it by 3.2 points; the pick is 7.1 ahead
+        # even where the model overrated it by 22 points and rates the pick at 99.9 %: a small RRA batch
+        # so chosen over RRA 32/32 (measured at 72 %) met 17 % of a bursty phase that RRA 32/32 met at 89 %
+        (0.723, 1.000, 0.999, False),
+    ],
+)
 def test_a_schedule_measured_below_the_model_is_replaced_only_by_more_than_the_model_overrated_it(
-        measured, modelled, new_attainment, publish):
+    measured, modelled, new_attainment, publish
+):
     from common.messages.status import CandidateFigures
     from optimizer.schedule import Schedule
     from optimizer.slo import Slo, SloFigures
@@ -195,8 +217,18 @@ def test_a_schedule_measured_below_the_model_is_replaced_only_by_more_than_the_m
     from services.scheduler.planning import Plan, better_for_traffic
 
     pick, running = Schedule("continuous", encode_batch=15, decode_batch=15), Schedule("mixed", encode_batch=16)
-    new = Plan(pick, 18.7, 1.0, new_attainment >= 0.99, 2, 0.1, 1, rate_per_s=8.6, attainment=new_attainment,
-               candidates=(CandidateFigures(pick, 18.7, new_attainment, 0.1, 0.01, 0.5, math.nan, True),))
+    new = Plan(
+        pick,
+        18.7,
+        1.0,
+        new_attainment >= 0.99,
+        2,
+        0.1,
+        1,
+        rate_per_s=8.6,
+        attainment=new_attainment,
+        candidates=(CandidateFigures(pick, 18.7, new_attainment, 0.1, 0.01, 0.5, math.nan, True),),
+    )
     current = Weighed(running, 18.8, SloFigures(measured, 0.1, 0.3, 0.9, False, 300, 1.5), modelled=modelled)
     assert better_for_traffic(new, current, Slo(ttft_s=1.0, tpot_s=0.17), 0.05)[0] is publish
 
@@ -207,8 +239,9 @@ def test_a_schedule_compares_across_worker_counts_only_when_it_can_run_there():
 
     replicas = Schedule("continuous", encode_batch=8, decode_batch=16, num_devices=2, worker_devices=1)
     assert for_workers(replicas, 3, 1).num_devices == 3
-    waa = Schedule("waa-c", encode_batch=4, decode_batch=8, num_devices=2, encoder_devices=1, decoder_devices=1,
-                   worker_devices=1)
+    waa = Schedule(
+        "waa-c", encode_batch=4, decode_batch=8, num_devices=2, encoder_devices=1, decoder_devices=1, worker_devices=1
+    )
     assert for_workers(waa, 2, 1) == waa and for_workers(waa, 3, 1) is None
 
 
@@ -224,8 +257,9 @@ class SamePlanner:
         return 10.0, 1.0
 
 
-@pytest.mark.parametrize("reason, publish", [("cold start (prior)", True), ("workers 1 -> 2", True),
-                                             ("drift", False), ("asked", False)])
+@pytest.mark.parametrize(
+    "reason, publish", [("cold start (prior)", True), ("workers 1 -> 2", True), ("drift", False), ("asked", False)]
+)
 def test_a_cold_start_or_a_new_worker_count_always_publishes(reason, publish):
     from optimizer.schedule import Schedule
 
@@ -331,16 +365,18 @@ class TrafficPlanner(SamePlanner):
 
     keep: bool | None = None
 
-    def plan_for_traffic(self, workload, workers, slo, forecast, current=None, calibration=None,
-                         keep_capacity=False, observed=None):
+    def plan_for_traffic(
+        self, workload, workers, slo, forecast, current=None, calibration=None, keep_capacity=False, observed=None
+    ):
         from dataclasses import replace
 
         self.keep, self.observed = keep_capacity, observed
         return replace(plan_of(10.0, 1.0, True), rate_per_s=forecast.rate_per_s, attainment=1.0), None
 
 
-@pytest.mark.parametrize("planned, forecast, keep", [(4.0, 12.0, True), (4.0, 4.0, True), (12.0, 4.0, False),
-                                                     (0.0, 4.0, False)])
+@pytest.mark.parametrize(
+    "planned, forecast, keep", [(4.0, 12.0, True), (4.0, 4.0, True), (12.0, 4.0, False), (0.0, 4.0, False)]
+)
 def test_a_search_keeps_the_capacity_in_force_unless_the_rate_fell(planned, forecast, keep):
     """A plan made saturated (rate 0) is not held: the first traffic plan may be smaller."""
     from optimizer.schedule import Schedule
@@ -461,6 +497,7 @@ def test_a_schedule_is_measured_on_the_requests_that_arrived_after_it_took_effec
     brain.forecast = brain.forecast.__class__(40.0, 1.0)
     assert brain.trigger(workers=2, pinned=False, now=25.0) is not None
     assert brain.shortfalls == {}
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority is Linux's")
 def test_the_search_thread_runs_at_a_lower_priority_than_the_scheduler():

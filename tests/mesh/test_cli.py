@@ -25,8 +25,7 @@ TIMEOUT_S = 60
 
 
 def completion(n: int) -> dict:
-    return {"model": "tiny-llama", "prompt": "hi there", "max_tokens": n, "temperature": 0,
-            "ignore_eos": True}
+    return {"model": "tiny-llama", "prompt": "hi there", "max_tokens": n, "temperature": 0, "ignore_eos": True}
 
 
 @pytest.mark.slow
@@ -60,12 +59,18 @@ async def the_openai_client_works(url: str) -> None:
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT_S)
     try:
-        out = await client.completions.create(model="tiny-llama", prompt="hi", max_tokens=6,
-                                              temperature=0, extra_body={"ignore_eos": True})
+        out = await client.completions.create(
+            model="tiny-llama", prompt="hi", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert out.usage.completion_tokens == 6 and out.choices[0].finish_reason == "length"
         stream = await client.chat.completions.create(
-            model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            model="tiny-llama",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         chunks = [chunk async for chunk in stream]
         assert chunks[-1].usage.completion_tokens == 4
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -82,9 +87,21 @@ async def test_up_restarts_a_dead_child_and_stops_the_mesh_on_sigterm():
     namespace = f"u{uuid.uuid4().hex[:10]}"
     mesh = ProcessMesh({"EXEGPT_THREADS": "1", "EXEGPT_DEVICE": "cpu"})
     try:
-        up = mesh.start("up", "--model", "tiny-llama", "--port", "0", "--namespace", namespace,
-                        "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL,
-                        "--workers", "2")
+        up = mesh.start(
+            "up",
+            "--model",
+            "tiny-llama",
+            "--port",
+            "0",
+            "--namespace",
+            namespace,
+            "--amqp-url",
+            AMQP_URL,
+            "--redis-url",
+            REDIS_URL,
+            "--workers",
+            "2",
+        )
         url = up.wait_line("ready mesh").split()[-1]
         children = [ln for ln in up.output if ln.startswith("[") and "] ready " in ln]
         assert len(children) == 4  # scheduler, 2 workers, gateway
@@ -92,8 +109,7 @@ async def test_up_restarts_a_dead_child_and_stops_the_mesh_on_sigterm():
         os.kill(worker_pid, signal.SIGKILL)
         up.wait_line("[worker-1] ready worker")  # supervised: started again
         async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S) as client:
-            responses = await asyncio.gather(*(client.post("/v1/completions", json=completion(4))
-                                               for _ in range(8)))
+            responses = await asyncio.gather(*(client.post("/v1/completions", json=completion(4)) for _ in range(8)))
         assert [r.json()["usage"]["completion_tokens"] for r in responses] == [4] * 8
         assert mesh.stop(up) == 0
     finally:
@@ -115,10 +131,10 @@ def test_a_bad_setting_is_one_line_error(capsys):
     assert "namespace" in capsys.readouterr().err
 
 
-
-
-@pytest.mark.parametrize("setting, value, says", [("EXEGPT_PROFILE", "/no/such/profile.jsonl", "cannot read"),
-                                                  ("EXEGPT_PRIOR", "X", "neither a task")])
+@pytest.mark.parametrize(
+    "setting, value, says",
+    [("EXEGPT_PROFILE", "/no/such/profile.jsonl", "cannot read"), ("EXEGPT_PRIOR", "X", "neither a task")],
+)
 def test_what_the_scheduler_plans_on_is_checked_before_it_starts(capsys, monkeypatch, setting, value, says):
     monkeypatch.setenv(setting, value)
     assert main(["serve", "--port", "0"]) == 2
@@ -131,9 +147,14 @@ def test_a_command_whose_reader_went_away_exits_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, "-m", "services.cli", "keys", "new", "--owner", "alice"],
-                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
-                              cwd=Path(__file__).resolve().parents[2])
+        proc = subprocess.run(
+            [sys.executable, "-m", "services.cli", "keys", "new", "--owner", "alice"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[2],
+        )
     finally:
         os.close(write_end)
     assert proc.returncode == 141, proc.stderr
@@ -198,8 +219,9 @@ def test_down_deletes_the_namespace_queues_exchanges_and_keys(capsys):
     assert main(["down", "--namespace", names.namespace, "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL]) == 0
     assert names.namespace in capsys.readouterr().out
     after, keys_after, other_kept = asyncio.run(left())
-    asyncio.run(purge_namespace(MeshConfig(namespace=other.namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL),
-                                LocalHub()))
+    asyncio.run(
+        purge_namespace(MeshConfig(namespace=other.namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL), LocalHub())
+    )
     assert after == [] and keys_after == 0 and other_kept
 
 

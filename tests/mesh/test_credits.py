@@ -22,8 +22,9 @@ from tests.mesh.fake_engine import FakeEngine
 
 pytestmark = pytest.mark.usefixtures("cleanup")
 FAKE = "fake"
-SCHEDULE = Schedule("waa-c", encode_batch=2, decode_batch=4, num_devices=2, encoder_devices=1, decoder_devices=1,
-                    worker_devices=1)
+SCHEDULE = Schedule(
+    "waa-c", encode_batch=2, decode_batch=4, num_devices=2, encoder_devices=1, decoder_devices=1, worker_devices=1
+)
 
 
 class SmallCache(FakeEngine):
@@ -57,8 +58,9 @@ async def test_queued_requests_aborted_expired_or_refused_on_an_encoder_return_n
             await t.bus.declare_queue(reply)
 
             def work(rid: str, prompt_len: int) -> bytes:
-                return codec.encode(EncodeWork(rid, FAKE, tuple([7] * prompt_len), Sampling(max_tokens=4),
-                                               reply, time.time()))
+                return codec.encode(
+                    EncodeWork(rid, FAKE, tuple([7] * prompt_len), Sampling(max_tokens=4), reply, time.time())
+                )
 
             await t.bus.publish(names.encode_queue, work("abort-me", 8))
             await t.bus.publish(names.encode_queue, work("expire-me", 8), deadline=time.time() + 0.5)

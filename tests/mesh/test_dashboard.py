@@ -38,16 +38,32 @@ def config(mesh_config, cleanup):
 
 # --- History: pure ---------------------------------------------------------------------------
 
+
 def update_json(version: int, policy: str = "continuous", workers: tuple[str, ...] = ("w0",), token: int = 1):
-    return {"version": version, "epoch": 1, "token": token, "published_at": 100.0 + version,
-            "schedule": {"policy": policy, "encode_batch": 8}, "allocation": [{"worker_id": w, "role": "worker"}
-                                                                           for w in workers]}
+    return {
+        "version": version,
+        "epoch": 1,
+        "token": token,
+        "published_at": 100.0 + version,
+        "schedule": {"policy": policy, "encode_batch": 8},
+        "allocation": [{"worker_id": w, "role": "worker"} for w in workers],
+    }
 
 
 def state_json(updated_at: float, **fields):
-    return {"version": 1, "pinned": False, "latency_bound_s": None, "replans": 0, "last_replan_at": 0.0,
-            "last_replan_reason": "", "last_outcome": "", "updated_at": updated_at,
-            "predicted_throughput_seq_s": 2.0, "calibration": {"throughput": 0.9, "note": "x"}, **fields}
+    return {
+        "version": 1,
+        "pinned": False,
+        "latency_bound_s": None,
+        "replans": 0,
+        "last_replan_at": 0.0,
+        "last_replan_reason": "",
+        "last_outcome": "",
+        "updated_at": updated_at,
+        "predicted_throughput_seq_s": 2.0,
+        "calibration": {"throughput": 0.9, "note": "x"},
+        **fields,
+    }
 
 
 def test_history_keeps_every_number_of_the_state_once_per_record_and_at_most_once_a_second():
@@ -64,7 +80,10 @@ def test_history_keeps_every_number_of_the_state_once_per_record_and_at_most_onc
 
 def test_numeric_fields_takes_numbers_and_one_level_of_objects():
     assert numeric_fields({"a": 1, "b": True, "c": "x", "d": [1, 2], "e": {"f": 2.5, "g": {"h": 1}}}) == {
-        "a": 1.0, "b": 1.0, "e.f": 2.5}
+        "a": 1.0,
+        "b": 1.0,
+        "e.f": 2.5,
+    }
 
 
 def test_history_timeline_names_searches_versions_pins_and_bounds():
@@ -72,12 +91,28 @@ def test_history_timeline_names_searches_versions_pins_and_bounds():
     history.observe(update_json(1), state_json(1.0), now=1.0)
     history.observe(update_json(2, workers=("w0", "w1")), state_json(2.0, version=2), now=2.0)
     history.observe(update_json(3, "static", ("w0", "w1")), state_json(3.0, version=3, pinned=True), now=3.0)
-    history.observe(update_json(3, "static", ("w0", "w1")), state_json(
-        4.0, version=3, pinned=True, replans=1, last_replan_at=3.5, last_replan_reason="asked: look",
-        last_outcome="kept the schedule: pinned", latency_bound_s=2.0), now=4.0)
+    history.observe(
+        update_json(3, "static", ("w0", "w1")),
+        state_json(
+            4.0,
+            version=3,
+            pinned=True,
+            replans=1,
+            last_replan_at=3.5,
+            last_replan_reason="asked: look",
+            last_outcome="kept the schedule: pinned",
+            latency_bound_s=2.0,
+        ),
+        now=4.0,
+    )
     entries = history.timeline_after(0)
     assert [(e["kind"], e["version"]) for e in entries] == [
-        ("version", 1), ("version", 2), ("version", 3), ("search", 3), ("bound", 3)]
+        ("version", 1),
+        ("version", 2),
+        ("version", 3),
+        ("search", 3),
+        ("bound", 3),
+    ]
     assert entries[0]["reason"] == "in force when the dashboard first looked"
     assert entries[1]["reason"] == "workers 1 -> 2"
     assert entries[2]["reason"] == "pinned, schedule continuous -> static" and entries[2]["policy"] == "static"
@@ -102,13 +137,14 @@ def test_a_new_version_waits_for_the_state_record_that_explains_it():
 
 def test_version_change_says_what_changed():
     assert version_change(update_json(1), update_json(2, token=2), False, False) == "new scheduler leader"
-    assert version_change(update_json(1, "static"), update_json(2), True, False) == \
-        "unpinned, schedule static -> continuous"
+    assert (
+        version_change(update_json(1, "static"), update_json(2), True, False)
+        == "unpinned, schedule static -> continuous"
+    )
     wider = update_json(3)
     wider["schedule"] = {**wider["schedule"], "encode_batch": 16}
     assert version_change(update_json(2), wider, False, False) == "encode_batch 8 -> 16"
-    planned = {**wider, "schedule": {**wider["schedule"], "mean_input_len": 31.959595959595966,
-                                     "decode_batch": 30}}
+    planned = {**wider, "schedule": {**wider["schedule"], "mean_input_len": 31.959595959595966, "decode_batch": 30}}
     wider["schedule"].update(mean_input_len=31.427083333333332, decode_batch=32)
     assert version_change(wider, planned, False, False) == "decode_batch 32 -> 30, mean_input_len 31.4 -> 32"
 
@@ -122,8 +158,9 @@ def test_a_worker_row_has_rates_from_its_last_two_heartbeats_and_says_live_drain
     stopped = WorkerStatus("w", "decoder", 3, 0, 0, "stopping", at=103.0)
     assert worker_row(Heard(stopped, 50.0), now=50.0, timeout_s=6.0)["status"] == "gone"
     assert worker_row(Heard(before, 50.0), now=50.0, timeout_s=6.0)["step_rate_s"] is None  # one heartbeat: no rate
-    busy = WorkerStatus("w", "worker", 3, 2, 30, "alive", at=104.0, kv_tokens=120, kv_used_bytes=5.5e6,
-                        kv_allocated_bytes=2e9)
+    busy = WorkerStatus(
+        "w", "worker", 3, 2, 30, "alive", at=104.0, kv_tokens=120, kv_used_bytes=5.5e6, kv_allocated_bytes=2e9
+    )
     row = worker_row(Heard(busy, 50.0), now=50.0, timeout_s=6.0)  # KV use rides the heartbeat (a mesh)
     assert (row["kv_tokens"], row["kv_used_bytes"], row["kv_allocated_bytes"]) == (120, 5.5e6, 2e9)
     assert worker_row(Heard(before, 50.0), now=50.0, timeout_s=6.0)["kv_used_bytes"] is None  # unknown
@@ -141,13 +178,15 @@ def test_a_non_editable_install_ships_every_file_of_the_page():
     """pyproject's package-data names every file the page needs (a wheel holds only those)."""
     root = Path(__file__).resolve().parents[2]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
-        "services.gateway.dashboard"]
+        "services.gateway.dashboard"
+    ]
     package = root / "services" / "gateway" / "dashboard"
     shipped = {path for pattern in patterns for path in package.glob(pattern)}
     assert shipped == set((package / "static").iterdir()) and len(shipped) == 3
 
 
 # --- the JSON against a running mesh ---------------------------------------------------------
+
 
 async def state_of(m) -> dict:
     response = await m.client.get("/admin/dashboard/state", headers=ADMIN_AUTH)
@@ -177,24 +216,29 @@ async def test_state_shows_workers_schedule_and_timeline_and_marks_a_killed_work
         assert any(e["kind"] == "version" and e["version"] == first["update"]["version"] for e in first["timeline"])
         ids = sorted(w.worker_id for w in m.mesh.workers)
         loop = asyncio.get_running_loop()
-        await until(lambda: [r["worker_id"] for r in dashboard.watch.rows(loop.time())] == ids,
-                    [dashboard.watch.noted])
+        await until(lambda: [r["worker_id"] for r in dashboard.watch.rows(loop.time())] == ids, [dashboard.watch.noted])
         rows = (await state_of(m))["workers"]
         assert [(r["worker_id"], r["status"], r["role"]) for r in rows] == [(i, "live", "worker") for i in ids]
         assert all(r["schedule_version"] == first["update"]["version"] and "kv_tokens" in r for r in rows)
 
         victim = m.mesh.workers[1]
         await crash(victim, m.mesh.tasks[1 + 1])  # the scheduler's task comes first; it dies without a word
-        await until(lambda: {r["worker_id"]: r["status"] for r in dashboard.watch.rows(loop.time())}[
-            victim.worker_id] == "gone", [dashboard.watch.noted])
+        await until(
+            lambda: (
+                {r["worker_id"]: r["status"] for r in dashboard.watch.rows(loop.time())}[victim.worker_id] == "gone"
+            ),
+            [dashboard.watch.noted],
+        )
         after = await state_of(m)
         assert after["state"]["pinned"] is True and after["state"]["policy"] == "static"
         assert {r["worker_id"]: r["status"] for r in after["workers"]} == {
-            w: "gone" if w == victim.worker_id else "live" for w in ids}
+            w: "gone" if w == victim.worker_id else "live" for w in ids
+        }
         assert after["history"] == [] or after["history"][0]["at"] > 0
         since = after["history"][-1]["at"] if after["history"] else first["history"][-1]["at"]
-        again = await m.client.get("/admin/dashboard/state", params={"since": since, "after": 10_000},
-                                   headers=ADMIN_AUTH)
+        again = await m.client.get(
+            "/admin/dashboard/state", params={"since": since, "after": 10_000}, headers=ADMIN_AUTH
+        )
         assert again.json()["timeline"] == [] and all(p["at"] > since for p in again.json()["history"])
 
 
@@ -254,17 +298,37 @@ async def test_state_shows_the_batch_api_batches_and_their_progress(config, hub)
     from services.batch.api import batch_lifespan, batch_router
 
     engine, model = FakeEngine(), "tests.mesh.fake_engine:load"
-    app = create_app(config, ServedModel(model, engine.tokenizer, engine.max_context), hub=hub,
-                     routers=(batch_router(),), lifespans=(batch_lifespan(run_consumer=False),))
-    lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                         "body": {"model": model, "prompt": "hi", "max_tokens": 2}}) for i in range(2)]
+    app = create_app(
+        config,
+        ServedModel(model, engine.tokenizer, engine.max_context),
+        hub=hub,
+        routers=(batch_router(),),
+        lifespans=(batch_lifespan(run_consumer=False),),
+    )
+    lines = [
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": model, "prompt": "hi", "max_tokens": 2},
+            }
+        )
+        for i in range(2)
+    ]
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
-                                     headers=ADMIN_AUTH) as client:
-            file = await client.post("/v1/files", data={"purpose": "batch"},
-                                     files={"file": ("in.jsonl", "\n".join([*lines, "{not json"]).encode())})
-            batch = await client.post("/v1/batches", json={"input_file_id": file.json()["id"],
-                                                           "endpoint": "/v1/completions", "completion_window": "24h"})
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers=ADMIN_AUTH
+        ) as client:
+            file = await client.post(
+                "/v1/files",
+                data={"purpose": "batch"},
+                files={"file": ("in.jsonl", "\n".join([*lines, "{not json"]).encode())},
+            )
+            batch = await client.post(
+                "/v1/batches",
+                json={"input_file_id": file.json()["id"], "endpoint": "/v1/completions", "completion_window": "24h"},
+            )
             assert batch.status_code == 200, batch.text
             assert (await client.get("/admin/dashboard/state")).json()["batches"] is None  # not read yet
             await app.state.dashboard.reading

@@ -72,9 +72,20 @@ def artefacts(tmp_path) -> Path:
 
 @pytest.fixture
 def config(namespace, profile) -> MeshConfig:
-    return MeshConfig(namespace=namespace, threads=1, heartbeat_s=0.2, heartbeat_timeout_s=1.0, model=MODEL,
-                      device="cpu", profile=str(profile), prior="S", prior_scale=0.05, replan_interval_s=1.0,
-                      api_keys=SecretStr(USER), admin_keys=SecretStr(ADMIN))
+    return MeshConfig(
+        namespace=namespace,
+        threads=1,
+        heartbeat_s=0.2,
+        heartbeat_timeout_s=1.0,
+        model=MODEL,
+        device="cpu",
+        profile=str(profile),
+        prior="S",
+        prior_scale=0.05,
+        replan_interval_s=1.0,
+        api_keys=SecretStr(USER),
+        admin_keys=SecretStr(ADMIN),
+    )
 
 
 @contextlib.asynccontextmanager
@@ -122,8 +133,11 @@ async def confirm(page) -> None:
 
 async def test_without_an_admin_key_the_page_shows_nothing_and_says_why(config, engines, artefacts):
     hub, workers = LocalHub(), iter(engines)
-    async with running_mesh(config, hub, lambda: next(workers), workers=2) as m, served(m.app) as url, \
-            browser() as chromium:
+    async with (
+        running_mesh(config, hub, lambda: next(workers), workers=2) as m,
+        served(m.app) as url,
+        browser() as chromium,
+    ):
         page = await (await chromium.new_context(viewport=DESKTOP)).new_page()
         await page.goto(f"{url}/dashboard")
         login = page.locator("#login")
@@ -145,11 +159,20 @@ async def test_without_an_admin_key_the_page_shows_nothing_and_says_why(config, 
 
 async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engines, artefacts):
     hub, workers = LocalHub(), iter(engines)
-    async with running_mesh(config, hub, lambda: next(workers), workers=2) as m, served(m.app) as url, \
-            browser() as chromium:
+    async with (
+        running_mesh(config, hub, lambda: next(workers), workers=2) as m,
+        served(m.app) as url,
+        browser() as chromium,
+    ):
         scheduler = m.mesh.scheduler
-        await until(lambda: scheduler.brain.plan is not None and scheduler.current is not None
-                    and len(scheduler.current.allocation) == 2, [scheduler.decided, scheduler.published])
+        await until(
+            lambda: (
+                scheduler.brain.plan is not None
+                and scheduler.current is not None
+                and len(scheduler.current.allocation) == 2
+            ),
+            [scheduler.decided, scheduler.published],
+        )
         page = await (await chromium.new_context(viewport=DESKTOP)).new_page()
         errors = watch_console(page)
 
@@ -161,10 +184,12 @@ async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engine
 
         # the workers and the schedule's policy
         live = page.locator("#workers tr.live")
-        await page.wait_for_function("n => document.querySelectorAll('#workers tr.live').length === n", arg=2,
-                                     timeout=WAIT_MS)
+        await page.wait_for_function(
+            "n => document.querySelectorAll('#workers tr.live').length === n", arg=2, timeout=WAIT_MS
+        )
         assert sorted(await live.evaluate_all("rows => rows.map(r => r.dataset.worker)")) == sorted(
-            w.worker_id for w in m.mesh.workers)
+            w.worker_id for w in m.mesh.workers
+        )
         policy = scheduler.current.schedule.policy
         await page.locator("#schedule-policy").filter(has_text=policy).wait_for(timeout=WAIT_MS)
 
@@ -173,25 +198,35 @@ async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engine
         await page.get_by_role("button", name="Re-plan now").click()
         await confirm(page)
         await page.locator("#action-result").filter(has_text="Re-plan sent").wait_for(timeout=WAIT_MS)
-        await page.locator("#timeline li[data-kind=search]").filter(has_text="asked: dashboard check").wait_for(
-            timeout=WAIT_MS)
+        await (
+            page.locator("#timeline li[data-kind=search]")
+            .filter(has_text="asked: dashboard check")
+            .wait_for(timeout=WAIT_MS)
+        )
 
         # `exegpt schedule pin`: the new version is on the page within two seconds
         before = scheduler.current.version
         code = await asyncio.to_thread(main, ["schedule", "pin", json.dumps(PINNED), "--url", url, "--key", ADMIN])
         pinned_at = time.monotonic()
         assert code == 0
-        await until(lambda: scheduler.current.version > before and scheduler.current.schedule.policy == "static",
-                    [scheduler.published])
+        await until(
+            lambda: scheduler.current.version > before and scheduler.current.schedule.policy == "static",
+            [scheduler.published],
+        )
         version = scheduler.current.version
         left_ms = SHOWN_WITHIN_MS - (time.monotonic() - pinned_at) * 1000
         await page.wait_for_function(
             "v => document.getElementById('schedule-version').textContent === v"
             " && document.getElementById('schedule-policy').textContent === 'static'",
-            arg=f"v{version}", timeout=max(left_ms, 1))
+            arg=f"v{version}",
+            timeout=max(left_ms, 1),
+        )
         await page.locator("#schedule-pinned .badge").filter(has_text="pinned").wait_for(timeout=WAIT_MS)
-        await page.locator(f"#timeline li[data-kind=version][data-version='{version}']").filter(
-            has_text="pinned").wait_for(timeout=WAIT_MS)
+        await (
+            page.locator(f"#timeline li[data-kind=version][data-version='{version}']")
+            .filter(has_text="pinned")
+            .wait_for(timeout=WAIT_MS)
+        )
 
         # an action that is cancelled sends nothing
         await page.get_by_label("Latency bound, seconds (empty: none)").fill("2")
@@ -206,8 +241,7 @@ async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engine
         await confirm(page)
         await page.locator("#action-result").filter(has_text="SLO sent").wait_for(timeout=WAIT_MS)
         brain = m.mesh.scheduler.brain
-        await until(lambda: (brain.slo.ttft_s, round(brain.slo.tpot_s, 6)) == (1.5, 0.08),
-                    [m.mesh.scheduler.learned])
+        await until(lambda: (brain.slo.ttft_s, round(brain.slo.tpot_s, 6)) == (1.5, 0.08), [m.mesh.scheduler.learned])
 
         # unpin from the page
         await page.get_by_role("button", name="Unpin the schedule").click()
@@ -230,14 +264,17 @@ async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engine
         await page.get_by_label("Latency bound, seconds (empty: none)").fill("-1.5")
         await page.get_by_role("button", name="Set the latency bound").click()
         await confirm(page)
-        await page.locator("#action-result.error").filter(
-            has_text="latency_bound_s must be a positive number of seconds").wait_for(timeout=WAIT_MS)
+        await (
+            page.locator("#action-result.error")
+            .filter(has_text="latency_bound_s must be a positive number of seconds")
+            .wait_for(timeout=WAIT_MS)
+        )
 
         # phone width: one column, nothing wider than the window
         await page.set_viewport_size(PHONE)
-        await page.wait_for_function("() => document.querySelector('#charts svg').getAttribute('viewBox') "
-                                     "=== '0 0 360 170'",
-                                     timeout=WAIT_MS)  # the next poll redrew the charts for the narrow window
+        await page.wait_for_function(
+            "() => document.querySelector('#charts svg').getAttribute('viewBox') === '0 0 360 170'", timeout=WAIT_MS
+        )  # the next poll redrew the charts for the narrow window
         await no_sideways_scroll(page)
         await page.screenshot(path=str(artefacts / "dashboard-phone.png"), full_page=True)
         print(f"dashboard screenshots in {artefacts}")
@@ -249,44 +286,143 @@ def extended_snapshot() -> dict:
     message and a batch in progress."""
     chosen = Schedule(policy="waa-c", encode_batch=4, decode_batch=32, encoder_devices=1, decoder_devices=2)
     other = Schedule(policy="rra", encode_batch=16, decode_batch=48, decode_iters_per_encode=9)
-    state = jsonable(SchedulerState(
-        leader="scheduler-1", token=3, version=7, policy="waa-c", pinned=False, latency_bound_s=1.5,
-        meets_bound=False, basis="observed: 80 requests", samples=80, input_quantiles=(40.0, 90.0, 120.0),
-        output_quantiles=(20.0, 50.0, 70.0), input_mean=48.0, output_mean=24.0, correlation=0.1,
-        arrival_rate_s=3.5, arrival_cv=1.8, predicted_throughput_seq_s=4.0, predicted_latency_s=2.1,
-        observed_throughput_seq_s=3.2, observed_latency_s=2.4, drift_statistic=0.31, drift_p_value=0.002,
-        replans=4, last_replan_reason="drift", last_replan_at=1000.0, workers=3, updated_at=1001.0,
-        last_outcome="published: 12% more throughput", predicted_attainment=0.93,
-        calibration=(CalibrationPoint("decode", 8.0, 1.12), CalibrationPoint("prefill", 256.0, 0.91)),
-        calibration_samples=40,
-        candidates=(CandidateFigures(chosen, 4.0, 0.975, 0.31, 0.045, 2.1, math.nan, True),
-                    CandidateFigures(other, 6.1, 0.912, 0.52, 0.061, 3.4, math.nan, False))))
-    state.update({"ttft_slo_s": 0.5, "tpot_slo_s": 0.05, "attainment": 0.93, "calibration_factor": {"throughput": 0.91},
-                  "planned_output_quantiles": [18.0, 45.0, 66.0]})
-    update = {"version": 7, "epoch": 1, "token": 3, "published_at": 1000.5, "lease_until": None,
-              "schedule": {"policy": "waa-c", "encode_batch": 4, "decode_batch": 32},
-              "allocation": [{"worker_id": f"w{i}", "role": role}
-                             for i, role in enumerate(("encoder", "decoder", "decoder"))]}
-    workers = [{"worker_id": "w0", "role": "encoder", "state": "alive", "status": "live", "schedule_version": 7,
-                "running": 2, "free_slots": 0, "step_rate_s": 12.5, "busy": 0.4, "steps": 100, "group": [1],
-                "heartbeat_age_s": 0.5},
-               {"worker_id": "w1", "role": "decoder", "state": "draining", "status": "draining", "schedule_version": 6,
-                "running": 5, "free_slots": 27, "step_rate_s": 30.0, "busy": 0.9, "steps": 900, "group": [1],
-                "heartbeat_age_s": 0.7},
-               {"worker_id": "w2", "role": "decoder", "state": "alive", "status": "gone", "schedule_version": 7,
-                "running": 0, "free_slots": 32, "step_rate_s": None, "busy": None, "steps": 5, "group": [1],
-                "heartbeat_age_s": 9.0}]
+    state = jsonable(
+        SchedulerState(
+            leader="scheduler-1",
+            token=3,
+            version=7,
+            policy="waa-c",
+            pinned=False,
+            latency_bound_s=1.5,
+            meets_bound=False,
+            basis="observed: 80 requests",
+            samples=80,
+            input_quantiles=(40.0, 90.0, 120.0),
+            output_quantiles=(20.0, 50.0, 70.0),
+            input_mean=48.0,
+            output_mean=24.0,
+            correlation=0.1,
+            arrival_rate_s=3.5,
+            arrival_cv=1.8,
+            predicted_throughput_seq_s=4.0,
+            predicted_latency_s=2.1,
+            observed_throughput_seq_s=3.2,
+            observed_latency_s=2.4,
+            drift_statistic=0.31,
+            drift_p_value=0.002,
+            replans=4,
+            last_replan_reason="drift",
+            last_replan_at=1000.0,
+            workers=3,
+            updated_at=1001.0,
+            last_outcome="published: 12% more throughput",
+            predicted_attainment=0.93,
+            calibration=(CalibrationPoint("decode", 8.0, 1.12), CalibrationPoint("prefill", 256.0, 0.91)),
+            calibration_samples=40,
+            candidates=(
+                CandidateFigures(chosen, 4.0, 0.975, 0.31, 0.045, 2.1, math.nan, True),
+                CandidateFigures(other, 6.1, 0.912, 0.52, 0.061, 3.4, math.nan, False),
+            ),
+        )
+    )
+    state.update(
+        {
+            "ttft_slo_s": 0.5,
+            "tpot_slo_s": 0.05,
+            "attainment": 0.93,
+            "calibration_factor": {"throughput": 0.91},
+            "planned_output_quantiles": [18.0, 45.0, 66.0],
+        }
+    )
+    update = {
+        "version": 7,
+        "epoch": 1,
+        "token": 3,
+        "published_at": 1000.5,
+        "lease_until": None,
+        "schedule": {"policy": "waa-c", "encode_batch": 4, "decode_batch": 32},
+        "allocation": [
+            {"worker_id": f"w{i}", "role": role} for i, role in enumerate(("encoder", "decoder", "decoder"))
+        ],
+    }
+    workers = [
+        {
+            "worker_id": "w0",
+            "role": "encoder",
+            "state": "alive",
+            "status": "live",
+            "schedule_version": 7,
+            "running": 2,
+            "free_slots": 0,
+            "step_rate_s": 12.5,
+            "busy": 0.4,
+            "steps": 100,
+            "group": [1],
+            "heartbeat_age_s": 0.5,
+        },
+        {
+            "worker_id": "w1",
+            "role": "decoder",
+            "state": "draining",
+            "status": "draining",
+            "schedule_version": 6,
+            "running": 5,
+            "free_slots": 27,
+            "step_rate_s": 30.0,
+            "busy": 0.9,
+            "steps": 900,
+            "group": [1],
+            "heartbeat_age_s": 0.7,
+        },
+        {
+            "worker_id": "w2",
+            "role": "decoder",
+            "state": "alive",
+            "status": "gone",
+            "schedule_version": 7,
+            "running": 0,
+            "free_slots": 32,
+            "step_rate_s": None,
+            "busy": None,
+            "steps": 5,
+            "group": [1],
+            "heartbeat_age_s": 9.0,
+        },
+    ]
     point = {k: v for k, v in state.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {"now": 1002.0, "gateway": {"id": "g", "model": "m", "namespace": "ns", "in_flight": 0, "embedded": False,
-                                       "heartbeat_timeout_s": 6.0},
-            "update": update, "state": state, "workers": workers,
-            "dead": {"depth": 2, "reasons": [{"queue": "ns.encode", "reason": "undecodable: x", "count": 2}],
-                     "reasons_at": 1001.0},
-            "batches": [{"id": "batch_1", "status": "in_progress", "created_at": 990, "total": 10, "completed": 4,
-                         "failed": 1}],
-            "history": [{**point, "calibration_factor.throughput": 0.91, "at": 1001.0}],
-            "timeline": [{"seq": 1, "kind": "search", "at": 1000.0, "version": 7, "reason": "drift",
-                          "outcome": "published: 12% more throughput"}]}
+    return {
+        "now": 1002.0,
+        "gateway": {
+            "id": "g",
+            "model": "m",
+            "namespace": "ns",
+            "in_flight": 0,
+            "embedded": False,
+            "heartbeat_timeout_s": 6.0,
+        },
+        "update": update,
+        "state": state,
+        "workers": workers,
+        "dead": {
+            "depth": 2,
+            "reasons": [{"queue": "ns.encode", "reason": "undecodable: x", "count": 2}],
+            "reasons_at": 1001.0,
+        },
+        "batches": [
+            {"id": "batch_1", "status": "in_progress", "created_at": 990, "total": 10, "completed": 4, "failed": 1}
+        ],
+        "history": [{**point, "calibration_factor.throughput": 0.91, "at": 1001.0}],
+        "timeline": [
+            {
+                "seq": 1,
+                "kind": "search",
+                "at": 1000.0,
+                "version": 7,
+                "reason": "drift",
+                "outcome": "published: 12% more throughput",
+            }
+        ],
+    }
 
 
 async def test_the_page_shows_fields_it_does_not_know_the_alert_and_the_queues(artefacts):
@@ -300,12 +436,14 @@ async def test_the_page_shows_fields_it_does_not_know_the_alert_and_the_queues(a
         if path == "admin/dashboard/state":
             await route.fulfill(status=200, content_type="application/json", body=body)
         elif path == "dashboard":
-            await route.fulfill(status=200, content_type="text/html", body=(files / "index.html").read_text(),
-                                headers=PAGE_HEADERS)
+            await route.fulfill(
+                status=200, content_type="text/html", body=(files / "index.html").read_text(), headers=PAGE_HEADERS
+            )
         else:
             name = path.rsplit("/", 1)[1]
-            await route.fulfill(status=200, content_type=STATIC[name], body=(files / name).read_text(),
-                                headers=PAGE_HEADERS)
+            await route.fulfill(
+                status=200, content_type=STATIC[name], body=(files / name).read_text(), headers=PAGE_HEADERS
+            )
 
     async with browser() as chromium:
         page = await (await chromium.new_context(viewport=DESKTOP)).new_page()

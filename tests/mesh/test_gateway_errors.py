@@ -37,8 +37,9 @@ async def error_of(response, status: int = 400) -> dict:
     return error
 
 
-@pytest.mark.parametrize("path, body", [("/v1/completions", completion("x", -1)),
-                                        ("/v1/chat/completions", chat("x", -1))])
+@pytest.mark.parametrize(
+    "path, body", [("/v1/completions", completion("x", -1)), ("/v1/chat/completions", chat("x", -1))]
+)
 async def test_max_tokens_below_one_says_it_must_be_at_least_one(config, hub, path, body):
     async with running_mesh(config, hub, load) as m:
         error = await error_of(await m.client.post(path, json=body))
@@ -71,8 +72,7 @@ async def test_a_prompt_that_fits_but_leaves_no_room_for_max_tokens_names_both(c
 async def test_malformed_json_says_the_body_is_not_valid_json(config, hub):
     async with running_mesh(config, hub, load) as m:
         body = b'{"model": "x",\n  not json}'
-        response = await m.client.post("/v1/completions", content=body,
-                                       headers={"content-type": "application/json"})
+        response = await m.client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
         error = await error_of(response)
         assert error["param"] is None
         assert "not valid JSON" in error["message"]
@@ -116,14 +116,26 @@ async def test_a_seed_beyond_64_bits_is_a_400_naming_it(config, hub, seed):
         assert ok.status_code == 200, ok.text
 
 
-@pytest.mark.parametrize("field, value", [("top_k", 2**63), ("top_k", 2**64), ("top_k", 10**30),
-                                          ("top_k", -1), ("temperature", 2.5), ("top_p", 0),
-                                          ("stop", ["s"] * (MAX_STOPS + 1)), ("stop", "x" * (MAX_STOP_CHARS + 1)),
-                                          ("stop", ["ok", "x" * (MAX_STOP_CHARS + 1)])])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("top_k", 2**63),
+        ("top_k", 2**64),
+        ("top_k", 10**30),
+        ("top_k", -1),
+        ("temperature", 2.5),
+        ("top_p", 0),
+        ("stop", ["s"] * (MAX_STOPS + 1)),
+        ("stop", "x" * (MAX_STOP_CHARS + 1)),
+        ("stop", ["ok", "x" * (MAX_STOP_CHARS + 1)]),
+    ],
+)
 async def test_a_sampling_field_out_of_bounds_is_a_400_naming_it(config, hub, field, value):
     async with running_mesh(config, hub, load) as m:
-        for path, body in (("/v1/completions", completion("x", 3)),
-                           ("/v1/chat/completions", chat_body([{"role": "user", "content": "x"}]))):
+        for path, body in (
+            ("/v1/completions", completion("x", 3)),
+            ("/v1/chat/completions", chat_body([{"role": "user", "content": "x"}])),
+        ):
             error = await error_of(await m.client.post(path, json={**body, field: value}))
             assert error["param"].split(".")[0] == field, error  # stop.1: the second stop string
         assert m.mesh.workers[0].runner.engine.steps == []  # nothing reached a worker
@@ -135,8 +147,9 @@ async def test_nan_and_infinities_are_a_400_naming_the_field(config, hub, field,
     """JSON has no NaN, but Python's parser reads these literals: they never reach a worker."""
     async with running_mesh(config, hub, load) as m:
         text = json.dumps(completion("x", 3))[:-1] + f', "{field}": {literal}}}'
-        response = await m.client.post("/v1/completions", content=text.encode(),
-                                       headers={"content-type": "application/json"})
+        response = await m.client.post(
+            "/v1/completions", content=text.encode(), headers={"content-type": "application/json"}
+        )
         error = await error_of(response)
         assert error["param"] == field and "finite" in error["message"], error
         assert m.mesh.workers[0].runner.engine.steps == []
@@ -150,21 +163,34 @@ async def test_the_largest_top_k_is_served(config, hub):
 
 # --- OpenAI parameters are never dropped silently ---------------------------------------------
 
+
 def chat_body(messages: list, n: int = 3, **extra) -> dict:
     return {"model": FAKE, "messages": messages, "max_tokens": n, "temperature": 0, **extra}
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", completion("x", 3, frobnicate=1), "frobnicate"),
-    ("/v1/completions", completion("x", 3, repetition_penalty=1.2), "repetition_penalty"),
-    ("/v1/chat/completions", chat_body([{"role": "user", "content": "x"}], parallel_tool_calls=True),
-     "parallel_tool_calls"),
-    ("/v1/chat/completions", chat_body([{"role": "user", "content": "x"}], reasoning_effort="low"),
-     "reasoning_effort"),
-    ("/v1/chat/completions", chat_body([{"role": "user", "content": "x", "name": "ann"}]), "messages.0.name"),
-    ("/v1/completions", completion("x", 3, stream=True, stream_options={"include_usage": True, "x": 1}),
-     "stream_options.x"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", completion("x", 3, frobnicate=1), "frobnicate"),
+        ("/v1/completions", completion("x", 3, repetition_penalty=1.2), "repetition_penalty"),
+        (
+            "/v1/chat/completions",
+            chat_body([{"role": "user", "content": "x"}], parallel_tool_calls=True),
+            "parallel_tool_calls",
+        ),
+        (
+            "/v1/chat/completions",
+            chat_body([{"role": "user", "content": "x"}], reasoning_effort="low"),
+            "reasoning_effort",
+        ),
+        ("/v1/chat/completions", chat_body([{"role": "user", "content": "x", "name": "ann"}]), "messages.0.name"),
+        (
+            "/v1/completions",
+            completion("x", 3, stream=True, stream_options={"include_usage": True, "x": 1}),
+            "stream_options.x",
+        ),
+    ],
+)
 async def test_an_unknown_field_is_a_400_naming_it(config, hub, path, body, param):
     async with running_mesh(config, hub, load) as m:
         error = await error_of(await m.client.post(path, json=body))
@@ -172,18 +198,20 @@ async def test_an_unknown_field_is_a_400_naming_it(config, hub, path, body, para
         assert param in error["message"]
 
 
-@pytest.mark.parametrize("path, field, value", [
-    ("/v1/completions", "logit_bias", {"50": -100}),
-    ("/v1/completions", "echo", True),
-    ("/v1/completions", "best_of", 3),
-    ("/v1/completions", "suffix", "tail"),
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "auto"),
-])
+@pytest.mark.parametrize(
+    "path, field, value",
+    [
+        ("/v1/completions", "logit_bias", {"50": -100}),
+        ("/v1/completions", "echo", True),
+        ("/v1/completions", "best_of", 3),
+        ("/v1/completions", "suffix", "tail"),
+        ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("/v1/chat/completions", "tool_choice", "auto"),
+    ],
+)
 async def test_a_non_neutral_value_of_an_unsupported_feature_is_a_400_naming_it(config, hub, path, field, value):
-    body = (completion("x", 3) if path == "/v1/completions"
-            else chat_body([{"role": "user", "content": "x"}]))
+    body = completion("x", 3) if path == "/v1/completions" else chat_body([{"role": "user", "content": "x"}])
     async with running_mesh(config, hub, load) as m:
         error = await error_of(await m.client.post(path, json={**body, field: value}))
         assert error["param"] == field and error["code"] == "unsupported_value"
@@ -191,23 +219,30 @@ async def test_a_non_neutral_value_of_an_unsupported_feature_is_a_400_naming_it(
 
 
 async def test_neutral_values_of_unsupported_features_are_accepted(config, hub):
-    neutral = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
-               "user": "someone"}
+    neutral = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "someone"}
     async with running_mesh(config, hub, load) as m:
         plain = await m.client.post("/v1/completions", json=completion("neutral", 5))
-        for extra in ({**neutral, "logprobs": None, "echo": False, "best_of": 1, "suffix": None},
-                      {"presence_penalty": None, "frequency_penalty": None, "logit_bias": None,
-                       "n": None, "echo": None}):
+        for extra in (
+            {**neutral, "logprobs": None, "echo": False, "best_of": 1, "suffix": None},
+            {"presence_penalty": None, "frequency_penalty": None, "logit_bias": None, "n": None, "echo": None},
+        ):
             same = await m.client.post("/v1/completions", json={**completion("neutral", 5), **extra})
             assert same.status_code == 200, same.text
             assert same.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
 
         messages = [{"role": "user", "content": "neutral"}]
         plain = await m.client.post("/v1/chat/completions", json=chat_body(messages, 5))
-        for extra in ({**neutral, "logprobs": False, "top_logprobs": 0,
-                       "response_format": {"type": "text"}, "tools": [], "tool_choice": "none"},
-                      {"logprobs": None, "top_logprobs": None, "response_format": None,
-                       "tools": None, "tool_choice": None}):
+        for extra in (
+            {
+                **neutral,
+                "logprobs": False,
+                "top_logprobs": 0,
+                "response_format": {"type": "text"},
+                "tools": [],
+                "tool_choice": "none",
+            },
+            {"logprobs": None, "top_logprobs": None, "response_format": None, "tools": None, "tool_choice": None},
+        ):
             same = await m.client.post("/v1/chat/completions", json={**chat_body(messages, 5), **extra})
             assert same.status_code == 200, same.text
             assert same.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
@@ -216,48 +251,73 @@ async def test_neutral_values_of_unsupported_features_are_accepted(config, hub):
 async def test_chat_content_as_a_list_of_text_parts_is_joined(config, hub):
     parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
     async with running_mesh(config, hub, load) as m:
-        joined = await m.client.post("/v1/chat/completions",
-                                     json=chat_body([{"role": "user", "content": "first\nsecond"}], 6))
-        listed = await m.client.post("/v1/chat/completions",
-                                     json=chat_body([{"role": "system", "content": "be brief"},
-                                                     {"role": "user", "content": parts}], 6))
-        alone = await m.client.post("/v1/chat/completions",
-                                    json=chat_body([{"role": "system", "content": "be brief"},
-                                                    {"role": "user", "content": "first\nsecond"}], 6))
+        joined = await m.client.post(
+            "/v1/chat/completions", json=chat_body([{"role": "user", "content": "first\nsecond"}], 6)
+        )
+        listed = await m.client.post(
+            "/v1/chat/completions",
+            json=chat_body([{"role": "system", "content": "be brief"}, {"role": "user", "content": parts}], 6),
+        )
+        alone = await m.client.post(
+            "/v1/chat/completions",
+            json=chat_body(
+                [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first\nsecond"}], 6
+            ),
+        )
         assert joined.status_code == listed.status_code == alone.status_code == 200, listed.text
         assert listed.json()["choices"][0]["message"] == alone.json()["choices"][0]["message"]
         assert listed.json()["usage"] == alone.json()["usage"]
 
 
-@pytest.mark.parametrize("part, param, named", [
-    ({"type": "image_url", "image_url": {"url": "http://x/y.png"}}, "messages.0.content.1", "image_url"),
-    ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "messages.0.content.1",
-     "input_audio"),
-    ({"type": "text", "text": "b", "cache_control": {}}, "messages.0.content.1.cache_control",
-     "cache_control"),
-])
+@pytest.mark.parametrize(
+    "part, param, named",
+    [
+        ({"type": "image_url", "image_url": {"url": "http://x/y.png"}}, "messages.0.content.1", "image_url"),
+        ({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "messages.0.content.1", "input_audio"),
+        ({"type": "text", "text": "b", "cache_control": {}}, "messages.0.content.1.cache_control", "cache_control"),
+    ],
+)
 async def test_a_non_text_content_part_is_a_400_naming_it(config, hub, part, param, named):
     content = [{"type": "text", "text": "a"}, part]
     async with running_mesh(config, hub, load) as m:
-        error = await error_of(await m.client.post(
-            "/v1/chat/completions", json=chat_body([{"role": "user", "content": content}])))
+        error = await error_of(
+            await m.client.post("/v1/chat/completions", json=chat_body([{"role": "user", "content": content}]))
+        )
         assert error["param"] == param and named in error["message"]
         assert error["code"] in ("unsupported_value", "unsupported_parameter")
 
 
 async def test_a_full_request_with_every_supported_field_still_works(config, hub):
-    full = {"model": FAKE, "max_tokens": 5, "min_tokens": 5, "ignore_eos": True, "temperature": 0.0,
-            "top_p": 1.0, "top_k": 0, "seed": 7, "stop": ["never-seen"], "n": 1, "user": "u",
-            "stream": True, "stream_options": {"include_usage": True}}
+    full = {
+        "model": FAKE,
+        "max_tokens": 5,
+        "min_tokens": 5,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "seed": 7,
+        "stop": ["never-seen"],
+        "n": 1,
+        "user": "u",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with running_mesh(config, hub, load) as m:
         streamed = await m.client.post("/v1/completions", json={**full, "prompt": "full"})
         assert streamed.status_code == 200, streamed.text
-        chunks = [json.loads(ln[6:]) for ln in streamed.text.splitlines()
-                  if ln.startswith("data: ") and ln != "data: [DONE]"]
+        chunks = [
+            json.loads(ln[6:]) for ln in streamed.text.splitlines() if ln.startswith("data: ") and ln != "data: [DONE]"
+        ]
         assert chunks[-1]["usage"]["completion_tokens"] == 5
 
-        chat_full = {**full, "messages": [{"role": "user", "content": "full"}], "stream": False,
-                     "max_completion_tokens": 4, "min_tokens": 4}
+        chat_full = {
+            **full,
+            "messages": [{"role": "user", "content": "full"}],
+            "stream": False,
+            "max_completion_tokens": 4,
+            "min_tokens": 4,
+        }
         chat_full.pop("stream_options")
         whole = await m.client.post("/v1/chat/completions", json=chat_full)
         assert whole.status_code == 200, whole.text
@@ -268,7 +328,9 @@ async def test_the_openapi_schema_still_describes_the_request_bodies(config, hub
     async with running_mesh(config, hub, load) as m:
         schema = (await m.client.get("/openapi.json")).json()
     bodies = schema["components"]["schemas"]
-    for name, fields in (("CompletionBody", {"prompt", "max_tokens", "ignore_eos", "logprobs", "echo"}),
-                         ("ChatBody", {"messages", "max_completion_tokens", "tools", "response_format"})):
+    for name, fields in (
+        ("CompletionBody", {"prompt", "max_tokens", "ignore_eos", "logprobs", "echo"}),
+        ("ChatBody", {"messages", "max_completion_tokens", "tools", "response_format"}),
+    ):
         assert fields <= set(bodies[name]["properties"]), bodies[name]["properties"].keys()
         assert bodies[name]["additionalProperties"] is False

@@ -32,8 +32,9 @@ def transport_kind() -> str:
 
 @pytest.fixture
 def config(mesh_config):
-    return mesh_config.model_copy(update={"model": FAKE, "max_body_bytes": CAP, "max_prompt_chars": 1000,
-                                          "max_request_tokens": 40})
+    return mesh_config.model_copy(
+        update={"model": FAKE, "max_body_bytes": CAP, "max_prompt_chars": 1000, "max_request_tokens": 40}
+    )
 
 
 def completion(prompt, max_tokens: int = 3, **extra) -> dict:
@@ -71,6 +72,7 @@ def counting_engine() -> FakeEngine:
 
 # --- bodies ------------------------------------------------------------------------------------
 
+
 async def test_a_body_over_the_cap_is_a_413_and_never_reaches_the_route(config, hub):
     async with running_mesh(config, hub, counting_engine) as m:
         tokenizer = m.mesh.workers[0].runner.engine.tokenizer
@@ -94,8 +96,9 @@ async def test_a_body_streamed_without_a_length_is_a_413_once_it_passes_the_cap(
             yield b" " * 1024
 
     async with running_mesh(config, hub, counting_engine) as m:
-        response = await m.client.post("/v1/completions", content=chunks(),
-                                       headers={"content-type": "application/json"})
+        response = await m.client.post(
+            "/v1/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
         assert error_of(response, 413)["code"] == "request_too_large"
         assert sum(sent) <= CAP + 1024
         assert m.mesh.workers[0].runner.engine.tokenizer.encoded == []
@@ -106,11 +109,12 @@ async def test_a_body_within_the_cap_sent_in_pieces_is_served(config, hub):
 
     async def pieces():
         for i in range(0, len(body), 7):
-            yield body[i:i + 7]
+            yield body[i : i + 7]
 
     async with running_mesh(config, hub, load) as m:
-        response = await m.client.post("/v1/completions", content=pieces(),
-                                       headers={"content-type": "application/json"})
+        response = await m.client.post(
+            "/v1/completions", content=pieces(), headers={"content-type": "application/json"}
+        )
         assert response.status_code == 200, response.text
 
 
@@ -123,19 +127,31 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408(config, hub):
         yield b"}"
 
     async with running_mesh(config.model_copy(update={"body_timeout_s": 0.3}), hub, load) as m:
-        response = await asyncio.wait_for(m.client.post(
-            "/v1/completions", content=stalling(), headers={"content-type": "application/json"}), 10)
+        response = await asyncio.wait_for(
+            m.client.post("/v1/completions", content=stalling(), headers={"content-type": "application/json"}), 10
+        )
         assert error_of(response, 408)["code"] == "request_timeout"
 
 
 # --- prompts -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", completion("y" * 1001), "prompt"),
-    ("/v1/completions", completion(["y" * 1001]), "prompt"),
-    ("/v1/chat/completions", {"model": FAKE, "max_tokens": 3, "messages": [
-        {"role": "system", "content": "s" * 600}, {"role": "user", "content": "u" * 401}]}, "messages"),
-])
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", completion("y" * 1001), "prompt"),
+        ("/v1/completions", completion(["y" * 1001]), "prompt"),
+        (
+            "/v1/chat/completions",
+            {
+                "model": FAKE,
+                "max_tokens": 3,
+                "messages": [{"role": "system", "content": "s" * 600}, {"role": "user", "content": "u" * 401}],
+            },
+            "messages",
+        ),
+    ],
+)
 async def test_a_prompt_over_max_prompt_chars_is_refused_before_it_is_tokenized(config, hub, path, body, param):
     async with running_mesh(config, hub, counting_engine) as m:
         error = error_of(await m.client.post(path, json=body), 400)
@@ -173,13 +189,19 @@ async def test_tokenizing_runs_off_the_event_loop(config, hub):
 
 # --- the generation one request asks for -------------------------------------------------------
 
+
 async def test_n_times_max_tokens_over_the_cap_is_a_400_naming_it(config, hub):
     async with running_mesh(config, hub, load) as m:
         error = error_of(await m.client.post("/v1/completions", json=completion("x", 14, n=3)), 400)
         assert error["param"] == "n" and error["code"] == "integer_above_max_value"
         assert "40" in error["message"] and "n=3" in error["message"]
-        error = error_of(await m.client.post("/v1/chat/completions", json={
-            "model": FAKE, "max_tokens": 41, "messages": [{"role": "user", "content": "x"}]}), 400)
+        error = error_of(
+            await m.client.post(
+                "/v1/chat/completions",
+                json={"model": FAKE, "max_tokens": 41, "messages": [{"role": "user", "content": "x"}]},
+            ),
+            400,
+        )
         assert error["param"] == "max_tokens"
         ok = await m.client.post("/v1/completions", json=completion("x", 13, n=3))
         assert ok.status_code == 200, ok.text
@@ -208,6 +230,7 @@ async def test_the_openapi_document_states_the_bounds(config, hub):
 
 # --- connections: a real server on 127.0.0.1 ---------------------------------------------------
 
+
 @contextlib.asynccontextmanager
 async def served(app, limits: ConnectionLimits) -> AsyncIterator[int]:
     """``app`` behind uvicorn with the gateway's protocol on a free port of 127.0.0.1 (its lifespan
@@ -231,8 +254,9 @@ async def answer_of(reader: asyncio.StreamReader, timeout_s: float = 10) -> tupl
 
 
 def limits(**changes) -> ConnectionLimits:
-    return ConnectionLimits(**{"header_timeout_s": 5.0, "max_header_bytes": 8192, "max_connections": 0,
-                               "max_per_client": 0, **changes})
+    return ConnectionLimits(
+        **{"header_timeout_s": 5.0, "max_header_bytes": 8192, "max_connections": 0, "max_per_client": 0, **changes}
+    )
 
 
 async def test_slow_and_idle_clients_are_closed_at_the_header_timeout_and_others_served(config, hub):
@@ -262,7 +286,7 @@ async def test_headers_over_the_cap_are_a_431_and_the_connection_closes(config, 
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         head = b"GET /health HTTP/1.1\r\nHost: gateway\r\nX-Big: " + b"b" * 200_000 + b"\r\n\r\n"
         for i in range(0, len(head), 4096 if in_pieces else len(head)):
-            writer.write(head[i:i + (4096 if in_pieces else len(head))])
+            writer.write(head[i : i + (4096 if in_pieces else len(head))])
             try:
                 await writer.drain()
             except ConnectionError:  # closed while we were still sending
@@ -275,8 +299,7 @@ async def test_headers_over_the_cap_are_a_431_and_the_connection_closes(config, 
 
 
 @pytest.mark.parametrize("caps, refused", [(dict(max_per_client=3), 429), (dict(max_connections=3), 503)])
-async def test_connections_past_a_cap_are_refused_at_once_and_counted_down_when_they_close(config, hub, caps,
-                                                                                            refused):
+async def test_connections_past_a_cap_are_refused_at_once_and_counted_down_when_they_close(config, hub, caps, refused):
     async with running_mesh(config, hub, load) as m, served(m.app, limits(**caps)) as port:
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
         for reader, writer in held[:1]:  # the server has taken them: one answers
@@ -300,8 +323,10 @@ async def test_a_body_over_the_cap_is_answered_413_at_once_over_a_socket(config,
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % (60 * 1024 * 1024) + b'{"model": "' + b"x" * 1000)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (60 * 1024 * 1024) + b'{"model": "' + b"x" * 1000
+        )
         await writer.drain()
         status, data = await answer_of(reader, 5)
         assert status == 413 and b"request_too_large" in data

@@ -29,8 +29,16 @@ from tests.mesh.conftest import running_mesh
 pytestmark = [pytest.mark.usefixtures("cleanup"), pytest.mark.broker]
 MODEL = "tiny-llama"
 TIMEOUT_S = 60
-WAA = Schedule("waa-c", encode_batch=2, decode_batch=4, num_devices=2, encoder_devices=1, decoder_devices=1,
-               worker_devices=1, mean_input_len=6.0)
+WAA = Schedule(
+    "waa-c",
+    encode_batch=2,
+    decode_batch=4,
+    num_devices=2,
+    encoder_devices=1,
+    decoder_devices=1,
+    worker_devices=1,
+    mean_input_len=6.0,
+)
 COUNT = 3
 TOKENS = 6
 
@@ -65,10 +73,24 @@ def solo(engine, i: int) -> str:
 
 async def answers_once(m, config, engine) -> list[str]:
     """Send COUNT requests; each answer is its solo text, and each finished once; their ids."""
-    responses = await asyncio.wait_for(asyncio.gather(*(
-        m.client.post("/v1/completions", json={"model": MODEL, "prompt": prompt(i), "max_tokens": TOKENS,
-                                               "temperature": 0, "ignore_eos": True})
-        for i in range(COUNT))), TIMEOUT_S)
+    responses = await asyncio.wait_for(
+        asyncio.gather(
+            *(
+                m.client.post(
+                    "/v1/completions",
+                    json={
+                        "model": MODEL,
+                        "prompt": prompt(i),
+                        "max_tokens": TOKENS,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                    },
+                )
+                for i in range(COUNT)
+            )
+        ),
+        TIMEOUT_S,
+    )
     assert [r.status_code for r in responses] == [200] * COUNT, [r.text for r in responses]
     replies = [r.json() for r in responses]
     for i, reply in enumerate(replies):
@@ -89,6 +111,7 @@ def count_puts(worker) -> Counter:
     async def counted(handoff, **kw):
         puts[handoff.request_id] += 1
         return await put(handoff, **kw)
+
     worker.kv.put = counted
     return puts
 
@@ -117,6 +140,7 @@ async def test_an_encoder_gone_before_its_kv_is_read_has_the_request_encoded_aga
             ref = await doomed.put(handoff, **kw)
             await doomed.close()  # the process exits: its agent leaves the store, its memory unreachable
             return ref
+
         encoder.kv.put = first_from_a_dying_process
         puts = count_puts(encoder)
         ids = await answers_once(m, config, engines[2])
@@ -138,6 +162,7 @@ async def test_a_lease_that_ends_unread_frees_the_blocks_and_the_request_is_enco
             ref = await put(handoff, **{**kw, "ttl_s": 0.2})
             await drained(encoder.kv)  # nobody read it within its lease: the encoder freed the block
             return ref
+
         encoder.kv.put = first_left_unread
         puts = count_puts(encoder)
         ids = await answers_once(m, config, engines[2])
@@ -157,6 +182,7 @@ async def test_a_read_broken_midway_is_redelivered_and_read_again(config, hub, e
                 broken.append(blocks.request_id)
                 raise ConnectionError("NIXL read: the reading process went away")
             return read(blocks, metadata)
+
         decoder.kv._read = breaks_once
         ids = await answers_once(m, config, engines[2])
         assert reads[broken[0]] == 2 and all(reads[rid] == 1 for rid in ids if rid != broken[0])
@@ -173,6 +199,7 @@ async def test_a_decoder_keeps_no_kv_bytes_once_imported(config, hub, engines):
             result = await execute(plan)
             kept.extend(len(decoder.held[rid].handoff.kv) for rid in plan.admit if rid in decoder.held)
             return result
+
         decoder.execute = watched
         await answers_once(m, config, engines[2])
         assert kept and kept == [0] * len(kept)
@@ -197,7 +224,7 @@ async def test_a_burst_of_handoffs_keeps_kv_bytes_out_of_redis(config, hub, engi
         async def sampled(handoff, **kw):
             ref = await put(handoff, **kw)
             kv = bytes(handoff.kv)
-            handed.append(kv[len(kv) // 2:len(kv) // 2 + 256])  # a window of the KV bytes
+            handed.append(kv[len(kv) // 2 : len(kv) // 2 + 256])  # a window of the KV bytes
             held = sum([await encoder.store.bytes_prefix(p) for p in prefixes])
             peak[0] = max(peak[0], held)
             return ref
@@ -205,14 +232,31 @@ async def test_a_burst_of_handoffs_keeps_kv_bytes_out_of_redis(config, hub, engi
         async def recorded(key, value, **kw):
             written.append(bytes(value))
             return await store_set(key, value, **kw)
+
         encoder.kv.put, encoder.store.set = sampled, recorded
-        responses = await asyncio.wait_for(asyncio.gather(*(
-            m.client.post("/v1/completions", json={"model": MODEL, "prompt": f"burst {i} " + "word " * BURST_WORDS,
-                                                   "max_tokens": 4, "temperature": 0, "ignore_eos": True})
-            for i in range(BURST))), TIMEOUT_S)
+        responses = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    m.client.post(
+                        "/v1/completions",
+                        json={
+                            "model": MODEL,
+                            "prompt": f"burst {i} " + "word " * BURST_WORDS,
+                            "max_tokens": 4,
+                            "temperature": 0,
+                            "ignore_eos": True,
+                        },
+                    )
+                    for i in range(BURST)
+                )
+            ),
+            TIMEOUT_S,
+        )
         assert [r.status_code for r in responses] == [200] * BURST
-        assert (len(handed) == BURST
-                and sum(r.json()["usage"]["prompt_tokens"] for r in responses) * KV_BYTES_PER_TOKEN > 2 << 20)
+        assert (
+            len(handed) == BURST
+            and sum(r.json()["usage"]["prompt_tokens"] for r in responses) * KV_BYTES_PER_TOKEN > 2 << 20
+        )
         assert 0 < peak[0] < 1 << 20
         assert written and not any(window in value for window in handed for value in written)
         await drained(encoder.kv)

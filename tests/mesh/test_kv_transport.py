@@ -33,8 +33,19 @@ KV_BYTES = 4 << 20  # a 90-token SmolLM2 prompt's KV cache in float32
 
 def handoff(request_id: str, nbytes: int = KV_BYTES, seed: int = 0) -> KVHandoff:
     kv = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
-    return KVHandoff(request_id, "tiny", SamplingParams(max_tokens=8), (1, 2, 3), (4,), "x", b"\x01\x02",
-                     "float32", (1, 2, 1, nbytes // 16, 2), "llama:L,2,Hkv,T,D", kv)
+    return KVHandoff(
+        request_id,
+        "tiny",
+        SamplingParams(max_tokens=8),
+        (1, 2, 3),
+        (4,),
+        "x",
+        b"\x01\x02",
+        "float32",
+        (1, 2, 1, nbytes // 16, 2),
+        "llama:L,2,Hkv,T,D",
+        kv,
+    )
 
 
 @pytest.fixture
@@ -92,6 +103,7 @@ async def test_an_expired_lease_leaves_nothing_to_read(pair):
 
     async def gone() -> bool:
         return await decoder.get(ref) is None
+
     await until(gone, "the lease to end")
 
 
@@ -145,6 +157,7 @@ async def test_nixl_encoder_frees_a_block_on_release_and_on_lease_expiry(pair):
 
     async def freed() -> bool:
         return encoder.staged_bytes == 0
+
     await until(freed, "the released and the expired blocks to be freed")
 
 
@@ -185,8 +198,16 @@ async def test_nixl_handoff_from_a_killed_process_is_none_though_its_agent_is_st
 
     need(nixl_loads(), "NIXL (nixl-cu12) cannot load: pip install nixl-cu12")
     names = Names(namespace)
-    child = await asyncio.create_subprocess_exec(sys.executable, "-c", STAGE_AND_WAIT, namespace, REDIS_URL,
-                                                 cwd=REPO_ROOT, env=env_for({}), stdout=asyncio.subprocess.PIPE)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        STAGE_AND_WAIT,
+        namespace,
+        REDIS_URL,
+        cwd=REPO_ROOT,
+        env=env_for({}),
+        stdout=asyncio.subprocess.PIPE,
+    )
     readers = [NixlKv(store, names, pool_bytes=2 << 20, read_timeout_s=TIMEOUT_S) for _ in range(2)]
     try:
         refs = []
@@ -233,6 +254,7 @@ async def test_nixl_a_kv_cache_exported_into_a_staging_block_is_staged_in_it(pai
 
     async def freed() -> bool:
         return encoder.staged_bytes == 0
+
     await until(freed, "the read block to be freed")
 
 
@@ -278,6 +300,7 @@ async def test_a_worker_with_nixl_chosen_where_it_cannot_load_refuses(store, nam
 
     def missing():
         raise NixlUnavailable("NIXL cannot load (ImportError: no nixl_cu12)")
+
     monkeypatch.setattr(nixl_kv, "load_nixl", missing)
     names = Names(namespace)
     with pytest.raises(NixlUnavailable):
@@ -316,16 +339,35 @@ def test_a_worker_process_without_nixl_says_so_in_one_line_and_does_not_start(tm
     require_broker()
     (tmp_path / "nixl_cu12").mkdir()
     (tmp_path / "nixl_cu12" / "__init__.py").write_text("raise ImportError('libucs.so.0: cannot open')\n")
-    env = env_for({"EXEGPT_NAMESPACE": namespace, "EXEGPT_AMQP_URL": AMQP_URL, "EXEGPT_REDIS_URL": REDIS_URL,
-                   "EXEGPT_MODEL": "tiny-llama", "EXEGPT_DEVICE": "cpu"})  # NIXL by default
+    env = env_for(
+        {
+            "EXEGPT_NAMESPACE": namespace,
+            "EXEGPT_AMQP_URL": AMQP_URL,
+            "EXEGPT_REDIS_URL": REDIS_URL,
+            "EXEGPT_MODEL": "tiny-llama",
+            "EXEGPT_DEVICE": "cpu",
+        }
+    )  # NIXL by default
     env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
-    refused = subprocess.run([sys.executable, "-m", "services.cli", "worker"], cwd=REPO_ROOT, env=env,
-                             capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-m", "services.cli", "worker"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [line for line in refused.stdout.splitlines() if "refused to start" in line]
     assert refused.returncode == 2 and len(lines) == 1, refused.stdout + refused.stderr
     assert "NIXL cannot load (ImportError: libucs.so.0: cannot open)" in lines[0] and "--kv-transport redis" in lines[0]
-    started = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "--kv-transport", "redis"],
-                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "worker", "--kv-transport", "redis"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert any(line.startswith("ready worker") for line in started.stdout), "chose redis: it starts"
     finally:
@@ -356,7 +398,14 @@ def test_nixl_an_idle_agent_leaves_the_cpu_alone():
     from tests.mesh.processes import REPO_ROOT, env_for
 
     need(nixl_loads(), "NIXL (nixl-cu12) cannot load: pip install nixl-cu12")
-    out = subprocess.run([sys.executable, "-c", IDLE_AGENT_CPU], cwd=REPO_ROOT, env=env_for({}),
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", IDLE_AGENT_CPU],
+        cwd=REPO_ROOT,
+        env=env_for({}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     cpu_per_s = float(next(line for line in out.splitlines() if line.startswith("cpu_per_s")).split()[1])
     assert cpu_per_s < 0.3, out

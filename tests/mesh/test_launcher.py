@@ -65,8 +65,9 @@ def test_a_child_whose_liveness_file_stops_advancing_is_killed(tmp_path) -> None
     alive.touch()
     hung.touch()
     os.utime(hung, (time.time() - 10, time.time() - 10))  # last touched 10 s ago
-    children = [Child(spec, i, subprocess.Popen(["sleep", "60"]), liveness=path)
-                for i, path in enumerate((alive, hung))]
+    children = [
+        Child(spec, i, subprocess.Popen(["sleep", "60"]), liveness=path) for i, path in enumerate((alive, hung))
+    ]
     try:
         for child in children:
             launcher._kill_if_hung(child)

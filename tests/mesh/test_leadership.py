@@ -79,8 +79,9 @@ class Listener:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        subscription = await self.transports.bus.subscribe(self.names.control_exchange,
-                                                           self.names.control_queue("listener"))
+        subscription = await self.transports.bus.subscribe(
+            self.names.control_exchange, self.names.control_queue("listener")
+        )
         self._task = asyncio.create_task(self._pump(subscription))
 
     async def _pump(self, subscription) -> None:
@@ -137,13 +138,16 @@ async def test_one_leads_the_other_takes_over_and_the_deposed_one_is_fenced_out(
         assert first.leadership.leading and not second.leadership.leading
         assert await first.store.get(names.scheduler_lease) == first.leadership.owner.encode()
         assert first.leadership.owner.startswith(first.worker_id)
-        await until(lambda: has(worker.worker_id, first.current) and worker.follower.version == first.current.version,
-                    [first.published, worker.changed])
+        await until(
+            lambda: has(worker.worker_id, first.current) and worker.follower.version == first.current.version,
+            [first.published, worker.changed],
+        )
         assert (first.current.token, second.current) == (1, None)  # the standby publishes nothing
 
         # The leader stalls: it stops renewing, and its clock stands still, so it believes it leads.
         async def stalled() -> bool:
             return True
+
         frozen = time.time()
         first.leadership.renew = stalled  # type: ignore[method-assign]
         first.leadership.clock = lambda: frozen
@@ -157,8 +161,9 @@ async def test_one_leads_the_other_takes_over_and_the_deposed_one_is_fenced_out(
         # A worker joins: both hear it; the deposed leader's publish is refused by the fenced write.
         joiner = WorkerStatus("joiner", "idle", 0, 0, 0, "ready", time.time())
         await second.bus.broadcast(names.status_exchange, codec.encode(joiner))
-        await until(lambda: has("joiner", second.current) and not first.leadership.leading,
-                    [second.published, listener.heard])
+        await until(
+            lambda: has("joiner", second.current) and not first.leadership.leading, [second.published, listener.heard]
+        )
         assert first.refused == 1 and second.refused == 0
         await until(lambda: listener.follower.version >= second.current.version, [listener.heard])
         stored = await current_schedule(first.store, names)
@@ -178,13 +183,15 @@ async def test_a_worker_rejects_updates_from_a_deposed_leader_or_past_their_leas
     names = Names(config.namespace)
     async with schedulers(config, hub, 1) as (leader,), one_worker(config, hub) as mesh:
         worker = mesh.workers[0]
-        await until(lambda: has(worker.worker_id, leader.current) and worker.follower.version == leader.current.version,
-                    [leader.published, worker.changed])
+        await until(
+            lambda: has(worker.worker_id, leader.current) and worker.follower.version == leader.current.version,
+            [leader.published, worker.changed],
+        )
         now = leader.current
-        older_term = dataclasses.replace(now, version=now.version + 10, token=now.token - 1,
-                                         schedule=Schedule("rra"))
-        past_lease = dataclasses.replace(now, version=now.version + 11, lease_until=time.time() - 0.1,
-                                         schedule=Schedule("rra"))
+        older_term = dataclasses.replace(now, version=now.version + 10, token=now.token - 1, schedule=Schedule("rra"))
+        past_lease = dataclasses.replace(
+            now, version=now.version + 11, lease_until=time.time() - 0.1, schedule=Schedule("rra")
+        )
         for stale in (older_term, past_lease):
             await leader.bus.broadcast(names.control_exchange, codec.encode(stale))
         update = await leader.pin(Schedule("continuous", encode_batch=2, decode_batch=4))  # queued behind them
@@ -199,8 +206,10 @@ async def test_a_store_that_lost_its_data_gets_a_later_epoch_which_workers_follo
     names = Names(config.namespace)
     async with schedulers(config, hub, 1) as (leader,), one_worker(config, hub) as mesh:
         worker = mesh.workers[0]
-        await until(lambda: has(worker.worker_id, leader.current) and worker.follower.version == leader.current.version,
-                    [leader.published, worker.changed])
+        await until(
+            lambda: has(worker.worker_id, leader.current) and worker.follower.version == leader.current.version,
+            [leader.published, worker.changed],
+        )
         for _ in range(3):  # a few more versions in the old store
             await leader.pin(Schedule("continuous", encode_batch=2 + _, decode_batch=4))
         old = leader.current
@@ -216,11 +225,13 @@ async def test_a_store_that_lost_its_data_gets_a_later_epoch_which_workers_follo
 
 # --- two scheduler processes; the leader stopped past its lease ------------------------------------
 
-async def heartbeats(transports: Transports, names: Names, worker_id: str, stop: asyncio.Event,
-                     every_s: float) -> None:
+
+async def heartbeats(transports: Transports, names: Names, worker_id: str, stop: asyncio.Event, every_s: float) -> None:
     """A worker's status reports (as a worker process sends them) until ``stop``; then "stopping"."""
+
     def status(state: str) -> bytes:
         return codec.encode(WorkerStatus(worker_id, "worker", 0, 0, 0, state, time.time()))
+
     while not stop.is_set():
         await transports.bus.broadcast(names.status_exchange, status("alive"))
         with contextlib.suppress(TimeoutError):
@@ -236,8 +247,14 @@ async def test_a_leader_stopped_past_its_lease_cannot_get_an_update_applied():
     moment it resumes (SIGCONT). It gets nothing applied: the listener's follower applies only the
     new term's updates, and the store holds the new leader's schedule."""
     require_broker()
-    config = MeshConfig(namespace=f"l{uuid.uuid4().hex[:10]}", amqp_url=AMQP_URL, redis_url=REDIS_URL,
-                        lease_ttl_s=1.0, heartbeat_s=0.2, heartbeat_timeout_s=5.0)
+    config = MeshConfig(
+        namespace=f"l{uuid.uuid4().hex[:10]}",
+        amqp_url=AMQP_URL,
+        redis_url=REDIS_URL,
+        lease_ttl_s=1.0,
+        heartbeat_s=0.2,
+        heartbeat_timeout_s=5.0,
+    )
     names = Names(config.namespace)
     procs = ProcessMesh({f"EXEGPT_{k.upper()}": str(v) for k, v in config.model_dump().items() if v is not None})
     transports = await open_transports(config, names, LocalHub())

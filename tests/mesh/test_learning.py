@@ -34,9 +34,17 @@ SLOWDOWN = 1.3
 @pytest.fixture
 def config(mesh_config):
     need(PROFILE.exists(), f"no reference profile at {PROFILE}")
-    return mesh_config.model_copy(update={
-        "model": "opt-13b", "profile": str(PROFILE), "cluster": "h200-nvlink-ib", "prior": "S",
-        "prior_scale": 0.1, "latency_bound_s": 0.5, "replan_interval_s": 1.0})
+    return mesh_config.model_copy(
+        update={
+            "model": "opt-13b",
+            "profile": str(PROFILE),
+            "cluster": "h200-nvlink-ib",
+            "prior": "S",
+            "prior_scale": 0.1,
+            "latency_bound_s": 0.5,
+            "replan_interval_s": 1.0,
+        }
+    )
 
 
 def slowed_costs(calibrator: StepCalibrator, at: float) -> tuple[StepCost, ...]:
@@ -76,8 +84,7 @@ async def test_step_costs_in_heartbeats_calibrate_the_model_and_are_kept_in_the_
 async def test_counted_arrivals_make_the_plan_one_for_that_rate_with_its_candidates(config, hub):
     async with running_mesh(config, hub, load, workers=2) as m:
         scheduler = m.mesh.scheduler
-        await until(lambda: scheduler.brain.plan is not None and scheduler.brain.plan.workers == 2,
-                    [scheduler.decided])
+        await until(lambda: scheduler.brain.plan is not None and scheduler.brain.plan.workers == 2, [scheduler.decided])
         assert scheduler.brain.plan.rate_per_s == 0  # nothing counted yet: planned saturated
         names = Names(config.namespace)
         now = int(time.time())
@@ -93,13 +100,15 @@ async def test_counted_arrivals_make_the_plan_one_for_that_rate_with_its_candida
         assert len(state.planned_input_quantiles) == len(state.planned_output_quantiles) == 3
         assert state.candidates and state.candidates[0].chosen
         assert state.candidates[0].schedule == plan.schedule
-        assert all(c.capacity_seq_s >= 40.0 for c in state.candidates
-                   if not c.chosen or math.isfinite(c.capacity_seq_s))
+        assert all(
+            c.capacity_seq_s >= 40.0 for c in state.candidates if not c.chosen or math.isfinite(c.capacity_seq_s)
+        )
 
         # an SLO set through the scheduler's queue is what the next search plans for
         replans = scheduler.brain.replans
-        await scheduler.bus.publish(names.scheduler_queue,
-                                    codec.encode(SetSlo(0.05, 0.99, math.inf, 0.99, time.time())))
+        await scheduler.bus.publish(
+            names.scheduler_queue, codec.encode(SetSlo(0.05, 0.99, math.inf, 0.99, time.time()))
+        )
         await until(lambda: scheduler.brain.replans > replans, [scheduler.decided])
         assert scheduler.last_decision.reason.startswith("slo TTFT p99 <= 0.05 s")
         state = codec.decode(await scheduler.store.get(names.scheduler_state), SchedulerState)

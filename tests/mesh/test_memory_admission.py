@@ -25,8 +25,13 @@ def config(mesh_config, cleanup):
 
 
 def completion(max_tokens: int) -> dict:
-    return {"model": "tiny-llama", "prompt": "one two three four", "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True}
+    return {
+        "model": "tiny-llama",
+        "prompt": "one two three four",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
 
 async def test_too_large_is_refused_and_the_rest_wait_for_room(config, hub) -> None:

@@ -24,13 +24,25 @@ def tiny():
 
 
 def completion(n_tokens: int = 6, **extra) -> dict:
-    return {"model": MODEL, "prompt": "the cat sat on", "max_tokens": n_tokens, "temperature": 0,
-            "ignore_eos": True, **extra}
+    return {
+        "model": MODEL,
+        "prompt": "the cat sat on",
+        "max_tokens": n_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
 
 
 def chat(n_tokens: int = 6, **extra) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}],
-            "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True, **extra}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": n_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
 
 
 async def test_completion_logprobs(config, hub) -> None:
@@ -100,8 +112,9 @@ async def test_streamed_choices_match_the_whole_ones(config, hub) -> None:
 async def test_penalties(config, hub) -> None:
     async with running_mesh(config, hub, tiny) as m:
         plain = await m.client.post("/v1/completions", json=completion(24))
-        penalised = await m.client.post("/v1/completions", json=completion(24, presence_penalty=2.0,
-                                                                            frequency_penalty=2.0))
+        penalised = await m.client.post(
+            "/v1/completions", json=completion(24, presence_penalty=2.0, frequency_penalty=2.0)
+        )
         assert plain.status_code == penalised.status_code == 200
         assert penalised.json()["choices"][0]["text"] != plain.json()["choices"][0]["text"]
         for field, value in (("presence_penalty", 2.5), ("frequency_penalty", -3)):

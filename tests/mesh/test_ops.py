@@ -23,8 +23,7 @@ from tests.mesh.fake_engine import FakeEngine
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "exegpt-dashboard.json"
 FAKE = "tests.mesh.fake_engine:load"
-WAA = Schedule(policy="waa-c", num_devices=2, encode_batch=4, decode_batch=8, encoder_devices=1,
-               decoder_devices=1)
+WAA = Schedule(policy="waa-c", num_devices=2, encode_batch=4, decode_batch=8, encoder_devices=1, decoder_devices=1)
 
 
 @pytest.fixture
@@ -37,6 +36,7 @@ def sample_names(text: str) -> set[str]:
 
 
 # --- the ops server alone ----------------------------------------------------------------------
+
 
 async def test_ops_server_routes() -> None:
     state = {"ready": False}
@@ -104,6 +104,7 @@ def test_roles_covered() -> None:
 
 # --- checks against the transports -------------------------------------------------------------
 
+
 async def test_transport_checks(config, hub, monkeypatch) -> None:
     names = Names(config.namespace)
     transports = await open_transports(config, names, hub)
@@ -128,6 +129,7 @@ async def test_transport_checks(config, hub, monkeypatch) -> None:
 
 
 # --- a running mesh ----------------------------------------------------------------------------
+
 
 async def test_gateway_ready_needs_workers_for_each_role(config, hub) -> None:
     async with running_mesh(config, hub, FakeEngine, workers=2) as m:
@@ -155,21 +157,26 @@ async def test_worker_metrics_follow_its_steps(config, hub) -> None:
         worker = m.mesh.workers[0]
         before = worker.metrics.render().decode()
         assert 'exegpt_worker_info{role="worker"' in before
-        response = await m.client.post("/v1/completions", json={"model": FAKE, "prompt": "one two three",
-                                                                 "max_tokens": 5})
+        response = await m.client.post(
+            "/v1/completions", json={"model": FAKE, "prompt": "one two three", "max_tokens": 5}
+        )
         assert response.status_code == 200, response.text
         if worker.held:
             await until(lambda: not worker.held, [worker.changed], 10)
         families = {f.name: f for f in text_string_to_metric_families(worker.metrics.render().decode())}
         generated = families["exegpt_worker_generated_tokens"].samples
         assert sum(s.value for s in generated if s.name.endswith("_total")) == 5
-        steps = {s.labels["phase"]: s.value for s in families["exegpt_worker_steps"].samples
-                 if s.name.endswith("_total")}
+        steps = {
+            s.labels["phase"]: s.value for s in families["exegpt_worker_steps"].samples if s.name.endswith("_total")
+        }
         assert sum(steps.values()) == 5  # one step prefills (and gives the first token), four decode
         batch = [s for s in families["exegpt_worker_batch_size"].samples if s.name.endswith("_count")]
         assert {s.labels["phase"] for s in batch} == {"encode", "decode"}
-        finished = [s for s in families["exegpt_worker_requests"].samples
-                    if s.name.endswith("_total") and s.labels["outcome"] == "finished"]
+        finished = [
+            s
+            for s in families["exegpt_worker_requests"].samples
+            if s.name.endswith("_total") and s.labels["outcome"] == "finished"
+        ]
         assert finished and finished[0].value == 1
         version = families["exegpt_worker_schedule_version"].samples[0].value
         assert version == worker.follower.version >= 1
@@ -204,6 +211,7 @@ async def test_scheduler_metrics_only_lead_while_leading(config, hub) -> None:
 
 # --- the dashboard -----------------------------------------------------------------------------
 
+
 def dashboard_metrics() -> set[str]:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
@@ -218,8 +226,12 @@ async def test_every_dashboard_query_names_an_exported_metric(config, hub) -> No
 
     config = config.model_copy(update={"model": "tiny-llama", "latency_bound_s": 30.0})
     async with running_mesh(config, hub, lambda: engine.load_engine("tiny-llama"), workers=1) as m:
-        answers = await asyncio.gather(*(m.client.post("/v1/completions", json={
-            "model": "tiny-llama", "prompt": "a b c", "max_tokens": 4}) for _ in range(4)))
+        answers = await asyncio.gather(
+            *(
+                m.client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "a b c", "max_tokens": 4})
+                for _ in range(4)
+            )
+        )
         assert all(a.status_code == 200 for a in answers)
         worker = m.mesh.workers[0]
         if worker.held:
@@ -232,9 +244,16 @@ async def test_every_dashboard_query_names_an_exported_metric(config, hub) -> No
     queried = dashboard_metrics()
     missing = sorted(queried - exported)
     assert not missing, f"the dashboard queries metrics no process exports: {missing}"
-    for required in ("exegpt_requests_total", "exegpt_ttft_seconds_bucket", "exegpt_queue_depth",
-                     "exegpt_worker_batch_size_sum", "exegpt_worker_step_seconds_count",
-                     "exegpt_worker_kv_cache_used_bytes", "exegpt_schedule_version", "exegpt_schedule_info",
-                     "exegpt_schedule_predicted_throughput", "exegpt_schedule_observed_throughput"):
+    for required in (
+        "exegpt_requests_total",
+        "exegpt_ttft_seconds_bucket",
+        "exegpt_queue_depth",
+        "exegpt_worker_batch_size_sum",
+        "exegpt_worker_step_seconds_count",
+        "exegpt_worker_kv_cache_used_bytes",
+        "exegpt_schedule_version",
+        "exegpt_schedule_info",
+        "exegpt_schedule_predicted_throughput",
+        "exegpt_schedule_observed_throughput",
+    ):
         assert required in queried, f"the dashboard lacks {required}"
-

@@ -78,8 +78,7 @@ async def test_a_store_outage_at_settle_acks_and_writes_the_record_later(config,
         assert await m.app.state.gateway.bus.queue_depth(worker.names.encode_queue) == 0
 
 
-@pytest.mark.parametrize("error, dead", [(ConnectionError("broker gone"), False),
-                                         (RuntimeError("a settle bug"), True)])
+@pytest.mark.parametrize("error, dead", [(ConnectionError("broker gone"), False), (RuntimeError("a settle bug"), True)])
 async def test_a_settle_the_broker_failed_does_not_count_against_the_delivery_limit(config, hub, error, dead) -> None:
     """A request whose settle fails more times than the delivery limit allows: when the broker
     or the store was out each time (a few reconnections in a row), it goes back uncounted and is
@@ -102,8 +101,10 @@ async def test_a_settle_the_broker_failed_does_not_count_against_the_delivery_li
         assert answer.status_code == 200  # its events went out before the settle
         bus, names = m.app.state.gateway.bus, worker.names
         if dead:
+
             async def dead_letters() -> int:
                 return await bus.queue_depth(names.dead_queue)
+
             deadline = asyncio.get_running_loop().time() + 30
             while await dead_letters() == 0:  # dead-lettered by the consumer that counted past the limit
                 assert asyncio.get_running_loop().time() < deadline, calls

@@ -26,8 +26,7 @@ async def test_a_plugin_route_submits_through_the_gateway(namespace):
     def workers() -> contextlib.AbstractAsyncContextManager:
         return local_workers(config, hub, runners=[runner])
 
-    app = create_app(config, model, hub=hub, workers=workers, routers=tuple(routers),
-                     lifespans=tuple(lifespans))
+    app = create_app(config, model, hub=hub, workers=workers, routers=tuple(routers), lifespans=tuple(lifespans))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:

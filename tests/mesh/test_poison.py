@@ -81,6 +81,7 @@ async def next_failure(events):
 
 # --- the worker's queues -------------------------------------------------------------------------
 
+
 async def test_undecodable_work_and_handoffs_are_dead_lettered_and_the_worker_goes_on(config, hub):
     names = Names(config.namespace)
     async with running_mesh(config, hub, load) as m:  # a "worker" consumes both queues
@@ -138,10 +139,13 @@ def out_of_bounds(work: EncodeWork, field: int, value) -> bytes:
     return msgpack.packb([version, tag, *fields])
 
 
-@pytest.mark.parametrize("field, value, named", [(0, 0, "max_tokens"), (0, -4, "max_tokens"),
-                                                 (2, 2**63, "top_k"), (1, float("nan"), "temperature")])
-async def test_work_with_sampling_out_of_bounds_fails_to_its_requester_and_is_dead_lettered(config, hub, field,
-                                                                                            value, named):
+@pytest.mark.parametrize(
+    "field, value, named",
+    [(0, 0, "max_tokens"), (0, -4, "max_tokens"), (2, 2**63, "top_k"), (1, float("nan"), "temperature")],
+)
+async def test_work_with_sampling_out_of_bounds_fails_to_its_requester_and_is_dead_lettered(
+    config, hub, field, value, named
+):
     names = Names(config.namespace)
     async with running_mesh(config, hub, load) as m:
         t = await open_transports(config, names, hub)
@@ -176,11 +180,18 @@ def test_a_step_that_faults_on_one_new_request_runs_the_others_without_it():
     new one still take their step (tokens as without the poison), and only the poisoned one is
     reported (the worker gives it back, or fails it at its last attempt)."""
     engine = FaultyEngine()
-    running, fine, poison = (GenerationRequest(rid, tuple(prompt), Sampling(4)) for rid, prompt in (
-        ("running", b"run"), ("fine", b"fine"), ("poison", b"poison pill")))
+    running, fine, poison = (
+        GenerationRequest(rid, tuple(prompt), Sampling(4))
+        for rid, prompt in (("running", b"run"), ("fine", b"fine"), ("poison", b"poison pill"))
+    )
     engine.step([running])
-    result = run_step(engine, StepPlan(encode=("fine", "poison"), decode=("running",)),
-                      {"fine": fine, "poison": poison}, {}, export=None)
+    result = run_step(
+        engine,
+        StepPlan(encode=("fine", "poison"), decode=("running",)),
+        {"fine": fine, "poison": poison},
+        {},
+        export=None,
+    )
     assert list(result.faulted) == ["poison"] and "poisoned prompt" in result.faulted["poison"]
     assert not result.refused and not result.failed and not result.given_back
     assert sorted(e.request_id for e in result.events) == ["fine", "running"]
@@ -230,6 +241,7 @@ async def test_work_whose_consumers_died_holding_it_fails_to_its_client(config, 
 
 
 # --- delivery attempts, on the bus -----------------------------------------------------------------
+
 
 async def test_attempts_are_counted_across_redeliveries_and_a_give_back_is_not_one(config, hub):
     names = Names(config.namespace)
@@ -303,8 +315,9 @@ async def test_an_unbounded_dead_queue_from_before_is_replaced_once_empty(config
     await bus.close()
     bus = await open_bus(config, names, hub)  # empty: replaced by the bounded one
     probe = await connection.channel()
-    await probe.declare_queue(names.dead_queue, durable=True,
-                              arguments={"x-max-length": config.dead_queue_max, "x-overflow": "drop-head"})
+    await probe.declare_queue(
+        names.dead_queue, durable=True, arguments={"x-max-length": config.dead_queue_max, "x-overflow": "drop-head"}
+    )
     await bus.close()
     await connection.close()
 
@@ -319,6 +332,7 @@ async def act_list(bus, names):
 
 
 # --- the scheduler's queue -------------------------------------------------------------------------
+
 
 async def test_poison_scheduler_requests_are_dead_lettered_and_the_scheduler_goes_on(config, hub, monkeypatch):
     names = Names(config.namespace)
@@ -339,19 +353,22 @@ async def test_poison_scheduler_requests_are_dead_lettered_and_the_scheduler_goe
         monkeypatch.setattr(scheduler, "pin", failing_pin)
         await t.bus.publish(names.scheduler_queue, codec.encode(PinSchedule(DEFAULT_SCHEDULE, 0.0)))
         [dead] = await dead_letters(t.bus, names, 1)
-        assert dead.headers["x-exegpt-reason"] == ("delivery limit 3 reached; last: handler raised "
-                                                   "RuntimeError: store said no")
+        assert dead.headers["x-exegpt-reason"] == (
+            "delivery limit 3 reached; last: handler raised RuntimeError: store said no"
+        )
         assert len(calls) == config.delivery_limit
         monkeypatch.setattr(scheduler, "pin", pin)
         wanted = DEFAULT_SCHEDULE.__class__("continuous", encode_batch=4, decode_batch=16, worker_devices=1)
         await t.bus.publish(names.scheduler_queue, codec.encode(PinSchedule(wanted, 0.0)))
-        await until(lambda: scheduler.current is not None and scheduler.current.schedule == wanted,
-                    [scheduler.published])
+        await until(
+            lambda: scheduler.current is not None and scheduler.current.schedule == wanted, [scheduler.published]
+        )
         await still_serves(m)
         await t.close()
 
 
 # --- the batch jobs queue ----------------------------------------------------------------------------
+
 
 class FailingExecutor:
     """Raises (an internal error) for jobs whose prompt starts with "poison"; echoes the rest."""
@@ -372,8 +389,9 @@ async def start_jobs(config, names, hub, data, executor, handled: list, changed:
         changed.set()
 
     bus = await open_bus(config, names, hub)
-    consumer = JobConsumer(bus, data, names, executor, ConsumerConfig("c1", max_inflight=4, drain_timeout_s=2),
-                           on_handled=on_handled)
+    consumer = JobConsumer(
+        bus, data, names, executor, ConsumerConfig("c1", max_inflight=4, drain_timeout_s=2), on_handled=on_handled
+    )
     stop = asyncio.Event()
     return bus, consumer, stop, asyncio.create_task(consumer.run(stop))
 
@@ -426,6 +444,7 @@ async def test_poison_jobs_are_dead_lettered_or_failed_and_the_consumer_goes_on(
 
 # --- exegpt dlq --------------------------------------------------------------------------------------
 
+
 async def test_dlq_lists_replays_and_purges(config, hub):
     names = Names(config.namespace)
     bus = await open_bus(config, names, hub)
@@ -440,15 +459,21 @@ async def test_dlq_lists_replays_and_purges(config, hub):
     lines = await act(bus, names, "list", None)
     assert lines[0].split()[:5] == ["ID", "QUEUE", "ATTEMPTS", "REQUEST", "AGE"]
     rows = [line.split() for line in lines[1:]]
-    assert [(r[1], r[2], r[3]) for r in rows] == [(names.encode_queue, "1", "r-0"), (names.encode_queue, "1", "r-1"),
-                                                  (names.encode_queue, "1", "-")]
+    assert [(r[1], r[2], r[3]) for r in rows] == [
+        (names.encode_queue, "1", "r-0"),
+        (names.encode_queue, "1", "r-1"),
+        (names.encode_queue, "1", "-"),
+    ]
     assert [" ".join(r[5:]) for r in rows] == ["test reason 0", "test reason 1", "test reason 2"]
     assert await bus.queue_depth(names.dead_queue) == 3  # listing keeps them
     ids = [r[0] for r in rows]
 
     lines = await act(bus, names, "replay", {ids[1], "nonesuch"})
-    assert lines == [f"replayed {ids[1]} to {names.encode_queue} (r-1)", "no dead message nonesuch",
-                     "replayed 1 of 3 dead messages"]
+    assert lines == [
+        f"replayed {ids[1]} to {names.encode_queue} (r-1)",
+        "no dead message nonesuch",
+        "replayed 1 of 3 dead messages",
+    ]
     sub = await bus.consume(names.encode_queue, prefetch=10)
     replayed = await next_of(sub)
     assert replayed.body == bodies[1] and replayed.attempts == 1 and dict(replayed.headers) == {"traceparent": "t1"}

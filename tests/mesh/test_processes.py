@@ -38,11 +38,19 @@ LONG_TOKENS = 400  # long enough that requests still run when the test stops a w
 @pytest.fixture(scope="module")
 def cluster():
     require_broker()
-    config = MeshConfig(namespace=f"p{uuid.uuid4().hex[:10]}", amqp_url=AMQP_URL, redis_url=REDIS_URL,
-                        model=MODEL, threads=1, port=free_port(), device="cpu", drain_timeout_s=10,
-                        heartbeat_s=0.5, heartbeat_timeout_s=3.0)
-    mesh = ProcessMesh({f"EXEGPT_{k.upper()}": str(v) for k, v in config.model_dump().items()
-                        if v is not None})
+    config = MeshConfig(
+        namespace=f"p{uuid.uuid4().hex[:10]}",
+        amqp_url=AMQP_URL,
+        redis_url=REDIS_URL,
+        model=MODEL,
+        threads=1,
+        port=free_port(),
+        device="cpu",
+        drain_timeout_s=10,
+        heartbeat_s=0.5,
+        heartbeat_timeout_s=3.0,
+    )
+    mesh = ProcessMesh({f"EXEGPT_{k.upper()}": str(v) for k, v in config.model_dump().items() if v is not None})
     try:
         scheduler = mesh.start("scheduler")
         scheduler.wait_line("ready")
@@ -50,25 +58,32 @@ def cluster():
         gateway = mesh.start("gateway")
         ids = [w.wait_line("ready").split()[-1] for w in workers]
         url = gateway.wait_line("ready gateway").split()[-1]
-        yield {"config": config, "mesh": mesh, "url": url, "worker_ids": ids, "workers": workers,
-               "gateway": gateway, "running": list(zip(ids, workers)), "scheduler": scheduler}
+        yield {
+            "config": config,
+            "mesh": mesh,
+            "url": url,
+            "worker_ids": ids,
+            "workers": workers,
+            "gateway": gateway,
+            "running": list(zip(ids, workers)),
+            "scheduler": scheduler,
+        }
     finally:
         mesh.close()
         asyncio.run(purge_namespace(config, LocalHub()))
 
 
 def completion(prompt: str, n: int, **extra) -> dict:
-    return {"model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0,
-            "ignore_eos": True, **extra}
+    return {"model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, **extra}
 
 
 async def test_200_concurrent_requests_each_complete_once(cluster):
     lengths = [1 + i % 16 for i in range(200)]
     limits = httpx.Limits(max_connections=200)
     async with httpx.AsyncClient(base_url=cluster["url"], timeout=TIMEOUT_S, limits=limits) as client:
-        responses = await asyncio.gather(*(
-            client.post("/v1/completions", json=completion(f"request number {i}", n))
-            for i, n in enumerate(lengths)))
+        responses = await asyncio.gather(
+            *(client.post("/v1/completions", json=completion(f"request number {i}", n)) for i, n in enumerate(lengths))
+        )
     assert [r.status_code for r in responses] == [200] * 200
     bodies = [r.json() for r in responses]
     assert [b["usage"]["completion_tokens"] for b in bodies] == lengths
@@ -95,8 +110,10 @@ async def test_every_process_serves_metrics_and_health(cluster):
     """Workers and the scheduler on their ops ports, the gateway on its own: live, ready, and
     the metrics of their kind."""
     targets = [(ops_url(w), "exegpt_worker_info") for w in cluster["workers"]]
-    targets += [(ops_url(cluster["scheduler"]), "exegpt_scheduler_leader"),
-                (cluster["url"], "exegpt_requests_in_flight")]
+    targets += [
+        (ops_url(cluster["scheduler"]), "exegpt_scheduler_leader"),
+        (cluster["url"], "exegpt_requests_in_flight"),
+    ]
     async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
         for url, metric in targets:
             assert (await client.get(f"{url}/health/live")).status_code == 200
@@ -108,6 +125,7 @@ async def test_every_process_serves_metrics_and_health(cluster):
 
 def test_the_gateway_process_loads_no_model(cluster):
     """Workers map torch's library (they run the engine); the gateway only tokenizes, without it."""
+
     def maps_torch(proc) -> bool:
         with open(f"/proc/{proc.popen.pid}/maps") as maps:
             return "libtorch" in maps.read()
@@ -144,8 +162,7 @@ async def test_a_spare_gateway_waits_unbound_then_serves_once_woken(cluster):
 async def test_streaming_through_the_processes(cluster):
     async with httpx.AsyncClient(base_url=cluster["url"], timeout=TIMEOUT_S) as client:
         whole = (await client.post("/v1/completions", json=completion("stream", 12))).json()
-        async with client.stream("POST", "/v1/completions",
-                                 json=completion("stream", 12, stream=True)) as response:
+        async with client.stream("POST", "/v1/completions", json=completion("stream", 12, stream=True)) as response:
             assert response.status_code == 200
             lines = [ln[6:] async for ln in response.aiter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -169,8 +186,9 @@ async def test_a_pinned_schedule_reaches_every_worker_process(cluster):
     names = Names(config.namespace)
     t = await open_transports(config, names, LocalHub())
     statuses = await t.bus.subscribe(names.status_exchange, names.status_queue(f"test-{uuid.uuid4().hex[:6]}"))
-    schedule = Schedule("rra", encode_batch=4, decode_batch=16, decode_iters_per_encode=2, num_devices=2,
-                        worker_devices=1)
+    schedule = Schedule(
+        "rra", encode_batch=4, decode_batch=16, decode_iters_per_encode=2, num_devices=2, worker_devices=1
+    )
     await request_schedule(t.bus, names, schedule)
     applied: set[str] = set()
     async with asyncio.timeout(TIMEOUT_S):
@@ -227,8 +245,9 @@ async def stream_until_running(cluster, n_requests: int, n_tokens: int, stop_one
     """Stream requests; once tokens flow, ``stop_one(proc)`` the worker running the most.
 
     Returns each request's (text, token count, finish reason) and how many the stopped one ran."""
-    async with httpx.AsyncClient(base_url=cluster["url"], timeout=TIMEOUT_S,
-                                 limits=httpx.Limits(max_connections=64)) as client:
+    async with httpx.AsyncClient(
+        base_url=cluster["url"], timeout=TIMEOUT_S, limits=httpx.Limits(max_connections=64)
+    ) as client:
         flowing, seen = asyncio.Event(), [0]
 
         def counted() -> None:
@@ -255,7 +274,8 @@ async def test_a_worker_stopped_with_sigterm_drains_its_batch(cluster):
     cluster["running"].append((extra.wait_line("ready").split()[-1], extra))
     exit_codes = []
     results, held = await stream_until_running(
-        cluster, 24, LONG_TOKENS, lambda proc: exit_codes.append(cluster["mesh"].stop(proc)))
+        cluster, 24, LONG_TOKENS, lambda proc: exit_codes.append(cluster["mesh"].stop(proc))
+    )
     assert [(count, reason) for _, count, reason in results] == [(LONG_TOKENS, "length")] * 24
     assert held > 0 and exit_codes == [0]
 

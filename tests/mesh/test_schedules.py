@@ -26,12 +26,29 @@ MODEL = "tiny-llama"
 TIMEOUT_S = 60
 
 SCHEDULES = {
-    "rra": Schedule("rra", encode_batch=3, decode_batch=6, decode_iters_per_encode=3, num_devices=2,
-                    worker_devices=1, mean_input_len=6.0, mean_decode_batch=4.0),
-    "waa-c": Schedule("waa-c", encode_batch=3, decode_batch=6, num_devices=2, encoder_devices=1,
-                      decoder_devices=1, worker_devices=1, mean_input_len=6.0),
-    "waa-m": Schedule("waa-m", encode_batch=2, decode_batch=5, num_devices=2, encoder_devices=1,
-                      decoder_devices=1, worker_devices=1),
+    "rra": Schedule(
+        "rra",
+        encode_batch=3,
+        decode_batch=6,
+        decode_iters_per_encode=3,
+        num_devices=2,
+        worker_devices=1,
+        mean_input_len=6.0,
+        mean_decode_batch=4.0,
+    ),
+    "waa-c": Schedule(
+        "waa-c",
+        encode_batch=3,
+        decode_batch=6,
+        num_devices=2,
+        encoder_devices=1,
+        decoder_devices=1,
+        worker_devices=1,
+        mean_input_len=6.0,
+    ),
+    "waa-m": Schedule(
+        "waa-m", encode_batch=2, decode_batch=5, num_devices=2, encoder_devices=1, decoder_devices=1, worker_devices=1
+    ),
     "static": Schedule("static", encode_batch=4, decode_batch=4, num_devices=2, worker_devices=1),
     "continuous": Schedule("continuous", encode_batch=2, decode_batch=5, num_devices=2, worker_devices=1),
     # prompts of 5 to 9 tokens beside up to 5 decodes in 8 tokens a step: most are prefilled in chunks
@@ -58,13 +75,19 @@ def solo(engine, prompt_ids: tuple[int, ...], n: int) -> str:
 
 
 def body(i: int, n: int) -> dict:
-    return {"model": MODEL, "prompt": f"request {i} says " + "word " * (i % 5), "max_tokens": n,
-            "temperature": 0, "ignore_eos": True}
+    return {
+        "model": MODEL,
+        "prompt": f"request {i} says " + "word " * (i % 5),
+        "max_tokens": n,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
 
 async def run_load(m, count: int, lengths) -> list[dict]:
-    responses = await asyncio.wait_for(asyncio.gather(*(
-        m.client.post("/v1/completions", json=body(i, lengths(i))) for i in range(count))), TIMEOUT_S)
+    responses = await asyncio.wait_for(
+        asyncio.gather(*(m.client.post("/v1/completions", json=body(i, lengths(i))) for i in range(count))), TIMEOUT_S
+    )
     assert [r.status_code for r in responses] == [200] * count, [r.text for r in responses if r.status_code != 200]
     return [r.json() for r in responses]
 
@@ -102,8 +125,9 @@ async def test_each_policy_completes_every_request_once_with_the_solo_text(confi
             assert any(p.chunks and p.decode for p in plans)
 
 
-@pytest.mark.parametrize("first, switches", [("rra", ("waa-c", "continuous", "rra")),
-                                             ("mixed", ("waa-c", "mixed", "continuous"))])
+@pytest.mark.parametrize(
+    "first, switches", [("rra", ("waa-c", "continuous", "rra")), ("mixed", ("waa-c", "mixed", "continuous"))]
+)
 async def test_a_switch_under_load_loses_duplicates_and_fails_nothing(config, hub, engines, first, switches):
     """RRA -> WAA-C -> continuous -> RRA (and mixed -> WAA-C -> mixed -> continuous, some requests
     part-way through a chunked prefill) while requests run; roles change, requests move (hand off,
@@ -141,13 +165,15 @@ async def test_a_workers_recorded_steps_replay_to_the_same_plans_in_the_simulato
     async with running_mesh(config, hub, FakeEngine, schedule=schedule, trace=True) as m:
         output_len = {}
         for wave in (range(0, 10), range(10, 14), range(14, 30)):  # bursts, a lull, a burst
-            replies = await asyncio.gather(*(m.client.post("/v1/completions", json=fake_body(i, lengths(i)))
-                                             for i in wave))
+            replies = await asyncio.gather(
+                *(m.client.post("/v1/completions", json=fake_body(i, lengths(i))) for i in wave)
+            )
             output_len |= {r.json()["id"]: lengths(i) for i, r in zip(wave, replies)}
         trace = m.mesh.workers[0].trace
     origin = trace.arrivals[0].at_s
-    requests = [SimRequest(a.request_id, a.input_len, output_len[a.request_id], a.at_s - origin)
-                for a in trace.arrivals]
+    requests = [
+        SimRequest(a.request_id, a.input_len, output_len[a.request_id], a.at_s - origin) for a in trace.arrivals
+    ]
     recorded = [b.plan for b in trace.boundaries if b.at_s >= origin and not b.plan.idle]
     replayed = replay(schedule, requests, trace.durations_s(since=origin))
     assert len(requests) == 30 and len(recorded) > 30
@@ -165,8 +191,9 @@ async def test_a_burst_keeps_hand_offs_and_kv_caches_within_the_decoders_credits
     """Ten times what the decoders can hold arrives at once: encoders encode only against
     credits, so the hand-off queue, the KV payloads in the store and each decoder's batch stay
     within the decoders' slots (B_D x decoders), with two encoders taking from one count."""
-    schedule = Schedule("waa-c", encode_batch=3, decode_batch=4, num_devices=4, encoder_devices=2,
-                        decoder_devices=2, worker_devices=1)
+    schedule = Schedule(
+        "waa-c", encode_batch=3, decode_batch=4, num_devices=4, encoder_devices=2, decoder_devices=2, worker_devices=1
+    )
     capacity = schedule.decode_batch * schedule.decoder_workers
     # the bound holds within one allocation; a worker silent past a 1 s timeout on a loaded machine
     # would be re-allocated and the next version's decoders grant their slots afresh
@@ -188,8 +215,10 @@ async def test_a_burst_keeps_hand_offs_and_kv_caches_within_the_decoders_credits
                 await asyncio.sleep(0.002)
 
         watcher = asyncio.create_task(watch())
-        replies = await asyncio.wait_for(asyncio.gather(*(
-            m.client.post("/v1/completions", json=fake_body(i, 12)) for i in range(10 * capacity))), TIMEOUT_S)
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(m.client.post("/v1/completions", json=fake_body(i, 12)) for i in range(10 * capacity))),
+            TIMEOUT_S,
+        )
         done.set()
         await watcher
         await t.close()

@@ -24,8 +24,9 @@ from tests.mesh.fake_engine import FakeEngine, load, next_token
 pytestmark = pytest.mark.usefixtures("cleanup")
 FAKE = "tests.mesh.fake_engine:load"
 TIMEOUT_S = 30
-WAA = Schedule("waa-c", encode_batch=4, decode_batch=8, num_devices=2, encoder_devices=1, decoder_devices=1,
-               worker_devices=1)
+WAA = Schedule(
+    "waa-c", encode_batch=4, decode_batch=8, num_devices=2, encoder_devices=1, decoder_devices=1, worker_devices=1
+)
 
 
 @pytest.fixture
@@ -61,8 +62,9 @@ async def test_concurrent_requests_each_complete_once(config, hub):
     async with running_mesh(config, hub, load, workers=2) as m:
         prompts = [f"p{i:03d}" for i in range(60)]
         lengths = [1 + i % 9 for i in range(60)]
-        responses = await asyncio.gather(*(
-            m.client.post("/v1/completions", json=completion(p, n)) for p, n in zip(prompts, lengths)))
+        responses = await asyncio.gather(
+            *(m.client.post("/v1/completions", json=completion(p, n)) for p, n in zip(prompts, lengths))
+        )
         assert [r.status_code for r in responses] == [200] * 60
         ids = {r.json()["id"] for r in responses}
         assert len(ids) == 60
@@ -82,7 +84,7 @@ async def test_streaming_matches_the_whole_response(config, hub):
         response = await m.client.post("/v1/completions", json=body)
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        lines = [ln[len("data: "):] for ln in response.text.splitlines() if ln.startswith("data: ")]
+        lines = [ln[len("data: ") :] for ln in response.text.splitlines() if ln.startswith("data: ")]
         assert lines[-1] == "[DONE]"
         chunks = [json.loads(ln) for ln in lines[:-1]]
         text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
@@ -93,8 +95,7 @@ async def test_streaming_matches_the_whole_response(config, hub):
 
 async def test_chat_streaming_sends_role_then_content(config, hub):
     async with running_mesh(config, hub, load) as m:
-        body = {"model": FAKE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-                "stream": True}
+        body = {"model": FAKE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
         response = await m.client.post("/v1/chat/completions", json=body)
         lines = [ln[6:] for ln in response.text.splitlines() if ln.startswith("data: ")]
         chunks = [json.loads(ln) for ln in lines[:-1]]
@@ -103,21 +104,23 @@ async def test_chat_streaming_sends_role_then_content(config, hub):
         assert len(content) == 4 and lines[-1] == "[DONE]"
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (b"{not json", 400, None),
-    (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "model"),
-    (json.dumps(completion("x", -1)).encode(), 400, "max_tokens"),
-    (json.dumps(completion("x", 10**9)).encode(), 400, "max_tokens"),
-    (json.dumps(completion("x" * 300, 4)).encode(), 400, "prompt"),
-    (json.dumps(completion("", 4)).encode(), 400, "prompt"),
-    (json.dumps({"model": FAKE}).encode(), 400, "prompt"),
-    (json.dumps(completion("x", 4, temperature=-1)).encode(), 400, "temperature"),
-    (json.dumps([1, 2]).encode(), 400, None),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404, "model"),
+        (json.dumps(completion("x", -1)).encode(), 400, "max_tokens"),
+        (json.dumps(completion("x", 10**9)).encode(), 400, "max_tokens"),
+        (json.dumps(completion("x" * 300, 4)).encode(), 400, "prompt"),
+        (json.dumps(completion("", 4)).encode(), 400, "prompt"),
+        (json.dumps({"model": FAKE}).encode(), 400, "prompt"),
+        (json.dumps(completion("x", 4, temperature=-1)).encode(), 400, "temperature"),
+        (json.dumps([1, 2]).encode(), 400, None),
+    ],
+)
 async def test_bad_input_gets_an_openai_error(config, hub, body, status, param):
     async with running_mesh(config, hub, load) as m:
-        response = await m.client.post("/v1/completions", content=body,
-                                       headers={"content-type": "application/json"})
+        response = await m.client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
         assert response.status_code == status, response.text
         error = response.json()["error"]
         assert error["message"] and error["type"] == "invalid_request_error"
@@ -162,15 +165,17 @@ async def test_schedule_update_reaches_every_worker_and_changes_batching(config,
     async with running_mesh(config, hub, load, workers=2) as m:
         t = await open_transports(config, names, hub)
         statuses = await t.bus.subscribe(names.status_exchange, names.status_queue("test"))
-        update = await m.mesh.scheduler.pin(Schedule("continuous", encode_batch=1, decode_batch=3,
-                                                     num_devices=2, worker_devices=1))
+        update = await m.mesh.scheduler.pin(
+            Schedule("continuous", encode_batch=1, decode_batch=3, num_devices=2, worker_devices=1)
+        )
         ids = {w.worker_id for w in m.mesh.workers}
         assert await wait_for_statuses(statuses, ids, update.version) == ids
         # every worker applied it; a later version (the scheduler may publish again) counts too
         assert all(w.follower.version >= update.version for w in m.mesh.workers)
         before = [len(w.runner.engine.prefill_sizes) for w in m.mesh.workers]
-        responses = await asyncio.gather(*(m.client.post("/v1/completions", json=completion(f"q{i}", 20))
-                                           for i in range(12)))
+        responses = await asyncio.gather(
+            *(m.client.post("/v1/completions", json=completion(f"q{i}", 20)) for i in range(12))
+        )
         assert all(r.status_code == 200 for r in responses)
         for worker, n in zip(m.mesh.workers, before):
             assert set(worker.runner.engine.prefill_sizes[n:]) <= {1}
@@ -225,8 +230,9 @@ async def test_a_worker_dying_mid_batch_loses_nothing(config, hub, schedule):
         async with running_mesh(config, hub, lambda: next(engines), workers=2, schedule=schedule) as m:
             victim = next(w for w in m.mesh.workers if w.runner.engine is stuck)
             assert victim.role == ("decoder" if schedule else "worker")  # ids sort in start order
-            requests = [asyncio.create_task(m.client.post("/v1/completions", json=completion(f"k{i}", 12)))
-                        for i in range(8)]
+            requests = [
+                asyncio.create_task(m.client.post("/v1/completions", json=completion(f"k{i}", 12))) for i in range(8)
+            ]
             loop = asyncio.get_running_loop()
             assert await loop.run_in_executor(None, entered.wait, TIMEOUT_S)
             held = len(victim.held)  # requests it holds unacked (queued, merging or running)
@@ -270,6 +276,7 @@ async def test_a_waa_decoder_dying_with_handoffs_unread_loses_nothing(config, hu
                 if len(puts) == 8:
                     staged.set()
                 return ref
+
             encoder.kv.put = counted
             post = lambda i: asyncio.create_task(m.client.post("/v1/completions", json=completion(f"u{i}", 12)))
             first = [post(i) for i in range(4)]
@@ -400,7 +407,8 @@ async def test_two_gateways_share_the_workers_and_get_only_their_own_events(conf
             async with httpx.AsyncClient(transport=transport, base_url="http://second") as other:
                 both = await asyncio.gather(
                     *(m.client.post("/v1/completions", json=completion(f"a{i}", 5)) for i in range(10)),
-                    *(other.post("/v1/completions", json=completion(f"b{i}", 7)) for i in range(10)))
+                    *(other.post("/v1/completions", json=completion(f"b{i}", 7)) for i in range(10)),
+                )
         a, b = both[:10], both[10:]
         assert [r.json()["choices"][0]["text"] for r in a] == [expected_text(f"a{i}", 5) for i in range(10)]
         assert [r.json()["choices"][0]["text"] for r in b] == [expected_text(f"b{i}", 7) for i in range(10)]

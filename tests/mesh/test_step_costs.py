@@ -22,7 +22,7 @@ def test_a_step_is_described_as_the_profile_costs_it():
     plan = StepPlan(encode=("a", "b"), decode=("c", "d", "e"), padding=1)
     cost = step_cost(plan, {"a": 30, "b": 40}, [10, 20, 30], False, 0.05, 7.0)
     assert (cost.kind, cost.prefill_seqs, cost.prefill_tokens, cost.decode_seqs) == ("mixed", 2, 70, 4)
-    assert cost.prefill_seq == math.sqrt((30 ** 2 + 40 ** 2) / 2) and cost.decode_ctx == 20
+    assert cost.prefill_seq == math.sqrt((30**2 + 40**2) / 2) and cost.decode_ctx == 20
     assert (cost.seconds, cost.at) == (0.05, 7.0)
     decode = step_cost(StepPlan(decode=("c",)), {}, [12], False, 0.01, 8.0)
     assert (decode.kind, decode.prefill_seqs, decode.decode_seqs) == ("decode", 0, 1)

@@ -81,4 +81,3 @@ async def test_a_gateway_closes_though_a_task_of_its_swallows_the_cancel(mesh_co
     await asyncio.sleep(0)  # the stubborn task is waiting
     await asyncio.wait_for(gateway.close(), TIMEOUT_S)
     assert swallowed.is_set() and gateway._keeper.done()
-

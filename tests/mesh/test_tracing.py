@@ -26,8 +26,7 @@ from tests.mesh.conftest import running_mesh
 from tests.mesh.fake_engine import FakeEngine
 
 FAKE = "tests.mesh.fake_engine:load"
-WAA = Schedule(policy="waa-c", num_devices=2, encode_batch=4, decode_batch=8, encoder_devices=1,
-               decoder_devices=1)
+WAA = Schedule(policy="waa-c", num_devices=2, encode_batch=4, decode_batch=8, encoder_devices=1, decoder_devices=1)
 REPO = Path(__file__).resolve().parents[2]
 SERVER = "POST /v1/completions"
 
@@ -56,8 +55,9 @@ def config(mesh_config, cleanup):
 
 
 async def complete(m, max_tokens: int = 5) -> str:
-    response = await m.client.post("/v1/completions", json={"model": FAKE, "prompt": "one two three",
-                                                            "max_tokens": max_tokens})
+    response = await m.client.post(
+        "/v1/completions", json={"model": FAKE, "prompt": "one two three", "max_tokens": max_tokens}
+    )
     assert response.status_code == 200, response.text
     return response.json()["id"]
 
@@ -87,8 +87,9 @@ async def test_one_trace_from_the_gateway_through_a_hand_off(config, hub, spans)
         names = {SERVER, "publish encode", "encode", "publish handoff", "receive handoff", "decode"}
         got = await trace_of(spans, rid, names)
     assert set(got) == names and all(len(v) == 1 for v in got.values()), {k: len(v) for k, v in got.items()}
-    server, publish, encode, handoff, receive, decode = (got[n][0] for n in (
-        SERVER, "publish encode", "encode", "publish handoff", "receive handoff", "decode"))
+    server, publish, encode, handoff, receive, decode = (
+        got[n][0] for n in (SERVER, "publish encode", "encode", "publish handoff", "receive handoff", "decode")
+    )
     trace_id = server.context.trace_id
     assert {s.context.trace_id for s in spans.get_finished_spans()} == {trace_id}  # nothing else traced
     assert server.parent is None and server.kind == SpanKind.SERVER  # the root
@@ -132,13 +133,14 @@ async def test_a_worker_encodes_and_decodes_with_no_hand_off(config, hub, spans)
 async def test_a_client_trace_is_joined(config, hub, spans) -> None:
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     async with running_mesh(config, hub, FakeEngine, workers=1) as m:
-        response = await m.client.post("/v1/completions", headers={"traceparent": parent},
-                                       json={"model": FAKE, "prompt": "one", "max_tokens": 2})
+        response = await m.client.post(
+            "/v1/completions", headers={"traceparent": parent}, json={"model": FAKE, "prompt": "one", "max_tokens": 2}
+        )
         assert response.status_code == 200
         got = await trace_of(spans, response.json()["id"], {SERVER, "decode"})
     server = got[SERVER][0]
-    assert server.context.trace_id == 0x0af7651916cd43dd8448eb211c80319c
-    assert server.parent.span_id == 0xb7ad6b7169203331 and server.parent.is_remote
+    assert server.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert server.parent.span_id == 0xB7AD6B7169203331 and server.parent.is_remote
     assert got["decode"][0].context.trace_id == server.context.trace_id
 
 
@@ -152,8 +154,14 @@ async def test_off_records_nothing(mesh_config, cleanup, hub, spans) -> None:
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+    )
 
 
 def test_off_the_services_import_no_opentelemetry() -> None:

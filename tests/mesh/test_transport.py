@@ -107,8 +107,9 @@ async def test_a_message_failing_delivery_limit_times_goes_to_the_dead_queue(mes
     dead = await bus.consume(names.dead_queue, prefetch=1)
     buried = await next_delivery(dead)
     assert buried.body == b"poison"
-    assert buried.headers["x-exegpt-reason"] == ("delivery limit 3 reached; last: handler raised RuntimeError: "
-                                                 "handler failed")
+    assert buried.headers["x-exegpt-reason"] == (
+        "delivery limit 3 reached; last: handler raised RuntimeError: handler failed"
+    )
     assert buried.headers["x-exegpt-queue"] == names.encode_queue
     await bus.close()
 
@@ -124,8 +125,7 @@ async def test_publish_to_a_missing_queue_raises(mesh_config, hub):
 async def test_broadcast_reaches_every_subscriber(mesh_config, hub):
     names = Names(mesh_config.namespace)
     buses = [await open_bus(mesh_config, names, hub) for _ in range(3)]
-    subs = [await b.subscribe(names.control_exchange, names.control_queue(f"w{i}"))
-            for i, b in enumerate(buses)]
+    subs = [await b.subscribe(names.control_exchange, names.control_queue(f"w{i}")) for i, b in enumerate(buses)]
     await buses[0].broadcast(names.control_exchange, b"v2")
     for sub in subs:
         assert (await next_delivery(sub)).body == b"v2"
@@ -258,8 +258,7 @@ async def test_headers_travel_with_a_message(mesh_config, hub):
     names = Names(mesh_config.namespace)
     bus = await open_bus(mesh_config, names, hub)
     await bus.declare_queue(names.encode_queue)
-    carried = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-               "tracestate": "vendor=x"}
+    carried = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "vendor=x"}
     await bus.publish(names.encode_queue, b"with", headers=carried)
     await bus.publish(names.encode_queue, b"without")
     sub = await bus.consume(names.encode_queue, prefetch=10)
@@ -284,12 +283,21 @@ def test_rabbit_header_values_that_arrive_as_bytes_are_decoded():
 
     from common.transport.rabbit import RabbitDelivery
 
-    message = SimpleNamespace(body=b"x", redelivered=False, headers={
-        "traceparent": b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "a=b",
-        "x-death": [{"count": 1}], "x-count": 3})
+    message = SimpleNamespace(
+        body=b"x",
+        redelivered=False,
+        headers={
+            "traceparent": b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "a=b",
+            "x-death": [{"count": 1}],
+            "x-count": 3,
+        },
+    )
     delivery = RabbitDelivery(message)  # type: ignore[arg-type]
-    assert dict(delivery.headers) == {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-                                      "tracestate": "a=b"}
+    assert dict(delivery.headers) == {
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "tracestate": "a=b",
+    }
     assert dict(RabbitDelivery(SimpleNamespace(body=b"", redelivered=False, headers=None)).headers) == {}
 
 

@@ -25,11 +25,29 @@ from services.worker.mailbox import Outbox
 EXAMPLES = [
     EncodeWork("r1", "m", (1, 2, 3), Sampling(4, 0.5, 3, 0.9, 7, ("\n", "END"), True), "q", 1.5),
     KvReady("r1", "enc-1", "q", "ns:kv:r1", 3, 2, 1.5),
-    EventBatch("dec-1", "decoder", 3, 2, (Token("r1", 0, 5, "x", False), Token("r1", 1, 6, "", True, "stop")),
-               (Stamp("r1", Stage.DECODE_START, 2.0),), (Failure("r2", 400, "too long"),)),
-    ScheduleUpdate(4, Schedule(policy="waa-m", encode_batch=3, num_devices=2, encoder_devices=1,
-                               decoder_devices=1, worker_devices=1, mean_input_len=12.5),
-                   (RoleAssignment("w1", "encoder"), RoleAssignment("w2", "decoder")), 9.0),
+    EventBatch(
+        "dec-1",
+        "decoder",
+        3,
+        2,
+        (Token("r1", 0, 5, "x", False), Token("r1", 1, 6, "", True, "stop")),
+        (Stamp("r1", Stage.DECODE_START, 2.0),),
+        (Failure("r2", 400, "too long"),),
+    ),
+    ScheduleUpdate(
+        4,
+        Schedule(
+            policy="waa-m",
+            encode_batch=3,
+            num_devices=2,
+            encoder_devices=1,
+            decoder_devices=1,
+            worker_devices=1,
+            mean_input_len=12.5,
+        ),
+        (RoleAssignment("w1", "encoder"), RoleAssignment("w2", "decoder")),
+        9.0,
+    ),
     Abort("r9"),
     PinSchedule(Schedule(policy="rra"), 1.0),
     PinSchedule(None, 1.0),
@@ -45,13 +63,20 @@ def test_every_message_round_trips(message):
     assert codec.decode(codec.encode(message)) == message
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"\xc1", msgpack.packb([2, 1]), msgpack.packb([1, 999]), msgpack.packb({"type": "x"}),
-    msgpack.packb([1, 5, 3]),  # Abort with an int id
-    msgpack.packb([1, 5]),  # Abort without fields
-    msgpack.packb([1, 101, 1, 0.0, 0, 1.0, None, [], False]),  # a nested-only struct at top level
-    msgpack.packb([1, 5, "r"]),  # schema 1: older than this mesh
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        msgpack.packb([2, 1]),
+        msgpack.packb([1, 999]),
+        msgpack.packb({"type": "x"}),
+        msgpack.packb([1, 5, 3]),  # Abort with an int id
+        msgpack.packb([1, 5]),  # Abort without fields
+        msgpack.packb([1, 101, 1, 0.0, 0, 1.0, None, [], False]),  # a nested-only struct at top level
+        msgpack.packb([1, 5, "r"]),  # schema 1: older than this mesh
+    ],
+)
 def test_garbage_raises_decode_error(data):
     with pytest.raises(codec.DecodeError):
         codec.decode(data, ScheduleUpdate | Abort | EncodeWork)
@@ -148,12 +173,18 @@ def test_schedule_follower_follows_a_fresh_store_and_trusts_what_it_stored():
     assert late.rejected == {"fenced": 0, "late": 1}
 
 
-@pytest.mark.parametrize("schedule, allocation, role", [
-    (Schedule("rra"), (), "worker"),  # any worker runs a single-pipeline schedule
-    (Schedule("waa-c", encoder_devices=1, decoder_devices=1, num_devices=2), (), "idle"),  # waits for a role
-    (Schedule("waa-c", encoder_devices=1, decoder_devices=1, num_devices=2), (RoleAssignment("w1", "decoder"),),
-     "decoder"),
-])
+@pytest.mark.parametrize(
+    "schedule, allocation, role",
+    [
+        (Schedule("rra"), (), "worker"),  # any worker runs a single-pipeline schedule
+        (Schedule("waa-c", encoder_devices=1, decoder_devices=1, num_devices=2), (), "idle"),  # waits for a role
+        (
+            Schedule("waa-c", encoder_devices=1, decoder_devices=1, num_devices=2),
+            (RoleAssignment("w1", "decoder"),),
+            "decoder",
+        ),
+    ],
+)
 def test_a_worker_takes_its_role_from_the_allocation(schedule, allocation, role):
     follower = ScheduleFollower("w1", 64, 256)
     follower.offer(ScheduleUpdate(1, schedule, allocation, 0.0))
@@ -212,6 +243,7 @@ def test_a_schedule_to_pin_reads_from_json_a_file_or_plan_output(tmp_path):
 
 
 # --- an idle worker's inbox gathers a burst -----------------------------------------------------
+
 
 async def test_an_idle_inbox_gathers_a_burst_until_a_gap():
     import asyncio

@@ -48,11 +48,31 @@ def body(prompt: str, n: int, **extra) -> dict:
 async def test_a_mesh_of_worker_groups_serves_each_request_once_and_survives_a_dead_rank():
     require_broker()
     namespace = f"g{uuid.uuid4().hex[:10]}"
-    mesh = ProcessMesh({"EXEGPT_THREADS": "1", "EXEGPT_DEVICE": "cpu", "EXEGPT_PP": "2",
-                        "EXEGPT_HEARTBEAT_S": "0.5", "EXEGPT_HEARTBEAT_TIMEOUT_S": "3"})
+    mesh = ProcessMesh(
+        {
+            "EXEGPT_THREADS": "1",
+            "EXEGPT_DEVICE": "cpu",
+            "EXEGPT_PP": "2",
+            "EXEGPT_HEARTBEAT_S": "0.5",
+            "EXEGPT_HEARTBEAT_TIMEOUT_S": "3",
+        }
+    )
     try:
-        up = mesh.start("up", "--model", MODEL, "--port", "0", "--namespace", namespace,
-                        "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL, "--workers", "2")
+        up = mesh.start(
+            "up",
+            "--model",
+            MODEL,
+            "--port",
+            "0",
+            "--namespace",
+            namespace,
+            "--amqp-url",
+            AMQP_URL,
+            "--redis-url",
+            REDIS_URL,
+            "--workers",
+            "2",
+        )
         url = up.wait_line("ready mesh").split()[-1]
         ready = [ln for ln in up.output if ln.startswith("[worker-") and "] ready " in ln]
         worker_pid = int(next(ln for ln in ready if ln.startswith("[worker-1]")).split("-")[-2])
@@ -60,8 +80,9 @@ async def test_a_mesh_of_worker_groups_serves_each_request_once_and_survives_a_d
         assert len(followers) == 1  # rank 1 of worker-1's group
 
         prompts = [f"group {i}" for i in range(50)]
-        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S,
-                                     limits=httpx.Limits(max_connections=64)) as client:
+        async with httpx.AsyncClient(
+            base_url=url, timeout=TIMEOUT_S, limits=httpx.Limits(max_connections=64)
+        ) as client:
             responses = await asyncio.gather(*(client.post("/v1/completions", json=body(p, 8)) for p in prompts))
             texts = [r.json()["choices"][0]["text"] for r in responses]
             assert [r.json()["usage"]["completion_tokens"] for r in responses] == [8] * 50

@@ -55,7 +55,7 @@ def best_throughput(sc: Scenario, bound: float, policies, space) -> float:
     for w in _spans(sc):
         span = w or sc.devices
         workers = sc.devices // span
-        for (k, s) in _tp_options(sc, span):
+        for k, s in _tp_options(sc, span):
             depth = _depth(span, k, s)
             micro = [m for m in space.microbatches if m == 1 or m <= depth]
             base = dict(tp_degree=k, tp_stages=s, num_devices=sc.devices, decoder_devices=sc.devices, worker_devices=w)
@@ -67,8 +67,9 @@ def best_throughput(sc: Scenario, bound: float, policies, space) -> float:
                 if "continuous" in policies:
                     sched = Schedule("continuous", decode_microbatches=m, **base)
                     b = np.arange(1, space.continuous_max_batch + 1)
-                    offer(analytic.replicated(analytic.continuous(sc, stats, worker_layouts(sc, sched)[0], b, m),
-                                              workers))
+                    offer(
+                        analytic.replicated(analytic.continuous(sc, stats, worker_layouts(sc, sched)[0], b, m), workers)
+                    )
                 if "mixed" in policies and span == 1 and not sc.model.encoder_layers and m == 1:
                     sched = Schedule("mixed", decode_batch=1, chunk_tokens=2, **base)
                     b = np.arange(1, space.mixed_max_batch + 1)[:, None]
@@ -78,11 +79,15 @@ def best_throughput(sc: Scenario, bound: float, policies, space) -> float:
                     emicro = [x for x in space.encode_microbatches if x == 1 or x <= depth]
                     nds = [n for n in space.iters_per_encode if n <= max(sc.workload.output.maximum - 1, 1)]
                     for me, nd in itertools.product(emicro, nds):
-                        sched = Schedule("rra", decode_microbatches=m, encode_microbatches=me,
-                                         decode_iters_per_encode=nd, **base)
+                        sched = Schedule(
+                            "rra", decode_microbatches=m, encode_microbatches=me, decode_iters_per_encode=nd, **base
+                        )
                         b = np.arange(1, space.max_encode_batch + 1)
-                        offer(analytic.replicated(analytic.rra(sc, stats, worker_layouts(sc, sched)[0], b, nd, m, me),
-                                                  workers))
+                        offer(
+                            analytic.replicated(
+                                analytic.rra(sc, stats, worker_layouts(sc, sched)[0], b, nd, m, me), workers
+                            )
+                        )
     if any(p.startswith("waa") for p in policies):
         best = max(best, _waa_best(sc, stats, bound, space))
     return best
@@ -112,13 +117,22 @@ def _waa_best(sc: Scenario, stats: WorkloadStats, bound: float, space) -> float:
                             continue
                         if _depth(es, k, se) > limit or _depth(ds, k, sd) > limit:
                             continue
-                        sched = Schedule("waa-c", num_devices=sc.devices, encoder_devices=e, decoder_devices=d,
-                                         tp_degree=k, tp_stages=sd, encoder_tp_stages=se, worker_devices=w)
+                        sched = Schedule(
+                            "waa-c",
+                            num_devices=sc.devices,
+                            encoder_devices=e,
+                            decoder_devices=d,
+                            tp_degree=k,
+                            tp_stages=sd,
+                            encoder_tp_stages=se,
+                            worker_devices=w,
+                        )
                         enc, dec = worker_layouts(sc, sched)
                         for m in [m for m in space.microbatches if m == 1 or m <= dec.depth]:
                             be = np.arange(1, space.waa_max_encode_batch + 1, dtype=float)[:, None]
-                            p = analytic.waa(sc, stats, enc, dec, be, caps[None, :], m,
-                                             encoders=e // es, decoders=d // ds)
+                            p = analytic.waa(
+                                sc, stats, enc, dec, be, caps[None, :], m, encoders=e // es, decoders=d // ds
+                            )
                             thr = np.where(_ok(p, bound), p.throughput_seq_s, 0.0)
                             best = max(best, float(np.max(thr)))
     return best

@@ -30,8 +30,12 @@ def _roofline_seq_s(sc: Scenario) -> float:
     """Every prompt and output token passes every layer's non-attention part; at best a device
     does that at the profile's best measured time per token (over all TP degrees, counting the k
     devices of a TP group)."""
-    best = min(k * curve.ys[i] / curve.xs[i] for k in sc.tp_degrees()
-               for curve in [sc.profile.layer_times(sc.model.name, k).rest] for i in range(len(curve.xs)))
+    best = min(
+        k * curve.ys[i] / curve.xs[i]
+        for k in sc.tp_degrees()
+        for curve in [sc.profile.layer_times(sc.model.name, k).rest]
+        for i in range(len(curve.xs))
+    )
     stats = WorkloadStats(sc.workload)
     tokens = stats.mean_in + stats.mean_decode_iters
     return sc.devices / (sc.model.layers * tokens * best * 1e-3)
@@ -87,10 +91,10 @@ def test_functions_of_repeated_arguments_are_evaluated_once_per_combination():
 
     def fn(x, y):
         seen.append(len(x))
-        return x * 1000 + y ** 0.5
+        return x * 1000 + y**0.5
 
     out = _on_unique(fn, a, b)
-    assert out.shape == (50, 30) and np.array_equal(out, a * 1000 + b ** 0.5)
+    assert out.shape == (50, 30) and np.array_equal(out, a * 1000 + b**0.5)
     combos = {(x, y) for x, y in zip(*(v.ravel() for v in np.broadcast_arrays(a, b)))}
     assert seen == [len(combos)]
 
@@ -102,6 +106,8 @@ def test_the_longest_decode_reads_the_expected_maximum_of_the_batch(opt13b_s):
     exact = opt13b_s.workload.output.expected_max(batches) - 1
     assert _longest_decode(opt13b_s, batches)[[0, 1, 3, 4]] == pytest.approx(exact[[0, 1, 3, 4]], rel=1e-12)
     assert exact[1] < _longest_decode(opt13b_s, batches)[2] < exact[3]
-    alone, beside_a_big_one = (_longest_decode(opt13b_s, np.array([5.0])),
-                               _longest_decode(opt13b_s, np.array([5.0, 300.0])))
+    alone, beside_a_big_one = (
+        _longest_decode(opt13b_s, np.array([5.0])),
+        _longest_decode(opt13b_s, np.array([5.0, 300.0])),
+    )
     assert alone[0] == pytest.approx(beside_a_big_one[0], rel=1e-12)  # whatever table size was built

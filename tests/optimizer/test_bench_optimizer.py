@@ -14,8 +14,10 @@ def test_a_sustained_row_rates_both_checked_picks_below_their_saturated_throughp
     sc = Scenario(MODELS["opt-13b"], profile, H200_CLUSTER, TASKS["S"], 4)
     label, bound = bench.static_bounds(sc)[0]
     row = bench.bench_row(sc, "S", label, bound, with_exhaustive=False, verify=True, with_sustained=True)
-    for rate, saturated in ((row.paper_sustained, row.best_paper_policy_throughput),
-                            (row.continuous_sustained, row.continuous_throughput)):
+    for rate, saturated in (
+        (row.paper_sustained, row.best_paper_policy_throughput),
+        (row.continuous_sustained, row.continuous_throughput),
+    ):
         assert 0 < rate < saturated  # requests wait for their turn: the bound holds below saturation
     bench.print_sustained([row])
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("opt-13b"))
@@ -27,7 +29,6 @@ def test_a_sustained_row_rates_both_checked_picks_below_their_saturated_throughp
 def test_sustained_needs_the_simulator_checks(capsys):
     assert main(["bench", "optimizer", "--sustained", "--no-verify"]) == 2
     assert "--no-verify" in capsys.readouterr().err
-
 
 
 def test_the_traffic_timings_time_one_search_both_ways_per_forecast(capsys):

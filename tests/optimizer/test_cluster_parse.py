@@ -8,10 +8,15 @@ import pytest
 from optimizer.cluster import CLUSTERS, H200_CLUSTER, Cluster, ClusterError, Link, cluster_to_dict, parse_cluster
 
 CPU = {
-    "format": "exegpt-cluster/1", "name": "cpu-2x1t", "devices": 2, "devices_per_node": 2,
+    "format": "exegpt-cluster/1",
+    "name": "cpu-2x1t",
+    "devices": 2,
+    "devices_per_node": 2,
     "device": {"memory_bytes": 12e9, "threads": 1, "usable_memory_fraction": 0.9},
-    "links": {"intra_node": {"name": "loopback", "bandwidth_Bps": 1e9, "latency_s": 1e-4},
-              "handoff": {"name": "redis+rabbitmq", "bandwidth_Bps": 3e8, "latency_s": 6e-4, "source": "measured"}},
+    "links": {
+        "intra_node": {"name": "loopback", "bandwidth_Bps": 1e9, "latency_s": 1e-4},
+        "handoff": {"name": "redis+rabbitmq", "bandwidth_Bps": 3e8, "latency_s": 6e-4, "source": "measured"},
+    },
     "notes": "two worker processes",
 }
 
@@ -53,23 +58,29 @@ def _with(path: str, value):
     return doc
 
 
-@pytest.mark.parametrize("path, value, message", [
-    ("links.handoff.bandwidth_Bps", "10 GB/s",
-     "cluster.links.handoff.bandwidth_Bps must be a number > 0, got '10 GB/s'"),
-    ("links.intra_node.latency_s", -1, "cluster.links.intra_node.latency_s must be a number >= 0, got -1"),
-    ("device.memory_bytes", 0, "cluster.device.memory_bytes must be a number > 0, got 0"),
-    ("device.memory_bytes", KeyError, "cluster.device: missing 'memory_bytes'"),
-    ("device.threads", 1.5, "cluster.device.threads must be an integer >= 0, got 1.5"),
-    ("device.usable_memory_fraction", 1.5, "usable_memory_fraction must be <= 1, got 1.5"),
-    ("devices_per_node", True, "cluster.devices_per_node must be an integer > 0, got True"),
-    ("devices", "two", "cluster.devices must be an integer >= 0, got 'two'"),
-    ("links", [], "cluster.links must be a JSON object, got []"),
-    ("links.intra_node", KeyError, "cluster.links: missing 'intra_node'"),
-    ("links.handoff.bandwith_Bps", 1, "cluster.links.handoff: unknown field 'bandwith_Bps'"),
-    ("format", "exegpt-cluster/9", "cluster.format must be 'exegpt-cluster/1', got 'exegpt-cluster/9'"),
-    ("name", 3, "cluster.name must be a string, got 3"),
-    ("gpus", 8, "cluster: unknown field 'gpus'"),
-])
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (
+            "links.handoff.bandwidth_Bps",
+            "10 GB/s",
+            "cluster.links.handoff.bandwidth_Bps must be a number > 0, got '10 GB/s'",
+        ),
+        ("links.intra_node.latency_s", -1, "cluster.links.intra_node.latency_s must be a number >= 0, got -1"),
+        ("device.memory_bytes", 0, "cluster.device.memory_bytes must be a number > 0, got 0"),
+        ("device.memory_bytes", KeyError, "cluster.device: missing 'memory_bytes'"),
+        ("device.threads", 1.5, "cluster.device.threads must be an integer >= 0, got 1.5"),
+        ("device.usable_memory_fraction", 1.5, "usable_memory_fraction must be <= 1, got 1.5"),
+        ("devices_per_node", True, "cluster.devices_per_node must be an integer > 0, got True"),
+        ("devices", "two", "cluster.devices must be an integer >= 0, got 'two'"),
+        ("links", [], "cluster.links must be a JSON object, got []"),
+        ("links.intra_node", KeyError, "cluster.links: missing 'intra_node'"),
+        ("links.handoff.bandwith_Bps", 1, "cluster.links.handoff: unknown field 'bandwith_Bps'"),
+        ("format", "exegpt-cluster/9", "cluster.format must be 'exegpt-cluster/1', got 'exegpt-cluster/9'"),
+        ("name", 3, "cluster.name must be a string, got 3"),
+        ("gpus", 8, "cluster: unknown field 'gpus'"),
+    ],
+)
 def test_bad_values_are_quoted_in_the_error(path, value, message):
     with pytest.raises(ClusterError) as exc:
         parse_cluster(_with(path, value))

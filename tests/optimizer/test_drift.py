@@ -64,8 +64,13 @@ def test_samples_needed_to_tell_s_from_t():
         rng = np.random.default_rng(seed)
         ref_in, ref_out = S.sample(rng, 500)
         win_in, win_out = T.sample(rng, 60)
-        needed.append(next(n for n in range(2, 61) if length_shift_test(
-            ref_in, ref_out, win_in[:n], win_out[:n], min_samples=1).p_value < 1e-3))
+        needed.append(
+            next(
+                n
+                for n in range(2, 61)
+                if length_shift_test(ref_in, ref_out, win_in[:n], win_out[:n], min_samples=1).p_value < 1e-3
+            )
+        )
     assert np.median(needed) <= 3 and np.percentile(needed, 90) <= 10 and max(needed) <= 30
 
 

@@ -56,8 +56,11 @@ def test_remove_forgets_a_request_wherever_it_is():
 
 @pytest.mark.parametrize("policy", ["rra", "static", "continuous"])
 def test_every_request_finishes_with_its_tokens(policy):
-    d = Driver({"rra": RraPolicy, "static": StaticPolicy, "continuous": ContinuousPolicy}[policy](
-        Schedule(policy, encode_batch=3, decode_batch=5, decode_iters_per_encode=2)))
+    d = Driver(
+        {"rra": RraPolicy, "static": StaticPolicy, "continuous": ContinuousPolicy}[policy](
+            Schedule(policy, encode_batch=3, decode_batch=5, decode_iters_per_encode=2)
+        )
+    )
     lengths = {f"r{i}": 1 + i % 7 for i in range(20)}
     for rid in lengths:
         d.enqueue(QueuedRequest(rid, 4))
@@ -94,10 +97,20 @@ def test_replay_gives_the_plans_of_a_recorded_time_line():
     """Arrivals at recorded boundaries and recorded step lengths: the same plans every time, and
     requests that arrive during a step are seen at the next boundary, not before."""
     schedule = Schedule("rra", encode_batch=2, decode_batch=4, decode_iters_per_encode=2)
-    requests = [SimRequest("a", 5, 3, 0.0), SimRequest("b", 5, 2, 0.0), SimRequest("c", 5, 2, 0.15),
-                SimRequest("d", 5, 1, 2.0)]
+    requests = [
+        SimRequest("a", 5, 3, 0.0),
+        SimRequest("b", 5, 2, 0.0),
+        SimRequest("c", 5, 2, 0.15),
+        SimRequest("d", 5, 1, 2.0),
+    ]
     durations = [0.1] * 5 + [0.2]
     plans = replay(schedule, requests, durations)
-    assert plans == [StepPlan(encode=("a", "b")), StepPlan(decode=("a", "b")), StepPlan(decode=("a",)),
-                     StepPlan(encode=("c",)), StepPlan(decode=("c",)), StepPlan(encode=("d",))]
+    assert plans == [
+        StepPlan(encode=("a", "b")),
+        StepPlan(decode=("a", "b")),
+        StepPlan(decode=("a",)),
+        StepPlan(encode=("c",)),
+        StepPlan(decode=("c",)),
+        StepPlan(encode=("d",)),
+    ]
     assert replay(schedule, requests, durations) == plans

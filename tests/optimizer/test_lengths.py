@@ -53,13 +53,16 @@ def test_bad_length_files_rejected(text):
         parse_length_csv(text)
 
 
-@pytest.mark.parametrize("build", [
-    lambda: LengthDistribution.from_samples([]),
-    lambda: LengthDistribution.from_samples([0, 3]),
-    lambda: LengthDistribution.truncated_normal(10, 0, 20),
-    lambda: LengthDistribution((2, 1), (0.5, 0.5)),
-    lambda: Workload.from_pairs("w", [1, 2], [3]),
-])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: LengthDistribution.from_samples([]),
+        lambda: LengthDistribution.from_samples([0, 3]),
+        lambda: LengthDistribution.truncated_normal(10, 0, 20),
+        lambda: LengthDistribution((2, 1), (0.5, 0.5)),
+        lambda: Workload.from_pairs("w", [1, 2], [3]),
+    ],
+)
 def test_bad_distributions_rejected(build):
     with pytest.raises(ValueError):
         build()

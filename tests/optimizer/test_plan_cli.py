@@ -54,8 +54,9 @@ def test_exhaustive_and_unbounded_plans(capsys):
 
 
 def test_plan_from_a_trace_file(capsys):
-    assert _plan("--lengths", str(TRACES / "azure-llm-2023-conv.csv"), "--max-input", "2048",
-                 "--latency-bound", "30") == 0
+    assert (
+        _plan("--lengths", str(TRACES / "azure-llm-2023-conv.csv"), "--max-input", "2048", "--latency-bound", "30") == 0
+    )
     assert "seq/s" in capsys.readouterr().out
 
 
@@ -67,28 +68,68 @@ def test_lengths_far_beyond_the_profile_are_refused_naming_the_flag(capsys):
 
 
 def test_lengths_a_little_beyond_the_profile_warn(capsys):
-    assert _plan("--lengths", str(TRACES / "azure-llm-2023-conv.csv"), "--max-input", "2400",
-                 "--latency-bound", "30") == 0
+    assert (
+        _plan("--lengths", str(TRACES / "azure-llm-2023-conv.csv"), "--max-input", "2400", "--latency-bound", "30") == 0
+    )
     captured = capsys.readouterr()
     assert "seq/s" in captured.out and "warning:" in captured.err and "extrapolating" in captured.err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--profile", "/no/such/file", "--model", "opt-13b", "--devices", "4", "--task", "S",
-      "--latency-bound", "3"], "cannot read /no/such/file"),
-    (["--profile", SPLIT, "--model", "llama", "--devices", "4", "--task", "S", "--latency-bound", "3"],
-     "no rows for model 'llama'"),
-    (["--profile", SPLIT, "--model", "gpt3-39b", "--devices", "4", "--task", "S", "--latency-bound", "3"],
-     "no rows for model 'gpt3-39b'"),
-    (["--profile", SPLIT, "--model", "opt-13b", "--devices", "0", "--task", "S", "--latency-bound", "3"],
-     "--devices must be >= 1"),
-    (["--profile", SPLIT, "--model", "opt-13b", "--devices", "4", "--task", "S", "--latency-bound", "0.001"],
-     "meets the 0.001 s latency bound"),
-    (["--profile", str(TRACES / "azure-llm-2023-conv.csv"), "--model", "opt-13b", "--devices", "4", "--task", "S",
-      "--latency-bound", "3"], "not JSON"),
-    (["--profile", SPLIT, "--model", "opt-13b", "--devices", "4", "--lengths", SPLIT, "--latency-bound", "3"],
-     "expected 'timestamp,input,output'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            [
+                "--profile",
+                "/no/such/file",
+                "--model",
+                "opt-13b",
+                "--devices",
+                "4",
+                "--task",
+                "S",
+                "--latency-bound",
+                "3",
+            ],
+            "cannot read /no/such/file",
+        ),
+        (
+            ["--profile", SPLIT, "--model", "llama", "--devices", "4", "--task", "S", "--latency-bound", "3"],
+            "no rows for model 'llama'",
+        ),
+        (
+            ["--profile", SPLIT, "--model", "gpt3-39b", "--devices", "4", "--task", "S", "--latency-bound", "3"],
+            "no rows for model 'gpt3-39b'",
+        ),
+        (
+            ["--profile", SPLIT, "--model", "opt-13b", "--devices", "0", "--task", "S", "--latency-bound", "3"],
+            "--devices must be >= 1",
+        ),
+        (
+            ["--profile", SPLIT, "--model", "opt-13b", "--devices", "4", "--task", "S", "--latency-bound", "0.001"],
+            "meets the 0.001 s latency bound",
+        ),
+        (
+            [
+                "--profile",
+                str(TRACES / "azure-llm-2023-conv.csv"),
+                "--model",
+                "opt-13b",
+                "--devices",
+                "4",
+                "--task",
+                "S",
+                "--latency-bound",
+                "3",
+            ],
+            "not JSON",
+        ),
+        (
+            ["--profile", SPLIT, "--model", "opt-13b", "--devices", "4", "--lengths", SPLIT, "--latency-bound", "3"],
+            "expected 'timestamp,input,output'",
+        ),
+    ],
+)
 def test_bad_inputs_give_one_line_errors(capsys, args, message):
     assert main(["plan", *args]) == 2
     err = capsys.readouterr().err.strip()
@@ -112,13 +153,29 @@ def test_task_and_lengths_are_exclusive_and_one_is_required(capsys):
 def test_a_plan_far_past_the_profiled_batches_is_kept_with_a_warning(tmp_path, capsys):
     """A profile of batches 1-2 and 16 tokens per step: the plan extrapolates far past it."""
     rows = [{"model": "opt-13b", "tp": 1, "part": "rest", "tokens": t, "ms": 0.05 + 0.001 * t} for t in (1, 16)]
-    rows += [{"model": "opt-13b", "tp": 1, "part": p, "batch": b, axis: n, "ms": 1e-4 * b * n}
-             for p, axis, top in (("attn_prefill", "seq", 2048), ("attn_decode", "ctx", 4096))
-             for b in (1, 2) for n in (16, top)]
+    rows += [
+        {"model": "opt-13b", "tp": 1, "part": p, "batch": b, axis: n, "ms": 1e-4 * b * n}
+        for p, axis, top in (("attn_prefill", "seq", 2048), ("attn_decode", "ctx", 4096))
+        for b in (1, 2)
+        for n in (16, top)
+    ]
     path = tmp_path / "sparse.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    code = main(["plan", "--profile", str(path), "--model", "opt-13b", "--devices", "1", "--task", "S",
-                 "--latency-bound", "inf"])
+    code = main(
+        [
+            "plan",
+            "--profile",
+            str(path),
+            "--model",
+            "opt-13b",
+            "--devices",
+            "1",
+            "--task",
+            "S",
+            "--latency-bound",
+            "inf",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0
     assert "largest decode batch the profile of opt-13b tp=1 measured (2)" in err and "--max-batch 2" in err
@@ -139,10 +196,30 @@ def test_plan_into_a_closed_pipe_exits_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader has already gone
     try:
-        proc = subprocess.run([sys.executable, "-m", "services.cli", "plan", "--profile", SPLIT, "--model", "opt-13b",
-                               "--devices", "4", "--task", "S", "--latency-bound", "3.1", "--json"],
-                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
-                              cwd=Path(__file__).resolve().parents[2])
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "plan",
+                "--profile",
+                SPLIT,
+                "--model",
+                "opt-13b",
+                "--devices",
+                "4",
+                "--task",
+                "S",
+                "--latency-bound",
+                "3.1",
+                "--json",
+            ],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).resolve().parents[2],
+        )
     finally:
         os.close(write_end)
     assert proc.returncode == 141, proc.stderr
@@ -159,8 +236,7 @@ def test_a_model_the_profile_lacks_names_only_the_profiled_models(capsys, model)
 
 
 def _plan_model(model):
-    return main(["plan", "--profile", SPLIT, "--model", model, "--devices", "4", "--task", "S",
-                 "--latency-bound", "3"])
+    return main(["plan", "--profile", SPLIT, "--model", model, "--devices", "4", "--task", "S", "--latency-bound", "3"])
 
 
 def test_the_readme_plan_row_runs_as_written(capsys, monkeypatch):
@@ -176,8 +252,24 @@ def test_the_readme_plan_row_runs_as_written(capsys, monkeypatch):
 
 
 def test_plan_at_a_rate_reports_the_share_within_the_bound_and_both_timings(capsys):
-    assert _plan("--task", "S", "--latency-bound", "0.6", "--rate", "30", "--burstiness", "1.5",
-                 "--requests", "200", "--max-batch", "64", "--json") == 0
+    assert (
+        _plan(
+            "--task",
+            "S",
+            "--latency-bound",
+            "0.6",
+            "--rate",
+            "30",
+            "--burstiness",
+            "1.5",
+            "--requests",
+            "200",
+            "--max-batch",
+            "64",
+            "--json",
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert doc["simulated"]["share_within_bound"] >= 0.99
     assert doc["predicted"]["throughput_seq_s"] > doc["arrivals"]["rate_per_s"]
@@ -188,8 +280,23 @@ def test_plan_at_a_rate_reports_the_share_within_the_bound_and_both_timings(caps
 def test_plan_with_a_trace_replays_its_arrivals(capsys):
     need((TRACES / "azure-llm-2023-conv.csv").exists(), f"trace not present in {TRACES}")
     trace = str(TRACES / "azure-llm-2023-conv.csv")
-    code = _plan("--lengths", trace, "--max-input", "2048", "--max-output", "512", "--latency-bound", "20",
-                 "--trace", trace, "--requests", "150", "--max-batch", "64", "--json")
+    code = _plan(
+        "--lengths",
+        trace,
+        "--max-input",
+        "2048",
+        "--max-output",
+        "512",
+        "--latency-bound",
+        "20",
+        "--trace",
+        trace,
+        "--requests",
+        "150",
+        "--max-batch",
+        "64",
+        "--json",
+    )
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["arrivals"]["trace"] == trace and doc["arrivals"]["requests"] == 150

@@ -119,8 +119,9 @@ def test_encode_batches_fill_to_the_expected_prompt_tokens():
 
 
 def test_rra_nudges_its_encode_batch_when_the_decode_batch_drifts():
-    s = Schedule("rra", encode_batch=2, decode_batch=64, decode_iters_per_encode=1, mean_input_len=4.0,
-                 mean_decode_batch=10.0)
+    s = Schedule(
+        "rra", encode_batch=2, decode_batch=64, decode_iters_per_encode=1, mean_input_len=4.0, mean_decode_batch=10.0
+    )
     small, large = RraPolicy(s), RraPolicy(s)
     queue = _lens(*[4] * 30)
     for policy, batch in ((small, 3), (large, 30)):

@@ -9,8 +9,7 @@ from optimizer.profile import ProfileError, StepShape, parse_profile
 
 def _shape(row):
     if row["phase"] in ("prefill", "encode"):
-        return StepShape(prefill_seqs=row["batch"], prefill_tokens=row["batch"] * row["seq"],
-                         prefill_seq=row["seq"])
+        return StepShape(prefill_seqs=row["batch"], prefill_tokens=row["batch"] * row["seq"], prefill_seq=row["seq"])
     return StepShape(decode_seqs=row["batch"], decode_ctx=row["ctx"], enc_seq=row.get("enc_seq", 0))
 
 
@@ -51,14 +50,17 @@ def test_step_times_grow_with_batch_and_context(profile):
     assert float(times.step_s(StepShape())) == 0.0
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "no model rows"),
-    ("not json", "line 1: not JSON"),
-    ('{"model": "m", "tp": 0, "part": "rest", "tokens": 1, "ms": 1}', "'tp'"),
-    ('{"model": "m", "tp": 1, "part": "rest", "tokens": -1, "ms": 1}', "'tokens'"),
-    ('{"model": "m", "tp": 1, "part": "rest", "tokens": 1, "ms": 1}', "lacks"),
-    ('{"model": "m", "tp": 1, "phase": "train", "batch": 1, "seq": 1, "ms": 1}', "phase"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "no model rows"),
+        ("not json", "line 1: not JSON"),
+        ('{"model": "m", "tp": 0, "part": "rest", "tokens": 1, "ms": 1}', "'tp'"),
+        ('{"model": "m", "tp": 1, "part": "rest", "tokens": -1, "ms": 1}', "'tokens'"),
+        ('{"model": "m", "tp": 1, "part": "rest", "tokens": 1, "ms": 1}', "lacks"),
+        ('{"model": "m", "tp": 1, "phase": "train", "batch": 1, "seq": 1, "ms": 1}', "phase"),
+    ],
+)
 def test_bad_profiles_rejected_with_a_reason(text, message):
     with pytest.raises(ProfileError, match=message):
         parse_profile(text)
@@ -72,10 +74,16 @@ def test_unknown_model_is_named_in_the_error(profile):
 def _rows(model="m", noisy=False):
     """A small but complete split profile; ``noisy`` puts one decode cell 40 % below its neighbour."""
     rows = [{"model": model, "tp": 1, "part": "rest", "tokens": n, "ms": 0.1 * n} for n in (1, 4, 16)]
-    rows += [{"model": model, "tp": 1, "part": "attn_prefill", "batch": b, "seq": s, "ms": 0.01 * b * s}
-             for b in (1, 4) for s in (16, 64)]
-    rows += [{"model": model, "tp": 1, "part": "attn_decode", "batch": b, "ctx": c, "ms": 0.001 * b * c}
-             for b in (1, 4) for c in (16, 64)]
+    rows += [
+        {"model": model, "tp": 1, "part": "attn_prefill", "batch": b, "seq": s, "ms": 0.01 * b * s}
+        for b in (1, 4)
+        for s in (16, 64)
+    ]
+    rows += [
+        {"model": model, "tp": 1, "part": "attn_decode", "batch": b, "ctx": c, "ms": 0.001 * b * c}
+        for b in (1, 4)
+        for c in (16, 64)
+    ]
     if noisy:
         rows[-1]["ms"] = 0.6 * rows[-2]["ms"]  # batch 4: ctx 64 below ctx 16
     return rows
@@ -87,8 +95,9 @@ def _text(rows):
 
 def test_noisy_rows_are_smoothed_and_named_in_a_warning():
     prof = parse_profile(_text(_rows(noisy=True)))
-    assert prof.warnings == ("m tp=1 attn_decode batch=4 ctx=64: 0.0384 ms is 40% below 0.064 ms at batch=4 "
-                             "ctx=16; raised to it",)
+    assert prof.warnings == (
+        "m tp=1 attn_decode batch=4 ctx=64: 0.0384 ms is 40% below 0.064 ms at batch=4 ctx=16; raised to it",
+    )
     times = prof.layer_times("m", 1)
     assert times.attn_decode(4, 64) == pytest.approx(0.064)
     assert parse_profile(_text(_rows())).warnings == ()
@@ -106,19 +115,27 @@ def test_profiler_and_loader_apply_the_same_noise_rule():
     assert reloaded.split == parse_profile(_text(_rows(noisy=True))).split
 
 
-@pytest.mark.parametrize("drop, message", [
-    (lambda r: r["part"] == "rest" and r["tokens"] > 1, "rest has 1 tokens value (1); need at least 2"),
-    (lambda r: r.get("batch") == 4 and r["part"] == "attn_decode", "attn_decode has 1 batch size (1); need at least 2"),
-    (lambda r: r.get("batch") == 4 and r.get("seq") == 64, "attn_prefill at batch=4 has 1 seq value (16)"),
-])
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        (lambda r: r["part"] == "rest" and r["tokens"] > 1, "rest has 1 tokens value (1); need at least 2"),
+        (
+            lambda r: r.get("batch") == 4 and r["part"] == "attn_decode",
+            "attn_decode has 1 batch size (1); need at least 2",
+        ),
+        (lambda r: r.get("batch") == 4 and r.get("seq") == 64, "attn_prefill at batch=4 has 1 seq value (16)"),
+    ],
+)
 def test_too_sparse_profiles_are_rejected_saying_what_is_missing(drop, message):
     with pytest.raises(ProfileError, match=re.escape(message)):
         parse_profile(_text([r for r in _rows() if not drop(r)]))
 
 
 def test_a_single_row_whole_layer_profile_is_rejected():
-    rows = [{"model": "m", "tp": 1, "phase": "prefill", "batch": 1, "seq": 16, "ms": 1.0},
-            {"model": "m", "tp": 1, "phase": "decode", "batch": 1, "ctx": 16, "ms": 1.0}]
+    rows = [
+        {"model": "m", "tp": 1, "phase": "prefill", "batch": 1, "seq": 16, "ms": 1.0},
+        {"model": "m", "tp": 1, "phase": "decode", "batch": 1, "ctx": 16, "ms": 1.0},
+    ]
     with pytest.raises(ProfileError, match="prefill has 1 batch size"):
         parse_profile(_text(rows))
 
@@ -145,8 +162,12 @@ def test_step_rows_add_the_engines_own_work_to_every_step_of_the_last_stage():
     from optimizer.model import MODELS
 
     rows = [{"model": "opt-1.3b", "tp": 1, "part": "rest", "tokens": t, "ms": 0.01 * t} for t in (1, 1024)]
-    rows += [{"model": "opt-1.3b", "tp": 1, "part": p, "batch": b, axis: n, "ms": 0.001 * b * n}
-             for p, axis in (("attn_prefill", "seq"), ("attn_decode", "ctx")) for b in (1, 64) for n in (16, 2048)]
+    rows += [
+        {"model": "opt-1.3b", "tp": 1, "part": p, "batch": b, axis: n, "ms": 0.001 * b * n}
+        for p, axis in (("attn_prefill", "seq"), ("attn_decode", "ctx"))
+        for b in (1, 64)
+        for n in (16, 2048)
+    ]
     steps = [{"model": "opt-1.3b", "tp": 1, "part": "step", "rows": r, "ms": ms} for r, ms in ((1, 5.0), (64, 12.0))]
     text = lambda rs: "\n".join(json.dumps(r) for r in rs)  # noqa: E731
     without, with_steps = parse_profile(text(rows)), parse_profile(text(rows + steps))

@@ -5,8 +5,18 @@ import pytest
 from optimizer.model import MODELS, ModelShape
 
 # SmolLM2-135M as its GGUF states it: 9 query heads share 3 KV heads; float32 on CPU
-SMOLLM2 = ModelShape("smollm2", layers=30, hidden=576, heads=9, ffn=1536, vocab=49152, head_dim=64,
-                     dtype_bytes=4, kv_heads=3, gated_ffn=True)
+SMOLLM2 = ModelShape(
+    "smollm2",
+    layers=30,
+    hidden=576,
+    heads=9,
+    ffn=1536,
+    vocab=49152,
+    head_dim=64,
+    dtype_bytes=4,
+    kv_heads=3,
+    gated_ffn=True,
+)
 
 
 def test_kv_bytes_use_the_kv_heads():

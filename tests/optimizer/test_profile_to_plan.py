@@ -25,14 +25,47 @@ def profiled(tmp_path_factory, models):
     out = tmp_path_factory.mktemp("profile")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EXEGPT_MODELS_DIR", str(models))
-        assert main(["profile", "--model", "tiny-llama", "--quick", "--repeats", "1", "--device", "cpu",
-                     "--out", str(out / "p.jsonl"), "--cluster-out", str(out / "cluster.json")]) == 0
+        assert (
+            main(
+                [
+                    "profile",
+                    "--model",
+                    "tiny-llama",
+                    "--quick",
+                    "--repeats",
+                    "1",
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(out / "p.jsonl"),
+                    "--cluster-out",
+                    str(out / "cluster.json"),
+                ]
+            )
+            == 0
+        )
     return out
 
 
 def _plan(profiled, *extra, cluster=None, devices="2", task="S"):
-    return main(["plan", "--profile", str(profiled / "p.jsonl"), "--cluster", cluster or str(profiled / "cluster.json"),
-                 "--model", "tiny-llama", "--devices", devices, "--task", task, "--latency-bound", "inf", *extra])
+    return main(
+        [
+            "plan",
+            "--profile",
+            str(profiled / "p.jsonl"),
+            "--cluster",
+            cluster or str(profiled / "cluster.json"),
+            "--model",
+            "tiny-llama",
+            "--devices",
+            devices,
+            "--task",
+            task,
+            "--latency-bound",
+            "inf",
+            *extra,
+        ]
+    )
 
 
 def test_profile_then_plan_on_this_machine(profiled, capsys):
@@ -43,16 +76,37 @@ def test_profile_then_plan_on_this_machine(profiled, capsys):
 
 
 def test_the_whole_layer_file_plans_too(profiled, capsys):
-    assert main(["plan", "--profile", str(profiled / "p-layers.jsonl"), "--cluster", str(profiled / "cluster.json"),
-                 "--model", "tiny-llama", "--devices", "2", "--task", "S", "--latency-bound", "inf"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--profile",
+                str(profiled / "p-layers.jsonl"),
+                "--cluster",
+                str(profiled / "cluster.json"),
+                "--model",
+                "tiny-llama",
+                "--devices",
+                "2",
+                "--task",
+                "S",
+                "--latency-bound",
+                "inf",
+            ]
+        )
+        == 0
+    )
     assert "seq/s" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra, message", [
-    (dict(devices="3"), "has 2 devices, --devices asks for 3"),
-    (dict(cluster="no-such-cluster"), "unknown cluster 'no-such-cluster': not a preset"),
-    (dict(task="C2"), "profile longer lengths with `exegpt profile --max-len 1544`"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (dict(devices="3"), "has 2 devices, --devices asks for 3"),
+        (dict(cluster="no-such-cluster"), "unknown cluster 'no-such-cluster': not a preset"),
+        (dict(task="C2"), "profile longer lengths with `exegpt profile --max-len 1544`"),
+    ],
+)
 def test_plan_errors_on_this_machine_are_one_line(profiled, capsys, extra, message):
     assert _plan(profiled, **extra) == 2
     err = capsys.readouterr().err.strip()
@@ -68,6 +122,22 @@ def test_a_cluster_file_with_a_bad_value_is_quoted(profiled, tmp_path, capsys):
 
 
 def test_a_profile_for_another_model_names_what_it_has(profiled, capsys):
-    assert main(["plan", "--profile", str(profiled / "p.jsonl"), "--model", "tiny-opt", "--devices", "2",
-                 "--task", "S", "--latency-bound", "inf"]) == 2
+    assert (
+        main(
+            [
+                "plan",
+                "--profile",
+                str(profiled / "p.jsonl"),
+                "--model",
+                "tiny-opt",
+                "--devices",
+                "2",
+                "--task",
+                "S",
+                "--latency-bound",
+                "inf",
+            ]
+        )
+        == 2
+    )
     assert "no rows for model 'tiny-opt'" in capsys.readouterr().err

@@ -13,9 +13,12 @@ FORBIDDEN = ("services", "common.transport", "engine", "loadgen", "aio_pika", "r
 
 def test_importing_every_optimizer_module_loads_nothing_forbidden():
     modules = sorted(p.stem for p in (ROOT / "optimizer").glob("*.py") if p.stem != "__init__")
-    code = ("import sys\n" + "".join(f"import optimizer.{m}\n" for m in modules)
-            + f"bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r} or m in {FORBIDDEN!r}]\n"
-            + "print(','.join(bad))\n")
+    code = (
+        "import sys\n"
+        + "".join(f"import optimizer.{m}\n" for m in modules)
+        + f"bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r} or m in {FORBIDDEN!r}]\n"
+        + "print(','.join(bad))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert len(modules) >= 8
     assert out.stdout.strip() == ""

@@ -19,9 +19,16 @@ from optimizer.queueing import (
 from optimizer.search import PRODUCT_POLICIES, SearchSpace, branch_and_bound
 from optimizer.simulator import simulate, within_bound
 
-SPACE = SearchSpace(max_encode_batch=32, waa_max_encode_batch=16, static_max_batch=64, continuous_max_batch=128,
-                    iters_per_encode=(1, 2, 4, 8, 16), decode_caps=(4, 16, 64, 256), microbatches=(1, 2),
-                    encode_microbatches=(1, 2))
+SPACE = SearchSpace(
+    max_encode_batch=32,
+    waa_max_encode_batch=16,
+    static_max_batch=64,
+    continuous_max_batch=128,
+    iters_per_encode=(1, 2, 4, 8, 16),
+    decode_caps=(4, 16, 64, 256),
+    microbatches=(1, 2),
+    encode_microbatches=(1, 2),
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +88,7 @@ def test_the_sustained_rate_is_the_edge_between_a_rate_that_holds_and_one_that_d
     pick = branch_and_bound(sc, bound, (policy,), SPACE).best
     upper = 1.5 * pick.figures.throughput_seq_s
     rate = sustained_rate(sc, pick.schedule, bound, upper, requests=n, span_bounds=0, seeds=seeds, steps=steps)
-    step = upper / 2 ** steps
+    step = upper / 2**steps
     assert 0 < rate < upper - step  # the pick sustains something, and not its predicted saturation
     assert all(_share(sc, pick.schedule, bound, rate, s, n) >= 0.99 for s in seeds)
     assert min(_share(sc, pick.schedule, bound, rate + step, s, n) for s in seeds) < 0.99

@@ -9,9 +9,15 @@ from optimizer.lengths import TASKS
 from optimizer.model import MODELS
 from optimizer.search import SearchSpace, Tolerances, branch_and_bound, exhaustive, families, least_latency, tp_configs
 
-SMALL = SearchSpace(max_encode_batch=48, waa_max_encode_batch=24, static_max_batch=64, continuous_max_batch=96,
-                    iters_per_encode=(1, 2, 4, 7, 16), decode_caps=(8, 32, 128, 512, 2048),
-                    microbatches=(1, 2))
+SMALL = SearchSpace(
+    max_encode_batch=48,
+    waa_max_encode_batch=24,
+    static_max_batch=64,
+    continuous_max_batch=96,
+    iters_per_encode=(1, 2, 4, 7, 16),
+    decode_caps=(8, 32, 128, 512, 2048),
+    microbatches=(1, 2),
+)
 
 
 @pytest.mark.parametrize("model, devices, task", [("opt-13b", 4, "S"), ("opt-13b", 2, "T"), ("opt-1.3b", 2, "C2")])
@@ -62,11 +68,14 @@ def test_tp_configurations_include_partial_tp(opt13b_s):
     assert all(k * s <= 4 for k, s in configs)
 
 
-@pytest.mark.parametrize("build", [
-    lambda sc: branch_and_bound(sc, 1.0, ("fcfs",)),
-    lambda sc: SearchSpace(max_encode_batch=0),
-    lambda sc: Tolerances(eps_t=-1),
-])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda sc: branch_and_bound(sc, 1.0, ("fcfs",)),
+        lambda sc: SearchSpace(max_encode_batch=0),
+        lambda sc: Tolerances(eps_t=-1),
+    ],
+)
 def test_bad_search_inputs_rejected(opt13b_s, build):
     with pytest.raises(ValueError):
         build(opt13b_s)
@@ -75,8 +84,10 @@ def test_bad_search_inputs_rejected(opt13b_s, build):
 @pytest.mark.parametrize("policy", ["static", "rra", "continuous"])
 def test_bound_just_above_the_fastest_schedule_is_found(opt13b_s, policy):
     """Where latency is nearly flat in the batch, the answer sits right above batch 1."""
-    floor = min(float(f.run(np.ones(f.size, dtype=int), np.arange(f.size)).latency_p99_s.min())
-                for f in families(opt13b_s, (policy,), SMALL))
+    floor = min(
+        float(f.run(np.ones(f.size, dtype=int), np.arange(f.size)).latency_p99_s.min())
+        for f in families(opt13b_s, (policy,), SMALL)
+    )
     bound = floor * 1.0005
     bb = branch_and_bound(opt13b_s, bound, (policy,), SMALL)
     ex = exhaustive(opt13b_s, bound, (policy,), SMALL)
@@ -144,15 +155,31 @@ def test_a_cluster_file_can_say_that_workers_are_process_groups(profile):
 
 # --- soundness: the branch and bound is the exhaustive search, faster -------------------------
 
-TINY = SearchSpace(max_encode_batch=40, waa_max_encode_batch=12, static_max_batch=48, continuous_max_batch=64,
-                   iters_per_encode=(1, 3, 8, 32), decode_caps=(4, 16, 64, 256, 1024), microbatches=(1, 2))
+TINY = SearchSpace(
+    max_encode_batch=40,
+    waa_max_encode_batch=12,
+    static_max_batch=48,
+    continuous_max_batch=64,
+    iters_per_encode=(1, 3, 8, 32),
+    decode_caps=(4, 16, 64, 256, 1024),
+    microbatches=(1, 2),
+)
 
 
-@pytest.mark.parametrize("model, devices, task, bound_s", [
-    ("opt-1.3b", 2, "S", math.inf), ("opt-1.3b", 2, "S", 0.3), ("opt-1.3b", 1, "G", math.inf),
-    ("opt-13b", 4, "C1", 0.9), ("opt-13b", 4, "G", math.inf), ("opt-13b", 3, "T", 2.5),
-    ("opt-66b", 8, "C2", math.inf), ("t5-11b", 4, "S", 1.0), ("gpt3-175b", 16, "S", 3.0),
-])
+@pytest.mark.parametrize(
+    "model, devices, task, bound_s",
+    [
+        ("opt-1.3b", 2, "S", math.inf),
+        ("opt-1.3b", 2, "S", 0.3),
+        ("opt-1.3b", 1, "G", math.inf),
+        ("opt-13b", 4, "C1", 0.9),
+        ("opt-13b", 4, "G", math.inf),
+        ("opt-13b", 3, "T", 2.5),
+        ("opt-66b", 8, "C2", math.inf),
+        ("t5-11b", 4, "S", 1.0),
+        ("gpt3-175b", 16, "S", 3.0),
+    ],
+)
 @pytest.mark.parametrize("policies", [("rra",), ("waa-c", "waa-m"), ("static",), ("continuous",)])
 def test_branch_and_bound_equals_exhaustive_on_small_spaces(profile, model, devices, task, bound_s, policies):
     sc = Scenario(MODELS[model], profile, H200_CLUSTER, TASKS[task], devices)
@@ -225,6 +252,7 @@ def test_waa_lines_are_monotone_in_the_decode_cap(profile, model, devices, task)
 
 # --- WAA's split is searched ------------------------------------------------------------------
 
+
 def test_waa_searches_every_split_in_whole_tp_groups(profile):
     """The paper's layouts (every stage of both groups at degree k, one pipeline per role): every
     split in whole TP groups whose two groups can each hold GPT-3's weights (3 devices or more)."""
@@ -238,7 +266,8 @@ def test_waa_searches_every_split_in_whole_tp_groups(profile):
         assert s.encoder_devices + s.decoder_devices == 16 and s.encoder_devices % s.tp_degree == 0
         assert s.encoder_tp_stages == -1 and s.worker_devices == 0
     assert {k: sorted(v) for k, v in splits.items()} == {
-        k: [e for e in range(k, 16, k) if min(e, 16 - e) >= 3] for k in (1, 2, 4, 8)}
+        k: [e for e in range(k, 16, k) if min(e, 16 - e) >= 3] for k in (1, 2, 4, 8)
+    }
 
 
 def test_waa_families_cover_partial_tp_in_each_group_and_replicas(profile):
@@ -273,11 +302,13 @@ def test_waa_c_and_waa_m_name_the_rule_the_split_is_nearer(profile):
     assert 0 < compute < 1 and 0 < memory < 1
     near_c = min((1, 2, 3), key=lambda e: abs(e / 4 - compute))
     assert waa_label(sc, stats, ("waa-c", "waa-m"), near_c, 4, 100) == (
-        "waa-c" if abs(near_c / 4 - compute) <= abs(near_c / 4 - memory) else "waa-m")
+        "waa-c" if abs(near_c / 4 - compute) <= abs(near_c / 4 - memory) else "waa-m"
+    )
     assert waa_label(sc, stats, ("waa-m",), near_c, 4, 100) == "waa-m"
 
 
 # --- memory is checked on the whole decode batch a worker enforces ----------------------------
+
 
 @pytest.mark.parametrize("policies", [("waa-c", "waa-m"), ("rra",), ("rra", "waa-c", "waa-m")])
 def test_the_integer_decode_batch_fits_in_memory(profile, policies):

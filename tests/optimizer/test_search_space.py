@@ -23,9 +23,18 @@ from optimizer.search import (
 from optimizer.simulator import requests_from_workload, simulate
 from tests.optimizer import bruteforce
 
-TINY = SearchSpace(max_encode_batch=12, waa_max_encode_batch=6, static_max_batch=16, continuous_max_batch=24,
-                   iters_per_encode=(1, 3, 8), decode_caps=(2, 8, 32, 128, 512), microbatches=(1, 2),
-                   encode_microbatches=(1, 2), mixed_max_batch=24, chunk_tokens=(16, 64, 256))
+TINY = SearchSpace(
+    max_encode_batch=12,
+    waa_max_encode_batch=6,
+    static_max_batch=16,
+    continuous_max_batch=24,
+    iters_per_encode=(1, 3, 8),
+    decode_caps=(2, 8, 32, 128, 512),
+    microbatches=(1, 2),
+    encode_microbatches=(1, 2),
+    mixed_max_batch=24,
+    chunk_tokens=(16, 64, 256),
+)
 
 
 def _sc(profile, model, devices, task):
@@ -33,6 +42,7 @@ def _sc(profile, model, devices, task):
 
 
 # --- micro-batched encode ----------------------------------------------------------------------
+
 
 def test_micro_batched_encode_fills_the_pipeline_once_and_never_falls_with_the_batch(profile):
     sc = _sc(profile, "opt-13b", 4, "S")
@@ -71,6 +81,7 @@ def test_rra_bounds_hold_over_every_interval_with_encode_micro_batches(profile, 
 
 # --- layers by stage speed ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("devices, k, stages", [(4, 2, 1), (6, 2, 2), (16, 4, 2), (16, 8, 1)])
 def test_layers_go_to_stages_by_speed(profile, devices, k, stages):
     sc = _sc(profile, "gpt3-175b", devices, "S")
@@ -79,8 +90,11 @@ def test_layers_go_to_stages_by_speed(profile, devices, k, stages):
     layers = [s.decode_layers for s in layout.stages]
     assert sum(layers) == sc.model.layers and min(layers) >= 1
     slowest = max(n * cost[s.tp] for n, s in zip(layers, layout.stages))
-    even = max(n * cost[s.tp] for n, s in zip(np.array_split(np.arange(sc.model.layers), len(layers)), layout.stages)
-               for n in [len(n)])
+    even = max(
+        n * cost[s.tp]
+        for n, s in zip(np.array_split(np.arange(sc.model.layers), len(layers)), layout.stages)
+        for n in [len(n)]
+    )
     assert slowest <= even + 1e-12
     # no single layer moved to another stage makes the slowest stage faster
     for i in range(len(layers)):
@@ -98,6 +112,7 @@ def test_layers_go_to_stages_by_speed(profile, devices, k, stages):
 
 # --- honest continuous batching -----------------------------------------------------------------
 
+
 def test_continuous_pays_the_prefill_stall_and_the_bubbles(profile):
     """On a 4-stage pipeline a prefill crosses every stage while the decode micro-batches wait:
     an iteration costs at least the decode iteration plus the prefill's share of a pass."""
@@ -112,8 +127,9 @@ def test_continuous_pays_the_prefill_stall_and_the_bubbles(profile):
         dec = timer.iteration_s(stats.decode(b - new, model=sc.model), m)
         t_it = b / (stats.mean_out * p.throughput_seq_s)
         assert np.all(t_it > dec)
-        spread = timer.iteration_s(analytic.StepShape(new, new * stats.mean_in, stats.eff_in, b - new,
-                                                      stats.mean_ctx), m)
+        spread = timer.iteration_s(
+            analytic.StepShape(new, new * stats.mean_in, stats.eff_in, b - new, stats.mean_ctx), m
+        )
         assert np.all(t_it >= spread * (1 - 1e-9))  # never cheaper than the old even spread
 
 
@@ -154,8 +170,10 @@ def test_mixed_is_a_cost_family_with_a_true_ceiling(profile, model, devices, tas
 
 
 def test_mixed_runs_on_one_device_workers_of_decoder_only_models(profile):
-    spans = {f.schedule(8, None, **{k: int(v[0]) for k, v in f.lines.items()}).worker_devices
-             for f in families(_sc(profile, "opt-13b", 4, "S"), ("mixed",))}
+    spans = {
+        f.schedule(8, None, **{k: int(v[0]) for k, v in f.lines.items()}).worker_devices
+        for f in families(_sc(profile, "opt-13b", 4, "S"), ("mixed",))
+    }
     assert spans == {1}
     assert families(_sc(profile, "t5-11b", 8, "C1"), ("mixed",)) == []
 
@@ -172,6 +190,7 @@ def test_mixed_runs_as_predicted(profile):
 
 
 # --- WAA ceilings and partial TP ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model, devices, task", [("opt-13b", 4, "S"), ("opt-66b", 8, "C2")])
 def test_waa_family_ceilings_are_true_bounds(profile, model, devices, task):
@@ -242,6 +261,7 @@ def test_the_space_size_is_what_the_exhaustive_search_evaluates(profile):
 
 # --- both searches against the brute-force enumerator -------------------------------------------
 
+
 @pytest.mark.parametrize("model, devices, task", [("opt-1.3b", 2, "S"), ("opt-13b", 4, "C1")])
 @pytest.mark.parametrize("bound_s", [0.3, 1.0, 4.0, math.inf])
 def test_branch_and_bound_and_exhaustive_match_brute_force(profile, model, devices, task, bound_s):
@@ -259,8 +279,12 @@ def test_branch_and_bound_and_exhaustive_match_brute_force(profile, model, devic
 def test_product_is_never_below_a_baseline_or_the_paper_policies(profile, bound_s):
     sc = _sc(profile, "opt-13b", 4, "G")
     thr = {}
-    for name, pols in (("product", PRODUCT_POLICIES), ("paper", ("rra", "waa-c", "waa-m")), ("static", ("static",)),
-                       ("continuous", ("continuous",))):
+    for name, pols in (
+        ("product", PRODUCT_POLICIES),
+        ("paper", ("rra", "waa-c", "waa-m")),
+        ("static", ("static",)),
+        ("continuous", ("continuous",)),
+    ):
         r = branch_and_bound(sc, bound_s, pols)
         thr[name] = r.best.figures.throughput_seq_s if r.best else 0.0
     assert thr["product"] >= max(thr["paper"], thr["static"], thr["continuous"]) * (1 - 1e-12)

@@ -22,22 +22,58 @@ def _reqs(sc, n=600, seed=0, rate=0.0):
 
 
 CASES = {
-    "rra": (Schedule("rra", encode_batch=16, decode_batch=10_000, decode_iters_per_encode=4,
-                     tp_degree=4, tp_stages=1, num_devices=4, decoder_devices=4),
-            lambda sc, st: analytic.rra(sc, st, sc.layout(4, 4, 1), 16, 4, 1)),
-    "rra-pipelined": (Schedule("rra", encode_batch=8, decode_batch=10_000, decode_microbatches=2,
-                               decode_iters_per_encode=3, tp_degree=2, tp_stages=1, num_devices=4,
-                               decoder_devices=4),
-                      lambda sc, st: analytic.rra(sc, st, sc.layout(4, 2, 1), 8, 3, 2)),
-    "waa": (Schedule("waa-c", encode_batch=4, decode_batch=10_000, tp_degree=2, tp_stages=2, num_devices=4,
-                     encoder_devices=2, decoder_devices=2),
-            lambda sc, st: analytic.waa(sc, st, sc.layout(2, 2, 1), sc.layout(2, 2, 1, 2), 4, 10_000, 1)),
-    "continuous": (Schedule("continuous", encode_batch=48, decode_batch=48, tp_degree=4, tp_stages=1,
-                            num_devices=4, decoder_devices=4),
-                   lambda sc, st: analytic.continuous(sc, st, sc.layout(4, 4, 1), 48, 1)),
-    "static": (Schedule("static", encode_batch=16, decode_batch=16, tp_degree=4, tp_stages=1, num_devices=4,
-                        decoder_devices=4),
-               lambda sc, st: analytic.static(sc, st, sc.layout(4, 4, 1), 16, 1)),
+    "rra": (
+        Schedule(
+            "rra",
+            encode_batch=16,
+            decode_batch=10_000,
+            decode_iters_per_encode=4,
+            tp_degree=4,
+            tp_stages=1,
+            num_devices=4,
+            decoder_devices=4,
+        ),
+        lambda sc, st: analytic.rra(sc, st, sc.layout(4, 4, 1), 16, 4, 1),
+    ),
+    "rra-pipelined": (
+        Schedule(
+            "rra",
+            encode_batch=8,
+            decode_batch=10_000,
+            decode_microbatches=2,
+            decode_iters_per_encode=3,
+            tp_degree=2,
+            tp_stages=1,
+            num_devices=4,
+            decoder_devices=4,
+        ),
+        lambda sc, st: analytic.rra(sc, st, sc.layout(4, 2, 1), 8, 3, 2),
+    ),
+    "waa": (
+        Schedule(
+            "waa-c",
+            encode_batch=4,
+            decode_batch=10_000,
+            tp_degree=2,
+            tp_stages=2,
+            num_devices=4,
+            encoder_devices=2,
+            decoder_devices=2,
+        ),
+        lambda sc, st: analytic.waa(sc, st, sc.layout(2, 2, 1), sc.layout(2, 2, 1, 2), 4, 10_000, 1),
+    ),
+    "continuous": (
+        Schedule(
+            "continuous", encode_batch=48, decode_batch=48, tp_degree=4, tp_stages=1, num_devices=4, decoder_devices=4
+        ),
+        lambda sc, st: analytic.continuous(sc, st, sc.layout(4, 4, 1), 48, 1),
+    ),
+    "static": (
+        Schedule(
+            "static", encode_batch=16, decode_batch=16, tp_degree=4, tp_stages=1, num_devices=4, decoder_devices=4
+        ),
+        lambda sc, st: analytic.static(sc, st, sc.layout(4, 4, 1), 16, 1),
+    ),
 }
 
 
@@ -72,14 +108,15 @@ def test_every_request_gets_exactly_its_tokens_once(runs, case):
 
 def test_waa_keeps_littles_law_between_encode_rate_decode_batch_and_output_length(runs, opt13b_s):
     sim, pred = runs["waa"]
-    steps = sim.decode_steps[len(sim.decode_steps) // 5: 4 * len(sim.decode_steps) // 5]
+    steps = sim.decode_steps[len(sim.decode_steps) // 5 : 4 * len(sim.decode_steps) // 5]
     encoded_per_iteration = (steps[-1].encoded_before - steps[0].encoded_before) / len(steps)
     mean_iters = WorkloadStats(opt13b_s.workload).mean_decode_iters
     mean_batch = np.mean([s.batch for s in steps])
     assert mean_batch == pytest.approx(encoded_per_iteration * mean_iters, rel=0.1)
     # the analytic model is built on the same law: B_D = rate x E[o-1] x iteration time
     assert float(pred.decode_batch) == pytest.approx(
-        float(pred.throughput_seq_s) * mean_iters * float(pred.tpot_s), rel=1e-3)
+        float(pred.throughput_seq_s) * mean_iters * float(pred.tpot_s), rel=1e-3
+    )
 
 
 def test_simulation_is_deterministic_given_the_generator(opt13b_s):
@@ -137,14 +174,16 @@ def test_goodput_and_fraction_within_bound_follow_their_slos(runs):
     assert within_bound(sim, math.inf) == 1.0
 
 
-@pytest.mark.parametrize("policies, bound_s", [(("rra",), 1.0), (("waa-c", "waa-m"), 1.0), (("rra",), math.inf),
-                                              (("waa-c", "waa-m"), 0.42)])  # decoder-bound: encoder waits
+@pytest.mark.parametrize(
+    "policies, bound_s", [(("rra",), 1.0), (("waa-c", "waa-m"), 1.0), (("rra",), math.inf), (("waa-c", "waa-m"), 0.42)]
+)  # decoder-bound: encoder waits
 def test_searched_schedules_run_as_predicted(opt13b_s, policies, bound_s):
     from optimizer.search import branch_and_bound
 
     best = branch_and_bound(opt13b_s, bound_s, policies).best
-    slots = best.figures.decode_batch_peak * max(best.schedule.decoder_workers,
-                                                 best.schedule.workers - best.schedule.encoder_workers)
+    slots = best.figures.decode_batch_peak * max(
+        best.schedule.decoder_workers, best.schedule.workers - best.schedule.encoder_workers
+    )
     n = int(min(max(600, 7 * slots), 6500))  # several batch turnovers of every worker
     sim = simulate(opt13b_s, best.schedule, _reqs(opt13b_s, n))
     assert sim.throughput_seq_s == pytest.approx(best.figures.throughput_seq_s, rel=THROUGHPUT_TOL)
@@ -161,13 +200,31 @@ def two_workers(profile):
     return Scenario(MODELS["opt-1.3b"], profile, cluster, TASKS["S"], 2)
 
 
-@pytest.mark.parametrize("schedule", [
-    Schedule("rra", encode_batch=8, decode_batch=400, decode_iters_per_encode=4, num_devices=2, decoder_devices=2,
-             worker_devices=1),
-    Schedule("continuous", encode_batch=32, decode_batch=32, num_devices=2, decoder_devices=2, worker_devices=1),
-    Schedule("waa-c", encode_batch=4, decode_batch=400, num_devices=2, encoder_devices=1, decoder_devices=1,
-             worker_devices=1),
-], ids=lambda s: s.policy)
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        Schedule(
+            "rra",
+            encode_batch=8,
+            decode_batch=400,
+            decode_iters_per_encode=4,
+            num_devices=2,
+            decoder_devices=2,
+            worker_devices=1,
+        ),
+        Schedule("continuous", encode_batch=32, decode_batch=32, num_devices=2, decoder_devices=2, worker_devices=1),
+        Schedule(
+            "waa-c",
+            encode_batch=4,
+            decode_batch=400,
+            num_devices=2,
+            encoder_devices=1,
+            decoder_devices=1,
+            worker_devices=1,
+        ),
+    ],
+    ids=lambda s: s.policy,
+)
 def test_workers_as_replicas_or_a_split_run_as_the_analytic_model_says(two_workers, schedule):
     from optimizer.search import families
 
@@ -215,8 +272,13 @@ def test_a_closed_loop_keeps_its_requests_outstanding_and_load_figures_read_its_
     finish = sorted(r.finish_s for r in sim.records)
     inside = sum(finish[39] < f <= finish[359] for f in finish)  # after the first wave, before the drain
     assert figures.throughput_seq_s == pytest.approx(inside / (finish[359] - finish[39]))
-    expected = np.median([r.finish_s - r.arrival_s for r in sim.records
-                          if r.request_id in probes and finish[39] < r.finish_s <= finish[359]])
+    expected = np.median(
+        [
+            r.finish_s - r.arrival_s
+            for r in sim.records
+            if r.request_id in probes and finish[39] < r.finish_s <= finish[359]
+        ]
+    )
     assert figures.p99_length_latency_s == pytest.approx(expected)
 
 
@@ -278,8 +340,9 @@ def test_replica_workers_take_arrivals_in_turn_as_the_broker_delivers_them(two_w
     from optimizer.simulator import SimRequest
 
     sc = two_workers
-    schedule = Schedule("continuous", encode_batch=1, decode_batch=2, num_devices=2, decoder_devices=2,
-                        worker_devices=1)
+    schedule = Schedule(
+        "continuous", encode_batch=1, decode_batch=2, num_devices=2, decoder_devices=2, worker_devices=1
+    )
     reqs = (SimRequest("long", 2000, 2, 0.0), SimRequest("short-1", 8, 2, 0.001), SimRequest("short-2", 8, 2, 0.002))
     rec = {r.request_id: r for r in simulate(sc, schedule, reqs).records}
     assert rec["short-1"].finish_s < rec["long"].first_token_s  # the second worker was done long before

@@ -9,8 +9,12 @@ from optimizer.stats import MAX_LENGTH, N_BINS, LengthHistogram, StreamingStats,
 
 
 def _feed(stats: StreamingStats, inputs, outputs, submitted, finished) -> StreamingStats:
-    for row in zip(np.asarray(inputs).tolist(), np.asarray(outputs).tolist(),
-                   np.asarray(submitted, dtype=float).tolist(), np.asarray(finished, dtype=float).tolist()):
+    for row in zip(
+        np.asarray(inputs).tolist(),
+        np.asarray(outputs).tolist(),
+        np.asarray(submitted, dtype=float).tolist(),
+        np.asarray(finished, dtype=float).tolist(),
+    ):
         stats.observe(*row)
     return stats
 
@@ -103,8 +107,11 @@ def test_merging_two_halves_equals_observing_all():
         now = float(rows[3][-1])
         mine, theirs = merged.summary(now), everything.summary(now)
         assert mine.samples == pytest.approx(theirs.samples, rel=1e-9)
-        assert (mine.input.p99, mine.output.p50, mine.arrival_cv) == (theirs.input.p99, theirs.output.p50,
-                                                                       theirs.arrival_cv)
+        assert (mine.input.p99, mine.output.p50, mine.arrival_cv) == (
+            theirs.input.p99,
+            theirs.output.p50,
+            theirs.arrival_cv,
+        )
 
 
 def test_correlation_matches_numpy_without_decay():

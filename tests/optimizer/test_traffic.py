@@ -56,8 +56,11 @@ def test_traffic_served_comfortably_gets_the_candidate_with_the_most_capacity(ta
 
 
 def weighed(capacity: float, pressure: float, attainment: float = 1.0) -> Weighed:
-    return Weighed(Schedule("continuous", encode_batch=int(capacity), decode_batch=int(capacity)), capacity,
-                   SloFigures(attainment, 0.1, 0.01, 0.5, attainment >= 0.99, 500, pressure))
+    return Weighed(
+        Schedule("continuous", encode_batch=int(capacity), decode_batch=int(capacity)),
+        capacity,
+        SloFigures(attainment, 0.1, 0.01, 0.5, attainment >= 0.99, 500, pressure),
+    )
 
 
 def test_a_quicker_schedule_wins_only_where_the_larger_one_comes_close_to_a_bound():
@@ -180,9 +183,11 @@ def test_the_largest_schedule_in_force_still_has_peers_of_about_its_capacity_wei
     """The schedule in force has the most capacity on the search's scale (a large mixed batch)
     and misses the SLO at the rate: peers within the search's error of it are weighed, so
     keeping the capacity cannot mean keeping it alone; a far smaller one is not."""
-    largest, peer, small = (Schedule("mixed", encode_batch=16, decode_batch=16),
-                            Schedule("rra", encode_batch=31, decode_batch=31, decode_iters_per_encode=6),
-                            Schedule("rra", encode_batch=2, decode_batch=3, decode_iters_per_encode=7))
+    largest, peer, small = (
+        Schedule("mixed", encode_batch=16, decode_batch=16),
+        Schedule("rra", encode_batch=31, decode_batch=31, decode_iters_per_encode=6),
+        Schedule("rra", encode_batch=2, decode_batch=3, decode_iters_per_encode=7),
+    )
     found = [(largest, 18.8), (peer, 18.5), (small, 12.1)]
     weighed = [s for s, _ in to_weigh(found, Forecast(11.2, 1.0), largest, KEEP_SHARE * 18.8)]
     assert weighed == [peer]
@@ -207,8 +212,11 @@ def test_a_shortfall_measured_caps_the_schedules_alike_the_one_measured():
     at the model's figure."""
     measured = Schedule("rra", encode_batch=29, decode_batch=32, decode_iters_per_encode=7)
     twin = replace(measured, encode_batch=31)
-    others = (replace(measured, encode_batch=4, decode_batch=6, decode_iters_per_encode=3),
-              replace(measured, decode_iters_per_encode=3), replace(measured, policy="continuous"))
+    others = (
+        replace(measured, encode_batch=4, decode_batch=6, decode_iters_per_encode=3),
+        replace(measured, decode_iters_per_encode=3),
+        replace(measured, policy="continuous"),
+    )
     assert alike(measured, twin) and not any(alike(measured, o) for o in others)
     mixed = Schedule("mixed", encode_batch=16, decode_batch=16, chunk_tokens=128)
     assert alike(mixed, Schedule("continuous", encode_batch=15, decode_batch=15))  # one family

@@ -21,16 +21,19 @@ def test_probes_are_every_tenth_request_at_the_99th_percentile_lengths(opt13b_s)
     w = opt13b_s.workload
     probes = [r for r in load.requests if r.request_id in load.probes]
     assert [load.requests.index(r) for r in probes] == [9, 19, 29, 39]
-    assert ({(r.input_len, r.output_len) for r in probes}
-            == {(int(w.input.quantile(0.99)), int(w.output.quantile(0.99)))})
+    assert {(r.input_len, r.output_len) for r in probes} == {
+        (int(w.input.quantile(0.99)), int(w.output.quantile(0.99)))
+    }
     assert load.first(15).probes == {load.requests[9].request_id}
 
 
 def test_the_closed_loop_fills_every_slot():
-    replicas = Schedule("continuous", encode_batch=8, decode_batch=8, num_devices=2, decoder_devices=2,
-                        worker_devices=1)
-    split = Schedule("waa-c", encode_batch=4, decode_batch=10, num_devices=2, encoder_devices=1, decoder_devices=1,
-                     worker_devices=1)
+    replicas = Schedule(
+        "continuous", encode_batch=8, decode_batch=8, num_devices=2, decoder_devices=2, worker_devices=1
+    )
+    split = Schedule(
+        "waa-c", encode_batch=4, decode_batch=10, num_devices=2, encoder_devices=1, decoder_devices=1, worker_devices=1
+    )
     assert outstanding(replicas) == 16 and outstanding(split) == 10  # the decoders' slots: credits cap the encoder
     assert requests_for(replicas, 10) == 64 and requests_for(replicas, 100) == 100
 
@@ -105,7 +108,7 @@ def test_the_ladder_takes_picks_best_first_and_simulates_each_once(opt13b_s):
         return branch_and_bound(sc, bound, policies, space)
 
     verified = verified_search(opt13b_s, TIGHT, search=counting, tries=4, refine=0)
-    assert calls == [TIGHT * f for f in LADDER[:len(calls)]] and verified.searches == len(calls)
+    assert calls == [TIGHT * f for f in LADDER[: len(calls)]] and verified.searches == len(calls)
 
 
 def test_a_better_pick_between_two_steps_of_the_ladder_is_found_by_bisection(opt13b_s):
@@ -121,14 +124,21 @@ def test_a_better_pick_between_two_steps_of_the_ladder_is_found_by_bisection(opt
     assert met.searches == 2 and met.searched_bound_s == pytest.approx(TIGHT * LADDER[1])  # the case this is for
     smaller = replace(met.best.schedule, decode_batch=met.best.schedule.decode_batch - 1)
     assert figures_of(opt13b_s, smaller).p99_length_latency_s <= TIGHT
-    better = replace(met, best=Candidate(smaller, replace(met.best.figures,
-                                                          throughput_seq_s=met.best.figures.throughput_seq_s * 1.05)))
+    better = replace(
+        met,
+        best=Candidate(smaller, replace(met.best.figures, throughput_seq_s=met.best.figures.throughput_seq_s * 1.05)),
+    )
     calls = []
 
     def stepped(sc, bound, policies, space):  # overruns above 99 % of the bound, `better` down to 97.5 %
         calls.append(bound / TIGHT)
-        return overran if bound > 0.99 * TIGHT else replace(met.last, best=better.best) \
-            if bound > 0.975 * TIGHT else met.last
+        return (
+            overran
+            if bound > 0.99 * TIGHT
+            else replace(met.last, best=better.best)
+            if bound > 0.975 * TIGHT
+            else met.last
+        )
 
     verified = verified_search(opt13b_s, TIGHT, search=stepped, refine=3)
     assert verified.best.schedule == smaller and verified.simulated.p99_length_latency_s <= TIGHT

@@ -40,8 +40,9 @@ def _value(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def version_change(before: dict[str, Any] | None, after: dict[str, Any],
-                   pinned_before: bool | None, pinned_after: bool | None) -> str:
+def version_change(
+    before: dict[str, Any] | None, after: dict[str, Any], pinned_before: bool | None, pinned_after: bool | None
+) -> str:
     """Why schedule version ``after`` replaced ``before`` (both ``ScheduleUpdate`` JSON), in words.
     Versions published between two looks show as one change."""
     if before is None:
@@ -57,8 +58,10 @@ def version_change(before: dict[str, Any] | None, after: dict[str, Any],
     elif old != new:
         # the control variables first; what the plan expects (mean_*) only where nothing else moved
         changed = sorted((k for k in new if old.get(k) != new.get(k)), key=lambda k: k.startswith("mean_"))
-        causes.append(", ".join(f"{k} {_value(old.get(k))} -> {_value(new.get(k))}" for k in changed[:3])
-                      + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""))
+        causes.append(
+            ", ".join(f"{k} {_value(old.get(k))} -> {_value(new.get(k))}" for k in changed[:3])
+            + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
+        )
     workers_before = {a["worker_id"] for a in before.get("allocation") or ()}
     workers_after = {a["worker_id"] for a in after.get("allocation") or ()}
     if workers_before != workers_after:
@@ -99,15 +102,25 @@ class History:
         search = ("replans", "last_replan_at")
         if [state.get(k) for k in search] == [previous.get(k) for k in search]:
             return
-        self._add({"kind": "search", "at": state["last_replan_at"], "version": state.get("version"),
-                   "reason": state.get("last_replan_reason", ""), "outcome": state.get("last_outcome", "")})
+        self._add(
+            {
+                "kind": "search",
+                "at": state["last_replan_at"],
+                "version": state.get("version"),
+                "reason": state.get("last_replan_reason", ""),
+                "outcome": state.get("last_outcome", ""),
+            }
+        )
 
     def _note_version(self, update: dict[str, Any] | None, state: dict[str, Any] | None, now: float) -> bool:
         """A new version on the timeline; False while it waits for the state record that goes with
         it (the scheduler publishes a version, then records why: a pin read from the record before
         would be missed), at most ``STATE_WAIT_S``."""
-        if update is None or (self._update is not None and update.get("version") == self._update.get("version")
-                              and update.get("epoch") == self._update.get("epoch")):
+        if update is None or (
+            self._update is not None
+            and update.get("version") == self._update.get("version")
+            and update.get("epoch") == self._update.get("epoch")
+        ):
             self._update_seen_at = None
             return True
         behind = state is not None and (state.get("version") or 0) < (update.get("version") or 0)
@@ -118,9 +131,15 @@ class History:
         self._update_seen_at = None
         pinned_before = (self._state or {}).get("pinned")
         pinned_after = (state or {}).get("pinned")
-        self._add({"kind": "version", "at": update.get("published_at"), "version": update.get("version"),
-                   "policy": (update.get("schedule") or {}).get("policy"),
-                   "reason": version_change(self._update, update, pinned_before, pinned_after)})
+        self._add(
+            {
+                "kind": "version",
+                "at": update.get("published_at"),
+                "version": update.get("version"),
+                "policy": (update.get("schedule") or {}).get("policy"),
+                "reason": version_change(self._update, update, pinned_before, pinned_after),
+            }
+        )
         return True
 
     def _note_bound(self, state: dict[str, Any] | None) -> None:
@@ -128,8 +147,14 @@ class History:
             return
         before, after = self._state.get("latency_bound_s"), state.get("latency_bound_s")
         if before != after:
-            self._add({"kind": "bound", "at": state.get("updated_at"), "version": state.get("version"),
-                       "reason": f"latency bound {_seconds(before)} -> {_seconds(after)}"})
+            self._add(
+                {
+                    "kind": "bound",
+                    "at": state.get("updated_at"),
+                    "version": state.get("version"),
+                    "reason": f"latency bound {_seconds(before)} -> {_seconds(after)}",
+                }
+            )
 
     def _add(self, entry: dict[str, Any]) -> None:
         self._seq += 1

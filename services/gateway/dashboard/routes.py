@@ -36,9 +36,12 @@ DEAD_REASONS_MAX = 500  # deeper than this, the dead queue's reasons are not rea
 BATCHES_SHOWN = 10
 STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 # The page runs only its own files: no inline script, nothing from another origin.
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
-                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                "Cache-Control": "no-cache"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 def static_file(name: str) -> bytes:
@@ -51,8 +54,9 @@ class Dashboard:
     def __init__(self, gateway: Gateway, app: FastAPI) -> None:
         self.gateway, self.app = gateway, app
         self.history = History()
-        self.watch = WorkerWatch(gateway.bus, gateway.names, f"{gateway.gateway_id}-dashboard",
-                                 gateway.config.heartbeat_timeout_s)
+        self.watch = WorkerWatch(
+            gateway.bus, gateway.names, f"{gateway.gateway_id}-dashboard", gateway.config.heartbeat_timeout_s
+        )
         self.dead_reasons: list[dict[str, Any]] = []
         self.dead_reasons_at: float | None = None
         self.batches: list[dict[str, Any]] | None = None
@@ -79,10 +83,17 @@ class Dashboard:
         self._add_embedded(workers)
         return {
             "now": now,
-            "gateway": {"id": gateway.gateway_id, "model": gateway.model, "namespace": gateway.names.namespace,
-                        "in_flight": len(gateway.pending), "embedded": self._mesh() is not None,
-                        "heartbeat_timeout_s": gateway.config.heartbeat_timeout_s},
-            "update": update_json, "state": state_json, "workers": workers,
+            "gateway": {
+                "id": gateway.gateway_id,
+                "model": gateway.model,
+                "namespace": gateway.names.namespace,
+                "in_flight": len(gateway.pending),
+                "embedded": self._mesh() is not None,
+                "heartbeat_timeout_s": gateway.config.heartbeat_timeout_s,
+            },
+            "update": update_json,
+            "state": state_json,
+            "workers": workers,
             "dead": {"depth": depth, "reasons": self.dead_reasons, "reasons_at": self.dead_reasons_at},
             "batches": self.batches,
             "history": self.history.points_after(since),
@@ -145,8 +156,10 @@ class Dashboard:
         store = getattr(self.app.state, "batches", None)
         if store is None:
             return
-        self.batches = [{"id": b["id"], "status": b["status"], "created_at": b["created_at"],
-                         **b["request_counts"]} for b in await store.newest(BATCHES_SHOWN)]
+        self.batches = [
+            {"id": b["id"], "status": b["status"], "created_at": b["created_at"], **b["request_counts"]}
+            for b in await store.newest(BATCHES_SHOWN)
+        ]
 
 
 def dashboard_router() -> APIRouter:

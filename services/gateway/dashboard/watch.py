@@ -48,11 +48,23 @@ def worker_row(heard: Heard, now: float, timeout_s: float) -> dict[str, Any]:
         span = s.at - before.at
         step_rate = max(s.steps - before.steps, 0) / span
         busy = min(max(s.engine_s - before.engine_s, 0.0) / span, 1.0)
-    return {"worker_id": s.worker_id, "role": s.role, "state": s.state, "status": status,
-            "schedule_version": s.schedule_version, "running": s.running, "free_slots": s.free_slots,
-            "step_rate_s": step_rate, "busy": busy, "steps": s.steps, "group": list(s.group),
-            "heartbeat_age_s": silent_s, "kv_tokens": s.kv_tokens, "kv_used_bytes": s.kv_used_bytes or None,
-            "kv_allocated_bytes": s.kv_allocated_bytes or None}
+    return {
+        "worker_id": s.worker_id,
+        "role": s.role,
+        "state": s.state,
+        "status": status,
+        "schedule_version": s.schedule_version,
+        "running": s.running,
+        "free_slots": s.free_slots,
+        "step_rate_s": step_rate,
+        "busy": busy,
+        "steps": s.steps,
+        "group": list(s.group),
+        "heartbeat_age_s": silent_s,
+        "kv_tokens": s.kv_tokens,
+        "kv_used_bytes": s.kv_used_bytes or None,
+        "kv_allocated_bytes": s.kv_allocated_bytes or None,
+    }
 
 
 class WorkerWatch:
@@ -69,8 +81,9 @@ class WorkerWatch:
             if self._task is not None and not self._task.done():
                 return  # listening (a subscription the broker ended is made again)
             await self.bus.declare_fanout(self.names.status_exchange)
-            self._subscription = await self.bus.subscribe(self.names.status_exchange,
-                                                          self.names.status_queue(self.listener_id))
+            self._subscription = await self.bus.subscribe(
+                self.names.status_exchange, self.names.status_queue(self.listener_id)
+            )
             self._task = asyncio.create_task(self._receive(self._subscription))
 
     async def close(self) -> None:
