@@ -360,7 +360,7 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
     from common.messages.control import ScheduleUpdate
     from common.messages.work import Sampling
     from common.names import Names
-    from services.scheduler.service import current_schedule, recent_lengths
+    from common.scheduling import current_schedule, recent_lengths
 
     config = mesh_config(args, setup, kind)
     names = Names(config.namespace)

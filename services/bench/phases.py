@@ -360,10 +360,10 @@ def config_for(args: argparse.Namespace, setup: Setup, system: str):
 async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: int, sent: list[Sent]) -> Result:
     from common.messages.work import Sampling
     from common.names import Names
+    from common.scheduling import current_schedule, recent_lengths
     from common.transport.connect import LocalHub, open_transports
     from optimizer.schedule import describe
     from services.bench.adapt import Mesh, client_of, watch_searches
-    from services.scheduler.service import current_schedule, recent_lengths
 
     config = config_for(args, setup, system)
     names = Names(config.namespace)

@@ -472,7 +472,7 @@ class Bench:
 
     async def pin(self, schedule) -> None:
         """Run ``schedule`` and wait until both workers applied it (their status reports say so)."""
-        from services.scheduler.service import current_schedule, request_schedule
+        from common.scheduling import current_schedule, request_schedule
 
         await request_schedule(self.transports.bus, self.names, schedule)
         async with asyncio.timeout(READY_TIMEOUT_S):
@@ -502,7 +502,7 @@ class Bench:
         return await self.records(set(load.ids))
 
     async def records(self, ids: set[str]) -> list:
-        from services.scheduler.service import recent_lengths
+        from common.scheduling import recent_lengths
 
         samples = await recent_lengths(self.transports.store, self.names, 2 * len(ids))
         return [s for s in samples if s.request_id in ids]

@@ -22,11 +22,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, create_model
 
-from common.messages import codec
-from common.messages.control import PinSchedule, Replan, ScheduleUpdate, SetBound, SetSlo
-from common.messages.status import SchedulerState
-from common.names import Names
-from common.transport.port import Bus, Store
+from common.messages.control import PinSchedule, Replan, SetBound, SetSlo
+from common.scheduling import ask_scheduler, schedule_records
 from optimizer.schedule import MINIMUMS, Schedule
 from services.front import openai_api as oa
 from services.front.core import Gateway
@@ -85,22 +82,6 @@ class PinBody(BaseModel):
     schedule: ScheduleFields | None  # type: ignore[valid-type]  # required; null: unpin
 
 
-async def schedule_records(store: Store, names: Names) -> tuple[ScheduleUpdate | None, SchedulerState | None]:
-    """The current ScheduleUpdate and SchedulerState, in one round trip (None where absent or
-    not of this schema)."""
-    update, state = await store.get_many(names.schedule, names.scheduler_state)
-    return _decoded(update, ScheduleUpdate), _decoded(state, SchedulerState)
-
-
-def _decoded(data: bytes | None, kind: type) -> Any:
-    if data is None:
-        return None
-    try:
-        return codec.decode(data, kind)
-    except codec.DecodeError:
-        return None
-
-
 def jsonable(value: Any) -> Any:
     """Dataclasses, tuples and floats as JSON can hold them (inf and nan: null)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -112,11 +93,6 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-async def ask_scheduler(bus: Bus, names: Names, message: SetBound | Replan | SetSlo | PinSchedule) -> None:
-    await bus.declare_queue(names.scheduler_queue)
-    await bus.publish(names.scheduler_queue, codec.encode(message))
 
 
 def bad_request(message: str, param: str) -> JSONResponse:

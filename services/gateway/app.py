@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.config import MeshConfig
 from common.messages.work import Sampling
 from common.names import Names
+from common.scheduling import schedule_records
 from common.tracing import TRACEPARENT, TRACESTATE, Tracing, tracing_for
 from common.transport.connect import LocalHub, open_transports
 from common.transport.errors import is_outage
@@ -33,7 +34,7 @@ from engine.api import Tokenizer
 from services.front import openai_api as oa
 from services.front.core import Gateway, Pending, RequestFailed, ServedModel
 from services.front.metrics import Metrics
-from services.gateway.admin import admin_router, schedule_records
+from services.gateway.admin import admin_router
 from services.gateway.admission import Admission, Refused, Ticket
 from services.gateway.bodies import BoundBodies, header
 from services.gateway.dashboard import Dashboard, dashboard_router

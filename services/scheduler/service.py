@@ -15,7 +15,6 @@ store (``names.scheduler_state``) for the admin API and the metrics.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -24,16 +23,16 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from common.config import MeshConfig
 from common.messages import codec
 from common.messages.control import PinSchedule, Replan, SchedulerRequest, ScheduleUpdate, SetBound, SetSlo
-from common.messages.status import LengthSample, SchedulerState, StatusMessage, WorkerStatus
+from common.messages.status import SchedulerState, StatusMessage, WorkerStatus
 from common.names import OUTPUT_LENGTHS_MAX, Names, new_worker_id
+from common.scheduling import DEFAULT_SCHEDULE, current_schedule, parse_schedule, recent_lengths
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
-from common.transport.port import Bus, Store, Subscription, processing
+from common.transport.port import Subscription, processing
 from optimizer.schedule import Schedule
 from optimizer.slo import Slo
 from optimizer.traffic import LONG_S
@@ -47,38 +46,6 @@ log = logging.getLogger("exegpt.scheduler")
 LEARN_EVERY_S = 0.5  # how often the finish records are read and the drift test runs
 CALIBRATION_EVERY = 10  # looks between two saves of the calibration to the store (5 s)
 READ_FIRST = 256  # finish records read per look (more while all of them are new)
-
-# A fresh machine has no profile: one worker can run this alone, and so can any number of them.
-DEFAULT_SCHEDULE = Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
-
-
-def parse_schedule(text: str) -> Schedule:
-    """A schedule from JSON (an object of ``Schedule`` fields, or ``exegpt plan --json``'s output,
-    whose "schedule" it takes) or from a file holding it."""
-    source = Path(text).read_text() if not text.lstrip().startswith("{") else text
-    try:
-        fields = json.loads(source)
-        if isinstance(fields, dict) and isinstance(fields.get("schedule"), dict):
-            fields = fields["schedule"]
-        return Schedule(**fields)
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise ValueError(f"not a schedule: {exc}") from None
-
-
-async def current_schedule(store: Store, names: Names) -> ScheduleUpdate | None:
-    data = await store.get(names.schedule)
-    return None if data is None else codec.decode(data, ScheduleUpdate)
-
-
-async def recent_lengths(store: Store, names: Names, count: int) -> list[LengthSample]:
-    """The newest finished requests, as workers recorded them."""
-    return [codec.decode(item, LengthSample) for item in await store.list_range(names.output_lengths, count)]
-
-
-async def request_schedule(bus: Bus, names: Names, schedule: Schedule | None) -> None:
-    """Ask the scheduler to pin ``schedule`` (None: unpin)."""
-    await bus.declare_queue(names.scheduler_queue)
-    await bus.publish(names.scheduler_queue, codec.encode(PinSchedule(schedule, time.time())))
 
 
 def lower_priority(nice: int) -> None:

@@ -16,11 +16,13 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from common.messages.control import ScheduleUpdate
+from common.scheduling import DEFAULT_SCHEDULE
 from optimizer.policies import Role
 from optimizer.schedule import Schedule
 
-# Before any update arrives, a worker may serve alone: continuous batching needs no other role.
-UNSCHEDULED = ScheduleUpdate(0, Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1), (), 0.0)
+# Before any update arrives, a worker follows the default schedule alone (continuous batching needs
+# no other role), as version 0
+UNSCHEDULED = ScheduleUpdate(0, DEFAULT_SCHEDULE, (), 0.0)
 
 
 class ScheduleFollower:

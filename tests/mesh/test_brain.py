@@ -20,8 +20,8 @@ from common.messages import codec
 from common.messages.control import Replan, SetBound
 from common.messages.status import SchedulerState
 from common.names import Names
+from common.scheduling import recent_lengths
 from optimizer.lengths import scaled_task
-from services.scheduler.service import recent_lengths
 from tests.brokers import need
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import load

@@ -17,12 +17,12 @@ from collections import Counter
 import pytest
 
 from common.names import Names
+from common.scheduling import recent_lengths
 from common.transport.connect import open_transports
 from common.transport.nixl_kv import NixlKv
 from engine import load_engine
 from engine.api import GenerationRequest, SamplingParams
 from optimizer.schedule import Schedule
-from services.scheduler.service import recent_lengths
 from tests.brokers import need, nixl_loads
 from tests.mesh.conftest import running_mesh
 

@@ -22,12 +22,13 @@ from common.messages import codec
 from common.messages.control import ControlMessage, ScheduleUpdate
 from common.messages.status import WorkerStatus
 from common.names import Names
+from common.scheduling import current_schedule
 from common.transport.connect import LocalHub, Transports, open_store, open_transports, purge
 from optimizer.schedule import Schedule
 from services.hosting.engines import EngineRunner
 from services.run.embedded import LocalMesh, local_workers, until_ready
 from services.scheduler.leadership import Leadership
-from services.scheduler.service import SchedulerService, current_schedule
+from services.scheduler.service import SchedulerService
 from services.worker.follower import ScheduleFollower
 from tests.brokers import AMQP_URL, REDIS_URL, require_broker
 from tests.mesh.conftest import until

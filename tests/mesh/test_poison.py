@@ -18,6 +18,7 @@ from common.messages.handoff import KvReady
 from common.messages.jobs import BatchJob, JobResult
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
+from common.scheduling import DEFAULT_SCHEDULE
 from common.transport.batchdir import BatchDir
 from common.transport.connect import open_bus, open_transports
 from common.transport.kv import StoreKv
@@ -26,7 +27,6 @@ from optimizer.policies import StepPlan
 from services.batch.consumer import ConsumerConfig, JobConsumer
 from services.batch.executor import EchoExecutor
 from services.cli.dlq import act
-from services.scheduler.service import DEFAULT_SCHEDULE
 from services.worker.executor import run_step
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import FakeEngine, load

@@ -21,10 +21,10 @@ from common.config import MeshConfig
 from common.messages import codec
 from common.messages.status import WorkerStatus
 from common.names import Names
+from common.scheduling import current_schedule, recent_lengths, request_schedule
 from common.transport.connect import LocalHub, open_transports
 from engine.parallel.procs import free_port
 from optimizer.schedule import Schedule
-from services.scheduler.service import current_schedule, recent_lengths, request_schedule
 from tests.brokers import AMQP_URL, REDIS_URL, require_broker
 from tests.mesh.conftest import purge_namespace
 from tests.mesh.processes import ProcessMesh, stream_completion

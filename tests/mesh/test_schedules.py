@@ -12,12 +12,12 @@ from dataclasses import replace
 import pytest
 
 from common.names import Names
+from common.scheduling import recent_lengths
 from common.transport.connect import open_transports
 from engine import load_engine
 from engine.api import GenerationRequest, SamplingParams
 from optimizer.schedule import Schedule
 from optimizer.simulator import SimRequest, replay
-from services.scheduler.service import recent_lengths
 from tests.mesh.conftest import running_mesh
 from tests.mesh.fake_engine import FakeEngine
 

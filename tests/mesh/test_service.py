@@ -13,10 +13,10 @@ from common.messages.handoff import KvReady
 from common.messages.status import WorkerStatus
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
+from common.scheduling import recent_lengths
 from common.transport.connect import open_bus, open_transports
 from engine.api import GenerationRequest, SamplingParams
 from optimizer.schedule import Schedule
-from services.scheduler.service import recent_lengths
 from tests.brokers import need
 from tests.mesh.conftest import running_mesh
 from tests.mesh.fake_engine import FakeEngine, load, next_token

@@ -230,7 +230,7 @@ def test_outbox_groups_events_per_submitter():
 def test_a_schedule_to_pin_reads_from_json_a_file_or_plan_output(tmp_path):
     import json
 
-    from services.scheduler.service import parse_schedule
+    from common.scheduling import parse_schedule
 
     fields = {"policy": "rra", "encode_batch": 5, "decode_iters_per_encode": 3, "worker_devices": 1}
     assert parse_schedule(json.dumps(fields)) == Schedule(**fields)

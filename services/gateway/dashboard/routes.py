@@ -22,10 +22,11 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from common.scheduling import schedule_records
 from common.transport.dead import DeadQueue
 from services.front import openai_api as oa
 from services.front.core import Gateway
-from services.gateway.admin import jsonable, schedule_records
+from services.gateway.admin import jsonable
 from services.gateway.dashboard.history import History
 from services.gateway.dashboard.watch import WorkerWatch
 
