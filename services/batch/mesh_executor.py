@@ -29,12 +29,14 @@ class MeshExecutor:
             raise JobFailed(f"model {job.model!r} is not served here ({self.model.name!r})")
         ids = prompt_ids(job, self.model.tokenizer, self.model.max_context)
         rid = f"batch-{job.job_id}-{uuid.uuid4().hex[:8]}"
-        pending = await self.gateway.submit(list(ids), job.sampling, request_id=rid, stream=False)
+        pending = await self.gateway.submit(
+            list(ids), job.sampling, request_id=rid, stream=False, timeout_s=self.timeout_s
+        )
         self._mine[rid] = pending
         texts: list[str] = []
         reason = None
         try:
-            async for token in pending.tokens(self.timeout_s):
+            async for token in pending.tokens():
                 texts.append(token.text)
                 reason = token.finish_reason
         except RequestFailed as exc:

@@ -409,13 +409,17 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
             prompt = [100 + (7 * k + 13 * len(s.request_id)) % 20_000 for k in range(s.input_len)]
             try:
                 pending = await gateway.submit(
-                    prompt, Sampling(s.output_len, ignore_eos=True), request_id=s.request_id, stream=False
+                    prompt,
+                    Sampling(s.output_len, ignore_eos=True),
+                    request_id=s.request_id,
+                    stream=False,
+                    timeout_s=args.before_s + args.after_s + DRAIN_S,
                 )
             except Exception as exc:  # not accepted: not lost, but counted
                 s.error = f"submit: {exc}"
                 return
             try:
-                async for _ in pending.tokens(args.before_s + args.after_s + DRAIN_S):
+                async for _ in pending.tokens():
                     pass
                 s.done_at = time.monotonic() - t0[0]
             except Exception as exc:

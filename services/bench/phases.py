@@ -413,7 +413,7 @@ async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: i
                 s.error = f"submit: {exc}"
                 return
             try:  # the gateway answers 504 at the request's deadline (request_timeout_s): failed, not lost
-                async for _ in pending.tokens(DRAIN_S + ANSWER_GRACE_S):
+                async for _ in pending.tokens():
                     pass
                 s.done = True
             except Exception as exc:

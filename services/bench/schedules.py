@@ -495,7 +495,7 @@ class Bench:
                 pending = await self.gateway.submit(
                     prompt, Sampling(load.output_lens[i], ignore_eos=True), request_id=load.ids[i], stream=False
                 )
-                async for _ in pending.tokens(self.config.request_timeout_s):
+                async for _ in pending.tokens():
                     pass
 
         await asyncio.gather(*(client() for _ in range(min(outstanding, len(load.ids)))))

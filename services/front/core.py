@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import Counter, deque
@@ -64,7 +65,10 @@ class Pending:
     done: bool = False
     failed: Failure | None = None
     work: EncodeWork | None = None  # what was published, to publish again if the broker lost it
-    deadline: float = 0.0  # epoch seconds: its client stops waiting then
+    # epoch seconds, set once when it is submitted: its client stops waiting then (504), and its
+    # work is dropped unread wherever it is (the messages carry it); epoch, as other hosts compare it
+    deadline: float = math.inf
+    timeout_s: float = math.inf  # the deadline's distance from its submission, for the 504's text
     headers: dict[str, str] | None = None
     _out: deque[Token | Failure] = field(default_factory=deque)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -100,16 +104,16 @@ class Pending:
         self._push(failure)
         return True
 
-    async def tokens(self, timeout_s: float) -> AsyncIterator[Token]:
-        """Tokens in order until the last; RequestFailed on a failure or the deadline."""
-        deadline = time.monotonic() + timeout_s
+    async def tokens(self) -> AsyncIterator[Token]:
+        """Tokens in order until the last; RequestFailed on a failure, or a 504 at its deadline."""
         while True:
             if not self._out:  # wait only when nothing is queued (a chunk arrives all at once)
                 self._arrived.clear()
+                left = self.deadline - time.time()
                 try:
-                    await asyncio.wait_for(self._arrived.wait(), max(deadline - time.monotonic(), 0))
+                    await asyncio.wait_for(self._arrived.wait(), max(left, 0) if math.isfinite(left) else None)
                 except TimeoutError:
-                    raise RequestFailed(504, f"no result within {timeout_s:g} s") from None
+                    raise RequestFailed(504, f"no result within {self.timeout_s:g} s") from None
             item = self._out.popleft()
             if isinstance(item, Failure):
                 raise RequestFailed(item.status, item.message)
@@ -239,14 +243,22 @@ class Gateway:
                 return
 
     async def submit(
-        self, prompt_ids: list[int], sampling: Sampling, request_id: str | None = None, *, stream: bool = True
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        request_id: str | None = None,
+        *,
+        stream: bool = True,
+        timeout_s: float | None = None,
     ) -> Pending:
         """Queue one tokenized prompt for encoding; its events arrive on ``Pending``.
 
         ``stream=False`` lets decoders send the tokens in chunks (fewer messages, same result).
+        ``timeout_s`` (default ``request_timeout_s``) sets the request's one deadline.
         """
         rid = request_id or f"cmpl-{uuid.uuid4().hex}"
-        pending = Pending(rid, len(prompt_ids))
+        timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
+        pending = Pending(rid, len(prompt_ids), deadline=time.time() + timeout, timeout_s=timeout)
         pending.timeline.mark(Stage.ARRIVED)
         self.pending[rid] = pending
         self.metrics.in_flight.inc()
@@ -263,12 +275,11 @@ class Gateway:
         return pending
 
     async def _publish_work(self, pending: Pending, work: EncodeWork) -> None:
-        """Publish to the encode queue, with the request's deadline (``request_timeout_s`` from
-        now: after it this gateway answers 504, and the work is dropped unread wherever it is);
-        traced, in a span under the current one (the HTTP request's) whose context the message's
-        headers carry to the worker."""
+        """Publish to the encode queue, with the request's deadline (after it this gateway answers
+        504, and the work is dropped unread wherever it is); traced, in a span under the current
+        one (the HTTP request's) whose context the message's headers carry to the worker."""
         queue, body = self.names.encode_queue, codec.encode(work)
-        pending.work, pending.deadline = work, time.time() + self.config.request_timeout_s
+        pending.work = work
         if not self.tracing.enabled:
             await self._publish(queue, body, None, pending.deadline)
             return

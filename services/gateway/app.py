@@ -856,7 +856,7 @@ async def whole_response(
 ) -> JSONResponse:
     async def collect(index: int, pending: Pending) -> dict[str, Any]:
         texts, tokens, reason = [], [], None
-        async for token in pending.tokens(gateway.config.request_timeout_s):
+        async for token in pending.tokens():
             texts.append(token.text)
             reason = token.finish_reason
             if token.logprob is not None:
@@ -876,7 +876,7 @@ async def stream_response(
     gateway: Gateway, pendings: list[Pending], endpoint: str, body: oa._Common, tokenizer: Tokenizer
 ) -> StreamingResponse:
     """Wait for each choice's first token (so early failures get a status code), then stream SSE."""
-    streams = [p.tokens(gateway.config.request_timeout_s) for p in pendings]
+    streams = [p.tokens() for p in pendings]
     firsts = [await anext(s) for s in streams]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     events = sse_events(gateway, pendings, endpoint, firsts, streams, include_usage, tokenizer)

@@ -127,8 +127,10 @@ async def test_an_interactive_request_does_not_wait_for_the_batch(env, engines):
         assert await collector.wait_for(lambda seen: len(seen) >= 10, TIMEOUT_S)
         interactive = Gateway(config, await open_transports(config, env.names, env.hub), MODEL)
         await interactive.start()
-        pending = await interactive.submit(model.tokenizer.encode("interactive"), Sampling(8, ignore_eos=True))
-        tokens = [t async for t in pending.tokens(TIMEOUT_S)]
+        pending = await interactive.submit(
+            model.tokenizer.encode("interactive"), Sampling(8, ignore_eos=True), timeout_s=TIMEOUT_S
+        )
+        tokens = [t async for t in pending.tokens()]
         batch_done_then = len(collector.seen)
         assert await collector.wait_for(lambda seen: len(seen) == 300, TIMEOUT_S)
         await collector.stop()

@@ -19,7 +19,7 @@ def router() -> APIRouter:
         gateway = request.app.state.gateway
         ids = request.app.state.model.tokenizer.encode("job")
         pending = await gateway.submit(ids, Sampling(max_tokens=5), request_id=job_id, stream=False)
-        tokens = [t async for t in pending.tokens(30)]
+        tokens = [t async for t in pending.tokens()]
         return {"job_id": job_id, "tokens": len(tokens)}
 
     return r

@@ -357,8 +357,10 @@ async def test_every_lifecycle_stage_is_stamped_in_order(config, hub, schedule):
     from common.lifecycle import Stage
 
     async with running_mesh(config, hub, load, workers=2, schedule=schedule) as m:
-        pending = await m.app.state.gateway.submit([104, 105], Sampling(max_tokens=6), stream=False)
-        tokens = [t async for t in pending.tokens(TIMEOUT_S)]
+        pending = await m.app.state.gateway.submit(
+            [104, 105], Sampling(max_tokens=6), stream=False, timeout_s=TIMEOUT_S
+        )
+        tokens = [t async for t in pending.tokens()]
         stamps = pending.timeline.stamps
         handed = [Stage.HANDED_OFF] if schedule is not None else []  # only WAA moves the KV cache
         assert set(stamps) == set(Stage) - ({Stage.HANDED_OFF} - set(handed)) and len(tokens) == 6

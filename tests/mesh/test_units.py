@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import msgpack
 import pytest
@@ -18,7 +19,7 @@ from common.messages.status import LengthSample, WorkerStatus
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from optimizer.schedule import Schedule
-from services.front.core import Pending
+from services.front.core import Pending, RequestFailed
 from services.worker.follower import ScheduleFollower
 from services.worker.mailbox import Outbox
 
@@ -203,7 +204,7 @@ async def test_pending_keeps_each_index_once_and_in_order():
     assert not pending.on_token(tok(0))  # redelivered duplicate
     assert pending.on_token(tok(2, finished=True))
     assert not pending.on_token(tok(2, finished=True))
-    got = [t.index async for t in pending.tokens(timeout_s=1)]
+    got = [t.index async for t in pending.tokens()]
     assert got == [0, 1, 2] and pending.timeline.output_tokens == 3
 
 
@@ -212,8 +213,19 @@ async def test_pending_reports_a_failure_once():
     assert pending.on_failure(Failure("r", 400, "bad"))
     assert not pending.on_failure(Failure("r", 500, "again"))
     with pytest.raises(Exception, match="bad"):
-        async for _ in pending.tokens(timeout_s=1):
+        async for _ in pending.tokens():
             pass
+
+
+async def test_a_pending_request_answers_504_at_the_deadline_set_when_it_was_submitted():
+    pending = Pending("r", 3, deadline=time.time() - 0.01, timeout_s=5)
+    pending.on_token(tok(0))
+    got = []
+    with pytest.raises(RequestFailed) as failed:
+        async for token in pending.tokens():
+            got.append(token.index)
+    assert got == [0]  # what came before the deadline is given; then nothing more is waited for
+    assert failed.value.status == 504 and str(failed.value) == "no result within 5 s"
 
 
 def test_outbox_groups_events_per_submitter():
