@@ -50,6 +50,9 @@ class WorkerStatus:
     kv_tokens: int = 0  # KV positions its running requests hold
     kv_used_bytes: float = 0.0  # those positions' bytes (0: unknown)
     kv_allocated_bytes: float = 0.0  # its KV cache's allocation (0: unknown)
+    # the batch sizes it runs, (B_E, B_D): the schedule's within its memory guard (max_encode_batch,
+    # max_decode_batch), so below the schedule's where the guard caps them; (0, 0): unknown
+    applied_batch: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,19 @@ class ScheduleFollower:
             s, encode_batch=min(s.encode_batch, self.caps[0]), decode_batch=min(s.decode_batch, self.caps[1])
         )
 
+    def capped(self) -> str | None:
+        """What the memory guard cut from the schedule in force, in words (None: nothing)."""
+        planned, runs = self.update.schedule, self.schedule
+        cut = [
+            f"{name} {want} -> {got}"
+            for name, want, got in (
+                ("B_E", planned.encode_batch, runs.encode_batch),
+                ("B_D", planned.decode_batch, runs.decode_batch),
+            )
+            if got < want
+        ]
+        return ", ".join(cut) or None
+
     @property
     def role(self) -> Role:
         return self.update.role_of(self.worker_id)  # type: ignore[return-value]

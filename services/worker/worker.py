@@ -495,6 +495,14 @@ class Worker:
     async def apply_schedule(self) -> None:
         """At the boundary: a newer version takes effect; a drain in progress may end."""
         if not self.stopping.is_set() and self.follower.take() is not None:
+            cut = self.follower.capped()
+            if cut:  # said once per version: the recorded schedule is not quite the one that runs
+                log.warning(
+                    "worker %s: schedule v%d runs with %s (max_encode_batch / max_decode_batch)",
+                    self.worker_id,
+                    self.follower.version,
+                    cut,
+                )
             await self._enter(self.follower.role)
             await self.report("applied")
             self.changed.set()
@@ -1092,6 +1100,7 @@ class Worker:
             kv.kv_tokens,
             float(kv.kv_tokens * (kv.kv_bytes_per_token or 0)),
             float(kv.kv_allocated_bytes or 0),
+            (self.follower.schedule.encode_batch, self.follower.schedule.decode_batch),
         )
         try:
             await self.bus.broadcast(self.names.status_exchange, codec.encode(status))

@@ -4,6 +4,7 @@ between polls (``History``). The page itself is driven in a browser in test_dash
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import tomllib
@@ -164,6 +165,9 @@ def test_a_worker_row_has_rates_from_its_last_two_heartbeats_and_says_live_drain
     row = worker_row(Heard(busy, 50.0), now=50.0, timeout_s=6.0)  # KV use rides the heartbeat (a mesh)
     assert (row["kv_tokens"], row["kv_used_bytes"], row["kv_allocated_bytes"]) == (120, 5.5e6, 2e9)
     assert worker_row(Heard(before, 50.0), now=50.0, timeout_s=6.0)["kv_used_bytes"] is None  # unknown
+    capped = dataclasses.replace(busy, applied_batch=(8, 16))  # the batch sizes it runs, guard applied
+    assert worker_row(Heard(capped, 50.0), now=50.0, timeout_s=6.0)["applied_batch"] == [8, 16]
+    assert worker_row(Heard(busy, 50.0), now=50.0, timeout_s=6.0)["applied_batch"] is None  # unknown
 
 
 def test_the_page_and_its_files_ship_inside_the_package():

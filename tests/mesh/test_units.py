@@ -137,7 +137,11 @@ def test_schedule_follower_applies_only_newer_versions_at_the_boundary():
     assert not follower.offer(ScheduleUpdate(1, Schedule(), (), 0.0))
     assert follower.take() is v2 and (follower.version, follower.schedule.encode_batch) == (2, 2)
     assert follower.schedule.decode_batch == 16  # the worker's memory guard caps B_D
+    assert follower.capped() == "B_D 100 -> 16"
     assert follower.take() is None
+    follower.offer(ScheduleUpdate(3, Schedule(encode_batch=2, decode_batch=8), (), 0.0))
+    follower.take()
+    assert follower.capped() is None
 
 
 def fenced(version: int, epoch: int, token: int, lease_until: float = 100.0) -> ScheduleUpdate:

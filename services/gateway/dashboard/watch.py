@@ -64,6 +64,7 @@ def worker_row(heard: Heard, now: float, timeout_s: float) -> dict[str, Any]:
         "kv_tokens": s.kv_tokens,
         "kv_used_bytes": s.kv_used_bytes or None,
         "kv_allocated_bytes": s.kv_allocated_bytes or None,
+        "applied_batch": list(s.applied_batch) if any(s.applied_batch) else None,
     }
 
 

@@ -283,6 +283,9 @@ function renderWorkers(data) {
       ? `${w.role} → ${assigned.get(w.worker_id)}` : w.role;
     const behind = current !== null && w.schedule_version !== undefined && w.schedule_version < current && w.status !== "gone";
     const slots = w.running !== undefined ? (w.free_slots ? `${w.running} / ${w.running + w.free_slots}` : `${w.running}`) : "—";
+    const planned = data.update && data.update.schedule;
+    const capped = planned && w.applied_batch && w.status !== "gone" && w.schedule_version === current
+      && (w.applied_batch[0] < planned.encode_batch || w.applied_batch[1] < planned.decode_batch);
     let kv = "—";
     if (w.kv_tokens !== undefined) kv = `${w.kv_tokens} tok` + (w.kv_used_bytes ? `, ${bytes(w.kv_used_bytes)}` : "") + (w.kv_allocated_bytes ? ` of ${bytes(w.kv_allocated_bytes)}` : "");
     return h("tr", { class: w.status.replace(/ /g, "-"), "data-worker": w.worker_id },
@@ -290,7 +293,8 @@ function renderWorkers(data) {
       h("td", { class: "status" }, badge(w.status, w.status.replace(/ /g, "-"))),
       h("td", {}, w.state),
       h("td", { class: "num" }, w.schedule_version === undefined ? "—" : `v${w.schedule_version}`, behind ? [" ", badge("behind", "behind")] : null),
-      h("td", { class: "num" }, slots),
+      h("td", { class: "num", title: capped ? `runs B_E ${w.applied_batch[0]}, B_D ${w.applied_batch[1]}: its memory guard caps the schedule's` : null },
+        slots, capped ? [" ", badge("capped", "behind")] : null),
       h("td", { class: "num" }, num(w.step_rate_s, 1)),
       h("td", { class: "num" }, w.busy === null || w.busy === undefined ? "—" : `${Math.round(w.busy * 100)} %`),
       h("td", { class: "num" }, kv),
