@@ -377,3 +377,78 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         }
         for status in statuses
     }
+
+
+# --- one object per endpoint kind ------------------------------------------------------------
+class Answers:
+    """How one endpoint kind answers, whole and streamed: ``COMPLETIONS`` (``/v1/completions``) and
+    ``CHAT`` (``/v1/chat/completions``). ``name`` labels its metrics; ``id_prefix`` starts its
+    response ids."""
+
+    name: str
+    id_prefix: str
+
+    def choice(self, index: int, text: str, reason: str | None, tokens: list[LoggedToken]) -> dict[str, Any]:
+        """One choice of a whole response (``tokens``: its log-probabilities, when asked for)."""
+        raise NotImplementedError
+
+    def response(self, rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def opening(self, rid: str, model: str, index: int) -> dict[str, Any] | None:
+        """The chunk that opens a streamed choice before its first token (None: there is none)."""
+        return None
+
+    def chunk(
+        self, rid: str, model: str, text: str, reason: str | None, index: int, tokens: list[LoggedToken], offset: int
+    ) -> dict[str, Any]:
+        """One streamed token of choice ``index`` (``offset``: that choice's text before it)."""
+        raise NotImplementedError
+
+    def usage_chunk(self, rid: str, model: str, use: dict[str, int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _Completions(Answers):
+    name, id_prefix = "completions", "cmpl"
+
+    def choice(self, index: int, text: str, reason: str | None, tokens: list[LoggedToken]) -> dict[str, Any]:
+        return completion_choice(index, text, reason, completion_logprobs(tokens) if tokens else None)
+
+    def response(self, rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+        return completion_response(rid, model, choices, use)
+
+    def chunk(
+        self, rid: str, model: str, text: str, reason: str | None, index: int, tokens: list[LoggedToken], offset: int
+    ) -> dict[str, Any]:
+        logprobs = completion_logprobs(tokens, offset) if tokens else None
+        return completion_chunk(rid, model, text, reason, index=index, logprobs=logprobs)
+
+    def usage_chunk(self, rid: str, model: str, use: dict[str, int]) -> dict[str, Any]:
+        return completion_chunk(rid, model, "", None, use)
+
+
+class _Chat(Answers):
+    name, id_prefix = "chat", "chatcmpl"
+
+    def choice(self, index: int, text: str, reason: str | None, tokens: list[LoggedToken]) -> dict[str, Any]:
+        return chat_choice(index, text, reason, chat_logprobs(tokens) if tokens else None)
+
+    def response(self, rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+        return chat_response(rid, model, choices, use)
+
+    def opening(self, rid: str, model: str, index: int) -> dict[str, Any] | None:
+        return chat_chunk(rid, model, "", None, first=True, index=index)  # the role, before any content
+
+    def chunk(
+        self, rid: str, model: str, text: str, reason: str | None, index: int, tokens: list[LoggedToken], offset: int
+    ) -> dict[str, Any]:
+        logprobs = chat_logprobs(tokens) if tokens else None
+        return chat_chunk(rid, model, text, reason, index=index, logprobs=logprobs)
+
+    def usage_chunk(self, rid: str, model: str, use: dict[str, int]) -> dict[str, Any]:
+        return chat_chunk(rid, model, "", None, use)
+
+
+COMPLETIONS: Answers = _Completions()
+CHAT: Answers = _Chat()

@@ -713,7 +713,7 @@ def openai_router() -> APIRouter:
         request.state.prompt_tokens = len(prompt_ids)
         sampling = sampling_of(body, body.max_tokens, prompt_ids, model, config)
         check_request_tokens(body, sampling, config)
-        return await respond(request, "completions", body, prompt_ids, sampling)
+        return await respond(request, oa.COMPLETIONS, body, prompt_ids, sampling)
 
     @router.post("/v1/chat/completions", responses=GENERATION_ERRORS)
     async def chat(body: oa.ChatBody, request: Request) -> Response:
@@ -730,21 +730,20 @@ def openai_router() -> APIRouter:
             )  # both given: each must be acceptable
         sampling = sampling_of(body, wanted, prompt_ids, model, config, prompt_param="messages")
         check_request_tokens(body, sampling, config)
-        return await respond(request, "chat", body, prompt_ids, sampling)
+        return await respond(request, oa.CHAT, body, prompt_ids, sampling)
 
     return router
 
 
 async def respond(
-    request: Request, endpoint: str, body: oa._Common, prompt_ids: list[int], sampling: Sampling
+    request: Request, endpoint: oa.Answers, body: oa._Common, prompt_ids: list[int], sampling: Sampling
 ) -> Response:
     """Admit the request (``Admission``: 429 past a limit), submit one request per choice
     (``n``; with a seed, choice i samples with seed + i) and answer with all of them; a choice
     that fails fails the response and aborts the others, and so does a client that leaves."""
     gateway: Gateway = request.app.state.gateway
-    prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
-    request.state.request_id = rid = f"{prefix}-{uuid.uuid4().hex}"
-    ticket = await admit(request, endpoint, body.n or 1, len(prompt_ids) + sampling.max_tokens)
+    request.state.request_id = rid = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
+    ticket = await admit(request, endpoint.name, body.n or 1, len(prompt_ids) + sampling.max_tokens)
     pendings: list[Pending] = []
     try:
         for i in range(body.n or 1):
@@ -757,7 +756,7 @@ async def respond(
         for pending in pendings:
             await gateway.abort(pending)
         if is_outage(exc):
-            gateway.metrics.requests.labels(endpoint, "503").inc()
+            gateway.metrics.requests.labels(endpoint.name, "503").inc()
             gateway.metrics.refused.labels("unavailable").inc()
         raise
     ticket.bind(pendings)
@@ -769,7 +768,7 @@ async def respond(
         else:
             response = await until_disconnected(request, whole_response(gateway, pendings, endpoint, tokenizer))
     except RequestFailed as exc:
-        gateway.metrics.requests.labels(endpoint, str(exc.status)).inc()
+        gateway.metrics.requests.labels(endpoint.name, str(exc.status)).inc()
         for pending in pendings:
             await gateway.abort(pending)
         raise ApiError(exc.status, str(exc), code="generation_failed") from None
@@ -780,7 +779,7 @@ async def respond(
     if response.status_code == CLIENT_CLOSED:
         for pending in pendings:
             await gateway.abort(pending)
-    gateway.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    gateway.metrics.requests.labels(endpoint.name, str(response.status_code)).inc()
     return response
 
 
@@ -852,7 +851,7 @@ def logged(token: Any, tokenizer: Tokenizer) -> oa.LoggedToken:
 
 
 async def whole_response(
-    gateway: Gateway, pendings: list[Pending], endpoint: str, tokenizer: Tokenizer
+    gateway: Gateway, pendings: list[Pending], endpoint: oa.Answers, tokenizer: Tokenizer
 ) -> JSONResponse:
     async def collect(index: int, pending: Pending) -> dict[str, Any]:
         texts, tokens, reason = [], [], None
@@ -861,19 +860,15 @@ async def whole_response(
             reason = token.finish_reason
             if token.logprob is not None:
                 tokens.append(logged(token, tokenizer))
-        text = "".join(texts)
-        if endpoint == "chat":
-            return oa.chat_choice(index, text, reason, oa.chat_logprobs(tokens) if tokens else None)
-        return oa.completion_choice(index, text, reason, oa.completion_logprobs(tokens) if tokens else None)
+        return endpoint.choice(index, "".join(texts), reason, tokens)
 
     choices = await asyncio.gather(*(collect(i, p) for i, p in enumerate(pendings)))
     use = oa.usage(pendings[0].prompt_len, sum(p.next_index for p in pendings))
-    shape = oa.chat_response if endpoint == "chat" else oa.completion_response
-    return JSONResponse(shape(pendings[0].request_id, gateway.model, list(choices), use))
+    return JSONResponse(endpoint.response(pendings[0].request_id, gateway.model, list(choices), use))
 
 
 async def stream_response(
-    gateway: Gateway, pendings: list[Pending], endpoint: str, body: oa._Common, tokenizer: Tokenizer
+    gateway: Gateway, pendings: list[Pending], endpoint: oa.Answers, body: oa._Common, tokenizer: Tokenizer
 ) -> StreamingResponse:
     """Wait for each choice's first token (so early failures get a status code), then stream SSE."""
     streams = [p.tokens() for p in pendings]
@@ -886,7 +881,7 @@ async def stream_response(
 async def sse_events(
     gateway: Gateway,
     pendings: list[Pending],
-    endpoint: str,
+    endpoint: oa.Answers,
     firsts: list[Any],
     rest: list[AsyncIterator[Any]],
     include_usage: bool,
@@ -896,25 +891,21 @@ async def sse_events(
     offsets = [0] * len(pendings)  # completions: each choice's text so far, for text_offset
 
     def chunk(index: int, token: Any) -> str:
-        logprobs = None
-        if token.logprob is not None:
-            one = [logged(token, tokenizer)]
-            logprobs = oa.chat_logprobs(one) if endpoint == "chat" else oa.completion_logprobs(one, offsets[index])
-        offsets[index] += len(token.text)
-        shape = oa.chat_chunk if endpoint == "chat" else oa.completion_chunk
-        return _sse(shape(rid, model, token.text, token.finish_reason, index=index, logprobs=logprobs))
+        logs = [logged(token, tokenizer)] if token.logprob is not None else []
+        offset, offsets[index] = offsets[index], offsets[index] + len(token.text)
+        return _sse(endpoint.chunk(rid, model, token.text, token.finish_reason, index, logs, offset))
 
     try:
         for index, first in enumerate(firsts):
-            if endpoint == "chat":
-                yield _sse(oa.chat_chunk(rid, model, "", None, first=True, index=index))
+            opening = endpoint.opening(rid, model, index)
+            if opening is not None:
+                yield _sse(opening)
             yield chunk(index, first)
         async for index, token in merged(rest):
             yield chunk(index, token)
         if include_usage:
-            shape = oa.chat_chunk if endpoint == "chat" else oa.completion_chunk
             use = oa.usage(pendings[0].prompt_len, sum(p.next_index for p in pendings))
-            yield _sse(shape(rid, model, "", None, use))
+            yield _sse(endpoint.usage_chunk(rid, model, use))
     except RequestFailed as exc:
         yield _sse(oa.error_body(str(exc), kind="server_error", code=str(exc.status)))
     finally:
