@@ -11,6 +11,12 @@ the encode queue and decodes them itself (the KV cache never leaves it); under W
 encoder (prefill, export, hand off) or a decoder (import, decode). A worker whose new role stops
 it decoding keeps decoding for ``switch_drain_s``, then hands what still runs to decoders (WAA)
 or re-queues it with the tokens already sent, so the text continues where it stopped.
+
+This module holds the loop, the step and the heartbeat. The rest is grouped by concern in classes
+``Worker`` inherits, which share its state: the intake (``intake``: deliveries decoded, admitted or
+refused), the role in the schedule (``roles``: a version applied, a role entered or drained, WAA
+credits), how a request leaves (``exits``: settled, refused, handed off, given back, released) and
+the trace spans (``spans``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import assert_never
 
 from common.config import MeshConfig
@@ -26,93 +32,43 @@ from common.lifecycle import Stage
 from common.messages import codec
 from common.messages.control import Abort, ControlMessage, ScheduleUpdate
 from common.messages.events import Failure
-from common.messages.handoff import HandoffMessage, KvReady
-from common.messages.status import LengthSample, WorkerStatus
-from common.messages.work import WorkMessage
+from common.messages.status import WorkerStatus
 from common.names import Names, new_worker_id
 from common.tracing import tracing_for
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
-from common.transport.kv import CorruptPayload
 from common.transport.port import (
-    DEAD_HEADERS,
-    REENCODED_HEADER,
-    Delivery,
-    NameTooLong,
     Subscription,
-    Unroutable,
-    check_name,
-    failed,
-    tell,
 )
-from engine.api import EngineBroken, KVHandoff
+from engine.api import EngineBroken
 from optimizer.driver import Driver, StepOutcome
 from optimizer.policies import (
     DrainPolicy,
     IdlePolicy,
-    QueuedRequest,
     Role,
-    RunningRequest,
     StepPlan,
     fused_steps,
-    intake_prefetch,
-    make_policy,
 )
-from optimizer.schedule import Schedule
 from services.hosting.engines import EngineRunner, group_shape
 from services.hosting.threads import step_key
 from services.worker.costs import StepSampler, step_cost
 from services.worker.credits import Credits
 from services.worker.executor import StepResult, run_step
+from services.worker.exits import ABORTED_REMEMBERED, Exits, failed_task
 from services.worker.follower import ScheduleFollower
+from services.worker.intake import CREDIT_POLL_S, Intake
 from services.worker.mailbox import Inbox, Outbox
 from services.worker.metrics import WorkerMetrics, WorkerState
 from services.worker.records import UnwrittenRecords
 from services.worker.requests import Held
+from services.worker.roles import Drain, Roles
+from services.worker.spans import StepSpans
 from services.worker.trace import StepTrace
-
-ABORTED_REMEMBERED = 10_000
-CREDIT_POLL_S = (0.002, 0.05)  # an encoder without credits looks again after this, doubling
-GATHER_GAPS = 5  # an idle worker gathers a burst for at most this many gaps (MeshConfig.gather_s)
-EVENTS_GRACE_S = 2.0  # a missing events queue is tried this long (its gateway may be declaring it again)
 
 log = logging.getLogger(__name__)
 
 
-def failed_task(task: asyncio.Task) -> bool:
-    return task.done() and not task.cancelled() and task.exception() is not None
-
-
-def dead_letter_message(reason: str) -> str:
-    """What the client of a dead-lettered request is told."""
-    return f"the request could not be processed and was moved to the dead queue: {reason}"
-
-
-def intake_for(role: Role, schedule: Schedule, names: Names) -> dict[str, int]:
-    """The queues a worker of ``role`` consumes, each with the unacked messages it may hold. A
-    "worker" holds at most B_D requests, running and waiting together, so it takes only what it
-    can start at its next boundary (a busy worker holding requests another could start, a static
-    batch mid-way above all, would idle that one); it also takes hand-offs left over from a WAA
-    schedule (or from a decoder that died) into free slots, so none is stranded. An encoder holds
-    two encode batches (the run-time adjustment picks from them)."""
-    if role == "worker":  # no more than its batch holds: what waits here could start on a worker with room
-        return {names.encode_queue: schedule.decode_batch, names.handoff_queue: schedule.encode_batch}
-    if role == "encoder":
-        return {names.encode_queue: 2 * schedule.encode_batch}
-    if role == "decoder":
-        return {names.handoff_queue: schedule.decode_batch}
-    return {}
-
-
-@dataclass
-class Drain:
-    """Leaving a decoding role: decode until ``deadline`` (time.monotonic), then give back."""
-
-    role: Role
-    deadline: float
-
-
-class Worker:
+class Worker(Intake, Roles, Exits, StepSpans):
     def __init__(
         self, config: MeshConfig, transports: Transports, runner: EngineRunner, *, trace: bool = False
     ) -> None:
@@ -256,215 +212,6 @@ class Worker:
         await self.transports.close()
 
     # ==== receive ================================================================================
-    async def _pump(self, queue: str, subscription: Subscription) -> None:
-        async for delivery in subscription:
-            self.inbox.put((queue, delivery))
-
-    async def receive(self) -> None:
-        """Deliveries since the last boundary become the driver's queued or incoming requests."""
-        if self.stopping.is_set() and self._stop_deadline is None:
-            await self._begin_stop()
-        items = self.inbox.take()
-        if not items:
-            return
-        now = time.monotonic()
-        works = [d for q, d in items if q == self.names.encode_queue]
-        handoffs = [d for q, d in items if q == self.names.handoff_queue]
-        outbox = Outbox()
-        too_large: list[Held] = []
-        for held in await self._admit_work(works, outbox) + await self._admit_handoffs(handoffs, outbox):
-            try:
-                most = len(held.prompt_ids) + held.params.max_tokens  # KV positions it may come to hold
-                request = (
-                    QueuedRequest(held.request_id, held.input_len, now, most)
-                    if held.handoff is None
-                    else RunningRequest(held.request_id, len(held.prompt_ids), len(held.generated), most)
-                )
-                fits = self.driver.fits_alone(request)
-            except Exception as exc:  # the per-message guard: this request only
-                await failed(held.delivery, exc, self._on_dead)
-                continue
-            if not fits:
-                outbox.failure(held.reply_to, Failure(held.request_id, 400, self._too_large(most)))
-                too_large.append(held)
-                continue
-            self.held[held.request_id] = held
-            if held.handoff is None:
-                self.driver.enqueue(request)
-                self._arrived.append((held.request_id, held.input_len))
-            else:
-                self.driver.offer(request)
-        await self.send(outbox)
-        for held in too_large:  # work is acked; a hand-off goes to the dead queue and frees its credit
-            await self._refuse(held, [], None if held.handoff is None else "too large for this worker's KV cache")
-
-    def _too_large(self, positions: int) -> str:
-        return (
-            f"prompt + max_tokens need {positions} tokens of KV cache; a worker's cache holds "
-            f"{self.driver.kv_tokens} (lower max_tokens, or give workers more memory: kv_cache_gb)"
-        )
-
-    async def _decoded(self, deliveries: list[Delivery], kind) -> list[tuple[Delivery, object]]:
-        """Each delivery with its message. To the dead queue, with the reason: bytes that do not
-        decode (a requester that can still be named is told: a 400), and a message whose
-        ``reply_to`` no broker can route (over 255 bytes: nobody could ever be answered)."""
-        decoded = []
-        for delivery in deliveries:
-            try:
-                message = codec.decode(delivery.body, kind)
-            except Exception as exc:  # codec.DecodeError, or anything a malformed message raises
-                await self._tell_invalid(delivery, kind, exc)
-                await delivery.dead_letter(f"undecodable: {exc}")
-                continue
-            try:
-                check_name(message.reply_to)
-            except NameTooLong as exc:
-                await delivery.dead_letter(f"reply_to unusable: {exc}")
-                continue
-            decoded.append((delivery, message))
-        return decoded
-
-    async def _tell_invalid(self, delivery: Delivery, kind, exc: Exception) -> None:
-        """A message that does not decode but names its request and a routable ``reply_to``:
-        that request fails (400, the reason) before the message goes to the dead queue."""
-        address = codec.return_address(delivery.body, kind)
-        if address is None:
-            return
-        request_id, reply_to = address
-        try:
-            check_name(reply_to)
-        except NameTooLong:
-            return
-        outbox = Outbox()
-        outbox.failure(reply_to, Failure(request_id, 400, f"invalid request: {exc}"))
-        try:
-            await self.send(outbox)
-        except Exception as failure:  # the broker is out: the dead queue still holds the reason
-            log.warning("worker %s: invalid request %s could not be failed: %r", self.worker_id, request_id, failure)
-
-    async def _on_dead(self, delivery: Delivery, reason: str) -> None:
-        """A message is going to the dead queue (past the delivery limit, or failing at its last
-        attempt): its request fails, with the reason, to its client."""
-        try:
-            message = codec.decode(delivery.body, WorkMessage | HandoffMessage)
-            check_name(message.reply_to)
-        except (codec.DecodeError, NameTooLong):
-            return
-        outbox = Outbox()
-        outbox.failure(message.reply_to, Failure(message.request_id, 500, dead_letter_message(reason)))
-        await self.send(outbox)
-
-    async def _admit_work(self, deliveries: list[Delivery], outbox: Outbox) -> list[Held]:
-        """Work that can run here; bad bytes are dead-lettered, other models' work fails (400),
-        aborted or already finished work is acked."""
-        kept: list[Held] = []
-        for delivery, work in await self._decoded(deliveries, WorkMessage):
-            if work.model != self.config.model:
-                message = f"this mesh serves {self.config.model!r}, not {work.model!r}"
-                outbox.failure(work.reply_to, Failure(work.request_id, 400, message))
-                await self._ack_after(delivery, outbox)
-            elif work.request_id in self.held or work.request_id in self.aborted or await self._gone(work.reply_to):
-                await delivery.ack()
-            else:
-                try:
-                    held = Held.from_work(delivery, work)
-                    if self.tracing.enabled:
-                        held.trace = self.tracing.extract(delivery.headers)
-                except Exception as exc:  # the per-message guard: this request only
-                    await failed(delivery, exc, self._on_dead)
-                    continue
-                kept.append(held)
-        return await self._skip_done(kept)
-
-    async def _admit_handoffs(self, deliveries: list[Delivery], outbox: Outbox) -> list[Held]:
-        ready: list[tuple[Delivery, KvReady]] = []
-        for delivery, message in await self._decoded(deliveries, HandoffMessage):
-            if message.request_id in self.held or message.request_id in self.aborted:
-                await delivery.ack()
-            else:
-                ready.append((delivery, message))
-        fetch_start = time.time()
-        payloads = await asyncio.gather(*(self.kv.get(m.kv_ref) for _, m in ready), return_exceptions=True)
-        fetched = time.time()
-        kept = []
-        for (delivery, message), handoff in zip(ready, payloads):
-            if isinstance(handoff, CorruptPayload):  # the same bytes fail everywhere: no retry
-                reason = f"corrupt KV payload: {handoff}"
-                await tell(self._on_dead, delivery, reason)
-                await delivery.dead_letter(reason)
-            elif isinstance(handoff, Exception):  # the store failing: a counted attempt
-                log.warning("worker %s: hand-off %s: KV fetch failed: %r", self.worker_id, message.request_id, handoff)
-                await failed(delivery, handoff, self._on_dead)
-            elif isinstance(handoff, BaseException):
-                raise handoff
-            elif handoff is None:
-                await self._kv_gone(delivery, message, outbox)
-            else:
-                try:
-                    held = Held.from_handoff(delivery, message, handoff)
-                    if self.tracing.enabled:  # the hand-off's receive: its KV cache fetched
-                        held.trace = self.tracing.record(
-                            "receive handoff",
-                            parent=self.tracing.extract(delivery.headers),
-                            start_s=fetch_start,
-                            end_s=fetched,
-                            kind="consumer",
-                            attributes=self._span_attributes(held),
-                        )
-                except Exception as exc:  # the per-message guard: this request only
-                    await failed(delivery, exc, self._on_dead)
-                    continue
-                kept.append(held)
-        return await self._skip_done(kept)
-
-    async def _kv_gone(self, delivery: Delivery, message: KvReady, outbox: Outbox) -> None:
-        """A hand-off whose KV cache is gone (its encoder died, or its lease ran out unread): the
-        request goes back to the encode queue from the tokens already delivered, once (a request
-        encoded again hands off without ``resume``: a second loss fails it); acked after."""
-        if message.resume is None:
-            outbox.failure(
-                message.reply_to,
-                Failure(message.request_id, 500, "KV cache lost before decoding (encoder gone or lease ended)"),
-            )
-            await self._ack_after(delivery, outbox)
-            return
-        log.info("worker %s: hand-off %s: KV cache gone; encoding it again", self.worker_id, message.request_id)
-        await self.bus.publish(
-            self.names.encode_queue,
-            codec.encode(message.resume),  # its deadline header kept
-            headers={**{k: v for k, v in delivery.headers.items() if k not in DEAD_HEADERS}, REENCODED_HEADER: "1"},
-        )
-        if self.role == "decoder":  # the slot its encoder reserved: the new encode reserves its own
-            await self.credits.grant(self.follower.version, 1)
-        await delivery.ack()
-
-    async def _skip_done(self, candidates: list[Held]) -> list[Held]:
-        """Only a redelivered message can belong to a request that already finished: look those
-        up, in one round trip, and ack them."""
-        again = [h for h in candidates if h.delivery.redelivered]
-        try:
-            markers = await self.store.get_many(*(self.names.done(h.request_id) for h in again))
-        except Exception as exc:  # the store is out: run them (a finished one's tokens are dropped as repeats)
-            if not is_outage(exc):
-                raise
-            log.warning(
-                "worker %s: done markers unreadable (%r); running %d redelivered requests",
-                self.worker_id,
-                exc,
-                len(again),
-            )
-            return candidates
-        finished = {h.request_id for h, m in zip(again, markers) if m is not None}
-        for h in candidates:
-            if h.request_id in finished:
-                await h.delivery.ack()
-        return [h for h in candidates if h.request_id not in finished]
-
-    async def _ack_after(self, delivery: Delivery, outbox: Outbox) -> None:
-        await self.send(outbox)
-        await delivery.ack()
-
-    # ==== schedule and roles =====================================================================
     async def _pump_control(self, subscription: Subscription, only: type | object = ControlMessage) -> None:
         """Control messages as they come (``only``: the kinds this exchange may carry; the abort
         exchange, which gateways publish to, carries no schedules)."""
@@ -492,194 +239,6 @@ class Worker:
             case _:
                 assert_never(message)
 
-    async def apply_schedule(self) -> None:
-        """At the boundary: a newer version takes effect; a drain in progress may end."""
-        if not self.stopping.is_set() and self.follower.take() is not None:
-            cut = self.follower.capped()
-            if cut:  # said once per version: the recorded schedule is not quite the one that runs
-                log.warning(
-                    "worker %s: schedule v%d runs with %s (max_encode_batch / max_decode_batch)",
-                    self.worker_id,
-                    self.follower.version,
-                    cut,
-                )
-            await self._enter(self.follower.role)
-            await self.report("applied")
-            self.changed.set()
-        busy = self.driver.running or self.driver.prefilling
-        if self._drain is not None and (not busy or time.monotonic() >= self._drain.deadline):
-            role, self._drain = self._drain.role, None
-            await self._give_back_running()
-            await self._become(role)
-
-    async def _enter(self, role: Role) -> None:
-        """Take ``role`` under the schedule in force; drain first if it stops us decoding what runs."""
-        self._drain = None
-        if (self.driver.running or self.driver.prefilling) and role not in ("worker", "decoder"):
-            self._drain = Drain(role, time.monotonic() + self.config.switch_drain_s)
-            await self._set_intake({})
-            self.driver.switch(DrainPolicy(self.follower.schedule))
-            return
-        await self._become(role)
-
-    async def _become(self, role: Role) -> None:
-        schedule = self.follower.schedule
-        await self._set_intake(intake_for(role, schedule, self.names))
-        unchanged = (
-            role == self.role
-            and schedule == self.driver.policy.schedule
-            and not isinstance(self.driver.policy, (DrainPolicy, IdlePolicy))
-        )
-        self.role = role
-        if not unchanged:  # a version that only moved other workers keeps this policy's counters
-            self.driver.switch(make_policy(schedule, role))
-        self.changed.set()
-        if role == "decoder":  # this version's count starts from what it can take now
-            free = schedule.decode_batch - len(self.driver.running) - len(self.driver.incoming)
-            await self.credits.grant(self.follower.version, max(free, 0))
-
-    async def _set_intake(self, queues: dict[str, int]) -> None:
-        """Consume ``queues`` (queue -> prefetch); work taken from a queue no longer consumed and
-        not started goes back."""
-        dropped = [q for q in self._intake if q not in queues]
-        for queue in dropped:
-            await self._intake.pop(queue).cancel()
-        if dropped:
-            await self._give_back_waiting(set(dropped))
-        self._encode_prefetch = queues.get(self.names.encode_queue, 0)
-        for queue, prefetch in queues.items():
-            if queue in self._intake:
-                await self._intake[queue].set_prefetch(prefetch)
-            else:
-                self._intake[queue] = await self.bus.consume(queue, prefetch=prefetch, on_dead=self._on_dead)
-                self._tasks.append(asyncio.create_task(self._pump(queue, self._intake[queue])))
-
-    async def _give_back_waiting(self, queues: set[str]) -> None:
-        """Requeue what came from ``queues`` and has not started: received deliveries, queued
-        work, unmerged hand-offs."""
-        for queue, delivery in self.inbox.take():
-            if queue in queues:
-                await delivery.release()
-            else:
-                self.inbox.put((queue, delivery))
-        waiting = []
-        if self.names.encode_queue in queues:
-            waiting += list(self.driver.queued)
-        if self.names.handoff_queue in queues:
-            waiting += list(self.driver.incoming)
-        for rid in waiting:
-            self.driver.remove(rid)
-            await self.held.pop(rid).delivery.release()  # not started: no attempt used
-
-    async def _give_back_running(self) -> None:
-        """Requests still running when a drain ends: to the decoders if the schedule has them and
-        they have room (the KV cache moves), else back to the encode queue with the tokens sent
-        (as is a prompt still being prefilled in chunks)."""
-        running = list(self.driver.running)
-        if not (running or self.driver.prefilling):
-            return
-        room = 0
-        if self.follower.schedule.split and running:
-            room = await self.credits.take(self.follower.version, len(running))
-        running += list(self.driver.prefilling)
-        outbox = Outbox()
-        for rid in running:
-            for token in self.held[rid].flush():
-                outbox.token(self.held[rid].reply_to, token)
-        published = self.send_soon(outbox)
-        moves = []
-        for i, rid in enumerate(running):
-            held = self.held.pop(rid)
-            self.driver.remove(rid)
-            if i < room:
-                handoff = await self.runner.call(self.runner.engine.export_request, rid, self.kv.export_buffer)
-                moves.append(self._hand_off(held, handoff, published))
-                self.moved["handed_off"] += 1
-            else:
-                await self.runner.call(self.runner.engine.abort, rid)
-                moves.append(self._requeue(held, published))
-                self.moved["requeued"] += 1
-        await asyncio.gather(*moves)
-
-    async def _requeue(self, held: Held, published: list[asyncio.Task[None]]) -> None:
-        """Back to the encode queue with the tokens already delivered; a KV cache it came with
-        is dropped (the next worker prefills prompt + tokens)."""
-        self._end_decode_span(held, "requeued")
-        await asyncio.gather(*held.sent, *published)
-        await self.bus.publish(
-            self.names.encode_queue,
-            codec.encode(held.continuation(self.config.model)),
-            headers=self.tracing.inject(held.trace),
-            deadline=held.deadline,
-        )
-        if held.ready is not None:
-            await self.kv.drop(held.ready.kv_ref)
-        await held.delivery.ack()
-
-    # ==== aborts and credits =====================================================================
-    async def drop_aborted(self) -> None:
-        """Between steps: aborted requests, and those past their deadline (their client has
-        stopped waiting), leave the engine and this worker; their messages are acked."""
-        now = time.time()
-        self._abort_pending.extend(
-            rid for rid, held in self.held.items() if held.deadline is not None and held.deadline <= now
-        )
-        while self._abort_pending:
-            rid = self._abort_pending.pop()
-            held = self.held.pop(rid, None)
-            if held is None:
-                continue
-            if rid in self.driver.running:
-                await self.runner.call(self.runner.engine.abort, rid)
-            self.driver.remove(rid)
-            self._end_decode_span(held, "abort")
-            await self._settle(held, "abort", [])
-
-    async def reserve_credits(self) -> None:
-        """An encoder holds, for this step, the decode slots its encode batch may fill."""
-        if self.role != "encoder":
-            self.driver.downstream_free = None
-            return
-        want = 2 * self.follower.schedule.encode_batch if self.driver.queued else 0
-        self.driver.downstream_free = await self.credits.take(self.follower.version, want)
-
-    async def _return_credits(self, plan: StepPlan) -> None:
-        unused = (self.driver.downstream_free or 0) - len(plan.encode)
-        if self.role == "encoder" and unused > 0:
-            await self.credits.grant(self.follower.version, unused)
-        self.driver.downstream_free = None
-
-    async def wait_for_work(self) -> None:
-        """Idle: until something arrives (an encoder waiting for credits also looks again soon)."""
-        self._busy_since = None  # the next step's interval starts at its own start
-        await self._return_credits(StepPlan())
-        if self.stopping.is_set():
-            return  # the loop decides whether anything is left to drain
-        starved = self.role == "encoder" and bool(self.driver.queued)
-        if starved:
-            await self.inbox.wait(self._credit_wait)
-            self._credit_wait = min(2 * self._credit_wait, CREDIT_POLL_S[1])
-            return
-        self._credit_wait = CREDIT_POLL_S[0]
-        self._arrived: list[tuple[str, int]] = []  # queued since the last boundary (for the trace)
-        await self.inbox.wait(None if not self._drain else max(self._drain.deadline - time.monotonic(), 0))
-        if not self.driver.running and not self._drain:  # idle: start with the whole burst
-            await self.inbox.settle(self.config.gather_s, GATHER_GAPS * self.config.gather_s)
-
-    async def fit_intake(self) -> None:
-        """A "worker" takes from the encode queue only what it could start at its next boundary:
-        B_D, except while a static batch holds its slots (finished members' included), when it
-        takes nothing more until the batch ends; the prefetch changes only then."""
-        intake = self._intake.get(self.names.encode_queue)
-        if self.role != "worker" or self._drain is not None or intake is None:
-            return
-        held = sum(h.ready is None for h in self.held.values())  # unacked on the encode queue
-        want = intake_prefetch(self.driver.policy, len(self.driver.running), held, self.follower.schedule.decode_batch)
-        if want != self._encode_prefetch:
-            await intake.set_prefetch(want)
-            self._encode_prefetch = want
-
-    # ==== execute ================================================================================
     async def execute(self, plan: StepPlan) -> StepResult:
         await self._return_credits(plan)
         self._credit_wait = CREDIT_POLL_S[0]
@@ -858,226 +417,6 @@ class Worker:
             if event.finished:
                 finished.append((event.request_id, event.finish_reason or "stop"))
         return finished
-
-    async def _settle(self, held: Held, reason: str, published: list[asyncio.Task[None]]) -> None:
-        """After its events are confirmed: mark done once, record the request, drop its KV, ack.
-        A store that does not answer delays the record, not the ack (``records``)."""
-        await asyncio.gather(*held.sent, *published)
-        rid = held.request_id
-        sample = None  # aborted lengths would skew the scheduler's statistics
-        if reason != "abort":
-            sample = codec.encode(
-                LengthSample(
-                    rid,
-                    len(held.prompt_ids),
-                    len(held.generated),
-                    reason,
-                    time.time(),
-                    held.submitted_at,
-                    held.encode_start_at,
-                    held.first_token_at,
-                    self.follower.version,
-                    self.worker_id,
-                )
-            )
-        drops = [self.kv.drop(held.ready.kv_ref)] if held.ready is not None else []
-        outcomes = await asyncio.gather(self.records.write(rid, sample), *drops, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not is_outage(outcome):
-                raise outcome
-        if isinstance(outcomes[0], BaseException):  # the store is out: its answer went, its record waits
-            self.records.keep(rid, sample)
-        await held.delivery.ack()  # (a KV payload left behind expires with its TTL)
-        await self._free_slot(held)
-
-    async def _free_slot(self, held: Held) -> None:
-        """A request that held a decode credit is gone: an encoder's that it encoded (finished at
-        prefill or refused in its step) or a decoder's hand-off (finished, aborted, refused).
-        A request still queued on an encoder (aborted, expired, refused) never took one: it gives
-        nothing back, or hand-offs could outnumber the decoders' free slots."""
-        if held.credit or (held.ready is not None and self.role == "decoder"):
-            held.credit = False
-            await self.credits.grant(self.follower.version, 1)
-
-    async def _refuse(self, held: Held, published: list[asyncio.Task[None]], dead: str | None) -> None:
-        """A request this worker cannot run: its failure went out; its message is acked (``dead``
-        None: bad input) or goes to the dead queue with ``dead`` as the reason."""
-        await asyncio.gather(*published)
-        if dead is None:
-            await held.delivery.ack()
-        else:
-            await held.delivery.dead_letter(dead)
-        await self._free_slot(held)
-
-    async def _give_back(self, held: Held) -> None:
-        await held.delivery.reject(requeue=True)
-        await self._free_slot(held)
-
-    async def _hand_off(self, held: Held, handoff: KVHandoff, published: list[asyncio.Task[None]]) -> None:
-        """Store the KV cache, tell the decoders, then ack what brought the request here."""
-        self._end_decode_span(held, "handed_off")  # leaving a decoding role with it running
-        with self.tracing.span(
-            "publish handoff", parent=held.trace, kind="producer", attributes=self._span_attributes(held)
-        ):
-            ref = await self.kv.put(handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
-            ready = KvReady(
-                held.request_id,
-                self.worker_id,
-                held.reply_to,
-                ref,
-                len(held.prompt_ids),
-                self.follower.version,
-                held.submitted_at,
-                held.stream,
-                None if REENCODED_HEADER in held.delivery.headers else held.continuation(self.config.model),
-            )
-            await self.bus.publish(
-                self.names.handoff_queue, codec.encode(ready), headers=self.tracing.inject(), deadline=held.deadline
-            )
-        await asyncio.gather(*held.sent, *published)
-        await held.delivery.ack()
-
-    # ==== tracing (common.tracing; off: none of this runs) ========================================
-    def _trace_step(self, plan: StepPlan, result: StepResult) -> None:
-        """The step's spans, once per request (never per token): an encode span for each request it
-        prefilled; a decode span opens for each request that starts decoding, and closes for each
-        that finished or failed in it."""
-        gone = {**result.refused, **result.failed, **{rid: "engine fault: given back" for rid in result.given_back}}
-        for rid in plan.first_tokens:
-            held = self.held[rid]
-            held.trace = self.tracing.record(
-                "encode",
-                parent=held.trace,
-                start_s=held.encode_start_at,
-                end_s=result.ended_at,
-                kind="consumer",
-                attributes={
-                    **self._span_attributes(held),
-                    "exegpt.batch_size": len(plan.first_tokens),
-                    "exegpt.prompt_tokens": held.input_len,
-                },
-                error=gone.get(rid),
-            )
-        decoding = (*plan.admit, *(plan.first_tokens if self.role != "encoder" else ()))
-        for rid in decoding:
-            held = self.held.get(rid)
-            if held is not None and rid not in gone and rid not in result.exported:
-                held.decode_span = self.tracing.start(
-                    "decode", parent=held.trace, start_s=result.ended_at, attributes=self._span_attributes(held)
-                )
-                held.trace = self.tracing.context_of(held.decode_span)
-        for event in result.events:
-            if event.finished:
-                self._end_decode_span(self.held[event.request_id], event.finish_reason or "stop", result.ended_at)
-        for rid, why in gone.items():
-            self._end_decode_span(self.held[rid], "failed", result.ended_at, error=why)
-
-    def _span_attributes(self, held: Held) -> dict[str, str | int] | None:
-        if not self.tracing.enabled:
-            return None
-        return {
-            "exegpt.request_id": held.request_id,
-            "exegpt.worker_id": self.worker_id,
-            "exegpt.role": self.role,
-            "exegpt.schedule_version": self.follower.version,
-        }
-
-    def _end_decode_span(self, held: Held, outcome: str, at: float | None = None, *, error: str | None = None) -> None:
-        if held.decode_span is not None:
-            self.tracing.end(
-                held.decode_span,
-                end_s=at,
-                error=error,
-                attributes={"exegpt.outcome": outcome, "exegpt.output_tokens": len(held.generated)},
-            )
-            held.decode_span = None
-
-    def _keep(self, work, held: Held | None = None) -> None:
-        """Run ``work`` (a request leaving this worker) in the background. If it fails (the broker
-        or the store went away half-way), the request's message goes back to its queue where that
-        is still possible (otherwise the broker returns it when the connection is gone) and its
-        decode slot is freed: nothing stays held by a request that has left."""
-        task = asyncio.create_task(work)
-        self._background.add(task)
-
-        def done(task: asyncio.Task[None]) -> None:
-            self._background.discard(task)
-            if task.cancelled() or task.exception() is None:
-                return
-            exc = task.exception()
-            log.warning(
-                "worker %s: a request could not be settled (%r); it goes back to its queue", self.worker_id, exc
-            )
-            if held is not None:
-                self._keep(self._release(held, counted=not is_outage(exc)))
-
-        task.add_done_callback(done)
-
-    async def _release(self, held: Held, *, counted: bool) -> None:
-        """After a failed settle: requeue the message and free the slot, each as far as possible.
-        A settle that failed because the broker or the store went away is not the request's
-        fault, so it does not count against its delivery limit (``counted`` False): a request
-        caught by a few reconnections in a row is not dead-lettered for them."""
-        requeue = held.delivery.reject(requeue=True) if counted else held.delivery.release()
-        for step in (requeue, self._free_slot(held)):
-            try:
-                await step
-            except Exception as exc:  # the connection is gone: the broker requeues it by itself
-                log.info("worker %s: releasing %s: %r", self.worker_id, held.request_id, exc)
-
-    # ==== outbound ===============================================================================
-    async def send(self, outbox: Outbox) -> None:
-        await asyncio.gather(*self.send_soon(outbox))
-
-    def send_soon(self, outbox: Outbox) -> list[asyncio.Task[None]]:
-        """Start publishing one EventBatch per submitter; a submitter that vanished is skipped."""
-        batches = outbox.batches(self.worker_id, self.role, self.follower.version, len(self.driver.running))
-        return [asyncio.create_task(self._publish_event(q, codec.encode(b))) for q, b in batches.items()]
-
-    async def _publish_event(self, queue: str, body: bytes) -> None:
-        """To a gateway's events queue. A queue that is missing may be one its gateway is declaring
-        again (after the broker restarted, or an operator deleted it): tried again for
-        ``EVENTS_GRACE_S``, then its gateway is taken as gone and the requests held here for it
-        are dropped (a gateway that declared its queue again publishes its requests again). An
-        outage raises (the request's settle fails, and it runs again from its queue)."""
-        backoff = Backoff(first_s=0.1, cap_s=1.0)
-        give_up = time.monotonic() + EVENTS_GRACE_S
-        while True:
-            try:
-                await self.bus.publish(queue, body)
-                return
-            except Unroutable:
-                if time.monotonic() >= give_up:
-                    self._drop_for(queue)
-                    return
-            await asyncio.sleep(backoff.next_s())  # a retry's backoff while the gateway comes back
-
-    async def _gone(self, reply_to: str) -> bool:
-        """Work for a gateway whose events queue was found gone is not started, unless the queue is
-        back (its gateway declared it again, and publishes its requests again)."""
-        if reply_to not in self.gone:
-            return False
-        try:
-            back = await self.bus.exists(reply_to)
-        except Exception as exc:
-            if not is_outage(exc):
-                raise
-            return False  # the broker is out: run it, its events will tell
-        if back:
-            self.gone.pop(reply_to, None)
-        return not back
-
-    def _drop_for(self, queue: str) -> None:
-        """Stop the work held for the gateway whose events queue is ``queue`` (it is gone); not
-        remembered as aborted, so that work published again is taken."""
-        self.gone[queue] = None
-        while len(self.gone) > ABORTED_REMEMBERED:
-            self.gone.pop(next(iter(self.gone)))
-        dropped = [rid for rid, held in self.held.items() if held.reply_to == queue]
-        if dropped:
-            log.warning("worker %s: events queue %s is gone; dropping %d requests", self.worker_id, queue, len(dropped))
-            self._abort_pending.extend(dropped)
-            self.inbox.wake()
 
     async def report(self, state: str) -> bool:
         """Broadcast this worker's status; False when the broker could not take it (an outage:
