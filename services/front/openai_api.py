@@ -192,20 +192,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _envelope(
+    rid: str, kind: str, model: str, choices: list[dict[str, Any]], use: dict[str, int] | None
+) -> dict[str, Any]:
+    """The fields every answer and chunk share, around its choices."""
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, "usage": use}
+
+
 def completion(rid: str, model: str, text: str, reason: str | None, use: dict[str, int]) -> dict[str, Any]:
     """A completion of one choice."""
     return completion_response(rid, model, [completion_choice(0, text, reason)], use)
 
 
 def completion_response(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": use,
-    }
+    return _envelope(rid, "text_completion", model, choices, use)
 
 
 def completion_choice(
@@ -220,14 +220,7 @@ def chat_completion(rid: str, model: str, text: str, reason: str | None, use: di
 
 
 def chat_response(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": use,
-    }
+    return _envelope(rid, "chat.completion", model, choices, use)
 
 
 def chat_choice(index: int, text: str, reason: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -250,14 +243,7 @@ def completion_chunk(
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     choices = [] if use else [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": use,
-    }
+    return _envelope(rid, "text_completion", model, choices, use)
 
 
 def chat_chunk(
@@ -275,14 +261,7 @@ def chat_chunk(
     if text is not None:
         delta["content"] = text
     choices = [] if use else [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": use,
-    }
+    return _envelope(rid, "chat.completion.chunk", model, choices, use)
 
 
 # --- log-probabilities, in each endpoint's shape ---------------------------------------------
