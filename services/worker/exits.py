@@ -170,7 +170,8 @@ class Exits:
                 if time.monotonic() >= give_up:
                     self._drop_for(queue)
                     return
-            await asyncio.sleep(backoff.next_s())  # a retry's backoff while the gateway comes back
+            # a retry's backoff while the gateway comes back; the last try at the grace's end
+            await asyncio.sleep(min(backoff.next_s(), max(give_up - time.monotonic(), 0.0)))
 
     async def _gone(self, reply_to: str) -> bool:
         """Work for a gateway whose events queue was found gone is not started, unless the queue is

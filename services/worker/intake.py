@@ -258,7 +258,9 @@ class Intake:
     # ==== schedule and roles =====================================================================
     async def drop_aborted(self) -> None:
         """Between steps: aborted requests, and those past their deadline (their client has
-        stopped waiting), leave the engine and this worker; their messages are acked."""
+        stopped waiting), leave the engine and this worker at once; their messages are acked in
+        the background, once the events sent for them are settled (those for a gateway that is
+        gone take the grace for its queue: the next step does not wait for them)."""
         now = time.time()
         self._abort_pending.extend(
             rid for rid, held in self.held.items() if held.deadline is not None and held.deadline <= now
@@ -272,7 +274,7 @@ class Intake:
                 await self.runner.call(self.runner.engine.abort, rid)
             self.driver.remove(rid)
             self._end_decode_span(held, "abort")
-            await self._settle(held, "abort", [])
+            self._keep(self._settle(held, "abort", []), held)
 
     async def wait_for_work(self) -> None:
         """Idle: until something arrives (an encoder waiting for credits also looks again soon)."""
