@@ -115,7 +115,7 @@ class Driver:
 
     def _finish_prefills(self, plan: StepPlan) -> StepPlan:
         """Under a policy that does not chunk (a new schedule), prefills under way end in this step."""
-        if not self.prefilling or getattr(self.policy, "chunked", False):
+        if not self.prefilling or self.policy.chunked:
             return plan
         rest = tuple(
             PrefillChunk(p.request_id, p.prefilled, p.input_len - p.prefilled, True) for p in self.prefilling.values()
@@ -124,11 +124,11 @@ class Driver:
 
     def fits_alone(self, request: QueuedRequest | RunningRequest) -> bool:
         """Whether ``request`` could ever run here (with nothing else in the cache)."""
-        keeps = getattr(self.policy, "keeps_kv", True) or isinstance(request, RunningRequest)
+        keeps = self.policy.keeps_kv or isinstance(request, RunningRequest)
         return self.kv_tokens is None or kv_positions(request, keeps) <= self.kv_tokens
 
     def _fit(self, plan: StepPlan) -> StepPlan:
-        keeps = getattr(self.policy, "keeps_kv", True)
+        keeps = self.policy.keeps_kv
         held = [kv_positions(r) for r in (*self.running.values(), *self.prefilling.values())]
         budget = self.kv_tokens
 

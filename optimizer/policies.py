@@ -10,7 +10,9 @@ them through ``optimizer.driver.Driver``, which repeats::
 
 ``state.running`` holds the requests in this worker's decode batch that have not finished (the
 engine drops finished requests at once: early termination). A policy keeps only the counters it
-needs between steps (RRA: decode iterations since the last encode; static: its current batch).
+needs between steps (RRA: decode iterations since the last encode; static: its current batch),
+and declares what its driver and worker must know of it (``Policy``: ``keeps_kv``, ``chunked``,
+``batch_slots``).
 
 Run-time adjustment (RRA and the WAA encoder, when the schedule carries its expectations): an
 encode batch takes queued requests oldest first while their prompt tokens stay nearest to
@@ -120,10 +122,38 @@ IDLE = StepPlan()
 
 class BatchingPolicy(Protocol):
     schedule: Schedule
+    keeps_kv: bool
+    chunked: bool
+
+    @property
+    def batch_slots(self) -> int: ...
 
     def next_step(self, state: WorkerState) -> StepPlan: ...
 
     def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None: ...
+
+
+class Policy:
+    """What every policy declares about itself, with the values most have; the driver, the
+    worker's intake and the simulator read these, never probe for them.
+
+    ``keeps_kv``: what it prefills stays in this worker's cache (a WAA encoder's leaves with the
+    hand-off, so only prompts count against its cache). ``chunked``: it plans the prefills under
+    way itself (the driver finishes them, in whole, for the others). ``batch_slots``: slots a batch
+    in progress holds, its finished members' included (a static batch: no room until it ends)."""
+
+    keeps_kv = True
+    chunked = False
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+
+    @property
+    def batch_slots(self) -> int:
+        return 0
+
+    def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
+        pass
 
 
 def _ids(requests) -> tuple[str, ...]:
@@ -172,7 +202,7 @@ class EncodeFill:
             self.batch = max(self.batch - 1, 1)
 
 
-class RraPolicy:
+class RraPolicy(Policy):
     """Round-robin allocation: encode up to B_E new requests (as many as slots freed), then
     N_D decode iterations over the whole running batch. Requests handed to this worker (left
     over from a WAA schedule) join the decode batch where slots are free."""
@@ -202,10 +232,10 @@ def _decode_admitting(state: WorkerState, free: int) -> StepPlan:
     return StepPlan(decode=batch, admit=admit) if batch else IDLE
 
 
-class WaaEncoderPolicy:
+class WaaEncoderPolicy(Policy):
     """WAA encoder: encode up to B_E queued requests while the decoders have room for them."""
 
-    keeps_kv = False  # what it prefills leaves with the hand-off: its cache holds prompts only
+    keeps_kv = False
 
     def __init__(self, schedule: Schedule) -> None:
         self.schedule = schedule
@@ -217,24 +247,15 @@ class WaaEncoderPolicy:
             return IDLE
         return StepPlan(encode=self.fill.take(state.queued, room))
 
-    def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
-        pass
 
-
-class WaaDecoderPolicy:
+class WaaDecoderPolicy(Policy):
     """WAA decoder: merge handed-off requests up to B_D, then decode the running batch."""
-
-    def __init__(self, schedule: Schedule) -> None:
-        self.schedule = schedule
 
     def next_step(self, state: WorkerState) -> StepPlan:
         return _decode_admitting(state, self.schedule.decode_batch - len(state.running))
 
-    def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
-        pass
 
-
-class StaticPolicy:
+class StaticPolicy(Policy):
     """FasterTransformer-like: take a batch of B_E, decode it until every member has finished;
     finished members keep their slots (padding) and nobody joins mid-batch."""
 
@@ -268,13 +289,10 @@ class StaticPolicy:
         return self._size if self._live else 0
 
 
-class ContinuousPolicy:
+class ContinuousPolicy(Policy):
     """Orca/vLLM-like iteration-level batching: every iteration admits queued requests into
     free slots (at most B_E prefills per iteration) and decodes the rest in the same step
     (handed-off requests, left over from a WAA schedule, take free slots first)."""
-
-    def __init__(self, schedule: Schedule) -> None:
-        self.schedule = schedule
 
     def next_step(self, state: WorkerState) -> StepPlan:
         free = max(self.schedule.decode_batch - len(state.running), 0)
@@ -283,11 +301,8 @@ class ContinuousPolicy:
         plan = StepPlan(encode=_ids(take), decode=_ids(state.running) + admit, admit=admit)
         return IDLE if plan.idle else plan
 
-    def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
-        pass
 
-
-class MixedPolicy:
+class MixedPolicy(Policy):
     """Sarathi-style mixed steps: every step decodes the whole running batch and folds prompt
     chunks into the tokens left of ``chunk_tokens``: first the prefills under way (oldest first),
     then new requests while the running batch, the prefills under way and the new ones stay within
@@ -295,10 +310,7 @@ class MixedPolicy:
     is cut; its rest comes in the next steps, and the step with its last chunk gives its first
     token. Handed-off requests take free slots first, as under continuous batching."""
 
-    chunked = True  # plans the prefills under way itself (the driver finishes them for the others)
-
-    def __init__(self, schedule: Schedule) -> None:
-        self.schedule = schedule
+    chunked = True
 
     def next_step(self, state: WorkerState) -> StepPlan:
         free = max(self.schedule.decode_batch - len(state.running) - len(state.prefilling), 0)
@@ -319,9 +331,6 @@ class MixedPolicy:
         plan = StepPlan(decode=decode, admit=admit, chunks=tuple(chunks))
         return IDLE if plan.idle else plan
 
-    def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
-        pass
-
 
 def _chunk(request_id: str, start: int, input_len: int, budget: int) -> PrefillChunk:
     """The next chunk of a prompt of ``input_len`` tokens from ``start``, at most ``budget``."""
@@ -329,30 +338,18 @@ def _chunk(request_id: str, start: int, input_len: int, budget: int) -> PrefillC
     return PrefillChunk(request_id, start, length, start + length >= input_len)
 
 
-class DrainPolicy:
+class DrainPolicy(Policy):
     """A worker leaving its role: decode what runs until it has finished; take nothing new."""
-
-    def __init__(self, schedule: Schedule) -> None:
-        self.schedule = schedule
 
     def next_step(self, state: WorkerState) -> StepPlan:
         return StepPlan(decode=_ids(state.running)) if state.running else IDLE
 
-    def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
-        pass
 
-
-class IdlePolicy:
+class IdlePolicy(Policy):
     """A worker without a role (WAA, not yet allocated): nothing to run."""
-
-    def __init__(self, schedule: Schedule) -> None:
-        self.schedule = schedule
 
     def next_step(self, state: WorkerState) -> StepPlan:
         return IDLE
-
-    def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
-        pass
 
 
 Role = Literal["worker", "encoder", "decoder", "idle"]
@@ -370,7 +367,7 @@ def intake_prefetch(policy: BatchingPolicy, running: int, held: int, decode_batc
     could start at its next boundary, ``decode_batch``; but while a static batch holds its slots
     (its finished members' included) nothing more until the batch ends, so what it holds (at
     least one)."""
-    if getattr(policy, "batch_slots", 0) > running:
+    if policy.batch_slots > running:
         return max(held, 1)
     return decode_batch
 

@@ -2,6 +2,7 @@ import pytest
 
 from optimizer.policies import (
     ContinuousPolicy,
+    Policy,
     QueuedRequest,
     RraPolicy,
     RunningRequest,
@@ -143,3 +144,26 @@ def test_a_worker_merges_left_over_hand_offs_into_free_slots():
     static = StaticPolicy(Schedule("static", encode_batch=2, decode_batch=2))
     plan = static.next_step(WorkerState(_queue(3), (), incoming))
     assert plan.admit == ("h1", "h2") and plan.decode == ("h1", "h2") and not plan.encode
+
+
+@pytest.mark.parametrize(
+    ("schedule", "role"),
+    [
+        (Schedule("rra", encode_batch=2, decode_batch=4), "worker"),
+        (Schedule("static", encode_batch=2, decode_batch=4), "worker"),
+        (Schedule("continuous", encode_batch=2, decode_batch=4), "worker"),
+        (Schedule("mixed", encode_batch=2, decode_batch=4), "worker"),
+        (Schedule("waa-c", encode_batch=2, decode_batch=4, encoder_devices=1, decoder_devices=1), "encoder"),
+        (Schedule("waa-c", encode_batch=2, decode_batch=4, encoder_devices=1, decoder_devices=1), "decoder"),
+        (Schedule("continuous"), "idle"),
+    ],
+)
+def test_every_policy_declares_what_its_driver_and_worker_read(schedule, role):
+    policy = make_policy(schedule, role)
+    assert isinstance(policy, Policy)
+    assert isinstance(policy.keeps_kv, bool) and isinstance(policy.chunked, bool)
+    assert policy.batch_slots == 0  # between batches (before any step), no policy holds slots
+    # what differs from the defaults is what each policy is: chunked prefill plans its own
+    # chunks, a WAA encoder's cache keeps prompts only
+    assert policy.chunked == (schedule.policy == "mixed")
+    assert policy.keeps_kv == (role != "encoder")
