@@ -147,16 +147,22 @@ def _require(doc: dict, key: str, where: str) -> object:
     return doc[key]
 
 
-def _number(value: object, where: str, *, positive: bool = False, integer: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and integer:
-        ok = float(value).is_integer()
-    if ok:
-        ok = value > 0 if positive else value >= 0
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        raise ClusterError(f"{where} must be {kind} {'> 0' if positive else '>= 0'}, got {value!r}")
-    return int(value) if integer else float(value)
+def _number(value: object, where: str, *, positive: bool = False) -> float:
+    return float(_checked(value, where, positive=positive, integer=False))
+
+
+def _integer(value: object, where: str, *, positive: bool = False) -> int:
+    return int(_checked(value, where, positive=positive, integer=True))
+
+
+def _checked(value: object, where: str, *, positive: bool, integer: bool) -> float:
+    kind = "an integer" if integer else "a number"
+    bad = ClusterError(f"{where} must be {kind} {'> 0' if positive else '>= 0'}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad
+    if (integer and not float(value).is_integer()) or not (value > 0 if positive else value >= 0):
+        raise bad
+    return value
 
 
 def _object(value: object, where: str) -> dict:
@@ -216,13 +222,13 @@ def parse_cluster(doc: object) -> Cluster:
     return Cluster(
         name,
         _number(_require(device, "memory_bytes", "cluster.device"), "cluster.device.memory_bytes", positive=True),
-        _number(_require(d, "devices_per_node", "cluster"), "cluster.devices_per_node", positive=True, integer=True),
+        _integer(_require(d, "devices_per_node", "cluster"), "cluster.devices_per_node", positive=True),
         intra,
         inter,
         fraction,
         handoff,
-        _number(device.get("threads", 0), "cluster.device.threads", integer=True),
-        _number(d.get("devices", 0), "cluster.devices", integer=True),
+        _integer(device.get("threads", 0), "cluster.device.threads"),
+        _integer(d.get("devices", 0), "cluster.devices"),
         _text(d, "notes", "cluster"),
         _worker_group(d.get("worker_group")),
     )

@@ -129,8 +129,10 @@ class Driver:
 
     def _fit(self, plan: StepPlan) -> StepPlan:
         keeps = self.policy.keeps_kv
-        held = [kv_positions(r) for r in (*self.running.values(), *self.prefilling.values())]
+        under_way: list[RunningRequest | PrefillingRequest] = [*self.running.values(), *self.prefilling.values()]
+        held = [kv_positions(r) for r in under_way]
         budget = self.kv_tokens
+        assert budget is not None  # (plan() fits only under a budget)
 
         def take(candidates: list[QueuedRequest | RunningRequest], keep_kv: bool) -> tuple[str, ...]:
             taken = []

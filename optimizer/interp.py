@@ -20,7 +20,8 @@ slope >= 0). Both classes evaluate numpy arrays and Python scalars alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +38,8 @@ def running_max(values) -> np.ndarray:
 class Drop:
     """A measured point below an earlier point on the same axis by more than the tolerance."""
 
-    at: object  # the lower point's key (x, or (row, col))
-    above: object  # the earlier point it falls below
+    at: Any  # the lower point's key (x, or (row, col)): keys of one kind compare
+    above: Any  # the earlier point it falls below
     value: float
     earlier: float
 
@@ -167,6 +168,12 @@ class MonotoneGrid:
 
     rows: tuple[float, ...]
     curves: tuple[MonotoneCurve, ...]
+    # look-up tables, built by __post_init__
+    _rows: np.ndarray = field(init=False, repr=False, compare=False)
+    _reach: np.ndarray = field(init=False, repr=False, compare=False)
+    _levels: np.ndarray = field(init=False, repr=False, compare=False)
+    _groups: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = field(init=False, repr=False, compare=False)
+    _col_cache: dict[float, tuple[np.ndarray, np.ndarray]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.rows) == 0 or len(self.rows) != len(self.curves):

@@ -152,6 +152,9 @@ class Policy:
     def batch_slots(self) -> int:
         return 0
 
+    def next_step(self, state: WorkerState) -> StepPlan:
+        raise NotImplementedError
+
     def on_step_done(self, plan: StepPlan, finished: Sequence[str]) -> None:
         pass
 
@@ -176,12 +179,13 @@ class EncodeFill:
     def take(self, queued: Sequence[QueuedRequest], room: int) -> tuple[str, ...]:
         """Queued requests to encode now, oldest first, at most ``room``."""
         if self._nudge and self.average is not None:
-            self._steer()
+            self._steer(self.average)
         target = self.schedule.mean_input_len * self.batch
         if target <= 0:
             return _ids(queued[: min(self.schedule.encode_batch, room)])
         limit = min(room, 2 * self.schedule.encode_batch)
-        tokens, taken = 0, []
+        tokens = 0
+        taken: list[str] = []
         for request in queued[:limit]:
             if taken and tokens + request.input_len / 2 > target:
                 break
@@ -193,8 +197,8 @@ class EncodeFill:
         a = self.average
         self.average = float(batch) if a is None else a + AVERAGE_WEIGHT * (batch - a)
 
-    def _steer(self) -> None:
-        expected, seen = self.schedule.mean_decode_batch, self.average
+    def _steer(self, seen: float) -> None:
+        expected = self.schedule.mean_decode_batch
         top = 2 * self.schedule.encode_batch
         if seen < expected * (1 - DRIFT):
             self.batch = min(self.batch + 1, top)
@@ -318,10 +322,10 @@ class MixedPolicy(Policy):
         decode = _ids(state.running) + admit
         budget = self.schedule.chunk_tokens - len(decode)
         chunks = []
-        for request in state.prefilling:
+        for under_way in state.prefilling:
             if budget <= 0:
                 break
-            chunks.append(_chunk(request.request_id, request.prefilled, request.input_len, budget))
+            chunks.append(_chunk(under_way.request_id, under_way.prefilled, under_way.input_len, budget))
             budget -= chunks[-1].length
         for request in state.queued[: min(free - len(admit), self.schedule.encode_batch)]:
             if budget <= 0:

@@ -37,6 +37,8 @@ MS = 1e-3
 NOISE_FLOOR_MS = 0.01  # dips smaller than 10 us are below what a timed Python call resolves
 FAR_EXTRAPOLATION = 1.25  # a plan needing lengths beyond 1.25x the profiled ones is refused
 
+Values = float | np.ndarray  # one step's figure, or many steps' at once
+
 
 @dataclass(frozen=True)
 class StepShape:
@@ -46,12 +48,12 @@ class StepShape:
     length, since causal attention grows with its square); ``decode_ctx`` the mean KV length.
     """
 
-    prefill_seqs: object = 0.0
-    prefill_tokens: object = 0.0
-    prefill_seq: object = 1.0
-    decode_seqs: object = 0.0
-    decode_ctx: object = 1.0
-    enc_seq: object = 0.0  # T5: encoder length seen by cross-attention
+    prefill_seqs: Values = 0.0
+    prefill_tokens: Values = 0.0
+    prefill_seq: Values = 1.0
+    decode_seqs: Values = 0.0
+    decode_ctx: Values = 1.0
+    enc_seq: Values = 0.0  # T5: encoder length seen by cross-attention
 
     def split(self, parts) -> StepShape:
         """One of ``parts`` equal micro-batches of this step."""

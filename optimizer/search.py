@@ -219,6 +219,7 @@ class Family:
         if self.kind == "cost":
             return replace(at_lo, throughput_seq_s=at_lo.throughput_seq_s * hi / lo)
         if self.kind == "bounded":
+            assert self.optimistic is not None  # (a bounded family comes with its bounds)
             return self._capped(self.optimistic(lo, hi, **self._line_values(rows, 1)))
         raise ValueError(f"a {self.kind} family is searched by bisection, not bounded by intervals")
 
@@ -442,8 +443,8 @@ def waa_splits(sc: Scenario, unit: int) -> list[int]:
 def _group_tp_stages(sc: Scenario, span: int, k: int, partial: bool) -> list[int]:
     """TP stages of degree ``k`` a WAA group of ``span`` devices may have: all of them (the
     paper's), or with ``partial`` any number (the rest single devices), within the model's layers."""
-    if sc.group_tp() is not None:
-        return [sc.group_tp()[1]]
+    if (fixed := sc.group_tp()) is not None:
+        return [fixed[1]]
     if k == 1:
         return [0]
     full = span // k
@@ -641,7 +642,8 @@ def _best_in(fam: Family, rows: np.ndarray, batch: np.ndarray, p: Predictions, b
 
 class _Incumbent:
     def __init__(self, tol: Tolerances) -> None:
-        self.thr, self.candidate, self.tol = -math.inf, None, tol
+        self.thr, self.tol = -math.inf, tol
+        self.candidate: Candidate | None = None
 
     def offer(self, fam: Family, found, p: Predictions) -> None:
         if found and found[0] > self.thr:
@@ -746,7 +748,7 @@ def branch_and_bound(
     fams = families(sc, policies, space)
     inc, evals, pruned = _Incumbent(tol), 0, 0
 
-    def seed(fam: Family) -> Predictions:
+    def seed(fam: Family) -> tuple[Predictions, float]:
         nonlocal evals
         sample = _sample(fam.max_batch)
         rows = np.arange(fam.size)
@@ -757,7 +759,7 @@ def branch_and_bound(
         inc.offer(fam, found, p)
         return p, (found[0] if found else -math.inf)
 
-    seeded = {}
+    seeded: dict[int, Predictions] = {}
     for i, fam in enumerate(fams):
         if fam.kind != "monotone":  # cheap to seed: they give the first incumbent
             seeded[i] = seed(fam)[0]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
 
@@ -133,7 +133,7 @@ class _Costs:
         contexts: list[int],
         padding: int,
         enc_lens: list[int],
-        chunks: list[tuple[int, int]] = (),
+        chunks: Sequence[tuple[int, int]] = (),
     ) -> StepShape:
         """``chunks``: (start, length) of each prompt chunk; its attention is a whole prompt's of
         length sqrt(length x (2 start + length)) (the same work: a prompt's chunks add up to it)."""
@@ -374,7 +374,7 @@ class _SimWorker:
         if self.role == "encoder":
             self._encode(plan, shape, now)
             return
-        dt = self.step_s(plan, shape) if self.step_s else self.costs.iteration_s(shape)
+        dt = self._seconds(plan, shape, "iteration_s")
         if plan.decode:
             book.steps.append(DecodeStep(now, dt, len(plan.decode), len(book.start)))
         self.step, self.busy_until = plan, now + dt
@@ -391,6 +391,13 @@ class _SimWorker:
                 rid = heapq.heappop(self.fleet.handoffs)[2]
                 d.offer(RunningRequest(rid, book.by_id[rid].input_len, book.generated[rid]))
                 room -= 1
+
+    def _seconds(self, plan: StepPlan, shape: StepShape | None, figure: str) -> float:
+        """A step's seconds: replayed (``step_s``), or the cost model's ``figure`` for its shape."""
+        if self.step_s is not None:
+            return self.step_s(plan, shape)
+        assert self.costs is not None and shape is not None  # (costed steps have a shape)
+        return float(getattr(self.costs, figure)(shape))
 
     def _shape(self, plan: StepPlan) -> StepShape | None:
         book = self.fleet.book
@@ -418,17 +425,17 @@ class _SimWorker:
             self.fleet.credits += len(finished)
         book.peak = max(book.peak, len(self.driver.running) + len(self.driver.prefilling))
 
-    def _encode(self, plan: StepPlan, shape: StepShape, now: float) -> None:
+    def _encode(self, plan: StepPlan, shape: StepShape | None, now: float) -> None:
         book, fleet = self.fleet.book, self.fleet
         fleet.credits -= len(plan.encode)
-        done_at = now + (self.step_s(plan, shape) if self.step_s else self.costs.encode_path_s(shape))
+        done_at = now + self._seconds(plan, shape, "encode_path_s")
         finished = tuple(i for i in plan.encode if book.emit(i, done_at))
         fleet.credits += len(finished)  # finished at prefill: nothing to hand off
         moving = tuple(i for i in plan.encode if i not in set(finished))
         for rid in moving:
             fleet.hand_off(rid, done_at, book.by_id[rid].input_len)
         self.driver.complete(plan, StepOutcome(finished, moving))
-        self.busy_until = done_at if self.step_s else now + self.costs.encode_interval_s(shape)
+        self.busy_until = done_at if self.step_s else now + self._seconds(plan, shape, "encode_interval_s")
 
 
 def _run(fleet: _Fleet) -> None:

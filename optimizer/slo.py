@@ -26,10 +26,17 @@ import numpy as np
 
 
 class Timed(Protocol):
-    arrival_s: float
-    first_token_s: float
-    finish_s: float
-    output_len: int
+    @property
+    def arrival_s(self) -> float: ...
+
+    @property
+    def first_token_s(self) -> float: ...
+
+    @property
+    def finish_s(self) -> float: ...
+
+    @property
+    def output_len(self) -> int: ...
 
 
 @dataclass(frozen=True)

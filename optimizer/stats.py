@@ -271,16 +271,17 @@ class StreamingStats:
         if other.half_life_s != self.half_life_s:
             raise ValueError(f"cannot merge half-lives {self.half_life_s} and {other.half_life_s}")
         if other._t_ref is not None:
-            self._merge_weighted(other)
+            self._merge_weighted(other, other._t_ref)
         self._arrivals = list(heapq.merge(self._arrivals, other._arrivals))[-self.arrival_capacity :]
         rows = np.concatenate([self._ring.rows(), other._ring.rows()])
         self._ring.replace(rows[np.argsort(rows[:, 3], kind="stable")])
 
-    def _merge_weighted(self, other: StreamingStats) -> None:
+    def _merge_weighted(self, other: StreamingStats, their_ref: float) -> None:
+        """Merge ``other``'s weighted figures, whose weights are relative to ``their_ref``."""
         if self._t_ref is None:
-            self._t_ref = other._t_ref
-        self._move_reference(max(self._t_ref, other._t_ref))
-        factor = 2.0 ** ((other._t_ref - self._t_ref) / self.half_life_s)
+            self._t_ref = their_ref
+        self._move_reference(max(self._t_ref, their_ref))
+        factor = 2.0 ** ((their_ref - self._t_ref) / self.half_life_s)
         for mine, theirs in ((self.input, other.input), (self.output, other.output)):
             scaled = theirs.copy()
             scaled.scale(factor)
@@ -297,6 +298,7 @@ class StreamingStats:
         return 2.0**exponent
 
     def _move_reference(self, t: float) -> None:
+        assert self._t_ref is not None  # (a reference is set before weights are moved to another)
         factor = 2.0 ** ((self._t_ref - t) / self.half_life_s)
         self.input.scale(factor)
         self.output.scale(factor)

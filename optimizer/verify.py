@@ -176,7 +176,9 @@ def verified_search(
         return None
 
     fractions = (1.0,) if math.isinf(latency_bound_s) else LADDER
-    found, failed_at, result, fraction = None, None, None, 1.0
+    found: tuple[SearchResult, LoadFigures, float] | None = None
+    failed_at: float | None = None
+    fraction = 1.0
     for fraction in fractions[:tries]:
         result = run(fraction)
         if result.best is None:
@@ -192,13 +194,16 @@ def verified_search(
             found = (result, figures, fraction)
             break
         failed_at = fraction
-    if found is None:
+    if found is None:  # (tries >= 1: a search ran)
         return Verified(None, None, latency_bound_s * fraction, searches, evaluations, result)
     ok, bad = found[2], failed_at
-    for _ in range(refine if bad is not None else 0):
+    for _ in range(refine):
+        if bad is None:
+            break
         mid = (ok + bad) / 2
         result = run(mid)
         best = found[0].best
+        assert best is not None  # (what was found is a search's pick)
         if result.best is None or result.best.schedule in overran:
             bad = mid
         elif (
