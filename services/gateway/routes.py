@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -88,24 +89,14 @@ def openai_router() -> APIRouter:
 
     @router.post("/v1/completions", responses=GENERATION_ERRORS)
     async def completions(body: oa.CompletionBody, request: Request) -> Response:
-        model: ServedModel = request.app.state.model
-        request.state.model = body.model  # for the request's log line
-        check_model(body, model)
-        config: MeshConfig = request.app.state.config
-        prompt_ids = await asyncio.to_thread(completion_prompt, body, model, config.max_prompt_chars)
-        request.state.prompt_tokens = len(prompt_ids)
+        model, config, prompt_ids = await checked_prompt(request, body, completion_prompt)
         sampling = sampling_of(body, body.max_tokens, prompt_ids, model, config)
         check_request_tokens(body, sampling, config)
         return await respond(request, oa.COMPLETIONS, body, prompt_ids, sampling)
 
     @router.post("/v1/chat/completions", responses=GENERATION_ERRORS)
     async def chat(body: oa.ChatBody, request: Request) -> Response:
-        model: ServedModel = request.app.state.model
-        request.state.model = body.model  # for the request's log line
-        check_model(body, model)
-        config: MeshConfig = request.app.state.config
-        prompt_ids = await asyncio.to_thread(chat_prompt, body, model, config.max_prompt_chars)
-        request.state.prompt_tokens = len(prompt_ids)
+        model, config, prompt_ids = await checked_prompt(request, body, chat_prompt)
         wanted = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             sampling_of(
@@ -116,3 +107,17 @@ def openai_router() -> APIRouter:
         return await respond(request, oa.CHAT, body, prompt_ids, sampling)
 
     return router
+
+
+async def checked_prompt(
+    request: Request, body: Any, build: Callable[..., list[int]]
+) -> tuple[ServedModel, MeshConfig, list[int]]:
+    """What both generation routes do first: the body's model checked against the one served, and
+    its prompt built and tokenized off the event loop (both noted for the request's log line)."""
+    model: ServedModel = request.app.state.model
+    request.state.model = body.model
+    check_model(body, model)
+    config: MeshConfig = request.app.state.config
+    prompt_ids = await asyncio.to_thread(build, body, model, config.max_prompt_chars)
+    request.state.prompt_tokens = len(prompt_ids)
+    return model, config, prompt_ids
