@@ -14,6 +14,7 @@ from typing import Protocol
 
 from common.messages.jobs import BatchJob
 from engine.api import SamplingParams, Tokenizer
+from services.hosting.sampling import engine_sampling
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,8 @@ def prompt_ids(job: BatchJob, tokenizer: Tokenizer, max_context: int) -> tuple[i
 
 
 def sampling_params(job: BatchJob) -> SamplingParams:
-    s = job.sampling
     try:
-        return SamplingParams(
-            max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            seed=s.seed,
-            stop=s.stop,
-            ignore_eos=s.ignore_eos,
-        )
+        return engine_sampling(job.sampling)
     except ValueError as exc:
         raise JobFailed(str(exc)) from None
 

@@ -10,6 +10,7 @@ from typing import Any
 from common.messages.jobs import BatchJob, ChatTurn
 from common.messages.work import Sampling
 from engine.api import MAX_TEMPERATURE, MAX_TOP_K
+from services.hosting.sampling import checked
 
 ENDPOINTS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 MAX_TOKENS_DEFAULT = 16
@@ -59,14 +60,16 @@ def sampling_from_body(body: dict[str, Any], max_tokens_limit: int) -> Sampling:
         raise InvalidRequest("ignore_eos must be true or false")
     key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     try:
-        return Sampling(
-            max_tokens=_number(body, key, int, MAX_TOKENS_DEFAULT, 1, max_tokens_limit),
-            temperature=_number(body, "temperature", float, 0.0, 0.0, MAX_TEMPERATURE),
-            top_k=_number(body, "top_k", int, 0, 0, MAX_TOP_K),
-            top_p=_number(body, "top_p", float, 1.0, 1e-9, 1.0),
-            seed=seed,
-            stop=tuple(stop),
-            ignore_eos=ignore_eos,
+        return checked(
+            Sampling(
+                max_tokens=_number(body, key, int, MAX_TOKENS_DEFAULT, 1, max_tokens_limit),
+                temperature=_number(body, "temperature", float, 0.0, 0.0, MAX_TEMPERATURE),
+                top_k=_number(body, "top_k", int, 0, 0, MAX_TOP_K),
+                top_p=_number(body, "top_p", float, 1.0, 1e-9, 1.0),
+                seed=seed,
+                stop=tuple(stop),
+                ignore_eos=ignore_eos,
+            )
         )
     except ValueError as exc:  # what the parameters' own checks refuse (a seed beyond 64 bits)
         raise InvalidRequest(str(exc)) from None

@@ -77,10 +77,9 @@ import httpx
 
 from common.config import MeshConfig
 from common.messages import codec
-from common.messages.work import EncodeWork
+from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from common.transport.connect import LocalHub, open_bus
-from engine.api import SamplingParams
 from engine.parallel.procs import free_port
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -875,7 +874,7 @@ async def poison(h: Harness, _: Clients) -> dict:
             await bus.publish(queue, os.urandom(64))
         for exchange in exchanges:
             await bus.broadcast(exchange, os.urandom(64))
-        bad_reply = EncodeWork("poison-reply", MODEL, (1, 2, 3), SamplingParams(4), "x" * 300, time.time(), True)
+        bad_reply = EncodeWork("poison-reply", MODEL, (1, 2, 3), Sampling(4), "x" * 300, time.time(), True)
         await bus.publish(names.encode_queue, codec.encode(bad_reply))
     finally:
         await bus.close()

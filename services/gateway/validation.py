@@ -9,6 +9,7 @@ from common.messages.work import Sampling
 from services.front import openai_api as oa
 from services.front.core import ServedModel
 from services.gateway.errors import ApiError
+from services.hosting.sampling import checked
 
 
 def check_model(body: oa._Common, model: ServedModel) -> None:
@@ -162,7 +163,7 @@ def sampling_of(
         )
     forced = body.ignore_eos or body.min_tokens >= wanted  # exactly max_tokens (stop strings ignored too)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    return Sampling(
+    sampling = Sampling(
         wanted,
         body.temperature,
         body.top_k,
@@ -175,6 +176,10 @@ def sampling_of(
         logprobs_wanted(body),
         0 if forced else body.min_tokens,
     )
+    try:
+        return checked(sampling)
+    except ValueError as exc:  # what the engine's own checks refuse and the schema let through
+        raise ApiError(400, str(exc)) from None
 
 
 def logprobs_wanted(body: oa._Common) -> int | None:

@@ -29,6 +29,7 @@ from optimizer.policies import (
     StepPlan,
     intake_prefetch,
 )
+from services.hosting.sampling import engine_sampling
 from services.worker.mailbox import Outbox
 from services.worker.requests import Held
 
@@ -146,8 +147,9 @@ class Intake:
         await self.send(outbox)
 
     async def _admit_work(self, deliveries: list[Delivery], outbox: Outbox) -> list[Held]:
-        """Work that can run here; bad bytes are dead-lettered, other models' work fails (400),
-        aborted or already finished work is acked."""
+        """Work that can run here; bad bytes are dead-lettered, and so is sampling the engine
+        refuses (its request failing with a 400), other models' work fails (400), aborted or
+        already finished work is acked."""
         kept: list[Held] = []
         for delivery, work in await self._decoded(deliveries, WorkMessage):
             if work.model != self.config.model:
@@ -158,7 +160,15 @@ class Intake:
                 await delivery.ack()
             else:
                 try:
-                    held = Held.from_work(delivery, work)
+                    params = engine_sampling(work.sampling)
+                except ValueError as exc:  # values the engine refuses: this request fails (400), nothing else
+                    invalid = Outbox()
+                    invalid.failure(work.reply_to, Failure(work.request_id, 400, f"invalid request: {exc}"))
+                    await self.send(invalid)
+                    await delivery.dead_letter(f"invalid sampling: {exc}")
+                    continue
+                try:
+                    held = Held.from_work(delivery, work, params)
                     if self.tracing.enabled:
                         held.trace = self.tracing.extract(delivery.headers)
                 except Exception as exc:  # the per-message guard: this request only

@@ -62,7 +62,8 @@ class Held:
     credit: bool = False  # holds a decode credit (an encoder took one to encode it; a decoder's hand-off)
 
     @staticmethod
-    def from_work(delivery: Delivery, work: EncodeWork) -> Held:
+    def from_work(delivery: Delivery, work: EncodeWork, params: SamplingParams) -> Held:
+        """``params``: the work's sampling as the engine takes it (``services.hosting.sampling``)."""
         return Held(
             delivery,
             work.request_id,
@@ -70,7 +71,7 @@ class Held:
             work.stream,
             work.submitted_at,
             work.prompt_ids,
-            work.sampling,
+            params,
             work=work,
             generated=list(work.resume_ids),
             emitted=work.resume_text,

@@ -17,7 +17,7 @@ import pytest
 from common.config import MeshConfig
 from common.messages import codec
 from common.messages.handoff import KvBlocks, KvReady
-from common.messages.work import EncodeWork
+from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from common.transport.connect import LocalHub, open_kv, open_transports, purge
 from common.transport.kv import StoreKv
@@ -309,7 +309,7 @@ async def test_a_worker_with_nixl_chosen_where_it_cannot_load_refuses(store, nam
 
 
 async def test_kv_ready_carries_the_request_to_encode_again():
-    work = EncodeWork("r", "tiny", (1, 2), SamplingParams(max_tokens=4), "q", 1.0, True, (7,), "x")
+    work = EncodeWork("r", "tiny", (1, 2), Sampling(max_tokens=4), "q", 1.0, True, (7,), "x")
     ready = KvReady("r", "enc", "q", "ns:kvmeta:r", 2, 1, 1.0, True, work)
     assert codec.decode(codec.encode(ready), KvReady) == ready
 

@@ -156,7 +156,7 @@ async def test_work_with_sampling_out_of_bounds_fails_to_its_requester_and_is_de
         assert (failure.request_id, failure.status) == ("r-bounds", 400)
         assert named in failure.message, failure.message
         [dead] = await dead_letters(t.bus, names, 1)
-        assert dead.headers["x-exegpt-reason"].startswith("undecodable: ")
+        assert dead.headers["x-exegpt-reason"].startswith("invalid sampling: ")
         await still_serves(m)
         await t.close()
 
