@@ -32,14 +32,15 @@ from common.messages.status import (
 from common.messages.work import EncodeWork, Sampling
 from optimizer.schedule import Schedule
 
-SCHEMA_VERSION = 12  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
+SCHEMA_VERSION = 13  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
 # 4: WorkerStatus carries the shape of the worker's process group; 5: Sampling is the engine's
 # SamplingParams (penalties, logprobs) and Token carries log-probabilities; 6: SamplingParams carries
 # min_tokens, and Schedule encode_microbatches and encoder_tp_stages; 7: Schedule chunk_tokens (mixed);
 # 8: WorkerStatus carries step costs, SchedulerState the SLO, forecast, calibration and candidates; SetSlo
 # 9: KvReady carries the request to encode again (resume); KvBlocks, the NIXL hand-off descriptor;
 # 10: WorkerStatus carries KV cache use, SchedulerState the lengths the plan was made on; 11: and the
-# last search's wall time; 12: WorkerStatus carries the batch sizes the worker applies
+# last search's wall time; 12: WorkerStatus carries the batch sizes the worker applies; 13: KvBlocks
+# carries the cache's token count
 
 # Tags are part of the wire format: never reuse or renumber one.
 TAGS: dict[type, int] = {

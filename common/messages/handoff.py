@@ -38,7 +38,8 @@ class KvBlocks:
     shape: tuple[int, ...]
     layout: str
     expires_at: float  # unix seconds: the lease; the encoder frees the block then
-    header: bytes  # the hand-off without its KV bytes (KVHandoff.to_bytes with kv empty)
+    header: bytes  # the rest of the engine's hand-off (KvPayload.header)
+    tokens: int  # positions the cache holds
 
 
 HandoffMessage = KvReady

@@ -38,9 +38,8 @@ import numpy as np
 from common.messages import codec
 from common.messages.handoff import KvBlocks
 from common.names import KV_AGENT_TTL_S, Names
-from common.transport.kv import CorruptPayload
+from common.transport.kv import CorruptPayload, KvPayload
 from common.transport.port import Store
-from engine.api import KVHandoff
 
 ALIGN = 4096  # staging blocks start on page boundaries
 READ_POLL_S = 0.0005  # the transfer thread's wait between checks of a running read
@@ -209,37 +208,38 @@ class NixlKv:
         self._published_at = time.monotonic()
 
     # ---- encoder side ------------------------------------------------------------------------
-    async def put(self, handoff: KVHandoff, *, producer: str, ttl_s: float) -> str:
+    async def put(self, payload: KvPayload, *, producer: str, ttl_s: float) -> str:
         await self.start()
-        nbytes = len(handoff.kv)
+        nbytes = len(payload.kv)
         if nbytes > self._pool.capacity:
             raise StagingFull(
-                f"{handoff.request_id}: {nbytes} bytes of KV exceed the staging pool "
+                f"{payload.request_id}: {nbytes} bytes of KV exceed the staging pool "
                 f"({self._pool.capacity} bytes: kv_staging_mb)"
             )
-        offset = self._claim_export(handoff.kv)
+        offset = self._claim_export(payload.kv)
         if offset is None:
             offset = await self._reserve(nbytes, deadline=time.monotonic() + ttl_s)
         try:
-            header = await self._call(_stage, self._buffer, offset, handoff)
+            await self._call(_stage, self._buffer, offset, payload)
             blocks = KvBlocks(
-                handoff.request_id,
+                payload.request_id,
                 producer,
                 self.agent_name,
                 self._address(offset),
                 nbytes,
-                handoff.dtype,
-                handoff.shape,
-                handoff.layout,
+                payload.dtype,
+                payload.shape,
+                payload.layout,
                 time.time() + ttl_s,
-                header,
+                payload.header,
+                payload.tokens,
             )
-            ref = self._names.kv_meta(handoff.request_id)
+            ref = self._names.kv_meta(payload.request_id)
             await self._store.set(ref, codec.encode(blocks), ttl_s=ttl_s)
         except BaseException:
             self._free(offset)
             raise
-        self._staged[handoff.request_id] = _Staged(offset, time.time() + ttl_s)
+        self._staged[payload.request_id] = _Staged(offset, time.time() + ttl_s)
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.create_task(self._reap_while_staged())
         return ref
@@ -310,7 +310,7 @@ class NixlKv:
                 await asyncio.sleep(REAP_INTERVAL_S)  # a periodic sweep: NIXL notifications are polled
 
     # ---- decoder side ------------------------------------------------------------------------
-    async def get(self, ref: str) -> KVHandoff | None:
+    async def get(self, ref: str) -> KvPayload | None:
         data = await self._store.get(ref)
         if data is None:
             return None
@@ -333,11 +333,7 @@ class NixlKv:
             if kv is None:
                 return None
         await self._store.delete(ref)
-        try:
-            header = KVHandoff.from_bytes(blocks.header)
-        except ValueError as exc:
-            raise CorruptPayload(f"{ref}: {exc}") from exc
-        return dataclasses.replace(header, kv=kv)
+        return KvPayload(blocks.request_id, blocks.header, kv, blocks.dtype, blocks.shape, blocks.layout, blocks.tokens)
 
     def _read(self, blocks: KvBlocks, metadata: bytes) -> np.ndarray | None:
         """READ the blocks into a registered buffer; the notification releases them on the encoder.
@@ -449,13 +445,11 @@ class NixlKv:
         self._agent = None  # its threads stop with it; the buffers it registered outlive it
 
 
-def _stage(buffer: np.ndarray, offset: int, handoff: KVHandoff) -> bytes:
-    """Copy the KV bytes into their block (unless exported there); return the rest of the
-    hand-off, serialised."""
-    block = buffer[offset : offset + len(handoff.kv)]
-    if not (isinstance(handoff.kv, np.ndarray) and handoff.kv.ctypes.data == block.ctypes.data):
-        block[:] = np.frombuffer(handoff.kv, dtype=np.uint8)
-    return dataclasses.replace(handoff, kv=b"").to_bytes()
+def _stage(buffer: np.ndarray, offset: int, payload: KvPayload) -> None:
+    """Copy the KV bytes into their block (unless exported there)."""
+    block = buffer[offset : offset + len(payload.kv)]
+    if not (isinstance(payload.kv, np.ndarray) and payload.kv.ctypes.data == block.ctypes.data):
+        block[:] = np.frombuffer(payload.kv, dtype=np.uint8)
 
 
 def _copy_block(buffer: np.ndarray, offset: int, nbytes: int) -> np.ndarray:

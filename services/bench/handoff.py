@@ -45,6 +45,7 @@ from common.names import Names
 from common.transport.connect import LocalHub, open_transports, purge
 from common.transport.nixl_kv import NixlUnavailable, load_nixl
 from engine.api import KVHandoff, SamplingParams
+from services.hosting.handoffs import engine_handoff, kv_payload
 
 SMOLLM2_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4
 COPIES = {
@@ -114,7 +115,8 @@ async def _decode(config: MeshConfig, peer: Connection) -> None:
             if ready.kv_ref == "":
                 await delivery.ack()
                 break
-            handoff = await t.kv.get(ready.kv_ref)
+            payload = await t.kv.get(ready.kv_ref)
+            handoff = None if payload is None else engine_handoff(payload)  # as a worker imports it
             arrived = time.time()
             await t.kv.drop(ready.kv_ref)
             await delivery.ack()
@@ -143,7 +145,7 @@ async def _encode(config: MeshConfig, peer: Connection, plan: list[tuple[str, in
             for i in range(runs + 2):  # one warm-up, the timed runs, one that measures Redis
                 handoff = _handoff(f"{label}-{i}", _exported(kv, t.kv.export_buffer(nbytes)))
                 start = time.time()
-                ref = await t.kv.put(handoff, producer="bench-encoder", ttl_s=TIMEOUT_S)
+                ref = await t.kv.put(kv_payload(handoff), producer="bench-encoder", ttl_s=TIMEOUT_S)
                 if i == runs + 1:
                     held = await t.store.bytes_prefix(names.key_prefix)
                 ready = KvReady(handoff.request_id, "bench-encoder", "", ref, 1, 0, start)

@@ -16,6 +16,7 @@ from common.transport.port import (
     Unroutable,
 )
 from engine.api import KVHandoff
+from services.hosting.handoffs import kv_payload
 from services.worker.mailbox import Outbox
 from services.worker.requests import Held
 
@@ -93,7 +94,7 @@ class Exits:
         with self.tracing.span(
             "publish handoff", parent=held.trace, kind="producer", attributes=self._span_attributes(held)
         ):
-            ref = await self.kv.put(handoff, producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
+            ref = await self.kv.put(kv_payload(handoff), producer=self.worker_id, ttl_s=self.config.kv_ttl_s)
             ready = KvReady(
                 held.request_id,
                 self.worker_id,

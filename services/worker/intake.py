@@ -12,7 +12,7 @@ from common.messages.events import Failure
 from common.messages.handoff import HandoffMessage, KvReady
 from common.messages.work import WorkMessage
 from common.transport.errors import is_outage
-from common.transport.kv import CorruptPayload
+from common.transport.kv import CorruptPayload, KvPayload
 from common.transport.port import (
     DEAD_HEADERS,
     REENCODED_HEADER,
@@ -23,12 +23,14 @@ from common.transport.port import (
     failed,
     tell,
 )
+from engine.api import KVHandoff
 from optimizer.policies import (
     QueuedRequest,
     RunningRequest,
     StepPlan,
     intake_prefetch,
 )
+from services.hosting.handoffs import engine_handoff
 from services.hosting.sampling import engine_sampling
 from services.worker.mailbox import Outbox
 from services.worker.requests import Held
@@ -188,7 +190,8 @@ class Intake:
         payloads = await asyncio.gather(*(self.kv.get(m.kv_ref) for _, m in ready), return_exceptions=True)
         fetched = time.time()
         kept = []
-        for (delivery, message), handoff in zip(ready, payloads):
+        for (delivery, message), payload in zip(ready, payloads):
+            handoff = _imported(message.kv_ref, payload)
             if isinstance(handoff, CorruptPayload):  # the same bytes fail everywhere: no retry
                 reason = f"corrupt KV payload: {handoff}"
                 await tell(self._on_dead, delivery, reason)
@@ -317,3 +320,14 @@ class Intake:
             self._encode_prefetch = want
 
     # ==== execute ================================================================================
+
+
+def _imported(ref: str, payload: KvPayload | BaseException | None) -> KVHandoff | BaseException | None:
+    """A fetched payload as the engine's hand-off; a header the engine cannot read is as corrupt
+    as bytes that do not unpack (the same everywhere: no retry)."""
+    if not isinstance(payload, KvPayload):
+        return payload
+    try:
+        return engine_handoff(payload)
+    except ValueError as exc:
+        return CorruptPayload(f"{ref}: {exc}")

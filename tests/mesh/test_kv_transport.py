@@ -20,10 +20,11 @@ from common.messages.handoff import KvBlocks, KvReady
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from common.transport.connect import LocalHub, open_kv, open_transports, purge
-from common.transport.kv import StoreKv
+from common.transport.kv import KvPayload, StoreKv
 from common.transport.nixl_kv import NixlKv, NixlUnavailable, StagingFull, StagingPool
 from common.transport.redis_store import RedisStore
 from engine.api import KVHandoff, SamplingParams
+from services.hosting.handoffs import kv_payload
 from tests.brokers import REDIS_URL, need, nixl_loads, require_broker
 
 pytestmark = pytest.mark.broker
@@ -31,8 +32,13 @@ TIMEOUT_S = 10.0
 KV_BYTES = 4 << 20  # a 90-token SmolLM2 prompt's KV cache in float32
 
 
-def handoff(request_id: str, nbytes: int = KV_BYTES, seed: int = 0) -> KVHandoff:
+def handoff(request_id: str, nbytes: int = KV_BYTES, seed: int = 0) -> KvPayload:
+    """An engine's hand-off as a worker gives it to the data plane."""
     kv = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    return kv_payload(engine_side(request_id, kv))
+
+
+def engine_side(request_id: str, kv: bytes) -> KVHandoff:
     return KVHandoff(
         request_id,
         "tiny",
@@ -42,7 +48,7 @@ def handoff(request_id: str, nbytes: int = KV_BYTES, seed: int = 0) -> KVHandoff
         "x",
         b"\x01\x02",
         "float32",
-        (1, 2, 1, nbytes // 16, 2),
+        (1, 2, 1, len(kv) // 16, 2),
         "llama:L,2,Hkv,T,D",
         kv,
     )

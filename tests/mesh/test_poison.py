@@ -21,7 +21,7 @@ from common.names import Names
 from common.scheduling import DEFAULT_SCHEDULE
 from common.transport.batchdir import BatchDir
 from common.transport.connect import open_bus, open_transports
-from common.transport.kv import StoreKv
+from common.transport.kv import KvPayload, StoreKv
 from engine.api import GenerationRequest
 from optimizer.policies import StepPlan
 from services.batch.consumer import ConsumerConfig, JobConsumer
@@ -97,7 +97,15 @@ async def test_undecodable_work_and_handoffs_are_dead_lettered_and_the_worker_go
         await t.close()
 
 
-async def test_a_corrupt_kv_handoff_fails_its_request_and_the_worker_goes_on(config, hub):
+# bytes that are no payload, and a payload whose header (the engine's part) is not a hand-off
+UNREADABLE = [
+    b"not a kv cache",
+    KvPayload("r-corrupt", b"not a header", b"\0" * 64, "float32", (16,), "raw", 1).to_bytes(),
+]
+
+
+@pytest.mark.parametrize("stored", UNREADABLE, ids=["payload", "header"])
+async def test_a_corrupt_kv_handoff_fails_its_request_and_the_worker_goes_on(config, hub, stored):
     names = Names(config.namespace)
     async with running_mesh(config, hub, load) as m:
         t = await open_transports(config, names, hub)
@@ -105,7 +113,7 @@ async def test_a_corrupt_kv_handoff_fails_its_request_and_the_worker_goes_on(con
             worker.kv = StoreKv(worker.store, names)
         queue, events = await events_queue(t, names, "client")
         ref = names.kv_payload("r-corrupt")
-        await t.store.set(ref, b"not a kv cache", ttl_s=60)
+        await t.store.set(ref, stored, ttl_s=60)
         await t.bus.publish(names.handoff_queue, codec.encode(KvReady("r-corrupt", "enc", queue, ref, 3, 0, 0.0)))
         failure = await next_failure(events)
         assert (failure.request_id, failure.status) == ("r-corrupt", 500)

@@ -17,6 +17,7 @@ from common.scheduling import recent_lengths
 from common.transport.connect import open_bus, open_transports
 from engine.api import GenerationRequest, SamplingParams
 from optimizer.schedule import Schedule
+from services.hosting.handoffs import kv_payload
 from tests.brokers import need
 from tests.mesh.conftest import running_mesh
 from tests.mesh.fake_engine import FakeEngine, load, next_token
@@ -438,7 +439,7 @@ async def test_work_redelivered_after_its_request_finished_is_not_run_again(conf
     t = await open_transports(config, names, hub)
     engine = FakeEngine()
     engine.prefill([GenerationRequest("r-old", (104, 105), SamplingParams(max_tokens=5))])
-    ref = await t.kv.put(engine.export_request("r-old"), producer="enc-gone", ttl_s=60)
+    ref = await t.kv.put(kv_payload(engine.export_request("r-old")), producer="enc-gone", ttl_s=60)
     await t.store.set(names.done("r-old"), b"1", ttl_s=60)
     work = EncodeWork("r-old", FAKE, (104, 105), Sampling(max_tokens=5), "nobody", 0.0, False)
     ready = KvReady("r-old", "enc-gone", "nobody", ref, 2, 0, 0.0, False)

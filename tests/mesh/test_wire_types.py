@@ -6,10 +6,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import msgpack
 import pytest
 
 from common.messages.work import Sampling
-from engine.api import SamplingParams
+from common.transport.kv import KvPayload
+from engine.api import KVHandoff, SamplingParams
+from services.hosting.handoffs import engine_handoff, kv_payload
 from services.hosting.sampling import checked, engine_sampling
 
 
@@ -46,3 +49,48 @@ def test_sampling_the_engine_refuses_is_a_value_error_naming_the_field(wire, nam
 def test_sampling_the_engine_takes_passes_the_check_unchanged():
     wire = Sampling(4, stop=("a", "b"))
     assert checked(wire) is wire
+
+
+def _handoff(request_id: str = "r1") -> KVHandoff:
+    kv = bytes(range(256)) * 4
+    return KVHandoff(
+        request_id,
+        "tiny",
+        SamplingParams(max_tokens=8, stop=("END",), seed=7),
+        (1, 2, 3),
+        (4, 5),
+        "four",
+        b"\x01\x02",
+        "float32",
+        (1, 2, 1, 16, 4),
+        "llama:L,2,Hkv,T,D",
+        kv,
+    )
+
+
+def test_a_handoff_crosses_the_data_plane_whole():
+    sent = _handoff()
+    payload = kv_payload(sent)
+    assert payload.kv is sent.kv  # not copied
+    assert (payload.request_id, payload.dtype, payload.shape, payload.layout) == (
+        sent.request_id,
+        sent.dtype,
+        sent.shape,
+        sent.layout,
+    )
+    assert payload.tokens == 5 and payload.nbytes == len(sent.kv)
+    assert engine_handoff(KvPayload.from_bytes(payload.to_bytes())) == sent
+
+
+def test_a_payload_whose_header_is_another_requests_or_unreadable_is_refused():
+    payload = kv_payload(_handoff("r1"))
+    with pytest.raises(ValueError, match="r2"):
+        engine_handoff(dataclasses.replace(payload, request_id="r2"))
+    with pytest.raises(ValueError, match="hand-off"):
+        engine_handoff(dataclasses.replace(payload, header=b"\x00garbage"))
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", msgpack.packb({"v": 999}), msgpack.packb({"v": 1, "kv": b""})])
+def test_bytes_that_are_not_a_payload_of_this_version_are_a_value_error(data):
+    with pytest.raises(ValueError):
+        KvPayload.from_bytes(data)
