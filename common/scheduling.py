@@ -8,33 +8,18 @@ when it has nothing planned or pinned, and what a worker follows before any upda
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 from common.messages import codec
 from common.messages.control import PinSchedule, Replan, ScheduleUpdate, SetBound, SetSlo
+from common.messages.schedule import ScheduleSpec
 from common.messages.status import LengthSample, SchedulerState
 from common.names import Names
 from common.transport.port import Bus, Store
-from optimizer.schedule import Schedule
 
 # A fresh machine has no profile: one worker can run this alone, and so can any number of them.
-DEFAULT_SCHEDULE = Schedule("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
-
-
-def parse_schedule(text: str) -> Schedule:
-    """A schedule from JSON (an object of ``Schedule`` fields, or ``exegpt plan --json``'s output,
-    whose "schedule" it takes) or from a file holding it."""
-    source = Path(text).read_text() if not text.lstrip().startswith("{") else text
-    try:
-        fields = json.loads(source)
-        if isinstance(fields, dict) and isinstance(fields.get("schedule"), dict):
-            fields = fields["schedule"]
-        return Schedule(**fields)
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise ValueError(f"not a schedule: {exc}") from None
+DEFAULT_SCHEDULE = ScheduleSpec("continuous", encode_batch=8, decode_batch=32, worker_devices=1)
 
 
 async def current_schedule(store: Store, names: Names) -> ScheduleUpdate | None:
@@ -47,7 +32,7 @@ async def recent_lengths(store: Store, names: Names, count: int) -> list[LengthS
     return [codec.decode(item, LengthSample) for item in await store.list_range(names.output_lengths, count)]
 
 
-async def request_schedule(bus: Bus, names: Names, schedule: Schedule | None) -> None:
+async def request_schedule(bus: Bus, names: Names, schedule: ScheduleSpec | None) -> None:
     """Ask the scheduler to pin ``schedule`` (None: unpin)."""
     await ask_scheduler(bus, names, PinSchedule(schedule, time.time()))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from tests.brokers import need
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["services", "loadgen", "common", "engine | optimizer"]
+LAYERS = ["services", "loadgen", "common | engine | optimizer"]
 
 
 def contracts() -> list[dict]:

@@ -21,6 +21,7 @@ from common.messages.control import Abort, PinSchedule, Replan, RoleAssignment, 
 from common.messages.events import EventBatch, Failure, Stamp, Token, TopLogprob
 from common.messages.handoff import KvBlocks, KvReady
 from common.messages.jobs import BatchJob, ChatTurn, JobResult
+from common.messages.schedule import ScheduleSpec
 from common.messages.status import (
     CalibrationPoint,
     CandidateFigures,
@@ -30,7 +31,6 @@ from common.messages.status import (
     WorkerStatus,
 )
 from common.messages.work import EncodeWork, Sampling
-from optimizer.schedule import Schedule
 
 SCHEMA_VERSION = 13  # 2: ScheduleUpdate carries the Schedule and the allocation; 3: and its fencing;
 # 4: WorkerStatus carries the shape of the worker's process group; 5: Sampling is the engine's
@@ -64,7 +64,7 @@ TAGS: dict[type, int] = {
     Failure: 104,
     # 105 was SchedulePlan (schema 1); never reuse it
     ChatTurn: 106,
-    Schedule: 107,
+    ScheduleSpec: 107,
     RoleAssignment: 108,
     TopLogprob: 109,
     StepCost: 110,

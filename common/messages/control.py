@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from optimizer.schedule import Schedule
+from common.messages.schedule import ScheduleSpec
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ScheduleUpdate:
     ``lease_until`` (unix seconds), when its leader's lease has passed."""
 
     version: int
-    schedule: Schedule
+    schedule: ScheduleSpec
     allocation: tuple[RoleAssignment, ...]
     published_at: float
     epoch: int = 0
@@ -61,7 +61,7 @@ class PinSchedule:
     """To the scheduler: run ``schedule`` from now on (its allocation still follows the live
     workers); None: unpin, let the scheduler choose again."""
 
-    schedule: Schedule | None
+    schedule: ScheduleSpec | None
     requested_at: float
 
 

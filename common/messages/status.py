@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from optimizer.schedule import Schedule
+from common.messages.schedule import ScheduleSpec
 
 STEP_COSTS_PER_KIND = 8  # a heartbeat carries at most this many step records of each kind
 
@@ -149,7 +149,7 @@ class CalibrationPoint:
 class CandidateFigures:
     """A schedule the last search weighed, and its simulated figures at the forecast load."""
 
-    schedule: Schedule
+    schedule: ScheduleSpec
     capacity_seq_s: float  # saturated throughput the search predicts (inf: unknown)
     attainment: float  # share of requests meeting the SLO at the forecast (NaN: planned saturated)
     ttft_s: float

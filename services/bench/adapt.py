@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from services.bench.schedules import MODEL, Processes, niced_services, pin, profile_here, purge_namespace
+from services.schedules import planned, wire_schedule
 
 WARMUP_S = 5.0  # requests sent this early are left out of "before"
 SETTLE_S = 10.0  # "after" starts this long after the shift, in both runs (the re-plan goal)
@@ -385,7 +386,7 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
                     continue
                 finally:
                     await delivery.ack()
-                result.updates.append((time.monotonic() - t0[0], update.version, update.schedule))
+                result.updates.append((time.monotonic() - t0[0], update.version, planned(update.schedule)))
 
         listening = asyncio.create_task(listen())
         stack.callback(listening.cancel)
@@ -399,7 +400,7 @@ async def one_run(args: argparse.Namespace, setup: Setup, kind: str, pair: int, 
         async with asyncio.timeout(120):
             while True:
                 update = await current_schedule(transports.store, names)
-                if update is not None and len(update.allocation) >= 2 and update.schedule == setup.first:
+                if update is not None and len(update.allocation) >= 2 and update.schedule == wire_schedule(setup.first):
                     break
                 await asyncio.sleep(0.2)  # polling the store for the mesh to come up; bounded by the timeout
         t0[0] = time.monotonic()

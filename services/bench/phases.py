@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from services.bench.schedules import MODEL, purge_namespace
+from services.schedules import planned
 
 SYSTEMS = ("adaptive", "fixed_first", "default", "best_fixed")
 KEYS = (
@@ -384,7 +385,7 @@ async def one_system(args: argparse.Namespace, setup: Setup, system: str, run: i
             outcome = (
                 f"[{state.last_search_s:.1f} s search] "
                 + state.last_outcome
-                + (f" -> runs {describe(runs)}" if runs is not None else "")
+                + (f" -> runs {describe(planned(runs))}" if runs is not None else "")
             )
             result.searches.append((state.last_replan_at - t0[1], state.last_replan_reason, outcome))
 

@@ -473,12 +473,14 @@ class Bench:
     async def pin(self, schedule) -> None:
         """Run ``schedule`` and wait until both workers applied it (their status reports say so)."""
         from common.scheduling import current_schedule, request_schedule
+        from services.schedules import wire_schedule
 
-        await request_schedule(self.transports.bus, self.names, schedule)
+        wanted = wire_schedule(schedule)
+        await request_schedule(self.transports.bus, self.names, wanted)
         async with asyncio.timeout(READY_TIMEOUT_S):
             while True:
                 update = await current_schedule(self.transports.store, self.names)
-                if update.schedule == schedule and sum(v >= update.version for v in self.versions.values()) >= 2:
+                if update.schedule == wanted and sum(v >= update.version for v in self.versions.values()) >= 2:
                     return
                 self.heard.clear()
                 await self.heard.wait()

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"--rank applies to `exegpt worker`, not `{args.role}`")
         return _follow(config)
     if config.schedule:
-        from common.scheduling import parse_schedule
+        from services.schedules import parse_schedule
 
         try:
             parse_schedule(config.schedule)

@@ -27,6 +27,7 @@ from common.scheduling import ask_scheduler, schedule_records
 from optimizer.schedule import MINIMUMS, Schedule
 from services.front import openai_api as oa
 from services.front.core import Gateway
+from services.schedules import wire_schedule
 
 
 class BoundBody(BaseModel):
@@ -149,7 +150,8 @@ def admin_router() -> APIRouter:
             return bad_request(f"not a schedule: {exc}", "schedule")
         gateway: Gateway = request.app.state.gateway
         requested_at = time.time()
-        await ask_scheduler(gateway.bus, gateway.names, PinSchedule(schedule, requested_at))
+        pin = PinSchedule(None if schedule is None else wire_schedule(schedule), requested_at)
+        await ask_scheduler(gateway.bus, gateway.names, pin)
         return JSONResponse({"requested": "pin", "schedule": jsonable(schedule), "requested_at": requested_at}, 202)
 
     return router

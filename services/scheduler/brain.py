@@ -46,6 +46,7 @@ from optimizer.stats import StreamingStats
 from optimizer.traffic import SHORT_S, Forecast, Weighed, forecast
 from services.scheduler.calibrate import StepCalibrator, points
 from services.scheduler.planning import Plan, Planner, better, better_for_traffic, prior_workload, reference_sample
+from services.schedules import wire_schedule
 
 SEEN_MAX = 20_000  # request ids remembered to skip finish records already counted
 WINDOW_MAX = 500  # newest finished requests since the last plan that a search on observations uses
@@ -462,7 +463,7 @@ class Brain:
                     pressure=w.slo.pressure,
                 )
         runs = self.plan.schedule  # the candidates as the state record shows them: what runs first, marked
-        marked = [replace(c, chosen=c.schedule == runs) for c in self.plan.candidates]
+        marked = [replace(c, chosen=c.schedule == wire_schedule(runs)) for c in self.plan.candidates]
         self.plan = replace(self.plan, candidates=tuple(sorted(marked, key=lambda c: not c.chosen)))
         self._observed_fired = False
         if decision.reason.startswith(SAME_LENGTHS):

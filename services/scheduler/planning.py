@@ -29,6 +29,7 @@ from optimizer.search import SearchSpace, least_latency
 from optimizer.slo import Slo
 from optimizer.traffic import SURGE, Forecast, TrafficPlan, Weighed, arrivals, plan_for_traffic, weigh, with_headroom
 from optimizer.verify import ProbeLoad, requests_for, simulated_figures, verified_search
+from services.schedules import wire_schedule
 
 log = logging.getLogger(__name__)
 PRIOR_SAMPLES = 500  # a prior workload's stand-in sample for the drift test's reference
@@ -336,7 +337,7 @@ TOP_CANDIDATES = 6  # candidates the state record keeps
 def candidate_figures(traffic: TrafficPlan) -> tuple[CandidateFigures, ...]:
     return tuple(
         CandidateFigures(
-            w.schedule,
+            wire_schedule(w.schedule),
             w.capacity_seq_s,
             w.attainment,
             w.slo.ttft_s,
@@ -367,7 +368,7 @@ def better_for_traffic(new: Plan, current: Weighed | None, slo: Slo, margin: flo
     if current.schedule == new.schedule:
         return False, f"the schedule in force is the best {at}"
     target, tie = slo.target - 1e-12, 0.003
-    capacity = next((c.capacity_seq_s for c in new.candidates if c.schedule == new.schedule), 0.0)
+    capacity = next((c.capacity_seq_s for c in new.candidates if c.schedule == wire_schedule(new.schedule)), 0.0)
     if (
         new.meets_bound
         and current.capacity_seq_s < new.rate_per_s * SURGE <= capacity

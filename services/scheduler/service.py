@@ -27,9 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from common.config import MeshConfig
 from common.messages import codec
 from common.messages.control import PinSchedule, Replan, SchedulerRequest, ScheduleUpdate, SetBound, SetSlo
+from common.messages.schedule import ScheduleSpec
 from common.messages.status import SchedulerState, StatusMessage, WorkerStatus
 from common.names import OUTPUT_LENGTHS_MAX, Names, new_worker_id
-from common.scheduling import DEFAULT_SCHEDULE, current_schedule, parse_schedule, recent_lengths
+from common.scheduling import current_schedule, recent_lengths
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
 from common.transport.port import Subscription, processing
@@ -40,6 +41,7 @@ from services.scheduler.allocation import Allocation, allocate
 from services.scheduler.brain import Brain, Decision
 from services.scheduler.leadership import Leadership
 from services.scheduler.planning import Planner, PlanningError
+from services.schedules import DEFAULT, parse_schedule, planned, wire_schedule
 
 log = logging.getLogger("exegpt.scheduler")
 
@@ -66,7 +68,7 @@ class SchedulerService:
         self.transports = transports
         self.bus, self.store = transports.bus, transports.store
         self.worker_id = new_worker_id(config, "scheduler")
-        self.target = parse_schedule(config.schedule) if config.schedule else DEFAULT_SCHEDULE
+        self.target = parse_schedule(config.schedule) if config.schedule else DEFAULT
         self.pin_set = config.schedule is not None  # an operator's pin: plans do not replace it
         self.brain = Brain(config, Planner(config) if config.profile else None)
         self.planning: asyncio.Task | None = None
@@ -164,10 +166,10 @@ class SchedulerService:
             self.brain.calibrator.loads(calibration)  # a new leader starts calibrated
         stored = await self.store.get(self.names.pinned_schedule)
         if stored is not None and not self.config.schedule:  # a restarted scheduler keeps the pin
-            kept = codec.decode(stored, PinSchedule).schedule
-            self.target, self.pin_set = kept or DEFAULT_SCHEDULE, kept is not None
+            kept = _planned_or_none(codec.decode(stored, PinSchedule).schedule)
+            self.target, self.pin_set = kept or DEFAULT, kept is not None
         if self.current is not None and not self.pin_set:  # keep running what runs until a plan says otherwise
-            self.target = self.current.schedule
+            self.target = _planned_or_none(self.current.schedule) or DEFAULT
         self.expire()
         if await self.reconcile() is None and self.current is not None:
             previous = {a.worker_id: a.role for a in self.current.allocation}
@@ -223,13 +225,19 @@ class SchedulerService:
             except Exception as exc:
                 await delivery.dead_letter(f"undecodable: {exc}")
                 continue
+            if isinstance(request, PinSchedule) and request.schedule is not None:
+                try:
+                    planned(request.schedule)
+                except ValueError as exc:  # what the planner refuses is refused once, not retried
+                    await delivery.dead_letter(f"invalid schedule: {exc}")
+                    continue
             async with processing(delivery, swallow=True):
                 await self.handle(request)
 
     async def handle(self, request: SchedulerRequest) -> None:
         match request:
             case PinSchedule(schedule=schedule):
-                await self.pin(schedule)
+                await self.pin(None if schedule is None else planned(schedule))
             case SetBound(latency_bound_s=bound):
                 self.brain.set_bound(bound)
                 self._changed.set()
@@ -364,8 +372,9 @@ class SchedulerService:
     async def pin(self, schedule: Schedule | None) -> ScheduleUpdate | None:
         """Run ``schedule`` from now on (None: back to the default); returns what was published."""
         self.pin_set = schedule is not None
-        self.target = schedule or (self.brain.plan.schedule if self.brain.plan else DEFAULT_SCHEDULE)
-        await self.store.set(self.names.pinned_schedule, codec.encode(PinSchedule(schedule, time.time())))
+        self.target = schedule or (self.brain.plan.schedule if self.brain.plan else DEFAULT)
+        pin = PinSchedule(None if schedule is None else wire_schedule(schedule), time.time())
+        await self.store.set(self.names.pinned_schedule, codec.encode(pin))
         published = await self.reconcile()
         await self.write_state(time.time())  # the record says pinned with the version it made, not a look later
         return published
@@ -395,7 +404,7 @@ class SchedulerService:
         previous = {a.worker_id: a.role for a in self.current.allocation} if self.current else {}
         allocation = allocate(self.target, list(self.heard), previous)
         if self.current is not None and (self.current.schedule, self.current.allocation) == (
-            allocation.schedule,
+            wire_schedule(allocation.schedule),
             allocation.roles,
         ):
             return None
@@ -412,7 +421,7 @@ class SchedulerService:
         version = await self.store.add(self.names.schedule_version, 1)
         update = ScheduleUpdate(
             version,
-            allocation.schedule,
+            wire_schedule(allocation.schedule),
             allocation.roles,
             time.time(),
             epoch=lead.epoch,
@@ -430,3 +439,14 @@ class SchedulerService:
         await self.bus.broadcast(self.names.control_exchange, body)
         self.published.set()
         return self.current
+
+
+def _planned_or_none(spec: ScheduleSpec | None) -> Schedule | None:
+    """A stored schedule as the planner's; None for none, or one this version's planner refuses."""
+    if spec is None:
+        return None
+    try:
+        return planned(spec)
+    except ValueError as exc:
+        log.warning("scheduler: the stored schedule is not one this version runs (%s); not kept", exc)
+        return None

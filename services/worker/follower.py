@@ -5,12 +5,15 @@ Which updates it takes (the fencing rules of ``ScheduleUpdate``):
 - one whose (epoch, token) is below the highest seen comes from a deposed leader: rejected;
 - a broadcast that arrives after its ``lease_until`` (by this host's wall clock) was sent by a
   leader whose lease had passed: rejected. The update read from the store at start-up is exempt:
-  it was written under the lease (a fenced write), so it was valid when written.
+  it was written under the lease (a fenced write), so it was valid when written;
+- one whose schedule the planner refuses (a scheduler of another version): rejected, the one in
+  force stays.
 A fresh store has a later epoch, so its version 1 follows version 57 of the store before it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,6 +22,9 @@ from common.messages.control import ScheduleUpdate
 from common.scheduling import DEFAULT_SCHEDULE
 from optimizer.policies import Role
 from optimizer.schedule import Schedule
+from services.schedules import planned
+
+log = logging.getLogger(__name__)
 
 # Before any update arrives, a worker follows the default schedule alone (continuous batching needs
 # no other role), as version 0
@@ -36,8 +42,9 @@ class ScheduleFollower:
         self.clock = clock  # wall clock, compared with the leader's lease_until
         self.update = UNSCHEDULED
         self.term = (0, 0)  # the highest (epoch, token) seen in an update that was not rejected
-        self.rejected = {"fenced": 0, "late": 0}  # updates from a deposed leader; past their lease
-        self._pending: ScheduleUpdate | None = None
+        self.rejected = {"fenced": 0, "late": 0, "invalid": 0}  # from a deposed leader; past their lease; unrunnable
+        self._planned = planned(UNSCHEDULED.schedule)  # the update in force's schedule, as the planner's
+        self._pending: tuple[ScheduleUpdate, Schedule] | None = None
 
     @property
     def version(self) -> int:
@@ -46,7 +53,7 @@ class ScheduleFollower:
     @property
     def schedule(self) -> Schedule:
         """The schedule in force, its batch sizes within this worker's memory guard."""
-        s = self.update.schedule
+        s = self._planned
         return replace(
             s, encode_batch=min(s.encode_batch, self.caps[0]), decode_batch=min(s.decode_batch, self.caps[1])
         )
@@ -79,10 +86,16 @@ class ScheduleFollower:
             self.rejected["late"] += 1
             return False
         self.term = (update.epoch, update.token)
-        newest = self._pending or self.update
+        newest = self._pending[0] if self._pending else self.update
         if (update.epoch, update.version) <= (newest.epoch, newest.version):
             return False
-        self._pending = update
+        try:
+            schedule = planned(update.schedule)
+        except ValueError as exc:  # a schedule this version's planner refuses: the one in force stays
+            log.warning("worker %s: schedule version %d not taken: %s", self.worker_id, update.version, exc)
+            self.rejected["invalid"] += 1
+            return False
+        self._pending = (update, schedule)
         return True
 
     @property
@@ -96,5 +109,5 @@ class ScheduleFollower:
         """The pending update, now in force (call between iterations); None if there is none."""
         if self._pending is None:
             return None
-        self.update, self._pending = self._pending, None
+        (self.update, self._planned), self._pending = self._pending, None
         return self.update

@@ -19,6 +19,7 @@ from common.cli import CliError
 from common.config import MeshConfig
 from common.messages import codec
 from common.messages.control import PinSchedule, Replan, RoleAssignment, ScheduleUpdate, SetBound
+from common.messages.schedule import ScheduleSpec
 from common.messages.status import CalibrationPoint, CandidateFigures, SchedulerState
 from common.names import Names
 from common.transport.connect import LocalHub, open_transports
@@ -129,13 +130,13 @@ def state_record(**changes) -> SchedulerState:
         calibration_samples=40,
         candidates=(
             CandidateFigures(WAA, 12.0, 0.995, 0.4, 0.05, 1.7, math.nan, True),
-            CandidateFigures(Schedule("continuous", decode_batch=32), 20.0, 0.9, 0.9, 0.07, 2.9, math.nan, False),
+            CandidateFigures(ScheduleSpec("continuous", decode_batch=32), 20.0, 0.9, 0.9, 0.07, 2.9, math.nan, False),
         ),
     )
     return SchedulerState(**{**fields, **changes})
 
 
-WAA = Schedule(
+WAA = ScheduleSpec(
     "waa-c", encode_batch=4, decode_batch=8, num_devices=2, encoder_devices=1, decoder_devices=1, worker_devices=1
 )
 
@@ -301,14 +302,14 @@ async def test_pin_validates_and_asks_the_scheduler(config, hub):
         fields = {"policy": "rra", "encode_batch": 2, "decode_batch": 16, "decode_iters_per_encode": 4}
         assert (await client.put("/admin/schedule/pin", json={"schedule": fields})).status_code == 202
         message = await next_request(config, hub)
-        assert isinstance(message, PinSchedule) and message.schedule == Schedule(**fields)
+        assert isinstance(message, PinSchedule) and message.schedule == ScheduleSpec(**fields)
         assert (await client.put("/admin/schedule/pin", json={"schedule": None})).status_code == 202
         message = await next_request(config, hub)
         assert isinstance(message, PinSchedule) and message.schedule is None
 
 
 async def test_a_pin_through_the_admin_api_changes_the_schedule(config, hub):
-    target = Schedule("continuous", encode_batch=2, decode_batch=5, worker_devices=1)
+    target = ScheduleSpec("continuous", encode_batch=2, decode_batch=5, worker_devices=1)
     async with running_mesh(config, hub, load) as m:
         response = await m.client.put(
             "/admin/schedule/pin",
@@ -415,7 +416,7 @@ async def test_schedule_commands_send_their_requests(config, hub, capsys, tmp_pa
         plan = tmp_path / "plan.json"
         plan.write_text(json.dumps({"schedule": {"policy": "rra", "encode_batch": 3}}))
         assert await cli(transport, "pin", str(plan)) == 0
-        assert (await next_request(config, hub)).schedule == Schedule("rra", encode_batch=3)
+        assert (await next_request(config, hub)).schedule == ScheduleSpec("rra", encode_batch=3)
         assert await cli(transport, "pin", "--unpin") == 0
         assert (await next_request(config, hub)).schedule is None
 

@@ -22,6 +22,7 @@ from common.messages.status import SchedulerState
 from common.names import Names
 from common.scheduling import recent_lengths
 from optimizer.lengths import scaled_task
+from services.schedules import wire_schedule
 from tests.brokers import need
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import load
@@ -98,7 +99,7 @@ async def test_traffic_switch_from_s_to_t_gets_a_new_schedule_and_loses_nothing(
             lambda: (
                 scheduler.brain.plan is not None
                 and scheduler.brain.plan.workers == 2
-                and scheduler.current.schedule == scheduler.brain.plan.schedule
+                and scheduler.current.schedule == wire_schedule(scheduler.brain.plan.schedule)
             ),
             [scheduler.decided],
         )

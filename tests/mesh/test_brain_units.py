@@ -17,6 +17,7 @@ from common.messages.status import LengthSample
 from optimizer.lengths import scaled_task
 from services.scheduler.brain import SHORTFALL_MEMORY_S, Brain
 from services.scheduler.planning import reference_sample
+from services.schedules import wire_schedule
 
 RATE = 5.0  # finished requests per second
 S, T = scaled_task("S", 0.25), scaled_task("T", 0.25)
@@ -189,7 +190,7 @@ def test_a_schedule_in_force_without_headroom_for_a_surge_is_replaced(in_force_c
         1,
         rate_per_s=10.0,
         attainment=1.0,
-        candidates=(CandidateFigures(pick, new_capacity, 1.0, 0.1, 0.01, 0.5, math.nan, True),),
+        candidates=(CandidateFigures(wire_schedule(pick), new_capacity, 1.0, 0.1, 0.01, 0.5, math.nan, True),),
     )
     current = Weighed(running, in_force_capacity, SloFigures(1.0, 0.1, 0.01, 0.5, True, 500, 0.3))
     assert better_for_traffic(new, current, Slo(e2e_s=2.0), 0.05)[0] is publish
@@ -227,7 +228,7 @@ def test_a_schedule_measured_below_the_model_is_replaced_only_by_more_than_the_m
         1,
         rate_per_s=8.6,
         attainment=new_attainment,
-        candidates=(CandidateFigures(pick, 18.7, new_attainment, 0.1, 0.01, 0.5, math.nan, True),),
+        candidates=(CandidateFigures(wire_schedule(pick), 18.7, new_attainment, 0.1, 0.01, 0.5, math.nan, True),),
     )
     current = Weighed(running, 18.8, SloFigures(measured, 0.1, 0.3, 0.9, False, 300, 1.5), modelled=modelled)
     assert better_for_traffic(new, current, Slo(ttft_s=1.0, tpot_s=0.17), 0.05)[0] is publish

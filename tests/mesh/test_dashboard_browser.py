@@ -26,10 +26,10 @@ import uvicorn
 from pydantic import SecretStr
 
 from common.config import MeshConfig
+from common.messages.schedule import ScheduleSpec
 from common.messages.status import CalibrationPoint, CandidateFigures, SchedulerState
 from common.transport.connect import LocalHub
 from engine import load_engine
-from optimizer.schedule import Schedule
 from services.cli import main
 from services.gateway.admin import jsonable
 from services.gateway.dashboard.routes import PAGE_HEADERS, STATIC
@@ -284,8 +284,8 @@ def extended_snapshot() -> dict:
     """A state answer as a gateway whose scheduler records more than today's fields would give it:
     candidates, calibration factors, SLOs and attainment; no schedule meets the bound; a dead
     message and a batch in progress."""
-    chosen = Schedule(policy="waa-c", encode_batch=4, decode_batch=32, encoder_devices=1, decoder_devices=2)
-    other = Schedule(policy="rra", encode_batch=16, decode_batch=48, decode_iters_per_encode=9)
+    chosen = ScheduleSpec(policy="waa-c", encode_batch=4, decode_batch=32, encoder_devices=1, decoder_devices=2)
+    other = ScheduleSpec(policy="rra", encode_batch=16, decode_batch=48, decode_iters_per_encode=9)
     state = jsonable(
         SchedulerState(
             leader="scheduler-1",

@@ -20,6 +20,7 @@ import pytest
 from common.config import MeshConfig
 from common.messages import codec
 from common.messages.control import ControlMessage, ScheduleUpdate
+from common.messages.schedule import ScheduleSpec
 from common.messages.status import WorkerStatus
 from common.names import Names
 from common.scheduling import current_schedule
@@ -189,16 +190,18 @@ async def test_a_worker_rejects_updates_from_a_deposed_leader_or_past_their_leas
             [leader.published, worker.changed],
         )
         now = leader.current
-        older_term = dataclasses.replace(now, version=now.version + 10, token=now.token - 1, schedule=Schedule("rra"))
+        older_term = dataclasses.replace(
+            now, version=now.version + 10, token=now.token - 1, schedule=ScheduleSpec("rra")
+        )
         past_lease = dataclasses.replace(
-            now, version=now.version + 11, lease_until=time.time() - 0.1, schedule=Schedule("rra")
+            now, version=now.version + 11, lease_until=time.time() - 0.1, schedule=ScheduleSpec("rra")
         )
         for stale in (older_term, past_lease):
             await leader.bus.broadcast(names.control_exchange, codec.encode(stale))
         update = await leader.pin(Schedule("continuous", encode_batch=2, decode_batch=4))  # queued behind them
         assert update is not None and update.version > now.version
         await until(lambda: worker.follower.version == update.version, [worker.changed])
-        assert worker.follower.rejected == {"fenced": 1, "late": 1}
+        assert worker.follower.rejected == {"fenced": 1, "late": 1, "invalid": 0}
         assert worker.follower.schedule.policy == "continuous" and worker.follower.update.token == now.token
 
 

@@ -22,6 +22,7 @@ from common.messages.control import SetSlo
 from common.messages.status import SchedulerState, StepCost, WorkerStatus
 from common.names import Names
 from services.scheduler.calibrate import StepCalibrator, predicted_s
+from services.schedules import wire_schedule
 from tests.brokers import need
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import load
@@ -99,7 +100,7 @@ async def test_counted_arrivals_make_the_plan_one_for_that_rate_with_its_candida
         assert state.forecast_rate_s == pytest.approx(40.0)
         assert len(state.planned_input_quantiles) == len(state.planned_output_quantiles) == 3
         assert state.candidates and state.candidates[0].chosen
-        assert state.candidates[0].schedule == plan.schedule
+        assert state.candidates[0].schedule == wire_schedule(plan.schedule)
         assert all(
             c.capacity_seq_s >= 40.0 for c in state.candidates if not c.chosen or math.isfinite(c.capacity_seq_s)
         )

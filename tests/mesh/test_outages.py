@@ -11,8 +11,8 @@ import pytest
 
 from common.messages import codec
 from common.messages.control import Abort, ScheduleUpdate
+from common.messages.schedule import ScheduleSpec
 from common.transport.rabbit import with_heartbeat
-from optimizer.schedule import Schedule
 from tests.mesh.conftest import running_mesh, until
 from tests.mesh.fake_engine import FakeEngine
 
@@ -132,7 +132,7 @@ async def test_the_abort_exchange_carries_aborts_only(config, hub) -> None:
             seen.set()
 
         worker.on_control = watched
-        forged = ScheduleUpdate(version + 100, Schedule("static", encode_batch=1, decode_batch=1), (), 0.0)
+        forged = ScheduleUpdate(version + 100, ScheduleSpec("static", encode_batch=1, decode_batch=1), (), 0.0)
         gateway = m.app.state.gateway
         await gateway.bus.broadcast(gateway.names.abort_exchange, codec.encode(forged))
         await gateway.bus.broadcast(gateway.names.abort_exchange, codec.encode(Abort("r-gone")))

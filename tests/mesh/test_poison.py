@@ -16,6 +16,7 @@ from common.messages.control import PinSchedule
 from common.messages.events import EventBatch
 from common.messages.handoff import KvReady
 from common.messages.jobs import BatchJob, JobResult
+from common.messages.schedule import ScheduleSpec
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from common.scheduling import DEFAULT_SCHEDULE
@@ -351,6 +352,12 @@ async def test_poison_scheduler_requests_are_dead_lettered_and_the_scheduler_goe
         [dead] = await dead_letters(t.bus, names, 1)
         assert dead.headers["x-exegpt-reason"].startswith("undecodable: ")
         assert dead.headers["x-exegpt-queue"] == names.scheduler_queue
+        await t.bus.publish(names.scheduler_queue, codec.encode(PinSchedule(ScheduleSpec("fcfs"), 0.0)))
+        [dead] = await dead_letters(t.bus, names, 1)  # refused once: the planner's rules do not change on retry
+        assert (
+            dead.headers["x-exegpt-reason"].startswith("invalid schedule: ")
+            and "fcfs" in dead.headers["x-exegpt-reason"]
+        )
 
         pin, calls = scheduler.pin, []
 

@@ -25,6 +25,7 @@ from common.scheduling import current_schedule, recent_lengths, request_schedule
 from common.transport.connect import LocalHub, open_transports
 from engine.parallel.procs import free_port
 from optimizer.schedule import Schedule
+from services.schedules import wire_schedule
 from tests.brokers import AMQP_URL, REDIS_URL, require_broker
 from tests.mesh.conftest import purge_namespace
 from tests.mesh.processes import ProcessMesh, stream_completion
@@ -189,14 +190,18 @@ async def test_a_pinned_schedule_reaches_every_worker_process(cluster):
     schedule = Schedule(
         "rra", encode_batch=4, decode_batch=16, decode_iters_per_encode=2, num_devices=2, worker_devices=1
     )
-    await request_schedule(t.bus, names, schedule)
+    await request_schedule(t.bus, names, wire_schedule(schedule))
     applied: set[str] = set()
     async with asyncio.timeout(TIMEOUT_S):
         async for delivery in statuses:
             status = codec.decode(delivery.body, WorkerStatus)
             await delivery.ack()
             update = await current_schedule(t.store, names)
-            if status.state == "applied" and update.schedule == schedule and status.schedule_version >= update.version:
+            if (
+                status.state == "applied"
+                and update.schedule == wire_schedule(schedule)
+                and status.schedule_version >= update.version
+            ):
                 applied.add(status.worker_id)
             if applied >= set(cluster["worker_ids"]):
                 break

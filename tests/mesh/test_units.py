@@ -15,11 +15,13 @@ from common.messages import codec
 from common.messages.control import Abort, PinSchedule, RoleAssignment, ScheduleUpdate
 from common.messages.events import EventBatch, Failure, Stamp, Token
 from common.messages.handoff import KvReady
+from common.messages.schedule import ScheduleSpec
 from common.messages.status import LengthSample, WorkerStatus
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from optimizer.schedule import Schedule
 from services.front.core import Pending, RequestFailed
+from services.schedules import planned
 from services.worker.follower import ScheduleFollower
 from services.worker.mailbox import Outbox
 
@@ -37,7 +39,7 @@ EXAMPLES = [
     ),
     ScheduleUpdate(
         4,
-        Schedule(
+        ScheduleSpec(
             policy="waa-m",
             encode_batch=3,
             num_devices=2,
@@ -50,7 +52,7 @@ EXAMPLES = [
         9.0,
     ),
     Abort("r9"),
-    PinSchedule(Schedule(policy="rra"), 1.0),
+    PinSchedule(ScheduleSpec(policy="rra"), 1.0),
     PinSchedule(None, 1.0),
     WorkerStatus("w1", "encoder", 4, 0, 0, "applied", 3.0),
     LengthSample("r1", 3, 7, "length", 4.0),
@@ -90,12 +92,15 @@ def test_decode_refuses_a_message_of_another_direction():
 
 def test_values_out_of_range_are_rejected_at_the_boundary():
     fields = [1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0.0, 0.0, 1, -1, 512]
-    for policy, batch in (("nope", 1), ("rra", 0), ("rra", "1")):  # unknown, out of range, wrong type
-        good = msgpack.packb([codec.SCHEMA_VERSION, 4, 1, ["rra", 1, *fields[1:]], [], 0.0, 0, 0, 1e18])
-        assert codec.decode(good, ScheduleUpdate).schedule.encode_batch == 1  # only the field below is wrong
+    good = msgpack.packb([codec.SCHEMA_VERSION, 4, 1, ["rra", 1, *fields[1:]], [], 0.0, 0, 0, 1e18])
+    assert codec.decode(good, ScheduleUpdate).schedule.encode_batch == 1  # only the field below is wrong
+    wrong_type = msgpack.packb([codec.SCHEMA_VERSION, 4, 1, ["rra", "1", *fields[1:]], [], 0.0, 0, 0, 1e18])
+    with pytest.raises(codec.DecodeError):
+        codec.decode(wrong_type, ScheduleUpdate)  # never reaches a worker's follower
+    for policy, batch in (("nope", 1), ("rra", 0)):  # unknown, out of range: the planner's rules refuse them
         bad = msgpack.packb([codec.SCHEMA_VERSION, 4, 1, [policy, batch, *fields[1:]], [], 0.0, 0, 0, 1e18])
-        with pytest.raises(codec.DecodeError):
-            codec.decode(bad, ScheduleUpdate)  # never reaches a worker's follower
+        with pytest.raises(ValueError, match="policy" if policy == "nope" else "encode_batch"):
+            planned(codec.decode(bad, ScheduleUpdate).schedule)  # what a follower does before taking it
     sample = codec.decode(msgpack.packb([codec.SCHEMA_VERSION, 7, "r", 1, 2, "stop", 3, 0, 0, 0, 0, ""]))
     assert sample.finished_at == 3.0  # int -> float
 
@@ -132,20 +137,30 @@ def test_timeline_derives_latencies():
 
 def test_schedule_follower_applies_only_newer_versions_at_the_boundary():
     follower = ScheduleFollower("w1", max_encode_batch=64, max_decode_batch=16)
-    v2 = ScheduleUpdate(2, Schedule(encode_batch=2, decode_batch=100), (), 0.0)
+    v2 = ScheduleUpdate(2, ScheduleSpec(encode_batch=2, decode_batch=100), (), 0.0)
     assert follower.offer(v2) and follower.version == 0  # not before the boundary
-    assert not follower.offer(ScheduleUpdate(1, Schedule(), (), 0.0))
+    assert not follower.offer(ScheduleUpdate(1, ScheduleSpec(), (), 0.0))
     assert follower.take() is v2 and (follower.version, follower.schedule.encode_batch) == (2, 2)
     assert follower.schedule.decode_batch == 16  # the worker's memory guard caps B_D
     assert follower.capped() == "B_D 100 -> 16"
     assert follower.take() is None
-    follower.offer(ScheduleUpdate(3, Schedule(encode_batch=2, decode_batch=8), (), 0.0))
+    follower.offer(ScheduleUpdate(3, ScheduleSpec(encode_batch=2, decode_batch=8), (), 0.0))
     follower.take()
     assert follower.capped() is None
 
 
+def test_schedule_follower_keeps_the_schedule_in_force_when_an_update_is_not_one_it_can_run():
+    follower = ScheduleFollower("w1", 64, 16)
+    assert not follower.offer(ScheduleUpdate(2, ScheduleSpec("fcfs"), (), 0.0, lease_until=1e12))
+    assert not follower.offer(ScheduleUpdate(3, ScheduleSpec(encode_batch=0), (), 0.0, lease_until=1e12))
+    assert follower.rejected["invalid"] == 2 and follower.take() is None
+    assert (follower.version, follower.schedule.policy) == (0, "continuous")
+    assert follower.offer(ScheduleUpdate(4, ScheduleSpec("rra"), (), 0.0, lease_until=1e12))
+    assert follower.take().version == 4 and follower.schedule.policy == "rra"
+
+
 def fenced(version: int, epoch: int, token: int, lease_until: float = 100.0) -> ScheduleUpdate:
-    return ScheduleUpdate(version, Schedule(), (), 0.0, epoch=epoch, token=token, lease_until=lease_until)
+    return ScheduleUpdate(version, ScheduleSpec(), (), 0.0, epoch=epoch, token=token, lease_until=lease_until)
 
 
 def test_schedule_follower_fences_out_a_deposed_leader():
@@ -155,9 +170,9 @@ def test_schedule_follower_fences_out_a_deposed_leader():
     follower = ScheduleFollower("w1", 64, 16, clock=lambda: now[0])
     assert follower.offer(fenced(10, epoch=1, token=2))
     assert not follower.offer(fenced(11, epoch=1, token=1))  # the old leader, after the new one spoke
-    assert follower.rejected == {"fenced": 1, "late": 0}
+    assert follower.rejected == {"fenced": 1, "late": 0, "invalid": 0}
     assert not follower.offer(fenced(12, epoch=1, token=2, lease_until=50.0))  # arrived as its lease ended
-    assert follower.rejected == {"fenced": 1, "late": 1} and follower.rejections == 2
+    assert follower.rejected == {"fenced": 1, "late": 1, "invalid": 0} and follower.rejections == 2
     assert not follower.offer(fenced(9, epoch=1, token=2))  # old news: dropped, not a rejection
     assert follower.rejections == 2
     assert follower.offer(fenced(11, epoch=1, token=3))  # the next term's versions follow on
@@ -175,16 +190,16 @@ def test_schedule_follower_follows_a_fresh_store_and_trusts_what_it_stored():
     late = ScheduleFollower("w2", 64, 16, clock=lambda: now[0])
     assert late.offer(fenced(2, epoch=2000, token=1, lease_until=10.0), stored=True)  # written under the lease
     assert not late.offer(fenced(3, epoch=2000, token=1, lease_until=10.0))  # the same, broadcast late
-    assert late.rejected == {"fenced": 0, "late": 1}
+    assert late.rejected == {"fenced": 0, "late": 1, "invalid": 0}
 
 
 @pytest.mark.parametrize(
     "schedule, allocation, role",
     [
-        (Schedule("rra"), (), "worker"),  # any worker runs a single-pipeline schedule
-        (Schedule("waa-c", encoder_devices=1, decoder_devices=1, num_devices=2), (), "idle"),  # waits for a role
+        (ScheduleSpec("rra"), (), "worker"),  # any worker runs a single-pipeline schedule
+        (ScheduleSpec("waa-c", encoder_devices=1, decoder_devices=1, num_devices=2), (), "idle"),  # waits for a role
         (
-            Schedule("waa-c", encoder_devices=1, decoder_devices=1, num_devices=2),
+            ScheduleSpec("waa-c", encoder_devices=1, decoder_devices=1, num_devices=2),
             (RoleAssignment("w1", "decoder"),),
             "decoder",
         ),
@@ -246,7 +261,7 @@ def test_outbox_groups_events_per_submitter():
 def test_a_schedule_to_pin_reads_from_json_a_file_or_plan_output(tmp_path):
     import json
 
-    from common.scheduling import parse_schedule
+    from services.schedules import parse_schedule
 
     fields = {"policy": "rra", "encode_batch": 5, "decode_iters_per_encode": 3, "worker_devices": 1}
     assert parse_schedule(json.dumps(fields)) == Schedule(**fields)

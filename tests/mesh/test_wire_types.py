@@ -9,11 +9,16 @@ import math
 import msgpack
 import pytest
 
+from common.messages import codec
+from common.messages.control import PinSchedule
+from common.messages.schedule import SPLIT_POLICIES, ScheduleSpec
 from common.messages.work import Sampling
 from common.transport.kv import KvPayload
 from engine.api import KVHandoff, SamplingParams
+from optimizer.schedule import POLICIES, Schedule
 from services.hosting.handoffs import engine_handoff, kv_payload
 from services.hosting.sampling import checked, engine_sampling
+from services.schedules import planned, wire_schedule
 
 
 def _fields(cls) -> dict[str, object]:
@@ -94,3 +99,29 @@ def test_a_payload_whose_header_is_another_requests_or_unreadable_is_refused():
 def test_bytes_that_are_not_a_payload_of_this_version_are_a_value_error(data):
     with pytest.raises(ValueError):
         KvPayload.from_bytes(data)
+
+
+def test_the_wire_schedule_has_the_planners_fields_and_defaults():
+    assert _fields(ScheduleSpec) == _fields(Schedule)
+    assert set(SPLIT_POLICIES) == {p for p in POLICIES if Schedule(p, encoder_devices=1, num_devices=2).split}
+
+
+def test_a_schedule_crosses_the_wire_whole():
+    s = Schedule("waa-m", 3, 40, 2, 1, 2, 1, 4, 1, 3, 1, 88.5, 12.25, 1, 0, 700)
+    spec = wire_schedule(s)
+    assert isinstance(spec, ScheduleSpec) and spec.split
+    assert planned(codec.decode(codec.encode(PinSchedule(spec, 1.0)), PinSchedule).schedule) == s
+
+
+@pytest.mark.parametrize(
+    "spec, named",
+    [
+        (ScheduleSpec("fcfs"), "policy"),
+        (ScheduleSpec(decode_batch=0), "decode_batch"),
+        (ScheduleSpec("mixed", decode_batch=64, chunk_tokens=64), "chunk_tokens"),
+        (ScheduleSpec(encode_batch="8"), "not a schedule|encode_batch"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_schedule_the_planner_refuses_is_a_value_error(spec, named):
+    with pytest.raises(ValueError, match=named):
+        planned(spec)
