@@ -186,7 +186,7 @@ class KVHandoff:
     def to_bytes(self) -> bytes:
         """The hand-off on the wire: a versioned msgpack map, the KV bytes as a binary field."""
         p = self.params
-        return msgpack.packb(
+        data: bytes = msgpack.packb(
             {
                 "v": HANDOFF_VERSION,
                 "request_id": self.request_id,
@@ -203,6 +203,7 @@ class KVHandoff:
             },
             use_bin_type=True,
         )
+        return data
 
     @staticmethod
     def from_bytes(data: bytes) -> KVHandoff:

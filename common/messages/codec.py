@@ -13,7 +13,7 @@ import functools
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import msgpack
 
@@ -86,10 +86,22 @@ class DecodeError(ValueError):
 def encode(message: object) -> bytes:
     if type(message) not in TAGS:
         raise TypeError(f"not a wire message: {type(message).__name__}")
-    return msgpack.packb([SCHEMA_VERSION, TAGS[type(message)], *_encoder(type(message))(message)])
+    cls: Any = type(message)  # a hint, as _encoder takes it
+    struct = _encoder(cls)
+    assert struct is not None  # every tagged type is a struct
+    data: bytes = msgpack.packb([SCHEMA_VERSION, TAGS[cls], *struct(message)])
+    return data
 
 
-def decode(data: bytes, expected: type[T] | Any = object) -> T:
+@overload
+def decode(data: bytes, expected: type[T]) -> T: ...
+
+
+@overload
+def decode(data: bytes, expected: Any = object) -> Any: ...
+
+
+def decode(data: bytes, expected: Any = object) -> Any:
     """Decode one message; ``expected`` (a class or a union) narrows what is acceptable."""
     try:
         version, tag, *values = msgpack.unpackb(data, use_list=True, raw=False)
@@ -151,10 +163,15 @@ def _parts(hint: Any) -> tuple[Any, tuple[Any, ...]]:
     return origin, typing.get_args(hint)
 
 
+def _is_struct(hint: Any) -> bool:
+    """Whether ``hint`` is a message struct (a dataclass); a plain bool, so ``hint`` stays a hint."""
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
 @functools.cache
 def _encoder(hint: Any) -> Convert | None:
     """What turns a value of ``hint`` into msgpack-ready data; None where it already is."""
-    if dataclasses.is_dataclass(hint):
+    if _is_struct(hint):
         fields = [(name, _encoder(h)) for name, h in _hints(hint)]
 
         def struct(value: Any) -> list[Any]:
@@ -176,7 +193,7 @@ def _encoder(hint: Any) -> Convert | None:
 @functools.cache
 def _decoder(hint: Any) -> Convert:
     """What turns msgpack data back into a value of ``hint``, raising DecodeError on a mismatch."""
-    if dataclasses.is_dataclass(hint):
+    if _is_struct(hint):
         return _struct_decoder(hint)
     origin, args = _parts(hint)
     if origin is typing.Union:

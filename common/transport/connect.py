@@ -105,8 +105,8 @@ async def open_transports(config: MeshConfig, names: Names, hub: LocalHub, *, kv
             await store.close()
             raise
         return Transports(bus, store, data_plane, owns_store=True)
-    kv = hub.kv.setdefault(names.namespace, LocalKv(hub.store, names))
-    return Transports(bus, hub.store, kv, owns_store=False)
+    shared = hub.kv.setdefault(names.namespace, LocalKv(hub.store, names))
+    return Transports(bus, hub.store, shared, owns_store=False)
 
 
 async def purge(config: MeshConfig, names: Names, hub: LocalHub) -> None:

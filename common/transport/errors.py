@@ -56,7 +56,7 @@ class Backoff:
         self.failures = 0
 
     def next_s(self) -> float:
-        delay = min(self.first_s * 2**self.failures, self.cap_s)
+        delay = min(self.first_s * 2.0**self.failures, self.cap_s)
         self.failures += 1
         return delay
 

@@ -44,7 +44,7 @@ class KvPayload:
 
     def to_bytes(self) -> bytes:
         """The payload as StoreKv keeps it: a versioned msgpack map, the KV bytes as a binary field."""
-        return msgpack.packb(
+        data: bytes = msgpack.packb(
             {
                 "v": PAYLOAD_VERSION,
                 "request_id": self.request_id,
@@ -57,6 +57,7 @@ class KvPayload:
             },
             use_bin_type=True,
         )
+        return data
 
     @staticmethod
     def from_bytes(data: bytes) -> KvPayload:

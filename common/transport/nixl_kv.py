@@ -101,7 +101,8 @@ def remote_disconnect_error() -> type[Exception]:
     """What NIXL raises for a transfer towards an agent whose connection is gone."""
     from nixl_cu12._bindings import nixlRemoteDisconnectError
 
-    return nixlRemoteDisconnectError
+    error: type[Exception] = nixlRemoteDisconnectError
+    return error
 
 
 class StagingPool:
@@ -156,7 +157,7 @@ class NixlKv:
         self.agent_name = agent_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._pool = StagingPool(pool_bytes)
         self._pool_lock = threading.Lock()  # engines take blocks on their own thread (export_buffer)
-        self._exports: dict[int, weakref.finalize] = {}  # offset -> its block's return, until put
+        self._exports: dict[int, weakref.finalize[[int], np.ndarray]] = {}  # offset -> its block's return, until put
         self._inbox = StagingPool(pool_bytes)  # where reads land (its pages mapped once, then reused)
         self._inbox_lock = threading.Lock()  # blocks are freed by whichever thread drops the last view
         self._read_timeout_s = read_timeout_s
@@ -407,7 +408,8 @@ class NixlKv:
             return None
         del self._staged[blocks.request_id]  # ours now: neither a lease nor a release frees it under the copy
         try:
-            return await self._call(_copy_block, self._buffer, staged.offset, blocks.nbytes)
+            copy: np.ndarray = await self._call(_copy_block, self._buffer, staged.offset, blocks.nbytes)
+            return copy
         finally:
             self._free(staged.offset)
             self._room.set()

@@ -18,11 +18,15 @@ import asyncio
 import statistics
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from common.names import Names
 from common.transport.rabbit import RabbitBus
 from common.transport.redis_store import RedisStore
+
+T = TypeVar("T")
 
 PAYLOAD_SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)  # bytes: a few KV caches' worth
 ROUNDS = 5
@@ -62,7 +66,9 @@ def fit_line(points: tuple[tuple[int, float], ...]) -> tuple[float, float]:
     return max(t0 - n0 / bandwidth, 0.0), bandwidth
 
 
-async def _store_points(store: RedisStore, names: Names, sizes: tuple[int, ...], rounds: int):
+async def _store_points(
+    store: RedisStore, names: Names, sizes: tuple[int, ...], rounds: int
+) -> tuple[tuple[int, float], ...]:
     points = []
     for size in sizes:
         key, payload = names.kv_payload(f"probe-{size}"), bytes(size)
@@ -95,7 +101,7 @@ async def _hop_s(bus: RabbitBus, names: Names, hops: int) -> float:
     return statistics.median(samples)
 
 
-async def _connect(what: str, url: str, opening):
+async def _connect(what: str, url: str, opening: Awaitable[T]) -> T:
     """Await ``opening``; any failure becomes a ConnectionError that names the broker."""
     try:
         return await asyncio.wait_for(opening, TIMEOUT_S)

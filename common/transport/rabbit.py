@@ -27,6 +27,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
@@ -55,6 +56,9 @@ from common.transport.port import (
     past_limit,
     with_deadline,
 )
+
+if TYPE_CHECKING:
+    from pamqp.common import FieldTable  # aio-pika's field tables (its own dependency)
 
 log = logging.getLogger("exegpt.transport")
 ATTEMPTS_TTL_S = 7 * 24 * 3600.0  # a redelivered message's attempt count (deleted once it is settled)
@@ -562,7 +566,7 @@ class RabbitBus:
             if not channel.is_closed:
                 await channel.close()
 
-    def _type_arguments(self) -> dict[str, object]:
+    def _type_arguments(self) -> FieldTable:
         """Arguments of every durable queue for the queue type: a quorum queue's type, and the
         broker's delivery limit (a backstop: it counts every return, give-backs too, so it sits
         above the counted ``delivery_limit``)."""
@@ -570,7 +574,7 @@ class RabbitBus:
             return {}
         return {"x-queue-type": "quorum", "x-delivery-limit": self.delivery_limit * BROKER_DELIVERY_LIMIT_FACTOR}
 
-    def _dead_arguments(self) -> dict[str, object]:
+    def _dead_arguments(self) -> FieldTable:
         return {"x-max-length": self.dead_queue_max, "x-overflow": "drop-head", **self._type_arguments()}
 
     async def _declare_dead_letters(self, exchange: str, queue: str) -> None:
@@ -632,7 +636,7 @@ class RabbitBus:
     async def _declare(self, channel: AbstractChannel, name: str, exclusive: bool) -> AbstractQueue:
         if exclusive:
             return await channel.declare_queue(name, exclusive=True, auto_delete=True)
-        arguments = {"x-dead-letter-exchange": self._dead_exchange, **self._type_arguments()}
+        arguments: FieldTable = {"x-dead-letter-exchange": self._dead_exchange, **self._type_arguments()}
         try:
             return await channel.declare_queue(name, durable=True, arguments=arguments)
         except ChannelPreconditionFailed as exc:
@@ -650,7 +654,7 @@ class RabbitBus:
         check_name(queue)
         message = aio_pika.Message(
             body,
-            headers=with_deadline(headers, deadline),
+            headers=_table(with_deadline(headers, deadline)),
             message_id=uuid.uuid4().hex,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
@@ -752,3 +756,8 @@ def _mismatch(queue: str, queue_type: str, exc: Exception) -> TopologyMismatch:
         f"a queue cannot change its type: drain it and delete it (`exegpt down`), or set queue_type "
         f"to the type it has"
     )
+
+
+def _table(headers: dict[str, str] | None) -> FieldTable | None:
+    """Text headers as AMQP's field table (a dict whose values may be any field value)."""
+    return None if headers is None else dict(headers)

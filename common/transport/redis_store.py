@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import cast
+
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.typing import EncodableT
 
 RETRIES = 3  # per command, on a fresh connection each time
 HEALTH_CHECK_S = 5.0  # a connection idle this long is pinged before use
@@ -13,7 +17,11 @@ SOCKET_TIMEOUT_S = 10.0  # no command of the store takes long; a silent peer is 
 
 
 def _ms(ttl_s: float | None) -> int | None:
-    return None if ttl_s is None else max(int(ttl_s * 1000), 1)
+    return None if ttl_s is None else _ttl_ms(ttl_s)
+
+
+def _ttl_ms(ttl_s: float) -> int:
+    return max(int(ttl_s * 1000), 1)
 
 
 # KEYS: key, list_key. ARGV: value, ttl ms, item ("" for none), max_len.
@@ -91,10 +99,10 @@ class RedisStore:
         return cls(client)
 
     async def get(self, key: str) -> bytes | None:
-        return await self._redis.get(key)
+        return cast(bytes | None, await self._redis.get(key))  # the client gives bytes (no decode_responses)
 
     async def get_many(self, *keys: str) -> list[bytes | None]:
-        return list(await self._redis.mget(keys)) if keys else []
+        return cast(list[bytes | None], list(await self._redis.mget(keys))) if keys else []
 
     async def set(self, key: str, value: bytes, *, ttl_s: float | None = None) -> None:
         await self._redis.set(key, value, px=_ms(ttl_s))
@@ -105,11 +113,11 @@ class RedisStore:
     async def set_once_and_record(
         self, key: str, value: bytes, *, ttl_s: float, list_key: str, item: bytes | None, max_len: int
     ) -> bool:
-        args = [value, _ms(ttl_s), b"" if item is None else item, max_len]
+        args: list[EncodableT] = [value, _ttl_ms(ttl_s), b"" if item is None else item, max_len]
         return bool(await self._set_once_and_record(keys=[key, list_key], args=args))
 
     async def acquire_lease(self, key: str, owner: str, *, ttl_s: float) -> bool:
-        return bool(await self._acquire_lease(keys=[key], args=[owner, _ms(ttl_s)]))
+        return bool(await self._acquire_lease(keys=[key], args=[owner, _ttl_ms(ttl_s)]))
 
     async def release_lease(self, key: str, owner: str) -> bool:
         return bool(await self._release_lease(keys=[key], args=[owner]))
@@ -123,9 +131,9 @@ class RedisStore:
 
     async def hset(self, key: str, mapping: dict[str, str], *, ttl_s: float | None = None) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=mapping)
+            pipe.hset(key, mapping=_hash(mapping))
             if ttl_s is not None:
-                pipe.pexpire(key, _ms(ttl_s))
+                pipe.pexpire(key, _ttl_ms(ttl_s))
             await pipe.execute()
 
     async def set_with_hash(
@@ -133,19 +141,19 @@ class RedisStore:
     ) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(key, value, px=_ms(ttl_s))
-            pipe.hset(hash_key, mapping=mapping)
-            pipe.pexpire(hash_key, _ms(ttl_s))
+            pipe.hset(hash_key, mapping=_hash(mapping))
+            pipe.pexpire(hash_key, _ttl_ms(ttl_s))
             await pipe.execute()
 
     async def hgetall(self, key: str) -> dict[str, str]:
-        raw = await self._redis.hgetall(key)
+        raw = cast(dict[bytes, bytes], await self._redis.hgetall(key))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def add(self, key: str, amount: int, *, ttl_s: float | None = None) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.incrby(key, amount)
             if ttl_s is not None:
-                pipe.pexpire(key, _ms(ttl_s))
+                pipe.pexpire(key, _ttl_ms(ttl_s))
             total, *_ = await pipe.execute()
         return int(total)
 
@@ -159,7 +167,7 @@ class RedisStore:
             await pipe.execute()
 
     async def list_range(self, key: str, count: int) -> list[bytes]:
-        return await self._redis.lrange(key, 0, count - 1)
+        return cast(list[bytes], await self._redis.lrange(key, 0, count - 1))
 
     async def count_prefix(self, prefix: str) -> int:
         return sum([1 async for _ in self._redis.scan_iter(match=prefix + "*", count=500)])
@@ -182,3 +190,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _hash(mapping: dict[str, str]) -> Mapping[EncodableT, EncodableT]:
+    """A hash's fields as redis-py types them (its mapping is invariant in its key type)."""
+    return cast(Mapping[EncodableT, EncodableT], mapping)
