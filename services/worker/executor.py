@@ -17,6 +17,48 @@ from engine.api import Engine, EngineBroken, GenerationRequest, KVHandoff, Promp
 from optimizer.policies import StepPlan
 
 
+@dataclass(frozen=True)
+class Finished:
+    """Generated to its end (``reason``: "stop", "length", ...): it settles."""
+
+    request_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Its prompt or hand-off was refused by the engine (``why``): bad input (400) or a hand-off (500)."""
+
+    request_id: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An engine fault at its last attempt (``why``): it fails (500)."""
+
+    request_id: str
+    why: str
+
+
+@dataclass(frozen=True)
+class GivenBack:
+    """An engine fault before its last attempt: back to its queue, another worker may run it."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class HandedOff:
+    """Prefilled on an encoder: its KV cache goes to a decoder."""
+
+    request_id: str
+    handoff: KVHandoff
+
+
+Exit = Finished | Refused | Failed | GivenBack | HandedOff
+
+
 @dataclass
 class StepResult:
     events: list[TokenEvent] = field(default_factory=list)
@@ -28,6 +70,17 @@ class StepResult:
     exported: dict[str, KVHandoff] = field(default_factory=dict)  # encoder: prefilled, to hand off
     started_at: float = 0.0
     ended_at: float = 0.0
+
+    def exits(self) -> list[Exit]:
+        """The requests that leave the worker after this step, each once, with how: finished,
+        refused, failed, given back, handed off (in that order)."""
+        return [
+            *(Finished(e.request_id, e.finish_reason or "stop") for e in self.events if e.finished),
+            *(Refused(rid, why) for rid, why in self.refused.items()),
+            *(Failed(rid, why) for rid, why in self.failed.items()),
+            *(GivenBack(rid) for rid in self.given_back),
+            *(HandedOff(rid, handoff) for rid, handoff in self.exported.items()),
+        ]
 
 
 def run_step(

@@ -329,3 +329,36 @@ def test_up_shares_the_host_cores_between_the_engine_processes_it_starts():
     assert with_worker_threads(MeshConfig(tp="2"), 2, cores=16).threads == 4  # 2 groups of 2 processes
     assert with_worker_threads(MeshConfig(), 4, cores=2).threads == 1  # at least one
     assert with_worker_threads(MeshConfig(threads=3), 2, cores=16).threads == 3  # as given
+
+
+# --- a step's exits --------------------------------------------------------------------------------
+
+
+def test_a_steps_result_lists_each_leaving_request_once_with_how_it_leaves():
+    from engine.api import TokenEvent
+    from services.worker.executor import Failed, Finished, GivenBack, HandedOff, Refused, StepResult
+    from services.worker.worker import Worker
+
+    handoff = object()
+    result = StepResult(
+        events=[
+            TokenEvent("a", 1, 3, "x", False),
+            TokenEvent("b", 2, 7, "", True, "length"),
+            TokenEvent("c", 3, 0, "", False),
+        ]
+        + [TokenEvent("d", 4, 1, "y", True)],
+        refused={"e": "too long"},
+        failed={"f": "engine fault"},
+        given_back=["g"],
+        exported={"h": handoff},  # type: ignore[dict-item]
+    )
+    assert result.exits() == [
+        Finished("b", "length"),
+        Finished("d", "stop"),  # an end without a reason is a stop
+        Refused("e", "too long"),
+        Failed("f", "engine fault"),
+        GivenBack("g"),
+        HandedOff("h", handoff),  # type: ignore[arg-type]
+    ]
+    outcome = Worker.outcome(result)  # what the driver is told: the requests that ended here, and the handed off
+    assert (outcome.finished, outcome.departed) == (("b", "d", "e", "f", "g"), ("h",))
