@@ -285,9 +285,9 @@ class Mesh(Processes):
     workers is part of what adaptivity costs here)."""
 
     def start(self) -> None:
-        self._ready(self._spawn(["scheduler"], _no_setup))
+        self._spawn(["scheduler"], _no_setup).wait_line("ready ")
         for proc in [self._spawn(["worker"], pin(core)) for core in (0, 1)]:
-            self._ready(proc)
+            proc.wait_line("ready ")
 
 
 def _no_setup() -> None:

@@ -64,12 +64,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from queue import Empty, Queue
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -81,6 +79,7 @@ from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from common.transport.connect import LocalHub, open_bus
 from engine.parallel.procs import free_port
+from services.run.children import ChildFailed, ChildProcess
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBIT_HOME = "/var/lib/rabbitmq"  # the rabbitmq user's home: its Erlang cookie serves server and ctl
@@ -375,9 +374,7 @@ class Mesh:
                 **(env or {}),
             }
         )
-        self.popen: subprocess.Popen[str] | None = None
-        self.lines: Queue[str | None] = Queue()
-        self.output: list[str] = []
+        self.child: ChildProcess | None = None
         self.url = ""
 
     def start(self) -> str:
@@ -401,42 +398,24 @@ class Mesh:
             "--namespace",
             self.namespace,
         ]
-        self.popen = subprocess.Popen(
-            cmd,
-            cwd=Path(__file__).resolve().parents[2],
-            env=self.env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            bufsize=1,
-            start_new_session=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.1))
-            except Empty:
-                raise SetupError(f"the mesh was not ready in {STARTUP_TIMEOUT_S:g} s:\n{self.tail()}") from None
-            if line is None:
-                raise SetupError(f"`exegpt up` exited ({self.popen.poll()}):\n{self.tail()}")
-            if line.startswith("ready mesh "):
-                self.url = line.split()[-1]
-                return self.url
+        self.child = ChildProcess(cmd, env=self.env, label="exegpt up")
+        try:
+            self.url = self.child.wait_line("ready mesh ", STARTUP_TIMEOUT_S).split()[-1]
+        except ChildFailed as exc:
+            raise SetupError(str(exc)) from None
+        return self.url
 
-    def _read(self) -> None:
-        assert self.popen is not None and self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
+    @property
+    def output(self) -> list[str]:
+        """Every line `exegpt up` printed so far (its children's, labelled)."""
+        return [] if self.child is None else self.child.output
 
     def tail(self, n: int = 40) -> str:
-        return "".join(self.output[-n:])
+        return "" if self.child is None else self.child.tail(n)
 
     def children(self) -> dict[int, str]:
         """pid -> command line of each process `exegpt up` runs now."""
-        assert self.popen is not None
+        assert self.child is not None
         found = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -444,7 +423,7 @@ class Mesh:
             try:
                 stat = (entry / "stat").read_text()
                 ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                if ppid == self.popen.pid:
+                if ppid == self.child.pid:
                     found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except (OSError, ValueError, IndexError):
                 continue
@@ -467,7 +446,7 @@ class Mesh:
 
     def running(self) -> bool:
         """`exegpt up` and every process it should run are alive."""
-        if self.popen is None or self.popen.poll() is not None:
+        if self.child is None or not self.child.running():
             return False
         return (
             len(self.role_pids("worker")) == self.workers
@@ -476,13 +455,8 @@ class Mesh:
         )
 
     def close(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(10)
+        if self.child is not None:
+            self.child.stop(60)
 
 
 def started_at(pid: int) -> int:
@@ -728,7 +702,7 @@ class Harness:
         ready = await self.ready(30)
         if ready and self.mesh.running():
             return True
-        launcher = self.mesh.popen is not None and self.mesh.popen.poll() is None
+        launcher = self.mesh.child is not None and self.mesh.child.running()
         extra["up_detail"] = {
             "ready": ready if ready else self.last_not_ready,
             "launcher": launcher,

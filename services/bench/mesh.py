@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -30,8 +27,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from common.names import Names
+from services.run.children import REPO_ROOT, ChildProcess, child_env
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "The quick brown fox jumps over the lazy dog while the mesh measures itself. " * 2
 
 
@@ -56,22 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Server:
-    popen: subprocess.Popen[str]
+    child: ChildProcess
     url: str
     namespace: str | None = None  # a mesh's: its queues and keys are deleted when it stops
     amqp_url: str | None = None
     redis_url: str | None = None
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(60)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
+        self.child.stop(60)
         if self.namespace is not None:
             asyncio.run(self._purge())
 
@@ -86,26 +75,13 @@ class Server:
 
 def start(args: list[str], ready_prefix: str, threads: int, *, root: Path = REPO_ROOT) -> Server:
     """``exegpt ARGS`` from the checkout at ``root``, once it prints ``ready_prefix``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXEGPT_")}
-    env.update(
-        EXEGPT_THREADS=str(threads),
-        EXEGPT_DEVICE="cpu",
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-    )
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", *args, "--port", "0"],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert popen.stdout is not None
-    for line in popen.stdout:
-        if line.startswith(ready_prefix):
-            return Server(popen, line.split()[-1])
-    raise RuntimeError(f"`exegpt {' '.join(args)}` exited ({popen.wait()}) before it was ready")
+    env = child_env({"EXEGPT_THREADS": str(threads), "EXEGPT_DEVICE": "cpu"}, root=root)
+    child = ChildProcess([sys.executable, "-m", "services.cli", *args, "--port", "0"], env=env, cwd=root, label=args[0])
+    try:
+        return Server(child, child.wait_line(ready_prefix).split()[-1])
+    except BaseException:
+        child.kill()
+        raise
 
 
 def embedded(model: str, threads: int) -> Server:
@@ -287,20 +263,16 @@ def broker_hop(a: argparse.Namespace) -> list[float]:
     """One bare RabbitMQ hop between two processes, through the mesh's own bus adapter
     (persistent, confirmed): half of each ping-pong round trip with another process."""
     names = Names(f"probe{uuid.uuid4().hex[:8]}")
-    pong = subprocess.Popen(
+    pong = ChildProcess(
         [sys.executable, "-m", "services.bench.mesh", "pong", a.amqp_url, names.namespace],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env=child_env({}),
+        label="pong",
     )
     try:
-        assert pong.stdout is not None and pong.stdout.readline().strip() == "ready"
+        pong.wait_line("ready", 60)
         return asyncio.run(ping(a.amqp_url, names))
     finally:
-        if pong.poll() is None:
-            pong.kill()
-        pong.wait()
+        pong.kill()
 
 
 async def ping(amqp_url: str, names: Names) -> list[float]:

@@ -46,14 +46,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from services.run import children
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2"
@@ -268,12 +269,7 @@ def die_with_parent() -> None:
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXEGPT_")}
-    env.update(extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return children.child_env({**extra, "OMP_NUM_THREADS": "1"})
 
 
 # --- 2. the mesh ---------------------------------------------------------------------------------------
@@ -285,45 +281,20 @@ class Processes:
     def __init__(self, config) -> None:
         env = {f"EXEGPT_{k.upper()}": str(v) for k, v in config.model_dump().items() if v is not None}
         self.env = child_env(env)
-        self.procs: list[subprocess.Popen[str]] = []
+        self.procs: list[children.ChildProcess] = []
 
     def start(self) -> None:
-        self._ready(self._spawn(["scheduler"], pin(0, NICE)))
+        self._spawn(["scheduler"], pin(0, NICE)).wait_line("ready ")
         for proc in [self._spawn(["worker"], pin(core)) for core in (0, 1)]:
-            self._ready(proc)
+            proc.wait_line("ready ")
 
-    def _spawn(self, args: list[str], setup) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *args],
-            cwd=REPO_ROOT,
-            env=self.env,
-            preexec_fn=setup,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    def _spawn(self, args: list[str], setup) -> children.ChildProcess:
+        proc = children.ChildProcess.cli(*args, env=self.env, preexec_fn=setup)
         self.procs.append(proc)
         return proc
 
-    @staticmethod
-    def _ready(proc: subprocess.Popen[str]) -> None:
-        """Its ``ready`` line; from then on its output is read (and kept, last lines) by a thread."""
-        lines: deque[str] = deque(maxlen=50)
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("ready "):
-                threading.Thread(target=lines.extend, args=(proc.stdout,), daemon=True).start()
-                return
-        raise RuntimeError(f"{proc.args[-1]} did not start:\n{''.join(lines)}")
-
     def close(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        children.stop_all(self.procs, timeout_s=60)
 
 
 @contextmanager

@@ -200,7 +200,7 @@ def _measure_ours(a: argparse.Namespace, label: str, root: Path, concurrency: in
         before = _decode_steps(server.url)
         summary = asyncio.run(_load(server.url, a, concurrency, a.requests))
         after = _decode_steps(server.url)
-        rss = peak_rss_bytes(server.popen.pid)
+        rss = peak_rss_bytes(server.child.pid)
     finally:
         server.stop()
     steps = after[1] - before[1]

@@ -28,9 +28,9 @@ import tomllib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Empty, Queue
 
 from common.config import MeshConfig
+from services.run.children import ChildExited, ChildNotReady, ChildProcess
 from services.run.liveness import age_s
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -88,12 +88,11 @@ class ProcessSpec:
 class Child:
     spec: ProcessSpec
     index: int
-    popen: subprocess.Popen[str]
+    process: ChildProcess | None = None  # set as soon as it is started (its output is forwarded here)
     budget: RestartBudget = field(default_factory=lambda: RestartBudget(RestartPolicy()))
     started_at: float = field(default_factory=time.monotonic)
     restart_at: float | None = None  # a restart waiting for its backoff
     ready_line: str | None = None
-    lines: Queue[str | None] = field(default_factory=Queue)
     liveness: Path | None = None  # the file it touches while alive
     standby: bool = False  # a spare, waiting to be woken
     ready: threading.Event = field(default_factory=threading.Event)  # it printed its ready line
@@ -101,6 +100,17 @@ class Child:
     @property
     def label(self) -> str:
         return f"{self.spec.name}-{self.index}" + ("-standby" if self.standby else "")
+
+    @property
+    def popen(self) -> subprocess.Popen[str]:
+        assert self.process is not None
+        return self.process.popen
+
+    def forward(self, line: str) -> None:
+        """Copy a line of the child's output with its label, before anyone acts on it."""
+        print(f"[{self.label}] {line}", end="", flush=True)
+        if line.startswith("ready "):
+            self.ready.set()
 
     def wake(self) -> None:
         """A spare takes over: a line on its stdin."""
@@ -148,44 +158,31 @@ class Launcher:
             liveness.unlink(missing_ok=True)  # a new process: no age until it first touches it
             env = {**self.env, "EXEGPT_LIVENESS_FILE": str(liveness)}
         args = (*spec.args, "--standby") if standby else spec.args
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *args],
-            cwd=REPO_ROOT,
+        child = Child(spec, index, liveness=liveness, standby=standby)
+        child.process = ChildProcess.cli(
+            *args,
             env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            label=child.label,
             stdin=subprocess.PIPE if standby else None,
-            text=True,
-            bufsize=1,
+            on_line=child.forward,
+            new_session=False,  # in `up`'s process group: what stops `up` as a whole stops it too
         )
-        child = Child(spec, index, popen, liveness=liveness, standby=standby)
-        threading.Thread(target=self._forward, args=(child,), daemon=True).start()
         return child
 
-    def _forward(self, child: Child) -> None:
-        """Copy the child's output with its label; hand 'ready' lines to whoever waits."""
-        assert child.popen.stdout is not None
-        for line in child.popen.stdout:
-            print(f"[{child.label}] {line}", end="", flush=True)  # before anyone acts on it
-            if line.startswith("ready "):
-                child.ready.set()
-                child.lines.put(line.strip())
-        child.lines.put(None)
-
     def wait_ready(self, child: Child) -> str:
+        """Its ready line; RuntimeError when it exits first, does not start in time, or the mesh
+        is stopping."""
+        assert child.process is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
-        line: str | None = None
-        while line is None and time.monotonic() < deadline and not self.stopping.is_set():
+        while not self.stopping.is_set() and time.monotonic() < deadline:
             try:
-                line = child.lines.get(timeout=0.5)
-            except Empty:
+                child.ready_line = child.process.wait_line("ready ", 0.5)
+                return child.ready_line
+            except ChildNotReady:
                 continue
-            if line is None:
+            except ChildExited:
                 break
-        if line is None:
-            raise RuntimeError(f"{child.label} did not start (exit status {child.popen.poll()})")
-        child.ready_line = line
-        return line
+        raise RuntimeError(f"{child.label} did not start (exit status {child.popen.poll()})")
 
     def start(self) -> str:
         """Start every group in order; return the gateway's URL (or '' if there is none)."""
@@ -272,7 +269,7 @@ class Launcher:
             self.children[self.children.index(child)] = spare
             return
         fresh = self.spawn(child.spec, child.index)
-        child.popen, child.lines, child.started_at, child.restart_at = fresh.popen, fresh.lines, now, None
+        child.process, child.started_at, child.restart_at = fresh.process, now, None
         child.liveness, child.ready = fresh.liveness, fresh.ready
 
     def stop(self, timeout_s: float) -> None:

@@ -197,43 +197,27 @@ async def test_nixl_handoff_from_a_killed_process_is_none_though_its_agent_is_st
     """A process killed outright leaves its agent's metadata in the store until its TTL; a decoder
     that read from it before holds a connection to it. Neither turns into failing reads: the
     hand-off is gone (the request is encoded again)."""
-    import signal
     import sys
 
-    from tests.mesh.processes import REPO_ROOT, env_for
+    from services.run.children import ChildProcess, child_env
 
     need(nixl_loads(), "NIXL (nixl-cu12) cannot load: pip install nixl-cu12")
     names = Names(namespace)
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        STAGE_AND_WAIT,
-        namespace,
-        REDIS_URL,
-        cwd=REPO_ROOT,
-        env=env_for({}),
-        stdout=asyncio.subprocess.PIPE,
-    )
+    stage = [sys.executable, "-c", STAGE_AND_WAIT, namespace, REDIS_URL]
+    child = ChildProcess(stage, env=child_env({}), label="stager")
     readers = [NixlKv(store, names, pool_bytes=2 << 20, read_timeout_s=TIMEOUT_S) for _ in range(2)]
     try:
-        refs = []
-        while len(refs) < 2:  # NIXL's own log lines come on stdout too
-            line = (await asyncio.wait_for(child.stdout.readline(), TIMEOUT_S)).decode()
-            assert line, "the staging process ended"
-            if line.startswith("ref "):
-                refs.append(line.split()[1])
+        # NIXL's own log lines come on stdout too
+        refs = [(await asyncio.to_thread(child.wait_line, "ref ", TIMEOUT_S)).split()[1] for _ in range(2)]
         earlier = await readers[0].get(refs[0])
         assert earlier is not None and bytes(earlier.kv) == handoff("k0", 1 << 20, seed=0).kv
-        child.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(child.wait(), TIMEOUT_S)
+        await asyncio.to_thread(child.kill)  # outright: SIGKILL
         agent = codec.decode(await store.get(refs[1]), KvBlocks).agent
         assert await store.get(names.kv_agent(agent)) is not None
         assert await asyncio.wait_for(readers[0].get(refs[1]), TIMEOUT_S) is None  # its connection is dead
         assert await asyncio.wait_for(readers[1].get(refs[1]), TIMEOUT_S) is None  # nothing answers
     finally:
-        if child.returncode is None:
-            child.kill()
-            await child.wait()
+        child.kill()
         for reader in readers:
             await reader.close()
         await store.delete_prefix(names.key_prefix)
@@ -339,13 +323,13 @@ def test_a_worker_process_without_nixl_says_so_in_one_line_and_does_not_start(tm
     import subprocess
     import sys
 
+    from services.run.children import REPO_ROOT, child_env
     from tests.brokers import AMQP_URL
-    from tests.mesh.processes import REPO_ROOT, env_for
 
     require_broker()
     (tmp_path / "nixl_cu12").mkdir()
     (tmp_path / "nixl_cu12" / "__init__.py").write_text("raise ImportError('libucs.so.0: cannot open')\n")
-    env = env_for(
+    env = child_env(
         {
             "EXEGPT_NAMESPACE": namespace,
             "EXEGPT_AMQP_URL": AMQP_URL,
@@ -401,13 +385,13 @@ def test_nixl_an_idle_agent_leaves_the_cpu_alone():
     import subprocess
     import sys
 
-    from tests.mesh.processes import REPO_ROOT, env_for
+    from services.run.children import REPO_ROOT, child_env
 
     need(nixl_loads(), "NIXL (nixl-cu12) cannot load: pip install nixl-cu12")
     out = subprocess.run(
         [sys.executable, "-c", IDLE_AGENT_CPU],
         cwd=REPO_ROOT,
-        env=env_for({}),
+        env=child_env({}),
         capture_output=True,
         text=True,
         timeout=60,

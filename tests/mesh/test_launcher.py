@@ -53,10 +53,10 @@ def test_up_shares_the_kv_budget_among_its_workers() -> None:
 
 def test_a_child_whose_liveness_file_stops_advancing_is_killed(tmp_path) -> None:
     import os
-    import subprocess
     import time
 
     from common.config import MeshConfig
+    from services.run.children import ChildProcess, child_env
     from services.run.launcher import Child, Launcher, ProcessSpec
 
     launcher = Launcher(MeshConfig(liveness_timeout_s=3.0), [])
@@ -66,7 +66,8 @@ def test_a_child_whose_liveness_file_stops_advancing_is_killed(tmp_path) -> None
     hung.touch()
     os.utime(hung, (time.time() - 10, time.time() - 10))  # last touched 10 s ago
     children = [
-        Child(spec, i, subprocess.Popen(["sleep", "60"]), liveness=path) for i, path in enumerate((alive, hung))
+        Child(spec, i, ChildProcess(["sleep", "60"], env=child_env({})), liveness=path)
+        for i, path in enumerate((alive, hung))
     ]
     try:
         for child in children:
@@ -84,6 +85,7 @@ def test_a_dead_gateway_is_replaced_by_its_waiting_spare() -> None:
     import subprocess
 
     from common.config import MeshConfig
+    from services.run.children import ChildProcess, child_env
     from services.run.launcher import Child, Launcher, ProcessSpec
 
     launcher = Launcher(MeshConfig(), [])
@@ -92,8 +94,8 @@ def test_a_dead_gateway_is_replaced_by_its_waiting_spare() -> None:
 
     def spawn(spec, index, *, standby=False):  # a spare that answers the line it is woken with
         cmd = ["head", "-n", "1"] if standby else ["sleep", "60"]
-        popen = subprocess.Popen(cmd, stdin=subprocess.PIPE if standby else None, stdout=subprocess.PIPE, text=True)
-        spawned.append(Child(spec, index, popen, standby=standby))
+        process = ChildProcess(cmd, env=child_env({}), stdin=subprocess.PIPE if standby else None)
+        spawned.append(Child(spec, index, process, standby=standby))
         return spawned[-1]
 
     launcher.spawn = spawn
@@ -112,7 +114,7 @@ def test_a_dead_gateway_is_replaced_by_its_waiting_spare() -> None:
         assert launcher.children == [gateway] and spare.popen.poll() is None
         launcher._restart(gateway, now=1.5)
         assert launcher.children == [spare] and not spare.standby and spare.label == "gateway-0"
-        assert spare.popen.communicate(timeout=10)[0] == "serve\n"  # woken: it listens now
+        assert spare.process.wait_line("serve", 10) == "serve"  # woken: it listens now
         assert spare.budget is gateway.budget and launcher.spares == {}
     finally:
         for child in spawned:

@@ -104,7 +104,7 @@ def ops_url(proc) -> str:
         found = re.search(r"/metrics and /health/\* at (http://\S+)", line)
         if found:
             return found.group(1)
-    raise AssertionError(f"{proc.role}: no ops port in its log")
+    raise AssertionError(f"{proc.label}: no ops port in its log")
 
 
 async def test_every_process_serves_metrics_and_health(cluster):

@@ -110,6 +110,6 @@ async def test_a_mesh_of_worker_groups_serves_each_request_once_and_survives_a_d
         assert mesh.stop(up) == 0
     finally:
         for proc in mesh.procs:  # shown when the test fails
-            print(f"--- {proc.role} output (last 60 lines)\n" + "".join(proc.output[-60:]))
+            print(f"--- {proc.label} output (last 60 lines)\n" + proc.tail(60))
         mesh.close()
         await purge_namespace(MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL), LocalHub())
