@@ -10,17 +10,20 @@ schedules per call. ``optimizer.simulator`` checks these figures by running the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from optimizer.calibration import CalibrationTable
 from optimizer.cluster import Cluster, allreduce_s, p2p_s
 from optimizer.layout import PipelineLayout, build_layout
-from optimizer.lengths import Workload
+from optimizer.lengths import LengthDistribution, Workload
 from optimizer.model import ModelShape
-from optimizer.profile import ProfileSet, StepShape
+from optimizer.profile import ProfileSet, StepShape, Values
 from optimizer.timing import PipelineTimer, max_slots, memory_per_device
 
 
@@ -89,7 +92,8 @@ class Scenario:
             cache[key] = build_layout(
                 devices, tp, tp_stages, self.model.layers, self.model.prefill_layers, self.cluster, first_device, cost
             )
-        return cache[key]
+        layout: PipelineLayout = cache[key]
+        return layout
 
     def layer_cost(self) -> dict[int, float]:
         """Seconds one decoder layer takes at each TP degree for a reference step (a decode
@@ -108,13 +112,15 @@ class Scenario:
                 ar = allreduce_s(self.cluster.intra_node, self.model.activation_bytes(REFERENCE_BATCH), k)
                 out[k] = float(self.profile.layer_times(self.model.name, k).step_s(shape)) + 2 * ar
             cache["layer_cost"] = out
-        return cache["layer_cost"]
+        cost: dict[int, float] = cache["layer_cost"]
+        return cost
 
-    def memo(self, key) -> dict:
+    def memo(self, key: Hashable) -> dict[Any, Any]:
         """A dict kept with this scenario under ``key``: what other modules compute once per scenario."""
-        return self._cache().setdefault(key, {})
+        memo: dict[Any, Any] = self._cache().setdefault(key, {})
+        return memo
 
-    def _cache(self) -> dict:
+    def _cache(self) -> dict[Any, Any]:
         cache = self.__dict__.get("_memo")
         if cache is None:
             cache = {}
@@ -174,17 +180,17 @@ class WorkloadStats:
         tri = self.workload.output.expect(lambda o: o * (o - 1) / 2)
         return self.mean_in + tri / max(self.mean_decode_iters, 1e-9)
 
-    def cycles(self, iters_per_cycle) -> np.ndarray:
+    def cycles(self, iters_per_cycle: npt.ArrayLike) -> np.ndarray:
         """E[ceil((o-1) / N_D)]: RRA cycles a request spends in the decode batch."""
         n = np.asarray(iters_per_cycle, dtype=float)
         values, inverse = np.unique(n, return_inverse=True)
         per = np.array([self.workload.output.expect(lambda o, k=k: np.ceil((o - 1) / k)) for k in values])
         return per[inverse].reshape(n.shape)
 
-    def prefill(self, n) -> StepShape:
+    def prefill(self, n: Values) -> StepShape:
         return StepShape(prefill_seqs=n, prefill_tokens=n * self.mean_in, prefill_seq=self.eff_in)
 
-    def prefill_p99(self, n) -> StepShape:
+    def prefill_p99(self, n: Values) -> StepShape:
         """A prefill of ``n`` (at least one) requests, one of them at the 99th-percentile prompt
         length and the rest at the mean: the encode a p99-length request is part of."""
         n = np.maximum(np.asarray(n, dtype=float), 1.0)
@@ -194,7 +200,7 @@ class WorkloadStats:
             prefill_seqs=n, prefill_tokens=(n - 1) * self.mean_in + q, prefill_seq=np.sqrt(((n - 1) * sq + q * q) / n)
         )
 
-    def decode(self, b, ctx=None, model: ModelShape | None = None) -> StepShape:
+    def decode(self, b: Values, ctx: Values | None = None, model: ModelShape | None = None) -> StepShape:
         enc = self.mean_in if model is not None and model.encoder_layers else 0.0
         return StepShape(decode_seqs=b, decode_ctx=self.mean_ctx if ctx is None else ctx, enc_seq=enc)
 
@@ -216,7 +222,7 @@ class Predictions:
     def meets(self, latency_bound_s: float) -> np.ndarray:
         return self.feasible & (self.latency_p99_s <= latency_bound_s)
 
-    def at(self, i) -> Predictions:
+    def at(self, i: int | tuple[int | np.integer[Any], ...]) -> Predictions:
         return Predictions(**{k: np.asarray(v)[i] for k, v in self.__dict__.items()})
 
 
@@ -226,7 +232,17 @@ def replicated(p: Predictions, workers: int) -> Predictions:
     return replace(p, throughput_seq_s=p.throughput_seq_s * workers, throughput_tok_s=p.throughput_tok_s * workers)
 
 
-def _predictions(stats: WorkloadStats, thr, lat, ttft, tpot, batch, peak, mem, capacity) -> Predictions:
+def _predictions(
+    stats: WorkloadStats,
+    thr: npt.ArrayLike,
+    lat: npt.ArrayLike,
+    ttft: npt.ArrayLike,
+    tpot: npt.ArrayLike,
+    batch: npt.ArrayLike,
+    peak: npt.ArrayLike,
+    mem: npt.ArrayLike,
+    capacity: float,
+) -> Predictions:
     arrays = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (thr, lat, ttft, tpot, batch, peak, mem)))
     thr, lat, ttft, tpot, batch, peak, mem = arrays
     ok = (mem <= capacity) & (thr > 0) & np.isfinite(lat)
@@ -239,11 +255,12 @@ def _longest_decode(sc: Scenario, batch: np.ndarray) -> np.ndarray:
     top = int(np.max(batch)) if np.size(batch) else 1
     size = 1 << max(top - 1, 0).bit_length()  # tables of powers of two, so that few are built
     table = _expected_max_table(sc.workload.output, size)[:top] - 1
-    return np.interp(batch, np.arange(1, top + 1), table)
+    longest: np.ndarray = np.interp(batch, np.arange(1, top + 1), table)
+    return longest
 
 
 @lru_cache(maxsize=32)
-def _expected_max_table(lengths, size: int) -> np.ndarray:
+def _expected_max_table(lengths: LengthDistribution, size: int) -> np.ndarray:
     """E[max of n draws] of ``lengths`` for n = 1..size (read-only)."""
     table = lengths.expected_max(np.arange(1, size + 1))
     table.flags.writeable = False
@@ -254,10 +271,10 @@ def rra(
     sc: Scenario,
     stats: WorkloadStats,
     layout: PipelineLayout,
-    encode_batch,
-    iters_per_encode,
-    microbatches,
-    encode_microbatches=1,
+    encode_batch: npt.ArrayLike,
+    iters_per_encode: npt.ArrayLike,
+    microbatches: Values,
+    encode_microbatches: npt.ArrayLike = 1,
 ) -> Predictions:
     """Encode B_E (split into ``encode_microbatches`` micro-batches that follow each other
     through the pipeline), then N_D decode iterations over the running batch, on one pipeline.
@@ -291,11 +308,11 @@ def rra_optimistic(
     sc: Scenario,
     stats: WorkloadStats,
     layout: PipelineLayout,
-    lo,
-    hi,
-    iters_per_encode,
-    microbatches,
-    encode_microbatches=1,
+    lo: npt.ArrayLike,
+    hi: npt.ArrayLike,
+    iters_per_encode: npt.ArrayLike,
+    microbatches: Values,
+    encode_microbatches: npt.ArrayLike = 1,
 ) -> Predictions:
     """Bounds on ``rra`` over every encode batch in [lo, hi] (the other variables fixed): an upper
     bound on throughput and lower bounds on latency, peak batch and memory.
@@ -324,7 +341,7 @@ def rra_optimistic(
     return _predictions(stats, hi / cycle, lat, t_own, t_dec, lo, peak, mem, sc.cluster.usable_memory_bytes)
 
 
-def _on_unique(fn, *args):
+def _on_unique(fn: Callable[..., npt.ArrayLike], *args: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """``fn(*args)`` (elementwise over broadcast arrays) evaluated once per distinct combination
     of the arguments: a search's lines repeat the same encode under many other variables."""
     arrays = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in args))
@@ -341,7 +358,7 @@ def _on_unique(fn, *args):
     return values[inverse.ravel()].reshape(shape)
 
 
-def whole_slots(peak):
+def whole_slots(peak: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """The request slots a worker holds for a predicted peak batch: whole requests, rounded up
     (what ``Schedule.decode_batch`` enforces, so memory is checked on it)."""
     return np.maximum(np.ceil(np.asarray(peak, dtype=float) - 1e-9), 1.0)
@@ -352,9 +369,9 @@ class DecodeCurve:
     """A decoder pipeline's iteration time tabulated over integer batches 0..max (one micro-batch
     count), so WAA's steady state is solved by table look-ups instead of re-costing each probe."""
 
-    batches: np.ndarray
-    seconds: np.ndarray
-    rate: np.ndarray  # sequences/s the decoder sustains at each batch (made non-decreasing)
+    batches: npt.NDArray[np.float64]
+    seconds: npt.NDArray[np.float64]
+    rate: npt.NDArray[np.float64]  # sequences/s the decoder sustains at each batch (made non-decreasing)
 
     @staticmethod
     def build(
@@ -365,29 +382,35 @@ class DecodeCurve:
         rate = np.maximum.accumulate(b / (max(stats.mean_decode_iters, 1e-9) * t))
         return DecodeCurve(b, t, rate)
 
-    def time_s(self, batch):
+    def time_s(self, batch: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return np.interp(batch, self.batches, self.seconds)
 
-    def rate_at(self, batch):
+    def rate_at(self, batch: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return np.interp(batch, self.batches, self.rate)
 
-    def batch_for(self, rate):
+    def batch_for(self, rate: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Smallest batch sustaining ``rate`` (the steady-state decode batch, by Little's law)."""
         return np.interp(rate, self.rate, self.batches)
 
 
-def decode_curves(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, microbatches) -> dict:
+def decode_curves(
+    sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, microbatches: npt.ArrayLike
+) -> dict[int, DecodeCurve]:
     slots = max_slots(layout, sc.model, stats.slot_tokens, sc.cluster.usable_memory_bytes)
     return {int(m): DecodeCurve.build(sc, stats, layout, int(m), slots) for m in np.unique(microbatches)}
 
 
-def _per_micro(curves: dict, microbatches, fn):
+def _per_micro(
+    curves: dict[int, DecodeCurve],
+    microbatches: npt.ArrayLike,
+    fn: Callable[[DecodeCurve], npt.NDArray[np.float64]],
+) -> npt.NDArray[np.float64]:
     m = np.asarray(microbatches)
     out = None
     for key, curve in curves.items():
         value = fn(curve)
         out = value if out is None else np.where(m == key, value, out)
-    return out
+    return cast("npt.NDArray[np.float64]", out)  # not None: there is a curve per micro-batch count
 
 
 def waa(
@@ -395,10 +418,10 @@ def waa(
     stats: WorkloadStats,
     enc: PipelineLayout,
     dec: PipelineLayout,
-    encode_batch,
-    decode_cap,
-    microbatches,
-    curves: dict | None = None,
+    encode_batch: npt.ArrayLike,
+    decode_cap: npt.ArrayLike,
+    microbatches: npt.ArrayLike,
+    curves: dict[int, DecodeCurve] | None = None,
     encoders: int = 1,
     decoders: int = 1,
 ) -> Predictions:
@@ -430,7 +453,9 @@ def waa(
     return _predictions(stats, rate, lat, t_enc, t_it, batch, batch + be, mem, sc.cluster.usable_memory_bytes)
 
 
-def static(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch, microbatches) -> Predictions:
+def static(
+    sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch: npt.ArrayLike, microbatches: Values
+) -> Predictions:
     """FasterTransformer-like: a fixed batch runs until its longest request ends; no early exit.
 
     Throughput counts the expected longest output of the batch; the latency figure is the batch
@@ -447,7 +472,9 @@ def static(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch, mi
     return _predictions(stats, thr, lat, t_enc, t_it, b, b, mem, sc.cluster.usable_memory_bytes)
 
 
-def continuous(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch, microbatches) -> Predictions:
+def continuous(
+    sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch: npt.ArrayLike, microbatches: Values
+) -> Predictions:
     """Orca/vLLM-like iteration-level batching without chunked prefill: each iteration prefills
     the requests that replaced finished ones and decodes the running batch.
 
@@ -472,7 +499,7 @@ def continuous(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch
     t_dec = timer.iteration_s(dec, microbatches)
     fused = np.asarray(microbatches) == 1
 
-    def prefilling(pre: StepShape):
+    def prefilling(pre: StepShape) -> npt.NDArray[np.float64]:
         """A prefilling iteration of ``pre``'s prompts and the running batch."""
         whole = StepShape(
             pre.prefill_seqs, pre.prefill_tokens, pre.prefill_seq, dec.decode_seqs, dec.decode_ctx, dec.enc_seq
@@ -489,7 +516,9 @@ def continuous(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch
     )
 
 
-def mixed(sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch, chunk_tokens) -> Predictions:
+def mixed(
+    sc: Scenario, stats: WorkloadStats, layout: PipelineLayout, batch: npt.ArrayLike, chunk_tokens: npt.ArrayLike
+) -> Predictions:
     """Sarathi-style mixed steps (``optimizer.policies.MixedPolicy``): every step decodes the
     running batch and prefills prompt chunks in the tokens left of ``chunk_tokens`` (C), in one
     pass (the engine runs decode rows and chunks in one forward; no micro-batches), so the step

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +74,8 @@ class KindCurve:
     def at(self, log2_tokens: np.ndarray) -> np.ndarray:
         if len(self.x) == 1:
             return np.full_like(log2_tokens, self.log_factor[0], dtype=float)
-        return np.interp(log2_tokens, self.x, self.log_factor)
+        out: np.ndarray = np.interp(log2_tokens, self.x, self.log_factor)
+        return out
 
 
 @dataclass(frozen=True)
@@ -133,8 +136,8 @@ def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
 
 @dataclass
 class _Bucket:
-    log_ratios: deque = field(default_factory=lambda: deque(maxlen=RING))
-    times: deque = field(default_factory=lambda: deque(maxlen=RING))
+    log_ratios: deque[float] = field(default_factory=lambda: deque(maxlen=RING))
+    times: deque[float] = field(default_factory=lambda: deque(maxlen=RING))
 
 
 class Calibration:
@@ -167,11 +170,11 @@ class Calibration:
         self.observed += 1
         return True
 
-    def _weights(self, times, now: float) -> np.ndarray:
+    def _weights(self, times: Sequence[float], now: float) -> np.ndarray:
         age = np.maximum(now - np.asarray(times, dtype=float), 0.0)
         return np.exp2(-age / self.half_life_s)
 
-    def _pooled(self, keys, now: float) -> tuple[float, float] | None:
+    def _pooled(self, keys: Sequence[tuple[str, int]], now: float) -> tuple[float, float] | None:
         """(weighted median log-ratio, total weight) over the buckets ``keys``; None: no weight."""
         values = [np.asarray(self.buckets[k].log_ratios) for k in keys]
         weights = [self._weights(self.buckets[k].times, now) for k in keys]
@@ -207,14 +210,14 @@ class Calibration:
         return CalibrationTable(tuple(curves), everything[0], int(round(everything[1])))
 
     # --- carried between processes ---------------------------------------------------------------
-    def to_plain(self) -> dict:
+    def to_plain(self) -> dict[str, Any]:
         return {
             "half_life_s": self.half_life_s,
             "buckets": [[kind, b, list(v.log_ratios), list(v.times)] for (kind, b), v in self.buckets.items()],
         }
 
     @staticmethod
-    def from_plain(plain: dict) -> Calibration:
+    def from_plain(plain: dict[str, Any]) -> Calibration:
         cal = Calibration(float(plain["half_life_s"]))
         for kind, b, logs, times in plain["buckets"]:
             if kind not in KINDS or len(logs) != len(times):

@@ -28,6 +28,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, overload
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 CLUSTER_FORMAT = "exegpt-cluster/1"
 
@@ -49,7 +54,11 @@ class Link:
         if self.bandwidth_Bps <= 0 or self.latency_s < 0:
             raise ValueError(f"link {self.name!r}: bandwidth must be > 0 and latency >= 0")
 
-    def seconds(self, nbytes):
+    @overload
+    def seconds(self, nbytes: float) -> float: ...
+    @overload
+    def seconds(self, nbytes: npt.NDArray[Any]) -> npt.NDArray[np.float64]: ...
+    def seconds(self, nbytes: float | npt.NDArray[Any]) -> float | npt.NDArray[np.float64]:
         return self.latency_s + nbytes / self.bandwidth_Bps
 
 
@@ -119,7 +128,11 @@ class Cluster:
         return self.handoff if self.handoff is not None else self.link_between(device_a, device_b)
 
 
-def allreduce_s(link: Link, nbytes, group: int):
+@overload
+def allreduce_s(link: Link, nbytes: float, group: int) -> float: ...
+@overload
+def allreduce_s(link: Link, nbytes: npt.NDArray[Any], group: int) -> npt.NDArray[np.float64]: ...
+def allreduce_s(link: Link, nbytes: float | npt.NDArray[Any], group: int) -> float | npt.NDArray[np.float64]:
     """Ring all-reduce of ``nbytes`` over ``group`` devices: 2(k-1) steps of nbytes/k each."""
     if group <= 1:
         return 0.0 * nbytes
@@ -127,7 +140,11 @@ def allreduce_s(link: Link, nbytes, group: int):
     return steps * link.latency_s + steps * nbytes / group / link.bandwidth_Bps
 
 
-def p2p_s(link: Link, nbytes):
+@overload
+def p2p_s(link: Link, nbytes: float) -> float: ...
+@overload
+def p2p_s(link: Link, nbytes: npt.NDArray[Any]) -> npt.NDArray[np.float64]: ...
+def p2p_s(link: Link, nbytes: float | npt.NDArray[Any]) -> float | npt.NDArray[np.float64]:
     """One point-to-point message (pipeline activations, KV hand-off)."""
     return link.latency_s + nbytes / link.bandwidth_Bps
 
@@ -141,7 +158,7 @@ CLUSTERS = {c.name: c for c in (H200_CLUSTER, A100_CLUSTER, A40_CLUSTER)}
 # --- the JSON form ---------------------------------------------------------------------------
 
 
-def _require(doc: dict, key: str, where: str) -> object:
+def _require(doc: dict[str, Any], key: str, where: str) -> object:
     if key not in doc:
         raise ClusterError(f"{where}: missing {key!r}")
     return doc[key]
@@ -165,19 +182,19 @@ def _checked(value: object, where: str, *, positive: bool, integer: bool) -> flo
     return value
 
 
-def _object(value: object, where: str) -> dict:
+def _object(value: object, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ClusterError(f"{where} must be a JSON object, got {value!r}")
     return value
 
 
-def _unknown(doc: dict, allowed: set[str], where: str) -> None:
+def _unknown(doc: dict[str, Any], allowed: set[str], where: str) -> None:
     extra = sorted(set(doc) - allowed)
     if extra:
         raise ClusterError(f"{where}: unknown field {extra[0]!r} (known: {', '.join(sorted(allowed))})")
 
 
-def _text(doc: dict, key: str, where: str, default: str = "") -> str:
+def _text(doc: dict[str, Any], key: str, where: str, default: str = "") -> str:
     value = doc.get(key, default)
     if not isinstance(value, str):
         raise ClusterError(f"{where}.{key} must be a string, got {value!r}")
@@ -242,21 +259,21 @@ def _worker_group(doc: object) -> tuple[int, ...]:
     return tuple(doc)
 
 
-def link_to_dict(link: Link) -> dict:
+def link_to_dict(link: Link) -> dict[str, Any]:
     out = {"name": link.name, "bandwidth_Bps": link.bandwidth_Bps, "latency_s": link.latency_s}
     return {**out, "source": link.source} if link.source else out
 
 
-def cluster_to_dict(cluster: Cluster) -> dict:
+def cluster_to_dict(cluster: Cluster) -> dict[str, Any]:
     """The JSON form ``parse_cluster`` reads back to an equal ``Cluster``."""
     c = cluster
     links = {"intra_node": link_to_dict(c.intra_node), "inter_node": link_to_dict(c.inter_node)}
     if c.handoff is not None:
         links["handoff"] = link_to_dict(c.handoff)
-    device: dict = {"memory_bytes": c.device_memory_bytes, "usable_memory_fraction": c.usable_memory_fraction}
+    device: dict[str, Any] = {"memory_bytes": c.device_memory_bytes, "usable_memory_fraction": c.usable_memory_fraction}
     if c.device_threads:
         device["threads"] = c.device_threads
-    out: dict = {"format": CLUSTER_FORMAT, "name": c.name}
+    out: dict[str, Any] = {"format": CLUSTER_FORMAT, "name": c.name}
     if c.device_count:
         out["devices"] = c.device_count
     out.update({"devices_per_node": c.devices_per_node, "device": device, "links": links})

@@ -14,11 +14,14 @@ test is conservative (true false-alarm rate below the nominal level), which, wit
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from scipy.stats import ks_2samp
+
+Lengths = Sequence[float] | np.ndarray  # a sample of lengths: a list or an array
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,9 @@ class ShiftTest:
     enough: bool  # both samples hold at least ``min_samples``
 
 
-def length_shift_test(ref_inputs, ref_outputs, inputs, outputs, min_samples: int = 30) -> ShiftTest:
+def length_shift_test(
+    ref_inputs: Lengths, ref_outputs: Lengths, inputs: Lengths, outputs: Lengths, min_samples: int = 30
+) -> ShiftTest:
     """KS on inputs and on outputs of ``(inputs, outputs)`` against the reference, combined."""
     if min(len(ref_inputs), len(ref_outputs), len(inputs), len(outputs)) < min_samples:
         return ShiftTest(math.nan, 1.0, False)
@@ -79,7 +84,7 @@ class DriftMonitor:
         self._streak = 0
         self._fired = False
 
-    def rebase(self, inputs, outputs, now: float) -> None:
+    def rebase(self, inputs: Lengths, outputs: Lengths, now: float) -> None:
         """The schedule was (re)planned at ``now`` on these lengths."""
         if len(inputs) != len(outputs):
             raise ValueError(f"need one output per input, got {len(inputs)} and {len(outputs)}")
@@ -88,7 +93,7 @@ class DriftMonitor:
         self._streak = 0
         self._fired = False
 
-    def check(self, window_inputs, window_outputs, now: float) -> DriftResult:
+    def check(self, window_inputs: Lengths, window_outputs: Lengths, now: float) -> DriftResult:
         if self._reference is None:
             return DriftResult(math.nan, 1.0, False, False, False, "no reference")
         test = length_shift_test(*self._reference, window_inputs, window_outputs, self.min_samples)

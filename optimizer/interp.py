@@ -24,12 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 NOISE_TOLERANCE = 0.10  # a drop of more than 10 % below an earlier point is reported
 MAX_ROUNDS = 50  # row/column passes of the 2-D smoothing (it settles in a few)
 
+Values = float | np.ndarray  # one figure, or many at once
 
-def running_max(values) -> np.ndarray:
+
+def running_max(values: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """``values`` made non-decreasing: each one raised to the largest before it."""
     return np.maximum.accumulate(np.asarray(values, dtype=float))
 
@@ -50,11 +53,11 @@ class Drop:
 
 @dataclass(frozen=True)
 class Smoothed:
-    points: dict  # key -> smoothed value, non-decreasing along every axis
+    points: dict[Any, float]  # key -> smoothed value, non-decreasing along every axis
     drops: tuple[Drop, ...]  # raw points that broke monotonicity beyond the tolerance (one per point)
 
 
-def _drops(keys: list, values: list[float], tolerance: float, floor: float) -> list[Drop]:
+def _drops(keys: list[Any], values: list[float], tolerance: float, floor: float) -> list[Drop]:
     """Points (in axis order) more than the tolerance below the highest point before them."""
     out, top = [], 0
     for i in range(1, len(values)):
@@ -66,15 +69,15 @@ def _drops(keys: list, values: list[float], tolerance: float, floor: float) -> l
     return out
 
 
-def _lines(points: dict, by_row: bool) -> list[list]:
+def _lines(points: dict[tuple[float, float], float], by_row: bool) -> list[list[tuple[float, float]]]:
     """Keys of a 2-D table grouped into rows (same row, ordered by col) or columns."""
-    groups: dict[float, list] = {}
+    groups: dict[float, list[tuple[float, float]]] = {}
     for key in points:
         groups.setdefault(key[0] if by_row else key[1], []).append(key)
     return [sorted(keys, key=lambda k: (k[1], k[0]) if by_row else (k[0], k[1])) for _, keys in sorted(groups.items())]
 
 
-def _pass(values: dict, lines: list[list]) -> float:
+def _pass(values: dict[tuple[float, float], float], lines: list[list[tuple[float, float]]]) -> float:
     """Smooth each line in place; return the largest change."""
     moved = 0.0
     for keys in lines:
@@ -85,7 +88,7 @@ def _pass(values: dict, lines: list[list]) -> float:
     return moved
 
 
-def smooth_points(points: dict, tolerance: float = NOISE_TOLERANCE, floor: float = 0.0) -> Smoothed:
+def smooth_points(points: dict[Any, float], tolerance: float = NOISE_TOLERANCE, floor: float = 0.0) -> Smoothed:
     """The noise rule: ``points`` maps x (a curve) or (row, col) (a table) to a measured value."""
     if not points:
         return Smoothed({}, ())
@@ -95,7 +98,7 @@ def smooth_points(points: dict, tolerance: float = NOISE_TOLERANCE, floor: float
         smooth = dict(zip(keys, (float(v) for v in running_max(raw))))
         return Smoothed(smooth, tuple(_drops(keys, raw, tolerance, floor)))
     rows, cols = _lines(points, by_row=True), _lines(points, by_row=False)
-    worst: dict = {}  # one drop per point: the deepest, along its row or its column
+    worst: dict[tuple[float, float], Drop] = {}  # one drop per point: the deepest, along its row or its column
     for line in rows + cols:
         for d in _drops(line, [float(points[k]) for k in line], tolerance, floor):
             if d.at not in worst or d.fraction > worst[d.at].fraction:
@@ -121,7 +124,8 @@ def _interp_extrap(xs: np.ndarray, ys: np.ndarray, x: np.ndarray) -> np.ndarray:
     x0, x1 = xs[i], xs[i + 1]
     y0, y1 = (ys[i], ys[i + 1]) if ys.ndim == 1 else (ys[i, np.arange(ys.shape[1])], ys[i + 1, np.arange(ys.shape[1])])
     slope = np.maximum((y1 - y0) / (x1 - x0), 0.0)
-    return np.where(x <= xs[0], ys[0], y0 + slope * (x - x0))
+    out: np.ndarray = np.where(x <= xs[0], ys[0], y0 + slope * (x - x0))
+    return out
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ class MonotoneCurve:
         ys = np.maximum.accumulate(np.array([smooth[x] for x in xs], dtype=float))
         return MonotoneCurve(tuple(float(x) for x in xs), tuple(float(y) for y in ys))
 
-    def __call__(self, x):
+    def __call__(self, x: Values) -> float | npt.NDArray[np.float64]:
         xs, ys = self.xs, self.ys
         xa = np.asarray(x, dtype=float)
         out = np.interp(xa, xs, ys)
@@ -215,7 +219,7 @@ class MonotoneGrid:
             out[idx] = y0 + (ys[:, i + 1] - y0) * t
         return out
 
-    def _at_col(self, row, col: float):
+    def _at_col(self, row: Values, col: float) -> float | npt.NDArray[np.float64]:
         """``self(row, col)`` at one ``col``: the rows that reach it, made non-decreasing, as one
         curve along ``row`` (the same values as the general path)."""
         cached = self._col_cache.get(col)
@@ -239,7 +243,7 @@ class MonotoneGrid:
         rows = sorted(by_row)
         return MonotoneGrid(tuple(float(r) for r in rows), tuple(MonotoneCurve.from_points(by_row[r]) for r in rows))
 
-    def __call__(self, row, col):
+    def __call__(self, row: Values, col: Values) -> float | npt.NDArray[np.float64]:
         if np.ndim(col) == 0:  # the common query: many batches at one length
             return self._at_col(row, float(col))
         ra, ca = np.broadcast_arrays(np.asarray(row, dtype=float), np.asarray(col, dtype=float))
@@ -250,7 +254,7 @@ class MonotoneGrid:
             return self._at_col(ra.reshape(shape), float(ca[0]))
         per_row = self._per_row(ca)  # (rows, n)
         level = np.searchsorted(levels, np.minimum(ca, levels[-1]))  # rows reaching col: reach >= levels[level]
-        out = np.empty(len(ca))
+        out: npt.NDArray[np.float64] = np.empty(len(ca))
         for lv in range(len(levels)):
             at = level == lv
             if not at.any():

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 from scipy.special import ndtr
+
+
+class LengthFunction(Protocol):
+    """A vectorised function of lengths (what ``LengthDistribution.expect`` averages)."""
+
+    def __call__(self, lengths: np.ndarray, /) -> npt.ArrayLike: ...
 
 
 @dataclass(frozen=True)
@@ -25,7 +34,7 @@ class LengthDistribution:
             raise ValueError("probabilities must be >= 0 and sum to 1")
 
     @staticmethod
-    def from_weights(values, weights) -> LengthDistribution:
+    def from_weights(values: npt.ArrayLike, weights: npt.ArrayLike) -> LengthDistribution:
         v = np.asarray(values, dtype=int)
         w = np.asarray(weights, dtype=float)
         keep = w > 0
@@ -42,7 +51,7 @@ class LengthDistribution:
         return LengthDistribution.from_weights(k, ndtr((k + 0.5 - mean) / std) - ndtr((k - 0.5 - mean) / std))
 
     @staticmethod
-    def from_samples(samples) -> LengthDistribution:
+    def from_samples(samples: npt.ArrayLike) -> LengthDistribution:
         s = np.asarray(samples)
         if s.size == 0 or s.min() < 1 or not np.all(s == np.round(s)):
             raise ValueError("length samples must be a non-empty list of integers >= 1")
@@ -57,7 +66,7 @@ class LengthDistribution:
     def _p(self) -> np.ndarray:
         return np.asarray(self.probs, dtype=float)
 
-    def expect(self, f) -> float:
+    def expect(self, f: LengthFunction) -> float:
         """E[f(L)] for a vectorised f."""
         return float(np.dot(self._p, f(self._v)))
 
@@ -76,13 +85,14 @@ class LengthDistribution:
         cdf = np.cumsum(self._p)
         return self.values[min(int(np.searchsorted(cdf, q - 1e-12)), len(self.values) - 1)]
 
-    def expected_max(self, n) -> np.ndarray:
+    def expected_max(self, n: npt.ArrayLike) -> np.ndarray:
         """E[max of n independent draws], for an array of n."""
         cdf = np.cumsum(self._p)
         below = np.concatenate([[0.0], cdf[:-1]])  # P(L < v_i)
         n = np.asarray(n, dtype=float)[..., None]
         gaps = np.diff(np.concatenate([[0.0], self._v]))
-        return np.sum(gaps * (1.0 - below**n), axis=-1)
+        out: np.ndarray = np.sum(gaps * (1.0 - below**n), axis=-1)
+        return out
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.choice(np.asarray(self.values), size=n, p=self._p)
@@ -99,7 +109,7 @@ class Workload:
     pairs: tuple[tuple[int, int], ...] = ()
 
     @staticmethod
-    def from_pairs(name: str, inputs, outputs) -> Workload:
+    def from_pairs(name: str, inputs: Sequence[int] | np.ndarray, outputs: Sequence[int] | np.ndarray) -> Workload:
         if len(inputs) != len(outputs):
             raise ValueError("need one output length per input length")
         return Workload(
@@ -140,6 +150,7 @@ def scaled_task(name: str, scale: float) -> Workload:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_LENGTHS)}")
     if scale == 1:
         return TASKS[name]
+    shrink: Callable[[float, float, int], tuple[float, float, int]]
     shrink = lambda m, s, top: (m * scale, s * scale, max(round(top * scale), 2))  # noqa: E731
     inp, out = TASK_LENGTHS[name]
     return _task(f"{name}x{scale:g}", shrink(*inp), shrink(*out))

@@ -8,6 +8,11 @@ themselves (``services.scheduler.planning.model_shape`` over
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, overload
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,11 @@ class ModelShape:
     def embedding_bytes(self) -> int:
         return self.vocab * self.hidden * self.dtype_bytes
 
-    def activation_bytes(self, tokens: float) -> float:
+    @overload
+    def activation_bytes(self, tokens: float) -> float: ...
+    @overload
+    def activation_bytes(self, tokens: npt.NDArray[Any]) -> npt.NDArray[np.float64]: ...
+    def activation_bytes(self, tokens: float | npt.NDArray[Any]) -> float | npt.NDArray[np.float64]:
         """One hidden-state tensor for ``tokens`` tokens: a TP all-reduce or pipeline message."""
         return tokens * self.hidden * self.dtype_bytes
 

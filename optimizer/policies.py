@@ -24,7 +24,7 @@ than 10 % from the ``mean_decode_batch`` the plan expects.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -159,7 +159,7 @@ class Policy:
         pass
 
 
-def _ids(requests) -> tuple[str, ...]:
+def _ids(requests: Iterable[QueuedRequest | RunningRequest]) -> tuple[str, ...]:
     return tuple(r.request_id for r in requests)
 
 

@@ -25,11 +25,12 @@ rejected with what is missing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from optimizer.interp import NOISE_TOLERANCE, Drop, MonotoneCurve, MonotoneGrid, smooth_points
 
@@ -38,6 +39,7 @@ NOISE_FLOOR_MS = 0.01  # dips smaller than 10 us are below what a timed Python c
 FAR_EXTRAPOLATION = 1.25  # a plan needing lengths beyond 1.25x the profiled ones is refused
 
 Values = float | np.ndarray  # one step's figure, or many steps' at once
+_Points = dict[Any, float]  # one table's points: x (a curve) or (row, col) (a grid) -> ms
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class StepShape:
     decode_ctx: Values = 1.0
     enc_seq: Values = 0.0  # T5: encoder length seen by cross-attention
 
-    def split(self, parts) -> StepShape:
+    def split(self, parts: Values) -> StepShape:
         """One of ``parts`` equal micro-batches of this step."""
         return StepShape(
             self.prefill_seqs / parts,
@@ -67,7 +69,7 @@ class StepShape:
         )
 
     @property
-    def tokens(self):
+    def tokens(self) -> Values:
         return self.prefill_tokens + self.decode_seqs
 
 
@@ -83,7 +85,7 @@ class Coverage:
 
 
 class LayerTimes(Protocol):
-    def step_s(self, shape: StepShape):
+    def step_s(self, shape: StepShape) -> npt.NDArray[np.float64]:
         """Seconds one layer (one TP shard, collectives excluded) takes for ``shape``."""
         ...
 
@@ -91,7 +93,7 @@ class LayerTimes(Protocol):
     def coverage(self) -> Coverage: ...
 
 
-def _where_positive(count, value):
+def _where_positive(count: npt.ArrayLike, value: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.where(np.asarray(count) > 0, value, 0.0)
 
 
@@ -105,7 +107,7 @@ class SplitLayerTimes:
     attn_prefill: MonotoneGrid
     attn_decode: MonotoneGrid
 
-    def step_s(self, shape: StepShape):
+    def step_s(self, shape: StepShape) -> npt.NDArray[np.float64]:
         s = shape
         rest = _where_positive(s.tokens, self.rest(np.maximum(s.tokens, 1.0)))
         pre = _where_positive(s.prefill_seqs, self.attn_prefill(np.maximum(s.prefill_seqs, 1e-9), s.prefill_seq))
@@ -133,7 +135,7 @@ class WholeLayerTimes:
     prefill: MonotoneGrid
     decode_by_enc_seq: tuple[tuple[float, MonotoneGrid], ...]
 
-    def _decode(self, seqs, ctx, enc_seq):
+    def _decode(self, seqs: Values, ctx: Values, enc_seq: Values) -> float | npt.NDArray[np.float64]:
         grids = self.decode_by_enc_seq
         if len(grids) == 1:
             return grids[0][1](seqs, ctx)
@@ -145,9 +147,10 @@ class WholeLayerTimes:
         frac = np.clip((enc - lens[idx]) / (lens[idx + 1] - lens[idx]), 0.0, None)
         cols = np.arange(len(enc))
         lo, hi = vals[idx, cols], vals[idx + 1, cols]
-        return (lo + frac * np.maximum(hi - lo, 0.0)).reshape(shape)
+        out: npt.NDArray[np.float64] = (lo + frac * np.maximum(hi - lo, 0.0)).reshape(shape)
+        return out
 
-    def step_s(self, shape: StepShape):
+    def step_s(self, shape: StepShape) -> npt.NDArray[np.float64]:
         s = shape
         pseqs = np.maximum(s.prefill_seqs, 1e-9)
         pre = self.prefill(pseqs, np.maximum(s.prefill_tokens / pseqs, 1.0))
@@ -169,11 +172,11 @@ class ProfileSet:
 
     split: dict[tuple[str, int], SplitLayerTimes] = field(default_factory=dict)
     whole: dict[tuple[str, int], WholeLayerTimes] = field(default_factory=dict)
-    metadata: tuple[dict, ...] = ()
+    metadata: tuple[dict[str, Any], ...] = ()
     warnings: tuple[str, ...] = ()  # rows the noise rule had to raise by more than its tolerance
     step: dict[tuple[str, int], MonotoneCurve] = field(default_factory=dict)  # per-step work, by rows
 
-    def step_s(self, model: str, tp: int = 1):
+    def step_s(self, model: str, tp: int = 1) -> Callable[[Values], npt.NDArray[np.float64]] | None:
         """What one engine step costs besides its layers (the LM head over the rows that get
         logits, sampling, the engine's own work per step), as a function of those rows, in
         seconds; None when the profile did not measure it (the reference files do not)."""
@@ -202,7 +205,7 @@ class ProfileSet:
     def coverage(self, model: str, tp: int = 1) -> Coverage:
         return self.layer_times(model, tp).coverage
 
-    def probe(self, name: str) -> dict | None:
+    def probe(self, name: str) -> dict[str, Any] | None:
         return next((row for row in self.metadata if row.get("probe") == name), None)
 
 
@@ -282,11 +285,11 @@ class _Cell:
     ms: float
 
     @property
-    def key(self):
+    def key(self) -> float | tuple[float, ...]:
         return self.coords if len(self.coords) > 1 else self.coords[0]
 
 
-def _parse_lines(text: str) -> list[tuple[int, dict]]:
+def _parse_lines(text: str) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -301,21 +304,21 @@ def _parse_lines(text: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def _number(row: dict, key: str, number: int) -> float:
+def _number(row: dict[str, Any], key: str, number: int) -> float:
     value = row.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
         raise ProfileError(f"line {number}: field {key!r} must be a non-negative number, got {value!r}")
     return float(value)
 
 
-def _row_key(row: dict, number: int) -> tuple[str, int]:
+def _row_key(row: dict[str, Any], number: int) -> tuple[str, int]:
     tp = row.get("tp")
     if not isinstance(tp, int) or tp < 1:
         raise ProfileError(f"line {number}: field 'tp' must be an integer >= 1, got {tp!r}")
     return str(row["model"]), tp
 
 
-def _cell(index: int, number: int, row: dict) -> _Cell:
+def _cell(index: int, number: int, row: dict[str, Any]) -> _Cell:
     model, tp = _row_key(row, number)
     ms = _number(row, "ms", number)
     if "part" in row:
@@ -334,7 +337,7 @@ def _cell(index: int, number: int, row: dict) -> _Cell:
     return _Cell(index, table, tuple(_number(row, k, number) for k in axes), ms)
 
 
-def _cells(rows: Sequence[tuple[int, dict]]) -> tuple[list[_Cell], tuple[dict, ...]]:
+def _cells(rows: Sequence[tuple[int, dict[str, Any]]]) -> tuple[list[_Cell], tuple[dict[str, Any], ...]]:
     """Measured rows as cells (validated), and the rows without a model (metadata)."""
     cells, meta = [], []
     for index, (number, row) in enumerate(rows):
@@ -357,9 +360,9 @@ def _warning(table: _Table, drop: Drop) -> str:
     )
 
 
-def _tables(cells: Iterable[_Cell]) -> dict[_Table, dict]:
+def _tables(cells: Iterable[_Cell]) -> dict[_Table, _Points]:
     """Each table's points (coords -> ms); a repeated cell keeps its last value."""
-    tables: dict[_Table, dict] = {}
+    tables: dict[_Table, _Points] = {}
     for c in cells:
         tables.setdefault(c.table, {})[c.key] = c.ms
     return tables
@@ -369,7 +372,7 @@ def smooth_cells(
     cells: Sequence[_Cell], tolerance: float = NOISE_TOLERANCE, floor_ms: float = NOISE_FLOOR_MS
 ) -> tuple[list[_Cell], tuple[str, ...]]:
     """The noise rule over every table of ``cells``: (cells with smoothed ms, warnings)."""
-    smoothed: dict[_Table, dict] = {}
+    smoothed: dict[_Table, _Points] = {}
     warnings: list[str] = []
     for table, points in _tables(cells).items():
         result = smooth_points(points, tolerance, floor_ms)
@@ -380,11 +383,11 @@ def smooth_cells(
 
 @dataclass(frozen=True)
 class SmoothedRows:
-    rows: list[dict]  # the input rows, ``ms`` smoothed (``ms_raw`` keeps a changed measurement)
+    rows: list[dict[str, Any]]  # the input rows, ``ms`` smoothed (``ms_raw`` keeps a changed measurement)
     warnings: tuple[str, ...]
 
 
-def smooth_rows(rows: Sequence[dict], tolerance: float = NOISE_TOLERANCE) -> SmoothedRows:
+def smooth_rows(rows: Sequence[dict[str, Any]], tolerance: float = NOISE_TOLERANCE) -> SmoothedRows:
     """The noise rule ``parse_profile`` applies, on rows before they are written (the profiler)."""
     cells, _ = _cells(list(enumerate(rows, start=1)))
     fixed, warnings = smooth_cells(cells, tolerance)
@@ -403,7 +406,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _check_dense(table: _Table, points: dict) -> None:
+def _check_dense(table: _Table, points: _Points) -> None:
     """Reject a table that cannot be interpolated: fewer than two points on an axis."""
     what = f"profile for {table.model} tp={table.tp}: {table.name}" + (
         f" enc_seq={table.enc_seq:g}" if table.enc_seq else ""
@@ -431,7 +434,7 @@ def _check_dense(table: _Table, points: dict) -> None:
             )
 
 
-def _split_times(key: tuple[str, int], tables: dict[str, tuple[_Table, dict]]) -> SplitLayerTimes:
+def _split_times(key: tuple[str, int], tables: dict[str, tuple[_Table, _Points]]) -> SplitLayerTimes:
     missing = {"rest", "attn_prefill", "attn_decode"} - set(tables)
     if missing:
         raise ProfileError(f"split profile for {key[0]} tp={key[1]} lacks {sorted(missing)}")
@@ -444,7 +447,7 @@ def _split_times(key: tuple[str, int], tables: dict[str, tuple[_Table, dict]]) -
     )
 
 
-def _whole_times(key: tuple[str, int], tables: dict[tuple[str, float], tuple[_Table, dict]]) -> WholeLayerTimes:
+def _whole_times(key: tuple[str, int], tables: dict[tuple[str, float], tuple[_Table, _Points]]) -> WholeLayerTimes:
     if ("prefill", 0.0) not in tables or not any(name == "decode" for name, _ in tables):
         raise ProfileError(f"layer profile for {key[0]} tp={key[1]} needs prefill and decode rows")
     for table, points in tables.values():
@@ -464,9 +467,11 @@ def _step_times(cells: Sequence[_Cell]) -> dict[tuple[str, int], MonotoneCurve]:
     return out
 
 
-def _layer_times(cells: Sequence[_Cell]):
-    split: dict[tuple[str, int], dict] = {}
-    whole: dict[tuple[str, int], dict] = {}
+def _layer_times(
+    cells: Sequence[_Cell],
+) -> tuple[dict[tuple[str, int], SplitLayerTimes], dict[tuple[str, int], WholeLayerTimes]]:
+    split: dict[tuple[str, int], dict[str, tuple[_Table, _Points]]] = {}
+    whole: dict[tuple[str, int], dict[tuple[str, float], tuple[_Table, _Points]]] = {}
     for table, points in _tables(cells).items():
         key = (table.model, table.tp)
         if table.name == "step":

@@ -38,10 +38,13 @@ def arrival_times(rng: np.random.Generator, n: int, rate_per_s: float, cv: float
         raise ValueError(f"need rate > 0, burstiness > 0 and n >= 1, got {rate_per_s}, {cv}, {n}")
     shape = 1.0 / (cv * cv)
     gaps = rng.gamma(shape, 1.0 / (rate_per_s * shape), n)
-    return np.cumsum(gaps) - gaps[0]
+    times: np.ndarray = np.cumsum(gaps) - gaps[0]
+    return times
 
 
-def requests_at(workload: Workload, times, seed: int = 0, tag: str = "q") -> tuple[SimRequest, ...]:
+def requests_at(
+    workload: Workload, times: Sequence[float] | np.ndarray, seed: int = 0, tag: str = "q"
+) -> tuple[SimRequest, ...]:
     """Requests with lengths drawn from ``workload`` arriving at ``times``."""
     ins, outs = workload.sample(np.random.default_rng(seed), len(times))
     return tuple(
@@ -55,6 +58,7 @@ def requests_from_trace(
     """A trace's requests as they arrived (the first ``limit``, 0: all), lengths clipped like the
     workload built from it."""
     rows = list(rows)[: limit or None]
+    clip: Callable[[int, int], int]
     clip = lambda v, top: min(v, top) if top else v  # noqa: E731
     return tuple(
         SimRequest(f"t-{i:05d}", clip(r.input_len, max_input), clip(r.output_len, max_output), r.arrival_s)
@@ -96,7 +100,7 @@ def candidates(
     each policy set apart, whose predicted throughput exceeds ``rate_per_s``; best first.
     Returns (candidates, searches, evaluations)."""
     groups = [tuple(policies)] + [(p,) for p in policies if len(policies) > 1]
-    found: dict = {}
+    found: dict[Schedule, Candidate] = {}
     searches = evaluations = 0
     bounds = [latency_bound_s] if math.isinf(latency_bound_s) else [latency_bound_s * f for f in fractions]
     for bound in bounds:

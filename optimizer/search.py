@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from optimizer import analytic
-from optimizer.analytic import Predictions, Scenario, WorkloadStats
+from optimizer.analytic import DecodeCurve, Predictions, Scenario, WorkloadStats
+from optimizer.cluster import Link
 from optimizer.layout import PipelineLayout
-from optimizer.schedule import SPLIT_POLICIES, Schedule
+from optimizer.schedule import SPLIT_POLICIES, Policy, Schedule
 from optimizer.timing import max_slots
 
 SEARCH_POLICIES = ("rra", "waa-c", "waa-m")  # the paper's policies
@@ -198,7 +200,7 @@ class Family:
     def size(self) -> int:
         return len(next(iter(self.lines.values())))
 
-    def _line_values(self, rows: np.ndarray, ndim: int) -> dict:
+    def _line_values(self, rows: np.ndarray, ndim: int) -> dict[str, np.ndarray]:
         extra = (slice(None),) + (None,) * (ndim - 1)
         return {k: v[rows][extra] for k, v in self.lines.items()}
 
@@ -229,7 +231,7 @@ class Family:
         return Candidate(self.schedule(batch, fig, **values), fig)
 
 
-def _grid(**axes) -> dict[str, np.ndarray]:
+def _grid(**axes: Iterable[int]) -> dict[str, np.ndarray]:
     names = list(axes)
     combos = list(itertools.product(*axes.values()))
     return {n: np.array([c[i] for c in combos]) for i, n in enumerate(names)}
@@ -309,7 +311,9 @@ def _single_families(
     return fams
 
 
-def _decode_ceiling(sc, stats, tables: _WaaTables, layout: PipelineLayout, fam: Family, n: int):
+def _decode_ceiling(
+    sc: Scenario, stats: WorkloadStats, tables: _WaaTables, layout: PipelineLayout, fam: Family, n: int
+) -> Callable[[], tuple[float, float]]:
     """A single-pipeline family's ceiling: every request decodes E[o-1] iterations in its worker's
     running batch, and a step that also encodes or prefills takes at least its decode iteration, so
     the rate of each of the ``n`` workers is at most its decode rate b / (E[o-1] t_dec(b)) at the
@@ -333,7 +337,9 @@ def _decode_ceiling(sc, stats, tables: _WaaTables, layout: PipelineLayout, fam: 
     return ceiling
 
 
-def _mixed_ceiling(stats, tables: _WaaTables, layout: PipelineLayout, n: int):
+def _mixed_ceiling(
+    stats: WorkloadStats, tables: _WaaTables, layout: PipelineLayout, n: int
+) -> Callable[[], tuple[float, float]]:
     """A mixed family's ceiling: a step decoding b requests takes at least a decode iteration of b
     (its prompt chunks only add work), so the rate is at most the decode rate's ceiling, as for
     continuous batching; a p99-length request spends at least o99 steps (its prefill's last and
@@ -346,9 +352,17 @@ def _mixed_ceiling(stats, tables: _WaaTables, layout: PipelineLayout, n: int):
     return ceiling
 
 
-def _single_family(sc, stats, space, policy, layout: PipelineLayout, common, n: int) -> Family:
+def _single_family(
+    sc: Scenario,
+    stats: WorkloadStats,
+    space: SearchSpace,
+    policy: str,
+    layout: PipelineLayout,
+    common: dict[str, int],
+    n: int,
+) -> Family:
     micro = _micro(space, layout.depth)
-    expect = dict(mean_input_len=stats.mean_in)
+    expect: dict[str, Any] = dict(mean_input_len=stats.mean_in)  # keyword arguments of Schedule
     if policy == "rra":
         nds = [n for n in space.iters_per_encode if n <= max(sc.workload.output.maximum - 1, 1)]
         enc_micro = [m for m in space.encode_microbatches if m == 1 or m <= layout.depth]
@@ -417,11 +431,11 @@ def waa_shares(sc: Scenario, stats: WorkloadStats, encode_batch: float, decode_b
 def waa_label(
     sc: Scenario,
     stats: WorkloadStats,
-    names: Sequence[str],
+    names: Sequence[Policy],
     encoder_devices: int,
     encode_batch: float,
     decode_batch: float,
-) -> str:
+) -> Policy:
     """The WAA policy a split is named after: the one asked for, or (both asked for) the rule
     whose share at the schedule's own B_E and B_D lies nearer the split (ties: WAA-C)."""
     if len(names) == 1:
@@ -457,6 +471,9 @@ def _group_tp_stages(sc: Scenario, span: int, k: int, partial: bool) -> list[int
 
 CEILING_RATIO = 1.05  # grid ratio of the decoders' rate ceiling (the bound is at most this loose)
 
+# a pipeline as the WAA tables know it: (TP degree, decoder layers, encoder layers) per stage, and its links
+_LayoutKey = tuple[tuple[tuple[int, int, int], ...], tuple[Link, ...]]
+
 
 class _WaaTables:
     """What WAA families share, built once per search and only when asked: the decoders' curves
@@ -464,14 +481,14 @@ class _WaaTables:
 
     def __init__(self, sc: Scenario, stats: WorkloadStats, space: SearchSpace) -> None:
         self.sc, self.stats, self.space = sc, stats, space
-        self._curves: dict = {}
-        self._enc: dict = {}
+        self._curves: dict[_LayoutKey, dict[int, DecodeCurve]] = {}
+        self._enc: dict[tuple[object, ...], Any] = {}  # by what is cached: floats, or (rate, time) ceilings
 
     @staticmethod
-    def _key(layout: PipelineLayout):
+    def _key(layout: PipelineLayout) -> _LayoutKey:
         return tuple((st.tp, st.decode_layers, st.encode_layers) for st in layout.stages), layout.links
 
-    def curves(self, dec: PipelineLayout, micro) -> dict:
+    def curves(self, dec: PipelineLayout, micro: Sequence[int]) -> dict[int, DecodeCurve]:
         key = self._key(dec)
         got = self._curves.setdefault(key, {})
         missing = [m for m in micro if m not in got]
@@ -479,7 +496,7 @@ class _WaaTables:
             got.update(analytic.decode_curves(self.sc, self.stats, dec, missing))
         return {m: got[m] for m in micro}
 
-    def decoder_ceiling(self, dec: PipelineLayout, micro) -> tuple[float, float]:
+    def decoder_ceiling(self, dec: PipelineLayout, micro: Sequence[int]) -> tuple[float, float]:
         """(most requests per second one decoder pipeline sustains at any cap, least iteration
         time), without tabulating every batch: over a geometric grid b_0 < b_1 < ... (ratio
         ``CEILING_RATIO``) an iteration at a batch in [b_i, b_i+1] takes at least t(b_i), so its
@@ -501,7 +518,8 @@ class _WaaTables:
                 best = max(best, float(np.max(upper)))
                 least = min(least, float(t_all[0]))
             self._enc[key] = (best, least)
-        return self._enc[key]
+        ceiling: tuple[float, float] = self._enc[key]
+        return ceiling
 
     def encoder_rate(self, enc: PipelineLayout) -> float:
         """Most requests per second one encoder pipeline emits over B_E = 1..max."""
@@ -510,9 +528,10 @@ class _WaaTables:
             be = np.arange(1, self.space.waa_max_encode_batch + 1, dtype=float)
             t = self.sc.timer(enc).bottleneck_s(self.stats.prefill(be))
             self._enc[key] = float(np.max(be / t))
-        return self._enc[key]
+        rate: float = self._enc[key]
+        return rate
 
-    def encode_share(self, layout: PipelineLayout, enc_micro, max_batch: int) -> float:
+    def encode_share(self, layout: PipelineLayout, enc_micro: Sequence[int], max_batch: int) -> float:
         """Least encode seconds per request on ``layout`` over B_E = 1..``max_batch`` and the
         encode micro-batch counts ``enc_micro`` (RRA's encode, ``PipelineTimer.encode_s``)."""
         key = ("share", self._key(layout), tuple(enc_micro), max_batch)
@@ -520,18 +539,20 @@ class _WaaTables:
             be = np.arange(1, max_batch + 1, dtype=float)
             timer = self.sc.timer(layout)
             self._enc[key] = min(float(np.min(timer.encode_s(self.stats.prefill(be), m) / be)) for m in enc_micro)
-        return self._enc[key]
+        share: float = self._enc[key]
+        return share
 
     def encode_floor(self, enc: PipelineLayout) -> float:
         """The least time an encode of one p99-length prompt takes on ``enc`` (a latency floor)."""
         key = ("floor", self._key(enc))
         if key not in self._enc:
             self._enc[key] = float(self.sc.timer(enc).path_s(self.stats.prefill_p99(1)))
-        return self._enc[key]
+        floor: float = self._enc[key]
+        return floor
 
 
 def _waa_families(
-    sc: Scenario, stats: WorkloadStats, space: SearchSpace, names: Sequence[str], tables: _WaaTables
+    sc: Scenario, stats: WorkloadStats, space: SearchSpace, names: Sequence[Policy], tables: _WaaTables
 ) -> list[Family]:
     """One family per TP degree, worker shape, encoder/decoder split and TP stages of each group:
     one encoder and one decoder pipeline, or encoder and decoder workers (replicas) of ``w``
@@ -559,12 +580,26 @@ def _waa_families(
     return fams
 
 
-def _waa_family(sc, stats, space, names, tables, caps, kv_req, w, k, e, d, se, sd) -> Family:
+def _waa_family(
+    sc: Scenario,
+    stats: WorkloadStats,
+    space: SearchSpace,
+    names: Sequence[Policy],
+    tables: _WaaTables,
+    caps: np.ndarray,
+    kv_req: float,
+    w: int,
+    k: int,
+    e: int,
+    d: int,
+    se: int,
+    sd: int,
+) -> Family:
     enc_span, dec_span = w or e, w or d
     enc, dec = sc.layout(enc_span, k, se), sc.layout(dec_span, k, sd, e)
     roles = dict(encoders=e // enc_span, decoders=d // dec_span)
     full = k == 1 or (se == enc_span // k and sd == dec_span // k)
-    common = dict(
+    common: dict[str, Any] = dict(  # keyword arguments of Schedule (ints and a float)
         tp_degree=k,
         tp_stages=(sc.devices // k if full else sd),
         num_devices=sc.devices,
@@ -576,11 +611,11 @@ def _waa_family(sc, stats, space, names, tables, caps, kv_req, w, k, e, d, se, s
     )
     micro = _micro(space, dec.depth)
 
-    def schedule(i, f, m, be):
+    def schedule(i: int, f: Figures, m: int, be: int) -> Schedule:
         label = waa_label(sc, stats, names, e, be, f.decode_batch)
         return Schedule(label, encode_batch=be, decode_batch=_slots(f), decode_microbatches=m, **common)
 
-    def evaluate(i, m, be):
+    def evaluate(i: np.ndarray, m: np.ndarray, be: np.ndarray) -> Predictions:
         return analytic.waa(sc, stats, enc, dec, be, caps[i - 1], m, tables.curves(dec, micro), **roles)
 
     def ceiling() -> tuple[float, float]:
@@ -626,11 +661,14 @@ def space_size(sc: Scenario, policies: Sequence[str] = PRODUCT_POLICIES, space: 
     return sum(f.size * f.max_batch for f in families(sc, policies, space))
 
 
+_Found = tuple[float, int, int, tuple[np.intp, ...]]  # (throughput, row, batch, index) of a best point
+
+
 def _ok(p: Predictions, bound: float) -> np.ndarray:
     return p.feasible & (p.latency_p99_s <= bound)
 
 
-def _best_in(fam: Family, rows: np.ndarray, batch: np.ndarray, p: Predictions, bound: float):
+def _best_in(fam: Family, rows: np.ndarray, batch: np.ndarray, p: Predictions, bound: float) -> _Found | None:
     """Best (throughput, row, batch, flat index) among evaluated points meeting the bound."""
     score = np.where(_ok(p, bound), p.throughput_seq_s, -np.inf)
     flat = int(np.argmax(score))
@@ -645,7 +683,7 @@ class _Incumbent:
         self.thr, self.tol = -math.inf, tol
         self.candidate: Candidate | None = None
 
-    def offer(self, fam: Family, found, p: Predictions) -> None:
+    def offer(self, fam: Family, found: _Found | None, p: Predictions) -> None:
         if found and found[0] > self.thr:
             thr, row, batch, idx = found
             self.thr, self.candidate = thr, fam.candidate(row, batch, p.at(idx))
@@ -715,7 +753,7 @@ def _search_intervals(fam: Family, bound: float, inc: _Incumbent) -> tuple[int, 
 SPLIT_WAYS = 8  # an interval is cut in this many (fewer, vectorised rounds: each round costs a call)
 
 
-def _split(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, ways: int):
+def _split(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, ways: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each interval lo..hi cut into up to ``ways`` near-equal non-empty pieces."""
     size = hi - lo + 1
     k = np.minimum(size, ways)

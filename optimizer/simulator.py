@@ -18,14 +18,15 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
+from typing import TypeVar, cast
 
 import numpy as np
 
 from optimizer.analytic import Scenario, WorkloadStats
-from optimizer.cluster import p2p_s
+from optimizer.cluster import Link, p2p_s
 from optimizer.driver import Driver, StepOutcome
 from optimizer.layout import PipelineLayout
 from optimizer.policies import QueuedRequest, Role, RunningRequest, StepPlan, fused_steps, intake_prefetch, make_policy
@@ -82,7 +83,9 @@ class SimulationResult:
     fits_memory: bool
 
 
-def requests_from_workload(sc: Scenario, rng: np.random.Generator, n: int, rate_per_s: float = 0.0):
+def requests_from_workload(
+    sc: Scenario, rng: np.random.Generator, n: int, rate_per_s: float = 0.0
+) -> tuple[SimRequest, ...]:
     """``n`` requests drawn from the workload; all at t=0 (saturated) or Poisson at ``rate_per_s``."""
     ins, outs = sc.workload.sample(rng, n)
     times = np.cumsum(rng.exponential(1 / rate_per_s, n)) if rate_per_s > 0 else np.zeros(n)
@@ -102,7 +105,7 @@ class _Costs:
         microbatches: int,
         encode_microbatches: int = 1,
         fused: bool = False,
-        memo: dict | None = None,
+        memo: dict[tuple[object, ...], float] | None = None,
     ) -> None:
         self.timer, self.m, self.me, self.fused = timer, microbatches, encode_microbatches, fused
         self.t5 = bool(timer.model.encoder_layers)
@@ -175,7 +178,7 @@ class _Book:
     releases the next one ``loop_delay_s`` after its finish time (a saturated closed-loop client
     whose answer takes that long to reach the workers)."""
 
-    def __init__(self, requests, closed_loop: int = 0, loop_delay_s: float = 0.0) -> None:
+    def __init__(self, requests: Sequence[SimRequest], closed_loop: int = 0, loop_delay_s: float = 0.0) -> None:
         if loop_delay_s < 0:
             raise ValueError(f"loop_delay_s must be >= 0, got {loop_delay_s}")
         self.by_id = {r.request_id: r for r in requests}
@@ -222,7 +225,7 @@ class _Book:
         self.owner[rid] = who
         self.delivered[who][rid] = self.queue[rid]
 
-    def take(self, ids, now: float) -> None:
+    def take(self, ids: Iterable[str], now: float) -> None:
         for i in ids:
             del self.queue[i]
             if i in self.owner:
@@ -265,7 +268,7 @@ class _Book:
 class _Fleet:
     """What the simulated workers share: the book, WAA's credits and hand-offs in flight."""
 
-    def __init__(self, book: _Book, kv_link=None, kv_bytes_token: float = 0.0) -> None:
+    def __init__(self, book: _Book, kv_link: Link | None = None, kv_bytes_token: float = 0.0) -> None:
         self.book = book
         self.kv_link, self.kv_bytes_token = kv_link, kv_bytes_token
         self.credits = 0  # free decode slots not yet promised (the mesh's credit counter)
@@ -300,7 +303,8 @@ class _Fleet:
         return intake_prefetch(w.driver.policy, len(w.driver.running), self.unacked[i], w.capacity)
 
     def hand_off(self, rid: str, at: float, prompt_len: int) -> None:
-        ready = at + p2p_s(self.kv_link, self.kv_bytes_token * prompt_len)
+        # not None: ``simulate`` sets the link of a WAA schedule, the only one whose requests are handed off
+        ready = at + p2p_s(cast(Link, self.kv_link), self.kv_bytes_token * prompt_len)
         heapq.heappush(self.handoffs, (ready, self.order, rid))
         self.order += 1
 
@@ -450,19 +454,22 @@ def _run(fleet: _Fleet) -> None:
         fleet.workers[worker].act(clock)
 
 
-def _pcts(values) -> dict[str, float]:
+def _pcts(values: Sequence[float]) -> dict[str, float]:
     if len(values) == 0:
         return {"p50": math.nan, "p90": math.nan, "p99": math.nan}
     return {f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)}
 
 
-def _window(records) -> tuple[float, float, list[RequestRecord]]:
+_Done = TypeVar("_Done", "RequestRecord", "Completion")  # a finished request: simulated, or of a real run
+
+
+def _window(records: Sequence[_Done]) -> tuple[float, float, list[_Done]]:
     finish = sorted(r.finish_s for r in records)
     lo, hi = finish[int(0.2 * (len(finish) - 1))], finish[int(0.8 * (len(finish) - 1))]
     return lo, hi, [r for r in records if lo < r.finish_s <= hi]
 
 
-def _saturated(records, outstanding: int):
+def _saturated(records: Sequence[_Done], outstanding: int) -> tuple[float, float, list[_Done]]:
     finish = sorted(r.finish_s for r in records)
     lo, hi = finish[outstanding - 1], finish[len(finish) - outstanding - 1]
     return lo, hi, [r for r in records if lo < r.finish_s <= hi]
@@ -510,7 +517,7 @@ class LoadFigures:
     probes: int  # probes the latency is taken over
 
 
-def load_figures(completions, probes, outstanding: int = 0) -> LoadFigures:
+def load_figures(completions: Iterable[Completion], probes: Iterable[str], outstanding: int = 0) -> LoadFigures:
     """Throughput and p99-length latency of a run: the one definition applied to a measured run
     and to its simulation. ``probes`` are the ids of requests made at the workload's 99th
     percentile input and output length; their latency (arrival at the encode queue to last
@@ -547,7 +554,7 @@ def goodput_seq_s(result: SimulationResult, ttft_slo_s: float, tpot_slo_s: float
 
 
 def simulate(
-    sc: Scenario, schedule: Schedule, requests, *, closed_loop: int = 0, loop_delay_s: float = 0.0
+    sc: Scenario, schedule: Schedule, requests: Sequence[SimRequest], *, closed_loop: int = 0, loop_delay_s: float = 0.0
 ) -> SimulationResult:
     """Run ``requests`` (see ``requests_from_workload``) under ``schedule``; deterministic.
 
@@ -600,12 +607,16 @@ def deliver_to(fleet: _Fleet) -> None:
         w.who = i
 
 
-def _memo_of(sc: Scenario, layout: PipelineLayout, microbatches: int, encode_microbatches: int, fused: bool) -> dict:
+def _memo_of(
+    sc: Scenario, layout: PipelineLayout, microbatches: int, encode_microbatches: int, fused: bool
+) -> dict[tuple[object, ...], float]:
     """The step times already computed for ``sc`` on ``layout`` with these micro-batches."""
     return sc.memo(("step times", layout, microbatches, encode_microbatches, fused))
 
 
-def replay(schedule: Schedule, requests, durations_s, *, role: Role = "worker") -> list[StepPlan]:
+def replay(
+    schedule: Schedule, requests: Sequence[SimRequest], durations_s: Iterable[float], *, role: Role = "worker"
+) -> list[StepPlan]:
     """The StepPlans one worker takes when ``requests`` reach it at their ``arrival_s`` and its
     steps last ``durations_s`` (a real worker's recorded boundaries), in order: the simulator's
     driver and policy over a recorded time line instead of a cost model."""

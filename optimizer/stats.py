@@ -29,6 +29,7 @@ import bisect
 import heapq
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -124,12 +125,12 @@ class LengthHistogram:
         """One representative length per non-empty bin (bins are disjoint: no two coincide)."""
         return LengthDistribution.from_weights(_REPRESENTATIVE, self._weights)
 
-    def to_plain(self) -> dict:
+    def to_plain(self) -> dict[str, Any]:
         nonzero = np.flatnonzero(self._weights)
         return {"bins": nonzero.tolist(), "weights": self._weights[nonzero].tolist(), "length_sum": self._length_sum}
 
     @staticmethod
-    def from_plain(plain: dict) -> LengthHistogram:
+    def from_plain(plain: dict[str, Any]) -> LengthHistogram:
         hist = LengthHistogram()
         hist._weights[np.asarray(plain["bins"], dtype=np.int64)] = plain["weights"]
         hist._length_sum = float(plain["length_sum"])
@@ -295,7 +296,8 @@ class StreamingStats:
         if exponent > _MAX_EXPONENT:
             self._move_reference(float(t))
             exponent = 0.0
-        return 2.0**exponent
+        weight: float = 2.0**exponent  # float ** float is typed Any (a negative base gives a complex)
+        return weight
 
     def _move_reference(self, t: float) -> None:
         assert self._t_ref is not None  # (a reference is set before weights are moved to another)
@@ -394,7 +396,7 @@ class StreamingStats:
 
     # -- travelling between processes ------------------------------------------------------
 
-    def to_plain(self) -> dict:
+    def to_plain(self) -> dict[str, Any]:
         """Plain dicts, lists and numbers (msgpack- and JSON-able)."""
         return {
             "version": 1,
@@ -410,7 +412,7 @@ class StreamingStats:
         }
 
     @staticmethod
-    def from_plain(plain: dict) -> StreamingStats:
+    def from_plain(plain: dict[str, Any]) -> StreamingStats:
         if plain.get("version") != 1:
             raise ValueError(f"unknown StreamingStats version {plain.get('version')!r}")
         stats = StreamingStats(plain["half_life_s"], plain["arrival_capacity"], plain["ring_capacity"])

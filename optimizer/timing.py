@@ -15,13 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 
 from optimizer.cluster import allreduce_s, p2p_s
 from optimizer.layout import PipelineLayout
 from optimizer.model import ModelShape
-from optimizer.profile import LayerTimes, StepShape
+from optimizer.profile import LayerTimes, StepShape, Values
+
+Seconds = npt.NDArray[np.float64]  # one step's seconds, or many steps' at once
 
 
 @dataclass(frozen=True)
@@ -29,32 +33,36 @@ class PipelineTimer:
     layout: PipelineLayout
     layer_times: dict[int, LayerTimes]  # by TP degree
     model: ModelShape
-    step_s: Callable | None = None  # rows -> seconds the last stage spends per step besides its layers
+    # rows -> seconds the last stage spends per step besides its layers
+    step_s: Callable[[Values], Seconds] | None = None
     # whole-step correction (``optimizer.calibration.CalibrationTable``): shape -> factor; None: raw profile
-    calibration: Callable | None = None
+    calibration: Callable[[StepShape], np.ndarray] | None = None
 
-    def _calibrated(self, shape: StepShape, seconds):
+    def _calibrated(self, shape: StepShape, seconds: Seconds) -> Seconds:
         """``seconds`` predicted for a whole step of ``shape``, times its calibration factor."""
         return seconds if self.calibration is None else seconds * self.calibration(shape)
 
-    def _layer_s(self, tp: int, shape: StepShape):
+    def _layer_s(self, tp: int, shape: StepShape) -> Seconds:
         ar = allreduce_s(self.layout.tp_link, self.model.activation_bytes(shape.tokens), tp)
         return self.layer_times[tp].step_s(shape) + 2 * ar
 
-    def _stage_parts(self, shape: StepShape):
+    def _stage_parts(self, shape: StepShape) -> list[Seconds]:
         """Seconds per stage, in pipeline order."""
         if self.model.encoder_layers:
             pre = StepShape(shape.prefill_seqs, shape.prefill_tokens, shape.prefill_seq)
             dec = StepShape(decode_seqs=shape.decode_seqs, decode_ctx=shape.decode_ctx, enc_seq=shape.enc_seq)
-            per_tp = {tp: (self._layer_s(tp, pre), self._layer_s(tp, dec)) for tp in self._tps()}
+            per_tp_phase = {tp: (self._layer_s(tp, pre), self._layer_s(tp, dec)) for tp in self._tps()}
             return self._with_head(
-                [s.encode_layers * per_tp[s.tp][0] + s.decode_layers * per_tp[s.tp][1] for s in self.layout.stages],
+                [
+                    s.encode_layers * per_tp_phase[s.tp][0] + s.decode_layers * per_tp_phase[s.tp][1]
+                    for s in self.layout.stages
+                ],
                 shape,
             )
         per_tp = {tp: self._layer_s(tp, shape) for tp in self._tps()}
         return self._with_head([s.decode_layers * per_tp[s.tp] for s in self.layout.stages], shape)
 
-    def _with_head(self, parts: list, shape: StepShape) -> list:
+    def _with_head(self, parts: list[Seconds], shape: StepShape) -> list[Seconds]:
         """The last stage also runs the LM head, sampling and the engine's work per step, for
         every sequence that gets logits (prefilled or decoded, padding included)."""
         if self.step_s is not None:
@@ -64,52 +72,54 @@ class PipelineTimer:
     def _tps(self) -> set[int]:
         return {s.tp for s in self.layout.stages}
 
-    def _messages(self, shape: StepShape):
+    def _messages(self, shape: StepShape) -> list[float | Seconds]:
         nbytes = self.model.activation_bytes(shape.tokens)
         return [p2p_s(link, nbytes) for link in self.layout.links]
 
-    def _path_and_bottleneck(self, shape: StepShape):
+    def _path_and_bottleneck(self, shape: StepShape) -> tuple[Seconds, Seconds]:
         parts, msgs = self._stage_parts(shape), self._messages(shape)
-        path = sum(parts) + sum(msgs, 0.0)
+        path = cast(Seconds, sum(parts) + sum(msgs, 0.0))  # sum() types as "| int"; the parts are arrays
         bottleneck = np.maximum.reduce([np.asarray(t + m) for t, m in zip(parts, msgs + [0.0])])
         return path, bottleneck
 
-    def _path_raw(self, shape: StepShape):
-        return sum(self._stage_parts(shape)) + sum(self._messages(shape), 0.0)
+    def _path_raw(self, shape: StepShape) -> Seconds:
+        return cast(Seconds, sum(self._stage_parts(shape)) + sum(self._messages(shape), 0.0))  # (as above)
 
-    def path_s(self, shape: StepShape):
+    def path_s(self, shape: StepShape) -> Seconds:
         """One batch through every stage."""
         return self._calibrated(shape, self._path_raw(shape))
 
-    def bottleneck_s(self, shape: StepShape):
+    def bottleneck_s(self, shape: StepShape) -> Seconds:
         """Interval between batches leaving a full pipeline."""
         msgs = self._messages(shape) + [0.0]
         raw = np.maximum.reduce([np.asarray(t + m) for t, m in zip(self._stage_parts(shape), msgs)])
         return self._calibrated(shape, raw)
 
-    def _iteration_raw(self, shape: StepShape, microbatches):
+    def _iteration_raw(self, shape: StepShape, microbatches: Values) -> Seconds:
         path, bottleneck = self._path_and_bottleneck(shape.split(microbatches))
-        return np.maximum(path, microbatches * bottleneck)
+        seconds: Seconds = np.maximum(path, microbatches * bottleneck)
+        return seconds
 
-    def iteration_s(self, shape: StepShape, microbatches):
+    def iteration_s(self, shape: StepShape, microbatches: Values) -> Seconds:
         """A step over ``shape`` split into ``microbatches`` micro-batches."""
         return self._calibrated(shape, self._iteration_raw(shape, microbatches))
 
-    def _encode_raw(self, shape: StepShape, microbatches=1):
+    def _encode_raw(self, shape: StepShape, microbatches: Values = 1) -> Seconds:
         m = np.minimum(np.asarray(microbatches, dtype=float), np.maximum(shape.prefill_seqs, 1.0))
         if not np.any(m > 1):
             return self._path_raw(shape)
         path, bottleneck = self._path_and_bottleneck(shape.split(m))
-        return path + (m - 1) * bottleneck
+        seconds: Seconds = path + (m - 1) * bottleneck
+        return seconds
 
-    def encode_s(self, shape: StepShape, microbatches=1):
+    def encode_s(self, shape: StepShape, microbatches: Values = 1) -> Seconds:
         """A one-shot pass of ``shape`` (a prefill) split into ``microbatches`` micro-batches
         that follow each other through the pipeline: the first crosses every stage, each next
         one leaves a bottleneck interval later (the pipeline fills and drains once). A request
         is not split: there are at most as many micro-batches as prompts."""
         return self._calibrated(shape, self._encode_raw(shape, microbatches))
 
-    def mixed_s(self, shape: StepShape, microbatches):
+    def mixed_s(self, shape: StepShape, microbatches: Values) -> Seconds:
         """A step that prefills and decodes (continuous batching without chunked prefill): the
         prefill passes the pipeline as its own pass, stalling the decode micro-batches, which
         then run as a decode iteration (the prefill's bubbles and stall, as RRA's encode).
@@ -141,12 +151,15 @@ def stage_kv_bytes_per_slot(layout: PipelineLayout, model: ModelShape, slot_toke
     )
 
 
-def memory_per_device(layout: PipelineLayout, model: ModelShape, slots, slot_tokens: float):
+def memory_per_device(
+    layout: PipelineLayout, model: ModelShape, slots: npt.ArrayLike, slot_tokens: float
+) -> npt.NDArray[np.float64]:
     """Largest per-device memory over the stages with ``slots`` request slots resident."""
     w = stage_weight_bytes(layout, model)
     kv = stage_kv_bytes_per_slot(layout, model, slot_tokens)
     s = np.asarray(slots, dtype=float)[..., None]
-    return np.max(w + s * kv, axis=-1)
+    most: npt.NDArray[np.float64] = np.max(w + s * kv, axis=-1)
+    return most
 
 
 def max_slots(layout: PipelineLayout, model: ModelShape, slot_tokens: float, capacity_bytes: float) -> float:

@@ -42,7 +42,7 @@ Pure: no clock, no I/O; seeds are passed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -52,7 +52,7 @@ from optimizer.lengths import Workload
 from optimizer.queueing import arrival_times, requests_at
 from optimizer.schedule import Schedule
 from optimizer.search import PRODUCT_POLICIES, SearchResult, SearchSpace, branch_and_bound, least_latency
-from optimizer.simulator import simulate
+from optimizer.simulator import SimRequest, simulate
 from optimizer.slo import Slo, SloFigures, figures
 from optimizer.verify import ProbeLoad, requests_for, simulated_figures
 
@@ -162,7 +162,7 @@ def candidates(
     return sorted(found.items(), key=lambda item: -item[1]), searches
 
 
-def arrivals(workload: Workload, fc: Forecast, seed: int = 0):
+def arrivals(workload: Workload, fc: Forecast, seed: int = 0) -> tuple[SimRequest, ...]:
     """The requests a weighing simulates: ``SPAN_S`` seconds of the forecast process (within
     ``MIN_REQUESTS``..``MAX_REQUESTS``), lengths drawn from ``workload``."""
     n = int(min(max(fc.rate_per_s * SPAN_S, MIN_REQUESTS), MAX_REQUESTS))
@@ -225,12 +225,12 @@ def weigh_all(
     return weighed
 
 
-def weigh(sc: Scenario, schedule: Schedule, capacity: float, requests, slo: Slo) -> Weighed:
+def weigh(sc: Scenario, schedule: Schedule, capacity: float, requests: Iterable[SimRequest], slo: Slo) -> Weighed:
     sim = simulate(sc, schedule, tuple(requests))
     return Weighed(schedule, capacity, figures(sim.records, slo))
 
 
-def _order(w: Weighed) -> tuple:
+def _order(w: Weighed) -> tuple[int, int, float]:
     return (-round(w.attainment / TIE), round(max(w.slo.pressure, COMFORT) / SLACK_TIE), -w.capacity_seq_s)
 
 
