@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from common.messages import codec
 from common.messages.handoff import KvReady
@@ -17,6 +19,7 @@ from common.transport.port import (
 )
 from engine.api import KVHandoff
 from services.hosting.handoffs import kv_payload
+from services.worker.base import WorkerBase
 from services.worker.mailbox import Outbox
 from services.worker.requests import Held
 
@@ -31,7 +34,7 @@ def failed_task(task: asyncio.Task) -> bool:
     return task.done() and not task.cancelled() and task.exception() is not None
 
 
-class Exits:
+class Exits(WorkerBase):
     """Methods of ``services.worker.worker.Worker``: they use its state."""
 
     async def _settle(self, held: Held, reason: str, published: list[asyncio.Task[None]]) -> None:
@@ -113,7 +116,7 @@ class Exits:
         await held.delivery.ack()
 
     # ==== tracing (common.tracing; off: none of this runs) ========================================
-    def _keep(self, work, held: Held | None = None) -> None:
+    def _keep(self, work: Coroutine[Any, Any, None], held: Held | None = None) -> None:
         """Run ``work`` (a request leaving this worker) in the background. If it fails (the broker
         or the store went away half-way), the request's message goes back to its queue where that
         is still possible (otherwise the broker returns it when the connection is gone) and its
@@ -123,9 +126,9 @@ class Exits:
 
         def done(task: asyncio.Task[None]) -> None:
             self._background.discard(task)
-            if task.cancelled() or task.exception() is None:
+            exc = None if task.cancelled() else task.exception()
+            if exc is None:
                 return
-            exc = task.exception()
             log.warning(
                 "worker %s: a request could not be settled (%r); it goes back to its queue", self.worker_id, exc
             )

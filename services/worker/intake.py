@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Protocol, TypeVar
 
 from common.messages import codec
 from common.messages.events import Failure
@@ -32,10 +33,10 @@ from optimizer.policies import (
 )
 from services.hosting.handoffs import engine_handoff
 from services.hosting.sampling import engine_sampling
+from services.worker.base import CREDIT_POLL_S, WorkerBase
 from services.worker.mailbox import Outbox
 from services.worker.requests import Held
 
-CREDIT_POLL_S = (0.002, 0.05)  # an encoder without credits looks again after this, doubling
 GATHER_GAPS = 5  # an idle worker gathers a burst for at most this many gaps (MeshConfig.gather_s)
 
 # the worker's lines keep one logger name, whichever of its modules writes them
@@ -47,7 +48,18 @@ def dead_letter_message(reason: str) -> str:
     return f"the request could not be processed and was moved to the dead queue: {reason}"
 
 
-class Intake:
+class _Addressed(Protocol):  # what every message a worker's queues carry names
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def reply_to(self) -> str: ...
+
+
+M = TypeVar("M", bound=_Addressed)  # the message a queue carries
+
+
+class Intake(WorkerBase):
     """Methods of ``services.worker.worker.Worker``: they use its state."""
 
     async def _pump(self, queue: str, subscription: Subscription) -> None:
@@ -83,10 +95,10 @@ class Intake:
                 too_large.append(held)
                 continue
             self.held[held.request_id] = held
-            if held.handoff is None:
+            if isinstance(request, QueuedRequest):  # work, to prefill here
                 self.driver.enqueue(request)
                 self._arrived.append((held.request_id, held.input_len))
-            else:
+            else:  # a hand-off, to decode
                 self.driver.offer(request)
         await self.send(outbox)
         for held in too_large:  # work is acked; a hand-off goes to the dead queue and frees its credit
@@ -98,11 +110,11 @@ class Intake:
             f"{self.driver.kv_tokens} (lower max_tokens, or give workers more memory: kv_cache_gb)"
         )
 
-    async def _decoded(self, deliveries: list[Delivery], kind) -> list[tuple[Delivery, object]]:
+    async def _decoded(self, deliveries: list[Delivery], kind: type[M]) -> list[tuple[Delivery, M]]:
         """Each delivery with its message. To the dead queue, with the reason: bytes that do not
         decode (a requester that can still be named is told: a 400), and a message whose
         ``reply_to`` no broker can route (over 255 bytes: nobody could ever be answered)."""
-        decoded = []
+        decoded: list[tuple[Delivery, M]] = []
         for delivery in deliveries:
             try:
                 message = codec.decode(delivery.body, kind)

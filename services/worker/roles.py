@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 from common.messages import codec
 from common.names import Names
@@ -19,19 +18,12 @@ from optimizer.policies import (
     make_policy,
 )
 from optimizer.schedule import Schedule
+from services.worker.base import Drain, WorkerBase
 from services.worker.mailbox import Outbox
 from services.worker.requests import Held
 
 # the worker's lines keep one logger name, whichever of its modules writes them
 log = logging.getLogger("services.worker.worker")
-
-
-@dataclass
-class Drain:
-    """Leaving a decoding role: decode until ``deadline`` (time.monotonic), then give back."""
-
-    role: Role
-    deadline: float
 
 
 def intake_for(role: Role, schedule: Schedule, names: Names) -> dict[str, int]:
@@ -50,7 +42,7 @@ def intake_for(role: Role, schedule: Schedule, names: Names) -> dict[str, int]:
     return {}
 
 
-class Roles:
+class Roles(WorkerBase):
     """Methods of ``services.worker.worker.Worker``: they use its state."""
 
     async def apply_schedule(self) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from optimizer.policies import (
     StepPlan,
 )
+from services.worker.base import WorkerBase
 from services.worker.executor import StepResult
 from services.worker.requests import Held
 
 
-class StepSpans:
+class StepSpans(WorkerBase):
     """Methods of ``services.worker.worker.Worker``: they use its state."""
 
     def _trace_step(self, plan: StepPlan, result: StepResult) -> None:
@@ -26,7 +27,7 @@ class StepSpans:
                 end_s=result.ended_at,
                 kind="consumer",
                 attributes={
-                    **self._span_attributes(held),
+                    **(self._span_attributes(held) or {}),
                     "exegpt.batch_size": len(plan.first_tokens),
                     "exegpt.prompt_tokens": held.input_len,
                 },
@@ -34,12 +35,12 @@ class StepSpans:
             )
         decoding = (*plan.admit, *(plan.first_tokens if self.role != "encoder" else ()))
         for rid in decoding:
-            held = self.held.get(rid)
-            if held is not None and rid not in gone and rid not in result.exported:
-                held.decode_span = self.tracing.start(
-                    "decode", parent=held.trace, start_s=result.ended_at, attributes=self._span_attributes(held)
+            starts = self.held.get(rid)
+            if starts is not None and rid not in gone and rid not in result.exported:
+                starts.decode_span = self.tracing.start(
+                    "decode", parent=starts.trace, start_s=result.ended_at, attributes=self._span_attributes(starts)
                 )
-                held.trace = self.tracing.context_of(held.decode_span)
+                starts.trace = self.tracing.context_of(starts.decode_span)
         for event in result.events:
             if event.finished:
                 self._end_decode_span(self.held[event.request_id], event.finish_reason or "stop", result.ended_at)

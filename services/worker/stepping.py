@@ -16,14 +16,14 @@ from engine.api import EngineBroken
 from optimizer.driver import StepOutcome
 from optimizer.policies import StepPlan, fused_steps
 from services.hosting.threads import step_key
+from services.worker.base import CREDIT_POLL_S, WorkerBase
 from services.worker.costs import step_cost
 from services.worker.executor import Failed, Finished, GivenBack, HandedOff, Refused, StepResult, run_step
 from services.worker.exits import failed_task
-from services.worker.intake import CREDIT_POLL_S
 from services.worker.mailbox import Outbox
 
 
-class Stepping:
+class Stepping(WorkerBase):
     """Methods of ``services.worker.worker.Worker``: they use its state."""
 
     async def execute(self, plan: StepPlan) -> StepResult:

@@ -27,86 +27,29 @@ import logging
 import time
 from typing import assert_never
 
-from common.config import MeshConfig
 from common.messages import codec
 from common.messages.control import Abort, ControlMessage, ScheduleUpdate
 from common.messages.status import WorkerStatus
-from common.names import Names, new_worker_id
-from common.tracing import tracing_for
-from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage, what_failed
 from common.transport.port import (
     Subscription,
 )
-from optimizer.driver import Driver
 from optimizer.policies import (
     DrainPolicy,
-    IdlePolicy,
-    Role,
     StepPlan,
 )
-from services.hosting.engines import EngineRunner, group_shape
-from services.worker.costs import StepSampler
-from services.worker.credits import Credits
 from services.worker.exits import ABORTED_REMEMBERED, Exits
-from services.worker.follower import ScheduleFollower
-from services.worker.intake import CREDIT_POLL_S, Intake
-from services.worker.mailbox import Inbox, Outbox
-from services.worker.metrics import WorkerMetrics, WorkerState
-from services.worker.records import UnwrittenRecords
-from services.worker.requests import Held
-from services.worker.roles import Drain, Roles
+from services.worker.intake import Intake
+from services.worker.metrics import WorkerState
+from services.worker.roles import Roles
 from services.worker.spans import StepSpans
 from services.worker.stepping import Stepping
-from services.worker.trace import StepTrace
 
 log = logging.getLogger(__name__)
 
 
 class Worker(Intake, Roles, Stepping, Exits, StepSpans):
-    def __init__(
-        self, config: MeshConfig, transports: Transports, runner: EngineRunner, *, trace: bool = False
-    ) -> None:
-        self.config = config
-        self.names = Names(config.namespace)
-        self.transports = transports
-        self.bus, self.store, self.kv = transports.bus, transports.store, transports.kv
-        self.worker_id = new_worker_id(config, "worker")
-        self.group = group_shape(config).tp  # announced in heartbeats
-        self.runner = runner
-        self.follower = ScheduleFollower(self.worker_id, config.max_encode_batch, config.max_decode_batch)
-        self.role: Role = "idle"
-        self.driver = Driver(
-            IdlePolicy(self.follower.schedule), kv_tokens=getattr(runner.engine, "kv_budget_tokens", None)
-        )
-        self.held: dict[str, Held] = {}
-        self.inbox = Inbox()
-        self.credits = Credits(self.store, self.names)
-        self.records = UnwrittenRecords(self.store, self.names)
-        self.trace = StepTrace() if trace else None
-        self.tracing = tracing_for(config)  # spans across services (not the step record above)
-        self.aborted: dict[str, None] = {}
-        self.gone: dict[str, None] = {}  # events queues found missing past the grace: their gateways are gone
-        self.stopping = asyncio.Event()
-        self.ready = asyncio.Event()
-        self.changed = asyncio.Event()  # set whenever a schedule version or a role takes effect
-        self.steps = 0
-        self.engine_s = 0.0
-        self.max_batch_seen = 0
-        self.moved = {"handed_off": 0, "requeued": 0}  # running requests given back on a role change
-        self._abort_pending: list[str] = []
-        self._next_stamps = Outbox()  # stamps that go out with the next step's tokens
-        self._intake: dict[str, Subscription] = {}  # queue -> subscription
-        self._encode_prefetch = 0  # what the encode queue's consumer was last set to
-        self._drain: Drain | None = None
-        self._stop_deadline: float | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[None]] = set()
-        self._credit_wait = CREDIT_POLL_S[0]
-        self._arrived: list[tuple[str, int]] = []  # queued since the last boundary (for the trace)
-        self.metrics = WorkerMetrics(self.metrics_state)
-        self.step_costs = StepSampler(self.worker_id)  # for the scheduler's calibration, with each heartbeat
-        self._busy_since: float | None = None  # the last step's end, while the loop went straight on to the next
+    """The loop over the parts; its state is ``WorkerBase``'s."""
 
     # ==== the loop ==============================================================================
     async def run(self) -> None:
