@@ -14,6 +14,11 @@ def engine_sampling(s: Sampling) -> SamplingParams:
     return SamplingParams(**{**asdict(s), "stop": tuple(s.stop)})
 
 
+def wire_sampling(p: SamplingParams) -> Sampling:
+    """The engine's parameters as the wire carries them (a request that continues elsewhere)."""
+    return Sampling(**{**asdict(p), "stop": tuple(p.stop)})
+
+
 def checked(s: Sampling) -> Sampling:
     """``s`` itself once the engine would take it; ValueError otherwise."""
     engine_sampling(s)

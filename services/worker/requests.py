@@ -18,6 +18,7 @@ from common.messages.handoff import KvReady
 from common.messages.work import EncodeWork
 from common.transport.port import Delivery, deadline_of
 from engine.api import GenerationRequest, KVHandoff, SamplingParams, TokenEvent
+from services.hosting.sampling import wire_sampling
 
 CHUNK_TOKENS = 64  # a non-streaming request's tokens go out at least this often
 
@@ -111,7 +112,7 @@ class Held:
             self.request_id,
             model,
             self.prompt_ids,
-            self.params,
+            wire_sampling(self.params),
             self.reply_to,
             self.submitted_at,
             self.stream,

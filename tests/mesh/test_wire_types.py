@@ -12,7 +12,7 @@ import pytest
 from common.messages import codec
 from common.messages.control import PinSchedule
 from common.messages.schedule import SPLIT_POLICIES, ScheduleSpec
-from common.messages.work import Sampling
+from common.messages.work import EncodeWork, Sampling
 from common.transport.kv import KvPayload
 from engine.api import KVHandoff, SamplingParams
 from optimizer.schedule import POLICIES, Schedule
@@ -125,3 +125,18 @@ def test_a_schedule_crosses_the_wire_whole():
 def test_a_schedule_the_planner_refuses_is_a_value_error(spec, named):
     with pytest.raises(ValueError, match=named):
         planned(spec)
+
+
+def test_a_request_continued_elsewhere_carries_the_wire_sampling_it_arrived_with():
+    from types import SimpleNamespace
+
+    from services.worker.requests import Held
+
+    wire = Sampling(40, 0.7, 5, 0.9, 123, ("END",), False, 0.5, -0.25, 3, 2)
+    work = EncodeWork("r1", "m", (1, 2, 3), wire, "events.g", 1.0, resume_ids=(7,), resume_text="x")
+    delivery = SimpleNamespace(body=codec.encode(work), headers={})  # what a bus hands out, as Held reads it
+    held = Held.from_work(delivery, work, engine_sampling(wire))
+    held.generated.append(8)
+    again = held.continuation("m")
+    assert type(again.sampling) is Sampling and again.sampling == wire
+    assert again.resume_ids == (7, 8) and codec.decode(codec.encode(again)) == again
