@@ -35,7 +35,11 @@ OTLP_HINT = "pip install opentelemetry-exporter-otlp-proto-http"
 TRACER_NAME = "exegpt"
 
 Kind = Literal["internal", "server", "client", "producer", "consumer"]
-Attributes = Mapping[str, str | int | float | bool]
+Attributes = Mapping[str, str | int | float | bool | None]  # None values are left out
+
+
+def _present(attributes: Attributes | None) -> dict[str, str | int | float | bool] | None:
+    return None if attributes is None else {k: v for k, v in attributes.items() if v is not None}
 
 
 class TracingUnavailable(RuntimeError):
@@ -149,7 +153,7 @@ class OtelTracing:
             name,
             context=parent,
             kind=self._kinds[kind],
-            attributes=attributes,
+            attributes=_present(attributes),
             start_time=None if start_s is None else _ns(start_s),
         )
 
@@ -173,7 +177,7 @@ class OtelTracing:
         if name is not None:
             span.update_name(name)
         if attributes:
-            span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+            span.set_attributes(_present(attributes))
         if error is not None:
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, error))
 
@@ -202,7 +206,7 @@ class OtelTracing:
     ) -> Iterator[Any]:
         """A span around the block, current within it (an exception marks it failed)."""
         with self._tracer.start_as_current_span(
-            name, context=parent, kind=self._kinds[kind], attributes=attributes
+            name, context=parent, kind=self._kinds[kind], attributes=_present(attributes)
         ) as span:
             yield span
 

@@ -19,9 +19,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.cli import CliError
+
+if TYPE_CHECKING:
+    from loadgen.arrivals import ArrivalKind
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces" / "azure-llm-2023-conv.csv"
 
@@ -141,9 +144,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _arrival(args: argparse.Namespace) -> str:
+def _arrival(args: argparse.Namespace) -> ArrivalKind:
     if args.arrival:
-        return args.arrival
+        return args.arrival  # one of ARRIVAL_KINDS: the option's choices
     if args.sweep or args.find_max_rate or args.rate is not None:
         return "poisson"
     if args.concurrency:
@@ -214,7 +217,7 @@ async def _served_model(client: Any, url: str, wanted: str | None) -> tuple[str,
         resp.raise_for_status()
         entries = [e for e in resp.json()["data"] if isinstance(e, dict)]
         entry = next((e for e in entries if e.get("id") == wanted), None) if wanted else entries[0]
-        name = wanted or str(entry["id"])
+        name = wanted or str(entries[0]["id"])
     except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
         if wanted:
             return wanted, None
@@ -454,7 +457,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         raise CliError(str(exc).splitlines()[-1]) from None
     if not config.distributed:
         raise CliError("--target batch needs --amqp-url and --redis-url (or EXEGPT_* variables)")
-    for url in (config.amqp_url, config.redis_url):
+    for url in (config.amqp_url or "", config.redis_url or ""):  # both set: the configuration is distributed
         if not args.allow_remote and not is_loopback_url(url):
             raise CliError(f"{url} is not a loopback address; pass --allow-remote to load it")
     if args.rate is None and not args.concurrency and not args.trace:

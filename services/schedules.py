@@ -20,7 +20,7 @@ def wire_schedule(s: Schedule) -> ScheduleSpec:
 def planned(spec: ScheduleSpec) -> Schedule:
     """``spec`` as the planner's schedule; ValueError naming what the planner refuses in it."""
     try:
-        return Schedule(**dataclasses.asdict(spec))  # type: ignore[arg-type]
+        return Schedule(**dataclasses.asdict(spec))
     except TypeError as exc:  # a value of the wrong type
         raise ValueError(f"not a schedule: {exc}") from None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -69,7 +69,7 @@ class _TooLarge(Exception):
     pass
 
 
-async def _counted(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+async def _counted(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[bytes, None]:
     """The request body, stopped (``_TooLarge``) as soon as more than ``limit`` bytes arrived."""
     total = 0
     async for chunk in stream:

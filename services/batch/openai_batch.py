@@ -267,7 +267,8 @@ class BatchStore:
                 "input_file_id",
                 "too_many_lines",
             )
-        jobs, valid, errors, seen = [], [], [], set()
+        jobs: list[Any] = []
+        valid, errors, seen = [], [], set()
         for n, line in lines:
             try:
                 parsed = parse_batch_line(line, endpoint, self.model, self.limits.max_tokens_limit)
@@ -400,6 +401,20 @@ class BatchStore:
         """Everyone's newest batches, for an operator's view (the gateway's dashboard)."""
         return (await self.list(limit, caller=Caller(admin=True)))["data"]
 
+    def _output_lines(self, meta: dict[str, Any], results: list[JobResult | None]) -> tuple[list[Any], list[Any]]:
+        """(output lines, error lines), each in input-line order."""
+        valid = meta["valid"]
+        output: list[tuple[int, Any]] = []
+        errors: list[tuple[int, Any]] = [(e["error"]["line"], e) for e in meta["invalid"]]
+        for (line_no, custom_id), result in zip(valid, results):
+            if result is None:
+                continue
+            line = self._result_line(meta["endpoint"], custom_id, result)
+            (output if result.status == "completed" else errors).append((line_no, line))
+        return [line for _, line in sorted(output, key=lambda x: x[0])], [
+            line for _, line in sorted(errors, key=lambda x: x[0])
+        ]
+
     async def list(self, limit: int, *, caller: Caller) -> dict[str, Any]:
         """The caller's newest batches (an admin: everyone's); expired ones are left out."""
         if await self.store.get(self.names.openai_batches_built) is None:
@@ -420,20 +435,6 @@ class BatchStore:
             "last_id": data[-1]["id"] if data else None,
             "has_more": False,
         }
-
-    def _output_lines(self, meta: dict[str, Any], results: list[JobResult | None]) -> tuple[list[Any], list[Any]]:
-        """(output lines, error lines), each in input-line order."""
-        valid = meta["valid"]
-        output: list[tuple[int, Any]] = []
-        errors: list[tuple[int, Any]] = [(e["error"]["line"], e) for e in meta["invalid"]]
-        for (line_no, custom_id), result in zip(valid, results):
-            if result is None:
-                continue
-            line = self._result_line(meta["endpoint"], custom_id, result)
-            (output if result.status == "completed" else errors).append((line_no, line))
-        return [line for _, line in sorted(output, key=lambda x: x[0])], [
-            line for _, line in sorted(errors, key=lambda x: x[0])
-        ]
 
     def _result_line(self, endpoint: str, custom_id: str, r: JobResult) -> dict[str, Any]:
         rid = f"batch_req_{r.job_id}"

@@ -41,11 +41,15 @@ from collections import Counter
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from services.bench.schedules import MODEL, Processes, niced_services, pin, profile_here, purge_namespace
 from services.schedules import planned, wire_schedule
+
+if TYPE_CHECKING:
+    from optimizer.schedule import Schedule
 
 WARMUP_S = 5.0  # requests sent this early are left out of "before"
 SETTLE_S = 10.0  # "after" starts this long after the shift, in both runs (the re-plan goal)
@@ -134,7 +138,7 @@ class Setup:
     cluster: Path
     bound: float
     rate: float
-    first: object  # the schedule both kinds of run start with (the plan on the prior)
+    first: Schedule  # the schedule both kinds of run start with (the plan on the prior)
     scale: float
 
 
@@ -190,7 +194,8 @@ class Run:
 def run(args: argparse.Namespace) -> int:
     from common.cli import CliError
 
-    if os.cpu_count() is None or os.cpu_count() < 2:
+    cores = os.cpu_count()
+    if cores is None or cores < 2:
         raise CliError("bench adapt pins two workers to two cores; this machine has fewer")
     if getattr(args, "phases", False):
         from services.bench import phases
@@ -257,6 +262,10 @@ def prepare(args: argparse.Namespace, tmp: Path) -> Setup:
     from optimizer.search import least_latency
 
     quickest = least_latency(planner.scenario(t, 2), planner.policies, planner.space).best
+    if quickest is None:
+        from common.cli import CliError
+
+        raise CliError("no schedule fits task T on two workers")
     _, quickest_s = planner.evaluate(quickest.schedule, t, 2)
     bound = args.latency_bound or round(BOUND_OVER_QUICKEST * quickest_s, 2)
     plan_s, plan_t = planner.plan(s, 2, bound), planner.plan(t, 2, bound)

@@ -202,8 +202,8 @@ def bench_row(
         cand = branch_and_bound(sc, bound, PRODUCT_POLICIES).best
         paper, st, co = (_best(branch_and_bound(sc, bound, g)) for g in (SEARCH_POLICIES, ("static",), ("continuous",)))
     ex = _best(exhaustive(sc, searched, policies)) if with_exhaustive else math.nan
-    sim = simulated(sc, cand.schedule) if (verify and cand) else (math.nan, math.nan, None)
-    rates = (
+    sim_thr, sim_lat, sim_fits = simulated(sc, cand.schedule) if (verify and cand) else (math.nan, math.nan, None)
+    paper_rate, continuous_rate = (
         (sustained(sc, by["paper"], bound), sustained(sc, by["continuous"], bound))
         if (verify and with_sustained and label in SUSTAINED_BOUNDS)
         else (math.nan, math.nan)
@@ -222,10 +222,13 @@ def bench_row(
         co,
         ex,
         t_search,
-        *sim,
+        sim_thr,
+        sim_lat,
+        sim_fits,
         t_check,
         space_size(sc, PRODUCT_POLICIES),
-        *rates,
+        paper_rate,
+        continuous_rate,
     )
 
 
@@ -467,8 +470,9 @@ def traffic_timings(profile, path: Path, repeats: int, scale: float = 0.125) -> 
             for name, cls in (("shared", Scenario), ("afresh", Unshared)):
                 sc = cls(**{f: getattr(base, f) for f in base.__dataclass_fields__})
                 start = time.perf_counter()
-                picks.add(plan_for_traffic(sc, slo, fc, space=space).best.schedule)
+                plan = plan_for_traffic(sc, slo, fc, space=space)
                 times[name].append(time.perf_counter() - start)
+                picks.add(None if plan is None or plan.best is None else plan.best.schedule)
         if len(picks) != 1:
             raise RuntimeError(f"the two searches picked differently at {fc}")
         cells = [f"{statistics.median(t):.2f} [{min(t):.2f}-{max(t):.2f}] s" for t in times.values()]

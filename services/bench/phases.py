@@ -289,7 +289,11 @@ def mesh_space(max_batch: int):
 def plan_first(sc, slo, phase: Phase, space, seed: int):
     from optimizer.traffic import Forecast, plan_for_traffic
 
-    return plan_for_traffic(sc, slo, Forecast(phase.rate, phase.cv), space=space, seed=seed).best.schedule
+    plan = plan_for_traffic(sc, slo, Forecast(phase.rate, phase.cv), space=space, seed=seed)
+    best = None if plan is None else plan.best
+    if best is None:
+        raise ValueError(f"no schedule carries the first phase ({phase.rate:g} requests/s)")
+    return best.schedule
 
 
 def best_in_hindsight(sc, slo, trace, pool):
@@ -307,7 +311,8 @@ def trace_of(args: argparse.Namespace, phases: tuple[Phase, ...]) -> list[Sent]:
     from optimizer.lengths import scaled_task
 
     rng = np.random.default_rng(args.seed)
-    sent, start = [], 0.0
+    sent: list[Sent] = []
+    start = 0.0
     for p in phases:
         workload = scaled_task(p.task, args.scale)
         gaps = gamma_arrivals(p.rate, 1.0 / p.cv**2, int(p.rate * p.seconds * 2) + 10, rng)

@@ -49,12 +49,16 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from services.run import children
+
+if TYPE_CHECKING:
+    from optimizer.schedule import Policy, Schedule
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2"
@@ -159,7 +163,8 @@ def plans_for(args: argparse.Namespace) -> list[Plan]:
 def run(args: argparse.Namespace) -> int:
     from common.cli import CliError
 
-    if os.cpu_count() is None or os.cpu_count() < 2:
+    cores = os.cpu_count()
+    if cores is None or cores < 2:
         raise CliError("bench schedules pins two workers to two cores; this machine has fewer")
     plans = plans_for(args)
     started = time.monotonic()
@@ -198,7 +203,19 @@ def _interrupt(*_: object) -> None:
 # --- 1. profile, under the run's own contention ------------------------------------------------------
 
 
-def profile_here(folder: Path, plans: list[Plan], args: argparse.Namespace, repeats: int | None = None) -> Path:
+class TaskAtScale(Protocol):
+    """What a profile needs to know of a run: its task and length scale."""
+
+    @property
+    def task(self) -> str: ...
+
+    @property
+    def scale(self) -> float: ...
+
+
+def profile_here(
+    folder: Path, plans: Sequence[TaskAtScale], args: argparse.Namespace, repeats: int | None = None
+) -> Path:
     """Two profiles at once, one per core (both cores busy, as in the run); the first is used.
     ``repeats``: timings per point (None: `exegpt profile`'s default)."""
     from optimizer.lengths import scaled_task
@@ -451,7 +468,8 @@ class Bench:
         async with asyncio.timeout(READY_TIMEOUT_S):
             while True:
                 update = await current_schedule(self.transports.store, self.names)
-                if update.schedule == wanted and sum(v >= update.version for v in self.versions.values()) >= 2:
+                applied = 0 if update is None else sum(v >= update.version for v in self.versions.values())
+                if update is not None and update.schedule == wanted and applied >= 2:
                     return
                 self.heard.clear()
                 await self.heard.wait()
@@ -531,7 +549,7 @@ class Row:
     bound_label: str
     bound_s: float
     system: str
-    schedule: object
+    schedule: Schedule
     measured: Measured
 
     @property
@@ -628,7 +646,7 @@ def calibration_schedules(max_batch: int) -> tuple:
     )
 
 
-def sweep_schedule(policy: str, batch: int):
+def sweep_schedule(policy: Policy, batch: int) -> Schedule:
     from optimizer.schedule import Schedule
 
     return Schedule(policy, encode_batch=batch, decode_batch=batch, num_devices=2, decoder_devices=2, worker_devices=1)

@@ -151,7 +151,9 @@ class _Conn:
         self.data = BatchDir(self.config.batch_dir, self.config.namespace)
         try:
             self.bus = await open_bus(self.config, self.names, LocalHub())
-            self.store = await open_store(self.config)
+            store = await open_store(self.config)
+            assert store is not None  # the configuration is distributed (checked when it was read)
+            self.store = store
         except (OSError, ConnectionError) as exc:
             raise CliError(f"cannot reach the broker or the store: {exc}") from None
         return self
@@ -226,7 +228,7 @@ async def _submit(args: argparse.Namespace, config: Any) -> int:
         producer = JobProducer(conn.bus, conn.data, conn.names)
         await producer.submit(batch_id, jobs, reply_to=reply)
         print(batch_id)
-        if args.wait:
+        if reply is not None:  # --wait
             from common.jobs import collect_replies
 
             try:

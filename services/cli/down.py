@@ -50,6 +50,7 @@ async def tear_down(config) -> int:
 
     names = Names(config.namespace)
     store = await open_store(config)
+    assert store is not None  # the configuration is distributed (checked by the command)
     try:
         keys = await store.count_prefix(names.key_prefix)
     finally:

@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, replace
+from typing import Any
 
 from common.cli import CliError
 from optimizer.schedule import describe
@@ -265,24 +266,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _as_json(result, elapsed: float, method: str, bound: float, verified=None) -> dict:
-    out = {
+    search: dict[str, Any] = {
+        "method": method,
+        "seconds": elapsed,
+        "evaluations": result.evaluations,
+        "families": result.families,
+        "families_pruned": result.families_pruned,
+    }
+    out: dict[str, Any] = {
         "schedule": asdict(result.best.schedule),
         "predicted": asdict(result.best.figures),
         "latency_bound_s": None if math.isinf(bound) else bound,
-        "search": {
-            "method": method,
-            "seconds": elapsed,
-            "evaluations": result.evaluations,
-            "families": result.families,
-            "families_pruned": result.families_pruned,
-        },
+        "search": search,
     }
     if verified is not None:
         out["simulated"] = {
             "throughput_seq_s": verified.simulated.throughput_seq_s,
             "p99_length_latency_s": verified.simulated.p99_length_latency_s,
         }
-        out["search"] |= {"searches": verified.searches, "searched_bound_s": _finite(verified.searched_bound_s)}
+        search |= {"searches": verified.searches, "searched_bound_s": _finite(verified.searched_bound_s)}
     return out
 
 
@@ -373,6 +375,7 @@ def _run_queueing(args, sc, space) -> int:
         )
     _warn(batch_warnings(sc, plan.best.schedule))
     f, sim = plan.best.figures, plan.simulated
+    assert sim is not None  # the pick was simulated
     doc = {
         "schedule": asdict(plan.best.schedule),
         "predicted": asdict(f),

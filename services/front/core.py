@@ -24,7 +24,7 @@ from common.messages.control import Abort
 from common.messages.events import EventBatch, EventMessage, Failure, Token
 from common.messages.work import EncodeWork, Sampling
 from common.names import ARRIVALS_TTL_S, Names, new_worker_id
-from common.tracing import tracing_for
+from common.tracing import Attributes, tracing_for
 from common.transport.connect import Transports
 from common.transport.errors import Backoff, is_outage
 from common.transport.port import Subscription
@@ -283,7 +283,7 @@ class Gateway:
         if not self.tracing.enabled:
             await self._publish(queue, body, None, pending.deadline)
             return
-        attributes = {
+        attributes: Attributes = {
             "exegpt.request_id": work.request_id,
             "messaging.destination.name": queue,
             "exegpt.prompt_tokens": len(work.prompt_ids),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -68,7 +69,7 @@ def param_of(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc[1:] if not (isinstance(p, str) and _UNION_TAG.match(p)))
 
 
-def telling(errors: list[dict[str, Any]], first: dict[str, Any]) -> dict[str, Any]:
+def telling(errors: Sequence[dict[str, Any]], first: dict[str, Any]) -> dict[str, Any]:
     """Of the errors about ``first``'s field, one about the value rather than a union branch it
     is not of: for a list of stop strings with one too long, "String should have at most 256
     characters (stop.1)", not "Input should be a valid string (stop)"."""
@@ -101,8 +102,8 @@ def install_error_handlers(app: FastAPI) -> None:
                 400,
             )
         first = telling(errors, first)
-        param = param_of(first.get("loc", ())) or None
-        return JSONResponse(oa.error_body(f"{first['msg']} ({param or 'body'})", param=param), 400)
+        named = param_of(first.get("loc", ())) or None
+        return JSONResponse(oa.error_body(f"{first['msg']} ({named or 'body'})", param=named), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

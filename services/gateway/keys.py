@@ -77,7 +77,7 @@ def parse_keys_file(text: str, source: str = "keys file") -> list[KeyEntry]:
             raise ValueError(f"{source}:{number}: {digest[:12]!r}... is not a SHA-256 hex digest")
         if scope not in SCOPES:
             raise ValueError(f"{source}:{number}: scope must be one of {SCOPES}, got {scope!r}")
-        entries.append(KeyEntry(raw_digest, owner, scope))  # type: ignore[arg-type]
+        entries.append(KeyEntry(raw_digest, owner, scope))
     return entries
 
 

@@ -48,6 +48,7 @@ async def respond(
     ticket.bind(pendings)
     request.state.pending = Choices(pendings)  # their completion tokens, once the response ended
     tokenizer = request.app.state.model.tokenizer
+    response: Response
     try:
         if body.stream:
             response = await stream_response(gateway, pendings, endpoint, body, tokenizer)

@@ -44,22 +44,25 @@ def check_prompt_chars(chars: int, max_chars: int, param: str) -> None:
 def completion_prompt(body: oa.CompletionBody, model: ServedModel, max_chars: int) -> list[int]:
     """The prompt's token ids (text is tokenized: call it off the event loop)."""
     prompt = body.prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+    ids = [p for p in prompt if isinstance(p, int)] if isinstance(prompt, list) else []
+    if prompt and len(ids) == len(prompt):
         vocab = getattr(model.tokenizer, "vocab_size", None)
-        bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
+        bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
             raise ApiError(
                 400,
                 f"token id {bad[0]} is outside this model's vocabulary (0 to {vocab - 1 if vocab else '...'})",
                 param="prompt",
             )
-        return list(prompt)  # type: ignore[arg-type]
+        return ids
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise ApiError(400, "exactly one prompt per request is supported", param="prompt")
-        prompt = prompt[0]
-    check_prompt_chars(len(prompt), max_chars, "prompt")
-    return model.tokenizer.encode(str(prompt))
+        text = str(prompt[0])
+    else:
+        text = prompt
+    check_prompt_chars(len(text), max_chars, "prompt")
+    return model.tokenizer.encode(text)
 
 
 def message_text(content: str | list[oa.ContentPart], where: str) -> str:

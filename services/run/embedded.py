@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.config import MeshConfig
 from common.names import Names
@@ -72,14 +73,14 @@ async def local_workers(
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        exc = task.exception()
+    exc = None if task.cancelled() else task.exception()
+    if exc is not None:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
 async def until_ready(events: list[asyncio.Event], tasks: list[asyncio.Task[None]]) -> None:
     """Wait for every service to be ready; raise at once if one of them failed while starting."""
-    ready = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in events)))
+    ready: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in events)))
     done, _ = await asyncio.wait([ready, *tasks], timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
     if ready not in done:
         ready.cancel()

@@ -181,7 +181,7 @@ def _uvicorn_server():
     class Server(uvicorn.Server):
         """uvicorn, but SIGTERM/SIGINT are ours: finish in-flight requests, then exit 0."""
 
-        def capture_signals(self):  # type: ignore[override]
+        def capture_signals(self):
             return contextlib.nullcontext()
 
         def stop(self) -> None:

@@ -206,7 +206,7 @@ class Brain:
         if self.shortfalls:
             self.shortfalls = {s: v for s, v in self.shortfalls.items() if now - v[1] <= SHORTFALL_MEMORY_S}
         if reason is not None and self.plan is not None and not self._observed_fired:
-            self._shortfall(now)
+            self._shortfall(self.plan, now)
         return reason
 
     def _why(self, workers: int, pinned: bool, now: float) -> str | None:
@@ -222,12 +222,13 @@ class Brain:
             return self.forced
         complete = len(self.cohort(now)[0])
         enough = complete >= self.config.drift_min_samples
-        if self.plan is None:
+        plan = self.plan
+        if plan is None:
             if self.prior is not None:
                 return "cold start (prior)"
             return "cold start (observed)" if enough else None
-        if self.plan.workers != workers:
-            return f"workers {self.plan.workers} -> {workers}"
+        if plan.workers != workers:
+            return f"workers {plan.workers} -> {workers}"
         if self._drifted and enough:
             return "drift"
         # a drift that waits for the shift's own requests to complete (a backlog can make that
@@ -237,25 +238,25 @@ class Brain:
         # a rise is met at once (the queue grows while the interval runs), unless the plan in force
         # fell short of the SLO's target at its own rate: a search then mostly confirms it, and at an
         # overload forecast a search costs the most CPU, which serving needs on a shared host
-        rise = self._rate_trigger(rising=True) if self.plan.meets_bound else None
+        rise = self._rate_trigger(plan, rising=True) if plan.meets_bound else None
         if rise:
             return rise
         if now - self.last_at < self.config.replan_interval_s:
             return None
         return (
-            self._rate_trigger()
-            or self._burst_trigger()
-            or self._calibration_trigger(now)
-            or self._observed_trigger(now)
+            self._rate_trigger(plan)
+            or self._burst_trigger(plan)
+            or self._calibration_trigger(plan, now)
+            or self._observed_trigger(plan, now)
         )
 
-    def _rate_trigger(self, rising: bool = False) -> str | None:
+    def _rate_trigger(self, plan: Plan, rising: bool = False) -> str | None:
         """The forecast rate moved by ``rate_change`` from the one the plan was made for, and by
         more than three deviations of a short window's mean at that rate under the forecast burstiness (or
         traffic came to a plan made saturated); ``rising``: only a move up."""
         if self.config.plan_for != "arrivals":
             return None
-        rate, planned = self.forecast.rate_per_s, self.plan.rate_per_s
+        rate, planned = self.forecast.rate_per_s, plan.rate_per_s
         # arrivals counted over SHORT_S of a renewal process: variance ~ cv^2 x the mean count, so a
         # burst of gamma arrivals at cv 3 moves the short mean three times as far as Poisson ones;
         # the noise is that of the rate planned for (the test's null), not the one seen: a rise from
@@ -266,23 +267,23 @@ class Brain:
             return f"rate {planned:.3g} -> {rate:.3g} requests/s"
         return None
 
-    def _burst_trigger(self) -> str | None:
+    def _burst_trigger(self, plan: Plan) -> str | None:
         """The forecast burstiness (CV of the gaps between arrivals) moved by ``BURST_CHANGE`` times
         the planned one (at least 1) from the one the plan was made for."""
         if self.config.plan_for != "arrivals" or not self.forecast.known:
             return None
-        cv, planned = self.forecast.cv, self.plan.cv
+        cv, planned = self.forecast.cv, plan.cv
         if math.isfinite(cv) and math.isfinite(planned) and abs(cv - planned) > BURST_CHANGE * max(planned, 1.0):
             return f"burstiness: CV {planned:.2g} -> {cv:.2g}"
         return None
 
-    def _calibration_trigger(self, now: float) -> str | None:
+    def _calibration_trigger(self, plan: Plan, now: float) -> str | None:
         """The calibrated time of the plan's typical decode and prefill steps moved by
         ``CALIBRATION_CHANGE`` from the correction the plan was made with."""
         if self.calibrator is None:
             return None
-        before, after = self.plan.calibration or IDENTITY, self.calibration(now)
-        s = self.plan.schedule
+        before, after = plan.calibration or IDENTITY, self.calibration(now)
+        s = plan.schedule
         steps = (("decode", max(s.mean_decode_batch, 1.0)), ("prefill", max(s.mean_input_len, 1.0) * s.encode_batch))
         for kind, tokens in steps:
             old, new = before.scalar(kind, tokens), after.scalar(kind, tokens)
@@ -290,27 +291,27 @@ class Brain:
                 return f"calibration: {kind} steps x{old:.2f} -> x{new:.2f}"
         return None
 
-    def _observed_trigger(self, now: float) -> str | None:
+    def _observed_trigger(self, plan: Plan, now: float) -> str | None:
         """Under the plan, observed attainment fell ``OBSERVED_GAP`` below the predicted one
         (once per plan)."""
         if self._observed_fired:
             return None
-        measured = self._shortfall(now)
+        measured = self._shortfall(plan, now)
         if measured is None:
             return None
         self._observed_fired = True
-        return f"observed attainment {measured:.1%} < predicted {self.plan.attainment:.1%}"
+        return f"observed attainment {measured:.1%} < predicted {plan.attainment:.1%}"
 
-    def _shortfall(self, now: float) -> float | None:
+    def _shortfall(self, plan: Plan, now: float) -> float | None:
         """The attainment measured under the schedule in force, when ``OBSERVED_MIN`` requests that
         arrived since it took effect finished in the window and it fell ``OBSERVED_GAP`` short of
         the prediction (then remembered in ``shortfalls``); else None."""
-        if not math.isfinite(self.plan.attainment):
+        if not math.isfinite(plan.attainment):
             return None
         seen = self.observed_slo(now, arrived_since=self._ran_since)
-        if seen.requests < OBSERVED_MIN or seen.attainment >= self.plan.attainment - OBSERVED_GAP:
+        if seen.requests < OBSERVED_MIN or seen.attainment >= plan.attainment - OBSERVED_GAP:
             return None
-        self.shortfalls = {**self.shortfalls, self.plan.schedule: (seen.attainment, now)}
+        self.shortfalls = {**self.shortfalls, plan.schedule: (seen.attainment, now)}
         return seen.attainment
 
     def cohort(self, now: float, since: float | None = None) -> tuple[np.ndarray, np.ndarray]:

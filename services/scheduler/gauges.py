@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from common.schedule_gauges import ScheduleGauges
@@ -23,7 +23,7 @@ class SchedulerMetrics(Collector):
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         s = self.scheduler
         leading = bool(s.leadership.leading)
         yield GaugeMetricFamily(

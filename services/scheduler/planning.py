@@ -234,6 +234,7 @@ class Planner:
         verified = verified_search(sc, latency_bound_s, self.policies, self.space, seed=SEED)
         if verified.best is not None:
             sim = verified.simulated
+            assert sim is not None  # a pick is always simulated
             schedule, thr, lat, meets = verified.best.schedule, sim.throughput_seq_s, sim.p99_length_latency_s, True
         else:
             quickest = least_latency(sc, self.policies, self.space).best
