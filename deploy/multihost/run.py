@@ -30,29 +30,31 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # run as a script: the test bed's own code comes from this checkout
+
+from services.run.children import ChildFailed, ChildNotReady, ChildProcess, child_env, stop_all  # noqa: E402
+from services.run.private import PrivateServices, SetupError  # noqa: E402
+
 CLIENT = HERE / "client.py"
 PREFIX = "exg-mh-"
-RABBIT_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
-RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
-RABBIT_HOME = "/var/lib/rabbitmq"  # the rabbitmq user's home: its .erlang.cookie serves server and ctl
 BROKER_HEARTBEAT_S = 10  # `heartbeat = 10` in our node's rabbitmq.conf (what the broker proposes)
 MODEL = "tiny-llama"
+OnLine = Callable[[str], None]  # called with each line a process prints
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class SetupError(RuntimeError):
-    pass
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -66,68 +68,22 @@ def netns_names() -> list[str]:
     return [line.split()[0] for line in sh("ip", "netns", "list").stdout.splitlines() if line.strip()]
 
 
-# --------------------------------------------------------------------------------------------
-# processes
+def indented(text: str) -> str:
+    """A process's last lines, set off in a message."""
+    return textwrap.indent(text.rstrip("\n"), "    ") or "    (no output)"
 
 
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
+class JsonLines:
+    """A client process's JSON lines, collected as it prints them (its ``on_line``)."""
 
-    def alive(self) -> bool:
-        return self.popen.poll() is None
+    def __init__(self) -> None:
+        self.items: list[dict] = []
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM the process group, wait, SIGKILL it."""
-        if self.popen.poll() is not None:
-            _killpg(self.popen.pid, signal.SIGKILL)  # stragglers left in its group
-            return
-        _killpg(self.popen.pid, signal.SIGTERM)
+    def __call__(self, line: str) -> None:
         try:
-            self.popen.wait(grace_s)
-        except subprocess.TimeoutExpired:
+            self.items.append(json.loads(line))
+        except json.JSONDecodeError:
             pass
-        _killpg(self.popen.pid, signal.SIGKILL)
-        try:
-            self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def wait_for_line(proc: Proc, pattern: str, timeout_s: float) -> str:
-    """Bounded wait for a line matching ``pattern`` in the process's log; fails early if it exits."""
-    rx = re.compile(pattern)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
-        for line in text.splitlines():
-            if rx.search(line):
-                return line
-        if not proc.alive():
-            raise SetupError(
-                f"{proc.name} exited ({proc.popen.returncode}) before '{pattern}'; "
-                f"log {proc.log_path}:\n{tail(proc.log_path)}"
-            )
-        time.sleep(0.3)
-    raise SetupError(
-        f"{proc.name}: no '{pattern}' within {timeout_s:.0f} s; log {proc.log_path}:\n{tail(proc.log_path)}"
-    )
-
-
-def tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join("    " + line for line in path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "    (no log)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,14 +98,12 @@ class Bed:
         self.created_ns: list[str] = []
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{self.sfx}-"))
         os.chmod(self.tmp, 0o755)
-        self.procs: list[Proc] = []
+        self.children: list[ChildProcess] = []
         self.lock = threading.Lock()
-        self.stopping = threading.Event()
         self.net = ""
         self.addr: dict[str, str] = {}
         self.mesh_ns = f"mh{self.sfx}"
-        self.password = secrets.token_hex(12)
-        self.node = f"exgmh{self.sfx}@localhost"
+        self.services: PrivateServices | None = None
         self.supervisors: list[WorkerSupervisor] = []
         self.src = REPO
         self.code = ""
@@ -229,159 +183,62 @@ class Bed:
             sh("ip", "-n", self.ns[host], "link", "set", "eth0", state)
 
     # ---- processes ---------------------------------------------------------------------------
-    def spawn(self, name: str, host: str, cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> Proc:
-        path = self.tmp / "logs" / f"{name}.log"
-        path.parent.mkdir(exist_ok=True)
-        out = open(path, "ab")
-        full_env = dict(os.environ)
-        full_env.update(
-            {
-                "PYTHONUNBUFFERED": "1",
-                "EXG_MH_SRC": str(self.src),
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(self.src), os.environ.get("PYTHONPATH")])),
-            }
-        )
-        full_env.update(env or {})
-        popen = subprocess.Popen(
+    def spawn(self, name: str, host: str, cmd: list[str], on_line: OnLine | None = None) -> ChildProcess:
+        """``cmd`` inside ``host``'s namespace, on the code snapshot; its output also in logs/<name>.log."""
+        logs = self.tmp / "logs"
+        logs.mkdir(exist_ok=True)
+        child = ChildProcess(
             ["ip", "netns", "exec", self.ns[host], *cmd],
-            stdout=out,
-            stderr=subprocess.STDOUT,
+            env=child_env({"EXG_MH_SRC": str(self.src)}, root=self.src),
+            label=name,
+            cwd=self.src,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=full_env,
-            cwd=str(cwd or self.src),
+            on_line=on_line,
+            log_path=logs / f"{name}.log",
         )
-        out.close()
-        proc = Proc(name, popen, path)
         with self.lock:
-            self.procs.append(proc)
-        return proc
+            self.children.append(child)
+        return child
 
-    def start_redis(self) -> None:
-        d = self.tmp / "redis"
-        d.mkdir()
-        self.redis = self.spawn(
-            "redis",
-            "core",
-            [
-                "redis-server",
-                "--bind",
-                self.addr["core"],
-                "--port",
-                "6379",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(d),
-                "--protected-mode",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-        )
-        deadline = time.monotonic() + 20
-        while (
-            sh(
-                "ip", "netns", "exec", self.ns["core"], "redis-cli", "-h", self.addr["core"], "ping", check=False
-            ).stdout.strip()
-            != "PONG"
-        ):
-            if time.monotonic() > deadline or not self.redis.alive():
-                raise SetupError(f"redis did not answer:\n{tail(self.redis.log_path)}")
-            time.sleep(0.3)
-        log(f"redis up on {self.addr['core']}:6379")
+    def wait_ready(self, child: ChildProcess, prefix: str) -> None:
+        try:
+            child.wait_line(prefix, self.args.ready_timeout)
+        except ChildFailed as exc:
+            raise SetupError(f"{exc}(log {child.log_path})") from None
 
-    def rabbit_env(self) -> dict:
-        d = self.tmp / "rabbit"
-        return {
-            "HOME": RABBIT_HOME,
-            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),  # empty: /etc/rabbitmq/rabbitmq-env.conf unread
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
-            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(d / "log"),
-            "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-            "RABBITMQ_PLUGINS_EXPAND_DIR": str(d / "plugins-expand"),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",  # the namespace's own loopback, its own epmd
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-        }
-
-    def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-        env = dict(os.environ)
-        env.update(self.rabbit_env())
-        return sh(
-            "ip",
-            "netns",
-            "exec",
-            self.ns["core"],
-            "runuser",
-            "-u",
-            "rabbitmq",
-            "--",
-            RABBITMQCTL,
-            "-n",
-            self.node,
-            *args,
-            timeout=timeout,
-            env=env,
-            check=check,
+    def start_services(self) -> None:
+        """Redis and a RabbitMQ node of this run's own in core, on the bridge's address, with an
+        epmd of their own (the root namespace's is out of reach)."""
+        core = self.addr["core"]
+        self.services = PrivateServices(
+            host=core,
+            amqp_port=5672,
+            redis_port=6379,
+            prefix=["ip", "netns", "exec", self.ns["core"]],
+            own_epmd=True,
+            heartbeat_s=BROKER_HEARTBEAT_S,
+            folder=self.tmp,
+            name=f"exgmh{self.sfx}",
+            ready_timeout_s=self.args.ready_timeout,
         )
-
-    def start_rabbit(self) -> None:
-        d = self.tmp / "rabbit"
-        for sub in ("mnesia", "log", "plugins-expand"):
-            (d / sub).mkdir(parents=True)
-        (d / "rabbitmq-env.conf").write_text("# empty on purpose\n")
-        (d / "enabled_plugins").write_text("[].\n")
-        (d / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = {self.addr['core']}:5672\n"
-            f"heartbeat = {BROKER_HEARTBEAT_S}\n"
-            "log.console = false\n"
-            "log.file.level = info\n"
-        )
-        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(d)], check=True)
-        # epmd of this namespace, in the foreground under our process group (not -daemon)
-        self.epmd = self.spawn("epmd", "core", ["epmd", "-address", "127.0.0.1"])
-        time.sleep(0.5)
-        self.rabbit = self.spawn(
-            "rabbitmq", "core", ["runuser", "-u", "rabbitmq", "--", RABBIT_SERVER], env=self.rabbit_env(), cwd=d
-        )
-        deadline = time.monotonic() + self.args.ready_timeout
-        while True:
-            r = self.ctl("await_startup", "--timeout", "20", check=False, timeout=40)
-            if r.returncode == 0:
-                break
-            if not self.rabbit.alive() or time.monotonic() > deadline:
-                raise SetupError(
-                    f"rabbitmq node {self.node} did not start: {r.stderr.strip()[-500:]}\n"
-                    f"{tail(self.rabbit.log_path)}\n{self.rabbit_log_tail()}"
-                )
-            time.sleep(1)
-        self.ctl("add_user", "mesh", self.password)
-        self.ctl("set_permissions", "-p", "/", "mesh", ".*", ".*", ".*")
+        self.services.start_redis()
+        log(f"redis up on {core}:6379")
+        self.services.start_rabbit()
         log(
-            f"rabbitmq node {self.node} up on {self.addr['core']}:5672 (heartbeat = {BROKER_HEARTBEAT_S} "
+            f"rabbitmq node {self.services.node} up on {core}:5672 (heartbeat = {BROKER_HEARTBEAT_S} "
             f"in its rabbitmq.conf), user mesh"
         )
 
-    def rabbit_log_file(self) -> Path:
-        return self.tmp / "rabbit" / "log" / f"{self.node}.log"
-
-    def rabbit_log_tail(self) -> str:
-        return tail(self.rabbit_log_file(), 20)
-
     def amqp_url(self) -> str:
-        url = f"amqp://mesh:{self.password}@{self.addr['core']}:5672/"
+        assert self.services is not None
+        url = self.services.amqp_url
         if self.args.client_heartbeat is not None:
             url += f"?heartbeat={self.args.client_heartbeat}"
         return url
 
     def redis_url(self) -> str:
-        return f"redis://{self.addr['core']}:6379/0"
+        assert self.services is not None
+        return self.services.redis_url
 
     def mesh_args(self) -> list[str]:
         return [
@@ -400,7 +257,7 @@ class Bed:
     def start_mesh(self) -> None:
         py = [sys.executable, "-m", "services.cli"]  # the `exegpt` console script's entry point
         self.scheduler = self.spawn("scheduler", "core", [*py, "scheduler", *self.mesh_args()])
-        wait_for_line(self.scheduler, r"^ready ", self.args.ready_timeout)
+        self.wait_ready(self.scheduler, "ready ")
         log("scheduler ready")
         for host in ("hostA", "hostB"):
             for k in range(self.args.workers_per_host):
@@ -414,28 +271,42 @@ class Bed:
             "core",
             [*py, "gateway", *self.mesh_args(), "--host", self.addr["core"], "--port", "8000", "--insecure"],
         )
-        wait_for_line(self.gateway, r"^ready gateway ", self.args.ready_timeout)
+        self.wait_ready(self.gateway, "ready gateway ")
         self.url = f"http://{self.addr['core']}:8000"
         log(f"gateway ready at {self.url}")
 
-    def client(self, *args: str, name: str) -> Proc:
-        return self.spawn(name, "core", [sys.executable, str(CLIENT), *args])
+    def client(self, *args: str, name: str, on_line: OnLine | None = None) -> ChildProcess:
+        return self.spawn(name, "core", [sys.executable, str(CLIENT), *args], on_line=on_line)
 
     # ---- clean-up ----------------------------------------------------------------------------
     def cleanup(self) -> list[str]:
         """Kill everything, delete namespaces (their veths and the bridge go with them); return
         what could not be removed."""
         problems: list[str] = []
-        self.stopping.set()
         for sup in self.supervisors:
             sup.stop_event.set()
         with self.lock:
-            procs = list(self.procs)
-        # workers and gateway first, then scheduler, then the broker, redis, epmd
-        for proc in reversed(procs):
-            proc.stop(grace_s=3.0 if proc.name != "rabbitmq" else 10.0)
+            children = list(self.children)
+        stop_all(children, timeout_s=3.0)  # workers, gateway, clients, scheduler; killed past 3 s
+        if self.services is not None:
+            try:
+                self.services.close()  # the node stopped by rabbitmqctl (killed past 30 s), Redis, epmd
+            except (OSError, subprocess.SubprocessError, SetupError) as exc:
+                problems.append(f"private services: {exc}")
         for sup in self.supervisors:
             sup.join(10)
+        problems += self.delete_namespaces()
+        links = sh("ip", "-o", "link").stdout
+        if re.search(r"\b(vA|vB|br0)\b", links) or f"{PREFIX}{self.sfx}" in links:
+            problems.append("a link of ours is left in the root namespace")
+        if not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.tmp.exists():
+                problems.append(f"temp dir left: {self.tmp}")
+        return problems
+
+    def delete_namespaces(self) -> list[str]:
+        problems = []
         for name in self.created_ns:
             # anything still running inside our namespaces is ours (e.g. a daemonised helper)
             pids = sh("ip", "netns", "pids", name, check=False).stdout.split()
@@ -452,13 +323,6 @@ class Bed:
         left = [n for n in netns_names() if n.startswith(f"{PREFIX}{self.sfx}")]
         if left:
             problems.append(f"namespaces left: {left}")
-        links = sh("ip", "-o", "link").stdout
-        if re.search(r"\b(vA|vB|br0)\b", links) or f"{PREFIX}{self.sfx}" in links:
-            problems.append("a link of ours is left in the root namespace")
-        if not self.args.keep:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if self.tmp.exists():
-                problems.append(f"temp dir left: {self.tmp}")
         return problems
 
 
@@ -475,7 +339,7 @@ class WorkerSupervisor(threading.Thread):
         self.bed, self.host, self.k = bed, host, k
         self.stop_event = threading.Event()
         self.gen = 0
-        self.current: Proc | None = None
+        self.current: ChildProcess | None = None
         self.first_ready = threading.Event()
         self.first_error: str | None = None
         self.events: list[dict] = []  # starts, exits, readies (with wall times)
@@ -495,25 +359,18 @@ class WorkerSupervisor(threading.Thread):
             self.current = proc
             started = time.time()
             self.events.append({"ev": "start", "worker": wid, "t": started})
-            ready_seen = False
-            while proc.alive() and not self.stop_event.is_set():
-                if not ready_seen:
-                    text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
-                    if re.search(r"^ready ", text, re.M):
-                        ready_seen = True
-                        self.events.append({"ev": "ready", "worker": wid, "t": time.time()})
-                        self.first_ready.set()
-                self.stop_event.wait(0.3)
+            self.watch_ready(proc, wid)
+            rc = proc.popen.wait()  # the clean-up stops it too
             if self.stop_event.is_set():
                 return
-            rc = proc.popen.returncode
+            proc.wait_output(5)
             self.events.append({"ev": "exit", "worker": wid, "t": time.time(), "rc": rc})
             log(
                 f"supervisor: worker {wid} on {self.host} exited ({rc}); restarting in {backoff:.0f} s\n"
-                f"{tail(proc.log_path, 8)}"
+                f"{indented(proc.tail(8))}"
             )
             if not self.first_ready.is_set() and self.first_error is None:
-                self.first_error = f"{wid} exited ({rc}) before ready:\n{tail(proc.log_path)}"
+                self.first_error = f"{wid} exited ({rc}) before ready:\n{indented(proc.tail(15))}"
             if time.time() - started > 60:
                 backoff = 2.0
             if self.stop_event.wait(backoff):
@@ -521,49 +378,28 @@ class WorkerSupervisor(threading.Thread):
             backoff = min(backoff * 2, 30.0)
             self.gen += 1
 
+    def watch_ready(self, proc: ChildProcess, wid: str) -> None:
+        """Until the worker says it is ready (recorded) or exits."""
+        while not self.stop_event.is_set():
+            try:
+                proc.wait_line("ready ", self.bed.args.ready_timeout)
+            except ChildNotReady:
+                continue  # slow: wait_first_ready reports it; it may still come
+            except ChildFailed:
+                return  # exited: restarted by run
+            self.events.append({"ev": "ready", "worker": wid, "t": time.time()})
+            self.first_ready.set()
+            return
+
     def wait_first_ready(self, timeout_s: float) -> None:
         if not self.first_ready.wait(timeout_s):
-            detail = self.first_error or (tail(self.current.log_path) if self.current else "")
+            detail = self.first_error or (indented(self.current.tail(15)) if self.current else "")
             raise SetupError(f"worker {self.host}-{self.k} not ready within {timeout_s:.0f} s: {detail}")
         log(f"worker {self.worker_id(self.gen)} on {self.host} ready")
 
 
 # --------------------------------------------------------------------------------------------
 # the experiment
-
-
-class LineReader(threading.Thread):
-    """Collects JSON lines of a client process's log file as they come."""
-
-    def __init__(self, proc: Proc) -> None:
-        super().__init__(daemon=True)
-        self.proc = proc
-        self.items: list[dict] = []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        pos = 0
-        buf = ""
-        while True:
-            alive = self.proc.alive()
-            try:
-                with open(self.proc.log_path, errors="replace") as f:
-                    f.seek(pos)
-                    chunk = f.read()
-                    pos = f.tell()
-            except OSError:
-                chunk = ""
-            buf += chunk
-            *lines, buf = buf.split("\n")
-            for line in lines:
-                try:
-                    self.items.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-            if not alive and not chunk:
-                break
-            time.sleep(0.2)
-        self.done.set()
 
 
 def host_of(worker: str | None) -> str:
@@ -599,8 +435,9 @@ def parse_rabbit_log(path: Path) -> list[dict]:
 
 
 def connection_timeouts(bed: Bed) -> list[tuple[str, str, str]]:
-    r = bed.ctl(
-        "list_connections", "peer_host", "timeout", "user", "--no-table-headers", "--quiet", check=False, timeout=60
+    assert bed.services is not None
+    r = bed.services.ctl(
+        "list_connections", "peer_host", "timeout", "user", "--no-table-headers", "--quiet", check=False, timeout_s=60
     )
     rows = []
     for line in r.stdout.splitlines():
@@ -610,8 +447,11 @@ def connection_timeouts(bed: Bed) -> list[tuple[str, str, str]]:
     return rows
 
 
-def run_load(bed: Bed, tag: str, n: int, cut_after: int | None) -> tuple[list[dict], float | None, LineReader]:
+def run_load(bed: Bed, tag: str, n: int, cut_after: int | None) -> tuple[list[dict], float | None]:
+    """``n`` requests through the load client; hostA's link cut once ``cut_after`` have completed.
+    The client's records, and when the cut was (None: no cut)."""
     out = bed.tmp / f"results-{tag}.json"
+    seen = JsonLines()
     proc = bed.client(
         "load",
         "--url",
@@ -629,28 +469,27 @@ def run_load(bed: Bed, tag: str, n: int, cut_after: int | None) -> tuple[list[di
         "--out",
         str(out),
         name=f"load-{tag}",
+        on_line=seen,
     )
-    reader = LineReader(proc)
-    reader.start()
     t_cut = None
     limit = time.monotonic() + bed.args.deadline * (math.ceil(n / bed.args.concurrency) + 1) + 120
-    while proc.alive():
+    while proc.running():
         if cut_after is not None and t_cut is None:
-            ok = sum(1 for e in list(reader.items) if e.get("ev") == "end" and e.get("ok"))
+            ok = sum(1 for e in list(seen.items) if e.get("ev") == "end" and e.get("ok"))
             if ok >= cut_after:
                 bed.set_link("hostA", up=False)
                 t_cut = time.time()
                 log(f"CUT hostA's link ({bed.args.cut} side) after {ok}/{n} completions")
         if time.monotonic() > limit:
             log(f"load client {tag} overran its bound; killing it")
-            proc.stop()
+            proc.stop(5)
             break
         time.sleep(0.1)
-    reader.join(10)
+    proc.wait_output(10)
     if not out.exists():
-        raise SetupError(f"load client {tag} wrote no results:\n{tail(proc.log_path)}")
+        raise SetupError(f"load client {tag} wrote no results:\n{indented(proc.tail(15))}")
     records = json.loads(out.read_text())["records"]
-    return records, t_cut, reader
+    return records, t_cut
 
 
 def lengths(bed: Bed) -> dict[str, list[dict]]:
@@ -704,10 +543,9 @@ def host_health(bed: Bed, host: str) -> list[str]:
     for sup in bed.supervisors:
         if sup.host != host or sup.current is None:
             continue
-        text = sup.current.log_path.read_text(errors="replace")
-        m = re.findall(r"/health/\* at (http://\S+)", text)
+        m = re.findall(r"/health/\* at (http://\S+)", "".join(sup.current.output))
         if not m:
-            out.append(f"{sup.current.name}: no ops URL in its log")
+            out.append(f"{sup.current.label}: no ops URL in its log")
             continue
         r = sh(
             "ip",
@@ -722,38 +560,79 @@ def host_health(bed: Bed, host: str) -> list[str]:
             check=False,
             timeout=30,
         )
-        out.append(f"{sup.current.name} /health/ready: {r.stdout.strip() or r.stderr.strip()[-200:]}")
+        out.append(f"{sup.current.label} /health/ready: {r.stdout.strip() or r.stderr.strip()[-200:]}")
     return out
 
 
-def experiment(bed: Bed) -> int:
-    args = bed.args
+@dataclass
+class Observers:
+    """What listens in core while the experiment runs: the worker ids in the scheduler's
+    allocation every second (``schedule``), every worker heartbeat on the status fanout
+    (``heartbeats``)."""
+
+    monitor: ChildProcess
+    schedule: JsonLines
+    status: ChildProcess
+    heartbeats: JsonLines
+
+    def stop(self) -> None:
+        for child in (self.monitor, self.status):
+            child.stop(5)
+            child.wait_output(5)
+
+
+@dataclass
+class Run:
+    """What the experiment measured, phase by phase (unix times)."""
+
+    hb_values: list[str]  # the AMQP heartbeats the connections negotiated, at the start
+    observers: Observers
+    n: int = 0  # requests in phase 1
+    recs: list[dict] = field(default_factory=list)  # phase 1's records
+    t_load: float = 0.0
+    t_load_end: float = 0.0
+    t_cut: float | None = None
+    t_restore: float = 0.0
+    a_ids_gone_at: float | None = None  # hostA left the scheduler's allocation
+    a_back_at: float | None = None  # hostA back in it
+    health_after: list[str] = field(default_factory=list)
+    after_recs: list[dict] = field(default_factory=list)  # phase 3's records
+    by_id: dict[str, list[dict]] = field(default_factory=dict)  # length samples per request id
+    conns_after: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def start_observers(bed: Bed) -> Run:
     conns = connection_timeouts(bed)
     hb_values = sorted({c[1] for c in conns})
     log(f"AMQP connections on the broker (peer, negotiated heartbeat s, user): {conns}")
+    schedule, heartbeats = JsonLines(), JsonLines()
+    monitor = bed.client("monitor", "--url", bed.url, "--interval", "1", name="monitor", on_line=schedule)
+    status = bed.client(
+        "status", "--amqp", bed.amqp_url(), "--namespace", bed.mesh_ns, name="status", on_line=heartbeats
+    )
+    time.sleep(2)  # both observing before the load begins
+    return Run(hb_values, Observers(monitor, schedule, status, heartbeats))
 
-    monitor = bed.client("monitor", "--url", bed.url, "--interval", "1", name="monitor")
-    mon = LineReader(monitor)
-    mon.start()
-    status_proc = bed.client("status", "--amqp", bed.amqp_url(), "--namespace", bed.mesh_ns, name="status")
-    stat = LineReader(status_proc)
-    stat.start()
-    time.sleep(2)
 
-    # ---- phase 1: load with the cut ---------------------------------------------------------
-    n = args.requests
+def load_with_cut(bed: Bed, run: Run) -> None:
+    """Phase 1: the load; hostA's link cut once a third of it has completed."""
+    args = bed.args
+    run.n = n = args.requests
     cut_after = max(1, math.ceil(n / 3))
     log(
         f"phase 1: {n} requests, {args.concurrency} at a time, max_tokens {args.max_tokens}, "
         f"deadline {args.deadline:.0f} s; cut after {cut_after} completions"
     )
-    t_load = time.time()
-    recs, t_cut, load_reader = run_load(bed, "main", n, cut_after)
-    t_load_end = time.time()
-    if t_cut is None:
+    run.t_load = time.time()
+    run.recs, run.t_cut = run_load(bed, "main", n, cut_after)
+    run.t_load_end = time.time()
+    if run.t_cut is None:
         log("the cut never happened (too few completions)")
 
-    # ---- phase 2: restore, wait for hostA to rejoin --------------------------------------------
+
+def restore_link(bed: Bed, run: Run) -> None:
+    """Phase 2: the link back up (after ``--hold-cut``)."""
+    args, t_cut = bed.args, run.t_cut
     if t_cut:
         lengths(bed)  # read while the link is still down: the samples go unused, the read's time is part of the cut
         if args.hold_cut > 0:
@@ -762,102 +641,154 @@ def experiment(bed: Bed) -> int:
                 log(f"holding the cut {remaining:.0f} s more (--hold-cut {args.hold_cut:.0f})")
                 time.sleep(remaining)
         bed.set_link("hostA", up=True)
-    t_restore = time.time()
-    log(f"RESTORED hostA's link ({t_restore - (t_cut or t_restore):.1f} s after the cut)")
+    run.t_restore = time.time()
+    log(f"RESTORED hostA's link ({run.t_restore - (t_cut or run.t_restore):.1f} s after the cut)")
 
-    a_ids_gone_at = None
-    a_back_at = None
+
+def wait_rejoin(bed: Bed, run: Run) -> None:
+    """Phase 2: until hostA is back in the scheduler's allocation (noting when it left it), then
+    hostA's health."""
+    args, t_cut, t_restore = bed.args, run.t_cut, run.t_restore
     deadline = time.time() + args.rejoin_timeout
     while time.time() < deadline:
-        for e in list(mon.items):
+        for e in list(run.observers.schedule.items):
             ws = e.get("workers")
             if ws is None:
                 continue
             has_a = any(w.startswith("hostA-") for w in ws)
-            if t_cut and e["t"] > t_cut and not has_a and a_ids_gone_at is None:
-                a_ids_gone_at = e["t"]
-            if e["t"] >= t_restore and has_a and a_back_at is None:
-                a_back_at = e["t"]
-        if a_back_at:
+            if t_cut and e["t"] > t_cut and not has_a and run.a_ids_gone_at is None:
+                run.a_ids_gone_at = e["t"]
+            if e["t"] >= t_restore and has_a and run.a_back_at is None:
+                run.a_back_at = e["t"]
+        if run.a_back_at:
             break
         time.sleep(1)
-    if a_back_at:
-        log(f"hostA back in the scheduler's allocation {a_back_at - t_restore:.1f} s after the restore")
+    if run.a_back_at:
+        log(f"hostA back in the scheduler's allocation {run.a_back_at - t_restore:.1f} s after the restore")
     else:
         log(f"hostA NOT back in the scheduler's allocation within {args.rejoin_timeout:.0f} s")
     time.sleep(2)  # let the new schedule version reach every worker
 
-    health_after = host_health(bed, "hostA")
-    for line in health_after:
+    run.health_after = host_health(bed, "hostA")
+    for line in run.health_after:
         log(f"hostA after the restore: {line}")
 
-    # ---- phase 3: requests after the restore ----------------------------------------------------
-    log(f"phase 3: {args.after} requests after the restore")
-    after_recs, _, _ = run_load(bed, "after", args.after, None)
+
+def load_after_restore(bed: Bed, run: Run) -> None:
+    """Phase 3: requests after the restore; then the length samples and connections, and the
+    observers stopped."""
+    log(f"phase 3: {bed.args.after} requests after the restore")
+    run.after_recs, _ = run_load(bed, "after", bed.args.after, None)
     time.sleep(3)  # a worker settles (done marker + length sample, then ack) just after the answer went out
-    by_id = lengths(bed)
-    conns_after = connection_timeouts(bed)
-    monitor.stop()
-    mon.join(5)
-    status_proc.stop()
-    stat.join(5)
+    run.by_id = lengths(bed)
+    run.conns_after = connection_timeouts(bed)
+    run.observers.stop()
 
-    # ---- analysis ------------------------------------------------------------------------------
-    def classify(rs: list[dict]) -> dict:
-        ok = [r for r in rs if r["completed"] and r["status"] == 200]
-        hung = [r for r in rs if r["hung"]]
-        failed = [r for r in rs if not (r["completed"] and r["status"] == 200) and not r["hung"]]
-        return {"ok": ok, "hung": hung, "failed": failed}
 
-    main_c, after_c = classify(recs), classify(after_recs)
-    all_recs = recs + after_recs
+def classify(rs: list[dict]) -> dict:
+    ok = [r for r in rs if r["completed"] and r["status"] == 200]
+    hung = [r for r in rs if r["hung"]]
+    failed = [r for r in rs if not (r["completed"] and r["status"] == 200) and not r["hung"]]
+    return {"ok": ok, "hung": hung, "failed": failed}
+
+
+@dataclass
+class Analysis:
+    """What the records say: classified requests, the checks, the timing around the cut, who served."""
+
+    main_c: dict
+    after_c: dict
+    dup_ids: list[str] = field(default_factory=list)
+    multi_samples: list[str] = field(default_factory=list)
+    mismatched: dict[str, int] = field(default_factory=dict)
+    wrong_len: list[int] = field(default_factory=list)
+    unsettled: list[dict] = field(default_factory=list)
+    first_after: float | None = None
+    longest: tuple[float, float, float] | None = None
+    stuck: list[dict] = field(default_factory=list)
+    base_lat: float = 1.0
+    rabbit_events: list[dict] = field(default_factory=list)
+    served_main: dict[str, int] = field(default_factory=dict)
+    served_after: dict[str, int] = field(default_factory=dict)
+    restarts: list[dict] = field(default_factory=list)
+
+
+def analyse(bed: Bed, run: Run) -> Analysis:
+    an = Analysis(classify(run.recs), classify(run.after_recs))
+    check_answers(bed, run, an)
+    time_the_cut(bed, run, an)
+    count_served(run, an)
+    an.restarts = [e for s in bed.supervisors for e in s.events if e["ev"] == "exit"]
+    return an
+
+
+def check_answers(bed: Bed, run: Run, an: Analysis) -> None:
+    """Duplicates, texts, token counts, and answered requests no worker settled."""
+    all_recs = run.recs + run.after_recs
     ids = [r["id"] for r in all_recs if r["id"]]
-    dup_ids = sorted({i for i in ids if ids.count(i) > 1})
-    multi_samples = sorted(i for i, s in by_id.items() if len(s) > 1)
+    an.dup_ids = sorted({i for i in ids if ids.count(i) > 1})
+    an.multi_samples = sorted(i for i, s in run.by_id.items() if len(s) > 1)
     # greedy + ignore_eos: one prompt -> one text, whatever worker served it (replays included)
     texts: dict[str, set] = {}
     for r in all_recs:
         if r["completed"]:
             texts.setdefault(r["prompt"], set()).add(r["text"])
-    mismatched = {p: len(t) for p, t in texts.items() if len(t) > 1}
-    wrong_len = [r["i"] for r in all_recs if r["completed"] and r["tokens"] not in (None, args.max_tokens)]
+    an.mismatched = {p: len(t) for p, t in texts.items() if len(t) > 1}
+    an.wrong_len = [r["i"] for r in all_recs if r["completed"] and r["tokens"] not in (None, bed.args.max_tokens)]
+    # answered, yet no worker recorded it as finished (no done marker / length sample): its work
+    # message was never acked, so the broker still counts it as held by some worker
+    an.unsettled = [r for r in an.main_c["ok"] + an.after_c["ok"] if not run.by_id.get(r["id"] or "")]
 
-    def served(r: dict) -> str:
-        s = by_id.get(r["id"] or "", [])
-        return s[0]["worker"] if s else ""
 
-    # timing around the cut
-    ends = sorted(r["t_end"] for r in main_c["ok"])
-    first_after = next((t for t in ends if t_cut and t > t_cut), None)
+def time_the_cut(bed: Bed, run: Run, an: Analysis) -> None:
+    """The first completion after the cut, the longest stall, the requests it held up, what the
+    broker logged."""
+    t_cut = run.t_cut
+    ends = sorted(r["t_end"] for r in an.main_c["ok"])
+    an.first_after = next((t for t in ends if t_cut and t > t_cut), None)
     gaps = []
     if t_cut:
         seq = [t_cut] + [t for t in ends if t > t_cut]
         gaps = [(b - a, a, b) for a, b in zip(seq, seq[1:])]
-    longest = max(gaps, default=None)
-    crossing = [r for r in recs if t_cut and (r["t_end"] or 0) > t_cut]
-    lat = sorted((r["t_end"] - r["t_start"]) for r in main_c["ok"] if not t_cut or r["t_end"] < t_cut)
-    base_lat = lat[len(lat) // 2] if lat else 1.0
-    stuck = [r for r in crossing if (r["t_end"] - r["t_start"]) > max(10.0, 10 * base_lat)]
-    rabbit_events = [e for e in parse_rabbit_log(bed.rabbit_log_file()) if e["t"] and t_cut and e["t"] > t_cut - 1]
+    an.longest = max(gaps, default=None)
+    crossing = [r for r in run.recs if t_cut and (r["t_end"] or 0) > t_cut]
+    lat = sorted((r["t_end"] - r["t_start"]) for r in an.main_c["ok"] if not t_cut or r["t_end"] < t_cut)
+    an.base_lat = lat[len(lat) // 2] if lat else 1.0
+    an.stuck = [r for r in crossing if (r["t_end"] - r["t_start"]) > max(10.0, 10 * an.base_lat)]
+    assert bed.services is not None
+    an.rabbit_events = [e for e in parse_rabbit_log(bed.services.rabbit_log) if e["t"] and t_cut and e["t"] > t_cut - 1]
 
-    served_main: dict[str, int] = {}
-    for r in main_c["ok"]:
+
+def count_served(run: Run, an: Analysis) -> None:
+    """Which host served the answered requests (from their length samples)."""
+
+    def served(r: dict) -> str:
+        s = run.by_id.get(r["id"] or "", [])
+        return s[0]["worker"] if s else ""
+
+    for r in an.main_c["ok"]:
         h = host_of(served(r))
-        period = "before cut" if (t_cut is None or r["t_end"] < t_cut) else "after cut"
-        served_main[f"{h} {period}"] = served_main.get(f"{h} {period}", 0) + 1
-    served_after: dict[str, int] = {}
-    for r in after_c["ok"]:
+        period = "before cut" if (run.t_cut is None or r["t_end"] < run.t_cut) else "after cut"
+        an.served_main[f"{h} {period}"] = an.served_main.get(f"{h} {period}", 0) + 1
+    for r in an.after_c["ok"]:
         h = host_of(served(r))
-        served_after[h] = served_after.get(h, 0) + 1
-    a_served_after = served_after.get("hostA", 0)
-    # answered, yet no worker recorded it as finished (no done marker / length sample): its work
-    # message was never acked, so the broker still counts it as held by some worker
-    unsettled = [r for r in main_c["ok"] + after_c["ok"] if not by_id.get(r["id"] or "")]
+        an.served_after[h] = an.served_after.get(h, 0) + 1
 
-    restarts = [e for s in bed.supervisors for e in s.events if e["ev"] == "exit"]
 
-    # ---- summary -------------------------------------------------------------------------------
-    rows: list[tuple[str, str]] = []
+Rows = list[tuple[str, str]]
+
+
+def summary_rows(bed: Bed, run: Run, an: Analysis) -> Rows:
+    rows = setup_rows(bed, run, an)
+    if run.t_cut:
+        rows += cut_rows(run, an) + detection_rows(run, an)
+    return rows + rejoin_rows(bed, run, an) + check_rows(an)
+
+
+def setup_rows(bed: Bed, run: Run, an: Analysis) -> Rows:
+    """The code, the network, the workers, the AMQP heartbeat, phase 1's requests."""
+    args, t_cut, restarts = bed.args, run.t_cut, an.restarts
+    rows: Rows = []
     add = rows.append
     add(("product code", bed.code))
     add(("namespaces", ", ".join(bed.ns.values())))
@@ -881,11 +812,11 @@ def experiment(bed: Bed) -> int:
         (
             "AMQP heartbeat",
             f"broker config {BROKER_HEARTBEAT_S} s; negotiated per connection (rabbitmqctl): "
-            f"{', '.join(hb_values) or '?'} s at start, "
-            f"{', '.join(sorted({c[1] for c in conns_after})) or '?'} s at the end",
+            f"{', '.join(run.hb_values) or '?'} s at start, "
+            f"{', '.join(sorted({c[1] for c in run.conns_after})) or '?'} s at the end",
         )
     )
-    eff = [int(v) for v in hb_values if v.isdigit()]
+    eff = [int(v) for v in run.hb_values if v.isdigit()]
     if eff:
         h = max(eff)
         add(
@@ -896,68 +827,96 @@ def experiment(bed: Bed) -> int:
                 f"without a frame",
             )
         )
+    main_c = an.main_c
     add(
         (
             "phase 1 requests",
-            f"sent {len(recs)}, completed {len(main_c['ok'])}, failed {len(main_c['failed'])}, "
+            f"sent {len(run.recs)}, completed {len(main_c['ok'])}, failed {len(main_c['failed'])}, "
             f"hung {len(main_c['hung'])} (deadline {args.deadline:.0f} s)",
         )
     )
-    add(("phase 1 wall time", f"{t_load_end - t_load:.1f} s; cut at +{(t_cut or t_load) - t_load:.1f} s"))
-    if t_cut:
-        add(("first completion after cut", f"+{first_after - t_cut:.1f} s" if first_after else "none"))
-        if longest:
-            add(
-                (
-                    "longest stall after cut",
-                    f"{longest[0]:.1f} s (from +{longest[1] - t_cut:.1f} to +{longest[2] - t_cut:.1f} s)",
-                )
-            )
-        if longest and longest[0] > 5:
-            add(("completions resumed", f"+{longest[2] - t_cut:.1f} s after the cut (end of the longest stall)"))
-        held_ok = [r for r in stuck if not r["hung"]]
-        held_hung = [r for r in stuck if r["hung"]]
+    t_load = run.t_load
+    add(("phase 1 wall time", f"{run.t_load_end - t_load:.1f} s; cut at +{(t_cut or t_load) - t_load:.1f} s"))
+    return rows
+
+
+def cut_rows(run: Run, an: Analysis) -> Rows:
+    """How completions went on after the cut: the first, the longest stall, the requests held up."""
+    t_cut = run.t_cut
+    assert t_cut is not None
+    first_after, longest, stuck = an.first_after, an.longest, an.stuck
+    rows: Rows = []
+    add = rows.append
+    add(("first completion after cut", f"+{first_after - t_cut:.1f} s" if first_after else "none"))
+    if longest:
         add(
             (
-                "requests held up by the cut",
-                f"{len(stuck)} took > {max(10.0, 10 * base_lat):.0f} s (median "
-                f"before the cut {base_lat:.2f} s): {len(held_hung)} hung (deadline), "
-                f"{len(held_ok)} answered late",
+                "longest stall after cut",
+                f"{longest[0]:.1f} s (from +{longest[1] - t_cut:.1f} to +{longest[2] - t_cut:.1f} s)",
             )
         )
-        if held_hung:
-            add(
-                (
-                    "  hung ones",
-                    "started "
-                    + ", ".join(f"+{r['t_start'] - t_cut:.0f}s" for r in held_hung)
-                    + " after the cut; given up at the deadline",
-                )
-            )
-        if held_ok:
-            add(
-                (
-                    "  late ones",
-                    "started/answered "
-                    + ", ".join(f"+{r['t_start'] - t_cut:.0f}/+{r['t_end'] - t_cut:.0f}s" for r in held_ok),
-                )
-            )
-        last_done = max((r["t_end"] for r in main_c["ok"]), default=t_cut)
-        add(("all phase-1 requests answered at", f"+{last_done - t_cut:.1f} s after the cut"))
+    if longest and longest[0] > 5:
+        add(("completions resumed", f"+{longest[2] - t_cut:.1f} s after the cut (end of the longest stall)"))
+    held_ok = [r for r in stuck if not r["hung"]]
+    held_hung = [r for r in stuck if r["hung"]]
+    add(
+        (
+            "requests held up by the cut",
+            f"{len(stuck)} took > {max(10.0, 10 * an.base_lat):.0f} s (median "
+            f"before the cut {an.base_lat:.2f} s): {len(held_hung)} hung (deadline), "
+            f"{len(held_ok)} answered late",
+        )
+    )
+    if held_hung:
         add(
             (
-                "scheduler dropped hostA",
-                f"+{a_ids_gone_at - t_cut:.1f} s after the cut" if a_ids_gone_at else "never (still in the allocation)",
+                "  hung ones",
+                "started "
+                + ", ".join(f"+{r['t_start'] - t_cut:.0f}s" for r in held_hung)
+                + " after the cut; given up at the deadline",
             )
         )
-        if rabbit_events:
-            for e in rabbit_events[:4]:
-                add(("broker log", f"+{e['t'] - t_cut:.1f} s: {e['line'][-160:]}"))
-        else:
-            add(("broker log", "no connection closed by the broker after the cut"))
-        add(("link down for", f"{t_restore - t_cut:.1f} s"))
-    add(("served, phase 1", ", ".join(f"{k}: {v}" for k, v in sorted(served_main.items())) or "?"))
-    a_status = [e for e in stat.items if str(e.get("worker", "")).startswith("hostA-")]
+    if held_ok:
+        add(
+            (
+                "  late ones",
+                "started/answered "
+                + ", ".join(f"+{r['t_start'] - t_cut:.0f}/+{r['t_end'] - t_cut:.0f}s" for r in held_ok),
+            )
+        )
+    last_done = max((r["t_end"] for r in an.main_c["ok"]), default=t_cut)
+    add(("all phase-1 requests answered at", f"+{last_done - t_cut:.1f} s after the cut"))
+    return rows
+
+
+def detection_rows(run: Run, an: Analysis) -> Rows:
+    """When the scheduler and the broker noticed the cut, and how long it lasted."""
+    t_cut, a_ids_gone_at = run.t_cut, run.a_ids_gone_at
+    assert t_cut is not None
+    rows: Rows = []
+    add = rows.append
+    add(
+        (
+            "scheduler dropped hostA",
+            f"+{a_ids_gone_at - t_cut:.1f} s after the cut" if a_ids_gone_at else "never (still in the allocation)",
+        )
+    )
+    if an.rabbit_events:
+        for e in an.rabbit_events[:4]:
+            add(("broker log", f"+{e['t'] - t_cut:.1f} s: {e['line'][-160:]}"))
+    else:
+        add(("broker log", "no connection closed by the broker after the cut"))
+    add(("link down for", f"{run.t_restore - t_cut:.1f} s"))
+    return rows
+
+
+def rejoin_rows(bed: Bed, run: Run, an: Analysis) -> Rows:
+    """Who served phase 1, hostA's heartbeats and health around the restore, its rejoining, phase 3."""
+    t_cut, t_restore, a_back_at, after_c = run.t_cut, run.t_restore, run.a_back_at, an.after_c
+    rows: Rows = []
+    add = rows.append
+    add(("served, phase 1", ", ".join(f"{k}: {v}" for k, v in sorted(an.served_main.items())) or "?"))
+    a_status = [e for e in run.observers.heartbeats.items if str(e.get("worker", "")).startswith("hostA-")]
     before = [e for e in a_status if t_cut and e["t"] <= t_restore]
     after = [e for e in a_status if e["t"] > t_restore]
     if t_cut:
@@ -977,48 +936,53 @@ def experiment(bed: Bed) -> int:
                 ),
             )
         )
-    for line in health_after:
+    for line in run.health_after:
         add(("hostA after restore", line))
     add(
         (
             "hostA rejoined",
             f"yes, {a_back_at - t_restore:.1f} s after the restore"
             if a_back_at
-            else f"NO (not in the allocation within {args.rejoin_timeout:.0f} s)",
+            else f"NO (not in the allocation within {bed.args.rejoin_timeout:.0f} s)",
         )
     )
     add(
         (
             "phase 3 requests",
-            f"sent {len(after_recs)}, completed {len(after_c['ok'])}, failed "
+            f"sent {len(run.after_recs)}, completed {len(after_c['ok'])}, failed "
             f"{len(after_c['failed'])}, hung {len(after_c['hung'])}; served: "
-            + (", ".join(f"{k}: {v}" for k, v in sorted(served_after.items())) or "?"),
+            + (", ".join(f"{k}: {v}" for k, v in sorted(an.served_after.items())) or "?"),
         )
     )
-    add(
+    return rows
+
+
+def check_rows(an: Analysis) -> Rows:
+    """Settled, unique, the same text for the same prompt."""
+    unsettled, dup_ids, mismatched, wrong_len = an.unsettled, an.dup_ids, an.mismatched, an.wrong_len
+    return [
         (
             "answered, not settled",
             f"{len(unsettled)} (answered to the client, but no done marker / length "
             f"sample in Redis: the serving worker never finished settling it)"
             + ("" if not unsettled else ": " + ", ".join(f"{r['tag']}#{r['i']}" for r in unsettled)),
-        )
-    )
-    add(
+        ),
         (
             "duplicates",
             f"response ids repeated: {len(dup_ids)}; requests with >1 length sample: "
-            f"{len(multi_samples)}; ids unique: {'yes' if not dup_ids else 'NO'}",
-        )
-    )
-    add(
+            f"{len(an.multi_samples)}; ids unique: {'yes' if not dup_ids else 'NO'}",
+        ),
         (
             "text check",
             "every prompt gave one text (greedy, 32 forced tokens)"
             if not mismatched and not wrong_len
             else f"DIFFERENT texts for one prompt: {mismatched}; wrong token counts at {wrong_len}",
-        )
-    )
+        ),
+    ]
 
+
+def print_summary(bed: Bed, run: Run, rows: Rows, errors: list[dict]) -> None:
+    t_cut = run.t_cut
     print()
     print("=" * 100)
     print("SUMMARY")
@@ -1026,7 +990,6 @@ def experiment(bed: Bed) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    errors = main_c["failed"] + main_c["hung"] + after_c["failed"] + after_c["hung"]
     if errors:
         print("\nfailed / hung requests:")
         for r in errors:
@@ -1042,22 +1005,26 @@ def experiment(bed: Bed) -> int:
             print("  " + line)
     print("=" * 100)
 
+
+def verdict(bed: Bed, run: Run, an: Analysis, rows: Rows, errors: list[dict]) -> int:
+    """What went wrong, if anything, into summary.json and the RESULT line; the exit status."""
+    main_c = an.main_c
     verdicts = []
     if errors:
         verdicts.append(f"{len(errors)} request(s) failed or hung")
-    if len(main_c["ok"]) + len(main_c["failed"]) + len(main_c["hung"]) != n:
+    if len(main_c["ok"]) + len(main_c["failed"]) + len(main_c["hung"]) != run.n:
         verdicts.append("requests missing from the results")
-    if dup_ids or multi_samples:
+    if an.dup_ids or an.multi_samples:
         verdicts.append("duplicated answers")
-    if mismatched or wrong_len:
+    if an.mismatched or an.wrong_len:
         verdicts.append("text mismatch")
-    if unsettled:
-        verdicts.append(f"{len(unsettled)} answered request(s) never settled by their worker")
-    if not a_back_at:
+    if an.unsettled:
+        verdicts.append(f"{len(an.unsettled)} answered request(s) never settled by their worker")
+    if not run.a_back_at:
         verdicts.append("hostA did not rejoin the scheduler's allocation")
-    if a_served_after == 0:
+    if an.served_after.get("hostA", 0) == 0:
         verdicts.append("hostA served none of the requests after the restore")
-    summary = {"ok": not verdicts, "problems": verdicts, "t_cut": t_cut, "t_restore": t_restore, "rows": rows}
+    summary = {"ok": not verdicts, "problems": verdicts, "t_cut": run.t_cut, "t_restore": run.t_restore, "rows": rows}
     (bed.tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     if verdicts:
         print("RESULT: FAIL - " + "; ".join(verdicts))
@@ -1066,7 +1033,21 @@ def experiment(bed: Bed) -> int:
     return 0
 
 
-def main() -> int:
+def experiment(bed: Bed) -> int:
+    """Load, the cut, the restore, more load; then the summary and the verdict (the exit status)."""
+    run = start_observers(bed)
+    load_with_cut(bed, run)
+    restore_link(bed, run)
+    wait_rejoin(bed, run)
+    load_after_restore(bed, run)
+    an = analyse(bed, run)
+    rows = summary_rows(bed, run, an)
+    errors = an.main_c["failed"] + an.main_c["hung"] + an.after_c["failed"] + an.after_c["hung"]
+    print_summary(bed, run, rows, errors)
+    return verdict(bed, run, an, rows, errors)
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, results)")
     p.add_argument("--requests", type=int, default=60, help="requests in the load phase (default 60)")
@@ -1095,7 +1076,11 @@ def main() -> int:
         "--no-snapshot", action="store_true", help="run the working tree itself, not a copy frozen at the start"
     )
     p.add_argument("--ready-timeout", type=float, default=180.0)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     if os.geteuid() != 0:
         print("run as root (network namespaces)", file=sys.stderr)
         return 2
@@ -1123,8 +1108,7 @@ def main() -> int:
             timeout=300,
         )
         bed.make_network()
-        bed.start_redis()
-        bed.start_rabbit()
+        bed.start_services()
         bed.start_mesh()
         rc = experiment(bed)
     except SetupError as exc:

@@ -1,9 +1,10 @@
 """`exegpt bench faults`: a mesh under load meets one fault at a time; what its clients saw.
 
 The mesh is `exegpt up` (scheduler, workers, gateway as separate processes, restarted by the
-launcher when they die) on a RabbitMQ node and a Redis of its own: started here on free loopback
-ports, with their own names, configuration and data folders, never the shared 127.0.0.1:5672 and
-:6379 ones (those may serve other meshes, and a fault must not reach them).
+launcher when they die) on a RabbitMQ node and a Redis of its own (``services.run.private``):
+started here on free loopback ports, with their own names, configuration and data folders, never
+the shared 127.0.0.1:5672 and :6379 ones (those may serve other meshes, and a fault must not reach
+them).
 
 Each scenario runs on the same mesh, one after another:
 
@@ -57,13 +58,9 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -78,11 +75,9 @@ from common.messages import codec
 from common.messages.work import EncodeWork, Sampling
 from common.names import Names
 from common.transport.connect import LocalHub, open_bus
-from engine.parallel.procs import free_port
 from services.run.children import ChildFailed, ChildProcess
+from services.run.private import PrivateServices, SetupError, available
 
-RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
-RABBIT_HOME = "/var/lib/rabbitmq"  # the rabbitmq user's home: its Erlang cookie serves server and ctl
 MODEL = "tiny-llama"
 MAX_TOKENS = 16
 RECOVERY_WINDOW_S = 4.0  # throughput is back when a window this long has >= 90 % of before
@@ -127,223 +122,6 @@ LONG = ("redis-30s", "broker-30s")
 
 
 OPS_LINE = re.compile(r"^\[(\S+)\] .*/metrics and /health/\* at (http://\S+)")
-
-
-class SetupError(RuntimeError):
-    """The private broker, store or mesh could not be started."""
-
-
-def sockets_on(*ports: int) -> str:
-    """What `ss` shows holding these local ports (for an error message)."""
-    query = " or ".join(f"sport = :{p}" for p in ports)
-    try:
-        return subprocess.run(["ss", "-tanp", query], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"(ss: {exc})"
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SetupError(f"{what}: not within {timeout_s:g} s")
-        time.sleep(interval_s)
-
-
-def available() -> str | None:
-    """Why the private services cannot run here (None: they can): RabbitMQ's and Redis's
-    programs installed, and root (the node runs as the ``rabbitmq`` user)."""
-    missing = [p for p in ("rabbitmq-server", "rabbitmqctl") if not (RABBIT_BIN / p).exists()]
-    missing += [p for p in ("redis-server", "redis-cli") if shutil.which(p) is None]
-    if missing:
-        return f"not installed: {', '.join(missing)} (apt-get install -y rabbitmq-server redis-server)"
-    if os.geteuid() != 0:
-        return "needs root (the private RabbitMQ node runs as the rabbitmq user)"
-    return None
-
-
-# ==== the private RabbitMQ and Redis ============================================================
-
-
-class PrivateServices:
-    """A RabbitMQ node and a Redis of their own on free loopback ports, under one temp folder."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="exegpt-faults-"))
-        os.chmod(self.dir, 0o755)
-        self.node = f"exegptfaults{secrets.token_hex(3)}@localhost"
-        self.amqp_port, self.dist_port, self.redis_port = free_port(), free_port(), free_port()
-        self.password = secrets.token_hex(8)
-        self.rabbit: subprocess.Popen | None = None
-        self.redis: subprocess.Popen | None = None
-
-    @property
-    def amqp_url(self) -> str:
-        return f"amqp://mesh:{self.password}@127.0.0.1:{self.amqp_port}/"
-
-    @property
-    def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
-
-    def start(self) -> None:
-        self.start_redis()
-        self.start_rabbit()
-
-    # ---- Redis: killed and started again on the same append-only file
-    def start_redis(self) -> None:
-        data = self.dir / "redis"
-        data.mkdir(exist_ok=True)
-        self.redis = subprocess.Popen(
-            [
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.redis_port),
-                "--dir",
-                str(data),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--save",
-                "",
-                "--protected-mode",
-                "yes",
-            ],
-            stdout=open(self.dir / "redis.log", "ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_until(lambda: port_open(self.redis_port), 20, "redis-server answering")
-
-    def flush_redis(self) -> int:
-        """FLUSHALL; the number of keys there were."""
-        cli = ["redis-cli", "-p", str(self.redis_port)]
-        keys = int(subprocess.run([*cli, "DBSIZE"], capture_output=True, text=True, timeout=10, check=True).stdout)
-        subprocess.run([*cli, "FLUSHALL"], capture_output=True, timeout=10, check=True)
-        return keys
-
-    def kill_redis(self) -> None:
-        if self.redis is not None and self.redis.poll() is None:
-            self.redis.kill()
-            self.redis.wait(10)
-
-    # ---- RabbitMQ: a node of its own (name, ports, configuration, data and log folders)
-    def rabbit_env(self) -> dict[str, str]:
-        d = self.dir / "rabbit"
-        return {
-            **os.environ,
-            "HOME": RABBIT_HOME,
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_PORT": str(self.amqp_port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),  # the system-wide one is not read
-            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),  # the system-wide one pins 5672
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
-            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(d / "log"),
-            "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-            "RABBITMQ_PLUGINS_EXPAND_DIR": str(d / "plugins-expand"),
-        }
-
-    def ctl(self, *args: str, timeout_s: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            ["runuser", "-u", "rabbitmq", "--", str(RABBIT_BIN / "rabbitmqctl"), "-n", self.node, *args],
-            env=self.rabbit_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
-        if check and result.returncode != 0:
-            raise SetupError(f"rabbitmqctl {' '.join(args)}: {result.stderr.strip()[-400:]}")
-        return result
-
-    def start_rabbit(self) -> None:
-        """A node of its own; one that exits while starting (its ports, picked free, taken by
-        another process meanwhile) is started again, twice at most, on fresh ports and a fresh name."""
-        for attempt in range(3):
-            try:
-                self._start_rabbit()
-                return
-            except SetupError as exc:
-                if attempt == 2 or self.rabbit is None or self.rabbit.poll() is None:
-                    raise  # still starting after the deadline: not a port race
-                print(f"faults: {exc}; starting it again on other ports", file=sys.stderr, flush=True)
-                shutil.rmtree(self.dir / "rabbit", ignore_errors=True)
-                self.node = f"exegptfaults{secrets.token_hex(3)}@localhost"
-                self.amqp_port, self.dist_port = free_port(), free_port()
-
-    def _start_rabbit(self) -> None:
-        d = self.dir / "rabbit"
-        for sub in ("mnesia", "log", "plugins-expand"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
-        (d / "rabbitmq-env.conf").write_text("# empty: this node's settings are in its environment\n")
-        (d / "enabled_plugins").write_text("[].\n")
-        (d / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\nloopback_users = none\nlog.console = false\n"
-        )
-        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(d)], check=True)
-        self.rabbit = subprocess.Popen(
-            ["runuser", "-u", "rabbitmq", "--", str(RABBIT_BIN / "rabbitmq-server")],
-            env=self.rabbit_env(),
-            cwd=d,
-            stdout=open(self.dir / "rabbit.out", "ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while self.ctl("await_startup", "--timeout", "30", check=False, timeout_s=45).returncode != 0:
-            if self.rabbit.poll() is not None or time.monotonic() > deadline:
-                state = "still starting" if self.rabbit.poll() is None else f"exited {self.rabbit.returncode}"
-                out = (self.dir / "rabbit.out").read_text(errors="replace")[-1500:]
-                raise SetupError(
-                    f"RabbitMQ node {self.node} did not start ({state}; ports {self.amqp_port}, "
-                    f"{self.dist_port}); its output:\n{out}\nsockets on those ports:\n"
-                    f"{sockets_on(self.amqp_port, self.dist_port)}"
-                )
-            time.sleep(1)
-        self.ctl("add_user", "mesh", self.password)
-        self.ctl("set_permissions", "-p", "/", "mesh", ".*", ".*", ".*")
-
-    def stop_broker(self) -> None:
-        """The broker goes away: every connection closed, its port refusing new ones."""
-        self.ctl("stop_app")
-
-    def start_broker(self) -> None:
-        self.ctl("start_app")
-        wait_until(lambda: port_open(self.amqp_port), 30, "RabbitMQ listening again")
-
-    def queues(self, prefix: str) -> list[str]:
-        out = self.ctl("list_queues", "name", "--no-table-headers", "--quiet").stdout
-        return [q for q in out.split() if q.startswith(prefix)]
-
-    def exchanges(self, prefix: str) -> list[str]:
-        out = self.ctl("list_exchanges", "name", "--no-table-headers", "--quiet").stdout
-        return [e for e in out.split() if e.startswith(prefix)]
-
-    def depth(self, queue: str) -> int:
-        out = self.ctl("list_queues", "name", "messages", "--no-table-headers", "--quiet").stdout
-        counts = dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
-        return int(counts.get(queue, 0))
-
-    def close(self) -> None:
-        if self.rabbit is not None and self.rabbit.poll() is None:
-            self.ctl("stop", check=False, timeout_s=60)
-            try:
-                self.rabbit.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.rabbit.pid, signal.SIGKILL)
-                self.rabbit.wait(10)
-        self.kill_redis()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ==== the mesh: `exegpt up` on the private services =============================================

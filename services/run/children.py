@@ -2,7 +2,8 @@
 fault runs, the namespace run and the tests start a process and wait for it.
 
 Its output (stdout and stderr together) is read by a thread from the start: every line is kept
-(``output``, ``tail`` for errors), handed to ``on_line`` if given, and queued for ``wait_line``,
+(``output``, ``tail`` for errors), appended to ``log_path`` if given (a log that outlives the run),
+handed to ``on_line`` if given, and queued for ``wait_line``,
 which returns the next line that starts with a prefix (a ``ready ...`` line), or raises naming the
 process and its last lines when it exits or the time is up. ``stop`` sends SIGTERM and, past its
 time, kills the child's process group.
@@ -58,12 +59,15 @@ class ChildProcess:
         preexec_fn: Callable[[], None] | None = None,
         on_line: Callable[[str], None] | None = None,
         new_session: bool = True,
+        log_path: Path | None = None,
     ) -> None:
         """``on_line``: called with each line, on the reading thread, before anyone waiting for
         it sees it. ``new_session``: the child leads a process group of its own (``kill`` reaches
-        what it starts); False keeps it in this process's group (a terminal's Ctrl-C reaches it)."""
+        what it starts); False keeps it in this process's group (a terminal's Ctrl-C reaches it).
+        ``log_path``: each line is also appended to this file as it is read."""
         self.label = label or Path(command[0]).name
         self.output: list[str] = []
+        self.log_path = log_path
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._on_line = on_line
         self._new_session = new_session
@@ -80,6 +84,7 @@ class ChildProcess:
             start_new_session=new_session,
         )
         assert self.popen.stdout is not None
+        self._log = open(log_path, "a", buffering=1) if log_path is not None else None  # closed by _read
         self._reader = threading.Thread(target=self._read, args=(self.popen.stdout,), daemon=True)
         self._reader.start()
 
@@ -103,11 +108,21 @@ class ChildProcess:
     def _read(self, stdout: IO[str]) -> None:
         for line in stdout:
             self.output.append(line)
+            if self._log is not None:
+                self._log.write(line)
             if self._on_line is not None:
                 self._on_line(line)
             self._lines.put(line)
         stdout.close()
+        if self._log is not None:
+            self._log.close()
         self._lines.put(None)
+
+    def wait_output(self, timeout_s: float = 10.0) -> bool:
+        """Wait (at most ``timeout_s``) until the child's output has been read to its end (every
+        line in ``output`` and handed to ``on_line``); whether it has."""
+        self._reader.join(timeout_s)
+        return not self._reader.is_alive()
 
     def wait_line(self, prefix: str, timeout_s: float = READY_TIMEOUT_S) -> str:
         """The next line starting with ``prefix``, stripped; ChildFailed when the child exits or

@@ -122,3 +122,23 @@ def test_a_dead_gateway_is_replaced_by_its_waiting_spare() -> None:
                 child.popen.kill()
                 child.popen.wait()
         launcher.stop(1.0)
+
+
+def test_a_child_process_logs_every_line_to_its_file_and_its_output_can_be_awaited(tmp_path) -> None:
+    import os
+    import sys
+
+    import pytest
+
+    from services.run.children import ChildExited, ChildProcess
+
+    log = tmp_path / "child.log"
+    log.write_text("an earlier run\n")  # appended to, never truncated
+    script = "print('ready 1'); print('more'); print('last')"
+    child = ChildProcess([sys.executable, "-c", script], env=dict(os.environ), log_path=log)
+    assert child.wait_line("ready", 10) == "ready 1"
+    assert child.wait_output(10)  # read to the end: every line is in output and in the file
+    assert [line.strip() for line in child.output] == ["ready 1", "more", "last"]
+    assert log.read_text() == "an earlier run\nready 1\nmore\nlast\n"
+    with pytest.raises(ChildExited):
+        child.wait_line("never", 10)
