@@ -7,6 +7,11 @@ reads only the tokenizer and the context length (for front ends that never run t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.models import Model
+    from engine.runners import Runner
 
 TINY_MODELS = ("tiny-llama", "tiny-opt", "tiny-t5")
 MODELS = ("smollm2", *TINY_MODELS)
@@ -67,7 +72,7 @@ def load_engine(
     dev = resolve_device(device)
     torch_dtype = _dtype(dtype, dev)
     asked, quant = quant, check_quant(quant, dev)
-    module = None
+    module: Model | None = None
     if is_gguf(model) and dev == "cpu" and (quant == "int4" or asked is None):  # the file's own precision
         from engine.native import load_native, read_native
 
@@ -84,7 +89,8 @@ def load_engine(
         precision_(module, quant, dev, torch_dtype)
     limit = module.max_positions()
     context = min(limit, max_context) if max_context else limit
-    if model_type == "t5":
+    runner: Runner
+    if module.kind == "t5":  # what model_type "t5" builds
         from engine.runners_t5 import EncoderDecoderRunner
 
         runner = EncoderDecoderRunner(module, device=torch.device(dev), dtype=torch_dtype, max_context=context)

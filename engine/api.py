@@ -19,9 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import msgpack
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -181,7 +184,7 @@ class KVHandoff:
     dtype: str  # e.g. "float32", "bfloat16"
     shape: tuple[int, ...]
     layout: str  # e.g. "llama:L,2,Hkv,T,D" or "t5:self+cross"
-    kv: bytes  # or a writable buffer (a NIXL read's numpy array), which the import reads in place
+    kv: bytes | np.ndarray[Any, Any]  # or a writable buffer (a NIXL read's array), which the import reads in place
 
     def to_bytes(self) -> bytes:
         """The hand-off on the wire: a versioned msgpack map, the KV bytes as a binary field."""

@@ -285,6 +285,7 @@ def reference_model(engine, model: str) -> Any:
     except ImportError as exc:
         raise ValueError("the engine benchmark needs transformers (pip install transformers)") from exc
     ours = engine.runner.model
+    hf: transformers.PreTrainedModel
     if ours.kind == "llama":
         cfg = {
             k: v for k, v in ours.args.to_hf_config().items() if k not in ("architectures", "model_type", "torch_dtype")
@@ -306,7 +307,8 @@ def reference_model(engine, model: str) -> Any:
 
         folder = default_dir(model) if model in TINY_MODELS else Path(model)
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
-    hf = hf.to(device=engine.device, dtype=model_dtype(ours)).eval()
+    # transformers' ``to`` is ``functools.wraps(nn.Module.to)``, which mypy types as the unbound function
+    hf = hf.to(device=engine.device, dtype=model_dtype(ours)).eval()  # type: ignore[call-arg]
     hf.generation_config.eos_token_id = None  # forced length on both sides
     hf.generation_config.pad_token_id = 0
     return hf

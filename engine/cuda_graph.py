@@ -38,12 +38,16 @@ import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from engine.kv_cache import KVCache
 from engine.models.common import Batch, Decodes
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_SPAN = 64
@@ -98,7 +102,7 @@ class DecodeGraphs:
         self.counts = {"static": 0, "captures": 0, "fallbacks": 0, "resets": 0}
         self._statics: OrderedDict[tuple[int, int], _Static] = OrderedDict()
         self._kv: weakref.ref | None = None  # the cache tensor the graphs point into (not kept alive)
-        self._pool = None
+        self._pool: _POOL_HANDLE | None = None
 
     def step(self, last_tokens: list[int], padding: int = 0) -> torch.Tensor | None:
         """A decode step of every live slot (``last_tokens`` (k,)) plus ``padding`` rows that change
@@ -126,6 +130,7 @@ class DecodeGraphs:
         if static.graph is None and not self._capture(static):
             self.counts["fallbacks"] += 1
             return None
+        assert static.graph is not None and static.out is not None  # captured, now or before
         static.graph.replay()
         self.counts["static"] += 1
         return static.out[:live].clone()  # the next replay overwrites the output buffer

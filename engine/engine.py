@@ -75,7 +75,10 @@ class LocalEngine:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token of one request holds (T5: per decoder or per prompt token)."""
-        cache = getattr(self.runner, "cache", None) or self.runner.self_cache
+        # the decoder-only runners' one cache, or the encoder-decoder runner's self-attention cache
+        cache = getattr(self.runner, "cache", None) or getattr(self.runner, "self_cache", None)
+        if cache is None:
+            raise AttributeError(f"{type(self.runner).__name__} has neither cache nor self_cache")
         return cache.bytes_per_position
 
     def set_kv_budget(self, budget_bytes: int) -> int:
@@ -96,8 +99,7 @@ class LocalEngine:
     def kv_allocated_bytes(self) -> int | None:
         """KV-cache bytes this process has allocated (None where the runner keeps none here)."""
         caches = [getattr(self.runner, name, None) for name in ("cache", "self_cache", "cross_cache")]
-        tensors = [getattr(cache, "kv", None) for cache in caches]
-        tensors = [t for t in tensors if t is not None]
+        tensors = [t for t in (getattr(cache, "kv", None) for cache in caches) if t is not None]
         if not tensors:
             return None
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -220,7 +222,11 @@ class LocalEngine:
             return []
         prompts = [list(r.prompt_ids) for r in requests] + [_tokens(c.request)[: c.length] for c in first]
         resumed = [list(r.resume_ids) for r in requests] + [[] for _ in first]
-        cont = [(self._find(c.request.request_id), c) for c in later]
+        cont: list[tuple[int, PromptChunk]] = []
+        for c in later:
+            slot = self._find(c.request.request_id)
+            assert slot is not None  # _sort_chunks checked that a later chunk continues a slot's prefill
+            cont.append((slot, c))
         args = (prompts, resumed, [s.generated[-1] for s in self._slots[:live]], padding)
         if cont:
             slices = [(slot, _tokens(self._slots[slot].request)[c.start : c.start + c.length]) for slot, c in cont]

@@ -90,7 +90,8 @@ class GGUFFile:
         first = start - start % mmap.PAGESIZE
         end = start + tensor.data.nbytes
         if end > first:
-            self._map._mmap.madvise(mmap.MADV_DONTNEED, first, end - first)
+            # the memmap's own mmap.mmap, which numpy's stubs leave out
+            self._map._mmap.madvise(mmap.MADV_DONTNEED, first, end - first)  # type: ignore[attr-defined]
 
     def _data(self, offset: int, kind: GGMLQuantizationType, dims: tuple[int, ...]) -> np.ndarray:
         rows = tuple(reversed(dims))
@@ -104,7 +105,8 @@ class GGUFFile:
         return self._map[offset : offset + count // block * size].reshape(*rows[:-1], rows[-1] // block * size)
 
     def _unpack(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from(fmt, self._map, self._at)
+        # an ndarray is a buffer, but numpy's stubs say so only from Python 3.12 (``__buffer__``)
+        (value,) = struct.unpack_from(fmt, self._map, self._at)  # type: ignore[arg-type]
         self._at += struct.calcsize(fmt)
         return value
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from safetensors import safe_open
@@ -19,8 +19,16 @@ from torch import nn
 
 from engine.tokenizer import hf_tokenizer  # noqa: F401  (re-exported: the loader's tokenizer)
 
+if TYPE_CHECKING:
+    from engine.models import Model
+    from engine.models.llama import Llama
 
-def build_model(model_type: str, config: dict[str, Any]) -> nn.Module:
+
+@overload
+def build_model(model_type: Literal["llama"], config: dict[str, Any]) -> Llama: ...
+@overload
+def build_model(model_type: str, config: dict[str, Any]) -> Model: ...
+def build_model(model_type: str, config: dict[str, Any]) -> Model:
     if model_type == "llama":
         from engine.models.llama import Llama, ModelArgs
 
@@ -38,19 +46,20 @@ def build_model(model_type: str, config: dict[str, Any]) -> nn.Module:
 
 
 def load_state(
-    model: nn.Module,
+    model: Model,
     state: dict[str, torch.Tensor],
     dtype: torch.dtype,
     device: torch.device,
-    prepare: Callable[[nn.Module], None] | None = None,
+    prepare: Callable[[Model], None] | None = None,
     *,
     pack: bool = True,
-) -> nn.Module:
+) -> Model:
     """Load ``state`` into a freshly built model (names as Hugging Face saves them). ``prepare`` runs on
     the loaded model before its projections are fused (``engine.parallel`` shards it there).
     ``pack`` False: no oneDNN-packed copies (``quantize_`` gives the projections their own)."""
     state = {k: v for k, v in state.items() if not k.endswith(".rotary_emb.inv_freq")}
-    state = model.adapt_state_dict(state) if hasattr(model, "adapt_state_dict") else state
+    adapt = getattr(model, "adapt_state_dict", None)  # a model's own fix-ups (GPT-2's names, T5's copies)
+    state = adapt(state) if adapt is not None else state
     expected = set(model.state_dict())
     tied = getattr(model, "tied_weights", {})
     for name, source in tied.items():
@@ -69,7 +78,8 @@ def load_state(
     model = model.eval().requires_grad_(False)
     if prepare is not None:
         prepare(model)
-    return model.fuse_(pack) if hasattr(model, "fuse_") else model
+    fuse = getattr(model, "fuse_", None)  # the decoder-only models fuse and pack their projections
+    return fuse(pack) if fuse is not None else model
 
 
 def set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:

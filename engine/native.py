@@ -29,13 +29,16 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from engine.gguf_loader import TABLES, read_gguf_native
 from engine.quant import Int4Grid, Int4Weight, can_int4, float32_logits_, quantized
+
+if TYPE_CHECKING:
+    from engine.models.llama import Llama
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,7 +59,7 @@ def load_native(
     grids: Mapping[str, Int4Grid],
     dtype: torch.dtype,
     path: Path | str = "GGUF file",
-) -> nn.Module:
+) -> Llama:
     """The Llama of ``read_native``'s parts with int4 projections and no dense copy of them (CPU)."""
     from engine.loading import build_model, set_param
 
@@ -71,7 +74,8 @@ def load_native(
     for name, source in model.tied_weights.items():
         set_param(model, name, model.get_parameter(source))
     model = model.eval().requires_grad_(False)
-    for i, block in enumerate(model.model.layers):
+    for i in range(len(model.model.layers)):
+        block = model.model.at(i)
         attn, mlp = block.self_attn, block.mlp
         prefix_a, prefix_m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
         attn._qkv = _projection([f"{prefix_a}.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")], grids, state)

@@ -39,13 +39,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from engine.kv_cache import KVCache
 from engine.models.common import Batch, Prompts, attend_decode, attend_prefill, model_dtype, to_packed, to_padded
+
+if TYPE_CHECKING:
+    from engine.models import Model, gpt, llama, t5
 
 MIN_LEN = 16  # shortest prompt / context profiled; shorter ones cost the same to within noise
 ATTENTION_TOKENS = 16  # attention cells reach this many times max_tokens tokens
@@ -120,8 +123,9 @@ class LayerProbe:
     """Layer 0 of a loaded decoder-only model (llama, opt, gpt2), on a one-layer cache."""
 
     prefill_phase, prefill_part = "prefill", "attn_prefill"
+    model: Model  # decoder-only (``T5Probe``: a T5)
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: Model, device: torch.device) -> None:
         self.model = model
         self.device = torch.device(device)
         self.dtype = model_dtype(self.model)
@@ -132,12 +136,14 @@ class LayerProbe:
         self.heads = self._attention().n_head  # query heads this model (or TP shard) computes
 
     def _hidden(self) -> int:
+        assert self.model.kind != "t5"  # T5Probe's own
         return self.model.args.hidden_size
 
-    def _attention(self) -> nn.Module:
+    def _attention(self) -> llama.Attention | gpt.Attention | t5.Attention:
         if self.model.kind == "llama":
-            return self.model.model.layers[0].self_attn
-        return self.model.model.decoder.layers[0].self_attn
+            return self.model.model.at(0).self_attn
+        assert self.model.kind != "t5"  # T5Probe's own
+        return self.model.model.decoder.at(0).self_attn
 
     def _cache(self, batch: int, ctx: int) -> KVCache:
         cache = KVCache(1, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device, max_context=ctx + 1)
@@ -156,6 +162,7 @@ class LayerProbe:
         """One layer's forward; successive calls take the model's layers in turn (their weights on
         a one-layer cache), so weights come from memory as they do in a real step, not from a
         cache that one layer timed over and over would keep warm."""
+        assert self.model.kind != "t5"  # T5Probe's blocks are its own
         layers = self.model.model.layers if self.model.kind == "llama" else self.model.model.decoder.layers
         self._turn = (getattr(self, "_turn", -1) + 1) % len(layers)
         if self.model.kind == "llama":
@@ -200,12 +207,13 @@ class T5Probe(LayerProbe):
     and ``T5.decode`` (a block there is a loop body, not a module call)."""
 
     prefill_phase, prefill_part = "encode", "attn_encode"
+    model: t5.T5
 
     def _hidden(self) -> int:
         return self.model.args.d_model
 
-    def _attention(self) -> nn.Module:
-        return self.model.encoder.block[0].layer[0].SelfAttention
+    def _attention(self) -> t5.Attention:
+        return self.model.encoder.at(0).self_attention.SelfAttention
 
     def _encoder_bias(self, seq: int) -> torch.Tensor:
         pos = torch.arange(seq, device=self.device)
@@ -213,14 +221,15 @@ class T5Probe(LayerProbe):
         return bias[None].to(self.dtype)  # (1, H, S, S)
 
     def _encoder_block(self, x: torch.Tensor, part: Prompts, bias: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        sa, ff = self.model.encoder.block[0].layer
+        block = self.model.encoder.at(0)
+        sa, ff = block.self_attention, block.feed_forward
         att = sa.SelfAttention
         h = sa.layer_norm(x)
         q, k, v = (to_padded(att.heads(p, h), part) for p in (att.q, att.k, att.v))  # (B, H, S, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         x = x + att.o(to_packed(y, part).reshape(x.shape[0], -1))
         x = x + ff.DenseReluDense(ff.layer_norm(x))
-        cross = self.model.decoder.block[0].layer[1].EncDecAttention  # this layer's share of the cross K/V
+        cross = self.model.decoder.at(0).cross_attention.EncDecAttention  # this layer's share of the cross K/V
         cache.kv[0, 0, : part.size, :, : part.t_max] = to_padded(cross.heads(cross.k, x), part)
         cache.kv[0, 1, : part.size, :, : part.t_max] = to_padded(cross.heads(cross.v, x), part)
         return x
@@ -252,10 +261,13 @@ class T5Probe(LayerProbe):
         cache.add_slots([enc_seq] * b)
         return cache, _cross_parts(batch, cache)
 
-    def _decoder_block(self, x: torch.Tensor, batch: Batch, bias: torch.Tensor, cross: KVCache, parts) -> torch.Tensor:
+    def _decoder_block(
+        self, x: torch.Tensor, batch: Batch, bias: torch.Tensor | None, cross: KVCache, parts
+    ) -> torch.Tensor:
         from engine.models.t5 import _attend_cross
 
-        sa, ca, ff = self.model.decoder.block[0].layer
+        block = self.model.decoder.at(0)
+        sa, ca, ff = block.self_attention, block.cross_attention, block.feed_forward
         att, xa = sa.SelfAttention, ca.EncDecAttention
         h = sa.layer_norm(x)
         q, k, v = (att.heads(p, h) for p in (att.q, att.k, att.v))  # (B, H, D)
@@ -292,11 +304,11 @@ def probe_for(engine) -> LayerProbe:
     return probe_of(engine.runner.model, torch.device(engine.device))
 
 
-def probe_of(model: nn.Module, device: torch.device) -> LayerProbe:
+def probe_of(model: Model, device: torch.device) -> LayerProbe:
     return T5Probe(model, device) if model.kind == "t5" else LayerProbe(model, device)
 
 
-def load_shard(model: str, tp: int, *, dtype: torch.dtype, device: torch.device, models_dir=None) -> nn.Module:
+def load_shard(model: str, tp: int, *, dtype: torch.dtype, device: torch.device, models_dir=None) -> Model:
     """``model`` (a name as for ``load_engine``) cut to TP rank 0 of ``tp``, in this process: its
     row-parallel projections have no group, so a layer computes exactly that rank's share."""
     from engine import read_checkpoint

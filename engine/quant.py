@@ -39,9 +39,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from engine.models import Model
 
 MODES = ("fp16", "int8", "int4")
 INT4_GROUP = 32  # input columns per int4 scale/offset (GGUF's Q4_0/Q4_1 block)
@@ -205,7 +209,7 @@ def quantized(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, grid: 
     return Int8Weight(weight, bias)
 
 
-def quantize_(model: nn.Module, mode: str | None, grids: Mapping[str, Int4Grid] | None = None) -> nn.Module:
+def quantize_(model: Model, mode: str | None, grids: Mapping[str, Int4Grid] | None = None) -> Model:
     """Quantize ``model``'s projections in place (see the module doc); ``mode`` None leaves it as is.
     ``grids``: weights (by parameter name, e.g. ``model.layers.0.mlp.up_proj.weight``) already on
     int4's grid, which ``int4`` packs as they are (a fused weight, when all its parts have one).
@@ -247,22 +251,23 @@ def quantize_(model: nn.Module, mode: str | None, grids: Mapping[str, Int4Grid] 
 def _grid_finder(model: nn.Module, grids: Mapping[str, Int4Grid]):
     """weight -> its grid: a parameter's own, or a fused weight's from the parameters that are its
     row slices (in row order); None where any part has none."""
-    parts: dict[int, list[tuple[int, Int4Grid | None]]] = {}
+    parts: dict[int, list[tuple[int | torch.SymInt, Int4Grid | None]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         parts.setdefault(param.untyped_storage().data_ptr(), []).append((param.storage_offset(), grids.get(name)))
 
     def grid_of(weight: torch.Tensor) -> Int4Grid | None:
         if not grids:
             return None
-        found = [grid for _, grid in sorted(parts.get(weight.untyped_storage().data_ptr(), []), key=lambda p: p[0])]
-        if not found or any(grid is None for grid in found):
+        given = sorted(parts.get(weight.untyped_storage().data_ptr(), []), key=lambda p: p[0])
+        found = [grid for _, grid in given if grid is not None]
+        if not found or len(found) < len(given):  # no part, or a part without a grid
             return None
         return found[0] if len(found) == 1 else Int4Grid.cat(found)
 
     return grid_of
 
 
-def float32_logits_(model: nn.Module) -> nn.Module:
+def float32_logits_(model: Model) -> Model:
     """Give ``model``'s LM head (``model.lm_head``, a ``Linear``) float16 weights and float32
     arithmetic, so that it returns float32 logits whatever the model's dtype (a float32 dense copy
     where torch has no fp16 GEMM). ``quantize_`` does this; ``load_engine`` also does it for a

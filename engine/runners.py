@@ -6,13 +6,16 @@ is request ``i`` of the engine's running batch.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-from torch import nn
 
 from engine.kv_cache import KVCache
 from engine.models.common import Batch
+
+if TYPE_CHECKING:
+    from engine.models import DecoderOnly
 
 
 class Runner(Protocol):
@@ -21,20 +24,26 @@ class Runner(Protocol):
     prompt_in_context: bool  # whether the prompt counts towards max_context (decoder-only: yes)
 
     def step(
-        self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int], padding: int
+        self,
+        prompts: list[list[int]],
+        resumed: list[list[int]],
+        last_tokens: list[int],
+        padding: int,
+        chunks: Sequence[tuple[int, list[int]]] = (),
     ) -> torch.Tensor:
         """One forward pass: slots ``0..k-1`` advance by their ``last_tokens`` (k,), ``padding`` rows are
         computed and dropped, and each prompt (with the tokens it resumes from) becomes a new slot at
         the end. Returns (k + len(prompts), V) logits: the decoded slots, then the new ones. On error
-        the running slots are as they were."""
+        the running slots are as they were.
+
+        ``chunks``: only for runners that can prefill a prompt in chunks (``chunked_prefill`` True;
+        the others raise ValueError for any): ``(slot, tokens)``, the next tokens of a prompt whose
+        first part is in ``slot``; the logits then end with one row per chunk (its last token)."""
         ...
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor: ...  # (B, V), adds B slots
-    # Runners that can prefill a prompt in chunks (``chunked_prefill`` True) take ``chunks`` in
-    # ``step``: ``(slot, tokens)``, the next tokens of a prompt whose first part is in ``slot``;
-    # the logits then end with one row per chunk (its last token).
     def decode(self, last_tokens: list[int]) -> torch.Tensor: ...  # (B, V) for all live slots
-    def rollback(self, size: int, live: int, chunks: list[tuple[int, int]] = ()) -> None:
+    def rollback(self, size: int, live: int, chunks: Sequence[tuple[int, int]] = ()) -> None:
         """Undo the last ``step`` after it returned (what followed it failed): slots ``size..``
         are forgotten, slots ``0..live-1`` lose the position it wrote, and each ``(slot, count)``
         of its chunks the positions that chunk wrote."""
@@ -53,7 +62,13 @@ class DecoderOnlyRunner:
     chunked_prefill = True
 
     def __init__(
-        self, model: nn.Module, *, device: torch.device, dtype: torch.dtype, max_context: int, cuda_graphs: bool = False
+        self,
+        model: DecoderOnly,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_context: int,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = model
         self.device = device
@@ -74,7 +89,7 @@ class DecoderOnlyRunner:
         resumed: list[list[int]],
         last_tokens: list[int],
         padding: int,
-        chunks: list[tuple[int, list[int]]] = (),
+        chunks: Sequence[tuple[int, list[int]]] = (),
     ) -> torch.Tensor:
         if self.decode_graphs is not None and not prompts and not chunks:
             logits = self.decode_graphs.step(last_tokens, padding)
@@ -100,7 +115,7 @@ class DecoderOnlyRunner:
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
         return self.step([], [], last_tokens, 0)
 
-    def rollback(self, size: int, live: int, chunks: list[tuple[int, int]] = ()) -> None:
+    def rollback(self, size: int, live: int, chunks: Sequence[tuple[int, int]] = ()) -> None:
         undo_step(self.cache, size, live, chunks)
 
     def swap(self, pairs: list[tuple[int, int]]) -> None:
@@ -122,7 +137,7 @@ class DecoderOnlyRunner:
         return prompt + generated - 1  # the last generated token is not in the cache yet
 
 
-def undo_step(cache: KVCache, size: int, live: int, chunks: list[tuple[int, int]] = ()) -> None:
+def undo_step(cache: KVCache, size: int, live: int, chunks: Sequence[tuple[int, int]] = ()) -> None:
     """``Runner.rollback`` on one cache."""
     cache.truncate(size)
     cache.advance(live, by=-1)

@@ -8,6 +8,8 @@ Slot ``i`` owns row ``i`` of both caches. A hand-off carries both, concatenated 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from engine.kv_cache import KVCache
@@ -27,11 +29,19 @@ class EncoderDecoderRunner:
         self.self_cache, self.cross_cache = make(), make()
 
     def step(
-        self, prompts: list[list[int]], resumed: list[list[int]], last_tokens: list[int], padding: int
+        self,
+        prompts: list[list[int]],
+        resumed: list[list[int]],
+        last_tokens: list[int],
+        padding: int,
+        chunks: Sequence[tuple[int, list[int]]] = (),
     ) -> torch.Tensor:
         """The encoder runs over the new prompts (filling their cross slots), then one decoder pass:
         slots ``0..k-1`` advance by one token, padding rows are paid for, and each new slot is
-        teacher-forced through the decoder start token and the tokens it resumes from."""
+        teacher-forced through the decoder start token and the tokens it resumes from. No prompt
+        is prefilled in chunks (``chunks`` is ValueError)."""
+        if chunks:
+            raise ValueError("an encoder-decoder model cannot prefill in chunks")
         size, live = self.self_cache.size, len(last_tokens)
         ids = torch.tensor(last_tokens, dtype=torch.int64).to(self.device)
         start = self.model.args.decoder_start_token_id
@@ -55,7 +65,7 @@ class EncoderDecoderRunner:
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
         return self.step([], [], last_tokens, 0)
 
-    def rollback(self, size: int, live: int, chunks: list[tuple[int, int]] = ()) -> None:
+    def rollback(self, size: int, live: int, chunks: Sequence[tuple[int, int]] = ()) -> None:
         undo_step(self.self_cache, size, live)
         self.cross_cache.truncate(size)
 

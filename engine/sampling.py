@@ -73,12 +73,14 @@ def logprobs_of(
     if not rows:
         return out
     logp = torch.log_softmax(logits[rows].float(), dim=-1).cpu()
-    k = max(params[i].logprobs for i in rows)
-    top_values, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+    k = max(params[i].logprobs or 0 for i in rows)  # not None in these rows
+    best = logp.topk(k, dim=-1) if k else None
     for j, i in enumerate(rows):
         chosen = float(logp[j, tokens[i]])
         want = params[i].logprobs
-        top = tuple(zip(top_ids[j, :want].tolist(), top_values[j, :want].tolist())) if want else ()
+        top: tuple[tuple[int, float], ...] = ()
+        if want and best is not None:  # want > 0: so is k
+            top = tuple(zip(best.indices[j, :want].tolist(), best.values[j, :want].tolist()))
         out[i] = (chosen, top)
     return out
 

@@ -17,7 +17,9 @@ rows read each slot's cache up to its own length.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,8 @@ from engine.kv_cache import KVCache
 
 PACKED_MIN_WEIGHT = 1 << 16  # smaller matrices (tiny models) lose more to oneDNN's call overhead
 PACKED_ROWS = 8  # the row count oneDNN lays packed weights out for (any count runs; see PackedWeight)
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -66,7 +70,7 @@ class Linear(nn.Linear):
 
     Weights always come from a checkpoint, so construction leaves them uninitialised."""
 
-    _packed: PackedWeight | None = None
+    _packed: Callable[[torch.Tensor], torch.Tensor] | None = None  # a PackedWeight, or engine.quant's copy
 
     def reset_parameters(self) -> None:
         pass
@@ -99,7 +103,7 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
 
 
-def pack_linears_(model: nn.Module, pack: bool = True) -> nn.Module:
+def pack_linears_(model: M, pack: bool = True) -> M:
     """Pack every ``Linear`` (see ``PackedWeight``) but the row slices of a fused weight (Llama's
     q/k/v and gate/up after ``fuse_``): the fused weight is what runs, the slices keep F.linear.
     ``pack`` False: nothing is packed (a quantized copy will run instead)."""
@@ -205,7 +209,7 @@ class Chunks:
     input_ids: torch.Tensor  # (N,)
 
     @staticmethod
-    def make(cache: KVCache, chunks: list[tuple[int, list[int]]], device: torch.device) -> Chunks:
+    def make(cache: KVCache, chunks: Sequence[tuple[int, list[int]]], device: torch.device) -> Chunks:
         """Rows for ``(slot, tokens)`` chunks; makes room for them in ``cache`` (lengths unchanged
         until the step succeeds: ``KVCache.extend``)."""
         slots = [slot for slot, _ in chunks]
@@ -263,7 +267,7 @@ class Batch:
         device: torch.device,
         *,
         causal: bool = True,
-        chunks: list[tuple[int, list[int]]] = (),
+        chunks: Sequence[tuple[int, list[int]]] = (),
     ) -> Batch:
         """Decode rows for slots ``0..k-1`` (last_tokens (k,)) plus ``padding``, new sequences, and
         ``(slot, tokens)`` prompt chunks."""
@@ -392,6 +396,7 @@ def attend_chunks(
     """Chunk rows: q (N, H, D), k/v (N, Hkv, D) -> (N, H, D). Each chunk writes its k/v after its
     slot's cached positions and attends over all of them, causally over its own tokens."""
     part, cache, out, at = batch.chunks, batch.cache.kv, [], 0
+    assert part is not None  # called for a step with chunks only
     for slot, start, n, mask in zip(part.slots, part.starts, part.lengths, part.masks):
         end = start + n
         cache[layer, 0, slot, :, start:end] = k[at : at + n].transpose(0, 1)  # (Hkv, n, D)
@@ -426,6 +431,7 @@ def attend_prefill(
     ``bias``: an additive (B or 1, H, T, T) float term that replaces the part's causal and length
     masks (fold them in: -inf where a key is hidden)."""
     part = batch.prompts
+    assert part is not None  # called for a step with new sequences only
     qp, kp, vp = to_padded(q, part), to_padded(k, part), to_padded(v, part)  # (B, h, T, D)
     s0, t = part.first_slot, part.t_max
     batch.cache.kv[layer, 0, s0 : s0 + part.size, :, :t] = kp
@@ -453,6 +459,7 @@ def attend_decode(
     own position, padding rows write nothing. ``bias``: an additive (B, H, 1, T) float term that
     replaces the part's length mask (fold it in)."""
     part = batch.decodes
+    assert part is not None  # called for a step with decode rows only
     b, h, d = q.shape
     hkv = k.shape[1]
     cache = batch.cache.kv

@@ -11,8 +11,9 @@ D head dim, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch import nn
 
 from engine.models.common import Batch, Embedding, Linear, attend, pack_linears_
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -30,7 +31,7 @@ ACTIVATIONS = {
 
 @dataclass(frozen=True)
 class ModelArgs:
-    flavour: str  # "opt" or "gpt2"
+    flavour: Literal["opt", "gpt2"]
     vocab_size: int
     hidden_size: int
     ffn_dim: int
@@ -139,6 +140,10 @@ class Decoder(nn.Module):
             self.final_layer_norm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
         self.layers = nn.ModuleList(Block(a) for _ in range(a.num_hidden_layers))
 
+    def at(self, i: int) -> Block:
+        """Layer ``i``, typed (a pipeline stage holds ``nn.Identity`` where it dropped one)."""
+        return cast(Block, self.layers[i])
+
 
 class _Body(nn.Module):
     def __init__(self, a: ModelArgs) -> None:
@@ -149,6 +154,10 @@ class _Body(nn.Module):
 class GPT(nn.Module):
     """``forward(batch)`` returns the logits of ``batch.logit_rows`` (B, V): each decode row, then each
     new sequence's last token."""
+
+    # set after construction, where they apply (absent until then: read them with getattr)
+    quant: str  # engine.quant.quantize_: the mode the projections run in
+    local_kv_heads: int  # engine.parallel.shard.shard_tp: the kv heads of this TP rank's cache
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()

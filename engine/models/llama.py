@@ -12,7 +12,7 @@ in place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -203,12 +203,20 @@ class LlamaBody(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
+    def at(self, i: int) -> Block:
+        """Layer ``i``, typed (a pipeline stage holds ``nn.Identity`` where it dropped one)."""
+        return cast(Block, self.layers[i])
+
 
 class Llama(nn.Module):
     """Decoder-only Llama. ``forward(batch)`` returns the logits of ``batch.logit_rows`` (B, V): each
     decode row, then each new sequence's last token."""
 
-    kind = "llama"
+    kind: Literal["llama"] = "llama"
+    # set after construction, where they apply (absent until then: read them with getattr)
+    quant: str  # engine.quant.quantize_: the mode the projections run in
+    compute_dtype: torch.dtype  # engine.native: the dtype computed in, its tables stored smaller
+    local_kv_heads: int  # engine.parallel.shard.shard_tp: the kv heads of this TP rank's cache
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()

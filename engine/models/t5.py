@@ -17,8 +17,9 @@ T decoder length, C d_model, H heads, D d_kv, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,13 @@ class Attention(nn.Module):
         return proj(x).view(x.shape[0], self.n_head, self.head_dim)  # (N, H, D)
 
 
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
 class FeedForward(nn.Module):
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
@@ -137,7 +145,7 @@ class FeedForward(nn.Module):
             self.wi = Linear(a.d_model, a.d_ff, bias=False)
         self.wo = Linear(a.d_ff, a.d_model, bias=False)
         self.gated = a.gated
-        self.act = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}[a.activation]
+        self.act = ACTIVATIONS[a.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
@@ -168,11 +176,26 @@ class _FeedForwardLayer(nn.Module):
 class Block(nn.Module):
     def __init__(self, a: ModelArgs, *, decoder: bool, first: bool) -> None:
         super().__init__()
-        parts = [_SelfAttentionLayer(a, relative_bias=first)]
+        parts: list[nn.Module] = [_SelfAttentionLayer(a, relative_bias=first)]
         if decoder:
             parts.append(_CrossAttentionLayer(a))
         parts.append(_FeedForwardLayer(a))
         self.layer = nn.ModuleList(parts)
+
+    # ``layer`` by role, typed (a ModuleList's items are plain modules to a type checker)
+
+    @property
+    def self_attention(self) -> _SelfAttentionLayer:
+        return cast(_SelfAttentionLayer, self.layer[0])
+
+    @property
+    def cross_attention(self) -> _CrossAttentionLayer:
+        """A decoder block's (an encoder block has none)."""
+        return cast(_CrossAttentionLayer, self.layer[1])
+
+    @property
+    def feed_forward(self) -> _FeedForwardLayer:
+        return cast(_FeedForwardLayer, self.layer[-1])
 
 
 class Stack(nn.Module):
@@ -181,6 +204,10 @@ class Stack(nn.Module):
         n = a.num_decoder_layers if decoder else a.num_layers
         self.block = nn.ModuleList(Block(a, decoder=decoder, first=i == 0) for i in range(n))
         self.final_layer_norm = LayerNorm(a.d_model, a.layer_norm_epsilon)
+
+    def at(self, i: int) -> Block:
+        """Block ``i``, typed (a pipeline stage holds ``nn.Identity`` where it dropped one)."""
+        return cast(Block, self.block[i])
 
     def position_bias(self, rel: torch.Tensor, a: ModelArgs, *, bidirectional: bool) -> torch.Tensor:
         """rel (..., Q, K) relative positions -> (..., H, Q, K) additive bias."""
@@ -191,13 +218,16 @@ class Stack(nn.Module):
             max_distance=a.relative_attention_max_distance,
         )
         # a pipeline stage without layer 0 keeps its bias table aside (``engine.parallel``)
-        table = self.__dict__.get("kept_bias") or self.block[0].layer[0].SelfAttention.relative_attention_bias
+        table = self.__dict__.get("kept_bias") or self.at(0).self_attention.SelfAttention.relative_attention_bias
         bias = table(buckets)  # (..., Q, K, H)
         return bias.movedim(-1, -3)
 
 
 class T5(nn.Module):
-    kind = "t5"
+    kind: Literal["t5"] = "t5"
+    # set after construction, where they apply (absent until then: read them with getattr)
+    quant: str  # engine.quant.quantize_: the mode the projections run in
+    local_kv_heads: int  # engine.parallel.shard.shard_tp: the kv heads of this TP rank's cache
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -235,6 +265,7 @@ class T5(nn.Module):
     def encode_layers(self, x: torch.Tensor, batch: Batch, layers: range) -> torch.Tensor:
         """Encoder layers ``layers`` over the packed prompt rows x (N, C)."""
         a, stack, part = self.args, self.encoder, batch.prompts
+        assert part is not None  # the encoder runs over new sequences only
         s = part.t_max
         rel = torch.arange(s, device=x.device)[None, :] - torch.arange(s, device=x.device)[:, None]  # (S, S)
         bias = stack.position_bias(rel, a, bidirectional=True)[None]  # (1, H, S, S)
@@ -242,7 +273,8 @@ class T5(nn.Module):
             bias = bias.masked_fill(~part.mask, float("-inf"))
         bias = bias.to(x.dtype)
         for i in layers:
-            sa, ff = stack.block[i].layer[0], stack.block[i].layer[1]
+            block = stack.at(i)
+            sa, ff = block.self_attention, block.feed_forward
             h = sa.layer_norm(x)
             att = sa.SelfAttention
             q, k, v = (to_padded(att.heads(p, h), part) for p in (att.q, att.k, att.v))  # (B, H, S, D)
@@ -255,9 +287,10 @@ class T5(nn.Module):
         """Cross-attention K/V of decoder layers ``layers`` from the encoder output enc (N, C), into
         the new slots of ``batch.cache`` (which holds those layers from index 0)."""
         part = batch.prompts
+        assert part is not None  # the encoder's output is the new sequences'
         s0, s, cache = part.first_slot, part.t_max, batch.cache
         for local, i in enumerate(layers):
-            att = self.decoder.block[i].layer[1].EncDecAttention
+            att = self.decoder.at(i).cross_attention.EncDecAttention
             cache.kv[local, 0, s0 : s0 + part.size, :, :s] = to_padded(att.heads(att.k, enc), part)
             cache.kv[local, 1, s0 : s0 + part.size, :, :s] = to_padded(att.heads(att.v, enc), part)
 
@@ -277,7 +310,8 @@ class T5(nn.Module):
         decode_bias, prompt_bias = self._self_biases(batch)
         cross_parts = _cross_parts(batch, cross)
         for local, i in enumerate(layers):
-            sa, ca, ff = self.decoder.block[i].layer
+            block = self.decoder.at(i)
+            sa, ca, ff = block.self_attention, block.cross_attention, block.feed_forward
             att = sa.SelfAttention
             h = sa.layer_norm(x)
             q, k, v = (att.heads(p, h) for p in (att.q, att.k, att.v))  # (N, H, D)
@@ -310,10 +344,10 @@ class T5(nn.Module):
                 decode_bias = decode_bias.masked_fill(~part.mask, float("-inf"))
             decode_bias = decode_bias.to(dtype)
         if batch.prompts is not None:
-            part = batch.prompts
-            t = torch.arange(part.t_max, device=batch.input_ids.device)
+            new = batch.prompts
+            t = torch.arange(new.t_max, device=batch.input_ids.device)
             prompt_bias = stack.position_bias(t[None, :] - t[:, None], a, bidirectional=False)[None]
-            mask = part.mask if part.mask is not None else (t[None, :] <= t[:, None])  # causal (+ lengths)
+            mask = new.mask if new.mask is not None else (t[None, :] <= t[:, None])  # causal (+ lengths)
             prompt_bias = prompt_bias.masked_fill(~mask, float("-inf")).to(dtype)
         return decode_bias, prompt_bias
 

@@ -55,22 +55,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"exegpt bench parallel: unknown config {unknown[0]!r} (known: {', '.join(CONFIGS)})", file=sys.stderr)
         return 2
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    engines = {"1 process, 1 thread": ("one", 1)}
+    engines: dict[str, int | str] = {"1 process, 1 thread": 1}  # one process's threads, or a group's config
     widest = max(shape_of(n).world for n in names) if names else 1
     if widest > 1:
-        engines[f"1 process, {widest} threads"] = ("one", widest)
+        engines[f"1 process, {widest} threads"] = widest
     for n in names:
-        engines[n] = ("group", n)
+        engines[n] = n
     one = load_engine(args.model, device="cpu")
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
     best: dict[tuple[str, int], tuple[float, float]] = {}
     for _ in range(args.repeats):  # a process holds one group at a time: each repeat starts them again
-        for label, (kind, what) in engines.items():
-            if kind == "group":
+        for label, what in engines.items():
+            if isinstance(what, str):
                 engine = load_group_engine(args.model, shape_of(what), device="cpu", num_threads=1)
             else:
                 engine = one
-            torch.set_num_threads(what if kind == "one" else 1)
+            torch.set_num_threads(what if isinstance(what, int) else 1)
             try:
                 for b in batches:
                     prompts = [
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                     old = best.get((label, b), (0.0, 0.0))
                     best[(label, b)] = (max(old[0], pre), max(old[1], dec))
             finally:
-                if kind == "group":
+                if isinstance(what, str):
                     engine.runner.close()
     base = "1 process, 1 thread"
     print(

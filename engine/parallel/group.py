@@ -24,12 +24,12 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from engine.api import EngineBroken
 from engine.kv_cache import KVCache
@@ -38,6 +38,9 @@ from engine.parallel.procs import child_env, free_port, repo_root
 from engine.parallel.shape import GroupShape, split
 from engine.parallel.shard import T5_BIAS, hidden_width, keep_layers, shard_tp, stacks, stage_filter
 from engine.runners import drop_padding, undo_step
+
+if TYPE_CHECKING:
+    from engine.models import Model
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +86,16 @@ class Comm:
         return self.shape.first_rank(self.shape.pp - 1)
 
 
-def prepare(model: nn.Module, comm: Comm) -> None:
+def prepare(model: Model, comm: Comm) -> None:
     """Cut a just-loaded model down to this rank's heads and FFN units (``load_state``'s hook)."""
     shard_tp(model, comm.shape.tp[comm.stage], comm.tp_rank, comm.tp_group)
 
 
-def stage_layers(model: nn.Module, shape: GroupShape, stage: int) -> dict[str, range]:
+def stage_layers(model: Model, shape: GroupShape, stage: int) -> dict[str, range]:
     return {name: shape.stage_layers(len(layers))[stage] for name, layers in stacks(model).items()}
 
 
-def full_kv_heads(model: nn.Module) -> int:
+def full_kv_heads(model: Model) -> int:
     return model.cache_geometry()[1]
 
 
@@ -102,7 +105,7 @@ class Stage:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Model,
         comm: Comm,
         *,
         device: torch.device,
@@ -142,7 +145,7 @@ class Stage:
         size, live = self.cache.size, len(last_tokens)
         ids = torch.tensor(last_tokens, dtype=torch.int64).to(self.device)
         try:
-            if self.t5:
+            if self.model.kind == "t5":  # as self.t5, but the model's kind narrows its type below
                 logits = self._t5_step(prompts, resumed, ids, padding)
             elif not prompts and self.microbatches > 1 and live > 1:
                 logits = self._pipelined_decode(ids, padding)
@@ -166,6 +169,7 @@ class Stage:
         over P stages a stage idles (P-1)/(M+P-1) of the step instead of (P-1)/P. Sends do not wait
         for their receiver; padding rows go with the last micro-batch."""
         comm, model = self.comm, self.model
+        assert model.kind != "t5"  # T5 runs whole steps (one micro-batch)
         runs = [r for r in (split(ids.shape[0], self.microbatches, i) for i in range(self.microbatches)) if len(r)]
         pending, kept, outs = [], [], []
         for i, run in enumerate(runs):
@@ -190,6 +194,7 @@ class Stage:
                 outs.append(torch.empty(rows, self.vocab, dtype=torch.float32, device=self.device))
                 dist.recv(outs[-1], comm.last_rank())
         for work in pending:
+            assert work is not None  # None only from a rank outside the group, and every rank is in this one
             work.wait()
         return torch.cat(outs) if outs else None
 
@@ -342,7 +347,16 @@ class ParallelRunner:
             log.error("worker group (%s) failed: %s", self.shape.describe(), exc)
             raise GroupFailure(f"worker group ({self.shape.describe()}) failed: {exc}") from exc
 
-    def step(self, prompts, resumed, last_tokens, padding) -> torch.Tensor:
+    def step(
+        self,
+        prompts: list[list[int]],
+        resumed: list[list[int]],
+        last_tokens: list[int],
+        padding: int,
+        chunks: Sequence[tuple[int, list[int]]] = (),
+    ) -> torch.Tensor:
+        if chunks:
+            raise ValueError("a worker group cannot prefill in chunks")
         return self._call("step", prompts, resumed, last_tokens, padding)
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -351,7 +365,7 @@ class ParallelRunner:
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
         return self.step([], [], last_tokens, 0)
 
-    def rollback(self, size: int, live: int, chunks: list[tuple[int, int]] = ()) -> None:
+    def rollback(self, size: int, live: int, chunks: Sequence[tuple[int, int]] = ()) -> None:
         self._call("rollback", size, live, list(chunks))
 
     def swap(self, pairs: list[tuple[int, int]]) -> None:
