@@ -279,8 +279,16 @@ class SchedulerService:
         while not self.stopping.is_set():
             try:
                 await self.learn_once()
-            except Exception:  # a store hiccup must not stop the scheduler
-                log.exception("scheduler: learning step failed")
+            except Exception as exc:  # a store hiccup must not stop the scheduler
+                if not is_outage(exc):
+                    log.exception("scheduler: learning step failed")
+                else:  # expected while the store or the broker is away: one line, not a traceback
+                    log.warning(
+                        "scheduler: %s did not answer (%r); learning again in %g s",
+                        what_failed(exc),
+                        exc,
+                        LEARN_EVERY_S,
+                    )
             try:
                 async with asyncio.timeout(LEARN_EVERY_S):
                     await self.stopping.wait()

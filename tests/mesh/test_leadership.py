@@ -313,3 +313,24 @@ async def test_a_leader_stopped_past_its_lease_cannot_get_an_update_applied():
         await transports.bus.delete(queues=[names.scheduler_queue], exchanges=[])  # purge leaves it
         await transports.close()
         await purge(config, names, LocalHub())
+
+
+async def test_a_learning_step_that_meets_an_outage_logs_one_line_and_a_fault_its_traceback(caplog):
+    import logging
+
+    config = MeshConfig(namespace=f"learn-{uuid.uuid4().hex[:8]}", threads=1)
+    service = SchedulerService(config, await open_transports(config, Names(config.namespace), LocalHub()))
+    raised = [ConnectionError("store gone"), ValueError("a bug")]
+
+    async def learn_once() -> None:
+        if raised:
+            raise raised.pop(0)
+        service.stopping.set()  # both were logged: the loop may end
+
+    service.learn_once = learn_once
+    service.stopping.clear()
+    with caplog.at_level(logging.WARNING, logger="exegpt.scheduler"):
+        await asyncio.wait_for(service._learn(), 30)
+    records = [r for r in caplog.records if r.name == "exegpt.scheduler"]
+    assert [(r.levelname, r.exc_info is not None) for r in records] == [("WARNING", False), ("ERROR", True)]
+    assert "the message broker or the store did not answer" in records[0].getMessage()
