@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from common.transport.port import Delivery
     from engine.api import KVHandoff
-    from optimizer.policies import Policy, StepPlan
+    from optimizer.policies import StepPlan
     from services.worker.executor import StepResult
 
 CREDIT_POLL_S = (0.002, 0.05)  # an encoder without credits looks again after this, doubling
@@ -61,8 +61,9 @@ class WorkerBase:
         self.runner = runner
         self.follower = ScheduleFollower(self.worker_id, config.max_encode_batch, config.max_decode_batch)
         self.role: Role = "idle"
-        first: Policy = IdlePolicy(self.follower.schedule)
-        self.driver = Driver(first, kv_tokens=getattr(runner.engine, "kv_budget_tokens", None))
+        self.driver = Driver(
+            IdlePolicy(self.follower.schedule), kv_tokens=getattr(runner.engine, "kv_budget_tokens", None)
+        )
         self.held: dict[str, Held] = {}
         self.inbox = Inbox()
         self.credits = Credits(self.store, self.names)
