@@ -138,6 +138,7 @@ class Brain:
         self.drift: DriftResult | None = None
         self.replans = 0
         self.last_reason, self.last_at, self.last_outcome = "", 0.0, ""
+        self.last_noted_at = 0.0  # the last search, or the last asked one that could not run
         self.last_search_s = 0.0  # the last search's wall time
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._checked_at = 0  # window size at the last drift check
@@ -216,6 +217,15 @@ class Brain:
             self.drift = self.monitor.check(*self.window(DRIFT_WINDOW), now)
             self._drifted = self._drifted or self.drift.fired
         if self.planner is None or pinned or workers < 1:
+            if self.forced:  # asked through the admin API: say why nothing was searched
+                why = (
+                    "no profile to plan on (set EXEGPT_PROFILE)"
+                    if self.planner is None
+                    else "the schedule is pinned (unpin it to plan)"
+                    if pinned
+                    else "no worker has reported yet"
+                )
+                self.last_reason, self.last_outcome, self.last_noted_at = self.forced, f"not searched: {why}", now
             self.forced = None
             return None
         if self.forced:
@@ -434,6 +444,7 @@ class Brain:
         must not keep the drift test from ever filling its window."""
         self.replans += 1
         self.last_reason, self.last_at, self.last_search_s = decision.reason, now, decision.seconds
+        self.last_noted_at = now
         self.last_outcome = (
             f"{'published' if decision.publish else 'kept the schedule'}: {decision.why} (planned on {decision.basis})"
         )
@@ -509,7 +520,7 @@ class Brain:
             drift_p_value=drift.p_value if drift else 1.0,
             replans=self.replans,
             last_replan_reason=self.last_reason,
-            last_replan_at=self.last_at,
+            last_replan_at=self.last_noted_at,
             workers=workers,
             updated_at=now,
             last_outcome=self.last_outcome,

@@ -17,7 +17,7 @@ from common.messages.status import LengthSample
 from optimizer.lengths import scaled_task
 from services.scheduler.brain import SHORTFALL_MEMORY_S, Brain
 from services.scheduler.planning import reference_sample
-from services.schedules import wire_schedule
+from services.schedules import DEFAULT, wire_schedule
 
 RATE = 5.0  # finished requests per second
 S, T = scaled_task("S", 0.25), scaled_task("T", 0.25)
@@ -517,3 +517,34 @@ def test_the_search_thread_runs_at_a_lower_priority_than_the_scheduler():
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the process (its event loop) is untouched
     with ThreadPoolExecutor(1, initializer=lower_priority, initargs=(0,)) as pool:
         assert pool.submit(niceness).result() == base
+
+
+@pytest.mark.parametrize(
+    ("planner", "pinned", "workers", "said"),
+    [
+        (None, False, 2, "no profile to plan on (set EXEGPT_PROFILE)"),
+        ("planner", True, 2, "the schedule is pinned (unpin it to plan)"),
+        ("planner", False, 0, "no worker has reported yet"),
+    ],
+)
+def test_a_search_asked_that_cannot_run_is_answered_in_the_state_record(planner, pinned, workers, said):
+    """The admin API accepts a re-plan, a bound or an SLO with 202; where no search can follow, the
+    state record (and so `schedule show` and the dashboard's timeline) says why instead of nothing."""
+    brain = Brain(MeshConfig(), planner=None, now=0.0)
+    brain.planner = None if planner is None else object()  # never called: nothing is searched
+    for now, ask, reason in (
+        (10.0, lambda: brain.ask("asked: check"), "asked: check"),
+        (20.0, lambda: brain.set_bound(2.0), "bound 2 s"),
+    ):
+        ask()
+        assert brain.trigger(workers=workers, pinned=pinned, now=now) is None
+        state = brain.state(leader="s", token=1, version=1, schedule=DEFAULT, pinned=pinned, workers=workers, now=now)
+        assert (state.last_replan_reason, state.last_outcome) == (reason, f"not searched: {said}")
+        assert state.last_replan_at == now and state.replans == 0
+        assert brain.trigger(workers=workers, pinned=pinned, now=now + 1) is None
+        assert (
+            brain.state(
+                leader="s", token=1, version=1, schedule=DEFAULT, pinned=pinned, workers=workers, now=now + 1
+            ).last_replan_at
+            == now
+        )  # answered once

@@ -15,12 +15,15 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 from pydantic import SecretStr
@@ -33,8 +36,9 @@ from engine import load_engine
 from services.cli import main
 from services.gateway.admin import jsonable
 from services.gateway.dashboard.routes import PAGE_HEADERS, STATIC
-from tests.brokers import need, need_module
-from tests.mesh.conftest import running_mesh, until
+from tests.brokers import AMQP_URL, REDIS_URL, need, need_module, require_broker
+from tests.mesh.conftest import purge_namespace, running_mesh, until
+from tests.mesh.processes import ProcessMesh
 from tests.mesh.test_service import crash
 
 CHROMIUM = os.environ.get("EXEGPT_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -131,6 +135,13 @@ async def confirm(page) -> None:
     await page.get_by_role("button", name="Confirm", exact=True).click()
 
 
+async def ask_on_page(page, field: str, value: str, button: str) -> None:
+    """Fill one of the page's action fields, press its button and confirm."""
+    await page.get_by_label(field).fill(value)
+    await page.get_by_role("button", name=button).click()
+    await confirm(page)
+
+
 async def test_without_an_admin_key_the_page_shows_nothing_and_says_why(config, engines, artefacts):
     hub, workers = LocalHub(), iter(engines)
     async with (
@@ -194,9 +205,7 @@ async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engine
         await page.locator("#schedule-policy").filter(has_text=policy).wait_for(timeout=WAIT_MS)
 
         # a re-plan asked on the page, confirmed, appears on the timeline with its reason
-        await page.get_by_label("Re-plan now, reason").fill("dashboard check")
-        await page.get_by_role("button", name="Re-plan now").click()
-        await confirm(page)
+        await ask_on_page(page, "Re-plan now, reason", "dashboard check", "Re-plan now")
         await page.locator("#action-result").filter(has_text="Re-plan sent").wait_for(timeout=WAIT_MS)
         await (
             page.locator("#timeline li[data-kind=search]")
@@ -236,9 +245,7 @@ async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engine
 
         # the SLO from the page reaches the scheduler
         await page.get_by_label("TTFT bound in seconds").fill("1.5")
-        await page.get_by_label("TPOT bound in milliseconds").fill("80")
-        await page.get_by_role("button", name="Set the TTFT and TPOT bounds").click()
-        await confirm(page)
+        await ask_on_page(page, "TPOT bound in milliseconds", "80", "Set the TTFT and TPOT bounds")
         await page.locator("#action-result").filter(has_text="SLO sent").wait_for(timeout=WAIT_MS)
         brain = m.mesh.scheduler.brain
         await until(lambda: (brain.slo.ttft_s, round(brain.slo.tpot_s, 6)) == (1.5, 0.08), [m.mesh.scheduler.learned])
@@ -261,9 +268,7 @@ async def test_the_page_follows_the_mesh_and_steers_the_scheduler(config, engine
         assert errors == [], errors
 
         # a refused action shows the API's own words
-        await page.get_by_label("Latency bound, seconds (empty: none)").fill("-1.5")
-        await page.get_by_role("button", name="Set the latency bound").click()
-        await confirm(page)
+        await ask_on_page(page, "Latency bound, seconds (empty: none)", "-1.5", "Set the latency bound")
         await (
             page.locator("#action-result.error")
             .filter(has_text="latency_bound_s must be a positive number of seconds")
@@ -477,3 +482,96 @@ async def test_the_page_shows_fields_it_does_not_know_the_alert_and_the_queues(a
         await no_sideways_scroll(page)
         await page.screenshot(path=str(artefacts / "dashboard-extended-fields.png"), full_page=True)
         assert errors == [], errors
+
+
+async def test_the_page_on_a_mesh_of_processes_marks_a_killed_worker_gone(profile, artefacts):
+    """The page on `exegpt up`: a scheduler, two tiny-llama workers and a gateway, each a process of
+    its own, over the real RabbitMQ and Redis; a worker killed outright is marked gone and the one
+    its supervisor starts in its place is listed live."""
+    require_broker()
+    namespace = f"d{uuid.uuid4().hex[:10]}"
+    env = {
+        "EXEGPT_THREADS": "1",
+        "EXEGPT_DEVICE": "cpu",
+        "EXEGPT_ADMIN_KEYS": ADMIN,
+        "EXEGPT_API_KEYS": USER,
+        "EXEGPT_HEARTBEAT_S": "0.5",
+        "EXEGPT_HEARTBEAT_TIMEOUT_S": "2",
+        "EXEGPT_PROFILE": str(profile),
+        "EXEGPT_PRIOR": "S",
+        "EXEGPT_PRIOR_SCALE": "0.05",
+    }
+    mesh = ProcessMesh(env)
+    try:
+        up = mesh.start(
+            "up", "--model", MODEL, "--port", "0", "--namespace", namespace,
+            "--amqp-url", AMQP_URL, "--redis-url", REDIS_URL, "--workers", "2",
+        )  # fmt: skip
+        url = (await asyncio.to_thread(up.wait_line, "ready mesh")).split()[-1]
+        ready = [ln for ln in up.output if ln.startswith("[worker-") and "] ready " in ln]
+        pids = {ln.split("]")[0][1:]: int(ln.split("-")[-2]) for ln in ready}
+        assert sorted(pids) == ["worker-0", "worker-1"], ready
+        async with browser() as chromium:
+            page = await (await chromium.new_context(viewport=DESKTOP)).new_page()
+            errors = watch_console(page)
+            await page.goto(f"{url}/dashboard#key={ADMIN}")
+            await page.locator("#board").wait_for(state="visible", timeout=WAIT_MS)
+            await page.wait_for_function(
+                "n => document.querySelectorAll('#workers tr.live').length === n", arg=2, timeout=WAIT_MS
+            )
+            live = await page.locator("#workers tr.live").evaluate_all("rows => rows.map(r => r.dataset.worker)")
+            assert sorted(int(w.split("-")[-2]) for w in live) == sorted(pids.values())  # role-host-pid-tag
+            # the schedule in force, as the admin API gives it (read again if a re-plan came between)
+            async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+                for attempt in range(3):
+                    update = (await http.get("/admin/schedule")).json()["update"]
+                    try:
+                        await page.wait_for_function(
+                            "([v, p]) => document.getElementById('schedule-version').textContent === v"
+                            " && document.getElementById('schedule-policy').textContent === p",
+                            arg=[f"v{update['version']}", update["schedule"]["policy"]],
+                            timeout=WAIT_MS,
+                        )
+                        break
+                    except playwright_api.TimeoutError:
+                        if attempt == 2:
+                            raise
+
+            # `exegpt schedule pin` against the gateway process: on the page within two seconds
+            code = await asyncio.to_thread(main, ["schedule", "pin", json.dumps(PINNED), "--url", url, "--key", ADMIN])
+            pinned_at = time.monotonic()
+            assert code == 0
+            await page.wait_for_function(
+                "() => document.getElementById('schedule-policy').textContent === 'static'"
+                " && document.querySelector('#schedule-pinned .badge')?.textContent === 'pinned'",
+                timeout=SHOWN_WITHIN_MS,
+            )
+            shown_ms = (time.monotonic() - pinned_at) * 1000
+            assert shown_ms <= SHOWN_WITHIN_MS, shown_ms
+
+            # a re-plan asked on the page appears on the timeline with its reason
+            await page.get_by_role("button", name="Unpin the schedule").click()
+            await confirm(page)
+            await page.locator("#schedule-pinned").filter(has_text="no").wait_for(timeout=WAIT_MS)
+            await ask_on_page(page, "Re-plan now, reason", "process mesh check", "Re-plan now")
+            await (
+                page.locator("#timeline li[data-kind=search]")
+                .filter(has_text="asked: process mesh check")
+                .wait_for(timeout=WAIT_MS)
+            )
+
+            # a worker process killed outright: marked gone; its replacement is listed live
+            victim = pids["worker-1"]
+            os.kill(victim, signal.SIGKILL)
+            await page.locator(f"#workers tr.gone[data-worker*='-{victim}-']").wait_for(timeout=WAIT_MS)
+            await asyncio.to_thread(up.wait_line, "[worker-1] ready worker")
+            await page.wait_for_function(
+                "n => document.querySelectorAll('#workers tr.live').length === n", arg=2, timeout=WAIT_MS
+            )
+            assert await page.locator(f"#workers tr.live[data-worker*='-{victim}-']").count() == 0
+            await page.screenshot(path=str(artefacts / "dashboard-process-mesh.png"), full_page=True)
+            assert errors == [], errors
+        assert mesh.stop(up) == 0
+    finally:
+        mesh.close()
+        await purge_namespace(MeshConfig(namespace=namespace, amqp_url=AMQP_URL, redis_url=REDIS_URL), LocalHub())
