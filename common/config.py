@@ -282,7 +282,9 @@ class MeshConfig(BaseSettings):
         gt=0,
         description="A connection whose request line and headers "
         "are not complete this long after it opened (or after its next "
-        "request began) gets a 408 and is closed.",
+        "request began) gets a 408 and is closed (at a moment drawn from "
+        "up to 20 % later, so that connections opened together are not "
+        "all closed together).",
     )
     max_connections: int = Field(
         2048,

@@ -6,7 +6,9 @@ its headers: a client sending them a byte at a time holds a descriptor for as lo
 
 - **a header timeout**: a connection whose request line and headers are not complete within
   ``header_timeout_s`` of its opening (or of the first byte of its next request) gets a 408 and is
-  closed;
+  closed, at a moment drawn from up to ``HEAD_SPREAD`` later: connections opened together (a
+  slowloris starts its thousand at once) then time out spread over seconds, not in one burst of
+  closes and reconnects that stalls the event loop;
 - **a header size cap**: request line and headers past ``max_header_bytes`` are a 431, and the
   connection closes (nothing of them is kept past the cap's size; what the client still sends is
   read and dropped for ``LINGER_S``, so that it can read the answer);
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -36,6 +39,7 @@ REASONS = {
     503: b"Service Unavailable",
 }
 RETRY_AFTER_S = 1
+HEAD_SPREAD = 0.2  # a header timeout falls between header_timeout_s and (1 + HEAD_SPREAD) x it
 LINGER_S = 2.0  # a refused client still sending: how long its bytes are read and dropped before closing
 
 
@@ -168,7 +172,8 @@ def bounded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
         def _await_head(self) -> None:
             self._stop_timer()
-            self.timer = self.loop.call_later(limits.header_timeout_s, self._head_timed_out)
+            delay = limits.header_timeout_s * (1 + HEAD_SPREAD * random.random())
+            self.timer = self.loop.call_later(delay, self._head_timed_out)
 
         def _stop_timer(self) -> None:
             if self.timer is not None:

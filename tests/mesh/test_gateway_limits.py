@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
-from services.gateway.connections import ConnectionLimits, bounded_protocol
+from services.gateway.connections import HEAD_SPREAD, ConnectionLimits, bounded_protocol
 from services.run.runner import bind_socket
 from tests.mesh.conftest import running_mesh
 from tests.mesh.fake_engine import MAX_CONTEXT, FakeEngine, load
@@ -278,6 +278,28 @@ async def test_slow_and_idle_clients_are_closed_at_the_header_timeout_and_others
         assert timeout_s <= closed_after < timeout_s + 3
         for _, writer in clients:
             writer.close()
+
+
+async def test_connections_opened_together_time_out_spread_not_in_one_burst(config, hub):
+    """A slowloris opens its connections at once; their 408s (and the reconnects after) come
+    spread over up to HEAD_SPREAD of the timeout, never before it."""
+    timeout_s, count = 0.5, 24
+    async with running_mesh(config, hub, load) as m, served(m.app, limits(header_timeout_s=timeout_s)) as port:
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+
+        async def closed_at(reader) -> float:
+            status, _ = await answer_of(reader)
+            assert status == 408
+            return loop.time() - opened
+
+        after = sorted(await asyncio.gather(*(closed_at(reader) for reader, _ in clients)))
+        for _, writer in clients:
+            writer.close()
+    assert after[0] >= timeout_s
+    assert after[-1] < timeout_s * (1 + HEAD_SPREAD) + 1.0
+    assert after[-1] - after[0] > timeout_s * HEAD_SPREAD / 4, after  # all at once without the spread
 
 
 @pytest.mark.parametrize("in_pieces", [False, True])
