@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,6 +47,7 @@ from services.schedules import DEFAULT, parse_schedule, planned, wire_schedule
 log = logging.getLogger("exegpt.scheduler")
 
 LEARN_EVERY_S = 0.5  # how often the finish records are read and the drift test runs
+SEARCHES_KEPT = 8  # the latest searches' spans, to tell the steps measured during one
 CALIBRATION_EVERY = 10  # looks between two saves of the calibration to the store (5 s)
 READ_FIRST = 256  # finish records read per look (more while all of them are new)
 
@@ -72,6 +74,7 @@ class SchedulerService:
         self.pin_set = config.schedule is not None  # an operator's pin: plans do not replace it
         self.brain = Brain(config, Planner(config) if config.profile else None)
         self.planning: asyncio.Task | None = None
+        self.searches: deque[list[float]] = deque(maxlen=SEARCHES_KEPT)  # [start, end] unix s; end inf while running
         # searches run on a thread of their own, at a lower priority than the event loop and than
         # the workers on a shared host (``search_nice``)
         self.searching = ThreadPoolExecutor(1, "search", initializer=lower_priority, initargs=(config.search_nice,))
@@ -259,10 +262,17 @@ class SchedulerService:
         self.workers[status.worker_id] = status
         self.heard[status.worker_id] = time.monotonic()
         if self.brain.calibrator is not None and status.step_costs:
-            self.brain.calibrator.observe(status.step_costs)
+            # a step measured while a search ran is not the machine's speed where the scheduler
+            # shares the workers' cores: fitted, it made the slowdown a search causes a reason to search
+            costs = [c for c in status.step_costs if not self.during_search(c.at - c.seconds, c.at)]
+            self.brain.calibrator.observe(costs)
         if not known:
             self._changed.set()
             self._note_groups()
+
+    def during_search(self, start: float, end: float) -> bool:
+        """Whether [start, end] (unix seconds) overlaps one of the latest searches."""
+        return any(start < to and end > since for since, to in self.searches)
 
     def _note_groups(self) -> None:
         """Plan for the shape of the workers' process groups (the most common one if they differ)."""
@@ -330,6 +340,8 @@ class SchedulerService:
     async def _replan(self, reason: str) -> None:
         """Search off the event loop; publish the plan if it is worth it."""
         workers, running = len(self.heard), self.target
+        span = [time.time(), math.inf]
+        self.searches.append(span)
         try:
             now = time.time()
             inputs, rate = self.brain.inputs(reason, now), self.brain.stats.arrival_rate(now)
@@ -346,6 +358,7 @@ class SchedulerService:
             return
         finally:
             self.planning = None
+            span[1] = time.time()
         self.brain.adopt(decision, time.time())
         self.last_decision = decision
         if decision.publish and not self.pin_set:

@@ -115,3 +115,22 @@ async def test_counted_arrivals_make_the_plan_one_for_that_rate_with_its_candida
         state = codec.decode(await scheduler.store.get(names.scheduler_state), SchedulerState)
         assert state.ttft_bound_s == 0.05 and math.isinf(state.tpot_bound_s)
         assert state.predicted_ttft_s <= 0.05
+
+
+async def test_steps_measured_during_a_search_are_not_calibrated_on(config, hub):
+    """Where the scheduler shares the workers' cores its search slows their steps; fitted, that
+    slowdown would be a reason to search again. Steps that overlap a search are left out."""
+    async with running_mesh(config, hub, load, workers=1) as m:
+        scheduler = m.mesh.scheduler
+        await until(lambda: scheduler.brain.plan is not None and scheduler.planning is None, [scheduler.decided])
+        calibrator = scheduler.brain.calibrator
+        taken = calibrator.model.observed
+        start = time.time()
+        scheduler.searches.append([start, start + 5.0])  # a search that ran then
+        during = slowed_costs(calibrator, start + 2.0)
+        scheduler.record(WorkerStatus("w-slow", "worker", 0, 0, 0, "alive", time.time(), step_costs=during))
+        assert calibrator.model.observed == taken
+        after = slowed_costs(calibrator, start + 6.0)
+        scheduler.record(WorkerStatus("w-slow", "worker", 0, 0, 0, "alive", time.time(), step_costs=after))
+        assert calibrator.model.observed == taken + len(after)
+        assert scheduler.during_search(start + 4.9, start + 5.1) and not scheduler.during_search(start + 5.5, start + 6)
