@@ -238,7 +238,11 @@ def state_lines(st: dict[str, Any]) -> list[str]:
         f"  calibration ({st.get('calibration_samples', 0)} steps): {calibration_text(st.get('calibration') or [])}",
         f"  drift: statistic {num(st['drift_statistic'])} (p {num(st['drift_p_value'])})",
         f"  replans: {st['replans']}"
-        + (f", last {when(st['last_replan_at'])}: {st['last_replan_reason']}" + searched(st) if st["replans"] else ""),
+        + (
+            f", last {when(st['last_replan_at'])}: {st['last_replan_reason']}" + searched(st)
+            if st["replans"] or st.get("last_replan_reason")  # also a search asked that could not run
+            else ""
+        ),
     ] + ([f"  outcome: {st['last_outcome']}"] if st.get("last_outcome") else [])
     return lines + candidate_lines(st.get("candidates") or [])
 

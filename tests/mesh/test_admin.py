@@ -27,6 +27,7 @@ from optimizer.schedule import MINIMUMS, POLICIES, Schedule
 from services.cli import main
 from services.cli import schedule as schedule_cli
 from services.gateway import ServedModel, create_app
+from services.gateway.admin import jsonable
 from services.gateway.keys import KeyRing, check_exposure, hash_key, load_keys, parse_keys_file, required_scope
 from services.run.plugins import gateway_plugins
 from tests.mesh.conftest import running_mesh, until
@@ -485,3 +486,13 @@ async def test_the_pin_body_schema_is_the_schedules(config, hub):
     assert fields["properties"]["policy"]["enum"] == list(POLICIES)
     for name, least in MINIMUMS.items():
         assert fields["properties"][name]["minimum"] == least, name
+
+
+def test_schedule_show_gives_a_search_asked_that_could_not_run():
+    state = jsonable(
+        state_record(
+            replans=0, last_search_s=0.0, last_replan_reason="asked: check", last_outcome="not searched: no profile"
+        )
+    )
+    text = "\n".join(schedule_cli.state_lines(state))
+    assert ": asked: check" in text and "outcome: not searched: no profile" in text
