@@ -303,7 +303,9 @@ def num(value: float | None) -> str:
 
 def searched(st: dict[str, Any]) -> str:
     """The last search's wall time, as ``schedule show`` gives it ("" for a scheduler that does not say)."""
-    return f" (searched {secs(st['last_search_s'])})" if st.get("last_search_s") else ""
+    if not st.get("last_search_s") or str(st.get("last_outcome", "")).startswith("not searched"):
+        return ""  # none yet, or the last one asked could not run: the time is an earlier search's
+    return f" (searched {secs(st['last_search_s'])})"
 
 
 def secs(value: float | None) -> str:

@@ -491,8 +491,9 @@ async def test_the_pin_body_schema_is_the_schedules(config, hub):
 def test_schedule_show_gives_a_search_asked_that_could_not_run():
     state = jsonable(
         state_record(
-            replans=0, last_search_s=0.0, last_replan_reason="asked: check", last_outcome="not searched: no profile"
+            replans=0, last_search_s=2.0, last_replan_reason="asked: check", last_outcome="not searched: no profile"
         )
     )
     text = "\n".join(schedule_cli.state_lines(state))
     assert ": asked: check" in text and "outcome: not searched: no profile" in text
+    assert "searched 2" not in text  # the time of an earlier search is not this one's
